@@ -1,0 +1,112 @@
+"""The interface attention-backend plugins implement."""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+
+
+@dataclass(slots=True)
+class AttentionMetadata:
+    """One step's batch layout, built once by the model runner and shared by all layers.
+
+    Tokens of all scheduled requests are flattened: request ``i`` owns rows
+    ``query_start_loc[i]:query_start_loc[i+1]``; its K/V context is
+    ``seq_lens[i]`` tokens long, of which the last ``query_lens[i]`` are new.
+    """
+
+    num_tokens: int
+    num_reqs: int
+    query_start_loc: torch.Tensor  # [num_reqs + 1] int32, on device
+    seq_lens: torch.Tensor  # [num_reqs] int32: cached + new tokens, on device
+    block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, padded with 0, on device
+    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset
+    block_size: int
+    max_query_len: int
+    max_seq_len: int
+    query_lens_cpu: list[int]
+    seq_lens_cpu: list[int]
+    # Whatever a backend derives in prepare() (split-KV plans, masks, ...).
+    backend_data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def is_decode_only(self) -> bool:
+        return self.max_query_len == 1
+
+
+class AttentionBackend(ABC):
+    """Paged attention for one layer shape.
+
+    The model builds one instance per distinct (heads, head size, window)
+    configuration. Capabilities are class data; :meth:`validate` turns them
+    into reasons a configuration is refused.
+    """
+
+    name: ClassVar[str]
+    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
+    supported_head_sizes: ClassVar[tuple[int, ...] | None] = None  # None: any
+    supported_device_types: ClassVar[tuple[str, ...]] = ("cpu",)
+    supports_sliding_window: ClassVar[bool] = True
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        num_kv_heads: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> None:
+        self.num_heads = num_heads
+        self.head_size = head_size
+        self.num_kv_heads = num_kv_heads
+        self.scale = scale
+        self.sliding_window = sliding_window
+
+    @classmethod
+    def validate(
+        cls,
+        *,
+        head_size: int,
+        dtype: torch.dtype,
+        device_type: str,
+        block_size: int,
+        sliding_window: int | None,
+    ) -> list[str]:
+        """Reasons this backend cannot run the configuration (empty: it can)."""
+        reasons = []
+        if dtype not in cls.supported_dtypes:
+            reasons.append(f"dtype {dtype} not in {cls.supported_dtypes}")
+        if cls.supported_head_sizes is not None and head_size not in cls.supported_head_sizes:
+            reasons.append(f"head size {head_size} not in {cls.supported_head_sizes}")
+        if device_type not in cls.supported_device_types:
+            reasons.append(f"device {device_type!r} not in {cls.supported_device_types}")
+        if sliding_window is not None and not cls.supports_sliding_window:
+            reasons.append("sliding window attention is not supported")
+        return reasons
+
+    @staticmethod
+    def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:
+        """Shape of one layer's cache tensor; index 0 selects K (0) or V (1)."""
+        return (2, num_blocks, block_size, num_kv_heads, head_size)
+
+    @classmethod
+    def prepare(cls, metadata: AttentionMetadata) -> None:
+        """Derive per-step data into ``metadata.backend_data``; called once per step."""
+
+    @abstractmethod
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        kv_cache: torch.Tensor,  # kv_cache_shape(...)
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
+        """Write ``key``/``value`` into ``kv_cache`` at ``metadata.slot_mapping``,
+        then attend each new token to its request's context read through the
+        block table: causal within the new tokens, full over cached ones, and
+        limited to the last ``sliding_window`` positions when set.
+        """

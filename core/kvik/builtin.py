@@ -1,0 +1,26 @@
+"""The core's own plugin: torch reference attention, Llama-family models, safetensors.
+
+Registered through the ``kvik`` entry-point group like any third-party plugin.
+"""
+
+from __future__ import annotations
+
+from kvik.plugins.hookspecs import RegisterFn, hookimpl
+
+KVIK_PLUGIN_API = ">=1.0,<2"
+
+
+@hookimpl
+def kvik_register_attention_backends(register: RegisterFn) -> None:
+    register("torch_ref", "kvik.attention.torch_ref:TorchRefAttentionBackend")
+
+
+@hookimpl
+def kvik_register_models(register: RegisterFn) -> None:
+    for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
+        register(arch, f"kvik.models.llama:{arch}")
+
+
+@hookimpl
+def kvik_register_model_formats(register: RegisterFn) -> None:
+    register("safetensors", "kvik.models.safetensors_format:SafetensorsFormat")

@@ -1,0 +1,1 @@
+"""Model architectures, checkpoint formats and loading."""

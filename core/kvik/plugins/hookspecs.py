@@ -1,0 +1,98 @@
+"""Every hook a kvik plugin may implement, in one place.
+
+Plugins are found through the ``kvik`` entry-point group: each entry point
+names a module (or object) holding ``@hookimpl`` functions. Registration hooks
+take a ``register`` callback, the simonw/llm way, so one plugin can register
+several things and the core records which distribution each came from.
+
+Hooks evolve the pluggy way: new arguments may be added (an implementation
+may accept any subset), a hook's meaning never changes within one major
+``PLUGIN_API_VERSION``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import pluggy
+
+if TYPE_CHECKING:
+    from kvik.config import EngineConfig
+
+PROJECT_NAME = "kvik"
+hookspec = pluggy.HookspecMarker(PROJECT_NAME)
+hookimpl = pluggy.HookimplMarker(PROJECT_NAME)
+
+RegisterFn = Callable[..., None]
+
+
+@hookspec
+def kvik_register_platforms(register: RegisterFn) -> None:
+    """Register hardware platforms.
+
+    Call ``register(name, "module:PlatformClass")`` once per platform. The class
+    must subclass :class:`kvik.platforms.Platform`; it is imported only when the
+    platform is probed or used, so this hook must not import device runtimes.
+    Not firstresult: every plugin's implementation is called.
+    """
+
+
+@hookspec
+def kvik_register_attention_backends(register: RegisterFn) -> None:
+    """Register attention backends.
+
+    Call ``register(name, "module:BackendClass")``; the class subclasses
+    :class:`kvik.attention.AttentionBackend`. Platforms list backend names in
+    order of preference; users may force one with ``attention_backend=``.
+    """
+
+
+@hookspec
+def kvik_register_quantization_methods(register: RegisterFn) -> None:
+    """Register quantization formats.
+
+    Call ``register(name, "module:MethodClass")``; the class subclasses
+    :class:`kvik.quantization.QuantizationMethod`. ``name`` is the value of
+    ``quant_method`` in a checkpoint's ``quantization_config`` (or the format
+    name a loader asks for, e.g. ``"gguf"``).
+    """
+
+
+@hookspec
+def kvik_register_models(register: RegisterFn) -> None:
+    """Register model architectures.
+
+    Call ``register(architecture, "module:ModelClass")`` where ``architecture``
+    is a Hugging Face ``architectures`` entry such as ``"LlamaForCausalLM"``;
+    the class follows :class:`kvik.models.interface.CausalLM`.
+    """
+
+
+@hookspec
+def kvik_register_model_formats(register: RegisterFn) -> None:
+    """Register checkpoint formats other than safetensors directories.
+
+    Call ``register(name, "module:FormatClass")``; the class follows
+    :class:`kvik.models.formats.ModelFormat` (``matches(path)``, ``load_config``,
+    ``iter_weights``, ``load_tokenizer``). The GGUF plugin uses this hook.
+    """
+
+
+@hookspec
+def kvik_configure(config: EngineConfig) -> list[str] | None:
+    """Inspect or adjust the engine configuration before the engine is built.
+
+    Called once per engine, after the platform's own ``configure``. Return a
+    list of human-readable notes describing what was changed (logged at INFO),
+    or ``None``. Raise ``ValueError`` with advice to refuse a configuration.
+    """
+
+
+ALL_HOOKS: tuple[Any, ...] = (
+    kvik_register_platforms,
+    kvik_register_attention_backends,
+    kvik_register_quantization_methods,
+    kvik_register_models,
+    kvik_register_model_formats,
+    kvik_configure,
+)

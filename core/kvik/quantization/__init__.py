@@ -1,0 +1,6 @@
+"""Quantization formats: the interface and the unquantized default."""
+
+from kvik.quantization.base import QuantizationMethod
+from kvik.quantization.unquantized import UnquantizedLinearMethod
+
+__all__ = ["QuantizationMethod", "UnquantizedLinearMethod"]

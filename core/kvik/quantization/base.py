@@ -1,0 +1,67 @@
+"""The interface quantization-format plugins implement.
+
+Quantization is a property of linear layers: a :class:`kvik.layers.linear.Linear`
+asks its method to create its parameters, load checkpoint values into them,
+post-process them, and run the matmul.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+
+if TYPE_CHECKING:
+    from kvik.layers.linear import Linear
+
+
+class QuantizationMethod(ABC):
+    """One quantization format, configured for one checkpoint."""
+
+    name: ClassVar[str]
+    # Compute dtypes the method's apply() accepts for activations.
+    supported_act_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> QuantizationMethod:
+        """Build from a checkpoint's ``quantization_config``; ValueError if invalid."""
+        return cls()
+
+    @abstractmethod
+    def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device) -> None:
+        """Register on ``layer`` the parameters/buffers that hold its weight.
+
+        ``layer.input_size`` and ``layer.output_sizes`` (one entry per merged
+        shard, e.g. q/k/v) give the logical shape ``[sum(output_sizes), input_size]``.
+        """
+
+    @abstractmethod
+    def load_weight(self, layer: Linear, name: str, value: Any, shard: int | None) -> None:
+        """Store one checkpoint value.
+
+        ``name`` is the parameter's last name component (``"weight"``, or a
+        format's own such as ``"weight_scale"``); ``shard`` is the index into
+        ``layer.output_sizes`` for merged layers, else None. ``value`` is a
+        tensor, or whatever the checkpoint format yields for this method.
+        """
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        """Repack or transpose loaded weights for fast ``apply`` (optional)."""
+
+    @abstractmethod
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        """``x @ W.T`` (without bias): ``x`` is ``[..., input_size]``."""
+
+    @abstractmethod
+    def dequantize(self, layer: Linear) -> torch.Tensor:
+        """The dense weight ``[sum(output_sizes), input_size]`` that ``apply`` multiplies by.
+
+        Used by the conformance suite and by formats that fall back to dense.
+        """
+
+    def weight_bytes(self, layer: Linear) -> int:
+        """Bytes the layer's weight storage occupies."""
+        return sum(t.numel() * t.element_size() for t in layer.parameters(recurse=False)) + sum(
+            t.numel() * t.element_size() for t in layer.buffers(recurse=False)
+        )

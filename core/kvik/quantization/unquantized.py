@@ -1,0 +1,40 @@
+"""Dense weights in the compute dtype: the default linear method."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+
+from kvik.quantization.base import QuantizationMethod
+
+if TYPE_CHECKING:
+    from kvik.layers.linear import Linear
+
+
+class UnquantizedLinearMethod(QuantizationMethod):
+    name = "none"
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device) -> None:
+        weight = torch.empty(sum(layer.output_sizes), layer.input_size, dtype=dtype, device=device)
+        layer.weight = torch.nn.Parameter(weight, requires_grad=False)
+
+    def load_weight(self, layer: Linear, name: str, value: Any, shard: int | None) -> None:
+        if name != "weight":
+            raise ValueError(f"unexpected parameter {name!r} for an unquantized linear layer")
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"expected a tensor for an unquantized weight, got {type(value).__name__}")
+        target = layer.weight.data
+        if shard is not None:
+            start = sum(layer.output_sizes[:shard])
+            target = target[start : start + layer.output_sizes[shard]]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"weight shape {tuple(value.shape)} does not match expected {tuple(target.shape)}")
+        target.copy_(value)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, layer.weight)
+
+    def dequantize(self, layer: Linear) -> torch.Tensor:
+        return layer.weight.data

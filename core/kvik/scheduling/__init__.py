@@ -1,0 +1,1 @@
+"""Pure-Python scheduling: block pool, KV-cache manager, scheduler."""

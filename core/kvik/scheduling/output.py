@@ -1,0 +1,59 @@
+"""The scheduler's per-step decision: plain data, no tensors.
+
+Every platform's model runner (torch, MLX, ...) consumes this unchanged.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from kvik.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class ScheduledRequest:
+    """The work for one request in one step."""
+
+    request_id: str
+    # Tokens to compute this step; token_ids[0] sits at position start_pos.
+    token_ids: list[int]
+    start_pos: int  # == num_computed_tokens before this step
+    block_ids: list[int]  # the whole block table, enough for start_pos + len(token_ids)
+    # True when this step reaches the end of the known tokens: a token is sampled
+    # from the last position. False for a prefill chunk that is not the last.
+    sample: bool
+    sampling_params: SamplingParams
+    # Shared with the Request (read-only for runners): penalties and seeded
+    # sampling read them. len(output_token_ids) is the index of the next sample.
+    prompt_token_ids: list[int] = field(default_factory=list)
+    output_token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def num_new_tokens(self) -> int:
+        return len(self.token_ids)
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    scheduled: list[ScheduledRequest]
+    num_batched_tokens: int
+    # Requests that ended or were preempted since the last step: runners drop
+    # any per-request state they keep (generators, persistent batch rows).
+    finished_request_ids: list[str] = field(default_factory=list)
+    preempted_request_ids: list[str] = field(default_factory=list)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.scheduled
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """What a model runner returns for one step."""
+
+    # request_id -> sampled token ids (one per step today; several with spec decode)
+    sampled_token_ids: dict[str, list[int]]
+    # request_id -> per sampled token: {token_id: logprob} (top-k plus the chosen one)
+    logprobs: dict[str, list[dict[int, float]]] | None = None
+    # request_id -> per prompt position (computed this step): {token_id: logprob}
+    prompt_logprobs: dict[str, list[dict[int, float]]] | None = None

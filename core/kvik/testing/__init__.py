@@ -1,0 +1,1 @@
+"""Test utilities and the conformance suite shipped with kvik for plugin authors."""

@@ -1,0 +1,1 @@
+"""Model runners: execute the scheduler's steps on a device."""
