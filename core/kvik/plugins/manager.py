@@ -181,10 +181,11 @@ def get_plugin_manager() -> PluginManager:
     return _GLOBAL
 
 
-def set_plugin_manager(manager: PluginManager | None) -> None:
-    """Replace the process-wide manager (tests)."""
+def set_plugin_manager(manager: PluginManager | None) -> PluginManager | None:
+    """Replace the process-wide manager (tests); return the previous one so it can be restored."""
     global _GLOBAL
-    _GLOBAL = manager
+    previous, _GLOBAL = _GLOBAL, manager
+    return previous
 
 
 __all__ = ["PluginError", "PluginFailure", "PluginManager", "get_plugin_manager", "set_plugin_manager"]
