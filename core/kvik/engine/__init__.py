@@ -1,0 +1,1 @@
+"""The engine: step loop, detokenization, outputs, memory planning."""

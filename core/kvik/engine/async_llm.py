@@ -1,0 +1,199 @@
+"""AsyncLLM: an asyncio front end over LLMEngine, stepping on its own thread.
+
+Request handling (tokenization, validation, streaming) happens on the event
+loop; the step loop runs on a dedicated thread so neither blocks the other.
+The two talk through a thread-safe command queue (in) and per-request asyncio
+queues fed with ``call_soon_threadsafe`` (out).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from kvik.config import EngineConfig
+from kvik.engine.llm_engine import EngineStats, LLMEngine, PreparedRequest
+from kvik.outputs import RequestOutput
+from kvik.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+_IDLE_WAIT_S = 0.05
+
+
+class EngineDeadError(RuntimeError):
+    """The step loop stopped because of an error; no request can be served."""
+
+
+class AsyncLLM:
+    def __init__(self, engine: LLMEngine, model_name: str | None = None) -> None:
+        self.engine = engine
+        self.model_name = model_name or str(engine.config.model)
+        self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
+        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._thread: threading.Thread | None = None
+        self._running = False
+        self._accepting = True
+        self._error: BaseException | None = None
+        self._stats: EngineStats = engine.get_stats()
+
+    @classmethod
+    def from_engine_args(cls, model_name: str | None = None, **kwargs: Any) -> AsyncLLM:
+        return cls(LLMEngine(EngineConfig.from_kwargs(**kwargs)), model_name=model_name)
+
+    # -- properties used by servers -------------------------------------------
+    @property
+    def tokenizer(self) -> Any:
+        return self.engine.tokenizer
+
+    @property
+    def model_config(self) -> Any:
+        return self.engine.model_config
+
+    def get_stats(self) -> EngineStats:
+        return self._stats
+
+    def is_healthy(self) -> bool:
+        return self._error is None and (self._thread is None or self._thread.is_alive() or not self._running)
+
+    @property
+    def num_unfinished(self) -> int:
+        return len(self._streams)
+
+    # -- lifecycle -------------------------------------------------------------
+    def start(self) -> None:
+        """Start the step loop; call from within the event loop that will consume outputs."""
+        if self._thread is not None:
+            return
+        self._loop = asyncio.get_running_loop()
+        self._running = True
+        self._thread = threading.Thread(target=self._run_loop, name="kvik-engine", daemon=True)
+        self._thread.start()
+
+    async def shutdown(self, grace_period: float = 0.0) -> None:
+        """Stop accepting, let in-flight requests finish for ``grace_period`` s, abort the rest."""
+        self._accepting = False
+        deadline = time.monotonic() + grace_period
+        while self._streams and time.monotonic() < deadline and self._error is None:
+            await asyncio.sleep(0.02)
+        for request_id in list(self._streams):
+            await self.abort(request_id)
+        self._running = False
+        self._commands.put(("wake", None))
+        if self._thread is not None:
+            await asyncio.to_thread(self._thread.join, 10.0)
+        self.engine.shutdown()
+
+    # -- requests --------------------------------------------------------------
+    async def generate(
+        self,
+        prompt: str | Sequence[int],
+        sampling_params: SamplingParams | None,
+        request_id: str,
+        priority: int = 0,
+    ) -> AsyncIterator[RequestOutput]:
+        """Stream cumulative outputs of one request; the last has ``finished=True``.
+
+        Raises ValueError for invalid input before yielding anything. Leaving
+        the iteration early (client gone, task cancelled) aborts the request.
+        """
+        if self._error is not None:
+            raise EngineDeadError(f"the engine loop failed: {self._error!r}")
+        if not self._accepting:
+            raise EngineDeadError("the engine is shutting down")
+        if self._thread is None:
+            self.start()
+        if request_id in self._streams:
+            raise ValueError(f"request id {request_id!r} is already in use")
+        if isinstance(prompt, str) and len(prompt) > 4096:
+            prepared = await asyncio.to_thread(self.engine.prepare_request, request_id, prompt, sampling_params, priority)
+        else:
+            prepared = self.engine.prepare_request(request_id, prompt, sampling_params, priority)
+        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        self._streams[request_id] = stream
+        self._commands.put(("add", prepared))
+        finished = False
+        try:
+            while True:
+                item = await stream.get()
+                if isinstance(item, BaseException):
+                    raise item
+                # Collapse a backlog: outputs are cumulative, only the newest matters.
+                while not item.finished and not stream.empty():
+                    newer = stream.get_nowait()
+                    if isinstance(newer, BaseException):
+                        raise newer
+                    item = newer
+                finished = item.finished
+                yield item
+                if finished:
+                    return
+        finally:
+            self._streams.pop(request_id, None)
+            if not finished:
+                self._commands.put(("abort", request_id))
+
+    async def abort(self, request_id: str) -> None:
+        self._commands.put(("abort", request_id))
+
+    # -- the loop thread -----------------------------------------------------
+    def _deliver(self, outputs: list[RequestOutput]) -> None:
+        for output in outputs:
+            stream = self._streams.get(output.request_id)
+            if stream is not None:
+                stream.put_nowait(output)
+
+    def _post(self, outputs: list[RequestOutput]) -> None:
+        if outputs and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._deliver, outputs)
+
+    def _drain_commands(self, block: bool) -> None:
+        try:
+            command = self._commands.get(timeout=_IDLE_WAIT_S) if block else self._commands.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            kind, payload = command
+            if kind == "add":
+                self._add(payload)
+            elif kind == "abort":
+                self._post(self.engine.abort_request(payload))
+            try:
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                return
+
+    def _add(self, prepared: PreparedRequest) -> None:
+        try:
+            self.engine.add_prepared(prepared)
+        except Exception as exc:  # e.g. the scheduler refuses it: hand the error to the caller
+            error = exc
+            if self._loop is not None:
+                self._loop.call_soon_threadsafe(self._fail_one, prepared.request_id, error)
+
+    def _fail_one(self, request_id: str, error: BaseException) -> None:
+        stream = self._streams.get(request_id)
+        if stream is not None:
+            stream.put_nowait(error)
+
+    def _run_loop(self) -> None:
+        try:
+            while self._running:
+                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                if self.engine.has_unfinished_requests():
+                    self._post(self.engine.step())
+                self._stats = self.engine.get_stats()
+        except BaseException as exc:  # the loop is dead: fail every waiting request loudly
+            logger.exception("engine loop failed")
+            self._error = exc
+            if self._loop is not None:
+                for request_id in list(self._streams):
+                    self._loop.call_soon_threadsafe(
+                        self._fail_one, request_id, EngineDeadError(f"the engine loop failed: {exc!r}")
+                    )

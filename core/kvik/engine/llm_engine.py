@@ -1,0 +1,258 @@
+"""LLMEngine: schedule → execute → update, one step at a time."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from kvik.config import EngineConfig, ModelConfig
+from kvik.engine.memory_planner import MemoryPlan, plan_memory
+from kvik.engine.output_processor import OutputProcessor, RequestState, SampleState
+from kvik.outputs import RequestMetrics, RequestOutput
+from kvik.platforms.selector import resolve_platform
+from kvik.plugins.manager import PluginManager, get_plugin_manager
+from kvik.request import Request, RequestStatus
+from kvik.sampling_params import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class PreparedRequest:
+    """A validated, tokenized request ready for ``LLMEngine.add_prepared``."""
+
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    priority: int
+    arrival_time: float
+
+
+@dataclass(slots=True)
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_cache_usage: float
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int
+    generation_tokens_total: int
+    num_steps: int
+    last_step_time: float  # time.monotonic() of the last step that did work
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / self.prefix_cache_queries if self.prefix_cache_queries else 0.0
+
+
+class LLMEngine:
+    """Owns the platform's model runner, the scheduler and the output processor."""
+
+    def __init__(self, config: EngineConfig, manager: PluginManager | None = None) -> None:
+        from kvik.models.loader import build_model_config, resolve_format
+        from kvik.scheduling.scheduler import Scheduler
+
+        self.config = config
+        self.manager = manager or get_plugin_manager()
+        if config.model is None:
+            from kvik.models.default import default_model
+
+            config.model = default_model()
+        self.platform = resolve_platform(config.device, self.manager)
+        for note in self.platform.configure(config):
+            logger.info("%s platform: %s", self.platform.name, note)
+        for notes in self.manager.hook.kvik_configure(config=config):
+            for note in notes or []:
+                logger.info("plugin configuration: %s", note)
+        self.format = resolve_format(config.model, self.manager)
+        self.model_config: ModelConfig = build_model_config(config, self.format, self.manager)
+        self.tokenizer: Any = self._load_tokenizer()
+        self.runner = self.platform.create_model_runner(config, self.model_config)
+        self.runner.load_model()
+        self.memory_plan = self._plan_memory()
+        self.model_config.max_model_len = self.memory_plan.max_model_len
+        self.runner.initialize_kv_cache(self.memory_plan.num_blocks)
+        assert config.block_size and config.max_num_batched_tokens and config.max_num_seqs
+        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.model_config.max_model_len:
+            config.max_num_batched_tokens = self.model_config.max_model_len
+        self.scheduler = Scheduler(
+            num_blocks=self.memory_plan.num_blocks,
+            block_size=config.block_size,
+            max_num_batched_tokens=config.max_num_batched_tokens,
+            max_num_seqs=config.max_num_seqs,
+            max_model_len=self.model_config.max_model_len,
+            enable_prefix_caching=config.enable_prefix_caching,
+            enable_chunked_prefill=config.enable_chunked_prefill,
+            policy=config.scheduling_policy,
+        )
+        self.output_processor = OutputProcessor(self.tokenizer)
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+        self._num_steps = 0
+        self._last_step_time = time.monotonic()
+        logger.info(
+            "engine ready: model %s (%s, %s) on %s",
+            config.model, self.model_config.architecture, self.model_config.dtype, self.platform.name,
+        )
+
+    # -- set-up --------------------------------------------------------------
+    def _load_tokenizer(self) -> Any:
+        if self.config.tokenizer:
+            from transformers import AutoTokenizer
+
+            return AutoTokenizer.from_pretrained(self.config.tokenizer)
+        return self.format.load_tokenizer()
+
+    def _plan_memory(self) -> MemoryPlan:
+        config = self.config
+        assert config.block_size is not None and config.max_num_seqs is not None
+        memory = self.platform.memory_info()
+        return plan_memory(
+            total_bytes=memory.total,
+            free_bytes=memory.free,
+            utilization=config.gpu_memory_utilization,
+            weight_bytes=self.runner.weight_bytes(),
+            activation_bytes=self.runner.profile(),
+            block_bytes=self.runner.kv_block_bytes(config.block_size),
+            block_size=config.block_size,
+            max_model_len=self.model_config.max_model_len,
+            max_num_seqs=config.max_num_seqs,
+            auto_max_model_len=config.max_model_len == "auto",
+            kv_cache_memory=config.kv_cache_memory,
+            num_blocks=config.num_kv_blocks,
+        )
+
+    # -- requests ------------------------------------------------------------
+    def prepare_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> PreparedRequest:
+        """Tokenize and validate without touching engine state (safe from any thread)."""
+        params = params or SamplingParams()
+        if isinstance(prompt, str):
+            text: str | None = prompt
+            token_ids = list(self.tokenizer.encode(prompt)) if prompt else []
+        else:
+            text = None
+            token_ids = [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError("the prompt is empty; give at least one token")
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        max_len = self.model_config.max_model_len
+        if len(token_ids) >= max_len:
+            raise ValueError(
+                f"the prompt has {len(token_ids)} tokens but max_model_len is {max_len} "
+                f"(prompt plus at least one generated token must fit); shorten the prompt"
+            )
+        return PreparedRequest(request_id, text, token_ids, params, priority, arrival_time or time.time())
+
+    def add_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: SamplingParams | None = None,
+        priority: int = 0,
+        arrival_time: float | None = None,
+    ) -> None:
+        self.add_prepared(self.prepare_request(request_id, prompt, params, priority, arrival_time))
+
+    def add_prepared(self, prepared: PreparedRequest) -> None:
+        if prepared.request_id in self.output_processor.states:
+            raise ValueError(f"request id {prepared.request_id!r} is already in use")
+        params = prepared.params
+        room = self.model_config.max_model_len - len(prepared.prompt_token_ids)
+        max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
+        eos = frozenset() if params.ignore_eos else self.model_config.eos_token_ids
+        samples = []
+        for index in range(params.n):
+            child_params = params
+            if params.n > 1 and params.seed is not None:
+                child_params = params.clone(seed=params.seed + index, n=1)
+            child_id = prepared.request_id if params.n == 1 else f"{prepared.request_id}#{index}"
+            request = Request(
+                request_id=child_id,
+                prompt_token_ids=prepared.prompt_token_ids,
+                sampling_params=child_params,
+                max_tokens=max_tokens,
+                eos_token_ids=eos,
+                arrival_time=prepared.arrival_time,
+                priority=prepared.priority,
+            )
+            detok = self.output_processor.new_detokenizer(prepared.prompt_token_ids, params)
+            samples.append(SampleState(index=index, request=request, detokenizer=detok))
+        state = RequestState(
+            request_id=prepared.request_id,
+            prompt=prepared.prompt,
+            prompt_token_ids=prepared.prompt_token_ids,
+            params=params,
+            samples=samples,
+            metrics=RequestMetrics(arrival_time=prepared.arrival_time),
+        )
+        for sample in samples:
+            self.scheduler.add_request(sample.request)
+        self.output_processor.add(state)
+        self._prompt_tokens_total += len(prepared.prompt_token_ids)
+
+    def abort_request(self, request_ids: str | Sequence[str]) -> list[RequestOutput]:
+        """Abort user requests; returns their final outputs (finish_reason 'abort')."""
+        if isinstance(request_ids, str):
+            request_ids = [request_ids]
+        outputs = []
+        for request_id in request_ids:
+            state = self.output_processor.states.get(request_id)
+            if state is None:
+                continue
+            self.scheduler.finish_requests([s.request.request_id for s in state.samples], RequestStatus.FINISHED_ABORTED)
+            output = self.output_processor.abort(request_id)
+            if output is not None:
+                outputs.append(output)
+        return outputs
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    # -- the step ------------------------------------------------------------
+    def step(self) -> list[RequestOutput]:
+        """Schedule, execute and update once; return outputs of requests that progressed."""
+        scheduler_output = self.scheduler.schedule()
+        if scheduler_output.is_empty:
+            return []
+        runner_output = self.runner.execute(scheduler_output)
+        updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+        outputs, stopped = self.output_processor.process(updated)
+        if stopped:
+            self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+        self._generation_tokens_total += sum(len(v) for v in runner_output.sampled_token_ids.values())
+        self._num_steps += 1
+        self._last_step_time = time.monotonic()
+        return outputs
+
+    def get_stats(self) -> EngineStats:
+        stats = self.scheduler.get_stats()
+        return EngineStats(
+            num_running=stats.num_running,
+            num_waiting=stats.num_waiting,
+            kv_cache_usage=stats.kv_cache_usage,
+            prefix_cache_queries=stats.prefix_cache_queries,
+            prefix_cache_hits=stats.prefix_cache_hits,
+            num_preemptions=stats.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            num_steps=self._num_steps,
+            last_step_time=self._last_step_time,
+        )
+
+    def shutdown(self) -> None:
+        self.runner.shutdown()

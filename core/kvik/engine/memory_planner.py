@@ -1,0 +1,120 @@
+"""Decides how many KV blocks fit, and whether max_model_len fits in them."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+
+
+@dataclass(slots=True)
+class MemoryPlan:
+    num_blocks: int
+    block_size: int
+    block_bytes: int
+    weight_bytes: int
+    activation_bytes: int
+    kv_bytes: int
+    max_model_len: int
+
+    @property
+    def kv_tokens(self) -> int:
+        return self.num_blocks * self.block_size
+
+    @property
+    def max_concurrent_full_length(self) -> int:
+        """How many max_model_len-long requests fit in the cache at once."""
+        return self.kv_tokens // self.max_model_len
+
+    def summary(self) -> str:
+        return (
+            f"weights {self.weight_bytes / GiB:.2f} GiB, activations {self.activation_bytes / GiB:.2f} GiB, "
+            f"KV cache {self.kv_bytes / GiB:.2f} GiB = {self.num_blocks} blocks x {self.block_size} tokens "
+            f"({self.kv_tokens} tokens); max_model_len {self.max_model_len}: "
+            f"{self.max_concurrent_full_length} concurrent full-length requests"
+        )
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def plan_memory(
+    *,
+    total_bytes: int,
+    free_bytes: int,
+    utilization: float,
+    weight_bytes: int,
+    activation_bytes: int,
+    block_bytes: int,
+    block_size: int,
+    max_model_len: int,
+    max_num_seqs: int,
+    auto_max_model_len: bool,
+    kv_cache_memory: int | None = None,
+    num_blocks: int | None = None,
+) -> MemoryPlan:
+    """Size the KV pool and check ``max_model_len`` against it.
+
+    Precedence: an explicit ``num_blocks``, then ``kv_cache_memory`` bytes,
+    then ``utilization`` of the device's total memory minus weights and
+    activations (and never more than is free now). The pool is capped at what
+    ``max_num_seqs`` full-length requests could ever use, so small models do not
+    reserve memory they cannot touch.
+    """
+    if block_bytes <= 0:
+        raise ValueError(f"block_bytes must be positive, got {block_bytes}")
+    if num_blocks is not None:
+        budget = num_blocks * block_bytes
+        source = "num_kv_blocks"
+    elif kv_cache_memory is not None:
+        budget = kv_cache_memory
+        source = "kv_cache_memory"
+    else:
+        budget = min(int(total_bytes * utilization) - weight_bytes - activation_bytes, free_bytes - activation_bytes)
+        source = f"gpu_memory_utilization={utilization}"
+        if budget < block_bytes:
+            raise ValueError(
+                f"no memory left for the KV cache: {total_bytes / GiB:.2f} GiB x {utilization} leaves "
+                f"{budget / GiB:.2f} GiB after weights ({weight_bytes / GiB:.2f} GiB) and activations "
+                f"({activation_bytes / GiB:.2f} GiB); raise gpu_memory_utilization, lower max_num_batched_tokens, "
+                "or set kv_cache_memory explicitly"
+            )
+    blocks = num_blocks if num_blocks is not None else budget // block_bytes
+    blocks_per_seq = _ceil_div(max_model_len, block_size)
+    if num_blocks is None:
+        blocks = min(blocks, max_num_seqs * blocks_per_seq + 1)
+    if blocks < 2:
+        raise ValueError(
+            f"{source} gives {budget} bytes, less than two KV blocks of {block_bytes} bytes; "
+            "give the KV cache more memory"
+        )
+    usable_tokens = (blocks - 1) * block_size  # one block is the reserved padding block
+    if max_model_len > usable_tokens:
+        fitting = usable_tokens
+        if auto_max_model_len:
+            logger.warning(
+                "max_model_len lowered from %d to %d to fit the KV cache (%s)", max_model_len, fitting, source
+            )
+            max_model_len = fitting
+        else:
+            short = (blocks_per_seq + 1 - blocks) * block_bytes
+            raise ValueError(
+                f"max_model_len {max_model_len} needs {blocks_per_seq} KV blocks but only {blocks - 1} fit "
+                f"({source}; short by {short / GiB:.3f} GiB). The largest max_model_len that fits is {fitting}: "
+                f"pass max_model_len={fitting} (or 'auto'), or give the KV cache more memory"
+            )
+    plan = MemoryPlan(
+        num_blocks=blocks,
+        block_size=block_size,
+        block_bytes=block_bytes,
+        weight_bytes=weight_bytes,
+        activation_bytes=activation_bytes,
+        kv_bytes=blocks * block_bytes,
+        max_model_len=max_model_len,
+    )
+    logger.info("memory plan: %s", plan.summary())
+    return plan

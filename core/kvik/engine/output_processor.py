@@ -1,0 +1,144 @@
+"""Turns scheduler progress into user-facing RequestOutputs (text, stop strings, n samples)."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from kvik.engine.detokenizer import IncrementalDetokenizer
+from kvik.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvik.request import Request
+from kvik.sampling_params import SamplingParams
+
+
+@dataclass(slots=True)
+class SampleState:
+    """One of a user request's ``n`` samples, backed by one scheduler Request."""
+
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer | None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+    num_detokenized: int = 0  # output tokens already fed to the detokenizer
+
+
+@dataclass(slots=True)
+class RequestState:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    samples: list[SampleState]
+    metrics: RequestMetrics
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finish_reason is not None for s in self.samples)
+
+
+class OutputProcessor:
+    """Owns detokenizers and output assembly; finds stop strings."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.states: dict[str, RequestState] = {}
+        self._owner: dict[str, tuple[RequestState, SampleState]] = {}  # child request id -> its state
+
+    def add(self, state: RequestState) -> None:
+        self.states[state.request_id] = state
+        for sample in state.samples:
+            self._owner[sample.request.request_id] = (state, sample)
+
+    def new_detokenizer(self, prompt_token_ids: list[int], params: SamplingParams) -> IncrementalDetokenizer | None:
+        if not params.detokenize or self.tokenizer is None:
+            return None
+        return IncrementalDetokenizer(
+            self.tokenizer,
+            prompt_token_ids,
+            skip_special_tokens=params.skip_special_tokens,
+            stop=params.stop,
+            include_stop_str_in_output=params.include_stop_str_in_output,
+        )
+
+    def process(self, updated: list[Request]) -> tuple[list[RequestOutput], list[str]]:
+        """Consume requests that got new tokens.
+
+        Returns the outputs to emit (one per touched user request) and the
+        child request ids that a stop string ended (the scheduler must finish them).
+        """
+        now = time.time()
+        touched: dict[str, RequestState] = {}
+        stopped: list[str] = []
+        for request in updated:
+            owner = self._owner.get(request.request_id)
+            if owner is None:
+                continue
+            state, sample = owner
+            if sample.finish_reason is not None:
+                continue
+            metrics = state.metrics
+            if metrics.first_token_time is None and request.num_output_tokens:
+                metrics.first_token_time = now
+            metrics.last_token_time = now
+            metrics.num_preemptions = max(metrics.num_preemptions, request.num_preemptions)
+            metrics.num_cached_tokens = max(metrics.num_cached_tokens, request.num_cached_tokens)
+            detok = sample.detokenizer
+            if detok is not None:
+                new_ids = request.output_token_ids[sample.num_detokenized :]
+                sample.num_detokenized += len(new_ids)
+                stop = detok.update(new_ids) if new_ids else None
+                if stop is not None and not request.is_finished:
+                    sample.finish_reason, sample.stop_reason = "stop", stop
+                    stopped.append(request.request_id)
+            if sample.finish_reason is None and request.is_finished:
+                sample.finish_reason = request.status.finish_reason
+                sample.stop_reason = request.stop_reason
+                if detok is not None:
+                    detok.flush()
+            touched[state.request_id] = state
+        outputs = [self._make_output(state, now) for state in touched.values()]
+        return outputs, stopped
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """Mark all samples of a user request aborted and return its final output."""
+        state = self.states.get(request_id)
+        if state is None:
+            return None
+        for sample in state.samples:
+            if sample.finish_reason is None:
+                sample.finish_reason = "abort"
+        return self._make_output(state, time.time())
+
+    def _make_output(self, state: RequestState, now: float) -> RequestOutput:
+        finished = state.finished
+        if finished:
+            state.metrics.finished_time = now
+            self.states.pop(state.request_id, None)
+            for sample in state.samples:
+                self._owner.pop(sample.request.request_id, None)
+        completions = []
+        for sample in state.samples:
+            detok = sample.detokenizer
+            done = sample.finish_reason is not None
+            completions.append(
+                CompletionOutput(
+                    index=sample.index,
+                    text=detok.text(done) if detok is not None else "",
+                    token_ids=list(sample.request.output_token_ids),
+                    finish_reason=sample.finish_reason,  # type: ignore[arg-type]
+                    stop_reason=sample.stop_reason,
+                )
+            )
+        return RequestOutput(
+            request_id=state.request_id,
+            prompt=state.prompt,
+            prompt_token_ids=state.prompt_token_ids,
+            outputs=completions,
+            finished=finished,
+            metrics=state.metrics,
+            num_cached_tokens=state.metrics.num_cached_tokens,
+        )
+

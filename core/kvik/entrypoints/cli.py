@@ -1,0 +1,173 @@
+"""The ``kvik`` command: plugins, env, generate, serve."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from kvik.version import __version__
+
+
+def _configure_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _cmd_plugins(args: argparse.Namespace) -> int:
+    from kvik.entrypoints.reports import plugins_report
+    from kvik.plugins.manager import get_plugin_manager
+
+    print(plugins_report(get_plugin_manager()))
+    return 0
+
+
+def _cmd_env(args: argparse.Namespace) -> int:
+    from kvik.entrypoints.reports import env_report
+
+    print(env_report())
+    return 0
+
+
+def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
+    """Engine flags shared by ``generate`` (``serve`` adds its own set)."""
+    parser.add_argument("--model", "-m", default=None, help="checkpoint directory or .gguf file (default: bundled SmolLM2)")
+    parser.add_argument("--device", default=None, help="platform name (cpu, cuda, rocm, apple); default: auto")
+    parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    parser.add_argument("--max-model-len", default=None, help="context length (int or 'auto')")
+    parser.add_argument("--kv-cache-memory", default=None, help="bytes for the KV cache, e.g. 2GiB")
+    parser.add_argument("--quantized-weights", default="auto", choices=["auto", "dequantize", "quantized"])
+    parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+
+
+def parse_size(value: str | int | None) -> int | None:
+    """'2GiB', '512MB', '1e9' or an int → bytes."""
+    if value is None or isinstance(value, int):
+        return value
+    text = value.strip().lower().replace(" ", "")
+    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
+             "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "b": 1}
+    for suffix, factor in units.items():
+        if text.endswith(suffix):
+            return int(float(text[: -len(suffix)]) * factor)
+    return int(float(text))
+
+
+def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
+    max_len = args.max_model_len
+    if max_len is not None and max_len != "auto":
+        max_len = int(max_len)
+    return dict(
+        model=args.model,
+        device=args.device,
+        dtype=args.dtype,
+        max_model_len=max_len,
+        kv_cache_memory=parse_size(args.kv_cache_memory),
+        quantized_weights=args.quantized_weights,
+        enforce_eager=args.enforce_eager,
+    )
+
+
+def _cmd_generate(args: argparse.Namespace) -> int:
+    from kvik.engine.llm_engine import LLMEngine
+    from kvik.config import EngineConfig
+    from kvik.sampling_params import SamplingParams
+
+    engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
+                            top_p=args.top_p, top_k=args.top_k)
+    prompt: str | list[int] = args.prompt
+    if args.chat:
+        messages = []
+        if args.system:
+            messages.append({"role": "system", "content": args.system})
+        messages.append({"role": "user", "content": args.prompt})
+        ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        prompt = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    engine.add_request("cli", prompt, params)
+    printed = 0
+    while engine.has_unfinished_requests():
+        for output in engine.step():
+            text = output.outputs[0].text
+            sys.stdout.write(text[printed:])
+            sys.stdout.flush()
+            printed = len(text)
+    sys.stdout.write("\n")
+    return 0
+
+
+def _cmd_serve(args: argparse.Namespace) -> int:
+    from kvik_server.cli import run_server
+
+    return int(run_server(args) or 0)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="kvik", description="kvik: a plugin-based LLM inference engine")
+    parser.add_argument("--version", action="version", version=f"kvik {__version__}")
+    parser.add_argument("--log-level", default=os.environ.get("KVIK_LOG_LEVEL", "warning"))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("plugins", help="list discovered platforms, backends, quant methods and models")
+    p.set_defaults(func=_cmd_plugins)
+    p = sub.add_parser("env", help="show the torch / device environment")
+    p.set_defaults(func=_cmd_env)
+
+    p = sub.add_parser("generate", help="generate text for one prompt, streaming it")
+    p.add_argument("prompt")
+    add_engine_arguments(p)
+    p.add_argument("--chat", action="store_true", help="apply the model's chat template")
+    p.add_argument("--system", default=None, help="system message (with --chat)")
+    p.add_argument("--max-tokens", type=int, default=128)
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--seed", type=int, default=None)
+    p.set_defaults(func=_cmd_generate)
+
+    try:
+        from kvik_server.cli import add_serve_arguments
+    except ImportError:
+        p = sub.add_parser("serve", help="OpenAI-compatible server (needs kvik-server)")
+        p.set_defaults(func=lambda a: _missing_server())
+    else:
+        p = sub.add_parser("serve", help="start the OpenAI-compatible server")
+        add_serve_arguments(p)
+        p.set_defaults(func=_cmd_serve)
+    return parser
+
+
+def _missing_server() -> int:
+    print("kvik serve needs the server: pip install 'kvik[server]' (or pip install -e server)", file=sys.stderr)
+    return 2
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _configure_logging(args.log_level)
+    try:
+        return int(args.func(args))
+    except (ValueError, TypeError) as exc:
+        # User errors: one clear line, no traceback (--log-level debug shows it).
+        logging.getLogger("kvik").debug("error", exc_info=True)
+        print(f"kvik: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:
+        from kvik.plugins.registry import PluginError
+
+        if isinstance(exc, PluginError):
+            print(f"kvik: error: {exc}", file=sys.stderr)
+            return 2
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())
