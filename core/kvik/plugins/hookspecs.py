@@ -12,7 +12,8 @@ may accept any subset), a hook's meaning never changes within one major
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 import pluggy
 
@@ -73,7 +74,7 @@ def kvik_register_model_formats(register: RegisterFn) -> None:
     """Register checkpoint formats other than safetensors directories.
 
     Call ``register(name, "module:FormatClass")``; the class follows
-    :class:`kvik.models.formats.ModelFormat` (``matches(path)``, ``load_config``,
+    :class:`kvik.models.formats.ModelFormat` (``matches(path)``, ``load_hf_config``,
     ``iter_weights``, ``load_tokenizer``). The GGUF plugin uses this hook.
     """
 

@@ -28,8 +28,7 @@ class Entry:
             module_name, _, attr = self.target.partition(":")
             if not attr:
                 raise PluginError(
-                    f"{self.name!r} from {self.source} has target {self.target!r}; "
-                    "expected 'module:Class'"
+                    f"{self.name!r} from {self.source} has target {self.target!r}; expected 'module:Class'"
                 )
             try:
                 module = importlib.import_module(module_name)
