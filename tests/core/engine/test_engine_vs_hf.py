@@ -1,0 +1,134 @@
+"""End-to-end: kvik's engine against HF transformers, and against itself under every scheduling feature."""
+
+from __future__ import annotations
+
+import pytest
+
+from kvik import LLM, SamplingParams
+from kvik.testing.reference import hf_greedy, random_prompts
+
+NEW_TOKENS = 32
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+MODELS = {
+    "llama-gqa-llama3-rope": dict(
+        arch="llama",
+        rope_scaling={
+            "rope_type": "llama3",
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 64,
+        },
+    ),
+    "mistral-sliding-window": dict(arch="mistral", sliding_window=24),
+    "qwen2-bias-tied": dict(arch="qwen2", tie_word_embeddings=True),
+}
+
+
+def _llm(path, **kwargs) -> LLM:
+    options = dict(device="cpu", dtype="float32", num_kv_blocks=256, block_size=16, max_num_seqs=16)
+    options.update(kwargs)
+    return LLM(str(path), **options)
+
+
+def _tokens(outputs) -> list[list[int]]:
+    return [o.outputs[0].token_ids for o in outputs]
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_batched_greedy_matches_hf(tiny_model_dir, name):
+    path = tiny_model_dir(**MODELS[name])
+    prompts = random_prompts(8, seed=1)
+    expected = hf_greedy(path, prompts, NEW_TOKENS)
+    got = _tokens(_llm(path).generate(prompts, GREEDY))
+    assert got == expected
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_model_dir):
+    path = tiny_model_dir(**MODELS["llama-gqa-llama3-rope"])
+    # Shared prefixes make the prefix cache do real work.
+    base = random_prompts(6, seed=2, low=20, high=70)
+    prompts = base + [base[0] + p for p in random_prompts(4, seed=3, low=5, high=30)]
+    baseline = _tokens(_llm(path, enable_prefix_caching=False, enable_chunked_prefill=False).generate(prompts, GREEDY))
+    return path, prompts, baseline
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(enable_prefix_caching=True),
+        dict(enable_prefix_caching=True, max_num_batched_tokens=24),  # many chunks per prompt
+        dict(enable_prefix_caching=False, max_num_batched_tokens=17, max_num_seqs=3),
+        dict(num_kv_blocks=14, max_model_len=160),  # so small that requests get preempted
+    ],
+    ids=["prefix-cache", "chunked-prefill", "chunked-no-cache", "preemption"],
+)
+def test_scheduling_features_do_not_change_outputs(reference, options):
+    path, prompts, baseline = reference
+    llm = _llm(path, **options)
+    assert _tokens(llm.generate(prompts, GREEDY)) == baseline
+    stats = llm.llm_engine.get_stats()
+    if options.get("num_kv_blocks") == 14:
+        assert stats.num_preemptions > 0
+    if options.get("enable_prefix_caching"):
+        assert stats.prefix_cache_hits > 0
+    assert stats.kv_cache_usage == 0.0 or stats.num_running == 0
+
+
+def test_staggered_arrivals_match(reference):
+    path, prompts, baseline = reference
+    llm = _llm(path, max_num_batched_tokens=32)
+    engine = llm.llm_engine
+    results: dict[str, list[int]] = {}
+    pending = list(enumerate(prompts))
+    step = 0
+    while pending or engine.has_unfinished_requests():
+        # A new request arrives every other step while others are decoding.
+        if pending and step % 2 == 0:
+            i, p = pending.pop(0)
+            engine.add_request(str(i), p, GREEDY)
+        for out in engine.step():
+            if out.finished:
+                results[out.request_id] = out.outputs[0].token_ids
+        step += 1
+    assert [results[str(i)] for i in range(len(prompts))] == baseline
+
+
+def test_seeded_sampling_reproducible_regardless_of_batch(reference):
+    path, prompts, _ = reference
+    llm = _llm(path)
+    params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=24, ignore_eos=True)
+    alone = llm.generate([prompts[0]], params)[0].outputs[0].token_ids
+    others = SamplingParams(temperature=0.8, max_tokens=24, ignore_eos=True)
+    batch = llm.generate(prompts[1:5] + [prompts[0]], [others] * 4 + [params])
+    assert batch[-1].outputs[0].token_ids == alone
+    small = _llm(path, num_kv_blocks=14, max_model_len=160)  # with preemption too
+    crowd = small.generate(prompts[:6] + [prompts[0]], [others] * 6 + [params])
+    assert crowd[-1].outputs[0].token_ids == alone
+
+
+def test_stop_strings_and_outputs(reference):
+    path, prompts, baseline = reference
+    llm = _llm(path)
+    full = llm.generate([prompts[0]], GREEDY)[0].outputs[0]
+    assert full.finish_reason == "length" and len(full.token_ids) == NEW_TOKENS
+    text = full.text
+    stop = text[len(text) // 2 : len(text) // 2 + 3]
+    if not stop.strip():
+        pytest.skip("generated text has no usable stop string")
+    out = llm.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, stop=[stop]))
+    first = out[0].outputs[0]
+    assert first.finish_reason == "stop" and first.stop_reason == stop
+    assert first.text == text[: text.index(stop)]
+
+
+def test_n_samples_and_input_order(reference):
+    path, prompts, baseline = reference
+    llm = _llm(path)
+    outs = llm.generate(prompts[:3], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True))
+    assert [o.prompt_token_ids for o in outs] == prompts[:3]
+    for o in outs:
+        assert [c.index for c in o.outputs] == [0, 1, 2]
+        assert all(len(c.token_ids) == 8 for c in o.outputs)
