@@ -1,0 +1,244 @@
+"""The ``triton`` attention backend: paged attention in Triton kernels.
+
+Importing this module does not import triton; the kernels load on first use,
+and :meth:`TritonAttentionBackend.validate` explains when triton is missing.
+
+CPU tensors: the kernels also run under Triton's interpreter
+(``TRITON_INTERPRET=1``), which is how CI checks them on machines without a
+GPU. The backend still declares ``supported_device_types = ("cuda",)``: the
+interpreter is a test tool (thousands of times slower), so the tests use a
+subclass that adds ``"cpu"`` rather than the real backend claiming it.
+"""
+
+from __future__ import annotations
+
+import functools
+import importlib.util
+from typing import Any, ClassVar
+
+import torch
+from kvik.attention.backend import AttentionBackend, AttentionMetadata
+
+_LOG2E = 1.4426950408889634
+MIN_HEAD_SIZE = 16  # tl.dot needs K >= 16
+MAX_HEAD_SIZE = 256  # the accumulator tile lives in registers
+MAX_SPLITS = 32
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+@functools.cache
+def _kernels() -> Any:
+    from kvik_triton_attention import kernels
+
+    return kernels
+
+
+@functools.cache
+def _num_sms(device: torch.device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 4  # the interpreter: any small number exercises the split path
+
+
+class TritonAttentionBackend(AttentionBackend):
+    """GQA-aware paged attention for mixed prefill/decode batches, with a
+    split-KV (flash-decoding) path for small decode batches over long contexts."""
+
+    name: ClassVar[str] = "triton"
+    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float16, torch.bfloat16, torch.float32)
+    supported_device_types: ClassVar[tuple[str, ...]] = ("cuda",)
+    supports_sliding_window: ClassVar[bool] = True
+    # Tile shapes, (BLOCK_M rows, BLOCK_N keys, num_warps); class data so that
+    # benchmarks and tests can try others through a subclass.
+    decode_tile: ClassVar[tuple[int, int, int]] = (16, 64, 4)
+    prefill_tile: ClassVar[tuple[int, int, int]] = (64, 64, 4)
+    num_stages: ClassVar[int] = 2
+    # None: choose per step from the batch and the GPU's SM count; an int forces
+    # the split count for decode-only steps (tests, benchmarks).
+    force_num_splits: ClassVar[int | None] = None
+
+    @classmethod
+    def validate(
+        cls,
+        *,
+        head_size: int,
+        dtype: torch.dtype,
+        device_type: str,
+        block_size: int,
+        sliding_window: int | None,
+    ) -> list[str]:
+        reasons = super().validate(
+            head_size=head_size,
+            dtype=dtype,
+            device_type=device_type,
+            block_size=block_size,
+            sliding_window=sliding_window,
+        )
+        if importlib.util.find_spec("triton") is None:
+            reasons.append("the triton package is not installed (it ships with CUDA/ROCm builds of torch)")
+        if not MIN_HEAD_SIZE <= head_size <= MAX_HEAD_SIZE:
+            reasons.append(f"head size {head_size} is outside [{MIN_HEAD_SIZE}, {MAX_HEAD_SIZE}]")
+        if block_size < 1:
+            reasons.append(f"block size must be positive, got {block_size}")
+        return reasons
+
+    def __init__(
+        self,
+        num_heads: int,
+        head_size: int,
+        num_kv_heads: int,
+        scale: float,
+        sliding_window: int | None = None,
+    ) -> None:
+        super().__init__(num_heads, head_size, num_kv_heads, scale, sliding_window)
+        if num_heads % num_kv_heads:
+            raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
+        self.group = num_heads // num_kv_heads
+        self.head_pad = max(MIN_HEAD_SIZE, _next_pow2(head_size))
+
+    def _tile(self, decode: bool) -> tuple[int, int, int, int]:
+        """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps) for this layer shape."""
+        block_m, block_n, warps = self.decode_tile if decode else self.prefill_tile
+        block_m = max(block_m, _next_pow2(self.group))
+        if self.head_pad > 128:  # keep the fp32 accumulator within registers
+            block_n = min(block_n, 32)
+            warps = max(warps, 8) if not decode else warps
+        return block_m, block_m // self.group, block_n, warps
+
+    def num_splits(self, metadata: AttentionMetadata, device: torch.device, block_n: int) -> int:
+        """KV splits for this step: >1 only for decode steps too small to fill the GPU."""
+        if not metadata.is_decode_only:
+            return 1
+        if self.force_num_splits is not None:
+            return self.force_num_splits
+        programs = metadata.num_reqs * self.num_kv_heads
+        sms = _num_sms(device)
+        if programs >= sms:
+            return 1
+        # About two programs per SM, and at least two KV tiles per split.
+        splits = min(-(-2 * sms // programs), metadata.max_seq_len // (2 * block_n), MAX_SPLITS)
+        return 1 << (max(splits, 1).bit_length() - 1)  # round down to a power of two: fewer compiled variants
+
+    def write_kv(
+        self, key: torch.Tensor, value: torch.Tensor, kv_cache: torch.Tensor, slot_mapping: torch.Tensor
+    ) -> None:
+        """Store ``key``/``value`` [num_tokens, num_kv_heads, head_size] at ``slot_mapping`` (negative: skip)."""
+        num_tokens = key.shape[0]
+        if num_tokens == 0:
+            return
+        assert key.stride(-1) == 1 and value.stride(-1) == 1 and kv_cache.stride(-1) == 1
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        _kernels().write_kv_kernel[(num_tokens,)](
+            key,
+            value,
+            k_cache,
+            v_cache,
+            slot_mapping,
+            key.stride(0),
+            key.stride(1),
+            value.stride(0),
+            value.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            NUM_KV_HEADS=self.num_kv_heads,
+            HEADS_PAD=_next_pow2(self.num_kv_heads),
+            HEAD_SIZE=self.head_size,
+            HEAD_PAD=self.head_pad,
+            KV_BLOCK_SIZE=k_cache.shape[1],
+        )
+
+    def forward(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        self.write_kv(key, value, kv_cache, metadata.slot_mapping)
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        if metadata.num_reqs == 0 or query.shape[0] == 0:
+            return out
+        self.attend(query, kv_cache, metadata, out)
+        return out
+
+    def attend(
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, out: torch.Tensor
+    ) -> None:
+        """Attention over the (already written) cache into ``out`` [num_tokens, num_heads, head_size]."""
+        kernels = _kernels()
+        assert query.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.stride(-1) == 1
+        num_tokens = query.shape[0]
+        decode = metadata.is_decode_only
+        block_m, block_q, block_n, warps = self._tile(decode)
+        splits = self.num_splits(metadata, query.device, block_n)
+        k_cache, v_cache = kv_cache[0], kv_cache[1]
+        grid = (num_tokens // block_q + metadata.num_reqs, self.num_kv_heads, splits)
+        if splits > 1:
+            # Partial results, shared by all layers of the step (layers run one after another).
+            key = ("triton_split_buffers", num_tokens, self.num_heads, splits, self.head_pad, query.device)
+            buffers = metadata.backend_data.get(key)
+            if buffers is None:
+                shape = (num_tokens, self.num_heads, splits)
+                buffers = (
+                    torch.empty((*shape, self.head_pad), dtype=torch.float32, device=query.device),
+                    torch.empty(shape, dtype=torch.float32, device=query.device),
+                    torch.empty(shape, dtype=torch.float32, device=query.device),
+                )
+                metadata.backend_data[key] = buffers
+            target, part_m, part_l = buffers
+        else:
+            target, part_m, part_l = out, out, out  # the stat pointers are unused
+        kernels.paged_attention_kernel[grid](
+            query,
+            k_cache,
+            v_cache,
+            target,
+            part_m,
+            part_l,
+            metadata.block_tables,
+            metadata.seq_lens,
+            metadata.query_start_loc,
+            self.scale * _LOG2E,
+            metadata.num_reqs,
+            self.num_heads,
+            query.stride(0),
+            query.stride(1),
+            out.stride(0),
+            out.stride(1),
+            k_cache.stride(0),
+            k_cache.stride(1),
+            k_cache.stride(2),
+            metadata.block_tables.stride(0),
+            G=self.group,
+            SLIDING_WINDOW=self.sliding_window or 0,
+            BLOCK_M=block_m,
+            BLOCK_Q=block_q,
+            BLOCK_N=block_n,
+            HEAD_SIZE=self.head_size,
+            HEAD_PAD=self.head_pad,
+            KV_BLOCK_SIZE=k_cache.shape[1],
+            NUM_SPLITS=splits,
+            DOT_PRECISION="ieee" if query.dtype == torch.float32 else "tf32",
+            num_warps=warps,
+            num_stages=self.num_stages,
+        )
+        if splits > 1:
+            kernels.reduce_splits_kernel[(num_tokens, self.num_heads)](
+                target,
+                part_m,
+                part_l,
+                out,
+                out.stride(0),
+                out.stride(1),
+                self.num_heads,
+                NUM_SPLITS=splits,
+                SPLITS_PAD=max(2, _next_pow2(splits)),
+                HEAD_SIZE=self.head_size,
+                HEAD_PAD=self.head_pad,
+                num_warps=4,
+            )

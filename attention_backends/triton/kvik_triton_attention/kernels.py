@@ -1,0 +1,231 @@
+"""Triton kernels over kvik's paged KV cache.
+
+Cache layout (one layer): ``[2, num_blocks, block_size, num_kv_heads, head_size]``;
+token ``t`` of a request lives at slot ``block_table[t // block_size] * block_size
++ t % block_size``. Queries are the step's flattened mixed batch
+``[num_tokens, num_heads, head_size]``; request ``r`` owns rows
+``query_start_loc[r]:query_start_loc[r+1]`` and its context is ``seq_lens[r]``
+tokens, the last ``query_len`` of which are the new rows.
+
+One program of :func:`paged_attention_kernel` owns ``BLOCK_Q`` query tokens of
+one request and *all* ``G = num_heads // num_kv_heads`` query heads that share
+one KV head, i.e. a ``BLOCK_M = BLOCK_Q * G`` row tile, so every K/V tile it
+reads is used by G heads (GQA-aware: K/V bytes are read once per group, not
+once per head). Softmax is computed online (running max/sum in fp32, base 2).
+
+Programs are laid out without any host-side plan: request ``r``'s query
+blocks start at program ``query_start_loc[r] // BLOCK_Q + r`` (an upper bound
+on the blocks before it), so the grid is ``num_tokens // BLOCK_Q + num_reqs``
+and a program finds its request by binary search; spare programs exit. All
+sizes come from device tensors, which keeps the kernels CUDA-graph safe.
+
+The split-KV (flash-decoding) variant adds a grid axis over ``NUM_SPLITS``
+slices of each request's KV range; each slice writes a normalised partial
+output plus its running max and sum, and :func:`reduce_splits_kernel`
+combines them. It pays off when ``num_reqs * num_kv_heads`` programs alone
+cannot fill the GPU (small-batch decode over long contexts).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _find_request(query_start_loc_ptr, num_reqs, pid, BLOCK_Q: tl.constexpr):
+    """Largest r with query_start_loc[r] // BLOCK_Q + r <= pid (binary search)."""
+    lo: tl.int32 = 0
+    hi = num_reqs
+    while lo < hi:
+        mid = (lo + hi) // 2
+        first_block = tl.load(query_start_loc_ptr + mid) // BLOCK_Q + mid
+        if first_block <= pid:
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo - 1
+
+
+@triton.jit(do_not_specialize=["num_reqs"])
+def paged_attention_kernel(
+    q_ptr,  # [num_tokens, num_heads, head_size]
+    k_cache_ptr,  # [num_blocks, block_size, num_kv_heads, head_size] (cache[0])
+    v_cache_ptr,  # same shape and strides (cache[1])
+    out_ptr,  # NUM_SPLITS == 1: [num_tokens, num_heads, head_size]; else fp32 [num_tokens, num_heads, NUM_SPLITS, HEAD_PAD]
+    part_m_ptr,  # fp32 [num_tokens, num_heads, NUM_SPLITS] running max (log2 domain); unused when NUM_SPLITS == 1
+    part_l_ptr,  # fp32 [num_tokens, num_heads, NUM_SPLITS] running sum; unused when NUM_SPLITS == 1
+    block_tables_ptr,  # [num_reqs, max_blocks] int32
+    seq_lens_ptr,  # [num_reqs] int32
+    query_start_loc_ptr,  # [num_reqs + 1] int32
+    scale_log2,  # softmax scale * log2(e)
+    num_reqs,
+    num_heads,
+    stride_qt,
+    stride_qh,
+    stride_ot,
+    stride_oh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_bt,
+    G: tl.constexpr,  # query heads per KV head
+    SLIDING_WINDOW: tl.constexpr,  # 0: none; else a key at position p is visible to a query at q iff q - p < window
+    BLOCK_M: tl.constexpr,  # rows per program, a power of two >= G
+    BLOCK_Q: tl.constexpr,  # query tokens per program = BLOCK_M // G
+    BLOCK_N: tl.constexpr,  # KV tokens per inner step
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,  # next power of two >= HEAD_SIZE; the padding lanes are masked
+    KV_BLOCK_SIZE: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact), "tf32" otherwise (ignored for 16-bit)
+):
+    pid_q = tl.program_id(0)
+    kv_head = tl.program_id(1)
+    split = tl.program_id(2)
+
+    req = _find_request(query_start_loc_ptr, num_reqs, pid_q, BLOCK_Q)
+    q_start = tl.load(query_start_loc_ptr + req)
+    q_len = tl.load(query_start_loc_ptr + req + 1) - q_start
+    q_block = pid_q - (q_start // BLOCK_Q + req)
+    if q_block * BLOCK_Q >= q_len:
+        return
+    seq_len = tl.load(seq_lens_ptr + req)
+    ctx_len = seq_len - q_len  # tokens already in the cache before this step's rows
+
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_PAD)
+    tok = q_block * BLOCK_Q + offs_m // G  # query token index within the request
+    head = kv_head * G + offs_m % G
+    row_ok = (offs_m < BLOCK_Q * G) & (tok < q_len)
+    d_ok = offs_d < HEAD_SIZE
+    q_rows = (q_start + tok).to(tl.int64)
+    q = tl.load(
+        q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
+        mask=row_ok[:, None] & d_ok[None, :],
+        other=0.0,
+    )
+    q_pos = ctx_len + tok  # absolute positions of the rows
+
+    # KV range this tile needs: up to its last query row (causal), and from the
+    # first row's window start when a sliding window is set.
+    kv_end = ctx_len + tl.minimum(q_len, (q_block + 1) * BLOCK_Q)
+    kv_lo = 0
+    if SLIDING_WINDOW > 0:
+        kv_lo = tl.maximum(ctx_len + q_block * BLOCK_Q - SLIDING_WINDOW + 1, 0)
+    tile_lo = kv_lo // BLOCK_N
+    tile_hi = tl.cdiv(kv_end, BLOCK_N)
+    if NUM_SPLITS > 1:
+        per_split = tl.cdiv(tile_hi - tile_lo, NUM_SPLITS)
+        tile_lo = tile_lo + split * per_split
+        tile_hi = tl.minimum(tile_lo + per_split, tile_hi)
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+    bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
+    for t in range(tile_lo, tile_hi):
+        offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < kv_end
+        blk = tl.load(bt_row + offs_n // KV_BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
+        kv_off = blk * stride_kb + (offs_n % KV_BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+        k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
+        if SLIDING_WINDOW > 0:
+            visible = visible & (q_pos[:, None] - offs_n[None, :] < SLIDING_WINDOW)
+        s = tl.where(visible, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # Rows that have seen no visible key yet keep m = -inf; shift them by 0
+        # so exp2 gives 0 instead of NaN.
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_safe[:, None])
+        alpha = tl.math.exp2(m_i - m_safe)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    if NUM_SPLITS == 1:
+        tl.store(
+            out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=row_ok[:, None] & d_ok[None, :],
+        )
+    else:
+        # Partials are contiguous: [num_tokens, num_heads, NUM_SPLITS(, HEAD_PAD)].
+        part = (q_rows * num_heads + head) * NUM_SPLITS + split
+        tl.store(out_ptr + part[:, None] * HEAD_PAD + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(part_m_ptr + part, m_i, mask=row_ok)
+        tl.store(part_l_ptr + part, l_i, mask=row_ok)
+
+
+@triton.jit
+def reduce_splits_kernel(
+    part_out_ptr,  # fp32 [num_tokens, num_heads, NUM_SPLITS, HEAD_PAD]
+    part_m_ptr,  # fp32 [num_tokens, num_heads, NUM_SPLITS]
+    part_l_ptr,  # fp32 [num_tokens, num_heads, NUM_SPLITS]
+    out_ptr,  # [num_tokens, num_heads, head_size]
+    stride_ot,
+    stride_oh,
+    num_heads,
+    NUM_SPLITS: tl.constexpr,
+    SPLITS_PAD: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    head = tl.program_id(1)
+    offs_s = tl.arange(0, SPLITS_PAD)
+    offs_d = tl.arange(0, HEAD_PAD)
+    s_ok = offs_s < NUM_SPLITS
+    base = (tok * num_heads + head) * NUM_SPLITS
+    m = tl.load(part_m_ptr + base + offs_s, mask=s_ok, other=float("-inf"))
+    l_s = tl.load(part_l_ptr + base + offs_s, mask=s_ok, other=0.0)
+    m_max = tl.max(m, 0)
+    m_max = tl.where(m_max == float("-inf"), 0.0, m_max)
+    # Empty splits have m = -inf and l = 0: weight 0.
+    w = tl.where(l_s > 0.0, tl.math.exp2(m - m_max) * l_s, 0.0)
+    o = tl.load(part_out_ptr + (base + offs_s)[:, None] * HEAD_PAD + offs_d[None, :], mask=s_ok[:, None], other=0.0)
+    total = tl.sum(w, 0)
+    res = tl.sum(w[:, None] * o, 0) / tl.where(total > 0.0, total, 1.0)
+    tl.store(
+        out_ptr + tok * stride_ot + head * stride_oh + offs_d, res.to(out_ptr.dtype.element_ty), mask=offs_d < HEAD_SIZE
+    )
+
+
+@triton.jit
+def write_kv_kernel(
+    key_ptr,  # [num_tokens, num_kv_heads, head_size]
+    value_ptr,  # [num_tokens, num_kv_heads, head_size]
+    k_cache_ptr,  # cache[0]: [num_blocks, block_size, num_kv_heads, head_size]
+    v_cache_ptr,  # cache[1]
+    slot_mapping_ptr,  # [num_tokens] int64; negative: skip the token
+    stride_kt,
+    stride_kh,
+    stride_vt,
+    stride_vh,
+    stride_cb,
+    stride_cs,
+    stride_ch,
+    NUM_KV_HEADS: tl.constexpr,
+    HEADS_PAD: tl.constexpr,
+    HEAD_SIZE: tl.constexpr,
+    HEAD_PAD: tl.constexpr,
+    KV_BLOCK_SIZE: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    slot = tl.load(slot_mapping_ptr + tok)
+    if slot < 0:
+        return
+    blk = slot // KV_BLOCK_SIZE
+    off = slot % KV_BLOCK_SIZE
+    offs_h = tl.arange(0, HEADS_PAD)
+    offs_d = tl.arange(0, HEAD_PAD)
+    mask = (offs_h < NUM_KV_HEADS)[:, None] & (offs_d < HEAD_SIZE)[None, :]
+    k = tl.load(key_ptr + tok * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
+    v = tl.load(value_ptr + tok * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
+    dst = blk * stride_cb + off * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
+    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)

@@ -1,0 +1,191 @@
+"""The triton backend against the torch reference backend, on random paged batches.
+
+Without a GPU the kernels run under Triton's interpreter (conftest sets
+TRITON_INTERPRET=1) on CPU tensors, with small shapes and small tiles so that
+every code path (several KV tiles, several query blocks per request, splits)
+is exercised in seconds. The backend itself only declares "cuda"; the
+subclass below adds "cpu" for the interpreter and nothing else.
+With a GPU, the same checks run on CUDA tensors, plus real model shapes.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install --no-deps triton)")
+
+from kvik.attention.torch_ref import TorchRefAttentionBackend
+from kvik_triton_attention.backend import TritonAttentionBackend
+
+from .paged_batch import fresh_metadata, make_step
+
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+class SmallTiles(TritonAttentionBackend):
+    """Small tiles so short test sequences span several KV tiles and query blocks."""
+
+    supported_device_types = ("cuda", "cpu")  # cpu: Triton's interpreter (tests only)
+    decode_tile = (16, 16, 4)
+    prefill_tile = (16, 16, 4)
+
+
+def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def _compare(
+    backend_cls: type[TritonAttentionBackend],
+    reqs: list[tuple[int, int]],
+    *,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    head_size: int = 32,
+    block_size: int = 4,
+    dtype: torch.dtype = torch.float32,
+    sliding_window: int | None = None,
+    seed: int = 0,
+) -> None:
+    step = make_step(
+        reqs,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        block_size=block_size,
+        dtype=dtype,
+        device=DEVICE,
+        seed=seed,
+    )
+    scale = head_size**-0.5
+    ref = TorchRefAttentionBackend(num_heads, head_size, num_kv_heads, scale, sliding_window)
+    tri = backend_cls(num_heads, head_size, num_kv_heads, scale, sliding_window)
+    ref_cache, tri_cache = step.kv_cache.clone(), step.kv_cache.clone()
+    ref_meta, tri_meta = fresh_metadata(step.metadata), fresh_metadata(step.metadata)
+    TorchRefAttentionBackend.prepare(ref_meta)
+    TritonAttentionBackend.prepare(tri_meta)
+    expected = ref.forward(step.query, step.key, step.value, ref_cache, ref_meta)
+    got = tri.forward(step.query, step.key, step.value, tri_cache, tri_meta)
+    assert torch.equal(tri_cache, ref_cache), "K/V written to different slots or values"
+    assert torch.isfinite(got).all()
+    tol = 1e-5 if dtype == torch.float32 else 1.5e-2
+    err = _rel_err(got, expected)
+    assert err < tol, f"relative error {err:.2e} >= {tol:.0e}"
+
+
+MIXED = [(0, 9), (7, 1), (13, 6), (0, 1), (30, 1), (21, 17)]  # prefill, decode, chunk with prefix, ...
+
+
+def test_mixed_batch_matches_reference() -> None:
+    _compare(SmallTiles, MIXED)
+
+
+def test_decode_only_batch_matches_reference() -> None:
+    _compare(SmallTiles, [(5, 1), (40, 1), (0, 1), (17, 1)], seed=1)
+
+
+@pytest.mark.parametrize("num_heads,num_kv_heads", [(3, 3), (6, 2), (8, 1)])
+def test_gqa_groups(num_heads: int, num_kv_heads: int) -> None:
+    _compare(SmallTiles, [(0, 7), (9, 1), (11, 5)], num_heads=num_heads, num_kv_heads=num_kv_heads, seed=2)
+
+
+@pytest.mark.parametrize("head_size", [16, 80])
+def test_head_sizes_padded_to_pow2(head_size: int) -> None:
+    _compare(SmallTiles, [(0, 6), (10, 1), (3, 4)], head_size=head_size, seed=3)
+
+
+@pytest.mark.parametrize("window", [1, 5, 16])
+def test_sliding_window(window: int) -> None:
+    _compare(SmallTiles, MIXED, sliding_window=window, seed=4)
+
+
+@pytest.mark.parametrize("splits", [2, 4])
+def test_split_kv_decode_matches_reference(splits: int) -> None:
+    class Split(SmallTiles):
+        force_num_splits = splits
+
+    # (2, 1) leaves most splits empty: they must not pollute the reduction.
+    _compare(Split, [(2, 1), (45, 1), (70, 1)], seed=5)
+    _compare(Split, [(33, 1), (60, 1)], sliding_window=20, seed=6)
+
+
+def test_default_tiles_and_block_size_16() -> None:
+    class DefaultTiles(TritonAttentionBackend):
+        supported_device_types = ("cuda", "cpu")
+
+    _compare(DefaultTiles, [(0, 20), (70, 1), (50, 3)], block_size=16, seed=7)
+
+
+def test_half_precision() -> None:
+    _compare(SmallTiles, [(0, 5), (12, 1), (6, 3)], dtype=torch.float16, seed=8)
+
+
+def test_split_heuristic_only_for_small_decode_batches() -> None:
+    b = TritonAttentionBackend(8, 128, 1, 128**-0.5)  # one KV head: one program per request
+    step = make_step([(4000, 1)], num_heads=1, num_kv_heads=1, head_size=16, block_size=16, dtype=torch.float32)
+    device = torch.device("cuda") if CUDA else torch.device("cpu")  # the interpreter counts 4 "SMs"
+    splits = b.num_splits(step.metadata, device, 64)
+    assert splits > 1 and splits & (splits - 1) == 0
+    step.metadata.max_query_len = 2  # not decode-only
+    assert b.num_splits(step.metadata, device, 64) == 1
+    big = make_step([(10, 1)] * 300, num_heads=1, num_kv_heads=1, head_size=16, block_size=16, dtype=torch.float32)
+    assert b.num_splits(big.metadata, device, 64) == 1  # 300 programs fill any GPU
+
+
+def test_validate_reasons() -> None:
+    ok = TritonAttentionBackend.validate(
+        head_size=128, dtype=torch.bfloat16, device_type="cuda", block_size=16, sliding_window=4096
+    )
+    assert ok == []
+    reasons = TritonAttentionBackend.validate(
+        head_size=512, dtype=torch.bfloat16, device_type="cpu", block_size=16, sliding_window=None
+    )
+    assert any("head size 512" in r for r in reasons)
+    assert any("'cpu'" in r for r in reasons)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="real model shapes need a GPU (the interpreter is too slow for them)")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(
+    "num_heads,num_kv_heads,head_size",
+    [(32, 8, 128), (9, 3, 64), (32, 8, 64), (16, 4, 80), (16, 2, 96), (8, 4, 256)],
+)
+def test_gpu_model_shapes(dtype: torch.dtype, num_heads: int, num_kv_heads: int, head_size: int) -> None:
+    reqs = [(0, 700), (1000, 1), (513, 1), (300, 250), (0, 1), (2047, 1), (64, 129)]
+    for backend in (TritonAttentionBackend, SmallTiles):
+        _compare(
+            backend,
+            reqs,
+            num_heads=num_heads,
+            num_kv_heads=num_kv_heads,
+            head_size=head_size,
+            block_size=16,
+            dtype=dtype,
+        )
+    _compare(
+        TritonAttentionBackend,
+        reqs,
+        num_heads=num_heads,
+        num_kv_heads=num_kv_heads,
+        head_size=head_size,
+        block_size=16,
+        dtype=dtype,
+        sliding_window=256,
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_gpu_split_kv_long_context() -> None:
+    # Batch 2, 8k context: the heuristic picks several splits on any real GPU.
+    _compare(
+        TritonAttentionBackend,
+        [(8000, 1), (3000, 1)],
+        num_heads=32,
+        num_kv_heads=8,
+        head_size=128,
+        block_size=16,
+        dtype=torch.bfloat16,
+    )
