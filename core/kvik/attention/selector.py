@@ -1,0 +1,66 @@
+"""Choosing the attention backend for a model on a platform."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from kvik.attention.backend import AttentionBackend
+from kvik.plugins.manager import PluginManager, get_plugin_manager
+from kvik.plugins.registry import PluginError
+
+if TYPE_CHECKING:
+    from kvik.config import EngineConfig
+    from kvik.platforms.interface import Platform
+
+
+def select_attention_backend(
+    platform: Platform,
+    config: EngineConfig,
+    head_size: int,
+    dtype: torch.dtype,
+    sliding_window: int | None,
+    manager: PluginManager | None = None,
+) -> type[AttentionBackend]:
+    """The user's ``config.attention_backend`` if set, else the platform's first valid preference.
+
+    A backend the user named that cannot run the configuration is a hard error
+    listing its reasons; when no preferred backend fits, the error lists every
+    candidate's reasons.
+    """
+    manager = manager or get_plugin_manager()
+    block_size = config.block_size or platform.default_block_size
+    kwargs = dict(
+        head_size=head_size,
+        dtype=dtype,
+        device_type=platform.device_type,
+        block_size=block_size,
+        sliding_window=sliding_window,
+    )
+    if config.attention_backend:
+        cls: type[AttentionBackend] = manager.attention_backends.get(config.attention_backend)
+        reasons = cls.validate(**kwargs)  # type: ignore[arg-type]
+        if reasons:
+            raise ValueError(
+                f"attention backend {config.attention_backend!r} cannot run this model on platform "
+                f"{platform.name!r}: {'; '.join(reasons)}. Leave attention_backend unset to pick one automatically "
+                f"(this platform prefers {', '.join(platform.attention_backends)})."
+            )
+        return cls
+    problems: list[str] = []
+    for name in platform.attention_backends:
+        try:
+            cls = manager.attention_backends.get(name)
+        except PluginError as exc:
+            problems.append(f"{name}: {exc}")
+            continue
+        reasons = cls.validate(**kwargs)  # type: ignore[arg-type]
+        if not reasons:
+            return cls
+        problems.append(f"{name}: {'; '.join(reasons)}")
+    detail = "\n  ".join(problems) or "the platform lists no attention backends"
+    raise ValueError(
+        f"no attention backend of platform {platform.name!r} can run head size {head_size}, dtype {dtype}, "
+        f"block size {block_size}, sliding window {sliding_window}:\n  {detail}"
+    )

@@ -1,0 +1,180 @@
+"""Paged attention in plain PyTorch: the reference every other backend is checked against.
+
+Runs on any torch device, any head size, with sliding windows and GQA. Work is
+vectorised: all decode rows of a step share one gather and one attention call;
+each prefill chunk gets one gather and one attention call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from kvik.attention.backend import AttentionBackend, AttentionMetadata
+
+_PLAN_KEY = "torch_ref"
+
+
+@dataclass(slots=True)
+class _Prefill:
+    """One request with more than one new token."""
+
+    start: int  # first row in the flattened batch
+    end: int
+    context_len: int  # cached + new tokens
+    slots: torch.Tensor | None  # [context_len] int64 cache slots; None when there is no cached prefix
+
+
+@dataclass(slots=True)
+class _Plan:
+    """Per-step index tensors shared by every layer (built once in prepare)."""
+
+    decode_rows: torch.Tensor | None  # [nd] int64 rows of one-token requests
+    decode_slots: torch.Tensor | None  # [nd, max_len] int64 cache slots (padding points at valid memory)
+    decode_pos: torch.Tensor | None  # [1, max_len] int64 key positions
+    decode_seq_lens: torch.Tensor | None  # [nd, 1] int64
+    prefills: list[_Prefill]
+
+
+def _slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
+    """block_table [..., max_blocks], positions [L] -> cache slots [..., L] int64."""
+    blocks = block_table[..., positions // block_size].long()
+    return blocks * block_size + positions % block_size
+
+
+class TorchRefAttentionBackend(AttentionBackend):
+    name = "torch_ref"
+    supported_device_types = ("cpu", "cuda", "mps")
+    supports_sliding_window = True
+
+    @classmethod
+    def prepare(cls, metadata: AttentionMetadata) -> None:
+        device = metadata.block_tables.device
+        bs = metadata.block_size
+        starts = [0]
+        for q in metadata.query_lens_cpu:
+            starts.append(starts[-1] + q)
+        decode_reqs = [i for i, q in enumerate(metadata.query_lens_cpu) if q == 1]
+        plan = _Plan(None, None, None, None, [])
+        if decode_reqs:
+            max_len = max(metadata.seq_lens_cpu[i] for i in decode_reqs)
+            reqs = torch.tensor(decode_reqs, dtype=torch.int64).to(device, non_blocking=True)
+            pos = torch.arange(max_len, device=device)
+            plan.decode_rows = torch.tensor([starts[i] for i in decode_reqs], dtype=torch.int64).to(
+                device, non_blocking=True
+            )
+            plan.decode_slots = _slots(metadata.block_tables[reqs], pos, bs)
+            plan.decode_pos = pos[None, :]
+            plan.decode_seq_lens = metadata.seq_lens[reqs].long()[:, None]
+        for i, q in enumerate(metadata.query_lens_cpu):
+            if q == 1:
+                continue
+            context = metadata.seq_lens_cpu[i]
+            slots = None
+            if context > q:
+                slots = _slots(metadata.block_tables[i], torch.arange(context, device=device), bs)
+            plan.prefills.append(_Prefill(starts[i], starts[i] + q, context, slots))
+        metadata.backend_data[_PLAN_KEY] = plan
+
+    def forward(
+        self,
+        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
+        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
+        kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        plan: _Plan | None = metadata.backend_data.get(_PLAN_KEY)
+        if plan is None:
+            self.prepare(metadata)
+            plan = metadata.backend_data[_PLAN_KEY]
+        k_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_size)  # [num_slots, kvh, D]
+        v_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_size)
+        n = metadata.num_tokens
+        k_cache.index_copy_(0, metadata.slot_mapping[:n], key[:n].to(k_cache.dtype))
+        v_cache.index_copy_(0, metadata.slot_mapping[:n], value[:n].to(v_cache.dtype))
+
+        out = torch.empty_like(query)
+        if plan.decode_rows is not None:
+            out.index_copy_(0, plan.decode_rows, self._decode(query, k_cache, v_cache, plan, metadata))
+        for p in plan.prefills:
+            out[p.start : p.end] = self._prefill(query, key, value, k_cache, v_cache, p, metadata)
+        return out
+
+    def _decode(
+        self,
+        query: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        plan: _Plan,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        assert plan.decode_rows is not None and plan.decode_slots is not None
+        nd, max_len = plan.decode_slots.shape
+        group = self.num_heads // self.num_kv_heads
+        # GQA without repeating K/V: the `group` query heads sharing a kv head
+        # become `group` query rows of that head. q: [nd, kvh, group, D].
+        q = query.index_select(0, plan.decode_rows).view(nd, self.num_kv_heads, group, self.head_size)
+        flat = plan.decode_slots.reshape(-1)
+        k = k_cache.index_select(0, flat).view(nd, max_len, self.num_kv_heads, self.head_size).transpose(1, 2)
+        v = v_cache.index_select(0, flat).view(nd, max_len, self.num_kv_heads, self.head_size).transpose(1, 2)
+        mask = self._decode_mask(plan, metadata)  # [nd, 1, 1, max_len] bool
+        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale)
+        return o.reshape(nd, self.num_heads, self.head_size)
+
+    def _decode_mask(self, plan: _Plan, metadata: AttentionMetadata) -> torch.Tensor:
+        # Shared by every layer with the same window: built by the first one.
+        key = (_PLAN_KEY, "decode_mask", self.sliding_window)
+        mask = metadata.backend_data.get(key)
+        if mask is None:
+            assert plan.decode_pos is not None and plan.decode_seq_lens is not None
+            mask = plan.decode_pos < plan.decode_seq_lens
+            if self.sliding_window is not None:
+                mask = mask & (plan.decode_pos >= plan.decode_seq_lens - self.sliding_window)
+            mask = mask[:, None, None, :]
+            metadata.backend_data[key] = mask
+        return mask
+
+    def _prefill(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        k_cache: torch.Tensor,
+        v_cache: torch.Tensor,
+        p: _Prefill,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        q = query[p.start : p.end].transpose(0, 1)[None]  # [1, H, q, D]
+        if p.slots is None:  # no cached prefix: the new K/V are the whole context
+            k, v = key[p.start : p.end], value[p.start : p.end]
+        else:
+            k, v = k_cache.index_select(0, p.slots), v_cache.index_select(0, p.slots)
+        k = k.to(q.dtype).transpose(0, 1)[None]  # [1, kvh, L, D]
+        v = v.to(q.dtype).transpose(0, 1)[None]
+        q_len = p.end - p.start
+        gqa = self.num_heads != self.num_kv_heads
+        if p.slots is None and self.sliding_window is None:
+            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+        else:
+            mask = self._prefill_mask(q_len, p.context_len, q.device, metadata)
+            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+        return o[0].transpose(0, 1)  # [q, H, D]
+
+    def _prefill_mask(
+        self, q_len: int, context_len: int, device: torch.device, metadata: AttentionMetadata
+    ) -> torch.Tensor:
+        key = (_PLAN_KEY, "prefill_mask", q_len, context_len, self.sliding_window)
+        mask = metadata.backend_data.get(key)
+        if mask is None:
+            # Query row a sits at position context_len - q_len + a and sees keys
+            # j <= that position (and, with a window W, j > position - W).
+            q_pos = torch.arange(context_len - q_len, context_len, device=device)[:, None]
+            k_pos = torch.arange(context_len, device=device)[None, :]
+            mask = k_pos <= q_pos
+            if self.sliding_window is not None:
+                mask = mask & (k_pos > q_pos - self.sliding_window)
+            metadata.backend_data[key] = mask
+        return mask

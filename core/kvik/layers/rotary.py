@@ -1,0 +1,141 @@
+"""Rotary position embeddings (neox / Hugging Face "rotate_half" layout) and HF rope settings.
+
+Supported ``rope_type`` values: ``default``, ``linear``, ``llama3`` and ``dynamic``.
+Settings are read from ``config.rope_parameters`` (transformers >= 5) or from the
+older ``rope_theta`` / ``rope_scaling`` attributes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+
+
+@dataclass(slots=True)
+class RopeSettings:
+    """The rope settings of one model, normalised across transformers versions."""
+
+    rope_type: str = "default"
+    theta: float = 10000.0
+    partial_rotary_factor: float = 1.0
+    params: dict[str, Any] = field(default_factory=dict)  # factor, low_freq_factor, ...
+
+
+def rope_settings(hf_config: Any) -> RopeSettings:
+    """Read rope settings from a ``transformers`` config of any supported version."""
+    params = getattr(hf_config, "rope_parameters", None)
+    if not isinstance(params, dict) or not params:
+        params = getattr(hf_config, "rope_scaling", None)
+    params = dict(params or {})
+    rope_type = params.get("rope_type") or params.get("type") or "default"
+    if rope_type not in SUPPORTED_ROPE_TYPES:
+        raise ValueError(
+            f"rope type {rope_type!r} (from the model's rope_parameters/rope_scaling) is not supported; "
+            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
+        )
+    theta = params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0
+    partial = params.get("partial_rotary_factor") or getattr(hf_config, "partial_rotary_factor", None) or 1.0
+    return RopeSettings(rope_type=rope_type, theta=float(theta), partial_rotary_factor=float(partial), params=params)
+
+
+def rope_max_len(hf_config: Any) -> int:
+    """The longest context the model's positions support.
+
+    ``linear`` and ``dynamic`` scaling stretch ``max_position_embeddings`` by
+    ``factor``; ``llama3`` configs already state the extended length.
+    """
+    max_pos = int(hf_config.max_position_embeddings)
+    rope = rope_settings(hf_config)
+    if rope.rope_type in ("linear", "dynamic"):
+        return int(max_pos * float(rope.params.get("factor", 1.0)))
+    return max_pos
+
+
+def compute_inv_freq(rope: RopeSettings, rotary_dim: int, max_position: int, max_model_len: int) -> torch.Tensor:
+    """Inverse frequencies ``[rotary_dim // 2]`` float32, as HF computes them."""
+    exponents = torch.arange(0, rotary_dim, 2, dtype=torch.int64).float() / rotary_dim
+    base = rope.theta
+    factor = float(rope.params.get("factor", 1.0))
+    if rope.rope_type == "dynamic" and max_model_len > max_position:
+        # HF recomputes the base from the longest sequence in each forward; a paged
+        # cache keeps keys rotated at write time, so we fix the base for the longest
+        # context this engine serves (as vLLM does). Within max_position_embeddings
+        # the frequencies are the original ones, exactly like HF.
+        base = base * ((factor * max_model_len / max_position) - (factor - 1)) ** (rotary_dim / (rotary_dim - 2))
+    inv_freq = 1.0 / (base**exponents)
+    if rope.rope_type == "linear":
+        inv_freq = inv_freq / factor
+    elif rope.rope_type == "llama3":
+        inv_freq = _llama3_inv_freq(inv_freq, rope.params)
+    return inv_freq
+
+
+def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
+    # Llama 3.1: long wavelengths are divided by `factor`, short ones kept, the
+    # band between them interpolated smoothly.
+    factor = float(params["factor"])
+    low_freq_factor = float(params.get("low_freq_factor", 1.0))
+    high_freq_factor = float(params.get("high_freq_factor", 4.0))
+    old_context_len = float(params["original_max_position_embeddings"])
+    low_freq_wavelen = old_context_len / low_freq_factor
+    high_freq_wavelen = old_context_len / high_freq_factor
+    wavelen = 2 * math.pi / inv_freq
+    scaled = torch.where(wavelen > low_freq_wavelen, inv_freq / factor, inv_freq)
+    smooth = (old_context_len / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    is_medium = ~(wavelen < high_freq_wavelen) & ~(wavelen > low_freq_wavelen)
+    return torch.where(is_medium, smoothed, scaled)
+
+
+class RotaryEmbedding(nn.Module):
+    """Rotates the first ``rotary_dim`` channels of q and k by position.
+
+    ``cos_sin(positions)`` is computed once per step (shared by all layers);
+    ``forward`` applies it. Angles are computed in float32 from the positions
+    directly, so any position works without a precomputed table.
+    """
+
+    def __init__(
+        self,
+        head_dim: int,
+        rope: RopeSettings,
+        max_position: int,
+        max_model_len: int | None = None,
+        device: torch.device | str = "cpu",
+    ) -> None:
+        super().__init__()
+        self.head_dim = head_dim
+        self.rotary_dim = int(head_dim * rope.partial_rotary_factor)
+        inv_freq = compute_inv_freq(rope, self.rotary_dim, max_position, max_model_len or max_position)
+        self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+
+    def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """positions [n] -> (cos, sin), each [n, 1, rotary_dim] in ``dtype`` (broadcast over heads)."""
+        freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [n, rotary_dim / 2]
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
+        return emb.cos().to(dtype), emb.sin().to(dtype)
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """q [n, heads, head_dim], k [n, kv_heads, head_dim] -> rotated (same shapes)."""
+        cos, sin = cos_sin
+        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+
+    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        if self.rotary_dim < self.head_dim:
+            rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
+            return torch.cat((_rotate(rot, cos, sin), rest), dim=-1)
+        return _rotate(x, cos, sin)
+
+
+def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+    return x * cos + rotated * sin

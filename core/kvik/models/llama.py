@@ -1,0 +1,275 @@
+"""Llama, Mistral and Qwen2: one decoder skeleton over kvik's paged attention.
+
+The three differ only in biases and sliding-window layout, expressed as small
+class hooks (:meth:`LlamaForCausalLM.qkv_bias` and friends).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+from torch import nn
+
+from kvik.attention.backend import AttentionMetadata
+from kvik.layers.activation import SiluAndMul
+from kvik.layers.embedding import LMHead, VocabEmbedding
+from kvik.layers.linear import Linear
+from kvik.layers.norm import RMSNorm
+from kvik.layers.rotary import RotaryEmbedding, rope_settings
+from kvik.models.interface import ModelBuildContext
+
+CosSin = tuple[torch.Tensor, torch.Tensor]
+
+# HF projection name -> (our merged module, shard index)
+_MERGED = {
+    "q_proj": ("qkv_proj", 0),
+    "k_proj": ("qkv_proj", 1),
+    "v_proj": ("qkv_proj", 2),
+    "gate_proj": ("gate_up_proj", 0),
+    "up_proj": ("gate_up_proj", 1),
+}
+
+
+def head_dim_of(cfg: Any) -> int:
+    return int(getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads)
+
+
+class LlamaAttention(nn.Module):
+    def __init__(self, ctx: ModelBuildContext, bias: bool, o_bias: bool, sliding_window: int | None) -> None:
+        super().__init__()
+        cfg = ctx.model_config.hf_config
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        self.head_dim = head_dim_of(cfg)
+        q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        self.sizes = [q_size, kv_size, kv_size]
+        lin = dict(quant_method=ctx.quant_method, dtype=ctx.dtype, device=ctx.device)
+        self.qkv_proj = Linear(cfg.hidden_size, self.sizes, bias=bias, **lin)  # type: ignore[arg-type]
+        self.o_proj = Linear(q_size, cfg.hidden_size, bias=o_bias, **lin)  # type: ignore[arg-type]
+        self.attn = ctx.make_attention(
+            self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, sliding_window
+        )
+
+    def forward(
+        self,
+        hidden: torch.Tensor,  # [n, hidden]
+        cos_sin: CosSin,
+        rotary: RotaryEmbedding,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:
+        n = hidden.shape[0]
+        q, k, v = self.qkv_proj(hidden).split(self.sizes, dim=-1)
+        q = q.view(n, self.num_heads, self.head_dim)
+        k = k.view(n, self.num_kv_heads, self.head_dim)
+        v = v.view(n, self.num_kv_heads, self.head_dim)
+        q, k = rotary(q, k, cos_sin)
+        out = self.attn.forward(q, k, v, kv_cache, metadata)  # [n, heads, head_dim]
+        return self.o_proj(out.reshape(n, -1))
+
+
+class LlamaMLP(nn.Module):
+    def __init__(self, ctx: ModelBuildContext, bias: bool) -> None:
+        super().__init__()
+        cfg = ctx.model_config.hf_config
+        lin = dict(quant_method=ctx.quant_method, dtype=ctx.dtype, device=ctx.device)
+        inter = cfg.intermediate_size
+        self.gate_up_proj = Linear(cfg.hidden_size, [inter, inter], bias=bias, **lin)  # type: ignore[arg-type]
+        self.down_proj = Linear(inter, cfg.hidden_size, bias=bias, **lin)  # type: ignore[arg-type]
+        self.act = SiluAndMul()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act(self.gate_up_proj(x)))
+
+
+class LlamaDecoderLayer(nn.Module):
+    def __init__(self, ctx: ModelBuildContext, arch: type[LlamaForCausalLM], index: int) -> None:
+        super().__init__()
+        cfg = ctx.model_config.hf_config
+        eps = getattr(cfg, "rms_norm_eps", 1e-6)
+        window = arch.layer_sliding_window(cfg, index)
+        self.self_attn = LlamaAttention(ctx, arch.qkv_bias(cfg), arch.o_bias(cfg), window)
+        self.mlp = LlamaMLP(ctx, bool(getattr(cfg, "mlp_bias", False)))
+        self.input_layernorm = RMSNorm(cfg.hidden_size, eps, ctx.dtype, ctx.device)
+        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, ctx.dtype, ctx.device)
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        residual: torch.Tensor | None,
+        cos_sin: CosSin,
+        rotary: RotaryEmbedding,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if residual is None:
+            residual = hidden
+            hidden = self.input_layernorm(hidden)  # type: ignore[assignment]
+        else:
+            hidden, residual = self.input_layernorm(hidden, residual)
+        hidden = self.self_attn(hidden, cos_sin, rotary, kv_cache, metadata)
+        hidden, residual = self.post_attention_layernorm(hidden, residual)
+        return self.mlp(hidden), residual
+
+
+class LlamaModel(nn.Module):
+    def __init__(self, ctx: ModelBuildContext, arch: type[LlamaForCausalLM]) -> None:
+        super().__init__()
+        cfg = ctx.model_config.hf_config
+        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, ctx.dtype, ctx.device)
+        self.layers = nn.ModuleList(LlamaDecoderLayer(ctx, arch, i) for i in range(cfg.num_hidden_layers))
+        self.norm = RMSNorm(cfg.hidden_size, getattr(cfg, "rms_norm_eps", 1e-6), ctx.dtype, ctx.device)
+        self.rotary_emb = RotaryEmbedding(
+            head_dim_of(cfg),
+            rope_settings(cfg),
+            int(cfg.max_position_embeddings),
+            ctx.model_config.max_model_len,
+            ctx.device,
+        )
+
+
+class LlamaForCausalLM(nn.Module):
+    """Decoder-only transformer with RMSNorm, rotary positions, GQA and a SiLU-gated MLP."""
+
+    def __init__(self, ctx: ModelBuildContext) -> None:
+        super().__init__()
+        cfg = ctx.model_config.hf_config
+        self.dtype = ctx.dtype
+        self.model = LlamaModel(ctx, type(self))
+        tie = self.model.embed_tokens if getattr(cfg, "tie_word_embeddings", False) else None
+        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tie, ctx.dtype, ctx.device)
+        self._loaded: set[str] = set()
+
+    # -- architecture hooks (subclasses override) ---------------------------
+    @classmethod
+    def qkv_bias(cls, cfg: Any) -> bool:
+        return bool(getattr(cfg, "attention_bias", False))
+
+    @classmethod
+    def o_bias(cls, cfg: Any) -> bool:
+        return bool(getattr(cfg, "attention_bias", False))
+
+    @classmethod
+    def layer_sliding_window(cls, cfg: Any, index: int) -> int | None:
+        """The window of layer ``index`` (None: full attention)."""
+        layer_types = getattr(cfg, "layer_types", None)
+        window = getattr(cfg, "sliding_window", None)
+        if layer_types is not None and window is not None:
+            return int(window) if layer_types[index] == "sliding_attention" else None
+        return None
+
+    # -- running --------------------------------------------------------------
+    def forward(
+        self,
+        input_ids: torch.Tensor,  # [num_tokens] int64
+        positions: torch.Tensor,  # [num_tokens] int64
+        kv_caches: list[torch.Tensor],
+        metadata: AttentionMetadata,
+    ) -> torch.Tensor:  # [num_tokens, hidden]
+        hidden = self.model.embed_tokens(input_ids)
+        rotary = self.model.rotary_emb
+        cos_sin = rotary.cos_sin(positions, hidden.dtype)  # computed once, used by every layer
+        residual: torch.Tensor | None = None
+        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+            hidden, residual = layer(hidden, residual, cos_sin, rotary, kv_cache, metadata)
+        hidden, _ = self.model.norm(hidden, residual)
+        return hidden
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(hidden)  # [n, vocab] float32
+
+    # -- loading --------------------------------------------------------------
+    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
+        consumed: set[str] = set()
+        unknown: list[str] = []
+        for name, value in weights:
+            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head.tied):
+                consumed.add(name)
+                continue
+            if self._load_one(name, value):
+                consumed.add(name)
+            else:
+                unknown.append(name)
+        if unknown:
+            shown = ", ".join(unknown[:10]) + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
+            raise ValueError(
+                f"checkpoint has weights {type(self).__name__} does not know: {shown}. "
+                "Is the checkpoint's architecture right for these weights?"
+            )
+        return consumed
+
+    def _load_one(self, name: str, value: Any) -> bool:
+        prefix, _, param = name.rpartition(".")
+        owner, _, proj = prefix.rpartition(".")
+        shard: int | None = None
+        if proj in _MERGED:
+            merged, shard = _MERGED[proj]
+            prefix = f"{owner}.{merged}"
+        try:
+            module = self.get_submodule(prefix)
+        except AttributeError:
+            return False
+        if isinstance(module, Linear):
+            try:
+                module.load(param, value, shard)
+            except (ValueError, TypeError) as exc:
+                raise ValueError(f"cannot load {name}: {exc}") from exc
+            self._loaded.add(f"{prefix}[{shard}]" if shard is not None else prefix)
+            return True
+        target = module._parameters.get(param)
+        if target is None:
+            return False
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+        target.data.copy_(value.to(target.dtype))
+        self._loaded.add(f"{prefix}.{param}")
+        return True
+
+    def missing_weights(self) -> list[str]:
+        """Parameters no checkpoint value reached (call after load_weights)."""
+        missing = []
+        for path, module in self.named_modules():
+            if isinstance(module, Linear):
+                n = len(module.output_sizes)
+                missing.extend(
+                    s for s in ([f"{path}[{i}]" for i in range(n)] if n > 1 else [path]) if s not in self._loaded
+                )
+            else:
+                missing.extend(f"{path}.{p}" for p in module._parameters if f"{path}.{p}" not in self._loaded)
+        return missing
+
+
+class MistralForCausalLM(LlamaForCausalLM):
+    """Llama with an optional sliding window on every layer."""
+
+    @classmethod
+    def layer_sliding_window(cls, cfg: Any, index: int) -> int | None:
+        if getattr(cfg, "layer_types", None) is not None:
+            return super().layer_sliding_window(cfg, index)
+        window = getattr(cfg, "sliding_window", None)
+        return int(window) if window else None
+
+
+class Qwen2ForCausalLM(LlamaForCausalLM):
+    """Llama with q/k/v biases; layers from ``max_window_layers`` on may slide."""
+
+    @classmethod
+    def qkv_bias(cls, cfg: Any) -> bool:
+        return True
+
+    @classmethod
+    def o_bias(cls, cfg: Any) -> bool:
+        return False
+
+    @classmethod
+    def layer_sliding_window(cls, cfg: Any, index: int) -> int | None:
+        if not getattr(cfg, "use_sliding_window", False):
+            return None
+        if getattr(cfg, "layer_types", None) is not None:
+            return super().layer_sliding_window(cfg, index)
+        window = getattr(cfg, "sliding_window", None)
+        if window and index >= getattr(cfg, "max_window_layers", 0):
+            return int(window)
+        return None

@@ -1,0 +1,137 @@
+"""Batched sampling on the device: greedy, temperature, top-k, top-p, min-p.
+
+The sampler is a pipeline of steps over the whole batch (``[n, vocab]``
+float32 logits), each a plain function of the logits and the batch's per-row
+parameters. Logits processors (penalties, logit bias, allowed tokens) plug in
+ahead of the temperature step through :attr:`Sampler.logits_processors`.
+
+Random choices use the exponential race: ``argmax(probs / E)`` with
+``E ~ Exponential(1)`` i.i.d. per token picks token ``i`` with probability
+``probs[i]``. A seeded row draws ``E`` from a generator seeded by
+``(seed, output position)``, so its token depends only on its own logits, seed
+and position: not on the batch it ran in, nor on how many steps ran before
+(a preempted and recomputed request samples the same tokens again).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from kvik.sampling_params import SamplingParams
+
+_MASK64 = (1 << 64) - 1
+
+
+@dataclass(slots=True)
+class SamplingBatch:
+    """Per-row inputs of one sampling call (rows align with the logits)."""
+
+    params: list[SamplingParams]
+    # Index of the token being sampled in each row's output (len(output_token_ids)).
+    output_positions: list[int]
+    # Token history for penalties (read-only); filled by the runner when needed.
+    prompt_token_ids: list[list[int]] = field(default_factory=list)
+    output_token_ids: list[list[int]] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.params)
+
+
+# (logits [n, vocab] float32, batch) -> logits; may modify in place.
+LogitsProcessor = Callable[[torch.Tensor, SamplingBatch], torch.Tensor]
+
+
+def row_seed(seed: int, position: int) -> int:
+    """A 63-bit generator seed for (request seed, output position) (splitmix64 mixing)."""
+    z = (seed * 0x9E3779B97F4A7C15 + position + 0x632BE59BD9B4E019) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+class Sampler:
+    """Samples one token per row. Unseeded rows share one generator seeded from ``seed``."""
+
+    def __init__(self, device: torch.device | str = "cpu", seed: int = 0) -> None:
+        self.device = torch.device(device)
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+        self.logits_processors: list[LogitsProcessor] = []
+
+    def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+        """logits [n, vocab] float32 -> sampled token ids [n] int64 (on the logits' device)."""
+        for processor in self.logits_processors:
+            logits = processor(logits, batch)
+        greedy = [p.greedy for p in batch.params]
+        if all(greedy):
+            return logits.argmax(dim=-1)
+        temps = [1.0 if g else float(p.temperature) for p, g in zip(batch.params, greedy, strict=True)]
+        logits = logits / self._column(temps, logits)
+        logits = apply_top_k_top_p(logits, batch, self._column)
+        logits = apply_min_p(logits, batch, self._column)
+        probs = logits.softmax(dim=-1)
+        sampled = probs.div_(self._noise(probs.shape, batch)).argmax(dim=-1)
+        if any(greedy):
+            greedy_ids = logits.argmax(dim=-1)  # temperature 1 there, and filters keep the max
+            sampled = torch.where(self._column(greedy, logits, torch.bool).squeeze(1), greedy_ids, sampled)
+        return sampled
+
+    def _column(self, values: list, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A per-row list as an [n, 1] tensor on ``like``'s device (one host->device copy)."""
+        return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True)[:, None]
+
+    def _noise(self, shape: torch.Size, batch: SamplingBatch) -> torch.Tensor:
+        """Exponential(1) noise [n, vocab]: seeded rows from their own (seed, position) generator."""
+        noise = torch.empty(shape, dtype=torch.float32, device=self.device)
+        noise.exponential_(generator=self.generator)
+        for row, (params, position) in enumerate(zip(batch.params, batch.output_positions, strict=True)):
+            if params.seed is None or params.greedy:
+                continue
+            gen = torch.Generator(device=self.device)
+            gen.manual_seed(row_seed(params.seed, position))
+            noise[row].exponential_(generator=gen)
+        # Exponential samples can be exactly 0 in float32; keep the division finite.
+        return noise.clamp_min_(torch.finfo(torch.float32).tiny)
+
+
+def apply_top_k_top_p(logits: torch.Tensor, batch: SamplingBatch, column: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Mask (to -inf) tokens outside each row's top-k, then outside its top-p nucleus.
+
+    top-p keeps the smallest set of highest-probability tokens whose mass
+    reaches ``top_p`` (always at least the most likely token).
+    """
+    vocab = logits.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in batch.params]
+    # Rows without top-p get a threshold no cumulative sum can reach, even with rounding.
+    top_p = [float(p.top_p) if p.top_p < 1.0 else 2.0 for p in batch.params]
+    use_k = any(k < vocab for k in top_k)
+    use_p = any(p < 1.0 for p in top_p)
+    if not use_k and not use_p:
+        return logits
+    if not use_p:
+        # Cheaper than a full sort: keep logits >= each row's k-th largest.
+        k_col = column(top_k, logits, torch.int64)
+        kth = logits.topk(max(top_k), dim=-1).values.gather(1, k_col - 1)
+        return logits.masked_fill(logits < kth, float("-inf"))
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    ranks = torch.arange(vocab, device=logits.device)[None, :]
+    if use_k:
+        sorted_logits = sorted_logits.masked_fill(ranks >= column(top_k, logits, torch.int64), float("-inf"))
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of strictly more likely tokens
+    drop = (mass_before >= column(top_p, logits)) & (ranks > 0)
+    sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+    return torch.empty_like(logits).scatter_(1, order, sorted_logits)
+
+
+def apply_min_p(logits: torch.Tensor, batch: SamplingBatch, column: Callable[..., torch.Tensor]) -> torch.Tensor:
+    """Mask tokens whose probability is below ``min_p`` times the row's top probability."""
+    min_p = [float(p.min_p) for p in batch.params]
+    if not any(m > 0 for m in min_p):
+        return logits
+    probs = logits.softmax(dim=-1)
+    threshold = probs.amax(dim=-1, keepdim=True) * column(min_p, logits)
+    return logits.masked_fill(probs < threshold, float("-inf"))

@@ -1,0 +1,310 @@
+"""The generic model runner for any torch device (cpu, cuda, mps, xpu, ...).
+
+Each step flattens the scheduled requests into one token batch, builds the
+attention metadata with three host->device copies, runs the model once and
+samples from the last position of every request that asked for a token.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from kvik.attention.backend import AttentionBackend, AttentionMetadata
+from kvik.attention.selector import select_attention_backend
+from kvik.config import EngineConfig, ModelConfig
+from kvik.models.formats import ModelFormat
+from kvik.models.interface import ModelBuildContext
+from kvik.models.loader import dequantize_model, load_model, resolve_format
+from kvik.platforms.interface import Platform
+from kvik.plugins.manager import PluginManager, get_plugin_manager
+from kvik.quantization.base import QuantizationMethod
+from kvik.sample.sampler import Sampler, SamplingBatch
+from kvik.sampling_params import SamplingParams
+from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from kvik.worker.interface import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+
+class TorchModelRunner(ModelRunner):
+    """Runs a kvik torch model (``CausalLM``) on one ``torch.device``."""
+
+    def __init__(
+        self,
+        config: EngineConfig,
+        model_config: ModelConfig,
+        device: torch.device,
+        platform: Platform,
+        manager: PluginManager | None = None,
+    ) -> None:
+        self.config = config
+        self.model_config = model_config
+        self.device = torch.device(device)
+        self.platform = platform
+        self.manager = manager or get_plugin_manager()
+        self.dtype: torch.dtype = getattr(torch, model_config.dtype)
+        self.block_size = config.block_size or platform.default_block_size
+        self.model: nn.Module | None = None
+        self.attn_backend: type[AttentionBackend] | None = None
+        self.attn_layers: list[AttentionBackend] = []
+        self.kv_caches: list[torch.Tensor] = []
+        self.num_blocks = 0
+        self.sampler = Sampler(self.device, config.seed)
+
+    # -- loading ----------------------------------------------------------------
+    def _format(self) -> ModelFormat:
+        if isinstance(self.model_config.source, ModelFormat):
+            return self.model_config.source
+        if self.config.model is None:
+            raise ValueError("no model given: set EngineConfig.model to a checkpoint path")
+        return resolve_format(self.config.model, self.manager)
+
+    def _quant_method(self, fmt: ModelFormat) -> tuple[QuantizationMethod | None, str]:
+        """The checkpoint's quantization method (or None) and 'quantized' / 'dequantize'."""
+        quant = fmt.quantization()
+        if quant is None:
+            return None, "dense"
+        name, qconfig = quant
+        method_cls = self.manager.quantization_methods.get(name)
+        method: QuantizationMethod = method_cls.from_config(qconfig)
+        mode = self.platform.quantized_weights_mode(self.config, name)
+        if mode == "quantized":
+            allowed = self.platform.quantization_methods
+            if allowed is not None and name not in allowed:
+                raise ValueError(
+                    f"platform {self.platform.name!r} cannot run {name!r} weights packed (it runs: "
+                    f"{', '.join(allowed) or 'none'}); use quantized_weights='dequantize'"
+                )
+            if self.dtype not in method.supported_act_dtypes:
+                raise ValueError(
+                    f"quantization {name!r} computes in {method.supported_act_dtypes}, not {self.dtype}; "
+                    "pick one of those with dtype=..., or quantized_weights='dequantize'"
+                )
+        return method, mode
+
+    def load_model(self) -> None:
+        mc = self.model_config
+        self.attn_backend = select_attention_backend(
+            self.platform, self.config, mc.head_dim, self.dtype, mc.sliding_window, self.manager
+        )
+        fmt = self._format()
+        method, mode = self._quant_method(fmt)
+        backend_cls = self.attn_backend
+        self.attn_layers = []
+
+        def make_attention(*args: Any, **kwargs: Any) -> AttentionBackend:
+            layer = backend_cls(*args, **kwargs)
+            self.attn_layers.append(layer)  # cache i belongs to the i-th attention built
+            return layer
+
+        ctx = ModelBuildContext(mc, self.dtype, self.device, make_attention, method)
+        model = load_model(mc, ctx, fmt, quantized=method is not None, manager=self.manager)
+        if method is not None and mode == "dequantize":
+            n = dequantize_model(model, self.dtype)
+            logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)
+        self.model = model
+        logger.info(
+            "loaded %s (%s, %.1f MiB) with attention backend %s",
+            mc.architecture,
+            mc.dtype,
+            self.weight_bytes() / 2**20,
+            backend_cls.name,
+        )
+
+    def weight_bytes(self) -> int:
+        if self.model is None:
+            return 0
+        seen: dict[int, int] = {}
+        for t in list(self.model.parameters()) + list(self.model.buffers()):
+            seen[t.data_ptr()] = t.numel() * t.element_size()
+        return sum(seen.values())
+
+    # -- KV cache -----------------------------------------------------------------
+    def _cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
+        backend = self.attn_backend or AttentionBackend
+        mc = self.model_config
+        return backend.kv_cache_shape(num_blocks, block_size, mc.num_kv_heads, mc.head_dim)
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        per_layer = math.prod(self._cache_shape(1, block_size)) * self.dtype.itemsize
+        return per_layer * self.model_config.num_layers
+
+    def _allocate(self, num_blocks: int) -> list[torch.Tensor]:
+        # Zeroed, not empty: padded block-table entries point at block 0 and are
+        # masked, but 0 * NaN from uninitialised memory would still poison a row.
+        shape = self._cache_shape(num_blocks, self.block_size)
+        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.attn_layers]
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        if self.model is None:
+            raise RuntimeError("load_model() must run before initialize_kv_cache()")
+        self.kv_caches = []  # free any previous cache before allocating
+        self.kv_caches = self._allocate(num_blocks)
+        self.num_blocks = num_blocks
+
+    # -- profiling --------------------------------------------------------------------
+    def profile(self) -> int:
+        """Run the largest step the scheduler may issue; return its activation bytes.
+
+        On CUDA the peak allocated memory is measured. Elsewhere torch has no
+        allocator statistics, so the bytes are estimated from shapes (see
+        :meth:`estimate_activation_bytes`) after the dummy step proved it runs.
+        """
+        if self.model is None:
+            raise RuntimeError("load_model() must run before profile()")
+        mc = self.model_config
+        num_tokens = self.config.max_num_batched_tokens or 2048
+        seq_len = min(num_tokens, mc.max_model_len)
+        lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
+        blocks_per_seq = -(-seq_len // self.block_size)
+        saved = self.kv_caches
+        self.kv_caches = self._allocate(blocks_per_seq * len(lens) + 1)  # tiny: just this step's tokens
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
+        scheduled = []
+        for i, n in enumerate(lens):
+            blocks = list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq))
+            scheduled.append(ScheduledRequest(f"profile-{i}", [0] * n, 0, blocks, True, params))
+        cuda = self.device.type == "cuda"
+        try:
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                torch.cuda.reset_peak_memory_stats(self.device)
+                base = torch.cuda.memory_allocated(self.device)
+            self.execute(SchedulerOutput(scheduled, num_tokens))
+            if cuda:
+                torch.cuda.synchronize(self.device)
+                return max(0, torch.cuda.max_memory_allocated(self.device) - base)
+            return self.estimate_activation_bytes(lens)
+        finally:
+            self.kv_caches = saved  # drop the temporary cache
+
+    def estimate_activation_bytes(self, seq_lens: list[int]) -> int:
+        """Peak bytes a step over prefills of ``seq_lens`` holds beyond weights and KV cache.
+
+        Per token (model dtype): the residual stream, the normed input and the
+        attention output (3 x hidden), q/k/v (heads + 2 kv heads) x head_dim,
+        and the MLP's gate_up plus activation (3 x intermediate); only one layer
+        is live at a time. Attention adds, per request, a [q, L] score block
+        per head in float32 (the math path's worst case) plus its bool mask.
+        Sampling holds ~4 float32 [num_reqs, vocab] tensors (logits, probs,
+        noise, sort scratch). A 25% margin covers allocator fragmentation.
+        """
+        mc = self.model_config
+        hf = mc.hf_config
+        item = self.dtype.itemsize
+        inter = int(getattr(hf, "intermediate_size", 4 * mc.hidden_size))
+        tokens = sum(seq_lens)
+        per_token = 3 * mc.hidden_size + (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim + 3 * inter
+        scores = max(n * n * (mc.num_heads * 4 + 1) for n in seq_lens)
+        sampling = 4 * len(seq_lens) * mc.vocab_size * 4
+        return int(1.25 * (tokens * per_token * item + scores + sampling))
+
+    # -- execution ---------------------------------------------------------------------
+    def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
+        """Flatten the step into input_ids, positions and attention metadata (3 copies to the device)."""
+        bs = self.block_size
+        query_lens = [len(r.token_ids) for r in scheduled]
+        seq_lens = [r.start_pos + q for r, q in zip(scheduled, query_lens, strict=True)]
+        num_tokens = sum(query_lens)
+        max_blocks = max(-(-s // bs) for s in seq_lens)
+        # One int64 buffer holds input_ids | positions | slot_mapping.
+        flat = np.empty(3 * num_tokens, dtype=np.int64)
+        tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
+        offset = 0
+        for i, (r, q, s) in enumerate(zip(scheduled, query_lens, seq_lens, strict=True)):
+            n_blocks = -(-s // bs)
+            if len(r.block_ids) < n_blocks:
+                raise ValueError(
+                    f"request {r.request_id!r} has {len(r.block_ids)} blocks for {s} tokens "
+                    f"(block size {bs}); it needs {n_blocks}"
+                )
+            table = np.asarray(r.block_ids[:n_blocks], dtype=np.int64)
+            pos = np.arange(r.start_pos, s, dtype=np.int64)
+            flat[offset : offset + q] = r.token_ids
+            flat[num_tokens + offset : num_tokens + offset + q] = pos
+            flat[2 * num_tokens + offset : 2 * num_tokens + offset + q] = table[pos // bs] * bs + pos % bs
+            tables[i, :n_blocks] = table
+            offset += q
+        # One int32 buffer holds query_start_loc | seq_lens.
+        small = np.concatenate(([0], np.cumsum(query_lens), seq_lens)).astype(np.int32)
+        flat_d = torch.from_numpy(flat).to(self.device, non_blocking=True)
+        small_d = torch.from_numpy(small).to(self.device, non_blocking=True)
+        tables_d = torch.from_numpy(tables).to(self.device, non_blocking=True)
+        n_reqs = len(scheduled)
+        metadata = AttentionMetadata(
+            num_tokens=num_tokens,
+            num_reqs=n_reqs,
+            query_start_loc=small_d[: n_reqs + 1],
+            seq_lens=small_d[n_reqs + 1 :],
+            block_tables=tables_d,
+            slot_mapping=flat_d[2 * num_tokens :],
+            block_size=bs,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        return flat_d[:num_tokens], flat_d[num_tokens : 2 * num_tokens], metadata
+
+    def _forward(self, scheduler_output: SchedulerOutput, rows: str) -> tuple[torch.Tensor, list[int]]:
+        """Run the step; return float32 logits and which requests they belong to.
+
+        ``rows``: "sample" (last token of each request with ``sample=True``) or
+        "all" (every scheduled token, for tests and prompt logprobs).
+        """
+        if self.model is None:
+            raise RuntimeError("load_model() must run before execute()")
+        if not self.kv_caches:
+            raise RuntimeError("initialize_kv_cache() must run before execute()")
+        scheduled = scheduler_output.scheduled
+        input_ids, positions, metadata = self._prepare(scheduled)
+        assert self.attn_backend is not None
+        self.attn_backend.prepare(metadata)
+        hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [num_tokens, hidden]
+        if rows == "all":
+            return self.model.compute_logits(hidden), list(range(len(scheduled)))  # type: ignore[operator]
+        ends = np.cumsum([len(r.token_ids) for r in scheduled]) - 1
+        which = [i for i, r in enumerate(scheduled) if r.sample]
+        if not which:
+            return hidden.new_empty((0, self.model_config.vocab_size), dtype=torch.float32), []
+        index = torch.from_numpy(ends[which]).to(self.device, non_blocking=True)
+        return self.model.compute_logits(hidden.index_select(0, index)), which  # type: ignore[operator]
+
+    @torch.inference_mode()
+    def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> torch.Tensor:
+        """Run the step (writing the KV cache) and return float32 logits, without sampling.
+
+        Rows: the last token of each request with ``sample=True``, or every
+        scheduled token when ``all_tokens``. For tests and tools.
+        """
+        logits, _ = self._forward(scheduler_output, "all" if all_tokens else "sample")
+        return logits
+
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        if scheduler_output.is_empty:
+            return RunnerOutput(sampled_token_ids={})
+        logits, which = self._forward(scheduler_output, "sample")
+        if not which:
+            return RunnerOutput(sampled_token_ids={})
+        reqs = [scheduler_output.scheduled[i] for i in which]
+        batch = SamplingBatch(
+            params=[r.sampling_params for r in reqs],
+            output_positions=[len(r.output_token_ids) for r in reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            output_token_ids=[r.output_token_ids for r in reqs],
+        )
+        token_ids = self.sampler(logits, batch).tolist()  # the step's one device->host sync
+        return RunnerOutput(sampled_token_ids={r.request_id: [t] for r, t in zip(reqs, token_ids, strict=True)})
+
+    def shutdown(self) -> None:
+        self.kv_caches = []
+        self.model = None
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
