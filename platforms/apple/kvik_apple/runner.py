@@ -1,0 +1,247 @@
+"""The MLX model runner: SchedulerOutput in, sampled tokens out, no torch tensors.
+
+Per step: flatten the scheduled requests into one token batch (ids,
+positions, slot mapping, block tables as MLX arrays), run the model over the
+paged cache, compute logits only for rows that sample (or want prompt
+logprobs), sample, then evaluate the lazy MLX graph once (tokens plus the
+updated caches) and hand plain Python lists back to the engine.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+import mlx.core as mx
+import numpy as np
+from kvik.attention.backend import AttentionMetadata
+from kvik.sample.sampler import SamplingBatch
+from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from kvik.worker.interface import ModelRunner
+
+from kvik_apple.attention import MLXPagedAttentionBackend
+from kvik_apple.model import LlamaArgs, MLXCausalLM
+from kvik_apple.sampler import MLXSampler, top_logprobs
+from kvik_apple.weights import checkpoint_path, is_gguf, load_into, parameter_bytes, read_gguf, read_safetensors_dir
+
+if TYPE_CHECKING:
+    from kvik.config import EngineConfig, ModelConfig
+    from kvik.platforms.interface import Platform
+
+logger = logging.getLogger(__name__)
+
+_MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
+
+
+class MLXModelRunner(ModelRunner):
+    def __init__(self, config: EngineConfig, model_config: ModelConfig, platform: Platform) -> None:
+        if model_config.dtype not in _MX_DTYPES:
+            raise ValueError(
+                f"the apple platform computes in {', '.join(_MX_DTYPES)}; got dtype {model_config.dtype!r}"
+            )
+        self.config = config
+        self.model_config = model_config
+        self.platform = platform
+        self.dtype = _MX_DTYPES[model_config.dtype]
+        self.block_size = config.block_size or platform.default_block_size
+        self.model: MLXCausalLM | None = None
+        self.kv_caches: list[mx.array] = []
+        self.num_blocks = 0
+        self.quantized = False
+        self.sampler = MLXSampler(seed=config.seed, eos_token_ids=model_config.eos_token_ids)
+
+    # -- set-up ---------------------------------------------------------------
+    def _attention_backend(self) -> MLXPagedAttentionBackend:
+        import torch
+        from kvik.attention.selector import select_attention_backend
+
+        mc = self.model_config
+        cls = select_attention_backend(
+            self.platform, self.config, mc.head_dim, getattr(torch, mc.dtype), mc.sliding_window
+        )
+        if not issubclass(cls, MLXPagedAttentionBackend):
+            raise ValueError(f"the MLX runner needs an MLX attention backend, got {cls.name!r}")
+        return cls(mc.num_heads, mc.head_dim, mc.num_kv_heads, mc.head_dim**-0.5, mc.sliding_window)
+
+    def load_model(self) -> None:
+        mc = self.model_config
+        args = LlamaArgs.from_hf(mc.hf_config, mc.architecture)
+        model = MLXCausalLM(args, self._attention_backend())
+        path = checkpoint_path(mc.source, self.config.model)
+        if is_gguf(path):
+            self.quantized = self.platform.quantized_weights_mode(self.config, "gguf") == "quantized"
+            weights = read_gguf(path, args)
+        else:
+            if mc.quantization is not None:
+                raise ValueError(
+                    f"the apple (MLX) platform cannot load {mc.quantization!r}-quantized safetensors; "
+                    "it runs dense safetensors checkpoints and GGUF files (Q4_0, Q4_1, Q8_0, F16, F32)"
+                )
+            weights = read_safetensors_dir(path)
+        logger.info("loading %s into MLX (%s, %s weights)", path, mc.dtype, "quantized" if self.quantized else "dense")
+        load_into(model, weights, self.dtype, self.quantized)
+        self.model = model
+
+    def weight_bytes(self) -> int:
+        assert self.model is not None, "load_model() first"
+        return parameter_bytes(self.model)
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        mc = self.model_config
+        return 2 * mc.num_layers * block_size * mc.num_kv_heads * mc.head_dim * self.dtype.size
+
+    def _allocate(self, num_blocks: int) -> list[mx.array]:
+        mc = self.model_config
+        shape = MLXPagedAttentionBackend.kv_cache_shape(num_blocks, self.block_size, mc.num_kv_heads, mc.head_dim)
+        caches = [mx.zeros(shape, dtype=self.dtype) for _ in range(mc.num_layers)]
+        mx.eval(caches)
+        return caches
+
+    def profile(self) -> int:
+        """Peak MLX memory of a maximal step (max_num_batched_tokens) beyond weights and its scratch cache."""
+        tokens = self.config.max_num_batched_tokens or 2048
+        max_len = self.model_config.max_model_len
+        seqs = max(1, min(self.config.max_num_seqs or 1, tokens))
+        lengths = [tokens // seqs + (1 if i < tokens % seqs else 0) for i in range(seqs)]
+        lengths = [min(n, max_len) for n in lengths if n > 0]
+        blocks_per = [-(-n // self.block_size) for n in lengths]
+        saved, saved_blocks = self.kv_caches, self.num_blocks
+        self.kv_caches, self.num_blocks = self._allocate(sum(blocks_per)), sum(blocks_per)
+        mx.clear_cache()
+        mx.reset_peak_memory()
+        base = mx.get_active_memory()
+        from kvik.sampling_params import SamplingParams
+
+        scheduled, next_block = [], 0
+        for i, (n, nb) in enumerate(zip(lengths, blocks_per, strict=True)):
+            ids = list(range(next_block, next_block + nb))
+            next_block += nb
+            scheduled.append(ScheduledRequest(f"profile-{i}", [0] * n, 0, ids, True, SamplingParams(temperature=0)))
+        self.execute(SchedulerOutput(scheduled=scheduled, num_batched_tokens=sum(lengths)))
+        peak = max(0, mx.get_peak_memory() - base)
+        self.kv_caches, self.num_blocks = saved, saved_blocks
+        mx.clear_cache()
+        return int(peak)
+
+    def initialize_kv_cache(self, num_blocks: int) -> None:
+        self.kv_caches = self._allocate(num_blocks)
+        self.num_blocks = num_blocks
+
+    # -- one step -------------------------------------------------------------
+    def _metadata(self, scheduled: list[ScheduledRequest]) -> tuple[mx.array, mx.array, AttentionMetadata]:
+        bs = self.block_size
+        ids: list[int] = []
+        positions: list[int] = []
+        slots: list[int] = []
+        query_lens: list[int] = []
+        seq_lens: list[int] = []
+        max_blocks = max(len(r.block_ids) for r in scheduled)
+        tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
+        for i, req in enumerate(scheduled):
+            n, start = len(req.token_ids), req.start_pos
+            if len(req.block_ids) * bs < start + n:
+                raise ValueError(
+                    f"request {req.request_id!r} has {len(req.block_ids)} blocks of {bs}, too few for "
+                    f"{start + n} tokens"
+                )
+            ids.extend(req.token_ids)
+            pos = range(start, start + n)
+            positions.extend(pos)
+            slots.extend(req.block_ids[p // bs] * bs + p % bs for p in pos)
+            query_lens.append(n)
+            seq_lens.append(start + n)
+            tables[i, : len(req.block_ids)] = req.block_ids
+        metadata = AttentionMetadata(
+            num_tokens=len(ids),
+            num_reqs=len(scheduled),
+            query_start_loc=mx.array(np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)),  # type: ignore[arg-type]
+            seq_lens=mx.array(seq_lens, dtype=mx.int32),  # type: ignore[arg-type]
+            block_tables=mx.array(tables),  # type: ignore[arg-type]
+            slot_mapping=mx.array(slots, dtype=mx.int32),  # type: ignore[arg-type]
+            block_size=bs,
+            max_query_len=max(query_lens),
+            max_seq_len=max(seq_lens),
+            query_lens_cpu=query_lens,
+            seq_lens_cpu=seq_lens,
+        )
+        MLXPagedAttentionBackend.prepare(metadata)
+        return mx.array(ids, dtype=mx.int32), mx.array(positions, dtype=mx.int32), metadata
+
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        assert self.model is not None and self.kv_caches, "load_model() and initialize_kv_cache() first"
+        scheduled = scheduler_output.scheduled
+        if not scheduled:
+            return RunnerOutput(sampled_token_ids={})
+        input_ids, positions, metadata = self._metadata(scheduled)
+        hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
+        ends = np.cumsum(metadata.query_lens_cpu) - 1
+        samplers = [i for i, r in enumerate(scheduled) if r.sample]
+        to_eval: list[mx.array] = list(self.kv_caches)
+        tokens = raw_logprobs = None
+        if samplers:
+            logits = self.model.compute_logits(hidden[mx.array(ends[samplers].astype(np.int32))])
+            batch = SamplingBatch(
+                params=[scheduled[i].sampling_params for i in samplers],
+                output_positions=[len(scheduled[i].output_token_ids) for i in samplers],
+                prompt_token_ids=[scheduled[i].prompt_token_ids for i in samplers],
+                output_token_ids=[scheduled[i].output_token_ids for i in samplers],
+            )
+            tokens = self.sampler(logits, batch)
+            to_eval.append(tokens)
+            if any(p.logprobs is not None for p in batch.params):
+                raw_logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # vLLM: raw model logprobs
+                to_eval.append(raw_logprobs)
+        prompt_rows = self._prompt_logprob_rows(scheduled)
+        prompt_lp = None
+        if prompt_rows:
+            flat = np.concatenate([rows for _, rows, _ in prompt_rows]).astype(np.int32)
+            plogits = self.model.compute_logits(hidden[mx.array(flat)])
+            prompt_lp = plogits - mx.logsumexp(plogits, axis=-1, keepdims=True)
+            to_eval.append(prompt_lp)
+        mx.eval(to_eval)
+        output = RunnerOutput(sampled_token_ids={})
+        if tokens is not None:
+            sampled = np.array(tokens).tolist()
+            lp_host = np.array(raw_logprobs) if raw_logprobs is not None else None
+            for j, i in enumerate(samplers):
+                req = scheduled[i]
+                output.sampled_token_ids[req.request_id] = [int(sampled[j])]
+                if lp_host is not None and req.sampling_params.logprobs is not None:
+                    output.logprobs = output.logprobs or {}
+                    output.logprobs[req.request_id] = [
+                        top_logprobs(lp_host[j], req.sampling_params.logprobs, sampled[j])
+                    ]
+        if prompt_lp is not None:
+            host, offset = np.array(prompt_lp), 0
+            output.prompt_logprobs = {}
+            for i, rows, targets in prompt_rows:
+                k = scheduled[i].sampling_params.prompt_logprobs or 0
+                entries = [top_logprobs(host[offset + j], k, t) for j, t in enumerate(targets)]
+                output.prompt_logprobs[scheduled[i].request_id] = entries
+                offset += len(rows)
+        return output
+
+    @staticmethod
+    def _prompt_logprob_rows(scheduled: list[ScheduledRequest]) -> list[tuple[int, np.ndarray, list[int]]]:
+        """(request index, batch rows, next prompt token) for prompt positions computed this step.
+
+        The logits at prompt position ``p`` score prompt token ``p + 1``; the
+        last prompt position predicts the first output token, so it is skipped.
+        """
+        found = []
+        row = 0
+        for i, req in enumerate(scheduled):
+            n = len(req.token_ids)
+            if req.sampling_params.prompt_logprobs is not None:
+                prompt = req.prompt_token_ids
+                positions = [p for p in range(req.start_pos, req.start_pos + n) if p + 1 < len(prompt)]
+                if positions:
+                    rows = np.array([row + p - req.start_pos for p in positions])
+                    found.append((i, rows, [prompt[p + 1] for p in positions]))
+            row += n
+        return found
+
+    def shutdown(self) -> None:
+        self.model = None
+        self.kv_caches = []
+        mx.clear_cache()
