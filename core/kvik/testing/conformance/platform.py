@@ -1,0 +1,126 @@
+"""Conformance checks for platform plugins.
+
+Use in a plugin's tests::
+
+    from kvik.testing.conformance.platform import check_platform
+
+    def test_conformance():
+        check_platform(MyPlatform)
+
+Every problem found is collected and reported at once in one AssertionError.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kvik.config import EngineConfig
+from kvik.platforms.interface import MemoryInfo, Platform
+
+_DTYPES = ("float32", "float16", "bfloat16")
+
+
+def _class_attribute_problems(cls: type[Any]) -> list[str]:
+    problems: list[str] = []
+    name = getattr(cls, "name", None)
+    if not (isinstance(name, str) and name and name == name.strip().lower()):
+        problems.append(f"name must be a non-empty lower-case string (users type it), got {name!r}")
+    if name == "auto":
+        problems.append("name 'auto' is reserved for auto-selection")
+    aliases = getattr(cls, "aliases", ())
+    if not (isinstance(aliases, tuple) and all(isinstance(a, str) and a == a.lower() for a in aliases)):
+        problems.append(f"aliases must be a tuple of lower-case strings, got {aliases!r}")
+    if not (isinstance(getattr(cls, "device_type", None), str) and cls.device_type):
+        problems.append(
+            f"device_type must be a torch device string or 'mlx', got {getattr(cls, 'device_type', None)!r}"
+        )
+    if not isinstance(cls.priority, int) or isinstance(cls.priority, bool):
+        problems.append(f"priority must be an int, got {cls.priority!r}")
+    backends = cls.attention_backends
+    if not (isinstance(backends, tuple) and backends and all(isinstance(b, str) and b for b in backends)):
+        problems.append(f"attention_backends must be a non-empty tuple of backend names, got {backends!r}")
+    methods = cls.quantization_methods
+    if methods is not None and not (isinstance(methods, tuple) and all(isinstance(m, str) for m in methods)):
+        problems.append(f"quantization_methods must be None or a tuple of names, got {methods!r}")
+    dtypes = cls.supported_dtypes
+    if not (isinstance(dtypes, tuple) and dtypes and set(dtypes) <= set(_DTYPES)):
+        problems.append(f"supported_dtypes must be a non-empty tuple drawn from {_DTYPES}, got {dtypes!r}")
+    block = cls.default_block_size
+    if not (isinstance(block, int) and block > 0 and block & (block - 1) == 0):
+        problems.append(f"default_block_size must be a positive power of two, got {block!r}")
+    return problems
+
+
+def _instance_problems(platform: Platform) -> list[str]:
+    problems: list[str] = []
+    memory = platform.memory_info()
+    if not isinstance(memory, MemoryInfo):
+        problems.append(f"memory_info() must return MemoryInfo, got {type(memory).__name__}")
+    elif not (isinstance(memory.total, int) and memory.total > 0 and 0 <= memory.free <= memory.total):
+        problems.append(f"memory_info() must satisfy 0 <= free <= total and total > 0 (bytes), got {memory}")
+    for model_dtype in _DTYPES:
+        chosen = platform.default_dtype(model_dtype)
+        if chosen not in platform.supported_dtypes:
+            problems.append(f"default_dtype({model_dtype!r}) = {chosen!r} is not in supported_dtypes")
+    config = EngineConfig()
+    notes = platform.configure(config)
+    if not (isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
+        problems.append(f"configure() must return a list of note strings, got {notes!r}")
+    for field in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
+        value = getattr(config, field)
+        if not (isinstance(value, int) and value > 0):
+            problems.append(f"configure() must fill {field} with a positive int, got {value!r}")
+    preset = EngineConfig(block_size=32, max_num_seqs=3, max_num_batched_tokens=96, num_threads=1)
+    platform.configure(preset)
+    kept = (preset.block_size, preset.max_num_seqs, preset.max_num_batched_tokens, preset.num_threads)
+    if kept != (32, 3, 96, 1):
+        problems.append(f"configure() must keep values the user set; (32, 3, 96, 1) became {kept}")
+    for mode in ("auto", "dequantize", "quantized"):
+        chosen_mode = platform.quantized_weights_mode(EngineConfig(quantized_weights=mode), "gguf")
+        if chosen_mode not in ("dequantize", "quantized") or (mode != "auto" and chosen_mode != mode):
+            problems.append(f"quantized_weights_mode(quantized_weights={mode!r}) returned {chosen_mode!r}")
+    described = platform.describe()
+    if not (
+        isinstance(described, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in described.items())
+    ):
+        problems.append(f"describe() must return dict[str, str], got {described!r}")
+    elif described.get("platform") != platform.name:
+        problems.append(f"describe()['platform'] must be the platform name {platform.name!r}")
+    return problems
+
+
+def check_platform(platform_cls: type[Platform]) -> bool:
+    """Check a Platform subclass against the interface contract; return whether it is available here.
+
+    Always checked: the class attributes, and that ``is_available()`` returns a
+    bool without raising (and ``unavailable_reason()`` explains a False). When
+    available, an instance is built and ``memory_info``, ``default_dtype``,
+    ``configure`` (fills defaults, keeps user values), ``quantized_weights_mode``
+    and ``describe`` are checked. Process-wide state ``configure`` may change
+    (torch's thread count) is restored afterwards.
+    """
+    import torch
+
+    if not (isinstance(platform_cls, type) and issubclass(platform_cls, Platform)):
+        raise AssertionError(f"{platform_cls!r} is not a subclass of kvik.platforms.Platform")
+    problems = _class_attribute_problems(platform_cls)
+    available = False
+    try:
+        available = platform_cls.is_available()
+    except Exception as exc:
+        problems.append(f"is_available() must never raise; it raised {type(exc).__name__}: {exc}")
+    else:
+        if not isinstance(available, bool):
+            problems.append(f"is_available() must return a bool, got {available!r}")
+            available = False
+        elif not available and not platform_cls.unavailable_reason():
+            problems.append("unavailable_reason() must explain why is_available() is False (users see it)")
+    if available and not problems:
+        threads = torch.get_num_threads()
+        try:
+            problems += _instance_problems(platform_cls())
+        finally:
+            torch.set_num_threads(threads)
+    if problems:
+        raise AssertionError(f"platform {platform_cls.__name__} does not conform:\n  - " + "\n  - ".join(problems))
+    return available

@@ -1,0 +1,192 @@
+"""The "cpu" platform: PyTorch on the host CPU.
+
+Defaults are chosen for CPUs, where one step's cost grows with its token
+count from the first token on (there is no idle parallel hardware to fill):
+
+* dtype: bfloat16 only when the checkpoint is bf16/fp16 *and* the CPU has
+  native bf16 dot products (AVX512-BF16 or AMX on x86, BF16 on Arm). On such
+  a CPU a [64, 2048] x [2048, 2048] matmul took 1.5 ms in bf16 vs 6.9 ms in
+  fp32 (1 thread, AMD EPYC with avx512_bf16); without those instructions bf16
+  is emulated through fp32 and slower than fp32, so float32 is used.
+* threads: one per physical core of the affinity mask (SMT siblings share a
+  core's vector units).
+* KV cache: RAM is shared with the OS and other processes, so the pool
+  defaults to at most 4 GiB or a quarter of available RAM (vLLM's CPU backend
+  also reserves 4 GiB by default) instead of a fraction of all memory.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform as py_platform
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import psutil
+from kvik.platforms.interface import MemoryInfo, Platform
+
+from kvik_cpu import cpuinfo
+
+if TYPE_CHECKING:
+    from kvik.config import EngineConfig, ModelConfig
+    from kvik.worker.interface import ModelRunner
+
+logger = logging.getLogger(__name__)
+
+GiB = 1 << 30
+DEFAULT_KV_CACHE_CAP = 4 * GiB
+# A decode step costs ~one matmul pass over the weights whatever the batch; past a
+# few dozen sequences a CPU is compute bound and larger batches only add latency.
+DEFAULT_MAX_NUM_SEQS = 32
+# Tokens per step: a 1024-token prefill chunk keeps matmuls large enough for full
+# vector throughput while bounding how long decoding requests wait behind it.
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 1024
+IPEX_ATTENTION_BACKEND = "ipex_paged"  # preferred if some plugin registers it and IPEX imports
+CGROUP_MEMORY = Path("/sys/fs/cgroup")
+
+_ipex_notice_logged = False  # the IPEX notice is logged once per process
+
+
+def _cgroup_limit(root: Path = CGROUP_MEMORY) -> tuple[int, int] | None:
+    """(limit, current) bytes of a cgroup v2 memory limit, or None when unlimited/unknown."""
+    try:
+        limit = (root / "memory.max").read_text().strip()
+        current = int((root / "memory.current").read_text().strip())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else (int(limit), current)
+
+
+class CPUPlatform(Platform):
+    """Runs models with PyTorch on the CPU; always available, lowest priority."""
+
+    name = "cpu"
+    device_type = "cpu"
+    priority = 0  # any accelerator that is present wins auto-selection
+    attention_backends: ClassVar[tuple[str, ...]] = ("torch_ref",)
+    supported_dtypes: ClassVar[tuple[str, ...]] = ("float32", "bfloat16", "float16")
+    default_block_size = 16
+
+    def __init__(self) -> None:
+        global _ipex_notice_logged
+        self.flags = cpuinfo.read_cpu_flags()
+        self.ipex = cpuinfo.probe_ipex()
+        if self.ipex.module is not None:
+            # Instance attribute: prefer an IPEX backend when one is registered, else torch_ref.
+            self.attention_backends = (IPEX_ATTENTION_BACKEND, *type(self).attention_backends)  # type: ignore[misc]
+        if not _ipex_notice_logged:
+            _ipex_notice_logged = True
+            if self.ipex.module is None:
+                logger.info("kvik-cpu: %s; running pure PyTorch (attention: torch_ref)", self.ipex.reason)
+            else:
+                logger.info("kvik-cpu: %s", self.ipex.reason)
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True  # PyTorch always has a CPU device
+
+    def default_dtype(self, model_dtype: str) -> str:
+        """bf16 for bf16/fp16 checkpoints on CPUs with native bf16, else float32 (see module docstring)."""
+        if model_dtype in ("bfloat16", "float16") and cpuinfo.has_fast_bf16(self.flags):
+            return "bfloat16"
+        return "float32"
+
+    def memory_info(self) -> MemoryInfo:
+        """System RAM (capped by a cgroup v2 limit): total, and what is available now."""
+        vm = psutil.virtual_memory()
+        total, free = int(vm.total), int(vm.available)
+        cgroup = _cgroup_limit()
+        if cgroup is not None:
+            limit, current = cgroup
+            total, free = min(total, limit), max(0, min(free, limit - current))
+        return MemoryInfo(total=total, free=free)
+
+    def configure(self, config: EngineConfig) -> list[str]:
+        notes: list[str] = []
+        cpus = cpuinfo.usable_cpus()
+        affinity = config.extra.get("cpu_affinity")
+        if affinity is not None:
+            cpus = self._set_affinity(affinity)
+            notes.append(f"pinned to CPUs {cpus}")
+        if config.num_threads is None:
+            config.num_threads = cpuinfo.physical_cores(cpus)
+            notes.append(f"num_threads={config.num_threads} (physical cores of CPUs {_ranges(cpus)})")
+        self._set_threads(config.num_threads)
+        if config.block_size is None:
+            # 16 like the other platforms: torch_ref gathers blocks through the block
+            # table each step, so the block size changes how many rows it copies, not how many FLOPs.
+            config.block_size = self.default_block_size
+        if config.max_num_seqs is None:
+            config.max_num_seqs = DEFAULT_MAX_NUM_SEQS
+        if config.max_num_batched_tokens is None:
+            config.max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
+        if config.kv_cache_memory is None and config.num_kv_blocks is None:
+            available = self.memory_info().free
+            config.kv_cache_memory = max(GiB // 4, min(DEFAULT_KV_CACHE_CAP, available // 4))
+            notes.append(
+                f"kv_cache_memory={config.kv_cache_memory / GiB:.2f} GiB (CPU default: min(4 GiB, 1/4 of "
+                f"{available / GiB:.1f} GiB available RAM); set kv_cache_memory= or num_kv_blocks= to change)"
+            )
+        if config.dtype == "float16" and "avx512_fp16" not in self.flags and "amx_fp16" not in self.flags:
+            notes.append("float16 is emulated on this CPU and slower than float32/bfloat16; consider dtype='auto'")
+        if self.ipex.module is not None:
+            config.extra.setdefault("ipex_version", self.ipex.version)
+        return notes
+
+    @staticmethod
+    def _set_affinity(spec: object) -> list[int]:
+        cpus = cpuinfo.parse_cpu_list(spec)  # type: ignore[arg-type]
+        if not hasattr(os, "sched_setaffinity"):
+            raise ValueError(f"cpu_affinity={spec!r} is not supported on {py_platform.system()}; remove it")
+        known = set(range(psutil.cpu_count(logical=True) or 1))
+        if not set(cpus) <= known:
+            raise ValueError(
+                f"cpu_affinity={spec!r} names CPUs {sorted(set(cpus) - known)} that do not exist; "
+                f"this machine has CPUs {_ranges(sorted(known))}"
+            )
+        os.sched_setaffinity(0, cpus)
+        return cpus
+
+    @staticmethod
+    def _set_threads(num_threads: int) -> None:
+        import torch
+
+        if torch.get_num_threads() != num_threads:
+            torch.set_num_threads(num_threads)
+
+    def create_model_runner(self, config: EngineConfig, model_config: ModelConfig) -> ModelRunner:
+        import torch
+        from kvik.worker.torch_runner import TorchModelRunner
+
+        return TorchModelRunner(config, model_config, torch.device("cpu"), self)
+
+    def describe(self) -> dict[str, str]:
+        import torch
+
+        cpus = cpuinfo.usable_cpus()
+        interesting = ("avx2", "avx512f", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile", "asimd", "sve", "bf16")
+        memory = self.memory_info()
+        return {
+            **super().describe(),
+            "cpu": cpuinfo.cpu_model_name(),
+            "architecture": py_platform.machine(),
+            "cpus": f"{len(cpus)} usable ({_ranges(cpus)}), {cpuinfo.physical_cores(cpus)} physical cores",
+            "torch threads": str(torch.get_num_threads()),
+            "torch cpu capability": torch.backends.cpu.get_cpu_capability(),
+            "flags": " ".join(f for f in interesting if f in self.flags) or "none of interest",
+            "native bf16": "yes" if cpuinfo.has_fast_bf16(self.flags) else "no",
+            "memory": f"{memory.total / GiB:.1f} GiB total, {memory.free / GiB:.1f} GiB available",
+            "ipex": self.ipex.reason,
+        }
+
+
+def _ranges(cpus: list[int]) -> str:
+    """[0, 1, 2, 5] -> "0-2,5"."""
+    parts: list[str] = []
+    for cpu in cpus:
+        if parts and cpu == int(parts[-1].split("-")[-1]) + 1:
+            parts[-1] = f"{parts[-1].split('-')[0]}-{cpu}"
+        else:
+            parts.append(str(cpu))
+    return ",".join(parts)
