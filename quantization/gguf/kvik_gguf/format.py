@@ -1,0 +1,178 @@
+"""GGUF files as a kvik model format: config, Hugging Face-named weights, tokenizer."""
+
+from __future__ import annotations
+
+import os
+import re
+from collections import Counter
+from collections.abc import Iterator
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from kvik.models.formats import ModelFormat
+
+from kvik_gguf.config import build_hf_config, check_architecture
+from kvik_gguf.dequant import FLOAT_TYPES, check_supported, dequantize, type_name
+from kvik_gguf.weight import GGUFWeight, unpermute_rows
+
+GGUF_MAGIC = b"GGUF"
+
+_GLOBAL_NAMES = {
+    "token_embd.weight": "model.embed_tokens.weight",
+    "output_norm.weight": "model.norm.weight",
+    "output.weight": "lm_head.weight",
+}
+_BLOCK_NAMES = {
+    "attn_norm": "input_layernorm",
+    "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj",
+    "attn_k": "self_attn.k_proj",
+    "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj",
+    "ffn_gate": "mlp.gate_proj",
+    "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+_BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
+# Tensors that only feed the config (rope_freqs: Llama 3.1 rope scaling factors).
+_CONFIG_ONLY = {"rope_freqs.weight"}
+
+
+def hf_tensor_name(gguf_name: str) -> str:
+    """``blk.3.attn_q.weight`` -> ``model.layers.3.self_attn.q_proj.weight``; ValueError if unknown."""
+    if gguf_name in _GLOBAL_NAMES:
+        return _GLOBAL_NAMES[gguf_name]
+    match = _BLOCK_RE.fullmatch(gguf_name)
+    if match and match.group(2) in _BLOCK_NAMES:
+        layer, part, kind = match.groups()
+        return f"model.layers.{layer}.{_BLOCK_NAMES[part]}.{kind}"
+    raise ValueError(
+        f"GGUF tensor {gguf_name!r} has no Hugging Face counterpart in kvik-gguf's llama-family mapping "
+        f"(known: {', '.join(_GLOBAL_NAMES)}, blk.N.{{{','.join(_BLOCK_NAMES)}}}.weight/bias)"
+    )
+
+
+def _logical_shape(tensor: Any) -> tuple[int, ...]:
+    # GGUF lists dims innermost first (ne0 = columns); torch wants rows first.
+    return tuple(int(d) for d in reversed(tensor.shape.tolist()))
+
+
+class GGUFFormat(ModelFormat):
+    """One ``.gguf`` file (llama.cpp's single-file checkpoint with its tokenizer)."""
+
+    name = "gguf"
+
+    @classmethod
+    def matches(cls, path: str) -> bool:
+        p = Path(path)
+        if not p.is_file():
+            return False
+        with open(p, "rb") as f:
+            magic = f.read(4)
+        if magic == GGUF_MAGIC:
+            return True
+        if p.suffix.lower() == ".gguf":
+            raise ValueError(
+                f"{path} is named .gguf but starts with {magic!r}, not the GGUF magic {GGUF_MAGIC!r}; "
+                "it is not a GGUF file or it is damaged (a failed download saves an error page) - fetch it again"
+            )
+        return False
+
+    # -- reading -----------------------------------------------------------
+    @cached_property
+    def reader(self) -> Any:
+        import gguf
+
+        size = os.path.getsize(self.path)
+        try:
+            return gguf.GGUFReader(self.path)
+        except Exception as exc:  # the reader raises assorted errors on damaged files
+            raise ValueError(
+                f"cannot read GGUF file {self.path} ({size} bytes): {exc}. The file looks truncated or corrupt "
+                "(an interrupted download or copy?); fetch it again"
+            ) from exc
+
+    @cached_property
+    def tensors(self) -> dict[str, Any]:
+        return {t.name: t for t in self.reader.tensors}
+
+    def meta(self, key: str) -> Any:
+        """A metadata value (str, number, or list), or None when the key is absent."""
+        field = self.reader.get_field(key)
+        return None if field is None else field.contents()
+
+    @cached_property
+    def architecture(self) -> str:
+        arch = self.meta("general.architecture")
+        check_architecture(arch, self.path)
+        return str(arch)
+
+    def _linear_types(self) -> Counter[str]:
+        return Counter(
+            type_name(int(t.tensor_type))
+            for name, t in self.tensors.items()
+            if name not in _CONFIG_ONLY and hf_tensor_name(name).endswith("_proj.weight")
+        )
+
+    # -- ModelFormat -------------------------------------------------------
+    def load_hf_config(self) -> Any:
+        self.architecture  # noqa: B018 - validates before anything else is read
+        for name, tensor in self.tensors.items():
+            check_supported(int(tensor.tensor_type), name)
+            if name not in _CONFIG_ONLY:
+                hf_tensor_name(name)
+        shapes = {name: _logical_shape(t) for name, t in self.tensors.items()}
+        rope = self.tensors.get("rope_freqs.weight")
+        rope_freqs = None if rope is None else self._dense(rope).numpy()
+        return build_hf_config(self.meta, shapes, rope_freqs, self.path)
+
+    @cached_property
+    def _hf_config(self) -> Any:
+        return self.load_hf_config()
+
+    def iter_weights(self, quantized: bool) -> Iterator[tuple[str, Any]]:
+        config = self._hf_config
+        _, _, permuted = check_architecture(self.architecture, self.path)
+        heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
+        for name, tensor in self.tensors.items():
+            if name in _CONFIG_ONLY:
+                continue
+            hf_name = hf_tensor_name(name)
+            ggml_type = int(tensor.tensor_type)
+            shape = _logical_shape(tensor)
+            raw = self._raw_rows(tensor)
+            part = name.split(".")[2] if name.startswith("blk.") else ""
+            if permuted and part in heads:
+                raw = unpermute_rows(raw, heads[part])
+            if quantized and hf_name.endswith("_proj.weight") and ggml_type != 0:
+                yield hf_name, GGUFWeight(raw, ggml_type, (shape[0], shape[1]))
+            else:
+                yield hf_name, dequantize(raw, ggml_type, shape)
+
+    def load_tokenizer(self) -> Any:
+        from kvik_gguf.tokenizer import load_gguf_tokenizer
+
+        return load_gguf_tokenizer(self.path, self.meta)
+
+    def quantization(self) -> tuple[str, dict[str, Any]] | None:
+        types = self._linear_types()
+        if all(name in {type_name(t) for t in FLOAT_TYPES} for name in types):
+            return None
+        return "gguf", {"quant_method": "gguf", "file": Path(self.path).name, "linear_weight_types": dict(types)}
+
+    def weight_bytes(self) -> int:
+        return sum(int(t.n_bytes) for t in self.tensors.values())
+
+    # -- helpers -----------------------------------------------------------
+    def _raw_rows(self, tensor: Any) -> torch.Tensor:
+        """The tensor's bytes as ``[rows, bytes_per_row]`` uint8, copied out of the memory map."""
+        shape = _logical_shape(tensor)
+        rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
+        data = np.array(tensor.data, copy=True).view(np.uint8).reshape(rows, -1)
+        return torch.from_numpy(data)
+
+    def _dense(self, tensor: Any) -> torch.Tensor:
+        return dequantize(self._raw_rows(tensor), int(tensor.tensor_type), _logical_shape(tensor))

@@ -1,0 +1,77 @@
+"""Linear layers whose weights stay in llama.cpp blocks and are decoded per matmul."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from kvik.quantization.base import QuantizationMethod
+
+from kvik_gguf.dequant import check_supported, dequantize, row_bytes, type_name
+from kvik_gguf.weight import GGUFWeight
+
+if TYPE_CHECKING:
+    from kvik.layers.linear import Linear
+
+_F32 = 0
+
+
+class GGUFLinearMethod(QuantizationMethod):
+    """Keeps each shard's raw blocks; ``apply`` decodes them to the activation dtype and multiplies.
+
+    Shards of a merged layer (q/k/v, gate/up) may use different ggml types
+    (llama.cpp's mixes put k/v at higher precision), so storage is per shard:
+    buffer ``gguf_shard{i}`` = ``[output_sizes[i], bytes_per_row]`` uint8, with
+    its type in ``layer.gguf_types[i]``. Nothing decoded is cached: memory
+    stays at the file's size, at the price of decoding on every call.
+    """
+
+    name = "gguf"
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device) -> None:
+        layer.gguf_types = [None] * len(layer.output_sizes)
+        for i in range(len(layer.output_sizes)):
+            # Placeholder until load_weight knows the shard's type (and so its byte width).
+            layer.register_buffer(f"gguf_shard{i}", torch.empty(0, dtype=torch.uint8, device=device))
+
+    def load_weight(self, layer: Linear, name: str, value: Any, shard: int | None) -> None:
+        if name != "weight":
+            raise ValueError(f"unexpected parameter {name!r} for a GGUF linear layer (only 'weight' and 'bias')")
+        index = 0 if shard is None else shard
+        rows = layer.output_sizes[index]
+        if isinstance(value, GGUFWeight):
+            check_supported(value.ggml_type, f"shard {index} of {layer.extra_repr()}")
+            data, ggml_type, shape = value.data, value.ggml_type, value.shape
+        elif isinstance(value, torch.Tensor):
+            # A dense checkpoint value (e.g. an F32 tensor in the file): keep it as F32 rows.
+            data, ggml_type, shape = value.to(torch.float32).contiguous().view(torch.uint8), _F32, tuple(value.shape)
+        else:
+            raise TypeError(f"expected a GGUFWeight or a tensor for a GGUF linear layer, got {type(value).__name__}")
+        if tuple(shape) != (rows, layer.input_size):
+            raise ValueError(f"weight shape {tuple(shape)} does not match expected {(rows, layer.input_size)}")
+        if tuple(data.shape) != (rows, row_bytes(ggml_type, layer.input_size)):
+            raise ValueError(f"{type_name(ggml_type)} data shape {tuple(data.shape)} does not fit rows of {shape}")
+        device = getattr(layer, f"gguf_shard{index}").device
+        setattr(layer, f"gguf_shard{index}", data.to(device))
+        layer.gguf_types[index] = ggml_type
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        missing = [i for i, t in enumerate(layer.gguf_types) if t is None]
+        if missing:
+            raise ValueError(f"GGUF linear layer ({layer.extra_repr()}) got no weight for shard(s) {missing}")
+
+    def _dense(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
+        shards = []
+        for i, rows in enumerate(layer.output_sizes):
+            ggml_type = layer.gguf_types[i]
+            assert ggml_type is not None, "process_weights_after_loading checks every shard is loaded"
+            shards.append(dequantize(getattr(layer, f"gguf_shard{i}"), ggml_type, (rows, layer.input_size), dtype))
+        return shards[0] if len(shards) == 1 else torch.cat(shards, dim=0)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        # Decode to x's dtype: [out, in], freed after the matmul.
+        return F.linear(x, self._dense(layer, x.dtype))
+
+    def dequantize(self, layer: Linear) -> torch.Tensor:
+        return self._dense(layer, torch.float32)

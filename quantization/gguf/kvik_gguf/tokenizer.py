@@ -1,0 +1,55 @@
+"""The tokenizer a GGUF describes, built by transformers and checked against the metadata."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+# llama.cpp pre-tokenizer names whose original Hugging Face tokenizer isolates every
+# digit before the byte-level split (tokenizer.json: Sequence[Digits(individual_digits),
+# ByteLevel]). transformers' GGUF tokenizer builder does not know them and applies a
+# plain ByteLevel split, which lets " 12" become one pre-token.
+DIGIT_SPLITTING_PRE_TOKENIZERS = frozenset({"smollm"})
+
+
+def load_gguf_tokenizer(path: str, meta: Callable[[str], Any]) -> Any:
+    """``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` plus the fixes the file calls for."""
+    from transformers import AutoTokenizer
+
+    p = Path(path)
+    tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    _check_special_tokens(tokenizer, meta, path)
+    template = meta("tokenizer.chat_template")
+    if template:
+        tokenizer.chat_template = template
+    if meta("tokenizer.ggml.pre") in DIGIT_SPLITTING_PRE_TOKENIZERS:
+        split_digits(tokenizer)
+    return tokenizer
+
+
+def split_digits(tokenizer: Any) -> None:
+    """Put a ``Digits(individual_digits=True)`` step before the tokenizer's byte-level pre-tokenizer."""
+    from tokenizers import pre_tokenizers
+
+    backend = tokenizer.backend_tokenizer
+    current = backend.pre_tokenizer
+    steps = [pre_tokenizers.Digits(individual_digits=True)]
+    if current is not None:
+        steps.append(current)
+    backend.pre_tokenizer = pre_tokenizers.Sequence(steps)
+
+
+def _check_special_tokens(tokenizer: Any, meta: Callable[[str], Any], path: str) -> None:
+    """The ids transformers resolved for BOS/EOS/PAD must be the ones the file names."""
+    for attr, key in (
+        ("bos_token_id", "tokenizer.ggml.bos_token_id"),
+        ("eos_token_id", "tokenizer.ggml.eos_token_id"),
+    ):
+        expected = meta(key)
+        actual = getattr(tokenizer, attr, None)
+        if expected is not None and actual != expected:
+            raise ValueError(
+                f"tokenizer built from {path} has {attr}={actual}, but the file's {key} is {expected}; "
+                "the GGUF's vocabulary and special-token metadata disagree"
+            )

@@ -1,0 +1,48 @@
+"""What the GGUF format hands a quantized linear layer, and llama.cpp's Q/K row order."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from kvik_gguf.dequant import dequantize, type_name
+
+
+@dataclass(slots=True)
+class GGUFWeight:
+    """A linear weight still in llama.cpp's block encoding.
+
+    ``data`` is ``[rows, bytes_per_row]`` uint8: each row holds whole blocks,
+    so rows can be permuted or sliced without decoding. ``shape`` is the
+    logical ``(rows, cols)`` (Hugging Face ``[out_features, in_features]``).
+    """
+
+    data: torch.Tensor
+    ggml_type: int
+    shape: tuple[int, int]
+
+    @property
+    def type_name(self) -> str:
+        return type_name(self.ggml_type)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return dequantize(self.data, self.ggml_type, self.shape, dtype)
+
+
+def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
+    """Undo the row order llama.cpp's converter gives llama/mistral q_proj and k_proj.
+
+    Hugging Face stores each head's rotary pairs as two halves (rows ``[0, half)``
+    then ``[half, 2*half)``); the converter interleaves them so rows alternate
+    between the halves. In GGUF a head's rows are therefore ``[half, 2]`` and
+    we swap them back to ``[2, half]``. Works on any ``[rows, ...]`` tensor,
+    dense values or raw quantized rows alike. ``num_heads`` is the head count
+    of this projection (kv heads for k_proj).
+    """
+    rows = weight.shape[0]
+    if rows % (2 * num_heads):
+        raise ValueError(f"cannot un-permute {rows} rows over {num_heads} heads: rows must be a multiple of 2*heads")
+    half = rows // num_heads // 2
+    rest = weight.shape[1:]
+    return weight.reshape(num_heads, half, 2, *rest).transpose(1, 2).reshape(weight.shape).contiguous()
