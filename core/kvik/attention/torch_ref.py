@@ -7,7 +7,7 @@ each prefill chunk gets one gather and one attention call.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,8 @@ class _Plan:
     decode_pos: torch.Tensor | None  # [1, max_len] int64 key positions
     decode_seq_lens: torch.Tensor | None  # [nd, 1] int64
     prefills: list[_Prefill]
+    # Masks shared by every layer with the same window, built by the first one.
+    masks: dict[tuple[int | None, ...], torch.Tensor] = field(default_factory=dict)
 
 
 def _slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -98,9 +100,9 @@ class TorchRefAttentionBackend(AttentionBackend):
 
         out = torch.empty_like(query)
         if plan.decode_rows is not None:
-            out.index_copy_(0, plan.decode_rows, self._decode(query, k_cache, v_cache, plan, metadata))
+            out.index_copy_(0, plan.decode_rows, self._decode(query, k_cache, v_cache, plan))
         for p in plan.prefills:
-            out[p.start : p.end] = self._prefill(query, key, value, k_cache, v_cache, p, metadata)
+            out[p.start : p.end] = self._prefill(query, key, value, k_cache, v_cache, p, plan)
         return out
 
     def _decode(
@@ -109,7 +111,6 @@ class TorchRefAttentionBackend(AttentionBackend):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         plan: _Plan,
-        metadata: AttentionMetadata,
     ) -> torch.Tensor:
         assert plan.decode_rows is not None and plan.decode_slots is not None
         nd, max_len = plan.decode_slots.shape
@@ -120,21 +121,21 @@ class TorchRefAttentionBackend(AttentionBackend):
         flat = plan.decode_slots.reshape(-1)
         k = k_cache.index_select(0, flat).view(nd, max_len, self.num_kv_heads, self.head_size).transpose(1, 2)
         v = v_cache.index_select(0, flat).view(nd, max_len, self.num_kv_heads, self.head_size).transpose(1, 2)
-        mask = self._decode_mask(plan, metadata)  # [nd, 1, 1, max_len] bool
+        mask = self._decode_mask(plan)  # [nd, 1, 1, max_len] bool
         o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale)
         return o.reshape(nd, self.num_heads, self.head_size)
 
-    def _decode_mask(self, plan: _Plan, metadata: AttentionMetadata) -> torch.Tensor:
+    def _decode_mask(self, plan: _Plan) -> torch.Tensor:
         # Shared by every layer with the same window: built by the first one.
-        key = (_PLAN_KEY, "decode_mask", self.sliding_window)
-        mask = metadata.backend_data.get(key)
+        key = (-1, self.sliding_window)
+        mask = plan.masks.get(key)
         if mask is None:
             assert plan.decode_pos is not None and plan.decode_seq_lens is not None
             mask = plan.decode_pos < plan.decode_seq_lens
             if self.sliding_window is not None:
                 mask = mask & (plan.decode_pos >= plan.decode_seq_lens - self.sliding_window)
             mask = mask[:, None, None, :]
-            metadata.backend_data[key] = mask
+            plan.masks[key] = mask
         return mask
 
     def _prefill(
@@ -145,7 +146,7 @@ class TorchRefAttentionBackend(AttentionBackend):
         k_cache: torch.Tensor,
         v_cache: torch.Tensor,
         p: _Prefill,
-        metadata: AttentionMetadata,
+        plan: _Plan,
     ) -> torch.Tensor:
         q = query[p.start : p.end].transpose(0, 1)[None]  # [1, H, q, D]
         if p.slots is None:  # no cached prefix: the new K/V are the whole context
@@ -159,15 +160,13 @@ class TorchRefAttentionBackend(AttentionBackend):
         if p.slots is None and self.sliding_window is None:
             o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
-            mask = self._prefill_mask(q_len, p.context_len, q.device, metadata)
+            mask = self._prefill_mask(q_len, p.context_len, q.device, plan)
             o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         return o[0].transpose(0, 1)  # [q, H, D]
 
-    def _prefill_mask(
-        self, q_len: int, context_len: int, device: torch.device, metadata: AttentionMetadata
-    ) -> torch.Tensor:
-        key = (_PLAN_KEY, "prefill_mask", q_len, context_len, self.sliding_window)
-        mask = metadata.backend_data.get(key)
+    def _prefill_mask(self, q_len: int, context_len: int, device: torch.device, plan: _Plan) -> torch.Tensor:
+        key = (q_len, context_len, self.sliding_window)
+        mask = plan.masks.get(key)
         if mask is None:
             # Query row a sits at position context_len - q_len + a and sees keys
             # j <= that position (and, with a window W, j > position - W).
@@ -176,5 +175,5 @@ class TorchRefAttentionBackend(AttentionBackend):
             mask = k_pos <= q_pos
             if self.sliding_window is not None:
                 mask = mask & (k_pos > q_pos - self.sliding_window)
-            metadata.backend_data[key] = mask
+            plan.masks[key] = mask
         return mask

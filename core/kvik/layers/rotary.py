@@ -110,6 +110,7 @@ class RotaryEmbedding(nn.Module):
         device: torch.device | str = "cpu",
     ) -> None:
         super().__init__()
+        self.inv_freq: torch.Tensor  # [rotary_dim // 2] float32 buffer
         self.head_dim = head_dim
         self.rotary_dim = int(head_dim * rope.partial_rotary_factor)
         inv_freq = compute_inv_freq(rope, self.rotary_dim, max_position, max_model_len or max_position)
@@ -126,9 +127,9 @@ class RotaryEmbedding(nn.Module):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """q [n, heads, head_dim], k [n, kv_heads, head_dim] -> rotated (same shapes)."""
         cos, sin = cos_sin
-        return self._apply(q, cos, sin), self._apply(k, cos, sin)
+        return self._rotate_part(q, cos, sin), self._rotate_part(k, cos, sin)
 
-    def _apply(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def _rotate_part(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rotary_dim < self.head_dim:
             rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
             return torch.cat((_rotate(rot, cos, sin), rest), dim=-1)

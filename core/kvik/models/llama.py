@@ -229,7 +229,7 @@ class LlamaForCausalLM(nn.Module):
 
     def missing_weights(self) -> list[str]:
         """Parameters no checkpoint value reached (call after load_weights)."""
-        missing = []
+        missing: list[str] = []
         for path, module in self.named_modules():
             if isinstance(module, Linear):
                 n = len(module.output_sizes)
