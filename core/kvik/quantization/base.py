@@ -60,6 +60,21 @@ class QuantizationMethod(ABC):
         Used by the conformance suite and by formats that fall back to dense.
         """
 
+    def quantize_for_test(self, weight: torch.Tensor) -> dict[str, Any]:
+        """Quantize a dense ``[out, in]`` float weight into this format's checkpoint values.
+
+        Optional: only the conformance suite calls it
+        (:func:`kvik.testing.conformance.quantization.check_quantization_method`).
+        Return ``{parameter_name: value}`` exactly as the checkpoint loader would
+        pass them to :meth:`load_weight` for one shard (e.g. ``{"qweight": ...,
+        "scales": ...}``), so the check exercises the method's real loading path.
+        """
+        raise NotImplementedError(
+            f"{type(self).__name__} does not implement quantize_for_test(weight), so the conformance suite "
+            "cannot build test weights for it; implement it to return {name: value} as your checkpoint "
+            "format stores one [out, in] weight (the same values load_weight receives)"
+        )
+
     def weight_bytes(self, layer: Linear) -> int:
         """Bytes the layer's weight storage occupies."""
         return sum(t.numel() * t.element_size() for t in layer.parameters(recurse=False)) + sum(

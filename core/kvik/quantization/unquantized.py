@@ -38,3 +38,6 @@ class UnquantizedLinearMethod(QuantizationMethod):
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return layer.weight.data
+
+    def quantize_for_test(self, weight: torch.Tensor) -> dict[str, Any]:
+        return {"weight": weight}
