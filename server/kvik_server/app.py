@@ -1,0 +1,171 @@
+"""``build_app(engine, args)``: the FastAPI app around an AsyncLLM.
+
+Routes: /v1/models, /v1/completions, /v1/chat/completions, /tokenize, /detokenize,
+/health (liveness), /ready (readiness), /version, /metrics (Prometheus).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+from pydantic import ValidationError
+
+import kvik_server
+from kvik_server.context import ServerSettings, ServingContext
+from kvik_server.errors import bad_request, install_error_handlers, validation_error
+from kvik_server.metrics import CONTENT_TYPE
+from kvik_server.middleware import GuardMiddleware
+from kvik_server.protocol import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    DetokenizeRequest,
+    ModelCard,
+    ModelList,
+    TokenizeChatRequest,
+    TokenizeCompletionRequest,
+)
+from kvik_server.serving_chat import create_chat_completion, template_message
+from kvik_server.serving_completion import create_completion
+
+
+def build_app(engine: Any, args: Any = None) -> FastAPI:
+    """The app serving ``engine`` (an AsyncLLM); ``args`` is the ``kvik serve`` namespace or ServerSettings.
+
+    The engine's step loop starts with the app's lifespan and stops when it ends.
+    """
+    settings = args if isinstance(args, ServerSettings) else ServerSettings.from_args(args)
+    ctx = ServingContext(engine, settings)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        ctx.start()
+        try:
+            yield
+        finally:
+            await ctx.shutdown_engine(0.0)
+
+    app = FastAPI(title="kvik", version=kvik_server.__version__, lifespan=lifespan)
+    app.state.ctx = ctx
+    install_error_handlers(app)
+
+    @app.get("/v1/models")
+    async def list_models() -> ModelList:
+        card = ModelCard(id=ctx.model_name, root=str(engine.model_name), max_model_len=ctx.max_model_len)
+        return ModelList(data=[card])
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
+        return await create_chat_completion(ctx, body, raw)
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, raw: Request) -> Response:
+        return await create_completion(ctx, body, raw)
+
+    @app.post("/tokenize")
+    async def tokenize(raw: Request) -> JSONResponse:
+        data = await _json_object(raw)
+        try:
+            if "messages" in data:
+                chat = TokenizeChatRequest.model_validate(data)
+                ctx.check_model(chat.model)
+                tokens = await ctx.render_chat(
+                    [template_message(m) for m in chat.messages],
+                    add_special_tokens=chat.add_special_tokens,
+                    add_generation_prompt=chat.add_generation_prompt,
+                    continue_final_message=chat.continue_final_message,
+                    **(chat.chat_template_kwargs or {}),
+                )
+            else:
+                plain = TokenizeCompletionRequest.model_validate(data)
+                ctx.check_model(plain.model)
+                tokens = await ctx.encode(plain.prompt, add_special_tokens=plain.add_special_tokens)
+        except ValidationError as exc:
+            raise validation_error(list(exc.errors())) from None
+        return JSONResponse(
+            {"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens, "token_strs": None}
+        )
+
+    @app.post("/detokenize")
+    async def detokenize(body: DetokenizeRequest) -> JSONResponse:
+        ctx.check_model(body.model)
+        vocab = len(ctx.tokenizer)
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab}).", param="tokens")
+        return JSONResponse({"prompt": await ctx.decode(body.tokens)})
+
+    @app.get("/health")
+    async def health() -> Response:
+        if ctx.started and engine.is_healthy():
+            return Response(status_code=200)
+        return JSONResponse({"status": "unhealthy", "reason": "the engine loop is not running"}, status_code=503)
+
+    @app.get("/ready")
+    async def ready() -> JSONResponse:
+        ok, reason = readiness(ctx)
+        return JSONResponse(
+            {"status": "ready" if ok else "not ready", "reason": reason}, status_code=200 if ok else 503
+        )
+
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        from kvik.version import __version__ as core_version
+
+        return {"version": kvik_server.__version__, "kvik_core": core_version}
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
+
+    known = frozenset(route.path for route in app.routes if hasattr(route, "path"))
+    app.add_middleware(
+        GuardMiddleware,
+        api_keys=settings.api_keys,
+        max_body_bytes=settings.max_request_body_bytes,
+        on_response=ctx.metrics.observe_http,
+        known_paths=known,
+    )
+    return app
+
+
+def readiness(ctx: ServingContext) -> tuple[bool, str]:
+    """Ready = engine loaded and running, not draining, and not wedged.
+
+    Wedged means work is queued yet the engine has not completed a step for
+    ``ready_stall_seconds`` (measured from the later of the last step and the moment the
+    oldest in-flight request arrived, so a long idle spell followed by a request is fine).
+    An idle engine is ready.
+    """
+    if ctx.draining:
+        return False, "the server is shutting down"
+    if not ctx.started:
+        return False, "the engine has not started"
+    if not ctx.engine.is_healthy():
+        return False, "the engine loop is not running"
+    stats = ctx.engine.get_stats()
+    busy_since = ctx.busy_since()
+    if stats.num_running + stats.num_waiting == 0 or busy_since is None:
+        return True, "idle"
+    stalled = time.monotonic() - max(stats.last_step_time, busy_since)
+    if stalled > ctx.settings.ready_stall_seconds:
+        return False, (
+            f"the engine made no progress for {stalled:.0f}s with {stats.num_running} running and "
+            f"{stats.num_waiting} waiting sequences"
+        )
+    return True, "serving"
+
+
+async def _json_object(raw: Request) -> dict[str, Any]:
+    try:
+        data = json.loads(await raw.body())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise bad_request(f"We could not parse the JSON body of your request ({exc}).") from None
+    if not isinstance(data, dict):
+        raise bad_request("The request body must be a JSON object.")
+    return data

@@ -1,0 +1,186 @@
+"""``kvik serve`` flags, YAML config files, and running the server with graceful SIGTERM.
+
+``add_serve_arguments(parser)`` and ``run_server(args)`` are what the ``kvik`` CLI mounts;
+``main()`` is the stand-alone ``kvik-server`` / ``python -m kvik_server`` entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import re
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+logger = logging.getLogger("kvik_server")
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
+_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+
+
+def parse_size(text: str | int) -> int:
+    """Bytes from ``1073741824``, ``2GiB``, ``512MiB``, ``1.5GB``, ``64k`` (``GB`` = 10**9, ``GiB`` = 2**30)."""
+    if isinstance(text, int):
+        return text
+    match = _SIZE.match(str(text))
+    if not match:
+        raise argparse.ArgumentTypeError(f"invalid size {text!r}; use bytes or a unit such as 512MiB, 2GiB, 1.5GB")
+    number, unit, binary = match.groups()
+    base = 1024 if binary or not unit else 1000
+    value = int(float(number) * base ** _POWERS[unit.lower()])
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"size {text!r} must be at least 1 byte")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every ``kvik serve`` flag to ``parser`` (engine options keep vLLM's names)."""
+    parser.add_argument("--config", help="YAML file of flag values (keys: flag names with - or _); "
+                        "flags on the command line win")  # fmt: skip
+    parser.add_argument("--model", help="model path or GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--served-model-name", help="name clients must send as `model` (default: --model)")
+    parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
+    parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
+    engine = parser.add_argument_group("engine")
+    engine.add_argument("--device", help="platform name (cpu, cuda, ...; default: auto-detect)")
+    engine.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    engine.add_argument("--max-model-len", type=_positive_int, help="context length (default: the model's)")
+    engine.add_argument("--max-num-seqs", type=_positive_int, help="max sequences in the running batch")
+    engine.add_argument("--max-num-batched-tokens", type=_positive_int, help="token budget per engine step")
+    engine.add_argument("--kv-cache-memory", type=parse_size, help="memory for KV blocks, e.g. 2GiB")
+    engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
+                        help="share KV blocks of identical prompt prefixes (default: on)")  # fmt: skip
+    engine.add_argument("--seed", type=int, help="engine seed")
+    server = parser.add_argument_group("server")
+    server.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
+                        "(default: $KVIK_API_KEY); /health, /ready, /version, /metrics stay open")  # fmt: skip
+    server.add_argument("--max-waiting-requests", type=int, help="answer 503 + Retry-After when more sequences "
+                        "than this would wait for the batch (default: unlimited)")  # fmt: skip
+    server.add_argument("--max-request-body-bytes", type=parse_size, default=16 * 1024 * 1024,
+                        help="reject larger request bodies with 413 (default 16MiB)")  # fmt: skip
+    server.add_argument("--shutdown-grace-period", type=float, default=30.0,
+                        help="seconds in-flight requests get to finish after SIGTERM (default 30)")  # fmt: skip
+    server.add_argument("--ready-stall-seconds", type=float, default=60.0,
+                        help="/ready fails when work is queued and no engine step ran for this long")  # fmt: skip
+    server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    return parser
+
+
+def load_config_file(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
+    """Flag defaults from a YAML mapping; unknown keys are an error listing the known ones."""
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+    except OSError as exc:
+        parser.error(f"cannot read --config {path}: {exc}")
+    if not isinstance(data, dict):
+        parser.error(f"--config {path} must hold a YAML mapping of flag names to values")
+    actions = {a.dest: a for a in parser._actions if a.dest not in ("help", "config")}
+    values: dict[str, Any] = {}
+    for key, value in data.items():
+        dest = str(key).replace("-", "_")
+        action = actions.get(dest)
+        if action is None:
+            known = ", ".join(sorted(d.replace("_", "-") for d in actions))
+            parser.error(f"unknown key {key!r} in --config {path}; known keys: {known}")
+        if action.type is not None and isinstance(value, str):
+            try:
+                value = action.type(value)
+            except (argparse.ArgumentTypeError, ValueError) as exc:
+                parser.error(f"--config {path}: bad value for {key}: {exc}")
+        values[dest] = value
+    return values
+
+
+def parse_serve_args(argv: Sequence[str] | None = None, parser: argparse.ArgumentParser | None = None) -> Any:
+    """Parse flags with ``--config`` file values as defaults, then finish the namespace."""
+    parser = parser or add_serve_arguments(argparse.ArgumentParser(prog="kvik serve"))
+    args = parser.parse_args(argv)
+    if args.config:
+        parser.set_defaults(**load_config_file(parser, args.config))
+        args = parser.parse_args(argv)
+    args.config_applied = True
+    return finalize_args(args, parser)
+
+
+def apply_config_file(args: Any) -> Any:
+    """For a namespace parsed without :func:`parse_serve_args` (e.g. by the ``kvik`` CLI):
+    take ``--config`` values for every flag still at its default."""
+    if not getattr(args, "config", None) or getattr(args, "config_applied", False):
+        return args
+    parser = add_serve_arguments(argparse.ArgumentParser(prog="kvik serve"))
+    for dest, value in load_config_file(parser, args.config).items():
+        if getattr(args, dest, None) == parser.get_default(dest):
+            setattr(args, dest, value)
+    args.config_applied = True
+    return args
+
+
+def finalize_args(args: Any, parser: argparse.ArgumentParser | None = None) -> Any:
+    """Fill defaults that depend on the environment: the API key and the default model."""
+    if getattr(args, "api_key", None) is None:
+        args.api_key = os.environ.get("KVIK_API_KEY") or None
+    if getattr(args, "model", None) is None:
+        try:
+            from kvik.models.default import default_model
+        except ImportError:
+            message = "--model is required (this kvik has no bundled default model)"
+            if parser is not None:
+                parser.error(message)
+            raise ValueError(message) from None
+        args.model = str(default_model())
+    return args
+
+
+def engine_kwargs(args: Any) -> dict[str, Any]:
+    """AsyncLLM.from_engine_args keyword arguments from the flags that were given."""
+    names = ("model", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+             "kv_cache_memory", "enable_prefix_caching", "seed")  # fmt: skip
+    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+
+
+def run_server(args: Any) -> int:
+    """Load the model, serve until SIGTERM/SIGINT, drain gracefully; returns the exit code."""
+    import uvicorn
+    from kvik.engine.async_llm import AsyncLLM
+
+    from kvik_server.app import build_app
+    from kvik_server.shutdown import GracefulServer
+
+    args = apply_config_file(args)
+    args = finalize_args(args)
+    level = str(getattr(args, "log_level", "info")).upper()
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    engine = AsyncLLM.from_engine_args(**engine_kwargs(args))
+    app = build_app(engine, args)
+    config = uvicorn.Config(
+        app,
+        host=args.host,
+        port=args.port,
+        log_level=str(getattr(args, "log_level", "info")).lower(),
+        timeout_graceful_shutdown=5,
+        lifespan="on",
+    )
+    server = GracefulServer(config, app.state.ctx, grace_period=float(args.shutdown_grace_period))
+    logger.info("serving %s on http://%s:%d", app.state.ctx.model_name, args.host, args.port)
+    server.run()
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    return run_server(parse_serve_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,201 @@
+"""Request and response bodies of the OpenAI-compatible API (pydantic, the HTTP boundary only).
+
+Requests forbid unknown fields: a typo such as ``max_token`` is a 400 naming it instead of
+being silently ignored. OpenAI fields kvik does not implement are accepted only with their
+neutral value (``tools: []``, ``logprobs: false``, ``response_format: {"type": "text"}`` ...),
+which some clients always send; any other value is a 400 naming the field.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Annotated, Any, Literal
+
+from kvik.sampling_params import SamplingParams
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+
+
+def _is_neutral(name: str, value: Any) -> bool:
+    """True when an unsupported OpenAI field's value asks for nothing kvik would ignore."""
+    if value is None or value is False or value == [] or value == {}:
+        return True
+    if name == "tool_choice":
+        return value == "none"
+    if name == "parallel_tool_calls":
+        return isinstance(value, bool)
+    if name == "response_format":
+        return value == {"type": "text"}
+    if name == "service_tier":
+        return value in ("auto", "default")
+    if name == "best_of":
+        return value == 1
+    if name == "suffix":
+        return value == ""
+    return False
+
+
+_NEUTRAL_ALLOWED = frozenset(
+    {"tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format", "audio",
+     "modalities", "prediction", "logprobs", "top_logprobs", "best_of", "suffix", "service_tier", "store",
+     "metadata", "web_search_options", "tool_calls", "refusal", "annotations"}
+)  # fmt: skip
+
+
+class OpenAIModel(BaseModel):
+    """Base of every request body: unknown fields are errors, neutral unsupported ones are dropped."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _drop_neutral(cls, data: Any) -> Any:
+        if isinstance(data, dict):
+            known = cls.model_fields
+            return {k: v for k, v in data.items() if k in known or k not in _NEUTRAL_ALLOWED or not _is_neutral(k, v)}
+        return data
+
+
+class StreamOptions(OpenAIModel):
+    include_usage: bool = False
+    continuous_usage_stats: bool = False
+
+
+class SamplingFields(OpenAIModel):
+    """Fields shared by chat and completions that map onto ``SamplingParams``."""
+
+    model: str | None = None
+    n: int = 1
+    temperature: float | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    presence_penalty: float | None = None
+    frequency_penalty: float | None = None
+    logit_bias: dict[str, float] | None = None
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    user: str | None = None  # accepted and ignored, as OpenAI does for abuse tracking
+    # kvik / vLLM extras
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: list[int] | None = None
+    include_stop_str_in_output: bool = False
+    skip_special_tokens: bool = True
+    priority: int = 0
+
+    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
+        """Build SamplingParams; ``ValueError`` (naming the field) on a bad value."""
+        values: dict[str, Any] = dict(
+            n=self.n,
+            max_tokens=max_tokens,
+            min_tokens=self.min_tokens,
+            stop=self.stop or [],
+            stop_token_ids=self.stop_token_ids or [],
+            include_stop_str_in_output=self.include_stop_str_in_output,
+            ignore_eos=self.ignore_eos,
+            skip_special_tokens=self.skip_special_tokens,
+            seed=self.seed,
+        )
+        optional = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
+                    "repetition_penalty")  # fmt: skip
+        for name in optional:
+            value = getattr(self, name)
+            if value is not None:
+                values[name] = value
+        if self.logit_bias:
+            try:
+                values["logit_bias"] = {int(k): float(v) for k, v in self.logit_bias.items()}
+            except ValueError:
+                raise ValueError("SamplingParams.logit_bias keys must be token ids (integers as strings)") from None
+        return SamplingParams(**values)
+
+
+class ChatMessage(OpenAIModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[ContentPart] | None = None
+    name: str | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "\n".join(part.text for part in self.content)
+
+
+class ContentPart(OpenAIModel):
+    """Only text parts: kvik serves text-only models."""
+
+    type: Literal["text"]
+    text: str
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    def requested_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+Prompt = StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+
+
+class CompletionRequest(SamplingFields):
+    prompt: Prompt
+    max_tokens: int | None = 16  # OpenAI's default for completions
+    echo: bool = False
+    add_special_tokens: bool = True
+
+
+# -- responses ----------------------------------------------------------------
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    total_tokens: int = 0
+    prompt_tokens_details: dict[str, int] | None = None
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "kvik"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class TokenizeCompletionRequest(OpenAIModel):
+    model: str | None = None
+    prompt: str
+    add_special_tokens: bool = True
+
+
+class TokenizeChatRequest(OpenAIModel):
+    model: str | None = None
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+
+class DetokenizeRequest(OpenAIModel):
+    model: str | None = None
+    tokens: list[StrictInt]
+
+
+ChatMessage.model_rebuild()

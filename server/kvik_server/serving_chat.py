@@ -1,0 +1,163 @@
+"""POST /v1/chat/completions: chat template → engine → OpenAI chat.completion(.chunk) bodies."""
+
+from __future__ import annotations
+
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import Request
+from fastapi.responses import JSONResponse, Response
+from kvik.outputs import RequestOutput
+
+from kvik_server.context import ServingContext
+from kvik_server.errors import APIError, sse_error
+from kvik_server.protocol import ChatCompletionRequest, ChatMessage
+from kvik_server.streaming import SSE_DONE, ClientDisconnected, SSEResponse, collect, race_disconnect, sse
+
+logger = logging.getLogger(__name__)
+
+SHUTDOWN_ABORT = APIError(
+    503, "The request was aborted because the server is shutting down; retry it.", code="server_shutting_down"
+)
+INTERNAL = APIError(500, "The server had an error while processing your request. Sorry about that!")
+
+
+def template_message(message: ChatMessage) -> dict[str, Any]:
+    # "developer" is OpenAI's newer name for "system"; chat templates only know the latter.
+    role = "system" if message.role == "developer" else message.role
+    out: dict[str, Any] = {"role": role, "content": message.text()}
+    if message.name is not None:
+        out["name"] = message.name
+    return out
+
+
+def usage(prompt_tokens: int, outputs: list[RequestOutput]) -> dict[str, Any]:
+    """OpenAI usage: prompt tokens once per prompt, completion tokens summed over all choices."""
+    completion = sum(len(c.token_ids) for out in outputs for c in out.outputs)
+    cached = sum(out.num_cached_tokens for out in outputs)
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion,
+        "total_tokens": prompt_tokens + completion,
+        "prompt_tokens_details": {"cached_tokens": cached},
+    }
+
+
+async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, raw: Request) -> Response:
+    ctx.check_model(body.model)
+    max_tokens = body.requested_max_tokens()
+    params = ctx.sampling_params(lambda: body.to_sampling_params(max_tokens))
+    prompt_ids = await ctx.render_chat(
+        [template_message(m) for m in body.messages],
+        add_generation_prompt=body.add_generation_prompt,
+        continue_final_message=body.continue_final_message,
+        **(body.chat_template_kwargs or {}),
+    )
+    ctx.check_length(len(prompt_ids), max_tokens, "messages")
+    ctx.admit(params.n)
+    request_id = f"chatcmpl-{uuid.uuid4().hex}"
+    created = int(time.time())
+    stream = ctx.generate(prompt_ids, params, request_id, body.priority)
+    try:
+        if body.stream:
+            # Pull the first output before the 200 goes out, so engine-side validation
+            # errors still get a proper status code.
+            first = await race_disconnect(raw, stream.__anext__())
+        else:
+            final = await race_disconnect(raw, collect(stream))
+    except (ClientDisconnected, StopAsyncIteration):
+        await stream.aclose()
+        return Response(status_code=499)
+    except BaseException:
+        await stream.aclose()
+        raise
+    if body.stream:
+        chunks = _chat_stream(ctx, body, request_id, created, len(prompt_ids), first, stream)
+        return SSEResponse(chunks, on_close=stream.aclose)
+    assert final is not None
+    if any(c.finish_reason == "abort" for c in final.outputs):
+        raise SHUTDOWN_ABORT
+    choices = [
+        {
+            "index": c.index,
+            "message": {"role": "assistant", "content": c.text, "refusal": None},
+            "logprobs": None,
+            "finish_reason": c.finish_reason,
+            "stop_reason": c.stop_reason,
+        }
+        for c in final.outputs
+    ]
+    return JSONResponse(
+        {
+            "id": request_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": ctx.model_name,
+            "system_fingerprint": None,
+            "choices": choices,
+            "usage": usage(len(prompt_ids), [final]),
+        }
+    )
+
+
+async def _chat_stream(
+    ctx: ServingContext,
+    body: ChatCompletionRequest,
+    request_id: str,
+    created: int,
+    prompt_len: int,
+    first: RequestOutput,
+    stream: AsyncIterator[RequestOutput],
+) -> AsyncIterator[str]:
+    options = body.stream_options
+    include_usage = bool(options and options.include_usage)
+    continuous = include_usage and bool(options and options.continuous_usage_stats)
+    base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name,
+            "system_fingerprint": None}  # fmt: skip
+    latest = first
+
+    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, stop_reason: Any = None) -> str:
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+        if finish is not None:
+            choice["stop_reason"] = stop_reason
+        payload: dict[str, Any] = {**base, "choices": [choice]}
+        if include_usage:
+            payload["usage"] = usage(prompt_len, [latest]) if continuous else None
+        return sse(payload)
+
+    for index in range(body.n):
+        yield chunk(index, {"role": "assistant", "content": ""})
+    sent = [""] * body.n
+    done = [False] * body.n
+    try:
+        output: RequestOutput | None = first
+        while output is not None:
+            latest = output
+            for c in output.outputs:
+                if done[c.index]:
+                    continue
+                delta = c.text[len(sent[c.index]) :]
+                if delta:
+                    sent[c.index] = c.text
+                    yield chunk(c.index, {"content": delta})
+                if c.finish_reason is not None:
+                    done[c.index] = True
+                    if c.finish_reason == "abort":
+                        raise SHUTDOWN_ABORT
+                    yield chunk(c.index, {}, c.finish_reason, c.stop_reason)
+            output = await anext(stream, None)
+    except APIError as exc:
+        yield sse_error(exc)
+        yield SSE_DONE
+        return
+    except Exception:
+        logger.exception("error while streaming %s", request_id)
+        yield sse_error(INTERNAL)
+        yield SSE_DONE
+        return
+    if include_usage:
+        yield sse({**base, "choices": [], "usage": usage(prompt_len, [latest])})
+    yield SSE_DONE
