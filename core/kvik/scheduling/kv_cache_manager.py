@@ -1,0 +1,168 @@
+"""Per-request block tables on top of the block pool, with automatic prefix caching.
+
+A request's block table covers its computed tokens plus the tokens scheduled
+this step. Full blocks are identified by a chained hash of their tokens (see
+:func:`~kvik.scheduling.block_pool.hash_block_tokens`); a new request whose
+prompt starts with cached blocks reuses them instead of recomputing their KV.
+
+A block enters the cache only once its KV has been written (the scheduler calls
+:meth:`KVCacheManager.cache_blocks` after the runner returns), so a hit always
+reads finished KV.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import MappingProxyType
+
+from kvik.request import Request
+from kvik.scheduling.block_pool import BlockPool, KVCacheBlock, hash_block_tokens
+
+
+@dataclass(slots=True)
+class PrefixCacheStats:
+    """Prefix-cache lookups in tokens, counted when a request is admitted (a resumed preempted one counts again)."""
+
+    queries: int = 0  # tokens looked up (the request's whole token count at admission)
+    hits: int = 0  # of those, tokens served from the cache
+
+    @property
+    def hit_rate(self) -> float:
+        return self.hits / self.queries if self.queries else 0.0
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    """Allocates, caches and frees the KV blocks of each request."""
+
+    def __init__(self, num_blocks: int, block_size: int, max_model_len: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.max_model_len = max_model_len
+        self.enable_prefix_caching = enable_prefix_caching
+        self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching)
+        self.prefix_cache_stats = PrefixCacheStats()
+        self._blocks: dict[str, list[KVCacheBlock]] = {}  # request id -> block table
+        self._hashes: dict[str, list[bytes]] = {}  # request id -> hash of each full block of its tokens
+        self._num_cached: dict[str, int] = {}  # request id -> leading blocks already registered in the cache
+
+    # ----------------------------------------------------------------- queries
+    @property
+    def usage(self) -> float:
+        """Fraction of usable KV blocks held by requests, in [0, 1]."""
+        return self.pool.usage
+
+    @property
+    def num_free_blocks(self) -> int:
+        return self.pool.num_free_blocks
+
+    @property
+    def block_tables(self) -> Mapping[str, list[KVCacheBlock]]:
+        """Read-only view: request id -> block table, for every request holding blocks."""
+        return MappingProxyType(self._blocks)
+
+    def get_blocks(self, request_id: str) -> list[KVCacheBlock]:
+        """The request's block table (empty if it holds none). Do not mutate."""
+        return self._blocks.get(request_id, [])
+
+    def get_block_ids(self, request: Request) -> list[int]:
+        """Block ids of the request's table, in position order (block i holds tokens [i*bs, (i+1)*bs))."""
+        return [b.block_id for b in self._blocks.get(request.request_id, ())]
+
+    def num_blocks_needed(self, num_tokens: int) -> int:
+        return cdiv(num_tokens, self.block_size)
+
+    def block_hashes(self, request: Request) -> list[bytes]:
+        """Hashes of the request's full blocks, extended incrementally as its tokens grow."""
+        hashes = self._hashes.setdefault(request.request_id, [])
+        bs = self.block_size
+        tokens = request.all_token_ids
+        for i in range(len(hashes), len(tokens) // bs):
+            parent = hashes[i - 1] if i else None
+            hashes.append(hash_block_tokens(parent, tokens[i * bs : (i + 1) * bs], request.cache_extra_keys))
+        return hashes
+
+    # ----------------------------------------------------------------- changes
+    def get_computed_blocks(self, request: Request) -> tuple[list[KVCacheBlock], int]:
+        """Longest run of cached full blocks at the start of a new request's tokens.
+
+        Returns ``(blocks, num_computed_tokens)`` with ``num_computed_tokens ==
+        len(blocks) * block_size``. Never covers the last token: at least one
+        token must be computed to produce logits, so the hit is capped at
+        ``(num_tokens - 1) // block_size`` blocks. Takes no references (pass the
+        blocks to :meth:`allocate_slots`). Requests asking for prompt logprobs
+        skip the cache (they need logits at every prompt position).
+        """
+        if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
+            return [], 0
+        max_hit_blocks = (request.num_tokens - 1) // self.block_size
+        hits: list[KVCacheBlock] = []
+        for block_hash in self.block_hashes(request)[:max_hit_blocks]:
+            block = self.pool.get_cached_block(block_hash)
+            if block is None:
+                break
+            hits.append(block)
+        return hits, len(hits) * self.block_size
+
+    def allocate_slots(
+        self, request: Request, num_new_tokens: int, new_computed_blocks: list[KVCacheBlock] | None = None
+    ) -> list[KVCacheBlock] | None:
+        """Grow the request's table to hold ``num_new_tokens`` more tokens.
+
+        ``new_computed_blocks`` are prefix-cache hits from :meth:`get_computed_blocks`
+        (only for a request holding no blocks yet); they sit before the new tokens,
+        so the table must cover ``request.num_computed_tokens + len(hits) *
+        block_size + num_new_tokens`` tokens. Returns the newly allocated blocks
+        (hits excluded), or None, changing nothing, when the pool lacks blocks.
+        """
+        hits = new_computed_blocks or []
+        table = self._blocks.get(request.request_id, [])
+        assert not hits or not table, "prefix hits only apply to a request that holds no blocks"
+        num_computed = request.num_computed_tokens + len(hits) * self.block_size
+        num_needed = self.num_blocks_needed(num_computed + num_new_tokens) - len(table) - len(hits)
+        num_needed = max(num_needed, 0)
+        # Hits on unreferenced cached blocks come out of the free queue too.
+        num_hits_from_free = sum(1 for b in hits if b.ref_cnt == 0)
+        if num_needed + num_hits_from_free > self.pool.num_free_blocks:
+            return None
+
+        if request.request_id not in self._blocks:  # admission: count the lookup once
+            if self.enable_prefix_caching:
+                self.prefix_cache_stats.queries += request.num_tokens
+                self.prefix_cache_stats.hits += len(hits) * self.block_size
+            self._blocks[request.request_id] = table
+            self._num_cached[request.request_id] = len(hits)
+        self.pool.touch(hits)
+        table.extend(hits)
+        new_blocks = self.pool.get_new_blocks(num_needed)
+        table.extend(new_blocks)
+        return new_blocks
+
+    def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
+        """Register the request's blocks that are full of computed KV (call after the runner wrote it)."""
+        if not self.enable_prefix_caching:
+            return
+        table = self._blocks.get(request.request_id)
+        if table is None:
+            return
+        start = self._num_cached[request.request_id]
+        num_full = min(num_computed_tokens // self.block_size, len(table))
+        if num_full <= start:
+            return
+        hashes = self.block_hashes(request)
+        self.pool.cache_full_blocks(table[start:num_full], hashes[start:num_full])
+        self._num_cached[request.request_id] = num_full
+
+    def free(self, request: Request) -> None:
+        """Release the request's blocks, tail first (the tail is evicted before a shareable head)."""
+        table = self._blocks.pop(request.request_id, [])
+        self._num_cached.pop(request.request_id, None)
+        self._hashes.pop(request.request_id, None)
+        self.pool.free_blocks(reversed(table))
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached hash (e.g. after weights change); running requests keep their blocks."""
+        self.pool.reset_prefix_cache()

@@ -1,0 +1,331 @@
+"""Continuous batching with one token budget per step.
+
+Every request carries ``num_computed_tokens`` (tokens whose KV is in the cache);
+each step the scheduler lets each request catch up with ``num_tokens``, within
+``max_num_batched_tokens`` tokens and ``max_num_seqs`` requests. A prefill is
+the catch-up of many tokens, a decode the catch-up of the one sampled last step;
+chunked prefill is a catch-up cut short by the budget; a prefix-cache hit is a
+catch-up done for free. There is no prefill/decode mode.
+
+The engine loop is ``schedule() -> runner.execute(output) -> update_from_output()``.
+``num_computed_tokens`` advances in :meth:`Scheduler.schedule` (the step's tokens
+are counted as computed as soon as they are handed to the runner);
+:meth:`Scheduler.update_from_output` appends the sampled tokens, registers the
+newly written full blocks in the prefix cache and applies the token-level stop
+rules. Stop *strings* are the detokenizer's: it calls :meth:`finish_requests`.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable
+
+from kvik.request import Request, RequestStatus
+from kvik.scheduling.kv_cache_manager import KVCacheManager, cdiv
+from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from kvik.scheduling.request_queue import create_request_queue
+from kvik.scheduling.stats import SchedulerStats
+
+logger = logging.getLogger(__name__)
+
+
+class Scheduler:
+    """Decides, each step, which tokens of which requests the runner computes."""
+
+    def __init__(
+        self,
+        *,
+        num_blocks: int,
+        block_size: int,
+        max_num_batched_tokens: int,
+        max_num_seqs: int,
+        max_model_len: int,
+        enable_prefix_caching: bool = True,
+        enable_chunked_prefill: bool = True,
+        policy: str = "fcfs",
+        long_prefill_token_threshold: int = 0,
+    ) -> None:
+        for name, value in (
+            ("block_size", block_size),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_num_seqs", max_num_seqs),
+            ("max_model_len", max_model_len),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if long_prefill_token_threshold < 0:
+            raise ValueError(f"long_prefill_token_threshold must be >= 0 (0 = off), got {long_prefill_token_threshold}")
+        self.block_size = block_size
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_num_seqs = max_num_seqs
+        self.max_model_len = max_model_len
+        self.enable_chunked_prefill = enable_chunked_prefill
+        self.policy = policy
+        # Only meaningful with chunked prefill: one request gets at most this many tokens per step.
+        self.long_prefill_token_threshold = long_prefill_token_threshold if enable_chunked_prefill else 0
+        self.waiting = create_request_queue(policy)
+        self.kv_cache = KVCacheManager(num_blocks, block_size, max_model_len, enable_prefix_caching)
+        self.running: list[Request] = []  # admission order
+        self.requests: dict[str, Request] = {}  # live (unfinished) requests
+        # A sequence can never hold more tokens than the whole pool: a request
+        # stops with "length" there, so a lone request always fits and
+        # preemption can never deadlock.
+        capacity = self.kv_cache.pool.num_usable_blocks * block_size
+        if capacity < max_model_len:
+            logger.warning(
+                "the KV cache holds %d tokens (%d blocks of %d), less than max_model_len=%d: "
+                "sequences will stop with finish_reason 'length' at %d tokens",
+                capacity,
+                num_blocks - 1,
+                block_size,
+                max_model_len,
+                capacity,
+            )
+        self._max_len = min(max_model_len, capacity)
+        self._finished_ids: list[str] = []  # reported once, in the next SchedulerOutput
+        self._num_preemptions = 0
+        self._num_steps = 0
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, request: Request) -> None:
+        """Queue a new request; ValueError (with advice) if it could never run."""
+        n = request.num_prompt_tokens
+        if request.request_id in self.requests:
+            raise ValueError(f"request id {request.request_id!r} is already in use by an unfinished request")
+        if n == 0:
+            raise ValueError(f"request {request.request_id!r} has an empty prompt; send at least one token")
+        if n + 1 > self.max_model_len:
+            raise ValueError(
+                f"request {request.request_id!r}: the prompt has {n} tokens but max_model_len is "
+                f"{self.max_model_len}; the prompt plus at least one generated token must fit. "
+                "Shorten the prompt or raise max_model_len."
+            )
+        num_usable = self.kv_cache.pool.num_usable_blocks
+        if cdiv(n, self.block_size) > num_usable:
+            raise ValueError(
+                f"request {request.request_id!r}: the prompt has {n} tokens and needs {cdiv(n, self.block_size)} "
+                f"KV blocks of {self.block_size} tokens, but the whole KV cache has only {num_usable} blocks "
+                f"({num_usable * self.block_size} tokens), so it could never run. Shorten the prompt or give "
+                "the KV cache more memory / blocks."
+            )
+        if not self.enable_chunked_prefill and n > self.max_num_batched_tokens:
+            raise ValueError(
+                f"request {request.request_id!r}: the prompt has {n} tokens, more than max_num_batched_tokens="
+                f"{self.max_num_batched_tokens}, and chunked prefill is off, so it can never be scheduled. "
+                "Enable chunked prefill or raise max_num_batched_tokens."
+            )
+        if request.status != RequestStatus.WAITING or request.num_computed_tokens:
+            raise ValueError(f"request {request.request_id!r} must be new (status WAITING, nothing computed)")
+        self.requests[request.request_id] = request
+        self.waiting.add(request)
+
+    def finish_requests(self, request_ids: str | Iterable[str], status: RequestStatus) -> None:
+        """End requests now (abort, or a stop string found by the detokenizer) and free their blocks.
+
+        Unknown or already finished ids are ignored; ``status`` must be a
+        finished one. The ids are reported in the next ``finished_request_ids``.
+        """
+        if not status.is_finished:
+            raise ValueError(f"finish_requests needs a finished status, got {status.name}")
+        ids = [request_ids] if isinstance(request_ids, str) else list(request_ids)
+        for request_id in ids:
+            request = self.requests.get(request_id)
+            if request is None:
+                continue
+            if request.status == RequestStatus.RUNNING:
+                self.running.remove(request)
+            else:
+                self.waiting.remove(request)
+            request.status = status
+            self._release(request)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self.requests)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    def reset_prefix_cache(self) -> None:
+        self.kv_cache.reset_prefix_cache()
+
+    def get_stats(self) -> SchedulerStats:
+        pc = self.kv_cache.prefix_cache_stats
+        return SchedulerStats(
+            num_running=len(self.running),
+            num_waiting=len(self.waiting),
+            kv_cache_usage=self.kv_cache.usage,
+            num_free_blocks=self.kv_cache.num_free_blocks,
+            prefix_cache_queries=pc.queries,
+            prefix_cache_hits=pc.hits,
+            num_preemptions=self._num_preemptions,
+            num_steps=self._num_steps,
+        )
+
+    # ------------------------------------------------------------------ the step
+    def schedule(self) -> SchedulerOutput:
+        """Pick this step's tokens: running requests first (in order), then waiting ones.
+
+        A running request that cannot get blocks preempts the lowest-priority
+        running request (possibly itself). No waiting request is admitted in a
+        step that preempted (the pool is full). Every scheduled request's
+        ``num_computed_tokens`` is advanced by its token count before returning.
+        """
+        budget = self.max_num_batched_tokens
+        scheduled: dict[str, tuple[Request, int]] = {}  # request id -> (request, num_new_tokens)
+        preempted: list[Request] = []
+
+        i = 0
+        while i < len(self.running) and budget > 0:
+            request = self.running[i]
+            num_new = self._num_new_tokens(request, budget)
+            if num_new == 0:
+                i += 1
+                continue
+            while self.kv_cache.allocate_slots(request, num_new) is None:
+                victim = self._choose_victim()
+                j = self.running.index(victim)
+                del self.running[j]
+                if victim.request_id in scheduled:  # priority policy: un-schedule an earlier pick
+                    budget += scheduled.pop(victim.request_id)[1]
+                self._preempt(victim)
+                preempted.append(victim)
+                if j < i:
+                    i -= 1
+                if victim is request:
+                    break
+            if request.status != RequestStatus.RUNNING:
+                continue  # preempted itself; the same index now holds the next request
+            scheduled[request.request_id] = (request, num_new)
+            budget -= num_new
+            i += 1
+
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting.peek()
+            hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit_tokens
+            if self.long_prefill_token_threshold:
+                num_new = min(num_new, self.long_prefill_token_threshold)
+            if not self.enable_chunked_prefill and budget < num_new <= self.max_num_batched_tokens:
+                break  # the whole prompt fits a later step (only resumed sequences longer than a step get chunked)
+            num_new = min(num_new, budget)
+            if self.kv_cache.allocate_slots(request, num_new, hits) is None:
+                break
+            self.waiting.pop()
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.num_computed_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = (request, num_new)
+            budget -= num_new
+
+        out = SchedulerOutput(
+            scheduled=[self._make_scheduled(r, n) for r, n in scheduled.values()],
+            num_batched_tokens=self.max_num_batched_tokens - budget,
+            preempted_request_ids=[r.request_id for r in preempted],
+        )
+        if scheduled:
+            # Finished ids ride on the next non-empty output: an engine may skip
+            # the runner for an empty step, and the runner must still hear of them.
+            out.finished_request_ids, self._finished_ids = self._finished_ids, []
+            self._num_steps += 1
+        for request, num_new in scheduled.values():
+            request.num_computed_tokens += num_new
+        return out
+
+    def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Request]:
+        """Apply a step's results; return the requests that got new tokens (finished ones with their status).
+
+        For each scheduled request still alive: its newly written full blocks
+        enter the prefix cache, then each sampled token is appended and checked,
+        in order: EOS (unless ``ignore_eos``), ``stop_token_ids`` (both only once
+        ``min_tokens`` tokens exist), then length (``max_tokens`` or the model /
+        KV-cache length). Tokens after a stop are dropped. Finished requests free
+        their blocks and are reported in the next ``finished_request_ids``.
+        """
+        updated: list[Request] = []
+        for sched in scheduler_output.scheduled:
+            request = self.requests.get(sched.request_id)
+            if request is None or request.status != RequestStatus.RUNNING:
+                continue  # aborted (or preempted) since it was scheduled
+            self.kv_cache.cache_blocks(request, request.num_computed_tokens)
+            if not sched.sample:
+                continue
+            new_tokens = runner_output.sampled_token_ids.get(sched.request_id, [])
+            for token_id in new_tokens:
+                request.append_output_token(token_id)
+                if self._check_stop(request, token_id):
+                    break
+            if new_tokens:
+                updated.append(request)
+            if request.is_finished:
+                self._release(request)
+        if any(r.is_finished for r in updated):
+            self.running = [r for r in self.running if not r.is_finished]
+        return updated
+
+    # ------------------------------------------------------------------ helpers
+    def _num_new_tokens(self, request: Request, budget: int) -> int:
+        num_new = request.num_tokens - request.num_computed_tokens
+        if self.long_prefill_token_threshold:
+            num_new = min(num_new, self.long_prefill_token_threshold)
+        return min(num_new, budget)
+
+    def _choose_victim(self) -> Request:
+        """The running request to preempt: the newest (fcfs) or the least urgent (priority)."""
+        if self.policy == "priority":
+            # Larger priority value = less urgent; ties go to the later arrival, then the later admission.
+            return max(reversed(self.running), key=lambda r: (r.priority, r.arrival_time))
+        return self.running[-1]
+
+    def _preempt(self, request: Request) -> None:
+        """Free the request's blocks and requeue it at the front; it keeps its tokens and recomputes them."""
+        self.kv_cache.free(request)
+        request.status = RequestStatus.PREEMPTED
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        self._num_preemptions += 1
+        self.waiting.prepend(request)
+        logger.debug("preempted %s (%d tokens): KV cache full", request.request_id, request.num_tokens)
+
+    def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+        start = request.num_computed_tokens
+        return ScheduledRequest(
+            request_id=request.request_id,
+            token_ids=request.all_token_ids[start : start + num_new],
+            start_pos=start,
+            block_ids=self.kv_cache.get_block_ids(request),
+            sample=start + num_new == request.num_tokens,
+            sampling_params=request.sampling_params,
+            prompt_token_ids=request.prompt_token_ids,
+            output_token_ids=request.output_token_ids,
+        )
+
+    def _check_stop(self, request: Request, token_id: int) -> bool:
+        """Token-level stop rules for the token just appended; sets status and stop_reason."""
+        params = request.sampling_params
+        # min_tokens: at least that many tokens come *before* a stop token (vLLM's
+        # sampler masks EOS / stop ids until then; this also holds for runners that don't).
+        if request.num_output_tokens > params.min_tokens:
+            if not params.ignore_eos and token_id in request.eos_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                return True
+            if token_id in params.stop_token_ids:
+                request.status = RequestStatus.FINISHED_STOPPED
+                request.stop_reason = token_id
+                return True
+        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self._max_len:
+            request.status = RequestStatus.FINISHED_LENGTH
+            return True
+        return False
+
+    def _release(self, request: Request) -> None:
+        """Free a finished request's blocks and forget it."""
+        self.kv_cache.free(request)
+        del self.requests[request.request_id]
+        self._finished_ids.append(request.request_id)

@@ -1,0 +1,224 @@
+"""A fake model runner with a fake paged KV cache, a reference generator and invariant checks.
+
+The fake runner really uses the block tables: it writes each scheduled token
+(and its position) into a slot-indexed dict standing in for the KV cache, and
+when asked to sample it reads the whole context back *through the block table*
+and checks it against the request's true tokens. The sampled token is a pure
+function of that context (:func:`next_token`). So a wrong prefix-cache hit, a
+block shared while being written, or a block freed too early changes the tokens
+produced, and comparing with :func:`reference_generate` catches it.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass, field
+
+from kvik.request import Request, RequestStatus
+from kvik.sampling_params import SamplingParams
+from kvik.scheduling.block_pool import NULL_BLOCK_ID
+from kvik.scheduling.output import RunnerOutput, SchedulerOutput
+from kvik.scheduling.scheduler import Scheduler
+
+VOCAB = 48
+EOS = 1
+
+
+def next_token(context: list[int]) -> int:
+    """Deterministic 'model': a rolling hash of the whole context."""
+    h = 17
+    for t in context:
+        h = (h * 1_000_003 + t + 1) % 2_147_483_647
+    return h % VOCAB
+
+
+def make_request(
+    request_id: str,
+    prompt: list[int],
+    max_tokens: int = 8,
+    *,
+    priority: int = 0,
+    arrival_time: float = 0.0,
+    eos: frozenset[int] = frozenset({EOS}),
+    **params: object,
+) -> Request:
+    sp = SamplingParams(max_tokens=max_tokens, **params)  # type: ignore[arg-type]
+    return Request(
+        request_id,
+        list(prompt),
+        sp,
+        max_tokens=max_tokens,
+        eos_token_ids=eos,
+        priority=priority,
+        arrival_time=arrival_time,
+    )
+
+
+def reference_generate(request: Request, max_len: int) -> tuple[list[int], RequestStatus]:
+    """What any correct scheduler must produce for ``request`` with the fake model."""
+    sp = request.sampling_params
+    tokens = list(request.prompt_token_ids)
+    out: list[int] = []
+    while True:
+        t = next_token(tokens)
+        tokens.append(t)
+        out.append(t)
+        if len(out) > sp.min_tokens and ((not sp.ignore_eos and t in request.eos_token_ids) or t in sp.stop_token_ids):
+            return out, RequestStatus.FINISHED_STOPPED
+        if len(out) >= request.max_tokens or len(tokens) >= max_len:
+            return out, RequestStatus.FINISHED_LENGTH
+
+
+@dataclass
+class FakeRunner:
+    scheduler: Scheduler
+    # slot (block_id * block_size + offset) -> (token id, position) written there
+    kv: dict[int, tuple[int, int]] = field(default_factory=dict)
+    strict: bool = True  # check every scheduled request against the scheduler's live state
+
+    def slot(self, block_ids: list[int], pos: int) -> int:
+        bs = self.scheduler.block_size
+        block_id = block_ids[pos // bs]
+        assert block_id != NULL_BLOCK_ID, "a block table holds the null block"
+        return block_id * bs + pos % bs
+
+    def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        sched = self.scheduler
+        pool = sched.kv_cache.pool
+        assert out.num_batched_tokens == sum(r.num_new_tokens for r in out.scheduled)
+        assert out.num_batched_tokens <= sched.max_num_batched_tokens
+        assert len(out.scheduled) <= sched.max_num_seqs
+        assert len({r.request_id for r in out.scheduled}) == len(out.scheduled)
+        sampled: dict[str, list[int]] = {}
+        for sr in out.scheduled:
+            request = sched.requests.get(sr.request_id)
+            alive = request is not None and request.status == RequestStatus.RUNNING
+            true_tokens = sr.prompt_token_ids + sr.output_token_ids
+            end = sr.start_pos + sr.num_new_tokens
+            assert sr.num_new_tokens >= 1
+            assert sr.token_ids == true_tokens[sr.start_pos : end]
+            assert sr.sample == (end == len(true_tokens))
+            assert len(sr.block_ids) * sched.block_size >= end
+            for k, token in enumerate(sr.token_ids):
+                pos = sr.start_pos + k
+                slot = self.slot(sr.block_ids, pos)
+                if alive and self.strict:
+                    # Only a request's own, not-yet-cached blocks are ever written.
+                    block = pool.blocks[sr.block_ids[pos // sched.block_size]]
+                    assert block.ref_cnt == 1 and block.block_hash is None, (sr.request_id, pos, block)
+                self.kv[slot] = (token, pos)
+            if sr.sample:
+                context = [self.kv.get(self.slot(sr.block_ids, p)) for p in range(end)]
+                assert context == [(t, p) for p, t in enumerate(true_tokens[:end])], f"bad KV for {sr.request_id}"
+                sampled[sr.request_id] = [next_token(true_tokens[:end])]
+        return RunnerOutput(sampled_token_ids=sampled)
+
+    def check_computed_kv(self) -> None:
+        """Every computed token of every running request is in the fake KV at its slot."""
+        sched = self.scheduler
+        for request in sched.running:
+            block_ids = sched.kv_cache.get_block_ids(request)
+            for p in range(request.num_computed_tokens):
+                assert self.kv.get(self.slot(block_ids, p)) == (request.all_token_ids[p], p), (request.request_id, p)
+
+
+def check_invariants(sched: Scheduler) -> None:
+    """Block ownership, ref counts, free queue, cache map and queue states are consistent."""
+    kv = sched.kv_cache
+    pool = kv.pool
+    tables = kv.block_tables
+    running_ids = {r.request_id for r in sched.running}
+    waiting_ids = {r.request_id for r in sched.waiting}
+    assert len(running_ids) == len(sched.running) and len(waiting_ids) == len(sched.waiting)
+    assert not running_ids & waiting_ids
+    assert running_ids | waiting_ids == set(sched.requests)
+    assert set(tables) <= running_ids, "a request that is not running holds blocks"
+    assert len(sched.running) <= sched.max_num_seqs
+
+    holders: Counter[int] = Counter()
+    for request_id, table in tables.items():
+        ids = [b.block_id for b in table]
+        assert len(ids) == len(set(ids)), f"{request_id} holds a block twice"
+        assert NULL_BLOCK_ID not in ids
+        holders.update(ids)
+    assert pool.null_block.ref_cnt == 1 and not pool.is_free(pool.null_block)
+    num_hashed = 0
+    for block in pool.blocks[1:]:
+        assert block.ref_cnt == holders[block.block_id], block
+        assert pool.is_free(block) == (block.ref_cnt == 0), block
+        if block.block_hash is not None:
+            num_hashed += 1
+            assert pool.get_cached_block(block.block_hash) is block
+        if block.ref_cnt > 1:
+            assert block.block_hash is not None, "a block is shared but was never cached"
+    assert num_hashed == pool.num_cached_blocks
+    num_in_use = sum(1 for b in pool.blocks[1:] if b.ref_cnt > 0)
+    assert pool.num_free_blocks + num_in_use == pool.num_usable_blocks
+    assert len(set(pool.free_block_ids())) == pool.num_free_blocks
+
+    for request in sched.running:
+        assert request.status == RequestStatus.RUNNING
+        table = tables.get(request.request_id, [])
+        assert len(table) * sched.block_size >= request.num_computed_tokens
+        hashes = kv.block_hashes(request)
+        for i, block in enumerate(table):
+            if block.block_hash is not None:
+                assert block.block_hash == hashes[i], "a block's hash differs from the request's block hash"
+    for request in sched.waiting:
+        assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
+        assert request.num_computed_tokens == 0
+
+
+@dataclass
+class RequestSpec:
+    request: Request
+    arrival_step: int = 0
+    abort_step: int | None = None
+    abort_mid_step: bool = False  # abort between schedule() and update_from_output()
+
+
+@dataclass
+class RunResult:
+    outputs: dict[str, tuple[list[int], RequestStatus]]
+    num_steps: int
+    num_preemptions: int
+    prefix_hits: int
+
+
+def run_workload(sched: Scheduler, specs: list[RequestSpec], max_steps: int = 5000) -> RunResult:
+    """Drive the scheduler with the fake runner, checking invariants after every step."""
+    runner = FakeRunner(sched)
+    pending = sorted(specs, key=lambda s: s.arrival_step)
+    requests = {s.request.request_id: s.request for s in specs}
+    reported: list[str] = []
+    step = 0
+    while pending or sched.has_unfinished_requests():
+        assert step < max_steps, "the workload did not finish: a scheduling livelock or deadlock"
+        while pending and pending[0].arrival_step <= step:
+            sched.add_request(pending.pop(0).request)
+        for spec in specs:
+            if spec.abort_step == step and not spec.abort_mid_step:
+                sched.finish_requests(spec.request.request_id, RequestStatus.FINISHED_ABORTED)
+        out = sched.schedule()
+        reported += out.finished_request_ids
+        if not out.is_empty:
+            for spec in specs:
+                if spec.abort_step == step and spec.abort_mid_step:
+                    sched.finish_requests([spec.request.request_id], RequestStatus.FINISHED_ABORTED)
+            runner_out = runner.execute(out)
+            updated = sched.update_from_output(out, runner_out)
+            assert len({r.request_id for r in updated}) == len(updated)
+            for request in updated:
+                assert request.request_id in runner_out.sampled_token_ids
+        else:
+            assert not sched.running, "running requests but nothing scheduled"
+        check_invariants(sched)
+        runner.check_computed_kv()
+        step += 1
+    assert len(reported) == len(set(reported)), "a finished id was reported twice"
+    assert set(reported) <= set(requests)
+    assert sched.kv_cache.num_free_blocks == sched.kv_cache.pool.num_usable_blocks
+    assert not sched.kv_cache.block_tables
+    stats = sched.get_stats()
+    outputs = {rid: (list(r.output_token_ids), r.status) for rid, r in requests.items()}
+    return RunResult(outputs, step, stats.num_preemptions, stats.prefix_cache_hits)
