@@ -1,7 +1,4 @@
-"""The conformance suite: checks every plugin of a kind must pass.
+"""Conformance checks plugin authors run against their implementations.
 
-``kvik.testing.conformance.platform.check_platform``,
-``kvik.testing.conformance.quantization.check_quantization_method`` and
-``kvik.testing.conformance.attention.check_attention_backend`` are also
-re-exported by ``kvik.testing.pytest_plugin``.
+Each ``check_*`` function raises ``AssertionError`` describing every mismatch.
 """

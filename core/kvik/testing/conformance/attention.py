@@ -1,0 +1,246 @@
+"""Conformance check for attention backends: compare against TorchRefAttentionBackend.
+
+Use in a backend plugin's tests::
+
+    from kvik.testing.conformance.attention import check_attention_backend
+
+    def test_conformance():
+        check_attention_backend(MyBackend, device="cuda", dtype=torch.float16)
+
+Each case runs two steps through the backend's own cache layout: step 1
+prefills the cached prefixes, step 2 is a mixed batch (decodes, prefill
+chunks over a cached prefix, fresh prefills, one-token prompts) with shuffled
+block tables. Both steps' outputs are compared with the reference, so a wrong
+cache write shows up as a wrong read in step 2.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+import torch
+
+from kvik.attention.backend import AttentionBackend, AttentionMetadata
+from kvik.attention.torch_ref import TorchRefAttentionBackend
+
+# (atol, rtol) against a float32 reference computed from the same rounded inputs
+TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2.5e-2, 2.5e-2)}
+# Unwritten cache memory holds this; a backend reading outside its context gets a visible error.
+_SENTINEL = 50.0
+
+
+def build_metadata(
+    query_lens: list[int],
+    seq_lens: list[int],
+    block_tables: list[list[int]],
+    block_size: int,
+    device: torch.device | str = "cpu",
+) -> AttentionMetadata:
+    """AttentionMetadata for a flattened batch (what a model runner builds each step)."""
+    starts = [0]
+    for q in query_lens:
+        starts.append(starts[-1] + q)
+    width = max(len(t) for t in block_tables)
+    tables = torch.zeros(len(block_tables), width, dtype=torch.int32)
+    for i, t in enumerate(block_tables):
+        tables[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+    slots: list[int] = []
+    for q, s, t in zip(query_lens, seq_lens, block_tables, strict=True):
+        slots.extend(t[p // block_size] * block_size + p % block_size for p in range(s - q, s))
+    return AttentionMetadata(
+        num_tokens=starts[-1],
+        num_reqs=len(query_lens),
+        query_start_loc=torch.tensor(starts, dtype=torch.int32, device=device),
+        seq_lens=torch.tensor(seq_lens, dtype=torch.int32, device=device),
+        block_tables=tables.to(device),
+        slot_mapping=torch.tensor(slots, dtype=torch.int64, device=device),
+        block_size=block_size,
+        max_query_len=max(query_lens),
+        max_seq_len=max(seq_lens),
+        query_lens_cpu=list(query_lens),
+        seq_lens_cpu=list(seq_lens),
+    )
+
+
+@dataclass(slots=True)
+class _Req:
+    cached: int  # tokens written in step 1
+    new: int  # tokens computed in step 2
+    blocks: list[int]
+
+
+def _requests(rng: random.Random, block_size: int, window: int | None) -> tuple[list[_Req], int]:
+    """A mixed batch: decodes, chunks over a cached prefix, fresh prefills, a one-token prompt."""
+    w = window or 8
+    shapes = [
+        (rng.randint(1, 3 * block_size), 1),  # short decode
+        (rng.randint(3 * block_size, 6 * block_size) + w, 1),  # long decode, past the window
+        (block_size - 1, 1),  # decode that starts a new block
+        (rng.randint(1, 2 * block_size) + w, rng.randint(2, 2 * block_size)),  # chunk over a prefix
+        (block_size, block_size),  # block-aligned chunk
+        (0, rng.randint(2, 3 * block_size) + w),  # fresh prefill
+        (0, 1),  # one-token prompt
+    ]
+    need = [-(-(c + n) // block_size) for c, n in shapes]
+    ids = list(range(1, sum(need) + 1))  # block 0 stays unused: padding points there
+    rng.shuffle(ids)
+    reqs, at = [], 0
+    for (c, n), k in zip(shapes, need, strict=True):
+        reqs.append(_Req(c, n, ids[at : at + k]))
+        at += k
+    return reqs, sum(need) + 1
+
+
+def _run(
+    backend: AttentionBackend,
+    cache: torch.Tensor,
+    qkv: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    query_lens: list[int],
+    seq_lens: list[int],
+    tables: list[list[int]],
+    block_size: int,
+) -> torch.Tensor:
+    metadata = build_metadata(query_lens, seq_lens, tables, block_size, cache.device)
+    type(backend).prepare(metadata)
+    return backend.forward(*qkv, cache, metadata)
+
+
+def check_attention_backend(
+    backend_cls: type[AttentionBackend],
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    head_sizes: tuple[int, ...] = (64, 128, 80),
+    heads: tuple[tuple[int, int], ...] = ((4, 4), (8, 2), (4, 1)),
+    block_sizes: tuple[int, ...] = (16,),
+    sliding_windows: tuple[int | None, ...] = (None, 7),
+    seed: int = 0,
+    atol: float | None = None,
+    rtol: float | None = None,
+) -> int:
+    """Compare ``backend_cls`` with the torch reference on random paged batches.
+
+    Configurations the backend's ``validate()`` rejects are skipped (at least
+    one must run). Returns the number of configurations checked; raises
+    ``AssertionError`` listing every mismatch with its configuration.
+    """
+    device = torch.device(device)
+    default_atol, default_rtol = TOLERANCES.get(dtype, (2.5e-2, 2.5e-2))
+    atol = default_atol if atol is None else atol
+    rtol = default_rtol if rtol is None else rtol
+    rng = random.Random(seed)
+    gen = torch.Generator().manual_seed(seed)
+    failures: list[str] = []
+    checked = 0
+    for head_size in head_sizes:
+        for num_heads, num_kv_heads in heads:
+            for block_size in block_sizes:
+                for window in sliding_windows:
+                    reasons = backend_cls.validate(
+                        head_size=head_size,
+                        dtype=dtype,
+                        device_type=device.type,
+                        block_size=block_size,
+                        sliding_window=window,
+                    )
+                    if reasons:
+                        continue
+                    where = (
+                        f"head_size={head_size} heads={num_heads}/{num_kv_heads} block_size={block_size} "
+                        f"window={window} dtype={dtype}"
+                    )
+                    checked += 1
+                    failures.extend(
+                        f"{where}: {msg}"
+                        for msg in _check_one(
+                            backend_cls,
+                            device,
+                            dtype,
+                            head_size,
+                            num_heads,
+                            num_kv_heads,
+                            block_size,
+                            window,
+                            rng,
+                            gen,
+                            atol,
+                            rtol,
+                        )
+                    )
+    if checked == 0:
+        raise AssertionError(f"{backend_cls.__name__}.validate() rejected every configuration tried on {device}")
+    if failures:
+        raise AssertionError(
+            f"{backend_cls.__name__} disagrees with torch_ref in {len(failures)} check(s):\n  " + "\n  ".join(failures)
+        )
+    return checked
+
+
+def _check_one(
+    backend_cls: type[AttentionBackend],
+    device: torch.device,
+    dtype: torch.dtype,
+    head_size: int,
+    num_heads: int,
+    num_kv_heads: int,
+    block_size: int,
+    window: int | None,
+    rng: random.Random,
+    gen: torch.Generator,
+    atol: float,
+    rtol: float,
+) -> list[str]:
+    reqs, num_blocks = _requests(rng, block_size, window)
+    scale = head_size**-0.5
+    backend = backend_cls(num_heads, head_size, num_kv_heads, scale, window)
+    ref = TorchRefAttentionBackend(num_heads, head_size, num_kv_heads, scale, window)
+    cache = torch.full(
+        backend_cls.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size),
+        _SENTINEL,
+        dtype=dtype,
+        device=device,
+    )
+    ref_cache = torch.full(
+        TorchRefAttentionBackend.kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size),
+        _SENTINEL,
+        dtype=torch.float32,
+        device=device,
+    )
+
+    def rand(n: int, h: int) -> torch.Tensor:
+        return torch.randn(n, h, head_size, generator=gen).to(device=device, dtype=dtype)
+
+    problems: list[str] = []
+    steps = [
+        [(r.cached, r.cached, r.blocks) for r in reqs if r.cached > 0],
+        [(r.new, r.cached + r.new, r.blocks) for r in reqs],
+    ]
+    for step, rows in enumerate(steps, start=1):
+        q_lens = [q for q, _, _ in rows]
+        s_lens = [s for _, s, _ in rows]
+        tables = [b[: -(-s // block_size)] for _, s, b in rows]
+        n = sum(q_lens)
+        qkv = (rand(n, num_heads), rand(n, num_kv_heads), rand(n, num_kv_heads))
+        try:
+            out = _run(backend, cache, qkv, q_lens, s_lens, tables, block_size)
+        except Exception as exc:  # report, don't hide: the message says which config broke
+            problems.append(f"step {step} raised {type(exc).__name__}: {exc}")
+            break
+        expected = _run(ref, ref_cache, tuple(t.float() for t in qkv), q_lens, s_lens, tables, block_size)  # type: ignore[arg-type]
+        if tuple(out.shape) != tuple(expected.shape):
+            problems.append(f"step {step}: output shape {tuple(out.shape)}, expected {tuple(expected.shape)}")
+            break
+        if out.dtype != dtype:
+            problems.append(f"step {step}: output dtype {out.dtype}, expected {dtype}")
+        close = torch.isclose(out.float(), expected, atol=atol, rtol=rtol).all(dim=-1).all(dim=-1)  # [n]
+        if not bool(close.all()):
+            bad_rows = torch.nonzero(~close).flatten().tolist()
+            starts = [sum(q_lens[:i]) for i in range(len(q_lens))]
+            bad_reqs = sorted({max(i for i, s in enumerate(starts) if s <= row) for row in bad_rows})
+            detail = ", ".join(f"req {i} (query {q_lens[i]}, context {s_lens[i]})" for i in bad_reqs)
+            err = (out.float() - expected).abs().max().item()
+            problems.append(
+                f"step {step}: {len(bad_rows)} of {n} rows differ (max abs err {err:.3g}, atol {atol}, rtol {rtol}) "
+                f"in {detail}"
+            )
+    return problems
