@@ -265,6 +265,16 @@ class EngineStream:
                     yield output
             except ValueError as exc:
                 raise bad_request(str(exc), code="invalid_value") from None
+            except RuntimeError as exc:
+                if type(exc).__name__ != "EngineDeadError":
+                    raise
+                # The loop died or is shutting down: this replica cannot serve, others may.
+                raise APIError(
+                    503,
+                    f"The engine cannot take requests: {exc}",
+                    code="engine_unavailable",
+                    headers={"Retry-After": "5"},
+                ) from None
         finally:
             ctx._release(request_id, self.params.n)
             if not finished:
