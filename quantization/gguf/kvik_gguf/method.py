@@ -29,6 +29,23 @@ class GGUFLinearMethod(QuantizationMethod):
 
     name = "gguf"
 
+    def __init__(self, test_type: str = "Q8_0") -> None:
+        self.test_type = test_type  # only used by quantize_for_test
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> GGUFLinearMethod:
+        # The format's config only describes the file; each weight carries its own type.
+        return cls(test_type=str(config.get("test_type", "Q8_0")))
+
+    def quantize_for_test(self, weight: torch.Tensor) -> dict[str, Any]:
+        """``{"weight": GGUFWeight}`` for a dense ``[rows, cols]`` weight, quantized by gguf-py (conformance suite)."""
+        import gguf
+
+        qtype = gguf.GGMLQuantizationType[self.test_type]
+        packed = gguf.quants.quantize(weight.float().numpy(), qtype)
+        data = torch.from_numpy(packed.view("uint8").reshape(weight.shape[0], -1).copy())
+        return {"weight": GGUFWeight(data, int(qtype), (int(weight.shape[0]), int(weight.shape[1])))}
+
     def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device) -> None:
         layer.gguf_types = [None] * len(layer.output_sizes)
         for i in range(len(layer.output_sizes)):

@@ -1,0 +1,57 @@
+"""GGUFLinearMethod: packed shards of mixed types, decoded per matmul."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGMLQuantizationType
+from kvik.layers.linear import Linear
+from kvik.testing.conformance.quantization import check_quantization_method
+from kvik_gguf.method import GGUFLinearMethod
+from kvik_gguf.weight import GGUFWeight
+
+
+def _packed(weight: torch.Tensor, type_name: str) -> GGUFWeight:
+    qtype = GGMLQuantizationType[type_name]
+    data = gguf.quants.quantize(weight.numpy(), qtype).view(np.uint8).reshape(weight.shape[0], -1)
+    return GGUFWeight(torch.from_numpy(data.copy()), int(qtype), tuple(weight.shape))
+
+
+@pytest.mark.parametrize("test_type", ["Q8_0", "Q4_0", "Q5_1", "F16"])
+def test_conformance(test_type: str) -> None:
+    max_error = {"Q4_0": 0.25, "Q5_1": 0.1}.get(test_type, 0.02)
+    check_quantization_method(GGUFLinearMethod, {"test_type": test_type}, max_weight_rel_error=max_error)
+
+
+def test_merged_shards_of_different_types() -> None:
+    gen = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(rows, 64, generator=gen) for rows in (64, 32, 32))
+    layer = Linear(64, [64, 32, 32], quant_method=GGUFLinearMethod())
+    layer.load("weight", _packed(q, "Q4_0"), 0)
+    layer.load("weight", _packed(k, "Q8_0"), 1)
+    layer.load("weight", v, 2)  # a dense value (an F32 tensor in the file) is kept as F32 rows
+    layer.quant_method.process_weights_after_loading(layer)
+
+    expected = torch.cat([_packed(q, "Q4_0").dequantize(), _packed(k, "Q8_0").dequantize(), v])
+    dense = layer.quant_method.dequantize(layer)
+    torch.testing.assert_close(dense, expected, rtol=0, atol=0)
+    x = torch.randn(5, 64, generator=gen)
+    torch.testing.assert_close(layer(x), F.linear(x, expected))
+    # bf16 activations: decoded straight to bf16
+    torch.testing.assert_close(layer(x.bfloat16()).float(), F.linear(x, expected), rtol=0.05, atol=0.3)
+    # storage: 18 + 34 bytes per 32 values for q/k, 4 bytes per value for v
+    assert layer.quant_method.weight_bytes(layer) == 64 * 2 * 18 + 32 * 2 * 34 + 32 * 64 * 4
+
+
+def test_shape_and_missing_shard_errors() -> None:
+    layer = Linear(64, [64, 32], quant_method=GGUFLinearMethod())
+    with pytest.raises(ValueError, match=r"weight shape \(32, 64\) does not match expected \(64, 64\)"):
+        layer.load("weight", _packed(torch.randn(32, 64), "Q8_0"), 0)
+    layer.load("weight", _packed(torch.randn(64, 64), "Q8_0"), 0)
+    with pytest.raises(ValueError, match=r"no weight for shard\(s\) \[1\]"):
+        layer.quant_method.process_weights_after_loading(layer)
+    with pytest.raises(ValueError, match=r"IQ2_XXS.*supported types"):
+        layer.load("weight", GGUFWeight(torch.zeros(32, 66, dtype=torch.uint8), 16, (32, 256)), 1)
