@@ -1,0 +1,113 @@
+"""KVCacheManager: the max-hit rule, all-or-nothing allocation, tail-first freeing, stats."""
+
+from __future__ import annotations
+
+from kvik.request import Request
+from kvik.scheduling.kv_cache_manager import KVCacheManager
+from sched_harness import make_request
+
+
+def _compute(kv: KVCacheManager, request: Request) -> None:
+    """Admit a request with its prefix hits and pretend its whole prompt was computed."""
+    hits, num_hit = kv.get_computed_blocks(request)
+    assert kv.allocate_slots(request, request.num_tokens - num_hit, hits) is not None
+    request.num_computed_tokens = request.num_tokens
+    kv.cache_blocks(request, request.num_computed_tokens)
+
+
+def test_hits_never_cover_the_last_token() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=4, max_model_len=64)
+    prompt = list(range(10, 22))  # 12 tokens = 3 full blocks
+    _compute(kv, make_request("a", prompt))
+    a_blocks = kv.get_blocks("a")
+
+    # Same 8 tokens: 2 full blocks cached, but the 8th token must be computed -> 1 block.
+    hits, n = kv.get_computed_blocks(make_request("b", prompt[:8]))
+    assert n == 4 and hits == a_blocks[:1]
+    # 9 tokens: both full blocks can be reused, token 9 is computed.
+    hits, n = kv.get_computed_blocks(make_request("c", prompt[:9]))
+    assert n == 8 and hits == a_blocks[:2]
+    # The whole 12-token prompt: capped at (12 - 1) // 4 = 2 blocks.
+    hits, n = kv.get_computed_blocks(make_request("d", prompt))
+    assert n == 8
+    # A different first token changes every chained hash.
+    assert kv.get_computed_blocks(make_request("e", [99, *prompt[1:]]))[1] == 0
+
+
+def test_extra_keys_and_prompt_logprobs_skip_hits() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=4, max_model_len=64)
+    prompt = list(range(10, 22))
+    _compute(kv, make_request("a", prompt))
+    salted = make_request("b", prompt)
+    salted.cache_extra_keys = ("lora", 3)
+    assert kv.get_computed_blocks(salted)[1] == 0
+    assert kv.get_computed_blocks(make_request("c", prompt, prompt_logprobs=1))[1] == 0
+    off = KVCacheManager(num_blocks=16, block_size=4, max_model_len=64, enable_prefix_caching=False)
+    _compute(off, make_request("a", prompt))
+    assert off.get_computed_blocks(make_request("b", prompt))[1] == 0
+    assert off.pool.num_cached_blocks == 0
+
+
+def test_allocation_is_all_or_nothing() -> None:
+    kv = KVCacheManager(num_blocks=5, block_size=4, max_model_len=64)  # 4 usable blocks
+    a = make_request("a", list(range(8)))
+    assert kv.allocate_slots(a, 8) is not None and kv.num_free_blocks == 2
+    b = make_request("b", list(range(100, 112)))
+    assert kv.allocate_slots(b, 12) is None  # needs 3
+    assert kv.num_free_blocks == 2 and kv.get_blocks("b") == []
+    assert kv.allocate_slots(b, 8) is not None and kv.num_free_blocks == 0
+    assert kv.usage == 1.0
+
+
+def test_growing_allocates_only_when_a_block_fills() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=4, max_model_len=64)
+    a = make_request("a", list(range(6)))
+    assert len(kv.allocate_slots(a, 6) or []) == 2
+    a.num_computed_tokens = 6
+    for expected_new in (0, 0, 1):  # tokens 7, 8 fit block 2; token 9 opens block 3
+        a.append_output_token(5)
+        assert len(kv.allocate_slots(a, 1) or []) == expected_new
+        a.num_computed_tokens += 1
+    assert len(kv.get_block_ids(a)) == 3
+
+
+def test_hits_on_free_blocks_count_against_free_space() -> None:
+    kv = KVCacheManager(num_blocks=5, block_size=4, max_model_len=64)  # 4 usable
+    prompt = list(range(12))
+    a = make_request("a", prompt)
+    _compute(kv, a)
+    kv.free(a)  # 3 cached blocks, all free again
+    assert kv.num_free_blocks == 4
+    b = make_request("b", [*prompt, 1, 2, 3, 4, 5, 6])  # 18 tokens: 3 hits + 2 new blocks > 4
+    hits, n = kv.get_computed_blocks(b)
+    assert n == 12
+    assert kv.allocate_slots(b, b.num_tokens - n, hits) is None
+    assert all(h.ref_cnt == 0 for h in hits) and kv.num_free_blocks == 4
+    c = make_request("c", [*prompt, 1, 2, 3])  # 3 hits + 1 new block
+    hits, n = kv.get_computed_blocks(c)
+    assert kv.allocate_slots(c, c.num_tokens - n, hits) is not None
+    assert kv.get_blocks("c")[:3] == hits and kv.num_free_blocks == 0
+
+
+def test_free_releases_the_tail_first() -> None:
+    kv = KVCacheManager(num_blocks=8, block_size=2, max_model_len=64)
+    a = make_request("a", list(range(7)))  # 3 full blocks + 1 partial
+    _compute(kv, a)
+    ids = kv.get_block_ids(a)
+    kv.free(a)
+    # Unhashed partial block first (nothing to keep), then cached blocks tail first.
+    order = kv.pool.free_block_ids()
+    assert order[0] == ids[3]
+    assert order[-3:] == [ids[2], ids[1], ids[0]]
+
+
+def test_prefix_cache_stats_count_admissions() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=4, max_model_len=64)
+    prompt = list(range(9))
+    _compute(kv, make_request("a", prompt))
+    _compute(kv, make_request("b", prompt))
+    stats = kv.prefix_cache_stats
+    assert (stats.queries, stats.hits) == (18, 8)
+    assert stats.hit_rate == 8 / 18
+    kv.reset_prefix_cache()
+    assert kv.get_computed_blocks(make_request("c", prompt))[1] == 0
