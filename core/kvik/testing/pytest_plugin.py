@@ -7,7 +7,7 @@ suite that has kvik installed can use::
         path = tiny_model_dir("llama", num_hidden_layers=1)
         ...
 
-    from kvik.testing.pytest_plugin import check_attention_backend, check_platform
+    from kvik.testing.pytest_plugin import check_attention_backend, check_model_architecture, check_platform
 
 This module is imported by every pytest run in an environment with kvik, so it
 imports nothing heavy (no torch) at import time.
@@ -30,6 +30,7 @@ _CONFORMANCE = {
     "check_attention_backend": "kvik.testing.conformance.attention",
     "check_quantization_method": "kvik.testing.conformance.quantization",
     "check_platform": "kvik.testing.conformance.platform",
+    "check_model_architecture": "kvik.testing.conformance.model",
 }
 
 
