@@ -23,6 +23,8 @@ _LOG2E = 1.4426950408889634
 MIN_HEAD_SIZE = 16  # tl.dot needs K >= 16
 MAX_HEAD_SIZE = 256  # the accumulator tile lives in registers
 MAX_SPLITS = 32
+# backend_data key a runner may set: an upper bound on every request's length (see num_splits).
+SEQ_LEN_BOUND_KEY = "max_seq_len_bound"
 
 
 def _next_pow2(n: int) -> int:
@@ -51,6 +53,10 @@ class TritonAttentionBackend(AttentionBackend):
     supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float16, torch.bfloat16, torch.float32)
     supported_device_types: ClassVar[tuple[str, ...]] = ("cuda",)
     supports_sliding_window: ClassVar[bool] = True
+    # Every launch parameter comes from host ints fixed by the batch shape and all
+    # per-step data is read from device tensors, so a captured CUDA graph replays
+    # correctly on new data of the same shape. (Read by kvik-cuda's runner.)
+    cuda_graph_safe: ClassVar[bool] = True
     # Tile shapes, (BLOCK_M rows, BLOCK_N keys, num_warps); class data so that
     # benchmarks and tests can try others through a subclass.
     decode_tile: ClassVar[tuple[int, int, int]] = (16, 64, 4)
@@ -118,8 +124,11 @@ class TritonAttentionBackend(AttentionBackend):
         sms = _num_sms(device)
         if programs >= sms:
             return 1
+        # A runner that replays CUDA graphs passes the longest length any replay may
+        # see, so the split count (a compile-time constant) is planned for all of them.
+        max_seq_len = metadata.backend_data.get(SEQ_LEN_BOUND_KEY, metadata.max_seq_len)
         # About two programs per SM, and at least two KV tiles per split.
-        splits = min(-(-2 * sms // programs), metadata.max_seq_len // (2 * block_n), MAX_SPLITS)
+        splits = min(-(-2 * sms // programs), max_seq_len // (2 * block_n), MAX_SPLITS)
         return 1 << (max(splits, 1).bit_length() - 1)  # round down to a power of two: fewer compiled variants
 
     def write_kv(

@@ -4,7 +4,8 @@ Without a GPU the kernels run under Triton's interpreter (conftest sets
 TRITON_INTERPRET=1) on CPU tensors, with small shapes and small tiles so that
 every code path (several KV tiles, several query blocks per request, splits)
 is exercised in seconds. The backend itself only declares "cuda"; the
-subclass below adds "cpu" for the interpreter and nothing else.
+test-only subclasses in ``kvik_triton_attention.testing`` add "cpu" for the
+interpreter and nothing else.
 With a GPU, the same checks run on CUDA tensors, plus real model shapes.
 """
 
@@ -17,6 +18,7 @@ pytest.importorskip("triton", reason="triton is not installed (pip install --no-
 
 from kvik.attention.torch_ref import TorchRefAttentionBackend
 from kvik_triton_attention.backend import TritonAttentionBackend
+from kvik_triton_attention.testing import InterpretedTritonAttentionBackend, SmallTileTritonAttentionBackend
 
 from .paged_batch import fresh_metadata, make_step
 
@@ -24,12 +26,7 @@ CUDA = torch.cuda.is_available()
 DEVICE = "cuda" if CUDA else "cpu"
 
 
-class SmallTiles(TritonAttentionBackend):
-    """Small tiles so short test sequences span several KV tiles and query blocks."""
-
-    supported_device_types = ("cuda", "cpu")  # cpu: Triton's interpreter (tests only)
-    decode_tile = (16, 16, 4)
-    prefill_tile = (16, 16, 4)
+SmallTiles = SmallTileTritonAttentionBackend  # also accepts cpu tensors (Triton's interpreter)
 
 
 def _rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -111,10 +108,7 @@ def test_split_kv_decode_matches_reference(splits: int) -> None:
 
 
 def test_default_tiles_and_block_size_16() -> None:
-    class DefaultTiles(TritonAttentionBackend):
-        supported_device_types = ("cuda", "cpu")
-
-    _compare(DefaultTiles, [(0, 20), (70, 1), (50, 3)], block_size=16, seed=7)
+    _compare(InterpretedTritonAttentionBackend, [(0, 20), (70, 1), (50, 3)], block_size=16, seed=7)
 
 
 def test_half_precision() -> None:

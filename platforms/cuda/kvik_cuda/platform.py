@@ -1,0 +1,169 @@
+"""The "cuda" platform, and the base it shares with kvik-rocm's "rocm" platform.
+
+PyTorch exposes AMD GPUs through the same ``torch.cuda`` API (device type
+``"cuda"``) when it is a ROCm build, and Triton compiles for both, so one base
+class carries everything; the subclasses differ in which torch build they
+accept (``torch.version.cuda`` vs ``torch.version.hip``) and in names.
+
+Probes are the module functions :func:`torch_gpu_build` and
+:func:`torch_gpu_visible`: cheap (no CUDA context is created; at most the
+driver is asked for a device count) and replaceable in tests.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import os
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from kvik.platforms.interface import MemoryInfo, Platform
+
+if TYPE_CHECKING:
+    from kvik.config import EngineConfig, ModelConfig
+    from kvik.worker.interface import ModelRunner
+
+GiB = 1 << 30
+DEFAULT_MAX_NUM_BATCHED_TOKENS = 8192  # a prefill chunk this long keeps an H100's matmuls compute-bound
+DEFAULT_MAX_NUM_SEQS = 256  # decode matmuls stay weight-bandwidth-bound up to ~256 rows
+
+
+def torch_gpu_build() -> str | None:
+    """Which GPU runtime this torch was built for: "cuda", "hip", or None (CPU-only build)."""
+    if getattr(torch.version, "hip", None):
+        return "hip"
+    if getattr(torch.version, "cuda", None):
+        return "cuda"
+    return None
+
+
+def torch_gpu_visible() -> bool:
+    """Whether torch sees at least one GPU (``torch.cuda.is_available()``)."""
+    return bool(torch.cuda.is_available())
+
+
+class TorchGPUPlatform(Platform):
+    """A GPU driven through ``torch.cuda``: shared by the CUDA and ROCm platforms."""
+
+    device_type = "cuda"
+    priority = 100
+    attention_backends: ClassVar[tuple[str, ...]] = ("triton", "torch_ref")
+    supported_dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
+    default_block_size = 16
+    runtime: ClassVar[str]  # the torch_gpu_build() value this platform needs
+    runtime_label: ClassVar[str]  # for messages: "CUDA", "ROCm"
+    other_platform: ClassVar[str]  # the platform that runs the other GPU build of torch
+
+    @classmethod
+    def is_available(cls) -> bool:
+        try:
+            return torch_gpu_build() == cls.runtime and torch_gpu_visible()
+        except Exception:  # a broken driver must not break platform listing
+            return False
+
+    @classmethod
+    def unavailable_reason(cls) -> str | None:
+        build = torch_gpu_build()
+        if build is None:
+            return f"this torch ({torch.__version__}) is a CPU-only build; install a {cls.runtime_label} build of torch"
+        if build != cls.runtime:
+            return (
+                f"this torch ({torch.__version__}) is built for {build.upper()}, not {cls.runtime_label}; "
+                f"use device={cls.other_platform!r}"
+            )
+        try:
+            visible = torch_gpu_visible()
+        except Exception as exc:
+            return f"the GPU runtime failed to start: {type(exc).__name__}: {exc}"
+        if not visible:
+            mask = os.environ.get("CUDA_VISIBLE_DEVICES", os.environ.get("HIP_VISIBLE_DEVICES"))
+            hint = f" (CUDA_VISIBLE_DEVICES={mask!r})" if mask is not None else ""
+            return f"torch.cuda.is_available() is False: no {cls.runtime_label} GPU or driver found{hint}"
+        return None
+
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", torch.cuda.current_device())
+
+    def default_dtype(self, model_dtype: str) -> str:
+        """fp16 checkpoints stay fp16; everything else runs in bf16 (fp16 on GPUs without bf16)."""
+        if model_dtype == "float16":
+            return "float16"
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float16"
+
+    def memory_info(self) -> MemoryInfo:
+        """The current device's memory as the driver reports it (other processes' use included)."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        return MemoryInfo(total=int(total), free=int(free))
+
+    def configure(self, config: EngineConfig) -> list[str]:
+        notes: list[str] = []
+        if config.block_size is None:
+            config.block_size = self.default_block_size
+        if config.max_num_batched_tokens is None:
+            config.max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
+            notes.append(f"max_num_batched_tokens={DEFAULT_MAX_NUM_BATCHED_TOKENS}")
+        if config.max_num_seqs is None:
+            config.max_num_seqs = DEFAULT_MAX_NUM_SEQS
+            notes.append(f"max_num_seqs={DEFAULT_MAX_NUM_SEQS}")
+        if config.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+            raise ValueError(
+                f"dtype='bfloat16' is not supported by {torch.cuda.get_device_name(self.device)}; "
+                "use dtype='float16' (or 'auto')"
+            )
+        if config.enforce_eager:
+            notes.append("enforce_eager: CUDA graphs are off")
+        return notes
+
+    def create_model_runner(self, config: EngineConfig, model_config: ModelConfig) -> ModelRunner:
+        from kvik_cuda.runner import CUDAModelRunner
+
+        return CUDAModelRunner(config, model_config, self.device, self)
+
+    def describe(self) -> dict[str, str]:
+        info = {**super().describe(), "torch": torch.__version__}
+        info[self.runtime_label.lower()] = str(torch.version.hip if self.runtime == "hip" else torch.version.cuda)
+        try:
+            info["triton"] = importlib.metadata.version("triton")
+        except importlib.metadata.PackageNotFoundError:
+            info["triton"] = "not installed (the 'triton' attention backend is unavailable)"
+        info["nccl"] = _nccl_version()
+        if not self.is_available():
+            info["status"] = f"unavailable: {self.unavailable_reason()}"
+            return info
+        props = torch.cuda.get_device_properties(self.device)
+        memory = self.memory_info()
+        info.update(
+            {
+                "devices": str(torch.cuda.device_count()),
+                "device": f"{props.name} (#{self.device.index})",
+                "compute capability": f"{props.major}.{props.minor}",
+                "multiprocessors": str(props.multi_processor_count),
+                "memory": f"{memory.total / GiB:.1f} GiB total, {memory.free / GiB:.1f} GiB free",
+                "bf16": "yes" if torch.cuda.is_bf16_supported() else "no",
+            }
+        )
+        return info
+
+
+def _nccl_version() -> str:
+    """NCCL (RCCL on ROCm) as torch.distributed sees it: version, or why it is missing."""
+    try:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_nccl_available()):
+            return "not available in this torch build"
+        version = torch.cuda.nccl.version()
+        return ".".join(map(str, version)) if isinstance(version, tuple) else str(version)
+    except Exception as exc:  # describe() must never fail
+        return f"unknown ({type(exc).__name__}: {exc})"
+
+
+class CUDAPlatform(TorchGPUPlatform):
+    """NVIDIA GPUs through a CUDA build of PyTorch; attention in Triton kernels."""
+
+    name = "cuda"
+    aliases = ("nvidia",)
+    runtime = "cuda"
+    runtime_label = "CUDA"
+    other_platform = "rocm"

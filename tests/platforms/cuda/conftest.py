@@ -1,0 +1,14 @@
+"""Run the Triton kernels under Triton's CPU interpreter when no GPU is present.
+
+TRITON_INTERPRET must be set before triton decorates any kernel, i.e. before
+``kvik_triton_attention.kernels`` is imported, which this conftest guarantees.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")

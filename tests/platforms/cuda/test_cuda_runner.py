@@ -1,0 +1,170 @@
+"""CUDAModelRunner: pinned step inputs, bucketed decode, and (on a GPU) CUDA graphs.
+
+On CPU the runner's input path and its padded ("bucketed") decode steps run
+against the generic TorchModelRunner on a tiny random Llama; the bucketed path
+uses the triton kernels under Triton's interpreter. CUDA graphs themselves
+need a GPU and are checked only there.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import types
+
+import pytest
+import torch
+from kvik.config import EngineConfig
+from kvik.models.loader import build_model_config, resolve_format
+from kvik.platforms.interface import MemoryInfo, Platform
+from kvik.plugins.hookspecs import hookimpl
+from kvik.sampling_params import SamplingParams
+from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
+from kvik.worker.torch_runner import TorchModelRunner
+from kvik_cuda.inputs import StepInputs
+from kvik_cuda.runner import CUDAModelRunner
+
+CUDA = torch.cuda.is_available()
+
+
+class HostPlatform(Platform):
+    """Just enough platform for building runners on the CPU in tests."""
+
+    name = "host-test"
+    device_type = "cpu"
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def memory_info(self) -> MemoryInfo:
+        return MemoryInfo(total=1 << 34, free=1 << 33)
+
+    def create_model_runner(self, config, model_config):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+def _req(rid: str, tokens: list[int], start: int, blocks: list[int], sample: bool = True) -> ScheduledRequest:
+    return ScheduledRequest(rid, tokens, start, blocks, sample, SamplingParams(temperature=0.0))
+
+
+def test_step_inputs_match_the_definitions() -> None:
+    rng = random.Random(0)
+    bs = 4
+    inputs = StepInputs(max_tokens=64, max_reqs=8, max_blocks=10, block_size=bs, device=torch.device("cpu"))
+    for trial in range(20):
+        reqs = []
+        for i in range(rng.randint(1, 6)):
+            start = rng.randint(0, 20)
+            n = 1 if trial % 2 else rng.randint(1, 6)
+            blocks = rng.sample(range(1, 100), -(-(start + n) // bs) + rng.randint(0, 2))
+            reqs.append(_req(f"r{i}", [rng.randint(1, 500) for _ in range(n)], start, blocks))
+        pad = 8 if trial % 2 else None  # decode-only steps: also try padding to a bucket
+        step = inputs.prepare(reqs, pad_to=pad)
+        m = step.metadata
+        ids = [t for r in reqs for t in r.token_ids]
+        pos = [p for r in reqs for p in range(r.start_pos, r.start_pos + len(r.token_ids))]
+        slots = [
+            r.block_ids[p // bs] * bs + p % bs for r in reqs for p in range(r.start_pos, r.start_pos + len(r.token_ids))
+        ]
+        extra = (pad or len(reqs)) - len(reqs)
+        assert step.input_ids.tolist() == ids + [0] * extra
+        assert step.positions.tolist() == pos + [0] * extra
+        assert m.slot_mapping.tolist() == slots + [0] * extra  # dummy rows write only the null block
+        q = [len(r.token_ids) for r in reqs] + [1] * extra
+        assert m.query_start_loc.tolist() == [sum(q[:i]) for i in range(len(q) + 1)]
+        assert m.seq_lens.tolist() == [r.start_pos + len(r.token_ids) for r in reqs] + [1] * extra
+        assert (m.num_reqs, m.num_tokens, m.max_query_len) == (len(q), sum(q), max(q))
+        for i, r in enumerate(reqs):
+            nb = -(-(r.start_pos + len(r.token_ids)) // bs)
+            assert m.block_tables[i, :nb].tolist() == r.block_ids[:nb]
+        # Dummy rows have seq_len 1 and read only column 0: the null block. (Columns past
+        # this step's longest table may hold older steps' blocks; no seq_len reaches them.)
+        assert not m.block_tables[len(reqs) :, 0].any()
+
+
+def _runner(cls: type[TorchModelRunner], path, manager, **config) -> TorchModelRunner:  # type: ignore[no-untyped-def]
+    cfg = EngineConfig(
+        model=str(path), dtype="float32", block_size=4, max_num_batched_tokens=64, max_num_seqs=8, **config
+    )
+    model_config = build_model_config(cfg, resolve_format(cfg.model, manager), manager)
+    runner = cls(cfg, model_config, torch.device("cpu"), HostPlatform(), manager)
+    runner.load_model()
+    runner.initialize_kv_cache(32)
+    return runner
+
+
+STEPS = [
+    [_req("a", list(range(3, 10)), 0, [1, 2]), _req("b", [5, 6, 7, 8, 9], 0, [3, 4])],
+    [_req("a", [11], 7, [1, 2]), _req("b", [12], 5, [3, 4])],
+    [_req("a", [13], 8, [1, 2, 5]), _req("c", list(range(20, 26)), 0, [6, 7]), _req("b", [14], 6, [3, 4])],
+    [_req("c", [30], 6, [6, 7]), _req("a", [31], 9, [1, 2, 5])],
+    [_req("b", list(range(40, 44)), 7, [3, 4, 8], sample=False), _req("a", [32], 10, [1, 2, 5])],
+]
+
+
+def _logits(runner: TorchModelRunner) -> list[torch.Tensor]:
+    return [runner.compute_logits(SchedulerOutput(step, sum(len(r.token_ids) for r in step))) for step in STEPS]
+
+
+@pytest.fixture
+def _one_thread():  # type: ignore[no-untyped-def]
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.mark.usefixtures("_one_thread")
+def test_pinned_input_path_gives_the_generic_runners_logits(kvik_plugin_manager, tiny_model_dir) -> None:
+    path = tiny_model_dir("llama")
+    expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
+    got = _logits(_runner(CUDAModelRunner, path, kvik_plugin_manager))
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)
+
+
+@pytest.mark.usefixtures("_one_thread")
+def test_bucketed_decode_with_triton_matches_torch_ref(kvik_plugin_manager, tiny_model_dir) -> None:
+    pytest.importorskip("triton", reason="triton is not installed")
+    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("without a GPU this needs TRITON_INTERPRET=1 before triton loads (tests/attention_backends set it)")
+    plugin = types.ModuleType("interp_plugin")
+    plugin.KVIK_PLUGIN_API = ">=1.0,<2"  # type: ignore[attr-defined]
+
+    @hookimpl
+    def kvik_register_attention_backends(register):  # type: ignore[no-untyped-def]
+        register("triton_interp", "kvik_triton_attention.testing:SmallTileTritonAttentionBackend")
+
+    plugin.kvik_register_attention_backends = kvik_register_attention_backends  # type: ignore[attr-defined]
+    kvik_plugin_manager.register(plugin, "interp_plugin", "tests")
+    path = tiny_model_dir("llama")
+    expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
+    runner = _runner(CUDAModelRunner, path, kvik_plugin_manager, attention_backend="triton_interp")
+    assert runner._bucket(STEPS[1]) == 2 and runner._bucket(STEPS[3]) == 2 and runner._bucket(STEPS[2]) is None
+    got = _logits(runner)
+    for e, g in zip(expected, got, strict=True):
+        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_model_dir, dtype: str) -> None:
+    import kvik
+
+    path = tiny_model_dir("llama", num_hidden_layers=2)
+    prompts = [[1 + (7 * i + j) % 400 for j in range(5 + 9 * i)] for i in range(11)]
+    params = kvik.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for eager in (True, False):
+        llm = kvik.LLM(
+            model=str(path), device="cuda", dtype=dtype, enforce_eager=eager, max_num_seqs=16, num_kv_blocks=256
+        )
+        runner = llm.llm_engine.runner if hasattr(llm, "llm_engine") else llm.engine.runner
+        assert isinstance(runner, CUDAModelRunner)
+        assert bool(runner.graphs) is (not eager)
+        outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        del llm
+        torch.cuda.empty_cache()
+    assert outs[True] == outs[False]

@@ -1,0 +1,88 @@
+"""The "rocm" platform: it shares kvik-cuda's code and differs only in which torch build it accepts.
+
+There is no AMD GPU here: the probes are faked.
+"""
+
+from __future__ import annotations
+
+import types
+
+import kvik_cuda.platform as gpu_platform
+import pytest
+import torch
+from kvik.config import EngineConfig
+from kvik.platforms.selector import resolve_platform
+from kvik.plugins.registry import PluginError
+from kvik.testing.conformance.platform import check_platform
+from kvik_cuda import plugin as cuda_plugin
+from kvik_cuda.platform import CUDAPlatform, TorchGPUPlatform
+from kvik_rocm import plugin as rocm_plugin
+from kvik_rocm.platform import ROCmPlatform
+
+
+def fake_gpu(monkeypatch: pytest.MonkeyPatch, build: str | None, visible: bool) -> None:
+    monkeypatch.setattr(gpu_platform, "torch_gpu_build", lambda: build)
+    monkeypatch.setattr(gpu_platform, "torch_gpu_visible", lambda: visible)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (100 << 30, 192 << 30))
+    props = types.SimpleNamespace(name="Fake MI300X", major=9, minor=4, multi_processor_count=304)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device=None: props)
+
+
+def test_shares_the_cuda_platform_code() -> None:
+    assert issubclass(ROCmPlatform, TorchGPUPlatform) and not issubclass(ROCmPlatform, CUDAPlatform)
+    assert ROCmPlatform.create_model_runner is CUDAPlatform.create_model_runner
+    assert ROCmPlatform.configure is CUDAPlatform.configure
+    assert ROCmPlatform.device_type == "cuda"  # ROCm torch drives AMD GPUs through torch.cuda
+
+
+@pytest.mark.parametrize(
+    "build,visible,rocm,cuda",
+    [
+        ("hip", True, True, False),
+        ("hip", False, False, False),
+        ("cuda", True, False, True),
+        (None, False, False, False),
+    ],
+)
+def test_each_platform_accepts_only_its_own_torch_build(
+    monkeypatch: pytest.MonkeyPatch, build: str | None, visible: bool, rocm: bool, cuda: bool
+) -> None:
+    fake_gpu(monkeypatch, build, visible)
+    assert ROCmPlatform.is_available() is rocm
+    assert CUDAPlatform.is_available() is cuda
+    if build == "cuda":
+        assert "device='cuda'" in ROCmPlatform.unavailable_reason()
+
+
+def test_this_machine_reports_unavailable() -> None:
+    if torch.version.hip is not None and torch.cuda.is_available():
+        pytest.skip("this machine has an AMD GPU")
+    assert ROCmPlatform.is_available() is False
+    assert check_platform(ROCmPlatform) is False
+
+
+def test_conformance_with_a_faked_amd_gpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpu(monkeypatch, "hip", True)
+    assert check_platform(ROCmPlatform) is True
+    info = ROCmPlatform().describe()
+    assert info["platform"] == "rocm" and "rocm" in info and info["device"] == "Fake MI300X (#0)"
+
+
+def test_selection_on_a_rocm_build(kvik_plugin_manager, monkeypatch: pytest.MonkeyPatch) -> None:
+    kvik_plugin_manager.register(cuda_plugin, "cuda", "kvik-cuda")
+    kvik_plugin_manager.register(rocm_plugin, "rocm", "kvik-rocm")
+    fake_gpu(monkeypatch, "hip", True)
+    assert isinstance(resolve_platform("auto", kvik_plugin_manager), ROCmPlatform)
+    assert isinstance(resolve_platform("amd", kvik_plugin_manager), ROCmPlatform)
+    with pytest.raises(PluginError, match="device='rocm'"):
+        resolve_platform("cuda", kvik_plugin_manager)
+
+
+def test_configure_uses_the_gpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+    fake_gpu(monkeypatch, "hip", True)
+    config = EngineConfig()
+    ROCmPlatform().configure(config)
+    assert (config.block_size, config.max_num_batched_tokens, config.max_num_seqs) == (16, 8192, 256)
