@@ -46,7 +46,7 @@ class QuantizationMethod(ABC):
         tensor, or whatever the checkpoint format yields for this method.
         """
 
-    def process_weights_after_loading(self, layer: Linear) -> None:
+    def process_weights_after_loading(self, layer: Linear) -> None:  # noqa: B027 - optional, no-op by default
         """Repack or transpose loaded weights for fast ``apply`` (optional)."""
 
     @abstractmethod
