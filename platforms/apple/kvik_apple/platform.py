@@ -30,6 +30,13 @@ if TYPE_CHECKING:
 METAL_PRIORITY = 50
 # Below the torch CPU platform: MLX's CPU build is a test vehicle, not a default.
 NO_METAL_PRIORITY = -10
+GiB = 1 << 30
+# Without Metal, MLX runs on the host CPU: use kvik-cpu's step sizes, and (as
+# there) keep the KV pool to min(4 GiB, 1/4 of available RAM) since RAM is
+# shared with everything else.
+CPU_MAX_NUM_SEQS = 32
+CPU_MAX_NUM_BATCHED_TOKENS = 1024
+CPU_KV_CACHE_CAP = 4 * GiB
 
 
 @functools.cache
@@ -104,7 +111,17 @@ class ApplePlatform(Platform):
         return MemoryInfo(total=int(vm.total), free=int(vm.available))
 
     def configure(self, config: EngineConfig) -> list[str]:
-        notes = super().configure(config)
+        notes: list[str] = []
+        if not metal_available():
+            if config.max_num_seqs is None:
+                config.max_num_seqs = CPU_MAX_NUM_SEQS
+            if config.max_num_batched_tokens is None:
+                config.max_num_batched_tokens = CPU_MAX_NUM_BATCHED_TOKENS
+            if config.kv_cache_memory is None and config.num_kv_blocks is None:
+                available = self.memory_info().free
+                config.kv_cache_memory = max(GiB // 4, min(CPU_KV_CACHE_CAP, available // 4))
+                notes.append(f"kv_cache_memory={config.kv_cache_memory / GiB:.2f} GiB (MLX CPU build: like kvik-cpu)")
+        notes += super().configure(config)
         if config.attention_backend not in (None, *self.attention_backends):
             raise ValueError(
                 f"attention_backend {config.attention_backend!r} cannot run on the apple (MLX) platform; "

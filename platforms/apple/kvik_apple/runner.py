@@ -16,6 +16,7 @@ import mlx.core as mx
 import numpy as np
 from kvik.attention.backend import AttentionMetadata
 from kvik.sample.sampler import SamplingBatch
+from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.worker.interface import ModelRunner
 
@@ -98,30 +99,42 @@ class MLXModelRunner(ModelRunner):
         return caches
 
     def profile(self) -> int:
-        """Peak MLX memory of a maximal step (max_num_batched_tokens) beyond weights and its scratch cache."""
+        """Peak activation bytes of a maximal step (max_num_batched_tokens tokens).
+
+        On Metal this runs the dummy step and reads MLX's peak-memory counter.
+        MLX's Linux CPU wheel multiplies matrices with the reference BLAS it
+        bundles (~2 GFLOP/s), where a 1024-token step of a 135M model takes
+        minutes, so there the same quantity is computed from the shapes
+        (:func:`estimate_activation_bytes`) instead.
+        """
+        from kvik_apple.platform import metal_available
+
+        if not metal_available():
+            return estimate_activation_bytes(self.model_config, self.config, self.dtype.size)
+        return self._measure_step_peak()
+
+    def _measure_step_peak(self) -> int:
         tokens = self.config.max_num_batched_tokens or 2048
-        max_len = self.model_config.max_model_len
         seqs = max(1, min(self.config.max_num_seqs or 1, tokens))
         lengths = [tokens // seqs + (1 if i < tokens % seqs else 0) for i in range(seqs)]
-        lengths = [min(n, max_len) for n in lengths if n > 0]
+        lengths = [min(n, self.model_config.max_model_len) for n in lengths if n > 0]
         blocks_per = [-(-n // self.block_size) for n in lengths]
         saved, saved_blocks = self.kv_caches, self.num_blocks
         self.kv_caches, self.num_blocks = self._allocate(sum(blocks_per)), sum(blocks_per)
         mx.clear_cache()
         mx.reset_peak_memory()
         base = mx.get_active_memory()
-        from kvik.sampling_params import SamplingParams
-
         scheduled, next_block = [], 0
         for i, (n, nb) in enumerate(zip(lengths, blocks_per, strict=True)):
             ids = list(range(next_block, next_block + nb))
             next_block += nb
             scheduled.append(ScheduledRequest(f"profile-{i}", [0] * n, 0, ids, True, SamplingParams(temperature=0)))
-        self.execute(SchedulerOutput(scheduled=scheduled, num_batched_tokens=sum(lengths)))
-        peak = max(0, mx.get_peak_memory() - base)
-        self.kv_caches, self.num_blocks = saved, saved_blocks
-        mx.clear_cache()
-        return int(peak)
+        try:
+            self.execute(SchedulerOutput(scheduled=scheduled, num_batched_tokens=sum(lengths)))
+            return int(max(0, mx.get_peak_memory() - base))
+        finally:
+            self.kv_caches, self.num_blocks = saved, saved_blocks
+            mx.clear_cache()
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.kv_caches = self._allocate(num_blocks)
@@ -245,3 +258,21 @@ class MLXModelRunner(ModelRunner):
         self.model = None
         self.kv_caches = []
         mx.clear_cache()
+
+
+def estimate_activation_bytes(model_config: ModelConfig, config: EngineConfig, itemsize: int) -> int:
+    """Upper estimate of one step's live activations: one layer's intermediates at a time (MLX
+    frees a layer's temporaries once the next consumes them), the attention scores of the
+    longest chunk, and the logits of every sampled row; x2 for MLX's allocator slack.
+    """
+    mc = model_config
+    tokens = config.max_num_batched_tokens or 2048
+    rows = min(config.max_num_seqs or tokens, tokens)
+    context = mc.max_model_len  # a chunk attends to at most the whole context
+    qkv = tokens * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
+    intermediate = int(getattr(mc.hf_config, "intermediate_size", 4 * mc.hidden_size))
+    layer = 4 * tokens * mc.hidden_size + qkv + 3 * tokens * intermediate
+    gathered = 2 * context * mc.num_kv_heads * mc.head_dim
+    scores = 4 * mc.num_heads * tokens * context  # float32 softmax
+    logits = 4 * 3 * rows * mc.vocab_size  # float32 logits, probabilities, sort order
+    return 2 * ((layer + gathered) * itemsize + scores + logits)

@@ -1,0 +1,95 @@
+"""Platform selection and configuration, with Metal faked present or absent."""
+
+from __future__ import annotations
+
+import pytest
+
+pytest.importorskip("mlx.core", reason="kvik-apple tests need MLX (pip install 'mlx[cpu]' on Linux)")
+
+from kvik.config import EngineConfig
+from kvik.platforms.selector import resolve_platform
+from kvik.plugins.registry import PluginError
+from kvik_apple import platform as apple
+
+
+@pytest.fixture
+def metal(monkeypatch):
+    """metal(True/False) fakes whether MLX sees a Metal GPU."""
+
+    def fake(present: bool) -> None:
+        monkeypatch.setattr(apple, "metal_available", lambda: present)
+
+    return fake
+
+
+def test_auto_prefers_cpu_without_metal(metal, monkeypatch):
+    monkeypatch.delenv("KVIK_DEVICE", raising=False)
+    metal(False)
+    assert apple.ApplePlatform.priority < 0
+    assert resolve_platform().name == "cpu"
+
+
+def test_auto_prefers_apple_with_metal(metal, monkeypatch):
+    monkeypatch.delenv("KVIK_DEVICE", raising=False)
+    metal(True)
+    assert apple.ApplePlatform.priority > 0
+    assert resolve_platform().name == "apple"
+
+
+@pytest.mark.parametrize("device", ["apple", "mlx"])
+def test_forced_by_name_or_alias_without_metal(metal, device):
+    metal(False)
+    assert isinstance(resolve_platform(device), apple.ApplePlatform)
+
+
+def test_forcing_without_mlx_explains(monkeypatch):
+    monkeypatch.setattr(apple.ApplePlatform, "is_available", classmethod(lambda cls: False))
+    monkeypatch.setattr(apple.ApplePlatform, "unavailable_reason", classmethod(lambda cls: "the mlx package is gone"))
+    with pytest.raises(PluginError, match="mlx package is gone"):
+        resolve_platform("apple")
+
+
+def test_real_probe_on_this_machine():
+    import mlx.core as mx
+
+    assert apple.ApplePlatform.is_available() and apple.mlx_import_error() is None
+    assert apple.metal_available() == mx.metal.is_available()
+
+
+def test_cpu_build_defaults(metal):
+    metal(False)
+    config = EngineConfig(model="x")
+    notes = apple.ApplePlatform().configure(config)
+    assert config.block_size == 16
+    assert config.max_num_seqs == apple.CPU_MAX_NUM_SEQS
+    assert config.kv_cache_memory is not None and config.kv_cache_memory <= apple.CPU_KV_CACHE_CAP
+    assert any("kv_cache_memory" in n for n in notes)
+    platform = apple.ApplePlatform()
+    assert platform.quantized_weights_mode(EngineConfig(), "gguf") == "dequantize"
+    assert platform.default_dtype("bfloat16") == "float32"
+
+
+def test_metal_defaults(metal):
+    metal(True)
+    config = EngineConfig(model="x")
+    apple.ApplePlatform().configure(config)
+    assert config.max_num_seqs == 256 and config.kv_cache_memory is None
+    platform = apple.ApplePlatform()
+    assert platform.quantized_weights_mode(EngineConfig(), "gguf") == "quantized"
+    assert platform.quantized_weights_mode(EngineConfig(quantized_weights="dequantize"), "gguf") == "dequantize"
+    assert platform.default_dtype("bfloat16") == "bfloat16"
+
+
+def test_rejects_a_torch_attention_backend():
+    with pytest.raises(ValueError, match="mlx_paged"):
+        apple.ApplePlatform().configure(EngineConfig(model="x", attention_backend="torch_ref"))
+
+
+def test_memory_info_is_host_ram_without_metal(metal):
+    import psutil
+
+    metal(False)
+    info = apple.ApplePlatform().memory_info()
+    assert info.total == psutil.virtual_memory().total and 0 < info.free <= info.total
+    facts = apple.ApplePlatform().describe()
+    assert facts["platform"] == "apple" and facts["device_type"] == "mlx" and "mlx" in facts
