@@ -46,6 +46,7 @@ class KVCacheManager:
         self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching)
         self.prefix_cache_stats = PrefixCacheStats()
         self._blocks: dict[str, list[KVCacheBlock]] = {}  # request id -> block table
+        self._block_ids: dict[str, list[int]] = {}  # request id -> its table's block ids (kept for speed)
         self._hashes: dict[str, list[bytes]] = {}  # request id -> hash of each full block of its tokens
         self._num_cached: dict[str, int] = {}  # request id -> leading blocks already registered in the cache
 
@@ -70,7 +71,7 @@ class KVCacheManager:
 
     def get_block_ids(self, request: Request) -> list[int]:
         """Block ids of the request's table, in position order (block i holds tokens [i*bs, (i+1)*bs))."""
-        return [b.block_id for b in self._blocks.get(request.request_id, ())]
+        return list(self._block_ids.get(request.request_id, ()))
 
     def num_blocks_needed(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
@@ -120,6 +121,10 @@ class KVCacheManager:
         """
         hits = new_computed_blocks or []
         table = self._blocks.get(request.request_id, [])
+        if not hits and table:  # fast path (a decode step): usually no new block is needed
+            num_needed = cdiv(request.num_computed_tokens + num_new_tokens, self.block_size) - len(table)
+            if num_needed <= 0:
+                return []
         assert not hits or not table, "prefix hits only apply to a request that holds no blocks"
         num_computed = request.num_computed_tokens + len(hits) * self.block_size
         num_needed = self.num_blocks_needed(num_computed + num_new_tokens) - len(table) - len(hits)
@@ -134,11 +139,14 @@ class KVCacheManager:
                 self.prefix_cache_stats.queries += request.num_tokens
                 self.prefix_cache_stats.hits += len(hits) * self.block_size
             self._blocks[request.request_id] = table
+            self._block_ids[request.request_id] = []
             self._num_cached[request.request_id] = len(hits)
         self.pool.touch(hits)
-        table.extend(hits)
         new_blocks = self.pool.get_new_blocks(num_needed)
-        table.extend(new_blocks)
+        ids = self._block_ids[request.request_id]
+        for blocks in (hits, new_blocks):
+            table.extend(blocks)
+            ids.extend(b.block_id for b in blocks)
         return new_blocks
 
     def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
@@ -159,6 +167,7 @@ class KVCacheManager:
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first (the tail is evicted before a shareable head)."""
         table = self._blocks.pop(request.request_id, [])
+        self._block_ids.pop(request.request_id, None)
         self._num_cached.pop(request.request_id, None)
         self._hashes.pop(request.request_id, None)
         self.pool.free_blocks(reversed(table))

@@ -256,13 +256,18 @@ class Scheduler:
             self.kv_cache.cache_blocks(request, request.num_computed_tokens)
             if not sched.sample:
                 continue
-            new_tokens = runner_output.sampled_token_ids.get(sched.request_id, [])
+            new_tokens = runner_output.sampled_token_ids.get(sched.request_id)
+            if not new_tokens:
+                # Without its token the request could never be scheduled again: fail loudly, not hang.
+                raise RuntimeError(
+                    f"the model runner returned no sampled token for request {sched.request_id!r}, "
+                    "which was scheduled with sample=True"
+                )
             for token_id in new_tokens:
                 request.append_output_token(token_id)
                 if self._check_stop(request, token_id):
                     break
-            if new_tokens:
-                updated.append(request)
+            updated.append(request)
             if request.is_finished:
                 self._release(request)
         if any(r.is_finished for r in updated):

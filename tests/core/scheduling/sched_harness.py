@@ -149,16 +149,27 @@ def check_invariants(sched: Scheduler) -> None:
         if block.block_hash is not None:
             num_hashed += 1
             assert pool.get_cached_block(block.block_hash) is block
-        if block.ref_cnt > 1:
-            assert block.block_hash is not None, "a block is shared but was never cached"
     assert num_hashed == pool.num_cached_blocks
     num_in_use = sum(1 for b in pool.blocks[1:] if b.ref_cnt > 0)
     assert pool.num_free_blocks + num_in_use == pool.num_usable_blocks
+    assert len(holders) == num_in_use  # blocks held by requests == blocks the pool counts as used
     assert len(set(pool.free_block_ids())) == pool.num_free_blocks
+
+    # A block is shared only through the prefix cache: every holder has it at the
+    # same table index, over identical token prefixes (equal chained hashes).
+    positions: dict[int, set[tuple[int, bytes]]] = {}
+    for request in sched.running:
+        hashes = kv.block_hashes(request)
+        for i, block in enumerate(tables.get(request.request_id, [])):
+            if block.ref_cnt > 1:
+                assert i < len(hashes), "a shared block is not full"
+                positions.setdefault(block.block_id, set()).add((i, hashes[i]))
+    assert all(len(p) == 1 for p in positions.values()), "a block is shared by different prefixes"
 
     for request in sched.running:
         assert request.status == RequestStatus.RUNNING
         table = tables.get(request.request_id, [])
+        assert kv.get_block_ids(request) == [b.block_id for b in table]
         assert len(table) * sched.block_size >= request.num_computed_tokens
         hashes = kv.block_hashes(request)
         for i, block in enumerate(table):
@@ -185,7 +196,9 @@ class RunResult:
     prefix_hits: int
 
 
-def run_workload(sched: Scheduler, specs: list[RequestSpec], max_steps: int = 5000) -> RunResult:
+def run_workload(
+    sched: Scheduler, specs: list[RequestSpec], reset_cache_steps: frozenset[int] = frozenset(), max_steps: int = 5000
+) -> RunResult:
     """Drive the scheduler with the fake runner, checking invariants after every step."""
     runner = FakeRunner(sched)
     pending = sorted(specs, key=lambda s: s.arrival_step)
@@ -199,6 +212,8 @@ def run_workload(sched: Scheduler, specs: list[RequestSpec], max_steps: int = 50
         for spec in specs:
             if spec.abort_step == step and not spec.abort_mid_step:
                 sched.finish_requests(spec.request.request_id, RequestStatus.FINISHED_ABORTED)
+        if step in reset_cache_steps:
+            sched.reset_prefix_cache()
         out = sched.schedule()
         reported += out.finished_request_ids
         if not out.is_empty:

@@ -249,3 +249,11 @@ def test_stats_snapshot() -> None:
     assert (stats.num_running, stats.num_waiting, stats.num_steps) == (1, 0, 1)
     assert stats.kv_cache_usage == pytest.approx(2 / 63)
     assert stats.prefix_cache_hit_rate == 0.0
+
+
+def test_a_runner_that_drops_a_sample_fails_loudly() -> None:
+    sched = _sched()
+    sched.add_request(make_request("a", [2, 3]))
+    out = sched.schedule()
+    with pytest.raises(RuntimeError, match="no sampled token for request 'a'"):
+        sched.update_from_output(out, RunnerOutput({}))

@@ -46,7 +46,7 @@ def workloads(draw: st.DrawFn) -> tuple[int, list[Raw]]:
         prefix = draw(st.sampled_from(prefixes))
         suffix = draw(st.lists(st.integers(0, 47), min_size=0 if prefix else 1, max_size=10))
         max_tokens = draw(st.integers(1, 12))
-        abort = draw(st.one_of(st.none(), st.integers(0, 30))) if draw(st.integers(0, 4)) == 0 else None
+        abort = draw(st.integers(0, 30)) if draw(st.integers(0, 2)) == 0 else None
         raws.append(
             Raw(
                 prompt=tuple(prefix + suffix),
@@ -113,9 +113,10 @@ def _params(sp) -> dict:
     chunked=st.booleans(),
     policy=st.sampled_from(["fcfs", "priority"]),
     threshold=st.sampled_from([0, 0, 3]),
+    resets=st.frozensets(st.integers(0, 20), max_size=2),
 )
 def test_random_workloads_produce_reference_tokens(
-    workload, pool_slack, extra_len, budget, max_num_seqs, caching, chunked, policy, threshold
+    workload, pool_slack, extra_len, budget, max_num_seqs, caching, chunked, policy, threshold, resets
 ) -> None:
     block_size, raws = workload
     longest = max(len(r.prompt) for r in raws)
@@ -136,7 +137,7 @@ def test_random_workloads_produce_reference_tokens(
         long_prefill_token_threshold=threshold,
     )
     specs = build(raws)
-    result = run_workload(sched, specs)
+    result = run_workload(sched, specs, reset_cache_steps=resets)
     check_outputs(result.outputs, specs, max_model_len)
     if not caching:
         assert result.prefix_hits == 0
