@@ -1,0 +1,136 @@
+"""Helpers for the GPU benchmarks: random-weight checkpoints built on the GPU, the peers' workload, records.
+
+The shapes and the workload generator match /work/shared/peers/common.py (the HF
+baselines in docs), so kvik and the peers see the same prompts.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+SHAPES: dict[str, dict[str, Any]] = {
+    # Llama-3.1-8B shape (rope scaling omitted: it does not change speed)
+    "llama8b": dict(
+        hidden_size=4096,
+        num_hidden_layers=32,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        intermediate_size=14336,
+        vocab_size=128256,
+        max_position_embeddings=131072,
+        rope_theta=500000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=False,
+    ),
+    "smollm2": dict(
+        hidden_size=576,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        intermediate_size=1536,
+        vocab_size=49152,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=True,
+    ),
+    "tiny": dict(
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        vocab_size=1000,
+        max_position_embeddings=4096,
+        tie_word_embeddings=True,
+    ),
+}
+
+
+def write_random_checkpoint(shape: str, root: Path, device: str = "cuda", seed: int = 0) -> Path:
+    """A bf16 random-weight LlamaForCausalLM of ``shape`` under ``root`` (reused when present).
+
+    Built directly on ``device`` in bf16 (HF's init: normal(0, 0.02), norms at 1), saved as
+    safetensors shards, plus the tiny byte-level tokenizer (benchmarks feed token ids and
+    skip detokenization, so its vocabulary does not matter).
+    """
+    import torch
+    from kvik.testing.tiny_models import build_tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    path = root / f"{shape}-bf16"
+    if (path / "config.json").exists():
+        return path
+    t0 = time.perf_counter()
+    torch.manual_seed(seed)
+    cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    cfg.architectures = ["LlamaForCausalLM"]
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(previous)
+    model = model.to(torch.bfloat16)
+    model.config.dtype = torch.bfloat16
+    model.save_pretrained(path, max_shard_size="4GB")
+    build_tokenizer(512).save_pretrained(path)
+    params = sum(p.numel() for p in model.parameters())
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    print(f"wrote {shape} ({params / 1e9:.3f} B params) to {path} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return path
+
+
+def workload(n: int, vocab: int, lo: int = 128, hi: int = 1024, seed: int = 1234) -> list[list[int]]:
+    """n prompts of random token ids in [1, vocab), lengths uniform in [lo, hi] (the peers' generator)."""
+    rng = np.random.default_rng(seed)
+    lens = rng.integers(lo, hi + 1, size=n)
+    return [rng.integers(1, vocab, size=int(length)).tolist() for length in lens]
+
+
+def weight_bytes(shape: str) -> int:
+    """bf16 bytes of the shape's weights (what one decode step must read)."""
+    s = SHAPES[shape]
+    h, i, v, layers = s["hidden_size"], s["intermediate_size"], s["vocab_size"], s["num_hidden_layers"]
+    hd = h // s["num_attention_heads"]
+    attn = h * hd * (s["num_attention_heads"] * 2 + s["num_key_value_heads"] * 2)
+    per_layer = attn + 3 * h * i + 2 * h
+    emb = v * h * (1 if s["tie_word_embeddings"] else 2)
+    return 2 * (layers * per_layer + emb + h)
+
+
+def kv_bytes_per_token(shape: str) -> int:
+    s = SHAPES[shape]
+    hd = s["hidden_size"] // s["num_attention_heads"]
+    return 2 * 2 * s["num_hidden_layers"] * s["num_key_value_heads"] * hd
+
+
+def sync() -> None:
+    """Wait for the GPU (no-op on CPU smoke runs)."""
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class Recorder:
+    """Append JSON lines to $OUT/<name>.jsonl (or /tmp) and echo them."""
+
+    def __init__(self, name: str) -> None:
+        self.path = Path(os.environ.get("OUT", "/tmp")) / f"{name}.jsonl"
+
+    def __call__(self, **record: Any) -> None:
+        record["time"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        line = json.dumps(record, default=str)
+        print("RESULT " + line, flush=True)
+        with self.path.open("a") as f:
+            f.write(line + "\n")
