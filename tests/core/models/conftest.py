@@ -69,3 +69,8 @@ def make_runner(pm: PluginManager) -> Callable[..., TorchModelRunner]:
         return runner
 
     return build
+
+
+@pytest.fixture
+def test_platform() -> TestCPUPlatform:
+    return TestCPUPlatform()
