@@ -5,9 +5,12 @@ this step. Full blocks are identified by a chained hash of their tokens (see
 :func:`~kvik.scheduling.block_pool.hash_block_tokens`); a new request whose
 prompt starts with cached blocks reuses them instead of recomputing their KV.
 
-A block enters the cache only once its KV has been written (the scheduler calls
-:meth:`KVCacheManager.cache_blocks` after the runner returns), so a hit always
-reads finished KV.
+A block enters the cache as soon as the step that computes its KV is final
+(:meth:`KVCacheManager.cache_blocks`, called by the scheduler). A request
+admitted later in the same step may then share it: runners write a whole step's
+K/V before any attention reads the cache (``AttentionBackend.forward``'s
+contract), so concurrent requests with a common prefix (and the ``n`` samples of
+one prompt) compute that prefix once.
 """
 
 from __future__ import annotations
@@ -150,7 +153,12 @@ class KVCacheManager:
         return new_blocks
 
     def cache_blocks(self, request: Request, num_computed_tokens: int) -> None:
-        """Register the request's blocks that are full of computed KV (call after the runner wrote it)."""
+        """Register the request's full blocks among its first ``num_computed_tokens`` tokens.
+
+        Call it once those tokens' KV is written or scheduled in a step that can no
+        longer change (a block registered for a step that is then dropped would
+        serve KV that was never written).
+        """
         if not self.enable_prefix_caching:
             return
         table = self._blocks.get(request.request_id)

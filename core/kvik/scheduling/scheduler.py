@@ -7,12 +7,13 @@ the catch-up of many tokens, a decode the catch-up of the one sampled last step;
 chunked prefill is a catch-up cut short by the budget; a prefix-cache hit is a
 catch-up done for free. There is no prefill/decode mode.
 
-The engine loop is ``schedule() -> runner.execute(output) -> update_from_output()``.
+The engine loop is ``schedule() -> runner.execute(output) -> update_from_output()``,
+strictly in turn (a step's output must be executed before the next schedule()).
 ``num_computed_tokens`` advances in :meth:`Scheduler.schedule` (the step's tokens
-are counted as computed as soon as they are handed to the runner);
-:meth:`Scheduler.update_from_output` appends the sampled tokens, registers the
-newly written full blocks in the prefix cache and applies the token-level stop
-rules. Stop *strings* are the detokenizer's: it calls :meth:`finish_requests`.
+count as computed once handed to the runner), which also publishes the blocks
+the step fills to the prefix cache; :meth:`Scheduler.update_from_output` appends
+the sampled tokens and applies the token-level stop rules. Stop *strings* are
+the detokenizer's: it calls :meth:`finish_requests`.
 """
 
 from __future__ import annotations
@@ -203,6 +204,9 @@ class Scheduler:
             scheduled[request.request_id] = (request, num_new)
             budget -= num_new
             i += 1
+        # No request is un-scheduled from here on: publish the blocks this step fills.
+        for request, num_new in scheduled.values():
+            self.kv_cache.cache_blocks(request, request.num_computed_tokens + num_new)
 
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting.peek()
@@ -223,6 +227,7 @@ class Scheduler:
             self.running.append(request)
             scheduled[request.request_id] = (request, num_new)
             budget -= num_new
+            self.kv_cache.cache_blocks(request, num_hit_tokens + num_new)  # later admissions may share them
 
         out = SchedulerOutput(
             scheduled=[self._make_scheduled(r, n) for r, n in scheduled.values()],
@@ -241,8 +246,7 @@ class Scheduler:
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Request]:
         """Apply a step's results; return the requests that got new tokens (finished ones with their status).
 
-        For each scheduled request still alive: its newly written full blocks
-        enter the prefix cache, then each sampled token is appended and checked,
+        For each scheduled request still alive, each sampled token is appended and checked,
         in order: EOS (unless ``ignore_eos``), ``stop_token_ids`` (both only once
         ``min_tokens`` tokens exist), then length (``max_tokens`` or the model /
         KV-cache length). Tokens after a stop are dropped. Finished requests free
@@ -253,7 +257,6 @@ class Scheduler:
             request = self.requests.get(sched.request_id)
             if request is None or request.status != RequestStatus.RUNNING:
                 continue  # aborted (or preempted) since it was scheduled
-            self.kv_cache.cache_blocks(request, request.num_computed_tokens)
             if not sched.sample:
                 continue
             new_tokens = runner_output.sampled_token_ids.get(sched.request_id)

@@ -83,13 +83,14 @@ class FakeRunner:
         return block_id * bs + pos % bs
 
     def execute(self, out: SchedulerOutput) -> RunnerOutput:
+        """Write every scheduled token's KV, then read contexts back (like a real runner's layers)."""
         sched = self.scheduler
-        pool = sched.kv_cache.pool
+        kv_manager = sched.kv_cache
         assert out.num_batched_tokens == sum(r.num_new_tokens for r in out.scheduled)
         assert out.num_batched_tokens <= sched.max_num_batched_tokens
         assert len(out.scheduled) <= sched.max_num_seqs
         assert len({r.request_id for r in out.scheduled}) == len(out.scheduled)
-        sampled: dict[str, list[int]] = {}
+        written: set[int] = set()
         for sr in out.scheduled:
             request = sched.requests.get(sr.request_id)
             alive = request is not None and request.status == RequestStatus.RUNNING
@@ -102,12 +103,22 @@ class FakeRunner:
             for k, token in enumerate(sr.token_ids):
                 pos = sr.start_pos + k
                 slot = self.slot(sr.block_ids, pos)
+                assert slot not in written, "two requests write the same KV slot in one step"
+                written.add(slot)
                 if alive and self.strict:
-                    # Only a request's own, not-yet-cached blocks are ever written.
-                    block = pool.blocks[sr.block_ids[pos // sched.block_size]]
-                    assert block.ref_cnt == 1 and block.block_hash is None, (sr.request_id, pos, block)
+                    # A written block is the writer's; if it is already published in the
+                    # prefix cache, it is under the writer's own hash for that position.
+                    index = pos // sched.block_size
+                    block = kv_manager.pool.blocks[sr.block_ids[index]]
+                    assert block in kv_manager.get_blocks(sr.request_id)
+                    if block.block_hash is not None:
+                        assert block.block_hash == kv_manager.block_hashes(request)[index]
                 self.kv[slot] = (token, pos)
+        sampled: dict[str, list[int]] = {}
+        for sr in out.scheduled:
             if sr.sample:
+                end = sr.start_pos + sr.num_new_tokens
+                true_tokens = sr.prompt_token_ids + sr.output_token_ids
                 context = [self.kv.get(self.slot(sr.block_ids, p)) for p in range(end)]
                 assert context == [(t, p) for p, t in enumerate(true_tokens[:end])], f"bad KV for {sr.request_id}"
                 sampled[sr.request_id] = [next_token(true_tokens[:end])]

@@ -80,6 +80,19 @@ def test_max_num_seqs_limits_the_batch() -> None:
     assert sched.num_running == 2 and sched.num_waiting == 1
 
 
+def test_same_step_admissions_share_a_prefix() -> None:
+    sched = _sched()
+    runner = FakeRunner(sched)
+    prompt = list(range(2, 11))  # 9 tokens: 2 full blocks
+    for name in ("a", "b", "c"):  # e.g. the n=3 samples of one prompt
+        sched.add_request(make_request(name, prompt, eos=frozenset()))
+    out = _step(sched, runner)
+    assert _plan(out) == [("a", 0, 9, True), ("b", 8, 1, True), ("c", 8, 1, True)]
+    ids = [sched.kv_cache.get_block_ids(sched.requests[x])[:2] for x in "abc"]
+    assert ids[0] == ids[1] == ids[2]
+    assert [b.ref_cnt for b in sched.kv_cache.get_blocks("a")[:2]] == [3, 3]
+
+
 def test_prefix_hits_count_as_computed_and_share_blocks() -> None:
     sched = _sched()
     runner = FakeRunner(sched)
@@ -257,3 +270,24 @@ def test_a_runner_that_drops_a_sample_fails_loudly() -> None:
     out = sched.schedule()
     with pytest.raises(RuntimeError, match="no sampled token for request 'a'"):
         sched.update_from_output(out, RunnerOutput({}))
+
+
+def test_an_unscheduled_victim_publishes_no_unwritten_blocks() -> None:
+    # Priority policy: b (less urgent) is scheduled first in step 3, filling its 2nd block,
+    # then a needs a block and b is preempted and un-scheduled. That block's KV was
+    # never written, so it must not be in the prefix cache when b resumes.
+    sched = _sched(num_blocks=5, policy="priority", long_prefill_token_threshold=3)
+    runner = FakeRunner(sched)
+    b = make_request("b", list(range(2, 14)), max_tokens=2, priority=1, arrival_time=0.0, eos=frozenset())
+    a = make_request("a", [30, 31, 32, 33, 34], max_tokens=2, priority=0, arrival_time=1.0, eos=frozenset())
+    sched.add_request(b)
+    _step(sched, runner)
+    sched.add_request(a)
+    _step(sched, runner)
+    out = _step(sched, runner)
+    assert out.preempted_request_ids == ["b"] and _plan(out) == [("a", 3, 2, True)]
+    while sched.has_unfinished_requests():
+        _step(sched, runner)
+    for r in (a, b):
+        fresh = make_request("ref", r.prompt_token_ids, r.max_tokens, eos=frozenset())
+        assert (r.output_token_ids, r.status) == reference_generate(fresh, 16)
