@@ -36,11 +36,13 @@ logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
 DEFAULT_KV_CACHE_CAP = 4 * GiB
-# A decode step costs ~one matmul pass over the weights whatever the batch; past a
-# few dozen sequences a CPU is compute bound and larger batches only add latency.
+# Decode throughput saturates early on a CPU: a SmolLM2-135M-shaped fp32 model (random
+# weights, 1 thread, torch_ref) gave 10 / 51 / 53 / 49 output tok/s at 1 / 8 / 32 / 64
+# concurrent sequences; beyond ~32 a batch only adds latency.
 DEFAULT_MAX_NUM_SEQS = 32
-# Tokens per step: a 1024-token prefill chunk keeps matmuls large enough for full
-# vector throughput while bounding how long decoding requests wait behind it.
+# Tokens per step (the prefill chunk): the same model prefilled two 1024-token prompts at
+# 96 / 118 / 108 tok/s with 256 / 1024 / 2048-token steps; 1024 is the fastest and bounds
+# how long decoding requests wait behind a chunk.
 DEFAULT_MAX_NUM_BATCHED_TOKENS = 1024
 IPEX_ATTENTION_BACKEND = "ipex_paged"  # preferred if some plugin registers it and IPEX imports
 CGROUP_MEMORY = Path("/sys/fs/cgroup")
