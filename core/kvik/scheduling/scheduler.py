@@ -299,7 +299,15 @@ class Scheduler:
         request.num_preemptions += 1
         self._num_preemptions += 1
         self.waiting.prepend(request)
-        logger.debug("preempted %s (%d tokens): KV cache full", request.request_id, request.num_tokens)
+        if self._num_preemptions == 1:  # once: it is normal under load, but worth knowing
+            logger.warning(
+                "KV cache full: preempted request %s (%d tokens); it will be recomputed later. Frequent "
+                "preemption slows generation: give the KV cache more memory or lower max_num_seqs.",
+                request.request_id,
+                request.num_tokens,
+            )
+        else:
+            logger.debug("preempted %s (%d tokens): KV cache full", request.request_id, request.num_tokens)
 
     def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
