@@ -144,3 +144,25 @@ def test_logits_processors_run_first() -> None:
     sampler.logits_processors.append(ban_top)
     logits = torch.tensor([[0.0, 5.0, 3.0]])
     assert sampler(logits, batch([SamplingParams(temperature=0.0)])).tolist() == [2]
+
+
+@pytest.mark.parametrize("scale", [6.0, 0.01])  # peaked: nucleus within the candidates; flat: falls back to a sort
+def test_candidate_top_p_equals_the_full_sort(scale: float) -> None:
+    torch.manual_seed(2)
+    logits = torch.randn(6, 3000) * scale
+    params = [
+        SamplingParams(top_p=0.9),
+        SamplingParams(top_p=0.5, top_k=100),
+        SamplingParams(top_k=200),
+        SamplingParams(),
+        SamplingParams(top_p=0.99),
+        SamplingParams(top_p=0.3, top_k=3000),
+    ]
+    b = batch(params)
+    fast = apply_top_k_top_p(logits.clone(), b, column, candidates=256)
+    slow = apply_top_k_top_p(logits.clone(), b, column, candidates=0)
+    assert torch.equal(torch.isfinite(fast), torch.isfinite(slow))
+    torch.testing.assert_close(fast[torch.isfinite(fast)], slow[torch.isfinite(slow)])
+    for row in (0, 1, 4):
+        expected = brute_force_keep(logits[row], params[row].top_k, params[row].top_p, 0.0)
+        assert kept(fast[row : row + 1])[0] == expected
