@@ -6,8 +6,10 @@ count from the first token on (there is no idle parallel hardware to fill):
 * dtype: bfloat16 only when the checkpoint is bf16/fp16 *and* the CPU has
   native bf16 dot products (AVX512-BF16 or AMX on x86, BF16 on Arm). On such
   a CPU a [64, 2048] x [2048, 2048] matmul took 1.5 ms in bf16 vs 6.9 ms in
-  fp32 (1 thread, AMD EPYC with avx512_bf16); without those instructions bf16
-  is emulated through fp32 and slower than fp32, so float32 is used.
+  fp32 (1 thread, AMD EPYC with avx512_bf16), and a SmolLM2-135M-shaped model
+  served 8 x (128 prompt + 32 output) tokens in 9.1 s in bf16 vs 20.9 s in fp32.
+  Without those instructions bf16 is emulated through fp32 and slower than
+  fp32, so float32 is used.
 * threads: one per physical core of the affinity mask (SMT siblings share a
   core's vector units).
 * KV cache: RAM is shared with the OS and other processes, so the pool
