@@ -68,6 +68,16 @@ def test_conformance_against_the_reference(manager: PluginManager, checkpoint: P
     check_model_architecture(checkpoint, manager, reference=lambda ids: reference_logits(weights, config, ids))
 
 
+def test_conformance_in_bfloat16(manager: PluginManager, tmp_path: Path) -> None:
+    # A bf16 checkpoint computed in bf16 (what the cpu platform picks on CPUs with native bf16);
+    # the reference computes in float32 from the same bf16 weights, hence the looser tolerance.
+    checkpoint = make_tiny_parallel_llama(tmp_path, seed=4, dtype="bfloat16")
+    weights, config = _reference_inputs(checkpoint)
+    check_model_architecture(
+        checkpoint, manager, reference=lambda ids: reference_logits(weights, config, ids), dtype="bfloat16", rtol=3e-2
+    )
+
+
 class _PositionBlind(ParallelLlamaForCausalLM):
     """A subtly wrong port: rotary frequencies zeroed, so attention ignores positions."""
 
