@@ -7,7 +7,10 @@ several things and the core records which distribution each came from.
 
 Hooks evolve the pluggy way: new arguments may be added (an implementation
 may accept any subset), a hook's meaning never changes within one major
-``PLUGIN_API_VERSION``.
+``PLUGIN_API_VERSION``. Registration hooks run once per process (and again in
+every process kvik starts), so they must do nothing but call ``register``.
+A hook that raises registers nothing and is reported with its distribution.
+Every hook is listed with its signature in docs/plugins.md (a test checks it).
 """
 
 from __future__ import annotations
