@@ -20,39 +20,19 @@ import random
 from collections.abc import Callable
 from pathlib import Path
 
-import psutil
 import torch
 from torch import nn
 
-from kvik.config import EngineConfig, ModelConfig
+from kvik.config import EngineConfig
 from kvik.models.interface import CausalLM
 from kvik.models.loader import build_model_config, resolve_format
-from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
-from kvik.worker.interface import ModelRunner
+from kvik.testing.host_platform import HostCPUPlatform
 from kvik.worker.torch_runner import TorchModelRunner
 
 BLOCK_SIZE = 4  # small, so every prompt spans several blocks
-
-
-class _HostPlatform(Platform):
-    """The CPU as a bare platform, so the check does not depend on kvik-cpu being installed."""
-
-    name = "conformance-cpu"
-    device_type = "cpu"
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return True
-
-    def memory_info(self) -> MemoryInfo:
-        vm = psutil.virtual_memory()
-        return MemoryInfo(total=vm.total, free=vm.available)
-
-    def create_model_runner(self, config: EngineConfig, model_config: ModelConfig) -> ModelRunner:
-        return TorchModelRunner(config, model_config, torch.device("cpu"), self)
 
 
 class _Steps:
@@ -107,7 +87,7 @@ def check_model_architecture(
     against ``rtol``.
     """
     manager = manager or get_plugin_manager()
-    platform = _HostPlatform()
+    platform = HostCPUPlatform()
     config = EngineConfig(model=str(checkpoint), dtype=dtype, block_size=BLOCK_SIZE)
     platform.configure(config)
     model_config = build_model_config(config, resolve_format(str(checkpoint), manager), manager, platform)
