@@ -72,7 +72,7 @@ def resolve_platform(device: str | None = None, manager: PluginManager | None = 
             raise PluginError(
                 f"platform {requested!r} ({source}{requested}) is not available on this machine: {reason}. "
                 "kvik does not fall back to another platform when one is named; "
-                f"use device='auto' to pick the best available one."
+                "use device='auto' to pick the best available one."
             )
         return cls()
     candidates: list[type[Platform]] = []
