@@ -8,13 +8,25 @@ each prefill chunk gets one gather and one attention call.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 
 _PLAN_KEY = "torch_ref"
+# cuDNN's SDPA builds a graph per new shape (milliseconds of host time each), and
+# decode shapes change every step; the other kernels need no such set-up.
+_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
+
+
+def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+    if not q.is_cuda:  # the context manager costs ~20 us a call: only pay it where cuDNN exists
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
+    with sdpa_kernel(_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
 @dataclass(slots=True)
@@ -61,7 +73,8 @@ class TorchRefAttentionBackend(AttentionBackend):
         decode_reqs = [i for i, q in enumerate(metadata.query_lens_cpu) if q == 1]
         plan = _Plan(None, None, None, None, [])
         if decode_reqs:
-            max_len = max(metadata.seq_lens_cpu[i] for i in decode_reqs)
+            # Rounded up to whole blocks: fewer distinct shapes for kernels that specialise on them.
+            max_len = -(-max(metadata.seq_lens_cpu[i] for i in decode_reqs) // bs) * bs
             reqs = torch.tensor(decode_reqs, dtype=torch.int64).to(device, non_blocking=True)
             pos = torch.arange(max_len, device=device)
             plan.decode_rows = torch.tensor([starts[i] for i in decode_reqs], dtype=torch.int64).to(
@@ -122,7 +135,7 @@ class TorchRefAttentionBackend(AttentionBackend):
         k = k_cache.index_select(0, flat).view(nd, max_len, self.num_kv_heads, self.head_size).transpose(1, 2)
         v = v_cache.index_select(0, flat).view(nd, max_len, self.num_kv_heads, self.head_size).transpose(1, 2)
         mask = self._decode_mask(plan)  # [nd, 1, 1, max_len] bool
-        o = F.scaled_dot_product_attention(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale)
+        o = _sdpa(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale)
         return o.reshape(nd, self.num_heads, self.head_size)
 
     def _decode_mask(self, plan: _Plan) -> torch.Tensor:
@@ -158,10 +171,10 @@ class TorchRefAttentionBackend(AttentionBackend):
         q_len = p.end - p.start
         gqa = self.num_heads != self.num_kv_heads
         if p.slots is None and self.sliding_window is None:
-            o = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
+            o = _sdpa(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
             mask = self._prefill_mask(q_len, p.context_len, q.device, plan)
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
+            o = _sdpa(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         return o[0].transpose(0, 1)  # [q, H, D]
 
     def _prefill_mask(self, q_len: int, context_len: int, device: torch.device, plan: _Plan) -> torch.Tensor:
