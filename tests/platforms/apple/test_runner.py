@@ -85,3 +85,32 @@ def test_weight_and_block_sizes(tiny_model_dir):
     )
     assert runner.weight_bytes() == 4 * n_params
     assert runner.kv_caches[0].shape == (2, 64, 16, mc.num_kv_heads, mc.head_dim)
+
+
+def test_logprobs_and_prompt_logprobs_match_hf(tiny_model_dir):
+    import numpy as np
+    import torch
+    from kvik.sampling_params import SamplingParams
+    from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
+    from transformers import AutoModelForCausalLM
+
+    path = tiny_model_dir(**MODELS["qwen2-bias-tied"])
+    prompt = random_prompts(1, seed=8, low=20, high=21)[0]
+    with torch.no_grad():
+        hf_lp = torch.log_softmax(AutoModelForCausalLM.from_pretrained(path)(torch.tensor([prompt])).logits[0], -1)
+    params = SamplingParams(temperature=0.0, logprobs=2, prompt_logprobs=1)
+    runner = make_runner(path)
+    # Two chunks: prompt logprobs come for the positions each step computes.
+    first = runner.execute(SchedulerOutput([ScheduledRequest("r", prompt[:8], 0, [3, 5], False, params, prompt)], 8))
+    second = runner.execute(SchedulerOutput([ScheduledRequest("r", prompt[8:], 8, [3, 5], True, params, prompt)], 12))
+    entries = first.prompt_logprobs["r"] + second.prompt_logprobs["r"]
+    assert len(entries) == len(prompt) - 1
+    for pos, entry in enumerate(entries):
+        target = prompt[pos + 1]
+        assert target in entry and len(entry) in (1, 2)
+        np.testing.assert_allclose(entry[target], hf_lp[pos, target].item(), rtol=1e-4, atol=1e-4)
+    (sample_entry,) = second.logprobs["r"]
+    token = second.sampled_token_ids["r"][0]
+    top2 = torch.topk(hf_lp[-1], 2).indices.tolist()
+    assert token == top2[0] and list(sample_entry)[:2] == top2
+    np.testing.assert_allclose(sample_entry[token], hf_lp[-1, token].item(), rtol=1e-4, atol=1e-4)
