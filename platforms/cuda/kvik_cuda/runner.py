@@ -62,12 +62,30 @@ class CUDAModelRunner(TorchModelRunner):
     # -- setup -----------------------------------------------------------------------------
     def load_model(self) -> None:
         super().load_model()
+        self._fuse_layers()
         cfg, mc = self.config, self.model_config
         max_tokens = cfg.max_num_batched_tokens or 8192
         max_reqs = max(cfg.max_num_seqs or 256, max_tokens // max(1, mc.max_model_len) + 1)
         max_blocks = -(-mc.max_model_len // self.block_size) + 1
         self.inputs = StepInputs(max_tokens, max_reqs, max_blocks, self.block_size, self.device)
         self.sizes = capture_sizes(cfg.max_num_seqs or 256, max_tokens)
+
+    def _fuse_layers(self) -> None:
+        """Swap RMSNorm / SiLU-and-mul / rotary for one-kernel Triton versions (kvik_cuda.fused).
+
+        On by default on GPUs; ``extra={"fused_layers": False}`` keeps the eager modules
+        (``True`` forces them, e.g. on CPU under Triton's interpreter in tests).
+        """
+        wanted = self.config.extra.get("fused_layers", self.device.type == "cuda")
+        if not wanted or self.model is None:
+            return
+        try:
+            from kvik_cuda.fused import fuse_layers
+        except ImportError as exc:  # no triton: the eager layers stay
+            logger.warning("fused layers unavailable (%s); running the eager ones", exc)
+            return
+        counts = fuse_layers(self.model)
+        logger.info("fused layers: %s", ", ".join(f"{v} x {k}" for k, v in counts.items()) or "none matched")
 
     @property
     def graphs_enabled(self) -> bool:
@@ -123,6 +141,8 @@ class CUDAModelRunner(TorchModelRunner):
     # -- execution ---------------------------------------------------------------------------
     def _forward(self, scheduler_output: SchedulerOutput, rows: str) -> tuple[torch.Tensor, list[int]]:
         scheduled = scheduler_output.scheduled
+        if self.inputs is not None:
+            self.inputs.release(scheduler_output.finished_request_ids + scheduler_output.preempted_request_ids)
         size = self._bucket(scheduled) if rows == "sample" else None
         if size is None or self.model is None or not self.kv_caches:
             return super()._forward(scheduler_output, rows)

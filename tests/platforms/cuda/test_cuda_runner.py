@@ -25,6 +25,7 @@ from kvik_cuda.inputs import StepInputs
 from kvik_cuda.runner import CUDAModelRunner
 
 CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
 
 
 class HostPlatform(Platform):
@@ -88,7 +89,7 @@ def _runner(cls: type[TorchModelRunner], path, manager, **config) -> TorchModelR
         model=str(path), dtype="float32", block_size=4, max_num_batched_tokens=64, max_num_seqs=8, **config
     )
     model_config = build_model_config(cfg, resolve_format(cfg.model, manager), manager)
-    runner = cls(cfg, model_config, torch.device("cpu"), HostPlatform(), manager)
+    runner = cls(cfg, model_config, DEVICE, HostPlatform(), manager)
     runner.load_model()
     runner.initialize_kv_cache(32)
     return runner
@@ -119,13 +120,13 @@ def _one_thread():  # type: ignore[no-untyped-def]
 def test_pinned_input_path_gives_the_generic_runners_logits(kvik_plugin_manager, tiny_model_dir) -> None:
     path = tiny_model_dir("llama")
     expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
-    got = _logits(_runner(CUDAModelRunner, path, kvik_plugin_manager))
+    got = _logits(_runner(CUDAModelRunner, path, kvik_plugin_manager, extra={"fused_layers": False}))
     for e, g in zip(expected, got, strict=True):
         assert torch.equal(e, g)
 
 
 @pytest.mark.usefixtures("_one_thread")
-def test_bucketed_decode_with_triton_matches_torch_ref(kvik_plugin_manager, tiny_model_dir) -> None:
+def test_bucketed_decode_with_triton_and_fused_layers_matches_torch_ref(kvik_plugin_manager, tiny_model_dir) -> None:
     pytest.importorskip("triton", reason="triton is not installed")
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("without a GPU this needs TRITON_INTERPRET=1 before triton loads (tests/attention_backends set it)")
@@ -140,7 +141,9 @@ def test_bucketed_decode_with_triton_matches_torch_ref(kvik_plugin_manager, tiny
     kvik_plugin_manager.register(plugin, "interp_plugin", "tests")
     path = tiny_model_dir("llama")
     expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
-    runner = _runner(CUDAModelRunner, path, kvik_plugin_manager, attention_backend="triton_interp")
+    runner = _runner(
+        CUDAModelRunner, path, kvik_plugin_manager, attention_backend="triton_interp", extra={"fused_layers": True}
+    )
     assert runner._bucket(STEPS[1]) == 2 and runner._bucket(STEPS[3]) == 2 and runner._bucket(STEPS[2]) is None
     got = _logits(runner)
     for e, g in zip(expected, got, strict=True):

@@ -1,0 +1,299 @@
+"""Fused Triton kernels for the Llama family's elementwise layers, applied as a model transform.
+
+Eager PyTorch runs RMSNorm as ~9 kernels, rotary as ~10 and SiLU-and-mul as 2,
+each a full pass over its tensor; at decode batch sizes every one of them is a
+few microseconds of launch-bound GPU time (~30 per layer, ~1,000 per 8B step).
+Here each layer is one kernel.
+
+:func:`fuse_layers` swaps the *class* of matching modules of a built model
+(``kvik.layers`` RMSNorm, SiluAndMul, RotaryEmbedding; exact types only) for a
+subclass whose ``forward`` launches the kernel: weights, buffers and the model
+code stay as they are. The kernels reproduce the eager rounding steps (bf16
+products and sums rounded where torch rounds them): rotary is bit-exact, and
+RMSNorm / SiLU may differ by one unit in the last place where the float32
+reduction order or ``exp`` differ (tests/platforms/cuda/test_fused.py).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from kvik.layers.activation import SiluAndMul
+from kvik.layers.norm import RMSNorm
+from kvik.layers.rotary import RotaryEmbedding
+from torch import nn
+
+
+@triton.jit
+def _rms_norm_kernel(
+    x_ptr,
+    res_ptr,
+    w_ptr,
+    out_ptr,
+    res_out_ptr,
+    stride_x,
+    stride_r,
+    stride_o,
+    stride_ro,
+    n_cols,
+    eps,
+    HAS_RESIDUAL: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, BLOCK)
+    mask = offs < n_cols
+    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    if HAS_RESIDUAL:
+        r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # the add rounds to the input dtype
+        tl.store(res_out_ptr + row * stride_ro + offs, x, mask=mask)
+    x32 = x.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(x32 * x32, 0) / n_cols + eps)
+    normed = (x32 * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + row * stride_o + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    mask = cols < d
+    gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
+    up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
+    silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)  # F.silu rounds here
+    tl.store(out_ptr + row * stride_o + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _rotate_heads(
+    x_ptr,
+    out_ptr,
+    tok,
+    stride_xt,
+    stride_xh,
+    stride_ot,
+    stride_oh,
+    cos1,
+    cos2,
+    sin1,
+    sin2,
+    num_heads,
+    HEADS_PAD: tl.constexpr,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+):
+    """out = x*cos + rotate_half(x)*sin for every head of one token, rounding each product like eager."""
+    h = tl.arange(0, HEADS_PAD)[:, None]
+    d = tl.arange(0, HALF_PAD)[None, :]
+    mask = (h < num_heads) & (d < HALF)
+    src = x_ptr + tok * stride_xt + h * stride_xh + d
+    x1 = tl.load(src, mask=mask, other=0.0)
+    x2 = tl.load(src + HALF, mask=mask, other=0.0)
+    ty = x1.dtype
+    a1 = (x1.to(tl.float32) * cos1).to(ty).to(tl.float32)
+    b1 = (-x2.to(tl.float32) * sin1).to(ty).to(tl.float32)
+    a2 = (x2.to(tl.float32) * cos2).to(ty).to(tl.float32)
+    b2 = (x1.to(tl.float32) * sin2).to(ty).to(tl.float32)
+    dst = out_ptr + tok * stride_ot + h * stride_oh + d
+    tl.store(dst, (a1 + b1).to(ty), mask=mask)
+    tl.store(dst + HALF, (a2 + b2).to(ty), mask=mask)
+
+
+@triton.jit
+def _rotary_kernel(
+    q_ptr,
+    k_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    stride_qt,
+    stride_qh,
+    stride_kt,
+    stride_kh,
+    stride_ct,
+    stride_st,
+    num_heads,
+    num_kv_heads,
+    HALF: tl.constexpr,
+    HALF_PAD: tl.constexpr,
+    Q_HEADS_PAD: tl.constexpr,
+    K_HEADS_PAD: tl.constexpr,
+):
+    tok = tl.program_id(0).to(tl.int64)
+    d = tl.arange(0, HALF_PAD)[None, :]
+    dm = d < HALF
+    cos1 = tl.load(cos_ptr + tok * stride_ct + d, mask=dm, other=0.0).to(tl.float32)
+    cos2 = tl.load(cos_ptr + tok * stride_ct + HALF + d, mask=dm, other=0.0).to(tl.float32)
+    sin1 = tl.load(sin_ptr + tok * stride_st + d, mask=dm, other=0.0).to(tl.float32)
+    sin2 = tl.load(sin_ptr + tok * stride_st + HALF + d, mask=dm, other=0.0).to(tl.float32)
+    # Outputs are contiguous [n, heads, 2 * HALF].
+    _rotate_heads(
+        q_ptr,
+        q_out_ptr,
+        tok,
+        stride_qt,
+        stride_qh,
+        num_heads * 2 * HALF,
+        2 * HALF,
+        cos1,
+        cos2,
+        sin1,
+        sin2,
+        num_heads,
+        Q_HEADS_PAD,
+        HALF,
+        HALF_PAD,
+    )
+    _rotate_heads(
+        k_ptr,
+        k_out_ptr,
+        tok,
+        stride_kt,
+        stride_kh,
+        num_kv_heads * 2 * HALF,
+        2 * HALF,
+        cos1,
+        cos2,
+        sin1,
+        sin2,
+        num_kv_heads,
+        K_HEADS_PAD,
+        HALF,
+        HALF_PAD,
+    )
+
+
+def _pow2(n: int) -> int:
+    return triton.next_power_of_2(max(1, n))
+
+
+class FusedRMSNorm(RMSNorm):
+    """RMSNorm (with the optional residual add) in one kernel."""
+
+    def forward(
+        self, x: torch.Tensor, residual: torch.Tensor | None = None
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        if x.dim() != 2 or x.stride(-1) != 1 or self.weight.dtype != x.dtype or x.shape[0] == 0:
+            return super().forward(x, residual)
+        n, h = x.shape
+        out = torch.empty_like(x)
+        block = _pow2(h)
+        warps = 8 if block >= 4096 else 4
+        if residual is None:
+            _rms_norm_kernel[(n,)](
+                x,
+                x,
+                self.weight,
+                out,
+                out,
+                x.stride(0),
+                0,
+                out.stride(0),
+                0,
+                h,
+                self.eps,
+                HAS_RESIDUAL=False,
+                BLOCK=block,
+                num_warps=warps,
+            )
+            return out
+        residual = residual.contiguous()
+        res_out = torch.empty_like(x)
+        _rms_norm_kernel[(n,)](
+            x,
+            residual,
+            self.weight,
+            out,
+            res_out,
+            x.stride(0),
+            residual.stride(0),
+            out.stride(0),
+            res_out.stride(0),
+            h,
+            self.eps,
+            HAS_RESIDUAL=True,
+            BLOCK=block,
+            num_warps=warps,
+        )
+        return out, res_out
+
+
+class FusedSiluAndMul(SiluAndMul):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.stride(-1) != 1 or x.shape[0] == 0:
+            return super().forward(x)
+        n, d = x.shape[0], x.shape[1] // 2
+        out = torch.empty((n, d), dtype=x.dtype, device=x.device)
+        block = min(1024, _pow2(d))
+        _silu_and_mul_kernel[(n, triton.cdiv(d, block))](
+            x, out, x.stride(0), out.stride(0), d, BLOCK=block, num_warps=4
+        )
+        return out
+
+
+class FusedRotaryEmbedding(RotaryEmbedding):
+    """Rotates q and k of each token in one kernel (full-width rotary only; else eager)."""
+
+    def forward(
+        self, q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        cos, sin = cos_sin  # [n, 1, head_dim]
+        n = q.shape[0]
+        usable = (
+            self.rotary_dim == self.head_dim
+            and self.head_dim % 2 == 0
+            and q.stride(-1) == 1
+            and k.stride(-1) == 1
+            and cos.dtype == q.dtype
+            and n > 0
+        )
+        if not usable:
+            return super().forward(q, k, cos_sin)
+        cos, sin = cos.reshape(n, -1), sin.reshape(n, -1)
+        q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
+        half = self.head_dim // 2
+        _rotary_kernel[(n,)](
+            q,
+            k,
+            cos,
+            sin,
+            q_out,
+            k_out,
+            q.stride(0),
+            q.stride(1),
+            k.stride(0),
+            k.stride(1),
+            cos.stride(0),
+            sin.stride(0),
+            q.shape[1],
+            k.shape[1],
+            HALF=half,
+            HALF_PAD=_pow2(half),
+            Q_HEADS_PAD=_pow2(q.shape[1]),
+            K_HEADS_PAD=_pow2(k.shape[1]),
+            num_warps=4,
+        )
+        return q_out, k_out
+
+
+_FUSED: dict[type[nn.Module], type[nn.Module]] = {
+    RMSNorm: FusedRMSNorm,
+    SiluAndMul: FusedSiluAndMul,
+    RotaryEmbedding: FusedRotaryEmbedding,
+}
+
+
+def fuse_layers(model: nn.Module) -> dict[str, int]:
+    """Switch matching modules of ``model`` to their fused subclasses in place; return counts by class."""
+    counts: dict[str, int] = {}
+    for module in model.modules():
+        fused = _FUSED.get(type(module))
+        if fused is not None:
+            module.__class__ = fused  # same state, one overridden forward
+            counts[fused.__name__] = counts.get(fused.__name__, 0) + 1
+    return counts

@@ -1,0 +1,119 @@
+"""Fused Triton layers against the eager kvik.layers modules they replace.
+
+On CPU the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1).
+Rotary must match bit for bit; RMSNorm and SiLU-and-mul within one unit in the
+last place of the output dtype (float32 reduction order and exp may differ).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from kvik.layers.activation import SiluAndMul
+from kvik.layers.norm import RMSNorm
+from kvik.layers.rotary import RopeSettings, RotaryEmbedding
+from kvik_cuda.fused import FusedRMSNorm, FusedRotaryEmbedding, FusedSiluAndMul, fuse_layers
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# Triton's interpreter converts float32 -> bfloat16 by truncation, not round-to-nearest-even
+# as GPUs (and torch) do, so bf16 results are bit-exact only on a GPU; under the
+# interpreter they are checked to bf16 resolution instead.
+INTERPRETED_BF16 = DEVICE == "cpu"
+
+
+def _exact(got: torch.Tensor, want: torch.Tensor) -> None:
+    if INTERPRETED_BF16 and want.dtype == torch.bfloat16:
+        torch.testing.assert_close(got, want, rtol=2**-6, atol=2**-6)
+    else:
+        assert torch.equal(got, want)
+
+
+def _ulp_close(got: torch.Tensor, want: torch.Tensor) -> None:
+    assert got.dtype == want.dtype and got.shape == want.shape
+    eps = torch.finfo(want.dtype).eps * (2 if INTERPRETED_BF16 and want.dtype == torch.bfloat16 else 1)
+    tol = 2 * eps * want.float().abs() + 1e-6
+    bad = (got.float() - want.float()).abs() > tol
+    assert not bad.any(), f"{int(bad.sum())} of {bad.numel()} elements differ by more than one ulp"
+
+
+def _fused(module: torch.nn.Module) -> torch.nn.Module:
+    clone = copy.deepcopy(module)
+    fuse_layers(clone)
+    return clone
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden", [64, 96, 576])
+def test_rms_norm(dtype: torch.dtype, hidden: int) -> None:
+    torch.manual_seed(0)
+    norm = RMSNorm(hidden, 1e-5, dtype, DEVICE)
+    norm.weight.data = (1 + 0.1 * torch.randn(hidden)).to(dtype).to(DEVICE)
+    fused = _fused(norm)
+    assert type(fused) is FusedRMSNorm
+    x = torch.randn(7, hidden, dtype=dtype, device=DEVICE)
+    r = torch.randn(7, hidden, dtype=dtype, device=DEVICE)
+    _ulp_close(fused(x), norm(x))
+    out, res = fused(x, r)
+    want_out, want_res = norm(x, r)
+    _exact(res, want_res)  # the residual add rounds exactly as eager does
+    _ulp_close(out, want_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("d", [64, 1536, 1000])
+def test_silu_and_mul(dtype: torch.dtype, d: int) -> None:
+    torch.manual_seed(1)
+    x = 3 * torch.randn(5, 2 * d, dtype=dtype, device=DEVICE)
+    fused = _fused(SiluAndMul())
+    assert type(fused) is FusedSiluAndMul
+    _ulp_close(fused(x), SiluAndMul()(x))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (9, 3, 64), (6, 1, 80)])
+def test_rotary_is_bit_exact(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
+    torch.manual_seed(2)
+    rope = RotaryEmbedding(head_dim, RopeSettings(theta=10000.0), 4096, 4096, DEVICE)
+    fused = _fused(rope)
+    assert type(fused) is FusedRotaryEmbedding
+    n = 6
+    # q, k as the model makes them: views into one qkv projection output.
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
+    q = qkv[:, : heads * head_dim].view(n, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(n, kv_heads, head_dim)
+    positions = torch.tensor([0, 1, 5, 17, 1000, 4095], device=DEVICE)
+    cos_sin = rope.cos_sin(positions, dtype)
+    got_q, got_k = fused(q, k, cos_sin)
+    want_q, want_k = rope(q, k, cos_sin)
+    if dtype == torch.float32:  # products may contract into FMAs
+        torch.testing.assert_close(got_q, want_q, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(got_k, want_k, rtol=1e-6, atol=1e-6)
+    else:
+        _exact(got_q, want_q)
+        _exact(got_k, want_k)
+
+
+def test_partial_rotary_falls_back_to_eager() -> None:
+    rope = RotaryEmbedding(32, RopeSettings(theta=10000.0, partial_rotary_factor=0.5), 128, 128, DEVICE)
+    fused = _fused(rope)
+    q = torch.randn(3, 2, 32, device=DEVICE)
+    k = torch.randn(3, 1, 32, device=DEVICE)
+    cs = rope.cos_sin(torch.arange(3, device=DEVICE), torch.float32)
+    for a, b in zip(fused(q, k, cs), rope(q, k, cs), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_fuse_layers_swaps_only_exact_types() -> None:
+    class MyNorm(RMSNorm):
+        pass
+
+    model = torch.nn.Sequential(RMSNorm(8), MyNorm(8), SiluAndMul(), torch.nn.Linear(2, 2))
+    counts = fuse_layers(model)
+    assert counts == {"FusedRMSNorm": 1, "FusedSiluAndMul": 1}
+    assert type(model[1]) is MyNorm
