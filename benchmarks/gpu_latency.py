@@ -77,6 +77,37 @@ def measure_latency(
             fraction_of_floor=round(floor_ms / best[0], 3),
         )
     runner.graphs = captured
+    if captured:
+        _graph_times(runner, shape, record)
+
+
+def _graph_times(runner: Any, shape: str, record: Recorder) -> None:
+    """GPU time of one decode graph replay (the model only: no lm_head, sampling or host work).
+
+    The inputs are the capture's dummy batch (every row a 1-token context in the null
+    block), so this is the weights-and-kernels part of a step, without KV reads.
+    """
+    import torch
+    import triton.testing
+
+    from kvik.sampling_params import SamplingParams
+    from kvik.scheduling.output import ScheduledRequest
+
+    dummy = [ScheduledRequest("replay", [0], 0, [0], True, SamplingParams())]
+    times = {}
+    for size in (1, 8, 64, 256):
+        if size in runner.graphs:
+            runner.inputs.prepare(dummy, pad_to=size)
+            graph = runner.graphs[size][0]
+            times[size] = round(triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median"), 3)
+    torch.cuda.synchronize()
+    # Replays reuse the last step's inputs (idle engine): the numbers are the model's GPU time per step.
+    record(
+        event="graph_replay",
+        shape=shape,
+        ms_by_batch=times,
+        weights_floor_ms=round(weight_bytes(shape) / 3.0e12 * 1e3, 3),
+    )
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ python3 -c "import torch, triton; from kvik.plugins.manager import PluginManager
 for stage in $STAGES; do
   echo "=== $stage $(date -u +%H:%M:%S)"
   case $stage in
-    tests) timeout 240 python3 -m pytest tests/attention_backends/triton tests/platforms/cuda -q -p no:cacheprovider \
+    tests) timeout 240 python3 -m pytest ${TESTS:-tests/attention_backends/triton tests/platforms/cuda} -q -p no:cacheprovider \
              -o addopts="-ra --import-mode=importlib" 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     micro) timeout 150 python3 benchmarks/triton_attention.py 2>&1 | tee "$OUT/micro.log" | grep -v "^RESULT" | tail -5 ;;
     smollm2) timeout 200 python3 benchmarks/gpu_offline.py --shape smollm2 --n "$NSMOL" --latency 2>&1 \
