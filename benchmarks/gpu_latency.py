@@ -89,7 +89,6 @@ def _graph_times(runner: Any, shape: str, record: Recorder) -> None:
     """
     import torch
     import triton.testing
-
     from kvik.sampling_params import SamplingParams
     from kvik.scheduling.output import ScheduledRequest
 
