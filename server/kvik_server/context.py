@@ -83,11 +83,14 @@ class ServingContext:
             await asyncio.sleep(0.05)
         if self.inflight:
             logger.warning("aborting %d request(s) still running after the grace period", len(self.inflight))
-        await self.shutdown_engine(max(0.0, deadline - time.monotonic()))
-        # Let handlers send the final (aborted) chunks before the HTTP server closes connections.
-        flush_deadline = time.monotonic() + 5.0
-        while self.inflight and time.monotonic() < flush_deadline:
-            await asyncio.sleep(0.05)
+            # Abort through the running loop so each stream gets its final output and the
+            # handler can tell its client (an error event, then [DONE]) before we close.
+            for request_id in list(self.inflight):
+                await self.engine.abort(request_id)
+            flush_deadline = time.monotonic() + 5.0
+            while self.inflight and time.monotonic() < flush_deadline:
+                await asyncio.sleep(0.05)
+        await self.shutdown_engine(0.0)
 
     async def shutdown_engine(self, grace_period: float = 0.0) -> None:
         if self._shutdown_done or not self.started:

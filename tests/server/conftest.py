@@ -18,7 +18,7 @@ from server_harness import API_KEY, ServerProcess  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_model(tiny_model_dir: Callable[..., Path]) -> Path:
-    return tiny_model_dir("llama", max_position_embeddings=2048)
+    return tiny_model_dir("llama", max_position_embeddings=4096)
 
 
 @pytest.fixture(scope="session")
@@ -41,5 +41,5 @@ def start_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 
 @pytest.fixture(scope="session")
 def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
-    """The shared server most tests talk to (API key required; 16 sequences per batch)."""
-    return start_server("--max-num-seqs", "16", "--served-model-name", "tiny")
+    """The shared server most tests talk to (API key required; 16 sequences per batch; 64 KiB bodies)."""
+    return start_server("--max-num-seqs", "16", "--served-model-name", "tiny", "--max-request-body-bytes", "64KiB")
