@@ -31,12 +31,13 @@ METAL_PRIORITY = 50
 # Below the torch CPU platform: MLX's CPU build is a test vehicle, not a default.
 NO_METAL_PRIORITY = -10
 GiB = 1 << 30
-# Without Metal, MLX runs on the host CPU: use kvik-cpu's step sizes, and (as
-# there) keep the KV pool to min(4 GiB, 1/4 of available RAM) since RAM is
-# shared with everything else.
+# Without Metal, MLX runs on the host CPU: use kvik-cpu's step sizes and a
+# KV pool of min(1 GiB, 1/4 of available RAM). kvik-cpu allows 4 GiB, but
+# torch.zeros gets lazily committed zero pages while mx.zeros writes (commits)
+# the whole pool up front, and the CPU build is a test vehicle.
 CPU_MAX_NUM_SEQS = 32
 CPU_MAX_NUM_BATCHED_TOKENS = 1024
-CPU_KV_CACHE_CAP = 4 * GiB
+CPU_KV_CACHE_CAP = 1 * GiB
 
 
 @functools.cache
@@ -120,7 +121,9 @@ class ApplePlatform(Platform):
             if config.kv_cache_memory is None and config.num_kv_blocks is None:
                 available = self.memory_info().free
                 config.kv_cache_memory = max(GiB // 4, min(CPU_KV_CACHE_CAP, available // 4))
-                notes.append(f"kv_cache_memory={config.kv_cache_memory / GiB:.2f} GiB (MLX CPU build: like kvik-cpu)")
+                notes.append(
+                    f"kv_cache_memory={config.kv_cache_memory / GiB:.2f} GiB (MLX CPU build default: min(1 GiB, 1/4 of available RAM))"
+                )
         notes += super().configure(config)
         if config.attention_backend not in (None, *self.attention_backends):
             raise ValueError(

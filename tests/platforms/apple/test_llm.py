@@ -70,3 +70,11 @@ def test_chat_matches_hf_on_the_templated_prompt(tiny_model_dir):
     ids = AutoTokenizer.from_pretrained(path).apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
     ids = ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids
     assert out.token_ids == hf_greedy(path, [list(ids)], NEW)[0]
+
+
+def test_preemption_does_not_change_outputs(tiny_model_dir):
+    path = tiny_model_dir(**MODELS["llama-llama3-rope"])
+    prompts = _prompts()
+    llm = _llm(path, num_kv_blocks=8, max_model_len=96, max_num_batched_tokens=32)
+    assert _tokens(llm.generate(prompts, GREEDY)) == hf_greedy(path, prompts, NEW)
+    assert llm.llm_engine.get_stats().num_preemptions > 0
