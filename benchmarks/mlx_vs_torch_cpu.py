@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import sys
 import tempfile
@@ -82,6 +83,11 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=512)
     parser.add_argument("--devices", default="apple,cpu")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--mlx-preload",
+        help="also run the apple device with this BLAS library LD_PRELOADed (e.g. an OpenBLAS libopenblas.so.0), "
+        "to show how much of MLX's CPU-build speed is its bundled reference BLAS",
+    )
     parser.add_argument("--json-out")
     # internal: the child process
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -97,13 +103,26 @@ def main() -> None:
     root = Path(tempfile.gettempdir()) / "kvik_bench_models"
     model = build_model(args.shape, root)
     rows = []
-    for device in args.devices.split(","):
+    runs = [(device, None) for device in args.devices.split(",")]
+    if args.mlx_preload:
+        runs.append(("apple", args.mlx_preload))
+    for device, preload in runs:
         argv = [__file__, "--child", "--device", device, "--model", str(model)]
         for name in ("num_requests", "input_len", "output_len", "num_threads", "num_kv_blocks",
                      "max_num_batched_tokens", "seed"):  # fmt: skip
             argv += [f"--{name.replace('_', '-')}", str(getattr(args, name))]
-        print(f"running {device} ...", file=sys.stderr, flush=True)
-        rows.append(run_isolated(argv))
+        print(f"running {device}{' with ' + preload if preload else ''} ...", file=sys.stderr, flush=True)
+        saved = dict(os.environ)
+        if preload:  # the child inherits the environment; single-threaded like the bundled BLAS
+            os.environ.update(LD_PRELOAD=preload, OPENBLAS_NUM_THREADS="1")
+        try:
+            row = run_isolated(argv)
+        finally:
+            os.environ.clear()
+            os.environ.update(saved)
+        if preload:
+            row["runtime"] += f" + {Path(preload).name}"
+        rows.append(row)
     same = len({json.dumps(r.pop("first_tokens")) for r in rows}) == 1
     print(f"\nshape {args.shape}, {args.num_requests} requests, input {args.input_len}, output {args.output_len}, "
           f"greedy; machine: {platform.machine()} {platform.processor() or ''}".rstrip())  # fmt: skip

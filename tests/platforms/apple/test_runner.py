@@ -114,3 +114,20 @@ def test_logprobs_and_prompt_logprobs_match_hf(tiny_model_dir):
     top2 = torch.topk(hf_lp[-1], 2).indices.tolist()
     assert token == top2[0] and list(sample_entry)[:2] == top2
     np.testing.assert_allclose(sample_entry[token], hf_lp[-1, token].item(), rtol=1e-4, atol=1e-4)
+
+
+def test_profile_measured_peak_is_within_the_estimate(tiny_model_dir):
+    """The Metal path measures a real maximal step; the CPU build's shape-based estimate must cover it."""
+    from kvik_apple.runner import estimate_activation_bytes
+
+    path = tiny_model_dir(**MODELS["llama-llama3-rope"])
+    runner = make_runner(path, max_num_batched_tokens=256, max_num_seqs=8, max_model_len=256)
+    caches = runner.kv_caches
+    measured = runner._measure_step_peak()
+    assert runner.kv_caches is caches  # the scratch cache is dropped again
+    estimate = estimate_activation_bytes(runner.model_config, runner.config, 4)
+    assert 0 < measured <= estimate
+    from kvik_apple.platform import metal_available
+
+    if not metal_available():  # the CPU build plans with the estimate
+        assert runner.profile() == estimate
