@@ -16,10 +16,13 @@ for stage in $STAGES; do
     tests) timeout 240 python3 -m pytest ${TESTS:-tests/attention_backends/triton tests/platforms/cuda} -q -p no:cacheprovider \
              -o addopts="-ra --import-mode=importlib" 2>&1 | tee "$OUT/tests.log" | tail -25 ;;
     micro) timeout 150 python3 benchmarks/triton_attention.py 2>&1 | tee "$OUT/micro.log" | grep -v "^RESULT" | tail -5 ;;
-    smollm2) timeout 200 python3 benchmarks/gpu_offline.py --shape smollm2 --n "$NSMOL" --latency 2>&1 \
+    smollm2) timeout 200 python3 benchmarks/gpu_offline.py --shape smollm2 --n "$NSMOL" --latency ${EXTRA:-} 2>&1 \
              | tee "$OUT/smollm2.log" | grep -E "RESULT|Error|error" | cut -c1-1500 ;;
-    llama8b) timeout 420 python3 benchmarks/gpu_offline.py --shape llama8b --n "$N8B" --latency ${PROFILE:-} 2>&1 \
+    llama8b) timeout 420 python3 benchmarks/gpu_offline.py --shape llama8b --n "$N8B" --latency ${PROFILE:-} ${EXTRA:-} 2>&1 \
              | tee "$OUT/llama8b.log" | grep -E "RESULT|Error|error|Self CUDA" | cut -c1-1500 ;;
+    peers) # the HF baselines (/work/shared/peers, carried as .peers): batch-1 StaticCache + torch.compile
+           (cd .peers && timeout 240 python3 hf_static.py --shape llama8b --sections b1_compiled --budget 230 2>&1 \
+             | tee "$OUT/peers.log" | grep -E "RESULT|Error" | cut -c1-600) ;;
   esac
 done
 nvidia-smi --query-gpu=clocks.sm,clocks.mem,temperature.gpu --format=csv,noheader

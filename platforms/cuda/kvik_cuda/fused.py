@@ -8,10 +8,12 @@ Here each layer is one kernel.
 :func:`fuse_layers` swaps the *class* of matching modules of a built model
 (``kvik.layers`` RMSNorm, SiluAndMul, RotaryEmbedding; exact types only) for a
 subclass whose ``forward`` launches the kernel: weights, buffers and the model
-code stay as they are. The kernels reproduce the eager rounding steps (bf16
-products and sums rounded where torch rounds them): rotary is bit-exact, and
-RMSNorm / SiLU may differ by one unit in the last place where the float32
-reduction order or ``exp`` differ (tests/platforms/cuda/test_fused.py).
+code stay as they are. The kernels follow the eager rounding steps (16-bit
+products and sums rounded where torch rounds them); the residual add is
+bit-exact, and outputs may differ by one unit in the last place where the float32
+reduction order or ``exp`` differ, or where the compiler keeps a product in
+float32 (tests/platforms/cuda/test_fused.py). Eager and CUDA-graph steps both
+use these kernels, so graphs on/off stay identical.
 """
 
 from __future__ import annotations

@@ -1,8 +1,11 @@
 """Fused Triton layers against the eager kvik.layers modules they replace.
 
 On CPU the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1).
-Rotary must match bit for bit; RMSNorm and SiLU-and-mul within one unit in the
-last place of the output dtype (float32 reduction order and exp may differ).
+The residual add matches bit for bit; RMSNorm, SiLU-and-mul and rotary within
+one unit in the last place of the output dtype: the float32 reduction order and
+exp may differ, and on a GPU Triton's compiler may keep a product in float32
+(or contract it into an FMA) where eager rounds it to 16 bits (seen on an H100:
+rotary differed from eager in the last bit of some bf16/fp16 elements).
 """
 
 from __future__ import annotations
@@ -77,7 +80,7 @@ def test_silu_and_mul(dtype: torch.dtype, d: int) -> None:
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(4, 2, 16), (9, 3, 64), (6, 1, 80)])
-def test_rotary_is_bit_exact(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
+def test_rotary(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) -> None:
     torch.manual_seed(2)
     rope = RotaryEmbedding(head_dim, RopeSettings(theta=10000.0), 4096, 4096, DEVICE)
     fused = _fused(rope)
@@ -91,12 +94,11 @@ def test_rotary_is_bit_exact(dtype: torch.dtype, heads: int, kv_heads: int, head
     cos_sin = rope.cos_sin(positions, dtype)
     got_q, got_k = fused(q, k, cos_sin)
     want_q, want_k = rope(q, k, cos_sin)
-    if dtype == torch.float32:  # products may contract into FMAs
-        torch.testing.assert_close(got_q, want_q, rtol=1e-6, atol=1e-6)
-        torch.testing.assert_close(got_k, want_k, rtol=1e-6, atol=1e-6)
-    else:
-        _exact(got_q, want_q)
-        _exact(got_k, want_k)
+    # An element is a difference of two rounded products: bound its error by the inputs' scale.
+    for got, want, x in ((got_q, want_q, q), (got_k, want_k, k)):
+        scale = x.float().abs().amax(dim=-1, keepdim=True)
+        tol = 2 * torch.finfo(dtype).eps * (2 if INTERPRETED_BF16 and dtype == torch.bfloat16 else 1) * scale
+        assert ((got.float() - want.float()).abs() <= tol).all()
 
 
 def test_partial_rotary_falls_back_to_eager() -> None:
