@@ -113,7 +113,8 @@ def validation_error(errors: list[dict[str, Any]]) -> APIError:
                 param=param,
                 code="unsupported_parameter",
             )
-        return bad_request(f"Unrecognized request argument supplied: {param}", param=param, code="unknown_parameter")
+        shown = param if param is not None else json.dumps(name)
+        return bad_request(f"Unrecognized request argument supplied: {shown}", param=param, code="unknown_parameter")
     if kind == "json_invalid":
         return bad_request(
             "We could not parse the JSON body of your request. The body must be a JSON object "

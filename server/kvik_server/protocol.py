@@ -44,7 +44,8 @@ _NEUTRAL_ALLOWED = frozenset(
 class OpenAIModel(BaseModel):
     """Base of every request body: unknown fields are errors, neutral unsupported ones are dropped."""
 
-    model_config = ConfigDict(extra="forbid")
+    # allow_inf_nan=False: json.loads accepts NaN/Infinity, and a NaN temperature would poison sampling.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     @model_validator(mode="before")
     @classmethod
