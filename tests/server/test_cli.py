@@ -1,0 +1,72 @@
+"""`kvik serve` flags: sizes, YAML config files with command-line overrides, env API key, mounting."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+from kvik_server.cli import add_serve_arguments, apply_config_file, engine_kwargs, parse_serve_args, parse_size
+from kvik_server.context import ServerSettings
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [("1048576", 1 << 20), ("2GiB", 2 << 30), ("512MiB", 512 << 20), ("1.5GB", 1_500_000_000), ("64k", 64_000),
+     ("64KiB", 64 << 10), ("3 gib", 3 << 30), ("10b", 10)],
+)  # fmt: skip
+def test_parse_size(text: str, expected: int) -> None:
+    assert parse_size(text) == expected
+
+
+@pytest.mark.parametrize("text", ["", "GiB", "-1", "2XB", "1.2.3"])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError, match="invalid size"):
+        parse_size(text)
+
+
+def test_config_file_with_command_line_override(tmp_path: Path) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text(
+        "model: /models/a\nmax-num-seqs: 8\nkv_cache_memory: 1GiB\nport: 9000\n"
+        "enable-prefix-caching: false\napi-key: from-file\n"
+    )
+    args = parse_serve_args(["--config", str(config), "--port", "9100", "--max-waiting-requests", "3"])
+    assert args.model == "/models/a" and args.max_num_seqs == 8 and args.kv_cache_memory == 1 << 30
+    assert args.port == 9100  # the command line wins over the file
+    assert args.enable_prefix_caching is False and args.max_waiting_requests == 3
+    kwargs = engine_kwargs(args)
+    assert kwargs == {"model": "/models/a", "dtype": "auto", "max_num_seqs": 8, "kv_cache_memory": 1 << 30,
+                      "enable_prefix_caching": False}  # fmt: skip
+    settings = ServerSettings.from_args(args)
+    assert settings.api_keys == ("from-file",) and settings.max_waiting_requests == 3
+
+
+def test_config_file_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("max-num-seq: 8\n")
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--config", str(config), "--model", "m"])
+    err = capsys.readouterr().err
+    assert "max-num-seq" in err and "max-num-seqs" in err
+
+
+def test_api_key_from_env_and_default_model(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("KVIK_API_KEY", "env-key")
+    args = parse_serve_args([])
+    assert args.api_key == "env-key"
+    assert args.model  # the bundled default model (kvik.models.default)
+    assert parse_serve_args(["--api-key", "cli-key"]).api_key == "cli-key"  # the flag wins
+
+
+def test_mounted_in_kvik_cli(tmp_path: Path) -> None:
+    """The `kvik` CLI mounts `serve` with add_serve_arguments; run_server applies --config itself."""
+    from kvik.entrypoints.cli import build_parser
+
+    config = tmp_path / "serve.yaml"
+    config.write_text("max-num-seqs: 4\nport: 9001\n")
+    args = build_parser().parse_args(["serve", "--model", "m", "--config", str(config), "--port", "9002"])
+    args = apply_config_file(args)
+    assert (args.max_num_seqs, args.port, args.model) == (4, 9002, "m")
+    parser = add_serve_arguments(argparse.ArgumentParser())
+    assert parser.parse_args([]).host == "127.0.0.1"  # loopback unless asked otherwise
