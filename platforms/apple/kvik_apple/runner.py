@@ -152,11 +152,7 @@ class MLXModelRunner(ModelRunner):
         tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
         for i, req in enumerate(scheduled):
             n, start = len(req.token_ids), req.start_pos
-            if len(req.block_ids) * bs < start + n:
-                raise ValueError(
-                    f"request {req.request_id!r} has {len(req.block_ids)} blocks of {bs}, too few for "
-                    f"{start + n} tokens"
-                )
+            assert len(req.block_ids) * bs >= start + n, f"{req.request_id}: block table too short for {start + n}"
             ids.extend(req.token_ids)
             pos = range(start, start + n)
             positions.extend(pos)
@@ -212,6 +208,18 @@ class MLXModelRunner(ModelRunner):
             prompt_lp = plogits - mx.logsumexp(plogits, axis=-1, keepdims=True)
             to_eval.append(prompt_lp)
         mx.eval(to_eval)
+        return self._collect(scheduled, samplers, tokens, raw_logprobs, prompt_rows, prompt_lp)
+
+    @staticmethod
+    def _collect(
+        scheduled: list[ScheduledRequest],
+        samplers: list[int],
+        tokens: mx.array | None,
+        raw_logprobs: mx.array | None,
+        prompt_rows: list[tuple[int, np.ndarray, list[int]]],
+        prompt_lp: mx.array | None,
+    ) -> RunnerOutput:
+        """Evaluated MLX results -> the engine's plain-Python RunnerOutput."""
         output = RunnerOutput(sampled_token_ids={})
         if tokens is not None:
             sampled = np.array(tokens).tolist()
