@@ -48,8 +48,14 @@ class _Plan:
     decode_pos: torch.Tensor | None  # [1, max_len] int64 key positions
     decode_seq_lens: torch.Tensor | None  # [nd, 1] int64
     prefills: list[_Prefill]
+    decode_only: bool = False  # every request adds one token: rows need no gather/scatter
     # Masks shared by every layer with the same window, built by the first one.
     masks: dict[tuple[int | None, ...], torch.Tensor] = field(default_factory=dict)
+
+
+def _additive(allowed: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Bool mask -> additive float mask, built once per step (SDPA would convert a bool one per call)."""
+    return torch.zeros(allowed.shape, dtype=dtype, device=allowed.device).masked_fill_(~allowed, float("-inf"))
 
 
 def _slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) -> torch.Tensor:
@@ -91,6 +97,7 @@ class TorchRefAttentionBackend(AttentionBackend):
             if context > q:
                 slots = _slots(metadata.block_tables[i], torch.arange(context, device=device), bs)
             plan.prefills.append(_Prefill(starts[i], starts[i] + q, context, slots))
+        plan.decode_only = not plan.prefills
         metadata.backend_data[_PLAN_KEY] = plan
 
     def forward(
@@ -111,35 +118,31 @@ class TorchRefAttentionBackend(AttentionBackend):
         k_cache.index_copy_(0, metadata.slot_mapping[:n], key[:n].to(k_cache.dtype))
         v_cache.index_copy_(0, metadata.slot_mapping[:n], value[:n].to(v_cache.dtype))
 
+        if plan.decode_only and query.shape[0] == n:
+            return self._decode(query, kv_cache, plan)
         out = torch.empty_like(query)
         if plan.decode_rows is not None:
-            out.index_copy_(0, plan.decode_rows, self._decode(query, k_cache, v_cache, plan))
+            out.index_copy_(0, plan.decode_rows, self._decode(query.index_select(0, plan.decode_rows), kv_cache, plan))
         for p in plan.prefills:
             out[p.start : p.end] = self._prefill(query, key, value, k_cache, v_cache, p, plan)
         return out
 
-    def _decode(
-        self,
-        query: torch.Tensor,
-        k_cache: torch.Tensor,
-        v_cache: torch.Tensor,
-        plan: _Plan,
-    ) -> torch.Tensor:
-        assert plan.decode_rows is not None and plan.decode_slots is not None
+    def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan) -> torch.Tensor:
+        """query [nd, H, D]: the decode rows, in request order -> [nd, H, D]."""
+        assert plan.decode_slots is not None
         nd, max_len = plan.decode_slots.shape
-        group = self.num_heads // self.num_kv_heads
+        kvh, d = self.num_kv_heads, self.head_size
         # GQA without repeating K/V: the `group` query heads sharing a kv head
         # become `group` query rows of that head. q: [nd, kvh, group, D].
-        q = query.index_select(0, plan.decode_rows).view(nd, self.num_kv_heads, group, self.head_size)
-        flat = plan.decode_slots.reshape(-1)
-        k = k_cache.index_select(0, flat).view(nd, max_len, self.num_kv_heads, self.head_size).transpose(1, 2)
-        v = v_cache.index_select(0, flat).view(nd, max_len, self.num_kv_heads, self.head_size).transpose(1, 2)
-        mask = self._decode_mask(plan)  # [nd, 1, 1, max_len] bool
-        o = _sdpa(q, k.to(q.dtype), v.to(q.dtype), attn_mask=mask, scale=self.scale)
-        return o.reshape(nd, self.num_heads, self.head_size)
+        q = query.reshape(nd, kvh, self.num_heads // kvh, d)
+        # K and V in one gather: [2, nd * max_len, kvh, D] -> [2, nd, kvh, max_len, D]
+        kv = kv_cache.view(2, -1, kvh, d).index_select(1, plan.decode_slots.reshape(-1))
+        kv = kv.view(2, nd, max_len, kvh, d).transpose(2, 3).to(q.dtype)
+        o = _sdpa(q, kv[0], kv[1], attn_mask=self._decode_mask(plan, q.dtype), scale=self.scale)
+        return o.reshape(nd, self.num_heads, d)
 
-    def _decode_mask(self, plan: _Plan) -> torch.Tensor:
-        # Shared by every layer with the same window: built by the first one.
+    def _decode_mask(self, plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
+        """Additive mask [nd, 1, 1, max_len] (0 or -inf): shared by every layer with this window."""
         key = (-1, self.sliding_window)
         mask = plan.masks.get(key)
         if mask is None:
@@ -147,7 +150,7 @@ class TorchRefAttentionBackend(AttentionBackend):
             mask = plan.decode_pos < plan.decode_seq_lens
             if self.sliding_window is not None:
                 mask = mask & (plan.decode_pos >= plan.decode_seq_lens - self.sliding_window)
-            mask = mask[:, None, None, :]
+            mask = _additive(mask[:, None, None, :], dtype)
             plan.masks[key] = mask
         return mask
 
@@ -173,11 +176,13 @@ class TorchRefAttentionBackend(AttentionBackend):
         if p.slots is None and self.sliding_window is None:
             o = _sdpa(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
-            mask = self._prefill_mask(q_len, p.context_len, q.device, plan)
+            mask = self._prefill_mask(q_len, p.context_len, q.device, q.dtype, plan)
             o = _sdpa(q, k, v, attn_mask=mask, scale=self.scale, enable_gqa=gqa)
         return o[0].transpose(0, 1)  # [q, H, D]
 
-    def _prefill_mask(self, q_len: int, context_len: int, device: torch.device, plan: _Plan) -> torch.Tensor:
+    def _prefill_mask(
+        self, q_len: int, context_len: int, device: torch.device, dtype: torch.dtype, plan: _Plan
+    ) -> torch.Tensor:
         key = (q_len, context_len, self.sliding_window)
         mask = plan.masks.get(key)
         if mask is None:
@@ -188,5 +193,6 @@ class TorchRefAttentionBackend(AttentionBackend):
             mask = k_pos <= q_pos
             if self.sliding_window is not None:
                 mask = mask & (k_pos > q_pos - self.sliding_window)
+            mask = _additive(mask, dtype)
             plan.masks[key] = mask
         return mask
