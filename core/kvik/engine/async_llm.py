@@ -112,7 +112,9 @@ class AsyncLLM:
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str) and len(prompt) > 4096:
-            prepared = await asyncio.to_thread(self.engine.prepare_request, request_id, prompt, sampling_params, priority)
+            prepared = await asyncio.to_thread(
+                self.engine.prepare_request, request_id, prompt, sampling_params, priority
+            )
         else:
             prepared = self.engine.prepare_request(request_id, prompt, sampling_params, priority)
         stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()

@@ -70,7 +70,7 @@ class LLMEngine:
             for note in notes or []:
                 logger.info("plugin configuration: %s", note)
         self.format = resolve_format(config.model, self.manager)
-        self.model_config: ModelConfig = build_model_config(config, self.format, self.manager)
+        self.model_config: ModelConfig = build_model_config(config, self.format, self.manager, self.platform)
         self.tokenizer: Any = self._load_tokenizer()
         self.runner = self.platform.create_model_runner(config, self.model_config)
         self.runner.load_model()
@@ -97,7 +97,10 @@ class LLMEngine:
         self._last_step_time = time.monotonic()
         logger.info(
             "engine ready: model %s (%s, %s) on %s",
-            config.model, self.model_config.architecture, self.model_config.dtype, self.platform.name,
+            config.model,
+            self.model_config.architecture,
+            self.model_config.dtype,
+            self.platform.name,
         )
 
     # -- set-up --------------------------------------------------------------
@@ -214,7 +217,9 @@ class LLMEngine:
             state = self.output_processor.states.get(request_id)
             if state is None:
                 continue
-            self.scheduler.finish_requests([s.request.request_id for s in state.samples], RequestStatus.FINISHED_ABORTED)
+            self.scheduler.finish_requests(
+                [s.request.request_id for s in state.samples], RequestStatus.FINISHED_ABORTED
+            )
             output = self.output_processor.abort(request_id)
             if output is not None:
                 outputs.append(output)

@@ -141,4 +141,3 @@ class OutputProcessor:
             metrics=state.metrics,
             num_cached_tokens=state.metrics.num_cached_tokens,
         )
-

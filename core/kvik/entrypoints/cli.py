@@ -36,7 +36,9 @@ def _cmd_env(args: argparse.Namespace) -> int:
 
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Engine flags shared by ``generate`` (``serve`` adds its own set)."""
-    parser.add_argument("--model", "-m", default=None, help="checkpoint directory or .gguf file (default: bundled SmolLM2)")
+    parser.add_argument(
+        "--model", "-m", default=None, help="checkpoint directory or .gguf file (default: bundled SmolLM2)"
+    )
     parser.add_argument("--device", default=None, help="platform name (cpu, cuda, rocm, apple); default: auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--max-model-len", default=None, help="context length (int or 'auto')")
@@ -50,8 +52,18 @@ def parse_size(value: str | int | None) -> int | None:
     if value is None or isinstance(value, int):
         return value
     text = value.strip().lower().replace(" ", "")
-    units = {"kib": 1 << 10, "mib": 1 << 20, "gib": 1 << 30, "kb": 10**3, "mb": 10**6, "gb": 10**9,
-             "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "b": 1}
+    units = {
+        "kib": 1 << 10,
+        "mib": 1 << 20,
+        "gib": 1 << 30,
+        "kb": 10**3,
+        "mb": 10**6,
+        "gb": 10**9,
+        "k": 1 << 10,
+        "m": 1 << 20,
+        "g": 1 << 30,
+        "b": 1,
+    }
     for suffix, factor in units.items():
         if text.endswith(suffix):
             return int(float(text[: -len(suffix)]) * factor)
@@ -74,13 +86,14 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
 
 
 def _cmd_generate(args: argparse.Namespace) -> int:
-    from kvik.engine.llm_engine import LLMEngine
     from kvik.config import EngineConfig
+    from kvik.engine.llm_engine import LLMEngine
     from kvik.sampling_params import SamplingParams
 
     engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed,
-                            top_p=args.top_p, top_k=args.top_k)
+    params = SamplingParams(
+        max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, top_p=args.top_p, top_k=args.top_k
+    )
     prompt: str | list[int] = args.prompt
     if args.chat:
         messages = []

@@ -50,8 +50,7 @@ class LLM:
             params_list = list(sampling_params)
             if len(params_list) != len(prompt_list):
                 raise ValueError(
-                    f"got {len(params_list)} SamplingParams for {len(prompt_list)} prompts; "
-                    "pass one, or one per prompt"
+                    f"got {len(params_list)} SamplingParams for {len(prompt_list)} prompts; pass one, or one per prompt"
                 )
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts")
@@ -60,7 +59,7 @@ class LLM:
         # Validate everything before queueing anything, so a bad prompt fails the call cleanly.
         prepared = [
             engine.prepare_request(rid, p, sp, priority[i] if priority else 0)
-            for i, (rid, p, sp) in enumerate(zip(ids, prompt_list, params_list))
+            for i, (rid, p, sp) in enumerate(zip(ids, prompt_list, params_list, strict=False))
         ]
         for item in prepared:
             engine.add_prepared(item)
@@ -130,7 +129,7 @@ def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
         return [prompts]
     items = list(prompts)
     if items and all(isinstance(t, int) for t in items):
-        return [items]  # a single list of token ids
+        return [items]  # type: ignore[list-item]  # a single list of token ids
     for p in items:
         if not isinstance(p, str) and not (isinstance(p, Sequence) and all(isinstance(t, int) for t in p)):
             raise TypeError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}")

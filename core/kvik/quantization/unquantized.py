@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -25,7 +25,7 @@ class UnquantizedLinearMethod(QuantizationMethod):
             raise ValueError(f"unexpected parameter {name!r} for an unquantized linear layer")
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"expected a tensor for an unquantized weight, got {type(value).__name__}")
-        target = layer.weight.data
+        target = _weight(layer).data
         if shard is not None:
             start = sum(layer.output_sizes[:shard])
             target = target[start : start + layer.output_sizes[shard]]
@@ -34,10 +34,15 @@ class UnquantizedLinearMethod(QuantizationMethod):
         target.copy_(value)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, layer.weight)
+        return F.linear(x, _weight(layer))
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
-        return layer.weight.data
+        return _weight(layer).data
 
     def quantize_for_test(self, weight: torch.Tensor) -> dict[str, Any]:
         return {"weight": weight}
+
+
+def _weight(layer: Linear) -> torch.Tensor:
+    # nn.Module.__getattr__ is typed Tensor | Module; the weight is always a Parameter here.
+    return cast(torch.Tensor, layer.weight)

@@ -113,7 +113,7 @@ def make_tiny_model(
     # Random init with std 0.02 makes near-uniform logits; widen it so greedy
     # decoding is not a coin toss between ties.
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for param in model.parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.15)
     kwargs: dict[str, Any] = {"safe_serialization": True}

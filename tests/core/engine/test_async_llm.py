@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-
 from kvik import LLM, SamplingParams
 from kvik.engine.async_llm import AsyncLLM
 from kvik.testing.reference import random_prompts
@@ -24,8 +23,12 @@ def _engine(path: str) -> AsyncLLM:
 
 def test_concurrent_streams_match_offline(model_path):
     prompts = random_prompts(6, seed=5)
-    offline = [o.outputs[0].token_ids for o in LLM(model_path, device="cpu", dtype="float32", num_kv_blocks=128,
-                                                   max_model_len=256).generate(prompts, GREEDY)]
+    offline = [
+        o.outputs[0].token_ids
+        for o in LLM(model_path, device="cpu", dtype="float32", num_kv_blocks=128, max_model_len=256).generate(
+            prompts, GREEDY
+        )
+    ]
 
     async def main():
         engine = _engine(model_path)
@@ -60,10 +63,10 @@ def test_leaving_early_aborts_and_frees_blocks(model_path):
                 if stats.num_running == 0 and stats.kv_cache_usage == 0.0:
                     break
             assert engine.get_stats().num_running == 0
+            assert engine.get_stats().kv_cache_usage == 0.0
             # Still serving afterwards.
-            async for out in engine.generate([5, 6], GREEDY, request_id="next"):
-                pass
-            assert out.finished
+            outs = [out async for out in engine.generate([5, 6], GREEDY, request_id="next")]
+            assert outs[-1].finished and len(outs[-1].outputs[0].token_ids) == GREEDY.max_tokens
         finally:
             await engine.shutdown()
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 
 import pytest
-
 from kvik import LLM, SamplingParams
 from kvik.plugins.registry import PluginError
 
@@ -24,8 +23,14 @@ def test_prompt_longer_than_max_model_len(llm):
 
 @pytest.mark.parametrize(
     "kwargs, field",
-    [(dict(max_tokens=0), "max_tokens"), (dict(top_p=0.0), "top_p"), (dict(top_p=1.5), "top_p"),
-     (dict(temperature=-1), "temperature"), (dict(n=0), "n"), (dict(top_k=-5), "top_k")],
+    [
+        (dict(max_tokens=0), "max_tokens"),
+        (dict(top_p=0.0), "top_p"),
+        (dict(top_p=1.5), "top_p"),
+        (dict(temperature=-1), "temperature"),
+        (dict(n=0), "n"),
+        (dict(top_k=-5), "top_k"),
+    ],
 )
 def test_invalid_sampling_params(kwargs, field):
     with pytest.raises(ValueError, match=field):

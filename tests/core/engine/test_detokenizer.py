@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kvik.engine.detokenizer import IncrementalDetokenizer
 from kvik.testing.tiny_models import build_tokenizer
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kvik import LLM, SamplingParams
 from kvik.testing.reference import hf_greedy, random_prompts
 
@@ -102,15 +101,15 @@ def test_seeded_sampling_reproducible_regardless_of_batch(reference):
     params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50, seed=1234, max_tokens=24, ignore_eos=True)
     alone = llm.generate([prompts[0]], params)[0].outputs[0].token_ids
     others = SamplingParams(temperature=0.8, max_tokens=24, ignore_eos=True)
-    batch = llm.generate(prompts[1:5] + [prompts[0]], [others] * 4 + [params])
+    batch = llm.generate([*prompts[1:5], prompts[0]], [others] * 4 + [params])
     assert batch[-1].outputs[0].token_ids == alone
     small = _llm(path, num_kv_blocks=14, max_model_len=160)  # with preemption too
-    crowd = small.generate(prompts[:6] + [prompts[0]], [others] * 6 + [params])
+    crowd = small.generate([*prompts[:6], prompts[0]], [others] * 6 + [params])
     assert crowd[-1].outputs[0].token_ids == alone
 
 
 def test_stop_strings_and_outputs(reference):
-    path, prompts, baseline = reference
+    path, prompts, _baseline = reference
     llm = _llm(path)
     full = llm.generate([prompts[0]], GREEDY)[0].outputs[0]
     assert full.finish_reason == "length" and len(full.token_ids) == NEW_TOKENS
@@ -118,14 +117,16 @@ def test_stop_strings_and_outputs(reference):
     stop = text[len(text) // 2 : len(text) // 2 + 3]
     if not stop.strip():
         pytest.skip("generated text has no usable stop string")
-    out = llm.generate([prompts[0]], SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, stop=[stop]))
+    out = llm.generate(
+        [prompts[0]], SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True, stop=[stop])
+    )
     first = out[0].outputs[0]
     assert first.finish_reason == "stop" and first.stop_reason == stop
     assert first.text == text[: text.index(stop)]
 
 
 def test_n_samples_and_input_order(reference):
-    path, prompts, baseline = reference
+    path, prompts, _baseline = reference
     llm = _llm(path)
     outs = llm.generate(prompts[:3], SamplingParams(n=3, temperature=1.0, seed=7, max_tokens=8, ignore_eos=True))
     assert [o.prompt_token_ids for o in outs] == prompts[:3]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-
 from kvik.engine.memory_planner import plan_memory
 
 MiB = 1 << 20
