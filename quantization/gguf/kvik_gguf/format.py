@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 from collections import Counter
@@ -55,6 +56,24 @@ def hf_tensor_name(gguf_name: str) -> str:
     )
 
 
+@functools.lru_cache(maxsize=4)
+def _open_reader(path: str, size: int, mtime_ns: int) -> Any:
+    """A ``GGUFReader`` (a read-only memory map) per file version, shared by every engine in the process.
+
+    Parsing the metadata of a 49k-token vocabulary costs seconds; size and
+    mtime in the key make a rewritten file parse afresh.
+    """
+    import gguf
+
+    try:
+        return gguf.GGUFReader(path)
+    except Exception as exc:  # the reader raises assorted errors on damaged files
+        raise ValueError(
+            f"cannot read GGUF file {path} ({size} bytes): {exc}. The file looks truncated or corrupt "
+            "(an interrupted download or copy?); fetch it again"
+        ) from exc
+
+
 def _logical_shape(tensor: Any) -> tuple[int, ...]:
     # GGUF lists dims innermost first (ne0 = columns); torch wants rows first.
     return tuple(int(d) for d in reversed(tensor.shape.tolist()))
@@ -84,16 +103,8 @@ class GGUFFormat(ModelFormat):
     # -- reading -----------------------------------------------------------
     @cached_property
     def reader(self) -> Any:
-        import gguf
-
-        size = os.path.getsize(self.path)
-        try:
-            return gguf.GGUFReader(self.path)
-        except Exception as exc:  # the reader raises assorted errors on damaged files
-            raise ValueError(
-                f"cannot read GGUF file {self.path} ({size} bytes): {exc}. The file looks truncated or corrupt "
-                "(an interrupted download or copy?); fetch it again"
-            ) from exc
+        stat = os.stat(self.path)
+        return _open_reader(os.path.realpath(self.path), stat.st_size, stat.st_mtime_ns)
 
     @cached_property
     def tensors(self) -> dict[str, Any]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -13,8 +15,26 @@ from typing import Any
 DIGIT_SPLITTING_PRE_TOKENIZERS = frozenset({"smollm"})
 
 
+# (realpath, size, mtime_ns) -> the tokenizer built for that file version
+_BUILT: dict[tuple[str, int, int], Any] = {}
+
+
 def load_gguf_tokenizer(path: str, meta: Callable[[str], Any]) -> Any:
-    """``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` plus the fixes the file calls for."""
+    """``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` plus the fixes the file calls for.
+
+    Building it re-reads the vocabulary (seconds for 49k tokens), so the result
+    is cached per file version and each caller gets its own copy.
+    """
+    stat = os.stat(path)
+    key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
+    if key not in _BUILT:
+        if len(_BUILT) >= 4:
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = _build(path, meta)
+    return copy.deepcopy(_BUILT[key])
+
+
+def _build(path: str, meta: Callable[[str], Any]) -> Any:
     from transformers import AutoTokenizer
 
     p = Path(path)

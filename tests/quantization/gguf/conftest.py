@@ -4,7 +4,6 @@ from collections.abc import Iterator
 
 import pytest
 import torch
-
 from kvik.plugins.manager import PluginManager
 
 
