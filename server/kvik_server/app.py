@@ -150,13 +150,17 @@ def readiness(ctx: ServingContext) -> tuple[bool, str]:
         return False, "the engine loop is not running"
     stats = ctx.engine.get_stats()
     busy_since = ctx.busy_since()
-    if stats.num_running + stats.num_waiting == 0 or busy_since is None:
+    # The server's own count of requests awaiting the engine counts too: a wedged step
+    # also freezes the engine's statistics.
+    if busy_since is None and stats.num_running + stats.num_waiting == 0:
         return True, "idle"
+    if busy_since is None:
+        busy_since = stats.last_step_time
     stalled = time.monotonic() - max(stats.last_step_time, busy_since)
     if stalled > ctx.settings.ready_stall_seconds:
         return False, (
-            f"the engine made no progress for {stalled:.0f}s with {stats.num_running} running and "
-            f"{stats.num_waiting} waiting sequences"
+            f"the engine made no progress for {stalled:.0f}s while {len(ctx.engine_pending)} requests await it "
+            f"(last reported: {stats.num_running} running, {stats.num_waiting} waiting)"
         )
     return True, "serving"
 

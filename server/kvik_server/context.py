@@ -60,6 +60,9 @@ class ServingContext:
         # long prompts from blocking the event loop without starving the engine thread of CPU.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvik-tokenizer")
         self.inflight: dict[str, float] = {}  # request id -> time.monotonic() of admission
+        # Requests still waiting on the engine (the final output not yet received): /ready's view,
+        # which must not blame the engine for a client that reads a finished stream slowly.
+        self.engine_pending: dict[str, float] = {}
         self.inflight_seqs = 0  # sequences (n per prompt) admitted and not finished
         self.started = False
         self.draining = False
@@ -207,17 +210,18 @@ class ServingContext:
         it, which aborts the engine request if it has not finished. A ValueError from the
         engine (bad input) becomes a 400.
         """
-        self.inflight[request_id] = time.monotonic()
+        self.inflight[request_id] = self.engine_pending[request_id] = time.monotonic()
         self.inflight_seqs += params.n
         return EngineStream(self, prompt_ids, params, request_id, priority)
 
     def _release(self, request_id: str, num_seqs: int) -> None:
+        self.engine_pending.pop(request_id, None)
         if self.inflight.pop(request_id, None) is not None:
             self.inflight_seqs -= num_seqs
 
     def busy_since(self) -> float | None:
-        """time.monotonic() of the oldest in-flight request, or None when idle."""
-        return min(self.inflight.values(), default=None)
+        """time.monotonic() of the oldest request still waiting on the engine, or None."""
+        return min(self.engine_pending.values(), default=None)
 
 
 def _engine_max_num_seqs(engine: Any) -> int | None:
@@ -264,6 +268,7 @@ class EngineStream:
                         first_token = time.time()
                     if output.finished:
                         finished = True
+                        ctx.engine_pending.pop(request_id, None)
                         ctx.metrics.observe_finished(output, arrival, first_token, time.time())
                     yield output
             except ValueError as exc:

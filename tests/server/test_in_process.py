@@ -1,10 +1,12 @@
-"""Fuzz the request schema in-process (real engine, tiny model): never a 5xx, errors always OpenAI-shaped."""
+"""The app in-process (real engine, tiny model): schema fuzzing (never a 5xx, errors always OpenAI-shaped),
+unexpected errors as a generic 500, and /ready catching a wedged engine."""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import threading
+import time
 from collections.abc import Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -26,7 +28,10 @@ class InProcessServer:
     def __init__(self, model: Path) -> None:
         self.engine = AsyncLLM.from_engine_args(model=str(model), device="cpu", max_model_len=256, max_num_seqs=8,
                                                 num_threads=1)  # fmt: skip
-        self.app = build_app(self.engine, ServerSettings(served_model_name="tiny", max_request_body_bytes=1 << 20))
+        self.app = build_app(
+            self.engine,
+            ServerSettings(served_model_name="tiny", max_request_body_bytes=1 << 20, ready_stall_seconds=1.0),
+        )
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
         self.thread.start()
@@ -181,3 +186,34 @@ def test_unexpected_error_is_generic_500_and_server_keeps_serving(
     monkeypatch.undo()
     assert app_server.post("/v1/chat/completions", body).status_code == 200
     assert app_server.run(app_server.client.get("/health")).status_code == 200
+
+
+def test_ready_fails_while_engine_is_wedged(app_server: InProcessServer, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Work queued and no engine step for > ready_stall_seconds (1 s here): /ready 503, /health still 200."""
+    core = app_server.engine.engine  # the LLMEngine the AsyncLLM steps on its thread
+    unblock = threading.Event()
+    step = core.step
+
+    def wedged_step() -> Any:
+        unblock.wait(30)
+        return step()
+
+    assert app_server.run(app_server.client.get("/ready")).status_code == 200
+    time.sleep(1.2)  # idle for longer than the stall limit is still ready
+    assert app_server.run(app_server.client.get("/ready")).status_code == 200
+    monkeypatch.setattr(core, "step", wedged_step)
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}).encode()
+    pending = asyncio.run_coroutine_threadsafe(
+        app_server.client.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"}),
+        app_server.loop,
+    )
+    try:
+        time.sleep(1.5)
+        ready = app_server.run(app_server.client.get("/ready"))
+        assert ready.status_code == 503 and "no progress" in ready.json()["reason"], ready.text
+        assert app_server.run(app_server.client.get("/health")).status_code == 200  # liveness only
+    finally:
+        unblock.set()
+    assert pending.result(30).status_code == 200
+    monkeypatch.undo()
+    assert app_server.run(app_server.client.get("/ready")).status_code == 200
