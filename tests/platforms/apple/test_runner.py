@@ -131,3 +131,19 @@ def test_profile_measured_peak_is_within_the_estimate(tiny_model_dir):
 
     if not metal_available():  # the CPU build plans with the estimate
         assert runner.profile() == estimate
+
+
+def test_half_precision(tiny_model_dir):
+    """float16 keeps the float32 tokens on this model; bfloat16 runs with a bfloat16 cache and weights."""
+    import mlx.core as mx
+
+    path = tiny_model_dir(**MODELS["mistral-sliding-window"])
+    prompts = random_prompts(4, seed=9, low=5, high=30)
+    tables = _blocks(prompts, NEW)
+    reference = run_greedy(make_runner(path), prompts, tables, NEW)
+    assert run_greedy(make_runner(path, dtype="float16"), prompts, tables, NEW) == reference
+    bf16 = make_runner(path, dtype="bfloat16")
+    assert bf16.kv_caches[0].dtype == mx.bfloat16
+    assert bf16.model.model.layers[0].mlp.up_proj.weight.dtype == mx.bfloat16
+    first = [out[0] for out in run_greedy(bf16, prompts, tables, 1)]
+    assert sum(a == b[0] for a, b in zip(first, reference, strict=True)) >= 3  # rounding may flip a near-tie
