@@ -93,3 +93,16 @@ def test_memory_info_is_host_ram_without_metal(metal):
     assert info.total == psutil.virtual_memory().total and 0 < info.free <= info.total
     facts = apple.ApplePlatform().describe()
     assert facts["platform"] == "apple" and facts["device_type"] == "mlx" and "mlx" in facts
+
+
+def test_entry_point_registers_platform_and_backend():
+    """The installed distribution is found through the ``kvik`` entry-point group."""
+    from importlib.metadata import entry_points
+
+    from kvik.plugins.manager import PluginManager
+
+    (ep,) = [ep for ep in entry_points(group="kvik") if ep.name == "apple"]
+    assert ep.value == "kvik_apple.plugin"
+    manager = PluginManager(load_entrypoints=True)
+    assert manager.platforms.get("apple") is apple.ApplePlatform
+    assert manager.attention_backends.get("mlx_paged").name == "mlx_paged"
