@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -150,37 +151,57 @@ class TorchModelRunner(ModelRunner):
 
     # -- profiling --------------------------------------------------------------------
     def profile(self) -> int:
-        """Run the largest step the scheduler may issue; return its activation bytes.
+        """Return the activation bytes of the largest step the scheduler may issue.
 
-        On CUDA the peak allocated memory is measured. Elsewhere torch has no
-        allocator statistics, so the bytes are estimated from shapes (see
-        :meth:`estimate_activation_bytes`) after the dummy step proved it runs.
+        Where the device's torch module keeps allocator statistics (``torch.cuda``,
+        ``torch.xpu``, ...) a dummy step of ``max_num_batched_tokens`` tokens runs
+        and its peak is measured. Elsewhere (CPU) the bytes are estimated from
+        shapes (:meth:`estimate_activation_bytes`) and only a short dummy step runs,
+        to prove the model works without spending a full prefill of host compute
+        at start-up.
         """
         if self.model is None:
             raise RuntimeError("load_model() must run before profile()")
-        mc = self.model_config
         num_tokens = self.config.max_num_batched_tokens or 2048
-        seq_len = min(num_tokens, mc.max_model_len)
+        seq_len = min(num_tokens, self.model_config.max_model_len)
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
-        blocks_per_seq = -(-seq_len // self.block_size)
-        saved = self.kv_caches
-        self.kv_caches = self._allocate(blocks_per_seq * len(lens) + 1)  # tiny: just this step's tokens
-        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
-        scheduled = []
-        for i, n in enumerate(lens):
-            blocks = list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq))
-            scheduled.append(ScheduledRequest(f"profile-{i}", [0] * n, 0, blocks, True, params))
-        cuda = self.device.type == "cuda"
-        try:
-            if cuda:
-                torch.cuda.synchronize(self.device)
-                torch.cuda.reset_peak_memory_stats(self.device)
-                base = torch.cuda.memory_allocated(self.device)
-            self.execute(SchedulerOutput(scheduled, num_tokens))
-            if cuda:
-                torch.cuda.synchronize(self.device)
-                return max(0, torch.cuda.max_memory_allocated(self.device) - base)
+        stats = getattr(torch, self.device.type, None)
+        if not (hasattr(stats, "max_memory_allocated") and hasattr(stats, "reset_peak_memory_stats")):
+            self._dummy_step([min(seq_len, 2 * self.block_size), 1])
             return self.estimate_activation_bytes(lens)
+        assert stats is not None
+        base: list[int] = []
+
+        def start() -> None:  # after the temporary cache exists: measure activations only
+            stats.synchronize(self.device)
+            stats.reset_peak_memory_stats(self.device)
+            base.append(stats.memory_allocated(self.device))
+
+        self._dummy_step(lens, before_step=start)
+        stats.synchronize(self.device)
+        return max(0, stats.max_memory_allocated(self.device) - base[0])
+
+    def _dummy_step(self, lens: list[int], before_step: Callable[[], None] | None = None) -> None:
+        """Execute one step of fresh prompts of ``lens`` tokens on a temporary KV cache."""
+        blocks_per_seq = -(-max(lens) // self.block_size)
+        saved = self.kv_caches
+        self.kv_caches = self._allocate(blocks_per_seq * len(lens) + 1)  # just this step's tokens
+        params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
+        scheduled = [
+            ScheduledRequest(
+                f"profile-{i}",
+                [0] * n,
+                0,
+                list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)),
+                True,
+                params,
+            )
+            for i, n in enumerate(lens)
+        ]
+        try:
+            if before_step is not None:
+                before_step()
+            self.execute(SchedulerOutput(scheduled, sum(lens)))
         finally:
             self.kv_caches = saved  # drop the temporary cache
 

@@ -70,7 +70,7 @@ def test_sizes(runner: TorchModelRunner) -> None:
     assert runner.kv_caches[0].shape == (2, 64, 4, mc.num_kv_heads, mc.head_dim)
 
 
-def test_profile_runs_a_full_step_and_keeps_the_cache(runner: TorchModelRunner) -> None:
+def test_profile_estimates_without_allocator_stats_and_keeps_the_cache(runner: TorchModelRunner) -> None:
     runner.config.max_num_batched_tokens = 600  # longer than max_model_len (512): two dummy requests
     caches = runner.kv_caches
     activation = runner.profile()
