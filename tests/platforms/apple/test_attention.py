@@ -100,3 +100,53 @@ def test_validate_declares_mlx_only():
         head_size=64, dtype=torch.float32, device_type="cpu", block_size=16, sliding_window=None
     )
     assert reasons and "mlx" in reasons[0]
+
+
+class _TorchBridge(MLXPagedAttentionBackend):
+    """mlx_paged behind torch tensors, so the core's conformance suite (written for torch) can drive it.
+
+    Every call copies the torch cache into MLX and the updated MLX cache back, so the
+    suite's second step reads exactly what this backend wrote in the first.
+    """
+
+    supported_device_types = ("cpu",)
+
+    @classmethod
+    def prepare(cls, metadata: AttentionMetadata) -> None:
+        import dataclasses
+
+        def to_mx(t: torch.Tensor) -> mx.array:
+            return mx.array(t.numpy().astype(np.int32))
+
+        mlx_meta = dataclasses.replace(
+            metadata,
+            query_start_loc=to_mx(metadata.query_start_loc),
+            seq_lens=to_mx(metadata.seq_lens),
+            block_tables=to_mx(metadata.block_tables),
+            slot_mapping=to_mx(metadata.slot_mapping),
+            backend_data={},
+        )
+        MLXPagedAttentionBackend.prepare(mlx_meta)
+        metadata.backend_data["mlx"] = mlx_meta
+
+    def forward(self, query, key, value, kv_cache, metadata):  # type: ignore[override]
+        dtype = {torch.float32: mx.float32, torch.float16: mx.float16, torch.bfloat16: mx.bfloat16}[query.dtype]
+
+        def to_mx(t: torch.Tensor) -> mx.array:
+            return mx.array(t.float().numpy()).astype(dtype)
+
+        def to_torch(a: mx.array) -> torch.Tensor:
+            return torch.from_numpy(np.array(a.astype(mx.float32))).to(query.dtype)
+
+        cache = to_mx(kv_cache)
+        out = super().forward(to_mx(query), to_mx(key), to_mx(value), cache, metadata.backend_data["mlx"])
+        mx.eval(out, cache)
+        kv_cache.copy_(to_torch(cache))
+        return to_torch(out)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
+def test_core_conformance_suite(dtype):
+    from kvik.testing.conformance.attention import check_attention_backend
+
+    assert check_attention_backend(_TorchBridge, device="cpu", dtype=dtype) == 18

@@ -106,3 +106,9 @@ def test_entry_point_registers_platform_and_backend():
     manager = PluginManager(load_entrypoints=True)
     assert manager.platforms.get("apple") is apple.ApplePlatform
     assert manager.attention_backends.get("mlx_paged").name == "mlx_paged"
+
+
+def test_core_platform_conformance():
+    from kvik.testing.conformance.platform import check_platform
+
+    assert check_platform(apple.ApplePlatform) is True
