@@ -34,9 +34,20 @@ class SamplingParams:
     prompt_logprobs: int | None = None
     logit_bias: dict[int, float] | None = None
     allowed_token_ids: list[int] | None = None
+    bad_words: list[str] | None = None
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
+    # vLLM V1 removed best_of; only best_of == n (a no-op) is accepted.
+    best_of: int | None = None
+    # Structured output (vLLM's guided_* names): at most one may be set.
+    guided_json: dict[str, Any] | str | None = None  # a JSON schema
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None  # EBNF (GBNF)
+    guided_json_object: bool = False  # any JSON object (OpenAI response_format json_object)
+    # Filled by the engine at admission (tokenized bad_words); not for users.
+    bad_words_token_ids: list[list[int]] | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.stop, str):
@@ -86,8 +97,54 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise bad(name, value, "an integer >= 0 or None")
-        if self.allowed_token_ids is not None and not self.allowed_token_ids:
-            raise bad("allowed_token_ids", self.allowed_token_ids, "a non-empty list or None")
+        if self.allowed_token_ids is not None and (
+            not self.allowed_token_ids or any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)
+        ):
+            raise bad("allowed_token_ids", self.allowed_token_ids, "a non-empty list of token ids >= 0, or None")
+        if self.logit_bias is not None:
+            self._validate_logit_bias(bad)
+        if self.bad_words is not None and any(not isinstance(w, str) or not w.strip() for w in self.bad_words):
+            raise bad("bad_words", self.bad_words, "a list of non-empty strings")
+        if self.best_of is not None and self.best_of != self.n:
+            raise bad("best_of", self.best_of, f"None or equal to n ({self.n}): best_of > n is not supported "
+                      "(vLLM V1 dropped it too); ask for n samples and rank them by cumulative_logprob")  # fmt: skip
+        self._validate_guided(bad)
+
+    def _validate_logit_bias(self, bad: Any) -> None:
+        # JSON objects have string keys: coerce "50256" -> 50256 as vLLM does; clamp biases to [-100, 100].
+        coerced: dict[int, float] = {}
+        for key, value in dict(self.logit_bias or {}).items():
+            try:
+                token = int(key)
+            except (TypeError, ValueError):
+                raise bad("logit_bias", self.logit_bias, "a {token_id: bias} mapping with integer token ids") from None
+            if token < 0 or not _is_number(value) or value != value:
+                raise bad("logit_bias", self.logit_bias, "a {token_id >= 0: bias number} mapping")
+            coerced[token] = max(-100.0, min(100.0, float(value)))
+        self.logit_bias = coerced
+
+    def _validate_guided(self, bad: Any) -> None:
+        set_ = [name for name in GUIDED_FIELDS if getattr(self, name) not in (None, False)]
+        if len(set_) > 1:
+            raise ValueError(f"at most one structured-output constraint may be set, got {', '.join(set_)}")
+        if self.guided_json is not None and not isinstance(self.guided_json, (dict, str)):
+            raise bad("guided_json", self.guided_json, "a JSON schema (dict or JSON string)")
+        for name in ("guided_regex", "guided_grammar"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, str) or not value):
+                raise bad(name, value, "a non-empty string")
+        choice = self.guided_choice
+        if choice is not None and (not choice or any(not isinstance(c, str) or not c for c in choice)):
+            raise bad("guided_choice", choice, "a non-empty list of non-empty strings")
+
+    @property
+    def guided(self) -> tuple[str, Any] | None:
+        """The structured-output constraint as (kind, spec), kind one of json/regex/choice/grammar/json_object."""
+        for name in GUIDED_FIELDS:
+            value = getattr(self, name)
+            if value not in (None, False):
+                return name.removeprefix("guided_"), value
+        return None
 
     @property
     def greedy(self) -> bool:
@@ -97,6 +154,9 @@ class SamplingParams:
         values = {f.name: getattr(self, f.name) for f in fields(self)}
         values.update(changes)
         return SamplingParams(**values)
+
+
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "guided_json_object")
 
 
 def _is_number(value: Any) -> bool:

@@ -18,8 +18,10 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
+from kvik.sample.logits_processors import DEFAULT_LOGITS_PROCESSORS
 from kvik.sampling_params import SamplingParams
 
 _MASK64 = (1 << 64) - 1
@@ -35,6 +37,13 @@ class SamplingBatch:
     # Token history for penalties (read-only); filled by the runner when needed.
     prompt_token_ids: list[list[int]] = field(default_factory=list)
     output_token_ids: list[list[int]] = field(default_factory=list)
+    # The model's EOS ids: min_tokens masks them (with each row's stop_token_ids).
+    eos_token_ids: frozenset[int] = frozenset()
+    # Structured output: the rows a grammar constrains, and a callable returning their
+    # packed allowed-token bitmask [len(bitmask_rows), ceil(vocab / 32)] int32 (it may
+    # wait for a computation that overlapped the forward pass).
+    bitmask_rows: list[int] = field(default_factory=list)
+    bitmask: Callable[[], np.ndarray] | None = None
 
     def __len__(self) -> int:
         return len(self.params)
@@ -65,7 +74,7 @@ class Sampler:
         )
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
-        self.logits_processors: list[LogitsProcessor] = []
+        self.logits_processors: list[LogitsProcessor] = list(DEFAULT_LOGITS_PROCESSORS)
 
     def __call__(self, logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
         """logits [n, vocab] float32 -> sampled token ids [n] int64 (on the logits' device)."""

@@ -1,0 +1,196 @@
+"""Batched logits processors: the SamplingParams knobs that edit logits before temperature.
+
+Each processor is ``(logits [n, vocab] float32, batch) -> logits`` over the
+whole batch: it picks the rows that use its knob (a Python pass over the
+requests, never over the vocabulary), builds that step's index tensors once
+and edits those rows with one or two vectorised ops. A processor whose knob no
+row uses returns at once, so the defaults cost a few list scans per step.
+
+Order (vLLM V1's): structured-output bitmask, allowed_token_ids, bad_words,
+logit_bias, min_tokens, then repetition / frequency / presence penalties.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:
+    from kvik.sample.sampler import LogitsProcessor, SamplingBatch
+
+_NEG_INF = float("-inf")
+
+
+def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+
+
+def _fill(logits: torch.Tensor, rows: list[int], cols: list[int], value: float) -> torch.Tensor:
+    """logits[rows[i], cols[i]] = value (one scatter)."""
+    if rows:
+        logits.index_put_((_index(rows, logits.device), _index(cols, logits.device)), torch.tensor(value))
+    return logits
+
+
+def token_counts(token_lists: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
+    """How often each token occurs in each list: [len(token_lists), vocab] float32.
+
+    The lists are padded into one [rows, max_len] int64 tensor (pad id =
+    ``vocab``, an extra column dropped afterwards) and counted with a single
+    ``scatter_add_``: one host->device copy, no per-token work on the host.
+    """
+    longest = max((len(t) for t in token_lists), default=0)
+    counts = torch.zeros((len(token_lists), vocab + 1), dtype=torch.float32, device=device)
+    if longest:
+        padded = np.full((len(token_lists), longest), vocab, dtype=np.int64)
+        for i, tokens in enumerate(token_lists):
+            padded[i, : len(tokens)] = tokens
+        index = torch.from_numpy(padded).to(device, non_blocking=True)
+        counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.float32, device=device))
+    return counts[:, :vocab]
+
+
+def apply_allowed_token_ids(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Rows with ``allowed_token_ids`` keep only those tokens."""
+    rows, cols = [], []
+    for i, params in enumerate(batch.params):
+        if params.allowed_token_ids:
+            rows.extend([i] * len(params.allowed_token_ids))
+            cols.extend(params.allowed_token_ids)
+    if not rows:
+        return logits
+    keep = torch.zeros_like(logits, dtype=torch.bool)  # [n, vocab]
+    keep.index_put_((_index(rows, logits.device), _index(cols, logits.device)), torch.tensor(True))
+    free = torch.tensor([not p.allowed_token_ids for p in batch.params]).to(logits.device, non_blocking=True)
+    return logits.masked_fill_(~(keep | free[:, None]), _NEG_INF)
+
+
+def apply_bad_words(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Ban each bad word's last token where the output so far ends with the word's other tokens.
+
+    A one-token bad word is banned always. ``bad_words_token_ids`` is filled
+    by the engine from ``bad_words`` at admission.
+    """
+    rows, cols = [], []
+    for i, params in enumerate(batch.params):
+        words = params.bad_words_token_ids
+        if not words:
+            continue
+        output = batch.output_token_ids[i] if batch.output_token_ids else []
+        for word in words:
+            prefix = len(word) - 1
+            if prefix == 0 or (len(output) >= prefix and list(output[-prefix:]) == list(word[:-1])):
+                rows.append(i)
+                cols.append(word[-1])
+    return _fill(logits, rows, cols, _NEG_INF)
+
+
+def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Add each row's ``logit_bias[token]`` to that token's logit (OpenAI's logit_bias)."""
+    rows: list[int] = []
+    cols: list[int] = []
+    bias: list[float] = []
+    for i, params in enumerate(batch.params):
+        if params.logit_bias:
+            rows.extend([i] * len(params.logit_bias))
+            cols.extend(params.logit_bias.keys())
+            bias.extend(params.logit_bias.values())
+    if rows:
+        values = torch.tensor(bias, dtype=logits.dtype).to(logits.device, non_blocking=True)
+        logits.index_put_((_index(rows, logits.device), _index(cols, logits.device)), values, accumulate=True)
+    return logits
+
+
+def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Until a row has ``min_tokens`` outputs, mask EOS (unless ``ignore_eos``) and its ``stop_token_ids``."""
+    rows, cols = [], []
+    for i, (params, position) in enumerate(zip(batch.params, batch.output_positions, strict=True)):
+        if position >= params.min_tokens:
+            continue
+        stops = set(params.stop_token_ids)
+        if not params.ignore_eos:
+            stops |= batch.eos_token_ids
+        rows.extend([i] * len(stops))
+        cols.extend(stops)
+    return _fill(logits, rows, cols, _NEG_INF)
+
+
+def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """Repetition (HF: prompt + output tokens), then frequency and presence (OpenAI: output tokens).
+
+    repetition: a seen token's logit is divided by the penalty if positive,
+    multiplied by it otherwise. frequency / presence:
+    ``logit -= frequency * count + presence * (count > 0)`` with ``count`` the
+    token's occurrences in the output so far.
+    """
+    rows = [
+        i
+        for i, p in enumerate(batch.params)
+        if p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty
+    ]
+    if not rows:
+        return logits
+    params = [batch.params[i] for i in rows]
+    vocab = logits.shape[-1]
+    device = logits.device
+    everyone = len(rows) == len(batch)
+    index = None if everyone else _index(rows, device)
+    sub = logits if index is None else logits.index_select(0, index)  # [m, vocab]
+    outputs = [batch.output_token_ids[i] for i in rows] if batch.output_token_ids else [[] for _ in rows]
+    counts = token_counts(outputs, vocab, device)  # [m, vocab]
+    if any(p.repetition_penalty != 1.0 for p in params):
+        prompts = [batch.prompt_token_ids[i] for i in rows] if batch.prompt_token_ids else [[] for _ in rows]
+        seen = (token_counts(prompts, vocab, device) > 0) | (counts > 0)
+        penalty = _column([float(p.repetition_penalty) for p in params], sub)
+        sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+    if any(p.frequency_penalty or p.presence_penalty for p in params):
+        frequency = _column([float(p.frequency_penalty) for p in params], sub)
+        presence = _column([float(p.presence_penalty) for p in params], sub)
+        sub = sub - frequency * counts - presence * (counts > 0).to(sub.dtype)
+    if index is None:
+        return sub
+    return logits.index_copy_(0, index, sub)
+
+
+def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray) -> torch.Tensor:
+    """Structured output: mask tokens a grammar forbids.
+
+    ``bitmask``: [len(rows), ceil(vocab / 32)] int32, bit ``t % 32`` of word
+    ``t // 32`` set when token ``t`` is allowed (xgrammar's layout). Unpacked
+    on the device into a [len(rows), vocab] bool mask in one op.
+    """
+    if not rows:
+        return logits
+    vocab = logits.shape[-1]
+    words = torch.from_numpy(np.ascontiguousarray(bitmask, dtype=np.int32)).to(logits.device, non_blocking=True)
+    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
+    allowed = ((words[:, :, None] >> shifts) & 1).bool().flatten(1)  # [m, 32 * words]
+    allowed = allowed[:, :vocab]
+    if allowed.shape[1] < vocab:  # a tokenizer smaller than the (padded) model vocabulary: extra ids are never allowed
+        allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
+    index = _index(rows, logits.device)
+    return logits.index_copy_(0, index, logits.index_select(0, index).masked_fill_(~allowed, _NEG_INF))
+
+
+def apply_structured_output(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """The grammar bitmask of the batch's structured-output rows (waits for it if still being computed)."""
+    if batch.bitmask is None or not batch.bitmask_rows:
+        return logits
+    return apply_token_bitmask(logits, batch.bitmask_rows, batch.bitmask())
+
+
+def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
+    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)[:, None]
+
+
+DEFAULT_LOGITS_PROCESSORS: tuple[LogitsProcessor, ...] = (
+    apply_structured_output,
+    apply_allowed_token_ids,
+    apply_bad_words,
+    apply_logit_bias,
+    apply_min_tokens,
+    apply_penalties,
+)
