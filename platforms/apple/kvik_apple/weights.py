@@ -36,6 +36,8 @@ _GGUF_LAYER = {
 }
 # GGUF tensors that carry nothing this model needs (llama3 rope factors come from the HF config).
 _GGUF_SKIP = ("rope_freqs.weight",)
+# general.architecture -> whether llama.cpp's converter interleaved the q/k rows.
+_GGUF_ARCHS = {"llama": True, "mistral": True, "qwen2": False}
 
 
 def checkpoint_path(source: Any, fallback: str | None) -> str:
@@ -77,6 +79,11 @@ def read_gguf(path: str, args: LlamaArgs) -> dict[str, mx.array]:
     """GGUF tensors renamed to HF names (quantized ones as ``.weight/.scales/.biases`` triples)."""
     raw, metadata = mx.load(path, return_metadata=True)  # type: ignore[misc]
     arch = str(metadata.get("general.architecture", "llama"))
+    if arch not in _GGUF_ARCHS:
+        raise ValueError(
+            f"GGUF file {path!r} holds a {arch!r} model; the apple (MLX) platform loads GGUF architectures "
+            f"{', '.join(_GGUF_ARCHS)}"
+        )
     out: dict[str, mx.array] = {}
     for name, value in raw.items():
         if name in _GGUF_SKIP:
@@ -92,8 +99,8 @@ def read_gguf(path: str, args: LlamaArgs) -> dict[str, mx.array]:
             hf_base = _GGUF_GLOBAL[base]
         else:
             raise ValueError(f"unexpected GGUF tensor {name!r} in {path!r} (architecture {arch!r})")
-        # llama.cpp permutes Q/K only for the "llama" architecture (which covers Mistral and SmolLM2).
-        if arch == "llama" and hf_base.endswith(("q_proj", "k_proj")):
+        # llama.cpp interleaves Q/K rows for llama-arch files (SmolLM2, most Mistrals) and "mistral".
+        if _GGUF_ARCHS[arch] and hf_base.endswith(("q_proj", "k_proj")):
             heads = args.num_heads if hf_base.endswith("q_proj") else args.num_kv_heads
             value = value[mx.array(_unpermute_rows(value.shape[0], heads))]
         out[f"{hf_base}.{suffix}"] = value
