@@ -78,7 +78,7 @@ def paged_attention_kernel(
     HEAD_PAD: tl.constexpr,  # next power of two >= HEAD_SIZE; the padding lanes are masked
     KV_BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact), "tf32" otherwise (ignored for 16-bit)
+    DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact); None: Triton's default
 ):
     pid_q = tl.program_id(0)
     kv_head = tl.program_id(1)
