@@ -1,0 +1,87 @@
+"""select_attention_backend: the user's choice, else the platform's first valid preference."""
+
+from __future__ import annotations
+
+import types
+
+import kvik.builtin
+import pytest
+import torch
+from kvik.attention.selector import select_attention_backend
+from kvik.attention.torch_ref import TorchRefAttentionBackend
+from kvik.config import EngineConfig
+from kvik.platforms.interface import MemoryInfo, Platform
+from kvik.plugins.hookspecs import hookimpl
+from kvik.plugins.manager import PluginManager
+
+
+class Only128(TorchRefAttentionBackend):
+    name = "only128"
+    supported_head_sizes = (128,)
+
+
+class NoWindow(TorchRefAttentionBackend):
+    name = "no_window"
+    supports_sliding_window = False
+
+
+class FakePlatform(Platform):
+    name = "fake"
+    device_type = "cpu"
+    attention_backends = ("only128", "no_window", "torch_ref")
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def memory_info(self) -> MemoryInfo:
+        return MemoryInfo(total=1 << 30, free=1 << 30)
+
+    def create_model_runner(self, config, model_config):  # pragma: no cover - not used here
+        raise NotImplementedError
+
+
+@pytest.fixture
+def manager() -> PluginManager:
+    pm = PluginManager(load_entrypoints=False)
+    pm.register(kvik.builtin, "kvik.builtin")
+    plugin = types.ModuleType("fake_backends")
+    plugin.KVIK_PLUGIN_API = ">=1.0,<2"
+
+    @hookimpl
+    def kvik_register_attention_backends(register) -> None:
+        register("only128", f"{__name__}:Only128")
+        register("no_window", f"{__name__}:NoWindow")
+
+    plugin.kvik_register_attention_backends = kvik_register_attention_backends
+    pm.register(plugin, "fake_backends")
+    return pm
+
+
+def select(manager: PluginManager, head_size: int = 64, window: int | None = None, **options) -> type:
+    config = EngineConfig(block_size=16, **options)
+    return select_attention_backend(FakePlatform(), config, head_size, torch.float32, window, manager)
+
+
+def test_first_valid_preference_wins(manager: PluginManager) -> None:
+    assert select(manager, head_size=128) is Only128
+    assert select(manager, head_size=64) is NoWindow
+    assert select(manager, head_size=64, window=8) is TorchRefAttentionBackend
+
+
+def test_user_choice_is_used_or_refused_with_reasons(manager: PluginManager) -> None:
+    assert select(manager, head_size=128, attention_backend="torch_ref") is TorchRefAttentionBackend
+    with pytest.raises(ValueError, match=r"'only128' cannot run .*head size 64 not in \(128,\)"):
+        select(manager, head_size=64, attention_backend="only128")
+
+
+def test_no_valid_backend_lists_every_candidate(manager: PluginManager) -> None:
+    class Strict(FakePlatform):
+        attention_backends = ("only128", "no_window", "missing")
+
+    with pytest.raises(ValueError) as info:
+        select_attention_backend(Strict(), EngineConfig(block_size=16), 64, torch.float32, 8, manager)
+    message = str(info.value)
+    assert "only128: head size 64 not in (128,)" in message
+    assert "no_window: sliding window attention is not supported" in message
+    assert "missing: unknown attention backend 'missing'" in message
