@@ -6,8 +6,12 @@ Every platform's model runner (torch, MLX, ...) consumes this unchanged.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvik.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    from kvik.structured.manager import StructuredStep
 
 
 @dataclass(slots=True)
@@ -41,6 +45,10 @@ class SchedulerOutput:
     # any per-request state they keep (generators, persistent batch rows).
     finished_request_ids: list[str] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
+    # Structured output: the requests (sampling this step) a grammar constrains and their
+    # allowed-token bitmask, computed off-thread while the model runs. Runners that
+    # support structured output read ``structured.request_ids`` / ``structured.bitmask()``.
+    structured: StructuredStep | None = None
 
     @property
     def is_empty(self) -> bool:
@@ -57,3 +65,8 @@ class RunnerOutput:
     logprobs: dict[str, list[dict[int, float]]] | None = None
     # request_id -> per prompt position (computed this step): {token_id: logprob}
     prompt_logprobs: dict[str, list[dict[int, float]]] | None = None
+    # Optional, aligned with the two above: the chosen / actual prompt token's rank in
+    # the raw distribution (1 = most likely). Runners that omit them give rank None
+    # when the chosen token is outside the top k.
+    logprob_ranks: dict[str, list[int]] | None = None
+    prompt_logprob_ranks: dict[str, list[int]] | None = None

@@ -25,6 +25,7 @@ from kvik.models.loader import dequantize_model, load_model, resolve_format
 from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.quantization.base import QuantizationMethod
+from kvik.sample.logprobs import prompt_logprob_rows, sample_with_logprobs
 from kvik.sample.sampler import Sampler, SamplingBatch
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
@@ -273,11 +274,14 @@ class TorchModelRunner(ModelRunner):
         )
         return flat_d[:num_tokens], flat_d[num_tokens : 2 * num_tokens], metadata
 
-    def _forward(self, scheduler_output: SchedulerOutput, rows: str) -> tuple[torch.Tensor, list[int]]:
+    def _forward(
+        self, scheduler_output: SchedulerOutput, rows: str, extra_rows: np.ndarray | None = None
+    ) -> tuple[torch.Tensor, list[int]]:
         """Run the step; return float32 logits and which requests they belong to.
 
-        ``rows``: "sample" (last token of each request with ``sample=True``) or
-        "all" (every scheduled token, for tests and prompt logprobs).
+        ``rows``: "sample" (last token of each request with ``sample=True``,
+        followed by ``extra_rows`` of the flattened tokens, e.g. prompt
+        logprob positions) or "all" (every scheduled token, for tests).
         """
         if self.model is None:
             raise RuntimeError("load_model() must run before execute()")
@@ -292,9 +296,12 @@ class TorchModelRunner(ModelRunner):
             return self.model.compute_logits(hidden), list(range(len(scheduled)))  # type: ignore[operator]
         ends = np.cumsum([len(r.token_ids) for r in scheduled]) - 1
         which = [i for i, r in enumerate(scheduled) if r.sample]
-        if not which:
+        picked = ends[which]
+        if extra_rows is not None and len(extra_rows):
+            picked = np.concatenate([picked, extra_rows])
+        if not len(picked):
             return hidden.new_empty((0, self.model_config.vocab_size), dtype=torch.float32), []
-        index = torch.from_numpy(ends[which]).to(self.device, non_blocking=True)
+        index = torch.from_numpy(picked.astype(np.int64)).to(self.device, non_blocking=True)
         return self.model.compute_logits(hidden.index_select(0, index)), which  # type: ignore[operator]
 
     @torch.inference_mode()
@@ -311,18 +318,31 @@ class TorchModelRunner(ModelRunner):
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         if scheduler_output.is_empty:
             return RunnerOutput(sampled_token_ids={})
-        logits, which = self._forward(scheduler_output, "sample")
-        if not which:
+        scheduled = scheduler_output.scheduled
+        prompt_rows = prompt_logprob_rows(scheduled)
+        extra = np.concatenate([p.rows for p in prompt_rows]) if prompt_rows else None
+        logits, which = self._forward(scheduler_output, "sample", extra)
+        if not which and not prompt_rows:
             return RunnerOutput(sampled_token_ids={})
-        reqs = [scheduler_output.scheduled[i] for i in which]
+        prompt_logits = logits[len(which) :] if prompt_rows else None
+        logits = logits[: len(which)]
+        reqs = [scheduled[i] for i in which]
         batch = SamplingBatch(
             params=[r.sampling_params for r in reqs],
             output_positions=[len(r.output_token_ids) for r in reqs],
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
+            eos_token_ids=self.model_config.eos_token_ids,
         )
-        token_ids = self.sampler(logits, batch).tolist()  # the step's one device->host sync
-        return RunnerOutput(sampled_token_ids={r.request_id: [t] for r, t in zip(reqs, token_ids, strict=True)})
+        structured = scheduler_output.structured
+        if structured is not None and structured.request_ids:
+            row_of = {r.request_id: i for i, r in enumerate(reqs)}
+            batch.bitmask_rows = [row_of[rid] for rid in structured.request_ids]
+            batch.bitmask = structured.bitmask
+        # Logprobs are of the raw distribution: keep the logits before processors edit them in place.
+        raw = logits.clone() if any(p.logprobs is not None for p in batch.params) else None
+        sampled = self.sampler(logits, batch) if reqs else torch.empty(0, dtype=torch.int64, device=self.device)
+        return sample_with_logprobs(sampled, raw, reqs, prompt_logits, prompt_rows, scheduled)
 
     def shutdown(self) -> None:
         self.kv_caches = []

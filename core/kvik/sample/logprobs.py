@@ -1,0 +1,153 @@
+"""Logprobs of sampled and prompt tokens, gathered on the device and fetched in one copy.
+
+Semantics (vLLM's default ``logprobs_mode="raw_logprobs"``): log-probabilities
+of the raw model distribution, ``log_softmax(logits)`` *before* any logits
+processor, grammar mask, penalty, temperature or top-k/top-p filter. Each
+entry holds the chosen (or next prompt) token plus the row's top ``k``; the
+chosen token's rank is 1 + the number of tokens strictly more likely (ties
+share the better rank).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvik.scheduling.output import RunnerOutput, ScheduledRequest
+
+
+@dataclass(slots=True)
+class PromptRows:
+    """Prompt positions of one request computed this step, whose logits score the next prompt token."""
+
+    index: int  # the request's index in the step
+    rows: np.ndarray  # [m] rows of the step's flattened tokens
+    targets: list[int]  # [m] the prompt token each row scores
+
+
+def prompt_logprob_rows(scheduled: list[ScheduledRequest]) -> list[PromptRows]:
+    """Rows needing prompt logprobs: position ``p`` scores prompt token ``p + 1`` (the last prompt
+    position predicts the first output token and is left to sampling)."""
+    found = []
+    offset = 0
+    for i, req in enumerate(scheduled):
+        n = len(req.token_ids)
+        if req.sampling_params.prompt_logprobs is not None:
+            prompt = req.prompt_token_ids
+            end = min(req.start_pos + n, len(prompt) - 1)
+            if end > req.start_pos:
+                rows = np.arange(offset, offset + end - req.start_pos)
+                found.append(PromptRows(i, rows, list(prompt[req.start_pos + 1 : end + 1])))
+        offset += n
+    return found
+
+
+def gather_logprobs(
+    logits: torch.Tensor, targets: torch.Tensor, k: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """logits [n, vocab], targets [n] -> (ids [n, 1 + k], logprobs [n, 1 + k], target ranks [n]).
+
+    Column 0 is the target token, columns 1.. the top ``k`` in order.
+    """
+    logprobs = torch.log_softmax(logits.float(), dim=-1)
+    target_lp = logprobs.gather(1, targets[:, None])  # [n, 1]
+    ranks = (logprobs > target_lp).sum(dim=-1) + 1
+    ids, lps = targets[:, None], target_lp
+    if k > 0:
+        top_lp, top_ids = logprobs.topk(k, dim=-1)
+        ids, lps = torch.cat([ids, top_ids], dim=1), torch.cat([lps, top_lp], dim=1)
+    return ids, lps, ranks
+
+
+class _Transfer:
+    """Packs int32 tensors (float32 ones bit-cast) into one buffer for a single device->host copy."""
+
+    def __init__(self) -> None:
+        self.parts: list[torch.Tensor] = []
+        self.shapes: list[tuple[int, ...]] = []
+
+    def add(self, tensor: torch.Tensor) -> int:
+        if tensor.dtype == torch.float32:
+            tensor = tensor.contiguous().view(torch.int32)
+        self.parts.append(tensor.to(torch.int32).flatten())
+        self.shapes.append(tuple(tensor.shape))
+        return len(self.parts) - 1
+
+    def fetch(self) -> list[np.ndarray]:
+        host = torch.cat(self.parts).cpu().numpy()  # the step's one device->host sync
+        out, offset = [], 0
+        for shape in self.shapes:
+            size = int(np.prod(shape))
+            out.append(host[offset : offset + size].reshape(shape))
+            offset += size
+        return out
+
+
+def _entries(ids: np.ndarray, lps: np.ndarray, ks: list[int]) -> list[dict[int, float]]:
+    """Host rows -> {token: logprob}, chosen token first, then the row's own top k."""
+    lps = lps.view(np.float32)
+    result = []
+    for i, k in enumerate(ks):
+        entry = {int(ids[i, 0]): float(lps[i, 0])}
+        for j in range(1, k + 1):
+            entry.setdefault(int(ids[i, j]), float(lps[i, j]))
+        result.append(entry)
+    return result
+
+
+def sample_with_logprobs(
+    sampled: torch.Tensor,
+    raw_logits: torch.Tensor | None,
+    reqs: list[ScheduledRequest],
+    prompt_logits: torch.Tensor | None,
+    prompt_rows: list[PromptRows],
+    scheduled: list[ScheduledRequest],
+) -> RunnerOutput:
+    """Assemble a step's RunnerOutput: sampled tokens, sample and prompt logprobs, in one copy.
+
+    ``sampled`` [n] are the tokens of ``reqs``; ``raw_logits`` [n, vocab] their
+    unprocessed logits (None when no row asked for logprobs); ``prompt_logits``
+    [sum of rows, vocab] the logits of ``prompt_rows`` in order.
+    """
+    transfer = _Transfer()
+    tokens_at = transfer.add(sampled)
+    sample_at = None
+    ks = [r.sampling_params.logprobs for r in reqs]
+    if raw_logits is not None:
+        k = min(max(x or 0 for x in ks), raw_logits.shape[-1])
+        ids, lps, ranks = gather_logprobs(raw_logits, sampled, k)
+        sample_at = (transfer.add(ids), transfer.add(lps), transfer.add(ranks))
+    prompt_at = None
+    if prompt_rows and prompt_logits is not None:
+        targets = [t for pr in prompt_rows for t in pr.targets]
+        target_t = torch.tensor(targets, dtype=torch.int64).to(prompt_logits.device, non_blocking=True)
+        pk = max(scheduled[pr.index].sampling_params.prompt_logprobs or 0 for pr in prompt_rows)
+        ids, lps, ranks = gather_logprobs(prompt_logits, target_t, min(pk, prompt_logits.shape[-1]))
+        prompt_at = (transfer.add(ids), transfer.add(lps), transfer.add(ranks))
+    host = transfer.fetch()
+    token_ids = host[tokens_at].tolist()
+    output = RunnerOutput(sampled_token_ids={r.request_id: [t] for r, t in zip(reqs, token_ids, strict=True)})
+    if sample_at is not None:
+        ids_h, lps_h, ranks_h = (host[j] for j in sample_at)
+        entries = _entries(ids_h, lps_h, [x or 0 for x in ks])
+        output.logprobs, output.logprob_ranks = {}, {}
+        for i, (req, k) in enumerate(zip(reqs, ks, strict=True)):
+            if k is not None:
+                output.logprobs[req.request_id] = [entries[i]]
+                output.logprob_ranks[req.request_id] = [int(ranks_h[i])]
+    if prompt_at is not None:
+        ids_h, lps_h, ranks_h = (host[j] for j in prompt_at)
+        output.prompt_logprobs, output.prompt_logprob_ranks = {}, {}
+        start = 0
+        for pr in prompt_rows:
+            req = scheduled[pr.index]
+            stop = start + len(pr.targets)
+            k = req.sampling_params.prompt_logprobs or 0
+            output.prompt_logprobs[req.request_id] = _entries(
+                ids_h[start:stop], lps_h[start:stop], [k] * (stop - start)
+            )
+            output.prompt_logprob_ranks[req.request_id] = ranks_h[start:stop].tolist()
+            start = stop
+    return output
