@@ -171,3 +171,25 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_model_dir, dtype: str) -
         del llm
         torch.cuda.empty_cache()
     assert outs[True] == outs[False]
+
+
+def test_step_inputs_keep_tables_across_steps_and_release_rows() -> None:
+    bs = 4
+    inputs = StepInputs(max_tokens=32, max_reqs=2, max_blocks=8, block_size=bs, device=torch.device("cpu"))
+
+    def table(reqs: list[ScheduledRequest]) -> list[list[int]]:
+        m = inputs.prepare(reqs).metadata
+        return [m.block_tables[i, : -(-(r.start_pos + 1) // bs)].tolist() for i, r in enumerate(reqs)]
+
+    a = _req("a", [1], 3, [7])
+    assert table([a]) == [[7]]
+    a = _req("a", [1], 4, [7, 9])  # crossed into a new block: appended to the kept row
+    assert table([a]) == [[7, 9]]
+    a = _req("a", [1], 5, [2, 3])  # same request id, a different table (e.g. recomputed): rewritten
+    assert table([a]) == [[2, 3]]
+    inputs.release(["a"])
+    b = _req("b", [1], 1, [5])
+    assert table([b]) == [[5]]
+    # More ids than rows without releases (e.g. profiling dummies): the rows start over, still correct.
+    for i in range(3 * inputs.max_rows):
+        assert table([_req(f"x{i}", [1], 6, [i % 50 + 1, i % 50 + 2])]) == [[i % 50 + 1, i % 50 + 2]]
