@@ -86,7 +86,7 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
                 ctx.check_model(plain.model)
                 tokens = await ctx.encode(plain.prompt, add_special_tokens=plain.add_special_tokens)
         except ValidationError as exc:
-            raise validation_error(list(exc.errors())) from None
+            raise validation_error(exc.errors()) from None
         return JSONResponse(
             {"count": len(tokens), "max_model_len": ctx.max_model_len, "tokens": tokens, "token_strs": None}
         )

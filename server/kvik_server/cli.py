@@ -94,7 +94,7 @@ def load_config_file(parser: argparse.ArgumentParser, path: str) -> dict[str, An
         if action is None:
             known = ", ".join(sorted(d.replace("_", "-") for d in actions))
             parser.error(f"unknown key {key!r} in --config {path}; known keys: {known}")
-        if action.type is not None and isinstance(value, str):
+        if callable(action.type) and isinstance(value, str):
             try:
                 value = action.type(value)
             except (argparse.ArgumentTypeError, ValueError) as exc:
@@ -140,6 +140,8 @@ def finalize_args(args: Any, parser: argparse.ArgumentParser | None = None) -> A
                 parser.error(message)
             raise ValueError(message) from None
         args.model = str(default_model())
+        if getattr(args, "served_model_name", None) is None:
+            args.served_model_name = Path(args.model).stem  # not a site-packages path in every response
     return args
 
 

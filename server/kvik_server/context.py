@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -256,7 +256,7 @@ class EngineStream:
         await self._gen.aclose()
         self.ctx._release(self.request_id, self.params.n)
 
-    async def _run(self, prompt_ids: list[int], priority: int) -> AsyncIterator[RequestOutput]:
+    async def _run(self, prompt_ids: list[int], priority: int) -> AsyncGenerator[RequestOutput, None]:
         ctx, request_id = self.ctx, self.request_id
         arrival = time.time()
         first_token: float | None = None

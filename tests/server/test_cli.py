@@ -55,7 +55,8 @@ def test_api_key_from_env_and_default_model(monkeypatch: pytest.MonkeyPatch) -> 
     monkeypatch.setenv("KVIK_API_KEY", "env-key")
     args = parse_serve_args([])
     assert args.api_key == "env-key"
-    assert args.model  # the bundled default model (kvik.models.default)
+    assert args.model  # the bundled default model (kvik.models.default) ...
+    assert args.served_model_name == Path(args.model).stem  # ... served under its file name
     assert parse_serve_args(["--api-key", "cli-key"]).api_key == "cli-key"  # the flag wins
 
 
