@@ -59,11 +59,13 @@ def dequant_q8_0(blocks: torch.Tensor) -> torch.Tensor:
 
 def dequant_q4_0(blocks: torch.Tensor) -> torch.Tensor:
     q = _nibbles(blocks[:, 2:], 16).to(torch.int8) - 8
-    return _f16(blocks, 0) * q.float()
+    return _f16(blocks, 0) * q  # int8 promoted to float32 inside the multiply, no float copy of q
 
 
 def dequant_q4_1(blocks: torch.Tensor) -> torch.Tensor:
-    return _f16(blocks, 0) * _nibbles(blocks[:, 4:], 16).float() + _f16(blocks, 2)
+    dm = blocks[:, :4].contiguous().view(torch.float16).float()  # [n, 2]: d, m
+    # m + d*q in one pass; q (uint8) is promoted on the fly. Same float32 rounding as d*q + m.
+    return torch.addcmul(dm[:, 1:2], dm[:, 0:1], _nibbles(blocks[:, 4:], 16))
 
 
 def dequant_q5_0(blocks: torch.Tensor) -> torch.Tensor:

@@ -23,8 +23,10 @@ class GGUFLinearMethod(QuantizationMethod):
     Shards of a merged layer (q/k/v, gate/up) may use different ggml types
     (llama.cpp's mixes put k/v at higher precision), so storage is per shard:
     buffer ``gguf_shard{i}`` = ``[output_sizes[i], bytes_per_row]`` uint8, with
-    its type in ``layer.gguf_types[i]``. Nothing decoded is cached: memory
-    stays at the file's size, at the price of decoding on every call.
+    its type in ``layer.gguf_types[i]``; after loading, neighbouring shards of
+    one type are fused into ``gguf_group{j}`` buffers (``layer.gguf_groups``
+    holds their rows and types). Nothing decoded is cached: memory stays at
+    the file's size, at the price of decoding on every call.
     """
 
     name = "gguf"
@@ -77,14 +79,28 @@ class GGUFLinearMethod(QuantizationMethod):
         missing = [i for i, t in enumerate(layer.gguf_types) if t is None]
         if missing:
             raise ValueError(f"GGUF linear layer ({layer.extra_repr()}) got no weight for shard(s) {missing}")
+        # Fuse neighbouring shards of one type into one buffer (rows are independent), so
+        # apply() decodes a merged q/k/v or gate/up in one call instead of concatenating.
+        groups: list[tuple[int, int, list[torch.Tensor]]] = []  # (rows, ggml type, raw shards)
+        for i, rows in enumerate(layer.output_sizes):
+            raw = getattr(layer, f"gguf_shard{i}")
+            delattr(layer, f"gguf_shard{i}")
+            if groups and groups[-1][1] == layer.gguf_types[i]:
+                groups[-1] = (groups[-1][0] + rows, groups[-1][1], [*groups[-1][2], raw])
+            else:
+                groups.append((rows, layer.gguf_types[i], [raw]))
+        layer.gguf_groups = [(rows, ggml_type) for rows, ggml_type, _ in groups]
+        for j, (_, _, raws) in enumerate(groups):
+            layer.register_buffer(f"gguf_group{j}", raws[0] if len(raws) == 1 else torch.cat(raws, dim=0))
 
     def _dense(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
-        shards = []
-        for i, rows in enumerate(layer.output_sizes):
-            ggml_type = layer.gguf_types[i]
-            assert ggml_type is not None, "process_weights_after_loading checks every shard is loaded"
-            shards.append(dequantize(getattr(layer, f"gguf_shard{i}"), ggml_type, (rows, layer.input_size), dtype))
-        return shards[0] if len(shards) == 1 else torch.cat(shards, dim=0)
+        groups = getattr(layer, "gguf_groups", None)
+        assert groups is not None, "process_weights_after_loading runs before the layer is used"
+        parts = [
+            dequantize(getattr(layer, f"gguf_group{j}"), ggml_type, (rows, layer.input_size), dtype)
+            for j, (rows, ggml_type) in enumerate(groups)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         # Decode to x's dtype: [out, in], freed after the matmul.

@@ -180,3 +180,13 @@ def test_unsupported_quant_type_names_it_and_the_supported_ones(tmp_path: Path) 
     )
     with pytest.raises(ValueError, match=r"blk\.0\.ffn_up\.weight.*IQ2_XXS.*supported types: F32, F16.*Q6_K"):
         GGUFFormat(str(path)).load_hf_config()
+
+
+def test_found_through_its_entry_point() -> None:
+    """The installed kvik-gguf distribution is discovered through the ``kvik`` entry-point group."""
+    from kvik.plugins.manager import PluginManager
+    from kvik_gguf.method import GGUFLinearMethod
+
+    manager = PluginManager(load_entrypoints=True)
+    assert manager.model_formats.get("gguf") is GGUFFormat
+    assert manager.quantization_methods.get("gguf") is GGUFLinearMethod

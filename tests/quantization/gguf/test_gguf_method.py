@@ -46,6 +46,18 @@ def test_merged_shards_of_different_types() -> None:
     assert layer.quant_method.weight_bytes(layer) == 64 * 2 * 18 + 32 * 2 * 34 + 32 * 64 * 4
 
 
+def test_same_type_shards_are_fused() -> None:
+    gen = torch.Generator().manual_seed(1)
+    gate, up = torch.randn(96, 64, generator=gen), torch.randn(96, 64, generator=gen)
+    layer = Linear(64, [96, 96], quant_method=GGUFLinearMethod())
+    layer.load("weight", _packed(gate, "Q4_1"), 0)
+    layer.load("weight", _packed(up, "Q4_1"), 1)
+    layer.quant_method.process_weights_after_loading(layer)
+    assert layer.gguf_groups == [(192, int(GGMLQuantizationType.Q4_1))]
+    expected = torch.cat([_packed(gate, "Q4_1").dequantize(), _packed(up, "Q4_1").dequantize()])
+    torch.testing.assert_close(layer.quant_method.dequantize(layer), expected, rtol=0, atol=0)
+
+
 def test_shape_and_missing_shard_errors() -> None:
     layer = Linear(64, [64, 32], quant_method=GGUFLinearMethod())
     with pytest.raises(ValueError, match=r"weight shape \(32, 64\) does not match expected \(64, 64\)"):
