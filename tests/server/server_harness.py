@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 
 API_KEY = "test-key-123"
-MAX_MODEL_LEN = 2048
+MAX_MODEL_LEN = 4096
 
 
 def free_port() -> int:

@@ -13,9 +13,9 @@ import httpx
 import pytest
 from server_harness import ServerProcess
 
-LONG = {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 2000,
+LONG = {"messages": [{"role": "user", "content": "Tell me a very long story."}], "max_tokens": 4000,
         "ignore_eos": True, "temperature": 0.0}  # fmt: skip
-# The tiny model decodes at 3-18 ms per step on 2 shared cores: LONG runs for 6 s at the very least.
+# The tiny model decodes at 1.5-18 ms per step on 2 shared cores: LONG runs for 6 s at the very least.
 
 
 def wait_for(check: Callable[[], bool], timeout: float, what: str) -> float:
@@ -56,8 +56,8 @@ def test_non_stream_disconnect_aborts(server: ServerProcess) -> None:
 
 @pytest.fixture(scope="module")
 def small_server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
-    """Two running sequences, one waiting, and a 3 s shutdown grace period."""
-    return start_server("--max-num-seqs", "2", "--max-waiting-requests", "1", "--shutdown-grace-period", "3",
+    """Two running sequences, one waiting, and a 2.5 s shutdown grace period."""
+    return start_server("--max-num-seqs", "2", "--max-waiting-requests", "1", "--shutdown-grace-period", "2.5",
                         api_key=None)  # fmt: skip
 
 
@@ -103,16 +103,16 @@ def test_back_pressure_503(small_server: ServerProcess) -> None:
 
 
 def test_sigterm_drains_then_exits_0(small_server: ServerProcess) -> None:
-    """SIGTERM: a short request finishes within the 3 s grace period, a long one is aborted when
+    """SIGTERM: a short request finishes within the 2.5 s grace period, a long one is aborted when
     it runs out, new work gets 503 while draining, and the process exits 0."""
-    grace = 3.0
+    grace = 2.5
     url = small_server.base_url
 
     async def scenario() -> tuple[list[str], list[str], float]:
         async with httpx.AsyncClient(base_url=url, timeout=60.0) as client:
             short_started, long_started = asyncio.Event(), asyncio.Event()
-            # 100 tokens: <= 1.8 s even at 18 ms/step; LONG: >= 6 s even at 3 ms/step
-            short = asyncio.create_task(_stream(client, {**LONG, "max_tokens": 100}, short_started))
+            # 50 tokens: <= 0.9 s even at 18 ms/step; LONG: >= 6 s even at 1.5 ms/step
+            short = asyncio.create_task(_stream(client, {**LONG, "max_tokens": 50}, short_started))
             long = asyncio.create_task(_stream(client, LONG, long_started))
             await asyncio.wait_for(asyncio.gather(short_started.wait(), long_started.wait()), 30)
             small_server.proc.send_signal(signal.SIGTERM)
