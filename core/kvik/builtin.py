@@ -1,4 +1,4 @@
-"""The core's own plugin: torch reference attention, Llama-family models, safetensors.
+"""The core's own plugin: torch reference attention, Llama-family models, safetensors, xgrammar.
 
 Registered through the ``kvik`` entry-point group like any third-party plugin.
 """
@@ -24,3 +24,8 @@ def kvik_register_models(register: RegisterFn) -> None:
 @hookimpl
 def kvik_register_model_formats(register: RegisterFn) -> None:
     register("safetensors", "kvik.models.safetensors_format:SafetensorsFormat")
+
+
+@hookimpl
+def kvik_register_structured_output_backends(register: RegisterFn) -> None:
+    register("xgrammar", "kvik.structured.xgrammar_backend:XGrammarBackend")  # needs `pip install xgrammar`

@@ -15,7 +15,9 @@ from kvik.outputs import RequestMetrics, RequestOutput
 from kvik.platforms.selector import resolve_platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.request import Request, RequestStatus
+from kvik.sample.admission import prepare_params
 from kvik.sampling_params import SamplingParams
+from kvik.structured.manager import StructuredOutputManager
 
 logger = logging.getLogger(__name__)
 
@@ -91,6 +93,9 @@ class LLMEngine:
             policy=config.scheduling_policy,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
+        self.structured = StructuredOutputManager(
+            self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids, self.manager
+        )
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._num_steps = 0
@@ -153,6 +158,8 @@ class LLMEngine:
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        params = prepare_params(params, vocab, self.tokenizer)
+        self.structured.compile(params)  # ValueError (the compiler's message) for an invalid grammar or schema
         max_len = self.model_config.max_model_len
         if len(token_ids) >= max_len:
             raise ValueError(
@@ -205,6 +212,7 @@ class LLMEngine:
         )
         for sample in samples:
             self.scheduler.add_request(sample.request)
+            self.structured.add_request(sample.request.request_id, sample.request.sampling_params)
         self.output_processor.add(state)
         self._prompt_tokens_total += len(prepared.prompt_token_ids)
 
@@ -217,9 +225,9 @@ class LLMEngine:
             state = self.output_processor.states.get(request_id)
             if state is None:
                 continue
-            self.scheduler.finish_requests(
-                [s.request.request_id for s in state.samples], RequestStatus.FINISHED_ABORTED
-            )
+            child_ids = [s.request.request_id for s in state.samples]
+            self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+            self.structured.remove(child_ids)
             output = self.output_processor.abort(request_id)
             if output is not None:
                 outputs.append(output)
@@ -234,11 +242,16 @@ class LLMEngine:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
             return []
+        scheduler_output.structured = self.structured.start_step(scheduler_output)  # overlaps the forward
         runner_output = self.runner.execute(scheduler_output)
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
-        outputs, stopped = self.output_processor.process(updated)
+        grammar_done = self.structured.accept(updated)
+        if grammar_done:
+            self.scheduler.finish_requests(grammar_done, RequestStatus.FINISHED_STOPPED)
+        outputs, stopped = self.output_processor.process(updated, runner_output, scheduler_output)
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
+            self.structured.remove(stopped)
         self._generation_tokens_total += sum(len(v) for v in runner_output.sampled_token_ids.values())
         self._num_steps += 1
         self._last_step_time = time.monotonic()
@@ -260,4 +273,5 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
+        self.structured.shutdown()
         self.runner.shutdown()

@@ -7,9 +7,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kvik.engine.detokenizer import IncrementalDetokenizer
-from kvik.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from kvik.engine.logprobs_processor import LogprobsProcessor
+from kvik.outputs import CompletionOutput, Logprob, RequestMetrics, RequestOutput
 from kvik.request import Request
 from kvik.sampling_params import SamplingParams
+from kvik.scheduling.output import RunnerOutput, SchedulerOutput
 
 
 @dataclass(slots=True)
@@ -22,6 +24,8 @@ class SampleState:
     finish_reason: str | None = None
     stop_reason: int | str | None = None
     num_detokenized: int = 0  # output tokens already fed to the detokenizer
+    logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # per output token (if asked)
+    cumulative_logprob: float = 0.0
 
 
 @dataclass(slots=True)
@@ -33,6 +37,8 @@ class RequestState:
     samples: list[SampleState]
     metrics: RequestMetrics
     extra: dict[str, Any] = field(default_factory=dict)
+    # Per prompt token (the first has none), filled as prefill chunks run.
+    prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=lambda: [None])
 
     @property
     def finished(self) -> bool:
@@ -46,6 +52,7 @@ class OutputProcessor:
         self.tokenizer = tokenizer
         self.states: dict[str, RequestState] = {}
         self._owner: dict[str, tuple[RequestState, SampleState]] = {}  # child request id -> its state
+        self.logprobs = LogprobsProcessor(tokenizer)
 
     def add(self, state: RequestState) -> None:
         self.states[state.request_id] = state
@@ -63,8 +70,13 @@ class OutputProcessor:
             include_stop_str_in_output=params.include_stop_str_in_output,
         )
 
-    def process(self, updated: list[Request]) -> tuple[list[RequestOutput], list[str]]:
-        """Consume requests that got new tokens.
+    def process(
+        self,
+        updated: list[Request],
+        runner_output: RunnerOutput | None = None,
+        scheduler_output: SchedulerOutput | None = None,
+    ) -> tuple[list[RequestOutput], list[str]]:
+        """Consume requests that got new tokens (and the step's logprobs, when given).
 
         Returns the outputs to emit (one per touched user request) and the
         child request ids that a stop string ended (the scheduler must finish them).
@@ -72,6 +84,8 @@ class OutputProcessor:
         now = time.time()
         touched: dict[str, RequestState] = {}
         stopped: list[str] = []
+        if runner_output is not None and runner_output.prompt_logprobs and scheduler_output is not None:
+            self._add_prompt_logprobs(runner_output, scheduler_output)
         for request in updated:
             owner = self._owner.get(request.request_id)
             if owner is None:
@@ -79,6 +93,8 @@ class OutputProcessor:
             state, sample = owner
             if sample.finish_reason is not None:
                 continue
+            if runner_output is not None and runner_output.logprobs and state.params.logprobs is not None:
+                self._add_sample_logprobs(sample, request, runner_output, state.params.logprobs)
             metrics = state.metrics
             if metrics.first_token_time is None and request.num_output_tokens:
                 metrics.first_token_time = now
@@ -101,6 +117,34 @@ class OutputProcessor:
             touched[state.request_id] = state
         outputs = [self._make_output(state, now) for state in touched.values()]
         return outputs, stopped
+
+    def _add_sample_logprobs(self, sample: SampleState, request: Request, out: RunnerOutput, k: int) -> None:
+        entries = (out.logprobs or {}).get(request.request_id) or []
+        ranks = (out.logprob_ranks or {}).get(request.request_id)
+        # Tokens after a stop token are dropped by the scheduler: keep only the appended ones.
+        new = request.num_output_tokens - len(sample.logprobs)
+        for j, entry in enumerate(entries[: max(new, 0)]):
+            chosen = request.output_token_ids[len(sample.logprobs)]
+            rank = ranks[j] if ranks is not None else None
+            sample.logprobs.append(self.logprobs.make(entry, chosen, rank, k))
+            sample.cumulative_logprob += entry[chosen]
+
+    def _add_prompt_logprobs(self, out: RunnerOutput, scheduler_output: SchedulerOutput) -> None:
+        start_of = {s.request_id: s.start_pos for s in scheduler_output.scheduled}
+        for request_id, entries in (out.prompt_logprobs or {}).items():
+            owner = self._owner.get(request_id)
+            if owner is None or owner[1].index != 0:
+                continue  # n > 1: the first sample's prompt logprobs stand for all
+            state = owner[0]
+            k = state.params.prompt_logprobs or 0
+            ranks = (out.prompt_logprob_ranks or {}).get(request_id)
+            first = start_of[request_id] + 1  # the prompt index scored by entries[0]
+            # A preempted request recomputes its prompt: skip entries already recorded.
+            skip = len(state.prompt_logprobs) - first
+            for j in range(max(skip, 0), len(entries)):
+                target = state.prompt_token_ids[first + j]
+                rank = ranks[j] if ranks is not None else None
+                state.prompt_logprobs.append(self.logprobs.make(entries[j], target, rank, k))
 
     def abort(self, request_id: str) -> RequestOutput | None:
         """Mark all samples of a user request aborted and return its final output."""
@@ -128,6 +172,8 @@ class OutputProcessor:
                     index=sample.index,
                     text=detok.text(done) if detok is not None else "",
                     token_ids=list(sample.request.output_token_ids),
+                    cumulative_logprob=sample.cumulative_logprob if state.params.logprobs is not None else None,
+                    logprobs=list(sample.logprobs) if state.params.logprobs is not None else None,
                     finish_reason=sample.finish_reason,  # type: ignore[arg-type]
                     stop_reason=sample.stop_reason,
                 )
@@ -140,4 +186,5 @@ class OutputProcessor:
             finished=finished,
             metrics=state.metrics,
             num_cached_tokens=state.metrics.num_cached_tokens,
+            prompt_logprobs=list(state.prompt_logprobs) if state.params.prompt_logprobs is not None else None,
         )

@@ -83,6 +83,19 @@ def kvik_register_model_formats(register: RegisterFn) -> None:
 
 
 @hookspec
+def kvik_register_structured_output_backends(register: RegisterFn) -> None:
+    """Register structured-output (guided decoding) backends.
+
+    Call ``register(name, "module:BackendClass")``; the class subclasses
+    :class:`kvik.structured.backend.StructuredOutputBackend` (compile a JSON
+    schema / regex / choice / EBNF grammar, make per-request matchers that
+    fill allowed-token bitmasks). It is imported on the first structured
+    request, so its library may be an optional dependency. The core
+    registers ``"xgrammar"``. Not firstresult.
+    """
+
+
+@hookspec
 def kvik_configure(config: EngineConfig) -> list[str] | None:
     """Inspect or adjust the engine configuration before the engine is built.
 
@@ -98,5 +111,6 @@ ALL_HOOKS: tuple[Any, ...] = (
     kvik_register_quantization_methods,
     kvik_register_models,
     kvik_register_model_formats,
+    kvik_register_structured_output_backends,
     kvik_configure,
 )

@@ -36,6 +36,7 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "quantization method": "kvik_register_quantization_methods",
     "model architecture": "kvik_register_models",
     "model format": "kvik_register_model_formats",
+    "structured output backend": "kvik_register_structured_output_backends",
 }
 _HOOK_NAMES = tuple(h.__name__ for h in hookspecs.ALL_HOOKS)
 
@@ -276,6 +277,10 @@ class PluginManager:
     @property
     def model_formats(self) -> Registry[Any]:
         return self.registry("model format")
+
+    @property
+    def structured_output_backends(self) -> Registry[Any]:
+        return self.registry("structured output backend")
 
     @property
     def hook(self) -> Any:
