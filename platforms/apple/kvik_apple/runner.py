@@ -15,14 +15,16 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 from kvik.attention.backend import AttentionMetadata
+from kvik.sample.logprobs import prompt_logprob_rows
 from kvik.sample.sampler import SamplingBatch
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.worker.interface import ModelRunner
 
 from kvik_apple.attention import MLXPagedAttentionBackend
+from kvik_apple.logprobs import add_prompt_logprobs, add_sample_logprobs, gather_logprobs
 from kvik_apple.model import LlamaArgs, MLXCausalLM
-from kvik_apple.sampler import MLXSampler, top_logprobs
+from kvik_apple.sampler import MLXSampler
 from kvik_apple.weights import checkpoint_path, is_gguf, load_into, parameter_bytes, read_gguf, read_safetensors_dir
 
 if TYPE_CHECKING:
@@ -49,7 +51,7 @@ class MLXModelRunner(ModelRunner):
         self.kv_caches: list[mx.array] = []
         self.num_blocks = 0
         self.quantized = False
-        self.sampler = MLXSampler(seed=config.seed, eos_token_ids=model_config.eos_token_ids)
+        self.sampler = MLXSampler(seed=config.seed)
 
     # -- set-up ---------------------------------------------------------------
     def _attention_backend(self) -> MLXPagedAttentionBackend:
@@ -184,83 +186,50 @@ class MLXModelRunner(ModelRunner):
         input_ids, positions, metadata = self._metadata(scheduled)
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
         ends = np.cumsum(metadata.query_lens_cpu) - 1
-        samplers = [i for i, r in enumerate(scheduled) if r.sample]
+        reqs = [r for r in scheduled if r.sample]
         to_eval: list[mx.array] = list(self.kv_caches)
-        tokens = raw_logprobs = None
-        if samplers:
-            logits = self.model.compute_logits(hidden[mx.array(ends[samplers].astype(np.int32))])
-            batch = SamplingBatch(
-                params=[scheduled[i].sampling_params for i in samplers],
-                output_positions=[len(scheduled[i].output_token_ids) for i in samplers],
-                prompt_token_ids=[scheduled[i].prompt_token_ids for i in samplers],
-                output_token_ids=[scheduled[i].output_token_ids for i in samplers],
-            )
-            tokens = self.sampler(logits, batch)
+        tokens = sample_lp = prompt_lp = None
+        if reqs:
+            rows = [i for i, r in enumerate(scheduled) if r.sample]
+            logits = self.model.compute_logits(hidden[mx.array(ends[rows].astype(np.int32))])  # [n, vocab]
+            tokens = self.sampler(logits, self._sampling_batch(reqs, scheduler_output))
             to_eval.append(tokens)
-            if any(p.logprobs is not None for p in batch.params):
-                raw_logprobs = logits - mx.logsumexp(logits, axis=-1, keepdims=True)  # vLLM: raw model logprobs
-                to_eval.append(raw_logprobs)
-        prompt_rows = self._prompt_logprob_rows(scheduled)
-        prompt_lp = None
+            ks = [r.sampling_params.logprobs for r in reqs]
+            if any(k is not None for k in ks):  # of the raw logits (MLX arrays are immutable)
+                sample_lp = gather_logprobs(logits, tokens, min(max(k or 0 for k in ks), logits.shape[-1]))
+                to_eval.extend(sample_lp)
+        prompt_rows = prompt_logprob_rows(scheduled)
         if prompt_rows:
-            flat = np.concatenate([rows for _, rows, _ in prompt_rows]).astype(np.int32)
+            flat = np.concatenate([pr.rows for pr in prompt_rows]).astype(np.int32)
             plogits = self.model.compute_logits(hidden[mx.array(flat)])
-            prompt_lp = plogits - mx.logsumexp(plogits, axis=-1, keepdims=True)
-            to_eval.append(prompt_lp)
-        mx.eval(to_eval)
-        return self._collect(scheduled, samplers, tokens, raw_logprobs, prompt_rows, prompt_lp)
-
-    @staticmethod
-    def _collect(
-        scheduled: list[ScheduledRequest],
-        samplers: list[int],
-        tokens: mx.array | None,
-        raw_logprobs: mx.array | None,
-        prompt_rows: list[tuple[int, np.ndarray, list[int]]],
-        prompt_lp: mx.array | None,
-    ) -> RunnerOutput:
-        """Evaluated MLX results -> the engine's plain-Python RunnerOutput."""
+            targets = mx.array([t for pr in prompt_rows for t in pr.targets], dtype=mx.int32)
+            k = max(scheduled[pr.index].sampling_params.prompt_logprobs or 0 for pr in prompt_rows)
+            prompt_lp = gather_logprobs(plogits, targets, min(k, plogits.shape[-1]))
+            to_eval.extend(prompt_lp)
+        mx.eval(to_eval)  # the step's one evaluation: tokens, logprobs and the updated caches
         output = RunnerOutput(sampled_token_ids={})
         if tokens is not None:
-            sampled = np.array(tokens).tolist()
-            lp_host = np.array(raw_logprobs) if raw_logprobs is not None else None
-            for j, i in enumerate(samplers):
-                req = scheduled[i]
-                output.sampled_token_ids[req.request_id] = [int(sampled[j])]
-                if lp_host is not None and req.sampling_params.logprobs is not None:
-                    output.logprobs = output.logprobs or {}
-                    output.logprobs[req.request_id] = [
-                        top_logprobs(lp_host[j], req.sampling_params.logprobs, sampled[j])
-                    ]
+            output.sampled_token_ids = {r.request_id: [t] for r, t in zip(reqs, np.array(tokens).tolist(), strict=True)}
+        if sample_lp is not None:
+            add_sample_logprobs(output, reqs, sample_lp)
         if prompt_lp is not None:
-            host, offset = np.array(prompt_lp), 0
-            output.prompt_logprobs = {}
-            for i, rows, targets in prompt_rows:
-                k = scheduled[i].sampling_params.prompt_logprobs or 0
-                entries = [top_logprobs(host[offset + j], k, t) for j, t in enumerate(targets)]
-                output.prompt_logprobs[scheduled[i].request_id] = entries
-                offset += len(rows)
+            add_prompt_logprobs(output, scheduled, prompt_rows, prompt_lp)
         return output
 
-    @staticmethod
-    def _prompt_logprob_rows(scheduled: list[ScheduledRequest]) -> list[tuple[int, np.ndarray, list[int]]]:
-        """(request index, batch rows, next prompt token) for prompt positions computed this step.
-
-        The logits at prompt position ``p`` score prompt token ``p + 1``; the
-        last prompt position predicts the first output token, so it is skipped.
-        """
-        found = []
-        row = 0
-        for i, req in enumerate(scheduled):
-            n = len(req.token_ids)
-            if req.sampling_params.prompt_logprobs is not None:
-                prompt = req.prompt_token_ids
-                positions = [p for p in range(req.start_pos, req.start_pos + n) if p + 1 < len(prompt)]
-                if positions:
-                    rows = np.array([row + p - req.start_pos for p in positions])
-                    found.append((i, rows, [prompt[p + 1] for p in positions]))
-            row += n
-        return found
+    def _sampling_batch(self, reqs: list[ScheduledRequest], scheduler_output: SchedulerOutput) -> SamplingBatch:
+        batch = SamplingBatch(
+            params=[r.sampling_params for r in reqs],
+            output_positions=[len(r.output_token_ids) for r in reqs],
+            prompt_token_ids=[r.prompt_token_ids for r in reqs],
+            output_token_ids=[r.output_token_ids for r in reqs],
+            eos_token_ids=self.model_config.eos_token_ids,
+        )
+        structured = getattr(scheduler_output, "structured", None)
+        if structured is not None and structured.request_ids:
+            row_of = {r.request_id: i for i, r in enumerate(reqs)}
+            batch.bitmask_rows = [row_of[rid] for rid in structured.request_ids]
+            batch.bitmask = structured.bitmask
+        return batch
 
     def shutdown(self) -> None:
         self.model = None

@@ -1,7 +1,8 @@
 """Sampling in MLX with the torch sampler's semantics (kvik.sample.sampler).
 
-Per row, in order: logits processors (min_tokens, allowed tokens, logit bias,
-repetition / frequency / presence penalties), then greedy argmax or
+Per row, in order: logits processors (structured-output bitmask, allowed
+tokens, bad words, logit bias, min_tokens, repetition / frequency / presence
+penalties; vLLM V1's order, as in kvik.sample.logits_processors), then greedy argmax or
 temperature → top-k → top-p → min-p → exponential race ``argmax(probs / E)``.
 
 Randomness: unseeded rows share one MLX key stream seeded from the engine
@@ -23,9 +24,10 @@ _TINY = float(np.finfo(np.float32).tiny)
 
 def _needs_processing(params: SamplingParams, num_output: int) -> bool:
     return bool(
-        (params.min_tokens and num_output < params.min_tokens)
-        or params.allowed_token_ids
+        params.allowed_token_ids
+        or params.bad_words_token_ids
         or params.logit_bias
+        or num_output < params.min_tokens
         or params.repetition_penalty != 1.0
         or params.frequency_penalty
         or params.presence_penalty
@@ -35,23 +37,24 @@ def _needs_processing(params: SamplingParams, num_output: int) -> bool:
 def _process_row(
     row: np.ndarray, params: SamplingParams, prompt: list[int], output: list[int], eos: frozenset[int]
 ) -> np.ndarray:
-    """One row's logits processors, in numpy (rows needing them are rare; vocab-sized work)."""
+    """One row's logits processors in numpy, in vLLM V1's order (rows needing them are rare)."""
     vocab = row.shape[0]
-    if params.min_tokens and len(output) < params.min_tokens:
-        banned = [t for t in ({*params.stop_token_ids} | (set() if params.ignore_eos else set(eos))) if t < vocab]
-        row[banned] = -np.inf
     if params.allowed_token_ids:
         keep = np.full(vocab, -np.inf, dtype=row.dtype)
-        ids = [t for t in params.allowed_token_ids if 0 <= t < vocab]
-        keep[ids] = 0.0
+        keep[[t for t in params.allowed_token_ids if 0 <= t < vocab]] = 0.0
         row += keep
-    if params.logit_bias:
-        for token, bias in params.logit_bias.items():
-            if 0 <= int(token) < vocab:
-                row[int(token)] += bias
+    for word in params.bad_words_token_ids or []:
+        # The word's last token is banned where the output ends with the rest of it.
+        prefix = len(word) - 1
+        if prefix == 0 or (len(output) >= prefix and list(output[-prefix:]) == list(word[:-1])):
+            row[word[-1]] = -np.inf
+    for token, bias in (params.logit_bias or {}).items():
+        row[int(token)] += bias
+    if len(output) < params.min_tokens:
+        stops = set(params.stop_token_ids) | (set() if params.ignore_eos else set(eos))
+        row[[t for t in stops if t < vocab]] = -np.inf
     if params.repetition_penalty != 1.0:
-        seen = np.unique(np.asarray(prompt + output, dtype=np.int64))
-        seen = seen[seen < vocab]
+        seen = np.unique(np.asarray(list(prompt) + list(output), dtype=np.int64))
         vals = row[seen]
         row[seen] = np.where(vals > 0, vals / params.repetition_penalty, vals * params.repetition_penalty)
     if (params.frequency_penalty or params.presence_penalty) and output:
@@ -60,15 +63,31 @@ def _process_row(
     return row
 
 
-def apply_logits_processors(logits: mx.array, batch: SamplingBatch, eos: frozenset[int]) -> mx.array:
+def _unpack_bitmask(bitmask: np.ndarray, vocab: int) -> np.ndarray:
+    """[m, ceil(vocab / 32)] int32 (bit t % 32 of word t // 32: token t allowed) -> [m, vocab] bool."""
+    words = np.ascontiguousarray(bitmask, dtype=np.int32).view(np.uint32)
+    bits = ((words[:, :, None] >> np.arange(32, dtype=np.uint32)) & 1).astype(bool).reshape(len(words), -1)
+    allowed = np.zeros((len(words), vocab), dtype=bool)
+    width = min(vocab, bits.shape[1])  # ids past the tokenizer's vocabulary are never allowed
+    allowed[:, :width] = bits[:, :width]
+    return allowed
+
+
+def apply_logits_processors(logits: mx.array, batch: SamplingBatch) -> mx.array:
+    """Structured-output bitmask, then each row's SamplingParams processors (see kvik.sample.logits_processors)."""
+    structured = batch.bitmask is not None and bool(batch.bitmask_rows)
     rows = [i for i, p in enumerate(batch.params) if _needs_processing(p, batch.output_positions[i])]
-    if not rows:
+    if not rows and not structured:
         return logits
     host = np.array(logits)  # [n, vocab] float32 copy
+    if structured:
+        assert batch.bitmask is not None
+        allowed = _unpack_bitmask(batch.bitmask(), host.shape[1])
+        host[batch.bitmask_rows] = np.where(allowed, host[batch.bitmask_rows], -np.inf)
     for i in rows:
         prompt = batch.prompt_token_ids[i] if batch.prompt_token_ids else []
         output = batch.output_token_ids[i] if batch.output_token_ids else []
-        host[i] = _process_row(host[i], batch.params[i], prompt, output, eos)
+        host[i] = _process_row(host[i], batch.params[i], prompt, output, batch.eos_token_ids)
     return mx.array(host)
 
 
@@ -107,13 +126,12 @@ def apply_min_p(logits: mx.array, params: list[SamplingParams]) -> mx.array:
 class MLXSampler:
     """Samples one token per row from [n, vocab] float32 logits."""
 
-    def __init__(self, seed: int = 0, eos_token_ids: frozenset[int] = frozenset()) -> None:
+    def __init__(self, seed: int = 0) -> None:
         self._key = mx.random.key(seed)
-        self.eos_token_ids = eos_token_ids
 
     def __call__(self, logits: mx.array, batch: SamplingBatch) -> mx.array:
         """-> sampled token ids [n] (lazy; the runner evaluates it with the step)."""
-        logits = apply_logits_processors(logits, batch, self.eos_token_ids)
+        logits = apply_logits_processors(logits, batch)
         greedy = [p.greedy for p in batch.params]
         if all(greedy):
             return mx.argmax(logits, axis=-1)
@@ -139,14 +157,3 @@ class MLXSampler:
                 rows[i] = mx.random.uniform(shape=shape[1:], key=key)
             uniform = mx.stack(rows)
         return mx.maximum(-mx.log(uniform), _TINY)  # E = -log U; keep the division finite
-
-
-def top_logprobs(logprobs: np.ndarray, k: int, chosen: int) -> dict[int, float]:
-    """{token: logprob} for the ``k`` most likely tokens plus ``chosen`` (vLLM's shape)."""
-    out: dict[int, float] = {}
-    if k > 0:
-        top = np.argpartition(-logprobs, min(k, logprobs.shape[0] - 1))[:k]
-        for t in top[np.argsort(-logprobs[top], kind="stable")]:
-            out[int(t)] = float(logprobs[t])
-    out[int(chosen)] = float(logprobs[chosen])
-    return out

@@ -107,12 +107,13 @@ def test_logprobs_and_prompt_logprobs_match_hf(tiny_model_dir):
     assert len(entries) == len(prompt) - 1
     for pos, entry in enumerate(entries):
         target = prompt[pos + 1]
-        assert target in entry and len(entry) in (1, 2)
+        assert next(iter(entry)) == target and len(entry) in (1, 2)  # the scored token first, then the top k
         np.testing.assert_allclose(entry[target], hf_lp[pos, target].item(), rtol=1e-4, atol=1e-4)
     (sample_entry,) = second.logprobs["r"]
     token = second.sampled_token_ids["r"][0]
     top2 = torch.topk(hf_lp[-1], 2).indices.tolist()
-    assert token == top2[0] and list(sample_entry)[:2] == top2
+    assert token == top2[0] and list(sample_entry) == top2  # chosen first (it is also the top one)
+    assert second.logprob_ranks["r"] == [1]
     np.testing.assert_allclose(sample_entry[token], hf_lp[-1, token].item(), rtol=1e-4, atol=1e-4)
 
 

@@ -11,7 +11,12 @@ import torch  # noqa: E402
 from kvik.sample import sampler as torch_sampler  # noqa: E402
 from kvik.sample.sampler import SamplingBatch  # noqa: E402
 from kvik.sampling_params import SamplingParams  # noqa: E402
-from kvik_apple.sampler import MLXSampler, apply_min_p, apply_top_k_top_p, top_logprobs  # noqa: E402
+from kvik_apple.sampler import (  # noqa: E402
+    MLXSampler,
+    apply_logits_processors,
+    apply_min_p,
+    apply_top_k_top_p,
+)
 
 VOCAB = 64
 
@@ -49,38 +54,58 @@ def test_filters_keep_the_same_tokens_as_torch():
     np.testing.assert_array_equal(np.array(got)[kept], logits[kept])
 
 
-def test_greedy_and_processors_match_a_numpy_reference():
-    logits = _logits(4, seed=1)
+def _processor_batch() -> tuple[np.ndarray, SamplingBatch]:
+    logits = _logits(6, seed=1)
     prompt, output = [1, 2, 3], [3, 4, 4, 9]
     params = [
         SamplingParams(temperature=0.0),
-        SamplingParams(temperature=0.0, repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.3),
-        SamplingParams(temperature=0.0, logit_bias={7: 100.0}),
-        SamplingParams(temperature=0.0, allowed_token_ids=[10, 11, 12], min_tokens=8, stop_token_ids=[11]),
+        SamplingParams(repetition_penalty=1.5, frequency_penalty=0.5, presence_penalty=0.3),
+        SamplingParams(logit_bias={7: 100.0, 8: -3.0}),
+        SamplingParams(allowed_token_ids=[10, 11, 12], min_tokens=8, stop_token_ids=[11]),
+        SamplingParams(bad_words_token_ids=[[5], [4, 9, 13], [3, 14]]),  # [5] always, [..., 13] matches the output end
+        SamplingParams(min_tokens=2),  # already has 4 outputs: EOS stays allowed
     ]
-    expected = logits.copy()
-    row = expected[1]
-    seen = sorted({*prompt, *output})
-    row[seen] = np.where(row[seen] > 0, row[seen] / 1.5, row[seen] * 1.5)
-    counts = np.bincount(output, minlength=VOCAB)
-    row -= 0.5 * counts + 0.3 * (counts > 0)
-    expected[2, 7] += 100.0
-    allowed = np.full(VOCAB, -np.inf, dtype=np.float32)
-    allowed[[10, 12]] = 0  # 11 is a stop token banned until min_tokens outputs exist
-    expected[3] += allowed
-    sampler = MLXSampler(eos_token_ids=frozenset({2}))
-    batch = _batch(params, [len(output)] * 4, prompt_token_ids=[prompt] * 4, output_token_ids=[output] * 4)
-    got = np.array(sampler(mx.array(logits), batch)).tolist()
-    assert got == expected.argmax(-1).tolist()
+    words = np.zeros((1, (VOCAB + 31) // 32), dtype=np.int32)
+    words[0, 0] = (1 << 20) | (1 << 21)  # the grammar allows tokens 20 and 21 only
+    batch = SamplingBatch(
+        params=params,
+        output_positions=[len(output)] * len(params),
+        prompt_token_ids=[prompt] * len(params),
+        output_token_ids=[output] * len(params),
+        eos_token_ids=frozenset({2}),
+        bitmask_rows=[0],
+        bitmask=lambda: words,
+    )
+    return logits, batch
+
+
+def test_logits_processors_match_the_torch_ones():
+    from kvik.sample.logits_processors import DEFAULT_LOGITS_PROCESSORS
+
+    logits, batch = _processor_batch()
+    expected = torch.from_numpy(logits.copy())
+    for processor in DEFAULT_LOGITS_PROCESSORS:
+        expected = processor(expected, batch)
+    got = np.array(apply_logits_processors(mx.array(logits), batch))
+    np.testing.assert_allclose(got, expected.numpy(), rtol=1e-6)
+    assert np.isinf(got).sum() > 0  # the masks did something
+    assert set(np.flatnonzero(np.isfinite(got[0]))) == {20, 21}
+
+
+def test_greedy_follows_the_processed_logits():
+    logits, batch = _processor_batch()
+    batch.params = [p.clone(temperature=0.0) for p in batch.params]
+    processed = np.array(apply_logits_processors(mx.array(logits), batch))
+    assert np.array(MLXSampler()(mx.array(logits), batch)).tolist() == processed.argmax(-1).tolist()
 
 
 def test_min_tokens_bans_eos():
     logits = _logits(1, seed=2)
     logits[0, 2] = 50.0  # EOS would win
-    sampler = MLXSampler(eos_token_ids=frozenset({2}))
     params = SamplingParams(temperature=0.0, min_tokens=3)
-    early = sampler(mx.array(logits), _batch([params], [1], output_token_ids=[[5]]))
-    late = sampler(mx.array(logits), _batch([params], [3], output_token_ids=[[5, 6, 7]]))
+    eos = frozenset({2})
+    early = MLXSampler()(mx.array(logits), _batch([params], [1], output_token_ids=[[5]], eos_token_ids=eos))
+    late = MLXSampler()(mx.array(logits), _batch([params], [3], output_token_ids=[[5, 6, 7]], eos_token_ids=eos))
     assert np.array(early).item() != 2 and np.array(late).item() == 2
 
 
@@ -108,7 +133,14 @@ def test_sampling_follows_the_filtered_distribution():
     np.testing.assert_allclose(counts[:3] / n, expected, atol=0.03)
 
 
-def test_top_logprobs_shape():
-    lp = np.log(np.array([0.1, 0.6, 0.3], dtype=np.float32))
-    assert list(top_logprobs(lp, 2, chosen=0)) == [1, 2, 0]
-    assert list(top_logprobs(lp, 0, chosen=2)) == [2]
+def test_logprobs_gather_matches_torch():
+    from kvik.sample.logprobs import gather_logprobs as torch_gather
+    from kvik_apple.logprobs import gather_logprobs
+
+    logits = _logits(5, seed=4)
+    targets = [3, 0, 63, 17, 17]
+    ids, lps, ranks = (np.array(a) for a in gather_logprobs(mx.array(logits), mx.array(targets), 4))
+    ref_ids, ref_lps, ref_ranks = torch_gather(torch.from_numpy(logits), torch.tensor(targets), 4)
+    np.testing.assert_array_equal(ids, ref_ids.numpy())
+    np.testing.assert_allclose(lps, ref_lps.numpy(), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(ranks, ref_ranks.numpy())
