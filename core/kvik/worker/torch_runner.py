@@ -7,6 +7,7 @@ samples from the last position of every request that asked for a token.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import math
 from collections.abc import Callable
@@ -231,34 +232,37 @@ class TorchModelRunner(ModelRunner):
     def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
         """Flatten the step into input_ids, positions and attention metadata (3 copies to the device)."""
         bs = self.block_size
+        n_reqs = len(scheduled)
         query_lens = [len(r.token_ids) for r in scheduled]
         seq_lens = [r.start_pos + q for r, q in zip(scheduled, query_lens, strict=True)]
         num_tokens = sum(query_lens)
-        max_blocks = max(-(-s // bs) for s in seq_lens)
-        # One int64 buffer holds input_ids | positions | slot_mapping.
-        flat = np.empty(3 * num_tokens, dtype=np.int64)
-        tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
-        offset = 0
-        for i, (r, q, s) in enumerate(zip(scheduled, query_lens, seq_lens, strict=True)):
-            n_blocks = -(-s // bs)
+        blocks_needed = [-(-s // bs) for s in seq_lens]
+        tables = np.zeros((n_reqs, max(blocks_needed)), dtype=np.int32)
+        for i, (r, n_blocks) in enumerate(zip(scheduled, blocks_needed, strict=True)):
             if len(r.block_ids) < n_blocks:
                 raise ValueError(
-                    f"request {r.request_id!r} has {len(r.block_ids)} blocks for {s} tokens "
+                    f"request {r.request_id!r} has {len(r.block_ids)} blocks for {seq_lens[i]} tokens "
                     f"(block size {bs}); it needs {n_blocks}"
                 )
-            table = np.asarray(r.block_ids[:n_blocks], dtype=np.int64)
-            pos = np.arange(r.start_pos, s, dtype=np.int64)
-            flat[offset : offset + q] = r.token_ids
-            flat[num_tokens + offset : num_tokens + offset + q] = pos
-            flat[2 * num_tokens + offset : 2 * num_tokens + offset + q] = table[pos // bs] * bs + pos % bs
-            tables[i, :n_blocks] = table
-            offset += q
+            tables[i, :n_blocks] = r.block_ids[:n_blocks]
+        # Per token, vectorised: its request, its position, its cache slot.
+        q_arr = np.asarray(query_lens, dtype=np.int64)
+        req_of_token = np.repeat(np.arange(n_reqs), q_arr)  # [num_tokens]
+        first_row = np.cumsum(q_arr) - q_arr  # [n_reqs] row of each request's first token
+        starts = np.asarray([r.start_pos for r in scheduled], dtype=np.int64)
+        pos = np.arange(num_tokens, dtype=np.int64) + (starts - first_row)[req_of_token]
+        # One int64 buffer holds input_ids | positions | slot_mapping.
+        flat = np.empty(3 * num_tokens, dtype=np.int64)
+        flat[:num_tokens] = np.fromiter(
+            itertools.chain.from_iterable(r.token_ids for r in scheduled), dtype=np.int64, count=num_tokens
+        )
+        flat[num_tokens : 2 * num_tokens] = pos
+        flat[2 * num_tokens :] = tables[req_of_token, pos // bs].astype(np.int64) * bs + pos % bs
         # One int32 buffer holds query_start_loc | seq_lens.
         small = np.concatenate(([0], np.cumsum(query_lens), seq_lens)).astype(np.int32)
         flat_d = torch.from_numpy(flat).to(self.device, non_blocking=True)
         small_d = torch.from_numpy(small).to(self.device, non_blocking=True)
         tables_d = torch.from_numpy(tables).to(self.device, non_blocking=True)
-        n_reqs = len(scheduled)
         metadata = AttentionMetadata(
             num_tokens=num_tokens,
             num_reqs=n_reqs,
