@@ -59,6 +59,7 @@ class GGUFLinearMethod(QuantizationMethod):
             raise ValueError(f"unexpected parameter {name!r} for a GGUF linear layer (only 'weight' and 'bias')")
         index = 0 if shard is None else shard
         rows = layer.output_sizes[index]
+        shape: tuple[int, ...]
         if isinstance(value, GGUFWeight):
             check_supported(value.ggml_type, f"shard {index} of {layer.extra_repr()}")
             data, ggml_type, shape = value.data, value.ggml_type, value.shape
