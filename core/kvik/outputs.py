@@ -19,6 +19,8 @@ class Logprob:
 
 # position -> {token id: Logprob}
 SampleLogprobs = list[dict[int, Logprob]]
+# prompt position -> {token id: Logprob}; None for the first prompt token (nothing predicts it)
+PromptLogprobs = list[dict[int, Logprob] | None]
 
 
 @dataclass(slots=True)
@@ -60,6 +62,6 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics | None = None
-    prompt_logprobs: SampleLogprobs | None = None
+    prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
     extra: dict[str, object] = field(default_factory=dict)

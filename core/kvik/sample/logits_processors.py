@@ -55,7 +55,8 @@ def token_counts(token_lists: Sequence[Sequence[int]], vocab: int, device: torch
 
 def apply_allowed_token_ids(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Rows with ``allowed_token_ids`` keep only those tokens."""
-    rows, cols = [], []
+    rows: list[int] = []
+    cols: list[int] = []
     for i, params in enumerate(batch.params):
         if params.allowed_token_ids:
             rows.extend([i] * len(params.allowed_token_ids))
@@ -74,7 +75,8 @@ def apply_bad_words(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     A one-token bad word is banned always. ``bad_words_token_ids`` is filled
     by the engine from ``bad_words`` at admission.
     """
-    rows, cols = [], []
+    rows: list[int] = []
+    cols: list[int] = []
     for i, params in enumerate(batch.params):
         words = params.bad_words_token_ids
         if not words:
@@ -106,7 +108,8 @@ def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
 
 def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Until a row has ``min_tokens`` outputs, mask EOS (unless ``ignore_eos``) and its ``stop_token_ids``."""
-    rows, cols = [], []
+    rows: list[int] = []
+    cols: list[int] = []
     for i, (params, position) in enumerate(zip(batch.params, batch.output_positions, strict=True)):
         if position >= params.min_tokens:
             continue

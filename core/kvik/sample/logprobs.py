@@ -133,8 +133,8 @@ def sample_with_logprobs(
         ids_h, lps_h, ranks_h = (host[j] for j in sample_at)
         entries = _entries(ids_h, lps_h, [x or 0 for x in ks])
         output.logprobs, output.logprob_ranks = {}, {}
-        for i, (req, k) in enumerate(zip(reqs, ks, strict=True)):
-            if k is not None:
+        for i, (req, asked) in enumerate(zip(reqs, ks, strict=True)):
+            if asked is not None:
                 output.logprobs[req.request_id] = [entries[i]]
                 output.logprob_ranks[req.request_id] = [int(ranks_h[i])]
     if prompt_at is not None:
