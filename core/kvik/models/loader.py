@@ -121,6 +121,10 @@ def build_model_config(
     window = getattr(hf, "sliding_window", None)
     if hasattr(hf, "use_sliding_window") and not hf.use_sliding_window:
         window = None
+    layer_window = getattr(registry.get(arch), "layer_sliding_window", None)
+    if callable(layer_window):  # the architecture knows which layers slide (Qwen2: max_window_layers)
+        windows = {layer_window(hf, i) for i in range(int(hf.num_hidden_layers))} - {None}
+        window = max(windows) if windows else None
     num_heads = int(hf.num_attention_heads)
     return ModelConfig(
         architecture=arch,

@@ -121,6 +121,16 @@ def test_model_facts(tmp_path: Path, pm: PluginManager) -> None:
     assert mc.quantization is None
 
 
+@pytest.mark.parametrize("max_window_layers,expected", [(1, 8), (2, None)])
+def test_sliding_window_counts_only_layers_that_slide(
+    tmp_path: Path, pm: PluginManager, max_window_layers: int, expected: int | None
+) -> None:
+    path = make_tiny_model(
+        tmp_path / "q", arch="qwen2", use_sliding_window=True, sliding_window=8, max_window_layers=max_window_layers
+    )
+    assert config_for(path, pm).sliding_window == expected
+
+
 def test_max_model_len_limits(tmp_path: Path, pm: PluginManager) -> None:
     plain = make_tiny_model(tmp_path / "plain")
     assert config_for(plain, pm, max_model_len=100).max_model_len == 100
