@@ -103,6 +103,14 @@ def validation_error(errors: Sequence[Any]) -> APIError:
     if not errors:
         return bad_request("The request body is invalid.")
     err = errors[0]
+    # A union (e.g. the four prompt shapes) reports one error per member; the most telling
+    # is one that is not "wrong type" (like "too long").
+    first_param = _loc_to_param(tuple(err.get("loc", ())))
+    for candidate in errors:
+        same = _loc_to_param(tuple(candidate.get("loc", ()))) == first_param
+        if same and not str(candidate.get("type", "")).endswith("_type"):
+            err = candidate
+            break
     loc = tuple(err.get("loc", ()))
     param = _loc_to_param(loc)
     kind = err.get("type", "")
@@ -125,6 +133,13 @@ def validation_error(errors: Sequence[Any]) -> APIError:
         return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if kind == "model_attributes_type" or (param is None and kind.endswith("_type")):
         return bad_request("The request body must be a JSON object.")
+    if param is not None and param.split(".")[0] == "prompt" and kind.endswith("_type"):
+        return bad_request(
+            "'prompt' must be a string, a list of strings, a list of token ids (integers) or a list of "
+            f"token-id lists (got {_short(err.get('input'))}).",
+            param="prompt",
+            code="invalid_value",
+        )
     message = str(err.get("msg", "invalid value"))
     if message.startswith("Value error, "):
         message = message[len("Value error, ") :]

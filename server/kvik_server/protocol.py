@@ -65,7 +65,7 @@ class SamplingFields(OpenAIModel):
     """Fields shared by chat and completions that map onto ``SamplingParams``."""
 
     model: str | None = None
-    n: int = 1
+    n: int = Field(1, le=128)  # OpenAI's cap; also keeps one request from flooding the scheduler
     temperature: float | None = None
     top_p: float | None = None
     seed: int | None = None
@@ -146,7 +146,13 @@ class ChatCompletionRequest(SamplingFields):
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
 
 
-Prompt = StrictStr | list[StrictInt] | list[StrictStr] | list[list[StrictInt]]
+# A batch holds at most 2048 prompts (OpenAI's limit).
+Prompt = (
+    StrictStr
+    | list[StrictInt]
+    | Annotated[list[StrictStr], Field(max_length=2048)]
+    | Annotated[list[list[StrictInt]], Field(max_length=2048)]
+)
 
 
 class CompletionRequest(SamplingFields):

@@ -55,7 +55,10 @@ def test_unknown_and_unsupported_fields(server: ServerProcess) -> None:
         assert_error(c.post("/v1/chat/completions", json={"max_tokens": 2}), 400, "messages")
         assert_error(c.post("/v1/completions", json={"prompt": "x", "n": "many"}), 400, "n")
         assert_error(c.post("/v1/completions", json={"prompt": []}), 400, "prompt")
-        assert_error(c.post("/v1/completions", json={"prompt": [1.5]}), 400)
+        error = assert_error(c.post("/v1/completions", json={"prompt": [1.5]}), 400, "prompt")
+        assert "list of token ids" in error["message"]
+        assert_error(c.post("/v1/completions", json={"prompt": ["a"] * 2049}), 400, "prompt")  # OpenAI's batch cap
+        assert_error(c.post("/v1/chat/completions", json={**CHAT, "n": 129}), 400, "n")  # OpenAI's n cap
         assert_error(c.post("/v1/completions", json={"prompt": [10**9]}), 400)  # outside the vocabulary
         assert_error(c.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}), 400)
         assert_error(c.post("/v1/completions", json=[1, 2]), 400)
