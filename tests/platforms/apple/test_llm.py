@@ -78,3 +78,24 @@ def test_preemption_does_not_change_outputs(tiny_model_dir):
     llm = _llm(path, num_kv_blocks=8, max_model_len=96, max_num_batched_tokens=32)
     assert _tokens(llm.generate(prompts, GREEDY)) == hf_greedy(path, prompts, NEW)
     assert llm.llm_engine.get_stats().num_preemptions > 0
+
+
+def test_logprobs_match_the_torch_cpu_path(tiny_model_dir):
+    path = tiny_model_dir(**MODELS["qwen2-bias-tied"])
+    params = SamplingParams(temperature=0.0, max_tokens=3, logprobs=2, prompt_logprobs=1, ignore_eos=True)
+    prompt = _prompts()[0]
+    cpu, apple = (_llm(path, device=d).generate([prompt], params)[0] for d in ("cpu", "apple"))
+
+    def check(got, expected):
+        assert len(got) == len(expected)
+        for g, e in zip(got, expected, strict=True):
+            if e is None:
+                assert g is None
+                continue
+            assert [(t, lp.rank) for t, lp in g.items()] == [(t, lp.rank) for t, lp in e.items()]
+            assert [lp.logprob for lp in g.values()] == pytest.approx([lp.logprob for lp in e.values()], abs=1e-4)
+
+    assert apple.outputs[0].token_ids == cpu.outputs[0].token_ids
+    check(apple.outputs[0].logprobs, cpu.outputs[0].logprobs)
+    check(apple.prompt_logprobs, cpu.prompt_logprobs)
+    assert len(apple.prompt_logprobs) == len(prompt) and apple.prompt_logprobs[0] is None
