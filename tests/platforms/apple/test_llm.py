@@ -99,3 +99,12 @@ def test_logprobs_match_the_torch_cpu_path(tiny_model_dir):
     check(apple.outputs[0].logprobs, cpu.outputs[0].logprobs)
     check(apple.prompt_logprobs, cpu.prompt_logprobs)
     assert len(apple.prompt_logprobs) == len(prompt) and apple.prompt_logprobs[0] is None
+
+
+def test_structured_output_matches_the_torch_cpu_path(tiny_model_dir):
+    pytest.importorskip("xgrammar", reason="structured output needs xgrammar")
+    path = tiny_model_dir(**MODELS["qwen2-bias-tied"])
+    params = SamplingParams(temperature=0.0, max_tokens=12, guided_choice=["hello world", "quick brown fox"])
+    cpu, apple = (_llm(path, device=d).generate(["Tell me:"], params)[0].outputs[0] for d in ("cpu", "apple"))
+    assert apple.text in ("hello world", "quick brown fox")
+    assert apple.token_ids == cpu.token_ids
