@@ -36,6 +36,10 @@ def parse_size(text: str | int) -> int:
     return value
 
 
+def _max_model_len(text: str) -> int | str:
+    return "auto" if text.strip().lower() == "auto" else _positive_int(text)
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -54,13 +58,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine = parser.add_argument_group("engine")
     engine.add_argument("--device", help="platform name (cpu, cuda, ...; default: auto-detect)")
     engine.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
-    engine.add_argument("--max-model-len", type=_positive_int, help="context length (default: the model's)")
+    engine.add_argument("--max-model-len", type=_max_model_len,
+                        help="context length, or 'auto' to fit memory (default: the model's)")  # fmt: skip
     engine.add_argument("--max-num-seqs", type=_positive_int, help="max sequences in the running batch")
     engine.add_argument("--max-num-batched-tokens", type=_positive_int, help="token budget per engine step")
     engine.add_argument("--kv-cache-memory", type=parse_size, help="memory for KV blocks, e.g. 2GiB")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help="share KV blocks of identical prompt prefixes (default: on)")  # fmt: skip
     engine.add_argument("--seed", type=int, help="engine seed")
+    engine.add_argument("--num-threads", type=_positive_int, help="CPU platforms: torch intra-op threads")
     server = parser.add_argument_group("server")
     server.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
                         "(default: $KVIK_API_KEY); /health, /ready, /version, /metrics stay open")  # fmt: skip
@@ -148,7 +154,7 @@ def finalize_args(args: Any, parser: argparse.ArgumentParser | None = None) -> A
 def engine_kwargs(args: Any) -> dict[str, Any]:
     """AsyncLLM.from_engine_args keyword arguments from the flags that were given."""
     names = ("model", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-             "kv_cache_memory", "enable_prefix_caching", "seed")  # fmt: skip
+             "kv_cache_memory", "enable_prefix_caching", "seed", "num_threads")  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

@@ -93,7 +93,9 @@ class ServingContext:
             flush_deadline = time.monotonic() + 5.0
             while self.inflight and time.monotonic() < flush_deadline:
                 await asyncio.sleep(0.05)
+        logger.info("drained (%d request(s) left); stopping the engine", len(self.inflight))
         await self.shutdown_engine(0.0)
+        logger.info("engine stopped")
 
     async def shutdown_engine(self, grace_period: float = 0.0) -> None:
         if self._shutdown_done or not self.started:

@@ -31,7 +31,7 @@ class ServerProcess:
         self.base_url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         cmd = [sys.executable, "-m", "kvik_server", "--model", str(model), "--device", "cpu", "--port", str(self.port),
-               "--max-model-len", str(MAX_MODEL_LEN), "--log-level", "warning", *args]  # fmt: skip
+               "--max-model-len", str(MAX_MODEL_LEN), "--num-threads", "1", "--log-level", "warning", *args]  # fmt: skip
         if api_key:
             cmd += ["--api-key", api_key]
         env = dict(os.environ, OMP_NUM_THREADS="1", KVIK_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")

@@ -31,13 +31,14 @@ def test_config_file_with_command_line_override(tmp_path: Path) -> None:
         "model: /models/a\nmax-num-seqs: 8\nkv_cache_memory: 1GiB\nport: 9000\n"
         "enable-prefix-caching: false\napi-key: from-file\n"
     )
-    args = parse_serve_args(["--config", str(config), "--port", "9100", "--max-waiting-requests", "3"])
+    args = parse_serve_args(["--config", str(config), "--port", "9100", "--max-waiting-requests", "3",
+                             "--max-model-len", "auto"])  # fmt: skip
     assert args.model == "/models/a" and args.max_num_seqs == 8 and args.kv_cache_memory == 1 << 30
     assert args.port == 9100  # the command line wins over the file
     assert args.enable_prefix_caching is False and args.max_waiting_requests == 3
     kwargs = engine_kwargs(args)
     assert kwargs == {"model": "/models/a", "dtype": "auto", "max_num_seqs": 8, "kv_cache_memory": 1 << 30,
-                      "enable_prefix_caching": False}  # fmt: skip
+                      "enable_prefix_caching": False, "max_model_len": "auto"}  # fmt: skip
     settings = ServerSettings.from_args(args)
     assert settings.api_keys == ("from-file",) and settings.max_waiting_requests == 3
 
