@@ -1,6 +1,6 @@
 """Rotary position embeddings (neox / Hugging Face "rotate_half" layout) and HF rope settings.
 
-Supported ``rope_type`` values: ``default``, ``linear``, ``llama3`` and ``dynamic``.
+Supported ``rope_type`` values: ``default``, ``linear``, ``llama3``, ``dynamic`` and ``yarn``.
 Settings are read from ``config.rope_parameters`` (transformers >= 5) or from the
 older ``rope_theta`` / ``rope_scaling`` attributes.
 """
@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
 
 
 @dataclass(slots=True)
@@ -52,8 +52,11 @@ def rope_max_len(hf_config: Any) -> int:
     """
     max_pos = int(hf_config.max_position_embeddings)
     rope = rope_settings(hf_config)
+    factor = float(rope.params.get("factor") or 1.0)
     if rope.rope_type in ("linear", "dynamic"):
-        return int(max_pos * float(rope.params.get("factor", 1.0)))
+        return int(max_pos * factor)
+    if rope.rope_type == "yarn":  # Qwen2.5-style configs keep the trained length in max_position_embeddings
+        return max(max_pos, int(int(rope.params.get("original_max_position_embeddings") or max_pos) * factor))
     return max_pos
 
 
@@ -73,7 +76,55 @@ def compute_inv_freq(rope: RopeSettings, rotary_dim: int, max_position: int, max
         inv_freq = inv_freq / factor
     elif rope.rope_type == "llama3":
         inv_freq = _llama3_inv_freq(inv_freq, rope.params)
+    elif rope.rope_type == "yarn":
+        inv_freq = _yarn_inv_freq(inv_freq, rope, rotary_dim, max_position)
     return inv_freq
+
+
+def _yarn_factor(rope: RopeSettings, max_position: int) -> float:
+    params = rope.params
+    return float(params.get("factor") or max_position / params["original_max_position_embeddings"])
+
+
+def rope_attention_factor(rope: RopeSettings, max_position: int) -> float:
+    """The scale YaRN applies to cos and sin (1.0 for every other rope type)."""
+    if rope.rope_type != "yarn":
+        return 1.0
+    params = rope.params
+    if params.get("attention_factor") is not None:
+        return float(params["attention_factor"])
+    factor = _yarn_factor(rope, max_position)
+
+    def mscale(scale: float, m: float = 1.0) -> float:
+        return 1.0 if scale <= 1 else 0.1 * m * math.log(scale) + 1.0
+
+    if params.get("mscale") and params.get("mscale_all_dim"):
+        return mscale(factor, params["mscale"]) / mscale(factor, params["mscale_all_dim"])
+    return mscale(factor)
+
+
+def _yarn_inv_freq(inv_freq: torch.Tensor, rope: RopeSettings, dim: int, max_position: int) -> torch.Tensor:
+    # YaRN: interpolate (divide by factor) the low frequencies, keep the high ones,
+    # ramp linearly between the dimensions that rotate beta_slow..beta_fast times
+    # over the trained context.
+    params = rope.params
+    factor = _yarn_factor(rope, max_position)
+    original = float(params.get("original_max_position_embeddings") or max_position)
+    beta_fast = float(params.get("beta_fast") or 32)
+    beta_slow = float(params.get("beta_slow") or 1)
+
+    def correction_dim(rotations: float) -> float:
+        return (dim * math.log(original / (rotations * 2 * math.pi))) / (2 * math.log(rope.theta))
+
+    low, high = correction_dim(beta_fast), correction_dim(beta_slow)
+    if params.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001  # avoid a zero-width ramp
+    ramp = ((torch.arange(dim // 2, dtype=torch.float32) - low) / (high - low)).clamp(0, 1)
+    extrapolation = 1 - ramp
+    return (inv_freq / factor) * (1 - extrapolation) + inv_freq * extrapolation
 
 
 def _llama3_inv_freq(inv_freq: torch.Tensor, params: dict[str, Any]) -> torch.Tensor:
@@ -115,12 +166,16 @@ class RotaryEmbedding(nn.Module):
         self.rotary_dim = int(head_dim * rope.partial_rotary_factor)
         inv_freq = compute_inv_freq(rope, self.rotary_dim, max_position, max_model_len or max_position)
         self.register_buffer("inv_freq", inv_freq.to(device), persistent=False)
+        self.attention_factor = rope_attention_factor(rope, max_position)
 
     def cos_sin(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         """positions [n] -> (cos, sin), each [n, 1, rotary_dim] in ``dtype`` (broadcast over heads)."""
         freqs = positions.float()[:, None] * self.inv_freq[None, :]  # [n, rotary_dim / 2]
         emb = torch.cat((freqs, freqs), dim=-1)[:, None, :]
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        cos, sin = emb.cos(), emb.sin()
+        if self.attention_factor != 1.0:
+            cos, sin = cos * self.attention_factor, sin * self.attention_factor
+        return cos.to(dtype), sin.to(dtype)
 
     def forward(
         self, q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]

@@ -8,7 +8,13 @@ import pytest
 import torch
 from kvik.layers.activation import SiluAndMul
 from kvik.layers.norm import RMSNorm
-from kvik.layers.rotary import RotaryEmbedding, compute_inv_freq, rope_max_len, rope_settings
+from kvik.layers.rotary import (
+    RotaryEmbedding,
+    compute_inv_freq,
+    rope_attention_factor,
+    rope_max_len,
+    rope_settings,
+)
 from kvik.testing.tiny_models import tiny_config
 from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 from transformers.models.llama.modeling_llama import LlamaRMSNorm, apply_rotary_pos_emb
@@ -24,7 +30,20 @@ LLAMA3 = {
 
 @pytest.mark.parametrize(
     "scaling",
-    [None, {"rope_type": "linear", "factor": 4.0}, LLAMA3, {"rope_type": "dynamic", "factor": 2.0}],
+    [
+        None,
+        {"rope_type": "linear", "factor": 4.0},
+        LLAMA3,
+        {"rope_type": "dynamic", "factor": 2.0},
+        {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128},
+        {
+            "rope_type": "yarn",
+            "factor": 8.0,
+            "original_max_position_embeddings": 64,
+            "mscale": 1.0,
+            "mscale_all_dim": 0.5,
+        },
+    ],
 )
 def test_inv_freq_matches_hf(scaling: dict | None) -> None:
     config = tiny_config("llama", rope_scaling=scaling, rope_theta=50000.0, hidden_size=128)
@@ -34,7 +53,8 @@ def test_inv_freq_matches_hf(scaling: dict | None) -> None:
     if scaling is None:
         expected = 1.0 / (50000.0 ** (torch.arange(0, 32, 2, dtype=torch.int64).float() / 32))
     else:
-        expected, _ = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu")
+        expected, attention_factor = ROPE_INIT_FUNCTIONS[scaling["rope_type"]](config, "cpu")
+        assert rope_attention_factor(rope, config.max_position_embeddings) == pytest.approx(attention_factor)
     torch.testing.assert_close(ours, expected, atol=0, rtol=1e-6)
 
 
@@ -59,7 +79,7 @@ def test_old_style_config_attributes() -> None:
 
 
 def test_unsupported_rope_type_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"rope type 'su' .* supported: default, linear, llama3, dynamic"):
+    with pytest.raises(ValueError, match=r"rope type 'su' .* supported: default, linear, llama3, dynamic, yarn"):
         rope_settings(types.SimpleNamespace(rope_scaling={"type": "su"}))
 
 
@@ -94,3 +114,10 @@ def test_rms_norm_matches_hf_and_fuses_the_residual(dtype: torch.dtype) -> None:
 def test_silu_and_mul() -> None:
     x = torch.randn(3, 10)
     torch.testing.assert_close(SiluAndMul()(x), torch.nn.functional.silu(x[:, :5]) * x[:, 5:])
+
+
+def test_yarn_extends_the_usable_context() -> None:
+    config = tiny_config(
+        "qwen2", rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 512}
+    )
+    assert rope_max_len(config) == 2048

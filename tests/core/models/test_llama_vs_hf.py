@@ -37,6 +37,11 @@ CASES: dict[str, tuple[str, dict[str, Any], bool]] = {
         True,
     ),
     "llama-dynamic-rope": ("llama", {"rope_scaling": {"rope_type": "dynamic", "factor": 2.0}}, False),
+    "qwen2-yarn-rope": (
+        "qwen2",
+        {"rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16}},
+        False,
+    ),
     "mistral-sliding-window": ("mistral", {"sliding_window": 8}, False),
     "qwen2-bias-tied": ("qwen2", {"tie_word_embeddings": True}, True),
     "qwen2-sliding-window-layers": (
