@@ -71,23 +71,32 @@ def prompts(tokenizer: object) -> list[list[int]]:
 
 
 @pytest.fixture(scope="module")
-def hf_greedy(prompts: list[list[int]]) -> list[list[int]]:
-    """HF transformers' own GGUF loading and greedy decoding, all prompts in one left-padded batch."""
+def hf_model() -> object:
+    """HF transformers' own GGUF loading (its reader, dequantizer and Q/K un-permutation)."""
     from transformers import AutoModelForCausalLM
 
     assert SMOLLM2 is not None
-    # One thread: module fixtures run before the per-test thread limit, and two OpenMP threads
-    # on two shared cores thrash.
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)  # module fixtures run before the per-test limit; 2 threads on 2 shared cores thrash
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(SMOLLM2.parent), gguf_file=SMOLLM2.name, dtype=torch.float32)
+    finally:
+        torch.set_num_threads(previous)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(hf_model: object, prompts: list[list[int]]) -> list[list[int]]:
+    """HF's greedy continuations, all prompts in one left-padded batch, cut after the first EOS."""
+    pad, eos = 2, 2
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        model = AutoModelForCausalLM.from_pretrained(str(SMOLLM2.parent), gguf_file=SMOLLM2.name, dtype=torch.float32)
-        pad, eos = 2, 2
-        width = max(len(p) for p in prompts)
-        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
-        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
         with torch.no_grad():
-            out = model.eval().generate(
+            out = hf_model.generate(
                 ids, attention_mask=mask, max_new_tokens=MAX_NEW_TOKENS, do_sample=False, pad_token_id=pad
             )
     finally:
@@ -144,6 +153,16 @@ def test_tokenizer_and_chat_template(fmt: GGUFFormat, tokenizer: object) -> None
     assert tokenizer.decode(ids) == "In 2024, 365 days"
 
 
+def test_weights_match_transformers(fmt: GGUFFormat, hf_model: object) -> None:
+    """Every tensor, decoded and un-permuted by kvik-gguf, is bit-identical to what transformers loads."""
+    reference = hf_model.state_dict()
+    ours = dict(fmt.iter_weights(quantized=False))
+    assert set(ours) == set(reference) - {"lm_head.weight"}  # tied: the file has no output.weight
+    for name, value in ours.items():
+        assert torch.equal(value, reference[name]), name
+
+
+@pytest.mark.slow
 def test_greedy_matches_transformers(prompts: list[list[int]], hf_greedy: list[list[int]]) -> None:
     """Dequantized float32 weights: kvik's tokens are HF's, prompt for prompt; packed Q4_1 in memory agrees too."""
     dense, dense_bytes = _kvik_greedy(prompts)
