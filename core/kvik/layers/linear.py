@@ -54,10 +54,9 @@ class Linear(nn.Module):
         self.quant_method.load_weight(self, name, value, shard)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = self.quant_method.apply(self, x)
         if self.bias is not None:
-            y = y + self.bias
-        return y
+            return self.quant_method.apply_with_bias(self, x, self.bias)
+        return self.quant_method.apply(self, x)
 
     def extra_repr(self) -> str:
         return f"in={self.input_size}, out={self.output_sizes}, method={self.quant_method.name}"

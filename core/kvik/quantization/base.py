@@ -53,6 +53,10 @@ class QuantizationMethod(ABC):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` (without bias): ``x`` is ``[..., input_size]``."""
 
+    def apply_with_bias(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        """``apply(layer, x) + bias``; override to fuse the add (one rounding in 16-bit dtypes)."""
+        return self.apply(layer, x) + bias
+
     @abstractmethod
     def dequantize(self, layer: Linear) -> torch.Tensor:
         """The dense weight ``[sum(output_sizes), input_size]`` that ``apply`` multiplies by.

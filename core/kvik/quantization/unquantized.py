@@ -36,6 +36,10 @@ class UnquantizedLinearMethod(QuantizationMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, _weight(layer))
 
+    def apply_with_bias(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+        # Fused like HF's nn.Linear, so bf16 results round once, as theirs do.
+        return F.linear(x, _weight(layer), bias)
+
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return _weight(layer).data
 
