@@ -35,6 +35,16 @@ def choice_grammar(choices: list[str]) -> str:
     return "root ::= " + " | ".join(json.dumps(c, ensure_ascii=False) for c in choices)
 
 
+def json_string_fix(ebnf: str) -> str:
+    r"""Forbid raw control characters inside length-bounded JSON strings.
+
+    xgrammar 0.2.8 writes ``maxLength`` strings as ``[^"\\\r\n]{0,n}``, which
+    admits U+0000-U+001F (invalid JSON: ``json.loads`` rejects them); its
+    unbounded strings already exclude them. A no-op once xgrammar fixes it.
+    """
+    return ebnf.replace(r"[^\"\\\r\n]", r"[^\0-\x1f\"\\\r\n]")
+
+
 class XGrammarBackend(StructuredOutputBackend):
     name = "xgrammar"
 
@@ -57,11 +67,13 @@ class XGrammarBackend(StructuredOutputBackend):
     def compile(self, kind: str, spec: Any) -> Any:
         try:
             if kind == "json":
-                # Compact separators and no free whitespace: a weak model cannot stall in
-                # endless whitespace (vLLM's disable_any_whitespace).
-                return self.compiler.compile_json_schema(spec, any_whitespace=False)
+                # No free whitespace: a weak model cannot stall in endless whitespace
+                # (vLLM's disable_any_whitespace).
+                grammar = str(self._xgr.Grammar.from_json_schema(spec, any_whitespace=False))
+                return self.compiler.compile_grammar(json_string_fix(grammar))
             if kind == "json_object":
-                return self.compiler.compile_builtin_json_grammar()
+                # OpenAI's json_object means an object (xgrammar's builtin JSON grammar also admits arrays).
+                return self.compile("json", {"type": "object"})
             if kind == "regex":
                 return self.compiler.compile_regex(spec)
             if kind == "choice":
