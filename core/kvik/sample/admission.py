@@ -30,10 +30,11 @@ def check_token_ids(params: SamplingParams, vocab_size: int) -> None:
 
 
 def tokenize_bad_words(words: list[str], tokenizer: Any) -> list[list[int]]:
-    """Each bad word as token sequences, alone and after a space (vLLM's rule).
+    """Each bad word as token sequences: alone (text start) and after a space (mid-sentence).
 
-    The space variant is kept only when it tokenizes into as many tokens as
-    the bare word with a different first token (a real "mid-sentence" form).
+    vLLM keeps the space variant only when it has as many tokens as the bare
+    word; kvik keeps it whenever it differs, so "wit" also bans " wit" when a
+    BPE merges the space into one token.
     """
     if tokenizer is None:
         raise ValueError("bad_words needs a tokenizer to turn words into tokens; this engine has none")
@@ -42,7 +43,7 @@ def tokenize_bad_words(words: list[str], tokenizer: Any) -> list[list[int]]:
         bare = list(tokenizer.encode(word.lstrip(), add_special_tokens=False))
         spaced = list(tokenizer.encode(" " + word.lstrip(), add_special_tokens=False))
         for ids in (bare, spaced):
-            if ids and ids not in out and (ids is bare or (len(ids) == len(bare) and ids[0] != bare[0])):
+            if ids and ids not in out:
                 out.append(ids)
     return out
 
