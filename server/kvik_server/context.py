@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import time
 from collections.abc import AsyncGenerator, Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -226,6 +227,15 @@ class ServingContext:
         return min(self.engine_pending.values(), default=None)
 
 
+_NAMED_PARAM = re.compile(r"^(?:SamplingParams\.|invalid )(\w+)")
+
+
+def _param_named_in(message: str) -> str | None:
+    """The request field an engine error names ("invalid guided_regex: ...", "SamplingParams.top_p ...")."""
+    match = _NAMED_PARAM.match(message)
+    return match.group(1) if match else None
+
+
 def _engine_max_num_seqs(engine: Any) -> int | None:
     for path in ("config.max_num_seqs", "engine_config.max_num_seqs", "engine.config.max_num_seqs"):
         obj: Any = engine
@@ -274,7 +284,7 @@ class EngineStream:
                         ctx.metrics.observe_finished(output, arrival, first_token, time.time())
                     yield output
             except ValueError as exc:
-                raise bad_request(str(exc), code="invalid_value") from None
+                raise bad_request(str(exc), param=_param_named_in(str(exc)), code="invalid_value") from None
             except RuntimeError as exc:
                 if type(exc).__name__ != "EngineDeadError":
                     raise

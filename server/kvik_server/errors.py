@@ -83,9 +83,8 @@ def bad_request(message: str, param: str | None = None, code: str | None = None)
 # OpenAI fields kvik does not implement: named in the 400 instead of "unknown field".
 UNSUPPORTED_FIELDS = frozenset(
     {
-        "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call", "response_format",
-        "audio", "modalities", "prediction", "reasoning_effort", "web_search_options", "logprobs",
-        "top_logprobs", "best_of", "suffix", "service_tier", "store", "metadata", "verbosity",
+        "tools", "tool_choice", "parallel_tool_calls", "functions", "function_call",
+        "audio", "modalities", "prediction", "reasoning_effort", "web_search_options", "suffix", "service_tier", "store", "metadata", "verbosity",
         "prompt_cache_key", "safety_identifier", "tool_calls", "refusal", "annotations",
     }
 )  # fmt: skip

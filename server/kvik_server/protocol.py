@@ -61,6 +61,20 @@ class StreamOptions(OpenAIModel):
     continuous_usage_stats: bool = False
 
 
+class JsonSchemaSpec(OpenAIModel):
+    name: str | None = None
+    description: str | None = None
+    schema_: dict[str, Any] | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(OpenAIModel):
+    """OpenAI structured output: ``json_object`` (any JSON object) or ``json_schema``."""
+
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+
+
 class SamplingFields(OpenAIModel):
     """Fields shared by chat and completions that map onto ``SamplingParams``."""
 
@@ -86,8 +100,14 @@ class SamplingFields(OpenAIModel):
     include_stop_str_in_output: bool = False
     skip_special_tokens: bool = True
     priority: int = 0
+    # structured output: OpenAI's response_format, or vLLM's guided_* extras (at most one)
+    response_format: ResponseFormat | None = None
+    guided_json: dict[str, Any] | str | None = None
+    guided_regex: str | None = None
+    guided_choice: list[str] | None = None
+    guided_grammar: str | None = None
 
-    def to_sampling_params(self, max_tokens: int | None) -> SamplingParams:
+    def to_sampling_params(self, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
         """Build SamplingParams; ``ValueError`` (naming the field) on a bad value."""
         values: dict[str, Any] = dict(
             n=self.n,
@@ -99,7 +119,21 @@ class SamplingFields(OpenAIModel):
             ignore_eos=self.ignore_eos,
             skip_special_tokens=self.skip_special_tokens,
             seed=self.seed,
+            logprobs=logprobs,
         )
+        best_of = getattr(self, "best_of", None)  # completions only
+        if best_of is not None:
+            values["best_of"] = best_of
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+            if getattr(self, name) is not None:
+                values[name] = getattr(self, name)
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            values["guided_json_object"] = True
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise ValueError("SamplingParams.response_format needs json_schema.schema for type json_schema")
+            values["guided_json"] = fmt.json_schema.schema_
         optional = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty")  # fmt: skip
         for name in optional:
@@ -138,9 +172,19 @@ class ChatCompletionRequest(SamplingFields):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
     max_completion_tokens: int | None = None
+    logprobs: bool = False
+    top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     chat_template_kwargs: dict[str, Any] | None = None
+
+    def requested_logprobs(self) -> int | None:
+        """SamplingParams.logprobs: None, or how many top alternatives to return per token."""
+        if not self.logprobs:
+            if self.top_logprobs:
+                raise ValueError("SamplingParams.top_logprobs needs logprobs: true")
+            return None
+        return self.top_logprobs or 0
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
@@ -158,6 +202,8 @@ Prompt = (
 class CompletionRequest(SamplingFields):
     prompt: Prompt
     max_tokens: int | None = 16  # OpenAI's default for completions
+    logprobs: int | None = Field(None, ge=0, le=20)
+    best_of: int | None = None  # only None or == n (vLLM V1 dropped best_of > n)
     echo: bool = False
     add_special_tokens: bool = True
 

@@ -14,6 +14,7 @@ from kvik.outputs import RequestOutput
 
 from kvik_server.context import ServingContext
 from kvik_server.errors import APIError, sse_error
+from kvik_server.logprobs import chat_logprobs
 from kvik_server.protocol import ChatCompletionRequest, ChatMessage
 from kvik_server.streaming import SSE_DONE, ClientDisconnected, SSEResponse, collect, race_disconnect, sse
 
@@ -49,7 +50,7 @@ def usage(prompt_tokens: int, outputs: list[RequestOutput]) -> dict[str, Any]:
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, raw: Request) -> Response:
     ctx.check_model(body.model)
     max_tokens = body.requested_max_tokens()
-    params = ctx.sampling_params(lambda: body.to_sampling_params(max_tokens))
+    params = ctx.sampling_params(lambda: body.to_sampling_params(max_tokens, body.requested_logprobs()))
     prompt_ids = await ctx.render_chat(
         [template_message(m) for m in body.messages],
         add_generation_prompt=body.add_generation_prompt,
@@ -84,7 +85,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         {
             "index": c.index,
             "message": {"role": "assistant", "content": c.text, "refusal": None},
-            "logprobs": None,
+            "logprobs": _logprobs(body, c.logprobs or []),
             "finish_reason": c.finish_reason,
             "stop_reason": c.stop_reason,
         }
@@ -103,6 +104,12 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     )
 
 
+def _logprobs(body: ChatCompletionRequest, positions: list[Any]) -> dict[str, Any] | None:
+    if not body.logprobs:
+        return None
+    return {"content": chat_logprobs(positions, body.top_logprobs or 0), "refusal": None}
+
+
 async def _chat_stream(
     ctx: ServingContext,
     body: ChatCompletionRequest,
@@ -119,8 +126,10 @@ async def _chat_stream(
             "system_fingerprint": None}  # fmt: skip
     latest = first
 
-    def chunk(index: int, delta: dict[str, Any], finish: str | None = None, stop_reason: Any = None) -> str:
-        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": None, "finish_reason": finish}
+    def chunk(
+        index: int, delta: dict[str, Any], finish: str | None = None, stop_reason: Any = None, logprobs: Any = None
+    ) -> str:
+        choice: dict[str, Any] = {"index": index, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
             choice["stop_reason"] = stop_reason
         payload: dict[str, Any] = {**base, "choices": [choice]}
@@ -131,6 +140,7 @@ async def _chat_stream(
     for index in range(body.n):
         yield chunk(index, {"role": "assistant", "content": ""})
     sent = [""] * body.n
+    sent_logprobs = [0] * body.n  # positions whose logprobs went out with a content delta
     done = [False] * body.n
     try:
         output: RequestOutput | None = first
@@ -140,9 +150,11 @@ async def _chat_stream(
                 if done[c.index]:
                     continue
                 delta = c.text[len(sent[c.index]) :]
-                if delta:
+                positions = (c.logprobs or [])[sent_logprobs[c.index] :]
+                if delta or (positions and c.finish_reason is not None):
                     sent[c.index] = c.text
-                    yield chunk(c.index, {"content": delta})
+                    sent_logprobs[c.index] += len(positions)
+                    yield chunk(c.index, {"content": delta}, logprobs=_logprobs(body, positions))
                 if c.finish_reason is not None:
                     done[c.index] = True
                     if c.finish_reason == "abort":

@@ -18,6 +18,7 @@ from kvik.outputs import RequestOutput
 
 from kvik_server.context import ServingContext
 from kvik_server.errors import APIError, bad_request, sse_error
+from kvik_server.logprobs import completion_logprobs
 from kvik_server.protocol import CompletionRequest
 from kvik_server.serving_chat import INTERNAL, SHUTDOWN_ABORT, usage
 from kvik_server.streaming import SSE_DONE, ClientDisconnected, SSEResponse, merge, race_disconnect, sse
@@ -38,7 +39,9 @@ def split_prompts(prompt: Any) -> list[str | list[int]]:
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: Request) -> Response:
     ctx.check_model(body.model)
-    params = ctx.sampling_params(lambda: body.to_sampling_params(body.max_tokens))
+    if body.echo and body.logprobs is not None:
+        raise bad_request("echo together with logprobs (prompt logprobs) is not supported; drop one.", param="echo")
+    params = ctx.sampling_params(lambda: body.to_sampling_params(body.max_tokens, body.logprobs))
     prompts = split_prompts(body.prompt)
     prompt_ids: list[list[int]] = []
     prompt_texts: list[str] = []
@@ -90,7 +93,8 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: R
             if c.finish_reason == "abort":
                 raise SHUTDOWN_ABORT
             text = prompt_texts[p] + c.text if body.echo else c.text
-            choices.append({"index": p * body.n + c.index, "text": text, "logprobs": None,
+            logprobs = None if body.logprobs is None else completion_logprobs(c.logprobs or [], body.logprobs, 0)
+            choices.append({"index": p * body.n + c.index, "text": text, "logprobs": logprobs,
                             "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})  # fmt: skip
     return JSONResponse(
         {
@@ -128,12 +132,13 @@ async def _completion_stream(
             "system_fingerprint": None}  # fmt: skip
     n = body.n
     sent = [0] * (n * len(prompt_texts))  # characters of each choice's text already sent
+    sent_logprobs = [0] * len(sent)  # positions whose logprobs went out
     echoed = [False] * len(sent)
     done = [False] * len(sent)
     latest: dict[int, RequestOutput] = {}
 
-    def chunk(index: int, text: str, finish: str | None = None, stop_reason: Any = None) -> str:
-        choice: dict[str, Any] = {"index": index, "text": text, "logprobs": None, "finish_reason": finish}
+    def chunk(index: int, text: str, finish: str | None = None, stop_reason: Any = None, logprobs: Any = None) -> str:
+        choice: dict[str, Any] = {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish}
         if finish is not None:
             choice["stop_reason"] = stop_reason
         payload: dict[str, Any] = {**base, "choices": [choice]}
@@ -155,9 +160,14 @@ async def _completion_stream(
                     echoed[index] = True
                     prefix = prompt_texts[p]
                 delta = prefix + c.text[sent[index] :]
-                sent[index] = len(c.text)
-                if delta:
-                    yield chunk(index, delta)
+                positions = (c.logprobs or [])[sent_logprobs[index] :]
+                if delta or (positions and c.finish_reason is not None):
+                    logprobs = None
+                    if body.logprobs is not None:
+                        logprobs = completion_logprobs(positions, body.logprobs, sent[index])
+                        sent_logprobs[index] += len(positions)
+                    sent[index] = len(c.text)
+                    yield chunk(index, delta, logprobs=logprobs)
                 if c.finish_reason is not None:
                     done[index] = True
                     if c.finish_reason == "abort":

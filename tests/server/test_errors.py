@@ -42,8 +42,8 @@ def test_unknown_and_unsupported_fields(server: ServerProcess) -> None:
         error = assert_error(c.post("/v1/chat/completions", json={**CHAT, "max_tokenz": 3}), 400, "max_tokenz")
         assert "max_tokenz" in error["message"]
         for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-                             ("logprobs", True), ("top_logprobs", 3), ("response_format", {"type": "json_object"}),
-                             ("functions", [{"name": "f"}]), ("audio", {"voice": "x"}), ("modalities", ["audio"])]:  # fmt: skip
+                             ("functions", [{"name": "f"}]), ("audio", {"voice": "x"}), ("modalities", ["audio"]),
+                             ("reasoning_effort", "high"), ("prediction", {"type": "content", "content": "x"})]:  # fmt: skip
             error = assert_error(c.post("/v1/chat/completions", json={**CHAT, field: value}), 400, field)
             assert "not supported" in error["message"] and error["code"] == "unsupported_parameter"
         error = assert_error(c.post("/v1/completions", json={"prompt": "x", "suffix": "tail"}), 400, "suffix")

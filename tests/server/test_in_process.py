@@ -93,10 +93,24 @@ COMMON: dict[str, st.SearchStrategy[Any]] = {
     "stop_token_ids": st.lists(st.integers(-1, 600), max_size=3),
     "ignore_eos": st.booleans(),
     "priority": st.integers(-5, 5),
-    "logprobs": st.sampled_from([None, False, True, 0, 2]),
+    "logprobs": st.sampled_from([None, False, True, 0, 2, 30]),
     "tools": st.sampled_from([None, [], [{"type": "function"}]]),
     "suffix": st.sampled_from([None, "", "tail"]),
     "echo": st.booleans(),
+    "top_logprobs": st.integers(-1, 25),
+    "best_of": st.integers(0, 4),
+    "guided_regex": st.sampled_from(["[0-9]{2}", "(", "a|b"]),
+    "guided_choice": st.lists(text, max_size=3),
+    "guided_json": st.sampled_from([{"type": "object"}, {"type": "nonsense"}, "{bad", "{}"]),
+    "guided_grammar": st.sampled_from(['root ::= "a"', "root ::= ("]),
+    "response_format": st.sampled_from(
+        [
+            {"type": "json_object"},
+            {"type": "json_schema"},
+            {"type": "xml"},
+            {"type": "json_schema", "json_schema": {"schema": {"type": "string"}}},
+        ]
+    ),
 }
 JUNK = dict.fromkeys(COMMON, junk)
 VALID: dict[str, st.SearchStrategy[Any]] = {  # in-range values only: these requests generate

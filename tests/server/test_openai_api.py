@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import re
+from pathlib import Path
 
 import httpx
 import pytest
@@ -189,3 +191,59 @@ def test_metrics_after_traffic(server: ServerProcess) -> None:
     assert metrics["kvik:time_per_output_token_seconds_count"] >= 1
     assert metrics["kvik:e2e_request_latency_seconds_count"] >= 1
     assert httpx.get(server.base_url + "/metrics").status_code == 200  # open without the key
+
+
+def test_logprobs_match_offline(server: ServerProcess, tiny_model: Path) -> None:
+    from kvik.entrypoints.llm import LLM
+    from kvik.sampling_params import SamplingParams
+
+    client = server.openai()
+    out = client.completions.create(model="tiny", prompt="Paged attention", max_tokens=6, logprobs=3,
+                                    extra_body={"ignore_eos": True}, **GREEDY).choices[0]  # fmt: skip
+    llm = LLM(model=str(tiny_model), device="cpu", max_model_len=MAX_MODEL_LEN, num_threads=1)
+    ref = llm.generate("Paged attention", SamplingParams(max_tokens=6, temperature=0.0, logprobs=3, ignore_eos=True))
+    ref_values = [
+        position[token].logprob
+        for position, token in zip(ref[0].outputs[0].logprobs, ref[0].outputs[0].token_ids, strict=True)
+    ]
+    lp = out.logprobs
+    assert lp is not None and len(lp.token_logprobs) == 6
+    assert lp.token_logprobs == pytest.approx(ref_values, abs=1e-4)
+    for chosen, top in zip(lp.token_logprobs, lp.top_logprobs, strict=True):
+        assert max(top.values()) == pytest.approx(chosen)  # greedy picks the most likely token
+    assert lp.text_offset[0] == 0 and lp.text_offset == sorted(lp.text_offset)
+    # chat: OpenAI's logprobs.content entries, also when streamed
+    chat = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, logprobs=True, top_logprobs=2,
+                                          extra_body={"ignore_eos": True}, **GREEDY)  # fmt: skip
+    content = chat.choices[0].logprobs.content
+    assert len(content) == chat.usage.completion_tokens == 6
+    assert all(len(e.top_logprobs) == 2 and e.top_logprobs[0].logprob == pytest.approx(e.logprob) for e in content)
+    stream = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=6, logprobs=True, stream=True,
+                                            extra_body={"ignore_eos": True}, **GREEDY)  # fmt: skip
+    streamed = [e.logprob for c in stream for ch in c.choices if ch.logprobs for e in ch.logprobs.content]
+    assert streamed == pytest.approx([e.logprob for e in content])
+    with server.client() as c:
+        r = c.post("/v1/chat/completions", json={"messages": MESSAGES, "top_logprobs": 2})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "top_logprobs"
+
+
+def test_structured_output(server: ServerProcess) -> None:
+    client = server.openai()
+    choice = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=10,
+                                            extra_body={"guided_choice": ["yes", "no"]}, **GREEDY)  # fmt: skip
+    assert choice.choices[0].message.content in ("yes", "no")
+    regex = client.completions.create(model="tiny", prompt="Number:", max_tokens=10,
+                                      extra_body={"guided_regex": "[0-9]{3}"}, **GREEDY)  # fmt: skip
+    assert re.fullmatch("[0-9]{3}", regex.choices[0].text) and regex.choices[0].finish_reason == "stop"
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"],
+              "additionalProperties": False}  # fmt: skip
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    out = client.chat.completions.create(model="tiny", messages=MESSAGES, max_tokens=60, response_format=fmt,
+                                         **GREEDY).choices[0]  # fmt: skip
+    if out.finish_reason == "stop":
+        assert isinstance(json.loads(out.message.content)["ok"], bool)
+    else:  # a random model may pad with whitespace until max_tokens; what it wrote still follows the schema
+        assert out.message.content.lstrip().startswith("{")
+    with server.client() as c:
+        both = {"messages": MESSAGES, "guided_regex": "a", "guided_choice": ["a"]}
+        assert c.post("/v1/chat/completions", json=both).status_code == 400
