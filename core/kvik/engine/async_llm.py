@@ -88,6 +88,9 @@ class AsyncLLM:
         self._commands.put(("wake", None))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join, 10.0)
+        # Aborts queued after the loop's last pass never reached the engine: end those streams here.
+        for request_id in list(self._streams):
+            self._fail_one(request_id, EngineDeadError("the engine shut down before this request finished"))
         self.engine.shutdown()
 
     # -- requests --------------------------------------------------------------

@@ -39,23 +39,36 @@ class IncrementalDetokenizer:
         self._read_offset = len(context)
         self.output_text = ""
         self.stop_reason: str | None = None
+        # transformers' decode() walks every id in Python before calling the
+        # Rust tokenizer; call the Rust one directly when there is one.
+        backend = getattr(tokenizer, "_tokenizer", None)
+        # (Only when transformers would not post-process the text.)
+        cleanup = getattr(tokenizer, "clean_up_tokenization_spaces", False)
+        self._fast_decode = getattr(backend, "decode", None) if not cleanup else None
+        # decode of ids[prefix_offset:read_offset], kept across tokens
+        self._prefix_text = self._decode(self._ids[: self._read_offset])
         # While streaming, hold back text that could be the start of a stop string.
         self._holdback = max((len(s) for s in self.stop), default=1) - 1
 
     def _decode(self, ids: list[int]) -> str:
+        if self._fast_decode is not None:
+            return self._fast_decode(ids, skip_special_tokens=self.skip_special_tokens)  # type: ignore[no-any-return]
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)  # type: ignore[no-any-return]
+
+    def _advance(self) -> None:
+        self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        self._prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
 
     def update(self, new_token_ids: list[int]) -> str | None:
         """Append tokens; return the stop string that ended the text, if any."""
         for token_id in new_token_ids:
             self._ids.append(token_id)
-            prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
             full_text = self._decode(self._ids[self._prefix_offset :])
-            if len(full_text) <= len(prefix_text) or full_text.endswith(_REPLACEMENT):
+            if len(full_text) <= len(self._prefix_text) or full_text.endswith(_REPLACEMENT):
                 continue  # an incomplete character: wait for the next token
             before = len(self.output_text)
-            self.output_text += full_text[len(prefix_text) :]
-            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+            self.output_text += full_text[len(self._prefix_text) :]
+            self._advance()
             if self.stop and self._check_stop(before):
                 return self.stop_reason
         return None
@@ -84,7 +97,6 @@ class IncrementalDetokenizer:
     def flush(self) -> None:
         """At the end, emit whatever is still undecoded (e.g. a dangling partial character)."""
         full_text = self._decode(self._ids[self._prefix_offset :])
-        prefix_text = self._decode(self._ids[self._prefix_offset : self._read_offset])
-        if len(full_text) > len(prefix_text) and self.stop_reason is None:
-            self.output_text += full_text[len(prefix_text) :]
-            self._prefix_offset, self._read_offset = self._read_offset, len(self._ids)
+        if len(full_text) > len(self._prefix_text) and self.stop_reason is None:
+            self.output_text += full_text[len(self._prefix_text) :]
+            self._advance()

@@ -102,7 +102,9 @@ class OutputProcessor:
             metrics.num_preemptions = max(metrics.num_preemptions, request.num_preemptions)
             metrics.num_cached_tokens = max(metrics.num_cached_tokens, request.num_cached_tokens)
             detok = sample.detokenizer
-            if detok is not None:
+            # Without stop strings, a final-only request needs its text once, at the end.
+            lazy = state.params.output_kind == "final_only" and not state.params.stop
+            if detok is not None and (not lazy or request.is_finished):
                 new_ids = request.output_token_ids[sample.num_detokenized :]
                 sample.num_detokenized += len(new_ids)
                 stop = detok.update(new_ids) if new_ids else None
@@ -115,7 +117,11 @@ class OutputProcessor:
                 if detok is not None:
                     detok.flush()
             touched[state.request_id] = state
-        outputs = [self._make_output(state, now) for state in touched.values()]
+        outputs = [
+            self._make_output(state, now)
+            for state in touched.values()
+            if state.params.output_kind == "cumulative" or state.finished
+        ]
         return outputs, stopped
 
     def _add_sample_logprobs(self, sample: SampleState, request: Request, out: RunnerOutput, k: int) -> None:

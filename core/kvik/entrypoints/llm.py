@@ -54,6 +54,9 @@ class LLM:
                 )
         if priority is not None and len(priority) != len(prompt_list):
             raise ValueError(f"got {len(priority)} priorities for {len(prompt_list)} prompts")
+        # Offline callers only see finished outputs: let the engine skip per-step assembly.
+        final: dict[int, SamplingParams] = {}
+        params_list = [final.setdefault(id(p), p.clone(output_kind="final_only")) for p in params_list]
         engine = self.llm_engine
         ids = [str(next(self._counter)) for _ in prompt_list]
         # Validate everything before queueing anything, so a bad prompt fails the call cleanly.

@@ -22,6 +22,7 @@ _TITLES = {
     "quantization method": "Quantization methods",
     "model architecture": "Model architectures",
     "model format": "Model formats",
+    "structured output backend": "Structured output backends",
 }
 
 
@@ -71,7 +72,7 @@ def plugins_report(manager: PluginManager) -> str:
         out.append("  (none loaded)")
     for kind in REGISTRATION_HOOKS:
         registry = manager.registry(kind)
-        out += ["", f"{_TITLES[kind]}:"]
+        out += ["", f"{_TITLES.get(kind, kind.capitalize() + 's')}:"]
         entries = registry.entries()
         if not entries:
             out.append("  (none registered)")
