@@ -35,22 +35,13 @@ def _fill(logits: torch.Tensor, rows: list[int], cols: list[int], value: float) 
     return logits
 
 
-def token_counts(token_lists: Sequence[Sequence[int]], vocab: int, device: torch.device) -> torch.Tensor:
-    """How often each token occurs in each list: [len(token_lists), vocab] float32.
-
-    The lists are padded into one [rows, max_len] int64 tensor (pad id =
-    ``vocab``, an extra column dropped afterwards) and counted with a single
-    ``scatter_add_``: one host->device copy, no per-token work on the host.
-    """
+def padded_ids(token_lists: Sequence[Sequence[int]], pad: int, device: torch.device) -> torch.Tensor:
+    """The lists as one [len(token_lists), max_len] int64 tensor padded with ``pad`` (one host->device copy)."""
     longest = max((len(t) for t in token_lists), default=0)
-    counts = torch.zeros((len(token_lists), vocab + 1), dtype=torch.float32, device=device)
-    if longest:
-        padded = np.full((len(token_lists), longest), vocab, dtype=np.int64)
-        for i, tokens in enumerate(token_lists):
-            padded[i, : len(tokens)] = tokens
-        index = torch.from_numpy(padded).to(device, non_blocking=True)
-        counts.scatter_add_(1, index, torch.ones(index.shape, dtype=torch.float32, device=device))
-    return counts[:, :vocab]
+    padded = np.full((len(token_lists), max(longest, 1)), pad, dtype=np.int64)
+    for i, tokens in enumerate(token_lists):
+        padded[i, : len(tokens)] = tokens
+    return torch.from_numpy(padded).to(device, non_blocking=True)
 
 
 def apply_allowed_token_ids(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -128,6 +119,12 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     multiplied by it otherwise. frequency / presence:
     ``logit -= frequency * count + presence * (count > 0)`` with ``count`` the
     token's occurrences in the output so far.
+
+    Sparse: the work is over each row's [max_len] token history, not its
+    [vocab] logits (a 128k vocabulary would cost ~15 dense passes). Histories
+    are padded into one tensor and read / written with one gather and one
+    scatter into the flattened logits (outputs are sorted per row on the
+    device to find each distinct token's first occurrence for presence).
     """
     rows = [
         i
@@ -137,25 +134,35 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     if not rows:
         return logits
     params = [batch.params[i] for i in rows]
+    logits = logits.contiguous()
     vocab = logits.shape[-1]
     device = logits.device
-    everyone = len(rows) == len(batch)
-    index = None if everyone else _index(rows, device)
-    sub = logits if index is None else logits.index_select(0, index)  # [m, vocab]
-    outputs = [batch.output_token_ids[i] for i in rows] if batch.output_token_ids else [[] for _ in rows]
-    counts = token_counts(outputs, vocab, device)  # [m, vocab]
+    flat = logits.view(-1)
+    base = _index(rows, device)[:, None] * vocab  # [m, 1] offset of each row in flat
+    empty: list[int] = []
+    outputs = [batch.output_token_ids[i] if batch.output_token_ids else empty for i in rows]
     if any(p.repetition_penalty != 1.0 for p in params):
-        prompts = [batch.prompt_token_ids[i] for i in rows] if batch.prompt_token_ids else [[] for _ in rows]
-        seen = (token_counts(prompts, vocab, device) > 0) | (counts > 0)
-        penalty = _column([float(p.repetition_penalty) for p in params], sub)
-        sub = torch.where(seen, torch.where(sub > 0, sub / penalty, sub * penalty), sub)
+        prompts = [batch.prompt_token_ids[i] if batch.prompt_token_ids else empty for i in rows]
+        seen = [list(p) + list(o) for p, o in zip(prompts, outputs, strict=True)]
+        ids = padded_ids(seen, vocab, device)  # [m, L], pads (= vocab) after each row's tokens
+        has_tokens = ids[:, :1] < vocab  # [m, 1]
+        # Pads point at the row's first token; repeated tokens too write identical values.
+        index = base + torch.where(ids < vocab, ids, ids[:, :1]).clamp_(max=vocab - 1)
+        values = flat[index]
+        penalty = _column([float(p.repetition_penalty) for p in params], logits)
+        penalized = torch.where(values > 0, values / penalty, values * penalty)
+        flat[index] = torch.where(has_tokens, penalized, values)
     if any(p.frequency_penalty or p.presence_penalty for p in params):
-        frequency = _column([float(p.frequency_penalty) for p in params], sub)
-        presence = _column([float(p.presence_penalty) for p in params], sub)
-        sub = sub - frequency * counts - presence * (counts > 0).to(sub.dtype)
-    if index is None:
-        return sub
-    return logits.index_copy_(0, index, sub)
+        ids = padded_ids(outputs, vocab, device).sort(dim=1).values
+        valid = ids < vocab
+        first = valid.clone()  # first occurrence of each distinct token in the sorted row
+        first[:, 1:] &= ids[:, 1:] != ids[:, :-1]
+        frequency = _column([float(p.frequency_penalty) for p in params], logits)
+        presence = _column([float(p.presence_penalty) for p in params], logits)
+        delta = -(frequency * valid.to(logits.dtype) + presence * first.to(logits.dtype))  # pads add 0
+        index = base + torch.where(valid, ids, torch.zeros_like(ids))
+        flat.index_put_((index.flatten(),), delta.flatten(), accumulate=True)
+    return logits
 
 
 def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarray) -> torch.Tensor:
@@ -168,9 +175,10 @@ def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarr
     if not rows:
         return logits
     vocab = logits.shape[-1]
-    words = torch.from_numpy(np.ascontiguousarray(bitmask, dtype=np.int32)).to(logits.device, non_blocking=True)
-    shifts = torch.arange(32, dtype=torch.int32, device=logits.device)
-    allowed = ((words[:, :, None] >> shifts) & 1).bool().flatten(1)  # [m, 32 * words]
+    # Little-endian bytes of the int32 words, each unpacked through a [256, 8] table.
+    data = np.ascontiguousarray(bitmask, dtype=np.int32).view(np.uint8)  # [m, 4 * words]
+    table = _bit_table(logits.device)
+    allowed = table[torch.from_numpy(data).to(logits.device, non_blocking=True).long()].flatten(1)  # [m, 32 * words]
     allowed = allowed[:, :vocab]
     if allowed.shape[1] < vocab:  # a tokenizer smaller than the (padded) model vocabulary: extra ids are never allowed
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
@@ -183,6 +191,16 @@ def apply_structured_output(logits: torch.Tensor, batch: SamplingBatch) -> torch
     if batch.bitmask is None or not batch.bitmask_rows:
         return logits
     return apply_token_bitmask(logits, batch.bitmask_rows, batch.bitmask())
+
+
+_BIT_TABLES: dict[torch.device, torch.Tensor] = {}
+
+
+def _bit_table(device: torch.device) -> torch.Tensor:
+    """[256, 8] bool: bit j of byte value b."""
+    if device not in _BIT_TABLES:
+        _BIT_TABLES[device] = ((torch.arange(256)[:, None] >> torch.arange(8)) & 1).bool().to(device)
+    return _BIT_TABLES[device]
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
