@@ -278,14 +278,11 @@ class TorchModelRunner(ModelRunner):
         )
         return flat_d[:num_tokens], flat_d[num_tokens : 2 * num_tokens], metadata
 
-    def _forward(
-        self, scheduler_output: SchedulerOutput, rows: str, extra_rows: np.ndarray | None = None
-    ) -> tuple[torch.Tensor, list[int]]:
+    def _forward(self, scheduler_output: SchedulerOutput, rows: str) -> tuple[torch.Tensor, list[int]]:
         """Run the step; return float32 logits and which requests they belong to.
 
-        ``rows``: "sample" (last token of each request with ``sample=True``,
-        followed by ``extra_rows`` of the flattened tokens, e.g. prompt
-        logprob positions) or "all" (every scheduled token, for tests).
+        ``rows``: "sample" (last token of each request with ``sample=True``) or
+        "all" (every scheduled token, for tests and prompt logprobs).
         """
         if self.model is None:
             raise RuntimeError("load_model() must run before execute()")
@@ -300,12 +297,9 @@ class TorchModelRunner(ModelRunner):
             return self.model.compute_logits(hidden), list(range(len(scheduled)))  # type: ignore[operator]
         ends = np.cumsum([len(r.token_ids) for r in scheduled]) - 1
         which = [i for i, r in enumerate(scheduled) if r.sample]
-        picked = ends[which]
-        if extra_rows is not None and len(extra_rows):
-            picked = np.concatenate([picked, extra_rows])
-        if not len(picked):
+        if not which:
             return hidden.new_empty((0, self.model_config.vocab_size), dtype=torch.float32), []
-        index = torch.from_numpy(picked.astype(np.int64)).to(self.device, non_blocking=True)
+        index = torch.from_numpy(ends[which]).to(self.device, non_blocking=True)
         return self.model.compute_logits(hidden.index_select(0, index)), which  # type: ignore[operator]
 
     @torch.inference_mode()
@@ -324,12 +318,18 @@ class TorchModelRunner(ModelRunner):
             return RunnerOutput(sampled_token_ids={})
         scheduled = scheduler_output.scheduled
         prompt_rows = prompt_logprob_rows(scheduled)
-        extra = np.concatenate([p.rows for p in prompt_rows]) if prompt_rows else None
-        logits, which = self._forward(scheduler_output, "sample", extra)
+        prompt_logits = None
+        if prompt_rows:
+            # Prompt logprobs need logits at prompt positions: take every token's (rare; prefill only).
+            all_logits, _ = self._forward(scheduler_output, "all")  # [num_tokens, vocab]
+            which = [i for i, r in enumerate(scheduled) if r.sample]
+            ends = np.cumsum([len(r.token_ids) for r in scheduled]) - 1
+            logits = all_logits[torch.from_numpy(ends[which]).to(self.device)]
+            prompt_logits = all_logits[torch.from_numpy(np.concatenate([p.rows for p in prompt_rows])).to(self.device)]
+        else:
+            logits, which = self._forward(scheduler_output, "sample")
         if not which and not prompt_rows:
             return RunnerOutput(sampled_token_ids={})
-        prompt_logits = logits[len(which) :] if prompt_rows else None
-        logits = logits[: len(which)]
         reqs = [scheduled[i] for i in which]
         batch = SamplingBatch(
             params=[r.sampling_params for r in reqs],
