@@ -159,6 +159,11 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         params = prepare_params(params, vocab, self.tokenizer)
+        if params.guided is not None and not self.runner.supports_structured_output:
+            raise ValueError(
+                f"structured output (guided_* / response_format) is not supported by the {self.platform.name} "
+                "platform's model runner; drop the constraint or use a platform that supports it (cpu, cuda)"
+            )
         self.structured.compile(params)  # ValueError (the compiler's message) for an invalid grammar or schema
         max_len = self.model_config.max_model_len
         if len(token_ids) >= max_len:

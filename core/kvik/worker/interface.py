@@ -14,6 +14,10 @@ class ModelRunner(ABC):
     → ``execute(...)`` many times → ``shutdown()``.
     """
 
+    # Capabilities (data, checked by the engine at request admission).
+    # True when execute() applies ``SchedulerOutput.structured``'s grammar bitmask before sampling.
+    supports_structured_output: bool = False
+
     @abstractmethod
     def load_model(self) -> None:
         """Build the model and load its weights (showing progress)."""

@@ -38,6 +38,8 @@ logger = logging.getLogger(__name__)
 class TorchModelRunner(ModelRunner):
     """Runs a kvik torch model (``CausalLM``) on one ``torch.device``."""
 
+    supports_structured_output = True
+
     def __init__(
         self,
         config: EngineConfig,

@@ -139,3 +139,9 @@ def test_json_object_outputs_are_objects(llm) -> None:
     done = [c for c in outputs if c.finish_reason == "stop"]
     assert len(done) >= 4 and all(c.finish_reason == "length" for c in outputs if c not in done)
     assert all(isinstance(json.loads(c.text), dict) for c in done)
+
+
+def test_runners_without_grammar_support_refuse_constraints(llm, monkeypatch) -> None:
+    monkeypatch.setattr(llm.llm_engine.runner, "supports_structured_output", False)
+    with pytest.raises(ValueError, match="structured output .* is not supported by the cpu platform"):
+        llm.generate([[1, 2]], SamplingParams(max_tokens=4, guided_regex="a+"))
