@@ -143,5 +143,5 @@ def test_json_object_outputs_are_objects(llm) -> None:
 
 def test_runners_without_grammar_support_refuse_constraints(llm, monkeypatch) -> None:
     monkeypatch.setattr(llm.llm_engine.runner, "supports_structured_output", False)
-    with pytest.raises(ValueError, match="structured output .* is not supported by the cpu platform"):
+    with pytest.raises(ValueError, match=r"structured output .* is not supported by the cpu platform"):
         llm.generate([[1, 2]], SamplingParams(max_tokens=4, guided_regex="a+"))
