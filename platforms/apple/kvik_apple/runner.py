@@ -37,6 +37,9 @@ _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloa
 
 
 class MLXModelRunner(ModelRunner):
+    # execute() applies SchedulerOutput.structured's grammar bitmask (MLXSampler's first processor).
+    supports_structured_output = True
+
     def __init__(self, config: EngineConfig, model_config: ModelConfig, platform: Platform) -> None:
         if model_config.dtype not in _MX_DTYPES:
             raise ValueError(
