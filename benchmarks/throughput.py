@@ -146,7 +146,7 @@ def main() -> None:
     root = Path(tempfile.gettempdir()) / "kvik-bench-models"
     model = Path(args.model) if args.model else build_model(args.shape, root, "float32")
     rows = []
-    passthrough = [a for a in sys.argv[1:] if not a.startswith("--json-out")]
+    passthrough = sys.argv[1:]
     for system in args.systems.split(","):
         print(f"running {system} ...", file=sys.stderr, flush=True)
         r = run_isolated([__file__, *passthrough, "--_worker", system, "--_model-path", str(model)])
