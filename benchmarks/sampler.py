@@ -70,7 +70,7 @@ def bench_sampler(args: argparse.Namespace) -> list[tuple[str, float, float]]:
     prompts = [torch.randint(0, args.vocab, (args.prompt_len,), generator=gen).tolist() for _ in range(args.batch)]
     outputs = [torch.randint(0, args.vocab, (args.output_len,), generator=gen).tolist() for _ in range(args.batch)]
     sampler = Sampler("cpu", seed=0)
-    rows = []
+    steps = {}
     for name, knobs in SETTINGS.items():
         params = SamplingParams(max_tokens=100_000, **knobs)
         reqs = [ScheduledRequest(f"r{i}", [0], 0, [], True, params, prompts[i], outputs[i]) for i in range(args.batch)]
@@ -86,11 +86,18 @@ def bench_sampler(args: argparse.Namespace) -> list[tuple[str, float, float]]:
             raw = work.clone() if params.logprobs is not None else None
             sample_with_logprobs(sampler(work, batch), raw, reqs, None, [], reqs)
 
-        median, best = time_ms(step, args.repeats)
-        rows.append((name, median, best))
-    clone_median, _ = time_ms(lambda: logits.clone(), args.repeats)
-    rows.append(("(logits clone alone, included above)", clone_median, clone_median))
-    return rows
+        steps[name] = step
+    steps["(logits clone alone, included above)"] = logits.clone
+    # Round-robin over the settings so background load hits them all alike.
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for step in steps.values():
+        step()  # warm-up
+    for _ in range(args.repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            samples[name].append((time.perf_counter() - start) * 1e3)
+    return [(name, statistics.median(t), min(t)) for name, t in samples.items()]
 
 
 def load_tokenizer():
