@@ -91,6 +91,36 @@ def test_a_plugin_backend_drives_the_manager() -> None:
     assert allowed == [5, 40]
 
 
+def test_bitmasks_are_filled_off_the_engine_thread(monkeypatch) -> None:
+    import threading
+
+    from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
+
+    threads = []
+    original = _AllowList.fill_bitmask
+
+    def spy(self, bitmask, row):
+        threads.append(threading.current_thread().name)
+        original(self, bitmask, row)
+
+    monkeypatch.setattr(_AllowList, "fill_bitmask", spy)
+    manager = StructuredOutputManager(object(), 64, frozenset(), _manager(), backend_name="token_set")
+    for rid in ("a", "b"):
+        manager.add_request(rid, SamplingParams(guided_choice=["7"]))
+    scheduled = [ScheduledRequest(r, [1], 0, [1], True, SamplingParams()) for r in ("a", "b")]
+    step = manager.start_step(SchedulerOutput(scheduled, 2))
+    assert step is not None and step.bitmask().shape == (2, 2)
+    assert threads == ["kvik-grammar_0"] * 2
+    # The matchers advance after sampling; a terminated grammar is reported and forgotten.
+    from kvik.request import Request
+
+    request = Request("a", [1], SamplingParams(), max_tokens=4)
+    request.append_output_token(7)
+    assert manager.accept([request]) == ["a"]
+    assert manager.start_step(SchedulerOutput(scheduled, 2)).request_ids == ["b"]
+    manager.shutdown()
+
+
 def test_missing_backend_library_is_a_clear_error() -> None:
     manager = StructuredOutputManager(object(), 64, frozenset(), _manager(), backend_name="missing")
     with pytest.raises(ValueError, match="pip install frobnicate"):

@@ -145,3 +145,11 @@ def test_runners_without_grammar_support_refuse_constraints(llm, monkeypatch) ->
     monkeypatch.setattr(llm.llm_engine.runner, "supports_structured_output", False)
     with pytest.raises(ValueError, match=r"structured output .* is not supported by the cpu platform"):
         llm.generate([[1, 2]], SamplingParams(max_tokens=4, guided_regex="a+"))
+
+
+def test_the_grammar_ends_the_request_even_with_ignore_eos(llm) -> None:
+    # With ignore_eos the scheduler would not stop on EOS: the grammar's termination does.
+    out = llm.generate([[1, 2]], SamplingParams(max_tokens=40, ignore_eos=True, guided_choice=["alpha", "beta"]))
+    completion = out[0].outputs[0]
+    assert completion.finish_reason == "stop" and completion.text in ("alpha", "beta")
+    assert len(completion.token_ids) < 40
