@@ -61,7 +61,8 @@ def normalize_spec(kind: str, spec: Any) -> Any:
                 raise ValueError(f"invalid guided_json: not valid JSON ({exc})") from exc
         if not isinstance(spec, dict):
             raise ValueError(f"invalid guided_json: a JSON schema must be an object, got {type(spec).__name__}")
-        return json.dumps(spec, sort_keys=True)
+        # Key order is kept: properties are generated in the schema's order (as OpenAI does).
+        return json.dumps(spec, separators=(",", ":"), ensure_ascii=False)
     if kind == "choice":
         return tuple(spec)
     if kind == "json_object":

@@ -153,3 +153,14 @@ def test_the_grammar_ends_the_request_even_with_ignore_eos(llm) -> None:
     completion = out[0].outputs[0]
     assert completion.finish_reason == "stop" and completion.text in ("alpha", "beta")
     assert len(completion.token_ids) < 40
+
+
+def test_properties_come_in_the_schemas_order(llm) -> None:
+    schema = {
+        "type": "object",
+        "properties": {"zeta": {"type": "boolean"}, "alpha": {"type": "boolean"}},
+        "required": ["zeta", "alpha"],
+        "additionalProperties": False,
+    }
+    for completion in generate(llm, max_tokens=40, guided_json=schema):
+        assert list(json.loads(completion.text)) == ["zeta", "alpha"]
