@@ -83,7 +83,7 @@ def bench_sampler(args: argparse.Namespace) -> list[tuple[str, float, float]]:
 
         def step(params=params, batch=batch, reqs=reqs) -> None:
             work = logits.clone()
-            raw = work.clone() if params.logprobs is not None else None
+            raw = torch.log_softmax(work, dim=-1) if params.logprobs is not None else None
             sample_with_logprobs(sampler(work, batch), raw, reqs, None, [], reqs)
 
         steps[name] = step

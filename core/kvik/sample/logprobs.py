@@ -45,13 +45,13 @@ def prompt_logprob_rows(scheduled: list[ScheduledRequest]) -> list[PromptRows]:
 
 
 def gather_logprobs(
-    logits: torch.Tensor, targets: torch.Tensor, k: int
+    logprobs: torch.Tensor, targets: torch.Tensor, k: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """logits [n, vocab], targets [n] -> (ids [n, 1 + k], logprobs [n, 1 + k], target ranks [n]).
+    """logprobs [n, vocab] (log_softmax of the logits), targets [n] -> (ids [n, 1 + k], logprobs [n, 1 + k],
+    target ranks [n]).
 
     Column 0 is the target token, columns 1.. the top ``k`` in order.
     """
-    logprobs = torch.log_softmax(logits.float(), dim=-1)
     target_lp = logprobs.gather(1, targets[:, None])  # [n, 1]
     ranks = (logprobs > target_lp).sum(dim=-1) + 1
     ids, lps = targets[:, None], target_lp
@@ -99,7 +99,7 @@ def _entries(ids: np.ndarray, lps: np.ndarray, ks: list[int]) -> list[dict[int, 
 
 def sample_with_logprobs(
     sampled: torch.Tensor,
-    raw_logits: torch.Tensor | None,
+    raw_logprobs: torch.Tensor | None,
     reqs: list[ScheduledRequest],
     prompt_logits: torch.Tensor | None,
     prompt_rows: list[PromptRows],
@@ -107,24 +107,26 @@ def sample_with_logprobs(
 ) -> RunnerOutput:
     """Assemble a step's RunnerOutput: sampled tokens, sample and prompt logprobs, in one copy.
 
-    ``sampled`` [n] are the tokens of ``reqs``; ``raw_logits`` [n, vocab] their
-    unprocessed logits (None when no row asked for logprobs); ``prompt_logits``
-    [sum of rows, vocab] the logits of ``prompt_rows`` in order.
+    ``sampled`` [n] are the tokens of ``reqs``; ``raw_logprobs`` [n, vocab] the
+    log_softmax of their logits taken before any processor edited them (None
+    when no row asked for logprobs); ``prompt_logits`` [sum of rows, vocab] the
+    logits of ``prompt_rows`` in order.
     """
     transfer = _Transfer()
     tokens_at = transfer.add(sampled)
     sample_at = None
     ks = [r.sampling_params.logprobs for r in reqs]
-    if raw_logits is not None:
-        k = min(max(x or 0 for x in ks), raw_logits.shape[-1])
-        ids, lps, ranks = gather_logprobs(raw_logits, sampled, k)
+    if raw_logprobs is not None:
+        k = min(max(x or 0 for x in ks), raw_logprobs.shape[-1])
+        ids, lps, ranks = gather_logprobs(raw_logprobs, sampled, k)
         sample_at = (transfer.add(ids), transfer.add(lps), transfer.add(ranks))
     prompt_at = None
     if prompt_rows and prompt_logits is not None:
         targets = [t for pr in prompt_rows for t in pr.targets]
         target_t = torch.tensor(targets, dtype=torch.int64).to(prompt_logits.device, non_blocking=True)
         pk = max(scheduled[pr.index].sampling_params.prompt_logprobs or 0 for pr in prompt_rows)
-        ids, lps, ranks = gather_logprobs(prompt_logits, target_t, min(pk, prompt_logits.shape[-1]))
+        prompt_lp = torch.log_softmax(prompt_logits.float(), dim=-1)
+        ids, lps, ranks = gather_logprobs(prompt_lp, target_t, min(pk, prompt_logits.shape[-1]))
         prompt_at = (transfer.add(ids), transfer.add(lps), transfer.add(ranks))
     host = transfer.fetch()
     token_ids = host[tokens_at].tolist()

@@ -345,8 +345,8 @@ class TorchModelRunner(ModelRunner):
             row_of = {r.request_id: i for i, r in enumerate(reqs)}
             batch.bitmask_rows = [row_of[rid] for rid in structured.request_ids]
             batch.bitmask = structured.bitmask
-        # Logprobs are of the raw distribution: keep the logits before processors edit them in place.
-        raw = logits.clone() if any(p.logprobs is not None for p in batch.params) else None
+        # Logprobs are of the raw distribution: take them before processors edit the logits in place.
+        raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in batch.params) else None
         sampled = self.sampler(logits, batch) if reqs else torch.empty(0, dtype=torch.int64, device=self.device)
         return sample_with_logprobs(sampled, raw, reqs, prompt_logits, prompt_rows, scheduled)
 
