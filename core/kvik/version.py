@@ -7,4 +7,4 @@ module attribute ``KVIK_PLUGIN_API = ">=1.0,<2"``.
 """
 
 __version__ = "0.1.0"
-PLUGIN_API_VERSION = "1.1"
+PLUGIN_API_VERSION = "1.2"  # 1.1: QuantizationMethod.apply_with_bias; 1.2: structured-output backends hook
