@@ -140,7 +140,8 @@ def test_logprobs_gather_matches_torch():
     logits = _logits(5, seed=4)
     targets = [3, 0, 63, 17, 17]
     ids, lps, ranks = (np.array(a) for a in gather_logprobs(mx.array(logits), mx.array(targets), 4))
-    ref_ids, ref_lps, ref_ranks = torch_gather(torch.from_numpy(logits), torch.tensor(targets), 4)
+    ref_logprobs = torch.log_softmax(torch.from_numpy(logits), dim=-1)  # the torch helper takes logprobs
+    ref_ids, ref_lps, ref_ranks = torch_gather(ref_logprobs, torch.tensor(targets), 4)
     np.testing.assert_array_equal(ids, ref_ids.numpy())
     np.testing.assert_allclose(lps, ref_lps.numpy(), rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(ranks, ref_ranks.numpy())
