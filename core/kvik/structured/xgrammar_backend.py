@@ -53,8 +53,9 @@ class XGrammarBackend(StructuredOutputBackend):
             import xgrammar
         except ImportError as exc:
             raise ImportError(
-                "structured output backend 'xgrammar' needs the xgrammar package: `pip install xgrammar` "
-                "(on a CPU-only torch: `pip install --no-deps xgrammar apache-tvm-ffi`)"
+                f"structured output backend 'xgrammar' could not import the xgrammar package ({exc}): "
+                "`pip install xgrammar` (on a CPU-only torch: `pip install --no-deps xgrammar apache-tvm-ffi` "
+                "plus pydantic)"
             ) from exc
         self._xgr = xgrammar
         hf_tokenizer = getattr(tokenizer, "hf_tokenizer", tokenizer)  # kvik wrappers may hold the HF one
