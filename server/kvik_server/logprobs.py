@@ -55,3 +55,18 @@ def completion_logprobs(positions: list[dict[int, Logprob]], top: int, text_offs
         offsets.append(text_offset)
         text_offset += len(_text(chosen))
     return {"tokens": tokens, "token_logprobs": token_logprobs, "top_logprobs": top_logprobs, "text_offset": offsets}
+
+
+def prompt_logprobs_json(positions: list[dict[int, Logprob] | None] | None) -> list[dict[str, Any] | None] | None:
+    """vLLM's ``prompt_logprobs``: per prompt token ``{token_id: {logprob, rank, decoded_token}}``, first None."""
+    if positions is None:
+        return None
+    return [
+        None
+        if position is None
+        else {
+            str(token): {"logprob": _value(lp), "rank": lp.rank, "decoded_token": lp.decoded_token}
+            for token, lp in position.items()
+        }
+        for position in positions
+    ]

@@ -94,6 +94,9 @@ class SamplingFields(OpenAIModel):
     top_k: int | None = None
     min_p: float | None = None
     repetition_penalty: float | None = None
+    bad_words: list[str] | None = None
+    allowed_token_ids: list[int] | None = None
+    prompt_logprobs: int | None = Field(None, ge=0, le=20)  # vLLM extra: per prompt token, non-streaming only
     min_tokens: int = 0
     ignore_eos: bool = False
     stop_token_ids: list[int] | None = None
@@ -124,7 +127,10 @@ class SamplingFields(OpenAIModel):
         best_of = getattr(self, "best_of", None)  # completions only
         if best_of is not None:
             values["best_of"] = best_of
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar"):
+        if self.prompt_logprobs is not None and self.stream:
+            raise ValueError("SamplingParams.prompt_logprobs is not supported with stream=true; drop one of them")
+        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "bad_words",
+                     "allowed_token_ids", "prompt_logprobs"):  # fmt: skip
             if getattr(self, name) is not None:
                 values[name] = getattr(self, name)
         fmt = self.response_format

@@ -14,7 +14,7 @@ from kvik.outputs import RequestOutput
 
 from kvik_server.context import ServingContext
 from kvik_server.errors import APIError, sse_error
-from kvik_server.logprobs import chat_logprobs
+from kvik_server.logprobs import chat_logprobs, prompt_logprobs_json
 from kvik_server.protocol import ChatCompletionRequest, ChatMessage
 from kvik_server.streaming import SSE_DONE, ClientDisconnected, SSEResponse, collect, race_disconnect, sse
 
@@ -91,17 +91,18 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         }
         for c in final.outputs
     ]
-    return JSONResponse(
-        {
-            "id": request_id,
-            "object": "chat.completion",
-            "created": created,
-            "model": ctx.model_name,
-            "system_fingerprint": None,
-            "choices": choices,
-            "usage": usage(len(prompt_ids), [final]),
-        }
-    )
+    response = {
+        "id": request_id,
+        "object": "chat.completion",
+        "created": created,
+        "model": ctx.model_name,
+        "system_fingerprint": None,
+        "choices": choices,
+        "usage": usage(len(prompt_ids), [final]),
+    }
+    if body.prompt_logprobs is not None:
+        response["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs)  # vLLM's extra field
+    return JSONResponse(response)
 
 
 def _logprobs(body: ChatCompletionRequest, positions: list[Any]) -> dict[str, Any] | None:

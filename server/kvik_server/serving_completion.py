@@ -18,7 +18,7 @@ from kvik.outputs import RequestOutput
 
 from kvik_server.context import ServingContext
 from kvik_server.errors import APIError, bad_request, sse_error
-from kvik_server.logprobs import completion_logprobs
+from kvik_server.logprobs import completion_logprobs, prompt_logprobs_json
 from kvik_server.protocol import CompletionRequest
 from kvik_server.serving_chat import INTERNAL, SHUTDOWN_ABORT, usage
 from kvik_server.streaming import SSE_DONE, ClientDisconnected, SSEResponse, merge, race_disconnect, sse
@@ -94,8 +94,11 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: R
                 raise SHUTDOWN_ABORT
             text = prompt_texts[p] + c.text if body.echo else c.text
             logprobs = None if body.logprobs is None else completion_logprobs(c.logprobs or [], body.logprobs, 0)
-            choices.append({"index": p * body.n + c.index, "text": text, "logprobs": logprobs,
-                            "finish_reason": c.finish_reason, "stop_reason": c.stop_reason})  # fmt: skip
+            choice = {"index": p * body.n + c.index, "text": text, "logprobs": logprobs,
+                      "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}  # fmt: skip
+            if body.prompt_logprobs is not None:  # vLLM's extra field, per choice
+                choice["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs)
+            choices.append(choice)
     return JSONResponse(
         {
             "id": request_id,
