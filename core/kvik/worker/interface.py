@@ -42,5 +42,5 @@ class ModelRunner(ABC):
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         """Run one step: forward the scheduled tokens and sample where asked."""
 
-    def shutdown(self) -> None:
+    def shutdown(self) -> None:  # noqa: B027 - optional: runners with nothing to release keep the no-op
         """Release device resources."""
