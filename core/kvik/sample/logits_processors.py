@@ -28,7 +28,7 @@ def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
     return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
 
 
-def _fill(logits: torch.Tensor, rows: list[int], cols: list[int], value: float) -> torch.Tensor:
+def _fill(logits: torch.Tensor, rows: list[int], cols: list[int], value: float | bool) -> torch.Tensor:
     """logits[rows[i], cols[i]] = value (one scatter)."""
     if rows:
         logits.index_put_((_index(rows, logits.device), _index(cols, logits.device)), torch.tensor(value))
@@ -54,8 +54,7 @@ def apply_allowed_token_ids(logits: torch.Tensor, batch: SamplingBatch) -> torch
             cols.extend(params.allowed_token_ids)
     if not rows:
         return logits
-    keep = torch.zeros_like(logits, dtype=torch.bool)  # [n, vocab]
-    keep.index_put_((_index(rows, logits.device), _index(cols, logits.device)), torch.tensor(True))
+    keep = _fill(torch.zeros_like(logits, dtype=torch.bool), rows, cols, True)  # [n, vocab]
     free = torch.tensor([not p.allowed_token_ids for p in batch.params]).to(logits.device, non_blocking=True)
     return logits.masked_fill_(~(keep | free[:, None]), _NEG_INF)
 
