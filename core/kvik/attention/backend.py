@@ -93,7 +93,7 @@ class AttentionBackend(ABC):
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
     @classmethod
-    def prepare(cls, metadata: AttentionMetadata) -> None:
+    def prepare(cls, metadata: AttentionMetadata) -> None:  # noqa: B027 (optional hook)
         """Derive per-step data into ``metadata.backend_data``; called once per step."""
 
     @abstractmethod
