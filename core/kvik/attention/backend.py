@@ -92,8 +92,8 @@ class AttentionBackend(ABC):
         """Shape of one layer's cache tensor; index 0 selects K (0) or V (1)."""
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
-    @classmethod
-    def prepare(cls, metadata: AttentionMetadata) -> None:  # noqa: B027 (optional hook)
+    @classmethod  # noqa: B027 (an optional hook: the default does nothing)
+    def prepare(cls, metadata: AttentionMetadata) -> None:
         """Derive per-step data into ``metadata.backend_data``; called once per step."""
 
     @abstractmethod
