@@ -19,8 +19,24 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).parent))
 from common import peak_rss_mib, print_table, run_isolated
 
-TOPICS = ["the ocean", "a bicycle", "coffee", "the moon", "volcanoes", "chess", "bread", "rain", "libraries",
-          "trains", "bees", "winter", "music", "gardens", "clocks", "rivers"]
+TOPICS = [
+    "the ocean",
+    "a bicycle",
+    "coffee",
+    "the moon",
+    "volcanoes",
+    "chess",
+    "bread",
+    "rain",
+    "libraries",
+    "trains",
+    "bees",
+    "winter",
+    "music",
+    "gardens",
+    "clocks",
+    "rivers",
+]
 
 
 def gguf_path() -> str:
@@ -42,11 +58,18 @@ def prompts(n: int) -> list[list[int]]:
     return out
 
 
-def _kvik(mode: str, args, single: list[int], batch: list[list[int]]) -> dict:
+def _kvik(mode: str, args, single: list[int], batch: list[list[int]], dtype: str = "float32") -> dict:
     from kvik import LLM, SamplingParams
 
-    llm = LLM(gguf_path(), device="cpu", dtype="float32", quantized_weights=mode, num_threads=args.threads,
-              kv_cache_memory=1 << 30, max_model_len=2048)
+    llm = LLM(
+        gguf_path(),
+        device="cpu",
+        dtype=dtype,
+        quantized_weights=mode,
+        num_threads=args.threads,
+        kv_cache_memory=1 << 30,
+        max_model_len=2048,
+    )
     p1 = SamplingParams(temperature=0.0, max_tokens=args.single_len, ignore_eos=True)
     llm.generate([single[:8]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     t = time.perf_counter()
@@ -59,9 +82,15 @@ def _kvik(mode: str, args, single: list[int], batch: list[list[int]]) -> dict:
     outs = llm.generate(batch, pb)
     batch_s = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
-    return dict(system=f"kvik ({mode})", single_decode_tok_s=decode_tps, single_ttft_ms=first * 1000,
-                single_s=single_s, batch_out_tok_s=n_out / batch_s, batch_s=batch_s,
-                weight_mib=llm.llm_engine.runner.weight_bytes() / 2**20)
+    return dict(
+        system=f"kvik ({mode}, {dtype})",
+        single_decode_tok_s=decode_tps,
+        single_ttft_ms=first * 1000,
+        single_s=single_s,
+        batch_out_tok_s=n_out / batch_s,
+        batch_s=batch_s,
+        weight_mib=llm.llm_engine.runner.weight_bytes() / 2**20,
+    )
 
 
 def _llama_cpp(args, single: list[int], batch: list[list[int]]) -> dict:
@@ -90,8 +119,14 @@ def _llama_cpp(args, single: list[int], batch: list[list[int]]) -> dict:
     t = time.perf_counter()
     n_out = sum(run(ids, args.output_len)[0] for ids in batch)
     batch_s = time.perf_counter() - t
-    return dict(system="llama.cpp (llama-cpp-python, sequential)", single_decode_tok_s=(count - 1) / decode,
-                single_ttft_ms=ttft * 1000, single_s=single_s, batch_out_tok_s=n_out / batch_s, batch_s=batch_s)
+    return dict(
+        system="llama.cpp (llama-cpp-python, sequential)",
+        single_decode_tok_s=(count - 1) / decode,
+        single_ttft_ms=ttft * 1000,
+        single_s=single_s,
+        batch_out_tok_s=n_out / batch_s,
+        batch_s=batch_s,
+    )
 
 
 def _hf(args, single: list[int], batch: list[list[int]]) -> dict:
@@ -116,8 +151,14 @@ def _hf(args, single: list[int], batch: list[list[int]]) -> dict:
     _, ttft = gen([single], 1)
     n1, single_s = gen([single], args.single_len)
     n_out, batch_s = gen(batch, args.output_len)
-    return dict(system="hf transformers (gguf, static batch)", single_decode_tok_s=(n1 - 1) / max(1e-9, single_s - ttft),
-                single_ttft_ms=ttft * 1000, single_s=single_s, batch_out_tok_s=n_out / batch_s, batch_s=batch_s)
+    return dict(
+        system="hf transformers (gguf, static batch)",
+        single_decode_tok_s=(n1 - 1) / max(1e-9, single_s - ttft),
+        single_ttft_ms=ttft * 1000,
+        single_s=single_s,
+        batch_out_tok_s=n_out / batch_s,
+        batch_s=batch_s,
+    )
 
 
 def main() -> None:
@@ -135,7 +176,9 @@ def main() -> None:
         single = batch[0]
         worker = args._worker
         if worker.startswith("kvik-"):
-            result = _kvik(worker.split("-", 1)[1], args, single, batch)
+            # kvik-<mode>[-<dtype>]
+            _, mode, *dtype = worker.split("-")
+            result = _kvik(mode, args, single, batch, *dtype)
         else:
             result = {"llama.cpp": _llama_cpp, "hf": _hf}[worker](args, single, batch)
         result["peak_rss_mib"] = peak_rss_mib()
@@ -148,10 +191,14 @@ def main() -> None:
             rows.append(run_isolated([__file__, *sys.argv[1:], "--_worker", system]))
         except RuntimeError as exc:
             print(f"{system} failed: {exc}", file=sys.stderr)
-    print(f"\nSmolLM2-135M-Instruct Q4_1 GGUF, CPU, {args.threads} threads; single stream: 1 chat prompt, "
-          f"{args.single_len} new tokens; batch: {args.num_requests} chat prompts x {args.output_len} new tokens")
-    print_table(rows, ["system", "single_decode_tok_s", "single_ttft_ms", "batch_out_tok_s", "batch_s", "weight_mib",
-                       "peak_rss_mib"])
+    print(
+        f"\nSmolLM2-135M-Instruct Q4_1 GGUF, CPU, {args.threads} threads; single stream: 1 chat prompt, "
+        f"{args.single_len} new tokens; batch: {args.num_requests} chat prompts x {args.output_len} new tokens"
+    )
+    print_table(
+        rows,
+        ["system", "single_decode_tok_s", "single_ttft_ms", "batch_out_tok_s", "batch_s", "weight_mib", "peak_rss_mib"],
+    )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))
 
