@@ -2,47 +2,18 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import kvik.builtin
-import psutil
 import pytest
 import torch
-from kvik.config import EngineConfig, ModelConfig
+from kvik.config import EngineConfig
 from kvik.models.loader import build_model_config, resolve_format
-from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.plugins.manager import PluginManager
+from kvik.testing.host_platform import HostCPUPlatform
 from kvik.worker.torch_runner import TorchModelRunner
-
-
-@pytest.fixture(autouse=True)
-def _few_threads() -> Iterator[None]:
-    # Other test processes share the cores; one thread keeps runs predictable.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-class TestCPUPlatform(Platform):
-    """The smallest real platform: torch on the CPU (the cpu plugin is tested elsewhere)."""
-
-    __test__ = False
-    name = "test-cpu"
-    device_type = "cpu"
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return True
-
-    def memory_info(self) -> MemoryInfo:
-        vm = psutil.virtual_memory()
-        return MemoryInfo(total=vm.total, free=vm.available)
-
-    def create_model_runner(self, config: EngineConfig, model_config: ModelConfig) -> TorchModelRunner:
-        return TorchModelRunner(config, model_config, torch.device("cpu"), self)
 
 
 @pytest.fixture
@@ -58,7 +29,7 @@ def make_runner(pm: PluginManager) -> Callable[..., TorchModelRunner]:
 
     def build(path: str | Path, num_blocks: int = 256, **options: Any) -> TorchModelRunner:
         options.setdefault("block_size", 4)
-        platform = TestCPUPlatform()
+        platform = HostCPUPlatform()
         config = EngineConfig(model=str(path), **options)
         platform.configure(config)
         fmt = resolve_format(str(path), pm)
@@ -72,5 +43,5 @@ def make_runner(pm: PluginManager) -> Callable[..., TorchModelRunner]:
 
 
 @pytest.fixture
-def test_platform() -> TestCPUPlatform:
-    return TestCPUPlatform()
+def test_platform() -> HostCPUPlatform:
+    return HostCPUPlatform()

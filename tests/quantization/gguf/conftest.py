@@ -1,19 +1,7 @@
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 from kvik.plugins.manager import PluginManager
-
-
-@pytest.fixture(autouse=True)
-def _few_threads() -> Iterator[None]:
-    # Other test processes share the two cores; one torch thread each keeps runs predictable.
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.fixture(autouse=True)
