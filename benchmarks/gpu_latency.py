@@ -42,19 +42,25 @@ def _timed(llm: Any, prompt: list[int], new: int) -> float:
     return time.perf_counter() - t
 
 
-def measure_latency(
-    llm: Any, shape: str, record: Recorder, repeats: int = 2, new: int = 256, bandwidth: float = 3.0e12
-) -> None:
-    """Record decode ms/token with graphs (if captured) and with the eager path."""
-    runner = llm.llm_engine.runner
+def measure_latency(llm: Any, shape: str, record: Recorder, repeats: int = 2, new: int = 256) -> None:
+    """Record decode ms/token: graphs with and without async scheduling, and the eager path."""
+    from gpu_common import measure_ceilings
+
+    engine = llm.llm_engine
+    runner = engine.runner
     vocab = SHAPES[shape]["vocab_size"]
     captured = dict(getattr(runner, "graphs", {}))
+    bandwidth = measure_ceilings()["copy_bytes_per_s"]
     floor_ms = (weight_bytes(shape) + 768 * kv_bytes_per_token(shape)) / bandwidth * 1e3
-    modes = [("cuda_graphs", captured)] if captured else []
-    modes.append(("eager", {}))
+    overlap = engine.async_scheduling
+    modes = [("cuda_graphs", captured, overlap)] if captured else []
+    if captured and overlap:
+        modes.append(("cuda_graphs_sync", captured, False))
+    modes.append(("eager", {}, overlap))
     seed = 7
-    for mode, graphs in modes:
+    for mode, graphs, async_scheduling in modes:
         runner.graphs = graphs
+        engine.async_scheduling = async_scheduling
         _timed(llm, workload(1, vocab, 512, 512, seed=99)[0], 16)  # warm-up
         best = None
         for _ in range(repeats):
@@ -69,14 +75,17 @@ def measure_latency(
             event="latency",
             shape=shape,
             mode=mode,
+            async_scheduling=async_scheduling,
             decode_ms_per_token=round(best[0], 3),
             tok_s=round(1e3 / best[0], 1),
             prefill_plus_1_ms=round(best[1] * 1e3, 2),
             e2e_s=round(best[2], 3),
             bandwidth_floor_ms=round(floor_ms, 3),
+            copy_tb_s=round(bandwidth / 1e12, 2),
             fraction_of_floor=round(floor_ms / best[0], 3),
         )
     runner.graphs = captured
+    engine.async_scheduling = overlap
     if captured:
         _graph_times(runner, shape, record)
 
@@ -89,6 +98,7 @@ def _graph_times(runner: Any, shape: str, record: Recorder) -> None:
     """
     import torch
     import triton.testing
+    from gpu_common import measure_ceilings
     from kvik.sampling_params import SamplingParams
     from kvik.scheduling.output import ScheduledRequest
 
@@ -105,7 +115,7 @@ def _graph_times(runner: Any, shape: str, record: Recorder) -> None:
         event="graph_replay",
         shape=shape,
         ms_by_batch=times,
-        weights_floor_ms=round(weight_bytes(shape) / 3.0e12 * 1e3, 3),
+        weights_floor_ms=round(weight_bytes(shape) / measure_ceilings()["copy_bytes_per_s"] * 1e3, 3),
     )
 
 

@@ -1,6 +1,7 @@
 """Offline throughput of kvik on a GPU, on the peers' workload (see docs/benchmarks.md, "GPU").
 
-    python benchmarks/gpu_offline.py --shape llama8b --n 1000 [--latency] [--profile]
+    python benchmarks/gpu_offline.py --shape llama8b --n 1000 [--variants async,sync,no_prefix_cache]
+        [--latency] [--profile] [--prefix]
 
 A random-weight bf16 checkpoint of the shape is written on the GPU machine's disk
 (once), then kvik.LLM generates ``--out-len`` tokens for each of ``--n`` random-token
@@ -35,47 +36,57 @@ PEAK_BF16 = 989e12  # H100 SXM dense bf16, datasheet (the measured GEMM ceiling 
 
 
 class PhaseTimer:
-    """Wraps the engine's step phases to attribute wall time (execute includes the GPU wait)."""
+    """Attributes wall time to the engine's step phases.
+
+    ``launch`` queues a step on the GPU, ``wait`` blocks for a step's samples (GPU
+    time not hidden behind host work), the rest is host work. A decode step's time
+    is the interval between its launch and the next one (the loop's period).
+    """
 
     def __init__(self, engine: Any) -> None:
-        self.seconds: dict[str, float] = defaultdict(float)
-        self.steps = 0
-        self.decode_steps = 0
-        self.decode_seconds = 0.0
-        self._wrap(engine.scheduler, "schedule")
-        self._wrap(engine.runner, "execute", count=True)
-        self._wrap(engine.scheduler, "update_from_output")
-        self._wrap(engine.output_processor, "process")
+        from kvik.worker import interface
 
-    def _wrap(self, obj: Any, name: str, count: bool = False) -> None:
+        self.seconds: dict[str, float] = defaultdict(float)
+        self.launches: list[tuple[float, bool]] = []  # (time, decode-only)
+        self._wrap(engine, "_schedule", "schedule")
+        self._wrap(engine.runner, "execute_async", "launch", count=True)
+        self._wrap(interface.StepHandle, "result", "wait")
+        self._wrap(engine.scheduler, "update_from_output", "update")
+        self._wrap(engine.output_processor, "process", "process")
+
+    def _wrap(self, obj: Any, name: str, label: str, count: bool = False) -> None:
         inner = getattr(obj, name)
 
         def timed(*args: Any, **kwargs: Any) -> Any:
             t = time.perf_counter()
-            result = inner(*args, **kwargs)
-            dt = time.perf_counter() - t
-            self.seconds[name] += dt
             if count:
-                self.steps += 1
-                if all(len(r.token_ids) == 1 for r in args[0].scheduled):
-                    self.decode_steps += 1
-                    self.decode_seconds += dt
+                self.launches.append((t, all(len(r.token_ids) == 1 for r in args[0].scheduled)))
+            result = inner(*args, **kwargs)
+            self.seconds[label] += time.perf_counter() - t
             return result
 
         setattr(obj, name, timed)
 
     def reset(self) -> None:
         self.seconds.clear()
-        self.steps = self.decode_steps = 0
-        self.decode_seconds = 0.0
+        self.launches.clear()
+
+    @property
+    def steps(self) -> int:
+        return len(self.launches)
+
+    def decode_periods(self) -> list[float]:
+        return [b[0] - a[0] for a, b in zip(self.launches, self.launches[1:], strict=False) if a[1] and b[1]]
 
 
 def run(args: argparse.Namespace) -> None:
     import kvik
     import torch
+    from gpu_common import measure_ceilings
     from kvik import SamplingParams
 
     record = Recorder(f"offline_{args.shape}")
+    ceilings = measure_ceilings() if args.device == "cuda" else {"copy_bytes_per_s": 3.0e12, "bf16_gemm_flops": 7.5e14}
     path = write_random_checkpoint(args.shape, Path(args.root), device=args.device)
     t0 = time.perf_counter()
     llm = kvik.LLM(
@@ -96,7 +107,10 @@ def run(args: argparse.Namespace) -> None:
         memory_plan=engine.memory_plan.summary(),
         graphs=len(getattr(engine.runner, "graphs", {})),
         attention=engine.runner.attn_backend.name,
+        async_scheduling=engine.async_scheduling,
         device=torch.cuda.get_device_name() if args.device == "cuda" else args.device,
+        copy_tb_s=round(ceilings["copy_bytes_per_s"] / 1e12, 2),
+        bf16_gemm_tflops=round(ceilings["bf16_gemm_flops"] / 1e12, 1),
         platform=engine.platform.describe(),
     )
     vocab = SHAPES[args.shape]["vocab_size"]
@@ -106,45 +120,131 @@ def run(args: argparse.Namespace) -> None:
     timer = PhaseTimer(engine)
     prompts = workload(args.n, vocab)
     params = SamplingParams(max_tokens=args.out_len, temperature=0.0, ignore_eos=True, detokenize=False)
-    sync()
-    t = time.perf_counter()
-    outs = llm.generate(prompts, params, use_tqdm=False)
-    sync()
-    wall = time.perf_counter() - t
-    assert all(len(o.outputs[0].token_ids) == args.out_len for o in outs)
     prompt_tokens = sum(len(p) for p in prompts)
     out_tokens = args.n * args.out_len
     flops = 2 * weight_bytes(args.shape) / 2 * (prompt_tokens + out_tokens)  # 2 FLOPs per weight per token
-    decode_step_ms = timer.decode_seconds / max(1, timer.decode_steps) * 1e3
     # A full decode step reads the weights once plus each running request's KV.
     mean_ctx = prompt_tokens / args.n + args.out_len / 2
-    floor_ms = (weight_bytes(args.shape) + args.max_num_seqs * mean_ctx * kv_bytes_per_token(args.shape)) / 3.0e12 * 1e3
-    record(
-        event="offline",
-        shape=args.shape,
-        n=args.n,
-        out_len=args.out_len,
-        enforce_eager=args.enforce_eager,
-        wall_s=round(wall, 2),
-        out_tok_s=round(out_tokens / wall, 1),
-        total_tok_s=round((prompt_tokens + out_tokens) / wall, 1),
-        prompt_tokens=prompt_tokens,
-        steps=timer.steps,
-        decode_steps=timer.decode_steps,
-        mean_decode_step_ms=round(decode_step_ms, 2),
-        decode_step_floor_ms_at_max_batch=round(floor_ms, 2),
-        mfu_vs_989=round(flops / wall / PEAK_BF16, 4),
-        phase_s={k: round(v, 2) for k, v in timer.seconds.items()},
-        stats=str(engine.get_stats()),
-    )
+    floor_bytes = weight_bytes(args.shape) + args.max_num_seqs * mean_ctx * kv_bytes_per_token(args.shape)
+    floor_ms = floor_bytes / ceilings["copy_bytes_per_s"] * 1e3
+    overlap = engine.async_scheduling
+    for variant in args.variants.split(","):
+        # Variants switch the loaded engine in place; the prefix cache is emptied so every
+        # variant sees the same 0%-hit workload.
+        engine.async_scheduling = overlap and variant != "sync"
+        engine.scheduler.kv_cache.enable_prefix_caching = variant != "no_prefix_cache"
+        engine.scheduler.reset_prefix_cache()
+        timer.reset()
+        before = engine.get_stats()
+        sync()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        sync()
+        wall = time.perf_counter() - t
+        assert all(len(o.outputs[0].token_ids) == args.out_len for o in outs)
+        periods = timer.decode_periods()
+        decode_step_ms = sum(periods) / max(1, len(periods)) * 1e3
+        record(
+            event="offline",
+            shape=args.shape,
+            variant=variant,
+            async_scheduling=engine.async_scheduling,
+            prefix_caching=engine.scheduler.kv_cache.enable_prefix_caching,
+            n=args.n,
+            out_len=args.out_len,
+            enforce_eager=args.enforce_eager,
+            wall_s=round(wall, 2),
+            out_tok_s=round(out_tokens / wall, 1),
+            total_tok_s=round((prompt_tokens + out_tokens) / wall, 1),
+            prompt_tokens=prompt_tokens,
+            steps=timer.steps,
+            decode_steps=len(periods),
+            mean_decode_step_ms=round(decode_step_ms, 2),
+            decode_step_floor_ms_at_max_batch=round(floor_ms, 2),
+            mfu_vs_989=round(flops / wall / PEAK_BF16, 4),
+            fraction_of_measured_gemm=round(flops / wall / ceilings["bf16_gemm_flops"], 4),
+            phase_s={k: round(v, 2) for k, v in timer.seconds.items()},
+            prefix_cache_hit_rate=round(_hit_rate(engine, before), 4),
+        )
+    engine.async_scheduling = overlap
+    engine.scheduler.kv_cache.enable_prefix_caching = True
     if args.profile:
-        profile(llm, prompts[:256], vocab, record)
+        for variant in ("async", "sync") if overlap else ("sync",):
+            engine.async_scheduling = variant == "async"
+            profile(llm, prompts[:256], variant, record)
+        engine.async_scheduling = overlap
+    if args.prefix:
+        prefix_sharing(llm, args.shape, record)
     if args.latency:
         measure_latency(llm, args.shape, Recorder(f"latency_{args.shape}"))
 
 
-def profile(llm: Any, prompts: list[list[int]], vocab: int, record: Recorder) -> None:
-    """torch.profiler over a short run (256 requests x 64 tokens): top CUDA kernels and CPU vs GPU time."""
+def _hit_rate(engine: Any, before: Any) -> float:
+    """Prefix-cache hit rate since the ``before`` stats (the engine's counters are cumulative)."""
+    now = engine.get_stats()
+    queries = now.prefix_cache_queries - before.prefix_cache_queries
+    return (now.prefix_cache_hits - before.prefix_cache_hits) / queries if queries else 0.0
+
+
+def prefix_sharing(
+    llm: Any,
+    shape: str,
+    record: Recorder,
+    system_len: int = 1000,
+    user_len: int = 32,
+    batch: int = 512,
+    singles: int = 32,
+) -> None:
+    """A shared 1,000-token system prompt: TTFT at batch 1 and throughput, prefix cache on vs off."""
+    from kvik import SamplingParams
+
+    engine = llm.llm_engine
+    vocab = SHAPES[shape]["vocab_size"]
+    system = workload(1, vocab, system_len, system_len, seed=21)[0]
+    users = workload(1 + singles + batch, vocab, user_len, user_len, seed=22)
+    first = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
+    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True, detokenize=False)
+    for caching in (True, False):
+        engine.scheduler.kv_cache.enable_prefix_caching = caching
+        engine.scheduler.reset_prefix_cache()
+        before = engine.get_stats()
+        llm.generate([system + users[0]], first, use_tqdm=False)  # the system prompt enters the cache
+        ttft = []
+        for user in users[1 : 1 + singles]:
+            sync()
+            t = time.perf_counter()
+            llm.generate([system + user], first, use_tqdm=False)
+            sync()
+            ttft.append(time.perf_counter() - t)
+        prompts = [system + u for u in users[1 + singles :]]
+        sync()
+        t = time.perf_counter()
+        outs = llm.generate(prompts, params, use_tqdm=False)
+        sync()
+        wall = time.perf_counter() - t
+        waits = sorted(o.metrics.first_token_time - o.metrics.arrival_time for o in outs)
+        record(
+            event="prefix_sharing",
+            shape=shape,
+            prefix_caching=caching,
+            system_tokens=system_len,
+            user_tokens=user_len,
+            batch1_ttft_ms_median=round(sorted(ttft)[len(ttft) // 2] * 1e3, 2),
+            batch_requests=len(prompts),
+            batch_out_tok_s=round(len(prompts) * 128 / wall, 1),
+            batch_wall_s=round(wall, 2),
+            batch_ttft_s_p50=round(waits[len(waits) // 2], 3),
+            hit_rate=round(_hit_rate(engine, before), 3),
+        )
+    engine.scheduler.kv_cache.enable_prefix_caching = True
+
+
+def profile(llm: Any, prompts: list[list[int]], variant: str, record: Recorder) -> None:
+    """torch.profiler over a short run (256 requests x 64 tokens): top CUDA kernels and the GPU's idle share.
+
+    GPU busy time is the sum of kernel and copy times (one stream, so they do not
+    overlap); idle = 1 - busy / wall, the time the GPU waited for the host.
+    """
     from kvik import SamplingParams
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
@@ -161,8 +261,10 @@ def profile(llm: Any, prompts: list[list[int]], vocab: int, record: Recorder) ->
     gpu_us = sum(e.self_device_time_total for e in events)
     record(
         event="profile",
+        variant=variant,
         wall_s=round(wall, 2),
         gpu_busy_s=round(gpu_us / 1e6, 2),
+        gpu_idle_fraction=round(1 - gpu_us / 1e6 / wall, 3),
         top=[
             (e.key[:60], round(e.self_device_time_total / 1e3, 1), e.count)
             for e in sorted(events, key=lambda e: -e.self_device_time_total)[:12]
@@ -184,6 +286,13 @@ def main() -> None:
     ap.add_argument("--device", default="cuda", help="'cpu' only for smoke-testing the script")
     ap.add_argument("--latency", action="store_true", help="also measure batch-1 decode latency")
     ap.add_argument("--profile", action="store_true", help="also profile a short run with torch.profiler")
+    ap.add_argument(
+        "--variants",
+        default="async",
+        help="comma-separated runs of the workload on the loaded engine: async (the default engine), "
+        "sync (async scheduling off), no_prefix_cache",
+    )
+    ap.add_argument("--prefix", action="store_true", help="also run the shared-system-prompt prefix-cache benchmark")
     run(ap.parse_args())
 
 

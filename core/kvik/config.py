@@ -36,6 +36,8 @@ class EngineConfig:
     quantization: str | None = None
     quantized_weights: str = "auto"  # keep quantized weights packed, or dequantize at load
     enforce_eager: bool = False  # no CUDA graphs / compiled graphs
+    # Schedule step n+1 while the device runs step n (None: the platform decides; on for CUDA/ROCm).
+    async_scheduling: bool | None = None
     seed: int = 0
     num_threads: int | None = None  # CPU platforms: torch intra-op threads
     trust_remote_code: bool = False

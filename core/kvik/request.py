@@ -49,12 +49,17 @@ class Request:
     num_computed_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens served from the prefix cache
     num_preemptions: int = 0
+    # Tokens sampled by a step in flight but not yet appended (async scheduling):
+    # the scheduler already counts them, the runner feeds them from the device.
+    num_output_placeholders: int = 0
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
+    reads_output_history: bool = False  # from sampling_params, read every step by the engine
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
             self.all_token_ids = list(self.prompt_token_ids)
+        self.reads_output_history = self.sampling_params.reads_output_history
 
     @property
     def num_prompt_tokens(self) -> int:

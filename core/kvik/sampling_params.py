@@ -152,6 +152,19 @@ class SamplingParams:
         return None
 
     @property
+    def reads_output_history(self) -> bool:
+        """True when sampling reads the previously sampled tokens on the host (penalties,
+        bad words, a grammar): such a request's next step cannot be scheduled before
+        its last token is back (no async scheduling while it runs)."""
+        return (
+            self.presence_penalty != 0.0
+            or self.frequency_penalty != 0.0
+            or self.repetition_penalty != 1.0
+            or bool(self.bad_words or self.bad_words_token_ids)
+            or self.guided is not None
+        )
+
+    @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5
 

@@ -1,4 +1,13 @@
-"""LLMEngine: schedule → execute → update, one step at a time."""
+"""LLMEngine: schedule → execute → update, one step at a time.
+
+With async scheduling (when the runner supports it and the config asks for it)
+the engine keeps one step in flight: each ``step()`` schedules and launches step
+n+1, then waits for step n's samples and does its host work (update, stop
+checks, detokenization) while the device runs step n+1. Outputs are the same as
+in the synchronous loop; ``step()`` just reports each step's outputs one call
+later. Requests whose sampling reads their previous tokens on the host
+(penalties, bad words, grammars) run synchronously while they are running.
+"""
 
 from __future__ import annotations
 
@@ -17,7 +26,9 @@ from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.request import Request, RequestStatus
 from kvik.sample.admission import prepare_params
 from kvik.sampling_params import SamplingParams
+from kvik.scheduling.output import SchedulerOutput
 from kvik.structured.manager import StructuredOutputManager
+from kvik.worker.interface import StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +107,10 @@ class LLMEngine:
         self.structured = StructuredOutputManager(
             self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids, self.manager
         )
+        self.async_scheduling = bool(config.async_scheduling) and self.runner.supports_async_scheduling
+        if config.async_scheduling and not self.async_scheduling:
+            logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
+        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._num_steps = 0
@@ -239,16 +254,45 @@ class LLMEngine:
         return outputs
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests()
+        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # -- the step ------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
-        """Schedule, execute and update once; return outputs of requests that progressed."""
+        """Advance generation by one step; return outputs of requests that progressed.
+
+        Synchronously: schedule, execute and update one step. With async
+        scheduling: launch the next step, then finish the one in flight (whose
+        outputs are returned).
+        """
+        if not self.async_scheduling or any(r.reads_output_history for r in self.scheduler.running):
+            outputs = self._finish_in_flight()
+            scheduler_output = self._schedule()
+            if scheduler_output is None:
+                return outputs
+            return outputs + self._finish(scheduler_output, self.runner.execute_async(scheduler_output))
+        scheduler_output = self._schedule()
+        launched = None if scheduler_output is None else (scheduler_output, self.runner.execute_async(scheduler_output))
+        outputs = self._finish_in_flight()
+        self._in_flight = launched
+        return outputs
+
+    def _schedule(self) -> SchedulerOutput | None:
         scheduler_output = self.scheduler.schedule()
         if scheduler_output.is_empty:
-            return []
+            return None
         scheduler_output.structured = self.structured.start_step(scheduler_output)  # overlaps the forward
-        runner_output = self.runner.execute(scheduler_output)
+        return scheduler_output
+
+    def _finish_in_flight(self) -> list[RequestOutput]:
+        if self._in_flight is None:
+            return []
+        scheduler_output, handle = self._in_flight
+        self._in_flight = None
+        return self._finish(scheduler_output, handle)
+
+    def _finish(self, scheduler_output: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
+        """Wait for a launched step's samples and apply them: stop rules, grammars, detokenization."""
+        runner_output = handle.result()
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
         grammar_done = self.structured.accept(updated)
         if grammar_done:
@@ -257,7 +301,7 @@ class LLMEngine:
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
             self.structured.remove(stopped)
-        self._generation_tokens_total += sum(len(v) for v in runner_output.sampled_token_ids.values())
+        self._generation_tokens_total += len(updated)  # one token each (tokens dropped after a stop aside)
         self._num_steps += 1
         self._last_step_time = time.monotonic()
         return outputs
@@ -278,5 +322,6 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
+        self._in_flight = None
         self.structured.shutdown()
         self.runner.shutdown()

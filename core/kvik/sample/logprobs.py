@@ -10,6 +10,7 @@ share the better rank).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -75,8 +76,30 @@ class _Transfer:
         self.shapes.append(tuple(tensor.shape))
         return len(self.parts) - 1
 
-    def fetch(self) -> list[np.ndarray]:
-        host = torch.cat(self.parts).cpu().numpy()  # the step's one device->host sync
+    def start(self) -> Callable[[], list[np.ndarray]]:
+        """Start the step's one device->host copy; the returned callable waits for it and unpacks.
+
+        On CUDA the copy goes to pinned memory behind an event, so waiting for it
+        does not wait for work queued after it (the next step, under async scheduling).
+        """
+        packed = torch.cat(self.parts)
+        event = None
+        if packed.device.type == "cuda":
+            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
+            host.copy_(packed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+        else:
+            host = packed.cpu()
+
+        def wait() -> list[np.ndarray]:
+            if event is not None:
+                event.synchronize()
+            return self._unpack(host.numpy())
+
+        return wait
+
+    def _unpack(self, host: np.ndarray) -> list[np.ndarray]:
         out, offset = [], 0
         for shape in self.shapes:
             size = int(np.prod(shape))
@@ -105,7 +128,21 @@ def sample_with_logprobs(
     prompt_rows: list[PromptRows],
     scheduled: list[ScheduledRequest],
 ) -> RunnerOutput:
-    """Assemble a step's RunnerOutput: sampled tokens, sample and prompt logprobs, in one copy.
+    """Assemble a step's RunnerOutput now (see :func:`start_sample_output`)."""
+    return start_sample_output(sampled, raw_logprobs, reqs, prompt_logits, prompt_rows, scheduled)()
+
+
+def start_sample_output(
+    sampled: torch.Tensor,
+    raw_logprobs: torch.Tensor | None,
+    reqs: list[ScheduledRequest],
+    prompt_logits: torch.Tensor | None,
+    prompt_rows: list[PromptRows],
+    scheduled: list[ScheduledRequest],
+) -> Callable[[], RunnerOutput]:
+    """Start copying a step's results to the host; the callable waits and assembles its RunnerOutput.
+
+    Sampled tokens, sample and prompt logprobs travel in one copy.
 
     ``sampled`` [n] are the tokens of ``reqs``; ``raw_logprobs`` [n, vocab] the
     log_softmax of their logits taken before any processor edited them (None
@@ -128,7 +165,20 @@ def sample_with_logprobs(
         prompt_lp = torch.log_softmax(prompt_logits.float(), dim=-1)
         ids, lps, ranks = gather_logprobs(prompt_lp, target_t, min(pk, prompt_logits.shape[-1]))
         prompt_at = (transfer.add(ids), transfer.add(lps), transfer.add(ranks))
-    host = transfer.fetch()
+    wait = transfer.start()
+    return lambda: _assemble(wait(), tokens_at, sample_at, prompt_at, ks, reqs, prompt_rows, scheduled)
+
+
+def _assemble(
+    host: list[np.ndarray],
+    tokens_at: int,
+    sample_at: tuple[int, int, int] | None,
+    prompt_at: tuple[int, int, int] | None,
+    ks: list[int | None],
+    reqs: list[ScheduledRequest],
+    prompt_rows: list[PromptRows],
+    scheduled: list[ScheduledRequest],
+) -> RunnerOutput:
     token_ids = host[tokens_at].tolist()
     output = RunnerOutput(sampled_token_ids={r.request_id: [t] for r, t in zip(reqs, token_ids, strict=True)})
     if sample_at is not None:

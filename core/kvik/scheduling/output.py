@@ -31,6 +31,13 @@ class ScheduledRequest:
     # sampling read them. len(output_token_ids) is the index of the next sample.
     prompt_token_ids: list[int] = field(default_factory=list)
     output_token_ids: list[int] = field(default_factory=list)
+    # Async scheduling: the last ``num_pending_tokens`` of token_ids (0 or 1) are
+    # placeholders for the token the previous step is sampling; a runner with
+    # ``supports_async_scheduling`` takes it from that step's samples on the device.
+    num_pending_tokens: int = 0
+    # Outputs sampled by steps in flight and not yet in output_token_ids: the
+    # token this step samples sits at len(output_token_ids) + num_pending_outputs.
+    num_pending_outputs: int = 0
 
     @property
     def num_new_tokens(self) -> int:

@@ -7,13 +7,20 @@ the catch-up of many tokens, a decode the catch-up of the one sampled last step;
 chunked prefill is a catch-up cut short by the budget; a prefix-cache hit is a
 catch-up done for free. There is no prefill/decode mode.
 
-The engine loop is ``schedule() -> runner.execute(output) -> update_from_output()``,
-strictly in turn (a step's output must be executed before the next schedule()).
+The engine loop is ``schedule() -> runner.execute(output) -> update_from_output()``.
 ``num_computed_tokens`` advances in :meth:`Scheduler.schedule` (the step's tokens
 count as computed once handed to the runner), which also publishes the blocks
 the step fills to the prefix cache; :meth:`Scheduler.update_from_output` appends
 the sampled tokens and applies the token-level stop rules. Stop *strings* are
 the detokenizer's: it calls :meth:`finish_requests`.
+
+Async scheduling: the engine may call ``schedule()`` for step n+1 before
+``update_from_output()`` of step n. A token that step n will sample counts as an
+*output placeholder* from the moment step n is scheduled, so step n+1 can
+already schedule its decode (its id is unknown on the host: the runner takes it
+from step n's samples on the device). A request that step n finishes wastes its
+slot in step n+1, whose result for it is dropped. Blocks are published to the
+prefix cache only over known tokens.
 """
 
 from __future__ import annotations
@@ -206,10 +213,12 @@ class Scheduler:
             i += 1
         # No request is un-scheduled from here on: publish the blocks this step fills.
         for request, num_new in scheduled.values():
-            self.kv_cache.cache_blocks(request, request.num_computed_tokens + num_new)
+            self.kv_cache.cache_blocks(request, min(request.num_computed_tokens + num_new, request.num_tokens))
 
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting.peek()
+            if request.num_output_placeholders:
+                break  # preempted while its last token was in flight: resumable once that token lands
             hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens
             if self.long_prefill_token_threshold:
@@ -241,6 +250,8 @@ class Scheduler:
             self._num_steps += 1
         for request, num_new in scheduled.values():
             request.num_computed_tokens += num_new
+            if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+                request.num_output_placeholders += 1  # this step samples its next token
         return out
 
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Request]:
@@ -254,11 +265,12 @@ class Scheduler:
         """
         updated: list[Request] = []
         for sched in scheduler_output.scheduled:
-            request = self.requests.get(sched.request_id)
-            if request is None or request.status != RequestStatus.RUNNING:
-                continue  # aborted (or preempted) since it was scheduled
             if not sched.sample:
                 continue
+            request = self.requests.get(sched.request_id)
+            if request is None:
+                continue  # finished or aborted since it was scheduled: its token is dropped
+            request.num_output_placeholders -= 1
             new_tokens = runner_output.sampled_token_ids.get(sched.request_id)
             if not new_tokens:
                 # Without its token the request could never be scheduled again: fail loudly, not hang.
@@ -266,12 +278,15 @@ class Scheduler:
                     f"the model runner returned no sampled token for request {sched.request_id!r}, "
                     "which was scheduled with sample=True"
                 )
+            was_preempted = request.status == RequestStatus.PREEMPTED  # by a schedule() that ran ahead
             for token_id in new_tokens:
                 request.append_output_token(token_id)
                 if self._check_stop(request, token_id):
                     break
             updated.append(request)
             if request.is_finished:
+                if was_preempted:
+                    self.waiting.remove(request)
                 self._release(request)
         if any(r.is_finished for r in updated):
             self.running = [r for r in self.running if not r.is_finished]
@@ -279,7 +294,12 @@ class Scheduler:
 
     # ------------------------------------------------------------------ helpers
     def _num_new_tokens(self, request: Request, budget: int) -> int:
-        num_new = request.num_tokens - request.num_computed_tokens
+        if request.num_output_placeholders and (
+            request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
+            or request.num_tokens + request.num_output_placeholders >= self._max_len
+        ):
+            return 0  # the token in flight is its last: nothing more to compute
+        num_new = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
         if self.long_prefill_token_threshold:
             num_new = min(num_new, self.long_prefill_token_threshold)
         return min(num_new, budget)
@@ -311,12 +331,18 @@ class Scheduler:
 
     def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
+        token_ids = request.all_token_ids[start : start + num_new]
+        num_pending = num_new - len(token_ids)  # trailing tokens still in flight (0 unless async)
+        if num_pending:
+            token_ids.extend([0] * num_pending)
         return ScheduledRequest(
             request_id=request.request_id,
-            token_ids=request.all_token_ids[start : start + num_new],
+            token_ids=token_ids,
+            num_pending_tokens=num_pending,
+            num_pending_outputs=request.num_output_placeholders,
             start_pos=start,
             block_ids=self.kv_cache.get_block_ids(request),
-            sample=start + num_new == request.num_tokens,
+            sample=start + num_new == request.num_tokens + request.num_output_placeholders,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
@@ -343,5 +369,6 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         """Free a finished request's blocks and forget it."""
         self.kv_cache.free(request)
+        request.num_output_placeholders = 0  # a token still in flight for it will be dropped
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)

@@ -3,8 +3,29 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 
 from kvik.scheduling.output import RunnerOutput, SchedulerOutput
+
+
+class StepHandle:
+    """A step handed to the device; :meth:`result` waits for its output (once)."""
+
+    __slots__ = ("_finish", "_output")
+
+    def __init__(self, finish: Callable[[], RunnerOutput]) -> None:
+        self._finish: Callable[[], RunnerOutput] | None = finish
+        self._output: RunnerOutput | None = None
+
+    @classmethod
+    def done(cls, output: RunnerOutput) -> StepHandle:
+        return cls(lambda: output)
+
+    def result(self) -> RunnerOutput:
+        if self._finish is not None:
+            self._output, self._finish = self._finish(), None
+        assert self._output is not None
+        return self._output
 
 
 class ModelRunner(ABC):
@@ -17,6 +38,10 @@ class ModelRunner(ABC):
     # Capabilities (data, checked by the engine at request admission).
     # True when execute() applies ``SchedulerOutput.structured``'s grammar bitmask before sampling.
     supports_structured_output: bool = False
+    # True when execute_async() returns before the device finishes and fills a scheduled
+    # request's pending token (``ScheduledRequest.num_pending_tokens``) from the samples
+    # of the step launched just before: the engine then overlaps its host work with the device.
+    supports_async_scheduling: bool = False
 
     @abstractmethod
     def load_model(self) -> None:
@@ -41,6 +66,16 @@ class ModelRunner(ABC):
     @abstractmethod
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
         """Run one step: forward the scheduled tokens and sample where asked."""
+
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        """Launch one step; the handle's ``result()`` gives what :meth:`execute` returns.
+
+        The default runs the step to completion first. Runners that set
+        ``supports_async_scheduling`` return once the step is queued on the device;
+        steps are executed in launch order, and the next launch may come before
+        this one's ``result()``.
+        """
+        return StepHandle.done(self.execute(scheduler_output))
 
     def shutdown(self) -> None:  # noqa: B027 - optional: runners with nothing to release keep the no-op
         """Release device resources."""

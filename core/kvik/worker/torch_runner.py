@@ -3,6 +3,12 @@
 Each step flattens the scheduled requests into one token batch, builds the
 attention metadata with three host->device copies, runs the model once and
 samples from the last position of every request that asked for a token.
+
+Async scheduling: :meth:`TorchModelRunner.execute_async` returns once the step
+is queued; its sampled ids stay on the device, and the next step's pending
+tokens (decodes scheduled before this step's samples reached the host) are
+gathered from them there. On the CPU the device is the calling thread, so
+nothing overlaps: the CPU platform leaves async scheduling off.
 """
 
 from __future__ import annotations
@@ -26,11 +32,11 @@ from kvik.models.loader import dequantize_model, load_model, resolve_format
 from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.quantization.base import QuantizationMethod
-from kvik.sample.logprobs import prompt_logprob_rows, sample_with_logprobs
+from kvik.sample.logprobs import prompt_logprob_rows, start_sample_output
 from kvik.sample.sampler import Sampler, SamplingBatch
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
-from kvik.worker.interface import ModelRunner
+from kvik.worker.interface import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -39,6 +45,7 @@ class TorchModelRunner(ModelRunner):
     """Runs a kvik torch model (``CausalLM``) on one ``torch.device``."""
 
     supports_structured_output = True
+    supports_async_scheduling = True
 
     def __init__(
         self,
@@ -61,6 +68,10 @@ class TorchModelRunner(ModelRunner):
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.sampler = Sampler(self.device, config.seed)
+        # The last launched step's sampled ids [n] (device) and request id -> row: the
+        # source of the next step's pending tokens.
+        self._last_sampled: torch.Tensor | None = None
+        self._last_rows: dict[str, int] = {}
 
     # -- loading ----------------------------------------------------------------
     def _format(self) -> ModelFormat:
@@ -292,6 +303,7 @@ class TorchModelRunner(ModelRunner):
             raise RuntimeError("initialize_kv_cache() must run before execute()")
         scheduled = scheduler_output.scheduled
         input_ids, positions, metadata = self._prepare(scheduled)
+        self._fill_pending(input_ids, scheduled)
         assert self.attn_backend is not None
         self.attn_backend.prepare(metadata)
         hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [num_tokens, hidden]
@@ -314,10 +326,35 @@ class TorchModelRunner(ModelRunner):
         logits, _ = self._forward(scheduler_output, "all" if all_tokens else "sample")
         return logits
 
+    def _fill_pending(self, input_ids: torch.Tensor, scheduled: list[ScheduledRequest]) -> None:
+        """Write pending tokens (sampled by the previous launch, still on the device) into ``input_ids``."""
+        pending = [i for i, r in enumerate(scheduled) if r.num_pending_tokens]
+        if not pending:
+            return
+        last = self._last_sampled
+        try:
+            if last is None:
+                raise KeyError(scheduled[pending[0]].request_id)
+            src = [self._last_rows[scheduled[i].request_id] for i in pending]
+        except KeyError as exc:
+            raise RuntimeError(
+                f"request {exc.args[0]!r} has a pending token but the previous step did not sample it"
+            ) from None
+        if any(scheduled[i].num_pending_tokens != 1 for i in pending):
+            raise RuntimeError("a request can wait for at most one token from the previous step")
+        ends = np.cumsum([len(r.token_ids) for r in scheduled]) - 1
+        index = torch.from_numpy(np.stack([ends[pending], np.asarray(src, dtype=np.int64)]))
+        index = index.to(self.device, non_blocking=True)
+        input_ids[index[0]] = last[index[1]]
+
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.execute_async(scheduler_output).result()
+
+    @torch.inference_mode()
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         if scheduler_output.is_empty:
-            return RunnerOutput(sampled_token_ids={})
+            return StepHandle.done(RunnerOutput(sampled_token_ids={}))
         scheduled = scheduler_output.scheduled
         prompt_rows = prompt_logprob_rows(scheduled)
         prompt_logits = None
@@ -331,11 +368,12 @@ class TorchModelRunner(ModelRunner):
         else:
             logits, which = self._forward(scheduler_output, "sample")
         if not which and not prompt_rows:
-            return RunnerOutput(sampled_token_ids={})
+            self._last_sampled, self._last_rows = None, {}
+            return StepHandle.done(RunnerOutput(sampled_token_ids={}))
         reqs = [scheduled[i] for i in which]
         batch = SamplingBatch(
             params=[r.sampling_params for r in reqs],
-            output_positions=[len(r.output_token_ids) for r in reqs],
+            output_positions=[len(r.output_token_ids) + r.num_pending_outputs for r in reqs],
             prompt_token_ids=[r.prompt_token_ids for r in reqs],
             output_token_ids=[r.output_token_ids for r in reqs],
             eos_token_ids=self.model_config.eos_token_ids,
@@ -348,7 +386,8 @@ class TorchModelRunner(ModelRunner):
         # Logprobs are of the raw distribution: take them before processors edit the logits in place.
         raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in batch.params) else None
         sampled = self.sampler(logits, batch) if reqs else torch.empty(0, dtype=torch.int64, device=self.device)
-        return sample_with_logprobs(sampled, raw, reqs, prompt_logits, prompt_rows, scheduled)
+        self._last_sampled, self._last_rows = sampled, {r.request_id: i for i, r in enumerate(reqs)}
+        return StepHandle(start_sample_output(sampled, raw, reqs, prompt_logits, prompt_rows, scheduled))
 
     def shutdown(self) -> None:
         self.kv_caches = []

@@ -113,6 +113,8 @@ class TorchGPUPlatform(Platform):
             )
         if config.enforce_eager:
             notes.append("enforce_eager: CUDA graphs are off")
+        if config.async_scheduling is None:
+            config.async_scheduling = True  # the host's scheduling hides behind the GPU's step
         return notes
 
     def create_model_runner(self, config: EngineConfig, model_config: ModelConfig) -> ModelRunner:

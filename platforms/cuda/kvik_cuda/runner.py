@@ -149,11 +149,13 @@ class CUDAModelRunner(TorchModelRunner):
         n = len(scheduled)
         graph = self.graphs.get(size)
         if graph is not None:
-            self.inputs.prepare(scheduled, pad_to=size)  # type: ignore[union-attr]
+            step = self.inputs.prepare(scheduled, pad_to=size)  # type: ignore[union-attr]
+            self._fill_pending(step.input_ids, scheduled)
             graph[0].replay()
             hidden = graph[1][:n]
         else:
             input_ids, positions, metadata = self._bucketed_metadata(scheduled, size)
+            self._fill_pending(input_ids, scheduled)
             hidden = self.model(input_ids, positions, self.kv_caches, metadata)[:n]
         return self.model.compute_logits(hidden), list(range(n))  # type: ignore[operator]
 

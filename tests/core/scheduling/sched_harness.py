@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from kvik.request import Request, RequestStatus
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.block_pool import NULL_BLOCK_ID
-from kvik.scheduling.output import RunnerOutput, SchedulerOutput
+from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.scheduling.scheduler import Scheduler
 
 VOCAB = 48
@@ -75,6 +75,8 @@ class FakeRunner:
     # slot (block_id * block_size + offset) -> (token id, position) written there
     kv: dict[int, tuple[int, int]] = field(default_factory=dict)
     strict: bool = True  # check every scheduled request against the scheduler's live state
+    # Async scheduling: the previous execute()'s samples, not yet applied by update_from_output.
+    last_sampled: dict[str, int] = field(default_factory=dict)
 
     def slot(self, block_ids: list[int], pos: int) -> int:
         bs = self.scheduler.block_size
@@ -91,16 +93,20 @@ class FakeRunner:
         assert len(out.scheduled) <= sched.max_num_seqs
         assert len({r.request_id for r in out.scheduled}) == len(out.scheduled)
         written: set[int] = set()
+        true_of: dict[str, list[int]] = {}
         for sr in out.scheduled:
             request = sched.requests.get(sr.request_id)
             alive = request is not None and request.status == RequestStatus.RUNNING
-            true_tokens = sr.prompt_token_ids + sr.output_token_ids
+            true_tokens = true_of[sr.request_id] = self.true_tokens(sr)
             end = sr.start_pos + sr.num_new_tokens
             assert sr.num_new_tokens >= 1
-            assert sr.token_ids == true_tokens[sr.start_pos : end]
+            assert sr.num_pending_tokens <= sr.num_pending_outputs <= 1
+            known = sr.num_new_tokens - sr.num_pending_tokens
+            assert sr.token_ids[:known] == true_tokens[sr.start_pos : sr.start_pos + known]
+            tokens = true_tokens[sr.start_pos : end]  # the runner fills pending ones from its last samples
             assert sr.sample == (end == len(true_tokens))
             assert len(sr.block_ids) * sched.block_size >= end
-            for k, token in enumerate(sr.token_ids):
+            for k, token in enumerate(tokens):
                 pos = sr.start_pos + k
                 slot = self.slot(sr.block_ids, pos)
                 assert slot not in written, "two requests write the same KV slot in one step"
@@ -118,11 +124,20 @@ class FakeRunner:
         for sr in out.scheduled:
             if sr.sample:
                 end = sr.start_pos + sr.num_new_tokens
-                true_tokens = sr.prompt_token_ids + sr.output_token_ids
+                true_tokens = true_of[sr.request_id]
                 context = [self.kv.get(self.slot(sr.block_ids, p)) for p in range(end)]
                 assert context == [(t, p) for p, t in enumerate(true_tokens[:end])], f"bad KV for {sr.request_id}"
                 sampled[sr.request_id] = [next_token(true_tokens[:end])]
+        self.last_sampled = {rid: tokens[0] for rid, tokens in sampled.items()}
         return RunnerOutput(sampled_token_ids=sampled)
+
+    def true_tokens(self, sr: ScheduledRequest) -> list[int]:
+        """The request's tokens, with the one the previous step sampled (async: not yet appended)."""
+        tokens = sr.prompt_token_ids + sr.output_token_ids
+        if sr.num_pending_outputs:
+            assert sr.request_id in self.last_sampled, "a pending output the previous step did not sample"
+            tokens.append(self.last_sampled[sr.request_id])
+        return tokens
 
     def check_computed_kv(self) -> None:
         """Every computed token of every running request is in the fake KV at its slot."""
@@ -208,15 +223,24 @@ class RunResult:
 
 
 def run_workload(
-    sched: Scheduler, specs: list[RequestSpec], reset_cache_steps: frozenset[int] = frozenset(), max_steps: int = 5000
+    sched: Scheduler,
+    specs: list[RequestSpec],
+    reset_cache_steps: frozenset[int] = frozenset(),
+    max_steps: int = 5000,
+    overlap: bool = False,
 ) -> RunResult:
-    """Drive the scheduler with the fake runner, checking invariants after every step."""
+    """Drive the scheduler with the fake runner, checking invariants after every step.
+
+    ``overlap``: async scheduling, as the engine does it: each step is scheduled and
+    executed before the previous step's ``update_from_output``.
+    """
     runner = FakeRunner(sched)
     pending = sorted(specs, key=lambda s: s.arrival_step)
     requests = {s.request.request_id: s.request for s in specs}
     reported: list[str] = []
+    in_flight: tuple[SchedulerOutput, RunnerOutput] | None = None
     step = 0
-    while pending or sched.has_unfinished_requests():
+    while pending or sched.has_unfinished_requests() or in_flight is not None:
         assert step < max_steps, "the workload did not finish: a scheduling livelock or deadlock"
         while pending and pending[0].arrival_step <= step:
             sched.add_request(pending.pop(0).request)
@@ -231,13 +255,18 @@ def run_workload(
             for spec in specs:
                 if spec.abort_step == step and spec.abort_mid_step:
                     sched.finish_requests([spec.request.request_id], RequestStatus.FINISHED_ABORTED)
-            runner_out = runner.execute(out)
-            updated = sched.update_from_output(out, runner_out)
+            launched: tuple[SchedulerOutput, RunnerOutput] | None = (out, runner.execute(out))
+        else:
+            launched = None
+            assert in_flight is not None or not sched.running, "running requests but nothing scheduled"
+        if not overlap:
+            in_flight, launched = launched, None
+        if in_flight is not None:
+            updated = sched.update_from_output(*in_flight)
             assert len({r.request_id for r in updated}) == len(updated)
             for request in updated:
-                assert request.request_id in runner_out.sampled_token_ids
-        else:
-            assert not sched.running, "running requests but nothing scheduled"
+                assert request.request_id in in_flight[1].sampled_token_ids
+        in_flight = launched
         check_invariants(sched)
         runner.check_computed_kv()
         step += 1
@@ -245,6 +274,7 @@ def run_workload(
     assert set(reported) <= set(requests)
     assert sched.kv_cache.num_free_blocks == sched.kv_cache.pool.num_usable_blocks
     assert not sched.kv_cache.block_tables
+    assert all(r.num_output_placeholders == 0 for r in requests.values())
     stats = sched.get_stats()
     outputs = {rid: (list(r.output_token_ids), r.status) for rid, r in requests.items()}
     return RunResult(outputs, step, stats.num_preemptions, stats.prefix_cache_hits)

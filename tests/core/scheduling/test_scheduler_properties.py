@@ -114,10 +114,12 @@ def _params(sp) -> dict:
     policy=st.sampled_from(["fcfs", "priority"]),
     threshold=st.sampled_from([0, 0, 3]),
     resets=st.frozensets(st.integers(0, 20), max_size=2),
+    overlap=st.booleans(),
 )
 def test_random_workloads_produce_reference_tokens(
-    workload, pool_slack, extra_len, budget, max_num_seqs, caching, chunked, policy, threshold, resets
+    workload, pool_slack, extra_len, budget, max_num_seqs, caching, chunked, policy, threshold, resets, overlap
 ) -> None:
+    """``overlap``: async scheduling (step n+1 scheduled and run before step n's update)."""
     block_size, raws = workload
     longest = max(len(r.prompt) for r in raws)
     max_model_len = longest + extra_len
@@ -137,15 +139,15 @@ def test_random_workloads_produce_reference_tokens(
         long_prefill_token_threshold=threshold,
     )
     specs = build(raws)
-    result = run_workload(sched, specs, reset_cache_steps=resets)
+    result = run_workload(sched, specs, reset_cache_steps=resets, overlap=overlap)
     check_outputs(result.outputs, specs, max_model_len)
     if not caching:
         assert result.prefix_hits == 0
 
 
 @SETTINGS
-@given(workload=workloads(), budget=st.integers(1, 24))
-def test_tight_pool_with_sharing_matches_roomy_pool(workload, budget) -> None:
+@given(workload=workloads(), budget=st.integers(1, 24), overlap=st.booleans())
+def test_tight_pool_with_sharing_matches_roomy_pool(workload, budget, overlap) -> None:
     """The same workload on a minimal pool (preempting) and a roomy one gives identical results."""
     block_size, raws = workload
     raws = [Raw(**{**r.__dict__, "abort_step": None}) for r in raws]
@@ -159,5 +161,5 @@ def test_tight_pool_with_sharing_matches_roomy_pool(workload, budget) -> None:
             max_num_seqs=8,
             max_model_len=max_model_len,
         )
-        results.append(run_workload(sched, build(raws)).outputs)
+        results.append(run_workload(sched, build(raws), overlap=overlap).outputs)
     assert results[0] == results[1]

@@ -193,3 +193,29 @@ def test_step_inputs_keep_tables_across_steps_and_release_rows() -> None:
     # More ids than rows without releases (e.g. profiling dummies): the rows start over, still correct.
     for i in range(3 * inputs.max_rows):
         assert table([_req(f"x{i}", [1], 6, [i % 50 + 1, i % 50 + 2])]) == [[i % 50 + 1, i % 50 + 2]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+def test_async_scheduling_gives_the_synchronous_outputs(tiny_model_dir) -> None:
+    """Graph replays whose input token comes from the previous step's samples on the device."""
+    import kvik
+
+    path = tiny_model_dir("llama", num_hidden_layers=2)
+    prompts = [[1 + (5 * i + j) % 400 for j in range(3 + 11 * i)] for i in range(12)]
+    params = [
+        kvik.SamplingParams(max_tokens=8 + 3 * i, temperature=0.0, stop_token_ids=[7, 11], logprobs=1)
+        for i in range(len(prompts))
+    ]
+    params[2] = kvik.SamplingParams(max_tokens=30, temperature=0.8, top_p=0.9, seed=5, ignore_eos=True)
+    outs = {}
+    for overlap in (False, True):
+        # 40 blocks of 16: the 12 requests do not all fit, so some are preempted with a token in flight.
+        llm = kvik.LLM(
+            model=str(path), device="cuda", dtype="float32", async_scheduling=overlap, max_num_seqs=16, num_kv_blocks=40
+        )
+        assert llm.llm_engine.async_scheduling is overlap
+        outs[overlap] = [(o.outputs[0].token_ids, o.outputs[0].finish_reason) for o in llm.generate(prompts, params)]
+        del llm
+        torch.cuda.empty_cache()
+    assert outs[True] == outs[False]
