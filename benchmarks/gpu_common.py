@@ -61,7 +61,6 @@ def write_random_checkpoint(shape: str, root: Path, device: str = "cuda", seed: 
     skip detokenization, so its vocabulary does not matter).
     """
     import torch
-    from kvik.testing.tiny_models import build_tokenizer
     from transformers import LlamaConfig, LlamaForCausalLM
 
     path = root / f"{shape}-bf16"
@@ -81,13 +80,36 @@ def write_random_checkpoint(shape: str, root: Path, device: str = "cuda", seed: 
     model = model.to(torch.bfloat16)
     model.config.dtype = torch.bfloat16
     model.save_pretrained(path, max_shard_size="4GB")
-    build_tokenizer(512).save_pretrained(path)
+    word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(path)
     params = sum(p.numel() for p in model.parameters())
     del model
     if device == "cuda":
         torch.cuda.empty_cache()
     print(f"wrote {shape} ({params / 1e9:.3f} B params) to {path} in {time.perf_counter() - t0:.1f} s", flush=True)
     return path
+
+
+def word_tokenizer(vocab_size: int) -> Any:
+    """A whitespace word-level tokenizer with one word per id: the 3 ChatML specials, then "w3", "w4", ...
+
+    Random weights generate any id in the vocabulary; a tokenizer that maps each to a
+    word makes every streamed token visible text (unknown input words map to id 0).
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    vocab = {word: i for i, word in enumerate(specials)}
+    vocab.update({f"w{i}": i for i in range(len(specials), vocab_size)})
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<|endoftext|>"))
+    tok.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<|im_start|>",
+        eos_token="<|im_end|>",
+        pad_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+    )
 
 
 def workload(n: int, vocab: int, lo: int = 128, hi: int = 1024, seed: int = 1234) -> list[list[int]]:

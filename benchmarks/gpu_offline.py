@@ -169,6 +169,7 @@ def run(args: argparse.Namespace) -> None:
     engine.async_scheduling = overlap
     engine.scheduler.kv_cache.enable_prefix_caching = True
     if args.profile:
+        profile(llm, prompts[:32], "warm-up", None)  # the profiler's own start-up is not the engine's
         for variant in ("async", "sync") if overlap else ("sync",):
             engine.async_scheduling = variant == "async"
             profile(llm, prompts[:256], variant, record)
@@ -239,7 +240,7 @@ def prefix_sharing(
     engine.scheduler.kv_cache.enable_prefix_caching = True
 
 
-def profile(llm: Any, prompts: list[list[int]], variant: str, record: Recorder) -> None:
+def profile(llm: Any, prompts: list[list[int]], variant: str, record: Recorder | None) -> None:
     """torch.profiler over a short run (256 requests x 64 tokens): top CUDA kernels and the GPU's idle share.
 
     GPU busy time is the sum of kernel and copy times (one stream, so they do not
@@ -255,6 +256,8 @@ def profile(llm: Any, prompts: list[list[int]], variant: str, record: Recorder) 
         llm.generate(prompts, params, use_tqdm=False)
         sync()
     wall = time.perf_counter() - t
+    if record is None:
+        return
     events = prof.key_averages()
     table = events.table(sort_by="cuda_time_total", row_limit=18, max_name_column_width=60)
     print(table, flush=True)

@@ -65,6 +65,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine.add_argument("--kv-cache-memory", type=parse_size, help="memory for KV blocks, e.g. 2GiB")
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help="share KV blocks of identical prompt prefixes (default: on)")  # fmt: skip
+    engine.add_argument("--enforce-eager", action="store_true", default=None, help="disable CUDA graphs")
+    engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                        help="schedule the next step while the GPU runs this one (default: the platform's)")  # fmt: skip
     engine.add_argument("--seed", type=int, help="engine seed")
     engine.add_argument("--num-threads", type=_positive_int, help="CPU platforms: torch intra-op threads")
     server = parser.add_argument_group("server")
@@ -154,7 +157,8 @@ def finalize_args(args: Any, parser: argparse.ArgumentParser | None = None) -> A
 def engine_kwargs(args: Any) -> dict[str, Any]:
     """AsyncLLM.from_engine_args keyword arguments from the flags that were given."""
     names = ("model", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-             "kv_cache_memory", "enable_prefix_caching", "seed", "num_threads")  # fmt: skip
+             "kv_cache_memory", "enable_prefix_caching", "enforce_eager", "async_scheduling", "seed",
+             "num_threads")  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

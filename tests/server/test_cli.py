@@ -43,6 +43,13 @@ def test_config_file_with_command_line_override(tmp_path: Path) -> None:
     assert settings.api_keys == ("from-file",) and settings.max_waiting_requests == 3
 
 
+def test_scheduling_flags_reach_the_engine() -> None:
+    assert "async_scheduling" not in engine_kwargs(parse_serve_args(["--model", "/m"]))  # the platform decides
+    kwargs = engine_kwargs(parse_serve_args(["--model", "/m", "--no-async-scheduling", "--enforce-eager"]))
+    assert kwargs["async_scheduling"] is False and kwargs["enforce_eager"] is True
+    assert engine_kwargs(parse_serve_args(["--model", "/m", "--async-scheduling"]))["async_scheduling"] is True
+
+
 def test_config_file_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "serve.yaml"
     config.write_text("max-num-seq: 8\n")

@@ -45,6 +45,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", default=None, help="bytes for the KV cache, e.g. 2GiB")
     parser.add_argument("--quantized-weights", default="auto", choices=["auto", "dequantize", "quantized"])
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    parser.add_argument(
+        "--async-scheduling",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="schedule the next step while the GPU runs this one (default: the platform's)",
+    )
 
 
 def parse_size(value: str | int | None) -> int | None:
@@ -82,6 +88,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         kv_cache_memory=parse_size(args.kv_cache_memory),
         quantized_weights=args.quantized_weights,
         enforce_eager=args.enforce_eager,
+        async_scheduling=args.async_scheduling,
     )
 
 

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import torch
 
+from kvik.tensor_transfer import to_device
+
 if TYPE_CHECKING:
     from kvik.sample.sampler import LogitsProcessor, SamplingBatch
 
@@ -25,7 +27,7 @@ _NEG_INF = float("-inf")
 
 
 def _index(values: Sequence[int], device: torch.device) -> torch.Tensor:
-    return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
+    return to_device(torch.tensor(values, dtype=torch.int64), device)
 
 
 def _fill(logits: torch.Tensor, rows: list[int], cols: list[int], value: float | bool) -> torch.Tensor:
@@ -41,7 +43,7 @@ def padded_ids(token_lists: Sequence[Sequence[int]], pad: int, device: torch.dev
     padded = np.full((len(token_lists), max(longest, 1)), pad, dtype=np.int64)
     for i, tokens in enumerate(token_lists):
         padded[i, : len(tokens)] = tokens
-    return torch.from_numpy(padded).to(device, non_blocking=True)
+    return to_device(torch.from_numpy(padded), device)
 
 
 def apply_allowed_token_ids(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
@@ -55,7 +57,7 @@ def apply_allowed_token_ids(logits: torch.Tensor, batch: SamplingBatch) -> torch
     if not rows:
         return logits
     keep = _fill(torch.zeros_like(logits, dtype=torch.bool), rows, cols, True)  # [n, vocab]
-    free = torch.tensor([not p.allowed_token_ids for p in batch.params]).to(logits.device, non_blocking=True)
+    free = to_device(torch.tensor([not p.allowed_token_ids for p in batch.params]), logits.device)
     return logits.masked_fill_(~(keep | free[:, None]), _NEG_INF)
 
 
@@ -91,7 +93,7 @@ def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
             cols.extend(params.logit_bias.keys())
             bias.extend(params.logit_bias.values())
     if rows:
-        values = torch.tensor(bias, dtype=logits.dtype).to(logits.device, non_blocking=True)
+        values = to_device(torch.tensor(bias, dtype=logits.dtype), logits.device)
         logits.index_put_((_index(rows, logits.device), _index(cols, logits.device)), values, accumulate=True)
     return logits
 
@@ -177,7 +179,7 @@ def apply_token_bitmask(logits: torch.Tensor, rows: list[int], bitmask: np.ndarr
     # Little-endian bytes of the int32 words, each unpacked through a [256, 8] table.
     data = np.ascontiguousarray(bitmask, dtype=np.int32).view(np.uint8)  # [m, 4 * words]
     table = _bit_table(logits.device)
-    allowed = table[torch.from_numpy(data).to(logits.device, non_blocking=True).long()].flatten(1)  # [m, 32 * words]
+    allowed = table[to_device(torch.from_numpy(data), logits.device).long()].flatten(1)  # [m, 32 * words]
     allowed = allowed[:, :vocab]
     if allowed.shape[1] < vocab:  # a tokenizer smaller than the (padded) model vocabulary: extra ids are never allowed
         allowed = torch.nn.functional.pad(allowed, (0, vocab - allowed.shape[1]), value=False)
@@ -203,7 +205,7 @@ def _bit_table(device: torch.device) -> torch.Tensor:
 
 
 def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(values, dtype=like.dtype).to(like.device, non_blocking=True)[:, None]
+    return to_device(torch.tensor(values, dtype=like.dtype), like.device)[:, None]
 
 
 DEFAULT_LOGITS_PROCESSORS: tuple[LogitsProcessor, ...] = (

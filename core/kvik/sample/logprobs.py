@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest
+from kvik.tensor_transfer import to_device
 
 
 @dataclass(slots=True)
@@ -160,7 +161,7 @@ def start_sample_output(
     prompt_at = None
     if prompt_rows and prompt_logits is not None:
         targets = [t for pr in prompt_rows for t in pr.targets]
-        target_t = torch.tensor(targets, dtype=torch.int64).to(prompt_logits.device, non_blocking=True)
+        target_t = to_device(torch.tensor(targets, dtype=torch.int64), prompt_logits.device)
         pk = max(scheduled[pr.index].sampling_params.prompt_logprobs or 0 for pr in prompt_rows)
         prompt_lp = torch.log_softmax(prompt_logits.float(), dim=-1)
         ids, lps, ranks = gather_logprobs(prompt_lp, target_t, min(pk, prompt_logits.shape[-1]))

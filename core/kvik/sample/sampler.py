@@ -23,6 +23,7 @@ import torch
 
 from kvik.sample.logits_processors import DEFAULT_LOGITS_PROCESSORS
 from kvik.sampling_params import SamplingParams
+from kvik.tensor_transfer import to_device
 
 _MASK64 = (1 << 64) - 1
 
@@ -96,7 +97,7 @@ class Sampler:
 
     def _column(self, values: list, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A per-row list as an [n, 1] tensor on ``like``'s device (one host->device copy)."""
-        return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True)[:, None]
+        return to_device(torch.tensor(values, dtype=dtype), like.device)[:, None]
 
     def _noise(self, shape: torch.Size, batch: SamplingBatch) -> torch.Tensor:
         """Exponential(1) noise [n, vocab]: seeded rows from their own (seed, position) generator."""

@@ -36,6 +36,7 @@ from kvik.sample.logprobs import prompt_logprob_rows, start_sample_output
 from kvik.sample.sampler import Sampler, SamplingBatch
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from kvik.tensor_transfer import to_device
 from kvik.worker.interface import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
@@ -273,9 +274,9 @@ class TorchModelRunner(ModelRunner):
         flat[2 * num_tokens :] = tables[req_of_token, pos // bs].astype(np.int64) * bs + pos % bs
         # One int32 buffer holds query_start_loc | seq_lens.
         small = np.concatenate(([0], np.cumsum(query_lens), seq_lens)).astype(np.int32)
-        flat_d = torch.from_numpy(flat).to(self.device, non_blocking=True)
-        small_d = torch.from_numpy(small).to(self.device, non_blocking=True)
-        tables_d = torch.from_numpy(tables).to(self.device, non_blocking=True)
+        flat_d = to_device(torch.from_numpy(flat), self.device)
+        small_d = to_device(torch.from_numpy(small), self.device)
+        tables_d = to_device(torch.from_numpy(tables), self.device)
         metadata = AttentionMetadata(
             num_tokens=num_tokens,
             num_reqs=n_reqs,
@@ -313,7 +314,7 @@ class TorchModelRunner(ModelRunner):
         which = [i for i, r in enumerate(scheduled) if r.sample]
         if not which:
             return hidden.new_empty((0, self.model_config.vocab_size), dtype=torch.float32), []
-        index = torch.from_numpy(ends[which]).to(self.device, non_blocking=True)
+        index = to_device(torch.from_numpy(ends[which]), self.device)
         return self.model.compute_logits(hidden.index_select(0, index)), which  # type: ignore[operator]
 
     @torch.inference_mode()
@@ -344,7 +345,7 @@ class TorchModelRunner(ModelRunner):
             raise RuntimeError("a request can wait for at most one token from the previous step")
         ends = np.cumsum([len(r.token_ids) for r in scheduled]) - 1
         index = torch.from_numpy(np.stack([ends[pending], np.asarray(src, dtype=np.int64)]))
-        index = index.to(self.device, non_blocking=True)
+        index = to_device(index, self.device)
         input_ids[index[0]] = last[index[1]]
 
     @torch.inference_mode()
