@@ -32,6 +32,8 @@ def _kvik(args: argparse.Namespace, model: Path, prompts: list[list[int]]) -> di
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory)
     if args.max_num_batched_tokens:
         kwargs["max_num_batched_tokens"] = args.max_num_batched_tokens
+    if args.block_size:
+        kwargs["block_size"] = args.block_size
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
     llm = LLM(str(model), **kwargs)
@@ -121,6 +123,7 @@ def main() -> None:
     parser.add_argument("--max-num-batched-tokens", type=int, default=None)
     parser.add_argument("--kv-cache-memory", default=None)
     parser.add_argument("--no-prefix-caching", action="store_true")
+    parser.add_argument("--block-size", type=int, default=None, help="KV block size (default: the platform's)")
     parser.add_argument("--num-threads", type=int, default=None)
     parser.add_argument("--hf-batch-size", type=int, default=None)
     parser.add_argument("--systems", default="kvik,hf")

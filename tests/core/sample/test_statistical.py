@@ -10,6 +10,8 @@ scipy is not needed; checked against scipy where it is installed).
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from kvik.sample.sampler import Sampler, SamplingBatch
@@ -53,6 +55,13 @@ def chi_square_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
     statistic = ((observed - expected) ** 2 / expected).sum()
     dof = torch.tensor(len(observed) - 1, dtype=torch.float64)
     return float(torch.special.gammaincc(dof / 2, statistic / 2))  # the chi2 survival function
+
+
+def test_chi_square_pvalue_closed_form() -> None:
+    # With 3 categories (2 degrees of freedom) the chi2 survival function is exp(-x / 2).
+    observed, expected = torch.tensor([30.0, 50.0, 20.0]), torch.tensor([40.0, 35.0, 25.0])
+    statistic = float(((observed - expected) ** 2 / expected).sum())
+    assert chi_square_pvalue(observed, expected) == pytest.approx(math.exp(-statistic / 2), rel=1e-9)
 
 
 def test_chi_square_pvalue_matches_scipy() -> None:
