@@ -65,3 +65,15 @@ def test_64_concurrent_streams_match_offline(server: ServerProcess, tiny_model: 
     for i in range(0, NUM_REQUESTS, 8):
         alone = llm.chat(conversation(i), params[i])[0].outputs[0]
         assert served[i][0] == alone.text, f"request {i}: served {served[i][0]!r} != alone {alone.text!r}"
+
+
+def test_async_scheduling_server_serves_the_same_streams(start_server, tiny_model: Path) -> None:  # type: ignore[no-untyped-def]
+    """The same 64 streams through a server whose engine keeps a step in flight (as on a GPU)."""
+    server = start_server("--max-num-seqs", "16", "--served-model-name", "tiny", "--async-scheduling")
+    served = asyncio.run(stream_all(server))
+    llm = LLM(model=str(tiny_model), device="cpu", max_model_len=MAX_MODEL_LEN, max_num_seqs=NUM_REQUESTS)
+    params = [SamplingParams(max_tokens=max_tokens(i), temperature=0.0) for i in range(NUM_REQUESTS)]
+    batched = llm.chat([conversation(i) for i in range(NUM_REQUESTS)], params)
+    for i, (text, finish, tokens) in enumerate(served):
+        ref = batched[i].outputs[0]
+        assert (text, finish, tokens) == (ref.text, ref.finish_reason, len(ref.token_ids)), i

@@ -17,11 +17,22 @@ def model_path(tiny_model_dir):
     return str(tiny_model_dir("llama"))
 
 
-def _engine(path: str) -> AsyncLLM:
-    return AsyncLLM.from_engine_args(model=path, device="cpu", dtype="float32", num_kv_blocks=128, max_model_len=256)
+def _engine(path: str, async_scheduling: bool = False) -> AsyncLLM:
+    return AsyncLLM.from_engine_args(
+        model=path,
+        device="cpu",
+        dtype="float32",
+        num_kv_blocks=128,
+        max_model_len=256,
+        async_scheduling=async_scheduling,
+    )
 
 
-def test_concurrent_streams_match_offline(model_path):
+OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async-scheduling"])
+
+
+@OVERLAP
+def test_concurrent_streams_match_offline(model_path, overlap):
     prompts = random_prompts(6, seed=5)
     offline = [
         o.outputs[0].token_ids
@@ -31,7 +42,7 @@ def test_concurrent_streams_match_offline(model_path):
     ]
 
     async def main():
-        engine = _engine(model_path)
+        engine = _engine(model_path, overlap)
 
         async def one(i, p):
             seen = []
@@ -49,9 +60,10 @@ def test_concurrent_streams_match_offline(model_path):
     assert asyncio.run(main()) == offline
 
 
-def test_leaving_early_aborts_and_frees_blocks(model_path):
+@OVERLAP
+def test_leaving_early_aborts_and_frees_blocks(model_path, overlap):
     async def main():
-        engine = _engine(model_path)
+        engine = _engine(model_path, overlap)
         try:
             params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
             async for out in engine.generate([5, 6, 7, 8], params, request_id="gone"):
