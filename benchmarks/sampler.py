@@ -3,7 +3,7 @@
     python benchmarks/sampler.py --batch 64 --vocab 131072 --threads 2
 
 Times the post-forward part of a step as the torch runner runs it
-(``kvik.sample.logprobs.sample_with_logprobs`` around ``Sampler``: logits
+(``kvik.sample.logprobs.start_sample_output`` around ``Sampler``: logits
 processors, temperature, filters, the exponential race, logprobs, the single
 device->host copy) on random logits, for several knob settings. Then, with
 the SmolLM2 GGUF tokenizer (49,152 tokens, if installed) or the tiny test
@@ -20,7 +20,7 @@ import time
 
 import torch
 from kvik.sample.logits_processors import apply_token_bitmask
-from kvik.sample.logprobs import sample_with_logprobs
+from kvik.sample.logprobs import start_sample_output
 from kvik.sample.sampler import Sampler, SamplingBatch
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest
@@ -84,7 +84,7 @@ def bench_sampler(args: argparse.Namespace) -> list[tuple[str, float, float]]:
         def step(params=params, batch=batch, reqs=reqs) -> None:
             work = logits.clone()
             raw = torch.log_softmax(work, dim=-1) if params.logprobs is not None else None
-            sample_with_logprobs(sampler(work, batch), raw, reqs, None, [], reqs)
+            start_sample_output(sampler(work, batch), raw, reqs, None, [], reqs)()
 
         steps[name] = step
     steps["(logits clone alone, included above)"] = logits.clone

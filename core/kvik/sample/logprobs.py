@@ -121,18 +121,6 @@ def _entries(ids: np.ndarray, lps: np.ndarray, ks: list[int]) -> list[dict[int, 
     return result
 
 
-def sample_with_logprobs(
-    sampled: torch.Tensor,
-    raw_logprobs: torch.Tensor | None,
-    reqs: list[ScheduledRequest],
-    prompt_logits: torch.Tensor | None,
-    prompt_rows: list[PromptRows],
-    scheduled: list[ScheduledRequest],
-) -> RunnerOutput:
-    """Assemble a step's RunnerOutput now (see :func:`start_sample_output`)."""
-    return start_sample_output(sampled, raw_logprobs, reqs, prompt_logits, prompt_rows, scheduled)()
-
-
 def start_sample_output(
     sampled: torch.Tensor,
     raw_logprobs: torch.Tensor | None,

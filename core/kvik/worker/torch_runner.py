@@ -332,21 +332,15 @@ class TorchModelRunner(ModelRunner):
         pending = [i for i, r in enumerate(scheduled) if r.num_pending_tokens]
         if not pending:
             return
-        last = self._last_sampled
-        try:
-            if last is None:
-                raise KeyError(scheduled[pending[0]].request_id)
-            src = [self._last_rows[scheduled[i].request_id] for i in pending]
-        except KeyError as exc:
-            raise RuntimeError(
-                f"request {exc.args[0]!r} has a pending token but the previous step did not sample it"
-            ) from None
+        missing = [scheduled[i].request_id for i in pending if scheduled[i].request_id not in self._last_rows]
+        if missing or self._last_sampled is None:  # _last_rows is empty whenever _last_sampled is None
+            raise RuntimeError(f"request {missing[0]!r} has a pending token but the previous step did not sample it")
         if any(scheduled[i].num_pending_tokens != 1 for i in pending):
             raise RuntimeError("a request can wait for at most one token from the previous step")
         ends = np.cumsum([len(r.token_ids) for r in scheduled]) - 1
-        index = torch.from_numpy(np.stack([ends[pending], np.asarray(src, dtype=np.int64)]))
-        index = to_device(index, self.device)
-        input_ids[index[0]] = last[index[1]]
+        src = np.asarray([self._last_rows[scheduled[i].request_id] for i in pending], dtype=np.int64)
+        index = to_device(torch.from_numpy(np.stack([ends[pending], src])), self.device)
+        input_ids[index[0]] = self._last_sampled[index[1]]
 
     @torch.inference_mode()
     def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
