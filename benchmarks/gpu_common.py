@@ -57,8 +57,8 @@ def write_random_checkpoint(shape: str, root: Path, device: str = "cuda", seed: 
     """A bf16 random-weight LlamaForCausalLM of ``shape`` under ``root`` (reused when present).
 
     Built directly on ``device`` in bf16 (HF's init: normal(0, 0.02), norms at 1), saved as
-    safetensors shards, plus the tiny byte-level tokenizer (benchmarks feed token ids and
-    skip detokenization, so its vocabulary does not matter).
+    safetensors shards, plus :func:`word_tokenizer` over the whole vocabulary (offline
+    benchmarks feed token ids; the served benchmark streams text for every generated id).
     """
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
