@@ -67,7 +67,7 @@ class LLMEngine:
     """Owns the platform's model runner, the scheduler and the output processor."""
 
     def __init__(self, config: EngineConfig, manager: PluginManager | None = None) -> None:
-        from kvik.models.loader import build_model_config, resolve_format
+        from kvik.models.model_config import build_model_config, resolve_format
         from kvik.scheduling.scheduler import Scheduler
 
         self.config = config

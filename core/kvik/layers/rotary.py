@@ -1,64 +1,19 @@
 """Rotary position embeddings (neox / Hugging Face "rotate_half" layout) and HF rope settings.
 
-Supported ``rope_type`` values: ``default``, ``linear``, ``llama3``, ``dynamic`` and ``yarn``.
-Settings are read from ``config.rope_parameters`` (transformers >= 5) or from the
-older ``rope_theta`` / ``rope_scaling`` attributes.
+The settings themselves are read by :mod:`kvik.layers.rope_settings`.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import nn
 
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3", "dynamic", "yarn")
+from kvik.layers.rope_settings import SUPPORTED_ROPE_TYPES, RopeSettings, rope_max_len, rope_settings
 
-
-@dataclass(slots=True)
-class RopeSettings:
-    """The rope settings of one model, normalised across transformers versions."""
-
-    rope_type: str = "default"
-    theta: float = 10000.0
-    partial_rotary_factor: float = 1.0
-    params: dict[str, Any] = field(default_factory=dict)  # factor, low_freq_factor, ...
-
-
-def rope_settings(hf_config: Any) -> RopeSettings:
-    """Read rope settings from a ``transformers`` config of any supported version."""
-    params = getattr(hf_config, "rope_parameters", None)
-    if not isinstance(params, dict) or not params:
-        params = getattr(hf_config, "rope_scaling", None)
-    params = dict(params or {})
-    rope_type = params.get("rope_type") or params.get("type") or "default"
-    if rope_type not in SUPPORTED_ROPE_TYPES:
-        raise ValueError(
-            f"rope type {rope_type!r} (from the model's rope_parameters/rope_scaling) is not supported; "
-            f"supported: {', '.join(SUPPORTED_ROPE_TYPES)}"
-        )
-    theta = params.get("rope_theta") or getattr(hf_config, "rope_theta", None) or 10000.0
-    partial = params.get("partial_rotary_factor") or getattr(hf_config, "partial_rotary_factor", None) or 1.0
-    return RopeSettings(rope_type=rope_type, theta=float(theta), partial_rotary_factor=float(partial), params=params)
-
-
-def rope_max_len(hf_config: Any) -> int:
-    """The longest context the model's positions support.
-
-    ``linear`` and ``dynamic`` scaling stretch ``max_position_embeddings`` by
-    ``factor``; ``llama3`` configs already state the extended length.
-    """
-    max_pos = int(hf_config.max_position_embeddings)
-    rope = rope_settings(hf_config)
-    factor = float(rope.params.get("factor") or 1.0)
-    if rope.rope_type in ("linear", "dynamic"):
-        return int(max_pos * factor)
-    if rope.rope_type == "yarn":  # Qwen2.5-style configs keep the trained length in max_position_embeddings
-        return max(max_pos, int(int(rope.params.get("original_max_position_embeddings") or max_pos) * factor))
-    return max_pos
-
+__all__ = ["SUPPORTED_ROPE_TYPES", "RopeSettings", "RotaryEmbedding", "compute_inv_freq", "rope_max_len", "rope_settings"]
 
 def compute_inv_freq(rope: RopeSettings, rotary_dim: int, max_position: int, max_model_len: int) -> torch.Tensor:
     """Inverse frequencies ``[rotary_dim // 2]`` float32, as HF computes them."""

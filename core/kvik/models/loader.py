@@ -1,148 +1,20 @@
-"""From a path to a loaded model: pick the format, resolve model facts, build and load."""
+"""From resolved model facts to a loaded torch model: build the architecture, load and transform weights."""
 
 from __future__ import annotations
 
-import os
 import sys
 from collections.abc import Iterable, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import nn
 
-from kvik.config import EngineConfig, ModelConfig
+from kvik.config import ModelConfig
 from kvik.layers.linear import Linear
-from kvik.layers.rotary import rope_max_len
 from kvik.models.formats import ModelFormat
 from kvik.models.interface import ModelBuildContext
 from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.quantization.unquantized import UnquantizedLinearMethod
-
-if TYPE_CHECKING:
-    from kvik.platforms.interface import Platform
-
-_DTYPES = ("float32", "float16", "bfloat16")
-
-
-def resolve_format(path: str, manager: PluginManager | None = None) -> ModelFormat:
-    """The registered format that recognises ``path`` (the first, by name, whose ``matches`` is true)."""
-    manager = manager or get_plugin_manager()
-    registry = manager.model_formats
-    for entry in registry.entries():
-        cls = entry.load()
-        if cls.matches(path):
-            return cls(path)  # type: ignore[no-any-return]
-    names = ", ".join(registry.names()) or "none"
-    if not os.path.exists(path):
-        raise ValueError(
-            f"model path {path!r} does not exist. kvik loads local checkpoints: a Hugging Face directory "
-            f"(config.json + *.safetensors) or a file of another registered format (registered formats: {names})"
-        )
-    raise ValueError(
-        f"{path!r} is not a checkpoint kvik recognises (registered formats: {names}). "
-        "A Hugging Face directory needs a config.json next to its *.safetensors files."
-    )
-
-
-def _dtype_name(value: Any) -> str | None:
-    if value is None:
-        return None
-    name = str(value).removeprefix("torch.")
-    return {"float": "float32", "half": "float16", "bf16": "bfloat16", "fp16": "float16"}.get(name, name)
-
-
-def _int_ids(value: Any) -> set[int]:
-    if value is None:
-        return set()
-    if isinstance(value, int):
-        return {value}
-    return {int(v) for v in value}
-
-
-def build_model_config(
-    engine_config: EngineConfig,
-    fmt: ModelFormat,
-    manager: PluginManager | None = None,
-    platform: Platform | None = None,
-) -> ModelConfig:
-    """Resolve the facts about the model the engine and runners need.
-
-    ``platform`` (optional) picks the compute dtype for ``dtype='auto'`` via
-    :meth:`Platform.default_dtype`; without it, the checkpoint's dtype is used.
-    """
-    manager = manager or get_plugin_manager()
-    hf = fmt.load_hf_config()
-    archs = list(getattr(hf, "architectures", None) or [])
-    registry = manager.models
-    arch = next((a for a in archs if a in registry), None)
-    if arch is None:
-        raise ValueError(
-            f"model architecture {', '.join(archs) or '(none given in config.json)'} is not supported; "
-            f"registered architectures: {', '.join(registry.names()) or 'none'}. "
-            "A plugin can add one through the kvik_register_models hook."
-        )
-    # dtype
-    if engine_config.dtype == "auto":
-        model_dtype = _dtype_name(getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)) or "float32"
-        if model_dtype not in _DTYPES:
-            model_dtype = "float32"
-        dtype = platform.default_dtype(model_dtype) if platform is not None else model_dtype
-    else:
-        dtype = engine_config.dtype
-    # context length
-    max_pos = int(getattr(hf, "max_position_embeddings", 0) or 0)
-    if max_pos <= 0:
-        raise ValueError(f"{fmt.path}: the model config has no max_position_embeddings")
-    limit = rope_max_len(hf)
-    requested = engine_config.max_model_len
-    if isinstance(requested, int):
-        if requested > limit:
-            raise ValueError(
-                f"max_model_len={requested} is longer than the model supports ({limit} positions: "
-                f"max_position_embeddings={max_pos} and its rope scaling); use max_model_len <= {limit}"
-            )
-        max_model_len = requested
-    else:  # None or "auto": "auto" is narrowed later by the engine's memory planner
-        max_model_len = max_pos
-    # stop tokens
-    eos = _int_ids(getattr(hf, "eos_token_id", None))
-    gen_config = getattr(fmt, "generation_config", None)
-    if callable(gen_config):
-        eos |= _int_ids(gen_config().get("eos_token_id"))
-    # quantization
-    quant = fmt.quantization()
-    quant_name = quant[0] if quant else None
-    if engine_config.quantization and engine_config.quantization != quant_name:
-        raise ValueError(
-            f"quantization={engine_config.quantization!r} was requested but the checkpoint is "
-            f"{'quantized with ' + repr(quant_name) if quant_name else 'not quantized'}; kvik does not quantize "
-            "on the fly. Leave quantization unset to use the checkpoint as it is."
-        )
-    window = getattr(hf, "sliding_window", None)
-    if hasattr(hf, "use_sliding_window") and not hf.use_sliding_window:
-        window = None
-    layer_window = getattr(registry.get(arch), "layer_sliding_window", None)
-    if callable(layer_window):  # the architecture knows which layers slide (Qwen2: max_window_layers)
-        windows = {layer_window(hf, i) for i in range(int(hf.num_hidden_layers))} - {None}
-        window = max(windows) if windows else None
-    num_heads = int(hf.num_attention_heads)
-    return ModelConfig(
-        architecture=arch,
-        hf_config=hf,
-        dtype=dtype,
-        num_layers=int(hf.num_hidden_layers),
-        num_heads=num_heads,
-        num_kv_heads=int(getattr(hf, "num_key_value_heads", None) or num_heads),
-        head_dim=int(getattr(hf, "head_dim", None) or hf.hidden_size // num_heads),
-        hidden_size=int(hf.hidden_size),
-        vocab_size=int(hf.vocab_size),
-        max_position_embeddings=max_pos,
-        max_model_len=max_model_len,
-        sliding_window=int(window) if window else None,
-        eos_token_ids=frozenset(eos),
-        quantization=quant_name,
-        source=fmt,
-    )
 
 
 def _progress(weights: Iterable[tuple[str, Any]], total_bytes: int) -> Iterator[tuple[str, Any]]:

@@ -28,7 +28,8 @@ from kvik.attention.selector import select_attention_backend
 from kvik.config import EngineConfig, ModelConfig
 from kvik.models.formats import ModelFormat
 from kvik.models.interface import ModelBuildContext
-from kvik.models.loader import dequantize_model, load_model, resolve_format
+from kvik.models.loader import dequantize_model, load_model
+from kvik.models.model_config import resolve_format
 from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.quantization.base import QuantizationMethod

@@ -10,7 +10,7 @@ import kvik.builtin
 import pytest
 import torch
 from kvik.config import EngineConfig
-from kvik.models.loader import build_model_config, resolve_format
+from kvik.models.model_config import build_model_config, resolve_format
 from kvik.plugins.manager import PluginManager
 from kvik.testing.host_platform import HostCPUPlatform
 from kvik.worker.torch_runner import TorchModelRunner

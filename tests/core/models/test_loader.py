@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from kvik.config import EngineConfig
 from kvik.layers.linear import Linear
-from kvik.models.loader import build_model_config, resolve_format
+from kvik.models.model_config import build_model_config, resolve_format
 from kvik.plugins.hookspecs import hookimpl
 from kvik.plugins.manager import PluginManager
 from kvik.quantization.base import QuantizationMethod

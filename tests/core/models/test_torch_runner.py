@@ -80,7 +80,7 @@ def test_profile_estimates_without_allocator_stats_and_keeps_the_cache(runner: T
 
 
 def test_execute_before_setup_is_an_error(tiny_model_dir: Callable[..., Path], pm, test_platform) -> None:
-    from kvik.models.loader import build_model_config, resolve_format
+    from kvik.models.model_config import build_model_config, resolve_format
 
     path = str(tiny_model_dir("llama"))
     config = EngineConfig(model=path, block_size=4)

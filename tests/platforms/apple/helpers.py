@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any
 
 from kvik.config import EngineConfig
-from kvik.models.loader import build_model_config, resolve_format
+from kvik.models.model_config import build_model_config, resolve_format
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
 from kvik_apple.platform import ApplePlatform

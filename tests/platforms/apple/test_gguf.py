@@ -101,7 +101,7 @@ def _manager() -> Any:
 def generate() -> Iterator[Callable[[str, str, int], list[list[int]]]]:
     """generate(device, quantized_weights, num_prompts) -> greedy continuations, one shared config."""
     from kvik.config import EngineConfig
-    from kvik.models.loader import build_model_config, resolve_format
+    from kvik.models.model_config import build_model_config, resolve_format
     from kvik.platforms.selector import resolve_platform
     from kvik.plugins.manager import set_plugin_manager
 

@@ -15,7 +15,7 @@ import types
 import pytest
 import torch
 from kvik.config import EngineConfig
-from kvik.models.loader import build_model_config, resolve_format
+from kvik.models.model_config import build_model_config, resolve_format
 from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.plugins.hookspecs import hookimpl
 from kvik.sampling_params import SamplingParams

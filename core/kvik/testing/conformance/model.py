@@ -25,7 +25,7 @@ from torch import nn
 
 from kvik.config import EngineConfig
 from kvik.models.interface import CausalLM
-from kvik.models.loader import build_model_config, resolve_format
+from kvik.models.model_config import build_model_config, resolve_format
 from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
