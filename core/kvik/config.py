@@ -1,8 +1,17 @@
-"""Engine options (vLLM's names where vLLM has one) and the resolved model facts."""
+"""Engine options: what the user asks for (:class:`EngineConfig`) and what the engine runs with
+(:class:`ResolvedConfig`), plus the resolved model facts (:class:`ModelConfig`).
+
+The user's ``EngineConfig`` leaves ``None`` where the platform or the model
+decides. :func:`kvik.engine.config_resolution.resolve_config` turns it, the
+platform's defaults and the plugins' ``kvik_configure`` adjustments into one
+frozen ``ResolvedConfig`` of plain values that the scheduler, the runners and
+the server read; nothing downstream fills a default again.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
+from enum import Enum
 from typing import Any
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
@@ -10,12 +19,37 @@ _POLICIES = ("fcfs", "priority")
 _WEIGHT_MODES = ("auto", "dequantize", "quantized")
 
 
+class SchedulingPolicy(str, Enum):
+    """Which waiting request the scheduler admits first."""
+
+    FCFS = "fcfs"
+    PRIORITY = "priority"
+
+
+class WeightsMode(str, Enum):
+    """How a quantized checkpoint's linear weights are held in memory."""
+
+    DEQUANTIZE = "dequantize"  # converted to the compute dtype at load
+    QUANTIZED = "quantized"  # kept packed; the quantization method's kernels run them
+
+
+@dataclass(frozen=True, slots=True)
+class PlatformOptions:
+    """Base of a platform's typed options (``Platform.options_type``); the base has none.
+
+    A platform subclasses this as a frozen dataclass whose fields users set
+    through ``EngineConfig.platform_options``; every field needs a default or
+    the platform's :meth:`~kvik.platforms.Platform.resolve_options` must fill it.
+    """
+
+
 @dataclass(slots=True)
 class EngineConfig:
-    """Everything a user can set when building an engine.
+    """Everything a user can set when building an engine (vLLM's names where vLLM has one).
 
-    ``None`` means "let the platform / model decide"; :meth:`Platform.configure`
-    fills platform defaults, the model loader fills model defaults.
+    ``None`` means "let the platform or the model decide". Defaults that do not
+    depend on the platform live here, as field defaults; the platform's live on
+    the :class:`~kvik.platforms.Platform` class.
     """
 
     model: str | None = None
@@ -31,6 +65,8 @@ class EngineConfig:
     enable_chunked_prefill: bool = True
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
+    # With chunked prefill: at most this many tokens of one request per step (0 = no limit).
+    long_prefill_token_threshold: int = 0
     scheduling_policy: str = "fcfs"
     attention_backend: str | None = None
     quantization: str | None = None
@@ -39,9 +75,14 @@ class EngineConfig:
     # Schedule step n+1 while the device runs step n (None: the platform decides; on for CUDA/ROCm).
     async_scheduling: bool | None = None
     seed: int = 0
-    num_threads: int | None = None  # CPU platforms: torch intra-op threads
+    # Host compute threads: a platform option under a top-level name (the cpu platform's torch
+    # intra-op threads); platforms without a ``num_threads`` option ignore it, with a note.
+    num_threads: int | None = None
+    # Let transformers run code shipped with the checkpoint when it reads its config and tokenizer.
     trust_remote_code: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)  # platform- or plugin-specific options
+    # The selected platform's typed options by name (see ``kvik env`` / the platform's docs),
+    # e.g. {"fused_layers": False} on cuda, {"cpu_affinity": "0-3"} on cpu.
+    platform_options: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.dtype not in _DTYPES:
@@ -61,6 +102,12 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool) and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        if isinstance(self.long_prefill_token_threshold, bool) or self.long_prefill_token_threshold < 0:
+            raise ValueError(
+                f"long_prefill_token_threshold must be an int >= 0 (0 = no limit), got {self.long_prefill_token_threshold!r}"
+            )
+        if not isinstance(self.platform_options, dict):
+            raise ValueError(f"platform_options must be a dict of option name -> value, got {self.platform_options!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}")
 
@@ -74,6 +121,42 @@ class EngineConfig:
                 f"unknown engine option(s) {', '.join(unknown)}; known options: {', '.join(sorted(known))}"
             )
         return cls(**kwargs)
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedConfig:
+    """The configuration the engine runs with: every option decided, nothing left to default.
+
+    Built once per engine by :func:`kvik.engine.config_resolution.resolve_config`
+    from the user's :class:`EngineConfig`, the platform's defaults and the
+    plugins' adjustments; read by the scheduler, the model runner and the server.
+    The model's own facts (compute dtype, context length, ...) are in
+    :class:`ModelConfig`.
+    """
+
+    model: str  # checkpoint path
+    tokenizer: str  # tokenizer path: the checkpoint's own when the user named none
+    trust_remote_code: bool
+    platform: str  # the selected platform's name
+    block_size: int  # tokens per KV block
+    max_num_seqs: int  # requests per step
+    max_num_batched_tokens: int  # tokens per step (>= max_model_len without chunked prefill)
+    enable_prefix_caching: bool
+    enable_chunked_prefill: bool
+    long_prefill_token_threshold: int  # tokens of one request per step; 0 = no limit
+    scheduling_policy: SchedulingPolicy
+    # KV-cache size, first match wins: an exact block count, a byte budget, or the share of
+    # device memory (``gpu_memory_utilization``) left after weights and activations.
+    num_kv_blocks: int  # 0 = not fixed
+    kv_cache_memory: int  # bytes; 0 = not fixed
+    gpu_memory_utilization: float
+    fit_max_model_len: bool  # max_model_len="auto": lower it to what the KV cache holds
+    quantized_weights: WeightsMode
+    attention_backend: str  # "" = the platform's first backend that can run the model
+    enforce_eager: bool  # no CUDA graphs / compiled graphs
+    async_scheduling: bool  # asked for; the engine also needs a runner that supports it
+    seed: int
+    platform_options: PlatformOptions  # the platform's typed options (``Platform.options_type``)
 
 
 @dataclass(slots=True)

@@ -32,7 +32,6 @@ class ServerSettings:
     max_request_body_bytes: int | None = 16 * 1024 * 1024
     shutdown_grace_period: float = 30.0  # seconds in-flight requests get after SIGTERM
     ready_stall_seconds: float = 60.0  # queued work but no engine step for this long: not ready
-    max_num_seqs: int | None = None  # the engine's running-batch cap, for back-pressure estimates
 
     @classmethod
     def from_args(cls, args: Any) -> ServerSettings:
@@ -68,7 +67,7 @@ class ServingContext:
         self.started = False
         self.draining = False
         self._shutdown_done = False
-        self._max_num_seqs = settings.max_num_seqs or _engine_max_num_seqs(engine)
+        self._max_num_seqs: int = engine.config.max_num_seqs  # the running-batch cap, for back-pressure
 
     @property
     def max_model_len(self) -> int:
@@ -234,16 +233,6 @@ def _param_named_in(message: str) -> str | None:
     """The request field an engine error names ("invalid guided_regex: ...", "SamplingParams.top_p ...")."""
     match = _NAMED_PARAM.match(message)
     return match.group(1) if match else None
-
-
-def _engine_max_num_seqs(engine: Any) -> int | None:
-    for path in ("config.max_num_seqs", "engine_config.max_num_seqs", "engine.config.max_num_seqs"):
-        obj: Any = engine
-        for part in path.split("."):
-            obj = getattr(obj, part, None)
-        if isinstance(obj, int) and obj > 0:
-            return obj
-    return None
 
 
 class EngineStream:

@@ -11,13 +11,13 @@ from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.plugins.registry import PluginError
 
 if TYPE_CHECKING:
-    from kvik.config import EngineConfig
+    from kvik.config import ResolvedConfig
     from kvik.platforms.interface import Platform
 
 
 def select_attention_backend(
     platform: Platform,
-    config: EngineConfig,
+    config: ResolvedConfig,
     head_size: int,
     dtype: torch.dtype,
     sliding_window: int | None,
@@ -30,7 +30,7 @@ def select_attention_backend(
     candidate's reasons.
     """
     manager = manager or get_plugin_manager()
-    block_size = config.block_size or platform.default_block_size
+    block_size = config.block_size
     kwargs = dict(
         head_size=head_size,
         dtype=dtype,

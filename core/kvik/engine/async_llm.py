@@ -16,7 +16,7 @@ import time
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
-from kvik.config import EngineConfig
+from kvik.config import EngineConfig, ResolvedConfig
 from kvik.engine.llm_engine import EngineStats, LLMEngine, PreparedRequest
 from kvik.outputs import RequestOutput
 from kvik.sampling_params import SamplingParams
@@ -55,6 +55,11 @@ class AsyncLLM:
     @property
     def model_config(self) -> Any:
         return self.engine.model_config
+
+    @property
+    def config(self) -> ResolvedConfig:
+        """The engine's resolved configuration."""
+        return self.engine.config
 
     def get_stats(self) -> EngineStats:
         return self._stats

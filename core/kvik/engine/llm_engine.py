@@ -14,10 +14,11 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
-from kvik.config import EngineConfig, ModelConfig
+from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
+from kvik.engine.config_resolution import resolve_config
 from kvik.engine.memory_planner import MemoryPlan, plan_memory
 from kvik.engine.output_processor import OutputProcessor, RequestState, SampleState
 from kvik.outputs import RequestMetrics, RequestOutput
@@ -67,48 +68,52 @@ class LLMEngine:
     """Owns the platform's model runner, the scheduler and the output processor."""
 
     def __init__(self, config: EngineConfig, manager: PluginManager | None = None) -> None:
-        from kvik.models.model_config import build_model_config, resolve_format
         from kvik.scheduling.scheduler import Scheduler
 
-        self.config = config
         self.manager = manager or get_plugin_manager()
         if config.model is None:
             from kvik.models.default import default_model
 
-            config.model = default_model()
+            config = replace(config, model=default_model())  # the user's object is never changed
+        assert config.model is not None
         self.platform = resolve_platform(config.device, self.manager)
-        for note in self.platform.configure(config):
-            logger.info("%s platform: %s", self.platform.name, note)
-        for notes in self.manager.hook.kvik_configure(config=config):
-            for note in notes or []:
-                logger.info("plugin configuration: %s", note)
-        self.format = resolve_format(config.model, self.manager)
-        self.model_config: ModelConfig = build_model_config(config, self.format, self.manager, self.platform)
+        resolution = resolve_config(config, self.platform, self.manager)
+        self.config: ResolvedConfig = resolution.config
+        self.model_config: ModelConfig = resolution.model_config
+        self.format = resolution.model_format
+        for note in resolution.notes:
+            logger.info("configuration: %s", note)
+        logger.info(
+            "resolved configuration (model dtype %s, max_model_len %d%s):\n%s",
+            self.model_config.dtype,
+            self.model_config.max_model_len,
+            ", fitted to the KV cache" if self.config.fit_max_model_len else "",
+            resolution.report(),
+        )
         self.tokenizer: Any = self._load_tokenizer()
-        self.runner = self.platform.create_model_runner(config, self.model_config)
+        self.runner = self.platform.create_model_runner(self.config, self.model_config)
         self.runner.load_model()
         self.memory_plan = self._plan_memory()
         self.model_config.max_model_len = self.memory_plan.max_model_len
         self.runner.initialize_kv_cache(self.memory_plan.num_blocks)
-        assert config.block_size and config.max_num_batched_tokens and config.max_num_seqs
-        if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.model_config.max_model_len:
-            config.max_num_batched_tokens = self.model_config.max_model_len
+        cfg = self.config
         self.scheduler = Scheduler(
             num_blocks=self.memory_plan.num_blocks,
-            block_size=config.block_size,
-            max_num_batched_tokens=config.max_num_batched_tokens,
-            max_num_seqs=config.max_num_seqs,
+            block_size=cfg.block_size,
+            max_num_batched_tokens=cfg.max_num_batched_tokens,
+            max_num_seqs=cfg.max_num_seqs,
             max_model_len=self.model_config.max_model_len,
-            enable_prefix_caching=config.enable_prefix_caching,
-            enable_chunked_prefill=config.enable_chunked_prefill,
-            policy=config.scheduling_policy,
+            enable_prefix_caching=cfg.enable_prefix_caching,
+            enable_chunked_prefill=cfg.enable_chunked_prefill,
+            policy=cfg.scheduling_policy.value,
+            long_prefill_token_threshold=cfg.long_prefill_token_threshold,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.structured = StructuredOutputManager(
             self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids, self.manager
         )
-        self.async_scheduling = bool(config.async_scheduling) and self.runner.supports_async_scheduling
-        if config.async_scheduling and not self.async_scheduling:
+        self.async_scheduling = cfg.async_scheduling and self.runner.supports_async_scheduling
+        if cfg.async_scheduling and not self.async_scheduling:
             logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._prompt_tokens_total = 0
@@ -117,7 +122,7 @@ class LLMEngine:
         self._last_step_time = time.monotonic()
         logger.info(
             "engine ready: model %s (%s, %s) on %s",
-            config.model,
+            cfg.model,
             self.model_config.architecture,
             self.model_config.dtype,
             self.platform.name,
@@ -125,15 +130,14 @@ class LLMEngine:
 
     # -- set-up --------------------------------------------------------------
     def _load_tokenizer(self) -> Any:
-        if self.config.tokenizer:
+        if self.config.tokenizer != self.config.model:
             from transformers import AutoTokenizer
 
-            return AutoTokenizer.from_pretrained(self.config.tokenizer)
+            return AutoTokenizer.from_pretrained(self.config.tokenizer, trust_remote_code=self.config.trust_remote_code)
         return self.format.load_tokenizer()
 
     def _plan_memory(self) -> MemoryPlan:
         config = self.config
-        assert config.block_size is not None and config.max_num_seqs is not None
         memory = self.platform.memory_info()
         return plan_memory(
             total_bytes=memory.total,
@@ -145,7 +149,7 @@ class LLMEngine:
             block_size=config.block_size,
             max_model_len=self.model_config.max_model_len,
             max_num_seqs=config.max_num_seqs,
-            auto_max_model_len=config.max_model_len == "auto",
+            auto_max_model_len=config.fit_max_model_len,
             kv_cache_memory=config.kv_cache_memory,
             num_blocks=config.num_kv_blocks,
         )

@@ -54,12 +54,12 @@ def plan_memory(
     max_model_len: int,
     max_num_seqs: int,
     auto_max_model_len: bool,
-    kv_cache_memory: int | None = None,
-    num_blocks: int | None = None,
+    kv_cache_memory: int = 0,
+    num_blocks: int = 0,
 ) -> MemoryPlan:
     """Size the KV pool and check ``max_model_len`` against it.
 
-    Precedence: an explicit ``num_blocks``, then ``kv_cache_memory`` bytes,
+    Precedence: an explicit ``num_blocks``, then ``kv_cache_memory`` bytes (0: not fixed),
     then ``utilization`` of the device's total memory minus weights and
     activations (and never more than is free now). The pool is capped at what
     ``max_num_seqs`` full-length requests could ever use, so small models do not
@@ -67,10 +67,10 @@ def plan_memory(
     """
     if block_bytes <= 0:
         raise ValueError(f"block_bytes must be positive, got {block_bytes}")
-    if num_blocks is not None:
+    if num_blocks:
         budget = num_blocks * block_bytes
         source = "num_kv_blocks"
-    elif kv_cache_memory is not None:
+    elif kv_cache_memory:
         budget = kv_cache_memory
         source = "kv_cache_memory"
     else:
@@ -83,9 +83,9 @@ def plan_memory(
                 f"({activation_bytes / GiB:.2f} GiB); raise gpu_memory_utilization, lower max_num_batched_tokens, "
                 "or set kv_cache_memory explicitly"
             )
-    blocks = num_blocks if num_blocks is not None else budget // block_bytes
+    blocks = num_blocks or budget // block_bytes
     blocks_per_seq = _ceil_div(max_model_len, block_size)
-    if num_blocks is None:
+    if not num_blocks:
         blocks = min(blocks, max_num_seqs * blocks_per_seq + 1)
     if blocks < 2:
         raise ValueError(

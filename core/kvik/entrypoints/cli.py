@@ -97,7 +97,8 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     from kvik.engine.llm_engine import LLMEngine
     from kvik.sampling_params import SamplingParams
 
-    engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args)))
+    # One stream: a one-request batch limit also sizes the KV pool for one context, not a server's worth.
+    engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args), max_num_seqs=1))
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, top_p=args.top_p, top_k=args.top_k
     )

@@ -11,6 +11,9 @@ class ModelFormat(ABC):
     """A checkpoint layout kvik can load (safetensors directory, GGUF file, ...)."""
 
     name: ClassVar[str]
+    # Whether transformers may run code shipped with the checkpoint (custom config or tokenizer
+    # classes) when this format reads them; set from EngineConfig.trust_remote_code.
+    trust_remote_code: bool = False
 
     def __init__(self, path: str) -> None:
         self.path = path

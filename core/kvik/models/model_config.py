@@ -16,14 +16,19 @@ if TYPE_CHECKING:
 _DTYPES = ("float32", "float16", "bfloat16")
 
 
-def resolve_format(path: str, manager: PluginManager | None = None) -> ModelFormat:
-    """The registered format that recognises ``path`` (the first, by name, whose ``matches`` is true)."""
+def resolve_format(path: str, manager: PluginManager | None = None, trust_remote_code: bool = False) -> ModelFormat:
+    """The registered format that recognises ``path`` (the first, by name, whose ``matches`` is true).
+
+    ``trust_remote_code`` lets the format's transformers loaders run code shipped with the checkpoint.
+    """
     manager = manager or get_plugin_manager()
     registry = manager.model_formats
     for entry in registry.entries():
         cls = entry.load()
         if cls.matches(path):
-            return cls(path)  # type: ignore[no-any-return]
+            fmt: ModelFormat = cls(path)
+            fmt.trust_remote_code = trust_remote_code
+            return fmt
     names = ", ".join(registry.names()) or "none"
     if not os.path.exists(path):
         raise ValueError(
@@ -113,7 +118,9 @@ def build_model_config(
     window = getattr(hf, "sliding_window", None)
     if hasattr(hf, "use_sliding_window") and not hf.use_sliding_window:
         window = None
-    layer_window = getattr(registry.get(arch), "layer_sliding_window", None)
+    # Only a model with a window asks its architecture which layers slide: the class import
+    # may need torch, and config resolution must not (the MLX platform runs without it).
+    layer_window = getattr(registry.get(arch), "layer_sliding_window", None) if window else None
     if callable(layer_window):  # the architecture knows which layers slide (Qwen2: max_window_layers)
         windows = {layer_window(hf, i) for i in range(int(hf.num_hidden_layers))} - {None}
         window = max(windows) if windows else None

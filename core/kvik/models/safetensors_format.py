@@ -57,7 +57,7 @@ class SafetensorsFormat(ModelFormat):
         from transformers import AutoConfig
 
         try:
-            return AutoConfig.from_pretrained(str(self._dir))
+            return AutoConfig.from_pretrained(str(self._dir), trust_remote_code=self.trust_remote_code)
         except Exception as exc:
             raise ValueError(f"{self._dir / 'config.json'} could not be read by transformers: {exc}") from exc
 
@@ -108,7 +108,7 @@ class SafetensorsFormat(ModelFormat):
         from transformers import AutoTokenizer
 
         try:
-            return AutoTokenizer.from_pretrained(str(self._dir))
+            return AutoTokenizer.from_pretrained(str(self._dir), trust_remote_code=self.trust_remote_code)
         except Exception as exc:
             raise ValueError(f"could not load a tokenizer from {self._dir}: {exc}") from exc
 

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from dataclasses import dataclass, fields
+from typing import TYPE_CHECKING, Any, ClassVar
+
+from kvik.config import PlatformOptions, WeightsMode
 
 if TYPE_CHECKING:
-    from kvik.config import EngineConfig, ModelConfig
+    from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
     from kvik.worker.interface import ModelRunner
 
 
@@ -25,6 +27,13 @@ class Platform(ABC):
     Subclasses set the class attributes and implement the abstract methods.
     ``is_available`` must be cheap and must not initialise a device runtime:
     ``kvik plugins`` calls it for every platform.
+
+    Configuration happens in one step (:func:`kvik.engine.config_resolution.resolve_config`):
+    options the user left unset take :meth:`engine_defaults` (the ``default_*``
+    class data unless a subclass extends it), the platform's own options are
+    built by :meth:`resolve_options`, and the frozen result goes through
+    :meth:`configure` once, which may refuse it or apply process-wide settings.
+    Never mutate the user's ``EngineConfig``.
     """
 
     name: ClassVar[str]  # what users pass to device= / --device
@@ -36,7 +45,13 @@ class Platform(ABC):
     # Quantization methods this platform runs; None = any registered one.
     quantization_methods: ClassVar[tuple[str, ...] | None] = None
     supported_dtypes: ClassVar[tuple[str, ...]] = ("float32", "float16", "bfloat16")
+    # Defaults for the engine options a user may leave unset (one home each).
     default_block_size: ClassVar[int] = 16
+    default_max_num_seqs: ClassVar[int] = 256
+    default_max_num_batched_tokens: ClassVar[int] = 2048
+    default_async_scheduling: ClassVar[bool] = False  # only runners that overlap with a device gain from it
+    # The platform's typed options: a frozen dataclass set through EngineConfig.platform_options.
+    options_type: ClassVar[type[PlatformOptions]] = PlatformOptions
 
     @classmethod
     @abstractmethod
@@ -56,29 +71,49 @@ class Platform(ABC):
     def memory_info(self) -> MemoryInfo:
         """Total and free memory the engine may plan against, in bytes."""
 
-    def configure(self, config: EngineConfig) -> list[str]:
-        """Fill platform defaults into ``config`` (only fields left as None).
+    def engine_defaults(self, config: EngineConfig, model_config: ModelConfig) -> dict[str, Any]:
+        """Values for the ``EngineConfig`` fields the user left as ``None``, by field name.
 
-        Return notes on what was set; raise ``ValueError`` with advice when the
-        configuration cannot run here.
+        The base returns the ``default_*`` class data; a subclass extends the dict
+        (call ``super()``) for defaults that depend on the machine or the model,
+        e.g. a KV-cache budget from the RAM available now. Only unset fields take
+        these values; a returned name that is not a field is an error.
         """
-        notes: list[str] = []
-        if config.block_size is None:
-            config.block_size = self.default_block_size
-        if config.max_num_seqs is None:
-            config.max_num_seqs = 256
-        if config.max_num_batched_tokens is None:
-            config.max_num_batched_tokens = 2048
-        return notes
+        return {
+            "block_size": self.default_block_size,
+            "max_num_seqs": self.default_max_num_seqs,
+            "max_num_batched_tokens": self.default_max_num_batched_tokens,
+            "async_scheduling": self.default_async_scheduling,
+        }
 
-    def quantized_weights_mode(self, config: EngineConfig, method: str) -> str:
-        """'dequantize' (to the compute dtype at load) or 'quantized' (packed in memory)."""
-        if config.quantized_weights != "auto":
-            return config.quantized_weights
-        return "dequantize"
+    def resolve_options(self, options: dict[str, Any], config: EngineConfig) -> PlatformOptions:
+        """Build :attr:`options_type` from the user's ``platform_options`` (names already checked).
+
+        The base passes them through, so fields take their dataclass defaults;
+        a subclass fills machine-dependent ones. Raise ``ValueError`` with advice
+        for a value that cannot work.
+        """
+        return self.options_type(**options)
+
+    def option_names(self) -> list[str]:
+        """The names users may put in ``platform_options`` for this platform."""
+        return [f.name for f in fields(self.options_type)]
+
+    def configure(self, config: ResolvedConfig, model_config: ModelConfig) -> list[str]:
+        """Check the resolved configuration on this platform and apply process-wide settings.
+
+        Called once per engine, before the model runner is built. Return notes
+        for the start-up log; raise ``ValueError`` with advice when the
+        configuration cannot run here. The base accepts everything.
+        """
+        return []
+
+    def quantized_weights_mode(self, config: EngineConfig, method: str) -> WeightsMode:
+        """How ``method``-quantized weights are held when the user left ``quantized_weights='auto'``."""
+        return WeightsMode.DEQUANTIZE
 
     @abstractmethod
-    def create_model_runner(self, config: EngineConfig, model_config: ModelConfig) -> ModelRunner:
+    def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:
         """Build (not yet load) the model runner that executes steps on this platform."""
 
     def describe(self) -> dict[str, str]:

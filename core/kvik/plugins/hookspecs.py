@@ -97,11 +97,14 @@ def kvik_register_structured_output_backends(register: RegisterFn) -> None:
 
 @hookspec
 def kvik_configure(config: EngineConfig) -> list[str] | None:
-    """Inspect or adjust the engine configuration before the engine is built.
+    """Inspect or adjust the engine options before they are frozen.
 
-    Called once per engine, after the platform's own ``configure``. Return a
-    list of human-readable notes describing what was changed (logged at INFO),
-    or ``None``. Raise ``ValueError`` with advice to refuse a configuration.
+    Called once per engine during config resolution, with a copy of the user's
+    ``EngineConfig`` whose unset options already hold the platform's defaults
+    (the user's own object is never changed). A plugin may change fields; each
+    change is attributed to the plugin in the resolved-config report. Return
+    a list of human-readable notes (logged at INFO), or ``None``. Raise
+    ``ValueError`` with advice to refuse a configuration.
     """
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import difflib
 import importlib.metadata as md
 import inspect
@@ -249,13 +251,21 @@ class PluginManager:
         """``{kind: {name: [entries]}}`` for every name claimed by more than one plugin."""
         return {kind: self.registry(kind).conflicts for kind in REGISTRATION_HOOKS if self.registry(kind).conflicts}
 
-    def run_configure(self, config: EngineConfig) -> list[str]:
-        """Call every plugin's ``kvik_configure``; return their notes prefixed with the plugin name."""
+    def run_configure(self, config: EngineConfig, sources: dict[str, str] | None = None) -> list[str]:
+        """Call every plugin's ``kvik_configure``; return their notes prefixed with the plugin name.
+
+        ``sources`` (optional) gets ``{field: "plugin <name>"}`` for every field a plugin changed.
+        """
         notes: list[str] = []
         for impl in reversed(self.pm.hook.kvik_configure.get_hookimpls()):  # registration order
+            before = copy.deepcopy(config)
             result: Any = impl.function(**{arg: config for arg in impl.argnames if arg == "config"})
             for note in result or []:
                 notes.append(f"{impl.plugin_name}: {note}")
+            if sources is not None:
+                for f in dataclasses.fields(config):
+                    if getattr(config, f.name) != getattr(before, f.name):
+                        sources[f.name] = f"plugin {impl.plugin_name}"
         return notes
 
     @property

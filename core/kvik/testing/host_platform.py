@@ -10,7 +10,7 @@ from __future__ import annotations
 import psutil
 import torch
 
-from kvik.config import EngineConfig, ModelConfig
+from kvik.config import ModelConfig, ResolvedConfig
 from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.worker.interface import ModelRunner
 
@@ -27,7 +27,7 @@ class HostCPUPlatform(Platform):
         vm = psutil.virtual_memory()
         return MemoryInfo(total=vm.total, free=vm.available)
 
-    def create_model_runner(self, config: EngineConfig, model_config: ModelConfig) -> ModelRunner:
+    def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:
         from kvik.worker.torch_runner import TorchModelRunner
 
         return TorchModelRunner(config, model_config, torch.device("cpu"), self)

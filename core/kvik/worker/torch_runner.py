@@ -25,7 +25,7 @@ from torch import nn
 
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.attention.selector import select_attention_backend
-from kvik.config import EngineConfig, ModelConfig
+from kvik.config import ModelConfig, ResolvedConfig, WeightsMode
 from kvik.models.formats import ModelFormat
 from kvik.models.interface import ModelBuildContext
 from kvik.models.loader import dequantize_model, load_model
@@ -51,7 +51,7 @@ class TorchModelRunner(ModelRunner):
 
     def __init__(
         self,
-        config: EngineConfig,
+        config: ResolvedConfig,
         model_config: ModelConfig,
         device: torch.device,
         platform: Platform,
@@ -63,7 +63,7 @@ class TorchModelRunner(ModelRunner):
         self.platform = platform
         self.manager = manager or get_plugin_manager()
         self.dtype: torch.dtype = getattr(torch, model_config.dtype)
-        self.block_size = config.block_size or platform.default_block_size
+        self.block_size = config.block_size
         self.model: nn.Module | None = None
         self.attn_backend: type[AttentionBackend] | None = None
         self.attn_layers: list[AttentionBackend] = []
@@ -79,20 +79,17 @@ class TorchModelRunner(ModelRunner):
     def _format(self) -> ModelFormat:
         if isinstance(self.model_config.source, ModelFormat):
             return self.model_config.source
-        if self.config.model is None:
-            raise ValueError("no model given: set EngineConfig.model to a checkpoint path")
-        return resolve_format(self.config.model, self.manager)
+        return resolve_format(self.config.model, self.manager, trust_remote_code=self.config.trust_remote_code)
 
-    def _quant_method(self, fmt: ModelFormat) -> tuple[QuantizationMethod | None, str]:
-        """The checkpoint's quantization method (or None) and 'quantized' / 'dequantize'."""
+    def _quant_method(self, fmt: ModelFormat) -> QuantizationMethod | None:
+        """The checkpoint's quantization method, or None for dense weights."""
         quant = fmt.quantization()
         if quant is None:
-            return None, "dense"
+            return None
         name, qconfig = quant
         method_cls = self.manager.quantization_methods.get(name)
         method: QuantizationMethod = method_cls.from_config(qconfig)
-        mode = self.platform.quantized_weights_mode(self.config, name)
-        if mode == "quantized":
+        if self.config.quantized_weights is WeightsMode.QUANTIZED:
             allowed = self.platform.quantization_methods
             if allowed is not None and name not in allowed:
                 raise ValueError(
@@ -104,7 +101,7 @@ class TorchModelRunner(ModelRunner):
                     f"quantization {name!r} computes in {method.supported_act_dtypes}, not {self.dtype}; "
                     "pick one of those with dtype=..., or quantized_weights='dequantize'"
                 )
-        return method, mode
+        return method
 
     def load_model(self) -> None:
         mc = self.model_config
@@ -112,7 +109,7 @@ class TorchModelRunner(ModelRunner):
             self.platform, self.config, mc.head_dim, self.dtype, mc.sliding_window, self.manager
         )
         fmt = self._format()
-        method, mode = self._quant_method(fmt)
+        method = self._quant_method(fmt)
         backend_cls = self.attn_backend
         self.attn_layers = []
 
@@ -123,7 +120,7 @@ class TorchModelRunner(ModelRunner):
 
         ctx = ModelBuildContext(mc, self.dtype, self.device, make_attention, method)
         model = load_model(mc, ctx, fmt, quantized=method is not None, manager=self.manager)
-        if method is not None and mode == "dequantize":
+        if method is not None and self.config.quantized_weights is WeightsMode.DEQUANTIZE:
             n = dequantize_model(model, self.dtype)
             logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)
         self.model = model
@@ -179,7 +176,7 @@ class TorchModelRunner(ModelRunner):
         """
         if self.model is None:
             raise RuntimeError("load_model() must run before profile()")
-        num_tokens = self.config.max_num_batched_tokens or 2048
+        num_tokens = self.config.max_num_batched_tokens
         seq_len = min(num_tokens, self.model_config.max_model_len)
         lens = [seq_len] * (num_tokens // seq_len) + ([num_tokens % seq_len] if num_tokens % seq_len else [])
         stats = getattr(torch, self.device.type, None)

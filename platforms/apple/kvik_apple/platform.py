@@ -20,10 +20,11 @@ import importlib.util
 import platform as _pyplatform
 from typing import TYPE_CHECKING, Any, ClassVar
 
+from kvik.config import WeightsMode
 from kvik.platforms.interface import MemoryInfo, Platform
 
 if TYPE_CHECKING:
-    from kvik.config import EngineConfig, ModelConfig
+    from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
     from kvik.worker.interface import ModelRunner
 
 # Above the torch CPU platform (0) and below CUDA-class accelerators.
@@ -111,37 +112,31 @@ class ApplePlatform(Platform):
             return MemoryInfo(total=total, free=free)
         return MemoryInfo(total=int(vm.total), free=int(vm.available))
 
-    def configure(self, config: EngineConfig) -> list[str]:
-        notes: list[str] = []
+    def engine_defaults(self, config: EngineConfig, model_config: ModelConfig) -> dict[str, Any]:
+        """On MLX's CPU build (no Metal): CPU-sized batches and a KV budget from available RAM."""
+        defaults = super().engine_defaults(config, model_config)
         if not metal_available():
-            if config.max_num_seqs is None:
-                config.max_num_seqs = CPU_MAX_NUM_SEQS
-            if config.max_num_batched_tokens is None:
-                config.max_num_batched_tokens = CPU_MAX_NUM_BATCHED_TOKENS
+            defaults["max_num_seqs"] = CPU_MAX_NUM_SEQS
+            defaults["max_num_batched_tokens"] = CPU_MAX_NUM_BATCHED_TOKENS
             if config.kv_cache_memory is None and config.num_kv_blocks is None:
                 available = self.memory_info().free
-                config.kv_cache_memory = max(GiB // 4, min(CPU_KV_CACHE_CAP, available // 4))
-                notes.append(
-                    f"kv_cache_memory={config.kv_cache_memory / GiB:.2f} GiB (MLX CPU build default: min(1 GiB, 1/4 of available RAM))"
-                )
-        notes += super().configure(config)
-        if config.attention_backend not in (None, *self.attention_backends):
+                defaults["kv_cache_memory"] = max(GiB // 4, min(CPU_KV_CACHE_CAP, available // 4))
+        return defaults
+
+    def configure(self, config: ResolvedConfig, model_config: ModelConfig) -> list[str]:
+        if config.attention_backend not in ("", *self.attention_backends):
             raise ValueError(
                 f"attention_backend {config.attention_backend!r} cannot run on the apple (MLX) platform; "
                 f"it runs {', '.join(self.attention_backends)} (leave attention_backend unset)"
             )
-        if config.num_threads is not None:
-            notes.append("num_threads is ignored: MLX manages its own CPU threads")
-        return notes
+        return []
 
-    def quantized_weights_mode(self, config: EngineConfig, method: str) -> str:
-        if config.quantized_weights != "auto":
-            return config.quantized_weights
+    def quantized_weights_mode(self, config: EngineConfig, method: str) -> WeightsMode:
         # On Metal MLX's quantized matmul is the fast path; on the CPU build the
         # dequantized float32 model is both faster and bit-comparable with torch.
-        return "quantized" if metal_available() else "dequantize"
+        return WeightsMode.QUANTIZED if metal_available() else WeightsMode.DEQUANTIZE
 
-    def create_model_runner(self, config: EngineConfig, model_config: ModelConfig) -> ModelRunner:
+    def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:
         from kvik_apple.runner import MLXModelRunner
 
         return MLXModelRunner(config, model_config, self)

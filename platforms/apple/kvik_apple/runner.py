@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import mlx.core as mx
 import numpy as np
 from kvik.attention.backend import AttentionMetadata
+from kvik.config import WeightsMode
 from kvik.sample.logprobs import prompt_logprob_rows
 from kvik.sample.sampler import SamplingBatch
 from kvik.sampling_params import SamplingParams
@@ -28,7 +29,7 @@ from kvik_apple.sampler import MLXSampler
 from kvik_apple.weights import checkpoint_path, is_gguf, load_into, parameter_bytes, read_gguf, read_safetensors_dir
 
 if TYPE_CHECKING:
-    from kvik.config import EngineConfig, ModelConfig
+    from kvik.config import ModelConfig, ResolvedConfig
     from kvik.platforms.interface import Platform
 
 logger = logging.getLogger(__name__)
@@ -40,7 +41,7 @@ class MLXModelRunner(ModelRunner):
     # execute() applies SchedulerOutput.structured's grammar bitmask (MLXSampler's first processor).
     supports_structured_output = True
 
-    def __init__(self, config: EngineConfig, model_config: ModelConfig, platform: Platform) -> None:
+    def __init__(self, config: ResolvedConfig, model_config: ModelConfig, platform: Platform) -> None:
         if model_config.dtype not in _MX_DTYPES:
             raise ValueError(
                 f"the apple platform computes in {', '.join(_MX_DTYPES)}; got dtype {model_config.dtype!r}"
@@ -49,7 +50,7 @@ class MLXModelRunner(ModelRunner):
         self.model_config = model_config
         self.platform = platform
         self.dtype = _MX_DTYPES[model_config.dtype]
-        self.block_size = config.block_size or platform.default_block_size
+        self.block_size = config.block_size
         self.model: MLXCausalLM | None = None
         self.kv_caches: list[mx.array] = []
         self.num_blocks = 0
@@ -75,7 +76,7 @@ class MLXModelRunner(ModelRunner):
         model = MLXCausalLM(args, self._attention_backend())
         path = checkpoint_path(mc.source, self.config.model)
         if is_gguf(path):
-            self.quantized = self.platform.quantized_weights_mode(self.config, "gguf") == "quantized"
+            self.quantized = self.config.quantized_weights is WeightsMode.QUANTIZED
             weights = read_gguf(path, args)
         else:
             if mc.quantization is not None:
@@ -119,8 +120,8 @@ class MLXModelRunner(ModelRunner):
         return self._measure_step_peak()
 
     def _measure_step_peak(self) -> int:
-        tokens = self.config.max_num_batched_tokens or 2048
-        seqs = max(1, min(self.config.max_num_seqs or 1, tokens))
+        tokens = self.config.max_num_batched_tokens
+        seqs = min(self.config.max_num_seqs, tokens)
         lengths = [tokens // seqs + (1 if i < tokens % seqs else 0) for i in range(seqs)]
         lengths = [min(n, self.model_config.max_model_len) for n in lengths if n > 0]
         blocks_per = [-(-n // self.block_size) for n in lengths]
@@ -240,14 +241,14 @@ class MLXModelRunner(ModelRunner):
         mx.clear_cache()
 
 
-def estimate_activation_bytes(model_config: ModelConfig, config: EngineConfig, itemsize: int) -> int:
+def estimate_activation_bytes(model_config: ModelConfig, config: ResolvedConfig, itemsize: int) -> int:
     """Upper estimate of one step's live activations: one layer's intermediates at a time (MLX
     frees a layer's temporaries once the next consumes them), the attention scores of the
     longest chunk, and the logits of every sampled row; x2 for MLX's allocator slack.
     """
     mc = model_config
-    tokens = config.max_num_batched_tokens or 2048
-    rows = min(config.max_num_seqs or tokens, tokens)
+    tokens = config.max_num_batched_tokens
+    rows = min(config.max_num_seqs, tokens)
     context = mc.max_model_len  # a chunk attends to at most the whole context
     qkv = tokens * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
     intermediate = int(getattr(mc.hf_config, "intermediate_size", 4 * mc.hidden_size))

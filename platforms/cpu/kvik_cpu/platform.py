@@ -14,7 +14,9 @@ count from the first token on (there is no idle parallel hardware to fill):
   core's vector units).
 * KV cache: RAM is shared with the OS and other processes, so the pool
   defaults to at most 4 GiB or a quarter of available RAM (vLLM's CPU backend
-  also reserves 4 GiB by default) instead of a fraction of all memory.
+  also reserves 4 GiB by default) instead of a fraction of all memory; the
+  memory planner then trims it to what ``max_num_seqs`` full-length requests
+  can use, so a one-stream ``kvik generate`` (``max_num_seqs=1``) holds one context.
 """
 
 from __future__ import annotations
@@ -22,16 +24,18 @@ from __future__ import annotations
 import logging
 import os
 import platform as py_platform
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
+from kvik.config import PlatformOptions
 from kvik.platforms.interface import MemoryInfo, Platform
 
 from kvik_cpu import cpuinfo
 
 if TYPE_CHECKING:
-    from kvik.config import EngineConfig, ModelConfig
+    from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
     from kvik.worker.interface import ModelRunner
 
 logger = logging.getLogger(__name__)
@@ -62,6 +66,16 @@ def _cgroup_limit(root: Path = CGROUP_MEMORY) -> tuple[int, int] | None:
     return None if limit == "max" else (int(limit), current)
 
 
+@dataclass(frozen=True, slots=True)
+class CPUOptions(PlatformOptions):
+    """The cpu platform's options (``platform_options``; ``num_threads`` is also a top-level option)."""
+
+    # torch intra-op threads; default: one per physical core of ``cpu_affinity``
+    num_threads: int = 0
+    # CPUs the process runs on: "0-3,6" or a list of ids; default: the current affinity mask
+    cpu_affinity: tuple[int, ...] = ()
+
+
 class CPUPlatform(Platform):
     """Runs models with PyTorch on the CPU; always available, lowest priority."""
 
@@ -70,7 +84,14 @@ class CPUPlatform(Platform):
     priority = 0  # any accelerator that is present wins auto-selection
     attention_backends: ClassVar[tuple[str, ...]] = ("torch_ref",)
     supported_dtypes: ClassVar[tuple[str, ...]] = ("float32", "bfloat16", "float16")
+    # 16, as on the other platforms. torch_ref gathers K/V slot by slot, so a larger block
+    # saves no work: 8 requests x (384 prompt + 128 output tokens) on a 4-layer hidden-256
+    # Llama decoded at 379/366 tok/s with 16 and 387/370 with 64 (1 thread, within noise).
+    # Smaller blocks keep prefix-cache hits and the last block's waste fine-grained.
     default_block_size = 16
+    default_max_num_seqs = DEFAULT_MAX_NUM_SEQS
+    default_max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    options_type = CPUOptions
 
     def __init__(self) -> None:
         global _ipex_notice_logged
@@ -106,42 +127,35 @@ class CPUPlatform(Platform):
             total, free = min(total, limit), max(0, min(free, limit - current))
         return MemoryInfo(total=total, free=free)
 
-    def configure(self, config: EngineConfig) -> list[str]:
-        notes: list[str] = []
-        cpus = cpuinfo.usable_cpus()
-        affinity = config.extra.get("cpu_affinity")
-        if affinity is not None:
-            cpus = self._set_affinity(affinity)
-            notes.append(f"pinned to CPUs {cpus}")
-        if config.num_threads is None:
-            config.num_threads = cpuinfo.physical_cores(cpus)
-            notes.append(f"num_threads={config.num_threads} (physical cores of CPUs {_ranges(cpus)})")
-        self._set_threads(config.num_threads)
-        if config.block_size is None:
-            # 16, as on the other platforms. torch_ref gathers K/V slot by slot, so a larger
-            # block saves no work: 8 requests x (384 prompt + 128 output tokens) on a 4-layer
-            # hidden-256 Llama decoded at 379/366 tok/s with 16 and 387/370 with 64 (1 thread,
-            # within noise). Smaller blocks keep prefix-cache hits and the last block's waste fine-grained.
-            config.block_size = self.default_block_size
-        if config.max_num_seqs is None:
-            config.max_num_seqs = DEFAULT_MAX_NUM_SEQS
-        if config.max_num_batched_tokens is None:
-            config.max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    def engine_defaults(self, config: EngineConfig, model_config: ModelConfig) -> dict[str, Any]:
+        defaults = super().engine_defaults(config, model_config)
         if config.kv_cache_memory is None and config.num_kv_blocks is None:
-            available = self.memory_info().free
-            config.kv_cache_memory = max(GiB // 4, min(DEFAULT_KV_CACHE_CAP, available // 4))
-            notes.append(
-                f"kv_cache_memory={config.kv_cache_memory / GiB:.2f} GiB (CPU default: min(4 GiB, 1/4 of "
-                f"{available / GiB:.1f} GiB available RAM); set kv_cache_memory= or num_kv_blocks= to change)"
-            )
-        if config.dtype == "float16" and "avx512_fp16" not in self.flags and "amx_fp16" not in self.flags:
+            defaults["kv_cache_memory"] = max(GiB // 4, min(DEFAULT_KV_CACHE_CAP, self.memory_info().free // 4))
+        return defaults
+
+    def resolve_options(self, options: dict[str, Any], config: EngineConfig) -> CPUOptions:
+        spec = options.get("cpu_affinity")
+        cpus = self._check_affinity(spec) if spec is not None else cpuinfo.usable_cpus()
+        threads = options.get("num_threads") or cpuinfo.physical_cores(cpus)
+        if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+            raise ValueError(f"num_threads must be an int >= 1, got {threads!r}")
+        return CPUOptions(num_threads=threads, cpu_affinity=tuple(cpus))
+
+    def configure(self, config: ResolvedConfig, model_config: ModelConfig) -> list[str]:
+        """Pin the process to the chosen CPUs (when they differ from its mask) and set torch's threads."""
+        notes: list[str] = []
+        options = config.platform_options
+        assert isinstance(options, CPUOptions)
+        if list(options.cpu_affinity) != cpuinfo.usable_cpus():
+            os.sched_setaffinity(0, options.cpu_affinity)
+            notes.append(f"pinned to CPUs {_ranges(list(options.cpu_affinity))}")
+        self._set_threads(options.num_threads)
+        if model_config.dtype == "float16" and "avx512_fp16" not in self.flags and "amx_fp16" not in self.flags:
             notes.append("float16 is emulated on this CPU and slower than float32/bfloat16; consider dtype='auto'")
-        if self.ipex.module is not None:
-            config.extra.setdefault("ipex_version", self.ipex.version)
         return notes
 
     @staticmethod
-    def _set_affinity(spec: object) -> list[int]:
+    def _check_affinity(spec: object) -> list[int]:
         cpus = cpuinfo.parse_cpu_list(spec)  # type: ignore[arg-type]
         if not hasattr(os, "sched_setaffinity"):
             raise ValueError(f"cpu_affinity={spec!r} is not supported on {py_platform.system()}; remove it")
@@ -151,7 +165,6 @@ class CPUPlatform(Platform):
                 f"cpu_affinity={spec!r} names CPUs {sorted(set(cpus) - known)} that do not exist; "
                 f"this machine has CPUs {_ranges(sorted(known))}"
             )
-        os.sched_setaffinity(0, cpus)
         return cpus
 
     @staticmethod
@@ -161,7 +174,7 @@ class CPUPlatform(Platform):
         if torch.get_num_threads() != num_threads:
             torch.set_num_threads(num_threads)
 
-    def create_model_runner(self, config: EngineConfig, model_config: ModelConfig) -> ModelRunner:
+    def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:
         import torch
         from kvik.worker.torch_runner import TorchModelRunner
 

@@ -1,17 +1,14 @@
 """kvik-cpu's plugin module: registers the "cpu" platform.
 
 The platform class lives in :mod:`kvik_cpu.platform` and is imported only when
-kvik probes or uses it.
+kvik probes or uses it. Its options (``cpu_affinity``, ``num_threads``) are
+typed platform options, so setting one on another platform is refused by the
+core's config resolution; no ``kvik_configure`` hook is needed.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 from kvik.plugins.hookspecs import RegisterFn, hookimpl
-
-if TYPE_CHECKING:
-    from kvik.config import EngineConfig
 
 KVIK_PLUGIN_API = ">=1.0,<2"
 
@@ -19,14 +16,3 @@ KVIK_PLUGIN_API = ">=1.0,<2"
 @hookimpl
 def kvik_register_platforms(register: RegisterFn) -> None:
     register("cpu", "kvik_cpu.platform:CPUPlatform")
-
-
-@hookimpl
-def kvik_configure(config: EngineConfig) -> list[str] | None:
-    """Refuse CPU-only options on other platforms, so a typo is not silently ignored."""
-    if config.extra.get("cpu_affinity") is not None and config.device not in (None, "auto", "cpu"):
-        raise ValueError(
-            f"extra['cpu_affinity'] applies to the cpu platform only, but device={config.device!r}; "
-            "remove it or use device='cpu'"
-        )
-    return None

@@ -14,13 +14,15 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
+from kvik.config import PlatformOptions
 from kvik.platforms.interface import MemoryInfo, Platform
 
 if TYPE_CHECKING:
-    from kvik.config import EngineConfig, ModelConfig
+    from kvik.config import ModelConfig, ResolvedConfig
     from kvik.worker.interface import ModelRunner
 
 GiB = 1 << 30
@@ -42,6 +44,14 @@ def torch_gpu_visible() -> bool:
     return bool(torch.cuda.is_available())
 
 
+@dataclass(frozen=True, slots=True)
+class GPUOptions(PlatformOptions):
+    """Options of the cuda and rocm platforms (``platform_options``)."""
+
+    # Swap RMSNorm / SiLU-and-mul / rotary for one-kernel Triton versions (kvik_cuda.fused).
+    fused_layers: bool = True
+
+
 class TorchGPUPlatform(Platform):
     """A GPU driven through ``torch.cuda``: shared by the CUDA and ROCm platforms."""
 
@@ -50,6 +60,10 @@ class TorchGPUPlatform(Platform):
     attention_backends: ClassVar[tuple[str, ...]] = ("triton", "torch_ref")
     supported_dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
     default_block_size = 16
+    default_max_num_seqs = DEFAULT_MAX_NUM_SEQS
+    default_max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
+    default_async_scheduling = True  # the host's scheduling hides behind the GPU's step
+    options_type = GPUOptions
     runtime: ClassVar[str]  # the torch_gpu_build() value this platform needs
     runtime_label: ClassVar[str]  # for messages: "CUDA", "ROCm"
     other_platform: ClassVar[str]  # the platform that runs the other GPU build of torch
@@ -96,28 +110,18 @@ class TorchGPUPlatform(Platform):
         free, total = torch.cuda.mem_get_info(self.device)
         return MemoryInfo(total=int(total), free=int(free))
 
-    def configure(self, config: EngineConfig) -> list[str]:
+    def configure(self, config: ResolvedConfig, model_config: ModelConfig) -> list[str]:
         notes: list[str] = []
-        if config.block_size is None:
-            config.block_size = self.default_block_size
-        if config.max_num_batched_tokens is None:
-            config.max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
-            notes.append(f"max_num_batched_tokens={DEFAULT_MAX_NUM_BATCHED_TOKENS}")
-        if config.max_num_seqs is None:
-            config.max_num_seqs = DEFAULT_MAX_NUM_SEQS
-            notes.append(f"max_num_seqs={DEFAULT_MAX_NUM_SEQS}")
-        if config.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
+        if model_config.dtype == "bfloat16" and not torch.cuda.is_bf16_supported():
             raise ValueError(
                 f"dtype='bfloat16' is not supported by {torch.cuda.get_device_name(self.device)}; "
                 "use dtype='float16' (or 'auto')"
             )
         if config.enforce_eager:
             notes.append("enforce_eager: CUDA graphs are off")
-        if config.async_scheduling is None:
-            config.async_scheduling = True  # the host's scheduling hides behind the GPU's step
         return notes
 
-    def create_model_runner(self, config: EngineConfig, model_config: ModelConfig) -> ModelRunner:
+    def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:
         from kvik_cuda.runner import CUDAModelRunner
 
         return CUDAModelRunner(config, model_config, self.device, self)

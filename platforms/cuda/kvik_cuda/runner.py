@@ -16,7 +16,7 @@ import time
 
 import torch
 from kvik.attention.backend import AttentionMetadata
-from kvik.config import EngineConfig, ModelConfig
+from kvik.config import ModelConfig, ResolvedConfig
 from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager
 from kvik.sampling_params import SamplingParams
@@ -24,6 +24,7 @@ from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
 from kvik.worker.torch_runner import TorchModelRunner
 
 from kvik_cuda.inputs import StepInputs
+from kvik_cuda.platform import GPUOptions
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ def capture_sizes(max_num_seqs: int, max_tokens: int) -> list[int]:
 class CUDAModelRunner(TorchModelRunner):
     def __init__(
         self,
-        config: EngineConfig,
+        config: ResolvedConfig,
         model_config: ModelConfig,
         device: torch.device,
         platform: Platform,
@@ -64,20 +65,20 @@ class CUDAModelRunner(TorchModelRunner):
         super().load_model()
         self._fuse_layers()
         cfg, mc = self.config, self.model_config
-        max_tokens = cfg.max_num_batched_tokens or 8192
-        max_reqs = max(cfg.max_num_seqs or 256, max_tokens // max(1, mc.max_model_len) + 1)
+        max_tokens = cfg.max_num_batched_tokens
+        max_reqs = max(cfg.max_num_seqs, max_tokens // max(1, mc.max_model_len) + 1)
         max_blocks = -(-mc.max_model_len // self.block_size) + 1
         self.inputs = StepInputs(max_tokens, max_reqs, max_blocks, self.block_size, self.device)
-        self.sizes = capture_sizes(cfg.max_num_seqs or 256, max_tokens)
+        self.sizes = capture_sizes(cfg.max_num_seqs, max_tokens)
 
     def _fuse_layers(self) -> None:
         """Swap RMSNorm / SiLU-and-mul / rotary for one-kernel Triton versions (kvik_cuda.fused).
 
-        On by default on GPUs; ``extra={"fused_layers": False}`` keeps the eager modules
-        (``True`` forces them, e.g. on CPU under Triton's interpreter in tests).
+        The platform option ``fused_layers`` (on by default) turns them off with False;
+        tests run them on the CPU under Triton's interpreter.
         """
-        wanted = self.config.extra.get("fused_layers", self.device.type == "cuda")
-        if not wanted or self.model is None:
+        options = self.config.platform_options
+        if not isinstance(options, GPUOptions) or not options.fused_layers or self.model is None:
             return
         try:
             from kvik_cuda.fused import fuse_layers

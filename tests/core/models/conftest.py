@@ -10,7 +10,7 @@ import kvik.builtin
 import pytest
 import torch
 from kvik.config import EngineConfig
-from kvik.models.model_config import build_model_config, resolve_format
+from kvik.engine.config_resolution import resolve_config
 from kvik.plugins.manager import PluginManager
 from kvik.testing.host_platform import HostCPUPlatform
 from kvik.worker.torch_runner import TorchModelRunner
@@ -30,11 +30,8 @@ def make_runner(pm: PluginManager) -> Callable[..., TorchModelRunner]:
     def build(path: str | Path, num_blocks: int = 256, **options: Any) -> TorchModelRunner:
         options.setdefault("block_size", 4)
         platform = HostCPUPlatform()
-        config = EngineConfig(model=str(path), **options)
-        platform.configure(config)
-        fmt = resolve_format(str(path), pm)
-        model_config = build_model_config(config, fmt, pm, platform)
-        runner = TorchModelRunner(config, model_config, torch.device("cpu"), platform, pm)
+        resolution = resolve_config(EngineConfig(model=str(path), **options), platform, pm)
+        runner = TorchModelRunner(resolution.config, resolution.model_config, torch.device("cpu"), platform, pm)
         runner.load_model()
         runner.initialize_kv_cache(num_blocks)
         return runner

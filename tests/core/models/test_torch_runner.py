@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from pathlib import Path
 
@@ -71,7 +72,7 @@ def test_sizes(runner: TorchModelRunner) -> None:
 
 
 def test_profile_estimates_without_allocator_stats_and_keeps_the_cache(runner: TorchModelRunner) -> None:
-    runner.config.max_num_batched_tokens = 600  # longer than max_model_len (512): two dummy requests
+    runner.config = dataclasses.replace(runner.config, max_num_batched_tokens=600)  # longer than max_model_len (512): two dummy requests
     caches = runner.kv_caches
     activation = runner.profile()
     assert runner.kv_caches is caches
@@ -80,13 +81,11 @@ def test_profile_estimates_without_allocator_stats_and_keeps_the_cache(runner: T
 
 
 def test_execute_before_setup_is_an_error(tiny_model_dir: Callable[..., Path], pm, test_platform) -> None:
-    from kvik.models.model_config import build_model_config, resolve_format
+    from kvik.engine.config_resolution import resolve_config
 
     path = str(tiny_model_dir("llama"))
-    config = EngineConfig(model=path, block_size=4)
-    runner = TorchModelRunner(
-        config, build_model_config(config, resolve_format(path, pm), pm), torch.device("cpu"), test_platform, pm
-    )
+    resolution = resolve_config(EngineConfig(model=path, block_size=4), test_platform, pm)
+    runner = TorchModelRunner(resolution.config, resolution.model_config, torch.device("cpu"), test_platform, pm)
     req = SchedulerOutput([ScheduledRequest("a", [1], 0, [1], True, SamplingParams())], 1)
     with pytest.raises(RuntimeError, match="load_model"):
         runner.execute(req)

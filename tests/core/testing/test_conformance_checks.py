@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 import torch
-from kvik.config import EngineConfig
+from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
 from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.quantization.base import QuantizationMethod
 from kvik.quantization.unquantized import UnquantizedLinearMethod
@@ -126,15 +126,19 @@ def test_platform_runtime_problems() -> None:
         def memory_info(self) -> MemoryInfo:
             return MemoryInfo(total=1, free=2)
 
-        def configure(self, config: EngineConfig) -> list[str]:
-            config.block_size = 16  # ignores the user's value
-            config.max_num_seqs = config.max_num_batched_tokens = 8
-            return []
+        def engine_defaults(self, config: EngineConfig, model_config: ModelConfig) -> dict[str, Any]:
+            return {**super().engine_defaults(config, model_config), "max_num_seqs": 0, "max_batch": 8}
+
+        def configure(self, config: ResolvedConfig, model_config: ModelConfig) -> list[str]:
+            return "ok"  # type: ignore[return-value]
 
     with pytest.raises(AssertionError) as info:
         check_platform(Overrides)
-    assert "0 <= free <= total" in str(info.value)
-    assert "must keep values the user set; (32, 3, 96, 1) became (16, 8, 8, 1)" in str(info.value)
+    text = str(info.value)
+    assert "0 <= free <= total" in text
+    assert "engine_defaults() must give max_num_seqs a positive int, got 0" in text
+    assert "engine_defaults() names options EngineConfig does not have: ['max_batch']" in text
+    assert "configure() must return a list of note strings, got 'ok'" in text
 
 
 def test_availability_contract() -> None:

@@ -6,7 +6,8 @@ from pathlib import Path
 from typing import Any
 
 from kvik.config import EngineConfig
-from kvik.models.model_config import build_model_config, resolve_format
+from kvik.engine.config_resolution import resolve_config
+from kvik.plugins.manager import get_plugin_manager
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
 from kvik_apple.platform import ApplePlatform
@@ -16,9 +17,8 @@ from kvik_apple.runner import MLXModelRunner
 def make_runner(path: str | Path, num_blocks: int = 64, **options: Any) -> MLXModelRunner:
     config = EngineConfig(model=str(path), device="apple", dtype=options.pop("dtype", "float32"), **options)
     platform = ApplePlatform()
-    platform.configure(config)
-    model_config = build_model_config(config, resolve_format(str(path)), platform=platform)
-    runner = platform.create_model_runner(config, model_config)
+    resolution = resolve_config(config, platform, get_plugin_manager())
+    runner = platform.create_model_runner(resolution.config, resolution.model_config)
     assert isinstance(runner, MLXModelRunner)
     runner.load_model()
     runner.initialize_kv_cache(num_blocks)

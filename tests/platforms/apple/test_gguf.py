@@ -101,7 +101,8 @@ def _manager() -> Any:
 def generate() -> Iterator[Callable[[str, str, int], list[list[int]]]]:
     """generate(device, quantized_weights, num_prompts) -> greedy continuations, one shared config."""
     from kvik.config import EngineConfig
-    from kvik.models.model_config import build_model_config, resolve_format
+    from kvik.engine.config_resolution import resolve_config
+    from kvik.models.model_config import resolve_format
     from kvik.platforms.selector import resolve_platform
     from kvik.plugins.manager import set_plugin_manager
 
@@ -109,9 +110,7 @@ def generate() -> Iterator[Callable[[str, str, int], list[list[int]]]]:
 
     manager = _manager()
     previous = set_plugin_manager(manager)
-    fmt = resolve_format(str(GGUF), manager)
-    model_config = build_model_config(EngineConfig(model=str(GGUF), dtype="float32"), fmt, manager)
-    tokenizer = fmt.load_tokenizer()
+    tokenizer = resolve_format(str(GGUF), manager).load_tokenizer()
     prompts = [tokenizer.encode(p) for p in PROMPTS]
 
     def run(device: str, mode: str, n: int) -> list[list[int]]:
@@ -119,8 +118,8 @@ def generate() -> Iterator[Callable[[str, str, int], list[list[int]]]]:
             model=str(GGUF), device=device, dtype="float32", block_size=BLOCK, num_threads=1, quantized_weights=mode
         )
         platform = resolve_platform(device, manager)
-        platform.configure(config)
-        runner = platform.create_model_runner(config, model_config)
+        resolution = resolve_config(config, platform, manager)
+        runner = platform.create_model_runner(resolution.config, resolution.model_config)
         runner.load_model()
         runner.initialize_kv_cache(2 * n)
         tables = [[2 * i, 2 * i + 1] for i in range(n)]  # 32 slots each: prompt + NEW fits

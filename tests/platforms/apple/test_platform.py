@@ -7,6 +7,7 @@ import pytest
 pytest.importorskip("mlx.core", reason="kvik-apple tests need MLX (pip install 'mlx[cpu]' on Linux)")
 
 from kvik.config import EngineConfig
+from kvik.engine.config_resolution import resolve_config
 from kvik.platforms.selector import resolve_platform
 from kvik.plugins.registry import PluginError
 from kvik_apple import platform as apple
@@ -56,33 +57,45 @@ def test_real_probe_on_this_machine():
     assert apple.metal_available() == mx.metal.is_available()
 
 
-def test_cpu_build_defaults(metal):
+@pytest.fixture
+def resolve(tiny_model_dir, kvik_plugin_manager):
+    path = tiny_model_dir("llama")
+
+    def run(**options):  # type: ignore[no-untyped-def]
+        return resolve_config(EngineConfig(model=str(path), **options), apple.ApplePlatform(), kvik_plugin_manager)
+
+    return run
+
+
+def test_cpu_build_defaults(metal, resolve):
     metal(False)
-    config = EngineConfig(model="x")
-    notes = apple.ApplePlatform().configure(config)
+    resolution = resolve()
+    config = resolution.config
     assert config.block_size == 16
     assert config.max_num_seqs == apple.CPU_MAX_NUM_SEQS
-    assert config.kv_cache_memory is not None and config.kv_cache_memory <= apple.CPU_KV_CACHE_CAP
-    assert any("kv_cache_memory" in n for n in notes)
+    assert 0 < config.kv_cache_memory <= apple.CPU_KV_CACHE_CAP
+    assert resolution.sources["kv_cache_memory"] == "platform apple"
     platform = apple.ApplePlatform()
     assert platform.quantized_weights_mode(EngineConfig(), "gguf") == "dequantize"
     assert platform.default_dtype("bfloat16") == "float32"
 
 
-def test_metal_defaults(metal):
+def test_metal_defaults(metal, resolve):
     metal(True)
-    config = EngineConfig(model="x")
-    apple.ApplePlatform().configure(config)
-    assert config.max_num_seqs == 256 and config.kv_cache_memory is None
+    config = resolve().config
+    assert config.max_num_seqs == 256 and config.kv_cache_memory == 0
     platform = apple.ApplePlatform()
     assert platform.quantized_weights_mode(EngineConfig(), "gguf") == "quantized"
-    assert platform.quantized_weights_mode(EngineConfig(quantized_weights="dequantize"), "gguf") == "dequantize"
     assert platform.default_dtype("bfloat16") == "bfloat16"
 
 
-def test_rejects_a_torch_attention_backend():
+def test_rejects_a_torch_attention_backend(resolve):
     with pytest.raises(ValueError, match="mlx_paged"):
-        apple.ApplePlatform().configure(EngineConfig(model="x", attention_backend="torch_ref"))
+        resolve(attention_backend="torch_ref")
+
+
+def test_num_threads_is_ignored_with_a_note(resolve):
+    assert "num_threads=2 is ignored: platform 'apple' does not use it" in resolve(num_threads=2).notes
 
 
 def test_memory_info_is_host_ram_without_metal(metal):

@@ -11,6 +11,7 @@ import kvik_cpu.plugin
 import pytest
 import torch
 from kvik.config import EngineConfig
+from kvik.engine.config_resolution import resolve_config
 from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.platforms.selector import resolve_platform
 from kvik.plugins.manager import PluginManager
@@ -129,20 +130,30 @@ def test_cpu_flags_parser(tmp_path) -> None:
 # -- threads, affinity, defaults ------------------------------------------------
 
 
-def test_thread_count_is_applied(no_ipex) -> None:
-    config = EngineConfig(num_threads=1)
-    CPUPlatform().configure(config)
-    assert torch.get_num_threads() == 1 and config.num_threads == 1
+@pytest.fixture
+def resolve(tiny_model_dir, kvik_plugin_manager):
+    """resolve(platform=None, **engine_options) -> the ConfigResolution of a tiny Llama on the cpu platform."""
+    path = tiny_model_dir("llama")
+
+    def run(platform: Platform | None = None, **options):  # type: ignore[no-untyped-def]
+        return resolve_config(EngineConfig(model=str(path), **options), platform or CPUPlatform(), kvik_plugin_manager)
+
+    return run
 
 
-def test_default_threads_are_physical_cores(no_ipex, monkeypatch) -> None:
+def test_thread_count_is_applied(no_ipex, resolve) -> None:
+    resolution = resolve(num_threads=1)
+    assert torch.get_num_threads() == 1 and resolution.config.platform_options.num_threads == 1
+    assert resolution.sources["platform_options.num_threads"] == "user"
+
+
+def test_default_threads_are_physical_cores(no_ipex, monkeypatch, resolve) -> None:
     seen = []
     monkeypatch.setattr(cpuinfo, "physical_cores", lambda cpus=None: seen.append(cpus) or 1)
-    config = EngineConfig()
-    notes = CPUPlatform().configure(config)
-    assert config.num_threads == 1 and torch.get_num_threads() == 1
+    resolution = resolve()
+    assert resolution.config.platform_options.num_threads == 1 and torch.get_num_threads() == 1
     assert seen == [cpuinfo.usable_cpus()]
-    assert any(n.startswith("num_threads=1") for n in notes)
+    assert resolution.sources["platform_options.num_threads"] == "platform cpu"
 
 
 def _fake_topology(root: Path, cores: list[tuple[int, int]]) -> None:
@@ -161,27 +172,27 @@ def test_physical_cores_counts_smt_siblings_once(tmp_path) -> None:
     assert cpuinfo.physical_cores([0, 1], sysfs=tmp_path) == 2
 
 
-def test_defaults_for_cpu(no_ipex) -> None:
-    config = EngineConfig()
-    notes = CPUPlatform().configure(config)
+def test_defaults_for_cpu(no_ipex, resolve) -> None:
+    resolution = resolve()
+    config = resolution.config
     assert (config.block_size, config.max_num_seqs, config.max_num_batched_tokens) == (16, 32, 1024)
-    assert 0 < config.kv_cache_memory <= 4 << 30
-    assert any("kv_cache_memory" in n for n in notes)
-    explicit = EngineConfig(num_kv_blocks=10)
-    CPUPlatform().configure(explicit)
-    assert explicit.kv_cache_memory is None  # an explicit pool size is left alone
+    assert 0 < config.kv_cache_memory <= 4 << 30 and config.num_kv_blocks == 0
+    assert resolution.sources["kv_cache_memory"] == resolution.sources["max_num_seqs"] == "platform cpu"
+    assert "kv_cache_memory" in resolution.report() and "(platform cpu)" in resolution.report()
+    explicit = resolve(num_kv_blocks=10).config
+    assert explicit.kv_cache_memory == 0 and explicit.num_kv_blocks == 10  # an explicit pool size is left alone
 
 
 @pytest.mark.skipif(not hasattr(os, "sched_setaffinity"), reason="Linux-only API")
-def test_affinity(no_ipex) -> None:
-    config = EngineConfig(extra={"cpu_affinity": "0"})
-    notes = CPUPlatform().configure(config)
+def test_affinity(no_ipex, resolve) -> None:
+    resolution = resolve(platform_options={"cpu_affinity": "0"})
     assert os.sched_getaffinity(0) == {0}
-    assert "pinned to CPUs [0]" in notes and config.num_threads == 1
+    assert "pinned to CPUs 0" in resolution.notes
+    assert resolution.config.platform_options == cpu_platform.CPUOptions(num_threads=1, cpu_affinity=(0,))
     with pytest.raises(ValueError, match=r"cpu_affinity='4096' names CPUs \[4096\] that do not exist"):
-        CPUPlatform().configure(EngineConfig(extra={"cpu_affinity": "4096"}))
+        resolve(platform_options={"cpu_affinity": "4096"})
     with pytest.raises(ValueError, match="must look like '0-3,6'"):
-        CPUPlatform().configure(EngineConfig(extra={"cpu_affinity": "first two"}))
+        resolve(platform_options={"cpu_affinity": "first two"})
 
 
 def test_parse_cpu_list() -> None:
@@ -191,10 +202,13 @@ def test_parse_cpu_list() -> None:
         cpuinfo.parse_cpu_list("")
 
 
-def test_cpu_affinity_on_another_device_is_refused() -> None:
-    with pytest.raises(ValueError, match="applies to the cpu platform only"):
-        kvik_cpu.plugin.kvik_configure(EngineConfig(device="cuda", extra={"cpu_affinity": "0"}))
-    assert kvik_cpu.plugin.kvik_configure(EngineConfig(device="cpu", extra={"cpu_affinity": "0"})) is None
+def test_cpu_options_on_another_platform(resolve) -> None:
+    from kvik.testing.host_platform import HostCPUPlatform
+
+    with pytest.raises(ValueError, match="platform 'host-cpu' has no option 'cpu_affinity'; its options are: none"):
+        resolve(HostCPUPlatform(), platform_options={"cpu_affinity": "0"})
+    notes = resolve(HostCPUPlatform(), num_threads=2).notes
+    assert "num_threads=2 is ignored: platform 'host-cpu' does not use it" in notes
 
 
 # -- memory --------------------------------------------------------------------------
@@ -229,9 +243,6 @@ def test_without_ipex_one_info_notice_and_pure_torch(no_ipex, caplog) -> None:
     assert len(notices) == 1 and notices[0].levelno == logging.INFO
     assert "not installed; running pure PyTorch (attention: torch_ref)" in notices[0].getMessage()
     assert first.attention_backends == second.attention_backends == ("torch_ref",)
-    config = EngineConfig()
-    first.configure(config)
-    assert "ipex_version" not in config.extra
 
 
 def test_with_ipex_it_is_preferred(monkeypatch, caplog) -> None:
@@ -243,9 +254,6 @@ def test_with_ipex_it_is_preferred(monkeypatch, caplog) -> None:
     assert "using fake IPEX 2.13.0" in caplog.text
     assert platform.attention_backends == ("ipex_paged", "torch_ref")  # torch_ref still backs it up
     assert CPUPlatform.attention_backends == ("torch_ref",)  # the class is untouched
-    config = EngineConfig()
-    platform.configure(config)
-    assert config.extra["ipex_version"] == "2.13.0"
 
 
 def test_real_probe_refuses_a_mismatched_ipex_before_importing(monkeypatch) -> None:

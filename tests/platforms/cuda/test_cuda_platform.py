@@ -13,12 +13,13 @@ import pytest
 import torch
 from kvik.attention.selector import select_attention_backend
 from kvik.config import EngineConfig
+from kvik.engine.config_resolution import resolve_config
 from kvik.platforms.interface import MemoryInfo
 from kvik.platforms.selector import resolve_platform
 from kvik.plugins.registry import PluginError
 from kvik.testing.conformance.platform import check_platform
 from kvik_cuda import plugin as cuda_plugin
-from kvik_cuda.platform import CUDAPlatform
+from kvik_cuda.platform import CUDAPlatform, GPUOptions
 from kvik_cuda.runner import capture_sizes
 
 
@@ -90,23 +91,38 @@ def test_auto_selection_prefers_cuda_and_forcing_it_without_gpu_fails(
         resolve_platform("cuda", kvik_plugin_manager)
 
 
-def test_configure_fills_gpu_defaults_and_keeps_user_values(monkeypatch: pytest.MonkeyPatch) -> None:
+def _resolve(platform, path, manager, **options):  # type: ignore[no-untyped-def]
+    return resolve_config(EngineConfig(model=str(path), **options), platform, manager)
+
+
+def test_resolution_takes_gpu_defaults_and_keeps_user_values(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir, kvik_plugin_manager
+) -> None:
     fake_gpu(monkeypatch, "cuda", True)
-    config = EngineConfig()
-    notes = CUDAPlatform().configure(config)
+    path = tiny_model_dir("llama")
+    resolution = _resolve(CUDAPlatform(), path, kvik_plugin_manager)
+    config = resolution.config
     assert (config.block_size, config.max_num_batched_tokens, config.max_num_seqs) == (16, 8192, 256)
-    assert any("8192" in n for n in notes)
-    config = EngineConfig(block_size=32, max_num_batched_tokens=1024, max_num_seqs=8, enforce_eager=True)
-    notes = CUDAPlatform().configure(config)
+    assert config.async_scheduling and config.platform_options == GPUOptions(fused_layers=True)
+    assert resolution.sources["max_num_batched_tokens"] == "platform cuda"
+    resolution = _resolve(
+        CUDAPlatform(), path, kvik_plugin_manager, block_size=32, max_num_batched_tokens=1024, max_num_seqs=8,
+        enforce_eager=True, async_scheduling=False, platform_options={"fused_layers": False},
+    )  # fmt: skip
+    config = resolution.config
     assert (config.block_size, config.max_num_batched_tokens, config.max_num_seqs) == (32, 1024, 8)
-    assert any("CUDA graphs are off" in n for n in notes)
+    assert not config.async_scheduling and not config.platform_options.fused_layers
+    assert resolution.sources["block_size"] == resolution.sources["platform_options.fused_layers"] == "user"
+    assert "enforce_eager: CUDA graphs are off" in resolution.notes
 
 
-def test_bf16_refused_with_advice_on_gpus_without_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_bf16_refused_with_advice_on_gpus_without_it(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir, kvik_plugin_manager
+) -> None:
     fake_gpu(monkeypatch, "cuda", True, bf16=False)
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "Tesla T4")
     with pytest.raises(ValueError, match="dtype='float16'"):
-        CUDAPlatform().configure(EngineConfig(dtype="bfloat16"))
+        _resolve(CUDAPlatform(), tiny_model_dir("llama"), kvik_plugin_manager, dtype="bfloat16")
 
 
 @pytest.mark.parametrize(

@@ -11,17 +11,19 @@ from __future__ import annotations
 import os
 import random
 import types
+from typing import Any
 
 import pytest
 import torch
 from kvik.config import EngineConfig
-from kvik.models.model_config import build_model_config, resolve_format
+from kvik.engine.config_resolution import resolve_config
 from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.plugins.hookspecs import hookimpl
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
 from kvik.worker.torch_runner import TorchModelRunner
 from kvik_cuda.inputs import StepInputs
+from kvik_cuda.platform import GPUOptions
 from kvik_cuda.runner import CUDAModelRunner
 
 CUDA = torch.cuda.is_available()
@@ -33,6 +35,10 @@ class HostPlatform(Platform):
 
     name = "host-test"
     device_type = "cpu"
+    options_type = GPUOptions
+
+    def resolve_options(self, options: dict[str, Any], config: EngineConfig) -> GPUOptions:
+        return GPUOptions(fused_layers=options.get("fused_layers", False))  # eager unless a test asks
 
     @classmethod
     def is_available(cls) -> bool:
@@ -88,8 +94,9 @@ def _runner(cls: type[TorchModelRunner], path, manager, **config) -> TorchModelR
     cfg = EngineConfig(
         model=str(path), dtype="float32", block_size=4, max_num_batched_tokens=64, max_num_seqs=8, **config
     )
-    model_config = build_model_config(cfg, resolve_format(cfg.model, manager), manager)
-    runner = cls(cfg, model_config, DEVICE, HostPlatform(), manager)
+    platform = HostPlatform()
+    resolution = resolve_config(cfg, platform, manager)
+    runner = cls(resolution.config, resolution.model_config, DEVICE, platform, manager)
     runner.load_model()
     runner.initialize_kv_cache(32)
     return runner
@@ -120,7 +127,7 @@ def _one_thread():  # type: ignore[no-untyped-def]
 def test_pinned_input_path_gives_the_generic_runners_logits(kvik_plugin_manager, tiny_model_dir) -> None:
     path = tiny_model_dir("llama")
     expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
-    got = _logits(_runner(CUDAModelRunner, path, kvik_plugin_manager, extra={"fused_layers": False}))
+    got = _logits(_runner(CUDAModelRunner, path, kvik_plugin_manager, platform_options={"fused_layers": False}))
     for e, g in zip(expected, got, strict=True):
         assert torch.equal(e, g)
 
@@ -142,7 +149,7 @@ def test_bucketed_decode_with_triton_and_fused_layers_matches_torch_ref(kvik_plu
     path = tiny_model_dir("llama")
     expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
     runner = _runner(
-        CUDAModelRunner, path, kvik_plugin_manager, attention_backend="triton_interp", extra={"fused_layers": True}
+        CUDAModelRunner, path, kvik_plugin_manager, attention_backend="triton_interp", platform_options={"fused_layers": True}
     )
     assert runner._bucket(STEPS[1]) == 2 and runner._bucket(STEPS[3]) == 2 and runner._bucket(STEPS[2]) is None
     got = _logits(runner)

@@ -11,6 +11,7 @@ import kvik_cuda.platform as gpu_platform
 import pytest
 import torch
 from kvik.config import EngineConfig
+from kvik.engine.config_resolution import resolve_config
 from kvik.platforms.selector import resolve_platform
 from kvik.plugins.registry import PluginError
 from kvik.testing.conformance.platform import check_platform
@@ -81,8 +82,7 @@ def test_selection_on_a_rocm_build(kvik_plugin_manager, monkeypatch: pytest.Monk
         resolve_platform("cuda", kvik_plugin_manager)
 
 
-def test_configure_uses_the_gpu_defaults(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_resolution_uses_the_gpu_defaults(monkeypatch: pytest.MonkeyPatch, tiny_model_dir, kvik_plugin_manager) -> None:
     fake_gpu(monkeypatch, "hip", True)
-    config = EngineConfig()
-    ROCmPlatform().configure(config)
+    config = resolve_config(EngineConfig(model=str(tiny_model_dir("llama"))), ROCmPlatform(), kvik_plugin_manager).config
     assert (config.block_size, config.max_num_batched_tokens, config.max_num_seqs) == (16, 8192, 256)

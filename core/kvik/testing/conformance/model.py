@@ -24,8 +24,8 @@ import torch
 from torch import nn
 
 from kvik.config import EngineConfig
+from kvik.engine.config_resolution import resolve_config
 from kvik.models.interface import CausalLM
-from kvik.models.model_config import build_model_config, resolve_format
 from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
@@ -88,9 +88,8 @@ def check_model_architecture(
     """
     manager = manager or get_plugin_manager()
     platform = HostCPUPlatform()
-    config = EngineConfig(model=str(checkpoint), dtype=dtype, block_size=BLOCK_SIZE)
-    platform.configure(config)
-    model_config = build_model_config(config, resolve_format(str(checkpoint), manager), manager, platform)
+    resolution = resolve_config(EngineConfig(model=str(checkpoint), dtype=dtype, block_size=BLOCK_SIZE), platform, manager)
+    config, model_config = resolution.config, resolution.model_config
     runner = TorchModelRunner(config, model_config, torch.device("cpu"), platform, manager)
     runner.load_model()
     runner.initialize_kv_cache(64)

@@ -12,9 +12,10 @@ Every problem found is collected and reported at once in one AssertionError.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
-from kvik.config import EngineConfig
+from kvik.config import EngineConfig, ModelConfig, PlatformOptions, ResolvedConfig, SchedulingPolicy, WeightsMode
 from kvik.platforms.interface import MemoryInfo, Platform
 
 _DTYPES = ("float32", "float16", "bfloat16")
@@ -62,23 +63,27 @@ def _instance_problems(platform: Platform) -> list[str]:
         chosen = platform.default_dtype(model_dtype)
         if chosen not in platform.supported_dtypes:
             problems.append(f"default_dtype({model_dtype!r}) = {chosen!r} is not in supported_dtypes")
-    config = EngineConfig()
-    notes = platform.configure(config)
-    if not (isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
-        problems.append(f"configure() must return a list of note strings, got {notes!r}")
+    model_config = _probe_model_config()
+    user = EngineConfig(model="probe")
+    defaults = platform.engine_defaults(user, model_config)
     for field in ("block_size", "max_num_seqs", "max_num_batched_tokens"):
-        value = getattr(config, field)
-        if not (isinstance(value, int) and value > 0):
-            problems.append(f"configure() must fill {field} with a positive int, got {value!r}")
-    preset = EngineConfig(block_size=32, max_num_seqs=3, max_num_batched_tokens=96, num_threads=1)
-    platform.configure(preset)
-    kept = (preset.block_size, preset.max_num_seqs, preset.max_num_batched_tokens, preset.num_threads)
-    if kept != (32, 3, 96, 1):
-        problems.append(f"configure() must keep values the user set; (32, 3, 96, 1) became {kept}")
-    for mode in ("auto", "dequantize", "quantized"):
-        chosen_mode = platform.quantized_weights_mode(EngineConfig(quantized_weights=mode), "gguf")
-        if chosen_mode not in ("dequantize", "quantized") or (mode != "auto" and chosen_mode != mode):
-            problems.append(f"quantized_weights_mode(quantized_weights={mode!r}) returned {chosen_mode!r}")
+        value = defaults.get(field)
+        if not (isinstance(value, int) and not isinstance(value, bool) and value > 0):
+            problems.append(f"engine_defaults() must give {field} a positive int, got {value!r}")
+    unknown = sorted(set(defaults) - {f.name for f in dataclasses.fields(EngineConfig)})
+    if unknown:
+        problems.append(f"engine_defaults() names options EngineConfig does not have: {unknown}")
+    options = platform.resolve_options({}, user)
+    if not isinstance(options, platform.options_type):
+        problems.append(f"resolve_options() must return {platform.options_type.__name__}, got {options!r}")
+    else:
+        resolved = _probe_resolved(platform, defaults, options)
+        notes = platform.configure(resolved, model_config)
+        if not (isinstance(notes, list) and all(isinstance(n, str) for n in notes)):
+            problems.append(f"configure() must return a list of note strings, got {notes!r}")
+    chosen_mode = platform.quantized_weights_mode(user, "gguf")
+    if chosen_mode not in tuple(WeightsMode):
+        problems.append(f"quantized_weights_mode() must return a WeightsMode, got {chosen_mode!r}")
     described = platform.describe()
     if not (
         isinstance(described, dict) and all(isinstance(k, str) and isinstance(v, str) for k, v in described.items())
@@ -89,14 +94,39 @@ def _instance_problems(platform: Platform) -> list[str]:
     return problems
 
 
+def _probe_model_config() -> ModelConfig:
+    """A small Llama-shaped model's facts, for the checks that need a model."""
+    from transformers import LlamaConfig
+
+    hf = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                     num_key_value_heads=2, vocab_size=256, max_position_embeddings=512)  # fmt: skip
+    return ModelConfig(
+        architecture="LlamaForCausalLM", hf_config=hf, dtype="float32", num_layers=2, num_heads=4, num_kv_heads=2,
+        head_dim=16, hidden_size=64, vocab_size=256, max_position_embeddings=512, max_model_len=512,
+    )  # fmt: skip
+
+
+def _probe_resolved(platform: Platform, defaults: dict[str, Any], options: PlatformOptions) -> ResolvedConfig:
+    return ResolvedConfig(
+        model="probe", tokenizer="probe", trust_remote_code=False, platform=platform.name,
+        block_size=defaults["block_size"], max_num_seqs=defaults["max_num_seqs"],
+        max_num_batched_tokens=defaults["max_num_batched_tokens"], enable_prefix_caching=True,
+        enable_chunked_prefill=True, long_prefill_token_threshold=0, scheduling_policy=SchedulingPolicy.FCFS,
+        num_kv_blocks=0, kv_cache_memory=0, gpu_memory_utilization=0.9, fit_max_model_len=False,
+        quantized_weights=WeightsMode.DEQUANTIZE, attention_backend="", enforce_eager=False,
+        async_scheduling=bool(defaults.get("async_scheduling", False)), seed=0, platform_options=options,
+    )  # fmt: skip
+
+
 def check_platform(platform_cls: type[Platform]) -> bool:
     """Check a Platform subclass against the interface contract; return whether it is available here.
 
     Always checked: the class attributes, and that ``is_available()`` returns a
     bool without raising (and ``unavailable_reason()`` explains a False). When
     available, an instance is built and ``memory_info``, ``default_dtype``,
-    ``configure`` (fills defaults, keeps user values), ``quantized_weights_mode``
-    and ``describe`` are checked. Process-wide state ``configure`` may change
+    ``engine_defaults`` (positive block size and batch limits, only known options),
+    ``resolve_options``, ``configure`` (on a config built from those defaults),
+    ``quantized_weights_mode`` and ``describe`` are checked. Process-wide state ``configure`` may change
     (torch's thread count) is restored afterwards.
     """
     import torch

@@ -1,0 +1,178 @@
+"""One step from what the user asked for to the frozen configuration the engine runs with.
+
+Order, each layer filling only what the ones before left open:
+
+1. the user's :class:`~kvik.config.EngineConfig` (fields not ``None``);
+2. the platform's :meth:`~kvik.platforms.Platform.engine_defaults` for the rest;
+3. the plugins' ``kvik_configure`` hooks, which see the filled-in options and may
+   adjust them (each change is attributed to the plugin that made it);
+4. values derived from the model (a prefill must fit one step without chunked
+   prefill) and the platform's typed options;
+5. :meth:`~kvik.platforms.Platform.configure` checks the frozen result once.
+
+The result records where every value that is not a plain field default came
+from, so the start-up log can say why the engine runs as it does.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import MISSING, dataclass, field, fields
+from typing import TYPE_CHECKING, Any
+
+from kvik.config import EngineConfig, ModelConfig, ResolvedConfig, SchedulingPolicy, WeightsMode
+from kvik.models.formats import ModelFormat
+from kvik.models.model_config import build_model_config, resolve_format
+
+if TYPE_CHECKING:
+    from kvik.platforms.interface import Platform
+    from kvik.plugins.manager import PluginManager
+
+USER = "user"
+DEFAULT = "default"
+
+# The user's fields that ``ResolvedConfig`` takes as they are once filled in.
+_PASSED_THROUGH = (
+    "block_size",
+    "max_num_seqs",
+    "max_num_batched_tokens",
+    "enable_prefix_caching",
+    "enable_chunked_prefill",
+    "long_prefill_token_threshold",
+    "gpu_memory_utilization",
+    "enforce_eager",
+    "async_scheduling",
+    "seed",
+    "trust_remote_code",
+)
+
+
+@dataclass(slots=True)
+class ConfigResolution:
+    """The resolved config and model facts, where the config's values came from, and the notes to log."""
+
+    config: ResolvedConfig
+    model_config: ModelConfig
+    model_format: ModelFormat
+    sources: dict[str, str] = field(default_factory=dict)  # field (or "platform_options.x") -> user/platform/plugin
+    notes: list[str] = field(default_factory=list)
+
+    def report(self) -> str:
+        """One line per option, its value and (when not a field default) where it came from."""
+        lines = []
+        values = {f.name: getattr(self.config, f.name) for f in fields(self.config) if f.name != "platform_options"}
+        options = self.config.platform_options
+        values.update({f"platform_options.{f.name}": getattr(options, f.name) for f in fields(options)})
+        width = max(len(name) for name in values)
+        for name, value in values.items():
+            shown = value.value if isinstance(value, SchedulingPolicy | WeightsMode) else value
+            source = self.sources.get(name, DEFAULT)
+            lines.append(f"  {name:<{width}}  {shown!r}" + ("" if source == DEFAULT else f"  ({source})"))
+        return "\n".join(lines)
+
+
+def _user_set(user: EngineConfig) -> dict[str, Any]:
+    """The options the user gave a value (a ``None`` default left as ``None`` is unset)."""
+    chosen = {}
+    for f in fields(EngineConfig):
+        value = getattr(user, f.name)
+        if f.name == "platform_options" or value is None:
+            continue
+        chosen[f.name] = value
+    return chosen
+
+
+def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManager) -> ConfigResolution:
+    """Resolve ``user`` for ``platform`` and its model into a frozen :class:`ResolvedConfig`.
+
+    Reads the checkpoint's metadata (format, config, quantization), not its
+    weights, so it is cheap and needs no device runtime. Raises ``ValueError``
+    with advice for a configuration that cannot run.
+    """
+    if user.model is None:
+        raise ValueError("no model given: set model= to a checkpoint path")
+    model_format = resolve_format(user.model, manager, trust_remote_code=user.trust_remote_code)
+    model_config = build_model_config(user, model_format, manager, platform)
+    sources = {name: USER for name, value in _user_set(user).items() if value != _field_default(name)}
+    draft = copy.deepcopy(user)
+    defaults = platform.engine_defaults(user, model_config)
+    unknown = sorted(set(defaults) - {f.name for f in fields(EngineConfig)})
+    if unknown:
+        raise TypeError(f"platform {platform.name!r} gave defaults for unknown options: {', '.join(unknown)}")
+    for name, value in defaults.items():
+        if getattr(draft, name) is None:
+            setattr(draft, name, value)
+            sources[name] = f"platform {platform.name}"
+    notes = manager.run_configure(draft, sources)
+    draft.__post_init__()  # a plugin's value gets the same checks as the user's
+
+    max_num_batched_tokens = draft.max_num_batched_tokens
+    assert max_num_batched_tokens is not None and draft.block_size is not None and draft.max_num_seqs is not None, (
+        f"platform {platform.name!r} left block_size, max_num_seqs or max_num_batched_tokens unset"
+    )
+    if not draft.enable_chunked_prefill and max_num_batched_tokens < model_config.max_model_len:
+        # Without chunking a whole prompt runs in one step, so one step must hold the longest.
+        max_num_batched_tokens = model_config.max_model_len
+        sources["max_num_batched_tokens"] = "derived: enable_chunked_prefill=False needs max_model_len per step"
+
+    quantized_weights = WeightsMode.DEQUANTIZE
+    if draft.quantized_weights != "auto":
+        quantized_weights = WeightsMode(draft.quantized_weights)
+    elif model_config.quantization is not None:
+        quantized_weights = WeightsMode(platform.quantized_weights_mode(draft, model_config.quantization))
+        sources["quantized_weights"] = f"platform {platform.name}"
+
+    options, option_notes = _platform_options(draft, platform, sources)
+    notes.extend(option_notes)
+    passed = {name: getattr(draft, name) for name in _PASSED_THROUGH}
+    passed["max_num_batched_tokens"] = max_num_batched_tokens
+    config = ResolvedConfig(
+        **passed,
+        model=user.model,
+        tokenizer=draft.tokenizer or user.model,
+        platform=platform.name,
+        scheduling_policy=SchedulingPolicy(draft.scheduling_policy),
+        num_kv_blocks=draft.num_kv_blocks or 0,
+        kv_cache_memory=draft.kv_cache_memory or 0,
+        fit_max_model_len=draft.max_model_len == "auto",
+        quantized_weights=quantized_weights,
+        attention_backend=draft.attention_backend or "",
+        platform_options=options,
+    )
+    notes.extend(platform.configure(config, model_config))
+    return ConfigResolution(config, model_config, model_format, sources, notes)
+
+
+def _platform_options(draft: EngineConfig, platform: Platform, sources: dict[str, str]) -> tuple[Any, list[str]]:
+    """The platform's typed options from ``platform_options`` (and the top-level ``num_threads``)."""
+    names = platform.option_names()
+    given = dict(draft.platform_options)
+    notes = []
+    if draft.num_threads is not None:
+        if "num_threads" in names:
+            given.setdefault("num_threads", draft.num_threads)
+        else:
+            notes.append(f"num_threads={draft.num_threads} is ignored: platform {platform.name!r} does not use it")
+    unknown = sorted(set(given) - set(names))
+    if unknown:
+        raise ValueError(
+            f"platform {platform.name!r} has no option {', '.join(map(repr, unknown))}; its options are: "
+            f"{', '.join(names) or 'none'}"
+        )
+    options = platform.resolve_options(given, draft)
+    for f in fields(options):
+        if f.name in given:
+            sources[f"platform_options.{f.name}"] = USER
+        elif f.default is MISSING or getattr(options, f.name) != f.default:
+            sources[f"platform_options.{f.name}"] = f"platform {platform.name}"
+    return options, notes
+
+
+def _field_default(name: str) -> Any:
+    f = _FIELDS[name]
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None
+
+
+_FIELDS = {f.name: f for f in fields(EngineConfig)}
