@@ -52,8 +52,10 @@ class EngineConfig:
     the :class:`~kvik.platforms.Platform` class.
     """
 
-    model: str | None = None
-    tokenizer: str | None = None
+    model: str | None = None  # a checkpoint path or a Hugging Face Hub id ("org/name")
+    tokenizer: str | None = None  # path or Hub id; None: the model's own
+    revision: str | None = None  # Hub branch, tag or commit of the model (and of a Hub tokenizer)
+    download_dir: str | None = None  # Hub cache folder; None: huggingface_hub's (HF_HOME / HF_HUB_CACHE)
     device: str | None = None  # platform name; None = auto-detect (or $KVIK_DEVICE)
     dtype: str = "auto"
     max_model_len: int | str | None = None  # int, None (from the model) or "auto" (fit memory)
@@ -134,8 +136,9 @@ class ResolvedConfig:
     :class:`ModelConfig`.
     """
 
-    model: str  # checkpoint path
-    tokenizer: str  # tokenizer path: the checkpoint's own when the user named none
+    model: str  # local checkpoint path (a Hub id is downloaded or found in the cache first)
+    model_name: str  # the model as the user named it (Hub id or path): the default served name
+    tokenizer: str  # local tokenizer path: the checkpoint's own when the user named none
     trust_remote_code: bool
     platform: str  # the selected platform's name
     block_size: int  # tokens per KV block

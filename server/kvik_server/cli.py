@@ -51,11 +51,17 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     """Add every ``kvik serve`` flag to ``parser`` (engine options keep vLLM's names)."""
     parser.add_argument("--config", help="YAML file of flag values (keys: flag names with - or _); "
                         "flags on the command line win")  # fmt: skip
-    parser.add_argument("--model", help="model path or GGUF file (default: the bundled SmolLM2-135M-Instruct)")
+    parser.add_argument("--model", help="checkpoint directory, GGUF file or Hugging Face Hub id "
+                        "(default: the bundled SmolLM2-135M-Instruct)")  # fmt: skip
     parser.add_argument("--served-model-name", help="name clients must send as `model` (default: --model)")
     parser.add_argument("--host", default="127.0.0.1", help="interface to bind (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=8000, help="TCP port (default 8000)")
     engine = parser.add_argument_group("engine")
+    engine.add_argument("--tokenizer", help="tokenizer path or Hub id (default: the model's own)")
+    engine.add_argument("--revision", help="Hub branch, tag or commit of --model (and of a Hub --tokenizer)")
+    engine.add_argument("--download-dir", help="Hub cache folder (default: huggingface_hub's, HF_HOME)")
+    engine.add_argument("--trust-remote-code", action="store_true", default=None,
+                        help="let transformers run code shipped with the checkpoint (config, tokenizer)")  # fmt: skip
     engine.add_argument("--device", help="platform name (cpu, cuda, ...; default: auto-detect)")
     engine.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
     engine.add_argument("--max-model-len", type=_max_model_len,
@@ -156,7 +162,7 @@ def finalize_args(args: Any, parser: argparse.ArgumentParser | None = None) -> A
 
 def engine_kwargs(args: Any) -> dict[str, Any]:
     """AsyncLLM.from_engine_args keyword arguments from the flags that were given."""
-    names = ("model", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
+    names = ("model", "tokenizer", "revision", "download_dir", "trust_remote_code", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
              "kv_cache_memory", "enable_prefix_caching", "enforce_eager", "async_scheduling", "seed",
              "num_threads")  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}

@@ -33,7 +33,7 @@ class EngineDeadError(RuntimeError):
 class AsyncLLM:
     def __init__(self, engine: LLMEngine, model_name: str | None = None) -> None:
         self.engine = engine
-        self.model_name = model_name or str(engine.config.model)
+        self.model_name = model_name or engine.config.model_name
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
         self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvik.config import EngineConfig, ModelConfig, ResolvedConfig, SchedulingPolicy, WeightsMode
 from kvik.models.formats import ModelFormat
+from kvik.models.hub import TOKENIZER_FILES, resolve_model_path
 from kvik.models.model_config import build_model_config, resolve_format
 
 if TYPE_CHECKING:
@@ -91,7 +92,11 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
     """
     if user.model is None:
         raise ValueError("no model given: set model= to a checkpoint path")
-    model_format = resolve_format(user.model, manager, trust_remote_code=user.trust_remote_code)
+    model_path = resolve_model_path(user.model, user.revision, user.download_dir)
+    tokenizer = model_path
+    if user.tokenizer is not None:
+        tokenizer = resolve_model_path(user.tokenizer, user.revision, user.download_dir, TOKENIZER_FILES)
+    model_format = resolve_format(model_path, manager, trust_remote_code=user.trust_remote_code)
     model_config = build_model_config(user, model_format, manager, platform)
     sources = {name: USER for name, value in _user_set(user).items() if value != _field_default(name)}
     draft = copy.deepcopy(user)
@@ -128,8 +133,9 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
     passed["max_num_batched_tokens"] = max_num_batched_tokens
     config = ResolvedConfig(
         **passed,
-        model=user.model,
-        tokenizer=draft.tokenizer or user.model,
+        model=model_path,
+        model_name=user.model,
+        tokenizer=tokenizer,
         platform=platform.name,
         scheduling_policy=SchedulingPolicy(draft.scheduling_policy),
         num_kv_blocks=draft.num_kv_blocks or 0,

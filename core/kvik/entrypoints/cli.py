@@ -37,8 +37,12 @@ def _cmd_env(args: argparse.Namespace) -> int:
 def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     """Engine flags shared by ``generate`` (``serve`` adds its own set)."""
     parser.add_argument(
-        "--model", "-m", default=None, help="checkpoint directory or .gguf file (default: bundled SmolLM2)"
+        "--model", "-m", default=None, help="checkpoint directory, .gguf file or Hub id (default: bundled SmolLM2)"
     )
+    parser.add_argument("--tokenizer", default=None, help="tokenizer path or Hub id (default: the model's own)")
+    parser.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
+    parser.add_argument("--download-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="let transformers run the checkpoint's code")
     parser.add_argument("--device", default=None, help="platform name (cpu, cuda, rocm, apple); default: auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     parser.add_argument("--max-model-len", default=None, help="context length (int or 'auto')")
@@ -82,6 +86,10 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         max_len = int(max_len)
     return dict(
         model=args.model,
+        tokenizer=args.tokenizer,
+        revision=args.revision,
+        download_dir=args.download_dir,
+        trust_remote_code=args.trust_remote_code,
         device=args.device,
         dtype=args.dtype,
         max_model_len=max_len,

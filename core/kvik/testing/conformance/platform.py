@@ -108,7 +108,7 @@ def _probe_model_config() -> ModelConfig:
 
 def _probe_resolved(platform: Platform, defaults: dict[str, Any], options: PlatformOptions) -> ResolvedConfig:
     return ResolvedConfig(
-        model="probe", tokenizer="probe", trust_remote_code=False, platform=platform.name,
+        model="probe", model_name="probe", tokenizer="probe", trust_remote_code=False, platform=platform.name,
         block_size=defaults["block_size"], max_num_seqs=defaults["max_num_seqs"],
         max_num_batched_tokens=defaults["max_num_batched_tokens"], enable_prefix_caching=True,
         enable_chunked_prefill=True, long_prefill_token_threshold=0, scheduling_policy=SchedulingPolicy.FCFS,
