@@ -1,4 +1,5 @@
-"""The core's own plugin: torch reference attention, Llama-family models, safetensors, xgrammar.
+"""The core's own plugin: torch reference attention, Llama-family models, the transformers fallback,
+safetensors, xgrammar.
 
 Registered through the ``kvik`` entry-point group like any third-party plugin.
 """
@@ -19,6 +20,8 @@ def kvik_register_attention_backends(register: RegisterFn) -> None:
 def kvik_register_models(register: RegisterFn) -> None:
     for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
         register(arch, f"kvik.models.llama:{arch}")
+    # Any other causal LM transformers can build (used when no native architecture matches).
+    register("TransformersForCausalLM", "kvik.models.transformers_fallback:TransformersForCausalLM")
 
 
 @hookimpl

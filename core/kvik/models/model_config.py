@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import TYPE_CHECKING, Any
 
@@ -12,6 +13,8 @@ from kvik.plugins.manager import PluginManager, get_plugin_manager
 
 if TYPE_CHECKING:
     from kvik.platforms.interface import Platform
+
+logger = logging.getLogger(__name__)
 
 _DTYPES = ("float32", "float16", "bfloat16")
 
@@ -56,6 +59,23 @@ def _int_ids(value: Any) -> set[int]:
     return {int(v) for v in value}
 
 
+FALLBACK_ARCHITECTURE = "TransformersForCausalLM"  # the registry name of kvik.models.transformers_fallback
+
+
+def transformers_fallback_refusal(hf_config: Any) -> str | None:
+    """Why transformers' own modelling code cannot run this config under kvik, or None when it can."""
+    from transformers import AutoModelForCausalLM
+
+    archs = list(getattr(hf_config, "architectures", None) or [])
+    if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
+        return f"architectures {archs or '(none)'} name no causal LM (*ForCausalLM)"
+    if type(hf_config) not in AutoModelForCausalLM._model_mapping:
+        return f"transformers has no causal LM for model_type {getattr(hf_config, 'model_type', None)!r}"
+    if getattr(hf_config, "attn_logit_softcapping", None):
+        return "attention logit soft-capping is not supported by the fallback"
+    return None
+
+
 def build_model_config(
     engine_config: EngineConfig,
     fmt: ModelFormat,
@@ -71,13 +91,21 @@ def build_model_config(
     hf = fmt.load_hf_config()
     archs = list(getattr(hf, "architectures", None) or [])
     registry = manager.models
+    for name in archs:
+        if name in registry.conflicts:
+            registry.entry(name)  # raises, naming both plugins that registered it
     arch = next((a for a in archs if a in registry), None)
     if arch is None:
-        raise ValueError(
-            f"model architecture {', '.join(archs) or '(none given in config.json)'} is not supported; "
-            f"registered architectures: {', '.join(registry.names()) or 'none'}. "
-            "A plugin can add one through the kvik_register_models hook."
-        )
+        why_not = transformers_fallback_refusal(hf)
+        if why_not is not None or FALLBACK_ARCHITECTURE not in registry:
+            raise ValueError(
+                f"model architecture {', '.join(archs) or '(none given in config.json)'} is not supported: "
+                f"kvik has no native implementation (registered: {', '.join(registry.names()) or 'none'}) and "
+                f"the transformers fallback cannot run it ({why_not or 'it is not registered'}). "
+                "A plugin can add one through the kvik_register_models hook."
+            )
+        arch = FALLBACK_ARCHITECTURE
+        logger.info("%s has no native kvik implementation: running transformers' modelling code", ", ".join(archs))
     # dtype
     if engine_config.dtype == "auto":
         model_dtype = _dtype_name(getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)) or "float32"
