@@ -188,7 +188,7 @@ def _checkpoint_renamer(model: nn.Module) -> Callable[[str], str]:
         from transformers.core_model_loading import WeightRenaming
     except ImportError:  # an older transformers without conversion mappings stores names as built
         return lambda name: name
-    transforms = get_model_conversion_mapping(model)
+    transforms = get_model_conversion_mapping(model)  # type: ignore[arg-type]
 
     def rename(name: str) -> str:
         for transform in transforms:
