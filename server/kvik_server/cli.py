@@ -81,6 +81,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="seconds in-flight requests get to finish after SIGTERM (default 30)")  # fmt: skip
     server.add_argument("--ready-stall-seconds", type=float, default=60.0,
                         help="/ready fails when work is queued and no engine step ran for this long")  # fmt: skip
+    server.add_argument("--trust-request-chat-template", action="store_true", default=None,
+                        help="render chat templates sent in requests (chat_template); off by default because a "
+                        "template is code the server runs")  # fmt: skip
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
