@@ -74,11 +74,11 @@ def test_lone_surrogate_is_400(app_server: InProcessServer) -> None:
     still_serving(app_server)
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [{"messages": []}, {"tokenize": True}, {"add_generation_prompt": False}, {"tools": []},
-     {"documents": []}, {"conversation": [], "return_dict": True}],  # fmt: skip
-)
+COLLIDING = [{"messages": []}, {"tokenize": True}, {"add_generation_prompt": False}, {"tools": []},
+             {"documents": []}, {"conversation": [], "return_dict": True}]  # fmt: skip
+
+
+@pytest.mark.parametrize("kwargs", COLLIDING)
 def test_chat_template_kwargs_colliding_with_the_renderer_are_400(
     app_server: InProcessServer, kwargs: dict[str, Any]
 ) -> None:
@@ -109,7 +109,8 @@ def test_echo_with_out_of_vocabulary_ids_is_400(app_server: InProcessServer, ids
     error_of(app_server.post("/v1/completions", {"prompt": [[5], ids], "echo": True, "max_tokens": 1}))
     error_of(app_server.post("/detokenize", {"tokens": ids}), param="tokens")
     ok = app_server.post("/v1/completions", {"prompt": [5, 6], "echo": True, "max_tokens": 1})
-    assert ok.status_code == 200 and ok.json()["choices"][0]["text"].startswith(app_server.engine.tokenizer.decode([5, 6]))
+    echoed = app_server.engine.tokenizer.decode([5, 6])
+    assert ok.status_code == 200 and ok.json()["choices"][0]["text"].startswith(echoed)
 
 
 def test_retrieve_model(app_server: InProcessServer) -> None:
