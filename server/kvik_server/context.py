@@ -18,6 +18,7 @@ from kvik.sampling_params import SamplingParams
 from kvik_server.admission import AdmissionLedger, KVCapacity
 from kvik_server.chat_template import RenderTimeout, RenderWatchdog, request_template
 from kvik_server.errors import APIError, bad_request
+from kvik_server.json_body import check_text
 from kvik_server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -278,25 +279,6 @@ class ServingContext:
     def busy_since(self) -> float | None:
         """time.monotonic() of the oldest request still waiting on the engine, or None."""
         return min(self.engine_pending.values(), default=None)
-
-
-_SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-def check_text(text: str, param: str) -> None:
-    """400 for a lone UTF-16 surrogate: JSON's ``"\\ud800"`` escape parses to one, but it is not text.
-
-    (json.loads joins an escaped surrogate *pair* into one character, so any left are lone.)
-    """
-    match = _SURROGATE.search(text)
-    if match is not None:
-        raise bad_request(
-            f"'{param}' contains a lone UTF-16 surrogate (U+{ord(match.group()):04X} at character "
-            f"{match.start()}), which is not valid Unicode text. Send valid UTF-8; a character outside the "
-            'Basic Multilingual Plane is escaped in JSON as a surrogate pair such as "\\ud83d\\ude00".',
-            param=param,
-            code="invalid_value",
-        )
 
 
 _NAMED_PARAM = re.compile(r"^(?:SamplingParams\.|invalid )(\w+)")
