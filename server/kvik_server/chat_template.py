@@ -48,10 +48,9 @@ def check_template_kwargs(kwargs: Mapping[str, Any]) -> None:
         )
 
 
-def request_template(kwargs: Mapping[str, Any]) -> str | None:
-    """The template a request brings (its ``chat_template``), or None."""
-    value = kwargs.get(REQUEST_TEMPLATE_KEY)
-    return value if value is not None else None
+def request_template(kwargs: Mapping[str, Any]) -> Any:
+    """The template a request brings (``chat_template`` among the template arguments), or None."""
+    return kwargs.get(REQUEST_TEMPLATE_KEY)
 
 
 class RenderTimeout(BaseException):
