@@ -13,18 +13,22 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 
 import kvik_server
 from kvik_server.context import ServerSettings, ServingContext
-from kvik_server.errors import bad_request, install_error_handlers, validation_error
+from kvik_server.errors import bad_request, install_error_handlers, invalid_json, validation_error
+from kvik_server.json_body import JSONRoute, loads
 from kvik_server.metrics import CONTENT_TYPE
 from kvik_server.middleware import GuardMiddleware
+from kvik_server.openapi import install_openapi, tokenize_request_body
 from kvik_server.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     DetokenizeRequest,
+    ErrorBody,
+    HealthProblem,
     ModelCard,
     ModelList,
     TokenizeChatRequest,
@@ -51,13 +55,22 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
             await ctx.shutdown_engine(0.0)
 
     app = FastAPI(title="kvik", version=kvik_server.__version__, lifespan=lifespan)
+    app.router.route_class = JSONRoute  # every route parses JSON bodies the same way (json_body.py)
     app.state.ctx = ctx
     install_error_handlers(app)
 
+    def model_card() -> ModelCard:
+        return ModelCard(id=ctx.model_name, root=str(engine.model_name), max_model_len=ctx.max_model_len)
+
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        card = ModelCard(id=ctx.model_name, root=str(engine.model_name), max_model_len=ctx.max_model_len)
-        return ModelList(data=[card])
+        return ModelList(data=[model_card()])
+
+    # OpenAI's "retrieve model"; :path because ids may hold slashes (org/name)
+    @app.get("/v1/models/{model_id:path}", responses={404: {"model": ErrorBody, "description": "Unknown model."}})
+    async def retrieve_model(model_id: str) -> ModelCard:
+        ctx.check_model(model_id)
+        return model_card()
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:
@@ -67,7 +80,7 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await create_completion(ctx, body, raw)
 
-    @app.post("/tokenize")
+    @app.post("/tokenize", openapi_extra=tokenize_request_body())
     async def tokenize(raw: Request) -> JSONResponse:
         data = await _json_object(raw)
         try:
@@ -94,13 +107,13 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     @app.post("/detokenize")
     async def detokenize(body: DetokenizeRequest) -> JSONResponse:
         ctx.check_model(body.model)
-        vocab = len(ctx.tokenizer)
-        bad = [t for t in body.tokens if not 0 <= t < vocab]
-        if bad:
-            raise bad_request(f"token ids {bad[:5]} are outside the vocabulary [0, {vocab}).", param="tokens")
+        ctx.check_token_ids(body.tokens, "tokens")
         return JSONResponse({"prompt": await ctx.decode(body.tokens)})
 
-    @app.get("/health")
+    @app.get("/health", response_class=Response, responses={
+        200: {"description": "The engine loop is alive (empty body)."},
+        503: {"description": "The engine loop is not running.", "model": HealthProblem},
+    })  # fmt: skip
     async def health() -> Response:
         if ctx.started and engine.is_healthy():
             return Response(status_code=200)
@@ -119,10 +132,14 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
 
         return {"version": kvik_server.__version__, "kvik_core": core_version}
 
-    @app.get("/metrics")
+    @app.get("/metrics", response_class=PlainTextResponse, responses={
+        200: {"description": "Prometheus text exposition format 0.0.4.",
+              "content": {"text/plain": {"schema": {"type": "string"}}}},
+    })  # fmt: skip
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
+    install_openapi(app)
     known = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     app.add_middleware(
         GuardMiddleware,
@@ -167,9 +184,9 @@ def readiness(ctx: ServingContext) -> tuple[bool, str]:
 
 async def _json_object(raw: Request) -> dict[str, Any]:
     try:
-        data = json.loads(await raw.body())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise bad_request(f"We could not parse the JSON body of your request ({exc}).") from None
+        data = loads(await raw.body())
+    except json.JSONDecodeError as exc:
+        raise invalid_json(exc.msg) from None
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.")
     return data

@@ -87,6 +87,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="seconds in-flight requests get to finish after SIGTERM (default 30)")  # fmt: skip
     server.add_argument("--ready-stall-seconds", type=float, default=60.0,
                         help="/ready fails when work is queued and no engine step ran for this long")  # fmt: skip
+    server.add_argument("--trust-request-chat-template", action="store_true", default=None,
+                        help="render chat templates sent in requests (chat_template); off by default because a "
+                        "template is code the server runs")  # fmt: skip
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     return parser
 
@@ -162,9 +165,9 @@ def finalize_args(args: Any, parser: argparse.ArgumentParser | None = None) -> A
 
 def engine_kwargs(args: Any) -> dict[str, Any]:
     """AsyncLLM.from_engine_args keyword arguments from the flags that were given."""
-    names = ("model", "tokenizer", "revision", "download_dir", "trust_remote_code", "device", "dtype", "max_model_len", "max_num_seqs", "max_num_batched_tokens",
-             "kv_cache_memory", "enable_prefix_caching", "enforce_eager", "async_scheduling", "seed",
-             "num_threads")  # fmt: skip
+    names = ("model", "tokenizer", "revision", "download_dir", "trust_remote_code", "device", "dtype",
+             "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "enable_prefix_caching",
+             "enforce_eager", "async_scheduling", "seed", "num_threads")  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

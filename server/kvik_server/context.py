@@ -6,7 +6,7 @@ import asyncio
 import logging
 import re
 import time
-from collections.abc import AsyncGenerator, Callable
+from collections.abc import AsyncGenerator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -15,7 +15,10 @@ import anyio
 from kvik.outputs import RequestOutput
 from kvik.sampling_params import SamplingParams
 
+from kvik_server.admission import AdmissionLedger, KVCapacity
+from kvik_server.chat_template import RenderTimeout, RenderWatchdog, request_template
 from kvik_server.errors import APIError, bad_request
+from kvik_server.json_body import check_text
 from kvik_server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -32,6 +35,9 @@ class ServerSettings:
     max_request_body_bytes: int | None = 16 * 1024 * 1024
     shutdown_grace_period: float = 30.0  # seconds in-flight requests get after SIGTERM
     ready_stall_seconds: float = 60.0  # queued work but no engine step for this long: not ready
+    trust_request_chat_template: bool = False  # render chat templates sent in requests (chat_template.py)
+    chat_template_timeout: float = 2.0  # seconds one chat-template render may take
+    max_template_chars: int | None = None  # rendered-prompt cap; None: ServingContext.max_template_chars
 
     @classmethod
     def from_args(cls, args: Any) -> ServerSettings:
@@ -59,15 +65,15 @@ class ServingContext:
         # One worker: HF fast tokenizers are not safe for concurrent mutation, and this keeps
         # long prompts from blocking the event loop without starving the engine thread of CPU.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvik-tokenizer")
+        self._watchdog = RenderWatchdog()
         self.inflight: dict[str, float] = {}  # request id -> time.monotonic() of admission
         # Requests still waiting on the engine (the final output not yet received): /ready's view,
         # which must not blame the engine for a client that reads a finished stream slowly.
         self.engine_pending: dict[str, float] = {}
-        self.inflight_seqs = 0  # sequences (n per prompt) admitted and not finished
         self.started = False
         self.draining = False
         self._shutdown_done = False
-        self._max_num_seqs: int = engine.config.max_num_seqs  # the running-batch cap, for back-pressure
+        self.admission = AdmissionLedger(engine.config.max_num_seqs, _kv_capacity(engine))
 
     @property
     def max_model_len(self) -> int:
@@ -133,8 +139,24 @@ class ServingContext:
                 code="context_length_exceeded",
             )
 
-    def admit(self, num_seqs: int) -> None:
-        """Refuse (503 + Retry-After) when draining or when the wait queue would exceed its cap."""
+    def check_token_ids(self, ids: list[int], param: str) -> None:
+        """400 for ids the tokenizer cannot decode (negative, past its vocabulary, or beyond 64 bits)."""
+        vocab = len(self.tokenizer)
+        bad = [t for t in ids if not 0 <= t < vocab]
+        if bad:
+            raise bad_request(
+                f"token ids {bad[:5]} in '{param}' are outside the vocabulary [0, {vocab}).",
+                param=param,
+                code="invalid_value",
+            )
+
+    def admit(self, n: int, prompt_lens: Sequence[int]) -> None:
+        """Refuse (503 + Retry-After) when draining, or when admitting these prompts (``n`` sequences
+        each) would leave more than ``--max-waiting-requests`` sequences waiting (admission.py).
+
+        Call it right before :meth:`generate`, with no ``await`` between: the two together are one step
+        of the event loop, so a burst of requests is counted one by one.
+        """
         if self.draining:
             raise APIError(
                 503,
@@ -145,17 +167,12 @@ class ServingContext:
         limit = self.settings.max_waiting_requests
         if limit is None:
             return
-        stats = self.engine.get_stats()
-        waiting = stats.num_waiting
-        free = 0
-        if self._max_num_seqs:
-            # Requests admitted here but not yet in the engine's queue count as waiting too.
-            waiting = max(waiting, self.inflight_seqs - self._max_num_seqs)
-            free = max(0, self._max_num_seqs - self.inflight_seqs)
-        if waiting + max(0, num_seqs - free) > limit:
+        reported = self.engine.get_stats().num_waiting  # as of the engine's last step
+        waiting = max(self.admission.num_waiting(), reported)
+        if max(self.admission.num_waiting([(length, n) for length in prompt_lens]), reported) > limit:
             raise APIError(
                 503,
-                f"The server is overloaded: {waiting} sequences are already waiting "
+                f"The server is overloaded: {waiting} sequences are already waiting for the running batch "
                 f"(--max-waiting-requests {limit}). Retry after a short wait.",
                 code="server_overloaded",
                 headers={"Retry-After": "1"},
@@ -177,8 +194,12 @@ class ServingContext:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, lambda: fn(*args, **kwargs))
 
-    async def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        ids = await self.run_tokenizer(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+    async def encode(self, text: str, add_special_tokens: bool = True, param: str = "prompt") -> list[int]:
+        check_text(text, param)
+        try:
+            ids = await self.run_tokenizer(self.tokenizer.encode, text, add_special_tokens=add_special_tokens)
+        except (TypeError, UnicodeEncodeError) as exc:  # what HF tokenizers raise for text they cannot take
+            raise bad_request(f"The tokenizer could not encode the {param}: {exc}", param=param) from None
         return list(ids)
 
     async def decode(self, ids: list[int]) -> str:
@@ -187,20 +208,49 @@ class ServingContext:
     async def render_chat(
         self, messages: list[dict[str, Any]], add_special_tokens: bool = False, **kwargs: Any
     ) -> list[int]:
-        """Apply the model's chat template; template problems are the client's 400."""
+        """Apply the chat template (the model's, or the request's when trusted) within the render limits
+        of chat_template.py; template problems are the client's 400."""
+        if request_template(kwargs) is not None and not self.settings.trust_request_chat_template:
+            raise bad_request(
+                "This server does not render chat templates sent in requests (a template is code the server "
+                "would run); drop 'chat_template' to use the model's own. The operator can allow them with "
+                "--trust-request-chat-template.",
+                param="chat_template",
+                code="unsupported_parameter",
+            )
+        timeout, max_chars = self.settings.chat_template_timeout, self.max_template_chars
 
         def render() -> list[int]:
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+            text = self._watchdog.run(
+                lambda: self.tokenizer.apply_chat_template(messages, tokenize=False, **kwargs), timeout
+            )
+            if len(text) > max_chars:
+                raise bad_request(
+                    f"The chat template rendered {len(text)} characters, more than the limit of {max_chars} "
+                    f"(no prompt that long fits the model's context of {self.max_model_len} tokens).",
+                    param="messages",
+                    code="context_length_exceeded",
+                )
+            check_text(text, "messages")
             return list(self.tokenizer.encode(text, add_special_tokens=add_special_tokens))
 
         try:
             return await self.run_tokenizer(render)
-        except (ValueError, TypeError, KeyError) as exc:
-            raise bad_request(f"Could not apply the model's chat template: {exc}", param="messages") from None
-        except Exception as exc:  # jinja2 errors (raise_exception in templates, undefined variables)
+        except RenderTimeout:
+            raise bad_request(
+                f"The chat template took more than {timeout:g}s to render; the server stopped it.", param="messages"
+            ) from None
+        except (ValueError, TypeError, KeyError, RecursionError, MemoryError) as exc:
+            raise bad_request(f"Could not apply the chat template: {exc}", param="messages") from None
+        except Exception as exc:  # jinja2 errors (raise_exception in templates, undefined variables, SecurityError)
             if type(exc).__module__.startswith("jinja2"):
-                raise bad_request(f"Could not apply the model's chat template: {exc}", param="messages") from None
+                raise bad_request(f"Could not apply the chat template: {exc}", param="messages") from None
             raise
+
+    @property
+    def max_template_chars(self) -> int:
+        """The rendered-prompt size cap: a setting, else 64 characters per token of context (at least 1 MiB)."""
+        return self.settings.max_template_chars or max(1 << 20, 64 * self.max_model_len)
 
     # -- generation --------------------------------------------------------------
     def generate(
@@ -213,13 +263,17 @@ class ServingContext:
         engine (bad input) becomes a 400.
         """
         self.inflight[request_id] = self.engine_pending[request_id] = time.monotonic()
-        self.inflight_seqs += params.n
+        self.admission.add(request_id, len(prompt_ids), params.n)
         return EngineStream(self, prompt_ids, params, request_id, priority)
 
-    def _release(self, request_id: str, num_seqs: int) -> None:
+    def _finished(self, request_id: str) -> None:
+        """The engine is done with the request (its client may still be reading)."""
         self.engine_pending.pop(request_id, None)
-        if self.inflight.pop(request_id, None) is not None:
-            self.inflight_seqs -= num_seqs
+        self.admission.remove(request_id)
+
+    def _release(self, request_id: str) -> None:
+        self._finished(request_id)
+        self.inflight.pop(request_id, None)
 
     def busy_since(self) -> float | None:
         """time.monotonic() of the oldest request still waiting on the engine, or None."""
@@ -233,6 +287,17 @@ def _param_named_in(message: str) -> str | None:
     """The request field an engine error names ("invalid guided_regex: ...", "SamplingParams.top_p ...")."""
     match = _NAMED_PARAM.match(message)
     return match.group(1) if match else None
+
+
+def _kv_capacity(engine: Any) -> KVCapacity | None:
+    """The KV cache an AsyncLLM's engine planned (None for engines that do not say)."""
+    core = getattr(engine, "engine", None)
+    pool = getattr(getattr(getattr(core, "scheduler", None), "kv_cache", None), "pool", None)
+    num_blocks = getattr(pool, "num_usable_blocks", None)
+    if not isinstance(num_blocks, int):
+        return None
+    config = engine.config
+    return KVCapacity(num_blocks, config.block_size, config.enable_prefix_caching)
 
 
 class EngineStream:
@@ -255,7 +320,7 @@ class EngineStream:
 
     async def aclose(self) -> None:
         await self._gen.aclose()
-        self.ctx._release(self.request_id, self.params.n)
+        self.ctx._release(self.request_id)
 
     async def _run(self, prompt_ids: list[int], priority: int) -> AsyncGenerator[RequestOutput, None]:
         ctx, request_id = self.ctx, self.request_id
@@ -269,7 +334,7 @@ class EngineStream:
                         first_token = time.time()
                     if output.finished:
                         finished = True
-                        ctx.engine_pending.pop(request_id, None)
+                        ctx._finished(request_id)
                         ctx.metrics.observe_finished(output, arrival, first_token, time.time())
                     yield output
             except ValueError as exc:
@@ -285,7 +350,7 @@ class EngineStream:
                     headers={"Retry-After": "5"},
                 ) from None
         finally:
-            ctx._release(request_id, self.params.n)
+            ctx._release(request_id)
             if not finished:
                 # Shielded: under a cancelled anyio scope every await would be cancelled again.
                 with anyio.CancelScope(shield=True):

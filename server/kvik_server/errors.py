@@ -60,7 +60,15 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> JSONResponse:
-        return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+        return ErrorResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+
+class ErrorResponse(JSONResponse):
+    """JSON with non-ASCII escaped: an error message may quote request text holding a lone surrogate
+    (``"\\ud800"`` is valid JSON), which cannot be encoded as UTF-8."""
+
+    def render(self, content: Any) -> bytes:
+        return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -78,6 +86,11 @@ def sse_error(error: APIError) -> str:
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def invalid_json(reason: str) -> APIError:
+    """The 400 for a body that is not JSON (``reason`` from ``json_body.loads``), the same on every route."""
+    return bad_request(f"We could not parse the JSON body of your request. The body must be a JSON object ({reason}).")
 
 
 # OpenAI fields kvik does not implement: named in the 400 instead of "unknown field".
@@ -124,10 +137,7 @@ def validation_error(errors: Sequence[Any]) -> APIError:
         shown = param if param is not None else json.dumps(name)
         return bad_request(f"Unrecognized request argument supplied: {shown}", param=param, code="unknown_parameter")
     if kind == "json_invalid":
-        return bad_request(
-            "We could not parse the JSON body of your request. The body must be a JSON object "
-            f"({err.get('ctx', {}).get('error', 'invalid JSON')})."
-        )
+        return invalid_json(str(err.get("ctx", {}).get("error", "invalid JSON")))
     if kind == "missing":
         return bad_request(f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
     if kind == "model_attributes_type" or (param is None and kind.endswith("_type")):

@@ -12,7 +12,9 @@ import time
 from typing import Annotated, Any, Literal
 
 from kvik.sampling_params import SamplingParams
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
+
+from kvik_server.chat_template import REQUEST_TEMPLATE_KEY, check_template_kwargs
 
 
 def _is_neutral(name: str, value: Any) -> bool:
@@ -154,6 +156,22 @@ class SamplingFields(OpenAIModel):
         return SamplingParams(**values)
 
 
+def _check_template_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
+    if value is not None:
+        check_template_kwargs(value)
+    return value
+
+
+def _fold_chat_template(request: Any) -> Any:
+    """Pass a body-level ``chat_template`` (vLLM's field) on with the other template arguments."""
+    if request.chat_template is not None:
+        kwargs = request.chat_template_kwargs or {}
+        if kwargs.get(REQUEST_TEMPLATE_KEY) not in (None, request.chat_template):
+            raise ValueError("chat_template and chat_template_kwargs.chat_template differ; send one of them")
+        request.chat_template_kwargs = {**kwargs, REQUEST_TEMPLATE_KEY: request.chat_template}
+    return request
+
+
 class ChatMessage(OpenAIModel):
     role: Literal["system", "developer", "user", "assistant"]
     content: str | list[ContentPart] | None = None
@@ -182,7 +200,10 @@ class ChatCompletionRequest(SamplingFields):
     top_logprobs: int | None = Field(None, ge=0, le=20)
     add_generation_prompt: bool = True
     continue_final_message: bool = False
+    chat_template: str | None = None  # refused unless the server runs with --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
+    _check_template_kwargs = field_validator("chat_template_kwargs")(_check_template_kwargs)
+    _fold_chat_template = model_validator(mode="after")(_fold_chat_template)
 
     def requested_logprobs(self) -> int | None:
         """SamplingParams.logprobs: None, or how many top alternatives to return per token."""
@@ -237,6 +258,24 @@ class ModelList(BaseModel):
     data: list[ModelCard]
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: str | None = None
+
+
+class ErrorBody(BaseModel):
+    """Every error response: ``{"error": {...}}`` (errors.py)."""
+
+    error: ErrorDetail
+
+
+class HealthProblem(BaseModel):
+    status: Literal["unhealthy"]
+    reason: str
+
+
 class TokenizeCompletionRequest(OpenAIModel):
     model: str | None = None
     prompt: str
@@ -249,7 +288,10 @@ class TokenizeChatRequest(OpenAIModel):
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
+    chat_template: str | None = None
     chat_template_kwargs: dict[str, Any] | None = None
+    _check_template_kwargs = field_validator("chat_template_kwargs")(_check_template_kwargs)
+    _fold_chat_template = model_validator(mode="after")(_fold_chat_template)
 
 
 class DetokenizeRequest(OpenAIModel):

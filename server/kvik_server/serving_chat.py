@@ -58,7 +58,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         **(body.chat_template_kwargs or {}),
     )
     ctx.check_length(len(prompt_ids), max_tokens, "messages")
-    ctx.admit(params.n)
+    ctx.admit(params.n, [len(prompt_ids)])
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     stream = ctx.generate(prompt_ids, params, request_id, body.priority)

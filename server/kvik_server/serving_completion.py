@@ -51,13 +51,15 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: R
             text = prompt
         else:
             ids = list(prompt)
+            if body.echo:  # decoding for echo comes before the engine's own vocabulary check
+                ctx.check_token_ids(ids, "prompt")
             text = await ctx.decode(ids) if body.echo else ""
         if not ids:
             raise bad_request("The prompt is empty after tokenization; give at least one token.", param="prompt")
         ctx.check_length(len(ids), body.max_tokens, "prompt")
         prompt_ids.append(ids)
         prompt_texts.append(text)
-    ctx.admit(params.n * len(prompts))
+    ctx.admit(params.n, [len(ids) for ids in prompt_ids])
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     streams = [

@@ -1,18 +1,24 @@
-"""A real `kvik serve` subprocess on loopback for the server tests (imported by conftest and tests)."""
+"""Servers for the server tests (imported by conftest and tests): a real `kvik serve` subprocess on
+loopback, and the app in-process on a background event loop."""
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
+from collections.abc import Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import httpx
 
+T = TypeVar("T")
 API_KEY = "test-key-123"
 MAX_MODEL_LEN = 4096
 
@@ -94,3 +100,45 @@ class ServerProcess:
                 self.proc.wait()
         self._log.close()
         return int(self.proc.returncode)
+
+
+class InProcessServer:
+    """The app on an event loop in a background thread (the engine needs one long-lived loop).
+
+    ``settings`` defaults to serving the model as "tiny"; ``engine_kwargs`` override the small engine
+    (max_model_len 256, 8 sequences, one torch thread).
+    """
+
+    def __init__(self, model: Path, settings: Any = None, **engine_kwargs: Any) -> None:
+        from kvik.engine.async_llm import AsyncLLM
+        from kvik_server.app import build_app
+        from kvik_server.context import ServerSettings
+
+        kwargs: dict[str, Any] = {"max_model_len": 256, "max_num_seqs": 8, "num_threads": 1, **engine_kwargs}
+        self.engine = AsyncLLM.from_engine_args(model=str(model), device="cpu", **kwargs)
+        self.app = build_app(self.engine, settings or ServerSettings(served_model_name="tiny"))
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self._lifespan = self.app.router.lifespan_context(self.app)
+        self.run(self._lifespan.__aenter__())
+        self.client = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False), base_url="http://kvik"
+        )
+
+    def run(self, coro: Coroutine[Any, Any, T], timeout: float = 60) -> T:
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def post(self, path: str, body: Any) -> httpx.Response:
+        # json.dumps writes NaN/Infinity for non-finite floats, which json.loads on the server accepts
+        content = body if isinstance(body, bytes) else json.dumps(body).encode()
+        return self.run(self.client.post(path, content=content, headers={"content-type": "application/json"}))
+
+    def get(self, path: str) -> httpx.Response:
+        return self.run(self.client.get(path))
+
+    def close(self) -> None:
+        self.run(self.client.aclose())
+        self.run(self._lifespan.__aexit__(None, None, None))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

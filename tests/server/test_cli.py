@@ -79,3 +79,14 @@ def test_mounted_in_kvik_cli(tmp_path: Path) -> None:
     assert (args.max_num_seqs, args.port, args.model) == (4, 9002, "m")
     parser = add_serve_arguments(argparse.ArgumentParser())
     assert parser.parse_args([]).host == "127.0.0.1"  # loopback unless asked otherwise
+
+
+def test_trust_request_chat_template_flag(tmp_path: Path) -> None:
+    assert ServerSettings.from_args(parse_serve_args(["--model", "/m"])).trust_request_chat_template is False
+    args = parse_serve_args(["--model", "/m", "--trust-request-chat-template"])
+    assert ServerSettings.from_args(args).trust_request_chat_template is True
+    config = tmp_path / "serve.yaml"
+    config.write_text("trust-request-chat-template: true\n")
+    args = parse_serve_args(["--config", str(config), "--model", "/m"])
+    assert ServerSettings.from_args(args).trust_request_chat_template is True
+    assert "trust_request_chat_template" not in engine_kwargs(args)

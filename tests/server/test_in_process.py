@@ -7,58 +7,23 @@ import asyncio
 import json
 import threading
 import time
-from collections.abc import Coroutine, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from kvik.engine.async_llm import AsyncLLM
-from kvik_server.app import build_app
 from kvik_server.context import ServerSettings
-
-T = TypeVar("T")
-
-
-class InProcessServer:
-    """The app on an event loop in a background thread (the engine needs one long-lived loop)."""
-
-    def __init__(self, model: Path) -> None:
-        self.engine = AsyncLLM.from_engine_args(model=str(model), device="cpu", max_model_len=256, max_num_seqs=8,
-                                                num_threads=1)  # fmt: skip
-        self.app = build_app(
-            self.engine,
-            ServerSettings(served_model_name="tiny", max_request_body_bytes=1 << 20, ready_stall_seconds=1.0),
-        )
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self._lifespan = self.app.router.lifespan_context(self.app)
-        self.run(self._lifespan.__aenter__())
-        self.client = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=self.app, raise_app_exceptions=False), base_url="http://kvik"
-        )
-
-    def run(self, coro: Coroutine[Any, Any, T]) -> T:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(60)
-
-    def post(self, path: str, body: Any) -> httpx.Response:
-        # json.dumps writes NaN/Infinity for non-finite floats, which json.loads on the server accepts
-        content = json.dumps(body).encode()
-        return self.run(self.client.post(path, content=content, headers={"content-type": "application/json"}))
-
-    def close(self) -> None:
-        self.run(self.client.aclose())
-        self.run(self._lifespan.__aexit__(None, None, None))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
+from server_harness import InProcessServer
 
 
 @pytest.fixture(scope="module")
 def app_server(tiny_model: Path) -> Iterator[InProcessServer]:
-    server = InProcessServer(tiny_model)
+    server = InProcessServer(
+        tiny_model, ServerSettings(served_model_name="tiny", max_request_body_bytes=1 << 20, ready_stall_seconds=1.0)
+    )
     yield server
     server.close()
 
