@@ -26,6 +26,13 @@ class SchedulingPolicy(str, Enum):
     PRIORITY = "priority"
 
 
+class LoadFormat(str, Enum):
+    """Where the weights come from."""
+
+    AUTO = "auto"  # the checkpoint's format (safetensors, GGUF, ...)
+    DUMMY = "dummy"  # seeded random weights of the right shapes: nothing is read (benchmarks)
+
+
 class WeightsMode(str, Enum):
     """How a quantized checkpoint's linear weights are held in memory."""
 
@@ -73,6 +80,7 @@ class EngineConfig:
     attention_backend: str | None = None
     quantization: str | None = None
     quantized_weights: str = "auto"  # keep quantized weights packed, or dequantize at load
+    load_format: str = "auto"  # "dummy": random weights, only the checkpoint's config (and tokenizer) is read
     enforce_eager: bool = False  # no CUDA graphs / compiled graphs
     # Schedule step n+1 while the device runs step n (None: the platform decides; on for CUDA/ROCm).
     async_scheduling: bool | None = None
@@ -96,6 +104,10 @@ class EngineConfig:
         if self.quantized_weights not in _WEIGHT_MODES:
             raise ValueError(
                 f"quantized_weights must be one of {', '.join(_WEIGHT_MODES)}, got {self.quantized_weights!r}"
+            )
+        if self.load_format not in tuple(f.value for f in LoadFormat):
+            raise ValueError(
+                f"load_format must be one of {', '.join(f.value for f in LoadFormat)}, got {self.load_format!r}"
             )
         if isinstance(self.max_model_len, str) and self.max_model_len != "auto":
             raise ValueError(f"max_model_len must be an integer, None or 'auto', got {self.max_model_len!r}")
@@ -155,6 +167,7 @@ class ResolvedConfig:
     gpu_memory_utilization: float
     fit_max_model_len: bool  # max_model_len="auto": lower it to what the KV cache holds
     quantized_weights: WeightsMode
+    load_format: LoadFormat
     attention_backend: str  # "" = the platform's first backend that can run the model
     enforce_eager: bool  # no CUDA graphs / compiled graphs
     async_scheduling: bool  # asked for; the engine also needs a runner that supports it

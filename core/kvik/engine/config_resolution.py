@@ -20,7 +20,7 @@ import copy
 from dataclasses import MISSING, dataclass, field, fields
 from typing import TYPE_CHECKING, Any
 
-from kvik.config import EngineConfig, ModelConfig, ResolvedConfig, SchedulingPolicy, WeightsMode
+from kvik.config import EngineConfig, LoadFormat, ModelConfig, ResolvedConfig, SchedulingPolicy, WeightsMode
 from kvik.models.formats import ModelFormat
 from kvik.models.hub import TOKENIZER_FILES, resolve_model_path
 from kvik.models.model_config import build_model_config, resolve_format
@@ -66,7 +66,7 @@ class ConfigResolution:
         values.update({f"platform_options.{f.name}": getattr(options, f.name) for f in fields(options)})
         width = max(len(name) for name in values)
         for name, value in values.items():
-            shown = value.value if isinstance(value, SchedulingPolicy | WeightsMode) else value
+            shown = value.value if isinstance(value, SchedulingPolicy | WeightsMode | LoadFormat) else value
             source = self.sources.get(name, DEFAULT)
             lines.append(f"  {name:<{width}}  {shown!r}" + ("" if source == DEFAULT else f"  ({source})"))
         return "\n".join(lines)
@@ -142,6 +142,7 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         kv_cache_memory=draft.kv_cache_memory or 0,
         fit_max_model_len=draft.max_model_len == "auto",
         quantized_weights=quantized_weights,
+        load_format=LoadFormat(draft.load_format),
         attention_backend=draft.attention_backend or "",
         platform_options=options,
     )

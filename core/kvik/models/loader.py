@@ -43,15 +43,23 @@ def load_model(
     fmt: ModelFormat,
     quantized: bool,
     manager: PluginManager | None = None,
+    dummy_seed: int | None = None,
 ) -> nn.Module:
     """Build the registered architecture on ``ctx.device`` and load the checkpoint into it.
 
     ``quantized`` is passed to :meth:`ModelFormat.iter_weights`. Raises
-    ``ValueError`` naming the parameters the checkpoint left unset.
+    ``ValueError`` naming the parameters the checkpoint left unset. With
+    ``dummy_seed`` no weight is read: parameters get seeded random values
+    (``load_format="dummy"``, for benchmarks and shapes too large to write).
     """
     manager = manager or get_plugin_manager()
     model_cls = manager.models.get(model_config.architecture)
     model: nn.Module = model_cls(ctx)
+    if dummy_seed is not None:
+        if quantized:
+            raise ValueError("load_format='dummy' makes dense random weights; this checkpoint is quantized")
+        _fill_dummy_weights(model, dummy_seed)
+        return model.eval()
     model.load_weights(_progress(fmt.iter_weights(quantized), fmt.weight_bytes()))  # type: ignore[operator]
     missing_fn = getattr(model, "missing_weights", None)
     missing = list(missing_fn()) if callable(missing_fn) else []
@@ -62,6 +70,23 @@ def load_model(
         if isinstance(module, Linear):
             module.quant_method.process_weights_after_loading(module)
     return model.eval()
+
+
+@torch.no_grad()
+def _fill_dummy_weights(model: nn.Module, seed: int) -> None:
+    """Seeded random weights of the right shapes: matrices N(0, 0.02), norm scales 1, other vectors 0.
+
+    Values are drawn on the CPU and copied, so the same seed gives the same model on any device.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    for name, param in model.named_parameters():
+        if param.dim() >= 2:
+            values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, 0.02, generator=generator)
+        elif "norm" in name:
+            values = torch.ones(param.shape)
+        else:
+            values = torch.zeros(param.shape)
+        param.copy_(values.to(param.dtype))
 
 
 def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:

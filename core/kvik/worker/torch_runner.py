@@ -25,7 +25,7 @@ from torch import nn
 
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.attention.selector import select_attention_backend
-from kvik.config import ModelConfig, ResolvedConfig, WeightsMode
+from kvik.config import LoadFormat, ModelConfig, ResolvedConfig, WeightsMode
 from kvik.models.formats import ModelFormat
 from kvik.models.interface import ModelBuildContext
 from kvik.models.loader import dequantize_model, load_model
@@ -119,7 +119,8 @@ class TorchModelRunner(ModelRunner):
             return layer
 
         ctx = ModelBuildContext(mc, self.dtype, self.device, make_attention, method)
-        model = load_model(mc, ctx, fmt, quantized=method is not None, manager=self.manager)
+        dummy = self.config.seed if self.config.load_format is LoadFormat.DUMMY else None
+        model = load_model(mc, ctx, fmt, quantized=method is not None, manager=self.manager, dummy_seed=dummy)
         if method is not None and self.config.quantized_weights is WeightsMode.DEQUANTIZE:
             n = dequantize_model(model, self.dtype)
             logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)

@@ -20,7 +20,7 @@ import importlib.util
 import platform as _pyplatform
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from kvik.config import WeightsMode
+from kvik.config import LoadFormat, WeightsMode
 from kvik.platforms.interface import MemoryInfo, Platform
 
 if TYPE_CHECKING:
@@ -124,6 +124,8 @@ class ApplePlatform(Platform):
         return defaults
 
     def configure(self, config: ResolvedConfig, model_config: ModelConfig) -> list[str]:
+        if config.load_format is not LoadFormat.AUTO:
+            raise ValueError(f"load_format={config.load_format.value!r} is not supported by the apple (MLX) platform")
         if config.attention_backend not in ("", *self.attention_backends):
             raise ValueError(
                 f"attention_backend {config.attention_backend!r} cannot run on the apple (MLX) platform; "
