@@ -113,7 +113,9 @@ def build_model_config(
     window = getattr(hf, "sliding_window", None)
     if hasattr(hf, "use_sliding_window") and not hf.use_sliding_window:
         window = None
-    layer_window = getattr(registry.get(arch), "layer_sliding_window", None)
+    # Only a config that declares a window can slide: then ask the architecture which layers do
+    # (importing its class, and so torch; a config without one stays torch-free, e.g. on MLX).
+    layer_window = getattr(registry.get(arch), "layer_sliding_window", None) if window else None
     if callable(layer_window):  # the architecture knows which layers slide (Qwen2: max_window_layers)
         windows = {layer_window(hf, i) for i in range(int(hf.num_hidden_layers))} - {None}
         window = max(windows) if windows else None

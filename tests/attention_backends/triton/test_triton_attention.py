@@ -129,11 +129,11 @@ def test_split_heuristic_only_for_small_decode_batches() -> None:
 
 def test_validate_reasons() -> None:
     ok = TritonAttentionBackend.validate(
-        head_size=128, dtype=torch.bfloat16, device_type="cuda", block_size=16, sliding_window=4096
+        head_size=128, dtype="bfloat16", device_type="cuda", block_size=16, sliding_window=4096
     )
     assert ok == []
     reasons = TritonAttentionBackend.validate(
-        head_size=512, dtype=torch.bfloat16, device_type="cpu", block_size=16, sliding_window=None
+        head_size=512, dtype="bfloat16", device_type="cpu", block_size=16, sliding_window=None
     )
     assert any("head size 512" in r for r in reasons)
     assert any("'cpu'" in r for r in reasons)
