@@ -13,7 +13,7 @@ from kvik.plugins.hookspecs import RegisterFn, hookimpl
 if TYPE_CHECKING:
     from kvik.config import EngineConfig
 
-KVIK_PLUGIN_API = ">=1.0,<2"
+KVIK_PLUGIN_API = ">=2.0,<3"
 
 
 @hookimpl

@@ -45,7 +45,7 @@ def manager() -> PluginManager:
     pm = PluginManager(load_entrypoints=False)
     pm.register(kvik.builtin, "kvik.builtin")
     plugin = types.ModuleType("fake_backends")
-    plugin.KVIK_PLUGIN_API = ">=1.0,<2"
+    plugin.KVIK_PLUGIN_API = ">=2.0,<3"
 
     @hookimpl
     def kvik_register_attention_backends(register) -> None:

@@ -138,7 +138,7 @@ def test_bucketed_decode_with_triton_and_fused_layers_matches_torch_ref(kvik_plu
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("without a GPU this needs TRITON_INTERPRET=1 before triton loads (tests/attention_backends set it)")
     plugin = types.ModuleType("interp_plugin")
-    plugin.KVIK_PLUGIN_API = ">=1.0,<2"  # type: ignore[attr-defined]
+    plugin.KVIK_PLUGIN_API = ">=2.0,<3"  # type: ignore[attr-defined]
 
     @hookimpl
     def kvik_register_attention_backends(register):  # type: ignore[no-untyped-def]
