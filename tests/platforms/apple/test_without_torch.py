@@ -12,16 +12,15 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import pytest
 
 pytest.importorskip("mlx.core", reason="kvik-apple tests need MLX (pip install 'mlx[cpu]' on Linux)")
 
-from kvik import LLM, SamplingParams  # noqa: E402
-from kvik.testing.reference import random_prompts  # noqa: E402
+from kvik import LLM, SamplingParams
+from kvik.testing.reference import random_prompts
 
-from .test_gguf import GGUF  # noqa: E402
+from .test_gguf import GGUF
 
 NEW = 6
 _BLOCK_TORCH = 'import sys\nsys.modules["torch"] = None  # any import of torch now raises ImportError\n'
@@ -60,7 +59,7 @@ print(json.dumps([o.outputs[0].token_ids for o in outs]))
 def test_engine_on_a_tiny_checkpoint_without_torch(tiny_model_dir) -> None:
     path = tiny_model_dir("llama", num_hidden_layers=2)
     base = random_prompts(4, seed=3, low=3, high=40)
-    prompts = base + [base[3] + [5, 6, 7]]  # a shared prefix: the prefix cache serves it
+    prompts = [*base, base[3] + [5, 6, 7]]  # a shared prefix: the prefix cache serves it
     cpu = LLM(str(path), device="cpu", dtype="float32", num_kv_blocks=64, block_size=16)
     expected = [
         o.outputs[0].token_ids
