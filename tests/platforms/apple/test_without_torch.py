@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -98,3 +99,27 @@ def test_smollm2_gguf_engine_without_torch(kvik_plugin_manager) -> None:
     params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
     expected = [o.outputs[0].token_ids for o in cpu.generate(prompts, params)]
     assert json.loads(_run_without_torch(_GGUF_ENGINE, str(GGUF), json.dumps(prompts), "4")) == expected
+
+
+# Tests of this directory whose references need no torch (the rest compare with torch or
+# write their tiny checkpoints with it; the deselected one picks the torch CPU platform).
+_TORCH_FREE_TESTS = ["test_platform.py", "test_gguf.py::test_weights_match_the_gguf_package"]
+_NEEDS_TORCH = ["test_platform.py::test_auto_prefers_cpu_without_metal"]
+
+
+def test_torch_free_apple_tests_pass_with_torch_blocked() -> None:
+    here = Path(__file__).parent.relative_to(Path(__file__).parents[3])  # node ids from the repository root
+    proc = subprocess.run(
+        [
+            *(sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider"),
+            *(str(here / t) for t in _TORCH_FREE_TESTS),
+            *(f"--deselect={here / t}" for t in _NEEDS_TORCH),
+        ],
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), KVIK_TEST_WITHOUT_TORCH="1"),
+        timeout=600,
+        cwd=Path(__file__).parents[3],
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-2000:]
+    assert " passed" in proc.stdout and "skipped" not in proc.stdout.splitlines()[-1], proc.stdout[-500:]
