@@ -61,32 +61,29 @@ class BlockTables:
             self.drop(scheduler_output.finished_request_ids)
         if scheduler_output.preempted_request_ids:
             self.drop(scheduler_output.preempted_request_ids)
-        scheduled = scheduler_output.scheduled
-        rows = np.empty(len(scheduled), dtype=np.int64)
-        row_of, num_blocks = self._row_of, self.num_blocks
-        for i, req in enumerate(scheduled):
+        rows: list[int] = []
+        row_of = self._row_of
+        for req in scheduler_output.scheduled:  # per request, not per block: a decode step mostly has no new block
             row = row_of.get(req.request_id)
             if row is None:
                 row = self._new_row(req.request_id)
-                num_blocks = self.num_blocks  # _new_row may have grown the arrays
             ids = req.new_block_ids
             if req.full_block_table:
-                held = int(num_blocks[row])
+                held = int(self.num_blocks[row])
                 if held > len(ids):
                     self.table[row, len(ids) : held] = 0
-                start = 0
-            else:
-                start = int(num_blocks[row])
-            if ids:
-                end = start + len(ids)
-                if end > self.table.shape[1]:
-                    self._grow(cols=end)
-                self.table[row, start:end] = ids
-                num_blocks[row] = end
-            elif req.full_block_table:
-                num_blocks[row] = 0
-            rows[i] = row
-        return rows
+                self._write(row, 0, ids)
+            elif ids:
+                self._write(row, int(self.num_blocks[row]), ids)
+            rows.append(row)
+        return np.array(rows, dtype=np.int64)
+
+    def _write(self, row: int, start: int, ids: list[int]) -> None:
+        end = start + len(ids)
+        if end > self.table.shape[1]:
+            self._grow(cols=end)
+        self.table[row, start:end] = ids
+        self.num_blocks[row] = end
 
     def _new_row(self, request_id: str) -> int:
         if not self._free:

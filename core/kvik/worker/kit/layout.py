@@ -29,6 +29,7 @@ _token_ids = attrgetter("token_ids")
 _start_pos = attrgetter("start_pos")
 _sample = attrgetter("sample")
 _pending = attrgetter("num_pending_tokens")
+_NONE = np.zeros(0, dtype=np.int64)
 
 
 @dataclass(slots=True)
@@ -139,9 +140,9 @@ class StepLayout:
         num_real = int(q_lens.sum())
         need = -(-seq_lens // bs)
         held = tables.num_blocks[rows]
-        short = np.flatnonzero(held < need)
-        if short.size:
-            i = int(short[0])
+        short = held < need
+        if short.any():
+            i = int(short.nonzero()[0][0])
             raise ValueError(
                 f"request {scheduled[i].request_id!r} has {int(held[i])} blocks for {int(seq_lens[i])} tokens "
                 f"(block size {bs}); it needs {int(need[i])}"
@@ -155,39 +156,43 @@ class StepLayout:
             buffers, num_reqs, num_tokens, pad_to = None, n, num_real, None
         out = buffers or LayoutBuffers.allocate(num_tokens, num_reqs, cols)
 
+        padded = num_reqs > n
         qsl = out.query_start_loc[: num_reqs + 1]
         qsl[0] = 0
         np.cumsum(q_lens, out=qsl[1 : n + 1])
-        qsl[n + 1 :] = num_real + np.arange(1, num_reqs - n + 1)
         sl = out.seq_lens[:num_reqs]
         sl[:n] = seq_lens
-        sl[n:] = 1
-
         table = out.block_table[: num_reqs * cols].reshape(num_reqs, cols)
         np.take(tables.table[:, :cols], rows, axis=0, out=table[:n])
-        table[n:] = 0
 
         ids, pos, slots = out.token_ids[:num_tokens], out.positions[:num_tokens], out.slot_mapping[:num_tokens]
-        if num_real == n:  # decode-only: one token per request
+        decode_only = num_real == n  # one token per request (the hot case: few numpy calls)
+        if decode_only:
             ids[:n] = [r.token_ids[0] for r in scheduled]
             pos[:n] = starts
-            owner = np.arange(n)
+            ends = owner = np.arange(n)  # [n] each request's (only and last) row
+            real_pos = starts
         else:
             ids[:num_real] = np.fromiter(
                 itertools.chain.from_iterable(map(_token_ids, scheduled)), dtype=np.int64, count=num_real
             )
             owner = np.repeat(np.arange(n), q_lens)  # [num_real] the request of each token
             pos[:num_real] = np.arange(num_real) - np.repeat(qsl[:n] - starts, q_lens)
-        real_pos = pos[:num_real]
+            real_pos = pos[:num_real]
+            ends = qsl[1 : n + 1].astype(np.int64) - 1  # [n] each request's last row
         slots[:num_real] = table[owner, real_pos // bs].astype(np.int64) * bs + real_pos % bs
-        ids[num_real:] = 0
-        pos[num_real:] = 0
-        slots[num_real:] = 0  # the null block
+        if padded:  # dummy one-token requests at position 0 of the null block
+            qsl[n + 1 :] = num_real + np.arange(1, num_reqs - n + 1)
+            sl[n:] = 1
+            table[n:] = 0
+            ids[num_real:] = 0
+            pos[num_real:] = 0
+            slots[num_real:] = 0
 
-        ends = qsl[1 : n + 1].astype(np.int64) - 1  # [n] each request's last row
-        sample_index = np.flatnonzero(np.fromiter(map(_sample, scheduled), dtype=bool, count=n))
+        samples = np.fromiter(map(_sample, scheduled), dtype=bool, count=n)
+        sample_index = ends if decode_only and samples.all() else samples.nonzero()[0]
         pending = np.fromiter(map(_pending, scheduled), dtype=np.int64, count=n)
-        pending_index = np.flatnonzero(pending)
+        pending_index = pending.nonzero()[0] if pending.any() else _NONE
         if pending_index.size and int(pending[pending_index].max()) != 1:
             raise RuntimeError("a request can wait for at most one token from the previous step")
         padding = [1] * (num_reqs - n)
@@ -207,11 +212,11 @@ class StepLayout:
             block_size=bs,
             query_lens_cpu=query_lens_cpu,
             seq_lens_cpu=seq_lens_cpu,
-            max_query_len=max(query_lens_cpu),
+            max_query_len=1 if decode_only else max(query_lens_cpu),
             max_seq_len=max(seq_lens_cpu),
             sample_index=sample_index,
-            logits_indices=ends[sample_index],
-            pending_rows=ends[pending_index],
+            logits_indices=ends if sample_index is ends else ends[sample_index],
+            pending_rows=ends[pending_index] if pending_index.size else _NONE,
             pending_request_ids=[scheduled[i].request_id for i in pending_index.tolist()],
             prompt_rows=prompt_logprob_rows(scheduled),
             buffers=buffers,
