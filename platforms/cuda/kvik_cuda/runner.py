@@ -31,7 +31,7 @@ from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
 from kvik.worker.kit import BlockTables, StepLayout
 from kvik.worker.torch_runner import ModelInputs, TorchModelRunner
 
-from kvik_cuda.inputs import StepInputs
+from kvik_cuda.inputs import PreparedStep, StepInputs
 
 logger = logging.getLogger(__name__)
 
@@ -165,23 +165,31 @@ class CUDAModelRunner(TorchModelRunner):
         graph[0].replay()
         return graph[1]
 
+    def copy_dummy_decode(self, size: int) -> PreparedStep:
+        """Copy a decode batch of ``size`` dummy rows into the device buffers (graph capture, benchmarks).
+
+        One real-looking request at position 0 in the null block, padded to ``size``; its scratch
+        block tables leave the live requests' rows alone.
+        """
+        assert self.inputs is not None
+        dummy = [ScheduledRequest("capture", [0], 0, [0], True, SamplingParams())]
+        scratch = BlockTables()
+        rows = scratch.apply(SchedulerOutput(dummy, 1))
+        self.inputs.wait_host()
+        layout = StepLayout.build(dummy, scratch, rows, self.block_size, buffers=self.inputs.host, pad_to=size)
+        step = self.inputs.copy(layout)
+        step.metadata.max_seq_len_bound = self.model_config.max_model_len
+        return step
+
     @torch.inference_mode()
     def capture_graphs(self) -> None:
         """Capture one decode graph per batch size, largest first, sharing one memory pool."""
         assert self.model is not None and self.inputs is not None
         start = time.perf_counter()
         self.graph_pool = torch.cuda.graph_pool_handle()
-        # One real-looking request at position 0 in the null block; padding fills the rest.
-        # Its scratch block tables leave the live requests' rows alone.
-        dummy = [ScheduledRequest("capture", [0], 0, [0], True, SamplingParams())]
-        scratch = BlockTables()
-        rows = scratch.apply(SchedulerOutput(dummy, 1))
         for size in reversed(self.sizes):
-            self.inputs.wait_host()
-            layout = StepLayout.build(dummy, scratch, rows, self.block_size, buffers=self.inputs.host, pad_to=size)
-            step = self.inputs.copy(layout)
+            step = self.copy_dummy_decode(size)
             input_ids, positions, metadata = step.input_ids, step.positions, step.metadata
-            metadata.max_seq_len_bound = self.model_config.max_model_len
             self.attn_backend.prepare(metadata)  # type: ignore[union-attr]
             for _ in range(2):  # compile Triton kernels and settle cuBLAS workspaces outside the capture
                 self.model(input_ids, positions, self.kv_caches, metadata)

@@ -133,6 +133,39 @@ def test_pinned_input_path_gives_the_generic_runners_logits(kvik_plugin_manager,
 
 
 @pytest.mark.usefixtures("_one_thread")
+def test_dummy_decodes_between_steps_change_nothing(kvik_plugin_manager, tiny_model_dir) -> None:
+    """Graph capture's padded dummy batches (scratch block tables) leave live requests' tables alone."""
+    path = tiny_model_dir("llama")
+    expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
+    runner = _runner(CUDAModelRunner, path, kvik_plugin_manager, extra={"fused_layers": False})
+    assert isinstance(runner, CUDAModelRunner)
+    held: dict[str, list[int]] = {}  # what the runner has of each table
+    got = []
+    for step in STEPS:
+        sent = []
+        for r in step:  # block-table deltas: a request's first step sends its whole table, later ones what it gained
+            known = held.get(r.request_id)
+            new = r.new_block_ids if known is None else r.new_block_ids[len(known) :]
+            held[r.request_id] = list(r.new_block_ids)
+            sent.append(
+                ScheduledRequest(
+                    r.request_id,
+                    r.token_ids,
+                    r.start_pos,
+                    new,
+                    r.sample,
+                    r.sampling_params,
+                    full_block_table=known is None,
+                )
+            )
+        got.append(runner.compute_logits(SchedulerOutput(sent, sum(len(r.token_ids) for r in sent))))
+        dummy = runner.copy_dummy_decode(4)
+        assert dummy.metadata.num_reqs == 4 and dummy.metadata.max_seq_len_bound == runner.model_config.max_model_len
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)
+
+
+@pytest.mark.usefixtures("_one_thread")
 def test_bucketed_decode_with_triton_and_fused_layers_matches_torch_ref(kvik_plugin_manager, tiny_model_dir) -> None:
     pytest.importorskip("triton", reason="triton is not installed")
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
