@@ -222,8 +222,8 @@ def estimate_activation_bytes(model_config: ModelConfig, config: EngineConfig, i
     longest chunk, and the logits of every sampled row; x2 for MLX's allocator slack.
     """
     mc = model_config
-    tokens = config.max_num_batched_tokens or 2048
-    rows = min(config.max_num_seqs or tokens, tokens)
+    tokens: int = config.max_num_batched_tokens  # type: ignore[assignment]  # resolved: an int
+    rows = min(config.max_num_seqs, tokens)  # type: ignore[type-var]
     context = mc.max_model_len  # a chunk attends to at most the whole context
     qkv = tokens * (mc.num_heads + 2 * mc.num_kv_heads) * mc.head_dim
     intermediate = int(getattr(mc.hf_config, "intermediate_size", 4 * mc.hidden_size))
