@@ -99,14 +99,11 @@ def _graph_times(runner: Any, shape: str, record: Recorder) -> None:
     import torch
     import triton.testing
     from gpu_common import measure_ceilings
-    from kvik.sampling_params import SamplingParams
-    from kvik.scheduling.output import ScheduledRequest
 
-    dummy = [ScheduledRequest("replay", [0], 0, [0], True, SamplingParams())]
     times = {}
     for size in (1, 8, 64, 256):
         if size in runner.graphs:
-            runner.inputs.prepare(dummy, pad_to=size)
+            runner.copy_dummy_decode(size)
             graph = runner.graphs[size][0]
             times[size] = round(triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median"), 3)
     torch.cuda.synchronize()

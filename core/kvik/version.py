@@ -3,10 +3,15 @@
 ``PLUGIN_API_VERSION`` changes its major number only when a hook or interface
 changes meaning; new optional hook arguments and new interface methods with
 defaults bump the minor number. A plugin declares the range it supports with a
-module attribute ``KVIK_PLUGIN_API = ">=1.0,<2"``.
+module attribute ``KVIK_PLUGIN_API = ">=2.0,<3"``.
 """
 
 __version__ = "0.1.0"
 # 1.1: QuantizationMethod.apply_with_bias; 1.2: structured-output backends hook;
 # 1.3: ModelRunner.execute_async / supports_async_scheduling, ScheduledRequest.num_pending_*
-PLUGIN_API_VERSION = "1.3"
+# 2.0 (breaking, see docs/plugins.md "Plugin API 2.0"): ScheduledRequest carries block-table
+#     deltas (new_block_ids, full_block_table); the runner kit (kvik.worker.kit) and its hooks;
+#     AttentionBackend / AttentionMetadata generic over the array type, dtype names in
+#     supported_dtypes / validate(), supports_cuda_graphs, AttentionMetadata.max_seq_len_bound;
+#     SamplingBatch / PromptRows in kvik.sample.batch.
+PLUGIN_API_VERSION = "2.0"

@@ -23,8 +23,6 @@ _LOG2E = 1.4426950408889634
 MIN_HEAD_SIZE = 16  # tl.dot needs K >= 16
 MAX_HEAD_SIZE = 256  # the accumulator tile lives in registers
 MAX_SPLITS = 32
-# backend_data key a runner may set: an upper bound on every request's length (see num_splits).
-SEQ_LEN_BOUND_KEY = "max_seq_len_bound"
 
 
 def _next_pow2(n: int) -> int:
@@ -45,18 +43,18 @@ def _num_sms(device: torch.device) -> int:
     return 4  # the interpreter: any small number exercises the split path
 
 
-class TritonAttentionBackend(AttentionBackend):
+class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     """GQA-aware paged attention for mixed prefill/decode batches, with a
     split-KV (flash-decoding) path for small decode batches over long contexts."""
 
     name: ClassVar[str] = "triton"
-    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float16, torch.bfloat16, torch.float32)
+    supported_dtypes: ClassVar[tuple[str, ...]] = ("float16", "bfloat16", "float32")
     supported_device_types: ClassVar[tuple[str, ...]] = ("cuda",)
     supports_sliding_window: ClassVar[bool] = True
-    # Every launch parameter comes from host ints fixed by the batch shape and all
-    # per-step data is read from device tensors, so a captured CUDA graph replays
-    # correctly on new data of the same shape. (Read by kvik-cuda's runner.)
-    cuda_graph_safe: ClassVar[bool] = True
+    # Every launch parameter comes from host ints fixed by the batch shape (the split
+    # count from metadata.planned_max_seq_len) and all per-step data is read from device
+    # tensors, so a captured CUDA graph replays correctly on new data of the same shape.
+    supports_cuda_graphs: ClassVar[bool] = True
     # Tile shapes, (BLOCK_M rows, BLOCK_N keys, num_warps); class data so that
     # benchmarks and tests can try others through a subclass.
     decode_tile: ClassVar[tuple[int, int, int]] = (16, 64, 4)
@@ -71,7 +69,7 @@ class TritonAttentionBackend(AttentionBackend):
         cls,
         *,
         head_size: int,
-        dtype: torch.dtype,
+        dtype: str,
         device_type: str,
         block_size: int,
         sliding_window: int | None,
@@ -114,7 +112,7 @@ class TritonAttentionBackend(AttentionBackend):
             warps = max(warps, 8) if not decode else warps
         return block_m, block_m // self.group, block_n, warps
 
-    def num_splits(self, metadata: AttentionMetadata, device: torch.device, block_n: int) -> int:
+    def num_splits(self, metadata: AttentionMetadata[torch.Tensor], device: torch.device, block_n: int) -> int:
         """KV splits for this step: >1 only for decode steps too small to fill the GPU."""
         if not metadata.is_decode_only:
             return 1
@@ -124,9 +122,9 @@ class TritonAttentionBackend(AttentionBackend):
         sms = _num_sms(device)
         if programs >= sms:
             return 1
-        # A runner that replays CUDA graphs passes the longest length any replay may
-        # see, so the split count (a compile-time constant) is planned for all of them.
-        max_seq_len = metadata.backend_data.get(SEQ_LEN_BOUND_KEY, metadata.max_seq_len)
+        # A runner that replays CUDA graphs sets max_seq_len_bound to the longest length any
+        # replay may see, so the split count (a compile-time constant) is planned for all of them.
+        max_seq_len = metadata.planned_max_seq_len
         # About two programs per SM, and at least two KV tiles per split.
         splits = min(-(-2 * sms // programs), max_seq_len // (2 * block_n), MAX_SPLITS)
         return 1 << (max(splits, 1).bit_length() - 1)  # round down to a power of two: fewer compiled variants
@@ -166,7 +164,7 @@ class TritonAttentionBackend(AttentionBackend):
         key: torch.Tensor,
         value: torch.Tensor,
         kv_cache: torch.Tensor,
-        metadata: AttentionMetadata,
+        metadata: AttentionMetadata[torch.Tensor],
     ) -> torch.Tensor:
         self.write_kv(key, value, kv_cache, metadata.slot_mapping)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
@@ -176,7 +174,7 @@ class TritonAttentionBackend(AttentionBackend):
         return out
 
     def attend(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata, out: torch.Tensor
+        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata[torch.Tensor], out: torch.Tensor
     ) -> None:
         """Attention over the (already written) cache into ``out`` [num_tokens, num_heads, head_size]."""
         kernels = _kernels()

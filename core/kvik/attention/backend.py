@@ -1,43 +1,62 @@
-"""The interface attention-backend plugins implement."""
+"""The interface attention-backend plugins implement.
+
+Framework-neutral: this module imports no array library. A backend is generic
+over its array type (``torch.Tensor`` for the torch runners, ``mx.array`` for
+MLX): ``class MyBackend(AttentionBackend["torch.Tensor"])``, and the runner
+fills an ``AttentionMetadata`` of the same array type.
+"""
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Generic, TypeVar
 
-import torch
+ArrayT = TypeVar("ArrayT")  # the device array type: torch.Tensor, mx.array, ...
+
+# Dtype names a backend may list in ``supported_dtypes`` (the names kvik's configs use).
+DTYPE_NAMES = ("float32", "float16", "bfloat16")
 
 
 @dataclass(slots=True)
-class AttentionMetadata:
+class AttentionMetadata(Generic[ArrayT]):
     """One step's batch layout, built once by the model runner and shared by all layers.
 
     Tokens of all scheduled requests are flattened: request ``i`` owns rows
     ``query_start_loc[i]:query_start_loc[i+1]``; its K/V context is
     ``seq_lens[i]`` tokens long, of which the last ``query_lens[i]`` are new.
+    (The arrays are the host layout of :class:`kvik.worker.kit.StepLayout`, on the device.)
     """
 
     num_tokens: int
     num_reqs: int
-    query_start_loc: torch.Tensor  # [num_reqs + 1] int32, on device
-    seq_lens: torch.Tensor  # [num_reqs] int32: cached + new tokens, on device
-    block_tables: torch.Tensor  # [num_reqs, max_blocks] int32, padded with 0, on device
-    slot_mapping: torch.Tensor  # [num_tokens] int64: block_id * block_size + offset
+    query_start_loc: ArrayT  # [num_reqs + 1] int32, on device
+    seq_lens: ArrayT  # [num_reqs] int32: cached + new tokens, on device
+    block_tables: ArrayT  # [num_reqs, max_blocks] int32, padded with 0, on device
+    slot_mapping: ArrayT  # [num_tokens] int64 (int32 on MLX): block_id * block_size + offset
     block_size: int
     max_query_len: int
     max_seq_len: int
     query_lens_cpu: list[int]
     seq_lens_cpu: list[int]
+    # An upper bound on every request's length over all steps that reuse this metadata's
+    # plan (a runner replaying CUDA graphs sets max_model_len), or None: max_seq_len holds.
+    # Backends that plan launch parameters from lengths (split-KV counts) plan for it.
+    max_seq_len_bound: int | None = None
     # Whatever a backend derives in prepare() (split-KV plans, masks, ...).
     backend_data: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def planned_max_seq_len(self) -> int:
+        """The length to plan for: ``max_seq_len_bound`` when set, else ``max_seq_len``."""
+        return self.max_seq_len if self.max_seq_len_bound is None else self.max_seq_len_bound
 
     @property
     def is_decode_only(self) -> bool:
         return self.max_query_len == 1
 
 
-class AttentionBackend(ABC):
+class AttentionBackend(ABC, Generic[ArrayT]):
     """Paged attention for one layer shape.
 
     The model builds one instance per distinct (heads, head size, window)
@@ -46,10 +65,16 @@ class AttentionBackend(ABC):
     """
 
     name: ClassVar[str]
-    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
+    # Dtype names (see DTYPE_NAMES) the backend computes in.
+    supported_dtypes: ClassVar[tuple[str, ...]] = DTYPE_NAMES
     supported_head_sizes: ClassVar[tuple[int, ...] | None] = None  # None: any
     supported_device_types: ClassVar[tuple[str, ...]] = ("cpu",)
     supports_sliding_window: ClassVar[bool] = True
+    # True when a captured CUDA graph of forward() replays correctly on new data of the
+    # same shape: every launch parameter comes from host ints fixed by the batch shape
+    # (planned with AttentionMetadata.planned_max_seq_len) and all per-step data is read
+    # from the metadata's device arrays. Runners capture graphs only for such backends.
+    supports_cuda_graphs: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -70,7 +95,7 @@ class AttentionBackend(ABC):
         cls,
         *,
         head_size: int,
-        dtype: torch.dtype,
+        dtype: str,
         device_type: str,
         block_size: int,
         sliding_window: int | None,
@@ -78,7 +103,7 @@ class AttentionBackend(ABC):
         """Reasons this backend cannot run the configuration (empty: it can)."""
         reasons = []
         if dtype not in cls.supported_dtypes:
-            reasons.append(f"dtype {dtype} not in {cls.supported_dtypes}")
+            reasons.append(f"dtype {dtype} not in {', '.join(cls.supported_dtypes)}")
         if cls.supported_head_sizes is not None and head_size not in cls.supported_head_sizes:
             reasons.append(f"head size {head_size} not in {cls.supported_head_sizes}")
         if device_type not in cls.supported_device_types:
@@ -92,19 +117,19 @@ class AttentionBackend(ABC):
         """Shape of one layer's cache tensor; index 0 selects K (0) or V (1)."""
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
-    @classmethod  # noqa: B027 (an optional hook: the default does nothing)
-    def prepare(cls, metadata: AttentionMetadata) -> None:
+    @classmethod
+    def prepare(cls, metadata: AttentionMetadata[ArrayT]) -> None:
         """Derive per-step data into ``metadata.backend_data``; called once per step."""
 
     @abstractmethod
     def forward(
         self,
-        query: torch.Tensor,  # [num_tokens, num_heads, head_size]
-        key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-        value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
-        kv_cache: torch.Tensor,  # kv_cache_shape(...)
-        metadata: AttentionMetadata,
-    ) -> torch.Tensor:  # [num_tokens, num_heads, head_size]
+        query: ArrayT,  # [num_tokens, num_heads, head_size]
+        key: ArrayT,  # [num_tokens, num_kv_heads, head_size]
+        value: ArrayT,  # [num_tokens, num_kv_heads, head_size]
+        kv_cache: ArrayT,  # kv_cache_shape(...)
+        metadata: AttentionMetadata[ArrayT],
+    ) -> ArrayT:  # [num_tokens, num_heads, head_size]
         """Write ``key``/``value`` into ``kv_cache`` at ``metadata.slot_mapping``,
         then attend each new token to its request's context read through the
         block table: causal within the new tokens, full over cached ones, and

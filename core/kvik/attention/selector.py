@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from kvik.attention.backend import AttentionBackend
 from kvik.plugins.manager import PluginManager, get_plugin_manager
@@ -19,10 +17,10 @@ def select_attention_backend(
     platform: Platform,
     config: ResolvedConfig,
     head_size: int,
-    dtype: torch.dtype,
+    dtype: str,
     sliding_window: int | None,
     manager: PluginManager | None = None,
-) -> type[AttentionBackend]:
+) -> type[AttentionBackend[Any]]:
     """The user's ``config.attention_backend`` if set, else the platform's first valid preference.
 
     A backend the user named that cannot run the configuration is a hard error
@@ -31,7 +29,7 @@ def select_attention_backend(
     """
     manager = manager or get_plugin_manager()
     block_size = config.block_size
-    kwargs = dict(
+    kwargs: dict[str, Any] = dict(
         head_size=head_size,
         dtype=dtype,
         device_type=platform.device_type,
@@ -39,8 +37,8 @@ def select_attention_backend(
         sliding_window=sliding_window,
     )
     if config.attention_backend:
-        cls: type[AttentionBackend] = manager.attention_backends.get(config.attention_backend)
-        reasons = cls.validate(**kwargs)  # type: ignore[arg-type]
+        cls: type[AttentionBackend[Any]] = manager.attention_backends.get(config.attention_backend)
+        reasons = cls.validate(**kwargs)
         if reasons:
             raise ValueError(
                 f"attention backend {config.attention_backend!r} cannot run this model on platform "
@@ -55,7 +53,7 @@ def select_attention_backend(
         except PluginError as exc:
             problems.append(f"{name}: {exc}")
             continue
-        reasons = cls.validate(**kwargs)  # type: ignore[arg-type]
+        reasons = cls.validate(**kwargs)
         if not reasons:
             return cls
         problems.append(f"{name}: {'; '.join(reasons)}")

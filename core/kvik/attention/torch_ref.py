@@ -64,13 +64,13 @@ def _slots(block_table: torch.Tensor, positions: torch.Tensor, block_size: int) 
     return blocks * block_size + positions % block_size
 
 
-class TorchRefAttentionBackend(AttentionBackend):
+class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
     name = "torch_ref"
     supported_device_types = ("cpu", "cuda", "mps")
     supports_sliding_window = True
 
     @classmethod
-    def prepare(cls, metadata: AttentionMetadata) -> None:
+    def prepare(cls, metadata: AttentionMetadata[torch.Tensor]) -> None:
         device = metadata.block_tables.device
         bs = metadata.block_size
         starts = [0]
@@ -106,7 +106,7 @@ class TorchRefAttentionBackend(AttentionBackend):
         key: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
         value: torch.Tensor,  # [num_tokens, num_kv_heads, head_size]
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
-        metadata: AttentionMetadata,
+        metadata: AttentionMetadata[torch.Tensor],
     ) -> torch.Tensor:
         plan: _Plan | None = metadata.backend_data.get(_PLAN_KEY)
         if plan is None:

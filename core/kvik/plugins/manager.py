@@ -59,20 +59,25 @@ def _split_env(name: str) -> set[str] | None:
     return {part.strip() for part in value.split(",") if part.strip()}
 
 
+def _suggested_range() -> str:
+    major = Version(PLUGIN_API_VERSION).major
+    return f">={PLUGIN_API_VERSION},<{major + 1}"
+
+
 def check_api_compatibility(plugin: str, obj: Any) -> str | None:
     """Return why ``obj`` cannot be loaded under this core's plugin API, or None."""
     declared = getattr(obj, "KVIK_PLUGIN_API", None)
     if declared is None:
         return (
             f"plugin {plugin!r} declares no KVIK_PLUGIN_API; kvik's plugin API is "
-            f"{PLUGIN_API_VERSION} (add KVIK_PLUGIN_API = '>={PLUGIN_API_VERSION},<2' to the plugin module)"
+            f"{PLUGIN_API_VERSION} (add KVIK_PLUGIN_API = '{_suggested_range()}' to the plugin module)"
         )
     try:
         spec = SpecifierSet(str(declared))
     except InvalidSpecifier:
         return (
             f"plugin {plugin!r} has an invalid KVIK_PLUGIN_API {declared!r}; "
-            f"expected a version range such as '>={PLUGIN_API_VERSION},<2'"
+            f"expected a version range such as '{_suggested_range()}'"
         )
     if Version(PLUGIN_API_VERSION) not in spec:
         return (

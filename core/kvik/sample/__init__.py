@@ -1,5 +1,6 @@
-"""Turning logits into tokens: the batched sampler."""
+"""Turning logits into tokens.
 
-from kvik.sample.sampler import Sampler, SamplingBatch
-
-__all__ = ["Sampler", "SamplingBatch"]
+``kvik.sample.batch`` (the sampling-batch description, prompt-logprob rows) is
+torch-free; ``kvik.sample.sampler`` is the batched torch sampler. Importing
+this package imports neither, so a runner without torch (MLX) can use the first.
+"""

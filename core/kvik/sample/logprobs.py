@@ -1,49 +1,25 @@
-"""Logprobs of sampled and prompt tokens, gathered on the device and fetched in one copy.
+"""Logprobs of sampled and prompt tokens, gathered on the torch device and fetched in one copy.
 
 Semantics (vLLM's default ``logprobs_mode="raw_logprobs"``): log-probabilities
 of the raw model distribution, ``log_softmax(logits)`` *before* any logits
 processor, grammar mask, penalty, temperature or top-k/top-p filter. Each
 entry holds the chosen (or next prompt) token plus the row's top ``k``; the
 chosen token's rank is 1 + the number of tokens strictly more likely (ties
-share the better rank).
+share the better rank). The host side (arrays -> RunnerOutput) is the kit's
+:func:`kvik.worker.kit.logprobs.assemble_output`, shared with non-torch runners.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import numpy as np
 import torch
 
+from kvik.sample.batch import PromptRows
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest
 from kvik.tensor_transfer import to_device
-
-
-@dataclass(slots=True)
-class PromptRows:
-    """Prompt positions of one request computed this step, whose logits score the next prompt token."""
-
-    index: int  # the request's index in the step
-    rows: np.ndarray  # [m] rows of the step's flattened tokens
-    targets: list[int]  # [m] the prompt token each row scores
-
-
-def prompt_logprob_rows(scheduled: list[ScheduledRequest]) -> list[PromptRows]:
-    """Rows needing prompt logprobs: position ``p`` scores prompt token ``p + 1`` (the last prompt
-    position predicts the first output token and is left to sampling)."""
-    found = []
-    offset = 0
-    for i, req in enumerate(scheduled):
-        n = len(req.token_ids)
-        if req.sampling_params.prompt_logprobs is not None:
-            prompt = req.prompt_token_ids
-            end = min(req.start_pos + n, len(prompt) - 1)
-            if end > req.start_pos:
-                rows = np.arange(offset, offset + end - req.start_pos)
-                found.append(PromptRows(i, rows, list(prompt[req.start_pos + 1 : end + 1])))
-        offset += n
-    return found
+from kvik.worker.kit.logprobs import TopLogprobs, assemble_output
 
 
 def gather_logprobs(
@@ -109,18 +85,6 @@ class _Transfer:
         return out
 
 
-def _entries(ids: np.ndarray, lps: np.ndarray, ks: list[int]) -> list[dict[int, float]]:
-    """Host rows -> {token: logprob}, chosen token first, then the row's own top k."""
-    lps = lps.view(np.float32)
-    result = []
-    for i, k in enumerate(ks):
-        entry = {int(ids[i, 0]): float(lps[i, 0])}
-        for j in range(1, k + 1):
-            entry.setdefault(int(ids[i, j]), float(lps[i, j]))
-        result.append(entry)
-    return result
-
-
 def start_sample_output(
     sampled: torch.Tensor,
     raw_logprobs: torch.Tensor | None,
@@ -155,40 +119,13 @@ def start_sample_output(
         ids, lps, ranks = gather_logprobs(prompt_lp, target_t, min(pk, prompt_logits.shape[-1]))
         prompt_at = (transfer.add(ids), transfer.add(lps), transfer.add(ranks))
     wait = transfer.start()
-    return lambda: _assemble(wait(), tokens_at, sample_at, prompt_at, ks, reqs, prompt_rows, scheduled)
 
+    def finish() -> RunnerOutput:
+        host = wait()
 
-def _assemble(
-    host: list[np.ndarray],
-    tokens_at: int,
-    sample_at: tuple[int, int, int] | None,
-    prompt_at: tuple[int, int, int] | None,
-    ks: list[int | None],
-    reqs: list[ScheduledRequest],
-    prompt_rows: list[PromptRows],
-    scheduled: list[ScheduledRequest],
-) -> RunnerOutput:
-    token_ids = host[tokens_at].tolist()
-    output = RunnerOutput(sampled_token_ids={r.request_id: [t] for r, t in zip(reqs, token_ids, strict=True)})
-    if sample_at is not None:
-        ids_h, lps_h, ranks_h = (host[j] for j in sample_at)
-        entries = _entries(ids_h, lps_h, [x or 0 for x in ks])
-        output.logprobs, output.logprob_ranks = {}, {}
-        for i, (req, asked) in enumerate(zip(reqs, ks, strict=True)):
-            if asked is not None:
-                output.logprobs[req.request_id] = [entries[i]]
-                output.logprob_ranks[req.request_id] = [int(ranks_h[i])]
-    if prompt_at is not None:
-        ids_h, lps_h, ranks_h = (host[j] for j in prompt_at)
-        output.prompt_logprobs, output.prompt_logprob_ranks = {}, {}
-        start = 0
-        for pr in prompt_rows:
-            req = scheduled[pr.index]
-            stop = start + len(pr.targets)
-            k = req.sampling_params.prompt_logprobs or 0
-            output.prompt_logprobs[req.request_id] = _entries(
-                ids_h[start:stop], lps_h[start:stop], [k] * (stop - start)
-            )
-            output.prompt_logprob_ranks[req.request_id] = ranks_h[start:stop].tolist()
-            start = stop
-    return output
+        def top(at: tuple[int, int, int] | None) -> TopLogprobs | None:
+            return None if at is None else TopLogprobs(host[at[0]], host[at[1]].view(np.float32), host[at[2]])
+
+        return assemble_output(reqs, host[tokens_at], top(sample_at), scheduled, prompt_rows, top(prompt_at))
+
+    return finish

@@ -16,50 +16,19 @@ and position: not on the batch it ran in, nor on how many steps ran before
 from __future__ import annotations
 
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
-import numpy as np
 import torch
 
+from kvik.sample.batch import SamplingBatch, row_seed
 from kvik.sample.logits_processors import DEFAULT_LOGITS_PROCESSORS
-from kvik.sampling_params import SamplingParams
 from kvik.tensor_transfer import to_device
 
-_MASK64 = (1 << 64) - 1
-
-
-@dataclass(slots=True)
-class SamplingBatch:
-    """Per-row inputs of one sampling call (rows align with the logits)."""
-
-    params: list[SamplingParams]
-    # Index of the token being sampled in each row's output (len(output_token_ids)).
-    output_positions: list[int]
-    # Token history for penalties (read-only); filled by the runner when needed.
-    prompt_token_ids: list[list[int]] = field(default_factory=list)
-    output_token_ids: list[list[int]] = field(default_factory=list)
-    # The model's EOS ids: min_tokens masks them (with each row's stop_token_ids).
-    eos_token_ids: frozenset[int] = frozenset()
-    # Structured output: the rows a grammar constrains, and a callable returning their
-    # packed allowed-token bitmask [len(bitmask_rows), ceil(vocab / 32)] int32 (it may
-    # wait for a computation that overlapped the forward pass).
-    bitmask_rows: list[int] = field(default_factory=list)
-    bitmask: Callable[[], np.ndarray] | None = None
-
-    def __len__(self) -> int:
-        return len(self.params)
+# SamplingBatch and row_seed are torch-free (kvik.sample.batch); importable from here too.
+__all__ = ["LogitsProcessor", "Sampler", "SamplingBatch", "apply_min_p", "apply_top_k_top_p", "row_seed"]
 
 
 # (logits [n, vocab] float32, batch) -> logits; may modify in place.
 LogitsProcessor = Callable[[torch.Tensor, SamplingBatch], torch.Tensor]
-
-
-def row_seed(seed: int, position: int) -> int:
-    """A 63-bit generator seed for (request seed, output position) (splitmix64 mixing)."""
-    z = (seed * 0x9E3779B97F4A7C15 + position + 0x632BE59BD9B4E019) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
 
 
 class Sampler:

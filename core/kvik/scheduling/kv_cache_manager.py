@@ -76,6 +76,11 @@ class KVCacheManager:
         """Block ids of the request's table, in position order (block i holds tokens [i*bs, (i+1)*bs))."""
         return list(self._block_ids.get(request.request_id, ()))
 
+    def get_new_block_ids(self, request: Request, start: int) -> list[int]:
+        """Block ids of the request's table from index ``start`` on (a block-table delta)."""
+        ids = self._block_ids.get(request.request_id, ())
+        return list(ids[start:]) if start else list(ids)
+
     def num_blocks_needed(self, num_tokens: int) -> int:
         return cdiv(num_tokens, self.block_size)
 

@@ -22,7 +22,11 @@ class ScheduledRequest:
     # Tokens to compute this step; token_ids[0] sits at position start_pos.
     token_ids: list[int]
     start_pos: int  # == num_computed_tokens before this step
-    block_ids: list[int]  # the whole block table, enough for start_pos + len(token_ids)
+    # Block-table delta: the block ids appended to the request's table since the runner
+    # last saw it; the whole table when ``full_block_table`` (the first time the request
+    # is scheduled, and again after a preemption). Runners keep the tables (see
+    # kvik.worker.kit.BlockTables); the table then covers start_pos + len(token_ids).
+    new_block_ids: list[int]
     # True when this step reaches the end of the known tokens: a token is sampled
     # from the last position. False for a prefill chunk that is not the last.
     sample: bool
@@ -38,6 +42,8 @@ class ScheduledRequest:
     # Outputs sampled by steps in flight and not yet in output_token_ids: the
     # token this step samples sits at len(output_token_ids) + num_pending_outputs.
     num_pending_outputs: int = 0
+    # True: new_block_ids is the whole table (replace the runner's row); False: append them.
+    full_block_table: bool = True
 
     @property
     def num_new_tokens(self) -> int:
@@ -49,7 +55,8 @@ class SchedulerOutput:
     scheduled: list[ScheduledRequest]
     num_batched_tokens: int
     # Requests that ended or were preempted since the last step: runners drop
-    # any per-request state they keep (generators, persistent batch rows).
+    # any per-request state they keep (generators, block-table rows). A request
+    # scheduled again after a preemption comes with its whole table.
     finished_request_ids: list[str] = field(default_factory=list)
     preempted_request_ids: list[str] = field(default_factory=list)
     # Structured output: the requests (sampling this step) a grammar constrains and their

@@ -91,6 +91,9 @@ class Scheduler:
             )
         self._max_len = min(max_model_len, capacity)
         self._finished_ids: list[str] = []  # reported once, in the next SchedulerOutput
+        # Request id -> block ids already sent to the runner: each step sends only the
+        # blocks appended since (a block-table delta). Absent: the next one sends the whole table.
+        self._sent_blocks: dict[str, int] = {}
         self._num_preemptions = 0
         self._num_steps = 0
 
@@ -314,6 +317,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         """Free the request's blocks and requeue it at the front; it keeps its tokens and recomputes them."""
         self.kv_cache.free(request)
+        self._sent_blocks.pop(request.request_id, None)  # resumed with a new table, sent whole
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
         request.num_preemptions += 1
@@ -335,13 +339,17 @@ class Scheduler:
         num_pending = num_new - len(token_ids)  # trailing tokens still in flight (0 unless async)
         if num_pending:
             token_ids.extend([0] * num_pending)
+        sent = self._sent_blocks.get(request.request_id)
+        new_block_ids = self.kv_cache.get_new_block_ids(request, sent or 0)
+        self._sent_blocks[request.request_id] = (sent or 0) + len(new_block_ids)
         return ScheduledRequest(
             request_id=request.request_id,
             token_ids=token_ids,
             num_pending_tokens=num_pending,
             num_pending_outputs=request.num_output_placeholders,
             start_pos=start,
-            block_ids=self.kv_cache.get_block_ids(request),
+            new_block_ids=new_block_ids,
+            full_block_table=sent is None,
             sample=start + num_new == request.num_tokens + request.num_output_placeholders,
             sampling_params=request.sampling_params,
             prompt_token_ids=request.prompt_token_ids,
@@ -369,6 +377,7 @@ class Scheduler:
     def _release(self, request: Request) -> None:
         """Free a finished request's blocks and forget it."""
         self.kv_cache.free(request)
+        self._sent_blocks.pop(request.request_id, None)
         request.num_output_placeholders = 0  # a token still in flight for it will be dropped
         del self.requests[request.request_id]
         self._finished_ids.append(request.request_id)

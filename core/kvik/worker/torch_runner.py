@@ -13,11 +13,11 @@ nothing overlaps: the CPU platform leaves async scheduling off.
 
 from __future__ import annotations
 
-import itertools
 import logging
 import math
 from collections.abc import Callable
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -33,18 +33,37 @@ from kvik.models.model_config import resolve_format
 from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.quantization.base import QuantizationMethod
-from kvik.sample.logprobs import prompt_logprob_rows, start_sample_output
-from kvik.sample.sampler import Sampler, SamplingBatch
+from kvik.sample.batch import sampling_batch
+from kvik.sample.logprobs import start_sample_output
+from kvik.sample.sampler import Sampler
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.tensor_transfer import to_device
-from kvik.worker.interface import ModelRunner, StepHandle
+from kvik.worker.interface import StepHandle
+from kvik.worker.kit import KitModelRunner, StepLayout
+
+if TYPE_CHECKING:
+    from kvik.structured.manager import StructuredStep
 
 logger = logging.getLogger(__name__)
 
 
-class TorchModelRunner(ModelRunner):
-    """Runs a kvik torch model (``CausalLM``) on one ``torch.device``."""
+@dataclass(slots=True)
+class ModelInputs:
+    """One step's model inputs on the device (what :meth:`TorchModelRunner.prepare_inputs` builds)."""
+
+    input_ids: torch.Tensor  # [num_tokens] int64
+    positions: torch.Tensor  # [num_tokens] int64
+    metadata: AttentionMetadata[torch.Tensor]
+
+
+class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
+    """Runs a kvik torch model (``CausalLM``) on one ``torch.device``.
+
+    Built on the runner kit (:mod:`kvik.worker.kit`): subclasses override its hooks
+    (``build_layout``, ``prepare_inputs``, ``run_model``, ``sample``) and may call
+    :meth:`fill_pending_tokens` from their own ``prepare_inputs``.
+    """
 
     supports_structured_output = True
     supports_async_scheduling = True
@@ -57,16 +76,16 @@ class TorchModelRunner(ModelRunner):
         platform: Platform,
         manager: PluginManager | None = None,
     ) -> None:
+        super().__init__(config.block_size)
         self.config = config
         self.model_config = model_config
         self.device = torch.device(device)
         self.platform = platform
         self.manager = manager or get_plugin_manager()
         self.dtype: torch.dtype = getattr(torch, model_config.dtype)
-        self.block_size = config.block_size
         self.model: nn.Module | None = None
-        self.attn_backend: type[AttentionBackend] | None = None
-        self.attn_layers: list[AttentionBackend] = []
+        self.attn_backend: type[AttentionBackend[torch.Tensor]] | None = None
+        self.attn_layers: list[AttentionBackend[torch.Tensor]] = []
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.sampler = Sampler(self.device, config.seed)
@@ -106,14 +125,14 @@ class TorchModelRunner(ModelRunner):
     def load_model(self) -> None:
         mc = self.model_config
         self.attn_backend = select_attention_backend(
-            self.platform, self.config, mc.head_dim, self.dtype, mc.sliding_window, self.manager
+            self.platform, self.config, mc.head_dim, mc.dtype, mc.sliding_window, self.manager
         )
         fmt = self._format()
         method = self._quant_method(fmt)
         backend_cls = self.attn_backend
         self.attn_layers = []
 
-        def make_attention(*args: Any, **kwargs: Any) -> AttentionBackend:
+        def make_attention(*args: Any, **kwargs: Any) -> AttentionBackend[torch.Tensor]:
             layer = backend_cls(*args, **kwargs)
             self.attn_layers.append(layer)  # cache i belongs to the i-th attention built
             return layer
@@ -216,7 +235,8 @@ class TorchModelRunner(ModelRunner):
         try:
             if before_step is not None:
                 before_step()
-            self.execute(SchedulerOutput(scheduled, sum(lens)))
+            with torch.inference_mode():
+                self.run_dummy_step(scheduled)
         finally:
             self.kv_caches = saved  # drop the temporary cache
 
@@ -241,80 +261,96 @@ class TorchModelRunner(ModelRunner):
         sampling = 4 * len(seq_lens) * mc.vocab_size * 4
         return int(1.25 * (tokens * per_token * item + scores + sampling))
 
-    # -- execution ---------------------------------------------------------------------
-    def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        """Flatten the step into input_ids, positions and attention metadata (3 copies to the device)."""
-        bs = self.block_size
-        n_reqs = len(scheduled)
-        query_lens = [len(r.token_ids) for r in scheduled]
-        seq_lens = [r.start_pos + q for r, q in zip(scheduled, query_lens, strict=True)]
-        num_tokens = sum(query_lens)
-        blocks_needed = [-(-s // bs) for s in seq_lens]
-        tables = np.zeros((n_reqs, max(blocks_needed)), dtype=np.int32)
-        for i, (r, n_blocks) in enumerate(zip(scheduled, blocks_needed, strict=True)):
-            if len(r.block_ids) < n_blocks:
-                raise ValueError(
-                    f"request {r.request_id!r} has {len(r.block_ids)} blocks for {seq_lens[i]} tokens "
-                    f"(block size {bs}); it needs {n_blocks}"
-                )
-            tables[i, :n_blocks] = r.block_ids[:n_blocks]
-        # Per token, vectorised: its request, its position, its cache slot.
-        q_arr = np.asarray(query_lens, dtype=np.int64)
-        req_of_token = np.repeat(np.arange(n_reqs), q_arr)  # [num_tokens]
-        first_row = np.cumsum(q_arr) - q_arr  # [n_reqs] row of each request's first token
-        starts = np.asarray([r.start_pos for r in scheduled], dtype=np.int64)
-        pos = np.arange(num_tokens, dtype=np.int64) + (starts - first_row)[req_of_token]
-        # One int64 buffer holds input_ids | positions | slot_mapping.
-        flat = np.empty(3 * num_tokens, dtype=np.int64)
-        flat[:num_tokens] = np.fromiter(
-            itertools.chain.from_iterable(r.token_ids for r in scheduled), dtype=np.int64, count=num_tokens
-        )
-        flat[num_tokens : 2 * num_tokens] = pos
-        flat[2 * num_tokens :] = tables[req_of_token, pos // bs].astype(np.int64) * bs + pos % bs
-        # One int32 buffer holds query_start_loc | seq_lens.
-        small = np.concatenate(([0], np.cumsum(query_lens), seq_lens)).astype(np.int32)
-        flat_d = to_device(torch.from_numpy(flat), self.device)
-        small_d = to_device(torch.from_numpy(small), self.device)
-        tables_d = to_device(torch.from_numpy(tables), self.device)
-        metadata = AttentionMetadata(
-            num_tokens=num_tokens,
-            num_reqs=n_reqs,
-            query_start_loc=small_d[: n_reqs + 1],
-            seq_lens=small_d[n_reqs + 1 :],
-            block_tables=tables_d,
-            slot_mapping=flat_d[2 * num_tokens :],
-            block_size=bs,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
-        )
-        return flat_d[:num_tokens], flat_d[num_tokens : 2 * num_tokens], metadata
+    # -- execution (the kit's hooks) -------------------------------------------------------
+    @torch.inference_mode()
+    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
+        return self.execute_async(scheduler_output).result()
 
-    def _forward(self, scheduler_output: SchedulerOutput, rows: str) -> tuple[torch.Tensor, list[int]]:
-        """Run the step; return float32 logits and which requests they belong to.
+    @torch.inference_mode()
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        self._check_ready()
+        return super().execute_async(scheduler_output)
 
-        ``rows``: "sample" (last token of each request with ``sample=True``) or
-        "all" (every scheduled token, for tests and prompt logprobs).
-        """
+    def _check_ready(self) -> None:
         if self.model is None:
             raise RuntimeError("load_model() must run before execute()")
         if not self.kv_caches:
             raise RuntimeError("initialize_kv_cache() must run before execute()")
-        scheduled = scheduler_output.scheduled
-        input_ids, positions, metadata = self._prepare(scheduled)
-        self._fill_pending(input_ids, scheduled)
+
+    def prepare_inputs(self, layout: StepLayout) -> ModelInputs:
+        """Three host->device copies (token ids | positions | slots, query starts | seq lens, tables),
+        the backend's per-step plan, and the pending tokens filled on the device."""
+        n, t = layout.num_reqs, layout.num_tokens
+        flat = np.concatenate([layout.token_ids, layout.positions, layout.slot_mapping])
+        small = np.concatenate([layout.query_start_loc, layout.seq_lens])
+        flat_d = to_device(torch.from_numpy(flat), self.device)
+        small_d = to_device(torch.from_numpy(small), self.device)
+        tables_d = to_device(torch.from_numpy(layout.block_table), self.device)
+        metadata = AttentionMetadata(
+            num_tokens=t,
+            num_reqs=n,
+            query_start_loc=small_d[: n + 1],
+            seq_lens=small_d[n + 1 :],
+            block_tables=tables_d,
+            slot_mapping=flat_d[2 * t :],
+            block_size=layout.block_size,
+            max_query_len=layout.max_query_len,
+            max_seq_len=layout.max_seq_len,
+            query_lens_cpu=layout.query_lens_cpu,
+            seq_lens_cpu=layout.seq_lens_cpu,
+        )
         assert self.attn_backend is not None
         self.attn_backend.prepare(metadata)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [num_tokens, hidden]
-        if rows == "all":
-            return self.model.compute_logits(hidden), list(range(len(scheduled)))  # type: ignore[operator]
-        ends = np.cumsum([len(r.token_ids) for r in scheduled]) - 1
-        which = [i for i, r in enumerate(scheduled) if r.sample]
-        if not which:
-            return hidden.new_empty((0, self.model_config.vocab_size), dtype=torch.float32), []
-        index = to_device(torch.from_numpy(ends[which]), self.device)
-        return self.model.compute_logits(hidden.index_select(0, index)), which  # type: ignore[operator]
+        inputs = ModelInputs(flat_d[:t], flat_d[t : 2 * t], metadata)
+        self.fill_pending_tokens(inputs.input_ids, layout)
+        return inputs
+
+    def fill_pending_tokens(self, input_ids: torch.Tensor, layout: StepLayout) -> None:
+        """Write the tokens the previous launch sampled (still on the device) at ``layout.pending_rows``."""
+        if not layout.pending_request_ids:
+            return
+        missing = [rid for rid in layout.pending_request_ids if rid not in self._last_rows]
+        if missing or self._last_sampled is None:  # _last_rows is empty whenever _last_sampled is None
+            raise RuntimeError(f"request {missing[0]!r} has a pending token but the previous step did not sample it")
+        src = np.fromiter(map(self._last_rows.__getitem__, layout.pending_request_ids), dtype=np.int64)
+        index = to_device(torch.from_numpy(np.stack([layout.pending_rows, src])), self.device)
+        input_ids[index[0]] = self._last_sampled[index[1]]
+
+    def run_model(self, inputs: ModelInputs) -> torch.Tensor:
+        """The model's final hidden states, [num_tokens, hidden]."""
+        assert self.model is not None
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
+
+    def _logits(self, hidden: torch.Tensor, layout: StepLayout, rows: np.ndarray) -> torch.Tensor:
+        """float32 logits [len(rows), vocab] at token ``rows`` of ``hidden``."""
+        assert self.model is not None
+        if rows.shape[0] == layout.num_scheduled_tokens:  # every real row (padding sits after them)
+            return self.model.compute_logits(hidden[: rows.shape[0]])  # type: ignore[operator]
+        index = to_device(torch.from_numpy(rows), self.device)
+        return self.model.compute_logits(hidden.index_select(0, index))  # type: ignore[operator]
+
+    def sample(self, hidden: torch.Tensor, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
+        """Sample the rows that ask; start the one device->host copy of tokens and logprobs."""
+        prompt_rows = layout.prompt_rows
+        prompt_logits = None
+        if prompt_rows:
+            # Prompt logprobs need logits at prompt positions: take every token's (rare; prefill only).
+            all_logits = self._logits(hidden, layout, np.arange(layout.num_scheduled_tokens))
+            logits = all_logits[to_device(torch.from_numpy(layout.logits_indices), self.device)]
+            rows = np.concatenate([p.rows for p in prompt_rows])
+            prompt_logits = all_logits[to_device(torch.from_numpy(rows), self.device)]
+        elif layout.logits_indices.shape[0]:
+            logits = self._logits(hidden, layout, layout.logits_indices)
+        else:
+            self._last_sampled, self._last_rows = None, {}
+            return StepHandle.done(RunnerOutput(sampled_token_ids={}))
+        reqs = layout.sampling_requests()
+        batch = sampling_batch(reqs, self.model_config.eos_token_ids, structured)
+        # Logprobs are of the raw distribution: take them before processors edit the logits in place.
+        raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in batch.params) else None
+        sampled = self.sampler(logits, batch) if reqs else torch.empty(0, dtype=torch.int64, device=self.device)
+        self._last_sampled, self._last_rows = sampled, {r.request_id: i for i, r in enumerate(reqs)}
+        return StepHandle(start_sample_output(sampled, raw, reqs, prompt_logits, prompt_rows, layout.scheduled))
 
     @torch.inference_mode()
     def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> torch.Tensor:
@@ -323,65 +359,14 @@ class TorchModelRunner(ModelRunner):
         Rows: the last token of each request with ``sample=True``, or every
         scheduled token when ``all_tokens``. For tests and tools.
         """
-        logits, _ = self._forward(scheduler_output, "all" if all_tokens else "sample")
-        return logits
-
-    def _fill_pending(self, input_ids: torch.Tensor, scheduled: list[ScheduledRequest]) -> None:
-        """Write pending tokens (sampled by the previous launch, still on the device) into ``input_ids``."""
-        pending = [i for i, r in enumerate(scheduled) if r.num_pending_tokens]
-        if not pending:
-            return
-        missing = [scheduled[i].request_id for i in pending if scheduled[i].request_id not in self._last_rows]
-        if missing or self._last_sampled is None:  # _last_rows is empty whenever _last_sampled is None
-            raise RuntimeError(f"request {missing[0]!r} has a pending token but the previous step did not sample it")
-        if any(scheduled[i].num_pending_tokens != 1 for i in pending):
-            raise RuntimeError("a request can wait for at most one token from the previous step")
-        ends = np.cumsum([len(r.token_ids) for r in scheduled]) - 1
-        src = np.asarray([self._last_rows[scheduled[i].request_id] for i in pending], dtype=np.int64)
-        index = to_device(torch.from_numpy(np.stack([ends[pending], src])), self.device)
-        input_ids[index[0]] = self._last_sampled[index[1]]
-
-    @torch.inference_mode()
-    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        return self.execute_async(scheduler_output).result()
-
-    @torch.inference_mode()
-    def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
-        if scheduler_output.is_empty:
-            return StepHandle.done(RunnerOutput(sampled_token_ids={}))
-        scheduled = scheduler_output.scheduled
-        prompt_rows = prompt_logprob_rows(scheduled)
-        prompt_logits = None
-        if prompt_rows:
-            # Prompt logprobs need logits at prompt positions: take every token's (rare; prefill only).
-            all_logits, _ = self._forward(scheduler_output, "all")  # [num_tokens, vocab]
-            which = [i for i, r in enumerate(scheduled) if r.sample]
-            ends = np.cumsum([len(r.token_ids) for r in scheduled]) - 1
-            logits = all_logits[torch.from_numpy(ends[which]).to(self.device)]
-            prompt_logits = all_logits[torch.from_numpy(np.concatenate([p.rows for p in prompt_rows])).to(self.device)]
-        else:
-            logits, which = self._forward(scheduler_output, "sample")
-        if not which and not prompt_rows:
-            self._last_sampled, self._last_rows = None, {}
-            return StepHandle.done(RunnerOutput(sampled_token_ids={}))
-        reqs = [scheduled[i] for i in which]
-        batch = SamplingBatch(
-            params=[r.sampling_params for r in reqs],
-            output_positions=[len(r.output_token_ids) + r.num_pending_outputs for r in reqs],
-            prompt_token_ids=[r.prompt_token_ids for r in reqs],
-            output_token_ids=[r.output_token_ids for r in reqs],
-            eos_token_ids=self.model_config.eos_token_ids,
-        )
-        structured = scheduler_output.structured
-        if structured is not None and structured.request_ids:
-            row_of = {r.request_id: i for i, r in enumerate(reqs)}
-            batch.bitmask_rows = [row_of[rid] for rid in structured.request_ids]
-            batch.bitmask = structured.bitmask
-        # Logprobs are of the raw distribution: take them before processors edit the logits in place.
-        raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in batch.params) else None
-        sampled = self.sampler(logits, batch) if reqs else torch.empty(0, dtype=torch.int64, device=self.device)
-        self._last_sampled, self._last_rows = sampled, {r.request_id: i for i, r in enumerate(reqs)}
-        return StepHandle(start_sample_output(sampled, raw, reqs, prompt_logits, prompt_rows, scheduled))
+        self._check_ready()
+        rows = self.block_tables.apply(scheduler_output)
+        layout = self.build_layout(scheduler_output.scheduled, self.block_tables, rows)
+        hidden = self.run_model(self.prepare_inputs(layout))
+        which = np.arange(layout.num_scheduled_tokens) if all_tokens else layout.logits_indices
+        if not which.shape[0]:
+            return hidden.new_empty((0, self.model_config.vocab_size), dtype=torch.float32)
+        return self._logits(hidden, layout, which)
 
     def shutdown(self) -> None:
         self.kv_caches = []

@@ -5,10 +5,9 @@ The KV cache of one layer is one MLX array shaped like every kvik backend's,
 scattered in at ``slot_mapping``; each request's context is gathered back
 through its block table and attended with ``mx.fast.scaled_dot_product_attention``.
 
-Note on types: :class:`AttentionBackend` declares ``torch.Tensor`` arguments;
-for this backend every "tensor" (query, key, value, kv_cache and the array
-fields of :class:`AttentionMetadata`) is an ``mx.array``. The MLX runner builds
-the metadata and calls the backend directly; no torch tensor exists at runtime.
+Types: this is an ``AttentionBackend[mx.array]``: query, key, value, the cache
+and the array fields of its ``AttentionMetadata[mx.array]`` are MLX arrays, which
+the MLX runner fills from the runner kit's layout (no torch anywhere).
 
 Batch plan (built once per step in :meth:`prepare`): requests with one new
 token (decode) attend as one padded batch ``[B, heads, 1, max_ctx]``; every
@@ -22,8 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import mlx.core as mx
-import torch
-from kvik.attention.backend import AttentionBackend, AttentionMetadata
+from kvik.attention.backend import DTYPE_NAMES, AttentionBackend, AttentionMetadata
 
 PLAN_KEY = "mlx_plan"
 
@@ -70,7 +68,7 @@ def _context_slots(block_table: mx.array, ctx_len: int, block_size: int) -> tupl
     return blocks, mx.broadcast_to(offsets, blocks.shape)
 
 
-def build_plan(metadata: AttentionMetadata) -> MLXAttentionPlan:
+def build_plan(metadata: AttentionMetadata[mx.array]) -> MLXAttentionPlan:
     bs = metadata.block_size
     slots = metadata.slot_mapping
     plan = MLXAttentionPlan(write_blocks=slots // bs, write_offsets=slots % bs, decode=None, chunks=[], restore=None)
@@ -130,24 +128,24 @@ def _chunk_mask(chunk: _Chunk, window: int | None) -> mx.array | str:
     return ((keys <= q_pos) & (keys > q_pos - window))[None, None]
 
 
-class MLXPagedAttentionBackend(AttentionBackend):
+class MLXPagedAttentionBackend(AttentionBackend[mx.array]):
     name: ClassVar[str] = "mlx_paged"
-    supported_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
+    supported_dtypes: ClassVar[tuple[str, ...]] = DTYPE_NAMES
     supported_device_types: ClassVar[tuple[str, ...]] = ("mlx",)
     supports_sliding_window: ClassVar[bool] = True
 
     @classmethod
-    def prepare(cls, metadata: AttentionMetadata) -> None:
+    def prepare(cls, metadata: AttentionMetadata[mx.array]) -> None:
         metadata.backend_data[PLAN_KEY] = build_plan(metadata)
 
     def forward(
         self,
-        query: mx.array,  # type: ignore[override]  # [num_tokens, num_heads, head_size]
-        key: mx.array,  # type: ignore[override]  # [num_tokens, num_kv_heads, head_size]
-        value: mx.array,  # type: ignore[override]  # [num_tokens, num_kv_heads, head_size]
-        kv_cache: mx.array,  # type: ignore[override]  # (2, num_blocks, block_size, kv_heads, head_size)
-        metadata: AttentionMetadata,
-    ) -> mx.array:  # type: ignore[override]  # [num_tokens, num_heads, head_size]
+        query: mx.array,  # [num_tokens, num_heads, head_size]
+        key: mx.array,  # [num_tokens, num_kv_heads, head_size]
+        value: mx.array,  # [num_tokens, num_kv_heads, head_size]
+        kv_cache: mx.array,  # (2, num_blocks, block_size, kv_heads, head_size)
+        metadata: AttentionMetadata[mx.array],
+    ) -> mx.array:  # [num_tokens, num_heads, head_size]
         plan: MLXAttentionPlan = metadata.backend_data[PLAN_KEY]
         # In-place scatter: kv_cache is the runner's array object, so the
         # update is visible to later steps (MLX donates the old buffer).

@@ -1,17 +1,17 @@
-"""Sample and prompt logprobs in MLX, with the torch runner's semantics (kvik.sample.logprobs).
+"""Sample and prompt logprobs gathered in MLX, with the torch runner's semantics (kvik.sample.logprobs).
 
 Raw-distribution logprobs (``log_softmax`` of the logits before any
 processor or filter); each entry holds the chosen / next prompt token first,
 then the row's top ``k``; the chosen token's rank is 1 + the number of tokens
-strictly more likely.
+strictly more likely. The host side (arrays -> RunnerOutput) is the runner
+kit's :func:`kvik.worker.kit.assemble_output`, shared with the torch runner.
 """
 
 from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from kvik.sample.logprobs import PromptRows
-from kvik.scheduling.output import RunnerOutput, ScheduledRequest
+from kvik.worker.kit import TopLogprobs
 
 
 def gather_logprobs(logits: mx.array, targets: mx.array, k: int) -> tuple[mx.array, mx.array, mx.array]:
@@ -27,44 +27,7 @@ def gather_logprobs(logits: mx.array, targets: mx.array, k: int) -> tuple[mx.arr
     return ids, lps, ranks
 
 
-def _entries(ids: np.ndarray, lps: np.ndarray, ks: list[int]) -> list[dict[int, float]]:
-    result = []
-    for i, k in enumerate(ks):
-        entry = {int(ids[i, 0]): float(lps[i, 0])}
-        for j in range(1, k + 1):
-            entry.setdefault(int(ids[i, j]), float(lps[i, j]))
-        result.append(entry)
-    return result
-
-
-def add_sample_logprobs(
-    output: RunnerOutput, reqs: list[ScheduledRequest], gathered: tuple[mx.array, mx.array, mx.array]
-) -> None:
-    """Fill ``output.logprobs`` / ``logprob_ranks`` for the rows of ``reqs`` that asked (evaluated arrays)."""
+def to_host(gathered: tuple[mx.array, mx.array, mx.array]) -> TopLogprobs:
+    """Evaluated (ids, logprobs, ranks) -> the kit's host arrays."""
     ids, lps, ranks = (np.array(a) for a in gathered)
-    ks = [r.sampling_params.logprobs for r in reqs]
-    entries = _entries(ids, lps, [k or 0 for k in ks])
-    output.logprobs, output.logprob_ranks = {}, {}
-    for i, (req, k) in enumerate(zip(reqs, ks, strict=True)):
-        if k is not None:
-            output.logprobs[req.request_id] = [entries[i]]
-            output.logprob_ranks[req.request_id] = [int(ranks[i])]
-
-
-def add_prompt_logprobs(
-    output: RunnerOutput,
-    scheduled: list[ScheduledRequest],
-    prompt_rows: list[PromptRows],
-    gathered: tuple[mx.array, mx.array, mx.array],
-) -> None:
-    """Fill ``output.prompt_logprobs`` / ``prompt_logprob_ranks`` (rows in ``prompt_rows`` order)."""
-    ids, lps, ranks = (np.array(a) for a in gathered)
-    output.prompt_logprobs, output.prompt_logprob_ranks = {}, {}
-    start = 0
-    for pr in prompt_rows:
-        req = scheduled[pr.index]
-        stop = start + len(pr.targets)
-        k = req.sampling_params.prompt_logprobs or 0
-        output.prompt_logprobs[req.request_id] = _entries(ids[start:stop], lps[start:stop], [k] * (stop - start))
-        output.prompt_logprob_ranks[req.request_id] = ranks[start:stop].tolist()
-        start = stop
+    return TopLogprobs(ids, lps.astype(np.float32, copy=False), ranks)

@@ -1,29 +1,30 @@
-"""The MLX model runner: SchedulerOutput in, sampled tokens out, no torch tensors.
+"""The MLX model runner: SchedulerOutput in, sampled tokens out, no torch anywhere.
 
-Per step: flatten the scheduled requests into one token batch (ids,
-positions, slot mapping, block tables as MLX arrays), run the model over the
-paged cache, compute logits only for rows that sample (or want prompt
-logprobs), sample, then evaluate the lazy MLX graph once (tokens plus the
-updated caches) and hand plain Python lists back to the engine.
+Built on the runner kit (kvik.worker.kit): the kit flattens the step into
+numpy arrays and keeps the block tables from the scheduler's deltas; the hooks
+here turn the layout into MLX arrays (``prepare_inputs``), run the model over
+the paged cache (``run_model``), compute logits only for rows that sample (or
+want prompt logprobs), sample, then evaluate the lazy MLX graph once (tokens
+plus the updated caches) and hand plain Python lists back to the engine (``sample``).
 """
 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import mlx.core as mx
 import numpy as np
 from kvik.attention.backend import AttentionMetadata
 from kvik.config import WeightsMode
-from kvik.sample.logprobs import prompt_logprob_rows
-from kvik.sample.sampler import SamplingBatch
 from kvik.sampling_params import SamplingParams
-from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
-from kvik.worker.interface import ModelRunner
+from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
+from kvik.worker.interface import StepHandle
+from kvik.worker.kit import KitModelRunner, StepLayout, assemble_output, sampling_batch
 
 from kvik_apple.attention import MLXPagedAttentionBackend
-from kvik_apple.logprobs import add_prompt_logprobs, add_sample_logprobs, gather_logprobs
+from kvik_apple.logprobs import gather_logprobs, to_host
 from kvik_apple.model import LlamaArgs, MLXCausalLM
 from kvik_apple.sampler import MLXSampler
 from kvik_apple.weights import checkpoint_path, is_gguf, load_into, parameter_bytes, read_gguf, read_safetensors_dir
@@ -31,13 +32,21 @@ from kvik_apple.weights import checkpoint_path, is_gguf, load_into, parameter_by
 if TYPE_CHECKING:
     from kvik.config import ModelConfig, ResolvedConfig
     from kvik.platforms.interface import Platform
+    from kvik.structured.manager import StructuredStep
 
 logger = logging.getLogger(__name__)
 
 _MX_DTYPES = {"float32": mx.float32, "float16": mx.float16, "bfloat16": mx.bfloat16}
 
 
-class MLXModelRunner(ModelRunner):
+@dataclass(slots=True)
+class MLXInputs:
+    input_ids: mx.array  # [num_tokens] int32
+    positions: mx.array  # [num_tokens] int32
+    metadata: AttentionMetadata[mx.array]
+
+
+class MLXModelRunner(KitModelRunner[MLXInputs, mx.array]):
     # execute() applies SchedulerOutput.structured's grammar bitmask (MLXSampler's first processor).
     supports_structured_output = True
 
@@ -46,11 +55,11 @@ class MLXModelRunner(ModelRunner):
             raise ValueError(
                 f"the apple platform computes in {', '.join(_MX_DTYPES)}; got dtype {model_config.dtype!r}"
             )
+        super().__init__(config.block_size)
         self.config = config
         self.model_config = model_config
         self.platform = platform
         self.dtype = _MX_DTYPES[model_config.dtype]
-        self.block_size = config.block_size
         self.model: MLXCausalLM | None = None
         self.kv_caches: list[mx.array] = []
         self.num_blocks = 0
@@ -59,13 +68,10 @@ class MLXModelRunner(ModelRunner):
 
     # -- set-up ---------------------------------------------------------------
     def _attention_backend(self) -> MLXPagedAttentionBackend:
-        import torch
         from kvik.attention.selector import select_attention_backend
 
         mc = self.model_config
-        cls = select_attention_backend(
-            self.platform, self.config, mc.head_dim, getattr(torch, mc.dtype), mc.sliding_window
-        )
+        cls = select_attention_backend(self.platform, self.config, mc.head_dim, mc.dtype, mc.sliding_window)
         if not issubclass(cls, MLXPagedAttentionBackend):
             raise ValueError(f"the MLX runner needs an MLX attention backend, got {cls.name!r}")
         return cls(mc.num_heads, mc.head_dim, mc.num_kv_heads, mc.head_dim**-0.5, mc.sliding_window)
@@ -132,11 +138,11 @@ class MLXModelRunner(ModelRunner):
         base = mx.get_active_memory()
         scheduled, next_block = [], 0
         for i, (n, nb) in enumerate(zip(lengths, blocks_per, strict=True)):
-            ids = list(range(next_block, next_block + nb))
+            ids = list(range(next_block, next_block + nb))  # the temporary cache's blocks
             next_block += nb
             scheduled.append(ScheduledRequest(f"profile-{i}", [0] * n, 0, ids, True, SamplingParams(temperature=0)))
         try:
-            self.execute(SchedulerOutput(scheduled=scheduled, num_batched_tokens=sum(lengths)))
+            self.run_dummy_step(scheduled)
             return int(max(0, mx.get_peak_memory() - base))
         finally:
             self.kv_caches, self.num_blocks = saved, saved_blocks
@@ -146,94 +152,64 @@ class MLXModelRunner(ModelRunner):
         self.kv_caches = self._allocate(num_blocks)
         self.num_blocks = num_blocks
 
-    # -- one step -------------------------------------------------------------
-    def _metadata(self, scheduled: list[ScheduledRequest]) -> tuple[mx.array, mx.array, AttentionMetadata]:
-        bs = self.block_size
-        ids: list[int] = []
-        positions: list[int] = []
-        slots: list[int] = []
-        query_lens: list[int] = []
-        seq_lens: list[int] = []
-        max_blocks = max(len(r.block_ids) for r in scheduled)
-        tables = np.zeros((len(scheduled), max_blocks), dtype=np.int32)
-        for i, req in enumerate(scheduled):
-            n, start = len(req.token_ids), req.start_pos
-            assert len(req.block_ids) * bs >= start + n, f"{req.request_id}: block table too short for {start + n}"
-            ids.extend(req.token_ids)
-            pos = range(start, start + n)
-            positions.extend(pos)
-            slots.extend(req.block_ids[p // bs] * bs + p % bs for p in pos)
-            query_lens.append(n)
-            seq_lens.append(start + n)
-            tables[i, : len(req.block_ids)] = req.block_ids
+    # -- one step (the kit's hooks) ---------------------------------------------
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        assert self.model is not None and self.kv_caches, "load_model() and initialize_kv_cache() first"
+        return super().execute_async(scheduler_output)
+
+    def prepare_inputs(self, layout: StepLayout) -> MLXInputs:
         metadata = AttentionMetadata(
-            num_tokens=len(ids),
-            num_reqs=len(scheduled),
-            query_start_loc=mx.array(np.concatenate([[0], np.cumsum(query_lens)]).astype(np.int32)),  # type: ignore[arg-type]
-            seq_lens=mx.array(seq_lens, dtype=mx.int32),  # type: ignore[arg-type]
-            block_tables=mx.array(tables),  # type: ignore[arg-type]
-            slot_mapping=mx.array(slots, dtype=mx.int32),  # type: ignore[arg-type]
-            block_size=bs,
-            max_query_len=max(query_lens),
-            max_seq_len=max(seq_lens),
-            query_lens_cpu=query_lens,
-            seq_lens_cpu=seq_lens,
+            num_tokens=layout.num_tokens,
+            num_reqs=layout.num_reqs,
+            query_start_loc=mx.array(layout.query_start_loc),
+            seq_lens=mx.array(layout.seq_lens),
+            block_tables=mx.array(layout.block_table),
+            slot_mapping=mx.array(layout.slot_mapping.astype(np.int32)),
+            block_size=layout.block_size,
+            max_query_len=layout.max_query_len,
+            max_seq_len=layout.max_seq_len,
+            query_lens_cpu=layout.query_lens_cpu,
+            seq_lens_cpu=layout.seq_lens_cpu,
         )
         MLXPagedAttentionBackend.prepare(metadata)
-        return mx.array(ids, dtype=mx.int32), mx.array(positions, dtype=mx.int32), metadata
+        ids = mx.array(layout.token_ids.astype(np.int32))
+        return MLXInputs(ids, mx.array(layout.positions.astype(np.int32)), metadata)
 
-    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput:
-        assert self.model is not None and self.kv_caches, "load_model() and initialize_kv_cache() first"
-        scheduled = scheduler_output.scheduled
-        if not scheduled:
-            return RunnerOutput(sampled_token_ids={})
-        input_ids, positions, metadata = self._metadata(scheduled)
-        hidden = self.model(input_ids, positions, self.kv_caches, metadata)  # [T, hidden]
-        ends = np.cumsum(metadata.query_lens_cpu) - 1
-        reqs = [r for r in scheduled if r.sample]
+    def run_model(self, inputs: MLXInputs) -> mx.array:
+        assert self.model is not None
+        return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)  # [T, hidden]
+
+    def sample(self, hidden: mx.array, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
+        assert self.model is not None
+        reqs = layout.sampling_requests()
         to_eval: list[mx.array] = list(self.kv_caches)
         tokens = sample_lp = prompt_lp = None
         if reqs:
-            rows = [i for i, r in enumerate(scheduled) if r.sample]
-            logits = self.model.compute_logits(hidden[mx.array(ends[rows].astype(np.int32))])  # [n, vocab]
-            tokens = self.sampler(logits, self._sampling_batch(reqs, scheduler_output))
+            logits = self.model.compute_logits(hidden[mx.array(layout.logits_indices.astype(np.int32))])  # [n, vocab]
+            tokens = self.sampler(logits, sampling_batch(reqs, self.model_config.eos_token_ids, structured))
             to_eval.append(tokens)
             ks = [r.sampling_params.logprobs for r in reqs]
             if any(k is not None for k in ks):  # of the raw logits (MLX arrays are immutable)
                 sample_lp = gather_logprobs(logits, tokens, min(max(k or 0 for k in ks), logits.shape[-1]))
                 to_eval.extend(sample_lp)
-        prompt_rows = prompt_logprob_rows(scheduled)
+        prompt_rows = layout.prompt_rows
         if prompt_rows:
             flat = np.concatenate([pr.rows for pr in prompt_rows]).astype(np.int32)
             plogits = self.model.compute_logits(hidden[mx.array(flat)])
             targets = mx.array([t for pr in prompt_rows for t in pr.targets], dtype=mx.int32)
-            k = max(scheduled[pr.index].sampling_params.prompt_logprobs or 0 for pr in prompt_rows)
+            k = max(layout.scheduled[pr.index].sampling_params.prompt_logprobs or 0 for pr in prompt_rows)
             prompt_lp = gather_logprobs(plogits, targets, min(k, plogits.shape[-1]))
             to_eval.extend(prompt_lp)
         mx.eval(to_eval)  # the step's one evaluation: tokens, logprobs and the updated caches
-        output = RunnerOutput(sampled_token_ids={})
-        if tokens is not None:
-            output.sampled_token_ids = {r.request_id: [t] for r, t in zip(reqs, np.array(tokens).tolist(), strict=True)}
-        if sample_lp is not None:
-            add_sample_logprobs(output, reqs, sample_lp)
-        if prompt_lp is not None:
-            add_prompt_logprobs(output, scheduled, prompt_rows, prompt_lp)
-        return output
-
-    def _sampling_batch(self, reqs: list[ScheduledRequest], scheduler_output: SchedulerOutput) -> SamplingBatch:
-        batch = SamplingBatch(
-            params=[r.sampling_params for r in reqs],
-            output_positions=[len(r.output_token_ids) for r in reqs],
-            prompt_token_ids=[r.prompt_token_ids for r in reqs],
-            output_token_ids=[r.output_token_ids for r in reqs],
-            eos_token_ids=self.model_config.eos_token_ids,
+        output = assemble_output(
+            reqs,
+            np.zeros(0, dtype=np.int64) if tokens is None else np.array(tokens),
+            None if sample_lp is None else to_host(sample_lp),
+            layout.scheduled,
+            prompt_rows,
+            None if prompt_lp is None else to_host(prompt_lp),
         )
-        structured = getattr(scheduler_output, "structured", None)
-        if structured is not None and structured.request_ids:
-            row_of = {r.request_id: i for i, r in enumerate(reqs)}
-            batch.bitmask_rows = [row_of[rid] for rid in structured.request_ids]
-            batch.bitmask = structured.bitmask
-        return batch
+        return StepHandle.done(output)
 
     def shutdown(self) -> None:
         self.model = None

@@ -1,5 +1,7 @@
 """Sampling in MLX with the torch sampler's semantics (kvik.sample.sampler).
 
+Imports no torch: the batch description is the runner kit's (kvik.sample.batch).
+
 Per row, in order: logits processors (structured-output bitmask, allowed
 tokens, bad words, logit bias, min_tokens, repetition / frequency / presence
 penalties; vLLM V1's order, as in kvik.sample.logits_processors), then greedy argmax or
@@ -16,7 +18,7 @@ from __future__ import annotations
 
 import mlx.core as mx
 import numpy as np
-from kvik.sample.sampler import SamplingBatch, row_seed
+from kvik.sample.batch import SamplingBatch, row_seed
 from kvik.sampling_params import SamplingParams
 
 _TINY = float(np.finfo(np.float32).tiny)

@@ -1,19 +1,26 @@
 """The CUDA model runner: the generic torch runner plus pinned step inputs and CUDA graphs.
 
+It overrides the runner kit's hooks (kvik.worker.kit): ``build_layout`` writes
+the step straight into pinned host buffers (padding a decode batch to a
+captured size), ``prepare_inputs`` copies them into persistent device buffers,
+``run_model`` replays the bucket's graph when there is one.
+
 Decode-only steps (every request adds one token) with at most the largest
 captured batch size run *bucketed*: padded with dummy requests to the next
-capture size, with the attention backend told to plan for ``max_model_len``.
-With CUDA graphs the bucket's graph is replayed; with ``enforce_eager`` the
-same padded step runs eagerly. Both launch the same kernels on the same
-shapes, so their outputs are identical. Other steps (prefill, mixed) run
-eagerly through the base runner.
+capture size, with the attention backend told to plan for ``max_model_len``
+(``AttentionMetadata.max_seq_len_bound``). With CUDA graphs the bucket's graph
+is replayed; with ``enforce_eager`` the same padded step runs eagerly. Both
+launch the same kernels on the same shapes, so their outputs are identical.
+Other steps (prefill, mixed) run eagerly, unpadded.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from dataclasses import dataclass
 
+import numpy as np
 import torch
 from kvik.attention.backend import AttentionMetadata
 from kvik.config import ModelConfig, ResolvedConfig
@@ -21,16 +28,14 @@ from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
-from kvik.worker.torch_runner import TorchModelRunner
+from kvik.worker.kit import BlockTables, StepLayout
+from kvik.worker.torch_runner import ModelInputs, TorchModelRunner
 
-from kvik_cuda.inputs import StepInputs
+from kvik_cuda.inputs import PreparedStep, StepInputs
 from kvik_cuda.platform import GPUOptions
 
 logger = logging.getLogger(__name__)
 
-# backend_data key: an upper bound on any request's length, so a backend can
-# plan (e.g. pick a split-KV count) once for every step a graph replays.
-SEQ_LEN_BOUND_KEY = "max_seq_len_bound"
 GRAPH_MEMORY_RESERVE = 256 << 20  # bytes kept free for graph-private activations (one decode step's worth)
 
 
@@ -41,6 +46,13 @@ def capture_sizes(max_num_seqs: int, max_tokens: int) -> list[int]:
     if limit not in sizes:
         sizes.append(limit)
     return sizes
+
+
+@dataclass(slots=True)
+class CUDAInputs(ModelInputs):
+    """Model inputs in the persistent device buffers; ``bucket``: the padded decode batch size, if any."""
+
+    bucket: int | None = None
 
 
 class CUDAModelRunner(TorchModelRunner):
@@ -57,7 +69,7 @@ class CUDAModelRunner(TorchModelRunner):
         self.sizes: list[int] = []
         # batch size -> (graph, its output hidden states [bs, hidden], the metadata it was
         # captured with: it owns backend scratch buffers the graph writes into)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata]] = {}
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata[torch.Tensor]]] = {}
         self.graph_pool: object | None = None
 
     # -- setup -----------------------------------------------------------------------------
@@ -68,7 +80,7 @@ class CUDAModelRunner(TorchModelRunner):
         max_tokens = cfg.max_num_batched_tokens
         max_reqs = max(cfg.max_num_seqs, max_tokens // max(1, mc.max_model_len) + 1)
         max_blocks = -(-mc.max_model_len // self.block_size) + 1
-        self.inputs = StepInputs(max_tokens, max_reqs, max_blocks, self.block_size, self.device)
+        self.inputs = StepInputs(max_tokens, max_reqs, max_blocks, self.device)
         self.sizes = capture_sizes(cfg.max_num_seqs, max_tokens)
 
     def _fuse_layers(self) -> None:
@@ -95,7 +107,7 @@ class CUDAModelRunner(TorchModelRunner):
             not self.config.enforce_eager
             and self.device.type == "cuda"
             and backend is not None
-            and bool(getattr(backend, "cuda_graph_safe", False))
+            and backend.supports_cuda_graphs
         )
 
     def profile(self) -> int:
@@ -109,56 +121,65 @@ class CUDAModelRunner(TorchModelRunner):
         if self.graphs_enabled:
             self.capture_graphs()
 
-    # -- inputs ------------------------------------------------------------------------------
-    def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        if self.inputs is None or not self.inputs.fits(scheduled):
-            return super()._prepare(scheduled)
-        step = self.inputs.prepare(scheduled)
-        return step.input_ids, step.positions, step.metadata
-
+    # -- the kit's hooks ---------------------------------------------------------------------
     def _bucket(self, scheduled: list[ScheduledRequest]) -> int | None:
         """The padded batch size for a decode-only step, or None when the step runs unbucketed."""
-        if not self.sizes or not scheduled or self.inputs is None:
-            return None
-        if not getattr(self.attn_backend, "cuda_graph_safe", False):
+        if not self.sizes or self.attn_backend is None or not self.attn_backend.supports_cuda_graphs:
             return None  # bucketing only exists to share kernels with the graphs
-        if any(len(r.token_ids) != 1 or not r.sample for r in scheduled):
-            return None
         n = len(scheduled)
-        if n > self.sizes[-1]:
+        if n > self.sizes[-1] or any(len(r.token_ids) != 1 or not r.sample for r in scheduled):
             return None
-        size = next(s for s in self.sizes if s >= n)
-        return size if self.inputs.fits(scheduled, size) else None
+        return next(s for s in self.sizes if s >= n)
 
-    def _bucketed_metadata(
-        self, scheduled: list[ScheduledRequest], size: int
-    ) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
-        assert self.inputs is not None and self.attn_backend is not None
-        step = self.inputs.prepare(scheduled, pad_to=size)
-        step.metadata.backend_data[SEQ_LEN_BOUND_KEY] = self.model_config.max_model_len
-        self.attn_backend.prepare(step.metadata)
-        return step.input_ids, step.positions, step.metadata
+    def build_layout(self, scheduled: list[ScheduledRequest], tables: BlockTables, rows: np.ndarray) -> StepLayout:
+        """Write the layout into the pinned host buffers (padded to a graph's size when bucketed).
 
-    # -- execution ---------------------------------------------------------------------------
-    def _forward(self, scheduler_output: SchedulerOutput, rows: str) -> tuple[torch.Tensor, list[int]]:
-        scheduled = scheduler_output.scheduled
-        if self.inputs is not None:
-            self.inputs.release(scheduler_output.finished_request_ids + scheduler_output.preempted_request_ids)
-        size = self._bucket(scheduled) if rows == "sample" else None
-        if size is None or self.model is None or not self.kv_caches:
-            return super()._forward(scheduler_output, rows)
-        n = len(scheduled)
-        graph = self.graphs.get(size)
-        if graph is not None:
-            step = self.inputs.prepare(scheduled, pad_to=size)  # type: ignore[union-attr]
-            self._fill_pending(step.input_ids, scheduled)
-            graph[0].replay()
-            hidden = graph[1][:n]
-        else:
-            input_ids, positions, metadata = self._bucketed_metadata(scheduled, size)
-            self._fill_pending(input_ids, scheduled)
-            hidden = self.model(input_ids, positions, self.kv_caches, metadata)[:n]
-        return self.model.compute_logits(hidden), list(range(n))  # type: ignore[operator]
+        A step too large for the buffers gets fresh arrays (and runs through the base runner's copies).
+        """
+        if self.inputs is None:
+            return super().build_layout(scheduled, tables, rows)
+        self.inputs.wait_host()  # the previous step's copies have read the buffers
+        return StepLayout.build(
+            scheduled, tables, rows, self.block_size, buffers=self.inputs.host, pad_to=self._bucket(scheduled)
+        )
+
+    def prepare_inputs(self, layout: StepLayout) -> ModelInputs:
+        if self.inputs is None or layout.buffers is not self.inputs.host:
+            return super().prepare_inputs(layout)
+        assert self.attn_backend is not None
+        step = self.inputs.copy(layout)
+        bucket = layout.padded_to
+        if bucket is not None:
+            step.metadata.max_seq_len_bound = self.model_config.max_model_len
+        if bucket not in self.graphs:  # a graph replays the plan it was captured with
+            self.attn_backend.prepare(step.metadata)
+        inputs = CUDAInputs(step.input_ids, step.positions, step.metadata, bucket)
+        self.fill_pending_tokens(inputs.input_ids, layout)
+        return inputs
+
+    def run_model(self, inputs: ModelInputs) -> torch.Tensor:
+        """Replay the bucket's graph (its output: [bucket, hidden]) or run eagerly."""
+        graph = self.graphs.get(inputs.bucket) if isinstance(inputs, CUDAInputs) and inputs.bucket else None
+        if graph is None:
+            return super().run_model(inputs)
+        graph[0].replay()
+        return graph[1]
+
+    def copy_dummy_decode(self, size: int) -> PreparedStep:
+        """Copy a decode batch of ``size`` dummy rows into the device buffers (graph capture, benchmarks).
+
+        One real-looking request at position 0 in the null block, padded to ``size``; its scratch
+        block tables leave the live requests' rows alone.
+        """
+        assert self.inputs is not None
+        dummy = [ScheduledRequest("capture", [0], 0, [0], True, SamplingParams())]
+        scratch = BlockTables()
+        rows = scratch.apply(SchedulerOutput(dummy, 1))
+        self.inputs.wait_host()
+        layout = StepLayout.build(dummy, scratch, rows, self.block_size, buffers=self.inputs.host, pad_to=size)
+        step = self.inputs.copy(layout)
+        step.metadata.max_seq_len_bound = self.model_config.max_model_len
+        return step
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -166,10 +187,10 @@ class CUDAModelRunner(TorchModelRunner):
         assert self.model is not None and self.inputs is not None
         start = time.perf_counter()
         self.graph_pool = torch.cuda.graph_pool_handle()
-        # One real-looking request at position 0 in the null block; padding fills the rest.
-        dummy = [ScheduledRequest("capture", [0], 0, [0], True, SamplingParams())]
         for size in reversed(self.sizes):
-            input_ids, positions, metadata = self._bucketed_metadata(dummy, size)
+            step = self.copy_dummy_decode(size)
+            input_ids, positions, metadata = step.input_ids, step.positions, step.metadata
+            self.attn_backend.prepare(metadata)  # type: ignore[union-attr]
             for _ in range(2):  # compile Triton kernels and settle cuBLAS workspaces outside the capture
                 self.model(input_ids, positions, self.kv_caches, metadata)
             torch.cuda.synchronize(self.device)

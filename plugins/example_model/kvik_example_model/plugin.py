@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from kvik.plugins.hookspecs import RegisterFn, hookimpl
 
-KVIK_PLUGIN_API = ">=1.0,<2"
+KVIK_PLUGIN_API = ">=2.0,<3"
 
 
 @hookimpl

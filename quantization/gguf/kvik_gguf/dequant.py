@@ -24,6 +24,15 @@ from collections.abc import Callable
 
 import torch
 
+from kvik_gguf.ggml_types import (  # noqa: F401 - re-exported: the torch-free names live there
+    FLOAT_TYPES,
+    GGML_TYPE_SIZES,
+    check_supported,
+    row_bytes,
+    supported_type_names,
+    type_name,
+)
+
 QK_K = 256  # values per "K-quant" super-block
 K_SCALE_SIZE = 12  # bytes of packed 6-bit scales and mins in Q4_K / Q5_K
 
@@ -165,57 +174,25 @@ def dequant_bf16(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.contiguous().view(torch.bfloat16).float()
 
 
+_DECODERS: dict[int, Callable[[torch.Tensor], torch.Tensor]] = {
+    0: dequant_f32,
+    1: dequant_f16,
+    2: dequant_q4_0,
+    3: dequant_q4_1,
+    6: dequant_q5_0,
+    7: dequant_q5_1,
+    8: dequant_q8_0,
+    10: dequant_q2_k,
+    11: dequant_q3_k,
+    12: dequant_q4_k,
+    13: dequant_q5_k,
+    14: dequant_q6_k,
+    30: dequant_bf16,
+}
 # ggml type id -> (name, values per block, bytes per block, decoder)
 GGML_TYPES: dict[int, tuple[str, int, int, Callable[[torch.Tensor], torch.Tensor]]] = {
-    0: ("F32", 1, 4, dequant_f32),
-    1: ("F16", 1, 2, dequant_f16),
-    2: ("Q4_0", 32, 18, dequant_q4_0),
-    3: ("Q4_1", 32, 20, dequant_q4_1),
-    6: ("Q5_0", 32, 22, dequant_q5_0),
-    7: ("Q5_1", 32, 24, dequant_q5_1),
-    8: ("Q8_0", 32, 34, dequant_q8_0),
-    10: ("Q2_K", 256, 84, dequant_q2_k),
-    11: ("Q3_K", 256, 110, dequant_q3_k),
-    12: ("Q4_K", 256, 144, dequant_q4_k),
-    13: ("Q5_K", 256, 176, dequant_q5_k),
-    14: ("Q6_K", 256, 210, dequant_q6_k),
-    30: ("BF16", 1, 2, dequant_bf16),
+    t: (*sizes, _DECODERS[t]) for t, sizes in GGML_TYPE_SIZES.items()
 }
-FLOAT_TYPES = frozenset({0, 1, 30})  # F32, F16, BF16: stored, not block-quantized
-
-
-def supported_type_names() -> list[str]:
-    return [name for name, *_ in GGML_TYPES.values()]
-
-
-def type_name(ggml_type: int) -> str:
-    """The ggml type's name (``Q4_K``), also for types kvik cannot decode."""
-    if ggml_type in GGML_TYPES:
-        return GGML_TYPES[ggml_type][0]
-    try:
-        import gguf
-
-        return gguf.GGMLQuantizationType(ggml_type).name
-    except (ImportError, ValueError):
-        return f"type {ggml_type}"
-
-
-def check_supported(ggml_type: int, tensor: str) -> None:
-    """ValueError naming the type and the supported ones when ``ggml_type`` cannot be decoded."""
-    if ggml_type not in GGML_TYPES:
-        raise ValueError(
-            f"tensor {tensor!r} uses ggml type {type_name(ggml_type)}, which kvik-gguf cannot dequantize; "
-            f"supported types: {', '.join(supported_type_names())}. Re-quantize the model to one of them "
-            f"(e.g. llama-quantize ... Q4_K_M)."
-        )
-
-
-def row_bytes(ggml_type: int, cols: int) -> int:
-    """Bytes of one row of ``cols`` values."""
-    _, block, size, _ = GGML_TYPES[ggml_type]
-    if cols % block:
-        raise ValueError(f"a {type_name(ggml_type)} row needs a multiple of {block} values, got {cols}")
-    return cols // block * size
 
 
 def dequantize(

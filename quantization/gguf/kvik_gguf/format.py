@@ -1,4 +1,9 @@
-"""GGUF files as a kvik model format: config, Hugging Face-named weights, tokenizer."""
+"""GGUF files as a kvik model format: config, Hugging Face-named weights, tokenizer.
+
+Reading the config, tokenizer and quantization summary needs no torch (the MLX
+platform resolves GGUF checkpoints through this class); only the weights
+(:meth:`GGUFFormat.weights`), decoded with torch, import it, when first called.
+"""
 
 from __future__ import annotations
 
@@ -9,15 +14,16 @@ from collections import Counter
 from collections.abc import Iterator
 from functools import cached_property
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 from kvik.models.formats import ModelFormat
 
 from kvik_gguf.config import build_hf_config, check_architecture
-from kvik_gguf.dequant import FLOAT_TYPES, check_supported, dequantize, type_name
-from kvik_gguf.weight import GGUFWeight, unpermute_rows
+from kvik_gguf.ggml_types import FLOAT_TYPES, check_supported, type_name
+
+if TYPE_CHECKING:
+    import torch
 
 GGUF_MAGIC = b"GGUF"
 
@@ -137,7 +143,7 @@ class GGUFFormat(ModelFormat):
                 hf_tensor_name(name)
         shapes = {name: _logical_shape(t) for name, t in self.tensors.items()}
         rope = self.tensors.get("rope_freqs.weight")
-        rope_freqs = None if rope is None else self._dense(rope).numpy()
+        rope_freqs = None if rope is None else self._float_values(rope)
         return build_hf_config(self.meta, shapes, rope_freqs, self.path)
 
     @cached_property
@@ -145,6 +151,9 @@ class GGUFFormat(ModelFormat):
         return self.load_hf_config()
 
     def iter_weights(self, quantized: bool) -> Iterator[tuple[str, Any]]:
+        from kvik_gguf.dequant import dequantize  # torch: only weights need it
+        from kvik_gguf.weight import GGUFWeight, unpermute_rows
+
         config = self._hf_config
         _, _, permuted = check_architecture(self.architecture, self.path)
         heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
@@ -180,10 +189,25 @@ class GGUFFormat(ModelFormat):
     # -- helpers -----------------------------------------------------------
     def _raw_rows(self, tensor: Any) -> torch.Tensor:
         """The tensor's bytes as ``[rows, bytes_per_row]`` uint8, copied out of the memory map."""
+        import torch
+
         shape = _logical_shape(tensor)
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
         data = np.array(tensor.data, copy=True).view(np.uint8).reshape(rows, -1)
         return torch.from_numpy(data)
 
-    def _dense(self, tensor: Any) -> torch.Tensor:
-        return dequantize(self._raw_rows(tensor), int(tensor.tensor_type), _logical_shape(tensor))
+    def _float_values(self, tensor: Any) -> np.ndarray:
+        """A stored-float tensor (F32 / F16 / BF16) as float32 numpy, decoded without torch."""
+        ggml_type = int(tensor.tensor_type)
+        raw = np.array(tensor.data, copy=True).view(np.uint8)
+        if ggml_type == 0:
+            values = raw.view(np.float32)
+        elif ggml_type == 1:
+            values = raw.view(np.float16).astype(np.float32)
+        elif ggml_type == 30:  # bfloat16: the high half of a float32
+            values = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+        else:
+            from kvik_gguf.dequant import dequantize
+
+            return dequantize(self._raw_rows(tensor), ggml_type, _logical_shape(tensor)).numpy()
+        return values.reshape(_logical_shape(tensor))

@@ -1,9 +1,18 @@
-"""The tokenizer a GGUF describes, built by transformers and checked against the metadata."""
+"""The tokenizer a GGUF describes, built by transformers and checked against the metadata.
+
+With torch installed, transformers builds it (``AutoTokenizer.from_pretrained(...,
+gguf_file=...)``). transformers' GGUF reader imports torch, so without torch
+(the MLX platform) :func:`build_without_torch` feeds the same metadata, read
+with the ``gguf`` package, to transformers' torch-free tokenizer converter;
+tests check both give the same tokenizer.
+"""
 
 from __future__ import annotations
 
 import copy
+import importlib.util
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -34,11 +43,20 @@ def load_gguf_tokenizer(path: str, meta: Callable[[str], Any]) -> Any:
     return copy.deepcopy(_BUILT[key])
 
 
-def _build(path: str, meta: Callable[[str], Any]) -> Any:
-    from transformers import AutoTokenizer
+def _torch_importable() -> bool:
+    if "torch" in sys.modules:
+        return sys.modules["torch"] is not None
+    return importlib.util.find_spec("torch") is not None
 
-    p = Path(path)
-    tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+
+def _build(path: str, meta: Callable[[str], Any]) -> Any:
+    if _torch_importable():
+        from transformers import AutoTokenizer
+
+        p = Path(path)
+        tokenizer = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name)
+    else:
+        tokenizer = build_without_torch(path, meta)
     _check_special_tokens(tokenizer, meta, path)
     template = meta("tokenizer.chat_template")
     if template:
@@ -46,6 +64,39 @@ def _build(path: str, meta: Callable[[str], Any]) -> Any:
     if meta("tokenizer.ggml.pre") in DIGIT_SPLITTING_PRE_TOKENIZERS:
         split_digits(tokenizer)
     return tokenizer
+
+
+# transformers' names for the special tokens, and the GGUF keys holding their ids.
+_SPECIAL_TOKEN_IDS = {
+    "bos_token": "bos_token_id",
+    "eos_token": "eos_token_id",
+    "unk_token": "unknown_token_id",
+    "pad_token": "padding_token_id",
+}
+
+
+def build_without_torch(path: str, meta: Callable[[str], Any]) -> Any:
+    """The tokenizer transformers builds for the GGUF at ``path``, from ``meta`` (a metadata
+    reader) and transformers' tokenizer converter: what ``from_pretrained(gguf_file=...)``
+    does, minus its torch-importing file reader."""
+    from transformers.integrations.gguf.gguf_tokenizer_mapping import GGUF_TOKENIZER_MAPPING, convert_gguf_tokenizer
+    from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+    grouped = {
+        group: {name: value for key, name in renames.items() if (value := meta(f"tokenizer.{key}")) is not None}
+        for group, renames in GGUF_TOKENIZER_MAPPING.items()
+    }
+    vocab, config = grouped["tokenizer"], grouped["tokenizer_config"]
+    kind = vocab.get("tokenizer_type")
+    if kind == "llama":  # older sentencepiece files carry no flag; llama.cpp adds BOS there
+        config.setdefault("add_bos_token", True)
+    elif kind == "gemma4":  # its chat template writes <bos> itself
+        config["add_bos_token"] = False
+    for name, key in _SPECIAL_TOKEN_IDS.items():
+        token_id = meta(f"tokenizer.ggml.{key}")
+        config[name] = vocab["tokens"][token_id] if token_id is not None else None
+    backend, extra = convert_gguf_tokenizer(meta("general.architecture"), vocab)
+    return TokenizersBackend(tokenizer_object=backend, name_or_path=path, **config, **extra)
 
 
 def split_digits(tokenizer: Any) -> None:

@@ -129,11 +129,11 @@ def test_split_heuristic_only_for_small_decode_batches() -> None:
 
 def test_validate_reasons() -> None:
     ok = TritonAttentionBackend.validate(
-        head_size=128, dtype=torch.bfloat16, device_type="cuda", block_size=16, sliding_window=4096
+        head_size=128, dtype="bfloat16", device_type="cuda", block_size=16, sliding_window=4096
     )
     assert ok == []
     reasons = TritonAttentionBackend.validate(
-        head_size=512, dtype=torch.bfloat16, device_type="cpu", block_size=16, sliding_window=None
+        head_size=512, dtype="bfloat16", device_type="cpu", block_size=16, sliding_window=None
     )
     assert any("head size 512" in r for r in reasons)
     assert any("'cpu'" in r for r in reasons)
@@ -183,3 +183,15 @@ def test_gpu_split_kv_long_context() -> None:
         block_size=16,
         dtype=torch.bfloat16,
     )
+
+
+def test_split_count_is_planned_for_max_seq_len_bound() -> None:
+    """A runner replaying graphs sets AttentionMetadata.max_seq_len_bound: the split count follows it."""
+    assert TritonAttentionBackend.supports_cuda_graphs
+    b = TritonAttentionBackend(8, 128, 1, 128**-0.5)
+    step = make_step([(40, 1)], num_heads=1, num_kv_heads=1, head_size=16, block_size=16, dtype=torch.float32)
+    device = torch.device("cuda") if CUDA else torch.device("cpu")
+    assert b.num_splits(step.metadata, device, 64) == 1  # 41 tokens: too short to split
+    step.metadata.max_seq_len_bound = 4096
+    assert step.metadata.planned_max_seq_len == 4096
+    assert b.num_splits(step.metadata, device, 64) > 1  # planned for the longest replay

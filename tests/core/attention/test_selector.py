@@ -6,7 +6,6 @@ import types
 
 import kvik.builtin
 import pytest
-import torch
 from kvik.attention.selector import select_attention_backend
 from kvik.attention.torch_ref import TorchRefAttentionBackend
 from kvik.config import EngineConfig
@@ -46,7 +45,7 @@ def manager() -> PluginManager:
     pm = PluginManager(load_entrypoints=False)
     pm.register(kvik.builtin, "kvik.builtin")
     plugin = types.ModuleType("fake_backends")
-    plugin.KVIK_PLUGIN_API = ">=1.0,<2"
+    plugin.KVIK_PLUGIN_API = ">=2.0,<3"
 
     @hookimpl
     def kvik_register_attention_backends(register) -> None:
@@ -60,7 +59,7 @@ def manager() -> PluginManager:
 
 def select(manager: PluginManager, head_size: int = 64, window: int | None = None, **options) -> type:
     config = EngineConfig(block_size=16, **options)
-    return select_attention_backend(FakePlatform(), config, head_size, torch.float32, window, manager)
+    return select_attention_backend(FakePlatform(), config, head_size, "float32", window, manager)
 
 
 def test_first_valid_preference_wins(manager: PluginManager) -> None:
@@ -80,7 +79,7 @@ def test_no_valid_backend_lists_every_candidate(manager: PluginManager) -> None:
         attention_backends = ("only128", "no_window", "missing")
 
     with pytest.raises(ValueError) as info:
-        select_attention_backend(Strict(), EngineConfig(block_size=16), 64, torch.float32, 8, manager)
+        select_attention_backend(Strict(), EngineConfig(block_size=16), 64, "float32", 8, manager)
     message = str(info.value)
     assert "only128: head size 64 not in (128,)" in message
     assert "no_window: sliding window attention is not supported" in message

@@ -55,11 +55,13 @@ def test_unregistered_architecture_lists_registered(tiny_model_dir, tmp_path):
     dst = tmp_path / "weird"
     shutil.copytree(src, dst)
     config = json.loads((dst / "config.json").read_text())
-    config["architectures"] = ["WeirdForCausalLM"]
+    # Not a causal LM, so neither a native architecture nor the transformers fallback can run it.
+    config["architectures"] = ["WeirdForMaskedLM"]
     (dst / "config.json").write_text(json.dumps(config))
     with pytest.raises((ValueError, PluginError)) as info:
         LLM(str(dst), device="cpu")
-    assert "WeirdForCausalLM" in str(info.value) and "LlamaForCausalLM" in str(info.value)
+    assert "WeirdForMaskedLM" in str(info.value) and "LlamaForCausalLM" in str(info.value)
+    assert "name no causal LM" in str(info.value)
 
 
 def test_unknown_engine_option():

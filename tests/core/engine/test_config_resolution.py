@@ -60,7 +60,7 @@ def test_every_option_is_decided_and_frozen(model, kvik_plugin_manager) -> None:
 
 def test_sources_say_who_decided(model, kvik_plugin_manager) -> None:
     tuner = types.ModuleType("tuner")
-    tuner.KVIK_PLUGIN_API = ">=1.0,<2"  # type: ignore[attr-defined]
+    tuner.KVIK_PLUGIN_API = ">=2.0,<3"  # type: ignore[attr-defined]
 
     @hookimpl
     def kvik_configure(config: EngineConfig) -> list[str]:
@@ -89,7 +89,7 @@ def test_sources_say_who_decided(model, kvik_plugin_manager) -> None:
 
 def test_a_plugin_value_is_checked_like_a_users(model, kvik_plugin_manager) -> None:
     bad = types.ModuleType("bad")
-    bad.KVIK_PLUGIN_API = ">=1.0,<2"  # type: ignore[attr-defined]
+    bad.KVIK_PLUGIN_API = ">=2.0,<3"  # type: ignore[attr-defined]
     bad.kvik_configure = hookimpl(lambda config: setattr(config, "max_num_seqs", 0))  # type: ignore[attr-defined]
     kvik_plugin_manager.register(bad, "bad", "kvik-bad")
     with pytest.raises(ValueError, match="max_num_seqs must be >= 1, got 0"):
@@ -144,7 +144,7 @@ def test_long_prefill_token_threshold_reaches_the_scheduler(model, kvik_plugin_m
 
 def _manager_with_host(manager):  # type: ignore[no-untyped-def]
     host = types.ModuleType("host")
-    host.KVIK_PLUGIN_API = ">=1.0,<2"  # type: ignore[attr-defined]
+    host.KVIK_PLUGIN_API = ">=2.0,<3"  # type: ignore[attr-defined]
     host.kvik_register_platforms = hookimpl(  # type: ignore[attr-defined]
         lambda register: register("host-cpu", "kvik.testing.host_platform:HostCPUPlatform")
     )

@@ -36,7 +36,7 @@ class Phantom(Platform):
         raise NotImplementedError
 
 
-def _plugin(name: str, api: str = ">=1.0,<2", **hooks) -> types.ModuleType:
+def _plugin(name: str, api: str = ">=2.0,<3", **hooks) -> types.ModuleType:
     module = types.ModuleType(name)
     module.KVIK_PLUGIN_API = api
     for hook, fn in hooks.items():

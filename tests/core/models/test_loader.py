@@ -202,7 +202,7 @@ class ToyInt8Method(QuantizationMethod):
 def int8_checkpoint(tmp_path: Path, pm: PluginManager) -> tuple[Path, Path]:
     """(quantized checkpoint, dense checkpoint holding its dequantized weights), toy_int8 registered in ``pm``."""
     plugin = types.ModuleType("toy_int8_plugin")
-    plugin.KVIK_PLUGIN_API = ">=1.0,<2"
+    plugin.KVIK_PLUGIN_API = ">=2.0,<3"
 
     @hookimpl
     def kvik_register_quantization_methods(register: Callable[[str, str], None]) -> None:

@@ -40,7 +40,7 @@ def fake_module(monkeypatch: pytest.MonkeyPatch) -> Callable[..., types.ModuleTy
     return make
 
 
-def make_plugin(name: str, api: str | None = ">=1.0,<2", **hooks: Callable[..., Any]) -> types.ModuleType:
+def make_plugin(name: str, api: str | None = ">=2.0,<3", **hooks: Callable[..., Any]) -> types.ModuleType:
     """A plugin module whose ``hooks`` (hook name -> function) are marked ``@hookimpl``."""
     module = types.ModuleType(name)
     if api is not None:

@@ -88,11 +88,11 @@ def test_one_entry_point_name_from_two_distributions(fake_entry_points, three_pl
 
 
 def test_incompatible_api_range_is_refused_naming_both_versions(fresh_manager, fakes, caplog) -> None:
-    plugin = fakes.make_plugin("future", api=">=2.0,<3", kvik_register_models=lambda register: None)
+    plugin = fakes.make_plugin("future", api=">=3.0,<4", kvik_register_models=lambda register: None)
     with caplog.at_level(logging.WARNING, logger="kvik.plugins.manager"):
         assert not fresh_manager.register(plugin, "future", "kvik-future")
     reason = fresh_manager.failures[0].reason
-    assert ">=2.0,<3" in reason and f"provides {PLUGIN_API_VERSION}" in reason
+    assert ">=3.0,<4" in reason and f"provides {PLUGIN_API_VERSION}" in reason
     assert "kvik-future" in caplog.text
     assert not fresh_manager.pm.has_plugin("future")
 
@@ -102,12 +102,12 @@ def test_missing_api_declaration_is_refused(fresh_manager, fakes) -> None:
     assert not fresh_manager.register(plugin, "old")
     assert fresh_manager.models.names() == []
     assert "declares no KVIK_PLUGIN_API" in fresh_manager.failures[0].reason
-    assert f">={PLUGIN_API_VERSION},<2" in fresh_manager.failures[0].reason  # what to write
+    assert f">={PLUGIN_API_VERSION},<3" in fresh_manager.failures[0].reason  # what to write
 
 
-@pytest.mark.parametrize("declared", [">=1.0,<2", ">=1", "~=1.0", "==1.*"])
+@pytest.mark.parametrize("declared", [">=2.0,<3", ">=2", "~=2.0", "==2.*"])
 def test_compatible_api_ranges_load(declared: str) -> None:
-    assert PLUGIN_API_VERSION.startswith("1.")  # these cases are written for API 1.x
+    assert PLUGIN_API_VERSION.startswith("2.")  # these cases are written for API 2.x
     assert check_api_compatibility("p", type("P", (), {"KVIK_PLUGIN_API": declared})) is None
 
 

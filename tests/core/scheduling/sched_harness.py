@@ -19,6 +19,7 @@ from kvik.sampling_params import SamplingParams
 from kvik.scheduling.block_pool import NULL_BLOCK_ID
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.scheduling.scheduler import Scheduler
+from kvik.worker.kit.block_tables import BlockTables
 
 VOCAB = 48
 EOS = 1
@@ -77,6 +78,8 @@ class FakeRunner:
     strict: bool = True  # check every scheduled request against the scheduler's live state
     # Async scheduling: the previous execute()'s samples, not yet applied by update_from_output.
     last_sampled: dict[str, int] = field(default_factory=dict)
+    # The block tables as a real runner keeps them: rebuilt from the scheduler's deltas.
+    tables: BlockTables = field(default_factory=lambda: BlockTables(rows=1, cols=1))
 
     def slot(self, block_ids: list[int], pos: int) -> int:
         bs = self.scheduler.block_size
@@ -92,6 +95,8 @@ class FakeRunner:
         assert out.num_batched_tokens <= sched.max_num_batched_tokens
         assert len(out.scheduled) <= sched.max_num_seqs
         assert len({r.request_id for r in out.scheduled}) == len(out.scheduled)
+        self.tables.apply(out)
+        table_of = {sr.request_id: self.tables.block_ids(sr.request_id) for sr in out.scheduled}
         written: set[int] = set()
         true_of: dict[str, list[int]] = {}
         for sr in out.scheduled:
@@ -105,17 +110,20 @@ class FakeRunner:
             assert sr.token_ids[:known] == true_tokens[sr.start_pos : sr.start_pos + known]
             tokens = true_tokens[sr.start_pos : end]  # the runner fills pending ones from its last samples
             assert sr.sample == (end == len(true_tokens))
-            assert len(sr.block_ids) * sched.block_size >= end
+            block_ids = table_of[sr.request_id]
+            if request is not None and sr.request_id in kv_manager.block_tables:
+                assert block_ids == kv_manager.get_block_ids(request), "delta-built table != scheduler's table"
+            assert len(block_ids) * sched.block_size >= end
             for k, token in enumerate(tokens):
                 pos = sr.start_pos + k
-                slot = self.slot(sr.block_ids, pos)
+                slot = self.slot(block_ids, pos)
                 assert slot not in written, "two requests write the same KV slot in one step"
                 written.add(slot)
                 if alive and self.strict:
                     # A written block is the writer's; if it is already published in the
                     # prefix cache, it is under the writer's own hash for that position.
                     index = pos // sched.block_size
-                    block = kv_manager.pool.blocks[sr.block_ids[index]]
+                    block = kv_manager.pool.blocks[block_ids[index]]
                     assert block in kv_manager.get_blocks(sr.request_id)
                     if block.block_hash is not None:
                         assert block.block_hash == kv_manager.block_hashes(request)[index]
@@ -125,7 +133,7 @@ class FakeRunner:
             if sr.sample:
                 end = sr.start_pos + sr.num_new_tokens
                 true_tokens = true_of[sr.request_id]
-                context = [self.kv.get(self.slot(sr.block_ids, p)) for p in range(end)]
+                context = [self.kv.get(self.slot(table_of[sr.request_id], p)) for p in range(end)]
                 assert context == [(t, p) for p, t in enumerate(true_tokens[:end])], f"bad KV for {sr.request_id}"
                 sampled[sr.request_id] = [next_token(true_tokens[:end])]
         self.last_sampled = {rid: tokens[0] for rid, tokens in sampled.items()}
@@ -140,10 +148,12 @@ class FakeRunner:
         return tokens
 
     def check_computed_kv(self) -> None:
-        """Every computed token of every running request is in the fake KV at its slot."""
+        """Every computed token of every running request is in the fake KV at its slot, and the
+        runner's delta-built table of every running request equals the scheduler's."""
         sched = self.scheduler
         for request in sched.running:
             block_ids = sched.kv_cache.get_block_ids(request)
+            assert self.tables.block_ids(request.request_id) == block_ids, request.request_id
             for p in range(request.num_computed_tokens):
                 assert self.kv.get(self.slot(block_ids, p)) == (request.all_token_ids[p], p), (request.request_id, p)
 

@@ -59,7 +59,7 @@ class MissingLibraryBackend(TokenSetBackend):
 
 
 class _Plugin:
-    KVIK_PLUGIN_API = ">=1.0,<2"
+    KVIK_PLUGIN_API = ">=2.0,<3"
 
     @staticmethod
     @hookimpl

@@ -1,7 +1,15 @@
 from __future__ import annotations
 
+import os
+import sys
+
 import pytest
 from kvik.plugins.manager import PluginManager
+
+# KVIK_TEST_WITHOUT_TORCH=1: run these tests with torch unimportable, as on a Mac with only MLX
+# (tests/platforms/apple/test_without_torch.py runs the subset whose references need no torch).
+if os.environ.get("KVIK_TEST_WITHOUT_TORCH") == "1":
+    sys.modules["torch"] = None  # type: ignore[assignment]
 
 # Each test module starts with pytest.importorskip("mlx.core", reason=MLX_MISSING), so
 # without MLX the directory skips with this reason instead of failing to import.

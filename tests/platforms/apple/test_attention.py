@@ -93,11 +93,11 @@ def test_matches_torch_ref(case, window):
 
 def test_validate_declares_mlx_only():
     ok = MLXPagedAttentionBackend.validate(
-        head_size=64, dtype=torch.float16, device_type="mlx", block_size=16, sliding_window=None
+        head_size=64, dtype="float16", device_type="mlx", block_size=16, sliding_window=None
     )
     assert ok == []
     reasons = MLXPagedAttentionBackend.validate(
-        head_size=64, dtype=torch.float32, device_type="cpu", block_size=16, sliding_window=None
+        head_size=64, dtype="float32", device_type="cpu", block_size=16, sliding_window=None
     )
     assert reasons and "mlx" in reasons[0]
 

@@ -85,7 +85,7 @@ def test_cpu_has_the_lowest_priority(monkeypatch) -> None:
     module.Accelerator = Accelerator
     monkeypatch.setitem(__import__("sys").modules, "fake_accel", module)
     accel = types.ModuleType("accel_plugin")
-    accel.KVIK_PLUGIN_API = ">=1.0,<2"
+    accel.KVIK_PLUGIN_API = ">=2.0,<3"
     from kvik.plugins.hookspecs import hookimpl
 
     accel.kvik_register_platforms = hookimpl(lambda register: register("accel", "fake_accel:Accelerator"))

@@ -160,11 +160,11 @@ def test_attention_prefers_triton_then_torch_ref(kvik_plugin_manager, monkeypatc
     kvik_plugin_manager.register(triton_plugin, "triton", "kvik-triton-attention")
     platform = CUDAPlatform()
     config = EngineConfig(block_size=16)
-    chosen = select_attention_backend(platform, config, 128, torch.bfloat16, None, kvik_plugin_manager)
+    chosen = select_attention_backend(platform, config, 128, "bfloat16", None, kvik_plugin_manager)
     expected = "triton" if __import__("importlib").util.find_spec("triton") else "torch_ref"
     assert chosen.name == expected
     # A head size the kernels do not take falls back to the reference backend.
-    chosen = select_attention_backend(platform, config, 512, torch.bfloat16, None, kvik_plugin_manager)
+    chosen = select_attention_backend(platform, config, 512, "bfloat16", None, kvik_plugin_manager)
     assert chosen.name == "torch_ref"
 
 

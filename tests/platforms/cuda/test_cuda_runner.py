@@ -21,6 +21,7 @@ from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.plugins.hookspecs import hookimpl
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
+from kvik.worker.kit import BlockTables, StepLayout
 from kvik.worker.torch_runner import TorchModelRunner
 from kvik_cuda.inputs import StepInputs
 from kvik_cuda.platform import GPUOptions
@@ -58,7 +59,7 @@ def _req(rid: str, tokens: list[int], start: int, blocks: list[int], sample: boo
 def test_step_inputs_match_the_definitions() -> None:
     rng = random.Random(0)
     bs = 4
-    inputs = StepInputs(max_tokens=64, max_reqs=8, max_blocks=10, block_size=bs, device=torch.device("cpu"))
+    inputs = StepInputs(max_tokens=64, max_reqs=8, max_blocks=10, device=torch.device("cpu"))
     for trial in range(20):
         reqs = []
         for i in range(rng.randint(1, 6)):
@@ -67,12 +68,18 @@ def test_step_inputs_match_the_definitions() -> None:
             blocks = rng.sample(range(1, 100), -(-(start + n) // bs) + rng.randint(0, 2))
             reqs.append(_req(f"r{i}", [rng.randint(1, 500) for _ in range(n)], start, blocks))
         pad = 8 if trial % 2 else None  # decode-only steps: also try padding to a bucket
-        step = inputs.prepare(reqs, pad_to=pad)
+        tables = BlockTables()
+        rows = tables.apply(SchedulerOutput(reqs, sum(len(r.token_ids) for r in reqs)))
+        layout = StepLayout.build(reqs, tables, rows, bs, buffers=inputs.host, pad_to=pad)
+        assert layout.buffers is inputs.host and layout.padded_to == pad
+        step = inputs.copy(layout)
         m = step.metadata
         ids = [t for r in reqs for t in r.token_ids]
         pos = [p for r in reqs for p in range(r.start_pos, r.start_pos + len(r.token_ids))]
         slots = [
-            r.block_ids[p // bs] * bs + p % bs for r in reqs for p in range(r.start_pos, r.start_pos + len(r.token_ids))
+            r.new_block_ids[p // bs] * bs + p % bs
+            for r in reqs
+            for p in range(r.start_pos, r.start_pos + len(r.token_ids))
         ]
         extra = (pad or len(reqs)) - len(reqs)
         assert step.input_ids.tolist() == ids + [0] * extra
@@ -84,7 +91,7 @@ def test_step_inputs_match_the_definitions() -> None:
         assert (m.num_reqs, m.num_tokens, m.max_query_len) == (len(q), sum(q), max(q))
         for i, r in enumerate(reqs):
             nb = -(-(r.start_pos + len(r.token_ids)) // bs)
-            assert m.block_tables[i, :nb].tolist() == r.block_ids[:nb]
+            assert m.block_tables[i, :nb].tolist() == r.new_block_ids[:nb]
         # Dummy rows have seq_len 1 and read only column 0: the null block. (Columns past
         # this step's longest table may hold older steps' blocks; no seq_len reaches them.)
         assert not m.block_tables[len(reqs) :, 0].any()
@@ -133,12 +140,45 @@ def test_pinned_input_path_gives_the_generic_runners_logits(kvik_plugin_manager,
 
 
 @pytest.mark.usefixtures("_one_thread")
+def test_dummy_decodes_between_steps_change_nothing(kvik_plugin_manager, tiny_model_dir) -> None:
+    """Graph capture's padded dummy batches (scratch block tables) leave live requests' tables alone."""
+    path = tiny_model_dir("llama")
+    expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
+    runner = _runner(CUDAModelRunner, path, kvik_plugin_manager, extra={"fused_layers": False})
+    assert isinstance(runner, CUDAModelRunner)
+    held: dict[str, list[int]] = {}  # what the runner has of each table
+    got = []
+    for step in STEPS:
+        sent = []
+        for r in step:  # block-table deltas: a request's first step sends its whole table, later ones what it gained
+            known = held.get(r.request_id)
+            new = r.new_block_ids if known is None else r.new_block_ids[len(known) :]
+            held[r.request_id] = list(r.new_block_ids)
+            sent.append(
+                ScheduledRequest(
+                    r.request_id,
+                    r.token_ids,
+                    r.start_pos,
+                    new,
+                    r.sample,
+                    r.sampling_params,
+                    full_block_table=known is None,
+                )
+            )
+        got.append(runner.compute_logits(SchedulerOutput(sent, sum(len(r.token_ids) for r in sent))))
+        dummy = runner.copy_dummy_decode(4)
+        assert dummy.metadata.num_reqs == 4 and dummy.metadata.max_seq_len_bound == runner.model_config.max_model_len
+    for e, g in zip(expected, got, strict=True):
+        assert torch.equal(e, g)
+
+
+@pytest.mark.usefixtures("_one_thread")
 def test_bucketed_decode_with_triton_and_fused_layers_matches_torch_ref(kvik_plugin_manager, tiny_model_dir) -> None:
     pytest.importorskip("triton", reason="triton is not installed")
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("without a GPU this needs TRITON_INTERPRET=1 before triton loads (tests/attention_backends set it)")
     plugin = types.ModuleType("interp_plugin")
-    plugin.KVIK_PLUGIN_API = ">=1.0,<2"  # type: ignore[attr-defined]
+    plugin.KVIK_PLUGIN_API = ">=2.0,<3"  # type: ignore[attr-defined]
 
     @hookimpl
     def kvik_register_attention_backends(register):  # type: ignore[no-untyped-def]
@@ -180,26 +220,30 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_model_dir, dtype: str) -
     assert outs[True] == outs[False]
 
 
-def test_step_inputs_keep_tables_across_steps_and_release_rows() -> None:
+def test_step_inputs_follow_block_table_deltas_and_survive_dummy_steps() -> None:
+    """Live rows come from the deltas; a runner-internal (scratch-table) step in between changes nothing."""
     bs = 4
-    inputs = StepInputs(max_tokens=32, max_reqs=2, max_blocks=8, block_size=bs, device=torch.device("cpu"))
+    inputs = StepInputs(max_tokens=32, max_reqs=2, max_blocks=8, device=torch.device("cpu"))
+    live = BlockTables()
 
-    def table(reqs: list[ScheduledRequest]) -> list[list[int]]:
-        m = inputs.prepare(reqs).metadata
-        return [m.block_tables[i, : -(-(r.start_pos + 1) // bs)].tolist() for i, r in enumerate(reqs)]
+    def table(tables: BlockTables, out: SchedulerOutput) -> list[list[int]]:
+        rows = tables.apply(out)
+        layout = StepLayout.build(out.scheduled, tables, rows, bs, buffers=inputs.host)
+        m = inputs.copy(layout).metadata
+        return [m.block_tables[i, : -(-(r.start_pos + 1) // bs)].tolist() for i, r in enumerate(out.scheduled)]
 
-    a = _req("a", [1], 3, [7])
-    assert table([a]) == [[7]]
-    a = _req("a", [1], 4, [7, 9])  # crossed into a new block: appended to the kept row
-    assert table([a]) == [[7, 9]]
-    a = _req("a", [1], 5, [2, 3])  # same request id, a different table (e.g. recomputed): rewritten
-    assert table([a]) == [[2, 3]]
-    inputs.release(["a"])
-    b = _req("b", [1], 1, [5])
-    assert table([b]) == [[5]]
-    # More ids than rows without releases (e.g. profiling dummies): the rows start over, still correct.
-    for i in range(3 * inputs.max_rows):
-        assert table([_req(f"x{i}", [1], 6, [i % 50 + 1, i % 50 + 2])]) == [[i % 50 + 1, i % 50 + 2]]
+    def delta(rid: str, start: int, ids: list[int], full: bool = False) -> ScheduledRequest:
+        return ScheduledRequest(rid, [1], start, ids, True, SamplingParams(), full_block_table=full)
+
+    assert table(live, SchedulerOutput([delta("a", 3, [7], True)], 1)) == [[7]]
+    assert table(live, SchedulerOutput([delta("a", 4, [9])], 1)) == [[7, 9]]  # crossed into a new block
+    assert table(BlockTables(), SchedulerOutput([_req("capture", [0], 0, [0])], 1)) == [[0]]  # a dummy step
+    assert table(live, SchedulerOutput([delta("a", 5, [])], 1)) == [[7, 9]]
+    # Preempted, then resumed with a whole new table.
+    out = SchedulerOutput([delta("a", 5, [2, 3], True)], 1, preempted_request_ids=["a"])
+    assert table(live, out) == [[2, 3]]
+    out = SchedulerOutput([delta("b", 1, [5], True)], 1, finished_request_ids=["a"])
+    assert table(live, out) == [[5]] and "a" not in live
 
 
 @pytest.mark.gpu

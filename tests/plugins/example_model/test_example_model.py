@@ -94,7 +94,7 @@ def test_conformance_catches_a_wrong_model(checkpoint: Path, monkeypatch) -> Non
 
     monkeypatch.setitem(sys.modules, "position_blind", types.SimpleNamespace(Model=_PositionBlind))
     plugin = types.ModuleType("broken_model")
-    plugin.KVIK_PLUGIN_API = ">=1.0,<2"
+    plugin.KVIK_PLUGIN_API = ">=2.0,<3"
     plugin.kvik_register_models = hookimpl(lambda register: register(ARCHITECTURE, "position_blind:Model"))
     manager = PluginManager(load_entrypoints=False)
     manager.register(kvik.builtin, "builtin", "kvik-core")

@@ -177,3 +177,24 @@ def test_greedy_matches_transformers(prompts: list[list[int]], hf_greedy: list[l
     )
     assert agree >= 0.9
     assert packed_bytes < 0.5 * dense_bytes
+
+
+def test_torch_free_tokenizer_builder_gives_the_same_tokenizer(fmt: GGUFFormat, tokenizer) -> None:
+    """Without torch (MLX) the tokenizer is built from the metadata directly; it must be transformers' one."""
+    from kvik_gguf.tokenizer import build_without_torch, split_digits
+
+    ours = build_without_torch(fmt.path, fmt.meta)
+    split_digits(ours)  # what load_gguf_tokenizer adds for the 'smollm' pre-tokenizer
+    ours.chat_template = fmt.meta("tokenizer.chat_template")
+    texts = [*QUESTIONS, " 12 + 345 =  6789\n\ttabs", "héllo wörld ∑ 😀 日本語", "<|im_start|>user\nhi<|im_end|>"]
+    for text in texts:
+        assert ours.encode(text) == tokenizer.encode(text), text
+        ids = tokenizer.encode(text)
+        assert ours.decode(ids) == tokenizer.decode(ids)
+    chat = [{"role": "user", "content": QUESTIONS[0]}]
+    assert ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == tokenizer.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=False
+    )
+    special = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+    assert [getattr(ours, a) for a in special] == [getattr(tokenizer, a) for a in special]
+    assert len(ours) == len(tokenizer) and ours.all_special_ids == tokenizer.all_special_ids

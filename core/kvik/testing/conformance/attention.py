@@ -36,7 +36,7 @@ def build_metadata(
     block_tables: list[list[int]],
     block_size: int,
     device: torch.device | str = "cpu",
-) -> AttentionMetadata:
+) -> AttentionMetadata[torch.Tensor]:
     """AttentionMetadata for a flattened batch (what a model runner builds each step)."""
     starts = [0]
     for q in query_lens:
@@ -107,7 +107,7 @@ def _run(
 
 
 def check_attention_backend(
-    backend_cls: type[AttentionBackend],
+    backend_cls: type[AttentionBackend[torch.Tensor]],
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
     head_sizes: tuple[int, ...] = (64, 128, 80),
@@ -138,7 +138,7 @@ def check_attention_backend(
                 for window in sliding_windows:
                     reasons = backend_cls.validate(
                         head_size=head_size,
-                        dtype=dtype,
+                        dtype=str(dtype).removeprefix("torch."),  # backends list dtype names
                         device_type=device.type,
                         block_size=block_size,
                         sliding_window=window,
@@ -177,7 +177,7 @@ def check_attention_backend(
 
 
 def _check_one(
-    backend_cls: type[AttentionBackend],
+    backend_cls: type[AttentionBackend[torch.Tensor]],
     device: torch.device,
     dtype: torch.dtype,
     head_size: int,

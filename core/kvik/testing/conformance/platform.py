@@ -137,7 +137,10 @@ def check_platform(platform_cls: type[Platform]) -> bool:
     ``quantized_weights_mode`` and ``describe`` are checked. Process-wide state ``configure`` may change
     (torch's thread count) is restored afterwards.
     """
-    import torch
+    try:
+        import torch
+    except ImportError:  # a platform that runs without torch (MLX): no torch state to restore
+        torch = None  # type: ignore[assignment]
 
     if not (isinstance(platform_cls, type) and issubclass(platform_cls, Platform)):
         raise AssertionError(f"{platform_cls!r} is not a subclass of kvik.platforms.Platform")
@@ -154,11 +157,12 @@ def check_platform(platform_cls: type[Platform]) -> bool:
         elif not available and not platform_cls.unavailable_reason():
             problems.append("unavailable_reason() must explain why is_available() is False (users see it)")
     if available and not problems:
-        threads = torch.get_num_threads()
+        threads = torch.get_num_threads() if torch is not None else 0
         try:
             problems += _instance_problems(platform_cls())
         finally:
-            torch.set_num_threads(threads)
+            if torch is not None:
+                torch.set_num_threads(threads)
     if problems:
         raise AssertionError(f"platform {platform_cls.__name__} does not conform:\n  - " + "\n  - ".join(problems))
     return available

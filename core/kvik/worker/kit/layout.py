@@ -1,0 +1,224 @@
+"""One step flattened into host arrays, built once from a ``SchedulerOutput``.
+
+Every runner needs the same numbers for a step: the scheduled tokens of all
+requests back to back, each one's position and KV-cache slot, where each
+request's rows start, its context length, its block-table row, and which
+rows are sampled. :meth:`StepLayout.build` computes them with vectorised
+numpy (the only Python loops are over requests, never over tokens or blocks)
+and a runner copies them to its device in whatever form it likes: torch
+tensors, MLX arrays, or persistent pinned buffers (pass ``buffers``).
+
+``pad_to`` appends one-token dummy requests (a decode batch padded to a
+captured graph's size); they sit at position 0 of the null block 0, which the
+block pool never hands out, so they read and write nothing real.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass, field
+from operator import attrgetter
+
+import numpy as np
+
+from kvik.sample.batch import PromptRows, prompt_logprob_rows
+from kvik.scheduling.output import ScheduledRequest
+from kvik.worker.kit.block_tables import BlockTables
+
+_token_ids = attrgetter("token_ids")
+_start_pos = attrgetter("start_pos")
+_sample = attrgetter("sample")
+_pending = attrgetter("num_pending_tokens")
+_NONE = np.zeros(0, dtype=np.int64)
+
+
+@dataclass(slots=True)
+class LayoutBuffers:
+    """Preallocated host arrays a layout is written into (e.g. numpy views of pinned memory).
+
+    A layout of ``T`` tokens, ``R`` requests and ``C`` table columns uses the
+    first ``T`` / ``R + 1`` / ``R`` entries and packs its table ``[R, C]`` at
+    the front of ``block_table``.
+    """
+
+    token_ids: np.ndarray  # [max_tokens] int64
+    positions: np.ndarray  # [max_tokens] int64
+    slot_mapping: np.ndarray  # [max_tokens] int64
+    query_start_loc: np.ndarray  # [max_reqs + 1] int32
+    seq_lens: np.ndarray  # [max_reqs] int32
+    block_table: np.ndarray  # [max_reqs * max_blocks] int32, flat
+
+    @classmethod
+    def allocate(cls, max_tokens: int, max_reqs: int, max_blocks: int) -> LayoutBuffers:
+        tokens = np.zeros((3, max_tokens), dtype=np.int64)
+        return cls(
+            tokens[0],
+            tokens[1],
+            tokens[2],
+            np.zeros(max_reqs + 1, dtype=np.int32),
+            np.zeros(max_reqs, dtype=np.int32),
+            np.zeros(max_reqs * max_blocks, dtype=np.int32),
+        )
+
+    def fits(self, num_tokens: int, num_reqs: int, cols: int) -> bool:
+        return (
+            num_tokens <= self.token_ids.shape[0]
+            and num_reqs <= self.seq_lens.shape[0]
+            and num_reqs * cols <= self.block_table.shape[0]
+        )
+
+
+@dataclass(slots=True)
+class StepLayout:
+    """A step's host-side arrays. ``R`` rows of requests (the scheduled ones, then any padding),
+    ``T`` token rows (each request's tokens back to back, then one per padding request)."""
+
+    scheduled: list[ScheduledRequest]
+    num_reqs: int  # R, padding included
+    num_tokens: int  # T, padding included
+    num_scheduled_tokens: int  # tokens of the scheduled requests (the first rows)
+    token_ids: np.ndarray  # [T] int64; a pending token's row holds 0 until the runner fills it
+    positions: np.ndarray  # [T] int64
+    slot_mapping: np.ndarray  # [T] int64: block_id * block_size + offset
+    query_start_loc: np.ndarray  # [R + 1] int32
+    seq_lens: np.ndarray  # [R] int32: cached + new tokens
+    block_table: np.ndarray  # [R, cols] int32, padded with 0 (the null block)
+    block_size: int
+    query_lens_cpu: list[int]  # [R]
+    seq_lens_cpu: list[int]  # [R]
+    max_query_len: int
+    max_seq_len: int
+    # Sampling: the scheduled requests with sample=True, and the token row whose logits they sample.
+    sample_index: np.ndarray  # [S] int64, indices into ``scheduled``
+    logits_indices: np.ndarray  # [S] int64, token rows
+    # Async scheduling: rows whose token the previous step is still sampling, and whose it is.
+    pending_rows: np.ndarray  # [P] int64
+    pending_request_ids: list[str]
+    # Prompt logprobs: per request asking for them, the rows that score its next prompt token.
+    prompt_rows: list[PromptRows] = field(default_factory=list)
+    buffers: LayoutBuffers | None = None  # the preallocated arrays written into, if any
+    # The batch size asked for with ``pad_to`` (num_reqs == padded_to, possibly with no padding
+    # row at all); None when not asked or when the padded step did not fit ``buffers``.
+    padded_to: int | None = None
+
+    @property
+    def num_scheduled(self) -> int:
+        return len(self.scheduled)
+
+    @property
+    def samples_every_row(self) -> bool:
+        """Every scheduled token is sampled (a decode-only step): logits rows are ``0..S-1``."""
+        return self.logits_indices.shape[0] == self.num_scheduled_tokens
+
+    def sampling_requests(self) -> list[ScheduledRequest]:
+        """The requests that sample, in logits-row order."""
+        scheduled = self.scheduled
+        return [scheduled[i] for i in self.sample_index.tolist()]
+
+    @classmethod
+    def build(
+        cls,
+        scheduled: list[ScheduledRequest],
+        tables: BlockTables,
+        rows: np.ndarray,
+        block_size: int,
+        *,
+        buffers: LayoutBuffers | None = None,
+        pad_to: int | None = None,
+    ) -> StepLayout:
+        """Flatten ``scheduled`` (non-empty) whose block-table rows in ``tables`` are ``rows``.
+
+        Writes into ``buffers`` when the step fits them, else into fresh arrays
+        (then ``layout.buffers`` is None and no padding is added).
+        ValueError when a request's table holds too few blocks for its tokens.
+        """
+        n = len(scheduled)
+        bs = block_size
+        q_lens = np.fromiter(map(len, map(_token_ids, scheduled)), dtype=np.int64, count=n)
+        starts = np.fromiter(map(_start_pos, scheduled), dtype=np.int64, count=n)
+        seq_lens = starts + q_lens
+        num_real = int(q_lens.sum())
+        need = -(-seq_lens // bs)
+        held = tables.num_blocks[rows]
+        short = held < need
+        if short.any():
+            i = int(short.nonzero()[0][0])
+            raise ValueError(
+                f"request {scheduled[i].request_id!r} has {int(held[i])} blocks for {int(seq_lens[i])} tokens "
+                f"(block size {bs}); it needs {int(need[i])}"
+            )
+        cols = int(need.max())
+        if pad_to is not None and pad_to < n:
+            raise ValueError(f"pad_to={pad_to} is smaller than the step's {n} requests")
+        num_reqs = n if pad_to is None else pad_to
+        num_tokens = num_real + num_reqs - n
+        if buffers is not None and not buffers.fits(num_tokens, num_reqs, cols):
+            buffers, num_reqs, num_tokens, pad_to = None, n, num_real, None
+        out = buffers or LayoutBuffers.allocate(num_tokens, num_reqs, cols)
+
+        padded = num_reqs > n
+        qsl = out.query_start_loc[: num_reqs + 1]
+        qsl[0] = 0
+        np.cumsum(q_lens, out=qsl[1 : n + 1])
+        sl = out.seq_lens[:num_reqs]
+        sl[:n] = seq_lens
+        table = out.block_table[: num_reqs * cols].reshape(num_reqs, cols)
+        np.take(tables.table[:, :cols], rows, axis=0, out=table[:n])
+
+        ids, pos, slots = out.token_ids[:num_tokens], out.positions[:num_tokens], out.slot_mapping[:num_tokens]
+        decode_only = num_real == n  # one token per request (the hot case: few numpy calls)
+        if decode_only:
+            ids[:n] = [r.token_ids[0] for r in scheduled]
+            pos[:n] = starts
+            ends = owner = np.arange(n)  # [n] each request's (only and last) row
+            real_pos = starts
+        else:
+            ids[:num_real] = np.fromiter(
+                itertools.chain.from_iterable(map(_token_ids, scheduled)), dtype=np.int64, count=num_real
+            )
+            owner = np.repeat(np.arange(n), q_lens)  # [num_real] the request of each token
+            pos[:num_real] = np.arange(num_real) - np.repeat(qsl[:n] - starts, q_lens)
+            real_pos = pos[:num_real]
+            ends = qsl[1 : n + 1].astype(np.int64) - 1  # [n] each request's last row
+        slots[:num_real] = table[owner, real_pos // bs].astype(np.int64) * bs + real_pos % bs
+        if padded:  # dummy one-token requests at position 0 of the null block
+            qsl[n + 1 :] = num_real + np.arange(1, num_reqs - n + 1)
+            sl[n:] = 1
+            table[n:] = 0
+            ids[num_real:] = 0
+            pos[num_real:] = 0
+            slots[num_real:] = 0
+
+        samples = np.fromiter(map(_sample, scheduled), dtype=bool, count=n)
+        sample_index = ends if decode_only and samples.all() else samples.nonzero()[0]
+        pending = np.fromiter(map(_pending, scheduled), dtype=np.int64, count=n)
+        pending_index = pending.nonzero()[0] if pending.any() else _NONE
+        if pending_index.size and int(pending[pending_index].max()) != 1:
+            raise RuntimeError("a request can wait for at most one token from the previous step")
+        padding = [1] * (num_reqs - n)
+        query_lens_cpu = q_lens.tolist() + padding
+        seq_lens_cpu = seq_lens.tolist() + padding
+        return cls(
+            scheduled=scheduled,
+            num_reqs=num_reqs,
+            num_tokens=num_tokens,
+            num_scheduled_tokens=num_real,
+            token_ids=ids,
+            positions=pos,
+            slot_mapping=slots,
+            query_start_loc=qsl,
+            seq_lens=sl,
+            block_table=table,
+            block_size=bs,
+            query_lens_cpu=query_lens_cpu,
+            seq_lens_cpu=seq_lens_cpu,
+            max_query_len=1 if decode_only else max(query_lens_cpu),
+            max_seq_len=max(seq_lens_cpu),
+            sample_index=sample_index,
+            logits_indices=ends if sample_index is ends else ends[sample_index],
+            pending_rows=ends[pending_index] if pending_index.size else _NONE,
+            pending_request_ids=[scheduled[i].request_id for i in pending_index.tolist()],
+            prompt_rows=prompt_logprob_rows(scheduled),
+            buffers=buffers,
+            padded_to=pad_to,
+        )
