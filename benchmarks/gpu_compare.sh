@@ -6,7 +6,7 @@
 # BEFORE holds an older tree (`git archive <commit> core platforms attention_backends quantization
 # benchmarks | tar -x -C .before`, carried to the device). The current tree is installed editable
 # (entry points); each run puts one tree's packages first on PYTHONPATH. Each "shape:n" runs
-# before, after, before, after; results land in $OUT/{before,after}{1,2}/offline_<shape>.jsonl.
+# before, after, ... ($ROUNDS rounds, default 2); results land in $OUT/{before,after}{1,2}/offline_<shape>.jsonl.
 set -u
 JOBS=${1:-"smollm2:4000"}
 BEFORE=${BEFORE:-.before}
@@ -26,7 +26,7 @@ if [ -n "${TESTS:-}" ]; then
 fi
 for job in $JOBS; do
   shape=${job%%:*}; n=${job##*:}
-  for round in 1 2; do
+  for round in $(seq "${ROUNDS:-2}"); do
     for tree in before after; do
       root=$([ $tree = before ] && echo "$BEFORE" || echo .)
       echo "=== $shape n=$n $tree round $round $(date -u +%H:%M:%S)"

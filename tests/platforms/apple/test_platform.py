@@ -58,8 +58,11 @@ def test_real_probe_on_this_machine():
 
 
 @pytest.fixture
-def resolve(tiny_model_dir, kvik_plugin_manager):
-    path = tiny_model_dir("llama")
+def resolve(tmp_path, kvik_plugin_manager):
+    from kvik.testing.tiny_models import tiny_config
+
+    path = tmp_path / "config-only"  # resolution reads the config alone (and this needs no torch)
+    tiny_config("llama").save_pretrained(path)
 
     def run(**options):  # type: ignore[no-untyped-def]
         return resolve_config(EngineConfig(model=str(path), **options), apple.ApplePlatform(), kvik_plugin_manager)

@@ -144,7 +144,7 @@ def test_dummy_decodes_between_steps_change_nothing(kvik_plugin_manager, tiny_mo
     """Graph capture's padded dummy batches (scratch block tables) leave live requests' tables alone."""
     path = tiny_model_dir("llama")
     expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
-    runner = _runner(CUDAModelRunner, path, kvik_plugin_manager, extra={"fused_layers": False})
+    runner = _runner(CUDAModelRunner, path, kvik_plugin_manager, platform_options={"fused_layers": False})
     assert isinstance(runner, CUDAModelRunner)
     held: dict[str, list[int]] = {}  # what the runner has of each table
     got = []
