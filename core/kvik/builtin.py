@@ -9,6 +9,11 @@ from kvik.plugins.hookspecs import RegisterFn, hookimpl
 
 KVIK_PLUGIN_API = ">=1.0,<2"
 
+# (module under kvik.models, architecture class): one file per architecture
+_NATIVE = (
+    ("qwen3", "Qwen3ForCausalLM"),
+)
+
 
 @hookimpl
 def kvik_register_attention_backends(register: RegisterFn) -> None:
@@ -19,6 +24,8 @@ def kvik_register_attention_backends(register: RegisterFn) -> None:
 def kvik_register_models(register: RegisterFn) -> None:
     for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
         register(arch, f"kvik.models.llama:{arch}")
+    for module, arch in _NATIVE:
+        register(arch, f"kvik.models.{module}:{arch}")
 
 
 @hookimpl

@@ -50,6 +50,9 @@ class AttentionBackend(ABC):
     supported_head_sizes: ClassVar[tuple[int, ...] | None] = None  # None: any
     supported_device_types: ClassVar[tuple[str, ...]] = ("cpu",)
     supports_sliding_window: ClassVar[bool] = True
+    # Gemma 2's attention logit soft-capping: ``cap * tanh(score / cap)`` before the mask
+    # and softmax. A backend that implements it sets this and honours ``logits_soft_cap``.
+    supports_logits_soft_cap: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -58,12 +61,16 @@ class AttentionBackend(ABC):
         num_kv_heads: int,
         scale: float,
         sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> None:
         self.num_heads = num_heads
         self.head_size = head_size
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
+        if logits_soft_cap is not None and not self.supports_logits_soft_cap:
+            raise ValueError(f"attention backend {self.name!r} does not support attention logit soft-capping")
+        self.logits_soft_cap = logits_soft_cap
 
     @classmethod
     def validate(
@@ -108,5 +115,6 @@ class AttentionBackend(ABC):
         """Write ``key``/``value`` into ``kv_cache`` at ``metadata.slot_mapping``,
         then attend each new token to its request's context read through the
         block table: causal within the new tokens, full over cached ones, and
-        limited to the last ``sliding_window`` positions when set.
+        limited to the last ``sliding_window`` positions when set; scores are
+        soft-capped when ``logits_soft_cap`` is set.
         """

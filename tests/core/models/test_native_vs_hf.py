@@ -1,0 +1,60 @@
+"""Every native architecture beyond the Llama family: kvik's greedy tokens against HF transformers (float32, CPU).
+
+Each case is a tiny random checkpoint that exercises the architecture's special
+features; the batch mixes prompt lengths and shares prefixes so prefix caching
+does real work, and each runs with prefix caching and chunked prefill on and off.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from kvik import LLM, SamplingParams
+from kvik.testing.reference import hf_greedy, random_prompts
+
+NEW_TOKENS = 10
+GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+
+CASES: dict[str, dict[str, Any]] = {
+    "qwen3-qk-norm": dict(arch="qwen3", head_dim=32),
+    "qwen3-sliding-layers": dict(
+        arch="qwen3", use_sliding_window=True, sliding_window=12, max_window_layers=1, num_hidden_layers=3
+    ),
+}
+
+SCHEDULES = {
+    "prefix-cache+chunked": dict(enable_prefix_caching=True, enable_chunked_prefill=True, max_num_batched_tokens=24),
+    "plain": dict(enable_prefix_caching=False, enable_chunked_prefill=False),
+}
+
+
+def prompts() -> list[list[int]]:
+    base = random_prompts(4, seed=7, low=3, high=40)
+    return base + [base[1] + p for p in random_prompts(2, seed=8, low=4, high=20)]
+
+
+@pytest.fixture(scope="module")
+def expected(tiny_model_dir: Any) -> Any:
+    cache: dict[str, tuple[Any, list[list[int]]]] = {}
+
+    def get(case: str) -> tuple[Any, list[list[int]]]:
+        if case not in cache:
+            path = tiny_model_dir(**CASES[case])
+            cache[case] = (path, hf_greedy(path, prompts(), NEW_TOKENS))
+        return cache[case]
+
+    return get
+
+
+@pytest.mark.parametrize("schedule", list(SCHEDULES))
+@pytest.mark.parametrize("case", list(CASES))
+def test_greedy_matches_hf(expected: Any, case: str, schedule: str) -> None:
+    path, reference = expected(case)
+    options = dict(device="cpu", dtype="float32", num_kv_blocks=128, block_size=4, max_num_seqs=8, max_model_len=128)
+    options.update(SCHEDULES[schedule])
+    llm = LLM(str(path), **options)
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts(), GREEDY)]
+    assert got == reference
+    if options["enable_prefix_caching"]:
+        assert llm.llm_engine.get_stats().prefix_cache_hits > 0
