@@ -12,6 +12,9 @@ KVIK_PLUGIN_API = ">=1.0,<2"
 # (module under kvik.models, architecture class): one file per architecture
 _NATIVE = (
     ("qwen3", "Qwen3ForCausalLM"),
+    ("mixtral", "MixtralForCausalLM"),
+    ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    ("qwen2_moe", "Qwen2MoeForCausalLM"),
 )
 
 

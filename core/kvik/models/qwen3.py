@@ -20,9 +20,7 @@ def qk_norm_attention(cls: type[Qwen2ForCausalLM], ctx: ModelBuildContext, index
     """Layer ``index``'s attention with Qwen3's per-head q/k RMSNorm (shared by Qwen3 and Qwen3-MoE)."""
     cfg = ctx.model_config.hf_config
     norm = partial(RMSNorm, eps=getattr(cfg, "rms_norm_eps", 1e-6), dtype=ctx.dtype, device=ctx.device)
-    return LlamaAttention(
-        ctx, cls.qkv_bias(cfg), cls.o_bias(cfg), cls.layer_sliding_window(cfg, index), qk_norm=norm
-    )
+    return LlamaAttention(ctx, cls.qkv_bias(cfg), cls.o_bias(cfg), cls.layer_sliding_window(cfg, index), qk_norm=norm)
 
 
 class Qwen3ForCausalLM(Qwen2ForCausalLM):

@@ -21,6 +21,29 @@ CASES: dict[str, dict[str, Any]] = {
     "qwen3-sliding-layers": dict(
         arch="qwen3", use_sliding_window=True, sliding_window=12, max_window_layers=1, num_hidden_layers=3
     ),
+    "mixtral-4-experts-top2-window": dict(
+        arch="mixtral", num_local_experts=4, num_experts_per_tok=2, intermediate_size=48, sliding_window=16
+    ),
+    "qwen3-moe-dense-layer-no-renorm": dict(
+        arch="qwen3_moe",
+        num_experts=6,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        norm_topk_prob=False,
+        mlp_only_layers=[1],
+        num_hidden_layers=3,
+    ),
+    "qwen3-moe-renorm": dict(
+        arch="qwen3_moe", num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True
+    ),
+    "qwen2-moe-shared-expert": dict(
+        arch="qwen2_moe",
+        num_experts=4,
+        num_experts_per_tok=2,
+        moe_intermediate_size=32,
+        shared_expert_intermediate_size=48,
+        norm_topk_prob=False,
+    ),
 }
 
 SCHEDULES = {
