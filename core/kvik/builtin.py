@@ -15,6 +15,8 @@ _NATIVE = (
     ("mixtral", "MixtralForCausalLM"),
     ("qwen3_moe", "Qwen3MoeForCausalLM"),
     ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    ("gemma2", "Gemma2ForCausalLM"),
+    ("gemma3", "Gemma3ForCausalLM"),
 )
 
 

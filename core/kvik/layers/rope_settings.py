@@ -23,12 +23,21 @@ class RopeSettings:
     params: dict[str, Any] = field(default_factory=dict)  # factor, low_freq_factor, ...
 
 
-def rope_settings(hf_config: Any) -> RopeSettings:
-    """Read rope settings from a ``transformers`` config of any supported version."""
+_LAYER_TYPES = ("full_attention", "sliding_attention")
+
+
+def rope_settings(hf_config: Any, layer_type: str = "full_attention") -> RopeSettings:
+    """Read rope settings from a ``transformers`` config of any supported version.
+
+    Models whose local and global layers rotate differently (Gemma 3) keep one
+    parameter set per layer type in ``rope_parameters``; ``layer_type`` picks it.
+    """
     params = getattr(hf_config, "rope_parameters", None)
     if not isinstance(params, dict) or not params:
         params = getattr(hf_config, "rope_scaling", None)
     params = dict(params or {})
+    if any(key in params for key in _LAYER_TYPES):
+        params = dict(params.get(layer_type) or params.get("full_attention") or {})
     rope_type = params.get("rope_type") or params.get("type") or "default"
     if rope_type not in SUPPORTED_ROPE_TYPES:
         raise ValueError(

@@ -13,7 +13,15 @@ from torch import nn
 
 from kvik.layers.rope_settings import SUPPORTED_ROPE_TYPES, RopeSettings, rope_max_len, rope_settings
 
-__all__ = ["SUPPORTED_ROPE_TYPES", "RopeSettings", "RotaryEmbedding", "compute_inv_freq", "rope_max_len", "rope_settings"]
+__all__ = [
+    "SUPPORTED_ROPE_TYPES",
+    "RopeSettings",
+    "RotaryEmbedding",
+    "compute_inv_freq",
+    "rope_max_len",
+    "rope_settings",
+]
+
 
 def compute_inv_freq(rope: RopeSettings, rotary_dim: int, max_position: int, max_model_len: int) -> torch.Tensor:
     """Inverse frequencies ``[rotary_dim // 2]`` float32, as HF computes them."""

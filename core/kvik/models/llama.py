@@ -10,7 +10,7 @@ hooks: :meth:`~LlamaForCausalLM.make_attention_layer`, :meth:`~LlamaForCausalLM.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -172,11 +172,14 @@ class LlamaModel(nn.Module):
 class LlamaForCausalLM(nn.Module):
     """Decoder-only transformer with RMSNorm, rotary positions, GQA and a SiLU-gated MLP."""
 
+    # The module tree under ``model.`` (built as ``model_cls(ctx, arch)``); Gemma swaps it.
+    model_cls: ClassVar[Callable[[ModelBuildContext, Any], nn.Module]] = LlamaModel
+
     def __init__(self, ctx: ModelBuildContext) -> None:
         super().__init__()
         cfg = ctx.model_config.hf_config
         self.dtype = ctx.dtype
-        self.model = LlamaModel(ctx, type(self))
+        self.model: Any = self.model_cls(ctx, type(self))
         tie = self.model.embed_tokens if getattr(cfg, "tie_word_embeddings", False) else None
         self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tie, ctx.dtype, ctx.device)
         self._loaded: set[str] = set()

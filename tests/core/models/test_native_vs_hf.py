@@ -44,6 +44,29 @@ CASES: dict[str, dict[str, Any]] = {
         shared_expert_intermediate_size=48,
         norm_topk_prob=False,
     ),
+    # head_dim 32 != query_pre_attn_scalar 24: the attention scale is not head_dim ** -0.5.
+    # Caps low enough that tanh bends the random scores and logits.
+    "gemma2-softcap-windows": dict(
+        arch="gemma2",
+        num_hidden_layers=4,
+        head_dim=32,
+        query_pre_attn_scalar=24,
+        sliding_window=10,
+        attn_logit_softcapping=3.0,
+        final_logit_softcapping=4.0,
+        tie_word_embeddings=True,
+    ),
+    "gemma3-5to1-local-rope": dict(
+        arch="gemma3",
+        num_hidden_layers=7,
+        head_dim=32,
+        query_pre_attn_scalar=32,
+        sliding_window=8,
+        rope_parameters={
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
+            "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        },
+    ),
 }
 
 SCHEDULES = {
@@ -81,3 +104,22 @@ def test_greedy_matches_hf(expected: Any, case: str, schedule: str) -> None:
     assert got == reference
     if options["enable_prefix_caching"]:
         assert llm.llm_engine.get_stats().prefix_cache_hits > 0
+
+
+def test_gemma2_prompt_logprobs_follow_soft_capped_logits(expected: Any) -> None:
+    """Soft-capping the final logits does not change greedy tokens (tanh is monotonic); the logprobs show it."""
+    import torch
+    import transformers
+
+    path, _ = expected("gemma2-softcap-windows")
+    prompt = prompts()[4]  # long enough for the window to matter
+    llm = LLM(str(path), device="cpu", dtype="float32", num_kv_blocks=64, block_size=4, max_model_len=128)
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    assert out.prompt_logprobs is not None
+    got = torch.tensor([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, :-1].float()
+    assert logits.abs().max() < 4.0  # the cap was applied on HF's side too
+    want = torch.log_softmax(logits, dim=-1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
