@@ -17,6 +17,7 @@ _NATIVE = (
     ("qwen2_moe", "Qwen2MoeForCausalLM"),
     ("gemma2", "Gemma2ForCausalLM"),
     ("gemma3", "Gemma3ForCausalLM"),
+    ("phi3", "Phi3ForCausalLM"),
 )
 
 

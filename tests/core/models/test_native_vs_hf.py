@@ -16,6 +16,9 @@ from kvik.testing.reference import hf_greedy, random_prompts
 NEW_TOKENS = 10
 GREEDY = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
 
+SHORT = [1.0, 1.1, 1.3, 1.7, 2.0, 3.0, 5.0, 8.0]  # rotary_dim // 2 = 8 (head 32, partial 0.5)
+LONG = [2.0, 2.5, 3.0, 4.0, 6.0, 9.0, 12.0, 16.0]
+
 CASES: dict[str, dict[str, Any]] = {
     "qwen3-qk-norm": dict(arch="qwen3", head_dim=32),
     "qwen3-sliding-layers": dict(
@@ -65,6 +68,27 @@ CASES: dict[str, dict[str, Any]] = {
         rope_parameters={
             "sliding_attention": {"rope_type": "default", "rope_theta": 10.0},
             "full_attention": {"rope_type": "linear", "factor": 2.0, "rope_theta": 10000.0},
+        },
+    ),
+    # max_model_len 128 <= original_max_position_embeddings: HF and kvik both use the short factors.
+    "phi3-longrope-partial-window": dict(
+        arch="phi3",
+        hidden_size=128,
+        partial_rotary_factor=0.5,
+        sliding_window=20,
+        original_max_position_embeddings=128,
+        max_position_embeddings=512,
+        rope_scaling={"rope_type": "longrope", "short_factor": SHORT, "long_factor": LONG},
+    ),
+    "phi3-su-tied": dict(
+        arch="phi3",
+        tie_word_embeddings=True,
+        max_position_embeddings=256,
+        rope_scaling={
+            "type": "su",
+            "short_factor": [1.0, 1.5, 2.0, 4.0] * 2,
+            "long_factor": [3.0] * 8,
+            "original_max_position_embeddings": 128,
         },
     ),
 }
