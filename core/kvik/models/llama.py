@@ -242,15 +242,21 @@ class LlamaForCausalLM(nn.Module):
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         consumed: set[str] = set()
         unknown: list[str] = []
-        for name, value in weights:
-            name = self.sanitize(name)
+        for original, value in weights:
+            name = self.sanitize(original)
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head.tied):
-                consumed.add(name)
+                consumed.add(original)
                 continue
-            if self._load_one(name, value):
-                consumed.add(name)
+            try:
+                loaded = self._load_one(name, value)
+            except ValueError as exc:
+                if name == original:
+                    raise
+                raise ValueError(f"checkpoint tensor {original} (loaded as {name}): {exc}") from exc
+            if loaded:
+                consumed.add(original)
             else:
-                unknown.append(name)
+                unknown.append(original)
         if unknown:
             shown = ", ".join(unknown[:10]) + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
             raise ValueError(
