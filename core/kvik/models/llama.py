@@ -173,13 +173,14 @@ class LlamaForCausalLM(nn.Module):
     """Decoder-only transformer with RMSNorm, rotary positions, GQA and a SiLU-gated MLP."""
 
     # The module tree under ``model.`` (built as ``model_cls(ctx, arch)``); Gemma swaps it.
-    model_cls: ClassVar[Callable[[ModelBuildContext, Any], nn.Module]] = LlamaModel
+    model_cls: ClassVar[type[nn.Module]] = LlamaModel
+    model: Any  # a model_cls instance
 
     def __init__(self, ctx: ModelBuildContext) -> None:
         super().__init__()
         cfg = ctx.model_config.hf_config
         self.dtype = ctx.dtype
-        self.model: Any = self.model_cls(ctx, type(self))
+        self.model = self.model_cls(ctx, type(self))
         tie = self.model.embed_tokens if getattr(cfg, "tie_word_embeddings", False) else None
         self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tie, ctx.dtype, ctx.device)
         self._loaded: set[str] = set()

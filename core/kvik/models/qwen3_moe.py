@@ -21,7 +21,7 @@ from kvik.models.qwen3 import Qwen3ForCausalLM
 
 def is_sparse_layer(cfg: Any, index: int) -> bool:
     """HF's rule for which Qwen-MoE layers route to experts."""
-    num_experts = getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", 0)
+    num_experts = int(getattr(cfg, "num_experts", None) or getattr(cfg, "num_local_experts", None) or 0)
     step = int(getattr(cfg, "decoder_sparse_step", 1) or 1)
     return index not in (getattr(cfg, "mlp_only_layers", None) or []) and num_experts > 0 and (index + 1) % step == 0
 
