@@ -138,8 +138,9 @@ def _grouped_gemm(
         w.stride(2),
         out.stride(0),
         MUL_WEIGHT=scale is not None,
-        # float32 stays IEEE (the reference is exact float32); 16-bit inputs multiply natively.
-        PRECISION="ieee" if a.dtype == torch.float32 else "tf32",
+        # float32 stays IEEE (the reference is exact float32); 16-bit: Triton's default (the
+        # option only concerns float32, and backends differ in which values they accept).
+        PRECISION="ieee" if a.dtype == torch.float32 else None,
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
