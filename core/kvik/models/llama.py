@@ -4,12 +4,12 @@ The three differ only in biases and sliding-window layout, expressed as small
 class hooks (:meth:`LlamaForCausalLM.qkv_bias` and friends). Other architectures
 (Qwen3, Phi-3, Mixtral, Qwen3-MoE, Gemma) reuse the skeleton through the same
 hooks: :meth:`~LlamaForCausalLM.make_attention_layer`, :meth:`~LlamaForCausalLM.make_mlp`,
-:meth:`~LlamaForCausalLM.sanitize` (checkpoint names) and the module-level loader.
+``sanitize`` (checkpoint names) and the loader in :mod:`kvik.models.hf_weights`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
@@ -21,18 +21,10 @@ from kvik.layers.embedding import LMHead, VocabEmbedding
 from kvik.layers.linear import Linear
 from kvik.layers.norm import RMSNorm
 from kvik.layers.rotary import RotaryEmbedding, rope_settings
+from kvik.models.hf_weights import HFWeightLoader
 from kvik.models.interface import ModelBuildContext
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
-
-# HF projection name -> (our merged module, shard index)
-_MERGED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
 
 
 def head_dim_of(cfg: Any) -> int:
@@ -169,7 +161,7 @@ class LlamaModel(nn.Module):
         )
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(HFWeightLoader, nn.Module):
     """Decoder-only transformer with RMSNorm, rotary positions, GQA and a SiLU-gated MLP."""
 
     # The module tree under ``model.`` (built as ``model_cls(ctx, arch)``); Gemma swaps it.
@@ -196,11 +188,6 @@ class LlamaForCausalLM(nn.Module):
     def make_mlp(cls, ctx: ModelBuildContext, index: int) -> nn.Module:
         """Layer ``index``'s feed-forward block (a dense MLP here; MoE architectures differ)."""
         return LlamaMLP(ctx, bool(getattr(ctx.model_config.hf_config, "mlp_bias", False)))
-
-    @classmethod
-    def sanitize(cls, name: str) -> str:
-        """A checkpoint weight name -> the name of our parameter (mlx-lm style; identity here)."""
-        return name
 
     @classmethod
     def qkv_bias(cls, cfg: Any) -> bool:
@@ -238,98 +225,6 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [n, vocab] float32
-
-    # -- loading --------------------------------------------------------------
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
-        consumed: set[str] = set()
-        unknown: list[str] = []
-        for original, value in weights:
-            name = self.sanitize(original)
-            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head.tied):
-                consumed.add(original)
-                continue
-            try:
-                loaded = self._load_one(name, value)
-            except ValueError as exc:
-                if name == original:
-                    raise
-                raise ValueError(f"checkpoint tensor {original} (loaded as {name}): {exc}") from exc
-            if loaded:
-                consumed.add(original)
-            else:
-                unknown.append(original)
-        if unknown:
-            shown = ", ".join(unknown[:10]) + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
-            raise ValueError(
-                f"checkpoint has weights {type(self).__name__} does not know: {shown}. "
-                "Is the checkpoint's architecture right for these weights?"
-            )
-        return consumed
-
-    def _load_one(self, name: str, value: Any) -> bool:
-        custom = _custom_loader(self, name)
-        if custom is not None:  # a module that maps its own checkpoint names (MoE experts)
-            module, rest = custom
-            return bool(module.load_checkpoint_weight(rest, value, name))
-        prefix, _, param = name.rpartition(".")
-        owner, _, proj = prefix.rpartition(".")
-        shard: int | None = None
-        if proj in _MERGED:
-            merged, shard = _MERGED[proj]
-            prefix = f"{owner}.{merged}"
-        try:
-            module = self.get_submodule(prefix)
-        except AttributeError:
-            return False
-        if isinstance(module, Linear):
-            try:
-                module.load(param, value, shard)
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"cannot load {name}: {exc}") from exc
-            if shard is not None:
-                self._loaded.add(f"{prefix}[{shard}]")
-            elif len(module.output_sizes) > 1:  # a checkpoint that ships the merged tensor (Phi-3's qkv_proj)
-                self._loaded.update(f"{prefix}[{i}]" for i in range(len(module.output_sizes)))
-            else:
-                self._loaded.add(prefix)
-            return True
-        target = module._parameters.get(param)
-        if target is None:
-            return False
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-        target.data.copy_(value.to(target.dtype))
-        self._loaded.add(f"{prefix}.{param}")
-        return True
-
-    def missing_weights(self) -> list[str]:
-        """Parameters no checkpoint value reached (call after load_weights)."""
-        missing: list[str] = []
-        for path, module in self.named_modules():
-            own = getattr(module, "missing_checkpoint_weights", None)
-            if callable(own):  # a module that tracks its own loading (MoE experts)
-                missing.extend(f"{path}.{m}" for m in own())
-            elif isinstance(module, Linear):
-                n = len(module.output_sizes)
-                missing.extend(
-                    s for s in ([f"{path}[{i}]" for i in range(n)] if n > 1 else [path]) if s not in self._loaded
-                )
-            else:
-                missing.extend(f"{path}.{p}" for p in module._parameters if f"{path}.{p}" not in self._loaded)
-        return missing
-
-
-def _custom_loader(model: nn.Module, name: str) -> tuple[Any, str] | None:
-    """The innermost module on ``name``'s path that loads its own weights, with the rest of the name."""
-    parts = name.split(".")
-    module: Any = model
-    for i, part in enumerate(parts[:-1]):
-        module = getattr(module, "_modules", {}).get(part)
-        if module is None:
-            return None
-        if callable(getattr(module, "load_checkpoint_weight", None)) and parts[i + 1] not in module._modules:
-            return module, ".".join(parts[i + 1 :])
-    return None
 
 
 class MistralForCausalLM(LlamaForCausalLM):
