@@ -93,17 +93,20 @@ class MoEExperts(nn.Module):
     def forward(
         self,
         x: torch.Tensor,  # [n, hidden]
-        topk_weights: torch.Tensor,  # [n, top_k] float32
+        topk_weights: torch.Tensor,  # [n, top_k] float32 or x.dtype (see SparseMoE.round_weights)
         topk_ids: torch.Tensor,  # [n, top_k] int64
     ) -> torch.Tensor:  # [n, hidden]
-        """Reference: each expert runs on the tokens routed to it; outputs are summed by weight."""
+        """Reference: each expert runs on the tokens routed to it; outputs are summed by weight.
+
+        Each expert's output is scaled in the weights' dtype (promoted), then rounded to
+        ``x.dtype`` and summed in it, as HF does.
+        """
         out = torch.zeros_like(x)
-        weights = topk_weights.to(x.dtype)  # HF casts the routing weights to the activation dtype
         for expert in torch.unique(topk_ids).tolist():
             token, slot = torch.where(topk_ids == expert)
             gate, up = F.linear(x[token], self.w13[expert]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.w2[expert])
-            out.index_add_(0, token, y * weights[token, slot, None])
+            out.index_add_(0, token, (y * topk_weights[token, slot, None]).to(out.dtype))
         return out
 
     def extra_repr(self) -> str:
@@ -115,7 +118,9 @@ class SparseMoE(nn.Module):
 
     ``shared_expert`` (any ``[n, hidden] -> [n, hidden]`` module, e.g. a dense MLP)
     is added to the routed output, scaled by ``sigmoid(shared_expert_gate(x))``
-    when ``shared_gate`` is set (Qwen2-MoE's layout).
+    when ``shared_gate`` is set (Qwen2-MoE's layout). ``round_weights`` rounds the routing
+    weights to the activation dtype before they scale the experts' outputs (Qwen's HF code
+    does; Mixtral's scales by the float32 weights).
     """
 
     def __init__(
@@ -129,12 +134,14 @@ class SparseMoE(nn.Module):
         device: torch.device | str = "cpu",
         shared_expert: nn.Module | None = None,
         shared_gate: bool = False,
+        round_weights: bool = True,
     ) -> None:
         super().__init__()
         if not 0 < top_k <= num_experts:
             raise ValueError(f"the model config routes each token to {top_k} of {num_experts} experts; need 0 < k <= E")
         self.top_k = top_k
         self.renormalize = renormalize
+        self.round_weights = round_weights
         self.gate = Linear(hidden_size, num_experts, dtype=dtype, device=device)  # the router
         self.experts = MoEExperts(num_experts, hidden_size, intermediate_size, dtype, device)
         self.shared_expert = shared_expert
@@ -142,6 +149,8 @@ class SparseMoE(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, hidden]
         weights, ids = route(self.gate(x), self.top_k, self.renormalize)
+        if self.round_weights:
+            weights = weights.to(x.dtype)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

@@ -17,6 +17,7 @@ from functools import partial
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from kvik.attention.backend import AttentionMetadata
@@ -163,4 +164,8 @@ class Gemma2ForCausalLM(LlamaForCausalLM):
         return model.norm(hidden)  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return soft_cap(self.lm_head(hidden), self.final_logit_softcapping)
+        if not self.final_logit_softcapping:
+            return self.lm_head(hidden)
+        # Capped in the model dtype before the float32 cast, rounding where HF does.
+        logits = F.linear(hidden, self.lm_head.head_weight)
+        return soft_cap(logits, self.final_logit_softcapping).float()

@@ -54,6 +54,7 @@ class MixtralForCausalLM(MistralForCausalLM):
             top_k=required(cfg, "num_experts_per_tok"),
             intermediate_size=required(cfg, "intermediate_size"),
             renormalize=True,
+            round_weights=False,  # HF's Mixtral scales by the float32 routing weights
             dtype=ctx.dtype,
             device=ctx.device,
         )

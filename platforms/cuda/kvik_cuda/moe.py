@@ -153,7 +153,7 @@ class TritonMoEExperts(MoEExperts):
     def forward(
         self,
         x: torch.Tensor,  # [n, hidden]
-        topk_weights: torch.Tensor,  # [n, top_k] float32
+        topk_weights: torch.Tensor,  # [n, top_k] float32 or x.dtype
         topk_ids: torch.Tensor,  # [n, top_k] int64
     ) -> torch.Tensor:  # [n, hidden]
         n, top_k = topk_ids.shape
@@ -167,6 +167,6 @@ class TritonMoEExperts(MoEExperts):
         _grouped_gemm(x, self.w13, gate_up, sorted_pairs, tile_expert, top_k, block_m)
         act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [pairs, inter], rounded as the reference
         y = torch.empty(n * top_k, self.hidden_size, dtype=x.dtype, device=x.device)
-        weights = topk_weights.to(x.dtype).reshape(-1)  # the reference weights in the activation dtype
-        _grouped_gemm(act, self.w2, y, sorted_pairs, tile_expert, 1, block_m, scale=weights)
+        # Scaled in float32 from weights already rounded as the caller chose (SparseMoE.round_weights).
+        _grouped_gemm(act, self.w2, y, sorted_pairs, tile_expert, 1, block_m, scale=topk_weights.reshape(-1))
         return y.view(n, top_k, -1).sum(dim=1)

@@ -147,3 +147,27 @@ def test_gemma2_prompt_logprobs_follow_soft_capped_logits(expected: Any) -> None
     assert logits.abs().max() < 4.0  # the cap was applied on HF's side too
     want = torch.log_softmax(logits, dim=-1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("case", ["gemma2-softcap-windows", "mixtral-4-experts-top2-window", "qwen3-moe-renorm"])
+def test_bfloat16_rounds_where_hf_does(expected: Any, case: str) -> None:
+    """In bfloat16 kvik rounds where HF's eager code does (Gemma's capped logits in the model dtype, Mixtral's
+    float32 routing weights vs Qwen's rounded ones): prompt logprobs agree far closer than bf16 vs float32."""
+    import torch
+    import transformers
+
+    path, _ = expected(case)
+    prompt = prompts()[4]
+    llm = LLM(str(path), device="cpu", dtype="bfloat16", num_kv_blocks=64, block_size=4, max_model_len=128)
+    out = llm.generate([prompt], SamplingParams(max_tokens=1, prompt_logprobs=0))[0]
+    assert out.prompt_logprobs is not None
+    got = torch.tensor([out.prompt_logprobs[i][prompt[i]].logprob for i in range(1, len(prompt))])
+    hf = transformers.AutoModelForCausalLM.from_pretrained(
+        path,
+        dtype=torch.bfloat16,
+        experts_implementation="eager",  # HF's reference loop, not grouped_mm
+    ).eval()
+    with torch.no_grad():
+        logits = hf(torch.tensor([prompt])).logits[0, :-1].float()
+    want = torch.log_softmax(logits, dim=-1)[torch.arange(len(prompt) - 1), torch.tensor(prompt[1:])]
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=0)  # bf16 vs float32 differ by ~3e-2 here
