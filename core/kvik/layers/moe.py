@@ -102,11 +102,25 @@ class MoEExperts(nn.Module):
         ``x.dtype`` and summed in it, as HF does.
         """
         out = torch.zeros_like(x)
+        if x.is_cuda and torch.cuda.is_current_stream_capturing():
+            return self._dense(x, topk_weights, topk_ids, out)
         for expert in torch.unique(topk_ids).tolist():
             token, slot = torch.where(topk_ids == expert)
             gate, up = F.linear(x[token], self.w13[expert]).chunk(2, dim=-1)
             y = F.linear(F.silu(gate) * up, self.w2[expert])
             out.index_add_(0, token, (y * topk_weights[token, slot, None]).to(out.dtype))
+        return out
+
+    def _dense(
+        self, x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, out: torch.Tensor
+    ) -> torch.Tensor:
+        """Every expert on every token, weighted (0 where not routed): no host sync, so a CUDA graph
+        can capture it. E times the work, for platforms that capture graphs without a fused MoE kernel."""
+        for expert in range(self.num_experts):
+            weight = (topk_weights * (topk_ids == expert)).sum(dim=-1, keepdim=True)  # [n, 1]
+            gate, up = F.linear(x, self.w13[expert]).chunk(2, dim=-1)
+            y = F.linear(F.silu(gate) * up, self.w2[expert])
+            out += (y * weight).to(out.dtype)
         return out
 
     def extra_repr(self) -> str:

@@ -48,3 +48,13 @@ def test_reference_experts_equal_the_dense_mixture(n: int, num_experts: int, top
         outs.append(F.linear(F.silu(gate) * up, experts.w2[e]))
     want = torch.einsum("ne,enh->nh", dense, torch.stack(outs))
     torch.testing.assert_close(experts(x, weights, ids), want)
+
+
+def test_dense_path_for_graph_capture_equals_the_sparse_one() -> None:
+    gen = torch.Generator().manual_seed(0)
+    experts = MoEExperts(5, 16, 24, torch.float64)
+    experts.w13.data.normal_(generator=gen)
+    experts.w2.data.normal_(generator=gen)
+    x = torch.randn(9, 16, generator=gen, dtype=torch.float64)
+    weights, ids = route(torch.randn(9, 5, generator=gen), 2, renormalize=False)
+    torch.testing.assert_close(experts._dense(x, weights, ids, torch.zeros_like(x)), experts(x, weights, ids))
