@@ -2,10 +2,20 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Iterator
 
 import pytest
+
+# Triton kernels run under Triton's CPU interpreter when no GPU is present. The flag is read when
+# triton decorates a kernel, so it is set here, before any test module (of any directory, in any
+# order) imports a kernel module; without torch (KVIK_TEST_WITHOUT_TORCH) no kernel is imported.
+if os.environ.get("KVIK_TEST_WITHOUT_TORCH") != "1":
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(autouse=True)

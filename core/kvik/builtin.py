@@ -10,6 +10,17 @@ from kvik.plugins.hookspecs import RegisterFn, hookimpl
 
 KVIK_PLUGIN_API = ">=2.0,<3"
 
+# (module under kvik.models, architecture class): one file per architecture
+_NATIVE = (
+    ("qwen3", "Qwen3ForCausalLM"),
+    ("mixtral", "MixtralForCausalLM"),
+    ("qwen3_moe", "Qwen3MoeForCausalLM"),
+    ("qwen2_moe", "Qwen2MoeForCausalLM"),
+    ("gemma2", "Gemma2ForCausalLM"),
+    ("gemma3", "Gemma3ForCausalLM"),
+    ("phi3", "Phi3ForCausalLM"),
+)
+
 
 @hookimpl
 def kvik_register_attention_backends(register: RegisterFn) -> None:
@@ -20,6 +31,8 @@ def kvik_register_attention_backends(register: RegisterFn) -> None:
 def kvik_register_models(register: RegisterFn) -> None:
     for arch in ("LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM"):
         register(arch, f"kvik.models.llama:{arch}")
+    for module, arch in _NATIVE:
+        register(arch, f"kvik.models.{module}:{arch}")
     # Any other causal LM transformers can build (used when no native architecture matches).
     register("TransformersForCausalLM", "kvik.models.transformers_fallback:TransformersForCausalLM")
 

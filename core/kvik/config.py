@@ -190,7 +190,11 @@ class ModelConfig:
     vocab_size: int
     max_position_embeddings: int
     max_model_len: int
-    sliding_window: int | None = None
+    sliding_window: int | None = None  # the widest window of any layer (None: no layer slides)
+    # Each layer's window, in layer order (None: that layer attends globally); empty when
+    # no layer slides. Gemma 2/3 mix windowed and global layers in one model.
+    layer_sliding_windows: tuple[int | None, ...] = ()
+    attn_logits_soft_cap: float | None = None  # Gemma 2's attn_logit_softcapping
     eos_token_ids: frozenset[int] = frozenset()
     quantization: str | None = None  # registered quantization method name
     source: Any = None  # the ModelFormat / path that produced this model

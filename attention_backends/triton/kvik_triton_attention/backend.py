@@ -51,6 +51,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     supported_dtypes: ClassVar[tuple[str, ...]] = ("float16", "bfloat16", "float32")
     supported_device_types: ClassVar[tuple[str, ...]] = ("cuda",)
     supports_sliding_window: ClassVar[bool] = True
+    supports_logits_soft_cap: ClassVar[bool] = True
     # Every launch parameter comes from host ints fixed by the batch shape (the split
     # count from metadata.planned_max_seq_len) and all per-step data is read from device
     # tensors, so a captured CUDA graph replays correctly on new data of the same shape.
@@ -96,8 +97,9 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         num_kv_heads: int,
         scale: float,
         sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> None:
-        super().__init__(num_heads, head_size, num_kv_heads, scale, sliding_window)
+        super().__init__(num_heads, head_size, num_kv_heads, scale, sliding_window, logits_soft_cap)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.group = num_heads // num_kv_heads
@@ -223,6 +225,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             metadata.block_tables.stride(0),
             G=self.group,
             SLIDING_WINDOW=self.sliding_window or 0,
+            SOFT_CAP=float(self.logits_soft_cap or 0.0),
             BLOCK_M=block_m,
             BLOCK_Q=block_q,
             BLOCK_N=block_n,

@@ -71,6 +71,7 @@ def paged_attention_kernel(
     stride_bt,
     G: tl.constexpr,  # query heads per KV head
     SLIDING_WINDOW: tl.constexpr,  # 0: none; else a key at position p is visible to a query at q iff q - p < window
+    SOFT_CAP: tl.constexpr,  # 0.0: none; else scores x become SOFT_CAP * tanh(x / SOFT_CAP) (Gemma 2)
     BLOCK_M: tl.constexpr,  # rows per program, a power of two >= G
     BLOCK_Q: tl.constexpr,  # query tokens per program = BLOCK_M // G
     BLOCK_N: tl.constexpr,  # KV tokens per inner step
@@ -131,6 +132,11 @@ def paged_attention_kernel(
         kv_off = blk * stride_kb + (offs_n % KV_BLOCK_SIZE) * stride_ks + kv_head * stride_kh
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
+        if SOFT_CAP > 0:
+            # s is x * log2(e); cap x itself. tanh(y) = 1 - 2 / (e^{2y} + 1) saturates to +-1
+            # without overflow trouble (e^{2y} -> inf or 0), and needs only exp2.
+            y2 = s * (2.0 / SOFT_CAP)  # 2y in the log2 domain: 2 * (x / cap) * log2(e)
+            s = (1.0 - 2.0 / (tl.math.exp2(y2) + 1.0)) * (SOFT_CAP * 1.4426950408889634)
         visible = n_ok[None, :] & (offs_n[None, :] <= q_pos[:, None])
         if SLIDING_WINDOW > 0:
             visible = visible & (q_pos[:, None] - offs_n[None, :] < SLIDING_WINDOW)

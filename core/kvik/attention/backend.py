@@ -75,6 +75,9 @@ class AttentionBackend(ABC, Generic[ArrayT]):
     # (planned with AttentionMetadata.planned_max_seq_len) and all per-step data is read
     # from the metadata's device arrays. Runners capture graphs only for such backends.
     supports_cuda_graphs: ClassVar[bool] = False
+    # Gemma 2's attention logit soft-capping: ``cap * tanh(score / cap)`` before the mask
+    # and softmax. A backend that implements it sets this and honours ``logits_soft_cap``.
+    supports_logits_soft_cap: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -83,12 +86,16 @@ class AttentionBackend(ABC, Generic[ArrayT]):
         num_kv_heads: int,
         scale: float,
         sliding_window: int | None = None,
+        logits_soft_cap: float | None = None,
     ) -> None:
         self.num_heads = num_heads
         self.head_size = head_size
         self.num_kv_heads = num_kv_heads
         self.scale = scale
         self.sliding_window = sliding_window
+        if logits_soft_cap is not None and not self.supports_logits_soft_cap:
+            raise ValueError(f"attention backend {self.name!r} does not support attention logit soft-capping")
+        self.logits_soft_cap = logits_soft_cap
 
     @classmethod
     def validate(
@@ -133,5 +140,6 @@ class AttentionBackend(ABC, Generic[ArrayT]):
         """Write ``key``/``value`` into ``kv_cache`` at ``metadata.slot_mapping``,
         then attend each new token to its request's context read through the
         block table: causal within the new tokens, full over cached ones, and
-        limited to the last ``sliding_window`` positions when set.
+        limited to the last ``sliding_window`` positions when set; scores are
+        soft-capped when ``logits_soft_cap`` is set.
         """

@@ -20,12 +20,15 @@ def select_attention_backend(
     dtype: str,
     sliding_window: int | None,
     manager: PluginManager | None = None,
+    *,
+    logits_soft_cap: float | None = None,
 ) -> type[AttentionBackend[Any]]:
     """The user's ``config.attention_backend`` if set, else the platform's first valid preference.
 
     A backend the user named that cannot run the configuration is a hard error
     listing its reasons; when no preferred backend fits, the error lists every
-    candidate's reasons.
+    candidate's reasons. ``logits_soft_cap`` (the model's attention soft-cap) refuses
+    backends without ``supports_logits_soft_cap``.
     """
     manager = manager or get_plugin_manager()
     block_size = config.block_size
@@ -36,9 +39,16 @@ def select_attention_backend(
         block_size=block_size,
         sliding_window=sliding_window,
     )
+
+    def refuse(cls: type[AttentionBackend[Any]]) -> list[str]:
+        reasons = cls.validate(**kwargs)
+        if logits_soft_cap is not None and not cls.supports_logits_soft_cap:
+            reasons.append(f"attention logit soft-capping (attn_logit_softcapping={logits_soft_cap}) is not supported")
+        return reasons
+
     if config.attention_backend:
         cls: type[AttentionBackend[Any]] = manager.attention_backends.get(config.attention_backend)
-        reasons = cls.validate(**kwargs)
+        reasons = refuse(cls)
         if reasons:
             raise ValueError(
                 f"attention backend {config.attention_backend!r} cannot run this model on platform "
@@ -53,7 +63,7 @@ def select_attention_backend(
         except PluginError as exc:
             problems.append(f"{name}: {exc}")
             continue
-        reasons = cls.validate(**kwargs)
+        reasons = refuse(cls)
         if not reasons:
             return cls
         problems.append(f"{name}: {'; '.join(reasons)}")

@@ -29,6 +29,21 @@ def _sdpa(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, **kwargs: Any) -> t
         return F.scaled_dot_product_attention(q, k, v, **kwargs)
 
 
+def _soft_capped(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float, cap: float
+) -> torch.Tensor:
+    """SDPA with ``cap * tanh(score / cap)`` applied to the scores before the mask (Gemma 2).
+
+    q [..., H, q, D], k/v [..., kvh, L, D] with H a multiple of kvh; mask additive, broadcastable.
+    """
+    if k.shape[-3] != q.shape[-3]:  # GQA: each kv head serves H / kvh consecutive query heads
+        group = q.shape[-3] // k.shape[-3]
+        k, v = k.repeat_interleave(group, dim=-3), v.repeat_interleave(group, dim=-3)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / cap) * cap + mask
+    return torch.matmul(torch.softmax(scores.float(), dim=-1).to(q.dtype), v)
+
+
 @dataclass(slots=True)
 class _Prefill:
     """One request with more than one new token."""
@@ -68,6 +83,7 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
     name = "torch_ref"
     supported_device_types = ("cpu", "cuda", "mps")
     supports_sliding_window = True
+    supports_logits_soft_cap = True
 
     @classmethod
     def prepare(cls, metadata: AttentionMetadata[torch.Tensor]) -> None:
@@ -138,7 +154,11 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
         # K and V in one gather: [2, nd * max_len, kvh, D] -> [2, nd, kvh, max_len, D]
         kv = kv_cache.view(2, -1, kvh, d).index_select(1, plan.decode_slots.reshape(-1))
         kv = kv.view(2, nd, max_len, kvh, d).transpose(2, 3).to(q.dtype)
-        o = _sdpa(q, kv[0], kv[1], attn_mask=self._decode_mask(plan, q.dtype), scale=self.scale)
+        mask = self._decode_mask(plan, q.dtype)
+        if self.logits_soft_cap:
+            o = _soft_capped(q, kv[0], kv[1], mask, self.scale, self.logits_soft_cap)
+        else:
+            o = _sdpa(q, kv[0], kv[1], attn_mask=mask, scale=self.scale)
         return o.reshape(nd, self.num_heads, d)
 
     def _decode_mask(self, plan: _Plan, dtype: torch.dtype) -> torch.Tensor:
@@ -173,7 +193,10 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
         v = v.to(q.dtype).transpose(0, 1)[None]
         q_len = p.end - p.start
         gqa = self.num_heads != self.num_kv_heads
-        if p.slots is None and self.sliding_window is None:
+        if self.logits_soft_cap:
+            mask = self._prefill_mask(q_len, p.context_len, q.device, q.dtype, plan)
+            o = _soft_capped(q, k, v, mask, self.scale, self.logits_soft_cap)
+        elif p.slots is None and self.sliding_window is None:
             o = _sdpa(q, k, v, is_causal=True, scale=self.scale, enable_gqa=gqa)
         else:
             mask = self._prefill_mask(q_len, p.context_len, q.device, q.dtype, plan)

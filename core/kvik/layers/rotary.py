@@ -13,7 +13,15 @@ from torch import nn
 
 from kvik.layers.rope_settings import SUPPORTED_ROPE_TYPES, RopeSettings, rope_max_len, rope_settings
 
-__all__ = ["SUPPORTED_ROPE_TYPES", "RopeSettings", "RotaryEmbedding", "compute_inv_freq", "rope_max_len", "rope_settings"]
+__all__ = [
+    "SUPPORTED_ROPE_TYPES",
+    "RopeSettings",
+    "RotaryEmbedding",
+    "compute_inv_freq",
+    "rope_max_len",
+    "rope_settings",
+]
+
 
 def compute_inv_freq(rope: RopeSettings, rotary_dim: int, max_position: int, max_model_len: int) -> torch.Tensor:
     """Inverse frequencies ``[rotary_dim // 2]`` float32, as HF computes them."""
@@ -33,7 +41,29 @@ def compute_inv_freq(rope: RopeSettings, rotary_dim: int, max_position: int, max
         inv_freq = _llama3_inv_freq(inv_freq, rope.params)
     elif rope.rope_type == "yarn":
         inv_freq = _yarn_inv_freq(inv_freq, rope, rotary_dim, max_position)
+    elif rope.rope_type == "longrope":
+        inv_freq = inv_freq / _longrope_factors(rope, rotary_dim, max_model_len)
     return inv_freq
+
+
+def _longrope_factors(rope: RopeSettings, rotary_dim: int, max_model_len: int) -> torch.Tensor:
+    """LongRoPE's per-frequency divisors: ``long_factor`` when the engine serves contexts past the
+    pre-training length, else ``short_factor``.
+
+    HF picks per forward from the current sequence length; a paged cache keeps keys
+    rotated at write time, so the choice is fixed for the longest context this
+    engine serves (as for ``dynamic``). Within ``original_max_position_embeddings``
+    this is exactly HF's short-factor rope.
+    """
+    original = int(rope.params["original_max_position_embeddings"])
+    key = "long_factor" if max_model_len > original else "short_factor"
+    factors = [float(f) for f in rope.params[key]]
+    if len(factors) != rotary_dim // 2:
+        raise ValueError(
+            f"rope_scaling.{key} has {len(factors)} entries; this model rotates {rotary_dim} channels, "
+            f"so it needs {rotary_dim // 2}"
+        )
+    return torch.tensor(factors, dtype=torch.float32)
 
 
 def _yarn_factor(rope: RopeSettings, max_position: int) -> float:
@@ -42,10 +72,16 @@ def _yarn_factor(rope: RopeSettings, max_position: int) -> float:
 
 
 def rope_attention_factor(rope: RopeSettings, max_position: int) -> float:
-    """The scale YaRN applies to cos and sin (1.0 for every other rope type)."""
+    """The scale YaRN and LongRoPE apply to cos and sin (1.0 for every other rope type)."""
+    params = rope.params
+    if rope.rope_type == "longrope":
+        if params.get("attention_factor") is not None:
+            return float(params["attention_factor"])
+        original = float(params["original_max_position_embeddings"])
+        scale = float(params.get("factor") or max_position / original)
+        return 1.0 if scale <= 1.0 else math.sqrt(1 + math.log(scale) / math.log(original))
     if rope.rope_type != "yarn":
         return 1.0
-    params = rope.params
     if params.get("attention_factor") is not None:
         return float(params["attention_factor"])
     factor = _yarn_factor(rope, max_position)

@@ -1,13 +1,16 @@
 """Llama, Mistral and Qwen2: one decoder skeleton over kvik's paged attention.
 
 The three differ only in biases and sliding-window layout, expressed as small
-class hooks (:meth:`LlamaForCausalLM.qkv_bias` and friends).
+class hooks (:meth:`LlamaForCausalLM.qkv_bias` and friends). Other architectures
+(Qwen3, Phi-3, Mixtral, Qwen3-MoE, Gemma) reuse the skeleton through the same
+hooks: :meth:`~LlamaForCausalLM.make_attention_layer`, :meth:`~LlamaForCausalLM.make_mlp`,
+``sanitize`` (checkpoint names) and the loader in :mod:`kvik.models.hf_weights`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Callable
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -18,18 +21,10 @@ from kvik.layers.embedding import LMHead, VocabEmbedding
 from kvik.layers.linear import Linear
 from kvik.layers.norm import RMSNorm
 from kvik.layers.rotary import RotaryEmbedding, rope_settings
+from kvik.models.hf_weights import HFWeightLoader
 from kvik.models.interface import ModelBuildContext
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
-
-# HF projection name -> (our merged module, shard index)
-_MERGED = {
-    "q_proj": ("qkv_proj", 0),
-    "k_proj": ("qkv_proj", 1),
-    "v_proj": ("qkv_proj", 2),
-    "gate_proj": ("gate_up_proj", 0),
-    "up_proj": ("gate_up_proj", 1),
-}
 
 
 def head_dim_of(cfg: Any) -> int:
@@ -37,7 +32,25 @@ def head_dim_of(cfg: Any) -> int:
 
 
 class LlamaAttention(nn.Module):
-    def __init__(self, ctx: ModelBuildContext, bias: bool, o_bias: bool, sliding_window: int | None) -> None:
+    """q/k/v projection, rotary, paged attention, output projection.
+
+    Optional extras other architectures switch on: ``qk_norm`` builds a per-head
+    norm of q and k applied before rotary (Qwen3, Gemma 3: ``norm(head_dim)``),
+    ``scale`` replaces ``head_dim ** -0.5`` and ``logits_soft_cap`` asks the
+    attention backend to cap scores with ``cap * tanh(score / cap)`` (Gemma 2).
+    """
+
+    def __init__(
+        self,
+        ctx: ModelBuildContext,
+        bias: bool,
+        o_bias: bool,
+        sliding_window: int | None,
+        *,
+        scale: float | None = None,
+        logits_soft_cap: float | None = None,
+        qk_norm: Callable[[int], nn.Module] | None = None,
+    ) -> None:
         super().__init__()
         cfg = ctx.model_config.hf_config
         self.num_heads = cfg.num_attention_heads
@@ -48,9 +61,18 @@ class LlamaAttention(nn.Module):
         lin = dict(quant_method=ctx.quant_method, dtype=ctx.dtype, device=ctx.device)
         self.qkv_proj = Linear(cfg.hidden_size, self.sizes, bias=bias, **lin)  # type: ignore[arg-type]
         self.o_proj = Linear(q_size, cfg.hidden_size, bias=o_bias, **lin)  # type: ignore[arg-type]
+        # Only asked for when set, so backends that predate the argument keep working.
+        extra = {"logits_soft_cap": logits_soft_cap} if logits_soft_cap else {}
         self.attn = ctx.make_attention(
-            self.num_heads, self.head_dim, self.num_kv_heads, self.head_dim**-0.5, sliding_window
+            self.num_heads,
+            self.head_dim,
+            self.num_kv_heads,
+            scale if scale is not None else self.head_dim**-0.5,
+            sliding_window,
+            **extra,
         )
+        self.q_norm = qk_norm(self.head_dim) if qk_norm is not None else None
+        self.k_norm = qk_norm(self.head_dim) if qk_norm is not None else None
 
     def forward(
         self,
@@ -65,20 +87,30 @@ class LlamaAttention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None and self.k_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
         q, k = rotary(q, k, cos_sin)
         out = self.attn.forward(q, k, v, kv_cache, metadata)  # [n, heads, head_dim]
         return self.o_proj(out.reshape(n, -1))
 
 
 class LlamaMLP(nn.Module):
-    def __init__(self, ctx: ModelBuildContext, bias: bool) -> None:
+    """``down(act(gate(x)) * up(x))``; ``act`` is SiLU unless given (Gemma: tanh-GELU)."""
+
+    def __init__(
+        self,
+        ctx: ModelBuildContext,
+        bias: bool,
+        intermediate_size: int | None = None,
+        act: nn.Module | None = None,
+    ) -> None:
         super().__init__()
         cfg = ctx.model_config.hf_config
         lin = dict(quant_method=ctx.quant_method, dtype=ctx.dtype, device=ctx.device)
-        inter = cfg.intermediate_size
+        inter = intermediate_size or cfg.intermediate_size
         self.gate_up_proj = Linear(cfg.hidden_size, [inter, inter], bias=bias, **lin)  # type: ignore[arg-type]
         self.down_proj = Linear(inter, cfg.hidden_size, bias=bias, **lin)  # type: ignore[arg-type]
-        self.act = SiluAndMul()
+        self.act = act if act is not None else SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(self.act(self.gate_up_proj(x)))
@@ -89,9 +121,8 @@ class LlamaDecoderLayer(nn.Module):
         super().__init__()
         cfg = ctx.model_config.hf_config
         eps = getattr(cfg, "rms_norm_eps", 1e-6)
-        window = arch.layer_sliding_window(cfg, index)
-        self.self_attn = LlamaAttention(ctx, arch.qkv_bias(cfg), arch.o_bias(cfg), window)
-        self.mlp = LlamaMLP(ctx, bool(getattr(cfg, "mlp_bias", False)))
+        self.self_attn = arch.make_attention_layer(ctx, index)
+        self.mlp = arch.make_mlp(ctx, index)
         self.input_layernorm = RMSNorm(cfg.hidden_size, eps, ctx.dtype, ctx.device)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, eps, ctx.dtype, ctx.device)
 
@@ -130,19 +161,34 @@ class LlamaModel(nn.Module):
         )
 
 
-class LlamaForCausalLM(nn.Module):
+class LlamaForCausalLM(HFWeightLoader, nn.Module):
     """Decoder-only transformer with RMSNorm, rotary positions, GQA and a SiLU-gated MLP."""
+
+    # The module tree under ``model.`` (built as ``model_cls(ctx, arch)``); Gemma swaps it.
+    model_cls: ClassVar[type[nn.Module]] = LlamaModel
+    model: Any  # a model_cls instance
 
     def __init__(self, ctx: ModelBuildContext) -> None:
         super().__init__()
         cfg = ctx.model_config.hf_config
         self.dtype = ctx.dtype
-        self.model = LlamaModel(ctx, type(self))
+        self.model = self.model_cls(ctx, type(self))
         tie = self.model.embed_tokens if getattr(cfg, "tie_word_embeddings", False) else None
         self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tie, ctx.dtype, ctx.device)
         self._loaded: set[str] = set()
 
     # -- architecture hooks (subclasses override) ---------------------------
+    @classmethod
+    def make_attention_layer(cls, ctx: ModelBuildContext, index: int) -> nn.Module:
+        """Layer ``index``'s attention block (called as ``(hidden, cos_sin, rotary, kv_cache, metadata)``)."""
+        cfg = ctx.model_config.hf_config
+        return LlamaAttention(ctx, cls.qkv_bias(cfg), cls.o_bias(cfg), cls.layer_sliding_window(cfg, index))
+
+    @classmethod
+    def make_mlp(cls, ctx: ModelBuildContext, index: int) -> nn.Module:
+        """Layer ``index``'s feed-forward block (a dense MLP here; MoE architectures differ)."""
+        return LlamaMLP(ctx, bool(getattr(ctx.model_config.hf_config, "mlp_bias", False)))
+
     @classmethod
     def qkv_bias(cls, cfg: Any) -> bool:
         return bool(getattr(cfg, "attention_bias", False))
@@ -179,66 +225,6 @@ class LlamaForCausalLM(nn.Module):
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [n, vocab] float32
-
-    # -- loading --------------------------------------------------------------
-    def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
-        consumed: set[str] = set()
-        unknown: list[str] = []
-        for name, value in weights:
-            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head.tied):
-                consumed.add(name)
-                continue
-            if self._load_one(name, value):
-                consumed.add(name)
-            else:
-                unknown.append(name)
-        if unknown:
-            shown = ", ".join(unknown[:10]) + (f" (and {len(unknown) - 10} more)" if len(unknown) > 10 else "")
-            raise ValueError(
-                f"checkpoint has weights {type(self).__name__} does not know: {shown}. "
-                "Is the checkpoint's architecture right for these weights?"
-            )
-        return consumed
-
-    def _load_one(self, name: str, value: Any) -> bool:
-        prefix, _, param = name.rpartition(".")
-        owner, _, proj = prefix.rpartition(".")
-        shard: int | None = None
-        if proj in _MERGED:
-            merged, shard = _MERGED[proj]
-            prefix = f"{owner}.{merged}"
-        try:
-            module = self.get_submodule(prefix)
-        except AttributeError:
-            return False
-        if isinstance(module, Linear):
-            try:
-                module.load(param, value, shard)
-            except (ValueError, TypeError) as exc:
-                raise ValueError(f"cannot load {name}: {exc}") from exc
-            self._loaded.add(f"{prefix}[{shard}]" if shard is not None else prefix)
-            return True
-        target = module._parameters.get(param)
-        if target is None:
-            return False
-        if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-        target.data.copy_(value.to(target.dtype))
-        self._loaded.add(f"{prefix}.{param}")
-        return True
-
-    def missing_weights(self) -> list[str]:
-        """Parameters no checkpoint value reached (call after load_weights)."""
-        missing: list[str] = []
-        for path, module in self.named_modules():
-            if isinstance(module, Linear):
-                n = len(module.output_sizes)
-                missing.extend(
-                    s for s in ([f"{path}[{i}]" for i in range(n)] if n > 1 else [path]) if s not in self._loaded
-                )
-            else:
-                missing.extend(f"{path}.{p}" for p in module._parameters if f"{path}.{p}" not in self._loaded)
-        return missing
 
 
 class MistralForCausalLM(LlamaForCausalLM):

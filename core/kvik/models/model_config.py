@@ -76,6 +76,17 @@ def transformers_fallback_refusal(hf_config: Any) -> str | None:
     return None
 
 
+def _required(hf: Any, fmt: ModelFormat, name: str) -> int:
+    """A positive integer field of the model config, or a ValueError naming it."""
+    value = getattr(hf, name, None)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+        raise ValueError(
+            f"{fmt.path}: the model config's {name} is {value!r}; it must be a positive integer "
+            f"(is config.json complete for {', '.join(getattr(hf, 'architectures', None) or ['this model'])}?)"
+        )
+    return value
+
+
 def build_model_config(
     engine_config: EngineConfig,
     fmt: ModelFormat,
@@ -149,9 +160,18 @@ def build_model_config(
     # Only a model with a window asks its architecture which layers slide: the class import
     # may need torch, and config resolution must not (the MLX platform runs without it).
     layer_window = getattr(registry.get(arch), "layer_sliding_window", None) if window else None
+    layer_windows: tuple[int | None, ...] = ()
     if callable(layer_window):  # the architecture knows which layers slide (Qwen2: max_window_layers)
-        windows = {layer_window(hf, i) for i in range(int(hf.num_hidden_layers))} - {None}
-        window = max(windows) if windows else None
+        layer_windows = tuple(layer_window(hf, i) for i in range(_required(hf, fmt, "num_hidden_layers")))
+        windows = set(layer_windows) - {None}
+        window = max(windows) if windows else None  # type: ignore[type-var]
+        if window is None:
+            layer_windows = ()
+    elif window:
+        layer_windows = (int(window),) * _required(hf, fmt, "num_hidden_layers")
+    soft_cap = getattr(hf, "attn_logit_softcapping", None)
+    for field_name in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size"):
+        _required(hf, fmt, field_name)
     num_heads = int(hf.num_attention_heads)
     return ModelConfig(
         architecture=arch,
@@ -166,6 +186,8 @@ def build_model_config(
         max_position_embeddings=max_pos,
         max_model_len=max_model_len,
         sliding_window=int(window) if window else None,
+        layer_sliding_windows=layer_windows,
+        attn_logits_soft_cap=float(soft_cap) if soft_cap else None,
         eos_token_ids=frozenset(eos),
         quantization=quant_name,
         source=fmt,

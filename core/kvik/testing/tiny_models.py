@@ -27,6 +27,13 @@ ARCHITECTURES = {
     "llama": ("LlamaConfig", "LlamaForCausalLM"),
     "mistral": ("MistralConfig", "MistralForCausalLM"),
     "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+    "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"),
+    "gemma3": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+    "phi3": ("Phi3Config", "Phi3ForCausalLM"),
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM"),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM"),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM"),
 }
 
 
@@ -58,7 +65,7 @@ def build_tokenizer(vocab_size: int = 512) -> Any:
 
 
 def tiny_config(arch: str = "llama", **overrides: Any) -> Any:
-    """A small transformers config of ``arch`` (llama, mistral, qwen2)."""
+    """A small transformers config of ``arch`` (a key of :data:`ARCHITECTURES`)."""
     import transformers
 
     config_cls_name, arch_name = ARCHITECTURES[arch]
@@ -113,9 +120,13 @@ def make_tiny_model(
     # Random init with std 0.02 makes near-uniform logits; widen it so greedy
     # decoding is not a coin toss between ties.
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.15)
+            elif "norm" in name and arch not in ("llama", "mistral", "qwen2"):
+                # Norms initialise to a constant, which would hide a misplaced one (the first three
+                # architectures keep their original checkpoints, which other tests pin).
+                param.add_(torch.randn_like(param) * 0.1)
     kwargs: dict[str, Any] = {"safe_serialization": True}
     if shard_size is not None:
         kwargs["max_shard_size"] = shard_size

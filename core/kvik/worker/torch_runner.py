@@ -125,7 +125,13 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     def load_model(self) -> None:
         mc = self.model_config
         self.attn_backend = select_attention_backend(
-            self.platform, self.config, mc.head_dim, mc.dtype, mc.sliding_window, self.manager
+            self.platform,
+            self.config,
+            mc.head_dim,
+            mc.dtype,
+            mc.sliding_window,
+            self.manager,
+            logits_soft_cap=mc.attn_logits_soft_cap,
         )
         fmt = self._format()
         method = self._quant_method(fmt)

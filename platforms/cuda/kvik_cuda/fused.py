@@ -6,7 +6,8 @@ few microseconds of launch-bound GPU time (~30 per layer, ~1,000 per 8B step).
 Here each layer is one kernel.
 
 :func:`fuse_layers` swaps the *class* of matching modules of a built model
-(``kvik.layers`` RMSNorm, SiluAndMul, RotaryEmbedding; exact types only) for a
+(``kvik.layers`` RMSNorm, SiluAndMul, RotaryEmbedding, and MoEExperts whose
+replacement lives in :mod:`kvik_cuda.moe`; exact types only) for a
 subclass whose ``forward`` launches the kernel: weights, buffers and the model
 code stay as they are. The kernels follow the eager rounding steps (16-bit
 products and sums rounded where torch rounds them); the residual add is
@@ -22,9 +23,12 @@ import torch
 import triton
 import triton.language as tl
 from kvik.layers.activation import SiluAndMul
+from kvik.layers.moe import MoEExperts
 from kvik.layers.norm import RMSNorm
 from kvik.layers.rotary import RotaryEmbedding
 from torch import nn
+
+from kvik_cuda.moe import TritonMoEExperts
 
 
 @triton.jit
@@ -287,6 +291,7 @@ _FUSED: dict[type[nn.Module], type[nn.Module]] = {
     RMSNorm: FusedRMSNorm,
     SiluAndMul: FusedSiluAndMul,
     RotaryEmbedding: FusedRotaryEmbedding,
+    MoEExperts: TritonMoEExperts,  # grouped-GEMM experts (kvik_cuda.moe)
 }
 
 

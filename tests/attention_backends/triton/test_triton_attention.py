@@ -44,6 +44,7 @@ def _compare(
     dtype: torch.dtype = torch.float32,
     sliding_window: int | None = None,
     seed: int = 0,
+    soft_cap: float | None = None,
 ) -> None:
     step = make_step(
         reqs,
@@ -56,8 +57,8 @@ def _compare(
         seed=seed,
     )
     scale = head_size**-0.5
-    ref = TorchRefAttentionBackend(num_heads, head_size, num_kv_heads, scale, sliding_window)
-    tri = backend_cls(num_heads, head_size, num_kv_heads, scale, sliding_window)
+    ref = TorchRefAttentionBackend(num_heads, head_size, num_kv_heads, scale, sliding_window, soft_cap)
+    tri = backend_cls(num_heads, head_size, num_kv_heads, scale, sliding_window, soft_cap)
     ref_cache, tri_cache = step.kv_cache.clone(), step.kv_cache.clone()
     ref_meta, tri_meta = fresh_metadata(step.metadata), fresh_metadata(step.metadata)
     TorchRefAttentionBackend.prepare(ref_meta)
@@ -95,6 +96,19 @@ def test_head_sizes_padded_to_pow2(head_size: int) -> None:
 @pytest.mark.parametrize("window", [1, 5, 16])
 def test_sliding_window(window: int) -> None:
     _compare(SmallTiles, MIXED, sliding_window=window, seed=4)
+
+
+@pytest.mark.parametrize("window", [None, 5])
+def test_soft_cap(window: int | None) -> None:
+    """Gemma 2's attention soft-cap (a cap of 0.5 bends every score of these random inputs)."""
+    _compare(SmallTiles, MIXED, sliding_window=window, soft_cap=0.5, seed=6)
+
+
+def test_soft_cap_with_split_kv_decode() -> None:
+    class Split(SmallTiles):
+        force_num_splits = 2
+
+    _compare(Split, [(5, 1), (40, 1), (17, 1)], soft_cap=1.0, seed=7)
 
 
 @pytest.mark.parametrize("splits", [2, 4])

@@ -24,6 +24,11 @@ class NoWindow(TorchRefAttentionBackend):
     supports_sliding_window = False
 
 
+class NoCap(TorchRefAttentionBackend):
+    name = "no_cap"
+    supports_logits_soft_cap = False
+
+
 class FakePlatform(Platform):
     name = "fake"
     device_type = "cpu"
@@ -51,6 +56,7 @@ def manager() -> PluginManager:
     def kvik_register_attention_backends(register) -> None:
         register("only128", f"{__name__}:Only128")
         register("no_window", f"{__name__}:NoWindow")
+        register("no_cap", f"{__name__}:NoCap")
 
     plugin.kvik_register_attention_backends = kvik_register_attention_backends
     pm.register(plugin, "fake_backends")
@@ -84,3 +90,19 @@ def test_no_valid_backend_lists_every_candidate(manager: PluginManager) -> None:
     assert "only128: head size 64 not in (128,)" in message
     assert "no_window: sliding window attention is not supported" in message
     assert "missing: unknown attention backend 'missing'" in message
+
+
+def test_soft_capped_models_skip_backends_without_the_capability(manager: PluginManager) -> None:
+    class Prefers(FakePlatform):
+        attention_backends = ("no_cap", "torch_ref")
+
+    def pick(attention_backend: str = "", cap: float | None = None) -> type:
+        config = EngineConfig(block_size=16, attention_backend=attention_backend)
+        return select_attention_backend(Prefers(), config, 64, "float32", None, manager, logits_soft_cap=cap)
+
+    assert pick() is NoCap
+    assert pick(cap=50.0) is TorchRefAttentionBackend
+    with pytest.raises(ValueError, match=r"'no_cap' cannot run .*soft-capping \(attn_logit_softcapping=50.0\)"):
+        pick("no_cap", cap=50.0)
+    with pytest.raises(ValueError, match="does not support attention logit soft-capping"):
+        NoCap(4, 64, 4, 0.125, None, logits_soft_cap=50.0)

@@ -16,6 +16,7 @@ def naive_attention(
     v: torch.Tensor,
     scale: float,
     window: int | None,
+    soft_cap: float | None = None,
 ) -> torch.Tensor:
     """Dense attention of the last n_new positions, in float64, GQA by repeating kv heads."""
     n_new, heads, _ = q.shape
@@ -24,6 +25,8 @@ def naive_attention(
     k = k.double().repeat_interleave(group, dim=1)
     v = v.double().repeat_interleave(group, dim=1)
     scores = torch.einsum("qhd,khd->hqk", q.double(), k) * scale  # [H, n_new, L]
+    if soft_cap is not None:
+        scores = soft_cap * torch.tanh(scores / soft_cap)
     q_pos = torch.arange(ctx - n_new, ctx)[:, None]
     k_pos = torch.arange(ctx)[None, :]
     allowed = k_pos <= q_pos
@@ -42,6 +45,7 @@ def run_case(
     window: int | None,
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
+    soft_cap: float | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
     """Write each request's cached prefix straight into a paged cache, run one step, return (out, expected, cache, data)."""
     rng = random.Random(seed)
@@ -70,10 +74,10 @@ def run_case(
         vs.append(v[cached:])
         full.append((q, k, v, slots))
     metadata = build_metadata([n for _, n in shapes], [c + n for c, n in shapes], tables, block_size)
-    backend = TorchRefAttentionBackend(num_heads, head_size, num_kv_heads, head_size**-0.5, window)
+    backend = TorchRefAttentionBackend(num_heads, head_size, num_kv_heads, head_size**-0.5, window, soft_cap)
     TorchRefAttentionBackend.prepare(metadata)
     out = backend.forward(torch.cat(qs), torch.cat(ks), torch.cat(vs), cache, metadata)
-    expected = torch.cat([naive_attention(q, k, v, head_size**-0.5, window) for q, k, v, _ in full])
+    expected = torch.cat([naive_attention(q, k, v, head_size**-0.5, window, soft_cap) for q, k, v, _ in full])
     return out, expected, cache, full
 
 
@@ -168,3 +172,13 @@ def test_conformance_check_catches_broken_backends(broken: type, expect: str) ->
 def test_conformance_check_refuses_to_pass_vacuously() -> None:
     with pytest.raises(AssertionError, match="rejected every configuration"):
         check_attention_backend(_Refuses, head_sizes=(32,))
+
+
+@pytest.mark.parametrize("window", [None, 5])
+@pytest.mark.parametrize("heads", [(4, 4), (8, 2)])
+def test_soft_capped_scores(window: int | None, heads: tuple[int, int]) -> None:
+    """Gemma 2's attention soft-cap on prefill, cached-prefix and decode rows, with and without a window."""
+    out, expected, _, _ = run_case(MIXED, heads[0], heads[1], 16, 4, window, soft_cap=0.5)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    uncapped, _, _, _ = run_case(MIXED, heads[0], heads[1], 16, 4, window)
+    assert not torch.allclose(out, uncapped, atol=1e-3)  # a cap of 0.5 changes these scores

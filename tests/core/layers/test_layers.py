@@ -79,8 +79,9 @@ def test_old_style_config_attributes() -> None:
 
 
 def test_unsupported_rope_type_is_a_clear_error() -> None:
-    with pytest.raises(ValueError, match=r"rope type 'su' .* supported: default, linear, llama3, dynamic, yarn"):
-        rope_settings(types.SimpleNamespace(rope_scaling={"type": "su"}))
+    # ("su" was the example once; it is LongRoPE's old name and supported now.)
+    with pytest.raises(ValueError, match=r"rope type 'mrope' .* supported: default, linear, llama3, dynamic, yarn"):
+        rope_settings(types.SimpleNamespace(rope_scaling={"type": "mrope"}))
 
 
 def test_rotary_matches_hf_apply_rotary_pos_emb() -> None:

@@ -77,7 +77,10 @@ def test_malformed_config_names_the_file(tmp_path: Path, pm: PluginManager) -> N
 def test_unregistered_architecture_lists_registered_ones(tmp_path: Path, pm: PluginManager) -> None:
     path = make_tiny_model(tmp_path / "m")
     edit_config(path, architectures=["FancyForMaskedLM"])  # not causal: the transformers fallback refuses it too
-    with pytest.raises(ValueError, match=r"FancyForMaskedLM.*LlamaForCausalLM, MistralForCausalLM, Qwen2ForCausalLM"):
+    with pytest.raises(
+        ValueError,
+        match=r"FancyForMaskedLM.*LlamaForCausalLM, MistralForCausalLM, MixtralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM",
+    ):
         config_for(path, pm)
 
 

@@ -1,0 +1,172 @@
+"""Fused mixture-of-experts on the GPU: grouped GEMMs over tokens sorted by expert (Triton).
+
+The core's :class:`~kvik.layers.moe.MoEExperts` runs one pair of matmuls per
+expert (a host sync and ~4 launches per expert per layer). Here the routed
+(token, slot) pairs are sorted by expert on the device and padded to whole
+``BLOCK_M`` tiles, so that every tile of rows belongs to one expert; then each
+projection is one launch over all experts:
+
+1. ``gate_up = x[token] @ w13[e].T`` for every routed pair (rows in pair order);
+2. ``act = silu(gate) * up`` (eager, as the reference rounds it);
+3. ``y = act @ w2[e].T * routing_weight``, then the ``top_k`` rows of each token are summed.
+
+Sorting uses a fixed upper bound on the padded length (``n * top_k + E * (BLOCK_M - 1)``)
+and no host sync, so the step can be captured in a CUDA graph. The routing itself
+(softmax, top-k, renormalise) stays in :func:`kvik.layers.moe.route`.
+:func:`kvik_cuda.fused.fuse_layers` swaps ``MoEExperts`` for :class:`TritonMoEExperts`.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from kvik.layers.moe import MoEExperts
+
+
+@triton.jit
+def _grouped_gemm_kernel(
+    a_ptr,  # [rows of A, K]
+    w_ptr,  # [E, N, K]
+    c_ptr,  # [num_pairs, N]
+    scale_ptr,  # [num_pairs] routing weights (read only when MUL_WEIGHT)
+    sorted_ptr,  # [padded] int32 pair ids grouped by expert; num_pairs marks padding
+    block_expert_ptr,  # [padded // BLOCK_M] int32 expert of each row tile; -1: unused tile
+    N,
+    K,
+    num_pairs,
+    a_row_div,  # pair id // a_row_div = row of A (top_k for the token input, 1 for pair rows)
+    stride_am,
+    stride_we,
+    stride_wn,
+    stride_wk,
+    stride_cm,
+    MUL_WEIGHT: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(block_expert_ptr + pid_m).to(tl.int64)
+    if expert < 0:
+        return
+    pairs = tl.load(sorted_ptr + pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    valid = pairs < num_pairs
+    a_rows = pairs // a_row_div
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_ptr + a_rows[:, None] * stride_am + ks[None, :], mask=valid[:, None] & k_ok[None, :], other=0.0)
+        w = tl.load(
+            w_ptr + expert * stride_we + cols[None, :] * stride_wn + ks[:, None] * stride_wk,
+            mask=col_ok[None, :] & k_ok[:, None],
+            other=0.0,
+        )
+        acc += tl.dot(a, w, input_precision=PRECISION)
+    if MUL_WEIGHT:
+        acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32)  # the reference rounds y before weighting
+        scale = tl.load(scale_ptr + pairs, mask=valid, other=0.0).to(tl.float32)
+        acc = acc * scale[:, None]
+    tl.store(
+        c_ptr + pairs[:, None] * stride_cm + cols[None, :],
+        acc.to(c_ptr.dtype.element_ty),
+        mask=valid[:, None] & col_ok[None, :],
+    )
+
+
+def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Group routed pairs by expert, each group padded to whole ``block_m`` tiles (no host sync).
+
+    ``topk_ids``: [n, top_k]. Returns ``(sorted_pairs [P] int32, tile_expert [P // block_m] int32)``
+    with ``P = n * top_k + E * (block_m - 1)`` rounded up to ``block_m``; padding pairs hold
+    ``n * top_k`` and unused tiles expert -1.
+    """
+    device = topk_ids.device
+    flat = topk_ids.reshape(-1)
+    num_pairs = flat.numel()
+    counts = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    counts.scatter_add_(0, flat, torch.ones_like(flat))
+    padded = (counts + block_m - 1) // block_m * block_m
+    group_start = torch.cumsum(padded, 0) - padded  # [E] first padded row of each expert
+    order = torch.argsort(flat, stable=True)  # pair ids by expert
+    experts = flat[order]
+    rank = torch.arange(num_pairs, device=device) - (torch.cumsum(counts, 0) - counts)[experts]
+    total = -(-(num_pairs + num_experts * (block_m - 1)) // block_m) * block_m
+    sorted_pairs = torch.full((total,), num_pairs, dtype=torch.int32, device=device)
+    sorted_pairs[group_start[experts] + rank] = order.to(torch.int32)
+    tile_end = torch.cumsum(padded // block_m, 0)  # [E] tiles up to and including each expert
+    tiles = torch.arange(total // block_m, device=device)
+    tile_expert = torch.searchsorted(tile_end, tiles, right=True)
+    tile_expert = torch.where(tile_expert < num_experts, tile_expert, -1).to(torch.int32)
+    return sorted_pairs, tile_expert
+
+
+def _grouped_gemm(
+    a: torch.Tensor,  # [rows, K]
+    w: torch.Tensor,  # [E, N, K]
+    out: torch.Tensor,  # [num_pairs, N]
+    sorted_pairs: torch.Tensor,
+    tile_expert: torch.Tensor,
+    a_row_div: int,
+    block_m: int,
+    scale: torch.Tensor | None = None,
+) -> None:
+    n_out, k_in = w.shape[1], w.shape[2]
+    block_n = 64 if n_out >= 64 else 32
+    block_k = 64 if k_in >= 64 else 32
+    grid = (tile_expert.numel(), triton.cdiv(n_out, block_n))
+    _grouped_gemm_kernel[grid](
+        a,
+        w,
+        out,
+        scale if scale is not None else out,
+        sorted_pairs,
+        tile_expert,
+        n_out,
+        k_in,
+        out.shape[0],
+        a_row_div,
+        a.stride(0),
+        w.stride(0),
+        w.stride(1),
+        w.stride(2),
+        out.stride(0),
+        MUL_WEIGHT=scale is not None,
+        # float32 stays IEEE (the reference is exact float32); 16-bit: Triton's default (the
+        # option only concerns float32, and backends differ in which values they accept).
+        PRECISION="ieee" if a.dtype == torch.float32 else None,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+    )
+
+
+class TritonMoEExperts(MoEExperts):
+    """:class:`MoEExperts` with one grouped-GEMM launch per projection."""
+
+    def forward(
+        self,
+        x: torch.Tensor,  # [n, hidden]
+        topk_weights: torch.Tensor,  # [n, top_k] float32 or x.dtype
+        topk_ids: torch.Tensor,  # [n, top_k] int64
+    ) -> torch.Tensor:  # [n, hidden]
+        n, top_k = topk_ids.shape
+        if n == 0 or x.stride(-1) != 1:
+            return super().forward(x, topk_weights, topk_ids)
+        # Small tiles for decode-sized batches (few pairs per expert), larger for prefill.
+        block_m = 16 if n * top_k <= 4 * self.num_experts * 16 else 64
+        sorted_pairs, tile_expert = sort_by_expert(topk_ids, self.num_experts, block_m)
+        inter = self.intermediate_size
+        gate_up = torch.empty(n * top_k, 2 * inter, dtype=x.dtype, device=x.device)
+        _grouped_gemm(x, self.w13, gate_up, sorted_pairs, tile_expert, top_k, block_m)
+        act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [pairs, inter], rounded as the reference
+        y = torch.empty(n * top_k, self.hidden_size, dtype=x.dtype, device=x.device)
+        # Scaled in float32 from weights already rounded as the caller chose (SparseMoE.round_weights).
+        _grouped_gemm(act, self.w2, y, sorted_pairs, tile_expert, 1, block_m, scale=topk_weights.reshape(-1))
+        return y.view(n, top_k, -1).sum(dim=1)
