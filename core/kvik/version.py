@@ -8,5 +8,6 @@ module attribute ``KVIK_PLUGIN_API = ">=1.0,<2"``.
 
 __version__ = "0.1.0"
 # 1.1: QuantizationMethod.apply_with_bias; 1.2: structured-output backends hook;
-# 1.3: ModelRunner.execute_async / supports_async_scheduling, ScheduledRequest.num_pending_*
-PLUGIN_API_VERSION = "1.3"
+# 1.3: ModelRunner.execute_async / supports_async_scheduling, ScheduledRequest.num_pending_*;
+# 1.4: tool-parser and reasoning-parser hooks (served by kvik-server)
+PLUGIN_API_VERSION = "1.4"

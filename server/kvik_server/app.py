@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 
 import kvik_server
+from kvik_server.chat_output import ParserSettings
 from kvik_server.context import ServerSettings, ServingContext
 from kvik_server.errors import bad_request, install_error_handlers, validation_error
 from kvik_server.metrics import CONTENT_TYPE
@@ -40,6 +41,7 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     The engine's step loop starts with the app's lifespan and stops when it ends.
     """
     settings = args if isinstance(args, ServerSettings) else ServerSettings.from_args(args)
+    ParserSettings.of(settings).validate()
     ctx = ServingContext(engine, settings)
 
     @asynccontextmanager

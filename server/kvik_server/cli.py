@@ -82,6 +82,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     server.add_argument("--ready-stall-seconds", type=float, default=60.0,
                         help="/ready fails when work is queued and no engine step ran for this long")  # fmt: skip
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    tools = parser.add_argument_group("tool calling and reasoning (docs/tool_calling.md)")
+    tools.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                       help='let requests use tool_choice "auto" (needs --tool-call-parser)')  # fmt: skip
+    tools.add_argument("--tool-call-parser", help="how to read tool calls in free-form output: hermes, qwen, "
+                       "llama3_json, mistral, pythonic, or a plugin's parser")  # fmt: skip
+    tools.add_argument("--reasoning-parser", help="separate thinking into reasoning_content: deepseek_r1, qwen3, "
+                       "or a plugin's parser")  # fmt: skip
     return parser
 
 
@@ -172,6 +179,9 @@ def run_server(args: Any) -> int:
 
     args = apply_config_file(args)
     args = finalize_args(args)
+    from kvik_server.chat_output import ParserSettings
+
+    ParserSettings.of(args).validate()  # an unknown parser name fails before the model loads
     level = str(getattr(args, "log_level", "info")).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = AsyncLLM.from_engine_args(**engine_kwargs(args))

@@ -33,6 +33,10 @@ class ServerSettings:
     shutdown_grace_period: float = 30.0  # seconds in-flight requests get after SIGTERM
     ready_stall_seconds: float = 60.0  # queued work but no engine step for this long: not ready
     max_num_seqs: int | None = None  # the engine's running-batch cap, for back-pressure estimates
+    # tool calling and reasoning output (docs/tool_calling.md)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> ServerSettings:

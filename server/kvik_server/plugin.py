@@ -1,0 +1,27 @@
+"""kvik-server's own tool and reasoning parsers, registered through the same hooks as any plugin's.
+
+The server adds this module to the plugin manager when it builds its parser registries
+(:func:`kvik_server.parsers.parser_registry`), so a plugin naming a parser the same way
+conflicts with the built-in one instead of silently replacing it.
+"""
+
+from __future__ import annotations
+
+from kvik.plugins.hookspecs import RegisterFn, hookimpl
+
+KVIK_PLUGIN_API = ">=1.4,<2"
+
+
+@hookimpl
+def kvik_register_tool_parsers(register: RegisterFn) -> None:
+    register("hermes", "kvik_server.tool_parsers.hermes:HermesToolParser")
+    register("qwen", "kvik_server.tool_parsers.hermes:HermesToolParser")  # Qwen 2.5 / 3 use Hermes' format
+    register("llama3_json", "kvik_server.tool_parsers.llama3_json:Llama3JsonToolParser")
+    register("mistral", "kvik_server.tool_parsers.mistral:MistralToolParser")
+    register("pythonic", "kvik_server.tool_parsers.pythonic:PythonicToolParser")
+
+
+@hookimpl
+def kvik_register_reasoning_parsers(register: RegisterFn) -> None:
+    register("deepseek_r1", "kvik_server.reasoning.think:DeepSeekR1ReasoningParser")
+    register("qwen3", "kvik_server.reasoning.think:Qwen3ReasoningParser")

@@ -1,0 +1,64 @@
+"""Tool and reasoning parsers are found by name: the server's built-ins and a plugin's, through the hooks."""
+
+from __future__ import annotations
+
+import json
+import types
+
+import pytest
+from kvik.plugins.hookspecs import hookimpl
+from kvik.plugins.manager import PluginManager
+from kvik_server.chat_output import ParserSettings
+from kvik_server.parsers import load_parser, parser_registry
+from kvik_server.tool_parsers.base import Extraction, ToolCall, ToolParser
+from kvik_server.tool_parsers.hermes import HermesToolParser
+
+
+class EchoToolParser(ToolParser):
+    """A plugin's parser: the whole output is one call to ``echo`` (enough to prove the door works)."""
+
+    name = "echo"
+
+    def extract(self, text: str, final: bool) -> Extraction:
+        return Extraction(calls=[ToolCall("echo", json.dumps({"text": text}))] if final else [])
+
+
+def plugin(**parsers: str) -> types.SimpleNamespace:
+    @hookimpl
+    def kvik_register_tool_parsers(register):  # type: ignore[no-untyped-def]
+        for name, target in parsers.items():
+            register(name, target)
+
+    return types.SimpleNamespace(KVIK_PLUGIN_API=">=1.4,<2", kvik_register_tool_parsers=kvik_register_tool_parsers)
+
+
+def test_builtins_are_registered_through_the_hooks() -> None:
+    manager = PluginManager(load_entrypoints=False)
+    assert parser_registry("tool parser", manager).names() == ["hermes", "llama3_json", "mistral", "pythonic", "qwen"]
+    assert parser_registry("reasoning parser", manager).names() == ["deepseek_r1", "qwen3"]
+    assert load_parser("tool parser", "qwen", manager) is HermesToolParser
+    assert parser_registry("tool parser", manager).entry("hermes").distribution == "kvik-server"
+
+
+def test_a_plugin_adds_a_parser() -> None:
+    manager = PluginManager(load_entrypoints=False)
+    assert manager.register(plugin(echo=f"{__name__}:EchoToolParser"), "kvik-echo")
+    parser = load_parser("tool parser", "echo", manager)()
+    assert parser.extract("hi", final=True).calls == [ToolCall("echo", '{"text": "hi"}')]
+
+
+def test_a_plugin_cannot_silently_replace_a_builtin() -> None:
+    manager = PluginManager(load_entrypoints=False)
+    manager.register(plugin(hermes=f"{__name__}:EchoToolParser"), "kvik-evil")
+    with pytest.raises(ValueError, match="more than one plugin"):
+        load_parser("tool parser", "hermes", manager)
+
+
+def test_unknown_names_fail_with_the_known_ones() -> None:
+    with pytest.raises(ValueError, match="unknown tool parser 'hermez'; registered: hermes"):
+        ParserSettings(tool_call_parser="hermez").validate()
+    with pytest.raises(ValueError, match="unknown reasoning parser"):
+        ParserSettings(reasoning_parser="o1").validate()
+    with pytest.raises(ValueError, match="needs --tool-call-parser"):
+        ParserSettings(enable_auto_tool_choice=True).validate()
+    ParserSettings(enable_auto_tool_choice=True, tool_call_parser="hermes", reasoning_parser="qwen3").validate()

@@ -1,0 +1,98 @@
+"""Reasoning parsers (``<think>``) alone and under a tool parser, non-streamed and streamed in any chunking."""
+
+from __future__ import annotations
+
+import json
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kvik_server.chat_output import ChoiceOutput, OutputPlan
+from kvik_server.reasoning.base import ReasoningParser
+from kvik_server.reasoning.think import DeepSeekR1ReasoningParser, Qwen3ReasoningParser
+from kvik_server.tool_parsers.hermes import HermesToolParser
+
+R1, QWEN3 = DeepSeekR1ReasoningParser(), Qwen3ReasoningParser()
+# (parser, output, reasoning, content)
+CASES: list[tuple[ReasoningParser, str, str, str]] = [
+    (QWEN3, "<think>\nThe user greets me. I should greet back.\n</think>\n\nHello! How can I help?",
+     "The user greets me. I should greet back.", "Hello! How can I help?"),
+    (QWEN3, "Hello! How can I help?", "", "Hello! How can I help?"),  # enable_thinking=False
+    (QWEN3, "<think>\n\n</think>\n\nHi.", "", "Hi."),
+    (QWEN3, "<think>Still thinking when max_tokens hit", "Still thinking when max_tokens hit", ""),
+    (R1, "Okay, 2+2 is 4, and < or > signs are fine.\n</think>\n\nThe answer is 4.",
+     "Okay, 2+2 is 4, and < or > signs are fine.", "The answer is 4."),  # <think> was in the prompt
+    (R1, "<think>\nHmm.\n</think>The answer is 4.", "Hmm.", "The answer is 4."),
+    (R1, "Cut off mid-thought </thi", "Cut off mid-thought </thi", ""),
+]  # fmt: skip
+
+
+def stream(parser: ReasoningParser, text: str, cuts: list[int]) -> tuple[str, str]:
+    output = ChoiceOutput(OutputPlan(reasoning_parser=parser))
+    reasoning = content = ""
+    for point in [*sorted({c for c in cuts if 0 < c < len(text)}), len(text)]:
+        delta = output.delta(text[:point], point == len(text))
+        reasoning += delta.get("reasoning_content", "")
+        content += delta.get("content", "")
+    return reasoning, content
+
+
+@pytest.mark.parametrize(("parser", "text", "reasoning", "content"), CASES)
+def test_split(parser: ReasoningParser, text: str, reasoning: str, content: str) -> None:
+    message, _ = ChoiceOutput(OutputPlan(reasoning_parser=parser)).message(text, "stop")
+    assert (message["reasoning_content"] or "", message["content"]) == (reasoning, content)
+    assert stream(parser, text, list(range(len(text)))) == (reasoning, content)
+
+
+@settings(max_examples=100, deadline=None)
+@given(case=st.sampled_from(CASES), data=st.data())
+def test_random_chunkings_and_cut_offs(case: Any, data: st.DataObject) -> None:
+    parser, text, _, _ = case
+    end = data.draw(st.integers(0, len(text)))
+    cuts = data.draw(st.lists(st.integers(1, max(1, end)), max_size=10))
+    final = parser.split(text[:end], final=True)
+    assert stream(parser, text[:end], cuts) == (final.reasoning, final.content)
+
+
+def test_tool_calls_are_parsed_after_the_reasoning() -> None:
+    text = ('<think>\nI could write <tool_call>{"name": "wrong", "arguments": {}}</tool_call> but should not.\n'
+            '</think>\n\n<tool_call>\n{"name": "get_weather", "arguments": {"city": "Oslo"}}\n</tool_call>')  # fmt: skip
+    plan = OutputPlan(tool_parser=HermesToolParser(), reasoning_parser=QWEN3)
+    message, finish = ChoiceOutput(plan).message(text, "stop")
+    assert finish == "tool_calls" and message["content"] is None
+    assert "wrong" in message["reasoning_content"]
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in message["tool_calls"]] == [
+        ("get_weather", {"city": "Oslo"})
+    ]
+    output = ChoiceOutput(plan)
+    deltas = [output.delta(text[:i], i == len(text)) for i in range(1, len(text) + 1)]
+    assert "".join(d.get("reasoning_content", "") for d in deltas) == message["reasoning_content"]
+    assert not any("content" in d for d in deltas)
+    calls = [c for d in deltas for c in d.get("tool_calls", [])]
+    assert calls[0]["function"]["name"] == "get_weather" and calls[0]["id"].startswith("call_")
+    assert json.loads("".join(c["function"]["arguments"] for c in calls)) == {"city": "Oslo"}
+    assert output.finish_reason("stop") == "tool_calls"
+
+
+class _Tokenizer:
+    """``</think>`` is token 99 (as in Qwen3's vocabulary); other text encodes one token per word."""
+
+    unk_token_id = 0
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return 99 if token == "</think>" else 0
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        return [1] * len(text.split())
+
+
+def test_reasoning_tokens_counted_up_to_the_end_marker() -> None:
+    split = QWEN3.split("<think>a b c</think>answer", final=True)
+    assert QWEN3.count_reasoning_tokens([5, 6, 7, 8, 99, 10], _Tokenizer(), split) == 5
+    assert QWEN3.count_reasoning_tokens([10, 11], _Tokenizer(), QWEN3.split("answer", final=True)) == 0
+    cut_off = QWEN3.split("<think>a b", final=True)
+    assert QWEN3.count_reasoning_tokens([5, 6, 7], _Tokenizer(), cut_off) == 3
+    no_marker_token = SimpleNamespace(unk_token_id=0, convert_tokens_to_ids=lambda t: 0, encode=_Tokenizer().encode)
+    assert QWEN3.count_reasoning_tokens([5, 6, 7, 8], no_marker_token, split) == 3  # re-encoded estimate
