@@ -1,7 +1,7 @@
 """``build_app(engine, args)``: the FastAPI app around an AsyncLLM.
 
-Routes: /v1/models, /v1/completions, /v1/chat/completions, /tokenize, /detokenize,
-/health (liveness), /ready (readiness), /version, /metrics (Prometheus).
+Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/responses (+ GET/DELETE by id),
+/tokenize, /detokenize, /health (liveness), /ready (readiness), /version, /metrics (Prometheus).
 """
 
 from __future__ import annotations
@@ -31,8 +31,11 @@ from kvik_server.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from kvik_server.protocol_responses import ResponsesRequest
+from kvik_server.response_store import ResponseStore
 from kvik_server.serving_chat import create_chat_completion, template_message
 from kvik_server.serving_completion import create_completion
+from kvik_server.serving_responses import create_response, delete_response, get_response
 
 
 def build_app(engine: Any, args: Any = None) -> FastAPI:
@@ -54,6 +57,7 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
 
     app = FastAPI(title="kvik", version=kvik_server.__version__, lifespan=lifespan)
     app.state.ctx = ctx
+    app.state.response_store = store = ResponseStore()
     install_error_handlers(app)
 
     @app.get("/v1/models")
@@ -68,6 +72,18 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await create_completion(ctx, body, raw)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, raw: Request) -> Response:
+        return await create_response(ctx, store, body, raw)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> JSONResponse:
+        return get_response(store, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def remove_response(response_id: str) -> JSONResponse:
+        return delete_response(store, response_id)
 
     @app.post("/tokenize")
     async def tokenize(raw: Request) -> JSONResponse:

@@ -8,11 +8,14 @@ then turns one choice's text into a message (``reasoning_content``, ``content``,
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
+
+from kvik.sampling_params import SamplingParams
 
 from kvik_server.errors import bad_request
 from kvik_server.parsers import load_parser
@@ -117,6 +120,16 @@ def plan_output(body: Any, settings: ParserSettings) -> OutputPlan:
     plan.guided_json = parameters_of(tool)
     plan.tool_parser = NamedToolParser(name)
     return plan
+
+
+def apply_plan(params: SamplingParams, plan: OutputPlan) -> SamplingParams:
+    """The request's sampling params plus the tool-choice grammar and the parser's special-token needs."""
+    changes: dict[str, Any] = {}
+    if plan.guided_json is not None:
+        changes["guided_json"] = plan.guided_json
+    if plan.keep_special_tokens:
+        changes["skip_special_tokens"] = False
+    return dataclasses.replace(params, **changes) if changes else params
 
 
 def _describe(choice: Any) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 import uuid
@@ -12,9 +11,15 @@ from typing import Any
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
 from kvik.outputs import RequestOutput
-from kvik.sampling_params import SamplingParams
 
-from kvik_server.chat_output import ChoiceOutput, OutputPlan, ParserSettings, plan_output, template_tool_calls
+from kvik_server.chat_output import (
+    ChoiceOutput,
+    OutputPlan,
+    ParserSettings,
+    apply_plan,
+    plan_output,
+    template_tool_calls,
+)
 from kvik_server.context import ServingContext
 from kvik_server.errors import APIError, sse_error
 from kvik_server.logprobs import chat_logprobs, prompt_logprobs_json
@@ -67,7 +72,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     ctx.check_model(body.model)
     max_tokens = body.requested_max_tokens()
     plan = plan_output(body, ParserSettings.of(ctx.settings))
-    params = ctx.sampling_params(lambda: _with_plan(body.to_sampling_params(max_tokens, body.requested_logprobs()),
+    params = ctx.sampling_params(lambda: apply_plan(body.to_sampling_params(max_tokens, body.requested_logprobs()),
                                                     plan))  # fmt: skip
     template_kwargs = dict(body.chat_template_kwargs or {})
     if plan.template_tools is not None:
@@ -122,16 +127,6 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     if body.prompt_logprobs is not None:
         response["prompt_logprobs"] = prompt_logprobs_json(final.prompt_logprobs)  # vLLM's extra field
     return JSONResponse(response)
-
-
-def _with_plan(params: SamplingParams, plan: OutputPlan) -> SamplingParams:
-    """The request's sampling params plus the tool-choice grammar and special-token needs."""
-    changes: dict[str, Any] = {}
-    if plan.guided_json is not None:
-        changes["guided_json"] = plan.guided_json
-    if plan.keep_special_tokens:
-        changes["skip_special_tokens"] = False
-    return dataclasses.replace(params, **changes) if changes else params
 
 
 def _logprobs(body: ChatCompletionRequest, positions: list[Any]) -> dict[str, Any] | None:
