@@ -151,7 +151,10 @@ class _Answer:
         reasoning = self.parser.reasoning_tokens(c.text, c.token_ids, self.ctx.tokenizer)
         response["usage"] = {
             "input_tokens": self.prompt_len,
-            "input_tokens_details": {"cached_tokens": final.num_cached_tokens},
+            # cache_write_tokens: the prompt tokens computed this time, which the prefix cache then
+            # holds (all but a last partial block); OpenAI's models require the field.
+            "input_tokens_details": {"cached_tokens": final.num_cached_tokens,
+                                     "cache_write_tokens": self.prompt_len - final.num_cached_tokens},
             "output_tokens": output_tokens,
             "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": self.prompt_len + output_tokens,

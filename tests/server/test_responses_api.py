@@ -10,6 +10,8 @@ import jsonschema
 import openai
 import pytest
 from kvik_server.response_store import ResponseStore
+from openai.types.responses import Response, ResponseStreamEvent
+from pydantic import TypeAdapter
 from server_harness import ServerProcess
 
 WEATHER = {
@@ -61,6 +63,18 @@ def test_message_items_and_the_same_answer_streamed(client: Any) -> None:
     assert deltas == plain.output_text == events[-1].response.output_text  # greedy: the same text
     done = next(e for e in events if e.type == "response.output_text.done")
     assert done.text == deltas and done.item_id == events[2].item.id
+
+
+def test_raw_bodies_match_the_sdk_models_strictly(smollm2_server: ServerProcess) -> None:
+    """The SDK builds its objects without validating; validate kvik's raw JSON and events strictly."""
+    body = {"model": "smollm2", "input": "Weather in Oslo?", "tools": [WEATHER], "max_output_tokens": 30,
+            "tool_choice": {"type": "function", "name": "get_weather"}}  # fmt: skip
+    with httpx.Client(base_url=smollm2_server.base_url, timeout=60) as http:
+        TypeAdapter(Response).validate_python(http.post("/v1/responses", json=body).json())
+        with http.stream("POST", "/v1/responses", json={**body, "stream": True}) as stream:
+            lines = [line for line in stream.iter_lines() if line.startswith("data: ")]
+    events = [TypeAdapter(ResponseStreamEvent).validate_python(json.loads(line[6:])) for line in lines]
+    assert events[-1].type in ("response.completed", "response.incomplete")
 
 
 def test_stream_helper(client: Any) -> None:

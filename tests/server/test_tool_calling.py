@@ -14,6 +14,8 @@ import jsonschema
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from openai.types.chat import ChatCompletion, ChatCompletionChunk
+from pydantic import TypeAdapter
 from server_harness import ServerProcess
 
 WEATHER = {
@@ -138,6 +140,29 @@ def test_stream_helper_accumulates_the_deltas(client: Any) -> None:
     call = final.choices[0].message.tool_calls[0]
     assert final.choices[0].finish_reason == "tool_calls" and call.function.name == "get_weather"
     jsonschema.validate(json.loads(call.function.arguments), WEATHER["function"]["parameters"])
+
+
+def test_raw_bodies_match_the_sdk_models_strictly(smollm2_server: ServerProcess) -> None:
+    """The SDK builds its objects without validating; validate kvik's raw JSON and chunks strictly."""
+    body = {"model": "smollm2", "messages": ASK, "tools": [WEATHER, TIME], "tool_choice": "required",
+            "max_tokens": 80, "seed": 5}  # fmt: skip
+    with httpx.Client(base_url=smollm2_server.base_url, timeout=60) as http:
+        completion = TypeAdapter(ChatCompletion).validate_python(http.post("/v1/chat/completions", json=body).json())
+        with http.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as stream:
+            lines = [line[6:] for line in stream.iter_lines() if line.startswith("data: ")]
+    assert completion.choices[0].message.tool_calls and lines[-1] == "[DONE]"
+    chunks = [TypeAdapter(ChatCompletionChunk).validate_python(json.loads(line)) for line in lines[:-1]]
+    assert any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
+
+
+def test_auto_mode_streams_the_same_answer(client: Any) -> None:
+    """With the hermes tool parser and qwen3 reasoning parser on, plain answers stream unchanged."""
+    kwargs = dict(model="smollm2", messages=[{"role": "user", "content": "Write a haiku about rain."}],
+                  tools=[WEATHER], tool_choice="auto", max_tokens=24, temperature=0)  # fmt: skip
+    plain = client.chat.completions.create(**kwargs)
+    calls, finish, content = streamed_calls(client, **kwargs)
+    assert content == plain.choices[0].message.content and content
+    assert calls == [] and finish == plain.choices[0].finish_reason
 
 
 def test_tool_results_in_the_history(client: Any) -> None:
