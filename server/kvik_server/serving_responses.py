@@ -153,8 +153,10 @@ class _Answer:
             "input_tokens": self.prompt_len,
             # cache_write_tokens: the prompt tokens computed this time, which the prefix cache then
             # holds (all but a last partial block); OpenAI's models require the field.
-            "input_tokens_details": {"cached_tokens": final.num_cached_tokens,
-                                     "cache_write_tokens": self.prompt_len - final.num_cached_tokens},
+            "input_tokens_details": {
+                "cached_tokens": final.num_cached_tokens,
+                "cache_write_tokens": self.prompt_len - final.num_cached_tokens,
+            },
             "output_tokens": output_tokens,
             "output_tokens_details": {"reasoning_tokens": reasoning},
             "total_tokens": self.prompt_len + output_tokens,

@@ -39,7 +39,12 @@ def test_reasoning_message_and_call_items() -> None:
     reasoning, message, call = items.items
     assert reasoning["content"][0]["text"] == "Use the tool. Quickly."
     assert message["content"][0]["text"] == "Checking" and items.output_text() == "Checking"
-    assert (call["call_id"], call["name"], call["arguments"], call["status"]) == ("call_1", "f", '{"a": 1}', "completed")
+    assert (call["call_id"], call["name"], call["arguments"], call["status"]) == (
+        "call_1",
+        "f",
+        '{"a": 1}',
+        "completed",
+    )
     assert [e["output_index"] for e in events if e["type"] == "response.output_item.done"] == [0, 1, 2]
     assert items.assistant_message() == {"role": "assistant", "content": "Checking", "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "f", "arguments": '{"a": 1}'}}]}  # fmt: skip
