@@ -23,7 +23,7 @@ from pydantic import ValidationError
 
 from kvik_server.chat_output import ChoiceOutput, OutputPlan, ParserSettings, apply_plan, plan_output
 from kvik_server.context import ServingContext
-from kvik_server.errors import APIError, validation_error
+from kvik_server.errors import APIError, bad_request, validation_error
 from kvik_server.protocol import ChatCompletionRequest
 from kvik_server.protocol_responses import FunctionToolChoice, ResponsesRequest, input_messages
 from kvik_server.response_items import Event, OutputItems
@@ -53,6 +53,8 @@ async def create_response(ctx: ServingContext, store: ResponseStore, body: Respo
             raise not_found(body.previous_response_id, store)
         history = list(previous.messages)
     conversation = history + input_messages(body.input)
+    if not conversation:
+        raise bad_request("`input` is empty: give a string or at least one message item.", param="input")
     system = [{"role": "system", "content": body.instructions}] if body.instructions else []
     try:
         chat = ChatCompletionRequest.model_validate(body.chat_body(system + conversation))

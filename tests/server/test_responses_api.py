@@ -132,6 +132,7 @@ def test_store_false_and_unknown_previous_response(client: Any) -> None:
         ({"input": "x", "text": {"format": {"type": "json_object"}}}, "text"),
         ({"input": "x", "tool_choice": "required"}, "tool_choice"),
         ({"input": "x", "max_output_tokens": 0}, "max_output_tokens"),
+        ({"input": []}, "input"),
         ({"input": "x", "reasoning_effort": "high"}, "reasoning_effort"),
     ],
 )
