@@ -1,8 +1,9 @@
 """kvik-server's own tool and reasoning parsers, registered through the same hooks as any plugin's.
 
-The server adds this module to the plugin manager when it builds its parser registries
-(:func:`kvik_server.parsers.parser_registry`), so a plugin naming a parser the same way
-conflicts with the built-in one instead of silently replacing it.
+It is kvik-server's entry point in the ``kvik`` group (``server``), so a plugin naming a
+parser the same way conflicts with the built-in one instead of silently replacing it, and
+``kvik plugins`` lists the parsers. :func:`kvik_server.parsers.parser_registry` registers it
+itself when the entry point was not loaded (an older install's metadata, a fresh test manager).
 """
 
 from __future__ import annotations

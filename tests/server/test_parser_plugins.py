@@ -7,7 +7,7 @@ import types
 
 import pytest
 from kvik.plugins.hookspecs import hookimpl
-from kvik.plugins.manager import PluginManager
+from kvik.plugins.manager import PluginFailure, PluginManager
 from kvik_server.chat_output import ParserSettings
 from kvik_server.parsers import load_parser, parser_registry
 from kvik_server.tool_parsers.base import Extraction, ToolCall, ToolParser
@@ -62,3 +62,10 @@ def test_unknown_names_fail_with_the_known_ones() -> None:
     with pytest.raises(ValueError, match="needs --tool-call-parser"):
         ParserSettings(enable_auto_tool_choice=True).validate()
     ParserSettings(enable_auto_tool_choice=True, tool_call_parser="hermes", reasoning_parser="qwen3").validate()
+
+
+def test_blocking_kvik_server_blocks_its_parsers() -> None:
+    manager = PluginManager(load_entrypoints=False)
+    manager.skipped.append(PluginFailure("server", "kvik-server", "listed in KVIK_DISABLE_PLUGINS"))
+    with pytest.raises(ValueError, match="unknown tool parser 'hermes'; registered: none"):
+        load_parser("tool parser", "hermes", manager)
