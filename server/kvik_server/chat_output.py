@@ -60,6 +60,8 @@ class OutputPlan:
     tool_parser: ToolParser | None = None
     reasoning_parser: ReasoningParser | None = None
     parallel: bool = True
+    # With special tokens kept, the end-of-sequence token's text ends the output: not content.
+    trailing_special: tuple[str, ...] = ()
 
     @property
     def active(self) -> bool:
@@ -70,9 +72,17 @@ class OutputPlan:
         return self.tool_parser is not None and self.tool_parser.needs_special_tokens
 
 
-def plan_output(body: Any, settings: ParserSettings) -> OutputPlan:
+def plan_output(body: Any, settings: ParserSettings, tokenizer: Any = None) -> OutputPlan:
     """The plan for a chat request (``body`` has tools, tool_choice, parallel_tool_calls); 400s for
     a tool_choice the request or the server cannot honour."""
+    plan = _plan(body, settings)
+    if plan.keep_special_tokens and tokenizer is not None:
+        eos = getattr(tokenizer, "eos_token", None)
+        plan.trailing_special = (eos,) if isinstance(eos, str) and eos else ()
+    return plan
+
+
+def _plan(body: Any, settings: ParserSettings) -> OutputPlan:
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
     choice = body.tool_choice
     plan = OutputPlan(parallel=body.parallel_tool_calls)
@@ -117,7 +127,10 @@ def plan_output(body: Any, settings: ParserSettings) -> OutputPlan:
         known = ", ".join(t["function"]["name"] for t in tools)
         raise bad_request(f"tool_choice names the function {name!r}, which is not in `tools` ({known}).",
                           param="tool_choice")  # fmt: skip
-    plan.guided_json = parameters_of(tool)
+    try:
+        plan.guided_json = parameters_of(tool)
+    except ValueError as exc:
+        raise bad_request(str(exc), param="tools") from None
     plan.tool_parser = NamedToolParser(name)
     return plan
 
@@ -153,7 +166,14 @@ class ChoiceOutput:
         self._reasoning_sent = 0
         self._content_sent = 0
 
+    def _clean(self, text: str) -> str:
+        for special in self.plan.trailing_special:
+            if text.endswith(special):
+                return text[: -len(special)]
+        return text
+
     def parse(self, text: str, final: bool) -> Parsed:
+        text = self._clean(text)
         split = None
         reasoning: str | None = None
         content = text
@@ -184,7 +204,7 @@ class ChoiceOutput:
     def delta(self, text: str, final: bool) -> dict[str, Any]:
         """What is new since the last call, as a chat-chunk ``delta`` (empty when nothing is)."""
         delta: dict[str, Any] = {}
-        content = text
+        content = text = self._clean(text)
         if self.plan.reasoning_parser is not None:
             split = self.plan.reasoning_parser.split(text, final)
             if len(split.reasoning) > self._reasoning_sent:

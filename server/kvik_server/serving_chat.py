@@ -71,7 +71,7 @@ def _reasoning_tokens(ctx: ServingContext, plan: OutputPlan, output: RequestOutp
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, raw: Request) -> Response:
     ctx.check_model(body.model)
     max_tokens = body.requested_max_tokens()
-    plan = plan_output(body, ParserSettings.of(ctx.settings))
+    plan = plan_output(body, ParserSettings.of(ctx.settings), ctx.tokenizer)
     params = ctx.sampling_params(lambda: apply_plan(body.to_sampling_params(max_tokens, body.requested_logprobs()),
                                                     plan))  # fmt: skip
     template_kwargs = dict(body.chat_template_kwargs or {})

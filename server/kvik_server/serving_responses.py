@@ -60,7 +60,7 @@ async def create_response(ctx: ServingContext, store: ResponseStore, body: Respo
         chat = ChatCompletionRequest.model_validate(body.chat_body(system + conversation))
     except ValidationError as exc:
         raise validation_error(exc.errors()) from None
-    plan = plan_output(chat, ParserSettings.of(ctx.settings))
+    plan = plan_output(chat, ParserSettings.of(ctx.settings), ctx.tokenizer)
     max_tokens = chat.requested_max_tokens()
     params = ctx.sampling_params(lambda: apply_plan(chat.to_sampling_params(max_tokens), plan))
     template_kwargs: dict[str, Any] = {"tools": plan.template_tools} if plan.template_tools is not None else {}

@@ -1,4 +1,5 @@
-"""Reasoning parsers (``<think>``) alone and under a tool parser, non-streamed and streamed in any chunking."""
+"""Reasoning parsers (``<think>``) alone and under a tool parser, non-streamed and streamed in any chunking;
+how a choice's output is cleaned before parsing."""
 
 from __future__ import annotations
 
@@ -96,3 +97,17 @@ def test_reasoning_tokens_counted_up_to_the_end_marker() -> None:
     assert QWEN3.count_reasoning_tokens([5, 6, 7], _Tokenizer(), cut_off) == 3
     no_marker_token = SimpleNamespace(unk_token_id=0, convert_tokens_to_ids=lambda t: 0, encode=_Tokenizer().encode)
     assert QWEN3.count_reasoning_tokens([5, 6, 7, 8], no_marker_token, split) == 3  # re-encoded estimate
+
+
+def test_end_of_sequence_text_is_not_content() -> None:
+    """Parsers that need special tokens (mistral) see the EOS token's text at the end: it is dropped."""
+    from kvik_server.tool_parsers.mistral import MistralToolParser
+
+    plan = OutputPlan(tool_parser=MistralToolParser(), trailing_special=("</s>",))
+    text = '[TOOL_CALLS][{"name": "f", "arguments": {"a": 1}}]</s>'
+    message, finish = ChoiceOutput(plan).message(text, "stop")
+    assert message["content"] is None and finish == "tool_calls"
+    assert ChoiceOutput(plan).message("Hello.</s>", "stop")[0]["content"] == "Hello."
+    output = ChoiceOutput(plan)
+    deltas = [output.delta("Hello.", False), output.delta("Hello.</s>", True)]
+    assert "".join(d.get("content", "") for d in deltas) == "Hello."

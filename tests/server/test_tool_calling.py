@@ -194,6 +194,13 @@ def test_auto_choice_answers_in_text_when_the_model_does_not_call(client: Any) -
             "drop response_format",
         ),
         ({"tools": [{"type": "function", "function": {"name": "bad name!"}}]}, "tools"),
+        (
+            {
+                "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+                "tool_choice": "required",
+            },
+            'must be a JSON schema of type "object"',
+        ),
         ({"tools": [WEATHER], "tool_choice": "sometimes"}, "tool_choice"),
     ],
 )

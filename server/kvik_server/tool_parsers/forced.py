@@ -19,8 +19,12 @@ EMPTY_PARAMETERS: dict[str, Any] = {"type": "object", "properties": {}}
 
 
 def parameters_of(tool: dict[str, Any]) -> dict[str, Any]:
-    """A tool's JSON schema for its arguments (no ``parameters`` means no arguments)."""
+    """A tool's JSON schema for its arguments (no ``parameters`` means no arguments); ``ValueError``
+    unless it describes an object, as OpenAI requires (arguments are a JSON object)."""
     params = tool["function"].get("parameters")
+    if params and params.get("type", "object") != "object":
+        raise ValueError(f"the parameters of tool {tool['function']['name']!r} must be a JSON schema of "
+                         f"type \"object\", got type {params['type']!r}")  # fmt: skip
     return copy.deepcopy(params) if params else dict(EMPTY_PARAMETERS)
 
 
