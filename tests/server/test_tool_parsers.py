@@ -32,6 +32,9 @@ CASES: list[tuple[ToolParser, str, str, list[tuple[str, dict[str, Any]]]]] = [
     (HermesToolParser(), '<tool_call>\n{"arguments": {"q": "é \\"x\\" {}"}, "name": "search"}\n</tool_call>',
      "", [("search", {"q": 'é "x" {}'})]),
     (HermesToolParser(), '<tool_call>{"name": "f", "arguments": "{\\"n\\": 1}"}</tool_call>', "", [("f", {"n": 1})]),
+    (HermesToolParser(), '<tool_call>{"name": "write", "arguments": {"path": "a.py", "code": "def f():\\n    return '
+     '\\"\\u00e9\\ud83d\\ude00\\"\\n"}}</tool_call>', "",
+     [("write", {"path": "a.py", "code": 'def f():\n    return "é😀"\n'})]),
     (Llama3JsonToolParser(), '{"name": "get_weather", "parameters": {"location": "San Francisco, CA", "unit": '
      '"celsius"}}', "", [("get_weather", WEATHER)]),
     (Llama3JsonToolParser(), '<|python_tag|>{"type": "function", "name": "get_weather", "parameters": '
@@ -136,7 +139,8 @@ def test_cut_off_outputs_still_give_valid_arguments(case: Any, data: st.DataObje
 # Fragments that exercise every parser's markers and JSON edge cases, shuffled into arbitrary text.
 FRAGMENTS = ["<tool_call>", "</tool_call>", "[TOOL_CALLS]", "[ARGS]", "<|python_tag|>", "{", "}", "[", "]", ",",
              ";", ":", '"name"', '"arguments"', '"parameters"', '"f"', '"a\\"b"', "1", "-2.5e3", "true", "null",
-             " ", "\n", "text", "f(", ")", "x=1", "'s'", "é"]  # fmt: skip
+             " ", "\n", "text", "f(", ")", "x=1", "'s'", "é", '"a', "\\u00e9", "\\ud83d", "\\ude00", "\\",
+             "\\n", "\\x", "\t"]  # fmt: skip
 
 
 @settings(max_examples=150, deadline=None)
@@ -152,3 +156,18 @@ def test_any_text_streams_consistently(parser: ToolParser, pieces: list[str], da
     assert got_calls == [[c.name, c.arguments] for c in final.calls]
     for call in final.calls:
         assert isinstance(json.loads(call.arguments), dict)
+
+
+def test_long_string_arguments_stream_as_they_are_written() -> None:
+    """A string argument (code, a document) is not held back until it ends: it streams in pieces."""
+    code = "".join(f"line {i} = {i} * 2\\n" for i in range(40))
+    text = '<tool_call>{"name": "write", "arguments": {"path": "x.py", "code": "' + code + '"}}</tool_call>'
+    stream = ToolCallStream(HermesToolParser())
+    pieces = []
+    for point in tokens(text):
+        for delta in stream.update(text[:point], point == len(text))[1]:
+            pieces.append(delta["function"]["arguments"])
+    assert len(pieces) > 40  # one per token of the code, roughly
+    assert json.loads("".join(pieces)) == {"path": "x.py", "code": code.replace("\\n", "\n")}
+    cut = HermesToolParser().extract(text[: len(text) // 2], final=True).calls[0].arguments
+    assert json.loads(cut)["path"] == "x.py"  # cut off mid-string: closed into valid JSON

@@ -3,15 +3,19 @@
 Streaming tool calls must never show a client partial-JSON garbage, so instead of
 forwarding the model's raw characters the scanners here report only what is *settled*:
 the key/value pairs of an arguments object whose value is complete (a ``,`` or ``}``
-follows it). The arguments string is rebuilt canonically from those pairs
-(``json.dumps`` spacing), which gives the property every parser relies on: the
-arguments reported for a prefix of the text are a prefix of those reported for the
-whole text, and closing them (``}``) always yields valid JSON.
+follows it), plus the decoded beginning of a string value still being written (so a long
+``code`` or ``content`` argument streams as it is generated). The arguments string is
+rebuilt canonically from those pieces (``json.dumps`` spacing, non-ASCII escaped, which
+also keeps lone surrogates from escapes valid), which gives the property every parser
+relies on: the arguments reported for a prefix of the text are a prefix of those
+reported for the whole text, and closing them (``"`` if a string is open, then ``}``)
+always yields valid JSON.
 """
 
 from __future__ import annotations
 
 import json
+import string
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,8 +31,45 @@ def skip_ws(text: str, i: int) -> int:
     return i
 
 
+_ESCAPES = {'"': '"', "\\": "\\", "/": "/", "b": "\b", "f": "\f", "n": "\n", "r": "\r", "t": "\t"}
+
+
 def dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False)
+    # ASCII: a \ud83d escape the model wrote alone decodes to a lone surrogate, which only an
+    # escaped form can carry; escaping is per character, so prefixes stay prefixes.
+    return json.dumps(value)
+
+
+def partial_string(text: str, i: int) -> str:
+    """The decoded characters of the string starting at ``text[i]`` (``"``) up to where it is
+    unfinished or invalid (an escape cut short, a raw control character) or closed."""
+    out: list[str] = []
+    j = i + 1
+    while j < len(text):
+        ch = text[j]
+        if ch == '"':
+            break
+        if ch == "\\":
+            if j + 1 >= len(text):
+                break
+            escape = text[j + 1]
+            if escape == "u":
+                digits = text[j + 2 : j + 6]
+                if len(digits) < 4 or any(c not in string.hexdigits for c in digits):
+                    break
+                out.append(chr(int(digits, 16)))
+                j += 6
+                continue
+            if escape not in _ESCAPES:
+                break
+            out.append(_ESCAPES[escape])
+            j += 2
+            continue
+        if ch < " ":
+            break
+        out.append(ch)
+        j += 1
+    return "".join(out)
 
 
 @dataclass(slots=True)
@@ -41,11 +82,22 @@ class ObjectScan:
     pending_at: int = -1  # where that value starts
     end: int | None = None  # index just after the closing brace, once closed
     broken: bool = False  # invalid JSON: the object can never be completed
+    partial: str | None = None  # the decoded beginning of the pending value, when it is a string
 
     def canonical(self, close: bool = False) -> str:
-        """``{"k": v, ...`` from the settled pairs, with ``}`` once closed (or when ``close``)."""
-        body = "{" + ", ".join(f"{dumps(k)}: {dumps(v)}" for k, v, _ in self.pairs)
-        return body + "}" if self.end is not None or close else body
+        """``{"k": v, ...`` from the settled pairs and a pending string's beginning; closed with
+        ``}`` once the object is (or, when ``close``, with ``"`` and ``}`` as needed)."""
+        parts = [f"{dumps(k)}: {dumps(v)}" for k, v, _ in self.pairs]
+        if self.end is None and self.partial is not None:
+            parts.append(f"{dumps(self.pending_key)}: {dumps(self.partial)[:-1]}")  # no closing quote yet
+        body = "{" + ", ".join(parts)
+        if self.end is not None:
+            return body + "}"
+        return body + self.closer() if close else body
+
+    def closer(self) -> str:
+        """What makes the unfinished canonical text valid JSON."""
+        return '"}' if self.partial is not None else "}"
 
 
 def _decode(text: str, i: int) -> tuple[Any, int] | None:
@@ -91,13 +143,18 @@ def scan_object(text: str, start: int) -> ObjectScan:
             # Unfinished, or wrong in a way only the end of the text will show (then the
             # caller's final pass decides); broken only when no continuation could help.
             scan.broken = not _could_continue(text, i)
+            if i < len(text) and text[i] == '"':
+                scan.partial = partial_string(text, i)
             return scan
         j = skip_ws(text, value[1])
+        if isinstance(value[0], str):
+            scan.partial = value[0]  # reported as partial until its pair is settled
         if j >= len(text):
             return scan  # a number may still grow; anything else waits for its terminator too
         if text[j] not in ",}":
             scan.broken = True
             return scan
+        scan.partial = None
         scan.pairs.append((key[0], value[0], i))
         scan.pending_key, scan.pending_at = None, -1
         if text[j] == "}":
@@ -114,6 +171,7 @@ class CallScan:
     name: str | None = None
     arguments: str = ""  # canonical prefix of the arguments object ("" until it starts)
     arguments_closed: bool = False
+    arguments_closer: str = "}"  # what closes unfinished arguments into valid JSON
     end: int | None = None  # index just after the call object, once closed
     broken: bool = False
 
@@ -121,7 +179,7 @@ class CallScan:
         """The arguments of a call the text ended in: what is settled, closed into valid JSON."""
         if not self.arguments:
             return "{}"
-        return self.arguments if self.arguments_closed else self.arguments + "}"
+        return self.arguments if self.arguments_closed else self.arguments + self.arguments_closer
 
 
 def scan_call(text: str, start: int) -> CallScan:
@@ -143,6 +201,7 @@ def scan_call(text: str, start: int) -> CallScan:
             inner = scan_object(text, at)
             call.arguments = inner.canonical()
             call.arguments_closed = inner.end is not None
+            call.arguments_closer = inner.closer()
             call.broken = call.broken or inner.broken
     return call
 
