@@ -158,6 +158,14 @@ def finalize_args(args: Any, parser: argparse.ArgumentParser | None = None) -> A
         args.model = str(default_model())
         if getattr(args, "served_model_name", None) is None:
             args.served_model_name = Path(args.model).stem  # not a site-packages path in every response
+    from kvik_server.chat_output import ParserSettings
+
+    try:
+        ParserSettings.of(args).validate()  # an unknown parser name fails before the model loads
+    except ValueError as exc:
+        if parser is not None:
+            parser.error(str(exc))
+        raise
     return args
 
 
@@ -179,9 +187,6 @@ def run_server(args: Any) -> int:
 
     args = apply_config_file(args)
     args = finalize_args(args)
-    from kvik_server.chat_output import ParserSettings
-
-    ParserSettings.of(args).validate()  # an unknown parser name fails before the model loads
     level = str(getattr(args, "log_level", "info")).upper()
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     engine = AsyncLLM.from_engine_args(**engine_kwargs(args))

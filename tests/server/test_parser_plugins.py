@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import types
+from pathlib import Path
 
 import pytest
 from kvik.plugins.hookspecs import hookimpl
 from kvik.plugins.manager import PluginFailure, PluginManager
 from kvik_server.chat_output import ParserSettings
+from kvik_server.cli import parse_serve_args
+from kvik_server.context import ServerSettings
 from kvik_server.parsers import load_parser, parser_registry
 from kvik_server.tool_parsers.base import Extraction, ToolCall, ToolParser
 from kvik_server.tool_parsers.hermes import HermesToolParser
@@ -69,3 +72,15 @@ def test_blocking_kvik_server_blocks_its_parsers() -> None:
     manager.skipped.append(PluginFailure("server", "kvik-server", "listed in KVIK_DISABLE_PLUGINS"))
     with pytest.raises(ValueError, match="unknown tool parser 'hermes'; registered: none"):
         load_parser("tool parser", "hermes", manager)
+
+
+def test_serve_flags_and_config_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    config = tmp_path / "serve.yaml"
+    config.write_text("enable-auto-tool-choice: true\ntool-call-parser: llama3_json\n")
+    args = parse_serve_args(["--model", "m", "--config", str(config), "--reasoning-parser", "deepseek_r1"])
+    settings = ServerSettings.from_args(args)
+    assert (settings.enable_auto_tool_choice, settings.tool_call_parser, settings.reasoning_parser) == (
+        True, "llama3_json", "deepseek_r1")  # fmt: skip
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--model", "m", "--tool-call-parser", "nope"])
+    assert "unknown tool parser 'nope'; registered: hermes" in capsys.readouterr().err
