@@ -53,6 +53,17 @@ def _parser_class(kind: str, name: str) -> Any:
     return load_parser(kind, name)
 
 
+GUIDED_FIELDS = ("guided_json", "guided_regex", "guided_choice", "guided_grammar")
+
+
+def _structured(body: Any) -> bool:
+    """Whether the request constrains its output with a grammar (response_format other than text, guided_*)."""
+    fmt = getattr(body, "response_format", None)
+    if fmt is not None and getattr(fmt, "type", "text") != "text":
+        return True
+    return any(getattr(body, name, None) is not None for name in GUIDED_FIELDS)
+
+
 @dataclass(slots=True)
 class OutputPlan:
     template_tools: list[dict[str, Any]] | None = None  # `tools=` for apply_chat_template
@@ -86,7 +97,9 @@ def _plan(body: Any, settings: ParserSettings) -> OutputPlan:
     tools = [t.model_dump(exclude_none=True) for t in body.tools or []]
     choice = body.tool_choice
     plan = OutputPlan(parallel=body.parallel_tool_calls)
-    if settings.reasoning_parser:
+    structured = _structured(body)
+    # A grammar holds from the first token, so there is no reasoning preamble to parse out.
+    if settings.reasoning_parser and not structured:
         plan.reasoning_parser = _parser_class("reasoning parser", settings.reasoning_parser)()
     if not tools:
         if choice not in (None, "none"):
@@ -106,14 +119,12 @@ def _plan(body: Any, settings: ParserSettings) -> OutputPlan:
             )
         plan.tool_parser = _parser_class("tool parser", settings.tool_call_parser)()
         return plan
-    if any(getattr(body, name, None) is not None for name in ("response_format", "guided_json", "guided_regex",
-                                                              "guided_choice", "guided_grammar")):  # fmt: skip
+    if structured:
         raise bad_request(
             f"tool_choice {_describe(choice)} constrains the output itself; drop response_format / guided_*.",
             param="tool_choice",
         )
-    # The grammar holds from the first token, so a reasoning preamble cannot be parsed out.
-    plan.reasoning_parser = None
+    plan.reasoning_parser = None  # the tool grammar holds from the first token too
     if choice == "required":
         try:
             plan.guided_json = required_schema(tools, body.parallel_tool_calls)

@@ -111,3 +111,18 @@ def test_end_of_sequence_text_is_not_content() -> None:
     output = ChoiceOutput(plan)
     deltas = [output.delta("Hello.", False), output.delta("Hello.</s>", True)]
     assert "".join(d.get("content", "") for d in deltas) == "Hello."
+
+
+def test_no_reasoning_parsing_under_a_grammar() -> None:
+    """response_format / guided_* hold from the first token: deepseek_r1 would call the JSON "reasoning"."""
+    from kvik_server.chat_output import ParserSettings, plan_output
+    from kvik_server.protocol import ChatCompletionRequest
+
+    settings = ParserSettings(reasoning_parser="deepseek_r1")
+    ask = {"messages": [{"role": "user", "content": "x"}]}
+    assert plan_output(ChatCompletionRequest.model_validate(ask), settings).reasoning_parser is not None
+    text_format = {**ask, "response_format": {"type": "text"}}
+    assert plan_output(ChatCompletionRequest.model_validate(text_format), settings).reasoning_parser is not None
+    for extra in ({"response_format": {"type": "json_object"}}, {"guided_regex": "[a-z]+"}):
+        plan = plan_output(ChatCompletionRequest.model_validate({**ask, **extra}), settings)
+        assert plan.reasoning_parser is None and not plan.active
