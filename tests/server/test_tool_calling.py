@@ -92,7 +92,7 @@ def client(smollm2_server: ServerProcess) -> Any:
     return smollm2_server.openai()
 
 
-@settings(max_examples=8, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+@settings(max_examples=6, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                  HealthCheck.too_slow])  # fmt: skip
 @given(schema=schemas, other=schemas, named=st.booleans(), stream=st.booleans(), seed=st.integers(0, 1000))
 def test_forced_tool_choice_always_validates(client: Any, schema: dict[str, Any], other: dict[str, Any],
@@ -118,7 +118,7 @@ def test_forced_tool_choice_always_validates(client: Any, schema: dict[str, Any]
 
 def test_required_with_parallel_calls(client: Any) -> None:
     response = client.chat.completions.create(model="smollm2", messages=ASK, tools=[WEATHER, TIME],
-                                              tool_choice="required", max_tokens=80, seed=3)  # fmt: skip
+                                              tool_choice="required", max_tokens=50, seed=3)  # fmt: skip
     choice = response.choices[0]
     calls = choice.message.tool_calls
     assert calls and choice.message.content is None
