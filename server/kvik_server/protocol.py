@@ -2,7 +2,7 @@
 
 Requests forbid unknown fields: a typo such as ``max_token`` is a 400 naming it instead of
 being silently ignored. OpenAI fields kvik does not implement are accepted only with their
-neutral value (``tools: []``, ``logprobs: false``, ``response_format: {"type": "text"}`` ...),
+neutral value (``functions: []``, ``logprobs: false``, ``response_format: {"type": "text"}`` ...),
 which some clients always send; any other value is a 400 naming the field.
 """
 
