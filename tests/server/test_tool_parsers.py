@@ -171,3 +171,23 @@ def test_long_string_arguments_stream_as_they_are_written() -> None:
     assert json.loads("".join(pieces)) == {"path": "x.py", "code": code.replace("\\n", "\n")}
     cut = HermesToolParser().extract(text[: len(text) // 2], final=True).calls[0].arguments
     assert json.loads(cut)["path"] == "x.py"  # cut off mid-string: closed into valid JSON
+
+
+def test_long_outputs_are_not_re_parsed_on_every_token() -> None:
+    """Extraction reads the whole text; a 20k-character call must not cost one extraction per token."""
+
+    class Counting(HermesToolParser):
+        calls = 0
+
+        def extract(self, text: str, final: bool) -> Any:
+            Counting.calls += 1
+            return super().extract(text, final)
+
+    code = "x = 1\\n" * 3500
+    text = '<tool_call>{"name": "write", "arguments": {"code": "' + code + '"}}</tool_call>'
+    stream, pieces = ToolCallStream(Counting()), []
+    points = range(4, len(text) + 4, 4)
+    for point in points:
+        pieces += [d["function"]["arguments"] for d in stream.update(text[:point], point >= len(text))[1]]
+    assert json.loads("".join(pieces)) == {"code": code.replace("\\n", "\n")}
+    assert Counting.calls < len(points) / 4 and len(pieces) > 500  # still streamed in many pieces

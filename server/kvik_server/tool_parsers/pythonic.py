@@ -68,28 +68,31 @@ class PythonicToolParser(ToolParser):
         return out
 
 
+# What matters for bracket matching: whole string literals (skipped), a quote that opens a string
+# not finished yet, and brackets. Unrolled string loops, so each step of a long call costs one
+# linear pass in C rather than a Python loop over every character.
+_TOKENS = re.compile(
+    r'"""[\s\S]*?"""'  # triple-quoted strings (may span lines)
+    r"|'''[\s\S]*?'''"
+    r'|"[^"\\\n]*(?:\\.[^"\\\n]*)*"'  # one-line strings
+    r"|'[^'\\\n]*(?:\\.[^'\\\n]*)*'"
+    r"""|["'()\[\]{}]"""  # a string not finished yet, or a bracket
+)
+
+
 def call_end(text: str, open_paren: int) -> int | None:
     """Index just after the ``)`` matching ``text[open_paren]``, or None if it has not arrived."""
     depth = 0
-    quote: str | None = None
-    escaped = False
-    for k in range(open_paren, len(text)):
-        ch = text[k]
-        if quote is not None:
-            if escaped:
-                escaped = False
-            elif ch == "\\":
-                escaped = True
-            elif ch == quote:
-                quote = None
-        elif ch in "\"'":
-            quote = ch
-        elif ch in "([{":
+    for token in _TOKENS.finditer(text, open_paren):
+        kind = token.group()
+        if kind in ("'", '"'):
+            return None  # a string literal still being written (or one broken by a newline)
+        if kind in "([{":
             depth += 1
-        elif ch in ")]}":
+        elif kind in ")]}":
             depth -= 1
             if depth == 0:
-                return k + 1
+                return token.end()
     return None
 
 
