@@ -209,3 +209,21 @@ def test_bad_tool_requests_are_400(smollm2_server: ServerProcess, body: dict[str
                           json={"model": "smollm2", "messages": ASK, "max_tokens": 4, **body})  # fmt: skip
     assert response.status_code == 400, response.text
     assert message in response.json()["error"]["message"] or message in json.dumps(response.json())
+
+
+def test_history_reaches_the_template_as_templates_expect() -> None:
+    """Assistant tool_calls go to the template with arguments as objects (templates `tojson` them);
+    tool results keep their tool_call_id; a tool message without one is refused."""
+    from kvik_server.protocol import ChatMessage
+    from kvik_server.serving_chat import template_message
+
+    call = {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    assistant = template_message(ChatMessage.model_validate({"role": "assistant", "tool_calls": [call]}))
+    assert assistant == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}]}  # fmt: skip
+    tool = template_message(ChatMessage.model_validate({"role": "tool", "tool_call_id": "call_1", "content": "9C"}))
+    assert tool == {"role": "tool", "content": "9C", "tool_call_id": "call_1"}
+    with pytest.raises(ValueError, match="tool_call_id"):
+        ChatMessage.model_validate({"role": "tool", "content": "9C"})
+    with pytest.raises(ValueError, match="only assistant messages"):
+        ChatMessage.model_validate({"role": "user", "content": "x", "tool_calls": [call]})
