@@ -165,6 +165,26 @@ def test_auto_mode_streams_the_same_answer(client: Any) -> None:
     assert calls == [] and finish == plain.choices[0].finish_reason
 
 
+def test_each_of_n_choices_streams_its_own_calls(client: Any) -> None:
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    stream = client.chat.completions.create(model="smollm2", messages=ASK, tools=[WEATHER], tool_choice=choice, n=2,
+                                            max_tokens=60, seed=7, stream=True)  # fmt: skip
+    calls: dict[int, list[dict[str, Any]]] = {0: [], 1: []}
+    finish: dict[int, str | None] = {}
+    for chunk in stream:
+        for c in chunk.choices:
+            for delta in c.delta.tool_calls or []:
+                if delta.id is not None:
+                    calls[c.index].append({"id": delta.id, "arguments": ""})
+                calls[c.index][delta.index]["arguments"] += delta.function.arguments or ""
+            finish[c.index] = c.finish_reason or finish.get(c.index)
+    assert finish == {0: "tool_calls", 1: "tool_calls"}
+    assert calls[0][0]["id"] != calls[1][0]["id"]
+    for index in (0, 1):
+        (call,) = calls[index]
+        jsonschema.validate(json.loads(call["arguments"]), WEATHER["function"]["parameters"])
+
+
 def test_tool_results_in_the_history(client: Any) -> None:
     history = [*ASK, {"role": "assistant", "content": None, "tool_calls": [
         {"id": "call_1", "type": "function", "function": {"name": "get_weather",
