@@ -19,7 +19,7 @@ from kvik.sampling_params import SamplingParams
 
 from kvik_server.errors import bad_request
 from kvik_server.parsers import load_parser
-from kvik_server.reasoning.base import ReasoningParser, ReasoningSplit
+from kvik_server.reasoning.base import ReasoningParser, ReasoningSplit, single_token_id
 from kvik_server.tool_parsers.base import ToolCall, ToolCallStream, ToolParser, message_tool_calls, visible_content
 from kvik_server.tool_parsers.forced import NamedToolParser, RequiredToolParser, parameters_of, required_schema
 
@@ -73,6 +73,8 @@ class OutputPlan:
     parallel: bool = True
     # With special tokens kept, the end-of-sequence token's text ends the output: not content.
     trailing_special: tuple[str, ...] = ()
+    # The server's reasoning parser, held back because a grammar constrains this request.
+    grammar_reasoning: ReasoningParser | None = None
 
     @property
     def active(self) -> bool:
@@ -98,9 +100,13 @@ def _plan(body: Any, settings: ParserSettings) -> OutputPlan:
     choice = body.tool_choice
     plan = OutputPlan(parallel=body.parallel_tool_calls)
     structured = _structured(body)
-    # A grammar holds from the first token, so there is no reasoning preamble to parse out.
-    if settings.reasoning_parser and not structured:
-        plan.reasoning_parser = _parser_class("reasoning parser", settings.reasoning_parser)()
+    if settings.reasoning_parser:
+        parser = _parser_class("reasoning parser", settings.reasoning_parser)()
+        # Under a grammar there is reasoning only if think_before_grammar lets the model think first.
+        if structured:
+            plan.grammar_reasoning = parser
+        else:
+            plan.reasoning_parser = parser
     if not tools:
         if choice not in (None, "none"):
             raise bad_request("tool_choice needs a non-empty `tools` list.", param="tool_choice")
@@ -124,7 +130,8 @@ def _plan(body: Any, settings: ParserSettings) -> OutputPlan:
             f"tool_choice {_describe(choice)} constrains the output itself; drop response_format / guided_*.",
             param="tool_choice",
         )
-    plan.reasoning_parser = None  # the tool grammar holds from the first token too
+    # The tool grammar constrains the output too: reasoning only through think_before_grammar.
+    plan.grammar_reasoning, plan.reasoning_parser = plan.reasoning_parser, None
     if choice == "required":
         try:
             plan.guided_json = required_schema(tools, body.parallel_tool_calls)
@@ -154,6 +161,31 @@ def apply_plan(params: SamplingParams, plan: OutputPlan) -> SamplingParams:
     if plan.keep_special_tokens:
         changes["skip_special_tokens"] = False
     return dataclasses.replace(params, **changes) if changes else params
+
+
+def think_before_grammar(
+    params: SamplingParams, plan: OutputPlan, prompt_ids: Sequence[int], tokenizer: Any
+) -> SamplingParams:
+    """Let a reasoning model finish thinking before its grammar starts, when its prompt leaves it
+    thinking (R1-style templates end the prompt with ``<think>``): the constraint then waits for the
+    ``</think>`` token (``guided_after_token_id``) and the reasoning parser separates the thought.
+    Otherwise the grammar holds from the first token and there is no reasoning to parse."""
+    parser = plan.grammar_reasoning
+    if parser is None or not parser.starts_in_reasoning or parser.start_marker is None or params.guided is None:
+        return params
+    start_id = single_token_id(tokenizer, parser.start_marker)
+    end_id = single_token_id(tokenizer, parser.end_marker)
+    if start_id is None or end_id is None or _last(prompt_ids, start_id) <= _last(prompt_ids, end_id):
+        return params
+    plan.reasoning_parser = parser
+    return dataclasses.replace(params, guided_after_token_id=end_id)
+
+
+def _last(ids: Sequence[int], token: int) -> int:
+    for i in range(len(ids) - 1, -1, -1):
+        if ids[i] == token:
+            return i
+    return -1
 
 
 def _describe(choice: Any) -> str:

@@ -19,6 +19,7 @@ from kvik_server.chat_output import (
     apply_plan,
     plan_output,
     template_tool_calls,
+    think_before_grammar,
 )
 from kvik_server.context import ServingContext
 from kvik_server.errors import APIError, sse_error
@@ -84,6 +85,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         **template_kwargs,
     )
     ctx.check_length(len(prompt_ids), max_tokens, "messages")
+    params = think_before_grammar(params, plan, prompt_ids, ctx.tokenizer)
     ctx.admit(params.n)
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())

@@ -21,7 +21,14 @@ from fastapi.responses import JSONResponse, Response
 from kvik.outputs import RequestOutput
 from pydantic import ValidationError
 
-from kvik_server.chat_output import ChoiceOutput, OutputPlan, ParserSettings, apply_plan, plan_output
+from kvik_server.chat_output import (
+    ChoiceOutput,
+    OutputPlan,
+    ParserSettings,
+    apply_plan,
+    plan_output,
+    think_before_grammar,
+)
 from kvik_server.context import ServingContext
 from kvik_server.errors import APIError, bad_request, validation_error
 from kvik_server.protocol import ChatCompletionRequest
@@ -67,6 +74,7 @@ async def create_response(ctx: ServingContext, store: ResponseStore, body: Respo
     prompt_ids = await ctx.render_chat([template_message(m) for m in chat.messages], add_generation_prompt=True,
                                        **template_kwargs)  # fmt: skip
     ctx.check_length(len(prompt_ids), max_tokens, "input")
+    params = think_before_grammar(params, plan, prompt_ids, ctx.tokenizer)
     ctx.admit(1)
     response_id = f"resp_{uuid.uuid4().hex}"
     answer = _Answer(ctx, store, body, plan, response_id, len(prompt_ids), conversation)

@@ -126,3 +126,43 @@ def test_no_reasoning_parsing_under_a_grammar() -> None:
     for extra in ({"response_format": {"type": "json_object"}}, {"guided_regex": "[a-z]+"}):
         plan = plan_output(ChatCompletionRequest.model_validate({**ask, **extra}), settings)
         assert plan.reasoning_parser is None and not plan.active
+
+
+class _ThinkVocab:
+    """``<think>`` is token 98 and ``</think>`` 99, as single vocabulary tokens."""
+
+    unk_token_id = 0
+
+    def convert_tokens_to_ids(self, token: str) -> int:
+        return {"<think>": 98, "</think>": 99}.get(token, 0)
+
+
+def test_an_r1_style_model_thinks_before_its_tool_grammar() -> None:
+    """The prompt ends inside <think> (R1's template): the grammar waits for </think>, the thought is
+    reasoning_content and the calls are parsed from what follows."""
+    from kvik_server.chat_output import ParserSettings, apply_plan, plan_output, think_before_grammar
+    from kvik_server.protocol import ChatCompletionRequest
+
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}
+    body = ChatCompletionRequest.model_validate(
+        {"messages": [{"role": "user", "content": "x"}], "tools": [tool], "tool_choice": "required"}
+    )
+    settings = ParserSettings(reasoning_parser="deepseek_r1")
+    plan = plan_output(body, settings)
+    params = apply_plan(body.to_sampling_params(50), plan)
+    assert plan.reasoning_parser is None  # nothing to parse until the prompt says the model will think
+    gated = think_before_grammar(params, plan, [5, 6, 98, 7], _ThinkVocab())
+    assert gated.guided_after_token_id == 99 and gated.guided_json == params.guided_json
+    message, finish = ChoiceOutput(plan).message('I should call f.\n</think>[{"name": "f", "arguments": {}}]', "stop")
+    assert message["reasoning_content"] == "I should call f." and finish == "tool_calls"
+    assert [c["function"]["name"] for c in message["tool_calls"]] == ["f"]
+
+    for prompt in ([5, 6, 7], [98, 1, 99, 7]):  # never opened, or already closed (thinking turned off)
+        plan = plan_output(body, settings)
+        assert think_before_grammar(params, plan, prompt, _ThinkVocab()).guided_after_token_id is None
+        assert plan.reasoning_parser is None
+    plan = plan_output(body, ParserSettings(reasoning_parser="qwen3"))  # qwen3 output opens <think> itself
+    assert think_before_grammar(params, plan, [98], _ThinkVocab()).guided_after_token_id is None
+    plan = plan_output(body, settings)
+    assert think_before_grammar(params, plan, [98], SimpleNamespace(convert_tokens_to_ids=lambda t: 0,
+                                                                    unk_token_id=0)).guided_after_token_id is None  # fmt: skip

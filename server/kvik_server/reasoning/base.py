@@ -24,6 +24,10 @@ class ReasoningSplit:
 class ReasoningParser(ABC):
     name: ClassVar[str]
     end_marker: ClassVar[str]
+    start_marker: ClassVar[str | None] = None
+    # True when output may start inside the reasoning (the prompt opened it): a grammar can then
+    # wait for end_marker (SamplingParams.guided_after_token_id) and the model still thinks first.
+    starts_in_reasoning: ClassVar[bool] = False
 
     @abstractmethod
     def split(self, text: str, final: bool) -> ReasoningSplit:
@@ -39,13 +43,14 @@ class ReasoningParser(ABC):
             return 0
         if not split.ended:
             return len(token_ids)
-        end_id = _single_token_id(tokenizer, self.end_marker)
+        end_id = single_token_id(tokenizer, self.end_marker)
         if end_id is not None and end_id in token_ids:
             return list(token_ids).index(end_id) + 1
         return len(tokenizer.encode(split.reasoning, add_special_tokens=False))
 
 
-def _single_token_id(tokenizer: Any, text: str) -> int | None:
+def single_token_id(tokenizer: Any, text: str) -> int | None:
+    """The id of ``text`` when it is one vocabulary token, else None."""
     try:
         token_id = tokenizer.convert_tokens_to_ids(text)
     except Exception:  # tokenizers without a token→id table

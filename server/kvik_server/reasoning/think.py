@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from typing import ClassVar
-
 from kvik_server.reasoning.base import ReasoningParser, ReasoningSplit
 from kvik_server.tool_parsers.base import held_back
 
@@ -11,10 +9,8 @@ START, END = "<think>", "</think>"
 
 
 class ThinkReasoningParser(ReasoningParser):
+    start_marker = START
     end_marker = END
-    # True when the chat template already opened <think> in the prompt, so the output
-    # starts inside the reasoning and may lack the opening tag.
-    starts_in_reasoning: ClassVar[bool] = False
 
     def split(self, text: str, final: bool) -> ReasoningSplit:
         i = len(text) - len(text.lstrip())
