@@ -49,6 +49,9 @@ class SamplingParams:
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None  # EBNF (GBNF)
     guided_json_object: bool = False  # any JSON object (OpenAI response_format json_object)
+    # The constraint starts once this token has been generated (a reasoning model's end-of-thinking
+    # token, e.g. </think>): sampling is free until then, so the model may think first.
+    guided_after_token_id: int | None = None
     # Filled by the engine at admission (tokenized bad_words); not for users.
     bad_words_token_ids: list[list[int]] | None = None
 
@@ -141,6 +144,11 @@ class SamplingParams:
         choice = self.guided_choice
         if choice is not None and (not choice or any(not isinstance(c, str) or not c for c in choice)):
             raise bad("guided_choice", choice, "a non-empty list of non-empty strings")
+        after = self.guided_after_token_id
+        if after is not None and (not isinstance(after, int) or isinstance(after, bool) or after < 0):
+            raise bad("guided_after_token_id", after, "a token id >= 0 or None")
+        if after is not None and not set_:
+            raise bad("guided_after_token_id", after, "None unless a structured-output constraint is set")
 
     @property
     def guided(self) -> tuple[str, Any] | None:

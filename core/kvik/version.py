@@ -14,4 +14,5 @@ __version__ = "0.1.0"
 #     AttentionBackend / AttentionMetadata generic over the array type, dtype names in
 #     supported_dtypes / validate(), supports_cuda_graphs, AttentionMetadata.max_seq_len_bound;
 #     SamplingBatch / PromptRows in kvik.sample.batch.
-PLUGIN_API_VERSION = "2.0"
+# 2.1: tool-parser and reasoning-parser hooks (served by kvik-server)
+PLUGIN_API_VERSION = "2.1"

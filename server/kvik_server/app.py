@@ -1,7 +1,7 @@
 """``build_app(engine, args)``: the FastAPI app around an AsyncLLM.
 
-Routes: /v1/models, /v1/completions, /v1/chat/completions, /tokenize, /detokenize,
-/health (liveness), /ready (readiness), /version, /metrics (Prometheus).
+Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/responses (+ GET/DELETE by id),
+/tokenize, /detokenize, /health (liveness), /ready (readiness), /version, /metrics (Prometheus).
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from pydantic import ValidationError
 
 import kvik_server
+from kvik_server.chat_output import ParserSettings
 from kvik_server.context import ServerSettings, ServingContext
 from kvik_server.errors import bad_request, install_error_handlers, invalid_json, validation_error
 from kvik_server.json_body import JSONRoute, loads
@@ -34,8 +35,11 @@ from kvik_server.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from kvik_server.protocol_responses import ResponsesRequest
+from kvik_server.response_store import ResponseStore
 from kvik_server.serving_chat import create_chat_completion, template_message
 from kvik_server.serving_completion import create_completion
+from kvik_server.serving_responses import create_response, delete_response, get_response
 
 
 def build_app(engine: Any, args: Any = None) -> FastAPI:
@@ -44,6 +48,7 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     The engine's step loop starts with the app's lifespan and stops when it ends.
     """
     settings = args if isinstance(args, ServerSettings) else ServerSettings.from_args(args)
+    ParserSettings.of(settings).validate()
     ctx = ServingContext(engine, settings)
 
     @asynccontextmanager
@@ -57,6 +62,7 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     app = FastAPI(title="kvik", version=kvik_server.__version__, lifespan=lifespan)
     app.router.route_class = JSONRoute  # every route parses JSON bodies the same way (json_body.py)
     app.state.ctx = ctx
+    app.state.response_store = store = ResponseStore()
     install_error_handlers(app)
 
     def model_card() -> ModelCard:
@@ -79,6 +85,18 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(body: CompletionRequest, raw: Request) -> Response:
         return await create_completion(ctx, body, raw)
+
+    @app.post("/v1/responses")
+    async def responses(body: ResponsesRequest, raw: Request) -> Response:
+        return await create_response(ctx, store, body, raw)
+
+    @app.get("/v1/responses/{response_id}")
+    async def retrieve_response(response_id: str) -> JSONResponse:
+        return get_response(store, response_id)
+
+    @app.delete("/v1/responses/{response_id}")
+    async def remove_response(response_id: str) -> JSONResponse:
+        return delete_response(store, response_id)
 
     @app.post("/tokenize", openapi_extra=tokenize_request_body())
     async def tokenize(raw: Request) -> JSONResponse:

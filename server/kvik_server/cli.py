@@ -91,6 +91,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="render chat templates sent in requests (chat_template); off by default because a "
                         "template is code the server runs")  # fmt: skip
     server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    tools = parser.add_argument_group("tool calling and reasoning (docs/tool_calling.md)")
+    tools.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
+                       help='let requests use tool_choice "auto" (needs --tool-call-parser)')  # fmt: skip
+    tools.add_argument("--tool-call-parser", help="how to read tool calls in free-form output: hermes, qwen, "
+                       "llama3_json, mistral, pythonic, or a plugin's parser")  # fmt: skip
+    tools.add_argument("--reasoning-parser", help="separate thinking into reasoning_content: deepseek_r1, qwen3, "
+                       "or a plugin's parser")  # fmt: skip
     return parser
 
 
@@ -160,6 +167,14 @@ def finalize_args(args: Any, parser: argparse.ArgumentParser | None = None) -> A
         args.model = str(default_model())
         if getattr(args, "served_model_name", None) is None:
             args.served_model_name = Path(args.model).stem  # not a site-packages path in every response
+    from kvik_server.chat_output import ParserSettings
+
+    try:
+        ParserSettings.of(args).validate()  # an unknown parser name fails before the model loads
+    except ValueError as exc:
+        if parser is not None:
+            parser.error(str(exc))
+        raise
     return args
 
 

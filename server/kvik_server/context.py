@@ -38,6 +38,10 @@ class ServerSettings:
     trust_request_chat_template: bool = False  # render chat templates sent in requests (chat_template.py)
     chat_template_timeout: float = 2.0  # seconds one chat-template render may take
     max_template_chars: int | None = None  # rendered-prompt cap; None: ServingContext.max_template_chars
+    # tool calling and reasoning output (docs/tool_calling.md)
+    enable_auto_tool_choice: bool = False
+    tool_call_parser: str | None = None
+    reasoning_parser: str | None = None
 
     @classmethod
     def from_args(cls, args: Any) -> ServerSettings:

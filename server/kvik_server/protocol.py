@@ -2,7 +2,7 @@
 
 Requests forbid unknown fields: a typo such as ``max_token`` is a 400 naming it instead of
 being silently ignored. OpenAI fields kvik does not implement are accepted only with their
-neutral value (``tools: []``, ``logprobs: false``, ``response_format: {"type": "text"}`` ...),
+neutral value (``functions: []``, ``logprobs: false``, ``response_format: {"type": "text"}`` ...),
 which some clients always send; any other value is a 400 naming the field.
 """
 
@@ -172,10 +172,34 @@ def _fold_chat_template(request: Any) -> Any:
     return request
 
 
+class FunctionCall(OpenAIModel):
+    name: str
+    arguments: str  # JSON text, as OpenAI sends it
+
+
+class MessageToolCall(OpenAIModel):
+    """An assistant message's earlier tool call, sent back in the history."""
+
+    id: str
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(OpenAIModel):
-    role: Literal["system", "developer", "user", "assistant"]
+    role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[MessageToolCall] | None = None  # assistant messages
+    tool_call_id: str | None = None  # tool messages: which call this result answers
+    reasoning_content: str | None = None  # accepted in histories, not shown to the template
+
+    @model_validator(mode="after")
+    def _tool_fields(self) -> ChatMessage:
+        if self.role == "tool" and self.tool_call_id is None:
+            raise ValueError("a tool message needs the tool_call_id of the call it answers")
+        if self.tool_calls and self.role != "assistant":
+            raise ValueError("only assistant messages carry tool_calls")
+        return self
 
     def text(self) -> str:
         if self.content is None:
@@ -183,6 +207,27 @@ class ChatMessage(OpenAIModel):
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
+
+
+class FunctionDefinition(OpenAIModel):
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")]
+    description: str | None = None
+    parameters: dict[str, Any] | None = None  # a JSON schema for the arguments object
+    strict: bool | None = None  # kvik's required / named choices are always schema-exact
+
+
+class ToolDefinition(OpenAIModel):
+    type: Literal["function"]
+    function: FunctionDefinition
+
+
+class ToolChoiceFunction(OpenAIModel):
+    name: str
+
+
+class NamedToolChoice(OpenAIModel):
+    type: Literal["function"]
+    function: ToolChoiceFunction
 
 
 class ContentPart(OpenAIModel):
@@ -202,6 +247,10 @@ class ChatCompletionRequest(SamplingFields):
     continue_final_message: bool = False
     chat_template: str | None = None  # refused unless the server runs with --trust-request-chat-template
     chat_template_kwargs: dict[str, Any] | None = None
+    # tool calling (docs/tool_calling.md)
+    tools: list[ToolDefinition] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool = True
     _check_template_kwargs = field_validator("chat_template_kwargs")(_check_template_kwargs)
     _fold_chat_template = model_validator(mode="after")(_fold_chat_template)
 

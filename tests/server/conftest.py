@@ -43,3 +43,22 @@ def start_server(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def server(start_server: Callable[..., ServerProcess]) -> ServerProcess:
     """The shared server most tests talk to (API key required; 16 sequences per batch; 64 KiB bodies)."""
     return start_server("--max-num-seqs", "16", "--served-model-name", "tiny", "--max-request-body-bytes", "64KiB")
+
+
+@pytest.fixture(scope="session")
+def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """`kvik serve` on the bundled SmolLM2 GGUF with tool calling and reasoning parsers on (no API key)."""
+    from kvik.models.default import default_model
+
+    try:
+        model = default_model()
+    except (ImportError, ValueError) as exc:
+        pytest.skip(f"the bundled SmolLM2 GGUF is not installed: {exc}")
+    flags = ["--served-model-name", "smollm2", "--max-num-seqs", "8", "--enable-auto-tool-choice",
+             "--tool-call-parser", "hermes", "--reasoning-parser", "qwen3"]  # fmt: skip
+    server = ServerProcess(Path(model), flags, tmp_path_factory.mktemp("smollm2") / "server.log", api_key=None)
+    try:
+        server.wait_healthy(timeout=180.0)
+        yield server
+    finally:
+        server.stop()

@@ -41,8 +41,7 @@ def test_unknown_and_unsupported_fields(server: ServerProcess) -> None:
     with server.client() as c:
         error = assert_error(c.post("/v1/chat/completions", json={**CHAT, "max_tokenz": 3}), 400, "max_tokenz")
         assert "max_tokenz" in error["message"]
-        for field, value in [("tools", [{"type": "function", "function": {"name": "f"}}]), ("tool_choice", "auto"),
-                             ("functions", [{"name": "f"}]), ("audio", {"voice": "x"}), ("modalities", ["audio"]),
+        for field, value in [("functions", [{"name": "f"}]), ("audio", {"voice": "x"}), ("modalities", ["audio"]),
                              ("reasoning_effort", "high"), ("prediction", {"type": "content", "content": "x"})]:  # fmt: skip
             error = assert_error(c.post("/v1/chat/completions", json={**CHAT, field: value}), 400, field)
             assert "not supported" in error["message"] and error["code"] == "unsupported_parameter"
@@ -51,6 +50,10 @@ def test_unknown_and_unsupported_fields(server: ServerProcess) -> None:
         assert_error(c.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "user", "content": "x",
                                                                                 "bogus": 1}]}), 400)  # fmt: skip
         assert_error(c.post("/v1/chat/completions", json={**CHAT, "messages": [{"role": "tool", "content": "x"}]}), 400)
+        tools = [{"type": "function", "function": {"name": "f"}}]  # "auto" needs --enable-auto-tool-choice
+        error = assert_error(c.post("/v1/chat/completions", json={**CHAT, "tools": tools, "tool_choice": "auto"}), 400,
+                             "tool_choice")  # fmt: skip
+        assert "--enable-auto-tool-choice" in error["message"]
         assert_error(c.post("/v1/chat/completions", json={**CHAT, "messages": []}), 400, "messages")
         assert_error(c.post("/v1/chat/completions", json={"max_tokens": 2}), 400, "messages")
         assert_error(c.post("/v1/completions", json={"prompt": "x", "n": "many"}), 400, "n")

@@ -96,6 +96,29 @@ def kvik_register_structured_output_backends(register: RegisterFn) -> None:
 
 
 @hookspec
+def kvik_register_tool_parsers(register: RegisterFn) -> None:
+    """Register tool-call parsers for the server's ``--tool-call-parser``.
+
+    Call ``register(name, "module:ParserClass")``; the class subclasses
+    :class:`kvik_server.tool_parsers.base.ToolParser` (``extract(text, final)``
+    splitting model output into content and calls, settled prefixes only, so
+    streaming is correct). kvik-server registers ``hermes``, ``llama3_json``,
+    ``mistral`` and ``pythonic``. Not firstresult.
+    """
+
+
+@hookspec
+def kvik_register_reasoning_parsers(register: RegisterFn) -> None:
+    """Register reasoning parsers for the server's ``--reasoning-parser``.
+
+    Call ``register(name, "module:ParserClass")``; the class subclasses
+    :class:`kvik_server.reasoning.base.ReasoningParser` (``split(text, final)``
+    into reasoning and the answer). kvik-server registers ``deepseek_r1`` and
+    ``qwen3``. Not firstresult.
+    """
+
+
+@hookspec
 def kvik_configure(config: EngineConfig) -> list[str] | None:
     """Inspect or adjust the engine options before they are frozen.
 
@@ -115,5 +138,7 @@ ALL_HOOKS: tuple[Any, ...] = (
     kvik_register_models,
     kvik_register_model_formats,
     kvik_register_structured_output_backends,
+    kvik_register_tool_parsers,
+    kvik_register_reasoning_parsers,
     kvik_configure,
 )

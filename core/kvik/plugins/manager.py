@@ -39,6 +39,8 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "model architecture": "kvik_register_models",
     "model format": "kvik_register_model_formats",
     "structured output backend": "kvik_register_structured_output_backends",
+    "tool parser": "kvik_register_tool_parsers",
+    "reasoning parser": "kvik_register_reasoning_parsers",
 }
 _HOOK_NAMES = tuple(h.__name__ for h in hookspecs.ALL_HOOKS)
 

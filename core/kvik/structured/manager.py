@@ -48,7 +48,8 @@ class StructuredStep:
 @dataclass(slots=True)
 class _Tracked:
     matcher: GrammarMatcher
-    num_accepted: int = 0  # output tokens fed to the matcher
+    num_accepted: int = 0  # output tokens seen (fed to the matcher once it started)
+    waiting_for: int | None = None  # SamplingParams.guided_after_token_id until it is generated
 
 
 def normalize_spec(kind: str, spec: Any) -> Any:
@@ -123,7 +124,8 @@ class StructuredOutputManager:
     def add_request(self, request_id: str, params: SamplingParams) -> None:
         compiled = self.compile(params)
         if compiled is not None:
-            self._tracked[request_id] = _Tracked(self.backend.new_matcher(compiled))
+            matcher = self.backend.new_matcher(compiled)
+            self._tracked[request_id] = _Tracked(matcher, waiting_for=params.guided_after_token_id)
 
     def remove(self, request_ids: Iterable[str]) -> None:
         self._wait()
@@ -134,7 +136,9 @@ class StructuredOutputManager:
         """Submit this step's bitmask computation; None when no sampling request is constrained."""
         if not self._tracked:
             return None
-        ids = [s.request_id for s in scheduler_output.scheduled if s.sample and s.request_id in self._tracked]
+        tracked = self._tracked
+        ids = [s.request_id for s in scheduler_output.scheduled
+               if s.sample and s.request_id in tracked and tracked[s.request_id].waiting_for is None]  # fmt: skip
         if not ids:
             return None
         matchers = [self._tracked[i].matcher for i in ids]
@@ -170,6 +174,12 @@ class StructuredOutputManager:
                 continue
             new = request.output_token_ids[tracked.num_accepted :]
             tracked.num_accepted += len(new)
+            if tracked.waiting_for is not None:  # free until the start token; the grammar takes what follows
+                if tracked.waiting_for in new:
+                    new = new[list(new).index(tracked.waiting_for) + 1 :]
+                    tracked.waiting_for = None
+                else:
+                    new = []
             for token in new:
                 if not tracked.matcher.accept_token(token):
                     logger.warning("request %s: token %d breaks its grammar; stopping it", request.request_id, token)
