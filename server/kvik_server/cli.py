@@ -81,7 +81,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="seconds in-flight requests get to finish after SIGTERM (default 30)")  # fmt: skip
     server.add_argument("--ready-stall-seconds", type=float, default=60.0,
                         help="/ready fails when work is queued and no engine step ran for this long")  # fmt: skip
-    server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    server.add_argument("--log-level", default=None, type=str.lower,
+                        choices=["critical", "error", "warning", "info", "debug"],
+                        help="default: $KVIK_LOG_LEVEL, else info")  # fmt: skip
     return parser
 
 
@@ -166,21 +168,23 @@ def run_server(args: Any) -> int:
     """Load the model, serve until SIGTERM/SIGINT, drain gracefully; returns the exit code."""
     import uvicorn
     from kvik.engine.async_llm import AsyncLLM
+    from kvik.entrypoints.cli import configure_logging, resolve_log_level
 
     from kvik_server.app import build_app
     from kvik_server.shutdown import GracefulServer
 
     args = apply_config_file(args)
     args = finalize_args(args)
-    level = str(getattr(args, "log_level", "info")).upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(resolve_log_level(args, "info"))
     engine = AsyncLLM.from_engine_args(**engine_kwargs(args))
     app = build_app(engine, args)
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
-        log_level=str(getattr(args, "log_level", "info")).lower(),
+        # No uvicorn log config: its loggers propagate to the root logger, so its lines share kvik's format.
+        log_config=None,
+        log_level=args.log_level,
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
@@ -191,7 +195,16 @@ def run_server(args: Any) -> int:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_server(parse_serve_args(argv))
+    from kvik.entrypoints.cli import cli_spelling
+
+    parser = add_serve_arguments(argparse.ArgumentParser(prog="kvik-server"))
+    args = parse_serve_args(argv, parser)
+    try:
+        return run_server(args)
+    except (ValueError, TypeError) as exc:  # a user error: one line naming the flag, no traceback
+        logger.debug("error", exc_info=True)
+        print(f"kvik-server: error: {cli_spelling(str(exc), parser)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -60,7 +60,13 @@ class APIError(Exception):
         return error_body(self.message, self.type, self.param, self.code)
 
     def response(self) -> JSONResponse:
+        self.log()
         return JSONResponse(self.body(), status_code=self.status_code, headers=self.headers)
+
+    def log(self) -> None:
+        """Every client error is logged once, at info, with its reason (uvicorn's access line has the path)."""
+        if 400 <= self.status_code < 500:
+            logger.info("answered %d (%s): %s", self.status_code, self.code or self.type, self.message)
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -73,6 +79,7 @@ def error_response(status_code: int, message: str, **kwargs: Any) -> JSONRespons
 
 def sse_error(error: APIError) -> str:
     """An error event for a stream whose 200 status line is already sent."""
+    error.log()
     return f"data: {json.dumps(error.body())}\n\n"
 
 

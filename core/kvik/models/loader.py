@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING, Any
@@ -22,6 +23,8 @@ if TYPE_CHECKING:
     from kvik.platforms.interface import Platform
 
 _DTYPES = ("float32", "float16", "bfloat16")
+# "org/name" with Hub-legal characters and no leading ./ or /: what a Hub model id looks like.
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def resolve_format(path: str, manager: PluginManager | None = None) -> ModelFormat:
@@ -32,7 +35,17 @@ def resolve_format(path: str, manager: PluginManager | None = None) -> ModelForm
         cls = entry.load()
         if cls.matches(path):
             return cls(path)  # type: ignore[no-any-return]
+    for name, claimants in registry.conflicts.items():
+        if any(e.load().matches(path) for e in claimants):
+            registry.entry(name)  # raises PluginError naming both distributions
     names = ", ".join(registry.names()) or "none"
+    if not os.path.exists(path) and _HUB_ID.match(path):
+        raise ValueError(
+            f"model path {path!r} does not exist; it looks like a Hugging Face Hub id, and kvik does not "
+            "download models yet. Download it first, then pass the directory: "
+            f"`hf download {path} --local-dir ./{path.split('/')[-1]}` (pip install huggingface_hub), "
+            f"then --model ./{path.split('/')[-1]}"
+        )
     if not os.path.exists(path):
         raise ValueError(
             f"model path {path!r} does not exist. kvik loads local checkpoints: a Hugging Face directory "
@@ -74,7 +87,9 @@ def build_model_config(
     hf = fmt.load_hf_config()
     archs = list(getattr(hf, "architectures", None) or [])
     registry = manager.models
-    arch = next((a for a in archs if a in registry), None)
+    arch = next((a for a in archs if a in registry or a in registry.conflicts), None)
+    if arch is not None and arch in registry.conflicts:
+        registry.entry(arch)  # raises PluginError naming both distributions, as docs/plugins.md says
     if arch is None:
         raise ValueError(
             f"model architecture {', '.join(archs) or '(none given in config.json)'} is not supported; "
