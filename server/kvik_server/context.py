@@ -14,8 +14,9 @@ from typing import Any, TypeVar
 import anyio
 from kvik.outputs import RequestOutput
 from kvik.sampling_params import SamplingParams
+from kvik.structured.backend import FeatureNotEnabledError
 
-from kvik_server.errors import APIError, bad_request
+from kvik_server.errors import APIError, bad_request, not_enabled
 from kvik_server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -283,6 +284,8 @@ class EngineStream:
                         ctx.engine_pending.pop(request_id, None)
                         ctx.metrics.observe_finished(output, arrival, first_token, time.time())
                     yield output
+            except FeatureNotEnabledError as exc:
+                raise not_enabled(exc) from None
             except ValueError as exc:
                 raise bad_request(str(exc), param=_param_named_in(str(exc)), code="invalid_value") from None
             except RuntimeError as exc:

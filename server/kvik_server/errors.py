@@ -30,6 +30,7 @@ _TYPES = {
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
+    501: "not_implemented_error",
     500: "server_error",
     503: "server_error",
 }
@@ -81,6 +82,12 @@ def sse_error(error: APIError) -> str:
     """An error event for a stream whose 200 status line is already sent."""
     error.log()
     return f"data: {json.dumps(error.body())}\n\n"
+
+
+def not_enabled(exc: Any) -> APIError:
+    """501 for a feature this server's installation lacks; the install hint goes to the operator's log."""
+    logger.warning("a request needed a feature that is not installed: %s", exc.operator_hint)
+    return APIError(501, exc.client_message[:1].upper() + exc.client_message[1:] + ".", code="feature_not_enabled")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

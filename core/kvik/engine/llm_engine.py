@@ -20,6 +20,7 @@ from typing import Any
 from kvik.config import EngineConfig, ModelConfig
 from kvik.engine.memory_planner import MemoryPlan, plan_memory
 from kvik.engine.output_processor import OutputProcessor, RequestState, SampleState
+from kvik.engine.progress import LoadProgress, format_bytes, format_tokens, step
 from kvik.outputs import RequestMetrics, RequestOutput
 from kvik.platforms.selector import resolve_platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
@@ -70,6 +71,7 @@ class LLMEngine:
         from kvik.models.loader import build_model_config, resolve_format
         from kvik.scheduling.scheduler import Scheduler
 
+        progress = LoadProgress.begin()  # reports the steps below; ended by progress.finish()
         self.config = config
         self.manager = manager or get_plugin_manager()
         if config.model is None:
@@ -82,14 +84,18 @@ class LLMEngine:
         for notes in self.manager.hook.kvik_configure(config=config):
             for note in notes or []:
                 logger.info("plugin configuration: %s", note)
-        self.format = resolve_format(config.model, self.manager)
-        self.model_config: ModelConfig = build_model_config(config, self.format, self.manager, self.platform)
-        self.tokenizer: Any = self._load_tokenizer()
+        with step("reading the model's config and tokenizer"):
+            self.format = resolve_format(config.model, self.manager)
+            self.model_config: ModelConfig = build_model_config(config, self.format, self.manager, self.platform)
+            self.tokenizer: Any = self._load_tokenizer()
         self.runner = self.platform.create_model_runner(config, self.model_config)
-        self.runner.load_model()
-        self.memory_plan = self._plan_memory()
+        with step("loading the model"):
+            self.runner.load_model()
+        with step("profiling memory"):
+            self.memory_plan = self._plan_memory()
         self.model_config.max_model_len = self.memory_plan.max_model_len
-        self.runner.initialize_kv_cache(self.memory_plan.num_blocks)
+        with step("allocating the KV cache"):
+            self.runner.initialize_kv_cache(self.memory_plan.num_blocks)
         assert config.block_size and config.max_num_batched_tokens and config.max_num_seqs
         if not config.enable_chunked_prefill and config.max_num_batched_tokens < self.model_config.max_model_len:
             config.max_num_batched_tokens = self.model_config.max_model_len
@@ -115,6 +121,10 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self._num_steps = 0
         self._last_step_time = time.monotonic()
+        progress.finish(
+            f"model {format_bytes(self.runner.weight_bytes())}, KV cache {format_bytes(self.memory_plan.kv_bytes)} "
+            f"for {format_tokens(self.memory_plan.kv_tokens)} tokens (max_model_len {self.model_config.max_model_len})"
+        )
         logger.info(
             "engine ready: model %s (%s, %s) on %s",
             config.model,
@@ -169,6 +179,11 @@ class LLMEngine:
             token_ids = [int(t) for t in prompt]
         if not token_ids:
             raise ValueError("the prompt is empty; give at least one token")
+        keep = params.truncate_prompt_tokens
+        if keep is not None:  # vLLM's left truncation: the end of the prompt is what the model continues
+            keep = self.model_config.max_model_len - 1 if keep == -1 else keep
+            if len(token_ids) > keep:
+                token_ids, text = token_ids[-keep:], None
         vocab = self.model_config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:

@@ -26,6 +26,7 @@ from torch import nn
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.attention.selector import select_attention_backend
 from kvik.config import EngineConfig, ModelConfig
+from kvik.engine import progress
 from kvik.models.formats import ModelFormat
 from kvik.models.interface import ModelBuildContext
 from kvik.models.loader import dequantize_model, load_model, resolve_format
@@ -121,9 +122,11 @@ class TorchModelRunner(ModelRunner):
             return layer
 
         ctx = ModelBuildContext(mc, self.dtype, self.device, make_attention, method)
-        model = load_model(mc, ctx, fmt, quantized=method is not None, manager=self.manager)
+        with progress.step(f"reading weights ({progress.format_bytes(fmt.weight_bytes())})"):
+            model = load_model(mc, ctx, fmt, quantized=method is not None, manager=self.manager)
         if method is not None and mode == "dequantize":
-            n = dequantize_model(model, self.dtype)
+            with progress.step(f"dequantizing {mc.quantization} weights to {mc.dtype}"):
+                n = dequantize_model(model, self.dtype)
             logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)
         self.model = model
         logger.info(

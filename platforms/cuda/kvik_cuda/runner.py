@@ -17,6 +17,7 @@ import time
 import torch
 from kvik.attention.backend import AttentionMetadata
 from kvik.config import EngineConfig, ModelConfig
+from kvik.engine import progress
 from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager
 from kvik.sampling_params import SamplingParams
@@ -106,7 +107,8 @@ class CUDAModelRunner(TorchModelRunner):
         self.graphs = {}
         super().initialize_kv_cache(num_blocks)
         if self.graphs_enabled:
-            self.capture_graphs()
+            with progress.step(f"capturing CUDA graphs ({len(self.sizes)} batch sizes)"):
+                self.capture_graphs()
 
     # -- inputs ------------------------------------------------------------------------------
     def _prepare(self, scheduled: list[ScheduledRequest]) -> tuple[torch.Tensor, torch.Tensor, AttentionMetadata]:
