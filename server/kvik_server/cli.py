@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 logger = logging.getLogger("kvik_server")
 
@@ -194,13 +195,29 @@ def run_server(args: Any) -> int:
     return 0
 
 
+def exit_process(code: int) -> NoReturn:
+    """End a stopped server's process at once.
+
+    Everything that matters is done (requests drained, engine stopped, logs flushed below).
+    A normal interpreter exit would now tear down every module's objects one by one (the
+    tokenizer's vocabulary, torch, the GGUF reader...), which took seconds to tens of
+    seconds under load and memory pressure with nothing left to do: SIGTERM must mean exit.
+    """
+    logger.info("server stopped; exiting")
+    logging.shutdown()  # flushes every handler
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe cannot stop the exit
+            stream.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     from kvik.entrypoints.cli import cli_spelling
 
     parser = add_serve_arguments(argparse.ArgumentParser(prog="kvik-server"))
     args = parse_serve_args(argv, parser)
     try:
-        return run_server(args)
+        exit_process(run_server(args))
     except (ValueError, TypeError) as exc:  # a user error: one line naming the flag, no traceback
         logger.debug("error", exc_info=True)
         print(f"kvik-server: error: {cli_spelling(str(exc), parser)}", file=sys.stderr)

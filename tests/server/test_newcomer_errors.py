@@ -75,3 +75,27 @@ def test_models_list_does_not_show_filesystem_paths(app, tiny_model):
     reply = app.run(app.client.get("/v1/models"))
     card = reply.json()["data"][0]
     assert card["root"] == tiny_model.name and "/" not in card["root"]
+
+
+def test_sigterm_exits_right_after_the_server_stops_and_logs_share_one_format(start_server):
+    import datetime
+    import re
+    import signal
+    import time
+
+    server = start_server("--log-level", "info", api_key=None)
+    assert server.client().post("/v1/completions", json={"prompt": "hi", "max_tokens": 2}).status_code == 200
+    server.proc.send_signal(signal.SIGTERM)
+    while server.proc.poll() is None:
+        time.sleep(0.01)
+    exited = time.time()
+    assert server.proc.returncode == 0
+    log = server.log_path.read_text()
+    last = [line for line in log.splitlines() if "server stopped; exiting" in line]
+    assert len(last) == 1, log[-2000:]
+    stamp = datetime.datetime.strptime(last[0][:23], "%Y-%m-%d %H:%M:%S,%f").timestamp()
+    # No interpreter teardown after the last line (it took seconds with the real model).
+    assert exited - stamp < 1.0, f"the process lived {exited - stamp:.2f} s after its last log line"
+    line_format = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} (INFO|WARNING|ERROR|DEBUG) [\w.]+: ")
+    uvicorn_lines = [line for line in log.splitlines() if "uvicorn" in line]
+    assert uvicorn_lines and all(line_format.match(line) for line in uvicorn_lines), uvicorn_lines[:3]

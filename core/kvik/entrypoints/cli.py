@@ -180,9 +180,9 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from kvik_server.cli import run_server
+    from kvik_server.cli import exit_process, run_server
 
-    return int(run_server(args) or 0)
+    exit_process(int(run_server(args) or 0))  # a stopped server exits at once (see exit_process)
 
 
 def build_parser() -> argparse.ArgumentParser:
