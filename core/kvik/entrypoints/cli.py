@@ -183,6 +183,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from kvik_server.cli import exit_process, run_server
 
     exit_process(int(run_server(args) or 0))  # a stopped server exits at once (see exit_process)
+    return 0  # not reached
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -210,21 +210,26 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
 
 
 def apply_request_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
-    """vLLM's per-request ``SamplingParams.logits_processors``: each callable gets the row's
-    output token ids (and, if it takes three arguments, the prompt's first) and the row's
-    logits [vocab], and returns the new row. Python per row per step: slow by design."""
+    """vLLM's per-request ``SamplingParams.logits_processors`` (see :func:`call_request_processors`)."""
     for i, params in enumerate(batch.params):
-        if not params.logits_processors:
-            continue
-        output = list(batch.output_token_ids[i]) if batch.output_token_ids else []
-        prompt = list(batch.prompt_token_ids[i]) if batch.prompt_token_ids else []
-        row = logits[i]
-        for fn in params.logits_processors:
-            row = fn(prompt, output, row) if _num_positional(fn) >= 3 else fn(output, row)
-            if not isinstance(row, torch.Tensor) or row.shape != logits[i].shape:
-                raise ValueError(f"logits processor {fn!r} must return a tensor of shape {tuple(logits[i].shape)}")
-        logits[i] = row
+        if params.logits_processors:
+            output = list(batch.output_token_ids[i]) if batch.output_token_ids else []
+            prompt = list(batch.prompt_token_ids[i]) if batch.prompt_token_ids else []
+            logits[i] = call_request_processors(params.logits_processors, prompt, output, logits[i])
     return logits
+
+
+def call_request_processors(
+    processors: Sequence[Callable[..., torch.Tensor]], prompt: list[int], output: list[int], row: torch.Tensor
+) -> torch.Tensor:
+    """Each callable gets the row's output token ids (and, if it takes three arguments, the prompt's
+    first) and the row's logits [vocab], and returns the new row. Python per row per step: slow by design."""
+    shape = tuple(row.shape)
+    for fn in processors:
+        row = fn(prompt, output, row) if _num_positional(fn) >= 3 else fn(output, row)
+        if not isinstance(row, torch.Tensor) or tuple(row.shape) != shape:
+            raise ValueError(f"logits processor {fn!r} must return a tensor of shape {shape}")
+    return row
 
 
 def _num_positional(fn: Callable[..., object]) -> int:
