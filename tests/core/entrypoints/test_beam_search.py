@@ -6,6 +6,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kvik import LLM, BeamSearchParams
 from kvik.entrypoints.beam_search import beam_score, beam_search
 from kvik.outputs import CompletionOutput, Logprob, RequestOutput
@@ -88,3 +90,32 @@ def test_bad_beam_search_params_are_clear_errors():
         BeamSearchParams(beam_width=0, max_tokens=4)
     with pytest.raises(ValueError, match="temperature"):
         BeamSearchParams(beam_width=2, max_tokens=4, temperature=0.7)
+
+
+# A random "model": next-token distributions over 6 tokens (token 0 is EOS), keyed by the last token.
+rows = st.lists(st.floats(0.01, 1.0), min_size=6, max_size=6).map(lambda w: {t: x / sum(w) for t, x in enumerate(w)})
+tables = st.lists(rows, min_size=6, max_size=6).map(lambda r: dict(enumerate(r)))
+
+
+@settings(max_examples=60, deadline=None)
+@given(table=tables, width=st.integers(1, 4), steps=st.integers(1, 5), ignore_eos=st.booleans(),
+       penalty=st.sampled_from([0.0, 1.0, 2.0]))  # fmt: skip
+def test_beam_search_invariants(table, width, steps, ignore_eos, penalty):
+    params = BeamSearchParams(beam_width=width, max_tokens=steps, ignore_eos=ignore_eos, length_penalty=penalty)
+    eos = frozenset({0})
+    out = beam_search(_fake_generate(table), [[3]], params, eos, 64)[0].sequences
+    assert 1 <= len(out) <= width
+    scores = [beam_score(s.tokens, s.cum_logprob, frozenset() if ignore_eos else eos, penalty) for s in out]
+    assert scores == sorted(scores, reverse=True)
+    for seq in out:
+        assert seq.tokens[0] == 3 and 2 <= len(seq.tokens) <= steps + 1
+        logprob = sum(math.log(table[a][b]) for a, b in zip(seq.tokens, seq.tokens[1:], strict=False))
+        assert seq.cum_logprob == pytest.approx(logprob)
+        ended = not ignore_eos and seq.tokens[-1] == 0
+        assert (seq.finish_reason == "stop") == ended and (ended or len(seq.tokens) == steps + 1)
+        assert ignore_eos or 0 not in seq.tokens[1:-1]  # EOS only ever ends a beam
+    if width == 1 and ignore_eos:  # one beam with no finished list is greedy decoding
+        greedy = [3]
+        for _ in range(steps):
+            greedy.append(max(table[greedy[-1]], key=table[greedy[-1]].get))
+        assert out[0].tokens == greedy
