@@ -1,10 +1,12 @@
 #!/usr/bin/env bash
 # Install every kvik distribution from this checkout in editable mode, plus dev tools.
-# torch goes first and pinned, so pip takes the CPU build and never a multi-GB CUDA one.
+# torch goes first and pinned. On Linux, PyPI's torch is the CUDA build (several GB of nvidia-* wheels):
+# a CPU-only machine should set KVIK_TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu (PyTorch's CPU
+# wheel index); a GPU machine leaves it unset and gets the plain `pip install torch==2.13.0`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PIP="python3 -m pip"
-python3 -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0"
+python3 -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0" ${KVIK_TORCH_INDEX_URL:+--index-url "$KVIK_TORCH_INDEX_URL"}
 # compat mode: a plain path entry, so new subpackages are found without reinstalling.
 $PIP install -q --config-settings editable_mode=compat \
     -e core -e platforms/cpu -e platforms/cuda -e platforms/rocm -e platforms/apple \

@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from kvik.inputs import TextPrompt, TokensPrompt
 from kvik.outputs import CompletionOutput, RequestOutput
-from kvik.sampling_params import SamplingParams
+from kvik.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 from kvik.version import PLUGIN_API_VERSION, __version__
 
 if TYPE_CHECKING:
@@ -37,10 +38,14 @@ __all__ = [
     "LLM",
     "PLUGIN_API_VERSION",
     "AsyncLLM",
+    "BeamSearchParams",
     "CompletionOutput",
     "EngineConfig",
     "LLMEngine",
     "RequestOutput",
     "SamplingParams",
+    "StructuredOutputsParams",
+    "TextPrompt",
+    "TokensPrompt",
     "__version__",
 ]

@@ -127,7 +127,12 @@ class EngineConfig:
 
     @classmethod
     def from_kwargs(cls, **kwargs: Any) -> EngineConfig:
-        """Build from keyword arguments; unknown names are an error listing the known ones."""
+        """Build from keyword arguments; unknown names are an error listing the known ones.
+
+        vLLM options kvik lacks are accepted at their "off" value (``kvik.vllm_options``)."""
+        from kvik.vllm_options import strip_off_options
+
+        kwargs = strip_off_options(kwargs)
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(kwargs) - known)
         if unknown:

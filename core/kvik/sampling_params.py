@@ -2,8 +2,76 @@
 
 from __future__ import annotations
 
+import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+
+@dataclass(slots=True)
+class StructuredOutputsParams:
+    """A structured-output constraint, spelled as vLLM >= 0.10 spells it; set exactly one of
+    ``json`` (a JSON schema), ``regex``, ``choice``, ``grammar`` (EBNF/GBNF) or ``json_object``."""
+
+    json: dict[str, Any] | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+    # vLLM's backend tuning knobs: accepted at their "off" values, refused otherwise (not implemented yet).
+    disable_fallback: bool = False
+    disable_any_whitespace: bool = False
+    disable_additional_properties: bool = False
+    whitespace_pattern: str | None = None
+    structural_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("disable_fallback", "disable_any_whitespace", "disable_additional_properties",
+                     "whitespace_pattern", "structural_tag"):  # fmt: skip
+            if getattr(self, name) not in (None, False):
+                raise ValueError(f"StructuredOutputsParams.{name} is not supported yet; leave it unset")
+        given = [k for k in _CONSTRAINTS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ValueError(
+                "StructuredOutputsParams needs exactly one of json, regex, choice, grammar, json_object; "
+                f"got {', '.join(given) or 'none'}"
+            )
+
+    def as_guided(self) -> dict[str, Any]:
+        """The same constraint as SamplingParams' internal ``guided_*`` fields."""
+        return {f"guided_{k}": getattr(self, k) for k in _CONSTRAINTS if getattr(self, k) not in (None, False)}
+
+
+_CONSTRAINTS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass(slots=True)
+class BeamSearchParams:
+    """Options of :meth:`kvik.LLM.beam_search` (vLLM's names and defaults).
+
+    Each step keeps the ``beam_width`` partial sequences with the highest
+    cumulative log-probability; finished ones (ending in EOS) are ranked by
+    ``cumulative_logprob / len(tokens) ** length_penalty``.
+    """
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    temperature: float = 0.0
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.beam_width, int) or self.beam_width < 1:
+            raise ValueError(f"BeamSearchParams.beam_width must be an integer >= 1, got {self.beam_width!r}")
+        if not isinstance(self.max_tokens, int) or self.max_tokens < 1:
+            raise ValueError(f"BeamSearchParams.max_tokens must be an integer >= 1, got {self.max_tokens!r}")
+        if self.temperature != 0.0:
+            raise ValueError(
+                f"BeamSearchParams.temperature must be 0 (kvik's beam search is deterministic), got {self.temperature!r}"
+            )
+        if not _is_number(self.length_penalty):
+            raise ValueError(f"BeamSearchParams.length_penalty must be a number, got {self.length_penalty!r}")
 
 
 @dataclass(slots=True)
@@ -43,7 +111,16 @@ class SamplingParams:
     output_kind: str = "cumulative"
     # vLLM V1 removed best_of; only best_of == n (a no-op) is accepted.
     best_of: int | None = None
-    # Structured output (vLLM's guided_* names): at most one may be set.
+    # Keep only the last k prompt tokens (-1: as many as fit in max_model_len); vLLM's left truncation.
+    truncate_prompt_tokens: int | None = None
+    # vLLM's per-request logits processors: fn(output_ids, logits) or fn(prompt_ids, output_ids, logits)
+    # returning the logits row [vocab]. Called in Python once per row per step: slow, for experiments.
+    logits_processors: list[Callable[..., Any]] | None = None
+    # Free-form data for plugins and custom processors; kvik only carries it.
+    extra_args: dict[str, Any] | None = None
+    # Structured output as vLLM >= 0.10 spells it; the guided_* fields below are its deprecated aliases.
+    structured_outputs: StructuredOutputsParams | None = None
+    # Structured output (vLLM's older guided_* names): at most one may be set.
     guided_json: dict[str, Any] | str | None = None  # a JSON schema
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
@@ -65,7 +142,30 @@ class SamplingParams:
         self.stop_token_ids = list(self.stop_token_ids or [])
         if self.top_k == -1:
             self.top_k = 0
+        self._merge_structured_outputs()
         self._validate()
+
+    def _merge_structured_outputs(self) -> None:
+        """Keep ``structured_outputs`` and the ``guided_*`` aliases in step (one constraint, two spellings)."""
+        guided = {name: getattr(self, name) for name in GUIDED_FIELDS if getattr(self, name) not in (None, False)}
+        so = self.structured_outputs
+        if isinstance(so, dict):
+            so = self.structured_outputs = StructuredOutputsParams(**so)
+        if so is not None:
+            if not isinstance(so, StructuredOutputsParams):
+                raise ValueError(f"SamplingParams.structured_outputs must be a StructuredOutputsParams, got {so!r}")
+            if guided and guided != so.as_guided():
+                raise ValueError("set structured_outputs or the deprecated guided_* fields, not both")
+            for name, value in so.as_guided().items():
+                setattr(self, name, value)
+        elif len(guided) == 1:
+            warnings.warn(
+                f"SamplingParams.{next(iter(guided))} is deprecated (as in vLLM >= 0.10); use "
+                "structured_outputs=StructuredOutputsParams(...)",
+                DeprecationWarning,
+                stacklevel=4,
+            )
+            self.structured_outputs = StructuredOutputsParams(**{k.removeprefix("guided_"): v for k, v in guided.items()})
 
     def _validate(self) -> None:
         def bad(name: str, value: Any, expected: str) -> ValueError:
@@ -117,6 +217,15 @@ class SamplingParams:
             raise bad("best_of", self.best_of, f"None or equal to n ({self.n}): best_of > n is not supported "
                       "(vLLM V1 dropped it too); ask for n samples and rank them by cumulative_logprob")  # fmt: skip
         self._validate_guided(bad)
+        tpt = self.truncate_prompt_tokens
+        if tpt is not None and (not isinstance(tpt, int) or isinstance(tpt, bool) or (tpt < 1 and tpt != -1)):
+            raise bad("truncate_prompt_tokens", tpt, "an integer >= 1, -1 (keep what fits) or None")
+        if self.logits_processors is not None and (
+            not isinstance(self.logits_processors, (list, tuple)) or not all(callable(f) for f in self.logits_processors)
+        ):
+            raise bad("logits_processors", self.logits_processors, "a list of callables")
+        if self.extra_args is not None and not isinstance(self.extra_args, dict):
+            raise bad("extra_args", self.extra_args, "a dict or None")
 
     def _validate_logit_bias(self, bad: Any) -> None:
         # JSON objects have string keys: coerce "50256" -> 50256 as vLLM does; clamp biases to [-100, 100].
@@ -170,6 +279,7 @@ class SamplingParams:
             or self.repetition_penalty != 1.0
             or bool(self.bad_words or self.bad_words_token_ids)
             or self.guided is not None
+            or bool(self.logits_processors)
         )
 
     @property

@@ -7,6 +7,7 @@ Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/responses (+ GET/
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -66,7 +67,7 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     install_error_handlers(app)
 
     def model_card() -> ModelCard:
-        return ModelCard(id=ctx.model_name, root=str(engine.model_name), max_model_len=ctx.max_model_len)
+        return ModelCard(id=ctx.model_name, root=_public_root(engine.model_name), max_model_len=ctx.max_model_len)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
@@ -208,3 +209,8 @@ async def _json_object(raw: Request) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise bad_request("The request body must be a JSON object.")
     return data
+
+
+def _public_root(model: object) -> str:
+    """The model's file or directory name: ``root`` must not tell clients the server's filesystem layout."""
+    return os.path.basename(str(model).rstrip("/\\")) or str(model)

@@ -7,13 +7,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 logger = logging.getLogger("kvik_server")
 
@@ -90,7 +91,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     server.add_argument("--trust-request-chat-template", action="store_true", default=None,
                         help="render chat templates sent in requests (chat_template); off by default because a "
                         "template is code the server runs")  # fmt: skip
-    server.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    server.add_argument("--log-level", default=None, type=str.lower,
+                        choices=["critical", "error", "warning", "info", "debug"],
+                        help="default: $KVIK_LOG_LEVEL, else info")  # fmt: skip
     tools = parser.add_argument_group("tool calling and reasoning (docs/tool_calling.md)")
     tools.add_argument("--enable-auto-tool-choice", action="store_true", default=None,
                        help='let requests use tool_choice "auto" (needs --tool-call-parser)')  # fmt: skip
@@ -190,21 +193,23 @@ def run_server(args: Any) -> int:
     """Load the model, serve until SIGTERM/SIGINT, drain gracefully; returns the exit code."""
     import uvicorn
     from kvik.engine.async_llm import AsyncLLM
+    from kvik.entrypoints.cli import configure_logging, resolve_log_level
 
     from kvik_server.app import build_app
     from kvik_server.shutdown import GracefulServer
 
     args = apply_config_file(args)
     args = finalize_args(args)
-    level = str(getattr(args, "log_level", "info")).upper()
-    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(resolve_log_level(args, "info"))
     engine = AsyncLLM.from_engine_args(**engine_kwargs(args))
     app = build_app(engine, args)
     config = uvicorn.Config(
         app,
         host=args.host,
         port=args.port,
-        log_level=str(getattr(args, "log_level", "info")).lower(),
+        # No uvicorn log config: its loggers propagate to the root logger, so its lines share kvik's format.
+        log_config=None,
+        log_level=args.log_level,
         timeout_graceful_shutdown=5,
         lifespan="on",
     )
@@ -214,8 +219,33 @@ def run_server(args: Any) -> int:
     return 0
 
 
+def exit_process(code: int) -> NoReturn:
+    """End a stopped server's process at once.
+
+    Everything that matters is done (requests drained, engine stopped, logs flushed below).
+    A normal interpreter exit would now tear down every module's objects one by one (the
+    tokenizer's vocabulary, torch, the GGUF reader...), which took seconds to tens of
+    seconds under load and memory pressure with nothing left to do: SIGTERM must mean exit.
+    """
+    logger.info("server stopped; exiting")
+    logging.shutdown()  # flushes every handler
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(OSError, ValueError):  # a closed pipe cannot stop the exit
+            stream.flush()
+    os._exit(code)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    return run_server(parse_serve_args(argv))
+    from kvik.entrypoints.cli import cli_spelling
+
+    parser = add_serve_arguments(argparse.ArgumentParser(prog="kvik-server"))
+    args = parse_serve_args(argv, parser)
+    try:
+        exit_process(run_server(args))
+    except (ValueError, TypeError) as exc:  # a user error: one line naming the flag, no traceback
+        logger.debug("error", exc_info=True)
+        print(f"kvik-server: error: {cli_spelling(str(exc), parser)}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

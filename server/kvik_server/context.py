@@ -14,10 +14,11 @@ from typing import Any, TypeVar
 import anyio
 from kvik.outputs import RequestOutput
 from kvik.sampling_params import SamplingParams
+from kvik.structured.backend import FeatureNotEnabledError
 
 from kvik_server.admission import AdmissionLedger, KVCapacity
 from kvik_server.chat_template import RenderTimeout, RenderWatchdog, request_template
-from kvik_server.errors import APIError, bad_request
+from kvik_server.errors import APIError, bad_request, not_enabled
 from kvik_server.json_body import check_text
 from kvik_server.metrics import ServerMetrics
 
@@ -341,6 +342,8 @@ class EngineStream:
                         ctx._finished(request_id)
                         ctx.metrics.observe_finished(output, arrival, first_token, time.time())
                     yield output
+            except FeatureNotEnabledError as exc:
+                raise not_enabled(exc) from None
             except ValueError as exc:
                 raise bad_request(str(exc), param=_param_named_in(str(exc)), code="invalid_value") from None
             except RuntimeError as exc:

@@ -30,6 +30,7 @@ _TYPES = {
     413: "invalid_request_error",
     415: "invalid_request_error",
     429: "rate_limit_error",
+    501: "not_implemented_error",
     500: "server_error",
     503: "server_error",
 }
@@ -59,7 +60,13 @@ class APIError(Exception):
     def body(self) -> dict[str, Any]:
         return error_body(self.message, self.type, self.param, self.code)
 
+    def log(self) -> None:
+        """Every client error is logged once, at info, with its reason (uvicorn's access line has the path)."""
+        if 400 <= self.status_code < 500:
+            logger.info("answered %d (%s): %s", self.status_code, self.code or self.type, self.message)
+
     def response(self) -> JSONResponse:
+        self.log()
         return ErrorResponse(self.body(), status_code=self.status_code, headers=self.headers)
 
 
@@ -69,6 +76,7 @@ class ErrorResponse(JSONResponse):
 
     def render(self, content: Any) -> bytes:
         return json.dumps(content, separators=(",", ":")).encode("ascii")
+
 
 
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
@@ -81,7 +89,14 @@ def error_response(status_code: int, message: str, **kwargs: Any) -> JSONRespons
 
 def sse_error(error: APIError) -> str:
     """An error event for a stream whose 200 status line is already sent."""
+    error.log()
     return f"data: {json.dumps(error.body())}\n\n"
+
+
+def not_enabled(exc: Any) -> APIError:
+    """501 for a feature this server's installation lacks; the install hint goes to the operator's log."""
+    logger.warning("a request needed a feature that is not installed: %s", exc.operator_hint)
+    return APIError(501, exc.client_message[:1].upper() + exc.client_message[1:] + ".", code="feature_not_enabled")
 
 
 def bad_request(message: str, param: str | None = None, code: str | None = None) -> APIError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import time
 from typing import Annotated, Any, Literal
 
-from kvik.sampling_params import SamplingParams
+from kvik.sampling_params import SamplingParams, StructuredOutputsParams
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr, field_validator, model_validator
 
 from kvik_server.chat_template import REQUEST_TEMPLATE_KEY, check_template_kwargs
@@ -111,6 +111,8 @@ class SamplingFields(OpenAIModel):
     guided_regex: str | None = None
     guided_choice: list[str] | None = None
     guided_grammar: str | None = None
+    # vLLM >= 0.10's spelling: {"json" | "regex" | "choice" | "grammar" | "json_object": ...}
+    structured_outputs: dict[str, Any] | None = None
 
     def to_sampling_params(self, max_tokens: int | None, logprobs: int | None = None) -> SamplingParams:
         """Build SamplingParams; ``ValueError`` (naming the field) on a bad value."""
@@ -131,17 +133,12 @@ class SamplingFields(OpenAIModel):
             values["best_of"] = best_of
         if self.prompt_logprobs is not None and self.stream:
             raise ValueError("SamplingParams.prompt_logprobs is not supported with stream=true; drop one of them")
-        for name in ("guided_json", "guided_regex", "guided_choice", "guided_grammar", "bad_words",
-                     "allowed_token_ids", "prompt_logprobs"):  # fmt: skip
+        for name in ("bad_words", "allowed_token_ids", "prompt_logprobs"):
             if getattr(self, name) is not None:
                 values[name] = getattr(self, name)
-        fmt = self.response_format
-        if fmt is not None and fmt.type == "json_object":
-            values["guided_json_object"] = True
-        elif fmt is not None and fmt.type == "json_schema":
-            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
-                raise ValueError("SamplingParams.response_format needs json_schema.schema for type json_schema")
-            values["guided_json"] = fmt.json_schema.schema_
+        constraint = self._structured_outputs()
+        if constraint is not None:
+            values["structured_outputs"] = constraint
         optional = ("temperature", "top_p", "top_k", "min_p", "presence_penalty", "frequency_penalty",
                     "repetition_penalty")  # fmt: skip
         for name in optional:
@@ -154,6 +151,34 @@ class SamplingFields(OpenAIModel):
             except ValueError:
                 raise ValueError("SamplingParams.logit_bias keys must be token ids (integers as strings)") from None
         return SamplingParams(**values)
+
+    def _structured_outputs(self) -> StructuredOutputsParams | None:
+        """The one structured-output constraint from structured_outputs, response_format or guided_*."""
+        given: list[tuple[str, dict[str, Any]]] = []
+        if self.structured_outputs is not None:
+            given.append(("structured_outputs", dict(self.structured_outputs)))
+        fmt = self.response_format
+        if fmt is not None and fmt.type == "json_object":
+            given.append(("response_format", {"json_object": True}))
+        elif fmt is not None and fmt.type == "json_schema":
+            if fmt.json_schema is None or fmt.json_schema.schema_ is None:
+                raise ValueError("SamplingParams.response_format needs json_schema.schema for type json_schema")
+            given.append(("response_format", {"json": fmt.json_schema.schema_}))
+        for kind in ("json", "regex", "choice", "grammar"):
+            value = getattr(self, f"guided_{kind}")
+            if value is not None:
+                given.append((f"guided_{kind}", {kind: value}))
+        if not given:
+            return None
+        if len(given) > 1:
+            names = ", ".join(name for name, _ in given)
+            raise ValueError(f"at most one structured-output constraint may be set, got {names}")
+        name, spec = given[0]
+        try:
+            return StructuredOutputsParams(**spec)
+        except TypeError:
+            known = "json, regex, choice, grammar, json_object"
+            raise ValueError(f"SamplingParams.{name} accepts the keys {known}; got {', '.join(spec)}") from None
 
 
 def _check_template_kwargs(value: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -201,12 +226,32 @@ class ChatMessage(OpenAIModel):
             raise ValueError("only assistant messages carry tool_calls")
         return self
 
+    @model_validator(mode="before")
+    @classmethod
+    def _text_parts_only(cls, data: Any) -> Any:
+        # Say what is wrong with a non-text part here: left to the union, pydantic would
+        # answer "Input should be a valid string".
+        parts = data.get("content") if isinstance(data, dict) else None
+        if isinstance(parts, list):
+            for part in parts:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind in _MEDIA_PARTS:
+                    raise ValueError(
+                        f"{_MEDIA_PARTS[kind]} inputs are not supported: this server's model takes text only "
+                        f"(got a content part of type {kind!r}); send the content as text parts or a string"
+                    )
+        return data
+
     def text(self) -> str:
         if self.content is None:
             return ""
         if isinstance(self.content, str):
             return self.content
         return "\n".join(part.text for part in self.content)
+
+
+_MEDIA_PARTS = {"image_url": "image", "input_image": "image", "image": "image", "input_audio": "audio",
+                "audio_url": "audio", "video_url": "video", "file": "file"}  # fmt: skip
 
 
 class FunctionDefinition(OpenAIModel):

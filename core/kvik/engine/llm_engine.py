@@ -21,6 +21,7 @@ from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
 from kvik.engine.config_resolution import resolve_config
 from kvik.engine.memory_planner import MemoryPlan, plan_memory
 from kvik.engine.output_processor import OutputProcessor, RequestState, SampleState
+from kvik.engine.progress import LoadProgress, format_bytes, format_tokens, step
 from kvik.outputs import RequestMetrics, RequestOutput
 from kvik.platforms.selector import resolve_platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
@@ -70,6 +71,7 @@ class LLMEngine:
     def __init__(self, config: EngineConfig, manager: PluginManager | None = None) -> None:
         from kvik.scheduling.scheduler import Scheduler
 
+        progress = LoadProgress.begin()  # reports the steps below; ended by progress.finish()
         self.manager = manager or get_plugin_manager()
         if config.model is None:
             from kvik.models.default import default_model
@@ -77,10 +79,12 @@ class LLMEngine:
             config = replace(config, model=default_model())  # the user's object is never changed
         assert config.model is not None
         self.platform = resolve_platform(config.device, self.manager)
-        resolution = resolve_config(config, self.platform, self.manager)
-        self.config: ResolvedConfig = resolution.config
-        self.model_config: ModelConfig = resolution.model_config
-        self.format = resolution.model_format
+        with step("reading the model's config and tokenizer"):
+            resolution = resolve_config(config, self.platform, self.manager)
+            self.config: ResolvedConfig = resolution.config
+            self.model_config: ModelConfig = resolution.model_config
+            self.format = resolution.model_format
+            self.tokenizer: Any = self._load_tokenizer()
         for note in resolution.notes:
             logger.info("configuration: %s", note)
         logger.info(
@@ -90,12 +94,14 @@ class LLMEngine:
             ", fitted to the KV cache" if self.config.fit_max_model_len else "",
             resolution.report(),
         )
-        self.tokenizer: Any = self._load_tokenizer()
         self.runner = self.platform.create_model_runner(self.config, self.model_config)
-        self.runner.load_model()
-        self.memory_plan = self._plan_memory()
+        with step("loading the model"):
+            self.runner.load_model()
+        with step("profiling memory"):
+            self.memory_plan = self._plan_memory()
         self.model_config.max_model_len = self.memory_plan.max_model_len
-        self.runner.initialize_kv_cache(self.memory_plan.num_blocks)
+        with step("allocating the KV cache"):
+            self.runner.initialize_kv_cache(self.memory_plan.num_blocks)
         cfg = self.config
         self.scheduler = Scheduler(
             num_blocks=self.memory_plan.num_blocks,
@@ -120,6 +126,10 @@ class LLMEngine:
         self._generation_tokens_total = 0
         self._num_steps = 0
         self._last_step_time = time.monotonic()
+        progress.finish(
+            f"model {format_bytes(self.runner.weight_bytes())}, KV cache {format_bytes(self.memory_plan.kv_bytes)} "
+            f"for {format_tokens(self.memory_plan.kv_tokens)} tokens (max_model_len {self.model_config.max_model_len})"
+        )
         logger.info(
             "engine ready: model %s (%s, %s) on %s",
             cfg.model,
@@ -173,6 +183,11 @@ class LLMEngine:
             token_ids = [int(t) for t in prompt]
         if not token_ids:
             raise ValueError("the prompt is empty; give at least one token")
+        keep = params.truncate_prompt_tokens
+        if keep is not None:  # vLLM's left truncation: the end of the prompt is what the model continues
+            keep = self.model_config.max_model_len - 1 if keep == -1 else keep
+            if len(token_ids) > keep:
+                token_ids, text = token_ids[-keep:], None
         vocab = self.model_config.vocab_size
         bad = [t for t in token_ids if not 0 <= t < vocab]
         if bad:

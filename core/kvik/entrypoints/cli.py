@@ -5,18 +5,51 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import re
 import sys
 from collections.abc import Sequence
 
 from kvik.version import __version__
 
+LOG_LEVELS = ("critical", "error", "warning", "info", "debug")
+# One format for kvik's and uvicorn's lines (the server hands uvicorn's loggers to the root logger).
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
-def _configure_logging(level: str) -> None:
-    logging.basicConfig(
-        level=getattr(logging, level.upper()),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+
+def configure_logging(level: str) -> None:
+    """Set the root logger's level and kvik's line format; ``level`` is one of :data:`LOG_LEVELS`."""
+    if level.lower() not in LOG_LEVELS:
+        raise ValueError(f"log level must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    logging.basicConfig(level=level.upper(), format=LOG_FORMAT, stream=sys.stderr, force=True)
+
+
+def _log_level_arg(text: str) -> str:
+    if text.lower() not in LOG_LEVELS:
+        raise argparse.ArgumentTypeError(f"invalid choice {text!r} (choose from {', '.join(LOG_LEVELS)})")
+    return text.lower()
+
+
+def cli_spelling(message: str, parser: argparse.ArgumentParser) -> str:
+    """Rewrite Python spellings in an error message (``max_model_len=5808``) as the parser's
+    flags (``--max-model-len 5808``), so a CLI user is told what to type."""
+    flags: dict[str, str] = {}
+    parsers = [parser]
+    while parsers:
+        current = parsers.pop()
+        for action in current._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                parsers.extend(action.choices.values())
+            long = [o for o in action.option_strings if o.startswith("--")]
+            if long and action.dest != "help":
+                flags.setdefault(action.dest, long[0])
+    names = sorted((d for d in flags if "_" in d), key=len, reverse=True)  # plain words ("model") stay words
+    if not names:
+        return message
+    alternation = "|".join(map(re.escape, names))
+    # "SamplingParams.max_tokens" and "max_tokens=0" become "--max-tokens" and "--max-tokens 0".
+    owner = r"(?:\b[A-Z]\w*\.)?"
+    message = re.sub(rf"{owner}\b({alternation})=(?=[\w'\"])", lambda m: flags[m.group(1)] + " ", message)
+    return re.sub(rf"{owner}(?<![-\w])({alternation})\b", lambda m: flags[m.group(1)], message)
 
 
 def _cmd_plugins(args: argparse.Namespace) -> int:
@@ -45,8 +78,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trust-remote-code", action="store_true", help="let transformers run the checkpoint's code")
     parser.add_argument("--device", default=None, help="platform name (cpu, cuda, rocm, apple); default: auto")
     parser.add_argument("--dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
-    parser.add_argument("--max-model-len", default=None, help="context length (int or 'auto')")
-    parser.add_argument("--kv-cache-memory", default=None, help="bytes for the KV cache, e.g. 2GiB")
+    parser.add_argument("--max-model-len", default=None, type=_max_model_len, help="context length (int or 'auto')")
+    parser.add_argument("--kv-cache-memory", default=None, type=_size_arg, help="bytes for the KV cache, e.g. 2GiB")
     parser.add_argument("--quantized-weights", default="auto", choices=["auto", "dequantize", "quantized"])
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     parser.add_argument(
@@ -80,10 +113,29 @@ def parse_size(value: str | int | None) -> int | None:
     return int(float(text))
 
 
+def _max_model_len(text: str) -> int | str:
+    if text.strip().lower() == "auto":
+        return "auto"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer or 'auto', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _size_arg(text: str) -> int:
+    try:
+        value = parse_size(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected bytes or a size such as 512MiB or 2GiB, got {text!r}") from None
+    if value is None or value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1 byte, got {text!r}")
+    return value
+
+
 def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
-    max_len = args.max_model_len
-    if max_len is not None and max_len != "auto":
-        max_len = int(max_len)
     return dict(
         model=args.model,
         tokenizer=args.tokenizer,
@@ -92,8 +144,8 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         trust_remote_code=args.trust_remote_code,
         device=args.device,
         dtype=args.dtype,
-        max_model_len=max_len,
-        kv_cache_memory=parse_size(args.kv_cache_memory),
+        max_model_len=args.max_model_len,
+        kv_cache_memory=args.kv_cache_memory,
         quantized_weights=args.quantized_weights,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
@@ -102,14 +154,20 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
 
 def _cmd_generate(args: argparse.Namespace) -> int:
     from kvik.config import EngineConfig
-    from kvik.engine.llm_engine import LLMEngine
     from kvik.sampling_params import SamplingParams
 
-    # One stream: a one-request batch limit also sizes the KV pool for one context, not a server's worth.
-    engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs(args), max_num_seqs=1))
+    # Check every flag before anything heavy is imported or loaded: a typo costs milliseconds, not a model load.
     params = SamplingParams(
         max_tokens=args.max_tokens, temperature=args.temperature, seed=args.seed, top_p=args.top_p, top_k=args.top_k
     )
+    # One stream: a one-request batch limit also sizes the KV pool for one context, not a server's worth.
+    config = EngineConfig.from_kwargs(**engine_kwargs(args), max_num_seqs=1)
+    if args.system and not args.chat:
+        raise ValueError("--system needs --chat (the system message goes through the chat template)")
+
+    from kvik.engine.llm_engine import LLMEngine
+
+    engine = LLMEngine(config)
     prompt: str | list[int] = args.prompt
     if args.chat:
         messages = []
@@ -131,15 +189,23 @@ def _cmd_generate(args: argparse.Namespace) -> int:
 
 
 def _cmd_serve(args: argparse.Namespace) -> int:
-    from kvik_server.cli import run_server
+    from kvik_server.cli import exit_process, run_server
 
-    return int(run_server(args) or 0)
+    exit_process(int(run_server(args) or 0))  # a stopped server exits at once (see exit_process)
+    return 0  # not reached
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="kvik", description="kvik: a plugin-based LLM inference engine")
     parser.add_argument("--version", action="version", version=f"kvik {__version__}")
-    parser.add_argument("--log-level", default=os.environ.get("KVIK_LOG_LEVEL", "warning"))
+    parser.add_argument(
+        "--log-level",
+        dest="global_log_level",
+        type=_log_level_arg,
+        default=None,
+        help=f"one of {', '.join(LOG_LEVELS)} (default: $KVIK_LOG_LEVEL, else info for serve, warning otherwise); "
+        "honoured by every subcommand",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("plugins", help="list discovered platforms, backends, quant methods and models")
@@ -176,16 +242,27 @@ def _missing_server() -> int:
     return 2
 
 
+def resolve_log_level(args: argparse.Namespace, default: str) -> str:
+    """``kvik --log-level X sub`` or ``kvik sub --log-level X`` (serve has its own flag), else
+    $KVIK_LOG_LEVEL, else ``default``; written back to ``args.log_level`` for the subcommand."""
+    env = os.environ.get("KVIK_LOG_LEVEL")
+    level = getattr(args, "global_log_level", None) or getattr(args, "log_level", None) or env or default
+    if level.lower() not in LOG_LEVELS:
+        raise ValueError(f"KVIK_LOG_LEVEL must be one of {', '.join(LOG_LEVELS)}, got {level!r}")
+    args.log_level = level.lower()
+    return args.log_level
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    _configure_logging(args.log_level)
     try:
+        configure_logging(resolve_log_level(args, "info" if args.command == "serve" else "warning"))
         return int(args.func(args))
     except (ValueError, TypeError) as exc:
         # User errors: one clear line, no traceback (--log-level debug shows it).
         logging.getLogger("kvik").debug("error", exc_info=True)
-        print(f"kvik: error: {exc}", file=sys.stderr)
+        print(f"kvik: error: {cli_spelling(str(exc), parser)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -193,7 +270,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         from kvik.plugins.registry import PluginError
 
         if isinstance(exc, PluginError):
-            print(f"kvik: error: {exc}", file=sys.stderr)
+            print(f"kvik: error: {cli_spelling(str(exc), parser)}", file=sys.stderr)
             return 2
         raise
 

@@ -9,11 +9,12 @@ from typing import Any
 
 from kvik.config import EngineConfig
 from kvik.engine.llm_engine import LLMEngine
+from kvik.entrypoints.beam_search import BeamSearchOutput, as_token_ids, beam_search
+from kvik.inputs import PromptType, parse_prompts
 from kvik.outputs import RequestOutput
-from kvik.sampling_params import SamplingParams
+from kvik.sampling_params import BeamSearchParams, SamplingParams
 
-Prompt = str | Sequence[int]
-ChatMessages = list[dict[str, str]]
+ChatMessages = list[dict[str, Any]]
 
 
 class LLM:
@@ -34,16 +35,23 @@ class LLM:
 
     def generate(
         self,
-        prompts: Prompt | Sequence[Prompt],
+        prompts: PromptType | Sequence[PromptType] | None = None,
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool | None = None,
+        use_tqdm: bool = True,
         priority: Sequence[int] | None = None,
+        *,
+        prompt_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
+        lora_request: None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order.
 
-        ``prompts`` is a string, a list of token ids, or a list of either.
+        A prompt is a string, a list of token ids, ``{"prompt": str}`` or
+        ``{"prompt_token_ids": [...]}`` (vLLM's TextPrompt / TokensPrompt); ``prompts``
+        is one prompt or a list. ``prompt_token_ids=`` is vLLM's older keyword form.
         """
-        prompt_list = _as_prompt_list(prompts)
+        if lora_request is not None:
+            raise ValueError("lora_request is not supported by kvik yet; leave it None")
+        prompt_list = parse_prompts(prompts, prompt_token_ids)
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             params_list = [sampling_params or SamplingParams()] * len(prompt_list)
         else:
@@ -68,31 +76,102 @@ class LLM:
             engine.add_prepared(item)
         return self._run(ids, use_tqdm)
 
+    def beam_search(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        params: BeamSearchParams,
+        use_tqdm: bool = False,
+        lora_request: None = None,
+    ) -> list[BeamSearchOutput]:
+        """vLLM's ``LLM.beam_search``: the ``params.beam_width`` most likely continuations of each prompt.
+
+        Deterministic; see :mod:`kvik.entrypoints.beam_search` for the ranking.
+        """
+        if lora_request is not None:
+            raise ValueError("lora_request is not supported by kvik yet; leave it None")
+        tokenizer = self.get_tokenizer()
+        token_prompts = [as_token_ids(p, tokenizer) for p in parse_prompts(prompts)]
+        engine = self.llm_engine
+
+        def run(batch: list[list[int]], step: SamplingParams) -> list[RequestOutput]:
+            return self.generate(batch, step, use_tqdm=False)
+
+        def decode(tokens: list[int]) -> str:
+            return str(tokenizer.decode(tokens, skip_special_tokens=True))
+
+        return beam_search(
+            run,
+            token_prompts,
+            params,
+            eos_token_ids=engine.model_config.eos_token_ids,
+            max_model_len=engine.model_config.max_model_len,
+            decode=decode if tokenizer is not None else None,
+        )
+
     def chat(
         self,
         messages: ChatMessages | Sequence[ChatMessages],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
-        use_tqdm: bool | None = None,
-        add_generation_prompt: bool = True,
+        use_tqdm: bool = True,
+        lora_request: None = None,
         chat_template: str | None = None,
+        chat_template_content_format: str = "auto",
+        add_generation_prompt: bool = True,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
+        mm_processor_kwargs: dict[str, Any] | None = None,
     ) -> list[RequestOutput]:
-        """Apply the tokenizer's chat template to each conversation, then generate."""
+        """Apply the tokenizer's chat template to each conversation, then generate (vLLM's signature).
+
+        ``tools`` and ``chat_template_kwargs`` go to the template; ``continue_final_message``
+        leaves the last (assistant) message open for the model to continue.
+        """
+        if lora_request is not None or mm_processor_kwargs:
+            raise ValueError("lora_request and mm_processor_kwargs are not supported by kvik yet")
+        if chat_template_content_format not in ("auto", "string", "openai"):
+            raise ValueError(
+                f"chat_template_content_format must be 'auto', 'string' or 'openai', got {chat_template_content_format!r}"
+            )
         conversations: Sequence[ChatMessages]
         if messages and isinstance(messages[0], dict):
             conversations = [messages]  # type: ignore[list-item]
         else:
             conversations = messages  # type: ignore[assignment]
-        prompts = [self.apply_chat_template(c, add_generation_prompt, chat_template) for c in conversations]
+        prompts = [
+            self.apply_chat_template(
+                c, add_generation_prompt, chat_template, continue_final_message, tools, chat_template_kwargs
+            )
+            for c in conversations
+        ]
         return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
 
     def apply_chat_template(
-        self, conversation: ChatMessages, add_generation_prompt: bool = True, chat_template: str | None = None
+        self,
+        conversation: ChatMessages,
+        add_generation_prompt: bool = True,
+        chat_template: str | None = None,
+        continue_final_message: bool = False,
+        tools: list[dict[str, Any]] | None = None,
+        chat_template_kwargs: dict[str, Any] | None = None,
     ) -> list[int]:
         tokenizer = self.get_tokenizer()
         if chat_template is None and not getattr(tokenizer, "chat_template", None):
             raise ValueError("this model's tokenizer has no chat template; pass chat_template= or use generate()")
+        if continue_final_message and add_generation_prompt:
+            # vLLM's rule too: a new assistant turn and an open last message contradict each other.
+            raise ValueError("continue_final_message=True needs add_generation_prompt=False")
+        if continue_final_message and (not conversation or conversation[-1].get("role") != "assistant"):
+            raise ValueError("continue_final_message=True needs the last message to be the assistant's")
+        kwargs = dict(chat_template_kwargs or {})
         ids = tokenizer.apply_chat_template(
-            conversation, add_generation_prompt=add_generation_prompt, tokenize=True, chat_template=chat_template
+            [_text_message(m) for m in conversation],
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message,
+            tokenize=True,
+            chat_template=chat_template,
+            tools=tools,
+            **kwargs,
         )
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
@@ -102,7 +181,7 @@ class LLM:
         engine = self.llm_engine
         pending = set(ids)
         results: dict[str, RequestOutput] = {}
-        show = sys.stderr.isatty() if use_tqdm is None else use_tqdm
+        show = bool(use_tqdm)  # vLLM's default: a progress bar on stderr
         bar = None
         if show:
             from tqdm import tqdm
@@ -127,13 +206,15 @@ class LLM:
         return [results[i] for i in ids]
 
 
-def _as_prompt_list(prompts: Prompt | Sequence[Prompt]) -> list[Prompt]:
-    if isinstance(prompts, str):
-        return [prompts]
-    items = list(prompts)
-    if items and all(isinstance(t, int) for t in items):
-        return [items]  # type: ignore[list-item]  # a single list of token ids
-    for p in items:
-        if not isinstance(p, str) and not (isinstance(p, Sequence) and all(isinstance(t, int) for t in p)):
-            raise TypeError(f"a prompt must be a string or a list of token ids, got {type(p).__name__}")
-    return items  # type: ignore[return-value]
+def _text_message(message: dict[str, Any]) -> dict[str, Any]:
+    """A message whose content is a list of OpenAI text parts, as one string (kvik's models are text-only)."""
+    content = message.get("content")
+    if not isinstance(content, list):
+        return message
+    texts = []
+    for part in content:
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind != "text":
+            raise ValueError(f"only text content parts are supported (kvik serves text-only models), got {kind!r}")
+        texts.append(str(part.get("text", "")))
+    return {**message, "content": "\n".join(texts)}

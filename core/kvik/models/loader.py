@@ -21,6 +21,10 @@ def _progress(weights: Iterable[tuple[str, Any]], total_bytes: int) -> Iterator[
     """Wrap the weight stream in a byte-counting progress bar on stderr (only on a TTY)."""
     from tqdm import tqdm
 
+    from kvik.engine import progress
+
+    if sys.stderr.isatty():
+        progress.interrupt()  # the bar draws on its own line
     bar = tqdm(
         total=total_bytes or None,
         unit="B",

@@ -32,6 +32,9 @@ def resolve_format(path: str, manager: PluginManager | None = None, trust_remote
             fmt: ModelFormat = cls(path)
             fmt.trust_remote_code = trust_remote_code
             return fmt
+    for name, claimants in registry.conflicts.items():
+        if any(e.load().matches(path) for e in claimants):
+            registry.entry(name)  # raises PluginError naming both distributions
     names = ", ".join(registry.names()) or "none"
     if not os.path.exists(path):
         raise ValueError(

@@ -12,7 +12,8 @@ logit_bias, min_tokens, then repetition / frequency / presence penalties.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import inspect
+from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -208,6 +209,38 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
     return to_device(torch.tensor(values, dtype=like.dtype), like.device)[:, None]
 
 
+def apply_request_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
+    """vLLM's per-request ``SamplingParams.logits_processors`` (see :func:`call_request_processors`)."""
+    for i, params in enumerate(batch.params):
+        if params.logits_processors:
+            output = list(batch.output_token_ids[i]) if batch.output_token_ids else []
+            prompt = list(batch.prompt_token_ids[i]) if batch.prompt_token_ids else []
+            logits[i] = call_request_processors(params.logits_processors, prompt, output, logits[i])
+    return logits
+
+
+def call_request_processors(
+    processors: Sequence[Callable[..., torch.Tensor]], prompt: list[int], output: list[int], row: torch.Tensor
+) -> torch.Tensor:
+    """Each callable gets the row's output token ids (and, if it takes three arguments, the prompt's
+    first) and the row's logits [vocab], and returns the new row. Python per row per step: slow by design."""
+    shape = tuple(row.shape)
+    for fn in processors:
+        row = fn(prompt, output, row) if _num_positional(fn) >= 3 else fn(output, row)
+        if not isinstance(row, torch.Tensor) or tuple(row.shape) != shape:
+            raise ValueError(f"logits processor {fn!r} must return a tensor of shape {shape}")
+    return row
+
+
+def _num_positional(fn: Callable[..., object]) -> int:
+    try:
+        sig = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return 2
+    kinds = (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+    return sum(p.kind in kinds for p in sig.parameters.values())
+
+
 DEFAULT_LOGITS_PROCESSORS: tuple[LogitsProcessor, ...] = (
     apply_structured_output,
     apply_allowed_token_ids,
@@ -215,4 +248,5 @@ DEFAULT_LOGITS_PROCESSORS: tuple[LogitsProcessor, ...] = (
     apply_logit_bias,
     apply_min_tokens,
     apply_penalties,
+    apply_request_processors,
 )

@@ -7,6 +7,21 @@ from typing import Any, ClassVar, Protocol
 
 import numpy as np
 
+
+class FeatureNotEnabledError(ValueError):
+    """A request needs a feature this installation lacks (e.g. no structured-output backend).
+
+    ``str(exc)`` is the whole story for an offline user (what is missing and how to install
+    it); a server tells its client only :attr:`client_message` (a 501: not the client's
+    fault, nothing it can install) and logs :attr:`operator_hint` for whoever runs it.
+    """
+
+    def __init__(self, client_message: str, operator_hint: str) -> None:
+        super().__init__(f"{client_message}; {operator_hint}")
+        self.client_message = client_message
+        self.operator_hint = operator_hint
+
+
 # Constraint kinds, as in SamplingParams.guided (vLLM's StructuredOutputsParams names).
 KINDS = ("json", "regex", "choice", "grammar", "json_object")
 

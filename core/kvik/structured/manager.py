@@ -28,7 +28,7 @@ import numpy as np
 from kvik.request import Request
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import SchedulerOutput
-from kvik.structured.backend import GrammarMatcher, StructuredOutputBackend
+from kvik.structured.backend import FeatureNotEnabledError, GrammarMatcher, StructuredOutputBackend
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,11 @@ class StructuredOutputManager:
                     cls = self.plugin_manager.structured_output_backends.get(self.backend_name)
                     self._backend = cls(self.tokenizer, self.vocab_size, self.eos_token_ids)
                 except ImportError as exc:
-                    raise ValueError(str(exc)) from exc
+                    raise FeatureNotEnabledError(
+                        f"structured output is not enabled on this server (its {self.backend_name!r} backend "
+                        "is not installed)",
+                        f"to enable it: pip install 'kvik-core[structured]' ({exc})",
+                    ) from exc
             return self._backend
 
     def compile(self, params: SamplingParams) -> Any | None:

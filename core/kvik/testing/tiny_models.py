@@ -134,3 +134,23 @@ def make_tiny_model(
     tokenizer.save_pretrained(path)
     (path / "kvik_tiny.json").write_text(json.dumps({"arch": arch, "seed": seed}))
     return path
+
+
+def write_checkpoint(path: str | Path, config: dict[str, Any], weights: dict[str, Any], vocab_size: int = 512) -> Path:
+    """Write ``config`` (config.json contents), ``weights`` (Hugging Face-named tensors) and kvik's tiny
+    tokenizer to ``path``: a test checkpoint for an architecture transformers does not know.
+
+    ``config["architectures"]`` names the class your plugin registers; ``model_type`` must be one
+    transformers can parse (e.g. ``"llama"``) so ``AutoConfig`` reads the hyper-parameters.
+    """
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    tokenizer = build_tokenizer(vocab_size)
+    if len(tokenizer) > int(config.get("vocab_size", vocab_size)):
+        raise ValueError(f"tokenizer has {len(tokenizer)} tokens, more than vocab_size {config.get('vocab_size')}")
+    (path / "config.json").write_text(json.dumps(config, indent=2))
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(path / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(path)
+    return path

@@ -26,6 +26,7 @@ from torch import nn
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.attention.selector import select_attention_backend
 from kvik.config import LoadFormat, ModelConfig, ResolvedConfig, WeightsMode
+from kvik.engine import progress
 from kvik.models.formats import ModelFormat
 from kvik.models.interface import ModelBuildContext
 from kvik.models.loader import dequantize_model, load_model
@@ -145,9 +146,12 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
 
         ctx = ModelBuildContext(mc, self.dtype, self.device, make_attention, method)
         dummy = self.config.seed if self.config.load_format is LoadFormat.DUMMY else None
-        model = load_model(mc, ctx, fmt, quantized=method is not None, manager=self.manager, dummy_seed=dummy)
+        what = "making dummy weights" if dummy is not None else f"reading weights ({progress.format_bytes(fmt.weight_bytes())})"
+        with progress.step(what):
+            model = load_model(mc, ctx, fmt, quantized=method is not None, manager=self.manager, dummy_seed=dummy)
         if method is not None and self.config.quantized_weights is WeightsMode.DEQUANTIZE:
-            n = dequantize_model(model, self.dtype)
+            with progress.step(f"dequantizing {mc.quantization} weights to {mc.dtype}"):
+                n = dequantize_model(model, self.dtype)
             logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)
         self.model = model
         logger.info(

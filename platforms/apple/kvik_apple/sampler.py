@@ -33,6 +33,7 @@ def _needs_processing(params: SamplingParams, num_output: int) -> bool:
         or params.repetition_penalty != 1.0
         or params.frequency_penalty
         or params.presence_penalty
+        or params.logits_processors
     )
 
 
@@ -62,6 +63,12 @@ def _process_row(
     if (params.frequency_penalty or params.presence_penalty) and output:
         counts = np.bincount(np.asarray(output, dtype=np.int64), minlength=vocab)[:vocab].astype(row.dtype)
         row -= params.frequency_penalty * counts + params.presence_penalty * (counts > 0)
+    if params.logits_processors:  # vLLM's per-request callables take torch tensors
+        import torch
+        from kvik.sample.logits_processors import call_request_processors
+
+        row = call_request_processors(params.logits_processors, list(prompt), list(output), torch.from_numpy(row))
+        row = row.detach().cpu().numpy().astype(np.float32, copy=False)
     return row
 
 

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from kvik.attention.backend import AttentionMetadata
 from kvik.config import ModelConfig, ResolvedConfig
+from kvik.engine import progress
 from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager
 from kvik.sampling_params import SamplingParams
@@ -119,7 +120,8 @@ class CUDAModelRunner(TorchModelRunner):
         self.graphs = {}
         super().initialize_kv_cache(num_blocks)
         if self.graphs_enabled:
-            self.capture_graphs()
+            with progress.step(f"capturing CUDA graphs ({len(self.sizes)} batch sizes)"):
+                self.capture_graphs()
 
     # -- the kit's hooks ---------------------------------------------------------------------
     def _bucket(self, scheduled: list[ScheduledRequest]) -> int | None:

@@ -108,3 +108,18 @@ def test_structured_output_matches_the_torch_cpu_path(tiny_model_dir):
     cpu, apple = (_llm(path, device=d).generate(["Tell me:"], params)[0].outputs[0] for d in ("cpu", "apple"))
     assert apple.text in ("hello world", "quick brown fox")
     assert apple.token_ids == cpu.token_ids
+
+
+def test_per_request_logits_processors_match_the_torch_cpu_path(tiny_model_dir):
+    import torch
+
+    def no_repeats(output_ids, logits):  # vLLM's per-request form: ban every token already generated
+        if output_ids:
+            logits[torch.tensor(output_ids)] = float("-inf")
+        return logits
+
+    path = tiny_model_dir(**MODELS["qwen2-bias-tied"])
+    params = SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True, logits_processors=[no_repeats])
+    cpu, apple = (_llm(path, device=d).generate(["Tell me:"], params)[0].outputs[0] for d in ("cpu", "apple"))
+    assert apple.token_ids == cpu.token_ids
+    assert len(set(apple.token_ids)) == len(apple.token_ids) == 10
