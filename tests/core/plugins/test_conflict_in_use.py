@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 from kvik.config import EngineConfig
-from kvik.models.loader import build_model_config, resolve_format
+from kvik.models.model_config import build_model_config, resolve_format
 from kvik.plugins.hookspecs import hookimpl
 from kvik.plugins.registry import PluginError
 from kvik.testing.tiny_models import write_checkpoint
