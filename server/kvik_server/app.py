@@ -1,7 +1,8 @@
 """``build_app(engine, args)``: the FastAPI app around an AsyncLLM.
 
 Routes: /v1/models, /v1/completions, /v1/chat/completions, /tokenize, /detokenize,
-/health (liveness), /ready (readiness), /version, /metrics (Prometheus).
+/health (liveness), /ready (readiness), /version, /metrics (Prometheus), and the chat page at /
+(ui/, unless ``--no-ui``).
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from kvik_server.protocol import (
 )
 from kvik_server.serving_chat import create_chat_completion, template_message
 from kvik_server.serving_completion import create_completion
+from kvik_server.ui import install_ui
 
 
 def build_app(engine: Any, args: Any = None) -> FastAPI:
@@ -139,6 +141,8 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
+    if settings.ui:
+        install_ui(app)
     install_openapi(app)
     known = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     app.add_middleware(

@@ -38,6 +38,7 @@ class ServerSettings:
     trust_request_chat_template: bool = False  # render chat templates sent in requests (chat_template.py)
     chat_template_timeout: float = 2.0  # seconds one chat-template render may take
     max_template_chars: int | None = None  # rendered-prompt cap; None: ServingContext.max_template_chars
+    ui: bool = True  # serve the chat page at / (kvik_server/ui); --no-ui turns it off
 
     @classmethod
     def from_args(cls, args: Any) -> ServerSettings:
