@@ -26,15 +26,6 @@ def chromium_path() -> str | None:
     return os.environ.get("KVIK_CHROMIUM") or next(filter(None, map(shutil.which, _BROWSERS)), None)
 
 
-def bundled_model() -> Path:
-    try:
-        from kvik.models.default import default_model
-
-        return Path(default_model())
-    except (ImportError, ValueError) as exc:
-        pytest.skip(f"the bundled SmolLM2 model is not installed: {exc}")
-
-
 @pytest.fixture(scope="module")
 def browser() -> Iterator[Any]:
     sync_api = pytest.importorskip(
@@ -48,17 +39,6 @@ def browser() -> Iterator[Any]:
         launched = playwright.chromium.launch(executable_path=executable, args=["--no-sandbox"])
         yield launched
         launched.close()
-
-
-@pytest.fixture(scope="module")
-def smollm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
-    logs = tmp_path_factory.mktemp("chat_page")
-    server = ServerProcess(bundled_model(), ["--served-model-name", "smollm2"], logs / "server.log", api_key=API_KEY)
-    try:
-        server.wait_healthy()
-        yield server
-    finally:
-        server.stop()
 
 
 @pytest.fixture()
