@@ -60,7 +60,8 @@ def run_batch_command(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -
     if args.output.exists() and args.output.resolve() == args.input.resolve():
         raise ValueError("--output must not be the --input file")
     done = read_done(args.output)
-    requests, errors = plan(args.input.read_text(encoding="utf-8").splitlines(), done)
+    # Bytes: a line that is not UTF-8 is that line's error, and only \n / \r end lines (not U+2028).
+    requests, errors = plan(args.input.read_bytes().splitlines(), done)
     if done.records:
         print(f"resuming: {done.records} record(s) already in {args.output}", file=sys.stderr)
     args.api_key = None

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import uuid
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,8 +64,12 @@ def response_record(custom_id: str, status: int, body: Any) -> dict[str, Any]:
     return {"id": new_record_id(), "custom_id": custom_id, "response": response, "error": None}
 
 
-def parse_line(line: int, text: str) -> BatchRequest | LineError | None:
+def parse_line(line: int, raw: str | bytes) -> BatchRequest | LineError | None:
     """One input line as a request, or the reason it cannot run; None for a blank line."""
+    try:
+        text = raw.decode("utf-8") if isinstance(raw, bytes) else raw
+    except UnicodeDecodeError as exc:
+        return LineError(line, "invalid_utf8", f"line {line} is not valid UTF-8: {exc}")
     if not text.strip():
         return None
     try:
@@ -142,7 +147,7 @@ def read_done(path: Path) -> Done:
     return done
 
 
-def plan(lines: list[str], done: Done) -> tuple[list[BatchRequest], list[LineError]]:
+def plan(lines: Sequence[str | bytes], done: Done) -> tuple[list[BatchRequest], list[LineError]]:
     """The requests still to run and the line errors still to write, in file order."""
     requests: list[BatchRequest] = []
     errors: list[LineError] = []

@@ -53,6 +53,11 @@ def test_parse_bad_lines_name_the_problem() -> None:
         record = item.record()
         assert record["response"] is None and record["error"]["line"] == 5 and record["custom_id"] == custom_id
         assert record["id"].startswith("batch_req_")
+    not_utf8 = parse_line(2, b'{"custom_id": "\xff"}')
+    assert isinstance(not_utf8, LineError) and not_utf8.code == "invalid_utf8"
+    raw = json.dumps({"custom_id": "u", "url": "/v1/completions", "body": {"prompt": "a\u2028b"}}, ensure_ascii=False)
+    assert "\u2028" in raw and len(raw.encode().splitlines()) == 1  # why run-batch splits bytes, not str
+    assert isinstance(parse_line(2, raw.encode()), BatchRequest)
     embeddings = parse_line(1, line(url="/v1/embeddings"))
     assert isinstance(embeddings, LineError) and "embeddings" in embeddings.message
 
