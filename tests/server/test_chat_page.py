@@ -62,6 +62,14 @@ def test_chat_streams_and_stop_aborts_on_the_server(browser: Any, smollm_server:
     # The server needs a key: the page says so and puts the focus in the key field.
     page.get_by_role("alert").filter(has_text="needs an API key").wait_for()
     assert page.evaluate("document.activeElement.id") == "api-key"
+    # Sending without the key: the 401 gives the message back to the box and points at the key again.
+    page.get_by_label("Message", exact=True).fill("hello")
+    page.get_by_label("Message", exact=True).press("Enter")
+    # (polled from here: Playwright's wait_for_function evaluates strings, which the page's CSP forbids)
+    wait_until(lambda: page.evaluate("document.activeElement.id") == "api-key", 10, "the focus on the key field")
+    assert page.get_by_label("Message", exact=True).input_value() == "hello"
+    assert page.locator("article.msg").count() == 0
+    assert page.get_by_role("alert").filter(has_text="needs an API key").is_visible()
     page.get_by_label("API key").fill(API_KEY)
     page.get_by_label("API key").press("Tab")  # change event: the page lists the models with the key
     page.locator("#model option[value='smollm2']").wait_for(state="attached")

@@ -176,9 +176,13 @@ async function send() {
       method: "POST", headers: headers(), body: JSON.stringify(requestBody()), signal: controller.signal,
     });
     if (res.status === 401) {
+      // Not sent: take the message back into the box so it goes again once the key is in.
       state.history.pop();
+      item.previousElementSibling?.remove();
+      item.remove();
+      if (!prompt.value) prompt.value = text;
       needKey(await errorText(res));
-      throw new Error("unauthorised");
+      return;
     }
     if (!res.ok) throw new Error(await errorText(res));
     for await (const data of sseData(res.body)) {
@@ -202,17 +206,19 @@ async function send() {
     else finish = "error: " + err.message;
   } finally {
     state.controller = null;
-    render();
-    item.classList.remove("streaming");
-    if (reply) state.history.push({ role: "assistant", content: reply });
-    const tokens = usage ? usage.completion_tokens : chunks;
-    const seconds = (performance.now() - (firstAt ?? started)) / 1000;
-    const rate = tokens > 1 && seconds > 0 ? ` · ${(tokens / seconds).toFixed(1)} tokens/s` : "";
-    const meta = item.querySelector(".meta");
-    meta.textContent = `${tokens} tokens${rate}` + (finish ? ` · ${finish}` : "");
-    if (finish && finish.startsWith("error")) item.classList.add("failed");
     setBusy(false);
-    prompt.focus();
+    if (item.isConnected) { // (a 401 took the exchange back and sent the focus to the key field)
+      render();
+      item.classList.remove("streaming");
+      if (reply) state.history.push({ role: "assistant", content: reply });
+      const tokens = usage ? usage.completion_tokens : chunks;
+      const seconds = (performance.now() - (firstAt ?? started)) / 1000;
+      const rate = tokens > 1 && seconds > 0 ? ` · ${(tokens / seconds).toFixed(1)} tokens/s` : "";
+      const meta = item.querySelector(".meta");
+      meta.textContent = `${tokens} tokens${rate}` + (finish ? ` · ${finish}` : "");
+      if (finish && finish.startsWith("error")) item.classList.add("failed");
+      prompt.focus();
+    }
   }
 }
 
