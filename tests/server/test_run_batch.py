@@ -144,3 +144,29 @@ def test_missing_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
     assert "does not exist" in capsys.readouterr().err
     assert main(["run-batch", "-i", str(source), "-o", str(source)]) == 2
     assert "must not be the --input" in capsys.readouterr().err
+
+
+def test_server_side_failures_get_no_record_and_are_retried(
+    tiny_model_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import kvik_server.app
+
+    model = str(tiny_model_dir("llama", max_position_embeddings=512))
+    source = write_lines(tmp_path / "in.jsonl", [
+        chat("c", "hi", max_tokens=2),
+        {"custom_id": "p", "url": "/v1/completions", "body": {"prompt": "hi", "max_tokens": 2}},
+    ])  # fmt: skip
+    out = tmp_path / "out.jsonl"
+    args = ["run-batch", "-i", str(source), "-o", str(out), "--model", model, "--max-model-len", "512", *CPU]
+
+    async def broken(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("a bug in the handler")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(kvik_server.app, "create_completion", broken)
+        assert main(args) == 1
+    assert "1 request(s) failed on the server's side" in capsys.readouterr().err
+    assert set(read_records(out)) == {"c"}
+    assert main(args) == 0  # the retry runs only what has no record yet
+    records = read_records(out)
+    assert set(records) == {"c", "p"} and records["p"][0]["response"]["status_code"] == 200

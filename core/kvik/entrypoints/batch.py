@@ -47,7 +47,8 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_batch_command(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -> int:
-    """Run the file; 0 when every line has a record (refused requests are records too)."""
+    """Run the file; 0 when every line has a record (refused requests are records too), 1 when some
+    requests failed on the server's side (5xx: no record, so the next run retries them)."""
     try:
         from kvik_server.cli import finalize_args
     except ImportError:
@@ -73,10 +74,16 @@ def run_batch_command(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -
     with args.output.open("a", encoding="utf-8") as out:
         for error in errors:
             write(out, error.record())
+        failed: list[str] = []
         if requests:
             show = sys.stderr.isatty() if args.progress is None else args.progress
-            asyncio.run(run_requests(requests, out, engine_kwargs, _settings(args), show))
-    print(f"{len(requests)} request(s) run, {len(errors)} line error(s) written to {args.output}", file=sys.stderr)
+            failed = asyncio.run(run_requests(requests, out, engine_kwargs, _settings(args), show))
+    print(f"{len(requests) - len(failed)} request(s) run, {len(errors)} line error(s) written to {args.output}",
+          file=sys.stderr)  # fmt: skip
+    if failed:
+        print(f"kvik: error: {len(failed)} request(s) failed on the server's side and have no record; run the "
+              f"same command again to retry them. First: {failed[0]}", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 
@@ -99,7 +106,8 @@ def write(out: TextIO, record: dict[str, Any]) -> None:
 
 async def run_requests(
     requests: list[BatchRequest], out: TextIO, engine_kwargs: dict[str, Any], settings: Any, progress: bool
-) -> None:
+) -> list[str]:
+    """Run ``requests``, appending their records to ``out``; returns what failed on the server's side."""
     from kvik_server.app import build_app
 
     from kvik.engine.async_llm import AsyncLLM
@@ -114,10 +122,18 @@ async def run_requests(
 
         bar = tqdm(total=len(requests), desc="run-batch", unit="req", file=sys.stderr)
 
+    failed: list[str] = []  # messages of 5xx answers
+
     async def one(request: BatchRequest) -> None:
         async with window:
             status, body = await post(app, request.url, request.body)
-        write(out, response_record(request.custom_id, status, body))
+        if status >= 500:
+            # The server's fault (engine died, shutting down, a bug), not the request's: no record, so a
+            # later run retries it.
+            error = body.get("error") if isinstance(body, dict) else None
+            failed.append(f"{request.custom_id}: {status} {error.get('message') if isinstance(error, dict) else body}")
+        else:
+            write(out, response_record(request.custom_id, status, body))
         if bar is not None:
             bar.update(1)
 
@@ -127,6 +143,7 @@ async def run_requests(
     finally:
         if bar is not None:
             bar.close()
+    return failed
 
 
 async def post(app: Any, path: str, body: dict[str, Any]) -> tuple[int, Any]:
@@ -158,7 +175,11 @@ async def post(app: Any, path: str, body: dict[str, Any]) -> tuple[int, Any]:
         elif message["type"] == "http.response.body":
             chunks.append(message.get("body", b""))
 
-    await app(scope, receive, send)
+    try:
+        await app(scope, receive, send)
+    except Exception as exc:  # Starlette re-raises after answering 500; keep the run going either way
+        if not chunks:
+            return 500, {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}}
     raw = b"".join(chunks)
     try:
         return status, json.loads(raw)
