@@ -167,6 +167,8 @@ def test_server_side_failures_get_no_record_and_are_retried(
         assert main(args) == 1
     assert "1 request(s) failed on the server's side" in capsys.readouterr().err
     assert set(read_records(out)) == {"c"}
-    assert main(args) == 0  # the retry runs only what has no record yet
+    assert main([*args, "--progress"]) == 0  # the retry runs only what has no record yet
+    err = capsys.readouterr().err
+    assert "run-batch: 100%" in err and "1/1" in err  # the progress bar counted the one request left
     records = read_records(out)
     assert set(records) == {"c", "p"} and records["p"][0]["response"]["status_code"] == 200
