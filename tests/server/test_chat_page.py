@@ -115,12 +115,12 @@ def test_chat_streams_and_stop_aborts_on_the_server(browser: Any, smollm_server:
 
 MALICIOUS = [
     '<img src=x onerror="window.__pwned=1"> <script>window.__pwned=2</script>\n',
-    "[click](javascript:window.__pwned=3) and [docs](https://example.com/a?b=1)\n",
+    "[click](javascript:window.__pwned=3) and [docs](https://example.com/a?b=1)\n\n## A heading\n- one\n- *two*\n",
     '**bold <b>x</b>** and `<i>code</i>`\n\n```html\n<svg onload="window.__pwned=4"></svg>\n```\n',
 ]
 
 
-def test_model_output_cannot_inject_html(browser: Any, smollm_server: ServerProcess) -> None:
+def test_model_output_cannot_inject_html(browser: Any, smollm_server: ServerProcess, shots: Path) -> None:
     """A hostile reply (here served by a stand-in for the completions route) renders as text."""
     page = browser.new_page()
     stream = (
@@ -149,6 +149,7 @@ def test_model_output_cannot_inject_html(browser: Any, smollm_server: ServerProc
     assert "[click](javascript:" in body.inner_text()
     assert body.locator("strong").inner_text() == "bold <b>x</b>"
     assert body.locator("pre code.language-html").count() == 1
+    page.screenshot(path=str(shots / "chat-markdown.png"))
     page.close()
 
 
