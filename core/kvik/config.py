@@ -175,7 +175,7 @@ class ResolvedConfig:
     fit_max_model_len: bool  # max_model_len="auto": lower it to what the KV cache holds
     quantized_weights: WeightsMode
     load_format: LoadFormat
-    attention_backend: str  # "" = the platform's first backend that can run the model
+    attention_backend: str  # the backend's registry name: the user's, else the platform's first that fits
     enforce_eager: bool  # no CUDA graphs / compiled graphs
     async_scheduling: bool  # asked for; the engine also needs a runner that supports it
     seed: int
