@@ -26,11 +26,11 @@ from kvik.engine.output_processor import OutputProcessor, RequestState, SampleSt
 from kvik.engine.progress import LoadProgress, format_bytes, format_tokens, step
 from kvik.outputs import RequestMetrics, RequestOutput
 from kvik.platforms.selector import resolve_platform
+from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.pooling.outputs import PoolingOutput, PoolingRequestOutput
 from kvik.pooling.params import PoolingParams
 from kvik.pooling.pooler import finish_pooled
 from kvik.pooling.setup import PoolerSetup, read_pooler_setup
-from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.request import Request, RequestStatus
 from kvik.sample.admission import prepare_params
 from kvik.sampling_params import SamplingParams
@@ -53,9 +53,6 @@ class PreparedRequest:
     arrival_time: float
     pooling_params: PoolingParams | None = None  # a pooling request (embedding / classification)
 
-
-# What ``LLMEngine.step`` reports: a generation request's cumulative output or a pooling request's result.
-EngineOutput = RequestOutput | PoolingRequestOutput
 
 
 @dataclass(slots=True)
@@ -142,6 +139,7 @@ class LLMEngine:
             self.pooling_task = "classify" if is_classifier_architecture(self.model_config.architecture) else "embed"
             logger.info("pooling: %s (%s)", self.pooler_setup, self.pooling_task)
         self._pooling: dict[str, PreparedRequest] = {}  # live pooling requests
+        self._pooled_outputs: list[PoolingRequestOutput] = []  # finished, not yet taken
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._num_steps = 0
@@ -363,7 +361,7 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None
 
     # -- the step ------------------------------------------------------------
-    def step(self) -> list[EngineOutput]:
+    def step(self) -> list[RequestOutput]:
         """Advance generation by one step; return outputs of requests that progressed.
 
         Synchronously: schedule, execute and update one step. With async
@@ -389,14 +387,14 @@ class LLMEngine:
         scheduler_output.structured = self.structured.start_step(scheduler_output)  # overlaps the forward
         return scheduler_output
 
-    def _finish_in_flight(self) -> list[EngineOutput]:
+    def _finish_in_flight(self) -> list[RequestOutput]:
         if self._in_flight is None:
             return []
         scheduler_output, handle = self._in_flight
         self._in_flight = None
         return self._finish(scheduler_output, handle)
 
-    def _finish(self, scheduler_output: SchedulerOutput, handle: StepHandle) -> list[EngineOutput]:
+    def _finish(self, scheduler_output: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
         """Wait for a launched step's samples and apply them: stop rules, grammars, detokenization."""
         runner_output = handle.result()
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
@@ -413,7 +411,14 @@ class LLMEngine:
         self._generation_tokens_total += len(updated)  # one token each (tokens dropped after a stop aside)
         self._num_steps += 1
         self._last_step_time = time.monotonic()
-        return outputs + [self._pooling_output(r) for r in pooled] if pooled else outputs
+        self._pooled_outputs.extend(self._pooling_output(r) for r in pooled)
+        return outputs
+
+    def take_pooling_outputs(self) -> list[PoolingRequestOutput]:
+        """The pooling requests finished by the steps so far (each reported once); ``step()``
+        returns generation outputs only, so its callers' types stay as they were."""
+        taken, self._pooled_outputs = self._pooled_outputs, []
+        return taken
 
     def _pooling_output(self, request: Request) -> PoolingRequestOutput:
         prepared = self._pooling.pop(request.request_id)

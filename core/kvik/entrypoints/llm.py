@@ -16,7 +16,6 @@ from kvik.pooling.outputs import (
     ClassificationRequestOutput,
     EmbeddingRequestOutput,
     PoolingRequestOutput,
-    ScoringOutput,
     ScoringRequestOutput,
 )
 from kvik.pooling.params import PoolingParams
@@ -207,7 +206,7 @@ class LLM:
         ]
         for item in prepared:
             engine.add_prepared(item)
-        return self._run(ids, use_tqdm)  # type: ignore[return-value]
+        return self._run(ids, use_tqdm)
 
     def embed(
         self,
@@ -251,10 +250,10 @@ class LLM:
 
         return score_pairs(self, data_1, data_2, truncate_prompt_tokens, use_tqdm)
 
-    def _run(self, ids: list[str], use_tqdm: bool | None) -> list[RequestOutput]:
+    def _run(self, ids: list[str], use_tqdm: bool | None) -> list[Any]:
         engine = self.llm_engine
         pending = set(ids)
-        results: dict[str, RequestOutput] = {}
+        results: dict[str, RequestOutput | PoolingRequestOutput] = {}
         show = bool(use_tqdm)  # vLLM's default: a progress bar on stderr
         bar = None
         if show:
@@ -265,7 +264,8 @@ class LLM:
             while pending:
                 if not engine.has_unfinished_requests():
                     raise RuntimeError(f"engine went idle with {len(pending)} requests unfinished")
-                for output in engine.step():
+                outputs: list[RequestOutput | PoolingRequestOutput] = [*engine.step(), *engine.take_pooling_outputs()]
+                for output in outputs:
                     if output.finished and output.request_id in pending:
                         results[output.request_id] = output
                         pending.discard(output.request_id)

@@ -42,7 +42,9 @@ class _PoolingBody:
 
     def _drop_head(self: Any) -> None:
         cfg_vocab, hidden = self.model.embed_tokens.weight.shape
-        self.lm_head = LMHead(cfg_vocab, hidden, self.model.embed_tokens, self.dtype, self.model.embed_tokens.weight.device)
+        self.lm_head = LMHead(
+            cfg_vocab, hidden, self.model.embed_tokens, self.dtype, self.model.embed_tokens.weight.device
+        )
 
     @classmethod
     def sanitize(cls, name: str) -> str:

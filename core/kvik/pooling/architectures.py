@@ -5,7 +5,9 @@ from __future__ import annotations
 # Families whose decoder kvik runs natively (kvik.models.pooling_models builds their pooling variants).
 FAMILIES = ("Llama", "Mistral", "Qwen2", "Qwen3")
 
-POOLING_ARCHITECTURES = tuple(f"{family}{suffix}" for family in FAMILIES for suffix in ("Model", "ForSequenceClassification"))
+POOLING_ARCHITECTURES = tuple(
+    f"{family}{suffix}" for family in FAMILIES for suffix in ("Model", "ForSequenceClassification")
+)
 
 
 def is_pooling_architecture(arch: str) -> bool:

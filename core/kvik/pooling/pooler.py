@@ -69,8 +69,10 @@ class StepPooler:
                 state.count += end - start
             if last:
                 del self._partial[sched.request_id]
-                vector = state.first if kind is PoolingType.CLS else state.total / state.count  # type: ignore[operator]
+                vector = state.first if kind is PoolingType.CLS else state.total
                 assert vector is not None, "a CLS-pooled request must be prefilled from position 0"
+                if kind is PoolingType.MEAN:
+                    vector = vector / state.count
                 ids.append(sched.request_id)
                 rows.append(vector)
         if not rows:

@@ -60,7 +60,10 @@ def score_pairs(
         prompts = [pair_token_ids(tokenizer, q, d) for q, d in pairs]
         params = PoolingParams(task="classify", truncate_prompt_tokens=truncate_prompt_tokens)
         outs = llm.encode(prompts, params, use_tqdm)  # type: ignore[arg-type]
-        return [ScoringRequestOutput(o.request_id, ScoringOutput(relevance(o.outputs.data)), o.prompt_token_ids) for o in outs]
+        return [
+            ScoringRequestOutput(o.request_id, ScoringOutput(relevance(o.outputs.data)), o.prompt_token_ids)
+            for o in outs
+        ]
     texts = sorted({t for pair in pairs for t in pair})
     params = PoolingParams(truncate_prompt_tokens=truncate_prompt_tokens)
     vectors = {t: o.outputs.data for t, o in zip(texts, llm.encode(texts, params, use_tqdm), strict=True)}

@@ -32,8 +32,8 @@ from kvik.models.interface import ModelBuildContext
 from kvik.models.loader import dequantize_model, load_model
 from kvik.models.model_config import resolve_format
 from kvik.platforms.interface import Platform
-from kvik.pooling.pooler import StepPooler
 from kvik.plugins.manager import PluginManager, get_plugin_manager
+from kvik.pooling.pooler import StepPooler
 from kvik.quantization.base import QuantizationMethod
 from kvik.sample.batch import sampling_batch
 from kvik.sample.logprobs import start_sample_output
