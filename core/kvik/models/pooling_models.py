@@ -53,6 +53,19 @@ class _PoolingBody:
         return f"model.{name}"  # a bare-body checkpoint: "layers.0...", "embed_tokens.weight", "norm.weight"
 
 
+class ScoreHead(nn.Module):
+    """The classifier's bias-free ``score`` layer (``score.weight`` [num_labels, hidden]), run in float32."""
+
+    def __init__(self, hidden_size: int, num_labels: int, dtype: torch.dtype, device: torch.device) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(
+            torch.empty(num_labels, hidden_size, dtype=dtype, device=device), requires_grad=False
+        )
+
+    def forward(self, pooled: torch.Tensor) -> torch.Tensor:
+        return pooled.float() @ self.weight.float().t()
+
+
 def _body_class(family: str, base: type[LlamaForCausalLM]) -> type[LlamaForCausalLM]:
     class Body(_PoolingBody, base):  # type: ignore[misc,valid-type]
         def __init__(self, ctx: ModelBuildContext) -> None:
@@ -71,12 +84,11 @@ def _classifier_class(family: str, base: type[LlamaForCausalLM]) -> type[LlamaFo
             self._drop_head()
             cfg = ctx.model_config.hf_config
             num_labels = int(getattr(cfg, "num_labels", None) or len(getattr(cfg, "id2label", None) or {}) or 2)
-            self.score = nn.Linear(cfg.hidden_size, num_labels, bias=False, dtype=ctx.dtype, device=ctx.device)
-            self.score.weight.requires_grad_(False)
+            self.score = ScoreHead(cfg.hidden_size, num_labels, ctx.dtype, ctx.device)
 
         def pooler_head(self, pooled: torch.Tensor) -> torch.Tensor:
             """[P, hidden] float32 pooled states -> [P, num_labels] logits."""
-            return self.score(pooled.to(self.score.weight.dtype))
+            return self.score(pooled)
 
     Classifier.__name__ = Classifier.__qualname__ = f"{family}ForSequenceClassification"
     Classifier.__doc__ = f"{family} with a sequence-classification ``score`` head on the last token."
