@@ -103,6 +103,16 @@ class LLMEngine:
             resolution.report(),
         )
         self.runner = self.platform.create_model_runner(self.config, self.model_config)
+        self.pooler_setup: PoolerSetup | None = None  # the checkpoint's pooler when runner="pooling"
+        self.pooling_task = "embed"
+        if self.config.runner == "pooling":
+            from kvik.pooling.architectures import is_classifier_architecture
+
+            if not self.runner.supports_pooling:
+                raise ValueError(f"the {self.platform.name} platform's model runner cannot run pooling models yet")
+            self.pooler_setup = read_pooler_setup(self.config.model)
+            self.pooling_task = "classify" if is_classifier_architecture(self.model_config.architecture) else "embed"
+            logger.info("pooling: %s (%s)", self.pooler_setup, self.pooling_task)
         with step("loading the model"):
             self.runner.load_model()
         with step("profiling memory"):
@@ -130,14 +140,6 @@ class LLMEngine:
         if cfg.async_scheduling and not self.async_scheduling:
             logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
-        self.pooler_setup: PoolerSetup | None = None  # the checkpoint's pooler when runner="pooling"
-        self.pooling_task = "embed"
-        if cfg.runner == "pooling":
-            from kvik.pooling.architectures import is_classifier_architecture
-
-            self.pooler_setup = read_pooler_setup(cfg.model)
-            self.pooling_task = "classify" if is_classifier_architecture(self.model_config.architecture) else "embed"
-            logger.info("pooling: %s (%s)", self.pooler_setup, self.pooling_task)
         self._pooling: dict[str, PreparedRequest] = {}  # live pooling requests
         self._pooled_outputs: list[PoolingRequestOutput] = []  # finished, not yet taken
         self._prompt_tokens_total = 0

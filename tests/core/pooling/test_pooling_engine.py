@@ -9,8 +9,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kvik import LLM
 from kvik.pooling import PoolingParams
+from kvik.pooling.pooler import finish_pooled
 from kvik.testing.tiny_models import make_tiny_model
 from kvik.testing.tiny_pooling import make_tiny_classifier, make_tiny_embedder
 
@@ -75,7 +78,11 @@ def test_batched_equals_unbatched_and_chunked(models: dict[str, Path], embedders
     batched = np.array([o.outputs.embedding for o in embedders[name].embed(texts)])
     single = np.array([embedders[name].embed(t)[0].outputs.embedding for t in texts])
     np.testing.assert_allclose(batched, single, atol=1e-5)
-    chunked = LLM(str(models[name]), **ENGINE, max_num_batched_tokens=32, long_prefill_token_threshold=16)
+    # Chunked prefill (a state kept between steps), with async scheduling (the next step scheduled early).
+    chunked = LLM(
+        str(models[name]), **ENGINE, max_num_batched_tokens=32, long_prefill_token_threshold=16, async_scheduling=True
+    )
+    assert chunked.llm_engine.async_scheduling
     in_chunks = np.array([o.outputs.embedding for o in chunked.embed(texts)])
     np.testing.assert_allclose(in_chunks, batched, atol=1e-5)
     # Repeating a prompt (prefix cache warm) gives the same vector: MEAN/CLS skip the cache.
@@ -140,3 +147,29 @@ def test_bad_input_is_refused_with_the_reason(models: dict[str, Path], embedders
         LLM(str(models["reranker"]), runner="generate", **ENGINE)
     with pytest.raises(ValueError):
         PoolingParams(dimensions=0)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    raw=st.lists(st.floats(-100, 100, allow_nan=False), min_size=1, max_size=32),
+    dims=st.integers(1, 40),
+    normalize=st.booleans(),
+)
+def test_finish_pooled_truncates_then_normalizes(raw: list[float], dims: int, normalize: bool) -> None:
+    vector = np.array(raw, dtype=np.float32)
+    out = np.array(finish_pooled(vector, PoolingParams(dimensions=dims, normalize=normalize), default_normalize=False))
+    kept = vector[:dims].astype(np.float64)
+    assert out.shape == kept.shape
+    norm = np.linalg.norm(kept)
+    expected = kept / max(norm, 1e-12) if normalize else kept
+    np.testing.assert_allclose(out, expected, rtol=1e-9, atol=1e-12)
+
+
+@settings(max_examples=60, deadline=None)
+@given(logits=st.lists(st.floats(-50, 50, allow_nan=False), min_size=1, max_size=8))
+def test_classification_probabilities(logits: list[float]) -> None:
+    probs = finish_pooled(np.array(logits, dtype=np.float32), PoolingParams(task="classify"), default_normalize=True)
+    assert len(probs) == len(logits) and all(0 <= p <= 1 for p in probs)
+    if len(logits) > 1:
+        assert sum(probs) == pytest.approx(1.0)
+        assert probs[int(np.argmax(np.array(logits, dtype=np.float32)))] == max(probs)  # order kept
