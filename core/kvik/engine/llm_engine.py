@@ -27,9 +27,9 @@ from kvik.engine.progress import LoadProgress, format_bytes, format_tokens, step
 from kvik.outputs import RequestMetrics, RequestOutput
 from kvik.platforms.selector import resolve_platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
+from kvik.pooling.finish import finish_pooled
 from kvik.pooling.outputs import PoolingOutput, PoolingRequestOutput
 from kvik.pooling.params import PoolingParams
-from kvik.pooling.pooler import finish_pooled
 from kvik.pooling.setup import PoolerSetup, read_pooler_setup
 from kvik.request import Request, RequestStatus
 from kvik.sample.admission import prepare_params

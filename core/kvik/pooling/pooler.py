@@ -6,7 +6,7 @@ type needs between chunks (the CLS state, a running sum) and emits the pooled
 vector in the step that computes the request's last prompt token. The model's
 ``pooler_head`` (a classifier's score layer) then runs on the batch of vectors.
 
-:func:`finish_pooled` applies the request's options on the host.
+:func:`kvik.pooling.finish.finish_pooled` applies the request's options on the host (torch-free).
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from kvik.pooling.params import PoolingParams, PoolingType
+from kvik.pooling.params import PoolingType
 from kvik.scheduling.output import ScheduledRequest
 
 
@@ -81,21 +81,3 @@ class StepPooler:
         if self.head is not None:
             pooled = self.head(pooled).float()
         return ids, pooled
-
-
-def finish_pooled(raw: np.ndarray, params: PoolingParams, default_normalize: bool) -> list[float]:
-    """A request's vector from the runner's raw row: truncation and normalisation, or class probabilities."""
-    vector = raw.astype(np.float64)
-    if params.task == "classify":
-        if not params.activation:
-            return [float(x) for x in vector]
-        if vector.shape[0] == 1:  # one label: a relevance logit
-            return [float(1.0 / (1.0 + np.exp(-vector[0])))]
-        shifted = np.exp(vector - vector.max())
-        return [float(x) for x in shifted / shifted.sum()]
-    if params.dimensions is not None:
-        vector = vector[: params.dimensions]  # Matryoshka: the leading dimensions, then normalise
-    normalize = default_normalize if params.normalize is None else params.normalize
-    if normalize:
-        vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-    return [float(x) for x in vector]

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvik import LLM
 from kvik.pooling import PoolingParams
-from kvik.pooling.pooler import finish_pooled
+from kvik.pooling.finish import finish_pooled
 from kvik.testing.tiny_models import make_tiny_model
 from kvik.testing.tiny_pooling import make_tiny_classifier, make_tiny_embedder
 
