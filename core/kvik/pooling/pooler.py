@@ -44,7 +44,7 @@ class StepPooler:
     ) -> tuple[list[str], torch.Tensor | None]:
         """Feed this step's rows of every pooling request; return (finished ids, their float32 vectors)."""
         ids: list[str] = []
-        rows: list[torch.Tensor] = []
+        rows: list[torch.Tensor | int] = []  # a pooled vector, or the hidden row a LAST request pools
         for i, sched in enumerate(scheduled):
             params = sched.pooling_params
             if params is None:
@@ -55,7 +55,7 @@ class StepPooler:
             if kind is PoolingType.LAST:
                 if last:
                     ids.append(sched.request_id)
-                    rows.append(hidden[end - 1].float())
+                    rows.append(end - 1)
                 continue
             state = self._partial.get(sched.request_id)
             if state is None or sched.start_pos == 0:  # new, or recomputed from 0 after a preemption
@@ -77,7 +77,11 @@ class StepPooler:
                 rows.append(vector)
         if not rows:
             return ids, None
-        pooled = torch.stack(rows)
+        if all(isinstance(r, int) for r in rows):  # the common case (decoder embedders, classifiers): one gather
+            index = torch.tensor(rows, dtype=torch.int64).to(hidden.device, non_blocking=True)
+            pooled = hidden.index_select(0, index).float()
+        else:
+            pooled = torch.stack([hidden[r].float() if isinstance(r, int) else r for r in rows])
         if self.head is not None:
             pooled = self.head(pooled).float()
         return ids, pooled

@@ -350,11 +350,12 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         pooled_ids, pooled = self.pooler.pool(hidden, layout.scheduled, layout.query_start_loc)
         if pooled is None:
             return handle
-        host = pooled.to("cpu", non_blocking=True)
 
         def finish() -> RunnerOutput:
-            out = handle.result()  # synchronises the stream the copy above was queued on
-            out.pooled = dict(zip(pooled_ids, host.tolist(), strict=True))
+            out = handle.result()
+            # A blocking copy, made when the engine asks for the step's results (async scheduling
+            # still overlaps the next step's launch with this one).
+            out.pooled = dict(zip(pooled_ids, pooled.to("cpu").tolist(), strict=True))
             return out
 
         return StepHandle(finish)
