@@ -70,7 +70,7 @@ def main() -> int:
         path = make_tiny_embedder(
             Path(tmp) / "embedder", "qwen3", "last", hidden_size=args.hidden, num_hidden_layers=args.layers,
             intermediate_size=3 * args.hidden, num_attention_heads=8, num_key_value_heads=4, head_dim=64,
-            max_position_embeddings=1024,
+            max_position_embeddings=1024, max_seq_length=1024,
         )  # fmt: skip
         st = SentenceTransformer(str(path), device="cpu")
         llm = LLM(str(path), dtype="float32", device="cpu", num_threads=args.num_threads, max_model_len=1024,

@@ -25,10 +25,16 @@ def _save(path: Path, model: Any) -> None:
 
 
 def make_tiny_embedder(
-    path: str | Path, arch: str = "qwen3", pooling: str | None = "last", normalize: bool = True, **overrides: Any
+    path: str | Path,
+    arch: str = "qwen3",
+    pooling: str | None = "last",
+    normalize: bool = True,
+    max_seq_length: int = 256,
+    **overrides: Any,
 ) -> Path:
     """A bare ``{Family}Model`` checkpoint (as ``AutoModel.save_pretrained`` writes it); with ``pooling``,
-    the sentence-transformers ``modules.json`` / ``1_Pooling/config.json`` (and ``Normalize``) too."""
+    the sentence-transformers ``modules.json`` / ``1_Pooling/config.json`` (and ``Normalize``) too;
+    sentence-transformers truncates inputs to ``max_seq_length`` tokens."""
     import transformers
 
     path = Path(path)
@@ -51,7 +57,9 @@ def make_tiny_embedder(
     (path / "1_Pooling" / "config.json").write_text(
         json.dumps({"word_embedding_dimension": config.hidden_size, **flags})
     )
-    (path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256, "do_lower_case": False}))
+    (path / "sentence_bert_config.json").write_text(
+        json.dumps({"max_seq_length": max_seq_length, "do_lower_case": False})
+    )
     return path
 
 
