@@ -108,6 +108,8 @@ class EngineConfig:
             raise ValueError(
                 f"quantized_weights must be one of {', '.join(_WEIGHT_MODES)}, got {self.quantized_weights!r}"
             )
+        if self.load_format in ("safetensors", "gguf"):  # vLLM's spellings of "read the checkpoint"
+            self.load_format = LoadFormat.AUTO.value
         if self.load_format not in tuple(f.value for f in LoadFormat):
             raise ValueError(
                 f"load_format must be one of {', '.join(f.value for f in LoadFormat)}, got {self.load_format!r}"
