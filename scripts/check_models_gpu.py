@@ -34,6 +34,10 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--out", default=None, help="also append the JSON lines to this file")
+    ap.add_argument("--cases", default="", help="comma-separated case names (default: all)")
+    ap.add_argument("--attention-backend", default=None, help="force a backend (default: the platform's)")
+    ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
+    ap.add_argument("--hf-device", default="cpu", help="where the transformers reference runs")
     args = ap.parse_args()
 
     from kvik import LLM, SamplingParams
@@ -52,14 +56,17 @@ def main() -> int:
         path = fallback._checkpoint(root, name)
         cases.append((f"fallback-{name}", path, fallback.PROMPTS, fallback.NEW_TOKENS))
 
+    wanted = {c for c in args.cases.split(",") if c}
+    cases = [c for c in cases if not wanted or c[0] in wanted]
     failed = 0
     for name, path, prompts, new_tokens in cases:
         start = time.perf_counter()
-        reference = hf_greedy(path, prompts, new_tokens)
+        reference = hf_greedy(path, prompts, new_tokens, device=args.hf_device)
         record: dict[str, Any] = {"case": name}
         try:
             llm = LLM(str(path), device=args.device, dtype="float32", max_model_len=128, num_kv_blocks=256,
-                      block_size=16, max_num_seqs=8)  # fmt: skip
+                      block_size=16, max_num_seqs=8, attention_backend=args.attention_backend,
+                      enforce_eager=args.enforce_eager)  # fmt: skip
             engine = llm.llm_engine
             params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
             got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
