@@ -24,6 +24,7 @@ from kvik.config import EngineConfig, LoadFormat, ModelConfig, ResolvedConfig, S
 from kvik.models.formats import ModelFormat
 from kvik.models.hub import TOKENIZER_FILES, resolve_model_path
 from kvik.models.model_config import build_model_config, resolve_format
+from kvik.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     from kvik.platforms.interface import Platform
@@ -145,6 +146,7 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         load_format=LoadFormat(draft.load_format),
         attention_backend=draft.attention_backend or "",
         platform_options=options,
+        speculative_config=_speculative(draft, manager),
     )
     notes.extend(platform.configure(config, model_config))
     return ConfigResolution(config, model_config, model_format, sources, notes)
@@ -173,6 +175,19 @@ def _platform_options(draft: EngineConfig, platform: Platform, sources: dict[str
         elif f.default is MISSING or getattr(options, f.name) != f.default:
             sources[f"platform_options.{f.name}"] = f"platform {platform.name}"
     return options, notes
+
+
+def _speculative(draft: EngineConfig, manager: PluginManager) -> SpeculativeConfig | None:
+    """The checked speculative config; ValueError for a method no plugin registered."""
+    if draft.speculative_config is None:
+        return None
+    spec = SpeculativeConfig.parse(draft.speculative_config)
+    methods = manager.spec_proposers.names()
+    if spec.method not in methods:
+        raise ValueError(
+            f"speculative_config: unknown method {spec.method!r}; registered methods: {', '.join(sorted(methods))}"
+        )
+    return spec
 
 
 def _field_default(name: str) -> Any:
