@@ -63,7 +63,7 @@ def test_bad_configs_are_refused_clearly(value, message) -> None:
 def test_unknown_method_is_refused_at_resolution(tiny_model_dir) -> None:
     from kvik import LLM
 
-    with pytest.raises(ValueError, match="unknown method 'eagle'.*registered methods: .*ngram"):
+    with pytest.raises(ValueError, match=r"unknown method 'eagle'.*registered methods: .*ngram"):
         LLM(
             str(tiny_model_dir("llama")),
             device="cpu",
