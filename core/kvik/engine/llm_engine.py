@@ -62,6 +62,7 @@ class EngineStats:
     last_step_time: float  # time.monotonic() of the last step that did work
     spec_draft_tokens: int = 0  # speculative decoding: draft tokens verified since start
     spec_accepted_tokens: int = 0  # of which accepted
+    spec_accepted_per_position: tuple[int, ...] = ()  # [i]: verify steps that accepted draft i
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -374,6 +375,7 @@ class LLMEngine:
             last_step_time=self._last_step_time,
             spec_draft_tokens=stats.spec_draft_tokens,
             spec_accepted_tokens=stats.spec_accepted_tokens,
+            spec_accepted_per_position=stats.spec_accepted_per_position,
         )
 
     def shutdown(self) -> None:

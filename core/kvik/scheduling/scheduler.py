@@ -98,6 +98,7 @@ class Scheduler:
         self._num_steps = 0
         self._spec_drafts = 0  # speculative decoding: draft tokens verified, and accepted
         self._spec_accepted = 0
+        self._spec_accepted_per_position: list[int] = []
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
@@ -179,6 +180,7 @@ class Scheduler:
             num_steps=self._num_steps,
             spec_draft_tokens=self._spec_drafts,
             spec_accepted_tokens=self._spec_accepted,
+            spec_accepted_per_position=tuple(self._spec_accepted_per_position),
         )
 
     # ------------------------------------------------------------------ the step
@@ -327,6 +329,10 @@ class Scheduler:
                 per_position[i] += 1
         self._spec_drafts += k
         self._spec_accepted += accepted
+        per_position = self._spec_accepted_per_position
+        per_position.extend([0] * (accepted - len(per_position)))
+        for i in range(accepted):
+            per_position[i] += 1
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         if request.num_output_placeholders and (

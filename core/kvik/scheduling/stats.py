@@ -19,6 +19,7 @@ class SchedulerStats:
     num_steps: int  # schedule() calls that scheduled at least one token
     spec_draft_tokens: int = 0  # speculative decoding: draft tokens verified since start
     spec_accepted_tokens: int = 0  # of which accepted
+    spec_accepted_per_position: tuple[int, ...] = ()  # [i]: verify steps that accepted draft i
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -78,3 +78,23 @@ def test_serve_flag_is_checked_before_loading() -> None:
     assert engine_kwargs(args)["speculative_config"] == {"method": "ngram", "num_speculative_tokens": 3}
     with pytest.raises(SystemExit):
         parse_serve_args(["--speculative-config", '{"method": "ngram"}'])
+
+
+def test_metrics_endpoint_families() -> None:
+    """/metrics exports the engine's speculative counters (vLLM's spec_decode_* names)."""
+    from kvik.engine.llm_engine import EngineStats
+    from kvik_server.metrics import _EngineCollector
+
+    class Engine:
+        def get_stats(self) -> EngineStats:
+            return EngineStats(1, 0, 0.1, 0, 0, 0, 10, 20, 5, 0.0, spec_draft_tokens=12, spec_accepted_tokens=7,
+                               spec_accepted_per_position=(4, 2, 1))  # fmt: skip
+
+    samples = {
+        (s.name, s.labels.get("position")): s.value
+        for family in _EngineCollector(Engine(), "m", None).collect()
+        for s in family.samples
+    }
+    assert samples[("kvik:spec_decode_num_draft_tokens_total", None)] == 12
+    assert samples[("kvik:spec_decode_num_accepted_tokens_total", None)] == 7
+    assert [samples[("kvik:spec_decode_num_accepted_tokens_per_pos_total", str(i))] for i in range(3)] == [4, 2, 1]
