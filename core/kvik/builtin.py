@@ -50,3 +50,4 @@ def kvik_register_structured_output_backends(register: RegisterFn) -> None:
 @hookimpl
 def kvik_register_spec_proposers(register: RegisterFn) -> None:
     register("ngram", "kvik.spec_decode.ngram:NgramProposer")
+    register("suffix", "kvik.spec_decode.suffix:SuffixProposer")

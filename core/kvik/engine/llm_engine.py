@@ -277,6 +277,9 @@ class LLMEngine:
                 continue
             child_ids = [s.request.request_id for s in state.samples]
             self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+            if self.proposer is not None:
+                for sample in state.samples:
+                    self.proposer.request_finished(sample.request)
             self.structured.remove(child_ids)
             output = self.output_processor.abort(request_id)
             if output is not None:
@@ -351,7 +354,7 @@ class LLMEngine:
             self.structured.remove(stopped)
         if self.proposer is not None:
             for request in updated:
-                if request.is_finished:
+                if request.is_finished:  # by a stop rule, a stop string or a grammar
                     self.proposer.request_finished(request)
         sampled = runner_output.sampled_token_ids
         # Tokens dropped after a stop aside, each updated request got its sampled tokens.

@@ -15,6 +15,7 @@ from kvik import LLM, SamplingParams
 from kvik.testing.reference import random_prompts
 
 NGRAM = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+SUFFIX = {"method": "suffix", "num_speculative_tokens": 4, "suffix_min_match": 1}
 REPLAY = {"method": "replay", "num_speculative_tokens": 3}
 OPTIONS = dict(device="cpu", dtype="float32", block_size=16, max_model_len=128, max_num_seqs=8,
                max_num_batched_tokens=48)  # fmt: skip
@@ -49,7 +50,7 @@ def test_greedy_outputs_identical_with_drafts(model, replay_manager, num_kv_bloc
     want = base.generate(prompts, _params(), use_tqdm=False)
     for p, o in zip(_prompts(), want, strict=True):
         replay_manager.CONTINUATIONS[tuple(p)] = o.outputs[0].token_ids
-    for spec in (REPLAY, NGRAM):
+    for spec in (REPLAY, NGRAM, SUFFIX):
         llm = LLM(model, num_kv_blocks=num_kv_blocks, speculative_config=spec, **OPTIONS)
         got = llm.generate(prompts, _params(), use_tqdm=False)
         assert _summary(got) == _summary(want)
