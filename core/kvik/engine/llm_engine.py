@@ -127,6 +127,11 @@ class LLMEngine:
             logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
         self.proposer: Proposer | None = None
         if cfg.speculative_config is not None:
+            if not self.runner.supports_speculative_decoding:
+                raise ValueError(
+                    f"speculative decoding is not supported by the {self.platform.name} platform's model runner; "
+                    "drop speculative_config or use a torch platform (cpu, cuda, rocm)"
+                )
             self.proposer = self.manager.spec_proposers.get(cfg.speculative_config.method)(cfg.speculative_config)
             if self.async_scheduling:
                 # Drafts are proposed from the tokens of the previous step, so each step waits for it.

@@ -69,6 +69,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
 
     supports_structured_output = True
     supports_async_scheduling = True
+    supports_speculative_decoding = True
 
     def __init__(
         self,
