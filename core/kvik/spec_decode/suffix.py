@@ -78,7 +78,7 @@ class SuffixProposer(Proposer):
         return index
 
     def propose(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
-        drafts = []
+        drafts: list[list[int]] = []
         for request, k in zip(requests, num_tokens, strict=True):
             if k <= 0:
                 drafts.append([])
