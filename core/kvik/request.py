@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from kvik.pooling.params import PoolingParams
 from kvik.sampling_params import SamplingParams
 
 
@@ -63,6 +64,9 @@ class Request:
     num_accepted_tokens: int = 0  # of which accepted
     drafted_per_position: list[int] = field(default_factory=list)  # [i]: steps that verified a draft i
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: steps whose draft i was accepted
+    # A pooling request: prefilled, never sampled; finishes with ``pooled`` set (kvik.pooling).
+    pooling_params: PoolingParams | None = None
+    pooled: list[float] | None = None  # the runner's raw vector, set when the request finishes
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

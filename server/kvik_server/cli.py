@@ -92,6 +92,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                              "(methods: ngram, suffix; see docs/spec_decode.md)")  # fmt: skip
     engine.add_argument("--seed", type=int, help="engine seed")
+    engine.add_argument("--runner", choices=["auto", "generate", "pooling"],
+                        help="pooling: serve embeddings / rerank / score / classify (default auto: from the model)")  # fmt: skip
     engine.add_argument("--num-threads", type=_positive_int, help="CPU platforms: torch intra-op threads")
     server = parser.add_argument_group("server")
     server.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
@@ -107,6 +109,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     server.add_argument("--trust-request-chat-template", action="store_true", default=None,
                         help="render chat templates sent in requests (chat_template); off by default because a "
                         "template is code the server runs")  # fmt: skip
+    server.add_argument("--no-ui", dest="ui", action="store_false", default=None,
+                        help="do not serve the built-in chat page at / (then / is a 404)")  # fmt: skip
     server.add_argument("--log-level", default=None, type=str.lower,
                         choices=["critical", "error", "warning", "info", "debug"],
                         help="default: $KVIK_LOG_LEVEL, else info")  # fmt: skip
@@ -201,7 +205,8 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
     """AsyncLLM.from_engine_args keyword arguments from the flags that were given."""
     names = ("model", "tokenizer", "revision", "download_dir", "trust_remote_code", "device", "dtype",
              "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "enable_prefix_caching",
-             "enforce_eager", "async_scheduling", "seed", "num_threads", "speculative_config")  # fmt: skip
+             "enforce_eager", "async_scheduling", "seed", "num_threads", "runner",
+             "speculative_config")  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

@@ -17,13 +17,15 @@ from, so the start-up log can say why the engine runs as it does.
 from __future__ import annotations
 
 import copy
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from kvik.attention.selector import select_attention_backend
 from kvik.config import EngineConfig, LoadFormat, ModelConfig, ResolvedConfig, SchedulingPolicy, WeightsMode
 from kvik.models.formats import ModelFormat
 from kvik.models.hub import TOKENIZER_FILES, resolve_model_path
 from kvik.models.model_config import build_model_config, resolve_format
+from kvik.plugins.registry import PluginError
 from kvik.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
@@ -147,9 +149,45 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         attention_backend=draft.attention_backend or "",
         platform_options=options,
         speculative_config=_speculative(draft, manager),
+        runner=_resolve_runner(draft.runner, model_config, notes),
     )
+    # The backend is chosen here, once, from the model's facts: the runner builds what the config names.
+    backend = select_attention_backend(
+        platform,
+        config,
+        model_config.head_dim,
+        model_config.dtype,
+        model_config.sliding_window,
+        manager,
+        logits_soft_cap=model_config.attn_logits_soft_cap,
+    )
+    if not config.attention_backend:
+        # The registry name (a class may be registered under another name than its own ``name``).
+        chosen = next(n for n in platform.attention_backends if _registered_as(manager, n, backend))
+        sources["attention_backend"] = f"platform {platform.name}"
+        config = replace(config, attention_backend=chosen)
     notes.extend(platform.configure(config, model_config))
     return ConfigResolution(config, model_config, model_format, sources, notes)
+
+
+def _resolve_runner(requested: str, model_config: ModelConfig, notes: list[str]) -> str:
+    """"generate" or "pooling" for this model; a ``*ForCausalLM`` run for pooling is built as its bare body."""
+    from kvik.pooling.architectures import is_pooling_architecture, pooling_architecture
+
+    arch = model_config.architecture
+    if is_pooling_architecture(arch):
+        if requested == "generate":
+            raise ValueError(f"{arch} is a pooling model (embeddings / classification): it cannot generate; "
+                             "use runner='pooling' (or 'auto')")  # fmt: skip
+        return "pooling"
+    if requested != "pooling":
+        return "generate"
+    body = pooling_architecture(arch)
+    if body is None:
+        raise ValueError(f"runner='pooling' needs a Llama, Mistral, Qwen2 or Qwen3 body; {arch} has no pooling variant")
+    notes.append(f"runner=pooling: {arch} runs as {body} (its hidden states are pooled, no logits)")
+    model_config.architecture = body
+    return "pooling"
 
 
 def _platform_options(draft: EngineConfig, platform: Platform, sources: dict[str, str]) -> tuple[Any, list[str]]:
@@ -188,6 +226,11 @@ def _speculative(draft: EngineConfig, manager: PluginManager) -> SpeculativeConf
             f"speculative_config: unknown method {spec.method!r}; registered methods: {', '.join(sorted(methods))}"
         )
     return spec
+def _registered_as(manager: PluginManager, name: str, backend: type) -> bool:
+    try:
+        return manager.attention_backends.get(name) is backend
+    except PluginError:
+        return False
 
 
 def _field_default(name: str) -> Any:

@@ -45,6 +45,9 @@ class ModelRunner(ABC):
     # True when a request scheduled with ``draft_token_ids`` gets the accepted drafts plus one
     # token back, verified exactly (kvik.spec_decode.verify): speculative decoding needs it.
     supports_speculative_decoding: bool = False
+    # True when execute() pools the hidden states of requests with ``pooling_params`` and returns
+    # them in ``RunnerOutput.pooled`` (kvik.pooling); the engine refuses runner="pooling" otherwise.
+    supports_pooling: bool = False
 
     @abstractmethod
     def load_model(self) -> None:
