@@ -48,3 +48,9 @@ def kvik_register_model_formats(register: RegisterFn) -> None:
 @hookimpl
 def kvik_register_structured_output_backends(register: RegisterFn) -> None:
     register("xgrammar", "kvik.structured.xgrammar_backend:XGrammarBackend")  # needs `pip install xgrammar`
+
+
+@hookimpl
+def kvik_register_spec_proposers(register: RegisterFn) -> None:
+    register("ngram", "kvik.spec_decode.ngram:NgramProposer")
+    register("suffix", "kvik.spec_decode.suffix:SuffixProposer")

@@ -14,6 +14,8 @@ from dataclasses import dataclass, field, fields
 from enum import Enum
 from typing import Any
 
+from kvik.spec_decode.config import SpeculativeConfig
+
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _POLICIES = ("fcfs", "priority")
 _WEIGHT_MODES = ("auto", "dequantize", "quantized")
@@ -96,8 +98,13 @@ class EngineConfig:
     # The selected platform's typed options by name (see ``kvik env`` / the platform's docs),
     # e.g. {"fused_layers": False} on cuda, {"cpu_affinity": "0-3"} on cpu.
     platform_options: dict[str, Any] = field(default_factory=dict)
+    # Speculative decoding, vLLM's shape: {"method": "ngram", "num_speculative_tokens": 4, ...}
+    # (see kvik.spec_decode.config.SpeculativeConfig); None: off.
+    speculative_config: dict[str, Any] | SpeculativeConfig | None = None
 
     def __post_init__(self) -> None:
+        if self.speculative_config is not None:
+            SpeculativeConfig.parse(self.speculative_config)  # ValueError naming the bad key
         if self.dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(_DTYPES)}, got {self.dtype!r}")
         if self.scheduling_policy not in _POLICIES:
@@ -185,6 +192,7 @@ class ResolvedConfig:
     async_scheduling: bool  # asked for; the engine also needs a runner that supports it
     seed: int
     platform_options: PlatformOptions  # the platform's typed options (``Platform.options_type``)
+    speculative_config: SpeculativeConfig | None = None  # None: no speculative decoding
     runner: str = "generate"  # "generate" or "pooling" (the engine serves only that kind of request)
 
 

@@ -56,6 +56,14 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     reads_output_history: bool = False  # from sampling_params, read every step by the engine
+    # Speculative decoding: drafts proposed for the next step, and the drafts of the step in
+    # flight (its KV past the accepted ones is rolled back when the step's tokens land).
+    draft_token_ids: list[int] = field(default_factory=list)
+    num_scheduled_drafts: int = 0
+    num_draft_tokens: int = 0  # drafts verified so far
+    num_accepted_tokens: int = 0  # of which accepted
+    drafted_per_position: list[int] = field(default_factory=list)  # [i]: steps that verified a draft i
+    accepted_per_position: list[int] = field(default_factory=list)  # [i]: steps whose draft i was accepted
     # A pooling request: prefilled, never sampled; finishes with ``pooled`` set (kvik.pooling).
     pooling_params: PoolingParams | None = None
     pooled: list[float] | None = None  # the runner's raw vector, set when the request finishes

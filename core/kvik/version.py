@@ -15,4 +15,5 @@ __version__ = "0.1.0"
 #     supported_dtypes / validate(), supports_cuda_graphs, AttentionMetadata.max_seq_len_bound;
 #     SamplingBatch / PromptRows in kvik.sample.batch.
 # 2.1: tool-parser and reasoning-parser hooks (served by kvik-server)
-PLUGIN_API_VERSION = "2.1"
+# 2.2: kvik_register_spec_proposers (speculative decoding), ScheduledRequest.draft_token_ids
+PLUGIN_API_VERSION = "2.2"

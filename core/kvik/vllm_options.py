@@ -25,7 +25,6 @@ OFF_VALUES: dict[str, tuple[Any, ...] | object] = {
     "calculate_kv_scales": (False,),
     "enable_lora": (False,),
     "enable_prompt_adapter": (False,),
-    "speculative_config": (None,),
     "kv_transfer_config": (None,),
     "tokenizer_mode": ("auto",),
     "skip_tokenizer_init": (False,),

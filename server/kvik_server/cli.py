@@ -48,6 +48,19 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _speculative_json(text: str) -> dict[str, Any]:
+    """``--speculative-config``: vLLM's JSON object, checked before the model loads."""
+    import json
+
+    from kvik.spec_decode.config import SpeculativeConfig
+
+    try:
+        SpeculativeConfig.parse(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return json.loads(text)  # type: ignore[no-any-return]
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every ``kvik serve`` flag to ``parser`` (engine options keep vLLM's names)."""
     parser.add_argument("--config", help="YAML file of flag values (keys: flag names with - or _); "
@@ -75,6 +88,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine.add_argument("--enforce-eager", action="store_true", default=None, help="disable CUDA graphs")
     engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="schedule the next step while the GPU runs this one (default: the platform's)")  # fmt: skip
+    engine.add_argument("--speculative-config", type=_speculative_json, metavar="JSON",
+                        help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
+                             "(methods: ngram, suffix; see docs/spec_decode.md)")  # fmt: skip
     engine.add_argument("--seed", type=int, help="engine seed")
     engine.add_argument("--runner", choices=["auto", "generate", "pooling"],
                         help="pooling: serve embeddings / rerank / score / classify (default auto: from the model)")  # fmt: skip
@@ -189,7 +205,8 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
     """AsyncLLM.from_engine_args keyword arguments from the flags that were given."""
     names = ("model", "tokenizer", "revision", "download_dir", "trust_remote_code", "device", "dtype",
              "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "enable_prefix_caching",
-             "enforce_eager", "async_scheduling", "seed", "num_threads", "runner")  # fmt: skip
+             "enforce_eager", "async_scheduling", "seed", "num_threads", "runner",
+             "speculative_config")  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

@@ -115,6 +115,18 @@ class _EngineCollector(Collector):
         yield counter("kvik:prompt_tokens", "Prompt tokens admitted.", stats.prompt_tokens_total)
         yield counter("kvik:generation_tokens", "Tokens generated.", stats.generation_tokens_total)
         yield counter("kvik:engine_steps", "Engine steps that did work.", stats.num_steps)
+        if stats.spec_draft_tokens:  # speculative decoding (vLLM's spec_decode_* families)
+            yield counter("kvik:spec_decode_num_draft_tokens", "Draft tokens verified.", stats.spec_draft_tokens)
+            yield counter("kvik:spec_decode_num_accepted_tokens", "Draft tokens accepted.", stats.spec_accepted_tokens)
+            per_position = CounterMetricFamily(
+                "kvik:spec_decode_num_accepted_tokens_per_pos",
+                "Verify steps that accepted the draft at each position (rate: divide by the steps "
+                "that drafted that far).",
+                labels=[*labels, "position"],
+            )
+            for i, n in enumerate(stats.spec_accepted_per_position):
+                per_position.add_metric([*value, str(i)], n)
+            yield per_position
         yield gauge(
             "kvik:engine_seconds_since_last_step", "Seconds since the engine last did work.",
             max(0.0, time.monotonic() - stats.last_step_time),

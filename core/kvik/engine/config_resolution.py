@@ -26,6 +26,7 @@ from kvik.models.formats import ModelFormat
 from kvik.models.hub import TOKENIZER_FILES, resolve_model_path
 from kvik.models.model_config import build_model_config, resolve_format
 from kvik.plugins.registry import PluginError
+from kvik.spec_decode.config import SpeculativeConfig
 
 if TYPE_CHECKING:
     from kvik.platforms.interface import Platform
@@ -147,6 +148,7 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         load_format=LoadFormat(draft.load_format),
         attention_backend=draft.attention_backend or "",
         platform_options=options,
+        speculative_config=_speculative(draft, manager),
         runner=_resolve_runner(draft.runner, model_config, notes),
     )
     # The backend is chosen here, once, from the model's facts: the runner builds what the config names.
@@ -213,6 +215,17 @@ def _platform_options(draft: EngineConfig, platform: Platform, sources: dict[str
     return options, notes
 
 
+def _speculative(draft: EngineConfig, manager: PluginManager) -> SpeculativeConfig | None:
+    """The checked speculative config; ValueError for a method no plugin registered."""
+    if draft.speculative_config is None:
+        return None
+    spec = SpeculativeConfig.parse(draft.speculative_config)
+    methods = manager.spec_proposers.names()
+    if spec.method not in methods:
+        raise ValueError(
+            f"speculative_config: unknown method {spec.method!r}; registered methods: {', '.join(sorted(methods))}"
+        )
+    return spec
 def _registered_as(manager: PluginManager, name: str, backend: type) -> bool:
     try:
         return manager.attention_backends.get(name) is backend

@@ -35,6 +35,7 @@ from kvik.request import Request, RequestStatus
 from kvik.sample.admission import prepare_params
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import SchedulerOutput
+from kvik.spec_decode.proposer import Proposer
 from kvik.structured.manager import StructuredOutputManager
 from kvik.worker.interface import StepHandle
 
@@ -67,6 +68,9 @@ class EngineStats:
     generation_tokens_total: int
     num_steps: int
     last_step_time: float  # time.monotonic() of the last step that did work
+    spec_draft_tokens: int = 0  # speculative decoding: draft tokens verified since start
+    spec_accepted_tokens: int = 0  # of which accepted
+    spec_accepted_per_position: tuple[int, ...] = ()  # [i]: verify steps that accepted draft i
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -139,6 +143,18 @@ class LLMEngine:
         self.async_scheduling = cfg.async_scheduling and self.runner.supports_async_scheduling
         if cfg.async_scheduling and not self.async_scheduling:
             logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
+        self.proposer: Proposer | None = None
+        if cfg.speculative_config is not None:
+            if not self.runner.supports_speculative_decoding:
+                raise ValueError(
+                    f"speculative decoding is not supported by the {self.platform.name} platform's model runner; "
+                    "drop speculative_config or use a torch platform (cpu, cuda, rocm)"
+                )
+            self.proposer = self.manager.spec_proposers.get(cfg.speculative_config.method)(cfg.speculative_config)
+            if self.async_scheduling:
+                # Drafts are proposed from the tokens of the previous step, so each step waits for it.
+                logger.info("async scheduling is off: speculative decoding runs its steps synchronously")
+                self.async_scheduling = False
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._pooling: dict[str, PreparedRequest] = {}  # live pooling requests
         self._pooled_outputs: list[PoolingRequestOutput] = []  # finished, not yet taken
@@ -353,6 +369,9 @@ class LLMEngine:
                 continue
             child_ids = [s.request.request_id for s in state.samples]
             self.scheduler.finish_requests(child_ids, RequestStatus.FINISHED_ABORTED)
+            if self.proposer is not None:
+                for sample in state.samples:
+                    self.proposer.request_finished(sample.request)
             self.structured.remove(child_ids)
             output = self.output_processor.abort(request_id)
             if output is not None:
@@ -372,6 +391,8 @@ class LLMEngine:
         """
         if not self.async_scheduling or any(r.reads_output_history for r in self.scheduler.running):
             outputs = self._finish_in_flight()
+            if self.proposer is not None:
+                self._propose(self.proposer)
             scheduler_output = self._schedule()
             if scheduler_output is None:
                 return outputs
@@ -381,6 +402,22 @@ class LLMEngine:
         outputs = self._finish_in_flight()
         self._in_flight = launched
         return outputs
+
+    def _propose(self, proposer: Proposer) -> None:
+        """Draft tokens for the running requests that decode next (none for grammar-constrained ones)."""
+        k = self.config.speculative_config.num_speculative_tokens  # type: ignore[union-attr]
+        decoding = [
+            r
+            for r in self.scheduler.running
+            if r.num_computed_tokens == r.num_tokens - 1
+            and not r.num_output_placeholders
+            and r.sampling_params.guided is None
+        ]
+        if not decoding:
+            return
+        room = [min(k, r.max_tokens - r.num_output_tokens - 1) for r in decoding]
+        for request, drafts in zip(decoding, proposer.propose(decoding, room), strict=True):
+            request.draft_token_ids = list(drafts)
 
     def _schedule(self) -> SchedulerOutput | None:
         scheduler_output = self.scheduler.schedule()
@@ -410,7 +447,13 @@ class LLMEngine:
         if stopped:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
             self.structured.remove(stopped)
-        self._generation_tokens_total += len(updated)  # one token each (tokens dropped after a stop aside)
+        if self.proposer is not None:
+            for request in updated:
+                if request.is_finished:  # by a stop rule, a stop string or a grammar
+                    self.proposer.request_finished(request)
+        sampled = runner_output.sampled_token_ids
+        # Tokens dropped after a stop aside, each updated request got its sampled tokens.
+        self._generation_tokens_total += sum(len(sampled.get(r.request_id, ())) for r in updated)
         self._num_steps += 1
         self._last_step_time = time.monotonic()
         self._pooled_outputs.extend(self._pooling_output(r) for r in pooled)
@@ -441,6 +484,9 @@ class LLMEngine:
             generation_tokens_total=self._generation_tokens_total,
             num_steps=self._num_steps,
             last_step_time=self._last_step_time,
+            spec_draft_tokens=stats.spec_draft_tokens,
+            spec_accepted_tokens=stats.spec_accepted_tokens,
+            spec_accepted_per_position=stats.spec_accepted_per_position,
         )
 
     def shutdown(self) -> None:

@@ -93,6 +93,26 @@ class OutputProcessor:
             state, sample = owner
             if sample.finish_reason is not None:
                 continue
+            detok = sample.detokenizer
+            # Without stop strings, a final-only request needs its text once, at the end.
+            lazy = state.params.output_kind == "final_only" and not state.params.stop
+            if detok is not None and (not lazy or request.is_finished):
+                new_ids = request.output_token_ids[sample.num_detokenized :]
+                stop = None
+                for i, token_id in enumerate(new_ids):  # one at a time: a stop string ends at its token
+                    stop = detok.update([token_id])
+                    if stop is not None:
+                        # Speculative decoding may have appended tokens past it: they were never generated,
+                        # nor was the length / stop token that finished the request after them.
+                        dropped = len(new_ids) - i - 1
+                        _truncate(request, dropped)
+                        if dropped and request.is_finished:
+                            sample.finish_reason, sample.stop_reason = "stop", stop
+                        break
+                sample.num_detokenized = request.num_output_tokens
+                if stop is not None and not request.is_finished:
+                    sample.finish_reason, sample.stop_reason = "stop", stop
+                    stopped.append(request.request_id)
             if runner_output is not None and runner_output.logprobs and state.params.logprobs is not None:
                 self._add_sample_logprobs(sample, request, runner_output, state.params.logprobs)
             metrics = state.metrics
@@ -101,16 +121,8 @@ class OutputProcessor:
             metrics.last_token_time = now
             metrics.num_preemptions = max(metrics.num_preemptions, request.num_preemptions)
             metrics.num_cached_tokens = max(metrics.num_cached_tokens, request.num_cached_tokens)
-            detok = sample.detokenizer
-            # Without stop strings, a final-only request needs its text once, at the end.
-            lazy = state.params.output_kind == "final_only" and not state.params.stop
-            if detok is not None and (not lazy or request.is_finished):
-                new_ids = request.output_token_ids[sample.num_detokenized :]
-                sample.num_detokenized += len(new_ids)
-                stop = detok.update(new_ids) if new_ids else None
-                if stop is not None and not request.is_finished:
-                    sample.finish_reason, sample.stop_reason = "stop", stop
-                    stopped.append(request.request_id)
+            if request.num_draft_tokens:
+                _add_spec_metrics(metrics, state)
             if sample.finish_reason is None and request.is_finished:
                 sample.finish_reason = request.status.finish_reason
                 sample.stop_reason = request.stop_reason
@@ -194,3 +206,25 @@ class OutputProcessor:
             num_cached_tokens=state.metrics.num_cached_tokens,
             prompt_logprobs=list(state.prompt_logprobs) if state.params.prompt_logprobs is not None else None,
         )
+
+
+def _truncate(request: Request, num_tokens: int) -> None:
+    """Drop the last ``num_tokens`` output tokens (the request is about to finish)."""
+    if num_tokens:
+        del request.output_token_ids[-num_tokens:]
+        del request.all_token_ids[-num_tokens:]
+
+
+def _add_spec_metrics(metrics: RequestMetrics, state: RequestState) -> None:
+    """Speculative decoding counts, summed over the request's samples."""
+    drafted: list[int] = []
+    accepted: list[int] = []
+    for s in state.samples:
+        r = s.request
+        for total, counts in ((drafted, r.drafted_per_position), (accepted, r.accepted_per_position)):
+            total.extend([0] * (len(counts) - len(total)))
+            for i, count in enumerate(counts):
+                total[i] += count
+    metrics.num_draft_tokens = sum(s.request.num_draft_tokens for s in state.samples)
+    metrics.num_accepted_tokens = sum(s.request.num_accepted_tokens for s in state.samples)
+    metrics.drafted_per_position, metrics.accepted_per_position = drafted, accepted

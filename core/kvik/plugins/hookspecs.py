@@ -119,6 +119,18 @@ def kvik_register_reasoning_parsers(register: RegisterFn) -> None:
 
 
 @hookspec
+def kvik_register_spec_proposers(register: RegisterFn) -> None:
+    """Register speculative-decoding proposers for ``speculative_config={"method": NAME, ...}``.
+
+    Call ``register(name, "module:ProposerClass")``; the class subclasses
+    :class:`kvik.spec_decode.proposer.Proposer` (built with the
+    :class:`~kvik.spec_decode.config.SpeculativeConfig`; ``propose(requests, num_tokens)``
+    returns each request's draft tokens, verified exactly by the target model). kvik
+    registers ``ngram`` and ``suffix``. Not firstresult.
+    """
+
+
+@hookspec
 def kvik_configure(config: EngineConfig) -> list[str] | None:
     """Inspect or adjust the engine options before they are frozen.
 
@@ -140,5 +152,6 @@ ALL_HOOKS: tuple[Any, ...] = (
     kvik_register_structured_output_backends,
     kvik_register_tool_parsers,
     kvik_register_reasoning_parsers,
+    kvik_register_spec_proposers,
     kvik_configure,
 )

@@ -41,6 +41,7 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "structured output backend": "kvik_register_structured_output_backends",
     "tool parser": "kvik_register_tool_parsers",
     "reasoning parser": "kvik_register_reasoning_parsers",
+    "speculative proposer": "kvik_register_spec_proposers",
 }
 _HOOK_NAMES = tuple(h.__name__ for h in hookspecs.ALL_HOOKS)
 
@@ -298,6 +299,10 @@ class PluginManager:
     @property
     def structured_output_backends(self) -> Registry[Any]:
         return self.registry("structured output backend")
+
+    @property
+    def spec_proposers(self) -> Registry[Any]:
+        return self.registry("speculative proposer")
 
     @property
     def hook(self) -> Any:

@@ -16,6 +16,7 @@ and position: not on the batch it ran in, nor on how many steps ran before
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import overload
 
 import torch
 
@@ -64,23 +65,75 @@ class Sampler:
             sampled = torch.where(self._column(greedy, logits, torch.bool).squeeze(1), greedy_ids, sampled)
         return sampled
 
+    def verify(self, logits: torch.Tensor, batch: SamplingBatch, draft_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Speculative decoding's exact rejection rule, one row per scored position.
+
+        ``draft_ids[i]`` is the drafted token at row ``i`` (-1: none, a bonus row). With
+        ``p`` the row's target distribution (every knob applied) and a one-hot draft
+        ``q``, the draft is accepted with probability ``min(1, p(d) / q(d)) = p(d)``;
+        otherwise the token comes from the residual ``max(0, p - q)``, i.e. ``p``
+        without ``d``. Greedy rows accept a draft equal to the argmax. Returns
+        (accepted [n] bool, sampled [n] int64: the residual (or argmax) sample).
+        """
+        for processor in self.logits_processors:
+            logits = processor(logits, batch)
+        drafts = to_device(torch.tensor(draft_ids, dtype=torch.int64), logits.device)
+        has_draft = drafts >= 0
+        greedy = [p.greedy for p in batch.params]
+        argmax = logits.argmax(dim=-1)
+        if all(greedy):
+            return has_draft & (argmax == drafts), argmax
+        temps = [1.0 if g else float(p.temperature) for p, g in zip(batch.params, greedy, strict=True)]
+        logits = logits / self._column(temps, logits)
+        logits = apply_top_k_top_p(logits, batch, self._column, self.top_p_candidates)
+        logits = apply_min_p(logits, batch, self._column)
+        probs = logits.softmax(dim=-1)
+        index = drafts.clamp(min=0)[:, None]
+        p_draft = probs.gather(1, index).squeeze(1)
+        noise, uniform = self._noise(probs.shape, batch, with_uniform=True)
+        accepted = has_draft & (uniform < p_draft)
+        residual = torch.where(has_draft[:, None], probs.scatter(1, index, 0.0), probs)
+        sampled = residual.div_(noise).argmax(dim=-1)
+        if any(greedy):
+            g = self._column(greedy, logits, torch.bool).squeeze(1)
+            accepted = torch.where(g, has_draft & (argmax == drafts), accepted)
+            sampled = torch.where(g, argmax, sampled)
+        return accepted, sampled
+
     def _column(self, values: list, like: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A per-row list as an [n, 1] tensor on ``like``'s device (one host->device copy)."""
         return to_device(torch.tensor(values, dtype=dtype), like.device)[:, None]
 
-    def _noise(self, shape: torch.Size, batch: SamplingBatch) -> torch.Tensor:
-        """Exponential(1) noise [n, vocab]: seeded rows from their own (seed, position) generator."""
+    @overload
+    def _noise(self, shape: torch.Size, batch: SamplingBatch) -> torch.Tensor: ...
+    @overload
+    def _noise(
+        self, shape: torch.Size, batch: SamplingBatch, with_uniform: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def _noise(
+        self, shape: torch.Size, batch: SamplingBatch, with_uniform: bool = False
+    ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+        """Exponential(1) noise [n, vocab]: seeded rows from their own (seed, position) generator.
+
+        ``with_uniform`` also returns one Uniform[0, 1) per row (speculative acceptance),
+        drawn after the row's noise from the same generator."""
         noise = torch.empty(shape, dtype=torch.float32, device=self.device)
         noise.uniform_(generator=self.generator)
+        uniform = torch.empty(shape[0], dtype=torch.float32, device=self.device)
+        if with_uniform:
+            uniform.uniform_(generator=self.generator)
         for row, (params, position) in enumerate(zip(batch.params, batch.output_positions, strict=True)):
             if params.seed is None or params.greedy:
                 continue
             gen = torch.Generator(device=self.device)
             gen.manual_seed(row_seed(params.seed, position))
             noise[row].uniform_(generator=gen)
+            if with_uniform:
+                uniform[row : row + 1].uniform_(generator=gen)
         # -log(U) for U ~ Uniform[0, 1) is Exponential(1); 4x faster than exponential_()
         # on CPUs. U = 0 gives +inf, so that token loses the race (probability 2**-24).
-        return noise.log_().neg_()
+        noise = noise.log_().neg_()
+        return (noise, uniform) if with_uniform else noise
 
 
 def apply_top_k_top_p(

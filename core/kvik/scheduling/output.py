@@ -45,6 +45,10 @@ class ScheduledRequest:
     num_pending_outputs: int = 0
     # True: new_block_ids is the whole table (replace the runner's row); False: append them.
     full_block_table: bool = True
+    # Speculative decoding: the last len(draft_token_ids) of token_ids are proposed tokens
+    # (sample is True). The runner scores all of them plus the last real token and returns
+    # the accepted drafts plus one sampled token (kvik.spec_decode.verify).
+    draft_token_ids: list[int] = field(default_factory=list)
     # A pooling request (its ``sample`` is always False): the runner pools its hidden states and
     # reports the vector in ``RunnerOutput.pooled`` in the step that reaches its last prompt token.
     pooling_params: PoolingParams | None = None

@@ -96,6 +96,9 @@ class Scheduler:
         self._sent_blocks: dict[str, int] = {}
         self._num_preemptions = 0
         self._num_steps = 0
+        self._spec_drafts = 0  # speculative decoding: draft tokens verified, and accepted
+        self._spec_accepted = 0
+        self._spec_accepted_per_position: list[int] = []
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
@@ -175,6 +178,9 @@ class Scheduler:
             prefix_cache_hits=pc.hits,
             num_preemptions=self._num_preemptions,
             num_steps=self._num_steps,
+            spec_draft_tokens=self._spec_drafts,
+            spec_accepted_tokens=self._spec_accepted,
+            spec_accepted_per_position=tuple(self._spec_accepted_per_position),
         )
 
     # ------------------------------------------------------------------ the step
@@ -253,7 +259,13 @@ class Scheduler:
             self._num_steps += 1
         for request, num_new in scheduled.values():
             request.num_computed_tokens += num_new
-            if request.num_computed_tokens == request.num_tokens + request.num_output_placeholders:
+            request.num_scheduled_drafts = max(
+                0, request.num_computed_tokens - request.num_tokens - request.num_output_placeholders
+            )
+            request.draft_token_ids = []  # consumed (or stale once this step's tokens land)
+            if request.num_computed_tokens == (
+                request.num_tokens + request.num_output_placeholders + request.num_scheduled_drafts
+            ):
                 request.num_output_placeholders += 1  # this step samples its next token
         return out
 
@@ -285,6 +297,8 @@ class Scheduler:
                     "which was scheduled with sample=True"
                 )
             was_preempted = request.status == RequestStatus.PREEMPTED  # by a schedule() that ran ahead
+            if request.num_scheduled_drafts:
+                self._roll_back_drafts(request, len(new_tokens))
             for token_id in new_tokens:
                 request.append_output_token(token_id)
                 if self._check_stop(request, token_id):
@@ -317,6 +331,30 @@ class Scheduler:
         self._release(request)  # update_from_output drops it from ``running``
 
     # ------------------------------------------------------------------ helpers
+    def _roll_back_drafts(self, request: Request, num_sampled: int) -> None:
+        """A verify step sampled ``num_sampled`` tokens: the accepted drafts plus one. The KV of
+        the rejected drafts is dropped (their slots are rewritten by the next step)."""
+        k, request.num_scheduled_drafts = request.num_scheduled_drafts, 0
+        accepted = num_sampled - 1
+        if not 0 <= accepted <= k:
+            raise RuntimeError(
+                f"the model runner returned {num_sampled} tokens for request {request.request_id!r}, "
+                f"which was scheduled with {k} draft tokens (1 to {k + 1} expected)"
+            )
+        request.num_computed_tokens -= k - accepted
+        request.num_draft_tokens += k
+        request.num_accepted_tokens += accepted
+        for per_position, n in ((request.drafted_per_position, k), (request.accepted_per_position, accepted)):
+            per_position.extend([0] * (k - len(per_position)))
+            for i in range(n):
+                per_position[i] += 1
+        self._spec_drafts += k
+        self._spec_accepted += accepted
+        per_position = self._spec_accepted_per_position
+        per_position.extend([0] * (accepted - len(per_position)))
+        for i in range(accepted):
+            per_position[i] += 1
+
     def _num_new_tokens(self, request: Request, budget: int) -> int:
         if request.num_output_placeholders and (
             request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
@@ -324,6 +362,12 @@ class Scheduler:
         ):
             return 0  # the token in flight is its last: nothing more to compute
         num_new = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
+        if num_new == 1 and request.draft_token_ids and not request.num_output_placeholders:
+            # A decode with drafts: verify them in the same row. Never draft past max_tokens
+            # or the length limit (those tokens could not be kept), nor past the budget.
+            room = min(request.max_tokens - request.num_output_tokens, self._max_len - request.num_tokens) - 1
+            del request.draft_token_ids[max(0, min(room, budget - 1)) :]
+            return 1 + len(request.draft_token_ids)
         if self.long_prefill_token_threshold:
             num_new = min(num_new, self.long_prefill_token_threshold)
         return min(num_new, budget)
@@ -341,6 +385,7 @@ class Scheduler:
         self._sent_blocks.pop(request.request_id, None)  # resumed with a new table, sent whole
         request.status = RequestStatus.PREEMPTED
         request.num_computed_tokens = 0
+        request.draft_token_ids = []
         request.num_preemptions += 1
         self._num_preemptions += 1
         self.waiting.prepend(request)
@@ -356,10 +401,13 @@ class Scheduler:
 
     def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
         start = request.num_computed_tokens
-        token_ids = request.all_token_ids[start : start + num_new]
-        num_pending = num_new - len(token_ids)  # trailing tokens still in flight (0 unless async)
+        num_drafts = max(0, start + num_new - request.num_tokens - request.num_output_placeholders)
+        token_ids = request.all_token_ids[start : start + num_new - num_drafts]
+        num_pending = num_new - num_drafts - len(token_ids)  # trailing tokens still in flight (0 unless async)
         if num_pending:
             token_ids.extend([0] * num_pending)
+        draft_token_ids = request.draft_token_ids[:num_drafts]
+        token_ids.extend(draft_token_ids)
         sent = self._sent_blocks.get(request.request_id)
         new_block_ids = self.kv_cache.get_new_block_ids(request, sent or 0)
         self._sent_blocks[request.request_id] = (sent or 0) + len(new_block_ids)
@@ -371,12 +419,13 @@ class Scheduler:
             start_pos=start,
             new_block_ids=new_block_ids,
             full_block_table=sent is None,
-            sample=start + num_new == request.num_tokens + request.num_output_placeholders
+            sample=start + num_new - num_drafts == request.num_tokens + request.num_output_placeholders
             and request.pooling_params is None,
             sampling_params=request.sampling_params,
             pooling_params=request.pooling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
+            draft_token_ids=draft_token_ids,
         )
 
     def _check_stop(self, request: Request, token_id: int) -> bool:

@@ -17,6 +17,9 @@ class SchedulerStats:
     prefix_cache_hits: int
     num_preemptions: int  # total since start
     num_steps: int  # schedule() calls that scheduled at least one token
+    spec_draft_tokens: int = 0  # speculative decoding: draft tokens verified since start
+    spec_accepted_tokens: int = 0  # of which accepted
+    spec_accepted_per_position: tuple[int, ...] = ()  # [i]: verify steps that accepted draft i
 
     @property
     def prefix_cache_hit_rate(self) -> float:

@@ -39,6 +39,7 @@ from kvik.sample.logprobs import start_sample_output
 from kvik.sample.sampler import Sampler
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from kvik.spec_decode.verify import sample_verify, verify_rows
 from kvik.tensor_transfer import to_device
 from kvik.worker.interface import StepHandle
 from kvik.worker.kit import KitModelRunner, StepLayout
@@ -68,6 +69,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
 
     supports_structured_output = True
     supports_async_scheduling = True
+    supports_speculative_decoding = True
     supports_pooling = True
 
     def __init__(
@@ -354,6 +356,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     def _sample(self, hidden: torch.Tensor, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
         prompt_rows = layout.prompt_rows
         prompt_logits = None
+        if any(r.draft_token_ids for r in layout.scheduled):
+            return self._sample_verify(hidden, layout, structured)
         if prompt_rows:
             # Prompt logprobs need logits at prompt positions: take every token's (rare; prefill only).
             all_logits = self._logits(hidden, layout, np.arange(layout.num_scheduled_tokens))
@@ -372,6 +376,16 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         sampled = self.sampler(logits, batch) if reqs else torch.empty(0, dtype=torch.int64, device=self.device)
         self._last_sampled, self._last_rows = sampled, {r.request_id: i for i, r in enumerate(reqs)}
         return StepHandle(start_sample_output(sampled, raw, reqs, prompt_logits, prompt_rows, layout.scheduled))
+
+    def _sample_verify(self, hidden: torch.Tensor, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
+        """A step with draft tokens: logits at every drafted position, the rejection sampler."""
+        vrows = verify_rows(layout, self.model_config.eos_token_ids, structured)
+        logits = self._logits(hidden, layout, vrows.token_rows)
+        prompt_logits = None
+        if layout.prompt_rows:
+            prompt_logits = self._logits(hidden, layout, np.concatenate([p.rows for p in layout.prompt_rows]))
+        self._last_sampled, self._last_rows = None, {}  # speculative steps are never overlapped
+        return sample_verify(self.sampler, logits, vrows, layout, prompt_logits)
 
     @torch.inference_mode()
     def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> torch.Tensor:
