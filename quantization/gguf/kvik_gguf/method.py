@@ -31,14 +31,16 @@ class GGUFLinearMethod(QuantizationMethod):
     one type are fused into ``gguf_group{j}`` buffers (``layer.gguf_groups``
     holds their rows and types).
 
-    On CPU, the first ``apply`` repacks every group whose type has an exact
+    On CPU, the first bfloat16 ``apply`` repacks every group whose type has an exact
     32-wide grouping (Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q8_0, see
     :mod:`kvik_gguf.int4pack`) into torch's int4 kernel layout, dropping the
     raw blocks: from then on those groups are multiplied packed, without
     decoding. The repack is lazy because the runner may instead dequantize
     the whole model (``quantized_weights='dequantize'``), which reads the raw
-    blocks. Other groups (Q6_K, Q2_K, Q3_K, float rows) are decoded per call;
-    nothing decoded is cached.
+    blocks. Only bfloat16 activations take the kernel: torch 2.13's float32
+    variant of it is an unvectorised reference (10x slower than decoding),
+    so float32 stays on the exact decode path. Other groups (Q6_K, Q2_K, Q3_K,
+    float rows) are decoded per call; nothing decoded is cached.
     """
 
     name = "gguf"
@@ -143,7 +145,7 @@ class GGUFLinearMethod(QuantizationMethod):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if not layer.gguf_repacked and x.device.type == "cpu":
+        if not layer.gguf_repacked and x.device.type == "cpu" and x.dtype in int4pack.FAST_DTYPES:
             self._repack(layer, x.dtype)
         parts = []
         for j, (rows, ggml_type) in enumerate(layer.gguf_groups):

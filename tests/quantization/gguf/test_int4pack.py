@@ -82,7 +82,7 @@ def test_switch_off_keeps_raw_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(2)
     raw = _raw("Q4_1", rng)
     weight = GGUFWeight(raw, int(GGMLQuantizationType.Q4_1), (ROWS, COLS))
-    x = torch.randn(2, COLS)
+    x = torch.randn(2, COLS, dtype=torch.bfloat16)
     outs = []
     for switch in ("0", "1"):
         monkeypatch.setenv("KVIK_GGUF_INT4_KERNEL", switch)
@@ -91,4 +91,4 @@ def test_switch_off_keeps_raw_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
         layer.quant_method.process_weights_after_loading(layer)
         outs.append(layer(x))
         assert layer.gguf_planes == [0 if switch == "0" else 1]
-    torch.testing.assert_close(outs[0], outs[1], rtol=1e-5, atol=1e-4)  # float32 reassociation
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.02, atol=0.1)  # bf16 weights vs bf16 scales
