@@ -122,7 +122,10 @@ class Int4Packed:
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     def nbytes(self) -> int:
-        return self.weight.numel() * self.weight.element_size() + self.scales_zeros.numel() * self.scales_zeros.element_size()
+        return (
+            self.weight.numel() * self.weight.element_size()
+            + self.scales_zeros.numel() * self.scales_zeros.element_size()
+        )
 
 
 def repack(raw: torch.Tensor, ggml_type: int, rows: int, cols: int, dtype: torch.dtype) -> Int4Packed:

@@ -26,7 +26,9 @@ def _raw(type_name: str, rng: np.random.Generator) -> torch.Tensor:
         block, size = GGML_QUANT_SIZES[qtype]
         raw = rng.integers(0, 256, size=(ROWS * COLS // block, size), dtype=np.uint8)
         for offset in (0, 2):  # d and dmin
-            raw[:, offset : offset + 2] = (rng.uniform(-1, 1, raw.shape[0]) * 0.05).astype(np.float16).view(np.uint8).reshape(-1, 2)
+            raw[:, offset : offset + 2] = (
+                (rng.uniform(-1, 1, raw.shape[0]) * 0.05).astype(np.float16).view(np.uint8).reshape(-1, 2)
+            )
         return torch.from_numpy(raw.reshape(ROWS, -1))
     values = rng.standard_normal((ROWS, COLS)).astype(np.float32)
     values[0, :32] = 0.0  # an all-zero block
