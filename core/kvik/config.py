@@ -105,6 +105,8 @@ class EngineConfig:
             raise ValueError(
                 f"quantized_weights must be one of {', '.join(_WEIGHT_MODES)}, got {self.quantized_weights!r}"
             )
+        if self.load_format in ("safetensors", "gguf"):  # vLLM's spellings of "read the checkpoint"
+            self.load_format = LoadFormat.AUTO.value
         if self.load_format not in tuple(f.value for f in LoadFormat):
             raise ValueError(
                 f"load_format must be one of {', '.join(f.value for f in LoadFormat)}, got {self.load_format!r}"
@@ -173,7 +175,7 @@ class ResolvedConfig:
     fit_max_model_len: bool  # max_model_len="auto": lower it to what the KV cache holds
     quantized_weights: WeightsMode
     load_format: LoadFormat
-    attention_backend: str  # "" = the platform's first backend that can run the model
+    attention_backend: str  # the backend's registry name: the user's, else the platform's first that fits
     enforce_eager: bool  # no CUDA graphs / compiled graphs
     async_scheduling: bool  # asked for; the engine also needs a runner that supports it
     seed: int

@@ -1,7 +1,8 @@
 """``build_app(engine, args)``: the FastAPI app around an AsyncLLM.
 
 Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/responses (+ GET/DELETE by id),
-/tokenize, /detokenize, /health (liveness), /ready (readiness), /version, /metrics (Prometheus).
+/tokenize, /detokenize, /health (liveness), /ready (readiness), /version, /metrics (Prometheus), and the
+chat page at / (ui/, unless ``--no-ui``).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ from kvik_server.response_store import ResponseStore
 from kvik_server.serving_chat import create_chat_completion, template_message
 from kvik_server.serving_completion import create_completion
 from kvik_server.serving_responses import create_response, delete_response, get_response
+from kvik_server.ui import install_ui
 
 
 def build_app(engine: Any, args: Any = None) -> FastAPI:
@@ -158,6 +160,8 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     async def metrics() -> Response:
         return Response(ctx.metrics.render(), media_type=CONTENT_TYPE)
 
+    if settings.ui:
+        install_ui(app)
     install_openapi(app)
     known = frozenset(route.path for route in app.routes if hasattr(route, "path"))
     app.add_middleware(

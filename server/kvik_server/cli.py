@@ -91,6 +91,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     server.add_argument("--trust-request-chat-template", action="store_true", default=None,
                         help="render chat templates sent in requests (chat_template); off by default because a "
                         "template is code the server runs")  # fmt: skip
+    server.add_argument("--no-ui", dest="ui", action="store_false", default=None,
+                        help="do not serve the built-in chat page at / (then / is a 404)")  # fmt: skip
     server.add_argument("--log-level", default=None, type=str.lower,
                         choices=["critical", "error", "warning", "info", "debug"],
                         help="default: $KVIK_LOG_LEVEL, else info")  # fmt: skip

@@ -43,6 +43,7 @@ class ServerSettings:
     enable_auto_tool_choice: bool = False
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
+    ui: bool = True  # serve the chat page at / (kvik_server/ui); --no-ui turns it off
 
     @classmethod
     def from_args(cls, args: Any) -> ServerSettings:

@@ -62,3 +62,22 @@ def smollm2_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerP
         yield server
     finally:
         server.stop()
+
+
+@pytest.fixture(scope="session")
+def smollm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
+    """`kvik serve` with the bundled SmolLM2 model, served as "smollm2" (API key required); skipped when the
+    model is not installed. Shared by the chat page and run-batch tests: one model load."""
+    try:
+        from kvik.models.default import default_model
+
+        model = Path(default_model())
+    except (ImportError, ValueError) as exc:
+        pytest.skip(f"the bundled SmolLM2 model is not installed: {exc}")
+    logs = tmp_path_factory.mktemp("smollm_server")
+    server = ServerProcess(model, ["--served-model-name", "smollm2"], logs / "server.log", api_key=API_KEY)
+    try:
+        server.wait_healthy()
+        yield server
+    finally:
+        server.stop()

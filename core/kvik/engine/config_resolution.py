@@ -17,13 +17,15 @@ from, so the start-up log can say why the engine runs as it does.
 from __future__ import annotations
 
 import copy
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
+from kvik.attention.selector import select_attention_backend
 from kvik.config import EngineConfig, LoadFormat, ModelConfig, ResolvedConfig, SchedulingPolicy, WeightsMode
 from kvik.models.formats import ModelFormat
 from kvik.models.hub import TOKENIZER_FILES, resolve_model_path
 from kvik.models.model_config import build_model_config, resolve_format
+from kvik.plugins.registry import PluginError
 
 if TYPE_CHECKING:
     from kvik.platforms.interface import Platform
@@ -146,6 +148,21 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         attention_backend=draft.attention_backend or "",
         platform_options=options,
     )
+    # The backend is chosen here, once, from the model's facts: the runner builds what the config names.
+    backend = select_attention_backend(
+        platform,
+        config,
+        model_config.head_dim,
+        model_config.dtype,
+        model_config.sliding_window,
+        manager,
+        logits_soft_cap=model_config.attn_logits_soft_cap,
+    )
+    if not config.attention_backend:
+        # The registry name (a class may be registered under another name than its own ``name``).
+        chosen = next(n for n in platform.attention_backends if _registered_as(manager, n, backend))
+        sources["attention_backend"] = f"platform {platform.name}"
+        config = replace(config, attention_backend=chosen)
     notes.extend(platform.configure(config, model_config))
     return ConfigResolution(config, model_config, model_format, sources, notes)
 
@@ -173,6 +190,13 @@ def _platform_options(draft: EngineConfig, platform: Platform, sources: dict[str
         elif f.default is MISSING or getattr(options, f.name) != f.default:
             sources[f"platform_options.{f.name}"] = f"platform {platform.name}"
     return options, notes
+
+
+def _registered_as(manager: PluginManager, name: str, backend: type) -> bool:
+    try:
+        return manager.attention_backends.get(name) is backend
+    except PluginError:
+        return False
 
 
 def _field_default(name: str) -> Any:

@@ -1,4 +1,4 @@
-"""The ``kvik`` command: plugins, env, generate, serve."""
+"""The ``kvik`` command: plugins, env, generate, serve, run-batch."""
 
 from __future__ import annotations
 
@@ -188,6 +188,12 @@ def _cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_run_batch(args: argparse.Namespace) -> int:
+    from kvik.entrypoints.batch import run_batch_command
+
+    return run_batch_command(args, engine_kwargs(args))
+
+
 def _cmd_serve(args: argparse.Namespace) -> int:
     from kvik_server.cli import exit_process, run_server
 
@@ -224,6 +230,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--seed", type=int, default=None)
     p.set_defaults(func=_cmd_generate)
+
+    p = sub.add_parser("run-batch", help="run an OpenAI Batch input file (JSONL) through the engine")
+    add_engine_arguments(p)
+    from kvik.entrypoints.batch import add_batch_arguments
+
+    add_batch_arguments(p)
+    p.set_defaults(func=_cmd_run_batch)
 
     try:
         from kvik_server.cli import add_serve_arguments

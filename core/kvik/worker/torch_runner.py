@@ -24,7 +24,6 @@ import torch
 from torch import nn
 
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
-from kvik.attention.selector import select_attention_backend
 from kvik.config import LoadFormat, ModelConfig, ResolvedConfig, WeightsMode
 from kvik.engine import progress
 from kvik.models.formats import ModelFormat
@@ -125,15 +124,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
 
     def load_model(self) -> None:
         mc = self.model_config
-        self.attn_backend = select_attention_backend(
-            self.platform,
-            self.config,
-            mc.head_dim,
-            mc.dtype,
-            mc.sliding_window,
-            self.manager,
-            logits_soft_cap=mc.attn_logits_soft_cap,
-        )
+        self.attn_backend = self.manager.attention_backends.get(self.config.attention_backend)
         fmt = self._format()
         method = self._quant_method(fmt)
         backend_cls = self.attn_backend

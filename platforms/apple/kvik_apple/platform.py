@@ -126,7 +126,7 @@ class ApplePlatform(Platform):
     def configure(self, config: ResolvedConfig, model_config: ModelConfig) -> list[str]:
         if config.load_format is not LoadFormat.AUTO:
             raise ValueError(f"load_format={config.load_format.value!r} is not supported by the apple (MLX) platform")
-        if config.attention_backend not in ("", *self.attention_backends):
+        if config.attention_backend not in self.attention_backends:
             raise ValueError(
                 f"attention_backend {config.attention_backend!r} cannot run on the apple (MLX) platform; "
                 f"it runs {', '.join(self.attention_backends)} (leave attention_backend unset)"

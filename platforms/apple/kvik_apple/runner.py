@@ -68,10 +68,10 @@ class MLXModelRunner(KitModelRunner[MLXInputs, mx.array]):
 
     # -- set-up ---------------------------------------------------------------
     def _attention_backend(self) -> MLXPagedAttentionBackend:
-        from kvik.attention.selector import select_attention_backend
+        from kvik.plugins.manager import get_plugin_manager
 
         mc = self.model_config
-        cls = select_attention_backend(self.platform, self.config, mc.head_dim, mc.dtype, mc.sliding_window)
+        cls = get_plugin_manager().attention_backends.get(self.config.attention_backend)
         if not issubclass(cls, MLXPagedAttentionBackend):
             raise ValueError(f"the MLX runner needs an MLX attention backend, got {cls.name!r}")
         return cls(mc.num_heads, mc.head_dim, mc.num_kv_heads, mc.head_dim**-0.5, mc.sliding_window)

@@ -53,6 +53,7 @@ def test_every_option_is_decided_and_frozen(model, kvik_plugin_manager) -> None:
     assert (config.block_size, config.max_num_seqs, config.max_num_batched_tokens) == (16, 256, 2048)
     assert config.scheduling_policy is SchedulingPolicy.FCFS and config.quantized_weights is WeightsMode.DEQUANTIZE
     assert config.tokenizer == model and config.platform == "host-cpu"
+    assert config.attention_backend == "torch_ref" and resolution.sources["attention_backend"] == "platform host-cpu"
     with pytest.raises(dataclasses.FrozenInstanceError):
         config.max_num_seqs = 1  # type: ignore[misc]
     assert isinstance(resolution.model_config, ModelConfig) and resolution.model_config.max_model_len > 0
@@ -174,13 +175,21 @@ def test_resolution_needs_no_torch(model) -> None:
         sys.modules["torch"] = None
         from kvik.config import EngineConfig
         from kvik.engine.config_resolution import resolve_config
+        import types
+        from kvik.attention.backend import AttentionBackend
         from kvik.platforms.interface import MemoryInfo, Platform
+        from kvik.plugins.hookspecs import hookimpl
         from kvik.plugins.manager import PluginManager
         import kvik.builtin
+
+        class NumpyAttention(AttentionBackend):  # a torch-free backend to choose
+            name = "numpy_attention"
+            def forward(self, query, key, value, kv_cache, metadata): raise NotImplementedError
 
         class Plain(Platform):
             name = "plain"
             device_type = "cpu"
+            attention_backends = ("numpy_attention",)
             @classmethod
             def is_available(cls): return True
             def memory_info(self): return MemoryInfo(total=1 << 30, free=1 << 29)
@@ -188,7 +197,14 @@ def test_resolution_needs_no_torch(model) -> None:
 
         manager = PluginManager(load_entrypoints=False)
         manager.register(kvik.builtin, "builtin", "kvik-core")
+        numpy_plugin = types.ModuleType("numpy_plugin")
+        numpy_plugin.KVIK_PLUGIN_API = ">=2.0,<3"
+        numpy_plugin.kvik_register_attention_backends = hookimpl(
+            lambda register: register("numpy_attention", "__main__:NumpyAttention")
+        )
+        manager.register(numpy_plugin, "numpy_plugin", "numpy-plugin")
         resolution = resolve_config(EngineConfig(model={model!r}), Plain(), manager)
+        assert resolution.config.attention_backend == "numpy_attention"
         assert "torch" not in [m for m, v in sys.modules.items() if v is not None and m.split(".")[0] == "torch"]
         print(resolution.config.max_num_seqs, resolution.model_config.architecture)
         """

@@ -4,6 +4,7 @@ one log-level option every subcommand honours."""
 from __future__ import annotations
 
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -12,10 +13,14 @@ import pytest
 from kvik.entrypoints import cli
 
 
-def _kvik(*args: str, timeout: int = 120) -> tuple[subprocess.CompletedProcess[str], float]:
+def _kvik(*args: str, timeout: int = 120, env: dict[str, str] | None = None) -> tuple[subprocess.CompletedProcess[str], float]:
     start = time.monotonic()
     proc = subprocess.run(
-        [sys.executable, "-m", "kvik.entrypoints.cli", *args], capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-m", "kvik.entrypoints.cli", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=None if env is None else {**os.environ, **env},
     )
     return proc, time.monotonic() - start
 
@@ -81,8 +86,10 @@ def test_the_environment_log_level_is_checked(monkeypatch, capsys):
     assert "KVIK_LOG_LEVEL" in capsys.readouterr().err
 
 
-def test_a_hugging_face_id_is_recognised_and_the_download_command_given():
-    proc, _ = _kvik("generate", "hi", "--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--device", "cpu")
+def test_a_hugging_face_id_without_the_hub_is_one_clear_line(tmp_path):
+    # Offline with an empty cache: the Hub id is looked up, and the failure says why in one line.
+    env = {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path)}
+    proc, _ = _kvik("generate", "hi", "--model", "HuggingFaceTB/SmolLM2-135M-Instruct", "--device", "cpu", env=env)
     assert proc.returncode == 2
-    assert "Hugging Face Hub id" in proc.stderr
-    assert "hf download HuggingFaceTB/SmolLM2-135M-Instruct" in proc.stderr
+    assert "model 'HuggingFaceTB/SmolLM2-135M-Instruct'" in proc.stderr and "not in the cache" in proc.stderr
+    assert "Traceback" not in proc.stderr

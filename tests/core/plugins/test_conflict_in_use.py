@@ -20,7 +20,7 @@ DOCS = Path(__file__).resolve().parents[3] / "docs" / "plugins.md"
 
 def _plugin(name: str, arch: str, target: str) -> types.ModuleType:
     module = types.ModuleType(name)
-    module.KVIK_PLUGIN_API = ">=1.0,<2"  # type: ignore[attr-defined]
+    module.KVIK_PLUGIN_API = ">=2.0,<3"  # type: ignore[attr-defined]
 
     @hookimpl
     def kvik_register_models(register):

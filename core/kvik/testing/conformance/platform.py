@@ -121,7 +121,7 @@ def _probe_resolved(platform: Platform, defaults: dict[str, Any], options: Platf
         max_num_batched_tokens=defaults["max_num_batched_tokens"], enable_prefix_caching=True,
         enable_chunked_prefill=True, long_prefill_token_threshold=0, scheduling_policy=SchedulingPolicy.FCFS,
         num_kv_blocks=0, kv_cache_memory=0, gpu_memory_utilization=0.9, fit_max_model_len=False,
-        quantized_weights=WeightsMode.DEQUANTIZE, load_format=LoadFormat.AUTO, attention_backend="", enforce_eager=False,
+        quantized_weights=WeightsMode.DEQUANTIZE, load_format=LoadFormat.AUTO, attention_backend=platform.attention_backends[0], enforce_eager=False,
         async_scheduling=bool(defaults.get("async_scheduling", False)), seed=0, platform_options=options,
     )  # fmt: skip
 
