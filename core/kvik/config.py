@@ -85,6 +85,9 @@ class EngineConfig:
     # Schedule step n+1 while the device runs step n (None: the platform decides; on for CUDA/ROCm).
     async_scheduling: bool | None = None
     seed: int = 0
+    # "generate" (sampling), "pooling" (embeddings, classification, scores: kvik.pooling) or
+    # "auto": pooling for pooling architectures (*Model, *ForSequenceClassification), else generate.
+    runner: str = "auto"
     # Host compute threads: a platform option under a top-level name (the cpu platform's torch
     # intra-op threads); platforms without a ``num_threads`` option ignore it, with a note.
     num_threads: int | None = None
@@ -111,6 +114,8 @@ class EngineConfig:
             raise ValueError(
                 f"load_format must be one of {', '.join(f.value for f in LoadFormat)}, got {self.load_format!r}"
             )
+        if self.runner not in ("auto", "generate", "pooling"):
+            raise ValueError(f"runner must be 'auto', 'generate' or 'pooling', got {self.runner!r}")
         if isinstance(self.max_model_len, str) and self.max_model_len != "auto":
             raise ValueError(f"max_model_len must be an integer, None or 'auto', got {self.max_model_len!r}")
         for name in ("max_model_len", "block_size", "max_num_batched_tokens", "max_num_seqs",
@@ -180,6 +185,7 @@ class ResolvedConfig:
     async_scheduling: bool  # asked for; the engine also needs a runner that supports it
     seed: int
     platform_options: PlatformOptions  # the platform's typed options (``Platform.options_type``)
+    runner: str = "generate"  # "generate" or "pooling" (the engine serves only that kind of request)
 
 
 @dataclass(slots=True)

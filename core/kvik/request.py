@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from kvik.pooling.params import PoolingParams
 from kvik.sampling_params import SamplingParams
 
 
@@ -55,6 +56,9 @@ class Request:
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     reads_output_history: bool = False  # from sampling_params, read every step by the engine
+    # A pooling request: prefilled, never sampled; finishes with ``pooled`` set (kvik.pooling).
+    pooling_params: PoolingParams | None = None
+    pooled: list[float] | None = None  # the runner's raw vector, set when the request finishes
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:

@@ -34,7 +34,6 @@ OFF_VALUES: dict[str, tuple[Any, ...] | object] = {
     "hf_token": (None,),
     "hf_overrides": (None,),
     "task": ("auto", "generate"),
-    "runner": ("auto", "generate"),
     "limit_mm_per_prompt": (None,),
     "mm_processor_kwargs": (None,),
     "allowed_local_media_path": ("",),

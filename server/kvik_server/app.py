@@ -1,6 +1,7 @@
 """``build_app(engine, args)``: the FastAPI app around an AsyncLLM.
 
 Routes: /v1/models, /v1/completions, /v1/chat/completions, /v1/responses (+ GET/DELETE by id),
+/v1/embeddings, /v1/rerank, /score, /classify (pooling models),
 /tokenize, /detokenize, /health (liveness), /ready (readiness), /version, /metrics (Prometheus), and the
 chat page at / (ui/, unless ``--no-ui``).
 """
@@ -37,10 +38,12 @@ from kvik_server.protocol import (
     TokenizeChatRequest,
     TokenizeCompletionRequest,
 )
+from kvik_server.protocol_pooling import ClassifyRequest, EmbeddingRequest, RerankRequest, ScoreRequest
 from kvik_server.protocol_responses import ResponsesRequest
 from kvik_server.response_store import ResponseStore
 from kvik_server.serving_chat import create_chat_completion, template_message
 from kvik_server.serving_completion import create_completion
+from kvik_server.serving_pooling import create_classify, create_embeddings, create_rerank, create_score
 from kvik_server.serving_responses import create_response, delete_response, get_response
 from kvik_server.ui import install_ui
 
@@ -100,6 +103,27 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     @app.delete("/v1/responses/{response_id}")
     async def remove_response(response_id: str) -> JSONResponse:
         return delete_response(store, response_id)
+
+    # Pooling models (kvik.pooling, serving_pooling.py); vLLM's paths, with and without /v1.
+    @app.post("/v1/embeddings")
+    async def embeddings(body: EmbeddingRequest) -> JSONResponse:
+        return await create_embeddings(ctx, body)
+
+    @app.post("/v1/rerank")
+    @app.post("/rerank", include_in_schema=False)
+    @app.post("/v2/rerank", include_in_schema=False)
+    async def rerank(body: RerankRequest) -> JSONResponse:
+        return await create_rerank(ctx, body)
+
+    @app.post("/score")
+    @app.post("/v1/score", include_in_schema=False)
+    async def score(body: ScoreRequest) -> JSONResponse:
+        return await create_score(ctx, body)
+
+    @app.post("/classify")
+    @app.post("/v1/classify", include_in_schema=False)
+    async def classify(body: ClassifyRequest) -> JSONResponse:
+        return await create_classify(ctx, body)
 
     @app.post("/tokenize", openapi_extra=tokenize_request_body())
     async def tokenize(raw: Request) -> JSONResponse:

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
-from kvik.sampling_params import SamplingParams
+from kvik.sampling_params import SamplingParams, StructuredOutputsParams
 
 from kvik_server.errors import bad_request
 from kvik_server.parsers import load_parser
@@ -156,8 +156,8 @@ def _plan(body: Any, settings: ParserSettings) -> OutputPlan:
 def apply_plan(params: SamplingParams, plan: OutputPlan) -> SamplingParams:
     """The request's sampling params plus the tool-choice grammar and the parser's special-token needs."""
     changes: dict[str, Any] = {}
-    if plan.guided_json is not None:
-        changes["guided_json"] = plan.guided_json
+    if plan.guided_json is not None:  # the tool grammar (tools with other constraints were refused earlier)
+        changes["structured_outputs"] = StructuredOutputsParams(json=plan.guided_json)
     if plan.keep_special_tokens:
         changes["skip_special_tokens"] = False
     return dataclasses.replace(params, **changes) if changes else params

@@ -76,6 +76,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="schedule the next step while the GPU runs this one (default: the platform's)")  # fmt: skip
     engine.add_argument("--seed", type=int, help="engine seed")
+    engine.add_argument("--runner", choices=["auto", "generate", "pooling"],
+                        help="pooling: serve embeddings / rerank / score / classify (default auto: from the model)")  # fmt: skip
     engine.add_argument("--num-threads", type=_positive_int, help="CPU platforms: torch intra-op threads")
     server = parser.add_argument_group("server")
     server.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
@@ -187,7 +189,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
     """AsyncLLM.from_engine_args keyword arguments from the flags that were given."""
     names = ("model", "tokenizer", "revision", "download_dir", "trust_remote_code", "device", "dtype",
              "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "enable_prefix_caching",
-             "enforce_eager", "async_scheduling", "seed", "num_threads")  # fmt: skip
+             "enforce_eager", "async_scheduling", "seed", "num_threads", "runner")  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

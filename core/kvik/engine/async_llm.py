@@ -19,9 +19,14 @@ from typing import Any
 from kvik.config import EngineConfig, ResolvedConfig
 from kvik.engine.llm_engine import EngineStats, LLMEngine, PreparedRequest
 from kvik.outputs import RequestOutput
+from kvik.pooling.outputs import PoolingRequestOutput
+from kvik.pooling.params import PoolingParams
 from kvik.sampling_params import SamplingParams
 
 logger = logging.getLogger(__name__)
+
+# What a request's queue carries: generation outputs, a pooling result, or the error that ended it.
+_Item = RequestOutput | PoolingRequestOutput | BaseException
 
 _IDLE_WAIT_S = 0.05
 
@@ -35,7 +40,7 @@ class AsyncLLM:
         self.engine = engine
         self.model_name = model_name or engine.config.model_name
         self._commands: queue.Queue[tuple[str, Any]] = queue.Queue()
-        self._streams: dict[str, asyncio.Queue[RequestOutput | BaseException]] = {}
+        self._streams: dict[str, asyncio.Queue[_Item]] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._running = False
@@ -125,7 +130,7 @@ class AsyncLLM:
             )
         else:
             prepared = self.engine.prepare_request(request_id, prompt, sampling_params, priority)
-        stream: asyncio.Queue[RequestOutput | BaseException] = asyncio.Queue()
+        stream: asyncio.Queue[_Item] = asyncio.Queue()
         self._streams[request_id] = stream
         self._commands.put(("add", prepared))
         finished = False
@@ -134,11 +139,13 @@ class AsyncLLM:
                 item = await stream.get()
                 if isinstance(item, BaseException):
                     raise item
+                assert isinstance(item, RequestOutput)
                 # Collapse a backlog: outputs are cumulative, only the newest matters.
                 while not item.finished and not stream.empty():
                     newer = stream.get_nowait()
                     if isinstance(newer, BaseException):
                         raise newer
+                    assert isinstance(newer, RequestOutput)
                     item = newer
                 finished = item.finished
                 yield item
@@ -149,17 +156,61 @@ class AsyncLLM:
             if not finished:
                 self._commands.put(("abort", request_id))
 
+    async def encode_batch(
+        self, prompts: Sequence[str | Sequence[int]], params: PoolingParams, request_ids: Sequence[str]
+    ) -> list[PoolingRequestOutput]:
+        """Pool every prompt (vLLM's ``encode``, for a whole request's inputs at once); results in input order.
+
+        Every input is validated before any is queued (ValueError names the problem), so a
+        bad input leaves nothing behind; leaving early (cancellation) aborts the unfinished ones.
+        """
+        if self._error is not None:
+            raise EngineDeadError(f"the engine loop failed: {self._error!r}")
+        if not self._accepting:
+            raise EngineDeadError("the engine is shutting down")
+        if self._thread is None:
+            self.start()
+        if any(rid in self._streams for rid in request_ids):
+            raise ValueError("request id already in use")
+
+        def prepare() -> list[PreparedRequest]:
+            return [
+                self.engine.prepare_pooling_request(rid, p, params) for rid, p in zip(request_ids, prompts, strict=True)
+            ]
+
+        long_text = sum(len(p) for p in prompts if isinstance(p, str)) > 4096
+        prepared = await asyncio.to_thread(prepare) if long_text else prepare()
+        queues = [self._streams.setdefault(rid, asyncio.Queue()) for rid in request_ids]
+        for item in prepared:
+            self._commands.put(("add", item))
+        done = False
+        try:
+            results: list[PoolingRequestOutput] = []
+            for stream in queues:
+                got = await stream.get()
+                if isinstance(got, BaseException):
+                    raise got
+                assert isinstance(got, PoolingRequestOutput)
+                results.append(got)
+            done = True
+            return results
+        finally:
+            for rid in request_ids:
+                self._streams.pop(rid, None)
+                if not done:
+                    self._commands.put(("abort", rid))
+
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
     # -- the loop thread -----------------------------------------------------
-    def _deliver(self, outputs: list[RequestOutput]) -> None:
+    def _deliver(self, outputs: Sequence[RequestOutput | PoolingRequestOutput]) -> None:
         for output in outputs:
             stream = self._streams.get(output.request_id)
             if stream is not None:
                 stream.put_nowait(output)
 
-    def _post(self, outputs: list[RequestOutput]) -> None:
+    def _post(self, outputs: Sequence[RequestOutput | PoolingRequestOutput]) -> None:
         if outputs and self._loop is not None:
             self._loop.call_soon_threadsafe(self._deliver, outputs)
 
@@ -198,6 +249,7 @@ class AsyncLLM:
                 self._drain_commands(block=not self.engine.has_unfinished_requests())
                 if self.engine.has_unfinished_requests():
                     self._post(self.engine.step())
+                    self._post(self.engine.take_pooling_outputs())
                 self._stats = self.engine.get_stats()
         except BaseException as exc:  # the loop is dead: fail every waiting request loudly
             logger.exception("engine loop failed")

@@ -147,6 +147,7 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         load_format=LoadFormat(draft.load_format),
         attention_backend=draft.attention_backend or "",
         platform_options=options,
+        runner=_resolve_runner(draft.runner, model_config, notes),
     )
     # The backend is chosen here, once, from the model's facts: the runner builds what the config names.
     backend = select_attention_backend(
@@ -165,6 +166,26 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         config = replace(config, attention_backend=chosen)
     notes.extend(platform.configure(config, model_config))
     return ConfigResolution(config, model_config, model_format, sources, notes)
+
+
+def _resolve_runner(requested: str, model_config: ModelConfig, notes: list[str]) -> str:
+    """"generate" or "pooling" for this model; a ``*ForCausalLM`` run for pooling is built as its bare body."""
+    from kvik.pooling.architectures import is_pooling_architecture, pooling_architecture
+
+    arch = model_config.architecture
+    if is_pooling_architecture(arch):
+        if requested == "generate":
+            raise ValueError(f"{arch} is a pooling model (embeddings / classification): it cannot generate; "
+                             "use runner='pooling' (or 'auto')")  # fmt: skip
+        return "pooling"
+    if requested != "pooling":
+        return "generate"
+    body = pooling_architecture(arch)
+    if body is None:
+        raise ValueError(f"runner='pooling' needs a Llama, Mistral, Qwen2 or Qwen3 body; {arch} has no pooling variant")
+    notes.append(f"runner=pooling: {arch} runs as {body} (its hidden states are pooled, no logits)")
+    model_config.architecture = body
+    return "pooling"
 
 
 def _platform_options(draft: EngineConfig, platform: Platform, sources: dict[str, str]) -> tuple[Any, list[str]]:

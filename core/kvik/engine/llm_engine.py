@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Any
 
+import numpy as np
+
 from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
 from kvik.engine.config_resolution import resolve_config
 from kvik.engine.memory_planner import MemoryPlan, plan_memory
@@ -25,6 +27,10 @@ from kvik.engine.progress import LoadProgress, format_bytes, format_tokens, step
 from kvik.outputs import RequestMetrics, RequestOutput
 from kvik.platforms.selector import resolve_platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
+from kvik.pooling.finish import finish_pooled
+from kvik.pooling.outputs import PoolingOutput, PoolingRequestOutput
+from kvik.pooling.params import PoolingParams
+from kvik.pooling.setup import PoolerSetup, read_pooler_setup
 from kvik.request import Request, RequestStatus
 from kvik.sample.admission import prepare_params
 from kvik.sampling_params import SamplingParams
@@ -45,6 +51,8 @@ class PreparedRequest:
     params: SamplingParams
     priority: int
     arrival_time: float
+    pooling_params: PoolingParams | None = None  # a pooling request (embedding / classification)
+
 
 
 @dataclass(slots=True)
@@ -95,6 +103,16 @@ class LLMEngine:
             resolution.report(),
         )
         self.runner = self.platform.create_model_runner(self.config, self.model_config)
+        self.pooler_setup: PoolerSetup | None = None  # the checkpoint's pooler when runner="pooling"
+        self.pooling_task = "embed"
+        if self.config.runner == "pooling":
+            from kvik.pooling.architectures import is_classifier_architecture
+
+            if not self.runner.supports_pooling:
+                raise ValueError(f"the {self.platform.name} platform's model runner cannot run pooling models yet")
+            self.pooler_setup = read_pooler_setup(self.config.model)
+            self.pooling_task = "classify" if is_classifier_architecture(self.model_config.architecture) else "embed"
+            logger.info("pooling: %s (%s)", self.pooler_setup, self.pooling_task)
         with step("loading the model"):
             self.runner.load_model()
         with step("profiling memory"):
@@ -122,6 +140,8 @@ class LLMEngine:
         if cfg.async_scheduling and not self.async_scheduling:
             logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
+        self._pooling: dict[str, PreparedRequest] = {}  # live pooling requests
+        self._pooled_outputs: list[PoolingRequestOutput] = []  # finished, not yet taken
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._num_steps = 0
@@ -175,6 +195,11 @@ class LLMEngine:
     ) -> PreparedRequest:
         """Tokenize and validate without touching engine state (safe from any thread)."""
         params = params or SamplingParams()
+        if self.config.runner == "pooling":
+            raise ValueError(
+                f"model {self.config.model_name!r} is served with runner='pooling': it answers embedding, "
+                "classification and score requests, not text generation"
+            )
         if isinstance(prompt, str):
             text: str | None = prompt
             token_ids = list(self.tokenizer.encode(prompt)) if prompt else []
@@ -207,6 +232,51 @@ class LLMEngine:
             )
         return PreparedRequest(request_id, text, token_ids, params, priority, arrival_time or time.time())
 
+    def prepare_pooling_request(
+        self,
+        request_id: str,
+        prompt: str | Sequence[int],
+        params: PoolingParams,
+        arrival_time: float | None = None,
+    ) -> PreparedRequest:
+        """Tokenize and validate a pooling request (safe from any thread); see :mod:`kvik.pooling`."""
+        setup = self.pooler_setup
+        if setup is None:
+            raise ValueError(
+                f"model {self.config.model_name!r} is a generation model (runner='generate'); embedding, "
+                "classification and score requests need a pooling model or runner='pooling'"
+            )
+        if params.task != self.pooling_task:
+            what = "a classifier (use classify / score)" if self.pooling_task == "classify" else "an embedding model"
+            raise ValueError(f"this model is {what}; it cannot serve {params.task!r} requests")
+        if params.dimensions is not None:
+            if params.task != "embed":
+                raise ValueError("dimensions applies to embeddings only")
+            if params.dimensions > self.model_config.hidden_size:
+                raise ValueError(
+                    f"dimensions={params.dimensions} exceeds the model's embedding size {self.model_config.hidden_size}"
+                )
+        token_ids = list(self.tokenizer.encode(prompt)) if isinstance(prompt, str) else [int(t) for t in prompt]
+        if not token_ids:
+            raise ValueError("the input is empty; give at least one token")
+        max_len = self.model_config.max_model_len
+        keep = params.truncate_prompt_tokens
+        if keep is not None:  # as for generation: keep the end (last-token pooling reads it)
+            keep = max_len if keep == -1 else keep
+            token_ids = token_ids[-keep:] if keep else token_ids
+        if len(token_ids) > max_len:
+            raise ValueError(
+                f"the input has {len(token_ids)} tokens but max_model_len is {max_len}; shorten it or set "
+                "truncate_prompt_tokens"
+            )
+        vocab = self.model_config.vocab_size
+        bad = [t for t in token_ids if not 0 <= t < vocab]
+        if bad:
+            raise ValueError(f"input token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
+        resolved = replace(params, pooling_type=setup.pooling_type)
+        text = prompt if isinstance(prompt, str) else None
+        return PreparedRequest(request_id, text, token_ids, SamplingParams(max_tokens=1), 0, arrival_time or time.time(), resolved)
+
     def add_request(
         self,
         request_id: str,
@@ -218,8 +288,22 @@ class LLMEngine:
         self.add_prepared(self.prepare_request(request_id, prompt, params, priority, arrival_time))
 
     def add_prepared(self, prepared: PreparedRequest) -> None:
-        if prepared.request_id in self.output_processor.states:
+        if prepared.request_id in self.output_processor.states or prepared.request_id in self._pooling:
             raise ValueError(f"request id {prepared.request_id!r} is already in use")
+        if prepared.pooling_params is not None:
+            request = Request(
+                request_id=prepared.request_id,
+                prompt_token_ids=prepared.prompt_token_ids,
+                sampling_params=prepared.params,
+                max_tokens=1,  # never sampled: it finishes when its prompt is computed
+                arrival_time=prepared.arrival_time,
+                priority=prepared.priority,
+                pooling_params=prepared.pooling_params,
+            )
+            self.scheduler.add_request(request)
+            self._pooling[prepared.request_id] = prepared
+            self._prompt_tokens_total += len(prepared.prompt_token_ids)
+            return
         params = prepared.params
         room = self.model_config.max_model_len - len(prepared.prompt_token_ids)
         max_tokens = room if params.max_tokens is None else min(params.max_tokens, room)
@@ -261,6 +345,9 @@ class LLMEngine:
             request_ids = [request_ids]
         outputs = []
         for request_id in request_ids:
+            if self._pooling.pop(request_id, None) is not None:
+                self.scheduler.finish_requests([request_id], RequestStatus.FINISHED_ABORTED)
+                continue
             state = self.output_processor.states.get(request_id)
             if state is None:
                 continue
@@ -313,6 +400,9 @@ class LLMEngine:
         """Wait for a launched step's samples and apply them: stop rules, grammars, detokenization."""
         runner_output = handle.result()
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
+        pooled = [r for r in updated if r.pooling_params is not None]
+        if pooled:
+            updated = [r for r in updated if r.pooling_params is None]
         grammar_done = self.structured.accept(updated)
         if grammar_done:
             self.scheduler.finish_requests(grammar_done, RequestStatus.FINISHED_STOPPED)
@@ -323,7 +413,20 @@ class LLMEngine:
         self._generation_tokens_total += len(updated)  # one token each (tokens dropped after a stop aside)
         self._num_steps += 1
         self._last_step_time = time.monotonic()
+        self._pooled_outputs.extend(self._pooling_output(r) for r in pooled)
         return outputs
+
+    def take_pooling_outputs(self) -> list[PoolingRequestOutput]:
+        """The pooling requests finished by the steps so far (each reported once); ``step()``
+        returns generation outputs only, so its callers' types stay as they were."""
+        taken, self._pooled_outputs = self._pooled_outputs, []
+        return taken
+
+    def _pooling_output(self, request: Request) -> PoolingRequestOutput:
+        prepared = self._pooling.pop(request.request_id)
+        assert request.pooled is not None and prepared.pooling_params is not None and self.pooler_setup is not None
+        vector = finish_pooled(np.asarray(request.pooled), prepared.pooling_params, self.pooler_setup.normalize)
+        return PoolingRequestOutput(request.request_id, PoolingOutput(vector), prepared.prompt_token_ids)
 
     def get_stats(self) -> EngineStats:
         stats = self.scheduler.get_stats()

@@ -24,9 +24,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# url -> whether kvik runs it. Embeddings need a pooling runner, which kvik does not have yet.
+# url -> whether run-batch runs it. Embedding lines need a pooling engine (runner="pooling"), which one
+# run-batch engine does not share with generation lines yet; `kvik serve --runner pooling` answers them.
 SUPPORTED_URLS = ("/v1/chat/completions", "/v1/completions")
-NOT_YET = {"/v1/embeddings": "kvik does not serve embeddings yet (no pooling runner); this line was not run"}
+NOT_YET = {
+    "/v1/embeddings": "kvik run-batch does not run embedding lines yet (kvik serve --runner pooling serves "
+    "/v1/embeddings); this line was not run"
+}
 
 
 @dataclass(slots=True)

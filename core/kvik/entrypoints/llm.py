@@ -12,6 +12,13 @@ from kvik.engine.llm_engine import LLMEngine
 from kvik.entrypoints.beam_search import BeamSearchOutput, as_token_ids, beam_search
 from kvik.inputs import PromptType, parse_prompts
 from kvik.outputs import RequestOutput
+from kvik.pooling.outputs import (
+    ClassificationRequestOutput,
+    EmbeddingRequestOutput,
+    PoolingRequestOutput,
+    ScoringRequestOutput,
+)
+from kvik.pooling.params import PoolingParams
 from kvik.sampling_params import BeamSearchParams, SamplingParams
 
 ChatMessages = list[dict[str, Any]]
@@ -177,10 +184,76 @@ class LLM:
             ids = ids["input_ids"]
         return list(ids)
 
-    def _run(self, ids: list[str], use_tqdm: bool | None) -> list[RequestOutput]:
+    # -- pooling models (kvik.pooling; vLLM's names) ---------------------------------
+    def encode(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | Sequence[PoolingParams] | None = None,
+        use_tqdm: bool = False,
+    ) -> list[PoolingRequestOutput]:
+        """Pool every prompt (one engine batch); outputs come back in input order."""
+        prompt_list = parse_prompts(prompts)
+        if isinstance(pooling_params, PoolingParams) or pooling_params is None:
+            params_list = [pooling_params or PoolingParams()] * len(prompt_list)
+        else:
+            params_list = list(pooling_params)
+            if len(params_list) != len(prompt_list):
+                raise ValueError(f"got {len(params_list)} PoolingParams for {len(prompt_list)} prompts")
+        engine = self.llm_engine
+        ids = [str(next(self._counter)) for _ in prompt_list]
+        prepared = [
+            engine.prepare_pooling_request(rid, p, pp) for rid, p, pp in zip(ids, prompt_list, params_list, strict=True)
+        ]
+        for item in prepared:
+            engine.add_prepared(item)
+        return self._run(ids, use_tqdm)
+
+    def embed(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        pooling_params: PoolingParams | None = None,
+        use_tqdm: bool = False,
+        *,
+        dimensions: int | None = None,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[EmbeddingRequestOutput]:
+        """One embedding per prompt (``outputs.embedding``); ``dimensions`` keeps the leading ones (Matryoshka)."""
+        params = pooling_params or PoolingParams(dimensions=dimensions, truncate_prompt_tokens=truncate_prompt_tokens)
+        return [EmbeddingRequestOutput.from_base(o) for o in self.encode(prompts, params, use_tqdm)]
+
+    def classify(
+        self,
+        prompts: PromptType | Sequence[PromptType],
+        use_tqdm: bool = False,
+        *,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[ClassificationRequestOutput]:
+        """Class probabilities per prompt (``outputs.probs``) from a ``*ForSequenceClassification`` model."""
+        params = PoolingParams(task="classify", truncate_prompt_tokens=truncate_prompt_tokens)
+        return [ClassificationRequestOutput.from_base(o) for o in self.encode(prompts, params, use_tqdm)]
+
+    def score(
+        self,
+        data_1: str | Sequence[str],
+        data_2: str | Sequence[str],
+        use_tqdm: bool = False,
+        *,
+        truncate_prompt_tokens: int | None = None,
+    ) -> list[ScoringRequestOutput]:
+        """Relevance of each ``data_2`` text to ``data_1`` (one text, or one per ``data_2`` text).
+
+        A cross-encoder (a classifier) reads each pair as one input, the tokenizer's
+        text-pair encoding; its score is the sigmoid of a single logit or the
+        probability of class 1. An embedding model scores by cosine similarity.
+        """
+        from kvik.pooling.scoring import score_pairs
+
+        return score_pairs(self, data_1, data_2, truncate_prompt_tokens, use_tqdm)
+
+    def _run(self, ids: list[str], use_tqdm: bool | None) -> list[Any]:
         engine = self.llm_engine
         pending = set(ids)
-        results: dict[str, RequestOutput] = {}
+        results: dict[str, RequestOutput | PoolingRequestOutput] = {}
         show = bool(use_tqdm)  # vLLM's default: a progress bar on stderr
         bar = None
         if show:
@@ -191,7 +264,8 @@ class LLM:
             while pending:
                 if not engine.has_unfinished_requests():
                     raise RuntimeError(f"engine went idle with {len(pending)} requests unfinished")
-                for output in engine.step():
+                outputs: list[RequestOutput | PoolingRequestOutput] = [*engine.step(), *engine.take_pooling_outputs()]
+                for output in outputs:
                     if output.finished and output.request_id in pending:
                         results[output.request_id] = output
                         pending.discard(output.request_id)

@@ -107,6 +107,9 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching or request.sampling_params.prompt_logprobs is not None:
             return [], 0
+        pooling = request.pooling_params
+        if pooling is not None and pooling.pooling_type is not None and pooling.pooling_type.reads_every_token:
+            return [], 0  # mean / CLS pooling reads every token's state: compute them all
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVCacheBlock] = []
         for block_hash in self.block_hashes(request)[:max_hit_blocks]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from kvik.pooling.params import PoolingParams
 from kvik.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
@@ -44,6 +45,9 @@ class ScheduledRequest:
     num_pending_outputs: int = 0
     # True: new_block_ids is the whole table (replace the runner's row); False: append them.
     full_block_table: bool = True
+    # A pooling request (its ``sample`` is always False): the runner pools its hidden states and
+    # reports the vector in ``RunnerOutput.pooled`` in the step that reaches its last prompt token.
+    pooling_params: PoolingParams | None = None
 
     @property
     def num_new_tokens(self) -> int:
@@ -84,3 +88,6 @@ class RunnerOutput:
     # when the chosen token is outside the top k.
     logprob_ranks: dict[str, list[int]] | None = None
     prompt_logprob_ranks: dict[str, list[int]] | None = None
+    # request_id -> the pooled (and, for classifiers, head-projected) float32 vector of a pooling
+    # request that finished its prompt this step.
+    pooled: dict[str, list[float]] | None = None

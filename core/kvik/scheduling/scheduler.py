@@ -268,6 +268,9 @@ class Scheduler:
         """
         updated: list[Request] = []
         for sched in scheduler_output.scheduled:
+            if sched.pooling_params is not None:
+                self._update_pooling(sched, runner_output, updated)
+                continue
             if not sched.sample:
                 continue
             request = self.requests.get(sched.request_id)
@@ -294,6 +297,24 @@ class Scheduler:
         if any(r.is_finished for r in updated):
             self.running = [r for r in self.running if not r.is_finished]
         return updated
+
+    def _update_pooling(self, sched: ScheduledRequest, runner_output: RunnerOutput, updated: list[Request]) -> None:
+        """A pooling request finishes (KV blocks freed) in the step that reaches its last prompt token."""
+        request = self.requests.get(sched.request_id)
+        if request is None or sched.start_pos + len(sched.token_ids) < request.num_prompt_tokens:
+            return  # aborted since, or a prefill chunk before the last
+        pooled = (runner_output.pooled or {}).get(sched.request_id)
+        if pooled is None:
+            raise RuntimeError(
+                f"the model runner returned no pooled vector for pooling request {sched.request_id!r}; "
+                "does this platform's runner support pooling models?"
+            )
+        if request.status == RequestStatus.PREEMPTED:  # by a schedule() that ran ahead: its vector is whole
+            self.waiting.remove(request)
+        request.pooled = pooled
+        request.status = RequestStatus.FINISHED_STOPPED
+        updated.append(request)
+        self._release(request)  # update_from_output drops it from ``running``
 
     # ------------------------------------------------------------------ helpers
     def _num_new_tokens(self, request: Request, budget: int) -> int:
@@ -350,8 +371,10 @@ class Scheduler:
             start_pos=start,
             new_block_ids=new_block_ids,
             full_block_table=sent is None,
-            sample=start + num_new == request.num_tokens + request.num_output_placeholders,
+            sample=start + num_new == request.num_tokens + request.num_output_placeholders
+            and request.pooling_params is None,
             sampling_params=request.sampling_params,
+            pooling_params=request.pooling_params,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
         )

@@ -42,6 +42,9 @@ class ModelRunner(ABC):
     # request's pending token (``ScheduledRequest.num_pending_tokens``) from the samples
     # of the step launched just before: the engine then overlaps its host work with the device.
     supports_async_scheduling: bool = False
+    # True when execute() pools the hidden states of requests with ``pooling_params`` and returns
+    # them in ``RunnerOutput.pooled`` (kvik.pooling); the engine refuses runner="pooling" otherwise.
+    supports_pooling: bool = False
 
     @abstractmethod
     def load_model(self) -> None:

@@ -32,6 +32,7 @@ from kvik.models.loader import dequantize_model, load_model
 from kvik.models.model_config import resolve_format
 from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
+from kvik.pooling.pooler import StepPooler
 from kvik.quantization.base import QuantizationMethod
 from kvik.sample.batch import sampling_batch
 from kvik.sample.logprobs import start_sample_output
@@ -67,6 +68,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
 
     supports_structured_output = True
     supports_async_scheduling = True
+    supports_pooling = True
 
     def __init__(
         self,
@@ -93,6 +95,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         # source of the next step's pending tokens.
         self._last_sampled: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
+        self.pooler = StepPooler()  # pooling requests' reductions (kvik.pooling); its head comes with the model
 
     # -- loading ----------------------------------------------------------------
     def _format(self) -> ModelFormat:
@@ -145,6 +148,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
                 n = dequantize_model(model, self.dtype)
             logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)
         self.model = model
+        self.pooler = StepPooler(getattr(model, "pooler_head", None))
         logger.info(
             "loaded %s (%s, %.1f MiB) with attention backend %s",
             mc.architecture,
@@ -270,6 +274,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     @torch.inference_mode()
     def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         self._check_ready()
+        self._forget_pools(scheduler_output)
         return super().execute_async(scheduler_output)
 
     def _check_ready(self) -> None:
@@ -331,7 +336,22 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         return self.model.compute_logits(hidden.index_select(0, index))  # type: ignore[operator]
 
     def sample(self, hidden: torch.Tensor, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
-        """Sample the rows that ask; start the one device->host copy of tokens and logprobs."""
+        """Pool the pooling requests' rows, sample the rows that ask; start the device->host copies."""
+        handle = self._sample(hidden, layout, structured)
+        pooled_ids, pooled = self.pooler.pool(hidden, layout.scheduled, layout.query_start_loc)
+        if pooled is None:
+            return handle
+
+        def finish() -> RunnerOutput:
+            out = handle.result()
+            # A blocking copy, made when the engine asks for the step's results (async scheduling
+            # still overlaps the next step's launch with this one).
+            out.pooled = dict(zip(pooled_ids, pooled.to("cpu").tolist(), strict=True))
+            return out
+
+        return StepHandle(finish)
+
+    def _sample(self, hidden: torch.Tensor, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
         prompt_rows = layout.prompt_rows
         prompt_logits = None
         if prompt_rows:
@@ -368,6 +388,11 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         if not which.shape[0]:
             return hidden.new_empty((0, self.model_config.vocab_size), dtype=torch.float32)
         return self._logits(hidden, layout, which)
+
+    def _forget_pools(self, scheduler_output: SchedulerOutput) -> None:
+        """Drop partial pools of requests that ended or were preempted (they restart from position 0)."""
+        self.pooler.forget(scheduler_output.finished_request_ids)
+        self.pooler.forget(scheduler_output.preempted_request_ids)
 
     def shutdown(self) -> None:
         self.kv_caches = []
