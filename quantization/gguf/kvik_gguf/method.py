@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from kvik.quantization.base import QuantizationMethod
 
+from kvik_gguf import int4pack
 from kvik_gguf.dequant import check_supported, dequantize, row_bytes, type_name
 from kvik_gguf.weight import GGUFWeight
 
@@ -15,6 +17,8 @@ if TYPE_CHECKING:
     from kvik.layers.linear import Linear
 
 _F32 = 0
+# Set KVIK_GGUF_INT4_KERNEL=0 to keep every layer on the dequantize-per-call path (for comparisons).
+_KERNEL_ENV = "KVIK_GGUF_INT4_KERNEL"
 
 
 class GGUFLinearMethod(QuantizationMethod):
@@ -25,8 +29,18 @@ class GGUFLinearMethod(QuantizationMethod):
     buffer ``gguf_shard{i}`` = ``[output_sizes[i], bytes_per_row]`` uint8, with
     its type in ``layer.gguf_types[i]``; after loading, neighbouring shards of
     one type are fused into ``gguf_group{j}`` buffers (``layer.gguf_groups``
-    holds their rows and types). Nothing decoded is cached: memory stays at
-    the file's size, at the price of decoding on every call.
+    holds their rows and types).
+
+    On CPU, the first bfloat16 ``apply`` repacks every group whose type has an exact
+    32-wide grouping (Q4_0/Q4_1/Q4_K/Q5_0/Q5_1/Q5_K/Q8_0, see
+    :mod:`kvik_gguf.int4pack`) into torch's int4 kernel layout, dropping the
+    raw blocks: from then on those groups are multiplied packed, without
+    decoding. The repack is lazy because the runner may instead dequantize
+    the whole model (``quantized_weights='dequantize'``), which reads the raw
+    blocks. Only bfloat16 activations take the kernel: torch 2.13's float32
+    variant of it is an unvectorised reference (10x slower than decoding),
+    so float32 stays on the exact decode path. Other groups (Q6_K, Q2_K, Q3_K,
+    float rows) are decoded per call; nothing decoded is cached.
     """
 
     name = "gguf"
@@ -91,21 +105,59 @@ class GGUFLinearMethod(QuantizationMethod):
             else:
                 groups.append((rows, layer.gguf_types[i], [raw]))
         layer.gguf_groups = [(rows, ggml_type) for rows, ggml_type, _ in groups]
+        layer.gguf_planes = [0] * len(groups)  # int4 planes per group once repacked; 0 = raw blocks
+        layer.gguf_repacked = False
         for j, (_, _, raws) in enumerate(groups):
             layer.register_buffer(f"gguf_group{j}", raws[0] if len(raws) == 1 else torch.cat(raws, dim=0))
+
+    def _repack(self, layer: Linear, dtype: torch.dtype) -> None:
+        """Move every packable group to the int4 kernel's layout (once, on the first CPU call)."""
+        layer.gguf_repacked = True
+        if os.environ.get(_KERNEL_ENV, "1") == "0":
+            return
+        for j, (rows, ggml_type) in enumerate(layer.gguf_groups):
+            if not int4pack.packable(ggml_type, layer.input_size):
+                continue
+            packed = int4pack.repack(getattr(layer, f"gguf_group{j}"), ggml_type, rows, layer.input_size, dtype)
+            delattr(layer, f"gguf_group{j}")
+            layer.register_buffer(f"gguf_int4_{j}", packed.weight)
+            layer.register_buffer(f"gguf_scales_zeros{j}", packed.scales_zeros)
+            layer.gguf_planes[j] = packed.planes
+
+    def _packed(self, layer: Linear, j: int) -> int4pack.Int4Packed:
+        return int4pack.Int4Packed(
+            getattr(layer, f"gguf_int4_{j}"), getattr(layer, f"gguf_scales_zeros{j}"), layer.gguf_planes[j]
+        )
+
+    def _group_dense(self, layer: Linear, j: int, dtype: torch.dtype) -> torch.Tensor:
+        rows, ggml_type = layer.gguf_groups[j]
+        if layer.gguf_planes[j]:
+            # Already repacked: the kernel applied to the identity gives W^T exactly for one
+            # plane (each output is one product with 1.0); two planes add one rounding.
+            eye = torch.eye(layer.input_size, dtype=self._packed(layer, j).scales_zeros.dtype)
+            return self._packed(layer, j).matmul(eye).t().to(dtype)
+        return dequantize(getattr(layer, f"gguf_group{j}"), ggml_type, (rows, layer.input_size), dtype)
 
     def _dense(self, layer: Linear, dtype: torch.dtype) -> torch.Tensor:
         groups = getattr(layer, "gguf_groups", None)
         assert groups is not None, "process_weights_after_loading runs before the layer is used"
-        parts = [
-            dequantize(getattr(layer, f"gguf_group{j}"), ggml_type, (rows, layer.input_size), dtype)
-            for j, (rows, ggml_type) in enumerate(groups)
-        ]
+        parts = [self._group_dense(layer, j, dtype) for j in range(len(groups))]
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        # Decode to x's dtype: [out, in], freed after the matmul.
-        return F.linear(x, self._dense(layer, x.dtype))
+        if not layer.gguf_repacked and x.device.type == "cpu" and x.dtype in int4pack.FAST_DTYPES:
+            self._repack(layer, x.dtype)
+        parts = []
+        for j, (rows, ggml_type) in enumerate(layer.gguf_groups):
+            if layer.gguf_planes[j]:
+                packed = self._packed(layer, j)
+                if packed.scales_zeros.dtype != x.dtype:  # the kernel wants scales in x's dtype
+                    packed = int4pack.Int4Packed(packed.weight, packed.scales_zeros.to(x.dtype), packed.planes)
+                parts.append(packed.matmul(x))
+            else:  # decode to x's dtype: [rows, in], freed after the matmul
+                raw = getattr(layer, f"gguf_group{j}")
+                parts.append(F.linear(x, dequantize(raw, ggml_type, (rows, layer.input_size), x.dtype)))
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return self._dense(layer, torch.float32)

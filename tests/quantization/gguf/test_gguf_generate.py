@@ -56,5 +56,6 @@ def test_quantized_mode_keeps_blocks_packed(tiny_model_dir: Callable[..., Path],
     dense_bytes = dense.llm_engine.runner.weight_bytes()
     packed_bytes = packed.llm_engine.runner.weight_bytes()
     # 14 linear weights of 64x64..128x64: float32 is 4 bytes/value, Q4_0 is 18/32 bytes/value
+    # (float32 activations keep the raw blocks; bfloat16 ones repack them, see test_int4pack.py)
     linear_values = 2 * (64 * 64 + 32 * 64 * 2 + 64 * 64 + 3 * 128 * 64)
     assert dense_bytes - packed_bytes == linear_values * 4 - linear_values * 18 // 32

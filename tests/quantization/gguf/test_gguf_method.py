@@ -38,12 +38,18 @@ def test_merged_shards_of_different_types() -> None:
     expected = torch.cat([_packed(q, "Q4_0").dequantize(), _packed(k, "Q8_0").dequantize(), v])
     dense = layer.quant_method.dequantize(layer)
     torch.testing.assert_close(dense, expected, rtol=0, atol=0)
+    # storage before the first call: 18 + 34 bytes per 32 values for q/k, 4 bytes per value for v
+    assert layer.quant_method.weight_bytes(layer) == 64 * 2 * 18 + 32 * 2 * 34 + 32 * 64 * 4
     x = torch.randn(5, 64, generator=gen)
     torch.testing.assert_close(layer(x), F.linear(x, expected))
-    # bf16 activations: decoded straight to bf16
+    assert layer.gguf_planes == [0, 0, 0]  # float32 stays on the exact decoding path
+    # The first bf16 call repacks q (Q4_0, one int4 plane) and k (Q8_0, two planes) for the int4
+    # kernel: half a byte per code plus a bf16 scale and zero per 32 codes; v stays float32 rows.
     torch.testing.assert_close(layer(x.bfloat16()).float(), F.linear(x, expected), rtol=0.05, atol=0.3)
-    # storage: 18 + 34 bytes per 32 values for q/k, 4 bytes per value for v
-    assert layer.quant_method.weight_bytes(layer) == 64 * 2 * 18 + 32 * 2 * 34 + 32 * 64 * 4
+    assert layer.gguf_planes == [1, 2, 0]
+    assert layer.quant_method.weight_bytes(layer) == (64 * 32 + 2 * 64 * 4) + (32 * 64 + 4 * 32 * 4) + 32 * 64 * 4
+    torch.testing.assert_close(layer.quant_method.dequantize(layer), expected, rtol=0.01, atol=0.02)
+    torch.testing.assert_close(layer(x), F.linear(x, expected), rtol=0.02, atol=0.1)  # fp32 through bf16 scales
 
 
 def test_same_type_shards_are_fused() -> None:

@@ -1,0 +1,96 @@
+"""GGUF blocks repacked for torch's CPU int4 kernel agree with the dequantized reference."""
+
+from __future__ import annotations
+
+import gguf
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+from kvik.layers.linear import Linear
+from kvik_gguf import int4pack
+from kvik_gguf.dequant import dequantize
+from kvik_gguf.method import GGUFLinearMethod
+from kvik_gguf.weight import GGUFWeight
+
+pytestmark = pytest.mark.skipif(not int4pack.kernel_available(), reason="this torch has no CPU int4 kernel")
+
+ROWS, COLS = 96, 512
+_K_TYPES = {"Q4_K", "Q5_K"}  # gguf-py cannot quantize these: random blocks with finite scales
+
+
+def _raw(type_name: str, rng: np.random.Generator) -> torch.Tensor:
+    qtype = GGMLQuantizationType[type_name]
+    if type_name in _K_TYPES:
+        block, size = GGML_QUANT_SIZES[qtype]
+        raw = rng.integers(0, 256, size=(ROWS * COLS // block, size), dtype=np.uint8)
+        for offset in (0, 2):  # d and dmin
+            raw[:, offset : offset + 2] = (
+                (rng.uniform(-1, 1, raw.shape[0]) * 0.05).astype(np.float16).view(np.uint8).reshape(-1, 2)
+            )
+        return torch.from_numpy(raw.reshape(ROWS, -1))
+    values = rng.standard_normal((ROWS, COLS)).astype(np.float32)
+    values[0, :32] = 0.0  # an all-zero block
+    values[1] *= 100.0  # a large-scale row
+    return torch.from_numpy(gguf.quants.quantize(values, qtype).view(np.uint8).reshape(ROWS, -1).copy())
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0"])
+def test_kernel_matches_dequantized_reference(type_name: str) -> None:
+    rng = np.random.default_rng(0)
+    qtype = int(GGMLQuantizationType[type_name])
+    raw = _raw(type_name, rng)
+    reference = dequantize(raw, qtype, (ROWS, COLS))
+    packed = int4pack.repack(raw, qtype, ROWS, COLS, torch.float32)
+    assert packed.planes == (1 if type_name in ("Q4_0", "Q4_1", "Q4_K") else 2)
+    x = torch.from_numpy(rng.standard_normal((7, COLS)).astype(np.float32))
+    expected = (x.double() @ reference.double().t()).float()
+    out = packed.matmul(x)
+    # float32 reassociation only: the same bound a dense float32 matmul meets
+    dense = F.linear(x, reference)
+    scale = (x.abs().double() @ reference.abs().double().t()).float()  # sum of |products|
+    bound = 4 * COLS * torch.finfo(torch.float32).eps * scale + 1e-30
+    assert ((out - expected).abs() <= bound).all()
+    assert ((dense - expected).abs() <= bound).all()
+    # The weight the kernel holds (the kernel applied to I is W^T): Q4_0 (zero 0) bit for bit,
+    # the others up to the one rounding of their zero (and of the sum of two planes).
+    held = packed.matmul(torch.eye(COLS)).t()
+    if type_name == "Q4_0":
+        assert torch.equal(held, reference)
+    else:
+        torch.testing.assert_close(held, reference, rtol=2e-6, atol=2e-6 * reference.abs().max().item())
+    # a 3-d input keeps its leading shape
+    assert packed.matmul(x.reshape(7, 1, COLS)).shape == (7, 1, ROWS)
+
+
+def test_unpackable_types_stay_on_the_decoding_path() -> None:
+    """Q6_K has 16-value scale groups: no exact 32-wide grouping, so the layer decodes it per call."""
+    rng = np.random.default_rng(1)
+    block, size = GGML_QUANT_SIZES[GGMLQuantizationType.Q6_K]
+    raw = rng.integers(0, 256, size=(ROWS * COLS // block, size), dtype=np.uint8)
+    raw[:, 208:210] = (rng.uniform(-1, 1, raw.shape[0]) * 0.05).astype(np.float16).view(np.uint8).reshape(-1, 2)
+    weight = GGUFWeight(torch.from_numpy(raw.reshape(ROWS, -1)), int(GGMLQuantizationType.Q6_K), (ROWS, COLS))
+    assert not int4pack.packable(weight.ggml_type, COLS)
+    layer = Linear(COLS, [ROWS], quant_method=GGUFLinearMethod())
+    layer.load("weight", weight, None)
+    layer.quant_method.process_weights_after_loading(layer)
+    x = torch.randn(3, COLS)
+    torch.testing.assert_close(layer(x), F.linear(x, weight.dequantize()))
+    assert layer.gguf_planes == [0]
+
+
+def test_switch_off_keeps_raw_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    rng = np.random.default_rng(2)
+    raw = _raw("Q4_1", rng)
+    weight = GGUFWeight(raw, int(GGMLQuantizationType.Q4_1), (ROWS, COLS))
+    x = torch.randn(2, COLS, dtype=torch.bfloat16)
+    outs = []
+    for switch in ("0", "1"):
+        monkeypatch.setenv("KVIK_GGUF_INT4_KERNEL", switch)
+        layer = Linear(COLS, [ROWS], quant_method=GGUFLinearMethod())
+        layer.load("weight", weight, None)
+        layer.quant_method.process_weights_after_loading(layer)
+        outs.append(layer(x))
+        assert layer.gguf_planes == [0 if switch == "0" else 1]
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.02, atol=0.1)  # bf16 weights vs bf16 scales
