@@ -145,7 +145,14 @@ class GGUFLinearMethod(QuantizationMethod):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        if not layer.gguf_repacked and x.device.type == "cpu" and x.dtype in int4pack.FAST_DTYPES:
+        # torch's int4 CPU kernel was 2x faster than a dense bf16 matmul per layer at one thread, but
+        # 4-20x slower end to end at two (its work split; docs/quantization.md): single-threaded only.
+        if (
+            not layer.gguf_repacked
+            and x.device.type == "cpu"
+            and x.dtype in int4pack.FAST_DTYPES
+            and torch.get_num_threads() == 1
+        ):
             self._repack(layer, x.dtype)
         parts = []
         for j, (rows, ggml_type) in enumerate(layer.gguf_groups):
