@@ -84,7 +84,7 @@ def test_switch_off_keeps_raw_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     rng = np.random.default_rng(2)
     raw = _raw("Q4_1", rng)
     weight = GGUFWeight(raw, int(GGMLQuantizationType.Q4_1), (ROWS, COLS))
-    x = torch.randn(2, COLS, dtype=torch.bfloat16)
+    x = torch.randn(2, COLS, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(2))
     outs = []
     for switch in ("0", "1"):
         monkeypatch.setenv("KVIK_GGUF_INT4_KERNEL", switch)
@@ -93,4 +93,7 @@ def test_switch_off_keeps_raw_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
         layer.quant_method.process_weights_after_loading(layer)
         outs.append(layer(x))
         assert layer.gguf_planes == [0 if switch == "0" else 1]
-    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.02, atol=0.1)  # bf16 weights vs bf16 scales
+    # bf16 weights (switch off) vs bf16 scales (kernel): outputs are ~sqrt(COLS) = 22 in size, where one bf16
+    # step is 0.125, so the bound is relative to the output's scale.
+    scale = outs[0].float().abs().max().item()
+    torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.02, atol=0.02 * scale)
