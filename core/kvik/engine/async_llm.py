@@ -104,6 +104,15 @@ class AsyncLLM:
         self.engine.shutdown()
 
     # -- requests --------------------------------------------------------------
+    def _ensure_running(self) -> None:
+        """Refuse new work once the loop failed or is shutting down; start the loop on first use."""
+        if self._error is not None:
+            raise EngineDeadError(f"the engine loop failed: {self._error!r}")
+        if not self._accepting:
+            raise EngineDeadError("the engine is shutting down")
+        if self._thread is None:
+            self.start()
+
     async def generate(
         self,
         prompt: str | Sequence[int],
@@ -116,12 +125,7 @@ class AsyncLLM:
         Raises ValueError for invalid input before yielding anything. Leaving
         the iteration early (client gone, task cancelled) aborts the request.
         """
-        if self._error is not None:
-            raise EngineDeadError(f"the engine loop failed: {self._error!r}")
-        if not self._accepting:
-            raise EngineDeadError("the engine is shutting down")
-        if self._thread is None:
-            self.start()
+        self._ensure_running()
         if request_id in self._streams:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str) and len(prompt) > 4096:
@@ -164,12 +168,7 @@ class AsyncLLM:
         Every input is validated before any is queued (ValueError names the problem), so a
         bad input leaves nothing behind; leaving early (cancellation) aborts the unfinished ones.
         """
-        if self._error is not None:
-            raise EngineDeadError(f"the engine loop failed: {self._error!r}")
-        if not self._accepting:
-            raise EngineDeadError("the engine is shutting down")
-        if self._thread is None:
-            self.start()
+        self._ensure_running()
         if any(rid in self._streams for rid in request_ids):
             raise ValueError("request id already in use")
 
