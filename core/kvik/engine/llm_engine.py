@@ -35,6 +35,7 @@ from kvik.request import Request, RequestStatus
 from kvik.sample.admission import prepare_params
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import SchedulerOutput
+from kvik.spec_decode.config import SpeculativeConfig
 from kvik.spec_decode.proposer import Proposer
 from kvik.structured.manager import StructuredOutputManager
 from kvik.worker.interface import StepHandle
@@ -117,6 +118,9 @@ class LLMEngine:
             self.pooler_setup = read_pooler_setup(self.config.model)
             self.pooling_task = "classify" if is_classifier_architecture(self.model_config.architecture) else "embed"
             logger.info("pooling: %s (%s)", self.pooler_setup, self.pooling_task)
+        self.proposer: Proposer | None = None
+        if self.config.speculative_config is not None:  # refused before the weights load
+            self.proposer = self._make_proposer(self.config.speculative_config)
         with step("loading the model"):
             self.runner.load_model()
         with step("profiling memory"):
@@ -143,18 +147,10 @@ class LLMEngine:
         self.async_scheduling = cfg.async_scheduling and self.runner.supports_async_scheduling
         if cfg.async_scheduling and not self.async_scheduling:
             logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
-        self.proposer: Proposer | None = None
-        if cfg.speculative_config is not None:
-            if not self.runner.supports_speculative_decoding:
-                raise ValueError(
-                    f"speculative decoding is not supported by the {self.platform.name} platform's model runner; "
-                    "drop speculative_config or use a torch platform (cpu, cuda, rocm)"
-                )
-            self.proposer = self.manager.spec_proposers.get(cfg.speculative_config.method)(cfg.speculative_config)
-            if self.async_scheduling:
-                # Drafts are proposed from the tokens of the previous step, so each step waits for it.
-                logger.info("async scheduling is off: speculative decoding runs its steps synchronously")
-                self.async_scheduling = False
+        if self.proposer is not None and self.async_scheduling:
+            # Drafts are proposed from the tokens of the previous step, so each step waits for it.
+            logger.info("async scheduling is off: speculative decoding runs its steps synchronously")
+            self.async_scheduling = False
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._pooling: dict[str, PreparedRequest] = {}  # live pooling requests
         self._pooled_outputs: list[PoolingRequestOutput] = []  # finished, not yet taken
@@ -175,6 +171,21 @@ class LLMEngine:
         )
 
     # -- set-up --------------------------------------------------------------
+    def _make_proposer(self, spec: SpeculativeConfig) -> Proposer:
+        if not self.runner.supports_speculative_decoding:
+            raise ValueError(
+                f"speculative decoding is not supported by the {self.platform.name} platform's model runner; "
+                "drop speculative_config or use a torch platform (cpu, cuda, rocm)"
+            )
+        proposer_cls = self.manager.spec_proposers.get(spec.method)
+        if getattr(proposer_cls, "drafter", "") and not self.runner.supports_drafters:
+            raise ValueError(
+                f"speculative method {spec.method!r} runs a draft model on the runner, which the "
+                f"{self.platform.name} platform's model runner does not support; use a host-side method "
+                "(ngram, suffix) or a torch platform"
+            )
+        return proposer_cls(spec)
+
     def _load_tokenizer(self) -> Any:
         if self.config.tokenizer != self.config.model:
             from transformers import AutoTokenizer
@@ -448,6 +459,7 @@ class LLMEngine:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
             self.structured.remove(stopped)
         if self.proposer is not None:
+            self.proposer.step_finished(runner_output)
             for request in updated:
                 if request.is_finished:  # by a stop rule, a stop string or a grammar
                     self.proposer.request_finished(request)

@@ -63,11 +63,11 @@ def test_bad_configs_are_refused_clearly(value, message) -> None:
 def test_unknown_method_is_refused_at_resolution(tiny_model_dir) -> None:
     from kvik import LLM
 
-    with pytest.raises(ValueError, match=r"unknown method 'eagle'.*registered methods: .*ngram"):
+    with pytest.raises(ValueError, match=r"unknown method 'medusa'.*registered methods: .*ngram"):
         LLM(
             str(tiny_model_dir("llama")),
             device="cpu",
-            speculative_config={"method": "eagle", "num_speculative_tokens": 2},
+            speculative_config={"method": "medusa", "num_speculative_tokens": 2},
         )
 
 
