@@ -72,6 +72,9 @@ class EngineStats:
     spec_draft_tokens: int = 0  # speculative decoding: draft tokens verified since start
     spec_accepted_tokens: int = 0  # of which accepted
     spec_accepted_per_position: tuple[int, ...] = ()  # [i]: verify steps that accepted draft i
+    spec_drafted_per_position: tuple[int, ...] = ()  # [i]: verify steps that drafted at least i + 1 tokens
+    spec_method: str = ""  # the speculative method ("" when off)
+    spec_disabled_steps: int = 0  # steps that proposed nothing because the batch reached disable_by_batch_size
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -157,6 +160,7 @@ class LLMEngine:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._num_steps = 0
+        self._spec_disabled_steps = 0
         self._last_step_time = time.monotonic()
         progress.finish(
             f"model {format_bytes(self.runner.weight_bytes())}, KV cache {format_bytes(self.memory_plan.kv_bytes)} "
@@ -416,7 +420,14 @@ class LLMEngine:
 
     def _propose(self, proposer: Proposer) -> None:
         """Draft tokens for the running requests that decode next (none for grammar-constrained ones)."""
-        k = self.config.speculative_config.num_speculative_tokens  # type: ignore[union-attr]
+        spec = self.config.speculative_config
+        assert spec is not None
+        k = spec.num_speculative_tokens
+        if spec.disable_by_batch_size and len(self.scheduler.running) >= spec.disable_by_batch_size:
+            # Under load the batch already fills the device: extra verify positions cost more than
+            # they save (vLLM's disable_by_batch_size). The step decodes one token per request.
+            self._spec_disabled_steps += 1
+            return
         decoding = [
             r
             for r in self.scheduler.running
@@ -499,6 +510,9 @@ class LLMEngine:
             spec_draft_tokens=stats.spec_draft_tokens,
             spec_accepted_tokens=stats.spec_accepted_tokens,
             spec_accepted_per_position=stats.spec_accepted_per_position,
+            spec_drafted_per_position=stats.spec_drafted_per_position,
+            spec_method=self.config.speculative_config.method if self.config.speculative_config else "",
+            spec_disabled_steps=self._spec_disabled_steps,
         )
 
     def shutdown(self) -> None:

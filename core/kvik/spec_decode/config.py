@@ -32,6 +32,9 @@ class SpeculativeConfig:
     suffix_cache_requests: int = 64
     # draft_model / eagle / eagle3: the draft checkpoint (a local path or Hub id).
     model: str | None = None
+    # Speculation is off for a step whose running batch has at least this many requests
+    # (vLLM's disable_by_batch_size: large batches are compute-bound already). 0: never.
+    disable_by_batch_size: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "suffix_min_match"):
@@ -54,6 +57,11 @@ class SpeculativeConfig:
         ):
             raise ValueError(
                 f"speculative_config: suffix_cache_requests must be an integer >= 0, got {self.suffix_cache_requests!r}"
+            )
+        limit = self.disable_by_batch_size
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(
+                f"speculative_config: disable_by_batch_size must be an integer >= 0 (0: never), got {limit!r}"
             )
 
         if self.model is not None and (not isinstance(self.model, str) or not self.model):

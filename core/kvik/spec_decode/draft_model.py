@@ -117,8 +117,9 @@ class DraftModelDrafter(Drafter):
         rows = np.arange(len(steps), dtype=np.int64)
         first = draft.build_layout(steps, tables, rows)
         out = draft.run_model(draft.prepare_inputs(first))
-        if not params:
-            return {}
+        limit = self.config.disable_by_batch_size
+        if not params or (limit and len(params) >= limit):
+            return {}  # the catch-up above kept the draft KV in step; no drafts under load
         first_logits = self._logits(out, first.logits_indices)
         ids = [s.request_id for s in steps if s.sample]
         draft_rows = rows[[s.sample for s in steps]]
