@@ -7,7 +7,7 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 # Methods kvik ships; plugins add more through ``kvik_register_spec_proposers``.
-BUILTIN_METHODS = ("ngram", "suffix", "draft_model")
+BUILTIN_METHODS = ("ngram", "suffix", "draft_model", "eagle", "eagle3")
 # Methods that run a model on the runner and need ``model`` (a checkpoint path or Hub id).
 MODEL_METHODS = ("draft_model", "eagle", "eagle3")
 

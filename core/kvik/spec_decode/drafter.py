@@ -67,6 +67,10 @@ class RunnerDraftProposer(Proposer):
 class Drafter(ABC):
     """The runner side: owns the draft weights and KV cache, proposes after every step."""
 
+    # True when the drafter reads the target's intermediate activations, which a CUDA graph
+    # replay does not expose: the runner then runs the target eagerly.
+    needs_eager_target: bool = False
+
     def __init__(self, config: SpeculativeConfig, runner: TorchModelRunner) -> None:
         self.config = config
         self.runner = runner
