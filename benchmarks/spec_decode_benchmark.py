@@ -34,11 +34,10 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_common import SHAPES, word_tokenizer  # noqa: E402
-
-from kvik.plugins.hookspecs import RegisterFn, hookimpl  # noqa: E402
-from kvik.request import Request  # noqa: E402
-from kvik.spec_decode.proposer import Proposer  # noqa: E402
+from gpu_common import SHAPES, word_tokenizer
+from kvik.plugins.hookspecs import RegisterFn, hookimpl
+from kvik.request import Request
+from kvik.spec_decode.proposer import Proposer
 
 SHAPES.setdefault(
     "llama1b",  # Llama-3.2-1B shape: the draft
@@ -181,8 +180,7 @@ def main() -> None:
     configs: list[tuple[str, Path, dict[str, Any] | None]] = [
         ("baseline", target, None),
         ("replay", target, {"method": "replay", "num_speculative_tokens": k}),
-        ("ngram", target, {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_min": 2,
-                           "prompt_lookup_max": 5}),  # fmt: skip
+        ("ngram", target, {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 5}),
         ("suffix", target, {"method": "suffix", "num_speculative_tokens": k}),
         ("draft_model_small", target, {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}),
         ("draft_model_self", target, {"method": "draft_model", "model": str(target), "num_speculative_tokens": k}),
