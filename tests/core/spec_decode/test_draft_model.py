@@ -130,3 +130,42 @@ def test_a_draft_with_a_padded_vocabulary_drafts_in_the_targets(tmp_path, target
     assert llm.llm_engine.runner.drafter.draft.model_config.vocab_size == 640
     got = llm.generate(_prompts(), _params(), use_tqdm=False)
     assert _tokens(got) == _tokens(baseline)
+
+
+def test_verify_rows_get_the_q_their_drafts_were_drawn_from() -> None:
+    """draft_probs: sampled drafts' rows carry their q (a prefix when the engine cut the drafts),
+    deterministic drafts' rows are one-hot, bonus rows zero; drafts that differ from the drawn ones
+    are treated as deterministic."""
+    from types import SimpleNamespace
+
+    from kvik.scheduling.output import ScheduledRequest
+    from kvik.spec_decode.config import SpeculativeConfig
+    from kvik.spec_decode.drafter import Drafter
+
+    class Fixed(Drafter):
+        def load(self) -> None: ...
+
+        def propose(self, layout, hidden, sampled):  # type: ignore[no-untyped-def]
+            return {}
+
+    runner = SimpleNamespace(model_config=SimpleNamespace(vocab_size=6), device=torch.device("cpu"),
+                             config=SimpleNamespace(seed=0), block_size=16)  # fmt: skip
+    drafter = Fixed(SpeculativeConfig("draft_model", 3, model="x"), runner)  # type: ignore[arg-type]
+    q = torch.softmax(torch.randn(2, 3, 6), -1)  # two sampled requests, 3 drafts each
+    per_position = [torch.cat([q[:, j], q[1:, j]]) for j in range(3)]  # [3 rows, 6]; "c" (greedy) has none
+    drafter.remember(["a", "b", "c"], [[1, 2, 3], [4, 4, 4], [0, 1, 2]], per_position, [True, True, False])
+
+    def req(rid: str, drafts: list[int]) -> ScheduledRequest:
+        return ScheduledRequest(rid, [9, *drafts], 5, [], True, Params(), draft_token_ids=drafts)
+
+    reqs = [req("a", [1, 2]), req("b", [4, 5, 4]), req("c", [0, 1, 2]), req("d", [])]
+    counts = [3, 4, 4, 1]
+    got = drafter.draft_probs(reqs, counts, torch.zeros(12, 6))
+    assert got is not None
+    assert torch.equal(got[0], q[0, 0]) and torch.equal(got[1], q[0, 1])  # "a": a prefix of its drafts
+    assert not got[2].any()  # its bonus row
+    onehot = torch.nn.functional.one_hot(torch.tensor([4, 5, 4, 0, 1, 2]), 6).float()
+    assert torch.equal(got[3:6], onehot[:3])  # "b" was cut differently from what was drawn: deterministic
+    assert torch.equal(got[7:10], onehot[3:])  # "c" drafted greedily
+    assert not got[6].any() and not got[10].any() and not got[11].any()
+    assert drafter.draft_probs(reqs, counts, torch.zeros(12, 6)) is None  # used once
