@@ -20,7 +20,7 @@ from kvik.testing.reference import random_prompts
 from kvik_cuda.runner import CUDAModelRunner
 
 sys.path.insert(0, os.path.dirname(__file__))
-import host_cuda_platform  # noqa: E402
+import host_cuda_platform
 
 _spec = importlib.util.spec_from_file_location(
     "kvik_eagle_heads", Path(__file__).parents[2] / "core" / "spec_decode" / "test_eagle.py"
