@@ -189,11 +189,7 @@ def test_bucketed_decode_with_triton_and_fused_layers_matches_torch_ref(kvik_plu
     path = tiny_model_dir("llama")
     expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
     runner = _runner(
-        CUDAModelRunner,
-        path,
-        kvik_plugin_manager,
-        attention_backend="triton_interp",
-        platform_options={"fused_layers": True},
+        CUDAModelRunner, path, kvik_plugin_manager, attention_backend="triton_interp", platform_options={"fused_layers": True}
     )
     assert runner._bucket(STEPS[1]) == 2 and runner._bucket(STEPS[3]) == 2 and runner._bucket(STEPS[2]) is None
     got = _logits(runner)
