@@ -14,6 +14,8 @@ Random weights do not copy text, so acceptance is made meaningful per method:
 - ``draft_model``: a ``--draft-shape`` draft (another seed: ~0% acceptance, the cost
   of drafting), and the target as its own draft (same dummy seed: identical weights,
   ~100% acceptance, the draft costing a full target step per token).
+- ``eagle``: a random head in EAGLE's layout for the target shape (~0% acceptance):
+  what a head's drafting steps cost.
 
 decode ms/token = (t(new tokens) - t(1 token)) / (new - 1) for a batch of B copy
 prompts, greedy, EOS ignored; every engine's tokens are checked against the
@@ -77,6 +79,43 @@ def config_dir(root: Path, shape: str) -> Path:
         cfg.dtype = "bfloat16"
         cfg.save_pretrained(path)
         word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(path)
+    return path
+
+
+def eagle_head_dir(root: Path, shape: str) -> Path:
+    """A random EAGLE head (yuhuili/EAGLE-LLaMA3-Instruct-8B's layout) for ``shape``: what drafting costs."""
+    import torch
+    from safetensors.torch import save_file
+
+    s = SHAPES[shape]
+    path = root / f"{shape}-eagle-head"
+    if (path / "model.safetensors").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    h, heads, kv, inter = s["hidden_size"], s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"]
+    hd = h // heads
+    gen = torch.Generator().manual_seed(0)
+
+    def w(*shape_: int) -> torch.Tensor:
+        return (torch.randn(*shape_, generator=gen) * 0.02).to(torch.bfloat16)
+
+    tensors = {
+        "fc.weight": w(h, 2 * h),
+        "fc.bias": w(h),
+        "layers.0.self_attn.q_proj.weight": w(heads * hd, h),
+        "layers.0.self_attn.k_proj.weight": w(kv * hd, h),
+        "layers.0.self_attn.v_proj.weight": w(kv * hd, h),
+        "layers.0.self_attn.o_proj.weight": w(h, heads * hd),
+        "layers.0.mlp.gate_proj.weight": w(inter, h),
+        "layers.0.mlp.up_proj.weight": w(inter, h),
+        "layers.0.mlp.down_proj.weight": w(h, inter),
+        "layers.0.post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+    }
+    save_file(tensors, str(path / "model.safetensors"))
+    config = {k: v for k, v in s.items() if k != "tie_word_embeddings"}
+    (path / "config.json").write_text(
+        json.dumps({**config, "num_hidden_layers": 1, "architectures": ["LlamaForCausalLM"]})
+    )
     return path
 
 
@@ -184,6 +223,7 @@ def main() -> None:
         ("suffix", target, {"method": "suffix", "num_speculative_tokens": k}),
         ("draft_model_small", target, {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}),
         ("draft_model_self", target, {"method": "draft_model", "model": str(target), "num_speculative_tokens": k}),
+        ("eagle_random_head", target, {"method": "eagle", "model": "<eagle head>", "num_speculative_tokens": k}),
     ]
     prompts: list[list[int]] = []
     want: dict | None = None
@@ -192,6 +232,8 @@ def main() -> None:
             continue
         start = time.perf_counter()
         try:
+            if spec is not None and spec.get("model") == "<eagle head>":
+                spec = {**spec, "model": str(eagle_head_dir(root, args.shape))}
             llm = make_llm(model, args, spec)
             try:
                 if name == "baseline":
