@@ -54,3 +54,6 @@ def kvik_register_structured_output_backends(register: RegisterFn) -> None:
 def kvik_register_spec_proposers(register: RegisterFn) -> None:
     register("ngram", "kvik.spec_decode.ngram:NgramProposer")
     register("suffix", "kvik.spec_decode.suffix:SuffixProposer")
+    register("draft_model", "kvik.spec_decode.draft_model:DraftModelProposer")
+    register("eagle", "kvik.spec_decode.eagle:EagleProposer")
+    register("eagle3", "kvik.spec_decode.eagle:Eagle3Proposer")

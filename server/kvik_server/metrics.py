@@ -115,18 +115,8 @@ class _EngineCollector(Collector):
         yield counter("kvik:prompt_tokens", "Prompt tokens admitted.", stats.prompt_tokens_total)
         yield counter("kvik:generation_tokens", "Tokens generated.", stats.generation_tokens_total)
         yield counter("kvik:engine_steps", "Engine steps that did work.", stats.num_steps)
-        if stats.spec_draft_tokens:  # speculative decoding (vLLM's spec_decode_* families)
-            yield counter("kvik:spec_decode_num_draft_tokens", "Draft tokens verified.", stats.spec_draft_tokens)
-            yield counter("kvik:spec_decode_num_accepted_tokens", "Draft tokens accepted.", stats.spec_accepted_tokens)
-            per_position = CounterMetricFamily(
-                "kvik:spec_decode_num_accepted_tokens_per_pos",
-                "Verify steps that accepted the draft at each position (rate: divide by the steps "
-                "that drafted that far).",
-                labels=[*labels, "position"],
-            )
-            for i, n in enumerate(stats.spec_accepted_per_position):
-                per_position.add_metric([*value, str(i)], n)
-            yield per_position
+        if stats.spec_method:
+            yield from _spec_decode_families(stats, labels, value)
         yield gauge(
             "kvik:engine_seconds_since_last_step", "Seconds since the engine last did work.",
             max(0.0, time.monotonic() - stats.last_step_time),
@@ -135,3 +125,43 @@ class _EngineCollector(Collector):
             yield gauge(
                 "kvik:num_requests_inflight", "Requests the HTTP server is serving.", len(self.context.inflight)
             )
+
+
+def _spec_decode_families(stats: Any, labels: list[str], value: list[str]) -> Iterator[Metric]:
+    """Speculative decoding (vLLM's spec_decode_* families), labelled with the method."""
+    labels, value = [*labels, "method"], [*value, stats.spec_method]
+
+    def family(kind: type, name: str, doc: str, v: float) -> Metric:
+        metric = kind(name, doc, labels=labels)
+        metric.add_metric(value, v)
+        return metric
+
+    drafts, accepted = stats.spec_draft_tokens, stats.spec_accepted_tokens
+    yield family(CounterMetricFamily, "kvik:spec_decode_num_draft_tokens", "Draft tokens verified.", drafts)
+    yield family(CounterMetricFamily, "kvik:spec_decode_num_accepted_tokens", "Draft tokens accepted.", accepted)
+    yield family(
+        GaugeMetricFamily, "kvik:spec_decode_acceptance_rate", "Accepted / verified draft tokens since start.",
+        accepted / drafts if drafts else 0.0,
+    )  # fmt: skip
+    yield family(
+        CounterMetricFamily, "kvik:spec_decode_disabled_steps",
+        "Steps that proposed no drafts because the batch reached disable_by_batch_size.", stats.spec_disabled_steps,
+    )  # fmt: skip
+    per_position = CounterMetricFamily(
+        "kvik:spec_decode_num_accepted_tokens_per_pos",
+        "Verify steps that accepted the draft at each position.",
+        labels=[*labels, "position"],
+    )
+    rate = GaugeMetricFamily(
+        "kvik:spec_decode_acceptance_rate_per_pos",
+        "Accepted / drafted at each draft position since start.",
+        labels=[*labels, "position"],
+    )
+    drafted = stats.spec_drafted_per_position
+    for i, n in enumerate(stats.spec_accepted_per_position):
+        per_position.add_metric([*value, str(i)], n)
+    for i, d in enumerate(drafted):
+        accepted_i = stats.spec_accepted_per_position[i] if i < len(stats.spec_accepted_per_position) else 0
+        rate.add_metric([*value, str(i)], accepted_i / d if d else 0.0)
+    yield per_position
+    yield rate

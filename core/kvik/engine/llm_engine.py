@@ -35,6 +35,7 @@ from kvik.request import Request, RequestStatus
 from kvik.sample.admission import prepare_params
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import SchedulerOutput
+from kvik.spec_decode.config import SpeculativeConfig
 from kvik.spec_decode.proposer import Proposer
 from kvik.structured.manager import StructuredOutputManager
 from kvik.worker.interface import StepHandle
@@ -71,6 +72,9 @@ class EngineStats:
     spec_draft_tokens: int = 0  # speculative decoding: draft tokens verified since start
     spec_accepted_tokens: int = 0  # of which accepted
     spec_accepted_per_position: tuple[int, ...] = ()  # [i]: verify steps that accepted draft i
+    spec_drafted_per_position: tuple[int, ...] = ()  # [i]: verify steps that drafted at least i + 1 tokens
+    spec_method: str = ""  # the speculative method ("" when off)
+    spec_disabled_steps: int = 0  # steps that proposed nothing because the batch reached disable_by_batch_size
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -117,6 +121,9 @@ class LLMEngine:
             self.pooler_setup = read_pooler_setup(self.config.model)
             self.pooling_task = "classify" if is_classifier_architecture(self.model_config.architecture) else "embed"
             logger.info("pooling: %s (%s)", self.pooler_setup, self.pooling_task)
+        self.proposer: Proposer | None = None
+        if self.config.speculative_config is not None:  # refused before the weights load
+            self.proposer = self._make_proposer(self.config.speculative_config)
         with step("loading the model"):
             self.runner.load_model()
         with step("profiling memory"):
@@ -143,24 +150,17 @@ class LLMEngine:
         self.async_scheduling = cfg.async_scheduling and self.runner.supports_async_scheduling
         if cfg.async_scheduling and not self.async_scheduling:
             logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
-        self.proposer: Proposer | None = None
-        if cfg.speculative_config is not None:
-            if not self.runner.supports_speculative_decoding:
-                raise ValueError(
-                    f"speculative decoding is not supported by the {self.platform.name} platform's model runner; "
-                    "drop speculative_config or use a torch platform (cpu, cuda, rocm)"
-                )
-            self.proposer = self.manager.spec_proposers.get(cfg.speculative_config.method)(cfg.speculative_config)
-            if self.async_scheduling:
-                # Drafts are proposed from the tokens of the previous step, so each step waits for it.
-                logger.info("async scheduling is off: speculative decoding runs its steps synchronously")
-                self.async_scheduling = False
+        if self.proposer is not None and self.async_scheduling:
+            # Drafts are proposed from the tokens of the previous step, so each step waits for it.
+            logger.info("async scheduling is off: speculative decoding runs its steps synchronously")
+            self.async_scheduling = False
         self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._pooling: dict[str, PreparedRequest] = {}  # live pooling requests
         self._pooled_outputs: list[PoolingRequestOutput] = []  # finished, not yet taken
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self._num_steps = 0
+        self._spec_disabled_steps = 0
         self._last_step_time = time.monotonic()
         progress.finish(
             f"model {format_bytes(self.runner.weight_bytes())}, KV cache {format_bytes(self.memory_plan.kv_bytes)} "
@@ -175,6 +175,21 @@ class LLMEngine:
         )
 
     # -- set-up --------------------------------------------------------------
+    def _make_proposer(self, spec: SpeculativeConfig) -> Proposer:
+        if not self.runner.supports_speculative_decoding:
+            raise ValueError(
+                f"speculative decoding is not supported by the {self.platform.name} platform's model runner; "
+                "drop speculative_config or use a torch platform (cpu, cuda, rocm)"
+            )
+        proposer_cls = self.manager.spec_proposers.get(spec.method)
+        if getattr(proposer_cls, "drafter", "") and not self.runner.supports_drafters:
+            raise ValueError(
+                f"speculative method {spec.method!r} runs a draft model on the runner, which the "
+                f"{self.platform.name} platform's model runner does not support; use a host-side method "
+                "(ngram, suffix) or a torch platform"
+            )
+        return proposer_cls(spec)
+
     def _load_tokenizer(self) -> Any:
         if self.config.tokenizer != self.config.model:
             from transformers import AutoTokenizer
@@ -405,7 +420,14 @@ class LLMEngine:
 
     def _propose(self, proposer: Proposer) -> None:
         """Draft tokens for the running requests that decode next (none for grammar-constrained ones)."""
-        k = self.config.speculative_config.num_speculative_tokens  # type: ignore[union-attr]
+        spec = self.config.speculative_config
+        assert spec is not None
+        k = spec.num_speculative_tokens
+        if spec.disable_by_batch_size and len(self.scheduler.running) >= spec.disable_by_batch_size:
+            # Under load the batch already fills the device: extra verify positions cost more than
+            # they save (vLLM's disable_by_batch_size). The step decodes one token per request.
+            self._spec_disabled_steps += 1
+            return
         decoding = [
             r
             for r in self.scheduler.running
@@ -448,6 +470,7 @@ class LLMEngine:
             self.scheduler.finish_requests(stopped, RequestStatus.FINISHED_STOPPED)
             self.structured.remove(stopped)
         if self.proposer is not None:
+            self.proposer.step_finished(runner_output)
             for request in updated:
                 if request.is_finished:  # by a stop rule, a stop string or a grammar
                     self.proposer.request_finished(request)
@@ -487,6 +510,9 @@ class LLMEngine:
             spec_draft_tokens=stats.spec_draft_tokens,
             spec_accepted_tokens=stats.spec_accepted_tokens,
             spec_accepted_per_position=stats.spec_accepted_per_position,
+            spec_drafted_per_position=stats.spec_drafted_per_position,
+            spec_method=self.config.speculative_config.method if self.config.speculative_config else "",
+            spec_disabled_steps=self._spec_disabled_steps,
         )
 
     def shutdown(self) -> None:

@@ -125,8 +125,10 @@ def kvik_register_spec_proposers(register: RegisterFn) -> None:
     Call ``register(name, "module:ProposerClass")``; the class subclasses
     :class:`kvik.spec_decode.proposer.Proposer` (built with the
     :class:`~kvik.spec_decode.config.SpeculativeConfig`; ``propose(requests, num_tokens)``
-    returns each request's draft tokens, verified exactly by the target model). kvik
-    registers ``ngram`` and ``suffix``. Not firstresult.
+    returns each request's draft tokens, verified exactly by the target model). A method that
+    runs a model on the runner subclasses :class:`kvik.spec_decode.drafter.RunnerDraftProposer`
+    and names its :class:`~kvik.spec_decode.drafter.Drafter`. kvik registers ``ngram``,
+    ``suffix``, ``draft_model``, ``eagle`` and ``eagle3``. Not firstresult.
     """
 
 

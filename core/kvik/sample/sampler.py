@@ -65,13 +65,22 @@ class Sampler:
             sampled = torch.where(self._column(greedy, logits, torch.bool).squeeze(1), greedy_ids, sampled)
         return sampled
 
-    def verify(self, logits: torch.Tensor, batch: SamplingBatch, draft_ids: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def verify(
+        self,
+        logits: torch.Tensor,
+        batch: SamplingBatch,
+        draft_ids: list[int],
+        draft_probs: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """Speculative decoding's exact rejection rule, one row per scored position.
 
         ``draft_ids[i]`` is the drafted token at row ``i`` (-1: none, a bonus row). With
-        ``p`` the row's target distribution (every knob applied) and a one-hot draft
-        ``q``, the draft is accepted with probability ``min(1, p(d) / q(d)) = p(d)``;
-        otherwise the token comes from the residual ``max(0, p - q)``, i.e. ``p``
+        ``p`` the row's target distribution (every knob applied) and ``q`` the
+        distribution the draft was drawn from, the draft is accepted with probability
+        ``min(1, p(d) / q(d))``; otherwise the token comes from the residual
+        ``max(0, p - q)`` (normalised). ``draft_probs`` [n, vocab] float32 gives ``q``
+        per row (a row of a deterministic draft is one-hot at ``d``); None means every
+        draft is deterministic, so acceptance is ``p(d)`` and the residual is ``p``
         without ``d``. Greedy rows accept a draft equal to the argmax. Returns
         (accepted [n] bool, sampled [n] int64: the residual (or argmax) sample).
         """
@@ -91,8 +100,17 @@ class Sampler:
         index = drafts.clamp(min=0)[:, None]
         p_draft = probs.gather(1, index).squeeze(1)
         noise, uniform = self._noise(probs.shape, batch, with_uniform=True)
-        accepted = has_draft & (uniform < p_draft)
-        residual = torch.where(has_draft[:, None], probs.scatter(1, index, 0.0), probs)
+        if draft_probs is None:
+            accepted = has_draft & (uniform < p_draft)
+            residual = torch.where(has_draft[:, None], probs.scatter(1, index, 0.0), probs)
+        else:
+            q_draft = draft_probs.gather(1, index).squeeze(1)
+            accepted = has_draft & (uniform * q_draft < p_draft)  # u < p(d) / q(d), no division by 0
+            residual = torch.where(has_draft[:, None], (probs - draft_probs).clamp_(min=0.0), probs)
+            # p == q up to rounding leaves no residual mass: such a row accepts with probability ~1,
+            # and a rounding-level rejection samples from p (never from an all-zero row).
+            empty = residual.sum(dim=-1, keepdim=True) <= 0
+            residual = torch.where(empty, probs, residual)
         sampled = residual.div_(noise).argmax(dim=-1)
         if any(greedy):
             g = self._column(greedy, logits, torch.bool).squeeze(1)

@@ -95,3 +95,6 @@ class RunnerOutput:
     # request_id -> the pooled (and, for classifiers, head-projected) float32 vector of a pooling
     # request that finished its prompt this step.
     pooled: dict[str, list[float]] | None = None
+    # Speculative decoding with a drafter on the runner (draft model, EAGLE): request_id -> the
+    # tokens it proposes for the request's next step (kvik.spec_decode.drafter).
+    draft_token_ids: dict[str, list[int]] | None = None

@@ -99,6 +99,7 @@ class Scheduler:
         self._spec_drafts = 0  # speculative decoding: draft tokens verified, and accepted
         self._spec_accepted = 0
         self._spec_accepted_per_position: list[int] = []
+        self._spec_drafted_per_position: list[int] = []
 
     # ------------------------------------------------------------------ requests
     def add_request(self, request: Request) -> None:
@@ -181,6 +182,7 @@ class Scheduler:
             spec_draft_tokens=self._spec_drafts,
             spec_accepted_tokens=self._spec_accepted,
             spec_accepted_per_position=tuple(self._spec_accepted_per_position),
+            spec_drafted_per_position=tuple(self._spec_drafted_per_position),
         )
 
     # ------------------------------------------------------------------ the step
@@ -350,6 +352,10 @@ class Scheduler:
                 per_position[i] += 1
         self._spec_drafts += k
         self._spec_accepted += accepted
+        drafted = self._spec_drafted_per_position
+        drafted.extend([0] * (k - len(drafted)))
+        for i in range(k):
+            drafted[i] += 1
         per_position = self._spec_accepted_per_position
         per_position.extend([0] * (accepted - len(per_position)))
         for i in range(accepted):

@@ -20,6 +20,7 @@ class SchedulerStats:
     spec_draft_tokens: int = 0  # speculative decoding: draft tokens verified since start
     spec_accepted_tokens: int = 0  # of which accepted
     spec_accepted_per_position: tuple[int, ...] = ()  # [i]: verify steps that accepted draft i
+    spec_drafted_per_position: tuple[int, ...] = ()  # [i]: verify steps that drafted at least i + 1 tokens
 
     @property
     def prefix_cache_hit_rate(self) -> float:

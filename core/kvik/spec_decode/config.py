@@ -7,7 +7,9 @@ from dataclasses import dataclass, fields
 from typing import Any
 
 # Methods kvik ships; plugins add more through ``kvik_register_spec_proposers``.
-BUILTIN_METHODS = ("ngram", "suffix")
+BUILTIN_METHODS = ("ngram", "suffix", "draft_model", "eagle", "eagle3")
+# Methods that run a model on the runner and need ``model`` (a checkpoint path or Hub id).
+MODEL_METHODS = ("draft_model", "eagle", "eagle3")
 
 
 @dataclass(frozen=True, slots=True)
@@ -16,7 +18,8 @@ class SpeculativeConfig:
 
     ``prompt_lookup_*`` are the n-gram proposer's pattern lengths (the longest
     suffix of the sequence, between min and max tokens, that occurred earlier);
-    ``suffix_*`` belong to the suffix proposer.
+    ``suffix_*`` belong to the suffix proposer; ``model`` is the draft checkpoint
+    of ``draft_model`` (and the head of ``eagle`` / ``eagle3``).
     """
 
     method: str
@@ -27,6 +30,11 @@ class SpeculativeConfig:
     # requests' outputs the shared index remembers (0: only the request's own tokens).
     suffix_min_match: int = 2
     suffix_cache_requests: int = 64
+    # draft_model / eagle / eagle3: the draft checkpoint (a local path or Hub id).
+    model: str | None = None
+    # Speculation is off for a step whose running batch has at least this many requests
+    # (vLLM's disable_by_batch_size: large batches are compute-bound already). 0: never.
+    disable_by_batch_size: int = 0
 
     def __post_init__(self) -> None:
         for name in ("num_speculative_tokens", "prompt_lookup_min", "prompt_lookup_max", "suffix_min_match"):
@@ -49,6 +57,19 @@ class SpeculativeConfig:
         ):
             raise ValueError(
                 f"speculative_config: suffix_cache_requests must be an integer >= 0, got {self.suffix_cache_requests!r}"
+            )
+        limit = self.disable_by_batch_size
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ValueError(
+                f"speculative_config: disable_by_batch_size must be an integer >= 0 (0: never), got {limit!r}"
+            )
+
+        if self.model is not None and (not isinstance(self.model, str) or not self.model):
+            raise ValueError(f"speculative_config: model must be a checkpoint path, got {self.model!r}")
+        if self.method in MODEL_METHODS and self.model is None:
+            raise ValueError(
+                f"speculative_config: method {self.method!r} needs 'model', the draft checkpoint "
+                f"(e.g. {{'method': {self.method!r}, 'model': '/path/to/draft', 'num_speculative_tokens': 4}})"
             )
 
     @classmethod

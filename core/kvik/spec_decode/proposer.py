@@ -12,6 +12,7 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 
 from kvik.request import Request
+from kvik.scheduling.output import RunnerOutput
 from kvik.spec_decode.config import SpeculativeConfig
 
 
@@ -25,6 +26,10 @@ class Proposer(ABC):
     def propose(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
         """For each request (its ``all_token_ids`` are prompt + outputs so far), at most
         ``num_tokens[i]`` draft tokens that would follow them."""
+
+    def step_finished(self, output: RunnerOutput) -> None:  # noqa: B027 - optional
+        """A step's results arrived (before the next ``propose``): proposers whose drafts the runner
+        computes (:class:`kvik.spec_decode.drafter.RunnerDraftProposer`) read them here."""
 
     def request_finished(self, request: Request) -> None:  # noqa: B027 - optional
         """A request ended (its tokens are final): proposers that learn across requests keep them."""

@@ -90,12 +90,15 @@ def sample_verify(
     vrows: VerifyRows,
     layout: StepLayout,
     prompt_logits: torch.Tensor | None,
+    draft_probs: torch.Tensor | None = None,
 ) -> StepHandle:
-    """Accept drafts and sample; start the host copy. ``logits`` [R, vocab] are at ``vrows.token_rows``."""
+    """Accept drafts and sample; start the host copy. ``logits`` [R, vocab] are at ``vrows.token_rows``;
+    ``draft_probs`` [R, vocab] are the distributions sampled drafts were drawn from (None: all drafts
+    are deterministic)."""
     reqs = layout.sampling_requests()
     batch = vrows.batch
     raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in batch.params) else None
-    accepted, sampled = sampler.verify(logits, batch, vrows.draft_ids)
+    accepted, sampled = sampler.verify(logits, batch, vrows.draft_ids, draft_probs)
     drafts = to_device(torch.tensor(vrows.draft_ids, dtype=torch.int64), logits.device)
     chosen = torch.where(accepted, drafts, sampled)
     accepted_host = accepted.cpu()  # the verify step is synchronous: this copy does not stall a pipeline

@@ -45,6 +45,9 @@ class ModelRunner(ABC):
     # True when a request scheduled with ``draft_token_ids`` gets the accepted drafts plus one
     # token back, verified exactly (kvik.spec_decode.verify): speculative decoding needs it.
     supports_speculative_decoding: bool = False
+    # True when the runner builds the drafter a model-based speculative method names (draft model,
+    # EAGLE: kvik.spec_decode.drafter) and returns its proposals in ``RunnerOutput.draft_token_ids``.
+    supports_drafters: bool = False
     # True when execute() pools the hidden states of requests with ``pooling_params`` and returns
     # them in ``RunnerOutput.pooled`` (kvik.pooling); the engine refuses runner="pooling" otherwise.
     supports_pooling: bool = False

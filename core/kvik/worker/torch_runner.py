@@ -39,6 +39,7 @@ from kvik.sample.logprobs import start_sample_output
 from kvik.sample.sampler import Sampler
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from kvik.spec_decode.drafter import Drafter, make_drafter
 from kvik.spec_decode.verify import sample_verify, verify_rows
 from kvik.tensor_transfer import to_device
 from kvik.worker.interface import StepHandle
@@ -70,6 +71,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     supports_structured_output = True
     supports_async_scheduling = True
     supports_speculative_decoding = True
+    supports_drafters = True
     supports_pooling = True
 
     def __init__(
@@ -98,6 +100,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self._last_sampled: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
         self.pooler = StepPooler()  # pooling requests' reductions (kvik.pooling); its head comes with the model
+        self.drafter: Drafter | None = None  # a model-based proposer (draft model, EAGLE head), if configured
 
     # -- loading ----------------------------------------------------------------
     def _format(self) -> ModelFormat:
@@ -151,6 +154,10 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)
         self.model = model
         self.pooler = StepPooler(getattr(model, "pooler_head", None))
+        self.drafter = make_drafter(self)
+        if self.drafter is not None:
+            with progress.step(f"loading the {self.config.speculative_config.method} drafter"):  # type: ignore[union-attr]
+                self.drafter.load()
         logger.info(
             "loaded %s (%s, %.1f MiB) with attention backend %s",
             mc.architecture,
@@ -165,7 +172,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         seen: dict[int, int] = {}
         for t in list(self.model.parameters()) + list(self.model.buffers()):
             seen[t.data_ptr()] = t.numel() * t.element_size()
-        return sum(seen.values())
+        return sum(seen.values()) + (self.drafter.weight_bytes() if self.drafter is not None else 0)
 
     # -- KV cache -----------------------------------------------------------------
     def _cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
@@ -175,7 +182,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
 
     def kv_block_bytes(self, block_size: int) -> int:
         per_layer = math.prod(self._cache_shape(1, block_size)) * self.dtype.itemsize
-        return per_layer * self.model_config.num_layers
+        drafter = self.drafter.kv_block_bytes(block_size) if self.drafter is not None else 0
+        return per_layer * self.model_config.num_layers + drafter
 
     def _allocate(self, num_blocks: int) -> list[torch.Tensor]:
         # Zeroed, not empty: padded block-table entries point at block 0 and are
@@ -189,6 +197,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.kv_caches = []  # free any previous cache before allocating
         self.kv_caches = self._allocate(num_blocks)
         self.num_blocks = num_blocks
+        if self.drafter is not None:
+            self.drafter.initialize_kv_cache(num_blocks)  # draft layers' blocks, same ids
 
     # -- profiling --------------------------------------------------------------------
     def profile(self) -> int:
@@ -340,6 +350,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     def sample(self, hidden: torch.Tensor, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
         """Pool the pooling requests' rows, sample the rows that ask; start the device->host copies."""
         handle = self._sample(hidden, layout, structured)
+        if self.drafter is not None:
+            handle = self._with_drafts(handle, hidden, layout)
         pooled_ids, pooled = self.pooler.pool(hidden, layout.scheduled, layout.query_start_loc)
         if pooled is None:
             return handle
@@ -349,6 +361,19 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             # A blocking copy, made when the engine asks for the step's results (async scheduling
             # still overlaps the next step's launch with this one).
             out.pooled = dict(zip(pooled_ids, pooled.to("cpu").tolist(), strict=True))
+            return out
+
+        return StepHandle(finish)
+
+    def _with_drafts(self, handle: StepHandle, hidden: torch.Tensor, layout: StepLayout) -> StepHandle:
+        """Once the step's tokens are known, the drafter proposes the next step's drafts (speculative
+        steps are synchronous: the engine asks for this result before it launches the next step)."""
+        drafter = self.drafter
+        assert drafter is not None
+
+        def finish() -> RunnerOutput:
+            out = handle.result()
+            out.draft_token_ids = drafter.propose(layout, hidden, out.sampled_token_ids)
             return out
 
         return StepHandle(finish)
@@ -385,7 +410,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         if layout.prompt_rows:
             prompt_logits = self._logits(hidden, layout, np.concatenate([p.rows for p in layout.prompt_rows]))
         self._last_sampled, self._last_rows = None, {}  # speculative steps are never overlapped
-        return sample_verify(self.sampler, logits, vrows, layout, prompt_logits)
+        q = None if self.drafter is None else self.drafter.draft_probs(layout.sampling_requests(), vrows.counts, logits)
+        return sample_verify(self.sampler, logits, vrows, layout, prompt_logits, q)
 
     @torch.inference_mode()
     def compute_logits(self, scheduler_output: SchedulerOutput, all_tokens: bool = False) -> torch.Tensor:
@@ -409,6 +435,9 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.pooler.forget(scheduler_output.preempted_request_ids)
 
     def shutdown(self) -> None:
+        if self.drafter is not None:
+            self.drafter.shutdown()
+            self.drafter = None
         self.kv_caches = []
         self.model = None
         if self.device.type == "cuda":

@@ -106,6 +106,7 @@ class CUDAModelRunner(TorchModelRunner):
         backend = self.attn_backend
         return (
             not self.config.enforce_eager
+            and not (self.drafter is not None and self.drafter.needs_eager_target)
             and self.device.type == "cuda"
             and backend is not None
             and backend.supports_cuda_graphs

@@ -63,11 +63,11 @@ def test_bad_configs_are_refused_clearly(value, message) -> None:
 def test_unknown_method_is_refused_at_resolution(tiny_model_dir) -> None:
     from kvik import LLM
 
-    with pytest.raises(ValueError, match=r"unknown method 'eagle'.*registered methods: .*ngram"):
+    with pytest.raises(ValueError, match=r"unknown method 'medusa'.*registered methods: .*ngram"):
         LLM(
             str(tiny_model_dir("llama")),
             device="cpu",
-            speculative_config={"method": "eagle", "num_speculative_tokens": 2},
+            speculative_config={"method": "medusa", "num_speculative_tokens": 2},
         )
 
 
@@ -88,13 +88,16 @@ def test_metrics_endpoint_families() -> None:
     class Engine:
         def get_stats(self) -> EngineStats:
             return EngineStats(1, 0, 0.1, 0, 0, 0, 10, 20, 5, 0.0, spec_draft_tokens=12, spec_accepted_tokens=7,
-                               spec_accepted_per_position=(4, 2, 1))  # fmt: skip
+                               spec_accepted_per_position=(4, 2, 1), spec_drafted_per_position=(5, 4, 3),
+                               spec_method="ngram", spec_disabled_steps=2)  # fmt: skip
 
-    samples = {
-        (s.name, s.labels.get("position")): s.value
-        for family in _EngineCollector(Engine(), "m", None).collect()
-        for s in family.samples
-    }
+    families = list(_EngineCollector(Engine(), "m", None).collect())
+    samples = {(s.name, s.labels.get("position")): s.value for family in families for s in family.samples}
+    assert all(s.labels["method"] == "ngram" for f in families if "spec_decode" in f.name for s in f.samples)
+    assert samples[("kvik:spec_decode_acceptance_rate", None)] == pytest.approx(7 / 12)
+    assert samples[("kvik:spec_decode_disabled_steps_total", None)] == 2
+    rates = [samples[("kvik:spec_decode_acceptance_rate_per_pos", str(i))] for i in range(3)]
+    assert rates == pytest.approx([4 / 5, 2 / 4, 1 / 3])
     assert samples[("kvik:spec_decode_num_draft_tokens_total", None)] == 12
     assert samples[("kvik:spec_decode_num_accepted_tokens_total", None)] == 7
     assert [samples[("kvik:spec_decode_num_accepted_tokens_per_pos_total", str(i))] for i in range(3)] == [4, 2, 1]

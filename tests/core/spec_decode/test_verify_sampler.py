@@ -83,3 +83,30 @@ def test_greedy_rows_accept_exactly_the_argmax() -> None:
     accepted, sampled = Sampler().verify(logits, batch, [0, 1, -1, 9])
     assert accepted.tolist() == [True, False, False, False]
     assert sampled.tolist() == [0, 0, 0, 0]
+
+
+@pytest.mark.parametrize(
+    "knobs", [dict(temperature=1.0), dict(temperature=0.7, top_k=5), dict(temperature=1.2, top_p=0.8)], ids=str
+)
+@pytest.mark.parametrize("draft_kind", ["flat", "peaked_elsewhere", "equal"])
+def test_sampled_drafts_with_their_q_follow_the_target(knobs, draft_kind) -> None:
+    """Drafts drawn from a model's ``q`` and verified with it (min(1, p/q), residual max(0, p - q)):
+    the emitted token follows ``p`` whatever ``q`` is; with q == p every draft is accepted."""
+    expected = stat.expected(**knobs).float()
+    q = {
+        "flat": torch.full((10,), 0.1),
+        "peaked_elsewhere": torch.softmax(-stat.LOGITS.float(), 0),  # the target's least likely tokens
+        "equal": expected,
+    }[draft_kind]
+    gen = torch.Generator().manual_seed(7)
+    drafts = torch.multinomial(q, N, replacement=True, generator=gen)
+    logits = stat.LOGITS.float().expand(N, -1).clone()
+    batch = SamplingBatch([SamplingParams(**knobs)] * N, [0] * N)
+    accepted, sampled = Sampler(seed=3).verify(logits, batch, drafts.tolist(), q.expand(N, -1).clone())
+    emitted = torch.where(accepted, drafts, sampled)
+    counts = torch.bincount(emitted, minlength=10).double()
+    kept = expected > 0
+    assert counts[~kept].sum() == 0
+    assert stat.chi_square_pvalue(counts[kept], expected.double()[kept] * N) > 1e-3
+    # P(accept) = sum_x min(p(x), q(x))
+    assert float(accepted.double().mean()) == pytest.approx(float(torch.minimum(expected, q).sum()), abs=0.01)

@@ -1,0 +1,262 @@
+"""Speculative decoding on a GPU: decode ms/token at batch 1 / 4 / 16, with and without each method.
+
+    python benchmarks/spec_decode_benchmark.py                 # H200: llama8b target, ~5 min
+    python benchmarks/spec_decode_benchmark.py --device cpu --shape tiny --draft-shape tiny --new 16   # smoke
+
+Dummy (seeded random) weights, so nothing is downloaded or written but config files.
+Random weights do not copy text, so acceptance is made meaningful per method:
+
+- ``replay``: a benchmark-only proposer that drafts the baseline's own greedy
+  continuation (100% acceptance): the verify mechanics' upper bound, free drafts.
+- ``ngram`` / ``suffix``: on a copy-heavy prompt built from the model's own output
+  (prompt P, its greedy continuation C, then P again: the answer may repeat C);
+  whatever acceptance that gives is reported next to the time.
+- ``draft_model``: a ``--draft-shape`` draft (another seed: ~0% acceptance, the cost
+  of drafting), and the target as its own draft (same dummy seed: identical weights,
+  ~100% acceptance, the draft costing a full target step per token).
+- ``eagle``: a random head in EAGLE's layout for the target shape (~0% acceptance):
+  what a head's drafting steps cost.
+
+decode ms/token = (t(new tokens) - t(1 token)) / (new - 1) for a batch of B copy
+prompts, greedy, EOS ignored; every engine's tokens are checked against the
+baseline's. One JSON summary is printed and written to $OUT/spec_decode_benchmark.json
+(after every configuration, so a failure keeps what ran before it).
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).parent))
+from gpu_common import SHAPES, word_tokenizer
+from kvik.plugins.hookspecs import RegisterFn, hookimpl
+from kvik.request import Request
+from kvik.spec_decode.proposer import Proposer
+
+SHAPES.setdefault(
+    "llama1b",  # Llama-3.2-1B shape: the draft
+    dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8,
+         intermediate_size=8192, vocab_size=128256, max_position_embeddings=131072, rope_theta=500000.0,
+         rms_norm_eps=1e-5, tie_word_embeddings=True),
+)  # fmt: skip
+
+KVIK_PLUGIN_API = ">=2.2,<3"
+CONTINUATIONS: dict[tuple[int, ...], list[int]] = {}  # prompt -> the baseline's greedy output
+
+
+class ReplayProposer(Proposer):
+    """Drafts the baseline's continuation: every draft is right."""
+
+    def propose(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
+        out = []
+        for r, k in zip(requests, num_tokens, strict=True):
+            truth = CONTINUATIONS.get(tuple(r.prompt_token_ids), [])
+            out.append(list(truth[r.num_output_tokens : r.num_output_tokens + k]))
+        return out
+
+
+@hookimpl
+def kvik_register_spec_proposers(register: RegisterFn) -> None:
+    register("replay", "__main__:ReplayProposer")
+
+
+def config_dir(root: Path, shape: str) -> Path:
+    """config.json + a word tokenizer (shared by every shape of one vocabulary): no weights."""
+    from transformers import LlamaConfig
+
+    path = root / f"{shape}-config"
+    if not (path / "config.json").exists():
+        cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        cfg.architectures = ["LlamaForCausalLM"]
+        cfg.dtype = "bfloat16"
+        cfg.save_pretrained(path)
+        word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(path)
+    return path
+
+
+def eagle_head_dir(root: Path, shape: str) -> Path:
+    """A random EAGLE head (yuhuili/EAGLE-LLaMA3-Instruct-8B's layout) for ``shape``: what drafting costs."""
+    import torch
+    from safetensors.torch import save_file
+
+    s = SHAPES[shape]
+    path = root / f"{shape}-eagle-head"
+    if (path / "model.safetensors").exists():
+        return path
+    path.mkdir(parents=True, exist_ok=True)
+    h, heads, kv, inter = s["hidden_size"], s["num_attention_heads"], s["num_key_value_heads"], s["intermediate_size"]
+    hd = h // heads
+    gen = torch.Generator().manual_seed(0)
+
+    def w(*shape_: int) -> torch.Tensor:
+        return (torch.randn(*shape_, generator=gen) * 0.02).to(torch.bfloat16)
+
+    tensors = {
+        "fc.weight": w(h, 2 * h),
+        "fc.bias": w(h),
+        "layers.0.self_attn.q_proj.weight": w(heads * hd, h),
+        "layers.0.self_attn.k_proj.weight": w(kv * hd, h),
+        "layers.0.self_attn.v_proj.weight": w(kv * hd, h),
+        "layers.0.self_attn.o_proj.weight": w(h, heads * hd),
+        "layers.0.mlp.gate_proj.weight": w(inter, h),
+        "layers.0.mlp.up_proj.weight": w(inter, h),
+        "layers.0.mlp.down_proj.weight": w(h, inter),
+        "layers.0.post_attention_layernorm.weight": torch.ones(h, dtype=torch.bfloat16),
+    }
+    save_file(tensors, str(path / "model.safetensors"))
+    config = {k: v for k, v in s.items() if k != "tie_word_embeddings"}
+    (path / "config.json").write_text(
+        json.dumps({**config, "num_hidden_layers": 1, "architectures": ["LlamaForCausalLM"]})
+    )
+    return path
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def make_llm(model: Path, args: argparse.Namespace, spec: dict[str, Any] | None) -> Any:
+    from kvik import LLM
+
+    return LLM(
+        model=str(model), device=args.device, dtype="bfloat16" if args.device != "cpu" else "float32",
+        load_format="dummy", max_model_len=args.max_len, max_num_seqs=max(args.batches),
+        gpu_memory_utilization=0.8, speculative_config=spec,
+    )  # fmt: skip
+
+
+def free(llm: Any) -> None:
+    import torch
+
+    llm.llm_engine.shutdown()
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def timed(llm: Any, prompts: list[list[int]], new: int) -> tuple[float, list[list[int]], Any]:
+    from kvik import SamplingParams
+
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
+    sync()
+    t = time.perf_counter()
+    out = llm.generate([{"prompt_token_ids": p} for p in prompts], params, use_tqdm=False)
+    sync()
+    return time.perf_counter() - t, [o.outputs[0].token_ids for o in out], out
+
+
+def measure(llm: Any, prompts: list[list[int]], args: argparse.Namespace, want: dict | None) -> dict[str, Any]:
+    """Per batch size: decode ms/token, acceptance, and whether the tokens match the baseline's."""
+    results: dict[str, Any] = {}
+    timed(llm, prompts[:1], 4)  # warm-up (Triton compiles, allocator)
+    for b in args.batches:
+        batch = prompts[:b]
+        t1, _, _ = timed(llm, batch, 1)
+        best = float("inf")
+        for _ in range(args.repeats):
+            tn, tokens, outs = timed(llm, batch, args.new)
+            best = min(best, tn)
+        drafted = sum(o.metrics.num_draft_tokens for o in outs)
+        accepted = sum(o.metrics.num_accepted_tokens for o in outs)
+        row: dict[str, Any] = {
+            "ms_per_token": round((best - t1) / (args.new - 1) * 1e3, 3),
+            "acceptance": round(accepted / drafted, 3) if drafted else None,
+            "drafted": drafted,
+        }
+        if want is not None:
+            row["same_tokens"] = tokens == want[str(b)]
+        else:
+            for p, t in zip(batch, tokens, strict=True):
+                CONTINUATIONS[tuple(p)] = t
+        results[str(b)] = row
+        results.setdefault("_tokens", {})[str(b)] = tokens
+    return results
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="llama8b", choices=sorted(SHAPES))
+    ap.add_argument("--draft-shape", default="llama1b", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--root", default="/tmp/kvik_spec_bench")
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--new", type=int, default=128, help="tokens generated per request")
+    ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
+    ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--only", nargs="*", help="configurations to run (default: all)")
+    args = ap.parse_args()
+
+    from kvik.plugins.manager import get_plugin_manager
+
+    get_plugin_manager().register(sys.modules[__name__], "spec-bench-replay")
+    root = Path(args.root)
+    target = config_dir(root, args.shape)
+    draft = config_dir(root, args.draft_shape)
+    out_path = Path(os.environ.get("OUT", "/tmp")) / "spec_decode_benchmark.json"
+    summary: dict[str, Any] = {"shape": args.shape, "draft_shape": args.draft_shape, "k": args.k, "new": args.new,
+                               "device": args.device, "configs": {}}  # fmt: skip
+    k = args.k
+
+    # Copy-heavy prompts: P (256 random tokens), the model's greedy continuation C, then P again.
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    vocab = SHAPES[args.shape]["vocab_size"]
+    bases = [rng.integers(3, vocab, size=256).tolist() for _ in range(max(args.batches))]
+    configs: list[tuple[str, Path, dict[str, Any] | None]] = [
+        ("baseline", target, None),
+        ("replay", target, {"method": "replay", "num_speculative_tokens": k}),
+        ("ngram", target, {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 5}),
+        ("suffix", target, {"method": "suffix", "num_speculative_tokens": k}),
+        ("draft_model_small", target, {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}),
+        ("draft_model_self", target, {"method": "draft_model", "model": str(target), "num_speculative_tokens": k}),
+        ("eagle_random_head", target, {"method": "eagle", "model": "<eagle head>", "num_speculative_tokens": k}),
+    ]
+    prompts: list[list[int]] = []
+    want: dict | None = None
+    for name, model, spec in configs:
+        if args.only and name not in args.only and name != "baseline":
+            continue
+        start = time.perf_counter()
+        try:
+            if spec is not None and spec.get("model") == "<eagle head>":
+                spec = {**spec, "model": str(eagle_head_dir(root, args.shape))}
+            llm = make_llm(model, args, spec)
+            try:
+                if name == "baseline":
+                    _, conts, _ = timed(llm, bases, args.new)
+                    prompts = [p + c + p for p, c in zip(bases, conts, strict=True)]
+                result = measure(llm, prompts, args, want)
+                tokens = result.pop("_tokens")
+                if name == "baseline":
+                    want = tokens
+            finally:
+                free(llm)
+            result["seconds"] = round(time.perf_counter() - start, 1)
+        except Exception as exc:  # keep the other configurations' results
+            result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
+        summary["configs"][name] = result
+        base = summary["configs"].get("baseline", {})
+        for b in map(str, args.batches):
+            if isinstance(result.get(b), dict) and isinstance(base.get(b), dict):
+                result[b]["speedup"] = round(base[b]["ms_per_token"] / result[b]["ms_per_token"], 3)
+        print(f"RESULT {name}: {json.dumps(result)}", flush=True)
+        out_path.write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,39 @@
+"""A test platform that runs the CUDA platform's runner (pinned step inputs, buckets) on the CPU."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from kvik.config import EngineConfig
+from kvik.platforms.interface import MemoryInfo, Platform
+from kvik.plugins.hookspecs import hookimpl
+from kvik_cuda.platform import GPUOptions
+
+KVIK_PLUGIN_API = ">=2.0,<3"
+
+
+class HostCUDAPlatform(Platform):
+    name = "host-cuda"
+    device_type = "cpu"
+    options_type = GPUOptions
+
+    def resolve_options(self, options: dict[str, Any], config: EngineConfig) -> GPUOptions:
+        return GPUOptions(fused_layers=False)
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def memory_info(self) -> MemoryInfo:
+        return MemoryInfo(total=1 << 34, free=1 << 33)
+
+    def create_model_runner(self, config, model_config):  # type: ignore[no-untyped-def]
+        from kvik_cuda.runner import CUDAModelRunner
+
+        return CUDAModelRunner(config, model_config, torch.device("cpu"), self)
+
+
+@hookimpl
+def kvik_register_platforms(register) -> None:  # type: ignore[no-untyped-def]
+    register("host-cuda", f"{__name__}:HostCUDAPlatform")
