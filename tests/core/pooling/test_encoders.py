@@ -108,6 +108,7 @@ def test_encoders_run_whole_prompts_and_refuse_what_cannot_fit(checkpoints: dict
     assert llm.llm_engine.model_config.max_model_len == 128
     long = llm.classify(["word " * 20])[0]  # longer than a step of 16 tokens: still one step
     assert len(long.prompt_token_ids) > 16 and len(long.outputs.probs) == 1
+    assert len(llm.classify([[5] * 128])[0].prompt_token_ids) == 128  # a full-length input (nothing is generated)
     with pytest.raises(ValueError, match="max_model_len is 128"):
         llm.classify([[5] * 129])
     with pytest.raises(ValueError, match="longer than the model supports"):
