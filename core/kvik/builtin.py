@@ -36,8 +36,8 @@ def kvik_register_models(register: RegisterFn) -> None:
         register(arch, f"kvik.models.{module}:{arch}")
     for arch in DECODER_POOLING_ARCHITECTURES:  # embedders and sequence classifiers (kvik.pooling)
         register(arch, f"kvik.models.pooling_models:{arch}")
-    for arch in ENCODER_ARCHITECTURES:  # BERT / RoBERTa / XLM-RoBERTa embedders and cross-encoders
-        register(arch, f"kvik.models.bert:{arch}")
+    for arch in ENCODER_ARCHITECTURES:  # BERT-family / ModernBERT embedders and cross-encoders
+        register(arch, f"kvik.models.{'modernbert' if arch.startswith('ModernBert') else 'bert'}:{arch}")
     # Any other causal LM transformers can build (used when no native architecture matches).
     register("TransformersForCausalLM", "kvik.models.transformers_fallback:TransformersForCausalLM")
 

@@ -4,8 +4,9 @@ An encoder request is computed in one step (chunked prefill and prefix caching
 are off for encoder models, see :func:`kvik.engine.config_resolution.resolve_config`),
 so every token's keys are in the step: the flat ``[T, ...]`` rows are scattered
 into a padded ``[B, L, ...]`` batch once per step, attention runs through
-``scaled_dot_product_attention`` with a key-padding mask, and the rows are
-gathered back. When every request has the same length nothing is padded or masked.
+``scaled_dot_product_attention`` with a key-padding mask (and, for local-attention
+layers, a band of ``|i - j| <= window``), and the rows are gathered back. When
+every request has the same length nothing is padded or masked.
 """
 
 from __future__ import annotations
@@ -61,8 +62,19 @@ class SequenceBatch:
         ids = np.repeat(np.arange(len(self.lens), dtype=np.int64), self.lens)
         return torch.from_numpy(ids).to(device)
 
-    def attend(self, qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float) -> torch.Tensor:
-        """qkv [T, 3 * H * D] (q | k | v) -> attention output [T, H * D], each request attending to itself."""
+    def _mask(self, window: int | None, device: torch.device) -> torch.Tensor | None:
+        """The boolean mask for SDPA: key padding [B, 1, 1, L], and/or a band [1, 1, L, L] (True: attend)."""
+        if window is None or window >= self.max_len - 1:  # the band covers every pair
+            return self.key_mask
+        pos = torch.arange(self.max_len, device=device)
+        band = ((pos[:, None] - pos[None, :]).abs() <= window)[None, None]
+        return band if self.key_mask is None else band & self.key_mask
+
+    def attend(
+        self, qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, window: int | None = None
+    ) -> torch.Tensor:
+        """qkv [T, 3 * H * D] (q | k | v) -> attention output [T, H * D], each request attending to itself
+        (with ``window``: only to keys at most that many positions away, either side)."""
         b, L, width = len(self.lens), self.max_len, num_heads * head_dim
         real = qkv[: self.num_real]
         if self.dest is None:
@@ -70,7 +82,7 @@ class SequenceBatch:
         else:
             padded = real.new_zeros(b * L, 3 * width).index_copy_(0, self.dest, real)
         q, k, v = padded.view(b, L, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)  # each [B, H, L, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self.key_mask, scale=scale)  # [B, H, L, D]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(window, qkv.device), scale=scale)
         out = out.transpose(1, 2).reshape(b * L, width)
         if self.dest is not None:
             out = out.index_select(0, self.dest)

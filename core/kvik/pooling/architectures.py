@@ -11,8 +11,9 @@ DECODER_POOLING_ARCHITECTURES = tuple(
     f"{family}{suffix}" for family in FAMILIES for suffix in ("Model", "ForSequenceClassification")
 )
 
-# Bidirectional encoders (kvik.models.bert): each request is one full forward, no paged KV cache.
-ENCODER_FAMILIES = ("Bert", "Roberta", "XLMRoberta")
+# Bidirectional encoders (kvik.models.bert, kvik.models.modernbert): each request is one full forward,
+# no paged KV cache.
+ENCODER_FAMILIES = ("Bert", "Roberta", "XLMRoberta", "ModernBert")
 ENCODER_ARCHITECTURES = tuple(
     f"{family}{suffix}" for family in ENCODER_FAMILIES for suffix in ("Model", "ForSequenceClassification")
 )

@@ -70,5 +70,9 @@ def model_pooler_setup(model_path: str | Path, architecture: str) -> PoolerSetup
 
     token = PoolingType.CLS if is_encoder_architecture(architecture) else PoolingType.LAST
     if is_classifier_architecture(architecture):
+        config_file = Path(model_path) / "config.json"
+        config = json.loads(config_file.read_text()) if config_file.is_file() else {}
+        if config.get("classifier_pooling") == "mean":  # ModernBERT's head may read the mean
+            token = PoolingType.MEAN
         return PoolerSetup(token, False, f"{architecture}'s classification head")
     return read_pooler_setup(model_path, token)

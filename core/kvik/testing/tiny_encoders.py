@@ -3,6 +3,7 @@ sentence-transformers' own classes, and cross-encoders (``*ForSequenceClassifica
 
 from __future__ import annotations
 
+import functools
 import json
 import tempfile
 from pathlib import Path
@@ -15,16 +16,18 @@ ENCODERS = {
     "bert": ("BertConfig", "BertModel", "BertForSequenceClassification"),
     "xlm-roberta": ("XLMRobertaConfig", "XLMRobertaModel", "XLMRobertaForSequenceClassification"),
     "roberta": ("RobertaConfig", "RobertaModel", "RobertaForSequenceClassification"),
+    "modernbert": ("ModernBertConfig", "ModernBertModel", "ModernBertForSequenceClassification"),
 }
 
 
+@functools.cache  # training takes a moment; a tokenizer is only saved, never changed
 def build_encoder_tokenizer(family: str) -> Any:
     """A WordPiece ``BertTokenizer`` (bert) or a Unigram ``XLMRobertaTokenizer`` (the RoBERTas), trained on
     a small corpus: real special tokens and pair encodings (``[CLS] a [SEP] b [SEP]``, ``<s> a </s></s> b </s>``)."""
     import transformers
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, trainers
 
-    if family == "bert":
+    if family in ("bert", "modernbert"):  # ModernBERT's own is BPE with the same [CLS] a [SEP] layout
         tok = Tokenizer(models.WordPiece(unk_token="[UNK]"))
         tok.normalizer = normalizers.BertNormalizer(lowercase=True)
         tok.pre_tokenizer = pre_tokenizers.BertPreTokenizer()
@@ -55,7 +58,12 @@ def tiny_encoder_config(family: str, vocab_size: int, **overrides: Any) -> Any:
         max_position_embeddings=128,
         type_vocab_size=2,
     )
-    if family != "bert":  # positions start after pad_token_id = 1; one token type
+    if family == "modernbert":  # rotary, no token types; 4 layers alternating global / local (window 4 each side)
+        values = dict(vocab_size=vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=4,
+                      num_attention_heads=4, max_position_embeddings=128, global_attn_every_n_layers=2,
+                      local_attention=8, global_rope_theta=1000.0, local_rope_theta=100.0, pad_token_id=0,
+                      cls_token_id=2, sep_token_id=3, bos_token_id=2, eos_token_id=3)  # fmt: skip
+    elif family != "bert":  # positions start after pad_token_id = 1; one token type
         values.update(max_position_embeddings=130, type_vocab_size=1, pad_token_id=1, bos_token_id=0, eos_token_id=2)
     values.update(overrides)
     return getattr(transformers, ENCODERS[family][0])(**values)
@@ -70,7 +78,7 @@ def _randomize(model: Any) -> Any:
         for name, param in model.named_parameters():
             if param.dim() >= 2:
                 param.normal_(0.0, 0.15)
-            elif "LayerNorm.weight" in name:
+            elif "LayerNorm.weight" in name or "norm.weight" in name:
                 param.uniform_(0.5, 1.5)
             else:
                 param.normal_(0.0, 0.1)

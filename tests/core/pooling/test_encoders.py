@@ -1,4 +1,4 @@
-"""BERT-family encoders (kvik.models.bert): embeddings against sentence-transformers and cross-encoder
+"""BERT-family and ModernBERT encoders (kvik.models.bert, kvik.models.modernbert): embeddings against sentence-transformers and cross-encoder
 scores against its CrossEncoder, in float32, one batch of varied lengths; positions and token types as
 transformers computes them; whole prompts per step."""
 
@@ -22,7 +22,12 @@ TEXTS = [
     "the quick brown fox jumps over the lazy dog",
 ]
 ENGINE = dict(dtype="float32", device="cpu", num_threads=1)
-EMBEDDERS = {"bert-mean": ("bert", "mean", True), "xlmr-cls": ("xlm-roberta", "cls", False), "bert-last": ("bert", "last", True)}
+EMBEDDERS = {
+    "bert-mean": ("bert", "mean", True),
+    "xlmr-cls": ("xlm-roberta", "cls", False),
+    "bert-last": ("bert", "last", True),
+    "modernbert-mean": ("modernbert", "mean", True),  # rotary; local layers see 4 tokens either side
+}
 
 
 @pytest.fixture(scope="module")
@@ -31,6 +36,7 @@ def checkpoints(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     paths = {name: make_tiny_encoder(root / name, fam, pool, norm) for name, (fam, pool, norm) in EMBEDDERS.items()}
     paths["bert-ce"] = make_tiny_cross_encoder(root / "bert-ce", "bert", num_labels=1)
     paths["xlmr-ce"] = make_tiny_cross_encoder(root / "xlmr-ce", "xlm-roberta", num_labels=1)
+    paths["modernbert-ce"] = make_tiny_cross_encoder(root / "modernbert-ce", "modernbert", classifier_pooling="mean")
     return paths
 
 
@@ -56,7 +62,7 @@ def test_embeddings_equal_sentence_transformers(checkpoints: dict[str, Path], en
         np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["bert-ce", "xlmr-ce"])
+@pytest.mark.parametrize("name", ["bert-ce", "xlmr-ce", "modernbert-ce"])
 def test_cross_encoder_scores_equal_sentence_transformers(
     checkpoints: dict[str, Path], engines: dict[str, LLM], name: str
 ) -> None:
