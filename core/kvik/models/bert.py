@@ -22,6 +22,7 @@ encoding ``[CLS] a [SEP] b [SEP]`` writes (how ``score`` / ``/rerank`` feed pair
 
 from __future__ import annotations
 
+import logging
 import re
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -35,6 +36,8 @@ from kvik.attention.backend import AttentionMetadata
 from kvik.layers.bidirectional import SequenceBatch
 from kvik.models.interface import ModelBuildContext
 from kvik.pooling.architectures import position_offset
+
+logger = logging.getLogger(__name__)
 
 _ACTIVATIONS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu": F.gelu,
@@ -64,9 +67,13 @@ def _sep_token_id(ctx: ModelBuildContext) -> int | None:
 
     try:
         sep = AutoTokenizer.from_pretrained(str(path)).sep_token_id
-    except (OSError, ValueError):  # no tokenizer files next to the weights: every token is segment 0
+    except (OSError, ValueError):
+        sep = None
+    if sep is None:  # every token is segment 0: right for single texts, not for a cross-encoder's pairs
+        logger.warning("%s: no [SEP] token id in the config or a tokenizer next to the weights; text pairs "
+                       "will be read as one segment (token type 0)", path)  # fmt: skip
         return None
-    return None if sep is None else int(sep)
+    return int(sep)
 
 
 class _DenseNorm(nn.Module):
