@@ -10,6 +10,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kvik import LLM
 from kvik.pooling import PoolingParams
 from kvik.testing.tiny_encoders import make_tiny_cross_encoder, make_tiny_encoder
@@ -119,3 +121,39 @@ def test_encoders_run_whole_prompts_and_refuse_what_cannot_fit(checkpoints: dict
         llm.classify([[5] * 129])
     with pytest.raises(ValueError, match="longer than the model supports"):
         LLM(str(checkpoints["bert-mean"]), **ENGINE, max_model_len=256)
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    prompts=st.lists(st.lists(st.integers(0, 6), min_size=1, max_size=9), min_size=1, max_size=4),
+    padding_rows=st.integers(0, 2),
+)
+def test_positions_and_token_types_follow_transformers_rules(prompts: list[list[int]], padding_rows: int) -> None:
+    """Over a flattened step: RoBERTa positions (non-pad tokens count from pad+1, pads sit at pad) and BERT token
+    types (1 after a request's first [SEP]), each request counted on its own, for any ids (1 = pad, 3 = sep)."""
+    from kvik.attention.backend import AttentionMetadata
+    from kvik.layers.bidirectional import SequenceBatch
+    from kvik.models.bert import BertModel
+
+    lens = [len(p) for p in prompts]
+    empty = torch.zeros(0, dtype=torch.int32)
+    meta = AttentionMetadata(num_tokens=sum(lens), num_reqs=len(lens), query_start_loc=empty, seq_lens=empty,
+                             block_tables=empty, slot_mapping=empty, block_size=16, max_query_len=max(lens),
+                             max_seq_len=max(lens), query_lens_cpu=lens, seq_lens_cpu=lens)  # fmt: skip
+    model = BertModel.__new__(BertModel)  # only the index arithmetic: no weights needed
+    model.pad_token_id, model.sep_token_id = 1, 3
+    flat = torch.tensor([t for p in prompts for t in p] + [0] * padding_rows)
+    batch = SequenceBatch.from_metadata(meta, flat.shape[0], torch.device("cpu"))
+    positions = torch.cat([torch.arange(len(p)) for p in prompts] + [torch.zeros(padding_rows, dtype=torch.int64)])
+    model.position_offset = 2
+    got_positions = model._positions(flat, positions, batch)[: batch.num_real].tolist()
+    got_types = model._token_types(flat, batch)[: batch.num_real].tolist()
+    want_positions, want_types = [], []
+    for p in prompts:
+        seen = 0
+        for i, t in enumerate(p):
+            seen += t != 1
+            want_positions.append(seen + 1 if t != 1 else 1)
+            want_types.append(int(3 in p[:i]))
+    assert got_positions == want_positions
+    assert got_types == want_types
