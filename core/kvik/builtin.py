@@ -7,7 +7,7 @@ Registered through the ``kvik`` entry-point group like any third-party plugin.
 from __future__ import annotations
 
 from kvik.plugins.hookspecs import RegisterFn, hookimpl
-from kvik.pooling.architectures import POOLING_ARCHITECTURES
+from kvik.pooling.architectures import DECODER_POOLING_ARCHITECTURES, ENCODER_ARCHITECTURES
 
 KVIK_PLUGIN_API = ">=2.0,<3"
 
@@ -34,8 +34,10 @@ def kvik_register_models(register: RegisterFn) -> None:
         register(arch, f"kvik.models.llama:{arch}")
     for module, arch in _NATIVE:
         register(arch, f"kvik.models.{module}:{arch}")
-    for arch in POOLING_ARCHITECTURES:  # embedders and sequence classifiers (kvik.pooling)
+    for arch in DECODER_POOLING_ARCHITECTURES:  # embedders and sequence classifiers (kvik.pooling)
         register(arch, f"kvik.models.pooling_models:{arch}")
+    for arch in ENCODER_ARCHITECTURES:  # BERT-family / ModernBERT embedders and cross-encoders
+        register(arch, f"kvik.models.{'modernbert' if arch.startswith('ModernBert') else 'bert'}:{arch}")
     # Any other causal LM transformers can build (used when no native architecture matches).
     register("TransformersForCausalLM", "kvik.models.transformers_fallback:TransformersForCausalLM")
 

@@ -117,3 +117,35 @@ def test_truncate_prompt_tokens_and_a_pooling_request_to_a_generation_model(
         generator.close()
     assert refused.status_code == 400
     assert "generation model" in refused.json()["error"]["message"]
+
+
+def test_bert_encoder_embeddings_and_cross_encoder_rerank(tmp_path: Path) -> None:
+    """A sentence-transformers BERT embedder through /v1/embeddings and a BERT cross-encoder through /v1/rerank
+    give sentence-transformers' own answers."""
+    from kvik.testing.tiny_encoders import make_tiny_cross_encoder, make_tiny_encoder
+    from sentence_transformers import CrossEncoder, SentenceTransformer
+
+    texts = ["hello world", "tell me a story about a cat", "a"]
+    embedder = make_tiny_encoder(tmp_path / "bert", "bert", "mean")
+    server = InProcessServer(embedder, dtype="float32", max_model_len=128)
+    try:
+        response = server.post("/v1/embeddings", {"model": "tiny", "input": texts})
+    finally:
+        server.close()
+    assert response.status_code == 200, response.text
+    got = np.array([d["embedding"] for d in response.json()["data"]])
+    reference = SentenceTransformer(str(embedder), device="cpu").encode(texts)
+    np.testing.assert_allclose(got, reference, rtol=1e-4, atol=1e-5)
+
+    reranker = make_tiny_cross_encoder(tmp_path / "bert-ce", "bert")
+    docs = ["a story about a cat", "def main(): pass", "hello"]
+    server = InProcessServer(reranker, dtype="float32", max_model_len=128)
+    try:
+        response = server.post("/v1/rerank", {"model": "tiny", "query": "tell me a story", "documents": docs})
+    finally:
+        server.close()
+    assert response.status_code == 200, response.text
+    expected = CrossEncoder(str(reranker), device="cpu").predict([("tell me a story", d) for d in docs])
+    results = response.json()["results"]
+    assert [r["index"] for r in results] == list(np.argsort(-expected))
+    np.testing.assert_allclose([r["relevance_score"] for r in results], np.sort(expected)[::-1], rtol=1e-4, atol=1e-6)

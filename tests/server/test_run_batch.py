@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 from kvik.entrypoints.cli import main
-from server_harness import MAX_MODEL_LEN, ServerProcess
+from server_harness import MAX_MODEL_LEN, InProcessServer, ServerProcess
 
 CPU = ["--device", "cpu", "--num-threads", "1", "--no-progress"]
 
@@ -111,8 +111,9 @@ def test_malformed_lines_and_resume(tiny_model_dir: Any, tmp_path: Path) -> None
                                                        None: 1}  # q0: its result and its duplicate's error
     (junk,) = records[None]
     assert junk["error"]["code"] == "invalid_json_line" and junk["error"]["line"] == 2
-    assert records["emb"][0]["error"]["code"] == "unsupported_url"
-    assert "embeddings" in records["emb"][0]["error"]["message"]
+    # An embedding line runs, and a generation model refuses it as `kvik serve` does.
+    assert records["emb"][0]["error"] is None and records["emb"][0]["response"]["status_code"] == 400
+    assert "generation model" in records["emb"][0]["response"]["body"]["error"]["message"]
     assert records["streamed"][0]["error"]["code"] == "invalid_request"
     dup = [r for r in records["q0"] if r["error"]]
     assert len(dup) == 1 and dup[0]["error"] == {
@@ -172,3 +173,86 @@ def test_server_side_failures_get_no_record_and_are_retried(
     assert "run-batch: 100%" in err and "1/1" in err  # the progress bar counted the one request left
     records = read_records(out)
     assert set(records) == {"c", "p"} and records["p"][0]["response"]["status_code"] == 200
+
+
+def _same_as_server(records: dict[str | None, list[dict[str, Any]]], lines: list[dict[str, Any]], model: Path) -> None:
+    """Each line's record holds the body an in-process `kvik serve` returns for it (ids and times aside)."""
+    server = InProcessServer(model, dtype="float32", max_model_len=128)
+    try:
+        for line in lines:
+            (record,) = records[line["custom_id"]]
+            expected = server.post(line["url"], line["body"])
+            response = record["response"]
+            assert record["error"] is None and response["status_code"] == expected.status_code, line["custom_id"]
+            got, want = response["body"], expected.json()
+            if expected.status_code == 200:
+                assert response["request_id"] == got["id"]
+                for volatile in ("id", "created"):
+                    assert (got.pop(volatile, None) is None) == (want.pop(volatile, None) is None)
+            _assert_close(got, want, line["custom_id"])
+    finally:
+        server.close()
+
+
+def _assert_close(got: Any, want: Any, where: str) -> None:
+    """Equal bodies, floats within 1e-6 and base64 embeddings decoded (a batch's padding may move
+    float32 values by an ulp)."""
+    if isinstance(want, dict):
+        assert isinstance(got, dict) and set(got) == set(want), where
+        for key in want:
+            pair = (_decoded(got[key]), _decoded(want[key])) if key == "embedding" else (got[key], want[key])
+            _assert_close(*pair, f"{where}.{key}")
+    elif isinstance(want, list):
+        assert isinstance(got, list) and len(got) == len(want), where
+        for i, (g, w) in enumerate(zip(got, want, strict=True)):
+            _assert_close(g, w, f"{where}[{i}]")
+    elif isinstance(want, float):
+        assert got == pytest.approx(want, abs=1e-6), where
+    else:
+        assert got == want, where
+
+
+def _decoded(value: Any) -> Any:
+    import base64
+
+    import numpy as np
+
+    return np.frombuffer(base64.b64decode(value), dtype="<f4").tolist() if isinstance(value, str) else value
+
+
+def test_pooling_lines_equal_the_servers(tmp_path: Path) -> None:
+    """Embedding lines on an embedder, rerank / score / classify lines on a cross-encoder: the server's answers."""
+    from kvik.testing.tiny_encoders import make_tiny_cross_encoder, make_tiny_encoder
+
+    def post(custom_id: str, url: str, **body: Any) -> dict[str, Any]:
+        return {"custom_id": custom_id, "method": "POST", "url": url, "body": {"model": "tiny", **body}}
+
+    embedder = make_tiny_encoder(tmp_path / "embedder", "bert", "mean")
+    lines = [
+        post("one", "/v1/embeddings", input="hello world"),
+        post("many", "/v1/embeddings", input=["tell me a story", "a", "the lazy dog"], dimensions=16),
+        post("ids", "/v1/embeddings", input=[[2, 40, 41, 3]], encoding_format="base64"),
+        post("empty", "/v1/embeddings", input=[]),
+        post("chat", "/v1/chat/completions", messages=[{"role": "user", "content": "hi"}]),
+    ]
+    out = tmp_path / "embeddings.jsonl"
+    args = ["run-batch", "-i", str(write_lines(tmp_path / "embeddings_in.jsonl", lines)), "-o", str(out),
+            "--model", str(embedder), "--served-model-name", "tiny", "--dtype", "float32", "--max-model-len", "128",
+            *CPU]  # fmt: skip
+    assert main(args) == 0
+    records = read_records(out)
+    assert len(records["many"][0]["response"]["body"]["data"][2]["embedding"]) == 16
+    _same_as_server(records, lines, embedder)
+
+    reranker = make_tiny_cross_encoder(tmp_path / "reranker", "bert")
+    docs = ["a story about a cat", "def main(): pass", "hello"]
+    lines = [
+        post("rerank", "/v1/rerank", query="tell me a story", documents=docs, top_n=2),
+        post("score", "/score", text_1="tell me a story", text_2=docs),
+        post("classify", "/classify", input=["hello", "world"]),
+        post("embed", "/v1/embeddings", input="x"),
+    ]
+    out = tmp_path / "rerank.jsonl"
+    args[2:3], args[4:5], args[6:7] = [str(write_lines(tmp_path / "rerank_in.jsonl", lines))], [str(out)], [str(reranker)]
+    assert main(args) == 0
+    _same_as_server(read_records(out), lines, reranker)

@@ -114,6 +114,7 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
     notes = manager.run_configure(draft, sources)
     draft.__post_init__()  # a plugin's value gets the same checks as the user's
 
+    _whole_prompts_for_encoders(draft, model_config, sources, notes)
     max_num_batched_tokens = draft.max_num_batched_tokens
     assert max_num_batched_tokens is not None and draft.block_size is not None and draft.max_num_seqs is not None, (
         f"platform {platform.name!r} left block_size, max_num_seqs or max_num_batched_tokens unset"
@@ -168,6 +169,23 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         config = replace(config, attention_backend=chosen)
     notes.extend(platform.configure(config, model_config))
     return ConfigResolution(config, model_config, model_format, sources, notes)
+
+
+def _whole_prompts_for_encoders(
+    draft: EngineConfig, model_config: ModelConfig, sources: dict[str, str], notes: list[str]
+) -> None:
+    """A bidirectional encoder attends over the whole prompt at once: no chunks, no prefix-cache hits."""
+    from kvik.pooling.architectures import is_encoder_architecture
+
+    if not is_encoder_architecture(model_config.architecture):
+        return
+    why = f"derived: {model_config.architecture} is a bidirectional encoder (whole prompts per step)"
+    for name in ("enable_chunked_prefill", "enable_prefix_caching"):
+        if getattr(draft, name):
+            if sources.get(name) == USER:
+                notes.append(f"{name}=True is ignored: {model_config.architecture} needs whole prompts per step")
+            setattr(draft, name, False)
+            sources[name] = why
 
 
 def _resolve_runner(requested: str, model_config: ModelConfig, notes: list[str]) -> str:

@@ -30,7 +30,7 @@ from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.pooling.finish import finish_pooled
 from kvik.pooling.outputs import PoolingOutput, PoolingRequestOutput
 from kvik.pooling.params import PoolingParams
-from kvik.pooling.setup import PoolerSetup, read_pooler_setup
+from kvik.pooling.setup import PoolerSetup, model_pooler_setup
 from kvik.request import Request, RequestStatus
 from kvik.sample.admission import prepare_params
 from kvik.sampling_params import SamplingParams
@@ -118,7 +118,7 @@ class LLMEngine:
 
             if not self.runner.supports_pooling:
                 raise ValueError(f"the {self.platform.name} platform's model runner cannot run pooling models yet")
-            self.pooler_setup = read_pooler_setup(self.config.model)
+            self.pooler_setup = model_pooler_setup(self.config.model, self.model_config.architecture)
             self.pooling_task = "classify" if is_classifier_architecture(self.model_config.architecture) else "embed"
             logger.info("pooling: %s (%s)", self.pooler_setup, self.pooling_task)
         self.proposer: Proposer | None = None

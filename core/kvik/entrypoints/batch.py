@@ -38,6 +38,9 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-num-seqs", type=int, help="max sequences in the running batch")
     parser.add_argument("--max-num-batched-tokens", type=int, help="token budget per engine step")
     parser.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    parser.add_argument("--runner", choices=["auto", "generate", "pooling"],
+                        help="generate, or pooling (embedding / rerank / score / classify lines); auto: by the "
+                        "model's architecture")  # fmt: skip
     parser.add_argument("--seed", type=int, help="engine seed")
     parser.add_argument("--num-threads", type=int, help="CPU platforms: torch intra-op threads")
     parser.add_argument("--trust-request-chat-template", action="store_true",
@@ -67,7 +70,7 @@ def run_batch_command(args: argparse.Namespace, engine_kwargs: dict[str, Any]) -
         print(f"resuming: {done.records} record(s) already in {args.output}", file=sys.stderr)
     args.api_key = None
     args = finalize_args(args)  # the default model and served name, as `kvik serve` picks them
-    for name in ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "seed", "num_threads"):
+    for name in ("max_num_seqs", "max_num_batched_tokens", "enable_prefix_caching", "seed", "num_threads", "runner"):
         if getattr(args, name) is not None:
             engine_kwargs[name] = getattr(args, name)
     engine_kwargs["model"] = args.model

@@ -4,6 +4,9 @@ Input, one JSON object a line::
 
     {"custom_id": "req-1", "method": "POST", "url": "/v1/chat/completions", "body": {...}}
 
+(``url``: ``/v1/chat/completions``, ``/v1/completions``, ``/v1/embeddings``, or kvik serve's pooling
+routes ``/v1/rerank``, ``/score``, ``/classify`` and their aliases.)
+
 Output, one record a line (in completion order, as OpenAI's)::
 
     {"id": "batch_req_…", "custom_id": "req-1", "response": {"status_code": 200, "request_id": "…", "body": {...}},
@@ -24,13 +27,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-# url -> whether run-batch runs it. Embedding lines need a pooling engine (runner="pooling"), which one
-# run-batch engine does not share with generation lines yet; `kvik serve --runner pooling` answers them.
-SUPPORTED_URLS = ("/v1/chat/completions", "/v1/completions")
-NOT_YET = {
-    "/v1/embeddings": "kvik run-batch does not run embedding lines yet (kvik serve --runner pooling serves "
-    "/v1/embeddings); this line was not run"
-}
+# The routes a line may name: OpenAI's generation and embedding urls, and kvik serve's pooling routes (vLLM's
+# names). One engine answers a file: a generation model refuses pooling lines and a pooling model generation
+# lines, each with the 400 `kvik serve` gives (see --runner).
+GENERATION_URLS = ("/v1/chat/completions", "/v1/completions")
+POOLING_URLS = ("/v1/embeddings", "/v1/rerank", "/rerank", "/v2/rerank", "/score", "/v1/score", "/classify", "/v1/classify")
+SUPPORTED_URLS = GENERATION_URLS + POOLING_URLS
 
 
 @dataclass(slots=True)
@@ -95,8 +97,6 @@ def parse_line(line: int, raw: str | bytes) -> BatchRequest | LineError | None:
     if data.get("method", "POST") != "POST":
         return fail("invalid_method", f"method must be 'POST', got {data.get('method')!r}")
     url = data.get("url")
-    if url in NOT_YET:
-        return fail("unsupported_url", NOT_YET[url])
     if url not in SUPPORTED_URLS:
         return fail("invalid_url", f"url must be one of {', '.join(SUPPORTED_URLS)}, got {url!r}")
     body = data.get("body")

@@ -10,6 +10,7 @@ from kvik.config import EngineConfig, ModelConfig
 from kvik.layers.rope_settings import rope_max_len
 from kvik.models.formats import ModelFormat
 from kvik.plugins.manager import PluginManager, get_plugin_manager
+from kvik.pooling.architectures import position_offset
 
 if TYPE_CHECKING:
     from kvik.platforms.interface import Platform
@@ -146,6 +147,9 @@ def build_model_config(
     if max_pos <= 0:
         raise ValueError(f"{fmt.path}: the model config has no max_position_embeddings")
     limit = rope_max_len(hf)
+    offset = position_offset(hf)  # (XLM-)RoBERTa: positions start after pad_token_id
+    if offset:
+        max_pos = limit = max_pos - offset
     requested = engine_config.max_model_len
     if isinstance(requested, int):
         if requested > limit:

@@ -109,7 +109,8 @@ class Scheduler:
             raise ValueError(f"request id {request.request_id!r} is already in use by an unfinished request")
         if n == 0:
             raise ValueError(f"request {request.request_id!r} has an empty prompt; send at least one token")
-        if n + 1 > self.max_model_len:
+        room = 0 if request.pooling_params is not None else 1  # a pooling request generates nothing
+        if n + room > self.max_model_len:
             raise ValueError(
                 f"request {request.request_id!r}: the prompt has {n} tokens but max_model_len is "
                 f"{self.max_model_len}; the prompt plus at least one generated token must fit. "

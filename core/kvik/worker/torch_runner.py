@@ -180,7 +180,16 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         mc = self.model_config
         return backend.kv_cache_shape(num_blocks, block_size, mc.num_kv_heads, mc.head_dim)
 
+    @property
+    def keeps_kv_cache(self) -> bool:
+        """False for a loaded model that built no paged attention (a bidirectional encoder)."""
+        return self.model is None or bool(self.attn_layers)
+
     def kv_block_bytes(self, block_size: int) -> int:
+        if not self.keeps_kv_cache:
+            # Blocks are the scheduler's bookkeeping only: nothing is allocated for them. One byte keeps
+            # the memory planner's arithmetic; its pool is capped at what max_num_seqs requests can use.
+            return 1
         per_layer = math.prod(self._cache_shape(1, block_size)) * self.dtype.itemsize
         drafter = self.drafter.kv_block_bytes(block_size) if self.drafter is not None else 0
         return per_layer * self.model_config.num_layers + drafter
@@ -292,7 +301,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     def _check_ready(self) -> None:
         if self.model is None:
             raise RuntimeError("load_model() must run before execute()")
-        if not self.kv_caches:
+        if not self.kv_caches and self.keeps_kv_cache:
             raise RuntimeError("initialize_kv_cache() must run before execute()")
 
     def prepare_inputs(self, layout: StepLayout) -> ModelInputs:

@@ -110,6 +110,7 @@ class CUDAModelRunner(TorchModelRunner):
             and self.device.type == "cuda"
             and backend is not None
             and backend.supports_cuda_graphs
+            and self.keeps_kv_cache  # encoders never decode: nothing to capture
         )
 
     def profile(self) -> int:

@@ -39,7 +39,6 @@ def test_parse_bad_lines_name_the_problem() -> None:
         "[1, 2]": ("invalid_request", None),
         line(custom_id=""): ("missing_custom_id", None),
         line(custom_id=7): ("missing_custom_id", None),
-        line(url="/v1/embeddings"): ("unsupported_url", "a"),
         line(url="/v1/images"): ("invalid_url", "a"),
         line(body=[1]): ("invalid_request", "a"),
         line(body={**CHAT, "stream": True}): ("invalid_request", "a"),
@@ -58,8 +57,8 @@ def test_parse_bad_lines_name_the_problem() -> None:
     raw = json.dumps({"custom_id": "u", "url": "/v1/completions", "body": {"prompt": "a\u2028b"}}, ensure_ascii=False)
     assert "\u2028" in raw and len(raw.encode().splitlines()) == 1  # why run-batch splits bytes, not str
     assert isinstance(parse_line(2, raw.encode()), BatchRequest)
-    embeddings = parse_line(1, line(url="/v1/embeddings"))
-    assert isinstance(embeddings, LineError) and "embeddings" in embeddings.message
+    for url in ("/v1/embeddings", "/v1/rerank", "/score", "/classify"):  # pooling lines run too
+        assert parse_line(1, line(url=url, body={"input": "x"})) == BatchRequest(1, "a", url, {"input": "x"})
 
 
 def test_response_record_takes_the_request_id_from_the_body() -> None:
@@ -85,7 +84,7 @@ def test_read_done_cuts_a_torn_last_line(tmp_path: Path) -> None:
     out = tmp_path / "out.jsonl"
     assert read_done(out).records == 0
     records = [response_record("a", 200, {"id": "x"}), LineError(4, "invalid_json_line", "bad").record(),
-               LineError(6, "duplicate_custom_id", "dup", "a").record(), LineError(7, "unsupported_url", "e", "e").record()]  # fmt: skip
+               LineError(6, "duplicate_custom_id", "dup", "a").record(), LineError(7, "invalid_url", "e", "e").record()]  # fmt: skip
     text = "".join(json.dumps(r) + "\n" for r in records)
     out.write_text(text + '{"id": "batch_req_torn", "custom_id": "b", "resp')
     done = read_done(out)
@@ -97,7 +96,7 @@ def test_read_done_cuts_a_torn_last_line(tmp_path: Path) -> None:
 lines_strategy = st.lists(
     st.one_of(
         st.sampled_from("abcde").map(lambda c: line(c)),
-        st.sampled_from("abcde").map(lambda c: line(c, url="/v1/embeddings")),
+        st.sampled_from("abcde").map(lambda c: line(c, url="/v1/images")),
         st.just(""),
         st.text(max_size=8),
     ),

@@ -79,7 +79,7 @@ def test_unregistered_architecture_lists_registered_ones(tmp_path: Path, pm: Plu
     edit_config(path, architectures=["FancyForMaskedLM"])  # not causal: the transformers fallback refuses it too
     with pytest.raises(
         ValueError,
-        match=r"FancyForMaskedLM.*LlamaForCausalLM, .*MistralForCausalLM, .*MixtralForCausalLM, Phi3ForCausalLM, Qwen2ForCausalLM",
+        match=r"FancyForMaskedLM.*LlamaForCausalLM, .*MistralForCausalLM, .*MixtralForCausalLM, .*Phi3ForCausalLM, Qwen2ForCausalLM",
     ):
         config_for(path, pm)
 

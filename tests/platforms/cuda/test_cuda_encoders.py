@@ -1,0 +1,82 @@
+"""An encoder (no paged attention) through CUDAModelRunner's pinned input path: no KV cache, no graphs,
+and the generic runner's pooled vectors (on CPU here; on a GPU the same path runs on the device)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from kvik.config import EngineConfig
+from kvik.engine.config_resolution import resolve_config
+from kvik.platforms.interface import MemoryInfo, Platform
+from kvik.pooling import PoolingParams, PoolingType
+from kvik.sampling_params import SamplingParams
+from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
+from kvik.testing.tiny_encoders import make_tiny_encoder
+from kvik.worker.torch_runner import TorchModelRunner
+from kvik_cuda.platform import GPUOptions
+from kvik_cuda.runner import CUDAModelRunner
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+
+class HostPlatform(Platform):
+    """Just enough platform to build runners on the host (as in test_cuda_runner.py)."""
+
+    name = "host-test"
+    device_type = "cpu"
+    options_type = GPUOptions
+
+    def resolve_options(self, options: dict[str, Any], config: EngineConfig) -> GPUOptions:
+        return GPUOptions(fused_layers=False)
+
+    @classmethod
+    def is_available(cls) -> bool:
+        return True
+
+    def memory_info(self) -> MemoryInfo:
+        return MemoryInfo(total=1 << 34, free=1 << 33)
+
+    def create_model_runner(self, config, model_config):  # type: ignore[no-untyped-def]
+        raise NotImplementedError
+
+
+PROMPTS = {"a": list(range(2, 30)), "b": [2, 40, 41, 3], "c": list(range(50, 61))}
+
+
+def _pooled(cls: type[TorchModelRunner], path: Path, manager, kind: PoolingType) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
+    cfg = EngineConfig(model=str(path), dtype="float32", max_num_seqs=8, enforce_eager=False,
+                       platform_options={"fused_layers": False})  # fmt: skip
+    platform = HostPlatform()
+    resolution = resolve_config(cfg, platform, manager)
+    runner = cls(resolution.config, resolution.model_config, DEVICE, platform, manager)
+    runner.load_model()
+    assert not runner.keeps_kv_cache and runner.kv_block_bytes(16) == 1
+    runner.initialize_kv_cache(32)
+    assert runner.kv_caches == [] and not getattr(runner, "graphs", {})
+    params = SamplingParams(max_tokens=1)
+    pooling = PoolingParams(pooling_type=kind)
+    step = [
+        ScheduledRequest(rid, ids, 0, [1 + 2 * i, 2 + 2 * i], False, params, ids, pooling_params=pooling)
+        for i, (rid, ids) in enumerate(PROMPTS.items())
+    ]
+    out = runner.execute(SchedulerOutput(step, sum(len(ids) for ids in PROMPTS.values())))
+    assert out.pooled is not None
+    return out.pooled
+
+
+def test_cuda_runner_pools_an_encoder_like_the_generic_runner(kvik_plugin_manager, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    path = make_tiny_encoder(tmp_path / "bert", "bert", "mean")
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        for kind in (PoolingType.MEAN, PoolingType.CLS):
+            expected = _pooled(TorchModelRunner, path, kvik_plugin_manager, kind)
+            got = _pooled(CUDAModelRunner, path, kvik_plugin_manager, kind)
+            assert set(got) == set(PROMPTS)
+            for rid in PROMPTS:
+                torch.testing.assert_close(torch.tensor(got[rid]), torch.tensor(expected[rid]), rtol=1e-5, atol=1e-6)
+    finally:
+        torch.set_num_threads(previous)
