@@ -112,7 +112,11 @@ def wrap_model(model: nn.Module, max_loras: int, max_rank: int, max_tokens: int)
 
 
 def write_slot(wrapped: WrappedModel, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Fill ``slot`` of every wrapped layer with one adapter's (A, scaled B); unadapted layers get zeros."""
+    """Fill ``slot`` of every wrapped layer with one adapter's (A, scaled B); unadapted layers get zeros.
+
+    The copies are stream-ordered after the work already queued, so a step in flight that
+    still reads this slot's old adapter is not disturbed.
+    """
     for layer in wrapped.layers:
         layer.lora_a[slot].zero_()
         layer.lora_b[slot].zero_()
@@ -122,10 +126,10 @@ def write_slot(wrapped: WrappedModel, slot: int, weights: dict[str, tuple[torch.
         max_rank = layer.lora_b.shape[2]
         if target.shard is None:  # the whole layer: every shard's rank block gets A, B covers all rows
             for k in range(len(layer.lora_shard_starts)):
-                layer.lora_a[slot, k * max_rank : k * max_rank + rank].copy_(a)
-            layer.lora_b[slot, :, :rank].copy_(b)
+                layer.lora_a[slot, k * max_rank : k * max_rank + rank].copy_(a, non_blocking=True)
+            layer.lora_b[slot, :, :rank].copy_(b, non_blocking=True)
         else:
             k = target.shard
             start = layer.lora_shard_starts[k]
-            layer.lora_a[slot, k * max_rank : k * max_rank + rank].copy_(a)
-            layer.lora_b[slot, start : start + b.shape[0], :rank].copy_(b)
+            layer.lora_a[slot, k * max_rank : k * max_rank + rank].copy_(a, non_blocking=True)
+            layer.lora_b[slot, start : start + b.shape[0], :rank].copy_(b, non_blocking=True)

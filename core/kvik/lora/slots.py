@@ -53,12 +53,22 @@ class LoRASlots:
         loaded = self.cpu.get(request.lora_int_id)
         if loaded is None or loaded.info.path != request.lora_path:
             loaded = load_adapter(self.check(request.lora_path))
+            self._to_slot_dtype(loaded)
             self.num_disk_reads += 1
             self.cpu[request.lora_int_id] = loaded
             while len(self.cpu) > self.max_cpu_loras:
                 self.cpu.popitem(last=False)
         self.cpu.move_to_end(request.lora_int_id)
         return loaded
+
+    def _to_slot_dtype(self, loaded: LoadedAdapter) -> None:
+        """Keep host weights in the slots' dtype, page-locked when the slots are on a GPU (swaps are then
+        asynchronous copies that do not wait for the step in flight)."""
+        sample = self.wrapped.layers[0].lora_a
+        pin = sample.device.type == "cuda"
+        for module, (a, b) in loaded.weights.items():
+            a, b = a.to(sample.dtype), b.to(sample.dtype)
+            loaded.weights[module] = (a.pin_memory(), b.pin_memory()) if pin else (a, b)
 
     def assign(self, requests: list[LoRARequest]) -> dict[int, int]:
         """Make sure each adapter of ``requests`` (distinct ids) holds a slot; adapter id -> slot."""

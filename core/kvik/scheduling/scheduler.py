@@ -231,12 +231,14 @@ class Scheduler:
         for request, num_new in scheduled.values():
             self.kv_cache.cache_blocks(request, min(request.num_computed_tokens + num_new, request.num_tokens))
 
+        skipped: list[Request] = []  # waiting requests whose adapter has no slot this step
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting.peek()
             if request.num_output_placeholders:
                 break  # preempted while its last token was in flight: resumable once that token lands
             if not self._lora_fits(request, loras):
-                break  # its adapter needs a slot this step has not got: it waits for a later step (FCFS)
+                skipped.append(self.waiting.pop())  # later requests of the step's adapters may still run
+                continue
             hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens
             if self.long_prefill_token_threshold:
@@ -256,6 +258,8 @@ class Scheduler:
             budget -= num_new
             self._add_lora(request, loras)
             self.kv_cache.cache_blocks(request, num_hit_tokens + num_new)  # later admissions may share them
+        for request in reversed(skipped):  # back in their places, ahead of everything they were ahead of
+            self.waiting.prepend(request)
 
         out = SchedulerOutput(
             scheduled=[self._make_scheduled(r, n) for r, n in scheduled.values()],

@@ -99,3 +99,19 @@ def test_quantized_bases_are_refused_unless_dequantized() -> None:
     resolution = resolve_config(EngineConfig(model=model, enable_lora=True), platform, manager)
     assert resolution.config.quantized_weights.value == "dequantize"
     assert resolution.config.max_cpu_loras == 1 and resolution.sources["max_cpu_loras"].startswith("derived")
+
+
+def test_removing_an_adapter_with_requests_in_flight_is_refused(llm: LLM, lora_world: LoRAWorld) -> None:
+    from kvik.lora.registry import LoRAInUseError
+
+    engine = llm.llm_engine
+    qv = LoRARequest("removable", 50, lora_world.loras[0].lora_path)
+    llm.generate(["hello"], ONE, use_tqdm=False, lora_request=qv)  # known, and in a slot
+    assert 50 in engine.runner.lora.slot_of  # type: ignore[attr-defined]
+    engine.add_request("busy", [5, 6, 7], SamplingParams(max_tokens=4), lora_request=qv)
+    with pytest.raises(LoRAInUseError, match="1 request"):
+        engine.remove_lora(50)
+    engine.abort_request("busy")
+    assert engine.remove_lora(50) is True and engine.remove_lora(50) is False
+    assert 50 not in engine.runner.lora.slot_of  # type: ignore[attr-defined]
+    assert engine.loras is not None and all(r.lora_int_id != 50 for r in engine.loras.list())

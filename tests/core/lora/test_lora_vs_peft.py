@@ -46,13 +46,13 @@ def test_one_slot_cycling_three_adapters_gives_the_same_tokens(lora_world: LoRAW
     assert [list(o.outputs[0].token_ids) for o in outputs] == expected
     slots = llm.llm_engine.runner.lora  # type: ignore[attr-defined]
     assert slots.num_loads >= 3 and slots.num_disk_reads >= 3
-    # Again, one adapter per call in a cycle: the slot is refilled each time.
-    before = slots.num_loads
-    for k in (0, 1, 2, 0):
+    # Again, one adapter per call in a cycle: the slot is refilled at each switch, and only then.
+    for k in (0, 1, 2, 0, 0):
         lora = lora_world.loras[k]
+        before, switch = slots.num_loads, lora.lora_int_id not in slots.slot_of
         out = llm.generate(lora_world.prompts, GREEDY, use_tqdm=False, lora_request=lora)
         assert [list(o.outputs[0].token_ids) for o in out] == lora_world.lora_tokens[k]
-    assert slots.num_loads == before + 4
+        assert slots.num_loads == before + switch and list(slots.slot_of) == [lora.lora_int_id]
 
 
 def test_prefix_cache_is_never_shared_across_adapters(lora_world: LoRAWorld) -> None:
