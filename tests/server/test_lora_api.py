@@ -57,6 +57,8 @@ def _complete(server: InProcessServer, model: str, prompt: str = "Once upon a ti
 def test_models_lists_adapters_with_parent_and_model_selects_them(lora_server: InProcessServer) -> None:
     models = lora_server.run(lora_server.client.get("/v1/models", headers=AUTH)).json()["data"]
     assert [(m["id"], m["parent"]) for m in models] == [("tiny", None), ("alpha", "tiny")]
+    card = lora_server.run(lora_server.client.get("/v1/models/alpha", headers=AUTH)).json()
+    assert card["parent"] == "tiny" and card["root"].endswith("alpha")
     base, alpha = _complete(lora_server, "tiny"), _complete(lora_server, "alpha")
     assert base.status_code == alpha.status_code == 200
     assert alpha.json()["model"] == "alpha"

@@ -115,3 +115,23 @@ def test_removing_an_adapter_with_requests_in_flight_is_refused(llm: LLM, lora_w
     assert engine.remove_lora(50) is True and engine.remove_lora(50) is False
     assert 50 not in engine.runner.lora.slot_of  # type: ignore[attr-defined]
     assert engine.loras is not None and all(r.lora_int_id != 50 for r in engine.loras.list())
+
+
+def test_gguf_base_runs_adapters_dequantized(tmp_path: Path) -> None:
+    from kvik.models.default import default_model
+    from kvik.testing.tiny_lora import write_random_adapter
+
+    try:
+        model = default_model()
+    except (ImportError, ValueError) as exc:
+        pytest.skip(f"the bundled SmolLM2 GGUF is not installed: {exc}")
+    llm = LLM(model, enable_lora=True, max_loras=2, max_lora_rank=8, max_model_len=128, num_kv_blocks=32)
+    hf = llm.llm_engine.model_config.hf_config
+    zero = write_random_adapter(tmp_path / "zero", hf, rank=8, std=0.0, dtype="float32")
+    some = write_random_adapter(tmp_path / "some", hf, rank=8, std=0.1)
+    params = SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True)
+    loras = [None, LoRARequest("zero", 1, str(zero)), LoRARequest("some", 2, str(some))]
+    outputs = llm.generate(["The capital of France is"] * 3, params, use_tqdm=False, lora_request=loras)
+    base, zeroed, adapted = (list(o.outputs[0].token_ids) for o in outputs)
+    assert zeroed == base  # an all-zero adapter is the base model
+    assert adapted != base
