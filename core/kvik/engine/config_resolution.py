@@ -24,7 +24,7 @@ from kvik.attention.selector import select_attention_backend
 from kvik.config import EngineConfig, LoadFormat, ModelConfig, ResolvedConfig, SchedulingPolicy, WeightsMode
 from kvik.models.formats import ModelFormat
 from kvik.models.hub import TOKENIZER_FILES, resolve_model_path
-from kvik.models.model_config import build_model_config, resolve_format
+from kvik.models.model_config import FALLBACK_ARCHITECTURE, build_model_config, resolve_format
 from kvik.plugins.registry import PluginError
 from kvik.spec_decode.config import SpeculativeConfig
 
@@ -191,6 +191,11 @@ def _check_lora(draft: EngineConfig, model_config: ModelConfig, quantized_weight
         )
     if draft.runner == "pooling":
         raise ValueError("enable_lora applies to generation; it is not supported with runner='pooling'")
+    if model_config.architecture == FALLBACK_ARCHITECTURE:
+        raise ValueError(
+            "enable_lora needs kvik's native modelling code; this model runs transformers' (the fallback, or "
+            "model_impl='transformers'), which kvik cannot add adapter slots to"
+        )
 
 
 def _resolve_runner(requested: str, model_config: ModelConfig, notes: list[str]) -> str:

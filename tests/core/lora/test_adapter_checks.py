@@ -135,3 +135,14 @@ def test_gguf_base_runs_adapters_dequantized(tmp_path: Path) -> None:
     base, zeroed, adapted = (list(o.outputs[0].token_ids) for o in outputs)
     assert zeroed == base  # an all-zero adapter is the base model
     assert adapted != base
+
+
+def test_the_transformers_fallback_is_refused(lora_world: LoRAWorld) -> None:
+    from kvik.engine.config_resolution import resolve_config
+    from kvik.platforms.selector import resolve_platform
+    from kvik.plugins.manager import get_plugin_manager
+
+    manager = get_plugin_manager()
+    config = EngineConfig(model=str(lora_world.base), enable_lora=True, model_impl="transformers")
+    with pytest.raises(ValueError, match="enable_lora needs kvik's native modelling code"):
+        resolve_config(config, resolve_platform("cpu", manager), manager)
