@@ -21,6 +21,11 @@ already schedule its decode (its id is unknown on the host: the runner takes it
 from step n's samples on the device). A request that step n finishes wastes its
 slot in step n+1, whose result for it is dropped. Blocks are published to the
 prefix cache only over known tokens.
+
+LoRA: a step holds requests of at most ``max_loras`` distinct adapters (the runner's
+slots). A running request whose adapter finds no slot sits the step out; a waiting
+one is skipped (requests behind it whose adapter is in the step may start) and keeps
+its place in the queue.
 """
 
 from __future__ import annotations
