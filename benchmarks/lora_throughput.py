@@ -95,13 +95,18 @@ def write_adapters(root: Path, model_dir: Path, rank: int, count: int) -> list[s
 
 
 @part("kernels")
-def bench_kernels() -> dict[str, Any]:
+def bench_kernels(shape: str) -> dict[str, Any]:
     import torch
     import triton.testing
     from kvik.lora.compute import add_lora_reference
     from kvik_cuda.lora_kernels import add_lora_triton
 
-    s = SHAPES["llama8b"]
+    device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run under TRITON_INTERPRET=1
+
+    def timed(fn: Any) -> float:
+        return float(triton.testing.do_bench(fn, rep=50)) if device == "cuda" else float("nan")
+
+    s = SHAPES[shape]
     h, inter = s["hidden_size"], s["intermediate_size"]
     hd = h // s["num_attention_heads"]
     q, kv = s["num_attention_heads"] * hd, s["num_key_value_heads"] * hd
@@ -110,20 +115,20 @@ def bench_kernels() -> dict[str, Any]:
     for name, (in_f, shards) in projections.items():
         total = sum(shards)
         starts = tuple(sum(shards[:k]) for k in range(len(shards)))
-        a = torch.randn(slots_n, len(shards) * rank, in_f, device="cuda", dtype=torch.bfloat16) * 0.02
-        b = torch.randn(slots_n, total, rank, device="cuda", dtype=torch.bfloat16) * 0.02
-        w = torch.randn(total, in_f, device="cuda", dtype=torch.bfloat16) * 0.02
-        for tokens in (1, 16, 64, 256):
-            x = torch.randn(tokens, in_f, device="cuda", dtype=torch.bfloat16)
-            slots = torch.randint(-1, slots_n, (tokens,), device="cuda")
+        a = torch.randn(slots_n, len(shards) * rank, in_f, device=device, dtype=torch.bfloat16) * 0.02
+        b = torch.randn(slots_n, total, rank, device=device, dtype=torch.bfloat16) * 0.02
+        w = torch.randn(total, in_f, device=device, dtype=torch.bfloat16) * 0.02
+        for tokens in (1, 16, 64, 256) if device == "cuda" else (1, 5):
+            x = torch.randn(tokens, in_f, device=device, dtype=torch.bfloat16)
+            slots = torch.randint(-1, slots_n, (tokens,), device=device)
             y = x @ w.T
             want, got = y.clone(), y.clone()
             add_lora_reference(want, x, a, b, slots, starts)
             add_lora_triton(got, x, a, b, slots, starts)
             err = (got.float() - want.float()).abs().max().item()
             scale = want.float().abs().max().item()
-            lora_ms = triton.testing.do_bench(lambda: add_lora_triton(y, x, a, b, slots, starts), rep=50)  # noqa: B023
-            base_ms = triton.testing.do_bench(lambda: x @ w.T, rep=50)  # noqa: B023
+            lora_ms = timed(lambda: add_lora_triton(y, x, a, b, slots, starts))  # noqa: B023
+            base_ms = timed(lambda: x @ w.T)  # noqa: B023
             out[f"{name}@{tokens}"] = {"max_abs_err": err, "max_abs": scale, "ok": err <= 0.02 * scale + 1e-2,
                                        "lora_us": lora_ms * 1e3, "base_matmul_us": base_ms * 1e3}  # fmt: skip
     return out
@@ -262,7 +267,7 @@ def main() -> int:
     prompts = workload(args.n, SHAPES[args.shape]["vocab_size"], lo=128, hi=1024)
     paths = write_adapters(root, model_dir, rank=16, count=64) if wanted & {"lora8", "lora64"} else []
     if "kernels" in wanted:
-        bench_kernels()
+        bench_kernels(args.shape)
     if "base" in wanted:
         bench_base(model_dir, prompts, args)
     if "lora8" in wanted:
