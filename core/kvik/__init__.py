@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kvik.inputs import TextPrompt, TokensPrompt
+from kvik.lora.request import LoRARequest
 from kvik.outputs import CompletionOutput, RequestOutput
 from kvik.sampling_params import BeamSearchParams, SamplingParams, StructuredOutputsParams
 from kvik.version import PLUGIN_API_VERSION, __version__
@@ -42,6 +43,7 @@ __all__ = [
     "CompletionOutput",
     "EngineConfig",
     "LLMEngine",
+    "LoRARequest",
     "RequestOutput",
     "SamplingParams",
     "StructuredOutputsParams",

@@ -106,6 +106,11 @@ class EngineConfig:
     # Speculative decoding, vLLM's shape: {"method": "ngram", "num_speculative_tokens": 4, ...}
     # (see kvik.spec_decode.config.SpeculativeConfig); None: off.
     speculative_config: dict[str, Any] | SpeculativeConfig | None = None
+    # Multi-LoRA serving (kvik.lora, docs/lora.md; vLLM's names): requests may name a PEFT adapter.
+    enable_lora: bool = False
+    max_loras: int = 1  # adapters in one step: the device slots
+    max_lora_rank: int = 16  # the largest adapter rank accepted (slots are sized for it)
+    max_cpu_loras: int | None = None  # adapters kept in host memory; None: max_loras
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:
@@ -140,6 +145,15 @@ class EngineConfig:
         if isinstance(self.long_prefill_token_threshold, bool) or self.long_prefill_token_threshold < 0:
             raise ValueError(
                 f"long_prefill_token_threshold must be an int >= 0 (0 = no limit), got {self.long_prefill_token_threshold!r}"
+            )
+        if isinstance(self.max_loras, bool) or not isinstance(self.max_loras, int) or self.max_loras < 1:
+            raise ValueError(f"max_loras must be an integer >= 1, got {self.max_loras!r}")
+        if isinstance(self.max_lora_rank, bool) or not isinstance(self.max_lora_rank, int) or not 1 <= self.max_lora_rank <= 256:
+            raise ValueError(f"max_lora_rank must be an integer in [1, 256], got {self.max_lora_rank!r}")
+        if self.max_cpu_loras is not None and (isinstance(self.max_cpu_loras, bool) or self.max_cpu_loras < self.max_loras):
+            raise ValueError(
+                f"max_cpu_loras must be >= max_loras ({self.max_loras}) (the host cache feeds the slots), "
+                f"got {self.max_cpu_loras!r}"
             )
         if not isinstance(self.platform_options, dict):
             raise ValueError(f"platform_options must be a dict of option name -> value, got {self.platform_options!r}")
@@ -201,6 +215,11 @@ class ResolvedConfig:
     platform_options: PlatformOptions  # the platform's typed options (``Platform.options_type``)
     speculative_config: SpeculativeConfig | None = None  # None: no speculative decoding
     runner: str = "generate"  # "generate" or "pooling" (the engine serves only that kind of request)
+    # LoRA (from EngineConfig; these "off" values only serve configs built by hand, e.g. conformance probes).
+    enable_lora: bool = False
+    max_loras: int = 0  # device slots (distinct adapters per step)
+    max_lora_rank: int = 0
+    max_cpu_loras: int = 0  # adapters in the host cache (>= max_loras)
 
 
 @dataclass(slots=True)

@@ -6,6 +6,7 @@ import enum
 import time
 from dataclasses import dataclass, field
 
+from kvik.lora.request import LoRARequest
 from kvik.pooling.params import PoolingParams
 from kvik.sampling_params import SamplingParams
 
@@ -67,11 +68,16 @@ class Request:
     # A pooling request: prefilled, never sampled; finishes with ``pooled`` set (kvik.pooling).
     pooling_params: PoolingParams | None = None
     pooled: list[float] | None = None  # the runner's raw vector, set when the request finishes
+    # The LoRA adapter it runs under (None: the base model). Its cache_key is among cache_extra_keys,
+    # so its KV blocks are never shared with another adapter's or the base model's.
+    lora_request: LoRARequest | None = None
 
     def __post_init__(self) -> None:
         if not self.all_token_ids:
             self.all_token_ids = list(self.prompt_token_ids)
         self.reads_output_history = self.sampling_params.reads_output_history
+        if self.lora_request is not None and self.lora_request.cache_key not in self.cache_extra_keys:
+            self.cache_extra_keys = (*self.cache_extra_keys, self.lora_request.cache_key)
 
     @property
     def num_prompt_tokens(self) -> int:

@@ -23,7 +23,6 @@ OFF_VALUES: dict[str, tuple[Any, ...] | object] = {
     "swap_space": ANY,  # CPU swap for preempted sequences: kvik recomputes them instead
     "kv_cache_dtype": ("auto",),
     "calculate_kv_scales": (False,),
-    "enable_lora": (False,),
     "enable_prompt_adapter": (False,),
     "kv_transfer_config": (None,),
     "tokenizer_mode": ("auto",),

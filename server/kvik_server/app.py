@@ -22,7 +22,7 @@ from pydantic import ValidationError
 import kvik_server
 from kvik_server.chat_output import ParserSettings
 from kvik_server.context import ServerSettings, ServingContext
-from kvik_server.errors import bad_request, install_error_handlers, invalid_json, validation_error
+from kvik_server.errors import APIError, bad_request, install_error_handlers, invalid_json, validation_error
 from kvik_server.json_body import JSONRoute, loads
 from kvik_server.metrics import CONTENT_TYPE
 from kvik_server.middleware import GuardMiddleware
@@ -33,10 +33,12 @@ from kvik_server.protocol import (
     DetokenizeRequest,
     ErrorBody,
     HealthProblem,
+    LoadLoRAAdapterRequest,
     ModelCard,
     ModelList,
     TokenizeChatRequest,
     TokenizeCompletionRequest,
+    UnloadLoRAAdapterRequest,
 )
 from kvik_server.protocol_pooling import ClassifyRequest, EmbeddingRequest, RerankRequest, ScoreRequest
 from kvik_server.protocol_responses import ResponsesRequest
@@ -71,18 +73,45 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     app.state.response_store = store = ResponseStore()
     install_error_handlers(app)
 
-    def model_card() -> ModelCard:
+    def model_card(model: str | None = None) -> ModelCard:
+        lora = ctx.check_model(model)
+        if lora is not None:  # an adapter: its parent is the base model (vLLM's shape)
+            return ModelCard(id=lora.lora_name, root=lora.lora_path, parent=ctx.model_name,
+                             max_model_len=ctx.max_model_len)  # fmt: skip
         return ModelCard(id=ctx.model_name, root=_public_root(engine.model_name), max_model_len=ctx.max_model_len)
 
     @app.get("/v1/models")
     async def list_models() -> ModelList:
-        return ModelList(data=[model_card()])
+        return ModelList(data=[model_card(), *(model_card(name) for name in ctx.loras.adapters)])
 
     # OpenAI's "retrieve model"; :path because ids may hold slashes (org/name)
     @app.get("/v1/models/{model_id:path}", responses={404: {"model": ErrorBody, "description": "Unknown model."}})
     async def retrieve_model(model_id: str) -> ModelCard:
-        ctx.check_model(model_id)
-        return model_card()
+        return model_card(model_id)
+
+    # LoRA adapters at run time (docs/lora.md): only with --allow-runtime-lora-updating, behind the API key.
+    lora_errors: dict[int | str, dict[str, Any]] = {
+        400: {"model": ErrorBody, "description": "Bad adapter (path, config, rank) or name."},
+        404: {"model": ErrorBody, "description": "Unknown adapter, or run-time updating is off."},
+        409: {"model": ErrorBody, "description": "The adapter has requests in flight."},
+    }
+
+    def check_updates_allowed() -> None:
+        if not ctx.loras.allow_updates:
+            raise APIError(404, "Loading and unloading LoRA adapters at run time is off on this server; start it "
+                           "with --allow-runtime-lora-updating", code="lora_updates_disabled")  # fmt: skip
+
+    @app.post("/v1/load_lora_adapter", response_class=PlainTextResponse, responses=lora_errors)
+    async def load_lora_adapter(body: LoadLoRAAdapterRequest) -> PlainTextResponse:
+        check_updates_allowed()
+        await ctx.loras.load(body.lora_name, body.lora_path)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
+
+    @app.post("/v1/unload_lora_adapter", response_class=PlainTextResponse, responses=lora_errors)
+    async def unload_lora_adapter(body: UnloadLoRAAdapterRequest) -> PlainTextResponse:
+        check_updates_allowed()
+        await ctx.loras.unload(body.lora_name)
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatCompletionRequest, raw: Request) -> Response:

@@ -61,6 +61,17 @@ def _speculative_json(text: str) -> dict[str, Any]:
     return json.loads(text)  # type: ignore[no-any-return]
 
 
+def _lora_module(text: str) -> str:
+    """``--lora-modules`` entry, checked for shape here (its adapter is checked once the model loads)."""
+    from kvik_server.lora_modules import parse_lora_module
+
+    try:
+        parse_lora_module(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
+
+
 def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add every ``kvik serve`` flag to ``parser`` (engine options keep vLLM's names)."""
     parser.add_argument("--config", help="YAML file of flag values (keys: flag names with - or _); "
@@ -99,6 +110,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine.add_argument("--runner", choices=["auto", "generate", "pooling"],
                         help="pooling: serve embeddings / rerank / score / classify (default auto: from the model)")  # fmt: skip
     engine.add_argument("--num-threads", type=_positive_int, help="CPU platforms: torch intra-op threads")
+    lora = parser.add_argument_group("LoRA adapters (docs/lora.md)")
+    lora.add_argument("--enable-lora", action="store_true", default=None,
+                      help="serve PEFT LoRA adapters over the base model (a request's `model` picks one)")  # fmt: skip
+    lora.add_argument("--lora-modules", nargs="+", type=_lora_module, metavar="NAME=PATH",
+                      help='adapters to serve from the start: name=path or \'{"name": ..., "path": ...}\'')  # fmt: skip
+    lora.add_argument("--max-loras", type=_positive_int, help="adapters in one batch (device slots; default 1)")
+    lora.add_argument("--max-lora-rank", type=_positive_int, help="largest adapter rank accepted (default 16)")
+    lora.add_argument("--max-cpu-loras", type=_positive_int, help="adapters cached in host memory (default: max-loras)")
+    lora.add_argument("--allow-runtime-lora-updating", action="store_true", default=None,
+                      help="enable POST /v1/load_lora_adapter and /v1/unload_lora_adapter (behind --api-key)")  # fmt: skip
     server = parser.add_argument_group("server")
     server.add_argument("--api-key", help="require 'Authorization: Bearer KEY' on /v1/*, /tokenize, /detokenize "
                         "(default: $KVIK_API_KEY); /health, /ready, /version, /metrics stay open")  # fmt: skip
@@ -211,7 +232,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
              "load_format", "dtype",
              "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "enable_prefix_caching",
              "enforce_eager", "async_scheduling", "seed", "num_threads", "runner",
-             "speculative_config")  # fmt: skip
+             "speculative_config", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras")  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import anyio
+from kvik.lora.request import LoRARequest
 from kvik.outputs import RequestOutput
 from kvik.sampling_params import SamplingParams
 from kvik.structured.backend import FeatureNotEnabledError
@@ -20,6 +21,7 @@ from kvik_server.admission import AdmissionLedger, KVCapacity
 from kvik_server.chat_template import RenderTimeout, RenderWatchdog, request_template
 from kvik_server.errors import APIError, bad_request, not_enabled
 from kvik_server.json_body import check_text
+from kvik_server.lora_modules import LoRAModule, LoRAModules, parse_lora_module
 from kvik_server.metrics import ServerMetrics
 
 logger = logging.getLogger(__name__)
@@ -44,6 +46,9 @@ class ServerSettings:
     tool_call_parser: str | None = None
     reasoning_parser: str | None = None
     ui: bool = True  # serve the chat page at / (kvik_server/ui); --no-ui turns it off
+    # LoRA adapters served by name (docs/lora.md): "name=path" entries, and run-time loading on/off
+    lora_modules: tuple[str, ...] = ()
+    allow_runtime_lora_updating: bool = False
 
     @classmethod
     def from_args(cls, args: Any) -> ServerSettings:
@@ -56,6 +61,8 @@ class ServerSettings:
         api_key = getattr(args, "api_key", None)
         if api_key and "api_keys" not in values:
             values["api_keys"] = tuple(api_key) if isinstance(api_key, (list, tuple)) else (api_key,)
+        if "lora_modules" in values:
+            values["lora_modules"] = tuple(values["lora_modules"])
         return cls(**values)
 
 
@@ -68,6 +75,13 @@ class ServingContext:
         self.model_name: str = settings.served_model_name or str(engine.model_name)
         self.tokenizer = engine.tokenizer
         self.metrics = ServerMetrics(engine, self.model_name, self)
+        config = getattr(engine, "config", None)
+        self.loras = LoRAModules(
+            engine, self.model_name, bool(getattr(config, "enable_lora", False)), settings.allow_runtime_lora_updating
+        )
+        modules: list[LoRAModule] = [parse_lora_module(m) for m in settings.lora_modules]
+        self.loras.load_static(modules)
+        self._lora_of: dict[str, str] = {}  # request id -> the adapter name it runs under
         # One worker: HF fast tokenizers are not safe for concurrent mutation, and this keeps
         # long prompts from blocking the event loop without starving the engine thread of CPU.
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="kvik-tokenizer")
@@ -117,14 +131,13 @@ class ServingContext:
         self._executor.shutdown(wait=False, cancel_futures=True)
 
     # -- checks -----------------------------------------------------------------
-    def check_model(self, model: str | None) -> None:
-        if model is not None and model != self.model_name:
-            raise APIError(
-                404,
-                f"The model `{model}` does not exist. This server serves `{self.model_name}` (see GET /v1/models).",
-                param="model",
-                code="model_not_found",
-            )
+    def check_model(self, model: str | None) -> LoRARequest | None:
+        """The adapter the request's ``model`` names (None: the base model); 404 for an unknown model."""
+        return self.loras.resolve(model)
+
+    def served_name(self, model: str | None) -> str:
+        """The ``model`` a response reports: the adapter's name when the request named one, else the served name."""
+        return model if model is not None and model in self.loras.adapters else self.model_name
 
     def check_length(self, prompt_len: int, max_tokens: int | None, param: str) -> None:
         limit = self.max_model_len
@@ -260,7 +273,12 @@ class ServingContext:
 
     # -- generation --------------------------------------------------------------
     def generate(
-        self, prompt_ids: list[int], params: SamplingParams, request_id: str, priority: int = 0
+        self,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> EngineStream:
         """Start tracking one engine request (its seats count against admission at once).
 
@@ -270,7 +288,10 @@ class ServingContext:
         """
         self.inflight[request_id] = self.engine_pending[request_id] = time.monotonic()
         self.admission.add(request_id, len(prompt_ids), params.n)
-        return EngineStream(self, prompt_ids, params, request_id, priority)
+        if lora_request is not None:
+            self._lora_of[request_id] = lora_request.lora_name
+            self.loras.in_flight[lora_request.lora_name] += 1
+        return EngineStream(self, prompt_ids, params, request_id, priority, lora_request)
 
     def _finished(self, request_id: str) -> None:
         """The engine is done with the request (its client may still be reading)."""
@@ -280,6 +301,9 @@ class ServingContext:
     def _release(self, request_id: str) -> None:
         self._finished(request_id)
         self.inflight.pop(request_id, None)
+        name = self._lora_of.pop(request_id, None)
+        if name is not None:
+            self.loras.in_flight[name] -= 1
 
     def busy_since(self) -> float | None:
         """time.monotonic() of the oldest request still waiting on the engine, or None."""
@@ -311,11 +335,18 @@ class EngineStream:
     are released when it finishes, fails, is cancelled, or is closed before it ever started."""
 
     def __init__(
-        self, ctx: ServingContext, prompt_ids: list[int], params: SamplingParams, request_id: str, priority: int
+        self,
+        ctx: ServingContext,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        request_id: str,
+        priority: int,
+        lora_request: LoRARequest | None = None,
     ) -> None:
         self.ctx = ctx
         self.request_id = request_id
         self.params = params
+        self.lora_request = lora_request
         self._gen = self._run(prompt_ids, priority)
 
     def __aiter__(self) -> EngineStream:
@@ -335,13 +366,15 @@ class EngineStream:
         finished = False
         try:
             try:
-                async for output in ctx.engine.generate(prompt_ids, self.params, request_id, priority=priority):
+                lora = {"lora_request": self.lora_request} if self.lora_request is not None else {}
+                async for output in ctx.engine.generate(prompt_ids, self.params, request_id, priority=priority, **lora):
                     if first_token is None and any(c.token_ids for c in output.outputs):
                         first_token = time.time()
                     if output.finished:
                         finished = True
                         ctx._finished(request_id)
-                        ctx.metrics.observe_finished(output, arrival, first_token, time.time())
+                        name = self.lora_request.lora_name if self.lora_request is not None else None
+                        ctx.metrics.observe_finished(output, arrival, first_token, time.time(), name)
                     yield output
             except FeatureNotEnabledError as exc:
                 raise not_enabled(exc) from None

@@ -55,9 +55,13 @@ class ServerMetrics:
         )  # fmt: skip
         self.registry.register(_EngineCollector(engine, model_name, context))
 
-    def observe_finished(self, output: RequestOutput, arrival: float, first_token: float | None, end: float) -> None:
-        """Record one finished request; times are ``time.time()`` seconds seen by the server."""
-        name = self.model_name
+    def observe_finished(
+        self, output: RequestOutput, arrival: float, first_token: float | None, end: float, model_name: str | None = None
+    ) -> None:
+        """Record one finished request; times are ``time.time()`` seconds seen by the server.
+
+        ``model_name``: the LoRA adapter it ran under (the label), None for the base model."""
+        name = model_name or self.model_name
         self.e2e.labels(name).observe(max(0.0, end - arrival))
         num_tokens = max((len(c.token_ids) for c in output.outputs), default=0)
         if first_token is not None:

@@ -70,7 +70,7 @@ def _reasoning_tokens(ctx: ServingContext, plan: OutputPlan, output: RequestOutp
 
 
 async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, raw: Request) -> Response:
-    ctx.check_model(body.model)
+    lora = ctx.check_model(body.model)
     max_tokens = body.requested_max_tokens()
     plan = plan_output(body, ParserSettings.of(ctx.settings), ctx.tokenizer)
     params = ctx.sampling_params(lambda: apply_plan(body.to_sampling_params(max_tokens, body.requested_logprobs()),
@@ -89,7 +89,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     ctx.admit(params.n, [len(prompt_ids)])
     request_id = f"chatcmpl-{uuid.uuid4().hex}"
     created = int(time.time())
-    stream = ctx.generate(prompt_ids, params, request_id, body.priority)
+    stream = ctx.generate(prompt_ids, params, request_id, body.priority, lora)
     try:
         if body.stream:
             # Pull the first output before the 200 goes out, so engine-side validation
@@ -121,7 +121,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
         "id": request_id,
         "object": "chat.completion",
         "created": created,
-        "model": ctx.model_name,
+        "model": ctx.served_name(body.model),
         "system_fingerprint": None,
         "choices": choices,
         "usage": usage(len(prompt_ids), [final], _reasoning_tokens(ctx, plan, final)),
@@ -150,7 +150,7 @@ async def _chat_stream(
     options = body.stream_options
     include_usage = bool(options and options.include_usage)
     continuous = include_usage and bool(options and options.continuous_usage_stats)
-    base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": ctx.model_name,
+    base = {"id": request_id, "object": "chat.completion.chunk", "created": created, "model": ctx.served_name(body.model),
             "system_fingerprint": None}  # fmt: skip
     latest = first
 

@@ -38,7 +38,7 @@ def split_prompts(prompt: Any) -> list[str | list[int]]:
 
 
 async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: Request) -> Response:
-    ctx.check_model(body.model)
+    lora = ctx.check_model(body.model)
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs (prompt logprobs) is not supported; drop one.", param="echo")
     params = ctx.sampling_params(lambda: body.to_sampling_params(body.max_tokens, body.logprobs))
@@ -63,7 +63,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: R
     request_id = f"cmpl-{uuid.uuid4().hex}"
     created = int(time.time())
     streams = [
-        ctx.generate(ids, params, f"{request_id}-{i}" if len(prompts) > 1 else request_id, body.priority)
+        ctx.generate(ids, params, f"{request_id}-{i}" if len(prompts) > 1 else request_id, body.priority, lora)
         for i, ids in enumerate(prompt_ids)
     ]
     merged = merge(streams)
@@ -106,7 +106,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: R
             "id": request_id,
             "object": "text_completion",
             "created": created,
-            "model": ctx.model_name,
+            "model": ctx.served_name(body.model),
             "system_fingerprint": None,
             "choices": choices,
             "usage": usage(num_prompt_tokens, finals),
@@ -133,7 +133,7 @@ async def _completion_stream(
 ) -> AsyncIterator[str]:
     options = body.stream_options
     include_usage = bool(options and options.include_usage)
-    base = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.model_name,
+    base = {"id": request_id, "object": "text_completion", "created": created, "model": ctx.served_name(body.model),
             "system_fingerprint": None}  # fmt: skip
     n = body.n
     sent = [0] * (n * len(prompt_texts))  # characters of each choice's text already sent

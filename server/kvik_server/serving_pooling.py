@@ -74,7 +74,7 @@ def _usage(outputs: list[PoolingRequestOutput]) -> dict[str, int]:
 
 
 async def create_embeddings(ctx: ServingContext, body: EmbeddingRequest) -> JSONResponse:
-    ctx.check_model(body.model)
+    _no_adapter(ctx.check_model(body.model))
     prompts = split_inputs(body.input, "input")
     params = PoolingParams(
         dimensions=body.dimensions, normalize=body.normalize, truncate_prompt_tokens=body.truncate_prompt_tokens
@@ -123,7 +123,7 @@ def _pairs(first: str | list[str], second: str | list[str], param: str) -> list[
 
 
 async def create_score(ctx: ServingContext, body: ScoreRequest) -> JSONResponse:
-    ctx.check_model(body.model)
+    _no_adapter(ctx.check_model(body.model))
     scores, usage = await _scores(
         ctx, _pairs(body.text_1, body.text_2, "text_2"), body.truncate_prompt_tokens, "text_2"
     )
@@ -134,7 +134,7 @@ async def create_score(ctx: ServingContext, body: ScoreRequest) -> JSONResponse:
 
 
 async def create_rerank(ctx: ServingContext, body: RerankRequest) -> JSONResponse:
-    ctx.check_model(body.model)
+    _no_adapter(ctx.check_model(body.model))
     docs = [d if isinstance(d, str) else d.text for d in body.documents]
     if not docs:
         raise bad_request("'documents' is an empty list; give at least one document.", param="documents")
@@ -155,7 +155,7 @@ async def create_rerank(ctx: ServingContext, body: RerankRequest) -> JSONRespons
 
 
 async def create_classify(ctx: ServingContext, body: ClassifyRequest) -> JSONResponse:
-    ctx.check_model(body.model)
+    _no_adapter(ctx.check_model(body.model))
     prompts = split_inputs(body.input, "input")
     params = PoolingParams(task="classify", truncate_prompt_tokens=body.truncate_prompt_tokens)
     outputs = await run_pooling(ctx, prompts, params, f"classify-{uuid.uuid4().hex}", "input")
@@ -170,3 +170,9 @@ async def create_classify(ctx: ServingContext, body: ClassifyRequest) -> JSONRes
         "id": f"classify-{uuid.uuid4().hex}", "object": "list", "created": int(time.time()), "model": ctx.model_name,
         "data": data, "usage": _usage(outputs),
     })  # fmt: skip
+
+
+def _no_adapter(lora: object) -> None:
+    if lora is not None:
+        raise bad_request("LoRA adapters serve text generation only; name the base model for pooling requests",
+                          param="model")  # fmt: skip

@@ -52,7 +52,7 @@ def not_found(response_id: str, store: ResponseStore) -> APIError:
 
 
 async def create_response(ctx: ServingContext, store: ResponseStore, body: ResponsesRequest, raw: Request) -> Response:
-    ctx.check_model(body.model)
+    lora = ctx.check_model(body.model)
     history: list[dict[str, Any]] = []
     if body.previous_response_id is not None:
         previous = store.get(body.previous_response_id)
@@ -78,7 +78,7 @@ async def create_response(ctx: ServingContext, store: ResponseStore, body: Respo
     ctx.admit(1, [len(prompt_ids)])
     response_id = f"resp_{uuid.uuid4().hex}"
     answer = _Answer(ctx, store, body, plan, response_id, len(prompt_ids), conversation)
-    stream = ctx.generate(prompt_ids, params, response_id)
+    stream = ctx.generate(prompt_ids, params, response_id, lora_request=lora)
     try:
         if body.stream:
             first = await race_disconnect(raw, stream.__anext__())
@@ -130,7 +130,7 @@ class _Answer:
             "incomplete_details": None,
             "instructions": body.instructions,
             "max_output_tokens": body.max_output_tokens,
-            "model": self.ctx.model_name,
+            "model": self.ctx.served_name(body.model),
             "output": [],
             "parallel_tool_calls": body.parallel_tool_calls,
             "previous_response_id": body.previous_response_id,

@@ -50,6 +50,18 @@ def test_scheduling_flags_reach_the_engine() -> None:
     assert engine_kwargs(parse_serve_args(["--model", "/m", "--async-scheduling"]))["async_scheduling"] is True
 
 
+def test_lora_flags(capsys: pytest.CaptureFixture[str]) -> None:
+    args = parse_serve_args(["--model", "/m", "--enable-lora", "--lora-modules", "a=/ad/a", '{"name": "b", "path": "/ad/b"}',
+                             "--max-loras", "4", "--max-lora-rank", "64", "--allow-runtime-lora-updating"])  # fmt: skip
+    kwargs = engine_kwargs(args)
+    assert (kwargs["enable_lora"], kwargs["max_loras"], kwargs["max_lora_rank"]) == (True, 4, 64)
+    settings = ServerSettings.from_args(args)
+    assert settings.lora_modules == ("a=/ad/a", '{"name": "b", "path": "/ad/b"}') and settings.allow_runtime_lora_updating
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--model", "/m", "--lora-modules", "no-equals-sign"])
+    assert "use name=path" in capsys.readouterr().err
+
+
 def test_config_file_unknown_key(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     config = tmp_path / "serve.yaml"
     config.write_text("max-num-seq: 8\n")

@@ -18,6 +18,8 @@ from typing import Any
 
 from kvik.config import EngineConfig, ResolvedConfig
 from kvik.engine.llm_engine import EngineStats, LLMEngine, PreparedRequest
+from kvik.lora.adapter import AdapterInfo
+from kvik.lora.request import LoRARequest
 from kvik.outputs import RequestOutput
 from kvik.pooling.outputs import PoolingRequestOutput
 from kvik.pooling.params import PoolingParams
@@ -119,6 +121,7 @@ class AsyncLLM:
         sampling_params: SamplingParams | None,
         request_id: str,
         priority: int = 0,
+        lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
         """Stream cumulative outputs of one request; the last has ``finished=True``.
 
@@ -130,10 +133,12 @@ class AsyncLLM:
             raise ValueError(f"request id {request_id!r} is already in use")
         if isinstance(prompt, str) and len(prompt) > 4096:
             prepared = await asyncio.to_thread(
-                self.engine.prepare_request, request_id, prompt, sampling_params, priority
+                self.engine.prepare_request, request_id, prompt, sampling_params, priority, None, lora_request
             )
         else:
-            prepared = self.engine.prepare_request(request_id, prompt, sampling_params, priority)
+            prepared = self.engine.prepare_request(
+                request_id, prompt, sampling_params, priority, lora_request=lora_request
+            )
         stream: asyncio.Queue[_Item] = asyncio.Queue()
         self._streams[request_id] = stream
         self._commands.put(("add", prepared))
@@ -202,6 +207,27 @@ class AsyncLLM:
     async def abort(self, request_id: str) -> None:
         self._commands.put(("abort", request_id))
 
+    # -- LoRA adapters (kvik.lora) ---------------------------------------------
+    async def check_lora(self, lora_request: LoRARequest) -> AdapterInfo:
+        """Check an adapter against the model (reads its files off the event loop); ValueError if bad."""
+        return await asyncio.to_thread(self.check_lora_blocking, lora_request)
+
+    def check_lora_blocking(self, lora_request: LoRARequest) -> AdapterInfo:
+        """:meth:`check_lora` on the calling thread (server start-up)."""
+        loras = self.engine.loras
+        if loras is None:
+            raise ValueError("LoRA is off; start the engine with enable_lora=True (kvik serve --enable-lora)")
+        return loras.check(lora_request)
+
+    async def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter on the engine's thread (False when unknown); LoRAInUseError while requests use it."""
+        if self._thread is None or self._loop is None:
+            return self.engine.remove_lora(lora_int_id)
+        done: asyncio.Future[bool] = self._loop.create_future()
+        self._commands.put(("remove_lora", (lora_int_id, done)))
+        self._ensure_running()  # a dead loop would never answer
+        return await asyncio.wait_for(done, timeout=60.0)
+
     # -- the loop thread -----------------------------------------------------
     def _deliver(self, outputs: Sequence[RequestOutput | PoolingRequestOutput]) -> None:
         for output in outputs:
@@ -224,6 +250,8 @@ class AsyncLLM:
                 self._add(payload)
             elif kind == "abort":
                 self._post(self.engine.abort_request(payload))
+            elif kind == "remove_lora":
+                self._remove_lora(*payload)
             try:
                 command = self._commands.get_nowait()
             except queue.Empty:
@@ -236,6 +264,15 @@ class AsyncLLM:
             error = exc
             if self._loop is not None:
                 self._loop.call_soon_threadsafe(self._fail_one, prepared.request_id, error)
+
+    def _remove_lora(self, lora_int_id: int, done: asyncio.Future[bool]) -> None:
+        assert self._loop is not None
+        try:
+            removed = self.engine.remove_lora(lora_int_id)
+        except Exception as exc:  # LoRAInUseError: the caller answers 409
+            self._loop.call_soon_threadsafe(done.set_exception, exc)
+        else:
+            self._loop.call_soon_threadsafe(done.set_result, removed)
 
     def _fail_one(self, request_id: str, error: BaseException) -> None:
         stream = self._streams.get(request_id)

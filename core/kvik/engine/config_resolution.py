@@ -24,7 +24,7 @@ from kvik.attention.selector import select_attention_backend
 from kvik.config import EngineConfig, LoadFormat, ModelConfig, ResolvedConfig, SchedulingPolicy, WeightsMode
 from kvik.models.formats import ModelFormat
 from kvik.models.hub import TOKENIZER_FILES, resolve_model_path
-from kvik.models.model_config import build_model_config, resolve_format
+from kvik.models.model_config import FALLBACK_ARCHITECTURE, build_model_config, resolve_format
 from kvik.plugins.registry import PluginError
 from kvik.spec_decode.config import SpeculativeConfig
 
@@ -48,6 +48,9 @@ _PASSED_THROUGH = (
     "async_scheduling",
     "seed",
     "trust_remote_code",
+    "enable_lora",
+    "max_loras",
+    "max_lora_rank",
 )
 
 
@@ -127,9 +130,14 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
     quantized_weights = WeightsMode.DEQUANTIZE
     if draft.quantized_weights != "auto":
         quantized_weights = WeightsMode(draft.quantized_weights)
+    elif model_config.quantization is not None and draft.enable_lora:
+        sources["quantized_weights"] = "derived: enable_lora adapts dequantized weights only"
+        notes.append(f"enable_lora: the {model_config.quantization} weights are dequantized at load")
     elif model_config.quantization is not None:
         quantized_weights = WeightsMode(platform.quantized_weights_mode(draft, model_config.quantization))
         sources["quantized_weights"] = f"platform {platform.name}"
+    if draft.enable_lora:
+        _check_lora(draft, model_config, quantized_weights)
 
     options, option_notes = _platform_options(draft, platform, sources)
     notes.extend(option_notes)
@@ -151,7 +159,11 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         platform_options=options,
         speculative_config=_speculative(draft, manager),
         runner=_resolve_runner(draft.runner, model_config, notes),
+        max_cpu_loras=max(draft.max_cpu_loras or draft.max_loras, draft.max_loras),
     )
+    if draft.max_cpu_loras is None and draft.enable_lora:
+        sources["max_cpu_loras"] = "derived: max_loras"
+
     # The backend is chosen here, once, from the model's facts: the runner builds what the config names.
     backend = select_attention_backend(
         platform,
@@ -186,6 +198,22 @@ def _whole_prompts_for_encoders(
                 notes.append(f"{name}=True is ignored: {model_config.architecture} needs whole prompts per step")
             setattr(draft, name, False)
             sources[name] = why
+
+
+def _check_lora(draft: EngineConfig, model_config: ModelConfig, quantized_weights: WeightsMode) -> None:
+    """ValueError for LoRA combinations kvik cannot run."""
+    if model_config.quantization is not None and quantized_weights is WeightsMode.QUANTIZED:
+        raise ValueError(
+            f"enable_lora with quantized_weights='quantized' ({model_config.quantization} weights kept packed) is not "
+            "supported; use quantized_weights='dequantize' (or leave it 'auto') to run adapters on this model"
+        )
+    if draft.runner == "pooling":
+        raise ValueError("enable_lora applies to generation; it is not supported with runner='pooling'")
+    if model_config.architecture == FALLBACK_ARCHITECTURE:
+        raise ValueError(
+            "enable_lora needs kvik's native modelling code; this model runs transformers' (the fallback, or "
+            "model_impl='transformers'), which kvik cannot add adapter slots to"
+        )
 
 
 def _resolve_runner(requested: str, model_config: ModelConfig, notes: list[str]) -> str:

@@ -24,6 +24,8 @@ from kvik.engine.config_resolution import resolve_config
 from kvik.engine.memory_planner import MemoryPlan, plan_memory
 from kvik.engine.output_processor import OutputProcessor, RequestState, SampleState
 from kvik.engine.progress import LoadProgress, format_bytes, format_tokens, step
+from kvik.lora.registry import LoRARegistry
+from kvik.lora.request import LoRARequest
 from kvik.outputs import RequestMetrics, RequestOutput
 from kvik.platforms.selector import resolve_platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
@@ -54,6 +56,7 @@ class PreparedRequest:
     priority: int
     arrival_time: float
     pooling_params: PoolingParams | None = None  # a pooling request (embedding / classification)
+    lora_request: LoRARequest | None = None  # the adapter it runs under (None: the base model)
 
 
 
@@ -124,8 +127,12 @@ class LLMEngine:
         self.proposer: Proposer | None = None
         if self.config.speculative_config is not None:  # refused before the weights load
             self.proposer = self._make_proposer(self.config.speculative_config)
+        if self.config.enable_lora and not self.runner.supports_lora:
+            raise ValueError(f"enable_lora is not supported by the {self.platform.name} platform's model runner")
         with step("loading the model"):
             self.runner.load_model()
+        # Adapters requests may name (checked against the loaded model's projections); None: LoRA off.
+        self.loras: LoRARegistry | None = LoRARegistry(self.runner) if self.config.enable_lora else None
         with step("profiling memory"):
             self.memory_plan = self._plan_memory()
         self.model_config.max_model_len = self.memory_plan.max_model_len
@@ -142,6 +149,7 @@ class LLMEngine:
             enable_chunked_prefill=cfg.enable_chunked_prefill,
             policy=cfg.scheduling_policy.value,
             long_prefill_token_threshold=cfg.long_prefill_token_threshold,
+            max_loras=cfg.max_loras if cfg.enable_lora else 0,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.structured = StructuredOutputManager(
@@ -223,9 +231,16 @@ class LLMEngine:
         params: SamplingParams | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> PreparedRequest:
         """Tokenize and validate without touching engine state (safe from any thread)."""
         params = params or SamplingParams()
+        if lora_request is not None:
+            if self.loras is None:
+                raise ValueError(
+                    f"lora_request {lora_request.lora_name!r} given but LoRA is off; start the engine with enable_lora=True"
+                )
+            self.loras.check(lora_request)  # ValueError naming a bad path, config or rank
         if self.config.runner == "pooling":
             raise ValueError(
                 f"model {self.config.model_name!r} is served with runner='pooling': it answers embedding, "
@@ -261,7 +276,9 @@ class LLMEngine:
                 f"the prompt has {len(token_ids)} tokens but max_model_len is {max_len} "
                 f"(prompt plus at least one generated token must fit); shorten the prompt"
             )
-        return PreparedRequest(request_id, text, token_ids, params, priority, arrival_time or time.time())
+        return PreparedRequest(
+            request_id, text, token_ids, params, priority, arrival_time or time.time(), lora_request=lora_request
+        )
 
     def prepare_pooling_request(
         self,
@@ -315,8 +332,9 @@ class LLMEngine:
         params: SamplingParams | None = None,
         priority: int = 0,
         arrival_time: float | None = None,
+        lora_request: LoRARequest | None = None,
     ) -> None:
-        self.add_prepared(self.prepare_request(request_id, prompt, params, priority, arrival_time))
+        self.add_prepared(self.prepare_request(request_id, prompt, params, priority, arrival_time, lora_request))
 
     def add_prepared(self, prepared: PreparedRequest) -> None:
         if prepared.request_id in self.output_processor.states or prepared.request_id in self._pooling:
@@ -353,6 +371,7 @@ class LLMEngine:
                 eos_token_ids=eos,
                 arrival_time=prepared.arrival_time,
                 priority=prepared.priority,
+                lora_request=prepared.lora_request,
             )
             detok = self.output_processor.new_detokenizer(prepared.prompt_token_ids, params)
             samples.append(SampleState(index=index, request=request, detokenizer=detok))
@@ -392,6 +411,18 @@ class LLMEngine:
             if output is not None:
                 outputs.append(output)
         return outputs
+
+    def remove_lora(self, lora_int_id: int) -> bool:
+        """Forget an adapter; False when unknown. Refuses (``LoRAInUseError``) while requests use it.
+
+        Call it from the thread that steps the engine (AsyncLLM does).
+        """
+        if self.loras is None:
+            return False
+        in_use = sum(
+            1 for r in self.scheduler.requests.values() if r.lora_request is not None and r.lora_request.lora_int_id == lora_int_id
+        )
+        return self.loras.remove(lora_int_id, in_use)
 
     def has_unfinished_requests(self) -> bool:
         return self.scheduler.has_unfinished_requests() or self._in_flight is not None

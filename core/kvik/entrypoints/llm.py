@@ -11,6 +11,7 @@ from kvik.config import EngineConfig
 from kvik.engine.llm_engine import LLMEngine
 from kvik.entrypoints.beam_search import BeamSearchOutput, as_token_ids, beam_search
 from kvik.inputs import PromptType, parse_prompts
+from kvik.lora.request import LoRARequest
 from kvik.outputs import RequestOutput
 from kvik.pooling.outputs import (
     ClassificationRequestOutput,
@@ -48,17 +49,23 @@ class LLM:
         priority: Sequence[int] | None = None,
         *,
         prompt_token_ids: Sequence[int] | Sequence[Sequence[int]] | None = None,
-        lora_request: None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
     ) -> list[RequestOutput]:
         """Generate for every prompt; outputs come back in input order.
 
         A prompt is a string, a list of token ids, ``{"prompt": str}`` or
         ``{"prompt_token_ids": [...]}`` (vLLM's TextPrompt / TokensPrompt); ``prompts``
         is one prompt or a list. ``prompt_token_ids=`` is vLLM's older keyword form.
+        ``lora_request``: one adapter for every prompt, or one (or None) per prompt
+        (needs ``enable_lora=True``; see docs/lora.md).
         """
-        if lora_request is not None:
-            raise ValueError("lora_request is not supported by kvik yet; leave it None")
         prompt_list = parse_prompts(prompts, prompt_token_ids)
+        if lora_request is None or isinstance(lora_request, LoRARequest):
+            loras: list[LoRARequest | None] = [lora_request] * len(prompt_list)
+        else:
+            loras = list(lora_request)
+            if len(loras) != len(prompt_list):
+                raise ValueError(f"got {len(loras)} lora_requests for {len(prompt_list)} prompts; pass one, or one per prompt")
         if isinstance(sampling_params, SamplingParams) or sampling_params is None:
             params_list = [sampling_params or SamplingParams()] * len(prompt_list)
         else:
@@ -76,7 +83,7 @@ class LLM:
         ids = [str(next(self._counter)) for _ in prompt_list]
         # Validate everything before queueing anything, so a bad prompt fails the call cleanly.
         prepared = [
-            engine.prepare_request(rid, p, sp, priority[i] if priority else 0)
+            engine.prepare_request(rid, p, sp, priority[i] if priority else 0, lora_request=loras[i])
             for i, (rid, p, sp) in enumerate(zip(ids, prompt_list, params_list, strict=False))
         ]
         for item in prepared:
@@ -88,20 +95,18 @@ class LLM:
         prompts: PromptType | Sequence[PromptType],
         params: BeamSearchParams,
         use_tqdm: bool = False,
-        lora_request: None = None,
+        lora_request: LoRARequest | None = None,
     ) -> list[BeamSearchOutput]:
         """vLLM's ``LLM.beam_search``: the ``params.beam_width`` most likely continuations of each prompt.
 
         Deterministic; see :mod:`kvik.entrypoints.beam_search` for the ranking.
         """
-        if lora_request is not None:
-            raise ValueError("lora_request is not supported by kvik yet; leave it None")
         tokenizer = self.get_tokenizer()
         token_prompts = [as_token_ids(p, tokenizer) for p in parse_prompts(prompts)]
         engine = self.llm_engine
 
         def run(batch: list[list[int]], step: SamplingParams) -> list[RequestOutput]:
-            return self.generate(batch, step, use_tqdm=False)
+            return self.generate(batch, step, use_tqdm=False, lora_request=lora_request)
 
         def decode(tokens: list[int]) -> str:
             return str(tokenizer.decode(tokens, skip_special_tokens=True))
@@ -120,7 +125,7 @@ class LLM:
         messages: ChatMessages | Sequence[ChatMessages],
         sampling_params: SamplingParams | Sequence[SamplingParams] | None = None,
         use_tqdm: bool = True,
-        lora_request: None = None,
+        lora_request: LoRARequest | Sequence[LoRARequest | None] | None = None,
         chat_template: str | None = None,
         chat_template_content_format: str = "auto",
         add_generation_prompt: bool = True,
@@ -134,8 +139,8 @@ class LLM:
         ``tools`` and ``chat_template_kwargs`` go to the template; ``continue_final_message``
         leaves the last (assistant) message open for the model to continue.
         """
-        if lora_request is not None or mm_processor_kwargs:
-            raise ValueError("lora_request and mm_processor_kwargs are not supported by kvik yet")
+        if mm_processor_kwargs:
+            raise ValueError("mm_processor_kwargs is not supported by kvik yet")
         if chat_template_content_format not in ("auto", "string", "openai"):
             raise ValueError(
                 f"chat_template_content_format must be 'auto', 'string' or 'openai', got {chat_template_content_format!r}"
@@ -151,7 +156,7 @@ class LLM:
             )
             for c in conversations
         ]
-        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm, lora_request=lora_request)
 
     def apply_chat_template(
         self,

@@ -12,6 +12,7 @@ from kvik.pooling.params import PoolingParams
 from kvik.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    from kvik.lora.request import LoRARequest
     from kvik.structured.manager import StructuredStep
 
 
@@ -52,6 +53,9 @@ class ScheduledRequest:
     # A pooling request (its ``sample`` is always False): the runner pools its hidden states and
     # reports the vector in ``RunnerOutput.pooled`` in the step that reaches its last prompt token.
     pooling_params: PoolingParams | None = None
+    # The adapter this request runs under (None: the base model); runners with ``supports_lora``
+    # compute its rows with the adapter's slot (kvik.lora). At most max_loras distinct per step.
+    lora_request: LoRARequest | None = None
 
     @property
     def num_new_tokens(self) -> int:

@@ -21,6 +21,11 @@ already schedule its decode (its id is unknown on the host: the runner takes it
 from step n's samples on the device). A request that step n finishes wastes its
 slot in step n+1, whose result for it is dropped. Blocks are published to the
 prefix cache only over known tokens.
+
+LoRA: a step holds requests of at most ``max_loras`` distinct adapters (the runner's
+slots). A running request whose adapter finds no slot sits the step out; a waiting
+one is skipped (requests behind it whose adapter is in the step may start) and keeps
+its place in the queue.
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ class Scheduler:
         enable_chunked_prefill: bool = True,
         policy: str = "fcfs",
         long_prefill_token_threshold: int = 0,
+        max_loras: int = 0,
     ) -> None:
         for name, value in (
             ("block_size", block_size),
@@ -69,6 +75,8 @@ class Scheduler:
         self.max_model_len = max_model_len
         self.enable_chunked_prefill = enable_chunked_prefill
         self.policy = policy
+        # LoRA: at most this many distinct adapters in one step (the runner's slots); 0 = no adapters.
+        self.max_loras = max_loras
         # Only meaningful with chunked prefill: one request gets at most this many tokens per step.
         self.long_prefill_token_threshold = long_prefill_token_threshold if enable_chunked_prefill else 0
         self.waiting = create_request_queue(policy)
@@ -105,6 +113,8 @@ class Scheduler:
     def add_request(self, request: Request) -> None:
         """Queue a new request; ValueError (with advice) if it could never run."""
         n = request.num_prompt_tokens
+        if request.lora_request is not None and self.max_loras < 1:
+            raise ValueError(f"request {request.request_id!r} names a LoRA adapter but this scheduler has no LoRA slots")
         if request.request_id in self.requests:
             raise ValueError(f"request id {request.request_id!r} is already in use by an unfinished request")
         if n == 0:
@@ -198,13 +208,14 @@ class Scheduler:
         budget = self.max_num_batched_tokens
         scheduled: dict[str, tuple[Request, int]] = {}  # request id -> (request, num_new_tokens)
         preempted: list[Request] = []
+        loras: set[int] = set()  # the adapters of this step's requests (at most max_loras)
 
         i = 0
         while i < len(self.running) and budget > 0:
             request = self.running[i]
             num_new = self._num_new_tokens(request, budget)
-            if num_new == 0:
-                i += 1
+            if num_new == 0 or not self._lora_fits(request, loras):
+                i += 1  # no work, or its adapter finds no slot this step: it waits (keeping its blocks)
                 continue
             while self.kv_cache.allocate_slots(request, num_new) is None:
                 victim = self._choose_victim()
@@ -222,15 +233,20 @@ class Scheduler:
                 continue  # preempted itself; the same index now holds the next request
             scheduled[request.request_id] = (request, num_new)
             budget -= num_new
+            self._add_lora(request, loras)
             i += 1
         # No request is un-scheduled from here on: publish the blocks this step fills.
         for request, num_new in scheduled.values():
             self.kv_cache.cache_blocks(request, min(request.num_computed_tokens + num_new, request.num_tokens))
 
+        skipped: list[Request] = []  # waiting requests whose adapter has no slot this step
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
             request = self.waiting.peek()
             if request.num_output_placeholders:
                 break  # preempted while its last token was in flight: resumable once that token lands
+            if not self._lora_fits(request, loras):
+                skipped.append(self.waiting.pop())  # later requests of the step's adapters may still run
+                continue
             hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
             num_new = request.num_tokens - num_hit_tokens
             if self.long_prefill_token_threshold:
@@ -248,7 +264,10 @@ class Scheduler:
             self.running.append(request)
             scheduled[request.request_id] = (request, num_new)
             budget -= num_new
+            self._add_lora(request, loras)
             self.kv_cache.cache_blocks(request, num_hit_tokens + num_new)  # later admissions may share them
+        for request in reversed(skipped):  # back in their places, ahead of everything they were ahead of
+            self.waiting.prepend(request)
 
         out = SchedulerOutput(
             scheduled=[self._make_scheduled(r, n) for r, n in scheduled.values()],
@@ -334,6 +353,16 @@ class Scheduler:
         self._release(request)  # update_from_output drops it from ``running``
 
     # ------------------------------------------------------------------ helpers
+    def _lora_fits(self, request: Request, loras: set[int]) -> bool:
+        """True when the request is a base-model one, or its adapter is in the step or a slot is left."""
+        lora = request.lora_request
+        return lora is None or lora.lora_int_id in loras or len(loras) < self.max_loras
+
+    @staticmethod
+    def _add_lora(request: Request, loras: set[int]) -> None:
+        if request.lora_request is not None:
+            loras.add(request.lora_request.lora_int_id)
+
     def _roll_back_drafts(self, request: Request, num_sampled: int) -> None:
         """A verify step sampled ``num_sampled`` tokens: the accepted drafts plus one. The KV of
         the rejected drafts is dropped (their slots are rewritten by the next step)."""
@@ -430,6 +459,7 @@ class Scheduler:
             and request.pooling_params is None,
             sampling_params=request.sampling_params,
             pooling_params=request.pooling_params,
+            lora_request=request.lora_request,
             prompt_token_ids=request.prompt_token_ids,
             output_token_ids=request.output_token_ids,
             draft_token_ids=draft_token_ids,

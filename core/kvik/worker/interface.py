@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from typing import Any
 
 from kvik.scheduling.output import RunnerOutput, SchedulerOutput
 
@@ -51,6 +52,9 @@ class ModelRunner(ABC):
     # True when execute() pools the hidden states of requests with ``pooling_params`` and returns
     # them in ``RunnerOutput.pooled`` (kvik.pooling); the engine refuses runner="pooling" otherwise.
     supports_pooling: bool = False
+    # True when execute() runs each scheduled request's ``lora_request`` adapter on its rows (kvik.lora)
+    # and the runner implements check_lora / remove_lora; the engine refuses enable_lora otherwise.
+    supports_lora: bool = False
 
     @abstractmethod
     def load_model(self) -> None:
@@ -85,6 +89,13 @@ class ModelRunner(ABC):
         this one's ``result()``.
         """
         return StepHandle.done(self.execute(scheduler_output))
+
+    def check_lora(self, path: str) -> Any:
+        """Check a PEFT adapter against the loaded model (``kvik.lora.adapter.AdapterInfo``); ValueError if bad."""
+        raise NotImplementedError(f"{type(self).__name__} does not run LoRA adapters")
+
+    def remove_lora(self, lora_int_id: int) -> None:  # noqa: B027 - only runners with supports_lora use it
+        """Drop an unloaded adapter's slot and host copy."""
 
     def shutdown(self) -> None:  # noqa: B027 - optional: runners with nothing to release keep the no-op
         """Release device resources."""

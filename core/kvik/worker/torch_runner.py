@@ -26,6 +26,9 @@ from torch import nn
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.config import LoadFormat, ModelConfig, ResolvedConfig, WeightsMode
 from kvik.engine import progress
+from kvik.lora.adapter import AdapterInfo
+from kvik.lora.layers import wrap_model
+from kvik.lora.slots import LoRASlots
 from kvik.models.formats import ModelFormat
 from kvik.models.interface import ModelBuildContext
 from kvik.models.loader import dequantize_model, load_model
@@ -73,6 +76,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     supports_speculative_decoding = True
     supports_drafters = True
     supports_pooling = True
+    supports_lora = True
 
     def __init__(
         self,
@@ -101,6 +105,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self._last_rows: dict[str, int] = {}
         self.pooler = StepPooler()  # pooling requests' reductions (kvik.pooling); its head comes with the model
         self.drafter: Drafter | None = None  # a model-based proposer (draft model, EAGLE head), if configured
+        self.lora: LoRASlots | None = None  # enable_lora: the adapter slots (kvik.lora)
 
     # -- loading ----------------------------------------------------------------
     def _format(self) -> ModelFormat:
@@ -153,6 +158,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
                 n = dequantize_model(model, self.dtype)
             logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)
         self.model = model
+        if self.config.enable_lora:
+            self._wrap_lora(model)
         self.pooler = StepPooler(getattr(model, "pooler_head", None))
         self.drafter = make_drafter(self)
         if self.drafter is not None:
@@ -165,6 +172,42 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             self.weight_bytes() / 2**20,
             backend_cls.name,
         )
+
+    # -- LoRA ---------------------------------------------------------------------------
+    def _wrap_lora(self, model: nn.Module) -> None:
+        """Give the projections ``max_loras`` adapter slots (kvik.lora.layers); their bytes count as weights."""
+        cfg = self.config
+        max_tokens = max(cfg.max_num_batched_tokens, cfg.max_num_seqs)
+        wrapped = wrap_model(model, cfg.max_loras, cfg.max_lora_rank, max_tokens)
+        self.lora = LoRASlots(wrapped, cfg.max_loras, cfg.max_cpu_loras, cfg.max_lora_rank)
+        logger.info(
+            "LoRA: %d projections with %d slots of rank %d", len(wrapped.layers), cfg.max_loras, cfg.max_lora_rank
+        )
+
+    def check_lora(self, path: str) -> AdapterInfo:
+        if self.lora is None:
+            raise RuntimeError("the model is not loaded with enable_lora")
+        return self.lora.check(path)
+
+    def remove_lora(self, lora_int_id: int) -> None:
+        if self.lora is not None:
+            self.lora.remove(lora_int_id)
+
+    def prepare_lora(self, layout: StepLayout) -> None:
+        """Put the step's adapters in slots and each token row's slot in the model's ``token_slots`` buffer.
+
+        Padding rows and base-model rows get -1. The buffer is written every step (a
+        replayed CUDA graph reads it whether or not the step has adapters).
+        """
+        if self.lora is None:
+            return
+        state = self.lora.wrapped.state
+        slots = self.lora.token_slots(layout.scheduled, layout.num_tokens)
+        state.active = slots is not None
+        if slots is None:
+            state.token_slots[: layout.num_tokens].fill_(-1)
+        else:
+            state.token_slots[: layout.num_tokens].copy_(to_device(torch.from_numpy(slots), self.device))
 
     def weight_bytes(self) -> int:
         if self.model is None:
@@ -330,6 +373,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.attn_backend.prepare(metadata)
         inputs = ModelInputs(flat_d[:t], flat_d[t : 2 * t], metadata)
         self.fill_pending_tokens(inputs.input_ids, layout)
+        self.prepare_lora(layout)
         return inputs
 
     def fill_pending_tokens(self, input_ids: torch.Tensor, layout: StepLayout) -> None:

@@ -12,6 +12,14 @@ capture size, with the attention backend told to plan for ``max_model_len``
 is replayed; with ``enforce_eager`` the same padded step runs eagerly. Both
 launch the same kernels on the same shapes, so their outputs are identical.
 Other steps (prefill, mixed) run eagerly, unpadded.
+
+LoRA (``enable_lora``): the projections' deltas run as the Triton kernels of
+:mod:`kvik_cuda.lora_kernels`, which read each token's adapter slot from the
+persistent ``LoRAState.token_slots`` buffer. ``prepare_inputs`` writes that buffer
+every step (``-1`` for base-model and padding rows) after putting the step's
+adapters in their slots, so a graph replays correctly over any mix of adapters.
+Each batch size gets two graphs: one without the LoRA kernels (steps with no
+adapter) and one with them.
 """
 
 from __future__ import annotations
@@ -25,6 +33,7 @@ import torch
 from kvik.attention.backend import AttentionMetadata
 from kvik.config import ModelConfig, ResolvedConfig
 from kvik.engine import progress
+from kvik.lora.compute import add_lora_reference
 from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager
 from kvik.sampling_params import SamplingParams
@@ -71,12 +80,14 @@ class CUDAModelRunner(TorchModelRunner):
         # batch size -> (graph, its output hidden states [bs, hidden], the metadata it was
         # captured with: it owns backend scratch buffers the graph writes into)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata[torch.Tensor]]] = {}
+        self.lora_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata[torch.Tensor]]] = {}
         self.graph_pool: object | None = None
 
     # -- setup -----------------------------------------------------------------------------
     def load_model(self) -> None:
         super().load_model()
         self._fuse_layers()
+        self._lora_kernels()
         cfg, mc = self.config, self.model_config
         max_tokens = cfg.max_num_batched_tokens
         max_reqs = max(cfg.max_num_seqs, max_tokens // max(1, mc.max_model_len) + 1)
@@ -101,9 +112,22 @@ class CUDAModelRunner(TorchModelRunner):
         counts = fuse_layers(self.model)
         logger.info("fused layers: %s", ", ".join(f"{v} x {k}" for k, v in counts.items()) or "none matched")
 
+    def _lora_kernels(self) -> None:
+        """LoRA deltas through the Triton kernels (graph-safe); without triton the reference runs, eagerly."""
+        if self.lora is None:
+            return
+        try:
+            from kvik_cuda.lora_kernels import add_lora_triton
+        except ImportError as exc:
+            logger.warning("LoRA Triton kernels unavailable (%s): adapters run the torch reference, no CUDA graphs", exc)
+            return
+        self.lora.wrapped.state.add_lora = add_lora_triton
+
     @property
     def graphs_enabled(self) -> bool:
         backend = self.attn_backend
+        # The torch reference reads the slots on the host: it cannot be captured.
+        lora_ok = self.lora is None or self.lora.wrapped.state.add_lora is not add_lora_reference
         return (
             not self.config.enforce_eager
             and not (self.drafter is not None and self.drafter.needs_eager_target)
@@ -111,6 +135,7 @@ class CUDAModelRunner(TorchModelRunner):
             and backend is not None
             and backend.supports_cuda_graphs
             and self.keeps_kv_cache  # encoders never decode: nothing to capture
+            and lora_ok
         )
 
     def profile(self) -> int:
@@ -119,7 +144,7 @@ class CUDAModelRunner(TorchModelRunner):
         return peak + (GRAPH_MEMORY_RESERVE if self.graphs_enabled else 0)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.graphs = {}
+        self.graphs, self.lora_graphs = {}, {}
         super().initialize_kv_cache(num_blocks)
         if self.graphs_enabled:
             with progress.step(f"capturing CUDA graphs ({len(self.sizes)} batch sizes)"):
@@ -159,11 +184,13 @@ class CUDAModelRunner(TorchModelRunner):
             self.attn_backend.prepare(step.metadata)
         inputs = CUDAInputs(step.input_ids, step.positions, step.metadata, bucket)
         self.fill_pending_tokens(inputs.input_ids, layout)
+        self.prepare_lora(layout)
         return inputs
 
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """Replay the bucket's graph (its output: [bucket, hidden]) or run eagerly."""
-        graph = self.graphs.get(inputs.bucket) if isinstance(inputs, CUDAInputs) and inputs.bucket else None
+        graphs = self.lora_graphs if self.lora is not None and self.lora.wrapped.state.active else self.graphs
+        graph = graphs.get(inputs.bucket) if isinstance(inputs, CUDAInputs) and inputs.bucket else None
         if graph is None:
             return super().run_model(inputs)
         graph[0].replay()
@@ -187,21 +214,30 @@ class CUDAModelRunner(TorchModelRunner):
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
-        """Capture one decode graph per batch size, largest first, sharing one memory pool."""
+        """Capture one decode graph per batch size, largest first, sharing one memory pool
+        (with LoRA, a second one per size that includes the adapter kernels)."""
         assert self.model is not None and self.inputs is not None
         start = time.perf_counter()
         self.graph_pool = torch.cuda.graph_pool_handle()
+        state = self.lora.wrapped.state if self.lora is not None else None
+        if state is not None:
+            state.token_slots.fill_(-1)  # the dummy rows run the base model
         for size in reversed(self.sizes):
-            step = self.copy_dummy_decode(size)
-            input_ids, positions, metadata = step.input_ids, step.positions, step.metadata
-            self.attn_backend.prepare(metadata)  # type: ignore[union-attr]
-            for _ in range(2):  # compile Triton kernels and settle cuBLAS workspaces outside the capture
-                self.model(input_ids, positions, self.kv_caches, metadata)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                out = self.model(input_ids, positions, self.kv_caches, metadata)
-            self.graphs[size] = (graph, out, metadata)
+            for with_lora in (False, True) if state is not None else (False,):
+                if state is not None:
+                    state.active = with_lora
+                step = self.copy_dummy_decode(size)
+                input_ids, positions, metadata = step.input_ids, step.positions, step.metadata
+                self.attn_backend.prepare(metadata)  # type: ignore[union-attr]
+                for _ in range(2):  # compile Triton kernels and settle cuBLAS workspaces outside the capture
+                    self.model(input_ids, positions, self.kv_caches, metadata)
+                torch.cuda.synchronize(self.device)
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph, pool=self.graph_pool):
+                    out = self.model(input_ids, positions, self.kv_caches, metadata)
+                (self.lora_graphs if with_lora else self.graphs)[size] = (graph, out, metadata)
+        if state is not None:
+            state.active = False
         torch.cuda.synchronize(self.device)
         logger.info(
             "captured %d CUDA graphs (decode batch sizes %s) in %.1f s",
@@ -211,6 +247,6 @@ class CUDAModelRunner(TorchModelRunner):
         )
 
     def shutdown(self) -> None:
-        self.graphs = {}
+        self.graphs, self.lora_graphs = {}, {}
         self.graph_pool = None
         super().shutdown()

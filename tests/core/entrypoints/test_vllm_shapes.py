@@ -84,7 +84,7 @@ def test_vllm_engine_options_at_off_values_are_accepted():
     assert config.model == "m"
 
 
-@pytest.mark.parametrize(("option", "value"), [("tensor_parallel_size", 2), ("enable_lora", True),
+@pytest.mark.parametrize(("option", "value"), [("tensor_parallel_size", 2), ("enable_prompt_adapter", True),
                                                ("tensor_parallel_size", True), ("kv_cache_dtype", "fp8")])  # fmt: skip
 def test_vllm_engine_options_kvik_lacks_are_refused_by_name(option, value):
     with pytest.raises(ValueError, match=rf"not supported by kvik yet: {option}={value!r}"):

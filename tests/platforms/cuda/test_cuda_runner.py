@@ -270,3 +270,77 @@ def test_async_scheduling_gives_the_synchronous_outputs(tiny_model_dir) -> None:
         del llm
         torch.cuda.empty_cache()
     assert outs[True] == outs[False]
+
+
+@pytest.mark.usefixtures("_one_thread")
+def test_lora_steps_through_the_triton_kernels_match_the_torch_reference(
+    kvik_plugin_manager, tiny_model_dir, tmp_path
+) -> None:
+    """Mixed adapter / base-model steps: the CUDA runner (Triton LoRA kernels, interpreted on CPU) gives
+    the generic runner's (torch reference) logits, and the adapters change them."""
+    pytest.importorskip("triton", reason="triton is not installed")
+    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("without a GPU this needs TRITON_INTERPRET=1 before triton loads")
+    from kvik.lora import LoRARequest
+    from kvik.testing.tiny_lora import write_random_adapter
+    from transformers import AutoConfig
+
+    path = tiny_model_dir("llama")
+    hf = AutoConfig.from_pretrained(path)
+    loras = [
+        LoRARequest("all", 1, str(write_random_adapter(tmp_path / "all", hf, rank=4, std=0.2, dtype="float32"))),
+        LoRARequest("qv", 2, str(write_random_adapter(tmp_path / "qv", hf, rank=2, targets=("q_proj", "v_proj"),
+                                                      std=0.3, dtype="float32"))),
+    ]  # fmt: skip
+    lora_of = {"a": loras[0], "b": None, "c": loras[1]}
+
+    def steps(with_lora: bool) -> list[SchedulerOutput]:
+        out = []
+        for step in STEPS:
+            reqs = [
+                ScheduledRequest(r.request_id, r.token_ids, r.start_pos, r.new_block_ids, r.sample, r.sampling_params,
+                                 lora_request=lora_of[r.request_id] if with_lora else None)
+                for r in step
+            ]  # fmt: skip
+            out.append(SchedulerOutput(reqs, sum(len(r.token_ids) for r in reqs)))
+        return out
+
+    options = dict(enable_lora=True, max_loras=2, max_lora_rank=4)
+    reference = _runner(TorchModelRunner, path, kvik_plugin_manager, **options)
+    cuda = _runner(CUDAModelRunner, path, kvik_plugin_manager, platform_options={"fused_layers": False}, **options)
+    assert cuda.lora is not None and cuda.lora.wrapped.state.add_lora.__name__ == "add_lora_triton"
+    want = [reference.compute_logits(s) for s in steps(True)]
+    got = [cuda.compute_logits(s) for s in steps(True)]
+    base = [_runner(TorchModelRunner, path, kvik_plugin_manager).compute_logits(s) for s in steps(False)]
+    for w, g in zip(want, got, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
+    # Row 0 of step 0 is request "a" (adapter "all"); request "b" runs the base model.
+    assert not torch.allclose(want[0][0], base[0][0], atol=1e-3)
+    torch.testing.assert_close(want[0][1], base[0][1], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+def test_lora_under_cuda_graphs_gives_the_eager_tokens(tiny_model_dir, tmp_path) -> None:
+    import kvik
+    from kvik.lora import LoRARequest
+    from kvik.testing.tiny_lora import write_random_adapter
+    from transformers import AutoConfig
+
+    path = tiny_model_dir("llama", num_hidden_layers=2)
+    hf = AutoConfig.from_pretrained(path)
+    loras = [LoRARequest(f"l{i}", i + 1, str(write_random_adapter(tmp_path / f"l{i}", hf, rank=4 + 4 * i, seed=i,
+                                                                   std=0.2, dtype="float32"))) for i in range(3)]  # fmt: skip
+    prompts = [[1 + (7 * i + j) % 400 for j in range(5 + 9 * i)] for i in range(9)]
+    per_prompt = [None if i % 4 == 3 else loras[i % 3] for i in range(len(prompts))]
+    params = kvik.SamplingParams(max_tokens=16, temperature=0.0, ignore_eos=True)
+    outs = {}
+    for eager in (True, False):
+        llm = kvik.LLM(model=str(path), device="cuda", dtype="bfloat16", enforce_eager=eager, max_num_seqs=16,
+                       num_kv_blocks=256, enable_lora=True, max_loras=2, max_lora_rank=8)  # fmt: skip
+        runner = llm.llm_engine.runner
+        assert bool(runner.lora_graphs) is (not eager)
+        outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=per_prompt)]
+        del llm
+        torch.cuda.empty_cache()
+    assert outs[True] == outs[False]
