@@ -1,0 +1,60 @@
+"""The Triton INT4 dequantize-in-GEMM kernel (under TRITON_INTERPRET=1 on CPU) against the torch reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton")
+
+from kvik.layers.linear import Linear
+from kvik_quant import int4_pack as pack
+from kvik_quant.int4 import GPTQLinearMethod, rtn_quantize
+from kvik_quant.int4_kernel import _config, int4_matmul
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "group", "dtype"),
+    [
+        (1, 256, 64, 128, torch.float32),  # decode: split-K partial sums
+        (5, 128, 96, 32, torch.float32),
+        (20, 64, 64, 64, torch.float16),  # a ragged M tile
+    ],
+)
+def test_kernel_matches_reference(m: int, k: int, n: int, group: int, dtype: torch.dtype) -> None:
+    # bfloat16 is checked on the GPU (benchmarks/quant_benchmark.py): Triton 3.9's interpreter computes
+    # garbage for bf16 tl.dot operands on the CPU, whatever the kernel.
+    gen = torch.Generator().manual_seed(m * 1000 + k)
+    codes, scales, zeros = rtn_quantize(torch.randn(n, k, generator=gen), group, symmetric=False)
+    qweight = pack.pack_rows(codes.t())
+    s, z = scales.t().to(dtype).contiguous(), zeros.t().to(dtype).contiguous()
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    w_t = pack.dequantize_codes(codes.t(), s, z, group, torch.float32)
+    expected = x.float() @ w_t
+    got = int4_matmul(x, qweight, s, z, group)
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+
+
+def test_small_batches_split_k_and_large_ones_do_not() -> None:
+    assert _config(1, 4096, 4096, 128, 132)[3] > 1
+    assert _config(4096, 4096, 4096, 128, 132)[3] == 1
+    assert _config(1, 4096, 4096, 32, 132)[2] == 32  # a k-tile never straddles a group
+
+
+def test_layer_runs_the_kernel_with_act_order(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPTQ layer with a permuted g_idx, forced onto the kernel path, equals its reference path."""
+    k, n, g = 128, 64, 32
+    gen = torch.Generator().manual_seed(1)
+    method = GPTQLinearMethod(g)
+    layer = Linear(k, n, quant_method=method)
+    values = method.quantize_for_test(torch.randn(n, k, generator=gen))
+    values["g_idx"] = values["g_idx"][torch.randperm(k, generator=gen)]  # still g inputs per group
+    for name, value in values.items():
+        layer.load(name, value)
+    method.process_weights_after_loading(layer)
+    x = torch.randn(4, k, generator=gen)
+    reference = layer(x)
+    layer.int4_kernel = True
+    torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)
