@@ -8,8 +8,9 @@ From the repository root on the GPU machine (no network needed; about 6 minutes 
 1. ``kernels``: each GPU kernel against its torch reference on Llama-8B linear shapes
    (``torch._scaled_mm`` FP8 vs dequantize-then-matmul; the Triton INT4 kernel vs the
    dequantized bf16 weight, with and without act-order), and their times vs bf16 ``F.linear``.
-2. For each of ``bf16``, ``fp8`` (``quantization="fp8"``) and ``int4`` (``quantization="int4"``,
-   round-to-nearest groups of 128 through the GPTQ/AWQ kernel), in its own process: the
+2. For each of ``bf16``, ``fp8`` (``quantization="fp8"``), ``int4`` (``quantization="int4"``,
+   round-to-nearest groups of 128 through the GPTQ/AWQ kernel) and ``int8`` (W8A8, ``torch._int_mm``),
+   in its own process: the
    Llama-3.1-8B-shaped random checkpoint quantized at load, batch-1 decode ms/token (512-token
    prompt, CUDA graphs) and offline throughput on ``--n`` requests (prompts U[128, 1024],
    ``--out-len`` new tokens, greedy, EOS ignored).
@@ -73,7 +74,11 @@ def kernels() -> dict[str, Any]:
             results[f"{name}_m{m}"] = _kernel_row(x, w_bf16, wq, ws, qweight, s_t, z_t, w_int4)
         # act-order through the GPTQ layer: kernel path vs the layer's own torch reference path.
         results[f"{name}_act_order_rel_err"] = _act_order_check(k, n, gen)
-    ok = all(v.get("fp8_rel_err", 0) < 0.02 and v.get("int4_rel_err", 0) < 0.02 for v in results.values() if isinstance(v, dict))
+    ok = all(
+        max(v.get("fp8_rel_err", 0), v.get("int4_rel_err", 0), v.get("int8_rel_err", 0)) < 0.02
+        for v in results.values()
+        if isinstance(v, dict)
+    )
     return {"numerics_ok": ok and all(v < 0.02 for k, v in results.items() if k.endswith("act_order_rel_err")),
             "by_shape": results}  # fmt: skip
 
@@ -94,9 +99,25 @@ def _kernel_row(x: Any, w_bf16: Any, wq: Any, ws: Any, qweight: Any, s_t: Any, z
     got = fp8_ops.scaled_mm(xq, xs, wq, ws.view(1, -1), torch.bfloat16)
     ref = fp8_ops.reference_mm(xq, xs, wq, ws[:, None], torch.float32)
     row["fp8_rel_err"] = float((got.float() - ref).norm() / ref.norm())
+    from kvik_quant.act_quant_kernel import quantize_rows
+
+    kq, ks = quantize_rows(x, fp8_ops.FP8, fp8_ops.FP8_MAX, fp8_ops.MIN_SCALE)
+    row["fp8_act_quant_kernel_mismatches"] = int((kq.float() != xq.float()).sum()) + int((ks != xs).sum())
     row["fp8_us"] = bench(lambda: fp8_ops.scaled_mm(xq, xs, wq, ws.view(1, -1), torch.bfloat16))
-    row["fp8_with_act_quant_us"] = bench(
-        lambda: fp8_ops.scaled_mm(*fp8_ops.quantize_per_token(x), wq, ws.view(1, -1), torch.bfloat16)
+    def fp8_call() -> Any:
+        xq8, xs8 = quantize_rows(x, fp8_ops.FP8, fp8_ops.FP8_MAX, fp8_ops.MIN_SCALE)
+        return fp8_ops.scaled_mm(xq8, xs8, wq, ws.view(1, -1), torch.bfloat16)
+
+    row["fp8_with_act_quant_us"] = bench(fp8_call)
+    from kvik_quant import int8
+
+    w8, s8 = int8.quantize_rows(w_bf16)
+    x8, xs8 = int8.quantize_rows(x)
+    got8 = int8.int8_mm(x8, xs8, w8, s8.reshape(-1), torch.bfloat16)
+    ref8 = int8.reference_mm(x8, xs8, w8, s8.reshape(-1), torch.float32)
+    row["int8_rel_err"] = float((got8.float() - ref8).norm() / ref8.norm())
+    row["int8_with_act_quant_us"] = bench(
+        lambda: int8.int8_mm(*quantize_rows(x, torch.int8, 127.0, 1e-10), w8, s8.reshape(-1), torch.bfloat16)
     )
     got4 = int4_matmul(x, qweight, s_t, z_t, 128)
     ref4 = x.float() @ w_int4.float()
@@ -141,11 +162,12 @@ def variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     from kvik import SamplingParams
 
     _ensure_quant_plugin()
-    path = write_random_checkpoint("llama8b", Path(args.root))
+    shape = args.shape
+    path = write_random_checkpoint(shape, Path(args.root), device=args.device)
     quantization = None if name == "bf16" else name
     t0 = time.perf_counter()
-    llm = kvik.LLM(model=str(path), device="cuda", dtype="bfloat16", quantization=quantization, max_model_len=2048,
-                   max_num_seqs=256, gpu_memory_utilization=0.9)  # fmt: skip
+    llm = kvik.LLM(model=str(path), device=args.device, dtype="bfloat16", quantization=quantization,
+                   max_model_len=2048, max_num_seqs=256, gpu_memory_utilization=0.9)  # fmt: skip
     engine = llm.llm_engine
     out: dict[str, Any] = {
         "variant": name,
@@ -154,7 +176,7 @@ def variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         "memory_plan": engine.memory_plan.summary(),
         "graphs": len(getattr(engine.runner, "graphs", {})),
     }
-    vocab = SHAPES["llama8b"]["vocab_size"]
+    vocab = SHAPES[shape]["vocab_size"]
 
     def timed(prompt: list[int], new: int) -> float:
         params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -169,10 +191,10 @@ def variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         (timed(workload(1, vocab, 512, 512, seed=s + 1)[0], 129) - timed(workload(1, vocab, 512, 512, seed=s)[0], 1)) / 128
         for s in (7, 9)
     )
-    bandwidth = measure_ceilings()["copy_bytes_per_s"]
+    bandwidth = measure_ceilings()["copy_bytes_per_s"] if args.device == "cuda" else 1e11
     out["decode_ms_per_token"] = round(best * 1e3, 3)
     out["decode_bandwidth_floor_ms"] = round(
-        (engine.runner.weight_bytes() + 768 * kv_bytes_per_token("llama8b")) / bandwidth * 1e3, 3
+        (engine.runner.weight_bytes() + 768 * kv_bytes_per_token(shape)) / bandwidth * 1e3, 3
     )
     out["copy_tb_s"] = round(bandwidth / 1e12, 2)
     prompts = workload(args.n, vocab)
@@ -186,7 +208,7 @@ def variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     wall = time.perf_counter() - t
     prompt_tokens = sum(len(p) for p in prompts)
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    flops = 2 * weight_bytes("llama8b") / 2 * (prompt_tokens + out_tokens)
+    flops = 2 * weight_bytes(shape) / 2 * (prompt_tokens + out_tokens)
     out.update(
         offline_n=args.n,
         offline_out_len=args.out_len,
@@ -194,8 +216,7 @@ def variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         offline_out_tok_s=round(out_tokens / wall, 1),
         offline_total_tok_s=round((prompt_tokens + out_tokens) / wall, 1),
         mfu_vs_989_bf16=round(flops / wall / 989e12, 4),
-        first_tokens=[o.outputs[0].token_ids[:8] for o in outs[:4]],
-        device=torch.cuda.get_device_name(),
+        device=torch.cuda.get_device_name() if args.device == "cuda" else args.device,
     )
     return out
 
@@ -205,7 +226,7 @@ def _run_part(part: str, args: argparse.Namespace, limit: float) -> dict[str, An
     out_file = Path(os.environ.get("OUT", "/tmp")) / f"quant_{part}.json"
     out_file.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--part", part, "--n", str(args.n), "--out-len", str(args.out_len),
-           "--root", args.root]  # fmt: skip
+           "--root", args.root, "--shape", args.shape, "--device", args.device]  # fmt: skip
     t = time.perf_counter()
     try:
         proc = subprocess.run(cmd, timeout=limit, capture_output=True, text=True)
@@ -222,17 +243,24 @@ def _run_part(part: str, args: argparse.Namespace, limit: float) -> dict[str, An
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--part", default=None, help="internal: run one part (kernels, bf16, fp8, int4)")
-    ap.add_argument("--parts", default="kernels,bf16,fp8,int4")
+    ap.add_argument("--parts", default="checkpoint,kernels,bf16,fp8,int4,int8")
     ap.add_argument("--n", type=int, default=200)
     ap.add_argument("--out-len", type=int, default=256)
     ap.add_argument("--root", default="/tmp/kvik_models")
+    ap.add_argument("--shape", default="llama8b", help="a gpu_common.SHAPES name ('tiny' to smoke-test on CPU)")
+    ap.add_argument("--device", default="cuda", help="'cpu' only to smoke-test the script (kernels need CUDA)")
     ap.add_argument("--budget-s", type=float, default=470, help="stop starting parts after this many seconds")
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "/tmp"))
     out_dir.mkdir(parents=True, exist_ok=True)
     if args.part is not None:  # a child: run, write, exit
         try:
-            result = kernels() if args.part == "kernels" else variant(args.part, args)
+            if args.part == "checkpoint":  # written once, reused by every variant (and by later runs)
+                from gpu_common import write_random_checkpoint
+
+                result = {"path": str(write_random_checkpoint(args.shape, Path(args.root), device=args.device))}
+            else:
+                result = kernels() if args.part == "kernels" else variant(args.part, args)
         except Exception as exc:
             result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-3000:]}
         (out_dir / f"quant_{args.part}.json").write_text(json.dumps(result, default=str))
@@ -240,7 +268,7 @@ def main() -> None:
         return
     start = time.perf_counter()
     summary: dict[str, Any] = {}
-    limits = {"kernels": 90, "bf16": 170, "fp8": 170, "int4": 170}
+    limits = {"checkpoint": 150, "kernels": 80, "bf16": 110, "fp8": 100, "int4": 100, "int8": 90}
     for part in args.parts.split(","):
         left = args.budget_s - (time.perf_counter() - start)
         if left < 30:
@@ -249,7 +277,7 @@ def main() -> None:
         summary[part] = _run_part(part, args, min(limits.get(part, 170), left))
         print(f"== {part}: {json.dumps(summary[part], default=str)[:1500]}", flush=True)
     base = summary.get("bf16", {})
-    for name in ("fp8", "int4"):
+    for name in ("fp8", "int4", "int8"):
         r = summary.get(name, {})
         if "offline_out_tok_s" in r and "offline_out_tok_s" in base:
             r["offline_speedup_vs_bf16"] = round(r["offline_out_tok_s"] / base["offline_out_tok_s"], 3)

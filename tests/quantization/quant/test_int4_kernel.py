@@ -58,3 +58,16 @@ def test_layer_runs_the_kernel_with_act_order(monkeypatch: pytest.MonkeyPatch) -
     reference = layer(x)
     layer.int4_kernel = True
     torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)
+
+
+def test_activation_quant_kernel_matches_torch_int8() -> None:
+    """The one-kernel per-token quantizer (INT8 codes here: Triton's CPU interpreter converts to float8
+    inexactly, so its FP8 output is checked on the GPU by benchmarks/quant_benchmark.py)."""
+    from kvik_quant.act_quant_kernel import quantize_rows as kernel_rows
+    from kvik_quant.int8 import quantize_rows
+
+    x = torch.randn(3, 2500, generator=torch.Generator().manual_seed(2)) * 4
+    x[1] = 0  # an all-zero row keeps a finite scale
+    q, scale = kernel_rows(x, torch.int8, 127.0, 1e-10)
+    q_ref, scale_ref = quantize_rows(x)
+    assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
