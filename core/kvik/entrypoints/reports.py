@@ -71,7 +71,7 @@ def quantization_support(entry: Entry) -> tuple[str, str]:
         cls = entry.load()
     except Exception as exc:
         return f"broken: {type(exc).__name__}", "-"
-    devices = ", ".join(getattr(cls, "devices", ())) or "none (dequantized at load)"
+    devices = ", ".join(getattr(cls, "devices", ())) or "any (torch ops, no device kernels)"
     note = getattr(cls, "device_requirements", "")
     dtypes = ", ".join(str(d).removeprefix("torch.") for d in getattr(cls, "supported_act_dtypes", ()))
     return (f"{devices} ({note})" if note else devices), dtypes or "-"

@@ -192,7 +192,10 @@ class GPTQLinearMethod(Int4LinearMethod):
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> GPTQLinearMethod:
         group = check_bits_and_group("gptq", config.get("bits", 4), config.get("group_size", 128))
-        fmt = config.get("checkpoint_format", "gptq")
+        fmt = config.get("checkpoint_format", config.get("format", "gptq"))  # GPTQModel writes either key
+        if config.get("lm_head"):
+            raise ValueError("gptq: a quantized lm_head is not supported (kvik keeps lm_head dense); "
+                             "quantize without lm_head=True")  # fmt: skip
         if fmt not in ("gptq", "gptq_v2"):
             raise ValueError(f"gptq: checkpoint_format {fmt!r} is not supported (gptq, gptq_v2)")
         if config.get("quant_method", "gptq") == "gptq" and config.get("is_marlin_format"):

@@ -32,13 +32,16 @@ def _first_divergence_in_top5(got: list, ref: list) -> None:
                 break
 
 
-def test_online_fp8_stays_close_to_dense(tiny_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("method", ["fp8", "int8"])
+def test_online_w8a8_stays_close_to_dense(
+    method: str, tiny_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = tiny_model_dir("llama", **TINY)
     dense = _greedy(model)
-    monkeypatch.setenv("KVIK_QUANT_EMULATE", "1")  # the torch reference on CPU
-    fp8 = _greedy(model, quantization="fp8")
-    _first_divergence_in_top5(fp8, dense)
-    for (_, lps), (_, ref_lps) in zip(fp8, dense, strict=True):  # quantized, not noise: the same candidates
+    monkeypatch.setenv("KVIK_QUANT_EMULATE", "1")  # fp8: the torch reference on CPU (int8 needs no opt-in)
+    quantized = _greedy(model, quantization=method)
+    _first_divergence_in_top5(quantized, dense)
+    for (_, lps), (_, ref_lps) in zip(quantized, dense, strict=True):  # quantized, not noise: the same candidates
         assert len(set(lps[0]) & set(ref_lps[0])) >= 3
 
 
@@ -81,7 +84,7 @@ def test_online_quantization_with_dummy_weights(tiny_model_dir: Callable[..., Pa
     ("kwargs", "match"),
     [
         ({"quantization": "fp8", "quantized_weights": "dequantize"}, "would undo that"),
-        ({"quantization": "gptq"}, r"cannot quantize this dense checkpoint at load\. Methods that can: fp8, int4"),
+        ({"quantization": "gptq"}, r"cannot quantize this dense checkpoint at load\. Methods that can: fp8, int4, int8"),
         ({"quantization": "nf4"}, r"'nf4' is not an installed quantization method; installed: .*awq \(kvik-quant\)"),
     ],
 )
