@@ -73,56 +73,73 @@ def kernels() -> dict[str, Any]:
             x = torch.randn(m, k, device="cuda", generator=gen).to(torch.bfloat16)
             results[f"{name}_m{m}"] = _kernel_row(x, w_bf16, wq, ws, qweight, s_t, z_t, w_int4)
         # act-order through the GPTQ layer: kernel path vs the layer's own torch reference path.
-        results[f"{name}_act_order_rel_err"] = _act_order_check(k, n, gen)
+        try:
+            results[f"{name}_act_order_rel_err"] = _act_order_check(k, n, gen)
+        except Exception as exc:
+            results[f"{name}_act_order_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     ok = all(
-        max(v.get("fp8_rel_err", 0), v.get("int4_rel_err", 0), v.get("int8_rel_err", 0)) < 0.02
+        max(v.get("fp8_rel_err", 1), v.get("int4_rel_err", 1), v.get("int8_rel_err", 1)) < 0.02
         for v in results.values()
         if isinstance(v, dict)
     )
-    return {"numerics_ok": ok and all(v < 0.02 for k, v in results.items() if k.endswith("act_order_rel_err")),
+    act_order = [v for k, v in results.items() if k.endswith("act_order_rel_err")]
+    return {"numerics_ok": ok and len(act_order) == len(LINEARS) and all(v < 0.02 for v in act_order),
             "by_shape": results}  # fmt: skip
 
 
 def _kernel_row(x: Any, w_bf16: Any, wq: Any, ws: Any, qweight: Any, s_t: Any, z_t: Any, w_int4: Any) -> dict[str, Any]:
-    """Errors against the torch references and microseconds per call, for one activation batch ``x``."""
+    """Errors against the torch references and microseconds per call, for one activation batch ``x``.
+
+    Each kernel is measured on its own: one that fails records its error and the others still run.
+    """
     import torch
     import torch.nn.functional as F
     import triton.testing
-    from kvik_quant import fp8_ops
+    from kvik_quant import fp8_ops, int8
+    from kvik_quant.act_quant_kernel import quantize_rows
     from kvik_quant.int4_kernel import int4_matmul
 
     def bench(fn: Any) -> float:
         return round(triton.testing.do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3, 1)
 
+    def rel(got: Any, ref: Any) -> float:
+        return float((got.float() - ref.float()).norm() / ref.float().norm())
+
     row: dict[str, Any] = {"bf16_us": bench(lambda: F.linear(x, w_bf16))}
-    xq, xs = fp8_ops.quantize_per_token(x)
-    got = fp8_ops.scaled_mm(xq, xs, wq, ws.view(1, -1), torch.bfloat16)
-    ref = fp8_ops.reference_mm(xq, xs, wq, ws[:, None], torch.float32)
-    row["fp8_rel_err"] = float((got.float() - ref).norm() / ref.norm())
-    from kvik_quant.act_quant_kernel import quantize_rows
 
-    kq, ks = quantize_rows(x, fp8_ops.FP8, fp8_ops.FP8_MAX, fp8_ops.MIN_SCALE)
-    row["fp8_act_quant_kernel_mismatches"] = int((kq.float() != xq.float()).sum()) + int((ks != xs).sum())
-    row["fp8_us"] = bench(lambda: fp8_ops.scaled_mm(xq, xs, wq, ws.view(1, -1), torch.bfloat16))
-    def fp8_call() -> Any:
-        xq8, xs8 = quantize_rows(x, fp8_ops.FP8, fp8_ops.FP8_MAX, fp8_ops.MIN_SCALE)
-        return fp8_ops.scaled_mm(xq8, xs8, wq, ws.view(1, -1), torch.bfloat16)
+    def fp8() -> None:
+        xq, xs = fp8_ops.quantize_per_token(x)
+        got = fp8_ops.scaled_mm(xq, xs, wq, ws.view(1, -1), torch.bfloat16)
+        row["fp8_rel_err"] = rel(got, fp8_ops.reference_mm(xq, xs, wq, ws[:, None], torch.float32))
+        kq, ks = quantize_rows(x, fp8_ops.FP8, fp8_ops.FP8_MAX, fp8_ops.MIN_SCALE)
+        row["fp8_act_quant_kernel_mismatches"] = int((kq.float() != xq.float()).sum()) + int((ks != xs).sum())
+        row["fp8_us"] = bench(lambda: fp8_ops.scaled_mm(xq, xs, wq, ws.view(1, -1), torch.bfloat16))
 
-    row["fp8_with_act_quant_us"] = bench(fp8_call)
-    from kvik_quant import int8
+        def with_quant() -> Any:
+            xq8, xs8 = quantize_rows(x, fp8_ops.FP8, fp8_ops.FP8_MAX, fp8_ops.MIN_SCALE)
+            return fp8_ops.scaled_mm(xq8, xs8, wq, ws.view(1, -1), torch.bfloat16)
 
-    w8, s8 = int8.quantize_rows(w_bf16)
-    x8, xs8 = int8.quantize_rows(x)
-    got8 = int8.int8_mm(x8, xs8, w8, s8.reshape(-1), torch.bfloat16)
-    ref8 = int8.reference_mm(x8, xs8, w8, s8.reshape(-1), torch.float32)
-    row["int8_rel_err"] = float((got8.float() - ref8).norm() / ref8.norm())
-    row["int8_with_act_quant_us"] = bench(
-        lambda: int8.int8_mm(*quantize_rows(x, torch.int8, 127.0, 1e-10), w8, s8.reshape(-1), torch.bfloat16)
-    )
-    got4 = int4_matmul(x, qweight, s_t, z_t, 128)
-    ref4 = x.float() @ w_int4.float()
-    row["int4_rel_err"] = float((got4.float() - ref4).norm() / ref4.norm())
-    row["int4_us"] = bench(lambda: int4_matmul(x, qweight, s_t, z_t, 128))
+        row["fp8_with_act_quant_us"] = bench(with_quant)
+
+    def int8_() -> None:
+        w8, s8 = int8.quantize_rows(w_bf16)
+        x8, xs8 = int8.quantize_rows(x)
+        got = int8.int8_mm(x8, xs8, w8, s8.reshape(-1), torch.bfloat16)
+        row["int8_rel_err"] = rel(got, int8.reference_mm(x8, xs8, w8, s8.reshape(-1), torch.float32))
+        row["int8_with_act_quant_us"] = bench(
+            lambda: int8.int8_mm(*quantize_rows(x, torch.int8, 127.0, 1e-10), w8, s8.reshape(-1), torch.bfloat16)
+        )
+
+    def int4() -> None:
+        got = int4_matmul(x, qweight, s_t, z_t, 128)
+        row["int4_rel_err"] = rel(got, x.float() @ w_int4.float())
+        row["int4_us"] = bench(lambda: int4_matmul(x, qweight, s_t, z_t, 128))
+
+    for name, part in (("fp8", fp8), ("int8", int8_), ("int4", int4)):
+        try:
+            part()
+        except Exception as exc:
+            row[f"{name}_error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
     return row
 
 
