@@ -134,6 +134,12 @@ def _kernel_row(x: Any, w_bf16: Any, wq: Any, ws: Any, qweight: Any, s_t: Any, z
         got = int4_matmul(x, qweight, s_t, z_t, 128)
         row["int4_rel_err"] = rel(got, x.float() @ w_int4.float())
         row["int4_us"] = bench(lambda: int4_matmul(x, qweight, s_t, z_t, 128))
+        if x.shape[0] >= 256:  # would a dense fallback (dequantize per call, then cuBLAS) beat the kernel here?
+            from kvik_quant import int4_pack
+
+            row["int4_torch_dequant_then_bf16_us"] = bench(
+                lambda: x @ int4_pack.dequantize_codes(int4_pack.unpack_rows(qweight), s_t, z_t, 128, torch.bfloat16)
+            )
 
     for name, part in (("fp8", fp8), ("int8", int8_), ("int4", int4)):
         try:
