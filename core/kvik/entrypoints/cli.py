@@ -84,6 +84,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
         "--quantization", default=None, help="quantize a dense checkpoint at load (e.g. fp8, int4; see `kvik plugins`)"
     )
     parser.add_argument("--quantized-weights", default="auto", choices=["auto", "dequantize", "quantized"])
+    parser.add_argument("--model-impl", default="auto", choices=["auto", "kvik", "transformers"],
+                        help="modelling code: kvik's native, transformers' (the fallback), or auto")  # fmt: skip
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     parser.add_argument(
         "--async-scheduling",
@@ -151,6 +153,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         kv_cache_memory=args.kv_cache_memory,
         quantization=args.quantization,
         quantized_weights=args.quantized_weights,
+        model_impl=args.model_impl,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
     )
