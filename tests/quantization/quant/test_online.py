@@ -123,3 +123,13 @@ def test_plugins_report_lists_devices_and_dtypes(kvik_plugin_manager: PluginMana
              if line.strip()}  # fmt: skip
     assert "cuda (NVIDIA compute capability >= 8.9)" in lines["fp8"] and "bfloat16" in lines["fp8"]
     assert "cuda (Triton" in lines["gptq"] and "float16" in lines["gptq"]
+
+
+def test_cuda_platform_keeps_methods_with_gpu_kernels_packed(kvik_plugin_manager: PluginManager) -> None:
+    from kvik.config import EngineConfig, WeightsMode
+    from kvik_cuda.platform import CUDAPlatform
+
+    platform = CUDAPlatform()
+    for method in ("fp8", "gptq", "awq", "compressed-tensors", "int8"):
+        assert platform.quantized_weights_mode(EngineConfig(), method) is WeightsMode.QUANTIZED
+    assert platform.quantized_weights_mode(EngineConfig(), "not-installed") is WeightsMode.DEQUANTIZE
