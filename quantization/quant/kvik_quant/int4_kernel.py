@@ -12,9 +12,13 @@ on the CPU, which is how CI checks it against the torch reference.
 
 from __future__ import annotations
 
+import logging
+
 import torch
 import triton
 import triton.language as tl
+
+logger = logging.getLogger(__name__)
 
 
 @triton.jit
@@ -34,6 +38,7 @@ def _int4_gemm_kernel(
     BLOCK_K: tl.constexpr,  # divides GROUP, so one k-tile lies in one group
     SPLIT_K: tl.constexpr,
     IEEE: tl.constexpr,  # float32 activations: exact products (no TF32)
+    WIDE_LOAD: tl.constexpr,
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -46,9 +51,14 @@ def _int4_gemm_kernel(
     for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
-        # Eight neighbouring k rows share a word: the repeated loads hit the same cache line.
-        words = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        codes = (words >> ((offs_k[:, None] % 8) * 4)) & 0xF  # [BLOCK_K, BLOCK_N]
+        if WIDE_LOAD:  # each word loaded once, its eight nibbles spread over eight k rows in registers
+            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+            shifts = tl.arange(0, 8) * 4
+            codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+        else:  # eight neighbouring k rows load the same word (the repeats hit the cache)
+            words = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+            codes = (words >> ((offs_k[:, None] % 8) * 4)) & 0xF  # [BLOCK_K, BLOCK_N]
         group = k0 // GROUP
         scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
@@ -100,6 +110,25 @@ def int4_matmul(
         out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     else:
         out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    global _wide_load
+    try:
+        _launch(grid, x, qweight, scales, zeros, out, m, n, k, group, block_m, block_n, block_k, split_k, _wide_load)
+    except Exception:
+        if not _wide_load:
+            raise
+        # The register reshape of the wide load is the less portable form: keep the simple one from now on.
+        logger.warning("INT4 kernel: the wide-load variant failed here; using the per-row-load one", exc_info=True)
+        _wide_load = False
+        _launch(grid, x, qweight, scales, zeros, out, m, n, k, group, block_m, block_n, block_k, split_k, False)
+    return out if split_k == 1 else out.sum(dim=0).to(x.dtype)
+
+
+_wide_load = True  # set False (process-wide) if the wide-load variant fails to compile here
+
+
+def _launch(grid: tuple[int, int, int], x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+            zeros: torch.Tensor, out: torch.Tensor, m: int, n: int, k: int, group: int, block_m: int,
+            block_n: int, block_k: int, split_k: int, wide_load: bool) -> None:  # fmt: skip
     _int4_gemm_kernel[grid](
         x,
         qweight,
@@ -116,6 +145,6 @@ def int4_matmul(
         BLOCK_K=block_k,
         SPLIT_K=split_k,
         IEEE=x.dtype == torch.float32,
+        WIDE_LOAD=wide_load,
         num_warps=4,
     )
-    return out if split_k == 1 else out.sum(dim=0).to(x.dtype)

@@ -21,7 +21,13 @@ from kvik_quant.int4_kernel import _config, int4_matmul
         (20, 64, 64, 64, torch.float16),  # a ragged M tile
     ],
 )
-def test_kernel_matches_reference(m: int, k: int, n: int, group: int, dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("wide_load", [True, False])
+def test_kernel_matches_reference(
+    m: int, k: int, n: int, group: int, dtype: torch.dtype, wide_load: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import kvik_quant.int4_kernel
+
+    monkeypatch.setattr(kvik_quant.int4_kernel, "_wide_load", wide_load)
     # bfloat16 is checked on the GPU (benchmarks/quant_benchmark.py): Triton 3.9's interpreter computes
     # garbage for bf16 tl.dot operands on the CPU, whatever the kernel.
     gen = torch.Generator().manual_seed(m * 1000 + k)
@@ -32,6 +38,7 @@ def test_kernel_matches_reference(m: int, k: int, n: int, group: int, dtype: tor
     w_t = pack.dequantize_codes(codes.t(), s, z, group, torch.float32)
     expected = x.float() @ w_t
     got = int4_matmul(x, qweight, s, z, group)
+    assert kvik_quant.int4_kernel._wide_load is wide_load  # the variant asked for ran (no fallback)
     assert got.dtype == dtype and got.shape == (m, n)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
