@@ -82,6 +82,9 @@ def kernels() -> dict[str, Any]:
         for v in results.values()
         if isinstance(v, dict)
     )
+    import kvik_quant.int4_kernel
+
+    results["int4_wide_load"] = kvik_quant.int4_kernel._wide_load  # False: the fallback variant ran
     act_order = [v for k, v in results.items() if k.endswith("act_order_rel_err")]
     return {"numerics_ok": ok and len(act_order) == len(LINEARS) and all(v < 0.02 for v in act_order),
             "by_shape": results}  # fmt: skip
