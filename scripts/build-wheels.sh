@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 OUT="${1:-dist/wheels}"
 mkdir -p "$OUT"
 DISTS=(core platforms/cpu platforms/cuda platforms/rocm platforms/apple attention_backends/triton
-       quantization/gguf server .)
+       quantization/gguf quantization/quant server .)
 for dist in "${DISTS[@]}"; do
     python3 -m pip wheel -q --no-deps --no-build-isolation --wheel-dir "$OUT" "./$dist"
 done

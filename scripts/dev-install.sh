@@ -10,7 +10,7 @@ python3 -c "import torch" 2>/dev/null || $PIP install -q "torch==2.13.0" ${KVIK_
 # compat mode: a plain path entry, so new subpackages are found without reinstalling.
 $PIP install -q --config-settings editable_mode=compat \
     -e core -e platforms/cpu -e platforms/cuda -e platforms/rocm -e platforms/apple \
-    -e attention_backends/triton -e quantization/gguf -e server \
+    -e attention_backends/triton -e quantization/gguf -e quantization/quant -e server \
     -e plugins/example_model -e plugins/example_int8 -e ".[dev]"
 # Optional runtimes for the CPU-testable parts of the GPU and Apple plugins.
 $PIP install -q --no-deps triton || echo "triton not installed: Triton interpreter tests will be skipped"

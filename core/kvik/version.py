@@ -16,4 +16,5 @@ __version__ = "0.1.0"
 #     SamplingBatch / PromptRows in kvik.sample.batch.
 # 2.1: tool-parser and reasoning-parser hooks (served by kvik-server)
 # 2.2: kvik_register_spec_proposers (speculative decoding), ScheduledRequest.draft_token_ids
-PLUGIN_API_VERSION = "2.2"
+# 2.3: QuantizationMethod.validate_device, devices, device_requirements, quantizes_dense_checkpoints
+PLUGIN_API_VERSION = "2.3"

@@ -93,6 +93,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine.add_argument("--load-format", choices=["auto", "dummy", "safetensors", "gguf"],
                         help="dummy: random weights from the checkpoint's config (benchmarks)")  # fmt: skip
     engine.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
+    engine.add_argument("--quantization", help="quantize a dense checkpoint at load: fp8, int8, int4 (see `kvik plugins`)")
+    engine.add_argument("--quantized-weights", choices=["auto", "dequantize", "quantized"],
+                        help="keep a quantized checkpoint packed, or dequantize it at load (default: the platform's)")  # fmt: skip
     engine.add_argument("--max-model-len", type=_max_model_len,
                         help="context length, or 'auto' to fit memory (default: the model's)")  # fmt: skip
     engine.add_argument("--max-num-seqs", type=_positive_int, help="max sequences in the running batch")
@@ -229,7 +232,7 @@ def finalize_args(args: Any, parser: argparse.ArgumentParser | None = None) -> A
 def engine_kwargs(args: Any) -> dict[str, Any]:
     """AsyncLLM.from_engine_args keyword arguments from the flags that were given."""
     names = ("model", "tokenizer", "revision", "download_dir", "trust_remote_code", "device", "model_impl",
-             "load_format", "dtype",
+             "load_format", "dtype", "quantization", "quantized_weights",
              "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "enable_prefix_caching",
              "enforce_eager", "async_scheduling", "seed", "num_threads", "runner",
              "speculative_config", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras")  # fmt: skip

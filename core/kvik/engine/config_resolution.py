@@ -128,7 +128,16 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         sources["max_num_batched_tokens"] = "derived: enable_chunked_prefill=False needs max_model_len per step"
 
     quantized_weights = WeightsMode.DEQUANTIZE
-    if draft.quantized_weights != "auto":
+    online = model_config.quantization is not None and model_format.quantization() is None
+    if online:
+        # quantization="fp8" on a dense checkpoint: quantizing at load only to dequantize again is pointless.
+        if draft.quantized_weights == WeightsMode.DEQUANTIZE.value:
+            raise ValueError(
+                f"quantization={model_config.quantization!r} quantizes this dense checkpoint at load, and "
+                "quantized_weights='dequantize' would undo that; leave quantized_weights unset (or 'quantized')"
+            )
+        quantized_weights = WeightsMode.QUANTIZED
+    elif draft.quantized_weights != "auto":
         quantized_weights = WeightsMode(draft.quantized_weights)
     elif model_config.quantization is not None and draft.enable_lora:
         sources["quantized_weights"] = "derived: enable_lora adapts dequantized weights only"

@@ -62,6 +62,21 @@ def platform_availability(entry: Entry) -> str:
         return f"broken: {type(exc).__name__}: {exc}"
 
 
+def quantization_support(entry: Entry) -> tuple[str, str]:
+    """(devices with packed kernels, activation dtypes) of one quantization method (never raises).
+
+    Every method also runs dequantized to the compute dtype on any platform.
+    """
+    try:
+        cls = entry.load()
+    except Exception as exc:
+        return f"broken: {type(exc).__name__}", "-"
+    devices = ", ".join(getattr(cls, "devices", ())) or "any (torch ops, no device kernels)"
+    note = getattr(cls, "device_requirements", "")
+    dtypes = ", ".join(str(d).removeprefix("torch.") for d in getattr(cls, "supported_act_dtypes", ()))
+    return (f"{devices} ({note})" if note else devices), dtypes or "-"
+
+
 def plugins_report(manager: PluginManager) -> str:
     """Every loaded plugin and what it registered, platform availability, failures and conflicts."""
     out = [f"kvik {__version__}, plugin API {PLUGIN_API_VERSION}", "", "Plugins:"]
@@ -81,6 +96,9 @@ def plugins_report(manager: PluginManager) -> str:
         if kind == "platform":
             rows = [(e.name, e.source, e.target, _priority(e), platform_availability(e)) for e in entries]
             out += _table(("NAME", "DISTRIBUTION", "TARGET", "PRIORITY", "AVAILABLE"), rows)
+        elif kind == "quantization method":
+            rows = [(e.name, e.source, *quantization_support(e)) for e in entries]
+            out += _table(("NAME", "DISTRIBUTION", "PACKED KERNELS ON", "ACTIVATION DTYPES"), rows)
         else:
             rows = [(e.name, e.source, e.target) for e in entries]
             out += _table(("NAME", "DISTRIBUTION", "TARGET"), rows)

@@ -63,13 +63,14 @@ def load_model(
         if quantized:
             raise ValueError("load_format='dummy' makes dense random weights; this checkpoint is quantized")
         _fill_dummy_weights(model, dummy_seed)
-        return model.eval()
-    model.load_weights(_progress(fmt.iter_weights(quantized), fmt.weight_bytes()))  # type: ignore[operator]
-    missing_fn = getattr(model, "missing_weights", None)
-    missing = list(missing_fn()) if callable(missing_fn) else []
-    if missing:
-        shown = ", ".join(missing[:10]) + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
-        raise ValueError(f"checkpoint {fmt.path} has no weights for: {shown}; is it complete?")
+    else:
+        model.load_weights(_progress(fmt.iter_weights(quantized), fmt.weight_bytes()))  # type: ignore[operator]
+        missing_fn = getattr(model, "missing_weights", None)
+        missing = list(missing_fn()) if callable(missing_fn) else []
+        if missing:
+            shown = ", ".join(missing[:10]) + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else "")
+            raise ValueError(f"checkpoint {fmt.path} has no weights for: {shown}; is it complete?")
+    # Also after dummy weights: a method that quantizes dense weights at load (fp8) does it here.
     for module in model.modules():
         if isinstance(module, Linear):
             module.quant_method.process_weights_after_loading(module)

@@ -166,14 +166,7 @@ def build_model_config(
     if callable(gen_config):
         eos |= _int_ids(gen_config().get("eos_token_id"))
     # quantization
-    quant = fmt.quantization()
-    quant_name = quant[0] if quant else None
-    if engine_config.quantization and engine_config.quantization != quant_name:
-        raise ValueError(
-            f"quantization={engine_config.quantization!r} was requested but the checkpoint is "
-            f"{'quantized with ' + repr(quant_name) if quant_name else 'not quantized'}; kvik does not quantize "
-            "on the fly. Leave quantization unset to use the checkpoint as it is."
-        )
+    quant_name = resolve_quantization(engine_config.quantization, fmt, manager)
     window = getattr(hf, "sliding_window", None)
     if hasattr(hf, "use_sliding_window") and not hf.use_sliding_window:
         window = None
@@ -212,3 +205,47 @@ def build_model_config(
         quantization=quant_name,
         source=fmt,
     )
+
+
+def resolve_quantization(requested: str | None, fmt: ModelFormat, manager: PluginManager) -> str | None:
+    """The quantization method the model runs with: the checkpoint's, or one that quantizes dense weights at load.
+
+    ValueError (naming the format and the installed methods) for a checkpoint
+    format no plugin handles, a request that contradicts the checkpoint, or
+    on-the-fly quantization by a method that cannot do it.
+    """
+    quant = fmt.quantization()
+    quant_name = quant[0] if quant else None
+    registry = manager.quantization_methods
+    known = ", ".join(f"{e.name} ({e.source})" for e in registry.entries()) or "none"
+    if quant_name is not None and quant_name not in registry and quant_name not in registry.conflicts:
+        raise ValueError(
+            f"{fmt.path}: the checkpoint is quantized with quant_method={quant_name!r}, which no installed "
+            f"plugin handles; installed quantization methods: {known}. Install a plugin for {quant_name!r} "
+            "(see docs/quantization.md) or use a dense or supported checkpoint."
+        )
+    if not requested or requested == quant_name:
+        return quant_name
+    if quant_name is not None:
+        raise ValueError(
+            f"quantization={requested!r} was requested but the checkpoint is already quantized with "
+            f"{quant_name!r}; leave quantization unset to use the checkpoint as it is"
+        )
+    if requested not in registry:
+        raise ValueError(f"quantization={requested!r} is not an installed quantization method; installed: {known}")
+    method_cls = registry.get(requested)
+    if not getattr(method_cls, "quantizes_dense_checkpoints", False):
+        online = [e.name for e in registry.entries() if _quantizes_dense(e)]
+        raise ValueError(
+            f"quantization={requested!r} loads checkpoints already quantized in that format; it cannot quantize "
+            f"this dense checkpoint at load. Methods that can: {', '.join(online) or 'none installed'}; "
+            "or leave quantization unset"
+        )
+    return requested
+
+
+def _quantizes_dense(entry: Any) -> bool:
+    try:
+        return bool(getattr(entry.load(), "quantizes_dense_checkpoints", False))
+    except Exception:  # a broken plugin is reported by `kvik plugins`, not here
+        return False

@@ -22,11 +22,27 @@ class QuantizationMethod(ABC):
     name: ClassVar[str]
     # Compute dtypes the method's apply() accepts for activations.
     supported_act_dtypes: ClassVar[tuple[torch.dtype, ...]] = (torch.float32, torch.float16, torch.bfloat16)
+    # torch device types whose kernels run the weights packed (``kvik plugins`` lists them; platforms
+    # that have kernels keep such weights packed by default). Empty: no device-specific kernels.
+    devices: ClassVar[tuple[str, ...]] = ()
+    device_requirements: ClassVar[str] = ""  # e.g. "compute capability >= 8.9", shown by ``kvik plugins``
+    # True for a method that quantizes a dense checkpoint while loading it (``quantization="fp8"``):
+    # create_weights makes a dense weight and process_weights_after_loading quantizes it.
+    quantizes_dense_checkpoints: ClassVar[bool] = False
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> QuantizationMethod:
         """Build from a checkpoint's ``quantization_config``; ValueError if invalid."""
         return cls()
+
+    def validate_device(self, device: torch.device) -> list[str]:
+        """Why this method cannot run its weights packed on ``device`` (empty: it can).
+
+        Called at start-up, before any weight is read, when weights stay packed
+        (``quantized_weights='quantized'``). Each reason should name the method,
+        the device and what would work instead.
+        """
+        return []
 
     @abstractmethod
     def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device) -> None:

@@ -114,11 +114,16 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         return resolve_format(self.config.model, self.manager, trust_remote_code=self.config.trust_remote_code)
 
     def _quant_method(self, fmt: ModelFormat) -> QuantizationMethod | None:
-        """The checkpoint's quantization method, or None for dense weights."""
-        quant = fmt.quantization()
-        if quant is None:
+        """The model's quantization method (the checkpoint's, or one quantizing dense weights at load), or None.
+
+        Checked here, at start-up and before any weight is read: a method that
+        cannot run packed on this device is refused with its own reasons.
+        """
+        name = self.model_config.quantization
+        if name is None:
             return None
-        name, qconfig = quant
+        quant = fmt.quantization()
+        qconfig = quant[1] if quant is not None else {}
         method_cls = self.manager.quantization_methods.get(name)
         method: QuantizationMethod = method_cls.from_config(qconfig)
         if self.config.quantized_weights is WeightsMode.QUANTIZED:
@@ -128,6 +133,9 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
                     f"platform {self.platform.name!r} cannot run {name!r} weights packed (it runs: "
                     f"{', '.join(allowed) or 'none'}); use quantized_weights='dequantize'"
                 )
+            reasons = method.validate_device(self.device)
+            if reasons:
+                raise ValueError("; ".join(reasons))
             if self.dtype not in method.supported_act_dtypes:
                 raise ValueError(
                     f"quantization {name!r} computes in {method.supported_act_dtypes}, not {self.dtype}; "
@@ -152,7 +160,14 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         dummy = self.config.seed if self.config.load_format is LoadFormat.DUMMY else None
         what = "making dummy weights" if dummy is not None else f"reading weights ({progress.format_bytes(fmt.weight_bytes())})"
         with progress.step(what):
-            model = load_model(mc, ctx, fmt, quantized=method is not None, manager=self.manager, dummy_seed=dummy)
+            quantized_checkpoint = method is not None and fmt.quantization() is not None
+            model = load_model(mc, ctx, fmt, quantized=quantized_checkpoint, manager=self.manager, dummy_seed=dummy)
+        if method is not None and not quantized_checkpoint:
+            # Quantizing at load freed the dense weights: give the allocator's cached blocks back,
+            # so the memory planner (which asks the driver what is free) counts them for the KV cache.
+            allocator = getattr(torch, self.device.type, None)
+            if callable(getattr(allocator, "empty_cache", None)):
+                allocator.empty_cache()  # type: ignore[union-attr]
         if method is not None and self.config.quantized_weights is WeightsMode.DEQUANTIZE:
             with progress.step(f"dequantizing {mc.quantization} weights to {mc.dtype}"):
                 n = dequantize_model(model, self.dtype)

@@ -18,11 +18,11 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
 import torch
-from kvik.config import PlatformOptions
+from kvik.config import PlatformOptions, WeightsMode
 from kvik.platforms.interface import MemoryInfo, Platform
 
 if TYPE_CHECKING:
-    from kvik.config import ModelConfig, ResolvedConfig
+    from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
     from kvik.worker.interface import ModelRunner
 
 GiB = 1 << 30
@@ -120,6 +120,16 @@ class TorchGPUPlatform(Platform):
         if config.enforce_eager:
             notes.append("enforce_eager: CUDA graphs are off")
         return notes
+
+    def quantized_weights_mode(self, config: EngineConfig, method: str) -> WeightsMode:
+        """Packed when the method has GPU kernels (``QuantizationMethod.devices`` lists "cuda"), else dense."""
+        from kvik.plugins.manager import get_plugin_manager
+
+        try:
+            method_cls = get_plugin_manager().quantization_methods.get(method)
+        except Exception:  # an unknown or broken method is reported when the runner loads it
+            return WeightsMode.DEQUANTIZE
+        return WeightsMode.QUANTIZED if self.device_type in getattr(method_cls, "devices", ()) else WeightsMode.DEQUANTIZE
 
     def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:
         from kvik_cuda.runner import CUDAModelRunner

@@ -1,0 +1,150 @@
+"""A Triton INT4 dequantize-in-GEMM kernel over kvik's INT4 layout (:mod:`kvik_quant.int4_pack`).
+
+``y[M, N] = x[M, K] @ W^T`` where ``W^T[k, n] = (q[k, n] - zeros[k // G, n]) * scales[k // G, n]``
+is rebuilt tile by tile in registers from the packed int32 words: each weight byte is read
+from memory once, which is the point at decode batch sizes (a quarter of bf16's bytes).
+
+Small batches (decode) split K across programs so that a GEMV-shaped problem still
+occupies every SM; the partial sums go to a float32 ``[SPLIT_K, M, N]`` buffer and are
+added by torch afterwards (deterministic, unlike atomics). Runs under ``TRITON_INTERPRET=1``
+on the CPU, which is how CI checks it against the torch reference.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import triton
+import triton.language as tl
+
+logger = logging.getLogger(__name__)
+
+
+@triton.jit
+def _int4_gemm_kernel(
+    x_ptr,  # [M, K] activations
+    qw_ptr,  # [K/8, N] int32
+    s_ptr,  # [K/G, N] scales
+    z_ptr,  # [K/G, N] zeros
+    out_ptr,  # [SPLIT_K, M, N] float32 partial sums, or [M, N] in the output dtype when SPLIT_K == 1
+    M,
+    N,
+    K,
+    stride_xm,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides GROUP, so one k-tile lies in one group
+    SPLIT_K: tl.constexpr,
+    IEEE: tl.constexpr,  # float32 activations: exact products (no TF32)
+    WIDE_LOAD: tl.constexpr,
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(pid_k * BLOCK_K, K, BLOCK_K * SPLIT_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=mask_m[:, None], other=0.0)
+        if WIDE_LOAD:  # each word loaded once, its eight nibbles spread over eight k rows in registers
+            offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+            words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+            shifts = tl.arange(0, 8) * 4
+            codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+        else:  # eight neighbouring k rows load the same word (the repeats hit the cache)
+            words = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+            codes = (words >> ((offs_k[:, None] % 8) * 4)) & 0xF  # [BLOCK_K, BLOCK_N]
+        group = k0 // GROUP
+        scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        w = ((codes.to(tl.float32) - zero[None, :]) * scale[None, :]).to(x.dtype)
+        if IEEE:
+            acc += tl.dot(x, w, input_precision="ieee")
+        else:
+            acc += tl.dot(x, w)
+    mask = mask_m[:, None] & mask_n[None, :]
+    if SPLIT_K == 1:
+        tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        base = out_ptr + pid_k * M * N
+        tl.store(base + offs_m[:, None] * N + offs_n[None, :], acc, mask=mask)
+
+
+def _config(m: int, n: int, k: int, group: int, num_sms: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, SPLIT_K) for a problem: GEMV-shaped ones split K to fill the GPU."""
+    block_k = min(64, group)
+    if m <= 16:
+        block_m, block_n = 16, 64
+    elif m <= 64:
+        block_m, block_n = 32, 64
+    else:
+        block_m, block_n = 64, 128
+    tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
+    k_tiles = triton.cdiv(k, block_k)
+    split_k = 1
+    while tiles * split_k < 2 * num_sms and split_k * 2 <= min(16, k_tiles):
+        split_k *= 2
+    return block_m, block_n, block_k, split_k
+
+
+def int4_matmul(
+    x: torch.Tensor,  # [M, K]
+    qweight: torch.Tensor,  # [K/8, N] int32
+    scales: torch.Tensor,  # [K/G, N]
+    zeros: torch.Tensor,  # [K/G, N]
+    group: int,
+) -> torch.Tensor:
+    """``x @ W^T`` in ``x``'s dtype, ``[M, N]``."""
+    m, k = x.shape
+    n = qweight.shape[1]
+    x = x.contiguous()
+    num_sms = torch.cuda.get_device_properties(x.device).multi_processor_count if x.is_cuda else 8
+    block_m, block_n, block_k, split_k = _config(m, n, k, group, num_sms)
+    grid = (triton.cdiv(m, block_m), triton.cdiv(n, block_n), split_k)
+    if split_k == 1:
+        out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    else:
+        out = torch.empty(split_k, m, n, dtype=torch.float32, device=x.device)
+    global _wide_load
+    try:
+        _launch(grid, x, qweight, scales, zeros, out, m, n, k, group, block_m, block_n, block_k, split_k, _wide_load)
+    except Exception:
+        if not _wide_load:
+            raise
+        # The register reshape of the wide load is the less portable form: keep the simple one from now on.
+        logger.warning("INT4 kernel: the wide-load variant failed here; using the per-row-load one", exc_info=True)
+        _wide_load = False
+        _launch(grid, x, qweight, scales, zeros, out, m, n, k, group, block_m, block_n, block_k, split_k, False)
+    return out if split_k == 1 else out.sum(dim=0).to(x.dtype)
+
+
+_wide_load = True  # set False (process-wide) if the wide-load variant fails to compile here
+
+
+def _launch(grid: tuple[int, int, int], x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor,
+            zeros: torch.Tensor, out: torch.Tensor, m: int, n: int, k: int, group: int, block_m: int,
+            block_n: int, block_k: int, split_k: int, wide_load: bool) -> None:  # fmt: skip
+    _int4_gemm_kernel[grid](
+        x,
+        qweight,
+        scales,
+        zeros,
+        out,
+        m,
+        n,
+        k,
+        x.stride(0),
+        GROUP=group,
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        SPLIT_K=split_k,
+        IEEE=x.dtype == torch.float32,
+        WIDE_LOAD=wide_load,
+        num_warps=4,
+    )

@@ -1,0 +1,140 @@
+"""INT8 W8A8 linear layers: int8 weights with per-output-channel scales, activations quantized per token.
+
+For GPUs without FP8 tensor cores (A100, ...). Two ways in:
+
+* online: ``quantization="int8"`` on a bf16/fp16 checkpoint (symmetric, one scale per output channel);
+* compressed-tensors ``int-quantized`` checkpoints (llm-compressor's ``W8A8`` / ``INT8_W8A8``:
+  channel or tensor weights; dynamic per-token or static per-tensor activations).
+
+On CUDA the integer product is ``torch._int_mm`` (int32 accumulation), scaled back per row
+and column; elsewhere the torch reference multiplies the dequantized operands.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from kvik.quantization.base import QuantizationMethod
+from kvik.quantization.unquantized import UnquantizedLinearMethod
+
+if TYPE_CHECKING:
+    from kvik.layers.linear import Linear
+
+INT8_MAX = 127.0
+_INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows: smaller batches are padded
+
+
+def quantize_rows(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``[M, K]`` -> (int8 ``[M, K]``, float32 ``[M, 1]`` scales); symmetric, one scale per row unless given."""
+    if scale is None:
+        scale = (x.abs().amax(dim=-1, keepdim=True).float() / INT8_MAX).clamp_min(1e-10)
+    q = torch.round(x.float() / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
+    return q, scale
+
+
+def int8_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``[M, K] x [N, K]^T`` with int32 accumulation (``torch._int_mm``, CUDA) and float32 rescaling."""
+    m = xq.shape[0]
+    if m < _INT_MM_MIN_ROWS:
+        xq = F.pad(xq, (0, 0, 0, _INT_MM_MIN_ROWS - m))
+    acc = torch._int_mm(xq, wq.t())[:m]  # [M, N] int32
+    return (acc.float() * x_scale * w_scale.view(1, -1)).to(dtype)
+
+
+def reference_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Dequantize both operands to ``dtype`` and multiply: what :func:`int8_mm` computes, on any device."""
+    return F.linear((xq.float() * x_scale).to(dtype), (wq.float() * w_scale[:, None]).to(dtype))
+
+
+class Int8LinearMethod(QuantizationMethod):
+    name = "int8"
+    devices: ClassVar[tuple[str, ...]] = ("cuda",)
+    device_requirements: ClassVar[str] = "torch._int_mm; other devices run the torch reference"
+    quantizes_dense_checkpoints = True
+
+    def __init__(self, serialized: bool = False, static_activations: bool = False) -> None:
+        self.serialized = serialized
+        self.static_activations = static_activations
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Int8LinearMethod:
+        if config:
+            raise ValueError("int8: checkpoints load through their own format (compressed-tensors int-quantized)")
+        return cls()
+
+    def create_weights(self, layer: Linear, dtype: torch.dtype, device: torch.device) -> None:
+        if not self.serialized:
+            UnquantizedLinearMethod().create_weights(layer, dtype, device)
+            return
+        rows = layer.output_size
+        layer.weight = _param(torch.zeros(rows, layer.input_size, dtype=torch.int8, device=device))
+        layer.weight_scale = _param(torch.ones(rows, dtype=torch.float32, device=device))
+        if self.static_activations:
+            layer.input_scale = _param(torch.zeros(len(layer.output_sizes), device=device))
+
+    def load_weight(self, layer: Linear, name: str, value: Any, shard: int | None) -> None:
+        if not self.serialized:
+            UnquantizedLinearMethod().load_weight(layer, name, value, shard)
+            return
+        start = sum(layer.output_sizes[:shard]) if shard is not None else 0
+        size = layer.output_sizes[shard] if shard is not None else layer.output_size
+        if name == "weight":
+            target = layer.weight.data[start : start + size]
+            if tuple(value.shape) != tuple(target.shape) or value.dtype != torch.int8:
+                raise ValueError(f"int8 weight {value.dtype} {tuple(value.shape)}, expected int8 {tuple(target.shape)}")
+            target.copy_(value)
+        elif name == "weight_scale":
+            value = value.float()
+            target = layer.weight_scale.data[start : start + size]
+            target.copy_(value.reshape(-1).expand(size) if value.numel() == 1 else value.reshape(size))
+        elif name == "input_scale" and self.static_activations:
+            layer.input_scale.data[shard or 0] = value.float().reshape(())
+        elif name == "weight_zero_point" and not bool(value.any()):
+            return  # symmetric checkpoints may still store all-zero zero points
+        else:
+            raise ValueError(f"unexpected parameter {name!r} for an int8 layer (expected weight, weight_scale)")
+
+    def process_weights_after_loading(self, layer: Linear) -> None:
+        if not self.serialized:
+            q, scale = quantize_rows(layer.weight.data)
+            layer.weight = _param(q)
+            layer.weight_scale = _param(scale.reshape(-1))
+        if self.static_activations:
+            layer.input_scale = _param(layer.input_scale.data.max())
+        shape_ok = layer.input_size % 8 == 0 and layer.output_size % 8 == 0
+        layer.int8_kernel = layer.weight.device.type == "cuda" and shape_ok and not getattr(torch.version, "hip", None)
+
+    def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, layer.input_size)
+        static = layer.input_scale.float().reshape(1, 1) if self.static_activations else None
+        if layer.int8_kernel and static is None:  # one Triton kernel instead of six torch ones
+            from kvik_quant.act_quant_kernel import quantize_rows as quantize_rows_kernel
+
+            xq, xs = quantize_rows_kernel(x2, torch.int8, INT8_MAX, 1e-10)
+        else:
+            xq, xs = quantize_rows(x2, static)
+        if xs.shape[0] != x2.shape[0]:
+            xs = xs.expand(x2.shape[0], 1)
+        mm = int8_mm if layer.int8_kernel else reference_mm
+        y = mm(xq, xs, layer.weight, layer.weight_scale, x.dtype)
+        return y.reshape(*x.shape[:-1], layer.output_size)
+
+    def dequantize(self, layer: Linear) -> torch.Tensor:
+        if layer.weight.dtype != torch.int8:
+            return layer.weight.data.float()
+        return layer.weight.float() * layer.weight_scale[:, None]
+
+    def quantize_for_test(self, weight: torch.Tensor) -> dict[str, Any]:
+        if not self.serialized:
+            return {"weight": weight}
+        q, scale = quantize_rows(weight)
+        values = {"weight": q, "weight_scale": scale}
+        if self.static_activations:
+            values["input_scale"] = torch.tensor([4.0 / INT8_MAX])
+        return values
+
+
+def _param(t: torch.Tensor) -> torch.nn.Parameter:
+    return torch.nn.Parameter(t, requires_grad=False)
