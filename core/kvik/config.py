@@ -101,6 +101,14 @@ class EngineConfig:
     # Speculative decoding, vLLM's shape: {"method": "ngram", "num_speculative_tokens": 4, ...}
     # (see kvik.spec_decode.config.SpeculativeConfig); None: off.
     speculative_config: dict[str, Any] | SpeculativeConfig | None = None
+    # More than one device (docs/distributed.md): the model's layers split over tensor_parallel_size
+    # ranks, its layers over pipeline_parallel_size stages; tp x pp worker processes in all.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Who runs the ranks: "uni" (this process; one rank), "mp" (worker processes on this host),
+    # "ray" (Ray actors, any host of the cluster), or a name a plugin registered. None: "uni" for
+    # one rank, else "mp".
+    distributed_executor_backend: str | None = None
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:
@@ -126,10 +134,15 @@ class EngineConfig:
         if isinstance(self.max_model_len, str) and self.max_model_len != "auto":
             raise ValueError(f"max_model_len must be an integer, None or 'auto', got {self.max_model_len!r}")
         for name in ("max_model_len", "block_size", "max_num_batched_tokens", "max_num_seqs",
-                     "kv_cache_memory", "num_kv_blocks", "num_threads"):
+                     "kv_cache_memory", "num_kv_blocks", "num_threads", "tensor_parallel_size",
+                     "pipeline_parallel_size"):
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool) and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
         if isinstance(self.long_prefill_token_threshold, bool) or self.long_prefill_token_threshold < 0:
             raise ValueError(
                 f"long_prefill_token_threshold must be an int >= 0 (0 = no limit), got {self.long_prefill_token_threshold!r}"
@@ -194,6 +207,13 @@ class ResolvedConfig:
     platform_options: PlatformOptions  # the platform's typed options (``Platform.options_type``)
     speculative_config: SpeculativeConfig | None = None  # None: no speculative decoding
     runner: str = "generate"  # "generate" or "pooling" (the engine serves only that kind of request)
+    tensor_parallel_size: int = 1  # ranks each layer is split over
+    pipeline_parallel_size: int = 1  # stages the layers are split into
+    distributed_executor_backend: str = "uni"  # the registered executor that runs the ranks
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(slots=True)

@@ -16,4 +16,6 @@ __version__ = "0.1.0"
 #     SamplingBatch / PromptRows in kvik.sample.batch.
 # 2.1: tool-parser and reasoning-parser hooks (served by kvik-server)
 # 2.2: kvik_register_spec_proposers (speculative decoding), ScheduledRequest.draft_token_ids
-PLUGIN_API_VERSION = "2.2"
+# 2.3: kvik_register_executors (kvik.executor.Executor), ModelBuildContext.parallel,
+#      Platform.distributed_backend / device_count() / bind_rank()
+PLUGIN_API_VERSION = "2.3"

@@ -69,6 +69,11 @@ class AsyncLLM:
     def get_stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the step loop (e.g. a worker process that died), or None while it runs."""
+        return self._error
+
     def is_healthy(self) -> bool:
         return self._error is None and (self._thread is None or self._thread.is_alive() or not self._running)
 

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvik.attention.selector import select_attention_backend
 from kvik.config import EngineConfig, LoadFormat, ModelConfig, ResolvedConfig, SchedulingPolicy, WeightsMode
+from kvik.distributed.checks import check_parallel
 from kvik.models.formats import ModelFormat
 from kvik.models.hub import TOKENIZER_FILES, resolve_model_path
 from kvik.models.model_config import build_model_config, resolve_format
@@ -48,6 +49,8 @@ _PASSED_THROUGH = (
     "async_scheduling",
     "seed",
     "trust_remote_code",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
 )
 
 
@@ -150,7 +153,9 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         platform_options=options,
         speculative_config=_speculative(draft, manager),
         runner=_resolve_runner(draft.runner, model_config, notes),
+        distributed_executor_backend=_executor_name(draft, sources),
     )
+    check_parallel(config, model_config, platform, manager)  # one ValueError listing every problem
     # The backend is chosen here, once, from the model's facts: the runner builds what the config names.
     backend = select_attention_backend(
         platform,
@@ -188,6 +193,15 @@ def _resolve_runner(requested: str, model_config: ModelConfig, notes: list[str])
     notes.append(f"runner=pooling: {arch} runs as {body} (its hidden states are pooled, no logits)")
     model_config.architecture = body
     return "pooling"
+
+
+def _executor_name(draft: EngineConfig, sources: dict[str, str]) -> str:
+    if draft.distributed_executor_backend is not None:
+        return draft.distributed_executor_backend
+    if draft.tensor_parallel_size * draft.pipeline_parallel_size == 1:
+        return "uni"
+    sources["distributed_executor_backend"] = "derived: more than one rank"
+    return "mp"
 
 
 def _platform_options(draft: EngineConfig, platform: Platform, sources: dict[str, str]) -> tuple[Any, list[str]]:

@@ -25,6 +25,8 @@ from torch import nn
 
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.config import LoadFormat, ModelConfig, ResolvedConfig, WeightsMode
+from kvik.distributed.parallel_state import get_parallel_state
+from kvik.distributed.sharding import kv_heads_per_rank
 from kvik.engine import progress
 from kvik.models.formats import ModelFormat
 from kvik.models.interface import ModelBuildContext
@@ -98,6 +100,9 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self._last_sampled: torch.Tensor | None = None
         self._last_rows: dict[str, int] = {}
         self.pooler = StepPooler()  # pooling requests' reductions (kvik.pooling); its head comes with the model
+        # This process's slice of a tensor/pipeline-parallel model (set by the executor's worker;
+        # a single device otherwise): the model is built from it, the KV cache holds its heads.
+        self.parallel = get_parallel_state()
 
     # -- loading ----------------------------------------------------------------
     def _format(self) -> ModelFormat:
@@ -140,7 +145,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             self.attn_layers.append(layer)  # cache i belongs to the i-th attention built
             return layer
 
-        ctx = ModelBuildContext(mc, self.dtype, self.device, make_attention, method)
+        ctx = ModelBuildContext(mc, self.dtype, self.device, make_attention, method, self.parallel)
         dummy = self.config.seed if self.config.load_format is LoadFormat.DUMMY else None
         what = "making dummy weights" if dummy is not None else f"reading weights ({progress.format_bytes(fmt.weight_bytes())})"
         with progress.step(what):
@@ -171,11 +176,13 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     def _cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         backend = self.attn_backend or AttentionBackend
         mc = self.model_config
-        return backend.kv_cache_shape(num_blocks, block_size, mc.num_kv_heads, mc.head_dim)
+        kv_heads = kv_heads_per_rank(mc.num_kv_heads, self.parallel.tp_size)  # this rank's heads
+        return backend.kv_cache_shape(num_blocks, block_size, kv_heads, mc.head_dim)
 
     def kv_block_bytes(self, block_size: int) -> int:
         per_layer = math.prod(self._cache_shape(1, block_size)) * self.dtype.itemsize
-        return per_layer * self.model_config.num_layers
+        # A pipeline stage caches its own layers: one cache per attention layer it built.
+        return per_layer * (len(self.attn_layers) if self.model is not None else self.model_config.num_layers)
 
     def _allocate(self, num_blocks: int) -> list[torch.Tensor]:
         # Zeroed, not empty: padded block-table entries point at block 0 and are
@@ -339,6 +346,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
 
     def sample(self, hidden: torch.Tensor, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
         """Pool the pooling requests' rows, sample the rows that ask; start the device->host copies."""
+        if not self.parallel.is_last_stage:  # an earlier pipeline stage: its output went to the next stage
+            return StepHandle.done(RunnerOutput(sampled_token_ids={}))
         handle = self._sample(hidden, layout, structured)
         pooled_ids, pooled = self.pooler.pool(hidden, layout.scheduled, layout.query_start_loc)
         if pooled is None:

@@ -57,6 +57,7 @@ class TorchGPUPlatform(Platform):
 
     device_type = "cuda"
     priority = 100
+    distributed_backend = "nccl"  # RCCL on ROCm, under the same name
     attention_backends: ClassVar[tuple[str, ...]] = ("triton", "torch_ref")
     supported_dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
     default_block_size = 16
@@ -120,6 +121,12 @@ class TorchGPUPlatform(Platform):
         if config.enforce_eager:
             notes.append("enforce_eager: CUDA graphs are off")
         return notes
+
+    def device_count(self) -> int | None:
+        return int(torch.cuda.device_count())
+
+    def bind_rank(self, local_rank: int) -> None:
+        torch.cuda.set_device(local_rank)  # self.device is the current device from here on
 
     def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:
         from kvik_cuda.runner import CUDAModelRunner
