@@ -92,6 +92,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                              "(methods: ngram, suffix; see docs/spec_decode.md)")  # fmt: skip
     engine.add_argument("--seed", type=int, help="engine seed")
+    engine.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, metavar="N",
+                        help="split each layer over N devices (docs/distributed.md)")  # fmt: skip
+    engine.add_argument("--pipeline-parallel-size", "-pp", type=_positive_int, metavar="M",
+                        help="split the layers into M stages on their own devices")  # fmt: skip
+    engine.add_argument("--distributed-executor-backend", metavar="NAME",
+                        help="who runs the ranks: mp (processes on this host; default), ray, uni, or a plugin's")  # fmt: skip
     engine.add_argument("--runner", choices=["auto", "generate", "pooling"],
                         help="pooling: serve embeddings / rerank / score / classify (default auto: from the model)")  # fmt: skip
     engine.add_argument("--num-threads", type=_positive_int, help="CPU platforms: torch intra-op threads")
@@ -206,7 +212,8 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
     names = ("model", "tokenizer", "revision", "download_dir", "trust_remote_code", "device", "dtype",
              "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "enable_prefix_caching",
              "enforce_eager", "async_scheduling", "seed", "num_threads", "runner",
-             "speculative_config")  # fmt: skip
+             "speculative_config", "tensor_parallel_size", "pipeline_parallel_size",
+             "distributed_executor_backend")  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
