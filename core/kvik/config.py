@@ -109,6 +109,9 @@ class EngineConfig:
     # "ray" (Ray actors, any host of the cluster), or a name a plugin registered. None: "uni" for
     # one rank, else "mp".
     distributed_executor_backend: str | None = None
+    # Which replica of a data-parallel server this engine is (kvik.engine.data_parallel): its ranks use
+    # devices [rank * tp * pp, (rank + 1) * tp * pp) of this host.
+    data_parallel_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:
@@ -143,6 +146,8 @@ class EngineConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int):
                 raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.data_parallel_rank, bool) or not isinstance(self.data_parallel_rank, int) or self.data_parallel_rank < 0:
+            raise ValueError(f"data_parallel_rank must be an integer >= 0, got {self.data_parallel_rank!r}")
         if isinstance(self.long_prefill_token_threshold, bool) or self.long_prefill_token_threshold < 0:
             raise ValueError(
                 f"long_prefill_token_threshold must be an int >= 0 (0 = no limit), got {self.long_prefill_token_threshold!r}"
@@ -210,6 +215,7 @@ class ResolvedConfig:
     tensor_parallel_size: int = 1  # ranks each layer is split over
     pipeline_parallel_size: int = 1  # stages the layers are split into
     distributed_executor_backend: str = "uni"  # the registered executor that runs the ranks
+    device_offset: int = 0  # this engine's first local device (data-parallel replica r: r * world_size)
 
     @property
     def world_size(self) -> int:

@@ -96,6 +96,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help="split each layer over N devices (docs/distributed.md)")  # fmt: skip
     engine.add_argument("--pipeline-parallel-size", "-pp", type=_positive_int, metavar="M",
                         help="split the layers into M stages on their own devices")  # fmt: skip
+    engine.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1, metavar="D",
+                        help="serve D engine replicas, each on its own tp x pp devices, behind one router")  # fmt: skip
+    engine.add_argument("--data-parallel-routing", choices=["least_loaded", "prefix"], default="least_loaded",
+                        help="how the router picks a replica: fewest unfinished requests, or by prompt prefix")  # fmt: skip
     engine.add_argument("--distributed-executor-backend", metavar="NAME",
                         help="who runs the ranks: mp (processes on this host; default), ray, uni, or a plugin's")  # fmt: skip
     engine.add_argument("--runner", choices=["auto", "generate", "pooling"],
@@ -229,7 +233,14 @@ def run_server(args: Any) -> int:
     args = apply_config_file(args)
     args = finalize_args(args)
     configure_logging(resolve_log_level(args, "info"))
-    engine = AsyncLLM.from_engine_args(**engine_kwargs(args))
+    replicas = getattr(args, "data_parallel_size", 1) or 1
+    engine: Any
+    if replicas > 1:
+        from kvik.engine.data_parallel import DataParallelLLM
+
+        engine = DataParallelLLM.from_engine_args(replicas, args.data_parallel_routing, **engine_kwargs(args))
+    else:
+        engine = AsyncLLM.from_engine_args(**engine_kwargs(args))
     app = build_app(engine, args)
     config = uvicorn.Config(
         app,

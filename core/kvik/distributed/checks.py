@@ -28,6 +28,12 @@ def parallel_problems(
         problems.append(
             f"distributed_executor_backend={executor!r} is not registered (known: {', '.join(sorted(manager.executors.names()))})"
         )
+    offset = config.device_offset
+    if executor != "ray" and offset and platform.device_count() is not None:
+        count = platform.device_count()
+        if count is not None and offset + tp * pp > count:
+            problems.append(f"data-parallel replica at device {offset} needs devices {offset}..{offset + tp * pp - 1}; "
+                            f"this host has {count}")  # fmt: skip
     if tp * pp == 1:
         return problems
     if executor == "uni":

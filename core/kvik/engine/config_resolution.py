@@ -153,7 +153,8 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         platform_options=options,
         speculative_config=_speculative(draft, manager),
         runner=_resolve_runner(draft.runner, model_config, notes),
-        distributed_executor_backend=_executor_name(draft, sources),
+        distributed_executor_backend=_executor_name(draft, platform, sources),
+        device_offset=draft.data_parallel_rank * draft.tensor_parallel_size * draft.pipeline_parallel_size,
     )
     check_parallel(config, model_config, platform, manager)  # one ValueError listing every problem
     # The backend is chosen here, once, from the model's facts: the runner builds what the config names.
@@ -195,13 +196,17 @@ def _resolve_runner(requested: str, model_config: ModelConfig, notes: list[str])
     return "pooling"
 
 
-def _executor_name(draft: EngineConfig, sources: dict[str, str]) -> str:
+def _executor_name(draft: EngineConfig, platform: Platform, sources: dict[str, str]) -> str:
     if draft.distributed_executor_backend is not None:
         return draft.distributed_executor_backend
-    if draft.tensor_parallel_size * draft.pipeline_parallel_size == 1:
-        return "uni"
-    sources["distributed_executor_backend"] = "derived: more than one rank"
-    return "mp"
+    if draft.tensor_parallel_size * draft.pipeline_parallel_size > 1:
+        sources["distributed_executor_backend"] = "derived: more than one rank"
+        return "mp"
+    if draft.data_parallel_rank > 0 and platform.device_count() is not None:
+        # A later replica's device is not this process's: its rank runs in a process bound to it.
+        sources["distributed_executor_backend"] = "derived: a data-parallel replica on its own device"
+        return "mp"
+    return "uni"
 
 
 def _platform_options(draft: EngineConfig, platform: Platform, sources: dict[str, str]) -> tuple[Any, list[str]]:

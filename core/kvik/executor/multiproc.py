@@ -37,7 +37,7 @@ STOP_GRACE_S = 3.0  # a rank asked to stop gets this long before it is terminate
 def _worker_main(conn: Connection, rank: int, config: Any, model_config: Any, store_port: int) -> None:
     """A worker process: join the group, then serve calls until told to stop or the engine is gone."""
     try:
-        worker = Worker(config, model_config, rank=rank, local_rank=rank)
+        worker = Worker(config, model_config, rank=rank, local_rank=config.device_offset + rank)
         worker.init_distributed("127.0.0.1", store_port)
     except BaseException:
         conn.send(("error", traceback.format_exc()))

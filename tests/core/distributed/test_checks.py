@@ -59,6 +59,11 @@ def test_unsupported_architecture_platform_executor_and_device_count(tiny_model_
         _resolve(llama, kvik_plugin_manager, tensor_parallel_size=2, distributed_executor_backend="nope")
     with pytest.raises(ValueError, match=r"4 ranks .* need 4 host-cpu devices; this host has 2"):
         _resolve(llama, kvik_plugin_manager, _TwoDevices(), tensor_parallel_size=2, pipeline_parallel_size=2)
+    with pytest.raises(ValueError, match=r"replica at device 2 needs devices 2..3; this host has 2"):
+        _resolve(llama, kvik_plugin_manager, _TwoDevices(), tensor_parallel_size=2, data_parallel_rank=1)
+    # A later data-parallel replica on a device of its own runs its rank in a worker process.
+    replica = _resolve(llama, kvik_plugin_manager, _TwoDevices(), data_parallel_rank=1)
+    assert (replica.device_offset, replica.distributed_executor_backend) == (1, "mp")
     # Ray places ranks on any host of its cluster: no local device count applies.
     _resolve(llama, kvik_plugin_manager, _TwoDevices(), tensor_parallel_size=4, distributed_executor_backend="ray")
 
