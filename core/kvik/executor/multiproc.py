@@ -24,6 +24,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from kvik.executor.base import Executor, ExecutorError, RankMemory, ResolvedStructuredStep
+from kvik.executor.step_codec import StepEncoder
 from kvik.executor.worker import Worker, for_workers
 from kvik.scheduling.output import RunnerOutput, SchedulerOutput
 from kvik.worker.interface import StepHandle
@@ -79,6 +80,7 @@ class MultiprocExecutor(Executor):
         self._conns: list[Connection] = []
         self._store: Any = None
         self._failure: str | None = None
+        self._encoder = StepEncoder()
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -169,7 +171,8 @@ class MultiprocExecutor(Executor):
         if step.structured is not None:  # its future stays here: send the finished bitmask
             resolved = ResolvedStructuredStep(list(step.structured.request_ids), step.structured.bitmask())
             step = replace(step, structured=resolved)  # type: ignore[arg-type]
-        self._send("execute", step)
+        encoded = self._encoder.encode(step)  # token lists as deltas: each rank keeps its copy
+        self._send("execute", encoded)
 
         def finish() -> RunnerOutput:
             output = self._gather()[self.output_rank]

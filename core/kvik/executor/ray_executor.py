@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from kvik.executor.base import Executor, ExecutorError, RankMemory, ResolvedStructuredStep
+from kvik.executor.step_codec import StepEncoder
 from kvik.executor.worker import Worker, for_workers
 from kvik.scheduling.output import RunnerOutput, SchedulerOutput
 from kvik.worker.interface import StepHandle
@@ -44,6 +45,7 @@ class RayExecutor(Executor):
         self._group: Any = None
         self._store: Any = None
         self._failure: str | None = None
+        self._encoder = StepEncoder()
 
     def start(self) -> None:
         import torch.distributed as dist
@@ -119,7 +121,8 @@ class RayExecutor(Executor):
         if step.structured is not None:
             resolved = ResolvedStructuredStep(list(step.structured.request_ids), step.structured.bitmask())
             step = replace(step, structured=resolved)  # type: ignore[arg-type]
-        shared = ray.put(step)  # serialized once for every actor
+        encoded = self._encoder.encode(step)  # token lists as deltas: each rank keeps its copy
+        shared = ray.put(encoded)  # serialized once for every actor
         refs = [a.execute.remote(shared) for a in self._actors]
 
         def finish() -> RunnerOutput:

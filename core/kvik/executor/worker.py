@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING
 
 from kvik.config import ModelConfig, ResolvedConfig
 from kvik.executor.base import RankMemory, RunnerCapabilities
+from kvik.executor.step_codec import EncodedStep, StepDecoder
 
 if TYPE_CHECKING:
     from kvik.platforms.interface import Platform
@@ -60,6 +61,7 @@ class Worker:
         self.manager = manager or get_plugin_manager()
         self.platform = platform or resolve_platform(config.platform, self.manager)
         self._runner: ModelRunner | None = None
+        self._steps = StepDecoder()  # token lists of live requests, for steps sent as deltas
         if platform is None:  # a process of its own: bind the device, apply process-wide settings
             self.platform.bind_rank(local_rank)
             self.platform.configure(config, model_config)
@@ -106,8 +108,10 @@ class Worker:
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)
 
-    def execute(self, scheduler_output: SchedulerOutput) -> RunnerOutput | None:
-        """Run one step; the output rank returns its samples, the others None (nothing to send back)."""
+    def execute(self, step: SchedulerOutput | EncodedStep) -> RunnerOutput | None:
+        """Run one step (whole, or encoded by :class:`~kvik.executor.step_codec.StepEncoder`); the output
+        rank returns its samples, the others None (nothing to send back)."""
+        scheduler_output = self._steps.decode(step) if isinstance(step, EncodedStep) else step
         output = self.runner.execute(scheduler_output)
         return output if self.is_output_rank else None
 

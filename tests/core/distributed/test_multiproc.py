@@ -21,7 +21,9 @@ from kvik.testing.tiny_models import make_tiny_model
 
 PROMPTS = ["Hello world", "The quick brown fox jumps", "Once upon a time there was", "def main():"]
 GREEDY = SamplingParams(temperature=0.0, max_tokens=16, ignore_eos=True, logprobs=2)
-SEEDED = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=12, ignore_eos=True, seed=7)
+# Penalties read each request's prompt and output tokens: what the workers rebuild from deltas.
+SEEDED = SamplingParams(temperature=0.9, top_p=0.9, max_tokens=12, ignore_eos=True, seed=7, repetition_penalty=1.3,
+                        presence_penalty=0.5)
 
 
 def _engine_kwargs(path: Path) -> dict[str, Any]:
