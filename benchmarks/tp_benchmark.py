@@ -1,7 +1,7 @@
 """Tensor parallelism on two GPUs: correctness and speed, one JSON summary (the lead's H200 x2 check).
 
-    python benchmarks/tp_benchmark.py            # needs 2 GPUs; about 5-8 minutes
-    OUT=/some/dir python benchmarks/tp_benchmark.py   # also writes $OUT/tp_benchmark.json
+    python3 -m pip install -q --no-deps --no-build-isolation -e core -e platforms/cuda -e attention_backends/triton
+    OUT=/some/dir python3 benchmarks/tp_benchmark.py   # 2 GPUs, <= 8 minutes; also writes $OUT/tp_benchmark.json
 
 1. ``tokens``: a small random Llama (fp32 and bf16, written to a temp dir by kvik.testing.tiny_models):
    greedy tokens of TP=2 and PP=2 (multiprocess executor, NCCL) against TP=1, plus the largest
