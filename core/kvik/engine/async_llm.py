@@ -254,6 +254,8 @@ class AsyncLLM:
                 if self.engine.has_unfinished_requests():
                     self._post(self.engine.step())
                     self._post(self.engine.take_pooling_outputs())
+                else:  # idle: a worker process that died must still fail the engine (and /ready) now
+                    self.engine.check_health()
                 self._stats = self.engine.get_stats()
         except BaseException as exc:  # the loop is dead: fail every waiting request loudly
             logger.exception("engine loop failed")

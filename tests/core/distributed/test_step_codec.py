@@ -41,3 +41,4 @@ def test_decoded_steps_equal_the_engines(steps: list[list[tuple[int, int, bool]]
         finished = sorted({f"r{i}" for i, _, done in step if done})
         for rid in finished:
             live.pop(rid, None)
+
