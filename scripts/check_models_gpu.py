@@ -30,6 +30,30 @@ def _load(path: Path) -> Any:
     return module
 
 
+def divergences(path: Path, prompts: list[list[int]], got: list[list[int]], reference: list[list[int]],
+                device: str) -> list[dict[str, Any]]:
+    """Where each differing prompt first diverges, and the reference's float32 logits there: a gap of ~1e-6
+    between kvik's token and the reference's is a tie that any change of summation order may break, a large
+    gap is a bug."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map=device).eval()
+    found = []
+    for i, (g, r) in enumerate(zip(got, reference, strict=True)):
+        if g == r:
+            continue
+        step = next(k for k, (a, b) in enumerate(zip(g, r, strict=False)) if a != b)
+        ids = torch.tensor([prompts[i] + r[:step]], device=device)
+        with torch.no_grad():
+            logits = model(ids).logits[0, -1].float()
+        top2 = torch.topk(logits, 2)
+        found.append({"prompt": i, "step": step, "kvik_token": g[step], "reference_token": r[step],
+                      "reference_logit_gap": float(logits[r[step]] - logits[g[step]]),
+                      "reference_top2_gap": float(top2.values[0] - top2.values[1])})  # fmt: skip
+    return found
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cuda")
@@ -78,6 +102,8 @@ def main() -> int:
                 identical=got == reference,
                 differing_prompts=[i for i, (g, r) in enumerate(zip(got, reference, strict=True)) if g != r],
             )
+            if got != reference:
+                record["divergences"] = divergences(path, prompts, got, reference, args.hf_device)
             del llm
         except Exception as exc:  # report every case, then fail
             record.update(identical=False, error=f"{type(exc).__name__}: {exc}"[:500])

@@ -19,6 +19,7 @@ from kvik.spec_decode.config import SpeculativeConfig
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _POLICIES = ("fcfs", "priority")
 _WEIGHT_MODES = ("auto", "dequantize", "quantized")
+_MODEL_IMPLS = ("auto", "kvik", "transformers")
 
 
 class SchedulingPolicy(str, Enum):
@@ -83,6 +84,10 @@ class EngineConfig:
     quantization: str | None = None
     quantized_weights: str = "auto"  # keep quantized weights packed, or dequantize at load
     load_format: str = "auto"  # "dummy": random weights, only the checkpoint's config (and tokenizer) is read
+    # Which modelling code runs the architecture (vLLM's name): "auto" = kvik's native one when
+    # registered, else transformers' (the fallback); "kvik" = native or an error; "transformers" =
+    # always transformers' code with kvik's paged attention (for comparing, or a native bug).
+    model_impl: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs / compiled graphs
     # Schedule step n+1 while the device runs step n (None: the platform decides; on for CUDA/ROCm).
     async_scheduling: bool | None = None
@@ -132,6 +137,8 @@ class EngineConfig:
             raise ValueError(
                 f"load_format must be one of {', '.join(f.value for f in LoadFormat)}, got {self.load_format!r}"
             )
+        if self.model_impl not in _MODEL_IMPLS:
+            raise ValueError(f"model_impl must be one of {', '.join(_MODEL_IMPLS)}, got {self.model_impl!r}")
         if self.runner not in ("auto", "generate", "pooling"):
             raise ValueError(f"runner must be 'auto', 'generate' or 'pooling', got {self.runner!r}")
         if isinstance(self.max_model_len, str) and self.max_model_len != "auto":

@@ -77,6 +77,10 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine.add_argument("--trust-remote-code", action="store_true", default=None,
                         help="let transformers run code shipped with the checkpoint (config, tokenizer)")  # fmt: skip
     engine.add_argument("--device", help="platform name (cpu, cuda, ...; default: auto-detect)")
+    engine.add_argument("--model-impl", choices=["auto", "kvik", "transformers"],
+                        help="modelling code: kvik's native, transformers' (the fallback), or auto (native when kvik has it)")  # fmt: skip
+    engine.add_argument("--load-format", choices=["auto", "dummy", "safetensors", "gguf"],
+                        help="dummy: random weights from the checkpoint's config (benchmarks)")  # fmt: skip
     engine.add_argument("--dtype", choices=["auto", "float32", "float16", "bfloat16"], default="auto")
     engine.add_argument("--max-model-len", type=_max_model_len,
                         help="context length, or 'auto' to fit memory (default: the model's)")  # fmt: skip
@@ -213,7 +217,8 @@ def finalize_args(args: Any, parser: argparse.ArgumentParser | None = None) -> A
 
 def engine_kwargs(args: Any) -> dict[str, Any]:
     """AsyncLLM.from_engine_args keyword arguments from the flags that were given."""
-    names = ("model", "tokenizer", "revision", "download_dir", "trust_remote_code", "device", "dtype",
+    names = ("model", "tokenizer", "revision", "download_dir", "trust_remote_code", "device", "model_impl",
+             "load_format", "dtype",
              "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "enable_prefix_caching",
              "enforce_eager", "async_scheduling", "seed", "num_threads", "runner",
              "speculative_config", "tensor_parallel_size", "pipeline_parallel_size",

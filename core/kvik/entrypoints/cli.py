@@ -81,6 +81,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-model-len", default=None, type=_max_model_len, help="context length (int or 'auto')")
     parser.add_argument("--kv-cache-memory", default=None, type=_size_arg, help="bytes for the KV cache, e.g. 2GiB")
     parser.add_argument("--quantized-weights", default="auto", choices=["auto", "dequantize", "quantized"])
+    parser.add_argument("--model-impl", default="auto", choices=["auto", "kvik", "transformers"],
+                        help="modelling code: kvik's native, transformers' (the fallback), or auto")  # fmt: skip
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                         help="split each layer over N devices (docs/distributed.md)")  # fmt: skip
@@ -153,6 +155,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         max_model_len=args.max_model_len,
         kv_cache_memory=args.kv_cache_memory,
         quantized_weights=args.quantized_weights,
+        model_impl=args.model_impl,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size,

@@ -108,8 +108,21 @@ def build_model_config(
     for name in archs:
         if name in registry.conflicts:
             registry.entry(name)  # raises, naming both plugins that registered it
-    arch = next((a for a in archs if a in registry), None)
-    if arch is None:
+    arch = next((a for a in archs if a in registry and a != FALLBACK_ARCHITECTURE), None)
+    if arch is None and engine_config.model_impl == "kvik":
+        raise ValueError(
+            f"model_impl='kvik' but kvik has no native implementation of {', '.join(archs) or 'this model'} "
+            f"(registered: {', '.join(registry.names())}); model_impl='auto' runs transformers' code instead"
+        )
+    if engine_config.model_impl == "transformers":
+        why_not = transformers_fallback_refusal(hf)
+        if why_not is not None or FALLBACK_ARCHITECTURE not in registry:
+            raise ValueError(
+                f"model_impl='transformers' cannot run {', '.join(archs) or 'this model'}: "
+                f"{why_not or 'the transformers fallback is not registered'}"
+            )
+        arch = FALLBACK_ARCHITECTURE
+    elif arch is None:
         why_not = transformers_fallback_refusal(hf)
         if why_not is not None or FALLBACK_ARCHITECTURE not in registry:
             raise ValueError(

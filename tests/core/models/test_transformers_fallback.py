@@ -88,3 +88,30 @@ def test_architectures_the_fallback_refuses(tmp_path) -> None:
     config.save_pretrained(tmp_path)
     with pytest.raises(ValueError, match=r"BertForMaskedLM is not supported.*name no causal LM"):
         build_model_config(EngineConfig(model=str(tmp_path)), resolve_format(str(tmp_path), manager), manager)
+
+
+def test_model_impl_transformers_runs_a_native_architecture_through_the_fallback(tmp_path) -> None:
+    """model_impl='transformers' (vLLM's switch) forces the fallback on Llama: the same greedy tokens as native."""
+    import kvik
+    from kvik.testing.tiny_models import make_tiny_model
+
+    path = make_tiny_model(tmp_path / "llama", "llama")
+    params = kvik.SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS, ignore_eos=True)
+    outputs = {}
+    for impl in ("kvik", "transformers"):
+        llm = kvik.LLM(str(path), device="cpu", dtype="float32", num_kv_blocks=64, max_model_len=128, model_impl=impl)
+        arch = llm.llm_engine.model_config.architecture
+        assert (arch == "TransformersForCausalLM") == (impl == "transformers"), arch
+        outputs[impl] = [o.outputs[0].token_ids for o in llm.generate(PROMPTS, params)]
+    assert outputs["kvik"] == outputs["transformers"]
+
+
+def test_model_impl_kvik_refuses_an_architecture_without_native_code(tmp_path) -> None:
+    from kvik.config import EngineConfig
+    from kvik.models.model_config import build_model_config, resolve_format
+
+    path = _checkpoint(tmp_path, "olmo2")
+    with pytest.raises(ValueError, match=r"model_impl='kvik'.*Olmo2ForCausalLM.*model_impl='auto'"):
+        build_model_config(EngineConfig(model=str(path), model_impl="kvik"), resolve_format(str(path)))
+    with pytest.raises(ValueError, match="model_impl must be one of"):
+        EngineConfig(model=str(path), model_impl="native")
