@@ -25,9 +25,8 @@ def parallel_problems(
     problems: list[str] = []
     executor = config.distributed_executor_backend
     if executor not in manager.executors.names():
-        problems.append(
-            f"distributed_executor_backend={executor!r} is not registered (known: {', '.join(sorted(manager.executors.names()))})"
-        )
+        known = ", ".join(sorted(manager.executors.names()))
+        problems.append(f"distributed_executor_backend={executor!r} is not registered (known: {known})")
     offset = config.device_offset
     if executor != "ray" and offset and platform.device_count() is not None:
         count = platform.device_count()
@@ -37,7 +36,9 @@ def parallel_problems(
     if tp * pp == 1:
         return problems
     if executor == "uni":
-        problems.append(f"the 'uni' executor runs one rank, not {tp * pp}; use distributed_executor_backend='mp' or 'ray'")
+        problems.append(
+            f"the 'uni' executor runs one rank, not {tp * pp}; use distributed_executor_backend='mp' or 'ray'"
+        )
     if platform.distributed_backend is None:
         problems.append(f"platform {platform.name!r} runs one device per engine (no torch.distributed backend)")
     elif executor != "ray":  # Ray places ranks on any host of its cluster
@@ -75,7 +76,9 @@ def parallel_problems(
     return problems
 
 
-def check_parallel(config: ResolvedConfig, model_config: ModelConfig, platform: Platform, manager: PluginManager) -> None:
+def check_parallel(
+    config: ResolvedConfig, model_config: ModelConfig, platform: Platform, manager: PluginManager
+) -> None:
     """Raise one ``ValueError`` naming every problem of the parallel layout (see :func:`parallel_problems`)."""
     problems = parallel_problems(config, model_config, platform, manager)
     if problems:

@@ -34,7 +34,8 @@ class StepEncoder:
             sent = self._sent.get(req.request_id)
             outputs = req.output_token_ids
             if sent is None or sent > len(outputs):  # first time seen (or a reused id): everything
-                scheduled.append(replace(req, prompt_token_ids=list(req.prompt_token_ids), output_token_ids=list(outputs)))
+                whole = replace(req, prompt_token_ids=list(req.prompt_token_ids), output_token_ids=list(outputs))
+                scheduled.append(whole)
                 new_prompt.append(True)
             else:
                 scheduled.append(replace(req, prompt_token_ids=[], output_token_ids=list(outputs[sent:])))

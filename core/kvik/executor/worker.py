@@ -103,7 +103,8 @@ class Worker:
         runner = self.runner
         info = self.platform.memory_info()
         weights = runner.weight_bytes()
-        return RankMemory(info.total, info.free, weights, runner.profile(), runner.kv_block_bytes(self.config.block_size))
+        activations = runner.profile()
+        return RankMemory(info.total, info.free, weights, activations, runner.kv_block_bytes(self.config.block_size))
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)
