@@ -51,9 +51,11 @@ def parallel_problems(
         model_cls = manager.models.get(arch)
     except PluginError:
         model_cls = None
-    if tp > 1 and not getattr(model_cls, "supports_tensor_parallel", False):
+    # Declared by the class itself, never inherited: a subclass may build modules that are not split.
+    declared = vars(model_cls) if model_cls is not None else {}
+    if tp > 1 and not declared.get("supports_tensor_parallel", False):
         problems.append(f"{arch} does not support tensor parallelism yet (Llama, Mistral, Qwen2 and Qwen3 do)")
-    if pp > 1 and not getattr(model_cls, "supports_pipeline_parallel", False):
+    if pp > 1 and not declared.get("supports_pipeline_parallel", False):
         problems.append(f"{arch} does not support pipeline parallelism yet (Llama, Mistral, Qwen2 and Qwen3 do)")
     if tp > 1:
         hf = model_config.hf_config

@@ -90,10 +90,6 @@ class Gemma2Model(nn.Module):
 class Gemma2ForCausalLM(LlamaForCausalLM):
     """Gemma 2 on kvik's paged attention (see the module docstring)."""
 
-    # Its own modules (fused or expert layers, a scaled embedding) are not split yet.
-    supports_tensor_parallel = False
-    supports_pipeline_parallel = False
-
     model_cls = Gemma2Model
 
     def __init__(self, ctx: ModelBuildContext) -> None:

@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from kvik.attention.backend import AttentionMetadata
+from kvik.distributed.parallel_state import ParallelState
 from kvik.layers.activation import SiluAndMul
 from kvik.layers.norm import RMSNorm
 from kvik.layers.parallel_linear import column_linear, qkv_linear, row_linear
@@ -189,9 +190,13 @@ class LlamaForCausalLM(HFWeightLoader, nn.Module):
     model_cls: ClassVar[type[nn.Module]] = LlamaModel
     model: Any  # a model_cls instance
     # Built from ctx.parallel's slices (kvik.layers.parallel_linear / vocab_parallel) and split into
-    # pipeline stages by forward(); subclasses whose own modules do not are marked False.
+    # pipeline stages by forward(). Read from each class's own namespace, never inherited (a subclass
+    # may build its own modules): subclasses that reuse these layers unchanged declare them again.
     supports_tensor_parallel: ClassVar[bool] = True
     supports_pipeline_parallel: ClassVar[bool] = True
+    # A single device unless __init__ sets this rank's state (subclasses that build their own
+    # modules without calling it stay single-device).
+    parallel: ParallelState = ParallelState()
 
     def __init__(self, ctx: ModelBuildContext) -> None:
         super().__init__()
@@ -251,7 +256,8 @@ class LlamaForCausalLM(HFWeightLoader, nn.Module):
         rotary = self.model.rotary_emb
         cos_sin = rotary.cos_sin(positions, hidden.dtype)  # computed once, used by every layer
         # kv_caches holds this stage's layers only (one per attention layer built).
-        for layer, kv_cache in zip(self.model.layers[self.model.start : self.model.end], kv_caches, strict=True):
+        layers = self.model.layers[getattr(self.model, "start", 0) : getattr(self.model, "end", None)]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos_sin, rotary, kv_cache, metadata)
         if not p.is_last_stage:
             assert residual is not None  # every stage has at least one layer
@@ -276,6 +282,9 @@ class LlamaForCausalLM(HFWeightLoader, nn.Module):
 class MistralForCausalLM(LlamaForCausalLM):
     """Llama with an optional sliding window on every layer."""
 
+    supports_tensor_parallel = True  # the Llama layers, unchanged (declared per class: not inherited)
+    supports_pipeline_parallel = True
+
     @classmethod
     def layer_sliding_window(cls, cfg: Any, index: int) -> int | None:
         if getattr(cfg, "layer_types", None) is not None:
@@ -286,6 +295,9 @@ class MistralForCausalLM(LlamaForCausalLM):
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     """Llama with q/k/v biases; layers from ``max_window_layers`` on may slide."""
+
+    supports_tensor_parallel = True  # the Llama layers, unchanged (declared per class: not inherited)
+    supports_pipeline_parallel = True
 
     @classmethod
     def qkv_bias(cls, cfg: Any) -> bool:

@@ -44,10 +44,6 @@ def check_dense(ctx: ModelBuildContext) -> None:
 class MixtralForCausalLM(MistralForCausalLM):
     """Mistral attention (optionally windowed) + a top-k mixture of experts in every layer."""
 
-    # Its own modules (fused or expert layers, a scaled embedding) are not split yet.
-    supports_tensor_parallel = False
-    supports_pipeline_parallel = False
-
     @classmethod
     def make_mlp(cls, ctx: ModelBuildContext, index: int) -> nn.Module:
         check_dense(ctx)

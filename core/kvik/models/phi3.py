@@ -18,10 +18,6 @@ from kvik.models.llama import MistralForCausalLM
 class Phi3ForCausalLM(MistralForCausalLM):
     """Phi-3 / Phi-3.5 / Phi-4 (``Phi3ForCausalLM`` checkpoints)."""
 
-    # Its own modules (fused or expert layers, a scaled embedding) are not split yet.
-    supports_tensor_parallel = False
-    supports_pipeline_parallel = False
-
     @classmethod
     def qkv_bias(cls, cfg: Any) -> bool:
         return False

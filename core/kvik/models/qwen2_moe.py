@@ -20,10 +20,6 @@ from kvik.models.qwen3_moe import is_sparse_layer, sparse_moe
 class Qwen2MoeForCausalLM(Qwen2ForCausalLM):
     """Qwen2 (q/k/v biases per ``qkv_bias``) with routed + shared experts."""
 
-    # Its own modules (fused or expert layers, a scaled embedding) are not split yet.
-    supports_tensor_parallel = False
-    supports_pipeline_parallel = False
-
     @classmethod
     def qkv_bias(cls, cfg: Any) -> bool:
         return bool(getattr(cfg, "qkv_bias", True))

@@ -45,10 +45,6 @@ def sparse_moe(ctx: ModelBuildContext, shared_expert: nn.Module | None = None) -
 class Qwen3MoeForCausalLM(Qwen3ForCausalLM):
     """Qwen3 with :class:`~kvik.layers.moe.SparseMoE` feed-forward blocks (no shared expert)."""
 
-    # Its own modules (fused or expert layers, a scaled embedding) are not split yet.
-    supports_tensor_parallel = False
-    supports_pipeline_parallel = False
-
     @classmethod
     def make_mlp(cls, ctx: ModelBuildContext, index: int) -> nn.Module:
         if is_sparse_layer(ctx.model_config.hf_config, index):
