@@ -1,6 +1,11 @@
-"""SmolLM2 GGUF on CPU: kvik (both weight modes) vs llama.cpp (llama-cpp-python) vs HF transformers.
+"""SmolLM2 GGUF on CPU: kvik (both weight modes) vs llama.cpp (llama-cpp-python) vs HF transformers
+vs ONNX Runtime GenAI on kvik's ONNX exports of the same GGUF.
 
     python benchmarks/gguf_cpu.py --threads 2 --num-requests 32 --output-len 64
+    python benchmarks/gguf_cpu.py --systems kvik-dequantize,onnx-fp32,onnx-int4 --onnx-root /tmp/smol_onnx
+
+``onnx-<precision>`` exports the GGUF once to ``--onnx-root/<precision>`` (``kvik export onnx``), then
+decodes with ONNX Runtime GenAI (one sequence at a time, like llama.cpp's Python API).
 
 Each system runs in its own process (own peak RSS) on the same token ids: single-stream decode tok/s
 (one chat prompt, --single-len new tokens) and batched throughput for --num-requests chat prompts.
@@ -129,6 +134,47 @@ def _llama_cpp(args, single: list[int], batch: list[list[int]]) -> dict:
     )
 
 
+def _onnx(precision: str, args, single: list[int], batch: list[list[int]]) -> dict:
+    import onnxruntime_genai as og
+
+    folder = Path(args.onnx_root) / precision  # exported by main() before the timed workers start
+    config = og.Config(str(folder))
+    config.overlay(json.dumps({"model": {"decoder": {"session_options": {"intra_op_num_threads": args.threads}}}}))
+    model = og.Model(config)
+
+    def run(ids: list[int], n: int) -> tuple[int, float, float]:
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + n, min_length=len(ids) + n)
+        generator = og.Generator(model, params)
+        t = time.perf_counter()
+        generator.append_tokens(ids)
+        first = None
+        count = 0
+        while not generator.is_done():
+            generator.generate_next_token()
+            count += 1
+            if first is None:
+                first = time.perf_counter()
+        end = time.perf_counter()
+        return count, (first or end) - t, end - (first or end)
+
+    run(single[:8], 4)  # warm-up
+    t = time.perf_counter()
+    count, ttft, decode = run(single, args.single_len)
+    single_s = time.perf_counter() - t
+    t = time.perf_counter()
+    n_out = sum(run(ids, args.output_len)[0] for ids in batch)
+    batch_s = time.perf_counter() - t
+    return dict(
+        system=f"onnxruntime-genai ({precision}, sequential)",
+        single_decode_tok_s=(count - 1) / decode,
+        single_ttft_ms=ttft * 1000,
+        single_s=single_s,
+        batch_out_tok_s=n_out / batch_s,
+        batch_s=batch_s,
+    )
+
+
 def _hf(args, single: list[int], batch: list[list[int]]) -> dict:
     import torch
     from transformers import AutoModelForCausalLM
@@ -168,6 +214,7 @@ def main() -> None:
     parser.add_argument("--output-len", type=int, default=64)
     parser.add_argument("--single-len", type=int, default=128)
     parser.add_argument("--systems", default="kvik-dequantize,kvik-quantized,llama.cpp,hf")
+    parser.add_argument("--onnx-root", default="/tmp/kvik_smollm2_onnx", help="where onnx-<precision> exports live")
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -179,6 +226,8 @@ def main() -> None:
             # kvik-<mode>[-<dtype>]
             _, mode, *dtype = worker.split("-")
             result = _kvik(mode, args, single, batch, *dtype)
+        elif worker.startswith("onnx-"):
+            result = _onnx(worker.removeprefix("onnx-"), args, single, batch)
         else:
             result = {"llama.cpp": _llama_cpp, "hf": _hf}[worker](args, single, batch)
         result["peak_rss_mib"] = peak_rss_mib()
@@ -186,6 +235,12 @@ def main() -> None:
         return
     rows = []
     for system in args.systems.split(","):
+        folder = Path(args.onnx_root) / system.removeprefix("onnx-")
+        if system.startswith("onnx-") and not (folder / "genai_config.json").exists():
+            from kvik.entrypoints.export_onnx import export_onnx
+
+            print(f"exporting {folder} ...", file=sys.stderr, flush=True)
+            export_onnx(gguf_path(), folder, precision=system.removeprefix("onnx-"), verify=False)
         print(f"running {system} ...", file=sys.stderr, flush=True)
         try:
             rows.append(run_isolated([__file__, *sys.argv[1:], "--_worker", system]))

@@ -1,4 +1,4 @@
-"""The ``kvik`` command: plugins, env, generate, serve, run-batch."""
+"""The ``kvik`` command: plugins, env, generate, serve, run-batch, export."""
 
 from __future__ import annotations
 
@@ -250,6 +250,24 @@ def build_parser() -> argparse.ArgumentParser:
     add_batch_arguments(p)
     p.set_defaults(func=_cmd_run_batch)
 
+    p = sub.add_parser("export", help="write a model in another runtime's format (onnx: ONNX Runtime GenAI)")
+    p.add_argument("target", choices=["onnx"], help="onnx: an ONNX Runtime GenAI model folder")
+    p.add_argument(
+        "--model", "-m", default=None, help="checkpoint directory, .gguf file or Hub id (default: bundled SmolLM2)"
+    )
+    p.add_argument("--output", "-o", required=True, help="folder to write (must be new or empty)")
+    p.add_argument("--precision", default="auto", choices=["auto", "fp32", "fp16", "bf16", "int4", "int8"],
+                   help="auto: int4 (MatMulNBits) for a quantized source, else fp32")  # fmt: skip
+    p.add_argument("--execution-provider", default="cpu", choices=["cpu", "cuda", "dml", "webgpu"])
+    p.add_argument("--no-verify", dest="verify", action="store_false",
+                   help="skip the greedy round trip against kvik (on by default for cpu exports)")  # fmt: skip
+    p.add_argument("--builder-option", action="append", default=[], metavar="KEY=VALUE",
+                   help="passed to the ONNX Runtime GenAI builder's --extra_options (repeatable)")  # fmt: skip
+    p.add_argument("--revision", default=None, help="Hub branch, tag or commit of --model")
+    p.add_argument("--download-dir", default=None, help="Hub cache folder (default: huggingface_hub's)")
+    p.add_argument("--trust-remote-code", action="store_true", help="let transformers run the checkpoint's code")
+    p.set_defaults(func=_cmd_export)
+
     try:
         from kvik_server.cli import add_serve_arguments
     except ImportError:
@@ -260,6 +278,25 @@ def build_parser() -> argparse.ArgumentParser:
         add_serve_arguments(p)
         p.set_defaults(func=_cmd_serve)
     return parser
+
+
+def _cmd_export(args: argparse.Namespace) -> int:
+    from kvik.entrypoints.export_onnx import export_onnx
+    from kvik.models.default import default_model
+
+    options = {}
+    for item in args.builder_option:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ValueError(f"--builder-option takes KEY=VALUE, got {item!r}")
+        options[key] = value
+    print(f"kvik export onnx: building {args.output} (this takes a minute or more) ...", file=sys.stderr, flush=True)
+    report = export_onnx(args.model or default_model(), args.output, precision=args.precision,
+                         execution_provider=args.execution_provider, verify=args.verify, revision=args.revision,
+                         download_dir=args.download_dir, trust_remote_code=args.trust_remote_code,
+                         builder_options=options)  # fmt: skip
+    print(report.summary())
+    return 0 if report.round_trip is None or report.round_trip.identical or report.precision != "fp32" else 1
 
 
 def _missing_server() -> int:
