@@ -4,7 +4,7 @@ Each replica is a whole engine (its own scheduler, KV cache and ranks on its own
 devices: replica ``r`` uses devices ``[r * tp * pp, (r + 1) * tp * pp)``). The router
 sends each request to one replica, by one of two policies:
 
-- ``least_loaded``: the replica with the fewest unfinished requests;
+- ``least_loaded``: the replica with the fewest unfinished requests (ties in turn);
 - ``prefix``: the replica a hash of the prompt's first :data:`PREFIX_TOKENS` tokens names,
   so prompts sharing a system prompt meet the same prefix cache, unless that replica has
   :data:`PREFIX_SLACK` more unfinished requests than the least loaded (then least-loaded).
@@ -44,6 +44,7 @@ class DataParallelLLM:
         self.replicas = list(replicas)
         self.routing = routing
         self._owner: dict[str, AsyncLLM] = {}  # live request id -> its replica
+        self._turn = 0  # where the next tie-break starts
 
     @classmethod
     def from_engine_args(
@@ -107,7 +108,10 @@ class DataParallelLLM:
 
     # -- routing ---------------------------------------------------------------------------
     def pick(self, prompt: str | Sequence[int]) -> AsyncLLM:
-        least = min(self.replicas, key=lambda r: r.num_unfinished)
+        # Ties go round-robin, so requests that arrive one at a time still use every replica.
+        self._turn = (self._turn + 1) % len(self.replicas)
+        order = self.replicas[self._turn :] + self.replicas[: self._turn]
+        least = min(order, key=lambda r: r.num_unfinished)
         if self.routing == "least_loaded" or len(self.replicas) == 1:
             return least
         head = prompt[:PREFIX_TOKENS * 4] if isinstance(prompt, str) else list(prompt[:PREFIX_TOKENS])

@@ -96,3 +96,8 @@ def test_merged_statistics() -> None:
     assert (m.num_running, m.num_waiting, m.prefix_cache_queries, m.generation_tokens_total) == (4, 2, 30, 55)
     assert m.kv_cache_usage == pytest.approx(0.4) and m.last_step_time == 9.0
     assert m.spec_accepted_per_position == (3, 1)
+
+
+def test_least_loaded_ties_take_turns(router: Any) -> None:
+    dp, _, _ = router
+    assert {id(dp.pick([1, 2])) for _ in range(4)} == {id(r) for r in dp.replicas}  # idle: one each in turn
