@@ -235,7 +235,7 @@ class ChatMessage(OpenAIModel):
         if isinstance(parts, list):
             for part in parts:
                 kind = part.get("type") if isinstance(part, dict) else None
-                if kind in _MEDIA_PARTS:
+                if isinstance(kind, str) and kind in _MEDIA_PARTS:  # an unhashable "type" is pydantic's to refuse
                     raise ValueError(
                         f"{_MEDIA_PARTS[kind]} inputs are not supported: this server's model takes text only "
                         f"(got a content part of type {kind!r}); send the content as text parts or a string"

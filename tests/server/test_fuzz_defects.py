@@ -107,6 +107,15 @@ def test_reserved_template_kwargs_cover_apply_chat_template() -> None:
     assert named - {"self", REQUEST_TEMPLATE_KEY} <= RESERVED_TEMPLATE_KWARGS
 
 
+@pytest.mark.parametrize("kind", [{"messages": [], "tokenize": True}, ["text"], 7])
+def test_content_part_type_that_is_not_a_string_is_400(app_server: InProcessServer, kind: Any) -> None:
+    # found by the derandomized schema fuzz in CI: an unhashable "type" crashed the media-part check
+    parts = [{"type": "text", "text": "a"}, {"type": kind, "text": "b"}]
+    body = {"messages": [{"role": "user", "content": parts}], "max_tokens": 2}
+    error_of(app_server.post("/v1/chat/completions", body))
+    still_serving(app_server)
+
+
 @pytest.mark.parametrize("ids", [[-1, 5], [2**64, 5], [2**63], [5, 2**64 - 1], [10**6]])
 def test_echo_with_out_of_vocabulary_ids_is_400(app_server: InProcessServer, ids: list[int]) -> None:
     for echo in (True, False):
