@@ -53,6 +53,13 @@ def kvik_register_structured_output_backends(register: RegisterFn) -> None:
 
 
 @hookimpl
+def kvik_register_executors(register: RegisterFn) -> None:
+    register("uni", "kvik.executor.uni:UniExecutor")
+    register("mp", "kvik.executor.multiproc:MultiprocExecutor")
+    register("ray", "kvik.executor.ray_executor:RayExecutor")  # needs `pip install ray`
+
+
+@hookimpl
 def kvik_register_spec_proposers(register: RegisterFn) -> None:
     register("ngram", "kvik.spec_decode.ngram:NgramProposer")
     register("suffix", "kvik.spec_decode.suffix:SuffixProposer")

@@ -111,6 +111,17 @@ class EngineConfig:
     max_loras: int = 1  # adapters in one step: the device slots
     max_lora_rank: int = 16  # the largest adapter rank accepted (slots are sized for it)
     max_cpu_loras: int | None = None  # adapters kept in host memory; None: max_loras
+    # More than one device (docs/distributed.md): the model's layers split over tensor_parallel_size
+    # ranks, its layers over pipeline_parallel_size stages; tp x pp worker processes in all.
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    # Who runs the ranks: "uni" (this process; one rank), "mp" (worker processes on this host),
+    # "ray" (Ray actors, any host of the cluster), or a name a plugin registered. None: "uni" for
+    # one rank, else "mp".
+    distributed_executor_backend: str | None = None
+    # Which replica of a data-parallel server this engine is (kvik.engine.data_parallel): its ranks use
+    # devices [rank * tp * pp, (rank + 1) * tp * pp) of this host.
+    data_parallel_rank: int = 0
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:
@@ -138,10 +149,17 @@ class EngineConfig:
         if isinstance(self.max_model_len, str) and self.max_model_len != "auto":
             raise ValueError(f"max_model_len must be an integer, None or 'auto', got {self.max_model_len!r}")
         for name in ("max_model_len", "block_size", "max_num_batched_tokens", "max_num_seqs",
-                     "kv_cache_memory", "num_kv_blocks", "num_threads"):
+                     "kv_cache_memory", "num_kv_blocks", "num_threads", "tensor_parallel_size",
+                     "pipeline_parallel_size"):
             value = getattr(self, name)
             if isinstance(value, int) and not isinstance(value, bool) and value < 1:
                 raise ValueError(f"{name} must be >= 1, got {value}")
+        for name in ("tensor_parallel_size", "pipeline_parallel_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.data_parallel_rank, bool) or not isinstance(self.data_parallel_rank, int) or self.data_parallel_rank < 0:
+            raise ValueError(f"data_parallel_rank must be an integer >= 0, got {self.data_parallel_rank!r}")
         if isinstance(self.long_prefill_token_threshold, bool) or self.long_prefill_token_threshold < 0:
             raise ValueError(
                 f"long_prefill_token_threshold must be an int >= 0 (0 = no limit), got {self.long_prefill_token_threshold!r}"
@@ -220,6 +238,14 @@ class ResolvedConfig:
     max_loras: int = 0  # device slots (distinct adapters per step)
     max_lora_rank: int = 0
     max_cpu_loras: int = 0  # adapters in the host cache (>= max_loras)
+    tensor_parallel_size: int = 1  # ranks each layer is split over
+    pipeline_parallel_size: int = 1  # stages the layers are split into
+    distributed_executor_backend: str = "uni"  # the registered executor that runs the ranks
+    device_offset: int = 0  # this engine's first local device (data-parallel replica r: r * world_size)
+
+    @property
+    def world_size(self) -> int:
+        return self.tensor_parallel_size * self.pipeline_parallel_size
 
 
 @dataclass(slots=True)

@@ -17,4 +17,6 @@ __version__ = "0.1.0"
 # 2.1: tool-parser and reasoning-parser hooks (served by kvik-server)
 # 2.2: kvik_register_spec_proposers (speculative decoding), ScheduledRequest.draft_token_ids
 # 2.3: QuantizationMethod.validate_device, devices, device_requirements, quantizes_dense_checkpoints
+#      kvik_register_executors (kvik.executor.Executor), ModelBuildContext.parallel,
+#      Platform.distributed_backend / device_count() / bind_rank()
 PLUGIN_API_VERSION = "2.3"

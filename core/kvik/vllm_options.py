@@ -13,10 +13,7 @@ ANY = object()  # a tuning knob that cannot change outputs: every value is accep
 
 # option -> the values that ask for nothing kvik lacks (vLLM's defaults among them)
 OFF_VALUES: dict[str, tuple[Any, ...] | object] = {
-    "tensor_parallel_size": (1,),
-    "pipeline_parallel_size": (1,),
     "data_parallel_size": (1,),
-    "distributed_executor_backend": (None, "uni", "mp"),
     "enable_expert_parallel": (False,),
     "disable_custom_all_reduce": ANY,
     "cpu_offload_gb": (0,),

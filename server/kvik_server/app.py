@@ -191,7 +191,9 @@ def build_app(engine: Any, args: Any = None) -> FastAPI:
     async def health() -> Response:
         if ctx.started and engine.is_healthy():
             return Response(status_code=200)
-        return JSONResponse({"status": "unhealthy", "reason": "the engine loop is not running"}, status_code=503)
+        error = getattr(engine, "error", None)  # what stopped the loop (a worker process that died, ...)
+        reason = "the engine loop is not running" + (f": {error}" if error is not None else "")
+        return JSONResponse({"status": "unhealthy", "reason": reason}, status_code=503)
 
     @app.get("/ready")
     async def ready() -> JSONResponse:
@@ -240,7 +242,8 @@ def readiness(ctx: ServingContext) -> tuple[bool, str]:
     if not ctx.started:
         return False, "the engine has not started"
     if not ctx.engine.is_healthy():
-        return False, "the engine loop is not running"
+        error = getattr(ctx.engine, "error", None)  # e.g. a worker process died (kvik.executor)
+        return False, "the engine loop is not running" + (f": {error}" if error is not None else "")
     stats = ctx.engine.get_stats()
     busy_since = ctx.busy_since()
     # The server's own count of requests awaiting the engine counts too: a wedged step

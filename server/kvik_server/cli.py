@@ -110,6 +110,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
                         help='speculative decoding, e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\' '
                              "(methods: ngram, suffix; see docs/spec_decode.md)")  # fmt: skip
     engine.add_argument("--seed", type=int, help="engine seed")
+    engine.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, metavar="N",
+                        help="split each layer over N devices (docs/distributed.md)")  # fmt: skip
+    engine.add_argument("--pipeline-parallel-size", "-pp", type=_positive_int, metavar="M",
+                        help="split the layers into M stages on their own devices")  # fmt: skip
+    engine.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1, metavar="D",
+                        help="serve D engine replicas, each on its own tp x pp devices, behind one router")  # fmt: skip
+    engine.add_argument("--data-parallel-routing", choices=["least_loaded", "prefix"], default="least_loaded",
+                        help="how the router picks a replica: fewest unfinished requests, or by prompt prefix")  # fmt: skip
+    engine.add_argument("--distributed-executor-backend", metavar="NAME",
+                        help="who runs the ranks: mp (processes on this host; default), ray, uni, or a plugin's")  # fmt: skip
     engine.add_argument("--runner", choices=["auto", "generate", "pooling"],
                         help="pooling: serve embeddings / rerank / score / classify (default auto: from the model)")  # fmt: skip
     engine.add_argument("--num-threads", type=_positive_int, help="CPU platforms: torch intra-op threads")
@@ -235,7 +245,8 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
              "load_format", "dtype", "quantization", "quantized_weights",
              "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "enable_prefix_caching",
              "enforce_eager", "async_scheduling", "seed", "num_threads", "runner",
-             "speculative_config", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras")  # fmt: skip
+             "speculative_config", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras",
+             "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend")  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
 
 
@@ -251,7 +262,14 @@ def run_server(args: Any) -> int:
     args = apply_config_file(args)
     args = finalize_args(args)
     configure_logging(resolve_log_level(args, "info"))
-    engine = AsyncLLM.from_engine_args(**engine_kwargs(args))
+    replicas = getattr(args, "data_parallel_size", 1) or 1
+    engine: Any
+    if replicas > 1:
+        from kvik.engine.data_parallel import DataParallelLLM
+
+        engine = DataParallelLLM.from_engine_args(replicas, args.data_parallel_routing, **engine_kwargs(args))
+    else:
+        engine = AsyncLLM.from_engine_args(**engine_kwargs(args))
     app = build_app(engine, args)
     config = uvicorn.Config(
         app,

@@ -109,13 +109,14 @@ class InProcessServer:
     (max_model_len 256, 8 sequences, one torch thread).
     """
 
-    def __init__(self, model: Path, settings: Any = None, **engine_kwargs: Any) -> None:
+    def __init__(self, model: Path, settings: Any = None, engine: Any = None, **engine_kwargs: Any) -> None:
         from kvik.engine.async_llm import AsyncLLM
         from kvik_server.app import build_app
         from kvik_server.context import ServerSettings
 
         kwargs: dict[str, Any] = {"max_model_len": 256, "max_num_seqs": 8, "num_threads": 1, **engine_kwargs}
-        self.engine = AsyncLLM.from_engine_args(model=str(model), device="cpu", **kwargs)
+        # ``engine``: an already built AsyncLLM-shaped engine (e.g. a data-parallel router) to serve instead.
+        self.engine = engine if engine is not None else AsyncLLM.from_engine_args(model=str(model), device="cpu", **kwargs)
         self.app = build_app(self.engine, settings or ServerSettings(served_model_name="tiny"))
         self.loop = asyncio.new_event_loop()
         self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)

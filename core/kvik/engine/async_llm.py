@@ -71,6 +71,11 @@ class AsyncLLM:
     def get_stats(self) -> EngineStats:
         return self._stats
 
+    @property
+    def error(self) -> BaseException | None:
+        """What stopped the step loop (e.g. a worker process that died), or None while it runs."""
+        return self._error
+
     def is_healthy(self) -> bool:
         return self._error is None and (self._thread is None or self._thread.is_alive() or not self._running)
 
@@ -286,6 +291,8 @@ class AsyncLLM:
                 if self.engine.has_unfinished_requests():
                     self._post(self.engine.step())
                     self._post(self.engine.take_pooling_outputs())
+                else:  # idle: a worker process that died must still fail the engine (and /ready) now
+                    self.engine.check_health()
                 self._stats = self.engine.get_stats()
         except BaseException as exc:  # the loop is dead: fail every waiting request loudly
             logger.exception("engine loop failed")

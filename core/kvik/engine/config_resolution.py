@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 
 from kvik.attention.selector import select_attention_backend
 from kvik.config import EngineConfig, LoadFormat, ModelConfig, ResolvedConfig, SchedulingPolicy, WeightsMode
+from kvik.distributed.checks import check_parallel
 from kvik.models.formats import ModelFormat
 from kvik.models.hub import TOKENIZER_FILES, resolve_model_path
 from kvik.models.model_config import FALLBACK_ARCHITECTURE, build_model_config, resolve_format
@@ -51,6 +52,8 @@ _PASSED_THROUGH = (
     "enable_lora",
     "max_loras",
     "max_lora_rank",
+    "tensor_parallel_size",
+    "pipeline_parallel_size",
 )
 
 
@@ -169,10 +172,12 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         speculative_config=_speculative(draft, manager),
         runner=_resolve_runner(draft.runner, model_config, notes),
         max_cpu_loras=max(draft.max_cpu_loras or draft.max_loras, draft.max_loras),
+        distributed_executor_backend=_executor_name(draft, platform, sources),
+        device_offset=draft.data_parallel_rank * draft.tensor_parallel_size * draft.pipeline_parallel_size,
     )
     if draft.max_cpu_loras is None and draft.enable_lora:
         sources["max_cpu_loras"] = "derived: max_loras"
-
+    check_parallel(config, model_config, platform, manager)  # one ValueError listing every problem
     # The backend is chosen here, once, from the model's facts: the runner builds what the config names.
     backend = select_attention_backend(
         platform,
@@ -243,6 +248,19 @@ def _resolve_runner(requested: str, model_config: ModelConfig, notes: list[str])
     notes.append(f"runner=pooling: {arch} runs as {body} (its hidden states are pooled, no logits)")
     model_config.architecture = body
     return "pooling"
+
+
+def _executor_name(draft: EngineConfig, platform: Platform, sources: dict[str, str]) -> str:
+    if draft.distributed_executor_backend is not None:
+        return draft.distributed_executor_backend
+    if draft.tensor_parallel_size * draft.pipeline_parallel_size > 1:
+        sources["distributed_executor_backend"] = "derived: more than one rank"
+        return "mp"
+    if draft.data_parallel_rank > 0 and platform.device_count() is not None:
+        # A later replica's device is not this process's: its rank runs in a process bound to it.
+        sources["distributed_executor_backend"] = "derived: a data-parallel replica on its own device"
+        return "mp"
+    return "uni"
 
 
 def _platform_options(draft: EngineConfig, platform: Platform, sources: dict[str, str]) -> tuple[Any, list[str]]:

@@ -24,6 +24,8 @@ from kvik.engine.config_resolution import resolve_config
 from kvik.engine.memory_planner import MemoryPlan, plan_memory
 from kvik.engine.output_processor import OutputProcessor, RequestState, SampleState
 from kvik.engine.progress import LoadProgress, format_bytes, format_tokens, step
+from kvik.executor import Executor, create_executor
+from kvik.executor.base import RunnerCapabilities
 from kvik.lora.registry import LoRARegistry
 from kvik.lora.request import LoRARequest
 from kvik.outputs import RequestMetrics, RequestOutput
@@ -40,7 +42,7 @@ from kvik.scheduling.output import SchedulerOutput
 from kvik.spec_decode.config import SpeculativeConfig
 from kvik.spec_decode.proposer import Proposer
 from kvik.structured.manager import StructuredOutputManager
-from kvik.worker.interface import StepHandle
+from kvik.worker.interface import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -113,31 +115,45 @@ class LLMEngine:
             ", fitted to the KV cache" if self.config.fit_max_model_len else "",
             resolution.report(),
         )
-        self.runner = self.platform.create_model_runner(self.config, self.model_config)
+        # The ranks' runners (kvik.executor): in this process for one device, else worker processes.
+        self.executor: Executor = create_executor(self.config, self.model_config, self.platform, self.manager)
         self.pooler_setup: PoolerSetup | None = None  # the checkpoint's pooler when runner="pooling"
         self.pooling_task = "embed"
-        if self.config.runner == "pooling":
-            from kvik.pooling.architectures import is_classifier_architecture
+        self._weight_bytes = 0  # all ranks' weights, for the ready line
+        try:
+            with step("loading the model"):
+                self.executor.start()
+            caps = self.executor.capabilities
+            # The runner in this process (one device), for tests and tools; None with worker processes.
+            self.runner: ModelRunner | None = self.executor.local_runner
+            if self.config.runner == "pooling":
+                from kvik.pooling.architectures import is_classifier_architecture
 
-            if not self.runner.supports_pooling:
-                raise ValueError(f"the {self.platform.name} platform's model runner cannot run pooling models yet")
-            self.pooler_setup = model_pooler_setup(self.config.model, self.model_config.architecture)
-            self.pooling_task = "classify" if is_classifier_architecture(self.model_config.architecture) else "embed"
-            logger.info("pooling: %s (%s)", self.pooler_setup, self.pooling_task)
-        self.proposer: Proposer | None = None
-        if self.config.speculative_config is not None:  # refused before the weights load
-            self.proposer = self._make_proposer(self.config.speculative_config)
-        if self.config.enable_lora and not self.runner.supports_lora:
-            raise ValueError(f"enable_lora is not supported by the {self.platform.name} platform's model runner")
-        with step("loading the model"):
-            self.runner.load_model()
-        # Adapters requests may name (checked against the loaded model's projections); None: LoRA off.
-        self.loras: LoRARegistry | None = LoRARegistry(self.runner) if self.config.enable_lora else None
-        with step("profiling memory"):
-            self.memory_plan = self._plan_memory()
-        self.model_config.max_model_len = self.memory_plan.max_model_len
-        with step("allocating the KV cache"):
-            self.runner.initialize_kv_cache(self.memory_plan.num_blocks)
+                if not caps.pooling:
+                    raise ValueError(f"the {self.platform.name} platform's model runner cannot run pooling models yet")
+                self.pooler_setup = model_pooler_setup(self.config.model, self.model_config.architecture)
+                self.pooling_task = "classify" if is_classifier_architecture(self.model_config.architecture) else "embed"
+                logger.info("pooling: %s (%s)", self.pooler_setup, self.pooling_task)
+            self.proposer: Proposer | None = None
+            if self.config.speculative_config is not None:
+                self.proposer = self._make_proposer(self.config.speculative_config, caps)
+            # Adapters requests may name (checked against the loaded model's projections); None: LoRA off.
+            self.loras: LoRARegistry | None = None
+            if self.config.enable_lora:
+                if not caps.lora or self.runner is None:
+                    raise ValueError(
+                        f"enable_lora is not supported by the {self.platform.name} platform's model runner"
+                        + (" with more than one rank (tensor/pipeline parallelism)" if self.runner is None else "")
+                    )
+                self.loras = LoRARegistry(self.runner)
+            with step("profiling memory"):
+                self.memory_plan = self._plan_memory()
+            self.model_config.max_model_len = self.memory_plan.max_model_len
+            with step("allocating the KV cache"):
+                self.executor.initialize_kv_cache(self.memory_plan.num_blocks)
+        except BaseException:
+            self.executor.shutdown()  # no worker process outlives a failed start
+            raise
         cfg = self.config
         self.scheduler = Scheduler(
             num_blocks=self.memory_plan.num_blocks,
@@ -155,7 +171,7 @@ class LLMEngine:
         self.structured = StructuredOutputManager(
             self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids, self.manager
         )
-        self.async_scheduling = cfg.async_scheduling and self.runner.supports_async_scheduling
+        self.async_scheduling = cfg.async_scheduling and caps.async_scheduling
         if cfg.async_scheduling and not self.async_scheduling:
             logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
         if self.proposer is not None and self.async_scheduling:
@@ -171,30 +187,33 @@ class LLMEngine:
         self._spec_disabled_steps = 0
         self._last_step_time = time.monotonic()
         progress.finish(
-            f"model {format_bytes(self.runner.weight_bytes())}, KV cache {format_bytes(self.memory_plan.kv_bytes)} "
+            f"model {format_bytes(self._weight_bytes)}, KV cache {format_bytes(self.memory_plan.kv_bytes)} "
             f"for {format_tokens(self.memory_plan.kv_tokens)} tokens (max_model_len {self.model_config.max_model_len})"
         )
         logger.info(
-            "engine ready: model %s (%s, %s) on %s",
+            "engine ready: model %s (%s, %s) on %s%s",
             cfg.model,
             self.model_config.architecture,
             self.model_config.dtype,
             self.platform.name,
+            f" x {cfg.world_size} ranks (tensor {cfg.tensor_parallel_size} x pipeline "
+            f"{cfg.pipeline_parallel_size}, executor {cfg.distributed_executor_backend})" if cfg.world_size > 1 else "",
         )
 
     # -- set-up --------------------------------------------------------------
-    def _make_proposer(self, spec: SpeculativeConfig) -> Proposer:
-        if not self.runner.supports_speculative_decoding:
+    def _make_proposer(self, spec: SpeculativeConfig, caps: RunnerCapabilities) -> Proposer:
+        if not caps.speculative_decoding:
             raise ValueError(
                 f"speculative decoding is not supported by the {self.platform.name} platform's model runner; "
                 "drop speculative_config or use a torch platform (cpu, cuda, rocm)"
             )
         proposer_cls = self.manager.spec_proposers.get(spec.method)
-        if getattr(proposer_cls, "drafter", "") and not self.runner.supports_drafters:
+        if getattr(proposer_cls, "drafter", "") and not (caps.drafters and self.runner is not None):
             raise ValueError(
                 f"speculative method {spec.method!r} runs a draft model on the runner, which the "
-                f"{self.platform.name} platform's model runner does not support; use a host-side method "
-                "(ngram, suffix) or a torch platform"
+                f"{self.platform.name} platform's model runner does not support"
+                + (" with more than one rank (tensor/pipeline parallelism)" if self.runner is None else "")
+                + "; use a host-side method (ngram, suffix)" + ("" if self.runner is None else " or a torch platform")
             )
         return proposer_cls(spec)
 
@@ -206,22 +225,29 @@ class LLMEngine:
         return self.format.load_tokenizer()
 
     def _plan_memory(self) -> MemoryPlan:
+        """Plan the KV cache on every rank (each holds its own layers and heads); every rank gets the
+        smallest rank's block count, since the scheduler hands the same block ids to all of them."""
         config = self.config
-        memory = self.platform.memory_info()
-        return plan_memory(
-            total_bytes=memory.total,
-            free_bytes=memory.free,
-            utilization=config.gpu_memory_utilization,
-            weight_bytes=self.runner.weight_bytes(),
-            activation_bytes=self.runner.profile(),
-            block_bytes=self.runner.kv_block_bytes(config.block_size),
-            block_size=config.block_size,
-            max_model_len=self.model_config.max_model_len,
-            max_num_seqs=config.max_num_seqs,
-            auto_max_model_len=config.fit_max_model_len,
-            kv_cache_memory=config.kv_cache_memory,
-            num_blocks=config.num_kv_blocks,
-        )
+        ranks = self.executor.memory()
+        self._weight_bytes = sum(r.weight_bytes for r in ranks)
+        plans = [
+            plan_memory(
+                total_bytes=rank.total,
+                free_bytes=rank.free,
+                utilization=config.gpu_memory_utilization,
+                weight_bytes=rank.weight_bytes,
+                activation_bytes=rank.activation_bytes,
+                block_bytes=rank.block_bytes,
+                block_size=config.block_size,
+                max_model_len=self.model_config.max_model_len,
+                max_num_seqs=config.max_num_seqs,
+                auto_max_model_len=config.fit_max_model_len,
+                kv_cache_memory=config.kv_cache_memory,
+                num_blocks=config.num_kv_blocks,
+            )
+            for rank in ranks
+        ]
+        return min(plans, key=lambda plan: plan.num_blocks)
 
     # -- requests ------------------------------------------------------------
     def prepare_request(
@@ -264,7 +290,7 @@ class LLMEngine:
         if bad:
             raise ValueError(f"prompt token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         params = prepare_params(params, vocab, self.tokenizer)
-        if params.guided is not None and not self.runner.supports_structured_output:
+        if params.guided is not None and not self.executor.capabilities.structured_output:
             raise ValueError(
                 f"structured output (guided_* / response_format) is not supported by the {self.platform.name} "
                 "platform's model runner; drop the constraint or use a platform that supports it (cpu, cuda)"
@@ -442,9 +468,9 @@ class LLMEngine:
             scheduler_output = self._schedule()
             if scheduler_output is None:
                 return outputs
-            return outputs + self._finish(scheduler_output, self.runner.execute_async(scheduler_output))
+            return outputs + self._finish(scheduler_output, self.executor.execute_async(scheduler_output))
         scheduler_output = self._schedule()
-        launched = None if scheduler_output is None else (scheduler_output, self.runner.execute_async(scheduler_output))
+        launched = None if scheduler_output is None else (scheduler_output, self.executor.execute_async(scheduler_output))
         outputs = self._finish_in_flight()
         self._in_flight = launched
         return outputs
@@ -549,4 +575,8 @@ class LLMEngine:
     def shutdown(self) -> None:
         self._in_flight = None
         self.structured.shutdown()
-        self.runner.shutdown()
+        self.executor.shutdown()
+
+    def check_health(self) -> None:
+        """Raise :class:`kvik.executor.ExecutorError` if a rank failed or its process died."""
+        self.executor.check_health()

@@ -87,6 +87,12 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-impl", default="auto", choices=["auto", "kvik", "transformers"],
                         help="modelling code: kvik's native, transformers' (the fallback), or auto")  # fmt: skip
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
+                        help="split each layer over N devices (docs/distributed.md)")  # fmt: skip
+    parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="M",
+                        help="split the layers into M stages on their own devices")  # fmt: skip
+    parser.add_argument("--distributed-executor-backend", default=None, metavar="NAME",
+                        help="who runs the ranks: mp (processes on this host; default), ray, uni")  # fmt: skip
     parser.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
@@ -156,6 +162,9 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         model_impl=args.model_impl,
         enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling,
+        tensor_parallel_size=args.tensor_parallel_size,
+        pipeline_parallel_size=args.pipeline_parallel_size,
+        distributed_executor_backend=args.distributed_executor_backend,
     )
 
 

@@ -7,6 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvik.distributed.sharding import materialize
 from kvik.quantization.base import QuantizationMethod
 from kvik.quantization.unquantized import UnquantizedLinearMethod
 
@@ -42,6 +43,7 @@ class Linear(nn.Module):
 
     def load(self, name: str, value: Any, shard: int | None = None) -> None:
         """Load a checkpoint value (``"weight"``, ``"bias"``, or a quant method's own)."""
+        value = materialize(value)  # a lazily read checkpoint tensor (kvik.distributed.sharding)
         if name == "bias":
             if self.bias is None:
                 raise ValueError("checkpoint has a bias for a layer built without one")

@@ -43,11 +43,19 @@ class HFWeightLoader(_Base):  # type: ignore[misc,valid-type]
         """A checkpoint weight name -> the name of our parameter (mlx-lm style; identity here)."""
         return name
 
+    def holds_weight(self, name: str) -> bool:
+        """Whether this model instance holds (sanitized) weight ``name``; False skips it unread
+        (a pipeline stage's other layers). Every weight, unless a model splits itself."""
+        return True
+
     def load_weights(self, weights: Iterable[tuple[str, Any]]) -> set[str]:
         consumed: set[str] = set()
         unknown: list[str] = []
         for original, value in weights:
             name = self.sanitize(original)
+            if not self.holds_weight(name):
+                consumed.add(original)
+                continue
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head.tied):
                 consumed.add(original)
                 continue

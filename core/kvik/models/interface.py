@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.config import ModelConfig
+from kvik.distributed.parallel_state import ParallelState
 from kvik.quantization.base import QuantizationMethod
 
 
@@ -23,6 +24,9 @@ class ModelBuildContext:
     # make_attention(num_heads, head_size, num_kv_heads, scale, sliding_window) -> backend
     make_attention: Callable[..., AttentionBackend]
     quant_method: QuantizationMethod | None = None  # None: dense weights
+    # This rank's place in a tensor/pipeline-parallel layout (single device by default). Models that
+    # honour it set ``supports_tensor_parallel`` / ``supports_pipeline_parallel`` (docs/distributed.md).
+    parallel: ParallelState = field(default_factory=ParallelState)
 
 
 @runtime_checkable

@@ -16,11 +16,12 @@ import torch
 from torch import nn
 
 from kvik.attention.backend import AttentionMetadata
+from kvik.distributed.parallel_state import ParallelState
 from kvik.layers.activation import SiluAndMul
-from kvik.layers.embedding import LMHead, VocabEmbedding
-from kvik.layers.linear import Linear
 from kvik.layers.norm import RMSNorm
+from kvik.layers.parallel_linear import column_linear, qkv_linear, row_linear
 from kvik.layers.rotary import RotaryEmbedding, rope_settings
+from kvik.layers.vocab_parallel import lm_head, vocab_embedding
 from kvik.models.hf_weights import HFWeightLoader
 from kvik.models.interface import ModelBuildContext
 
@@ -53,14 +54,16 @@ class LlamaAttention(nn.Module):
     ) -> None:
         super().__init__()
         cfg = ctx.model_config.hf_config
-        self.num_heads = cfg.num_attention_heads
-        self.num_kv_heads = getattr(cfg, "num_key_value_heads", None) or self.num_heads
+        total_heads = cfg.num_attention_heads
+        total_kv_heads = getattr(cfg, "num_key_value_heads", None) or total_heads
         self.head_dim = head_dim_of(cfg)
+        # Under tensor parallelism this rank's heads only (kvik.layers.parallel_linear).
+        self.qkv_proj, self.num_heads, self.num_kv_heads = qkv_linear(
+            ctx, cfg.hidden_size, total_heads, total_kv_heads, self.head_dim, bias
+        )
         q_size, kv_size = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
         self.sizes = [q_size, kv_size, kv_size]
-        lin = dict(quant_method=ctx.quant_method, dtype=ctx.dtype, device=ctx.device)
-        self.qkv_proj = Linear(cfg.hidden_size, self.sizes, bias=bias, **lin)  # type: ignore[arg-type]
-        self.o_proj = Linear(q_size, cfg.hidden_size, bias=o_bias, **lin)  # type: ignore[arg-type]
+        self.o_proj = row_linear(ctx, total_heads * self.head_dim, cfg.hidden_size, o_bias)
         # Only asked for when set, so backends that predate the argument keep working.
         extra = {"logits_soft_cap": logits_soft_cap} if logits_soft_cap else {}
         self.attn = ctx.make_attention(
@@ -106,10 +109,9 @@ class LlamaMLP(nn.Module):
     ) -> None:
         super().__init__()
         cfg = ctx.model_config.hf_config
-        lin = dict(quant_method=ctx.quant_method, dtype=ctx.dtype, device=ctx.device)
         inter = intermediate_size or cfg.intermediate_size
-        self.gate_up_proj = Linear(cfg.hidden_size, [inter, inter], bias=bias, **lin)  # type: ignore[arg-type]
-        self.down_proj = Linear(inter, cfg.hidden_size, bias=bias, **lin)  # type: ignore[arg-type]
+        self.gate_up_proj = column_linear(ctx, cfg.hidden_size, [inter, inter], bias)
+        self.down_proj = row_linear(ctx, inter, cfg.hidden_size, bias)
         self.act = act if act is not None else SiluAndMul()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -145,13 +147,33 @@ class LlamaDecoderLayer(nn.Module):
         return self.mlp(hidden), residual
 
 
+class MissingLayer(nn.Module):
+    """A decoder layer another pipeline stage runs: no weights here, never called."""
+
+    def forward(self, *args: Any) -> Any:
+        raise RuntimeError("this decoder layer belongs to another pipeline stage")
+
+
 class LlamaModel(nn.Module):
+    """Embedding, decoder layers, final norm. A pipeline stage builds only its layers (the others are
+    :class:`MissingLayer`); the embedding lives on the first stage (and on the last when the head is
+    tied to it), the final norm on the last."""
+
     def __init__(self, ctx: ModelBuildContext, arch: type[LlamaForCausalLM]) -> None:
         super().__init__()
         cfg = ctx.model_config.hf_config
-        self.embed_tokens = VocabEmbedding(cfg.vocab_size, cfg.hidden_size, ctx.dtype, ctx.device)
-        self.layers = nn.ModuleList(LlamaDecoderLayer(ctx, arch, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, getattr(cfg, "rms_norm_eps", 1e-6), ctx.dtype, ctx.device)
+        p = ctx.parallel
+        tied = bool(getattr(cfg, "tie_word_embeddings", False))
+        self.start, self.end = p.layer_range(cfg.num_hidden_layers)
+        self.embed_tokens = (
+            vocab_embedding(ctx, cfg.vocab_size, cfg.hidden_size) if p.is_first_stage or (p.is_last_stage and tied) else None
+        )
+        self.layers = nn.ModuleList(
+            LlamaDecoderLayer(ctx, arch, i) if self.start <= i < self.end else MissingLayer()
+            for i in range(cfg.num_hidden_layers)
+        )
+        eps = getattr(cfg, "rms_norm_eps", 1e-6)
+        self.norm = RMSNorm(cfg.hidden_size, eps, ctx.dtype, ctx.device) if p.is_last_stage else None
         self.rotary_emb = RotaryEmbedding(
             head_dim_of(cfg),
             rope_settings(cfg),
@@ -167,14 +189,24 @@ class LlamaForCausalLM(HFWeightLoader, nn.Module):
     # The module tree under ``model.`` (built as ``model_cls(ctx, arch)``); Gemma swaps it.
     model_cls: ClassVar[type[nn.Module]] = LlamaModel
     model: Any  # a model_cls instance
+    # Built from ctx.parallel's slices (kvik.layers.parallel_linear / vocab_parallel) and split into
+    # pipeline stages by forward(). Read from each class's own namespace, never inherited (a subclass
+    # may build its own modules): subclasses that reuse these layers unchanged declare them again.
+    supports_tensor_parallel: ClassVar[bool] = True
+    supports_pipeline_parallel: ClassVar[bool] = True
+    # A single device unless __init__ sets this rank's state (subclasses that build their own
+    # modules without calling it stay single-device).
+    parallel: ParallelState = ParallelState()
 
     def __init__(self, ctx: ModelBuildContext) -> None:
         super().__init__()
         cfg = ctx.model_config.hf_config
         self.dtype = ctx.dtype
+        self.hidden_size = int(cfg.hidden_size)
+        self.parallel = ctx.parallel
         self.model = self.model_cls(ctx, type(self))
         tie = self.model.embed_tokens if getattr(cfg, "tie_word_embeddings", False) else None
-        self.lm_head = LMHead(cfg.vocab_size, cfg.hidden_size, tie, ctx.dtype, ctx.device)
+        self.lm_head = lm_head(ctx, cfg.vocab_size, cfg.hidden_size, tie) if ctx.parallel.is_last_stage else None
         self._loaded: set[str] = set()
 
     # -- architecture hooks (subclasses override) ---------------------------
@@ -214,14 +246,34 @@ class LlamaForCausalLM(HFWeightLoader, nn.Module):
         kv_caches: list[torch.Tensor],
         metadata: AttentionMetadata,
     ) -> torch.Tensor:  # [num_tokens, hidden]
-        hidden = self.model.embed_tokens(input_ids)
+        p = self.parallel
+        residual: torch.Tensor | None = None
+        if p.is_first_stage:
+            hidden = self.model.embed_tokens(input_ids)
+        else:  # the previous stage's output: hidden and residual, [num_tokens, hidden] each
+            shape = (input_ids.shape[0], self.hidden_size)
+            hidden, residual = p.recv_prev([shape, shape], self.dtype, input_ids.device)
         rotary = self.model.rotary_emb
         cos_sin = rotary.cos_sin(positions, hidden.dtype)  # computed once, used by every layer
-        residual: torch.Tensor | None = None
-        for layer, kv_cache in zip(self.model.layers, kv_caches, strict=True):
+        # kv_caches holds this stage's layers only (one per attention layer built).
+        layers = self.model.layers[getattr(self.model, "start", 0) : getattr(self.model, "end", None)]
+        for layer, kv_cache in zip(layers, kv_caches, strict=True):
             hidden, residual = layer(hidden, residual, cos_sin, rotary, kv_cache, metadata)
+        if not p.is_last_stage:
+            assert residual is not None  # every stage has at least one layer
+            p.send_next([hidden, residual])
+            return hidden  # not sampled from: the runner samples on the last stage only
         hidden, _ = self.model.norm(hidden, residual)
         return hidden
+
+    def holds_weight(self, name: str) -> bool:
+        """Whether checkpoint tensor ``name`` belongs to this pipeline stage (others are skipped unread)."""
+        if self.parallel.pp_size == 1:
+            return True
+        if name.startswith("model.layers."):
+            return self.model.start <= int(name.split(".")[2]) < self.model.end
+        owner = {"model.embed_tokens.": self.model.embed_tokens, "model.norm.": self.model.norm, "lm_head.": self.lm_head}
+        return next((module is not None for prefix, module in owner.items() if name.startswith(prefix)), True)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.lm_head(hidden)  # [n, vocab] float32
@@ -229,6 +281,9 @@ class LlamaForCausalLM(HFWeightLoader, nn.Module):
 
 class MistralForCausalLM(LlamaForCausalLM):
     """Llama with an optional sliding window on every layer."""
+
+    supports_tensor_parallel = True  # the Llama layers, unchanged (declared per class: not inherited)
+    supports_pipeline_parallel = True
 
     @classmethod
     def layer_sliding_window(cls, cfg: Any, index: int) -> int | None:
@@ -240,6 +295,9 @@ class MistralForCausalLM(LlamaForCausalLM):
 
 class Qwen2ForCausalLM(LlamaForCausalLM):
     """Llama with q/k/v biases; layers from ``max_window_layers`` on may slide."""
+
+    supports_tensor_parallel = True  # the Llama layers, unchanged (declared per class: not inherited)
+    supports_pipeline_parallel = True
 
     @classmethod
     def qkv_bias(cls, cfg: Any) -> bool:

@@ -64,7 +64,11 @@ def load_model(
             raise ValueError("load_format='dummy' makes dense random weights; this checkpoint is quantized")
         _fill_dummy_weights(model, dummy_seed)
     else:
-        model.load_weights(_progress(fmt.iter_weights(quantized), fmt.weight_bytes()))  # type: ignore[operator]
+        weights = fmt.iter_weights(quantized)
+        lazy = getattr(fmt, "iter_weights_lazy", None)
+        if ctx.parallel.is_parallel and callable(lazy):  # each rank reads only its slices and its layers
+            weights = lazy(quantized)
+        model.load_weights(_progress(weights, fmt.weight_bytes()))  # type: ignore[operator]
         missing_fn = getattr(model, "missing_weights", None)
         missing = list(missing_fn()) if callable(missing_fn) else []
         if missing:

@@ -26,6 +26,9 @@ def qk_norm_attention(cls: type[Qwen2ForCausalLM], ctx: ModelBuildContext, index
 class Qwen3ForCausalLM(Qwen2ForCausalLM):
     """Qwen2's layer layout (sliding windows from ``max_window_layers``) plus q/k norms."""
 
+    supports_tensor_parallel = True  # the Llama layers, unchanged (declared per class: not inherited)
+    supports_pipeline_parallel = True
+
     @classmethod
     def qkv_bias(cls, cfg: Any) -> bool:
         return bool(getattr(cfg, "attention_bias", False))

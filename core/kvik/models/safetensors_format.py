@@ -100,6 +100,18 @@ class SafetensorsFormat(ModelFormat):
                 for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                     yield name, f.get_tensor(name)
 
+    def iter_weights_lazy(self, quantized: bool) -> Iterator[tuple[str, Any]]:
+        """Like :meth:`iter_weights`, but each value is a :class:`~kvik.distributed.sharding.LazyTensor`
+        read only when (and as far as) it is indexed: a tensor-parallel rank reads just its slices."""
+        from safetensors import safe_open
+
+        from kvik.distributed.sharding import LazyTensor
+
+        for file in self.weight_files():
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():  # noqa: SIM118 (safe_open is not iterable)
+                    yield name, LazyTensor(f.get_slice(name))
+
     def weight_bytes(self) -> int:
         return sum(f.stat().st_size for f in self.weight_files())
 

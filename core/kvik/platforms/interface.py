@@ -52,6 +52,9 @@ class Platform(ABC):
     default_async_scheduling: ClassVar[bool] = False  # only runners that overlap with a device gain from it
     # The platform's typed options: a frozen dataclass set through EngineConfig.platform_options.
     options_type: ClassVar[type[PlatformOptions]] = PlatformOptions
+    # The torch.distributed backend its ranks talk over ("gloo", "nccl"); None: the platform runs one
+    # device per engine (tensor_parallel_size / pipeline_parallel_size > 1 are refused).
+    distributed_backend: ClassVar[str | None] = None
 
     @classmethod
     @abstractmethod
@@ -111,6 +114,14 @@ class Platform(ABC):
     def quantized_weights_mode(self, config: EngineConfig, method: str) -> WeightsMode:
         """How ``method``-quantized weights are held when the user left ``quantized_weights='auto'``."""
         return WeightsMode.DEQUANTIZE
+
+    def device_count(self) -> int | None:
+        """Devices of this kind one host offers (the most ranks an engine may use here); None: no limit
+        (CPU ranks are processes). Called only when more than one rank is asked for."""
+        return None
+
+    def bind_rank(self, local_rank: int) -> None:  # noqa: B027 - optional: platforms with one shared device keep the no-op
+        """In a worker process, before its runner is built: make device ``local_rank`` this process's."""
 
     @abstractmethod
     def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:

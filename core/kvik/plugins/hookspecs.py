@@ -133,6 +133,18 @@ def kvik_register_spec_proposers(register: RegisterFn) -> None:
 
 
 @hookspec
+def kvik_register_executors(register: RegisterFn) -> None:
+    """Register executors for ``distributed_executor_backend=NAME`` (``--distributed-executor-backend``).
+
+    Call ``register(name, "module:ExecutorClass")``; the class subclasses
+    :class:`kvik.executor.Executor` (start the ranks, load the model on each, run every
+    step on all of them, return rank 0's samples; see its docstring for the contract).
+    kvik registers ``uni`` (in process), ``mp`` (worker processes on this host) and
+    ``ray`` (Ray actors; needs ``pip install kvik[ray]``). Not firstresult.
+    """
+
+
+@hookspec
 def kvik_configure(config: EngineConfig) -> list[str] | None:
     """Inspect or adjust the engine options before they are frozen.
 
@@ -155,5 +167,6 @@ ALL_HOOKS: tuple[Any, ...] = (
     kvik_register_tool_parsers,
     kvik_register_reasoning_parsers,
     kvik_register_spec_proposers,
+    kvik_register_executors,
     kvik_configure,
 )

@@ -42,6 +42,7 @@ REGISTRATION_HOOKS: dict[str, str] = {
     "tool parser": "kvik_register_tool_parsers",
     "reasoning parser": "kvik_register_reasoning_parsers",
     "speculative proposer": "kvik_register_spec_proposers",
+    "executor": "kvik_register_executors",
 }
 _HOOK_NAMES = tuple(h.__name__ for h in hookspecs.ALL_HOOKS)
 
@@ -303,6 +304,10 @@ class PluginManager:
     @property
     def spec_proposers(self) -> Registry[Any]:
         return self.registry("speculative proposer")
+
+    @property
+    def executors(self) -> Registry[Any]:
+        return self.registry("executor")
 
     @property
     def hook(self) -> Any:

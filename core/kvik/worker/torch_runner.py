@@ -25,6 +25,8 @@ from torch import nn
 
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.config import LoadFormat, ModelConfig, ResolvedConfig, WeightsMode
+from kvik.distributed.parallel_state import get_parallel_state
+from kvik.distributed.sharding import kv_heads_per_rank
 from kvik.engine import progress
 from kvik.lora.adapter import AdapterInfo
 from kvik.lora.layers import wrap_model
@@ -106,6 +108,9 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.pooler = StepPooler()  # pooling requests' reductions (kvik.pooling); its head comes with the model
         self.drafter: Drafter | None = None  # a model-based proposer (draft model, EAGLE head), if configured
         self.lora: LoRASlots | None = None  # enable_lora: the adapter slots (kvik.lora)
+        # This process's slice of a tensor/pipeline-parallel model (set by the executor's worker;
+        # a single device otherwise): the model is built from it, the KV cache holds its heads.
+        self.parallel = get_parallel_state()
 
     # -- loading ----------------------------------------------------------------
     def _format(self) -> ModelFormat:
@@ -156,7 +161,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             self.attn_layers.append(layer)  # cache i belongs to the i-th attention built
             return layer
 
-        ctx = ModelBuildContext(mc, self.dtype, self.device, make_attention, method)
+        ctx = ModelBuildContext(mc, self.dtype, self.device, make_attention, method, self.parallel)
         dummy = self.config.seed if self.config.load_format is LoadFormat.DUMMY else None
         what = "making dummy weights" if dummy is not None else f"reading weights ({progress.format_bytes(fmt.weight_bytes())})"
         with progress.step(what):
@@ -236,7 +241,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     def _cache_shape(self, num_blocks: int, block_size: int) -> tuple[int, ...]:
         backend = self.attn_backend or AttentionBackend
         mc = self.model_config
-        return backend.kv_cache_shape(num_blocks, block_size, mc.num_kv_heads, mc.head_dim)
+        kv_heads = kv_heads_per_rank(mc.num_kv_heads, self.parallel.tp_size)  # this rank's heads
+        return backend.kv_cache_shape(num_blocks, block_size, kv_heads, mc.head_dim)
 
     @property
     def keeps_kv_cache(self) -> bool:
@@ -250,7 +256,9 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             return 1
         per_layer = math.prod(self._cache_shape(1, block_size)) * self.dtype.itemsize
         drafter = self.drafter.kv_block_bytes(block_size) if self.drafter is not None else 0
-        return per_layer * self.model_config.num_layers + drafter
+        # A pipeline stage caches its own layers: one cache per attention layer it built.
+        layers = len(self.attn_layers) if self.model is not None else self.model_config.num_layers
+        return per_layer * layers + drafter
 
     def _allocate(self, num_blocks: int) -> list[torch.Tensor]:
         # Zeroed, not empty: padded block-table entries point at block 0 and are
@@ -417,6 +425,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
 
     def sample(self, hidden: torch.Tensor, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
         """Pool the pooling requests' rows, sample the rows that ask; start the device->host copies."""
+        if not self.parallel.is_last_stage:  # an earlier pipeline stage: its output went to the next stage
+            return StepHandle.done(RunnerOutput(sampled_token_ids={}))
         handle = self._sample(hidden, layout, structured)
         if self.drafter is not None:
             handle = self._with_drafts(handle, hidden, layout)

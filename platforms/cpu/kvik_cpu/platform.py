@@ -92,6 +92,7 @@ class CPUPlatform(Platform):
     default_max_num_seqs = DEFAULT_MAX_NUM_SEQS
     default_max_num_batched_tokens = DEFAULT_MAX_NUM_BATCHED_TOKENS
     options_type = CPUOptions
+    distributed_backend = "gloo"  # ranks are processes on this host (tests, CPU clusters)
 
     def __init__(self) -> None:
         global _ipex_notice_logged

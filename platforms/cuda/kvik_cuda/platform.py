@@ -57,6 +57,7 @@ class TorchGPUPlatform(Platform):
 
     device_type = "cuda"
     priority = 100
+    distributed_backend = "nccl"  # RCCL on ROCm, under the same name
     attention_backends: ClassVar[tuple[str, ...]] = ("triton", "torch_ref")
     supported_dtypes: ClassVar[tuple[str, ...]] = ("bfloat16", "float16", "float32")
     default_block_size = 16
@@ -130,6 +131,12 @@ class TorchGPUPlatform(Platform):
         except Exception:  # an unknown or broken method is reported when the runner loads it
             return WeightsMode.DEQUANTIZE
         return WeightsMode.QUANTIZED if self.device_type in getattr(method_cls, "devices", ()) else WeightsMode.DEQUANTIZE
+
+    def device_count(self) -> int | None:
+        return int(torch.cuda.device_count())
+
+    def bind_rank(self, local_rank: int) -> None:
+        torch.cuda.set_device(local_rank)  # self.device is the current device from here on
 
     def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:
         from kvik_cuda.runner import CUDAModelRunner

@@ -84,11 +84,17 @@ def test_vllm_engine_options_at_off_values_are_accepted():
     assert config.model == "m"
 
 
-@pytest.mark.parametrize(("option", "value"), [("tensor_parallel_size", 2), ("enable_prompt_adapter", True),
-                                               ("tensor_parallel_size", True), ("kv_cache_dtype", "fp8")])  # fmt: skip
+@pytest.mark.parametrize(("option", "value"), [("data_parallel_size", 2), ("enable_prompt_adapter", True),
+                                               ("data_parallel_size", True), ("kv_cache_dtype", "fp8")])  # fmt: skip
 def test_vllm_engine_options_kvik_lacks_are_refused_by_name(option, value):
     with pytest.raises(ValueError, match=rf"not supported by kvik yet: {option}={value!r}"):
         EngineConfig.from_kwargs(**{option: value})
+
+
+@pytest.mark.parametrize("value", [True, 0, "2"])
+def test_parallel_sizes_are_checked(value):
+    with pytest.raises(ValueError, match=r"tensor_parallel_size must be"):
+        EngineConfig.from_kwargs(tensor_parallel_size=value)
 
 
 def test_a_real_typo_is_still_an_unknown_option():

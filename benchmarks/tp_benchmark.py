@@ -1,0 +1,209 @@
+"""Tensor parallelism on two GPUs: correctness and speed, one JSON summary (the lead's H200 x2 check).
+
+    python3 -m pip install -q --no-deps --no-build-isolation -e core -e platforms/cuda -e attention_backends/triton
+    OUT=/some/dir python3 benchmarks/tp_benchmark.py   # 2 GPUs, <= 8 minutes; also writes $OUT/tp_benchmark.json
+
+1. ``tokens``: a small random Llama (fp32 and bf16, written to a temp dir by kvik.testing.tiny_models):
+   greedy tokens of TP=2 and PP=2 (multiprocess executor, NCCL) against TP=1, plus the largest
+   top-logprob difference.
+2. ``llama8b``: the Llama-3.1-8B shape with dummy weights (load_format="dummy", bf16): batch-1 decode
+   ms/token ((t(129 new) - t(1 new)) / 128 after a 512-token prompt, best of 2) and a short offline run
+   (256 requests, prompts U[128, 512], 128 new tokens each), TP=1 vs TP=2. TP=2 first tries CUDA graphs
+   (the all-reduces captured) and falls back to eager, recording why.
+
+Every part runs in its own try block: one failure is recorded and the others still report.
+``--smoke`` runs the same flow on the CPU with an 8B-shaped model shrunk to toy size (checks the script).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+LLAMA8B = dict(
+    hidden_size=4096, num_hidden_layers=32, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
+    vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+)  # fmt: skip
+DEVICE = "cuda"
+SMOKE_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=256, vocab_size=128256)  # fmt: skip
+SMALL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
+             intermediate_size=512, vocab_size=512)  # fmt: skip
+
+
+def _error() -> str:
+    return traceback.format_exc(limit=6)[-3000:]
+
+
+def _shutdown(llm: Any) -> None:
+    import gc
+
+    import torch
+
+    llm.llm_engine.shutdown()
+    del llm
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def check_tokens(root: Path) -> dict[str, Any]:
+    """TP=2 / PP=2 vs TP=1 greedy tokens on a small random model, fp32 and bf16."""
+    from kvik import LLM, SamplingParams
+    from kvik.testing.tiny_models import make_tiny_model
+
+    path = make_tiny_model(root / "small", "llama", **SMALL)
+    prompts = ["Hello world", "The quick brown fox jumps over", "Once upon a time", "def main():\n    print("]
+    params = SamplingParams(temperature=0.0, max_tokens=48, ignore_eos=True, logprobs=3)
+    result: dict[str, Any] = {}
+    for dtype in ("float32", "bfloat16"):
+        kv = (1 << 30) if DEVICE == "cuda" else 16 << 20
+        # max_num_seqs=8: few CUDA graphs to capture (the graphs, all-reduces included, still run)
+        base = dict(model=str(path), device=DEVICE, dtype=dtype, kv_cache_memory=kv, max_model_len=512, max_num_seqs=8)
+        outputs: dict[str, Any] = {}
+        for name, extra in (("tp1", {}), ("tp2", {"tensor_parallel_size": 2}), ("pp2", {"pipeline_parallel_size": 2})):
+            llm = None
+            try:
+                llm = LLM(**base, **extra)
+                outputs[name] = [o.outputs[0] for o in llm.generate(prompts, params, use_tqdm=False)]
+            except Exception:
+                result[f"{dtype}_{name}_error"] = _error()
+            finally:
+                if llm is not None:
+                    _shutdown(llm)
+        ref = outputs.get("tp1")
+        for name in ("tp2", "pp2"):
+            got = outputs.get(name)
+            if ref is None or got is None:
+                continue
+            same = sum(g.token_ids == r.token_ids for g, r in zip(got, ref, strict=True))
+            worst, close = 0.0, 0
+            for g, r in zip(got, ref, strict=True):
+                # Up to and including the first differing token the two saw the same context.
+                for pos, (gp, rp) in enumerate(zip(g.logprobs or [], r.logprobs or [], strict=False)):
+                    worst = max([worst] + [abs(gp[t].logprob - lp.logprob) for t, lp in rp.items() if t in gp])
+                    if g.token_ids[pos] != r.token_ids[pos]:
+                        # vLLM's closeness rule: each side's choice is among the other's top logprobs.
+                        close += int(g.token_ids[pos] in rp and r.token_ids[pos] in gp)
+                        break
+                else:
+                    close += 1
+            result[f"{dtype}_{name}_identical"] = f"{same}/{len(ref)}"
+            result[f"{dtype}_{name}_logprobs_close"] = f"{close}/{len(ref)}"
+            result[f"{dtype}_{name}_max_logprob_diff_before_divergence"] = round(worst, 6)
+    return result
+
+
+def _config_dir(root: Path) -> Path:
+    """The 8B shape: config.json and a small tokenizer, no weights (load_format='dummy')."""
+    from kvik.testing.tiny_models import build_tokenizer
+    from transformers import LlamaConfig
+
+    path = root / "llama8b"
+    path.mkdir(parents=True, exist_ok=True)
+    cfg = LlamaConfig(**{**LLAMA8B, **(SMOKE_SHAPE if DEVICE == "cpu" else {})}, bos_token_id=1, eos_token_id=2)
+    cfg.architectures = ["LlamaForCausalLM"]
+    cfg.save_pretrained(path)
+    build_tokenizer(512).save_pretrained(path)
+    return path
+
+
+def _timed(llm: Any, prompt: list[int], new: int) -> float:
+    import torch
+    from kvik import SamplingParams
+
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+    t = time.perf_counter()
+    out = llm.generate([prompt], params, use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == new
+    return time.perf_counter() - t
+
+
+def bench_8b(path: Path, tp: int, eager: bool) -> dict[str, Any]:
+    import numpy as np
+    from kvik import LLM, SamplingParams
+
+    t0 = time.perf_counter()
+    llm = LLM(model=str(path), device=DEVICE, dtype="bfloat16", load_format="dummy", tensor_parallel_size=tp,
+              kv_cache_memory=(12 << 30) if DEVICE == "cuda" else 64 << 20, max_model_len=2048, max_num_seqs=256, enforce_eager=eager)  # fmt: skip
+    out: dict[str, Any] = {"start_s": round(time.perf_counter() - t0, 1)}
+    try:
+        rng = np.random.default_rng(0)
+        best = float("inf")
+        for _ in range(3):  # the first is the warm-up
+            prompt = rng.integers(3, 128000, 512).tolist()
+            one = _timed(llm, prompt, 1)
+            prompt2 = rng.integers(3, 128000, 512).tolist()
+            many = _timed(llm, prompt2, 129)
+            best = min(best, (many - one) / 128 * 1e3)
+        out["batch1_ms_per_token"] = round(best, 3)
+        lens = rng.integers(128, 513, 256)
+        prompts = [rng.integers(3, 128000, int(n)).tolist() for n in lens]
+        params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True, detokenize=False)
+        t = time.perf_counter()
+        results = llm.generate(prompts, params, use_tqdm=False)
+        elapsed = time.perf_counter() - t
+        generated = sum(len(r.outputs[0].token_ids) for r in results)
+        out["offline_256x128_output_tok_per_s"] = round(generated / elapsed, 1)
+        out["offline_total_tok_per_s"] = round((generated + int(lens.sum())) / elapsed, 1)
+    finally:
+        _shutdown(llm)
+    return out
+
+
+def main() -> int:
+    import torch
+
+    global DEVICE
+    if "--smoke" in sys.argv:
+        DEVICE = "cpu"
+
+    summary: dict[str, Any] = {"gpus": torch.cuda.device_count(), "torch": torch.__version__}
+    if summary["gpus"] < 2 and DEVICE == "cuda":
+        summary["error"] = "needs 2 GPUs"
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp)
+        try:
+            summary["tokens"] = check_tokens(root)
+        except Exception:
+            summary["tokens_error"] = _error()
+        try:
+            path = _config_dir(root)
+            runs: dict[str, Any] = {}
+            for name, tp, eager in (("tp1_graphs", 1, False), ("tp2_graphs", 2, False), ("tp2_eager", 2, True),
+                                    ("tp1_eager", 1, True)):  # fmt: skip
+                if time.perf_counter() - started > 420:  # stay inside the 8-minute budget
+                    runs[name] = "skipped: time budget"
+                    continue
+                try:
+                    runs[name] = bench_8b(path, tp, eager)
+                except Exception:
+                    runs[name] = {"error": _error()}
+                print(name, json.dumps(runs[name])[:400], flush=True)
+            summary["llama8b"] = runs
+            for mode in ("graphs", "eager"):
+                one, two = runs.get(f"tp1_{mode}"), runs.get(f"tp2_{mode}")
+                key = "batch1_ms_per_token"
+                if isinstance(one, dict) and isinstance(two, dict) and key in one and key in two:
+                    summary[f"tp2_over_tp1_batch1_{mode}"] = round(two[key] / one[key], 3)
+        except Exception:
+            summary["llama8b_error"] = _error()
+    summary["total_s"] = round(time.perf_counter() - started, 1)
+    text = json.dumps(summary, indent=2)
+    print(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "tp_benchmark.json").write_text(text)
+    return 0
+
+
+if __name__ == "__main__":  # the multiprocess executor starts its workers from this module's children
+    sys.exit(main())
