@@ -62,6 +62,7 @@ def main() -> int:
     ap.add_argument("--attention-backend", default=None, help="force a backend (default: the platform's)")
     ap.add_argument("--enforce-eager", action="store_true", help="no CUDA graphs")
     ap.add_argument("--hf-device", default="cpu", help="where the transformers reference runs")
+    ap.add_argument("--no-fused-layers", action="store_true", help="the platform's plain torch layers (fused_layers off)")
     args = ap.parse_args()
 
     from kvik import LLM, SamplingParams
@@ -90,7 +91,8 @@ def main() -> int:
         try:
             llm = LLM(str(path), device=args.device, dtype="float32", max_model_len=128, num_kv_blocks=256,
                       block_size=16, max_num_seqs=8, attention_backend=args.attention_backend,
-                      enforce_eager=args.enforce_eager)  # fmt: skip
+                      enforce_eager=args.enforce_eager,
+                      platform_options={"fused_layers": False} if args.no_fused_layers else {})  # fmt: skip
             engine = llm.llm_engine
             params = SamplingParams(temperature=0.0, max_tokens=new_tokens, ignore_eos=True)
             got = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]

@@ -99,8 +99,9 @@ class Int4LinearMethod(QuantizationMethod):
         layer.int4_kernel = layer.qweight.device.type == "cuda" and dev.triton_available()
         if not given:
             return
-        first = given[0]
-        if any(not torch.equal(first, t) for t in given[1:]):
+        device = layer.qweight.device  # g_idx may arrive on the host while the weights are on the device
+        first = given[0].to(device)
+        if any(not torch.equal(first, t.to(device)) for t in given[1:]):
             raise ValueError(f"{self.name}: the shards of one merged layer have different g_idx (act-order) orders")
         trivial = torch.arange(k, device=first.device) // g
         if torch.equal(first, trivial):
@@ -222,7 +223,7 @@ class GPTQLinearMethod(Int4LinearMethod):
             "qweight": pack.pack_rows(codes.t()),
             "qzeros": pack.pack_last((zeros - self.zero_offset).t()),
             "scales": scales.t().to(torch.float16),
-            "g_idx": torch.arange(weight.shape[1], dtype=torch.int32) // self.group_for(weight),
+            "g_idx": torch.arange(weight.shape[1], dtype=torch.int32, device=weight.device) // self.group_for(weight),
         }
 
     def group_for(self, weight: torch.Tensor) -> int:

@@ -337,7 +337,7 @@ def test_lora_under_cuda_graphs_gives_the_eager_tokens(tiny_model_dir, tmp_path)
     outs = {}
     for eager in (True, False):
         llm = kvik.LLM(model=str(path), device="cuda", dtype="bfloat16", enforce_eager=eager, max_num_seqs=16,
-                       num_kv_blocks=256, enable_lora=True, max_loras=2, max_lora_rank=8)  # fmt: skip
+                       num_kv_blocks=256, enable_lora=True, max_loras=2, max_lora_rank=16)  # fmt: skip
         runner = llm.llm_engine.runner
         assert bool(runner.lora_graphs) is (not eager)
         outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, lora_request=per_prompt)]
