@@ -159,9 +159,11 @@ def merge_stats(stats: Sequence[EngineStats]) -> EngineStats:
             merged[f.name] = sum(values) / len(values)
         elif f.name == "last_step_time":
             merged[f.name] = max(values)
-        elif f.name == "spec_accepted_per_position":
+        elif isinstance(values[0], tuple):  # per-position counters: summed position by position
             width = max((len(v) for v in values), default=0)
             merged[f.name] = tuple(sum(v[i] for v in values if i < len(v)) for i in range(width))
+        elif isinstance(values[0], str):  # a label (the speculative method): the replicas share it
+            merged[f.name] = next((v for v in values if v), "")
         else:
             merged[f.name] = sum(values)
     return EngineStats(**merged)
