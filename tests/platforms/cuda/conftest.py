@@ -7,8 +7,13 @@ TRITON_INTERPRET must be set before triton decorates any kernel, i.e. before
 from __future__ import annotations
 
 import os
+import sys
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+_HERE = os.path.dirname(__file__)
+if _HERE not in sys.path:  # --import-mode=importlib: make host_cuda_platform importable from the tests
+    sys.path.insert(0, _HERE)

@@ -19,7 +19,7 @@ class HostCUDAPlatform(Platform):
     options_type = GPUOptions
 
     def resolve_options(self, options: dict[str, Any], config: EngineConfig) -> GPUOptions:
-        return GPUOptions(fused_layers=False)
+        return GPUOptions(fused_layers=options.get("fused_layers", False))  # eager layers unless a test asks
 
     @classmethod
     def is_available(cls) -> bool:

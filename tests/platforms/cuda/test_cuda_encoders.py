@@ -4,43 +4,21 @@ and the generic runner's pooled vectors (on CPU here; on a GPU the same path run
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
 
 import torch
+from host_cuda_platform import HostCUDAPlatform
 from kvik.config import EngineConfig
 from kvik.engine.config_resolution import resolve_config
-from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.pooling import PoolingParams, PoolingType
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
 from kvik.testing.tiny_encoders import make_tiny_encoder
 from kvik.worker.torch_runner import TorchModelRunner
-from kvik_cuda.platform import GPUOptions
 from kvik_cuda.runner import CUDAModelRunner
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-
-class HostPlatform(Platform):
-    """Just enough platform to build runners on the host (as in test_cuda_runner.py)."""
-
-    name = "host-test"
-    device_type = "cpu"
-    options_type = GPUOptions
-
-    def resolve_options(self, options: dict[str, Any], config: EngineConfig) -> GPUOptions:
-        return GPUOptions(fused_layers=False)
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return True
-
-    def memory_info(self) -> MemoryInfo:
-        return MemoryInfo(total=1 << 34, free=1 << 33)
-
-    def create_model_runner(self, config, model_config):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
 
 
 PROMPTS = {"a": list(range(2, 30)), "b": [2, 40, 41, 3], "c": list(range(50, 61))}
@@ -49,7 +27,7 @@ PROMPTS = {"a": list(range(2, 30)), "b": [2, 40, 41, 3], "c": list(range(50, 61)
 def _pooled(cls: type[TorchModelRunner], path: Path, manager, kind: PoolingType) -> dict[str, list[float]]:  # type: ignore[no-untyped-def]
     cfg = EngineConfig(model=str(path), dtype="float32", max_num_seqs=8, enforce_eager=False,
                        platform_options={"fused_layers": False})  # fmt: skip
-    platform = HostPlatform()
+    platform = HostCUDAPlatform()
     resolution = resolve_config(cfg, platform, manager)
     runner = cls(resolution.config, resolution.model_config, DEVICE, platform, manager)
     runner.load_model()

@@ -11,45 +11,23 @@ from __future__ import annotations
 import os
 import random
 import types
-from typing import Any
 
 import pytest
 import torch
+from host_cuda_platform import HostCUDAPlatform
 from kvik.config import EngineConfig
 from kvik.engine.config_resolution import resolve_config
-from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.plugins.hookspecs import hookimpl
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
 from kvik.worker.kit import BlockTables, StepLayout
 from kvik.worker.torch_runner import TorchModelRunner
 from kvik_cuda.inputs import StepInputs
-from kvik_cuda.platform import GPUOptions
 from kvik_cuda.runner import CUDAModelRunner
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 
-
-class HostPlatform(Platform):
-    """Just enough platform for building runners on the CPU in tests."""
-
-    name = "host-test"
-    device_type = "cpu"
-    options_type = GPUOptions
-
-    def resolve_options(self, options: dict[str, Any], config: EngineConfig) -> GPUOptions:
-        return GPUOptions(fused_layers=options.get("fused_layers", False))  # eager unless a test asks
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return True
-
-    def memory_info(self) -> MemoryInfo:
-        return MemoryInfo(total=1 << 34, free=1 << 33)
-
-    def create_model_runner(self, config, model_config):  # type: ignore[no-untyped-def]
-        raise NotImplementedError
 
 
 def _req(rid: str, tokens: list[int], start: int, blocks: list[int], sample: bool = True) -> ScheduledRequest:
@@ -101,7 +79,7 @@ def _runner(cls: type[TorchModelRunner], path, manager, **config) -> TorchModelR
     cfg = EngineConfig(
         model=str(path), dtype="float32", block_size=4, max_num_batched_tokens=64, max_num_seqs=8, **config
     )
-    platform = HostPlatform()
+    platform = HostCUDAPlatform()
     resolution = resolve_config(cfg, platform, manager)
     runner = cls(resolution.config, resolution.model_config, DEVICE, platform, manager)
     runner.load_model()

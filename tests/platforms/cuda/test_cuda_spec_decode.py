@@ -9,18 +9,14 @@ On a GPU (``-m gpu``) the same runs with CUDA graphs.
 from __future__ import annotations
 
 import importlib.util
-import os
-import sys
 from pathlib import Path
 
+import host_cuda_platform
 import pytest
 import torch
 from kvik import LLM, SamplingParams
 from kvik.testing.reference import random_prompts
 from kvik_cuda.runner import CUDAModelRunner
-
-sys.path.insert(0, os.path.dirname(__file__))
-import host_cuda_platform
 
 _spec = importlib.util.spec_from_file_location(
     "kvik_eagle_heads", Path(__file__).parents[2] / "core" / "spec_decode" / "test_eagle.py"
