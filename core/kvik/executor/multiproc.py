@@ -140,6 +140,11 @@ class MultiprocExecutor(Executor):
                 except (EOFError, OSError):
                     continue  # its process ended: reported below
                 if kind == "error":
+                    # A collective fails on every rank when one rank dies: name the dead one, the cause,
+                    # when there is one (its exit can lag its peers' errors by a moment).
+                    dead = self._dead_rank(settle_s=1.0, other_than=rank)
+                    if dead is not None:
+                        raise self._fail(f"{dead} (then rank {rank} failed: {str(value).splitlines()[0][:200]})")
                     raise self._fail(f"worker rank {rank} failed: {value}")
                 results[rank] = value
                 del pending[rank]
@@ -147,6 +152,18 @@ class MultiprocExecutor(Executor):
                 if not proc.is_alive():
                     raise self._fail(f"worker rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}")
         return results
+
+    def _dead_rank(self, settle_s: float, other_than: int) -> str | None:
+        """"worker rank R (pid P) died with exit code C" for the first rank but ``other_than`` whose process has
+        ended, waiting up to ``settle_s`` for one to end; None if they are all alive."""
+        deadline = time.monotonic() + settle_s
+        while True:
+            for rank, proc in enumerate(self._procs):
+                if rank != other_than and not proc.is_alive():
+                    return f"worker rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}"
+            if time.monotonic() >= deadline:
+                return None
+            time.sleep(0.02)
 
     def _call(self, method: str, *args: Any) -> list[Any]:
         self._send(method, *args)
