@@ -177,7 +177,15 @@ def onnx_greedy(folder: Path, prompts: list[list[int]], new_tokens: int) -> list
     """ONNX Runtime GenAI's greedy continuation of each prompt (EOS ignored)."""
     import onnxruntime_genai as og
 
-    model = og.Model(str(folder))
+    try:
+        model = og.Model(str(folder))
+    except RuntimeError as exc:
+        # Seen with int4 exports of tied-embedding models (SmolLM2): the builder writes a graph ONNX Runtime
+        # 1.32 refuses. Say so in one line instead of a traceback.
+        raise ValueError(
+            f"ONNX Runtime could not load the exported model in {folder}: {str(exc).splitlines()[0][:300]}. "
+            "If this is an int4 export of a model with tied embeddings, export with --precision fp32"
+        ) from None
     outputs = []
     for prompt in prompts:
         params = og.GeneratorParams(model)
