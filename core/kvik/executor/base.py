@@ -11,7 +11,7 @@ samples come back from one. Executors are plugins (``kvik_register_executors``).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -68,6 +68,15 @@ class ResolvedStructuredStep:
 
     def bitmask(self) -> np.ndarray:
         return self.mask
+
+    @staticmethod
+    def resolve(step: SchedulerOutput) -> SchedulerOutput:
+        """``step`` with its structured-output future (if any) replaced by the finished bitmask: the step a
+        worker process or actor can receive."""
+        if step.structured is None:
+            return step
+        resolved = ResolvedStructuredStep(list(step.structured.request_ids), step.structured.bitmask())
+        return replace(step, structured=resolved)  # type: ignore[arg-type]
 
 
 class Executor(ABC):

@@ -184,11 +184,7 @@ class MultiprocExecutor(Executor):
         self._call("initialize_kv_cache", num_blocks)
 
     def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
-        step = scheduler_output
-        if step.structured is not None:  # its future stays here: send the finished bitmask
-            resolved = ResolvedStructuredStep(list(step.structured.request_ids), step.structured.bitmask())
-            step = replace(step, structured=resolved)  # type: ignore[arg-type]
-        encoded = self._encoder.encode(step)  # token lists as deltas: each rank keeps its copy
+        encoded = self._encoder.encode(ResolvedStructuredStep.resolve(scheduler_output))  # token lists as deltas: each rank keeps its copy
         self._send("execute", encoded)
 
         def finish() -> RunnerOutput:

@@ -117,11 +117,7 @@ class RayExecutor(Executor):
     def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         ray = _ray()
         self.check_health()
-        step = scheduler_output
-        if step.structured is not None:
-            resolved = ResolvedStructuredStep(list(step.structured.request_ids), step.structured.bitmask())
-            step = replace(step, structured=resolved)  # type: ignore[arg-type]
-        encoded = self._encoder.encode(step)  # token lists as deltas: each rank keeps its copy
+        encoded = self._encoder.encode(ResolvedStructuredStep.resolve(scheduler_output))  # token lists as deltas: each rank keeps its copy
         shared = ray.put(encoded)  # serialized once for every actor
         refs = [a.execute.remote(shared) for a in self._actors]
 
