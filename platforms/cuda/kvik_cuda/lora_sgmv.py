@@ -36,6 +36,7 @@ if TYPE_CHECKING:
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 # Programs the shrink aims for when it picks its own split-K (two per SM of an H100/H200).
 TARGET_PROGRAMS = 264
+MAX_SPLIT_ROWS = 2048
 
 
 @triton.jit
@@ -122,11 +123,14 @@ def _sgmv_expand_kernel(
 
 def sgmv_splits(num_tokens: int, in_features: int, num_cols: int, config: LoRAKernelConfig) -> int:
     """The shrink's split-K: the config's, or enough splits to give the GPU ~TARGET_PROGRAMS programs
-    while each keeps at least two ``block_k`` steps of the reduction. A function of shapes only (graph-safe)."""
+    while each keeps at least two ``block_k`` steps of the reduction, and at most MAX_SPLIT_ROWS
+    partial-sum rows (every expand program re-reads its rows' partial sums: that cost grows with
+    splits x tokens). A function of shapes only (graph-safe)."""
     if config.split_k > 0:
         return config.split_k
     programs = triton.cdiv(num_tokens, config.block_m) * triton.cdiv(num_cols, shrink_block_c(num_cols, config))
-    return max(1, min(triton.cdiv(TARGET_PROGRAMS, programs), in_features // (2 * config.block_k), 32))
+    limit = min(in_features // (2 * config.block_k), MAX_SPLIT_ROWS // num_tokens, 32)
+    return max(1, min(triton.cdiv(TARGET_PROGRAMS, programs), limit))
 
 
 def shrink_block_c(num_cols: int, config: LoRAKernelConfig) -> int:
