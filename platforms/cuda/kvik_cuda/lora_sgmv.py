@@ -67,7 +67,9 @@ def _sgmv_shrink_kernel(
         for k0 in range(k_start, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < k_end
-            xv = tl.load(x_ptr + rows64[:, None] * stride_xt + ks[None, :], mask=mine[:, None] & k_ok[None, :], other=0.0)
+            xv = tl.load(
+                x_ptr + rows64[:, None] * stride_xt + ks[None, :], mask=mine[:, None] & k_ok[None, :], other=0.0
+            )
             a_mask = k_ok[:, None] & (cols[None, :] < num_cols)
             av = tl.load(a_ptr + slot * stride_al + cols[None, :] * stride_ar + ks[:, None], mask=a_mask, other=0.0)
             av = av.to(xv.dtype)
@@ -82,9 +84,9 @@ def _sgmv_shrink_kernel(
 @triton.jit
 def _sgmv_expand_kernel(
     s_ptr, b_ptr, slots_ptr, y_ptr,
-    num_tokens, out_features, rank, start1, start2,
+    num_tokens, out_features, rank, start1, start2, split_k,
     stride_ss, stride_st, stride_bl, stride_bo, stride_yt,
-    SPLIT_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -108,7 +110,7 @@ def _sgmv_expand_kernel(
                 offsets = rows64[:, None] * stride_st + k * rank + rs[None, :]
                 s_mask = mine[:, None] & r_ok[None, :]
                 sv = tl.load(s_ptr + offsets, mask=s_mask, other=0.0)
-                for split in tl.static_range(1, SPLIT_K):  # the shrink's split-K partial sums, in a fixed order
+                for split in range(1, split_k):  # the shrink's split-K partial sums, in a fixed order
                     sv += tl.load(s_ptr + split * stride_ss + offsets, mask=s_mask, other=0.0)
                 b_mask = r_ok[:, None] & in_shard[None, :]
                 bv = tl.load(b_ptr + slot * stride_bl + cols[None, :] * stride_bo + rs[:, None], mask=b_mask, other=0.0)
@@ -169,8 +171,8 @@ def add_lora_sgmv(
     block_r = max(16, min(triton.next_power_of_2(rank), 64))
     _sgmv_expand_kernel[(triton.cdiv(num_tokens, config.block_m), triton.cdiv(out_features, config.block_n))](
         shrink, b, slots, y,
-        num_tokens, out_features, rank, starts[0], starts[1],
+        num_tokens, out_features, rank, starts[0], starts[1], splits,
         shrink.stride(0), shrink.stride(1), b.stride(0), b.stride(1), y.stride(0),
-        SPLIT_K=splits, BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r,
         PRECISION=config.expand_precision, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip

@@ -79,9 +79,7 @@ def test_sgmv_row_counts_and_slot_mixes(slots: list[int]) -> None:
     st.sampled_from([16, 32]),
     st.sampled_from([(16,), (8, 24), (16, 8, 8)]),
 )
-def test_sgmv_equals_reference_for_any_slot_sequence(
-    slots: list[int], block_m: int, shards: tuple[int, ...]
-) -> None:
+def test_sgmv_equals_reference_for_any_slot_sequence(slots: list[int], block_m: int, shards: tuple[int, ...]) -> None:
     # Any interleaving of adapters and base rows: each tile runs one pass per distinct slot it holds.
     _check(shards, 4, torch.float32, 32, slots, LoRAKernelConfig(block_m=block_m, block_n=16, block_k=16))
 
