@@ -1,4 +1,4 @@
-"""Sweep the LoRA delta kernels on a GPU: old (BGMV) vs tiled SGMV configs vs the base projection's matmul.
+"""Sweep the LoRA delta kernels on a GPU: old (BGMV) vs tiled SGMV/fused configs vs the base projection's matmul.
 
     export PYTHONPATH=$PWD/core:$PWD/platforms/cuda     # or pip install -e core -e platforms/cuda
     python3 benchmarks/lora_kernels_sweep.py            # ~3-4 min on an H200; --budget-s caps the grid
@@ -7,8 +7,8 @@
 8B projections (qkv 4096->6144 in 3 shards, o 4096->4096, gate_up 4096->28672 in 2 shards, down
 14336->4096), rank 16, 8 adapter slots, 1/16/64/256/1024 token rows under 1 adapter or 8 (rows
 interleaved at random over the slots: the worst case for the SGMV tiles). For every case: the base
-bf16 matmul ``x @ W.T``, the old BGMV kernels, the current table's SGMV config and a small grid of
-SGMV configs, each checked against ``kvik.lora.compute.add_lora_reference`` and timed two ways:
+bf16 matmul ``x @ W.T``, the old BGMV kernels, the current table's config and a small grid of
+SGMV (two launches) and fused (one launch; up to 256 rows) configs, each checked against ``kvik.lora.compute.add_lora_reference`` and timed two ways:
 ``graph_us`` (calls captured in a CUDA graph, replayed) and ``eager_us`` (back-to-back launches;
 launch overhead included). Weights rotate over copies larger than L2 so neither side is timed
 L2-warm. A failing config is recorded and skipped; the table-suggestion uses only correct ones.
@@ -51,6 +51,10 @@ GRID = [
     C(block_m=64, block_k=128, block_c=64, block_n=256, num_warps=8, num_stages=3),
     C(block_m=64, block_k=64, block_c=64, block_n=128, num_warps=8, num_stages=4),
     C(block_m=128, block_k=64, block_c=64, block_n=128, num_warps=8, num_stages=3),
+    C(kernel="fused", block_m=16, block_k=256, block_n=64, num_warps=4, num_stages=3),
+    C(kernel="fused", block_m=16, block_k=128, block_n=32, num_warps=4, num_stages=2),
+    C(kernel="fused", block_m=16, block_k=512, block_n=64, num_warps=8, num_stages=2),
+    C(kernel="fused", block_m=32, block_k=256, block_n=128, num_warps=4, num_stages=3),
     C(kernel="bgmv", split_k=16),
 ]
 OLD = C(kernel="bgmv")  # the BGMV kernels with their own split rule: what ran before the SGMV kernels
@@ -64,6 +68,8 @@ TARGETS = {1: 0.15, 16: 0.25, 64: 0.25, 256: 0.25}
 def name(cfg: LoRAKernelConfig) -> str:
     if cfg.kernel == "bgmv":
         return f"bgmv-sk{cfg.split_k}" if cfg.split_k else "bgmv"
+    if cfg.kernel == "fused":
+        return f"fused-m{cfg.block_m}-k{cfg.block_k}-n{cfg.block_n}-w{cfg.num_warps}-s{cfg.num_stages}"
     text = f"sgmv-m{cfg.block_m}-k{cfg.block_k}-c{cfg.block_c}-n{cfg.block_n}-w{cfg.num_warps}-s{cfg.num_stages}"
     return text + (f"-sk{cfg.split_k}" if cfg.split_k else "") + ("-tf32x3" if cfg.expand_precision != "ieee" else "")
 
@@ -192,7 +198,7 @@ def main() -> int:
     shapes, token_counts = (
         (SMOKE_SHAPES, [1, 5, 20]) if args.smoke else (SHAPES, [int(t) for t in args.tokens.split(",")])
     )
-    grid = GRID[:3] + GRID[-1:] if args.smoke else GRID
+    grid = GRID[:2] + GRID[-3:] if args.smoke else GRID
     start = time.perf_counter()
     result: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
                               "torch": torch.__version__, "table_before": {k: name(v) for k, v in CONFIGS.items()},
@@ -220,7 +226,8 @@ def main() -> int:
     print(f"[first pass] {time.perf_counter() - start:.1f} s", flush=True)
     for cfg in grid:  # second pass: the grid, config by config (one compile each), until the budget is spent
         for case, row in zip(cases, result["cases"], strict=True):
-            if name(cfg) in row["configs"] or cfg.block_m > max(16, 2 * case.tokens):
+            too_big = cfg.block_m > max(16, 2 * case.tokens) or (cfg.kernel == "fused" and case.tokens > 256)
+            if name(cfg) in row["configs"] or too_big:
                 continue
             if time.perf_counter() - start > args.budget_s:
                 row["configs"][name(cfg)] = {"ok": False, "error": "skipped: --budget-s spent"}

@@ -4,6 +4,8 @@ Two kernel families compute ``kvik.lora.compute.add_lora_reference``'s result:
 
 - ``sgmv`` (:mod:`kvik_cuda.lora_sgmv`): tiles of token rows × outputs on the tensor cores, one
   pass per distinct adapter slot in a tile;
+- ``fused`` (:mod:`kvik_cuda.lora_fused`): the SGMV tiles in one launch, each program recomputing the
+  shrink its columns need (for decode, where launches, not work, bound the delta);
 - ``bgmv`` (:mod:`kvik_cuda.lora_bgmv`): one program per token row, reductions in registers.
 
 Which one runs, and its block sizes, warps and pipeline stages, come from :data:`CONFIGS`, a table
@@ -19,16 +21,20 @@ from dataclasses import asdict, dataclass
 import torch
 
 from kvik_cuda.lora_bgmv import add_lora_bgmv, shrink_splits
+from kvik_cuda.lora_fused import add_lora_fused
 from kvik_cuda.lora_sgmv import add_lora_sgmv
 
 __all__ = ["CONFIGS", "LoRAKernelConfig", "add_lora_triton", "config_for", "shrink_splits"]
 
 
+KERNELS = ("sgmv", "fused", "bgmv")
+
+
 @dataclass(frozen=True, slots=True)
 class LoRAKernelConfig:
-    """One choice of kernel and tiles (the ``sgmv`` fields; ``bgmv`` reads only ``split_k``)."""
+    """One choice of kernel and tiles (``fused`` ignores block_c and split_k; ``bgmv`` reads only split_k)."""
 
-    kernel: str = "sgmv"  # "sgmv" or "bgmv"
+    kernel: str = "sgmv"  # "sgmv", "fused" or "bgmv"
     block_m: int = 16  # token rows per program (tl.dot needs >= 16)
     block_k: int = 128  # shrink: reduction step over ``in``
     block_c: int = 64  # shrink: S*R output columns per program (capped at what the projection has)
@@ -39,8 +45,8 @@ class LoRAKernelConfig:
     expand_precision: str = "ieee"  # the expand's float32 dot: "ieee" (exact products) or "tf32x3"
 
     def __post_init__(self) -> None:
-        if self.kernel not in ("sgmv", "bgmv"):
-            raise ValueError(f"LoRA kernel {self.kernel!r} is not one of 'sgmv', 'bgmv'")
+        if self.kernel not in KERNELS:
+            raise ValueError(f"LoRA kernel {self.kernel!r} is not one of {', '.join(KERNELS)}")
         for name in ("block_m", "block_k", "block_c", "block_n"):
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
@@ -51,12 +57,12 @@ class LoRAKernelConfig:
 
 
 # Token-count bucket -> config: a step of T rows uses the smallest key >= T (the largest key beyond).
-# Defaults from Hopper practice, before any sweep: small row tiles and many split-K programs for
-# decode (the shrink's reduction is the long axis), wider tiles and deeper pipelines for prefill.
+# Defaults from Hopper practice, before any sweep: one launch for decode (launch latency dominates
+# a rank-16 delta there), two-launch tiles with split-K and deeper pipelines from 17 rows up.
 # Replace with the "configs_table" that benchmarks/lora_kernels_sweep.py prints on the target GPU.
 CONFIGS: dict[int, LoRAKernelConfig] = {
-    1: LoRAKernelConfig(block_m=16, block_k=128, block_c=16, block_n=64, num_warps=4, num_stages=2),
-    16: LoRAKernelConfig(block_m=16, block_k=128, block_c=16, block_n=64, num_warps=4, num_stages=2),
+    1: LoRAKernelConfig(kernel="fused", block_m=16, block_k=256, block_n=64, num_warps=4, num_stages=3),
+    16: LoRAKernelConfig(kernel="fused", block_m=16, block_k=256, block_n=64, num_warps=4, num_stages=3),
     64: LoRAKernelConfig(block_m=16, block_k=128, block_c=64, block_n=128, num_warps=4, num_stages=3),
     256: LoRAKernelConfig(block_m=32, block_k=128, block_c=64, block_n=128, num_warps=4, num_stages=3),
     1024: LoRAKernelConfig(block_m=64, block_k=64, block_c=64, block_n=128, num_warps=8, num_stages=3),
@@ -91,5 +97,7 @@ def add_lora_triton(
     config = config or config_for(num_tokens)
     if config.kernel == "bgmv":
         add_lora_bgmv(y, x, a, b, slots, shard_starts, split_k=config.split_k or None)
+    elif config.kernel == "fused":
+        add_lora_fused(y, x, a, b, slots, shard_starts, config)
     else:
         add_lora_sgmv(y, x, a, b, slots, shard_starts, config)

@@ -1,4 +1,4 @@
-"""The tiled SGMV LoRA kernels and the config table (kvik_cuda.lora_sgmv, kvik_cuda.lora_kernels) against the reference.
+"""The tiled LoRA kernels (SGMV, fused) and the config table (kvik_cuda.lora_kernels) against the reference.
 
 On CPU they run under Triton's interpreter (tests/conftest.py sets TRITON_INTERPRET=1) on small shapes.
 """
@@ -13,6 +13,7 @@ pytest.importorskip("triton", reason="triton is not installed")
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvik.lora.compute import add_lora_reference
+from kvik_cuda.lora_fused import fused_block_n
 from kvik_cuda.lora_kernels import CONFIGS, LoRAKernelConfig, add_lora_triton, config_for
 from kvik_cuda.lora_sgmv import sgmv_splits
 
@@ -60,17 +61,21 @@ MIXED = [2, -1, 0, 0, 1, -1, 2, 3, 3, 3, 0, -1, 1, 2, 2, 0, 1, 3, -1, 0, 0]  # 2
         ((24, 8, 8), 8, torch.bfloat16, 260, LoRAKernelConfig(block_n=16, block_c=16)),  # blocks across shards
         ((16, 8, 8), 80, torch.float32, 64, LoRAKernelConfig(block_n=32)),  # rank above the expand's 64-wide step
         ((48,), 16, torch.bfloat16, 96, LoRAKernelConfig(block_n=32, expand_precision="tf32x3", num_stages=3)),
+        ((24, 8, 8), 8, torch.bfloat16, 260, LoRAKernelConfig(kernel="fused", block_n=16, block_k=64)),
+        ((16, 8, 8), 80, torch.float32, 64, LoRAKernelConfig(kernel="fused", block_m=32, block_n=32, block_k=16)),
+        ((40, 40), 16, torch.float16, 48, LoRAKernelConfig(kernel="fused", block_n=32, block_k=32)),
     ],
 )
-def test_sgmv_matches_the_reference_on_mixed_slots(
+def test_tiled_kernels_match_the_reference_on_mixed_slots(
     shards: tuple[int, ...], rank: int, dtype: torch.dtype, in_features: int, config: LoRAKernelConfig
 ) -> None:
     _check(shards, rank, dtype, in_features, MIXED, config)
 
 
 @pytest.mark.parametrize("slots", [[1], [-1, 3, -1], [0] * 17, [-1] * 5, list(range(4)) * 5 + [-1]])
-def test_sgmv_row_counts_and_slot_mixes(slots: list[int]) -> None:
-    _check((16, 8), 8, torch.float32, 40, slots, LoRAKernelConfig(block_n=16))
+@pytest.mark.parametrize("kernel", ["sgmv", "fused"])
+def test_row_counts_and_slot_mixes(slots: list[int], kernel: str) -> None:
+    _check((16, 8), 8, torch.float32, 40, slots, LoRAKernelConfig(kernel=kernel, block_n=16))
 
 
 @settings(max_examples=12, deadline=None)
@@ -78,15 +83,19 @@ def test_sgmv_row_counts_and_slot_mixes(slots: list[int]) -> None:
     st.lists(st.integers(-1, 3), min_size=1, max_size=40),
     st.sampled_from([16, 32]),
     st.sampled_from([(16,), (8, 24), (16, 8, 8)]),
+    st.sampled_from(["sgmv", "fused"]),
 )
-def test_sgmv_equals_reference_for_any_slot_sequence(slots: list[int], block_m: int, shards: tuple[int, ...]) -> None:
+def test_tiled_kernels_equal_reference_for_any_slot_sequence(
+    slots: list[int], block_m: int, shards: tuple[int, ...], kernel: str
+) -> None:
     # Any interleaving of adapters and base rows: each tile runs one pass per distinct slot it holds.
-    _check(shards, 4, torch.float32, 32, slots, LoRAKernelConfig(block_m=block_m, block_n=16, block_k=16))
+    config = LoRAKernelConfig(kernel=kernel, block_m=block_m, block_n=16, block_k=16)
+    _check(shards, 4, torch.float32, 32, slots, config)
 
 
 def test_every_configured_bucket_runs_and_matches() -> None:
     # The table the sweep's output replaces: each entry must be a config that computes the delta.
-    for config in {*CONFIGS.values(), LoRAKernelConfig(kernel="bgmv")}:
+    for config in {*CONFIGS.values(), LoRAKernelConfig(kernel="bgmv"), LoRAKernelConfig(kernel="fused")}:
         _check((16, 8, 8), 8, torch.bfloat16, 64, MIXED, config)
 
 
@@ -114,6 +123,13 @@ def test_split_k_from_shapes_and_config() -> None:
     assert sgmv_splits(256, 14336, 16, LoRAKernelConfig(block_m=32)) == 8  # bounded by the expand's re-reads
     assert sgmv_splits(4096, 14336, 16, LoRAKernelConfig(block_m=64)) == 1
     assert sgmv_splits(1, 4096, 16, LoRAKernelConfig(split_k=3)) == 3
+
+
+def test_fused_column_blocks_fit_one_wave() -> None:
+    config = LoRAKernelConfig(kernel="fused", block_n=64)
+    assert fused_block_n(4096, config) == 64  # o_proj: 64 programs
+    assert fused_block_n(28672, config) == 256  # gate_up: 112 programs, not 448
+    assert fused_block_n(10**6, config) == 256  # never wider than 256
 
 
 def test_bad_config_is_refused() -> None:
