@@ -26,7 +26,7 @@ if TYPE_CHECKING:
 ONE_WAVE = 132  # programs an H100/H200 runs at once at one program per SM
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # one compile for every row count (T=1 included)
 def _fused_kernel(
     x_ptr, a_ptr, b_ptr, slots_ptr, y_ptr,
     num_tokens, in_features, out_features, rank, start1, start2,

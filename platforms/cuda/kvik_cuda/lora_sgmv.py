@@ -45,7 +45,7 @@ def _next_slot(row_slots, after):
     return tl.min(tl.where(row_slots > after, row_slots, 1073741824), axis=0)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens"])  # one compile for every row count (T=1 included)
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, slots_ptr, s_ptr,
     num_tokens, in_features, num_cols, k_per_split,
@@ -81,7 +81,7 @@ def _sgmv_shrink_kernel(
     tl.store(s_ptr + split * stride_ss + rows64[:, None] * stride_st + cols[None, :], acc, mask=out_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_tokens", "split_k"])
 def _sgmv_expand_kernel(
     s_ptr, b_ptr, slots_ptr, y_ptr,
     num_tokens, out_features, rank, start1, start2, split_k,
