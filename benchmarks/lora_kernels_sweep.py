@@ -187,6 +187,23 @@ def suggest(cases: list[dict[str, Any]], token_counts: list[int]) -> dict[int, s
     return table
 
 
+def summary(result: dict[str, Any], metric: str) -> str:
+    """The tail a reader sees first: per case the base, old, table and best times (us), then the table."""
+    lines = [f"{'case':<18} {'base':>8} {'old':>8} {'table':>8} {'best':>8} ratio  target  best config ({metric})"]
+    for row in result["cases"]:
+        configs, best = row["configs"], result["best"].get(row["key"], {})
+
+        def us(cfg_name: str, configs: dict[str, Any] = configs) -> str:
+            return f"{configs.get(cfg_name, {}).get(metric, math.nan):8.1f}"
+
+        lines.append(
+            f"{row['key']:<18} {row['base'][metric]:8.1f} {us(row['old'])} {us(row['table'])} "
+            f"{best.get(metric, math.nan):8.1f} {best.get('ratio', math.nan):5.2f}  {best.get('target') or '':<6}  "
+            f"{best.get('config', '-')}"
+        )
+    return "\n".join([*lines, *result["errors"], result["configs_table_py"]])
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1,16,64,256,1024")
@@ -256,7 +273,7 @@ def main() -> int:
     result["elapsed_s"] = time.perf_counter() - start
     text = json.dumps(result, indent=1, default=str)
     print(text)
-    print(result["configs_table_py"])
+    print(summary(result, metric))
     out = Path(os.environ.get("OUT", "."))
     out.mkdir(parents=True, exist_ok=True)
     (out / "lora_kernels_sweep.json").write_text(text)
