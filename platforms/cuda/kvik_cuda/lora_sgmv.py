@@ -11,7 +11,9 @@ loads only the rows under ``l`` (the others are masked to zero, so they add exac
 ``l``'s weight tile. The slots are found on the device, smallest first, by a running minimum
 over the tile's slot indices (a ``while`` loop): no sort, no host read and no extra launch, so
 the kernels stay valid inside captured CUDA graphs, and a tile whose rows are all base-model
-rows (``-1``) does no work. Rows of one request are adjacent in a step (a prefill chunk, or one
+rows (``-1``) does no work. (Grouping rows by slot first, with argsort/bincount/cumsum on the
+device, would add several launches to every projection: ~1,000 per step of an 8B model, more
+than the whole delta costs at decode.) Rows of one request are adjacent in a step (a prefill chunk, or one
 decode row), so a tile usually meets one or two slots; decode rows interleaved over many
 adapters cost one pass per distinct slot in the tile.
 
