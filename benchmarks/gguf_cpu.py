@@ -4,6 +4,10 @@ vs ONNX Runtime GenAI on kvik's ONNX exports of the same GGUF.
     python benchmarks/gguf_cpu.py --threads 2 --num-requests 32 --output-len 64
     python benchmarks/gguf_cpu.py --systems kvik-dequantize,onnx-fp32,onnx-int4 --onnx-root /tmp/smol_onnx
 
+``kvik-<mode>[-<dtype>][+compile]`` runs kvik with ``quantized_weights=<mode>`` (dequantize / quantized),
+``dtype=<dtype>`` (float32 by default) and, with ``+compile``, the CPU platform's ``compile_decode``
+(its start-up, compile included, is the ``startup_s`` column).
+
 ``onnx-<precision>`` exports the GGUF once to ``--onnx-root/<precision>`` (``kvik export onnx``), then
 decodes with ONNX Runtime GenAI (one sequence at a time, like llama.cpp's Python API).
 
@@ -63,9 +67,12 @@ def prompts(n: int) -> list[list[int]]:
     return out
 
 
-def _kvik(mode: str, args, single: list[int], batch: list[list[int]], dtype: str = "float32") -> dict:
+def _kvik(
+    mode: str, args, single: list[int], batch: list[list[int]], dtype: str = "float32", compile_decode: bool = False
+) -> dict:
     from kvik import LLM, SamplingParams
 
+    t0 = time.perf_counter()
     llm = LLM(
         gguf_path(),
         device="cpu",
@@ -74,7 +81,9 @@ def _kvik(mode: str, args, single: list[int], batch: list[list[int]], dtype: str
         num_threads=args.threads,
         kv_cache_memory=1 << 30,
         max_model_len=2048,
+        platform_options={"compile_decode": compile_decode},
     )
+    startup_s = time.perf_counter() - t0
     p1 = SamplingParams(temperature=0.0, max_tokens=args.single_len, ignore_eos=True)
     llm.generate([single[:8]], SamplingParams(max_tokens=4, ignore_eos=True))  # warm-up
     t = time.perf_counter()
@@ -88,7 +97,8 @@ def _kvik(mode: str, args, single: list[int], batch: list[list[int]], dtype: str
     batch_s = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     return dict(
-        system=f"kvik ({mode}, {dtype})",
+        system=f"kvik ({mode}, {dtype}{', compiled decode' if compile_decode else ''})",
+        startup_s=startup_s,
         single_decode_tok_s=decode_tps,
         single_ttft_ms=first * 1000,
         single_s=single_s,
@@ -215,6 +225,9 @@ def main() -> None:
     parser.add_argument("--single-len", type=int, default=128)
     parser.add_argument("--systems", default="kvik-dequantize,kvik-quantized,llama.cpp,hf")
     parser.add_argument("--onnx-root", default="/tmp/kvik_smollm2_onnx", help="where onnx-<precision> exports live")
+    parser.add_argument(
+        "--rounds", type=int, default=1, help="run the systems this many times, alternating (a shared machine drifts)"
+    )
     parser.add_argument("--json-out", default=None)
     parser.add_argument("--_worker", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -223,9 +236,10 @@ def main() -> None:
         single = batch[0]
         worker = args._worker
         if worker.startswith("kvik-"):
-            # kvik-<mode>[-<dtype>]
-            _, mode, *dtype = worker.split("-")
-            result = _kvik(mode, args, single, batch, *dtype)
+            # kvik-<mode>[-<dtype>][+compile]
+            name, _, flag = worker.partition("+")
+            _, mode, *dtype = name.split("-")
+            result = _kvik(mode, args, single, batch, *(dtype or ["float32"]), compile_decode=flag == "compile")
         elif worker.startswith("onnx-"):
             result = _onnx(worker.removeprefix("onnx-"), args, single, batch)
         else:
@@ -234,7 +248,7 @@ def main() -> None:
         print(json.dumps(result))
         return
     rows = []
-    for system in args.systems.split(","):
+    for system in args.systems.split(",") * args.rounds:
         folder = Path(args.onnx_root) / system.removeprefix("onnx-")
         if system.startswith("onnx-") and not (folder / "genai_config.json").exists():
             from kvik.entrypoints.export_onnx import export_onnx
@@ -252,7 +266,16 @@ def main() -> None:
     )
     print_table(
         rows,
-        ["system", "single_decode_tok_s", "single_ttft_ms", "batch_out_tok_s", "batch_s", "weight_mib", "peak_rss_mib"],
+        [
+            "system",
+            "single_decode_tok_s",
+            "single_ttft_ms",
+            "batch_out_tok_s",
+            "batch_s",
+            "weight_mib",
+            "peak_rss_mib",
+            "startup_s",
+        ],
     )
     if args.json_out:
         Path(args.json_out).write_text(json.dumps(rows, indent=2))

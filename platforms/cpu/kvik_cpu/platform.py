@@ -74,6 +74,9 @@ class CPUOptions(PlatformOptions):
     num_threads: int = 0
     # CPUs the process runs on: "0-3,6" or a list of ids; default: the current affinity mask
     cpu_affinity: tuple[int, ...] = ()
+    # Run decode-only steps through torch.compile (kvik_cpu.runner). Off by default: the first
+    # compile takes tens of seconds on a small CPU, which a short session never wins back.
+    compile_decode: bool = False
 
 
 class CPUPlatform(Platform):
@@ -140,7 +143,10 @@ class CPUPlatform(Platform):
         threads = options.get("num_threads") or cpuinfo.physical_cores(cpus)
         if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
             raise ValueError(f"num_threads must be an int >= 1, got {threads!r}")
-        return CPUOptions(num_threads=threads, cpu_affinity=tuple(cpus))
+        compile_decode = options.get("compile_decode", False)
+        if not isinstance(compile_decode, bool):
+            raise ValueError(f"compile_decode must be True or False, got {compile_decode!r}")
+        return CPUOptions(num_threads=threads, cpu_affinity=tuple(cpus), compile_decode=compile_decode)
 
     def configure(self, config: ResolvedConfig, model_config: ModelConfig) -> list[str]:
         """Pin the process to the chosen CPUs (when they differ from its mask) and set torch's threads."""
@@ -177,9 +183,10 @@ class CPUPlatform(Platform):
 
     def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:
         import torch
-        from kvik.worker.torch_runner import TorchModelRunner
 
-        return TorchModelRunner(config, model_config, torch.device("cpu"), self)
+        from kvik_cpu.runner import CPUModelRunner
+
+        return CPUModelRunner(config, model_config, torch.device("cpu"), self)
 
     def describe(self) -> dict[str, str]:
         import torch
