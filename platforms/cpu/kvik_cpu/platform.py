@@ -17,6 +17,9 @@ count from the first token on (there is no idle parallel hardware to fill):
   also reserves 4 GiB by default) instead of a fraction of all memory; the
   memory planner then trims it to what ``max_num_seqs`` full-length requests
   can use, so a one-stream ``kvik generate`` (``max_num_seqs=1``) holds one context.
+* compile_decode: off. Compiling the decode step (kvik_cpu.runner) trims the
+  per-token host work of one stream, but its first compile takes tens of
+  seconds on a 2-core machine, against a ~3 s cold start for ``kvik generate``.
 """
 
 from __future__ import annotations

@@ -107,6 +107,7 @@ class GGUFLinearMethod(QuantizationMethod):
         layer.gguf_groups = [(rows, ggml_type) for rows, ggml_type, _ in groups]
         layer.gguf_planes = [0] * len(groups)  # int4 planes per group once repacked; 0 = raw blocks
         layer.gguf_repacked = False
+        layer.gguf_packed = [None] * len(groups)  # Int4Packed per repacked group (same tensors as the buffers)
         for j, (_, _, raws) in enumerate(groups):
             layer.register_buffer(f"gguf_group{j}", raws[0] if len(raws) == 1 else torch.cat(raws, dim=0))
 
@@ -123,6 +124,9 @@ class GGUFLinearMethod(QuantizationMethod):
             layer.register_buffer(f"gguf_int4_{j}", packed.weight)
             layer.register_buffer(f"gguf_scales_zeros{j}", packed.scales_zeros)
             layer.gguf_planes[j] = packed.planes
+            # Kept as the kernel's argument too: apply() runs ~120 times a token at batch 1 on a
+            # small model, where rebuilding it from the buffers each call was measurable.
+            layer.gguf_packed[j] = packed
 
     def _packed(self, layer: Linear, j: int) -> int4pack.Int4Packed:
         return int4pack.Int4Packed(
@@ -156,8 +160,8 @@ class GGUFLinearMethod(QuantizationMethod):
             self._repack(layer, x.dtype)
         parts = []
         for j, (rows, ggml_type) in enumerate(layer.gguf_groups):
-            if layer.gguf_planes[j]:
-                packed = self._packed(layer, j)
+            packed = layer.gguf_packed[j]
+            if packed is not None:
                 if packed.scales_zeros.dtype != x.dtype:  # the kernel wants scales in x's dtype
                     packed = int4pack.Int4Packed(packed.weight, packed.scales_zeros.to(x.dtype), packed.planes)
                 parts.append(packed.matmul(x))
