@@ -258,6 +258,7 @@ def main() -> None:
         print(f"running {system} ...", file=sys.stderr, flush=True)
         try:
             rows.append(run_isolated([__file__, *sys.argv[1:], "--_worker", system]))
+            print(json.dumps(rows[-1]), file=sys.stderr, flush=True)  # a long run's rows as they come
         except RuntimeError as exc:
             print(f"{system} failed: {exc}", file=sys.stderr)
     print(
