@@ -28,6 +28,8 @@ from kvik.config import LoadFormat, ModelConfig, ResolvedConfig, WeightsMode
 from kvik.distributed.parallel_state import get_parallel_state
 from kvik.distributed.sharding import kv_heads_per_rank
 from kvik.engine import progress
+from kvik.layers.batch_invariant import InvariantKernels, make_batch_invariant, torch_kernels
+from kvik.layers.batch_invariant import describe as describe_counts
 from kvik.lora.adapter import AdapterInfo
 from kvik.lora.layers import wrap_model
 from kvik.lora.slots import LoRASlots
@@ -157,6 +159,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.attn_layers = []
 
         def make_attention(*args: Any, **kwargs: Any) -> AttentionBackend[torch.Tensor]:
+            if self.config.deterministic:  # only asked for when on: backends that predate it keep working
+                kwargs["batch_invariant"] = True
             layer = backend_cls(*args, **kwargs)
             self.attn_layers.append(layer)  # cache i belongs to the i-th attention built
             return layer
@@ -178,6 +182,9 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
                 n = dequantize_model(model, self.dtype)
             logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)
         self.model = model
+        if self.config.deterministic:
+            counts = make_batch_invariant(model, self.batch_invariant_kernels())
+            logger.info("deterministic mode: batch-invariant %s", describe_counts(counts))
         if self.config.enable_lora:
             self._wrap_lora(model)
         self.pooler = StepPooler(getattr(model, "pooler_head", None))
@@ -192,6 +199,10 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             self.weight_bytes() / 2**20,
             backend_cls.name,
         )
+
+    def batch_invariant_kernels(self) -> InvariantKernels:
+        """The kernels deterministic mode runs (kvik.layers.batch_invariant); device runners override."""
+        return torch_kernels()
 
     # -- LoRA ---------------------------------------------------------------------------
     def _wrap_lora(self, model: nn.Module) -> None:
