@@ -2,7 +2,7 @@
 
 Both batch-invariant backends are checked the same way: the torch reference's deterministic path
 (kvik.attention.invariant_ref) on CPU tensors, and the Triton kernel (under Triton's interpreter
-without a GPU) with small tiles so that short sequences span several KV tiles and query blocks.
+without a GPU) with small tiles (``invariant_tile``) so that short sequences span several KV tiles and query blocks.
 A target request's full q/k/v are fixed; it runs whole and alone, then as a chunk (its earlier
 tokens already cached) inside batches of random neighbours (prefills, decodes, other chunks), at
 any position: its rows must come out with the same bits. Decode rows are compared between a
@@ -12,8 +12,6 @@ decode-only step and a mixed one, the case that went through different kernels b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
-
 import pytest
 import torch
 
@@ -23,14 +21,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.attention.torch_ref import TorchRefAttentionBackend
-from kvik_triton_attention.testing import InterpretedTritonAttentionBackend
+from kvik_triton_attention.testing import SmallTileTritonAttentionBackend
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 HEADS, KV_HEADS, HEAD_SIZE, BLOCK = 4, 2, 32, 4
-
-
-class SmallInvariantTriton(InterpretedTritonAttentionBackend):
-    invariant_tile: ClassVar[tuple[int, int, int]] = (16, 16, 4)
 
 
 @dataclass
@@ -95,7 +89,7 @@ def _backend(cls: type[AttentionBackend], window: int | None) -> AttentionBacken
     return cls(HEADS, HEAD_SIZE, KV_HEADS, HEAD_SIZE**-0.5, window, batch_invariant=True)
 
 
-BACKENDS = [TorchRefAttentionBackend, SmallInvariantTriton]
+BACKENDS = [TorchRefAttentionBackend, SmallTileTritonAttentionBackend]
 
 
 @pytest.mark.parametrize("cls", BACKENDS)
