@@ -92,6 +92,14 @@ def _backend(cls: type[AttentionBackend], window: int | None) -> AttentionBacken
 BACKENDS = [TorchRefAttentionBackend, SmallTileTritonAttentionBackend]
 
 
+@pytest.fixture(autouse=True)
+def _small_torch_tiles(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Key tiles of 16 in the torch path too, so these short sequences span several."""
+    import kvik.attention.invariant_ref as invariant_ref
+
+    monkeypatch.setattr(invariant_ref, "BLOCK_N", 16)
+
+
 @pytest.mark.parametrize("cls", BACKENDS)
 @pytest.mark.parametrize("window", [None, 9])
 def test_chunks_and_neighbours_do_not_change_a_row(cls: type[AttentionBackend], window: int | None) -> None:

@@ -91,3 +91,11 @@ def test_refused_combinations(tiny_model_dir, extra: dict, message: str) -> None
 def test_refused_architecture_names_the_layer(tiny_model_dir) -> None:
     with pytest.raises(ValueError, match="MoEExperts"):
         LLM(str(tiny_model_dir(arch="mixtral")), deterministic=True, **OPTIONS)
+
+
+def test_cli_flag() -> None:
+    from kvik.entrypoints.cli import build_parser, engine_kwargs
+
+    parser = build_parser()
+    assert engine_kwargs(parser.parse_args(["generate", "hi", "--deterministic"]))["deterministic"] is True
+    assert engine_kwargs(parser.parse_args(["generate", "hi"]))["deterministic"] is False
