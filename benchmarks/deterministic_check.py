@@ -53,7 +53,7 @@ def part(name: str, fn: Callable[[], Any]) -> None:
     print(f"[{name}] ...", flush=True)
     try:
         RESULTS["parts"][name] = fn()
-    except Exception as exc:  # noqa: BLE001 - one part's failure must not lose the others
+    except Exception as exc:  # one part's failure must not lose the others
         RESULTS["errors"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
         print(RESULTS["errors"][name], flush=True)
     finally:
@@ -125,7 +125,6 @@ def check_matmul() -> dict[str, Any]:
                         "invariant_over_cublas_time": inv_ms / cub_ms}  # fmt: skip
         out[name] = {"shape": [n, k], "tile": tile_for(n, k, w.dtype, w.device), "rows_checked": checked,
                      "mismatches": mism_inv, "cublas_mismatches_for_contrast": mism_cublas, "speed": speed}  # fmt: skip
-        del w
     out["total_mismatches"] = sum(v["mismatches"] for v in out.values() if isinstance(v, dict))
     return out
 
@@ -154,7 +153,7 @@ def check_invariance(shape: str, sizes: list[int]) -> dict[str, Any]:
                 if rng.random() < 0.25:  # shares the target's prefix: prefix-cache hits
                     others[i] = target[: rng.randrange(16, 290)] + others[i][:200]
             place = rng.randrange(size)
-            prompts = others[:place] + [target] + others[place:]
+            prompts = [*others[:place], target, *others[place:]]
             plist = [SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 40), ignore_eos=True) for _ in others]
             plist.insert(place, params)
             t0 = time.perf_counter()

@@ -11,7 +11,9 @@ decode-only step and a mixed one, the case that went through different kernels b
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
+
 import pytest
 import torch
 
@@ -82,7 +84,7 @@ def _run(backend: AttentionBackend, seqs: list[Seq], seed: int) -> list[torch.Te
     backend.prepare(meta)
     cat = [torch.cat([getattr(s, n)[s.start : s.end] for s in seqs]).to(DEVICE) for n in ("q", "k", "v")]
     out = backend.forward(cat[0], cat[1], cat[2], cache.to(DEVICE), meta).cpu()
-    return [out[a:b] for a, b in zip(starts, starts[1:], strict=False)]
+    return [out[a:b] for a, b in itertools.pairwise(starts)]
 
 
 def _backend(cls: type[AttentionBackend], window: int | None) -> AttentionBackend:

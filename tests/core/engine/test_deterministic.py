@@ -53,7 +53,7 @@ def test_request_is_bit_identical_alone_and_in_any_batch(tiny_model_dir, arch: s
         for size in range(1, 9):
             others = _neighbours(rng, size - 1)
             place = rng.randrange(size)
-            prompts = others[:place] + [TARGET] + others[place:]
+            prompts = [*others[:place], TARGET, *others[place:]]
             neighbour_params = SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 9), ignore_eos=True)
             outs = llm.generate(prompts, [neighbour_params] * place + [params] + [neighbour_params] * (size - 1 - place),
                                 use_tqdm=False)  # fmt: skip
