@@ -8,8 +8,9 @@ element is one program's ``tl.dot`` accumulation over ``K`` in ``BLOCK_K`` steps
 so a row gets the same arithmetic whatever the other rows are, and wherever it sits in
 its ``BLOCK_M`` tile (a tensor-core MMA computes each row on its own).
 
-Programs run M-tile fastest, so the programs that share a weight tile run together and
-read it once from HBM (the rest hit L2): a decode step still streams each weight once.
+Programs run in grouped order (M-tile fastest within groups of ``GROUP_M`` row tiles), so the
+programs that share a weight tile run together and read it once from HBM (the rest hit L2): a
+decode step still streams each weight once.
 
 The fused layers (:mod:`kvik_cuda.fused`) are per-row kernels already (one program per
 row or token, reduction shape fixed by the hidden size); :class:`InvariantFusedRMSNorm`
@@ -39,6 +40,7 @@ TILE_16BIT: Tile = (128, 128, 64, 8, 3)
 # 128 columns per program; 64 columns doubles the programs. Chosen from N, so fixed per weight.
 TILE_16BIT_NARROW: Tile = (128, 64, 64, 4, 3)
 TILE_FP32: Tile = (64, 64, 32, 4, 2)
+GROUP_M = 8  # row tiles per group in the programs' order (L2 reuse; no effect on the arithmetic)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -60,12 +62,21 @@ def _matmul_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
+    # Grouped order: GROUP_M row tiles at a time, M fastest within a group, so the programs that
+    # run together share weight tiles (decode: all rows are one group, each weight tile is read
+    # once) and, for long prefills, activation tiles too (both stay in L2). Only the order of
+    # programs changes with M, never what a program computes.
     pid = tl.program_id(0)
     num_m = tl.cdiv(M, BLOCK_M)
-    pid_m = pid % num_m  # M fastest: programs sharing a weight tile run side by side
-    pid_n = pid // num_m
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -134,6 +145,7 @@ def invariant_matmul(
         BLOCK_M=block_m,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        GROUP_M=GROUP_M,
         # fp32: exact products (no TF32), like F.linear's default; 16-bit: Triton's default.
         DOT_PRECISION="ieee" if x.dtype == torch.float32 else None,
         num_warps=warps,

@@ -43,6 +43,15 @@ def test_row_alone_equals_row_in_m37(dtype: torch.dtype) -> None:
     torch.testing.assert_close(full, want, rtol=tol, atol=tol)
 
 
+def test_grouped_program_order_covers_every_tile() -> None:
+    """More row tiles than one group (GROUP_M = 8) and a ragged last group: every tile computed once, right."""
+    x, w, b = _data(150, 40, 48, torch.float32, seed=4)  # 10 row tiles of 16, 3 column tiles
+    got = invariant_matmul(x, w, b, tile=SMALL_TILE)
+    torch.testing.assert_close(got, x @ w.T + b, rtol=1e-5, atol=1e-5)
+    for row in (0, 127, 128, 149):  # first group, and the ragged second one
+        assert torch.equal(invariant_matmul(x[row : row + 1], w, b, tile=SMALL_TILE)[0], got[row])
+
+
 @settings(max_examples=8, deadline=None)
 @given(m=st.integers(1, 40), pos=st.integers(0, 39), seed=st.integers(0, 2**16))
 def test_any_batch_any_position(m: int, pos: int, seed: int) -> None:
