@@ -146,6 +146,9 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
     elif model_config.quantization is not None and draft.enable_lora:
         sources["quantized_weights"] = "derived: enable_lora adapts dequantized weights only"
         notes.append(f"enable_lora: the {model_config.quantization} weights are dequantized at load")
+    elif model_config.quantization is not None and draft.deterministic:
+        sources["quantized_weights"] = "derived: deterministic=True runs dense (batch-invariant) matmuls"
+        notes.append(f"deterministic: the {model_config.quantization} weights are dequantized at load")
     elif model_config.quantization is not None:
         quantized_weights = WeightsMode(platform.quantized_weights_mode(draft, model_config.quantization))
         sources["quantized_weights"] = f"platform {platform.name}"

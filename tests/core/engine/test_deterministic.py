@@ -99,3 +99,21 @@ def test_cli_flag() -> None:
     parser = build_parser()
     assert engine_kwargs(parser.parse_args(["generate", "hi", "--deterministic"]))["deterministic"] is True
     assert engine_kwargs(parser.parse_args(["generate", "hi"]))["deterministic"] is False
+
+
+def test_a_quantized_checkpoint_is_dequantized_not_refused() -> None:
+    """The bundled SmolLM2 GGUF (Q4_1): deterministic mode runs it dense rather than refusing it."""
+    from kvik.config import EngineConfig, WeightsMode
+    from kvik.engine.config_resolution import resolve_config
+    from kvik.models.default import default_model
+    from kvik.platforms.selector import resolve_platform
+    from kvik.plugins.manager import get_plugin_manager
+
+    manager = get_plugin_manager()
+    config = EngineConfig(model=str(default_model()), device="cpu", deterministic=True)
+    resolution = resolve_config(config, resolve_platform("cpu", manager), manager)
+    assert resolution.config.quantized_weights is WeightsMode.DEQUANTIZE
+    assert resolution.sources["quantized_weights"].startswith("derived: deterministic")
+    packed = EngineConfig(model=str(default_model()), device="cpu", deterministic=True, quantized_weights="quantized")
+    with pytest.raises(ValueError, match="weights kept packed"):
+        resolve_config(packed, resolve_platform("cpu", manager), manager)
