@@ -19,7 +19,7 @@ from kvik.layers.norm import RMSNorm
 from kvik.quantization.unquantized import UnquantizedLinearMethod
 from kvik.testing.reference import random_prompts
 
-OPTIONS = dict(device="cpu", num_kv_blocks=256, block_size=8, max_num_seqs=16, max_num_batched_tokens=40,
+OPTIONS = dict(device="cpu", num_threads=1, num_kv_blocks=256, block_size=8, max_num_seqs=16, max_num_batched_tokens=40,
                enable_prefix_caching=True, enable_chunked_prefill=True)  # fmt: skip
 TARGET = random_prompts(1, seed=21, low=45, high=46)[0]
 PARAMS = [
