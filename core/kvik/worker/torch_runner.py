@@ -81,6 +81,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     supports_drafters = True
     supports_pooling = True
     supports_lora = True
+    supports_deterministic = True
 
     def __init__(
         self,
@@ -102,7 +103,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.attn_layers: list[AttentionBackend[torch.Tensor]] = []
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device, config.seed, batch_invariant=config.deterministic)
         # The last launched step's sampled ids [n] (device) and request id -> row: the
         # source of the next step's pending tokens.
         self._last_sampled: torch.Tensor | None = None
@@ -489,7 +490,10 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in batch.params) else None
         sampled = self.sampler(logits, batch) if reqs else torch.empty(0, dtype=torch.int64, device=self.device)
         self._last_sampled, self._last_rows = sampled, {r.request_id: i for i, r in enumerate(reqs)}
-        return StepHandle(start_sample_output(sampled, raw, reqs, prompt_logits, prompt_rows, layout.scheduled))
+        finish = start_sample_output(
+            sampled, raw, reqs, prompt_logits, prompt_rows, layout.scheduled, stable_ties=self.config.deterministic
+        )
+        return StepHandle(finish)
 
     def _sample_verify(self, hidden: torch.Tensor, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
         """A step with draft tokens: logits at every drafted position, the rejection sampler."""
