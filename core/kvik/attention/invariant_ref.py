@@ -111,7 +111,7 @@ def _attend_block(
         m_new = torch.maximum(m, s.amax(-1))
         m_safe = torch.where(m_new == float("-inf"), 0.0, m_new)  # rows with no visible key yet: exp(-inf) = 0
         p = _exp(s - m_safe[..., None])
-        alpha = _exp(m - m_safe)
+        alpha = torch.where(m_new == m, 1.0, _exp(m - m_safe))  # exactly 1 when nothing new was visible
         l_sum = l_sum * alpha + p.sum(-1)
         acc = acc * alpha[..., None] + torch.bmm(p, v_t)
         m = m_new
