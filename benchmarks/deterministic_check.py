@@ -1,6 +1,7 @@
 """Deterministic mode on a GPU: bitwise batch invariance, and its throughput cost (docs/deterministic.md).
 
-    python benchmarks/deterministic_check.py [--n 300] [--sizes 1,2,3,7,16,33,64,128,256] [--skip smollm2]
+    python benchmarks/deterministic_check.py [--n 300] [--sizes 1,2,3,7,16,33,64,128,256] [--shapes llama8b,smollm2]
+        [--skip matmul,invariance,throughput]
 
 Dummy (seeded random) bf16 weights from a config alone; nothing is downloaded. Parts, each
 recorded even when another fails:
@@ -9,7 +10,7 @@ recorded even when another fails:
   computed alone and inside M-row batches (M up to 8192) at random places, mismatching rows
   counted (must be 0); cuBLAS (F.linear) on the same inputs for contrast; and both GEMMs'
   speed (TFLOP/s) at decode and prefill M.
-* ``invariance_<shape>``: an engine with ``deterministic=True`` (prefix caching and chunked
+* ``invariance_<shape>`` (8B by default; ``--shapes llama8b,smollm2`` adds SmolLM2's): an engine with ``deterministic=True`` (prefix caching and chunked
   prefill on, CUDA graphs on) generates one prompt alone (greedy, 16 tokens, top-20
   logprobs), then inside batches of each ``--sizes`` with different random neighbours (some
   sharing its prefix, random lengths and output lengths) at a random place; every
@@ -82,12 +83,32 @@ def model_dir(shape: str) -> Path:
 DEVICE = "cuda"
 
 
-def engine(shape: str, deterministic: bool, max_num_seqs: int = 256) -> Any:
+_ENGINES: dict[tuple[str, bool], Any] = {}
+
+
+def engine(shape: str, deterministic: bool) -> Any:
+    """The engine for (shape, mode), built once: the invariance and throughput parts share the 8B one."""
+    key = (shape, deterministic)
+    if key not in _ENGINES:
+        for other in list(_ENGINES):  # one engine on the GPU at a time
+            release(*other)
+        _ENGINES[key] = _build(shape, deterministic)
+    return _ENGINES[key]
+
+
+def release(shape: str, deterministic: bool) -> None:
+    llm = _ENGINES.pop((shape, deterministic), None)
+    if llm is not None:
+        llm.llm_engine.shutdown()
+
+
+def _build(shape: str, deterministic: bool, max_num_seqs: int = 256) -> Any:
     from kvik import LLM
 
+    smoke = {"num_threads": 1} if DEVICE == "cpu" else {}  # a CPU smoke run on a shared machine
     return LLM(str(model_dir(shape)), load_format="dummy", dtype="bfloat16", device=DEVICE, max_model_len=2048,
                deterministic=deterministic, max_num_seqs=max_num_seqs, gpu_memory_utilization=0.85,
-               enable_prefix_caching=True, enable_chunked_prefill=True)  # fmt: skip
+               enable_prefix_caching=True, enable_chunked_prefill=True, **smoke)  # fmt: skip
 
 
 # -- the GEMM -----------------------------------------------------------------------------------
@@ -140,38 +161,34 @@ def check_invariance(shape: str, sizes: list[int]) -> dict[str, Any]:
 
     vocab = SHAPES[shape]["vocab_size"]
     llm = engine(shape, deterministic=True)
-    try:
-        rng = random.Random(7)
-        target = workload(1, vocab, 300, 300, seed=99)[0]
-        params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=20, ignore_eos=True)
-        alone = _signature(llm.generate([target], params, use_tqdm=False)[0])
-        again = _signature(llm.generate([target], params, use_tqdm=False)[0])  # its prefix now cached
-        results = []
-        for size in sizes:
-            others = workload(size - 1, vocab, 16, 1024, seed=rng.randrange(10**6))
-            for i in range(len(others)):
-                if rng.random() < 0.25:  # shares the target's prefix: prefix-cache hits
-                    others[i] = target[: rng.randrange(16, 290)] + others[i][:200]
-            place = rng.randrange(size)
-            prompts = [*others[:place], target, *others[place:]]
-            plist = [SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 40), ignore_eos=True) for _ in others]
-            plist.insert(place, params)
-            t0 = time.perf_counter()
-            got = _signature(llm.generate(prompts, plist, use_tqdm=False)[place])
-            token_mism = sum(a != b for a, b in zip(got[0], alone[0], strict=True))
-            lp_mism = sum(a != b for a, b in zip(got[1], alone[1], strict=True))
-            results.append({"batch": size, "place": place, "token_mismatches": token_mism,
-                            "logprob_step_mismatches": lp_mism, "s": round(time.perf_counter() - t0, 2)})  # fmt: skip
-            print(results[-1], flush=True)
-        return {
-            "alone_vs_prefix_cached_rerun_equal": again == alone,
-            "batches": results,
-            "total_mismatches": sum(r["token_mismatches"] + r["logprob_step_mismatches"] for r in results)
-            + (again != alone),
-        }
-    finally:
-        llm.llm_engine.shutdown()
-        del llm
+    rng = random.Random(7)
+    target = workload(1, vocab, 300, 300, seed=99)[0]
+    params = SamplingParams(temperature=0.0, max_tokens=16, logprobs=20, ignore_eos=True)
+    alone = _signature(llm.generate([target], params, use_tqdm=False)[0])
+    again = _signature(llm.generate([target], params, use_tqdm=False)[0])  # its prefix now cached
+    results = []
+    for size in sizes:
+        others = workload(size - 1, vocab, 16, 1024, seed=rng.randrange(10**6))
+        for i in range(len(others)):
+            if rng.random() < 0.25:  # shares the target's prefix: prefix-cache hits
+                others[i] = target[: rng.randrange(16, 290)] + others[i][:200]
+        place = rng.randrange(size)
+        prompts = [*others[:place], target, *others[place:]]
+        plist = [SamplingParams(temperature=0.0, max_tokens=rng.randrange(1, 40), ignore_eos=True) for _ in others]
+        plist.insert(place, params)
+        t0 = time.perf_counter()
+        got = _signature(llm.generate(prompts, plist, use_tqdm=False)[place])
+        token_mism = sum(a != b for a, b in zip(got[0], alone[0], strict=True))
+        lp_mism = sum(a != b for a, b in zip(got[1], alone[1], strict=True))
+        results.append({"batch": size, "place": place, "token_mismatches": token_mism,
+                        "logprob_step_mismatches": lp_mism, "s": round(time.perf_counter() - t0, 2)})  # fmt: skip
+        print(results[-1], flush=True)
+    return {
+        "alone_vs_prefix_cached_rerun_equal": again == alone,
+        "batches": results,
+        "total_mismatches": sum(r["token_mismatches"] + r["logprob_step_mismatches"] for r in results)
+        + (again != alone),
+    }
 
 
 def throughput(shape: str, deterministic: bool, n: int) -> dict[str, Any]:
@@ -179,19 +196,15 @@ def throughput(shape: str, deterministic: bool, n: int) -> dict[str, Any]:
 
     prompts = workload(n, SHAPES[shape]["vocab_size"])
     llm = engine(shape, deterministic=deterministic)
-    try:
-        params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
-        llm.generate(prompts[:8], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
-        llm.llm_engine.scheduler.reset_prefix_cache()
-        t0 = time.perf_counter()
-        outs = llm.generate(prompts, params, use_tqdm=False)
-        seconds = time.perf_counter() - t0
-        tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-        return {"requests": n, "output_tokens": tokens, "seconds": round(seconds, 2),
-                "output_tok_per_s": round(tokens / seconds, 1)}  # fmt: skip
-    finally:
-        llm.llm_engine.shutdown()
-        del llm
+    params = SamplingParams(temperature=0.0, max_tokens=256, ignore_eos=True)
+    llm.generate(prompts[:8], SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)  # warm-up
+    llm.llm_engine.scheduler.reset_prefix_cache()
+    t0 = time.perf_counter()
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    seconds = time.perf_counter() - t0
+    tokens = sum(len(o.outputs[0].token_ids) for o in outs)
+    return {"requests": n, "output_tokens": tokens, "seconds": round(seconds, 2),
+            "output_tok_per_s": round(tokens / seconds, 1)}  # fmt: skip
 
 
 def main() -> int:
@@ -199,7 +212,7 @@ def main() -> int:
     ap.add_argument("--n", type=int, default=300, help="requests for the throughput comparison")
     ap.add_argument("--sizes", default="1,2,3,7,16,33,64,128,256", help="batch sizes for the invariance check")
     ap.add_argument("--skip", default="", help="comma-separated parts to skip: matmul, invariance, throughput")
-    ap.add_argument("--shapes", default="llama8b,smollm2", help="shapes for the invariance check")
+    ap.add_argument("--shapes", default="llama8b", help="shapes for the invariance check (also: smollm2)")
     ap.add_argument("--throughput-shape", default="llama8b")
     ap.add_argument("--device", default="cuda", help="cpu: a smoke run of the engine parts (--shapes tiny)")
     args = ap.parse_args()
@@ -214,12 +227,19 @@ def main() -> int:
     RESULTS["device"] = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     if "matmul" not in skip:
         part("matmul", check_matmul)
-    for shape in filter(None, args.shapes.split(",")):
-        if "invariance" not in skip:
-            part(f"invariance_{shape}", lambda shape=shape: check_invariance(shape, sizes))
+    shapes = list(filter(None, args.shapes.split(",")))
+    # The throughput shape's deterministic engine serves its invariance check and then its throughput run.
+    shapes.sort(key=lambda shape: shape != args.throughput_shape)
+    if "invariance" not in skip and shapes and shapes[0] == args.throughput_shape:
+        part(f"invariance_{shapes.pop(0)}", lambda: check_invariance(args.throughput_shape, sizes))
     if "throughput" not in skip:
         part("throughput_deterministic", lambda: throughput(args.throughput_shape, True, args.n))
+        release(args.throughput_shape, True)
         part("throughput_default", lambda: throughput(args.throughput_shape, False, args.n))
+        release(args.throughput_shape, False)
+    for shape in shapes if "invariance" not in skip else []:
+        part(f"invariance_{shape}", lambda shape=shape: check_invariance(shape, sizes))
+        release(shape, True)
         on = RESULTS["parts"].get("throughput_deterministic")
         off = RESULTS["parts"].get("throughput_default")
         if on and off:
