@@ -270,7 +270,7 @@ class Scheduler:
             self.waiting.prepend(request)
 
         picked = list(scheduled.values())
-        if len(loras) > 1:
+        if loras:
             # Rows of one adapter side by side: a LoRA kernel tile pays one pass per distinct adapter
             # among its rows (measured on the H200: 8 interleaved adapters cost 2-5x one adapter's delta).
             # The sort is stable, so each adapter's requests keep their order.
