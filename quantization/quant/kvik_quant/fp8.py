@@ -150,25 +150,32 @@ class Fp8LinearMethod(QuantizationMethod):
             w_scale = ops.expand_block_scales(layer.weight_scale, self.block, tuple(weight.shape))
             y = ops.reference_mm(xq, x_scale, weight, w_scale, x.dtype)
         elif layer.fp8_kernel and not self.static_activations and x2.shape[0] <= W8A16_MAX_ROWS:
-            from kvik_quant import splitk
+            from kvik_quant import fallback, splitk
             from kvik_quant.w8_kernels import w8a16_gemv
 
             # Decode: one launch, no activation quantization.
-            y = w8a16_gemv(x2, weight, layer.weight_scale, splitk.num_sms(x2.device))
+            y = fallback.run(
+                "fp8 w8a16 gemv",
+                lambda: w8a16_gemv(x2, weight, layer.weight_scale, splitk.num_sms(x2.device)),
+                lambda: self._w8a8(layer, x2, x.dtype),
+            )
         else:
-            if self.static_activations:
-                xq, xs = ops.quantize_static(x2, layer.input_scale)
-            elif layer.fp8_kernel:  # one Triton kernel instead of six torch ones
-                from kvik_quant.act_quant_kernel import quantize_rows
-
-                xq, xs = quantize_rows(x2, ops.FP8, ops.FP8_MAX, ops.MIN_SCALE)
-            else:
-                xq, xs = ops.quantize_per_token(x2)
-            if layer.fp8_kernel:
-                y = ops.scaled_mm(xq, xs, weight, layer.weight_scale.view(1, -1), x.dtype)
-            else:
-                y = ops.reference_mm(xq, xs, weight, layer.weight_scale[:, None], x.dtype)
+            y = self._w8a8(layer, x2, x.dtype)
         return y.reshape(*x.shape[:-1], layer.output_size)
+
+    def _w8a8(self, layer: Linear, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Per-token (or static) activation quantization, then the FP8 GEMM or its reference."""
+        if self.static_activations:
+            xq, xs = ops.quantize_static(x2, layer.input_scale)
+        elif layer.fp8_kernel:  # one Triton kernel instead of six torch ones
+            from kvik_quant.act_quant_kernel import quantize_rows
+
+            xq, xs = quantize_rows(x2, ops.FP8, ops.FP8_MAX, ops.MIN_SCALE)
+        else:
+            xq, xs = ops.quantize_per_token(x2)
+        if layer.fp8_kernel:
+            return ops.scaled_mm(xq, xs, layer.weight, layer.weight_scale.view(1, -1), dtype)
+        return ops.reference_mm(xq, xs, layer.weight, layer.weight_scale[:, None], dtype)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         weight = layer.weight

@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvik_quant import splitk
+from kvik_quant import fallback, splitk
 
 logger = logging.getLogger(__name__)
 
@@ -136,12 +136,19 @@ def int4_matmul(
     x = x.contiguous()
     num_sms = splitk.num_sms(x.device)
     path = path or plan(x.shape[0])
+    cfg = gemm_config(x.shape[0], qweight.shape[1], x.shape[1], group, num_sms)
+
+    def gemm() -> torch.Tensor:
+        return int4_gemm(x, qweight, scales, zeros, group, cfg)
+
     if path == "gemv":
-        return int4_gemv(x, qweight, scales, zeros, group, num_sms)
+        return fallback.run("int4 gemv", lambda: int4_gemv(x, qweight, scales, zeros, group, num_sms), gemm)
     if path == "dequant":
-        return torch.matmul(x, int4_dequantize(qweight, scales, zeros, group, x.dtype))
-    return int4_gemm(x, qweight, scales, zeros, group, gemm_config(x.shape[0], qweight.shape[1], x.shape[1],
-                                                                   group, num_sms))  # fmt: skip
+        def dequant() -> torch.Tensor:
+            return torch.matmul(x, int4_dequantize(qweight, scales, zeros, group, x.dtype))
+
+        return fallback.run("int4 dequantize", dequant, gemm)
+    return gemm()
 
 
 def int4_gemm(

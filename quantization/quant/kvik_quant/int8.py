@@ -125,11 +125,22 @@ class Int8LinearMethod(QuantizationMethod):
         static = layer.input_scale.float().reshape(1, 1) if self.static_activations else None
         path = plan(x2.shape[0], static is not None) if layer.int8_kernel else "reference"
         if path == "w8a16":
-            from kvik_quant import splitk
+            from kvik_quant import fallback, splitk
             from kvik_quant.w8_kernels import w8a16_gemv
 
-            y = w8a16_gemv(x2, layer.weight, layer.weight_scale, splitk.num_sms(x2.device))
-            return y.reshape(*x.shape[:-1], layer.output_size)
+            y = fallback.run(
+                "int8 w8a16 gemv",
+                lambda: w8a16_gemv(x2, layer.weight, layer.weight_scale, splitk.num_sms(x2.device)),
+                lambda: self._w8a8(layer, x2, None, "triton", x.dtype),
+            )
+        else:
+            y = self._w8a8(layer, x2, static, path, x.dtype)
+        return y.reshape(*x.shape[:-1], layer.output_size)
+
+    def _w8a8(
+        self, layer: Linear, x2: torch.Tensor, static: torch.Tensor | None, path: str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Per-token (or static) activation quantization, then the int8 GEMM of ``path`` or the reference."""
         if layer.int8_kernel and static is None:  # one Triton kernel instead of six torch ones
             from kvik_quant.act_quant_kernel import quantize_rows as quantize_rows_kernel
 
@@ -139,13 +150,16 @@ class Int8LinearMethod(QuantizationMethod):
         if xs.shape[0] != x2.shape[0]:
             xs = xs.expand(x2.shape[0], 1)
         if path == "triton":
+            from kvik_quant import fallback
             from kvik_quant.w8_kernels import int8_gemm, int8_gemm_config
 
-            y = int8_gemm(xq, xs, layer.weight, layer.weight_scale, x.dtype, int8_gemm_config(x2.shape[0]))
-        else:
-            mm = int8_mm if path == "int_mm" else reference_mm
-            y = mm(xq, xs, layer.weight, layer.weight_scale, x.dtype)
-        return y.reshape(*x.shape[:-1], layer.output_size)
+            return fallback.run(
+                "int8 gemm",
+                lambda: int8_gemm(xq, xs, layer.weight, layer.weight_scale, dtype, int8_gemm_config(x2.shape[0])),
+                lambda: int8_mm(xq, xs, layer.weight, layer.weight_scale, dtype),
+            )
+        mm = int8_mm if path == "int_mm" else reference_mm
+        return mm(xq, xs, layer.weight, layer.weight_scale, dtype)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         if layer.weight.dtype != torch.int8:

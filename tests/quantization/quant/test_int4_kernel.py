@@ -9,8 +9,8 @@ pytest.importorskip("triton")
 
 from kvik.layers.linear import Linear
 from kvik_quant import int4_pack as pack
-from kvik_quant.int4 import GPTQLinearMethod, rtn_quantize
 from kvik_quant import splitk
+from kvik_quant.int4 import GPTQLinearMethod, rtn_quantize
 from kvik_quant.int4_gemv_kernel import GemvConfig, int4_dequantize, int4_gemv
 from kvik_quant.int4_kernel import DEQUANT_MIN_ROWS, GEMV_MAX_ROWS, gemm_config, int4_matmul, plan
 

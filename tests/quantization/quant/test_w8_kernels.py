@@ -101,3 +101,28 @@ def test_fp8_layer_decode_runs_w8a16() -> None:
     dense = x @ (layer.weight.float() * layer.weight_scale[:, None]).T
     torch.testing.assert_close(got, dense, rtol=1e-5, atol=1e-4)
     torch.testing.assert_close(got, w8a8, rtol=0.05, atol=0.05 * float(w8a8.abs().max()))
+
+
+def test_a_kernel_that_fails_falls_back_once(monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A fast path that does not compile on some GPU logs a warning and the previous path serves from then on."""
+    from kvik_quant import fallback, w8_kernels
+
+    monkeypatch.setattr(fallback, "_broken", set())
+    calls = []
+
+    def broken(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        raise RuntimeError("PassManager::run failed")
+
+    monkeypatch.setattr(w8_kernels, "w8a16_gemv", broken)
+    method = Int8LinearMethod()
+    layer = Linear(64, 32, quant_method=method)
+    layer.load("weight", torch.randn(32, 64, generator=torch.Generator().manual_seed(5)))
+    method.process_weights_after_loading(layer)
+    x = torch.randn(2, 64, generator=torch.Generator().manual_seed(6))
+    reference = layer(x)
+    layer.int8_kernel = True
+    for _ in range(2):
+        torch.testing.assert_close(layer(x), reference, rtol=1e-5, atol=1e-4)  # W8A8 through the int8 GEMM
+    assert len(calls) == 1 and fallback.broken() == {"int8 w8a16 gemv"}
+    assert "int8 w8a16 gemv kernel failed" in caplog.text
