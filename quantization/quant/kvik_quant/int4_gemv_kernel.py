@@ -34,7 +34,7 @@ class GemvConfig:
     num_stages: int = 3
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
 def _int4_gemv_kernel(
     x_ptr,  # [M, K] activations
     qw_ptr,  # [K/8, N] int32

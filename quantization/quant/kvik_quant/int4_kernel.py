@@ -28,7 +28,7 @@ from kvik_quant import fallback, splitk
 logger = logging.getLogger(__name__)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
 def _int4_gemm_kernel(
     x_ptr,  # [M, K] activations
     qw_ptr,  # [K/8, N] int32

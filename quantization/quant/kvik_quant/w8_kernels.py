@@ -41,7 +41,7 @@ class Int8GemmConfig:
     num_stages: int = 4
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
 def _w8a16_gemv_kernel(
     x_ptr,  # [M, K] activations
     w_ptr,  # [N, K] float8_e4m3fn or int8
@@ -124,7 +124,7 @@ def w8a16_gemv(
     return out
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
 def _int8_gemm_kernel(
     a_ptr,  # [M, K] int8 activations
     as_ptr,  # [M] float32 per-token scales
