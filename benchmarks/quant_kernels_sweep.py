@@ -41,8 +41,12 @@ SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("do
 ROWS = (1, 4, 16, 64, 256, 2048)
 GROUP = 128
 STREAM_BYTES = 256 << 20
-GEMV_GRID = [(32, 128, 0), (64, 128, 0), (128, 128, 0), (64, 64, 0), (64, 128, 1), (128, 128, 1)]  # bn, bk, split
-W8_GRID = [(16, 256, 0), (32, 256, 0), (32, 512, 0), (64, 128, 0), (64, 256, 0)]
+# GEMV grids: (block_n, block_k, split_k (0: from the shape), programs per SM, num_warps, num_stages).
+GEMV_GRID = [(64, 128, 0, 2, 4, 3), (32, 128, 0, 2, 4, 3), (128, 128, 0, 2, 8, 3), (64, 64, 0, 2, 4, 3),
+             (64, 128, 0, 4, 4, 3), (64, 128, 0, 8, 4, 4), (64, 128, 1, 2, 4, 3), (64, 128, 0, 2, 4, 1)]  # fmt: skip
+W8_GRID = [(32, 256, 0, 2, 4, 3), (16, 256, 0, 2, 4, 3), (32, 512, 0, 2, 8, 3), (64, 128, 0, 2, 4, 3),
+           (64, 256, 0, 2, 8, 3), (32, 256, 0, 4, 4, 3), (32, 256, 0, 8, 4, 4), (32, 256, 0, 2, 4, 1)]  # fmt: skip
+# GEMM grids: (block_m, block_n, block_k, num_warps, num_stages).
 GEMM_GRID = [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3)]
 I8_GRID = [(64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4)]
 
@@ -160,9 +164,9 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
         old = GemmConfig(old_bm, old_bn, min(64, GROUP), old_split, num_warps=4, num_stages=3)
         c4: dict[str, Any] = {"old": (lambda i, c=old: int4_gemm(x, q4[i], s_t, z_t, GROUP, c), r4)}
         if m <= 16:
-            for bn, bk, sk in GEMV_GRID:
-                cfg = GemvConfig(block_n=bn, block_k=bk, split_k=sk)
-                c4[f"gemv:{bn}x{bk}:s{sk or 'auto'}"] = (
+            for bn, bk, sk, per_sm, warps, stages in GEMV_GRID:
+                cfg = GemvConfig(bn, bk, sk, per_sm, warps, stages)
+                c4[f"gemv:{bn}x{bk}:s{sk or f'auto{per_sm}'}:w{warps}s{stages}"] = (
                     lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4)  # fmt: skip
         if m >= 16:
             for bm, bn, bk, warps, stages in GEMM_GRID:
@@ -184,9 +188,9 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
         ci: dict[str, Any] = {"old": (
             lambda i: int8.int8_mm(*quantize_rows(x, torch.int8, 127.0, 1e-10), i8[i], s8, torch.bfloat16), r8)}
         if m <= 16:
-            for bn, bk, sk in W8_GRID:
-                cfg = W8GemvConfig(block_n=bn, block_k=bk, split_k=sk)
-                name = f"w8a16:{bn}x{bk}:s{sk or 'auto'}"
+            for bn, bk, sk, per_sm, warps, stages in W8_GRID:
+                cfg = W8GemvConfig(bn, bk, sk, per_sm, warps, stages)
+                name = f"w8a16:{bn}x{bk}:s{sk or f'auto{per_sm}'}:w{warps}s{stages}"
                 c8[name] = (lambda i, c=cfg: w8a16_gemv(x, f8[i], ws, sms, c), xf @ fp8_ref_w)
                 ci[name] = (lambda i, c=cfg: w8a16_gemv(x, i8[i], s8, sms, c), xf @ int8_ref_w)
         if m >= 16:
@@ -262,7 +266,7 @@ def dry_run() -> None:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     DEVICE, METRIC, ACT, GROUP, STREAM_BYTES = "cpu", "eager_us", torch.float16, 32, 0
     SHAPES, ROWS = [("tiny", 128, 64)], (1, 4, 16)
-    GEMV_GRID, W8_GRID = [(32, 32, 0), (64, 64, 1)], [(16, 64, 0)]
+    GEMV_GRID, W8_GRID = [(32, 32, 0, 2, 4, 2), (64, 64, 1, 2, 4, 1)], [(16, 64, 0, 4, 4, 2)]
     GEMM_GRID, I8_GRID = [(16, 32, 32, 4, 2)], [(16, 32, 64, 4, 2)]
 
 

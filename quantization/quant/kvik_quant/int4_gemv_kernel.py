@@ -30,6 +30,7 @@ class GemvConfig:
     block_n: int = 64
     block_k: int = 128
     split_k: int = 0  # 0: chosen from the shape (splitk.split_for)
+    per_sm: int = 2  # with split_k 0: split until this many programs per SM
     num_warps: int = 4
     num_stages: int = 3
 
@@ -109,7 +110,7 @@ def int4_gemv(
         raise ValueError(f"int4_gemv handles at most 16 rows, got {m}")
     block_k = min(cfg.block_k, group)
     tiles = triton.cdiv(n, cfg.block_n)
-    split_k = cfg.split_k or splitk.split_for(tiles, k // block_k, num_sms)
+    split_k = cfg.split_k or splitk.split_for(tiles, k // block_k, num_sms, cfg.per_sm)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out

@@ -59,10 +59,13 @@ def store_tile(
             tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
 
-def split_for(tiles: int, k_tiles: int, num_sms: int, max_split: int = 16) -> int:
-    """Smallest power-of-two split giving at least two programs per SM (never more splits than k-tiles)."""
+def split_for(tiles: int, k_tiles: int, num_sms: int, per_sm: int = 2, max_split: int = 16) -> int:
+    """Smallest power-of-two split giving at least ``per_sm`` programs per SM (never more splits than k-tiles).
+
+    More programs per SM keep more weight loads in flight (the GEMV is bound by bytes in flight per SM).
+    """
     split = 1
-    while tiles * split < 2 * num_sms and split * 2 <= min(max_split, k_tiles):
+    while tiles * split < per_sm * num_sms and split * 2 <= min(max_split, k_tiles):
         split *= 2
     return split
 

@@ -26,7 +26,8 @@ from kvik_quant import splitk
 class W8GemvConfig:
     block_n: int = 32
     block_k: int = 256
-    split_k: int = 0  # 0: from the shape
+    split_k: int = 0  # 0: from the shape (splitk.split_for)
+    per_sm: int = 2  # with split_k 0: split until this many programs per SM
     num_warps: int = 4
     num_stages: int = 3
 
@@ -109,7 +110,7 @@ def w8a16_gemv(
     if m > 16:
         raise ValueError(f"w8a16_gemv handles at most 16 rows, got {m}")
     tiles = triton.cdiv(n, cfg.block_n)
-    split_k = cfg.split_k or splitk.split_for(tiles, triton.cdiv(k, cfg.block_k), num_sms)
+    split_k = cfg.split_k or splitk.split_for(tiles, triton.cdiv(k, cfg.block_k), num_sms, cfg.per_sm)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
