@@ -41,11 +41,15 @@ SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("do
 ROWS = (1, 4, 16, 64, 256, 2048)
 GROUP = 128
 STREAM_BYTES = 256 << 20
-# GEMV grids: (block_n, block_k, split_k (0: from the shape), programs per SM, num_warps, num_stages).
-GEMV_GRID = [(64, 128, 0, 2, 4, 3), (32, 128, 0, 2, 4, 3), (128, 128, 0, 2, 8, 3), (64, 64, 0, 2, 4, 3),
-             (64, 128, 0, 4, 4, 3), (64, 128, 0, 8, 4, 4), (64, 128, 1, 2, 4, 3), (64, 128, 0, 2, 4, 1)]  # fmt: skip
-W8_GRID = [(32, 256, 0, 2, 4, 3), (16, 256, 0, 2, 4, 3), (32, 512, 0, 2, 8, 3), (64, 128, 0, 2, 4, 3),
-           (64, 256, 0, 2, 8, 3), (32, 256, 0, 4, 4, 3), (32, 256, 0, 8, 4, 4), (32, 256, 0, 2, 4, 1)]  # fmt: skip
+# GEMV grids: (block_n, block_k, split_k (0: from the shape), programs per SM, num_warps, num_stages,
+# prefetch, reduce_each); the last two only shape the one-row path. The first entry is the default.
+T, F_ = True, False
+GEMV_GRID = [(64, 128, 0, 2, 4, 3, T, T), (64, 128, 0, 2, 4, 3, T, F_), (64, 128, 0, 2, 4, 3, F_, T),
+             (32, 128, 0, 2, 4, 3, T, T), (128, 64, 0, 2, 4, 3, T, T), (64, 128, 0, 4, 4, 3, T, T),
+             (64, 128, 0, 8, 4, 3, T, T), (64, 128, 1, 2, 4, 3, T, T)]  # fmt: skip
+W8_GRID = [(32, 256, 0, 2, 4, 3, T, T), (32, 256, 0, 2, 4, 3, T, F_), (32, 256, 0, 2, 4, 3, F_, T),
+           (16, 256, 0, 2, 4, 3, T, T), (64, 256, 0, 2, 8, 3, T, T), (32, 256, 0, 4, 4, 3, T, T),
+           (32, 256, 0, 8, 4, 3, T, T)]  # fmt: skip
 # GEMM grids: (block_m, block_n, block_k, num_warps, num_stages).
 GEMM_GRID = [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3)]
 I8_GRID = [(64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4)]
@@ -164,9 +168,12 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
         old = GemmConfig(old_bm, old_bn, min(64, GROUP), old_split, num_warps=4, num_stages=3)
         c4: dict[str, Any] = {"old": (lambda i, c=old: int4_gemm(x, q4[i], s_t, z_t, GROUP, c), r4)}
         if m <= 16:
-            for bn, bk, sk, per_sm, warps, stages in GEMV_GRID:
-                cfg = GemvConfig(bn, bk, sk, per_sm, warps, stages)
-                c4[f"gemv:{bn}x{bk}:s{sk or f'auto{per_sm}'}:w{warps}s{stages}"] = (
+            for bn, bk, sk, per_sm, warps, stages, pf, red in GEMV_GRID:
+                name = f"gemv:{bn}x{bk}:s{sk or f'auto{per_sm}'}:w{warps}s{stages}" + _one_row(m, pf, red)
+                if name in c4:
+                    continue  # prefetch / reduce_each do not change the tl.dot path (m > 1)
+                cfg = GemvConfig(bn, bk, sk, per_sm, warps, stages, pf, red)
+                c4[name] = (
                     lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4)  # fmt: skip
         if m >= 16:
             for bm, bn, bk, warps, stages in GEMM_GRID:
@@ -188,9 +195,11 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
         ci: dict[str, Any] = {"old": (
             lambda i: int8.int8_mm(*quantize_rows(x, torch.int8, 127.0, 1e-10), i8[i], s8, torch.bfloat16), r8)}
         if m <= 16:
-            for bn, bk, sk, per_sm, warps, stages in W8_GRID:
-                cfg = W8GemvConfig(bn, bk, sk, per_sm, warps, stages)
-                name = f"w8a16:{bn}x{bk}:s{sk or f'auto{per_sm}'}:w{warps}s{stages}"
+            for bn, bk, sk, per_sm, warps, stages, pf, red in W8_GRID:
+                name = f"w8a16:{bn}x{bk}:s{sk or f'auto{per_sm}'}:w{warps}s{stages}" + _one_row(m, pf, red)
+                if name in c8:
+                    continue
+                cfg = W8GemvConfig(bn, bk, sk, per_sm, warps, stages, pf, red)
                 c8[name] = (lambda i, c=cfg: w8a16_gemv(x, f8[i], ws, sms, c), xf @ fp8_ref_w)
                 ci[name] = (lambda i, c=cfg: w8a16_gemv(x, i8[i], s8, sms, c), xf @ int8_ref_w)
         if m >= 16:
@@ -205,6 +214,13 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
         return out
 
     return info, for_rows
+
+
+def _one_row(m: int, prefetch: bool, reduce_each: bool) -> str:
+    """The one-row knobs in a candidate's name (none for m > 1, where they do not apply)."""
+    if m > 1:
+        return ""
+    return (":prefetch" if prefetch else "") + (":reduce_each" if reduce_each else ":reduce_once")
 
 
 def run_shape(sweep: Sweep, name: str, k: int, n: int, errors: list[str]) -> dict[str, Any]:
@@ -266,7 +282,8 @@ def dry_run() -> None:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     DEVICE, METRIC, ACT, GROUP, STREAM_BYTES = "cpu", "eager_us", torch.float16, 32, 0
     SHAPES, ROWS = [("tiny", 128, 64)], (1, 4, 16)
-    GEMV_GRID, W8_GRID = [(32, 32, 0, 2, 4, 2), (64, 64, 1, 2, 4, 1)], [(16, 64, 0, 4, 4, 2)]
+    GEMV_GRID = [(32, 32, 0, 2, 4, 2, True, True), (64, 64, 1, 2, 4, 1, False, False)]
+    W8_GRID = [(16, 64, 0, 4, 4, 2, True, False), (16, 64, 0, 2, 4, 2, False, True)]
     GEMM_GRID, I8_GRID = [(16, 32, 32, 4, 2)], [(16, 32, 64, 4, 2)]
 
 

@@ -33,6 +33,41 @@ class GemvConfig:
     per_sm: int = 2  # with split_k 0: split until this many programs per SM
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool = True  # one row: double-buffer the weight loads in registers
+    reduce_each: bool = True  # one row: reduce over k every step (80 registers, not 167, at 64 x 128)
+
+
+@triton.jit
+def _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, k_hi):
+    """The packed words ``[BLOCK_K/8, BLOCK_N]`` of k rows ``k0..`` and their group's scale and zero (all
+    masked off from ``k_hi`` on: the prefetch past the end of a K-slice)."""
+    # A per-column mask, not `mask_n & scalar`: the CPU interpreter turns that into integers.
+    mask = mask_n & ((offs_n * 0 + k0) < k_hi)
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask[None, :], other=0)
+    group = k0 // GROUP
+    scale = tl.load(s_ptr + group * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    return words, scale, zero
+
+
+@triton.jit
+def _dequant(words, scale, zero, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_K/8, BLOCK_N]`` words -> float32 ``W^T`` tile ``[BLOCK_K, BLOCK_N]``: nibble j of a word is k row 8r+j."""
+    shifts = tl.arange(0, 8) * 4
+    codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+    return codes.to(tl.float32) * scale[None, :] - (zero * scale)[None, :]  # one FMA per weight
+
+
+@triton.jit
+def _fma(acc, x1, w, REDUCE_EACH: tl.constexpr):
+    """``acc += x1 . w`` for one activation row ``x1`` ``[BLOCK_K]`` and a float32 tile ``w`` ``[BLOCK_K, BLOCK_N]``."""
+    prod = x1.to(tl.float32)[:, None] * w
+    if REDUCE_EACH:  # one return: Triton type-checks every return path, even a dead one
+        out = acc + tl.sum(prod, axis=0)
+    else:
+        out = acc + prod
+    return out
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
@@ -55,6 +90,8 @@ def _int4_gemv_kernel(
     BLOCK_K: tl.constexpr,  # divides GROUP
     USE_DOT: tl.constexpr,
     IEEE: tl.constexpr,
+    PREFETCH: tl.constexpr,  # one-row path: register double-buffering of the weight loads
+    REDUCE_EACH: tl.constexpr,  # one-row path: reduce over k every step
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -65,31 +102,48 @@ def _int4_gemv_kernel(
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     k_lo = pid_k * per_split * BLOCK_K
     k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
-    shifts = tl.arange(0, 8) * 4
-    if USE_DOT:
+    if USE_DOT:  # Triton pipelines these loads itself (they feed a dot)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc2 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-        words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
-        group = k0 // GROUP
-        scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        w = codes.to(tl.float32) * scale[None, :] - (zero * scale)[None, :]  # [BLOCK_K, BLOCK_N]
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        if USE_DOT:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K, k_hi)
+            w = _dequant(words, scale, zero, BLOCK_K, BLOCK_N)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
             if IEEE:
                 acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
             else:
                 acc += tl.dot(x, w.to(x.dtype))
+    else:
+        # One row, no tensor cores. REDUCE_EACH: reduce over k every step into [BLOCK_N] (few registers,
+        # a cross-lane sum per step); else accumulate a [BLOCK_K, BLOCK_N] register tile, reduced once.
+        if REDUCE_EACH:
+            acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         else:
-            x1 = tl.load(x_ptr + offs_k).to(tl.float32)
-            acc2 += x1[:, None] * w
-    if not USE_DOT:
-        acc = tl.reshape(tl.sum(acc2, axis=0), (BLOCK_M, BLOCK_N))
+            acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        if PREFETCH:
+            # Loads without a dot are not software-pipelined by Triton: load the next step's words into
+            # registers before this step's math, so two tiles per program are in flight.
+            words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k_lo, offs_n, mask_n, N, GROUP, BLOCK_K,
+                                            k_hi)  # fmt: skip
+            x1 = tl.load(x_ptr + k_lo + tl.arange(0, BLOCK_K), mask=(k_lo + tl.arange(0, BLOCK_K)) < k_hi, other=0.0)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                k1 = k0 + BLOCK_K
+                n_words, n_scale, n_zero = _load_step(qw_ptr, s_ptr, z_ptr, k1, offs_n, mask_n, N, GROUP, BLOCK_K,
+                                                      k_hi)  # fmt: skip
+                n_x1 = tl.load(x_ptr + k1 + tl.arange(0, BLOCK_K), mask=(k1 + tl.arange(0, BLOCK_K)) < k_hi,
+                               other=0.0)  # fmt: skip
+                acc1 = _fma(acc1, x1, _dequant(words, scale, zero, BLOCK_K, BLOCK_N), REDUCE_EACH)
+                words, scale, zero, x1 = n_words, n_scale, n_zero, n_x1
+        else:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K,
+                                                k_hi)  # fmt: skip
+                x1 = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K))
+                acc1 = _fma(acc1, x1, _dequant(words, scale, zero, BLOCK_K, BLOCK_N), REDUCE_EACH)
+        if REDUCE_EACH:
+            acc = tl.reshape(acc1, (BLOCK_M, BLOCK_N))
+        else:
+            acc = tl.reshape(tl.sum(acc1, axis=0), (BLOCK_M, BLOCK_N))
     splitk.store_tile(acc, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K)
 
 
@@ -120,7 +174,9 @@ def int4_gemv(
     _int4_gemv_kernel[(tiles, split_k)](
         x, qweight, scales, zeros, out, part, locks, m, n, k, x.stride(0), split_k,
         GROUP=group, BLOCK_M=16 if use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=block_k, USE_DOT=use_dot,
-        IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        IEEE=x.dtype == torch.float32, PREFETCH=cfg.prefetch and not use_dot,
+        REDUCE_EACH=cfg.reduce_each and not use_dot,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
 

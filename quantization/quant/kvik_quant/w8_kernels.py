@@ -30,6 +30,8 @@ class W8GemvConfig:
     per_sm: int = 2  # with split_k 0: split until this many programs per SM
     num_warps: int = 4
     num_stages: int = 3
+    prefetch: bool = True  # one row: double-buffer the weight loads in registers
+    reduce_each: bool = True  # one row: reduce over k every step (112 registers, not 181, at 32 x 256)
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,6 +42,27 @@ class Int8GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 4
+
+
+@triton.jit
+def _w8_step(w_ptr, x_ptr, k0, k_hi, offs_n, mask_n, K, BLOCK_K: tl.constexpr):
+    """The weight tile ``[BLOCK_N, BLOCK_K]`` at column ``k0`` and the activations it meets (masked past ``k_hi``)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k_hi
+    w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    x1 = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0)
+    return w, x1
+
+
+@triton.jit
+def _w8_fma(acc, w, x1, REDUCE_EACH: tl.constexpr):
+    """``acc += w . x1`` for a weight tile ``[BLOCK_N, BLOCK_K]`` (8-bit) and one activation row ``[BLOCK_K]``."""
+    prod = w.to(tl.float32) * x1.to(tl.float32)[None, :]
+    if REDUCE_EACH:  # one return: Triton type-checks every return path, even a dead one
+        out = acc + tl.sum(prod, axis=1)
+    else:
+        out = acc + prod
+    return out
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
@@ -60,6 +83,8 @@ def _w8a16_gemv_kernel(
     BLOCK_K: tl.constexpr,
     USE_DOT: tl.constexpr,
     IEEE: tl.constexpr,
+    PREFETCH: tl.constexpr,  # one-row path: register double-buffering of the weight loads
+    REDUCE_EACH: tl.constexpr,  # one-row path: reduce over k every step
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -69,15 +94,13 @@ def _w8a16_gemv_kernel(
     per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
     k_lo = pid_k * per_split * BLOCK_K
     k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
-    if USE_DOT:
+    if USE_DOT:  # Triton pipelines these loads itself (they feed a dot)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    else:
-        acc2 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
-        offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < k_hi
-        w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
-        if USE_DOT:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_hi
+            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                        other=0.0)  # fmt: skip
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0)  # fmt: skip
             wt = tl.trans(w.to(tl.float32).to(x.dtype))  # [BLOCK_K, BLOCK_N]; exact for e4m3 and int8
@@ -85,11 +108,29 @@ def _w8a16_gemv_kernel(
                 acc += tl.dot(x, wt, input_precision="ieee")
             else:
                 acc += tl.dot(x, wt)
+    else:
+        # One row, no tensor cores. REDUCE_EACH: reduce over k every step into [BLOCK_N] (few registers);
+        # else accumulate a [BLOCK_N, BLOCK_K] register tile, reduced once at the end.
+        if REDUCE_EACH:
+            acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         else:
-            x1 = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0).to(tl.float32)
-            acc2 += w.to(tl.float32) * x1[None, :]
-    if not USE_DOT:
-        acc = tl.reshape(tl.sum(acc2, axis=1), (BLOCK_M, BLOCK_N))
+            acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if PREFETCH:
+            # Loads without a dot are not software-pipelined by Triton: load the next tile into registers
+            # before this tile's math, so two weight tiles per program are in flight.
+            w, x1 = _w8_step(w_ptr, x_ptr, k_lo, k_hi, offs_n, mask_n, K, BLOCK_K)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                n_w, n_x1 = _w8_step(w_ptr, x_ptr, k0 + BLOCK_K, k_hi, offs_n, mask_n, K, BLOCK_K)
+                acc1 = _w8_fma(acc1, w, x1, REDUCE_EACH)
+                w, x1 = n_w, n_x1
+        else:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                w, x1 = _w8_step(w_ptr, x_ptr, k0, k_hi, offs_n, mask_n, K, BLOCK_K)
+                acc1 = _w8_fma(acc1, w, x1, REDUCE_EACH)
+        if REDUCE_EACH:
+            acc = tl.reshape(acc1, (BLOCK_M, BLOCK_N))
+        else:
+            acc = tl.reshape(tl.sum(acc1, axis=1), (BLOCK_M, BLOCK_N))
     scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
     acc = acc * scale[None, :]  # per channel, so each partial can be scaled before the split-K sum
     splitk.store_tile(acc, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K)
@@ -120,7 +161,9 @@ def w8a16_gemv(
     _w8a16_gemv_kernel[(tiles, split_k)](
         x, weight, w_scale, out, part, locks, m, n, k, x.stride(0), split_k,
         BLOCK_M=16 if use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=use_dot,
-        IEEE=x.dtype == torch.float32, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        IEEE=x.dtype == torch.float32, PREFETCH=cfg.prefetch and not use_dot,
+        REDUCE_EACH=cfg.reduce_each and not use_dot,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out
 

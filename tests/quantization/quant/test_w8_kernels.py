@@ -26,21 +26,25 @@ def _weights(kind: str, n: int, k: int, gen: torch.Generator) -> tuple[torch.Ten
 
 @pytest.mark.parametrize("kind", ["fp8", "int8"])
 @pytest.mark.parametrize(
-    ("m", "k", "n", "dtype", "split_k"),
+    ("m", "k", "n", "dtype", "split_k", "prefetch", "reduce_each"),
     [
-        (1, 300, 40, torch.float32, 0),  # K not a multiple of the k-tile, ragged column tile
-        (1, 256, 64, torch.float16, 3),
-        (6, 256, 48, torch.float32, 2),  # tl.dot path
-        (16, 128, 32, torch.float16, 1),
+        (1, 300, 40, torch.float32, 0, True, True),  # K not a multiple of the k-tile, ragged column tile
+        (1, 300, 40, torch.float32, 2, False, False),
+        (1, 256, 64, torch.float16, 3, True, False),
+        (1, 256, 64, torch.float16, 3, False, True),
+        (6, 256, 48, torch.float32, 2, True, True),  # tl.dot path
+        (16, 128, 32, torch.float16, 1, True, True),
     ],
 )
-def test_w8a16_gemv_matches_reference(kind: str, m: int, k: int, n: int, dtype: torch.dtype, split_k: int) -> None:
+def test_w8a16_gemv_matches_reference(
+    kind: str, m: int, k: int, n: int, dtype: torch.dtype, split_k: int, prefetch: bool, reduce_each: bool
+) -> None:
     """W8A16: the activations are not quantized, so the result is x @ dequantized(W).T up to accumulation order."""
     gen = torch.Generator().manual_seed(m + k)
     wq, ws = _weights(kind, n, k, gen)
     x = torch.randn(m, k, generator=gen).to(dtype)
     expected = x.float() @ (wq.float() * ws[:, None]).T
-    cfg = W8GemvConfig(block_n=16, block_k=64, split_k=split_k)
+    cfg = W8GemvConfig(block_n=16, block_k=64, split_k=split_k, prefetch=prefetch, reduce_each=reduce_each)
     got = w8a16_gemv(x, wq, ws, num_sms=8, config=cfg)
     assert got.dtype == dtype and got.shape == (m, n)
     tol = 1e-5 if dtype == torch.float32 else 2e-2
