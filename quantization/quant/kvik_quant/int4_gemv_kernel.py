@@ -162,7 +162,8 @@ def int4_gemv(
     n = qweight.shape[1]
     if m > 16:
         raise ValueError(f"int4_gemv handles at most 16 rows, got {m}")
-    block_k = min(cfg.block_k, group)
+    x = x.contiguous()
+    block_k = splitk.pow2_divisor(cfg.block_k, group, k)  # >= 8 (K and G are multiples of 8)
     tiles = triton.cdiv(n, cfg.block_n)
     split_k = cfg.split_k or splitk.split_for(tiles, k // block_k, num_sms, cfg.per_sm)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
@@ -216,7 +217,7 @@ def int4_dequantize(
     rows, n = qweight.shape
     k = rows * 8
     w = out if out is not None else torch.empty(k, n, dtype=dtype, device=qweight.device)
-    block_r = min(8, group // 8)  # 64 k rows per program at most, inside one group
+    block_r = splitk.pow2_divisor(8, group // 8)  # up to 64 k rows per program, inside one group
     block_n = 128
     _int4_dequant_kernel[(rows // block_r, triton.cdiv(n, block_n))](
         qweight, scales, zeros, w, n, GROUP=group, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4

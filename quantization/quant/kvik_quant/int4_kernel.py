@@ -107,7 +107,7 @@ def plan(m: int) -> str:
 
 def gemm_config(m: int, n: int, k: int, group: int, num_sms: int) -> GemmConfig:
     """Tiles for the dequantize-in-GEMM kernel: GEMV-shaped problems split K to fill the GPU."""
-    block_k = min(64, group)
+    block_k = splitk.pow2_divisor(64, group, k)  # tl.dot needs >= 16: int4_matmul checks
     if m <= 16:
         block_m, block_n, warps = 16, 64, 4
     elif m <= 64:
@@ -136,6 +136,8 @@ def int4_matmul(
     x = x.contiguous()
     num_sms = splitk.num_sms(x.device)
     path = path or plan(x.shape[0])
+    if splitk.pow2_divisor(16, group, x.shape[1]) < 16:
+        path = "dequant"  # K or a per-channel group not a multiple of 16: too thin a k-tile for tl.dot
     cfg = gemm_config(x.shape[0], qweight.shape[1], x.shape[1], group, num_sms)
 
     def gemm() -> torch.Tensor:

@@ -70,6 +70,15 @@ def split_for(tiles: int, k_tiles: int, num_sms: int, per_sm: int = 2, max_split
     return split
 
 
+def pow2_divisor(limit: int, *values: int) -> int:
+    """The largest power of two <= ``limit`` dividing every value: a k-tile that neither overhangs K nor
+    straddles a quantization group (a per-channel group is all of K, which need not be a power of two)."""
+    d = 1
+    while d * 2 <= limit and all(v % (d * 2) == 0 for v in values):
+        d *= 2
+    return d
+
+
 def scratch(split_k: int, m: int, n: int, device: torch.device) -> torch.Tensor:
     """The partials buffer (a 1-element dummy when nothing is split)."""
     if split_k == 1:

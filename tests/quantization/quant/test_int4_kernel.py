@@ -103,10 +103,12 @@ def test_dequantize_kernel_is_exactly_the_reference(group: int, dtype: torch.dty
 
 
 @pytest.mark.parametrize(("m", "path"), [(3, "gemv"), (20, "gemm"), (DEQUANT_MIN_ROWS, "dequant")])
-def test_every_path_through_int4_matmul(m: int, path: str) -> None:
-    x, qweight, s, z, w_t = _problem(m, 128, 64, 32, torch.float32, seed=m)
+@pytest.mark.parametrize(("k", "group"), [(128, 32), (160, 160), (200, 200)])  # per-channel: G = K, not 2^n
+def test_every_path_through_int4_matmul(m: int, path: str, k: int, group: int) -> None:
+    x, qweight, s, z, w_t = _problem(m, k, 64, group, torch.float32, seed=m)
     assert plan(m) == path
-    torch.testing.assert_close(int4_matmul(x, qweight, s, z, 32), x @ w_t, rtol=1e-4, atol=1e-3)
+    torch.testing.assert_close(int4_matmul(x, qweight, s, z, group), x @ w_t, rtol=1e-4, atol=1e-3)
+    assert splitk.pow2_divisor(128, 160, 160) == 32 and splitk.pow2_divisor(128, 200) == 8
 
 
 def test_layer_runs_the_kernel_with_act_order(monkeypatch: pytest.MonkeyPatch) -> None:
