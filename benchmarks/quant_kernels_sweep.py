@@ -19,6 +19,7 @@ its error; when the time budget runs out the remaining candidates are skipped (r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -156,10 +157,10 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
     q4 = [qw] + [qw.clone() for _ in range(copies_for(qw.numel() * 4) - 1)]
     info = {"copies": {"bf16": len(bf), "fp8": len(f8), "int8": len(i8), "int4": len(q4)}}
 
-    def for_rows(x: torch.Tensor) -> dict[str, dict[str, tuple[Callable[[int], Any], torch.Tensor]]]:
+    def for_rows(x: torch.Tensor) -> dict[str, dict[str, tuple[Any, ...]]]:
         m = x.shape[0]
         xf = x.float()
-        out: dict[str, dict[str, tuple[Callable[[int], Any], torch.Tensor]]] = {}
+        out: dict[str, dict[str, tuple[Any, ...]]] = {}
         out["bf16"] = {"F.linear": (lambda i: F.linear(x, bf[i]), xf @ w_bf16.float().t())}
         # INT4: the old kernel and config, the GEMV grid, the GEMM grid, dequantize + cuBLAS.
         r4 = xf @ int4_ref_w
@@ -173,8 +174,7 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
                 if name in c4:
                     continue  # prefetch / reduce_each do not change the tl.dot path (m > 1)
                 cfg = GemvConfig(bn, bk, sk, per_sm, warps, stages, pf, red)
-                c4[name] = (
-                    lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4)  # fmt: skip
+                c4[name] = (lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4, cfg)
         if m >= 16:
             for bm, bn, bk, warps, stages in GEMM_GRID:
                 split = splitk.split_for(math.ceil(m / bm) * math.ceil(n / bn), k // bk, sms)
@@ -200,8 +200,8 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
                 if name in c8:
                     continue
                 cfg = W8GemvConfig(bn, bk, sk, per_sm, warps, stages, pf, red)
-                c8[name] = (lambda i, c=cfg: w8a16_gemv(x, f8[i], ws, sms, c), xf @ fp8_ref_w)
-                ci[name] = (lambda i, c=cfg: w8a16_gemv(x, i8[i], s8, sms, c), xf @ int8_ref_w)
+                c8[name] = (lambda i, c=cfg: w8a16_gemv(x, f8[i], ws, sms, c), xf @ fp8_ref_w, cfg)
+                ci[name] = (lambda i, c=cfg: w8a16_gemv(x, i8[i], s8, sms, c), xf @ int8_ref_w, cfg)
         if m >= 16:
             for bm, bn, bk, warps, stages in I8_GRID:
                 if m <= 16 and bm > 64:
@@ -232,12 +232,14 @@ def run_shape(sweep: Sweep, name: str, k: int, n: int, errors: list[str]) -> dic
         row: dict[str, Any] = {}
         for fmt, cands in for_rows(x).items():
             measured: dict[str, Any] = {}
-            for cand, (fn, ref) in cands.items():
+            for cand, (fn, ref, *cfg) in cands.items():
                 try:
                     copies = info["copies"][fmt]
                     err = rel(fn(0), ref)
                     measured[cand] = {**sweep.time_us([lambda i=i, f=fn: f(i) for i in range(copies)]),
                                       "rel_err": round(err, 5)}  # fmt: skip
+                    if cfg:
+                        measured[cand]["config"] = dataclasses.asdict(cfg[0])
                 except OutOfTime:
                     measured[cand] = {"skipped": "time budget spent"}
                 except Exception as exc:
@@ -273,6 +275,20 @@ def summarize(shapes: dict[str, Any]) -> dict[str, Any]:
                 if best:
                     families.setdefault(fmt, {}).setdefault(str(m), {})[s] = best
     summary["best_by_format_rows_shape"] = families
+    # Ready-to-paste GEMV_TABLE / W8_GEMV_TABLE entries: the fastest GEMV config per shape, for one row and
+    # for 4..16 rows (the tl.dot variant), when a GEMV won against the other paths of its format.
+    tables: dict[str, list[str]] = {"GEMV_TABLE": [], "W8_GEMV_TABLE": []}
+    for s, k, n in SHAPES:
+        for m, one_row in (("1", True), ("16", False)):
+            for fmt, table, cls, key in (("int4", "GEMV_TABLE", "GemvConfig", f"({n}, {k}, {one_row})"),
+                                         ("fp8", "W8_GEMV_TABLE", "W8GemvConfig", f"('float8_e4m3fn', {n}, {k}, {one_row})"),
+                                         ("int8", "W8_GEMV_TABLE", "W8GemvConfig", f"('int8', {n}, {k}, {one_row})")):  # fmt: skip
+                entry = shapes.get(s, {}).get(m, {}).get(fmt, {})
+                cfg = entry.get("candidates", {}).get(entry.get("best") or "", {}).get("config")
+                if cfg:
+                    args = ", ".join(f"{a}={v!r}" for a, v in cfg.items())
+                    tables[table].append(f"{key}: {cls}({args}),  # {s}, {entry['best_' + METRIC]} us")
+    summary["gemv_tables"] = tables
     return summary
 
 

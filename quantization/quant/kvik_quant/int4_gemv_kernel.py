@@ -37,6 +37,16 @@ class GemvConfig:
     reduce_each: bool = True  # one row: reduce over k every step (80 registers, not 167, at 64 x 128)
 
 
+# Per-shape choices measured on the H200 by benchmarks/quant_kernels_sweep.py (its summary's
+# "gemv_tables" prints these entries): (N, K, one row?) -> config. Shapes not listed use GemvConfig().
+GEMV_TABLE: dict[tuple[int, int, bool], GemvConfig] = {}
+
+
+def gemv_config(n: int, k: int, m: int) -> GemvConfig:
+    """The GEMV config for an ``[M, K] x [K, N]`` problem: the measured one for a known shape, else the default."""
+    return GEMV_TABLE.get((n, k, m == 1), GemvConfig())
+
+
 @triton.jit
 def _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, k_hi):
     """The packed words ``[BLOCK_K/8, BLOCK_N]`` of k rows ``k0..`` and their group's scale and zero (all
@@ -157,7 +167,7 @@ def int4_gemv(
     config: GemvConfig | None = None,
 ) -> torch.Tensor:
     """``x @ W^T`` ``[M, N]`` in ``x``'s dtype for decode-sized ``M``, one launch."""
-    cfg = config or GemvConfig()
+    cfg = config or gemv_config(qweight.shape[1], x.shape[1], x.shape[0])
     m, k = x.shape
     n = qweight.shape[1]
     if m > 16:

@@ -44,6 +44,16 @@ class Int8GemmConfig:
     num_stages: int = 4
 
 
+# Per-shape choices measured on the H200 by benchmarks/quant_kernels_sweep.py (its summary's
+# "gemv_tables" prints these entries): (weight dtype name, N, K, one row?) -> config; else the default.
+W8_GEMV_TABLE: dict[tuple[str, int, int, bool], W8GemvConfig] = {}
+
+
+def w8_gemv_config(n: int, k: int, m: int, weight_dtype: torch.dtype) -> W8GemvConfig:
+    """The W8A16 GEMV config for a problem: the measured one for a known shape, else the default."""
+    return W8_GEMV_TABLE.get((str(weight_dtype).removeprefix("torch."), n, k, m == 1), W8GemvConfig())
+
+
 @triton.jit
 def _w8_step(w_ptr, x_ptr, k0, k_hi, offs_n, mask_n, K, BLOCK_K: tl.constexpr):
     """The weight tile ``[BLOCK_N, BLOCK_K]`` at column ``k0`` and the activations it meets (masked past ``k_hi``)."""
@@ -144,7 +154,7 @@ def w8a16_gemv(
     config: W8GemvConfig | None = None,
 ) -> torch.Tensor:
     """``x @ (weight * w_scale[:, None])^T`` ``[M, N]`` in ``x``'s dtype, one launch."""
-    cfg = config or W8GemvConfig()
+    cfg = config or w8_gemv_config(weight.shape[0], x.shape[1], x.shape[0], weight.dtype)
     x = x.contiguous()
     m, k = x.shape
     n = weight.shape[0]

@@ -61,6 +61,17 @@ def test_plan_by_rows() -> None:
     assert splitk.split_for(tiles=1, k_tiles=2, num_sms=132) == 2  # never more splits than k-tiles
 
 
+def test_gemv_config_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvik_quant.int4_gemv_kernel as kernel
+
+    tuned = GemvConfig(block_n=32, block_k=64, split_k=2)
+    monkeypatch.setattr(kernel, "GEMV_TABLE", {(64, 128, True): tuned})
+    assert kernel.gemv_config(64, 128, 1) is tuned
+    assert kernel.gemv_config(64, 128, 4) == GemvConfig()  # the tl.dot variant has no entry: the default
+    x, qweight, s, z, w_t = _problem(1, 128, 64, 32, torch.float32)
+    torch.testing.assert_close(int4_gemv(x, qweight, s, z, 32, num_sms=8), x @ w_t, rtol=1e-4, atol=1e-3)
+
+
 def _problem(m: int, k: int, n: int, group: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
     gen = torch.Generator().manual_seed(seed)
     codes, scales, zeros = rtn_quantize(torch.randn(n, k, generator=gen), group, symmetric=False)

@@ -37,3 +37,12 @@ def test_dry_run_checks_every_candidate(tmp_path: Path, monkeypatch: pytest.Monk
     assert {"int4:old", "int4:gemv", "int4:gemm", "int4:dequant+matmul", "fp8:w8a16", "int8:w8a16",
             "int8:triton", "int8:old", "bf16:F.linear"} <= seen  # fmt: skip
     assert "int4_decode_linears_ms_per_token" in report["summary"]
+    # The printed table entries paste into GEMV_TABLE / W8_GEMV_TABLE as they are.
+    from kvik_quant.int4_gemv_kernel import GemvConfig
+    from kvik_quant.w8_kernels import W8GemvConfig
+
+    tables = report["summary"]["gemv_tables"]
+    assert tables["GEMV_TABLE"] and tables["W8_GEMV_TABLE"]
+    for table, cls in (("GEMV_TABLE", GemvConfig), ("W8_GEMV_TABLE", W8GemvConfig)):
+        parsed = eval("{\n" + "\n".join(tables[table]) + "\n}", {cls.__name__: cls})  # the sweep's own output
+        assert all(isinstance(v, cls) for v in parsed.values())
