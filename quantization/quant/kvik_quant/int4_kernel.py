@@ -8,10 +8,10 @@ dequantize-then-cuBLAS for prefill-sized batches.
 is rebuilt tile by tile in registers from the packed int32 words: each weight byte is read
 from memory once, which is the point at decode batch sizes (a quarter of bf16's bytes).
 
-Small batches (decode) split K across programs so that a GEMV-shaped problem still
-occupies every SM; the partial sums go to a float32 ``[SPLIT_K, M, N]`` buffer and are
-added by torch afterwards (deterministic, unlike atomics). Runs under ``TRITON_INTERPRET=1``
-on the CPU, which is how CI checks it against the torch reference.
+When a problem has too few output tiles to occupy every SM, this kernel splits K across
+programs; the partial sums go to a float32 ``[SPLIT_K, M, N]`` buffer and are added by torch
+afterwards (deterministic, unlike atomics; the GEMV adds its own in-kernel instead). Runs
+under ``TRITON_INTERPRET=1`` on the CPU, which is how CI checks it against the torch reference.
 """
 
 from __future__ import annotations
@@ -115,10 +115,7 @@ def gemm_config(m: int, n: int, k: int, group: int, num_sms: int) -> GemmConfig:
     else:
         block_m, block_n, warps = 64, 128, 8
     tiles = triton.cdiv(m, block_m) * triton.cdiv(n, block_n)
-    k_tiles = triton.cdiv(k, block_k)
-    split_k = 1
-    while tiles * split_k < 2 * num_sms and split_k * 2 <= min(16, k_tiles):
-        split_k *= 2
+    split_k = splitk.split_for(tiles, triton.cdiv(k, block_k), num_sms)
     return GemmConfig(block_m, block_n, block_k, split_k, num_warps=warps)
 
 
