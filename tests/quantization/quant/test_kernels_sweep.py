@@ -41,7 +41,11 @@ def test_dry_run_checks_every_candidate(tmp_path: Path, monkeypatch: pytest.Monk
     from kvik_quant.int4_gemv_kernel import GemvConfig
     from kvik_quant.w8_kernels import W8GemvConfig
 
-    tables = report["summary"]["gemv_tables"]
+    # Which candidate wins on the CPU is noise: make a GEMV the winner at one row, then rebuild the summary.
+    for fmt, prefix in (("int4", "gemv:"), ("fp8", "w8a16:")):
+        entry = tiny["1"][fmt]
+        entry["best"] = next(name for name in entry["candidates"] if name.startswith(prefix))
+    tables = sweep.summarize(report["shapes"])["gemv_tables"]
     assert tables["GEMV_TABLE"] and tables["W8_GEMV_TABLE"]
     for table, cls in (("GEMV_TABLE", GemvConfig), ("W8_GEMV_TABLE", W8GemvConfig)):
         parsed = eval("{\n" + "\n".join(tables[table]) + "\n}", {cls.__name__: cls})  # the sweep's own output
