@@ -40,6 +40,7 @@ import torch.nn.functional as F  # noqa: E402
 
 SHAPES = [("qkv", 4096, 6144), ("o", 4096, 4096), ("gate_up", 4096, 28672), ("down", 14336, 4096)]
 ROWS = (1, 4, 16, 64, 256, 2048)
+LM_HEAD = (4096, 128256)  # K, N of Llama-3.1-8B's lm_head (kept bf16 by every quantization method)
 GROUP = 128
 STREAM_BYTES = 256 << 20
 # GEMV grids: (block_n, block_k, split_k (0: from the shape), programs per SM, num_warps, num_stages,
@@ -260,13 +261,17 @@ def run_shape(sweep: Sweep, name: str, k: int, n: int, errors: list[str]) -> dic
     return result
 
 
-def summarize(shapes: dict[str, Any]) -> dict[str, Any]:
-    """Decode estimate (32 layers' linears at M=1, CUDA graphs) and, per format and M, the winning path family."""
+def summarize(shapes: dict[str, Any], lm_head_us: float | None = None) -> dict[str, Any]:
+    """Decode estimate (32 layers' linears at M=1, CUDA graphs; plus the bf16 lm_head when measured) and, per
+    format and M, the winning path family."""
     summary: dict[str, Any] = {}
     for fmt in ("bf16", "int4", "fp8", "int8"):
         per_layer = [shapes.get(s, {}).get("1", {}).get(fmt, {}).get("best_" + METRIC) for s, _, _ in SHAPES]
         if all(per_layer):
-            summary[f"{fmt}_decode_linears_ms_per_token"] = round(32 * sum(per_layer) / 1e3, 3)  # type: ignore[arg-type]
+            ms = 32 * sum(per_layer) / 1e3  # type: ignore[arg-type]
+            summary[f"{fmt}_decode_linears_ms_per_token"] = round(ms, 3)
+            if lm_head_us:  # attention, norms and sampling are not in either number
+                summary[f"{fmt}_decode_linears_and_lm_head_ms_per_token"] = round(ms + lm_head_us / 1e3, 3)
     families: dict[str, dict[str, dict[str, str]]] = {}
     for fmt in ("int4", "fp8", "int8"):
         for s, _, _ in SHAPES:
@@ -322,6 +327,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                               "triton": triton.__version__, "rows": list(ROWS), "shapes": {}, "errors": []}  # fmt: skip
     path = Path(os.environ.get("OUT", ".")) / "quant_kernels_sweep.json"
     path.parent.mkdir(parents=True, exist_ok=True)
+    if DEVICE == "cuda":  # lm_head stays bf16 under every format: its batch-1 time completes the estimate
+        try:
+            w = torch.randn(LM_HEAD[1], LM_HEAD[0], device=DEVICE, dtype=ACT) * 0.02
+            x = torch.randn(1, LM_HEAD[0], device=DEVICE, dtype=ACT)
+            report["lm_head_bf16_m1"] = sweep.time_us([lambda: F.linear(x, w)])
+            del w
+        except Exception as exc:
+            report["errors"].append(f"lm_head: {type(exc).__name__}: {str(exc)[:200]}")
     for name, k, n in SHAPES:
         if name not in args.shapes.split(",") and DEVICE == "cuda":
             continue
@@ -329,7 +342,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             report["shapes"][name] = run_shape(sweep, name, k, n, report["errors"])
         except Exception:
             report["errors"].append(f"{name}: {traceback.format_exc()[-800:]}")
-        report["summary"] = summarize(report["shapes"])
+        report["summary"] = summarize(report["shapes"], report.get("lm_head_bf16_m1", {}).get("graph_us"))
         report["elapsed_s"] = round(time.monotonic() - t0, 1)
         path.write_text(json.dumps(report, indent=1))
     from kvik_quant import fallback
