@@ -57,15 +57,17 @@ class LoRAKernelConfig:
 
 
 # Token-count bucket -> config: a step of T rows uses the smallest key >= T (the largest key beyond).
-# Defaults from Hopper practice, before any sweep: one launch for decode (launch latency dominates
-# a rank-16 delta there), two-launch tiles with split-K and deeper pipelines from 17 rows up.
-# Replace with the "configs_table" that benchmarks/lora_kernels_sweep.py prints on the target GPU.
+# Measured on one H200 (2026-11-30, benchmarks/lora_kernels_sweep.py, 8B projections, rank 16, rows
+# under 1 and under 8 interleaved adapters; the table minimises the summed ratio to the base matmul).
+# BGMV with split-K wins up to 64 rows: with adapters interleaved, an SGMV tile pays one tl.dot pass
+# per distinct slot it holds, and the fused one-launch kernel lost to BGMV's split-K at every size.
+# From 256 rows the tiled SGMV GEMMs win (0.25-0.5x the base matmul under one adapter).
 CONFIGS: dict[int, LoRAKernelConfig] = {
-    1: LoRAKernelConfig(kernel="fused", block_m=16, block_k=256, block_n=64, num_warps=4, num_stages=3),
-    16: LoRAKernelConfig(kernel="fused", block_m=16, block_k=256, block_n=64, num_warps=4, num_stages=3),
-    64: LoRAKernelConfig(block_m=16, block_k=128, block_c=64, block_n=128, num_warps=4, num_stages=3),
-    256: LoRAKernelConfig(block_m=32, block_k=128, block_c=64, block_n=128, num_warps=4, num_stages=3),
-    1024: LoRAKernelConfig(block_m=64, block_k=64, block_c=64, block_n=128, num_warps=8, num_stages=3),
+    1: LoRAKernelConfig(kernel="bgmv", split_k=16),
+    16: LoRAKernelConfig(kernel="bgmv", split_k=16),
+    64: LoRAKernelConfig(kernel="bgmv"),
+    256: LoRAKernelConfig(block_m=64, block_k=64, block_n=128, num_stages=3, expand_precision="tf32x3"),
+    1024: LoRAKernelConfig(block_m=64, block_k=64, block_n=128, num_stages=3, expand_precision="tf32x3"),
 }
 
 
