@@ -95,3 +95,30 @@ def test_target_logits_alone_equal_in_chunked_mixed_and_bucketed_steps(kvik_plug
             assert torch.equal(a, g), f"row {i}"
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_engine_on_a_gpu_alone_and_in_batches(tiny_model_dir) -> None:
+    """bf16, CUDA graphs on, prefix caching and chunked prefill: one prompt alone vs batches of 1-40."""
+    import random
+
+    import kvik
+    from kvik.testing.reference import random_prompts
+
+    llm = kvik.LLM(str(tiny_model_dir("llama", dtype="bfloat16")), device="cuda", dtype="bfloat16", deterministic=True,
+                   max_num_seqs=64, num_kv_blocks=512, block_size=16, max_num_batched_tokens=64)  # fmt: skip
+    target = random_prompts(1, seed=3, low=90, high=91)[0]
+    params = kvik.SamplingParams(temperature=0.0, max_tokens=12, logprobs=5, ignore_eos=True)
+
+    def signature(out):  # type: ignore[no-untyped-def]
+        c = out.outputs[0]
+        return c.token_ids, [sorted((t, lp.logprob) for t, lp in e.items()) for e in c.logprobs]
+
+    alone = signature(llm.generate([target], params, use_tqdm=False)[0])
+    rng = random.Random(0)
+    for size in (1, 2, 5, 17, 40):
+        others = random_prompts(size - 1, seed=size, low=3, high=200)
+        place = rng.randrange(size)
+        outs = llm.generate([*others[:place], target, *others[place:]], params, use_tqdm=False)
+        assert signature(outs[place]) == alone, f"batch of {size}, target at {place}"
