@@ -88,6 +88,13 @@ def test_refused_combinations(tiny_model_dir, extra: dict, message: str) -> None
         LLM(str(tiny_model_dir(arch="llama")), deterministic=True, **OPTIONS, **extra)
 
 
+def test_a_non_boolean_value_is_refused() -> None:
+    from kvik.config import EngineConfig
+
+    with pytest.raises(ValueError, match="deterministic must be True or False"):
+        EngineConfig(model="m", deterministic="yes")  # type: ignore[arg-type]
+
+
 def test_refused_architecture_names_the_layer(tiny_model_dir) -> None:
     with pytest.raises(ValueError, match="MoEExperts"):
         LLM(str(tiny_model_dir(arch="mixtral")), deterministic=True, **OPTIONS)
