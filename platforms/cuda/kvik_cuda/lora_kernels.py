@@ -65,9 +65,10 @@ class LoRAKernelConfig:
 # Token-count bucket -> config: a step of T rows uses the smallest key >= T (the largest key beyond).
 # Measured on one H200 (2026-11-30, benchmarks/lora_kernels_sweep.py, 8B projections, rank 16, rows
 # under 1 and under 8 interleaved adapters; the table minimises the summed ratio to the base matmul).
-# BGMV with split-K wins up to 64 rows: with adapters interleaved, an SGMV tile pays one tl.dot pass
-# per distinct slot it holds, and the fused one-launch kernel lost to BGMV's split-K at every size.
-# From 256 rows the tiled SGMV GEMMs win (0.25-0.5x the base matmul under one adapter).
+# BGMV with split-K wins up to 64 rows: with adapters interleaved, an SGMV tile then paid one tl.dot
+# pass per distinct slot it held, and the fused one-launch kernel lost to BGMV's split-K at every size.
+# From 256 rows the tiled SGMV GEMMs win (0.25-0.5x the base matmul under one adapter). Since then
+# rows come grouped by adapter and every tile holds one slot (kvik_cuda.lora_tiles): to be re-swept.
 CONFIGS: dict[int, LoRAKernelConfig] = {
     1: LoRAKernelConfig(kernel="bgmv", split_k=16),
     16: LoRAKernelConfig(kernel="bgmv", split_k=16),
