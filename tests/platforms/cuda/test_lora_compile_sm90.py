@@ -1,4 +1,4 @@
-"""The tiled LoRA kernels (SGMV shrink/expand, fused) compile for Hopper (sm_90) on this CPU machine.
+"""The tiled LoRA kernels (SGMV shrink/expand, fused) and the tile-map kernel compile for Hopper (sm_90) on this CPU machine.
 
 The interpreter tests check the arithmetic; this checks what the interpreter does not: that the
 grid-stride loop over the tile map (bounds read from device memory) lowers, and that the tiles'
@@ -17,7 +17,7 @@ from typing import Any
 
 import pytest
 
-INTS = ("num_programs", "in_features", "out_features", "num_cols", "k_per_split", "rank", "start1", "start2",
+INTS = ("num_tokens", "num_programs", "in_features", "out_features", "num_cols", "k_per_split", "rank", "start1", "start2",
         "split_k", "stride_xt", "stride_al", "stride_ar", "stride_ss", "stride_st", "stride_bl", "stride_bo",
         "stride_yt", "stride_tiles")  # fmt: skip
 
@@ -39,6 +39,7 @@ def _compile_all() -> dict[str, bool]:
     from kvik_cuda.lora_fused import _fused_kernel
     from kvik_cuda.lora_kernels import LoRAKernelConfig
     from kvik_cuda.lora_sgmv import _sgmv_expand_kernel, _sgmv_shrink_kernel
+    from kvik_cuda.lora_tiles import _tile_map_kernel
 
     cfg = LoRAKernelConfig(block_m=64, block_k=64, block_n=128, num_stages=3, expand_precision="tf32x3")
     tiles = {"tiles_ptr": "*i32", "count_ptr": "*i32"}
@@ -53,7 +54,10 @@ def _compile_all() -> dict[str, bool]:
         "fused": _ptx(_fused_kernel, {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", **tiles},
                       dict(BLOCK_M=16, BLOCK_N=64, BLOCK_K=256, BLOCK_R=16, PRECISION="ieee", UPCAST=False), **opts),
     }  # fmt: skip
-    return {name: "mma" in text for name, text in ptx.items()}
+    found = {name: "mma" in text for name, text in ptx.items()}
+    _ptx(_tile_map_kernel, {"slots_ptr": "*i64", "tiles_ptr": "*i32", "count_ptr": "*i32"},
+         dict(BLOCK_M=cfg.block_m, CHUNK=1024), num_warps=4)  # fmt: skip
+    return found | {"tile_map": True}
 
 
 def test_tiled_lora_kernels_compile_for_hopper() -> None:
@@ -63,7 +67,7 @@ def test_tiled_lora_kernels_compile_for_hopper() -> None:
     env["PYTHONPATH"] = os.pathsep.join(sys.path)
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
-    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"shrink": True, "expand": True, "fused": True}
+    assert json.loads(run.stdout.strip().splitlines()[-1]) == {"shrink": True, "expand": True, "fused": True, "tile_map": True}
 
 
 if __name__ == "__main__":
