@@ -266,6 +266,7 @@ def main() -> int:
                     for block_m in (16, 64):  # the per-step map (amortised over a step's 224 projection calls)
                         try:
                             row["tile_map"][block_m] = timed(lambda i, c=case, m=block_m: c.map_call(m, i), 1, args.iters)
+                            row["tile_map"][block_m]["tiles"] = int(build_tile_map(case.slots, block_m).count.item())
                         except Exception as exc:
                             row["tile_map"][block_m] = {"error": f"{type(exc).__name__}: {exc}"}
                     # First pass: the old kernels and the current table's choice, for every case.

@@ -14,9 +14,9 @@ before a CUDA graph replay, which reads the map from the persistent buffers it w
 
 How many programs: with ``n_r`` rows in run ``r``, the tiles number ``sum ceil(n_r / block_m) <=
 floor(T / block_m) + runs`` (a sum of floors is at most the floor of the sum), and at most ``T``
-(a tile holds a row). Sorted rows make at most ``num_slots`` adapter runs, so :func:`tile_programs`
+(a tile holds a row). Rows grouped by slot make at most ``num_slots`` adapter runs, so :func:`tile_programs`
 launches ``min(T, T // block_m + num_slots)`` programs: a function of shapes only (one compile and
-graph per bucket). Unsorted rows can make more tiles than that; the kernels then walk the tiles
+graph per bucket). Ungrouped rows can make more tiles than that; the kernels then walk the tiles
 grid-stride (program ``p`` takes tiles ``p, p + G, ...`` up to the map's count), which stays exact
 and costs extra passes only where the rows were not grouped.
 """
