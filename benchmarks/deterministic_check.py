@@ -237,14 +237,15 @@ def main() -> int:
         release(args.throughput_shape, True)
         part("throughput_default", lambda: throughput(args.throughput_shape, False, args.n))
         release(args.throughput_shape, False)
-    for shape in shapes if "invariance" not in skip else []:
-        part(f"invariance_{shape}", lambda shape=shape: check_invariance(shape, sizes))
-        release(shape, True)
         on = RESULTS["parts"].get("throughput_deterministic")
         off = RESULTS["parts"].get("throughput_default")
         if on and off:
             RESULTS["slowdown"] = round(1 - on["output_tok_per_s"] / off["output_tok_per_s"], 3)
             RESULTS["slowdown_target_met"] = RESULTS["slowdown"] <= 0.30
+            save()
+    for shape in shapes if "invariance" not in skip else []:
+        part(f"invariance_{shape}", lambda shape=shape: check_invariance(shape, sizes))
+        release(shape, True)
     RESULTS["mismatches"] = sum(
         p.get("total_mismatches", 0) for p in RESULTS["parts"].values() if isinstance(p, dict)
     )
