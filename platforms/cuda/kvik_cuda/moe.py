@@ -245,7 +245,8 @@ class TritonMoEExperts(MoEExperts):
         gate_up = torch.empty(n * top_k, 2 * inter, dtype=x.dtype, device=x.device)
         y = torch.empty(n * top_k, self.hidden_size, dtype=x.dtype, device=x.device)
         weights = topk_weights.reshape(-1)
-        if n * top_k <= PAIRWISE_MAX_PAIRS and self.w13.stride(2) == 1 and self.w2.stride(2) == 1:  # decode: no sort, one GEMV program row per routed pair
+        decode = n * top_k <= PAIRWISE_MAX_PAIRS and self.w13.stride(2) == 1 and self.w2.stride(2) == 1
+        if decode:  # no sort: one GEMV program row per routed pair
             ids = topk_ids.reshape(-1)
             _pairwise_gemv(x, self.w13, gate_up, ids, top_k)
             act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [pairs, inter], rounded as the reference
