@@ -54,6 +54,7 @@ def part(name: str, fn: Callable[[], Any]) -> None:
     print(f"[{name}] ...", flush=True)
     try:
         RESULTS["parts"][name] = fn()
+        print("RESULT " + json.dumps({name: RESULTS["parts"][name]}, default=str), flush=True)
     except Exception as exc:  # one part's failure must not lose the others
         RESULTS["errors"][name] = f"{type(exc).__name__}: {exc}\n{traceback.format_exc(limit=8)}"
         print(RESULTS["errors"][name], flush=True)
@@ -252,6 +253,8 @@ def main() -> int:
     RESULTS["seconds"] = round(time.perf_counter() - start, 1)
     save()
     print(json.dumps(RESULTS, indent=1, default=str))
+    summary = {k: RESULTS.get(k) for k in ("device", "mismatches", "slowdown", "slowdown_target_met", "seconds")}
+    print("RESULT " + json.dumps({"summary": {**summary, "failed_parts": sorted(RESULTS["errors"])}}), flush=True)
     return 0 if not RESULTS["errors"] and RESULTS["mismatches"] == 0 else 1
 
 
