@@ -44,7 +44,7 @@ for s in $STAGES; do
     quant_e2e) stage quant_e2e 420 python3 benchmarks/quant_benchmark.py --parts bf16,fp8,int4,int8 --n 300 --budget-s 380 ;;
     fp8_kv) stage fp8_kv 200 python3 benchmarks/fp8_kv_check.py ;;
     lora_e2e) stage lora_e2e 420 python3 benchmarks/lora_throughput.py --parts base,lora8,lora64 --n 300 ;;
-    determinism) stage determinism 200 python3 benchmarks/deterministic_check.py ;;
+    determinism) stage determinism 360 python3 benchmarks/deterministic_check.py ;;
     spec) stage spec 330 python3 benchmarks/spec_decode_benchmark.py --batches 1 16 --offline-n 300 ;;
     moe) stage moe 330 python3 benchmarks/models_gpu.py --one qwen3_30b_a3b --n 500 ;;
     fallback) stage fallback 200 python3 benchmarks/models_gpu.py --one llama8b_fallback --n 500 ;;
