@@ -17,7 +17,8 @@ What is compiled, and what is not:
   each decoder layer is two compiled regions around one eager attention call.
 * Prefill and mixed steps run the eager model: their token counts change every
   step, and they are dominated by matmuls that compiling does not speed up.
-* With ``enable_lora`` nothing is compiled (the adapter slots change per step).
+* With ``enable_lora`` or ``deterministic`` nothing is compiled (adapter slots change
+  per step; batch-invariant kernels must not be re-fused).
 
 The first decode step of each batch size pays for tracing and code generation
 (tens of seconds on a 2-core machine); a dummy decode step at start-up pays it
@@ -59,8 +60,11 @@ class CPUModelRunner(TorchModelRunner):
         super().load_model()
         if not self.compile_decode:
             return
-        if self.config.enable_lora:
-            logger.warning("compile_decode is ignored with enable_lora: decode steps run eagerly")
+        # LoRA's adapter slots change per step; deterministic mode's batch-invariant kernels must not
+        # be re-fused by inductor (its reductions are chosen per shape).
+        clash = "enable_lora" if self.config.enable_lora else "deterministic" if self.config.deterministic else None
+        if clash is not None:
+            logger.warning("compile_decode is ignored with %s: decode steps run eagerly", clash)
             self.compile_decode = False
             return
         assert self.model is not None
