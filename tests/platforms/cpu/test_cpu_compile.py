@@ -56,3 +56,21 @@ def test_compile_decode_must_be_a_bool(kvik_plugin_manager, tiny_model_dir) -> N
     kvik_plugin_manager.register(kvik_cpu.plugin, "cpu", "kvik-cpu")
     with pytest.raises(ValueError, match="compile_decode must be True or False, got 'yes'"):
         kvik.LLM(model=str(tiny_model_dir("llama")), device="cpu", platform_options={"compile_decode": "yes"})
+
+
+def test_compile_decode_is_off_in_deterministic_mode(kvik_plugin_manager, tiny_model_dir) -> None:
+    import kvik
+
+    kvik_plugin_manager.register(kvik_cpu.plugin, "cpu", "kvik-cpu")
+    llm = kvik.LLM(
+        model=str(tiny_model_dir("llama")),
+        device="cpu",
+        num_threads=1,
+        max_model_len=64,
+        num_kv_blocks=16,
+        deterministic=True,
+        platform_options={"compile_decode": True},
+    )
+    runner = llm.llm_engine.runner
+    assert isinstance(runner, CPUModelRunner)
+    assert not runner.compile_decode and runner._compiled is None and runner.compile_seconds == 0.0
