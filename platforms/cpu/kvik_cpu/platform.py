@@ -17,9 +17,10 @@ count from the first token on (there is no idle parallel hardware to fill):
   also reserves 4 GiB by default) instead of a fraction of all memory; the
   memory planner then trims it to what ``max_num_seqs`` full-length requests
   can use, so a one-stream ``kvik generate`` (``max_num_seqs=1``) holds one context.
-* compile_decode: off. Compiling the decode step (kvik_cpu.runner) trims the
-  per-token host work of one stream, but its first compile takes tens of
-  seconds on a 2-core machine, against a ~3 s cold start for ``kvik generate``.
+* compile_decode: off. Compiling the decode step (kvik_cpu.runner) drops the
+  per-op Python of one stream's step, but on the 2-core dev machine it was at
+  best level with eager end to end, and its first compile takes tens of seconds
+  against a ~3 s cold start for ``kvik generate`` (docs/benchmarks.md).
 """
 
 from __future__ import annotations
