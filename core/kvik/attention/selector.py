@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kvik.attention.backend import AttentionBackend
+from kvik.config import resolve_kv_cache_dtype
 from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.plugins.registry import PluginError
 
@@ -40,8 +41,16 @@ def select_attention_backend(
         sliding_window=sliding_window,
     )
 
+    kv_cache_dtype = resolve_kv_cache_dtype(getattr(config, "kv_cache_dtype", "auto"))  # "fp8" -> "fp8_e4m3"
+
     def refuse(cls: type[AttentionBackend[Any]]) -> list[str]:
         reasons = cls.validate(**kwargs)
+        if kv_cache_dtype not in cls.supported_kv_cache_dtypes:
+            held = [d for d in cls.supported_kv_cache_dtypes if d != "auto"]
+            reasons.append(
+                f"kv_cache_dtype={kv_cache_dtype!r} is not supported (its cache holds the model dtype"
+                + (f" or {', '.join(held)}" if held else " only") + "); use kv_cache_dtype='auto'"
+            )
         if logits_soft_cap is not None and not cls.supports_logits_soft_cap:
             reasons.append(f"attention logit soft-capping (attn_logit_softcapping={logits_soft_cap}) is not supported")
         return reasons
