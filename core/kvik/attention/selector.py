@@ -77,7 +77,20 @@ def select_attention_backend(
             return cls
         problems.append(f"{name}: {'; '.join(reasons)}")
     detail = "\n  ".join(problems) or "the platform lists no attention backends"
+    if kv_cache_dtype != "auto":
+        holders = [n for n in manager.attention_backends.names() if _holds(manager, n, kv_cache_dtype)]
+        detail += (
+            f"\n  (kv_cache_dtype={kv_cache_dtype!r} is held by the attention backends "
+            f"{', '.join(holders) or 'none registered'}; use a platform that runs one of them, or kv_cache_dtype='auto')"
+        )
     raise ValueError(
         f"no attention backend of platform {platform.name!r} can run head size {head_size}, dtype {dtype}, "
         f"block size {block_size}, sliding window {sliding_window}:\n  {detail}"
     )
+
+
+def _holds(manager: PluginManager, name: str, kv_cache_dtype: str) -> bool:
+    try:
+        return kv_cache_dtype in manager.attention_backends.get(name).supported_kv_cache_dtypes
+    except PluginError:
+        return False
