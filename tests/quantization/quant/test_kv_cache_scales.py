@@ -56,3 +56,17 @@ def test_an_int8_kv_cache_scheme_is_refused_naming_what_works(kv_checkpoint: Pat
     bad["kv_cache_scheme"].update(type="int", num_bits=8)
     with pytest.raises(ValueError, match=r"int8 tensor KV cache \(kv_cache_scheme\) is not supported.*kv_cache_dtype='fp8'"):
         method_for_scheme(bad)
+
+
+def test_scales_served_with_the_model_dtype_cache_are_noted(kv_checkpoint: Path, kvik_plugin_manager) -> None:
+    from kvik.config import EngineConfig
+    from kvik.engine.config_resolution import resolve_config
+    from kvik.testing.host_platform import HostCPUPlatform
+    from kvik_quant import plugin as quant_plugin
+
+    kvik_plugin_manager.register(quant_plugin, "quant", "kvik-quant")
+    notes = resolve_config(EngineConfig(model=str(kv_checkpoint)), HostCPUPlatform(), kvik_plugin_manager).notes
+    assert any("carries FP8 KV-cache scales" in n and "kv_cache_dtype='fp8'" in n for n in notes), notes
+    fp8 = resolve_config(EngineConfig(model=str(kv_checkpoint), kv_cache_dtype="fp8"), HostCPUPlatform(),
+                         kvik_plugin_manager)  # fmt: skip
+    assert not any("carries FP8 KV-cache scales" in n for n in fp8.notes)
