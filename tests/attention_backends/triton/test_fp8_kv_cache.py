@@ -63,4 +63,4 @@ def test_split_kv_decode_on_an_fp8_cache_matches_torch_ref() -> None:
         cls.prepare(meta)
         q = step.query.to(DTYPE)
         outs.append(backend.forward(q, step.key.to(DTYPE), step.value.to(DTYPE), cache.clone(), meta).float())
-    assert torch.allclose(outs[0], outs[1], atol=1e-3 if DTYPE == torch.float32 else 5e-2, rtol=1e-3)
+    assert torch.allclose(outs[0], outs[1], atol=1e-3 if torch.float32 == DTYPE else 5e-2, rtol=1e-3)

@@ -59,7 +59,7 @@ def test_fp8_cache_through_preemption_chunked_prefill_prefix_caching_and_spec_de
     """Blocks are just smaller: every scheduler feature gives the same tokens as a roomy fp8 run."""
     model = str(tiny_model_dir("llama"))
     shared = random_prompts(1, seed=7, low=40, high=41)[0]
-    prompts = random_prompts(4, seed=2, low=20, high=50) + [shared + [5, 6], shared + [9]]
+    prompts = [*random_prompts(4, seed=2, low=20, high=50), [*shared, 5, 6], [*shared, 9]]
     base = [t for t, _ in _run(LLM(model, device="cpu", num_kv_blocks=256, kv_cache_dtype="fp8"), prompts, 10)]
     tight = LLM(model, device="cpu", kv_cache_dtype="fp8", num_kv_blocks=10, max_num_batched_tokens=32,
                 max_model_len=128)  # fmt: skip
