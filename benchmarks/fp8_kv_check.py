@@ -8,8 +8,11 @@ From the repository root on the GPU machine (no network; about 3 minutes on an H
 (Without the ``pip install`` the script still finds the checkout's packages through ``sys.path``, as
 long as the plugins' entry points are registered: they are once installed.) The model is the
 Llama-3.1-8B shape with dummy weights (``load_format="dummy"``: only config.json and a word
-tokenizer are written, under ``--root``). For each variant, in its own process (a crash or hang costs
-only that variant):
+tokenizer are written, under ``--root``). First, ``kernels`` (own process): the Triton backend on a float8 cache at the 8B
+attention shape (32 query / 8 KV heads of 128, bf16) through ``check_fp8_kv_cache`` (written
+entries equal the reference quantization; attention equals torch_ref over the dequantized cache),
+and one decode step's attention time (256 requests x 1024 context) on a bf16 vs an fp8 cache.
+Then for each variant, in its own process (a crash or hang costs only that variant):
 
 1. ``capacity``: the memory plan at the same ``--gpu-memory-utilization`` (default 0.25, low enough
    that the workloads below reach the cache's edge quickly): KV blocks, tokens, bytes per block;
@@ -143,6 +146,38 @@ def variant(name: str, args: argparse.Namespace, out: dict[str, Any], save: Any)
     save()
 
 
+def kernels(out: dict[str, Any], save: Any) -> None:
+    import torch
+    import triton.testing
+    from kvik.testing.conformance.attention import build_metadata
+    from kvik.testing.conformance.fp8_kv import check_fp8_kv_cache
+    from kvik_triton_attention.backend import TritonAttentionBackend
+
+    for window in (None, 64):
+        try:
+            check_fp8_kv_cache(TritonAttentionBackend, "cuda", torch.bfloat16, head_size=128, num_heads=32,
+                               num_kv_heads=8, window=window)  # fmt: skip
+            out[f"conformance_window_{window}"] = "ok"
+        except AssertionError as exc:
+            out[f"conformance_window_{window}"] = str(exc)[:600]
+        save()
+    reqs, ctx, bs = 256, 1024, 16
+    per = ctx // bs
+    meta = build_metadata([1] * reqs, [ctx] * reqs, [list(range(1 + i * per, 1 + (i + 1) * per)) for i in range(reqs)],
+                          bs, "cuda")  # fmt: skip
+    query = torch.randn(reqs, 32, 128, device="cuda", dtype=torch.bfloat16)
+    for name, dtype in (("bf16", torch.bfloat16), ("fp8", torch.float8_e4m3fn)):
+        cache = torch.randn(2, reqs * per + 1, bs, 8, 128, device="cuda").to(dtype)
+        backend = TritonAttentionBackend(32, 128, 8, 128**-0.5)
+        TritonAttentionBackend.prepare(meta)
+        o = torch.empty_like(query)
+        ms = triton.testing.do_bench(lambda b=backend, c=cache, o=o: b.attend(query, c, meta, o), warmup=10, rep=50,
+                                     return_mode="median")  # fmt: skip
+        out[f"decode_attention_{name}_us"] = round(ms * 1e3, 1)
+        del cache
+        save()
+
+
 def _child(name: str, args: argparse.Namespace, out_dir: Path) -> None:
     out: dict[str, Any] = {"variant": name}
     path = out_dir / f"fp8_kv_{name}.json"
@@ -151,7 +186,10 @@ def _child(name: str, args: argparse.Namespace, out_dir: Path) -> None:
         path.write_text(json.dumps(out, default=str))
 
     try:
-        variant(name, args, out, save)
+        if name == "kernels":
+            kernels(out, save)
+        else:
+            variant(name, args, out, save)
     except Exception as exc:  # what ran is kept; the error says where it stopped
         out["error"] = f"{type(exc).__name__}: {exc}"
         out["traceback"] = traceback.format_exc()[-3000:]
@@ -171,7 +209,7 @@ def _run_child(name: str, args: argparse.Namespace, out_dir: Path, limit: float)
     except subprocess.TimeoutExpired as exc:
         tail = f"timed out after {limit:.0f} s: {str(exc.stderr or '')[-800:]}"
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"variant": name}
-    if tail and ("error" in result or "memory_edge" not in result):
+    if tail and ("error" in result or (name != "kernels" and "memory_edge" not in result)):
         result["process_tail"] = tail
     return result
 
@@ -235,6 +273,8 @@ def main() -> None:
     start = time.perf_counter()
     summary: dict[str, Any] = {"args": vars(args)}
     model_dir(Path(args.root), args.shape)  # written once, before the children race for it
+    if args.device == "cuda":
+        summary["kernels"] = _run_child("kernels", args, out_dir, 60.0)
     for i, name in enumerate(VARIANTS):
         left = args.budget_s - (time.perf_counter() - start)
         summary[name] = _run_child(name, args, out_dir, max(30.0, left / (len(VARIANTS) - i)))

@@ -85,7 +85,7 @@ def check_fp8_kv_cache(
         # The write: the entries at this step's slots are exactly the reference quantization.
         slots = metadata.slot_mapping
         for i, (name, want) in enumerate((("K", k8), ("V", v8))):
-            got = cache[i].view(-1, num_kv_heads, head_size).index_select(0, slots.cpu().to(device)).float()
+            got = fp8_kv.index_select(cache[i].view(-1, num_kv_heads, head_size), 0, slots).float()
             wrong = (got != want.float()).sum().item()
             assert wrong == 0, f"step {step}: {wrong} of {want.numel()} {name} cache entries differ from x / scale in e4m3"
         # The read: attention over the dequantized values, in float32.
