@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from kvik.layers.linear import Linear
-from kvik.models.kv_scales import load_kv_scale
+from kvik.models.kv_scales import attribute_backend, load_kv_scale
 
 # HF projection name -> (our merged module, shard index)
 _MERGED = {
@@ -61,7 +61,7 @@ class HFWeightLoader(_Base):  # type: ignore[misc,valid-type]
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head.tied):
                 consumed.add(original)
                 continue
-            if load_kv_scale(self, name, value):
+            if load_kv_scale(name, value, lambda path: attribute_backend(self, path)):
                 consumed.add(original)
                 continue
             try:

@@ -14,6 +14,7 @@ maximum, the one per-layer scale under which no head's values overflow.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from kvik.attention.backend import AttentionBackend
@@ -38,24 +39,30 @@ def kv_scale_target(name: str) -> tuple[str, tuple[str, ...]] | None:
     return None
 
 
-def load_kv_scale(model: Any, name: str, value: Any) -> bool:
-    """Set the scale(s) ``name`` holds on the attention backend of the module it names.
+def load_kv_scale(name: str, value: Any, find_backend: Callable[[str], AttentionBackend[Any] | None]) -> bool:
+    """Set the scale(s) ``name`` holds on the attention backend ``find_backend`` returns for its module path.
 
-    False when ``name`` is no KV-scale name, or names a module without an attention
-    backend (the caller then reports it as an unknown weight).
+    False when ``name`` is no KV-scale name, or ``find_backend`` finds no backend there
+    (the caller then reports it as an unknown weight).
     """
     target = kv_scale_target(name)
     if target is None:
         return False
     path, which = target
-    try:
-        module = model.get_submodule(path)
-    except AttributeError:
-        return False
-    backend = getattr(module, "attn", None)
-    if not isinstance(backend, AttentionBackend):
+    backend = find_backend(path)
+    if backend is None:
         return False
     scale = float(value.float().max()) if hasattr(value, "float") else float(value)
     for w in which:
         backend.set_kv_scale(w, scale)
     return True
+
+
+def attribute_backend(model: Any, path: str) -> AttentionBackend[Any] | None:
+    """The ``attn`` backend of the module at ``path`` (kvik's native attention blocks keep it there)."""
+    try:
+        module = model.get_submodule(path)
+    except AttributeError:
+        return None
+    backend = getattr(module, "attn", None)
+    return backend if isinstance(backend, AttentionBackend) else None

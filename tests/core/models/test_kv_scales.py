@@ -34,20 +34,23 @@ def _with_tensors(src: Path, dst: Path, extra: dict[str, torch.Tensor]) -> Path:
     return dst
 
 
-def test_scales_load_per_layer_and_per_head_scales_reduce_to_their_max(tiny_model_dir, tmp_path: Path) -> None:
+@pytest.mark.parametrize("model_impl", ["kvik", "transformers"])
+def test_scales_load_per_layer_and_per_head_scales_reduce_to_their_max(
+    tiny_model_dir, tmp_path: Path, model_impl: str
+) -> None:
     extra = {
         "model.layers.0.self_attn.kv_scale": torch.tensor(0.5),
         "model.layers.1.self_attn.k_proj.k_scale": torch.tensor([0.25, 0.75]),  # per head
         "model.layers.1.self_attn.v_proj.v_scale": torch.tensor([2.0]),
     }
     path = _with_tensors(tiny_model_dir("llama"), tmp_path / "scaled", extra)
-    llm = kvik.LLM(str(path), device="cpu", num_kv_blocks=40, kv_cache_dtype="fp8")
+    llm = kvik.LLM(str(path), device="cpu", num_kv_blocks=40, kv_cache_dtype="fp8", model_impl=model_impl)
     runner = llm.llm_engine.runner
     assert runner is not None
     assert [(a.k_scale, a.v_scale) for a in runner.attn_layers] == [(0.5, 0.5), (0.75, 2.0)]
     # With the model-dtype cache the scales load (the checkpoint is valid) and change nothing.
-    plain = kvik.LLM(str(path), device="cpu", num_kv_blocks=40)
-    reference = kvik.LLM(str(tiny_model_dir("llama")), device="cpu", num_kv_blocks=40)
+    plain = kvik.LLM(str(path), device="cpu", num_kv_blocks=40, model_impl=model_impl)
+    reference = kvik.LLM(str(tiny_model_dir("llama")), device="cpu", num_kv_blocks=40, model_impl=model_impl)
     params = kvik.SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
     assert [o.outputs[0].token_ids for o in plain.generate([[5, 6, 7]], params, use_tqdm=False)] == [
         o.outputs[0].token_ids for o in reference.generate([[5, 6, 7]], params, use_tqdm=False)
