@@ -20,7 +20,7 @@ def _run(llm: LLM, prompts: list[list[int]], tokens: int = 12) -> list[tuple[lis
 
 
 def test_fp8_cache_holds_twice_the_tokens_for_the_same_memory(tiny_model_dir, caplog) -> None:
-    model = str(tiny_model_dir("llama", dtype="bfloat16"))
+    model = str(tiny_model_dir("llama"))  # run in bfloat16: the cache a 16-bit model keeps
     budget = 256 << 10
     auto = LLM(model, device="cpu", dtype="bfloat16", kv_cache_memory=budget).llm_engine
     with caplog.at_level(logging.INFO, logger="kvik.worker.torch_runner"):
