@@ -344,6 +344,7 @@ def main() -> int:
     text = json.dumps(summary, indent=2, default=str)
     print(text)
     out = Path(os.environ.get("OUT") or "/tmp") / "embedding_benchmark.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(text)
     print(f"wrote {out}", file=sys.stderr)
     return 0

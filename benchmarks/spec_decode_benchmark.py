@@ -52,14 +52,28 @@ KVIK_PLUGIN_API = ">=2.2,<3"
 CONTINUATIONS: dict[tuple[int, ...], list[int]] = {}  # prompt -> the baseline's greedy output
 
 
+CORRUPT = [0.0]  # the fraction of replayed draft tokens made wrong (set between measurements)
+
+
 class ReplayProposer(Proposer):
-    """Drafts the baseline's continuation: every draft is right."""
+    """Drafts the baseline's continuation, a fixed pseudo-random fraction ``CORRUPT[0]`` of tokens made wrong.
+
+    Which positions are wrong depends only on (prompt length, position), so every run of a
+    configuration drafts the same tokens and the acceptance rate is set by the fraction alone.
+    """
 
     def propose(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
+        import random
+
         out = []
         for r, k in zip(requests, num_tokens, strict=True):
             truth = CONTINUATIONS.get(tuple(r.prompt_token_ids), [])
-            out.append(list(truth[r.num_output_tokens : r.num_output_tokens + k]))
+            first = r.num_output_tokens
+            draft = list(truth[first : first + k])
+            for j in range(len(draft)):
+                if random.Random((first + j) * 1_000_003 + len(r.prompt_token_ids)).random() < CORRUPT[0]:
+                    draft[j] = draft[j] + 1 if draft[j] > 3 else draft[j] + 7  # a wrong, valid token id
+            out.append(draft)
         return out
 
 
@@ -191,7 +205,11 @@ def main() -> None:
     ap.add_argument("--draft-shape", default="llama1b", choices=sorted(SHAPES))
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--root", default="/tmp/kvik_spec_bench")
-    ap.add_argument("--batches", type=int, nargs="+", default=[1, 4, 16])
+    ap.add_argument("--batches", type=int, nargs="+", default=[1, 16])
+    ap.add_argument("--replay-ks", type=int, nargs="+", default=[2, 4, 8], help="k for the replay proposer")
+    ap.add_argument("--corrupt", type=float, nargs="+", default=[0.0, 0.2, 0.5, 1.0],
+                    help="fractions of replayed draft tokens made wrong (acceptance ~100/80/50/0%%)")
+    ap.add_argument("--offline-n", type=int, default=300, help="requests of the offline spec-on/off part (0: skip)")
     ap.add_argument("--new", type=int, default=128, help="tokens generated per request")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--max-len", type=int, default=2048)
@@ -218,7 +236,7 @@ def main() -> None:
     bases = [rng.integers(3, vocab, size=256).tolist() for _ in range(max(args.batches))]
     configs: list[tuple[str, Path, dict[str, Any] | None]] = [
         ("baseline", target, None),
-        ("replay", target, {"method": "replay", "num_speculative_tokens": k}),
+        *[(f"replay_k{rk}", target, {"method": "replay", "num_speculative_tokens": rk}) for rk in args.replay_ks],
         ("ngram", target, {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max": 5}),
         ("suffix", target, {"method": "suffix", "num_speculative_tokens": k}),
         ("draft_model_small", target, {"method": "draft_model", "model": str(draft), "num_speculative_tokens": k}),
@@ -239,8 +257,18 @@ def main() -> None:
                 if name == "baseline":
                     _, conts, _ = timed(llm, bases, args.new)
                     prompts = [p + c + p for p, c in zip(bases, conts, strict=True)]
-                result = measure(llm, prompts, args, want)
-                tokens = result.pop("_tokens")
+                if name.startswith("replay_k"):
+                    result = {}
+                    for fraction in args.corrupt:  # one engine, several acceptance levels
+                        CORRUPT[0] = fraction
+                        part = measure(llm, prompts, args, want)
+                        part.pop("_tokens")
+                        result[f"corrupt_{fraction}"] = part
+                    CORRUPT[0] = 0.0
+                    tokens = None
+                else:
+                    result = measure(llm, prompts, args, want)
+                    tokens = result.pop("_tokens")
                 if name == "baseline":
                     want = tokens
             finally:
@@ -250,12 +278,51 @@ def main() -> None:
             result = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
         summary["configs"][name] = result
         base = summary["configs"].get("baseline", {})
-        for b in map(str, args.batches):
-            if isinstance(result.get(b), dict) and isinstance(base.get(b), dict):
-                result[b]["speedup"] = round(base[b]["ms_per_token"] / result[b]["ms_per_token"], 3)
+        for row in [result, *[v for v in result.values() if isinstance(v, dict)]]:
+            for b in map(str, args.batches):
+                if isinstance(row.get(b), dict) and isinstance(base.get(b), dict):
+                    row[b]["speedup"] = round(base[b]["ms_per_token"] / row[b]["ms_per_token"], 3)
         print(f"RESULT {name}: {json.dumps(result)}", flush=True)
         out_path.write_text(json.dumps(summary, indent=1))
+    if args.offline_n:
+        summary["offline"] = offline(target, args)
+        out_path.write_text(json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
+
+
+def offline(target: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Offline throughput at up to 256 running requests, spec off vs n-gram spec with ``disable_by_batch_size``:
+    under load the method must turn itself off and cost (almost) nothing."""
+    from gpu_common import workload
+    from kvik import LLM, SamplingParams
+
+    results: dict[str, Any] = {"n": args.offline_n, "out_len": 256}
+    spec_on = {"method": "ngram", "num_speculative_tokens": args.k, "prompt_lookup_max": 5, "disable_by_batch_size": 32}
+    for name, spec in (("spec_off", None), ("ngram_disable_by_batch_32", spec_on)):
+        try:
+            llm = LLM(model=str(target), device=args.device, dtype="bfloat16", load_format="dummy",
+                      max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192,
+                      gpu_memory_utilization=0.8, speculative_config=spec)  # fmt: skip
+            try:
+                prompts = [{"prompt_token_ids": p} for p in workload(args.offline_n, SHAPES[args.shape]["vocab_size"])]
+                params = SamplingParams(max_tokens=256, temperature=0.0, ignore_eos=True, detokenize=False)
+                llm.generate(prompts[:8], SamplingParams(max_tokens=4, temperature=0.0, ignore_eos=True,
+                                                         detokenize=False), use_tqdm=False)  # fmt: skip
+                sync()
+                t = time.perf_counter()
+                llm.generate(prompts, params, use_tqdm=False)
+                sync()
+                wall = time.perf_counter() - t
+                results[name] = {"wall_s": round(wall, 2), "out_tok_s": round(args.offline_n * 256 / wall, 1)}
+            finally:
+                free(llm)
+        except Exception as exc:
+            results[name] = {"error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()[-2000:]}
+        print(f"RESULT offline {name}: {json.dumps(results[name])}", flush=True)
+    off, on = results.get("spec_off", {}), results.get("ngram_disable_by_batch_32", {})
+    if "out_tok_s" in off and "out_tok_s" in on:
+        results["ratio_on_off"] = round(on["out_tok_s"] / off["out_tok_s"], 3)
+    return results
 
 
 if __name__ == "__main__":

@@ -1,84 +1,84 @@
-"""Triton kernels for the batched LoRA delta (:mod:`kvik.lora.compute`), Punica-style shrink and expand.
+"""The CUDA platform's batched LoRA delta (:mod:`kvik.lora.compute`): which Triton kernels, with which tiles.
 
-One launch of each per projection covers every token row of the step, each under
-its own adapter slot read from the per-token ``slots`` index (``-1``: base model,
-the program does nothing). Nothing depends on the host knowing which slots are
-present, so the kernels run inside captured CUDA graphs: a replay reads whatever
-slot indices and slot weights the runner last wrote into their persistent buffers.
+Two kernel families compute ``kvik.lora.compute.add_lora_reference``'s result:
 
-    shrink:  s[t, :]  = x[t] @ a[slot_t].T                     [T, S*R] float32
-    expand:  y[t, j] += s[t, k(j)*R : (k(j)+1)*R] @ b[slot_t, j]  (k(j): the shard of column j)
+- ``sgmv`` (:mod:`kvik_cuda.lora_sgmv`): tiles of token rows × outputs on the tensor cores, one
+  pass per distinct adapter slot in a tile;
+- ``fused`` (:mod:`kvik_cuda.lora_fused`): the SGMV tiles in one launch, each program recomputing the
+  shrink its columns need (for decode, where launches, not work, bound the delta);
+- ``bgmv`` (:mod:`kvik_cuda.lora_bgmv`): one program per token row, reductions in registers.
 
-Both are one program per (token, block of outputs), the BGMV shape: the slot's
-weights are re-read per token (from L2 when tokens share a slot). At small batches
-the shrink also splits its reduction over ``in`` (split-K, partial sums added by
-the expand in a fixed order: deterministic). Summation is in float32; the delta
-is rounded to ``y``'s dtype and added as torch adds (the reference's rounding steps).
+Which one runs, and its block sizes, warps and pipeline stages, come from :data:`CONFIGS`, a table
+keyed by token-count bucket: a pure function of the step's shape, so every captured CUDA graph
+(one per batch size) bakes in one fixed choice. ``benchmarks/lora_kernels_sweep.py`` measures
+the candidates on a GPU and prints a replacement for the table.
 """
 
 from __future__ import annotations
 
+from dataclasses import asdict, dataclass
+
 import torch
-import triton
-import triton.language as tl
+
+from kvik_cuda.lora_bgmv import add_lora_bgmv, shrink_splits
+from kvik_cuda.lora_fused import add_lora_fused
+from kvik_cuda.lora_sgmv import add_lora_sgmv
+
+__all__ = ["CONFIGS", "LoRAKernelConfig", "add_lora_triton", "config_for", "shrink_splits"]
 
 
-@triton.jit
-def _shrink_kernel(
-    x_ptr, a_ptr, slots_ptr, s_ptr,
-    in_features, num_cols, k_per_split,
-    stride_xt, stride_al, stride_ar, stride_ss, stride_st,
-    BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr,
-):  # fmt: skip
-    t = tl.program_id(0).to(tl.int64)
-    split = tl.program_id(2)
-    slot = tl.load(slots_ptr + t)
-    if slot >= 0:
-        cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
-        acc = tl.zeros([BLOCK_C], dtype=tl.float32)
-        k_start = split * k_per_split
-        k_end = tl.minimum(k_start + k_per_split, in_features)
-        for k0 in range(k_start, k_end, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            xv = tl.load(x_ptr + t * stride_xt + ks, mask=ks < k_end, other=0.0).to(tl.float32)
-            mask = (cols[:, None] < num_cols) & (ks[None, :] < k_end)
-            av = tl.load(a_ptr + slot * stride_al + cols[:, None] * stride_ar + ks[None, :], mask=mask, other=0.0)
-            acc += tl.sum(av.to(tl.float32) * xv[None, :], axis=1)
-        tl.store(s_ptr + split * stride_ss + t * stride_st + cols, acc, mask=cols < num_cols)
+KERNELS = ("sgmv", "fused", "bgmv")
 
 
-@triton.jit
-def _expand_kernel(
-    s_ptr, b_ptr, slots_ptr, y_ptr,
-    out_features, rank, start1, start2,
-    stride_ss, stride_st, stride_bl, stride_bo, stride_yt,
-    SPLIT_K: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
-):  # fmt: skip
-    t = tl.program_id(0).to(tl.int64)
-    slot = tl.load(slots_ptr + t)
-    if slot >= 0:
-        cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-        shard = (cols >= start1).to(tl.int64) + (cols >= start2).to(tl.int64)  # 0, 1 or 2
-        rs = tl.arange(0, BLOCK_R)
-        mask = (cols[:, None] < out_features) & (rs[None, :] < rank)
-        offsets = t * stride_st + shard[:, None] * rank + rs[None, :]
-        sv = tl.load(s_ptr + offsets, mask=mask, other=0.0)
-        for split in tl.static_range(1, SPLIT_K):  # the shrink's split-K partial sums, in a fixed order
-            sv += tl.load(s_ptr + split * stride_ss + offsets, mask=mask, other=0.0)
-        bv = tl.load(b_ptr + slot * stride_bl + cols[:, None] * stride_bo + rs[None, :], mask=mask, other=0.0)
-        delta = tl.sum(sv * bv.to(tl.float32), axis=1).to(y_ptr.dtype.element_ty)
-        out_mask = cols < out_features
-        yv = tl.load(y_ptr + t * stride_yt + cols, mask=out_mask, other=0.0)
-        total = yv.to(tl.float32) + delta.to(tl.float32)
-        tl.store(y_ptr + t * stride_yt + cols, total.to(y_ptr.dtype.element_ty), mask=out_mask)
+@dataclass(frozen=True, slots=True)
+class LoRAKernelConfig:
+    """One choice of kernel and tiles (``fused`` ignores block_c and split_k; ``bgmv`` reads only split_k)."""
+
+    kernel: str = "sgmv"  # "sgmv", "fused" or "bgmv"
+    block_m: int = 16  # token rows per program (tl.dot needs >= 16)
+    block_k: int = 128  # shrink: reduction step over ``in``
+    block_c: int = 64  # shrink: S*R output columns per program (capped at what the projection has)
+    block_n: int = 64  # expand: output columns per program
+    split_k: int = 0  # shrink: reduction splits; 0 = chosen from the shapes
+    num_warps: int = 4
+    num_stages: int = 2
+    expand_precision: str = "ieee"  # the expand's float32 dot: "ieee" (exact products) or "tf32x3"
+
+    def __post_init__(self) -> None:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"LoRA kernel {self.kernel!r} is not one of {', '.join(KERNELS)}")
+        for name in ("block_m", "block_k", "block_c", "block_n"):
+            value = getattr(self, name)
+            if value < 16 or value & (value - 1):
+                raise ValueError(f"{name}={value}: LoRA kernel tiles are powers of two >= 16")
+
+    def as_dict(self) -> dict[str, object]:
+        return asdict(self)
 
 
-def shrink_splits(num_tokens: int, in_features: int) -> int:
-    """Split the shrink's reduction over ``in`` when few tokens would leave most SMs idle (decode at small
-    batch: one program per token would walk all of ``in`` alone). A function of shapes only (graph-safe)."""
-    if num_tokens >= 128:
-        return 1
-    return max(1, min(16, in_features // 1024))
+# Token-count bucket -> config: a step of T rows uses the smallest key >= T (the largest key beyond).
+# Measured on one H200 (2026-11-30, benchmarks/lora_kernels_sweep.py, 8B projections, rank 16, rows
+# under 1 and under 8 interleaved adapters; the table minimises the summed ratio to the base matmul).
+# BGMV with split-K wins up to 64 rows: with adapters interleaved, an SGMV tile pays one tl.dot pass
+# per distinct slot it holds, and the fused one-launch kernel lost to BGMV's split-K at every size.
+# From 256 rows the tiled SGMV GEMMs win (0.25-0.5x the base matmul under one adapter).
+CONFIGS: dict[int, LoRAKernelConfig] = {
+    1: LoRAKernelConfig(kernel="bgmv", split_k=16),
+    16: LoRAKernelConfig(kernel="bgmv", split_k=16),
+    64: LoRAKernelConfig(kernel="bgmv"),
+    256: LoRAKernelConfig(block_m=64, block_k=64, block_n=128, num_stages=3, expand_precision="tf32x3"),
+    1024: LoRAKernelConfig(block_m=64, block_k=64, block_n=128, num_stages=3, expand_precision="tf32x3"),
+}
+
+
+def config_for(num_tokens: int, table: dict[int, LoRAKernelConfig] | None = None) -> LoRAKernelConfig:
+    """The config of the smallest bucket holding ``num_tokens`` rows (graph-safe: shapes only)."""
+    table = CONFIGS if table is None else table
+    buckets = sorted(table)
+    for bucket in buckets:
+        if num_tokens <= bucket:
+            return table[bucket]
+    return table[buckets[-1]]
 
 
 def add_lora_triton(
@@ -88,34 +88,18 @@ def add_lora_triton(
     b: torch.Tensor,  # [L, out, R]
     slots: torch.Tensor,  # [T] int64, -1 = no adapter
     shard_starts: tuple[int, ...],  # first output column of each of the S <= 3 shards
-    split_k: int | None = None,  # shrink reduction splits; None: shrink_splits(T, in)
+    config: LoRAKernelConfig | None = None,  # None: config_for(T)
 ) -> None:
     """``kvik.lora.compute.add_lora_reference`` as two Triton launches (graph-safe: no host reads)."""
-    num_tokens, out_features = y.shape
+    num_tokens = y.shape[0]
     if num_tokens == 0:
         return
     assert len(shard_starts) <= 3, "at most three shards (q/k/v) per projection"
     assert x.stride(1) == 1 and a.stride(2) == 1 and b.stride(2) == 1 and y.stride(1) == 1
-    num_cols, rank = a.shape[1], b.shape[2]
-    in_features = x.shape[1]
-    splits = split_k or shrink_splits(num_tokens, in_features)
-    block_k = 128
-    k_per_split = triton.cdiv(triton.cdiv(in_features, splits), block_k) * block_k
-    splits = triton.cdiv(in_features, k_per_split)
-    # [splits, T, S*R] float32 partial sums; rows of base-model tokens are never read.
-    shrink = torch.empty((splits, num_tokens, num_cols), dtype=torch.float32, device=y.device)
-    block_c = min(triton.next_power_of_2(num_cols), 64)
-    _shrink_kernel[(num_tokens, triton.cdiv(num_cols, block_c), splits)](
-        x, a, slots, shrink,
-        in_features, num_cols, k_per_split,
-        x.stride(0), a.stride(0), a.stride(1), shrink.stride(0), shrink.stride(1),
-        BLOCK_C=block_c, BLOCK_K=block_k,
-    )  # fmt: skip
-    starts = [*shard_starts[1:], out_features, out_features][:2]
-    block_n = 64
-    _expand_kernel[(num_tokens, triton.cdiv(out_features, block_n))](
-        shrink, b, slots, y,
-        out_features, rank, starts[0], starts[1],
-        shrink.stride(0), shrink.stride(1), b.stride(0), b.stride(1), y.stride(0),
-        SPLIT_K=splits, BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(rank),
-    )  # fmt: skip
+    config = config or config_for(num_tokens)
+    if config.kernel == "bgmv":
+        add_lora_bgmv(y, x, a, b, slots, shard_starts, split_k=config.split_k or None)
+    elif config.kernel == "fused":
+        add_lora_fused(y, x, a, b, slots, shard_starts, config)
+    else:
+        add_lora_sgmv(y, x, a, b, slots, shard_starts, config)

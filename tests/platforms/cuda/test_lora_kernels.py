@@ -11,7 +11,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 from kvik.lora.compute import add_lora_reference
-from kvik_cuda.lora_kernels import add_lora_triton
+from kvik_cuda.lora_kernels import LoRAKernelConfig, add_lora_triton
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -25,7 +25,7 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         ((16, 8, 8), 8, torch.bfloat16, 260, 2),
     ],
 )
-def test_kernels_match_the_reference(
+def test_bgmv_kernels_match_the_reference(
     shards: tuple[int, ...], rank: int, dtype: torch.dtype, in_features: int, split_k: int | None
 ) -> None:
     g = torch.Generator().manual_seed(sum(shards) + rank)
@@ -39,7 +39,7 @@ def test_kernels_match_the_reference(
     y = torch.randn(7, out, generator=g).to(DEVICE, dtype)
     want, got = y.clone(), y.clone()
     add_lora_reference(want, x, a, b, slots, starts)
-    add_lora_triton(got, x, a, b, slots, starts, split_k=split_k)
+    add_lora_triton(got, x, a, b, slots, starts, config=LoRAKernelConfig(kernel="bgmv", split_k=split_k or 0))
     assert torch.equal(got[slots < 0], y[slots < 0])  # base-model rows untouched
     assert not torch.equal(want, y)
     tol = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 3e-2}[dtype]
