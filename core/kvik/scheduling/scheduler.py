@@ -271,8 +271,8 @@ class Scheduler:
 
         picked = list(scheduled.values())
         if loras:
-            # Rows of one adapter side by side: a LoRA kernel tile pays one pass per distinct adapter
-            # among its rows (measured on the H200: 8 interleaved adapters cost 2-5x one adapter's delta).
+            # Rows of one adapter side by side: the SGMV kernels' tiles hold one adapter each
+            # (kvik_cuda.lora_tiles), so interleaved rows would make one small tile per row.
             # The sort is stable, so each adapter's requests keep their order.
             picked.sort(key=lambda item: item[0].lora_request.lora_int_id if item[0].lora_request else 0)
         out = SchedulerOutput(

@@ -252,6 +252,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             state.token_slots[: layout.num_tokens].fill_(-1)
         else:
             state.token_slots[: layout.num_tokens].copy_(to_device(torch.from_numpy(slots), self.device))
+            if state.prepare_step is not None:
+                state.prepare_step(state.token_slots[: layout.num_tokens])
 
     def weight_bytes(self) -> int:
         if self.model is None:

@@ -17,7 +17,9 @@ LoRA (``enable_lora``): the projections' deltas run as the Triton kernels of
 :mod:`kvik_cuda.lora_kernels`, which read each token's adapter slot from the
 persistent ``LoRAState.token_slots`` buffer. ``prepare_inputs`` writes that buffer
 every step (``-1`` for base-model and padding rows) after putting the step's
-adapters in their slots, so a graph replays correctly over any mix of adapters.
+adapters in their slots, then has the kernels cut the step's tile map from it
+(``LoRAState.prepare_step``) into buffers that also never move, so a graph replays
+correctly over any mix of adapters.
 Each batch size gets two graphs: one without the LoRA kernels (steps with no
 adapter) and one with them.
 """
@@ -117,11 +119,13 @@ class CUDAModelRunner(TorchModelRunner):
         if self.lora is None:
             return
         try:
-            from kvik_cuda.lora_kernels import add_lora_triton
+            from kvik_cuda.lora_kernels import TritonLoRA
         except ImportError as exc:
             logger.warning("LoRA Triton kernels unavailable (%s): adapters run the torch reference, no CUDA graphs", exc)
             return
-        self.lora.wrapped.state.add_lora = add_lora_triton
+        state = self.lora.wrapped.state
+        kernels = TritonLoRA(state.token_slots.shape[0], state.token_slots.device)
+        state.add_lora, state.prepare_step = kernels, kernels.prepare_step
 
     @property
     def graphs_enabled(self) -> bool:
@@ -226,6 +230,10 @@ class CUDAModelRunner(TorchModelRunner):
             for with_lora in (False, True) if state is not None else (False,):
                 if state is not None:
                     state.active = with_lora
+                    if with_lora and state.prepare_step is not None:
+                        # The graph reads the step's tile map from the buffers this fills (a replay
+                        # finds whatever prepare_lora last wrote there).
+                        state.prepare_step(state.token_slots[:size])
                 step = self.copy_dummy_decode(size)
                 input_ids, positions, metadata = step.input_ids, step.positions, step.metadata
                 self.attn_backend.prepare(metadata)  # type: ignore[union-attr]
