@@ -14,7 +14,7 @@ entries equal the reference quantization; attention equals torch_ref over the de
 and one decode step's attention time (256 requests x 1024 context) on a bf16 vs an fp8 cache.
 Then for each variant, in its own process (a crash or hang costs only that variant):
 
-1. ``capacity``: the memory plan at the same ``--gpu-memory-utilization`` (default 0.25, low enough
+1. ``capacity``: the memory plan at the same ``--gpu-memory-utilization`` (default 0.2, low enough
    that the workloads below reach the cache's edge quickly): KV blocks, tokens, bytes per block;
 2. ``agreement``: greedy tokens (and top-5 logprobs) for 48 prompts (U[128, 512] tokens, 32 new);
    the parent compares fp8 with auto the ``check_logprobs_close`` way (identical, or at the first
@@ -25,8 +25,13 @@ Then for each variant, in its own process (a crash or hang costs only that varia
    1.3x the cache's tokens, so decoding outgrows the cache and the scheduler must preempt; every
    request must finish with all its tokens.
 
-Prints one JSON summary at the end and writes it to $OUT/fp8_kv_check.json (each variant's raw
-record to $OUT/fp8_kv_<variant>.json). ``--shape tiny --device cpu --kv-cache-memory 1048576 --max-model-len 1100 --n 20 --out-len 16
+Each part prints a ``RESULT fp8_kv <variant> <part> {...}`` line when it finishes; the summary
+(with the fp8/auto comparison) is rewritten to $OUT/fp8_kv_check.json after every process and
+printed at the end; each variant's raw record (token ids, logprobs) is $OUT/fp8_kv_<variant>.json.
+Everything runs within ``--budget-s`` (190 s, so it fits benchmarks/gpu_pending.sh's 200 s
+``fp8_kv`` stage); a process cut short keeps the parts it finished. Cold Triton compiles of the 8B
+engine can take ~80 s each: if a variant runs out of time, rerun with the Triton cache warm, or with
+``--budget-s 400`` under a longer timeout. ``--shape tiny --device cpu --kv-cache-memory 1048576 --max-model-len 1100 --n 20 --out-len 16
 --agree-n 8 --agree-len 8 --max-num-seqs 16`` smoke-tests the script on a CPU (about a minute).
 """
 
@@ -182,8 +187,15 @@ def _child(name: str, args: argparse.Namespace, out_dir: Path) -> None:
     out: dict[str, Any] = {"variant": name}
     path = out_dir / f"fp8_kv_{name}.json"
 
+    printed: set[str] = set()
+
     def save() -> None:
         path.write_text(json.dumps(out, default=str))
+        for part, value in out.items():  # one RESULT line per finished part, as the other GPU scripts print
+            if part not in printed and isinstance(value, dict | str) and part != "variant":
+                shown = {k: v for k, v in value.items() if k not in ("tokens", "logprobs")} if isinstance(value, dict) else value
+                print(f"RESULT fp8_kv {name} {part} {json.dumps(shown, default=str)[:1000]}", flush=True)
+                printed.add(part)
 
     try:
         if name == "kernels":
@@ -201,13 +213,19 @@ def _run_child(name: str, args: argparse.Namespace, out_dir: Path, limit: float)
     path.unlink(missing_ok=True)
     cmd = [sys.executable, __file__, "--child", name, *sys.argv[1:]]
     tail = ""
+    stdout = ""
     try:
         proc = subprocess.run(cmd, timeout=limit, capture_output=True, text=True)
+        stdout = proc.stdout
         tail = (proc.stdout + proc.stderr)[-1500:]
         if proc.returncode:
             tail = f"exit {proc.returncode}: {tail}"
     except subprocess.TimeoutExpired as exc:
+        stdout = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
         tail = f"timed out after {limit:.0f} s: {str(exc.stderr or '')[-800:]}"
+    for line in stdout.splitlines():  # the child's per-part RESULT lines, into this process's log
+        if line.startswith("RESULT"):
+            print(line, flush=True)
     result: dict[str, Any] = json.loads(path.read_text()) if path.exists() else {"variant": name}
     if tail and ("error" in result or (name != "kernels" and "memory_edge" not in result)):
         result["process_tail"] = tail
@@ -254,7 +272,7 @@ def main() -> None:
     ap.add_argument("--shape", default="llama8b", help="a gpu_common.SHAPES name ('tiny' to smoke-test on CPU)")
     ap.add_argument("--device", default="cuda")
     ap.add_argument("--root", default="/tmp/kvik_models")
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.25)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.2)
     ap.add_argument("--kv-cache-memory", type=int, default=0, help="bytes; overrides the utilisation (smoke tests)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-model-len", type=int, default=2048)
@@ -263,7 +281,8 @@ def main() -> None:
     ap.add_argument("--agree-n", type=int, default=48)
     ap.add_argument("--agree-len", type=int, default=32)
     ap.add_argument("--edge-factor", type=float, default=1.3, help="memory_edge needs this many times the cache")
-    ap.add_argument("--budget-s", type=float, default=420, help="wall-clock limit for both variants together")
+    ap.add_argument("--budget-s", type=float, default=190,
+                    help="wall-clock limit for all parts (190: fits benchmarks/gpu_pending.sh's 200 s stage)")  # fmt: skip
     args = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "/tmp"))
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -274,32 +293,42 @@ def main() -> None:
     summary: dict[str, Any] = {"args": vars(args)}
     model_dir(Path(args.root), args.shape)  # written once, before the children race for it
     if args.device == "cuda":
-        summary["kernels"] = _run_child("kernels", args, out_dir, 60.0)
+        summary["kernels"] = _run_child("kernels", args, out_dir, min(45.0, args.budget_s / 4))
+        _write_summary(summary, start, out_dir)
     for i, name in enumerate(VARIANTS):
         left = args.budget_s - (time.perf_counter() - start)
         summary[name] = _run_child(name, args, out_dir, max(30.0, left / (len(VARIANTS) - i)))
-    auto, fp8 = summary["auto"], summary["fp8"]
+        _write_summary(summary, start, out_dir)  # a run killed later still leaves what finished
+    print("RESULT fp8_kv_check " + json.dumps(summary.get("compare", {}), default=str), flush=True)
+    print((out_dir / "fp8_kv_check.json").read_text())
+
+
+def _write_summary(summary: dict[str, Any], start: float, out_dir: Path) -> None:
+    """$OUT/fp8_kv_check.json from the variants run so far, with the fp8-vs-auto comparison when both ran."""
+    auto, fp8 = summary.get("auto", {}), summary.get("fp8", {})
     compare: dict[str, Any] = {}
     try:
         if "capacity" in auto and "capacity" in fp8:
             compare["kv_tokens_ratio"] = round(fp8["capacity"]["kv_tokens"] / auto["capacity"]["kv_tokens"], 3)
             compare["block_bytes_ratio"] = round(fp8["capacity"]["block_bytes"] / auto["capacity"]["block_bytes"], 3)
-        if "agreement" in auto and "agreement" in fp8:
+        if "tokens" in auto.get("agreement", {}) and "tokens" in fp8.get("agreement", {}):
             compare["agreement"] = agreement(fp8["agreement"], auto["agreement"])
         if "throughput" in auto and "throughput" in fp8:
             compare["throughput_ratio"] = round(fp8["throughput"]["out_tok_s"] / auto["throughput"]["out_tok_s"], 3)
-        compare["memory_edge_ok"] = all(v.get("memory_edge", {}).get("complete") is True for v in (auto, fp8))
+        if auto and fp8:
+            compare["memory_edge_ok"] = all(v.get("memory_edge", {}).get("complete") is True for v in (auto, fp8))
     except Exception as exc:
         compare["error"] = f"{type(exc).__name__}: {exc}"
-    for v in (auto, fp8):  # the per-token lists are in fp8_kv_<variant>.json; keep the summary readable
-        v.get("agreement", {}).pop("tokens", None)
-        v.get("agreement", {}).pop("logprobs", None)
-    summary["compare"] = compare
+    if compare:
+        summary["compare"] = compare
     summary["total_s"] = round(time.perf_counter() - start, 1)
-    text = json.dumps(summary, indent=1, default=str)
-    (out_dir / "fp8_kv_check.json").write_text(text)
-    print(text)
-
+    shown = {k: v for k, v in summary.items()}
+    for key in ("auto", "fp8"):  # the per-token lists stay in fp8_kv_<variant>.json; the summary stays readable
+        if isinstance(shown.get(key), dict) and "agreement" in shown[key]:
+            agreement_part = {k: v for k, v in shown[key]["agreement"].items() if k not in ("tokens", "logprobs")}
+            shown[key] = {**shown[key], "agreement": agreement_part}
+    (out_dir / "fp8_kv_check.json").write_text(json.dumps(shown, indent=1, default=str))
+    summary.update({k: v for k, v in shown.items() if k not in ("auto", "fp8")})
 
 if __name__ == "__main__":
     main()
