@@ -9,7 +9,7 @@
 #   fp8_kv         FP8 KV cache: capacity, agreement, throughput (14)              ~3 min
 #   lora_e2e       8B with 1 / 8 / 64 rank-16 adapters vs base (16)                ~6 min
 #   determinism    batch-invariant mode: bitwise check + cost (21)                 ~3 min
-#   spec           spec-decode mechanics under the deterministic mode (15)         ~5 min
+#   spec           spec-decode mechanics, float32 so replayed drafts stay valid (15) ~5 min
 #   moe            Qwen3-30B-A3B with the decode GEMV path (13)                    ~5 min
 #   fallback       Llama-8B through the transformers fallback (13)                 ~3 min
 #   run_batch      `kvik run-batch` vs LLM.generate (19; needs .whl with fastapi + opentelemetry-api)
@@ -44,8 +44,8 @@ for s in $STAGES; do
     quant_e2e) stage quant_e2e 420 python3 benchmarks/quant_benchmark.py --parts bf16,fp8,int4,int8 --n 300 --budget-s 380 ;;
     fp8_kv) stage fp8_kv 200 python3 benchmarks/fp8_kv_check.py ;;
     lora_e2e) stage lora_e2e 420 python3 benchmarks/lora_throughput.py --parts base,lora8,lora64 --n 300 ;;
-    determinism) stage determinism 200 python3 benchmarks/deterministic_check.py ;;
-    spec) stage spec 330 python3 benchmarks/spec_decode_benchmark.py --batches 1 16 --offline-n 300 ;;
+    determinism) stage determinism 360 python3 benchmarks/deterministic_check.py ;;
+    spec) stage spec 330 python3 benchmarks/spec_decode_benchmark.py --dtype float32 --batches 1 16 --offline-n 300 ;;
     moe) stage moe 330 python3 benchmarks/models_gpu.py --one qwen3_30b_a3b --n 500 ;;
     fallback) stage fallback 200 python3 benchmarks/models_gpu.py --one llama8b_fallback --n 500 ;;
     run_batch) stage run_batch 200 python3 benchmarks/embedding_benchmark.py --parts run_batch --n-chat 512 ;;

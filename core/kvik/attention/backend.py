@@ -89,6 +89,11 @@ class AttentionBackend(ABC, Generic[ArrayT]):
     k_scale: float = 1.0
     v_scale: float = 1.0
     kv_scales_from_checkpoint: bool = False
+    # Deterministic mode (``deterministic=True``): built with ``batch_invariant=True``, the backend
+    # reduces each query row over its keys in an order fixed by the row's own request (fixed KV
+    # tiles at absolute positions, no split count that depends on the batch, one kernel for decode
+    # and prefill rows), so a row's output is bit-identical in any batch and any chunking.
+    supports_batch_invariance: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -98,6 +103,7 @@ class AttentionBackend(ABC, Generic[ArrayT]):
         scale: float,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.num_heads = num_heads
         self.head_size = head_size
@@ -107,6 +113,9 @@ class AttentionBackend(ABC, Generic[ArrayT]):
         if logits_soft_cap is not None and not self.supports_logits_soft_cap:
             raise ValueError(f"attention backend {self.name!r} does not support attention logit soft-capping")
         self.logits_soft_cap = logits_soft_cap
+        if batch_invariant and not self.supports_batch_invariance:
+            raise ValueError(f"attention backend {self.name!r} has no batch-invariant mode (deterministic=True)")
+        self.batch_invariant = batch_invariant
 
     @classmethod
     def validate(

@@ -20,6 +20,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvik.attention import fp8_kv
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
+from kvik.attention.invariant_ref import invariant_attention
 
 _PLAN_KEY = "torch_ref"
 # cuDNN's SDPA builds a graph per new shape (milliseconds of host time each), and
@@ -90,6 +91,8 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
     supports_sliding_window = True
     supports_logits_soft_cap = True
     supported_kv_cache_dtypes = ("auto", "fp8_e4m3")
+    # deterministic=True: attention through kvik.attention.invariant_ref (fixed-shape blocks, no SDPA).
+    supports_batch_invariance = True
 
     @classmethod
     def prepare(cls, metadata: AttentionMetadata[torch.Tensor]) -> None:
@@ -140,6 +143,12 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
         fp8_kv.write_slots(k_cache, metadata.slot_mapping[:n], key[:n], self.k_scale)
         fp8_kv.write_slots(v_cache, metadata.slot_mapping[:n], value[:n], self.v_scale)
 
+        if self.batch_invariant:
+            if self.logits_soft_cap:
+                raise ValueError("torch_ref's batch-invariant mode does not implement attention logit soft-capping")
+            return invariant_attention(
+                query, kv_cache, metadata, self.num_kv_heads, self.scale, self.sliding_window
+            )
         if plan.decode_only and query.shape[0] == n:
             return self._decode(query, kv_cache, plan)
         out = torch.empty_like(query)

@@ -29,6 +29,8 @@ from kvik.config import LoadFormat, ModelConfig, ResolvedConfig, WeightsMode
 from kvik.distributed.parallel_state import get_parallel_state
 from kvik.distributed.sharding import kv_heads_per_rank
 from kvik.engine import progress
+from kvik.layers.batch_invariant import InvariantKernels, make_batch_invariant, torch_kernels
+from kvik.layers.batch_invariant import describe as describe_counts
 from kvik.lora.adapter import AdapterInfo
 from kvik.lora.layers import wrap_model
 from kvik.lora.slots import LoRASlots
@@ -80,6 +82,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     supports_drafters = True
     supports_pooling = True
     supports_lora = True
+    supports_deterministic = True
 
     def __init__(
         self,
@@ -103,7 +106,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.attn_layers: list[AttentionBackend[torch.Tensor]] = []
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device, config.seed, batch_invariant=config.deterministic)
         # The last launched step's sampled ids [n] (device) and request id -> row: the
         # source of the next step's pending tokens.
         self._last_sampled: torch.Tensor | None = None
@@ -160,6 +163,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.attn_layers = []
 
         def make_attention(*args: Any, **kwargs: Any) -> AttentionBackend[torch.Tensor]:
+            if self.config.deterministic:  # only asked for when on: backends that predate it keep working
+                kwargs["batch_invariant"] = True
             layer = backend_cls(*args, **kwargs)
             self.attn_layers.append(layer)  # cache i belongs to the i-th attention built
             return layer
@@ -182,6 +187,9 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)
         self.model = model
         self._note_kv_scales()
+        if self.config.deterministic:
+            counts = make_batch_invariant(model, self.batch_invariant_kernels())
+            logger.info("deterministic mode: batch-invariant %s", describe_counts(counts))
         if self.config.enable_lora:
             self._wrap_lora(model)
         self.pooler = StepPooler(getattr(model, "pooler_head", None))
@@ -216,6 +224,10 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
                 "kv_cache_scheme (llm-compressor) carries per-layer scales", len(self.attn_layers) - given,
                 len(self.attn_layers),
             )  # fmt: skip
+
+    def batch_invariant_kernels(self) -> InvariantKernels:
+        """The kernels deterministic mode runs (kvik.layers.batch_invariant); device runners override."""
+        return torch_kernels()
 
     # -- LoRA ---------------------------------------------------------------------------
     def _wrap_lora(self, model: nn.Module) -> None:
@@ -504,7 +516,10 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in batch.params) else None
         sampled = self.sampler(logits, batch) if reqs else torch.empty(0, dtype=torch.int64, device=self.device)
         self._last_sampled, self._last_rows = sampled, {r.request_id: i for i, r in enumerate(reqs)}
-        return StepHandle(start_sample_output(sampled, raw, reqs, prompt_logits, prompt_rows, layout.scheduled))
+        finish = start_sample_output(
+            sampled, raw, reqs, prompt_logits, prompt_rows, layout.scheduled, stable_ties=self.config.deterministic
+        )
+        return StepHandle(finish)
 
     def _sample_verify(self, hidden: torch.Tensor, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
         """A step with draft tokens: logits at every drafted position, the rejection sampler."""

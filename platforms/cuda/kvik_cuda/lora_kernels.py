@@ -106,7 +106,7 @@ def add_lora_triton(
     assert x.stride(1) == 1 and a.stride(2) == 1 and b.stride(2) == 1 and y.stride(1) == 1
     config = config or config_for(num_tokens)
     if config.kernel == "bgmv":
-        add_lora_bgmv(y, x, a, b, slots, shard_starts, split_k=config.split_k or None)
+        add_lora_bgmv(y, x, a, b, slots, shard_starts, split_k=config.split_k)
         return
     if tiles is None:
         tiles = build_tile_map(slots, config.block_m)

@@ -35,6 +35,7 @@ import torch
 from kvik.attention.backend import AttentionMetadata
 from kvik.config import ModelConfig, ResolvedConfig
 from kvik.engine import progress
+from kvik.layers.batch_invariant import InvariantKernels
 from kvik.lora.compute import add_lora_reference
 from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager
@@ -113,6 +114,14 @@ class CUDAModelRunner(TorchModelRunner):
             return
         counts = fuse_layers(self.model)
         logger.info("fused layers: %s", ", ".join(f"{v} x {k}" for k, v in counts.items()) or "none matched")
+
+    def batch_invariant_kernels(self) -> InvariantKernels:
+        """Deterministic mode: the Triton GEMM for every linear layer and the LM head (kvik_cuda.batch_invariant)."""
+        try:
+            from kvik_cuda.batch_invariant import cuda_kernels
+        except ImportError as exc:
+            raise ValueError(f"deterministic=True on {self.device.type} needs triton, which failed to import: {exc}") from exc
+        return cuda_kernels()
 
     def _lora_kernels(self) -> None:
         """LoRA deltas through the Triton kernels (graph-safe); without triton the reference runs, eagerly."""

@@ -81,3 +81,8 @@ def test_a_platform_without_an_fp8_backend_is_refused_naming_the_alternatives(ti
     with pytest.raises(ValueError, match=r"mlx_paged: kv_cache_dtype='fp8_e4m3' is not supported(.|\n)*held by the "
                                          r"attention backends torch_ref, triton"):  # fmt: skip
         LLM(str(tiny_model_dir("llama")), device="apple", kv_cache_dtype="fp8")
+
+
+def test_deterministic_mode_refuses_an_fp8_cache(tiny_model_dir) -> None:
+    with pytest.raises(ValueError, match=r"deterministic=True does not support .*kv_cache_dtype='fp8'"):
+        LLM(str(tiny_model_dir("llama")), device="cpu", deterministic=True, kv_cache_dtype="fp8")
