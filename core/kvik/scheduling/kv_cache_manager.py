@@ -131,10 +131,11 @@ class KVCacheManager:
         (hits excluded), or None, changing nothing, when the pool lacks blocks.
         """
         hits = new_computed_blocks or []
-        table = self._blocks.get(request.request_id, [])
-        if not hits and table:  # fast path (a decode step): usually no new block is needed
-            num_needed = cdiv(request.num_computed_tokens + num_new_tokens, self.block_size) - len(table)
-            if num_needed <= 0:
+        table = self._blocks.get(request.request_id)
+        if table is None:
+            table = []
+        elif not hits:  # fast path (a decode step): usually no new block is needed
+            if -(-(request.num_computed_tokens + num_new_tokens) // self.block_size) <= len(table):
                 return []
         assert not hits or not table, "prefix hits only apply to a request that holds no blocks"
         num_computed = request.num_computed_tokens + len(hits) * self.block_size
