@@ -58,7 +58,7 @@ class SamplingBatch:
         "does any row ask for X" is answered over these instead of once per row per step.
         """
         if self._distinct is None:
-            self._distinct = list({id(p): p for p in self.params}.values())
+            self._distinct = distinct(self.params)
         return self._distinct
 
 
@@ -85,6 +85,11 @@ def sampling_batch(
     return batch
 
 
+def distinct(params: list[SamplingParams]) -> list[SamplingParams]:
+    """``params`` without repeats of the same object, in first-seen order (C-level: no frame per row)."""
+    return list(dict(zip(map(id, params), params)).values())
+
+
 def row_seed(seed: int, position: int) -> int:
     """A 63-bit generator seed for (request seed, output position) (splitmix64 mixing)."""
     z = (seed * 0x9E3779B97F4A7C15 + position + 0x632BE59BD9B4E019) & _MASK64
@@ -105,6 +110,8 @@ class PromptRows:
 def prompt_logprob_rows(scheduled: list[ScheduledRequest]) -> list[PromptRows]:
     """Rows needing prompt logprobs: position ``p`` scores prompt token ``p + 1`` (the last prompt
     position predicts the first output token and is left to sampling)."""
+    if all(p.prompt_logprobs is None for p in distinct(list(map(_sampling_params, scheduled)))):
+        return []  # the usual step: nobody asks (checked once per distinct params object)
     found = []
     offset = 0
     for i, req in enumerate(scheduled):
