@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-
 from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.plugins.hookspecs import hookimpl
 

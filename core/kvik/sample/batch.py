@@ -87,7 +87,7 @@ def sampling_batch(
 
 def distinct(params: list[SamplingParams]) -> list[SamplingParams]:
     """``params`` without repeats of the same object, in first-seen order (C-level: no frame per row)."""
-    return list(dict(zip(map(id, params), params)).values())
+    return list(dict(zip(map(id, params), params, strict=True)).values())
 
 
 def row_seed(seed: int, position: int) -> int:

@@ -33,6 +33,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import fields
+from operator import itemgetter
 
 from kvik.request import FIRST_FINISHED, Request, RequestStatus
 from kvik.scheduling.kv_cache_manager import KVCacheManager, cdiv
@@ -41,6 +42,7 @@ from kvik.scheduling.request_queue import create_request_queue
 from kvik.scheduling.stats import SchedulerStats
 
 logger = logging.getLogger(__name__)
+_first, _second = itemgetter(0), itemgetter(1)
 
 # The order Scheduler._make_scheduled passes ScheduledRequest's fields in (positionally, for speed).
 _SCHEDULED_FIELDS = (
@@ -262,9 +264,9 @@ class Scheduler:
                 self._add_lora(request, loras)
             i += 1
         # No request is un-scheduled from here on: publish the blocks this step fills.
-        cache_blocks = self.kv_cache.cache_blocks
-        for request, num_new in scheduled.values():
-            cache_blocks(request, min(request.num_computed_tokens + num_new, len(request.all_token_ids)))
+        if scheduled:
+            picked = list(scheduled.values())
+            self.kv_cache.cache_scheduled(list(map(_first, picked)), list(map(_second, picked)))
 
         skipped: list[Request] = []  # waiting requests whose adapter has no slot this step
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -296,8 +298,14 @@ class Scheduler:
         for request in reversed(skipped):  # back in their places, ahead of everything they were ahead of
             self.waiting.prepend(request)
 
+        picked = list(scheduled.values())
+        request_ids = list(scheduled)
+        sent = list(map(self._sent_blocks.__contains__, request_ids))  # False: the whole table goes out
+        new_block_ids = self.kv_cache.new_block_ids(request_ids, self._sent_blocks)
         out = SchedulerOutput(
-            scheduled=[self._make_scheduled(r, n) for r, n in scheduled.values()],
+            scheduled=list(
+                map(self._make_scheduled, map(_first, picked), map(_second, picked), new_block_ids, sent)
+            ),
             num_batched_tokens=self.max_num_batched_tokens - budget,
             preempted_request_ids=[r.request_id for r in preempted],
         )
@@ -340,7 +348,7 @@ class Scheduler:
                     f"the model runner returned no sampled token for request {sched.request_id!r}, "
                     "which was scheduled with sample=True"
                 )
-            was_preempted = request.status == RequestStatus.PREEMPTED  # by a schedule() that ran ahead
+            status = request.status  # PREEMPTED: by a schedule() that ran ahead
             if request.num_scheduled_drafts:
                 self._roll_back_drafts(request, len(new_tokens))
             for token_id in new_tokens:
@@ -351,7 +359,7 @@ class Scheduler:
             updated.append(request)
             if request.status >= FIRST_FINISHED:
                 any_finished = True
-                if was_preempted:
+                if status == RequestStatus.PREEMPTED:
                     self.waiting.remove(request)
                 self._release(request)
         if any_finished:
@@ -461,13 +469,15 @@ class Scheduler:
         else:
             logger.debug("preempted %s (%d tokens): KV cache full", request.request_id, request.num_tokens)
 
-    def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _make_scheduled(
+        self, request: Request, num_new: int, new_block_ids: list[int], sent_before: bool
+    ) -> ScheduledRequest:
         """The runner's view of the request's step, then its progress advanced by ``num_new`` tokens.
 
+        ``new_block_ids``: its block-table delta; ``sent_before``: False when that is its whole table.
         Called once per scheduled request per step (256 times a decode step at batch 256): it keeps
         attribute reads to one each.
         """
-        rid = request.request_id
         start = request.num_computed_tokens
         num_tokens = len(request.all_token_ids)
         placeholders = request.num_output_placeholders
@@ -485,14 +495,11 @@ class Scheduler:
             token_ids.extend([0] * num_pending)
         if draft_token_ids:
             token_ids.extend(draft_token_ids)
-        sent = self._sent_blocks.get(rid)
-        new_block_ids = self.kv_cache.get_new_block_ids(request, sent or 0)
-        self._sent_blocks[rid] = (sent or 0) + len(new_block_ids)
         pooling = request.pooling_params
         samples = end - num_drafts == num_tokens + placeholders
         # Positional arguments (in _SCHEDULED_FIELDS order, checked at import): keywords cost twice as much.
         scheduled = ScheduledRequest(
-            rid,
+            request.request_id,
             token_ids,
             start,
             new_block_ids,
@@ -502,7 +509,7 @@ class Scheduler:
             request.output_token_ids,
             num_pending,
             placeholders,
-            sent is None,
+            not sent_before,
             draft_token_ids,
             pooling,
             request.lora_request,

@@ -53,10 +53,8 @@ def assemble_output(
     """The step's output: ``sampled`` [len(reqs)] are the tokens of ``reqs`` (the requests that sampled);
     ``sample_logprobs`` their gathered logprobs (rows of requests that did not ask are ignored);
     ``prompt_logprobs`` the rows of ``prompt_rows`` in order (requests indexed in ``scheduled``)."""
-    if sampled.shape[0] != len(reqs):
-        raise ValueError(f"{sampled.shape[0]} sampled tokens for {len(reqs)} requests")
     # [n, 1].tolist() makes the one-token lists in C: no Python frame per request.
-    ids = dict(zip(map(_request_id, reqs), sampled.reshape(-1, 1).tolist()))
+    ids = dict(zip(map(_request_id, reqs), sampled.reshape(-1, 1).tolist(), strict=True))
     output = RunnerOutput(sampled_token_ids=ids)
     if sample_logprobs is not None:
         ks = [r.sampling_params.logprobs for r in reqs]
