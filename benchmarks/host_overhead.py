@@ -15,7 +15,8 @@ attention backend's per-step plan exactly as a graph replay does. ``--vocab`` se
 logits' width: it only scales the sampler's device kernels (which run synchronously on a CPU), not
 host work, so it defaults small; pass 49152 to see SmolLM2's full vocabulary.
 
-Phases per decode step (ms, mean over the measured steps):
+Phases per decode step (ms of this thread's CPU time by default, ``--clock wall`` for wall time; mean over
+the measured steps; torch runs single-threaded here, so the step's work is all on this thread):
   schedule   Scheduler.schedule + structured.start_step
   prepare    block-table deltas + StepLayout + prepare_inputs (copies into the device buffers)
   model      the stand-in forward (~0)
@@ -104,7 +105,8 @@ def kvik_register_attention_backends(register: Callable[[str, str], None]) -> No
 
 
 class Timers:
-    def __init__(self) -> None:
+    def __init__(self, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.clock = clock
         self.total: dict[str, float] = defaultdict(float)
 
     def wrap(self, obj: Any, name: str, phase: str) -> None:
@@ -113,11 +115,11 @@ class Timers:
 
         @functools.wraps(fn)
         def timed(*args: Any, **kwargs: Any) -> Any:
-            start = time.perf_counter()
+            start = self.clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                self.total[phase] += time.perf_counter() - start
+                self.total[phase] += self.clock() - start
 
         setattr(obj, name, timed)
 
@@ -196,7 +198,7 @@ def measure(args: argparse.Namespace, running: int, root: Path) -> dict[str, Any
     for _ in range(args.warmup):
         engine.step()
     assert len(engine.scheduler.running) == running, "every request must be running for the measurement"
-    timers = Timers()
+    timers = Timers(time.thread_time if args.clock == "cpu" else time.perf_counter)
     instrument(engine, timers)
     profiler = cProfile.Profile() if args.profile else None
     if profiler is not None:
@@ -235,6 +237,13 @@ def main() -> None:
         "--output-kind", default="final_only", help="final_only (LLM.generate, the GPU benchmarks) or cumulative"
     )
     parser.add_argument("--sync", action="store_true", help="async scheduling off")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default="cpu",
+        help="cpu: this thread's CPU time (robust on a shared machine: time spent waiting for a core is not "
+        "counted); wall: perf_counter",
+    )
     parser.add_argument("--profile", action="store_true", help="cProfile the measured steps")
     parser.add_argument("--profile-top", type=int, default=30)
     parser.add_argument("--json", type=Path, help="also write the results here")
