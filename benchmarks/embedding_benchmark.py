@@ -326,9 +326,12 @@ def main() -> int:
                                              16 if smoke else ARGS.n_bert, [4, 8] if smoke else [64, 128, 256], root)),
         ("qwen3-0.6b", lambda: bench_embedder("qwen3-0.6b", SMOKE_QWEN if smoke else QWEN3_06B,
                                               8 if smoke else ARGS.n_qwen, [4, 8] if smoke else [16, 32, 64], root)),
-        ("run_batch", lambda: bench_run_batch(8 if smoke else ARGS.n_chat, 8 if smoke else 128, smoke, root)),
+        ("run_batch", lambda: bench_run_batch(8 if smoke else ARGS.n_chat, 8 if smoke else ARGS.chat_out_len, smoke,
+                                              root)),
     ]  # fmt: skip
     for name, run in parts:
+        if ARGS.parts and name not in ARGS.parts.split(","):
+            continue
         if time.perf_counter() - started > ARGS.budget_s:
             summary[name] = {"skipped": f"time budget of {ARGS.budget_s} s spent before this part"}
             continue
@@ -356,6 +359,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-bert", type=int, default=4096, help="512-token texts for the BERT-base part")
     p.add_argument("--n-qwen", type=int, default=1024, help="512-token texts for the Qwen3-0.6B part")
     p.add_argument("--n-chat", type=int, default=512, help="chat requests for the run-batch part")
+    p.add_argument("--chat-out-len", type=int, default=128, help="tokens generated per chat request")
+    p.add_argument("--parts", help="comma-separated subset of bert-base,qwen3-0.6b,run_batch (default: all)")
     p.add_argument("--peer", choices=["auto", "transformers"], default="auto",
                    help="auto: sentence-transformers when installed, else transformers + pooling")  # fmt: skip
     p.add_argument("--wheels", help="a folder of wheels to install fastapi from (offline) for the run-batch part")

@@ -5,17 +5,23 @@
     python3 benchmarks/lora_kernels_sweep.py --smoke    # CPU, Triton's interpreter, tiny shapes: checks the script
 
 8B projections (qkv 4096->6144 in 3 shards, o 4096->4096, gate_up 4096->28672 in 2 shards, down
-14336->4096), rank 16, 8 adapter slots, 1/16/64/256/1024 token rows under 1 adapter or 8 (rows
-interleaved at random over the slots: the worst case for the SGMV tiles). For every case: the base
-bf16 matmul ``x @ W.T``, the old BGMV kernels, the current table's config and a small grid of
-SGMV (two launches) and fused (one launch; up to 256 rows) configs, each checked against ``kvik.lora.compute.add_lora_reference`` and timed two ways:
+14336->4096), rank 16, 8 adapter slots, 1/16/64/256/1024 token rows under three adapter mixes:
+``a1`` (one adapter), ``a8g`` (8 adapters, rows grouped by adapter: what the scheduler produces)
+and ``a8i`` (8 adapters interleaved at random: the worst case, each row its own SGMV tile; kept
+to show what ungrouped rows would cost, timed for the old kernels and the table's config only). For every case: the base bf16 matmul ``x @ W.T``, the
+old BGMV kernels, the current table's config and a small grid of SGMV (two launches) and fused
+(one launch; up to 256 rows) configs, each checked against ``kvik.lora.compute.add_lora_reference``
+and timed two ways:
 ``graph_us`` (calls captured in a CUDA graph, replayed) and ``eager_us`` (back-to-back launches;
 launch overhead included). Weights rotate over copies larger than L2 so neither side is timed
 L2-warm. A failing config is recorded and skipped; the table-suggestion uses only correct ones.
+The SGMV/fused tile map (kvik_cuda.lora_tiles) is built once per case and block_m outside the
+timed calls, as the runner builds it once per step for 7 x 32 projection calls; its own cost is
+timed per case as ``tile_map`` (graph_us / eager_us at block_m 16 and 64).
 
 Prints one JSON document and writes it to $OUT/lora_kernels_sweep.json: ``cases`` (every timing),
 ``best`` (per case), ``configs_table`` (per token bucket, the config with the least summed
-graph time / base time over the 4 projections and both adapter mixes) and ``configs_table_py``,
+graph time / base time over the 4 projections and the mixes the engine produces, a1 and a8g) and ``configs_table_py``,
 a ``CONFIGS = {...}`` literal to paste into platforms/cuda/kvik_cuda/lora_kernels.py.
 """
 
@@ -37,6 +43,7 @@ if "--smoke" in sys.argv:
 import torch
 from kvik.lora.compute import add_lora_reference
 from kvik_cuda.lora_kernels import CONFIGS, LoRAKernelConfig, add_lora_triton, config_for
+from kvik_cuda.lora_tiles import TileMap, build_tile_map
 
 C = LoRAKernelConfig
 GRID = [
@@ -63,6 +70,9 @@ SHAPES = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4
 SMOKE_SHAPES = {"qkv": (64, (32, 16, 16)), "o": (64, (48,)), "down": (96, (32,))}
 RANK, SLOTS, L2_BYTES = 16, 8, 128 << 20
 TARGETS = {1: 0.15, 16: 0.25, 64: 0.25, 256: 0.25}
+# Adapter mixes: name -> (adapters, rows grouped by adapter). The table is chosen over TABLE_MIXES.
+MIXES = {"a1": (1, True), "a8g": (8, True), "a8i": (8, False)}
+TABLE_MIXES = ("a1", "a8g")
 
 
 def name(cfg: LoRAKernelConfig) -> str:
@@ -83,9 +93,10 @@ def literal(cfg: LoRAKernelConfig) -> str:
 class Case:
     """One projection, token count and adapter mix: inputs, rotating weight copies, the reference output."""
 
-    def __init__(self, proj: str, in_f: int, shards: tuple[int, ...], tokens: int, adapters: int, device: str):
-        self.key = f"{proj}@{tokens}/a{adapters}"
-        self.proj, self.tokens, self.adapters = proj, tokens, adapters
+    def __init__(self, proj: str, in_f: int, shards: tuple[int, ...], tokens: int, mix: str, device: str):
+        adapters, grouped = MIXES[mix]
+        self.key = f"{proj}@{tokens}/{mix}"
+        self.proj, self.tokens, self.mix = proj, tokens, mix
         g = torch.Generator(device="cpu").manual_seed(tokens * 31 + adapters)
         out = sum(shards)
         self.starts = tuple(sum(shards[:k]) for k in range(len(shards)))
@@ -103,15 +114,25 @@ class Case:
         self.w = [(torch.randn(out, in_f, generator=g) * 0.02).to(device, bf16) for _ in range(w_copies)]
         self.x = torch.randn(tokens, in_f, generator=g).to(device, bf16)
         pick = torch.randint(0, adapters, (tokens,), generator=g)  # interleaved at random
+        if grouped:  # the scheduler's order: each adapter's rows side by side (same rows as a8i, sorted)
+            pick = pick.sort(stable=True).values
         self.slots = (pick * (SLOTS // adapters)).to(device)
+        self.maps: dict[int, TileMap] = {}  # block_m -> this case's tile map (one per step in the engine)
         self.y0 = self.x @ self.w[0].T
         self.want = self.y0.clone()
         add_lora_reference(self.want, self.x, self.a[0], self.b[0], self.slots, self.starts)
         self.y = self.y0.clone()
 
+    def tiles(self, cfg: LoRAKernelConfig) -> TileMap | None:
+        if cfg.kernel == "bgmv":
+            return None
+        if cfg.block_m not in self.maps:
+            self.maps[cfg.block_m] = build_tile_map(self.slots, cfg.block_m)
+        return self.maps[cfg.block_m]
+
     def check(self, cfg: LoRAKernelConfig) -> dict[str, Any]:
         got = self.y0.clone()
-        add_lora_triton(got, self.x, self.a[0], self.b[0], self.slots, self.starts, config=cfg)
+        add_lora_triton(got, self.x, self.a[0], self.b[0], self.slots, self.starts, config=cfg, tiles=self.tiles(cfg))
         err = (got.float() - self.want.float()).abs().max().item()
         scale = self.want.float().abs().max().item()
         exact = (got == self.want).float().mean().item()
@@ -119,7 +140,11 @@ class Case:
 
     def lora_call(self, cfg: LoRAKernelConfig, i: int) -> None:
         k = i % len(self.a)
-        add_lora_triton(self.y, self.x, self.a[k], self.b[k], self.slots, self.starts, config=cfg)
+        tiles = self.tiles(cfg)
+        add_lora_triton(self.y, self.x, self.a[k], self.b[k], self.slots, self.starts, config=cfg, tiles=tiles)
+
+    def map_call(self, block_m: int, i: int) -> None:
+        build_tile_map(self.slots, block_m)
 
     def base_call(self, i: int) -> None:
         torch.matmul(self.x, self.w[i % len(self.w)].T, out=self.y)
@@ -176,7 +201,7 @@ def suggest(cases: list[dict[str, Any]], token_counts: list[int]) -> dict[int, s
     table: dict[int, str] = {}
     metric = "graph_us" if torch.cuda.is_available() else "eager_us"
     for tokens in token_counts:
-        rows = [c for c in cases if c["tokens"] == tokens]
+        rows = [c for c in cases if c["tokens"] == tokens and c["mix"] in TABLE_MIXES]
         scores: dict[str, float] = {}
         for cfg_name in {n for c in rows for n in c["configs"]}:
             runs = [c["configs"].get(cfg_name, {}) for c in rows]
@@ -201,7 +226,13 @@ def summary(result: dict[str, Any], metric: str) -> str:
             f"{best.get(metric, math.nan):8.1f} {best.get('ratio', math.nan):5.2f}  {best.get('target') or '':<6}  "
             f"{best.get('config', '-')}"
         )
-    return "\n".join([*lines, *result["errors"], result["configs_table_py"]])
+    maps = [
+        f"tile map us ({metric}, block_m 16/64) @{row['key']}: "
+        + "/".join(f"{row['tile_map'].get(m, {}).get(metric, math.nan):.1f}" for m in (16, 64))
+        for row in result["cases"]
+        if row["proj"] == result["cases"][0]["proj"]  # the map depends on the rows only, not the projection
+    ]
+    return "\n".join([*lines, *maps, *result["errors"], result["configs_table_py"]])
 
 
 def main() -> int:
@@ -218,6 +249,7 @@ def main() -> int:
     grid = GRID[:2] + GRID[-3:] if args.smoke else GRID
     start = time.perf_counter()
     result: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
+                              "sgmv_tiles": "one slot per tile (kvik_cuda.lora_tiles map)", "table_mixes": TABLE_MIXES,
                               "torch": torch.__version__, "table_before": {k: name(v) for k, v in CONFIGS.items()},
                               "cases": [], "errors": []}  # fmt: skip
     import triton
@@ -226,11 +258,17 @@ def main() -> int:
     cases: list[Case] = []
     for proj, (in_f, shards) in shapes.items():
         for tokens in token_counts:
-            for adapters in (1, 8) if tokens > 1 else (1,):
+            for mix in MIXES if tokens > 1 else ("a1",):
                 try:
-                    case = Case(proj, in_f, shards, tokens, adapters, device)
-                    row = {"key": case.key, "proj": proj, "tokens": tokens, "adapters": adapters,
+                    case = Case(proj, in_f, shards, tokens, mix, device)
+                    row = {"key": case.key, "proj": proj, "tokens": tokens, "mix": mix, "tile_map": {},
                            "base": timed(case.base_call, len(case.w), args.iters), "configs": {}}  # fmt: skip
+                    for block_m in (16, 64):  # the per-step map (amortised over a step's 224 projection calls)
+                        try:
+                            row["tile_map"][block_m] = timed(lambda i, c=case, m=block_m: c.map_call(m, i), 1, args.iters)
+                            row["tile_map"][block_m]["tiles"] = int(build_tile_map(case.slots, block_m).count.item())
+                        except Exception as exc:
+                            row["tile_map"][block_m] = {"error": f"{type(exc).__name__}: {exc}"}
                     # First pass: the old kernels and the current table's choice, for every case.
                     for cfg in (OLD, config_for(tokens)):
                         row["configs"][name(cfg)] = run_config(case, cfg, args.iters)
@@ -239,12 +277,13 @@ def main() -> int:
                     result["cases"].append(row)
                 except Exception as exc:
                     traceback.print_exc()
-                    result["errors"].append(f"{proj}@{tokens}/a{adapters}: {type(exc).__name__}: {exc}")
+                    result["errors"].append(f"{proj}@{tokens}/{mix}: {type(exc).__name__}: {exc}")
     print(f"[first pass] {time.perf_counter() - start:.1f} s", flush=True)
     for cfg in grid:  # second pass: the grid, config by config (one compile each), until the budget is spent
         for case, row in zip(cases, result["cases"], strict=True):
             too_big = cfg.block_m > max(16, 2 * case.tokens) or (cfg.kernel == "fused" and case.tokens > 256)
-            if name(cfg) in row["configs"] or too_big:
+            # The interleaved worst case (a8i) gets only the first pass: the table never sees it.
+            if name(cfg) in row["configs"] or too_big or case.mix not in TABLE_MIXES:
                 continue
             if time.perf_counter() - start > args.budget_s:
                 row["configs"][name(cfg)] = {"ok": False, "error": "skipped: --budget-s spent"}

@@ -9,7 +9,8 @@ are the adapters (one adapter's files, linked under 64 names: the engine loads, 
 each as its own). Parts, each in its own ``try`` so one failure keeps the others' results:
 
 1. ``kernels``: the Triton shrink/expand kernels against the torch reference on the 8B projections
-   (q/k/v fused, gate/up fused, o, down) at 1..256 tokens with mixed slots, and their time next to
+   (q/k/v fused, gate/up fused, o, down) at 1..256 tokens with mixed slots (grouped by adapter, as
+   the scheduler orders them; the SGMV tile map cut once, as per step), and their time next to
    the base projection's matmul;
 2. ``base``: the base model alone (enable_lora off), output tok/s, and batch-1 decode latency;
 3. ``lora8``: one engine with ``max_loras=8``: base requests in it, requests spread uniformly over
@@ -99,7 +100,7 @@ def bench_kernels(shape: str) -> dict[str, Any]:
     import torch
     import triton.testing
     from kvik.lora.compute import add_lora_reference
-    from kvik_cuda.lora_kernels import add_lora_triton
+    from kvik_cuda.lora_kernels import TritonLoRA
 
     device = "cuda" if torch.cuda.is_available() else "cpu"  # cpu: a smoke run under TRITON_INTERPRET=1
 
@@ -120,14 +121,17 @@ def bench_kernels(shape: str) -> dict[str, Any]:
         w = torch.randn(total, in_f, device=device, dtype=torch.bfloat16) * 0.02
         for tokens in (1, 16, 64, 256) if device == "cuda" else (1, 5):
             x = torch.randn(tokens, in_f, device=device, dtype=torch.bfloat16)
-            slots = torch.randint(-1, slots_n, (tokens,), device=device)
+            # Grouped by adapter, as the scheduler orders a step's rows; the tile map is cut once (per step).
+            slots = torch.randint(-1, slots_n, (tokens,), device=device).sort().values
+            kernels = TritonLoRA(tokens, device)
+            kernels.prepare_step(slots)
             y = x @ w.T
             want, got = y.clone(), y.clone()
             add_lora_reference(want, x, a, b, slots, starts)
-            add_lora_triton(got, x, a, b, slots, starts)
+            kernels(got, x, a, b, slots, starts)
             err = (got.float() - want.float()).abs().max().item()
             scale = want.float().abs().max().item()
-            lora_ms = timed(lambda: add_lora_triton(y, x, a, b, slots, starts))  # noqa: B023
+            lora_ms = timed(lambda: kernels(y, x, a, b, slots, starts))  # noqa: B023
             base_ms = timed(lambda: x @ w.T)  # noqa: B023
             out[f"{name}@{tokens}"] = {"max_abs_err": err, "max_abs": scale, "ok": err <= 0.02 * scale + 1e-2,
                                        "lora_us": lora_ms * 1e3, "base_matmul_us": base_ms * 1e3}  # fmt: skip

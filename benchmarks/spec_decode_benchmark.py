@@ -4,7 +4,9 @@
     python benchmarks/spec_decode_benchmark.py --device cpu --shape tiny --draft-shape tiny --new 16   # smoke
 
 Dummy (seeded random) weights, so nothing is downloaded or written but config files.
-Random weights do not copy text, so acceptance is made meaningful per method:
+Random weights do not copy text, so acceptance is made meaningful per method (on a GPU, pass
+``--dtype float32`` for the replay runs: a random bf16 model's logits are so flat that a verify
+step's different matmul shapes move the argmax, and every replayed draft after that is wrong):
 
 - ``replay``: a benchmark-only proposer that drafts the baseline's own greedy
   continuation (100% acceptance): the verify mechanics' upper bound, free drafts.
@@ -144,7 +146,7 @@ def make_llm(model: Path, args: argparse.Namespace, spec: dict[str, Any] | None)
     from kvik import LLM
 
     return LLM(
-        model=str(model), device=args.device, dtype="bfloat16" if args.device != "cpu" else "float32",
+        model=str(model), device=args.device, dtype=args.dtype or ("bfloat16" if args.device != "cpu" else "float32"),
         load_format="dummy", max_model_len=args.max_len, max_num_seqs=max(args.batches),
         gpu_memory_utilization=0.8, speculative_config=spec,
     )  # fmt: skip
@@ -213,6 +215,9 @@ def main() -> None:
     ap.add_argument("--new", type=int, default=128, help="tokens generated per request")
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--max-len", type=int, default=2048)
+    ap.add_argument("--dtype", default=None,
+                    help="model dtype (default bf16 on a GPU). float32 keeps random-weight logits' argmax stable across "
+                         "step shapes, so replayed drafts are accepted as intended (bf16's near-ties flip it)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="configurations to run (default: all)")
     args = ap.parse_args()

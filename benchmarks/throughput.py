@@ -1,6 +1,10 @@
 """Offline throughput: kvik vs HF transformers static-batch generate, same workload, same run.
 
     python benchmarks/throughput.py --shape smollm2-135m --num-requests 32 --input-len 16:256 --output-len 64
+    python benchmarks/throughput.py --systems kvik,kvik-fallback,kvik,kvik-fallback   # native vs the transformers fallback
+
+Systems: ``kvik`` (native model code), ``kvik-fallback`` (``model_impl="transformers"``: transformers'
+modelling code on kvik's paged cache and scheduler), ``hf`` (transformers' static-batch generate).
 
 Each system runs in its own process (so peak RSS is its own). Prints a table; --json-out saves it.
 """
@@ -27,6 +31,7 @@ def _kvik(args: argparse.Namespace, model: Path, prompts: list[list[int]]) -> di
         dtype=args.dtype,
         max_num_seqs=args.max_num_seqs,
         enable_prefix_caching=not args.no_prefix_caching,
+        model_impl="transformers" if args._worker == "kvik-fallback" else "auto",
     )
     if args.kv_cache_memory:
         kwargs["kv_cache_memory"] = int(args.kv_cache_memory)
@@ -66,7 +71,7 @@ def _kvik(args: argparse.Namespace, model: Path, prompts: list[list[int]]) -> di
     ]
     out_tokens = sum(len(o.outputs[0].token_ids) for o in outputs.values())
     return dict(
-        system="kvik",
+        system=args._worker,
         elapsed_s=elapsed,
         out_tokens=out_tokens,
         ttft_ms=percentiles([t * 1000 for t in ttft]),
@@ -140,7 +145,7 @@ def main() -> None:
         model = Path(args._model_path)
         vocab = AutoConfig.from_pretrained(model).vocab_size
         prompts = workload(args.num_requests, (lo, hi), vocab, seed=args.seed)
-        result = (_kvik if args._worker == "kvik" else _hf)(args, model, prompts)
+        result = (_kvik if args._worker.startswith("kvik") else _hf)(args, model, prompts)
         result["prompt_tokens"] = sum(len(p) for p in prompts)
         result["peak_rss_mib"] = peak_rss_mib()
         print(json.dumps(result))

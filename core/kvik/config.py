@@ -122,6 +122,9 @@ class EngineConfig:
     # Which replica of a data-parallel server this engine is (kvik.engine.data_parallel): its ranks use
     # devices [rank * tp * pp, (rank + 1) * tp * pp) of this host.
     data_parallel_rank: int = 0
+    # Batch-invariant numerics (docs/configuration.md#deterministic-mode): a request's logits and
+    # tokens are bit-identical whether it runs alone or in any batch, at any position, chunked or not.
+    deterministic: bool = False
 
     def __post_init__(self) -> None:
         if self.speculative_config is not None:
@@ -173,6 +176,8 @@ class EngineConfig:
                 f"max_cpu_loras must be >= max_loras ({self.max_loras}) (the host cache feeds the slots), "
                 f"got {self.max_cpu_loras!r}"
             )
+        if not isinstance(self.deterministic, bool):
+            raise ValueError(f"deterministic must be True or False, got {self.deterministic!r}")
         if not isinstance(self.platform_options, dict):
             raise ValueError(f"platform_options must be a dict of option name -> value, got {self.platform_options!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
@@ -242,6 +247,8 @@ class ResolvedConfig:
     pipeline_parallel_size: int = 1  # stages the layers are split into
     distributed_executor_backend: str = "uni"  # the registered executor that runs the ranks
     device_offset: int = 0  # this engine's first local device (data-parallel replica r: r * world_size)
+    # Batch-invariant kernels (kvik.layers.batch_invariant): results independent of batch composition.
+    deterministic: bool = False
 
     @property
     def world_size(self) -> int:

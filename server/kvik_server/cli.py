@@ -104,6 +104,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help="share KV blocks of identical prompt prefixes (default: on)")  # fmt: skip
     engine.add_argument("--enforce-eager", action="store_true", default=None, help="disable CUDA graphs")
+    engine.add_argument("--deterministic", action="store_true", default=None,
+                        help="batch-invariant numerics: a request's logits and tokens do not depend on its batch "
+                             "(docs/deterministic.md)")  # fmt: skip
     engine.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                         help="schedule the next step while the GPU runs this one (default: the platform's)")  # fmt: skip
     engine.add_argument("--speculative-config", type=_speculative_json, metavar="JSON",
@@ -244,7 +247,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
     names = ("model", "tokenizer", "revision", "download_dir", "trust_remote_code", "device", "model_impl",
              "load_format", "dtype", "quantization", "quantized_weights",
              "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "enable_prefix_caching",
-             "enforce_eager", "async_scheduling", "seed", "num_threads", "runner",
+             "enforce_eager", "deterministic", "async_scheduling", "seed", "num_threads", "runner",
              "speculative_config", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras",
              "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend")  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}

@@ -102,3 +102,8 @@ def test_trust_request_chat_template_flag(tmp_path: Path) -> None:
     args = parse_serve_args(["--config", str(config), "--model", "/m"])
     assert ServerSettings.from_args(args).trust_request_chat_template is True
     assert "trust_request_chat_template" not in engine_kwargs(args)
+
+
+def test_deterministic_flag_reaches_the_engine() -> None:
+    assert "deterministic" not in engine_kwargs(parse_serve_args(["--model", "/m"]))  # the engine's default (off)
+    assert engine_kwargs(parse_serve_args(["--model", "/m", "--deterministic"]))["deterministic"] is True

@@ -64,6 +64,10 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     # None: choose per step from the batch and the GPU's SM count; an int forces
     # the split count for decode-only steps (tests, benchmarks).
     force_num_splits: ClassVar[int | None] = None
+    # Deterministic mode: one tile for every step (decode-only, prefill and mixed alike) and no
+    # split-KV, so a query row's reduction over keys never depends on what else the step holds.
+    supports_batch_invariance: ClassVar[bool] = True
+    invariant_tile: ClassVar[tuple[int, int, int]] = (32, 64, 4)
 
     @classmethod
     def validate(
@@ -98,16 +102,28 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         scale: float,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        batch_invariant: bool = False,
     ) -> None:
-        super().__init__(num_heads, head_size, num_kv_heads, scale, sliding_window, logits_soft_cap)
+        super().__init__(num_heads, head_size, num_kv_heads, scale, sliding_window, logits_soft_cap, batch_invariant)
         if num_heads % num_kv_heads:
             raise ValueError(f"num_heads ({num_heads}) must be a multiple of num_kv_heads ({num_kv_heads})")
         self.group = num_heads // num_kv_heads
         self.head_pad = max(MIN_HEAD_SIZE, _next_pow2(head_size))
 
     def _tile(self, decode: bool) -> tuple[int, int, int, int]:
-        """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps) for this layer shape."""
-        block_m, block_n, warps = self.decode_tile if decode else self.prefill_tile
+        """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps) for this layer shape.
+
+        Batch-invariant: the same tile whatever the step holds. The kernel's KV tiles sit at
+        absolute key positions and a row's reduction runs over them in order, so with one tile
+        shape a row gets the same arithmetic in any batch, at any place in a query block, and
+        whichever chunk of its prompt it arrives in (tiles past a row's last key are fully
+        masked and leave its running max, sum and accumulator exactly as they were).
+        """
+        if self.batch_invariant:
+            decode = False
+            block_m, block_n, warps = self.invariant_tile
+        else:
+            block_m, block_n, warps = self.decode_tile if decode else self.prefill_tile
         block_m = max(block_m, _next_pow2(self.group))
         if self.head_pad > 128:  # keep the fp32 accumulator within registers
             block_n = min(block_n, 32)
@@ -115,8 +131,9 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         return block_m, block_m // self.group, block_n, warps
 
     def num_splits(self, metadata: AttentionMetadata[torch.Tensor], device: torch.device, block_n: int) -> int:
-        """KV splits for this step: >1 only for decode steps too small to fill the GPU."""
-        if not metadata.is_decode_only:
+        """KV splits for this step: >1 only for decode steps too small to fill the GPU (never when
+        batch-invariant: the split count depends on the batch, and splits change the reduction order)."""
+        if not metadata.is_decode_only or self.batch_invariant:
             return 1
         if self.force_num_splits is not None:
             return self.force_num_splits

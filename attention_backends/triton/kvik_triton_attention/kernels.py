@@ -146,7 +146,10 @@ def paged_attention_kernel(
         # so exp2 gives 0 instead of NaN.
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         p = tl.math.exp2(s - m_safe[:, None])
-        alpha = tl.math.exp2(m_i - m_safe)
+        # Exactly 1 when the max did not move (a tile with nothing visible to the row, visited
+        # because of other rows or where a chunk starts): such a tile must leave the row's
+        # sum and accumulator bit-identical (deterministic mode relies on it), whatever exp2(0) rounds to.
+        alpha = tl.where(m_new == m_i, 1.0, tl.math.exp2(m_i - m_safe))
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)

@@ -22,3 +22,4 @@ class SmallTileTritonAttentionBackend(InterpretedTritonAttentionBackend):
 
     decode_tile = (16, 16, 4)
     prefill_tile = (16, 16, 4)
+    invariant_tile = (16, 16, 4)

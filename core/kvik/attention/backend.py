@@ -78,6 +78,11 @@ class AttentionBackend(ABC, Generic[ArrayT]):
     # Gemma 2's attention logit soft-capping: ``cap * tanh(score / cap)`` before the mask
     # and softmax. A backend that implements it sets this and honours ``logits_soft_cap``.
     supports_logits_soft_cap: ClassVar[bool] = False
+    # Deterministic mode (``deterministic=True``): built with ``batch_invariant=True``, the backend
+    # reduces each query row over its keys in an order fixed by the row's own request (fixed KV
+    # tiles at absolute positions, no split count that depends on the batch, one kernel for decode
+    # and prefill rows), so a row's output is bit-identical in any batch and any chunking.
+    supports_batch_invariance: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -87,6 +92,7 @@ class AttentionBackend(ABC, Generic[ArrayT]):
         scale: float,
         sliding_window: int | None = None,
         logits_soft_cap: float | None = None,
+        batch_invariant: bool = False,
     ) -> None:
         self.num_heads = num_heads
         self.head_size = head_size
@@ -96,6 +102,9 @@ class AttentionBackend(ABC, Generic[ArrayT]):
         if logits_soft_cap is not None and not self.supports_logits_soft_cap:
             raise ValueError(f"attention backend {self.name!r} does not support attention logit soft-capping")
         self.logits_soft_cap = logits_soft_cap
+        if batch_invariant and not self.supports_batch_invariance:
+            raise ValueError(f"attention backend {self.name!r} has no batch-invariant mode (deterministic=True)")
+        self.batch_invariant = batch_invariant
 
     @classmethod
     def validate(

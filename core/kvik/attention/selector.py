@@ -44,6 +44,8 @@ def select_attention_backend(
         reasons = cls.validate(**kwargs)
         if logits_soft_cap is not None and not cls.supports_logits_soft_cap:
             reasons.append(f"attention logit soft-capping (attn_logit_softcapping={logits_soft_cap}) is not supported")
+        if getattr(config, "deterministic", False) and not cls.supports_batch_invariance:
+            reasons.append("it has no batch-invariant mode, which deterministic=True needs")
         return reasons
 
     if config.attention_backend:

@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
+from kvik.attention.invariant_ref import invariant_attention
 
 _PLAN_KEY = "torch_ref"
 # cuDNN's SDPA builds a graph per new shape (milliseconds of host time each), and
@@ -84,6 +85,8 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
     supported_device_types = ("cpu", "cuda", "mps")
     supports_sliding_window = True
     supports_logits_soft_cap = True
+    # deterministic=True: attention through kvik.attention.invariant_ref (fixed-shape blocks, no SDPA).
+    supports_batch_invariance = True
 
     @classmethod
     def prepare(cls, metadata: AttentionMetadata[torch.Tensor]) -> None:
@@ -134,6 +137,12 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
         k_cache.index_copy_(0, metadata.slot_mapping[:n], key[:n].to(k_cache.dtype))
         v_cache.index_copy_(0, metadata.slot_mapping[:n], value[:n].to(v_cache.dtype))
 
+        if self.batch_invariant:
+            if self.logits_soft_cap:
+                raise ValueError("torch_ref's batch-invariant mode does not implement attention logit soft-capping")
+            return invariant_attention(
+                query, kv_cache, metadata, self.num_kv_heads, self.scale, self.sliding_window
+            )
         if plan.decode_only and query.shape[0] == n:
             return self._decode(query, kv_cache, plan)
         out = torch.empty_like(query)

@@ -54,6 +54,7 @@ _PASSED_THROUGH = (
     "max_lora_rank",
     "tensor_parallel_size",
     "pipeline_parallel_size",
+    "deterministic",
 )
 
 
@@ -145,11 +146,16 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
     elif model_config.quantization is not None and draft.enable_lora:
         sources["quantized_weights"] = "derived: enable_lora adapts dequantized weights only"
         notes.append(f"enable_lora: the {model_config.quantization} weights are dequantized at load")
+    elif model_config.quantization is not None and draft.deterministic:
+        sources["quantized_weights"] = "derived: deterministic=True runs dense (batch-invariant) matmuls"
+        notes.append(f"deterministic: the {model_config.quantization} weights are dequantized at load")
     elif model_config.quantization is not None:
         quantized_weights = WeightsMode(platform.quantized_weights_mode(draft, model_config.quantization))
         sources["quantized_weights"] = f"platform {platform.name}"
     if draft.enable_lora:
         _check_lora(draft, model_config, quantized_weights)
+    if draft.deterministic:
+        _check_deterministic(draft, model_config, quantized_weights)
 
     options, option_notes = _platform_options(draft, platform, sources)
     notes.extend(option_notes)
@@ -228,6 +234,31 @@ def _check_lora(draft: EngineConfig, model_config: ModelConfig, quantized_weight
             "enable_lora needs kvik's native modelling code; this model runs transformers' (the fallback, or "
             "model_impl='transformers'), which kvik cannot add adapter slots to"
         )
+
+
+def _check_deterministic(draft: EngineConfig, model_config: ModelConfig, quantized_weights: WeightsMode) -> None:
+    """ValueError listing what deterministic=True cannot make batch-invariant (docs/deterministic.md)."""
+    problems = []
+    if quantized_weights is WeightsMode.QUANTIZED:
+        problems.append(
+            f"{model_config.quantization} weights kept packed (their kernels are not batch-invariant; "
+            "use quantized_weights='dequantize', or leave quantization unset for a dense checkpoint)"
+        )
+    if draft.tensor_parallel_size > 1:
+        problems.append(
+            f"tensor_parallel_size={draft.tensor_parallel_size} (an all-reduce's summation order depends on the "
+            "message size; pipeline_parallel_size is fine)"
+        )
+    if draft.enable_lora:
+        problems.append("enable_lora (the adapter kernels are not batch-invariant)")
+    if draft.speculative_config is not None:
+        problems.append("speculative decoding (verification steps are not covered)")
+    if draft.runner == "pooling":
+        problems.append("runner='pooling' (deterministic mode covers generation)")
+    if model_config.architecture == FALLBACK_ARCHITECTURE:
+        problems.append("transformers' modelling code (the fallback or model_impl='transformers'): kvik's native code only")
+    if problems:
+        raise ValueError("deterministic=True does not support " + "; ".join(problems))
 
 
 def _resolve_runner(requested: str, model_config: ModelConfig, notes: list[str]) -> str:

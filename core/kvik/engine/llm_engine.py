@@ -140,6 +140,11 @@ class LLMEngine:
                 self.pooler_setup = model_pooler_setup(self.config.model, self.model_config.architecture)
                 self.pooling_task = "classify" if is_classifier_architecture(self.model_config.architecture) else "embed"
                 logger.info("pooling: %s (%s)", self.pooler_setup, self.pooling_task)
+            if self.config.deterministic and not caps.deterministic:
+                raise ValueError(
+                    f"deterministic=True is not supported by the {self.platform.name} platform's model runner "
+                    "(it has no batch-invariant kernels); leave deterministic off on this platform"
+                )
             self.proposer: Proposer | None = None
             if self.config.speculative_config is not None:
                 self.proposer = self._make_proposer(self.config.speculative_config, caps)

@@ -87,6 +87,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-impl", default="auto", choices=["auto", "kvik", "transformers"],
                         help="modelling code: kvik's native, transformers' (the fallback), or auto")  # fmt: skip
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    parser.add_argument("--deterministic", action="store_true",
+                        help="batch-invariant numerics: the same output alone or in any batch (docs/deterministic.md)")  # fmt: skip
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
                         help="split each layer over N devices (docs/distributed.md)")  # fmt: skip
     parser.add_argument("--pipeline-parallel-size", "-pp", type=int, default=1, metavar="M",
@@ -161,6 +163,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         quantized_weights=args.quantized_weights,
         model_impl=args.model_impl,
         enforce_eager=args.enforce_eager,
+        deterministic=args.deterministic,
         async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,

@@ -39,12 +39,14 @@ class RunnerCapabilities:
     pooling: bool
     drafters: bool  # model-based speculation (draft model, EAGLE) on the runner
     lora: bool
+    deterministic: bool = False  # batch-invariant kernels (deterministic=True)
 
     @classmethod
     def of(cls, runner: ModelRunner) -> RunnerCapabilities:
         return cls(runner.supports_structured_output, runner.supports_async_scheduling,
                    runner.supports_speculative_decoding, runner.supports_pooling,
-                   runner.supports_drafters, runner.supports_lora)  # fmt: skip
+                   runner.supports_drafters, runner.supports_lora,
+                   getattr(runner, "supports_deterministic", False))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

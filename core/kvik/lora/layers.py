@@ -11,6 +11,7 @@ replay over whatever it holds) and the kernel that computes the delta.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -30,6 +31,10 @@ class LoRAState:
 
     token_slots: torch.Tensor  # [max_tokens] int64: slot of each token row, -1 = base model
     add_lora: AddLoRA = add_lora_reference
+    # Called by the runner once per step with token_slots[:T], after writing it and before the
+    # forward: what every projection of the step shares is computed here once, into buffers a
+    # captured graph reads (the CUDA kernels' tile map). None: the kernel needs nothing per step.
+    prepare_step: Callable[[torch.Tensor], None] | None = None
     # False: no row of this step has an adapter, skip the delta (eager steps only; a captured
     # graph always contains it and computes zeros for -1 rows).
     active: bool = False

@@ -23,18 +23,24 @@ from kvik.worker.kit.logprobs import TopLogprobs, assemble_output
 
 
 def gather_logprobs(
-    logprobs: torch.Tensor, targets: torch.Tensor, k: int
+    logprobs: torch.Tensor, targets: torch.Tensor, k: int, stable_ties: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """logprobs [n, vocab] (log_softmax of the logits), targets [n] -> (ids [n, 1 + k], logprobs [n, 1 + k],
     target ranks [n]).
 
-    Column 0 is the target token, columns 1.. the top ``k`` in order.
+    Column 0 is the target token, columns 1.. the top ``k`` in order. ``stable_ties`` (deterministic
+    mode): equal logprobs (common with 16-bit logits) in token-id order, whatever the batch; ``topk``
+    may pick another of several tied tokens depending on how many rows it is given.
     """
     target_lp = logprobs.gather(1, targets[:, None])  # [n, 1]
     ranks = (logprobs > target_lp).sum(dim=-1) + 1
     ids, lps = targets[:, None], target_lp
     if k > 0:
-        top_lp, top_ids = logprobs.topk(k, dim=-1)
+        if stable_ties:
+            top_lp, top_ids = logprobs.sort(dim=-1, descending=True, stable=True)
+            top_lp, top_ids = top_lp[:, :k], top_ids[:, :k]
+        else:
+            top_lp, top_ids = logprobs.topk(k, dim=-1)
         ids, lps = torch.cat([ids, top_ids], dim=1), torch.cat([lps, top_lp], dim=1)
     return ids, lps, ranks
 
@@ -92,6 +98,7 @@ def start_sample_output(
     prompt_logits: torch.Tensor | None,
     prompt_rows: list[PromptRows],
     scheduled: list[ScheduledRequest],
+    stable_ties: bool = False,
 ) -> Callable[[], RunnerOutput]:
     """Start copying a step's results to the host; the callable waits and assembles its RunnerOutput.
 
@@ -100,7 +107,7 @@ def start_sample_output(
     ``sampled`` [n] are the tokens of ``reqs``; ``raw_logprobs`` [n, vocab] the
     log_softmax of their logits taken before any processor edited them (None
     when no row asked for logprobs); ``prompt_logits`` [sum of rows, vocab] the
-    logits of ``prompt_rows`` in order.
+    logits of ``prompt_rows`` in order. ``stable_ties``: see :func:`gather_logprobs`.
     """
     transfer = _Transfer()
     tokens_at = transfer.add(sampled)
@@ -108,7 +115,7 @@ def start_sample_output(
     if raw_logprobs is not None:
         ks = [r.sampling_params.logprobs for r in reqs]
         k = min(max(x or 0 for x in ks), raw_logprobs.shape[-1])
-        ids, lps, ranks = gather_logprobs(raw_logprobs, sampled, k)
+        ids, lps, ranks = gather_logprobs(raw_logprobs, sampled, k, stable_ties)
         sample_at = (transfer.add(ids), transfer.add(lps), transfer.add(ranks))
     prompt_at = None
     if prompt_rows and prompt_logits is not None:
@@ -116,7 +123,7 @@ def start_sample_output(
         target_t = to_device(torch.tensor(targets, dtype=torch.int64), prompt_logits.device)
         pk = max(scheduled[pr.index].sampling_params.prompt_logprobs or 0 for pr in prompt_rows)
         prompt_lp = torch.log_softmax(prompt_logits.float(), dim=-1)
-        ids, lps, ranks = gather_logprobs(prompt_lp, target_t, min(pk, prompt_logits.shape[-1]))
+        ids, lps, ranks = gather_logprobs(prompt_lp, target_t, min(pk, prompt_logits.shape[-1]), stable_ties)
         prompt_at = (transfer.add(ids), transfer.add(lps), transfer.add(ranks))
     wait = transfer.start()
 

@@ -35,8 +35,20 @@ LogitsProcessor = Callable[[torch.Tensor, SamplingBatch], torch.Tensor]
 class Sampler:
     """Samples one token per row. Unseeded rows share one generator seeded from ``seed``."""
 
-    def __init__(self, device: torch.device | str = "cpu", seed: int = 0, top_p_candidates: int | None = None) -> None:
+    def __init__(
+        self,
+        device: torch.device | str = "cpu",
+        seed: int = 0,
+        top_p_candidates: int | None = None,
+        batch_invariant: bool = False,
+    ) -> None:
         self.device = torch.device(device)
+        # Deterministic mode: a row's nucleus must not depend on its neighbours. The candidate
+        # shortcut falls back to bisection for the whole batch when one row needs it (the two
+        # round the nucleus mass differently), and tied logits must keep their token-id order.
+        self.batch_invariant = batch_invariant
+        if batch_invariant:
+            top_p_candidates = 0
         # Top-p over the best N logits avoids sorting the vocabulary each step; checking
         # that N sufficed costs a host sync, free on the CPU (where sorting is slow), a
         # stall on accelerators (where sorting is fast): so on by default for CPU only.
@@ -56,7 +68,7 @@ class Sampler:
         greedy = [p.greedy for p in batch.params]
         temps = [1.0 if g else float(p.temperature) for p, g in zip(batch.params, greedy, strict=True)]
         logits = logits / self._column(temps, logits)
-        logits = apply_top_k_top_p(logits, batch, self._column, self.top_p_candidates)
+        logits = apply_top_k_top_p(logits, batch, self._column, self.top_p_candidates, self.batch_invariant)
         logits = apply_min_p(logits, batch, self._column)
         probs = logits.softmax(dim=-1)
         sampled = probs.div_(self._noise(probs.shape, batch)).argmax(dim=-1)
@@ -94,7 +106,7 @@ class Sampler:
             return has_draft & (argmax == drafts), argmax
         temps = [1.0 if g else float(p.temperature) for p, g in zip(batch.params, greedy, strict=True)]
         logits = logits / self._column(temps, logits)
-        logits = apply_top_k_top_p(logits, batch, self._column, self.top_p_candidates)
+        logits = apply_top_k_top_p(logits, batch, self._column, self.top_p_candidates, self.batch_invariant)
         logits = apply_min_p(logits, batch, self._column)
         probs = logits.softmax(dim=-1)
         index = drafts.clamp(min=0)[:, None]
@@ -155,7 +167,11 @@ class Sampler:
 
 
 def apply_top_k_top_p(
-    logits: torch.Tensor, batch: SamplingBatch, column: Callable[..., torch.Tensor], candidates: int = 0
+    logits: torch.Tensor,
+    batch: SamplingBatch,
+    column: Callable[..., torch.Tensor],
+    candidates: int = 0,
+    stable: bool = False,
 ) -> torch.Tensor:
     """Mask (to -inf) tokens outside each row's top-k, then outside its top-p nucleus.
 
@@ -167,6 +183,7 @@ def apply_top_k_top_p(
     > 0 avoids the vocabulary sort, which is slow on CPUs: the nucleus is
     computed over each row's ``candidates`` best logits when that provably
     holds it (checking costs one host sync), else by bisecting the threshold.
+    ``stable``: sort tied logits in token-id order (deterministic mode).
     """
     vocab = logits.shape[-1]
     top_k = [p.top_k if 0 < p.top_k < vocab else vocab for p in batch.params]
@@ -187,7 +204,7 @@ def apply_top_k_top_p(
             if filtered is not None:
                 return filtered
         return _top_k_top_p_bisect(logits, top_k, top_p, column)
-    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    sorted_logits, order = logits.sort(dim=-1, descending=True, stable=stable)
     ranks = torch.arange(vocab, device=logits.device)[None, :]
     if use_k:
         sorted_logits = sorted_logits.masked_fill(ranks >= column(top_k, logits, torch.int64), float("-inf"))

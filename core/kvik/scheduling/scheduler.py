@@ -33,7 +33,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Iterable
 from dataclasses import fields
-from operator import itemgetter
+from operator import attrgetter, itemgetter
 
 from kvik.request import FIRST_FINISHED, Request, RequestStatus
 from kvik.scheduling.kv_cache_manager import KVCacheManager, cdiv
@@ -43,6 +43,7 @@ from kvik.scheduling.stats import SchedulerStats
 
 logger = logging.getLogger(__name__)
 _first, _second = itemgetter(0), itemgetter(1)
+_request_id = attrgetter("request_id")
 
 # The order Scheduler._make_scheduled passes ScheduledRequest's fields in (positionally, for speed).
 _SCHEDULED_FIELDS = (
@@ -299,13 +300,17 @@ class Scheduler:
             self.waiting.prepend(request)
 
         picked = list(scheduled.values())
-        request_ids = list(scheduled)
+        if loras:
+            # Rows of one adapter side by side: the SGMV kernels' tiles hold one adapter each
+            # (kvik_cuda.lora_tiles), so interleaved rows would make one small tile per row.
+            # The sort is stable, so each adapter's requests keep their order.
+            picked.sort(key=lambda item: item[0].lora_request.lora_int_id if item[0].lora_request else 0)
+        requests = list(map(_first, picked))
+        request_ids = list(map(_request_id, requests))
         sent = list(map(self._sent_blocks.__contains__, request_ids))  # False: the whole table goes out
         new_block_ids = self.kv_cache.new_block_ids(request_ids, self._sent_blocks)
         out = SchedulerOutput(
-            scheduled=list(
-                map(self._make_scheduled, map(_first, picked), map(_second, picked), new_block_ids, sent)
-            ),
+            scheduled=list(map(self._make_scheduled, requests, map(_second, picked), new_block_ids, sent)),
             num_batched_tokens=self.max_num_batched_tokens - budget,
             preempted_request_ids=[r.request_id for r in preempted],
         )

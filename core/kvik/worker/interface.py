@@ -55,6 +55,9 @@ class ModelRunner(ABC):
     # True when execute() runs each scheduled request's ``lora_request`` adapter on its rows (kvik.lora)
     # and the runner implements check_lora / remove_lora; the engine refuses enable_lora otherwise.
     supports_lora: bool = False
+    # True when the runner honours ``ResolvedConfig.deterministic`` (batch-invariant kernels:
+    # kvik.layers.batch_invariant); the engine refuses deterministic=True otherwise.
+    supports_deterministic: bool = False
 
     @abstractmethod
     def load_model(self) -> None:

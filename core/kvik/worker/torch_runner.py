@@ -29,6 +29,8 @@ from kvik.config import LoadFormat, ModelConfig, ResolvedConfig, WeightsMode
 from kvik.distributed.parallel_state import get_parallel_state
 from kvik.distributed.sharding import kv_heads_per_rank
 from kvik.engine import progress
+from kvik.layers.batch_invariant import InvariantKernels, make_batch_invariant, torch_kernels
+from kvik.layers.batch_invariant import describe as describe_counts
 from kvik.lora.adapter import AdapterInfo
 from kvik.lora.layers import wrap_model
 from kvik.lora.slots import LoRASlots
@@ -82,6 +84,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     supports_drafters = True
     supports_pooling = True
     supports_lora = True
+    supports_deterministic = True
 
     def __init__(
         self,
@@ -103,7 +106,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.attn_layers: list[AttentionBackend[torch.Tensor]] = []
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
-        self.sampler = Sampler(self.device, config.seed)
+        self.sampler = Sampler(self.device, config.seed, batch_invariant=config.deterministic)
         # The last launched step's sampled ids [n] (device) and the requests they belong to, in
         # order: the source of the next step's pending tokens.
         self._last_sampled: torch.Tensor | None = None
@@ -160,6 +163,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.attn_layers = []
 
         def make_attention(*args: Any, **kwargs: Any) -> AttentionBackend[torch.Tensor]:
+            if self.config.deterministic:  # only asked for when on: backends that predate it keep working
+                kwargs["batch_invariant"] = True
             layer = backend_cls(*args, **kwargs)
             self.attn_layers.append(layer)  # cache i belongs to the i-th attention built
             return layer
@@ -181,6 +186,9 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
                 n = dequantize_model(model, self.dtype)
             logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)
         self.model = model
+        if self.config.deterministic:
+            counts = make_batch_invariant(model, self.batch_invariant_kernels())
+            logger.info("deterministic mode: batch-invariant %s", describe_counts(counts))
         if self.config.enable_lora:
             self._wrap_lora(model)
         self.pooler = StepPooler(getattr(model, "pooler_head", None))
@@ -195,6 +203,10 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             self.weight_bytes() / 2**20,
             backend_cls.name,
         )
+
+    def batch_invariant_kernels(self) -> InvariantKernels:
+        """The kernels deterministic mode runs (kvik.layers.batch_invariant); device runners override."""
+        return torch_kernels()
 
     # -- LoRA ---------------------------------------------------------------------------
     def _wrap_lora(self, model: nn.Module) -> None:
@@ -231,6 +243,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             state.token_slots[: layout.num_tokens].fill_(-1)
         else:
             state.token_slots[: layout.num_tokens].copy_(to_device(torch.from_numpy(slots), self.device))
+            if state.prepare_step is not None:
+                state.prepare_step(state.token_slots[: layout.num_tokens])
 
     def weight_bytes(self) -> int:
         if self.model is None:
@@ -492,7 +506,10 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in batch.distinct_params) else None
         sampled = self.sampler(logits, batch) if reqs else torch.empty(0, dtype=torch.int64, device=self.device)
         self._last_sampled, self._last_ids = sampled, list(map(_request_id, reqs))
-        return StepHandle(start_sample_output(sampled, raw, reqs, prompt_logits, prompt_rows, layout.scheduled))
+        finish = start_sample_output(
+            sampled, raw, reqs, prompt_logits, prompt_rows, layout.scheduled, stable_ties=self.config.deterministic
+        )
+        return StepHandle(finish)
 
     def _sample_verify(self, hidden: torch.Tensor, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
         """A step with draft tokens: logits at every drafted position, the rejection sampler."""

@@ -91,7 +91,7 @@ def add_lora_bgmv(
     b: torch.Tensor,  # [L, out, R]
     slots: torch.Tensor,  # [T] int64, -1 = no adapter
     shard_starts: tuple[int, ...],  # first output column of each of the S <= 3 shards
-    split_k: int | None = None,  # shrink reduction splits; None: shrink_splits(T, in)
+    split_k: int = 0,  # shrink reduction splits; 0: shrink_splits(T, in)
 ) -> None:
     """``kvik.lora.compute.add_lora_reference`` as two BGMV launches (graph-safe: no host reads)."""
     num_tokens, out_features = y.shape

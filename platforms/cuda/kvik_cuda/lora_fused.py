@@ -2,9 +2,10 @@
 
 At one to a few token rows the two-launch kernels (:mod:`kvik_cuda.lora_sgmv`) are bound by
 launch latency, not work: a rank-16 delta is 1/256 of the projection's FLOPs. Here a program owns
-``BLOCK_M`` rows × ``BLOCK_N`` output columns and, for each distinct slot among its rows and each
-shard its columns meet, computes that shard's shrink ``x @ a[slot, k*R:(k+1)*R].T`` over all of
-``in`` itself (``tl.dot``, float32), then expands it onto its columns. The shrink is repeated by
+a tile of at most ``BLOCK_M`` rows under one adapter slot (the step's tile map,
+:mod:`kvik_cuda.lora_tiles`) × ``BLOCK_N`` output columns and, for each shard its columns meet,
+computes that shard's shrink ``x @ a[slot, k*R:(k+1)*R].T`` over all of ``in`` itself
+(``tl.dot``, float32), then expands it onto its columns. The shrink is repeated by
 every column block (``R x in`` of ``a`` read from L2 per program), which is cheap while rows are
 few and saves the second launch and the float32 buffer between them. The shrink is one float32
 sum over ``in`` (no split-K), rounded as the reference rounds: delta to ``y``'s dtype, then added.
@@ -18,7 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kvik_cuda.lora_sgmv import INTERPRETED, _next_slot
+from kvik_cuda.lora_sgmv import INTERPRETED
+from kvik_cuda.lora_tiles import TileMap, tile_programs
 
 if TYPE_CHECKING:
     from kvik_cuda.lora_kernels import LoRAKernelConfig
@@ -26,26 +28,26 @@ if TYPE_CHECKING:
 ONE_WAVE = 132  # programs an H100/H200 runs at once at one program per SM
 
 
-@triton.jit(do_not_specialize=["num_tokens"])  # one compile for every row count (T=1 included)
+@triton.jit(do_not_specialize=["num_programs"])  # one compile for every row count (T=1 included)
 def _fused_kernel(
-    x_ptr, a_ptr, b_ptr, slots_ptr, y_ptr,
-    num_tokens, in_features, out_features, rank, start1, start2,
-    stride_xt, stride_al, stride_ar, stride_bl, stride_bo, stride_yt,
+    x_ptr, a_ptr, b_ptr, tiles_ptr, count_ptr, y_ptr,
+    num_programs, in_features, out_features, rank, start1, start2,
+    stride_xt, stride_al, stride_ar, stride_bl, stride_bo, stride_yt, stride_tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_slots = tl.load(slots_ptr + rows, mask=rows < num_tokens, other=-1)
-    rows64 = rows.to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < out_features
     shard = (cols >= start1).to(tl.int32) + (cols >= start2).to(tl.int32)  # 0, 1 or 2
     first_shard = tl.min(tl.where(col_ok, shard, 3), axis=0)
     last_shard = tl.max(tl.where(col_ok, shard, -1), axis=0)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    slot = _next_slot(row_slots, -1)
-    while slot < 1073741824:
-        mine = row_slots == slot
+    # Grid-stride over the map: one tile per program when the step's rows are grouped by slot.
+    for tile in range(tl.program_id(0), tl.load(count_ptr), num_programs):
+        first = tl.load(tiles_ptr + tile)
+        row_ok = tl.arange(0, BLOCK_M) < tl.load(tiles_ptr + stride_tiles + tile)
+        slot = tl.load(tiles_ptr + 2 * stride_tiles + tile).to(tl.int64)
+        rows64 = (first + tl.arange(0, BLOCK_M)).to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(first_shard, last_shard + 1):
             in_shard = col_ok & (shard == k)
             for r0 in range(0, rank, BLOCK_R):
@@ -55,7 +57,7 @@ def _fused_kernel(
                 for k0 in range(0, in_features, BLOCK_K):
                     ks = k0 + tl.arange(0, BLOCK_K)
                     k_ok = ks < in_features
-                    x_mask = mine[:, None] & k_ok[None, :]
+                    x_mask = row_ok[:, None] & k_ok[None, :]
                     xv = tl.load(x_ptr + rows64[:, None] * stride_xt + ks[None, :], mask=x_mask, other=0.0)
                     a_rows = k * rank + rs
                     a_ptrs = a_ptr + slot * stride_al + a_rows[None, :] * stride_ar + ks[:, None]
@@ -64,14 +66,14 @@ def _fused_kernel(
                         xv, av = xv.to(tl.float32), av.to(tl.float32)
                     s = tl.dot(xv, av, s, input_precision="ieee")  # [BLOCK_M, BLOCK_R]
                 b_mask = r_ok[:, None] & in_shard[None, :]
-                bv = tl.load(b_ptr + slot * stride_bl + cols[None, :] * stride_bo + rs[:, None], mask=b_mask, other=0.0)
+                b_ptrs = b_ptr + slot * stride_bl + cols[None, :] * stride_bo + rs[:, None]
+                bv = tl.load(b_ptrs, mask=b_mask, other=0.0)
                 acc = tl.dot(s, bv.to(tl.float32), acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-        slot = _next_slot(row_slots, slot)
-    out_mask = (row_slots >= 0)[:, None] & col_ok[None, :]  # base-model rows are never written
-    y_ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
-    yv = tl.load(y_ptrs, mask=out_mask, other=0.0)
-    delta = acc.to(y_ptr.dtype.element_ty)  # the reference rounds the delta to y's dtype, then adds
-    tl.store(y_ptrs, (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=out_mask)
+        out_mask = row_ok[:, None] & col_ok[None, :]
+        y_ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
+        yv = tl.load(y_ptrs, mask=out_mask, other=0.0)
+        delta = acc.to(y_ptr.dtype.element_ty)  # the reference rounds the delta to y's dtype, then adds
+        tl.store(y_ptrs, (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def fused_block_n(out_features: int, config: LoRAKernelConfig) -> int:
@@ -88,19 +90,21 @@ def add_lora_fused(
     x: torch.Tensor,  # [T, in]
     a: torch.Tensor,  # [L, S * R, in]
     b: torch.Tensor,  # [L, out, R]
-    slots: torch.Tensor,  # [T] int64, -1 = no adapter
+    tiles: TileMap,  # the step's tiles of config.block_m rows (kvik_cuda.lora_tiles)
     shard_starts: tuple[int, ...],  # first output column of each of the S <= 3 shards
     config: LoRAKernelConfig,
 ) -> None:
     """``kvik.lora.compute.add_lora_reference`` as one launch (graph-safe: no host reads)."""
+    assert tiles.block_m == config.block_m, "the tile map is cut for another block_m"
     num_tokens, out_features = y.shape
     rank = b.shape[2]
     starts = [*shard_starts[1:], out_features, out_features][:2]
     block_n = fused_block_n(out_features, config)
-    _fused_kernel[(triton.cdiv(num_tokens, config.block_m), triton.cdiv(out_features, block_n))](
-        x, a, b, slots, y,
-        num_tokens, x.shape[1], out_features, rank, starts[0], starts[1],
-        x.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1), y.stride(0),
+    programs = tile_programs(num_tokens, config.block_m, a.shape[0])
+    _fused_kernel[(programs, triton.cdiv(out_features, block_n))](
+        x, a, b, tiles.tiles, tiles.count, y,
+        programs, x.shape[1], out_features, rank, starts[0], starts[1],
+        x.stride(0), a.stride(0), a.stride(1), b.stride(0), b.stride(1), y.stride(0), tiles.tiles.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=block_n, BLOCK_K=config.block_k,
         BLOCK_R=max(16, min(triton.next_power_of_2(rank), 64)),
         PRECISION=config.expand_precision, UPCAST=INTERPRETED,

@@ -2,8 +2,9 @@
 
 Two kernel families compute ``kvik.lora.compute.add_lora_reference``'s result:
 
-- ``sgmv`` (:mod:`kvik_cuda.lora_sgmv`): tiles of token rows × outputs on the tensor cores, one
-  pass per distinct adapter slot in a tile;
+- ``sgmv`` (:mod:`kvik_cuda.lora_sgmv`): tiles of token rows × outputs on the tensor cores, each
+  tile's rows under one adapter slot (:mod:`kvik_cuda.lora_tiles`: a tile map cut from runs of
+  equal slots, built once per step);
 - ``fused`` (:mod:`kvik_cuda.lora_fused`): the SGMV tiles in one launch, each program recomputing the
   shrink its columns need (for decode, where launches, not work, bound the delta);
 - ``bgmv`` (:mod:`kvik_cuda.lora_bgmv`): one program per token row, reductions in registers.
@@ -12,6 +13,10 @@ Which one runs, and its block sizes, warps and pipeline stages, come from :data:
 keyed by token-count bucket: a pure function of the step's shape, so every captured CUDA graph
 (one per batch size) bakes in one fixed choice. ``benchmarks/lora_kernels_sweep.py`` measures
 the candidates on a GPU and prints a replacement for the table.
+
+:class:`TritonLoRA` is what a runner installs as ``LoRAState.add_lora``: it builds the step's tile
+map once (``prepare_step``, after the runner writes the per-token slots) into persistent buffers
+that all the step's projections, and the CUDA graphs captured over them, read.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ import torch
 from kvik_cuda.lora_bgmv import add_lora_bgmv, shrink_splits
 from kvik_cuda.lora_fused import add_lora_fused
 from kvik_cuda.lora_sgmv import add_lora_sgmv
+from kvik_cuda.lora_tiles import TileMap, build_tile_map, empty_tile_map
 
-__all__ = ["CONFIGS", "LoRAKernelConfig", "add_lora_triton", "config_for", "shrink_splits"]
+__all__ = ["CONFIGS", "LoRAKernelConfig", "TritonLoRA", "add_lora_triton", "config_for", "shrink_splits"]
 
 
 KERNELS = ("sgmv", "fused", "bgmv")
@@ -57,15 +63,18 @@ class LoRAKernelConfig:
 
 
 # Token-count bucket -> config: a step of T rows uses the smallest key >= T (the largest key beyond).
-# Defaults from Hopper practice, before any sweep: one launch for decode (launch latency dominates
-# a rank-16 delta there), two-launch tiles with split-K and deeper pipelines from 17 rows up.
-# Replace with the "configs_table" that benchmarks/lora_kernels_sweep.py prints on the target GPU.
+# Measured on one H200 (2026-11-30, benchmarks/lora_kernels_sweep.py, 8B projections, rank 16, rows
+# under 1 and under 8 interleaved adapters; the table minimises the summed ratio to the base matmul).
+# BGMV with split-K wins up to 64 rows: with adapters interleaved, an SGMV tile then paid one tl.dot
+# pass per distinct slot it held, and the fused one-launch kernel lost to BGMV's split-K at every size.
+# From 256 rows the tiled SGMV GEMMs win (0.25-0.5x the base matmul under one adapter). Since then
+# rows come grouped by adapter and every tile holds one slot (kvik_cuda.lora_tiles): to be re-swept.
 CONFIGS: dict[int, LoRAKernelConfig] = {
-    1: LoRAKernelConfig(kernel="fused", block_m=16, block_k=256, block_n=64, num_warps=4, num_stages=3),
-    16: LoRAKernelConfig(kernel="fused", block_m=16, block_k=256, block_n=64, num_warps=4, num_stages=3),
-    64: LoRAKernelConfig(block_m=16, block_k=128, block_c=64, block_n=128, num_warps=4, num_stages=3),
-    256: LoRAKernelConfig(block_m=32, block_k=128, block_c=64, block_n=128, num_warps=4, num_stages=3),
-    1024: LoRAKernelConfig(block_m=64, block_k=64, block_c=64, block_n=128, num_warps=8, num_stages=3),
+    1: LoRAKernelConfig(kernel="bgmv", split_k=16),
+    16: LoRAKernelConfig(kernel="bgmv", split_k=16),
+    64: LoRAKernelConfig(kernel="bgmv"),
+    256: LoRAKernelConfig(block_m=64, block_k=64, block_n=128, num_stages=3, expand_precision="tf32x3"),
+    1024: LoRAKernelConfig(block_m=64, block_k=64, block_n=128, num_stages=3, expand_precision="tf32x3"),
 }
 
 
@@ -87,8 +96,9 @@ def add_lora_triton(
     slots: torch.Tensor,  # [T] int64, -1 = no adapter
     shard_starts: tuple[int, ...],  # first output column of each of the S <= 3 shards
     config: LoRAKernelConfig | None = None,  # None: config_for(T)
+    tiles: TileMap | None = None,  # sgmv/fused: the slots' map for config.block_m; None: built here
 ) -> None:
-    """``kvik.lora.compute.add_lora_reference`` as two Triton launches (graph-safe: no host reads)."""
+    """``kvik.lora.compute.add_lora_reference`` as Triton launches (graph-safe: no host reads)."""
     num_tokens = y.shape[0]
     if num_tokens == 0:
         return
@@ -96,8 +106,50 @@ def add_lora_triton(
     assert x.stride(1) == 1 and a.stride(2) == 1 and b.stride(2) == 1 and y.stride(1) == 1
     config = config or config_for(num_tokens)
     if config.kernel == "bgmv":
-        add_lora_bgmv(y, x, a, b, slots, shard_starts, split_k=config.split_k or None)
-    elif config.kernel == "fused":
-        add_lora_fused(y, x, a, b, slots, shard_starts, config)
+        add_lora_bgmv(y, x, a, b, slots, shard_starts, split_k=config.split_k)
+        return
+    if tiles is None:
+        tiles = build_tile_map(slots, config.block_m)
+    if config.kernel == "fused":
+        add_lora_fused(y, x, a, b, tiles, shard_starts, config)
     else:
-        add_lora_sgmv(y, x, a, b, slots, shard_starts, config)
+        add_lora_sgmv(y, x, a, b, tiles, shard_starts, config)
+
+
+class TritonLoRA:
+    """``LoRAState.add_lora`` for a runner: the table's kernels, with the tile map built once per step.
+
+    ``prepare_step(token_slots[:T])`` (the runner, every step, after writing the slots) cuts the
+    map for ``config_for(T)`` into buffers of ``max_tokens`` rows that never move, so a CUDA graph
+    captured over them replays with the map of the step being replayed. A call whose slots are
+    not the prepared ones (another view, another row count) builds its own map: slower, still exact.
+    """
+
+    def __init__(self, max_tokens: int, device: torch.device | str) -> None:
+        self._buffers = empty_tile_map(max_tokens, 16, device)
+        self._map: TileMap | None = None
+        self._prepared: tuple[int, int] | None = None  # (slots data_ptr, T) the map was cut from
+        self.maps_built = 0  # prepare_step maps (tests count them: one per step, not per projection)
+
+    def prepare_step(self, slots: torch.Tensor) -> None:
+        num_tokens = slots.shape[0]
+        config = config_for(num_tokens)
+        self._prepared, self._map = None, None
+        if config.kernel == "bgmv" or num_tokens == 0:
+            return  # one program per row: nothing to cut
+        buffers = TileMap(config.block_m, self._buffers.tiles, self._buffers.count)
+        self._map = build_tile_map(slots, config.block_m, out=buffers)
+        self._prepared = (slots.data_ptr(), num_tokens)
+        self.maps_built += 1
+
+    def __call__(
+        self,
+        y: torch.Tensor,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        slots: torch.Tensor,
+        shard_starts: tuple[int, ...],
+    ) -> None:
+        prepared = self._prepared == (slots.data_ptr(), slots.shape[0])
+        add_lora_triton(y, x, a, b, slots, shard_starts, tiles=self._map if prepared else None)

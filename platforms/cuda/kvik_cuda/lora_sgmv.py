@@ -5,17 +5,13 @@ The same two steps as the BGMV kernels (:mod:`kvik_cuda.lora_bgmv`),
     shrink:  s[t, :]  = x[t] @ a[slot_t].T                     [T, S*R] float32 (split-K partial sums)
     expand:  y[t, j] += s[t, k(j)*R : (k(j)+1)*R] @ b[slot_t, j]  (k(j): the shard of column j)
 
-but each program owns a tile of ``BLOCK_M`` consecutive token rows and computes it with ``tl.dot``
-(float32 accumulation) once per distinct adapter slot among those rows: a pass for slot ``l``
-loads only the rows under ``l`` (the others are masked to zero, so they add exact zeros) and
-``l``'s weight tile. The slots are found on the device, smallest first, by a running minimum
-over the tile's slot indices (a ``while`` loop): no sort, no host read and no extra launch, so
-the kernels stay valid inside captured CUDA graphs, and a tile whose rows are all base-model
-rows (``-1``) does no work. (Grouping rows by slot first, with argsort/bincount/cumsum on the
-device, would add several launches to every projection: ~1,000 per step of an 8B model, more
-than the whole delta costs at decode.) Rows of one request are adjacent in a step (a prefill chunk, or one
-decode row), so a tile usually meets one or two slots; decode rows interleaved over many
-adapters cost one pass per distinct slot in the tile.
+but each program owns a tile of at most ``BLOCK_M`` adjacent token rows that share one adapter slot
+(:mod:`kvik_cuda.lora_tiles`: the step's tile map, built once per step from the per-token slots) and
+computes it with ``tl.dot`` (float32 accumulation) in one pass over that slot's weights. Base-model
+rows (``-1``) belong to no tile and cost nothing. The scheduler groups a step's rows by adapter, so
+a tile is full unless its adapter's rows run out; rows in any other order are still exact (more,
+smaller tiles, walked grid-stride by the fixed number of programs). Nothing is read on the host:
+the kernels stay valid inside captured CUDA graphs.
 
 Rounding is the reference's: the delta is summed in float32 (the expand's float32 dot runs at
 ``PRECISION``, "ieee" by default), rounded to ``y``'s dtype, and added as torch adds two
@@ -31,6 +27,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvik_cuda.lora_tiles import TileMap, tile_programs
+
 if TYPE_CHECKING:
     from kvik_cuda.lora_kernels import LoRAKernelConfig
 
@@ -41,88 +39,79 @@ TARGET_PROGRAMS = 264
 MAX_SPLIT_ROWS = 2048
 
 
-@triton.jit
-def _next_slot(row_slots, after):
-    """The smallest slot index above ``after`` among the tile's rows; 2**30 (no slot) when there is none."""
-    return tl.min(tl.where(row_slots > after, row_slots, 1073741824), axis=0)
-
-
-@triton.jit(do_not_specialize=["num_tokens"])  # one compile for every row count (T=1 included)
+@triton.jit(do_not_specialize=["num_programs"])  # one compile for every row count (T=1 included)
 def _sgmv_shrink_kernel(
-    x_ptr, a_ptr, slots_ptr, s_ptr,
-    num_tokens, in_features, num_cols, k_per_split,
-    stride_xt, stride_al, stride_ar, stride_ss, stride_st,
+    x_ptr, a_ptr, tiles_ptr, count_ptr, s_ptr,
+    num_programs, in_features, num_cols, k_per_split,
+    stride_xt, stride_al, stride_ar, stride_ss, stride_st, stride_tiles,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_slots = tl.load(slots_ptr + rows, mask=rows < num_tokens, other=-1)
-    rows64 = rows.to(tl.int64)
     cols = tl.program_id(1) * BLOCK_C + tl.arange(0, BLOCK_C)
     split = tl.program_id(2)
     k_start = split * k_per_split
     k_end = tl.minimum(k_start + k_per_split, in_features)
-    acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
-    slot = _next_slot(row_slots, -1)
-    while slot < 1073741824:
-        mine = row_slots == slot
+    # Grid-stride over the map: one tile per program when the step's rows are grouped by slot.
+    for tile in range(tl.program_id(0), tl.load(count_ptr), num_programs):
+        first = tl.load(tiles_ptr + tile)
+        row_ok = tl.arange(0, BLOCK_M) < tl.load(tiles_ptr + stride_tiles + tile)
+        slot = tl.load(tiles_ptr + 2 * stride_tiles + tile).to(tl.int64)
+        rows64 = (first + tl.arange(0, BLOCK_M)).to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
             k_ok = ks < k_end
-            xv = tl.load(
-                x_ptr + rows64[:, None] * stride_xt + ks[None, :], mask=mine[:, None] & k_ok[None, :], other=0.0
-            )
+            x_mask = row_ok[:, None] & k_ok[None, :]
+            xv = tl.load(x_ptr + rows64[:, None] * stride_xt + ks[None, :], mask=x_mask, other=0.0)
             a_mask = k_ok[:, None] & (cols[None, :] < num_cols)
             av = tl.load(a_ptr + slot * stride_al + cols[None, :] * stride_ar + ks[:, None], mask=a_mask, other=0.0)
             av = av.to(xv.dtype)
             if UPCAST:  # Triton's interpreter multiplies bf16 tiles wrongly; float32 products are the same
                 xv, av = xv.to(tl.float32), av.to(tl.float32)
             acc = tl.dot(xv, av, acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_C]
-        slot = _next_slot(row_slots, slot)
-    out_mask = (rows[:, None] < num_tokens) & (cols[None, :] < num_cols)
-    tl.store(s_ptr + split * stride_ss + rows64[:, None] * stride_st + cols[None, :], acc, mask=out_mask)
+        out_mask = row_ok[:, None] & (cols[None, :] < num_cols)
+        tl.store(s_ptr + split * stride_ss + rows64[:, None] * stride_st + cols[None, :], acc, mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["num_tokens", "split_k"])
+@triton.jit(do_not_specialize=["num_programs", "split_k"])
 def _sgmv_expand_kernel(
-    s_ptr, b_ptr, slots_ptr, y_ptr,
-    num_tokens, out_features, rank, start1, start2, split_k,
-    stride_ss, stride_st, stride_bl, stride_bo, stride_yt,
+    s_ptr, b_ptr, tiles_ptr, count_ptr, y_ptr,
+    num_programs, out_features, rank, start1, start2, split_k,
+    stride_ss, stride_st, stride_bl, stride_bo, stride_yt, stride_tiles,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_slots = tl.load(slots_ptr + rows, mask=rows < num_tokens, other=-1)
-    rows64 = rows.to(tl.int64)
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < out_features
     shard = (cols >= start1).to(tl.int32) + (cols >= start2).to(tl.int32)  # 0, 1 or 2
     # The shards this column block meets: usually one (real shard sizes are multiples of the block).
     first_shard = tl.min(tl.where(col_ok, shard, 3), axis=0)
     last_shard = tl.max(tl.where(col_ok, shard, -1), axis=0)
-    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    slot = _next_slot(row_slots, -1)
-    while slot < 1073741824:
-        mine = row_slots == slot
+    for tile in range(tl.program_id(0), tl.load(count_ptr), num_programs):
+        first = tl.load(tiles_ptr + tile)
+        row_ok = tl.arange(0, BLOCK_M) < tl.load(tiles_ptr + stride_tiles + tile)
+        slot = tl.load(tiles_ptr + 2 * stride_tiles + tile).to(tl.int64)
+        rows64 = (first + tl.arange(0, BLOCK_M)).to(tl.int64)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(first_shard, last_shard + 1):
             in_shard = col_ok & (shard == k)
             for r0 in range(0, rank, BLOCK_R):
                 rs = r0 + tl.arange(0, BLOCK_R)
                 r_ok = rs < rank
                 offsets = rows64[:, None] * stride_st + k * rank + rs[None, :]
-                s_mask = mine[:, None] & r_ok[None, :]
+                s_mask = row_ok[:, None] & r_ok[None, :]
                 sv = tl.load(s_ptr + offsets, mask=s_mask, other=0.0)
                 for split in range(1, split_k):  # the shrink's split-K partial sums, in a fixed order
                     sv += tl.load(s_ptr + split * stride_ss + offsets, mask=s_mask, other=0.0)
                 b_mask = r_ok[:, None] & in_shard[None, :]
-                bv = tl.load(b_ptr + slot * stride_bl + cols[None, :] * stride_bo + rs[:, None], mask=b_mask, other=0.0)
+                b_ptrs = b_ptr + slot * stride_bl + cols[None, :] * stride_bo + rs[:, None]
+                bv = tl.load(b_ptrs, mask=b_mask, other=0.0)
                 acc = tl.dot(sv, bv.to(tl.float32), acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-        slot = _next_slot(row_slots, slot)
-    out_mask = (row_slots >= 0)[:, None] & col_ok[None, :]  # base-model rows are never written
-    y_ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
-    yv = tl.load(y_ptrs, mask=out_mask, other=0.0)
-    delta = acc.to(y_ptr.dtype.element_ty)  # the reference rounds the delta to y's dtype, then adds
-    tl.store(y_ptrs, (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=out_mask)
+        out_mask = row_ok[:, None] & col_ok[None, :]
+        y_ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
+        yv = tl.load(y_ptrs, mask=out_mask, other=0.0)
+        delta = acc.to(y_ptr.dtype.element_ty)  # the reference rounds the delta to y's dtype, then adds
+        tl.store(y_ptrs, (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def sgmv_splits(num_tokens: int, in_features: int, num_cols: int, config: LoRAKernelConfig) -> int:
@@ -147,34 +136,36 @@ def add_lora_sgmv(
     x: torch.Tensor,  # [T, in]
     a: torch.Tensor,  # [L, S * R, in]
     b: torch.Tensor,  # [L, out, R]
-    slots: torch.Tensor,  # [T] int64, -1 = no adapter
+    tiles: TileMap,  # the step's tiles of config.block_m rows (kvik_cuda.lora_tiles)
     shard_starts: tuple[int, ...],  # first output column of each of the S <= 3 shards
     config: LoRAKernelConfig,
 ) -> None:
     """``kvik.lora.compute.add_lora_reference`` as two SGMV launches (graph-safe: no host reads)."""
+    assert tiles.block_m == config.block_m, "the tile map is cut for another block_m"
     num_tokens, out_features = y.shape
     num_cols, rank = a.shape[1], b.shape[2]
     in_features = x.shape[1]
+    programs = tile_programs(num_tokens, config.block_m, a.shape[0])
     block_c = shrink_block_c(num_cols, config)
     splits = sgmv_splits(num_tokens, in_features, num_cols, config)
     k_per_split = triton.cdiv(triton.cdiv(in_features, splits), config.block_k) * config.block_k
     splits = triton.cdiv(in_features, k_per_split)
-    # [splits, T, S*R] float32 partial sums (base-model rows hold zeros and are never read).
+    # [splits, T, S*R] float32 partial sums (base-model rows are never written nor read).
     shrink = torch.empty((splits, num_tokens, num_cols), dtype=torch.float32, device=y.device)
     # A float32 model's shrink must not drop to tf32; bf16/fp16 operands ignore the setting.
-    _sgmv_shrink_kernel[(triton.cdiv(num_tokens, config.block_m), triton.cdiv(num_cols, block_c), splits)](
-        x, a, slots, shrink,
-        num_tokens, in_features, num_cols, k_per_split,
-        x.stride(0), a.stride(0), a.stride(1), shrink.stride(0), shrink.stride(1),
+    _sgmv_shrink_kernel[(programs, triton.cdiv(num_cols, block_c), splits)](
+        x, a, tiles.tiles, tiles.count, shrink,
+        programs, in_features, num_cols, k_per_split,
+        x.stride(0), a.stride(0), a.stride(1), shrink.stride(0), shrink.stride(1), tiles.tiles.stride(0),
         BLOCK_M=config.block_m, BLOCK_C=block_c, BLOCK_K=config.block_k, PRECISION="ieee", UPCAST=INTERPRETED,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
     starts = [*shard_starts[1:], out_features, out_features][:2]
     block_r = max(16, min(triton.next_power_of_2(rank), 64))
-    _sgmv_expand_kernel[(triton.cdiv(num_tokens, config.block_m), triton.cdiv(out_features, config.block_n))](
-        shrink, b, slots, y,
-        num_tokens, out_features, rank, starts[0], starts[1], splits,
-        shrink.stride(0), shrink.stride(1), b.stride(0), b.stride(1), y.stride(0),
+    _sgmv_expand_kernel[(programs, triton.cdiv(out_features, config.block_n))](
+        shrink, b, tiles.tiles, tiles.count, y,
+        programs, out_features, rank, starts[0], starts[1], splits,
+        shrink.stride(0), shrink.stride(1), b.stride(0), b.stride(1), y.stride(0), tiles.tiles.stride(0),
         BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r,
         PRECISION=config.expand_precision, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip

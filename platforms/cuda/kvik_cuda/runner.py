@@ -17,7 +17,9 @@ LoRA (``enable_lora``): the projections' deltas run as the Triton kernels of
 :mod:`kvik_cuda.lora_kernels`, which read each token's adapter slot from the
 persistent ``LoRAState.token_slots`` buffer. ``prepare_inputs`` writes that buffer
 every step (``-1`` for base-model and padding rows) after putting the step's
-adapters in their slots, so a graph replays correctly over any mix of adapters.
+adapters in their slots, then has the kernels cut the step's tile map from it
+(``LoRAState.prepare_step``) into buffers that also never move, so a graph replays
+correctly over any mix of adapters.
 Each batch size gets two graphs: one without the LoRA kernels (steps with no
 adapter) and one with them.
 """
@@ -34,6 +36,7 @@ import torch
 from kvik.attention.backend import AttentionMetadata
 from kvik.config import ModelConfig, ResolvedConfig
 from kvik.engine import progress
+from kvik.layers.batch_invariant import InvariantKernels
 from kvik.lora.compute import add_lora_reference
 from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager
@@ -115,16 +118,26 @@ class CUDAModelRunner(TorchModelRunner):
         counts = fuse_layers(self.model)
         logger.info("fused layers: %s", ", ".join(f"{v} x {k}" for k, v in counts.items()) or "none matched")
 
+    def batch_invariant_kernels(self) -> InvariantKernels:
+        """Deterministic mode: the Triton GEMM for every linear layer and the LM head (kvik_cuda.batch_invariant)."""
+        try:
+            from kvik_cuda.batch_invariant import cuda_kernels
+        except ImportError as exc:
+            raise ValueError(f"deterministic=True on {self.device.type} needs triton, which failed to import: {exc}") from exc
+        return cuda_kernels()
+
     def _lora_kernels(self) -> None:
         """LoRA deltas through the Triton kernels (graph-safe); without triton the reference runs, eagerly."""
         if self.lora is None:
             return
         try:
-            from kvik_cuda.lora_kernels import add_lora_triton
+            from kvik_cuda.lora_kernels import TritonLoRA
         except ImportError as exc:
             logger.warning("LoRA Triton kernels unavailable (%s): adapters run the torch reference, no CUDA graphs", exc)
             return
-        self.lora.wrapped.state.add_lora = add_lora_triton
+        state = self.lora.wrapped.state
+        kernels = TritonLoRA(state.token_slots.shape[0], state.token_slots.device)
+        state.add_lora, state.prepare_step = kernels, kernels.prepare_step
 
     @property
     def graphs_enabled(self) -> bool:
@@ -230,6 +243,10 @@ class CUDAModelRunner(TorchModelRunner):
             for with_lora in (False, True) if state is not None else (False,):
                 if state is not None:
                     state.active = with_lora
+                    if with_lora and state.prepare_step is not None:
+                        # The graph reads the step's tile map from the buffers this fills (a replay
+                        # finds whatever prepare_lora last wrote there).
+                        state.prepare_step(state.token_slots[:size])
                 step = self.copy_dummy_decode(size)
                 input_ids, positions, metadata = step.input_ids, step.positions, step.metadata
                 self.attn_backend.prepare(metadata)  # type: ignore[union-attr]

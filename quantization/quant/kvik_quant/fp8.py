@@ -12,7 +12,10 @@ Three ways in, one layout in memory (``weight`` ``[N, K]`` FP8 plus scales):
   which :mod:`kvik_quant.compressed_tensors` maps onto this class.
 
 Per-tensor scales of merged shards (q/k/v) become per-channel scales, so every
-non-block layer runs one row-wise ``torch._scaled_mm`` on FP8 GPUs; the torch
+non-block layer runs one row-wise ``torch._scaled_mm`` on FP8 GPUs — except decode-sized
+calls (``M <= W8A16_MAX_ROWS``) with dynamic activation scales, which run the Triton W8A16
+GEMV (:func:`kvik_quant.w8_kernels.w8a16_gemv`: bf16 activations, e4m3 weights, no
+activation quantization; slightly *more* accurate than W8A8). The torch
 reference (:func:`kvik_quant.fp8_ops.reference_mm`) runs everywhere else.
 Block-scaled layers always take the reference path (weights stay FP8 in memory;
 each call dequantizes them), which is correct but not fast yet.
@@ -31,6 +34,11 @@ from kvik_quant import fp8_ops as ops
 
 if TYPE_CHECKING:
     from kvik.layers.linear import Linear
+
+# Rows up to which a dynamic-activation layer runs the W8A16 GEMV (kvik_quant.w8_kernels): at decode
+# sizes quantizing the activations costs a launch and buys nothing (the GEMV is bandwidth-bound).
+# benchmarks/quant_kernels_sweep.py measures both paths per row count on the H200.
+W8A16_MAX_ROWS = 16
 
 
 class Fp8LinearMethod(QuantizationMethod):
@@ -141,20 +149,33 @@ class Fp8LinearMethod(QuantizationMethod):
             x_scale = xs.repeat_interleave(self.block[1], dim=1)
             w_scale = ops.expand_block_scales(layer.weight_scale, self.block, tuple(weight.shape))
             y = ops.reference_mm(xq, x_scale, weight, w_scale, x.dtype)
-        else:
-            if self.static_activations:
-                xq, xs = ops.quantize_static(x2, layer.input_scale)
-            elif layer.fp8_kernel:  # one Triton kernel instead of six torch ones
-                from kvik_quant.act_quant_kernel import quantize_rows
+        elif layer.fp8_kernel and not self.static_activations and x2.shape[0] <= W8A16_MAX_ROWS:
+            from kvik_quant import fallback, splitk
+            from kvik_quant.w8_kernels import w8a16_gemv
 
-                xq, xs = quantize_rows(x2, ops.FP8, ops.FP8_MAX, ops.MIN_SCALE)
-            else:
-                xq, xs = ops.quantize_per_token(x2)
-            if layer.fp8_kernel:
-                y = ops.scaled_mm(xq, xs, weight, layer.weight_scale.view(1, -1), x.dtype)
-            else:
-                y = ops.reference_mm(xq, xs, weight, layer.weight_scale[:, None], x.dtype)
+            # Decode: one launch, no activation quantization.
+            y = fallback.run(
+                "fp8 w8a16 gemv",
+                lambda: w8a16_gemv(x2, weight, layer.weight_scale, splitk.num_sms(x2.device)),
+                lambda: self._w8a8(layer, x2, x.dtype),
+            )
+        else:
+            y = self._w8a8(layer, x2, x.dtype)
         return y.reshape(*x.shape[:-1], layer.output_size)
+
+    def _w8a8(self, layer: Linear, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Per-token (or static) activation quantization, then the FP8 GEMM or its reference."""
+        if self.static_activations:
+            xq, xs = ops.quantize_static(x2, layer.input_scale)
+        elif layer.fp8_kernel:  # one Triton kernel instead of six torch ones
+            from kvik_quant.act_quant_kernel import quantize_rows
+
+            xq, xs = quantize_rows(x2, ops.FP8, ops.FP8_MAX, ops.MIN_SCALE)
+        else:
+            xq, xs = ops.quantize_per_token(x2)
+        if layer.fp8_kernel:
+            return ops.scaled_mm(xq, xs, layer.weight, layer.weight_scale.view(1, -1), dtype)
+        return ops.reference_mm(xq, xs, layer.weight, layer.weight_scale[:, None], dtype)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         weight = layer.weight

@@ -6,8 +6,11 @@ For GPUs without FP8 tensor cores (A100, ...). Two ways in:
 * compressed-tensors ``int-quantized`` checkpoints (llm-compressor's ``W8A8`` / ``INT8_W8A8``:
   channel or tensor weights; dynamic per-token or static per-tensor activations).
 
-On CUDA the integer product is ``torch._int_mm`` (int32 accumulation), scaled back per row
-and column; elsewhere the torch reference multiplies the dequantized operands.
+On CUDA (:func:`plan`): decode-sized calls run the W8A16 GEMV of :mod:`kvik_quant.w8_kernels`
+(bf16 activations, int8 weights converted in registers: one launch, no activation quantization);
+larger ones quantize the activations per token (one Triton kernel) and run the Triton int8
+GEMM with int32 accumulation and the row x column rescale fused into its store. Elsewhere
+the torch reference multiplies the dequantized operands.
 """
 
 from __future__ import annotations
@@ -46,6 +49,17 @@ def int8_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: 
 def reference_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """Dequantize both operands to ``dtype`` and multiply: what :func:`int8_mm` computes, on any device."""
     return F.linear((xq.float() * x_scale).to(dtype), (wq.float() * w_scale[:, None]).to(dtype))
+
+
+# Which CUDA path runs M rows (benchmarks/quant_kernels_sweep.py measures them all on the H200):
+# "w8a16" (Triton GEMV on bf16 activations, no activation quantization) for decode sizes with dynamic
+# scales; "triton" (int8 tl.dot with the rescale fused into the store) otherwise. "int_mm"
+# (torch._int_mm plus torch's rescale, the old path) stays for the sweep's comparison.
+W8A16_MAX_ROWS = 16
+
+
+def plan(m: int, static: bool) -> str:
+    return "w8a16" if m <= W8A16_MAX_ROWS and not static else "triton"
 
 
 class Int8LinearMethod(QuantizationMethod):
@@ -109,6 +123,24 @@ class Int8LinearMethod(QuantizationMethod):
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, layer.input_size)
         static = layer.input_scale.float().reshape(1, 1) if self.static_activations else None
+        path = plan(x2.shape[0], static is not None) if layer.int8_kernel else "reference"
+        if path == "w8a16":
+            from kvik_quant import fallback, splitk
+            from kvik_quant.w8_kernels import w8a16_gemv
+
+            y = fallback.run(
+                "int8 w8a16 gemv",
+                lambda: w8a16_gemv(x2, layer.weight, layer.weight_scale, splitk.num_sms(x2.device)),
+                lambda: self._w8a8(layer, x2, None, "triton", x.dtype),
+            )
+        else:
+            y = self._w8a8(layer, x2, static, path, x.dtype)
+        return y.reshape(*x.shape[:-1], layer.output_size)
+
+    def _w8a8(
+        self, layer: Linear, x2: torch.Tensor, static: torch.Tensor | None, path: str, dtype: torch.dtype
+    ) -> torch.Tensor:
+        """Per-token (or static) activation quantization, then the int8 GEMM of ``path`` or the reference."""
         if layer.int8_kernel and static is None:  # one Triton kernel instead of six torch ones
             from kvik_quant.act_quant_kernel import quantize_rows as quantize_rows_kernel
 
@@ -117,9 +149,17 @@ class Int8LinearMethod(QuantizationMethod):
             xq, xs = quantize_rows(x2, static)
         if xs.shape[0] != x2.shape[0]:
             xs = xs.expand(x2.shape[0], 1)
-        mm = int8_mm if layer.int8_kernel else reference_mm
-        y = mm(xq, xs, layer.weight, layer.weight_scale, x.dtype)
-        return y.reshape(*x.shape[:-1], layer.output_size)
+        if path == "triton":
+            from kvik_quant import fallback
+            from kvik_quant.w8_kernels import int8_gemm, int8_gemm_config
+
+            return fallback.run(
+                "int8 gemm",
+                lambda: int8_gemm(xq, xs, layer.weight, layer.weight_scale, dtype, int8_gemm_config(x2.shape[0])),
+                lambda: int8_mm(xq, xs, layer.weight, layer.weight_scale, dtype),
+            )
+        mm = int8_mm if path == "int_mm" else reference_mm
+        return mm(xq, xs, layer.weight, layer.weight_scale, dtype)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         if layer.weight.dtype != torch.int8:

@@ -35,6 +35,8 @@ def test_at_most_max_loras_adapters_per_step(adapters: list[int], max_loras: int
         out = sched.schedule()
         ids = {s.lora_request.lora_int_id for s in out.scheduled if s.lora_request is not None}
         assert len(ids) <= max_loras
+        order = [s.lora_request.lora_int_id if s.lora_request else 0 for s in out.scheduled]
+        assert order == sorted(order)  # one adapter's rows side by side (the kernels' tiles like it)
         for s in out.scheduled:
             assert s.lora_request == sched.requests[s.request_id].lora_request
         sched.update_from_output(out, RunnerOutput({s.request_id: [7] for s in out.scheduled if s.sample}))

@@ -109,3 +109,16 @@ def test_requests_without_logprobs_get_none(llm) -> None:
 def test_logprobs_above_the_cap_are_refused(llm) -> None:
     with pytest.raises(ValueError, match="logprobs=21 is above the maximum of 20"):
         llm.generate([[1, 2, 3]], SamplingParams(logprobs=21))
+
+
+def test_stable_ties_order_equal_logprobs_by_token_id() -> None:
+    """Deterministic mode: tied logprobs come in token-id order, whatever else the batch holds."""
+    import torch
+    from kvik.sample.logprobs import gather_logprobs
+
+    row = torch.tensor([-3.0, -1.0, -2.0, -1.0, -1.0, -5.0, -2.0])
+    batch = torch.stack([torch.randn(7), row, torch.randn(7)])
+    for lp, r in ((row[None], 0), (batch, 1)):
+        ids, lps, ranks = gather_logprobs(lp, torch.zeros(lp.shape[0], dtype=torch.int64), 4, stable_ties=True)
+        assert ids[r, 1:].tolist() == [1, 3, 4, 2] and lps[r, 1:].tolist() == [-1.0, -1.0, -1.0, -2.0]
+        assert ids[r, 0] == 0 and ranks[r] == 6

@@ -24,3 +24,13 @@ def test_minimal_kit_platform_matches_the_torch_runner(kvik_plugin_manager, tiny
     expected = LLM(path, device="cpu", **options).generate(prompts, params)  # type: ignore[arg-type]
     got = LLM(path, device="minimal", **options).generate(prompts, params)  # type: ignore[arg-type]
     assert [o.outputs[0].token_ids for o in got] == [o.outputs[0].token_ids for o in expected]
+
+
+def test_a_runner_without_batch_invariant_kernels_refuses_deterministic(kvik_plugin_manager, tiny_model_dir) -> None:
+    import pytest
+
+    module = sys.modules[minimal_platform.__name__]
+    assert kvik_plugin_manager.register(module, "minimal", "tests")
+    path = str(tiny_model_dir("llama", num_hidden_layers=2))
+    with pytest.raises(ValueError, match="deterministic=True is not supported by the minimal platform's model runner"):
+        LLM(path, device="minimal", deterministic=True, dtype="float32", block_size=4, num_kv_blocks=16)

@@ -251,14 +251,28 @@ def test_async_scheduling_gives_the_synchronous_outputs(tiny_model_dir) -> None:
 
 
 @pytest.mark.usefixtures("_one_thread")
+@pytest.mark.parametrize("kernel", ["table", "sgmv"])
 def test_lora_steps_through_the_triton_kernels_match_the_torch_reference(
-    kvik_plugin_manager, tiny_model_dir, tmp_path
+    kvik_plugin_manager, tiny_model_dir, tmp_path, monkeypatch, kernel
 ) -> None:
     """Mixed adapter / base-model steps: the CUDA runner (Triton LoRA kernels, interpreted on CPU) gives
-    the generic runner's (torch reference) logits, and the adapters change them."""
+    the generic runner's (torch reference) logits, and the adapters change them. ``sgmv``: every step
+    through the tiled kernels, whose tile map is cut once per step (not once per projection)."""
     pytest.importorskip("triton", reason="triton is not installed")
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("without a GPU this needs TRITON_INTERPRET=1 before triton loads")
+    from kvik_cuda import lora_kernels
+
+    built: list[int] = []
+    if kernel == "sgmv":
+        monkeypatch.setattr(lora_kernels, "CONFIGS", {1: lora_kernels.LoRAKernelConfig(block_n=16, block_k=16)})
+        real_build = lora_kernels.build_tile_map
+
+        def counted(slots, block_m, out=None):  # type: ignore[no-untyped-def]
+            built.append(slots.shape[0])
+            return real_build(slots, block_m, out)
+
+        monkeypatch.setattr(lora_kernels, "build_tile_map", counted)
     from kvik.lora import LoRARequest
     from kvik.testing.tiny_lora import write_random_adapter
     from transformers import AutoConfig
@@ -286,9 +300,11 @@ def test_lora_steps_through_the_triton_kernels_match_the_torch_reference(
     options = dict(enable_lora=True, max_loras=2, max_lora_rank=4)
     reference = _runner(TorchModelRunner, path, kvik_plugin_manager, **options)
     cuda = _runner(CUDAModelRunner, path, kvik_plugin_manager, platform_options={"fused_layers": False}, **options)
-    assert cuda.lora is not None and cuda.lora.wrapped.state.add_lora.__name__ == "add_lora_triton"
+    assert cuda.lora is not None and isinstance(cuda.lora.wrapped.state.add_lora, lora_kernels.TritonLoRA)
     want = [reference.compute_logits(s) for s in steps(True)]
     got = [cuda.compute_logits(s) for s in steps(True)]
+    if kernel == "sgmv":  # every step has an adapter row: one map each, shared by all its projections
+        assert built == [sum(len(r.token_ids) for r in step) for step in STEPS]
     base = [_runner(TorchModelRunner, path, kvik_plugin_manager).compute_logits(s) for s in steps(False)]
     for w, g in zip(want, got, strict=True):
         torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-4)
@@ -299,8 +315,15 @@ def test_lora_steps_through_the_triton_kernels_match_the_torch_reference(
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-def test_lora_under_cuda_graphs_gives_the_eager_tokens(tiny_model_dir, tmp_path) -> None:
+@pytest.mark.parametrize("kernel", ["table", "sgmv"])
+def test_lora_under_cuda_graphs_gives_the_eager_tokens(tiny_model_dir, tmp_path, monkeypatch, kernel) -> None:
+    """``sgmv``: the tiled kernels at every size, so the decode graphs replay over the tile map the
+    runner cuts into its persistent buffers each step."""
     import kvik
+    from kvik_cuda import lora_kernels
+
+    if kernel == "sgmv":
+        monkeypatch.setattr(lora_kernels, "CONFIGS", {1: lora_kernels.LoRAKernelConfig()})
     from kvik.lora import LoRARequest
     from kvik.testing.tiny_lora import write_random_adapter
     from transformers import AutoConfig

@@ -16,6 +16,7 @@ from kvik.lora.compute import add_lora_reference
 from kvik_cuda.lora_fused import fused_block_n
 from kvik_cuda.lora_kernels import CONFIGS, LoRAKernelConfig, add_lora_triton, config_for
 from kvik_cuda.lora_sgmv import sgmv_splits
+from kvik_cuda.lora_tiles import TileMap
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 3e-2}
@@ -72,7 +73,11 @@ def test_tiled_kernels_match_the_reference_on_mixed_slots(
     _check(shards, rank, dtype, in_features, MIXED, config)
 
 
-@pytest.mark.parametrize("slots", [[1], [-1, 3, -1], [0] * 17, [-1] * 5, list(range(4)) * 5 + [-1]])
+# Grouped by adapter (the scheduler's order), one adapter over two tiles, interleaved (more tiles than
+# programs: walked grid-stride), base rows only.
+@pytest.mark.parametrize(
+    "slots", [[1], [-1, 3, -1], [0] * 17, [-1] * 5, list(range(4)) * 5 + [-1], sorted(MIXED, key=MIXED.index)]
+)
 @pytest.mark.parametrize("kernel", ["sgmv", "fused"])
 def test_row_counts_and_slot_mixes(slots: list[int], kernel: str) -> None:
     _check((16, 8), 8, torch.float32, 40, slots, LoRAKernelConfig(kernel=kernel, block_n=16))
@@ -88,9 +93,46 @@ def test_row_counts_and_slot_mixes(slots: list[int], kernel: str) -> None:
 def test_tiled_kernels_equal_reference_for_any_slot_sequence(
     slots: list[int], block_m: int, shards: tuple[int, ...], kernel: str
 ) -> None:
-    # Any interleaving of adapters and base rows: each tile runs one pass per distinct slot it holds.
+    # Any interleaving of adapters and base rows (the tile map cuts one tile per run of equal slots),
+    # and the same rows grouped by adapter as the scheduler orders them.
     config = LoRAKernelConfig(kernel=kernel, block_m=block_m, block_n=16, block_k=16)
     _check(shards, 4, torch.float32, 32, slots, config)
+    _check(shards, 4, torch.float32, 32, sorted(slots, key=slots.index), config)
+
+
+def test_runner_kernels_cut_the_map_once_per_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TritonLoRA: prepare_step's map serves every call on the prepared slots; other slots get their own."""
+    from kvik_cuda import lora_kernels
+
+    monkeypatch.setattr(lora_kernels, "CONFIGS", {1: LoRAKernelConfig(block_n=16, block_k=16)})
+    built: list[int] = []
+    real_build = lora_kernels.build_tile_map
+
+    def counted(slots: torch.Tensor, block_m: int, out: TileMap | None = None) -> TileMap:
+        built.append(len(slots))
+        return real_build(slots, block_m, out)
+
+    monkeypatch.setattr(lora_kernels, "build_tile_map", counted)
+    token_slots = torch.full((32,), -1, dtype=torch.int64, device=DEVICE)
+    kernels = lora_kernels.TritonLoRA(32, DEVICE)
+    grouped = sorted(MIXED, key=MIXED.index)
+    token_slots[: len(grouped)] = torch.tensor(grouped)
+    step = token_slots[: len(grouped)]
+    kernels.prepare_step(step)
+    for shards in ((16, 8, 8), (24,)):  # two projections of one step
+        x, a, b, y, _ = _problem(shards, 4, torch.float32, 40, grouped)
+        starts = tuple(sum(shards[:k]) for k in range(len(shards)))
+        want, got = y.clone(), y.clone()
+        add_lora_reference(want, x, a, b, step, starts)
+        kernels(got, x, a, b, token_slots[: len(grouped)], starts)
+        torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    assert built == [len(grouped)] and kernels.maps_built == 1
+    x, a, b, y, _ = _problem((24,), 4, torch.float32, 40, grouped[:7])
+    want, got = y.clone(), y.clone()
+    add_lora_reference(want, x, a, b, token_slots[:7], (0,))
+    kernels(got, x, a, b, token_slots[:7], (0,))  # not the prepared rows: a map of its own
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-3)
+    assert built == [len(grouped), 7]
 
 
 def test_every_configured_bucket_runs_and_matches() -> None:

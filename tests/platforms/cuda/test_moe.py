@@ -71,14 +71,31 @@ def test_triton_experts_match_reference(n: int, num_experts: int, top_k: int, hi
     torch.testing.assert_close(fused(x, weights, ids), reference(x, weights, ids), atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("pairwise_max", [0, 10_000])
+@pytest.mark.parametrize(("n", "top_k"), [(1, 2), (5, 3), (32, 2)])
+def test_decode_gemv_and_grouped_gemm_paths_agree(monkeypatch, pairwise_max: int, n: int, top_k: int) -> None:
+    """Either path (sort-free per-pair GEMV, or sorted grouped GEMM) gives the reference's output."""
+    import kvik_cuda.moe as moe
+
+    monkeypatch.setattr(moe, "PAIRWISE_MAX_PAIRS", pairwise_max)
+    reference = _experts(5, 48, 40)
+    fused = copy.deepcopy(reference)
+    fuse_layers(fused)
+    gen = torch.Generator().manual_seed(n * 10 + top_k)
+    x = torch.randn(n, 48, generator=gen).to(DEVICE)
+    weights, ids = route(torch.randn(n, 5, generator=gen).to(DEVICE), top_k, renormalize=True)
+    torch.testing.assert_close(fused(x, weights, ids), reference(x, weights, ids), atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.skipif(DEVICE == "cpu", reason="16-bit tl.dot needs a GPU (the interpreter is float32-exact only)")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_triton_experts_16_bit(dtype: torch.dtype) -> None:
+@pytest.mark.parametrize("n", [300, 4])  # the grouped GEMM, and the decode GEMV
+def test_triton_experts_16_bit(dtype: torch.dtype, n: int) -> None:
     reference = _experts(8, 256, 512, dtype)
     fused = copy.deepcopy(reference)
     fuse_layers(fused)
-    x = torch.randn(300, 256, device=DEVICE).to(dtype)
-    weights, ids = route(torch.randn(300, 8, device=DEVICE), 2, renormalize=True)
+    x = torch.randn(n, 256, device=DEVICE).to(dtype)
+    weights, ids = route(torch.randn(n, 8, device=DEVICE), 2, renormalize=True)
     torch.testing.assert_close(fused(x, weights, ids), reference(x, weights, ids), atol=2e-2, rtol=2e-2)
 
 

@@ -9,8 +9,10 @@ pytest.importorskip("triton")
 
 from kvik.layers.linear import Linear
 from kvik_quant import int4_pack as pack
+from kvik_quant import splitk
 from kvik_quant.int4 import GPTQLinearMethod, rtn_quantize
-from kvik_quant.int4_kernel import _config, int4_matmul
+from kvik_quant.int4_gemv_kernel import GemvConfig, int4_dequantize, int4_gemv
+from kvik_quant.int4_kernel import DEQUANT_MIN_ROWS, GEMV_MAX_ROWS, gemm_config, int4_matmul, plan
 
 
 @pytest.mark.parametrize(
@@ -37,7 +39,7 @@ def test_kernel_matches_reference(
     x = torch.randn(m, k, generator=gen).to(dtype)
     w_t = pack.dequantize_codes(codes.t(), s, z, group, torch.float32)
     expected = x.float() @ w_t
-    got = int4_matmul(x, qweight, s, z, group)
+    got = int4_matmul(x, qweight, s, z, group, path="gemm")
     assert kvik_quant.int4_kernel._wide_load is wide_load  # the variant asked for ran (no fallback)
     assert got.dtype == dtype and got.shape == (m, n)
     tol = 1e-4 if dtype == torch.float32 else 2e-2
@@ -45,9 +47,79 @@ def test_kernel_matches_reference(
 
 
 def test_small_batches_split_k_and_large_ones_do_not() -> None:
-    assert _config(1, 4096, 4096, 128, 132)[3] > 1
-    assert _config(4096, 4096, 4096, 128, 132)[3] == 1
-    assert _config(1, 4096, 4096, 32, 132)[2] == 32  # a k-tile never straddles a group
+    assert gemm_config(1, 4096, 4096, 128, 132).split_k > 1
+    assert gemm_config(4096, 4096, 4096, 128, 132).split_k == 1
+    assert gemm_config(1, 4096, 4096, 32, 132).block_k == 32  # a k-tile never straddles a group
+
+
+def test_plan_by_rows() -> None:
+    assert plan(1) == plan(GEMV_MAX_ROWS) == "gemv"
+    assert plan(GEMV_MAX_ROWS + 1) == "gemm"
+    assert plan(DEQUANT_MIN_ROWS) == plan(4096) == "dequant"
+    assert splitk.split_for(tiles=64, k_tiles=32, num_sms=132) == 8  # 512 programs >= 2 per SM
+    assert splitk.split_for(tiles=448, k_tiles=32, num_sms=132) == 1  # gate_up fills the GPU alone
+    assert splitk.split_for(tiles=1, k_tiles=2, num_sms=132) == 2  # never more splits than k-tiles
+
+
+def test_gemv_config_table(monkeypatch: pytest.MonkeyPatch) -> None:
+    import kvik_quant.int4_gemv_kernel as kernel
+
+    tuned = GemvConfig(block_n=32, block_k=64, split_k=2)
+    monkeypatch.setattr(kernel, "GEMV_TABLE", {(64, 128, True): tuned})
+    assert kernel.gemv_config(64, 128, 1) is tuned
+    assert kernel.gemv_config(64, 128, 4) == GemvConfig()  # the tl.dot variant has no entry: the default
+    x, qweight, s, z, w_t = _problem(1, 128, 64, 32, torch.float32)
+    torch.testing.assert_close(int4_gemv(x, qweight, s, z, 32, num_sms=8), x @ w_t, rtol=1e-4, atol=1e-3)
+
+
+def _problem(m: int, k: int, n: int, group: int, dtype: torch.dtype, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    gen = torch.Generator().manual_seed(seed)
+    codes, scales, zeros = rtn_quantize(torch.randn(n, k, generator=gen), group, symmetric=False)
+    s, z = scales.t().to(dtype).contiguous(), zeros.t().to(dtype).contiguous()
+    x = torch.randn(m, k, generator=gen).to(dtype)
+    return x, pack.pack_rows(codes.t()), s, z, pack.dequantize_codes(codes.t(), s, z, group, torch.float32)
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "group", "dtype", "split_k", "prefetch", "reduce_each"),
+    [
+        (1, 512, 96, 128, torch.float32, 0, True, True),  # one row: elementwise FMA path, split from the shape
+        (1, 512, 96, 128, torch.float32, 0, True, False),  # ... accumulating a register tile, reduced once
+        (1, 256, 64, 32, torch.float16, 3, False, True),  # a split that does not divide the k-tiles: one empty
+        (1, 256, 64, 32, torch.float16, 2, False, False),
+        (5, 256, 64, 64, torch.float32, 4, True, True),  # tl.dot path, ragged rows
+        (16, 128, 48, 32, torch.float16, 1, True, True),  # no split: stored directly; a ragged column tile
+    ],
+)
+def test_gemv_matches_reference(
+    m: int, k: int, n: int, group: int, dtype: torch.dtype, split_k: int, prefetch: bool, reduce_each: bool
+) -> None:
+    x, qweight, s, z, w_t = _problem(m, k, n, group, dtype)
+    expected = x.float() @ w_t
+    cfg = GemvConfig(block_n=32, block_k=64, split_k=split_k, prefetch=prefetch, reduce_each=reduce_each)
+    got = int4_gemv(x, qweight, s, z, group, num_sms=8, config=cfg)
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+    # Deterministic (partials added in split order) and the tile counters are back at zero for the next call.
+    assert torch.equal(int4_gemv(x, qweight, s, z, group, num_sms=8, config=cfg), got)
+    assert int(splitk.counters(x.device, 1).abs().sum()) == 0
+
+
+@pytest.mark.parametrize(("group", "dtype"), [(32, torch.float16), (128, torch.float32)])
+def test_dequantize_kernel_is_exactly_the_reference(group: int, dtype: torch.dtype) -> None:
+    _, qweight, s, z, _ = _problem(1, 256, 160, group, dtype)
+    codes = pack.unpack_rows(qweight)
+    assert torch.equal(int4_dequantize(qweight, s, z, group, dtype), pack.dequantize_codes(codes, s, z, group, dtype))
+
+
+@pytest.mark.parametrize(("m", "path"), [(3, "gemv"), (20, "gemm"), (DEQUANT_MIN_ROWS, "dequant")])
+@pytest.mark.parametrize(("k", "group"), [(128, 32), (160, 160), (200, 200)])  # per-channel: G = K, not 2^n
+def test_every_path_through_int4_matmul(m: int, path: str, k: int, group: int) -> None:
+    x, qweight, s, z, w_t = _problem(m, k, 64, group, torch.float32, seed=m)
+    assert plan(m) == path
+    torch.testing.assert_close(int4_matmul(x, qweight, s, z, group), x @ w_t, rtol=1e-4, atol=1e-3)
+    assert splitk.pow2_divisor(128, 160, 160) == 32 and splitk.pow2_divisor(128, 200) == 8
 
 
 def test_layer_runs_the_kernel_with_act_order(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -61,10 +133,12 @@ def test_layer_runs_the_kernel_with_act_order(monkeypatch: pytest.MonkeyPatch) -
     for name, value in values.items():
         layer.load(name, value)
     method.process_weights_after_loading(layer)
-    x = torch.randn(4, k, generator=gen)
-    reference = layer(x)
-    layer.int4_kernel = True
-    torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)
+    for rows in (4, 40):  # the GEMV and the dequantize-in-GEMM paths
+        x = torch.randn(rows, k, generator=gen)
+        layer.int4_kernel = False
+        reference = layer(x)
+        layer.int4_kernel = True
+        torch.testing.assert_close(layer(x), reference, rtol=1e-4, atol=1e-4)
 
 
 def test_activation_quant_kernel_matches_torch_int8() -> None:

@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# The H200 runs still owed by open issues, in one script: one device call per group of stages.
+# Usage (repository root, on the GPU machine):
+#   bash benchmarks/gpu_pending.sh "<stage> ..."
+# Stages (each under its own timeout; a failure is logged and the next stage runs):
+#   lora_sweep     LoRA kernel sweep with segment-aligned tiles (issue 16)        ~4 min
+#   quant_sweep    INT4/FP8/INT8 GEMV and GEMM sweep (issue 14)                    ~4 min
+#   quant_e2e      8B bf16 vs fp8 / int4 / int8 engines, offline + batch 1 (14)  ~6 min
+#   fp8_kv         FP8 KV cache: capacity, agreement, throughput (14)              ~3 min
+#   lora_e2e       8B with 1 / 8 / 64 rank-16 adapters vs base (16)                ~6 min
+#   determinism    batch-invariant mode: bitwise check + cost (21)                 ~3 min
+#   spec           spec-decode mechanics, float32 so replayed drafts stay valid (15) ~5 min
+#   moe            Qwen3-30B-A3B with the decode GEMV path (13)                    ~5 min
+#   fallback       Llama-8B through the transformers fallback (13)                 ~3 min
+#   run_batch      `kvik run-batch` vs LLM.generate (19; needs .whl with fastapi + opentelemetry-api)
+#   tp             two GPUs: TP=2 / DP=2 on the 8B, TP=2 on the 70B shape (17; nvidia-h200-x2)
+# Start-up on a fresh machine is dominated by Triton compiles (82 s for the 8B on 2026-11-30). The
+# cache persists between calls when `.triton-cache` is carried: it is used as TRITON_CACHE_DIR and
+# packed back into $OUT/triton-cache.tgz at the end (unpack it into .triton-cache here for the next call).
+set -u
+STAGES=${1:-"lora_sweep quant_sweep"}
+OUT=${OUT:-/tmp/kvik_out}; mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+export TRITON_CACHE_DIR=${TRITON_CACHE_DIR:-$PWD/.triton-cache}; mkdir -p "$TRITON_CACHE_DIR"
+if [ -d .whl ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site
+fi
+python3 -m pip install -q --no-deps --no-build-isolation -e core -e platforms/cuda -e platforms/cpu \
+  -e attention_backends/triton -e quantization/quant -e quantization/gguf -e server 2>&1 | grep -v WARNING | tail -3
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,temperature.gpu --format=csv,noheader
+stage() {  # stage <name> <timeout s> <command...>: output in $OUT/<name>.log, the tail on stdout
+  local name=$1 limit=$2; shift 2
+  echo "=== $name $(date -u +%H:%M:%S)"
+  timeout "$limit" "$@" > "$OUT/$name.log" 2>&1; echo "rc=$?"
+  grep -E "^(RESULT|PART)|Error" "$OUT/$name.log" | cut -c1-1200 | tail -30
+}
+for s in $STAGES; do
+  case $s in
+    lora_sweep) stage lora_sweep 330 python3 benchmarks/lora_kernels_sweep.py --budget-s 300
+                tail -60 "$OUT/lora_sweep.log" | cut -c1-200 ;;
+    quant_sweep) stage quant_sweep 300 python3 benchmarks/quant_kernels_sweep.py
+                 tail -40 "$OUT/quant_sweep.log" | cut -c1-200 ;;
+    quant_e2e) stage quant_e2e 420 python3 benchmarks/quant_benchmark.py --parts bf16,fp8,int4,int8 --n 300 --budget-s 380 ;;
+    fp8_kv) stage fp8_kv 200 python3 benchmarks/fp8_kv_check.py ;;
+    lora_e2e) stage lora_e2e 420 python3 benchmarks/lora_throughput.py --parts base,lora8,lora64 --n 300 ;;
+    determinism) stage determinism 360 python3 benchmarks/deterministic_check.py ;;
+    spec) stage spec 330 python3 benchmarks/spec_decode_benchmark.py --dtype float32 --batches 1 16 --offline-n 300 ;;
+    moe) stage moe 330 python3 benchmarks/models_gpu.py --one qwen3_30b_a3b --n 500 ;;
+    fallback) stage fallback 200 python3 benchmarks/models_gpu.py --one llama8b_fallback --n 500 ;;
+    run_batch) stage run_batch 200 python3 benchmarks/embedding_benchmark.py --parts run_batch --n-chat 512 ;;
+    tp) stage tp 560 python3 benchmarks/tp_benchmark.py ;;
+    *) echo "unknown stage $s" ;;
+  esac
+done
+tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null && ls -la "$OUT/triton-cache.tgz"

@@ -1,0 +1,235 @@
+"""INT4 kernels for the two ends of the batch range: a GEMV for decode, a whole-weight dequantizer for prefill.
+
+* :func:`int4_gemv` (``M <= 16``): each program owns ``BLOCK_N`` output columns and one
+  contiguous K-slice; every packed int32 word is read once (a ``[BLOCK_K/8, BLOCK_N]`` load,
+  128-byte rows), its eight nibbles spread over eight k rows in registers, dequantized as
+  ``code * scale - zero * scale`` (one FMA). One row (``USE_DOT=False``) accumulates
+  ``x[k] * w[k, n]`` elementwise into a ``[BLOCK_K, BLOCK_N]`` register tile and reduces over
+  k once at the end (no tensor cores, no per-step shuffles); 2..16 rows use ``tl.dot`` with a
+  16-row tile. The K-slices are added by :mod:`kvik_quant.splitk` inside the same launch.
+* :func:`int4_dequantize` (large ``M``): the packed weight to a bf16/fp16 ``W^T`` ``[K, N]`` in one
+  memory-bound pass, after which cuBLAS does the matmul; at prefill sizes the pass costs less
+  than the gap between a register-dequantizing GEMM and cuBLAS.
+
+Both run under ``TRITON_INTERPRET=1`` (CI checks them against the torch reference).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kvik_quant import splitk
+
+
+@dataclass(frozen=True, slots=True)
+class GemvConfig:
+    block_n: int = 64
+    block_k: int = 128
+    split_k: int = 0  # 0: chosen from the shape (splitk.split_for)
+    per_sm: int = 2  # with split_k 0: split until this many programs per SM
+    num_warps: int = 4
+    num_stages: int = 3
+    prefetch: bool = True  # one row: double-buffer the weight loads in registers
+    reduce_each: bool = True  # one row: reduce over k every step (80 registers, not 167, at 64 x 128)
+
+
+# Per-shape choices measured on the H200 by benchmarks/quant_kernels_sweep.py (its summary's
+# "gemv_tables" prints these entries): (N, K, one row?) -> config. Shapes not listed use GemvConfig().
+GEMV_TABLE: dict[tuple[int, int, bool], GemvConfig] = {}
+
+
+def gemv_config(n: int, k: int, m: int) -> GemvConfig:
+    """The GEMV config for an ``[M, K] x [K, N]`` problem: the measured one for a known shape, else the default."""
+    return GEMV_TABLE.get((n, k, m == 1), GemvConfig())
+
+
+@triton.jit
+def _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, k_hi):
+    """The packed words ``[BLOCK_K/8, BLOCK_N]`` of k rows ``k0..`` and their group's scale and zero (all
+    masked off from ``k_hi`` on: the prefetch past the end of a K-slice)."""
+    # A per-column mask, not `mask_n & scalar`: the CPU interpreter turns that into integers.
+    mask = mask_n & ((offs_n * 0 + k0) < k_hi)
+    offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
+    words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask[None, :], other=0)
+    group = k0 // GROUP
+    scale = tl.load(s_ptr + group * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    return words, scale, zero
+
+
+@triton.jit
+def _dequant(words, scale, zero, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+    """``[BLOCK_K/8, BLOCK_N]`` words -> float32 ``W^T`` tile ``[BLOCK_K, BLOCK_N]``: nibble j of a word is k row 8r+j."""
+    shifts = tl.arange(0, 8) * 4
+    codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+    return codes.to(tl.float32) * scale[None, :] - (zero * scale)[None, :]  # one FMA per weight
+
+
+@triton.jit
+def _fma(acc, x1, w, REDUCE_EACH: tl.constexpr):
+    """``acc += x1 . w`` for one activation row ``x1`` ``[BLOCK_K]`` and a float32 tile ``w`` ``[BLOCK_K, BLOCK_N]``."""
+    prod = x1.to(tl.float32)[:, None] * w
+    if REDUCE_EACH:  # one return: Triton type-checks every return path, even a dead one
+        out = acc + tl.sum(prod, axis=0)
+    else:
+        out = acc + prod
+    return out
+
+
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
+def _int4_gemv_kernel(
+    x_ptr,  # [M, K] activations
+    qw_ptr,  # [K/8, N] int32
+    s_ptr,  # [K/G, N] scales
+    z_ptr,  # [K/G, N] zeros
+    out_ptr,  # [M, N] output
+    part_ptr,  # [SPLIT_K, M, N] float32 partials
+    lock_ptr,  # int32 counters
+    M,
+    N,
+    K,
+    stride_xm,
+    SPLIT_K,
+    GROUP: tl.constexpr,
+    BLOCK_M: tl.constexpr,  # 1 (elementwise path) or 16 (tl.dot path)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,  # divides GROUP
+    USE_DOT: tl.constexpr,
+    IEEE: tl.constexpr,
+    PREFETCH: tl.constexpr,  # one-row path: register double-buffering of the weight loads
+    REDUCE_EACH: tl.constexpr,  # one-row path: reduce over k every step
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    k_tiles = K // BLOCK_K  # K is a multiple of GROUP, GROUP of BLOCK_K
+    per_split = tl.cdiv(k_tiles, SPLIT_K)
+    k_lo = pid_k * per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
+    if USE_DOT:  # Triton pipelines these loads itself (they feed a dot)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K, k_hi)
+            w = _dequant(words, scale, zero, BLOCK_K, BLOCK_N)
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
+            if IEEE:
+                acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
+            else:
+                acc += tl.dot(x, w.to(x.dtype))
+    else:
+        # One row, no tensor cores. REDUCE_EACH: reduce over k every step into [BLOCK_N] (few registers,
+        # a cross-lane sum per step); else accumulate a [BLOCK_K, BLOCK_N] register tile, reduced once.
+        if REDUCE_EACH:
+            acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        else:
+            acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
+        if PREFETCH:
+            # Loads without a dot are not software-pipelined by Triton: load the next step's words into
+            # registers before this step's math, so two tiles per program are in flight.
+            words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k_lo, offs_n, mask_n, N, GROUP, BLOCK_K,
+                                            k_hi)  # fmt: skip
+            x1 = tl.load(x_ptr + k_lo + tl.arange(0, BLOCK_K), mask=(k_lo + tl.arange(0, BLOCK_K)) < k_hi, other=0.0)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                k1 = k0 + BLOCK_K
+                n_words, n_scale, n_zero = _load_step(qw_ptr, s_ptr, z_ptr, k1, offs_n, mask_n, N, GROUP, BLOCK_K,
+                                                      k_hi)  # fmt: skip
+                n_x1 = tl.load(x_ptr + k1 + tl.arange(0, BLOCK_K), mask=(k1 + tl.arange(0, BLOCK_K)) < k_hi,
+                               other=0.0)  # fmt: skip
+                acc1 = _fma(acc1, x1, _dequant(words, scale, zero, BLOCK_K, BLOCK_N), REDUCE_EACH)
+                words, scale, zero, x1 = n_words, n_scale, n_zero, n_x1
+        else:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K,
+                                                k_hi)  # fmt: skip
+                x1 = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K))
+                acc1 = _fma(acc1, x1, _dequant(words, scale, zero, BLOCK_K, BLOCK_N), REDUCE_EACH)
+        if REDUCE_EACH:
+            acc = tl.reshape(acc1, (BLOCK_M, BLOCK_N))
+        else:
+            acc = tl.reshape(tl.sum(acc1, axis=0), (BLOCK_M, BLOCK_N))
+    splitk.store_tile(acc, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K)
+
+
+def int4_gemv(
+    x: torch.Tensor,  # [M, K], M <= 16
+    qweight: torch.Tensor,  # [K/8, N] int32
+    scales: torch.Tensor,  # [K/G, N]
+    zeros: torch.Tensor,  # [K/G, N]
+    group: int,
+    num_sms: int,
+    config: GemvConfig | None = None,
+) -> torch.Tensor:
+    """``x @ W^T`` ``[M, N]`` in ``x``'s dtype for decode-sized ``M``, one launch."""
+    cfg = config or gemv_config(qweight.shape[1], x.shape[1], x.shape[0])
+    m, k = x.shape
+    n = qweight.shape[1]
+    if m > 16:
+        raise ValueError(f"int4_gemv handles at most 16 rows, got {m}")
+    x = x.contiguous()
+    block_k = splitk.pow2_divisor(cfg.block_k, group, k)  # >= 8 (K and G are multiples of 8)
+    tiles = triton.cdiv(n, cfg.block_n)
+    split_k = cfg.split_k or splitk.split_for(tiles, k // block_k, num_sms, cfg.per_sm)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    part = splitk.scratch(split_k, m, n, x.device)
+    locks = splitk.counters(x.device, tiles)
+    use_dot = m > 1
+    _int4_gemv_kernel[(tiles, split_k)](
+        x, qweight, scales, zeros, out, part, locks, m, n, k, x.stride(0), split_k,
+        GROUP=group, BLOCK_M=16 if use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=block_k, USE_DOT=use_dot,
+        IEEE=x.dtype == torch.float32, PREFETCH=cfg.prefetch and not use_dot,
+        REDUCE_EACH=cfg.reduce_each and not use_dot,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit
+def _int4_dequant_kernel(
+    qw_ptr,  # [K/8, N] int32
+    s_ptr,  # [K/G, N]
+    z_ptr,  # [K/G, N]
+    w_ptr,  # [K, N] output, W^T
+    N,
+    GROUP: tl.constexpr,
+    BLOCK_R: tl.constexpr,  # packed rows per program (8 * BLOCK_R k rows); 8 * BLOCK_R divides GROUP
+    BLOCK_N: tl.constexpr,
+):
+    pid_r = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    offs_r = pid_r * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_n = offs_n < N
+    words = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+    shifts = tl.arange(0, 8) * 4
+    codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (8 * BLOCK_R, BLOCK_N))
+    group = (pid_r * BLOCK_R * 8) // GROUP
+    scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    w = (codes.to(tl.float32) - zero[None, :]) * scale[None, :]
+    offs_k = pid_r * BLOCK_R * 8 + tl.arange(0, 8 * BLOCK_R)
+    tl.store(w_ptr + offs_k[:, None] * N + offs_n[None, :], w.to(w_ptr.dtype.element_ty), mask=mask_n[None, :])
+
+
+def int4_dequantize(
+    qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, group: int, dtype: torch.dtype,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:  # fmt: skip
+    """``W^T`` ``[K, N]`` in ``dtype``, exactly :func:`kvik_quant.int4_pack.dequantize_codes`'s values."""
+    rows, n = qweight.shape
+    k = rows * 8
+    w = out if out is not None else torch.empty(k, n, dtype=dtype, device=qweight.device)
+    block_r = splitk.pow2_divisor(8, group // 8)  # up to 64 k rows per program, inside one group
+    block_n = 128
+    _int4_dequant_kernel[(rows // block_r, triton.cdiv(n, block_n))](
+        qweight, scales, zeros, w, n, GROUP=group, BLOCK_R=block_r, BLOCK_N=block_n, num_warps=4
+    )
+    return w

@@ -1,0 +1,252 @@
+"""Triton kernels for 8-bit weights (FP8 e4m3 or INT8, ``[N, K]`` with one float32 scale per output channel).
+
+* :func:`w8a16_gemv` (decode, ``M <= 16``): reads the activations as they are (bf16/fp16) and
+  the 8-bit weights, converts the weights in registers and applies the channel scale at the
+  end — no activation quantization at all (W8A16), so a decode-step linear is one launch
+  instead of two (quantize, then ``torch._scaled_mm`` / ``torch._int_mm``), and it is more
+  accurate than W8A8. K-slices are added in the same launch (:mod:`kvik_quant.splitk`).
+* :func:`int8_gemm` (batched INT8 W8A8): int8 ``tl.dot`` with int32 accumulation and the
+  per-token x per-channel rescale fused into the store, replacing ``torch._int_mm`` (which
+  needs more than 16 rows, and whose int32 output then went through four elementwise
+  torch kernels over ``[M, N]``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from kvik_quant import splitk
+
+
+@dataclass(frozen=True, slots=True)
+class W8GemvConfig:
+    block_n: int = 32
+    block_k: int = 256
+    split_k: int = 0  # 0: from the shape (splitk.split_for)
+    per_sm: int = 2  # with split_k 0: split until this many programs per SM
+    num_warps: int = 4
+    num_stages: int = 3
+    prefetch: bool = True  # one row: double-buffer the weight loads in registers
+    reduce_each: bool = True  # one row: reduce over k every step (112 registers, not 181, at 32 x 256)
+
+
+@dataclass(frozen=True, slots=True)
+class Int8GemmConfig:
+    block_m: int = 128
+    block_n: int = 128
+    block_k: int = 128
+    group_m: int = 8
+    num_warps: int = 8
+    num_stages: int = 4
+
+
+# Per-shape choices measured on the H200 by benchmarks/quant_kernels_sweep.py (its summary's
+# "gemv_tables" prints these entries): (weight dtype name, N, K, one row?) -> config; else the default.
+W8_GEMV_TABLE: dict[tuple[str, int, int, bool], W8GemvConfig] = {}
+
+
+def w8_gemv_config(n: int, k: int, m: int, weight_dtype: torch.dtype) -> W8GemvConfig:
+    """The W8A16 GEMV config for a problem: the measured one for a known shape, else the default."""
+    return W8_GEMV_TABLE.get((str(weight_dtype).removeprefix("torch."), n, k, m == 1), W8GemvConfig())
+
+
+@triton.jit
+def _w8_step(w_ptr, x_ptr, k0, k_hi, offs_n, mask_n, K, BLOCK_K: tl.constexpr):
+    """The weight tile ``[BLOCK_N, BLOCK_K]`` at column ``k0`` and the activations it meets (masked past ``k_hi``)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    mask_k = offs_k < k_hi
+    w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :], other=0.0)
+    x1 = tl.load(x_ptr + offs_k, mask=mask_k, other=0.0)
+    return w, x1
+
+
+@triton.jit
+def _w8_fma(acc, w, x1, REDUCE_EACH: tl.constexpr):
+    """``acc += w . x1`` for a weight tile ``[BLOCK_N, BLOCK_K]`` (8-bit) and one activation row ``[BLOCK_K]``."""
+    prod = w.to(tl.float32) * x1.to(tl.float32)[None, :]
+    if REDUCE_EACH:  # one return: Triton type-checks every return path, even a dead one
+        out = acc + tl.sum(prod, axis=1)
+    else:
+        out = acc + prod
+    return out
+
+
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
+def _w8a16_gemv_kernel(
+    x_ptr,  # [M, K] activations
+    w_ptr,  # [N, K] float8_e4m3fn or int8
+    ws_ptr,  # [N] float32 channel scales
+    out_ptr,  # [M, N]
+    part_ptr,  # [SPLIT_K, M, N] float32 partials
+    lock_ptr,  # int32 counters
+    M,
+    N,
+    K,
+    stride_xm,
+    SPLIT_K,
+    BLOCK_M: tl.constexpr,  # 1 (elementwise) or 16 (tl.dot)
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,
+    IEEE: tl.constexpr,
+    PREFETCH: tl.constexpr,  # one-row path: register double-buffering of the weight loads
+    REDUCE_EACH: tl.constexpr,  # one-row path: reduce over k every step
+):
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_m = tl.arange(0, BLOCK_M)
+    mask_n = offs_n < N
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
+    k_lo = pid_k * per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
+    if USE_DOT:  # Triton pipelines these loads itself (they feed a dot)
+        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            offs_k = k0 + tl.arange(0, BLOCK_K)
+            mask_k = offs_k < k_hi
+            w = tl.load(w_ptr + offs_n[:, None] * K + offs_k[None, :], mask=mask_n[:, None] & mask_k[None, :],
+                        other=0.0)  # fmt: skip
+            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
+                        mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0)  # fmt: skip
+            wt = tl.trans(w.to(tl.float32).to(x.dtype))  # [BLOCK_K, BLOCK_N]; exact for e4m3 and int8
+            if IEEE:
+                acc += tl.dot(x, wt, input_precision="ieee")
+            else:
+                acc += tl.dot(x, wt)
+    else:
+        # One row, no tensor cores. REDUCE_EACH: reduce over k every step into [BLOCK_N] (few registers);
+        # else accumulate a [BLOCK_N, BLOCK_K] register tile, reduced once at the end.
+        if REDUCE_EACH:
+            acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+        else:
+            acc1 = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+        if PREFETCH:
+            # Loads without a dot are not software-pipelined by Triton: load the next tile into registers
+            # before this tile's math, so two weight tiles per program are in flight.
+            w, x1 = _w8_step(w_ptr, x_ptr, k_lo, k_hi, offs_n, mask_n, K, BLOCK_K)
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                n_w, n_x1 = _w8_step(w_ptr, x_ptr, k0 + BLOCK_K, k_hi, offs_n, mask_n, K, BLOCK_K)
+                acc1 = _w8_fma(acc1, w, x1, REDUCE_EACH)
+                w, x1 = n_w, n_x1
+        else:
+            for k0 in range(k_lo, k_hi, BLOCK_K):
+                w, x1 = _w8_step(w_ptr, x_ptr, k0, k_hi, offs_n, mask_n, K, BLOCK_K)
+                acc1 = _w8_fma(acc1, w, x1, REDUCE_EACH)
+        if REDUCE_EACH:
+            acc = tl.reshape(acc1, (BLOCK_M, BLOCK_N))
+        else:
+            acc = tl.reshape(tl.sum(acc1, axis=1), (BLOCK_M, BLOCK_N))
+    scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+    acc = acc * scale[None, :]  # per channel, so each partial can be scaled before the split-K sum
+    splitk.store_tile(acc, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K)
+
+
+def w8a16_gemv(
+    x: torch.Tensor,  # [M, K] bf16/fp16/fp32, M <= 16
+    weight: torch.Tensor,  # [N, K] float8_e4m3fn or int8
+    w_scale: torch.Tensor,  # [N] float32
+    num_sms: int,
+    config: W8GemvConfig | None = None,
+) -> torch.Tensor:
+    """``x @ (weight * w_scale[:, None])^T`` ``[M, N]`` in ``x``'s dtype, one launch."""
+    cfg = config or w8_gemv_config(weight.shape[0], x.shape[1], x.shape[0], weight.dtype)
+    x = x.contiguous()
+    m, k = x.shape
+    n = weight.shape[0]
+    if m > 16:
+        raise ValueError(f"w8a16_gemv handles at most 16 rows, got {m}")
+    tiles = triton.cdiv(n, cfg.block_n)
+    split_k = cfg.split_k or splitk.split_for(tiles, triton.cdiv(k, cfg.block_k), num_sms, cfg.per_sm)
+    out = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return out
+    part = splitk.scratch(split_k, m, n, x.device)
+    locks = splitk.counters(x.device, tiles)
+    use_dot = m > 1
+    _w8a16_gemv_kernel[(tiles, split_k)](
+        x, weight, w_scale, out, part, locks, m, n, k, x.stride(0), split_k,
+        BLOCK_M=16 if use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, USE_DOT=use_dot,
+        IEEE=x.dtype == torch.float32, PREFETCH=cfg.prefetch and not use_dot,
+        REDUCE_EACH=cfg.reduce_each and not use_dot,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
+def _int8_gemm_kernel(
+    a_ptr,  # [M, K] int8 activations
+    as_ptr,  # [M] float32 per-token scales
+    w_ptr,  # [N, K] int8 weights
+    ws_ptr,  # [N] float32 channel scales
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,  # row-tiles walked together so the weight tiles they share stay in L2
+):
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        mask_k = offs_k < K
+        a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
+        b = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_n[None, :] & mask_k[:, None], other=0)
+        acc += tl.dot(a, b, out_dtype=tl.int32)
+    a_scale = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
+    w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
+
+
+def int8_gemm(
+    xq: torch.Tensor,  # [M, K] int8
+    x_scale: torch.Tensor,  # [M, 1] float32
+    weight: torch.Tensor,  # [N, K] int8
+    w_scale: torch.Tensor,  # [N] float32
+    dtype: torch.dtype,
+    config: Int8GemmConfig | None = None,
+) -> torch.Tensor:
+    """``(xq * x_scale) @ (weight * w_scale[:, None])^T`` ``[M, N]`` in ``dtype``, int32 accumulation, one launch."""
+    cfg = config or Int8GemmConfig()
+    m, k = xq.shape
+    n = weight.shape[0]
+    out = torch.empty(m, n, dtype=dtype, device=xq.device)
+    if m == 0:
+        return out
+    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    _int8_gemm_kernel[grid](
+        xq.contiguous(), x_scale.reshape(-1).contiguous(), weight, w_scale, out, m, n, k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+    )  # fmt: skip
+    return out
+
+
+def int8_gemm_config(m: int) -> Int8GemmConfig:
+    """Tiles by row count (benchmarks/quant_kernels_sweep.py measures these on the H200)."""
+    if m <= 64:
+        return Int8GemmConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4)
+    if m <= 256:
+        return Int8GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)
+    return Int8GemmConfig()

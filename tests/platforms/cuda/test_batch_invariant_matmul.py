@@ -1,0 +1,78 @@
+"""The deterministic mode's Triton GEMM (kvik_cuda.batch_invariant): a row's result does not depend on M.
+
+On CPU the kernel runs under Triton's interpreter (conftest sets TRITON_INTERPRET=1), on tiny shapes
+with a small tile so that M spans several tiles; the invariance checked is the kernel's own: the same
+row computed alone, in a batch of M rows, and at another place in a tile, is bit-identical.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from kvik_cuda.batch_invariant import TILE_16BIT, TILE_16BIT_NARROW, invariant_matmul, tile_for
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+SMALL_TILE = (16, 16, 16, 4, 1)
+# Triton 3.9's interpreter mis-computes bf16 tl.dot (values ~1e10): fp16 stands for the 16-bit path there.
+HALF = torch.bfloat16 if DEVICE == "cuda" else torch.float16  # (BLOCK_M, BLOCK_N, BLOCK_K, warps, stages): several M and K tiles on tiny shapes
+
+
+def _data(m: int, n: int, k: int, dtype: torch.dtype, seed: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(m, k, generator=g).to(dtype).to(DEVICE)
+    w = (torch.randn(n, k, generator=g) / k**0.5).to(dtype).to(DEVICE)
+    b = torch.randn(n, generator=g).to(dtype).to(DEVICE)
+    return x, w, b
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, HALF])
+def test_row_alone_equals_row_in_m37(dtype: torch.dtype) -> None:
+    x, w, b = _data(37, 40, 48, dtype, seed=0)  # N and K not multiples of the tile: masked edges too
+    full = invariant_matmul(x, w, b, tile=SMALL_TILE)
+    for row in (0, 5, 17, 36):
+        alone = invariant_matmul(x[row : row + 1], w, b, tile=SMALL_TILE)
+        assert torch.equal(alone[0], full[row])
+    # Against the reference product (the kernel accumulates in float32).
+    want = (x.float() @ w.float().T + b.float()).to(dtype)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(full, want, rtol=tol, atol=tol)
+
+
+def test_grouped_program_order_covers_every_tile() -> None:
+    """More row tiles than one group (GROUP_M = 8) and a ragged last group: every tile computed once, right."""
+    x, w, b = _data(150, 40, 48, torch.float32, seed=4)  # 10 row tiles of 16, 3 column tiles
+    got = invariant_matmul(x, w, b, tile=SMALL_TILE)
+    torch.testing.assert_close(got, x @ w.T + b, rtol=1e-5, atol=1e-5)
+    for row in (0, 127, 128, 149):  # first group, and the ragged second one
+        assert torch.equal(invariant_matmul(x[row : row + 1], w, b, tile=SMALL_TILE)[0], got[row])
+
+
+@settings(max_examples=8, deadline=None)
+@given(m=st.integers(1, 40), pos=st.integers(0, 39), seed=st.integers(0, 2**16))
+def test_any_batch_any_position(m: int, pos: int, seed: int) -> None:
+    """One row, placed at any position of a batch of random neighbours, gives the same bits."""
+    pos = pos % m
+    x, w, _ = _data(m, 24, 40, torch.float32, seed)
+    target, _, _ = _data(1, 24, 40, torch.float32, seed=12345)
+    x[pos] = target[0]
+    alone = invariant_matmul(target, w, tile=SMALL_TILE)[0]
+    assert torch.equal(invariant_matmul(x, w, tile=SMALL_TILE)[pos], alone)
+
+
+def test_tile_depends_on_the_weight_only() -> None:
+    dev = torch.device(DEVICE)
+    assert tile_for(4096, 14336, torch.bfloat16, dev) == tile_for(4096, 14336, torch.bfloat16, dev)
+    # The interpreter counts 4 SMs: only a tiny N counts as narrow there.
+    assert tile_for(256, 64, torch.bfloat16, torch.device("cpu")) == TILE_16BIT_NARROW
+    assert tile_for(128 * 64, 64, torch.bfloat16, torch.device("cpu")) == TILE_16BIT
+
+
+def test_shape_mismatch_is_a_clear_error() -> None:
+    x, w, _ = _data(2, 8, 16, torch.float32, seed=1)
+    with pytest.raises(ValueError, match="do not match"):
+        invariant_matmul(x, w[:, :8])

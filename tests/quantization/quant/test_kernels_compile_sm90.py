@@ -1,0 +1,88 @@
+"""Every new kvik-quant Triton kernel, in its default configuration, compiles for Hopper (sm_90) on this CPU
+machine: Triton's NVIDIA backend and the ptxas bundled with its wheel need no GPU. The interpreter tests
+check the arithmetic; this checks what the interpreter does not (lowering, layouts, vector loads, wgmma).
+
+The compiles run in a subprocess (this file as a script) because the test session sets
+TRITON_INTERPRET=1, under which ``triton.jit`` makes interpreted functions that cannot be compiled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from typing import Any
+
+import pytest
+
+
+def _compile(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], **options: Any) -> str:
+    """PTX of ``fn`` for sm_90, specialized as the JIT would for kvik's tensors (16-byte aligned, sizes % 16)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    sig = {n: signature.get(n, "constexpr") for n in names}
+    aligned = {(i,): [["tt.divisibility", 16]] for i, n in enumerate(names)
+               if n in signature and (signature[n].startswith("*") or n in ("N", "K", "stride_xm"))}  # fmt: skip
+    consts = {(names.index(k),): v for k, v in constexprs.items()}
+    src = ASTSource(fn, sig, constexprs=consts, attrs=aligned)
+    return triton.compile(src, target=GPUTarget("cuda", 90, 32), options=options).asm["ptx"]
+
+
+def _compile_all() -> dict[str, dict[str, bool]]:
+    from kvik_quant.int4_gemv_kernel import GemvConfig, _int4_dequant_kernel, _int4_gemv_kernel
+    from kvik_quant.w8_kernels import W8GemvConfig, _int8_gemm_kernel, _w8a16_gemv_kernel, int8_gemm_config
+
+    found: dict[str, dict[str, bool]] = {}
+
+    def facts(name: str, ptx: str) -> None:
+        found[name] = {"vector_loads": bool(re.search(r"ld\.global[^;]*\.v[24]", ptx)),
+                       "atomics": "atom.global" in ptx, "wgmma": "wgmma" in ptx}  # fmt: skip
+
+    tail = {"out_ptr": "*bf16", "part_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
+            "stride_xm": "i32", "SPLIT_K": "i32"}  # fmt: skip
+    g4, g8 = GemvConfig(), W8GemvConfig()
+    for use_dot in (False, True):
+        rows = dict(BLOCK_M=16 if use_dot else 1, USE_DOT=use_dot, IEEE=False)
+        sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", **tail}
+        facts(f"int4_gemv dot={use_dot}", _compile(_int4_gemv_kernel, sig, dict(
+            GROUP=128, BLOCK_N=g4.block_n, BLOCK_K=g4.block_k, PREFETCH=g4.prefetch and not use_dot,
+            REDUCE_EACH=g4.reduce_each and not use_dot, **rows), num_warps=g4.num_warps, num_stages=g4.num_stages))
+        for weight in ("*fp8e4nv", "*i8"):
+            sig = {"x_ptr": "*bf16", "w_ptr": weight, "ws_ptr": "*fp32", **tail}
+            facts(f"w8a16_gemv {weight} dot={use_dot}", _compile(_w8a16_gemv_kernel, sig, dict(
+                BLOCK_N=g8.block_n, BLOCK_K=g8.block_k, PREFETCH=g8.prefetch and not use_dot,
+                REDUCE_EACH=g8.reduce_each and not use_dot, **rows), num_warps=g8.num_warps,
+                num_stages=g8.num_stages))  # fmt: skip
+    cfg = int8_gemm_config(4096)
+    sig = {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32",
+           "N": "i32", "K": "i32"}  # fmt: skip
+    facts("int8_gemm", _compile(_int8_gemm_kernel, sig, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+          BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    sig = {"qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "w_ptr": "*bf16", "N": "i32"}
+    facts("int4_dequant", _compile(_int4_dequant_kernel, sig, dict(GROUP=128, BLOCK_R=8, BLOCK_N=128), num_warps=4))
+    return found
+
+
+def test_new_kernels_compile_for_hopper() -> None:
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = json.loads(run.stdout.strip().splitlines()[-1])
+    assert len(found) == 8
+    for name, facts in found.items():
+        if name.startswith(("int4_gemv", "w8a16_gemv")):
+            assert facts["vector_loads"], name  # 8- or 16-byte weight loads
+            assert facts["atomics"], name  # the in-kernel split-K counter
+    assert found["int8_gemm"]["wgmma"]  # Hopper's warpgroup MMA on int8
+
+
+if __name__ == "__main__":
+    print(json.dumps(_compile_all()))
