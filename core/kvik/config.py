@@ -20,6 +20,27 @@ _DTYPES = ("auto", "float32", "float16", "bfloat16")
 _POLICIES = ("fcfs", "priority")
 _WEIGHT_MODES = ("auto", "dequantize", "quantized")
 _MODEL_IMPLS = ("auto", "kvik", "transformers")
+# kv_cache_dtype values (vLLM's names): "auto" = the model dtype; "fp8" is an alias of "fp8_e4m3".
+KV_CACHE_DTYPES = ("auto", "fp8", "fp8_e4m3")
+
+
+def resolve_kv_cache_dtype(value: object) -> str:
+    """The canonical cache dtype name ("auto" or "fp8_e4m3") for a user's ``kv_cache_dtype``.
+
+    ValueError, with what works, for anything else (vLLM's other FP8 flavours included).
+    """
+    if value == "auto":
+        return "auto"
+    if value in ("fp8", "fp8_e4m3"):
+        return "fp8_e4m3"
+    hint = ""
+    if isinstance(value, str) and value.startswith("fp8"):
+        hint = " (kvik's FP8 KV cache is e4m3 only)"
+    raise ValueError(
+        f"kv_cache_dtype must be one of {', '.join(map(repr, KV_CACHE_DTYPES))}, got {value!r}{hint}: "
+        "'auto' keeps K/V in the model dtype, 'fp8' (= 'fp8_e4m3') stores them as float8 e4m3 with "
+        "per-layer scales, holding twice the tokens of a 16-bit cache"
+    )
 
 
 class SchedulingPolicy(str, Enum):
@@ -83,6 +104,9 @@ class EngineConfig:
     attention_backend: str | None = None
     quantization: str | None = None
     quantized_weights: str = "auto"  # keep quantized weights packed, or dequantize at load
+    # What the paged KV cache stores: "auto" (the model dtype) or "fp8" / "fp8_e4m3" (float8 e4m3
+    # with one K and one V scale per layer, from the checkpoint or 1.0; docs/quantization.md).
+    kv_cache_dtype: str = "auto"
     load_format: str = "auto"  # "dummy": random weights, only the checkpoint's config (and tokenizer) is read
     # Which modelling code runs the architecture (vLLM's name): "auto" = kvik's native one when
     # registered, else transformers' (the fallback); "kvik" = native or an error; "transformers" =
@@ -139,6 +163,7 @@ class EngineConfig:
             raise ValueError(
                 f"quantized_weights must be one of {', '.join(_WEIGHT_MODES)}, got {self.quantized_weights!r}"
             )
+        resolve_kv_cache_dtype(self.kv_cache_dtype)  # ValueError naming the values that work
         if self.load_format in ("safetensors", "gguf"):  # vLLM's spellings of "read the checkpoint"
             self.load_format = LoadFormat.AUTO.value
         if self.load_format not in tuple(f.value for f in LoadFormat):
@@ -247,6 +272,7 @@ class ResolvedConfig:
     pipeline_parallel_size: int = 1  # stages the layers are split into
     distributed_executor_backend: str = "uni"  # the registered executor that runs the ranks
     device_offset: int = 0  # this engine's first local device (data-parallel replica r: r * world_size)
+    kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8_e4m3" (resolve_kv_cache_dtype's names)
     # Batch-invariant kernels (kvik.layers.batch_invariant): results independent of batch composition.
     deterministic: bool = False
 

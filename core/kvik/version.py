@@ -19,4 +19,6 @@ __version__ = "0.1.0"
 # 2.3: QuantizationMethod.validate_device, devices, device_requirements, quantizes_dense_checkpoints
 #      kvik_register_executors (kvik.executor.Executor), ModelBuildContext.parallel,
 #      Platform.distributed_backend / device_count() / bind_rank()
-PLUGIN_API_VERSION = "2.3"
+# 2.4: AttentionBackend.supported_kv_cache_dtypes / k_scale / v_scale / set_kv_scale (FP8 KV cache),
+#      AttentionBackend.supports_batch_invariance and ModelRunner.supports_deterministic (deterministic mode)
+PLUGIN_API_VERSION = "2.4"

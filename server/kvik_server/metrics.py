@@ -107,6 +107,13 @@ class _EngineCollector(Collector):
         yield gauge("kvik:num_requests_running", "Sequences in the engine's running batch.", stats.num_running)
         yield gauge("kvik:num_requests_waiting", "Sequences waiting for admission to the batch.", stats.num_waiting)
         yield gauge("kvik:kv_cache_usage_perc", "Fraction of KV-cache blocks in use (0..1).", stats.kv_cache_usage)
+        capacity = GaugeMetricFamily(
+            "kvik:kv_cache_capacity_tokens",
+            "Tokens the KV cache holds (blocks x block size), labelled with what it stores (kv_cache_dtype).",
+            labels=[*labels, "cache_dtype"],
+        )
+        capacity.add_metric([*value, stats.kv_cache_dtype], stats.kv_cache_tokens)
+        yield capacity
         queries, hits = stats.prefix_cache_queries, stats.prefix_cache_hits
         yield gauge(
             "kvik:prefix_cache_hit_rate",

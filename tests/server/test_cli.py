@@ -50,6 +50,14 @@ def test_scheduling_flags_reach_the_engine() -> None:
     assert engine_kwargs(parse_serve_args(["--model", "/m", "--async-scheduling"]))["async_scheduling"] is True
 
 
+def test_kv_cache_dtype_flag_reaches_the_engine(capsys: pytest.CaptureFixture[str]) -> None:
+    assert "kv_cache_dtype" not in engine_kwargs(parse_serve_args(["--model", "/m"]))  # "auto": the engine default
+    assert engine_kwargs(parse_serve_args(["--model", "/m", "--kv-cache-dtype", "fp8"]))["kv_cache_dtype"] == "fp8"
+    with pytest.raises(SystemExit):
+        parse_serve_args(["--model", "/m", "--kv-cache-dtype", "int8"])
+    assert "invalid choice: 'int8'" in capsys.readouterr().err
+
+
 def test_lora_flags(capsys: pytest.CaptureFixture[str]) -> None:
     args = parse_serve_args(["--model", "/m", "--enable-lora", "--lora-modules", "a=/ad/a", '{"name": "b", "path": "/ad/b"}',
                              "--max-loras", "4", "--max-lora-rank", "64", "--allow-runtime-lora-updating"])  # fmt: skip

@@ -56,6 +56,9 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     # count from metadata.planned_max_seq_len) and all per-step data is read from device
     # tensors, so a captured CUDA graph replays correctly on new data of the same shape.
     supports_cuda_graphs: ClassVar[bool] = True
+    # An FP8 (e4m3) cache: quantized in write_kv_kernel, widened and scaled in registers on read.
+    # NVIDIA GPUs need compute capability >= 8.9 for Triton's fp8e4nv (the cuda platform checks).
+    supported_kv_cache_dtypes: ClassVar[tuple[str, ...]] = ("auto", "fp8_e4m3")
     # Tile shapes, (BLOCK_M rows, BLOCK_N keys, num_warps); class data so that
     # benchmarks and tests can try others through a subclass.
     decode_tile: ClassVar[tuple[int, int, int]] = (16, 64, 4)
@@ -156,6 +159,9 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         if num_tokens == 0:
             return
         assert key.stride(-1) == 1 and value.stride(-1) == 1 and kv_cache.stride(-1) == 1
+        fp8 = kv_cache.dtype == torch.float8_e4m3fn
+        if fp8:  # the kernel writes the e4m3 bits itself (same bytes, same strides)
+            kv_cache = kv_cache.view(torch.uint8)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         _kernels().write_kv_kernel[(num_tokens,)](
             key,
@@ -163,6 +169,8 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             k_cache,
             v_cache,
             slot_mapping,
+            float(self.k_scale),
+            float(self.v_scale),
             key.stride(0),
             key.stride(1),
             value.stride(0),
@@ -175,6 +183,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             HEAD_SIZE=self.head_size,
             HEAD_PAD=self.head_pad,
             KV_BLOCK_SIZE=k_cache.shape[1],
+            FP8=fp8,
         )
 
     def forward(
@@ -203,6 +212,8 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         block_m, block_q, block_n, warps = self._tile(decode)
         splits = self.num_splits(metadata, query.device, block_n)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
+        fp8 = kv_cache.dtype == torch.float8_e4m3fn  # the scales apply to an FP8 cache only
+        k_scale, v_scale = (float(self.k_scale), float(self.v_scale)) if fp8 else (1.0, 1.0)
         grid = (num_tokens // block_q + metadata.num_reqs, self.num_kv_heads, splits)
         if splits > 1:
             # Partial results, shared by all layers of the step (layers run one after another).
@@ -229,7 +240,8 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             metadata.block_tables,
             metadata.seq_lens,
             metadata.query_start_loc,
-            self.scale * _LOG2E,
+            self.scale * _LOG2E * k_scale,
+            v_scale,
             metadata.num_reqs,
             self.num_heads,
             query.stride(0),

@@ -24,6 +24,13 @@ slices of each request's KV range; each slice writes a normalised partial
 output plus its running max and sum, and :func:`reduce_splits_kernel`
 combines them. It pays off when ``num_reqs * num_kv_heads`` programs alone
 cannot fill the GPU (small-batch decode over long contexts).
+
+FP8 cache (``kv_cache_dtype="fp8"``): the cache holds float8 e4m3 ``x / scale`` with one
+K and one V scale per layer. :func:`write_kv_kernel` quantizes (and builds the e4m3 bits
+itself, see :func:`_e4m3_bits`); the attention kernel loads FP8 tiles, widens them to the
+query dtype in registers (exact: every e4m3 value is a bf16/fp16 value) and folds the
+scales into the softmax scale (K) and the final normalisation (V), so dequantizing costs
+no extra pass over the tiles.
 """
 
 from __future__ import annotations
@@ -58,7 +65,8 @@ def paged_attention_kernel(
     block_tables_ptr,  # [num_reqs, max_blocks] int32
     seq_lens_ptr,  # [num_reqs] int32
     query_start_loc_ptr,  # [num_reqs + 1] int32
-    scale_log2,  # softmax scale * log2(e)
+    scale_log2,  # softmax scale * log2(e) (* k_scale for an FP8 cache)
+    v_scale,  # the FP8 cache's V scale (1.0 otherwise): out = v_scale * softmax(s) @ v
     num_reqs,
     num_heads,
     stride_qt,
@@ -131,6 +139,7 @@ def paged_attention_kernel(
         blk = tl.load(bt_row + offs_n // KV_BLOCK_SIZE, mask=n_ok, other=0).to(tl.int64)
         kv_off = blk * stride_kb + (offs_n % KV_BLOCK_SIZE) * stride_ks + kv_head * stride_kh
         k = tl.load(k_cache_ptr + kv_off[None, :] + offs_d[:, None], mask=n_ok[None, :] & d_ok[:, None], other=0.0)
+        k = k.to(q.dtype)  # no-op for a model-dtype cache; FP8 widens exactly
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * scale_log2  # [BLOCK_M, BLOCK_N]
         if SOFT_CAP > 0:
             # s is x * log2(e); cap x itself. tanh(y) = 1 - 2 / (e^{2y} + 1) saturates to +-1
@@ -152,10 +161,11 @@ def paged_attention_kernel(
         alpha = tl.where(m_new == m_i, 1.0, tl.math.exp2(m_i - m_safe))
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
+        v = v.to(q.dtype)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
-    out = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+    out = acc * (v_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
     if NUM_SPLITS == 1:
         tl.store(
             out_ptr + q_rows[:, None] * stride_ot + head[:, None] * stride_oh + offs_d[None, :],
@@ -205,12 +215,37 @@ def reduce_splits_kernel(
 
 
 @triton.jit
+def _e4m3_bits(x):
+    """float32 ``x`` -> the uint8 bits of float8 e4m3fn(x): round to nearest even, saturating at +-448.
+
+    Built from integer ops rather than a cast: Triton's interpreter (how CI runs these kernels)
+    rounds float->fp8 casts wrongly (a mantissa carry does not reach the exponent, subnormals
+    flush), and this costs a few integer ops per element of an already memory-bound kernel.
+    """
+    a = tl.minimum(tl.abs(x), 448.0)
+    sign = (x < 0.0).to(tl.int32) << 7
+    # Normal range (a >= 2^-6): round float32's 23 mantissa bits to 3 (nearest even) with an integer
+    # add, so a carry out of the mantissa bumps the exponent; then re-bias the exponent (127 -> 7).
+    bits = a.to(tl.int32, bitcast=True)
+    normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) >> 20) - (120 << 3)
+    # Subnormal range: multiples of 2^-9 (8 * 2^-9 = 2^-6 encodes as the smallest normal, bits 8).
+    t = a * 512.0
+    whole = tl.floor(t)
+    frac = t - whole
+    q = whole.to(tl.int32)
+    q = q + ((frac > 0.5) | ((frac == 0.5) & ((q & 1) == 1))).to(tl.int32)
+    return (tl.where(a < 0.015625, q, normal) | sign).to(tl.uint8)
+
+
+@triton.jit
 def write_kv_kernel(
     key_ptr,  # [num_tokens, num_kv_heads, head_size]
     value_ptr,  # [num_tokens, num_kv_heads, head_size]
-    k_cache_ptr,  # cache[0]: [num_blocks, block_size, num_kv_heads, head_size]
+    k_cache_ptr,  # cache[0]: [num_blocks, block_size, num_kv_heads, head_size] (uint8 view when FP8)
     v_cache_ptr,  # cache[1]
     slot_mapping_ptr,  # [num_tokens] int64; negative: skip the token
+    k_scale,  # FP8: the stored value is x / k_scale (unused otherwise)
+    v_scale,
     stride_kt,
     stride_kh,
     stride_vt,
@@ -223,6 +258,7 @@ def write_kv_kernel(
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     KV_BLOCK_SIZE: tl.constexpr,
+    FP8: tl.constexpr,  # the cache holds e4m3 bits (the pointers are uint8 views)
 ):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + tok)
@@ -236,5 +272,9 @@ def write_kv_kernel(
     k = tl.load(key_ptr + tok * stride_kt + offs_h[:, None] * stride_kh + offs_d[None, :], mask=mask)
     v = tl.load(value_ptr + tok * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
     dst = blk * stride_cb + off * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
-    tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
-    tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)
+    if FP8:
+        tl.store(k_cache_ptr + dst, _e4m3_bits(k.to(tl.float32) / k_scale), mask=mask)
+        tl.store(v_cache_ptr + dst, _e4m3_bits(v.to(tl.float32) / v_scale), mask=mask)
+    else:
+        tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
+        tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)

@@ -16,6 +16,8 @@ ArrayT = TypeVar("ArrayT")  # the device array type: torch.Tensor, mx.array, ...
 
 # Dtype names a backend may list in ``supported_dtypes`` (the names kvik's configs use).
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
+# Cache dtype names a backend may list in ``supported_kv_cache_dtypes`` (ResolvedConfig.kv_cache_dtype).
+KV_CACHE_DTYPE_NAMES = ("auto", "fp8_e4m3")
 
 
 @dataclass(slots=True)
@@ -78,6 +80,15 @@ class AttentionBackend(ABC, Generic[ArrayT]):
     # Gemma 2's attention logit soft-capping: ``cap * tanh(score / cap)`` before the mask
     # and softmax. A backend that implements it sets this and honours ``logits_soft_cap``.
     supports_logits_soft_cap: ClassVar[bool] = False
+    # What the paged cache may hold (KV_CACHE_DTYPE_NAMES): "auto" is the model dtype; a backend
+    # listing "fp8_e4m3" quantizes writes (x / scale, clamped to +-448) and dequantizes reads with
+    # the layer's ``k_scale`` / ``v_scale`` whenever the cache tensor it is handed is float8_e4m3fn.
+    supported_kv_cache_dtypes: ClassVar[tuple[str, ...]] = ("auto",)
+    # Per-layer (per-tensor) FP8 scales: cache value = x / scale, x = cache value * scale. 1.0 until
+    # the checkpoint's k_scale / v_scale are loaded (kv_scales_from_checkpoint then turns True).
+    k_scale: float = 1.0
+    v_scale: float = 1.0
+    kv_scales_from_checkpoint: bool = False
     # Deterministic mode (``deterministic=True``): built with ``batch_invariant=True``, the backend
     # reduces each query row over its keys in an order fixed by the row's own request (fixed KV
     # tiles at absolute positions, no split count that depends on the batch, one kernel for decode
@@ -127,6 +138,13 @@ class AttentionBackend(ABC, Generic[ArrayT]):
         if sliding_window is not None and not cls.supports_sliding_window:
             reasons.append("sliding window attention is not supported")
         return reasons
+
+    def set_kv_scale(self, which: str, value: float) -> None:
+        """Set the FP8 cache scale ``which`` ("k" or "v") read from the checkpoint; ValueError if not positive."""
+        if not value > 0 or value == float("inf"):
+            raise ValueError(f"the checkpoint's {which}_scale must be a positive finite number, got {value}")
+        setattr(self, f"{which}_scale", float(value))
+        self.kv_scales_from_checkpoint = True
 
     @staticmethod
     def kv_cache_shape(num_blocks: int, block_size: int, num_kv_heads: int, head_size: int) -> tuple[int, ...]:

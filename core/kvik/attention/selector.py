@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from kvik.attention.backend import AttentionBackend
+from kvik.config import resolve_kv_cache_dtype
 from kvik.plugins.manager import PluginManager, get_plugin_manager
 from kvik.plugins.registry import PluginError
 
@@ -40,8 +41,16 @@ def select_attention_backend(
         sliding_window=sliding_window,
     )
 
+    kv_cache_dtype = resolve_kv_cache_dtype(getattr(config, "kv_cache_dtype", "auto"))  # "fp8" -> "fp8_e4m3"
+
     def refuse(cls: type[AttentionBackend[Any]]) -> list[str]:
         reasons = cls.validate(**kwargs)
+        if kv_cache_dtype not in cls.supported_kv_cache_dtypes:
+            held = [d for d in cls.supported_kv_cache_dtypes if d != "auto"]
+            reasons.append(
+                f"kv_cache_dtype={kv_cache_dtype!r} is not supported (its cache holds the model dtype"
+                + (f" or {', '.join(held)}" if held else " only") + "); use kv_cache_dtype='auto'"
+            )
         if logits_soft_cap is not None and not cls.supports_logits_soft_cap:
             reasons.append(f"attention logit soft-capping (attn_logit_softcapping={logits_soft_cap}) is not supported")
         if getattr(config, "deterministic", False) and not cls.supports_batch_invariance:
@@ -70,7 +79,20 @@ def select_attention_backend(
             return cls
         problems.append(f"{name}: {'; '.join(reasons)}")
     detail = "\n  ".join(problems) or "the platform lists no attention backends"
+    if kv_cache_dtype != "auto":
+        holders = [n for n in manager.attention_backends.names() if _holds(manager, n, kv_cache_dtype)]
+        detail += (
+            f"\n  (kv_cache_dtype={kv_cache_dtype!r} is held by the attention backends "
+            f"{', '.join(holders) or 'none registered'}; use a platform that runs one of them, or kv_cache_dtype='auto')"
+        )
     raise ValueError(
         f"no attention backend of platform {platform.name!r} can run head size {head_size}, dtype {dtype}, "
         f"block size {block_size}, sliding window {sliding_window}:\n  {detail}"
     )
+
+
+def _holds(manager: PluginManager, name: str, kv_cache_dtype: str) -> bool:
+    try:
+        return kv_cache_dtype in manager.attention_backends.get(name).supported_kv_cache_dtypes
+    except PluginError:
+        return False

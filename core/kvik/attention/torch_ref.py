@@ -3,6 +3,10 @@
 Runs on any torch device, any head size, with sliding windows and GQA. Work is
 vectorised: all decode rows of a step share one gather and one attention call;
 each prefill chunk gets one gather and one attention call.
+
+An FP8 cache (``kv_cache_dtype="fp8"``, :mod:`kvik.attention.fp8_kv`) is quantized on
+write and dequantized after each gather; attention always reads K/V through the cache
+then, new tokens included, so every backend attends over the same (quantized) values.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from kvik.attention import fp8_kv
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.attention.invariant_ref import invariant_attention
 
@@ -85,6 +90,7 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
     supported_device_types = ("cpu", "cuda", "mps")
     supports_sliding_window = True
     supports_logits_soft_cap = True
+    supported_kv_cache_dtypes = ("auto", "fp8_e4m3")
     # deterministic=True: attention through kvik.attention.invariant_ref (fixed-shape blocks, no SDPA).
     supports_batch_invariance = True
 
@@ -134,8 +140,8 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
         k_cache = kv_cache[0].view(-1, self.num_kv_heads, self.head_size)  # [num_slots, kvh, D]
         v_cache = kv_cache[1].view(-1, self.num_kv_heads, self.head_size)
         n = metadata.num_tokens
-        k_cache.index_copy_(0, metadata.slot_mapping[:n], key[:n].to(k_cache.dtype))
-        v_cache.index_copy_(0, metadata.slot_mapping[:n], value[:n].to(v_cache.dtype))
+        fp8_kv.write_slots(k_cache, metadata.slot_mapping[:n], key[:n], self.k_scale)
+        fp8_kv.write_slots(v_cache, metadata.slot_mapping[:n], value[:n], self.v_scale)
 
         if self.batch_invariant:
             if self.logits_soft_cap:
@@ -149,7 +155,7 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
         if plan.decode_rows is not None:
             out.index_copy_(0, plan.decode_rows, self._decode(query.index_select(0, plan.decode_rows), kv_cache, plan))
         for p in plan.prefills:
-            out[p.start : p.end] = self._prefill(query, key, value, k_cache, v_cache, p, plan)
+            out[p.start : p.end] = self._prefill(query, key, value, k_cache, v_cache, p, plan, metadata)
         return out
 
     def _decode(self, query: torch.Tensor, kv_cache: torch.Tensor, plan: _Plan) -> torch.Tensor:
@@ -161,8 +167,11 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
         # become `group` query rows of that head. q: [nd, kvh, group, D].
         q = query.reshape(nd, kvh, self.num_heads // kvh, d)
         # K and V in one gather: [2, nd * max_len, kvh, D] -> [2, nd, kvh, max_len, D]
-        kv = kv_cache.view(2, -1, kvh, d).index_select(1, plan.decode_slots.reshape(-1))
+        kv = fp8_kv.index_select(kv_cache.view(2, -1, kvh, d), 1, plan.decode_slots.reshape(-1))
         kv = kv.view(2, nd, max_len, kvh, d).transpose(2, 3).to(q.dtype)
+        if fp8_kv.is_fp8(kv_cache) and (self.k_scale != 1.0 or self.v_scale != 1.0):
+            kv[0].mul_(self.k_scale)
+            kv[1].mul_(self.v_scale)
         mask = self._decode_mask(plan, q.dtype)
         if self.logits_soft_cap:
             o = _soft_capped(q, kv[0], kv[1], mask, self.scale, self.logits_soft_cap)
@@ -192,9 +201,14 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
         v_cache: torch.Tensor,
         p: _Prefill,
         plan: _Plan,
+        metadata: AttentionMetadata[torch.Tensor],
     ) -> torch.Tensor:
         q = query[p.start : p.end].transpose(0, 1)[None]  # [1, H, q, D]
-        if p.slots is None:  # no cached prefix: the new K/V are the whole context
+        if fp8_kv.is_fp8(k_cache):  # the quantized values, as every later step will read them
+            slots = metadata.slot_mapping[p.start : p.end] if p.slots is None else p.slots
+            k = fp8_kv.dequantize(fp8_kv.index_select(k_cache, 0, slots), self.k_scale, q.dtype)
+            v = fp8_kv.dequantize(fp8_kv.index_select(v_cache, 0, slots), self.v_scale, q.dtype)
+        elif p.slots is None:  # no cached prefix: the new K/V are the whole context
             k, v = key[p.start : p.end], value[p.start : p.end]
         else:
             k, v = k_cache.index_select(0, p.slots), v_cache.index_select(0, p.slots)

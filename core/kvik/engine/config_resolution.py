@@ -21,7 +21,15 @@ from dataclasses import MISSING, dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Any
 
 from kvik.attention.selector import select_attention_backend
-from kvik.config import EngineConfig, LoadFormat, ModelConfig, ResolvedConfig, SchedulingPolicy, WeightsMode
+from kvik.config import (
+    EngineConfig,
+    LoadFormat,
+    ModelConfig,
+    ResolvedConfig,
+    SchedulingPolicy,
+    WeightsMode,
+    resolve_kv_cache_dtype,
+)
 from kvik.distributed.checks import check_parallel
 from kvik.models.formats import ModelFormat
 from kvik.models.hub import TOKENIZER_FILES, resolve_model_path
@@ -154,6 +162,12 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         sources["quantized_weights"] = f"platform {platform.name}"
     if draft.enable_lora:
         _check_lora(draft, model_config, quantized_weights)
+    checkpoint_quant = model_format.quantization()
+    if checkpoint_quant is not None and checkpoint_quant[1].get("kv_cache_scheme") and draft.kv_cache_dtype == "auto":
+        notes.append(
+            f"the checkpoint carries FP8 KV-cache scales (kv_cache_scheme); kv_cache_dtype='auto' keeps K/V in "
+            f"{model_config.dtype}: pass kv_cache_dtype='fp8' to use them (and hold twice the tokens)"
+        )
     if draft.deterministic:
         _check_deterministic(draft, model_config, quantized_weights)
 
@@ -180,6 +194,7 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         max_cpu_loras=max(draft.max_cpu_loras or draft.max_loras, draft.max_loras),
         distributed_executor_backend=_executor_name(draft, platform, sources),
         device_offset=draft.data_parallel_rank * draft.tensor_parallel_size * draft.pipeline_parallel_size,
+        kv_cache_dtype=resolve_kv_cache_dtype(draft.kv_cache_dtype),
     )
     if draft.max_cpu_loras is None and draft.enable_lora:
         sources["max_cpu_loras"] = "derived: max_loras"
@@ -255,6 +270,8 @@ def _check_deterministic(draft: EngineConfig, model_config: ModelConfig, quantiz
         problems.append("speculative decoding (verification steps are not covered)")
     if draft.runner == "pooling":
         problems.append("runner='pooling' (deterministic mode covers generation)")
+    if resolve_kv_cache_dtype(draft.kv_cache_dtype) != "auto":
+        problems.append("kv_cache_dtype='fp8' (the batch-invariant attention reads a model-dtype cache; use 'auto')")
     if model_config.architecture == FALLBACK_ARCHITECTURE:
         problems.append("transformers' modelling code (the fallback or model_impl='transformers'): kvik's native code only")
     if problems:

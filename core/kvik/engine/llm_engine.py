@@ -86,6 +86,8 @@ class EngineStats:
     spec_drafted_per_position: tuple[int, ...] = ()  # [i]: verify steps that drafted at least i + 1 tokens
     spec_method: str = ""  # the speculative method ("" when off)
     spec_disabled_steps: int = 0  # steps that proposed nothing because the batch reached disable_by_batch_size
+    kv_cache_tokens: int = 0  # capacity: tokens the KV cache holds (blocks x block size)
+    kv_cache_dtype: str = ""  # what it holds: the model dtype (kv_cache_dtype="auto") or "fp8_e4m3"
 
     @property
     def prefix_cache_hit_rate(self) -> float:
@@ -197,8 +199,11 @@ class LLMEngine:
         self._num_steps = 0
         self._spec_disabled_steps = 0
         self._last_step_time = time.monotonic()
+        # The cache's element type as the log and /metrics report it (fp8 holds 2x a 16-bit cache's tokens).
+        self.kv_cache_dtype_name = self.model_config.dtype if cfg.kv_cache_dtype == "auto" else cfg.kv_cache_dtype
         progress.finish(
             f"model {format_bytes(self._weight_bytes)}, KV cache {format_bytes(self.memory_plan.kv_bytes)} "
+            f"{self.kv_cache_dtype_name} "
             f"for {format_tokens(self.memory_plan.kv_tokens)} tokens (max_model_len {self.model_config.max_model_len})"
         )
         logger.info(
@@ -581,6 +586,8 @@ class LLMEngine:
             spec_drafted_per_position=stats.spec_drafted_per_position,
             spec_method=self.config.speculative_config.method if self.config.speculative_config else "",
             spec_disabled_steps=self._spec_disabled_steps,
+            kv_cache_tokens=self.memory_plan.kv_tokens,
+            kv_cache_dtype=self.kv_cache_dtype_name,
         )
 
     def shutdown(self) -> None:

@@ -5,7 +5,8 @@ Checkpoint names are first passed through the architecture's ``sanitize``; then
 merged ``qkv_proj`` / ``gate_up_proj`` :class:`~kvik.layers.linear.Linear` (a
 checkpoint that ships the merged tensor, like Phi-3's, loads it whole), a module
 with a ``load_checkpoint_weight`` method (MoE experts) loads the names under it
-itself, and everything else is copied into the parameter of the same name.
+itself, FP8 KV-cache scales go to the layer's attention backend (:mod:`kvik.models.kv_scales`),
+and everything else is copied into the parameter of the same name.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 from torch import nn
 
 from kvik.layers.linear import Linear
+from kvik.models.kv_scales import attribute_backend, load_kv_scale
 
 # HF projection name -> (our merged module, shard index)
 _MERGED = {
@@ -57,6 +59,9 @@ class HFWeightLoader(_Base):  # type: ignore[misc,valid-type]
                 consumed.add(original)
                 continue
             if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head.tied):
+                consumed.add(original)
+                continue
+            if load_kv_scale(name, value, lambda path: attribute_backend(self, path)):
                 consumed.add(original)
                 continue
             try:

@@ -33,6 +33,7 @@ from torch import nn
 
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.models.interface import ModelBuildContext
+from kvik.models.kv_scales import load_kv_scale
 
 ATTENTION_NAME = "kvik_paged"  # the attn_implementation name registered with transformers
 
@@ -151,6 +152,8 @@ class TransformersForCausalLM(nn.Module):
         for stored_name, value in weights:
             name = rename(stored_name)
             target = state.get(name)
+            if target is None and load_kv_scale(name, value, self._attention_at):  # FP8 KV-cache scales
+                continue
             if target is None:
                 unknown.append(name)
                 continue
@@ -166,6 +169,15 @@ class TransformersForCausalLM(nn.Module):
             raise ValueError(f"checkpoint has weights {type(self.hf).__name__} does not have: {shown}")
         self.hf.tie_weights()
         return set(self._loaded)
+
+    def _attention_at(self, path: str) -> AttentionBackend | None:
+        """kvik's attention backend for the transformers attention module at ``path``, if it is one."""
+        try:
+            module = self.hf.get_submodule(path)
+        except AttributeError:
+            return None
+        index = self.layer_of.get(id(module))
+        return None if index is None else self.attention[index]
 
     def missing_weights(self) -> list[str]:
         """Parameters no checkpoint tensor reached (tied ones share a loaded parameter and are not listed)."""

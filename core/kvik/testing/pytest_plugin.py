@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 # The conformance checks, re-exported lazily (they import torch).
 _CONFORMANCE = {
     "check_attention_backend": "kvik.testing.conformance.attention",
+    "check_fp8_kv_cache": "kvik.testing.conformance.fp8_kv",
     "check_batch_invariance": "kvik.testing.conformance.batch_invariance",
     "check_quantization_method": "kvik.testing.conformance.quantization",
     "check_platform": "kvik.testing.conformance.platform",

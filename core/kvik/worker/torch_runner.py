@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from kvik.attention import fp8_kv
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.config import LoadFormat, ModelConfig, ResolvedConfig, WeightsMode
 from kvik.distributed.parallel_state import get_parallel_state
@@ -101,6 +102,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.platform = platform
         self.manager = manager or get_plugin_manager()
         self.dtype: torch.dtype = getattr(torch, model_config.dtype)
+        # What the paged KV cache holds: the model dtype, or float8 e4m3 (kv_cache_dtype="fp8").
+        self.kv_cache_dtype: torch.dtype = fp8_kv.cache_dtype(config.kv_cache_dtype, self.dtype)
         self.model: nn.Module | None = None
         self.attn_backend: type[AttentionBackend[torch.Tensor]] | None = None
         self.attn_layers: list[AttentionBackend[torch.Tensor]] = []
@@ -186,6 +189,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
                 n = dequantize_model(model, self.dtype)
             logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)
         self.model = model
+        self._note_kv_scales()
         if self.config.deterministic:
             counts = make_batch_invariant(model, self.batch_invariant_kernels())
             logger.info("deterministic mode: batch-invariant %s", describe_counts(counts))
@@ -203,6 +207,26 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             self.weight_bytes() / 2**20,
             backend_cls.name,
         )
+
+    def _note_kv_scales(self) -> None:
+        """With an FP8 cache, say where each layer's K/V scales come from (once, at load)."""
+        if self.kv_cache_dtype != fp8_kv.FP8_DTYPE or not self.attn_layers:
+            return
+        given = sum(layer.kv_scales_from_checkpoint for layer in self.attn_layers)
+        if given == len(self.attn_layers):
+            k = [layer.k_scale for layer in self.attn_layers]
+            v = [layer.v_scale for layer in self.attn_layers]
+            logger.info(
+                "kv_cache_dtype=fp8_e4m3: k_scale/v_scale of %d layers from the checkpoint "
+                "(k %.4g..%.4g, v %.4g..%.4g)", given, min(k), max(k), min(v), max(v),
+            )  # fmt: skip
+        else:
+            logger.info(
+                "kv_cache_dtype=fp8_e4m3: the checkpoint has no k_scale/v_scale for %d of %d attention layers; "
+                "those use scale 1.0 (K/V values beyond +-448 saturate). A checkpoint calibrated with a "
+                "kv_cache_scheme (llm-compressor) carries per-layer scales", len(self.attn_layers) - given,
+                len(self.attn_layers),
+            )  # fmt: skip
 
     def batch_invariant_kernels(self) -> InvariantKernels:
         """The kernels deterministic mode runs (kvik.layers.batch_invariant); device runners override."""
@@ -271,7 +295,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             # Blocks are the scheduler's bookkeeping only: nothing is allocated for them. One byte keeps
             # the memory planner's arithmetic; its pool is capped at what max_num_seqs requests can use.
             return 1
-        per_layer = math.prod(self._cache_shape(1, block_size)) * self.dtype.itemsize
+        per_layer = math.prod(self._cache_shape(1, block_size)) * self.kv_cache_dtype.itemsize
         drafter = self.drafter.kv_block_bytes(block_size) if self.drafter is not None else 0
         # A pipeline stage caches its own layers: one cache per attention layer it built.
         layers = len(self.attn_layers) if self.model is not None else self.model_config.num_layers
@@ -281,7 +305,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         # Zeroed, not empty: padded block-table entries point at block 0 and are
         # masked, but 0 * NaN from uninitialised memory would still poison a row.
         shape = self._cache_shape(num_blocks, self.block_size)
-        return [torch.zeros(shape, dtype=self.dtype, device=self.device) for _ in self.attn_layers]
+        return [torch.zeros(shape, dtype=self.kv_cache_dtype, device=self.device) for _ in self.attn_layers]
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         if self.model is None:

@@ -120,7 +120,27 @@ class TorchGPUPlatform(Platform):
             )
         if config.enforce_eager:
             notes.append("enforce_eager: CUDA graphs are off")
+        if config.kv_cache_dtype != "auto" and config.attention_backend == "triton":
+            self._check_fp8_kv_cache()
         return notes
+
+    def _check_fp8_kv_cache(self) -> None:
+        """The Triton kernels load float8 e4m3 tiles (``fp8e4nv``): NVIDIA compute capability >= 8.9 only."""
+        alternatives = (
+            "use kv_cache_dtype='auto', or attention_backend='torch_ref' (dequantizes in PyTorch; slower)"
+        )
+        if self.runtime == "hip":
+            raise ValueError(
+                f"kv_cache_dtype='fp8' with the triton attention backend is not verified on {self.runtime_label} "
+                f"GPUs (AMD's native FP8 is e4m3fnuz, not e4m3fn); {alternatives}"
+            )
+        major, minor = torch.cuda.get_device_capability(self.device)
+        if (major, minor) < (8, 9):
+            raise ValueError(
+                f"kv_cache_dtype='fp8' with the triton attention backend needs an NVIDIA GPU of compute capability "
+                f">= 8.9 (L4, L40S, H100, H200, ...); {torch.cuda.get_device_name(self.device)} is {major}.{minor}: "
+                f"{alternatives}"
+            )
 
     def quantized_weights_mode(self, config: EngineConfig, method: str) -> WeightsMode:
         """Packed when the method has GPU kernels (``QuantizationMethod.devices`` lists "cuda"), else dense."""

@@ -7,8 +7,12 @@ config classes; its one scheme then maps onto a kvik-quant layer method:
 * ``pack-quantized`` INT4 weight-only (``W4A16``, ``W4A16_ASYM``) -> :class:`CompressedTensorsInt4Method`;
 * ``int-quantized`` INT8 W8A8 (``INT8_W8A8``, ``W8A8``) -> :class:`kvik_quant.int8.Int8LinearMethod`.
 
-Other schemes (NVFP4, MXFP4, 2:4 sparsity, several schemes in one
-checkpoint, quantized KV cache) are refused at start-up with the scheme named.
+A ``kv_cache_scheme`` of FP8 (8-bit float, per-tensor or per-head static scales) is
+accepted: its ``self_attn.k_scale`` / ``v_scale`` tensors load into each layer's
+attention backend (:mod:`kvik.models.kv_scales`) and are used with ``kv_cache_dtype="fp8"``.
+
+Other schemes (NVFP4, MXFP4, 2:4 sparsity, several schemes in one checkpoint, an
+INT8 KV cache) are refused at start-up with the scheme named.
 """
 
 from __future__ import annotations
@@ -85,8 +89,13 @@ def method_for_scheme(config: dict[str, Any]) -> QuantizationMethod:
             f"({', '.join(qc.config_groups)}); kvik-quant applies one scheme to every linear layer"
         )
     scheme = next(iter(qc.config_groups.values()))
-    for extra, what in ((qc.kv_cache_scheme, "a quantized KV cache (kv_cache_scheme)"),
-                        (config.get("sparsity_config"), "sparsity (sparsity_config)"),
+    kv = qc.kv_cache_scheme
+    if kv is not None and not (kv.type == "float" and kv.num_bits == 8 and str(kv.strategy) in ("tensor", "head")):
+        raise ValueError(
+            f"compressed-tensors: a {kv.type}{kv.num_bits} {kv.strategy} KV cache (kv_cache_scheme) is not supported; "
+            "kvik reads FP8 KV-cache scales (float8, per tensor or per head), used with kv_cache_dtype='fp8'"
+        )
+    for extra, what in ((config.get("sparsity_config"), "sparsity (sparsity_config)"),
                         (config.get("transform_config"), "transforms (transform_config)")):  # fmt: skip
         if extra:
             raise ValueError(f"compressed-tensors: {what} is not supported by kvik-quant; supported: {SUPPORTED}")

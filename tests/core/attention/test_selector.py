@@ -29,6 +29,11 @@ class NoCap(TorchRefAttentionBackend):
     supports_logits_soft_cap = False
 
 
+class NoFp8(TorchRefAttentionBackend):
+    name = "no_fp8"
+    supported_kv_cache_dtypes = ("auto",)
+
+
 class FakePlatform(Platform):
     name = "fake"
     device_type = "cpu"
@@ -57,6 +62,7 @@ def manager() -> PluginManager:
         register("only128", f"{__name__}:Only128")
         register("no_window", f"{__name__}:NoWindow")
         register("no_cap", f"{__name__}:NoCap")
+        register("no_fp8", f"{__name__}:NoFp8")
 
     plugin.kvik_register_attention_backends = kvik_register_attention_backends
     pm.register(plugin, "fake_backends")
@@ -106,3 +112,18 @@ def test_soft_capped_models_skip_backends_without_the_capability(manager: Plugin
         pick("no_cap", cap=50.0)
     with pytest.raises(ValueError, match="does not support attention logit soft-capping"):
         NoCap(4, 64, 4, 0.125, None, logits_soft_cap=50.0)
+
+
+def test_an_fp8_kv_cache_skips_backends_that_cannot_hold_it(manager: PluginManager) -> None:
+    class Prefers(FakePlatform):
+        attention_backends = ("no_fp8", "torch_ref")
+
+    def pick(kv_cache_dtype: str, attention_backend: str = "") -> type:
+        config = EngineConfig(block_size=16, kv_cache_dtype=kv_cache_dtype, attention_backend=attention_backend)
+        return select_attention_backend(Prefers(), config, 64, "float32", None, manager)
+
+    assert pick("auto") is NoFp8
+    assert pick("fp8") is TorchRefAttentionBackend  # torch_ref holds float8 e4m3
+    with pytest.raises(ValueError, match=r"'no_fp8' cannot run .*kv_cache_dtype='fp8_e4m3' is not supported "
+                                         r"\(its cache holds the model dtype only\); use kv_cache_dtype='auto'"):
+        pick("fp8_e4m3", attention_backend="no_fp8")

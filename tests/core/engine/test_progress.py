@@ -67,7 +67,7 @@ def test_an_engine_start_reports_its_steps_and_a_summary(tiny_model_dir, capsys,
         assert f"{name} ..." in err or f"{name} (" in err, err
     summary = [line for line in err.splitlines() if line.startswith("kvik: ready in ")]
     assert len(summary) == 1
-    assert re.search(r"model \d+ KiB, KV cache \d+ KiB for 512 tokens \(max_model_len 128\)", summary[0]), summary
+    assert re.search(r"model \d+ KiB, KV cache \d+ KiB float32 for 512 tokens \(max_model_len 128\)", summary[0]), summary
 
 
 def test_without_a_terminal_only_the_summary_line_is_printed(tiny_model_dir, capsys, monkeypatch):

@@ -33,6 +33,7 @@ def _kvik(*args: str, timeout: int = 120, env: dict[str, str] | None = None) -> 
         (["--top-p", "0"], "--top-p must be in (0, 1]"),
         (["--max-model-len", "abc"], "--max-model-len"),
         (["--kv-cache-memory", "lots"], "--kv-cache-memory"),
+        (["--kv-cache-dtype", "fp4"], "--kv-cache-dtype: invalid choice: 'fp4'"),
     ],
 )
 def test_a_bad_flag_fails_in_under_two_seconds_without_loading_a_model(tmp_path, flags, named):

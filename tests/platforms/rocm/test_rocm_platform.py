@@ -86,3 +86,28 @@ def test_resolution_uses_the_gpu_defaults(monkeypatch: pytest.MonkeyPatch, tiny_
     fake_gpu(monkeypatch, "hip", True)
     config = resolve_config(EngineConfig(model=str(tiny_model_dir("llama"))), ROCmPlatform(), kvik_plugin_manager).config
     assert (config.block_size, config.max_num_batched_tokens, config.max_num_seqs) == (16, 8192, 256)
+
+
+@pytest.mark.parametrize(("build", "capability", "refused"), [("cuda", (8, 0), "compute capability >= 8.9"),
+                                                              ("cuda", (9, 0), None), ("hip", (9, 4), "not verified")])  # fmt: skip
+def test_fp8_kv_cache_on_the_triton_backend_needs_an_fp8_gpu(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir, kvik_plugin_manager, build: str, capability: tuple[int, int],
+    refused: str | None,
+) -> None:  # fmt: skip
+    from kvik_triton_attention import plugin as triton_plugin
+
+    kvik_plugin_manager.register(triton_plugin, "triton", "kvik-triton-attention")
+    fake_gpu(monkeypatch, build, True)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "Fake GPU")
+    platform = CUDAPlatform() if build == "cuda" else ROCmPlatform()
+    user = EngineConfig(model=str(tiny_model_dir("llama")), kv_cache_dtype="fp8")
+    if refused is None:
+        config = resolve_config(user, platform, kvik_plugin_manager).config
+        assert (config.attention_backend, config.kv_cache_dtype) == ("triton", "fp8_e4m3")
+        return
+    with pytest.raises(ValueError, match=rf"kv_cache_dtype='fp8' with the triton attention backend .*{refused}"
+                                         r".*attention_backend='torch_ref'"):  # fmt: skip
+        resolve_config(user, platform, kvik_plugin_manager)
+    torch_ref = EngineConfig(model=str(tiny_model_dir("llama")), kv_cache_dtype="fp8", attention_backend="torch_ref")
+    assert resolve_config(torch_ref, platform, kvik_plugin_manager).config.attention_backend == "torch_ref"

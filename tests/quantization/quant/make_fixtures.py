@@ -83,6 +83,10 @@ def main() -> None:
     build("ct_fp8_block", QuantizationModifier(targets="Linear", scheme="FP8_BLOCK", ignore=["lm_head"]), False)
     build("ct_w4a16_g128", GPTQModifier(targets="Linear", scheme="W4A16", ignore=["lm_head"]), True)
     build("ct_w4a16_asym_g128", GPTQModifier(targets="Linear", scheme="W4A16_ASYM", ignore=["lm_head"]), True)
+    # FP8 weights plus a calibrated FP8 KV cache: per-layer self_attn.k_scale / v_scale tensors.
+    kv_scheme = {"num_bits": 8, "type": "float", "strategy": "tensor", "dynamic": False, "symmetric": True}
+    build("ct_fp8_kv", QuantizationModifier(targets="Linear", scheme="FP8_DYNAMIC", ignore=["lm_head"],
+                                            kv_cache_scheme=kv_scheme), True)  # fmt: skip
 
 
 def _only(names: set[str]):  # type: ignore[no-untyped-def]

@@ -1,0 +1,66 @@
+"""The triton backend on an FP8 (e4m3) KV cache: the write kernel's quantization and the kernels' reads.
+
+Without a GPU the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed (pip install --no-deps triton)")
+
+from kvik.attention import fp8_kv
+from kvik.attention.torch_ref import TorchRefAttentionBackend
+from kvik.testing.conformance.fp8_kv import check_fp8_kv_cache
+from kvik_triton_attention.testing import SmallTileTritonAttentionBackend
+
+from .paged_batch import fresh_metadata, make_step
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if torch.cuda.is_available() else torch.float32
+
+
+class SplitKV(SmallTileTritonAttentionBackend):
+    force_num_splits = 4
+
+
+def test_write_kernel_rounds_like_torch_on_every_e4m3_value_and_midpoint() -> None:
+    """Each finite e4m3 value, the midpoints between neighbours (ties go to the even mantissa), and values
+    past the saturation point, written by the kernel, read back as torch's own float8 cast of them."""
+    grid = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(fp8_kv.FP8_DTYPE).float()
+    grid = grid[~grid.isnan()].unique()
+    mids = (grid[1:] + grid[:-1]) / 2
+    x = torch.cat([grid, mids, mids.nextafter(torch.tensor(float("inf"))), torch.tensor([500.0, -1e4, 449.0])])
+    heads, head_size = 2, 16
+    x = torch.nn.functional.pad(x, (0, -x.numel() % (heads * head_size))).view(-1, heads, head_size)
+    backend = SmallTileTritonAttentionBackend(heads, head_size, heads, 0.25)
+    backend.set_kv_scale("k", 1.0)
+    backend.set_kv_scale("v", 0.5)
+    n = x.shape[0]
+    cache = torch.zeros(2, n, 1, heads, head_size, dtype=fp8_kv.FP8_DTYPE, device=DEVICE)
+    backend.write_kv(x.to(DEVICE), x.to(DEVICE), cache, torch.arange(n, device=DEVICE))
+    assert torch.equal(cache[0].view(n, heads, head_size).cpu().float(), fp8_kv.quantize(x, 1.0).float())
+    assert torch.equal(cache[1].view(n, heads, head_size).cpu().float(), fp8_kv.quantize(x, 0.5).float())
+
+
+@pytest.mark.parametrize("window", [None, 7])
+def test_triton_fp8_cache_matches_attention_over_the_dequantized_cache(window: int | None) -> None:
+    check_fp8_kv_cache(SmallTileTritonAttentionBackend, DEVICE, DTYPE, window=window, seed=3)
+
+
+def test_split_kv_decode_on_an_fp8_cache_matches_torch_ref() -> None:
+    """Decode-only steps take the split-KV (flash-decoding) path: V's scale must survive the split reduction."""
+    step = make_step([(70, 1), (33, 1), (5, 1)], num_heads=8, num_kv_heads=2, head_size=32, block_size=16,
+                     dtype=torch.float32, device=DEVICE)  # fmt: skip
+    cache = fp8_kv.quantize(step.kv_cache * 3.0, 2.0)  # k and v both stored at scale 2
+    outs = []
+    for cls in (SplitKV, TorchRefAttentionBackend):
+        backend = cls(8, 32, 2, 32**-0.5)
+        backend.set_kv_scale("k", 2.0)
+        backend.set_kv_scale("v", 2.0)
+        meta = fresh_metadata(step.metadata)
+        cls.prepare(meta)
+        q = step.query.to(DTYPE)
+        outs.append(backend.forward(q, step.key.to(DTYPE), step.value.to(DTYPE), cache.clone(), meta).float())
+    assert torch.allclose(outs[0], outs[1], atol=1e-3 if torch.float32 == DTYPE else 5e-2, rtol=1e-3)
