@@ -22,11 +22,14 @@ class RequestStatus(enum.IntEnum):
 
     @property
     def is_finished(self) -> bool:
-        return self >= RequestStatus.FINISHED_STOPPED
+        return self >= FIRST_FINISHED
 
     @property
     def finish_reason(self) -> str | None:
         return {10: "stop", 11: "length", 12: "abort"}.get(int(self))
+
+
+FIRST_FINISHED = int(RequestStatus.FINISHED_STOPPED)  # a plain int: compared per request per step
 
 
 @dataclass(slots=True, eq=False)
@@ -93,7 +96,7 @@ class Request:
 
     @property
     def is_finished(self) -> bool:
-        return self.status.is_finished
+        return self.status >= FIRST_FINISHED  # RequestStatus.is_finished, without a second property call
 
     def append_output_token(self, token_id: int) -> None:
         self.output_token_ids.append(token_id)

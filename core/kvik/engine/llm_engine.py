@@ -15,6 +15,8 @@ import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
+from itertools import repeat
+from operator import attrgetter
 from typing import Any
 
 import numpy as np
@@ -45,6 +47,10 @@ from kvik.structured.manager import StructuredOutputManager
 from kvik.worker.interface import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
+# Per-request reads in the step, through map (no Python frame per request).
+_reads_output_history = attrgetter("reads_output_history")
+_pooling_params = attrgetter("pooling_params")
+_request_id = attrgetter("request_id")
 
 
 @dataclass(slots=True)
@@ -471,7 +477,7 @@ class LLMEngine:
         scheduling: launch the next step, then finish the one in flight (whose
         outputs are returned).
         """
-        if not self.async_scheduling or any(r.reads_output_history for r in self.scheduler.running):
+        if not self.async_scheduling or any(map(_reads_output_history, self.scheduler.running)):
             outputs = self._finish_in_flight()
             if self.proposer is not None:
                 self._propose(self.proposer)
@@ -526,7 +532,7 @@ class LLMEngine:
         """Wait for a launched step's samples and apply them: stop rules, grammars, detokenization."""
         runner_output = handle.result()
         updated = self.scheduler.update_from_output(scheduler_output, runner_output)
-        pooled = [r for r in updated if r.pooling_params is not None]
+        pooled = [r for r in updated if r.pooling_params is not None] if any(map(_pooling_params, updated)) else []
         if pooled:
             updated = [r for r in updated if r.pooling_params is None]
         grammar_done = self.structured.accept(updated)
@@ -543,7 +549,7 @@ class LLMEngine:
                     self.proposer.request_finished(request)
         sampled = runner_output.sampled_token_ids
         # Tokens dropped after a stop aside, each updated request got its sampled tokens.
-        self._generation_tokens_total += sum(len(sampled.get(r.request_id, ())) for r in updated)
+        self._generation_tokens_total += sum(map(len, map(sampled.get, map(_request_id, updated), repeat(()))))
         self._num_steps += 1
         self._last_step_time = time.monotonic()
         self._pooled_outputs.extend(self._pooling_output(r) for r in pooled)

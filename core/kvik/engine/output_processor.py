@@ -83,20 +83,25 @@ class OutputProcessor:
         """
         now = time.time()
         touched: dict[str, RequestState] = {}
+        ended: set[str] = set()  # user requests with a sample that finished in this call
         stopped: list[str] = []
         if runner_output is not None and runner_output.prompt_logprobs and scheduler_output is not None:
             self._add_prompt_logprobs(runner_output, scheduler_output)
+        sample_logprobs = runner_output is not None and bool(runner_output.logprobs)
+        owners = self._owner
         for request in updated:
-            owner = self._owner.get(request.request_id)
+            owner = owners.get(request.request_id)
             if owner is None:
                 continue
             state, sample = owner
             if sample.finish_reason is not None:
                 continue
             detok = sample.detokenizer
-            # Without stop strings, a final-only request needs its text once, at the end.
-            lazy = state.params.output_kind == "final_only" and not state.params.stop
-            if detok is not None and (not lazy or request.is_finished):
+            params = state.params
+            if detok is not None and (
+                # Without stop strings, a final-only request needs its text once, at the end.
+                params.output_kind != "final_only" or params.stop or request.is_finished
+            ):
                 new_ids = request.output_token_ids[sample.num_detokenized :]
                 stop = None
                 for i, token_id in enumerate(new_ids):  # one at a time: a stop string ends at its token
@@ -113,14 +118,17 @@ class OutputProcessor:
                 if stop is not None and not request.is_finished:
                     sample.finish_reason, sample.stop_reason = "stop", stop
                     stopped.append(request.request_id)
-            if runner_output is not None and runner_output.logprobs and state.params.logprobs is not None:
-                self._add_sample_logprobs(sample, request, runner_output, state.params.logprobs)
+            if sample_logprobs and params.logprobs is not None:
+                assert runner_output is not None
+                self._add_sample_logprobs(sample, request, runner_output, params.logprobs)
             metrics = state.metrics
-            if metrics.first_token_time is None and request.num_output_tokens:
+            if metrics.first_token_time is None and request.output_token_ids:
                 metrics.first_token_time = now
             metrics.last_token_time = now
-            metrics.num_preemptions = max(metrics.num_preemptions, request.num_preemptions)
-            metrics.num_cached_tokens = max(metrics.num_cached_tokens, request.num_cached_tokens)
+            if request.num_preemptions > metrics.num_preemptions:
+                metrics.num_preemptions = request.num_preemptions
+            if request.num_cached_tokens > metrics.num_cached_tokens:
+                metrics.num_cached_tokens = request.num_cached_tokens
             if request.num_draft_tokens:
                 _add_spec_metrics(metrics, state)
             if sample.finish_reason is None and request.is_finished:
@@ -128,11 +136,14 @@ class OutputProcessor:
                 sample.stop_reason = request.stop_reason
                 if detok is not None:
                     detok.flush()
+            if sample.finish_reason is not None:
+                ended.add(state.request_id)
             touched[state.request_id] = state
+        # A user request can only become finished in a call that finished one of its samples.
         outputs = [
             self._make_output(state, now)
             for state in touched.values()
-            if state.params.output_kind == "cumulative" or state.finished
+            if state.params.output_kind == "cumulative" or (state.request_id in ended and state.finished)
         ]
         return outputs, stopped
 

@@ -8,6 +8,7 @@ beyond numpy, so a runner that does not use torch shares them unchanged.
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
@@ -21,6 +22,11 @@ if TYPE_CHECKING:
     from kvik.structured.manager import StructuredStep
 
 _MASK64 = (1 << 64) - 1
+_sampling_params = operator.attrgetter("sampling_params")
+_output_token_ids = operator.attrgetter("output_token_ids")
+_prompt_token_ids = operator.attrgetter("prompt_token_ids")
+_num_pending_outputs = operator.attrgetter("num_pending_outputs")
+_prompt_logprobs = operator.attrgetter("sampling_params.prompt_logprobs")
 
 
 @dataclass(slots=True)
@@ -40,9 +46,21 @@ class SamplingBatch:
     # wait for a computation that overlapped the forward pass).
     bitmask_rows: list[int] = field(default_factory=list)
     bitmask: Callable[[], np.ndarray] | None = None
+    _distinct: list[SamplingParams] | None = field(default=None, init=False, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.params)
+
+    @property
+    def distinct_params(self) -> list[SamplingParams]:
+        """The rows' SamplingParams objects, each once (computed on first use: fill ``params`` first).
+
+        Rows mostly share a few objects (``LLM.generate`` gives every request the same one), so
+        "does any row ask for X" is answered over these instead of once per row per step.
+        """
+        if self._distinct is None:
+            self._distinct = distinct(self.params)
+        return self._distinct
 
 
 def sampling_batch(
@@ -53,11 +71,12 @@ def sampling_batch(
     A row's output position counts the outputs still in flight (async
     scheduling), so a seeded row draws the same noise whatever the overlap.
     """
+    outputs = list(map(_output_token_ids, reqs))  # map/attrgetter: no Python frame per row
     batch = SamplingBatch(
-        params=[r.sampling_params for r in reqs],
-        output_positions=[len(r.output_token_ids) + r.num_pending_outputs for r in reqs],
-        prompt_token_ids=[r.prompt_token_ids for r in reqs],
-        output_token_ids=[r.output_token_ids for r in reqs],
+        params=list(map(_sampling_params, reqs)),
+        output_positions=list(map(operator.add, map(len, outputs), map(_num_pending_outputs, reqs))),
+        prompt_token_ids=list(map(_prompt_token_ids, reqs)),
+        output_token_ids=outputs,
         eos_token_ids=eos_token_ids,
     )
     if structured is not None and structured.request_ids:
@@ -65,6 +84,11 @@ def sampling_batch(
         batch.bitmask_rows = [row_of[rid] for rid in structured.request_ids]
         batch.bitmask = structured.bitmask
     return batch
+
+
+def distinct(params: list[SamplingParams]) -> list[SamplingParams]:
+    """``params`` without repeats of the same object, in first-seen order (C-level: no frame per row)."""
+    return list(dict(zip(map(id, params), params, strict=True)).values())
 
 
 def row_seed(seed: int, position: int) -> int:
@@ -87,6 +111,8 @@ class PromptRows:
 def prompt_logprob_rows(scheduled: list[ScheduledRequest]) -> list[PromptRows]:
     """Rows needing prompt logprobs: position ``p`` scores prompt token ``p + 1`` (the last prompt
     position predicts the first output token and is left to sampling)."""
+    if list(map(_prompt_logprobs, scheduled)).count(None) == len(scheduled):
+        return []  # the usual step: nobody asks (a C-level pass, no Python frame per request)
     found = []
     offset = 0
     for i, req in enumerate(scheduled):

@@ -49,6 +49,8 @@ def padded_ids(token_lists: Sequence[Sequence[int]], pad: int, device: torch.dev
 
 def apply_allowed_token_ids(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Rows with ``allowed_token_ids`` keep only those tokens."""
+    if not any(p.allowed_token_ids for p in batch.distinct_params):
+        return logits
     rows: list[int] = []
     cols: list[int] = []
     for i, params in enumerate(batch.params):
@@ -68,6 +70,8 @@ def apply_bad_words(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     A one-token bad word is banned always. ``bad_words_token_ids`` is filled
     by the engine from ``bad_words`` at admission.
     """
+    if not any(p.bad_words_token_ids for p in batch.distinct_params):
+        return logits
     rows: list[int] = []
     cols: list[int] = []
     for i, params in enumerate(batch.params):
@@ -85,6 +89,8 @@ def apply_bad_words(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
 
 def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Add each row's ``logit_bias[token]`` to that token's logit (OpenAI's logit_bias)."""
+    if not any(p.logit_bias for p in batch.distinct_params):
+        return logits
     rows: list[int] = []
     cols: list[int] = []
     bias: list[float] = []
@@ -101,6 +107,8 @@ def apply_logit_bias(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor
 
 def apply_min_tokens(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """Until a row has ``min_tokens`` outputs, mask EOS (unless ``ignore_eos``) and its ``stop_token_ids``."""
+    if not any(p.min_tokens for p in batch.distinct_params):
+        return logits
     rows: list[int] = []
     cols: list[int] = []
     for i, (params, position) in enumerate(zip(batch.params, batch.output_positions, strict=True)):
@@ -128,6 +136,8 @@ def apply_penalties(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     scatter into the flattened logits (outputs are sorted per row on the
     device to find each distinct token's first occurrence for presence).
     """
+    if not any(p.repetition_penalty != 1.0 or p.frequency_penalty or p.presence_penalty for p in batch.distinct_params):
+        return logits
     rows = [
         i
         for i, p in enumerate(batch.params)
@@ -211,6 +221,8 @@ def _column(values: list[float], like: torch.Tensor) -> torch.Tensor:
 
 def apply_request_processors(logits: torch.Tensor, batch: SamplingBatch) -> torch.Tensor:
     """vLLM's per-request ``SamplingParams.logits_processors`` (see :func:`call_request_processors`)."""
+    if not any(p.logits_processors for p in batch.distinct_params):
+        return logits
     for i, params in enumerate(batch.params):
         if params.logits_processors:
             output = list(batch.output_token_ids[i]) if batch.output_token_ids else []

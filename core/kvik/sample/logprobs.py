@@ -112,8 +112,8 @@ def start_sample_output(
     transfer = _Transfer()
     tokens_at = transfer.add(sampled)
     sample_at = None
-    ks = [r.sampling_params.logprobs for r in reqs]
     if raw_logprobs is not None:
+        ks = [r.sampling_params.logprobs for r in reqs]
         k = min(max(x or 0 for x in ks), raw_logprobs.shape[-1])
         ids, lps, ranks = gather_logprobs(raw_logprobs, sampled, k, stable_ties)
         sample_at = (transfer.add(ids), transfer.add(lps), transfer.add(ranks))

@@ -63,9 +63,9 @@ class Sampler:
         """logits [n, vocab] float32 -> sampled token ids [n] int64 (on the logits' device)."""
         for processor in self.logits_processors:
             logits = processor(logits, batch)
-        greedy = [p.greedy for p in batch.params]
-        if all(greedy):
+        if all(p.greedy for p in batch.distinct_params):
             return logits.argmax(dim=-1)
+        greedy = [p.greedy for p in batch.params]
         temps = [1.0 if g else float(p.temperature) for p, g in zip(batch.params, greedy, strict=True)]
         logits = logits / self._column(temps, logits)
         logits = apply_top_k_top_p(logits, batch, self._column, self.top_p_candidates, self.batch_invariant)

@@ -76,6 +76,38 @@ class KVCacheManager:
         """Block ids of the request's table, in position order (block i holds tokens [i*bs, (i+1)*bs))."""
         return list(self._block_ids.get(request.request_id, ()))
 
+    def new_block_ids(self, request_ids: list[str], sent: dict[str, int]) -> list[list[int]]:
+        """Per request, its block ids past the ``sent[request_id]`` already sent (all of them when
+        absent), with ``sent`` advanced: the block-table deltas of one step, in one call."""
+        tables = self._block_ids
+        out: list[list[int]] = []
+        for rid in request_ids:
+            ids = tables.get(rid, ())
+            start = sent.get(rid)
+            if start is None:
+                new = list(ids)
+            elif len(ids) > start:
+                new = list(ids[start:])
+            else:
+                out.append([])  # a decode step between block boundaries: nothing new (the hot case)
+                continue
+            sent[rid] = len(ids)
+            out.append(new)
+        return out
+
+    def cache_scheduled(self, requests: list[Request], num_new_tokens: list[int]) -> None:
+        """:meth:`cache_blocks` over each request's known tokens once its ``num_new_tokens`` are computed,
+        skipping in one comparison the requests that fill no block (most decodes)."""
+        if not self.enable_prefix_caching:
+            return
+        num_cached = self._num_cached
+        bs = self.block_size
+        for request, num_new in zip(requests, num_new_tokens, strict=True):
+            start = num_cached.get(request.request_id)
+            n = min(request.num_computed_tokens + num_new, len(request.all_token_ids))
+            if start is not None and n // bs > start:
+                self.cache_blocks(request, n)
+
     def get_new_block_ids(self, request: Request, start: int) -> list[int]:
         """Block ids of the request's table from index ``start`` on (a block-table delta)."""
         ids = self._block_ids.get(request.request_id, ())
@@ -131,11 +163,11 @@ class KVCacheManager:
         (hits excluded), or None, changing nothing, when the pool lacks blocks.
         """
         hits = new_computed_blocks or []
-        table = self._blocks.get(request.request_id, [])
-        if not hits and table:  # fast path (a decode step): usually no new block is needed
-            num_needed = cdiv(request.num_computed_tokens + num_new_tokens, self.block_size) - len(table)
-            if num_needed <= 0:
-                return []
+        table = self._blocks.get(request.request_id)
+        if table is None:
+            table = []
+        elif not hits and -(-(request.num_computed_tokens + num_new_tokens) // self.block_size) <= len(table):
+            return []  # the fast path (a decode step): usually no new block is needed
         assert not hits or not table, "prefix hits only apply to a request that holds no blocks"
         num_computed = request.num_computed_tokens + len(hits) * self.block_size
         num_needed = self.num_blocks_needed(num_computed + num_new_tokens) - len(table) - len(hits)

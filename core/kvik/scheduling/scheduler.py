@@ -32,14 +32,39 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterable
+from dataclasses import fields
+from operator import attrgetter, itemgetter
 
-from kvik.request import Request, RequestStatus
+from kvik.request import FIRST_FINISHED, Request, RequestStatus
 from kvik.scheduling.kv_cache_manager import KVCacheManager, cdiv
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.scheduling.request_queue import create_request_queue
 from kvik.scheduling.stats import SchedulerStats
 
 logger = logging.getLogger(__name__)
+_first, _second = itemgetter(0), itemgetter(1)
+_request_id = attrgetter("request_id")
+
+# The order Scheduler._make_scheduled passes ScheduledRequest's fields in (positionally, for speed).
+_SCHEDULED_FIELDS = (
+    "request_id",
+    "token_ids",
+    "start_pos",
+    "new_block_ids",
+    "sample",
+    "sampling_params",
+    "prompt_token_ids",
+    "output_token_ids",
+    "num_pending_tokens",
+    "num_pending_outputs",
+    "full_block_table",
+    "draft_token_ids",
+    "pooling_params",
+    "lora_request",
+)
+assert tuple(f.name for f in fields(ScheduledRequest))[: len(_SCHEDULED_FIELDS)] == _SCHEDULED_FIELDS, (
+    "ScheduledRequest's fields changed order: update Scheduler._make_scheduled"
+)
 
 
 class Scheduler:
@@ -211,13 +236,16 @@ class Scheduler:
         loras: set[int] = set()  # the adapters of this step's requests (at most max_loras)
 
         i = 0
-        while i < len(self.running) and budget > 0:
-            request = self.running[i]
-            num_new = self._num_new_tokens(request, budget)
-            if num_new == 0 or not self._lora_fits(request, loras):
+        running = self.running
+        allocate = self.kv_cache.allocate_slots
+        num_new_tokens = self._num_new_tokens
+        while i < len(running) and budget > 0:
+            request = running[i]
+            num_new = num_new_tokens(request, budget)
+            if num_new == 0 or (request.lora_request is not None and not self._lora_fits(request, loras)):
                 i += 1  # no work, or its adapter finds no slot this step: it waits (keeping its blocks)
                 continue
-            while self.kv_cache.allocate_slots(request, num_new) is None:
+            while allocate(request, num_new) is None:
                 victim = self._choose_victim()
                 j = self.running.index(victim)
                 del self.running[j]
@@ -233,11 +261,13 @@ class Scheduler:
                 continue  # preempted itself; the same index now holds the next request
             scheduled[request.request_id] = (request, num_new)
             budget -= num_new
-            self._add_lora(request, loras)
+            if request.lora_request is not None:
+                self._add_lora(request, loras)
             i += 1
         # No request is un-scheduled from here on: publish the blocks this step fills.
-        for request, num_new in scheduled.values():
-            self.kv_cache.cache_blocks(request, min(request.num_computed_tokens + num_new, request.num_tokens))
+        if scheduled:
+            picked = list(scheduled.values())
+            self.kv_cache.cache_scheduled(list(map(_first, picked)), list(map(_second, picked)))
 
         skipped: list[Request] = []  # waiting requests whose adapter has no slot this step
         while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
@@ -275,8 +305,12 @@ class Scheduler:
             # (kvik_cuda.lora_tiles), so interleaved rows would make one small tile per row.
             # The sort is stable, so each adapter's requests keep their order.
             picked.sort(key=lambda item: item[0].lora_request.lora_int_id if item[0].lora_request else 0)
+        requests = list(map(_first, picked))
+        request_ids = list(map(_request_id, requests))
+        sent = list(map(self._sent_blocks.__contains__, request_ids))  # False: the whole table goes out
+        new_block_ids = self.kv_cache.new_block_ids(request_ids, self._sent_blocks)
         out = SchedulerOutput(
-            scheduled=[self._make_scheduled(r, n) for r, n in picked],
+            scheduled=list(map(self._make_scheduled, requests, map(_second, picked), new_block_ids, sent)),
             num_batched_tokens=self.max_num_batched_tokens - budget,
             preempted_request_ids=[r.request_id for r in preempted],
         )
@@ -285,16 +319,6 @@ class Scheduler:
             # the runner for an empty step, and the runner must still hear of them.
             out.finished_request_ids, self._finished_ids = self._finished_ids, []
             self._num_steps += 1
-        for request, num_new in scheduled.values():
-            request.num_computed_tokens += num_new
-            request.num_scheduled_drafts = max(
-                0, request.num_computed_tokens - request.num_tokens - request.num_output_placeholders
-            )
-            request.draft_token_ids = []  # consumed (or stale once this step's tokens land)
-            if request.num_computed_tokens == (
-                request.num_tokens + request.num_output_placeholders + request.num_scheduled_drafts
-            ):
-                request.num_output_placeholders += 1  # this step samples its next token
         return out
 
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Request]:
@@ -307,36 +331,43 @@ class Scheduler:
         their blocks and are reported in the next ``finished_request_ids``.
         """
         updated: list[Request] = []
+        requests = self.requests
+        sampled = runner_output.sampled_token_ids
+        check_stop = self._check_stop
+        any_finished = False
         for sched in scheduler_output.scheduled:
             if sched.pooling_params is not None:
                 self._update_pooling(sched, runner_output, updated)
+                any_finished = True
                 continue
             if not sched.sample:
                 continue
-            request = self.requests.get(sched.request_id)
+            request = requests.get(sched.request_id)
             if request is None:
                 continue  # finished or aborted since it was scheduled: its token is dropped
             request.num_output_placeholders -= 1
-            new_tokens = runner_output.sampled_token_ids.get(sched.request_id)
+            new_tokens = sampled.get(sched.request_id)
             if not new_tokens:
                 # Without its token the request could never be scheduled again: fail loudly, not hang.
                 raise RuntimeError(
                     f"the model runner returned no sampled token for request {sched.request_id!r}, "
                     "which was scheduled with sample=True"
                 )
-            was_preempted = request.status == RequestStatus.PREEMPTED  # by a schedule() that ran ahead
+            status = request.status  # PREEMPTED: by a schedule() that ran ahead
             if request.num_scheduled_drafts:
                 self._roll_back_drafts(request, len(new_tokens))
             for token_id in new_tokens:
-                request.append_output_token(token_id)
-                if self._check_stop(request, token_id):
+                request.output_token_ids.append(token_id)  # Request.append_output_token, inlined (hot)
+                request.all_token_ids.append(token_id)
+                if check_stop(request, token_id):
                     break
             updated.append(request)
-            if request.is_finished:
-                if was_preempted:
+            if request.status >= FIRST_FINISHED:
+                any_finished = True
+                if status == RequestStatus.PREEMPTED:
                     self.waiting.remove(request)
                 self._release(request)
-        if any(r.is_finished for r in updated):
+        if any_finished:
             self.running = [r for r in self.running if not r.is_finished]
         return updated
 
@@ -398,13 +429,15 @@ class Scheduler:
             per_position[i] += 1
 
     def _num_new_tokens(self, request: Request, budget: int) -> int:
-        if request.num_output_placeholders and (
-            request.num_output_tokens + request.num_output_placeholders >= request.max_tokens
-            or request.num_tokens + request.num_output_placeholders >= self._max_len
+        placeholders = request.num_output_placeholders
+        num_tokens = len(request.all_token_ids)
+        if placeholders and (
+            len(request.output_token_ids) + placeholders >= request.max_tokens
+            or num_tokens + placeholders >= self._max_len
         ):
             return 0  # the token in flight is its last: nothing more to compute
-        num_new = request.num_tokens + request.num_output_placeholders - request.num_computed_tokens
-        if num_new == 1 and request.draft_token_ids and not request.num_output_placeholders:
+        num_new = num_tokens + placeholders - request.num_computed_tokens
+        if num_new == 1 and request.draft_token_ids and not placeholders:
             # A decode with drafts: verify them in the same row. Never draft past max_tokens
             # or the length limit (those tokens could not be kept), nor past the budget.
             room = min(request.max_tokens - request.num_output_tokens, self._max_len - request.num_tokens) - 1
@@ -441,50 +474,75 @@ class Scheduler:
         else:
             logger.debug("preempted %s (%d tokens): KV cache full", request.request_id, request.num_tokens)
 
-    def _make_scheduled(self, request: Request, num_new: int) -> ScheduledRequest:
+    def _make_scheduled(
+        self, request: Request, num_new: int, new_block_ids: list[int], sent_before: bool
+    ) -> ScheduledRequest:
+        """The runner's view of the request's step, then its progress advanced by ``num_new`` tokens.
+
+        ``new_block_ids``: its block-table delta; ``sent_before``: False when that is its whole table.
+        Called once per scheduled request per step (256 times a decode step at batch 256): it keeps
+        attribute reads to one each.
+        """
         start = request.num_computed_tokens
-        num_drafts = max(0, start + num_new - request.num_tokens - request.num_output_placeholders)
-        token_ids = request.all_token_ids[start : start + num_new - num_drafts]
+        num_tokens = len(request.all_token_ids)
+        placeholders = request.num_output_placeholders
+        end = start + num_new  # == num_computed_tokens after this step
+        num_drafts = end - num_tokens - placeholders
+        if num_drafts > 0:
+            token_ids = request.all_token_ids[start : end - num_drafts]
+            draft_token_ids = request.draft_token_ids[:num_drafts]
+        else:
+            num_drafts = 0
+            token_ids = request.all_token_ids[start:end]
+            draft_token_ids = []
         num_pending = num_new - num_drafts - len(token_ids)  # trailing tokens still in flight (0 unless async)
         if num_pending:
             token_ids.extend([0] * num_pending)
-        draft_token_ids = request.draft_token_ids[:num_drafts]
-        token_ids.extend(draft_token_ids)
-        sent = self._sent_blocks.get(request.request_id)
-        new_block_ids = self.kv_cache.get_new_block_ids(request, sent or 0)
-        self._sent_blocks[request.request_id] = (sent or 0) + len(new_block_ids)
-        return ScheduledRequest(
-            request_id=request.request_id,
-            token_ids=token_ids,
-            num_pending_tokens=num_pending,
-            num_pending_outputs=request.num_output_placeholders,
-            start_pos=start,
-            new_block_ids=new_block_ids,
-            full_block_table=sent is None,
-            sample=start + num_new - num_drafts == request.num_tokens + request.num_output_placeholders
-            and request.pooling_params is None,
-            sampling_params=request.sampling_params,
-            pooling_params=request.pooling_params,
-            lora_request=request.lora_request,
-            prompt_token_ids=request.prompt_token_ids,
-            output_token_ids=request.output_token_ids,
-            draft_token_ids=draft_token_ids,
+        if draft_token_ids:
+            token_ids.extend(draft_token_ids)
+        pooling = request.pooling_params
+        samples = end - num_drafts == num_tokens + placeholders
+        # Positional arguments (in _SCHEDULED_FIELDS order, checked at import): keywords cost twice as much.
+        scheduled = ScheduledRequest(
+            request.request_id,
+            token_ids,
+            start,
+            new_block_ids,
+            samples and pooling is None,
+            request.sampling_params,
+            request.prompt_token_ids,
+            request.output_token_ids,
+            num_pending,
+            placeholders,
+            not sent_before,
+            draft_token_ids,
+            pooling,
+            request.lora_request,
         )
+        # Advance the request: its tokens count as computed once handed to the runner.
+        request.num_computed_tokens = end
+        request.num_scheduled_drafts = num_drafts
+        if request.draft_token_ids:
+            request.draft_token_ids = []  # consumed (or stale once this step's tokens land)
+        if samples:
+            request.num_output_placeholders = placeholders + 1  # this step samples its next token
+        return scheduled
 
     def _check_stop(self, request: Request, token_id: int) -> bool:
         """Token-level stop rules for the token just appended; sets status and stop_reason."""
         params = request.sampling_params
+        num_output = len(request.output_token_ids)
         # min_tokens: at least that many tokens come *before* a stop token (vLLM's
         # sampler masks EOS / stop ids until then; this also holds for runners that don't).
-        if request.num_output_tokens > params.min_tokens:
+        if num_output > params.min_tokens:
             if not params.ignore_eos and token_id in request.eos_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED
                 return True
-            if token_id in params.stop_token_ids:
+            if params.stop_token_ids and token_id in params.stop_token_ids:
                 request.status = RequestStatus.FINISHED_STOPPED
                 request.stop_reason = token_id
                 return True
-        if request.num_output_tokens >= request.max_tokens or request.num_tokens >= self._max_len:
+        if num_output >= request.max_tokens or len(request.all_token_ids) >= self._max_len:
             request.status = RequestStatus.FINISHED_LENGTH
             return True
         return False

@@ -17,6 +17,7 @@ import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
+from operator import attrgetter
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -57,6 +58,8 @@ if TYPE_CHECKING:
     from kvik.structured.manager import StructuredStep
 
 logger = logging.getLogger(__name__)
+_request_id = attrgetter("request_id")
+_draft_token_ids = attrgetter("draft_token_ids")
 
 
 @dataclass(slots=True)
@@ -107,10 +110,10 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.kv_caches: list[torch.Tensor] = []
         self.num_blocks = 0
         self.sampler = Sampler(self.device, config.seed, batch_invariant=config.deterministic)
-        # The last launched step's sampled ids [n] (device) and request id -> row: the
-        # source of the next step's pending tokens.
+        # The last launched step's sampled ids [n] (device) and the requests they belong to, in
+        # order: the source of the next step's pending tokens.
         self._last_sampled: torch.Tensor | None = None
-        self._last_rows: dict[str, int] = {}
+        self._last_ids: list[str] = []
         self.pooler = StepPooler()  # pooling requests' reductions (kvik.pooling); its head comes with the model
         self.drafter: Drafter | None = None  # a model-based proposer (draft model, EAGLE head), if configured
         self.lora: LoRASlots | None = None  # enable_lora: the adapter slots (kvik.lora)
@@ -439,14 +442,25 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
 
     def fill_pending_tokens(self, input_ids: torch.Tensor, layout: StepLayout) -> None:
         """Write the tokens the previous launch sampled (still on the device) at ``layout.pending_rows``."""
-        if not layout.pending_request_ids:
+        pending = layout.pending_request_ids
+        if not pending:
             return
-        missing = [rid for rid in layout.pending_request_ids if rid not in self._last_rows]
-        if missing or self._last_sampled is None:  # _last_rows is empty whenever _last_sampled is None
+        last = self._last_sampled
+        rows = layout.pending_rows
+        p = len(pending)
+        if last is not None and pending == self._last_ids[:p] and int(rows[-1]) == p - 1:
+            # The steady decode state: the first p rows wait for the last step's first p samples,
+            # in order (pending rows ascend from 0 and are distinct, so they are 0..p-1). One
+            # device-side copy, no index upload.
+            input_ids[:p].copy_(last[:p])
+            return
+        last_rows = {rid: i for i, rid in enumerate(self._last_ids)}
+        missing = [rid for rid in pending if rid not in last_rows]
+        if missing or last is None:  # _last_ids is empty whenever _last_sampled is None
             raise RuntimeError(f"request {missing[0]!r} has a pending token but the previous step did not sample it")
-        src = np.fromiter(map(self._last_rows.__getitem__, layout.pending_request_ids), dtype=np.int64)
-        index = to_device(torch.from_numpy(np.stack([layout.pending_rows, src])), self.device)
-        input_ids[index[0]] = self._last_sampled[index[1]]
+        src = np.fromiter(map(last_rows.__getitem__, pending), dtype=np.int64)
+        index = to_device(torch.from_numpy(np.stack([rows, src])), self.device)
+        input_ids[index[0]] = last[index[1]]
 
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """The model's final hidden states, [num_tokens, hidden]."""
@@ -497,7 +511,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
     def _sample(self, hidden: torch.Tensor, layout: StepLayout, structured: StructuredStep | None) -> StepHandle:
         prompt_rows = layout.prompt_rows
         prompt_logits = None
-        if any(r.draft_token_ids for r in layout.scheduled):
+        if any(map(_draft_token_ids, layout.scheduled)):
             return self._sample_verify(hidden, layout, structured)
         if prompt_rows:
             # Prompt logprobs need logits at prompt positions: take every token's (rare; prefill only).
@@ -508,14 +522,14 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         elif layout.logits_indices.shape[0]:
             logits = self._logits(hidden, layout, layout.logits_indices)
         else:
-            self._last_sampled, self._last_rows = None, {}
+            self._last_sampled, self._last_ids = None, []
             return StepHandle.done(RunnerOutput(sampled_token_ids={}))
         reqs = layout.sampling_requests()
         batch = sampling_batch(reqs, self.model_config.eos_token_ids, structured)
         # Logprobs are of the raw distribution: take them before processors edit the logits in place.
-        raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in batch.params) else None
+        raw = torch.log_softmax(logits, dim=-1) if any(p.logprobs is not None for p in batch.distinct_params) else None
         sampled = self.sampler(logits, batch) if reqs else torch.empty(0, dtype=torch.int64, device=self.device)
-        self._last_sampled, self._last_rows = sampled, {r.request_id: i for i, r in enumerate(reqs)}
+        self._last_sampled, self._last_ids = sampled, list(map(_request_id, reqs))
         finish = start_sample_output(
             sampled, raw, reqs, prompt_logits, prompt_rows, layout.scheduled, stable_ties=self.config.deterministic
         )
@@ -528,7 +542,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         prompt_logits = None
         if layout.prompt_rows:
             prompt_logits = self._logits(hidden, layout, np.concatenate([p.rows for p in layout.prompt_rows]))
-        self._last_sampled, self._last_rows = None, {}  # speculative steps are never overlapped
+        self._last_sampled, self._last_ids = None, []  # speculative steps are never overlapped
         q = None if self.drafter is None else self.drafter.draft_probs(layout.sampling_requests(), vrows.counts, logits)
         return sample_verify(self.sampler, logits, vrows, layout, prompt_logits, q)
 

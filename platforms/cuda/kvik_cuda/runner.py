@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 import torch
@@ -48,6 +49,8 @@ from kvik_cuda.inputs import PreparedStep, StepInputs
 from kvik_cuda.platform import GPUOptions
 
 logger = logging.getLogger(__name__)
+_sample = attrgetter("sample")
+_token_ids = attrgetter("token_ids")
 
 GRAPH_MEMORY_RESERVE = 256 << 20  # bytes kept free for graph-private activations (one decode step's worth)
 
@@ -169,7 +172,8 @@ class CUDAModelRunner(TorchModelRunner):
         if not self.sizes or self.attn_backend is None or not self.attn_backend.supports_cuda_graphs:
             return None  # bucketing only exists to share kernels with the graphs
         n = len(scheduled)
-        if n > self.sizes[-1] or any(len(r.token_ids) != 1 or not r.sample for r in scheduled):
+        # Decode-only: one token per request, every one sampled (map/attrgetter: no Python frame per row).
+        if n > self.sizes[-1] or not all(map(_sample, scheduled)) or sum(map(len, map(_token_ids, scheduled))) != n:
             return None
         return next(s for s in self.sizes if s >= n)
 

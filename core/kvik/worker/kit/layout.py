@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass, field
-from operator import attrgetter
+from operator import attrgetter, itemgetter
 
 import numpy as np
 
@@ -29,6 +29,8 @@ _token_ids = attrgetter("token_ids")
 _start_pos = attrgetter("start_pos")
 _sample = attrgetter("sample")
 _pending = attrgetter("num_pending_tokens")
+_request_id = attrgetter("request_id")
+_first = itemgetter(0)
 _NONE = np.zeros(0, dtype=np.int64)
 
 
@@ -113,6 +115,8 @@ class StepLayout:
     def sampling_requests(self) -> list[ScheduledRequest]:
         """The requests that sample, in logits-row order."""
         scheduled = self.scheduled
+        if self.sample_index.shape[0] == len(scheduled):  # indices are distinct and ascending: all of them
+            return list(scheduled)
         return [scheduled[i] for i in self.sample_index.tolist()]
 
     @classmethod
@@ -168,7 +172,7 @@ class StepLayout:
         ids, pos, slots = out.token_ids[:num_tokens], out.positions[:num_tokens], out.slot_mapping[:num_tokens]
         decode_only = num_real == n  # one token per request (the hot case: few numpy calls)
         if decode_only:
-            ids[:n] = [r.token_ids[0] for r in scheduled]
+            ids[:n] = np.fromiter(map(_first, map(_token_ids, scheduled)), dtype=np.int64, count=n)
             pos[:n] = starts
             ends = owner = np.arange(n)  # [n] each request's (only and last) row
             real_pos = starts
@@ -217,7 +221,11 @@ class StepLayout:
             sample_index=sample_index,
             logits_indices=ends if sample_index is ends else ends[sample_index],
             pending_rows=ends[pending_index] if pending_index.size else _NONE,
-            pending_request_ids=[scheduled[i].request_id for i in pending_index.tolist()],
+            pending_request_ids=(
+                list(map(_request_id, scheduled))
+                if pending_index.shape[0] == n  # every request waits (the steady async decode)
+                else [scheduled[i].request_id for i in pending_index.tolist()]
+            ),
             prompt_rows=prompt_logprob_rows(scheduled),
             buffers=buffers,
             padded_to=pad_to,

@@ -10,11 +10,14 @@ dictionaries. Semantics are vLLM's raw logprobs (see ``kvik.sample.logprobs``).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from operator import attrgetter
 
 import numpy as np
 
 from kvik.sample.batch import PromptRows
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest
+
+_request_id = attrgetter("request_id")
 
 
 @dataclass(slots=True)
@@ -50,7 +53,9 @@ def assemble_output(
     """The step's output: ``sampled`` [len(reqs)] are the tokens of ``reqs`` (the requests that sampled);
     ``sample_logprobs`` their gathered logprobs (rows of requests that did not ask are ignored);
     ``prompt_logprobs`` the rows of ``prompt_rows`` in order (requests indexed in ``scheduled``)."""
-    output = RunnerOutput(sampled_token_ids={r.request_id: [t] for r, t in zip(reqs, sampled.tolist(), strict=True)})
+    # [n, 1].tolist() makes the one-token lists in C: no Python frame per request.
+    ids = dict(zip(map(_request_id, reqs), sampled.reshape(-1, 1).tolist(), strict=True))
+    output = RunnerOutput(sampled_token_ids=ids)
     if sample_logprobs is not None:
         ks = [r.sampling_params.logprobs for r in reqs]
         entries = _entries(sample_logprobs, 0, [k or 0 for k in ks])
