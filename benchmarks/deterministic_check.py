@@ -37,7 +37,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_common import SHAPES, word_tokenizer, workload
+from gpu_common import SHAPES, workload
 
 RESULTS: dict[str, Any] = {"parts": {}, "errors": {}}
 OUT = Path(os.environ.get("OUT", "/tmp"))
@@ -68,17 +68,9 @@ def part(name: str, fn: Callable[[], Any]) -> None:
 
 
 def model_dir(shape: str) -> Path:
-    """config.json and a word tokenizer: enough for load_format='dummy'."""
-    from transformers import LlamaConfig
+    from gpu_common import dummy_model_dir
 
-    path = Path(os.environ.get("KVIK_BENCH_DIR", "/tmp/kvik_bench")) / f"{shape}-config"
-    if not (path / "config.json").exists():
-        cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None)
-        cfg.architectures = ["LlamaForCausalLM"]
-        cfg.dtype = "bfloat16"
-        cfg.save_pretrained(path)
-        word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(path)
-    return path
+    return dummy_model_dir(Path(os.environ.get("KVIK_BENCH_DIR", "/tmp/kvik_bench")), shape)
 
 
 DEVICE = "cuda"

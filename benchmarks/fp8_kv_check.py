@@ -59,18 +59,9 @@ TOP = 5
 
 
 def model_dir(root: Path, shape: str) -> Path:
-    """config.json and a word tokenizer: all ``load_format="dummy"`` reads."""
-    from gpu_common import SHAPES, word_tokenizer
-    from transformers import LlamaConfig
+    from gpu_common import dummy_model_dir
 
-    path = root / f"{shape}-config"
-    if not (path / "config.json").exists():
-        cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None)
-        cfg.architectures = ["LlamaForCausalLM"]
-        cfg.dtype = "bfloat16"
-        cfg.save_pretrained(path)
-        word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(path)
-    return path
+    return dummy_model_dir(root, shape)
 
 
 # -- one variant (a child process) ------------------------------------------------------------------------

@@ -89,6 +89,21 @@ def write_random_checkpoint(shape: str, root: Path, device: str = "cuda", seed: 
     return path
 
 
+def dummy_model_dir(root: Path, shape: str) -> Path:
+    """A Llama checkpoint of ``shape`` without weights (config.json + :func:`word_tokenizer`): all that
+    ``load_format="dummy"`` reads. Reused when present."""
+    from transformers import LlamaConfig
+
+    path = Path(root) / f"{shape}-config"
+    if not (path / "config.json").exists():
+        cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        cfg.architectures = ["LlamaForCausalLM"]
+        cfg.dtype = "bfloat16"
+        cfg.save_pretrained(path)
+        word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(path)
+    return path
+
+
 def word_tokenizer(vocab_size: int) -> Any:
     """A whitespace word-level tokenizer with one word per id: the 3 ChatML specials, then "w3", "w4", ...
 

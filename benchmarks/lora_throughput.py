@@ -62,18 +62,9 @@ def part(name: str):  # type: ignore[no-untyped-def]
 
 
 def write_model_dir(root: Path, shape: str) -> Path:
-    """config.json and a word tokenizer: enough for load_format='dummy'."""
-    from gpu_common import word_tokenizer
-    from transformers import LlamaConfig
+    from gpu_common import dummy_model_dir
 
-    path = root / f"{shape}-config"
-    if not (path / "config.json").exists():
-        cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None)
-        cfg.architectures = ["LlamaForCausalLM"]
-        cfg.dtype = "bfloat16"
-        cfg.save_pretrained(path)
-        word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(path)
-    return path
+    return dummy_model_dir(root, shape)
 
 
 def write_adapters(root: Path, model_dir: Path, rank: int, count: int) -> list[str]:

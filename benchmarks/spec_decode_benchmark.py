@@ -38,7 +38,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_common import SHAPES, word_tokenizer
+from gpu_common import SHAPES
 from kvik.plugins.hookspecs import RegisterFn, hookimpl
 from kvik.request import Request
 from kvik.spec_decode.proposer import Proposer
@@ -85,17 +85,9 @@ def kvik_register_spec_proposers(register: RegisterFn) -> None:
 
 
 def config_dir(root: Path, shape: str) -> Path:
-    """config.json + a word tokenizer (shared by every shape of one vocabulary): no weights."""
-    from transformers import LlamaConfig
+    from gpu_common import dummy_model_dir
 
-    path = root / f"{shape}-config"
-    if not (path / "config.json").exists():
-        cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None)
-        cfg.architectures = ["LlamaForCausalLM"]
-        cfg.dtype = "bfloat16"
-        cfg.save_pretrained(path)
-        word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(path)
-    return path
+    return dummy_model_dir(root, shape)
 
 
 def eagle_head_dir(root: Path, shape: str) -> Path:
