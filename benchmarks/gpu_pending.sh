@@ -13,7 +13,8 @@
 #   moe            Qwen3-30B-A3B with the decode GEMV path (13)                    ~5 min
 #   fallback       Llama-8B through the transformers fallback (13)                 ~3 min
 #   run_batch      `kvik run-batch` vs LLM.generate (19; needs .whl with fastapi + opentelemetry-api)
-#   tp             two GPUs: TP=2 / DP=2 on the 8B, TP=2 on the 70B shape (17; nvidia-h200-x2)
+#   tp             two GPUs: TP=2 tokens, TP=2 / DP=2 on the 8B (17; nvidia-h200-x2)
+#   tp70           two GPUs: the Llama-3.3-70B shape at TP=2 (17; nvidia-h200-x2, its own call)
 # Start-up on a fresh machine is dominated by Triton compiles (82 s for the 8B on 2026-11-30). The
 # cache persists between calls when `.triton-cache` is carried: it is used as TRITON_CACHE_DIR and
 # packed back into $OUT/triton-cache.tgz at the end (unpack it into .triton-cache here for the next call).
@@ -49,7 +50,8 @@ for s in $STAGES; do
     moe) stage moe 330 python3 benchmarks/models_gpu.py --one qwen3_30b_a3b --n 500 ;;
     fallback) stage fallback 200 python3 benchmarks/models_gpu.py --one llama8b_fallback --n 500 ;;
     run_batch) stage run_batch 200 python3 benchmarks/embedding_benchmark.py --parts run_batch --n-chat 512 ;;
-    tp) stage tp 560 python3 benchmarks/tp_benchmark.py ;;
+    tp) stage tp 560 python3 benchmarks/tp_benchmark.py --parts tokens,dp2,llama8b ;;
+    tp70) stage tp70 560 python3 benchmarks/tp_benchmark.py --parts llama70b ;;
     *) echo "unknown stage $s" ;;
   esac
 done

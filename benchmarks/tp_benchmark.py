@@ -11,6 +11,13 @@
    (256 requests, prompts U[128, 512], 128 new tokens each), TP=1 vs TP=2. TP=2 first tries CUDA graphs
    (the all-reduces captured) and falls back to eager, recording why.
 
+3. ``dp2``: data parallelism, two whole engine replicas (one per GPU) behind kvik's router
+   (:class:`kvik.engine.data_parallel.DataParallelLLM`, what ``kvik serve -dp 2`` runs), on the same
+   offline workload as ``llama8b``'s, against one replica alone (target ≥ 1.9×).
+4. ``llama70b``: the Llama-3.3-70B shape at TP=2 (dummy weights): batch-1 ms/token against the weight floor
+   (141 GB over two GPUs' copy bandwidth) and the same offline run.
+
+``--parts tokens,llama8b,dp2,llama70b`` picks parts (default: all but llama70b, which needs its own call).
 Every part runs in its own try block: one failure is recorded and the others still report.
 ``--smoke`` runs the same flow on the CPU with an 8B-shaped model shrunk to toy size (checks the script).
 """
@@ -31,6 +38,10 @@ LLAMA8B = dict(
     vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
 )  # fmt: skip
 DEVICE = "cuda"
+LLAMA70B = dict(
+    hidden_size=8192, num_hidden_layers=80, num_attention_heads=64, num_key_value_heads=8, intermediate_size=28672,
+    vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
+)  # fmt: skip
 SMOKE_SHAPE = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=256, vocab_size=128256)  # fmt: skip
 SMALL = dict(hidden_size=256, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=2,
@@ -100,14 +111,14 @@ def check_tokens(root: Path) -> dict[str, Any]:
     return result
 
 
-def _config_dir(root: Path) -> Path:
-    """The 8B shape: config.json and a small tokenizer, no weights (load_format='dummy')."""
+def _config_dir(root: Path, name: str = "llama8b", shape: dict[str, Any] = LLAMA8B) -> Path:
+    """A shape's config.json and a small tokenizer, no weights (load_format='dummy')."""
     from kvik.testing.tiny_models import build_tokenizer
     from transformers import LlamaConfig
 
-    path = root / "llama8b"
+    path = root / name
     path.mkdir(parents=True, exist_ok=True)
-    cfg = LlamaConfig(**{**LLAMA8B, **(SMOKE_SHAPE if DEVICE == "cpu" else {})}, bos_token_id=1, eos_token_id=2)
+    cfg = LlamaConfig(**{**shape, **(SMOKE_SHAPE if DEVICE == "cpu" else {})}, bos_token_id=1, eos_token_id=2)
     cfg.architectures = ["LlamaForCausalLM"]
     cfg.save_pretrained(path)
     build_tokenizer(512).save_pretrained(path)
@@ -127,13 +138,22 @@ def _timed(llm: Any, prompt: list[int], new: int) -> float:
     return time.perf_counter() - t
 
 
-def bench_8b(path: Path, tp: int, eager: bool) -> dict[str, Any]:
+def _offline_prompts() -> list[list[int]]:
+    """The offline part's workload: 256 prompts of U[128, 512] random tokens (seeded)."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    return [rng.integers(3, 128000, int(n)).tolist() for n in rng.integers(128, 513, 256)]
+
+
+def bench_8b(path: Path, tp: int, eager: bool, kv_gib: int = 12) -> dict[str, Any]:
     import numpy as np
     from kvik import LLM, SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(model=str(path), device=DEVICE, dtype="bfloat16", load_format="dummy", tensor_parallel_size=tp,
-              kv_cache_memory=(12 << 30) if DEVICE == "cuda" else 64 << 20, max_model_len=2048, max_num_seqs=256, enforce_eager=eager)  # fmt: skip
+              kv_cache_memory=(kv_gib << 30) if DEVICE == "cuda" else 64 << 20, max_model_len=2048, max_num_seqs=256,
+              enforce_eager=eager)  # fmt: skip
     out: dict[str, Any] = {"start_s": round(time.perf_counter() - t0, 1)}
     try:
         rng = np.random.default_rng(0)
@@ -145,17 +165,54 @@ def bench_8b(path: Path, tp: int, eager: bool) -> dict[str, Any]:
             many = _timed(llm, prompt2, 129)
             best = min(best, (many - one) / 128 * 1e3)
         out["batch1_ms_per_token"] = round(best, 3)
-        lens = rng.integers(128, 513, 256)
-        prompts = [rng.integers(3, 128000, int(n)).tolist() for n in lens]
+        prompts = _offline_prompts()
         params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True, detokenize=False)
         t = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t
         generated = sum(len(r.outputs[0].token_ids) for r in results)
         out["offline_256x128_output_tok_per_s"] = round(generated / elapsed, 1)
-        out["offline_total_tok_per_s"] = round((generated + int(lens.sum())) / elapsed, 1)
+        out["offline_total_tok_per_s"] = round((generated + sum(map(len, prompts))) / elapsed, 1)
     finally:
         _shutdown(llm)
+    return out
+
+
+def bench_dp(path: Path, replicas: int) -> dict[str, Any]:
+    """The offline workload through ``replicas`` engines behind the router, all requests submitted at once."""
+    import asyncio
+
+    from kvik import SamplingParams
+    from kvik.engine.data_parallel import DataParallelLLM
+
+    t0 = time.perf_counter()
+    dp = DataParallelLLM.from_engine_args(replicas, model=str(path), device=DEVICE, dtype="bfloat16",
+                                          load_format="dummy", kv_cache_memory=(12 << 30) if DEVICE == "cuda" else 64 << 20,
+                                          max_model_len=2048, max_num_seqs=256)  # fmt: skip
+    out: dict[str, Any] = {"replicas": replicas, "start_s": round(time.perf_counter() - t0, 1)}
+    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True, detokenize=False)
+
+    async def one(prompt: list[int], rid: str) -> int:
+        tokens = 0
+        async for output in dp.generate(prompt, params, rid):
+            tokens = len(output.outputs[0].token_ids)  # cumulative: the last output holds them all
+        return tokens
+
+    async def run(prompts: list[list[int]], tag: str) -> tuple[int, float]:
+        t = time.perf_counter()
+        counts = await asyncio.gather(*(one(p, f"{tag}{i}") for i, p in enumerate(prompts)))
+        return sum(counts), time.perf_counter() - t
+
+    async def main_() -> None:
+        dp.start()
+        try:
+            await run(_offline_prompts()[:8], "warm")
+            generated, elapsed = await run(_offline_prompts(), "r")
+            out["offline_256x128_output_tok_per_s"] = round(generated / elapsed, 1)
+        finally:
+            await dp.shutdown()
+
+    asyncio.run(main_())
     return out
 
 
@@ -169,34 +226,55 @@ def main() -> int:
     summary: dict[str, Any] = {"gpus": torch.cuda.device_count(), "torch": torch.__version__}
     if summary["gpus"] < 2 and DEVICE == "cuda":
         summary["error"] = "needs 2 GPUs"
+    parts = {"tokens", "llama8b", "dp2"}
+    for i, arg in enumerate(sys.argv):
+        if arg == "--parts" and i + 1 < len(sys.argv):
+            parts = set(sys.argv[i + 1].split(","))
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        try:
-            summary["tokens"] = check_tokens(root)
-        except Exception:
-            summary["tokens_error"] = _error()
-        try:
-            path = _config_dir(root)
-            runs: dict[str, Any] = {}
-            for name, tp, eager in (("tp1_graphs", 1, False), ("tp2_graphs", 2, False), ("tp2_eager", 2, True),
-                                    ("tp1_eager", 1, True)):  # fmt: skip
-                if time.perf_counter() - started > 420:  # stay inside the 8-minute budget
-                    runs[name] = "skipped: time budget"
-                    continue
-                try:
-                    runs[name] = bench_8b(path, tp, eager)
-                except Exception:
-                    runs[name] = {"error": _error()}
-                print(name, json.dumps(runs[name])[:400], flush=True)
-            summary["llama8b"] = runs
-            for mode in ("graphs", "eager"):
-                one, two = runs.get(f"tp1_{mode}"), runs.get(f"tp2_{mode}")
-                key = "batch1_ms_per_token"
-                if isinstance(one, dict) and isinstance(two, dict) and key in one and key in two:
-                    summary[f"tp2_over_tp1_batch1_{mode}"] = round(two[key] / one[key], 3)
-        except Exception:
-            summary["llama8b_error"] = _error()
+        if "tokens" in parts:
+            try:
+                summary["tokens"] = check_tokens(root)
+            except Exception:
+                summary["tokens_error"] = _error()
+        for replicas in (1, 2) if "dp2" in parts else ():
+            try:
+                summary[f"dp{replicas}"] = bench_dp(_config_dir(root), replicas)
+            except Exception:
+                summary[f"dp{replicas}"] = {"error": _error()}
+            print(f"dp{replicas}", json.dumps(summary[f"dp{replicas}"])[:400], flush=True)
+        one, two = summary.get("dp1", {}), summary.get("dp2", {})
+        if "offline_256x128_output_tok_per_s" in one and "offline_256x128_output_tok_per_s" in two:
+            summary["dp2_over_dp1"] = round(two["offline_256x128_output_tok_per_s"] / one["offline_256x128_output_tok_per_s"], 3)
+        if "llama70b" in parts:
+            try:
+                summary["llama70b_tp2"] = bench_8b(_config_dir(root, "llama70b", LLAMA70B), 2, False, kv_gib=20)
+            except Exception:
+                summary["llama70b_tp2"] = {"error": _error()}
+            print("llama70b_tp2", json.dumps(summary["llama70b_tp2"])[:400], flush=True)
+        if "llama8b" in parts:
+            try:
+                path = _config_dir(root)
+                runs: dict[str, Any] = {}
+                for name, tp, eager in (("tp1_graphs", 1, False), ("tp2_graphs", 2, False), ("tp2_eager", 2, True),
+                                        ("tp1_eager", 1, True)):  # fmt: skip
+                    if time.perf_counter() - started > 420:  # stay inside the 8-minute budget
+                        runs[name] = "skipped: time budget"
+                        continue
+                    try:
+                        runs[name] = bench_8b(path, tp, eager)
+                    except Exception:
+                        runs[name] = {"error": _error()}
+                    print(name, json.dumps(runs[name])[:400], flush=True)
+                summary["llama8b"] = runs
+                for mode in ("graphs", "eager"):
+                    one, two = runs.get(f"tp1_{mode}"), runs.get(f"tp2_{mode}")
+                    key = "batch1_ms_per_token"
+                    if isinstance(one, dict) and isinstance(two, dict) and key in one and key in two:
+                        summary[f"tp2_over_tp1_batch1_{mode}"] = round(two[key] / one[key], 3)
+            except Exception:
+                summary["llama8b_error"] = _error()
     summary["total_s"] = round(time.perf_counter() - started, 1)
     text = json.dumps(summary, indent=2)
     print(text)
