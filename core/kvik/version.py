@@ -20,5 +20,6 @@ __version__ = "0.1.0"
 #      kvik_register_executors (kvik.executor.Executor), ModelBuildContext.parallel,
 #      Platform.distributed_backend / device_count() / bind_rank()
 # 2.4: AttentionBackend.supported_kv_cache_dtypes / k_scale / v_scale / set_kv_scale (FP8 KV cache),
-#      AttentionBackend.supports_batch_invariance and ModelRunner.supports_deterministic (deterministic mode)
+#      AttentionBackend.supports_batch_invariance and ModelRunner.supports_deterministic (deterministic mode),
+#      Linear.shard_rows (the rows a merged layer's checkpoint shard fills)
 PLUGIN_API_VERSION = "2.4"

@@ -41,17 +41,21 @@ class Linear(nn.Module):
         else:
             self.bias = None
 
+    def shard_rows(self, shard: int | None) -> slice:
+        """The output rows a checkpoint shard fills (``q``/``k``/``v`` or ``gate``/``up`` of a merged
+        layer); ``None``: every row."""
+        if shard is None:
+            return slice(0, self.output_size)
+        start = sum(self.output_sizes[:shard])
+        return slice(start, start + self.output_sizes[shard])
+
     def load(self, name: str, value: Any, shard: int | None = None) -> None:
         """Load a checkpoint value (``"weight"``, ``"bias"``, or a quant method's own)."""
         value = materialize(value)  # a lazily read checkpoint tensor (kvik.distributed.sharding)
         if name == "bias":
             if self.bias is None:
                 raise ValueError("checkpoint has a bias for a layer built without one")
-            target = self.bias.data
-            if shard is not None:
-                start = sum(self.output_sizes[:shard])
-                target = target[start : start + self.output_sizes[shard]]
-            target.copy_(value)
+            self.bias.data[self.shard_rows(shard)].copy_(value)
             return
         self.quant_method.load_weight(self, name, value, shard)
 

@@ -25,10 +25,7 @@ class UnquantizedLinearMethod(QuantizationMethod):
             raise ValueError(f"unexpected parameter {name!r} for an unquantized linear layer")
         if not isinstance(value, torch.Tensor):
             raise TypeError(f"expected a tensor for an unquantized weight, got {type(value).__name__}")
-        target = _weight(layer).data
-        if shard is not None:
-            start = sum(layer.output_sizes[:shard])
-            target = target[start : start + layer.output_sizes[shard]]
+        target = _weight(layer).data[layer.shard_rows(shard)]
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"weight shape {tuple(value.shape)} does not match expected {tuple(target.shape)}")
         target.copy_(value)

@@ -102,8 +102,8 @@ class Fp8LinearMethod(QuantizationMethod):
         if not self.serialized:
             UnquantizedLinearMethod().load_weight(layer, name, value, shard)
             return
-        start = sum(layer.output_sizes[:shard]) if shard is not None else 0
-        size = layer.output_sizes[shard] if shard is not None else layer.output_size
+        rows = layer.shard_rows(shard)
+        start, size = rows.start, rows.stop - rows.start
         if name == "weight":
             if value.dtype != ops.FP8:  # a layer the checkpoint left dense (modules_to_not_convert)
                 if self.block is not None:

@@ -69,14 +69,9 @@ class Int4LinearMethod(QuantizationMethod):
         layer.int4_g_idx = [None] * len(layer.output_sizes)  # per shard, until process_weights_after_loading
 
     # -- helpers the formats load through --------------------------------------------------------
-    @staticmethod
-    def columns(layer: Linear, shard: int | None) -> slice:
-        start = sum(layer.output_sizes[:shard]) if shard is not None else 0
-        return slice(start, start + (layer.output_sizes[shard] if shard is not None else layer.output_size))
-
     def store(self, layer: Linear, name: str, value: torch.Tensor, shard: int | None) -> None:
         """Copy ``value`` (already in kvik's layout, ``[rows, shard columns]``) into ``name``'s columns."""
-        target = getattr(layer, name).data[:, self.columns(layer, shard)]
+        target = getattr(layer, name).data[:, layer.shard_rows(shard)]
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(
                 f"{self.name}: {name} of shape {tuple(value.shape)} does not fit the expected {tuple(target.shape)} "
@@ -164,7 +159,7 @@ class Int4OnlineMethod(Int4LinearMethod):
     def load_weight(self, layer: Linear, name: str, value: Any, shard: int | None) -> None:
         if name != "weight":
             raise ValueError(f"int4 (quantized at load): unexpected parameter {name!r} in a dense checkpoint")
-        target = layer.weight.data[self.columns(layer, shard)]
+        target = layer.weight.data[layer.shard_rows(shard)]
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"weight shape {tuple(value.shape)} does not match expected {tuple(target.shape)}")
         target.copy_(value)

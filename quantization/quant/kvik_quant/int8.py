@@ -92,8 +92,8 @@ class Int8LinearMethod(QuantizationMethod):
         if not self.serialized:
             UnquantizedLinearMethod().load_weight(layer, name, value, shard)
             return
-        start = sum(layer.output_sizes[:shard]) if shard is not None else 0
-        size = layer.output_sizes[shard] if shard is not None else layer.output_size
+        rows = layer.shard_rows(shard)
+        start, size = rows.start, rows.stop - rows.start
         if name == "weight":
             target = layer.weight.data[start : start + size]
             if tuple(value.shape) != tuple(target.shape) or value.dtype != torch.int8:
