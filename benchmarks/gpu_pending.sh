@@ -3,6 +3,7 @@
 # Usage (repository root, on the GPU machine):
 #   bash benchmarks/gpu_pending.sh "<stage> ..."
 # Stages (each under its own timeout; a failure is logged and the next stage runs):
+#   tests          the CUDA platform and Triton attention tests on the GPU (new kernels first run here) ~2 min
 #   lora_sweep     LoRA kernel sweep with segment-aligned tiles (issue 16)        ~4 min
 #   quant_sweep    INT4/FP8/INT8 GEMV and GEMM sweep (issue 14)                    ~4 min
 #   quant_e2e      8B bf16 vs fp8 / int4 / int8 engines, offline + batch 1 (14)  ~6 min
@@ -38,9 +39,11 @@ stage() {  # stage <name> <timeout s> <command...>: output in $OUT/<name>.log, t
 }
 for s in $STAGES; do
   case $s in
+    tests) stage tests 150 python3 -m pytest -q -p no:cacheprovider tests/platforms/cuda tests/attention_backends
+           grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
     lora_sweep) stage lora_sweep 330 python3 benchmarks/lora_kernels_sweep.py --budget-s 300
                 tail -60 "$OUT/lora_sweep.log" | cut -c1-200 ;;
-    quant_sweep) stage quant_sweep 300 python3 benchmarks/quant_kernels_sweep.py
+    quant_sweep) stage quant_sweep 210 python3 benchmarks/quant_kernels_sweep.py --budget-s 170
                  tail -40 "$OUT/quant_sweep.log" | cut -c1-200 ;;
     quant_e2e) stage quant_e2e 420 python3 benchmarks/quant_benchmark.py --parts bf16,fp8,int4,int8 --n 300 --budget-s 380 ;;
     fp8_kv) stage fp8_kv 200 python3 benchmarks/fp8_kv_check.py ;;
@@ -56,3 +59,6 @@ for s in $STAGES; do
   esac
 done
 tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null && ls -la "$OUT/triton-cache.tgz"
+# Only 8 files come back from $OUT: everything but the Triton cache travels as one archive.
+(cd "$OUT" && tar czf /tmp/results.tgz --exclude=triton-cache.tgz . && find . -maxdepth 1 -mindepth 1 ! -name triton-cache.tgz -exec rm -rf {} + \
+  && mv /tmp/results.tgz results.tgz && ls -la)
