@@ -16,11 +16,12 @@ from hypothesis import strategies as st
 from kvik_cuda.lora_tiles import build_tile_map, empty_tile_map, tile_programs
 
 NUM_SLOTS = 4
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"  # the compiled kernel needs device tensors
 slot_lists = st.lists(st.integers(-1, NUM_SLOTS - 1), min_size=0, max_size=80)
 
 
 def _tiles(slots: list[int], block_m: int, chunk: int = 1024) -> list[tuple[int, int, int]]:
-    tile_map = build_tile_map(torch.tensor(slots, dtype=torch.int64), block_m, chunk=chunk)
+    tile_map = build_tile_map(torch.tensor(slots, dtype=torch.int64, device=DEVICE), block_m, chunk=chunk)
     count = int(tile_map.count.item())
     assert not tile_map.tiles[1, count:].any(), "columns past the count hold no rows"
     return [tuple(col) for col in tile_map.tiles[:, :count].T.tolist()]
@@ -84,13 +85,13 @@ def test_programs_are_bounded_by_rows_and_by_tiles_plus_slots() -> None:
 
 def test_a_reused_buffer_gives_the_fresh_map() -> None:
     """The runner's persistent buffers: a shorter step after a longer one (stale columns past the count)."""
-    buffers = empty_tile_map(64, 4, "cpu")
-    build_tile_map(torch.arange(64) % 3, 4, out=buffers)
-    short = torch.tensor([-1, 2, 2, 2, 2, 2, 0, -1, -1])
+    buffers = empty_tile_map(64, 4, DEVICE)
+    build_tile_map(torch.arange(64, device=DEVICE) % 3, 4, out=buffers)
+    short = torch.tensor([-1, 2, 2, 2, 2, 2, 0, -1, -1], device=DEVICE)
     build_tile_map(short, 4, out=buffers)
     count = int(buffers.count.item())
     assert [tuple(c) for c in buffers.tiles[:, :count].T.tolist()] == [(1, 4, 2), (5, 1, 2), (6, 1, 0)]
-    build_tile_map(torch.full((5,), -1), 4, out=buffers)
+    build_tile_map(torch.full((5,), -1, device=DEVICE), 4, out=buffers)
     assert int(buffers.count.item()) == 0
     with pytest.raises(AssertionError):
-        build_tile_map(torch.zeros(65, dtype=torch.int64), 4, out=buffers)  # over capacity
+        build_tile_map(torch.zeros(65, dtype=torch.int64, device=DEVICE), 4, out=buffers)  # over capacity
