@@ -24,6 +24,7 @@ import triton
 import triton.language as tl
 
 from kvik_quant import fallback, splitk
+from kvik_quant.int4_gemv_kernel import nibble_to_float
 
 logger = logging.getLogger(__name__)
 
@@ -62,14 +63,14 @@ def _int4_gemm_kernel(
             offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
             shifts = tl.arange(0, 8) * 4
-            codes = tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N))
+            codes = nibble_to_float(tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N)))
         else:  # eight neighbouring k rows load the same word (the repeats hit the cache)
             words = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-            codes = (words >> ((offs_k[:, None] % 8) * 4)) & 0xF  # [BLOCK_K, BLOCK_N]
+            codes = nibble_to_float((words >> ((offs_k[:, None] % 8) * 4)) & 0xF)  # [BLOCK_K, BLOCK_N]
         group = k0 // GROUP
         scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        w = ((codes.to(tl.float32) - zero[None, :]) * scale[None, :]).to(x.dtype)
+        w = ((codes - zero[None, :]) * scale[None, :]).to(x.dtype)
         if IEEE:
             acc += tl.dot(x, w, input_precision="ieee")
         else:

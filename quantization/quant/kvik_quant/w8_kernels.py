@@ -65,9 +65,20 @@ def _w8_step(w_ptr, x_ptr, k0, k_hi, offs_n, mask_n, K, BLOCK_K: tl.constexpr):
 
 
 @triton.jit
+def _to_float(w):
+    """8-bit weights to float32. int8 skips the int-to-float convert (a quarter of the FMA rate on Hopper):
+    ``q + 128`` in the mantissa of 2**23 (0x4B000000) is the float 2**23 + 128 + q exactly."""
+    if w.dtype == tl.int8:
+        out = (w.to(tl.int32) + 0x4B000080).to(tl.float32, bitcast=True) - 8388736.0
+    else:
+        out = w.to(tl.float32)
+    return out
+
+
+@triton.jit
 def _w8_fma(acc, w, x1, REDUCE_EACH: tl.constexpr):
     """``acc += w . x1`` for a weight tile ``[BLOCK_N, BLOCK_K]`` (8-bit) and one activation row ``[BLOCK_K]``."""
-    prod = w.to(tl.float32) * x1.to(tl.float32)[None, :]
+    prod = _to_float(w) * x1.to(tl.float32)[None, :]
     if REDUCE_EACH:  # one return: Triton type-checks every return path, even a dead one
         out = acc + tl.sum(prod, axis=1)
     else:
@@ -113,7 +124,7 @@ def _w8a16_gemv_kernel(
                         other=0.0)  # fmt: skip
             x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :],
                         mask=(offs_m[:, None] < M) & mask_k[None, :], other=0.0)  # fmt: skip
-            wt = tl.trans(w.to(tl.float32).to(x.dtype))  # [BLOCK_K, BLOCK_N]; exact for e4m3 and int8
+            wt = tl.trans(_to_float(w).to(x.dtype))  # [BLOCK_K, BLOCK_N]; exact for e4m3 and int8
             if IEEE:
                 acc += tl.dot(x, wt, input_precision="ieee")
             else:
