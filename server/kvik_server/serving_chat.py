@@ -74,7 +74,7 @@ async def create_chat_completion(ctx: ServingContext, body: ChatCompletionReques
     max_tokens = body.requested_max_tokens()
     plan = plan_output(body, ParserSettings.of(ctx.settings), ctx.tokenizer)
     params = ctx.sampling_params(lambda: apply_plan(body.to_sampling_params(max_tokens, body.requested_logprobs()),
-                                                    plan))  # fmt: skip
+                                                    plan), body.stream)  # fmt: skip
     template_kwargs = dict(body.chat_template_kwargs or {})
     if plan.template_tools is not None:
         template_kwargs["tools"] = plan.template_tools

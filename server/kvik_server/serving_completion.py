@@ -41,7 +41,7 @@ async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: R
     lora = ctx.check_model(body.model)
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs (prompt logprobs) is not supported; drop one.", param="echo")
-    params = ctx.sampling_params(lambda: body.to_sampling_params(body.max_tokens, body.logprobs))
+    params = ctx.sampling_params(lambda: body.to_sampling_params(body.max_tokens, body.logprobs), body.stream)
     prompts = split_prompts(body.prompt)
     prompt_ids: list[list[int]] = []
     prompt_texts: list[str] = []

@@ -69,7 +69,7 @@ async def create_response(ctx: ServingContext, store: ResponseStore, body: Respo
         raise validation_error(exc.errors()) from None
     plan = plan_output(chat, ParserSettings.of(ctx.settings), ctx.tokenizer)
     max_tokens = chat.requested_max_tokens()
-    params = ctx.sampling_params(lambda: apply_plan(chat.to_sampling_params(max_tokens), plan))
+    params = ctx.sampling_params(lambda: apply_plan(chat.to_sampling_params(max_tokens), plan), body.stream)
     template_kwargs: dict[str, Any] = {"tools": plan.template_tools} if plan.template_tools is not None else {}
     prompt_ids = await ctx.render_chat([template_message(m) for m in chat.messages], add_generation_prompt=True,
                                        **template_kwargs)  # fmt: skip
