@@ -156,11 +156,16 @@ def check_adapter(path: str, max_rank: int, targets: dict[str, tuple[int, int]])
     return AdapterInfo(path=path, rank=rank, scaling=scaling, modules=tuple(sorted(pairs)))
 
 
-def load_adapter(info: AdapterInfo) -> LoadedAdapter:
-    """Read a checked adapter's weights to host memory (float32; ``B`` scaled)."""
+def load_adapter(info: AdapterInfo, dtype: Any = None) -> LoadedAdapter:
+    """Read a checked adapter's weights to host memory in ``dtype`` (float32 by default), ``B`` scaled.
+
+    ``B`` is scaled in float32 and rounded to ``dtype`` once; ``A`` goes straight to ``dtype`` (the
+    same values as through float32, one pass fewer: loads sit on the serving path).
+    """
     import torch
     from safetensors.torch import load_file
 
+    dtype = dtype or torch.float32
     tensors = load_file(str(Path(info.path) / WEIGHTS_FILE), device="cpu")
     weights: dict[str, tuple[Any, Any]] = {}
     for name, tensor in tensors.items():
@@ -169,8 +174,8 @@ def load_adapter(info: AdapterInfo) -> LoadedAdapter:
         weights.setdefault(match["module"], (None, None))
         a, b = weights[match["module"]]
         if match["ab"] == "A":
-            a = tensor.to(torch.float32)
+            a = tensor.to(dtype)
         else:
-            b = tensor.to(torch.float32) * info.scaling
+            b = (tensor.to(torch.float32) * info.scaling).to(dtype)
         weights[match["module"]] = (a, b)
     return LoadedAdapter(info, weights)
