@@ -107,6 +107,9 @@ class EngineConfig:
     # What the paged KV cache stores: "auto" (the model dtype) or "fp8" / "fp8_e4m3" (float8 e4m3
     # with one K and one V scale per layer, from the checkpoint or 1.0; docs/quantization.md).
     kv_cache_dtype: str = "auto"
+    # FP8 cache only: layers the checkpoint gives no k_scale/v_scale get scales measured on a
+    # calibration prefill at start-up instead of 1.0 (vLLM's option name).
+    calculate_kv_scales: bool = False
     load_format: str = "auto"  # "dummy": random weights, only the checkpoint's config (and tokenizer) is read
     # Which modelling code runs the architecture (vLLM's name): "auto" = kvik's native one when
     # registered, else transformers' (the fallback); "kvik" = native or an error; "transformers" =
@@ -163,7 +166,11 @@ class EngineConfig:
             raise ValueError(
                 f"quantized_weights must be one of {', '.join(_WEIGHT_MODES)}, got {self.quantized_weights!r}"
             )
-        resolve_kv_cache_dtype(self.kv_cache_dtype)  # ValueError naming the values that work
+        if resolve_kv_cache_dtype(self.kv_cache_dtype) == "auto" and self.calculate_kv_scales:
+            raise ValueError(
+                "calculate_kv_scales=True measures FP8 KV-cache scales, but kv_cache_dtype is 'auto' (the model "
+                "dtype, no scales): pass kv_cache_dtype='fp8' too, or drop calculate_kv_scales"
+            )
         if self.load_format in ("safetensors", "gguf"):  # vLLM's spellings of "read the checkpoint"
             self.load_format = LoadFormat.AUTO.value
         if self.load_format not in tuple(f.value for f in LoadFormat):
@@ -273,6 +280,7 @@ class ResolvedConfig:
     distributed_executor_backend: str = "uni"  # the registered executor that runs the ranks
     device_offset: int = 0  # this engine's first local device (data-parallel replica r: r * world_size)
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8_e4m3" (resolve_kv_cache_dtype's names)
+    calculate_kv_scales: bool = False  # FP8 cache: scales of layers the checkpoint leaves unset, measured at start
     # Batch-invariant kernels (kvik.layers.batch_invariant): results independent of batch composition.
     deterministic: bool = False
 

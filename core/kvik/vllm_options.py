@@ -18,7 +18,6 @@ OFF_VALUES: dict[str, tuple[Any, ...] | object] = {
     "disable_custom_all_reduce": ANY,
     "cpu_offload_gb": (0,),
     "swap_space": ANY,  # CPU swap for preempted sequences: kvik recomputes them instead
-    "calculate_kv_scales": (False,),
     "enable_prompt_adapter": (False,),
     "kv_transfer_config": (None,),
     "tokenizer_mode": ("auto",),

@@ -104,6 +104,9 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine.add_argument("--kv-cache-dtype", choices=["auto", "fp8", "fp8_e4m3"],
                         help="what the KV cache stores: auto (the model dtype; default) or fp8 (float8 e4m3 with "
                              "per-layer scales from the checkpoint, else 1.0: twice the tokens)")  # fmt: skip
+    engine.add_argument("--calculate-kv-scales", action="store_true", default=None,
+                        help="with --kv-cache-dtype fp8: measure the K/V scales the checkpoint lacks on a calibration "
+                             "prefill at start-up (instead of 1.0)")  # fmt: skip
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help="share KV blocks of identical prompt prefixes (default: on)")  # fmt: skip
     engine.add_argument("--enforce-eager", action="store_true", default=None, help="disable CUDA graphs")
@@ -250,7 +253,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
     names = ("model", "tokenizer", "revision", "download_dir", "trust_remote_code", "device", "model_impl",
              "load_format", "dtype", "quantization", "quantized_weights",
              "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "kv_cache_dtype",
-             "enable_prefix_caching",
+             "calculate_kv_scales", "enable_prefix_caching",
              "enforce_eager", "deterministic", "async_scheduling", "seed", "num_threads", "runner",
              "speculative_config", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras",
              "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend")  # fmt: skip

@@ -11,6 +11,10 @@ CPU torch lacks ``index_copy_`` for float8 tensors, so writes go through a uint8
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any
+
 import torch
 
 FP8_DTYPE = torch.float8_e4m3fn
@@ -54,3 +58,46 @@ def index_select(cache: torch.Tensor, dim: int, index: torch.Tensor) -> torch.Te
     if not is_fp8(cache):
         return cache.index_select(dim, index)
     return cache.view(torch.uint8).index_select(dim, index).view(FP8_DTYPE)
+
+
+# calculate_kv_scales: the measured largest |K| / |V| maps to FP8_MAX / KV_SCALE_HEADROOM, so values up
+# to twice the calibration's largest stay unsaturated (e4m3's precision is relative: nothing is lost
+# in the middle of the range by leaving headroom).
+KV_SCALE_HEADROOM = 2.0
+
+
+@contextmanager
+def observed_kv_amax(layers: list[Any], indices: list[int]) -> Iterator[torch.Tensor]:
+    """While open, ``layers[i]`` for i in ``indices`` record the largest ``|key|`` and ``|value|`` their
+    ``forward`` is handed into row i of the yielded ``[len(layers), 2]`` float32 tensor (on the
+    layers' device, read it after the context: one synchronisation, not one per layer)."""
+    amax: torch.Tensor | None = None
+    patched: list[Any] = []
+
+    def observing(i: int, forward: Callable[..., Any]) -> Callable[..., Any]:
+        def observe(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, *args: Any) -> Any:
+            nonlocal amax
+            if amax is None:
+                amax = torch.zeros(len(layers), 2, dtype=torch.float32, device=key.device)
+            amax[i, 0] = torch.maximum(amax[i, 0], key.detach().abs().amax().float())
+            amax[i, 1] = torch.maximum(amax[i, 1], value.detach().abs().amax().float())
+            return forward(query, key, value, *args)
+
+        return observe
+
+    result = torch.zeros(len(layers), 2, dtype=torch.float32)
+    try:
+        for i in indices:
+            layers[i].forward = observing(i, layers[i].forward)  # an instance attribute shadows the method
+            patched.append(layers[i])
+        yield result
+    finally:
+        for layer in patched:
+            del layer.forward
+        if amax is not None:
+            result.copy_(amax.cpu())
+
+
+def scale_from_amax(amax: float) -> float:
+    """The per-tensor scale for values whose largest magnitude is ``amax`` (1.0 when none were seen)."""
+    return amax * KV_SCALE_HEADROOM / FP8_MAX if amax > 0 else 1.0

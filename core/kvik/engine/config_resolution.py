@@ -195,6 +195,7 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
         distributed_executor_backend=_executor_name(draft, platform, sources),
         device_offset=draft.data_parallel_rank * draft.tensor_parallel_size * draft.pipeline_parallel_size,
         kv_cache_dtype=resolve_kv_cache_dtype(draft.kv_cache_dtype),
+        calculate_kv_scales=draft.calculate_kv_scales,
     )
     if draft.max_cpu_loras is None and draft.enable_lora:
         sources["max_cpu_loras"] = "derived: max_loras"

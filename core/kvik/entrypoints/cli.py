@@ -82,6 +82,9 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-memory", default=None, type=_size_arg, help="bytes for the KV cache, e.g. 2GiB")
     parser.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "fp8", "fp8_e4m3"],
                         help="what the KV cache stores: auto (the model dtype) or fp8 (e4m3: 2x the tokens)")  # fmt: skip
+    parser.add_argument("--calculate-kv-scales", action="store_true",
+                        help="with --kv-cache-dtype fp8: measure the K/V scales the checkpoint lacks on a calibration "
+                             "prefill at start-up (instead of 1.0)")  # fmt: skip
     parser.add_argument(
         "--quantization", default=None, help="quantize a dense checkpoint at load (e.g. fp8, int4; see `kvik plugins`)"
     )
@@ -162,6 +165,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         max_model_len=args.max_model_len,
         kv_cache_memory=args.kv_cache_memory,
         kv_cache_dtype=args.kv_cache_dtype,
+        calculate_kv_scales=args.calculate_kv_scales,
         quantization=args.quantization,
         quantized_weights=args.quantized_weights,
         model_impl=args.model_impl,

@@ -189,6 +189,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
                 n = dequantize_model(model, self.dtype)
             logger.info("dequantized %d %s linear layers to %s", n, mc.quantization, mc.dtype)
         self.model = model
+        if self.config.calculate_kv_scales:
+            self._calculate_kv_scales()
         self._note_kv_scales()
         if self.config.deterministic:
             counts = make_batch_invariant(model, self.batch_invariant_kernels())
@@ -208,11 +210,41 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             backend_cls.name,
         )
 
+    def _calculate_kv_scales(self, num_tokens: int = 512) -> None:
+        """``calculate_kv_scales``: each FP8 layer the checkpoint gave no scales gets them from the K and V
+        it sees on one calibration prefill of ``num_tokens`` seeded random tokens (fp8_kv.scale_from_amax).
+
+        At start-up, before any CUDA graph bakes the scales in; a rank of a tensor-parallel model
+        measures its own heads, which is what its cache holds.
+        """
+        todo = [i for i, layer in enumerate(self.attn_layers) if not layer.kv_scales_from_checkpoint]
+        if self.kv_cache_dtype != fp8_kv.FP8_DTYPE or not todo:
+            return
+        n = min(num_tokens, self.model_config.max_model_len, self.config.max_num_batched_tokens)
+        generator = torch.Generator().manual_seed(self.config.seed)
+        ids = torch.randint(0, self.model_config.vocab_size, (n,), generator=generator).tolist()
+        step = progress.step(f"measuring FP8 KV-cache scales on a {n}-token calibration prefill")
+        with step, fp8_kv.observed_kv_amax(self.attn_layers, todo) as amax:
+            self._dummy_step([n], token_ids=[ids])
+        for i in todo:
+            layer = self.attn_layers[i]
+            layer.k_scale, layer.v_scale = fp8_kv.scale_from_amax(float(amax[i, 0])), fp8_kv.scale_from_amax(
+                float(amax[i, 1])
+            )
+        k = [self.attn_layers[i].k_scale for i in todo]
+        v = [self.attn_layers[i].v_scale for i in todo]
+        logger.info(
+            "kv_cache_dtype=fp8_e4m3: k_scale/v_scale of %d layers measured at start-up (k %.4g..%.4g, v %.4g..%.4g)",
+            len(todo), min(k), max(k), min(v), max(v),
+        )  # fmt: skip
+
     def _note_kv_scales(self) -> None:
         """With an FP8 cache, say where each layer's K/V scales come from (once, at load)."""
         if self.kv_cache_dtype != fp8_kv.FP8_DTYPE or not self.attn_layers:
             return
         given = sum(layer.kv_scales_from_checkpoint for layer in self.attn_layers)
+        if self.config.calculate_kv_scales:
+            return  # _calculate_kv_scales said what it measured
         if given == len(self.attn_layers):
             k = [layer.k_scale for layer in self.attn_layers]
             v = [layer.v_scale for layer in self.attn_layers]
@@ -223,7 +255,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         else:
             logger.info(
                 "kv_cache_dtype=fp8_e4m3: the checkpoint has no k_scale/v_scale for %d of %d attention layers; "
-                "those use scale 1.0 (K/V values beyond +-448 saturate). A checkpoint calibrated with a "
+                "those use scale 1.0 (K/V values beyond +-448 saturate, tiny ones lose precision). "
+                "calculate_kv_scales=True measures them at start-up; a checkpoint calibrated with a "
                 "kv_cache_scheme (llm-compressor) carries per-layer scales", len(self.attn_layers) - given,
                 len(self.attn_layers),
             )  # fmt: skip
@@ -348,8 +381,10 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         stats.synchronize(self.device)
         return max(0, stats.max_memory_allocated(self.device) - base[0])
 
-    def _dummy_step(self, lens: list[int], before_step: Callable[[], None] | None = None) -> None:
-        """Execute one step of fresh prompts of ``lens`` tokens on a temporary KV cache."""
+    def _dummy_step(
+        self, lens: list[int], before_step: Callable[[], None] | None = None, token_ids: list[list[int]] | None = None
+    ) -> None:
+        """Execute one step of fresh prompts of ``lens`` tokens (``token_ids``, else zeros) on a temporary KV cache."""
         blocks_per_seq = -(-max(lens) // self.block_size)
         saved = self.kv_caches
         self.kv_caches = self._allocate(blocks_per_seq * len(lens) + 1)  # just this step's tokens
@@ -357,7 +392,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         scheduled = [
             ScheduledRequest(
                 f"profile-{i}",
-                [0] * n,
+                token_ids[i] if token_ids is not None else [0] * n,
                 0,
                 list(range(1 + i * blocks_per_seq, 1 + (i + 1) * blocks_per_seq)),
                 True,

@@ -85,7 +85,7 @@ def test_vllm_engine_options_at_off_values_are_accepted():
 
 
 @pytest.mark.parametrize(("option", "value"), [("data_parallel_size", 2), ("enable_prompt_adapter", True),
-                                               ("data_parallel_size", True), ("calculate_kv_scales", True)])  # fmt: skip
+                                               ("data_parallel_size", True)])  # fmt: skip
 def test_vllm_engine_options_kvik_lacks_are_refused_by_name(option, value):
     with pytest.raises(ValueError, match=rf"not supported by kvik yet: {option}={value!r}"):
         EngineConfig.from_kwargs(**{option: value})
