@@ -44,11 +44,13 @@ LM_HEAD = (4096, 128256)  # K, N of Llama-3.1-8B's lm_head (kept bf16 by every q
 GROUP = 128
 STREAM_BYTES = 256 << 20
 # GEMV grids: (block_n, block_k, split_k (0: from the shape), programs per SM, num_warps, num_stages,
-# prefetch, reduce_each); the last two only shape the one-row path. The first entry is the default.
+# prefetch, reduce_each[, nibble_loop]); the last ones only shape the one-row path. The first entry is the default.
 T, F_ = True, False
 GEMV_GRID = [(64, 128, 0, 2, 4, 3, T, T), (64, 128, 0, 2, 4, 3, T, F_), (64, 128, 0, 2, 4, 3, F_, T),
              (32, 128, 0, 2, 4, 3, T, T), (128, 64, 0, 2, 4, 3, T, T), (64, 128, 0, 4, 4, 3, T, T),
-             (64, 128, 0, 8, 4, 3, T, T), (64, 128, 1, 2, 4, 3, T, T)]  # fmt: skip
+             (64, 128, 0, 8, 4, 3, T, T), (64, 128, 1, 2, 4, 3, T, T),
+             (64, 128, 0, 4, 4, 3, T, T, T), (64, 128, 0, 4, 4, 3, F_, T, T), (128, 128, 0, 4, 4, 3, T, T, T),
+             (64, 256, 0, 4, 4, 3, T, T, T), (64, 128, 0, 8, 4, 3, T, T, T)]  # fmt: skip
 W8_GRID = [(32, 256, 0, 2, 4, 3, T, T), (32, 256, 0, 2, 4, 3, T, F_), (32, 256, 0, 2, 4, 3, F_, T),
            (16, 256, 0, 2, 4, 3, T, T), (64, 256, 0, 2, 8, 3, T, T), (32, 256, 0, 4, 4, 3, T, T),
            (32, 256, 0, 8, 4, 3, T, T)]  # fmt: skip
@@ -170,11 +172,13 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
         old = GemmConfig(old_bm, old_bn, min(64, GROUP), old_split, num_warps=4, num_stages=3)
         c4: dict[str, Any] = {"old": (lambda i, c=old: int4_gemm(x, q4[i], s_t, z_t, GROUP, c), r4)}
         if m <= 16:
-            for bn, bk, sk, per_sm, warps, stages, pf, red in GEMV_GRID:
+            for bn, bk, sk, per_sm, warps, stages, pf, red, *nib in GEMV_GRID:
+                nibble = bool(nib and nib[0])
                 name = f"gemv:{bn}x{bk}:s{sk or f'auto{per_sm}'}:w{warps}s{stages}" + _one_row(m, pf, red)
+                name += ":nibble_loop" if nibble and m == 1 else ""
                 if name in c4:
-                    continue  # prefetch / reduce_each do not change the tl.dot path (m > 1)
-                cfg = GemvConfig(bn, bk, sk, per_sm, warps, stages, pf, red)
+                    continue  # the one-row knobs do not change the tl.dot path (m > 1)
+                cfg = GemvConfig(bn, bk, sk, per_sm, warps, stages, pf, red, nibble)
                 c4[name] = (lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4, cfg)
         if m >= 16:
             for bm, bn, bk, warps, stages in GEMM_GRID:

@@ -35,6 +35,9 @@ class GemvConfig:
     num_stages: int = 3
     prefetch: bool = True  # one row: double-buffer the weight loads in registers
     reduce_each: bool = True  # one row: reduce over k every step (80 registers, not 167, at 64 x 128)
+    # One row: multiply nibble j of every word by its own strided slice of x, eight times, instead of
+    # unpacking the words into a [BLOCK_K, BLOCK_N] tile (a reshape that costs a layout conversion).
+    nibble_loop: bool = False
 
 
 # Per-shape choices measured on the H200 by benchmarks/quant_kernels_sweep.py (its summary's
@@ -100,6 +103,21 @@ def _fma(acc, x1, words, scale, zero, BLOCK_K: tl.constexpr, BLOCK_N: tl.constex
     return out
 
 
+@triton.jit
+def _nibble_step(acc, x_ptr, k0, k_hi, words, scale, zero, BLOCK_K: tl.constexpr):
+    """``acc += x . W`` over one k-step, one row, without unpacking: word row r holds k rows 8r..8r+7, so
+    nibble j of the whole ``[BLOCK_K/8, BLOCK_N]`` word tile meets x at k = k0 + 8r + j."""
+    rows = k0 + tl.arange(0, BLOCK_K // 8) * 8
+    part = tl.zeros(words.shape, dtype=tl.float32)
+    for j in tl.static_range(8):
+        xj = tl.load(x_ptr + rows + j, mask=(rows + j) < k_hi, other=0.0).to(tl.float32)
+        part += xj[:, None] * nibble_to_float((words >> (4 * j)) & 0xF)
+    offs_k = k0 + tl.arange(0, BLOCK_K)  # the step's x again, contiguous (cached): one reduction, not eight
+    x_sum = tl.sum(tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32), axis=0)
+    # The step lies in one group: scale and zero apply after the k-sum (see _fma).
+    return acc + scale * (tl.sum(part, axis=0) - zero * x_sum)
+
+
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
 def _int4_gemv_kernel(
     x_ptr,  # [M, K] activations
@@ -122,6 +140,7 @@ def _int4_gemv_kernel(
     IEEE: tl.constexpr,
     PREFETCH: tl.constexpr,  # one-row path: register double-buffering of the weight loads
     REDUCE_EACH: tl.constexpr,  # one-row path: reduce over k every step
+    NIBBLE_LOOP: tl.constexpr,  # one-row path: _nibble_step (implies reducing every step)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -146,7 +165,7 @@ def _int4_gemv_kernel(
     else:
         # One row, no tensor cores. REDUCE_EACH: reduce over k every step into [BLOCK_N] (few registers,
         # a cross-lane sum per step); else accumulate a [BLOCK_K, BLOCK_N] register tile, reduced once.
-        if REDUCE_EACH:
+        if REDUCE_EACH or NIBBLE_LOOP:
             acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
         else:
             acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
@@ -162,15 +181,21 @@ def _int4_gemv_kernel(
                                                       k_hi)  # fmt: skip
                 n_x1 = tl.load(x_ptr + k1 + tl.arange(0, BLOCK_K), mask=(k1 + tl.arange(0, BLOCK_K)) < k_hi,
                                other=0.0)  # fmt: skip
-                acc1 = _fma(acc1, x1, words, scale, zero, BLOCK_K, BLOCK_N, REDUCE_EACH)
+                if NIBBLE_LOOP:
+                    acc1 = _nibble_step(acc1, x_ptr, k0, k_hi, words, scale, zero, BLOCK_K)
+                else:
+                    acc1 = _fma(acc1, x1, words, scale, zero, BLOCK_K, BLOCK_N, REDUCE_EACH)
                 words, scale, zero, x1 = n_words, n_scale, n_zero, n_x1
         else:
             for k0 in range(k_lo, k_hi, BLOCK_K):
                 words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K,
                                                 k_hi)  # fmt: skip
-                x1 = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K))
-                acc1 = _fma(acc1, x1, words, scale, zero, BLOCK_K, BLOCK_N, REDUCE_EACH)
-        if REDUCE_EACH:
+                if NIBBLE_LOOP:
+                    acc1 = _nibble_step(acc1, x_ptr, k0, k_hi, words, scale, zero, BLOCK_K)
+                else:
+                    x1 = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K))
+                    acc1 = _fma(acc1, x1, words, scale, zero, BLOCK_K, BLOCK_N, REDUCE_EACH)
+        if REDUCE_EACH or NIBBLE_LOOP:
             acc = tl.reshape(acc1, (BLOCK_M, BLOCK_N))
         else:
             acc = tl.reshape(tl.sum(acc1, axis=0), (BLOCK_M, BLOCK_N))
@@ -206,7 +231,7 @@ def int4_gemv(
         x, qweight, scales, zeros, out, part, locks, m, n, k, x.stride(0), split_k,
         GROUP=group, BLOCK_M=16 if use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=block_k, USE_DOT=use_dot,
         IEEE=x.dtype == torch.float32, PREFETCH=cfg.prefetch and not use_dot,
-        REDUCE_EACH=cfg.reduce_each and not use_dot,
+        REDUCE_EACH=cfg.reduce_each and not use_dot, NIBBLE_LOOP=cfg.nibble_loop and not use_dot,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

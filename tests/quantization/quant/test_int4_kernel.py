@@ -81,22 +81,26 @@ def _problem(m: int, k: int, n: int, group: int, dtype: torch.dtype, seed: int =
 
 
 @pytest.mark.parametrize(
-    ("m", "k", "n", "group", "dtype", "split_k", "prefetch", "reduce_each"),
+    ("m", "k", "n", "group", "dtype", "split_k", "prefetch", "reduce_each", "nibble_loop"),
     [
-        (1, 512, 96, 128, torch.float32, 0, True, True),  # one row: elementwise FMA path, split from the shape
-        (1, 512, 96, 128, torch.float32, 0, True, False),  # ... accumulating a register tile, reduced once
-        (1, 256, 64, 32, torch.float16, 3, False, True),  # a split that does not divide the k-tiles: one empty
-        (1, 256, 64, 32, torch.float16, 2, False, False),
-        (5, 256, 64, 64, torch.float32, 4, True, True),  # tl.dot path, ragged rows
-        (16, 128, 48, 32, torch.float16, 1, True, True),  # no split: stored directly; a ragged column tile
+        (1, 512, 96, 128, torch.float32, 0, True, True, False),  # one row: elementwise FMA path, split from the shape
+        (1, 512, 96, 128, torch.float32, 0, True, False, False),  # ... accumulating a register tile, reduced once
+        (1, 256, 64, 32, torch.float16, 3, False, True, False),  # a split that does not divide the k-tiles: one empty
+        (1, 256, 64, 32, torch.float16, 2, False, False, False),
+        (1, 512, 96, 128, torch.float32, 0, True, True, True),  # one row, nibble by nibble
+        (1, 256, 64, 32, torch.float16, 3, False, True, True),  # ... without prefetch, an empty split
+        (5, 256, 64, 64, torch.float32, 4, True, True, True),  # tl.dot path (nibble_loop is one-row only), ragged rows
+        (16, 128, 48, 32, torch.float16, 1, True, True, False),  # no split: stored directly; a ragged column tile
     ],
 )
 def test_gemv_matches_reference(
-    m: int, k: int, n: int, group: int, dtype: torch.dtype, split_k: int, prefetch: bool, reduce_each: bool
-) -> None:
+    m: int, k: int, n: int, group: int, dtype: torch.dtype, split_k: int, prefetch: bool, reduce_each: bool,
+    nibble_loop: bool,
+) -> None:  # fmt: skip
     x, qweight, s, z, w_t = _problem(m, k, n, group, dtype)
     expected = x.float() @ w_t
-    cfg = GemvConfig(block_n=32, block_k=64, split_k=split_k, prefetch=prefetch, reduce_each=reduce_each)
+    cfg = GemvConfig(block_n=32, block_k=64, split_k=split_k, prefetch=prefetch, reduce_each=reduce_each,
+                     nibble_loop=nibble_loop)  # fmt: skip
     got = int4_gemv(x, qweight, s, z, group, num_sms=8, config=cfg)
     assert got.dtype == dtype and got.shape == (m, n)
     tol = 1e-4 if dtype == torch.float32 else 2e-2

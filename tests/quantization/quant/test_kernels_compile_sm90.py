@@ -51,7 +51,12 @@ def _compile_all() -> dict[str, dict[str, bool]]:
         sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", **tail}
         facts(f"int4_gemv dot={use_dot}", _compile(_int4_gemv_kernel, sig, dict(
             GROUP=128, BLOCK_N=g4.block_n, BLOCK_K=g4.block_k, PREFETCH=g4.prefetch and not use_dot,
-            REDUCE_EACH=g4.reduce_each and not use_dot, **rows), num_warps=g4.num_warps, num_stages=g4.num_stages))
+            REDUCE_EACH=g4.reduce_each and not use_dot, NIBBLE_LOOP=False, **rows), num_warps=g4.num_warps,
+            num_stages=g4.num_stages))  # fmt: skip
+        if not use_dot:  # the one-row variant the sweep weighs against the default
+            facts("int4_gemv nibble_loop", _compile(_int4_gemv_kernel, sig, dict(
+                GROUP=128, BLOCK_N=g4.block_n, BLOCK_K=g4.block_k, PREFETCH=True, REDUCE_EACH=True, NIBBLE_LOOP=True,
+                **rows), num_warps=g4.num_warps, num_stages=g4.num_stages))  # fmt: skip
         for weight in ("*fp8e4nv", "*i8"):
             sig = {"x_ptr": "*bf16", "w_ptr": weight, "ws_ptr": "*fp32", **tail}
             facts(f"w8a16_gemv {weight} dot={use_dot}", _compile(_w8a16_gemv_kernel, sig, dict(
@@ -76,7 +81,7 @@ def test_new_kernels_compile_for_hopper() -> None:
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(found) == 8
+    assert len(found) == 9
     for name, facts in found.items():
         if name.startswith(("int4_gemv", "w8a16_gemv")):
             assert facts["vector_loads"], name  # 8- or 16-byte weight loads
