@@ -55,7 +55,7 @@ for s in $STAGES; do
     moe) stage moe 330 python3 benchmarks/models_gpu.py --one qwen3_30b_a3b --n 500 ;;
     fallback) stage fallback 200 python3 benchmarks/models_gpu.py --one llama8b_fallback --n 500 ;;
     run_batch) stage run_batch 200 python3 benchmarks/embedding_benchmark.py --parts run_batch --n-chat 512 ;;
-    tp) stage tp 560 python3 benchmarks/tp_benchmark.py --parts tokens,dp2,llama8b ;;
+    tp) stage tp 560 python3 benchmarks/tp_benchmark.py --parts tokens,dp2,llama8b,pp2 ;;
     tp70) stage tp70 560 python3 benchmarks/tp_benchmark.py --parts llama70b ;;
     *) echo "unknown stage $s" ;;
   esac

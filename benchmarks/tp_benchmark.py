@@ -17,7 +17,9 @@
 4. ``llama70b``: the Llama-3.3-70B shape at TP=2 (dummy weights): batch-1 ms/token against the weight floor
    (141 GB over two GPUs' copy bandwidth) and the same offline run.
 
-``--parts tokens,llama8b,dp2,llama70b`` picks parts (default: all but llama70b, which needs its own call).
+``--parts tokens,llama8b,dp2,llama70b`` picks parts (default: all but llama70b, which needs its own call);
+adding ``pp2`` to a ``llama8b`` run also times the 8B at pipeline_parallel_size=2 (eager, two micro-batches in
+flight) against TP=1 eager.
 Every part runs in its own try block: one failure is recorded and the others still report.
 ``--smoke`` runs the same flow on the CPU with an 8B-shaped model shrunk to toy size (checks the script).
 """
@@ -146,13 +148,13 @@ def _offline_prompts() -> list[list[int]]:
     return [rng.integers(3, 128000, int(n)).tolist() for n in rng.integers(128, 513, 256)]
 
 
-def bench_8b(path: Path, tp: int, eager: bool, kv_gib: int = 12) -> dict[str, Any]:
+def bench_8b(path: Path, tp: int, eager: bool, kv_gib: int = 12, pp: int = 1) -> dict[str, Any]:
     import numpy as np
     from kvik import LLM, SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(model=str(path), device=DEVICE, dtype="bfloat16", load_format="dummy", tensor_parallel_size=tp,
-              kv_cache_memory=(kv_gib << 30) if DEVICE == "cuda" else 64 << 20, max_model_len=2048, max_num_seqs=256,
+              pipeline_parallel_size=pp, kv_cache_memory=(kv_gib << 30) if DEVICE == "cuda" else 64 << 20, max_model_len=2048, max_num_seqs=256,
               enforce_eager=eager)  # fmt: skip
     out: dict[str, Any] = {"start_s": round(time.perf_counter() - t0, 1)}
     try:
@@ -257,17 +259,24 @@ def main() -> int:
             try:
                 path = _config_dir(root)
                 runs: dict[str, Any] = {}
-                for name, tp, eager in (("tp1_graphs", 1, False), ("tp2_graphs", 2, False), ("tp2_eager", 2, True),
-                                        ("tp1_eager", 1, True)):  # fmt: skip
+                cases = [("tp1_graphs", 1, False, 1), ("tp2_graphs", 2, False, 1), ("tp2_eager", 2, True, 1),
+                         ("tp1_eager", 1, True, 1)]  # fmt: skip
+                if "pp2" in parts:  # two stages, two micro-batches in flight (eager: no graphs under PP)
+                    cases.append(("pp2_eager", 1, True, 2))
+                for name, tp, eager, pp in cases:
                     if time.perf_counter() - started > 420:  # stay inside the 8-minute budget
                         runs[name] = "skipped: time budget"
                         continue
                     try:
-                        runs[name] = bench_8b(path, tp, eager)
+                        runs[name] = bench_8b(path, tp, eager, pp=pp)
                     except Exception:
                         runs[name] = {"error": _error()}
                     print(name, json.dumps(runs[name])[:400], flush=True)
                 summary["llama8b"] = runs
+                pp2, tp1 = runs.get("pp2_eager"), runs.get("tp1_eager")
+                key = "offline_256x128_output_tok_per_s"
+                if isinstance(pp2, dict) and isinstance(tp1, dict) and key in pp2 and key in tp1:
+                    summary["pp2_over_tp1_offline_eager"] = round(pp2[key] / tp1[key], 3)
                 for mode in ("graphs", "eager"):
                     one, two = runs.get(f"tp1_{mode}"), runs.get(f"tp2_{mode}")
                     key = "batch1_ms_per_token"

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from itertools import repeat
@@ -168,6 +169,19 @@ class LLMEngine:
             self.executor.shutdown()  # no worker process outlives a failed start
             raise
         cfg = self.config
+        self.async_scheduling = cfg.async_scheduling and caps.async_scheduling
+        if cfg.async_scheduling and not self.async_scheduling:
+            logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
+        if self.proposer is not None and self.async_scheduling:
+            # Drafts are proposed from the tokens of the previous step, so each step waits for it.
+            logger.info("async scheduling is off: speculative decoding runs its steps synchronously")
+            self.async_scheduling = False
+        # Steps left running when step() returns: async scheduling keeps the next one queued behind the one
+        # being finished; pipeline parallelism keeps a step in each stage but the last (its requests are
+        # not in the steps behind it: the scheduler skips requests whose token is in flight).
+        stages = cfg.pipeline_parallel_size if self.proposer is None else 1
+        self._steps_kept = max(int(self.async_scheduling), stages - 1)
+        self._in_flight: deque[tuple[SchedulerOutput, StepHandle]] = deque()
         self.scheduler = Scheduler(
             num_blocks=self.memory_plan.num_blocks,
             block_size=cfg.block_size,
@@ -179,19 +193,13 @@ class LLMEngine:
             policy=cfg.scheduling_policy.value,
             long_prefill_token_threshold=cfg.long_prefill_token_threshold,
             max_loras=cfg.max_loras if cfg.enable_lora else 0,
+            pending_tokens=self.async_scheduling,
+            micro_batches=1 if self.async_scheduling else stages,
         )
         self.output_processor = OutputProcessor(self.tokenizer)
         self.structured = StructuredOutputManager(
             self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids, self.manager
         )
-        self.async_scheduling = cfg.async_scheduling and caps.async_scheduling
-        if cfg.async_scheduling and not self.async_scheduling:
-            logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
-        if self.proposer is not None and self.async_scheduling:
-            # Drafts are proposed from the tokens of the previous step, so each step waits for it.
-            logger.info("async scheduling is off: speculative decoding runs its steps synchronously")
-            self.async_scheduling = False
-        self._in_flight: tuple[SchedulerOutput, StepHandle] | None = None
         self._pooling: dict[str, PreparedRequest] = {}  # live pooling requests
         self._pooled_outputs: list[PoolingRequestOutput] = []  # finished, not yet taken
         self._prompt_tokens_total = 0
@@ -467,17 +475,22 @@ class LLMEngine:
         return self.loras.remove(lora_int_id, in_use)
 
     def has_unfinished_requests(self) -> bool:
-        return self.scheduler.has_unfinished_requests() or self._in_flight is not None
+        return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
+
+    @property
+    def num_steps_in_flight(self) -> int:
+        """Steps launched and not yet finished (between ``step()`` calls: at most ``_steps_kept``)."""
+        return len(self._in_flight)
 
     # -- the step ------------------------------------------------------------
     def step(self) -> list[RequestOutput]:
         """Advance generation by one step; return outputs of requests that progressed.
 
-        Synchronously: schedule, execute and update one step. With async
-        scheduling: launch the next step, then finish the one in flight (whose
-        outputs are returned).
+        Synchronously: schedule, execute and update one step. With async scheduling or pipeline
+        parallelism: launch the next step, then finish the oldest in flight (whose outputs are
+        returned), leaving ``_steps_kept`` steps running; with nothing to launch, finish the oldest.
         """
-        if not self.async_scheduling or any(map(_reads_output_history, self.scheduler.running)):
+        if not self._steps_kept or (self.async_scheduling and any(map(_reads_output_history, self.scheduler.running))):
             outputs = self._finish_in_flight()
             if self.proposer is not None:
                 self._propose(self.proposer)
@@ -486,9 +499,13 @@ class LLMEngine:
                 return outputs
             return outputs + self._finish(scheduler_output, self.executor.execute_async(scheduler_output))
         scheduler_output = self._schedule()
-        launched = None if scheduler_output is None else (scheduler_output, self.executor.execute_async(scheduler_output))
-        outputs = self._finish_in_flight()
-        self._in_flight = launched
+        if scheduler_output is not None:
+            self._in_flight.append((scheduler_output, self.executor.execute_async(scheduler_output)))
+        outputs: list[RequestOutput] = []
+        while self._in_flight and (len(self._in_flight) > self._steps_kept or scheduler_output is None):
+            outputs += self._finish(*self._in_flight.popleft())
+            if scheduler_output is None:
+                break
         return outputs
 
     def _propose(self, proposer: Proposer) -> None:
@@ -522,11 +539,10 @@ class LLMEngine:
         return scheduler_output
 
     def _finish_in_flight(self) -> list[RequestOutput]:
-        if self._in_flight is None:
-            return []
-        scheduler_output, handle = self._in_flight
-        self._in_flight = None
-        return self._finish(scheduler_output, handle)
+        outputs: list[RequestOutput] = []
+        while self._in_flight:
+            outputs += self._finish(*self._in_flight.popleft())
+        return outputs
 
     def _finish(self, scheduler_output: SchedulerOutput, handle: StepHandle) -> list[RequestOutput]:
         """Wait for a launched step's samples and apply them: stop rules, grammars, detokenization."""
@@ -591,7 +607,7 @@ class LLMEngine:
         )
 
     def shutdown(self) -> None:
-        self._in_flight = None
+        self._in_flight.clear()
         self.structured.shutdown()
         self.executor.shutdown()
 

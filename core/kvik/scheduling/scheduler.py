@@ -83,6 +83,8 @@ class Scheduler:
         policy: str = "fcfs",
         long_prefill_token_threshold: int = 0,
         max_loras: int = 0,
+        pending_tokens: bool = True,
+        micro_batches: int = 1,
     ) -> None:
         for name, value in (
             ("block_size", block_size),
@@ -102,6 +104,14 @@ class Scheduler:
         self.policy = policy
         # LoRA: at most this many distinct adapters in one step (the runner's slots); 0 = no adapters.
         self.max_loras = max_loras
+        # Whether a request whose sampled token is still in flight may be scheduled again, its token filled
+        # in on the device (async scheduling). Without it such a request waits for the step to finish, and
+        # a second step in flight (pipeline parallelism) holds the requests the first does not.
+        self.pending_tokens = pending_tokens
+        # Pipeline parallelism: a step takes at most 1/micro_batches of the running requests, so a batch
+        # that arrived at once splits into groups that alternate through the stages instead of leaving
+        # every stage but one idle while it waits for its tokens.
+        self.micro_batches = micro_batches
         # Only meaningful with chunked prefill: one request gets at most this many tokens per step.
         self.long_prefill_token_threshold = long_prefill_token_threshold if enable_chunked_prefill else 0
         self.waiting = create_request_queue(policy)
@@ -239,7 +249,8 @@ class Scheduler:
         running = self.running
         allocate = self.kv_cache.allocate_slots
         num_new_tokens = self._num_new_tokens
-        while i < len(running) and budget > 0:
+        group = -(-len(running) // self.micro_batches)  # running requests one step takes at most
+        while i < len(running) and budget > 0 and len(scheduled) < group:
             request = running[i]
             num_new = num_new_tokens(request, budget)
             if num_new == 0 or (request.lora_request is not None and not self._lora_fits(request, loras)):
@@ -432,7 +443,8 @@ class Scheduler:
         placeholders = request.num_output_placeholders
         num_tokens = len(request.all_token_ids)
         if placeholders and (
-            len(request.output_token_ids) + placeholders >= request.max_tokens
+            not self.pending_tokens
+            or len(request.output_token_ids) + placeholders >= request.max_tokens
             or num_tokens + placeholders >= self._max_len
         ):
             return 0  # the token in flight is its last: nothing more to compute

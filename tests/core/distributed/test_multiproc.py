@@ -87,6 +87,22 @@ def test_pipeline_parallel_matches_one_device_then_a_killed_worker_fails_loudly(
     try:
         _assert_same(_run(llm, GREEDY), greedy)
         engine = llm.llm_engine
+        # Two batches in flight, each stage holding one: requests arriving while a step runs make the next
+        # step, and requests that arrived together split into two groups that alternate.
+        for arrive_together in (False, True):
+            arrivals = [(f"p{i}", prompt) for i, prompt in enumerate(PROMPTS)]
+            final: dict[str, list[int]] = {}
+            overlapped = 0
+            while arrivals or engine.has_unfinished_requests():
+                while arrivals:
+                    engine.add_request(*arrivals.pop(0), GREEDY)
+                    if not arrive_together:
+                        break
+                outputs = engine.step()
+                overlapped += bool(outputs) and engine.num_steps_in_flight == 1
+                final.update((o.request_id, list(o.outputs[0].token_ids)) for o in outputs if o.finished)
+            assert overlapped >= 10, f"a step finished while the next one ran only {overlapped} times"
+            assert final == {f"p{i}": list(o.token_ids) for i, o in enumerate(greedy)}
         engine.add_request("long", "Hello", SamplingParams(max_tokens=400, ignore_eos=True))
         for _ in range(3):
             engine.step()

@@ -291,3 +291,21 @@ def test_an_unscheduled_victim_publishes_no_unwritten_blocks() -> None:
     for r in (a, b):
         fresh = make_request("ref", r.prompt_token_ids, r.max_tokens, eos=frozenset())
         assert (r.output_token_ids, r.status) == reference_generate(fresh, 16)
+
+
+def test_pipeline_micro_batches_hold_disjoint_requests_and_alternate() -> None:
+    """pending_tokens=False, micro_batches=2 (pipeline parallelism): a request whose token is in flight is not
+    scheduled again, and running requests split into two groups, each in its own step in flight."""
+    sched = _sched(pending_tokens=False, micro_batches=2)
+    runner = FakeRunner(sched)
+    for name in "abcd":
+        sched.add_request(make_request(name, [5, 6, 7], eos=frozenset()))
+    _step(sched, runner)  # the four prefills (waiting admissions are not split)
+    first = sched.schedule()  # two decodes ...
+    second = sched.schedule()  # ... the other two, while the first step is in flight
+    assert [r.request_id for r in first.scheduled] == ["a", "b"]
+    assert [r.request_id for r in second.scheduled] == ["c", "d"]
+    assert all(r.num_pending_tokens == 0 for r in [*first.scheduled, *second.scheduled])
+    assert sched.schedule().is_empty  # everything is in flight
+    sched.update_from_output(first, runner.execute(first))
+    assert [r.request_id for r in sched.schedule().scheduled] == ["a", "b"]  # back as soon as its tokens land
