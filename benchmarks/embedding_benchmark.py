@@ -317,7 +317,9 @@ def bench_run_batch(n: int, out_len: int, smoke: bool, root: Path) -> dict[str, 
 
 def main() -> int:
     started = time.perf_counter()
-    summary: dict[str, Any] = {"script": "benchmarks/embedding_benchmark.py", "smoke": ARGS.smoke}
+    summary: dict[str, Any] = {"script": "benchmarks/embedding_benchmark.py", "smoke": ARGS.smoke,
+                               # Both sides tokenize batches with the Rust tokenizer: its threads count.
+                               "tokenizers_parallelism": os.environ.get("TOKENIZERS_PARALLELISM", "(unset: on)")}  # fmt: skip
     try:
         import torch
 

@@ -13,6 +13,7 @@
 #   spec           spec-decode mechanics, float32 so replayed drafts stay valid (15) ~5 min
 #   moe            Qwen3-30B-A3B with the decode GEMV path (13)                    ~5 min
 #   fallback       Llama-8B through the transformers fallback (13)                 ~3 min
+#   embed          BERT-base and Qwen3-0.6B embeddings vs sentence-transformers, tokenizer threads on (19) ~5 min
 #   run_batch      `kvik run-batch` vs LLM.generate (19; needs .whl with fastapi + opentelemetry-api)
 #   tp             two GPUs: TP=2 tokens, TP=2 / DP=2 on the 8B (17; nvidia-h200-x2)
 #   tp70           two GPUs: the Llama-3.3-70B shape at TP=2 (17; nvidia-h200-x2, its own call)
@@ -54,6 +55,7 @@ for s in $STAGES; do
     spec) stage spec 330 python3 benchmarks/spec_decode_benchmark.py --dtype float32 --batches 1 16 --offline-n 300 ;;
     moe) stage moe 330 python3 benchmarks/models_gpu.py --one qwen3_30b_a3b --n 500 ;;
     fallback) stage fallback 200 python3 benchmarks/models_gpu.py --one llama8b_fallback --n 500 ;;
+    embed) TOKENIZERS_PARALLELISM=true stage embed 330 python3 benchmarks/embedding_benchmark.py --parts bert-base,qwen3-0.6b ;;
     run_batch) stage run_batch 200 python3 benchmarks/embedding_benchmark.py --parts run_batch --n-chat 512 ;;
     tp) stage tp 560 python3 benchmarks/tp_benchmark.py --parts tokens,dp2,llama8b,pp2 ;;
     tp70) stage tp70 560 python3 benchmarks/tp_benchmark.py --parts llama70b ;;

@@ -183,9 +183,7 @@ class AsyncLLM:
             raise ValueError("request id already in use")
 
         def prepare() -> list[PreparedRequest]:
-            return [
-                self.engine.prepare_pooling_request(rid, p, params) for rid, p in zip(request_ids, prompts, strict=True)
-            ]
+            return self.engine.prepare_pooling_requests(request_ids, prompts, [params] * len(prompts))
 
         long_text = sum(len(p) for p in prompts if isinstance(p, str)) > 4096
         prepared = await asyncio.to_thread(prepare) if long_text else prepare()

@@ -206,9 +206,7 @@ class LLM:
                 raise ValueError(f"got {len(params_list)} PoolingParams for {len(prompt_list)} prompts")
         engine = self.llm_engine
         ids = [str(next(self._counter)) for _ in prompt_list]
-        prepared = [
-            engine.prepare_pooling_request(rid, p, pp) for rid, p, pp in zip(ids, prompt_list, params_list, strict=True)
-        ]
+        prepared = engine.prepare_pooling_requests(ids, prompt_list, params_list)
         for item in prepared:
             engine.add_prepared(item)
         return self._run(ids, use_tqdm)

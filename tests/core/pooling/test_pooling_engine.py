@@ -72,6 +72,16 @@ def test_matryoshka_dimensions_truncate_then_normalize(models: dict[str, Path], 
     np.testing.assert_allclose(np.linalg.norm(got, axis=-1), 1.0, atol=1e-6)
 
 
+def test_texts_tokenized_in_one_call_match_one_by_one(embedders: dict[str, LLM]) -> None:
+    engine = embedders["qwen2-cls"].llm_engine
+    inputs = [*TEXTS, [5, 6, 7]]  # text and token ids mixed
+    params = [PoolingParams()] * len(inputs)
+    together = engine.prepare_pooling_requests([f"t{i}" for i in range(len(inputs))], inputs, params)
+    alone = [engine.prepare_pooling_request(f"a{i}", p, PoolingParams()) for i, p in enumerate(inputs)]
+    assert [r.prompt_token_ids for r in together] == [r.prompt_token_ids for r in alone]
+    assert [r.prompt for r in together] == [*TEXTS, None]
+
+
 @pytest.mark.parametrize("name", ["qwen3-last", "llama-mean", "qwen2-cls"])
 def test_batched_equals_unbatched_and_chunked(models: dict[str, Path], embedders: dict[str, LLM], name: str) -> None:
     texts = [*TEXTS, TEXTS[2] * 4]  # the last is long enough to be prefilled in chunks below
