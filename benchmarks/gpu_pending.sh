@@ -17,9 +17,10 @@
 #   run_batch      `kvik run-batch` vs LLM.generate (19; needs .whl with fastapi + opentelemetry-api)
 #   tp             two GPUs: TP=2 tokens, TP=2 / DP=2 on the 8B (17; nvidia-h200-x2)
 #   tp70           two GPUs: the Llama-3.3-70B shape at TP=2 (17; nvidia-h200-x2, its own call)
-# Start-up on a fresh machine is dominated by Triton compiles (82 s for the 8B on 2026-11-30). The
-# cache persists between calls when `.triton-cache` is carried: it is used as TRITON_CACHE_DIR and
-# packed back into $OUT/triton-cache.tgz at the end (unpack it into .triton-cache here for the next call).
+# Triton compiles cost start-up on a fresh machine (the 82 s once blamed on them was mostly dummy weights
+# drawn on the host, fixed). The cache persists between calls when `.triton-cache` is carried: it is used
+# as TRITON_CACHE_DIR and packed back into $OUT/triton-cache.tgz at the end; copy that file to
+# .triton-cache/cache.tgz here for the next call (unpacked it is over the 64 MiB a call may carry).
 set -u
 STAGES=${1:-"lora_sweep quant_sweep"}
 OUT=${OUT:-/tmp/kvik_out}; mkdir -p "$OUT"
