@@ -149,13 +149,12 @@ class GGUFLinearMethod(QuantizationMethod):
         return parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
-        # torch's int4 CPU kernel was 2x faster than a dense bf16 matmul per layer at one thread, but
-        # 4-20x slower end to end at two (its work split; docs/quantization.md): single-threaded only.
+        # torch's int4 CPU kernel: ~3x faster than a dense bf16 matmul per layer, at one thread or two
+        # (docs/quantization.md; an earlier "pathological at two threads" was other jobs on the cores).
         if (
             not layer.gguf_repacked
             and x.device.type == "cpu"
             and x.dtype in int4pack.FAST_DTYPES
-            and torch.get_num_threads() == 1
         ):
             self._repack(layer, x.dtype)
         parts = []
