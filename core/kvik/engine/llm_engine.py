@@ -518,12 +518,12 @@ class LLMEngine:
         scheduler_output = self._schedule()
         if scheduler_output is not None:
             self._in_flight.append((scheduler_output, self.executor.execute_async(scheduler_output)))
-        outputs: list[RequestOutput] = []
+        finished: list[RequestOutput] = []
         while self._in_flight and (len(self._in_flight) > self._steps_kept or scheduler_output is None):
-            outputs += self._finish(*self._in_flight.popleft())
+            finished += self._finish(*self._in_flight.popleft())
             if scheduler_output is None:
                 break
-        return outputs
+        return finished
 
     def _propose(self, proposer: Proposer) -> None:
         """Draft tokens for the running requests that decode next (none for grammar-constrained ones)."""
