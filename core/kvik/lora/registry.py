@@ -43,6 +43,7 @@ class LoRARegistry:
         with self._lock:
             self._checked[request.lora_path] = info
             self._by_id.setdefault(request.lora_int_id, request)
+        self.runner.prefetch_lora(request)
         return info
 
     def remove(self, lora_int_id: int, requests_in_flight: int) -> bool:

@@ -100,5 +100,10 @@ class ModelRunner(ABC):
     def remove_lora(self, lora_int_id: int) -> None:  # noqa: B027 - only runners with supports_lora use it
         """Drop an unloaded adapter's slot and host copy."""
 
+    def prefetch_lora(self, request: Any) -> None:  # noqa: B027 - optional: loading at first use stays correct
+        """A request under ``request`` (a ``kvik.lora.LoRARequest``) was admitted: the runner may start reading
+        the adapter's weights now, off the engine's thread, so the step that first runs it only fills a slot.
+        Called from any thread."""
+
     def shutdown(self) -> None:  # noqa: B027 - optional: runners with nothing to release keep the no-op
         """Release device resources."""

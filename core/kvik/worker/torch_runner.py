@@ -285,6 +285,10 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         if self.lora is not None:
             self.lora.remove(lora_int_id)
 
+    def prefetch_lora(self, request: Any) -> None:
+        if self.lora is not None:
+            self.lora.prefetch(request)
+
     def prepare_lora(self, layout: StepLayout) -> None:
         """Put the step's adapters in slots and each token row's slot in the model's ``token_slots`` buffer.
 

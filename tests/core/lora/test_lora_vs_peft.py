@@ -35,6 +35,8 @@ def test_one_mixed_batch_matches_peft_merged(lora_world: LoRAWorld, prefix_cachi
     assert [list(o.outputs[0].token_ids) for o in outputs] == expected
     slots = llm.llm_engine.runner.lora  # type: ignore[attr-defined]
     assert slots.num_loads == 3  # three slots, three adapters: each loaded once
+    # Admission started each adapter's read on a background thread; the first step took the result.
+    assert slots.num_prefetched == slots.num_disk_reads == 3
 
 
 def test_one_slot_cycling_three_adapters_gives_the_same_tokens(lora_world: LoRAWorld) -> None:
