@@ -22,4 +22,5 @@ __version__ = "0.1.0"
 # 2.4: AttentionBackend.supported_kv_cache_dtypes / k_scale / v_scale / set_kv_scale (FP8 KV cache),
 #      AttentionBackend.supports_batch_invariance and ModelRunner.supports_deterministic (deterministic mode),
 #      Linear.shard_rows (the rows a merged layer's checkpoint shard fills)
-PLUGIN_API_VERSION = "2.4"
+# 2.5: ModelRunner.prefetch_lora (optional: read an admitted request's adapter ahead of its step)
+PLUGIN_API_VERSION = "2.5"
