@@ -18,6 +18,18 @@ if os.environ.get("KVIK_TEST_WITHOUT_TORCH") != "1":
         os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_kvik_cache(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
+    # Derived artifacts kvik keeps on disk (built GGUF tokenizers) go to this session's folder, not ~/.cache.
+    previous = os.environ.get("KVIK_CACHE_DIR")
+    os.environ["KVIK_CACHE_DIR"] = str(tmp_path_factory.mktemp("kvik-cache"))
+    yield
+    if previous is None:
+        os.environ.pop("KVIK_CACHE_DIR", None)
+    else:
+        os.environ["KVIK_CACHE_DIR"] = previous
+
+
 @pytest.fixture(autouse=True)
 def _one_torch_thread() -> Iterator[None]:
     # CI and developers run on two shared cores: one torch thread per test keeps

@@ -198,3 +198,31 @@ def test_torch_free_tokenizer_builder_gives_the_same_tokenizer(fmt: GGUFFormat, 
     special = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
     assert [getattr(ours, a) for a in special] == [getattr(tokenizer, a) for a in special]
     assert len(ours) == len(tokenizer) and ours.all_special_ids == tokenizer.all_special_ids
+
+
+def test_the_tokenizer_cached_on_disk_is_the_one_built(fmt: GGUFFormat, tokenizer, tmp_path, monkeypatch) -> None:
+    """Built once (7 s here), kept as a tokenizer.json folder: the next start loads that and must get the same
+    tokenizer (the digit split, the chat template and the special tokens included)."""
+    from kvik_gguf import tokenizer as gguf_tokenizer
+
+    monkeypatch.setenv("KVIK_CACHE_DIR", str(tmp_path))
+    monkeypatch.setattr(gguf_tokenizer, "_BUILT", {})
+    built = gguf_tokenizer.load_gguf_tokenizer(fmt.path, fmt.meta)
+    entries = list((tmp_path / "gguf-tokenizers").iterdir())
+    assert len(entries) == 1 and (entries[0] / "tokenizer.json").is_file()
+    monkeypatch.setattr(gguf_tokenizer, "_BUILT", {})  # a new process: only the disk copy is left
+    monkeypatch.setattr(gguf_tokenizer, "_build", lambda *a: pytest.fail("built again instead of loading the cache"))
+    cached = gguf_tokenizer.load_gguf_tokenizer(fmt.path, fmt.meta)
+    texts = [*QUESTIONS, " 12 + 345 =  6789\n\ttabs", "héllo wörld ∑ 😀 日本語", "<|im_start|>user\nhi<|im_end|>"]
+    for text in texts:
+        assert cached.encode(text) == built.encode(text) == tokenizer.encode(text), text
+        assert cached.decode(built.encode(text)) == built.decode(built.encode(text))
+    chat = [{"role": "user", "content": QUESTIONS[0]}]
+    assert cached.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == built.apply_chat_template(
+        chat, add_generation_prompt=True, tokenize=False
+    )
+    special = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
+    assert [getattr(cached, a) for a in special] == [getattr(built, a) for a in special]
+    assert len(cached) == len(built) and cached.all_special_ids == built.all_special_ids
+    pre = cached.backend_tokenizer.pre_tokenizer.pre_tokenize_str("In 2024")
+    assert [piece for piece, _ in pre] == ["In", "Ġ", "2", "0", "2", "4"]
