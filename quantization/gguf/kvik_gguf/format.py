@@ -21,6 +21,7 @@ from kvik.models.formats import ModelFormat
 
 from kvik_gguf.config import build_hf_config, check_architecture
 from kvik_gguf.ggml_types import FLOAT_TYPES, check_supported, type_name
+from kvik_gguf.index import GGUFIndex, open_index
 
 if TYPE_CHECKING:
     import torch
@@ -80,6 +81,12 @@ def _open_reader(path: str, size: int, mtime_ns: int) -> Any:
         ) from exc
 
 
+@functools.lru_cache(maxsize=4)
+def _index(path: str, size: int, mtime_ns: int) -> GGUFIndex:
+    """The file's metadata and tensor table (kvik_gguf.index: parsed once, then read from kvik's cache)."""
+    return open_index(path, size, mtime_ns, lambda: _open_reader(path, size, mtime_ns))
+
+
 def _logical_shape(tensor: Any) -> tuple[int, ...]:
     # GGUF lists dims innermost first (ne0 = columns); torch wants rows first.
     return tuple(int(d) for d in reversed(tensor.shape.tolist()))
@@ -108,18 +115,17 @@ class GGUFFormat(ModelFormat):
 
     # -- reading -----------------------------------------------------------
     @cached_property
-    def reader(self) -> Any:
+    def index(self) -> GGUFIndex:
         stat = os.stat(self.path)
-        return _open_reader(os.path.realpath(self.path), stat.st_size, stat.st_mtime_ns)
+        return _index(os.path.realpath(self.path), stat.st_size, stat.st_mtime_ns)
 
     @cached_property
     def tensors(self) -> dict[str, Any]:
-        return {t.name: t for t in self.reader.tensors}
+        return {t.name: t for t in self.index.tensors}
 
     def meta(self, key: str) -> Any:
         """A metadata value (str, number, or list), or None when the key is absent."""
-        field = self.reader.get_field(key)
-        return None if field is None else field.contents()
+        return self.index.meta(key)
 
     @cached_property
     def architecture(self) -> str:

@@ -10,7 +10,6 @@ tests check both give the same tokenizer.
 from __future__ import annotations
 
 import copy
-import hashlib
 import importlib.util
 import logging
 import os
@@ -20,6 +19,8 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from kvik_gguf.disk_cache import cache_entry
 
 # llama.cpp pre-tokenizer names whose original Hugging Face tokenizer isolates every
 # digit before the byte-level split (tokenizer.json: Sequence[Digits(individual_digits),
@@ -41,7 +42,7 @@ def load_gguf_tokenizer(path: str, meta: Callable[[str], Any]) -> Any:
 
     Building it re-reads the vocabulary: 7.4 s of the bundled SmolLM2's 9.3 s start-up on a
     2-core machine. So the result is cached per file version, in the process and on disk
-    (:func:`cache_dir`, a ``tokenizer.json`` folder that loads in a fraction of a second), and
+    (:mod:`kvik_gguf.disk_cache`, a ``tokenizer.json`` folder that loads in a fraction of a second), and
     each caller gets its own copy.
     """
     stat = os.stat(path)
@@ -53,19 +54,10 @@ def load_gguf_tokenizer(path: str, meta: Callable[[str], Any]) -> Any:
     return copy.deepcopy(_BUILT[key])
 
 
-def cache_dir() -> Path:
-    """Where built GGUF tokenizers are kept: ``$KVIK_CACHE_DIR`` or ``$XDG_CACHE_HOME/kvik`` (``~/.cache/kvik``)."""
-    root = os.environ.get("KVIK_CACHE_DIR") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "kvik"
-    )
-    return Path(root) / "gguf-tokenizers"
-
-
 def _load_or_build(key: tuple[str, int, int], path: str, meta: Callable[[str], Any]) -> Any:
     import transformers
 
-    digest = hashlib.sha256(repr((*key, transformers.__version__, _BUILD_VERSION)).encode()).hexdigest()[:24]
-    saved = cache_dir() / digest
+    saved = cache_entry("gguf-tokenizers", (*key, transformers.__version__, _BUILD_VERSION))
     if (saved / "tokenizer.json").is_file():
         from transformers import AutoTokenizer
 
@@ -77,7 +69,7 @@ def _load_or_build(key: tuple[str, int, int], path: str, meta: Callable[[str], A
     staging: Path | None = None
     try:  # write to a temporary folder, then rename: concurrent starts never see half an entry
         saved.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=saved.parent, prefix=f".{digest}-"))
+        staging = Path(tempfile.mkdtemp(dir=saved.parent, prefix=f".{saved.name}-"))
         tokenizer.save_pretrained(str(staging))
         shutil.rmtree(saved, ignore_errors=True)
         os.replace(staging, saved)
