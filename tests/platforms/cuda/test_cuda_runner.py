@@ -10,14 +10,12 @@ from __future__ import annotations
 
 import os
 import random
-import types
 
 import pytest
 import torch
-from host_cuda_platform import HostCUDAPlatform
+from host_cuda_platform import HostCUDAPlatform, register_small_tile_triton
 from kvik.config import EngineConfig
 from kvik.engine.config_resolution import resolve_config
-from kvik.plugins.hookspecs import hookimpl
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
 from kvik.worker.kit import BlockTables, StepLayout
@@ -155,15 +153,7 @@ def test_bucketed_decode_with_triton_and_fused_layers_matches_torch_ref(kvik_plu
     pytest.importorskip("triton", reason="triton is not installed")
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("without a GPU this needs TRITON_INTERPRET=1 before triton loads (tests/attention_backends set it)")
-    plugin = types.ModuleType("interp_plugin")
-    plugin.KVIK_PLUGIN_API = ">=2.0,<3"  # type: ignore[attr-defined]
-
-    @hookimpl
-    def kvik_register_attention_backends(register):  # type: ignore[no-untyped-def]
-        register("triton_interp", "kvik_triton_attention.testing:SmallTileTritonAttentionBackend")
-
-    plugin.kvik_register_attention_backends = kvik_register_attention_backends  # type: ignore[attr-defined]
-    kvik_plugin_manager.register(plugin, "interp_plugin", "tests")
+    register_small_tile_triton(kvik_plugin_manager, "interp_plugin")
     path = tiny_model_dir("llama")
     expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
     runner = _runner(

@@ -10,14 +10,12 @@ bit-identical.
 from __future__ import annotations
 
 import os
-import types
 
 import pytest
 import torch
-from host_cuda_platform import HostCUDAPlatform
+from host_cuda_platform import HostCUDAPlatform, register_small_tile_triton
 from kvik.config import EngineConfig
 from kvik.engine.config_resolution import resolve_config
-from kvik.plugins.hookspecs import hookimpl
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
 
@@ -56,15 +54,7 @@ def _row(runner: CUDAModelRunner, step: list[ScheduledRequest], rid: str) -> tor
 def test_target_logits_alone_equal_in_chunked_mixed_and_bucketed_steps(kvik_plugin_manager, tiny_model_dir) -> None:
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("without a GPU this needs TRITON_INTERPRET=1 before triton loads (tests/conftest.py sets it)")
-    plugin = types.ModuleType("interp_plugin_det")
-    plugin.KVIK_PLUGIN_API = ">=2.0,<3"  # type: ignore[attr-defined]
-
-    @hookimpl
-    def kvik_register_attention_backends(register):  # type: ignore[no-untyped-def]
-        register("triton_interp", "kvik_triton_attention.testing:SmallTileTritonAttentionBackend")
-
-    plugin.kvik_register_attention_backends = kvik_register_attention_backends  # type: ignore[attr-defined]
-    kvik_plugin_manager.register(plugin, "interp_plugin_det", "tests")
+    register_small_tile_triton(kvik_plugin_manager, "interp_plugin_det")
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
