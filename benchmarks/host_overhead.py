@@ -46,35 +46,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.plugins.hookspecs import hookimpl
+from kvik_cuda.testing import HostCUDAPlatform  # the CUDA platform's runner on the CPU
 
 KVIK_PLUGIN_API = ">=2.0,<3"
 PHASES = ("schedule", "prepare", "model", "sample", "outputs", "other")
-
-
-class HostCUDAPlatform(Platform):
-    """The CUDA platform's model runner on the CPU (pinned buffers degrade to plain host memory)."""
-
-    name = "host-overhead-cuda"
-    device_type = "cpu"
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return True
-
-    def resolve_options(self, options: dict[str, Any], config: Any) -> Any:
-        from kvik_cuda.platform import GPUOptions
-
-        return GPUOptions(fused_layers=False)
-
-    def memory_info(self) -> MemoryInfo:
-        return MemoryInfo(total=1 << 34, free=1 << 33)
-
-    def create_model_runner(self, config: Any, model_config: Any) -> Any:
-        from kvik_cuda.runner import CUDAModelRunner
-
-        return CUDAModelRunner(config, model_config, torch.device("cpu"), self)
 
 
 def _graph_backend() -> type:
@@ -96,7 +72,7 @@ def __getattr__(name: str) -> Any:  # "module:GraphCapableTorchRef" for the regi
 
 @hookimpl
 def kvik_register_platforms(register: Callable[[str, str], None]) -> None:
-    register(HostCUDAPlatform.name, f"{__name__}:HostCUDAPlatform")
+    register(HostCUDAPlatform.name, "kvik_cuda.testing:HostCUDAPlatform")
 
 
 @hookimpl

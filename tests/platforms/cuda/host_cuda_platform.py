@@ -1,43 +1,21 @@
-"""A test platform that runs the CUDA platform's runner (pinned step inputs, buckets) on the CPU."""
+"""Registers kvik_cuda.testing's host CUDA platform (the CUDA runner on the CPU) for the tests, and test backends."""
 
 from __future__ import annotations
 
 import types
 from typing import Any
 
-import torch
-from kvik.config import EngineConfig
-from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.plugins.hookspecs import hookimpl
-from kvik_cuda.platform import GPUOptions
+from kvik_cuda.testing import HostCUDAPlatform
+
+__all__ = ["HostCUDAPlatform", "register_small_tile_triton"]
 
 KVIK_PLUGIN_API = ">=2.0,<3"
 
 
-class HostCUDAPlatform(Platform):
-    name = "host-cuda"
-    device_type = "cpu"
-    options_type = GPUOptions
-
-    def resolve_options(self, options: dict[str, Any], config: EngineConfig) -> GPUOptions:
-        return GPUOptions(fused_layers=options.get("fused_layers", False))  # eager layers unless a test asks
-
-    @classmethod
-    def is_available(cls) -> bool:
-        return True
-
-    def memory_info(self) -> MemoryInfo:
-        return MemoryInfo(total=1 << 34, free=1 << 33)
-
-    def create_model_runner(self, config, model_config):  # type: ignore[no-untyped-def]
-        from kvik_cuda.runner import CUDAModelRunner
-
-        return CUDAModelRunner(config, model_config, torch.device("cpu"), self)
-
-
 @hookimpl
 def kvik_register_platforms(register) -> None:  # type: ignore[no-untyped-def]
-    register("host-cuda", f"{__name__}:HostCUDAPlatform")
+    register(HostCUDAPlatform.name, "kvik_cuda.testing:HostCUDAPlatform")
 
 
 def register_small_tile_triton(manager: Any, plugin_name: str) -> None:
