@@ -186,18 +186,23 @@ def test_torch_free_tokenizer_builder_gives_the_same_tokenizer(fmt: GGUFFormat, 
     ours = build_without_torch(fmt.path, fmt.meta)
     split_digits(ours)  # what load_gguf_tokenizer adds for the 'smollm' pre-tokenizer
     ours.chat_template = fmt.meta("tokenizer.chat_template")
+    _assert_same_tokenizer(ours, tokenizer)
+
+
+def _assert_same_tokenizer(ours, reference) -> None:  # type: ignore[no-untyped-def]
+    """Same ids and text for tricky strings, the same chat prompt, the same special tokens."""
     texts = [*QUESTIONS, " 12 + 345 =  6789\n\ttabs", "héllo wörld ∑ 😀 日本語", "<|im_start|>user\nhi<|im_end|>"]
     for text in texts:
-        assert ours.encode(text) == tokenizer.encode(text), text
-        ids = tokenizer.encode(text)
-        assert ours.decode(ids) == tokenizer.decode(ids)
+        assert ours.encode(text) == reference.encode(text), text
+        ids = reference.encode(text)
+        assert ours.decode(ids) == reference.decode(ids)
     chat = [{"role": "user", "content": QUESTIONS[0]}]
-    assert ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == tokenizer.apply_chat_template(
+    assert ours.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == reference.apply_chat_template(
         chat, add_generation_prompt=True, tokenize=False
     )
     special = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
-    assert [getattr(ours, a) for a in special] == [getattr(tokenizer, a) for a in special]
-    assert len(ours) == len(tokenizer) and ours.all_special_ids == tokenizer.all_special_ids
+    assert [getattr(ours, a) for a in special] == [getattr(reference, a) for a in special]
+    assert len(ours) == len(reference) and ours.all_special_ids == reference.all_special_ids
 
 
 def test_the_tokenizer_cached_on_disk_is_the_one_built(fmt: GGUFFormat, tokenizer, tmp_path, monkeypatch) -> None:
@@ -213,16 +218,7 @@ def test_the_tokenizer_cached_on_disk_is_the_one_built(fmt: GGUFFormat, tokenize
     monkeypatch.setattr(gguf_tokenizer, "_BUILT", {})  # a new process: only the disk copy is left
     monkeypatch.setattr(gguf_tokenizer, "_build", lambda *a: pytest.fail("built again instead of loading the cache"))
     cached = gguf_tokenizer.load_gguf_tokenizer(fmt.path, fmt.meta)
-    texts = [*QUESTIONS, " 12 + 345 =  6789\n\ttabs", "héllo wörld ∑ 😀 日本語", "<|im_start|>user\nhi<|im_end|>"]
-    for text in texts:
-        assert cached.encode(text) == built.encode(text) == tokenizer.encode(text), text
-        assert cached.decode(built.encode(text)) == built.decode(built.encode(text))
-    chat = [{"role": "user", "content": QUESTIONS[0]}]
-    assert cached.apply_chat_template(chat, add_generation_prompt=True, tokenize=False) == built.apply_chat_template(
-        chat, add_generation_prompt=True, tokenize=False
-    )
-    special = ("bos_token_id", "eos_token_id", "pad_token_id", "unk_token_id")
-    assert [getattr(cached, a) for a in special] == [getattr(built, a) for a in special]
-    assert len(cached) == len(built) and cached.all_special_ids == built.all_special_ids
+    _assert_same_tokenizer(built, tokenizer)
+    _assert_same_tokenizer(cached, built)
     pre = cached.backend_tokenizer.pre_tokenizer.pre_tokenize_str("In 2024")
     assert [piece for piece, _ in pre] == ["In", "Ġ", "2", "0", "2", "4"]
