@@ -10,7 +10,9 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -39,5 +41,20 @@ def write_atomically(path: Path, data: bytes) -> None:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
         os.replace(tmp, path)
+    except OSError as exc:  # a read-only location: the next start derives it again
+        logger.info("could not write %s: %s", path, exc)
+
+
+def write_folder_atomically(path: Path, fill: Callable[[Path], None]) -> None:
+    """Make the folder ``path`` by ``fill``-ing a temporary folder beside it, then renaming it into place."""
+    staging: Path | None = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        staging = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}-"))
+        fill(staging)
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(staging, path)
     except OSError as exc:
         logger.info("could not write %s: %s", path, exc)
+        if staging is not None:
+            shutil.rmtree(staging, ignore_errors=True)

@@ -13,14 +13,12 @@ import copy
 import importlib.util
 import logging
 import os
-import shutil
 import sys
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvik_gguf.disk_cache import cache_entry
+from kvik_gguf.disk_cache import cache_entry, write_folder_atomically
 
 # llama.cpp pre-tokenizer names whose original Hugging Face tokenizer isolates every
 # digit before the byte-level split (tokenizer.json: Sequence[Digits(individual_digits),
@@ -66,17 +64,7 @@ def _load_or_build(key: tuple[str, int, int], path: str, meta: Callable[[str], A
         except (OSError, ValueError) as exc:  # a damaged entry: build again and replace it
             logger.info("rebuilding the cached tokenizer of %s (%s)", path, exc)
     tokenizer = _build(path, meta)
-    staging: Path | None = None
-    try:  # write to a temporary folder, then rename: concurrent starts never see half an entry
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        staging = Path(tempfile.mkdtemp(dir=saved.parent, prefix=f".{saved.name}-"))
-        tokenizer.save_pretrained(str(staging))
-        shutil.rmtree(saved, ignore_errors=True)
-        os.replace(staging, saved)
-    except OSError as exc:  # a read-only home: the tokenizer still works, the next start builds again
-        logger.info("could not cache the tokenizer of %s in %s: %s", path, saved.parent, exc)
-        if staging is not None:
-            shutil.rmtree(staging, ignore_errors=True)
+    write_folder_atomically(saved, lambda folder: tokenizer.save_pretrained(str(folder)))
     return tokenizer
 
 
