@@ -228,38 +228,32 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             self._dummy_step([n], token_ids=[ids])
         for i in todo:
             layer = self.attn_layers[i]
-            layer.k_scale, layer.v_scale = fp8_kv.scale_from_amax(float(amax[i, 0])), fp8_kv.scale_from_amax(
-                float(amax[i, 1])
-            )
-        k = [self.attn_layers[i].k_scale for i in todo]
-        v = [self.attn_layers[i].v_scale for i in todo]
-        logger.info(
-            "kv_cache_dtype=fp8_e4m3: k_scale/v_scale of %d layers measured at start-up (k %.4g..%.4g, v %.4g..%.4g)",
-            len(todo), min(k), max(k), min(v), max(v),
-        )  # fmt: skip
+            layer.k_scale = fp8_kv.scale_from_amax(float(amax[i, 0]))
+            layer.v_scale = fp8_kv.scale_from_amax(float(amax[i, 1]))
 
     def _note_kv_scales(self) -> None:
         """With an FP8 cache, say where each layer's K/V scales come from (once, at load)."""
-        if self.kv_cache_dtype != fp8_kv.FP8_DTYPE or not self.attn_layers:
+        layers = self.attn_layers
+        if self.kv_cache_dtype != fp8_kv.FP8_DTYPE or not layers:
             return
-        given = sum(layer.kv_scales_from_checkpoint for layer in self.attn_layers)
-        if self.config.calculate_kv_scales:
-            return  # _calculate_kv_scales said what it measured
-        if given == len(self.attn_layers):
-            k = [layer.k_scale for layer in self.attn_layers]
-            v = [layer.v_scale for layer in self.attn_layers]
-            logger.info(
-                "kv_cache_dtype=fp8_e4m3: k_scale/v_scale of %d layers from the checkpoint "
-                "(k %.4g..%.4g, v %.4g..%.4g)", given, min(k), max(k), min(v), max(v),
-            )  # fmt: skip
-        else:
+        given = sum(layer.kv_scales_from_checkpoint for layer in layers)
+        if given < len(layers) and not self.config.calculate_kv_scales:
             logger.info(
                 "kv_cache_dtype=fp8_e4m3: the checkpoint has no k_scale/v_scale for %d of %d attention layers; "
                 "those use scale 1.0 (K/V values beyond +-448 saturate, tiny ones lose precision). "
                 "calculate_kv_scales=True measures them at start-up; a checkpoint calibrated with a "
-                "kv_cache_scheme (llm-compressor) carries per-layer scales", len(self.attn_layers) - given,
-                len(self.attn_layers),
+                "kv_cache_scheme (llm-compressor) carries per-layer scales", len(layers) - given, len(layers),
             )  # fmt: skip
+            return
+        sources = [f"{given} layers from the checkpoint"] if given else []
+        if given < len(layers):  # the rest were measured (_calculate_kv_scales)
+            sources.append(f"{len(layers) - given} layers measured at start-up")
+        k = [layer.k_scale for layer in layers]
+        v = [layer.v_scale for layer in layers]
+        logger.info(
+            "kv_cache_dtype=fp8_e4m3: k_scale/v_scale of %s (k %.4g..%.4g, v %.4g..%.4g)",
+            " and of ".join(sources), min(k), max(k), min(v), max(v),
+        )  # fmt: skip
 
     def batch_invariant_kernels(self) -> InvariantKernels:
         """The kernels deterministic mode runs (kvik.layers.batch_invariant); device runners override."""
