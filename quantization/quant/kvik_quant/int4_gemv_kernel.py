@@ -77,7 +77,7 @@ def nibble_to_float(nibbles):
 
 
 @triton.jit
-def _codes(words, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
+def unpack_codes(words, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """``[BLOCK_K/8, BLOCK_N]`` words -> float32 codes ``[BLOCK_K, BLOCK_N]``: nibble j of a word is k row 8r+j."""
     shifts = tl.arange(0, 8) * 4
     return nibble_to_float(tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N)))
@@ -86,7 +86,7 @@ def _codes(words, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
 @triton.jit
 def _dequant(words, scale, zero, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """The float32 ``W^T`` tile ``[BLOCK_K, BLOCK_N]``: ``code * scale - zero * scale`` (one FMA per weight)."""
-    return _codes(words, BLOCK_K, BLOCK_N) * scale[None, :] - (zero * scale)[None, :]
+    return unpack_codes(words, BLOCK_K, BLOCK_N) * scale[None, :] - (zero * scale)[None, :]
 
 
 @triton.jit
@@ -96,7 +96,7 @@ def _fma(acc, x1, words, scale, zero, BLOCK_K: tl.constexpr, BLOCK_N: tl.constex
     if REDUCE_EACH:  # one return: Triton type-checks every return path, even a dead one
         # A k-step lies in one group, so its scale and zero apply after the k-sum:
         # s * (sum_k x*code - zero * sum_k x): one multiply-add per weight, not a dequantize and a multiply-add.
-        part = tl.sum(xf[:, None] * _codes(words, BLOCK_K, BLOCK_N), axis=0)
+        part = tl.sum(xf[:, None] * unpack_codes(words, BLOCK_K, BLOCK_N), axis=0)
         out = acc + scale * (part - zero * tl.sum(xf, axis=0))
     else:
         out = acc + xf[:, None] * _dequant(words, scale, zero, BLOCK_K, BLOCK_N)
@@ -254,8 +254,7 @@ def _int4_dequant_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_n = offs_n < N
     words = tl.load(qw_ptr + offs_r[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-    shifts = tl.arange(0, 8) * 4
-    codes = nibble_to_float(tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (8 * BLOCK_R, BLOCK_N)))
+    codes = unpack_codes(words, 8 * BLOCK_R, BLOCK_N)
     group = (pid_r * BLOCK_R * 8) // GROUP
     scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)

@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 
 from kvik_quant import fallback, splitk
-from kvik_quant.int4_gemv_kernel import nibble_to_float
+from kvik_quant.int4_gemv_kernel import nibble_to_float, unpack_codes
 
 logger = logging.getLogger(__name__)
 
@@ -62,8 +62,7 @@ def _int4_gemm_kernel(
         if WIDE_LOAD:  # each word loaded once, its eight nibbles spread over eight k rows in registers
             offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
             words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-            shifts = tl.arange(0, 8) * 4
-            codes = nibble_to_float(tl.reshape((words[:, None, :] >> shifts[None, :, None]) & 0xF, (BLOCK_K, BLOCK_N)))
+            codes = unpack_codes(words, BLOCK_K, BLOCK_N)
         else:  # eight neighbouring k rows load the same word (the repeats hit the cache)
             words = tl.load(qw_ptr + (offs_k[:, None] // 8) * N + offs_n[None, :], mask=mask_n[None, :], other=0)
             codes = nibble_to_float((words >> ((offs_k[:, None] % 8) * 4)) & 0xF)  # [BLOCK_K, BLOCK_N]
