@@ -447,7 +447,7 @@ class Scheduler:
             or len(request.output_token_ids) + placeholders >= request.max_tokens
             or num_tokens + placeholders >= self._max_len
         ):
-            return 0  # the token in flight is its last: nothing more to compute
+            return 0  # it waits for the token in flight (no pending tokens), or that token is its last
         num_new = num_tokens + placeholders - request.num_computed_tokens
         if num_new == 1 and request.draft_token_ids and not placeholders:
             # A decode with drafts: verify them in the same row. Never draft past max_tokens
