@@ -29,7 +29,6 @@ logger = logging.getLogger(__name__)
 MAX_INDEXED_ARRAY = 256
 # Part of the cache key: bump when the index's content or layout changes.
 _INDEX_VERSION = 1
-_ABSENT = object()
 
 
 @dataclass(frozen=True, slots=True)
@@ -46,16 +45,14 @@ class TensorEntry:
 
 @dataclass(slots=True)
 class GGUFIndex:
-    path: str
     fields: dict[str, Any]  # scalar and short array fields
     large: frozenset[str]  # array fields left in the file
     tensors: list[TensorEntry]
     open_reader: Callable[[], Any]  # the full reader, for a large field
 
     def meta(self, key: str) -> Any:
-        value = self.fields.get(key, _ABSENT)
-        if value is not _ABSENT:
-            return value
+        if key in self.fields:
+            return self.fields[key]
         if key in self.large:
             field = self.open_reader().get_field(key)
             return None if field is None else field.contents()
@@ -106,4 +103,4 @@ def _build(path: str, raw: dict[str, Any], open_reader: Callable[[], Any]) -> GG
         TensorEntry(name, kind, np.array(shape, dtype=np.uint64), n_bytes, offset, mapped[offset : offset + n_bytes])
         for name, kind, shape, n_bytes, offset in raw["tensors"]
     ]
-    return GGUFIndex(path, dict(raw["fields"]), frozenset(raw["large"]), tensors, open_reader)
+    return GGUFIndex(dict(raw["fields"]), frozenset(raw["large"]), tensors, open_reader)
