@@ -17,6 +17,7 @@
 #   run_batch      `kvik run-batch` vs LLM.generate (19; needs .whl with fastapi + opentelemetry-api)
 #   tp             two GPUs: TP=2 tokens, TP=2 / DP=2 on the 8B (17; nvidia-h200-x2)
 #   tp70           two GPUs: the Llama-3.3-70B shape at TP=2 (17; nvidia-h200-x2, its own call)
+#   allreduce      two GPUs: NCCL vs symmetric-memory all-reduce latency, and the symm all-reduce test (17)
 # Triton compiles cost start-up on a fresh machine (the 82 s once blamed on them was mostly dummy weights
 # drawn on the host, fixed). The cache persists between calls when `.triton-cache` is carried: it is used
 # as TRITON_CACHE_DIR and packed back into $OUT/triton-cache.tgz at the end; copy that file to
@@ -58,7 +59,10 @@ for s in $STAGES; do
     fallback) stage fallback 200 python3 benchmarks/models_gpu.py --one llama8b_fallback --n 500 ;;
     embed) TOKENIZERS_PARALLELISM=true stage embed 330 python3 benchmarks/embedding_benchmark.py --parts bert-base,qwen3-0.6b ;;
     run_batch) stage run_batch 200 python3 benchmarks/embedding_benchmark.py --parts run_batch --n-chat 512 ;;
-    tp) stage tp 560 python3 benchmarks/tp_benchmark.py --parts tokens,dp2,llama8b,pp2 ;;
+    tp) stage tp 560 python3 benchmarks/tp_benchmark.py --parts ${TP_PARTS:-tokens,dp2,dp_mp,llama8b,usual} ;;
+    allreduce) stage allreduce 120 python3 benchmarks/allreduce_bench.py
+               stage allreduce_test 120 python3 -m pytest -q -p no:cacheprovider tests/platforms/cuda/test_symm_all_reduce.py
+               tail -3 "$OUT/allreduce_test.log" ;;
     tp70) stage tp70 560 python3 benchmarks/tp_benchmark.py --parts llama70b ;;
     *) echo "unknown stage $s" ;;
   esac

@@ -18,8 +18,13 @@
    (141 GB over two GPUs' copy bandwidth) and the same offline run.
 
 ``--parts tokens,llama8b,dp2,llama70b`` picks parts (default: all but llama70b, which needs its own call);
-adding ``pp2`` to a ``llama8b`` run also times the 8B at pipeline_parallel_size=2 (eager, two micro-batches in
-flight) against TP=1 eager.
+with ``llama8b``: ``eager`` adds TP=1/TP=2 without CUDA graphs, ``pp2`` times pipeline_parallel_size=2 (eager,
+two micro-batches in flight) against TP=1 eager, ``usual`` runs the issue's workload (1,000 requests,
+U[128, 1024] -> 256) instead of the short one; TP=2 with graphs also profiles 32 decode steps at batch 1
+and 64 (torch.profiler on every rank: the NCCL kernels' share of device time). ``dp_mp`` adds DP=1 and DP=2
+with every replica's rank in a worker process (``distributed_executor_backend="mp"``); ``nccl`` adds TP=2
+with every sum through NCCL (``disable_custom_all_reduce=True``). The DP parts and
+``llama70b`` run the usual workload; ``llama70b`` also profiles.
 Every part runs in its own try block: one failure is recorded and the others still report.
 ``--smoke`` runs the same flow on the CPU with an 8B-shaped model shrunk to toy size (checks the script).
 """
@@ -140,22 +145,57 @@ def _timed(llm: Any, prompt: list[int], new: int) -> float:
     return time.perf_counter() - t
 
 
-def _offline_prompts() -> list[list[int]]:
-    """The offline part's workload: 256 prompts of U[128, 512] random tokens (seeded)."""
+# Offline workloads: (requests, prompt lengths U[lo, hi], new tokens each). "usual" is the issue's
+# (1,000 requests, U[128, 1024] -> 256); "short" the first runs' smaller one.
+WORKLOADS = {"short": (256, 128, 512, 128), "usual": (1000, 128, 1024, 256)}
+
+
+def _offline_prompts(workload: str = "short") -> list[list[int]]:
+    """The workload's prompts: random tokens (seeded)."""
     import numpy as np
 
+    n, lo, hi, _ = WORKLOADS[workload]
+    if DEVICE == "cpu":  # --smoke: the same flow, a toy amount of work
+        n, lo, hi = 16, 16, 64
     rng = np.random.default_rng(1)
-    return [rng.integers(3, 128000, int(n)).tolist() for n in rng.integers(128, 513, 256)]
+    return [rng.integers(3, 128000, int(k)).tolist() for k in rng.integers(lo, hi + 1, n)]
 
 
-def bench_8b(path: Path, tp: int, eager: bool, kv_gib: int = 12, pp: int = 1) -> dict[str, Any]:
+def _new_tokens(workload: str) -> int:
+    return 16 if DEVICE == "cpu" else WORKLOADS[workload][3]
+
+
+def _profile(llm: Any, batch: int, new: int = 32) -> dict[str, Any]:
+    """Device time by kernel over ``batch`` requests decoding ``new`` tokens (after a 512-token prompt): the
+    all-reduce's share of the step (NCCL kernels), per rank, and rank 0's largest kernels."""
+    import numpy as np
+    from kvik import SamplingParams
+
+    rng = np.random.default_rng(5)
+    prompts = [rng.integers(3, 128000, 512).tolist() for _ in range(batch)]
+    params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
+    llm.generate(prompts, SamplingParams(max_tokens=1, temperature=0.0, detokenize=False), use_tqdm=False)  # warm
+    llm.start_profile()
+    llm.generate(prompts, params, use_tqdm=False)
+    summaries = llm.stop_profile()
+    return {
+        "batch": batch,
+        "allreduce_share_per_rank": [round(s.share("nccl", "allreduce", "all_reduce"), 4) for s in summaries],
+        "device_ms_per_rank": [round(s.device_us / 1e3, 2) for s in summaries],
+        "wall_ms": round(summaries[0].wall_s * 1e3, 1),
+        "rank0_top": [(k.name[:80], round(k.device_us / 1e3, 2), k.calls) for k in summaries[0].kernels[:8]],
+    }
+
+
+def bench_8b(path: Path, tp: int, eager: bool, kv_gib: int = 12, pp: int = 1, workload: str = "short",
+             profile: bool = False, **extra: Any) -> dict[str, Any]:
     import numpy as np
     from kvik import LLM, SamplingParams
 
     t0 = time.perf_counter()
     llm = LLM(model=str(path), device=DEVICE, dtype="bfloat16", load_format="dummy", tensor_parallel_size=tp,
               pipeline_parallel_size=pp, kv_cache_memory=(kv_gib << 30) if DEVICE == "cuda" else 64 << 20, max_model_len=2048, max_num_seqs=256,
-              enforce_eager=eager)  # fmt: skip
+              enforce_eager=eager, **extra)  # fmt: skip
     out: dict[str, Any] = {"start_s": round(time.perf_counter() - t0, 1)}
     try:
         rng = np.random.default_rng(0)
@@ -167,32 +207,41 @@ def bench_8b(path: Path, tp: int, eager: bool, kv_gib: int = 12, pp: int = 1) ->
             many = _timed(llm, prompt2, 129)
             best = min(best, (many - one) / 128 * 1e3)
         out["batch1_ms_per_token"] = round(best, 3)
-        prompts = _offline_prompts()
-        params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True, detokenize=False)
+        if profile:
+            out["profile"] = [_profile(llm, batch) for batch in (1, 64)]
+        prompts = _offline_prompts(workload)
+        params = SamplingParams(max_tokens=_new_tokens(workload), temperature=0.0, ignore_eos=True, detokenize=False)
         t = time.perf_counter()
         results = llm.generate(prompts, params, use_tqdm=False)
         elapsed = time.perf_counter() - t
         generated = sum(len(r.outputs[0].token_ids) for r in results)
-        out["offline_256x128_output_tok_per_s"] = round(generated / elapsed, 1)
+        tag = "256x128" if workload == "short" else workload
+        out[f"offline_{tag}_output_tok_per_s"] = round(generated / elapsed, 1)
         out["offline_total_tok_per_s"] = round((generated + sum(map(len, prompts))) / elapsed, 1)
+        out["offline_s"] = round(elapsed, 1)
     finally:
         _shutdown(llm)
     return out
 
 
-def bench_dp(path: Path, replicas: int) -> dict[str, Any]:
-    """The offline workload through ``replicas`` engines behind the router, all requests submitted at once."""
+def bench_dp(path: Path, replicas: int, executor: str | None = None, workload: str = "usual") -> dict[str, Any]:
+    """The offline workload through ``replicas`` engines behind the router, all requests submitted at once
+    (each request's final output only, as a non-streaming server request gets it). ``executor="mp"`` runs
+    every replica's rank in a worker process (by default the first replica's runs in this process)."""
     import asyncio
 
     from kvik import SamplingParams
     from kvik.engine.data_parallel import DataParallelLLM
 
     t0 = time.perf_counter()
+    extra = {} if executor is None else {"distributed_executor_backend": executor}
     dp = DataParallelLLM.from_engine_args(replicas, model=str(path), device=DEVICE, dtype="bfloat16",
-                                          load_format="dummy", kv_cache_memory=(12 << 30) if DEVICE == "cuda" else 64 << 20,
-                                          max_model_len=2048, max_num_seqs=256)  # fmt: skip
-    out: dict[str, Any] = {"replicas": replicas, "start_s": round(time.perf_counter() - t0, 1)}
-    params = SamplingParams(max_tokens=128, temperature=0.0, ignore_eos=True, detokenize=False)
+                                          load_format="dummy", kv_cache_memory=(40 << 30) if DEVICE == "cuda" else 64 << 20,
+                                          max_model_len=2048, max_num_seqs=256, **extra)  # fmt: skip
+    out: dict[str, Any] = {"replicas": replicas, "executor": executor or "default", "workload": workload,
+                           "start_s": round(time.perf_counter() - t0, 1)}  # fmt: skip
+    params = SamplingParams(max_tokens=_new_tokens(workload), temperature=0.0, ignore_eos=True, detokenize=False,
+                            output_kind="final_only")  # fmt: skip
 
     async def one(prompt: list[int], rid: str) -> int:
         tokens = 0
@@ -209,8 +258,9 @@ def bench_dp(path: Path, replicas: int) -> dict[str, Any]:
         dp.start()
         try:
             await run(_offline_prompts()[:8], "warm")
-            generated, elapsed = await run(_offline_prompts(), "r")
-            out["offline_256x128_output_tok_per_s"] = round(generated / elapsed, 1)
+            generated, elapsed = await run(_offline_prompts(workload), "r")
+            out["offline_output_tok_per_s"] = round(generated / elapsed, 1)
+            out["offline_s"] = round(elapsed, 1)
         finally:
             await dp.shutdown()
 
@@ -240,18 +290,23 @@ def main() -> int:
                 summary["tokens"] = check_tokens(root)
             except Exception:
                 summary["tokens_error"] = _error()
-        for replicas in (1, 2) if "dp2" in parts else ():
+        dp_runs = [(1, None), (2, None)] if "dp2" in parts else []
+        dp_runs += [(1, "mp"), (2, "mp")] if "dp_mp" in parts else []
+        for replicas, executor in dp_runs:
+            name = f"dp{replicas}" + (f"_{executor}" if executor else "")
             try:
-                summary[f"dp{replicas}"] = bench_dp(_config_dir(root), replicas)
+                summary[name] = bench_dp(_config_dir(root), replicas, executor)
             except Exception:
-                summary[f"dp{replicas}"] = {"error": _error()}
-            print(f"dp{replicas}", json.dumps(summary[f"dp{replicas}"])[:400], flush=True)
-        one, two = summary.get("dp1", {}), summary.get("dp2", {})
-        if "offline_256x128_output_tok_per_s" in one and "offline_256x128_output_tok_per_s" in two:
-            summary["dp2_over_dp1"] = round(two["offline_256x128_output_tok_per_s"] / one["offline_256x128_output_tok_per_s"], 3)
+                summary[name] = {"error": _error()}
+            print(name, json.dumps(summary[name])[:400], flush=True)
+        key = "offline_output_tok_per_s"
+        for two, one in (("dp2", "dp1"), ("dp2_mp", "dp1"), ("dp1_mp", "dp1")):
+            if key in summary.get(one, {}) and key in summary.get(two, {}):
+                summary[f"{two}_over_{one}"] = round(summary[two][key] / summary[one][key], 3)
         if "llama70b" in parts:
             try:
-                summary["llama70b_tp2"] = bench_8b(_config_dir(root, "llama70b", LLAMA70B), 2, False, kv_gib=20)
+                summary["llama70b_tp2"] = bench_8b(_config_dir(root, "llama70b", LLAMA70B), 2, False, kv_gib=45,
+                                                   workload="usual", profile=True)  # fmt: skip
             except Exception:
                 summary["llama70b_tp2"] = {"error": _error()}
             print("llama70b_tp2", json.dumps(summary["llama70b_tp2"])[:400], flush=True)
@@ -259,22 +314,28 @@ def main() -> int:
             try:
                 path = _config_dir(root)
                 runs: dict[str, Any] = {}
-                cases = [("tp1_graphs", 1, False, 1), ("tp2_graphs", 2, False, 1), ("tp2_eager", 2, True, 1),
-                         ("tp1_eager", 1, True, 1)]  # fmt: skip
+                cases = [("tp1_graphs", 1, False, 1), ("tp2_graphs", 2, False, 1)]
+                if "nccl" in parts:  # TP=2 with every sum through NCCL (no symmetric-memory all-reduce)
+                    cases.append(("tp2_graphs_nccl", 2, False, 1))
+                if "eager" in parts:
+                    cases += [("tp2_eager", 2, True, 1), ("tp1_eager", 1, True, 1)]
                 if "pp2" in parts:  # two stages, two micro-batches in flight (eager: no graphs under PP)
-                    cases.append(("pp2_eager", 1, True, 2))
+                    cases += [("tp1_eager", 1, True, 1)] * ("eager" not in parts) + [("pp2_eager", 1, True, 2)]
+                workload = "usual" if "usual" in parts else "short"
                 for name, tp, eager, pp in cases:
                     if time.perf_counter() - started > 420:  # stay inside the 8-minute budget
                         runs[name] = "skipped: time budget"
                         continue
                     try:
-                        runs[name] = bench_8b(path, tp, eager, pp=pp)
+                        extra = {"disable_custom_all_reduce": True} if name.endswith("_nccl") else {}
+                        runs[name] = bench_8b(path, tp, eager, pp=pp, kv_gib=40 if workload == "usual" else 12,
+                                              workload=workload, profile=name.startswith("tp2_graphs"), **extra)  # fmt: skip
                     except Exception:
                         runs[name] = {"error": _error()}
                     print(name, json.dumps(runs[name])[:400], flush=True)
                 summary["llama8b"] = runs
                 pp2, tp1 = runs.get("pp2_eager"), runs.get("tp1_eager")
-                key = "offline_256x128_output_tok_per_s"
+                key = "offline_256x128_output_tok_per_s" if workload == "short" else f"offline_{workload}_output_tok_per_s"
                 if isinstance(pp2, dict) and isinstance(tp1, dict) and key in pp2 and key in tp1:
                     summary["pp2_over_tp1_offline_eager"] = round(pp2[key] / tp1[key], 3)
                 for mode in ("graphs", "eager"):

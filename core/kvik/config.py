@@ -116,6 +116,9 @@ class EngineConfig:
     # always transformers' code with kvik's paged attention (for comparing, or a native bug).
     model_impl: str = "auto"
     enforce_eager: bool = False  # no CUDA graphs / compiled graphs
+    # Tensor parallelism: always sum through torch.distributed (NCCL), never the platform's faster small-message
+    # all-reduce (CUDA: symmetric memory over NVLink); vLLM's option name.
+    disable_custom_all_reduce: bool = False
     # Schedule step n+1 while the device runs step n (None: the platform decides; on for CUDA/ROCm).
     async_scheduling: bool | None = None
     seed: int = 0
@@ -278,6 +281,7 @@ class ResolvedConfig:
     tensor_parallel_size: int = 1  # ranks each layer is split over
     pipeline_parallel_size: int = 1  # stages the layers are split into
     distributed_executor_backend: str = "uni"  # the registered executor that runs the ranks
+    disable_custom_all_reduce: bool = False  # tensor parallelism sums through torch.distributed only
     device_offset: int = 0  # this engine's first local device (data-parallel replica r: r * world_size)
     kv_cache_dtype: str = "auto"  # "auto" (the model dtype) or "fp8_e4m3" (resolve_kv_cache_dtype's names)
     calculate_kv_scales: bool = False  # FP8 cache: scales of layers the checkpoint leaves unset, measured at start

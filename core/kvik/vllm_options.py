@@ -15,7 +15,6 @@ ANY = object()  # a tuning knob that cannot change outputs: every value is accep
 OFF_VALUES: dict[str, tuple[Any, ...] | object] = {
     "data_parallel_size": (1,),
     "enable_expert_parallel": (False,),
-    "disable_custom_all_reduce": ANY,
     "cpu_offload_gb": (0,),
     "swap_space": ANY,  # CPU swap for preempted sequences: kvik recomputes them instead
     "enable_prompt_adapter": (False,),

@@ -110,6 +110,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None,
                         help="share KV blocks of identical prompt prefixes (default: on)")  # fmt: skip
     engine.add_argument("--enforce-eager", action="store_true", default=None, help="disable CUDA graphs")
+    engine.add_argument("--disable-custom-all-reduce", action="store_true", default=None,
+                        help="tensor parallelism: sum through NCCL only, not the platform's small-message all-reduce")
     engine.add_argument("--deterministic", action="store_true", default=None,
                         help="batch-invariant numerics: a request's logits and tokens do not depend on its batch "
                              "(docs/deterministic.md)")  # fmt: skip
@@ -254,7 +256,7 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
              "load_format", "dtype", "quantization", "quantized_weights",
              "max_model_len", "max_num_seqs", "max_num_batched_tokens", "kv_cache_memory", "kv_cache_dtype",
              "calculate_kv_scales", "enable_prefix_caching",
-             "enforce_eager", "deterministic", "async_scheduling", "seed", "num_threads", "runner",
+             "enforce_eager", "disable_custom_all_reduce", "deterministic", "async_scheduling", "seed", "num_threads", "runner",
              "speculative_config", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras",
              "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend")  # fmt: skip
     return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}

@@ -9,10 +9,15 @@ that never sets it is a single device and every collective here is the identity.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
 import torch
+
+# A platform's faster sum over the tensor-parallel group (Platform.tensor_parallel_all_reduce): the sum as a
+# new tensor, or None for an input it does not take.
+AllReduce = Callable[[torch.Tensor], "torch.Tensor | None"]
 
 
 @dataclass(slots=True)
@@ -22,6 +27,7 @@ class ParallelState:
     pp_rank: int = 0
     pp_size: int = 1
     tp_group: Any = None  # torch.distributed ProcessGroup of this stage's ranks (None: tp_size 1)
+    fast_all_reduce: AllReduce | None = None  # the platform's, tried before torch.distributed's
 
     @property
     def rank(self) -> int:
@@ -50,8 +56,13 @@ class ParallelState:
 
     # -- collectives (identity on one device) ----------------------------------------------
     def all_reduce(self, x: torch.Tensor) -> torch.Tensor:
-        """Sum ``x`` over the tensor-parallel group, in place; returns ``x``."""
+        """The sum of ``x`` over the tensor-parallel group: the platform's all-reduce where it takes ``x``
+        (a new tensor), else torch.distributed's (``x`` summed in place)."""
         if self.tp_size > 1:
+            if self.fast_all_reduce is not None:
+                summed = self.fast_all_reduce(x)
+                if summed is not None:
+                    return summed
             import torch.distributed as dist
 
             dist.all_reduce(x, group=self.tp_group)

@@ -54,6 +54,7 @@ _PASSED_THROUGH = (
     "long_prefill_token_threshold",
     "gpu_memory_utilization",
     "enforce_eager",
+    "disable_custom_all_reduce",
     "async_scheduling",
     "seed",
     "trust_remote_code",

@@ -29,6 +29,7 @@ from kvik.engine.output_processor import OutputProcessor, RequestState, SampleSt
 from kvik.engine.progress import LoadProgress, format_bytes, format_tokens, step
 from kvik.executor import Executor, create_executor
 from kvik.executor.base import RunnerCapabilities
+from kvik.executor.profiling import ProfileSummary
 from kvik.lora.registry import LoRARegistry
 from kvik.lora.request import LoRARequest
 from kvik.outputs import RequestMetrics, RequestOutput
@@ -622,6 +623,21 @@ class LLMEngine:
             kv_cache_tokens=self.memory_plan.kv_tokens,
             kv_cache_dtype=self.kv_cache_dtype_name,
         )
+
+    def start_profile(self) -> None:
+        """Start a torch.profiler window on every rank (:mod:`kvik.executor.profiling`)."""
+        self._check_between_steps("start_profile")
+        self.executor.start_profile()
+
+    def stop_profile(self, trace_dir: str | None = None) -> list[ProfileSummary]:
+        """End it: each rank's time by kernel (and its Chrome trace in ``trace_dir``, else
+        ``$KVIK_TORCH_PROFILER_DIR``, when either is set)."""
+        self._check_between_steps("stop_profile")
+        return self.executor.stop_profile(trace_dir)
+
+    def _check_between_steps(self, what: str) -> None:
+        if self._in_flight:  # the ranks answer calls in order: a step's answer is still owed
+            raise RuntimeError(f"{what}() needs the engine between steps; {len(self._in_flight)} step(s) in flight")
 
     def shutdown(self) -> None:
         self._in_flight.clear()

@@ -92,6 +92,8 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model-impl", default="auto", choices=["auto", "kvik", "transformers"],
                         help="modelling code: kvik's native, transformers' (the fallback), or auto")  # fmt: skip
     parser.add_argument("--enforce-eager", action="store_true", help="disable CUDA graphs")
+    parser.add_argument("--disable-custom-all-reduce", action="store_true",
+                        help="tensor parallelism: sum through NCCL only, not the platform's small-message all-reduce")
     parser.add_argument("--deterministic", action="store_true",
                         help="batch-invariant numerics: the same output alone or in any batch (docs/deterministic.md)")  # fmt: skip
     parser.add_argument("--tensor-parallel-size", "-tp", type=int, default=1, metavar="N",
@@ -170,6 +172,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         quantized_weights=args.quantized_weights,
         model_impl=args.model_impl,
         enforce_eager=args.enforce_eager,
+        disable_custom_all_reduce=args.disable_custom_all_reduce,
         deterministic=args.deterministic,
         async_scheduling=args.async_scheduling,
         tensor_parallel_size=args.tensor_parallel_size,

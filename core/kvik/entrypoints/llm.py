@@ -10,6 +10,7 @@ from typing import Any
 from kvik.config import EngineConfig
 from kvik.engine.llm_engine import LLMEngine
 from kvik.entrypoints.beam_search import BeamSearchOutput, as_token_ids, beam_search
+from kvik.executor.profiling import ProfileSummary
 from kvik.inputs import PromptType, parse_prompts
 from kvik.lora.request import LoRARequest
 from kvik.outputs import RequestOutput
@@ -252,6 +253,16 @@ class LLM:
         from kvik.pooling.scoring import score_pairs
 
         return score_pairs(self, data_1, data_2, truncate_prompt_tokens, use_tqdm)
+
+    def start_profile(self) -> None:
+        """Start profiling every rank with torch.profiler (vLLM's name); generate, then :meth:`stop_profile`."""
+        self.llm_engine.start_profile()
+
+    def stop_profile(self, trace_dir: str | None = None) -> list[ProfileSummary]:
+        """Stop profiling. Each rank's Chrome trace goes to ``trace_dir/rank{R}.json`` (or under
+        ``$KVIK_TORCH_PROFILER_DIR``, vLLM's ``VLLM_TORCH_PROFILER_DIR``) when either is set; the
+        return value is every rank's time by kernel (:class:`kvik.executor.profiling.ProfileSummary`)."""
+        return self.llm_engine.stop_profile(trace_dir)
 
     def _run(self, ids: list[str], use_tqdm: bool | None) -> list[Any]:
         engine = self.llm_engine

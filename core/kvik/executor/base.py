@@ -19,6 +19,7 @@ import numpy as np
 from kvik.config import ModelConfig, ResolvedConfig
 
 if TYPE_CHECKING:
+    from kvik.executor.profiling import ProfileSummary
     from kvik.platforms.interface import Platform
     from kvik.plugins.manager import PluginManager
     from kvik.scheduling.output import SchedulerOutput
@@ -140,6 +141,15 @@ class Executor(ABC):
     @abstractmethod
     def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         """Launch one step on every rank; the handle's ``result()`` is the output rank's samples."""
+
+    def start_profile(self) -> None:
+        """Start a torch.profiler window on every rank (between steps: none in flight)."""
+        raise NotImplementedError(f"executor {type(self).__name__} cannot profile its ranks")
+
+    def stop_profile(self, trace_dir: str | None = None) -> list[ProfileSummary]:
+        """End it: every rank's :class:`~kvik.executor.profiling.ProfileSummary`, in rank order (and each
+        rank's Chrome trace in ``trace_dir``, else ``$KVIK_TORCH_PROFILER_DIR``, when either is set)."""
+        raise NotImplementedError(f"executor {type(self).__name__} cannot profile its ranks")
 
     def check_health(self) -> None:  # noqa: B027 - in-process ranks cannot die apart from the engine
         """Raise :class:`ExecutorError` if a rank has failed or died."""

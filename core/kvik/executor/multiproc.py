@@ -9,6 +9,12 @@ watches the processes themselves: a rank that dies (killed, OOM, crashed) is
 reported within one poll interval as an :class:`ExecutorError` naming it and its
 exit code, the others are stopped, and the engine fails loudly instead of hanging
 in a collective.
+
+Steps overlap as they do in one process (async scheduling): a rank launches step N+1
+before it waits for step N's samples, and answers N only then, so its host work for
+N+1 (decoding the step, building inputs, launching) runs while the device still works
+on N. Answers stay one per call and in call order; when the engine wants step N's
+answer and has sent nothing after it, it sends ``flush``.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from kvik.executor.base import Executor, ExecutorError, RankMemory, ResolvedStructuredStep
+from kvik.executor.profiling import ProfileSummary
 from kvik.executor.step_codec import StepEncoder
 from kvik.executor.worker import Worker, for_workers
 from kvik.scheduling.output import RunnerOutput, SchedulerOutput
@@ -44,20 +51,51 @@ def _worker_main(conn: Connection, rank: int, config: Any, model_config: Any, st
         conn.send(("error", traceback.format_exc()))
         return
     conn.send(("ok", None))
+    pending: StepHandle | None = None  # the step launched last; its answer waits for the next message
     try:
         while True:
             try:
                 method, args = pickle.loads(conn.recv_bytes())
             except (EOFError, OSError):  # the engine process is gone
                 return
+            if method == "execute":
+                try:
+                    launched: StepHandle | None = worker.execute_async(*args)
+                    failure = None
+                except BaseException as exc:
+                    launched, failure = None, _error_answer(exc)
+                if pending is not None:  # the next step is on the device: now wait for the previous one
+                    _answer_step(conn, worker, pending)
+                pending = launched
+                if failure is not None:
+                    conn.send(failure)
+                continue
+            if pending is not None:
+                _answer_step(conn, worker, pending)
+                pending = None
+            if method == "flush":
+                continue
             if method == "shutdown":
                 return
             try:
                 conn.send(("ok", getattr(worker, method)(*args)))
             except BaseException as exc:  # the engine re-raises it, naming this rank
-                conn.send(("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}"))
+                conn.send(_error_answer(exc))
     finally:
         worker.shutdown()
+
+
+def _error_answer(exc: BaseException) -> tuple[str, str]:
+    return ("error", f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+
+
+def _answer_step(conn: Connection, worker: Worker, handle: StepHandle) -> None:
+    """Send a launched step's answer: the output rank's samples, None from the others, or the error."""
+    try:
+        output = handle.result()
+        conn.send(("ok", output if worker.is_output_rank else None))
+    except BaseException as exc:  # the engine re-raises it, naming this rank
+        conn.send(_error_answer(exc))
 
 
 def _process_context() -> Any:
@@ -81,6 +119,8 @@ class MultiprocExecutor(Executor):
         self._store: Any = None
         self._failure: str | None = None
         self._encoder = StepEncoder()
+        self._steps_sent = 0  # execute calls sent so far (a step's answer needs a flush if none followed it)
+        self._steps_unanswered = 0
 
     # -- start ------------------------------------------------------------------------------
     def start(self) -> None:
@@ -108,7 +148,10 @@ class MultiprocExecutor(Executor):
         except BaseException:
             self.shutdown()
             raise
-        self.capabilities = replace(caps[0], async_scheduling=False)  # each step is waited for
+        # Overlapped steps (see the module docstring) where the runner can; pipeline stages keep their own
+        # micro-batches in flight instead.
+        overlap = caps[0].async_scheduling and self.config.pipeline_parallel_size == 1
+        self.capabilities = replace(caps[0], async_scheduling=overlap)
         logger.info("started %d worker processes (pids %s)", self.world_size, [p.pid for p in self._procs])
 
     @property
@@ -140,6 +183,10 @@ class MultiprocExecutor(Executor):
                 except (EOFError, OSError):
                     continue  # its process ended: reported below
                 if kind == "error":
+                    # A rank that failed on its own sent its error before it ended: that error is the cause.
+                    first = self._first_error(pending, before=rank)
+                    if first is not None:
+                        raise self._fail(first)
                     # A collective fails on every rank when one rank dies: name the dead one, the cause,
                     # when there is one (its exit can lag its peers' errors by a moment).
                     dead = self._dead_rank(settle_s=1.0, other_than=rank)
@@ -152,6 +199,21 @@ class MultiprocExecutor(Executor):
                 if not proc.is_alive():
                     raise self._fail(f"worker rank {rank} (pid {proc.pid}) died with exit code {proc.exitcode}")
         return results
+
+    def _first_error(self, pending: dict[int, Connection], before: int) -> str | None:
+        """"worker rank R failed: ..." for the lowest-numbered rank below ``before`` whose answer waiting in its
+        pipe is an error, else None."""
+        for rank, conn in sorted(pending.items()):
+            if rank >= before:
+                break
+            try:
+                if conn.poll(0):
+                    kind, value = conn.recv()
+                    if kind == "error":
+                        return f"worker rank {rank} failed: {value}"
+            except (EOFError, OSError):
+                continue
+        return None
 
     def _dead_rank(self, settle_s: float, other_than: int) -> str | None:
         """"worker rank R (pid P) died with exit code C" for the first rank but ``other_than`` whose process has
@@ -166,6 +228,8 @@ class MultiprocExecutor(Executor):
             time.sleep(0.02)
 
     def _call(self, method: str, *args: Any) -> list[Any]:
+        if self._steps_unanswered:  # a rank answers in call order: this answer would be a step's
+            raise RuntimeError(f"{method}() called with {self._steps_unanswered} step(s) not yet answered")
         self._send(method, *args)
         return self._gather()
 
@@ -183,11 +247,23 @@ class MultiprocExecutor(Executor):
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._call("initialize_kv_cache", num_blocks)
 
+    def start_profile(self) -> None:
+        self._call("start_profile")
+
+    def stop_profile(self, trace_dir: str | None = None) -> list[ProfileSummary]:
+        return list(self._call("stop_profile", trace_dir))
+
     def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         encoded = self._encoder.encode(ResolvedStructuredStep.resolve(scheduler_output))  # token lists as deltas: each rank keeps its copy
         self._send("execute", encoded)
+        self._steps_sent += 1
+        self._steps_unanswered += 1
+        number = self._steps_sent
 
         def finish() -> RunnerOutput:
+            if number == self._steps_sent:  # nothing launched after it: the ranks would wait for the next step
+                self._send("flush")
+            self._steps_unanswered -= 1
             output = self._gather()[self.output_rank]
             assert isinstance(output, RunnerOutput)
             return output

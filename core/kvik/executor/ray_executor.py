@@ -16,6 +16,7 @@ from dataclasses import replace
 from typing import Any
 
 from kvik.executor.base import Executor, ExecutorError, RankMemory, ResolvedStructuredStep
+from kvik.executor.profiling import ProfileSummary
 from kvik.executor.step_codec import StepEncoder
 from kvik.executor.worker import Worker, for_workers
 from kvik.scheduling.output import RunnerOutput, SchedulerOutput
@@ -113,6 +114,12 @@ class RayExecutor(Executor):
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self._call("initialize_kv_cache", num_blocks)
+
+    def start_profile(self) -> None:
+        self._call("start_profile")
+
+    def stop_profile(self, trace_dir: str | None = None) -> list[ProfileSummary]:
+        return list(self._call("stop_profile", trace_dir))
 
     def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         ray = _ray()

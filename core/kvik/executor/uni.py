@@ -8,6 +8,7 @@ from kvik.executor.base import Executor, RankMemory, RunnerCapabilities
 from kvik.executor.worker import Worker
 
 if TYPE_CHECKING:
+    from kvik.executor.profiling import ProfileSummary
     from kvik.scheduling.output import SchedulerOutput
     from kvik.worker.interface import ModelRunner, StepHandle
 
@@ -40,6 +41,12 @@ class UniExecutor(Executor):
 
     def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
         return self.worker.runner.execute_async(scheduler_output)
+
+    def start_profile(self) -> None:
+        self.worker.start_profile()
+
+    def stop_profile(self, trace_dir: str | None = None) -> list[ProfileSummary]:
+        return [self.worker.stop_profile(trace_dir)]
 
     def shutdown(self) -> None:
         if self._worker is not None:

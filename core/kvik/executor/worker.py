@@ -19,10 +19,11 @@ from kvik.executor.base import RankMemory, RunnerCapabilities
 from kvik.executor.step_codec import EncodedStep, StepDecoder
 
 if TYPE_CHECKING:
+    from kvik.executor.profiling import ProfileSummary, RankProfiler
     from kvik.platforms.interface import Platform
     from kvik.plugins.manager import PluginManager
     from kvik.scheduling.output import RunnerOutput, SchedulerOutput
-    from kvik.worker.interface import ModelRunner
+    from kvik.worker.interface import ModelRunner, StepHandle
 
 logger = logging.getLogger(__name__)
 
@@ -62,6 +63,7 @@ class Worker:
         self.platform = platform or resolve_platform(config.platform, self.manager)
         self._runner: ModelRunner | None = None
         self._steps = StepDecoder()  # token lists of live requests, for steps sent as deltas
+        self._profiler: RankProfiler | None = None
         if platform is None:  # a process of its own: bind the device, apply process-wide settings
             self.platform.bind_rank(local_rank)
             self.platform.configure(config, model_config)
@@ -92,7 +94,9 @@ class Worker:
         dist.init_process_group(
             backend, store=store, rank=self.rank, world_size=cfg.world_size, timeout=COLLECTIVE_TIMEOUT
         )
-        init_parallel_state(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, self.rank)
+        state = init_parallel_state(cfg.tensor_parallel_size, cfg.pipeline_parallel_size, self.rank)
+        if state.tp_size > 1 and not cfg.disable_custom_all_reduce:
+            state.fast_all_reduce = self.platform.tensor_parallel_all_reduce(state.tp_group, self.model_config.dtype)
 
     def load_model(self) -> RunnerCapabilities:
         self._runner = self.platform.create_model_runner(self.config, self.model_config)
@@ -112,11 +116,34 @@ class Worker:
     def execute(self, step: SchedulerOutput | EncodedStep) -> RunnerOutput | None:
         """Run one step (whole, or encoded by :class:`~kvik.executor.step_codec.StepEncoder`); the output
         rank returns its samples, the others None (nothing to send back)."""
-        scheduler_output = self._steps.decode(step) if isinstance(step, EncodedStep) else step
-        output = self.runner.execute(scheduler_output)
+        output = self.execute_async(step).result()
         return output if self.is_output_rank else None
 
+    def execute_async(self, step: SchedulerOutput | EncodedStep) -> StepHandle:
+        """Launch one step on the runner (returns before the device finishes where the runner can); the
+        handle's result is the runner's output on every rank (only the output rank's is worth sending)."""
+        scheduler_output = self._steps.decode(step) if isinstance(step, EncodedStep) else step
+        return self.runner.execute_async(scheduler_output)
+
+    def start_profile(self) -> None:
+        """Start a torch.profiler window on this rank (:mod:`kvik.executor.profiling`)."""
+        from kvik.executor.profiling import RankProfiler
+
+        if self._profiler is None:
+            self._profiler = RankProfiler(self.rank, self.platform.device_type)
+        self._profiler.start()
+
+    def stop_profile(self, trace_dir: str | None = None) -> ProfileSummary:
+        """End the window: the rank's time by kernel, and its Chrome trace where a directory is named."""
+        from kvik.executor.profiling import trace_dir as resolve_dir
+
+        if self._profiler is None or not self._profiler.active:
+            raise RuntimeError("no profile is running: start_profile() first")
+        return self._profiler.stop(resolve_dir(trace_dir))
+
     def shutdown(self) -> None:
+        if self._profiler is not None and self._profiler.active:  # a window left open: close it, keep nothing
+            self._profiler.stop(None)
         if self._runner is not None:
             self._runner.shutdown()
             self._runner = None

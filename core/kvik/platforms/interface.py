@@ -10,6 +10,7 @@ from kvik.config import PlatformOptions, WeightsMode
 
 if TYPE_CHECKING:
     from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
+    from kvik.distributed.parallel_state import AllReduce
     from kvik.worker.interface import ModelRunner
 
 
@@ -122,6 +123,16 @@ class Platform(ABC):
 
     def bind_rank(self, local_rank: int) -> None:  # noqa: B027 - optional: platforms with one shared device keep the no-op
         """In a worker process, before its runner is built: make device ``local_rank`` this process's."""
+
+    def tensor_parallel_all_reduce(self, group: Any, dtype: str) -> AllReduce | None:
+        """In a worker process, once its tensor-parallel ``group`` exists (its device bound): a faster sum
+        over the group of ``dtype`` activations (the model's compute dtype) than
+        ``torch.distributed.all_reduce`` for the inputs it takes, or None (the default:
+        every sum goes through torch.distributed). Contract: the callable returns the sum over the group
+        as a new tensor (its input left as it was), or None for an input it does not take (that one then
+        goes through torch.distributed); every rank makes the same choice for the same shape and dtype; it
+        may run inside the platform's graph capture; its result is bit-identical on every rank."""
+        return None
 
     @abstractmethod
     def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import importlib.metadata
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 from kvik.config import PlatformOptions, WeightsMode
@@ -23,6 +23,7 @@ from kvik.platforms.interface import MemoryInfo, Platform
 
 if TYPE_CHECKING:
     from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
+    from kvik.distributed.parallel_state import AllReduce
     from kvik.worker.interface import ModelRunner
 
 GiB = 1 << 30
@@ -157,6 +158,13 @@ class TorchGPUPlatform(Platform):
 
     def bind_rank(self, local_rank: int) -> None:
         torch.cuda.set_device(local_rank)  # self.device is the current device from here on
+
+    def tensor_parallel_all_reduce(self, group: Any, dtype: str) -> AllReduce | None:
+        if self.runtime != "cuda":  # ROCm: RCCL for every sum (symmetric memory there is untested)
+            return None
+        from kvik_cuda.symm_all_reduce import symmetric_all_reduce
+
+        return symmetric_all_reduce(group, getattr(torch, dtype), self.device)
 
     def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:
         from kvik_cuda.runner import CUDAModelRunner

@@ -57,7 +57,8 @@ def _reference(path: Path) -> tuple[list[Any], list[Any]]:
 
 @pytest.fixture(scope="module")
 def tp_llm(qwen2: Path) -> Iterator[LLM]:
-    llm = LLM(**_engine_kwargs(qwen2), tensor_parallel_size=2)
+    # Async scheduling, as on a GPU: each rank launches step N+1 before it answers step N.
+    llm = LLM(**_engine_kwargs(qwen2), tensor_parallel_size=2, async_scheduling=True)
     yield llm
     llm.llm_engine.shutdown()
 
@@ -78,7 +79,30 @@ def test_tensor_parallel_matches_one_device(tp_llm: LLM, qwen2: Path) -> None:
     assert [o.token_ids for o in _run(tp_llm, SEEDED)] == [o.token_ids for o in seeded]
     engine = tp_llm.llm_engine
     assert engine.runner is None and engine.config.distributed_executor_backend == "mp"
-    assert engine.executor.world_size == 2
+    assert engine.executor.world_size == 2 and engine.async_scheduling
+    # Steps overlap: a step's samples come back while the next one is on the ranks, and the last step
+    # of a batch (nothing sent after it) is answered too.
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"o{i}", prompt, GREEDY)
+    final: dict[str, list[int]] = {}
+    overlapped = 0
+    while engine.has_unfinished_requests():
+        outputs = engine.step()
+        overlapped += bool(outputs) and engine.num_steps_in_flight == 1
+        final.update((o.request_id, list(o.outputs[0].token_ids)) for o in outputs if o.finished)
+    assert overlapped >= 10, f"a step finished while the next one ran only {overlapped} times"
+    assert final == {f"o{i}": list(o.token_ids) for i, o in enumerate(greedy)}
+    assert engine.num_steps_in_flight == 0
+
+
+def test_every_rank_profiles_itself(tp_llm: LLM, tmp_path: Path) -> None:
+    tp_llm.start_profile()
+    tp_llm.generate(PROMPTS[:2], SamplingParams(max_tokens=4), use_tqdm=False)
+    summaries = tp_llm.stop_profile(str(tmp_path))
+    assert [s.rank for s in summaries] == [0, 1]
+    # Each rank ran the all-reduces of its row-parallel layers (gloo on the CPU).
+    assert all(s.share("allreduce", "all_reduce") > 0 for s in summaries), [s.kernels[:5] for s in summaries]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rank0.json", "rank1.json"]
 
 
 def test_pipeline_parallel_matches_one_device_then_a_killed_worker_fails_loudly(llama: Path) -> None:
