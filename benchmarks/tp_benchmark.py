@@ -317,6 +317,8 @@ def main() -> int:
                 cases = [("tp1_graphs", 1, False, 1), ("tp2_graphs", 2, False, 1)]
                 if "nccl" in parts:  # TP=2 with every sum through NCCL (no symmetric-memory all-reduce)
                     cases.append(("tp2_graphs_nccl", 2, False, 1))
+                if "tp2_only" in parts:  # the TP=2 variants alone, NCCL first (an A/B of the all-reduce)
+                    cases = sorted(cases[1:], key=lambda case: not case[0].endswith("_nccl"))
                 if "eager" in parts:
                     cases += [("tp2_eager", 2, True, 1), ("tp1_eager", 1, True, 1)]
                 if "pp2" in parts:  # two stages, two micro-batches in flight (eager: no graphs under PP)
