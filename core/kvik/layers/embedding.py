@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from kvik.quantization.base import PackedMatmul, QuantizationMethod
 
 
 class VocabEmbedding(nn.Module):
@@ -52,12 +57,23 @@ class LMHead(nn.Module):
             self.weight = nn.Parameter(
                 torch.empty(vocab_size, hidden_size, dtype=dtype, device=device), requires_grad=False
             )
+        # A tied head whose checkpoint rows are quantized may multiply by them packed (load_packed).
+        self.packed_matmul: PackedMatmul | None = None
 
     @property
     def head_weight(self) -> torch.Tensor:
         return self._tied_to[0].weight if self.tied else self.weight
 
+    def load_packed(self, value: Any, method: QuantizationMethod) -> bool:
+        """Multiply by the quantized checkpoint rows ``value`` through ``method``'s packed kernel from now on,
+        when the method offers one for this dtype and device (:meth:`QuantizationMethod.pack_lm_head`)."""
+        weight = self.head_weight
+        self.packed_matmul = method.pack_lm_head(value, weight.dtype, weight.device)
+        return self.packed_matmul is not None
+
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
+        if self.packed_matmul is not None:
+            return self.packed_matmul(hidden).float()
         return F.linear(hidden, self.head_weight).float()
 
     def extra_repr(self) -> str:

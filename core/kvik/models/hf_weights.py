@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import TYPE_CHECKING, Any
 
+import torch
 from torch import nn
 
 from kvik.layers.linear import Linear
@@ -58,7 +59,14 @@ class HFWeightLoader(_Base):  # type: ignore[misc,valid-type]
             if not self.holds_weight(name):
                 consumed.add(original)
                 continue
-            if name.endswith("rotary_emb.inv_freq") or (name == "lm_head.weight" and self.lm_head.tied):
+            if name == "lm_head.weight" and self.lm_head.tied:
+                # A quantized format may offer the tied rows packed (the embedding got them dense).
+                method = getattr(self, "quant_method", None)
+                if not isinstance(value, torch.Tensor) and method is not None:
+                    self.lm_head.load_packed(value, method)
+                consumed.add(original)
+                continue
+            if name.endswith("rotary_emb.inv_freq"):
                 consumed.add(original)
                 continue
             if load_kv_scale(name, value, lambda path: attribute_backend(self, path)):

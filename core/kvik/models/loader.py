@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from kvik.config import ModelConfig
+from kvik.layers.embedding import LMHead
 from kvik.layers.linear import Linear
 from kvik.models.formats import ModelFormat
 from kvik.models.interface import ModelBuildContext
@@ -116,6 +117,10 @@ def dequantize_model(model: nn.Module, dtype: torch.dtype) -> int:
     """
     changed = 0
     for module in model.modules():
+        if isinstance(module, LMHead) and module.packed_matmul is not None:  # a tied head back to its dense rows
+            module.packed_matmul = None
+            changed += 1
+            continue
         if not isinstance(module, Linear) or isinstance(module.quant_method, UnquantizedLinearMethod):
             continue
         dense = module.quant_method.dequantize(module).to(dtype)

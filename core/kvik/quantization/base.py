@@ -8,12 +8,15 @@ post-process them, and run the matmul.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 if TYPE_CHECKING:
     from kvik.layers.linear import Linear
+
+PackedMatmul = Callable[[torch.Tensor], torch.Tensor]  # x [n, in] -> x @ W.T [n, out], from a packed W
 
 
 class QuantizationMethod(ABC):
@@ -94,6 +97,15 @@ class QuantizationMethod(ABC):
             "cannot build test weights for it; implement it to return {name: value} as your checkpoint "
             "format stores one [out, in] weight (the same values load_weight receives)"
         )
+
+    def pack_lm_head(self, value: Any, dtype: torch.dtype, device: torch.device) -> PackedMatmul | None:
+        """Optional: a packed multiply for a tied LM head whose checkpoint tensor is quantized.
+
+        ``value`` is what the format yields for ``lm_head.weight`` under this method (the embedding's
+        quantized rows; the embedding itself is loaded dense for lookups). Return ``hidden [n, H] ->
+        logits [n, V]`` in ``dtype`` computed from the packed weight, or None to keep the dense head
+        (the default; e.g. a device or dtype without a fast kernel)."""
+        return None
 
     def weight_bytes(self, layer: Linear) -> int:
         """Bytes the layer's weight storage occupies."""

@@ -128,10 +128,28 @@ class Int4Packed:
         )
 
 
+# Rows repacked at a time: the kernel's layout packs rows independently (a multiple of its 64-row tiles
+# concatenates exactly), and the int32 intermediates of a whole [49152 x 576] head are ~0.5 GB.
+CHUNK_ROWS = 2048
+
+
 def repack(raw: torch.Tensor, ggml_type: int, rows: int, cols: int, dtype: torch.dtype) -> Int4Packed:
-    """``raw`` ``[rows, bytes_per_row]`` uint8 of one packable type -> the kernel's layout."""
+    """``raw`` ``[rows, bytes_per_row]`` uint8 of one packable type -> the kernel's layout, ``CHUNK_ROWS``
+    rows at a time (so the transient int32 codes stay small)."""
     if not packable(ggml_type, cols):
         raise ValueError(f"ggml type {ggml_type} with {cols} columns cannot be repacked for the int4 kernel")
+    if rows <= CHUNK_ROWS:
+        return _repack_rows(raw, ggml_type, rows, cols, dtype)
+    chunks = [
+        _repack_rows(raw[start : start + CHUNK_ROWS], ggml_type, min(CHUNK_ROWS, rows - start), cols, dtype)
+        for start in range(0, rows, CHUNK_ROWS)
+    ]
+    weight = torch.cat([c.weight for c in chunks], dim=0)
+    scales_zeros = torch.cat([c.scales_zeros for c in chunks], dim=1).contiguous()  # [groups, rows, 2]
+    return Int4Packed(weight, scales_zeros, chunks[0].planes)
+
+
+def _repack_rows(raw: torch.Tensor, ggml_type: int, rows: int, cols: int, dtype: torch.dtype) -> Int4Packed:
     bits, codes = _CODES[ggml_type]
     _, _, size = GGML_TYPE_SIZES[ggml_type]
     u, s, o = codes(raw.reshape(-1, size))

@@ -97,3 +97,15 @@ def test_switch_off_keeps_raw_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
     # step is 0.125, so the bound is relative to the output's scale.
     scale = outs[0].float().abs().max().item()
     torch.testing.assert_close(outs[0].float(), outs[1].float(), rtol=0.02, atol=0.02 * scale)
+
+
+@pytest.mark.parametrize("type_name", ["Q4_1", "Q8_0"])
+def test_repacking_in_row_chunks_gives_the_same_layout(type_name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Large weights (a tied LM head) repack CHUNK_ROWS rows at a time to bound the int32 intermediates.
+    qtype = int(GGMLQuantizationType[type_name])
+    raw = _raw(type_name, np.random.default_rng(1))
+    whole = int4pack.repack(raw, qtype, ROWS, COLS, torch.bfloat16)
+    monkeypatch.setattr(int4pack, "CHUNK_ROWS", 64)  # 96 rows: one 64-row chunk and a 32-row rest
+    chunked = int4pack.repack(raw, qtype, ROWS, COLS, torch.bfloat16)
+    assert torch.equal(chunked.weight, whole.weight) and torch.equal(chunked.scales_zeros, whole.scales_zeros)
+    assert chunked.planes == whole.planes
