@@ -24,5 +24,6 @@ __version__ = "0.1.0"
 #      Linear.shard_rows (the rows a merged layer's checkpoint shard fills)
 # 2.5: ModelRunner.prefetch_lora (optional: read an admitted request's adapter ahead of its step)
 # 2.6: Platform.tensor_parallel_all_reduce (optional faster sum over the tensor-parallel group),
-#      Executor.start_profile / stop_profile (torch.profiler on every rank)
+#      Executor.start_profile / stop_profile (torch.profiler on every rank),
+#      QuantizationMethod.pack_lm_head (a tied head multiplied by its quantized rows)
 PLUGIN_API_VERSION = "2.6"
