@@ -46,10 +46,14 @@ class LMHead(nn.Module):
         tie_to: VocabEmbedding | None = None,
         dtype: torch.dtype = torch.float32,
         device: torch.device | str = "cpu",
+        packer: QuantizationMethod | None = None,
     ) -> None:
         super().__init__()
         self.vocab_size = vocab_size
         self.tied = tie_to is not None
+        # The checkpoint's quantization method, which may multiply a tied head by its quantized rows
+        # (load_packed); a list keeps it a plain attribute.
+        self._packer: list[QuantizationMethod] = [] if packer is None else [packer]
         # A plain attribute list keeps the embedding out of this module's children
         # (it must not be registered twice, nor appear as lm_head.weight).
         self._tied_to: list[VocabEmbedding] = [tie_to] if tie_to is not None else []
@@ -64,11 +68,13 @@ class LMHead(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self._tied_to[0].weight if self.tied else self.weight
 
-    def load_packed(self, value: Any, method: QuantizationMethod) -> bool:
-        """Multiply by the quantized checkpoint rows ``value`` through ``method``'s packed kernel from now on,
-        when the method offers one for this dtype and device (:meth:`QuantizationMethod.pack_lm_head`)."""
+    def load_packed(self, value: Any) -> bool:
+        """Multiply by the quantized checkpoint rows ``value`` through the checkpoint method's packed kernel
+        from now on, when it offers one for this dtype and device (:meth:`QuantizationMethod.pack_lm_head`)."""
+        if not self._packer:
+            return False
         weight = self.head_weight
-        self.packed_matmul = method.pack_lm_head(value, weight.dtype, weight.device)
+        self.packed_matmul = self._packer[0].pack_lm_head(value, weight.dtype, weight.device)
         return self.packed_matmul is not None
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32

@@ -78,6 +78,6 @@ def vocab_embedding(ctx: ModelBuildContext, vocab_size: int, hidden_size: int) -
 
 def lm_head(ctx: ModelBuildContext, vocab_size: int, hidden_size: int, tie_to: VocabEmbedding | None) -> LMHead:
     if ctx.parallel.tp_size == 1:
-        return LMHead(vocab_size, hidden_size, tie_to, ctx.dtype, ctx.device)
+        return LMHead(vocab_size, hidden_size, tie_to, ctx.dtype, ctx.device, packer=ctx.quant_method)
     assert tie_to is None or isinstance(tie_to, VocabParallelEmbedding)
     return ParallelLMHead(vocab_size, hidden_size, tie_to, ctx.parallel, dtype=ctx.dtype, device=ctx.device)

@@ -61,9 +61,8 @@ class HFWeightLoader(_Base):  # type: ignore[misc,valid-type]
                 continue
             if name == "lm_head.weight" and self.lm_head.tied:
                 # A quantized format may offer the tied rows packed (the embedding got them dense).
-                method = getattr(self, "quant_method", None)
-                if not isinstance(value, torch.Tensor) and method is not None:
-                    self.lm_head.load_packed(value, method)
+                if not isinstance(value, torch.Tensor):
+                    self.lm_head.load_packed(value)
                 consumed.add(original)
                 continue
             if name.endswith("rotary_emb.inv_freq"):

@@ -204,7 +204,6 @@ class LlamaForCausalLM(HFWeightLoader, nn.Module):
         self.dtype = ctx.dtype
         self.hidden_size = int(cfg.hidden_size)
         self.parallel = ctx.parallel
-        self.quant_method = ctx.quant_method  # the tied head may load packed rows through it
         self.model = self.model_cls(ctx, type(self))
         tie = self.model.embed_tokens if getattr(cfg, "tie_word_embeddings", False) else None
         self.lm_head = lm_head(ctx, cfg.vocab_size, cfg.hidden_size, tie) if ctx.parallel.is_last_stage else None
