@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING
 
 from kvik.config import ModelConfig, ResolvedConfig
 from kvik.executor.base import RankMemory, RunnerCapabilities
+from kvik.executor.profiling import ProfileSummary, RankProfiler, trace_dir
 from kvik.executor.step_codec import EncodedStep, StepDecoder
 
 if TYPE_CHECKING:
-    from kvik.executor.profiling import ProfileSummary, RankProfiler
     from kvik.platforms.interface import Platform
     from kvik.plugins.manager import PluginManager
     from kvik.scheduling.output import RunnerOutput, SchedulerOutput
@@ -63,7 +63,7 @@ class Worker:
         self.platform = platform or resolve_platform(config.platform, self.manager)
         self._runner: ModelRunner | None = None
         self._steps = StepDecoder()  # token lists of live requests, for steps sent as deltas
-        self._profiler: RankProfiler | None = None
+        self._profiler = RankProfiler(rank, self.platform.device_type)
         if platform is None:  # a process of its own: bind the device, apply process-wide settings
             self.platform.bind_rank(local_rank)
             self.platform.configure(config, model_config)
@@ -127,22 +127,14 @@ class Worker:
 
     def start_profile(self) -> None:
         """Start a torch.profiler window on this rank (:mod:`kvik.executor.profiling`)."""
-        from kvik.executor.profiling import RankProfiler
-
-        if self._profiler is None:
-            self._profiler = RankProfiler(self.rank, self.platform.device_type)
         self._profiler.start()
 
-    def stop_profile(self, trace_dir: str | None = None) -> ProfileSummary:
+    def stop_profile(self, directory: str | None = None) -> ProfileSummary:
         """End the window: the rank's time by kernel, and its Chrome trace where a directory is named."""
-        from kvik.executor.profiling import trace_dir as resolve_dir
-
-        if self._profiler is None or not self._profiler.active:
-            raise RuntimeError("no profile is running: start_profile() first")
-        return self._profiler.stop(resolve_dir(trace_dir))
+        return self._profiler.stop(trace_dir(directory))
 
     def shutdown(self) -> None:
-        if self._profiler is not None and self._profiler.active:  # a window left open: close it, keep nothing
+        if self._profiler.active:  # a window left open: close it, keep nothing
             self._profiler.stop(None)
         if self._runner is not None:
             self._runner.shutdown()

@@ -51,9 +51,8 @@ class LMHead(nn.Module):
         super().__init__()
         self.vocab_size = vocab_size
         self.tied = tie_to is not None
-        # The checkpoint's quantization method, which may multiply a tied head by its quantized rows
-        # (load_packed); a list keeps it a plain attribute.
-        self._packer: list[QuantizationMethod] = [] if packer is None else [packer]
+        # The checkpoint's quantization method, which may multiply a tied head by its quantized rows (load_packed).
+        self._packer = packer
         # A plain attribute list keeps the embedding out of this module's children
         # (it must not be registered twice, nor appear as lm_head.weight).
         self._tied_to: list[VocabEmbedding] = [tie_to] if tie_to is not None else []
@@ -68,14 +67,12 @@ class LMHead(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self._tied_to[0].weight if self.tied else self.weight
 
-    def load_packed(self, value: Any) -> bool:
+    def load_packed(self, value: Any) -> None:
         """Multiply by the quantized checkpoint rows ``value`` through the checkpoint method's packed kernel
         from now on, when it offers one for this dtype and device (:meth:`QuantizationMethod.pack_lm_head`)."""
-        if not self._packer:
-            return False
-        weight = self.head_weight
-        self.packed_matmul = self._packer[0].pack_lm_head(value, weight.dtype, weight.device)
-        return self.packed_matmul is not None
+        if self._packer is not None:
+            weight = self.head_weight
+            self.packed_matmul = self._packer.pack_lm_head(value, weight.dtype, weight.device)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, vocab] float32
         if self.packed_matmul is not None:

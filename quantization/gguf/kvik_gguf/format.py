@@ -163,7 +163,6 @@ class GGUFFormat(ModelFormat):
         config = self._hf_config
         _, _, permuted = check_architecture(self.architecture, self.path)
         heads = {"attn_q": config.num_attention_heads, "attn_k": config.num_key_value_heads}
-        tied = "output.weight" not in self.tensors
         for name, tensor in self.tensors.items():
             if name in _CONFIG_ONLY:
                 continue
@@ -178,7 +177,7 @@ class GGUFFormat(ModelFormat):
                 yield hf_name, GGUFWeight(raw, ggml_type, (shape[0], shape[1]))
             else:
                 yield hf_name, dequantize(raw, ggml_type, shape)
-            if quantized and name == "token_embd.weight" and tied and ggml_type != 0:
+            if quantized and name == "token_embd.weight" and config.tie_word_embeddings and ggml_type != 0:
                 # The tied head may multiply by these blocks packed (GGUFLinearMethod.pack_lm_head); the
                 # embedding above got them dense, for lookups.
                 yield "lm_head.weight", GGUFWeight(raw, ggml_type, (shape[0], shape[1]))

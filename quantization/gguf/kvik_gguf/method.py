@@ -22,6 +22,10 @@ _F32 = 0
 _KERNEL_ENV = "KVIK_GGUF_INT4_KERNEL"
 
 
+def _kernel_switched_off() -> bool:
+    return os.environ.get(_KERNEL_ENV, "1") == "0"
+
+
 class GGUFLinearMethod(QuantizationMethod):
     """Keeps each shard's raw blocks; ``apply`` decodes them to the activation dtype and multiplies.
 
@@ -115,7 +119,7 @@ class GGUFLinearMethod(QuantizationMethod):
     def _repack(self, layer: Linear, dtype: torch.dtype) -> None:
         """Move every packable group to the int4 kernel's layout (once, on the first CPU call)."""
         layer.gguf_repacked = True
-        if os.environ.get(_KERNEL_ENV, "1") == "0":
+        if _kernel_switched_off():
             return
         for j, (rows, ggml_type) in enumerate(layer.gguf_groups):
             if not int4pack.packable(ggml_type, layer.input_size):
@@ -136,7 +140,7 @@ class GGUFLinearMethod(QuantizationMethod):
         if not isinstance(value, GGUFWeight) or device.type != "cpu" or dtype not in int4pack.FAST_DTYPES:
             return None
         rows, cols = value.shape
-        if os.environ.get(_KERNEL_ENV, "1") == "0" or not int4pack.packable(value.ggml_type, cols):
+        if _kernel_switched_off() or not int4pack.packable(value.ggml_type, cols):
             return None
         return int4pack.repack(value.data, value.ggml_type, rows, cols, dtype).matmul
 
