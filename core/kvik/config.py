@@ -211,8 +211,9 @@ class EngineConfig:
                 f"max_cpu_loras must be >= max_loras ({self.max_loras}) (the host cache feeds the slots), "
                 f"got {self.max_cpu_loras!r}"
             )
-        if not isinstance(self.deterministic, bool):
-            raise ValueError(f"deterministic must be True or False, got {self.deterministic!r}")
+        for name in ("deterministic", "enforce_eager", "disable_custom_all_reduce", "calculate_kv_scales"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         if not isinstance(self.platform_options, dict):
             raise ValueError(f"platform_options must be a dict of option name -> value, got {self.platform_options!r}")
         if not 0 < self.gpu_memory_utilization <= 1:

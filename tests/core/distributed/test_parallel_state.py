@@ -43,3 +43,9 @@ def test_disable_custom_all_reduce_reaches_the_resolved_config(tmp_path: Path) -
     on = resolve_config(EngineConfig(model=str(path)), platform, manager).config
     off = resolve_config(EngineConfig(model=str(path), disable_custom_all_reduce=True), platform, manager).config
     assert on.disable_custom_all_reduce is False and off.disable_custom_all_reduce is True
+
+
+@pytest.mark.parametrize("name", ["disable_custom_all_reduce", "enforce_eager"])
+def test_switches_that_are_not_booleans_are_refused_before_anything_loads(name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name} must be True or False, got 'yes'"):
+        EngineConfig(model="no/such/model", **{name: "yes"})
