@@ -124,6 +124,17 @@ def run_kvik(case: str, args: argparse.Namespace, out: Path) -> None:
         tn = time.perf_counter() - t
         best = min(best, (tn - t1) / 128 * 1e3)
     record["batch1_decode_ms"] = round(best, 3)
+    if args.profile:  # where a batch-1 decode token's device time goes, kernel by kernel
+        prompt = workload(1, vocab, 512, 512, seed=21)
+        llm.generate(prompt, one, use_tqdm=False)  # the prefill outside the window
+        llm.start_profile()
+        llm.generate(workload(1, vocab, 512, 512, seed=22), SamplingParams(max_tokens=33, temperature=0.0,
+                     ignore_eos=True, detokenize=False), use_tqdm=False)  # fmt: skip
+        summary = llm.stop_profile()[0]
+        record["batch1_profile"] = dict(
+            wall_ms=round(summary.wall_s * 1e3, 2), device_ms=round(summary.device_us / 1e3, 3),
+            other_ms=round(summary.other_device_us / 1e3, 3),
+            kernels=[(k.name[:90], round(k.device_us, 1), k.calls) for k in summary.kernels[:25]])  # fmt: skip
     emit(out, **record)
 
 
@@ -169,6 +180,7 @@ def main() -> None:
     ap.add_argument("--hf-batch", type=int, default=32)
     ap.add_argument("--root", default="/tmp/kvik_models")
     ap.add_argument("--limit", type=int, default=300, help="seconds per case")
+    ap.add_argument("--profile", action="store_true", help="also profile 33 batch-1 tokens (kernel times)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this case in this process
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/kvik_out")) / "models_gpu.jsonl"
@@ -181,7 +193,7 @@ def main() -> None:
             raise SystemExit(f"unknown case {case!r}; known: {', '.join([*KVIK_CASES, *HF_CASES])}")
         print(f"=== {case} {time.strftime('%H:%M:%S')}", flush=True)
         argv = [sys.executable, __file__, "--one", case, "--n", str(args.n), "--out-len", str(args.out_len),
-                "--hf-n", str(args.hf_n), "--hf-batch", str(args.hf_batch), "--root", args.root]  # fmt: skip
+                "--hf-n", str(args.hf_n), "--hf-batch", str(args.hf_batch), "--root", args.root] + (["--profile"] if args.profile else [])  # fmt: skip
         try:
             proc = subprocess.run(argv, timeout=args.limit, capture_output=True, text=True)
             sys.stdout.write(proc.stdout[-4000:])
