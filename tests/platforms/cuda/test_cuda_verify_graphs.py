@@ -1,14 +1,16 @@
 """Speculative verify steps bucketed to (requests, tokens) shapes and, on a GPU, replayed as CUDA graphs.
 
 On the CPU the CUDA runner (host CUDA platform) pads verify steps exactly as it would for its
-graphs, through the Triton kernels under the interpreter with small tiles: greedy output
+graphs (for every method; EAGLE-3 runs its target eagerly and pads nothing), through the Triton kernels under the interpreter with small tiles: greedy output
 must equal the output without speculation. On a GPU (``-m gpu``) the same runs with CUDA
 graphs, and the verify steps must replay a captured graph.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
+from pathlib import Path
 
 import host_cuda_platform
 import pytest
@@ -22,6 +24,12 @@ from kvik_cuda.runner import MAX_VERIFY_BATCH, CUDAModelRunner, GraphShape, capt
 
 CUDA = torch.cuda.is_available()
 K = 3
+
+_spec = importlib.util.spec_from_file_location(
+    "kvik_eagle_heads_verify", Path(__file__).parents[2] / "core" / "spec_decode" / "test_eagle.py"
+)
+heads = importlib.util.module_from_spec(_spec)  # the EAGLE head writer of the core tests
+_spec.loader.exec_module(heads)  # type: ignore[union-attr]
 
 
 def _interpreted() -> None:
@@ -128,8 +136,8 @@ def _generate(target, device: str, spec: dict | None) -> tuple[list[list[int]], 
 
 
 @pytest.mark.usefixtures("_one_thread")
-@pytest.mark.parametrize("method", ["ngram", "draft_model"])
-def test_padded_verify_steps_keep_greedy_output(kvik_plugin_manager, tiny_model_dir, method) -> None:
+@pytest.mark.parametrize("method", ["ngram", "draft_model", "eagle", "eagle3"])
+def test_padded_verify_steps_keep_greedy_output(kvik_plugin_manager, tiny_model_dir, tmp_path, method) -> None:
     _interpreted()
     import kvik_cuda.plugin
 
@@ -142,6 +150,8 @@ def test_padded_verify_steps_keep_greedy_output(kvik_plugin_manager, tiny_model_
     spec = {"method": method, "num_speculative_tokens": K}
     if method == "draft_model":
         spec["model"] = str(target)  # the target as its own draft: everything accepted
+    elif method.startswith("eagle"):
+        spec["model"] = str(heads.write_head(tmp_path / "head", method))
     else:
         spec.update(prompt_lookup_min=1, prompt_lookup_max=3)
     want, _, _ = _generate(target, device, None)
@@ -151,6 +161,10 @@ def test_padded_verify_steps_keep_greedy_output(kvik_plugin_manager, tiny_model_
     stats = llm.llm_engine.get_stats()
     assert stats.spec_draft_tokens > 0
     runners = {"target": runner}
+    if method == "eagle3":  # the target runs eagerly (its layers' inputs feed the head): nothing padded
+        assert runner.verify_shapes == [] and not runner.graphs
+        assert all(s is None or s.num_reqs == s.num_tokens for s, _ in steps["target"])
+        return
     if method == "draft_model":
         # The draft's own runner: its catch-up step (up to k accepted drafts and the bonus token
         # per request) is verify-shaped with k + 2 tokens per request; its one-token draft steps
