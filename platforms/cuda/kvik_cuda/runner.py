@@ -212,7 +212,8 @@ class CUDAModelRunner(TorchModelRunner):
         self.graphs, self.lora_graphs = {}, {}
         super().initialize_kv_cache(num_blocks)
         if self.graphs_enabled:
-            what = f"{len(self.sizes)} batch sizes" + (f", {len(self.verify_shapes)} verify" if self.verify_shapes else "")
+            verify = f", {len(self.verify_shapes)} verify shapes" if self.verify_shapes else ""
+            what = f"{len(self.sizes)} batch sizes{verify}"
             with progress.step(f"capturing CUDA graphs ({what})"):
                 self.capture_graphs()
 
@@ -222,18 +223,18 @@ class CUDAModelRunner(TorchModelRunner):
         if not self.sizes or self.attn_backend is None or not self.attn_backend.supports_cuda_graphs:
             return None  # bucketing only exists to share kernels with the graphs
         n = len(scheduled)
-        if not all(map(_sample, scheduled)):
+        shapes = self.verify_shapes
+        largest = max(self.sizes[-1], shapes[-1].num_reqs - 1 if shapes else 0)
+        # Every request sampled (map/attrgetter: no Python frame per row).
+        if n > largest or not all(map(_sample, scheduled)):
             return None
-        # (map/attrgetter: no Python frame per row)
         lens = list(map(len, map(_token_ids, scheduled)))
-        total = sum(lens)
-        if total == n:  # decode-only: one token per request
+        if sum(lens) == n:  # decode-only: one token per request
             if n > self.sizes[-1]:
                 return None
             s = next(s for s in self.sizes if s >= n)
             return GraphShape(s, s)
         # Verify-shaped: 1..k+1 tokens each (a next token and its drafts; short prefills fit too).
-        shapes = self.verify_shapes
         if not shapes or n >= shapes[-1].num_reqs or max(lens) > self.verify_tokens_per_request:
             return None
         return next(g for g in shapes if g.num_reqs > n)
@@ -256,8 +257,9 @@ class CUDAModelRunner(TorchModelRunner):
         if shape is not None:
             pad_to = shape.num_reqs
             pad_tokens_to = shape.num_tokens if shape.num_tokens != shape.num_reqs else None
+        host = self.inputs.host
         return StepLayout.build(
-            scheduled, tables, rows, self.block_size, buffers=self.inputs.host, pad_to=pad_to, pad_tokens_to=pad_tokens_to
+            scheduled, tables, rows, self.block_size, buffers=host, pad_to=pad_to, pad_tokens_to=pad_tokens_to
         )
 
     def prepare_inputs(self, layout: StepLayout) -> ModelInputs:
