@@ -75,6 +75,15 @@ def test_bucket_picks_the_smallest_shape_that_holds_the_step(kvik_plugin_manager
     assert bucket([_req("a", 4, 3), _req("b", 3, sample=False)]) is None  # a non-sampling chunk
     plain = _runner(path, kvik_plugin_manager)
     assert plain.verify_shapes == [] and plain._bucket([_req("a", 4, 3)]) is None
+    # What graph capture runs: a dummy step of every shape fits the step buffers and the model runs on it.
+    for shape in [GraphShape(s, s) for s in runner.sizes] + runner.verify_shapes:
+        step = runner.copy_dummy_step(shape)
+        m = step.metadata
+        assert (m.num_reqs, m.num_tokens, m.is_decode_only) == (*shape, shape.num_reqs == shape.num_tokens)
+        assert m.block_tables.shape[0] == shape.num_reqs and not m.slot_mapping.any()
+    with torch.inference_mode():
+        hidden = runner.model(step.input_ids, step.positions, runner.kv_caches, step.metadata)  # type: ignore[misc]
+    assert hidden.shape[0] == runner.verify_shapes[-1].num_tokens and torch.isfinite(hidden).all()
 
 
 def _runner(path, manager, **config) -> CUDAModelRunner:  # type: ignore[no-untyped-def]
@@ -181,3 +190,31 @@ def test_padded_verify_steps_keep_greedy_output(kvik_plugin_manager, tiny_model_
             assert all(replayed), (name, steps[name])
         else:
             assert not r.graphs and r.replays == 0
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_verify_graphs_give_the_eager_tokens(tiny_model_dir, dtype: str) -> None:
+    """The real Triton backend: verify graphs on and off (enforce_eager runs the same padded shapes)
+    give the same tokens, and with graphs every verify-shaped step replays one."""
+    path = tiny_model_dir("llama", num_hidden_layers=2)
+    prompts = [{"prompt_token_ids": [3 + i, 50 + 7 * i, 9, 120 + i, 77] * (2 + i % 3)} for i in range(12)]
+    params = SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    spec = {"method": "ngram", "num_speculative_tokens": 4, "prompt_lookup_min": 1, "prompt_lookup_max": 3}
+    outs = {}
+    for eager in (True, False):
+        llm = LLM(model=str(path), device="cuda", dtype=dtype, enforce_eager=eager, max_num_seqs=16,
+                  num_kv_blocks=256, speculative_config=spec)  # fmt: skip
+        runner = llm.llm_engine.runner
+        assert isinstance(runner, CUDAModelRunner) and runner.verify_shapes
+        assert all((s in runner.graphs) is (not eager) for s in runner.verify_shapes)
+        steps = _record(runner)
+        outs[eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
+        replayed = _verify_steps(runner, steps)
+        assert replayed and all(r is (not eager) for r in replayed)
+        assert llm.llm_engine.get_stats().spec_draft_tokens > 0
+        llm.llm_engine.shutdown()
+        del llm
+        torch.cuda.empty_cache()
+    assert outs[True] == outs[False]
