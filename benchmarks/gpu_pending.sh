@@ -56,7 +56,7 @@ for s in $STAGES; do
     lora_e2e) stage lora_e2e 220 python3 benchmarks/lora_throughput.py --parts base,lora8,lora64 --n 300 ;;
     determinism) stage determinism 360 python3 benchmarks/deterministic_check.py ;;
     spec) stage spec 330 python3 benchmarks/spec_decode_benchmark.py --dtype float32 --batches 1 16 --offline-n 300 ;;
-    moe_sweep) stage moe_sweep 200 python3 benchmarks/moe_gemv_sweep.py --budget-s 150 ;;
+    moe_sweep) stage moe_sweep 200 python3 benchmarks/moe_gemv_sweep.py --budget-s 150 ${MOE_SWEEP_ARGS:-} ;;
     moe) stage moe 330 python3 benchmarks/models_gpu.py --one qwen3_30b_a3b --n ${MOE_N:-500} ${MOE_PROFILE:+--profile} ;;
     fallback) stage fallback 200 python3 benchmarks/models_gpu.py --one llama8b_fallback --n 500 ;;
     embed) TOKENIZERS_PARALLELISM=true stage embed 330 python3 benchmarks/embedding_benchmark.py --parts bert-base,qwen3-0.6b ;;

@@ -171,6 +171,18 @@ def _route_kernel(
     tl.store(ids_ptr + row * TOP_K + slots, ids, mask=keep)
 
 
+@triton.jit
+def _sum_slots_kernel(y_ptr, out_ptr, hidden, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum of y[t * TOP_K : (t + 1) * TOP_K] in float32, rounded once (as torch's sum)."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    slots = tl.arange(0, K_PAD)
+    mask = (slots[:, None] < TOP_K) & (cols[None, :] < hidden)
+    y = tl.load(y_ptr + (token * TOP_K + slots[:, None]) * hidden + cols[None, :], mask=mask, other=0.0)
+    total = tl.sum(y.to(tl.float32), axis=0)
+    tl.store(out_ptr + token * hidden + cols, total.to(out_ptr.dtype.element_ty), mask=cols < hidden)
+
+
 # Routed pairs (tokens x top_k) up to which a step takes the sort-free GEMV path: a decode
 # batch of 8 tokens under top-8 routing. Beyond it the grouped GEMM's tensor-core tiles win,
 # since several pairs share each expert and a GEMV would re-read its weights per pair.
@@ -182,9 +194,9 @@ ROUTE_MAX_EXPERTS = 1024
 def gemv_config(n_out: int, k_in: int) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK_K, num_warps) of the pairwise GEMV for an expert weight [n_out, k_in]
     (benchmarks/moe_gemv_sweep.py times the alternatives)."""
-    block_n = 32 if n_out >= 32 else 16
-    block_k = 128 if k_in >= 128 else triton.next_power_of_2(max(16, k_in))
-    return block_n, block_k, 4
+    # H200, Qwen3-30B-A3B's gate_up [1536, 2048] and down [2048, 768] at 8 pairs: (16, 256, 4) is within
+    # 1% of each shape's best and 15% faster than (32, 128, 4) (run f in docs/benchmarks.md).
+    return 16, min(256, triton.next_power_of_2(max(16, k_in))), 4
 
 
 def _pairwise_gemv(
@@ -217,6 +229,18 @@ def _pairwise_gemv(
         BLOCK_K=block_k,
         num_warps=warps,
     )
+
+
+def sum_slots(y: torch.Tensor, n: int, top_k: int) -> torch.Tensor:
+    """``y.view(n, top_k, -1).sum(dim=1)`` for contiguous ``y`` in one small kernel (torch's strided
+    reduction costs about 5 µs at batch 1, per layer)."""
+    hidden = y.shape[-1]
+    out = torch.empty((n, hidden), dtype=y.dtype, device=y.device)
+    block = min(1024, triton.next_power_of_2(hidden))
+    _sum_slots_kernel[(n, triton.cdiv(hidden, block))](
+        y, out, hidden, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK=block, num_warps=4
+    )
+    return out
 
 
 def route_fused(
@@ -330,7 +354,7 @@ class TritonMoEExperts(MoEExperts):
             ids = topk_ids.reshape(-1)
             _pairwise_gemv(x, self.w13, gate_up, ids, top_k)
             _pairwise_gemv(gate_up, self.w2, y, ids, 1, scale=weights, silu_a=True)  # silu(gate) * up on load
-            return y.view(n, top_k, -1).sum(dim=1)
+            return sum_slots(y, n, top_k)
         # Small tiles for decode-sized batches (few pairs per expert), larger for prefill.
         block_m = 16 if n * top_k <= 4 * self.num_experts * 16 else 64
         sorted_pairs, tile_expert = sort_by_expert(topk_ids, self.num_experts, block_m)

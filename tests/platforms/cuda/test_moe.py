@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvik.layers.moe import MoEExperts, SparseMoE, route
 from kvik_cuda.fused import fuse_layers
-from kvik_cuda.moe import TritonMoEExperts, TritonSparseMoE, route_fused, sort_by_expert
+from kvik_cuda.moe import TritonMoEExperts, TritonSparseMoE, route_fused, sort_by_expert, sum_slots
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -141,3 +141,9 @@ def test_fused_routing_breaks_ties_toward_the_lower_expert() -> None:
     logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 1.0]], device=DEVICE)
     _, ids = route_fused(logits, 4, True, torch.float32)
     assert ids.tolist() == [[1, 3, 2, 4]]
+
+
+@pytest.mark.parametrize(("n", "top_k", "hidden"), [(1, 8, 48), (3, 3, 2048 + 5)])
+def test_sum_slots_equals_torch_sum(n: int, top_k: int, hidden: int) -> None:
+    y = torch.randn(n * top_k, hidden, device=DEVICE)
+    torch.testing.assert_close(sum_slots(y, n, top_k), y.view(n, top_k, -1).sum(dim=1), atol=1e-5, rtol=1e-5)
