@@ -11,7 +11,8 @@
 #   lora_e2e       8B with 1 / 8 / 64 rank-16 adapters vs base (16)                ~6 min
 #   determinism    batch-invariant mode: bitwise check + cost (21)                 ~3 min
 #   spec           spec-decode mechanics, float32 so replayed drafts stay valid (15) ~5 min
-#   moe            Qwen3-30B-A3B with the decode GEMV path (13)                    ~5 min
+#   moe            Qwen3-30B-A3B with the decode GEMV path (13; MOE_PROFILE=1: kernel times) ~5 min
+#   moe_sweep      the MoE decode GEMV's tile sweep at Qwen3-30B-A3B's shapes (13)  ~4 min
 #   fallback       Llama-8B through the transformers fallback (13)                 ~3 min
 #   embed          BERT-base and Qwen3-0.6B embeddings vs sentence-transformers, tokenizer threads on (19) ~5 min
 #   run_batch      `kvik run-batch` vs LLM.generate (19; needs .whl with fastapi + opentelemetry-api)
@@ -55,6 +56,7 @@ for s in $STAGES; do
     lora_e2e) stage lora_e2e 220 python3 benchmarks/lora_throughput.py --parts base,lora8,lora64 --n 300 ;;
     determinism) stage determinism 360 python3 benchmarks/deterministic_check.py ;;
     spec) stage spec 330 python3 benchmarks/spec_decode_benchmark.py --dtype float32 --batches 1 16 --offline-n 300 ;;
+    moe_sweep) stage moe_sweep 200 python3 benchmarks/moe_gemv_sweep.py --budget-s 150 ${MOE_SWEEP_ARGS:-} ;;
     moe) stage moe 330 python3 benchmarks/models_gpu.py --one qwen3_30b_a3b --n ${MOE_N:-500} ${MOE_PROFILE:+--profile} ;;
     fallback) stage fallback 200 python3 benchmarks/models_gpu.py --one llama8b_fallback --n 500 ;;
     embed) TOKENIZERS_PARALLELISM=true stage embed 330 python3 benchmarks/embedding_benchmark.py --parts bert-base,qwen3-0.6b ;;

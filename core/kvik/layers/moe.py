@@ -161,10 +161,14 @@ class SparseMoE(nn.Module):
         self.shared_expert = shared_expert
         self.shared_expert_gate = Linear(hidden_size, 1, dtype=dtype, device=device) if shared_gate else None
 
+    def route(self, router_logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(weights [n, top_k], ids [n, top_k] int64)``: :func:`route`, the weights rounded to ``dtype``
+        (the activations') when ``round_weights``, else float32. Platforms override it with one kernel."""
+        weights, ids = route(router_logits, self.top_k, self.renormalize)
+        return (weights.to(dtype) if self.round_weights else weights), ids
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, hidden]
-        weights, ids = route(self.gate(x), self.top_k, self.renormalize)
-        if self.round_weights:
-            weights = weights.to(x.dtype)
+        weights, ids = self.route(self.gate(x), x.dtype)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

@@ -23,12 +23,12 @@ import torch
 import triton
 import triton.language as tl
 from kvik.layers.activation import SiluAndMul
-from kvik.layers.moe import MoEExperts
+from kvik.layers.moe import MoEExperts, SparseMoE
 from kvik.layers.norm import RMSNorm
 from kvik.layers.rotary import RotaryEmbedding
 from torch import nn
 
-from kvik_cuda.moe import TritonMoEExperts
+from kvik_cuda.moe import TritonMoEExperts, TritonSparseMoE
 
 
 @triton.jit
@@ -44,13 +44,15 @@ def _rms_norm_kernel(
     stride_ro,
     n_cols,
     eps,
+    heads,  # rows per token: 1, or the head count of a per-head norm over [n, heads, n_cols]
+    stride_h,  # the input's head stride (per-head norms read q/k views of a fused projection)
     HAS_RESIDUAL: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     offs = tl.arange(0, BLOCK)
     mask = offs < n_cols
-    x = tl.load(x_ptr + row * stride_x + offs, mask=mask, other=0.0)
+    x = tl.load(x_ptr + (row // heads) * stride_x + (row % heads) * stride_h + offs, mask=mask, other=0.0)
     if HAS_RESIDUAL:
         r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # the add rounds to the input dtype
@@ -183,14 +185,16 @@ class FusedRMSNorm(RMSNorm):
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        if x.dim() != 2 or x.stride(-1) != 1 or self.weight.dtype != x.dtype or x.shape[0] == 0:
+        per_head = x.dim() == 3 and residual is None  # Qwen3 / Gemma 3 q and k norms: [n, heads, head_dim]
+        if (x.dim() != 2 and not per_head) or x.stride(-1) != 1 or self.weight.dtype != x.dtype or x.shape[0] == 0:
             return super().forward(x, residual)
-        n, h = x.shape
-        out = torch.empty_like(x)
+        h = x.shape[-1]
+        heads = x.shape[1] if per_head else 1
+        out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous: row r at r * h
         block = _pow2(h)
-        warps = 8 if block >= 4096 else 4
+        warps = 8 if block >= 4096 else (4 if block >= 256 else 1)
         if residual is None:
-            _rms_norm_kernel[(n,)](
+            _rms_norm_kernel[(x.shape[0] * heads,)](
                 x,
                 x,
                 self.weight,
@@ -198,15 +202,18 @@ class FusedRMSNorm(RMSNorm):
                 out,
                 x.stride(0),
                 0,
-                out.stride(0),
+                h,
                 0,
                 h,
                 self.eps,
+                heads,
+                x.stride(1) if per_head else 0,
                 HAS_RESIDUAL=False,
                 BLOCK=block,
                 num_warps=warps,
             )
             return out
+        n = x.shape[0]
         residual = residual.contiguous()
         res_out = torch.empty_like(x)
         _rms_norm_kernel[(n,)](
@@ -221,6 +228,8 @@ class FusedRMSNorm(RMSNorm):
             res_out.stride(0),
             h,
             self.eps,
+            1,
+            0,
             HAS_RESIDUAL=True,
             BLOCK=block,
             num_warps=warps,
@@ -292,6 +301,7 @@ _FUSED: dict[type[nn.Module], type[nn.Module]] = {
     SiluAndMul: FusedSiluAndMul,
     RotaryEmbedding: FusedRotaryEmbedding,
     MoEExperts: TritonMoEExperts,  # grouped-GEMM experts (kvik_cuda.moe)
+    SparseMoE: TritonSparseMoE,  # one routing kernel
 }
 
 

@@ -7,7 +7,8 @@ expert (a host sync and ~4 launches per expert per layer). Here the routed
 projection is one launch over all experts:
 
 1. ``gate_up = x[token] @ w13[e].T`` for every routed pair (rows in pair order);
-2. ``act = silu(gate) * up`` (eager, as the reference rounds it);
+2. ``act = silu(gate) * up`` (eager, as the reference rounds it; the decode GEMV below computes it
+   as it loads ``gate_up``);
 3. ``y = act @ w2[e].T * routing_weight``, then the ``top_k`` rows of each token are summed.
 
 Sorting uses a fixed upper bound on the padded length (``n * top_k + E * (BLOCK_M - 1)``)
@@ -17,9 +18,12 @@ Decode-sized steps (at most :data:`PAIRWISE_MAX_PAIRS` routed pairs) skip the so
 program per (pair, block of outputs) reads its pair's expert id and does a GEMV against
 that expert's weights. On the H200 the sort's ~15 small launches per layer cost more than
 the expert GEMMs at batch 1 (Qwen3-30B-A3B: 9.2 ms/token against a 1.4 ms weight floor),
-and with few pairs each expert's weights are read about once anyway. The routing itself
-(softmax, top-k, renormalise) stays in :func:`kvik.layers.moe.route`.
-:func:`kvik_cuda.fused.fuse_layers` swaps ``MoEExperts`` for :class:`TritonMoEExperts`.
+and with few pairs each expert's weights are read about once anyway.
+
+The routing (softmax, top-k, renormalise, round: :func:`kvik.layers.moe.route`, about six
+launches eagerly) is one kernel in :class:`TritonSparseMoE`.
+:func:`kvik_cuda.fused.fuse_layers` swaps ``MoEExperts`` for :class:`TritonMoEExperts` and
+``SparseMoE`` for :class:`TritonSparseMoE`.
 """
 
 from __future__ import annotations
@@ -28,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
-from kvik.layers.moe import MoEExperts
+from kvik.layers.moe import MoEExperts, SparseMoE
 
 
 @triton.jit
@@ -88,7 +92,7 @@ def _grouped_gemm_kernel(
 
 @triton.jit
 def _pairwise_gemv_kernel(
-    a_ptr,  # [rows of A, K]
+    a_ptr,  # [rows of A, K], or with SILU_A [rows, 2 * K]: gate | up, activated on load
     w_ptr,  # [E, N, K]
     c_ptr,  # [num_pairs, N]
     scale_ptr,  # [num_pairs] routing weights (read only when MUL_WEIGHT)
@@ -101,6 +105,7 @@ def _pairwise_gemv_kernel(
     stride_wn,  # K is contiguous (stride 1): the weight rows load as wide vectors
     stride_cm,
     MUL_WEIGHT: tl.constexpr,
+    SILU_A: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
@@ -113,36 +118,98 @@ def _pairwise_gemv_kernel(
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
-        a = tl.load(a_ptr + row * stride_am + ks, mask=k_ok, other=0.0).to(tl.float32)
+        a = tl.load(a_ptr + row * stride_am + ks, mask=k_ok, other=0.0)
+        if SILU_A:  # act = silu(gate) * up, rounded where the eager reference rounds (after silu, after *)
+            up = tl.load(a_ptr + row * stride_am + K + ks, mask=k_ok, other=0.0).to(tl.float32)
+            gate = a.to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(a_ptr.dtype.element_ty).to(tl.float32)
+            a = (silu * up).to(a_ptr.dtype.element_ty)
         w = tl.load(
             w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :],
             mask=col_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        acc += tl.sum(w.to(tl.float32) * a[None, :], axis=1)
+        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
     if MUL_WEIGHT:
         acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32)  # the reference rounds y before weighting
         acc = acc * tl.load(scale_ptr + pair).to(tl.float32)
     tl.store(c_ptr + pair * stride_cm + cols, acc.to(c_ptr.dtype.element_ty), mask=col_ok)
 
 
+@triton.jit
+def _route_kernel(
+    logits_ptr,  # [n, E]
+    weights_ptr,  # [n, TOP_K] (float32, or the activations' dtype when the caller rounds)
+    ids_ptr,  # [n, TOP_K] int64
+    stride_l,
+    E,
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+):
+    """Softmax over experts in float32, the top ``TOP_K`` (largest first, the lower id on a tie),
+    optionally renormalised: :func:`kvik.layers.moe.route` in one program per token."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, E_PAD)
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=offs < E, other=-float("inf")).to(tl.float32)
+    e = tl.exp(x - tl.max(x, 0))
+    probs = e / tl.sum(e, 0)
+    slots = tl.arange(0, K_PAD)
+    weights = tl.zeros((K_PAD,), dtype=tl.float32)
+    ids = tl.zeros((K_PAD,), dtype=tl.int64)
+    for i in tl.static_range(TOP_K):
+        best = tl.max(probs, 0)
+        index = tl.min(tl.where(probs == best, offs, E_PAD), 0)  # the lowest id among equal maxima
+        weights = tl.where(slots == i, best, weights)
+        ids = tl.where(slots == i, index.to(tl.int64), ids)
+        probs = tl.where(offs == index, -1.0, probs)  # probabilities are >= 0: never picked again
+    if RENORMALIZE:
+        weights = weights / tl.sum(weights, 0)
+    keep = slots < TOP_K
+    tl.store(weights_ptr + row * TOP_K + slots, weights.to(weights_ptr.dtype.element_ty), mask=keep)
+    tl.store(ids_ptr + row * TOP_K + slots, ids, mask=keep)
+
+
+@triton.jit
+def _sum_slots_kernel(y_ptr, out_ptr, hidden, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
+    """out[t] = sum of y[t * TOP_K : (t + 1) * TOP_K] in float32, rounded once (as torch's sum)."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
+    slots = tl.arange(0, K_PAD)
+    mask = (slots[:, None] < TOP_K) & (cols[None, :] < hidden)
+    y = tl.load(y_ptr + (token * TOP_K + slots[:, None]) * hidden + cols[None, :], mask=mask, other=0.0)
+    total = tl.sum(y.to(tl.float32), axis=0)
+    tl.store(out_ptr + token * hidden + cols, total.to(out_ptr.dtype.element_ty), mask=cols < hidden)
+
+
 # Routed pairs (tokens x top_k) up to which a step takes the sort-free GEMV path: a decode
 # batch of 8 tokens under top-8 routing. Beyond it the grouped GEMM's tensor-core tiles win,
 # since several pairs share each expert and a GEMV would re-read its weights per pair.
 PAIRWISE_MAX_PAIRS = 64
+# Experts up to which routing runs as one kernel (the whole row of logits in one program).
+ROUTE_MAX_EXPERTS = 1024
+
+
+def gemv_config(n_out: int, k_in: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK_K, num_warps) of the pairwise GEMV for an expert weight [n_out, k_in]
+    (benchmarks/moe_gemv_sweep.py times the alternatives)."""
+    # H200, Qwen3-30B-A3B's gate_up [1536, 2048] and down [2048, 768] at 8 pairs: (16, 256, 4) is within
+    # 1% of each shape's best and 15% faster than (32, 128, 4) (run f in docs/benchmarks.md).
+    return 16, min(256, triton.next_power_of_2(max(16, k_in))), 4
 
 
 def _pairwise_gemv(
-    a: torch.Tensor,  # [rows, K]
+    a: torch.Tensor,  # [rows, K] (with silu_a: [rows, 2 * K])
     w: torch.Tensor,  # [E, N, K]
     out: torch.Tensor,  # [num_pairs, N]
     expert_ids: torch.Tensor,  # [num_pairs]
     a_row_div: int,
     scale: torch.Tensor | None = None,
+    silu_a: bool = False,
 ) -> None:
     n_out, k_in = w.shape[1], w.shape[2]
-    block_n = 32 if n_out >= 32 else 16
-    block_k = 128 if k_in >= 128 else triton.next_power_of_2(max(16, k_in))
+    block_n, block_k, warps = gemv_config(n_out, k_in)
     _pairwise_gemv_kernel[(out.shape[0], triton.cdiv(n_out, block_n))](
         a,
         w,
@@ -157,9 +224,46 @@ def _pairwise_gemv(
         w.stride(1),
         out.stride(0),
         MUL_WEIGHT=scale is not None,
+        SILU_A=silu_a,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        num_warps=warps,
     )
+
+
+def sum_slots(y: torch.Tensor, n: int, top_k: int) -> torch.Tensor:
+    """``y.view(n, top_k, -1).sum(dim=1)`` for contiguous ``y`` in one small kernel (torch's strided
+    reduction costs about 5 µs at batch 1, per layer)."""
+    hidden = y.shape[-1]
+    out = torch.empty((n, hidden), dtype=y.dtype, device=y.device)
+    block = min(1024, triton.next_power_of_2(hidden))
+    _sum_slots_kernel[(n, triton.cdiv(hidden, block))](
+        y, out, hidden, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK=block, num_warps=4
+    )
+    return out
+
+
+def route_fused(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kvik.layers.moe.route` in one launch: ``(weights [n, top_k] dtype, ids [n, top_k] int64)``."""
+    n, num_experts = router_logits.shape
+    weights = torch.empty((n, top_k), dtype=dtype, device=router_logits.device)
+    ids = torch.empty((n, top_k), dtype=torch.int64, device=router_logits.device)
+    e_pad = triton.next_power_of_2(num_experts)
+    _route_kernel[(n,)](
+        router_logits,
+        weights,
+        ids,
+        router_logits.stride(0),
+        num_experts,
+        TOP_K=top_k,
+        K_PAD=triton.next_power_of_2(top_k),
+        E_PAD=e_pad,
+        RENORMALIZE=renormalize,
+        num_warps=1 if e_pad <= 256 else 4,
+    )
+    return weights, ids
 
 
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -249,9 +353,8 @@ class TritonMoEExperts(MoEExperts):
         if decode:  # no sort: one GEMV program row per routed pair
             ids = topk_ids.reshape(-1)
             _pairwise_gemv(x, self.w13, gate_up, ids, top_k)
-            act = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]  # [pairs, inter], rounded as the reference
-            _pairwise_gemv(act, self.w2, y, ids, 1, scale=weights)
-            return y.view(n, top_k, -1).sum(dim=1)
+            _pairwise_gemv(gate_up, self.w2, y, ids, 1, scale=weights, silu_a=True)  # silu(gate) * up on load
+            return sum_slots(y, n, top_k)
         # Small tiles for decode-sized batches (few pairs per expert), larger for prefill.
         block_m = 16 if n * top_k <= 4 * self.num_experts * 16 else 64
         sorted_pairs, tile_expert = sort_by_expert(topk_ids, self.num_experts, block_m)
@@ -260,3 +363,14 @@ class TritonMoEExperts(MoEExperts):
         # Scaled in float32 from weights already rounded as the caller chose (SparseMoE.round_weights).
         _grouped_gemm(act, self.w2, y, sorted_pairs, tile_expert, 1, block_m, scale=weights)
         return y.view(n, top_k, -1).sum(dim=1)
+
+
+class TritonSparseMoE(SparseMoE):
+    """:class:`SparseMoE` whose routing (softmax, top-k, renormalise, round) is one kernel: eagerly
+    it is about six launches per layer, which at batch 1 cost more than the router's GEMV."""
+
+    def route(self, router_logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        n, num_experts = router_logits.shape
+        if n == 0 or router_logits.stride(-1) != 1 or num_experts > ROUTE_MAX_EXPERTS:
+            return super().route(router_logits, dtype)
+        return route_fused(router_logits, self.top_k, self.renormalize, dtype if self.round_weights else torch.float32)

@@ -69,6 +69,23 @@ def test_rms_norm(dtype: torch.dtype, hidden: int) -> None:
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
+def test_per_head_rms_norm_reads_a_strided_view(dtype: torch.dtype) -> None:
+    """Qwen3's q/k norms: [n, heads, head_dim] views of a fused qkv projection, normed per head."""
+    torch.manual_seed(3)
+    head_dim, heads, kv_heads, n = 32, 4, 2, 5
+    norm = RMSNorm(head_dim, 1e-6, dtype, DEVICE)
+    norm.weight.data = (1 + 0.1 * torch.randn(head_dim)).to(dtype).to(DEVICE)
+    fused = _fused(norm)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE)
+    q, k, _ = qkv.split([heads * head_dim, kv_heads * head_dim, kv_heads * head_dim], dim=-1)
+    for view in (q.view(n, heads, head_dim), k.view(n, kv_heads, head_dim)):
+        assert not view.is_contiguous()
+        got = fused(view)
+        assert got.shape == view.shape
+        _ulp_close(got, norm(view))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("d", [64, 1536, 1000])
 def test_silu_and_mul(dtype: torch.dtype, d: int) -> None:
     torch.manual_seed(1)

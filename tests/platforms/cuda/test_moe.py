@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvik.layers.moe import MoEExperts, SparseMoE, route
 from kvik_cuda.fused import fuse_layers
-from kvik_cuda.moe import TritonMoEExperts, sort_by_expert
+from kvik_cuda.moe import TritonMoEExperts, TritonSparseMoE, route_fused, sort_by_expert, sum_slots
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -63,7 +63,7 @@ def test_sort_by_expert_groups_every_pair_once(n: int, num_experts: int, top_k: 
 def test_triton_experts_match_reference(n: int, num_experts: int, top_k: int, hidden: int, inter: int) -> None:
     reference = _experts(num_experts, hidden, inter)
     fused = copy.deepcopy(reference)
-    assert fuse_layers(fused) == {"TritonMoEExperts": 1}
+    assert fuse_layers(fused) == {"TritonMoEExperts": 1}  # exact types: a bare MoEExperts
     assert isinstance(fused, TritonMoEExperts)
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(n, hidden, generator=gen).to(DEVICE)
@@ -105,6 +105,45 @@ def test_sparse_moe_block_uses_the_fused_experts() -> None:
     block.experts.w13.data.normal_(0, 0.2)
     block.experts.w2.data.normal_(0, 0.2)
     fused = copy.deepcopy(block)
-    fuse_layers(fused)
-    x = torch.randn(9, 32, device=DEVICE)
-    torch.testing.assert_close(fused(x), block(x), atol=1e-5, rtol=1e-5)
+    assert fuse_layers(fused) == {"TritonSparseMoE": 1, "TritonMoEExperts": 1}
+    assert isinstance(fused, TritonSparseMoE)
+    for n in (9, 1):  # the grouped GEMM, and the decode GEMV with silu-and-mul on load
+        x = torch.randn(n, 32, device=DEVICE)
+        torch.testing.assert_close(fused(x), block(x), atol=1e-5, rtol=1e-5)
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    n=st.integers(1, 6),
+    num_experts=st.sampled_from([3, 8, 60, 128]),
+    top_k=st.integers(1, 8),
+    renormalize=st.booleans(),
+    dtype=st.sampled_from([torch.float32, torch.bfloat16]),
+    seed=st.integers(0, 2**16),
+)
+def test_fused_routing_matches_the_reference(
+    n: int, num_experts: int, top_k: int, renormalize: bool, dtype: torch.dtype, seed: int
+) -> None:
+    """One kernel for softmax, top-k (largest first), renormalise and the rounding to ``dtype``."""
+    top_k = min(top_k, num_experts)
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(n, num_experts, generator=gen) * 3).to(DEVICE)
+    weights, ids = route_fused(logits, top_k, renormalize, dtype)
+    want_weights, want_ids = route(logits, top_k, renormalize)
+    assert ids.dtype == torch.int64 and weights.dtype == dtype
+    assert torch.equal(ids, want_ids)
+    # float32 sums may differ in the last place, which can flip a bfloat16 rounding: one bf16 step apart
+    rtol = 1e-5 if dtype == torch.float32 else 2**-7
+    torch.testing.assert_close(weights.float(), want_weights, atol=1e-6, rtol=rtol)
+
+
+def test_fused_routing_breaks_ties_toward_the_lower_expert() -> None:
+    logits = torch.tensor([[0.0, 2.0, 1.0, 2.0, 1.0]], device=DEVICE)
+    _, ids = route_fused(logits, 4, True, torch.float32)
+    assert ids.tolist() == [[1, 3, 2, 4]]
+
+
+@pytest.mark.parametrize(("n", "top_k", "hidden"), [(1, 8, 48), (3, 3, 2048 + 5)])
+def test_sum_slots_equals_torch_sum(n: int, top_k: int, hidden: int) -> None:
+    y = torch.randn(n * top_k, hidden, device=DEVICE)
+    torch.testing.assert_close(sum_slots(y, n, top_k), y.view(n, top_k, -1).sum(dim=1), atol=1e-5, rtol=1e-5)
