@@ -23,6 +23,10 @@ _LOG2E = 1.4426950408889634
 MIN_HEAD_SIZE = 16  # tl.dot needs K >= 16
 MAX_HEAD_SIZE = 256  # the accumulator tile lives in registers
 MAX_SPLITS = 32
+# Steps whose requests add at most this many query tokens (speculative verify steps, planned with
+# AttentionMetadata.planned_max_query_len) take the decode tile and split-KV like decode steps:
+# with the prefill tile a 5-token verify step of one request ran 16 programs over its whole context.
+SMALL_QUERY = 16
 
 
 def _next_pow2(n: int) -> int:
@@ -133,14 +137,23 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             warps = max(warps, 8) if not decode else warps
         return block_m, block_m // self.group, block_n, warps
 
+    @staticmethod
+    def small_query(metadata: AttentionMetadata[torch.Tensor]) -> bool:
+        """Decode and verify steps (at most :data:`SMALL_QUERY` tokens per request, as planned)."""
+        return metadata.planned_max_query_len <= SMALL_QUERY
+
     def num_splits(self, metadata: AttentionMetadata[torch.Tensor], device: torch.device, block_n: int) -> int:
-        """KV splits for this step: >1 only for decode steps too small to fill the GPU (never when
-        batch-invariant: the split count depends on the batch, and splits change the reduction order)."""
-        if not metadata.is_decode_only or self.batch_invariant:
+        """KV splits for this step: >1 only for decode and verify steps too small to fill the GPU (never
+        when batch-invariant: the split count depends on the batch, and splits change the reduction order)."""
+        if not self.small_query(metadata) or self.batch_invariant:
             return 1
         if self.force_num_splits is not None:
             return self.force_num_splits
-        programs = metadata.num_reqs * self.num_kv_heads
+        # Programs without splits: one per (query block, KV head); a decode step has one block per request.
+        blocks = metadata.num_reqs
+        if not metadata.is_decode_only:
+            blocks += metadata.num_tokens // self._tile(True)[1]
+        programs = blocks * self.num_kv_heads
         sms = _num_sms(device)
         if programs >= sms:
             return 1
@@ -208,8 +221,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         kernels = _kernels()
         assert query.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.stride(-1) == 1
         num_tokens = query.shape[0]
-        decode = metadata.is_decode_only
-        block_m, block_q, block_n, warps = self._tile(decode)
+        block_m, block_q, block_n, warps = self._tile(self.small_query(metadata))
         splits = self.num_splits(metadata, query.device, block_n)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         fp8 = kv_cache.dtype == torch.float8_e4m3fn  # the scales apply to an FP8 cache only

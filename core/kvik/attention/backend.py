@@ -45,6 +45,10 @@ class AttentionMetadata(Generic[ArrayT]):
     # plan (a runner replaying CUDA graphs sets max_model_len), or None: max_seq_len holds.
     # Backends that plan launch parameters from lengths (split-KV counts) plan for it.
     max_seq_len_bound: int | None = None
+    # The same for query lengths: a bound the runner promises for the requests a plan is reused
+    # for (a verify-shaped CUDA graph: k + 1 tokens per request; its padding may exceed it, which
+    # must only cost speed), or None: max_query_len holds.
+    max_query_len_bound: int | None = None
     # Whatever a backend derives in prepare() (split-KV plans, masks, ...).
     backend_data: dict[str, Any] = field(default_factory=dict)
 
@@ -52,6 +56,11 @@ class AttentionMetadata(Generic[ArrayT]):
     def planned_max_seq_len(self) -> int:
         """The length to plan for: ``max_seq_len_bound`` when set, else ``max_seq_len``."""
         return self.max_seq_len if self.max_seq_len_bound is None else self.max_seq_len_bound
+
+    @property
+    def planned_max_query_len(self) -> int:
+        """The query length to plan for: ``max_query_len_bound`` when set, else ``max_query_len``."""
+        return self.max_query_len if self.max_query_len_bound is None else self.max_query_len_bound
 
     @property
     def is_decode_only(self) -> bool:

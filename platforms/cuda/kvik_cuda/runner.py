@@ -270,8 +270,7 @@ class CUDAModelRunner(TorchModelRunner):
         bucket = None
         if layout.padded_to is not None:
             bucket = GraphShape(layout.num_reqs, layout.num_tokens)
-            # Plans the decode split count for every replay (other steps never split).
-            step.metadata.max_seq_len_bound = self.model_config.max_model_len
+            self._plan_for_every_replay(step.metadata, bucket)
         if bucket not in self.graphs:  # a graph replays the plan it was captured with
             self.attn_backend.prepare(step.metadata)
         inputs = CUDAInputs(step.input_ids, step.positions, step.metadata, bucket)
@@ -308,8 +307,16 @@ class CUDAModelRunner(TorchModelRunner):
         layout = self._padded_layout(dummy, scratch, rows, shape)
         assert layout.padded_to is not None, f"a {shape} step does not fit the step buffers"
         step = self.inputs.copy(layout)
-        step.metadata.max_seq_len_bound = self.model_config.max_model_len
+        self._plan_for_every_replay(step.metadata, shape)
         return step
+
+    def _plan_for_every_replay(self, metadata: AttentionMetadata[torch.Tensor], shape: GraphShape) -> None:
+        """Bounds that make the backend's plan (split count, tile) one for every step of ``shape``:
+        any context up to max_model_len and, for a verify shape, ``verify_tokens_per_request`` tokens
+        per request (its absorber may hold more: that costs it speed, not correctness)."""
+        metadata.max_seq_len_bound = self.model_config.max_model_len
+        if shape.num_tokens != shape.num_reqs:
+            metadata.max_query_len_bound = self.verify_tokens_per_request
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:

@@ -83,4 +83,6 @@ def fresh_metadata(m: AttentionMetadata) -> AttentionMetadata:
         max_seq_len=m.max_seq_len,
         query_lens_cpu=m.query_lens_cpu,
         seq_lens_cpu=m.seq_lens_cpu,
+        max_seq_len_bound=m.max_seq_len_bound,
+        max_query_len_bound=m.max_query_len_bound,
     )

@@ -121,6 +121,29 @@ def test_split_kv_decode_matches_reference(splits: int) -> None:
     _compare(Split, [(33, 1), (60, 1)], sliding_window=20, seed=6)
 
 
+@pytest.mark.parametrize("splits", [1, 4])
+def test_verify_shaped_steps_on_the_small_query_plan_match_reference(splits: int) -> None:
+    """Speculative verify steps (a few tokens per request) take the decode tile and split-KV; a
+    query longer than the plan's bound (a verify graph's padding) gets more query blocks."""
+
+    class Split(SmallTiles):
+        force_num_splits = splits
+
+    _compare(Split, [(40, 5), (3, 5), (61, 2), (0, 1)], seed=11)
+    _compare(Split, [(33, 4), (50, 3)], sliding_window=20, seed=12)
+    step = make_step([(20, 5), (0, 9)], num_heads=4, num_kv_heads=2, head_size=32, block_size=4, dtype=torch.float32,
+                     device=DEVICE)  # fmt: skip
+    step.metadata.max_query_len_bound = 5  # the second request's 9 rows exceed it
+    scale = 32**-0.5
+    ref_meta, tri_meta = fresh_metadata(step.metadata), fresh_metadata(step.metadata)
+    assert Split.small_query(tri_meta)
+    expected = TorchRefAttentionBackend(4, 32, 2, scale).forward(
+        step.query, step.key, step.value, step.kv_cache.clone(), ref_meta
+    )
+    got = Split(4, 32, 2, scale).forward(step.query, step.key, step.value, step.kv_cache.clone(), tri_meta)
+    assert _rel_err(got, expected) < 1e-5
+
+
 def test_default_tiles_and_block_size_16() -> None:
     _compare(InterpretedTritonAttentionBackend, [(0, 20), (70, 1), (50, 3)], block_size=16, seed=7)
 
@@ -135,8 +158,12 @@ def test_split_heuristic_only_for_small_decode_batches() -> None:
     device = torch.device("cuda") if CUDA else torch.device("cpu")  # the interpreter counts 4 "SMs"
     splits = b.num_splits(step.metadata, device, 64)
     assert splits > 1 and splits & (splits - 1) == 0
-    step.metadata.max_query_len = 2  # not decode-only
+    step.metadata.max_query_len = 5  # a speculative verify step: still split
+    assert b.num_splits(step.metadata, device, 64) > 1
+    step.metadata.max_query_len = 17  # a prefill chunk: never
     assert b.num_splits(step.metadata, device, 64) == 1
+    step.metadata.max_query_len_bound = 5  # a verify graph's plan: its padding may exceed the bound
+    assert b.num_splits(step.metadata, device, 64) > 1
     big = make_step([(10, 1)] * 300, num_heads=1, num_kv_heads=1, head_size=16, block_size=16, dtype=torch.float32)
     assert b.num_splits(big.metadata, device, 64) == 1  # 300 programs fill any GPU
 
