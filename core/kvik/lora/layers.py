@@ -75,10 +75,21 @@ class WrappedModel:
     targets: dict[str, Target] = field(default_factory=dict)  # PEFT module path -> target
 
 
-def wrap_model(model: nn.Module, max_loras: int, max_rank: int, max_tokens: int) -> WrappedModel:
-    """Wrap ``model``'s adaptable projections (in place); slot weights start at zero."""
+def wrap_model(
+    model: nn.Module,
+    max_loras: int,
+    max_rank: int,
+    max_tokens: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> WrappedModel:
+    """Wrap ``model``'s adaptable projections (in place); slot weights start at zero.
+
+    The slots live on the parameters' device in their dtype unless ``device`` / ``dtype`` say otherwise
+    (benchmarks give meta-device base layers real slots).
+    """
     sample = next(model.parameters())
-    device, dtype = sample.device, sample.dtype
+    device, dtype = device or sample.device, dtype or sample.dtype
     if not dtype.is_floating_point:
         dtype = torch.float32
     state = LoRAState(torch.full((max_tokens,), -1, dtype=torch.int64, device=device))
