@@ -18,7 +18,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from kvik.lora.adapter import AdapterInfo, LoadedAdapter, check_adapter, load_adapter
+from kvik.lora.adapter import AdapterInfo, check_adapter
+from kvik.lora.host import HostAdapter, read_host_adapter
 from kvik.lora.layers import WrappedModel, write_slot
 from kvik.lora.request import LoRARequest
 from kvik.scheduling.output import ScheduledRequest
@@ -35,12 +36,12 @@ class LoRASlots:
         self.max_cpu_loras = max_cpu_loras
         self.max_rank = max_rank
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, least recently used first
-        self.cpu: OrderedDict[int, LoadedAdapter] = OrderedDict()  # adapter id -> host weights, LRU first
+        self.cpu: OrderedDict[int, HostAdapter] = OrderedDict()  # adapter id -> host weights, LRU first
         self.num_loads = 0  # slot fills (for tests and logs)
         self.num_disk_reads = 0
         self.num_prefetched = 0  # disk reads that ran ahead of the step, off its thread
         # Host copies being read in the background (prefetch): adapter id -> (path, its read).
-        self._reading: dict[int, tuple[str, Future[LoadedAdapter]]] = {}
+        self._reading: dict[int, tuple[str, Future[HostAdapter]]] = {}
         self._lock = threading.Lock()  # prefetch runs on request-admission threads
         self._pool: ThreadPoolExecutor | None = None
 
@@ -73,11 +74,11 @@ class LoRASlots:
                 self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvik-lora-read")
             self._reading[lora_id] = (request.lora_path, self._pool.submit(self._read, request.lora_path))
 
-    def _read(self, path: str) -> LoadedAdapter:
+    def _read(self, path: str) -> HostAdapter:
         sample = self.wrapped.layers[0].lora_a
-        return _packed(load_adapter(self.check(path), sample.dtype), pin=sample.device.type == "cuda")
+        return read_host_adapter(self.check(path), self.wrapped, sample.dtype, pin=sample.device.type == "cuda")
 
-    def _host_weights(self, request: LoRARequest) -> LoadedAdapter:
+    def _host_weights(self, request: LoRARequest) -> HostAdapter:
         loaded = self.cpu.get(request.lora_int_id)
         if loaded is None or loaded.info.path != request.lora_path:
             with self._lock:
@@ -118,7 +119,7 @@ class LoRASlots:
                 victim = next(i for i in self.slot_of if i not in needed)
                 slot = self.slot_of.pop(victim)
             weights = self._host_weights(request)
-            write_slot(self.wrapped, slot, {m: (a, b) for m, (a, b) in weights.weights.items()})
+            write_slot(self.wrapped, slot, weights)
             self.slot_of[lora_id] = slot
             self.num_loads += 1
             logger.debug("LoRA adapter %s (id %d) -> slot %d", request.lora_name, lora_id, slot)
@@ -143,25 +144,3 @@ class LoRASlots:
         out[: int(counts.sum())] = np.repeat(per_request, counts)
         return out
 
-
-def _packed(loaded: LoadedAdapter, pin: bool) -> LoadedAdapter:
-    """The adapter's tensors as views of one host buffer, page-locked when the slots are on a GPU.
-
-    Page-locked, slot swaps are asynchronous copies that do not wait for the step in flight; one
-    buffer per adapter is one pinning call where per-tensor pinning made 448 (rank-16 8B adapter).
-    """
-    import torch
-
-    tensors = [t for pair in loaded.weights.values() for t in pair]
-    flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, pin_memory=pin)
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    offset = 0
-    for module, pair in loaded.weights.items():
-        views = []
-        for t in pair:
-            view = flat[offset : offset + t.numel()].view(t.shape)
-            view.copy_(t)
-            views.append(view)
-            offset += t.numel()
-        weights[module] = (views[0], views[1])
-    return LoadedAdapter(loaded.info, weights)
