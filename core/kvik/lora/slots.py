@@ -74,6 +74,11 @@ class LoRASlots:
                 self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvik-lora-read")
             self._reading[lora_id] = (request.lora_path, self._pool.submit(self._read, request.lora_path))
 
+    def loading(self, lora_int_id: int) -> bool:
+        """True while the adapter's background read (prefetch) is still running."""
+        reading = self._reading.get(lora_int_id)  # one dict read: safe against the admission threads
+        return reading is not None and not reading[1].done()
+
     def _read(self, path: str) -> HostAdapter:
         sample = self.wrapped.layers[0].lora_a
         return read_host_adapter(self.check(path), self.wrapped, sample.dtype, pin=sample.device.type == "cuda")

@@ -58,3 +58,30 @@ def test_blocks_are_keyed_by_adapter() -> None:
     firsts = [sched.kv_cache.block_hashes(Request(f"x{i}", prompt, SamplingParams(), 1, lora_request=_lora(i)))[0]
               for i in range(3)]  # fmt: skip
     assert len(set(firsts)) == 3
+
+
+def test_requests_wait_for_an_adapter_still_being_read_unless_the_step_is_empty() -> None:
+    sched = Scheduler(num_blocks=32, block_size=4, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64,
+                      max_loras=4)  # fmt: skip
+    loading = {2}  # adapter 2's background read has not finished
+    sched.lora_loading = loading.__contains__
+    reading = Request("reading", [5] * 6, SamplingParams(), max_tokens=3, lora_request=_lora(2))
+    sched.add_request(reading)
+    # Nothing else to run: the step takes it anyway (the runner waits for the read; no empty steps).
+    out = sched.schedule()
+    assert [s.request_id for s in out.scheduled] == ["reading"]
+    sched.update_from_output(out, RunnerOutput({"reading": [7]}))
+    # Running now (its adapter is in the step), so it runs on; a new request of an adapter still
+    # being read waits while the step has other work, and requests behind it still start.
+    loading.add(3)
+    later = Request("later", [6] * 6, SamplingParams(), max_tokens=3, lora_request=_lora(3))
+    base = Request("base", [7] * 6, SamplingParams(), max_tokens=3)
+    sched.add_request(later)
+    sched.add_request(base)
+    out = sched.schedule()
+    assert sorted(s.request_id for s in out.scheduled) == ["base", "reading"]
+    assert sched.waiting.peek() is later  # kept its place
+    sched.update_from_output(out, RunnerOutput({s.request_id: [7] for s in out.scheduled if s.sample}))
+    loading.discard(3)  # the read finished
+    out = sched.schedule()
+    assert "later" in {s.request_id for s in out.scheduled}
