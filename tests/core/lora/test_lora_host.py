@@ -148,3 +148,19 @@ def test_prefetch_starts_at_add_request_and_the_step_only_copies(lora_world: LoR
     # One copy per stacked tensor (A and B of each projection kind), not one per layer and module.
     groups = len(slots.wrapped.groups)
     assert counter.calls.count("copy_") == 2 * groups < len(slots.wrapped.targets)
+
+
+def test_a_full_host_cache_makes_room_for_the_admitted_adapter(lora_world: LoRAWorld) -> None:
+    # A host cache of 2 and three adapters in turn: admitting the third drops the least recently used
+    # host copy (a slot keeps its weights), so every adapter is still read in the background, never on the step.
+    llm = LLM(str(lora_world.base), enable_lora=True, max_loras=2, max_cpu_loras=2, max_lora_rank=8,
+              num_kv_blocks=64, max_model_len=128)  # fmt: skip
+    slots = llm.llm_engine.runner.lora  # type: ignore[attr-defined]
+    greedy = SamplingParams(max_tokens=2, temperature=0.0)
+    for k in (0, 1, 2, 0):
+        lora = lora_world.loras[k]
+        out = llm.generate(lora_world.prompts[:1], greedy, use_tqdm=False, lora_request=lora)
+        assert list(out[0].outputs[0].token_ids) == lora_world.lora_tokens[k][0][:2]
+        assert len(slots.cpu) + len(slots._reading) <= 2
+    assert slots.num_prefetched == slots.num_disk_reads == 4  # every read ran off the step (adapter 0 twice)
+    assert slots.step_read_s == 0.0
