@@ -1,7 +1,9 @@
-"""What an adapter's first use costs the engine loop, on the CPU: the 8B shape's adapter path without the model.
+"""What an adapter's first use costs the engine loop: the 8B shape's adapter path without the model.
 
-    PYTHONPATH=core python3 benchmarks/lora_load_cpu.py            # the 8B shape (hidden 4096, 32 layers), rank 16
-    PYTHONPATH=core python3 benchmarks/lora_load_cpu.py --layers 2  # a quick run (the per-layer costs scale)
+    PYTHONPATH=core python3 benchmarks/lora_load.py                # the 8B shape (hidden 4096, 32 layers), rank 16
+    PYTHONPATH=core python3 benchmarks/lora_load.py --layers 2     # a quick run (the per-layer costs scale)
+    PYTHONPATH=core python3 benchmarks/lora_load.py --device cuda  # slots on the GPU (pinned host copies);
+                                                                   # also a part of lora_throughput.py
 
 The base layers are built on the meta device (no 16 GB of weights); only the adapter slots
 (``max_loras`` of them, ~84 MB each for rank 16) are real, so the adapter path runs at its true
@@ -13,7 +15,8 @@ It times, per adapter:
 - ``step_fill_ms``: the step's :meth:`LoRASlots.token_slots` for a step that brings in an adapter
   whose prefetch has finished (what the engine loop pays on its thread);
 - ``step_cold_ms``: the same for an adapter nobody prefetched (read on the step);
-- ``step_ops``: the torch calls the step's slot fill makes (each is a launch on a GPU).
+- ``step_ops``: the torch calls the step's slot fill makes (each is a launch on a GPU);
+- on a GPU, ``step_fill_sync_ms``: ``step_fill_ms`` plus waiting for its copies to land.
 
 Prints a JSON summary.
 """
@@ -72,15 +75,8 @@ def _count_ops(fn: Any) -> int:
     return Count.n
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--layers", type=int, default=32)
-    parser.add_argument("--rank", type=int, default=16)
-    parser.add_argument("--adapters", type=int, default=4, help="adapters timed (each read and slotted once)")
-    parser.add_argument("--max-loras", type=int, default=2)
-    parser.add_argument("--root", default=None, help="where the adapters are written (default: a temp dir)")
-    args = parser.parse_args()
-
+def measure(layers: int, rank: int, adapters: int, max_loras: int, device: str, root: Path) -> dict[str, Any]:
+    """Read ``adapters`` prefetched and ``adapters`` cold adapters into slots; the median costs (ms)."""
     import torch
     from kvik.lora.layers import wrap_model
     from kvik.lora.request import LoRARequest
@@ -89,50 +85,72 @@ def main() -> int:
     from kvik.scheduling.output import ScheduledRequest
     from kvik.testing.tiny_lora import write_random_adapter
 
-    torch.set_num_threads(max(1, torch.get_num_threads()))
     cfg = SimpleNamespace(hidden_size=4096, num_attention_heads=32, num_key_value_heads=8, intermediate_size=14336,
-                          num_hidden_layers=args.layers)  # fmt: skip
-    root = Path(args.root or tempfile.mkdtemp(prefix="kvik_lora_load_"))
+                          num_hidden_layers=layers)  # fmt: skip
     paths = []
-    for i in range(args.adapters * 2):  # half prefetched, half cold; distinct files (no shared page-cache hits)
-        path = root / f"a{i}"
+    for i in range(adapters * 2):  # half prefetched, half cold; distinct files
+        path = root / f"l{layers}r{rank}" / f"a{i}"
         if not (path / "adapter_model.safetensors").exists():
-            write_random_adapter(path, cfg, rank=args.rank, seed=i)
+            write_random_adapter(path, cfg, rank=rank, seed=i)
         paths.append(str(path))
-    model = _model(args.layers, 4096, 32, 8, 14336)
-    wrapped = wrap_model(model, args.max_loras, args.rank, 64, device=torch.device("cpu"), dtype=torch.bfloat16)
-    slots = LoRASlots(wrapped, args.max_loras, args.adapters * 3, args.rank)  # room for all: every prefetch runs
-    for path in paths:  # warm the page cache: the H200 run reads its one adapter file from it
+    model = _model(layers, 4096, 32, 8, 14336)
+    wrapped = wrap_model(model, max_loras, rank, 64, device=torch.device(device), dtype=torch.bfloat16)
+    slots = LoRASlots(wrapped, max_loras, adapters * 3, rank)  # room for all: every prefetch runs
+    for path in paths:  # warm the page cache (the throughput benchmark reads one adapter file, cached)
         Path(path, "adapter_model.safetensors").read_bytes()
+    cuda = device.startswith("cuda")
 
-    def step(request: LoRARequest) -> float:
+    def sync() -> None:
+        if cuda:
+            torch.cuda.synchronize()
+
+    def step(request: LoRARequest) -> tuple[float, float]:
         sched = ScheduledRequest("r", [1], 0, [0], False, SamplingParams(), lora_request=request)
+        sync()
         start = time.perf_counter()
         slots.token_slots([sched], 1)
-        return (time.perf_counter() - start) * 1e3
+        host = time.perf_counter() - start
+        sync()
+        return host * 1e3, (time.perf_counter() - start) * 1e3
 
-    reads, fills, colds, ops = [], [], [], []
-    for i in range(args.adapters):
+    reads, fills, synced, colds, ops = [], [], [], [], []
+    for i in range(adapters):
         warm = LoRARequest(f"w{i}", i + 1, paths[i])
         start = time.perf_counter()
         slots.prefetch(warm)
         slots._reading[warm.lora_int_id][1].result()  # the background read, waited for here to time it
         reads.append((time.perf_counter() - start) * 1e3)
-        fills.append(step(warm))
-        cold = LoRARequest(f"c{i}", 1000 + i, paths[args.adapters + i])
-        colds.append(step(cold))
+        fill, fill_sync = step(warm)
+        fills.append(fill)
+        synced.append(fill_sync)
+        colds.append(step(LoRARequest(f"c{i}", 1000 + i, paths[adapters + i]))[0])
         again = LoRARequest(f"o{i}", 2000 + i, paths[i])
         slots.prefetch(again)
         slots._reading[again.lora_int_id][1].result()
         ops.append(_count_ops(lambda: step(again)))  # noqa: B023
     mb = sum(t.numel() * t.element_size() for layer in wrapped.layers for t in (layer.lora_a[0], layer.lora_b[0]))
-    summary = {
-        "layers": args.layers, "rank": args.rank, "slot_mb": mb / 1e6, "torch_threads": torch.get_num_threads(),
+    out = {
+        "device": device, "layers": layers, "rank": rank, "slot_mb": mb / 1e6, "torch_threads": torch.get_num_threads(),
         "read_ms": statistics.median(reads), "step_fill_ms": statistics.median(fills),
         "step_cold_ms": statistics.median(colds), "step_ops": max(ops),
         "all": {"read_ms": reads, "step_fill_ms": fills, "step_cold_ms": colds},
     }  # fmt: skip
-    print(json.dumps(summary, indent=2))
+    if cuda:
+        out["step_fill_sync_ms"] = statistics.median(synced)
+    return out
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=32)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--adapters", type=int, default=4, help="adapters timed (each read and slotted once)")
+    parser.add_argument("--max-loras", type=int, default=2)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--root", default=None, help="where the adapters are written (default: a temp dir)")
+    args = parser.parse_args()
+    root = Path(args.root or tempfile.mkdtemp(prefix="kvik_lora_load_"))
+    print(json.dumps(measure(args.layers, args.rank, args.adapters, args.max_loras, args.device, root), indent=2))
     return 0
 
 
