@@ -16,7 +16,11 @@ It times, per adapter:
   whose prefetch has finished (what the engine loop pays on its thread);
 - ``step_cold_ms``: the same for an adapter nobody prefetched (read on the step);
 - ``step_ops``: the torch calls the step's slot fill makes (each is a launch on a GPU);
-- on a GPU, ``step_fill_sync_ms``: ``step_fill_ms`` plus waiting for its copies to land.
+- on a GPU, ``step_fill_sync_ms``: ``step_fill_ms`` plus waiting for its copies to land;
+- ``loop_stall_ms``: the longest gap between tiny device ops that the main thread (the engine loop)
+  issues back to back while a background read runs (the GIL, or a driver lock taken by page-locking),
+  next to ``loop_stall_idle_ms``, the same without a read;
+- ``pin_alloc_ms``: allocating one adapter's page-locked host buffer (GPU only).
 
 Prints a JSON summary.
 """
@@ -95,7 +99,7 @@ def measure(layers: int, rank: int, adapters: int, max_loras: int, device: str, 
         paths.append(str(path))
     model = _model(layers, 4096, 32, 8, 14336)
     wrapped = wrap_model(model, max_loras, rank, 64, device=torch.device(device), dtype=torch.bfloat16)
-    slots = LoRASlots(wrapped, max_loras, adapters * 3, rank)  # room for all: every prefetch runs
+    slots = LoRASlots(wrapped, max_loras, adapters * 4, rank)  # room for all: every prefetch runs
     for path in paths:  # warm the page cache (the throughput benchmark reads one adapter file, cached)
         Path(path, "adapter_model.safetensors").read_bytes()
     cuda = device.startswith("cuda")
@@ -128,15 +132,40 @@ def measure(layers: int, rank: int, adapters: int, max_loras: int, device: str, 
         slots.prefetch(again)
         slots._reading[again.lora_int_id][1].result()
         ops.append(_count_ops(lambda: step(again)))  # noqa: B023
+    probe = torch.zeros(4, device=device)
+
+    def longest_gap(until: Any) -> float:
+        """The longest gap (ms) between back-to-back tiny ops on this thread while ``until()`` is False."""
+        gap, last = 0.0, time.perf_counter()
+        while not until():
+            probe.add_(1)
+            now = time.perf_counter()
+            gap, last = max(gap, now - last), now
+        return gap * 1e3
+
+    stalls, idle = [], []
+    for i in range(adapters):
+        idle_end = time.perf_counter() + 0.05
+        idle.append(longest_gap(lambda: time.perf_counter() > idle_end))  # noqa: B023
+        again = LoRARequest(f"s{i}", 3000 + i, paths[adapters + i])
+        slots.prefetch(again)
+        stalls.append(longest_gap(slots._reading[again.lora_int_id][1].done))
     mb = sum(t.numel() * t.element_size() for layer in wrapped.layers for t in (layer.lora_a[0], layer.lora_b[0]))
     out = {
         "device": device, "layers": layers, "rank": rank, "slot_mb": mb / 1e6, "torch_threads": torch.get_num_threads(),
         "read_ms": statistics.median(reads), "step_fill_ms": statistics.median(fills),
         "step_cold_ms": statistics.median(colds), "step_ops": max(ops),
+        "loop_stall_ms": statistics.median(stalls), "loop_stall_idle_ms": statistics.median(idle),
         "all": {"read_ms": reads, "step_fill_ms": fills, "step_cold_ms": colds},
     }  # fmt: skip
     if cuda:
         out["step_fill_sync_ms"] = statistics.median(synced)
+        held, pins = [], []
+        for _ in range(3):  # held, so the caching host allocator cannot hand back a freed block
+            start = time.perf_counter()
+            held.append(torch.empty(int(mb) // 2, dtype=torch.bfloat16, pin_memory=True))
+            pins.append((time.perf_counter() - start) * 1e3)
+        out["pin_alloc_ms"] = statistics.median(pins)
     return out
 
 
