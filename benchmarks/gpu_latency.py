@@ -102,9 +102,9 @@ def _graph_times(runner: Any, shape: str, record: Recorder) -> None:
 
     times = {}
     for size in (1, 8, 64, 256):
-        if size in runner.graphs:
+        if (size, size) in runner.graphs:  # decode buckets are (requests, tokens) = (size, size)
             runner.copy_dummy_decode(size)
-            graph = runner.graphs[size][0]
+            graph = runner.graphs[(size, size)][0]
             times[size] = round(triton.testing.do_bench(graph.replay, warmup=10, rep=50, return_mode="median"), 3)
     torch.cuda.synchronize()
     # Replays reuse the last step's inputs (idle engine): the numbers are the model's GPU time per step.

@@ -136,7 +136,8 @@ def build_engine(args: argparse.Namespace, running: int, root: Path) -> Any:
     runner.run_model = lambda inputs: hidden[: inputs.input_ids.shape[0]]
     runner.model.compute_logits = lambda h: logits[: h.shape[0]]
     # As with captured CUDA graphs: a bucketed decode step replays, skipping the backend's plan.
-    runner.graphs = {size: None for size in runner.sizes}
+    shapes = [(size, size) for size in runner.sizes] + list(getattr(runner, "verify_shapes", []))
+    runner.graphs = dict.fromkeys(shapes)  # (requests, tokens) of the decode and verify buckets
     return engine
 
 

@@ -21,7 +21,8 @@ step's different matmul shapes move the argmax, and every replayed draft after t
 
 decode ms/token = (t(new tokens) - t(1 token)) / (new - 1) for a batch of B copy
 prompts, greedy, EOS ignored; every engine's tokens are checked against the
-baseline's. One JSON summary is printed and written to $OUT/spec_decode_benchmark.json
+baseline's; ``cuda_graphs`` gives each engine's (and its draft runner's) graph count, verify shapes
+and replays. One JSON summary is printed and written to $OUT/spec_decode_benchmark.json
 (after every configuration, so a failure keeps what ran before it).
 """
 
@@ -165,6 +166,20 @@ def timed(llm: Any, prompts: list[list[int]], new: int) -> tuple[float, list[lis
     return time.perf_counter() - t, [o.outputs[0].token_ids for o in out], out
 
 
+def graph_info(llm: Any) -> dict[str, Any]:
+    """The CUDA runner's graphs: how many, the verify shapes, and how often they replayed (target and draft)."""
+    info: dict[str, Any] = {}
+    runners = {"target": llm.llm_engine.runner}
+    draft = getattr(getattr(runners["target"], "drafter", None), "draft", None)
+    if draft is not None:
+        runners["draft"] = draft
+    for name, runner in runners.items():
+        if hasattr(runner, "replays"):
+            info[name] = {"graphs": len(runner.graphs), "replays": runner.replays,
+                          "verify_shapes": [list(g) for g in runner.verify_shapes]}  # fmt: skip
+    return info
+
+
 def measure(llm: Any, prompts: list[list[int]], args: argparse.Namespace, want: dict | None) -> dict[str, Any]:
     """Per batch size: decode ms/token, acceptance, and whether the tokens match the baseline's."""
     results: dict[str, Any] = {}
@@ -268,6 +283,7 @@ def main() -> None:
                     tokens = result.pop("_tokens")
                 if name == "baseline":
                     want = tokens
+                result["cuda_graphs"] = graph_info(llm)
             finally:
                 free(llm)
             result["seconds"] = round(time.perf_counter() - start, 1)

@@ -4,7 +4,8 @@ Any checkpoint kvik can load can draft, as long as its tokenizer is the target's
 (checked at load: token strings and ids must match exactly; a draft whose
 vocabulary is padded to another size is cut or padded to the target's). The
 draft runs on the target's platform through a second model runner of the same
-kind (so on CUDA its one-token steps replay its own CUDA graphs), with its KV
+kind (so on CUDA its one-token steps and its catch-up step replay its own CUDA
+graphs, the latter a verify-shaped one of up to k + 2 tokens per request), with its KV
 in the shared block pool (see :mod:`kvik.spec_decode.drafter`). Each step costs
 the draft one forward over the target's known rows plus ``k - 1`` one-token
 forwards over the sampling requests.
@@ -75,6 +76,9 @@ class DraftModelDrafter(Drafter):
         draft = runner.platform.create_model_runner(config, model_config)
         if not isinstance(draft, TorchModelRunner):
             raise ValueError(f"the {runner.platform.name} platform's runner cannot run a draft model")
+        # Its catch-up step recomputes up to k accepted drafts plus the bonus token after the
+        # request's last known one: k + 2 tokens per sampling request (CUDA: a verify-shaped graph).
+        draft.verify_tokens_per_request = self.k + 2
         draft.load_model()
         self.draft = draft
 

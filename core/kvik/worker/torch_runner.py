@@ -116,6 +116,11 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self._last_ids: list[str] = []
         self.pooler = StepPooler()  # pooling requests' reductions (kvik.pooling); its head comes with the model
         self.drafter: Drafter | None = None  # a model-based proposer (draft model, EAGLE head), if configured
+        # The most tokens a request adds in the steady speculative steps whose requests all sample
+        # (a verify step: the next token and k drafts; a draft model's catch-up: k + 2), 0 without
+        # speculation. A runner may specialise for such steps (the CUDA runner's verify graphs).
+        spec = config.speculative_config
+        self.verify_tokens_per_request = spec.num_speculative_tokens + 1 if spec is not None else 0
         self.lora: LoRASlots | None = None  # enable_lora: the adapter slots (kvik.lora)
         # This process's slice of a tensor/pipeline-parallel model (set by the executor's worker;
         # a single device otherwise): the model is built from it, the KV cache holds its heads.

@@ -1,17 +1,36 @@
 """The CUDA model runner: the generic torch runner plus pinned step inputs and CUDA graphs.
 
 It overrides the runner kit's hooks (kvik.worker.kit): ``build_layout`` writes
-the step straight into pinned host buffers (padding a decode batch to a
-captured size), ``prepare_inputs`` copies them into persistent device buffers,
-``run_model`` replays the bucket's graph when there is one.
+the step straight into pinned host buffers (padding a step to a captured
+shape), ``prepare_inputs`` copies them into persistent device buffers,
+``run_model`` replays the shape's graph when there is one.
 
-Decode-only steps (every request adds one token) with at most the largest
-captured batch size run *bucketed*: padded with dummy requests to the next
-capture size, with the attention backend told to plan for ``max_model_len``
-(``AttentionMetadata.max_seq_len_bound``). With CUDA graphs the bucket's graph
-is replayed; with ``enforce_eager`` the same padded step runs eagerly. Both
-launch the same kernels on the same shapes, so their outputs are identical.
-Other steps (prefill, mixed) run eagerly, unpadded.
+Steps of two kinds run *bucketed*, padded to a :class:`GraphShape`
+``(num_reqs, num_tokens)``:
+
+- decode-only steps (every request adds one token and samples) with at most the
+  largest capture size ``s`` of requests, padded with one-token dummy requests to
+  the next ``(s, s)``, the attention backend told to plan for ``max_model_len``
+  (``AttentionMetadata.max_seq_len_bound``);
+- with speculative decoding (``num_speculative_tokens`` = k), *verify-shaped*
+  steps: every request samples and adds 1..k+1 tokens (its next token and its
+  drafts), at most ``verify_sizes[-1]`` requests. Shape ``(s + 1, s*(k+1) + 1)``:
+  the real requests, one-token dummies up to ``s``, then one dummy that absorbs
+  every remaining token (``StepLayout.build(pad_tokens_to=...)``), so one graph
+  serves every such step of up to ``s`` requests whatever its draft counts. The
+  Triton backend reads every per-step value from device tensors and launches a
+  grid fixed by (num_tokens, num_reqs) with no split-KV outside decode-only steps,
+  so the graph replays correctly over any layout of that shape.
+
+With CUDA graphs the shape's graph is replayed; with ``enforce_eager`` the same
+padded step runs eagerly. Both launch the same kernels on the same shapes, so
+their outputs are identical. Other steps (prefill, mixed, larger) run eagerly,
+unpadded. Verify shapes exist only with speculation on, for capture sizes up to
+:data:`MAX_VERIFY_BATCH` whose tokens fit the step budget and ``max_model_len``,
+and not with drafters that need an eager target (EAGLE heads read the target's
+intermediate activations, so those runners capture nothing). A draft model's own
+runner has no speculative config: its one-token draft steps replay its decode
+graphs, its catch-up step runs eagerly.
 
 LoRA (``enable_lora``): the projections' deltas run as the Triton kernels of
 :mod:`kvik_cuda.lora_kernels`, which read each token's adapter slot from the
@@ -20,7 +39,7 @@ every step (``-1`` for base-model and padding rows) after putting the step's
 adapters in their slots, then has the kernels cut the step's tile map from it
 (``LoRAState.prepare_step``) into buffers that also never move, so a graph replays
 correctly over any mix of adapters.
-Each batch size gets two graphs: one without the LoRA kernels (steps with no
+Each shape gets two graphs: one without the LoRA kernels (steps with no
 adapter) and one with them.
 """
 
@@ -30,6 +49,7 @@ import logging
 import time
 from dataclasses import dataclass
 from operator import attrgetter
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -53,6 +73,17 @@ _sample = attrgetter("sample")
 _token_ids = attrgetter("token_ids")
 
 GRAPH_MEMORY_RESERVE = 256 << 20  # bytes kept free for graph-private activations (one decode step's worth)
+# Verify graphs stop at this many requests: speculation pays at small batch (it is turned off under
+# load with disable_by_batch_size), while each verify graph costs capture time and pool memory for
+# s*(k+1)+1 tokens; past it a verify step's GEMMs dwarf the launch overhead a graph saves.
+MAX_VERIFY_BATCH = 64
+
+
+class GraphShape(NamedTuple):
+    """A bucket: the padded step's request and token counts (a decode bucket has them equal)."""
+
+    num_reqs: int
+    num_tokens: int
 
 
 def capture_sizes(max_num_seqs: int, max_tokens: int) -> list[int]:
@@ -64,11 +95,22 @@ def capture_sizes(max_num_seqs: int, max_tokens: int) -> list[int]:
     return sizes
 
 
+def verify_shapes(sizes: list[int], q: int, max_tokens: int, max_model_len: int) -> list[GraphShape]:
+    """The verify buckets ``(s + 1, s*q + 1)`` (``q``: tokens per request, k + 1 for k drafts) for capture
+    sizes ``s`` up to :data:`MAX_VERIFY_BATCH` whose tokens fit the step budget and one request's
+    length (the absorber's context is its own tokens)."""
+    shapes = [GraphShape(s + 1, s * q + 1) for s in sizes if s <= MAX_VERIFY_BATCH]
+    return [g for g in shapes if g.num_tokens <= min(max_tokens, max_model_len)]
+
+
 @dataclass(slots=True)
 class CUDAInputs(ModelInputs):
-    """Model inputs in the persistent device buffers; ``bucket``: the padded decode batch size, if any."""
+    """Model inputs in the persistent device buffers; ``bucket``: the padded step's shape, if any."""
 
-    bucket: int | None = None
+    bucket: GraphShape | None = None
+
+
+_Graph = tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata[torch.Tensor]]
 
 
 class CUDAModelRunner(TorchModelRunner):
@@ -82,12 +124,14 @@ class CUDAModelRunner(TorchModelRunner):
     ) -> None:
         super().__init__(config, model_config, device, platform, manager)
         self.inputs: StepInputs | None = None
-        self.sizes: list[int] = []
-        # batch size -> (graph, its output hidden states [bs, hidden], the metadata it was
+        self.sizes: list[int] = []  # decode buckets' batch sizes
+        self.verify_shapes: list[GraphShape] = []  # verify buckets, by size (empty: no speculation)
+        # shape -> (graph, its output hidden states [num_tokens, hidden], the metadata it was
         # captured with: it owns backend scratch buffers the graph writes into)
-        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata[torch.Tensor]]] = {}
-        self.lora_graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata[torch.Tensor]]] = {}
+        self.graphs: dict[GraphShape, _Graph] = {}
+        self.lora_graphs: dict[GraphShape, _Graph] = {}
         self.graph_pool: object | None = None
+        self.replays = 0  # graph replays so far (tests, benchmarks)
 
     # -- setup -----------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -96,10 +140,15 @@ class CUDAModelRunner(TorchModelRunner):
         self._lora_kernels()
         cfg, mc = self.config, self.model_config
         max_tokens = cfg.max_num_batched_tokens
-        max_reqs = max(cfg.max_num_seqs, max_tokens // max(1, mc.max_model_len) + 1)
+        # (+1: a verify bucket's absorber request)
+        max_reqs = max(cfg.max_num_seqs, max_tokens // max(1, mc.max_model_len) + 1) + 1
         max_blocks = -(-mc.max_model_len // self.block_size) + 1
         self.inputs = StepInputs(max_tokens, max_reqs, max_blocks, self.device)
         self.sizes = capture_sizes(cfg.max_num_seqs, max_tokens)
+        if self.drafter is not None and self.drafter.needs_eager_target:
+            self.verify_tokens_per_request = 0  # nothing is captured: no padding either
+        q = self.verify_tokens_per_request
+        self.verify_shapes = verify_shapes(self.sizes, q, max_tokens, mc.max_model_len) if q > 1 else []
 
     def _fuse_layers(self) -> None:
         """Swap RMSNorm / SiLU-and-mul / rotary for one-kernel Triton versions (kvik_cuda.fused).
@@ -163,30 +212,54 @@ class CUDAModelRunner(TorchModelRunner):
         self.graphs, self.lora_graphs = {}, {}
         super().initialize_kv_cache(num_blocks)
         if self.graphs_enabled:
-            with progress.step(f"capturing CUDA graphs ({len(self.sizes)} batch sizes)"):
+            verify = f", {len(self.verify_shapes)} verify shapes" if self.verify_shapes else ""
+            what = f"{len(self.sizes)} batch sizes{verify}"
+            with progress.step(f"capturing CUDA graphs ({what})"):
                 self.capture_graphs()
 
     # -- the kit's hooks ---------------------------------------------------------------------
-    def _bucket(self, scheduled: list[ScheduledRequest]) -> int | None:
-        """The padded batch size for a decode-only step, or None when the step runs unbucketed."""
+    def _bucket(self, scheduled: list[ScheduledRequest]) -> GraphShape | None:
+        """The padded shape of a decode-only or verify-shaped step, or None when it runs unbucketed."""
         if not self.sizes or self.attn_backend is None or not self.attn_backend.supports_cuda_graphs:
             return None  # bucketing only exists to share kernels with the graphs
         n = len(scheduled)
-        # Decode-only: one token per request, every one sampled (map/attrgetter: no Python frame per row).
-        if n > self.sizes[-1] or not all(map(_sample, scheduled)) or sum(map(len, map(_token_ids, scheduled))) != n:
+        shapes = self.verify_shapes
+        largest = max(self.sizes[-1], shapes[-1].num_reqs - 1 if shapes else 0)
+        # Every request sampled (map/attrgetter: no Python frame per row).
+        if n > largest or not all(map(_sample, scheduled)):
             return None
-        return next(s for s in self.sizes if s >= n)
+        lens = list(map(len, map(_token_ids, scheduled)))
+        if sum(lens) == n:  # decode-only: one token per request
+            if n > self.sizes[-1]:
+                return None
+            s = next(s for s in self.sizes if s >= n)
+            return GraphShape(s, s)
+        # Verify-shaped: 1..k+1 tokens each (a next token and its drafts; short prefills fit too).
+        if not shapes or n >= shapes[-1].num_reqs or max(lens) > self.verify_tokens_per_request:
+            return None
+        return next(g for g in shapes if g.num_reqs > n)
 
     def build_layout(self, scheduled: list[ScheduledRequest], tables: BlockTables, rows: np.ndarray) -> StepLayout:
-        """Write the layout into the pinned host buffers (padded to a graph's size when bucketed).
+        """Write the layout into the pinned host buffers (padded to a graph's shape when bucketed).
 
         A step too large for the buffers gets fresh arrays (and runs through the base runner's copies).
         """
         if self.inputs is None:
             return super().build_layout(scheduled, tables, rows)
         self.inputs.wait_host()  # the previous step's copies have read the buffers
+        return self._padded_layout(scheduled, tables, rows, self._bucket(scheduled))
+
+    def _padded_layout(
+        self, scheduled: list[ScheduledRequest], tables: BlockTables, rows: np.ndarray, shape: GraphShape | None
+    ) -> StepLayout:
+        assert self.inputs is not None
+        pad_to = pad_tokens_to = None
+        if shape is not None:
+            pad_to = shape.num_reqs
+            pad_tokens_to = shape.num_tokens if shape.num_tokens != shape.num_reqs else None
+        host = self.inputs.host
         return StepLayout.build(
-            scheduled, tables, rows, self.block_size, buffers=self.inputs.host, pad_to=self._bucket(scheduled)
+            scheduled, tables, rows, self.block_size, buffers=host, pad_to=pad_to, pad_tokens_to=pad_tokens_to
         )
 
     def prepare_inputs(self, layout: StepLayout) -> ModelInputs:
@@ -194,8 +267,10 @@ class CUDAModelRunner(TorchModelRunner):
             return super().prepare_inputs(layout)
         assert self.attn_backend is not None
         step = self.inputs.copy(layout)
-        bucket = layout.padded_to
-        if bucket is not None:
+        bucket = None
+        if layout.padded_to is not None:
+            bucket = GraphShape(layout.num_reqs, layout.num_tokens)
+            # Plans the decode split count for every replay (other steps never split).
             step.metadata.max_seq_len_bound = self.model_config.max_model_len
         if bucket not in self.graphs:  # a graph replays the plan it was captured with
             self.attn_backend.prepare(step.metadata)
@@ -207,47 +282,55 @@ class CUDAModelRunner(TorchModelRunner):
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """Replay the bucket's graph (its output: [bucket, hidden]) or run eagerly."""
         graphs = self.lora_graphs if self.lora is not None and self.lora.wrapped.state.active else self.graphs
-        graph = graphs.get(inputs.bucket) if isinstance(inputs, CUDAInputs) and inputs.bucket else None
+        graph = graphs.get(inputs.bucket) if isinstance(inputs, CUDAInputs) and inputs.bucket is not None else None
         if graph is None:
             return super().run_model(inputs)
         graph[0].replay()
+        self.replays += 1
         return graph[1]
 
     def copy_dummy_decode(self, size: int) -> PreparedStep:
-        """Copy a decode batch of ``size`` dummy rows into the device buffers (graph capture, benchmarks).
+        """Copy a decode batch of ``size`` dummy rows into the device buffers (benchmarks)."""
+        return self.copy_dummy_step(GraphShape(size, size))
 
-        One real-looking request at position 0 in the null block, padded to ``size``; its scratch
-        block tables leave the live requests' rows alone.
+    def copy_dummy_step(self, shape: GraphShape) -> PreparedStep:
+        """Copy a dummy step of ``shape`` into the device buffers (graph capture, benchmarks).
+
+        One real-looking one-token request at position 0 in the null block, padded to the
+        shape (a verify shape's absorber takes the extra tokens); its scratch block tables
+        leave the live requests' rows alone.
         """
         assert self.inputs is not None
         dummy = [ScheduledRequest("capture", [0], 0, [0], True, SamplingParams())]
         scratch = BlockTables()
         rows = scratch.apply(SchedulerOutput(dummy, 1))
         self.inputs.wait_host()
-        layout = StepLayout.build(dummy, scratch, rows, self.block_size, buffers=self.inputs.host, pad_to=size)
+        layout = self._padded_layout(dummy, scratch, rows, shape)
+        assert layout.padded_to is not None, f"a {shape} step does not fit the step buffers"
         step = self.inputs.copy(layout)
         step.metadata.max_seq_len_bound = self.model_config.max_model_len
         return step
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
-        """Capture one decode graph per batch size, largest first, sharing one memory pool
-        (with LoRA, a second one per size that includes the adapter kernels)."""
+        """Capture one graph per decode batch size, largest first, then one per verify shape, all
+        sharing one memory pool (with LoRA, a second one per shape that includes the adapter kernels)."""
         assert self.model is not None and self.inputs is not None
         start = time.perf_counter()
         self.graph_pool = torch.cuda.graph_pool_handle()
         state = self.lora.wrapped.state if self.lora is not None else None
         if state is not None:
             state.token_slots.fill_(-1)  # the dummy rows run the base model
-        for size in reversed(self.sizes):
+        shapes = [GraphShape(s, s) for s in reversed(self.sizes)] + self.verify_shapes[::-1]
+        for shape in shapes:
             for with_lora in (False, True) if state is not None else (False,):
                 if state is not None:
                     state.active = with_lora
                     if with_lora and state.prepare_step is not None:
                         # The graph reads the step's tile map from the buffers this fills (a replay
                         # finds whatever prepare_lora last wrote there).
-                        state.prepare_step(state.token_slots[:size])
-                step = self.copy_dummy_decode(size)
+                        state.prepare_step(state.token_slots[: shape.num_tokens])
+                step = self.copy_dummy_step(shape)
                 input_ids, positions, metadata = step.input_ids, step.positions, step.metadata
                 self.attn_backend.prepare(metadata)  # type: ignore[union-attr]
                 for _ in range(2):  # compile Triton kernels and settle cuBLAS workspaces outside the capture
@@ -256,14 +339,16 @@ class CUDAModelRunner(TorchModelRunner):
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool=self.graph_pool):
                     out = self.model(input_ids, positions, self.kv_caches, metadata)
-                (self.lora_graphs if with_lora else self.graphs)[size] = (graph, out, metadata)
+                (self.lora_graphs if with_lora else self.graphs)[shape] = (graph, out, metadata)
         if state is not None:
             state.active = False
         torch.cuda.synchronize(self.device)
+        verify = self.verify_shapes
         logger.info(
-            "captured %d CUDA graphs (decode batch sizes %s) in %.1f s",
+            "captured %d CUDA graphs (decode batch sizes %s%s) in %.1f s",
             len(self.graphs),
             f"{self.sizes[0]}..{self.sizes[-1]}",
+            f"; verify (requests, tokens) {tuple(verify[0])}..{tuple(verify[-1])}" if verify else "",
             time.perf_counter() - start,
         )
 

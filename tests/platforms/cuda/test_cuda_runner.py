@@ -159,7 +159,7 @@ def test_bucketed_decode_with_triton_and_fused_layers_matches_torch_ref(kvik_plu
     runner = _runner(
         CUDAModelRunner, path, kvik_plugin_manager, attention_backend="triton_interp", platform_options={"fused_layers": True}
     )
-    assert runner._bucket(STEPS[1]) == 2 and runner._bucket(STEPS[3]) == 2 and runner._bucket(STEPS[2]) is None
+    assert runner._bucket(STEPS[1]) == (2, 2) and runner._bucket(STEPS[3]) == (2, 2) and runner._bucket(STEPS[2]) is None
     got = _logits(runner)
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)

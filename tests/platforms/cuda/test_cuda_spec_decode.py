@@ -52,6 +52,8 @@ def test_drafters_on_the_cuda_runner_keep_greedy_output(kvik_plugin_manager, tin
     assert isinstance(runner, CUDAModelRunner) and runner.drafter is not None
     stats = llm.llm_engine.get_stats()
     assert stats.spec_draft_tokens > 0
+    # EAGLE reads the target's final hidden states (graph outputs too): verify shapes as for any method.
+    assert not runner.drafter.needs_eager_target and runner.verify_tokens_per_request == 4
     if method == "draft_model":  # the target as its own draft: everything accepted
         assert stats.spec_accepted_tokens == stats.spec_draft_tokens
         assert isinstance(runner.drafter.draft, CUDAModelRunner)  # type: ignore[attr-defined]

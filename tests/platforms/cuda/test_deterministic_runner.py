@@ -75,7 +75,7 @@ def test_target_logits_alone_equal_in_chunked_mixed_and_bucketed_steps(kvik_plug
         got.append(_row(runner, step, "b"))
         # A decode-only step of three, padded to the bucket of four.
         step = [_req("n2", [56], 5, n2), _req("b", [DECODES[0]], 13, b), _req("n1", [41], 10, n1)]
-        assert runner._bucket(step) == 4
+        assert runner._bucket(step) == (4, 4)
         got.append(_row(runner, step, "b"))
         # A decode inside a mixed step (a neighbour's prefill first).
         got.append(_row(runner, [_req("n3", list(range(60, 67)), 0, n3), _req("b", [DECODES[1]], 14, b)], "b"))

@@ -11,6 +11,11 @@ tensors, MLX arrays, or persistent pinned buffers (pass ``buffers``).
 ``pad_to`` appends one-token dummy requests (a decode batch padded to a
 captured graph's size); they sit at position 0 of the null block 0, which the
 block pool never hands out, so they read and write nothing real.
+``pad_tokens_to`` (with ``pad_to``) also fixes the token count: the last dummy
+request absorbs every padding token beyond one per dummy (a speculative verify
+step padded to a captured graph's shape). Its tokens all sit at position 0 and
+write slot 0 of the null block; its context is as long as its query (so a
+kernel's causal arithmetic holds) and its table row is all null block.
 """
 
 from __future__ import annotations
@@ -101,6 +106,7 @@ class StepLayout:
     buffers: LayoutBuffers | None = None  # the preallocated arrays written into, if any
     # The batch size asked for with ``pad_to`` (num_reqs == padded_to, possibly with no padding
     # row at all); None when not asked or when the padded step did not fit ``buffers``.
+    # (With ``pad_tokens_to``, num_tokens is that count whenever padded_to is set.)
     padded_to: int | None = None
 
     @property
@@ -129,12 +135,16 @@ class StepLayout:
         *,
         buffers: LayoutBuffers | None = None,
         pad_to: int | None = None,
+        pad_tokens_to: int | None = None,
     ) -> StepLayout:
         """Flatten ``scheduled`` (non-empty) whose block-table rows in ``tables`` are ``rows``.
 
-        Writes into ``buffers`` when the step fits them, else into fresh arrays
-        (then ``layout.buffers`` is None and no padding is added).
-        ValueError when a request's table holds too few blocks for its tokens.
+        ``pad_to``: append dummy requests up to that many; ``pad_tokens_to`` (needs ``pad_to``
+        above the step's request count): the last dummy takes every token that brings the step
+        to that many (at least one). Writes into ``buffers`` when the step fits them, else into
+        fresh arrays (then ``layout.buffers`` is None and no padding is added).
+        ValueError when a request's table holds too few blocks for its tokens, or the padding
+        asked for cannot be made.
         """
         n = len(scheduled)
         bs = block_size
@@ -151,13 +161,25 @@ class StepLayout:
                 f"request {scheduled[i].request_id!r} has {int(held[i])} blocks for {int(seq_lens[i])} tokens "
                 f"(block size {bs}); it needs {int(need[i])}"
             )
-        cols = int(need.max())
+        cols = real_cols = int(need.max())
         if pad_to is not None and pad_to < n:
             raise ValueError(f"pad_to={pad_to} is smaller than the step's {n} requests")
         num_reqs = n if pad_to is None else pad_to
         num_tokens = num_real + num_reqs - n
+        # The dummy requests' query lengths: one token each, the last one absorbing the rest.
+        pad_lens = np.ones(num_reqs - n, dtype=np.int64)
+        if pad_tokens_to is not None:
+            if num_reqs <= n or pad_tokens_to < num_tokens:
+                raise ValueError(
+                    f"pad_tokens_to={pad_tokens_to} with pad_to={pad_to} cannot hold a step of {n} requests and "
+                    f"{num_real} tokens: it needs pad_to > {n} and pad_tokens_to >= {num_tokens}"
+                )
+            pad_lens[-1] += pad_tokens_to - num_tokens
+            num_tokens = pad_tokens_to
+            cols = max(cols, -(-int(pad_lens[-1]) // bs))
         if buffers is not None and not buffers.fits(num_tokens, num_reqs, cols):
-            buffers, num_reqs, num_tokens, pad_to = None, n, num_real, None
+            buffers, num_reqs, num_tokens, pad_to, pad_lens = None, n, num_real, None, pad_lens[:0]
+            cols = real_cols  # the absorber's width goes with it
         out = buffers or LayoutBuffers.allocate(num_tokens, num_reqs, cols)
 
         padded = num_reqs > n
@@ -167,7 +189,11 @@ class StepLayout:
         sl = out.seq_lens[:num_reqs]
         sl[:n] = seq_lens
         table = out.block_table[: num_reqs * cols].reshape(num_reqs, cols)
-        np.take(tables.table[:, :cols], rows, axis=0, out=table[:n])
+        if cols == real_cols:
+            np.take(tables.table[:, :cols], rows, axis=0, out=table[:n])
+        else:  # an absorber wider than every real table: the real rows end in null blocks
+            table[:n, real_cols:] = 0
+            table[:n, :real_cols] = tables.table[rows, :real_cols]
 
         ids, pos, slots = out.token_ids[:num_tokens], out.positions[:num_tokens], out.slot_mapping[:num_tokens]
         decode_only = num_real == n  # one token per request (the hot case: few numpy calls)
@@ -185,9 +211,10 @@ class StepLayout:
             real_pos = pos[:num_real]
             ends = qsl[1 : n + 1].astype(np.int64) - 1  # [n] each request's last row
         slots[:num_real] = table[owner, real_pos // bs].astype(np.int64) * bs + real_pos % bs
-        if padded:  # dummy one-token requests at position 0 of the null block
-            qsl[n + 1 :] = num_real + np.arange(1, num_reqs - n + 1)
-            sl[n:] = 1
+        if padded:  # dummy requests at position 0 of the null block
+            np.cumsum(pad_lens, out=qsl[n + 1 :])
+            qsl[n + 1 :] += num_real
+            sl[n:] = pad_lens  # a dummy's context is its own query (one token, or the absorber's)
             table[n:] = 0
             ids[num_real:] = 0
             pos[num_real:] = 0
@@ -199,7 +226,7 @@ class StepLayout:
         pending_index = pending.nonzero()[0] if pending.any() else _NONE
         if pending_index.size and int(pending[pending_index].max()) != 1:
             raise RuntimeError("a request can wait for at most one token from the previous step")
-        padding = [1] * (num_reqs - n)
+        padding = pad_lens.tolist()
         query_lens_cpu = q_lens.tolist() + padding
         seq_lens_cpu = seq_lens.tolist() + padding
         return cls(
@@ -216,7 +243,7 @@ class StepLayout:
             block_size=bs,
             query_lens_cpu=query_lens_cpu,
             seq_lens_cpu=seq_lens_cpu,
-            max_query_len=1 if decode_only else max(query_lens_cpu),
+            max_query_len=1 if decode_only and pad_tokens_to is None else max(query_lens_cpu),
             max_seq_len=max(seq_lens_cpu),
             sample_index=sample_index,
             logits_indices=ends if sample_index is ends else ends[sample_index],
