@@ -21,10 +21,15 @@ def _lora(i: int) -> LoRARequest | None:
     max_loras=st.integers(1, 3),
     num_blocks=st.integers(12, 40),
     policy=st.sampled_from(["fcfs", "priority"]),
+    slow_reads=st.integers(0, 3),
 )
-def test_at_most_max_loras_adapters_per_step(adapters: list[int], max_loras: int, num_blocks: int, policy: str) -> None:
+def test_at_most_max_loras_adapters_per_step(adapters: list[int], max_loras: int, num_blocks: int, policy: str,
+                                             slow_reads: int) -> None:  # fmt: skip
     sched = Scheduler(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=32, max_num_seqs=6,
                       max_model_len=64, policy=policy, max_loras=max_loras)  # fmt: skip
+    steps = [0]
+    if slow_reads:  # some adapters' background reads run for a while: requests wait, and still all finish
+        sched.lora_loading = lambda i: i % 4 < slow_reads and steps[0] < 3 * i
     for n, a in enumerate(adapters):
         prompt = [3 + (n % 4)] * (5 + n % 9)  # shared prefixes across adapters: hashes must keep them apart
         request = Request(f"r{n}", prompt, SamplingParams(), max_tokens=4, priority=n % 3, lora_request=_lora(a))
@@ -33,6 +38,8 @@ def test_at_most_max_loras_adapters_per_step(adapters: list[int], max_loras: int
         if not sched.has_unfinished_requests():
             break
         out = sched.schedule()
+        steps[0] += 1
+        assert out.scheduled  # never an empty step while requests wait
         ids = {s.lora_request.lora_int_id for s in out.scheduled if s.lora_request is not None}
         assert len(ids) <= max_loras
         order = [s.lora_request.lora_int_id if s.lora_request else 0 for s in out.scheduled]
