@@ -12,6 +12,7 @@ rows), which the runner copies into :attr:`LoRAState.token_slots`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -26,6 +27,8 @@ from kvik.lora.request import LoRARequest
 from kvik.scheduling.output import ScheduledRequest
 
 logger = logging.getLogger(__name__)
+
+READ_THREADS = 4  # background adapter reads at once (at most one per CPU core)
 
 
 class LoRASlots:
@@ -81,7 +84,9 @@ class LoRASlots:
             while self.cpu and len(self.cpu) + len(self._reading) >= self.max_cpu_loras:
                 self.cpu.popitem(last=False)
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvik-lora-read")
+                # A read is mostly readinto and one multiply, both outside the GIL: a few run side by side.
+                workers = min(READ_THREADS, os.cpu_count() or 1)
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvik-lora-read")
             self._reading[lora_id] = (request.lora_path, self._pool.submit(self._read, request.lora_path))
 
     def loading(self, lora_int_id: int) -> bool:
