@@ -25,6 +25,7 @@ from typing import Any
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_RANK = 256  # the largest max_lora_rank kvik accepts
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors dtypes an adapter's weights may have
 
 # base_model.model.<module path>.<leaf>.lora_A.weight
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
@@ -104,6 +105,9 @@ def _header_shapes(path: str) -> dict[str, list[int]]:
             header = json.loads(f.read(size))
     except (OSError, ValueError) as exc:
         raise _fail(path, f"{WEIGHTS_FILE} is not a valid safetensors file ({exc})") from None
+    for name, meta in header.items():
+        if name != "__metadata__" and meta.get("dtype") not in WEIGHT_DTYPES:
+            raise _fail(path, f"tensor {name!r} is {meta.get('dtype')}; adapter weights must be one of {WEIGHT_DTYPES}")
     return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 

@@ -98,11 +98,7 @@ def read_host_adapter(info: AdapterInfo, wrapped: WrappedModel, dtype: torch.dty
             a, b = parts[target.group]
             layer, shard = target.layer, target.shard
             begin, end = (int(x) for x in meta["data_offsets"])
-            src_dtype = _DTYPES.get(str(meta["dtype"]))
-            if src_dtype is None:
-                raise ValueError(
-                    f"LoRA adapter at {info.path!r}: tensor {name!r} has unsupported dtype {meta['dtype']}"
-                )
+            src_dtype = _DTYPES[meta["dtype"]]  # check_adapter accepted it (adapter.WEIGHT_DTYPES)
             if match["ab"] == "A":
                 dest = a[target.index, 0 if shard is None else shard]
                 _load(f, data_start + begin, end - begin, src_dtype, dest, None)
