@@ -205,7 +205,29 @@ def measure(llm: Any, prompts: list[list[int]], args: argparse.Namespace, want: 
                 CONTINUATIONS[tuple(p)] = t
         results[str(b)] = row
         results.setdefault("_tokens", {})[str(b)] = tokens
+    if args.profile:
+        results["profile"] = profile_steps(llm, prompts[:1])
     return results
+
+
+def profile_steps(llm: Any, batch: list[list[int]], new: int = 17) -> dict[str, Any]:
+    """Where a batch-1 run of ``new`` tokens goes: kernels (torch.profiler) and host functions (cProfile)."""
+    import cProfile
+    import io
+    import pstats
+
+    llm.start_profile()
+    wall, _, _ = timed(llm, batch, new)
+    summary = llm.stop_profile()[0]
+    host = cProfile.Profile()
+    host.enable()
+    timed(llm, batch, new)
+    host.disable()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats(25)
+    return dict(wall_ms=round(wall * 1e3, 1), device_ms=round(summary.device_us / 1e3, 2),
+                kernels=[(k.name[:80], round(k.device_us, 1), k.calls) for k in summary.kernels[:15]],
+                host_top=text.getvalue().splitlines()[-32:])  # fmt: skip
 
 
 def main() -> None:
@@ -227,6 +249,7 @@ def main() -> None:
                          "step shapes, so replayed drafts are accepted as intended (bf16's near-ties flip it)")
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="configurations to run (default: all)")
+    ap.add_argument("--profile", action="store_true", help="also profile a batch-1 run of each configuration")
     args = ap.parse_args()
 
     from kvik.plugins.manager import get_plugin_manager

@@ -145,8 +145,8 @@ class CUDAModelRunner(TorchModelRunner):
         max_blocks = -(-mc.max_model_len // self.block_size) + 1
         self.inputs = StepInputs(max_tokens, max_reqs, max_blocks, self.device)
         self.sizes = capture_sizes(cfg.max_num_seqs, max_tokens)
-        if self.drafter is not None and self.drafter.needs_eager_target:
-            self.verify_tokens_per_request = 0  # nothing is captured: no padding either
+        if self.drafter is not None and (self.drafter.needs_eager_target or not self.drafter.verify_graphs):
+            self.verify_tokens_per_request = 0  # no verify graphs: no padding either
         q = self.verify_tokens_per_request
         self.verify_shapes = verify_shapes(self.sizes, q, max_tokens, mc.max_model_len) if q > 1 else []
 

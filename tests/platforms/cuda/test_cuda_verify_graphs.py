@@ -81,6 +81,8 @@ def test_bucket_picks_the_smallest_shape_that_holds_the_step(kvik_plugin_manager
         m = step.metadata
         assert (m.num_reqs, m.num_tokens, m.is_decode_only) == (*shape, shape.num_reqs == shape.num_tokens)
         assert m.block_tables.shape[0] == shape.num_reqs and not m.slot_mapping.any()
+    if CUDA:  # this runner's tensors live on the host, which compiled Triton cannot read (the GPU test runs it)
+        return
     with torch.inference_mode():
         hidden = runner.model(step.input_ids, step.positions, runner.kv_caches, step.metadata)  # type: ignore[misc]
     assert hidden.shape[0] == runner.verify_shapes[-1].num_tokens and torch.isfinite(hidden).all()
@@ -172,6 +174,10 @@ def test_padded_verify_steps_keep_greedy_output(kvik_plugin_manager, tiny_model_
     runners = {"target": runner}
     if method == "eagle3":  # the target runs eagerly (its layers' inputs feed the head): nothing padded
         assert runner.verify_shapes == [] and not runner.graphs
+        assert all(s is None or s.num_reqs == s.num_tokens for s, _ in steps["target"])
+        return
+    if method == "eagle":  # verify graphs are off for EAGLE heads (EagleDrafter.verify_graphs): decode buckets only
+        assert runner.verify_shapes == []
         assert all(s is None or s.num_reqs == s.num_tokens for s, _ in steps["target"])
         return
     if method == "draft_model":
