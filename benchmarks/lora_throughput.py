@@ -3,6 +3,7 @@
     python3 -m pip install -q --no-deps --no-build-isolation -e core -e platforms/cuda -e attention_backends/triton
     python3 benchmarks/lora_throughput.py                 # the short default run (~5 min on an H200)
     python3 benchmarks/lora_throughput.py --n 1000        # the issue's 1,000-request workload
+    python3 benchmarks/lora_throughput.py --profile       # also a batch-1 decode window's kernel times
 
 Weights are random (``load_format="dummy"``: only a config and a tokenizer are written) and so
 are the adapters (one adapter's files, linked under 64 names: the engine loads, slots and swaps
@@ -15,7 +16,16 @@ each as its own). Parts, each in its own ``try`` so one failure keeps the others
 2. ``base``: the base model alone (enable_lora off), output tok/s, and batch-1 decode latency;
 3. ``lora8``: one engine with ``max_loras=8``: base requests in it, requests spread uniformly over
    1, 8 and 64 adapters (64 means swapping), and batch-1 decode latency under one adapter;
-4. ``lora64``: ``max_loras=64``, requests over 64 adapters.
+4. ``lora64``: ``max_loras=64``, requests over 64 adapters;
+5. ``load``: one 8B rank-16 adapter's way into a slot without the model (``benchmarks/lora_load.py``):
+   the background read, and what the engine step pays to fill a slot from it (host time and with its
+   copies landed), against reading on the step.
+
+The throughput runs also report ``slot_load_s``: the engine thread's seconds in slot fills, of which
+``slot_wait_s`` waiting for background reads and ``slot_read_s`` reading on the step.
+With ``--profile``, ``lora8`` also profiles 33 batch-1 tokens (``LLM.start_profile``) under the adapter
+and under the base model in the same engine: ``batch1_profile_adapter`` / ``batch1_profile_base``, the
+top kernels as (name, device µs, calls), so the adapter's batch-1 overhead shows kernel by kernel.
 
 Prints one JSON summary (ratios to the base included) and writes it to $OUT/lora_throughput.json.
 """
@@ -143,14 +153,37 @@ def _throughput(llm: Any, prompts: list[list[int]], loras: list[Any], out_len: i
     llm.generate(prompts[:4], SamplingParams(max_tokens=4, ignore_eos=True), use_tqdm=False, lora_request=loras[:4])
     llm.llm_engine.scheduler.reset_prefix_cache()
     torch_sync()
+    slots = getattr(llm.llm_engine.runner, "lora", None)
+    counters = ("num_loads", "num_prefetched", "step_load_s", "step_wait_s", "step_read_s")
+    before = {k: getattr(slots, k, 0) for k in counters}
     start = time.perf_counter()
     outputs = llm.generate(prompts, params, use_tqdm=False, lora_request=loras)
     elapsed = time.perf_counter() - start
     tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-    runner = llm.llm_engine.runner
-    slots = getattr(runner, "lora", None)
+    after = {k: getattr(slots, k, 0) for k in counters}
     return {"requests": len(prompts), "elapsed_s": elapsed, "output_tok_s": tokens / elapsed,
-            "slot_loads": slots.num_loads if slots is not None else 0}  # fmt: skip
+            "slot_loads": after["num_loads"] - before["num_loads"],
+            "slot_prefetched": after["num_prefetched"] - before["num_prefetched"],
+            "slot_load_s": after["step_load_s"] - before["step_load_s"],
+            "slot_wait_s": after["step_wait_s"] - before["step_wait_s"],
+            "slot_read_s": after["step_read_s"] - before["step_read_s"]}  # fmt: skip
+
+
+def _batch1_profile(llm: Any, lora: Any) -> dict[str, Any]:
+    """33 batch-1 tokens (a cached prompt: one prefill row, then 32 decode steps) under ``lora``, profiled."""
+    from kvik import SamplingParams
+
+    prompt = [[5 + i % 900 for i in range(128)]]
+    params = SamplingParams(max_tokens=33, temperature=0.0, ignore_eos=True, detokenize=False)
+    llm.generate(prompt, SamplingParams(max_tokens=1, ignore_eos=True), use_tqdm=False, lora_request=lora)  # cache
+    torch_sync()
+    llm.start_profile()
+    llm.generate(prompt, params, use_tqdm=False, lora_request=lora)
+    summary = llm.stop_profile()[0]
+    llm.llm_engine.scheduler.reset_prefix_cache()
+    return {"wall_ms": round(summary.wall_s * 1e3, 2), "device_ms": round(summary.device_us / 1e3, 3),
+            "other_ms": round(summary.other_device_us / 1e3, 3),
+            "kernels": [(k.name[:90], round(k.device_us, 1), k.calls) for k in summary.kernels[:25]]}  # fmt: skip
 
 
 def _batch1_ms_per_token(llm: Any, lora: Any, out_len: int = 128) -> float:
@@ -212,6 +245,9 @@ def bench_lora8(model_dir: Path, prompts: list[list[int]], paths: list[str], arg
         one = LoRARequest("a0", 1, paths[0])
         out["batch1_ms_per_token_base"] = _batch1_ms_per_token(llm, None)
         out["batch1_ms_per_token_adapter"] = _batch1_ms_per_token(llm, one)
+        if args.profile:
+            out["batch1_profile_adapter"] = _batch1_profile(llm, one)
+            out["batch1_profile_base"] = _batch1_profile(llm, None)
         return out
     finally:
         llm.llm_engine.shutdown()
@@ -224,6 +260,16 @@ def bench_lora64(model_dir: Path, prompts: list[list[int]], paths: list[str], ar
         return {"adapters_64": _throughput(llm, prompts, _spread(paths, 64, len(prompts)), args.out_len)}
     finally:
         llm.llm_engine.shutdown()
+
+
+@part("load")
+def bench_load(root: Path, args: argparse.Namespace) -> dict[str, Any]:
+    import torch
+    from lora_load import measure
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    layers = 32 if args.shape == "llama8b" else 2
+    return measure(layers, 16, 4, 2, device, root / "load")
 
 
 def summarize() -> dict[str, Any]:
@@ -241,6 +287,13 @@ def summarize() -> dict[str, Any]:
         summary["batch1_overhead"] = lora8["batch1_ms_per_token_adapter"] / parts["base"]["batch1_ms_per_token"] - 1
     if "kernels" in parts:
         summary["kernels_ok"] = all(v["ok"] for v in parts["kernels"].values())
+    for name in ("lora8", "lora64"):
+        for key, run in parts.get(name, {}).items():
+            if isinstance(run, dict) and run.get("slot_loads"):
+                summary[f"{name}.{key}_slot_load_ms_per_load"] = run["slot_load_s"] / run["slot_loads"] * 1e3
+    if "load" in parts:
+        summary["load_step_fill_ms"] = parts["load"]["step_fill_ms"]
+        summary["load_read_ms"] = parts["load"]["read_ms"]
     return summary
 
 
@@ -249,7 +302,10 @@ def main() -> int:
     parser.add_argument("--n", type=int, default=256, help="requests per throughput run (the issue's: 1000)")
     parser.add_argument("--out-len", type=int, default=128)
     parser.add_argument("--max-num-seqs", type=int, default=256)
-    parser.add_argument("--parts", default="kernels,base,lora8,lora64")
+    parser.add_argument("--parts", default="kernels,base,lora8,lora64,load")
+    parser.add_argument(
+        "--profile", action="store_true", help="lora8: profile 33 batch-1 tokens with and without the adapter"
+    )
     parser.add_argument("--shape", default="llama8b", choices=sorted(SHAPES), help="tiny: a CPU smoke run")
     parser.add_argument("--device", default=None, help="platform (default: auto; cpu for a smoke run)")
     parser.add_argument("--root", default=os.environ.get("KVIK_BENCH_ROOT", "/tmp/kvik_lora_bench"))
@@ -269,6 +325,8 @@ def main() -> int:
         bench_lora8(model_dir, prompts, paths, args)
     if "lora64" in wanted:
         bench_lora64(model_dir, prompts, paths, args)
+    if "load" in wanted:
+        bench_load(root, args)
     RESULTS["summary"] = summarize()
     text = json.dumps(RESULTS, indent=2, default=str)
     print(text)

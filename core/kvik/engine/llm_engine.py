@@ -197,6 +197,8 @@ class LLMEngine:
             pending_tokens=self.async_scheduling,
             micro_batches=1 if self.async_scheduling else stages,
         )
+        if self.loras is not None and self.runner is not None:
+            self.scheduler.lora_loading = self.runner.lora_loading
         self.output_processor = OutputProcessor(self.tokenizer)
         self.structured = StructuredOutputManager(
             self.tokenizer, self.model_config.vocab_size, self.model_config.eos_token_ids, self.manager

@@ -3,8 +3,8 @@
 A checkpoint is checked against the base model's projections before any request
 runs under it (:func:`check_adapter`, cheap: the config and the safetensors
 header only), so a bad path, config or rank is a ``ValueError`` naming the
-problem at admission, never a failure inside an engine step. :func:`load_adapter`
-reads the weights into host memory with the scaling folded into ``B``.
+problem at admission, never a failure inside an engine step. :mod:`kvik.lora.host`
+reads the weights into host memory (scaling folded into ``B``).
 
 Supported: LoRA on the attention and MLP projections (q/k/v/o, gate/up/down, or the
 fused qkv/gate_up of checkpoints that have them), any rank up to ``max_lora_rank``,
@@ -25,6 +25,7 @@ from typing import Any
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 MAX_RANK = 256  # the largest max_lora_rank kvik accepts
+WEIGHT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors dtypes an adapter's weights may have
 
 # base_model.model.<module path>.<leaf>.lora_A.weight
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<ab>[AB])(?:\.[A-Za-z0-9_]+)?\.weight$")
@@ -38,17 +39,6 @@ class AdapterInfo:
     rank: int
     scaling: float  # lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA
     modules: tuple[str, ...]  # PEFT module paths, e.g. "model.layers.0.self_attn.q_proj"
-
-
-@dataclass(slots=True)
-class LoadedAdapter:
-    """An adapter's weights in host memory: module path -> (A [r, in], B [out, r] * scaling)."""
-
-    info: AdapterInfo
-    weights: dict[str, tuple[Any, Any]]  # torch tensors
-
-    def nbytes(self) -> int:
-        return sum(a.numel() * a.element_size() + b.numel() * b.element_size() for a, b in self.weights.values())
 
 
 def _fail(path: str, message: str) -> ValueError:
@@ -115,6 +105,9 @@ def _header_shapes(path: str) -> dict[str, list[int]]:
             header = json.loads(f.read(size))
     except (OSError, ValueError) as exc:
         raise _fail(path, f"{WEIGHTS_FILE} is not a valid safetensors file ({exc})") from None
+    for name, meta in header.items():
+        if name != "__metadata__" and meta.get("dtype") not in WEIGHT_DTYPES:
+            raise _fail(path, f"tensor {name!r} is {meta.get('dtype')}; adapter weights must be one of {WEIGHT_DTYPES}")
     return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
 
 
@@ -154,28 +147,3 @@ def check_adapter(path: str, max_rank: int, targets: dict[str, tuple[int, int]])
                 f"layer ({in_f} -> {out_f}); was the adapter trained for another base model?",
             )
     return AdapterInfo(path=path, rank=rank, scaling=scaling, modules=tuple(sorted(pairs)))
-
-
-def load_adapter(info: AdapterInfo, dtype: Any = None) -> LoadedAdapter:
-    """Read a checked adapter's weights to host memory in ``dtype`` (float32 by default), ``B`` scaled.
-
-    ``B`` is scaled in float32 and rounded to ``dtype`` once; ``A`` goes straight to ``dtype`` (the
-    same values as through float32, one pass fewer: loads sit on the serving path).
-    """
-    import torch
-    from safetensors.torch import load_file
-
-    dtype = dtype or torch.float32
-    tensors = load_file(str(Path(info.path) / WEIGHTS_FILE), device="cpu")
-    weights: dict[str, tuple[Any, Any]] = {}
-    for name, tensor in tensors.items():
-        match = _KEY.match(name)
-        assert match is not None, name  # check_adapter accepted every key
-        weights.setdefault(match["module"], (None, None))
-        a, b = weights[match["module"]]
-        if match["ab"] == "A":
-            a = tensor.to(dtype)
-        else:
-            b = (tensor.to(torch.float32) * info.scaling).to(dtype)
-        weights[match["module"]] = (a, b)
-    return LoadedAdapter(info, weights)

@@ -13,12 +13,16 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from kvik.layers.linear import Linear
 from kvik.lora.compute import AddLoRA, add_lora_reference
+
+if TYPE_CHECKING:
+    from kvik.lora.host import HostAdapter
 
 # A fused projection and the PEFT module names of its shards, in shard order.
 FUSED = {"qkv_proj": ("q_proj", "k_proj", "v_proj"), "gate_up_proj": ("gate_proj", "up_proj")}
@@ -48,6 +52,19 @@ class Target:
     shard: int | None
     in_features: int
     out_features: int
+    group: int  # the layer's SlotGroup in WrappedModel.groups
+    index: int  # the layer's place in that group
+
+
+@dataclass(slots=True)
+class SlotGroup:
+    """The slot weights of same-shaped projections (one per model layer, e.g. every ``qkv_proj``) stacked:
+    ``layers[j].lora_a`` is ``a[j]``, so one slot of all of them is ``a[:, slot]`` (one copy fills it)."""
+
+    layers: list[LoRALinear]
+    shards: int
+    a: torch.Tensor  # [n, max_loras, S * R, in]
+    b: torch.Tensor  # [n, max_loras, out, R]
 
 
 class LoRALinear(Linear):
@@ -73,42 +90,68 @@ class WrappedModel:
     state: LoRAState
     layers: list[LoRALinear] = field(default_factory=list)
     targets: dict[str, Target] = field(default_factory=dict)  # PEFT module path -> target
+    groups: list[SlotGroup] = field(default_factory=list)
 
 
-def wrap_model(model: nn.Module, max_loras: int, max_rank: int, max_tokens: int) -> WrappedModel:
-    """Wrap ``model``'s adaptable projections (in place); slot weights start at zero."""
+def wrap_model(
+    model: nn.Module,
+    max_loras: int,
+    max_rank: int,
+    max_tokens: int,
+    device: torch.device | None = None,
+    dtype: torch.dtype | None = None,
+) -> WrappedModel:
+    """Wrap ``model``'s adaptable projections (in place); slot weights start at zero.
+
+    The slots live on the parameters' device in their dtype unless ``device`` / ``dtype`` say otherwise
+    (benchmarks give meta-device base layers real slots).
+    """
     sample = next(model.parameters())
-    device, dtype = sample.device, sample.dtype
+    device, dtype = device or sample.device, dtype or sample.dtype
     if not dtype.is_floating_point:
         dtype = torch.float32
     state = LoRAState(torch.full((max_tokens,), -1, dtype=torch.int64, device=device))
     wrapped = WrappedModel(state)
+    found: list[tuple[str, Linear, int]] = []  # (name, layer, shards)
     for name, module in list(model.named_modules()):
         leaf = name.rsplit(".", 1)[-1]
         if type(module) is not Linear or leaf not in PLAIN:
             continue
-        parent = name[: -len(leaf)]
         shards = FUSED.get(leaf, ())
-        num_shards = len(module.output_sizes) if len(shards) == len(module.output_sizes) else 1
+        found.append((name, module, len(module.output_sizes) if len(shards) == len(module.output_sizes) else 1))
+    # One stacked tensor per kind of projection (same leaf and shape in every layer).
+    keys: dict[tuple[str, int, int, int], list[int]] = {}
+    for i, (name, module, num_shards) in enumerate(found):
+        keys.setdefault((name.rsplit(".", 1)[-1], num_shards, module.input_size, module.output_size), []).append(i)
+    placed: dict[int, tuple[int, int]] = {}  # found index -> (group, index in group)
+    for (_, num_shards, in_f, out_f), members in keys.items():
+        n = len(members)
+        a = torch.zeros(n, max_loras, num_shards * max_rank, in_f, dtype=dtype, device=device)
+        b = torch.zeros(n, max_loras, out_f, max_rank, dtype=dtype, device=device)
+        group = SlotGroup([], num_shards, a, b)
+        for j, i in enumerate(members):
+            placed[i] = (len(wrapped.groups), j)
+        wrapped.groups.append(group)
+    for i, (name, module, num_shards) in enumerate(found):
+        leaf = name.rsplit(".", 1)[-1]
+        parent = name[: -len(leaf)]
+        g, j = placed[i]
+        group = wrapped.groups[g]
         module.__class__ = LoRALinear
         assert isinstance(module, LoRALinear)
         module.lora_state = state
-        module.register_buffer(
-            "lora_a", torch.zeros(max_loras, num_shards * max_rank, module.input_size, dtype=dtype, device=device),
-            persistent=False,
-        )  # fmt: skip
-        module.register_buffer(
-            "lora_b", torch.zeros(max_loras, module.output_size, max_rank, dtype=dtype, device=device), persistent=False
-        )
+        module.register_buffer("lora_a", group.a[j], persistent=False)
+        module.register_buffer("lora_b", group.b[j], persistent=False)
+        group.layers.append(module)
         starts = [0]
         for size in module.output_sizes[:-1]:
             starts.append(starts[-1] + size)
         module.lora_shard_starts = tuple(starts) if num_shards > 1 else (0,)
         wrapped.layers.append(module)
-        wrapped.targets[name] = Target(module, None, module.input_size, module.output_size)
+        wrapped.targets[name] = Target(module, None, module.input_size, module.output_size, g, j)
         if num_shards > 1:
-            for k, sub in enumerate(shards):
-                wrapped.targets[parent + sub] = Target(module, k, module.input_size, module.output_sizes[k])
+            for k, sub in enumerate(FUSED[leaf]):
+                wrapped.targets[parent + sub] = Target(module, k, module.input_size, module.output_sizes[k], g, j)
     if not wrapped.layers:
         raise ValueError(
             f"{type(model).__name__} has no projection LoRA can adapt (q/k/v/o, gate/up/down as plain linear layers)"
@@ -116,25 +159,29 @@ def wrap_model(model: nn.Module, max_loras: int, max_rank: int, max_tokens: int)
     return wrapped
 
 
-def write_slot(wrapped: WrappedModel, slot: int, weights: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Fill ``slot`` of every wrapped layer with one adapter's (A, scaled B); unadapted layers get zeros.
+def write_slot(wrapped: WrappedModel, slot: int, host: HostAdapter) -> None:
+    """Fill ``slot`` of every wrapped layer with one adapter (read by :func:`kvik.lora.host.read_host_adapter`).
 
-    The copies are stream-ordered after the work already queued, so a step in flight that
-    still reads this slot's old adapter is not disturbed.
+    One copy per stacked tensor (and a fill for the groups the adapter leaves out, or the rank
+    padding of a smaller adapter), stream-ordered after the work already queued, so a step in
+    flight that still reads this slot's old adapter is not disturbed.
     """
-    for layer in wrapped.layers:
-        layer.lora_a[slot].zero_()
-        layer.lora_b[slot].zero_()
-    for module, (a, b) in weights.items():
-        target = wrapped.targets[module]
-        layer, rank = target.layer, a.shape[0]
-        max_rank = layer.lora_b.shape[2]
-        if target.shard is None:  # the whole layer: every shard's rank block gets A, B covers all rows
-            for k in range(len(layer.lora_shard_starts)):
-                layer.lora_a[slot, k * max_rank : k * max_rank + rank].copy_(a, non_blocking=True)
-            layer.lora_b[slot, :, :rank].copy_(b, non_blocking=True)
-        else:
-            k = target.shard
-            start = layer.lora_shard_starts[k]
-            layer.lora_a[slot, k * max_rank : k * max_rank + rank].copy_(a, non_blocking=True)
-            layer.lora_b[slot, start : start + b.shape[0], :rank].copy_(b, non_blocking=True)
+    for g, group in enumerate(wrapped.groups):
+        base, step = group.a.data_ptr(), group.a.stride(0) * group.a.element_size()
+        if any(layer.lora_a.data_ptr() != base + j * step for j, layer in enumerate(group.layers)):
+            raise RuntimeError("the LoRA slot buffers were moved off their stacked storage (model.to after wrap?)")
+        a_slot, b_slot = group.a[:, slot], group.b[:, slot]  # [n, S*R, in], [n, out, R]
+        part = host.parts.get(g)
+        if part is None:
+            a_slot.zero_()
+            b_slot.zero_()
+            continue
+        a, b = part  # [n, S, r, in], [n, out, r]
+        n, shards, rank, in_f = a.shape
+        max_rank = b_slot.shape[2]
+        a_blocks = a_slot.view(n, shards, max_rank, in_f)
+        a_blocks[:, :, :rank].copy_(a, non_blocking=True)
+        b_slot[:, :, :rank].copy_(b, non_blocking=True)
+        if rank < max_rank:
+            a_blocks[:, :, rank:].zero_()
+            b_slot[:, :, rank:].zero_()

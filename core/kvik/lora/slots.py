@@ -12,18 +12,23 @@ rows), which the runner copies into :attr:`LoRAState.token_slots`.
 from __future__ import annotations
 
 import logging
+import os
 import threading
+import time
 from collections import OrderedDict
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from kvik.lora.adapter import AdapterInfo, LoadedAdapter, check_adapter, load_adapter
+from kvik.lora.adapter import AdapterInfo, check_adapter
+from kvik.lora.host import HostAdapter, read_host_adapter
 from kvik.lora.layers import WrappedModel, write_slot
 from kvik.lora.request import LoRARequest
 from kvik.scheduling.output import ScheduledRequest
 
 logger = logging.getLogger(__name__)
+
+READ_THREADS = 4  # background adapter reads at once (at most one per CPU core)
 
 
 class LoRASlots:
@@ -35,12 +40,17 @@ class LoRASlots:
         self.max_cpu_loras = max_cpu_loras
         self.max_rank = max_rank
         self.slot_of: OrderedDict[int, int] = OrderedDict()  # adapter id -> slot, least recently used first
-        self.cpu: OrderedDict[int, LoadedAdapter] = OrderedDict()  # adapter id -> host weights, LRU first
+        self.cpu: OrderedDict[int, HostAdapter] = OrderedDict()  # adapter id -> host weights, LRU first
         self.num_loads = 0  # slot fills (for tests and logs)
         self.num_disk_reads = 0
         self.num_prefetched = 0  # disk reads that ran ahead of the step, off its thread
+        # Seconds the engine's thread spent bringing adapters into slots (benchmarks): all of it, the
+        # part waiting for a background read to finish, and the part reading from disk itself.
+        self.step_load_s = 0.0
+        self.step_wait_s = 0.0
+        self.step_read_s = 0.0
         # Host copies being read in the background (prefetch): adapter id -> (path, its read).
-        self._reading: dict[int, tuple[str, Future[LoadedAdapter]]] = {}
+        self._reading: dict[int, tuple[str, Future[HostAdapter]]] = {}
         self._lock = threading.Lock()  # prefetch runs on request-admission threads
         self._pool: ThreadPoolExecutor | None = None
 
@@ -55,47 +65,66 @@ class LoRASlots:
         """Forget an adapter (unloaded): its slot and host copy are freed."""
         with self._lock:
             self._reading.pop(lora_int_id, None)
-        self.cpu.pop(lora_int_id, None)
+            self.cpu.pop(lora_int_id, None)
         self.slot_of.pop(lora_int_id, None)
 
     def prefetch(self, request: LoRARequest) -> None:
         """Start reading ``request``'s adapter into host memory on a background thread (at admission), unless
-        it is there or being read, or the host cache would overflow (then the step reads it, as before).
+        it is there or being read. A full host cache gives up its least recently used copy (a slot keeps
+        its own weights; the copy only serves a later refill); with ``max_cpu_loras`` reads already in
+        flight the step reads it, as before.
 
-        An 8B rank-16 adapter is ~84 MB to read, convert and page-lock; read at the step that first
+        An 8B rank-16 adapter is ~84 MB to read and page-lock; read at the step that first
         needs it, that time stalled every running request (64 adapters: most of a 14 s run on the H200).
         """
         lora_id = request.lora_int_id
         with self._lock:
-            if lora_id in self.cpu or lora_id in self._reading or len(self.cpu) + len(self._reading) >= self.max_cpu_loras:
+            if lora_id in self.cpu or lora_id in self._reading or len(self._reading) >= self.max_cpu_loras:
                 return
+            while self.cpu and len(self.cpu) + len(self._reading) >= self.max_cpu_loras:
+                self.cpu.popitem(last=False)
             if self._pool is None:
-                self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="kvik-lora-read")
+                # A read is mostly readinto and one multiply, both outside the GIL: a few run side by side.
+                workers = min(READ_THREADS, os.cpu_count() or 1)
+                self._pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="kvik-lora-read")
             self._reading[lora_id] = (request.lora_path, self._pool.submit(self._read, request.lora_path))
 
-    def _read(self, path: str) -> LoadedAdapter:
-        sample = self.wrapped.layers[0].lora_a
-        return _packed(load_adapter(self.check(path), sample.dtype), pin=sample.device.type == "cuda")
+    def loading(self, lora_int_id: int) -> bool:
+        """True while the adapter's background read (prefetch) is still running."""
+        reading = self._reading.get(lora_int_id)  # one dict read: safe against the admission threads
+        return reading is not None and not reading[1].done()
 
-    def _host_weights(self, request: LoRARequest) -> LoadedAdapter:
-        loaded = self.cpu.get(request.lora_int_id)
-        if loaded is None or loaded.info.path != request.lora_path:
-            with self._lock:
-                reading = self._reading.pop(request.lora_int_id, None)
-            loaded = None
-            if reading is not None and reading[0] == request.lora_path:
-                try:
-                    loaded = reading[1].result()
-                    self.num_prefetched += 1
-                except Exception:  # read again below, where the error reaches the step
-                    loaded = None
-            if loaded is None:
-                loaded = self._read(request.lora_path)
-            self.num_disk_reads += 1
-            self.cpu[request.lora_int_id] = loaded
+    def _read(self, path: str) -> HostAdapter:
+        sample = self.wrapped.layers[0].lora_a
+        return read_host_adapter(self.check(path), self.wrapped, sample.dtype, pin=sample.device.type == "cuda")
+
+    def _host_weights(self, request: LoRARequest) -> HostAdapter:
+        lora_id = request.lora_int_id
+        with self._lock:  # admission threads evict from the host cache (prefetch)
+            loaded = self.cpu.get(lora_id)
+            if loaded is not None and loaded.info.path == request.lora_path:
+                self.cpu.move_to_end(lora_id)
+                return loaded
+            reading = self._reading.pop(lora_id, None)
+        loaded = None
+        if reading is not None and reading[0] == request.lora_path:
+            start = time.perf_counter()
+            try:
+                loaded = reading[1].result()
+                self.num_prefetched += 1
+            except Exception:  # read again below, where the error reaches the step
+                loaded = None
+            self.step_wait_s += time.perf_counter() - start
+        if loaded is None:
+            start = time.perf_counter()
+            loaded = self._read(request.lora_path)
+            self.step_read_s += time.perf_counter() - start
+        self.num_disk_reads += 1
+        with self._lock:
+            self.cpu[lora_id] = loaded
+            self.cpu.move_to_end(lora_id)
             while len(self.cpu) > self.max_cpu_loras:
                 self.cpu.popitem(last=False)
-        self.cpu.move_to_end(request.lora_int_id)
         return loaded
 
     def assign(self, requests: list[LoRARequest]) -> dict[int, int]:
@@ -117,8 +146,9 @@ class LoRASlots:
             else:
                 victim = next(i for i in self.slot_of if i not in needed)
                 slot = self.slot_of.pop(victim)
-            weights = self._host_weights(request)
-            write_slot(self.wrapped, slot, {m: (a, b) for m, (a, b) in weights.weights.items()})
+            start = time.perf_counter()
+            write_slot(self.wrapped, slot, self._host_weights(request))
+            self.step_load_s += time.perf_counter() - start
             self.slot_of[lora_id] = slot
             self.num_loads += 1
             logger.debug("LoRA adapter %s (id %d) -> slot %d", request.lora_name, lora_id, slot)
@@ -143,25 +173,3 @@ class LoRASlots:
         out[: int(counts.sum())] = np.repeat(per_request, counts)
         return out
 
-
-def _packed(loaded: LoadedAdapter, pin: bool) -> LoadedAdapter:
-    """The adapter's tensors as views of one host buffer, page-locked when the slots are on a GPU.
-
-    Page-locked, slot swaps are asynchronous copies that do not wait for the step in flight; one
-    buffer per adapter is one pinning call where per-tensor pinning made 448 (rank-16 8B adapter).
-    """
-    import torch
-
-    tensors = [t for pair in loaded.weights.values() for t in pair]
-    flat = torch.empty(sum(t.numel() for t in tensors), dtype=tensors[0].dtype, pin_memory=pin)
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    offset = 0
-    for module, pair in loaded.weights.items():
-        views = []
-        for t in pair:
-            view = flat[offset : offset + t.numel()].view(t.shape)
-            view.copy_(t)
-            views.append(view)
-            offset += t.numel()
-        weights[module] = (views[0], views[1])
-    return LoadedAdapter(loaded.info, weights)

@@ -25,13 +25,14 @@ prefix cache only over known tokens.
 LoRA: a step holds requests of at most ``max_loras`` distinct adapters (the runner's
 slots). A running request whose adapter finds no slot sits the step out; a waiting
 one is skipped (requests behind it whose adapter is in the step may start) and keeps
-its place in the queue.
+its place in the queue. So is a waiting one whose adapter is still being read in the
+background (``lora_loading``), unless the step would otherwise be empty.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import fields
 from operator import attrgetter, itemgetter
 
@@ -104,6 +105,10 @@ class Scheduler:
         self.policy = policy
         # LoRA: at most this many distinct adapters in one step (the runner's slots); 0 = no adapters.
         self.max_loras = max_loras
+        # True while an adapter's weights are still being read in the background (the runner's
+        # ``lora_loading``): a waiting request under it is not started in a step that has other work,
+        # so the step does not stall every running request until the read ends. None: never.
+        self.lora_loading: Callable[[int], bool] | None = None
         # Whether a request whose sampled token is still in flight may be scheduled again, its token filled
         # in on the device (async scheduling). Without it such a request waits for the step to finish, and
         # a second step in flight (pipeline parallelism) holds the requests the first does not.
@@ -285,7 +290,7 @@ class Scheduler:
             request = self.waiting.peek()
             if request.num_output_placeholders:
                 break  # preempted while its last token was in flight: resumable once that token lands
-            if not self._lora_fits(request, loras):
+            if not self._lora_fits(request, loras) or (scheduled and self._lora_still_loading(request, loras)):
                 skipped.append(self.waiting.pop())  # later requests of the step's adapters may still run
                 continue
             hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
@@ -405,6 +410,16 @@ class Scheduler:
         """True when the request is a base-model one, or its adapter is in the step or a slot is left."""
         lora = request.lora_request
         return lora is None or lora.lora_int_id in loras or len(loras) < self.max_loras
+
+    def _lora_still_loading(self, request: Request, loras: set[int]) -> bool:
+        """True when the request's adapter is not in this step and its weights are still being read."""
+        lora = request.lora_request
+        return (
+            lora is not None
+            and lora.lora_int_id not in loras
+            and self.lora_loading is not None
+            and self.lora_loading(lora.lora_int_id)
+        )
 
     @staticmethod
     def _add_lora(request: Request, loras: set[int]) -> None:

@@ -105,5 +105,10 @@ class ModelRunner(ABC):
         the adapter's weights now, off the engine's thread, so the step that first runs it only fills a slot.
         Called from any thread."""
 
+    def lora_loading(self, lora_int_id: int) -> bool:
+        """True while a prefetch of adapter ``lora_int_id`` is still reading (the scheduler then starts its
+        waiting requests in a later step instead of stalling this one on the read). Default: never."""
+        return False
+
     def shutdown(self) -> None:  # noqa: B027 - optional: runners with nothing to release keep the no-op
         """Release device resources."""

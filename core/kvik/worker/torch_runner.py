@@ -288,6 +288,9 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         if self.lora is not None:
             self.lora.prefetch(request)
 
+    def lora_loading(self, lora_int_id: int) -> bool:
+        return self.lora is not None and self.lora.loading(lora_int_id)
+
     def prepare_lora(self, layout: StepLayout) -> None:
         """Put the step's adapters in slots and each token row's slot in the model's ``token_slots`` buffer.
 

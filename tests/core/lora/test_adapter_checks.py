@@ -7,9 +7,11 @@ import shutil
 from pathlib import Path
 
 import pytest
+import torch
 from kvik import LLM, EngineConfig, LoRARequest, SamplingParams
 from kvik.lora.adapter import check_adapter, read_config
 from lora_world import LoRAWorld
+from safetensors.torch import load_file, save_file
 
 ONE = SamplingParams(max_tokens=1)
 
@@ -59,6 +61,11 @@ def test_rank_above_max_and_unsupported_features(llm: LLM, lora_world: LoRAWorld
     targets = {"model.layers.0.self_attn.q_proj": (64, 32), "model.layers.0.self_attn.v_proj": (64, 32)}
     with pytest.raises(ValueError, match=r"was the adapter trained for another base model"):
         check_adapter(qv, 8, targets)
+    # Integer weights: refused at admission (the read into the slots' dtype happens off the step).
+    ints = _copy(qv, tmp_path / "ints")
+    tensors = load_file(f"{ints}/adapter_model.safetensors")
+    save_file({k: v.to(torch.int8) for k, v in tensors.items()}, f"{ints}/adapter_model.safetensors")
+    _refused(llm, LoRARequest("ints", 50, ints), r"is I8; adapter weights must be one of")
 
 
 def test_id_reuse_and_lora_off(llm: LLM, lora_world: LoRAWorld) -> None:

@@ -21,10 +21,15 @@ def _lora(i: int) -> LoRARequest | None:
     max_loras=st.integers(1, 3),
     num_blocks=st.integers(12, 40),
     policy=st.sampled_from(["fcfs", "priority"]),
+    slow_reads=st.integers(0, 3),
 )
-def test_at_most_max_loras_adapters_per_step(adapters: list[int], max_loras: int, num_blocks: int, policy: str) -> None:
+def test_at_most_max_loras_adapters_per_step(adapters: list[int], max_loras: int, num_blocks: int, policy: str,
+                                             slow_reads: int) -> None:  # fmt: skip
     sched = Scheduler(num_blocks=num_blocks, block_size=4, max_num_batched_tokens=32, max_num_seqs=6,
                       max_model_len=64, policy=policy, max_loras=max_loras)  # fmt: skip
+    steps = [0]
+    if slow_reads:  # some adapters' background reads run for a while: requests wait, and still all finish
+        sched.lora_loading = lambda i: i % 4 < slow_reads and steps[0] < 3 * i
     for n, a in enumerate(adapters):
         prompt = [3 + (n % 4)] * (5 + n % 9)  # shared prefixes across adapters: hashes must keep them apart
         request = Request(f"r{n}", prompt, SamplingParams(), max_tokens=4, priority=n % 3, lora_request=_lora(a))
@@ -33,6 +38,8 @@ def test_at_most_max_loras_adapters_per_step(adapters: list[int], max_loras: int
         if not sched.has_unfinished_requests():
             break
         out = sched.schedule()
+        steps[0] += 1
+        assert out.scheduled  # never an empty step while requests wait
         ids = {s.lora_request.lora_int_id for s in out.scheduled if s.lora_request is not None}
         assert len(ids) <= max_loras
         order = [s.lora_request.lora_int_id if s.lora_request else 0 for s in out.scheduled]
@@ -58,3 +65,30 @@ def test_blocks_are_keyed_by_adapter() -> None:
     firsts = [sched.kv_cache.block_hashes(Request(f"x{i}", prompt, SamplingParams(), 1, lora_request=_lora(i)))[0]
               for i in range(3)]  # fmt: skip
     assert len(set(firsts)) == 3
+
+
+def test_requests_wait_for_an_adapter_still_being_read_unless_the_step_is_empty() -> None:
+    sched = Scheduler(num_blocks=32, block_size=4, max_num_batched_tokens=64, max_num_seqs=8, max_model_len=64,
+                      max_loras=4)  # fmt: skip
+    loading = {2}  # adapter 2's background read has not finished
+    sched.lora_loading = loading.__contains__
+    reading = Request("reading", [5] * 6, SamplingParams(), max_tokens=3, lora_request=_lora(2))
+    sched.add_request(reading)
+    # Nothing else to run: the step takes it anyway (the runner waits for the read; no empty steps).
+    out = sched.schedule()
+    assert [s.request_id for s in out.scheduled] == ["reading"]
+    sched.update_from_output(out, RunnerOutput({"reading": [7]}))
+    # Running now (its adapter is in the step), so it runs on; a new request of an adapter still
+    # being read waits while the step has other work, and requests behind it still start.
+    loading.add(3)
+    later = Request("later", [6] * 6, SamplingParams(), max_tokens=3, lora_request=_lora(3))
+    base = Request("base", [7] * 6, SamplingParams(), max_tokens=3)
+    sched.add_request(later)
+    sched.add_request(base)
+    out = sched.schedule()
+    assert sorted(s.request_id for s in out.scheduled) == ["base", "reading"]
+    assert sched.waiting.peek() is later  # kept its place
+    sched.update_from_output(out, RunnerOutput({s.request_id: [7] for s in out.scheduled if s.sample}))
+    loading.discard(3)  # the read finished
+    out = sched.schedule()
+    assert "later" in {s.request_id for s in out.scheduled}
