@@ -54,7 +54,7 @@ for s in $STAGES; do
                  tail -40 "$OUT/quant_sweep.log" | cut -c1-200 ;;
     quant_e2e) stage quant_e2e 170 python3 benchmarks/quant_benchmark.py --parts ${QUANT_PARTS:-bf16,fp8,int4,int8} --n 300 --budget-s 150 ;;
     fp8_kv) stage fp8_kv 200 python3 benchmarks/fp8_kv_check.py --budget-s ${FP8_KV_BUDGET:-190} ;;
-    lora_e2e) stage lora_e2e 220 python3 benchmarks/lora_throughput.py --parts base,lora8,lora64 --n 300 ;;
+    lora_e2e) stage lora_e2e 220 python3 benchmarks/lora_throughput.py --parts ${LORA_PARTS:-base,lora8,lora64} --n 300 ${LORA_ARGS:-} ;;
     determinism) stage determinism 360 python3 benchmarks/deterministic_check.py ;;
     spec) stage spec ${SPEC_TIMEOUT:-330} python3 benchmarks/spec_decode_benchmark.py --dtype float32 --batches 1 16 --offline-n 300 ${SPEC_ARGS:-} ;;
     verify_graphs) stage verify_graphs 150 python3 -m pytest -q -p no:cacheprovider tests/platforms/cuda/test_cuda_verify_graphs.py -m "gpu or not gpu"

@@ -26,5 +26,6 @@ __version__ = "0.1.0"
 # 2.6: Platform.tensor_parallel_all_reduce (optional faster sum over the tensor-parallel group),
 #      Executor.start_profile / stop_profile (torch.profiler on every rank),
 #      QuantizationMethod.pack_lm_head (a tied head multiplied by its quantized rows)
-# 2.7: ModelRunner.lora_loading (optional: the scheduler holds back requests whose adapter is still being read)
+# 2.7: ModelRunner.lora_loading (optional: the scheduler holds back requests whose adapter is still being read);
+#      AttentionMetadata.max_query_len_bound (a runner's promise for planning, like max_seq_len_bound)
 PLUGIN_API_VERSION = "2.7"
