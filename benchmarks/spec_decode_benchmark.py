@@ -142,6 +142,9 @@ def make_llm(model: Path, args: argparse.Namespace, spec: dict[str, Any] | None)
         model=str(model), device=args.device, dtype=args.dtype or ("bfloat16" if args.device != "cpu" else "float32"),
         load_format="dummy", max_model_len=args.max_len, max_num_seqs=max(args.batches),
         gpu_memory_utilization=0.8, speculative_config=spec,
+        # Off: ms/token subtracts a 1-token run, whose prefill would otherwise be cached for the long run
+        # (at batch 16 that made run f's numbers negative).
+        enable_prefix_caching=False,
     )  # fmt: skip
 
 
