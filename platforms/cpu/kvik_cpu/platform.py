@@ -10,6 +10,12 @@ count from the first token on (there is no idle parallel hardware to fill):
   served 8 x (128 prompt + 32 output) tokens in 9.1 s in bf16 vs 20.9 s in fp32.
   Without those instructions bf16 is emulated through fp32 and slower than
   fp32, so float32 is used.
+* quantized_weights (``auto``): GGUF weights stay packed (torch's int4 CPU kernel, kvik_gguf's
+  repack) when the compute dtype is bfloat16, which ``dtype="auto"`` gives a quantized GGUF on a
+  CPU with native bf16 (the GGUF config names bfloat16 for quantized files). On the bundled
+  SmolLM2 Q4_1 at two threads that path decoded 40 tok/s against 21-23 for the dequantized bf16
+  model and held 707 MB against 1,160 for dequantized float32 (docs/benchmarks.md). In float32 the
+  packed kernel is a scalar loop, so float32 runs (and other methods) dequantize at load.
 * threads: one per physical core of the affinity mask (SMT siblings share a
   core's vector units).
 * KV cache: RAM is shared with the OS and other processes, so the pool
@@ -33,7 +39,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import psutil
-from kvik.config import PlatformOptions
+from kvik.config import PlatformOptions, WeightsMode
 from kvik.platforms.interface import MemoryInfo, Platform
 
 from kvik_cpu import cpuinfo
@@ -124,6 +130,11 @@ class CPUPlatform(Platform):
         if model_dtype in ("bfloat16", "float16") and cpuinfo.has_fast_bf16(self.flags):
             return "bfloat16"
         return "float32"
+
+    def quantized_weights_mode(self, config: EngineConfig, method: str) -> WeightsMode:
+        """Packed GGUF weights when the step computes in bfloat16 (see the module docstring), else dense."""
+        dtype = self.default_dtype("bfloat16") if config.dtype == "auto" else config.dtype
+        return WeightsMode.QUANTIZED if method == "gguf" and dtype == "bfloat16" else WeightsMode.DEQUANTIZE
 
     def memory_info(self) -> MemoryInfo:
         """System RAM (capped by a cgroup v2 limit): total, and what is available now."""

@@ -28,13 +28,23 @@ def check_architecture(arch: str | None, path: str) -> tuple[str, str, bool]:
 
 
 def build_hf_config(
-    meta: Meta, tensor_shapes: dict[str, tuple[int, ...]], rope_freqs: np.ndarray | None, path: str
+    meta: Meta,
+    tensor_shapes: dict[str, tuple[int, ...]],
+    rope_freqs: np.ndarray | None,
+    path: str,
+    quantized: bool = False,
 ) -> Any:
     """The transformers config for a llama-family GGUF.
 
     ``tensor_shapes`` maps GGUF tensor names to logical shapes (rows first), used
     where metadata is missing; ``rope_freqs`` is the ``rope_freqs.weight`` tensor
     (Llama 3.1-style rope scaling), if the file has one.
+
+    ``dtype`` (what ``dtype="auto"`` starts from): float32 for a file of float weights, which
+    decode to it exactly; bfloat16 when the linear weights are quantized blocks. Those name no
+    float type of their own, and the platforms' fast paths for them compute in 16 bits (torch's
+    packed int4 CPU kernel is a scalar loop in float32), so each platform's ``default_dtype``
+    turns bfloat16 into its own choice (CPU: bfloat16 where the cores have native bf16, else float32).
     """
     import transformers
 
@@ -72,7 +82,7 @@ def build_hf_config(
         bos_token_id=meta("tokenizer.ggml.bos_token_id"),
         eos_token_id=meta("tokenizer.ggml.eos_token_id"),
         pad_token_id=meta("tokenizer.ggml.padding_token_id"),
-        dtype="float32",  # GGUF blocks decode to float32; dtype="auto" computes in it
+        dtype="bfloat16" if quantized else "float32",
     )
     if arch == "llama":
         values["attention_bias"] = "blk.0.attn_q.bias" in tensor_shapes

@@ -150,7 +150,7 @@ class GGUFFormat(ModelFormat):
         shapes = {name: _logical_shape(t) for name, t in self.tensors.items()}
         rope = self.tensors.get("rope_freqs.weight")
         rope_freqs = None if rope is None else self._float_values(rope)
-        return build_hf_config(self.meta, shapes, rope_freqs, self.path)
+        return build_hf_config(self.meta, shapes, rope_freqs, self.path, quantized=self.quantization() is not None)
 
     @cached_property
     def _hf_config(self) -> Any:

@@ -10,7 +10,7 @@ from pathlib import Path
 import kvik_cpu.plugin
 import pytest
 import torch
-from kvik.config import EngineConfig
+from kvik.config import EngineConfig, WeightsMode
 from kvik.engine.config_resolution import resolve_config
 from kvik.platforms.interface import MemoryInfo, Platform
 from kvik.platforms.selector import resolve_platform
@@ -116,6 +116,13 @@ def test_default_dtype_follows_native_bf16(fake_cpu, no_ipex, text: str, fast: b
     assert platform.default_dtype("bfloat16") == half
     assert platform.default_dtype("float16") == half  # fp16 matmuls are emulated on these CPUs
     assert platform.default_dtype("float32") == "float32"  # never lower a float32 checkpoint
+    # GGUF weights stay packed where the step computes in bf16 (the packed kernel is scalar in float32).
+    packed, dense = WeightsMode.QUANTIZED, WeightsMode.DEQUANTIZE
+    auto = EngineConfig(model="m")
+    assert platform.quantized_weights_mode(auto, "gguf") == (packed if fast else dense)
+    assert platform.quantized_weights_mode(EngineConfig(model="m", dtype="bfloat16"), "gguf") == packed
+    assert platform.quantized_weights_mode(EngineConfig(model="m", dtype="float32"), "gguf") == dense
+    assert platform.quantized_weights_mode(auto, "int8_example") == dense  # other methods: dequantized
 
 
 def test_cpu_flags_parser(tmp_path) -> None:

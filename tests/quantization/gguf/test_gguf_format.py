@@ -56,6 +56,8 @@ def test_config_and_weights_map_back(arch: str, qtype: str, tiny_model_dir: Call
         assert getattr(cfg, attr) == getattr(ref, attr), attr
     assert cfg.rope_parameters["rope_theta"] == ref.rope_parameters["rope_theta"]
     assert cfg.rms_norm_eps == pytest.approx(ref.rms_norm_eps, rel=1e-6)
+    # dtype="auto" starts from float32 for float weights, bfloat16 for quantized blocks (kvik_gguf.config)
+    assert str(cfg.dtype).removeprefix("torch.") == ("float32" if qtype.startswith("F") else "bfloat16")
 
     original = load_file(str(model_dir / "model.safetensors"))
     dense = dict(fmt.iter_weights(quantized=False))
