@@ -66,6 +66,20 @@ def _int_ids(value: Any) -> set[int]:
 FALLBACK_ARCHITECTURE = "TransformersForCausalLM"  # the registry name of kvik.models.transformers_fallback
 
 
+def as_transformers_config(hf_config: Any) -> Any:
+    """``hf_config`` as an instance of transformers' own class for its ``model_type`` (a format may
+    build a lighter ``PretrainedConfig`` subclass: kvik_gguf's Llama config), or itself."""
+    if type(hf_config).__module__.startswith("transformers."):
+        return hf_config
+    from transformers import AutoConfig
+
+    values = {k: v for k, v in hf_config.to_dict().items() if k != "model_type"}
+    try:
+        return AutoConfig.for_model(hf_config.model_type, **values)
+    except ValueError:  # a model_type transformers does not know: the caller refuses it by class
+        return hf_config
+
+
 def transformers_fallback_refusal(hf_config: Any) -> str | None:
     """Why transformers' own modelling code cannot run this config under kvik, or None when it can."""
     from transformers import AutoModelForCausalLM
@@ -73,7 +87,7 @@ def transformers_fallback_refusal(hf_config: Any) -> str | None:
     archs = list(getattr(hf_config, "architectures", None) or [])
     if not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in archs):
         return f"architectures {archs or '(none)'} name no causal LM (*ForCausalLM)"
-    if type(hf_config) not in AutoModelForCausalLM._model_mapping:
+    if type(as_transformers_config(hf_config)) not in AutoModelForCausalLM._model_mapping:
         return f"transformers has no causal LM for model_type {getattr(hf_config, 'model_type', None)!r}"
     if getattr(hf_config, "attn_logit_softcapping", None):
         return "attention logit soft-capping is not supported by the fallback"

@@ -34,6 +34,7 @@ from torch import nn
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.models.interface import ModelBuildContext
 from kvik.models.kv_scales import load_kv_scale
+from kvik.models.model_config import as_transformers_config
 
 ATTENTION_NAME = "kvik_paged"  # the attn_implementation name registered with transformers
 
@@ -94,7 +95,7 @@ class TransformersForCausalLM(nn.Module):
         if ctx.quant_method is not None:
             raise ValueError("the transformers fallback runs dense checkpoints only; this one is quantized")
         register_attention()
-        hf_config = copy.deepcopy(ctx.model_config.hf_config)
+        hf_config = copy.deepcopy(as_transformers_config(ctx.model_config.hf_config))
         hf_config._attn_implementation = ATTENTION_NAME
         with torch.device(ctx.device):
             self.hf = AutoModelForCausalLM.from_config(hf_config, dtype=ctx.dtype)

@@ -92,7 +92,12 @@ def build_hf_config(
         values["sliding_window"] = int(window) if window else None
     if arch == "qwen2":
         values["use_sliding_window"] = bool(values["sliding_window"])
-    config = getattr(transformers, config_cls_name)(**values)
+    if arch == "llama":  # the light config (kvik_gguf.hf_configs: transformers' LlamaConfig costs 1.4 s to import)
+        from kvik_gguf.hf_configs import GGUFLlamaConfig
+
+        config = GGUFLlamaConfig(**values)
+    else:  # Mistral's and Qwen2's configs derive fields (Qwen2's layer_types): transformers' own classes
+        config = getattr(transformers, config_cls_name)(**values)
     config.architectures = [hf_arch]
     return config
 
