@@ -180,7 +180,8 @@ def _pow2(n: int) -> int:
 
 
 class FusedRMSNorm(RMSNorm):
-    """RMSNorm (with the optional residual add) in one kernel."""
+    """RMSNorm (with the optional residual add) in one kernel; also per head over a strided
+    ``[n, heads, head_dim]`` view (Qwen3 and Gemma 3 q/k norms), one program per (token, head)."""
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
