@@ -181,12 +181,12 @@ def _pow2(n: int) -> int:
 
 class FusedRMSNorm(RMSNorm):
     """RMSNorm (with the optional residual add) in one kernel; also per head over a strided
-    ``[n, heads, head_dim]`` view (Qwen3 and Gemma 3 q/k norms), one program per (token, head)."""
+    ``[n, heads, head_dim]`` view (Qwen3's q/k norms), one program per (token, head)."""
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
     ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        per_head = x.dim() == 3 and residual is None  # Qwen3 / Gemma 3 q and k norms: [n, heads, head_dim]
+        per_head = x.dim() == 3 and residual is None  # Qwen3's q and k norms: [n, heads, head_dim]
         if (x.dim() != 2 and not per_head) or x.stride(-1) != 1 or self.weight.dtype != x.dtype or x.shape[0] == 0:
             return super().forward(x, residual)
         h = x.shape[-1]
