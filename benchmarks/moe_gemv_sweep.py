@@ -97,21 +97,7 @@ def time_config(moe, shape: tuple[int, int, int, bool], pairs: int, cfg: tuple[i
         for ids in id_sets:
             moe._pairwise_gemv(a, w, out, ids, 1, scale=scale if silu else None, silu_a=silu)
 
-    launch_all()  # compile
-    torch.cuda.synchronize()
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        launch_all()
-    graph.replay()
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    best = float("inf")
-    for _ in range(5):
-        start.record()
-        graph.replay()
-        end.record()
-        end.synchronize()
-        best = min(best, start.elapsed_time(end) * 1e3 / len(id_sets))
-    return best
+    return graph_us(launch_all, len(id_sets))
 
 
 def main() -> None:

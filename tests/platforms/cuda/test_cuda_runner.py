@@ -98,14 +98,6 @@ def _logits(runner: TorchModelRunner) -> list[torch.Tensor]:
     return [runner.compute_logits(SchedulerOutput(step, sum(len(r.token_ids) for r in step))) for step in STEPS]
 
 
-@pytest.fixture
-def _one_thread():  # type: ignore[no-untyped-def]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 @pytest.mark.usefixtures("_one_thread")
 def test_pinned_input_path_gives_the_generic_runners_logits(kvik_plugin_manager, tiny_model_dir) -> None:
     path = tiny_model_dir("llama")

@@ -99,14 +99,6 @@ def _runner(path, manager, **config) -> CUDAModelRunner:  # type: ignore[no-unty
     return runner
 
 
-@pytest.fixture
-def _one_thread():  # type: ignore[no-untyped-def]
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _record(runner: CUDAModelRunner) -> list[tuple[GraphShape | None, bool]]:
     """Per step the runner runs from now on: its bucket and whether a graph replayed."""
     shapes: list[tuple[GraphShape | None, bool]] = []
