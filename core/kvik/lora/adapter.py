@@ -94,21 +94,29 @@ def _check_config(path: str, config: dict[str, Any], max_rank: int) -> tuple[int
     return rank, float(scaling)
 
 
+def safetensors_header(file: Path) -> tuple[int, dict[str, dict[str, Any]]]:
+    """(first data byte, tensor name -> {dtype, shape, data_offsets}) of a safetensors file, its
+    ``__metadata__`` left out. OSError / ValueError when it cannot be read as one."""
+    with file.open("rb") as f:
+        size = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(size))
+    header.pop("__metadata__", None)
+    return 8 + size, header
+
+
 def _header_shapes(path: str) -> dict[str, list[int]]:
     """Tensor name -> shape from the safetensors header, without reading the tensors."""
     weights = Path(path) / WEIGHTS_FILE
     if not weights.is_file():
         raise _fail(path, f"{WEIGHTS_FILE} is missing (adapter_model.bin checkpoints are not supported)")
     try:
-        with weights.open("rb") as f:
-            size = int.from_bytes(f.read(8), "little")
-            header = json.loads(f.read(size))
+        _, header = safetensors_header(weights)
     except (OSError, ValueError) as exc:
         raise _fail(path, f"{WEIGHTS_FILE} is not a valid safetensors file ({exc})") from None
     for name, meta in header.items():
-        if name != "__metadata__" and meta.get("dtype") not in WEIGHT_DTYPES:
+        if meta.get("dtype") not in WEIGHT_DTYPES:
             raise _fail(path, f"tensor {name!r} is {meta.get('dtype')}; adapter weights must be one of {WEIGHT_DTYPES}")
-    return {k: v["shape"] for k, v in header.items() if k != "__metadata__"}
+    return {k: v["shape"] for k, v in header.items()}
 
 
 def check_adapter(path: str, max_rank: int, targets: dict[str, tuple[int, int]]) -> AdapterInfo:

@@ -17,14 +17,13 @@ the slots'); this runs on the prefetch thread, so the engine step only copies.
 from __future__ import annotations
 
 import io
-import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
-from kvik.lora.adapter import _KEY, WEIGHTS_FILE, AdapterInfo
+from kvik.lora.adapter import _KEY, WEIGHTS_FILE, AdapterInfo, safetensors_header
 
 if TYPE_CHECKING:
     from kvik.lora.layers import WrappedModel
@@ -44,15 +43,6 @@ class HostAdapter:
         return self.buffer.numel() * self.buffer.element_size()
 
 
-def _header(path: Path) -> tuple[int, dict[str, dict[str, Any]]]:
-    """(first data byte, tensor name -> {dtype, shape, data_offsets}) of a safetensors file."""
-    with path.open("rb") as f:
-        size = int.from_bytes(f.read(8), "little")
-        header = json.loads(f.read(size))
-    header.pop("__metadata__", None)
-    return 8 + size, header
-
-
 def _read_into(f: io.FileIO, start: int, nbytes: int, dest: torch.Tensor) -> None:
     """Read ``nbytes`` at ``start`` into the contiguous tensor ``dest`` (its bytes, as they are)."""
     view = dest.view(torch.uint8).reshape(-1).numpy().data  # a memoryview of dest's bytes
@@ -68,7 +58,7 @@ def _read_into(f: io.FileIO, start: int, nbytes: int, dest: torch.Tensor) -> Non
 def read_host_adapter(info: AdapterInfo, wrapped: WrappedModel, dtype: torch.dtype, pin: bool) -> HostAdapter:
     """Read a checked adapter into its slot layout in ``dtype`` (``B`` scaled in float32, rounded once)."""
     file = Path(info.path) / WEIGHTS_FILE
-    data_start, header = _header(file)
+    data_start, header = safetensors_header(file)
     groups = wrapped.groups
     touched = sorted({wrapped.targets[m].group for m in info.modules})
     r = info.rank
