@@ -49,7 +49,7 @@ def _num_sms(device: torch.device) -> int:
 
 class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     """GQA-aware paged attention for mixed prefill/decode batches, with a
-    split-KV (flash-decoding) path for small decode batches over long contexts."""
+    split-KV (flash-decoding) path for small decode and verify batches over long contexts."""
 
     name: ClassVar[str] = "triton"
     supported_dtypes: ClassVar[tuple[str, ...]] = ("float16", "bfloat16", "float32")
@@ -69,7 +69,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     prefill_tile: ClassVar[tuple[int, int, int]] = (64, 64, 4)
     num_stages: ClassVar[int] = 2
     # None: choose per step from the batch and the GPU's SM count; an int forces
-    # the split count for decode-only steps (tests, benchmarks).
+    # the split count for decode and verify steps (tests, benchmarks).
     force_num_splits: ClassVar[int | None] = None
     # Deterministic mode: one tile for every step (decode-only, prefill and mixed alike) and no
     # split-KV, so a query row's reduction over keys never depends on what else the step holds.

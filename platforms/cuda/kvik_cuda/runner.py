@@ -19,18 +19,20 @@ Steps of two kinds run *bucketed*, padded to a :class:`GraphShape`
   every remaining token (``StepLayout.build(pad_tokens_to=...)``), so one graph
   serves every such step of up to ``s`` requests whatever its draft counts. The
   Triton backend reads every per-step value from device tensors and launches a
-  grid fixed by (num_tokens, num_reqs) with no split-KV outside decode-only steps,
-  so the graph replays correctly over any layout of that shape.
+  grid fixed by (num_tokens, num_reqs), its tile and split count planned from
+  ``max_seq_len_bound`` and ``max_query_len_bound`` (k+1), so the graph replays
+  correctly over any layout of that shape.
 
 With CUDA graphs the shape's graph is replayed; with ``enforce_eager`` the same
 padded step runs eagerly. Both launch the same kernels on the same shapes, so
 their outputs are identical. Other steps (prefill, mixed, larger) run eagerly,
 unpadded. Verify shapes exist only with speculation on, for capture sizes up to
 :data:`MAX_VERIFY_BATCH` whose tokens fit the step budget and ``max_model_len``,
-and not with drafters that need an eager target (EAGLE heads read the target's
-intermediate activations, so those runners capture nothing). A draft model's own
-runner has no speculative config: its one-token draft steps replay its decode
-graphs, its catch-up step runs eagerly.
+and not with drafters that opt out (``Drafter.verify_graphs``: EAGLE heads, whose
+verify capture failed on the H200) or need an eager target (EAGLE-3, whose runner
+captures nothing). A draft model's own runner gets verify shapes of k+2 tokens per
+request from its drafter: its catch-up step replays them, its one-token draft
+steps its decode graphs.
 
 LoRA (``enable_lora``): the projections' deltas run as the Triton kernels of
 :mod:`kvik_cuda.lora_kernels`, which read each token's adapter slot from the
