@@ -187,6 +187,14 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def profile_record(summary: Any, top: int = 25) -> dict[str, Any]:
+    """One rank's ``LLM.stop_profile()`` summary as JSON: wall and device ms, and the ``top`` kernels as
+    (name, device µs, calls)."""
+    return dict(wall_ms=round(summary.wall_s * 1e3, 2), device_ms=round(summary.device_us / 1e3, 3),
+                other_ms=round(summary.other_device_us / 1e3, 3),
+                kernels=[(k.name[:90], round(k.device_us, 1), k.calls) for k in summary.kernels[:top]])  # fmt: skip
+
+
 class Recorder:
     """Append JSON lines to $OUT/<name>.jsonl (or /tmp) and echo them."""
 

@@ -42,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_common import SHAPES, workload
+from gpu_common import SHAPES, profile_record, workload
 
 RESULTS: dict[str, Any] = {"parts": {}, "errors": {}}
 
@@ -181,9 +181,7 @@ def _batch1_profile(llm: Any, lora: Any) -> dict[str, Any]:
     llm.generate(prompt, params, use_tqdm=False, lora_request=lora)
     summary = llm.stop_profile()[0]
     llm.llm_engine.scheduler.reset_prefix_cache()
-    return {"wall_ms": round(summary.wall_s * 1e3, 2), "device_ms": round(summary.device_us / 1e3, 3),
-            "other_ms": round(summary.other_device_us / 1e3, 3),
-            "kernels": [(k.name[:90], round(k.device_us, 1), k.calls) for k in summary.kernels[:25]]}  # fmt: skip
+    return profile_record(summary)
 
 
 def _batch1_ms_per_token(llm: Any, lora: Any, out_len: int = 128) -> float:

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_common import word_tokenizer, workload
+from gpu_common import profile_record, word_tokenizer, workload
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # Llama-3.1-8B (rope scaling omitted: it does not change speed)
@@ -130,11 +130,7 @@ def run_kvik(case: str, args: argparse.Namespace, out: Path) -> None:
         llm.start_profile()
         llm.generate(workload(1, vocab, 512, 512, seed=22), SamplingParams(max_tokens=33, temperature=0.0,
                      ignore_eos=True, detokenize=False), use_tqdm=False)  # fmt: skip
-        summary = llm.stop_profile()[0]
-        record["batch1_profile"] = dict(
-            wall_ms=round(summary.wall_s * 1e3, 2), device_ms=round(summary.device_us / 1e3, 3),
-            other_ms=round(summary.other_device_us / 1e3, 3),
-            kernels=[(k.name[:90], round(k.device_us, 1), k.calls) for k in summary.kernels[:25]])  # fmt: skip
+        record["batch1_profile"] = profile_record(llm.stop_profile()[0])
     emit(out, **record)
 
 
