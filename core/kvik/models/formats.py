@@ -32,7 +32,10 @@ class ModelFormat(ABC):
         """Yield ``(hf_parameter_name, value)``.
 
         With ``quantized`` False every value is a dense tensor; with True,
-        linear weights may be whatever :meth:`quantization` 's method loads.
+        linear weights may be whatever :meth:`quantization` 's method loads, and
+        a dense parameter may come as an object with ``shape`` and
+        ``dequantize_into(param)``, which decodes itself into the parameter
+        (GGUF's quantized token embedding: no float32 copy of it is held).
         """
 
     @abstractmethod

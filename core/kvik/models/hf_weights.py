@@ -121,7 +121,19 @@ class HFWeightLoader(_Base):  # type: ignore[misc,valid-type]
             return False
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-        target.data.copy_(value.to(target.dtype))
+        if not isinstance(value, torch.Tensor):
+            # A quantized format's blocks for a dense parameter (a GGUF token embedding): decoded straight into
+            # it, in its dtype, instead of the whole tensor in float32 first.
+            fill = getattr(value, "dequantize_into", None)
+            if not callable(fill):
+                raise TypeError(
+                    f"{name}: expected a tensor or a value with dequantize_into(), got {type(value).__name__}"
+                )
+            fill(target.data)
+        else:
+            # copy_ converts the dtype itself: a .to() first held a second full-size copy (a float32 value into a
+            # bfloat16 parameter). Across devices the value is converted on its own device, so fewer bytes travel.
+            target.data.copy_(value if value.device == target.device else value.to(target.dtype))
         self._loaded.add(f"{prefix}.{param}")
         return True
 

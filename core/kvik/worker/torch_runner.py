@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import mmap
 from collections.abc import Callable
 from dataclasses import dataclass
 from operator import attrgetter
@@ -619,11 +620,23 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
 
 
 def _zeros(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """``torch.zeros``, but in host memory through ``calloc`` (numpy's zeros): the OS hands out zero pages
-    as they are first written, so a KV pool sized for a full context costs resident memory only for
-    the blocks in use (``torch.zeros`` writes every byte: 361 MB resident for ``kvik generate``'s
-    8k-token float32 pool before the first token)."""
+    """``torch.zeros``, but in host memory through an anonymous ``mmap``: the OS hands out zero pages as
+    they are first written, so a KV pool sized for a full context costs resident memory only for the
+    blocks in use (``torch.zeros`` writes every byte: 361 MB resident for ``kvik generate``'s 8k-token
+    float32 pool before the first token).
+
+    Not ``calloc`` (numpy's zeros), which did the same on paper but not in practice: glibc serves it from
+    the heap when earlier frees raised its mmap threshold, and then clears (commits) every byte; and
+    numpy marks allocations of 4 MB and more for transparent huge pages, so each first write committed
+    2 MB around it (two of them per layer for a 20-token prompt). The map is asked for small pages
+    for the same reason; it is unmapped when the last tensor viewing it is freed."""
     if device.type != "cpu":
         return torch.zeros(shape, dtype=dtype, device=device)
     nbytes = math.prod(shape) * dtype.itemsize
-    return torch.from_numpy(np.zeros(nbytes, dtype=np.uint8)).view(dtype).view(shape)
+    if nbytes == 0:
+        return torch.zeros(shape, dtype=dtype)
+    pages = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; a no-op where THP is off
+        pages.madvise(mmap.MADV_NOHUGEPAGE)
+    # frombuffer keeps the map alive for as long as a view of it lives.
+    return torch.frombuffer(pages, dtype=torch.uint8).view(dtype).view(shape)

@@ -195,14 +195,37 @@ GGML_TYPES: dict[int, tuple[str, int, int, Callable[[torch.Tensor], torch.Tensor
 }
 
 
+# Values decoded at a time (whole blocks). A decoder builds several float32 temporaries the size of
+# its result (Q8_0: the int8 codes widened, the scales, the product), so decoding a large tensor in
+# one go held ~2.5x its float32 size at once: ~250 MB for SmolLM2's [49152 x 576] token embedding.
+CHUNK_VALUES = 1 << 20
+
+
 def dequantize(
-    raw: torch.Tensor, ggml_type: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+    raw: torch.Tensor,
+    ggml_type: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Decode ``raw`` (uint8, any shape, ``prod(shape)`` values' worth of bytes) to ``shape`` in ``dtype``."""
+    """Decode ``raw`` (uint8, any shape, ``prod(shape)`` values' worth of bytes) to ``shape`` in ``dtype``.
+
+    With ``out`` (contiguous, ``shape``) the values are written there, in its dtype, and it is returned.
+    Large tensors are decoded ``CHUNK_VALUES`` values at a time into the result (the same values:
+    every block decodes on its own)."""
     check_supported(ggml_type, "<raw>")
-    _, _, size, decode = GGML_TYPES[ggml_type]
+    _, per_block, size, decode = GGML_TYPES[ggml_type]
     if raw.dtype != torch.uint8:
         raise TypeError(f"expected raw uint8 bytes, got {raw.dtype}")
     blocks = raw.reshape(-1, size)
-    values = decode(blocks)
-    return values.reshape(shape).to(dtype)
+    n = blocks.shape[0]
+    if out is not None and (tuple(out.shape) != tuple(shape) or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous tensor of shape {tuple(shape)}, got {tuple(out.shape)}")
+    chunk = max(1, CHUNK_VALUES // per_block)
+    if out is None and n <= chunk:
+        return decode(blocks).reshape(shape).to(dtype)
+    result = torch.empty((n, per_block), dtype=dtype, device=raw.device) if out is None else out.view(n, per_block)
+    for start in range(0, n, chunk):
+        end = min(start + chunk, n)
+        result[start:end] = decode(blocks[start:end]).reshape(end - start, per_block)  # converts the dtype
+    return result.view(shape) if out is None else out

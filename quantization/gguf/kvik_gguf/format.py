@@ -47,6 +47,11 @@ _BLOCK_NAMES = {
 _BLOCK_RE = re.compile(r"blk\.(\d+)\.(\w+)\.(weight|bias)")
 # Tensors that only feed the config (rope_freqs: Llama 3.1 rope scaling factors).
 _CONFIG_ONLY = {"rope_freqs.weight"}
+# Dense parameters that iter_weights(quantized=True) hands over as their blocks (a GGUFWeight): the
+# loader decodes them straight into the parameter, in the model's dtype (GGUFWeight.dequantize_into),
+# instead of receiving the whole tensor in float32 first (SmolLM2's token embedding: 113 MB, next to
+# its 56 MB bfloat16 parameter, was a one-chat run's peak memory).
+_DENSE_FROM_BLOCKS = {"token_embd.weight", "output.weight"}
 
 
 def hf_tensor_name(gguf_name: str) -> str:
@@ -173,13 +178,13 @@ class GGUFFormat(ModelFormat):
             part = name.split(".")[2] if name.startswith("blk.") else ""
             if permuted and part in heads:
                 raw = unpermute_rows(raw, heads[part])
-            if quantized and hf_name.endswith("_proj.weight") and ggml_type != 0:
+            if quantized and ggml_type != 0 and (hf_name.endswith("_proj.weight") or name in _DENSE_FROM_BLOCKS):
                 yield hf_name, GGUFWeight(raw, ggml_type, (shape[0], shape[1]))
             else:
                 yield hf_name, dequantize(raw, ggml_type, shape)
             if quantized and name == "token_embd.weight" and config.tie_word_embeddings and ggml_type != 0:
                 # The tied head may multiply by these blocks packed (GGUFLinearMethod.pack_lm_head); the
-                # embedding above got them dense, for lookups.
+                # embedding above gets them dense, for lookups.
                 yield "lm_head.weight", GGUFWeight(raw, ggml_type, (shape[0], shape[1]))
 
     def load_tokenizer(self) -> Any:
@@ -198,18 +203,18 @@ class GGUFFormat(ModelFormat):
 
     # -- helpers -----------------------------------------------------------
     def _raw_rows(self, tensor: Any) -> torch.Tensor:
-        """The tensor's bytes as ``[rows, bytes_per_row]`` uint8, copied out of the memory map."""
+        """The tensor's bytes as ``[rows, bytes_per_row]`` uint8 (a fresh array: ``tensor.data`` reads the file)."""
         import torch
 
         shape = _logical_shape(tensor)
         rows = int(np.prod(shape[:-1])) if len(shape) > 1 else 1
-        data = np.array(tensor.data, copy=True).view(np.uint8).reshape(rows, -1)
+        data = tensor.data.reshape(rows, -1)
         return torch.from_numpy(data)
 
     def _float_values(self, tensor: Any) -> np.ndarray:
         """A stored-float tensor (F32 / F16 / BF16) as float32 numpy, decoded without torch."""
         ggml_type = int(tensor.tensor_type)
-        raw = np.array(tensor.data, copy=True).view(np.uint8)
+        raw = tensor.data
         if ggml_type == 0:
             values = raw.view(np.float32)
         elif ggml_type == 1:

@@ -5,9 +5,9 @@ included, into numpy views: 2.3 s for the bundled SmolLM2 on a 2-core machine, o
 start. What a start needs afterwards is small: the scalar fields (config, special token ids,
 chat template) and each tensor's name, type, shape and byte range. :func:`open_index`
 parses with the reader the first time, keeps that as JSON in kvik's cache folder
-(:func:`kvik_gguf.disk_cache.cache_dir`), and later starts read the JSON and memory-map the
-tensors straight from the file. Large array fields (the vocabulary) are left out of the
-index; asking for one opens the full reader, as before.
+(:func:`kvik_gguf.disk_cache.cache_dir`), and later starts read the JSON; each tensor's bytes
+are read from the file when asked for (:attr:`TensorEntry.data`). Large array fields (the
+vocabulary) are left out of the index; asking for one opens the full reader, as before.
 """
 
 from __future__ import annotations
@@ -33,14 +33,38 @@ _INDEX_VERSION = 1
 
 @dataclass(frozen=True, slots=True)
 class TensorEntry:
-    """What kvik reads of one tensor: the reader's field names, ``data`` as raw bytes from the memory map."""
+    """What kvik reads of one tensor: the reader's field names; :attr:`data` reads its bytes from the file."""
 
     name: str
     tensor_type: int
     shape: np.ndarray  # GGUF order: innermost dimension first
     n_bytes: int
-    data_offset: int
-    data: np.ndarray  # uint8 view of the file, n_bytes long
+    data_offset: int  # absolute, in the file
+    path: str
+
+    @property
+    def data(self) -> np.ndarray:
+        """The tensor's ``n_bytes`` as a fresh uint8 array, read from the file.
+
+        Read, not memory-mapped: every page of a map that loading touches stays in the process's
+        resident set for as long as the map lives (the index is cached per file, so for the whole
+        process), which for the bundled SmolLM2 was its 117 MB of weights counted a second time next
+        to the loaded copy. Read pages sit in the OS page cache, shared and not counted.
+        """
+        out = np.empty(self.n_bytes, dtype=np.uint8)
+        view = memoryview(out)
+        done = 0
+        with open(self.path, "rb", buffering=0) as f:
+            f.seek(self.data_offset)
+            while done < self.n_bytes:
+                got = f.readinto(view[done:])
+                if not got:
+                    raise ValueError(
+                        f"GGUF file {self.path} ends inside tensor {self.name!r} (bytes {self.data_offset} to "
+                        f"{self.data_offset + self.n_bytes}): the file is truncated; fetch it again"
+                    )
+                done += got
+        return out
 
 
 @dataclass(slots=True)
@@ -98,9 +122,8 @@ def _plain(value: Any) -> Any:
 
 
 def _build(path: str, raw: dict[str, Any], open_reader: Callable[[], Any]) -> GGUFIndex:
-    mapped = np.memmap(path, dtype=np.uint8, mode="r")
     tensors = [
-        TensorEntry(name, kind, np.array(shape, dtype=np.uint64), n_bytes, offset, mapped[offset : offset + n_bytes])
+        TensorEntry(name, kind, np.array(shape, dtype=np.uint64), n_bytes, offset, path)
         for name, kind, shape, n_bytes, offset in raw["tensors"]
     ]
     return GGUFIndex(dict(raw["fields"]), frozenset(raw["large"]), tensors, open_reader)

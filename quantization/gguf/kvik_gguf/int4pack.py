@@ -129,24 +129,28 @@ class Int4Packed:
 
 
 # Rows repacked at a time: the kernel's layout packs rows independently (a multiple of its 64-row tiles
-# concatenates exactly), and the int32 intermediates of a whole [49152 x 576] head are ~0.5 GB.
-CHUNK_ROWS = 2048
+# concatenates exactly). A chunk's int32 codes and planes take ~10 bytes a value, ~6 MB here for a
+# 576-wide weight: a whole [49152 x 576] head at once would be ~0.5 GB.
+CHUNK_ROWS = 512
 
 
 def repack(raw: torch.Tensor, ggml_type: int, rows: int, cols: int, dtype: torch.dtype) -> Int4Packed:
     """``raw`` ``[rows, bytes_per_row]`` uint8 of one packable type -> the kernel's layout, ``CHUNK_ROWS``
-    rows at a time (so the transient int32 codes stay small)."""
+    rows at a time, each written into the result as it is made (so neither the transient int32 codes
+    nor a list of packed chunks to concatenate, a second copy of the result, are ever held)."""
     if not packable(ggml_type, cols):
         raise ValueError(f"ggml type {ggml_type} with {cols} columns cannot be repacked for the int4 kernel")
+    first = _repack_rows(raw[:CHUNK_ROWS], ggml_type, min(CHUNK_ROWS, rows), cols, dtype)
     if rows <= CHUNK_ROWS:
-        return _repack_rows(raw, ggml_type, rows, cols, dtype)
-    chunks = [
-        _repack_rows(raw[start : start + CHUNK_ROWS], ggml_type, min(CHUNK_ROWS, rows - start), cols, dtype)
-        for start in range(0, rows, CHUNK_ROWS)
-    ]
-    weight = torch.cat([c.weight for c in chunks], dim=0)
-    scales_zeros = torch.cat([c.scales_zeros for c in chunks], dim=1).contiguous()  # [groups, rows, 2]
-    return Int4Packed(weight, scales_zeros, chunks[0].planes)
+        return first
+    weight = first.weight.new_empty((rows, *first.weight.shape[1:]))
+    scales_zeros = first.scales_zeros.new_empty((first.scales_zeros.shape[0], rows, 2))  # [groups, rows, 2]
+    for start in range(0, rows, CHUNK_ROWS):
+        end = min(start + CHUNK_ROWS, rows)
+        part = first if start == 0 else _repack_rows(raw[start:end], ggml_type, end - start, cols, dtype)
+        weight[start:end] = part.weight
+        scales_zeros[:, start:end] = part.scales_zeros
+    return Int4Packed(weight, scales_zeros, first.planes)
 
 
 def _repack_rows(raw: torch.Tensor, ggml_type: int, rows: int, cols: int, dtype: torch.dtype) -> Int4Packed:

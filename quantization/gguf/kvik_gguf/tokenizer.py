@@ -29,7 +29,8 @@ DIGIT_SPLITTING_PRE_TOKENIZERS = frozenset({"smollm"})
 
 logger = logging.getLogger(__name__)
 
-# (realpath, size, mtime_ns) -> the tokenizer built for that file version
+# (realpath, size, mtime_ns) -> the tokenizer built for that file version, kept only where kvik's
+# cache folder cannot hold it (see load_gguf_tokenizer)
 _BUILT: dict[tuple[str, int, int], Any] = {}
 # Part of the disk cache's key: bump when _build changes what it makes.
 _BUILD_VERSION = 1
@@ -39,20 +40,16 @@ def load_gguf_tokenizer(path: str, meta: Callable[[str], Any]) -> Any:
     """``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` plus the fixes the file calls for.
 
     Building it re-reads the vocabulary: 7.4 s of the bundled SmolLM2's 9.3 s start-up on a
-    2-core machine. So the result is cached per file version, in the process and on disk
-    (:mod:`kvik_gguf.disk_cache`, a ``tokenizer.json`` folder that loads in a fraction of a second), and
-    each caller gets its own copy.
+    2-core machine. So the result is kept per file version on disk (:mod:`kvik_gguf.disk_cache`,
+    a ``tokenizer.json`` folder that loads in ~0.1 s), and each caller loads its own tokenizer
+    from there. Only where that folder cannot be written is the built tokenizer kept in the
+    process, each caller getting a deep copy: keeping it there always meant two tokenizers in
+    every engine's process (~10 MB of a one-chat ``kvik generate``'s peak memory).
     """
     stat = os.stat(path)
     key = (os.path.realpath(path), stat.st_size, stat.st_mtime_ns)
-    if key not in _BUILT:
-        if len(_BUILT) >= 4:
-            _BUILT.pop(next(iter(_BUILT)))
-        _BUILT[key] = _load_or_build(key, path, meta)
-    return copy.deepcopy(_BUILT[key])
-
-
-def _load_or_build(key: tuple[str, int, int], path: str, meta: Callable[[str], Any]) -> Any:
+    if key in _BUILT:
+        return copy.deepcopy(_BUILT[key])
     import transformers
 
     saved = cache_entry("gguf-tokenizers", (*key, transformers.__version__, _BUILD_VERSION))
@@ -65,6 +62,11 @@ def _load_or_build(key: tuple[str, int, int], path: str, meta: Callable[[str], A
             logger.info("rebuilding the cached tokenizer of %s (%s)", path, exc)
     tokenizer = _build(path, meta)
     write_folder_atomically(saved, lambda folder: tokenizer.save_pretrained(str(folder)))
+    if not (saved / "tokenizer.json").is_file():  # a read-only cache folder: keep it in the process
+        if len(_BUILT) >= 4:
+            _BUILT.pop(next(iter(_BUILT)))
+        _BUILT[key] = tokenizer
+        return copy.deepcopy(tokenizer)
     return tokenizer
 
 

@@ -29,6 +29,15 @@ class GGUFWeight:
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.data, self.ggml_type, self.shape, dtype)
 
+    def dequantize_into(self, out: torch.Tensor) -> None:
+        """Decode into ``out`` (a dense parameter of this shape, any float dtype), a slice at a time:
+        no float32 copy of the whole tensor (SmolLM2's token embedding: 113 MB) is ever held."""
+        if tuple(out.shape) != tuple(self.shape):
+            raise ValueError(
+                f"{self.type_name} weight of shape {self.shape} cannot fill a parameter of shape {tuple(out.shape)}"
+            )
+        dequantize(self.data, self.ggml_type, self.shape, out.dtype, out=out)
+
 
 def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
     """Undo the row order llama.cpp's converter gives llama/mistral q_proj and k_proj.

@@ -73,3 +73,30 @@ def test_unsupported_type_names_it_and_the_supported_ones() -> None:
 def test_row_width_must_be_whole_blocks() -> None:
     with pytest.raises(ValueError, match="multiple of 256"):
         row_bytes(int(GGMLQuantizationType.Q4_K), 100)
+
+
+@pytest.mark.parametrize("type_name", ["Q8_0", "Q4_K", "F16"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_chunked_decoding_gives_the_same_values(
+    type_name: str, dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Large tensors decode a slice of blocks at a time (no float32 copy of all of them at once): the values,
+    and with ``out`` the values written into a given tensor, are exactly the one-shot decode's."""
+    from kvik_gguf import dequant
+
+    qtype = GGMLQuantizationType[type_name]
+    rows, cols = 12, 512
+    if qtype in _K_SCALE_OFFSETS:
+        packed = _random_blocks(qtype, rows, cols, np.random.default_rng(5))
+    else:
+        values = np.random.default_rng(5).standard_normal((rows, cols)).astype(np.float32)
+        packed = gguf.quants.quantize(values, qtype)
+    raw = torch.from_numpy(np.ascontiguousarray(packed).view(np.uint8).reshape(rows, -1).copy())
+    whole = dequantize(raw, int(qtype), (rows, cols)).to(dtype)  # one decode call (under CHUNK_VALUES)
+    monkeypatch.setattr(dequant, "CHUNK_VALUES", 700)  # several chunks, not a multiple of the rows
+    assert torch.equal(dequantize(raw, int(qtype), (rows, cols), dtype), whole)
+    out = torch.full((rows, cols), float("nan"), dtype=dtype)
+    assert dequantize(raw, int(qtype), (rows, cols), dtype, out=out) is out
+    assert torch.equal(out, whole)
+    with pytest.raises(ValueError, match="contiguous tensor of shape"):
+        dequantize(raw, int(qtype), (rows, cols), dtype, out=torch.empty(cols, rows, dtype=dtype).t())

@@ -213,3 +213,32 @@ def test_light_llama_config_runs_through_the_transformers_fallback(
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
     assert run(model_impl="transformers") == run()
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_quantized_embedding_decodes_into_its_parameter(
+    tied: bool, tiny_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
+    """A Q8_0 token embedding (SmolLM2's) and head come as blocks in quantized mode; the loader decodes them
+    into the model's bfloat16 parameters, with the values of the dense decode cast to bfloat16."""
+    import kvik
+
+    model_dir = tiny_model_dir("llama", tie_word_embeddings=tied)
+    types = {"model.embed_tokens.weight": "Q8_0", "lm_head.weight": "Q8_0"}
+    fmt = GGUFFormat(str(write_gguf(model_dir, tmp_path / "emb.gguf", "Q8_0", tensor_types=types)))
+    dense = dict(fmt.iter_weights(quantized=False))
+    packed = dict(fmt.iter_weights(quantized=True))
+    assert isinstance(packed["model.embed_tokens.weight"], GGUFWeight)
+    assert isinstance(packed["lm_head.weight"], GGUFWeight)
+    assert ("lm_head.weight" in dense) is not tied
+
+    llm = kvik.LLM(str(fmt.path), device="cpu", dtype="bfloat16", num_kv_blocks=64)
+    model = llm.llm_engine.runner.model
+    embedding = model.model.embed_tokens.weight
+    assert embedding.dtype == torch.bfloat16
+    assert torch.equal(embedding, dense["model.embed_tokens.weight"].to(torch.bfloat16))
+    if not tied:
+        assert torch.equal(model.lm_head.weight, dense["lm_head.weight"].to(torch.bfloat16))
+    out = torch.empty(3, 5)
+    with pytest.raises(ValueError, match="cannot fill a parameter of shape"):
+        packed["model.embed_tokens.weight"].dequantize_into(out)
