@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from kvik.distributed.sharding import materialize
 from kvik.layers.linear import Linear
 from kvik.models.kv_scales import attribute_backend, load_kv_scale
 
@@ -121,16 +122,13 @@ class HFWeightLoader(_Base):  # type: ignore[misc,valid-type]
             return False
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
-        if not isinstance(value, torch.Tensor):
+        fill = getattr(value, "dequantize_into", None)
+        if callable(fill):
             # A quantized format's blocks for a dense parameter (a GGUF token embedding): decoded straight into
             # it, in its dtype, instead of the whole tensor in float32 first.
-            fill = getattr(value, "dequantize_into", None)
-            if not callable(fill):
-                raise TypeError(
-                    f"{name}: expected a tensor or a value with dequantize_into(), got {type(value).__name__}"
-                )
             fill(target.data)
         else:
+            value = materialize(value)  # a lazily read checkpoint tensor (tensor parallelism's loading)
             # copy_ converts the dtype itself: a .to() first held a second full-size copy (a float32 value into a
             # bfloat16 parameter). Across devices the value is converted on its own device, so fewer bytes travel.
             target.data.copy_(value if value.device == target.device else value.to(target.dtype))
