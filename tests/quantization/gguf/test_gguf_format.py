@@ -242,3 +242,33 @@ def test_quantized_embedding_decodes_into_its_parameter(
     out = torch.empty(3, 5)
     with pytest.raises(ValueError, match="cannot fill a parameter of shape"):
         packed["model.embed_tokens.weight"].dequantize_into(out)
+
+
+def test_one_tokenizer_per_caller_kept_in_the_process_only_without_a_disk_cache(
+    tiny_model_dir: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each engine loads its own tokenizer from kvik's disk cache; the process keeps none (a kept one plus a copy
+    per engine held two). Only when the cache cannot be written is the built one kept, and copied per caller."""
+    from kvik_gguf import tokenizer as gguf_tokenizer
+
+    fmt = GGUFFormat(str(write_gguf(tiny_model_dir("llama"), tmp_path / "tok.gguf", "F32")))
+    builds: list[str] = []
+    real_build = gguf_tokenizer._build
+
+    def counting_build(path: str, meta: Any) -> Any:
+        builds.append(path)
+        return real_build(path, meta)
+
+    monkeypatch.setattr(gguf_tokenizer, "_build", counting_build)
+    monkeypatch.setattr(gguf_tokenizer, "_BUILT", {})
+    monkeypatch.setenv("KVIK_CACHE_DIR", str(tmp_path / "cache"))
+    first, second = fmt.load_tokenizer(), fmt.load_tokenizer()
+    assert len(builds) == 1 and gguf_tokenizer._BUILT == {} and first is not second
+
+    blocked = tmp_path / "a-file-not-a-folder"
+    blocked.write_text("")
+    monkeypatch.setenv("KVIK_CACHE_DIR", str(blocked))  # the cache cannot be written here
+    third, fourth = fmt.load_tokenizer(), fmt.load_tokenizer()
+    assert len(builds) == 2 and len(gguf_tokenizer._BUILT) == 1 and third is not fourth
+    text = "Hello world, 2024!"
+    assert first.encode(text) == second.encode(text) == third.encode(text) == fourth.encode(text)
