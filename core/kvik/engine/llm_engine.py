@@ -174,7 +174,7 @@ class LLMEngine:
         self.async_scheduling = cfg.async_scheduling and caps.async_scheduling
         if cfg.async_scheduling and not self.async_scheduling:
             logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
-        if self.proposer is not None and self.async_scheduling and getattr(self.proposer, "drafter", ""):
+        if self.proposer is not None and self.async_scheduling and bool(getattr(self.proposer, "drafter", "")):
             # A drafter on the runner drafts inside each step, from that step's tokens: every step waits.
             logger.info("async scheduling is off: speculative decoding with a draft model runs synchronously")
             self.async_scheduling = False
