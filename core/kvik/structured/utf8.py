@@ -39,13 +39,11 @@ AFTER_F0 = 6  # next 90..BF (80..8F would be an overlong 4-byte form), then TAIL
 AFTER_F4 = 7  # next 80..8F (90..BF would pass U+10FFFF), then TAIL2
 REJECT = 8  # not UTF-8 (absorbing)
 NUM_LIVE = 8
-_PAD = 256  # a "byte" past a token's end: leaves the state as it is
 
 
 def transition_table() -> np.ndarray:
-    """[9 states, 257 bytes (256 = padding)] uint8: the state after reading a byte (RFC 3629, section 4)."""
-    table = np.full((NUM_LIVE + 1, _PAD + 1), REJECT, dtype=np.uint8)
-    table[:, _PAD] = np.arange(NUM_LIVE + 1)
+    """[9 states, 256 bytes] uint8: the state after reading a byte (RFC 3629, section 4)."""
+    table = np.full((NUM_LIVE + 1, 256), REJECT, dtype=np.uint8)
     boundary = table[BOUNDARY]
     boundary[0x00:0x80] = BOUNDARY
     boundary[0xC2:0xE0] = TAIL1  # C0, C1 would only start overlong 2-byte forms
