@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from itertools import pairwise
 
 import numpy as np
 import torch
@@ -44,7 +45,8 @@ class StepPooler:
     ) -> tuple[list[str], torch.Tensor | None]:
         """Feed this step's rows of every pooling request; return (finished ids, their float32 vectors)."""
         ids: list[str] = []
-        rows: list[torch.Tensor | int] = []  # a pooled vector, or the hidden row a LAST request pools
+        rows: list[torch.Tensor | int | _Partial] = []  # a pooled vector, the hidden row to take, or a MEAN sum
+        spans: list[tuple[int, int, _Partial]] = []  # MEAN: this step's rows of each request
         for i, sched in enumerate(scheduled):
             params = sched.pooling_params
             if params is None:
@@ -64,24 +66,55 @@ class StepPooler:
                 if sched.start_pos == 0:
                     state.first = hidden[start].float()
             else:
-                chunk = hidden[start:end].float().sum(dim=0)
-                state.total = chunk if state.total is None else state.total + chunk
+                spans.append((start, end, state))
                 state.count += end - start
             if last:
                 del self._partial[sched.request_id]
-                vector = state.first if kind is PoolingType.CLS else state.total
-                assert vector is not None, "a CLS-pooled request must be prefilled from position 0"
-                if kind is PoolingType.MEAN:
-                    vector = vector / state.count
                 ids.append(sched.request_id)
-                rows.append(vector)
+                if kind is PoolingType.CLS:
+                    assert state.first is not None, "a CLS-pooled request must be prefilled from position 0"
+                    rows.append(state.first)
+                else:
+                    rows.append(state)
+        if spans:
+            # Every MEAN chunk of the step summed in one reduction (a kernel per request cost more
+            # than the encoder's forward at 64 requests a step), each row in float32.
+            sums = _span_sums(hidden, [(a, b) for a, b, _ in spans])
+            for (_, _, state), chunk in zip(spans, sums, strict=True):
+                state.total = chunk if state.total is None else state.total + chunk
         if not rows:
             return ids, None
         if all(isinstance(r, int) for r in rows):  # the common case (decoder embedders, classifiers): one gather
             index = torch.tensor(rows, dtype=torch.int64).to(hidden.device, non_blocking=True)
             pooled = hidden.index_select(0, index).float()
+        elif all(isinstance(r, _Partial) for r in rows):  # MEAN (encoders): one division for the step
+            partials = [r for r in rows if isinstance(r, _Partial)]
+            counts = torch.tensor([r.count for r in partials], dtype=torch.float32).to(hidden.device, non_blocking=True)
+            pooled = torch.stack([_vector(hidden, r) for r in partials]) / counts[:, None]
         else:
-            pooled = torch.stack([hidden[r].float() if isinstance(r, int) else r for r in rows])
+            pooled = torch.stack([_vector(hidden, r, mean=True) for r in rows])
         if self.head is not None:
             pooled = self.head(pooled).float()
         return ids, pooled
+
+
+def _vector(hidden: torch.Tensor, row: torch.Tensor | int | _Partial, mean: bool = False) -> torch.Tensor:
+    """One request's float32 vector: a hidden row, a MEAN sum (divided by its count when ``mean``), or as is."""
+    if isinstance(row, int):
+        return hidden[row].float()
+    if isinstance(row, _Partial):
+        assert row.total is not None
+        return row.total / row.count if mean else row.total
+    return row
+
+
+def _span_sums(hidden: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """``[len(spans), hidden]`` float32: the sum of ``hidden[a:b]`` for each span (ascending, disjoint)."""
+    lengths = torch.tensor([b - a for a, b in spans], dtype=torch.int64)
+    first, stop = spans[0][0], spans[-1][1]
+    if all(a == b for (_, a), (b, _) in pairwise(spans)):  # contiguous (the usual pooling-only step)
+        rows = hidden[first:stop]
+    else:
+        index = torch.cat([torch.arange(a, b) for a, b in spans]).to(hidden.device, non_blocking=True)
+        rows = hidden.index_select(0, index)
+    return torch.segment_reduce(rows.float(), "sum", lengths=lengths.to(hidden.device), axis=0)
