@@ -20,6 +20,7 @@ import torch
 
 from kvik.pooling.params import PoolingType
 from kvik.scheduling.output import ScheduledRequest
+from kvik.tensor_transfer import to_device
 
 
 @dataclass(slots=True)
@@ -85,11 +86,11 @@ class StepPooler:
         if not rows:
             return ids, None
         if all(isinstance(r, int) for r in rows):  # the common case (decoder embedders, classifiers): one gather
-            index = torch.tensor(rows, dtype=torch.int64).to(hidden.device, non_blocking=True)
+            index = to_device(torch.tensor(rows, dtype=torch.int64), hidden.device)
             pooled = hidden.index_select(0, index).float()
         elif all(isinstance(r, _Partial) for r in rows):  # MEAN (encoders): one division for the step
             partials = [r for r in rows if isinstance(r, _Partial)]
-            counts = torch.tensor([r.count for r in partials], dtype=torch.float32).to(hidden.device, non_blocking=True)
+            counts = to_device(torch.tensor([r.count for r in partials], dtype=torch.float32), hidden.device)
             pooled = torch.stack([_vector(hidden, r) for r in partials]) / counts[:, None]
         else:
             pooled = torch.stack([_vector(hidden, r, mean=True) for r in rows])
@@ -115,6 +116,7 @@ def _span_sums(hidden: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tens
     if all(a == b for (_, a), (b, _) in pairwise(spans)):  # contiguous (the usual pooling-only step)
         rows = hidden[first:stop]
     else:
-        index = torch.cat([torch.arange(a, b) for a, b in spans]).to(hidden.device, non_blocking=True)
+        index = to_device(torch.cat([torch.arange(a, b) for a, b in spans]), hidden.device)
         rows = hidden.index_select(0, index)
-    return torch.segment_reduce(rows.float(), "sum", lengths=lengths.to(hidden.device), axis=0)
+    # Host tensors reach the device through pinned memory: a pageable copy would wait for the forward.
+    return torch.segment_reduce(rows.float(), "sum", lengths=to_device(lengths, hidden.device), axis=0)
