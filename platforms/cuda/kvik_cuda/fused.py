@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from kvik.layers.activation import SiluAndMul
 from kvik.layers.moe import MoEExperts, SparseMoE
-from kvik.layers.norm import RMSNorm
+from kvik.layers.norm import AddLayerNorm, RMSNorm
 from kvik.layers.rotary import RotaryEmbedding
 from torch import nn
 
@@ -66,6 +66,27 @@ def _rms_norm_kernel(
     w = tl.load(w_ptr + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows[:, None] * stride_o + offs[None, :], (w[None, :] * normed).to(out_ptr.dtype.element_ty),
              mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _add_layer_norm_kernel(
+    x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, stride_x, stride_r, stride_o, n_rows, n_cols, eps,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    offs = tl.arange(0, BLOCK)
+    col_ok = offs < n_cols
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(res_ptr + rows[:, None] * stride_r + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = (x + r).to(x_ptr.dtype.element_ty).to(tl.float32)  # the eager add rounds to the input dtype
+    mean = tl.sum(h, 1) / n_cols
+    centered = tl.where(col_ok[None, :], h - mean[:, None], 0.0)
+    rstd = tl.math.rsqrt(tl.sum(centered * centered, 1) / n_cols + eps)
+    w = tl.load(w_ptr + offs, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=col_ok, other=0.0).to(tl.float32)
+    y = centered * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_o + offs[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -251,6 +272,37 @@ class FusedRMSNorm(RMSNorm):
         return out, res_out
 
 
+class FusedAddLayerNorm(AddLayerNorm):
+    """``LayerNorm(x + residual)`` in one kernel (BERT's sublayer outputs: an add and a norm eagerly,
+    each a full pass over the activations)."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        usable = (
+            residual is not None
+            and x.dim() == 2
+            and x.shape == residual.shape
+            and x.stride(-1) == 1
+            and residual.stride(-1) == 1
+            and x.shape[0] > 0
+            and len(self.normalized_shape) == 1
+            and self.weight is not None
+            and self.bias is not None
+            and self.weight.dtype == x.dtype
+        )
+        if not usable:
+            return super().forward(x, residual)
+        assert residual is not None
+        n, h = x.shape
+        out = torch.empty((n, h), dtype=x.dtype, device=x.device)
+        block = _pow2(h)
+        rows = max(1, min(16, 2048 // block))  # as the RMSNorm: a function of the width only
+        _add_layer_norm_kernel[(triton.cdiv(n, rows),)](
+            x, residual, self.weight, self.bias, out, x.stride(0), residual.stride(0), out.stride(0), n, h, self.eps,
+            ROWS=rows, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+        )  # fmt: skip
+        return out
+
+
 class FusedSiluAndMul(SiluAndMul):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.stride(-1) != 1 or x.shape[0] == 0:
@@ -312,6 +364,7 @@ class FusedRotaryEmbedding(RotaryEmbedding):
 
 _FUSED: dict[type[nn.Module], type[nn.Module]] = {
     RMSNorm: FusedRMSNorm,
+    AddLayerNorm: FusedAddLayerNorm,
     SiluAndMul: FusedSiluAndMul,
     RotaryEmbedding: FusedRotaryEmbedding,
     MoEExperts: TritonMoEExperts,  # grouped-GEMM experts (kvik_cuda.moe)

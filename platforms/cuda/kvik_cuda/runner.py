@@ -152,7 +152,7 @@ class CUDAModelRunner(TorchModelRunner):
         self.verify_shapes = verify_shapes(self.sizes, q, max_tokens, mc.max_model_len) if q > 1 else []
 
     def _fuse_layers(self) -> None:
-        """Swap RMSNorm / SiLU-and-mul / rotary for one-kernel Triton versions (kvik_cuda.fused).
+        """Swap RMSNorm / add + LayerNorm / SiLU-and-mul / rotary / MoE for Triton versions (kvik_cuda.fused).
 
         The platform option ``fused_layers`` (on by default) turns them off with False;
         tests run them on the CPU under Triton's interpreter.
