@@ -13,7 +13,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from itertools import pairwise
 
 import numpy as np
 import torch
@@ -110,13 +109,18 @@ def _vector(hidden: torch.Tensor, row: torch.Tensor | int | _Partial, mean: bool
 
 
 def _span_sums(hidden: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
-    """``[len(spans), hidden]`` float32: the sum of ``hidden[a:b]`` for each span (ascending, disjoint)."""
-    lengths = torch.tensor([b - a for a, b in spans], dtype=torch.int64)
-    first, stop = spans[0][0], spans[-1][1]
-    if all(a == b for (_, a), (b, _) in pairwise(spans)):  # contiguous (the usual pooling-only step)
-        rows = hidden[first:stop]
-    else:
-        index = to_device(torch.cat([torch.arange(a, b) for a, b in spans]), hidden.device)
-        rows = hidden.index_select(0, index)
-    # Host tensors reach the device through pinned memory: a pageable copy would wait for the forward.
-    return torch.segment_reduce(rows.float(), "sum", lengths=to_device(lengths, hidden.device), axis=0)
+    """``[len(spans), hidden]`` float32: the sum of ``hidden[a:b]`` for each span.
+
+    One padded gather and one reduction, with no host synchronisation (torch.segment_reduce waits for
+    the device, which under async scheduling is the forward in flight): ``[spans, longest, hidden]``
+    rows, the padding zeroed.
+    """
+    starts = np.array([a for a, _ in spans], dtype=np.int64)
+    lengths = np.array([b - a for a, b in spans], dtype=np.int64)
+    offsets = np.arange(int(lengths.max()), dtype=np.int64)
+    index = starts[:, None] + np.minimum(offsets[None, :], lengths[:, None] - 1)  # padding repeats a row
+    valid = offsets[None, :] < lengths[:, None]
+    rows = hidden.index_select(0, to_device(torch.from_numpy(index.reshape(-1)), hidden.device))
+    rows = rows.view(len(spans), -1, hidden.shape[-1]).float()
+    rows.masked_fill_(~to_device(torch.from_numpy(valid), hidden.device)[..., None], 0.0)
+    return rows.sum(dim=1)
