@@ -392,8 +392,8 @@ class LLMEngine:
                 "truncate_prompt_tokens"
             )
         vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
+        if min(token_ids) < 0 or max(token_ids) >= vocab:  # min/max run in C; the list only on failure
+            bad = [t for t in token_ids if not 0 <= t < vocab]
             raise ValueError(f"input token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         resolved = replace(params, pooling_type=setup.pooling_type)
         text = prompt if isinstance(prompt, str) else None

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kvik.config import EngineConfig
@@ -26,7 +27,7 @@ from kvik.sampling_params import BeamSearchParams, SamplingParams
 ChatMessages = list[dict[str, Any]]
 
 
-# Texts a pooling call tokenizes at a time (LLM.encode): later chunks overlap the earlier ones' steps.
+# Texts a pooling call tokenizes at a time (LLM.encode, on a thread): later chunks overlap earlier steps.
 POOLING_CHUNK = 256
 _SPENT = object()
 
@@ -213,15 +214,25 @@ class LLM:
         engine = self.llm_engine
         ids = [str(next(self._counter)) for _ in prompt_list]
 
-        def feed() -> Iterator[None]:
-            # Tokenizing is host work the device can overlap: each chunk after the first is prepared
-            # while the steps before it run (a bad text still fails the whole call, as it did).
-            for start in range(0, len(ids), POOLING_CHUNK):
-                end = start + POOLING_CHUNK
-                for item in engine.prepare_pooling_requests(ids[start:end], prompt_list[start:end],
-                                                            params_list[start:end]):  # fmt: skip
-                    engine.add_prepared(item)
-                yield
+        def feed() -> Generator[None, None, None]:
+            # Tokenizing is host work the device can overlap: a thread prepares the chunks (the Rust
+            # tokenizer releases the GIL) while the engine steps what is already added. A bad text
+            # still fails the whole call, as it did.
+            pool = ThreadPoolExecutor(1, thread_name_prefix="kvik-tokenize")
+            try:
+                chunks = [
+                    pool.submit(engine.prepare_pooling_requests, ids[s : s + POOLING_CHUNK],
+                                prompt_list[s : s + POOLING_CHUNK], params_list[s : s + POOLING_CHUNK])
+                    for s in range(0, len(ids), POOLING_CHUNK)
+                ]  # fmt: skip
+                for chunk in chunks:
+                    while not chunk.done() and engine.has_unfinished_requests():
+                        yield  # one more step while the chunk is tokenized
+                    for item in chunk.result():
+                        engine.add_prepared(item)
+                    yield
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
 
         return self._run(ids, use_tqdm, feed())
 
@@ -277,7 +288,9 @@ class LLM:
         return value is every rank's time by kernel (:class:`kvik.executor.profiling.ProfileSummary`)."""
         return self.llm_engine.stop_profile(trace_dir)
 
-    def _run(self, ids: list[str], use_tqdm: bool | None, feed: Iterator[None] | None = None) -> list[Any]:
+    def _run(
+        self, ids: list[str], use_tqdm: bool | None, feed: Generator[None, None, None] | None = None
+    ) -> list[Any]:
         """Step the engine until every request of ``ids`` finished; ``feed``, when given, adds them a
         chunk at a time (advanced once before the first step and once after each step until spent)."""
         engine = self.llm_engine
@@ -308,6 +321,8 @@ class LLM:
             engine.abort_request(list(pending))
             raise
         finally:
+            if feed is not None:
+                feed.close()  # its tokenizer thread stops (a failed call leaves no chunk running)
             if bar is not None:
                 bar.close()
         return [results[i] for i in ids]
