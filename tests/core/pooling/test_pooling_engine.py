@@ -3,6 +3,7 @@ batched = unbatched = chunked, the pooler setup read from the checkpoint, and ba
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -152,6 +153,7 @@ def test_texts_added_in_chunks_give_the_same_vectors(
     with pytest.raises(ValueError, match="max_model_len is 256"):
         llm.embed([*TEXTS, [5] * 300])  # in the third chunk
     assert not llm.llm_engine.has_unfinished_requests()
+    assert not [t for t in threading.enumerate() if t.name.startswith("kvik-tokenize")]  # its thread is gone
 
 
 def test_bad_input_is_refused_with_the_reason(models: dict[str, Path], embedders: dict[str, LLM]) -> None:
