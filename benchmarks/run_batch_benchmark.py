@@ -209,7 +209,6 @@ def compare(engine: dict[str, Any], chats: list[Any], out_len: int, repeats: int
 
 def main() -> int:
     import torch
-
     from gpu_common import SHAPES
 
     count_steps()
