@@ -1,19 +1,23 @@
 """`kvik run-batch` vs `LLM.chat` on the same chat requests, alternating and repeated, wall and CPU time.
 
     python benchmarks/run_batch_benchmark.py                       # CPU: tiny model, host-bound steps
-    python benchmarks/run_batch_benchmark.py --n 512 --out-len 64 --repeats 3
+    python benchmarks/run_batch_benchmark.py --n 512 --out-len 64 --repeats 5
+    python benchmarks/run_batch_benchmark.py --sides chat,run_batch,run_batch_nofreeze   # the GC freeze's effect
     python benchmarks/run_batch_benchmark.py --shape smollm2 --device cuda --dtype bfloat16   # a GPU
 
 A random Llama (``--shape`` of benchmarks/gpu_common.py; ``tiny``: 2 layers, hidden 64, so a CPU step
-takes a few ms and the host work per request is what decides) with a ChatML template serves ``--n``
-chat requests (64-256 words, ``--out-len`` tokens, greedy, EOS ignored), each side on a fresh engine:
+takes ~10 ms at 256 sequences and the host work per request decides) with a ChatML template serves
+``--n`` chat requests (64-256 words, ``--out-len`` tokens, greedy, EOS ignored), each side on a fresh engine:
 
 * ``chat``: ``LLM.chat`` (templating inside the timing);
 * ``run_batch``: run-batch's runner (core/kvik/entrypoints/batch.py ``run_requests``: every line
-  through the server's app in-process), timed from its first request to its last answer.
+  through the server's app in-process), timed from its first request to its last answer;
+* ``run_batch_nofreeze``: the same with ``gc.freeze`` made a no-op (how run-batch ran before it froze the heap).
 
-The two alternate ``--repeats`` times in one process (the machine may be shared: each row records wall
-seconds and this process's CPU seconds, all threads). The ratio is of output tokens per wall second.
+The sides alternate ``--repeats`` times in one process after one unrecorded warm-up of each (the
+machine may be shared: each row has wall seconds and this process's CPU seconds, all threads, and
+per-thread CPU for run-batch). Also per row: engine steps, seconds inside them, seconds before the
+first one, and full (generation-2) garbage collections. The ratio is of output tokens per wall second.
 A JSON summary is printed last and written to $OUT/run_batch_benchmark.json (or /tmp).
 """
 
@@ -27,13 +31,20 @@ import os
 import statistics
 import sys
 import tempfile
+import threading
 import time
+import types
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
+
+SIDES = ("chat", "run_batch", "run_batch_nofreeze")
+STEPS = [0, 0.0, 0.0, 0.0]  # engine steps, seconds inside them, first and last step's start (perf_counter)
+GC = [0, 0.0, 0.0]  # full collections in the timed side, seconds in them, the running one's start
+_INSTRUMENTED: list[float] = []
 
 
 def make_chats(n: int, vocab: int, seed: int = 7) -> list[list[dict[str, str]]]:
@@ -53,21 +64,17 @@ def write_model(shape: str, root: Path, device: str) -> Path:
     return path
 
 
-def sync() -> None:
-    import torch
-
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-STEPS = [0, 0.0, 0.0, 0.0]  # engine steps, seconds inside them, first and last step's start (perf_counter)
-
-
-def count_steps() -> None:
-    """Count LLMEngine.step calls (a side that admits its requests late runs more, smaller steps)."""
+def instrument(device_ms: float = 0.0) -> None:
+    """Count and time LLMEngine.step, time full collections; with ``device_ms``, every forward also sleeps
+    that long with the GIL released (a GPU step as the host sees it: the engine thread waits on the device
+    while other threads may run). Measurement only; once per process."""
     from kvik.engine.llm_engine import LLMEngine
+    from kvik.worker.torch_runner import TorchModelRunner
 
-    inner = LLMEngine.step
+    if _INSTRUMENTED:
+        return
+    _INSTRUMENTED.append(device_ms)
+    step_inner, forward_inner = LLMEngine.step, TorchModelRunner.run_model
 
     def step(self: Any) -> Any:
         STEPS[0] += 1
@@ -75,29 +82,41 @@ def count_steps() -> None:
         STEPS[2] = STEPS[2] or t0
         STEPS[3] = t0
         try:
-            return inner(self)
+            return step_inner(self)
         finally:
             STEPS[1] += time.perf_counter() - t0
 
+    def run_model(self: Any, inputs: Any) -> Any:
+        out = forward_inner(self, inputs)
+        time.sleep(device_ms / 1000)
+        return out
+
+    def on_gc(phase: str, info: dict[str, Any]) -> None:
+        if phase == "start":
+            GC[2] = time.perf_counter()
+        elif info["generation"] == 2:
+            GC[0] += 1
+            GC[1] += time.perf_counter() - GC[2]
+
     LLMEngine.step = step  # type: ignore[method-assign]
+    if device_ms:
+        TorchModelRunner.run_model = run_model  # type: ignore[method-assign]
+    gc.callbacks.append(on_gc)
 
 
-GC = [0, 0.0, 0.0]  # full (generation-2) collections during the timed side, seconds in them; a start time
+def _reset() -> None:
+    STEPS[:] = [0, 0.0, 0.0, 0.0]
+    GC[:] = [0, 0.0, 0.0]
 
 
-def on_gc(phase: str, info: dict[str, Any]) -> None:
-    if phase == "start":
-        GC[2] = time.perf_counter()
-    elif info["generation"] == 2:
-        GC[0] += 1
-        GC[1] += time.perf_counter() - GC[2]
+def _counters(start: float, end: float) -> dict[str, Any]:
+    return {"steps": STEPS[0], "in_steps_s": round(STEPS[1], 3), "before_first_step_s": round(STEPS[2] - start, 3),
+            "after_last_step_s": round(end - STEPS[3], 3), "full_gcs": GC[0], "full_gc_s": round(GC[1], 3)}  # fmt: skip
 
 
 def thread_cpu() -> dict[str, float]:
-    """CPU seconds (user + system) of each live Python thread, by name (Linux /proc)."""
-    import threading
-
-    ticks = os.sysconf("SC_CLK_TCK")
+    """CPU seconds (user + system) of each live Python thread, by name (Linux /proc; {} elsewhere)."""
+    ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
     out: dict[str, float] = {}
     for thread in threading.enumerate():
         try:
@@ -108,10 +127,11 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
-def step_times(start: float, end: float) -> dict[str, Any]:
-    """Steps, seconds inside them, seconds before the first step and after the last one began; full GCs."""
-    return {"full_gcs": GC[0], "full_gc_s": round(GC[1], 3), "steps": STEPS[0], "in_steps_s": round(STEPS[1], 3), "before_first_step_s": round(STEPS[2] - start, 3),
-            "after_last_step_s": round(end - STEPS[3], 3)}  # fmt: skip
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
 
 
 def time_chat(engine: dict[str, Any], chats: list[Any], out_len: int) -> dict[str, Any]:
@@ -121,20 +141,18 @@ def time_chat(engine: dict[str, Any], chats: list[Any], out_len: int) -> dict[st
     llm = LLM(**engine)
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     sync()
-    STEPS[:] = [0, 0.0, 0.0, 0.0]
-    GC[:] = [0, 0.0, 0.0]
-    wall, cpu = time.perf_counter(), time.process_time()
-    start = wall
+    _reset()
+    start, cpu = time.perf_counter(), time.process_time()
     outs = llm.chat(chats, params, use_tqdm=False)
     sync()
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    end, cpu = time.perf_counter(), time.process_time() - cpu
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     llm.llm_engine.shutdown()
-    return {"seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "output_tokens": tokens,
-            "tokens_per_s": round(tokens / wall, 1), **step_times(start, start + wall)}  # fmt: skip
+    return {"seconds": round(end - start, 3), "cpu_seconds": round(cpu, 3), "output_tokens": tokens,
+            "tokens_per_s": round(tokens / (end - start), 1), **_counters(start, end)}  # fmt: skip
 
 
-def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root: Path) -> dict[str, Any]:
+def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root: Path, freeze: bool = True) -> dict[str, Any]:
     """run-batch's runner on a fresh engine, from its first request to its last answer."""
     from kvik.entrypoints import batch
     from kvik.entrypoints.batch_file import BatchRequest
@@ -144,9 +162,8 @@ def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root:
                              {"messages": c, "max_tokens": out_len, "temperature": 0, "ignore_eos": True})
                 for i, c in enumerate(chats)]  # fmt: skip
     marks: list[tuple[float, float]] = []
-    inner = batch.post
-
     threads: list[dict[str, float]] = []
+    inner = batch.post
 
     async def timed_post(app: Any, url: str, body: dict[str, Any]) -> tuple[int, Any]:
         if not marks:
@@ -158,74 +175,82 @@ def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root:
             threads.append(thread_cpu())
         return answer
 
-    batch.post = timed_post  # type: ignore[assignment]  # measurement only
-    STEPS[:] = [0, 0.0, 0.0, 0.0]
-    GC[:] = [0, 0.0, 0.0]
+    # Measurement only: time each request; without freeze, run-batch as it ran before it froze the heap.
+    batch.post = timed_post  # type: ignore[assignment]
+    if not freeze:
+        batch.gc = types.SimpleNamespace(freeze=lambda: None, unfreeze=lambda: None,  # type: ignore[attr-defined]
+                                         get_freeze_count=gc.get_freeze_count)  # fmt: skip
     out_file = root / "run_batch_out.jsonl"
     settings = ServerSettings(served_model_name=None, max_request_body_bytes=None, ui=False)
+    _reset()
     try:
         with out_file.open("w") as out:
             failed = asyncio.run(batch.run_requests(requests, out, dict(engine), settings, False))
     finally:
-        batch.post = inner  # type: ignore[assignment]
+        batch.post, batch.gc = inner, gc  # type: ignore[assignment]
     bodies = [json.loads(line)["response"]["body"] for line in out_file.read_text().splitlines()]
     tokens = sum(b["usage"]["completion_tokens"] for b in bodies if "usage" in b)
-    wall = max(m[0] for m in marks) - min(m[0] for m in marks)
+    start, end = min(m[0] for m in marks), max(m[0] for m in marks)
     cpu = max(m[1] for m in marks) - min(m[1] for m in marks)
-    return {"seconds": round(wall, 3), "cpu_seconds": round(cpu, 3), "output_tokens": tokens,
-            "tokens_per_s": round(tokens / wall, 1), **step_times(min(m[0] for m in marks), max(m[0] for m in marks)),
-            "failed": len(failed), "thread_cpu_s": {name: round(t - threads[0].get(name, 0.0), 3)
-                                                   for name, t in threads[-1].items()}}  # fmt: skip
+    return {"seconds": round(end - start, 3), "cpu_seconds": round(cpu, 3), "output_tokens": tokens,
+            "tokens_per_s": round(tokens / (end - start), 1), **_counters(start, end), "failed": len(failed),
+            "thread_cpu_s": {name: round(t - threads[0].get(name, 0.0), 3) for name, t in threads[-1].items()}}  # fmt: skip
 
 
-def compare(engine: dict[str, Any], chats: list[Any], out_len: int, repeats: int, root: Path) -> dict[str, Any]:
-    """Alternate the two sides ``repeats`` times; the median ratio of their throughputs."""
+def time_side(side: str, engine: dict[str, Any], chats: list[Any], out_len: int, root: Path) -> dict[str, Any]:
+    gc.collect()  # every side starts with the collector in the same state (not timed)
+    if side == "chat":
+        return time_chat(engine, chats, out_len)
+    return time_run_batch(engine, chats, out_len, root, freeze=side == "run_batch")
+
+
+def compare(engine: dict[str, Any], chats: list[Any], out_len: int, repeats: int, root: Path,
+            sides: tuple[str, ...] = ("chat", "run_batch"), warmup: bool = True) -> dict[str, Any]:  # fmt: skip
+    """Run ``sides`` ``repeats`` times, in alternating order; each run-batch side's throughput over chat's."""
+    if warmup:  # each side once, not recorded: a process's first engines are slower (kernel set-up)
+        for side in sides:
+            time_side(side, engine, chats, out_len, root)
     rows: list[dict[str, Any]] = []
-    if ARGS.warmup:  # both sides once, not recorded: the process's first engines are slower (kernel set-up)
-        time_chat(engine, chats, out_len)
-        time_run_batch(engine, chats, out_len, root)
     for i in range(repeats):
-        order = ("chat", "run_batch") if i % 2 == 0 else ("run_batch", "chat")
         row: dict[str, Any] = {}
-        for side in order:
-            if ARGS.only and side != ARGS.only:
-                continue
-            gc.collect()  # each side starts with the collector in the same state (not timed)
-            row[side] = time_chat(engine, chats, out_len) if side == "chat" else time_run_batch(
-                engine, chats, out_len, root)  # fmt: skip
-        if ARGS.only:
-            print(f"repeat {i}: {json.dumps(row)}", flush=True)
-            continue
-        row["ratio"] = round(row["run_batch"]["tokens_per_s"] / row["chat"]["tokens_per_s"], 3)
-        row["cpu_ratio"] = round(row["run_batch"]["cpu_seconds"] / row["chat"]["cpu_seconds"], 3)
+        for side in sides if i % 2 == 0 else sides[::-1]:
+            row[side] = time_side(side, engine, chats, out_len, root)
+        for side in sides:
+            if side != "chat" and "chat" in row:
+                row[f"{side}_ratio"] = round(row[side]["tokens_per_s"] / row["chat"]["tokens_per_s"], 3)
+                row[f"{side}_cpu_ratio"] = round(row[side]["cpu_seconds"] / row["chat"]["cpu_seconds"], 3)
         print(f"repeat {i}: {json.dumps(row)}", flush=True)
         rows.append(row)
-    if not rows:
-        return {}
-    return {"rows": rows, "median_ratio": statistics.median(r["ratio"] for r in rows),
-            "median_cpu_ratio": statistics.median(r["cpu_ratio"] for r in rows),
-            "within_5_percent": abs(statistics.median(r["ratio"] for r in rows) - 1) <= 0.05}  # fmt: skip
+    summary: dict[str, Any] = {"rows": rows}
+    for key in rows[0] if rows else ():
+        if key.endswith("ratio"):
+            summary[f"median_{key}"] = statistics.median(r[key] for r in rows)
+    if "median_run_batch_ratio" in summary:
+        summary["within_5_percent"] = abs(summary["median_run_batch_ratio"] - 1) <= 0.05
+    return summary
 
 
 def main() -> int:
     import torch
     from gpu_common import SHAPES
 
-    count_steps()
-    gc.callbacks.append(on_gc)
+    instrument(ARGS.device_ms)
     root = Path(tempfile.mkdtemp(prefix="kvik-run-batch-bench-"))
     path = write_model(ARGS.shape, root, ARGS.device)
-    engine: dict[str, Any] = dict(model=str(path), dtype=ARGS.dtype, max_model_len=2048, max_num_seqs=ARGS.max_num_seqs,
-                                  device=ARGS.device)  # fmt: skip
+    engine: dict[str, Any] = dict(model=str(path), dtype=ARGS.dtype, max_model_len=2048, device=ARGS.device,
+                                  max_num_seqs=ARGS.max_num_seqs)  # fmt: skip
     if ARGS.device == "cpu":
         engine["num_threads"] = ARGS.num_threads
     chats = make_chats(ARGS.n, SHAPES[ARGS.shape]["vocab_size"])
+    sides = tuple(ARGS.sides.split(","))
+    if unknown := set(sides) - set(SIDES):
+        raise SystemExit(f"unknown --sides {sorted(unknown)}; choose from {SIDES}")
     summary: dict[str, Any] = {
-        "script": "benchmarks/run_batch_benchmark.py", "shape": ARGS.shape, "device": ARGS.device,
+        "script": "benchmarks/run_batch_benchmark.py", "argv": sys.argv[1:], "shape": ARGS.shape,
         "torch": torch.__version__, "requests": ARGS.n, "max_tokens": ARGS.out_len, "engine": engine,
-        "cpus": os.cpu_count(), "load_before": os.getloadavg(),
+        "device_ms": ARGS.device_ms, "cpus": os.cpu_count(), "load_before": os.getloadavg(),
     }  # fmt: skip
-    summary.update(compare(engine, chats, ARGS.out_len, ARGS.repeats, root))
+    summary.update(compare(engine, chats, ARGS.out_len, ARGS.repeats, root, sides, ARGS.warmup))
     summary["load_after"] = os.getloadavg()
     text = json.dumps(summary, indent=2, default=str)
     print(text)
@@ -244,10 +269,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out-len", type=int, default=64, help="tokens generated per request")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--num-threads", type=int, default=1, help="CPU: torch intra-op threads")
+    p.add_argument("--sides", default="chat,run_batch", help=f"comma-separated, of {', '.join(SIDES)}")
+    p.add_argument("--repeats", type=int, default=3, help="rounds of all sides, alternating their order")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
-                   help="run both sides once first, unrecorded")  # fmt: skip
-    p.add_argument("--only", choices=["chat", "run_batch"], help="time one side only (for profiling)")
-    p.add_argument("--repeats", type=int, default=3, help="alternating (chat, run-batch) pairs")
+                   help="run every side once first, unrecorded")  # fmt: skip
+    p.add_argument("--device-ms", type=float, default=0.0,
+                   help="add this many ms of GIL-free sleep to every forward (a GPU step's host view)")  # fmt: skip
     return p.parse_args()
 
 
