@@ -42,7 +42,9 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 
 SIDES = ("chat", "run_batch", "run_batch_nofreeze")
-STEPS = [0, 0.0, 0.0, 0.0]  # engine steps, seconds inside them, first and last step's start (perf_counter)
+# Engine steps, seconds inside them, first and last step's start (perf_counter), seconds of --device-ms
+# sleeps' overrun (waiting to get the GIL back).
+STEPS = [0, 0.0, 0.0, 0.0, 0.0]
 GC = [0, 0.0, 0.0]  # full collections in the timed side, seconds in them, the running one's start
 _INSTRUMENTED: list[float] = []
 
@@ -88,7 +90,10 @@ def instrument(device_ms: float = 0.0) -> None:
 
     def run_model(self: Any, inputs: Any) -> Any:
         out = forward_inner(self, inputs)
+        t0 = time.perf_counter()
         time.sleep(device_ms / 1000)
+        # Past the sleep: the OS's wake-up latency, plus waiting for the GIL when another thread holds it.
+        STEPS[4] += time.perf_counter() - t0 - device_ms / 1000
         return out
 
     def on_gc(phase: str, info: dict[str, Any]) -> None:
@@ -105,25 +110,31 @@ def instrument(device_ms: float = 0.0) -> None:
 
 
 def _reset() -> None:
-    STEPS[:] = [0, 0.0, 0.0, 0.0]
+    STEPS[:] = [0, 0.0, 0.0, 0.0, 0.0]
     GC[:] = [0, 0.0, 0.0]
 
 
 def _counters(start: float, end: float) -> dict[str, Any]:
     return {"steps": STEPS[0], "in_steps_s": round(STEPS[1], 3), "before_first_step_s": round(STEPS[2] - start, 3),
-            "after_last_step_s": round(end - STEPS[3], 3), "full_gcs": GC[0], "full_gc_s": round(GC[1], 3)}  # fmt: skip
+            "after_last_step_s": round(end - STEPS[3], 3), "full_gcs": GC[0], "full_gc_s": round(GC[1], 3),
+            **({"device_wait_over_s": round(STEPS[4], 3)} if _INSTRUMENTED and _INSTRUMENTED[0] else {})}  # fmt: skip
 
 
-def thread_cpu() -> dict[str, float]:
-    """CPU seconds (user + system) of each live Python thread, by name (Linux /proc; {} elsewhere)."""
+def thread_cpu() -> dict[str, tuple[float, int]]:
+    """(CPU seconds, context switches) of each live Python thread, by name (Linux /proc; {} elsewhere).
+    Switches count GIL hand-offs too: a thread that waits for the GIL sleeps and is woken."""
     ticks = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
-    out: dict[str, float] = {}
+    out: dict[str, tuple[float, int]] = {}
     for thread in threading.enumerate():
+        task = Path(f"/proc/self/task/{thread.native_id}")
         try:
-            fields = Path(f"/proc/self/task/{thread.native_id}/stat").read_text().rsplit(")", 1)[1].split()
+            fields = (task / "stat").read_text().rsplit(")", 1)[1].split()
+            status = (task / "status").read_text().splitlines()
         except OSError:
             continue
-        out[thread.name] = out.get(thread.name, 0.0) + (int(fields[11]) + int(fields[12])) / ticks
+        switches = sum(int(line.split()[1]) for line in status if "ctxt_switches:" in line)
+        cpu, before = (int(fields[11]) + int(fields[12])) / ticks, out.get(thread.name, (0.0, 0))
+        out[thread.name] = (before[0] + cpu, before[1] + switches)
     return out
 
 
@@ -142,14 +153,17 @@ def time_chat(engine: dict[str, Any], chats: list[Any], out_len: int) -> dict[st
     params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
     sync()
     _reset()
+    before = thread_cpu()
     start, cpu = time.perf_counter(), time.process_time()
     outs = llm.chat(chats, params, use_tqdm=False)
     sync()
     end, cpu = time.perf_counter(), time.process_time() - cpu
+    after = thread_cpu()
     tokens = sum(len(o.outputs[0].token_ids) for o in outs)
     llm.llm_engine.shutdown()
     return {"seconds": round(end - start, 3), "cpu_seconds": round(cpu, 3), "output_tokens": tokens,
-            "tokens_per_s": round(tokens / (end - start), 1), **_counters(start, end)}  # fmt: skip
+            "tokens_per_s": round(tokens / (end - start), 1), **_counters(start, end),
+            "thread_switches": {name: t[1] - before.get(name, (0.0, 0))[1] for name, t in after.items()}}  # fmt: skip
 
 
 def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root: Path, freeze: bool = True) -> dict[str, Any]:
@@ -194,7 +208,8 @@ def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root:
     cpu = max(m[1] for m in marks) - min(m[1] for m in marks)
     return {"seconds": round(end - start, 3), "cpu_seconds": round(cpu, 3), "output_tokens": tokens,
             "tokens_per_s": round(tokens / (end - start), 1), **_counters(start, end), "failed": len(failed),
-            "thread_cpu_s": {name: round(t - threads[0].get(name, 0.0), 3) for name, t in threads[-1].items()}}  # fmt: skip
+            "thread_cpu_s": {name: round(t[0] - threads[0].get(name, (0.0, 0))[0], 3) for name, t in threads[-1].items()},
+            "thread_switches": {name: t[1] - threads[0].get(name, (0.0, 0))[1] for name, t in threads[-1].items()}}  # fmt: skip
 
 
 def time_side(side: str, engine: dict[str, Any], chats: list[Any], out_len: int, root: Path) -> dict[str, Any]:

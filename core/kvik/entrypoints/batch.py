@@ -9,7 +9,9 @@ needs the server package; without it the command says how to install it.
 
 All pending requests are in flight at once (up to a window a few times the engine's batch), so
 the engine runs full batches as ``LLM.generate`` does. Results are appended as they finish and
-flushed, so an interrupted run resumes where it stopped (see batch_file.py).
+flushed, so an interrupted run resumes where it stopped (see batch_file.py). While the lines run,
+the heap that exists before them is frozen (``gc.freeze``) so that full garbage collections do not
+stall the engine (docs/benchmarks.md, issue 19).
 """
 
 from __future__ import annotations
