@@ -219,10 +219,34 @@ def bench_embedder(kind: str, shape: dict[str, Any], n: int, batch_sizes: list[i
     assert reference is not None
     cos = (got * reference).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(reference, axis=-1)
     record["min_cosine_kvik_vs_peer"] = float(cos.min())
+    if ARGS.profile:
+        record["kvik_profile"] = profile_embed(llm, texts[: min(n, 1024)])
     llm.llm_engine.shutdown()
     del llm
     free_memory()
     return record
+
+
+def profile_embed(llm: Any, texts: list[str]) -> dict[str, Any]:
+    """Where kvik's ``embed`` of ``texts`` goes: kernels (torch.profiler) and host functions (cProfile)."""
+    import cProfile
+    import io
+    import pstats
+
+    from gpu_common import profile_record, sync
+
+    llm.start_profile()
+    llm.embed(texts)
+    sync()
+    summary = llm.stop_profile()[0]
+    host = cProfile.Profile()
+    host.enable()
+    llm.embed(texts)
+    sync()
+    host.disable()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats(30)
+    return {**profile_record(summary, top=20), "host_top": text.getvalue().splitlines()[-36:]}
 
 
 def ensure_fastapi(wheels: str | None) -> str | None:
@@ -320,6 +344,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peer", choices=["auto", "transformers"], default="auto",
                    help="auto: sentence-transformers when installed, else transformers + pooling")  # fmt: skip
     p.add_argument("--wheels", help="a folder of wheels to install fastapi from (offline) for the run-batch part")
+    p.add_argument("--profile", action="store_true", help="profile one embed call of up to 1,024 texts per embedder")
     p.add_argument("--budget-s", type=float, default=420, help="start no new part after this many seconds")
     return p.parse_args()
 

@@ -70,9 +70,6 @@ class Drafter(ABC):
     # True when the drafter reads the target's intermediate activations, which a CUDA graph
     # replay does not expose: the runner then runs the target eagerly.
     needs_eager_target: bool = False
-    # False: the target's verify steps run eagerly even where a runner could replay them as
-    # verify-shaped CUDA graphs (decode steps still replay theirs).
-    verify_graphs: bool = True
 
     def __init__(self, config: SpeculativeConfig, runner: TorchModelRunner) -> None:
         self.config = config

@@ -45,10 +45,6 @@ class EagleDrafter(Drafter):
         super().__init__(config, runner)
         self.kind = config.method
         self.needs_eager_target = self.kind == "eagle3"
-        # Capturing the target's verify shapes with an EAGLE head failed on the H200 (2026-11-30 run f:
-        # "operation failed due to a previous error during capture"); not understood yet, so its
-        # verify steps stay eager (they were before verify graphs existed).
-        self.verify_graphs = False
         self.head: EagleHead | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.num_pool_blocks = 0

@@ -531,7 +531,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             out = handle.result()
             # A blocking copy, made when the engine asks for the step's results (async scheduling
             # still overlaps the next step's launch with this one).
-            out.pooled = dict(zip(pooled_ids, pooled.to("cpu").tolist(), strict=True))
+            out.pooled = dict(zip(pooled_ids, pooled.to("cpu").numpy(), strict=True))  # rows of one array
             return out
 
         return StepHandle(finish)

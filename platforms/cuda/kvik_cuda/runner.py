@@ -28,9 +28,8 @@ padded step runs eagerly. Both launch the same kernels on the same shapes, so
 their outputs are identical. Other steps (prefill, mixed, larger) run eagerly,
 unpadded. Verify shapes exist only with speculation on, for capture sizes up to
 :data:`MAX_VERIFY_BATCH` whose tokens fit the step budget and ``max_model_len``,
-and not with drafters that opt out (``Drafter.verify_graphs``: EAGLE heads, whose
-verify capture failed on the H200) or need an eager target (EAGLE-3, whose runner
-captures nothing). A draft model's own runner gets verify shapes of k+2 tokens per
+and not with drafters that need an eager target (EAGLE-3, whose runner captures
+nothing). A draft model's own runner gets verify shapes of k+2 tokens per
 request from its drafter: its catch-up step replays them, its one-token draft
 steps its decode graphs.
 
@@ -147,13 +146,13 @@ class CUDAModelRunner(TorchModelRunner):
         max_blocks = -(-mc.max_model_len // self.block_size) + 1
         self.inputs = StepInputs(max_tokens, max_reqs, max_blocks, self.device)
         self.sizes = capture_sizes(cfg.max_num_seqs, max_tokens)
-        if self.drafter is not None and (self.drafter.needs_eager_target or not self.drafter.verify_graphs):
+        if self.drafter is not None and self.drafter.needs_eager_target:
             self.verify_tokens_per_request = 0  # no verify graphs: no padding either
         q = self.verify_tokens_per_request
         self.verify_shapes = verify_shapes(self.sizes, q, max_tokens, mc.max_model_len) if q > 1 else []
 
     def _fuse_layers(self) -> None:
-        """Swap RMSNorm / SiLU-and-mul / rotary for one-kernel Triton versions (kvik_cuda.fused).
+        """Swap RMSNorm / add + LayerNorm / SiLU-and-mul / rotary / MoE for Triton versions (kvik_cuda.fused).
 
         The platform option ``fused_layers`` (on by default) turns them off with False;
         tests run them on the CPU under Triton's interpreter.
