@@ -17,9 +17,11 @@ Parts (each guarded: a failing part records its error and the others still run):
    minimum cosine between kvik's and the peer's vectors (bf16, so ~0.99+, not 1).
 3. ``run_batch``: a random bf16 SmolLM2-shaped Llama with a ChatML template; ``--n-chat`` chat requests
    (64-256 words, 128 tokens out, greedy, EOS ignored) through ``LLM.chat`` (``LLM.generate`` after the
-   same template) and through ``kvik run-batch``'s runner (in-process, timed from the first request
-   to the last record), each on a fresh engine, first call timed (a second ``LLM.chat`` is recorded
-   too). Target: run-batch within 5% of generate. Needs fastapi (kvik-server's app); without
+   same template), through ``kvik run-batch``'s runner (in-process, timed from the first request to
+   the last record) and through that runner without its GC freeze, each on a fresh engine: one
+   unrecorded warm-up of each, then ``--chat-repeats`` rounds in alternating order
+   (benchmarks/run_batch_benchmark.py's ``compare``; rows have steps, full GCs and per-thread CPU).
+   Target: run-batch within 5% of generate. Needs fastapi (kvik-server's app); without
    it the part is skipped with the reason (``--wheels DIR`` installs it offline first).
 
 A JSON summary is printed last and written to $OUT/embedding_benchmark.json (or /tmp).
@@ -217,10 +219,34 @@ def bench_embedder(kind: str, shape: dict[str, Any], n: int, batch_sizes: list[i
     assert reference is not None
     cos = (got * reference).sum(-1) / np.linalg.norm(got, axis=-1) / np.linalg.norm(reference, axis=-1)
     record["min_cosine_kvik_vs_peer"] = float(cos.min())
+    if ARGS.profile:
+        record["kvik_profile"] = profile_embed(llm, texts[: min(n, 1024)])
     llm.llm_engine.shutdown()
     del llm
     free_memory()
     return record
+
+
+def profile_embed(llm: Any, texts: list[str]) -> dict[str, Any]:
+    """Where kvik's ``embed`` of ``texts`` goes: kernels (torch.profiler) and host functions (cProfile)."""
+    import cProfile
+    import io
+    import pstats
+
+    from gpu_common import profile_record, sync
+
+    llm.start_profile()
+    llm.embed(texts)
+    sync()
+    summary = llm.stop_profile()[0]
+    host = cProfile.Profile()
+    host.enable()
+    llm.embed(texts)
+    sync()
+    host.disable()
+    text = io.StringIO()
+    pstats.Stats(host, stream=text).sort_stats("cumulative").print_stats(30)
+    return {**profile_record(summary, top=20), "host_top": text.getvalue().splitlines()[-36:]}
 
 
 def ensure_fastapi(wheels: str | None) -> str | None:
@@ -237,80 +263,25 @@ def ensure_fastapi(wheels: str | None) -> str | None:
 
 
 def bench_run_batch(n: int, out_len: int, smoke: bool, root: Path) -> dict[str, Any]:
-    from gpu_common import SHAPES, sync, word_tokenizer, write_random_checkpoint
-    from kvik import LLM, SamplingParams
-    from kvik.entrypoints import batch
-    from kvik.entrypoints.batch_file import BatchRequest
-    from kvik.testing.tiny_models import CHAT_TEMPLATE
-
-    shape = "tiny" if smoke else "smollm2"
-    path = write_random_checkpoint(shape, root, device=device_name())
-    vocab = SHAPES[shape]["vocab_size"]
-    tokenizer = word_tokenizer(vocab)
-    tokenizer.chat_template = CHAT_TEMPLATE
-    tokenizer.save_pretrained(path)
-    rng = np.random.default_rng(7)
-    chats = [[{"role": "user", "content": " ".join(f"w{i}" for i in rng.integers(3, vocab, size=int(k)))}]
-             for k in rng.integers(64, 257, size=n)]  # fmt: skip
-    engine = dict(model=str(path), dtype="bfloat16", max_model_len=2048, max_num_seqs=256)
-    record: dict[str, Any] = {"model": f"{shape} (random)", "requests": n, "max_tokens": out_len}
-
-    # The same chat requests through the Python API, on a fresh engine like run-batch's: both sides start
-    # cold (on the CPU, oneDNN builds a kernel per new matmul shape: a warmed engine that replays the same
-    # step shapes ran 2.2x faster) and both render the chat template inside the timing.
-    llm = LLM(**engine)
-    params = SamplingParams(max_tokens=out_len, temperature=0.0, ignore_eos=True)
-    sync()
-    start = time.perf_counter()
-    outs = llm.chat(chats, params, use_tqdm=False)
-    sync()
-    gen_seconds = time.perf_counter() - start
-    gen_tokens = sum(len(o.outputs[0].token_ids) for o in outs)
-    start = time.perf_counter()
-    llm.chat(chats, params, use_tqdm=False)
-    sync()
-    record.update(generate_seconds=round(gen_seconds, 3), generate_output_tokens=gen_tokens,
-                  generate_prompt_tokens=sum(len(o.prompt_token_ids) for o in outs),
-                  generate_tokens_per_s=gen_tokens / gen_seconds,
-                  generate_again_tokens_per_s=gen_tokens / (time.perf_counter() - start))  # fmt: skip
-    llm.llm_engine.shutdown()
-    del llm, outs
-    free_memory()
+    """run_batch_benchmark.py's comparison on this device: LLM.chat, run-batch, and run-batch without its
+    GC freeze, each on a fresh engine, alternating after one unrecorded warm-up of each."""
+    from gpu_common import SHAPES
+    from run_batch_benchmark import compare, instrument, make_chats, write_model
 
     why = ensure_fastapi(ARGS.wheels)
     if why is not None:
-        record["run_batch_skipped"] = why
-        return record
-    from kvik_server.context import ServerSettings
-
-    requests = [BatchRequest(i + 1, f"r{i}", "/v1/chat/completions",
-                             {"messages": c, "max_tokens": out_len, "temperature": 0, "ignore_eos": True})
-                for i, c in enumerate(chats)]  # fmt: skip
-    times: list[float] = []
-    inner_post = batch.post
-
-    async def timed_post(app: Any, url: str, body: dict[str, Any]) -> tuple[int, Any]:
-        times.append(time.perf_counter())
-        answer = await inner_post(app, url, body)
-        times.append(time.perf_counter())
-        return answer
-
-    batch.post = timed_post  # type: ignore[assignment]  # measurement only: first request to last answer
-    out_file = root / "run_batch_out.jsonl"
-    settings = ServerSettings(served_model_name=None, max_request_body_bytes=None, ui=False)
-    import asyncio
-
-    with out_file.open("w") as out:
-        failed = asyncio.run(batch.run_requests(requests, out, dict(engine), settings, False))
-    batch.post = inner_post  # type: ignore[assignment]
-    bodies = [json.loads(line)["response"]["body"] for line in out_file.read_text().splitlines()]
-    rb_tokens = sum(b["usage"]["completion_tokens"] for b in bodies if "usage" in b)
-    rb_seconds = max(times) - min(times)
-    record.update(run_batch_seconds=round(rb_seconds, 3), run_batch_output_tokens=rb_tokens,
-                  run_batch_prompt_tokens=sum(b["usage"]["prompt_tokens"] for b in bodies if "usage" in b),
-                  run_batch_failed=len(failed), run_batch_tokens_per_s=rb_tokens / rb_seconds)  # fmt: skip
-    record["run_batch_vs_generate"] = record["run_batch_tokens_per_s"] / record["generate_tokens_per_s"]
-    record["within_5_percent"] = abs(record["run_batch_vs_generate"] - 1) <= 0.05
+        return {"run_batch_skipped": why}
+    shape = "tiny" if smoke else "smollm2"
+    device = device_name()
+    path = write_model(shape, root, device)
+    engine: dict[str, Any] = dict(model=str(path), dtype="bfloat16", max_model_len=2048, max_num_seqs=256)
+    if device == "cpu":
+        engine["num_threads"] = 1
+    instrument()
+    chats = make_chats(n, SHAPES[shape]["vocab_size"])
+    record: dict[str, Any] = {"model": f"{shape} (random)", "requests": n, "max_tokens": out_len}
+    record.update(compare(engine, chats, out_len, 1 if smoke else ARGS.chat_repeats, root,
+                          ("chat", "run_batch", "run_batch_nofreeze")))  # fmt: skip
     free_memory()
     return record
 
@@ -368,10 +339,12 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--n-qwen", type=int, default=1024, help="512-token texts for the Qwen3-0.6B part")
     p.add_argument("--n-chat", type=int, default=512, help="chat requests for the run-batch part")
     p.add_argument("--chat-out-len", type=int, default=128, help="tokens generated per chat request")
+    p.add_argument("--chat-repeats", type=int, default=2, help="recorded rounds of the run-batch part's sides")
     p.add_argument("--parts", help="comma-separated subset of bert-base,qwen3-0.6b,run_batch (default: all)")
     p.add_argument("--peer", choices=["auto", "transformers"], default="auto",
                    help="auto: sentence-transformers when installed, else transformers + pooling")  # fmt: skip
     p.add_argument("--wheels", help="a folder of wheels to install fastapi from (offline) for the run-batch part")
+    p.add_argument("--profile", action="store_true", help="profile one embed call of up to 1,024 texts per embedder")
     p.add_argument("--budget-s", type=float, default=420, help="start no new part after this many seconds")
     return p.parse_args()
 

@@ -10,7 +10,7 @@
 #   fp8_kv         FP8 KV cache: capacity, agreement, throughput (14)              ~3 min
 #   lora_e2e       8B with 1 / 8 / 64 rank-16 adapters vs base (16)                ~6 min
 #   determinism    batch-invariant mode: bitwise check + cost (21)                 ~3 min
-#   spec           spec-decode mechanics, float32 so replayed drafts stay valid (15; SPEC_ARGS, SPEC_TIMEOUT) ~5 min
+#   spec           spec-decode mechanics at the 8B shape, bf16 (15; SPEC_ARGS, SPEC_TIMEOUT)   ~5 min
 #   verify_graphs  the verify-shaped CUDA graph tests, GPU-marked ones included (15)  ~1 min
 #   moe            Qwen3-30B-A3B with the decode GEMV path (13; MOE_PROFILE=1: kernel times) ~5 min
 #   moe_sweep      the MoE decode GEMV's tile sweep at Qwen3-30B-A3B's shapes (13)  ~4 min
@@ -56,7 +56,7 @@ for s in $STAGES; do
     fp8_kv) stage fp8_kv 200 python3 benchmarks/fp8_kv_check.py --budget-s ${FP8_KV_BUDGET:-190} ;;
     lora_e2e) stage lora_e2e 220 python3 benchmarks/lora_throughput.py --parts ${LORA_PARTS:-base,lora8,lora64} --n 300 ${LORA_ARGS:-} ;;
     determinism) stage determinism 360 python3 benchmarks/deterministic_check.py ;;
-    spec) stage spec ${SPEC_TIMEOUT:-330} python3 benchmarks/spec_decode_benchmark.py --dtype float32 --batches 1 16 --offline-n 300 ${SPEC_ARGS:-} ;;
+    spec) stage spec ${SPEC_TIMEOUT:-330} python3 benchmarks/spec_decode_benchmark.py --dtype bfloat16 --batches 1 16 --offline-n 300 ${SPEC_ARGS:-} ;;
     verify_graphs) stage verify_graphs 150 python3 -m pytest -q -p no:cacheprovider tests/platforms/cuda/test_cuda_verify_graphs.py -m "gpu or not gpu"
                    tail -3 "$OUT/verify_graphs.log" ;;
     moe_sweep) stage moe_sweep 200 python3 benchmarks/moe_gemv_sweep.py --budget-s 150 ${MOE_SWEEP_ARGS:-} ;;

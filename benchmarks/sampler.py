@@ -17,6 +17,7 @@ import argparse
 import importlib.util
 import statistics
 import time
+from collections.abc import Callable
 
 import torch
 from kvik.sample.logits_processors import apply_token_bitmask
@@ -119,32 +120,38 @@ def load_tokenizer():
 
 
 def bench_structured(args: argparse.Namespace) -> list[tuple[str, float, float]]:
-    from kvik.structured.xgrammar_backend import XGrammarBackend
+    from kvik.structured.xgrammar_backend import XGrammarBackend, _Matcher
 
     label, tokenizer, vocab = load_tokenizer()
     backend = XGrammarBackend(tokenizer, vocab, frozenset({tokenizer.eos_token_id or 0}))
     start = time.perf_counter()
     compiled = backend.compile("json", SCHEMA)
     compile_ms = (time.perf_counter() - start) * 1e3
-    matchers = [backend.new_matcher(compiled) for _ in range(args.batch)]
     # Advance each matcher into the middle of a string value, where most tokens are allowed
-    # (the expensive case for mask filling).
+    # (the expensive case for mask filling). "bare": xgrammar's matchers without the UTF-8 guard.
     prefix = tokenizer.encode('{"name": "abc', add_special_tokens=False)
-    for m in matchers:
+    guarded = [backend.new_matcher(compiled) for _ in range(args.batch)]
+    bare = [_Matcher(backend._xgr.GrammarMatcher(compiled)) for _ in range(args.batch)]
+    for m in guarded + bare:
         for t in prefix:
             assert m.accept_token(t)
     bitmask = backend.allocate_bitmask(args.batch)
     logits = torch.randn(args.batch, vocab)
 
-    def fill() -> None:
-        for row, m in enumerate(matchers):
-            m.fill_bitmask(bitmask, row)
+    def fill(matchers: list) -> Callable[[], None]:
+        def run() -> None:
+            for row, m in enumerate(matchers):
+                m.fill_bitmask(bitmask, row)
 
-    fill_ms = time_ms(fill, args.repeats)
+        return run
+
+    fill_ms = time_ms(fill(guarded), args.repeats)
+    bare_ms = time_ms(fill(bare), args.repeats)
     apply_ms = time_ms(lambda: apply_token_bitmask(logits.clone(), list(range(args.batch)), bitmask), args.repeats)
     return [
         (f"compile JSON schema ({label}), once per schema (cached)", compile_ms, compile_ms),
         (f"fill bitmask, {args.batch} rows (worker thread, overlaps the forward)", *fill_ms),
+        ("  the same without the UTF-8 guard (xgrammar alone)", *bare_ms),
         (f"apply bitmask to [{args.batch}, {vocab}] logits", *apply_ms),
     ]
 

@@ -4,12 +4,12 @@
     python benchmarks/spec_decode_benchmark.py --device cpu --shape tiny --draft-shape tiny --new 16   # smoke
 
 Dummy (seeded random) weights, so nothing is downloaded or written but config files.
-Random weights do not copy text, so acceptance is made meaningful per method (on a GPU, pass
-``--dtype float32`` for the replay runs: a random bf16 model's logits are so flat that a verify
-step's different matmul shapes move the argmax, and every replayed draft after that is wrong):
+Random weights do not copy text, so acceptance is made meaningful per method:
 
-- ``replay``: a benchmark-only proposer that drafts the baseline's own greedy
-  continuation (100% acceptance): the verify mechanics' upper bound, free drafts.
+- ``replay``: a benchmark-only proposer that drafts the engine's own greedy continuation (recorded
+  first with every draft rejected, so the verify steps' argmax is what gets replayed: in bfloat16 a
+  random model's logits are so flat that a decode step's argmax would not be): 100% acceptance, the
+  verify mechanics' upper bound, free drafts; ``--corrupt`` makes a fraction of the drafts wrong.
 - ``ngram`` / ``suffix``: on a copy-heavy prompt built from the model's own output
   (prompt P, its greedy continuation C, then P again: the answer may repeat C);
   whatever acceptance that gives is reported next to the time.
@@ -183,12 +183,25 @@ def graph_info(llm: Any) -> dict[str, Any]:
     return info
 
 
-def measure(llm: Any, prompts: list[list[int]], args: argparse.Namespace, want: dict | None) -> dict[str, Any]:
-    """Per batch size: decode ms/token, acceptance, and whether the tokens match the baseline's."""
+def measure(
+    llm: Any, prompts: list[list[int]], args: argparse.Namespace, want: dict | None, replay: bool = False
+) -> dict[str, Any]:
+    """Per batch size: decode ms/token, acceptance, and whether the tokens match the baseline's.
+
+    ``replay``: first record what this engine itself generates with every draft rejected, and replay
+    that. In bfloat16 a random model's near-flat logits let a verify step's argmax differ from a
+    decode step's, so the baseline's tokens would not be accepted; the engine's own verify-step tokens are.
+    """
     results: dict[str, Any] = {}
     timed(llm, prompts[:1], 4)  # warm-up (Triton compiles, allocator)
     for b in args.batches:
         batch = prompts[:b]
+        if replay:
+            fraction, CORRUPT[0] = CORRUPT[0], 1.0
+            _, truth, _ = timed(llm, batch, args.new)
+            CORRUPT[0] = fraction
+            for p, t in zip(batch, truth, strict=True):
+                CONTINUATIONS[tuple(p)] = t
         t1, _, _ = timed(llm, batch, 1)
         best = float("inf")
         for _ in range(args.repeats):
@@ -209,7 +222,7 @@ def measure(llm: Any, prompts: list[list[int]], args: argparse.Namespace, want: 
         results[str(b)] = row
         results.setdefault("_tokens", {})[str(b)] = tokens
     if args.profile:
-        results["profile"] = profile_steps(llm, prompts[:1])
+        results["profile"] = profile_steps(llm, prompts[:1], args.profile_new)
     return results
 
 
@@ -253,6 +266,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--only", nargs="*", help="configurations to run (default: all)")
     ap.add_argument("--profile", action="store_true", help="also profile a batch-1 run of each configuration")
+    ap.add_argument("--profile-new", type=int, default=17,
+                    help="tokens of the profiled run (its one prefill weighs less in a longer run)")
     args = ap.parse_args()
 
     from kvik.plugins.manager import get_plugin_manager
@@ -299,7 +314,7 @@ def main() -> None:
                     result = {}
                     for fraction in args.corrupt:  # one engine, several acceptance levels
                         CORRUPT[0] = fraction
-                        part = measure(llm, prompts, args, want)
+                        part = measure(llm, prompts, args, want, replay=True)
                         part.pop("_tokens")
                         result[f"corrupt_{fraction}"] = part
                     CORRUPT[0] = 0.0

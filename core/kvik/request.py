@@ -5,10 +5,14 @@ from __future__ import annotations
 import enum
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from kvik.lora.request import LoRARequest
 from kvik.pooling.params import PoolingParams
 from kvik.sampling_params import SamplingParams
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 class RequestStatus(enum.IntEnum):
@@ -70,7 +74,7 @@ class Request:
     accepted_per_position: list[int] = field(default_factory=list)  # [i]: steps whose draft i was accepted
     # A pooling request: prefilled, never sampled; finishes with ``pooled`` set (kvik.pooling).
     pooling_params: PoolingParams | None = None
-    pooled: list[float] | None = None  # the runner's raw vector, set when the request finishes
+    pooled: list[float] | np.ndarray | None = None  # the runner's raw vector, set when the request finishes
     # The LoRA adapter it runs under (None: the base model). Its cache_key is among cache_extra_keys,
     # so its KV blocks are never shared with another adapter's or the base model's.
     lora_request: LoRARequest | None = None

@@ -6,6 +6,7 @@ against the server (and need its package). The file format itself: tests/core/en
 
 from __future__ import annotations
 
+import gc
 import json
 import sys
 from pathlib import Path
@@ -173,6 +174,30 @@ def test_server_side_failures_get_no_record_and_are_retried(
     assert "run-batch: 100%" in err and "1/1" in err  # the progress bar counted the one request left
     records = read_records(out)
     assert set(records) == {"c", "p"} and records["p"][0]["response"]["status_code"] == 200
+
+
+def test_heap_is_frozen_only_while_requests_run(tiny_model_dir: Any, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
+    """The engine's and app's heap is out of the collector's sight while lines run (full collections over
+    it stalled the engine), and back in it afterwards."""
+    from kvik.entrypoints import batch
+
+    model = str(tiny_model_dir("llama", max_position_embeddings=512))
+    source = write_lines(tmp_path / "in.jsonl", [chat(f"c{i}", "hi", max_tokens=2) for i in range(3)])
+    seen: list[int] = []
+    inner = batch.post
+
+    async def post(app: Any, path: str, body: dict[str, Any]) -> tuple[int, Any]:
+        seen.append(gc.get_freeze_count())
+        return await inner(app, path, body)
+
+    monkeypatch.setattr(batch, "post", post)
+    assert gc.get_freeze_count() == 0
+    args = ["run-batch", "-i", str(source), "-o", str(tmp_path / "out.jsonl"), "--model", model, *CPU]
+    assert main(args) == 0
+    assert len(seen) == 3 and min(seen) > 10_000  # the modules, the engine and the app: a large heap
+    assert gc.get_freeze_count() == 0
+    assert set(read_records(tmp_path / "out.jsonl")) == {"c0", "c1", "c2"}
 
 
 def _same_as_server(records: dict[str | None, list[dict[str, Any]]], lines: list[dict[str, Any]], model: Path) -> None:

@@ -43,6 +43,7 @@ from kvik.request import Request, RequestStatus
 from kvik.sample.admission import prepare_params
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import SchedulerOutput
+from kvik.spec_decode.backoff import SpecBackoff
 from kvik.spec_decode.config import SpeculativeConfig
 from kvik.spec_decode.proposer import Proposer
 from kvik.structured.manager import StructuredOutputManager
@@ -173,10 +174,13 @@ class LLMEngine:
         self.async_scheduling = cfg.async_scheduling and caps.async_scheduling
         if cfg.async_scheduling and not self.async_scheduling:
             logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
-        if self.proposer is not None and self.async_scheduling:
-            # Drafts are proposed from the tokens of the previous step, so each step waits for it.
-            logger.info("async scheduling is off: speculative decoding runs its steps synchronously")
+        if self.proposer is not None and self.async_scheduling and bool(getattr(self.proposer, "drafter", "")):
+            # A drafter on the runner drafts inside each step, from that step's tokens: every step waits.
+            logger.info("async scheduling is off: speculative decoding with a draft model runs synchronously")
             self.async_scheduling = False
+        # Host proposers (n-gram, suffix) draft from the previous step's tokens, so a step that drafts
+        # runs synchronously; steps that do not (a full batch, a back-off) keep async scheduling.
+        self._spec_backoff = SpecBackoff()
         # Steps left running when step() returns: async scheduling keeps the next one queued behind the one
         # being finished; pipeline parallelism keeps a step in each stage but the last (its requests are
         # not in the steps behind it: the scheduler skips requests whose token is in flight).
@@ -388,8 +392,8 @@ class LLMEngine:
                 "truncate_prompt_tokens"
             )
         vocab = self.model_config.vocab_size
-        bad = [t for t in token_ids if not 0 <= t < vocab]
-        if bad:
+        if min(token_ids) < 0 or max(token_ids) >= vocab:  # min/max run in C; the list only on failure
+            bad = [t for t in token_ids if not 0 <= t < vocab]
             raise ValueError(f"input token ids {bad[:5]} are outside the vocabulary [0, {vocab})")
         resolved = replace(params, pooling_type=setup.pooling_type)
         text = prompt if isinstance(prompt, str) else None
@@ -510,10 +514,18 @@ class LLMEngine:
         parallelism: launch the next step, then finish the oldest in flight (whose outputs are
         returned), leaving ``_steps_kept`` steps running; with nothing to launch, finish the oldest.
         """
-        if not self._steps_kept or (self.async_scheduling and any(map(_reads_output_history, self.scheduler.running))):
+        speculate = self.proposer is not None and self._speculates_now()
+        if (
+            not self._steps_kept
+            or speculate
+            or (self.async_scheduling and any(map(_reads_output_history, self.scheduler.running)))
+        ):
             outputs = self._finish_in_flight()
-            if self.proposer is not None:
-                self._propose(self.proposer)
+            if speculate:
+                assert self.proposer is not None
+                drafted = self._propose(self.proposer)
+                if drafted is not None and self.async_scheduling:
+                    self._spec_backoff.record(drafted)
             scheduler_output = self._schedule()
             if scheduler_output is None:
                 return outputs
@@ -528,16 +540,23 @@ class LLMEngine:
                 break
         return finished
 
-    def _propose(self, proposer: Proposer) -> None:
-        """Draft tokens for the running requests that decode next (none for grammar-constrained ones)."""
+    def _speculates_now(self) -> bool:
+        """Whether this step proposes drafts (a step that does runs synchronously)."""
         spec = self.config.speculative_config
         assert spec is not None
-        k = spec.num_speculative_tokens
         if spec.disable_by_batch_size and len(self.scheduler.running) >= spec.disable_by_batch_size:
             # Under load the batch already fills the device: extra verify positions cost more than
             # they save (vLLM's disable_by_batch_size). The step decodes one token per request.
             self._spec_disabled_steps += 1
-            return
+            return False
+        return not (self.async_scheduling and self._spec_backoff.skip())
+
+    def _propose(self, proposer: Proposer) -> int | None:
+        """Draft tokens for the running requests that decode next (none for grammar-constrained ones);
+        returns how many requests got drafts (None: no request decodes next)."""
+        spec = self.config.speculative_config
+        assert spec is not None
+        k = spec.num_speculative_tokens
         decoding = [
             r
             for r in self.scheduler.running
@@ -546,10 +565,13 @@ class LLMEngine:
             and r.sampling_params.guided is None
         ]
         if not decoding:
-            return
+            return None
         room = [min(k, r.max_tokens - r.num_output_tokens - 1) for r in decoding]
+        drafted = 0
         for request, drafts in zip(decoding, proposer.propose(decoding, room), strict=True):
             request.draft_token_ids = list(drafts)
+            drafted += bool(drafts)
+        return drafted
 
     def _schedule(self) -> SchedulerOutput | None:
         scheduler_output = self.scheduler.schedule()

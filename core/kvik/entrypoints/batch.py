@@ -9,13 +9,16 @@ needs the server package; without it the command says how to install it.
 
 All pending requests are in flight at once (up to a window a few times the engine's batch), so
 the engine runs full batches as ``LLM.generate`` does. Results are appended as they finish and
-flushed, so an interrupted run resumes where it stopped (see batch_file.py).
+flushed, so an interrupted run resumes where it stopped (see batch_file.py). While the lines run,
+the heap that exists before them is frozen (``gc.freeze``) so that full garbage collections do not
+stall the engine (docs/benchmarks.md, issue 19).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
 import sys
 from pathlib import Path
@@ -140,10 +143,18 @@ async def run_requests(
         if bar is not None:
             bar.update(1)
 
+    # The engine, the app and every imported module are a large heap that lives to the end. The
+    # requests' own objects trigger full collections, each walking all of it (0.2-0.3 s on the CPU
+    # with a tiny model, holding the GIL and so the engine's steps: 512 chat lines ran 2 of them,
+    # a sixth of the run); frozen, that heap is out of the collector's sight until the run ends.
+    frozen_before = gc.get_freeze_count() > 0  # a host process's own freeze stays as it was
+    gc.freeze()
     try:
         async with app.router.lifespan_context(app):  # starts and stops the engine loop
             await asyncio.gather(*(one(r) for r in requests))
     finally:
+        if not frozen_before:
+            gc.unfreeze()
         if bar is not None:
             bar.close()
     return failed

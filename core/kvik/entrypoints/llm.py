@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import itertools
 import sys
-from collections.abc import Sequence
+from collections.abc import Generator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 from kvik.config import EngineConfig
@@ -24,6 +25,11 @@ from kvik.pooling.params import PoolingParams
 from kvik.sampling_params import BeamSearchParams, SamplingParams
 
 ChatMessages = list[dict[str, Any]]
+
+
+# Texts a pooling call tokenizes at a time (LLM.encode, on a thread): later chunks overlap earlier steps.
+POOLING_CHUNK = 256
+_SPENT = object()
 
 
 class LLM:
@@ -207,10 +213,28 @@ class LLM:
                 raise ValueError(f"got {len(params_list)} PoolingParams for {len(prompt_list)} prompts")
         engine = self.llm_engine
         ids = [str(next(self._counter)) for _ in prompt_list]
-        prepared = engine.prepare_pooling_requests(ids, prompt_list, params_list)
-        for item in prepared:
-            engine.add_prepared(item)
-        return self._run(ids, use_tqdm)
+
+        def feed() -> Generator[None, None, None]:
+            # Tokenizing is host work the device can overlap: a thread prepares the chunks (the Rust
+            # tokenizer releases the GIL) while the engine steps what is already added. A bad text
+            # still fails the whole call, as it did.
+            pool = ThreadPoolExecutor(1, thread_name_prefix="kvik-tokenize")
+            try:
+                chunks = [
+                    pool.submit(engine.prepare_pooling_requests, ids[s : s + POOLING_CHUNK],
+                                prompt_list[s : s + POOLING_CHUNK], params_list[s : s + POOLING_CHUNK])
+                    for s in range(0, len(ids), POOLING_CHUNK)
+                ]  # fmt: skip
+                for chunk in chunks:
+                    while not chunk.done() and engine.has_unfinished_requests():
+                        yield  # one more step while the chunk is tokenized
+                    for item in chunk.result():
+                        engine.add_prepared(item)
+                    yield
+            finally:
+                pool.shutdown(wait=True, cancel_futures=True)
+
+        return self._run(ids, use_tqdm, feed())
 
     def embed(
         self,
@@ -264,7 +288,11 @@ class LLM:
         return value is every rank's time by kernel (:class:`kvik.executor.profiling.ProfileSummary`)."""
         return self.llm_engine.stop_profile(trace_dir)
 
-    def _run(self, ids: list[str], use_tqdm: bool | None) -> list[Any]:
+    def _run(
+        self, ids: list[str], use_tqdm: bool | None, feed: Generator[None, None, None] | None = None
+    ) -> list[Any]:
+        """Step the engine until every request of ``ids`` finished; ``feed``, when given, adds them a
+        chunk at a time (advanced once before the first step and once after each step until spent)."""
         engine = self.llm_engine
         pending = set(ids)
         results: dict[str, RequestOutput | PoolingRequestOutput] = {}
@@ -275,10 +303,14 @@ class LLM:
 
             bar = tqdm(total=len(ids), desc="generating", unit="req", file=sys.stderr)
         try:
+            feeding = feed is not None and next(feed, _SPENT) is not _SPENT
             while pending:
                 if not engine.has_unfinished_requests():
                     raise RuntimeError(f"engine went idle with {len(pending)} requests unfinished")
                 outputs: list[RequestOutput | PoolingRequestOutput] = [*engine.step(), *engine.take_pooling_outputs()]
+                if feeding:
+                    assert feed is not None
+                    feeding = next(feed, _SPENT) is not _SPENT
                 for output in outputs:
                     if output.finished and output.request_id in pending:
                         results[output.request_id] = output
@@ -289,6 +321,8 @@ class LLM:
             engine.abort_request(list(pending))
             raise
         finally:
+            if feed is not None:
+                feed.close()  # its tokenizer thread stops (a failed call leaves no chunk running)
             if bar is not None:
                 bar.close()
         return [results[i] for i in ids]

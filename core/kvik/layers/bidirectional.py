@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from kvik.attention.backend import AttentionMetadata
+from kvik.tensor_transfer import to_device
 
 
 @dataclass(slots=True)
@@ -49,8 +50,8 @@ class SequenceBatch:
             lens,
             max_len,
             num_rows,
-            torch.from_numpy(dest).to(device),
-            torch.from_numpy(mask).to(device)[:, None, None, :],
+            to_device(torch.from_numpy(dest), device),  # pinned: a pageable copy would wait for the device
+            to_device(torch.from_numpy(mask), device)[:, None, None, :],
         )
 
     @property
@@ -60,7 +61,7 @@ class SequenceBatch:
     def segment_ids(self, device: torch.device) -> torch.Tensor:
         """[sum(lens)] int64: the request each real row belongs to."""
         ids = np.repeat(np.arange(len(self.lens), dtype=np.int64), self.lens)
-        return torch.from_numpy(ids).to(device)
+        return to_device(torch.from_numpy(ids), device)
 
     def _mask(self, window: int | None, device: torch.device) -> torch.Tensor | None:
         """The boolean mask for SDPA: key padding [B, 1, 1, L], and/or a band [1, 1, L, L] (True: attend)."""

@@ -68,3 +68,11 @@ class GemmaRMSNorm(RMSNorm):
         x32 = x.float()
         x32 = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
         return (x32 * (1.0 + self.weight.float())).to(x.dtype)
+
+
+class AddLayerNorm(nn.LayerNorm):
+    """``LayerNorm(x + residual)``: a post-LN sublayer's output (BERT). One module, so a platform can
+    fuse the add into the norm; the add rounds to the input dtype first, as the eager form does."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:  # type: ignore[override]
+        return super().forward(x if residual is None else x + residual)

@@ -34,6 +34,7 @@ from torch import nn
 
 from kvik.attention.backend import AttentionMetadata
 from kvik.layers.bidirectional import SequenceBatch
+from kvik.layers.norm import AddLayerNorm
 from kvik.models.interface import ModelBuildContext
 from kvik.pooling.architectures import position_offset
 
@@ -82,10 +83,10 @@ class _DenseNorm(nn.Module):
     def __init__(self, fan_in: int, hidden: int, eps: float, dtype: torch.dtype, device: torch.device) -> None:
         super().__init__()
         self.dense = nn.Linear(fan_in, hidden, dtype=dtype, device=device)
-        self.LayerNorm = nn.LayerNorm(hidden, eps=eps, dtype=dtype, device=device)
+        self.LayerNorm = AddLayerNorm(hidden, eps=eps, dtype=dtype, device=device)
 
     def forward(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
-        return self.LayerNorm(self.dense(x) + residual)
+        return self.LayerNorm(self.dense(x), residual)  # type: ignore[no-any-return]
 
 
 class _Attention(nn.Module):

@@ -12,14 +12,14 @@ def finish_pooled(raw: np.ndarray, params: PoolingParams, default_normalize: boo
     vector = raw.astype(np.float64)
     if params.task == "classify":
         if not params.activation:
-            return [float(x) for x in vector]
+            return vector.tolist()  # type: ignore[no-any-return]
         if vector.shape[0] == 1:  # one label: a relevance logit
             return [float(1.0 / (1.0 + np.exp(-vector[0])))]
         shifted = np.exp(vector - vector.max())
-        return [float(x) for x in shifted / shifted.sum()]
+        return (shifted / shifted.sum()).tolist()  # type: ignore[no-any-return]
     if params.dimensions is not None:
         vector = vector[: params.dimensions]  # Matryoshka: the leading dimensions, then normalise
     normalize = default_normalize if params.normalize is None else params.normalize
     if normalize:
         vector = vector / max(float(np.linalg.norm(vector)), 1e-12)
-    return [float(x) for x in vector]
+    return vector.tolist()  # type: ignore[no-any-return]

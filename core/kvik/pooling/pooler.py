@@ -19,6 +19,7 @@ import torch
 
 from kvik.pooling.params import PoolingType
 from kvik.scheduling.output import ScheduledRequest
+from kvik.tensor_transfer import to_device
 
 
 @dataclass(slots=True)
@@ -44,7 +45,8 @@ class StepPooler:
     ) -> tuple[list[str], torch.Tensor | None]:
         """Feed this step's rows of every pooling request; return (finished ids, their float32 vectors)."""
         ids: list[str] = []
-        rows: list[torch.Tensor | int] = []  # a pooled vector, or the hidden row a LAST request pools
+        rows: list[torch.Tensor | int | _Partial] = []  # a pooled vector, the hidden row to take, or a MEAN sum
+        spans: list[tuple[int, int, _Partial]] = []  # MEAN: this step's rows of each request
         for i, sched in enumerate(scheduled):
             params = sched.pooling_params
             if params is None:
@@ -64,24 +66,61 @@ class StepPooler:
                 if sched.start_pos == 0:
                     state.first = hidden[start].float()
             else:
-                chunk = hidden[start:end].float().sum(dim=0)
-                state.total = chunk if state.total is None else state.total + chunk
+                spans.append((start, end, state))
                 state.count += end - start
             if last:
                 del self._partial[sched.request_id]
-                vector = state.first if kind is PoolingType.CLS else state.total
-                assert vector is not None, "a CLS-pooled request must be prefilled from position 0"
-                if kind is PoolingType.MEAN:
-                    vector = vector / state.count
                 ids.append(sched.request_id)
-                rows.append(vector)
+                if kind is PoolingType.CLS:
+                    assert state.first is not None, "a CLS-pooled request must be prefilled from position 0"
+                    rows.append(state.first)
+                else:
+                    rows.append(state)
+        if spans:
+            # Every MEAN chunk of the step summed in one reduction (a kernel per request cost more
+            # than the encoder's forward at 64 requests a step), each row in float32.
+            sums = _span_sums(hidden, [(a, b) for a, b, _ in spans])
+            for (_, _, state), chunk in zip(spans, sums, strict=True):
+                state.total = chunk if state.total is None else state.total + chunk
         if not rows:
             return ids, None
         if all(isinstance(r, int) for r in rows):  # the common case (decoder embedders, classifiers): one gather
-            index = torch.tensor(rows, dtype=torch.int64).to(hidden.device, non_blocking=True)
+            index = to_device(torch.tensor(rows, dtype=torch.int64), hidden.device)
             pooled = hidden.index_select(0, index).float()
+        elif all(isinstance(r, _Partial) for r in rows):  # MEAN (encoders): one division for the step
+            partials = [r for r in rows if isinstance(r, _Partial)]
+            counts = to_device(torch.tensor([r.count for r in partials], dtype=torch.float32), hidden.device)
+            pooled = torch.stack([_vector(hidden, r) for r in partials]) / counts[:, None]
         else:
-            pooled = torch.stack([hidden[r].float() if isinstance(r, int) else r for r in rows])
+            pooled = torch.stack([_vector(hidden, r, mean=True) for r in rows])
         if self.head is not None:
             pooled = self.head(pooled).float()
         return ids, pooled
+
+
+def _vector(hidden: torch.Tensor, row: torch.Tensor | int | _Partial, mean: bool = False) -> torch.Tensor:
+    """One request's float32 vector: a hidden row, a MEAN sum (divided by its count when ``mean``), or as is."""
+    if isinstance(row, int):
+        return hidden[row].float()
+    if isinstance(row, _Partial):
+        assert row.total is not None
+        return row.total / row.count if mean else row.total
+    return row
+
+
+def _span_sums(hidden: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
+    """``[len(spans), hidden]`` float32: the sum of ``hidden[a:b]`` for each span.
+
+    One padded gather and one reduction, with no host synchronisation (torch.segment_reduce waits for
+    the device, which under async scheduling is the forward in flight): ``[spans, longest, hidden]``
+    rows, the padding zeroed.
+    """
+    starts = np.array([a for a, _ in spans], dtype=np.int64)
+    lengths = np.array([b - a for a, b in spans], dtype=np.int64)
+    offsets = np.arange(int(lengths.max()), dtype=np.int64)
+    index = starts[:, None] + np.minimum(offsets[None, :], lengths[:, None] - 1)  # padding repeats a row
+    valid = offsets[None, :] < lengths[:, None]
+    rows = hidden.index_select(0, to_device(torch.from_numpy(index.reshape(-1)), hidden.device))
+    rows = rows.view(len(spans), -1, hidden.shape[-1]).float()
+    rows.masked_fill_(~to_device(torch.from_numpy(valid), hidden.device)[..., None], 0.0)
+    return rows.sum(dim=1)

@@ -12,6 +12,8 @@ from kvik.pooling.params import PoolingParams
 from kvik.sampling_params import SamplingParams
 
 if TYPE_CHECKING:
+    import numpy as np
+
     from kvik.lora.request import LoRARequest
     from kvik.structured.manager import StructuredStep
 
@@ -97,8 +99,8 @@ class RunnerOutput:
     logprob_ranks: dict[str, list[int]] | None = None
     prompt_logprob_ranks: dict[str, list[int]] | None = None
     # request_id -> the pooled (and, for classifiers, head-projected) float32 vector of a pooling
-    # request that finished its prompt this step.
-    pooled: dict[str, list[float]] | None = None
+    # request that finished its prompt this step: a list or a 1-D numpy array (cheaper for long vectors).
+    pooled: dict[str, list[float] | np.ndarray] | None = None
     # Speculative decoding with a drafter on the runner (draft model, EAGLE): request_id -> the
     # tokens it proposes for the request's next step (kvik.spec_decode.drafter).
     draft_token_ids: dict[str, list[int]] | None = None

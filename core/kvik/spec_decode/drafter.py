@@ -27,7 +27,7 @@ from __future__ import annotations
 import importlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 import torch
@@ -70,9 +70,8 @@ class Drafter(ABC):
     # True when the drafter reads the target's intermediate activations, which a CUDA graph
     # replay does not expose: the runner then runs the target eagerly.
     needs_eager_target: bool = False
-    # False: the target's verify steps run eagerly even where a runner could replay them as
-    # verify-shaped CUDA graphs (decode steps still replay theirs).
-    verify_graphs: bool = True
+    # True when :meth:`decode_pass` exists: a runner with CUDA graphs captures it per decode size.
+    has_decode_pass: bool = False
 
     def __init__(self, config: SpeculativeConfig, runner: TorchModelRunner) -> None:
         self.config = config
@@ -113,6 +112,17 @@ class Drafter(ABC):
 
         ``hidden`` [T, hidden] are the target's final hidden states of ``layout``'s rows;
         ``sampled`` the step's tokens per request (accepted drafts plus one)."""
+
+    def decode_pass(
+        self, input_ids: torch.Tensor, prev: torch.Tensor, positions: torch.Tensor, metadata: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """One draft token per request row: (the draft's hidden states [T, H], float32 logits [T, vocab]).
+
+        Contract for drafters that set ``has_decode_pass``: static shapes, no host synchronisation and
+        no allocation that outlives the call, so a runner may capture it as a CUDA graph per decode
+        size and replay it (``TorchModelRunner.run_draft_decode``); ``prev`` is the previous pass's
+        hidden state per row (or the step's, for the first)."""
+        raise NotImplementedError(f"{type(self).__name__} has no decode pass")
 
     # -- verify support -----------------------------------------------------------------
     def draft_probs(self, reqs: list[ScheduledRequest], counts: list[int], logits: torch.Tensor) -> torch.Tensor | None:

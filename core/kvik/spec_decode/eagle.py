@@ -45,10 +45,7 @@ class EagleDrafter(Drafter):
         super().__init__(config, runner)
         self.kind = config.method
         self.needs_eager_target = self.kind == "eagle3"
-        # Capturing the target's verify shapes with an EAGLE head failed on the H200 (2026-11-30 run f:
-        # "operation failed due to a previous error during capture"); not understood yet, so its
-        # verify steps stay eager (they were before verify graphs existed).
-        self.verify_graphs = False
+        self.has_decode_pass = True
         self.head: EagleHead | None = None
         self.kv_caches: list[torch.Tensor] = []
         self.num_pool_blocks = 0
@@ -224,9 +221,8 @@ class EagleDrafter(Drafter):
             batch = [
                 ScheduledRequest(r, [0], p + j, [], True, _DRAFT_PARAMS) for r, p in zip(ids, last_pos, strict=True)
             ]
-            _, _, h = self._run_decode(batch, tables, draft_rows, tokens, state["h"])
-            state["h"] = h
-            return self._logits(h)
+            state["h"], logits = self._run_decode(batch, tables, draft_rows, tokens, state["h"])
+            return logits
 
         drafts, probs, is_sampled = self.run_drafts(self._logits(state["h"]), params, step)
         host = drafts.cpu().tolist()
@@ -235,13 +231,24 @@ class EagleDrafter(Drafter):
 
     def _run_decode(
         self, batch: list[ScheduledRequest], tables: Any, rows: np.ndarray, tokens: torch.Tensor, prev: torch.Tensor
-    ) -> tuple[torch.Tensor, StepLayout, torch.Tensor]:
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """(hidden [S, H], logits [S, vocab]) after feeding one draft token per request: through the
+        runner's step buffers, so a runner with CUDA graphs pads it to a decode size and replays."""
+        runner, n = self.runner, len(batch)
+        inputs = runner.prepare_inputs(runner.build_layout(batch, tables, rows))
+        inputs.input_ids[:n] = tokens
+        padded = inputs.input_ids.shape[0]
+        if padded != n:  # the padding rows' states are never read
+            prev = torch.cat([prev, prev.new_zeros(padded - n, prev.shape[1])])
+        hidden, logits = runner.run_draft_decode(inputs, prev)
+        return hidden[:n], logits[:n]
+
+    def decode_pass(
+        self, input_ids: torch.Tensor, prev: torch.Tensor, positions: torch.Tensor, metadata: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         assert self.head is not None
-        layout = StepLayout.build(batch, tables, rows, self.runner.block_size)
-        inputs = self.runner.prepare_inputs(layout)
-        inputs.input_ids[: len(batch)] = tokens
-        out = self.head(self._embed(inputs.input_ids), prev, inputs.positions, self.kv_caches, inputs.metadata)
-        return inputs.input_ids, layout, out
+        hidden = self.head(self._embed(input_ids), prev, positions, self.kv_caches, metadata)
+        return hidden, self._logits(hidden)
 
     def shutdown(self) -> None:
         self.head = None

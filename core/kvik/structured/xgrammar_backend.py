@@ -3,6 +3,8 @@
 xgrammar compiles a grammar against the tokenizer's vocabulary once (cached
 by the engine), then per request a ``GrammarMatcher`` walks a pushdown
 automaton and fills a packed allowed-token bitmask in microseconds per token.
+Every matcher is wrapped in a :class:`~kvik.structured.utf8.Utf8Guard`: xgrammar
+admits surrogate encodings (``ED A0..BF xx``) as characters, which no decoder does.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ from typing import Any
 import numpy as np
 
 from kvik.structured.backend import GrammarMatcher, StructuredOutputBackend
+from kvik.structured.utf8 import Utf8Guard, Utf8Table
 
 
 class _Matcher:
@@ -64,6 +67,8 @@ class XGrammarBackend(StructuredOutputBackend):
             hf_tokenizer, vocab_size=vocab_size, stop_token_ids=sorted(eos_token_ids) or None
         )
         self.compiler = xgrammar.GrammarCompiler(info, max_threads=2)
+        # decoded_vocab: each token's raw output bytes (byte-level and byte-fallback vocabularies alike).
+        self.utf8 = Utf8Table.build(info.decoded_vocab, vocab_size, info.stop_token_ids)
 
     def compile(self, kind: str, spec: Any) -> Any:
         try:
@@ -88,7 +93,7 @@ class XGrammarBackend(StructuredOutputBackend):
         raise ValueError(f"unknown structured-output kind {kind!r}; expected one of json, regex, choice, grammar")
 
     def new_matcher(self, compiled: Any) -> GrammarMatcher:
-        return _Matcher(self._xgr.GrammarMatcher(compiled))
+        return Utf8Guard(_Matcher(self._xgr.GrammarMatcher(compiled)), self.utf8)
 
     def allocate_bitmask(self, rows: int) -> np.ndarray:
         return np.full((rows, (self.vocab_size + 31) // 32), -1, dtype=np.int32)

@@ -509,6 +509,12 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         assert self.model is not None
         return self.model(inputs.input_ids, inputs.positions, self.kv_caches, inputs.metadata)
 
+    def run_draft_decode(self, inputs: ModelInputs, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The drafter's :meth:`~kvik.spec_decode.drafter.Drafter.decode_pass` over ``inputs`` (every row,
+        padding included; ``prev`` has a row for each). Runners with CUDA graphs replay a captured one."""
+        assert self.drafter is not None
+        return self.drafter.decode_pass(inputs.input_ids, prev, inputs.positions, inputs.metadata)
+
     def _logits(self, hidden: torch.Tensor, layout: StepLayout, rows: np.ndarray) -> torch.Tensor:
         """float32 logits [len(rows), vocab] at token ``rows`` of ``hidden``."""
         assert self.model is not None
@@ -532,7 +538,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             out = handle.result()
             # A blocking copy, made when the engine asks for the step's results (async scheduling
             # still overlaps the next step's launch with this one).
-            out.pooled = dict(zip(pooled_ids, pooled.to("cpu").tolist(), strict=True))
+            out.pooled = dict(zip(pooled_ids, pooled.to("cpu").numpy(), strict=True))  # rows of one array
             return out
 
         return StepHandle(finish)

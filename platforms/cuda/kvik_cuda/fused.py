@@ -24,7 +24,7 @@ import triton
 import triton.language as tl
 from kvik.layers.activation import SiluAndMul
 from kvik.layers.moe import MoEExperts, SparseMoE
-from kvik.layers.norm import RMSNorm
+from kvik.layers.norm import AddLayerNorm, RMSNorm
 from kvik.layers.rotary import RotaryEmbedding
 from torch import nn
 
@@ -42,26 +42,51 @@ def _rms_norm_kernel(
     stride_r,
     stride_o,
     stride_ro,
+    n_rows,
     n_cols,
     eps,
     heads,  # rows per token: 1, or the head count of a per-head norm over [n, heads, n_cols]
     stride_h,  # the input's head stride (per-head norms read q/k views of a fused projection)
     HAS_RESIDUAL: tl.constexpr,
+    ROWS: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     offs = tl.arange(0, BLOCK)
-    mask = offs < n_cols
-    x = tl.load(x_ptr + (row // heads) * stride_x + (row % heads) * stride_h + offs, mask=mask, other=0.0)
+    mask = (rows < n_rows)[:, None] & (offs < n_cols)[None, :]
+    src = (rows // heads) * stride_x + (rows % heads) * stride_h
+    x = tl.load(x_ptr + src[:, None] + offs[None, :], mask=mask, other=0.0)
     if HAS_RESIDUAL:
-        r = tl.load(res_ptr + row * stride_r + offs, mask=mask, other=0.0)
+        r = tl.load(res_ptr + rows[:, None] * stride_r + offs[None, :], mask=mask, other=0.0)
         x = (x.to(tl.float32) + r.to(tl.float32)).to(x_ptr.dtype.element_ty)  # the add rounds to the input dtype
-        tl.store(res_out_ptr + row * stride_ro + offs, x, mask=mask)
+        tl.store(res_out_ptr + rows[:, None] * stride_ro + offs[None, :], x, mask=mask)
     x32 = x.to(tl.float32)
-    rstd = tl.math.rsqrt(tl.sum(x32 * x32, 0) / n_cols + eps)
-    normed = (x32 * rstd).to(out_ptr.dtype.element_ty).to(tl.float32)
-    w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(tl.float32)
-    tl.store(out_ptr + row * stride_o + offs, (w * normed).to(out_ptr.dtype.element_ty), mask=mask)
+    rstd = tl.math.rsqrt(tl.sum(x32 * x32, 1) / n_cols + eps)
+    normed = (x32 * rstd[:, None]).to(out_ptr.dtype.element_ty).to(tl.float32)
+    w = tl.load(w_ptr + offs, mask=offs < n_cols, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows[:, None] * stride_o + offs[None, :], (w[None, :] * normed).to(out_ptr.dtype.element_ty),
+             mask=mask)  # fmt: skip
+
+
+@triton.jit
+def _add_layer_norm_kernel(
+    x_ptr, res_ptr, w_ptr, b_ptr, out_ptr, stride_x, stride_r, stride_o, n_rows, n_cols, eps,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
+):  # fmt: skip
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+    offs = tl.arange(0, BLOCK)
+    col_ok = offs < n_cols
+    mask = (rows < n_rows)[:, None] & col_ok[None, :]
+    x = tl.load(x_ptr + rows[:, None] * stride_x + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    r = tl.load(res_ptr + rows[:, None] * stride_r + offs[None, :], mask=mask, other=0.0).to(tl.float32)
+    h = (x + r).to(x_ptr.dtype.element_ty).to(tl.float32)  # the eager add rounds to the input dtype
+    mean = tl.sum(h, 1) / n_cols
+    centered = tl.where(col_ok[None, :], h - mean[:, None], 0.0)
+    rstd = tl.math.rsqrt(tl.sum(centered * centered, 1) / n_cols + eps)
+    w = tl.load(w_ptr + offs, mask=col_ok, other=0.0).to(tl.float32)
+    b = tl.load(b_ptr + offs, mask=col_ok, other=0.0).to(tl.float32)
+    y = centered * rstd[:, None] * w[None, :] + b[None, :]
+    tl.store(out_ptr + rows[:, None] * stride_o + offs[None, :], y.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -181,7 +206,7 @@ def _pow2(n: int) -> int:
 
 class FusedRMSNorm(RMSNorm):
     """RMSNorm (with the optional residual add) in one kernel; also per head over a strided
-    ``[n, heads, head_dim]`` view (Qwen3's q/k norms), one program per (token, head)."""
+    ``[n, heads, head_dim]`` view (Qwen3's q/k norms); a program takes several rows when they are short."""
 
     def forward(
         self, x: torch.Tensor, residual: torch.Tensor | None = None
@@ -193,9 +218,15 @@ class FusedRMSNorm(RMSNorm):
         heads = x.shape[1] if per_head else 1
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous: row r at r * h
         block = _pow2(h)
-        warps = 8 if block >= 4096 else (4 if block >= 256 else 1)
+        # Rows per program: a fixed function of the row width (never of the batch, so a row's reduction
+        # is the same in any batch); ~2K elements each, so a prefill's per-head norms (16 x 32K rows of
+        # 128) are not a million one-warp programs.
+        rows = max(1, min(16, 2048 // block))
+        warps = 8 if block >= 4096 else (4 if block * rows >= 256 else 1)
+        n_rows = x.shape[0] * heads
+        grid = (triton.cdiv(n_rows, rows),)
         if residual is None:
-            _rms_norm_kernel[(x.shape[0] * heads,)](
+            _rms_norm_kernel[grid](
                 x,
                 x,
                 self.weight,
@@ -205,19 +236,20 @@ class FusedRMSNorm(RMSNorm):
                 0,
                 h,
                 0,
+                n_rows,
                 h,
                 self.eps,
                 heads,
                 x.stride(1) if per_head else 0,
                 HAS_RESIDUAL=False,
+                ROWS=rows,
                 BLOCK=block,
                 num_warps=warps,
             )
             return out
-        n = x.shape[0]
         residual = residual.contiguous()
         res_out = torch.empty_like(x)
-        _rms_norm_kernel[(n,)](
+        _rms_norm_kernel[grid](
             x,
             residual,
             self.weight,
@@ -227,15 +259,48 @@ class FusedRMSNorm(RMSNorm):
             residual.stride(0),
             out.stride(0),
             res_out.stride(0),
+            n_rows,
             h,
             self.eps,
             1,
             0,
             HAS_RESIDUAL=True,
+            ROWS=rows,
             BLOCK=block,
             num_warps=warps,
         )
         return out, res_out
+
+
+class FusedAddLayerNorm(AddLayerNorm):
+    """``LayerNorm(x + residual)`` in one kernel (BERT's sublayer outputs: an add and a norm eagerly,
+    each a full pass over the activations)."""
+
+    def forward(self, x: torch.Tensor, residual: torch.Tensor | None = None) -> torch.Tensor:
+        usable = (
+            residual is not None
+            and x.dim() == 2
+            and x.shape == residual.shape
+            and x.stride(-1) == 1
+            and residual.stride(-1) == 1
+            and x.shape[0] > 0
+            and len(self.normalized_shape) == 1
+            and self.weight is not None
+            and self.bias is not None
+            and self.weight.dtype == x.dtype
+        )
+        if not usable:
+            return super().forward(x, residual)
+        assert residual is not None
+        n, h = x.shape
+        out = torch.empty((n, h), dtype=x.dtype, device=x.device)
+        block = _pow2(h)
+        rows = max(1, min(16, 2048 // block))  # as the RMSNorm: a function of the width only
+        _add_layer_norm_kernel[(triton.cdiv(n, rows),)](
+            x, residual, self.weight, self.bias, out, x.stride(0), residual.stride(0), out.stride(0), n, h, self.eps,
+            ROWS=rows, BLOCK=block, num_warps=8 if block >= 4096 else 4,
+        )  # fmt: skip
+        return out
 
 
 class FusedSiluAndMul(SiluAndMul):
@@ -299,6 +364,7 @@ class FusedRotaryEmbedding(RotaryEmbedding):
 
 _FUSED: dict[type[nn.Module], type[nn.Module]] = {
     RMSNorm: FusedRMSNorm,
+    AddLayerNorm: FusedAddLayerNorm,
     SiluAndMul: FusedSiluAndMul,
     RotaryEmbedding: FusedRotaryEmbedding,
     MoEExperts: TritonMoEExperts,  # grouped-GEMM experts (kvik_cuda.moe)

@@ -28,9 +28,8 @@ padded step runs eagerly. Both launch the same kernels on the same shapes, so
 their outputs are identical. Other steps (prefill, mixed, larger) run eagerly,
 unpadded. Verify shapes exist only with speculation on, for capture sizes up to
 :data:`MAX_VERIFY_BATCH` whose tokens fit the step budget and ``max_model_len``,
-and not with drafters that opt out (``Drafter.verify_graphs``: EAGLE heads, whose
-verify capture failed on the H200) or need an eager target (EAGLE-3, whose runner
-captures nothing). A draft model's own runner gets verify shapes of k+2 tokens per
+and not with drafters that need an eager target (EAGLE-3, whose runner captures
+nothing). A draft model's own runner gets verify shapes of k+2 tokens per
 request from its drafter: its catch-up step replays them, its one-token draft
 steps its decode graphs.
 
@@ -51,7 +50,7 @@ import logging
 import time
 from dataclasses import dataclass
 from operator import attrgetter
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -132,6 +131,9 @@ class CUDAModelRunner(TorchModelRunner):
         # captured with: it owns backend scratch buffers the graph writes into)
         self.graphs: dict[GraphShape, _Graph] = {}
         self.lora_graphs: dict[GraphShape, _Graph] = {}
+        # the drafter's decode pass per decode size: (graph, its (hidden, logits), its metadata)
+        self.draft_graphs: dict[GraphShape, tuple[torch.cuda.CUDAGraph, tuple[torch.Tensor, torch.Tensor], Any]] = {}
+        self.draft_prev: torch.Tensor | None = None  # the replayed pass's input states [largest size, hidden]
         self.graph_pool: object | None = None
         self.replays = 0  # graph replays so far (tests, benchmarks)
 
@@ -147,13 +149,13 @@ class CUDAModelRunner(TorchModelRunner):
         max_blocks = -(-mc.max_model_len // self.block_size) + 1
         self.inputs = StepInputs(max_tokens, max_reqs, max_blocks, self.device)
         self.sizes = capture_sizes(cfg.max_num_seqs, max_tokens)
-        if self.drafter is not None and (self.drafter.needs_eager_target or not self.drafter.verify_graphs):
+        if self.drafter is not None and self.drafter.needs_eager_target:
             self.verify_tokens_per_request = 0  # no verify graphs: no padding either
         q = self.verify_tokens_per_request
         self.verify_shapes = verify_shapes(self.sizes, q, max_tokens, mc.max_model_len) if q > 1 else []
 
     def _fuse_layers(self) -> None:
-        """Swap RMSNorm / SiLU-and-mul / rotary for one-kernel Triton versions (kvik_cuda.fused).
+        """Swap RMSNorm / add + LayerNorm / SiLU-and-mul / rotary / MoE for Triton versions (kvik_cuda.fused).
 
         The platform option ``fused_layers`` (on by default) turns them off with False;
         tests run them on the CPU under Triton's interpreter.
@@ -211,7 +213,7 @@ class CUDAModelRunner(TorchModelRunner):
         return peak + (GRAPH_MEMORY_RESERVE if self.graphs_enabled else 0)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.graphs, self.lora_graphs = {}, {}
+        self.graphs, self.lora_graphs, self.draft_graphs = {}, {}, {}
         super().initialize_kv_cache(num_blocks)
         if self.graphs_enabled:
             verify = f", {len(self.verify_shapes)} verify shapes" if self.verify_shapes else ""
@@ -280,6 +282,18 @@ class CUDAModelRunner(TorchModelRunner):
         self.prepare_lora(layout)
         return inputs
 
+    def run_draft_decode(self, inputs: ModelInputs, prev: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Replay the drafter's decode pass captured for the bucket (``prev`` into its buffer), or run it."""
+        bucket = inputs.bucket if isinstance(inputs, CUDAInputs) else None
+        graph = self.draft_graphs.get(bucket) if bucket is not None else None
+        if graph is None:
+            return super().run_draft_decode(inputs, prev)
+        assert self.draft_prev is not None
+        self.draft_prev[: prev.shape[0]].copy_(prev)
+        graph[0].replay()
+        self.replays += 1
+        return graph[1]
+
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
         """Replay the bucket's graph (its output: [bucket, hidden]) or run eagerly."""
         graphs = self.lora_graphs if self.lora is not None and self.lora.wrapped.state.active else self.graphs
@@ -316,7 +330,9 @@ class CUDAModelRunner(TorchModelRunner):
         """Bounds that make the backend's plan (split count, tile) one for every step of ``shape``:
         any context up to max_model_len and, for a verify shape, ``verify_tokens_per_request`` tokens
         per request (its absorber may hold more: that costs it speed, not correctness)."""
-        metadata.max_seq_len_bound = self.model_config.max_model_len
+        # A drafter's own steps reach up to k positions past the target's context (its drafts).
+        lookahead = self.drafter.k if self.drafter is not None else 0
+        metadata.max_seq_len_bound = self.model_config.max_model_len + lookahead
         if shape.num_tokens != shape.num_reqs:
             metadata.max_query_len_bound = self.verify_tokens_per_request
 
@@ -351,6 +367,8 @@ class CUDAModelRunner(TorchModelRunner):
                 (self.lora_graphs if with_lora else self.graphs)[shape] = (graph, out, metadata)
         if state is not None:
             state.active = False
+        if self.drafter is not None and self.drafter.has_decode_pass:
+            self._capture_draft_decode()
         torch.cuda.synchronize(self.device)
         verify = self.verify_shapes
         logger.info(
@@ -361,7 +379,27 @@ class CUDAModelRunner(TorchModelRunner):
             time.perf_counter() - start,
         )
 
+    def _capture_draft_decode(self) -> None:
+        """One graph per decode size of the drafter's one-token pass (EAGLE's head and its logits), in
+        the target's pool: the draft steps of a speculative step otherwise run eagerly, kernel by kernel."""
+        drafter = self.drafter
+        assert drafter is not None and self.model_config is not None
+        hidden = self.model_config.hidden_size
+        self.draft_prev = torch.zeros(self.sizes[-1], hidden, dtype=self.dtype, device=self.device)
+        for size in reversed(self.sizes):
+            shape = GraphShape(size, size)
+            step = self.copy_dummy_step(shape)
+            self.attn_backend.prepare(step.metadata)  # type: ignore[union-attr]
+            args = (step.input_ids, self.draft_prev[:size], step.positions, step.metadata)
+            for _ in range(2):  # compile and settle outside the capture
+                drafter.decode_pass(*args)
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.graph_pool):
+                out = drafter.decode_pass(*args)
+            self.draft_graphs[shape] = (graph, out, step.metadata)
+
     def shutdown(self) -> None:
-        self.graphs, self.lora_graphs = {}, {}
+        self.graphs, self.lora_graphs, self.draft_graphs = {}, {}, {}
         self.graph_pool = None
         super().shutdown()

@@ -3,6 +3,7 @@ batched = unbatched = chunked, the pooler setup read from the checkpoint, and ba
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -134,6 +135,25 @@ def test_causal_checkpoint_as_embedder_and_scoring_by_cosine(models: dict[str, P
     assert cosines(got, last).min() >= 0.9999
     scores = [o.outputs.score for o in llm.score(TEXTS[0], TEXTS[1:])]
     np.testing.assert_allclose(scores, [float(got[0] @ v) for v in got[1:]], atol=1e-5)
+
+
+def test_texts_added_in_chunks_give_the_same_vectors(
+    embedders: dict[str, LLM], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """LLM.encode tokenizes a few texts at a time while earlier steps run; a bad text in a later chunk
+    still fails the whole call and leaves nothing running."""
+    import kvik.entrypoints.llm as llm_module
+
+    llm = embedders["llama-mean"]
+    texts = [*TEXTS, *TEXTS[::-1], TEXTS[2] * 3]
+    whole = np.array([o.outputs.embedding for o in llm.embed(texts)])
+    monkeypatch.setattr(llm_module, "POOLING_CHUNK", 2)
+    chunked = np.array([o.outputs.embedding for o in llm.embed(texts)])
+    np.testing.assert_allclose(chunked, whole, atol=1e-6)
+    with pytest.raises(ValueError, match="max_model_len is 256"):
+        llm.embed([*TEXTS, [5] * 300])  # in the third chunk
+    assert not llm.llm_engine.has_unfinished_requests()
+    assert not [t for t in threading.enumerate() if t.name.startswith("kvik-tokenize")]  # its thread is gone
 
 
 def test_bad_input_is_refused_with_the_reason(models: dict[str, Path], embedders: dict[str, LLM]) -> None:

@@ -31,6 +31,26 @@ class ReplayProposer(Proposer):
         return drafts
 
 
+# ScriptedProposer: drafts the true continuation only for output positions below this
+DRAFT_BELOW = [0]
+ASKED: list[int] = []  # the output positions ScriptedProposer was asked to draft at
+
+
+class ScriptedProposer(Proposer):
+    """Drafts the true next tokens for outputs shorter than ``DRAFT_BELOW[0]``, nothing after;
+    records every position it is asked at."""
+
+    def propose(self, requests: list[Request], num_tokens: list[int]) -> list[list[int]]:
+        drafts = []
+        for request, k in zip(requests, num_tokens, strict=True):
+            pos = request.num_output_tokens
+            ASKED.append(pos)
+            truth = CONTINUATIONS.get(tuple(request.prompt_token_ids), [])
+            drafts.append(list(truth[pos : pos + k]) if pos < DRAFT_BELOW[0] else [])
+        return drafts
+
+
 @hookimpl
 def kvik_register_spec_proposers(register: RegisterFn) -> None:
     register("replay", f"{__name__}:ReplayProposer")
+    register("scripted", f"{__name__}:ScriptedProposer")

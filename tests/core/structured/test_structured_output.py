@@ -13,7 +13,7 @@ import json
 import re
 
 import pytest
-from kvik import LLM, SamplingParams
+from kvik import LLM, SamplingParams, StructuredOutputsParams
 
 pytest.importorskip("xgrammar")
 jsonschema = pytest.importorskip("jsonschema")
@@ -166,3 +166,22 @@ def test_properties_come_in_the_schemas_order(llm) -> None:
     }
     for completion in generate(llm, max_tokens=40, guided_json=schema):
         assert list(json.loads(completion.text)) == ["zeta", "alpha"]
+
+
+def test_outputs_stay_utf8_when_the_model_pushes_for_surrogates(llm) -> None:
+    # xgrammar alone lets ED A0 A0 (U+D820, a surrogate: not UTF-8) count as one string character: this
+    # bias made the string 12 U+FFFD against maxLength 4. Guarded, A0 is masked right after ED, so 80
+    # wins there and A0 after it: ED 80 A0 is U+D020.
+    xgrammar = pytest.importorskip("xgrammar")
+    info = xgrammar.TokenizerInfo.from_huggingface(llm.get_tokenizer(), vocab_size=512)
+    byte_token = {data[0]: t for t, data in enumerate(info.decoded_vocab) if len(data) == 1}
+    schema = {"type": "object", "properties": {"t": {"type": "string", "maxLength": 4}}, "required": ["t"]}
+    bias = {byte_token[0xED]: 100.0, byte_token[0xA0]: 100.0, byte_token[0x80]: 50.0}
+    json_schema = StructuredOutputsParams(json=schema)
+    params = SamplingParams(max_tokens=40, temperature=0.0, logit_bias=bias, structured_outputs=json_schema)
+    completion = llm.generate([[1, 2, 3]], params)[0].outputs[0]
+    assert completion.finish_reason == "stop"
+    generated = [t for t in completion.token_ids if t not in info.stop_token_ids]
+    text = b"".join(info.decoded_vocab[t] for t in generated).decode("utf-8")  # strict: raises on invalid bytes
+    assert text == completion.text == '{"t": "' + chr(0xD020) * 4 + '"}'  # U+D020: a Hangul syllable
+    jsonschema.validate(json.loads(text), schema)

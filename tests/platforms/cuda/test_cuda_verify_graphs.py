@@ -168,10 +168,10 @@ def test_padded_verify_steps_keep_greedy_output(kvik_plugin_manager, tiny_model_
         assert runner.verify_shapes == [] and not runner.graphs
         assert all(s is None or s.num_reqs == s.num_tokens for s, _ in steps["target"])
         return
-    if method == "eagle":  # verify graphs are off for EAGLE heads (EagleDrafter.verify_graphs): decode buckets only
-        assert runner.verify_shapes == []
-        assert all(s is None or s.num_reqs == s.num_tokens for s, _ in steps["target"])
-        return
+    if method == "eagle":  # the head's one-token draft passes: a graph per decode size, on the GPU
+        assert runner.drafter is not None and runner.drafter.has_decode_pass
+        want_draft = {GraphShape(s, s) for s in runner.sizes} if CUDA else set()
+        assert set(runner.draft_graphs) == want_draft
     if method == "draft_model":
         # The draft's own runner: its catch-up step (up to k accepted drafts and the bonus token
         # per request) is verify-shaped with k + 2 tokens per request; its one-token draft steps

@@ -18,9 +18,9 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed")
 
 from kvik.layers.activation import SiluAndMul
-from kvik.layers.norm import RMSNorm
+from kvik.layers.norm import AddLayerNorm, RMSNorm
 from kvik.layers.rotary import RopeSettings, RotaryEmbedding
-from kvik_cuda.fused import FusedRMSNorm, FusedRotaryEmbedding, FusedSiluAndMul, fuse_layers
+from kvik_cuda.fused import FusedAddLayerNorm, FusedRMSNorm, FusedRotaryEmbedding, FusedSiluAndMul, fuse_layers
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -66,6 +66,27 @@ def test_rms_norm(dtype: torch.dtype, hidden: int) -> None:
     want_out, want_res = norm(x, r)
     _exact(res, want_res)  # the residual add rounds exactly as eager does
     _ulp_close(out, want_out)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("hidden,n", [(64, 7), (768, 5), (96, 33)])
+def test_add_layer_norm(dtype: torch.dtype, hidden: int, n: int) -> None:
+    """BERT's LayerNorm(dense(x) + residual): rows of a block past ``n`` masked, widths not a power of 2."""
+    torch.manual_seed(1)
+    norm = AddLayerNorm(hidden, eps=1e-12, dtype=dtype, device=DEVICE)
+    norm.weight.data = (1 + 0.1 * torch.randn(hidden)).to(dtype).to(DEVICE)
+    norm.bias.data = (0.1 * torch.randn(hidden)).to(dtype).to(DEVICE)
+    fused = _fused(norm)
+    assert type(fused) is FusedAddLayerNorm
+    x = 3 * torch.randn(n, hidden, dtype=dtype, device=DEVICE) + 1
+    r = torch.randn(n, hidden, dtype=dtype, device=DEVICE)
+    want = norm(x, r)
+    got = fused(x, r)
+    assert got.dtype == want.dtype and got.shape == want.shape
+    # The mean and variance reduce in another order than torch's: a couple of units in the last place.
+    eps = torch.finfo(dtype).eps * (2 if INTERPRETED_BF16 and dtype == torch.bfloat16 else 1)
+    torch.testing.assert_close(got, want, rtol=4 * eps, atol=4 * eps)
+    torch.testing.assert_close(fused(x), norm(x))  # no residual: the eager norm
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
