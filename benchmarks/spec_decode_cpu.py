@@ -2,11 +2,14 @@
 
 Two engines in one process, the same model: one without speculation and one per
 method (``--methods``). Each workload prompt runs once per engine per round, the
-engines interleaved so machine noise hits them alike; greedy decoding, so every
-engine must produce the same tokens (checked). Reports decode tok/s, the speed-up
+engines interleaved so machine noise hits them alike; greedy decoding, so in float32 every
+engine must produce the same tokens (checked). In bfloat16 (the packed GGUF path, kvik's CPU
+default) a verify step's rows may round differently from a decode step's and flip a near-tie, so
+there the share of identical answers is reported instead. Reports decode tok/s, the speed-up
 and the acceptance rate per draft position.
 
     python benchmarks/spec_decode_cpu.py --max-tokens 96 --rounds 2 --num-threads 1
+    python benchmarks/spec_decode_cpu.py --dtype bfloat16 --methods ngram,suffix
 """
 
 from __future__ import annotations
@@ -49,8 +52,9 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=4, help="num_speculative_tokens")
     ap.add_argument("--methods", default="ngram")
     ap.add_argument("--num-threads", type=int, default=1)
+    ap.add_argument("--dtype", default="float32", help="float32 (dequantized weights) or bfloat16 (packed)")
     args = ap.parse_args()
-    common = dict(num_threads=args.num_threads, max_model_len=2048, seed=0)
+    common = dict(num_threads=args.num_threads, max_model_len=2048, seed=0, dtype=args.dtype)
     engines = {"off": LLM(**common)}
     for method in args.methods.split(","):
         spec = {"method": method, "num_speculative_tokens": args.k}
@@ -60,7 +64,7 @@ def main() -> None:
     results: dict = {}
     for workload, prompts in WORKLOADS.items():
         for name in engines:
-            results[(workload, name)] = {"tokens": 0, "seconds": 0.0, "drafted": [], "accepted": []}
+            results[(workload, name)] = {"tokens": 0, "seconds": 0.0, "drafted": [], "accepted": [], "same": 0, "runs": 0}
         for _ in range(args.rounds):
             for prompt in prompts:
                 reference = None
@@ -68,8 +72,11 @@ def main() -> None:
                     tokens, seconds, metrics = run(llm, prompt, args.max_tokens)
                     if reference is None:
                         reference = tokens
-                    assert tokens == reference, f"{name} changed the greedy output of {workload}"
+                    if args.dtype == "float32":
+                        assert tokens == reference, f"{name} changed the greedy output of {workload}"
                     r = results[(workload, name)]
+                    r["same"] += tokens == reference
+                    r["runs"] += 1
                     r["tokens"] += len(tokens)
                     r["seconds"] += seconds
                     for key, counts in (("drafted", metrics.drafted_per_position),
@@ -88,7 +95,7 @@ def main() -> None:
         per_pos = [round(a / d, 2) if d else 0.0 for a, d in zip(r["accepted"], r["drafted"], strict=True)]
         print(f"{workload:<8} {name:<7} {tps:7.1f} {speedup:8.2f}x {rate:7.2f}  {per_pos}")
         summary.append(dict(workload=workload, method=name, tok_s=tps, speedup=speedup, acceptance=rate,
-                            per_position=per_pos))  # fmt: skip
+                            per_position=per_pos, identical_answers=f"{r['same']}/{r['runs']}"))  # fmt: skip
     print(json.dumps(summary))
 
 

@@ -28,4 +28,6 @@ __version__ = "0.1.0"
 #      QuantizationMethod.pack_lm_head (a tied head multiplied by its quantized rows)
 # 2.7: ModelRunner.lora_loading (optional: the scheduler holds back requests whose adapter is still being read);
 #      AttentionMetadata.max_query_len_bound (a runner's promise for planning, like max_seq_len_bound)
-PLUGIN_API_VERSION = "2.7"
+# 2.8: TorchModelRunner.run_draft_decode (optional: replay a drafter's graph-capturable Drafter.decode_pass);
+#      RunnerOutput.pooled rows may be 1-D numpy arrays as well as lists
+PLUGIN_API_VERSION = "2.8"

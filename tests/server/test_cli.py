@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import asyncio
 from pathlib import Path
 
 import pytest
@@ -115,3 +116,25 @@ def test_trust_request_chat_template_flag(tmp_path: Path) -> None:
 def test_deterministic_flag_reaches_the_engine() -> None:
     assert "deterministic" not in engine_kwargs(parse_serve_args(["--model", "/m"]))  # the engine's default (off)
     assert engine_kwargs(parse_serve_args(["--model", "/m", "--deterministic"]))["deterministic"] is True
+
+
+def test_serve_freezes_the_startup_heap(tiny_model: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`kvik serve` moves what start-up built out of the collector's sight before it serves."""
+    import gc
+
+    from kvik_server import shutdown
+    from kvik_server.cli import run_server
+
+    seen: dict[str, int] = {}
+
+    def run(self: shutdown.GracefulServer) -> None:  # instead of serving: look at the heap
+        seen["frozen"] = gc.get_freeze_count()
+        asyncio.run(self.ctx.engine.shutdown())
+
+    monkeypatch.setattr(shutdown.GracefulServer, "run", run)
+    gc.unfreeze()
+    try:
+        assert run_server(parse_serve_args(["--model", str(tiny_model), "--max-model-len", "256"])) == 0
+    finally:
+        gc.unfreeze()  # the rest of the test session collects as usual
+    assert seen["frozen"] > 1000
