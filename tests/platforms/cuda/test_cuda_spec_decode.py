@@ -53,8 +53,7 @@ def test_drafters_on_the_cuda_runner_keep_greedy_output(kvik_plugin_manager, tin
     stats = llm.llm_engine.get_stats()
     assert stats.spec_draft_tokens > 0
     assert not runner.drafter.needs_eager_target
-    # Verify shapes for the draft model; none for EAGLE, whose verify capture failed on the H200 (eagle.py).
-    assert runner.verify_tokens_per_request == (4 if method == "draft_model" else 0)
+    assert runner.verify_tokens_per_request == 4  # verify shapes of k + 1 tokens per request, either drafter
     if method == "draft_model":  # the target as its own draft: everything accepted
         assert stats.spec_accepted_tokens == stats.spec_draft_tokens
         assert isinstance(runner.drafter.draft, CUDAModelRunner)  # type: ignore[attr-defined]
