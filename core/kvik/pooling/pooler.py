@@ -11,7 +11,7 @@ vector in the step that computes the request's last prompt token. The model's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -84,28 +84,22 @@ class StepPooler:
                 state.total = chunk if state.total is None else state.total + chunk
         if not rows:
             return ids, None
-        if all(isinstance(r, int) for r in rows):  # the common case (decoder embedders, classifiers): one gather
-            index = to_device(torch.tensor(rows, dtype=torch.int64), hidden.device)
+        finished = [r for r in rows if isinstance(r, _Partial)]
+        means: Iterator[torch.Tensor] = iter(())
+        if finished:  # the MEAN requests that end here: their sums divided by their counts in one op
+            counts = to_device(torch.tensor([r.count for r in finished], dtype=torch.float32), hidden.device)
+            totals = [r.total for r in finished]
+            assert all(t is not None for t in totals), "a MEAN request ends in a step that summed its rows"
+            means = iter(torch.stack(totals) / counts[:, None])  # type: ignore[arg-type]
+        vectors = [next(means) if isinstance(r, _Partial) else r for r in rows]
+        if all(isinstance(r, int) for r in vectors):  # the common case (decoder embedders, classifiers): one gather
+            index = to_device(torch.tensor(vectors, dtype=torch.int64), hidden.device)
             pooled = hidden.index_select(0, index).float()
-        elif all(isinstance(r, _Partial) for r in rows):  # MEAN (encoders): one division for the step
-            partials = [r for r in rows if isinstance(r, _Partial)]
-            counts = to_device(torch.tensor([r.count for r in partials], dtype=torch.float32), hidden.device)
-            pooled = torch.stack([_vector(hidden, r) for r in partials]) / counts[:, None]
         else:
-            pooled = torch.stack([_vector(hidden, r, mean=True) for r in rows])
+            pooled = torch.stack([hidden[r].float() if isinstance(r, int) else r for r in vectors])
         if self.head is not None:
             pooled = self.head(pooled).float()
         return ids, pooled
-
-
-def _vector(hidden: torch.Tensor, row: torch.Tensor | int | _Partial, mean: bool = False) -> torch.Tensor:
-    """One request's float32 vector: a hidden row, a MEAN sum (divided by its count when ``mean``), or as is."""
-    if isinstance(row, int):
-        return hidden[row].float()
-    if isinstance(row, _Partial):
-        assert row.total is not None
-        return row.total / row.count if mean else row.total
-    return row
 
 
 def _span_sums(hidden: torch.Tensor, spans: list[tuple[int, int]]) -> torch.Tensor:
