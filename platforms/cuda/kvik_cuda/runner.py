@@ -48,9 +48,11 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from operator import attrgetter
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
@@ -112,6 +114,7 @@ class CUDAInputs(ModelInputs):
 
 
 _Graph = tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata[torch.Tensor]]
+_T = TypeVar("_T")
 
 
 class CUDAModelRunner(TorchModelRunner):
@@ -356,15 +359,11 @@ class CUDAModelRunner(TorchModelRunner):
                         # finds whatever prepare_lora last wrote there).
                         state.prepare_step(state.token_slots[: shape.num_tokens])
                 step = self.copy_dummy_step(shape)
-                input_ids, positions, metadata = step.input_ids, step.positions, step.metadata
-                self.attn_backend.prepare(metadata)  # type: ignore[union-attr]
-                for _ in range(2):  # compile Triton kernels and settle cuBLAS workspaces outside the capture
-                    self.model(input_ids, positions, self.kv_caches, metadata)
-                torch.cuda.synchronize(self.device)
-                graph = torch.cuda.CUDAGraph()
-                with torch.cuda.graph(graph, pool=self.graph_pool):
-                    out = self.model(input_ids, positions, self.kv_caches, metadata)
-                (self.lora_graphs if with_lora else self.graphs)[shape] = (graph, out, metadata)
+                self.attn_backend.prepare(step.metadata)  # type: ignore[union-attr]
+                graph, out = self._capture(
+                    partial(self.model, step.input_ids, step.positions, self.kv_caches, step.metadata)
+                )
+                (self.lora_graphs if with_lora else self.graphs)[shape] = (graph, out, step.metadata)
         if state is not None:
             state.active = False
         if self.drafter is not None and self.drafter.has_decode_pass:
@@ -390,14 +389,21 @@ class CUDAModelRunner(TorchModelRunner):
             shape = GraphShape(size, size)
             step = self.copy_dummy_step(shape)
             self.attn_backend.prepare(step.metadata)  # type: ignore[union-attr]
-            args = (step.input_ids, self.draft_prev[:size], step.positions, step.metadata)
-            for _ in range(2):  # compile and settle outside the capture
-                drafter.decode_pass(*args)
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.graph_pool):
-                out = drafter.decode_pass(*args)
+            graph, out = self._capture(
+                partial(drafter.decode_pass, step.input_ids, self.draft_prev[:size], step.positions, step.metadata)
+            )
             self.draft_graphs[shape] = (graph, out, step.metadata)
+
+    def _capture(self, run: Callable[[], _T]) -> tuple[torch.cuda.CUDAGraph, _T]:
+        """Run ``run`` twice (Triton compiles, cuBLAS workspaces settle outside the capture), then capture
+        it in the shared pool; return the graph and the output tensors its replays rewrite."""
+        for _ in range(2):
+            run()
+        torch.cuda.synchronize(self.device)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.graph_pool):
+            out = run()
+        return graph, out
 
     def shutdown(self) -> None:
         self.graphs, self.lora_graphs, self.draft_graphs = {}, {}, {}
