@@ -204,6 +204,13 @@ def _pow2(n: int) -> int:
     return triton.next_power_of_2(max(1, n))
 
 
+def _rows_per_program(block: int) -> int:
+    """Rows a norm program takes: a fixed function of the row width (never of the batch, so a row's
+    reduction is the same in any batch); ~2K elements each, so a prefill's per-head norms (16 x 32K
+    rows of 128) are not a million one-warp programs."""
+    return max(1, min(16, 2048 // block))
+
+
 class FusedRMSNorm(RMSNorm):
     """RMSNorm (with the optional residual add) in one kernel; also per head over a strided
     ``[n, heads, head_dim]`` view (Qwen3's q/k norms); a program takes several rows when they are short."""
@@ -218,10 +225,7 @@ class FusedRMSNorm(RMSNorm):
         heads = x.shape[1] if per_head else 1
         out = torch.empty(x.shape, dtype=x.dtype, device=x.device)  # contiguous: row r at r * h
         block = _pow2(h)
-        # Rows per program: a fixed function of the row width (never of the batch, so a row's reduction
-        # is the same in any batch); ~2K elements each, so a prefill's per-head norms (16 x 32K rows of
-        # 128) are not a million one-warp programs.
-        rows = max(1, min(16, 2048 // block))
+        rows = _rows_per_program(block)
         warps = 8 if block >= 4096 else (4 if block * rows >= 256 else 1)
         n_rows = x.shape[0] * heads
         grid = (triton.cdiv(n_rows, rows),)
@@ -295,7 +299,7 @@ class FusedAddLayerNorm(AddLayerNorm):
         n, h = x.shape
         out = torch.empty((n, h), dtype=x.dtype, device=x.device)
         block = _pow2(h)
-        rows = max(1, min(16, 2048 // block))  # as the RMSNorm: a function of the width only
+        rows = _rows_per_program(block)
         _add_layer_norm_kernel[(triton.cdiv(n, rows),)](
             x, residual, self.weight, self.bias, out, x.stride(0), residual.stride(0), out.stride(0), n, h, self.eps,
             ROWS=rows, BLOCK=block, num_warps=8 if block >= 4096 else 4,
