@@ -5,7 +5,7 @@
 # Stages (each under its own timeout; a failure is logged and the next stage runs):
 #   tests          the CUDA platform and Triton attention tests on the GPU (new kernels first run here) ~2 min
 #   lora_sweep     LoRA kernel sweep with segment-aligned tiles (issue 16)        ~4 min
-#   quant_sweep    INT4/FP8/INT8 GEMV and GEMM sweep (issue 14)                    ~4 min
+#   quant_sweep    INT4/FP8/INT8 GEMV and GEMM sweep (issue 14; QUANT_SWEEP_ARGS e.g. "--rows 1 --formats int4") ~2 min
 #   quant_e2e      8B bf16 vs fp8 / int4 / int8 engines, offline + batch 1 (14)  ~6 min
 #   fp8_kv         FP8 KV cache: capacity, agreement, throughput (14)              ~3 min
 #   lora_e2e       8B with 1 / 8 / 64 rank-16 adapters vs base (16)                ~6 min
@@ -50,7 +50,8 @@ for s in $STAGES; do
            grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
     lora_sweep) stage lora_sweep 330 python3 benchmarks/lora_kernels_sweep.py --budget-s 300
                 tail -60 "$OUT/lora_sweep.log" | cut -c1-200 ;;
-    quant_sweep) stage quant_sweep 110 python3 benchmarks/quant_kernels_sweep.py --budget-s 80
+    quant_sweep) stage quant_sweep $(( ${QUANT_SWEEP_BUDGET:-80} + 30 )) python3 benchmarks/quant_kernels_sweep.py \
+                   --budget-s ${QUANT_SWEEP_BUDGET:-80} ${QUANT_SWEEP_ARGS:-}
                  tail -40 "$OUT/quant_sweep.log" | cut -c1-200 ;;
     quant_e2e) stage quant_e2e 170 python3 benchmarks/quant_benchmark.py --parts ${QUANT_PARTS:-bf16,fp8,int4,int8} --n 300 --budget-s 150 ;;
     fp8_kv) stage fp8_kv 200 python3 benchmarks/fp8_kv_check.py --budget-s ${FP8_KV_BUDGET:-190} ;;

@@ -51,16 +51,27 @@ GEMV_GRID = [(64, 128, 0, 2, 4, 3, T, T), (64, 128, 0, 2, 4, 3, T, F_), (64, 128
              (64, 128, 0, 8, 4, 3, T, T), (64, 128, 1, 2, 4, 3, T, T),
              (64, 128, 0, 4, 4, 3, T, T, T), (64, 128, 0, 4, 4, 3, F_, T, T), (128, 128, 0, 4, 4, 3, T, T, T),
              (64, 256, 0, 4, 4, 3, T, T, T), (64, 128, 0, 8, 4, 3, T, T, T)]  # fmt: skip
+# One-row kernel grid (_int4_gemv_row_kernel): (block_n, block_k, programs per SM, num_warps, prefetch, fold_offset).
+ROW_GRID = [(128, 128, 4, 1, T, F_), (128, 64, 4, 1, T, F_), (128, 128, 8, 1, T, F_), (128, 64, 8, 1, T, F_),
+            (256, 64, 4, 2, T, F_), (256, 128, 4, 2, T, F_), (128, 128, 4, 1, F_, F_), (128, 64, 16, 1, T, F_),
+            (128, 128, 4, 1, T, T), (128, 64, 8, 1, T, T), (512, 64, 2, 4, T, F_), (128, 32, 8, 1, T, F_)]  # fmt: skip
 W8_GRID = [(32, 256, 0, 2, 4, 3, T, T), (32, 256, 0, 2, 4, 3, T, F_), (32, 256, 0, 2, 4, 3, F_, T),
            (16, 256, 0, 2, 4, 3, T, T), (64, 256, 0, 2, 8, 3, T, T), (32, 256, 0, 4, 4, 3, T, T),
            (32, 256, 0, 8, 4, 3, T, T)]  # fmt: skip
 # GEMM grids: (block_m, block_n, block_k, num_warps, num_stages).
 GEMM_GRID = [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3)]
-I8_GRID = [(64, 64, 128, 4, 4), (64, 128, 128, 4, 4), (128, 128, 128, 8, 4), (128, 256, 128, 8, 3), (128, 128, 64, 4, 4)]
+I8_GRID = [
+    (64, 64, 128, 4, 4),
+    (64, 128, 128, 4, 4),
+    (128, 128, 128, 8, 4),
+    (128, 256, 128, 8, 3),
+    (128, 128, 64, 4, 4),
+]
 
 
 DEVICE = "cuda"  # "cpu" with --dry-run: tiny shapes under TRITON_INTERPRET=1, wall-clock eager timing only
 METRIC = "graph_us"
+FORMATS = ("bf16", "int4", "fp8", "int8")
 ACT = torch.bfloat16  # the dry run uses float16: the CPU interpreter's bf16 tl.dot is wrong
 
 
@@ -178,7 +189,12 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
                 name += ":nibble_loop" if nibble and m == 1 else ""
                 if name in c4:
                     continue  # the one-row knobs do not change the tl.dot path (m > 1)
-                cfg = GemvConfig(bn, bk, sk, per_sm, warps, stages, pf, red, nibble)
+                cfg = GemvConfig(bn, bk, sk, per_sm, warps, stages, pf, red, nibble, row_kernel=False)
+                c4[name] = (lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4, cfg)
+        if m == 1:
+            for bn, bk, per_sm, warps, pf, fold in ROW_GRID:
+                cfg = GemvConfig(bn, bk, 0, per_sm, warps, 1, pf, row_kernel=True, fold_offset=fold)
+                name = f"row:{bn}x{bk}:sauto{per_sm}:w{warps}" + (":prefetch" if pf else "") + (":fold" if fold else "")
                 c4[name] = (lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4, cfg)
         if m >= 16:
             for bm, bn, bk, warps, stages in GEMM_GRID:
@@ -197,8 +213,9 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
         # INT8: act-quant kernel + torch._int_mm + torch's rescale (old), the Triton GEMM grid, the W8A16 grid.
         xq8, xs8 = int8.quantize_rows(x)
         r8 = (xq8.float() * xs8) @ int8_ref_w
-        ci: dict[str, Any] = {"old": (
-            lambda i: int8.int8_mm(*quantize_rows(x, torch.int8, 127.0, 1e-10), i8[i], s8, torch.bfloat16), r8)}
+        ci: dict[str, Any] = {
+            "old": (lambda i: int8.int8_mm(*quantize_rows(x, torch.int8, 127.0, 1e-10), i8[i], s8, torch.bfloat16), r8)
+        }
         if m <= 16:
             for bn, bk, sk, per_sm, warps, stages, pf, red in W8_GRID:
                 name = f"w8a16:{bn}x{bk}:s{sk or f'auto{per_sm}'}:w{warps}s{stages}" + _one_row(m, pf, red)
@@ -236,6 +253,8 @@ def run_shape(sweep: Sweep, name: str, k: int, n: int, errors: list[str]) -> dic
         x = torch.randn(m, k, device=DEVICE, generator=gen).to(ACT)
         row: dict[str, Any] = {}
         for fmt, cands in for_rows(x).items():
+            if fmt not in FORMATS:
+                continue
             measured: dict[str, Any] = {}
             for cand, (fn, ref, *cfg) in cands.items():
                 try:
@@ -255,6 +274,8 @@ def run_shape(sweep: Sweep, name: str, k: int, n: int, errors: list[str]) -> dic
             row[fmt] = {"candidates": measured, "best": best, "best_" + METRIC: ok[best][METRIC] if best else None}
         bf16 = row["bf16"]["best_" + METRIC]
         for fmt in ("int4", "fp8", "int8"):
+            if fmt not in row:
+                continue
             best_us, old = row[fmt]["best_" + METRIC], row[fmt]["candidates"].get("old", {}).get(METRIC)
             if best_us and bf16:
                 row[fmt]["best_vs_bf16"] = round(bf16 / best_us, 2)  # > 1: faster than bf16
@@ -303,22 +324,28 @@ def summarize(shapes: dict[str, Any], lm_head_us: float | None = None) -> dict[s
 
 def dry_run() -> None:
     """Tiny shapes and grids on the CPU under the Triton interpreter: every path runs, nothing is timed on a GPU."""
-    global DEVICE, METRIC, ACT, SHAPES, ROWS, GEMV_GRID, W8_GRID, GEMM_GRID, I8_GRID, GROUP, STREAM_BYTES
+    global DEVICE, METRIC, ACT, SHAPES, ROWS, GEMV_GRID, ROW_GRID, W8_GRID, GEMM_GRID, I8_GRID, GROUP, STREAM_BYTES
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     DEVICE, METRIC, ACT, GROUP, STREAM_BYTES = "cpu", "eager_us", torch.float16, 32, 0
     SHAPES, ROWS = [("tiny", 128, 64)], (1, 4, 16)
     GEMV_GRID = [(32, 32, 0, 2, 4, 2, True, True), (64, 64, 1, 2, 4, 1, False, False)]
+    ROW_GRID = [(32, 32, 2, 1, True, False), (64, 64, 2, 2, False, True)]
     W8_GRID = [(16, 64, 0, 4, 4, 2, True, False), (16, 64, 0, 2, 4, 2, False, True)]
     GEMM_GRID, I8_GRID = [(16, 32, 32, 4, 2)], [(16, 32, 64, 4, 2)]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
+    global ROWS, FORMATS
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--budget-s", type=float, default=220.0, help="stop starting new measurements after this")
     parser.add_argument("--shapes", default=",".join(s for s, _, _ in SHAPES))
+    parser.add_argument("--rows", default=",".join(map(str, ROWS)), help="activation row counts to measure")
+    parser.add_argument("--formats", default="bf16,int4,fp8,int8", help="formats to measure (bf16 always runs)")
     parser.add_argument("--dry-run", action="store_true",
                         help="CPU, tiny shapes, TRITON_INTERPRET=1: checks the sweep itself (CI runs this)")  # fmt: skip
     args = parser.parse_args(argv)
+    ROWS = tuple(int(r) for r in args.rows.split(","))
+    FORMATS = ("bf16", *args.formats.split(","))
     if args.dry_run:
         dry_run()
     elif not torch.cuda.is_available():

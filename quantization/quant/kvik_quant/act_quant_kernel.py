@@ -44,7 +44,9 @@ def _quant_rows_kernel(
         tl.store(q_ptr + row * K + offs, y.to(q_ptr.dtype.element_ty), mask=offs < K)
 
 
-def quantize_rows(x: torch.Tensor, dtype: torch.dtype, qmax: float, min_scale: float) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(
+    x: torch.Tensor, dtype: torch.dtype, qmax: float, min_scale: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``[M, K]`` -> (``dtype`` codes ``[M, K]``, float32 scales ``[M, 1]``), ``x ≈ codes * scale``."""
     if x.stride(-1) != 1:
         x = x.contiguous()

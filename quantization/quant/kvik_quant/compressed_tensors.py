@@ -56,7 +56,9 @@ class CompressedTensorsInt4Method(Int4LinearMethod):
         elif name == "weight_shape":
             rows = layer.output_sizes[shard] if shard is not None else layer.output_size
             if [int(v) for v in value.tolist()] != [rows, layer.input_size]:
-                raise ValueError(f"weight_shape {value.tolist()} does not match the layer's [{rows}, {layer.input_size}]")
+                raise ValueError(
+                    f"weight_shape {value.tolist()} does not match the layer's [{rows}, {layer.input_size}]"
+                )
         else:
             raise ValueError(f"compressed-tensors (pack-quantized): unexpected parameter {name!r}")
 
@@ -106,7 +108,9 @@ def method_for_scheme(config: dict[str, Any]) -> QuantizationMethod:
         f"{w.strategy if w else ''}, activations "
         f"{f'{a.type}{a.num_bits} {a.strategy} dynamic={a.dynamic}' if a else 'none'}"
     )
-    refusal = ValueError(f"compressed-tensors scheme ({described}) is not supported by kvik-quant; supported: {SUPPORTED}")
+    refusal = ValueError(
+        f"compressed-tensors scheme ({described}) is not supported by kvik-quant; supported: {SUPPORTED}"
+    )
     if w is None:
         raise refusal
     if w.type == "float" and w.num_bits == 8 and fmt in ("float-quantized", "naive-quantized"):

@@ -12,6 +12,11 @@ EMULATE_ENV = "KVIK_QUANT_EMULATE"
 FP8_MIN_CAPABILITY = (8, 9)  # Ada (sm_89) and Hopper (sm_90) have FP8 tensor cores
 
 
+def interpreting() -> bool:
+    """True under ``TRITON_INTERPRET=1`` (CI's CPU runs of the kernels), which cannot execute inline PTX."""
+    return os.environ.get("TRITON_INTERPRET", "") == "1"
+
+
 def emulate() -> bool:
     return os.environ.get(EMULATE_ENV, "") not in ("", "0")
 

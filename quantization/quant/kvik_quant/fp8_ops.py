@@ -74,9 +74,7 @@ def scaled_mm(
     ``x_scale`` is ``[M, 1]`` and ``w_scale_row`` ``[1, N]``, both float32. Row-wise
     scaling needs a bfloat16 output; other dtypes are cast from it.
     """
-    out = torch._scaled_mm(
-        xq, wq.t(), scale_a=x_scale.contiguous(), scale_b=w_scale_row, out_dtype=torch.bfloat16
-    )
+    out = torch._scaled_mm(xq, wq.t(), scale_a=x_scale.contiguous(), scale_b=w_scale_row, out_dtype=torch.bfloat16)
     return out if dtype == torch.bfloat16 else out.to(dtype)
 
 

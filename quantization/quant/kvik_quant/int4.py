@@ -260,9 +260,7 @@ class AWQLinearMethod(Int4LinearMethod):
         }
 
 
-def rtn_quantize(
-    weight: torch.Tensor, group_size: int, symmetric: bool, min_zero: int = 0
-) -> tuple[torch.Tensor, ...]:
+def rtn_quantize(weight: torch.Tensor, group_size: int, symmetric: bool, min_zero: int = 0) -> tuple[torch.Tensor, ...]:
     """Round-to-nearest INT4 of ``[N, K]``: (codes ``[N, K]`` 0..15, scales ``[N, K/G]``, zeros ``[N, K/G]`` int).
 
     ``W ≈ (codes - zeros) * scales`` per group; symmetric puts every zero at 8.

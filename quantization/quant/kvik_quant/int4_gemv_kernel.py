@@ -22,6 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvik_quant import device as dev
 from kvik_quant import splitk
 
 
@@ -38,6 +39,11 @@ class GemvConfig:
     # One row: multiply nibble j of every word by its own strided slice of x, eight times, instead of
     # unpacking the words into a [BLOCK_K, BLOCK_N] tile (a reshape that costs a layout conversion).
     nibble_loop: bool = False
+    # One row: _int4_gemv_row_kernel (nibble pairs through fp16 in registers, rows of a step in one thread).
+    row_kernel: bool = True
+    # Row kernel, 16-bit activations: leave the fp16 exponent's 1024 in every code and take 1024 * sum(x) off per
+    # step (one instruction fewer per two codes; the float32 sum then carries ~2**10 more rounding error).
+    fold_offset: bool = False
 
 
 # Per-shape choices measured on the H200 by benchmarks/quant_kernels_sweep.py (its summary's
@@ -45,9 +51,13 @@ class GemvConfig:
 GEMV_TABLE: dict[tuple[int, int, bool], GemvConfig] = {}
 
 
+# The one-row default: a warp per 128 columns (four per thread: one 16-byte load per row), 64-row k-steps.
+ROW_DEFAULT = GemvConfig(block_n=128, block_k=64, per_sm=8, num_warps=1, num_stages=1)
+
+
 def gemv_config(n: int, k: int, m: int) -> GemvConfig:
     """The GEMV config for an ``[M, K] x [K, N]`` problem: the measured one for a known shape, else the default."""
-    return GEMV_TABLE.get((n, k, m == 1), GemvConfig())
+    return GEMV_TABLE.get((n, k, m == 1), ROW_DEFAULT if m == 1 else GemvConfig())
 
 
 @triton.jit
@@ -116,6 +126,168 @@ def _nibble_step(acc, x_ptr, k0, k_hi, words, scale, zero, BLOCK_K: tl.constexpr
     x_sum = tl.sum(tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32), axis=0)
     # The step lies in one group: scale and zero apply after the k-sum (see _fma).
     return acc + scale * (tl.sum(part, axis=0) - zero * x_sum)
+
+
+# The one-row kernel dequantizes two codes per instruction: slot s and slot s + 4 of a word sit at bits 4s and
+# 16 + 4s, so one lop3 ORs both into the mantissas of the fp16 pair (1024, 1024), giving 1024 + code exactly,
+# and one cvt per half widens each to float32 (HADD2.F32, on the FMA pipe, not the half-rate integer pipe).
+_PAIR_ASM = tl.constexpr("""{
+.reg .b32 t;
+.reg .b16 l, h;
+lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA;
+mov.b32 {l, h}, t;
+cvt.f32.f16 $0, l;
+cvt.f32.f16 $1, h;
+}""")
+_PAIR_ASM_EXACT = tl.constexpr("""{
+.reg .b32 t, m;
+.reg .b16 l, h;
+mov.b32 m, 0x64006400;
+lop3.b32 t, $2, 0x000F000F, m, 0xEA;
+sub.f16x2 t, t, m;
+mov.b32 {l, h}, t;
+cvt.f32.f16 $0, l;
+cvt.f32.f16 $1, h;
+}""")
+
+
+@triton.jit
+def _pair_codes(words, SLOT: tl.constexpr, OFFSET: tl.constexpr, USE_ASM: tl.constexpr):
+    """``OFFSET + code`` as float32 for nibble slots ``SLOT`` (k row 8r + SLOT) and ``SLOT + 4`` (8r + SLOT + 4).
+
+    ``OFFSET`` is 1024 (the fp16 exponent left in place: three instructions per two codes) or 0 (a
+    ``sub.f16x2`` more, for float32 activations, which get exact codes). The interpreter cannot run
+    PTX: ``USE_ASM=False`` computes the same values with plain Triton ops.
+    """
+    t = words >> (4 * SLOT)
+    if USE_ASM:
+        if OFFSET == 0:
+            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_EXACT, "=r,=r,r", [t], dtype=(tl.float32, tl.float32),
+                                               is_pure=True, pack=1)  # fmt: skip
+        else:
+            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM, "=r,=r,r", [t], dtype=(tl.float32, tl.float32),
+                                               is_pure=True, pack=1)  # fmt: skip
+    else:
+        lo = (t & 0xF).to(tl.float32) + OFFSET
+        hi = ((t >> 16) & 0xF).to(tl.float32) + OFFSET
+    return lo, hi
+
+
+@triton.jit
+def _x_pairs(x_ptr, rows, X_KIND: tl.constexpr):
+    """The eight activations ``x[rows + j]`` (``rows`` multiples of 8) as float32, four 4-byte loads for 16-bit x.
+
+    ``X_KIND``: 0 bfloat16, 1 float16, 2 float32.
+    """
+    if X_KIND == 2:
+        x0 = tl.load(x_ptr + rows + 0)
+        x1 = tl.load(x_ptr + rows + 1)
+        x2 = tl.load(x_ptr + rows + 2)
+        x3 = tl.load(x_ptr + rows + 3)
+        x4 = tl.load(x_ptr + rows + 4)
+        x5 = tl.load(x_ptr + rows + 5)
+        x6 = tl.load(x_ptr + rows + 6)
+        x7 = tl.load(x_ptr + rows + 7)
+    else:
+        words = x_ptr.to(tl.pointer_type(tl.int32)) + rows // 2
+        x0, x1 = _halves(tl.load(words + 0), X_KIND)
+        x2, x3 = _halves(tl.load(words + 1), X_KIND)
+        x4, x5 = _halves(tl.load(words + 2), X_KIND)
+        x6, x7 = _halves(tl.load(words + 3), X_KIND)
+    return x0, x1, x2, x3, x4, x5, x6, x7
+
+
+@triton.jit
+def _halves(word, X_KIND: tl.constexpr):
+    """The two 16-bit floats of an int32 (low half first) as float32."""
+    if X_KIND == 0:  # bfloat16 is float32's top half: place it there
+        lo = (word << 16).to(tl.float32, bitcast=True)
+        hi = (word & -65536).to(tl.float32, bitcast=True)
+    else:
+        lo = (word & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+        hi = ((word >> 16) & 0xFFFF).to(tl.int16).to(tl.float16, bitcast=True).to(tl.float32)
+    return lo, hi
+
+
+@triton.jit
+def _row_step(acc, x_ptr, k0, words, scale, zero, R: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr,
+              USE_ASM: tl.constexpr, X_KIND: tl.constexpr):  # fmt: skip
+    """``acc += x . W`` over one k-step of ``8 R`` rows (inside one group) for one activation row."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(x_ptr, k0 + tl.arange(0, R) * 8, X_KIND)
+    # Per thread: its columns, every row (no shuffles); one FFMA per code (two `+=`, not `+= a * b + c * d`,
+    # which compiles to a multiply, an FMA and an add).
+    part = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+    c_lo, c_hi = _pair_codes(words, 0, OFFSET, USE_ASM)
+    part += x0[:, None] * c_lo
+    part += x4[:, None] * c_hi
+    c_lo, c_hi = _pair_codes(words, 1, OFFSET, USE_ASM)
+    part += x1[:, None] * c_lo
+    part += x5[:, None] * c_hi
+    c_lo, c_hi = _pair_codes(words, 2, OFFSET, USE_ASM)
+    part += x2[:, None] * c_lo
+    part += x6[:, None] * c_hi
+    c_lo, c_hi = _pair_codes(words, 3, OFFSET, USE_ASM)
+    part += x3[:, None] * c_lo
+    part += x7[:, None] * c_hi
+    x_sum = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=0)
+    # sum_k x (OFFSET + code) - (OFFSET + zero) sum_k x = sum_k x (code - zero); the scale applies after the sum.
+    return acc + scale * (tl.sum(part, axis=0) - (zero + OFFSET) * x_sum)
+
+
+@triton.jit
+def _int4_gemv_row_kernel(
+    x_ptr,  # [1, K] activations
+    qw_ptr,  # [K/8, N] int32
+    s_ptr,  # [K/G, N] scales
+    z_ptr,  # [K/G, N] zeros
+    out_ptr,  # [1, N] output
+    part_ptr,  # [SPLIT_K, 1, N] float32 partials
+    lock_ptr,  # int32 counters
+    N,
+    K,
+    SPLIT_K,
+    GROUP: tl.constexpr,
+    BLOCK_N: tl.constexpr,  # 128 per warp: four columns (one 16-byte load) per thread and row
+    BLOCK_K: tl.constexpr,  # divides GROUP
+    OFFSET: tl.constexpr,
+    USE_ASM: tl.constexpr,
+    X_KIND: tl.constexpr,
+    PREFETCH: tl.constexpr,
+):
+    """One activation row: each thread owns four columns and every k row of a step, so the k-sum stays in its
+    registers; the next step's words are loaded before this step's math (Triton does not pipeline loads that
+    feed no dot)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    R: tl.constexpr = BLOCK_K // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    mask_n = offs_n < N
+    per_split = tl.cdiv(K // BLOCK_K, SPLIT_K)
+    k_lo = pid_k * per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    if PREFETCH:
+        live = mask_n & ((offs_n * 0 + k_lo) < k_hi)  # an empty split loads nothing
+        words = tl.load(qw_ptr + (k_lo // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=live[None, :], other=0)
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            k1 = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)  # the last step reloads its own words: no mask needed
+            nxt = tl.load(qw_ptr + (k1 // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+            g = k0 // GROUP
+            scale = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = _row_step(acc, x_ptr, k0, words, scale, zero, R, BLOCK_N, OFFSET, USE_ASM, X_KIND)
+            words = nxt
+    else:
+        for k0 in range(k_lo, k_hi, BLOCK_K):
+            words = tl.load(qw_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+            g = k0 // GROUP
+            scale = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            zero = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+            acc = _row_step(acc, x_ptr, k0, words, scale, zero, R, BLOCK_N, OFFSET, USE_ASM, X_KIND)
+    offs_m = tl.arange(0, 1)
+    splitk.store_tile(tl.reshape(acc, (1, BLOCK_N)), out_ptr, part_ptr, lock_ptr, offs_m, offs_n, 1, N, pid_n, pid_k,
+                      SPLIT_K)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
@@ -220,13 +392,23 @@ def int4_gemv(
     x = x.contiguous()
     block_k = splitk.pow2_divisor(cfg.block_k, group, k)  # >= 8 (K and G are multiples of 8)
     tiles = triton.cdiv(n, cfg.block_n)
-    split_k = cfg.split_k or splitk.split_for(tiles, k // block_k, num_sms, cfg.per_sm)
+    row = m == 1 and cfg.row_kernel
+    # One-warp row programs need more of them per SM, so more splits (K = 14336 has 224 k-steps of 64).
+    split_k = cfg.split_k or splitk.split_for(tiles, k // block_k, num_sms, cfg.per_sm, max_split=32 if row else 16)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     part = splitk.scratch(split_k, m, n, x.device)
     locks = splitk.counters(x.device, tiles)
     use_dot = m > 1
+    if row:
+        x_kind = {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
+        _int4_gemv_row_kernel[(tiles, split_k)](
+            x, qweight, scales, zeros, out, part, locks, n, k, split_k, GROUP=group, BLOCK_N=cfg.block_n,
+            BLOCK_K=block_k, OFFSET=1024.0 if cfg.fold_offset and x_kind != 2 else 0.0, USE_ASM=not dev.interpreting(), X_KIND=x_kind,
+            PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return out
     _int4_gemv_kernel[(tiles, split_k)](
         x, qweight, scales, zeros, out, part, locks, m, n, k, x.stride(0), split_k,
         GROUP=group, BLOCK_M=16 if use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=block_k, USE_DOT=use_dot,

@@ -143,6 +143,7 @@ def int4_matmul(
     if path == "gemv":
         return fallback.run("int4 gemv", lambda: int4_gemv(x, qweight, scales, zeros, group, num_sms), gemm)
     if path == "dequant":
+
         def dequant() -> torch.Tensor:
             return torch.matmul(x, int4_dequantize(qweight, scales, zeros, group, x.dtype))
 

@@ -37,7 +37,9 @@ def quantize_rows(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[t
     return q, scale
 
 
-def int8_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def int8_mm(
+    xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """``[M, K] x [N, K]^T`` with int32 accumulation (``torch._int_mm``, CUDA) and float32 rescaling."""
     m = xq.shape[0]
     if m < _INT_MM_MIN_ROWS:
@@ -46,7 +48,9 @@ def int8_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: 
     return (acc.float() * x_scale * w_scale.view(1, -1)).to(dtype)
 
 
-def reference_mm(xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def reference_mm(
+    xq: torch.Tensor, x_scale: torch.Tensor, wq: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype
+) -> torch.Tensor:
     """Dequantize both operands to ``dtype`` and multiply: what :func:`int8_mm` computes, on any device."""
     return F.linear((xq.float() * x_scale).to(dtype), (wq.float() * w_scale[:, None]).to(dtype))
 

@@ -154,7 +154,9 @@ def dequantized(src: Path, dst: Path) -> Path:
     for name in t:
         base, _, last = name.rpartition(".")
         if method == "gptq" and last == "qweight":
-            dense[f"{base}.weight"] = _gptq_dense(t, base, 1 if config.get("checkpoint_format", "gptq") == "gptq" else 0)
+            dense[f"{base}.weight"] = _gptq_dense(
+                t, base, 1 if config.get("checkpoint_format", "gptq") == "gptq" else 0
+            )
         elif method == "awq" and last == "qweight":
             dense[f"{base}.weight"] = _awq_dense(t, base, config["group_size"])
         elif method == "fp8" and last == "weight_scale_inv":

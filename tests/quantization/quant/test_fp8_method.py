@@ -24,7 +24,10 @@ def test_per_channel_and_per_token_round_trip(rows: int, cols: int, seed: int, z
     w = torch.randn(rows, cols, generator=gen) * torch.rand(rows, 1, generator=gen) * 10
     if zero_row:
         w[0] = 0
-    for quantize, scale_of in ((ops.quantize_weight_per_channel, lambda s: s[:, None]), (ops.quantize_per_token, lambda s: s)):
+    for quantize, scale_of in (
+        (ops.quantize_weight_per_channel, lambda s: s[:, None]),
+        (ops.quantize_per_token, lambda s: s),
+    ):
         q, scale = quantize(w)
         assert q.dtype == ops.FP8 and torch.isfinite(q.float()).all()
         back = q.float() * scale_of(scale)

@@ -68,6 +68,7 @@ def test_gemv_config_table(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(kernel, "GEMV_TABLE", {(64, 128, True): tuned})
     assert kernel.gemv_config(64, 128, 1) is tuned
     assert kernel.gemv_config(64, 128, 4) == GemvConfig()  # the tl.dot variant has no entry: the default
+    assert kernel.gemv_config(64, 256, 1) == kernel.ROW_DEFAULT
     x, qweight, s, z, w_t = _problem(1, 128, 64, 32, torch.float32)
     torch.testing.assert_close(int4_gemv(x, qweight, s, z, 32, num_sms=8), x @ w_t, rtol=1e-4, atol=1e-3)
 
@@ -81,26 +82,31 @@ def _problem(m: int, k: int, n: int, group: int, dtype: torch.dtype, seed: int =
 
 
 @pytest.mark.parametrize(
-    ("m", "k", "n", "group", "dtype", "split_k", "prefetch", "reduce_each", "nibble_loop"),
+    ("m", "k", "n", "group", "dtype", "split_k", "prefetch", "reduce_each", "nibble_loop", "row", "fold"),
     [
-        (1, 512, 96, 128, torch.float32, 0, True, True, False),  # one row: elementwise FMA path, split from the shape
-        (1, 512, 96, 128, torch.float32, 0, True, False, False),  # ... accumulating a register tile, reduced once
-        (1, 256, 64, 32, torch.float16, 3, False, True, False),  # a split that does not divide the k-tiles: one empty
-        (1, 256, 64, 32, torch.float16, 2, False, False, False),
-        (1, 512, 96, 128, torch.float32, 0, True, True, True),  # one row, nibble by nibble
-        (1, 256, 64, 32, torch.float16, 3, False, True, True),  # ... without prefetch, an empty split
-        (5, 256, 64, 64, torch.float32, 4, True, True, True),  # tl.dot path (nibble_loop is one-row only), ragged rows
-        (16, 128, 48, 32, torch.float16, 1, True, True, False),  # no split: stored directly; a ragged column tile
+        (1, 512, 96, 128, torch.float32, 0, True, True, False, False, False),  # one row: elementwise FMA path
+        (1, 512, 96, 128, torch.float32, 0, True, False, False, False, False),  # ... a register tile, reduced once
+        (1, 256, 64, 32, torch.float16, 3, False, True, False, False, False),  # a split leaving one empty
+        (1, 256, 64, 32, torch.float16, 2, False, False, False, False, False),
+        (1, 512, 96, 128, torch.float32, 0, True, True, True, False, False),  # one row, nibble by nibble
+        (1, 256, 64, 32, torch.float16, 3, False, True, True, False, False),  # ... without prefetch, an empty split
+        (1, 512, 96, 128, torch.float32, 0, True, True, False, True, False),  # the row kernel, split from the shape
+        (1, 256, 64, 32, torch.float16, 3, True, True, False, True, False),  # ... prefetching, an empty split
+        (1, 256, 40, 32, torch.bfloat16, 2, False, True, False, True, False),  # ... bf16 pairs, a ragged column tile
+        (1, 256, 64, 64, torch.bfloat16, 0, True, True, False, True, True),  # ... the 1024 offset folded
+        (1, 160, 48, 160, torch.float16, 1, True, True, False, True, True),  # ... per channel, one 32-row k-step
+        (5, 256, 64, 64, torch.float32, 4, True, True, True, True, False),  # tl.dot path (one-row knobs unused)
+        (16, 128, 48, 32, torch.float16, 1, True, True, False, True, False),  # no split: stored directly
     ],
 )
 def test_gemv_matches_reference(
     m: int, k: int, n: int, group: int, dtype: torch.dtype, split_k: int, prefetch: bool, reduce_each: bool,
-    nibble_loop: bool,
+    nibble_loop: bool, row: bool, fold: bool,
 ) -> None:  # fmt: skip
     x, qweight, s, z, w_t = _problem(m, k, n, group, dtype)
     expected = x.float() @ w_t
     cfg = GemvConfig(block_n=32, block_k=64, split_k=split_k, prefetch=prefetch, reduce_each=reduce_each,
-                     nibble_loop=nibble_loop)  # fmt: skip
+                     nibble_loop=nibble_loop, row_kernel=row, fold_offset=fold)  # fmt: skip
     got = int4_gemv(x, qweight, s, z, group, num_sms=8, config=cfg)
     assert got.dtype == dtype and got.shape == (m, n)
     tol = 1e-4 if dtype == torch.float32 else 2e-2

@@ -82,7 +82,9 @@ def test_gptq_act_order_is_repacked_group_contiguous() -> None:
     layer.load("g_idx", g_idx)
     method.process_weights_after_loading(layer)
     assert layer.perm is not None
-    expected = ((codes - zeros.repeat_interleave(g, 1)[:, torch.argsort(perm)]) * scales.half().float().repeat_interleave(g, 1)[:, torch.argsort(perm)])
+    expected = (
+        codes - zeros.repeat_interleave(g, 1)[:, torch.argsort(perm)]
+    ) * scales.half().float().repeat_interleave(g, 1)[:, torch.argsort(perm)]
     torch.testing.assert_close(method.dequantize(layer), expected)
     x = torch.randn(3, k, generator=gen)
     torch.testing.assert_close(layer(x), x @ expected.T, rtol=1e-4, atol=1e-4)

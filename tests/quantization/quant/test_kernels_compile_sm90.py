@@ -34,14 +34,21 @@ def _compile(fn: Any, signature: dict[str, str], constexprs: dict[str, Any], **o
 
 
 def _compile_all() -> dict[str, dict[str, bool]]:
-    from kvik_quant.int4_gemv_kernel import GemvConfig, _int4_dequant_kernel, _int4_gemv_kernel
+    from kvik_quant.int4_gemv_kernel import (
+        ROW_DEFAULT,
+        GemvConfig,
+        _int4_dequant_kernel,
+        _int4_gemv_kernel,
+        _int4_gemv_row_kernel,
+    )
     from kvik_quant.w8_kernels import W8GemvConfig, _int8_gemm_kernel, _w8a16_gemv_kernel, int8_gemm_config
 
     found: dict[str, dict[str, bool]] = {}
 
     def facts(name: str, ptx: str) -> None:
         found[name] = {"vector_loads": bool(re.search(r"ld\.global[^;]*\.v[24]", ptx)),
-                       "atomics": "atom.global" in ptx, "wgmma": "wgmma" in ptx}  # fmt: skip
+                       "atomics": "atom.global" in ptx, "wgmma": "wgmma" in ptx,
+                       "pair_dequant": "cvt.f32.f16" in ptx and "lop3.b32" in ptx}  # fmt: skip
 
     tail = {"out_ptr": "*bf16", "part_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
             "stride_xm": "i32", "SPLIT_K": "i32"}  # fmt: skip
@@ -63,11 +70,26 @@ def _compile_all() -> dict[str, dict[str, bool]]:
                 BLOCK_N=g8.block_n, BLOCK_K=g8.block_k, PREFETCH=g8.prefetch and not use_dot,
                 REDUCE_EACH=g8.reduce_each and not use_dot, **rows), num_warps=g8.num_warps,
                 num_stages=g8.num_stages))  # fmt: skip
+    r = ROW_DEFAULT
+    row_sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", **tail}
+    del row_sig["M"], row_sig["stride_xm"]
+    for x_kind, x_type in ((0, "*bf16"), (1, "*fp16")):
+        facts(f"int4_gemv row x={x_type}", _compile(_int4_gemv_row_kernel, {**row_sig, "x_ptr": x_type}, dict(
+            GROUP=128, BLOCK_N=r.block_n, BLOCK_K=r.block_k, OFFSET=0.0, USE_ASM=True, X_KIND=x_kind,
+            PREFETCH=r.prefetch), num_warps=r.num_warps, num_stages=r.num_stages))  # fmt: skip
     cfg = int8_gemm_config(4096)
     sig = {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32",
            "N": "i32", "K": "i32"}  # fmt: skip
-    facts("int8_gemm", _compile(_int8_gemm_kernel, sig, dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-          BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m), num_warps=cfg.num_warps, num_stages=cfg.num_stages))
+    facts(
+        "int8_gemm",
+        _compile(
+            _int8_gemm_kernel,
+            sig,
+            dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m),
+            num_warps=cfg.num_warps,
+            num_stages=cfg.num_stages,
+        ),
+    )
     sig = {"qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "w_ptr": "*bf16", "N": "i32"}
     facts("int4_dequant", _compile(_int4_dequant_kernel, sig, dict(GROUP=128, BLOCK_R=8, BLOCK_N=128), num_warps=4))
     return found
@@ -81,11 +103,13 @@ def test_new_kernels_compile_for_hopper() -> None:
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(found) == 9
+    assert len(found) == 11
     for name, facts in found.items():
         if name.startswith(("int4_gemv", "w8a16_gemv")):
             assert facts["vector_loads"], name  # 8- or 16-byte weight loads
             assert facts["atomics"], name  # the in-kernel split-K counter
+        if name.startswith("int4_gemv row"):
+            assert facts["pair_dequant"], name  # two codes per lop3, widened by cvt (the inline PTX)
     assert found["int8_gemm"]["wgmma"]  # Hopper's warpgroup MMA on int8
 
 

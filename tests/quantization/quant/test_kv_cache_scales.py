@@ -54,7 +54,9 @@ def test_an_int8_kv_cache_scheme_is_refused_naming_what_works(kv_checkpoint: Pat
     method_for_scheme(config)  # the fixture's FP8 scheme is accepted
     bad = copy.deepcopy(config)
     bad["kv_cache_scheme"].update(type="int", num_bits=8)
-    with pytest.raises(ValueError, match=r"int8 tensor KV cache \(kv_cache_scheme\) is not supported.*kv_cache_dtype='fp8'"):
+    with pytest.raises(
+        ValueError, match=r"int8 tensor KV cache \(kv_cache_scheme\) is not supported.*kv_cache_dtype='fp8'"
+    ):
         method_for_scheme(bad)
 
 

@@ -60,15 +60,21 @@ def test_online_int4_equals_its_dequantized_weights(tiny_model_dir: Callable[...
     for name, w in tensors.items():
         if name.endswith("_proj.weight"):
             codes, scales, zeros = rtn_quantize(w, 128, symmetric=True)
-            tensors[name] = ((codes - zeros.repeat_interleave(128, 1)) * scales.repeat_interleave(128, 1)).to(torch.float32)
+            tensors[name] = ((codes - zeros.repeat_interleave(128, 1)) * scales.repeat_interleave(128, 1)).to(
+                torch.float32
+            )
     save_file(tensors, str(copy / "model.safetensors"))
     int4 = _greedy(model, quantization="int4")
     assert [t for t, _ in int4] == [t for t, _ in _greedy(copy)]
 
 
-def test_online_fp8_refused_on_cpu_at_start_up(tiny_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch) -> None:
+def test_online_fp8_refused_on_cpu_at_start_up(
+    tiny_model_dir: Callable[..., Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     monkeypatch.delenv("KVIK_QUANT_EMULATE", raising=False)
-    with pytest.raises(ValueError, match=r"quantization 'fp8' \(FP8 W8A8\) cannot run on cpu.*compute capability >= 8\.9"):
+    with pytest.raises(
+        ValueError, match=r"quantization 'fp8' \(FP8 W8A8\) cannot run on cpu.*compute capability >= 8\.9"
+    ):
         kvik.LLM(str(tiny_model_dir("llama", **TINY)), device="cpu", quantization="fp8")
 
 
@@ -84,7 +90,10 @@ def test_online_quantization_with_dummy_weights(tiny_model_dir: Callable[..., Pa
     ("kwargs", "match"),
     [
         ({"quantization": "fp8", "quantized_weights": "dequantize"}, "would undo that"),
-        ({"quantization": "gptq"}, r"cannot quantize this dense checkpoint at load\. Methods that can: fp8, int4, int8"),
+        (
+            {"quantization": "gptq"},
+            r"cannot quantize this dense checkpoint at load\. Methods that can: fp8, int4, int8",
+        ),
         ({"quantization": "nf4"}, r"'nf4' is not an installed quantization method; installed: .*awq \(kvik-quant\)"),
     ],
 )
@@ -93,7 +102,9 @@ def test_bad_requests_are_refused(kwargs: dict, match: str, tiny_model_dir: Call
         kvik.LLM(str(tiny_model_dir("llama", **TINY)), device="cpu", **kwargs)
 
 
-def test_unsupported_quantization_config_names_format_and_plugins(tiny_model_dir: Callable[..., Path], tmp_path: Path) -> None:
+def test_unsupported_quantization_config_names_format_and_plugins(
+    tiny_model_dir: Callable[..., Path], tmp_path: Path
+) -> None:
     import shutil
 
     model = tmp_path / "bnb"
