@@ -128,48 +128,50 @@ def _nibble_step(acc, x_ptr, k0, k_hi, words, scale, zero, BLOCK_K: tl.constexpr
     return acc + scale * (tl.sum(part, axis=0) - zero * x_sum)
 
 
-# The one-row kernel dequantizes two codes per instruction: slot s and slot s + 4 of a word sit at bits 4s and
-# 16 + 4s, so one lop3 ORs both into the mantissas of the fp16 pair (1024, 1024), giving 1024 + code exactly,
-# and one cvt per half widens each to float32 (HADD2.F32, on the FMA pipe, not the half-rate integer pipe).
-_PAIR_ASM = tl.constexpr("""{
-.reg .b32 t;
-.reg .b16 l, h;
-lop3.b32 t, $2, 0x000F000F, 0x64006400, 0xEA;
-mov.b32 {l, h}, t;
-cvt.f32.f16 $0, l;
-cvt.f32.f16 $1, h;
-}""")
-_PAIR_ASM_EXACT = tl.constexpr("""{
-.reg .b32 t, m;
-.reg .b16 l, h;
-mov.b32 m, 0x64006400;
-lop3.b32 t, $2, 0x000F000F, m, 0xEA;
-sub.f16x2 t, t, m;
-mov.b32 {l, h}, t;
-cvt.f32.f16 $0, l;
-cvt.f32.f16 $1, h;
-}""")
+# The one-row kernel dequantizes two codes per instruction. Slots s and s + 4 of a word sit at bits 4s and
+# 16 + 4s; one lop3 masks a pair and ORs it into the mantissas of the fp16 pair (1024, 1024), and one cvt per
+# half widens each to float32 (HADD2.F32, on the FMA pipe, not the half-rate integer pipe). fp16's 10-bit
+# mantissa holds a code at bits 0-3 (1024 + code) or 4-7 (1024 + 16 code), so slots 0 and 1 come straight from
+# the word and slots 2 and 3 from one shift of it by 8: one shift per word, not three.
+def _pair_asm(mask: int, exact: bool) -> str:
+    sub = "sub.f16x2 t, t, m;\n" if exact else ""  # exact: take the 1024 off in fp16 (one more instruction)
+    return (
+        "{\n.reg .b32 t, m;\n.reg .b16 l, h;\nmov.b32 m, 0x64006400;\n"
+        f"lop3.b32 t, $2, {mask:#010x}, m, 0xEA;\n{sub}"
+        "mov.b32 {l, h}, t;\ncvt.f32.f16 $0, l;\ncvt.f32.f16 $1, h;\n}"
+    )
+
+
+_ASM_LOW = tl.constexpr(_pair_asm(0x000F000F, exact=False))
+_ASM_HIGH = tl.constexpr(_pair_asm(0x00F000F0, exact=False))
+_ASM_LOW_EXACT = tl.constexpr(_pair_asm(0x000F000F, exact=True))
+_ASM_HIGH_EXACT = tl.constexpr(_pair_asm(0x00F000F0, exact=True))
 
 
 @triton.jit
-def _pair_codes(words, SLOT: tl.constexpr, OFFSET: tl.constexpr, USE_ASM: tl.constexpr):
-    """``OFFSET + code`` as float32 for nibble slots ``SLOT`` (k row 8r + SLOT) and ``SLOT + 4`` (8r + SLOT + 4).
+def _pair_codes(src, HIGH: tl.constexpr, OFFSET: tl.constexpr, USE_ASM: tl.constexpr):
+    """float32 ``OFFSET + code * (16 if HIGH else 1)`` of the nibbles at bits 0-3 and 16-19 of ``src`` (4-7 and
+    20-23 when ``HIGH``).
 
-    ``OFFSET`` is 1024 (the fp16 exponent left in place: three instructions per two codes) or 0 (a
-    ``sub.f16x2`` more, for float32 activations, which get exact codes). The interpreter cannot run
-    PTX: ``USE_ASM=False`` computes the same values with plain Triton ops.
+    ``OFFSET`` is 1024 (the fp16 exponent left in place) or 0 (a ``sub.f16x2`` more: exact codes, for float32
+    activations). The interpreter cannot run PTX: ``USE_ASM=False`` computes the same values in plain Triton.
     """
-    t = words >> (4 * SLOT)
     if USE_ASM:
-        if OFFSET == 0:
-            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM_EXACT, "=r,=r,r", [t], dtype=(tl.float32, tl.float32),
-                                               is_pure=True, pack=1)  # fmt: skip
+        if HIGH:
+            if OFFSET == 0:
+                asm: tl.constexpr = _ASM_HIGH_EXACT
+            else:
+                asm: tl.constexpr = _ASM_HIGH
+        elif OFFSET == 0:
+            asm: tl.constexpr = _ASM_LOW_EXACT
         else:
-            lo, hi = tl.inline_asm_elementwise(_PAIR_ASM, "=r,=r,r", [t], dtype=(tl.float32, tl.float32),
-                                               is_pure=True, pack=1)  # fmt: skip
+            asm: tl.constexpr = _ASM_LOW
+        lo, hi = tl.inline_asm_elementwise(asm, "=r,=r,r", [src], dtype=(tl.float32, tl.float32), is_pure=True,
+                                           pack=1)  # fmt: skip
     else:
-        lo = (t & 0xF).to(tl.float32) + OFFSET
-        hi = ((t >> 16) & 0xF).to(tl.float32) + OFFSET
+        mask = 0xF0 if HIGH else 0xF
+        lo = (src & mask).to(tl.float32) + OFFSET
+        hi = ((src >> 16) & mask).to(tl.float32) + OFFSET
     return lo, hi
 
 
@@ -214,24 +216,30 @@ def _row_step(acc, x_ptr, k0, words, scale, zero, R: tl.constexpr, BLOCK_N: tl.c
               USE_ASM: tl.constexpr, X_KIND: tl.constexpr):  # fmt: skip
     """``acc += x . W`` over one k-step of ``8 R`` rows (inside one group) for one activation row."""
     x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(x_ptr, k0 + tl.arange(0, R) * 8, X_KIND)
+    # Slots 1 and 3 come as 16 * code: their activations take the 1/16 (exact, a power of two).
+    x1, x3, x5, x7 = x1 * 0.0625, x3 * 0.0625, x5 * 0.0625, x7 * 0.0625
     # Per thread: its columns, every row (no shuffles); one FFMA per code (two `+=`, not `+= a * b + c * d`,
     # which compiles to a multiply, an FMA and an add).
     part = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-    c_lo, c_hi = _pair_codes(words, 0, OFFSET, USE_ASM)
+    shifted = words >> 8
+    c_lo, c_hi = _pair_codes(words, False, OFFSET, USE_ASM)  # slots 0, 4: k rows 8r, 8r + 4
     part += x0[:, None] * c_lo
     part += x4[:, None] * c_hi
-    c_lo, c_hi = _pair_codes(words, 1, OFFSET, USE_ASM)
+    c_lo, c_hi = _pair_codes(words, True, OFFSET, USE_ASM)  # slots 1, 5
     part += x1[:, None] * c_lo
     part += x5[:, None] * c_hi
-    c_lo, c_hi = _pair_codes(words, 2, OFFSET, USE_ASM)
+    c_lo, c_hi = _pair_codes(shifted, False, OFFSET, USE_ASM)  # slots 2, 6
     part += x2[:, None] * c_lo
     part += x6[:, None] * c_hi
-    c_lo, c_hi = _pair_codes(words, 3, OFFSET, USE_ASM)
+    c_lo, c_hi = _pair_codes(shifted, True, OFFSET, USE_ASM)  # slots 3, 7
     part += x3[:, None] * c_lo
     part += x7[:, None] * c_hi
-    x_sum = tl.sum(((x0 + x1) + (x2 + x3)) + ((x4 + x5) + (x6 + x7)), axis=0)
-    # sum_k x (OFFSET + code) - (OFFSET + zero) sum_k x = sum_k x (code - zero); the scale applies after the sum.
-    return acc + scale * (tl.sum(part, axis=0) - (zero + OFFSET) * x_sum)
+    # What the offsets added: OFFSET * x for slots 0 and 2, OFFSET * x / 16 for 1 and 3 (their x carry the 1/16).
+    x_even = tl.sum((x0 + x4) + (x2 + x6), axis=0)
+    x_odd = tl.sum((x1 + x5) + (x3 + x7), axis=0)  # already / 16
+    x_sum = x_even + 16.0 * x_odd
+    # sum_k x (code - zero) = part - offsets - zero * sum_k x; the scale applies after the sum (one group).
+    return acc + scale * (tl.sum(part, axis=0) - OFFSET * (x_even + x_odd) - zero * x_sum)
 
 
 @triton.jit
