@@ -51,10 +51,12 @@ GEMV_GRID = [(64, 128, 0, 2, 4, 3, T, T), (64, 128, 0, 2, 4, 3, T, F_), (64, 128
              (64, 128, 0, 8, 4, 3, T, T), (64, 128, 1, 2, 4, 3, T, T),
              (64, 128, 0, 4, 4, 3, T, T, T), (64, 128, 0, 4, 4, 3, F_, T, T), (128, 128, 0, 4, 4, 3, T, T, T),
              (64, 256, 0, 4, 4, 3, T, T, T), (64, 128, 0, 8, 4, 3, T, T, T)]  # fmt: skip
-# One-row kernel grid (_int4_gemv_row_kernel): (block_n, block_k, programs per SM, num_warps, prefetch, fold_offset).
-ROW_GRID = [(128, 64, 8, 1, T, F_), (128, 64, 8, 1, T, T), (128, 64, 16, 1, T, T), (128, 128, 4, 1, F_, F_),
-            (128, 128, 4, 1, F_, T), (256, 64, 4, 2, T, T), (128, 32, 8, 1, T, T), (512, 64, 2, 4, T, T),
-            (128, 64, 4, 1, T, T), (128, 128, 8, 1, T, T)]  # fmt: skip
+# One-row kernel grid (_int4_gemv_row_kernel): (block_n, block_k, programs per SM, num_warps, prefetch, fold_offset[,
+# maxnreg]).
+ROW_GRID = [(128, 64, 8, 1, T, T), (256, 64, 8, 1, F_, T), (256, 64, 16, 1, F_, T), (256, 32, 8, 1, T, T),
+            (256, 32, 16, 1, F_, T), (128, 64, 16, 1, F_, T), (128, 32, 16, 1, F_, T), (128, 32, 32, 1, F_, T),
+            (128, 64, 16, 1, T, T, 64), (128, 64, 32, 1, F_, T, 64), (256, 64, 16, 1, F_, T, 64),
+            (128, 128, 8, 1, F_, T), (256, 128, 8, 1, F_, T), (128, 64, 8, 1, T, F_), (256, 64, 16, 1, F_, F_)]  # fmt: skip
 W8_GRID = [(32, 256, 0, 2, 4, 3, T, T), (32, 256, 0, 2, 4, 3, T, F_), (32, 256, 0, 2, 4, 3, F_, T),
            (16, 256, 0, 2, 4, 3, T, T), (64, 256, 0, 2, 8, 3, T, T), (32, 256, 0, 4, 4, 3, T, T),
            (32, 256, 0, 8, 4, 3, T, T)]  # fmt: skip
@@ -192,9 +194,11 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
                 cfg = GemvConfig(bn, bk, sk, per_sm, warps, stages, pf, red, nibble, row_kernel=False)
                 c4[name] = (lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4, cfg)
         if m == 1:
-            for bn, bk, per_sm, warps, pf, fold in ROW_GRID:
-                cfg = GemvConfig(bn, bk, 0, per_sm, warps, 1, pf, row_kernel=True, fold_offset=fold)
+            for bn, bk, per_sm, warps, pf, fold, *cap in ROW_GRID:
+                maxnreg = cap[0] if cap else None
+                cfg = GemvConfig(bn, bk, 0, per_sm, warps, 1, pf, row_kernel=True, fold_offset=fold, maxnreg=maxnreg)
                 name = f"row:{bn}x{bk}:sauto{per_sm}:w{warps}" + (":prefetch" if pf else "") + (":fold" if fold else "")
+                name += f":maxnreg{maxnreg}" if maxnreg else ""
                 c4[name] = (lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4, cfg)
         if m >= 16:
             for bm, bn, bk, warps, stages in GEMM_GRID:

@@ -44,6 +44,7 @@ class GemvConfig:
     # Row kernel, 16-bit activations: leave the fp16 exponent's 1024 in every code and take 1024 * sum(x) off per
     # step (one instruction fewer per two codes; the float32 sum then carries ~2**10 more rounding error).
     fold_offset: bool = False
+    maxnreg: int | None = None  # row kernel: a register cap (more resident warps; it runs latency-bound)
 
 
 # Per-shape choices measured on the H200 by benchmarks/quant_kernels_sweep.py (its summary's
@@ -415,6 +416,7 @@ def int4_gemv(
             x, qweight, scales, zeros, out, part, locks, n, k, split_k, GROUP=group, BLOCK_N=cfg.block_n,
             BLOCK_K=block_k, OFFSET=1024.0 if cfg.fold_offset and x_kind != 2 else 0.0, USE_ASM=not dev.interpreting(), X_KIND=x_kind,
             PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
         )  # fmt: skip
         return out
     _int4_gemv_kernel[(tiles, split_k)](
