@@ -34,7 +34,7 @@ def test_dry_run_checks_every_candidate(tmp_path: Path, monkeypatch: pytest.Monk
                     continue  # the CPU interpreter rounds to e4m3 inexactly in the act-quant kernel (GPU-checked)
                 assert result["rel_err"] < 2e-2, (m, fmt, name, result)
             assert entry["best"] is not None
-    assert {"int4:old", "int4:gemv", "int4:gemm", "int4:dequant+matmul", "fp8:w8a16", "int8:w8a16",
+    assert {"int4:old", "int4:gemv", "int4:row", "int4:gemm", "int4:dequant+matmul", "fp8:w8a16", "int8:w8a16",
             "int8:triton", "int8:old", "bf16:F.linear"} <= seen  # fmt: skip
     assert "int4_decode_linears_ms_per_token" in report["summary"]
     # The printed table entries paste into GEMV_TABLE / W8_GEMV_TABLE as they are.
