@@ -43,20 +43,15 @@ ROWS = (1, 4, 16, 64, 256, 2048)
 LM_HEAD = (4096, 128256)  # K, N of Llama-3.1-8B's lm_head (kept bf16 by every quantization method)
 GROUP = 128
 STREAM_BYTES = 256 << 20
-# GEMV grids: (block_n, block_k, split_k (0: from the shape), programs per SM, num_warps, num_stages,
-# prefetch, reduce_each[, nibble_loop]); the last ones only shape the one-row path. The first entry is the default.
+# GEMV grids: (block_n, block_k, split_k (0: from the shape), programs per SM, num_warps, num_stages[,
+# prefetch, reduce_each]); GEMV_GRID is the INT4 tl.dot kernel (2..16 rows), W8_GRID's last two knobs shape its
+# one-row path. The first entry is the default.
 T, F_ = True, False
-GEMV_GRID = [(64, 128, 0, 2, 4, 3, T, T), (64, 128, 0, 2, 4, 3, T, F_), (64, 128, 0, 2, 4, 3, F_, T),
-             (32, 128, 0, 2, 4, 3, T, T), (128, 64, 0, 2, 4, 3, T, T), (64, 128, 0, 4, 4, 3, T, T),
-             (64, 128, 0, 8, 4, 3, T, T), (64, 128, 1, 2, 4, 3, T, T),
-             (64, 128, 0, 4, 4, 3, T, T, T), (64, 128, 0, 4, 4, 3, F_, T, T), (128, 128, 0, 4, 4, 3, T, T, T),
-             (64, 256, 0, 4, 4, 3, T, T, T), (64, 128, 0, 8, 4, 3, T, T, T)]  # fmt: skip
-# One-row kernel grid (_int4_gemv_row_kernel): (block_n, block_k, programs per SM, num_warps, prefetch, fold_offset[,
-# maxnreg]).
-ROW_GRID = [(128, 64, 8, 1, T, T), (256, 64, 8, 1, F_, T), (256, 64, 16, 1, F_, T), (256, 32, 8, 1, T, T),
-            (256, 32, 16, 1, F_, T), (128, 64, 16, 1, F_, T), (128, 32, 16, 1, F_, T), (128, 32, 32, 1, F_, T),
-            (128, 64, 16, 1, T, T, 64), (128, 64, 32, 1, F_, T, 64), (256, 64, 16, 1, F_, T, 64),
-            (128, 128, 8, 1, F_, T), (256, 128, 8, 1, F_, T), (128, 64, 8, 1, T, F_), (256, 64, 16, 1, F_, F_)]  # fmt: skip
+GEMV_GRID = [(64, 128, 0, 2, 4, 3), (32, 128, 0, 2, 4, 3), (128, 64, 0, 2, 4, 3), (64, 128, 0, 4, 4, 3),
+             (64, 128, 0, 8, 4, 3), (64, 128, 1, 2, 4, 3), (128, 128, 0, 4, 4, 3), (64, 256, 0, 4, 4, 3)]  # fmt: skip
+# The INT4 one-row kernel (_int4_gemv_row_kernel): (block_n, block_k, programs per SM, num_warps). First: ROW_DEFAULT.
+ROW_GRID = [(128, 128, 8, 1), (128, 64, 8, 1), (128, 128, 16, 1), (128, 64, 16, 1), (256, 64, 8, 1), (128, 32, 16, 1),
+            (256, 128, 8, 2), (128, 128, 4, 1)]  # fmt: skip
 W8_GRID = [(32, 256, 0, 2, 4, 3, T, T), (32, 256, 0, 2, 4, 3, T, F_), (32, 256, 0, 2, 4, 3, F_, T),
            (16, 256, 0, 2, 4, 3, T, T), (64, 256, 0, 2, 8, 3, T, T), (32, 256, 0, 4, 4, 3, T, T),
            (32, 256, 0, 8, 4, 3, T, T)]  # fmt: skip
@@ -184,22 +179,16 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
         old_split = splitk.split_for(math.ceil(m / old_bm) * math.ceil(n / old_bn), k // min(64, GROUP), sms)
         old = GemmConfig(old_bm, old_bn, min(64, GROUP), old_split, num_warps=4, num_stages=3)
         c4: dict[str, Any] = {"old": (lambda i, c=old: int4_gemm(x, q4[i], s_t, z_t, GROUP, c), r4)}
-        if m <= 16:
-            for bn, bk, sk, per_sm, warps, stages, pf, red, *nib in GEMV_GRID:
-                nibble = bool(nib and nib[0])
-                name = f"gemv:{bn}x{bk}:s{sk or f'auto{per_sm}'}:w{warps}s{stages}" + _one_row(m, pf, red)
-                name += ":nibble_loop" if nibble and m == 1 else ""
-                if name in c4:
-                    continue  # the one-row knobs do not change the tl.dot path (m > 1)
-                cfg = GemvConfig(bn, bk, sk, per_sm, warps, stages, pf, red, nibble, row_kernel=False)
-                c4[name] = (lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4, cfg)
         if m == 1:
-            for bn, bk, per_sm, warps, pf, fold, *cap in ROW_GRID:
-                maxnreg = cap[0] if cap else None
-                cfg = GemvConfig(bn, bk, 0, per_sm, warps, 1, pf, row_kernel=True, fold_offset=fold, maxnreg=maxnreg)
-                name = f"row:{bn}x{bk}:sauto{per_sm}:w{warps}" + (":prefetch" if pf else "") + (":fold" if fold else "")
-                name += f":maxnreg{maxnreg}" if maxnreg else ""
-                c4[name] = (lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4, cfg)
+            for bn, bk, per_sm, warps in ROW_GRID:
+                cfg = GemvConfig(bn, bk, 0, per_sm, warps, 1)
+                c4[f"row:{bn}x{bk}:sauto{per_sm}:w{warps}"] = (
+                    lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4, cfg)  # fmt: skip
+        elif m <= 16:
+            for bn, bk, sk, per_sm, warps, stages in GEMV_GRID:
+                cfg = GemvConfig(bn, bk, sk, per_sm, warps, stages)
+                c4[f"gemv:{bn}x{bk}:s{sk or f'auto{per_sm}'}:w{warps}s{stages}"] = (
+                    lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4, cfg)  # fmt: skip
         if m >= 16:
             for bm, bn, bk, warps, stages in GEMM_GRID:
                 split = splitk.split_for(math.ceil(m / bm) * math.ceil(n / bn), k // bk, sms)
@@ -332,8 +321,8 @@ def dry_run() -> None:
     os.environ["TRITON_INTERPRET"] = "1"  # before triton is imported
     DEVICE, METRIC, ACT, GROUP, STREAM_BYTES = "cpu", "eager_us", torch.float16, 32, 0
     SHAPES, ROWS = [("tiny", 128, 64)], (1, 4, 16)
-    GEMV_GRID = [(32, 32, 0, 2, 4, 2, True, True), (64, 64, 1, 2, 4, 1, False, False)]
-    ROW_GRID = [(32, 32, 2, 1, True, False), (64, 64, 2, 2, False, True)]
+    GEMV_GRID = [(32, 32, 0, 2, 4, 2), (64, 64, 1, 2, 4, 1)]
+    ROW_GRID = [(32, 32, 2, 1), (64, 64, 2, 2)]
     W8_GRID = [(16, 64, 0, 4, 4, 2, True, False), (16, 64, 0, 2, 4, 2, False, True)]
     GEMM_GRID, I8_GRID = [(16, 32, 32, 4, 2)], [(16, 32, 64, 4, 2)]
 

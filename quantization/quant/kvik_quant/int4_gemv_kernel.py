@@ -1,17 +1,17 @@
-"""INT4 kernels for the two ends of the batch range: a GEMV for decode, a whole-weight dequantizer for prefill.
+"""INT4 kernels for the two ends of the batch range: GEMVs for decode, a whole-weight dequantizer for prefill.
 
-* :func:`int4_gemv` (``M <= 16``): each program owns ``BLOCK_N`` output columns and one
-  contiguous K-slice; every packed int32 word is read once (a ``[BLOCK_K/8, BLOCK_N]`` load,
-  128-byte rows), its eight nibbles spread over eight k rows in registers, dequantized as
-  ``code * scale - zero * scale`` (one FMA). One row (``USE_DOT=False``) accumulates
-  ``x[k] * w[k, n]`` elementwise into a ``[BLOCK_K, BLOCK_N]`` register tile and reduces over
-  k once at the end (no tensor cores, no per-step shuffles); 2..16 rows use ``tl.dot`` with a
-  16-row tile. The K-slices are added by :mod:`kvik_quant.splitk` inside the same launch.
+* :func:`int4_gemv` (``M <= 16``), one launch, the K-slices added by :mod:`kvik_quant.splitk` inside it:
+  - one row (:func:`_int4_gemv_row_kernel`): a warp per 128 columns, each thread four columns (one
+    16-byte load per packed row) and every k row of a step, so the k-sum never leaves its registers;
+    two codes per ``lop3``, widened to float32 by ``cvt`` (inline PTX), one FFMA per weight;
+  - 2..16 rows (:func:`_int4_gemv_kernel`): the words dequantized into a ``[BLOCK_K, BLOCK_N]`` tile that
+    feeds ``tl.dot`` with a 16-row activation tile.
 * :func:`int4_dequantize` (large ``M``): the packed weight to a bf16/fp16 ``W^T`` ``[K, N]`` in one
   memory-bound pass, after which cuBLAS does the matmul; at prefill sizes the pass costs less
   than the gap between a register-dequantizing GEMM and cuBLAS.
 
-Both run under ``TRITON_INTERPRET=1`` (CI checks them against the torch reference).
+All run under ``TRITON_INTERPRET=1`` (CI checks them against the torch reference); the row kernel's PTX has a
+plain-Triton twin there.
 """
 
 from __future__ import annotations
@@ -34,26 +34,15 @@ class GemvConfig:
     per_sm: int = 2  # with split_k 0: split until this many programs per SM
     num_warps: int = 4
     num_stages: int = 3
-    prefetch: bool = True  # one row: double-buffer the weight loads in registers
-    reduce_each: bool = True  # one row: reduce over k every step (80 registers, not 167, at 64 x 128)
-    # One row: multiply nibble j of every word by its own strided slice of x, eight times, instead of
-    # unpacking the words into a [BLOCK_K, BLOCK_N] tile (a reshape that costs a layout conversion).
-    nibble_loop: bool = False
-    # One row: _int4_gemv_row_kernel (nibble pairs through fp16 in registers, rows of a step in one thread).
-    row_kernel: bool = True
-    # Row kernel, 16-bit activations: leave the fp16 exponent's 1024 in every code and take 1024 * sum(x) off per
-    # step (one instruction fewer per two codes; the float32 sum then carries ~2**10 more rounding error).
-    fold_offset: bool = False
-    maxnreg: int | None = None  # row kernel: a register cap (more resident warps; it runs latency-bound)
 
 
 # Per-shape choices measured on the H200 by benchmarks/quant_kernels_sweep.py (its summary's
-# "gemv_tables" prints these entries): (N, K, one row?) -> config. Shapes not listed use GemvConfig().
+# "gemv_tables" prints these entries): (N, K, one row?) -> config. Shapes not listed use the defaults below.
 GEMV_TABLE: dict[tuple[int, int, bool], GemvConfig] = {}
 
-
-# The one-row default: a warp per 128 columns (four per thread: one 16-byte load per row), 64-row k-steps.
-ROW_DEFAULT = GemvConfig(block_n=128, block_k=64, per_sm=8, num_warps=1, num_stages=1)
+# One row: a warp per 128 columns, 128-row k-steps, split until 8 programs per SM. Best of the sweep on every
+# 8B shape (2026-12-01, H200: 9.9 / 8.7 / 24.0 / 17.8 us for qkv / o / gate_up / down; 2.4x bf16 on gate_up).
+ROW_DEFAULT = GemvConfig(block_n=128, block_k=128, per_sm=8, num_warps=1, num_stages=1)
 
 
 def gemv_config(n: int, k: int, m: int) -> GemvConfig:
@@ -62,16 +51,13 @@ def gemv_config(n: int, k: int, m: int) -> GemvConfig:
 
 
 @triton.jit
-def _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr, k_hi):
-    """The packed words ``[BLOCK_K/8, BLOCK_N]`` of k rows ``k0..`` and their group's scale and zero (all
-    masked off from ``k_hi`` on: the prefetch past the end of a K-slice)."""
-    # A per-column mask, not `mask_n & scalar`: the CPU interpreter turns that into integers.
-    mask = mask_n & ((offs_n * 0 + k0) < k_hi)
+def _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The packed words ``[BLOCK_K/8, BLOCK_N]`` of k rows ``k0..`` and their group's scale and zero."""
     offs_w = k0 // 8 + tl.arange(0, BLOCK_K // 8)
-    words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask[None, :], other=0)
+    words = tl.load(qw_ptr + offs_w[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
     group = k0 // GROUP
-    scale = tl.load(s_ptr + group * N + offs_n, mask=mask, other=0.0).to(tl.float32)
-    zero = tl.load(z_ptr + group * N + offs_n, mask=mask, other=0.0).to(tl.float32)
+    scale = tl.load(s_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+    zero = tl.load(z_ptr + group * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
     return words, scale, zero
 
 
@@ -98,35 +84,6 @@ def unpack_codes(words, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
 def _dequant(words, scale, zero, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr):
     """The float32 ``W^T`` tile ``[BLOCK_K, BLOCK_N]``: ``code * scale - zero * scale`` (one FMA per weight)."""
     return unpack_codes(words, BLOCK_K, BLOCK_N) * scale[None, :] - (zero * scale)[None, :]
-
-
-@triton.jit
-def _fma(acc, x1, words, scale, zero, BLOCK_K: tl.constexpr, BLOCK_N: tl.constexpr, REDUCE_EACH: tl.constexpr):
-    """``acc += x1 . W`` for one activation row ``x1`` ``[BLOCK_K]`` and the packed words of one k-step."""
-    xf = x1.to(tl.float32)
-    if REDUCE_EACH:  # one return: Triton type-checks every return path, even a dead one
-        # A k-step lies in one group, so its scale and zero apply after the k-sum:
-        # s * (sum_k x*code - zero * sum_k x): one multiply-add per weight, not a dequantize and a multiply-add.
-        part = tl.sum(xf[:, None] * unpack_codes(words, BLOCK_K, BLOCK_N), axis=0)
-        out = acc + scale * (part - zero * tl.sum(xf, axis=0))
-    else:
-        out = acc + xf[:, None] * _dequant(words, scale, zero, BLOCK_K, BLOCK_N)
-    return out
-
-
-@triton.jit
-def _nibble_step(acc, x_ptr, k0, k_hi, words, scale, zero, BLOCK_K: tl.constexpr):
-    """``acc += x . W`` over one k-step, one row, without unpacking: word row r holds k rows 8r..8r+7, so
-    nibble j of the whole ``[BLOCK_K/8, BLOCK_N]`` word tile meets x at k = k0 + 8r + j."""
-    rows = k0 + tl.arange(0, BLOCK_K // 8) * 8
-    part = tl.zeros(words.shape, dtype=tl.float32)
-    for j in tl.static_range(8):
-        xj = tl.load(x_ptr + rows + j, mask=(rows + j) < k_hi, other=0.0).to(tl.float32)
-        part += xj[:, None] * nibble_to_float((words >> (4 * j)) & 0xF)
-    offs_k = k0 + tl.arange(0, BLOCK_K)  # the step's x again, contiguous (cached): one reduction, not eight
-    x_sum = tl.sum(tl.load(x_ptr + offs_k, mask=offs_k < k_hi, other=0.0).to(tl.float32), axis=0)
-    # The step lies in one group: scale and zero apply after the k-sum (see _fma).
-    return acc + scale * (tl.sum(part, axis=0) - zero * x_sum)
 
 
 # The one-row kernel dequantizes two codes per instruction. Slots s and s + 4 of a word sit at bits 4s and
@@ -261,11 +218,10 @@ def _int4_gemv_row_kernel(
     OFFSET: tl.constexpr,
     USE_ASM: tl.constexpr,
     X_KIND: tl.constexpr,
-    PREFETCH: tl.constexpr,
 ):
     """One activation row: each thread owns four columns and every k row of a step, so the k-sum stays in its
-    registers; the next step's words are loaded before this step's math (Triton does not pipeline loads that
-    feed no dot)."""
+    registers. (Prefetching the next step's words into registers measured no faster: with one-warp programs,
+    eight per SM, other warps' loads cover the wait.)"""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     R: tl.constexpr = BLOCK_K // 8
@@ -276,30 +232,18 @@ def _int4_gemv_row_kernel(
     k_lo = pid_k * per_split * BLOCK_K
     k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if PREFETCH:
-        live = mask_n & ((offs_n * 0 + k_lo) < k_hi)  # an empty split loads nothing
-        words = tl.load(qw_ptr + (k_lo // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=live[None, :], other=0)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            k1 = tl.minimum(k0 + BLOCK_K, k_hi - BLOCK_K)  # the last step reloads its own words: no mask needed
-            nxt = tl.load(qw_ptr + (k1 // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-            g = k0 // GROUP
-            scale = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc = _row_step(acc, x_ptr, k0, words, scale, zero, R, BLOCK_N, OFFSET, USE_ASM, X_KIND)
-            words = nxt
-    else:
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            words = tl.load(qw_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-            g = k0 // GROUP
-            scale = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            zero = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-            acc = _row_step(acc, x_ptr, k0, words, scale, zero, R, BLOCK_N, OFFSET, USE_ASM, X_KIND)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        words = tl.load(qw_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        acc = _row_step(acc, x_ptr, k0, words, scale, zero, R, BLOCK_N, OFFSET, USE_ASM, X_KIND)
     offs_m = tl.arange(0, 1)
     splitk.store_tile(tl.reshape(acc, (1, BLOCK_N)), out_ptr, part_ptr, lock_ptr, offs_m, offs_n, 1, N, pid_n, pid_k,
                       SPLIT_K)  # fmt: skip
 
 
-@triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
+@triton.jit(do_not_specialize=["M"])  # one compile for every row count
 def _int4_gemv_kernel(
     x_ptr,  # [M, K] activations
     qw_ptr,  # [K/8, N] int32
@@ -314,15 +258,13 @@ def _int4_gemv_kernel(
     stride_xm,
     SPLIT_K,
     GROUP: tl.constexpr,
-    BLOCK_M: tl.constexpr,  # 1 (elementwise path) or 16 (tl.dot path)
+    BLOCK_M: tl.constexpr,  # 16: tl.dot's smallest tile
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,  # divides GROUP
-    USE_DOT: tl.constexpr,
     IEEE: tl.constexpr,
-    PREFETCH: tl.constexpr,  # one-row path: register double-buffering of the weight loads
-    REDUCE_EACH: tl.constexpr,  # one-row path: reduce over k every step
-    NIBBLE_LOOP: tl.constexpr,  # one-row path: _nibble_step (implies reducing every step)
 ):
+    """2..16 rows: dequantize a ``[BLOCK_K, BLOCK_N]`` tile in registers and ``tl.dot`` it (Triton pipelines the
+    loads, which feed a dot)."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -332,54 +274,16 @@ def _int4_gemv_kernel(
     per_split = tl.cdiv(k_tiles, SPLIT_K)
     k_lo = pid_k * per_split * BLOCK_K
     k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
-    if USE_DOT:  # Triton pipelines these loads itself (they feed a dot)
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-        for k0 in range(k_lo, k_hi, BLOCK_K):
-            words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K, k_hi)
-            w = _dequant(words, scale, zero, BLOCK_K, BLOCK_N)
-            offs_k = k0 + tl.arange(0, BLOCK_K)
-            x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
-            if IEEE:
-                acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
-            else:
-                acc += tl.dot(x, w.to(x.dtype))
-    else:
-        # One row, no tensor cores. REDUCE_EACH: reduce over k every step into [BLOCK_N] (few registers,
-        # a cross-lane sum per step); else accumulate a [BLOCK_K, BLOCK_N] register tile, reduced once.
-        if REDUCE_EACH or NIBBLE_LOOP:
-            acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K)
+        w = _dequant(words, scale, zero, BLOCK_K, BLOCK_N)
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=offs_m[:, None] < M, other=0.0)
+        if IEEE:
+            acc += tl.dot(x, w.to(x.dtype), input_precision="ieee")
         else:
-            acc1 = tl.zeros((BLOCK_K, BLOCK_N), dtype=tl.float32)
-        if PREFETCH:
-            # Loads without a dot are not software-pipelined by Triton: load the next step's words into
-            # registers before this step's math, so two tiles per program are in flight.
-            words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k_lo, offs_n, mask_n, N, GROUP, BLOCK_K,
-                                            k_hi)  # fmt: skip
-            x1 = tl.load(x_ptr + k_lo + tl.arange(0, BLOCK_K), mask=(k_lo + tl.arange(0, BLOCK_K)) < k_hi, other=0.0)
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                k1 = k0 + BLOCK_K
-                n_words, n_scale, n_zero = _load_step(qw_ptr, s_ptr, z_ptr, k1, offs_n, mask_n, N, GROUP, BLOCK_K,
-                                                      k_hi)  # fmt: skip
-                n_x1 = tl.load(x_ptr + k1 + tl.arange(0, BLOCK_K), mask=(k1 + tl.arange(0, BLOCK_K)) < k_hi,
-                               other=0.0)  # fmt: skip
-                if NIBBLE_LOOP:
-                    acc1 = _nibble_step(acc1, x_ptr, k0, k_hi, words, scale, zero, BLOCK_K)
-                else:
-                    acc1 = _fma(acc1, x1, words, scale, zero, BLOCK_K, BLOCK_N, REDUCE_EACH)
-                words, scale, zero, x1 = n_words, n_scale, n_zero, n_x1
-        else:
-            for k0 in range(k_lo, k_hi, BLOCK_K):
-                words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K,
-                                                k_hi)  # fmt: skip
-                if NIBBLE_LOOP:
-                    acc1 = _nibble_step(acc1, x_ptr, k0, k_hi, words, scale, zero, BLOCK_K)
-                else:
-                    x1 = tl.load(x_ptr + k0 + tl.arange(0, BLOCK_K))
-                    acc1 = _fma(acc1, x1, words, scale, zero, BLOCK_K, BLOCK_N, REDUCE_EACH)
-        if REDUCE_EACH or NIBBLE_LOOP:
-            acc = tl.reshape(acc1, (BLOCK_M, BLOCK_N))
-        else:
-            acc = tl.reshape(tl.sum(acc1, axis=0), (BLOCK_M, BLOCK_N))
+            acc += tl.dot(x, w.to(x.dtype))
     splitk.store_tile(acc, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K)
 
 
@@ -401,29 +305,27 @@ def int4_gemv(
     x = x.contiguous()
     block_k = splitk.pow2_divisor(cfg.block_k, group, k)  # >= 8 (K and G are multiples of 8)
     tiles = triton.cdiv(n, cfg.block_n)
-    row = m == 1 and cfg.row_kernel
-    # One-warp row programs need more of them per SM, so more splits (K = 14336 has 224 k-steps of 64).
-    split_k = cfg.split_k or splitk.split_for(tiles, k // block_k, num_sms, cfg.per_sm, max_split=32 if row else 16)
+    # One-warp row programs need more of them per SM, so more splits (K = 14336 has 112 k-steps of 128).
+    split_k = cfg.split_k or splitk.split_for(tiles, k // block_k, num_sms, cfg.per_sm, max_split=32 if m == 1 else 16)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     part = splitk.scratch(split_k, m, n, x.device)
     locks = splitk.counters(x.device, tiles)
-    use_dot = m > 1
-    if row:
+    if m == 1:
         x_kind = {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
+        # 16-bit activations keep fp16's 1024 in every code (one instruction fewer per two codes; the float32
+        # sums then carry ~2**10 more rounding error, ~1e-5 relative, under a bf16 or fp16 output's rounding);
+        # float32 activations get exact codes.
         _int4_gemv_row_kernel[(tiles, split_k)](
             x, qweight, scales, zeros, out, part, locks, n, k, split_k, GROUP=group, BLOCK_N=cfg.block_n,
-            BLOCK_K=block_k, OFFSET=1024.0 if cfg.fold_offset and x_kind != 2 else 0.0, USE_ASM=not dev.interpreting(), X_KIND=x_kind,
-            PREFETCH=cfg.prefetch, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-            **({"maxnreg": cfg.maxnreg} if cfg.maxnreg else {}),
+            BLOCK_K=block_k, OFFSET=0.0 if x_kind == 2 else 1024.0, USE_ASM=not dev.interpreting(), X_KIND=x_kind,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         return out
     _int4_gemv_kernel[(tiles, split_k)](
         x, qweight, scales, zeros, out, part, locks, m, n, k, x.stride(0), split_k,
-        GROUP=group, BLOCK_M=16 if use_dot else 1, BLOCK_N=cfg.block_n, BLOCK_K=block_k, USE_DOT=use_dot,
-        IEEE=x.dtype == torch.float32, PREFETCH=cfg.prefetch and not use_dot,
-        REDUCE_EACH=cfg.reduce_each and not use_dot, NIBBLE_LOOP=cfg.nibble_loop and not use_dot,
+        GROUP=group, BLOCK_M=16, BLOCK_N=cfg.block_n, BLOCK_K=block_k, IEEE=x.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

@@ -13,10 +13,8 @@ pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(),
 
 @pytest.mark.parametrize(("k", "n", "group"), [(4096, 6144, 128), (14336, 4096, 128), (512, 200, 32), (768, 64, -1)])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
-@pytest.mark.parametrize(("fold", "prefetch", "split_k"), [(False, True, 0), (True, True, 0), (False, False, 3)])
-def test_row_kernel_matches_reference(
-    k: int, n: int, group: int, dtype: torch.dtype, fold: bool, prefetch: bool, split_k: int
-) -> None:  # fmt: skip
+@pytest.mark.parametrize("split_k", [0, 3])
+def test_row_kernel_matches_reference(k: int, n: int, group: int, dtype: torch.dtype, split_k: int) -> None:
     from kvik_quant import int4_pack as pack
     from kvik_quant import splitk
     from kvik_quant.int4 import rtn_quantize
@@ -28,13 +26,13 @@ def test_row_kernel_matches_reference(
     s, z = scales.t().to(dtype).contiguous(), zeros.t().to(dtype).contiguous()
     x = torch.randn(1, k, device="cuda", generator=gen).to(dtype)
     expected = x.double() @ pack.dequantize_codes(codes.t(), s, z, g, torch.float64)
-    cfg = replace(ROW_DEFAULT, fold_offset=fold, prefetch=prefetch, split_k=split_k)
+    cfg = replace(ROW_DEFAULT, split_k=split_k)
     got = int4_gemv(x, pack.pack_rows(codes.t()), s, z, g, splitk.num_sms(x.device), cfg)
     assert got.dtype == dtype and got.shape == (1, n)
     scale = float(expected.abs().max())
-    # Within the output dtype's rounding (plus float32 summation error; the folded offset costs ~2**10 of it).
-    tol = {torch.bfloat16: 2**-8, torch.float16: 2**-11, torch.float32: 1e-6}[dtype]
-    tol += 5e-5 if fold and dtype != torch.float32 else 0
+    # Within the output dtype's rounding, plus float32 summation error (16-bit x: ~2**10 more, the fp16 offset
+    # left in the codes).
+    tol = {torch.bfloat16: 2**-8 + 5e-5, torch.float16: 2**-11 + 5e-5, torch.float32: 1e-6}[dtype]
     assert float((got.double() - expected).abs().max()) <= tol * scale
     torch.cuda.synchronize()
     assert int(splitk.counters(x.device, 1).abs().sum()) == 0

@@ -82,31 +82,20 @@ def _problem(m: int, k: int, n: int, group: int, dtype: torch.dtype, seed: int =
 
 
 @pytest.mark.parametrize(
-    ("m", "k", "n", "group", "dtype", "split_k", "prefetch", "reduce_each", "nibble_loop", "row", "fold"),
+    ("m", "k", "n", "group", "dtype", "split_k"),
     [
-        (1, 512, 96, 128, torch.float32, 0, True, True, False, False, False),  # one row: elementwise FMA path
-        (1, 512, 96, 128, torch.float32, 0, True, False, False, False, False),  # ... a register tile, reduced once
-        (1, 256, 64, 32, torch.float16, 3, False, True, False, False, False),  # a split leaving one empty
-        (1, 256, 64, 32, torch.float16, 2, False, False, False, False, False),
-        (1, 512, 96, 128, torch.float32, 0, True, True, True, False, False),  # one row, nibble by nibble
-        (1, 256, 64, 32, torch.float16, 3, False, True, True, False, False),  # ... without prefetch, an empty split
-        (1, 512, 96, 128, torch.float32, 0, True, True, False, True, False),  # the row kernel, split from the shape
-        (1, 256, 64, 32, torch.float16, 3, True, True, False, True, False),  # ... prefetching, an empty split
-        (1, 256, 40, 32, torch.bfloat16, 2, False, True, False, True, False),  # ... bf16 pairs, a ragged column tile
-        (1, 256, 64, 64, torch.bfloat16, 0, True, True, False, True, True),  # ... the 1024 offset folded
-        (1, 160, 48, 160, torch.float16, 1, True, True, False, True, True),  # ... per channel, one 32-row k-step
-        (5, 256, 64, 64, torch.float32, 4, True, True, True, True, False),  # tl.dot path (one-row knobs unused)
-        (16, 128, 48, 32, torch.float16, 1, True, True, False, True, False),  # no split: stored directly
+        (1, 512, 96, 128, torch.float32, 0),  # one row (exact codes for float32 x), split from the shape
+        (1, 256, 64, 32, torch.float16, 3),  # a split that does not divide the k-tiles: one empty
+        (1, 256, 40, 32, torch.bfloat16, 2),  # bf16 pairs, fp16's offset left in the codes; a ragged column tile
+        (1, 160, 48, 160, torch.float16, 1),  # per channel: one 32-row k-step
+        (5, 256, 64, 64, torch.float32, 4),  # the tl.dot path, ragged rows
+        (16, 128, 48, 32, torch.float16, 1),  # no split: stored directly
     ],
 )
-def test_gemv_matches_reference(
-    m: int, k: int, n: int, group: int, dtype: torch.dtype, split_k: int, prefetch: bool, reduce_each: bool,
-    nibble_loop: bool, row: bool, fold: bool,
-) -> None:  # fmt: skip
+def test_gemv_matches_reference(m: int, k: int, n: int, group: int, dtype: torch.dtype, split_k: int) -> None:
     x, qweight, s, z, w_t = _problem(m, k, n, group, dtype)
     expected = x.float() @ w_t
-    cfg = GemvConfig(block_n=32, block_k=64, split_k=split_k, prefetch=prefetch, reduce_each=reduce_each,
-                     nibble_loop=nibble_loop, row_kernel=row, fold_offset=fold)  # fmt: skip
+    cfg = GemvConfig(block_n=32, block_k=64, split_k=split_k)
     got = int4_gemv(x, qweight, s, z, group, num_sms=8, config=cfg)
     assert got.dtype == dtype and got.shape == (m, n)
     tol = 1e-4 if dtype == torch.float32 else 2e-2

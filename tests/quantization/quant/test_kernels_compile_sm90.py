@@ -53,30 +53,24 @@ def _compile_all() -> dict[str, dict[str, bool]]:
     tail = {"out_ptr": "*bf16", "part_ptr": "*fp32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32",
             "stride_xm": "i32", "SPLIT_K": "i32"}  # fmt: skip
     g4, g8 = GemvConfig(), W8GemvConfig()
+    sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", **tail}
+    facts("int4_gemv dot", _compile(_int4_gemv_kernel, sig, dict(
+        GROUP=128, BLOCK_M=16, BLOCK_N=g4.block_n, BLOCK_K=g4.block_k, IEEE=False), num_warps=g4.num_warps,
+        num_stages=g4.num_stages))  # fmt: skip
+    r = ROW_DEFAULT
+    row_sig = {k: v for k, v in sig.items() if k not in ("M", "stride_xm")}
+    for x_kind, x_type, offset in ((0, "*bf16", 1024.0), (1, "*fp16", 1024.0), (2, "*fp32", 0.0)):
+        facts(f"int4_gemv row x={x_type}", _compile(_int4_gemv_row_kernel, {**row_sig, "x_ptr": x_type}, dict(
+            GROUP=128, BLOCK_N=r.block_n, BLOCK_K=r.block_k, OFFSET=offset, USE_ASM=True, X_KIND=x_kind),
+            num_warps=r.num_warps, num_stages=r.num_stages))  # fmt: skip
     for use_dot in (False, True):
         rows = dict(BLOCK_M=16 if use_dot else 1, USE_DOT=use_dot, IEEE=False)
-        sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", **tail}
-        facts(f"int4_gemv dot={use_dot}", _compile(_int4_gemv_kernel, sig, dict(
-            GROUP=128, BLOCK_N=g4.block_n, BLOCK_K=g4.block_k, PREFETCH=g4.prefetch and not use_dot,
-            REDUCE_EACH=g4.reduce_each and not use_dot, NIBBLE_LOOP=False, **rows), num_warps=g4.num_warps,
-            num_stages=g4.num_stages))  # fmt: skip
-        if not use_dot:  # the one-row variant the sweep weighs against the default
-            facts("int4_gemv nibble_loop", _compile(_int4_gemv_kernel, sig, dict(
-                GROUP=128, BLOCK_N=g4.block_n, BLOCK_K=g4.block_k, PREFETCH=True, REDUCE_EACH=True, NIBBLE_LOOP=True,
-                **rows), num_warps=g4.num_warps, num_stages=g4.num_stages))  # fmt: skip
         for weight in ("*fp8e4nv", "*i8"):
             sig = {"x_ptr": "*bf16", "w_ptr": weight, "ws_ptr": "*fp32", **tail}
             facts(f"w8a16_gemv {weight} dot={use_dot}", _compile(_w8a16_gemv_kernel, sig, dict(
                 BLOCK_N=g8.block_n, BLOCK_K=g8.block_k, PREFETCH=g8.prefetch and not use_dot,
                 REDUCE_EACH=g8.reduce_each and not use_dot, **rows), num_warps=g8.num_warps,
                 num_stages=g8.num_stages))  # fmt: skip
-    r = ROW_DEFAULT
-    row_sig = {"x_ptr": "*bf16", "qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", **tail}
-    del row_sig["M"], row_sig["stride_xm"]
-    for x_kind, x_type in ((0, "*bf16"), (1, "*fp16")):
-        facts(f"int4_gemv row x={x_type}", _compile(_int4_gemv_row_kernel, {**row_sig, "x_ptr": x_type}, dict(
-            GROUP=128, BLOCK_N=r.block_n, BLOCK_K=r.block_k, OFFSET=0.0, USE_ASM=True, X_KIND=x_kind,
-            PREFETCH=r.prefetch), num_warps=r.num_warps, num_stages=r.num_stages))  # fmt: skip
     cfg = int8_gemm_config(4096)
     sig = {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32",
            "N": "i32", "K": "i32"}  # fmt: skip
@@ -103,7 +97,7 @@ def test_new_kernels_compile_for_hopper() -> None:
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(found) == 11
+    assert len(found) == 10
     for name, facts in found.items():
         if name.startswith(("int4_gemv", "w8a16_gemv")):
             assert facts["vector_loads"], name  # 8- or 16-byte weight loads

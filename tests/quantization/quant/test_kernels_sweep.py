@@ -42,7 +42,7 @@ def test_dry_run_checks_every_candidate(tmp_path: Path, monkeypatch: pytest.Monk
     from kvik_quant.w8_kernels import W8GemvConfig
 
     # Which candidate wins on the CPU is noise: make a GEMV the winner at one row, then rebuild the summary.
-    for fmt, prefix in (("int4", "gemv:"), ("fp8", "w8a16:")):
+    for fmt, prefix in (("int4", "row:"), ("fp8", "w8a16:")):
         entry = tiny["1"][fmt]
         entry["best"] = next(name for name in entry["candidates"] if name.startswith(prefix))
     tables = sweep.summarize(report["shapes"])["gemv_tables"]
