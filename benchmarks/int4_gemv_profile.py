@@ -3,14 +3,13 @@
     ncu -k regex:_int4_gemv_row --launch-skip 2 --launch-count 1 --section SpeedOfLight \
         --section WarpStateStats python3 benchmarks/int4_gemv_profile.py --shape gate_up
 
-With ``--fold``/``--exact`` picking the offset handling; the default config is ``ROW_DEFAULT``'s (or the
-shape's ``GEMV_TABLE`` entry). Prints the CUDA-event time of one call (no graphs, so launch cost included).
+The config is the shape's ``GEMV_TABLE`` entry or ``ROW_DEFAULT``. Prints the CUDA-event time of one call (no
+graphs, so launch cost included).
 """
 
 from __future__ import annotations
 
 import argparse
-from dataclasses import replace
 
 import torch
 
@@ -21,7 +20,6 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--shape", choices=sorted(SHAPES), default="gate_up")
     ap.add_argument("--iters", type=int, default=5)
-    ap.add_argument("--fold", choices=("table", "fold", "exact"), default="table")
     args = ap.parse_args()
     from kvik_quant import int4_pack, splitk
     from kvik_quant.int4 import rtn_quantize
@@ -34,8 +32,6 @@ def main() -> None:
     s, z = scales.t().to(torch.bfloat16).contiguous(), zeros.t().to(torch.bfloat16).contiguous()
     x = torch.randn(1, k, device="cuda", generator=gen, dtype=torch.bfloat16)
     cfg = gemv_config(n, k, 1)
-    if args.fold != "table":
-        cfg = replace(cfg, fold_offset=args.fold == "fold")
     sms = splitk.num_sms(x.device)
     for _ in range(args.iters):
         int4_gemv(x, qw, s, z, 128, sms, cfg)
