@@ -26,6 +26,12 @@ import torch
 
 # add_lora(y, x, a, b, slots, shard_starts): y += the delta, in place.
 AddLoRA = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...]], None]
+# project(x, a, b, slots, shard_starts, base): base(x) plus the delta, computed however the platform likes
+# (the CUDA one overlaps the shrink with the base matmul); the result must equal base(x), then add_lora.
+ProjectLoRA = Callable[
+    [torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, tuple[int, ...], Callable[[torch.Tensor], torch.Tensor]],
+    torch.Tensor,
+]
 
 
 def add_lora_reference(

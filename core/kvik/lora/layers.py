@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from kvik.layers.linear import Linear
-from kvik.lora.compute import AddLoRA, add_lora_reference
+from kvik.lora.compute import AddLoRA, ProjectLoRA, add_lora_reference
 
 if TYPE_CHECKING:
     from kvik.lora.host import HostAdapter
@@ -42,6 +42,10 @@ class LoRAState:
     # False: no row of this step has an adapter, skip the delta (eager steps only; a captured
     # graph always contains it and computes zeros for -1 rows).
     active: bool = False
+    # The whole projection, when a platform can overlap the delta with the base matmul (CUDA: the shrink
+    # on a side stream beside it): project(x, a, b, slots, shard_starts, base) returns base(x) + delta.
+    # None: base(x), then add_lora.
+    project: ProjectLoRA | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -76,10 +80,14 @@ class LoRALinear(Linear):
     lora_shard_starts: tuple[int, ...]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        y = super().forward(x)
         state = self.lora_state
-        if state.active:
-            state.add_lora(y, x, self.lora_a, self.lora_b, state.token_slots[: x.shape[0]], self.lora_shard_starts)
+        if not state.active:
+            return super().forward(x)
+        slots = state.token_slots[: x.shape[0]]
+        if state.project is not None:
+            return state.project(x, self.lora_a, self.lora_b, slots, self.lora_shard_starts, super().forward)
+        y = super().forward(x)
+        state.add_lora(y, x, self.lora_a, self.lora_b, slots, self.lora_shard_starts)
         return y
 
 

@@ -84,6 +84,49 @@ def shrink_splits(num_tokens: int, in_features: int) -> int:
     return max(1, min(16, in_features // 1024))
 
 
+def bgmv_shrink(
+    x: torch.Tensor,  # [T, in]
+    a: torch.Tensor,  # [L, S * R, in]
+    slots: torch.Tensor,  # [T] int64, -1 = no adapter
+    split_k: int = 0,  # reduction splits; 0: shrink_splits(T, in)
+) -> torch.Tensor:
+    """The shrink's split-K partial sums ``[splits, T, S*R]`` float32 (rows of base-model tokens unwritten)."""
+    num_tokens, in_features = x.shape
+    num_cols = a.shape[1]
+    splits = split_k or shrink_splits(num_tokens, in_features)
+    block_k = 128
+    k_per_split = triton.cdiv(triton.cdiv(in_features, splits), block_k) * block_k
+    splits = triton.cdiv(in_features, k_per_split)
+    shrink = torch.empty((splits, num_tokens, num_cols), dtype=torch.float32, device=x.device)
+    block_c = min(triton.next_power_of_2(num_cols), 64)
+    _shrink_kernel[(num_tokens, triton.cdiv(num_cols, block_c), splits)](
+        x, a, slots, shrink,
+        in_features, num_cols, k_per_split,
+        x.stride(0), a.stride(0), a.stride(1), shrink.stride(0), shrink.stride(1),
+        BLOCK_C=block_c, BLOCK_K=block_k,
+    )  # fmt: skip
+    return shrink
+
+
+def bgmv_expand(
+    y: torch.Tensor,  # [T, out], updated in place
+    shrink: torch.Tensor,  # bgmv_shrink's partial sums
+    b: torch.Tensor,  # [L, out, R]
+    slots: torch.Tensor,  # [T] int64, -1 = no adapter
+    shard_starts: tuple[int, ...],  # first output column of each of the S <= 3 shards
+) -> None:
+    """``y += shrink @ b[slot]`` per row and shard (the partial sums added in split order)."""
+    out_features, rank = y.shape[1], b.shape[2]
+    starts = [*shard_starts[1:], out_features, out_features][:2]
+    block_n = 64
+    _expand_kernel[(y.shape[0], triton.cdiv(out_features, block_n))](
+        shrink, b, slots, y,
+        out_features, rank, starts[0], starts[1],
+        shrink.stride(0), shrink.stride(1), b.stride(0), b.stride(1), y.stride(0),
+        SPLIT_K=shrink.shape[0], BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(rank),
+    )  # fmt: skip
+
+
 def add_lora_bgmv(
     y: torch.Tensor,  # [T, out], updated in place
     x: torch.Tensor,  # [T, in]
@@ -94,31 +137,8 @@ def add_lora_bgmv(
     split_k: int = 0,  # shrink reduction splits; 0: shrink_splits(T, in)
 ) -> None:
     """``kvik.lora.compute.add_lora_reference`` as two BGMV launches (graph-safe: no host reads)."""
-    num_tokens, out_features = y.shape
-    if num_tokens == 0:
+    if y.shape[0] == 0:
         return
     assert len(shard_starts) <= 3, "at most three shards (q/k/v) per projection"
     assert x.stride(1) == 1 and a.stride(2) == 1 and b.stride(2) == 1 and y.stride(1) == 1
-    num_cols, rank = a.shape[1], b.shape[2]
-    in_features = x.shape[1]
-    splits = split_k or shrink_splits(num_tokens, in_features)
-    block_k = 128
-    k_per_split = triton.cdiv(triton.cdiv(in_features, splits), block_k) * block_k
-    splits = triton.cdiv(in_features, k_per_split)
-    # [splits, T, S*R] float32 partial sums; rows of base-model tokens are never read.
-    shrink = torch.empty((splits, num_tokens, num_cols), dtype=torch.float32, device=y.device)
-    block_c = min(triton.next_power_of_2(num_cols), 64)
-    _shrink_kernel[(num_tokens, triton.cdiv(num_cols, block_c), splits)](
-        x, a, slots, shrink,
-        in_features, num_cols, k_per_split,
-        x.stride(0), a.stride(0), a.stride(1), shrink.stride(0), shrink.stride(1),
-        BLOCK_C=block_c, BLOCK_K=block_k,
-    )  # fmt: skip
-    starts = [*shard_starts[1:], out_features, out_features][:2]
-    block_n = 64
-    _expand_kernel[(num_tokens, triton.cdiv(out_features, block_n))](
-        shrink, b, slots, y,
-        out_features, rank, starts[0], starts[1],
-        shrink.stride(0), shrink.stride(1), b.stride(0), b.stride(1), y.stride(0),
-        SPLIT_K=splits, BLOCK_N=block_n, BLOCK_R=triton.next_power_of_2(rank),
-    )  # fmt: skip
+    bgmv_expand(y, bgmv_shrink(x, a, slots, split_k), b, slots, shard_starts)

@@ -14,20 +14,23 @@ keyed by token-count bucket: a pure function of the step's shape, so every captu
 (one per batch size) bakes in one fixed choice. ``benchmarks/lora_kernels_sweep.py`` measures
 the candidates on a GPU and prints a replacement for the table.
 
-:class:`TritonLoRA` is what a runner installs as ``LoRAState.add_lora``: it builds the step's tile
-map once (``prepare_step``, after the runner writes the per-token slots) into persistent buffers
-that all the step's projections, and the CUDA graphs captured over them, read.
+:class:`TritonLoRA` is what a runner installs as ``LoRAState.add_lora`` and ``LoRAState.project``: it
+builds the step's tile map once (``prepare_step``, after the runner writes the per-token slots) into
+persistent buffers that all the step's projections, and the CUDA graphs captured over them, read; and it
+runs each projection's shrink on a side stream while the base matmul runs (the shrink reads only ``x``),
+so at decode sizes the delta costs the expand's launch, not both.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
 import torch
 
-from kvik_cuda.lora_bgmv import add_lora_bgmv, shrink_splits
+from kvik_cuda.lora_bgmv import add_lora_bgmv, bgmv_expand, bgmv_shrink, shrink_splits
 from kvik_cuda.lora_fused import add_lora_fused
-from kvik_cuda.lora_sgmv import add_lora_sgmv
+from kvik_cuda.lora_sgmv import add_lora_sgmv, sgmv_expand, sgmv_shrink
 from kvik_cuda.lora_tiles import TileMap, build_tile_map, empty_tile_map
 
 __all__ = ["CONFIGS", "LoRAKernelConfig", "TritonLoRA", "add_lora_triton", "config_for", "shrink_splits"]
@@ -127,6 +130,9 @@ class TritonLoRA:
 
     def __init__(self, max_tokens: int, device: torch.device | str) -> None:
         self._buffers = empty_tile_map(max_tokens, 16, device)
+        # The shrinks' stream. Every use starts by waiting for the main stream's work so far, so a partial-sum
+        # buffer freed back to this stream's pool is never reused before the expand that read it has run.
+        self._side = torch.cuda.Stream(device) if torch.device(device).type == "cuda" else None
         self._map: TileMap | None = None
         self._prepared: tuple[int, int] | None = None  # (slots data_ptr, T) the map was cut from
         self.maps_built = 0  # prepare_step maps (tests count them: one per step, not per projection)
@@ -153,3 +159,42 @@ class TritonLoRA:
     ) -> None:
         prepared = self._prepared == (slots.data_ptr(), slots.shape[0])
         add_lora_triton(y, x, a, b, slots, shard_starts, tiles=self._map if prepared else None)
+
+    def project(
+        self,
+        x: torch.Tensor,
+        a: torch.Tensor,
+        b: torch.Tensor,
+        slots: torch.Tensor,
+        shard_starts: tuple[int, ...],
+        base: Callable[[torch.Tensor], torch.Tensor],
+    ) -> torch.Tensor:
+        """``base(x)`` plus the delta, the shrink on the side stream beside the base matmul (fork and join are
+        stream waits, which CUDA graph capture records as edges). The fused kernel, CPU tensors (the
+        interpreter) and empty steps run in order."""
+        num_tokens = x.shape[0]
+        config = config_for(num_tokens)
+        if self._side is None or x.device.type != "cuda" or num_tokens == 0 or config.kernel == "fused":
+            y = base(x)
+            self(y, x, a, b, slots, shard_starts)
+            return y
+        assert x.stride(1) == 1 and a.stride(2) == 1 and b.stride(2) == 1
+        tiles = None
+        if config.kernel == "sgmv":
+            prepared = self._prepared == (slots.data_ptr(), num_tokens)
+            tiles = self._map if prepared else build_tile_map(slots, config.block_m)
+        main = torch.cuda.current_stream(x.device)
+        self._side.wait_stream(main)
+        with torch.cuda.stream(self._side):
+            if tiles is None:
+                partial = bgmv_shrink(x, a, slots, config.split_k)
+            else:
+                partial = sgmv_shrink(x, a, tiles, config)
+        y = base(x)
+        main.wait_stream(self._side)
+        assert y.stride(1) == 1
+        if tiles is None:
+            bgmv_expand(y, partial, b, slots, shard_starts)
+        else:
+            sgmv_expand(y, partial, b, tiles, shard_starts, config)
+        return y

@@ -131,6 +131,56 @@ def shrink_block_c(num_cols: int, config: LoRAKernelConfig) -> int:
     return max(16, min(config.block_c, triton.next_power_of_2(num_cols)))
 
 
+def sgmv_shrink(
+    x: torch.Tensor,  # [T, in]
+    a: torch.Tensor,  # [L, S * R, in]
+    tiles: TileMap,  # the step's tiles of config.block_m rows (kvik_cuda.lora_tiles)
+    config: LoRAKernelConfig,
+) -> torch.Tensor:
+    """The shrink's split-K partial sums ``[splits, T, S*R]`` float32 (base-model rows never written)."""
+    assert tiles.block_m == config.block_m, "the tile map is cut for another block_m"
+    num_tokens, in_features = x.shape
+    num_cols = a.shape[1]
+    programs = tile_programs(num_tokens, config.block_m, a.shape[0])
+    block_c = shrink_block_c(num_cols, config)
+    splits = sgmv_splits(num_tokens, in_features, num_cols, config)
+    k_per_split = triton.cdiv(triton.cdiv(in_features, splits), config.block_k) * config.block_k
+    splits = triton.cdiv(in_features, k_per_split)
+    shrink = torch.empty((splits, num_tokens, num_cols), dtype=torch.float32, device=x.device)
+    # A float32 model's shrink must not drop to tf32; bf16/fp16 operands ignore the setting.
+    _sgmv_shrink_kernel[(programs, triton.cdiv(num_cols, block_c), splits)](
+        x, a, tiles.tiles, tiles.count, shrink,
+        programs, in_features, num_cols, k_per_split,
+        x.stride(0), a.stride(0), a.stride(1), shrink.stride(0), shrink.stride(1), tiles.tiles.stride(0),
+        BLOCK_M=config.block_m, BLOCK_C=block_c, BLOCK_K=config.block_k, PRECISION="ieee", UPCAST=INTERPRETED,
+        num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+    return shrink
+
+
+def sgmv_expand(
+    y: torch.Tensor,  # [T, out], updated in place
+    shrink: torch.Tensor,  # sgmv_shrink's partial sums
+    b: torch.Tensor,  # [L, out, R]
+    tiles: TileMap,
+    shard_starts: tuple[int, ...],  # first output column of each of the S <= 3 shards
+    config: LoRAKernelConfig,
+) -> None:
+    """``y += shrink @ b[slot]`` per tile and shard (the partial sums added in split order)."""
+    num_tokens, out_features = y.shape
+    rank = b.shape[2]
+    programs = tile_programs(num_tokens, config.block_m, b.shape[0])
+    starts = [*shard_starts[1:], out_features, out_features][:2]
+    block_r = max(16, min(triton.next_power_of_2(rank), 64))
+    _sgmv_expand_kernel[(programs, triton.cdiv(out_features, config.block_n))](
+        shrink, b, tiles.tiles, tiles.count, y,
+        programs, out_features, rank, starts[0], starts[1], shrink.shape[0],
+        shrink.stride(0), shrink.stride(1), b.stride(0), b.stride(1), y.stride(0), tiles.tiles.stride(0),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r,
+        PRECISION=config.expand_precision, num_warps=config.num_warps, num_stages=config.num_stages,
+    )  # fmt: skip
+
+
 def add_lora_sgmv(
     y: torch.Tensor,  # [T, out], updated in place
     x: torch.Tensor,  # [T, in]
@@ -141,31 +191,4 @@ def add_lora_sgmv(
     config: LoRAKernelConfig,
 ) -> None:
     """``kvik.lora.compute.add_lora_reference`` as two SGMV launches (graph-safe: no host reads)."""
-    assert tiles.block_m == config.block_m, "the tile map is cut for another block_m"
-    num_tokens, out_features = y.shape
-    num_cols, rank = a.shape[1], b.shape[2]
-    in_features = x.shape[1]
-    programs = tile_programs(num_tokens, config.block_m, a.shape[0])
-    block_c = shrink_block_c(num_cols, config)
-    splits = sgmv_splits(num_tokens, in_features, num_cols, config)
-    k_per_split = triton.cdiv(triton.cdiv(in_features, splits), config.block_k) * config.block_k
-    splits = triton.cdiv(in_features, k_per_split)
-    # [splits, T, S*R] float32 partial sums (base-model rows are never written nor read).
-    shrink = torch.empty((splits, num_tokens, num_cols), dtype=torch.float32, device=y.device)
-    # A float32 model's shrink must not drop to tf32; bf16/fp16 operands ignore the setting.
-    _sgmv_shrink_kernel[(programs, triton.cdiv(num_cols, block_c), splits)](
-        x, a, tiles.tiles, tiles.count, shrink,
-        programs, in_features, num_cols, k_per_split,
-        x.stride(0), a.stride(0), a.stride(1), shrink.stride(0), shrink.stride(1), tiles.tiles.stride(0),
-        BLOCK_M=config.block_m, BLOCK_C=block_c, BLOCK_K=config.block_k, PRECISION="ieee", UPCAST=INTERPRETED,
-        num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
-    starts = [*shard_starts[1:], out_features, out_features][:2]
-    block_r = max(16, min(triton.next_power_of_2(rank), 64))
-    _sgmv_expand_kernel[(programs, triton.cdiv(out_features, config.block_n))](
-        shrink, b, tiles.tiles, tiles.count, y,
-        programs, out_features, rank, starts[0], starts[1], splits,
-        shrink.stride(0), shrink.stride(1), b.stride(0), b.stride(1), y.stride(0), tiles.tiles.stride(0),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r,
-        PRECISION=config.expand_precision, num_warps=config.num_warps, num_stages=config.num_stages,
-    )  # fmt: skip
+    sgmv_expand(y, sgmv_shrink(x, a, tiles, config), b, tiles, shard_starts, config)

@@ -193,7 +193,7 @@ class CUDAModelRunner(TorchModelRunner):
             return
         state = self.lora.wrapped.state
         kernels = TritonLoRA(state.token_slots.shape[0], state.token_slots.device)
-        state.add_lora, state.prepare_step = kernels, kernels.prepare_step
+        state.add_lora, state.prepare_step, state.project = kernels, kernels.prepare_step, kernels.project
 
     @property
     def graphs_enabled(self) -> bool:

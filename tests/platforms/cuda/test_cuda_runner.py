@@ -283,6 +283,7 @@ def test_lora_steps_through_the_triton_kernels_match_the_torch_reference(
     reference = _runner(TorchModelRunner, path, kvik_plugin_manager, **options)
     cuda = _runner(CUDAModelRunner, path, kvik_plugin_manager, platform_options={"fused_layers": False}, **options)
     assert cuda.lora is not None and isinstance(cuda.lora.wrapped.state.add_lora, lora_kernels.TritonLoRA)
+    assert cuda.lora.wrapped.state.project == cuda.lora.wrapped.state.add_lora.project  # shrink beside the base
     want = [reference.compute_logits(s) for s in steps(True)]
     got = [cuda.compute_logits(s) for s in steps(True)]
     if kernel == "sgmv":  # every step has an adapter row: one map each, shared by all its projections

@@ -59,3 +59,36 @@ def test_empty_step_and_all_base_rows() -> None:
     add_lora_triton(y, torch.ones(3, 8, device=DEVICE), a, b, torch.full((3,), -1, device=DEVICE), (0,))
     assert not y.any()
     add_lora_triton(y[:0], torch.ones(0, 8, device=DEVICE), a, b, torch.zeros(0, dtype=torch.int64, device=DEVICE), (0,))
+
+
+@pytest.mark.parametrize("num_tokens", [1, 5, 70])  # BGMV buckets, then an SGMV one
+def test_project_equals_base_then_the_delta(num_tokens: int) -> None:
+    """TritonLoRA.project (on a GPU: the shrink on a side stream beside the base matmul) gives exactly what the
+    base projection followed by add_lora gives, and the tile map it cuts or reuses serves both."""
+    from kvik_cuda.lora_kernels import TritonLoRA, config_for
+
+    g = torch.Generator().manual_seed(num_tokens)
+    shards, rank, in_features = (16, 8, 8), 4, 64
+    starts = (0, 16, 24)
+    w = torch.randn(sum(shards), in_features, generator=g).to(DEVICE, torch.float16)
+    x = torch.randn(num_tokens, in_features, generator=g).to(DEVICE, torch.float16)
+    a = (torch.randn(3, len(shards) * rank, in_features, generator=g) * 0.3).to(DEVICE, torch.float16)
+    b = (torch.randn(3, sum(shards), rank, generator=g) * 0.3).to(DEVICE, torch.float16)
+    slots = torch.tensor([(t % 4) - 1 for t in range(num_tokens)], device=DEVICE)
+    slots = slots.sort(stable=True).values  # the scheduler's order: rows grouped by adapter
+
+    def base(inp: torch.Tensor) -> torch.Tensor:
+        return inp @ w.T
+
+    kernels = TritonLoRA(128, DEVICE)
+    kernels.prepare_step(slots)
+    want = base(x)
+    kernels(want, x, a, b, slots, starts)
+    got = kernels.project(x, a, b, slots, starts, base)
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+    assert torch.equal(got, want)
+    ref = base(x)
+    add_lora_reference(ref, x, a, b, slots, starts)
+    torch.testing.assert_close(got.float(), ref.float(), rtol=2e-3, atol=2e-3)
+    assert config_for(num_tokens).kernel == ("bgmv" if num_tokens <= 64 else "sgmv")
