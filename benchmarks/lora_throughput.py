@@ -251,6 +251,31 @@ def bench_lora8(model_dir: Path, prompts: list[list[int]], paths: list[str], arg
         llm.llm_engine.shutdown()
 
 
+@part("batch1")
+def bench_batch1(model_dir: Path, paths: list[str], args: argparse.Namespace) -> dict[str, Any]:
+    """Batch-1 decode with one adapter vs none in the same engine, per one-row shrink split (``--b1-splits``;
+    the CUDA graphs bake the kernel config in, so each split gets its own engine)."""
+    from kvik.lora import LoRARequest
+
+    out: dict[str, Any] = {}
+    for split in (int(s) for s in args.b1_splits.split(",")):
+        try:
+            from kvik_cuda import lora_kernels
+
+            lora_kernels.CONFIGS[1] = lora_kernels.LoRAKernelConfig(kernel="bgmv", split_k=split)
+        except ImportError:
+            pass  # no CUDA plugin (a CPU smoke run): the split does not apply
+        llm = _engine(model_dir, args, enable_lora=True, max_loras=8, max_lora_rank=16, max_cpu_loras=len(paths))
+        try:
+            one = LoRARequest("a0", 1, paths[0])
+            runs = [(_batch1_ms_per_token(llm, None), _batch1_ms_per_token(llm, one)) for _ in range(3)]
+            base, adapter = min(r[0] for r in runs), min(r[1] for r in runs)
+            out[f"split_{split}"] = {"base_ms": base, "adapter_ms": adapter, "overhead": adapter / base - 1}
+        finally:
+            llm.llm_engine.shutdown()
+    return out
+
+
 @part("lora64")
 def bench_lora64(model_dir: Path, prompts: list[list[int]], paths: list[str], args: argparse.Namespace) -> dict[str, Any]:
     llm = _engine(model_dir, args, enable_lora=True, max_loras=64, max_lora_rank=16, max_cpu_loras=len(paths))
@@ -304,6 +329,7 @@ def main() -> int:
     parser.add_argument(
         "--profile", action="store_true", help="lora8: profile 33 batch-1 tokens with and without the adapter"
     )
+    parser.add_argument("--b1-splits", default="16,32,64", help="batch1: the one-row shrink splits to compare")
     parser.add_argument("--shape", default="llama8b", choices=sorted(SHAPES), help="tiny: a CPU smoke run")
     parser.add_argument("--device", default=None, help="platform (default: auto; cpu for a smoke run)")
     parser.add_argument("--root", default=os.environ.get("KVIK_BENCH_ROOT", "/tmp/kvik_lora_bench"))
@@ -314,13 +340,15 @@ def main() -> int:
     RESULTS["args"] = vars(args)
     model_dir = write_model_dir(root, args.shape)
     prompts = workload(args.n, SHAPES[args.shape]["vocab_size"], lo=128, hi=1024)
-    paths = write_adapters(root, model_dir, rank=16, count=64) if wanted & {"lora8", "lora64"} else []
+    paths = write_adapters(root, model_dir, rank=16, count=64) if wanted & {"lora8", "lora64", "batch1"} else []
     if "kernels" in wanted:
         bench_kernels(args.shape)
     if "base" in wanted:
         bench_base(model_dir, prompts, args)
     if "lora8" in wanted:
         bench_lora8(model_dir, prompts, paths, args)
+    if "batch1" in wanted:
+        bench_batch1(model_dir, paths, args)
     if "lora64" in wanted:
         bench_lora64(model_dir, prompts, paths, args)
     if "load" in wanted:
