@@ -72,8 +72,11 @@ class LoRAKernelConfig:
 # pass per distinct slot it held, and the fused one-launch kernel lost to BGMV's split-K at every size.
 # From 256 rows the tiled SGMV GEMMs win (0.25-0.5x the base matmul under one adapter). Since then
 # rows come grouped by adapter and every tile holds one slot (kvik_cuda.lora_tiles): to be re-swept.
+# One row (2026-12-01, lora_throughput.py --parts batch1, the shrink on its side stream beside the base GEMM):
+# split 8 / 16 / 32 / 64 cost +12.7% / +16.1% / +17.9% / +17.3% of batch-1 decode; fewer, longer shrink
+# programs disturb the base GEMM less and leave the expand fewer partial sums.
 CONFIGS: dict[int, LoRAKernelConfig] = {
-    1: LoRAKernelConfig(kernel="bgmv", split_k=16),
+    1: LoRAKernelConfig(kernel="bgmv", split_k=8),
     16: LoRAKernelConfig(kernel="bgmv", split_k=16),
     64: LoRAKernelConfig(kernel="bgmv"),
     256: LoRAKernelConfig(block_m=64, block_k=64, block_n=128, num_stages=3, expand_precision="tf32x3"),
