@@ -329,6 +329,8 @@ def main() -> int:
     parser.add_argument(
         "--profile", action="store_true", help="lora8: profile 33 batch-1 tokens with and without the adapter"
     )
+    parser.add_argument("--no-overlap", action="store_true",
+                        help="CUDA: run each shrink after the base GEMM on one stream (the A/B for the side stream)")
     parser.add_argument("--b1-splits", default="16,32,64", help="batch1: the one-row shrink splits to compare")
     parser.add_argument("--shape", default="llama8b", choices=sorted(SHAPES), help="tiny: a CPU smoke run")
     parser.add_argument("--device", default=None, help="platform (default: auto; cpu for a smoke run)")
@@ -338,6 +340,10 @@ def main() -> int:
     root.mkdir(parents=True, exist_ok=True)
     wanted = set(args.parts.split(","))
     RESULTS["args"] = vars(args)
+    if args.no_overlap:
+        from kvik_cuda import lora_kernels
+
+        lora_kernels.TritonLoRA.project = None  # type: ignore[assignment,method-assign]  # the runner installs None
     model_dir = write_model_dir(root, args.shape)
     prompts = workload(args.n, SHAPES[args.shape]["vocab_size"], lo=128, hi=1024)
     paths = write_adapters(root, model_dir, rank=16, count=64) if wanted & {"lora8", "lora64", "batch1"} else []
