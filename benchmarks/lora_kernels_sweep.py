@@ -5,10 +5,11 @@
     python3 benchmarks/lora_kernels_sweep.py --smoke    # CPU, Triton's interpreter, tiny shapes: checks the script
 
 8B projections (qkv 4096->6144 in 3 shards, o 4096->4096, gate_up 4096->28672 in 2 shards, down
-14336->4096), rank 16, 8 adapter slots, 1/16/64/256/1024 token rows under three adapter mixes:
+14336->4096), rank 16, 64 adapter slots, 1/16/64/256/1024 token rows under three adapter mixes:
 ``a1`` (one adapter), ``a8g`` (8 adapters, rows grouped by adapter: what the scheduler produces)
-and ``a8i`` (8 adapters interleaved at random: the worst case, each row its own SGMV tile; kept
-to show what ungrouped rows would cost, timed for the old kernels and the table's config only). For every case: the base bf16 matmul ``x @ W.T``, the
+``a8i`` (8 adapters interleaved at random: the worst case, each row its own SGMV tile; kept
+to show what ungrouped rows would cost, timed for the old kernels and the table's config only) and ``a64g``
+(64 adapters grouped: the issue's 64-adapter workload, ~4 rows per adapter at 256 rows; ``--mixes`` picks). For every case: the base bf16 matmul ``x @ W.T``, the
 old BGMV kernels, the current table's config and a small grid of SGMV (two launches) and fused
 (one launch; up to 256 rows) configs, each checked against ``kvik.lora.compute.add_lora_reference``
 and timed two ways:
@@ -68,11 +69,11 @@ OLD = C(kernel="bgmv")  # the BGMV kernels with their own split rule: what ran b
 SHAPES = {"qkv": (4096, (4096, 1024, 1024)), "o": (4096, (4096,)), "gate_up": (4096, (14336, 14336)),
           "down": (14336, (4096,))}  # fmt: skip
 SMOKE_SHAPES = {"qkv": (64, (32, 16, 16)), "o": (64, (48,)), "down": (96, (32,))}
-RANK, SLOTS, L2_BYTES = 16, 8, 128 << 20
+RANK, SLOTS, L2_BYTES = 16, 64, 128 << 20
 TARGETS = {1: 0.15, 16: 0.25, 64: 0.25, 256: 0.25}
 # Adapter mixes: name -> (adapters, rows grouped by adapter). The table is chosen over TABLE_MIXES.
-MIXES = {"a1": (1, True), "a8g": (8, True), "a8i": (8, False)}
-TABLE_MIXES = ("a1", "a8g")
+MIXES = {"a1": (1, True), "a8g": (8, True), "a8i": (8, False), "a64g": (64, True)}
+TABLE_MIXES = ("a1", "a8g", "a64g")
 
 
 def name(cfg: LoRAKernelConfig) -> str:
@@ -238,6 +239,7 @@ def summary(result: dict[str, Any], metric: str) -> str:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokens", default="1,16,64,256,1024")
+    parser.add_argument("--mixes", default="a1,a8g,a8i", help=f"adapter mixes, of {', '.join(MIXES)}")
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--budget-s", type=float, default=210.0, help="stop the config grid after this long")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under Triton's interpreter")
@@ -258,7 +260,7 @@ def main() -> int:
     cases: list[Case] = []
     for proj, (in_f, shards) in shapes.items():
         for tokens in token_counts:
-            for mix in MIXES if tokens > 1 else ("a1",):
+            for mix in [m for m in args.mixes.split(",") if m in MIXES] if tokens > 1 else ("a1",):
                 try:
                     case = Case(proj, in_f, shards, tokens, mix, device)
                     row = {"key": case.key, "proj": proj, "tokens": tokens, "mix": mix, "tile_map": {},
