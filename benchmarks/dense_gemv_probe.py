@@ -1,0 +1,64 @@
+"""The one-row dense GEMV (kvik_cuda.gemv) against cuBLAS (F.linear) on the 8B's and Qwen3-30B-A3B's dense shapes.
+
+    python3 benchmarks/dense_gemv_probe.py          # H200: ~1 min; prints JSON, writes $OUT/dense_gemv_probe.json
+
+Each shape: cuBLAS and a grid of configs, CUDA-graph replayed over weight copies larger than L2 (the timer of
+quant_kernels_sweep.py), every config checked against float64.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+SHAPES = {  # name: (K, N)
+    "8b_qkv": (4096, 6144), "8b_o": (4096, 4096), "8b_gate_up": (4096, 28672), "8b_down": (14336, 4096),
+    "8b_lm_head": (4096, 128256), "moe_qkv": (2048, 5120), "moe_o": (4096, 2048), "moe_router": (2048, 128),
+}  # fmt: skip
+GRID = [(8, 256, 8, 1), (4, 256, 8, 1), (16, 256, 8, 1), (8, 256, 16, 1), (8, 512, 8, 2), (4, 256, 16, 1),
+        (8, 256, 4, 1), (16, 512, 4, 2), (2, 256, 16, 1)]  # (block_n, block_k, per_sm, warps)  # fmt: skip
+
+
+def measure(sweep, k: int, n: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
+    from kvik_cuda.gemv import DenseGemvConfig, dense_gemv
+    from quant_kernels_sweep import copies_for
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    w = (torch.randn(n, k, device="cuda", generator=gen) * 0.02).to(torch.bfloat16)
+    copies = [w] + [w.clone() for _ in range(copies_for(w.numel() * 2) - 1)]
+    x = torch.randn(1, k, device="cuda", generator=gen).to(torch.bfloat16)
+    ref = x.double() @ w.double().t()
+    row: dict[str, object] = {"floor_us": round(n * k * 2 / 4.27e6, 2)}
+    row["cublas"] = sweep.time_us([lambda c=c: F.linear(x, c) for c in copies])
+    for bn, bk, per_sm, warps in GRID:
+        cfg = DenseGemvConfig(bn, bk, per_sm, warps)
+        err = float((dense_gemv(x, w, cfg).double() - ref).abs().max() / ref.abs().max())
+        t = sweep.time_us([lambda c=c, g=cfg: dense_gemv(x, c, g) for c in copies])
+        row[f"gemv:{bn}x{bk}:s{per_sm}:w{warps}"] = {**t, "rel_err": round(err, 6)}
+    return row
+
+
+def main() -> None:
+    import quant_kernels_sweep as qs
+
+    sweep = qs.Sweep(240.0)
+    out: dict[str, dict[str, object]] = {}
+    for name, (k, n) in SHAPES.items():
+        row = measure(sweep, k, n)
+        out[name] = row
+        best = min((v["graph_us"], c) for c, v in row.items() if isinstance(v, dict) and c != "cublas")
+        print(name, "floor", row["floor_us"], "cublas", row["cublas"]["graph_us"], "best", best, flush=True)
+        torch.cuda.empty_cache()
+    path = Path(os.environ.get("OUT", ".")) / "dense_gemv_probe.json"
+    path.write_text(json.dumps(out, indent=1))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,64 @@
+"""The one-row dense GEMV (kvik_cuda.gemv) and the fused Linear / LMHead that use it, against float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+pytest.importorskip("triton", reason="triton is not installed")
+
+from kvik_cuda.gemv import DenseGemvConfig, dense_gemv
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize(
+    ("k", "n", "dtype", "config"),
+    [
+        (512, 40, torch.float16, DenseGemvConfig(block_n=8, per_sm=8)),  # split K, ragged last row block
+        (300, 33, torch.bfloat16, DenseGemvConfig(block_n=4, per_sm=2)),  # K not a multiple of the step
+        (1024, 64, torch.float16, DenseGemvConfig(block_n=16, block_k=512, num_warps=2)),
+        (256, 7, torch.float32, DenseGemvConfig(block_n=2, per_sm=1)),  # no split: stored directly
+    ],
+)
+def test_matches_float64_and_is_deterministic(k: int, n: int, dtype: torch.dtype, config: DenseGemvConfig) -> None:
+    from kvik_cuda import gemv
+
+    g = torch.Generator().manual_seed(k + n)
+    w = torch.randn(n, k, generator=g).to(DEVICE, dtype)
+    x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+    want = x.double() @ w.double().T
+    got = dense_gemv(x, w, config)
+    assert got.shape == (1, n) and got.dtype == dtype
+    ulp = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 1e-6}[dtype]
+    assert float((got.double() - want).abs().max()) <= ulp * float(want.abs().max())
+    assert torch.equal(dense_gemv(x, w, config), got)  # partials added in split order
+    assert int(gemv._counters_for(x.device, 1).abs().sum()) == 0  # counters back at zero for the next call
+
+
+def test_fused_linear_and_head_use_it_for_one_row_only() -> None:
+    from kvik.layers.embedding import LMHead
+    from kvik.layers.linear import Linear
+    from kvik_cuda.fused import FusedLinear, FusedLMHead, fuse_layers
+
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "proj": Linear(64, [24, 8], dtype=torch.float16, device=DEVICE),
+        "biased": Linear(64, 32, bias=True, dtype=torch.float16, device=DEVICE),
+        "head": LMHead(48, 64, dtype=torch.float16, device=DEVICE),
+    })  # fmt: skip
+    for p in model.parameters():
+        p.data.normal_(0, 0.1)
+    one, two = torch.randn(1, 64).to(DEVICE, torch.float16), torch.randn(2, 64).to(DEVICE, torch.float16)
+    before = {name: (m(one), m(two)) for name, m in model.items()}
+    counts = fuse_layers(model)
+    assert counts == {"FusedLinear": 2, "FusedLMHead": 1}
+    assert isinstance(model["proj"], FusedLinear) and isinstance(model["head"], FusedLMHead)
+    for name, m in model.items():
+        got_one, got_two = m(one), m(two)
+        assert torch.equal(got_two, before[name][1])  # several rows: cuBLAS / torch as before
+        if name == "biased":
+            assert torch.equal(got_one, before[name][0])  # a bias: not the GEMV
+        else:
+            torch.testing.assert_close(got_one.float(), before[name][0].float(), rtol=2e-3, atol=2e-3)
+    assert model["head"](one).dtype == torch.float32
