@@ -1,6 +1,11 @@
 """The one-row dense GEMV (kvik_cuda.gemv) against cuBLAS (F.linear) on the 8B's and Qwen3-30B-A3B's dense shapes.
 
     python3 benchmarks/dense_gemv_probe.py          # H200: ~1 min; prints JSON, writes $OUT/dense_gemv_probe.json
+    python3 benchmarks/dense_gemv_probe.py --e2e llama8b,qwen3_30b_a3b   # batch-1 decode, GEMV on vs off
+
+``--e2e``: for each shape (random weights drawn on the GPU, ``load_format="dummy"``), batch-1 decode
+ms/token (512-token prompt, 128 new tokens minus 1, best of two) with the fused one-row GEMV and, in a
+second process, with Linear / LMHead left to cuBLAS (every other fused layer on in both); to $OUT/dense_gemv_e2e.json.
 
 Each shape: cuBLAS and a grid of configs, CUDA-graph replayed over weight copies larger than L2 (the timer of
 quant_kernels_sweep.py), every config checked against float64.
@@ -45,7 +50,60 @@ def measure(sweep, k: int, n: int) -> dict[str, object]:  # type: ignore[no-unty
     return row
 
 
+def batch1(shape: str, gemv: bool) -> dict[str, float]:
+    """Batch-1 decode ms/token of ``shape`` with or without the one-row GEMV (run in its own process)."""
+    import time
+
+    import kvik
+    from gpu_common import SHAPES as MODEL_SHAPES
+    from gpu_common import dummy_model_dir, sync, workload
+    from kvik import SamplingParams
+
+    if not gemv:
+        from kvik.layers.embedding import LMHead
+        from kvik.layers.linear import Linear
+        from kvik_cuda import fused
+
+        del fused._FUSED[Linear], fused._FUSED[LMHead]
+    path = dummy_model_dir(Path("/tmp/kvik_models"), shape)
+    llm = kvik.LLM(model=str(path), load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=32,
+                   gpu_memory_utilization=0.9)  # fmt: skip
+    vocab = MODEL_SHAPES[shape]["vocab_size"]
+
+    def timed(seed: int, new: int) -> float:
+        params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
+        sync()
+        t = time.perf_counter()
+        llm.generate(workload(1, vocab, 512, 512, seed=seed), params, use_tqdm=False)
+        sync()
+        return time.perf_counter() - t
+
+    timed(99, 16)
+    best = min((timed(s + 1, 129) - timed(s, 1)) / 128 for s in (7, 9, 11))
+    return {"ms_per_token": round(best * 1e3, 3)}
+
+
+def e2e(shapes: list[str]) -> None:
+    import subprocess
+
+    result: dict[str, dict[str, object]] = {}
+    for shape in shapes:
+        for gemv in (True, False):
+            code = f"import sys; sys.path.insert(0, 'benchmarks'); import json, dense_gemv_probe as p; " \
+                   f"print('RESULT', json.dumps(p.batch1({shape!r}, {gemv})))"  # fmt: skip
+            run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400)
+            line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT")]
+            key = "gemv" if gemv else "cublas"
+            result.setdefault(shape, {})[key] = json.loads(line[-1][7:]) if line else {"error": run.stderr[-1500:]}
+            print(shape, key, result[shape][key], flush=True)
+    path = Path(os.environ.get("OUT", ".")) / "dense_gemv_e2e.json"
+    path.write_text(json.dumps(result, indent=1))
+
+
 def main() -> None:
+    if "--e2e" in sys.argv:
+        e2e(sys.argv[sys.argv.index("--e2e") + 1].split(","))
+        return
     import quant_kernels_sweep as qs
 
     sweep = qs.Sweep(240.0)
