@@ -49,16 +49,9 @@ class Int8GemmConfig:
 W8_GEMV_TABLE: dict[tuple[str, int, int, bool], W8GemvConfig] = {}
 
 
-# One row: a warp per two weight rows, 16 bytes of each per thread and step, reduced once at the end (the
-# layout of kvik_cuda.gemv's dense GEMV, which beat cuBLAS on every 8B shape at one row).
-W8_ROW_DEFAULT = W8GemvConfig(block_n=2, block_k=512, per_sm=16, num_warps=1, num_stages=1, prefetch=False,
-                              reduce_each=False)  # fmt: skip
-
-
 def w8_gemv_config(n: int, k: int, m: int, weight_dtype: torch.dtype) -> W8GemvConfig:
     """The W8A16 GEMV config for a problem: the measured one for a known shape, else the default."""
-    default = W8_ROW_DEFAULT if m == 1 else W8GemvConfig()
-    return W8_GEMV_TABLE.get((str(weight_dtype).removeprefix("torch."), n, k, m == 1), default)
+    return W8_GEMV_TABLE.get((str(weight_dtype).removeprefix("torch."), n, k, m == 1), W8GemvConfig())
 
 
 @triton.jit
