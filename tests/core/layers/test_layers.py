@@ -6,6 +6,8 @@ import types
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kvik.layers.activation import SiluAndMul
 from kvik.layers.norm import RMSNorm
 from kvik.layers.rotary import (
@@ -110,6 +112,25 @@ def test_rms_norm_matches_hf_and_fuses_the_residual(dtype: torch.dtype) -> None:
     normed, summed = ours(x, residual)
     torch.testing.assert_close(summed, x + residual, atol=0, rtol=0)
     torch.testing.assert_close(normed, hf(x + residual), atol=0, rtol=0)
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    hidden=st.integers(1, 700),
+    rows=st.integers(1, 4),
+    log_scale=st.integers(-4, 4),
+    dtype=st.sampled_from([torch.bfloat16, torch.float16]),
+    seed=st.integers(0, 2**16),
+)
+def test_rms_norm_16_bit_is_bitwise_hf(hidden: int, rows: int, log_scale: int, dtype: torch.dtype, seed: int) -> None:
+    """The CPU's one-call normalisation (F.rms_norm without a weight) rounds exactly as HF's written-out steps."""
+    g = torch.Generator().manual_seed(seed)
+    ours, hf = RMSNorm(hidden, eps=1e-6, dtype=dtype), LlamaRMSNorm(hidden, eps=1e-6).to(dtype)
+    weight = (torch.randn(hidden, generator=g) * 0.2 + 1).to(dtype)
+    ours.weight.data.copy_(weight)
+    hf.weight.data.copy_(weight)
+    x = (torch.randn(rows, hidden, generator=g) * 10.0**log_scale).to(dtype)
+    assert torch.equal(ours(x), hf(x))
 
 
 def test_silu_and_mul() -> None:
