@@ -30,4 +30,6 @@ __version__ = "0.1.0"
 #      AttentionMetadata.max_query_len_bound (a runner's promise for planning, like max_seq_len_bound)
 # 2.8: TorchModelRunner.run_draft_decode (optional: replay a drafter's graph-capturable Drafter.decode_pass);
 #      RunnerOutput.pooled rows may be 1-D numpy arrays as well as lists
-PLUGIN_API_VERSION = "2.8"
+# 2.9: LoRAState.project (optional: a platform computes a LoRA projection whole, e.g. overlapping the delta
+#      with the base matmul)
+PLUGIN_API_VERSION = "2.9"
