@@ -109,3 +109,31 @@ def test_new_kernels_compile_for_hopper() -> None:
 
 if __name__ == "__main__":
     print(json.dumps(_compile_all()))
+
+
+def test_row_gemv_keeps_its_layout() -> None:
+    """benchmarks/sass_probe.py on the one-row INT4 GEMV: no shared memory, no spills, one FFMA per weight
+    (the layout that took it from 29% to 42-57% of its floor; a Triton change that spread a step's rows over
+    warps again would show here first)."""
+    pytest.importorskip("triton.backends.nvidia")
+    from pathlib import Path
+
+    from kvik_quant.int4_gemv_kernel import ROW_DEFAULT
+
+    script = Path(__file__).resolve().parents[3] / "benchmarks" / "sass_probe.py"
+    sig = "x_ptr=*bf16,qw_ptr=*i32,s_ptr=*bf16,z_ptr=*bf16,out_ptr=*bf16,part_ptr=*fp32,lock_ptr=*i32,N=i32,K=i32,SPLIT_K=i32"
+    const = (f"GROUP=128,BLOCK_N={ROW_DEFAULT.block_n},BLOCK_K={ROW_DEFAULT.block_k},OFFSET=1024.0,USE_ASM=True,"
+             "X_KIND=0")  # fmt: skip
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["TRITON_DEFAULT_FP_FUSION"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(sys.path)
+    run = subprocess.run(
+        [sys.executable, str(script), "kvik_quant.int4_gemv_kernel:_int4_gemv_row_kernel", "--sig", sig, "--const",
+         const, "--warps", str(ROW_DEFAULT.num_warps), "--stages", str(ROW_DEFAULT.num_stages)],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    facts = json.loads(run.stdout[run.stdout.index("{") :])
+    assert facts["shared_bytes"] == 0 and facts["stack_bytes"] == 0
+    weights_per_step = ROW_DEFAULT.block_k * 4  # per thread: BLOCK_K k rows x 4 columns
+    assert weights_per_step <= facts["mix"]["FFMA"] < weights_per_step * 1.1
