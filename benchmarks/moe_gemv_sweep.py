@@ -4,7 +4,7 @@
 
 At batch 1 a Qwen3-30B-A3B layer reads 8 experts' weights: gate_up [1536, 2048] and down
 [2048, 768] (the down GEMV computes silu(gate) * up as it loads its input). Each candidate
-(BLOCK_N, BLOCK_K, num_warps) is timed as a CUDA graph of 32 launches, each routed to a
+(BLOCK_N, BLOCK_K, num_warps, reduce_once) is timed as a CUDA graph of 32 launches, each routed to a
 different random set of experts so that the weights come from HBM, not L2 (the 128 experts'
 weights are 0.8 GB; one set is 50 MB, the H200's L2). Reported: µs per launch and the share of
 the 4.8 TB/s HBM peak the weight bytes reach. JSON to stdout and $OUT/moe_gemv_sweep.json.
@@ -25,7 +25,8 @@ PEAK_BYTES_S = 4.8e12
 SHAPES = {"gate_up": (128, 1536, 2048, False), "down_silu": (128, 2048, 768, True)}  # E, N, K, silu on load
 # Dense [N, K] weights at one row: Qwen3-30B-A3B's qkv / o_proj / router, Llama-8B's qkv / o / gate_up / down.
 DENSE = [(5120, 2048), (2048, 4096), (128, 2048), (6144, 4096), (4096, 4096), (28672, 4096), (4096, 14336)]
-DENSE_TILES = [(16, 256, 4), (8, 256, 4), (32, 256, 8), (16, 512, 4), (8, 512, 4), (4, 512, 4)]
+DENSE_TILES = [(16, 256, 4, False), (8, 256, 4, False), (32, 256, 8, False), (16, 512, 4, False), (8, 512, 4, False),
+               (4, 512, 4, False), (2, 256, 1, True), (4, 256, 1, True)]  # fmt: skip
 
 
 def graph_us(fn, launches: int) -> float:
@@ -82,7 +83,7 @@ def dense_row(moe, n_out: int, k_in: int, copies: int) -> dict:
     return row
 
 
-def time_config(moe, shape: tuple[int, int, int, bool], pairs: int, cfg: tuple[int, int, int]) -> float:
+def time_config(moe, shape: tuple[int, int, int, bool], pairs: int, cfg: tuple[int, int, int, bool]) -> float:
     experts, n_out, k_in, silu = shape
     dev = torch.device("cuda")
     w = torch.randn(experts, n_out, k_in, device=dev, dtype=torch.bfloat16)
@@ -112,7 +113,9 @@ def main() -> None:
     default = moe.gemv_config
     deadline = time.monotonic() + args.budget_s
     results: dict[str, list[dict]] = {}
-    candidates = list(itertools.product([8, 16, 32, 64], [128, 256, 512], [2, 4, 8]))
+    candidates = [(*c, False) for c in itertools.product([8, 16, 32, 64], [128, 256, 512], [2, 4, 8])]
+    # One warp, a few rows, a register tile reduced once (kvik_cuda.gemv's layout: no shuffles in the loop).
+    candidates += [(bn, bk, w, True) for bn, bk, w in itertools.product([2, 4, 8], [256, 512], [1, 2])]
     for (name, shape), pairs in itertools.product(SHAPES.items() if not args.only_dense else [], args.pairs):
         _, n_out, k_in, _ = shape
         key = f"{name}/pairs{pairs}"

@@ -108,6 +108,7 @@ def _pairwise_gemv_kernel(
     SILU_A: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    REDUCE_ONCE: tl.constexpr,  # accumulate a [BLOCK_N, BLOCK_K] register tile, reduced across lanes at the end
 ):
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -115,6 +116,7 @@ def _pairwise_gemv_kernel(
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < K
@@ -129,7 +131,12 @@ def _pairwise_gemv_kernel(
             mask=col_ok[:, None] & k_ok[None, :],
             other=0.0,
         )
-        acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+        if REDUCE_ONCE:  # no cross-lane shuffles in the loop (kvik_cuda.gemv's layout)
+            part += w.to(tl.float32) * a.to(tl.float32)[None, :]
+        else:
+            acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+    if REDUCE_ONCE:
+        acc = tl.sum(part, axis=1)
     if MUL_WEIGHT:
         acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32)  # the reference rounds y before weighting
         acc = acc * tl.load(scale_ptr + pair).to(tl.float32)
@@ -191,12 +198,14 @@ PAIRWISE_MAX_PAIRS = 64
 ROUTE_MAX_EXPERTS = 1024
 
 
-def gemv_config(n_out: int, k_in: int) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK_K, num_warps) of the pairwise GEMV for an expert weight [n_out, k_in]
+def gemv_config(n_out: int, k_in: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, BLOCK_K, num_warps, reduce_once) of the pairwise GEMV for an expert weight [n_out, k_in]
     (benchmarks/moe_gemv_sweep.py times the alternatives)."""
     # H200, Qwen3-30B-A3B's gate_up [1536, 2048] and down [2048, 768] at 8 pairs: (16, 256, 4) is within
-    # 1% of each shape's best and 15% faster than (32, 128, 4) (run f in docs/benchmarks.md).
-    return 16, min(256, triton.next_power_of_2(max(16, k_in))), 4
+    # 1% of each shape's best and 15% faster than (32, 128, 4) (run f in docs/benchmarks.md). The
+    # reduce-once, one-warp tiles (the dense GEMV's layout, no shuffles in the loop) are in the sweep's grid
+    # but not measured yet.
+    return 16, min(256, triton.next_power_of_2(max(16, k_in))), 4, False
 
 
 def _pairwise_gemv(
@@ -209,7 +218,7 @@ def _pairwise_gemv(
     silu_a: bool = False,
 ) -> None:
     n_out, k_in = w.shape[1], w.shape[2]
-    block_n, block_k, warps = gemv_config(n_out, k_in)
+    block_n, block_k, warps, reduce_once = gemv_config(n_out, k_in)
     _pairwise_gemv_kernel[(out.shape[0], triton.cdiv(n_out, block_n))](
         a,
         w,
@@ -227,6 +236,7 @@ def _pairwise_gemv(
         SILU_A=silu_a,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
+        REDUCE_ONCE=reduce_once,
         num_warps=warps,
     )
 

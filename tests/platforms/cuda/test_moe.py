@@ -71,13 +71,18 @@ def test_triton_experts_match_reference(n: int, num_experts: int, top_k: int, hi
     torch.testing.assert_close(fused(x, weights, ids), reference(x, weights, ids), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("pairwise_max", [0, 10_000])
+@pytest.mark.parametrize(("pairwise_max", "tile"), [(0, None), (10_000, None), (10_000, (2, 32, 1, True))])
 @pytest.mark.parametrize(("n", "top_k"), [(1, 2), (5, 3), (32, 2)])
-def test_decode_gemv_and_grouped_gemm_paths_agree(monkeypatch, pairwise_max: int, n: int, top_k: int) -> None:
-    """Either path (sort-free per-pair GEMV, or sorted grouped GEMM) gives the reference's output."""
+def test_decode_gemv_and_grouped_gemm_paths_agree(
+    monkeypatch, pairwise_max: int, tile: tuple[int, int, int, bool] | None, n: int, top_k: int
+) -> None:
+    """Either path (sort-free per-pair GEMV, or sorted grouped GEMM) gives the reference's output; the GEMV
+    also with a one-warp tile reduced once (K = 48 and 40 over 32-wide steps: a masked tail)."""
     import kvik_cuda.moe as moe
 
     monkeypatch.setattr(moe, "PAIRWISE_MAX_PAIRS", pairwise_max)
+    if tile is not None:
+        monkeypatch.setattr(moe, "gemv_config", lambda n_out, k_in: tile)
     reference = _experts(5, 48, 40)
     fused = copy.deepcopy(reference)
     fuse_layers(fused)
