@@ -43,6 +43,9 @@ GEMV_TABLE: dict[tuple[int, int, bool], GemvConfig] = {}
 # One row: a warp per 128 columns, 128-row k-steps, split until 8 programs per SM. Best of the sweep on every
 # 8B shape (2026-12-01, H200: 9.9 / 8.7 / 24.0 / 17.8 us for qkv / o / gate_up / down; 2.4x bf16 on gate_up).
 ROW_DEFAULT = GemvConfig(block_n=128, block_k=128, per_sm=8, num_warps=1, num_stages=1)
+# Rows from 2 up to which int4_gemv runs _int4_gemv_rows_kernel (at most 4); more run the tl.dot kernel. 1: none
+# yet, until the sweep's "rows:" candidates (--rows 2,4) are measured on a GPU.
+ROW_MAX_ROWS = 1
 
 
 def gemv_config(n: int, k: int, m: int) -> GemvConfig:
@@ -243,6 +246,105 @@ def _int4_gemv_row_kernel(
                       SPLIT_K)  # fmt: skip
 
 
+@triton.jit
+def _row_x(x_ptr, rows, X_KIND: tl.constexpr):
+    """One activation row's eight x vectors for a step, odd slots pre-scaled by 1/16 (see _row_step)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(x_ptr, rows, X_KIND)
+    return x0, x1 * 0.0625, x2, x3 * 0.0625, x4, x5 * 0.0625, x6, x7 * 0.0625
+
+
+@triton.jit
+def _fma2(part, xa, xb, c_lo, c_hi):
+    """``part += xa . c_lo + xb . c_hi`` as two FFMAs per code (see _row_step)."""
+    part += xa[:, None] * c_lo
+    part += xb[:, None] * c_hi
+    return part
+
+
+@triton.jit
+def _finish(acc, part, x0, x1, x2, x3, x4, x5, x6, x7, scale, zero, OFFSET: tl.constexpr):
+    """One row's step total: the k-sum less the offsets and the zero point, times the group scale (_row_step)."""
+    x_even = tl.sum((x0 + x4) + (x2 + x6), axis=0)
+    x_odd = tl.sum((x1 + x5) + (x3 + x7), axis=0)
+    return acc + scale * (tl.sum(part, axis=0) - OFFSET * (x_even + x_odd) - zero * (x_even + 16.0 * x_odd))
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_ptr, M, N, K, stride_xm, SPLIT_K,
+                           GROUP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                           OFFSET: tl.constexpr, USE_ASM: tl.constexpr, X_KIND: tl.constexpr):  # fmt: skip
+    """Two to four activation rows (``BLOCK_M`` 2 or 4) with the one-row kernel's layout: each step's codes are
+    decoded once and serve every row, each row with its own register tile (a ``[rows, k, columns]`` tile
+    instead made Triton pick a layout that spills). Not the default yet: benchmarks/quant_kernels_sweep.py's
+    ``rows:`` candidates measure it against the tl.dot kernel (``ROW_MAX_ROWS``)."""
+    pid_n = tl.program_id(0)
+    pid_k = tl.program_id(1)
+    R: tl.constexpr = BLOCK_K // 8
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_r = tl.arange(0, R)
+    mask_n = offs_n < N
+    per_split = tl.cdiv(K // BLOCK_K, SPLIT_K)
+    k_lo = pid_k * per_split * BLOCK_K
+    k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
+    acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
+        words = tl.load(qw_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
+        g = k0 // GROUP
+        scale = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        zero = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        rows = k0 + offs_r * 8
+        # Rows past M read row M - 1 again (in bounds); store_tile drops their results.
+        a0, a1, a2, a3, a4, a5, a6, a7 = _row_x(x_ptr, rows, X_KIND)
+        b0, b1, b2, b3, b4, b5, b6, b7 = _row_x(x_ptr, rows + tl.minimum(1, M - 1) * stride_xm, X_KIND)
+        pa = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+        pb = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+        if BLOCK_M == 4:
+            c0, c1, c2, c3, c4, c5, c6, c7 = _row_x(x_ptr, rows + tl.minimum(2, M - 1) * stride_xm, X_KIND)
+            d0, d1, d2, d3, d4, d5, d6, d7 = _row_x(x_ptr, rows + tl.minimum(3, M - 1) * stride_xm, X_KIND)
+            pc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+            pd = tl.zeros((R, BLOCK_N), dtype=tl.float32)
+        shifted = words >> 8
+        lo, hi = _pair_codes(words, False, OFFSET, USE_ASM)
+        pa = _fma2(pa, a0, a4, lo, hi)
+        pb = _fma2(pb, b0, b4, lo, hi)
+        if BLOCK_M == 4:
+            pc = _fma2(pc, c0, c4, lo, hi)
+            pd = _fma2(pd, d0, d4, lo, hi)
+        lo, hi = _pair_codes(words, True, OFFSET, USE_ASM)
+        pa = _fma2(pa, a1, a5, lo, hi)
+        pb = _fma2(pb, b1, b5, lo, hi)
+        if BLOCK_M == 4:
+            pc = _fma2(pc, c1, c5, lo, hi)
+            pd = _fma2(pd, d1, d5, lo, hi)
+        lo, hi = _pair_codes(shifted, False, OFFSET, USE_ASM)
+        pa = _fma2(pa, a2, a6, lo, hi)
+        pb = _fma2(pb, b2, b6, lo, hi)
+        if BLOCK_M == 4:
+            pc = _fma2(pc, c2, c6, lo, hi)
+            pd = _fma2(pd, d2, d6, lo, hi)
+        lo, hi = _pair_codes(shifted, True, OFFSET, USE_ASM)
+        pa = _fma2(pa, a3, a7, lo, hi)
+        pb = _fma2(pb, b3, b7, lo, hi)
+        if BLOCK_M == 4:
+            pc = _fma2(pc, c3, c7, lo, hi)
+            pd = _fma2(pd, d3, d7, lo, hi)
+        acc0 = _finish(acc0, pa, a0, a1, a2, a3, a4, a5, a6, a7, scale, zero, OFFSET)
+        acc1 = _finish(acc1, pb, b0, b1, b2, b3, b4, b5, b6, b7, scale, zero, OFFSET)
+        if BLOCK_M == 4:
+            acc2 = _finish(acc2, pc, c0, c1, c2, c3, c4, c5, c6, c7, scale, zero, OFFSET)
+            acc3 = _finish(acc3, pd, d0, d1, d2, d3, d4, d5, d6, d7, scale, zero, OFFSET)
+    offs_m = tl.arange(0, BLOCK_M)
+    if BLOCK_M == 4:
+        acc = tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3))  # [BN, i, j]: row 2i + j
+        acc = tl.reshape(tl.permute(acc, (1, 2, 0)), (BLOCK_M, BLOCK_N))
+    else:
+        acc = tl.reshape(tl.permute(tl.join(acc0, acc1), (1, 0)), (BLOCK_M, BLOCK_N))
+    splitk.store_tile(acc, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, M, N, pid_n, pid_k, SPLIT_K)
+
+
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count
 def _int4_gemv_kernel(
     x_ptr,  # [M, K] activations
@@ -295,25 +397,38 @@ def int4_gemv(
     group: int,
     num_sms: int,
     config: GemvConfig | None = None,
+    kernel: str | None = None,  # "rows" (2-4 rows) forces _int4_gemv_rows_kernel; None: by the row count
 ) -> torch.Tensor:
     """``x @ W^T`` ``[M, N]`` in ``x``'s dtype for decode-sized ``M``, one launch."""
-    cfg = config or gemv_config(qweight.shape[1], x.shape[1], x.shape[0])
     m, k = x.shape
     n = qweight.shape[1]
     if m > 16:
         raise ValueError(f"int4_gemv handles at most 16 rows, got {m}")
+    rows = kernel == "rows" or 1 < m <= ROW_MAX_ROWS
+    if rows and not 1 < m <= 4:
+        raise ValueError(f"the INT4 rows kernel takes 2 to 4 rows, got {m}")
+    cfg = config or (ROW_DEFAULT if rows else gemv_config(n, k, m))
     x = x.contiguous()
     block_k = splitk.pow2_divisor(cfg.block_k, group, k)  # >= 8 (K and G are multiples of 8)
     tiles = triton.cdiv(n, cfg.block_n)
     # One-warp row programs need more of them per SM, so more splits (K = 14336 has 112 k-steps of 128).
-    split_k = cfg.split_k or splitk.split_for(tiles, k // block_k, num_sms, cfg.per_sm, max_split=32 if m == 1 else 16)
+    one_warp = m == 1 or rows
+    split_k = cfg.split_k or splitk.split_for(tiles, k // block_k, num_sms, cfg.per_sm, max_split=32 if one_warp else 16)
     out = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return out
     part = splitk.scratch(split_k, m, n, x.device)
     locks = splitk.counters(x.device, tiles)
+    x_kind = {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
+    if rows:
+        _int4_gemv_rows_kernel[(tiles, split_k)](
+            x, qweight, scales, zeros, out, part, locks, m, n, k, x.stride(0), split_k, GROUP=group,
+            BLOCK_M=2 if m == 2 else 4, BLOCK_N=cfg.block_n, BLOCK_K=min(block_k, 64),  # 128 spills at 4 rows
+            OFFSET=0.0 if x_kind == 2 else 1024.0, USE_ASM=not dev.interpreting(), X_KIND=x_kind,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return out
     if m == 1:
-        x_kind = {torch.bfloat16: 0, torch.float16: 1}.get(x.dtype, 2)
         # 16-bit activations keep fp16's 1024 in every code (one instruction fewer per two codes; the float32
         # sums then carry ~2**10 more rounding error, ~1e-5 relative, under a bf16 or fp16 output's rounding);
         # float32 activations get exact codes.

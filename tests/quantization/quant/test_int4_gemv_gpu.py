@@ -36,3 +36,22 @@ def test_row_kernel_matches_reference(k: int, n: int, group: int, dtype: torch.d
     assert float((got.double() - expected).abs().max()) <= tol * scale
     torch.cuda.synchronize()
     assert int(splitk.counters(x.device, 1).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("m", [2, 3, 4])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rows_kernel_matches_reference(m: int, dtype: torch.dtype) -> None:
+    from kvik_quant import int4_pack as pack
+    from kvik_quant import splitk
+    from kvik_quant.int4 import rtn_quantize
+    from kvik_quant.int4_gemv_kernel import int4_gemv
+
+    k, n, g = 4096, 6144, 128
+    gen = torch.Generator(device="cuda").manual_seed(m)
+    codes, scales, zeros = rtn_quantize(torch.randn(n, k, device="cuda", generator=gen), g, symmetric=False)
+    s, z = scales.t().to(dtype).contiguous(), zeros.t().to(dtype).contiguous()
+    x = torch.randn(m, k, device="cuda", generator=gen).to(dtype)
+    expected = x.double() @ pack.dequantize_codes(codes.t(), s, z, g, torch.float64)
+    got = int4_gemv(x, pack.pack_rows(codes.t()), s, z, g, splitk.num_sms(x.device), kernel="rows")
+    tol = {torch.bfloat16: 2**-8 + 5e-5, torch.float16: 2**-11 + 5e-5}[dtype]
+    assert float((got.double() - expected).abs().max()) <= tol * float(expected.abs().max())

@@ -151,3 +151,25 @@ def test_activation_quant_kernel_matches_torch_int8() -> None:
     q, scale = kernel_rows(x, torch.int8, 127.0, 1e-10)
     q_ref, scale_ref = quantize_rows(x)
     assert torch.equal(scale, scale_ref) and torch.equal(q, q_ref)
+
+
+@pytest.mark.parametrize(
+    ("m", "k", "n", "group", "dtype", "split_k"),
+    [
+        (2, 256, 64, 32, torch.float32, 2),  # exact codes for float32 x, split K
+        (3, 512, 96, 128, torch.float16, 0),  # 3 rows in a 4-row program: the padding row reads row 2 again
+        (4, 256, 40, 64, torch.bfloat16, 3),  # bf16 pairs; a ragged column tile, a split leaving one empty
+    ],
+)
+def test_rows_kernel_matches_reference(m: int, k: int, n: int, group: int, dtype: torch.dtype, split_k: int) -> None:
+    x, qweight, s, z, w_t = _problem(m, k, n, group, dtype, seed=m)
+    expected = x.float() @ w_t
+    cfg = GemvConfig(block_n=32, block_k=64, split_k=split_k, num_warps=1)
+    got = int4_gemv(x, qweight, s, z, group, num_sms=8, config=cfg, kernel="rows")
+    assert got.dtype == dtype and got.shape == (m, n)
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
+    assert torch.equal(int4_gemv(x, qweight, s, z, group, num_sms=8, config=cfg, kernel="rows"), got)
+    assert int(splitk.counters(x.device, 1).abs().sum()) == 0
+    with pytest.raises(ValueError, match="2 to 4 rows"):
+        int4_gemv(x.repeat(3, 1)[:5], qweight, s, z, group, num_sms=8, config=cfg, kernel="rows")
