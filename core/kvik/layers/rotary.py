@@ -169,9 +169,22 @@ class RotaryEmbedding(nn.Module):
         return cos.to(dtype), sin.to(dtype)
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """q [n, heads, head_dim], k [n, kv_heads, head_dim] -> rotated (same shapes)."""
+        """q [n, heads, head_dim], k [n, kv_heads, head_dim] -> rotated (same shapes).
+
+        ``q_norm`` / ``k_norm``: per-head norms applied first (Qwen3, Gemma 3), passed here rather than called
+        by the model so that a platform can norm and rotate in one kernel.
+        """
+        if q_norm is not None:
+            q = q_norm(q)
+        if k_norm is not None:
+            k = k_norm(k)
         cos, sin = cos_sin
         return self._rotate_part(q, cos, sin), self._rotate_part(k, cos, sin)
 

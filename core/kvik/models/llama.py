@@ -90,9 +90,7 @@ class LlamaAttention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        if self.q_norm is not None and self.k_norm is not None:
-            q, k = self.q_norm(q), self.k_norm(k)
-        q, k = rotary(q, k, cos_sin)
+        q, k = rotary(q, k, cos_sin, self.q_norm, self.k_norm)  # per-head norms first, where the model has them
         out = self.attn.forward(q, k, v, kv_cache, metadata)  # [n, heads, head_dim]
         return self.o_proj(out.reshape(n, -1))
 

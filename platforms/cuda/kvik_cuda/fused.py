@@ -20,6 +20,8 @@ use these kernels, so graphs on/off stay identical.
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 import triton
 import triton.language as tl
@@ -109,6 +111,8 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.conste
 def _rotate_heads(
     x_ptr,
     out_ptr,
+    w_ptr,  # [2 * HALF] per-head norm weight (read when NORM)
+    eps,
     tok,
     stride_xt,
     stride_xh,
@@ -122,8 +126,11 @@ def _rotate_heads(
     HEADS_PAD: tl.constexpr,
     HALF: tl.constexpr,
     HALF_PAD: tl.constexpr,
+    NORM: tl.constexpr,
 ):
-    """out = x*cos + rotate_half(x)*sin for every head of one token, rounding each product like eager."""
+    """out = x*cos + rotate_half(x)*sin for every head of one token, rounding each product like eager; with
+    NORM, each head is first RMS-normalised (``_rms_norm_kernel``'s steps: x * rstd rounded, times the weight,
+    rounded), so Qwen3's per-head q/k norms cost no launch of their own."""
     h = tl.arange(0, HEADS_PAD)[:, None]
     d = tl.arange(0, HALF_PAD)[None, :]
     mask = (h < num_heads) & (d < HALF)
@@ -131,6 +138,13 @@ def _rotate_heads(
     x1 = tl.load(src, mask=mask, other=0.0)
     x2 = tl.load(src + HALF, mask=mask, other=0.0)
     ty = x1.dtype
+    if NORM:
+        f1, f2 = x1.to(tl.float32), x2.to(tl.float32)
+        rstd = tl.math.rsqrt((tl.sum(f1 * f1, 1) + tl.sum(f2 * f2, 1)) / (2 * HALF) + eps)[:, None]
+        w1 = tl.load(w_ptr + d, mask=d < HALF, other=0.0).to(tl.float32)
+        w2 = tl.load(w_ptr + HALF + d, mask=d < HALF, other=0.0).to(tl.float32)
+        x1 = (w1 * (f1 * rstd).to(ty).to(tl.float32)).to(ty)
+        x2 = (w2 * (f2 * rstd).to(ty).to(tl.float32)).to(ty)
     a1 = (x1.to(tl.float32) * cos1).to(ty).to(tl.float32)
     b1 = (-x2.to(tl.float32) * sin1).to(ty).to(tl.float32)
     a2 = (x2.to(tl.float32) * cos2).to(ty).to(tl.float32)
@@ -148,6 +162,10 @@ def _rotary_kernel(
     sin_ptr,
     q_out_ptr,
     k_out_ptr,
+    qw_ptr,
+    kw_ptr,
+    q_eps,
+    k_eps,
     stride_qt,
     stride_qh,
     stride_kt,
@@ -160,6 +178,7 @@ def _rotary_kernel(
     HALF_PAD: tl.constexpr,
     Q_HEADS_PAD: tl.constexpr,
     K_HEADS_PAD: tl.constexpr,
+    NORM: tl.constexpr,
 ):
     tok = tl.program_id(0).to(tl.int64)
     d = tl.arange(0, HALF_PAD)[None, :]
@@ -169,40 +188,10 @@ def _rotary_kernel(
     sin1 = tl.load(sin_ptr + tok * stride_st + d, mask=dm, other=0.0).to(tl.float32)
     sin2 = tl.load(sin_ptr + tok * stride_st + HALF + d, mask=dm, other=0.0).to(tl.float32)
     # Outputs are contiguous [n, heads, 2 * HALF].
-    _rotate_heads(
-        q_ptr,
-        q_out_ptr,
-        tok,
-        stride_qt,
-        stride_qh,
-        num_heads * 2 * HALF,
-        2 * HALF,
-        cos1,
-        cos2,
-        sin1,
-        sin2,
-        num_heads,
-        Q_HEADS_PAD,
-        HALF,
-        HALF_PAD,
-    )
-    _rotate_heads(
-        k_ptr,
-        k_out_ptr,
-        tok,
-        stride_kt,
-        stride_kh,
-        num_kv_heads * 2 * HALF,
-        2 * HALF,
-        cos1,
-        cos2,
-        sin1,
-        sin2,
-        num_kv_heads,
-        K_HEADS_PAD,
-        HALF,
-        HALF_PAD,
-    )
+    _rotate_heads(q_ptr, q_out_ptr, qw_ptr, q_eps, tok, stride_qt, stride_qh, num_heads * 2 * HALF, 2 * HALF,
+                  cos1, cos2, sin1, sin2, num_heads, Q_HEADS_PAD, HALF, HALF_PAD, NORM)  # fmt: skip
+    _rotate_heads(k_ptr, k_out_ptr, kw_ptr, k_eps, tok, stride_kt, stride_kh, num_kv_heads * 2 * HALF, 2 * HALF,
+                  cos1, cos2, sin1, sin2, num_kv_heads, K_HEADS_PAD, HALF, HALF_PAD, NORM)  # fmt: skip
 
 
 def _pow2(n: int) -> int:
@@ -326,10 +315,16 @@ class FusedSiluAndMul(SiluAndMul):
 
 
 class FusedRotaryEmbedding(RotaryEmbedding):
-    """Rotates q and k of each token in one kernel (full-width rotary only; else eager)."""
+    """Rotates q and k of each token in one kernel (full-width rotary only; else eager), applying per-head
+    RMSNorms (Qwen3's q/k norms) in the same kernel when they are plain ``RMSNorm`` modules."""
 
     def forward(
-        self, q: torch.Tensor, k: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor]
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         cos, sin = cos_sin  # [n, 1, head_dim]
         n = q.shape[0]
@@ -342,34 +337,34 @@ class FusedRotaryEmbedding(RotaryEmbedding):
             and n > 0
         )
         if not usable:
-            return super().forward(q, k, cos_sin)
+            return super().forward(q, k, cos_sin, q_norm, k_norm)
+        norm = _in_kernel_norm(q_norm, q) and _in_kernel_norm(k_norm, k)
+        if not norm:  # a norm the kernel does not do (Gemma's 1 + weight), or none: run it as a module first
+            q = q_norm(q) if q_norm is not None else q
+            k = k_norm(k) if k_norm is not None else k
         cos, sin = cos.reshape(n, -1), sin.reshape(n, -1)
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         half = self.head_dim // 2
         _rotary_kernel[(n,)](
-            q,
-            k,
-            cos,
-            sin,
-            q_out,
-            k_out,
-            q.stride(0),
-            q.stride(1),
-            k.stride(0),
-            k.stride(1),
-            cos.stride(0),
-            sin.stride(0),
-            q.shape[1],
-            k.shape[1],
-            HALF=half,
-            HALF_PAD=_pow2(half),
-            Q_HEADS_PAD=_pow2(q.shape[1]),
-            K_HEADS_PAD=_pow2(k.shape[1]),
-            num_warps=4,
-        )
+            q, k, cos, sin, q_out, k_out,
+            q_norm.weight if norm else q, k_norm.weight if norm else k,  # type: ignore[union-attr]
+            q_norm.eps if norm else 0.0, k_norm.eps if norm else 0.0,  # type: ignore[union-attr]
+            q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
+            q.shape[1], k.shape[1],
+            HALF=half, HALF_PAD=_pow2(half), Q_HEADS_PAD=_pow2(q.shape[1]), K_HEADS_PAD=_pow2(k.shape[1]),
+            NORM=norm, num_warps=4,
+        )  # fmt: skip
         return q_out, k_out
 
+
+def _in_kernel_norm(norm: nn.Module | None, x: torch.Tensor) -> bool:
+    """Whether the rotary kernel can apply ``norm`` itself: a plain (or fused) RMSNorm over the head dim whose
+    weight has ``x``'s dtype (what the eager module's rounding steps assume)."""
+    if type(norm) not in (RMSNorm, FusedRMSNorm):
+        return False
+    weight = cast(torch.Tensor, cast(nn.Module, norm).weight)
+    return weight.shape[-1] == x.shape[-1] and weight.dtype == x.dtype
 
 
 def _one_row_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -390,7 +385,7 @@ class FusedLinear(Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.bias is None and type(self.quant_method) is UnquantizedLinearMethod:
-            weight = self.weight
+            weight = cast(torch.Tensor, self.weight)
             if _one_row_gemv(x, weight):
                 return dense_gemv(x, weight)
         return super().forward(x)

@@ -139,6 +139,34 @@ def test_rotary(dtype: torch.dtype, heads: int, kv_heads: int, head_dim: int) ->
         assert ((got.float() - want.float()).abs() <= tol).all()
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("gemma", [False, True])
+def test_rotary_applies_the_per_head_norms(dtype: torch.dtype, gemma: bool) -> None:
+    """Qwen3's q/k RMSNorms go into the rotary kernel (one launch, not three); Gemma's 1 + weight norm runs as
+    its module first. Either way the result is the norms then the rotation, as eager computes them."""
+    from kvik.layers.norm import GemmaRMSNorm
+
+    torch.manual_seed(3)
+    heads, kv_heads, head_dim, n = 8, 2, 64, 5
+    rope = RotaryEmbedding(head_dim, RopeSettings(theta=1e6), 4096, 4096, DEVICE)
+    norm_cls = GemmaRMSNorm if gemma else RMSNorm
+    q_norm, k_norm = norm_cls(head_dim, 1e-6, dtype, DEVICE), norm_cls(head_dim, 1e-6, dtype, DEVICE)
+    for norm in (q_norm, k_norm):
+        norm.weight.data = (float(not gemma) + 0.2 * torch.randn(head_dim)).to(dtype).to(DEVICE)
+    fused = _fused(rope)
+    qkv = torch.randn(n, (heads + 2 * kv_heads) * head_dim, dtype=dtype, device=DEVICE) * 3
+    q = qkv[:, : heads * head_dim].view(n, heads, head_dim)
+    k = qkv[:, heads * head_dim : (heads + kv_heads) * head_dim].view(n, kv_heads, head_dim)
+    cos_sin = rope.cos_sin(torch.tensor([0, 3, 70, 511, 4000], device=DEVICE), dtype)
+    got_q, got_k = fused(q, k, cos_sin, q_norm, k_norm)
+    want_q, want_k = rope(q, k, cos_sin, q_norm, k_norm)
+    assert torch.equal(want_q, rope(q_norm(q), k_norm(k), cos_sin)[0])  # the core default: norms, then rotary
+    # The normed values may differ by one unit (float32 sums in another order) before the rotation's products.
+    for got, want in ((got_q, want_q), (got_k, want_k)):
+        tol = 4 * torch.finfo(dtype).eps * (2 if INTERPRETED_BF16 and dtype == torch.bfloat16 else 1)
+        assert ((got.float() - want.float()).abs() <= tol * 4).all()
+
+
 def test_partial_rotary_falls_back_to_eager() -> None:
     rope = RotaryEmbedding(32, RopeSettings(theta=10000.0, partial_rotary_factor=0.5), 128, 128, DEVICE)
     fused = _fused(rope)
