@@ -175,32 +175,49 @@ def _halves(word, X_KIND: tl.constexpr):
 @triton.jit
 def _row_step(acc, x_ptr, k0, words, scale, zero, R: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr,
               USE_ASM: tl.constexpr, X_KIND: tl.constexpr):  # fmt: skip
-    """``acc += x . W`` over one k-step of ``8 R`` rows (inside one group) for one activation row."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(x_ptr, k0 + tl.arange(0, R) * 8, X_KIND)
-    # Slots 1 and 3 come as 16 * code: their activations take the 1/16 (exact, a power of two).
-    x1, x3, x5, x7 = x1 * 0.0625, x3 * 0.0625, x5 * 0.0625, x7 * 0.0625
-    # Per thread: its columns, every row (no shuffles); one FFMA per code (two `+=`, not `+= a * b + c * d`,
-    # which compiles to a multiply, an FMA and an add).
+    """``acc += x . W`` over one k-step of ``8 R`` rows (inside one group) for one activation row.
+
+    Per thread: its columns and every k row of the step, so no shuffles; one FFMA per code (_fma2). Slots 0
+    and 1 of a word come straight from it, 2 and 3 from one shift by 8 (_pair_codes)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _row_x(x_ptr, k0 + tl.arange(0, R) * 8, X_KIND)
     part = tl.zeros((R, BLOCK_N), dtype=tl.float32)
     shifted = words >> 8
-    c_lo, c_hi = _pair_codes(words, False, OFFSET, USE_ASM)  # slots 0, 4: k rows 8r, 8r + 4
-    part += x0[:, None] * c_lo
-    part += x4[:, None] * c_hi
-    c_lo, c_hi = _pair_codes(words, True, OFFSET, USE_ASM)  # slots 1, 5
-    part += x1[:, None] * c_lo
-    part += x5[:, None] * c_hi
-    c_lo, c_hi = _pair_codes(shifted, False, OFFSET, USE_ASM)  # slots 2, 6
-    part += x2[:, None] * c_lo
-    part += x6[:, None] * c_hi
-    c_lo, c_hi = _pair_codes(shifted, True, OFFSET, USE_ASM)  # slots 3, 7
-    part += x3[:, None] * c_lo
-    part += x7[:, None] * c_hi
-    # What the offsets added: OFFSET * x for slots 0 and 2, OFFSET * x / 16 for 1 and 3 (their x carry the 1/16).
+    lo, hi = _pair_codes(words, False, OFFSET, USE_ASM)  # slots 0, 4: k rows 8r, 8r + 4
+    part = _fma2(part, x0, x4, lo, hi)
+    lo, hi = _pair_codes(words, True, OFFSET, USE_ASM)  # slots 1, 5
+    part = _fma2(part, x1, x5, lo, hi)
+    lo, hi = _pair_codes(shifted, False, OFFSET, USE_ASM)  # slots 2, 6
+    part = _fma2(part, x2, x6, lo, hi)
+    lo, hi = _pair_codes(shifted, True, OFFSET, USE_ASM)  # slots 3, 7
+    part = _fma2(part, x3, x7, lo, hi)
+    return _finish(acc, part, x0, x1, x2, x3, x4, x5, x6, x7, scale, zero, OFFSET)
+
+
+@triton.jit
+def _row_x(x_ptr, rows, X_KIND: tl.constexpr):
+    """One activation row's eight x vectors for a step. Slots 1 and 3 come as 16 * code (_pair_codes): their
+    activations take the 1/16 (exact, a power of two)."""
+    x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(x_ptr, rows, X_KIND)
+    return x0, x1 * 0.0625, x2, x3 * 0.0625, x4, x5 * 0.0625, x6, x7 * 0.0625
+
+
+@triton.jit
+def _fma2(part, xa, xb, c_lo, c_hi):
+    """``part += xa . c_lo + xb . c_hi`` as two FFMAs per code (two ``+=``, not ``+= a * b + c * d``, which
+    compiles to a multiply, an FMA and an add)."""
+    part += xa[:, None] * c_lo
+    part += xb[:, None] * c_hi
+    return part
+
+
+@triton.jit
+def _finish(acc, part, x0, x1, x2, x3, x4, x5, x6, x7, scale, zero, OFFSET: tl.constexpr):
+    """One row's step total. The offsets added OFFSET * x for slots 0 and 2 and OFFSET * x / 16 for 1 and 3
+    (their x carry the 1/16); sum_k x (code - zero) = part - offsets - zero * sum_k x, and the group's scale
+    applies after the k-sum (a step lies in one group)."""
     x_even = tl.sum((x0 + x4) + (x2 + x6), axis=0)
     x_odd = tl.sum((x1 + x5) + (x3 + x7), axis=0)  # already / 16
-    x_sum = x_even + 16.0 * x_odd
-    # sum_k x (code - zero) = part - offsets - zero * sum_k x; the scale applies after the sum (one group).
-    return acc + scale * (tl.sum(part, axis=0) - OFFSET * (x_even + x_odd) - zero * x_sum)
+    return acc + scale * (tl.sum(part, axis=0) - OFFSET * (x_even + x_odd) - zero * (x_even + 16.0 * x_odd))
 
 
 @triton.jit
@@ -244,29 +261,6 @@ def _int4_gemv_row_kernel(
     offs_m = tl.arange(0, 1)
     splitk.store_tile(tl.reshape(acc, (1, BLOCK_N)), out_ptr, part_ptr, lock_ptr, offs_m, offs_n, 1, N, pid_n, pid_k,
                       SPLIT_K)  # fmt: skip
-
-
-@triton.jit
-def _row_x(x_ptr, rows, X_KIND: tl.constexpr):
-    """One activation row's eight x vectors for a step, odd slots pre-scaled by 1/16 (see _row_step)."""
-    x0, x1, x2, x3, x4, x5, x6, x7 = _x_pairs(x_ptr, rows, X_KIND)
-    return x0, x1 * 0.0625, x2, x3 * 0.0625, x4, x5 * 0.0625, x6, x7 * 0.0625
-
-
-@triton.jit
-def _fma2(part, xa, xb, c_lo, c_hi):
-    """``part += xa . c_lo + xb . c_hi`` as two FFMAs per code (see _row_step)."""
-    part += xa[:, None] * c_lo
-    part += xb[:, None] * c_hi
-    return part
-
-
-@triton.jit
-def _finish(acc, part, x0, x1, x2, x3, x4, x5, x6, x7, scale, zero, OFFSET: tl.constexpr):
-    """One row's step total: the k-sum less the offsets and the zero point, times the group scale (_row_step)."""
-    x_even = tl.sum((x0 + x4) + (x2 + x6), axis=0)
-    x_odd = tl.sum((x1 + x5) + (x3 + x7), axis=0)
-    return acc + scale * (tl.sum(part, axis=0) - OFFSET * (x_even + x_odd) - zero * (x_even + 16.0 * x_odd))
 
 
 @triton.jit(do_not_specialize=["M"])
