@@ -173,24 +173,26 @@ def _halves(word, X_KIND: tl.constexpr):
 
 
 @triton.jit
-def _row_step(acc, x_ptr, k0, words, scale, zero, R: tl.constexpr, BLOCK_N: tl.constexpr, OFFSET: tl.constexpr,
-              USE_ASM: tl.constexpr, X_KIND: tl.constexpr):  # fmt: skip
+def _decode(words, OFFSET: tl.constexpr, USE_ASM: tl.constexpr):
+    """A step's codes as float32 pairs of slots (0, 4), (1, 5), (2, 6), (3, 7): slots 0 and 1 come straight
+    from the word, 2 and 3 from one shift by 8 (_pair_codes)."""
+    shifted = words >> 8
+    l0, h0 = _pair_codes(words, False, OFFSET, USE_ASM)  # slots 0, 4: k rows 8r, 8r + 4
+    l1, h1 = _pair_codes(words, True, OFFSET, USE_ASM)  # slots 1, 5
+    l2, h2 = _pair_codes(shifted, False, OFFSET, USE_ASM)  # slots 2, 6
+    l3, h3 = _pair_codes(shifted, True, OFFSET, USE_ASM)  # slots 3, 7
+    return l0, h0, l1, h1, l2, h2, l3, h3
+
+
+@triton.jit
+def _row_step(acc, x_ptr, k0, words, scale, zero, R: tl.constexpr, OFFSET: tl.constexpr, USE_ASM: tl.constexpr,
+              X_KIND: tl.constexpr):  # fmt: skip
     """``acc += x . W`` over one k-step of ``8 R`` rows (inside one group) for one activation row.
 
-    Per thread: its columns and every k row of the step, so no shuffles; one FFMA per code (_fma2). Slots 0
-    and 1 of a word come straight from it, 2 and 3 from one shift by 8 (_pair_codes)."""
+    Per thread: its columns and every k row of the step, so no shuffles; one FFMA per code (_fma2)."""
     x0, x1, x2, x3, x4, x5, x6, x7 = _row_x(x_ptr, k0 + tl.arange(0, R) * 8, X_KIND)
-    part = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-    shifted = words >> 8
-    lo, hi = _pair_codes(words, False, OFFSET, USE_ASM)  # slots 0, 4: k rows 8r, 8r + 4
-    part = _fma2(part, x0, x4, lo, hi)
-    lo, hi = _pair_codes(words, True, OFFSET, USE_ASM)  # slots 1, 5
-    part = _fma2(part, x1, x5, lo, hi)
-    lo, hi = _pair_codes(shifted, False, OFFSET, USE_ASM)  # slots 2, 6
-    part = _fma2(part, x2, x6, lo, hi)
-    lo, hi = _pair_codes(shifted, True, OFFSET, USE_ASM)  # slots 3, 7
-    part = _fma2(part, x3, x7, lo, hi)
-    return _finish(acc, part, x0, x1, x2, x3, x4, x5, x6, x7, scale, zero, OFFSET)
+    l0, h0, l1, h1, l2, h2, l3, h3 = _decode(words, OFFSET, USE_ASM)
+    return _row_total(acc, x0, x1, x2, x3, x4, x5, x6, x7, l0, h0, l1, h1, l2, h2, l3, h3, scale, zero, OFFSET)
 
 
 @triton.jit
@@ -257,10 +259,22 @@ def _int4_gemv_row_kernel(
         g = k0 // GROUP
         scale = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
         zero = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        acc = _row_step(acc, x_ptr, k0, words, scale, zero, R, BLOCK_N, OFFSET, USE_ASM, X_KIND)
+        acc = _row_step(acc, x_ptr, k0, words, scale, zero, R, OFFSET, USE_ASM, X_KIND)
     offs_m = tl.arange(0, 1)
     splitk.store_tile(tl.reshape(acc, (1, BLOCK_N)), out_ptr, part_ptr, lock_ptr, offs_m, offs_n, 1, N, pid_n, pid_k,
                       SPLIT_K)  # fmt: skip
+
+
+@triton.jit
+def _row_total(acc, x0, x1, x2, x3, x4, x5, x6, x7, l0, h0, l1, h1, l2, h2, l3, h3, scale, zero,
+               OFFSET: tl.constexpr):  # fmt: skip
+    """One activation row's step: its FFMAs over the step's decoded codes (slot pairs (0, 4), (1, 5), (2, 6),
+    (3, 7)) into a register tile of its own, then _finish."""
+    part = _fma2(tl.zeros(l0.shape, dtype=tl.float32), x0, x4, l0, h0)
+    part = _fma2(part, x1, x5, l1, h1)
+    part = _fma2(part, x2, x6, l2, h2)
+    part = _fma2(part, x3, x7, l3, h3)
+    return _finish(acc, part, x0, x1, x2, x3, x4, x5, x6, x7, scale, zero, OFFSET)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -293,43 +307,17 @@ def _int4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_
         # Rows past M read row M - 1 again (in bounds); store_tile drops their results.
         a0, a1, a2, a3, a4, a5, a6, a7 = _row_x(x_ptr, rows, X_KIND)
         b0, b1, b2, b3, b4, b5, b6, b7 = _row_x(x_ptr, rows + tl.minimum(1, M - 1) * stride_xm, X_KIND)
-        pa = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-        pb = tl.zeros((R, BLOCK_N), dtype=tl.float32)
         if BLOCK_M == 4:
             c0, c1, c2, c3, c4, c5, c6, c7 = _row_x(x_ptr, rows + tl.minimum(2, M - 1) * stride_xm, X_KIND)
             d0, d1, d2, d3, d4, d5, d6, d7 = _row_x(x_ptr, rows + tl.minimum(3, M - 1) * stride_xm, X_KIND)
-            pc = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-            pd = tl.zeros((R, BLOCK_N), dtype=tl.float32)
-        shifted = words >> 8
-        lo, hi = _pair_codes(words, False, OFFSET, USE_ASM)
-        pa = _fma2(pa, a0, a4, lo, hi)
-        pb = _fma2(pb, b0, b4, lo, hi)
+        l0, h0, l1, h1, l2, h2, l3, h3 = _decode(words, OFFSET, USE_ASM)  # once, for every row
+        acc0 = _row_total(acc0, a0, a1, a2, a3, a4, a5, a6, a7, l0, h0, l1, h1, l2, h2, l3, h3, scale, zero, OFFSET)
+        acc1 = _row_total(acc1, b0, b1, b2, b3, b4, b5, b6, b7, l0, h0, l1, h1, l2, h2, l3, h3, scale, zero, OFFSET)
         if BLOCK_M == 4:
-            pc = _fma2(pc, c0, c4, lo, hi)
-            pd = _fma2(pd, d0, d4, lo, hi)
-        lo, hi = _pair_codes(words, True, OFFSET, USE_ASM)
-        pa = _fma2(pa, a1, a5, lo, hi)
-        pb = _fma2(pb, b1, b5, lo, hi)
-        if BLOCK_M == 4:
-            pc = _fma2(pc, c1, c5, lo, hi)
-            pd = _fma2(pd, d1, d5, lo, hi)
-        lo, hi = _pair_codes(shifted, False, OFFSET, USE_ASM)
-        pa = _fma2(pa, a2, a6, lo, hi)
-        pb = _fma2(pb, b2, b6, lo, hi)
-        if BLOCK_M == 4:
-            pc = _fma2(pc, c2, c6, lo, hi)
-            pd = _fma2(pd, d2, d6, lo, hi)
-        lo, hi = _pair_codes(shifted, True, OFFSET, USE_ASM)
-        pa = _fma2(pa, a3, a7, lo, hi)
-        pb = _fma2(pb, b3, b7, lo, hi)
-        if BLOCK_M == 4:
-            pc = _fma2(pc, c3, c7, lo, hi)
-            pd = _fma2(pd, d3, d7, lo, hi)
-        acc0 = _finish(acc0, pa, a0, a1, a2, a3, a4, a5, a6, a7, scale, zero, OFFSET)
-        acc1 = _finish(acc1, pb, b0, b1, b2, b3, b4, b5, b6, b7, scale, zero, OFFSET)
-        if BLOCK_M == 4:
-            acc2 = _finish(acc2, pc, c0, c1, c2, c3, c4, c5, c6, c7, scale, zero, OFFSET)
-            acc3 = _finish(acc3, pd, d0, d1, d2, d3, d4, d5, d6, d7, scale, zero, OFFSET)
+            acc2 = _row_total(acc2, c0, c1, c2, c3, c4, c5, c6, c7, l0, h0, l1, h1, l2, h2, l3, h3, scale, zero,
+                              OFFSET)  # fmt: skip
+            acc3 = _row_total(acc3, d0, d1, d2, d3, d4, d5, d6, d7, l0, h0, l1, h1, l2, h2, l3, h3, scale, zero,
+                              OFFSET)  # fmt: skip
     offs_m = tl.arange(0, BLOCK_M)
     if BLOCK_M == 4:
         acc = tl.join(tl.join(acc0, acc2), tl.join(acc1, acc3))  # [BN, i, j]: row 2i + j
