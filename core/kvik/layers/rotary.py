@@ -181,12 +181,17 @@ class RotaryEmbedding(nn.Module):
         ``q_norm`` / ``k_norm``: per-head norms applied first (Qwen3, Gemma 3), passed here rather than called
         by the model so that a platform can norm and rotate in one kernel.
         """
-        if q_norm is not None:
-            q = q_norm(q)
-        if k_norm is not None:
-            k = k_norm(k)
+        q, k = self.normed(q, k, q_norm, k_norm)
         cos, sin = cos_sin
         return self._rotate_part(q, cos, sin), self._rotate_part(k, cos, sin)
+
+    @staticmethod
+    def normed(
+        q: torch.Tensor, k: torch.Tensor, q_norm: nn.Module | None, k_norm: nn.Module | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``q`` and ``k`` through their per-head norms, where given (what a platform's rotary does itself
+        for norms it cannot fuse)."""
+        return (q if q_norm is None else q_norm(q)), (k if k_norm is None else k_norm(k))
 
     def _rotate_part(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         if self.rotary_dim < self.head_dim:

@@ -340,8 +340,7 @@ class FusedRotaryEmbedding(RotaryEmbedding):
             return super().forward(q, k, cos_sin, q_norm, k_norm)
         norm = _in_kernel_norm(q_norm, q) and _in_kernel_norm(k_norm, k)
         if not norm:  # a norm the kernel does not do (Gemma's 1 + weight), or none: run it as a module first
-            q = q_norm(q) if q_norm is not None else q
-            k = k_norm(k) if k_norm is not None else k
+            q, k = self.normed(q, k, q_norm, k_norm)
         cos, sin = cos.reshape(n, -1), sin.reshape(n, -1)
         q_out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         k_out = torch.empty(k.shape, dtype=k.dtype, device=k.device)
