@@ -3,7 +3,7 @@
 # Usage (repository root, on the GPU machine):
 #   bash benchmarks/gpu_pending.sh "<stage> ..."
 # Stages (each under its own timeout; a failure is logged and the next stage runs):
-#   tests          the CUDA platform and Triton attention tests on the GPU (new kernels first run here) ~2 min
+#   tests          the CUDA platform and Triton attention tests on the GPU (TESTS, TESTS_MARK="gpu or not gpu") ~2 min
 #   lora_sweep     LoRA kernel sweep with segment-aligned tiles (issue 16)        ~4 min
 #   quant_sweep    INT4/FP8/INT8 GEMV and GEMM sweep (issue 14; QUANT_SWEEP_ARGS e.g. "--rows 1 --formats int4") ~2 min
 #   quant_e2e      8B bf16 vs fp8 / int4 / int8 engines, offline + batch 1 (14)  ~6 min
@@ -46,7 +46,7 @@ stage() {  # stage <name> <timeout s> <command...>: output in $OUT/<name>.log, t
 }
 for s in $STAGES; do
   case $s in
-    tests) stage tests 150 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/platforms/cuda tests/attention_backends}
+    tests) stage tests 150 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/platforms/cuda tests/attention_backends} ${TESTS_MARK:+-m "$TESTS_MARK"}
            grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
     lora_sweep) stage lora_sweep 330 python3 benchmarks/lora_kernels_sweep.py --budget-s 300
                 tail -60 "$OUT/lora_sweep.log" | cut -c1-200 ;;

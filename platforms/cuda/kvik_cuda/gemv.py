@@ -76,9 +76,11 @@ _retired: list[torch.Tensor] = []  # outgrown counter buffers: a captured CUDA g
 _sms: dict[tuple[str, int | None], int] = {}
 
 
-def _counters_for(device: torch.device, blocks: int) -> torch.Tensor:
-    """Zeroed int32 counters, one per row block, shared by every call on ``device`` (a function's calls run on
-    one stream). Sized for a 262k vocabulary's head at two rows a block, so a model rarely outgrows it."""
+def completion_counters(device: torch.device, blocks: int) -> torch.Tensor:
+    """Zeroed int32 counters for kernels whose last program to finish a block of outputs completes it (this
+    GEMV's split-K sum, the MoE decode GEMV's slot sum). Shared by every such call on ``device``: a forward's
+    calls run one after another on one stream, and each kernel puts its counters back to zero. Sized for a
+    262k vocabulary's head at two rows a block, so a model rarely outgrows it."""
     key = (device.type, device.index)
     buf = _counters.get(key)
     if buf is None or buf.numel() < blocks:
@@ -115,7 +117,7 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, config: DenseGemvConfig | 
     split = split_for(blocks, triton.cdiv(k, cfg.block_k), _num_sms(x.device), cfg.per_sm)
     part = torch.empty((split, n) if split > 1 else (1,), dtype=torch.float32, device=x.device)
     _dense_gemv_kernel[(blocks, split)](
-        x1.contiguous(), weight, out, part, _counters_for(x.device, blocks), n, k, weight.stride(0), split,
+        x1.contiguous(), weight, out, part, completion_counters(x.device, blocks), n, k, weight.stride(0), split,
         BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)

@@ -9,7 +9,8 @@ projection is one launch over all experts:
 1. ``gate_up = x[token] @ w13[e].T`` for every routed pair (rows in pair order);
 2. ``act = silu(gate) * up`` (eager, as the reference rounds it; the decode GEMV below computes it
    as it loads ``gate_up``);
-3. ``y = act @ w2[e].T * routing_weight``, then the ``top_k`` rows of each token are summed.
+3. ``y = act @ w2[e].T * routing_weight``, then the ``top_k`` rows of each token are summed (the decode
+   GEMV sums them in its own launch: the last slot to finish a column block adds all of them).
 
 Sorting uses a fixed upper bound on the padded length (``n * top_k + E * (BLOCK_M - 1)``)
 and no host sync, so the step can be captured in a CUDA graph.
@@ -33,6 +34,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from kvik.layers.moe import MoEExperts, SparseMoE
+
+from kvik_cuda.gemv import completion_counters
 
 
 @triton.jit
@@ -97,6 +100,8 @@ def _pairwise_gemv_kernel(
     c_ptr,  # [num_pairs, N]
     scale_ptr,  # [num_pairs] routing weights (read only when MUL_WEIGHT)
     ids_ptr,  # [num_pairs] expert of each routed pair
+    sum_ptr,  # [num_pairs // SUM_SLOTS, N] (written only when SUM_SLOTS)
+    lock_ptr,  # [num_pairs // SUM_SLOTS * column blocks] int32, zero between calls (used only when SUM_SLOTS)
     N,
     K,
     a_row_div,  # pair id // a_row_div = row of A
@@ -105,6 +110,7 @@ def _pairwise_gemv_kernel(
     stride_wn,  # K is contiguous (stride 1): the weight rows load as wide vectors
     stride_cm,
     MUL_WEIGHT: tl.constexpr,
+    SUM_SLOTS: tl.constexpr,  # > 0: each run of SUM_SLOTS pairs is one token's slots; sum them into sum_ptr
     SILU_A: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -141,6 +147,19 @@ def _pairwise_gemv_kernel(
         acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32)  # the reference rounds y before weighting
         acc = acc * tl.load(scale_ptr + pair).to(tl.float32)
     tl.store(c_ptr + pair * stride_cm + cols, acc.to(c_ptr.dtype.element_ty), mask=col_ok)
+    if SUM_SLOTS > 0:  # the last of a token's slots to finish this column block adds them (one launch, no summing kernel)
+        token = pair // SUM_SLOTS
+        lock = lock_ptr + token * tl.num_programs(1) + tl.program_id(1)
+        tl.debug_barrier()  # every thread's store is issued before the counter moves (release below)
+        count = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
+        if count == SUM_SLOTS - 1:  # every other slot's row is visible now
+            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            for s in range(0, SUM_SLOTS):  # slot order, float32, rounded once: as torch's sum
+                y = tl.load(c_ptr + (token * SUM_SLOTS + s) * stride_cm + cols, mask=col_ok, other=0.0,
+                            cache_modifier=".cg")  # fmt: skip
+                total += y.to(tl.float32)
+            tl.store(sum_ptr + token * N + cols, total.to(sum_ptr.dtype.element_ty), mask=col_ok)
+            tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
 
 @triton.jit
@@ -178,18 +197,6 @@ def _route_kernel(
     tl.store(ids_ptr + row * TOP_K + slots, ids, mask=keep)
 
 
-@triton.jit
-def _sum_slots_kernel(y_ptr, out_ptr, hidden, TOP_K: tl.constexpr, K_PAD: tl.constexpr, BLOCK: tl.constexpr):
-    """out[t] = sum of y[t * TOP_K : (t + 1) * TOP_K] in float32, rounded once (as torch's sum)."""
-    token = tl.program_id(0).to(tl.int64)
-    cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)
-    slots = tl.arange(0, K_PAD)
-    mask = (slots[:, None] < TOP_K) & (cols[None, :] < hidden)
-    y = tl.load(y_ptr + (token * TOP_K + slots[:, None]) * hidden + cols[None, :], mask=mask, other=0.0)
-    total = tl.sum(y.to(tl.float32), axis=0)
-    tl.store(out_ptr + token * hidden + cols, total.to(out_ptr.dtype.element_ty), mask=cols < hidden)
-
-
 # Routed pairs (tokens x top_k) up to which a step takes the sort-free GEMV path: a decode
 # batch of 8 tokens under top-8 routing. Beyond it the grouped GEMM's tensor-core tiles win,
 # since several pairs share each expert and a GEMV would re-read its weights per pair.
@@ -216,15 +223,21 @@ def _pairwise_gemv(
     a_row_div: int,
     scale: torch.Tensor | None = None,
     silu_a: bool = False,
+    summed: torch.Tensor | None = None,  # [num_pairs // sum_slots, N]: out's runs of sum_slots rows, added
+    sum_slots: int = 0,
 ) -> None:
     n_out, k_in = w.shape[1], w.shape[2]
     block_n, block_k, warps, reduce_once = gemv_config(n_out, k_in)
-    _pairwise_gemv_kernel[(out.shape[0], triton.cdiv(n_out, block_n))](
+    col_blocks = triton.cdiv(n_out, block_n)
+    locks = completion_counters(out.device, out.shape[0] * col_blocks) if sum_slots else out
+    _pairwise_gemv_kernel[(out.shape[0], col_blocks)](
         a,
         w,
         out,
         scale if scale is not None else out,
         expert_ids,
+        summed if summed is not None else out,
+        locks,
         n_out,
         k_in,
         a_row_div,
@@ -233,24 +246,13 @@ def _pairwise_gemv(
         w.stride(1),
         out.stride(0),
         MUL_WEIGHT=scale is not None,
+        SUM_SLOTS=sum_slots,
         SILU_A=silu_a,
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         REDUCE_ONCE=reduce_once,
         num_warps=warps,
     )
-
-
-def sum_slots(y: torch.Tensor, n: int, top_k: int) -> torch.Tensor:
-    """``y.view(n, top_k, -1).sum(dim=1)`` for contiguous ``y`` in one small kernel (torch's strided
-    reduction costs about 5 µs at batch 1, per layer)."""
-    hidden = y.shape[-1]
-    out = torch.empty((n, hidden), dtype=y.dtype, device=y.device)
-    block = min(1024, triton.next_power_of_2(hidden))
-    _sum_slots_kernel[(n, triton.cdiv(hidden, block))](
-        y, out, hidden, TOP_K=top_k, K_PAD=triton.next_power_of_2(top_k), BLOCK=block, num_warps=4
-    )
-    return out
 
 
 def route_fused(
@@ -363,8 +365,10 @@ class TritonMoEExperts(MoEExperts):
         if decode:  # no sort: one GEMV program row per routed pair
             ids = topk_ids.reshape(-1)
             _pairwise_gemv(x, self.w13, gate_up, ids, top_k)
-            _pairwise_gemv(gate_up, self.w2, y, ids, 1, scale=weights, silu_a=True)  # silu(gate) * up on load
-            return sum_slots(y, n, top_k)
+            out = torch.empty(n, self.hidden_size, dtype=x.dtype, device=x.device)
+            # silu(gate) * up on load; each token's top_k rows of y summed into out in the same launch
+            _pairwise_gemv(gate_up, self.w2, y, ids, 1, scale=weights, silu_a=True, summed=out, sum_slots=top_k)
+            return out
         # Small tiles for decode-sized batches (few pairs per expert), larger for prefill.
         block_m = 16 if n * top_k <= 4 * self.num_experts * 16 else 64
         sorted_pairs, tile_expert = sort_by_expert(topk_ids, self.num_experts, block_m)

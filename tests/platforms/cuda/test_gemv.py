@@ -33,7 +33,7 @@ def test_matches_float64_and_is_deterministic(k: int, n: int, dtype: torch.dtype
     ulp = {torch.float16: 2**-10, torch.bfloat16: 2**-7, torch.float32: 1e-6}[dtype]
     assert float((got.double() - want).abs().max()) <= ulp * float(want.abs().max())
     assert torch.equal(dense_gemv(x, w, config), got)  # partials added in split order
-    assert int(gemv._counters_for(x.device, 1).abs().sum()) == 0  # counters back at zero for the next call
+    assert int(gemv.completion_counters(x.device, 1).abs().sum()) == 0  # counters back at zero for the next call
 
 
 def test_fused_linear_and_head_use_it_for_one_row_only() -> None:

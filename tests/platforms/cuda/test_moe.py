@@ -17,7 +17,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvik.layers.moe import MoEExperts, SparseMoE, route
 from kvik_cuda.fused import fuse_layers
-from kvik_cuda.moe import TritonMoEExperts, TritonSparseMoE, route_fused, sort_by_expert, sum_slots
+from kvik_cuda.moe import TritonMoEExperts, TritonSparseMoE, route_fused, sort_by_expert
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -149,7 +149,27 @@ def test_fused_routing_breaks_ties_toward_the_lower_expert() -> None:
     assert ids.tolist() == [[1, 3, 2, 4]]
 
 
-@pytest.mark.parametrize(("n", "top_k", "hidden"), [(1, 8, 48), (3, 3, 2048 + 5)])
-def test_sum_slots_equals_torch_sum(n: int, top_k: int, hidden: int) -> None:
-    y = torch.randn(n * top_k, hidden, device=DEVICE)
-    torch.testing.assert_close(sum_slots(y, n, top_k), y.view(n, top_k, -1).sum(dim=1), atol=1e-5, rtol=1e-5)
+@pytest.mark.parametrize(("n", "top_k", "hidden"), [(1, 8, 48), (3, 3, 200 + 5)])
+def test_decode_gemv_sums_each_tokens_slots_in_its_launch(n: int, top_k: int, hidden: int) -> None:
+    """The down GEMV's last slot to finish a column block adds the token's slot rows in slot order (the same
+    bits as adding the rows it wrote one by one), and its counters are back at zero for the next call."""
+    import kvik_cuda.moe as moe
+    from kvik_cuda.gemv import completion_counters
+
+    gen = torch.Generator().manual_seed(n * 100 + top_k)
+    inter, num_experts = 40, 5
+    act = torch.randn(n, 2 * inter, generator=gen).to(DEVICE)
+    w2 = torch.randn(num_experts, hidden, inter, generator=gen).to(DEVICE)
+    ids = torch.randint(0, num_experts, (n * top_k,), generator=gen).to(DEVICE)
+    scale = torch.rand(n * top_k, generator=gen).to(DEVICE)
+    for _ in range(2):  # the second call finds the counters the first one left
+        y = torch.empty(n * top_k, hidden, device=DEVICE)
+        summed = torch.empty(n, hidden, device=DEVICE)
+        a = act.repeat_interleave(top_k, dim=0)
+        moe._pairwise_gemv(a, w2, y, ids, 1, scale=scale, silu_a=True, summed=summed, sum_slots=top_k)
+        rows = y.view(n, top_k, hidden)
+        in_order = rows[:, 0].clone()
+        for slot in range(1, top_k):
+            in_order += rows[:, slot]
+        assert torch.equal(summed, in_order)
+        assert int(completion_counters(y.device, 1).abs().sum()) == 0
