@@ -188,7 +188,7 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
                 c4[f"row:{bn}x{bk}:sauto{per_sm}:w{warps}"] = (
                     lambda i, c=cfg: int4_gemv(x, q4[i], s_t, z_t, GROUP, sms, c), r4, cfg)  # fmt: skip
         elif m <= 16:
-            if m <= 4:  # the rows kernel (2-4 rows; not the default yet: int4_gemv_kernel.ROW_MAX_ROWS)
+            if m <= 4:  # the rows kernel (2-4 rows; the default up to int4_gemv_kernel.ROW_MAX_ROWS)
                 for bn, bk, per_sm, warps in ROW_GRID:
                     cfg = GemvConfig(bn, bk, 0, per_sm, warps, 1)
                     c4[f"rows:{bn}x{min(bk, 64)}:sauto{per_sm}:w{warps}"] = (

@@ -43,9 +43,14 @@ GEMV_TABLE: dict[tuple[int, int, bool], GemvConfig] = {}
 # One row: a warp per 128 columns, 128-row k-steps, split until 8 programs per SM. Best of the sweep on every
 # 8B shape (2026-12-01, H200: 9.9 / 8.7 / 24.0 / 17.8 us for qkv / o / gate_up / down; 2.4x bf16 on gate_up).
 ROW_DEFAULT = GemvConfig(block_n=128, block_k=128, per_sm=8, num_warps=1, num_stages=1)
-# Rows from 2 up to which int4_gemv runs _int4_gemv_rows_kernel (at most 4); more run the tl.dot kernel. 1: none
-# yet, until the sweep's "rows:" candidates (--rows 2,4) are measured on a GPU.
-ROW_MAX_ROWS = 1
+# Rows from 2 up to which int4_gemv runs _int4_gemv_rows_kernel (at most 4); more run the tl.dot kernel. H200 sweep
+# (2026-12-01, run i): at 2 rows it takes 12.1 / 10.5 / 38.6 / 22.2 us for the 8B's qkv / o / gate_up / down against
+# the tl.dot kernel's 18.8 / 13.8 / 57.6 / 34.7 (bf16: 16.2 / 13.3 / 61.4 / 32.0); at 4 rows it loses (21.9 against
+# 19.0 on qkv): each row adds a full set of FMAs per weight decoded, the tl.dot kernel's rows are nearly free.
+ROW_MAX_ROWS = 2
+# Its config: two warps per 256 columns, K split as for 128-row steps (the kernel steps 64 rows at a time); the
+# best of that sweep on qkv / o / down, 4% off on gate_up (the sweep's "rows:256x64:sauto8:w2").
+ROWS_DEFAULT = GemvConfig(block_n=256, block_k=128, per_sm=8, num_warps=2, num_stages=1)
 
 
 def gemv_config(n: int, k: int, m: int) -> GemvConfig:
@@ -389,7 +394,7 @@ def int4_gemv(
     rows = kernel == "rows" or 1 < m <= ROW_MAX_ROWS
     if rows and not 1 < m <= 4:
         raise ValueError(f"the INT4 rows kernel takes 2 to 4 rows, got {m}")
-    cfg = config or (ROW_DEFAULT if rows else gemv_config(n, k, m))
+    cfg = config or (ROWS_DEFAULT if rows else gemv_config(n, k, m))
     x = x.contiguous()
     block_k = splitk.pow2_divisor(cfg.block_k, group, k)  # >= 8 (K and G are multiples of 8)
     tiles = triton.cdiv(n, cfg.block_n)

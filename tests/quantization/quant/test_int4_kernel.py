@@ -173,3 +173,12 @@ def test_rows_kernel_matches_reference(m: int, k: int, n: int, group: int, dtype
     assert int(splitk.counters(x.device, 1).abs().sum()) == 0
     with pytest.raises(ValueError, match="2 to 4 rows"):
         int4_gemv(x.repeat(3, 1)[:5], qweight, s, z, group, num_sms=8, config=cfg, kernel="rows")
+
+
+def test_two_rows_take_the_rows_kernel_by_default() -> None:
+    """Up to ROW_MAX_ROWS rows (measured faster there) int4_gemv runs the rows kernel with ROWS_DEFAULT."""
+    from kvik_quant import int4_gemv_kernel as kernel
+
+    x, qweight, s, z, _ = _problem(kernel.ROW_MAX_ROWS, 256, 64, 64, torch.bfloat16, seed=9)
+    forced = int4_gemv(x, qweight, s, z, 64, num_sms=8, config=kernel.ROWS_DEFAULT, kernel="rows")
+    assert torch.equal(int4_gemv(x, qweight, s, z, 64, num_sms=8), forced)
