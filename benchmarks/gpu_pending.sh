@@ -17,6 +17,7 @@
 #   fallback       Llama-8B through the transformers fallback (13)                 ~3 min
 #   embed          BERT-base and Qwen3-0.6B embeddings vs sentence-transformers, tokenizer threads on (19) ~5 min
 #   run_batch      `kvik run-batch` vs LLM.generate (19; needs .whl with fastapi + opentelemetry-api)
+#   run_batch_8b   the same comparison on the 8B shape (steps of ~20-30 ms rather than ~3.5)     ~6 min
 #   tp             two GPUs: TP=2 tokens, TP=2 / DP=2 on the 8B (17; nvidia-h200-x2)
 #   tp70           two GPUs: the Llama-3.3-70B shape at TP=2 (17; nvidia-h200-x2, its own call)
 #   allreduce      two GPUs: NCCL vs symmetric-memory all-reduce latency, and the symm all-reduce test (17)
@@ -65,6 +66,8 @@ for s in $STAGES; do
     fallback) stage fallback 200 python3 benchmarks/models_gpu.py --one llama8b_fallback --n 500 ;;
     embed) TOKENIZERS_PARALLELISM=true stage embed 330 python3 benchmarks/embedding_benchmark.py --parts bert-base,qwen3-0.6b ;;
     run_batch) stage run_batch 200 python3 benchmarks/embedding_benchmark.py --parts run_batch --n-chat 512 ;;
+    run_batch_8b) stage run_batch_8b 420 python3 benchmarks/run_batch_benchmark.py --shape llama8b --device cuda \
+                    --dtype bfloat16 --n 512 --out-len 128 --repeats 2 ;;
     tp) stage tp 560 python3 benchmarks/tp_benchmark.py --parts ${TP_PARTS:-tokens,dp2,dp_mp,llama8b,usual} ;;
     allreduce) stage allreduce 120 python3 benchmarks/allreduce_bench.py
                stage allreduce_test 120 python3 -m pytest -q -p no:cacheprovider tests/platforms/cuda/test_symm_all_reduce.py
