@@ -1,9 +1,12 @@
 """The one-row dense GEMV (kvik_cuda.gemv) against cuBLAS (F.linear) on the 8B's and Qwen3-30B-A3B's dense shapes.
 
     python3 benchmarks/dense_gemv_probe.py          # H200: ~1 min; prints JSON, writes $OUT/dense_gemv_probe.json
-    python3 benchmarks/dense_gemv_probe.py --e2e llama8b,qwen3_30b_a3b   # batch-1 decode, GEMV on vs off
+    python3 benchmarks/dense_gemv_probe.py --e2e llama8b   # batch-1 decode, GEMV on vs off
+    python3 benchmarks/dense_gemv_probe.py --e2e llama8b --config 2,512,16,1   # default vs that config
+    python3 benchmarks/dense_gemv_probe.py --shapes moe_qkv,moe_o   # the grid on some shapes only
 
-``--e2e``: for each shape (random weights drawn on the GPU, ``load_format="dummy"``), batch-1 decode
+``--e2e``: for each Llama shape of gpu_common.py (random weights drawn on the GPU, ``load_format="dummy"``;
+the MoE shapes are models_gpu.py's), batch-1 decode
 ms/token (512-token prompt, 128 new tokens minus 1, best of two) with the fused one-row GEMV and, in a
 second process, with Linear / LMHead left to cuBLAS (every other fused layer on in both); to $OUT/dense_gemv_e2e.json.
 
@@ -27,8 +30,12 @@ SHAPES = {  # name: (K, N)
     "8b_qkv": (4096, 6144), "8b_o": (4096, 4096), "8b_gate_up": (4096, 28672), "8b_down": (14336, 4096),
     "8b_lm_head": (4096, 128256), "moe_qkv": (2048, 5120), "moe_o": (4096, 2048), "moe_router": (2048, 128),
 }  # fmt: skip
+# (block_n, block_k, per_sm, warps)
 GRID = [(8, 256, 8, 1), (4, 256, 8, 1), (16, 256, 8, 1), (8, 256, 16, 1), (8, 512, 8, 2), (4, 256, 16, 1),
-        (8, 256, 4, 1), (16, 512, 4, 2), (2, 256, 16, 1)]  # (block_n, block_k, per_sm, warps)  # fmt: skip
+        (8, 256, 4, 1), (16, 512, 4, 2), (2, 256, 16, 1),
+        # one warp with 16 k per thread and row a step: twice the bytes in flight per program (the small
+        # shapes read at ~half the copy bandwidth with 8)
+        (2, 512, 16, 1), (4, 512, 16, 1), (2, 512, 32, 1), (1, 512, 32, 1), (2, 1024, 16, 1), (2, 512, 8, 1)]  # fmt: skip
 
 
 def measure(sweep, k: int, n: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
@@ -50,8 +57,10 @@ def measure(sweep, k: int, n: int) -> dict[str, object]:  # type: ignore[no-unty
     return row
 
 
-def batch1(shape: str, gemv: bool) -> dict[str, float]:
-    """Batch-1 decode ms/token of ``shape`` with or without the one-row GEMV (run in its own process)."""
+def batch1(shape: str, gemv: bool, config: tuple[int, int, int, int] | None = None) -> dict[str, float]:
+    """Batch-1 decode ms/token of ``shape`` with or without the one-row GEMV (run in its own process); with
+    ``config``, the fused layers' GEMVs use that (block_n, block_k, per_sm, warps) instead of the default."""
+    import functools
     import time
 
     import kvik
@@ -59,6 +68,11 @@ def batch1(shape: str, gemv: bool) -> dict[str, float]:
     from gpu_common import dummy_model_dir, sync, workload
     from kvik import SamplingParams
 
+    if config is not None:
+        from kvik_cuda import fused
+        from kvik_cuda.gemv import DenseGemvConfig, dense_gemv
+
+        fused.dense_gemv = functools.partial(dense_gemv, config=DenseGemvConfig(*config))  # type: ignore[assignment]
     if not gemv:
         from kvik.layers.embedding import LMHead
         from kvik.layers.linear import Linear
@@ -83,17 +97,18 @@ def batch1(shape: str, gemv: bool) -> dict[str, float]:
     return {"ms_per_token": round(best * 1e3, 3)}
 
 
-def e2e(shapes: list[str]) -> None:
+def e2e(shapes: list[str], config: tuple[int, int, int, int] | None = None) -> None:
+    """Per shape: the default GEMV, then cuBLAS or (with ``config``) the GEMV with that config."""
     import subprocess
 
     result: dict[str, dict[str, object]] = {}
     for shape in shapes:
-        for gemv in (True, False):
+        for gemv, cfg in ((True, None), (config is not None, config)):
             code = f"import sys; sys.path.insert(0, 'benchmarks'); import json, dense_gemv_probe as p; " \
-                   f"print('RESULT', json.dumps(p.batch1({shape!r}, {gemv})))"  # fmt: skip
+                   f"print('RESULT', json.dumps(p.batch1({shape!r}, {gemv}, {cfg!r})))"  # fmt: skip
             run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400)
             line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT")]
-            key = "gemv" if gemv else "cublas"
+            key = ("gemv" if cfg is None else "gemv:{}x{}:s{}:w{}".format(*cfg)) if gemv else "cublas"
             result.setdefault(shape, {})[key] = json.loads(line[-1][7:]) if line else {"error": run.stderr[-1500:]}
             print(shape, key, result[shape][key], flush=True)
     path = Path(os.environ.get("OUT", ".")) / "dense_gemv_e2e.json"
@@ -102,13 +117,17 @@ def e2e(shapes: list[str]) -> None:
 
 def main() -> None:
     if "--e2e" in sys.argv:
-        e2e(sys.argv[sys.argv.index("--e2e") + 1].split(","))
+        cfg = sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else None
+        e2e(sys.argv[sys.argv.index("--e2e") + 1].split(","), tuple(int(v) for v in cfg.split(",")) if cfg else None)
         return
     import quant_kernels_sweep as qs
 
     sweep = qs.Sweep(240.0)
     out: dict[str, dict[str, object]] = {}
+    only = sys.argv[sys.argv.index("--shapes") + 1].split(",") if "--shapes" in sys.argv else list(SHAPES)
     for name, (k, n) in SHAPES.items():
+        if name not in only:
+            continue
         row = measure(sweep, k, n)
         out[name] = row
         best = min((v["graph_us"], c) for c, v in row.items() if isinstance(v, dict) and c != "cublas")
