@@ -5,6 +5,7 @@
 # Stages (each under its own timeout; a failure is logged and the next stage runs):
 #   tests          the CUDA platform and Triton attention tests on the GPU (TESTS, TESTS_MARK="gpu or not gpu") ~2 min
 #   lora_sweep     LoRA kernel sweep with segment-aligned tiles (issue 16)        ~4 min
+#   lora_profile   the SGMV shrink / expand apart at 256 rows x 64 adapters, then ncu on both (16)  ~4 min
 #   quant_sweep    INT4/FP8/INT8 GEMV and GEMM sweep (issue 14; QUANT_SWEEP_ARGS e.g. "--rows 1 --formats int4") ~2 min
 #   quant_e2e      8B bf16 vs fp8 / int4 / int8 engines, offline + batch 1 (14)  ~6 min
 #   fp8_kv         FP8 KV cache: capacity, agreement, throughput (14)              ~3 min
@@ -51,6 +52,13 @@ for s in $STAGES; do
            grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
     lora_sweep) stage lora_sweep 330 python3 benchmarks/lora_kernels_sweep.py --budget-s 300
                 tail -60 "$OUT/lora_sweep.log" | cut -c1-200 ;;
+    lora_profile) for p in gate_up qkv; do  # the 64-adapter SGMV shrink and expand timed apart (16)
+                    stage lora_profile_$p 150 python3 benchmarks/lora_kernel_profile.py --proj $p --tokens 256 --mix a64g
+                    grep -E '"(config|tiles|splits|shrink_grid|expand_grid)"|_us"|graph_us|_tb_s|min_mb' "$OUT/lora_profile_$p.log" | tr -d '\n '; echo
+                  done
+                  timeout 200 /usr/local/cuda/bin/ncu -k regex:_sgmv --launch-skip 4 --launch-count 2 --section SpeedOfLight \
+                    --section WarpStateStats --section LaunchStats --section Occupancy \
+                    python3 benchmarks/lora_kernel_profile.py --iters 3 > "$OUT/lora_ncu.log" 2>&1; echo "ncu rc=$?" ;;
     quant_sweep) stage quant_sweep $(( ${QUANT_SWEEP_BUDGET:-80} + 30 )) python3 benchmarks/quant_kernels_sweep.py \
                    --budget-s ${QUANT_SWEEP_BUDGET:-80} ${QUANT_SWEEP_ARGS:-}
                  tail -40 "$OUT/quant_sweep.log" | cut -c1-200 ;;
