@@ -52,9 +52,13 @@ for s in $STAGES; do
            grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
     lora_sweep) stage lora_sweep 330 python3 benchmarks/lora_kernels_sweep.py --budget-s 300
                 tail -60 "$OUT/lora_sweep.log" | cut -c1-200 ;;
-    lora_profile) for p in gate_up qkv; do  # the 64-adapter SGMV shrink and expand timed apart (16)
-                    stage lora_profile_$p 150 python3 benchmarks/lora_kernel_profile.py --proj $p --tokens 256 --mix a64g
-                    grep -E '"(config|tiles|splits|shrink_grid|expand_grid)"|_us"|graph_us|_tb_s|min_mb' "$OUT/lora_profile_$p.log" | tr -d '\n '; echo
+    lora_profile) for p in gate_up qkv; do  # the 64-adapter SGMV shrink and expand timed apart (16): table vs walkers
+                    for c in "" sgmv-m64-k64-c64-n128-w4-s3-cb4-tf32x3 sgmv-m16-k128-c64-n128-w4-s3-cb8-tf32x3; do
+                      stage lora_profile_$p$c 150 python3 benchmarks/lora_kernel_profile.py --proj $p --tokens 256 --mix a64g \
+                        ${c:+--config $c}
+                      grep -E '"(config|tiles|splits|shrink_grid|expand_grid)"|_us"|graph_us|_tb_s|min_mb' \
+                        "$OUT/lora_profile_$p$c.log" | tr -d '\n '; echo
+                    done
                   done
                   timeout 200 /usr/local/cuda/bin/ncu -k regex:_sgmv --launch-skip 4 --launch-count 2 --section SpeedOfLight \
                     --section WarpStateStats --section LaunchStats --section Occupancy \

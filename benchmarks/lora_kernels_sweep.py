@@ -59,6 +59,12 @@ GRID = [
     C(block_m=64, block_k=128, block_c=64, block_n=256, num_warps=8, num_stages=3),
     C(block_m=64, block_k=64, block_c=64, block_n=128, num_warps=8, num_stages=4),
     C(block_m=128, block_k=64, block_c=64, block_n=128, num_warps=8, num_stages=3),
+    # an expand program walking several column blocks (fewer, longer programs when tiles hold few rows: a64g)
+    C(block_m=64, block_k=64, block_c=64, block_n=128, num_warps=4, num_stages=3, expand_precision="tf32x3",
+      expand_col_blocks=4),
+    C(block_m=16, block_k=128, block_c=64, block_n=128, num_warps=4, num_stages=3, expand_precision="tf32x3",
+      expand_col_blocks=8),
+    C(block_m=16, block_k=256, block_c=16, block_n=128, num_warps=4, num_stages=3, expand_col_blocks=8),
     C(kernel="fused", block_m=16, block_k=256, block_n=64, num_warps=4, num_stages=3),
     C(kernel="fused", block_m=16, block_k=128, block_n=32, num_warps=4, num_stages=2),
     C(kernel="fused", block_m=16, block_k=512, block_n=64, num_warps=8, num_stages=2),
@@ -82,7 +88,9 @@ def name(cfg: LoRAKernelConfig) -> str:
     if cfg.kernel == "fused":
         return f"fused-m{cfg.block_m}-k{cfg.block_k}-n{cfg.block_n}-w{cfg.num_warps}-s{cfg.num_stages}"
     text = f"sgmv-m{cfg.block_m}-k{cfg.block_k}-c{cfg.block_c}-n{cfg.block_n}-w{cfg.num_warps}-s{cfg.num_stages}"
-    return text + (f"-sk{cfg.split_k}" if cfg.split_k else "") + ("-tf32x3" if cfg.expand_precision != "ieee" else "")
+    text += f"-sk{cfg.split_k}" if cfg.split_k else ""
+    text += f"-cb{cfg.expand_col_blocks}" if cfg.expand_col_blocks > 1 else ""
+    return text + ("-tf32x3" if cfg.expand_precision != "ieee" else "")
 
 
 def literal(cfg: LoRAKernelConfig) -> str:

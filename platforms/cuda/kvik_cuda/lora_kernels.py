@@ -52,6 +52,7 @@ class LoRAKernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     expand_precision: str = "ieee"  # the expand's float32 dot: "ieee" (exact products) or "tf32x3"
+    expand_col_blocks: int = 1  # sgmv expand: adjacent block_n column blocks one program walks
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
@@ -60,6 +61,8 @@ class LoRAKernelConfig:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name}={value}: LoRA kernel tiles are powers of two >= 16")
+        if self.expand_col_blocks < 1:
+            raise ValueError(f"expand_col_blocks={self.expand_col_blocks}: at least one column block a program")
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)

@@ -78,40 +78,43 @@ def _sgmv_expand_kernel(
     s_ptr, b_ptr, tiles_ptr, count_ptr, y_ptr,
     num_programs, out_features, rank, start1, start2, split_k,
     stride_ss, stride_st, stride_bl, stride_bo, stride_yt, stride_tiles,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, COL_BLOCKS: tl.constexpr,
     PRECISION: tl.constexpr,
 ):  # fmt: skip
-    cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
-    col_ok = cols < out_features
-    shard = (cols >= start1).to(tl.int32) + (cols >= start2).to(tl.int32)  # 0, 1 or 2
-    # The shards this column block meets: usually one (real shard sizes are multiples of the block).
-    first_shard = tl.min(tl.where(col_ok, shard, 3), axis=0)
-    last_shard = tl.max(tl.where(col_ok, shard, -1), axis=0)
     for tile in range(tl.program_id(0), tl.load(count_ptr), num_programs):
         first = tl.load(tiles_ptr + tile)
         row_ok = tl.arange(0, BLOCK_M) < tl.load(tiles_ptr + stride_tiles + tile)
         slot = tl.load(tiles_ptr + 2 * stride_tiles + tile).to(tl.int64)
         rows64 = (first + tl.arange(0, BLOCK_M)).to(tl.int64)
-        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        for k in range(first_shard, last_shard + 1):
-            in_shard = col_ok & (shard == k)
-            for r0 in range(0, rank, BLOCK_R):
-                rs = r0 + tl.arange(0, BLOCK_R)
-                r_ok = rs < rank
-                offsets = rows64[:, None] * stride_st + k * rank + rs[None, :]
-                s_mask = row_ok[:, None] & r_ok[None, :]
-                sv = tl.load(s_ptr + offsets, mask=s_mask, other=0.0)
-                for split in range(1, split_k):  # the shrink's split-K partial sums, in a fixed order
-                    sv += tl.load(s_ptr + split * stride_ss + offsets, mask=s_mask, other=0.0)
-                b_mask = r_ok[:, None] & in_shard[None, :]
-                b_ptrs = b_ptr + slot * stride_bl + cols[None, :] * stride_bo + rs[:, None]
-                bv = tl.load(b_ptrs, mask=b_mask, other=0.0)
-                acc = tl.dot(sv, bv.to(tl.float32), acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-        out_mask = row_ok[:, None] & col_ok[None, :]
-        y_ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
-        yv = tl.load(y_ptrs, mask=out_mask, other=0.0)
-        delta = acc.to(y_ptr.dtype.element_ty)  # the reference rounds the delta to y's dtype, then adds
-        tl.store(y_ptrs, (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=out_mask)
+        # COL_BLOCKS adjacent column blocks per program: with a few rows per tile (many adapters) each block
+        # is little work, and one program per block paid the tile lookup and the latency of its loads alone.
+        for cb in range(0, COL_BLOCKS):
+            cols = (tl.program_id(1) * COL_BLOCKS + cb) * BLOCK_N + tl.arange(0, BLOCK_N)
+            col_ok = cols < out_features
+            shard = (cols >= start1).to(tl.int32) + (cols >= start2).to(tl.int32)  # 0, 1 or 2
+            # The shards this column block meets: usually one (real shard sizes are multiples of the block).
+            first_shard = tl.min(tl.where(col_ok, shard, 3), axis=0)
+            last_shard = tl.max(tl.where(col_ok, shard, -1), axis=0)
+            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            for k in range(first_shard, last_shard + 1):
+                in_shard = col_ok & (shard == k)
+                for r0 in range(0, rank, BLOCK_R):
+                    rs = r0 + tl.arange(0, BLOCK_R)
+                    r_ok = rs < rank
+                    offsets = rows64[:, None] * stride_st + k * rank + rs[None, :]
+                    s_mask = row_ok[:, None] & r_ok[None, :]
+                    sv = tl.load(s_ptr + offsets, mask=s_mask, other=0.0)
+                    for split in range(1, split_k):  # the shrink's split-K partial sums, in a fixed order
+                        sv += tl.load(s_ptr + split * stride_ss + offsets, mask=s_mask, other=0.0)
+                    b_mask = r_ok[:, None] & in_shard[None, :]
+                    b_ptrs = b_ptr + slot * stride_bl + cols[None, :] * stride_bo + rs[:, None]
+                    bv = tl.load(b_ptrs, mask=b_mask, other=0.0)
+                    acc = tl.dot(sv, bv.to(tl.float32), acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+            out_mask = row_ok[:, None] & col_ok[None, :]
+            y_ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
+            yv = tl.load(y_ptrs, mask=out_mask, other=0.0)
+            delta = acc.to(y_ptr.dtype.element_ty)  # the reference rounds the delta to y's dtype, then adds
+            tl.store(y_ptrs, (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
 def sgmv_splits(num_tokens: int, in_features: int, num_cols: int, config: LoRAKernelConfig) -> int:
@@ -172,11 +175,12 @@ def sgmv_expand(
     programs = tile_programs(num_tokens, config.block_m, b.shape[0])
     starts = [*shard_starts[1:], out_features, out_features][:2]
     block_r = max(16, min(triton.next_power_of_2(rank), 64))
-    _sgmv_expand_kernel[(programs, triton.cdiv(out_features, config.block_n))](
+    col_blocks = min(config.expand_col_blocks, triton.cdiv(out_features, config.block_n))
+    _sgmv_expand_kernel[(programs, triton.cdiv(out_features, config.block_n * col_blocks))](
         shrink, b, tiles.tiles, tiles.count, y,
         programs, out_features, rank, starts[0], starts[1], shrink.shape[0],
         shrink.stride(0), shrink.stride(1), b.stride(0), b.stride(1), y.stride(0), tiles.tiles.stride(0),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r,
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, COL_BLOCKS=col_blocks,
         PRECISION=config.expand_precision, num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
