@@ -100,6 +100,32 @@ def test_rotary_matches_hf_apply_rotary_pos_emb() -> None:
     torch.testing.assert_close(ours_k, hf_k[0].transpose(0, 1))
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
+    head_dim=st.sampled_from([8, 16, 64]),
+    partial=st.sampled_from([1.0, 0.5]),
+    n=st.integers(1, 9),
+    seed=st.integers(0, 2**16),
+)
+def test_rotary_is_bitwise_hfs_formula(dtype: torch.dtype, head_dim: int, partial: float, n: int, seed: int) -> None:
+    """The roll-and-signed-sin rotation gives exactly the bits of HF's ``x * cos + rotate_half(x) * sin`` in
+    every dtype, partial rotary included (the rest of the head passes through)."""
+    from transformers.models.llama.modeling_llama import rotate_half
+
+    config = tiny_config("llama", partial_rotary_factor=partial)
+    rotary = RotaryEmbedding(head_dim, rope_settings(config), 4096)
+    gen = torch.Generator().manual_seed(seed)
+    q = (torch.randn(n, 3, head_dim, generator=gen) * 4).to(dtype)
+    k = (torch.randn(n, 1, head_dim, generator=gen) * 4).to(dtype)
+    cos, sin = rotary.cos_sin(torch.randint(0, 4096, (n,), generator=gen), dtype)
+    got_q, got_k = rotary(q, k, (cos, sin))
+    r = rotary.rotary_dim
+    for x, got in ((q, got_q), (k, got_k)):
+        want = torch.cat((x[..., :r] * cos + rotate_half(x[..., :r]) * sin, x[..., r:]), dim=-1)
+        assert torch.equal(got, want)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_rms_norm_matches_hf_and_fuses_the_residual(dtype: torch.dtype) -> None:
     ours = RMSNorm(64, eps=1e-5, dtype=dtype)
