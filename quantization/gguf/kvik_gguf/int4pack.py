@@ -115,11 +115,11 @@ class Int4Packed:
     planes: int
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
-        flat = x.reshape(-1, x.shape[-1])
-        if self.planes == 2:
+        flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # 2-D already (the engine's rows): no reshapes,
+        if self.planes == 2:  # which a single stream would otherwise run 240 of a token
             flat = torch.cat([flat, flat], dim=-1)
         out = torch.ops.aten._weight_int4pack_mm_for_cpu(flat, self.weight, GROUP, self.scales_zeros)
-        return out.reshape(*x.shape[:-1], out.shape[-1])
+        return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
     def nbytes(self) -> int:
         return (
