@@ -69,6 +69,9 @@ class _Plan:
     decode_pos: torch.Tensor | None  # [1, max_len] int64 key positions
     decode_seq_lens: torch.Tensor | None  # [nd, 1] int64
     prefills: list[_Prefill]
+    # A single decode request whose blocks are consecutive (a single stream on a fresh pool): its max_len
+    # slots are the cache rows from this one, read as a view instead of gathered (docs/benchmarks.md).
+    decode_first_slot: int | None = None
     decode_only: bool = False  # every request adds one token: rows need no gather/scatter
     # Masks shared by every layer with the same window, built by the first one.
     masks: dict[tuple[int | None, ...], torch.Tensor] = field(default_factory=dict)
@@ -114,6 +117,10 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
             plan.decode_slots = _slots(metadata.block_tables[reqs], pos, bs)
             plan.decode_pos = pos[None, :]
             plan.decode_seq_lens = metadata.seq_lens[reqs].long()[:, None]
+            if len(decode_reqs) == 1 and device.type == "cpu":  # reading the table here costs no device sync
+                blocks = metadata.block_tables[decode_reqs[0], : max_len // bs]
+                if bool((blocks[1:] - blocks[:-1] == 1).all()):
+                    plan.decode_first_slot = int(blocks[0]) * bs
         for i, q in enumerate(metadata.query_lens_cpu):
             if q == 1:
                 continue
@@ -166,8 +173,15 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
         # GQA without repeating K/V: the `group` query heads sharing a kv head
         # become `group` query rows of that head. q: [nd, kvh, group, D].
         q = query.reshape(nd, kvh, self.num_heads // kvh, d)
-        # K and V in one gather: [2, nd * max_len, kvh, D] -> [2, nd, kvh, max_len, D]
-        kv = fp8_kv.index_select(kv_cache.view(2, -1, kvh, d), 1, plan.decode_slots.reshape(-1))
+        # K and V in one gather: [2, nd * max_len, kvh, D] -> [2, nd, kvh, max_len, D]. A single stream's
+        # consecutive slots are a view: gathering them copied its whole context every layer of every step
+        # (SmolLM2 at 2,048 tokens: 250 -> 140 us a layer, the same bits).
+        cache = kv_cache.view(2, -1, kvh, d)
+        first = plan.decode_first_slot
+        if first is not None and not fp8_kv.is_fp8(kv_cache):  # FP8 widens (and scales) a copy below
+            kv = cache[:, first : first + max_len]
+        else:
+            kv = fp8_kv.index_select(cache, 1, plan.decode_slots.reshape(-1))
         kv = kv.view(2, nd, max_len, kvh, d).transpose(2, 3).to(q.dtype)
         if fp8_kv.is_fp8(kv_cache) and (self.k_scale != 1.0 or self.v_scale != 1.0):
             kv[0].mul_(self.k_scale)

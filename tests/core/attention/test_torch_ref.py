@@ -46,13 +46,16 @@ def run_case(
     dtype: torch.dtype = torch.float32,
     seed: int = 0,
     soft_cap: float | None = None,
+    shuffle: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list]:
-    """Write each request's cached prefix straight into a paged cache, run one step, return (out, expected, cache, data)."""
+    """Write each request's cached prefix straight into a paged cache, run one step, return (out, expected, cache, data).
+    ``shuffle``: blocks in random order (else consecutive, as a fresh pool hands them to one request)."""
     rng = random.Random(seed)
     torch.manual_seed(seed)
     need = [-(-(c + n) // block_size) for c, n in shapes]
     ids = list(range(1, sum(need) + 1))
-    rng.shuffle(ids)
+    if shuffle:
+        rng.shuffle(ids)
     cache = torch.zeros(2, sum(need) + 1, block_size, num_kv_heads, head_size, dtype=dtype)
     flat_k = cache[0].view(-1, num_kv_heads, head_size)
     flat_v = cache[1].view(-1, num_kv_heads, head_size)
@@ -107,6 +110,25 @@ def test_mixed_batch_matches_naive(num_heads: int, num_kv_heads: int, window: in
 def test_batch_shapes(shapes: list[tuple[int, int]], window: int | None) -> None:
     out, expected, _, _ = run_case(shapes, 4, 2, 16, 8, window, seed=3)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("window", [None, 6])
+@pytest.mark.parametrize("context", [1, 8, 45])
+def test_a_single_streams_consecutive_blocks_are_read_in_place(context: int, window: int | None) -> None:
+    """One decode request whose blocks are consecutive reads its K/V as a view of the cache, not a gather of
+    its whole context: the same bits as the gather over the same values in shuffled blocks."""
+    in_place, expected, _, _ = run_case([(context - 1, 1)], 4, 2, 16, 8, window, seed=5, shuffle=False)
+    gathered, _, _, _ = run_case([(context - 1, 1)], 4, 2, 16, 8, window, seed=5, shuffle=True)
+    assert torch.equal(in_place, gathered)
+    torch.testing.assert_close(in_place.double(), expected, atol=1e-5, rtol=1e-5)
+    blocks = -(-context // 8)
+    consecutive = build_metadata([1], [context], [list(range(3, 3 + blocks))], 8)
+    TorchRefAttentionBackend.prepare(consecutive)
+    assert consecutive.backend_data["torch_ref"].decode_first_slot == 3 * 8
+    if blocks > 1:  # out of order: gathered
+        swapped = build_metadata([1], [context], [[4, 3, *range(5, 3 + blocks)]], 8)
+        TorchRefAttentionBackend.prepare(swapped)
+        assert swapped.backend_data["torch_ref"].decode_first_slot is None
 
 
 def test_writes_new_kv_into_cache_slots() -> None:
