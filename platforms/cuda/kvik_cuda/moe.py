@@ -154,7 +154,7 @@ def _pairwise_gemv_kernel(
         count = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
         if count == SUM_SLOTS - 1:  # every other slot's row is visible now
             total = tl.zeros((BLOCK_N,), dtype=tl.float32)
-            for s in range(0, SUM_SLOTS):  # slot order, float32, rounded once: as torch's sum
+            for s in range(0, SUM_SLOTS):  # slot order, in float32, rounded once (as the reference's sum rounds)
                 y = tl.load(c_ptr + (token * SUM_SLOTS + s) * stride_cm + cols, mask=col_ok, other=0.0,
                             cache_modifier=".cg")  # fmt: skip
                 total += y.to(tl.float32)
