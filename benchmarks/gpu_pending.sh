@@ -4,7 +4,7 @@
 #   bash benchmarks/gpu_pending.sh "<stage> ..."
 # Stages (each under its own timeout; a failure is logged and the next stage runs):
 #   tests          the CUDA platform and Triton attention tests on the GPU (TESTS, TESTS_MARK="gpu or not gpu") ~2 min
-#   lora_sweep     LoRA kernel sweep with segment-aligned tiles (issue 16)        ~4 min
+#   lora_sweep     LoRA kernel sweep with segment-aligned tiles (issue 16; LORA_SWEEP_ARGS) ~4 min
 #   lora_profile   the SGMV shrink / expand apart at 256 rows x 64 adapters, then ncu on both (16)  ~4 min
 #   quant_sweep    INT4/FP8/INT8 GEMV and GEMM sweep (issue 14; QUANT_SWEEP_ARGS e.g. "--rows 1 --formats int4") ~2 min
 #   quant_e2e      8B bf16 vs fp8 / int4 / int8 engines, offline + batch 1 (14)  ~6 min
@@ -50,7 +50,7 @@ for s in $STAGES; do
   case $s in
     tests) stage tests 150 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/platforms/cuda tests/attention_backends} ${TESTS_MARK:+-m "$TESTS_MARK"}
            grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
-    lora_sweep) stage lora_sweep 330 python3 benchmarks/lora_kernels_sweep.py --budget-s 300
+    lora_sweep) stage lora_sweep 330 python3 benchmarks/lora_kernels_sweep.py --budget-s 300 ${LORA_SWEEP_ARGS:-}
                 tail -60 "$OUT/lora_sweep.log" | cut -c1-200 ;;
     lora_profile) for p in gate_up qkv; do  # the 64-adapter SGMV shrink and expand timed apart (16): table vs walkers
                     for c in "" sgmv-m64-k64-c64-n128-w4-s3-cb4-tf32x3 sgmv-m16-k128-c64-n128-w4-s3-cb8-tf32x3; do
