@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_common import profile_record, word_tokenizer, workload
+from gpu_common import measure_ceilings, profile_record, word_tokenizer, workload
 
 CONFIGS: dict[str, dict[str, Any]] = {
     # Llama-3.1-8B (rope scaling omitted: it does not change speed)
@@ -80,6 +80,29 @@ def config_dir(shape: str, root: Path) -> Path:
     return path
 
 
+def active_weight_bytes(model: Any) -> int:
+    """Bytes of weights one decode token reads: every parameter, but of each MoE expert stack only ``top_k`` of
+    its ``E`` experts, and of the token embedding one row."""
+    from kvik.layers.embedding import VocabEmbedding
+    from kvik.layers.moe import SparseMoE
+
+    total = sum(p.numel() * p.element_size() for p in model.parameters())
+    for module in model.modules():
+        if isinstance(module, SparseMoE):
+            experts = sum(p.numel() * p.element_size() for p in module.experts.parameters())
+            total -= experts - experts * module.top_k // module.experts.num_experts
+        elif isinstance(module, VocabEmbedding):
+            table = module.weight.numel() * module.weight.element_size()
+            total -= table - table // module.vocab_size
+    return total
+
+
+def kv_bytes(config: dict[str, Any], tokens: int) -> int:
+    """The bf16 KV cache of ``tokens`` tokens over every layer."""
+    head_dim = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    return 2 * 2 * config["num_hidden_layers"] * config["num_key_value_heads"] * head_dim * tokens
+
+
 def run_kvik(case: str, args: argparse.Namespace, out: Path) -> None:
     import kvik
     import torch
@@ -124,6 +147,12 @@ def run_kvik(case: str, args: argparse.Namespace, out: Path) -> None:
         tn = time.perf_counter() - t
         best = min(best, (tn - t1) / 128 * 1e3)
     record["batch1_decode_ms"] = round(best, 3)
+    # The floor on this machine: a token's active weights (and ~640 tokens of KV) at the copy bandwidth measured
+    # in this run, so the "x floor" compares like with like (batch-1 times move ~10% between machines).
+    bandwidth = measure_ceilings()["copy_bytes_per_s"]
+    floor_ms = (active_weight_bytes(engine.runner.model) + kv_bytes(CONFIGS[shape], 640)) / bandwidth * 1e3
+    record.update(copy_tb_s=round(bandwidth / 1e12, 2), batch1_floor_ms=round(floor_ms, 3),
+                  batch1_x_floor=round(best / floor_ms, 3))  # fmt: skip
     if args.profile:  # where a batch-1 decode token's device time goes, kernel by kernel
         prompt = workload(1, vocab, 512, 512, seed=21)
         llm.generate(prompt, one, use_tqdm=False)  # the prefill outside the window
