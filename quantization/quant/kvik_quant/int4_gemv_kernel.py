@@ -70,6 +70,14 @@ def _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP: tl.constexpr,
 
 
 @triton.jit
+def _k_range(K, SPLIT_K, BLOCK_K: tl.constexpr):
+    """``[k_lo, k_hi)``: this program's share of K (program axis 1), whole BLOCK_K steps (K is a multiple)."""
+    per_split = tl.cdiv(K // BLOCK_K, SPLIT_K)
+    k_lo = tl.program_id(1) * per_split * BLOCK_K
+    return k_lo, tl.minimum(K, k_lo + per_split * BLOCK_K)
+
+
+@triton.jit
 def nibble_to_float(nibbles):
     """4-bit codes (int32 in 0..15) to float32 without an int-to-float convert.
 
@@ -253,17 +261,11 @@ def _int4_gemv_row_kernel(
     pid_k = tl.program_id(1)
     R: tl.constexpr = BLOCK_K // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R)
     mask_n = offs_n < N
-    per_split = tl.cdiv(K // BLOCK_K, SPLIT_K)
-    k_lo = pid_k * per_split * BLOCK_K
-    k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
+    k_lo, k_hi = _k_range(K, SPLIT_K, BLOCK_K)
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        words = tl.load(qw_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        g = k0 // GROUP
-        scale = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
+        words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K)
         acc = _row_step(acc, x_ptr, k0, words, scale, zero, R, OFFSET, USE_ASM, X_KIND)
     offs_m = tl.arange(0, 1)
     splitk.store_tile(tl.reshape(acc, (1, BLOCK_N)), out_ptr, part_ptr, lock_ptr, offs_m, offs_n, 1, N, pid_n, pid_k,
@@ -288,27 +290,21 @@ def _int4_gemv_rows_kernel(x_ptr, qw_ptr, s_ptr, z_ptr, out_ptr, part_ptr, lock_
                            OFFSET: tl.constexpr, USE_ASM: tl.constexpr, X_KIND: tl.constexpr):  # fmt: skip
     """Two to four activation rows (``BLOCK_M`` 2 or 4) with the one-row kernel's layout: each step's codes are
     decoded once and serve every row, each row with its own register tile (a ``[rows, k, columns]`` tile
-    instead made Triton pick a layout that spills). Not the default yet: benchmarks/quant_kernels_sweep.py's
-    ``rows:`` candidates measure it against the tl.dot kernel (``ROW_MAX_ROWS``)."""
+    instead made Triton pick a layout that spills). The default up to ``ROW_MAX_ROWS`` rows;
+    benchmarks/quant_kernels_sweep.py's ``rows:`` candidates measure it against the tl.dot kernel."""
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
     R: tl.constexpr = BLOCK_K // 8
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_r = tl.arange(0, R)
     mask_n = offs_n < N
-    per_split = tl.cdiv(K // BLOCK_K, SPLIT_K)
-    k_lo = pid_k * per_split * BLOCK_K
-    k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
+    k_lo, k_hi = _k_range(K, SPLIT_K, BLOCK_K)
     acc0 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc1 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc2 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     acc3 = tl.zeros((BLOCK_N,), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
-        words = tl.load(qw_ptr + (k0 // 8 + offs_r)[:, None] * N + offs_n[None, :], mask=mask_n[None, :], other=0)
-        g = k0 // GROUP
-        scale = tl.load(s_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        zero = tl.load(z_ptr + g * N + offs_n, mask=mask_n, other=0.0).to(tl.float32)
-        rows = k0 + offs_r * 8
+        words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K)
+        rows = k0 + tl.arange(0, R) * 8
         # Rows past M read row M - 1 again (in bounds); store_tile drops their results.
         a0, a1, a2, a3, a4, a5, a6, a7 = _row_x(x_ptr, rows, X_KIND)
         b0, b1, b2, b3, b4, b5, b6, b7 = _row_x(x_ptr, rows + tl.minimum(1, M - 1) * stride_xm, X_KIND)
@@ -359,10 +355,7 @@ def _int4_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
-    k_tiles = K // BLOCK_K  # K is a multiple of GROUP, GROUP of BLOCK_K
-    per_split = tl.cdiv(k_tiles, SPLIT_K)
-    k_lo = pid_k * per_split * BLOCK_K
-    k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
+    k_lo, k_hi = _k_range(K, SPLIT_K, BLOCK_K)  # K is a multiple of GROUP, GROUP of BLOCK_K
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_lo, k_hi, BLOCK_K):
         words, scale, zero = _load_step(qw_ptr, s_ptr, z_ptr, k0, offs_n, mask_n, N, GROUP, BLOCK_K)
