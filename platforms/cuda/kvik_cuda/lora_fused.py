@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kvik_cuda.lora_sgmv import INTERPRETED
+from kvik_cuda.lora_sgmv import INTERPRETED, add_delta, column_shards, tile_rows
 from kvik_cuda.lora_tiles import TileMap, tile_programs
 
 if TYPE_CHECKING:
@@ -38,15 +38,10 @@ def _fused_kernel(
 ):  # fmt: skip
     cols = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < out_features
-    shard = (cols >= start1).to(tl.int32) + (cols >= start2).to(tl.int32)  # 0, 1 or 2
-    first_shard = tl.min(tl.where(col_ok, shard, 3), axis=0)
-    last_shard = tl.max(tl.where(col_ok, shard, -1), axis=0)
+    shard, first_shard, last_shard = column_shards(cols, col_ok, start1, start2)
     # Grid-stride over the map: one tile per program when the step's rows are grouped by slot.
     for tile in range(tl.program_id(0), tl.load(count_ptr), num_programs):
-        first = tl.load(tiles_ptr + tile)
-        row_ok = tl.arange(0, BLOCK_M) < tl.load(tiles_ptr + stride_tiles + tile)
-        slot = tl.load(tiles_ptr + 2 * stride_tiles + tile).to(tl.int64)
-        rows64 = (first + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rows64, row_ok, slot = tile_rows(tiles_ptr, stride_tiles, tile, BLOCK_M)
         acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
         for k in range(first_shard, last_shard + 1):
             in_shard = col_ok & (shard == k)
@@ -69,11 +64,7 @@ def _fused_kernel(
                 b_ptrs = b_ptr + slot * stride_bl + cols[None, :] * stride_bo + rs[:, None]
                 bv = tl.load(b_ptrs, mask=b_mask, other=0.0)
                 acc = tl.dot(s, bv.to(tl.float32), acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-        out_mask = row_ok[:, None] & col_ok[None, :]
-        y_ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
-        yv = tl.load(y_ptrs, mask=out_mask, other=0.0)
-        delta = acc.to(y_ptr.dtype.element_ty)  # the reference rounds the delta to y's dtype, then adds
-        tl.store(y_ptrs, (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=out_mask)
+        add_delta(y_ptr, stride_yt, rows64, row_ok, cols, col_ok, acc)
 
 
 def fused_block_n(out_features: int, config: LoRAKernelConfig) -> int:

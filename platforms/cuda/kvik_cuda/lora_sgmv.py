@@ -39,6 +39,35 @@ TARGET_PROGRAMS = 264
 MAX_SPLIT_ROWS = 2048
 
 
+@triton.jit
+def tile_rows(tiles_ptr, stride_tiles, tile, BLOCK_M: tl.constexpr):
+    """Tile ``tile`` of the step's map (kvik_cuda.lora_tiles): its row indices (int64), which of them are rows,
+    and its adapter slot."""
+    first = tl.load(tiles_ptr + tile)
+    row_ok = tl.arange(0, BLOCK_M) < tl.load(tiles_ptr + stride_tiles + tile)
+    slot = tl.load(tiles_ptr + 2 * stride_tiles + tile).to(tl.int64)
+    return (first + tl.arange(0, BLOCK_M)).to(tl.int64), row_ok, slot
+
+
+@triton.jit
+def column_shards(cols, col_ok, start1, start2):
+    """Each output column's shard (0, 1 or 2; shards start at 0, ``start1``, ``start2``) and the first and last
+    shard the block meets: usually one (real shard sizes are multiples of the block)."""
+    shard = (cols >= start1).to(tl.int32) + (cols >= start2).to(tl.int32)
+    return shard, tl.min(tl.where(col_ok, shard, 3), axis=0), tl.max(tl.where(col_ok, shard, -1), axis=0)
+
+
+@triton.jit
+def add_delta(y_ptr, stride_yt, rows64, row_ok, cols, col_ok, acc):
+    """``y[rows, cols] += acc`` as the reference does it: the float32 delta rounded to y's dtype, then added
+    (in float32, rounded once)."""
+    out_mask = row_ok[:, None] & col_ok[None, :]
+    y_ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
+    yv = tl.load(y_ptrs, mask=out_mask, other=0.0)
+    delta = acc.to(y_ptr.dtype.element_ty)
+    tl.store(y_ptrs, (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=out_mask)
+
+
 @triton.jit(do_not_specialize=["num_programs"])  # one compile for every row count (T=1 included)
 def _sgmv_shrink_kernel(
     x_ptr, a_ptr, tiles_ptr, count_ptr, s_ptr,
@@ -53,10 +82,7 @@ def _sgmv_shrink_kernel(
     k_end = tl.minimum(k_start + k_per_split, in_features)
     # Grid-stride over the map: one tile per program when the step's rows are grouped by slot.
     for tile in range(tl.program_id(0), tl.load(count_ptr), num_programs):
-        first = tl.load(tiles_ptr + tile)
-        row_ok = tl.arange(0, BLOCK_M) < tl.load(tiles_ptr + stride_tiles + tile)
-        slot = tl.load(tiles_ptr + 2 * stride_tiles + tile).to(tl.int64)
-        rows64 = (first + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rows64, row_ok, slot = tile_rows(tiles_ptr, stride_tiles, tile, BLOCK_M)
         acc = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
         for k0 in range(k_start, k_end, BLOCK_K):
             ks = k0 + tl.arange(0, BLOCK_K)
@@ -82,19 +108,13 @@ def _sgmv_expand_kernel(
     PRECISION: tl.constexpr,
 ):  # fmt: skip
     for tile in range(tl.program_id(0), tl.load(count_ptr), num_programs):
-        first = tl.load(tiles_ptr + tile)
-        row_ok = tl.arange(0, BLOCK_M) < tl.load(tiles_ptr + stride_tiles + tile)
-        slot = tl.load(tiles_ptr + 2 * stride_tiles + tile).to(tl.int64)
-        rows64 = (first + tl.arange(0, BLOCK_M)).to(tl.int64)
+        rows64, row_ok, slot = tile_rows(tiles_ptr, stride_tiles, tile, BLOCK_M)
         # COL_BLOCKS adjacent column blocks per program: with a few rows per tile (many adapters) each block
         # is little work, and one program per block paid the tile lookup and the latency of its loads alone.
         for cb in range(0, COL_BLOCKS):
             cols = (tl.program_id(1) * COL_BLOCKS + cb) * BLOCK_N + tl.arange(0, BLOCK_N)
             col_ok = cols < out_features
-            shard = (cols >= start1).to(tl.int32) + (cols >= start2).to(tl.int32)  # 0, 1 or 2
-            # The shards this column block meets: usually one (real shard sizes are multiples of the block).
-            first_shard = tl.min(tl.where(col_ok, shard, 3), axis=0)
-            last_shard = tl.max(tl.where(col_ok, shard, -1), axis=0)
+            shard, first_shard, last_shard = column_shards(cols, col_ok, start1, start2)
             acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
             for k in range(first_shard, last_shard + 1):
                 in_shard = col_ok & (shard == k)
@@ -110,11 +130,7 @@ def _sgmv_expand_kernel(
                     b_ptrs = b_ptr + slot * stride_bl + cols[None, :] * stride_bo + rs[:, None]
                     bv = tl.load(b_ptrs, mask=b_mask, other=0.0)
                     acc = tl.dot(sv, bv.to(tl.float32), acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-            out_mask = row_ok[:, None] & col_ok[None, :]
-            y_ptrs = y_ptr + rows64[:, None] * stride_yt + cols[None, :]
-            yv = tl.load(y_ptrs, mask=out_mask, other=0.0)
-            delta = acc.to(y_ptr.dtype.element_ty)  # the reference rounds the delta to y's dtype, then adds
-            tl.store(y_ptrs, (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=out_mask)
+            add_delta(y_ptr, stride_yt, rows64, row_ok, cols, col_ok, acc)
 
 
 def sgmv_splits(num_tokens: int, in_features: int, num_cols: int, config: LoRAKernelConfig) -> int:
