@@ -29,6 +29,20 @@ class DenseGemvConfig:
 
 
 @triton.jit
+def last_to_arrive(lock_ptr, arrivals):
+    """Count this program in at ``lock_ptr``; True for the last of ``arrivals`` programs, which then sees every
+    other program's stores (release / acquire at GPU scope) and must put the counter back to 0 (``reset``)."""
+    tl.debug_barrier()  # every thread's stores are issued before the counter moves (release below)
+    return tl.atomic_add(lock_ptr, 1, sem="acq_rel", scope="gpu") == arrivals - 1
+
+
+@triton.jit
+def reset(lock_ptr):
+    """The counter back at zero, ready for the next call."""
+    tl.atomic_xchg(lock_ptr, 0, sem="relaxed", scope="gpu")
+
+
+@triton.jit
 def _dense_gemv_kernel(
     x_ptr,  # [K]
     w_ptr,  # [N, K], K contiguous
@@ -61,14 +75,12 @@ def _dense_gemv_kernel(
         tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
     else:
         tl.store(part_ptr + pid_k * N + rows, acc, mask=row_ok)
-        tl.debug_barrier()  # every thread's partial is written before the counter moves (release below)
-        count = tl.atomic_add(lock_ptr + pid_n, 1, sem="acq_rel", scope="gpu")
-        if count == SPLIT_K - 1:  # the last one in: everyone else's partial is visible now
+        if last_to_arrive(lock_ptr + pid_n, SPLIT_K):  # everyone else's partial is visible now
             total = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for s in range(0, SPLIT_K):  # fixed order: deterministic
                 total += tl.load(part_ptr + s * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
             tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
-            tl.atomic_xchg(lock_ptr + pid_n, 0, sem="relaxed", scope="gpu")  # ready for the next call
+            reset(lock_ptr + pid_n)
 
 
 _counters: dict[tuple[str, int | None], torch.Tensor] = {}

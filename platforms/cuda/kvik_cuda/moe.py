@@ -35,7 +35,7 @@ import triton
 import triton.language as tl
 from kvik.layers.moe import MoEExperts, SparseMoE
 
-from kvik_cuda.gemv import completion_counters
+from kvik_cuda.gemv import completion_counters, last_to_arrive, reset
 
 
 @triton.jit
@@ -150,16 +150,14 @@ def _pairwise_gemv_kernel(
     if SUM_SLOTS > 0:  # the last of a token's slots to finish this column block adds them (one launch, no summing kernel)
         token = pair // SUM_SLOTS
         lock = lock_ptr + token * tl.num_programs(1) + tl.program_id(1)
-        tl.debug_barrier()  # every thread's store is issued before the counter moves (release below)
-        count = tl.atomic_add(lock, 1, sem="acq_rel", scope="gpu")
-        if count == SUM_SLOTS - 1:  # every other slot's row is visible now
+        if last_to_arrive(lock, SUM_SLOTS):  # every other slot's row is visible now
             total = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for s in range(0, SUM_SLOTS):  # slot order, in float32, rounded once (as the reference's sum rounds)
                 y = tl.load(c_ptr + (token * SUM_SLOTS + s) * stride_cm + cols, mask=col_ok, other=0.0,
                             cache_modifier=".cg")  # fmt: skip
                 total += y.to(tl.float32)
             tl.store(sum_ptr + token * N + cols, total.to(sum_ptr.dtype.element_ty), mask=col_ok)
-            tl.atomic_xchg(lock, 0, sem="relaxed", scope="gpu")  # ready for the next call
+            reset(lock)
 
 
 @triton.jit
