@@ -111,7 +111,7 @@ def e2e(shapes: list[str], config: tuple[int, int, int, int] | None = None) -> N
             key = ("gemv" if cfg is None else "gemv:{}x{}:s{}:w{}".format(*cfg)) if gemv else "cublas"
             result.setdefault(shape, {})[key] = json.loads(line[-1][7:]) if line else {"error": run.stderr[-1500:]}
             print(shape, key, result[shape][key], flush=True)
-    path = Path(os.environ.get("OUT", ".")) / "dense_gemv_e2e.json"
+    path = Path(os.environ.get("OUT", "/tmp")) / "dense_gemv_e2e.json"
     path.write_text(json.dumps(result, indent=1))
 
 
@@ -133,7 +133,7 @@ def main() -> None:
         best = min((v["graph_us"], c) for c, v in row.items() if isinstance(v, dict) and c != "cublas")
         print(name, "floor", row["floor_us"], "cublas", row["cublas"]["graph_us"], "best", best, flush=True)
         torch.cuda.empty_cache()
-    path = Path(os.environ.get("OUT", ".")) / "dense_gemv_probe.json"
+    path = Path(os.environ.get("OUT", "/tmp")) / "dense_gemv_probe.json"
     path.write_text(json.dumps(out, indent=1))
 
 

@@ -59,12 +59,14 @@ GRID = [
     C(block_m=64, block_k=128, block_c=64, block_n=256, num_warps=8, num_stages=3),
     C(block_m=64, block_k=64, block_c=64, block_n=128, num_warps=8, num_stages=4),
     C(block_m=128, block_k=64, block_c=64, block_n=128, num_warps=8, num_stages=3),
-    # an expand program walking several column blocks (fewer, longer programs when tiles hold few rows: a64g)
+    # an expand grid of a few programs per SM walking the (tile, column block) items (run j3: 16 per SM wins)
+    *(C(block_m=16, block_k=128, block_c=64, block_n=128, num_warps=4, num_stages=3, expand_precision="tf32x3",
+        expand_per_sm=per_sm) for per_sm in (4, 8, 16)),
     C(block_m=64, block_k=64, block_c=64, block_n=128, num_warps=4, num_stages=3, expand_precision="tf32x3",
-      expand_col_blocks=4),
-    C(block_m=16, block_k=128, block_c=64, block_n=128, num_warps=4, num_stages=3, expand_precision="tf32x3",
-      expand_col_blocks=8),
-    C(block_m=16, block_k=256, block_c=16, block_n=128, num_warps=4, num_stages=3, expand_col_blocks=8),
+      expand_per_sm=8),
+    *(C(block_m=16, block_k=128, block_c=64, block_n=bn, num_warps=w, num_stages=st, expand_precision="tf32x3",
+        expand_per_sm=per_sm) for bn, w, st, per_sm in ((256, 4, 3, 16), (256, 8, 3, 8), (128, 2, 3, 32),
+                                                        (64, 2, 2, 32), (128, 4, 2, 16), (128, 4, 3, 32))),
     C(kernel="fused", block_m=16, block_k=256, block_n=64, num_warps=4, num_stages=3),
     C(kernel="fused", block_m=16, block_k=128, block_n=32, num_warps=4, num_stages=2),
     C(kernel="fused", block_m=16, block_k=512, block_n=64, num_warps=8, num_stages=2),
@@ -89,7 +91,7 @@ def name(cfg: LoRAKernelConfig) -> str:
         return f"fused-m{cfg.block_m}-k{cfg.block_k}-n{cfg.block_n}-w{cfg.num_warps}-s{cfg.num_stages}"
     text = f"sgmv-m{cfg.block_m}-k{cfg.block_k}-c{cfg.block_c}-n{cfg.block_n}-w{cfg.num_warps}-s{cfg.num_stages}"
     text += f"-sk{cfg.split_k}" if cfg.split_k else ""
-    text += f"-cb{cfg.expand_col_blocks}" if cfg.expand_col_blocks > 1 else ""
+    text += f"-ps{cfg.expand_per_sm}" if cfg.expand_per_sm else ""
     return text + ("-tf32x3" if cfg.expand_precision != "ieee" else "")
 
 
@@ -251,12 +253,19 @@ def main() -> int:
     parser.add_argument("--iters", type=int, default=200)
     parser.add_argument("--budget-s", type=float, default=210.0, help="stop the config grid after this long")
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on the CPU under Triton's interpreter")
+    parser.add_argument("--configs", help="comma-separated grid config names (name()); default: the whole grid")
     args = parser.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     shapes, token_counts = (
         (SMOKE_SHAPES, [1, 5, 20]) if args.smoke else (SHAPES, [int(t) for t in args.tokens.split(",")])
     )
     grid = GRID[:2] + GRID[-3:] if args.smoke else GRID
+    if args.configs:
+        wanted = args.configs.split(",")
+        unknown = sorted(set(wanted) - {name(c) for c in GRID})
+        if unknown:
+            parser.error(f"not grid configs: {', '.join(unknown)}")
+        grid = [c for c in grid if name(c) in wanted]
     start = time.perf_counter()
     result: dict[str, Any] = {"device": torch.cuda.get_device_name() if device == "cuda" else "cpu (interpreter)",
                               "sgmv_tiles": "one slot per tile (kvik_cuda.lora_tiles map)", "table_mixes": TABLE_MIXES,
@@ -323,7 +332,7 @@ def main() -> int:
     text = json.dumps(result, indent=1, default=str)
     print(text)
     print(summary(result, metric))
-    out = Path(os.environ.get("OUT", "."))
+    out = Path(os.environ.get("OUT", "/tmp"))
     out.mkdir(parents=True, exist_ok=True)
     (out / "lora_kernels_sweep.json").write_text(text)
     return 0 if not result["errors"] else 1

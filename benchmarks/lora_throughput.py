@@ -25,7 +25,9 @@ The throughput runs also report ``slot_load_s``: the engine thread's seconds in 
 ``slot_wait_s`` waiting for background reads and ``slot_read_s`` reading on the step.
 With ``--profile``, ``lora8`` also profiles 33 batch-1 tokens (``LLM.start_profile``) under the adapter
 and under the base model in the same engine: ``batch1_profile_adapter`` / ``batch1_profile_base``, the
-top kernels as (name, device µs, calls), so the adapter's batch-1 overhead shows kernel by kernel.
+top kernels as (name, device µs, calls), so the adapter's batch-1 overhead shows kernel by kernel; and
+``base`` and ``lora64`` profile an offline run of the first 96 prompts after their timed run
+(``offline_profile``), so the 64 adapters' offline cost shows kernel by kernel beside the base's.
 
 Prints one JSON summary (ratios to the base included) and writes it to $OUT/lora_throughput.json.
 """
@@ -208,12 +210,28 @@ def torch_sync() -> None:
         torch.cuda.synchronize()
 
 
+def _offline_profile(llm: Any, prompts: list[list[int]], loras: list[Any], out_len: int) -> dict[str, Any]:
+    """The first 96 prompts' offline run (each under its ``loras`` entry), profiled."""
+    from kvik import SamplingParams
+
+    params = SamplingParams(temperature=0.0, max_tokens=out_len, ignore_eos=True)
+    llm.llm_engine.scheduler.reset_prefix_cache()
+    torch_sync()
+    llm.start_profile()
+    llm.generate(prompts[:96], params, use_tqdm=False, lora_request=loras[:96])
+    summary = llm.stop_profile()[0]
+    llm.llm_engine.scheduler.reset_prefix_cache()
+    return profile_record(summary, top=40)
+
+
 @part("base")
 def bench_base(model_dir: Path, prompts: list[list[int]], args: argparse.Namespace) -> dict[str, Any]:
     llm = _engine(model_dir, args)
     try:
         result = _throughput(llm, prompts, [None] * len(prompts), args.out_len)
         result["batch1_ms_per_token"] = _batch1_ms_per_token(llm, None)
+        if args.profile:
+            result["offline_profile"] = _offline_profile(llm, prompts, [None] * len(prompts), args.out_len)
         return result
     finally:
         llm.llm_engine.shutdown()
@@ -280,7 +298,11 @@ def bench_batch1(model_dir: Path, paths: list[str], args: argparse.Namespace) ->
 def bench_lora64(model_dir: Path, prompts: list[list[int]], paths: list[str], args: argparse.Namespace) -> dict[str, Any]:
     llm = _engine(model_dir, args, enable_lora=True, max_loras=64, max_lora_rank=16, max_cpu_loras=len(paths))
     try:
-        return {"adapters_64": _throughput(llm, prompts, _spread(paths, 64, len(prompts)), args.out_len)}
+        loras = _spread(paths, 64, len(prompts))
+        result = {"adapters_64": _throughput(llm, prompts, loras, args.out_len)}
+        if args.profile:
+            result["offline_profile"] = _offline_profile(llm, prompts, loras, args.out_len)
+        return result
     finally:
         llm.llm_engine.shutdown()
 

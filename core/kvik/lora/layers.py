@@ -99,6 +99,9 @@ class WrappedModel:
     layers: list[LoRALinear] = field(default_factory=list)
     targets: dict[str, Target] = field(default_factory=dict)  # PEFT module path -> target
     groups: list[SlotGroup] = field(default_factory=list)
+    # One full-rank slot's elements on the slots' device (off the CPU): write_slot lands a host adapter here
+    # in one copy, then fills the slot from it on the device (see there).
+    staging: torch.Tensor | None = None
 
 
 def wrap_model(
@@ -140,6 +143,9 @@ def wrap_model(
         for j, i in enumerate(members):
             placed[i] = (len(wrapped.groups), j)
         wrapped.groups.append(group)
+    if device.type != "cpu" and wrapped.groups:
+        slot_elements = sum(g.a[:, 0].numel() + g.b[:, 0].numel() for g in wrapped.groups)
+        wrapped.staging = torch.empty(slot_elements, dtype=dtype, device=device)
     for i, (name, module, num_shards) in enumerate(found):
         leaf = name.rsplit(".", 1)[-1]
         parent = name[: -len(leaf)]
@@ -173,7 +179,26 @@ def write_slot(wrapped: WrappedModel, slot: int, host: HostAdapter) -> None:
     One copy per stacked tensor (and a fill for the groups the adapter leaves out, or the rank
     padding of a smaller adapter), stream-ordered after the work already queued, so a step in
     flight that still reads this slot's old adapter is not disturbed.
+
+    A slot of a stacked tensor is strided (the slot is its second dimension), and torch copies host
+    memory into a strided device tensor through a device temporary of its size: an allocation on the
+    step, which with the memory planned full waited for the step in flight (run j: 15.6 ms a fill with
+    64 slots, 0.8 ms with 8). So with ``wrapped.staging`` the host buffer first lands there in one
+    contiguous copy, and the strided copies run device to device.
     """
+    buffer = host.buffer
+    staging = wrapped.staging
+    if staging is not None:
+        if buffer.numel() > staging.numel():
+            raise RuntimeError(f"an adapter of {buffer.numel()} elements outgrows the {staging.numel()}-element staging")
+        staging[: buffer.numel()].copy_(buffer, non_blocking=True)
+
+    def on_device(part: torch.Tensor) -> torch.Tensor:  # a view of the host buffer -> the same view of staging
+        if staging is None:
+            return part
+        start = (part.data_ptr() - buffer.data_ptr()) // part.element_size()
+        return staging[start : start + part.numel()].view(part.shape)
+
     for g, group in enumerate(wrapped.groups):
         base, step = group.a.data_ptr(), group.a.stride(0) * group.a.element_size()
         if any(layer.lora_a.data_ptr() != base + j * step for j, layer in enumerate(group.layers)):
@@ -184,7 +209,7 @@ def write_slot(wrapped: WrappedModel, slot: int, host: HostAdapter) -> None:
             a_slot.zero_()
             b_slot.zero_()
             continue
-        a, b = part  # [n, S, r, in], [n, out, r]
+        a, b = (on_device(t) for t in part)  # [n, S, r, in], [n, out, r]
         n, shards, rank, in_f = a.shape
         max_rank = b_slot.shape[2]
         a_blocks = a_slot.view(n, shards, max_rank, in_f)

@@ -16,6 +16,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kvik_cuda.sms import num_sms
+
 
 @dataclass(frozen=True, slots=True)
 class DenseGemvConfig:
@@ -83,17 +85,18 @@ def _dense_gemv_kernel(
             reset(lock_ptr + pid_n)
 
 
-_counters: dict[tuple[str, int | None], torch.Tensor] = {}
+_counters: dict[tuple[str, str, int | None], torch.Tensor] = {}
 _retired: list[torch.Tensor] = []  # outgrown counter buffers: a captured CUDA graph may still point at one
-_sms: dict[tuple[str, int | None], int] = {}
 
 
-def completion_counters(device: torch.device, blocks: int) -> torch.Tensor:
+def completion_counters(device: torch.device, blocks: int, pool: str = "model") -> torch.Tensor:
     """Zeroed int32 counters for kernels whose last program to finish a block of outputs completes it (this
-    GEMV's split-K sum, the MoE decode GEMV's slot sum). Shared by every such call on ``device``: a forward's
-    calls run one after another on one stream, and each kernel puts its counters back to zero. Sized for a
-    262k vocabulary's head at two rows a block, so a model rarely outgrows it."""
-    key = (device.type, device.index)
+    GEMV's split-K sum, the MoE decode GEMV's slot sum, the LoRA shrink's split sum). Shared by every such
+    call on ``device`` that names the same ``pool``: a forward's calls run one after another on one stream,
+    and each kernel puts its counters back to zero (LoRA kernels have a pool of their own, in case one runs
+    beside the base model's on a side stream). Sized for a 262k vocabulary's head at two rows a block, so a
+    model rarely outgrows it."""
+    key = (pool, device.type, device.index)
     buf = _counters.get(key)
     if buf is None or buf.numel() < blocks:
         if buf is not None:
@@ -101,13 +104,6 @@ def completion_counters(device: torch.device, blocks: int) -> torch.Tensor:
         buf = torch.zeros(max(blocks, 1 << 17), dtype=torch.int32, device=device)
         _counters[key] = buf
     return buf
-
-
-def _num_sms(device: torch.device) -> int:
-    key = (device.type, device.index)
-    if key not in _sms:
-        _sms[key] = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
-    return _sms[key]
 
 
 def split_for(blocks: int, k_steps: int, num_sms: int, per_sm: int, max_split: int = 32) -> int:
@@ -126,7 +122,7 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, config: DenseGemvConfig | 
     assert x1.numel() == k and weight.stride(1) == 1
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     blocks = triton.cdiv(n, cfg.block_n)
-    split = split_for(blocks, triton.cdiv(k, cfg.block_k), _num_sms(x.device), cfg.per_sm)
+    split = split_for(blocks, triton.cdiv(k, cfg.block_k), num_sms(x.device), cfg.per_sm)
     part = torch.empty((split, n) if split > 1 else (1,), dtype=torch.float32, device=x.device)
     _dense_gemv_kernel[(blocks, split)](
         x1.contiguous(), weight, out, part, completion_counters(x.device, blocks), n, k, weight.stride(0), split,

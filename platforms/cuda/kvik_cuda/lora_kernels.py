@@ -52,7 +52,7 @@ class LoRAKernelConfig:
     num_warps: int = 4
     num_stages: int = 2
     expand_precision: str = "ieee"  # the expand's float32 dot: "ieee" (exact products) or "tf32x3"
-    expand_col_blocks: int = 1  # sgmv expand: adjacent block_n column blocks one program walks
+    expand_per_sm: int = 0  # sgmv expand: programs per SM walking the (tile, column block) items; 0 = one each
 
     def __post_init__(self) -> None:
         if self.kernel not in KERNELS:
@@ -61,8 +61,8 @@ class LoRAKernelConfig:
             value = getattr(self, name)
             if value < 16 or value & (value - 1):
                 raise ValueError(f"{name}={value}: LoRA kernel tiles are powers of two >= 16")
-        if self.expand_col_blocks < 1:
-            raise ValueError(f"expand_col_blocks={self.expand_col_blocks}: at least one column block a program")
+        if self.expand_per_sm < 0:
+            raise ValueError(f"expand_per_sm={self.expand_per_sm}: 0 (a program per work item) or a count")
 
     def as_dict(self) -> dict[str, object]:
         return asdict(self)
@@ -78,12 +78,16 @@ class LoRAKernelConfig:
 # One row (2026-12-01, lora_throughput.py --parts batch1, the shrink on its side stream beside the base GEMM):
 # split 8 / 16 / 32 / 64 cost +12.7% / +16.1% / +17.9% / +17.3% of batch-1 decode; fewer, longer shrink
 # programs disturb the base GEMM less and leave the expand fewer partial sums.
+# 256 and 1024 rows (2026-12-01, runs j3 and j7, rows grouped by adapter): 16-row tiles, two warps, and an
+# expand grid of 32 programs per SM walking the (tile, column block) items. Summed over the four projections,
+# against the base matmul, 256 rows: 0.32 / 0.36 / 0.82 under 1 / 8 / 64 adapters, where 64-row tiles with a
+# program per item cost 0.35 / 0.49 / 1.99 (j3); 1024 rows: 0.25 / 0.27 / 0.35 against 0.27 / 0.32 / 0.61.
 CONFIGS: dict[int, LoRAKernelConfig] = {
     1: LoRAKernelConfig(kernel="bgmv", split_k=8),
     16: LoRAKernelConfig(kernel="bgmv", split_k=16),
     64: LoRAKernelConfig(kernel="bgmv"),
-    256: LoRAKernelConfig(block_m=64, block_k=64, block_n=128, num_stages=3, expand_precision="tf32x3"),
-    1024: LoRAKernelConfig(block_m=64, block_k=64, block_n=128, num_stages=3, expand_precision="tf32x3"),
+    256: LoRAKernelConfig(block_n=128, num_warps=2, num_stages=3, expand_precision="tf32x3", expand_per_sm=32),
+    1024: LoRAKernelConfig(block_n=128, num_warps=2, num_stages=3, expand_precision="tf32x3", expand_per_sm=32),
 }
 
 

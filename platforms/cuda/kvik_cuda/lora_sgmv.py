@@ -2,7 +2,7 @@
 
 The same two steps as the BGMV kernels (:mod:`kvik_cuda.lora_bgmv`),
 
-    shrink:  s[t, :]  = x[t] @ a[slot_t].T                     [T, S*R] float32 (split-K partial sums)
+    shrink:  s[t, :]  = x[t] @ a[slot_t].T                     [T, S*R] float32 (split-K, summed in-launch)
     expand:  y[t, j] += s[t, k(j)*R : (k(j)+1)*R] @ b[slot_t, j]  (k(j): the shard of column j)
 
 but each program owns a tile of at most ``BLOCK_M`` adjacent token rows that share one adapter slot
@@ -27,7 +27,9 @@ import torch
 import triton
 import triton.language as tl
 
+from kvik_cuda.gemv import completion_counters, last_to_arrive, reset
 from kvik_cuda.lora_tiles import TileMap, tile_programs
+from kvik_cuda.sms import num_sms
 
 if TYPE_CHECKING:
     from kvik_cuda.lora_kernels import LoRAKernelConfig
@@ -68,10 +70,10 @@ def add_delta(y_ptr, stride_yt, rows64, row_ok, cols, col_ok, acc):
     tl.store(y_ptrs, (yv.to(tl.float32) + delta.to(tl.float32)).to(y_ptr.dtype.element_ty), mask=out_mask)
 
 
-@triton.jit(do_not_specialize=["num_programs"])  # one compile for every row count (T=1 included)
+@triton.jit(do_not_specialize=["num_programs", "splits"])  # one compile for every row count (T=1 included)
 def _sgmv_shrink_kernel(
-    x_ptr, a_ptr, tiles_ptr, count_ptr, s_ptr,
-    num_programs, in_features, num_cols, k_per_split,
+    x_ptr, a_ptr, tiles_ptr, count_ptr, s_ptr, lock_ptr,
+    num_programs, in_features, num_cols, k_per_split, splits,
     stride_xt, stride_al, stride_ar, stride_ss, stride_st, stride_tiles,
     BLOCK_M: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_K: tl.constexpr, PRECISION: tl.constexpr,
     UPCAST: tl.constexpr,
@@ -96,48 +98,60 @@ def _sgmv_shrink_kernel(
                 xv, av = xv.to(tl.float32), av.to(tl.float32)
             acc = tl.dot(xv, av, acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_C]
         out_mask = row_ok[:, None] & (cols[None, :] < num_cols)
-        tl.store(s_ptr + split * stride_ss + rows64[:, None] * stride_st + cols[None, :], acc, mask=out_mask)
+        s_ptrs = s_ptr + rows64[:, None] * stride_st + cols[None, :]
+        tl.store(s_ptrs + split * stride_ss, acc, mask=out_mask)
+        # The last split to finish this (tile, column block) adds the partial sums in split order into split 0's
+        # place: the expand then reads one sum per item, not every split's partial once per output block
+        # (a decode step of 96 rows under 64 adapters splits the reduction 16 ways).
+        if splits > 1:
+            lock = lock_ptr + tile * tl.num_programs(1) + tl.program_id(1)
+            if last_to_arrive(lock, splits):
+                total = tl.zeros([BLOCK_M, BLOCK_C], dtype=tl.float32)
+                for other in range(0, splits):  # fixed order: deterministic
+                    total += tl.load(s_ptrs + other * stride_ss, mask=out_mask, other=0.0, cache_modifier=".cg")
+                tl.store(s_ptrs, total, mask=out_mask)
+                reset(lock)
 
 
-@triton.jit(do_not_specialize=["num_programs", "split_k"])
+@triton.jit(do_not_specialize=["num_programs"])
 def _sgmv_expand_kernel(
     s_ptr, b_ptr, tiles_ptr, count_ptr, y_ptr,
-    num_programs, out_features, rank, start1, start2, split_k,
-    stride_ss, stride_st, stride_bl, stride_bo, stride_yt, stride_tiles,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, COL_BLOCKS: tl.constexpr,
-    PRECISION: tl.constexpr,
+    num_programs, out_features, rank, start1, start2,
+    stride_st, stride_bl, stride_bo, stride_yt, stride_tiles,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_R: tl.constexpr, PRECISION: tl.constexpr,
 ):  # fmt: skip
-    for tile in range(tl.program_id(0), tl.load(count_ptr), num_programs):
-        rows64, row_ok, slot = tile_rows(tiles_ptr, stride_tiles, tile, BLOCK_M)
-        # COL_BLOCKS adjacent column blocks per program: with a few rows per tile (many adapters) each block
-        # is little work, and one program per block paid the tile lookup and the latency of its loads alone.
-        for cb in range(0, COL_BLOCKS):
-            cols = (tl.program_id(1) * COL_BLOCKS + cb) * BLOCK_N + tl.arange(0, BLOCK_N)
-            col_ok = cols < out_features
-            shard, first_shard, last_shard = column_shards(cols, col_ok, start1, start2)
-            acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-            for k in range(first_shard, last_shard + 1):
-                in_shard = col_ok & (shard == k)
-                for r0 in range(0, rank, BLOCK_R):
-                    rs = r0 + tl.arange(0, BLOCK_R)
-                    r_ok = rs < rank
-                    offsets = rows64[:, None] * stride_st + k * rank + rs[None, :]
-                    s_mask = row_ok[:, None] & r_ok[None, :]
-                    sv = tl.load(s_ptr + offsets, mask=s_mask, other=0.0)
-                    for split in range(1, split_k):  # the shrink's split-K partial sums, in a fixed order
-                        sv += tl.load(s_ptr + split * stride_ss + offsets, mask=s_mask, other=0.0)
-                    b_mask = r_ok[:, None] & in_shard[None, :]
-                    b_ptrs = b_ptr + slot * stride_bl + cols[None, :] * stride_bo + rs[:, None]
-                    bv = tl.load(b_ptrs, mask=b_mask, other=0.0)
-                    acc = tl.dot(sv, bv.to(tl.float32), acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
-            add_delta(y_ptr, stride_yt, rows64, row_ok, cols, col_ok, acc)
+    # Work items are (tile, column block), tile-major, walked grid-stride by the launched programs: one item
+    # each when the grid covers them all, several when the config caps the grid at a few programs per SM.
+    # With a few rows per tile (many adapters) an item is little work, and a program per item paid its
+    # launch, the tile lookup and the latency of its loads alone (run j: 64 adapters x 4 rows, 8B gate_up,
+    # 212 -> 87 us).
+    col_blocks = tl.cdiv(out_features, BLOCK_N)
+    for item in range(tl.program_id(0), tl.load(count_ptr) * col_blocks, num_programs):
+        rows64, row_ok, slot = tile_rows(tiles_ptr, stride_tiles, item // col_blocks, BLOCK_M)
+        cols = (item % col_blocks) * BLOCK_N + tl.arange(0, BLOCK_N)
+        col_ok = cols < out_features
+        shard, first_shard, last_shard = column_shards(cols, col_ok, start1, start2)
+        acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+        for k in range(first_shard, last_shard + 1):
+            in_shard = col_ok & (shard == k)
+            for r0 in range(0, rank, BLOCK_R):
+                rs = r0 + tl.arange(0, BLOCK_R)
+                r_ok = rs < rank
+                offsets = rows64[:, None] * stride_st + k * rank + rs[None, :]
+                s_mask = row_ok[:, None] & r_ok[None, :]
+                sv = tl.load(s_ptr + offsets, mask=s_mask, other=0.0)
+                b_mask = r_ok[:, None] & in_shard[None, :]
+                b_ptrs = b_ptr + slot * stride_bl + cols[None, :] * stride_bo + rs[:, None]
+                bv = tl.load(b_ptrs, mask=b_mask, other=0.0)
+                acc = tl.dot(sv, bv.to(tl.float32), acc, input_precision=PRECISION)  # [BLOCK_M, BLOCK_N]
+        add_delta(y_ptr, stride_yt, rows64, row_ok, cols, col_ok, acc)
 
 
 def sgmv_splits(num_tokens: int, in_features: int, num_cols: int, config: LoRAKernelConfig) -> int:
     """The shrink's split-K: the config's, or enough splits to give the GPU ~TARGET_PROGRAMS programs
     while each keeps at least two ``block_k`` steps of the reduction, and at most MAX_SPLIT_ROWS
-    partial-sum rows (every expand program re-reads its rows' partial sums: that cost grows with
-    splits x tokens). A function of shapes only (graph-safe)."""
+    partial-sum rows (the last split of a tile re-reads them all: that cost grows with splits x tokens).
+    A function of shapes only (graph-safe)."""
     if config.split_k > 0:
         return config.split_k
     programs = triton.cdiv(num_tokens, config.block_m) * triton.cdiv(num_cols, shrink_block_c(num_cols, config))
@@ -156,7 +170,8 @@ def sgmv_shrink(
     tiles: TileMap,  # the step's tiles of config.block_m rows (kvik_cuda.lora_tiles)
     config: LoRAKernelConfig,
 ) -> torch.Tensor:
-    """The shrink's split-K partial sums ``[splits, T, S*R]`` float32 (base-model rows never written)."""
+    """The shrink ``[T, S*R]`` float32 (base-model rows never written): split 0 of the split-K buffer, where the
+    last split of each (tile, column block) leaves the sum of all of them."""
     assert tiles.block_m == config.block_m, "the tile map is cut for another block_m"
     num_tokens, in_features = x.shape
     num_cols = a.shape[1]
@@ -167,37 +182,40 @@ def sgmv_shrink(
     splits = triton.cdiv(in_features, k_per_split)
     shrink = torch.empty((splits, num_tokens, num_cols), dtype=torch.float32, device=x.device)
     # A float32 model's shrink must not drop to tf32; bf16/fp16 operands ignore the setting.
-    _sgmv_shrink_kernel[(programs, triton.cdiv(num_cols, block_c), splits)](
-        x, a, tiles.tiles, tiles.count, shrink,
-        programs, in_features, num_cols, k_per_split,
+    col_blocks = triton.cdiv(num_cols, block_c)
+    # Counters per (tile, column block); ungrouped rows make at most a tile per row.
+    locks = completion_counters(x.device, num_tokens * col_blocks, pool="lora")
+    _sgmv_shrink_kernel[(programs, col_blocks, splits)](
+        x, a, tiles.tiles, tiles.count, shrink, locks,
+        programs, in_features, num_cols, k_per_split, splits,
         x.stride(0), a.stride(0), a.stride(1), shrink.stride(0), shrink.stride(1), tiles.tiles.stride(0),
         BLOCK_M=config.block_m, BLOCK_C=block_c, BLOCK_K=config.block_k, PRECISION="ieee", UPCAST=INTERPRETED,
         num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
-    return shrink
+    return shrink[0]
 
 
 def sgmv_expand(
     y: torch.Tensor,  # [T, out], updated in place
-    shrink: torch.Tensor,  # sgmv_shrink's partial sums
+    shrink: torch.Tensor,  # sgmv_shrink's [T, S*R]
     b: torch.Tensor,  # [L, out, R]
     tiles: TileMap,
     shard_starts: tuple[int, ...],  # first output column of each of the S <= 3 shards
     config: LoRAKernelConfig,
 ) -> None:
-    """``y += shrink @ b[slot]`` per tile and shard (the partial sums added in split order)."""
+    """``y += shrink @ b[slot]`` per tile and shard."""
     num_tokens, out_features = y.shape
     rank = b.shape[2]
-    programs = tile_programs(num_tokens, config.block_m, b.shape[0])
     starts = [*shard_starts[1:], out_features, out_features][:2]
     block_r = max(16, min(triton.next_power_of_2(rank), 64))
-    col_blocks = min(config.expand_col_blocks, triton.cdiv(out_features, config.block_n))
-    _sgmv_expand_kernel[(programs, triton.cdiv(out_features, config.block_n * col_blocks))](
+    items = tile_programs(num_tokens, config.block_m, b.shape[0]) * triton.cdiv(out_features, config.block_n)
+    programs = min(items, config.expand_per_sm * num_sms(y.device)) if config.expand_per_sm else items
+    _sgmv_expand_kernel[(programs,)](
         shrink, b, tiles.tiles, tiles.count, y,
-        programs, out_features, rank, starts[0], starts[1], shrink.shape[0],
-        shrink.stride(0), shrink.stride(1), b.stride(0), b.stride(1), y.stride(0), tiles.tiles.stride(0),
-        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, COL_BLOCKS=col_blocks,
-        PRECISION=config.expand_precision, num_warps=config.num_warps, num_stages=config.num_stages,
+        programs, out_features, rank, starts[0], starts[1],
+        shrink.stride(0), b.stride(0), b.stride(1), y.stride(0), tiles.tiles.stride(0),
+        BLOCK_M=config.block_m, BLOCK_N=config.block_n, BLOCK_R=block_r, PRECISION=config.expand_precision,
+        num_warps=config.num_warps, num_stages=config.num_stages,
     )  # fmt: skip
 
 

@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 INTS = ("num_tokens", "num_programs", "in_features", "out_features", "num_cols", "k_per_split", "rank", "start1", "start2",
-        "split_k", "stride_xt", "stride_al", "stride_ar", "stride_ss", "stride_st", "stride_bl", "stride_bo",
+        "split_k", "splits", "stride_xt", "stride_al", "stride_ar", "stride_ss", "stride_st", "stride_bl", "stride_bo",
         "stride_yt", "stride_tiles")  # fmt: skip
 
 
@@ -45,11 +45,12 @@ def _compile_all() -> dict[str, bool]:
     tiles = {"tiles_ptr": "*i32", "count_ptr": "*i32"}
     opts = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
     ptx = {
-        "shrink": _ptx(_sgmv_shrink_kernel, {"x_ptr": "*bf16", "a_ptr": "*bf16", "s_ptr": "*fp32", **tiles},
+        "shrink": _ptx(_sgmv_shrink_kernel, {"x_ptr": "*bf16", "a_ptr": "*bf16", "s_ptr": "*fp32", "lock_ptr": "*i32",
+                                             **tiles},
                        dict(BLOCK_M=cfg.block_m, BLOCK_C=cfg.block_c, BLOCK_K=cfg.block_k, PRECISION="ieee",
                             UPCAST=False), **opts),
         "expand": _ptx(_sgmv_expand_kernel, {"s_ptr": "*fp32", "b_ptr": "*bf16", "y_ptr": "*bf16", **tiles},
-                       dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=16, COL_BLOCKS=4,
+                       dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_R=16,
                             PRECISION=cfg.expand_precision),
                        **opts),
         "fused": _ptx(_fused_kernel, {"x_ptr": "*bf16", "a_ptr": "*bf16", "b_ptr": "*bf16", "y_ptr": "*bf16", **tiles},

@@ -62,8 +62,9 @@ MIXED = [2, -1, 0, 0, 1, -1, 2, 3, 3, 3, 0, -1, 1, 2, 2, 0, 1, 3, -1, 0, 0]  # 2
         ((24, 8, 8), 8, torch.bfloat16, 260, LoRAKernelConfig(block_n=16, block_c=16)),  # blocks across shards
         ((16, 8, 8), 80, torch.float32, 64, LoRAKernelConfig(block_n=32)),  # rank above the expand's 64-wide step
         ((48,), 16, torch.bfloat16, 96, LoRAKernelConfig(block_n=32, expand_precision="tf32x3", num_stages=3)),
-        # an expand program walks 3 column blocks: one straddles the shards, the last program's run off the end
-        ((24, 8, 8), 8, torch.float32, 260, LoRAKernelConfig(block_n=16, split_k=2, expand_col_blocks=3)),
+        # a capped expand grid (8 programs off CUDA): each program walks several (tile, column block) items
+        ((24, 8, 8), 8, torch.float32, 260, LoRAKernelConfig(block_n=16, split_k=2, expand_per_sm=1)),
+        ((24, 8, 8), 8, torch.bfloat16, 260, LoRAKernelConfig(block_n=32, expand_per_sm=2)),
         ((24, 8, 8), 8, torch.bfloat16, 260, LoRAKernelConfig(kernel="fused", block_n=16, block_k=64)),
         ((16, 8, 8), 80, torch.float32, 64, LoRAKernelConfig(kernel="fused", block_m=32, block_n=32, block_k=16)),
         ((40, 40), 16, torch.float16, 48, LoRAKernelConfig(kernel="fused", block_n=32, block_k=32)),
