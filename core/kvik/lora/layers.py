@@ -117,7 +117,7 @@ def wrap_model(
     The slots live on the parameters' device in their dtype unless ``device`` / ``dtype`` say otherwise
     (benchmarks give meta-device base layers real slots).
     """
-    sample = next(model.parameters())
+    sample = next(p for p in model.parameters() if not p.is_meta)  # not a packed-head embedding's shape-only weight
     device, dtype = device or sample.device, dtype or sample.dtype
     if not dtype.is_floating_point:
         dtype = torch.float32

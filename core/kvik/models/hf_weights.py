@@ -122,6 +122,10 @@ class HFWeightLoader(_Base):  # type: ignore[misc,valid-type]
             return False
         if tuple(value.shape) != tuple(target.shape):
             raise ValueError(f"{name} has shape {tuple(value.shape)}, expected {tuple(target.shape)}")
+        if target.is_meta and getattr(module, "packed_rows", None) is not None:
+            # An embedding whose lookups the packed tied head serves (VocabEmbedding.look_up_from): nothing to hold.
+            self._loaded.add(f"{prefix}.{param}")
+            return True
         fill = getattr(value, "dequantize_into", None)
         if callable(fill):
             # A quantized format's blocks for a dense parameter (a GGUF token embedding): decoded straight into

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
 
@@ -17,6 +17,19 @@ if TYPE_CHECKING:
     from kvik.layers.linear import Linear
 
 PackedMatmul = Callable[[torch.Tensor], torch.Tensor]  # x [n, in] -> x @ W.T [n, out], from a packed W
+
+
+@runtime_checkable
+class PackedRows(Protocol):
+    """A packed tied head that also decodes its own rows. The token embedding then looks up from it and
+    keeps no dense copy of its own (:meth:`QuantizationMethod.pack_lm_head` may return one).
+
+    ``rows(ids)`` must give exactly the values the dense embedding would hold (the checkpoint's rows
+    decoded in the model's dtype), for ``ids`` of any shape: ``[*ids.shape, hidden]``."""
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor: ...
 
 
 class QuantizationMethod(ABC):
@@ -102,9 +115,10 @@ class QuantizationMethod(ABC):
         """Optional: a packed multiply for a tied LM head whose checkpoint tensor is quantized.
 
         ``value`` is what the format yields for ``lm_head.weight`` under this method (the embedding's
-        quantized rows; the embedding itself is loaded dense for lookups). Return ``hidden [n, H] ->
-        logits [n, V]`` in ``dtype`` computed from the packed weight, or None to keep the dense head
-        (the default; e.g. a device or dtype without a fast kernel)."""
+        quantized rows). Return ``hidden [n, H] -> logits [n, V]`` in ``dtype`` computed from the packed
+        weight, or None to keep the dense head (the default; e.g. a device or dtype without a fast
+        kernel). A :class:`PackedRows` also serves the embedding's lookups, so the dense embedding is
+        never held (a format yields the tied head before the embedding for that)."""
         return None
 
     def weight_bytes(self, layer: Linear) -> int:

@@ -315,7 +315,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             return 0
         seen: dict[int, int] = {}
         for t in list(self.model.parameters()) + list(self.model.buffers()):
-            seen[t.data_ptr()] = t.numel() * t.element_size()
+            if not t.is_meta:  # shape only: an embedding served from the packed tied head
+                seen[t.data_ptr()] = t.numel() * t.element_size()
         return sum(seen.values()) + (self.drafter.weight_bytes() if self.drafter is not None else 0)
 
     # -- KV cache -----------------------------------------------------------------

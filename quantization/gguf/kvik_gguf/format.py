@@ -178,14 +178,15 @@ class GGUFFormat(ModelFormat):
             part = name.split(".")[2] if name.startswith("blk.") else ""
             if permuted and part in heads:
                 raw = unpermute_rows(raw, heads[part])
+            if quantized and name == "token_embd.weight" and config.tie_word_embeddings and ggml_type != 0:
+                # The tied head may multiply by these blocks packed (GGUFLinearMethod.pack_lm_head) and serve the
+                # embedding's lookups from them too; yielded first, so that the dense embedding below is never
+                # decoded when it does (the loader skips it).
+                yield "lm_head.weight", GGUFWeight(raw, ggml_type, (shape[0], shape[1]))
             if quantized and ggml_type != 0 and (hf_name.endswith("_proj.weight") or name in _DENSE_FROM_BLOCKS):
                 yield hf_name, GGUFWeight(raw, ggml_type, (shape[0], shape[1]))
             else:
                 yield hf_name, dequantize(raw, ggml_type, shape)
-            if quantized and name == "token_embd.weight" and config.tie_word_embeddings and ggml_type != 0:
-                # The tied head may multiply by these blocks packed (GGUFLinearMethod.pack_lm_head); the
-                # embedding above gets them dense, for lookups.
-                yield "lm_head.weight", GGUFWeight(raw, ggml_type, (shape[0], shape[1]))
 
     def load_tokenizer(self) -> Any:
         from kvik_gguf.tokenizer import load_gguf_tokenizer

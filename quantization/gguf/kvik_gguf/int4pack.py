@@ -108,11 +108,16 @@ def packable(ggml_type: int, cols: int) -> bool:
 
 @dataclass(slots=True)
 class Int4Packed:
-    """One weight ready for the kernel: ``planes`` (1 or 2) stacked along K."""
+    """One weight ready for the kernel: ``planes`` (1 or 2) stacked along K. With ``lookups`` (a tied LM
+    head, whose rows are also the token embedding) it keeps each group's exact float32 scale and offset
+    as well, so :meth:`rows` decodes any row bit for bit as the dense dequantization does."""
 
     weight: torch.Tensor  # kernel layout of [rows, planes*cols] 4-bit codes
     scales_zeros: torch.Tensor  # [planes*cols/32, rows, 2] in the activation dtype
     planes: int
+    bits: int = 4  # of the code u the planes hold (4, 5 or 8)
+    row_scales: torch.Tensor | None = None  # [rows, cols/32]: x = s * u + o, as the dense decode
+    row_offsets: torch.Tensor | None = None  # [rows, cols/32]
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         flat = x if x.dim() == 2 else x.reshape(-1, x.shape[-1])  # 2-D already (the engine's rows): no reshapes,
@@ -122,10 +127,75 @@ class Int4Packed:
         return out if x.dim() == 2 else out.reshape(*x.shape[:-1], out.shape[-1])
 
     def nbytes(self) -> int:
-        return (
-            self.weight.numel() * self.weight.element_size()
-            + self.scales_zeros.numel() * self.scales_zeros.element_size()
-        )
+        extra = [t for t in (self.row_scales, self.row_offsets) if t is not None]
+        return sum(t.numel() * t.element_size() for t in (self.weight, self.scales_zeros, *extra))
+
+    def rows(self, ids: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Rows ``ids`` of the weight, decoded as the dense dequantization decodes them (``s * u + o`` in float32,
+        rounded once to ``dtype``): the token embedding's lookups from the tied head's packed copy."""
+        if self.row_scales is None or self.row_offsets is None:
+            raise RuntimeError("this packed weight was made without lookups=True")
+        groups = self.row_scales.shape[1]
+        cols = groups * GROUP
+        flat = ids.reshape(-1).long()
+        nibbles = _row_nibbles(self.weight, flat, self.planes * cols).to(torch.int16)  # [n, planes*cols]
+        if self.planes == 1:
+            u = nibbles
+        else:  # the high plane's codes are centred for 5-bit codes (repack's "lift")
+            u = 16 * (nibbles[:, :cols] - (8 if self.bits == 5 else 0)) + nibbles[:, cols:]
+        s = self.row_scales[flat].float().repeat_interleave(GROUP, dim=1)
+        o = self.row_offsets[flat].float().repeat_interleave(GROUP, dim=1)
+        out = (s * u + o).to(dtype)  # two roundings in float32, as the dense decode's multiply and add
+        return out.reshape(*ids.shape, cols)
+
+
+@dataclass(slots=True)
+class PackedHead:
+    """A tied LM head through the kernel that also decodes the token embedding's rows
+    (``kvik.quantization.base.PackedRows``): the embedding then holds no dense copy."""
+
+    packed: Int4Packed
+    dtype: torch.dtype  # the model's: what the dense embedding would hold
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.packed.matmul(x)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        return self.packed.rows(ids, self.dtype)
+
+
+# The CPU kernel's weight layout (torch 2.13, probed by layout_understood): rows in tiles of 64; in a tile,
+# byte ``k * 32 + (row % 32)`` holds column k of rows ``row % 32`` (low nibble) and ``row % 32 + 32`` (high).
+_TILE_ROWS = 64
+
+
+def _row_nibbles(weight: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
+    """The 4-bit codes ``[len(rows), width]`` of ``rows`` from the kernel's packed ``weight``."""
+    flat = weight.reshape(-1)
+    cols = torch.arange(width, dtype=torch.long)
+    base = (rows // _TILE_ROWS) * (_TILE_ROWS * width // 2) + rows % 32
+    byte = flat[base[:, None] + cols[None, :] * 32]
+    shift = ((rows % _TILE_ROWS) // 32 * 4).to(torch.uint8)
+    return (byte >> shift[:, None]) & 0x0F
+
+
+_layout: list[bool] = []
+
+
+def layout_understood() -> bool:
+    """Whether this torch's packed layout is the one :func:`_row_nibbles` reads (checked once on random codes
+    over two tiles): the layout is the kernel's private business, so lookups are only served where it holds."""
+    if not _layout:
+        codes = torch.randint(0, 16, (2 * _TILE_ROWS, 64), dtype=torch.int32, generator=torch.Generator().manual_seed(0))
+        try:
+            packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes, 1)
+            ok = packed.numel() * 2 == codes.numel() and torch.equal(
+                _row_nibbles(packed, torch.arange(codes.shape[0]), codes.shape[1]).to(torch.int32), codes
+            )
+        except (RuntimeError, IndexError):
+            ok = False
+        _layout.append(ok)
+    return _layout[0]
 
 
 # Rows repacked at a time: the kernel's layout packs rows independently (a multiple of its 64-row tiles
@@ -134,26 +204,38 @@ class Int4Packed:
 CHUNK_ROWS = 512
 
 
-def repack(raw: torch.Tensor, ggml_type: int, rows: int, cols: int, dtype: torch.dtype) -> Int4Packed:
+def repack(
+    raw: torch.Tensor, ggml_type: int, rows: int, cols: int, dtype: torch.dtype, lookups: bool = False
+) -> Int4Packed:
     """``raw`` ``[rows, bytes_per_row]`` uint8 of one packable type -> the kernel's layout, ``CHUNK_ROWS``
     rows at a time, each written into the result as it is made (so neither the transient int32 codes
-    nor a list of packed chunks to concatenate, a second copy of the result, are ever held)."""
+    nor a list of packed chunks to concatenate, a second copy of the result, are ever held). ``lookups``:
+    also keep what :meth:`Int4Packed.rows` needs (the groups' float32 scales and offsets)."""
     if not packable(ggml_type, cols):
         raise ValueError(f"ggml type {ggml_type} with {cols} columns cannot be repacked for the int4 kernel")
-    first = _repack_rows(raw[:CHUNK_ROWS], ggml_type, min(CHUNK_ROWS, rows), cols, dtype)
+    first = _repack_rows(raw[:CHUNK_ROWS], ggml_type, min(CHUNK_ROWS, rows), cols, dtype, lookups)
     if rows <= CHUNK_ROWS:
         return first
     weight = first.weight.new_empty((rows, *first.weight.shape[1:]))
     scales_zeros = first.scales_zeros.new_empty((first.scales_zeros.shape[0], rows, 2))  # [groups, rows, 2]
+    row_scales = row_offsets = None
+    if first.row_scales is not None and first.row_offsets is not None:
+        row_scales = first.row_scales.new_empty((rows, first.row_scales.shape[1]))
+        row_offsets = first.row_offsets.new_empty((rows, first.row_offsets.shape[1]))
     for start in range(0, rows, CHUNK_ROWS):
         end = min(start + CHUNK_ROWS, rows)
-        part = first if start == 0 else _repack_rows(raw[start:end], ggml_type, end - start, cols, dtype)
+        part = first if start == 0 else _repack_rows(raw[start:end], ggml_type, end - start, cols, dtype, lookups)
         weight[start:end] = part.weight
         scales_zeros[:, start:end] = part.scales_zeros
-    return Int4Packed(weight, scales_zeros, first.planes)
+        if row_scales is not None and row_offsets is not None:
+            row_scales[start:end] = part.row_scales
+            row_offsets[start:end] = part.row_offsets
+    return Int4Packed(weight, scales_zeros, first.planes, first.bits, row_scales, row_offsets)
 
 
-def _repack_rows(raw: torch.Tensor, ggml_type: int, rows: int, cols: int, dtype: torch.dtype) -> Int4Packed:
+def _repack_rows(
+    raw: torch.Tensor, ggml_type: int, rows: int, cols: int, dtype: torch.dtype, lookups: bool = False
+) -> Int4Packed:
     bits, codes = _CODES[ggml_type]
     _, _, size = GGML_TYPE_SIZES[ggml_type]
     u, s, o = codes(raw.reshape(-1, size))
@@ -175,4 +257,6 @@ def _repack_rows(raw: torch.Tensor, ggml_type: int, rows: int, cols: int, dtype:
     zero = torch.cat(plane_zeros, dim=1)
     weight = torch.ops.aten._convert_weight_to_int4pack_for_cpu(codes_all, 1)
     scales_zeros = torch.stack([scale.t(), zero.t()], dim=-1).to(dtype).contiguous()
-    return Int4Packed(weight, scales_zeros, len(plane_codes))
+    if not lookups:
+        return Int4Packed(weight, scales_zeros, len(plane_codes), bits)
+    return Int4Packed(weight, scales_zeros, len(plane_codes), bits, s.float().contiguous(), o.float().contiguous())

@@ -142,7 +142,10 @@ class GGUFLinearMethod(QuantizationMethod):
         rows, cols = value.shape
         if _kernel_switched_off() or not int4pack.packable(value.ggml_type, cols):
             return None
-        return int4pack.repack(value.data, value.ggml_type, rows, cols, dtype).matmul
+        # Rows in whole 64-row tiles of a layout we can read also serve the embedding's lookups (PackedRows).
+        lookups = rows % 64 == 0 and int4pack.layout_understood()
+        packed = int4pack.repack(value.data, value.ggml_type, rows, cols, dtype, lookups=lookups)
+        return int4pack.PackedHead(packed, dtype) if lookups else packed.matmul
 
     def _packed(self, layer: Linear, j: int) -> int4pack.Int4Packed:
         return int4pack.Int4Packed(

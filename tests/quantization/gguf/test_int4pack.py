@@ -109,3 +109,22 @@ def test_repacking_in_row_chunks_gives_the_same_layout(type_name: str, monkeypat
     chunked = int4pack.repack(raw, qtype, ROWS, COLS, torch.bfloat16)
     assert torch.equal(chunked.weight, whole.weight) and torch.equal(chunked.scales_zeros, whole.scales_zeros)
     assert chunked.planes == whole.planes
+
+
+@pytest.mark.parametrize("type_name", ["Q4_0", "Q4_1", "Q4_K", "Q5_0", "Q5_1", "Q5_K", "Q8_0"])
+def test_rows_decode_bit_for_bit_like_the_dense_dequantization(type_name: str) -> None:
+    # A tied head packed with lookups serves the token embedding: its rows must be the dense embedding's bits.
+    if not int4pack.layout_understood():
+        pytest.skip("this torch packs the int4 weight in another layout (lookups are not offered)")
+    rng = np.random.default_rng(7)
+    raw = torch.cat([_raw(type_name, rng), _raw(type_name, rng)[:32]])  # 128 rows: two whole 64-row tiles
+    rows = raw.shape[0]
+    qtype = int(GGMLQuantizationType[type_name])
+    packed = int4pack.repack(raw, qtype, rows, COLS, torch.bfloat16, lookups=True)
+    for dtype in (torch.bfloat16, torch.float32):
+        dense = dequantize(raw, qtype, (rows, COLS), dtype)
+        assert torch.equal(packed.rows(torch.arange(rows), dtype), dense)
+    ids = torch.tensor([[5, 64, 5], [127, 0, 33]])  # any shape, repeats
+    assert torch.equal(packed.rows(ids, torch.bfloat16), dequantize(raw, qtype, (rows, COLS), torch.bfloat16)[ids])
+    with pytest.raises(RuntimeError, match="lookups"):
+        int4pack.repack(raw, qtype, rows, COLS, torch.bfloat16).rows(ids, torch.bfloat16)
