@@ -138,14 +138,14 @@ class Int4Packed:
         groups = self.row_scales.shape[1]
         cols = groups * GROUP
         flat = ids.reshape(-1).long()
-        nibbles = _row_nibbles(self.weight, flat, self.planes * cols).to(torch.int16)  # [n, planes*cols]
+        nibbles = _row_nibbles(self.weight, flat, self.planes * cols)  # [n, planes*cols] uint8
         if self.planes == 1:
-            u = nibbles
+            u = nibbles.float()
         else:  # the high plane's codes are centred for 5-bit codes (repack's "lift")
-            u = 16 * (nibbles[:, :cols] - (8 if self.bits == 5 else 0)) + nibbles[:, cols:]
-        s = self.row_scales[flat].float().repeat_interleave(GROUP, dim=1)
-        o = self.row_offsets[flat].float().repeat_interleave(GROUP, dim=1)
-        out = (s * u + o).to(dtype)  # two roundings in float32, as the dense decode's multiply and add
+            u = (nibbles[:, :cols].float() - (8 if self.bits == 5 else 0)) * 16 + nibbles[:, cols:]  # exact in float32
+        u = u.view(-1, groups, GROUP)
+        # Two roundings in float32, as the dense decode's multiply and add.
+        out = (u * self.row_scales[flat][:, :, None] + self.row_offsets[flat][:, :, None]).to(dtype)
         return out.reshape(*ids.shape, cols)
 
 
@@ -169,12 +169,20 @@ class PackedHead:
 _TILE_ROWS = 64
 
 
+_column_bytes: dict[int, torch.Tensor] = {}  # width -> each column's byte offset within a tile (a lookup per token)
+
+
 def _row_nibbles(weight: torch.Tensor, rows: torch.Tensor, width: int) -> torch.Tensor:
     """The 4-bit codes ``[len(rows), width]`` of ``rows`` from the kernel's packed ``weight``."""
-    flat = weight.reshape(-1)
-    cols = torch.arange(width, dtype=torch.long)
+    if rows.numel() == 1:  # a decode step's one token: its bytes are a strided view, no gather
+        row = int(rows.item())
+        start = (row // _TILE_ROWS) * (_TILE_ROWS * width // 2) + row % 32
+        return (weight.reshape(-1)[start : start + 32 * width : 32][None, :] >> (row % _TILE_ROWS) // 32 * 4) & 0x0F
+    columns = _column_bytes.get(width)
+    if columns is None:
+        columns = _column_bytes.setdefault(width, torch.arange(width, dtype=torch.long) * 32)
     base = (rows // _TILE_ROWS) * (_TILE_ROWS * width // 2) + rows % 32
-    byte = flat[base[:, None] + cols[None, :] * 32]
+    byte = weight.reshape(-1)[base[:, None] + columns]
     shift = ((rows % _TILE_ROWS) // 32 * 4).to(torch.uint8)
     return (byte >> shift[:, None]) & 0x0F
 

@@ -125,6 +125,9 @@ def test_rows_decode_bit_for_bit_like_the_dense_dequantization(type_name: str) -
         dense = dequantize(raw, qtype, (rows, COLS), dtype)
         assert torch.equal(packed.rows(torch.arange(rows), dtype), dense)
     ids = torch.tensor([[5, 64, 5], [127, 0, 33]])  # any shape, repeats
-    assert torch.equal(packed.rows(ids, torch.bfloat16), dequantize(raw, qtype, (rows, COLS), torch.bfloat16)[ids])
+    dense = dequantize(raw, qtype, (rows, COLS), torch.bfloat16)
+    assert torch.equal(packed.rows(ids, torch.bfloat16), dense[ids])
+    for row in (0, 31, 32, 63, 64, 127):  # one token (a decode step's lookup: its own path), each place in a tile
+        assert torch.equal(packed.rows(torch.tensor([row]), torch.bfloat16), dense[row : row + 1])
     with pytest.raises(RuntimeError, match="lookups"):
         int4pack.repack(raw, qtype, rows, COLS, torch.bfloat16).rows(ids, torch.bfloat16)
