@@ -15,6 +15,7 @@
 #   verify_graphs  the verify-shaped CUDA graph tests, GPU-marked ones included (15)  ~1 min
 #   moe            Qwen3-30B-A3B with the decode GEMV path (13; MOE_PROFILE=1: kernel times) ~5 min
 #   moe_sweep      the MoE decode GEMV's tile sweep at Qwen3-30B-A3B's shapes (13)  ~4 min
+#   kvwrite_ab     8B and Qwen3-30B-A3B batch 1: decode K/V written in the attention kernel vs its own (13, 21) ~6 min
 #   fallback       Llama-8B through the transformers fallback (13)                 ~3 min
 #   embed          BERT-base and Qwen3-0.6B embeddings vs sentence-transformers, tokenizer threads on (19) ~5 min
 #   run_batch      `kvik run-batch` vs LLM.generate (19; needs .whl with fastapi + opentelemetry-api)
@@ -74,6 +75,12 @@ for s in $STAGES; do
     verify_graphs) stage verify_graphs 150 python3 -m pytest -q -p no:cacheprovider tests/platforms/cuda/test_cuda_verify_graphs.py -m "gpu or not gpu"
                    tail -3 "$OUT/verify_graphs.log" ;;
     moe_sweep) stage moe_sweep 200 python3 benchmarks/moe_gemv_sweep.py --budget-s 150 ${MOE_SWEEP_ARGS:-} ;;
+    kvwrite_ab) for c in llama8b qwen3_30b_a3b; do  # decode K/V written in the attention kernel vs its own (13, 21)
+                  for f in "" --separate-kv-write; do
+                    stage kvwrite_$c${f:+_separate} 240 python3 benchmarks/models_gpu.py --cases $c --n 64 --limit 230 $f
+                    grep -o '"batch1_decode_ms": [0-9.]*\|"batch1_x_floor": [0-9.]*\|"kv_write": "[a-z ]*"' "$OUT/models_gpu.jsonl" | tail -3 | tr '\n' ' '; echo
+                  done
+                done ;;
     moe) stage moe 330 python3 benchmarks/models_gpu.py --one qwen3_30b_a3b --n ${MOE_N:-500} ${MOE_PROFILE:+--profile} ;;
     fallback) stage fallback 200 python3 benchmarks/models_gpu.py --one llama8b_fallback --n 500 ;;
     embed) TOKENIZERS_PARALLELISM=true stage embed 330 python3 benchmarks/embedding_benchmark.py --parts bert-base,qwen3-0.6b ;;

@@ -71,6 +71,9 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     # None: choose per step from the batch and the GPU's SM count; an int forces
     # the split count for decode and verify steps (tests, benchmarks).
     force_num_splits: ClassVar[int | None] = None
+    # Decode-only steps store the new K/V inside the attention kernel (one launch a layer fewer); False runs
+    # write_kv_kernel first, as every other step does (benchmarks/models_gpu.py --separate-kv-write: the A/B).
+    fuse_decode_kv_write: ClassVar[bool] = True
     # Deterministic mode: one tile for every step (decode-only, prefill and mixed alike) and no
     # split-KV, so a query row's reduction over keys never depends on what else the step holds.
     supports_batch_invariance: ClassVar[bool] = True
@@ -207,19 +210,38 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata[torch.Tensor],
     ) -> torch.Tensor:
-        self.write_kv(key, value, kv_cache, metadata.slot_mapping)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        # A decode-only step (one new row per request, also in every replay of its plan) with a 16/32-bit cache
+        # stores the new K/V inside the attention kernel; FP8 quantizes in write_kv_kernel.
+        fused = (
+            self.fuse_decode_kv_write
+            and metadata.planned_max_query_len == 1
+            and metadata.num_reqs > 0
+            and kv_cache.dtype != torch.float8_e4m3fn
+            and key.stride(-1) == 1
+            and value.stride(-1) == 1
+        )
+        if not fused:
+            self.write_kv(key, value, kv_cache, metadata.slot_mapping)
         if metadata.num_reqs == 0 or query.shape[0] == 0:
             return out
-        self.attend(query, kv_cache, metadata, out)
+        self.attend(query, kv_cache, metadata, out, (key, value) if fused else None)
         return out
 
     def attend(
-        self, query: torch.Tensor, kv_cache: torch.Tensor, metadata: AttentionMetadata[torch.Tensor], out: torch.Tensor
+        self,
+        query: torch.Tensor,
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata[torch.Tensor],
+        out: torch.Tensor,
+        new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
-        """Attention over the (already written) cache into ``out`` [num_tokens, num_heads, head_size]."""
+        """Attention over the cache into ``out`` [num_tokens, num_heads, head_size]. The cache holds this step's
+        K/V already, or ``new_kv`` = (key, value) of a decode-only step (one row per request), stored by the
+        kernel itself at ``metadata.slot_mapping``."""
         kernels = _kernels()
         assert query.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.stride(-1) == 1
+        new_k, new_v = new_kv if new_kv is not None else (query, query)  # unused pointers when not writing
         num_tokens = query.shape[0]
         block_m, block_q, block_n, warps = self._tile(self.small_query(metadata))
         splits = self.num_splits(metadata, query.device, block_n)
@@ -252,6 +274,9 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             metadata.block_tables,
             metadata.seq_lens,
             metadata.query_start_loc,
+            new_k,
+            new_v,
+            metadata.slot_mapping,
             self.scale * _LOG2E * k_scale,
             v_scale,
             metadata.num_reqs,
@@ -264,6 +289,10 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             k_cache.stride(1),
             k_cache.stride(2),
             metadata.block_tables.stride(0),
+            new_k.stride(0),
+            new_k.stride(1),
+            new_v.stride(0),
+            new_v.stride(1),
             G=self.group,
             SLIDING_WINDOW=self.sliding_window or 0,
             SOFT_CAP=float(self.logits_soft_cap or 0.0),
@@ -277,6 +306,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             # fp32 (interpreter tests): exact products; 16-bit: Triton's default (the option
             # only concerns fp32, and backends differ in which values they accept).
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,
+            WRITE_KV=new_kv is not None,
             num_warps=warps,
             num_stages=self.num_stages,
         )

@@ -65,6 +65,9 @@ def paged_attention_kernel(
     block_tables_ptr,  # [num_reqs, max_blocks] int32
     seq_lens_ptr,  # [num_reqs] int32
     query_start_loc_ptr,  # [num_reqs + 1] int32
+    key_ptr,  # WRITE_KV: this step's new K rows [num_tokens, num_kv_heads, head_size] (else unused)
+    value_ptr,  # WRITE_KV: the new V rows
+    slot_mapping_ptr,  # WRITE_KV: [num_tokens] int64 cache slots of the new rows; negative: skip
     scale_log2,  # softmax scale * log2(e) (* k_scale for an FP8 cache)
     v_scale,  # the FP8 cache's V scale (1.0 otherwise): out = v_scale * softmax(s) @ v
     num_reqs,
@@ -77,6 +80,10 @@ def paged_attention_kernel(
     stride_ks,
     stride_kh,
     stride_bt,
+    stride_kt,  # of key_ptr / value_ptr (WRITE_KV)
+    stride_kvh,
+    stride_vt,
+    stride_vvh,
     G: tl.constexpr,  # query heads per KV head
     SLIDING_WINDOW: tl.constexpr,  # 0: none; else a key at position p is visible to a query at q iff q - p < window
     SOFT_CAP: tl.constexpr,  # 0.0: none; else scores x become SOFT_CAP * tanh(x / SOFT_CAP) (Gemma 2)
@@ -88,6 +95,7 @@ def paged_attention_kernel(
     KV_BLOCK_SIZE: tl.constexpr,
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact); None: Triton's default
+    WRITE_KV: tl.constexpr,  # a decode-only step (one new row per request): store the new K/V here, not in write_kv_kernel
 ):
     pid_q = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -129,10 +137,26 @@ def paged_attention_kernel(
         tile_lo = tile_lo + split * per_split
         tile_hi = tl.minimum(tile_lo + per_split, tile_hi)
 
+    bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
+    if WRITE_KV:
+        # One new row per request: the (request, KV head) program whose tiles hold it stores its K and V (no
+        # other program of the step reads that slot), then reads it back from the cache as any other key.
+        # One launch a layer fewer than write_kv_kernel + attention.
+        last_tile = (seq_len - 1) // BLOCK_N
+        if (last_tile >= tile_lo) & (last_tile < tile_hi):
+            slot = tl.load(slot_mapping_ptr + q_start)
+            if slot >= 0:
+                dst = (slot // KV_BLOCK_SIZE) * stride_kb + (slot % KV_BLOCK_SIZE) * stride_ks + kv_head * stride_kh
+                row = q_start.to(tl.int64)
+                k_new = tl.load(key_ptr + row * stride_kt + kv_head * stride_kvh + offs_d, mask=d_ok)
+                v_new = tl.load(value_ptr + row * stride_vt + kv_head * stride_vvh + offs_d, mask=d_ok)
+                tl.store(k_cache_ptr + dst + offs_d, k_new.to(k_cache_ptr.dtype.element_ty), mask=d_ok)
+                tl.store(v_cache_ptr + dst + offs_d, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_ok)
+            tl.debug_barrier()  # the stores are visible to every thread of the program before the tiles load
+
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
-    bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
     for t in range(tile_lo, tile_hi):
         offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < kv_end

@@ -83,6 +83,21 @@ def test_decode_only_batch_matches_reference() -> None:
     _compare(SmallTiles, [(5, 1), (40, 1), (0, 1), (17, 1)], seed=1)
 
 
+@pytest.mark.parametrize("reqs", [[(5, 1), (40, 1), (0, 1)], MIXED])
+def test_decode_only_steps_store_their_kv_inside_the_attention_kernel(reqs: list[tuple[int, int]]) -> None:
+    """One launch fewer a layer: a decode-only step never runs write_kv_kernel (the attention program holding the
+    new row stores it); any other step still does. _compare checks the cache bit for bit either way."""
+    launched: list[int] = []
+
+    class Counting(SmallTiles):
+        def write_kv(self, key: torch.Tensor, *args: object) -> None:
+            launched.append(key.shape[0])
+            super().write_kv(key, *args)  # type: ignore[arg-type]
+
+    _compare(Counting, reqs, seed=8)
+    assert launched == ([] if all(q == 1 for _, q in reqs) else [sum(q for _, q in reqs)])
+
+
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(3, 3), (6, 2), (8, 1)])
 def test_gqa_groups(num_heads: int, num_kv_heads: int) -> None:
     _compare(SmallTiles, [(0, 7), (9, 1), (11, 5)], num_heads=num_heads, num_kv_heads=num_kv_heads, seed=2)
