@@ -16,6 +16,7 @@
 #   moe            Qwen3-30B-A3B with the decode GEMV path (13; MOE_PROFILE=1: kernel times) ~5 min
 #   moe_sweep      the MoE decode GEMV's tile sweep at Qwen3-30B-A3B's shapes (13)  ~4 min
 #   kvwrite_ab     8B and Qwen3-30B-A3B batch 1: decode K/V written in the attention kernel vs its own (13, 21) ~6 min
+#                  (first its GPU test: TESTS=tests/platforms/cuda/test_cuda_runner.py TESTS_MARK="gpu or not gpu" ... tests)
 #   fallback       Llama-8B through the transformers fallback (13)                 ~3 min
 #   embed          BERT-base and Qwen3-0.6B embeddings vs sentence-transformers, tokenizer threads on (19) ~5 min
 #   run_batch      `kvik run-batch` vs LLM.generate (19; needs .whl with fastapi + opentelemetry-api)
@@ -76,8 +77,8 @@ for s in $STAGES; do
                    tail -3 "$OUT/verify_graphs.log" ;;
     moe_sweep) stage moe_sweep 200 python3 benchmarks/moe_gemv_sweep.py --budget-s 150 ${MOE_SWEEP_ARGS:-} ;;
     kvwrite_ab) for c in llama8b qwen3_30b_a3b; do  # decode K/V written in the attention kernel vs its own (13, 21)
-                  for f in "" --separate-kv-write; do
-                    stage kvwrite_$c${f:+_separate} 240 python3 benchmarks/models_gpu.py --cases $c --n 64 --limit 230 $f
+                  for f in --fused-kv-write ""; do
+                    stage kvwrite_$c${f:+_fused} 240 python3 benchmarks/models_gpu.py --cases $c --n 64 --limit 230 $f
                     grep -o '"batch1_decode_ms": [0-9.]*\|"batch1_x_floor": [0-9.]*\|"kv_write": "[a-z ]*"' "$OUT/models_gpu.jsonl" | tail -3 | tr '\n' ' '; echo
                   done
                 done ;;

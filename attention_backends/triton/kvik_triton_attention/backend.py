@@ -71,9 +71,11 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     # None: choose per step from the batch and the GPU's SM count; an int forces
     # the split count for decode and verify steps (tests, benchmarks).
     force_num_splits: ClassVar[int | None] = None
-    # Decode-only steps store the new K/V inside the attention kernel (one launch a layer fewer); False runs
-    # write_kv_kernel first, as every other step does (benchmarks/models_gpu.py --separate-kv-write: the A/B).
-    fuse_decode_kv_write: ClassVar[bool] = True
+    # True: decode-only steps store the new K/V inside the attention kernel (one launch a layer fewer) instead of
+    # running write_kv_kernel first. Checked under the interpreter, not yet on a GPU (the ordering of a
+    # program's stores before its own pipelined loads is the GPU's business): off until the H200 tests and the
+    # same-run A/B (benchmarks/gpu_pending.sh kvwrite_ab, models_gpu.py --fused-kv-write) say to turn it on.
+    fuse_decode_kv_write: ClassVar[bool] = False
     # Deterministic mode: one tile for every step (decode-only, prefill and mixed alike) and no
     # split-KV, so a query row's reduction over keys never depends on what else the step holds.
     supports_batch_invariance: ClassVar[bool] = True

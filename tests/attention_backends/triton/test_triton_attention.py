@@ -83,18 +83,33 @@ def test_decode_only_batch_matches_reference() -> None:
     _compare(SmallTiles, [(5, 1), (40, 1), (0, 1), (17, 1)], seed=1)
 
 
-@pytest.mark.parametrize("reqs", [[(5, 1), (40, 1), (0, 1)], MIXED])
-def test_decode_only_steps_store_their_kv_inside_the_attention_kernel(reqs: list[tuple[int, int]]) -> None:
-    """One launch fewer a layer: a decode-only step never runs write_kv_kernel (the attention program holding the
-    new row stores it); any other step still does. _compare checks the cache bit for bit either way."""
+@pytest.mark.parametrize(
+    ("reqs", "splits", "window"),
+    [
+        ([(5, 1), (40, 1), (0, 1)], None, None),
+        ([(2, 1), (45, 1), (70, 1)], 2, None),  # the new row's split is the last non-empty one
+        ([(2, 1), (45, 1), (70, 1)], 4, None),  # (2, 1) leaves most splits empty
+        ([(33, 1), (60, 1)], 4, 20),
+        (MIXED, None, None),  # not decode-only: write_kv_kernel as always
+    ],
+)
+def test_the_in_attention_kv_write_of_decode_only_steps(
+    reqs: list[tuple[int, int]], splits: int | None, window: int | None
+) -> None:
+    """fuse_decode_kv_write: a decode-only step runs no write_kv_kernel (the attention program holding the new row
+    stores it, then reads it back); any other step still does. _compare checks the cache bit for bit and the
+    output against torch_ref."""
     launched: list[int] = []
 
-    class Counting(SmallTiles):
+    class Fused(SmallTiles):
+        fuse_decode_kv_write = True
+        force_num_splits = splits
+
         def write_kv(self, key: torch.Tensor, *args: object) -> None:
             launched.append(key.shape[0])
             super().write_kv(key, *args)  # type: ignore[arg-type]
 
-    _compare(Counting, reqs, seed=8)
+    _compare(Fused, reqs, sliding_window=window, seed=8)
     assert launched == ([] if all(q == 1 for _, q in reqs) else [sum(q for _, q in reqs)])
 
 
