@@ -22,6 +22,7 @@ from kvik.attention.torch_ref import TorchRefAttentionBackend
 from kvik.testing.conformance.batch_invariance import check_batch_invariance, make_seq, run_step
 from kvik_triton_attention.testing import SmallTileTritonAttentionBackend
 
+pytestmark = pytest.mark.usefixtures("row_by_row_interpreted_dot")  # tests/conftest.py says why
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 HEADS = (4, 2, 32)  # query heads, kv heads, head size
 BACKENDS = [TorchRefAttentionBackend, SmallTileTritonAttentionBackend]

@@ -16,6 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvik_cuda.batch_invariant import TILE_16BIT, TILE_16BIT_NARROW, invariant_matmul, tile_for
 
+pytestmark = pytest.mark.usefixtures("row_by_row_interpreted_dot")  # tests/conftest.py says why
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 SMALL_TILE = (16, 16, 16, 4, 1)
 # Triton 3.9's interpreter mis-computes bf16 tl.dot (values ~1e10): fp16 stands for the 16-bit path there.

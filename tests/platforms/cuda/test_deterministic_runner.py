@@ -25,6 +25,7 @@ from kvik.layers.batch_invariant import InvariantLinearMethod
 from kvik_cuda.batch_invariant import InvariantFusedRMSNorm
 from kvik_cuda.runner import CUDAModelRunner
 
+pytestmark = pytest.mark.usefixtures("row_by_row_interpreted_dot")  # tests/conftest.py says why
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 PROMPT = [7, 99, 23, 410, 5, 61, 300, 12, 88, 9, 150, 42, 17]  # 13 tokens
 DECODES = [101, 102, 103]
