@@ -21,8 +21,6 @@ Element-wise PyTorch ops on CUDA run the same code for every element: invariant 
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import triton
 import triton.language as tl
@@ -32,6 +30,7 @@ from kvik.layers.norm import RMSNorm
 from kvik.layers.rotary import RotaryEmbedding
 
 from kvik_cuda.fused import FusedRMSNorm, FusedRotaryEmbedding, FusedSiluAndMul
+from kvik_cuda.sms import num_sms
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 Tile = tuple[int, int, int, int, int]
@@ -98,18 +97,11 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-@functools.cache
-def _num_sms(device: torch.device) -> int:
-    if device.type == "cuda":
-        return int(torch.cuda.get_device_properties(device).multi_processor_count)
-    return 4  # the interpreter
-
-
 def tile_for(n: int, k: int, dtype: torch.dtype, device: torch.device) -> Tile:
     """The tile for a weight ``[n, k]``: a function of the weight alone, never of ``M``."""
     if dtype == torch.float32:
         return TILE_FP32
-    if triton.cdiv(n, TILE_16BIT[1]) < _num_sms(device):
+    if triton.cdiv(n, TILE_16BIT[1]) < num_sms(device):
         return TILE_16BIT_NARROW
     return TILE_16BIT
 
