@@ -110,10 +110,6 @@ def run_kvik(case: str, args: argparse.Namespace, out: Path) -> None:
 
     shape, impl = KVIK_CASES[case]
     path = config_dir(shape, Path(args.root))
-    if args.fused_kv_write:
-        from kvik_triton_attention.backend import TritonAttentionBackend
-
-        TritonAttentionBackend.fuse_decode_kv_write = True
     t0 = time.perf_counter()
     llm = kvik.LLM(model=str(path), device="cuda", dtype="bfloat16", load_format="dummy", model_impl=impl,
                    max_model_len=2048, max_num_seqs=256, max_num_batched_tokens=8192)  # fmt: skip
@@ -135,7 +131,6 @@ def run_kvik(case: str, args: argparse.Namespace, out: Path) -> None:
                   params_b=round(params_b, 2), init_s=round(init_s, 1), n=args.n, out_len=args.out_len,
                   wall_s=round(wall, 2), out_tok_s=round(args.n * args.out_len / wall, 1),
                   attention=engine.runner.attn_backend.name, graphs=len(getattr(engine.runner, "graphs", {})),
-                  kv_write="in attention" if args.fused_kv_write else "own kernel",
                   memory_plan=engine.memory_plan.summary())  # fmt: skip
     one = SamplingParams(max_tokens=1, temperature=0.0, ignore_eos=True, detokenize=False)
     many = SamplingParams(max_tokens=129, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -211,8 +206,6 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/kvik_models")
     ap.add_argument("--limit", type=int, default=300, help="seconds per case")
     ap.add_argument("--profile", action="store_true", help="also profile 33 batch-1 tokens (kernel times)")
-    ap.add_argument("--fused-kv-write", action="store_true",
-                    help="decode steps store K/V inside the attention kernel (TritonAttentionBackend.fuse_decode_kv_write)")
     ap.add_argument("--one", help=argparse.SUPPRESS)  # internal: run this case in this process
     args = ap.parse_args()
     out = Path(os.environ.get("OUT", "/tmp/kvik_out")) / "models_gpu.jsonl"
@@ -225,7 +218,7 @@ def main() -> None:
             raise SystemExit(f"unknown case {case!r}; known: {', '.join([*KVIK_CASES, *HF_CASES])}")
         print(f"=== {case} {time.strftime('%H:%M:%S')}", flush=True)
         argv = [sys.executable, __file__, "--one", case, "--n", str(args.n), "--out-len", str(args.out_len),
-                "--hf-n", str(args.hf_n), "--hf-batch", str(args.hf_batch), "--root", args.root] + (["--profile"] if args.profile else []) + (["--fused-kv-write"] if args.fused_kv_write else [])  # fmt: skip
+                "--hf-n", str(args.hf_n), "--hf-batch", str(args.hf_batch), "--root", args.root] + (["--profile"] if args.profile else [])  # fmt: skip
         try:
             proc = subprocess.run(argv, timeout=args.limit, capture_output=True, text=True)
             sys.stdout.write(proc.stdout[-4000:])

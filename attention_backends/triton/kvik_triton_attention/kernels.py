@@ -25,9 +25,8 @@ output plus its running max and sum, and :func:`reduce_splits_kernel`
 combines them. It pays off when ``num_reqs * num_kv_heads`` programs alone
 cannot fill the GPU (small-batch decode over long contexts).
 
-A step's new K/V rows reach the cache through :func:`write_kv_kernel` before attention. With the
-backend's ``fuse_decode_kv_write`` (off until measured on a GPU), a decode-only step (one new row per
-request) with a 16/32-bit cache skips it: the attention program whose KV tiles hold a request's new row
+A step's new K/V rows reach the cache through :func:`write_kv_kernel` before attention, except in a
+decode-only step (one new row per request) with a 16/32-bit cache: the attention program whose KV tiles hold a request's new row
 stores it for its KV head (``WRITE_KV``) and, after a barrier, reads it back like any other key. No other
 program reads that slot in such a step (a request's earlier splits end before it), so this is race-free,
 and it saves a launch per layer of every decode step.

@@ -96,13 +96,12 @@ def test_decode_only_batch_matches_reference() -> None:
 def test_the_in_attention_kv_write_of_decode_only_steps(
     reqs: list[tuple[int, int]], splits: int | None, window: int | None
 ) -> None:
-    """fuse_decode_kv_write: a decode-only step runs no write_kv_kernel (the attention program holding the new row
+    """A decode-only step runs no write_kv_kernel (the attention program holding the new row
     stores it, then reads it back); any other step still does. _compare checks the cache bit for bit and the
     output against torch_ref."""
     launched: list[int] = []
 
     class Fused(SmallTiles):
-        fuse_decode_kv_write = True
         force_num_splits = splits
 
         def write_kv(self, key: torch.Tensor, *args: object) -> None:

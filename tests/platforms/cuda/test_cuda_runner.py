@@ -180,32 +180,6 @@ def test_cuda_graphs_give_the_same_tokens_as_eager(tiny_model_dir, dtype: str) -
     assert outs[True] == outs[False]
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_decode_kv_written_in_the_attention_kernel_gives_the_same_tokens(
-    tiny_model_dir, dtype: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """TritonAttentionBackend.fuse_decode_kv_write on the GPU, eager and under CUDA graphs: the same greedy tokens
-    as the separate write_kv_kernel (the store-then-read ordering inside one program is the GPU's to keep)."""
-    import kvik
-    from kvik_triton_attention.backend import TritonAttentionBackend
-
-    path = tiny_model_dir("llama", num_hidden_layers=2)
-    prompts = [[1 + (7 * i + j) % 400 for j in range(5 + 9 * i)] for i in range(11)]
-    params = kvik.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True)
-    outs = {}
-    for fused, eager in ((False, False), (True, False), (True, True)):
-        monkeypatch.setattr(TritonAttentionBackend, "fuse_decode_kv_write", fused)
-        llm = kvik.LLM(
-            model=str(path), device="cuda", dtype=dtype, enforce_eager=eager, max_num_seqs=16, num_kv_blocks=256
-        )
-        outs[fused, eager] = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
-        del llm
-        torch.cuda.empty_cache()
-    assert outs[True, False] == outs[False, False] == outs[True, True]
-
-
 def test_step_inputs_follow_block_table_deltas_and_survive_dummy_steps() -> None:
     """Live rows come from the deltas; a runner-internal (scratch-table) step in between changes nothing."""
     bs = 4
