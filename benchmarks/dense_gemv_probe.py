@@ -3,10 +3,12 @@
     python3 benchmarks/dense_gemv_probe.py          # H200: ~1 min; prints JSON, writes $OUT/dense_gemv_probe.json
     python3 benchmarks/dense_gemv_probe.py --e2e llama8b   # batch-1 decode, GEMV on vs off
     python3 benchmarks/dense_gemv_probe.py --e2e llama8b --config 2,512,16,1   # default vs that config
+    python3 benchmarks/dense_gemv_probe.py --e2e llama8b,qwen3_30b_a3b --config 2,256,16,1,4,1   # unrolled k-loop
     python3 benchmarks/dense_gemv_probe.py --shapes moe_qkv,moe_o   # the grid on some shapes only
+    python3 benchmarks/dense_gemv_probe.py --e2e llama8b --config best   # the config the last sweep liked best
 
-``--e2e``: for each Llama shape of gpu_common.py (random weights drawn on the GPU, ``load_format="dummy"``;
-the MoE shapes are models_gpu.py's), batch-1 decode
+``--e2e``: for each shape (gpu_common.py's Llama shapes or models_gpu.py's, e.g. ``qwen3_30b_a3b``; random
+weights drawn on the GPU, ``load_format="dummy"``), batch-1 decode
 ms/token (512-token prompt, 128 new tokens minus 1, best of two) with the fused one-row GEMV and, in a
 second process, with Linear / LMHead left to cuBLAS (every other fused layer on in both); to $OUT/dense_gemv_e2e.json.
 
@@ -35,7 +37,17 @@ GRID = [(8, 256, 8, 1), (4, 256, 8, 1), (16, 256, 8, 1), (8, 256, 16, 1), (8, 51
         (8, 256, 4, 1), (16, 512, 4, 2), (2, 256, 16, 1),
         # one warp with 16 k per thread and row a step: twice the bytes in flight per program (the small
         # shapes read at ~half the copy bandwidth with 8)
-        (2, 512, 16, 1), (4, 512, 16, 1), (2, 512, 32, 1), (1, 512, 32, 1), (2, 1024, 16, 1), (2, 512, 8, 1)]  # fmt: skip
+        (2, 512, 16, 1), (4, 512, 16, 1), (2, 512, 32, 1), (1, 512, 32, 1), (2, 1024, 16, 1), (2, 512, 8, 1),
+        # (..., unroll, stages): the k-loop unrolled so that several steps' loads are in flight at once, or
+        # software-pipelined through shared memory (the plain loop waits for each step's loads)
+        (2, 256, 16, 1, 2, 1), (2, 256, 16, 1, 4, 1), (2, 256, 16, 1, 8, 1), (4, 256, 16, 1, 4, 1),
+        (2, 256, 8, 1, 4, 1), (2, 256, 16, 1, 1, 3), (2, 256, 16, 1, 1, 4), (4, 256, 8, 1, 1, 4)]  # fmt: skip
+
+
+def label(cfg: tuple[int, ...]) -> str:
+    bn, bk, per_sm, warps, *rest = cfg
+    unroll, stages = rest or (1, 1)
+    return f"gemv:{bn}x{bk}:s{per_sm}:w{warps}" + (f":u{unroll}:p{stages}" if rest else "")
 
 
 def measure(sweep, k: int, n: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
@@ -49,17 +61,22 @@ def measure(sweep, k: int, n: int) -> dict[str, object]:  # type: ignore[no-unty
     ref = x.double() @ w.double().t()
     row: dict[str, object] = {"floor_us": round(n * k * 2 / 4.27e6, 2)}
     row["cublas"] = sweep.time_us([lambda c=c: F.linear(x, c) for c in copies])
-    for bn, bk, per_sm, warps in GRID:
-        cfg = DenseGemvConfig(bn, bk, per_sm, warps)
-        err = float((dense_gemv(x, w, cfg).double() - ref).abs().max() / ref.abs().max())
-        t = sweep.time_us([lambda c=c, g=cfg: dense_gemv(x, c, g) for c in copies])
-        row[f"gemv:{bn}x{bk}:s{per_sm}:w{warps}"] = {**t, "rel_err": round(err, 6)}
+    for grid_cfg in GRID:
+        cfg = DenseGemvConfig(*grid_cfg)
+        try:
+            err = float((dense_gemv(x, w, cfg).double() - ref).abs().max() / ref.abs().max())
+            t = sweep.time_us([lambda c=c, g=cfg: dense_gemv(x, c, g) for c in copies])
+        except Exception as exc:  # a config this Triton cannot compile: recorded, the sweep goes on
+            row[label(grid_cfg)] = {"error": f"{type(exc).__name__}: {str(exc)[:300]}"}
+            continue
+        row[label(grid_cfg)] = {**t, "rel_err": round(err, 6)}
     return row
 
 
-def batch1(shape: str, gemv: bool, config: tuple[int, int, int, int] | None = None) -> dict[str, float]:
+def batch1(shape: str, gemv: bool, config: tuple[int, ...] | None = None) -> dict[str, float]:
     """Batch-1 decode ms/token of ``shape`` with or without the one-row GEMV (run in its own process); with
-    ``config``, the fused layers' GEMVs use that (block_n, block_k, per_sm, warps) instead of the default."""
+    ``config``, the fused layers' GEMVs use that (block_n, block_k, per_sm, warps[, unroll, stages]) instead of
+    the default."""
     import functools
     import time
 
@@ -79,10 +96,16 @@ def batch1(shape: str, gemv: bool, config: tuple[int, int, int, int] | None = No
         from kvik_cuda import fused
 
         del fused._FUSED[Linear], fused._FUSED[LMHead]
-    path = dummy_model_dir(Path("/tmp/kvik_models"), shape)
+    if shape in MODEL_SHAPES:
+        path = dummy_model_dir(Path("/tmp/kvik_models"), shape)
+        vocab = MODEL_SHAPES[shape]["vocab_size"]
+    else:  # models_gpu.py's shapes (qwen3_30b_a3b: the MoE's qkv / o / router)
+        from models_gpu import CONFIGS, config_dir
+
+        path = config_dir(shape, Path("/tmp/kvik_models"))
+        vocab = CONFIGS[shape]["vocab_size"]
     llm = kvik.LLM(model=str(path), load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=32,
                    gpu_memory_utilization=0.9)  # fmt: skip
-    vocab = MODEL_SHAPES[shape]["vocab_size"]
 
     def timed(seed: int, new: int) -> float:
         params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
@@ -97,7 +120,7 @@ def batch1(shape: str, gemv: bool, config: tuple[int, int, int, int] | None = No
     return {"ms_per_token": round(best * 1e3, 3)}
 
 
-def e2e(shapes: list[str], config: tuple[int, int, int, int] | None = None) -> None:
+def e2e(shapes: list[str], config: tuple[int, ...] | None = None) -> None:
     """Per shape: the default GEMV, then cuBLAS or (with ``config``) the GEMV with that config."""
     import subprocess
 
@@ -108,17 +131,28 @@ def e2e(shapes: list[str], config: tuple[int, int, int, int] | None = None) -> N
                    f"print('RESULT', json.dumps(p.batch1({shape!r}, {gemv}, {cfg!r})))"  # fmt: skip
             run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400)
             line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT")]
-            key = ("gemv" if cfg is None else "gemv:{}x{}:s{}:w{}".format(*cfg)) if gemv else "cublas"
+            key = ("gemv" if cfg is None else label(cfg)) if gemv else "cublas"
             result.setdefault(shape, {})[key] = json.loads(line[-1][7:]) if line else {"error": run.stderr[-1500:]}
             print(shape, key, result[shape][key], flush=True)
     path = Path(os.environ.get("OUT", "/tmp")) / "dense_gemv_e2e.json"
     path.write_text(json.dumps(result, indent=1))
 
 
+def best_config() -> tuple[int, ...]:
+    """The grid's config with the least total time over the shapes of this machine's last sweep
+    ($OUT/dense_gemv_probe.json), for ``--config best``."""
+    sweep = json.loads((Path(os.environ.get("OUT", "/tmp")) / "dense_gemv_probe.json").read_text())
+    totals = {cfg: sum(row[label(cfg)].get("graph_us", float("inf")) for row in sweep.values()) for cfg in GRID}
+    best = min(totals, key=totals.__getitem__)
+    print("best config over", ",".join(sweep), label(best), round(totals[best], 2), "us", flush=True)
+    return best
+
+
 def main() -> None:
     if "--e2e" in sys.argv:
         cfg = sys.argv[sys.argv.index("--config") + 1] if "--config" in sys.argv else None
-        e2e(sys.argv[sys.argv.index("--e2e") + 1].split(","), tuple(int(v) for v in cfg.split(",")) if cfg else None)
+        e2e(sys.argv[sys.argv.index("--e2e") + 1].split(","), best_config() if cfg == "best" else
+            tuple(int(v) for v in cfg.split(",")) if cfg else None)  # fmt: skip
         return
     import quant_kernels_sweep as qs
 
@@ -130,7 +164,7 @@ def main() -> None:
             continue
         row = measure(sweep, k, n)
         out[name] = row
-        best = min((v["graph_us"], c) for c, v in row.items() if isinstance(v, dict) and c != "cublas")
+        best = min((v["graph_us"], c) for c, v in row.items() if isinstance(v, dict) and "graph_us" in v and c != "cublas")
         print(name, "floor", row["floor_us"], "cublas", row["cublas"]["graph_us"], "best", best, flush=True)
         torch.cuda.empty_cache()
     path = Path(os.environ.get("OUT", "/tmp")) / "dense_gemv_probe.json"

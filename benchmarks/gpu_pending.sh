@@ -15,8 +15,8 @@
 #   verify_graphs  the verify-shaped CUDA graph tests, GPU-marked ones included (15)  ~1 min
 #   moe            Qwen3-30B-A3B with the decode GEMV path (13; MOE_PROFILE=1: kernel times) ~5 min
 #   moe_sweep      the MoE decode GEMV's tile sweep at Qwen3-30B-A3B's shapes (13)  ~4 min
-#   kvwrite_ab     8B and Qwen3-30B-A3B batch 1: decode K/V written in the attention kernel vs its own (13, 21) ~6 min
-#                  (first its GPU test: TESTS=tests/platforms/cuda/test_cuda_runner.py TESTS_MARK="gpu or not gpu" ... tests)
+#   gemv_sweep     the one-row dense GEMV's grid incl. unrolled / pipelined k-loops (13, 21; GEMV_SHAPES) ~2 min
+#   gemv_e2e       batch-1 decode, default GEMV vs the sweep's best config (after gemv_sweep; GEMV_E2E) ~4 min
 #   fallback       Llama-8B through the transformers fallback (13)                 ~3 min
 #   embed          BERT-base and Qwen3-0.6B embeddings vs sentence-transformers, tokenizer threads on (19) ~5 min
 #   run_batch      `kvik run-batch` vs LLM.generate (19; needs .whl with fastapi + opentelemetry-api)
@@ -76,12 +76,10 @@ for s in $STAGES; do
     verify_graphs) stage verify_graphs 150 python3 -m pytest -q -p no:cacheprovider tests/platforms/cuda/test_cuda_verify_graphs.py -m "gpu or not gpu"
                    tail -3 "$OUT/verify_graphs.log" ;;
     moe_sweep) stage moe_sweep 200 python3 benchmarks/moe_gemv_sweep.py --budget-s 150 ${MOE_SWEEP_ARGS:-} ;;
-    kvwrite_ab) for c in llama8b qwen3_30b_a3b; do  # decode K/V written in the attention kernel vs its own (13, 21)
-                  for f in --fused-kv-write ""; do
-                    stage kvwrite_$c${f:+_fused} 240 python3 benchmarks/models_gpu.py --cases $c --n 64 --limit 230 $f
-                    grep -o '"batch1_decode_ms": [0-9.]*\|"batch1_x_floor": [0-9.]*\|"kv_write": "[a-z ]*"' "$OUT/models_gpu.jsonl" | tail -3 | tr '\n' ' '; echo
-                  done
-                done ;;
+    gemv_sweep) stage gemv_sweep 200 python3 benchmarks/dense_gemv_probe.py --shapes ${GEMV_SHAPES:-moe_qkv,moe_o,8b_qkv,8b_o,8b_down}
+                tail -8 "$OUT/gemv_sweep.log" | cut -c1-300 ;;
+    gemv_e2e) stage gemv_e2e 450 python3 benchmarks/dense_gemv_probe.py --e2e ${GEMV_E2E:-llama8b,qwen3_30b_a3b} --config ${GEMV_CONFIG:-best}
+              tail -8 "$OUT/gemv_e2e.log" | cut -c1-300 ;;
     moe) stage moe 330 python3 benchmarks/models_gpu.py --one qwen3_30b_a3b --n ${MOE_N:-500} ${MOE_PROFILE:+--profile} ;;
     fallback) stage fallback 200 python3 benchmarks/models_gpu.py --one llama8b_fallback --n 500 ;;
     embed) TOKENIZERS_PARALLELISM=true stage embed 330 python3 benchmarks/embedding_benchmark.py --parts bert-base,qwen3-0.6b ;;

@@ -28,6 +28,10 @@ class DenseGemvConfig:
     block_k: int = 256  # k per step: 8 per thread x 32 lanes x num_warps
     per_sm: int = 16  # split K until this many programs per SM
     num_warps: int = 1
+    # k-loop iterations unrolled (their loads issued together) and software-pipelined stages (cp.async
+    # through shared memory); 1 and 1: a plain loop that waits for each step's loads before the next.
+    unroll: int = 1
+    stages: int = 1
 
 
 @triton.jit
@@ -57,6 +61,8 @@ def _dense_gemv_kernel(
     SPLIT_K,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    UNROLL: tl.constexpr = 1,
+    STAGES: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -66,7 +72,7 @@ def _dense_gemv_kernel(
     k_lo = pid_k * per_split
     k_hi = tl.minimum(K, k_lo + per_split)
     part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(k_lo, k_hi, BLOCK_K):
+    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES, loop_unroll_factor=UNROLL):
         ks = k0 + tl.arange(0, BLOCK_K)
         k_ok = ks < k_hi
         w = tl.load(w_ptr + rows[:, None] * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
@@ -126,6 +132,6 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, config: DenseGemvConfig | 
     part = torch.empty((split, n) if split > 1 else (1,), dtype=torch.float32, device=x.device)
     _dense_gemv_kernel[(blocks, split)](
         x1.contiguous(), weight, out, part, completion_counters(x.device, blocks), n, k, weight.stride(0), split,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UNROLL=cfg.unroll, STAGES=cfg.stages, num_warps=cfg.num_warps,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)

@@ -19,6 +19,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         (300, 33, torch.bfloat16, DenseGemvConfig(block_n=4, per_sm=2)),  # K not a multiple of the step
         (1024, 64, torch.float16, DenseGemvConfig(block_n=16, block_k=512, num_warps=2)),
         (256, 7, torch.float32, DenseGemvConfig(block_n=2, per_sm=1)),  # no split: stored directly
+        (1280, 24, torch.bfloat16, DenseGemvConfig(block_n=2, per_sm=1, unroll=4)),  # 5 steps: a ragged unroll
+        (1024, 24, torch.bfloat16, DenseGemvConfig(block_n=4, per_sm=8, stages=3)),  # pipelined, split K
     ],
 )
 def test_matches_float64_and_is_deterministic(k: int, n: int, dtype: torch.dtype, config: DenseGemvConfig) -> None:
