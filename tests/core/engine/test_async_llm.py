@@ -97,3 +97,54 @@ def test_invalid_request_raises_before_streaming(model_path):
             await engine.shutdown()
 
     asyncio.run(main())
+
+
+def test_held_steps_take_requests_in_and_step_none_until_released(model_path):
+    """hold_steps (run-batch's first window): requests reach the scheduler, no step runs, an abort is still
+    taken; after release_steps the others finish with the tokens they get unheld, in one first step."""
+    prompts = random_prompts(4, seed=9)
+    offline = [
+        o.outputs[0].token_ids
+        for o in LLM(model_path, device="cpu", dtype="float32", num_kv_blocks=128, max_model_len=256).generate(
+            prompts, GREEDY
+        )
+    ]
+
+    async def main():
+        engine = _engine(model_path)
+        steps = []
+        inner = engine.engine.step
+
+        def counted():
+            steps.append(engine.engine.get_stats().num_waiting)
+            return inner()
+
+        engine.engine.step = counted
+
+        async def one(i, p):
+            return [o async for o in engine.generate(p, GREEDY, request_id=f"r{i}")][-1].outputs[0].token_ids
+
+        try:
+            engine.start()
+            engine.hold_steps()
+            tasks = [asyncio.ensure_future(one(i, p)) for i, p in enumerate(prompts)]
+            gone = asyncio.ensure_future(one(9, [5, 6, 7]))
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if engine.engine.get_stats().num_waiting == len(prompts) + 1:
+                    break
+            assert engine.engine.get_stats().num_waiting == len(prompts) + 1 and steps == []
+            gone.cancel()  # aborts are taken in while held
+            for _ in range(200):
+                await asyncio.sleep(0.01)
+                if engine.engine.get_stats().num_waiting == len(prompts):
+                    break
+            assert engine.engine.get_stats().num_waiting == len(prompts) and steps == []
+            engine.release_steps()
+            got = await asyncio.gather(*tasks)
+            assert steps[0] == len(prompts)  # the first step saw every held request
+            return got
+        finally:
+            await engine.shutdown()
+
+    assert asyncio.run(main()) == offline
