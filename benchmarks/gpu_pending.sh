@@ -3,7 +3,8 @@
 # Usage (repository root, on the GPU machine):
 #   bash benchmarks/gpu_pending.sh "<stage> ..."
 # Stages (each under its own timeout; a failure is logged and the next stage runs):
-#   tests          the CUDA platform and Triton attention tests on the GPU (TESTS, TESTS_MARK="gpu or not gpu") ~2 min
+#   tests          the CUDA platform and Triton attention tests on the GPU (TESTS, TESTS_MARK="gpu or not gpu",
+#                  TESTS_TIMEOUT, TESTS_ARGS e.g. "-n 4" with pytest-xdist) ~3 min
 #   lora_sweep     LoRA kernel sweep with segment-aligned tiles (issue 16; LORA_SWEEP_ARGS) ~4 min
 #   lora_profile   the SGMV shrink / expand apart at 256 rows x 64 adapters, then ncu on both (16)  ~4 min
 #   quant_sweep    INT4/FP8/INT8 GEMV and GEMM sweep (issue 14; QUANT_SWEEP_ARGS e.g. "--rows 1 --formats int4") ~2 min
@@ -51,7 +52,8 @@ stage() {  # stage <name> <timeout s> <command...>: output in $OUT/<name>.log, t
 }
 for s in $STAGES; do
   case $s in
-    tests) stage tests 150 python3 -m pytest -q -p no:cacheprovider ${TESTS:-tests/platforms/cuda tests/attention_backends} ${TESTS_MARK:+-m "$TESTS_MARK"}
+    tests) stage tests ${TESTS_TIMEOUT:-150} python3 -m pytest -q -rf -p no:cacheprovider ${TESTS_ARGS:-} \
+             ${TESTS:-tests/platforms/cuda tests/attention_backends} ${TESTS_MARK:+-m "$TESTS_MARK"}
            grep -E "passed|failed|FAILED|Error" "$OUT/tests.log" | tail -25 ;;
     lora_sweep) stage lora_sweep 330 python3 benchmarks/lora_kernels_sweep.py --budget-s 300 ${LORA_SWEEP_ARGS:-}
                 tail -60 "$OUT/lora_sweep.log" | cut -c1-200 ;;
