@@ -3,7 +3,7 @@
     python3 benchmarks/dense_gemv_probe.py          # H200: ~1 min; prints JSON, writes $OUT/dense_gemv_probe.json
     python3 benchmarks/dense_gemv_probe.py --e2e llama8b   # batch-1 decode, GEMV on vs off
     python3 benchmarks/dense_gemv_probe.py --e2e llama8b --config 2,512,16,1   # default vs that config
-    python3 benchmarks/dense_gemv_probe.py --e2e llama8b,qwen3_30b_a3b --config 2,256,16,1,4,1   # unrolled k-loop
+    python3 benchmarks/dense_gemv_probe.py --e2e llama8b,qwen3_30b_a3b --config 2,256,16,1,1   # vs the plain loop
     python3 benchmarks/dense_gemv_probe.py --shapes moe_qkv,moe_o   # the grid on some shapes only
     python3 benchmarks/dense_gemv_probe.py --e2e llama8b --config best   # the config the last sweep liked best
 
@@ -38,20 +38,26 @@ GRID = [(8, 256, 8, 1), (4, 256, 8, 1), (16, 256, 8, 1), (8, 256, 16, 1), (8, 51
         # one warp with 16 k per thread and row a step: twice the bytes in flight per program (the small
         # shapes read at ~half the copy bandwidth with 8)
         (2, 512, 16, 1), (4, 512, 16, 1), (2, 512, 32, 1), (1, 512, 32, 1), (2, 1024, 16, 1), (2, 512, 8, 1),
-        # (..., unroll, stages): the k-loop unrolled so that several steps' loads are in flight at once, or
-        # software-pipelined through shared memory (the plain loop waits for each step's loads)
-        (2, 256, 16, 1, 2, 1), (2, 256, 16, 1, 4, 1), (2, 256, 16, 1, 8, 1), (4, 256, 16, 1, 4, 1),
-        (2, 256, 8, 1, 4, 1), (2, 256, 16, 1, 1, 3), (2, 256, 16, 1, 1, 4), (4, 256, 8, 1, 1, 4)]  # fmt: skip
+        # (..., unroll): several k-steps' loads in flight at once (the plain loop waits for each step's).
+        # Run m also tried Triton's software pipelining (tl.range num_stages 3-4): no better than unroll 4.
+        (2, 256, 16, 1, 1), (2, 256, 16, 1, 2), (2, 256, 16, 1, 4), (2, 256, 16, 1, 8), (4, 256, 16, 1, 4),
+        (2, 256, 8, 1, 4), (2, 256, 8, 1, 2), (2, 512, 8, 1, 2)]  # fmt: skip
+
+
+def config_of(cfg: tuple[int, ...]) -> object:
+    """A grid entry as a DenseGemvConfig: (block_n, block_k, per_sm, warps[, unroll]); no unroll: the plain loop."""
+    from kvik_cuda.gemv import DenseGemvConfig
+
+    return DenseGemvConfig(*cfg[:4], unroll=cfg[4] if len(cfg) > 4 else 1)
 
 
 def label(cfg: tuple[int, ...]) -> str:
-    bn, bk, per_sm, warps, *rest = cfg
-    unroll, stages = rest or (1, 1)
-    return f"gemv:{bn}x{bk}:s{per_sm}:w{warps}" + (f":u{unroll}:p{stages}" if rest else "")
+    bn, bk, per_sm, warps, *unroll = cfg
+    return f"gemv:{bn}x{bk}:s{per_sm}:w{warps}" + (f":u{unroll[0]}" if unroll else "")
 
 
 def measure(sweep, k: int, n: int) -> dict[str, object]:  # type: ignore[no-untyped-def]
-    from kvik_cuda.gemv import DenseGemvConfig, dense_gemv
+    from kvik_cuda.gemv import dense_gemv
     from quant_kernels_sweep import copies_for
 
     gen = torch.Generator(device="cuda").manual_seed(0)
@@ -62,7 +68,7 @@ def measure(sweep, k: int, n: int) -> dict[str, object]:  # type: ignore[no-unty
     row: dict[str, object] = {"floor_us": round(n * k * 2 / 4.27e6, 2)}
     row["cublas"] = sweep.time_us([lambda c=c: F.linear(x, c) for c in copies])
     for grid_cfg in GRID:
-        cfg = DenseGemvConfig(*grid_cfg)
+        cfg = config_of(grid_cfg)
         try:
             err = float((dense_gemv(x, w, cfg).double() - ref).abs().max() / ref.abs().max())
             t = sweep.time_us([lambda c=c, g=cfg: dense_gemv(x, c, g) for c in copies])
@@ -75,7 +81,7 @@ def measure(sweep, k: int, n: int) -> dict[str, object]:  # type: ignore[no-unty
 
 def batch1(shape: str, gemv: bool, config: tuple[int, ...] | None = None) -> dict[str, float]:
     """Batch-1 decode ms/token of ``shape`` with or without the one-row GEMV (run in its own process); with
-    ``config``, the fused layers' GEMVs use that (block_n, block_k, per_sm, warps[, unroll, stages]) instead of
+    ``config``, the fused layers' GEMVs use that (block_n, block_k, per_sm, warps[, unroll]) instead of
     the default."""
     import functools
     import time
@@ -87,9 +93,9 @@ def batch1(shape: str, gemv: bool, config: tuple[int, ...] | None = None) -> dic
 
     if config is not None:
         from kvik_cuda import fused
-        from kvik_cuda.gemv import DenseGemvConfig, dense_gemv
+        from kvik_cuda.gemv import dense_gemv
 
-        fused.dense_gemv = functools.partial(dense_gemv, config=DenseGemvConfig(*config))  # type: ignore[assignment]
+        fused.dense_gemv = functools.partial(dense_gemv, config=config_of(config))  # type: ignore[assignment]
     if not gemv:
         from kvik.layers.embedding import LMHead
         from kvik.layers.linear import Linear

@@ -21,17 +21,16 @@ from kvik_cuda.sms import num_sms
 
 @dataclass(frozen=True, slots=True)
 class DenseGemvConfig:
-    # Best or within 3% of the best on every shape of the H200 sweep (benchmarks/dense_gemv_probe.py,
-    # 2026-12-01): 8B qkv / o / gate_up / down / head 15.8 / 12.1 / 58.3 / 32.0 / 241 µs against cuBLAS's
-    # 16.4 / 13.6 / 62.7 / 32.1 / 282; Qwen3-30B-A3B's qkv / o / router 7.9 / 8.0 / 3.4 against 8.0 / 9.3 / 4.8.
+    # The least total time over the 8B's qkv / o / down and Qwen3-30B-A3B's qkv / o in the H200 sweep
+    # (benchmarks/dense_gemv_probe.py, 2026-12-02 run m): 14.6 / 10.9 / 30.4 / 7.2 / 8.3 µs against the plain
+    # loop's (2, 256, 16 per SM) 15.6 / 11.8 / 32.7 / 8.0 / 8.2 and cuBLAS's 16.6 / 13.3 / 32.2 / 8.1 / 9.5.
     block_n: int = 2  # weight rows per program
     block_k: int = 256  # k per step: 8 per thread x 32 lanes x num_warps
-    per_sm: int = 16  # split K until this many programs per SM
+    per_sm: int = 8  # split K until this many programs per SM
     num_warps: int = 1
-    # k-loop iterations unrolled (their loads issued together) and software-pipelined stages (cp.async
-    # through shared memory); 1 and 1: a plain loop that waits for each step's loads before the next.
-    unroll: int = 1
-    stages: int = 1
+    # k-steps per loop iteration, each masked on its own (so any trip count is right): their loads are in
+    # flight together, where a plain loop waits for each step's before issuing the next.
+    unroll: int = 4
 
 
 @triton.jit
@@ -62,7 +61,6 @@ def _dense_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UNROLL: tl.constexpr = 1,
-    STAGES: tl.constexpr = 1,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -72,12 +70,17 @@ def _dense_gemv_kernel(
     k_lo = pid_k * per_split
     k_hi = tl.minimum(K, k_lo + per_split)
     part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in tl.range(k_lo, k_hi, BLOCK_K, num_stages=STAGES, loop_unroll_factor=UNROLL):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < k_hi
-        w = tl.load(w_ptr + rows[:, None] * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
-        x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
-        part += w.to(tl.float32) * x.to(tl.float32)[None, :]
+    # Unrolled by hand, not with tl.range's loop_unroll_factor: Triton 3.6 miscomputes that loop's remainder on
+    # the GPU (a 5-step loop unrolled by 4 gave garbage on the H200, right under the interpreter). The k order
+    # of each lane's sums is the plain loop's, so every unroll gives the same bits.
+    for k0 in range(k_lo, k_hi, BLOCK_K * UNROLL):
+        for u in tl.static_range(UNROLL):
+            ks = k0 + u * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = ks < k_hi
+            w = tl.load(w_ptr + rows[:, None] * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
+                        other=0.0)  # fmt: skip
+            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
+            part += w.to(tl.float32) * x.to(tl.float32)[None, :]
     acc = tl.sum(part, axis=1)
     if SPLIT_K == 1:
         tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
@@ -132,6 +135,6 @@ def dense_gemv(x: torch.Tensor, weight: torch.Tensor, config: DenseGemvConfig | 
     part = torch.empty((split, n) if split > 1 else (1,), dtype=torch.float32, device=x.device)
     _dense_gemv_kernel[(blocks, split)](
         x1.contiguous(), weight, out, part, completion_counters(x.device, blocks), n, k, weight.stride(0), split,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UNROLL=cfg.unroll, STAGES=cfg.stages, num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UNROLL=cfg.unroll, num_warps=cfg.num_warps,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)

@@ -124,24 +124,25 @@ def _pairwise_gemv_kernel(
     col_ok = cols < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in tl.range(0, K, BLOCK_K, loop_unroll_factor=UNROLL):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K
-        a = tl.load(a_ptr + row * stride_am + ks, mask=k_ok, other=0.0)
-        if SILU_A:  # act = silu(gate) * up, rounded where the eager reference rounds (after silu, after *)
-            up = tl.load(a_ptr + row * stride_am + K + ks, mask=k_ok, other=0.0).to(tl.float32)
-            gate = a.to(tl.float32)
-            silu = (gate / (1.0 + tl.exp(-gate))).to(a_ptr.dtype.element_ty).to(tl.float32)
-            a = (silu * up).to(a_ptr.dtype.element_ty)
-        w = tl.load(
-            w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :],
-            mask=col_ok[:, None] & k_ok[None, :],
-            other=0.0,
-        )
-        if REDUCE_ONCE:  # no cross-lane shuffles in the loop (kvik_cuda.gemv's layout)
-            part += w.to(tl.float32) * a.to(tl.float32)[None, :]
-        else:
-            acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+    for k0 in range(0, K, BLOCK_K * UNROLL):  # unrolled by hand, each step masked (kvik_cuda.gemv says why)
+        for u in tl.static_range(UNROLL):
+            ks = k0 + u * BLOCK_K + tl.arange(0, BLOCK_K)
+            k_ok = ks < K
+            a = tl.load(a_ptr + row * stride_am + ks, mask=k_ok, other=0.0)
+            if SILU_A:  # act = silu(gate) * up, rounded where the eager reference rounds (after silu, after *)
+                up = tl.load(a_ptr + row * stride_am + K + ks, mask=k_ok, other=0.0).to(tl.float32)
+                gate = a.to(tl.float32)
+                silu = (gate / (1.0 + tl.exp(-gate))).to(a_ptr.dtype.element_ty).to(tl.float32)
+                a = (silu * up).to(a_ptr.dtype.element_ty)
+            w = tl.load(
+                w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :],
+                mask=col_ok[:, None] & k_ok[None, :],
+                other=0.0,
+            )
+            if REDUCE_ONCE:  # no cross-lane shuffles in the loop (kvik_cuda.gemv's layout)
+                part += w.to(tl.float32) * a.to(tl.float32)[None, :]
+            else:
+                acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
     if REDUCE_ONCE:
         acc = tl.sum(part, axis=1)
     if MUL_WEIGHT:

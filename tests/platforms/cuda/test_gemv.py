@@ -19,8 +19,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         (300, 33, torch.bfloat16, DenseGemvConfig(block_n=4, per_sm=2)),  # K not a multiple of the step
         (1024, 64, torch.float16, DenseGemvConfig(block_n=16, block_k=512, num_warps=2)),
         (256, 7, torch.float32, DenseGemvConfig(block_n=2, per_sm=1)),  # no split: stored directly
-        (1280, 24, torch.bfloat16, DenseGemvConfig(block_n=2, per_sm=1, unroll=4)),  # 5 steps: a ragged unroll
-        (1024, 24, torch.bfloat16, DenseGemvConfig(block_n=4, per_sm=8, stages=3)),  # pipelined, split K
+        (1280, 24, torch.bfloat16, DenseGemvConfig(block_n=2, per_sm=1, unroll=4)),  # splits of 2, 2, 1, 0 steps
+        (1280, 24, torch.bfloat16, DenseGemvConfig(block_n=2, per_sm=1 << 20, unroll=4)),  # one step per split
+        (2560, 24, torch.bfloat16, DenseGemvConfig(block_n=2, per_sm=0, unroll=4)),  # no split: 10 steps by 4
     ],
 )
 def test_matches_float64_and_is_deterministic(k: int, n: int, dtype: torch.dtype, config: DenseGemvConfig) -> None:
@@ -64,3 +65,15 @@ def test_fused_linear_and_head_use_it_for_one_row_only() -> None:
         else:
             torch.testing.assert_close(got_one.float(), before[name][0].float(), rtol=2e-3, atol=2e-3)
     assert model["head"](one).dtype == torch.float32
+
+
+@pytest.mark.parametrize("k", [768, 1280, 4096])
+def test_any_unroll_gives_the_same_bits(k: int) -> None:
+    """Unrolled steps keep each lane's k order, so unroll is a speed knob only (batch-1 tokens do not move)."""
+    g = torch.Generator().manual_seed(k)
+    w = torch.randn(40, k, generator=g).to(DEVICE, torch.bfloat16)
+    x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
+    for per_sm in (0, 1, 1 << 20):  # no split, some, one step per split
+        plain = dense_gemv(x, w, DenseGemvConfig(per_sm=per_sm))
+        for unroll in (2, 4):
+            assert torch.equal(dense_gemv(x, w, DenseGemvConfig(per_sm=per_sm, unroll=unroll)), plain)
