@@ -3,7 +3,6 @@
     python benchmarks/run_batch_benchmark.py                       # CPU: tiny model, host-bound steps
     python benchmarks/run_batch_benchmark.py --n 512 --out-len 64 --repeats 5
     python benchmarks/run_batch_benchmark.py --sides chat,run_batch,run_batch_nofreeze   # the GC freeze's effect
-    python benchmarks/run_batch_benchmark.py --sides chat,run_batch,run_batch_nohold     # the held first window's
     python benchmarks/run_batch_benchmark.py --shape smollm2 --device cuda --dtype bfloat16   # a GPU
 
 A random Llama (``--shape`` of benchmarks/gpu_common.py; ``tiny``: 2 layers, hidden 64, so a CPU step
@@ -13,9 +12,7 @@ takes ~10 ms at 256 sequences and the host work per request decides) with a Chat
 * ``chat``: ``LLM.chat`` (templating inside the timing);
 * ``run_batch``: run-batch's runner (core/kvik/entrypoints/batch.py ``run_requests``: every line
   through the server's app in-process), timed from its first request to its last answer;
-* ``run_batch_nofreeze``: the same with ``gc.freeze`` made a no-op (how run-batch ran before it froze the heap);
-* ``run_batch_nohold``: the same with the engine stepping from the first line on (how run-batch ran before it held
-  steps until its first window of lines was in).
+* ``run_batch_nofreeze``: the same with ``gc.freeze`` made a no-op (how run-batch ran before it froze the heap).
 
 The sides alternate ``--repeats`` times in one process after one unrecorded warm-up of each (the
 machine may be shared: each row has wall seconds and this process's CPU seconds, all threads, and
@@ -44,7 +41,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SIDES = ("chat", "run_batch", "run_batch_nofreeze", "run_batch_nohold")
+SIDES = ("chat", "run_batch", "run_batch_nofreeze")
 # Engine steps, seconds inside them, first and last step's start (perf_counter), seconds of --device-ms
 # sleeps' overrun (waiting to get the GIL back).
 STEPS = [0, 0.0, 0.0, 0.0, 0.0]
@@ -169,8 +166,7 @@ def time_chat(engine: dict[str, Any], chats: list[Any], out_len: int) -> dict[st
             "thread_switches": {name: t[1] - before.get(name, (0.0, 0))[1] for name, t in after.items()}}  # fmt: skip
 
 
-def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root: Path, freeze: bool = True,
-                   hold: bool = True) -> dict[str, Any]:  # fmt: skip
+def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root: Path, freeze: bool = True) -> dict[str, Any]:
     """run-batch's runner on a fresh engine, from its first request to its last answer."""
     from kvik.entrypoints import batch
     from kvik.entrypoints.batch_file import BatchRequest
@@ -198,13 +194,6 @@ def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root:
     if not freeze:
         batch.gc = types.SimpleNamespace(freeze=lambda: None, unfreeze=lambda: None,  # type: ignore[attr-defined]
                                          get_freeze_count=gc.get_freeze_count)  # fmt: skip
-    held = batch.first_window_in
-    if not hold:
-
-        async def no_hold(*args: Any, **kwargs: Any) -> None:
-            return None
-
-        batch.first_window_in = no_hold  # type: ignore[assignment]
     out_file = root / "run_batch_out.jsonl"
     settings = ServerSettings(served_model_name=None, max_request_body_bytes=None, ui=False)
     _reset()
@@ -212,7 +201,7 @@ def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root:
         with out_file.open("w") as out:
             failed = asyncio.run(batch.run_requests(requests, out, dict(engine), settings, False))
     finally:
-        batch.post, batch.gc, batch.first_window_in = inner, gc, held  # type: ignore[assignment]
+        batch.post, batch.gc = inner, gc  # type: ignore[assignment]
     bodies = [json.loads(line)["response"]["body"] for line in out_file.read_text().splitlines()]
     tokens = sum(b["usage"]["completion_tokens"] for b in bodies if "usage" in b)
     start, end = min(m[0] for m in marks), max(m[0] for m in marks)
@@ -227,7 +216,7 @@ def time_side(side: str, engine: dict[str, Any], chats: list[Any], out_len: int,
     gc.collect()  # every side starts with the collector in the same state (not timed)
     if side == "chat":
         return time_chat(engine, chats, out_len)
-    return time_run_batch(engine, chats, out_len, root, freeze=side != "run_batch_nofreeze", hold=side != "run_batch_nohold")
+    return time_run_batch(engine, chats, out_len, root, freeze=side == "run_batch")
 
 
 def compare(engine: dict[str, Any], chats: list[Any], out_len: int, repeats: int, root: Path,

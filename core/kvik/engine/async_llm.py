@@ -49,7 +49,6 @@ class AsyncLLM:
         self._accepting = True
         self._error: BaseException | None = None
         self._stats: EngineStats = engine.get_stats()
-        self._held = False  # hold_steps(): take requests in, step none
 
     @classmethod
     def from_engine_args(cls, model_name: str | None = None, **kwargs: Any) -> AsyncLLM:
@@ -93,19 +92,6 @@ class AsyncLLM:
         self._running = True
         self._thread = threading.Thread(target=self._run_loop, name="kvik-engine", daemon=True)
         self._thread.start()
-
-    def hold_steps(self) -> None:
-        """Take requests, aborts and adapter commands in as usual, but run no step until :meth:`release_steps`.
-
-        For a caller about to submit a burst from the event loop (``kvik run-batch``'s first window of lines):
-        the burst's Python work then does not share the GIL with steps, and the first step sees all of it,
-        as ``LLM.generate``'s does."""
-        self._held = True
-
-    def release_steps(self) -> None:
-        """End :meth:`hold_steps`."""
-        self._held = False
-        self._commands.put(("wake", None))
 
     async def shutdown(self, grace_period: float = 0.0) -> None:
         """Stop accepting, let in-flight requests finish for ``grace_period`` s, abort the rest."""
@@ -299,8 +285,8 @@ class AsyncLLM:
     def _run_loop(self) -> None:
         try:
             while self._running:
-                self._drain_commands(block=self._held or not self.engine.has_unfinished_requests())
-                if self.engine.has_unfinished_requests() and not self._held:
+                self._drain_commands(block=not self.engine.has_unfinished_requests())
+                if self.engine.has_unfinished_requests():
                     self._post(self.engine.step())
                     self._post(self.engine.take_pooling_outputs())
                 else:  # idle: a worker process that died must still fail the engine (and /ready) now

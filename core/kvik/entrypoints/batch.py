@@ -8,8 +8,7 @@ included, and server features (new fields, tools ...) reach batches with no code
 needs the server package; without it the command says how to install it.
 
 All pending requests are in flight at once (up to a window a few times the engine's batch), so
-the engine runs full batches as ``LLM.generate`` does; it takes its first step once the first window
-of lines is in (:func:`first_window_in`). Results are appended as they finish and
+the engine runs full batches as ``LLM.generate`` does. Results are appended as they finish and
 flushed, so an interrupted run resumes where it stopped (see batch_file.py). While the lines run,
 the heap that exists before them is frozen (``gc.freeze``) so that full garbage collections do not
 stall the engine (docs/benchmarks.md, issue 19).
@@ -122,8 +121,7 @@ async def run_requests(
     engine = AsyncLLM.from_engine_args(**engine_kwargs)
     app = build_app(engine, settings)
     # Enough requests in flight to keep every batch seat busy while others are being tokenized.
-    window_size = max(64, 4 * int(engine.config.max_num_seqs))
-    window = asyncio.Semaphore(window_size)
+    window = asyncio.Semaphore(max(64, 4 * int(engine.config.max_num_seqs)))
     bar = None
     if progress:
         from tqdm import tqdm
@@ -131,12 +129,10 @@ async def run_requests(
         bar = tqdm(total=len(requests), desc="run-batch", unit="req", file=sys.stderr)
 
     failed: list[str] = []  # messages of 5xx answers
-    answered = [0]
 
     async def one(request: BatchRequest) -> None:
         async with window:
             status, body = await post(app, request.url, request.body)
-        answered[0] += 1
         if status >= 500:
             # The server's fault (engine died, shutting down, a bug), not the request's: no record, so a
             # later run retries it.
@@ -155,39 +151,13 @@ async def run_requests(
     gc.freeze()
     try:
         async with app.router.lifespan_context(app):  # starts and stops the engine loop
-            engine.hold_steps()
-            try:
-                tasks = asyncio.gather(*(one(r) for r in requests))
-                await first_window_in(engine, answered, min(len(requests), window_size))
-            finally:
-                engine.release_steps()
-            await tasks
+            await asyncio.gather(*(one(r) for r in requests))
     finally:
         if not frozen_before:
             gc.unfreeze()
         if bar is not None:
             bar.close()
     return failed
-
-
-async def first_window_in(engine: Any, answered: list[int], wanted: int, stall_s: float = 0.5) -> None:
-    """Return once ``wanted`` requests are in the engine or answered (refused lines answer at once), or when that
-    count has not grown for ``stall_s`` (a slow render must not hold every other request back).
-
-    Until then the engine steps none (``AsyncLLM.hold_steps``): the lines' parsing, templating and tokenizing,
-    ~0.7 ms of Python each, would otherwise share the GIL with the first steps, and those steps would start on a
-    partial batch. ``LLM.chat`` likewise renders every prompt before its first step."""
-    loop = asyncio.get_running_loop()
-    seen, since = -1, loop.time()
-    while True:
-        count = engine.num_unfinished + answered[0]
-        if count >= wanted:
-            return
-        if count != seen:
-            seen, since = count, loop.time()
-        elif loop.time() - since > stall_s:
-            return
-        await asyncio.sleep(0.002)
 
 
 async def post(app: Any, path: str, body: dict[str, Any]) -> tuple[int, Any]:
