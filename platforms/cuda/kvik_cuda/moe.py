@@ -115,7 +115,6 @@ def _pairwise_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     REDUCE_ONCE: tl.constexpr,  # accumulate a [BLOCK_N, BLOCK_K] register tile, reduced across lanes at the end
-    UNROLL: tl.constexpr = 1,  # k-steps unrolled: their loads in flight together (kvik_cuda.gemv's DenseGemvConfig)
 ):
     pair = tl.program_id(0).to(tl.int64)
     expert = tl.load(ids_ptr + pair).to(tl.int64)
@@ -124,25 +123,24 @@ def _pairwise_gemv_kernel(
     col_ok = cols < N
     acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
     part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K * UNROLL):  # unrolled by hand, each step masked (kvik_cuda.gemv says why)
-        for u in tl.static_range(UNROLL):
-            ks = k0 + u * BLOCK_K + tl.arange(0, BLOCK_K)
-            k_ok = ks < K
-            a = tl.load(a_ptr + row * stride_am + ks, mask=k_ok, other=0.0)
-            if SILU_A:  # act = silu(gate) * up, rounded where the eager reference rounds (after silu, after *)
-                up = tl.load(a_ptr + row * stride_am + K + ks, mask=k_ok, other=0.0).to(tl.float32)
-                gate = a.to(tl.float32)
-                silu = (gate / (1.0 + tl.exp(-gate))).to(a_ptr.dtype.element_ty).to(tl.float32)
-                a = (silu * up).to(a_ptr.dtype.element_ty)
-            w = tl.load(
-                w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :],
-                mask=col_ok[:, None] & k_ok[None, :],
-                other=0.0,
-            )
-            if REDUCE_ONCE:  # no cross-lane shuffles in the loop (kvik_cuda.gemv's layout)
-                part += w.to(tl.float32) * a.to(tl.float32)[None, :]
-            else:
-                acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + tl.arange(0, BLOCK_K)
+        k_ok = ks < K
+        a = tl.load(a_ptr + row * stride_am + ks, mask=k_ok, other=0.0)
+        if SILU_A:  # act = silu(gate) * up, rounded where the eager reference rounds (after silu, after *)
+            up = tl.load(a_ptr + row * stride_am + K + ks, mask=k_ok, other=0.0).to(tl.float32)
+            gate = a.to(tl.float32)
+            silu = (gate / (1.0 + tl.exp(-gate))).to(a_ptr.dtype.element_ty).to(tl.float32)
+            a = (silu * up).to(a_ptr.dtype.element_ty)
+        w = tl.load(
+            w_ptr + expert * stride_we + cols[:, None] * stride_wn + ks[None, :],
+            mask=col_ok[:, None] & k_ok[None, :],
+            other=0.0,
+        )
+        if REDUCE_ONCE:  # no cross-lane shuffles in the loop (kvik_cuda.gemv's layout)
+            part += w.to(tl.float32) * a.to(tl.float32)[None, :]
+        else:
+            acc += tl.sum(w.to(tl.float32) * a.to(tl.float32)[None, :], axis=1)
     if REDUCE_ONCE:
         acc = tl.sum(part, axis=1)
     if MUL_WEIGHT:
@@ -205,13 +203,13 @@ PAIRWISE_MAX_PAIRS = 64
 ROUTE_MAX_EXPERTS = 1024
 
 
-def gemv_config(n_out: int, k_in: int) -> tuple[int, ...]:
-    """(BLOCK_N, BLOCK_K, num_warps, reduce_once[, unroll]) of the pairwise GEMV for an expert weight
-    [n_out, k_in] (benchmarks/moe_gemv_sweep.py times the alternatives)."""
+def gemv_config(n_out: int, k_in: int) -> tuple[int, int, int, bool]:
+    """(BLOCK_N, BLOCK_K, num_warps, reduce_once) of the pairwise GEMV for an expert weight [n_out, k_in]
+    (benchmarks/moe_gemv_sweep.py times the alternatives)."""
     # H200, Qwen3-30B-A3B's gate_up [1536, 2048] and down [2048, 768] at 8 pairs: (16, 256, 4) is within
     # 1% of each shape's best and 15% faster than (32, 128, 4) (run f in docs/benchmarks.md). The
-    # reduce-once, one-warp tiles (the dense GEMV's layout, no shuffles in the loop) are in the sweep's grid
-    # but not measured yet.
+    # reduce-once, one-warp tiles (the dense GEMV's layout) and a hand-unrolled k-loop (kvik_cuda.gemv's) were
+    # no better in runs i and o.
     return 16, min(256, triton.next_power_of_2(max(16, k_in))), 4, False
 
 
@@ -227,7 +225,7 @@ def _pairwise_gemv(
     sum_slots: int = 0,
 ) -> None:
     n_out, k_in = w.shape[1], w.shape[2]
-    block_n, block_k, warps, reduce_once, *unroll = gemv_config(n_out, k_in)
+    block_n, block_k, warps, reduce_once = gemv_config(n_out, k_in)
     col_blocks = triton.cdiv(n_out, block_n)
     locks = completion_counters(out.device, out.shape[0] * col_blocks) if sum_slots else out
     _pairwise_gemv_kernel[(out.shape[0], col_blocks)](
@@ -251,7 +249,6 @@ def _pairwise_gemv(
         BLOCK_N=block_n,
         BLOCK_K=block_k,
         REDUCE_ONCE=reduce_once,
-        UNROLL=unroll[0] if unroll else 1,
         num_warps=warps,
     )
 
