@@ -3,7 +3,7 @@
     python3 benchmarks/dense_gemv_probe.py          # H200: ~1 min; prints JSON, writes $OUT/dense_gemv_probe.json
     python3 benchmarks/dense_gemv_probe.py --e2e llama8b   # batch-1 decode, GEMV on vs off
     python3 benchmarks/dense_gemv_probe.py --e2e llama8b --config 2,512,16,1   # default vs that config
-    python3 benchmarks/dense_gemv_probe.py --e2e llama8b,qwen3_30b_a3b --config 2,256,16,1,1   # vs the plain loop
+    python3 benchmarks/dense_gemv_probe.py --e2e llama8b,qwen3_30b_a3b --config 2,256,16,1   # vs the plain loop
     python3 benchmarks/dense_gemv_probe.py --shapes moe_qkv,moe_o   # the grid on some shapes only
     python3 benchmarks/dense_gemv_probe.py --e2e llama8b --config best   # the config the last sweep liked best
 
@@ -40,7 +40,7 @@ GRID = [(8, 256, 8, 1), (4, 256, 8, 1), (16, 256, 8, 1), (8, 256, 16, 1), (8, 51
         (2, 512, 16, 1), (4, 512, 16, 1), (2, 512, 32, 1), (1, 512, 32, 1), (2, 1024, 16, 1), (2, 512, 8, 1),
         # (..., unroll): several k-steps' loads in flight at once (the plain loop waits for each step's).
         # Run m also tried Triton's software pipelining (tl.range num_stages 3-4): no better than unroll 4.
-        (2, 256, 16, 1, 1), (2, 256, 16, 1, 2), (2, 256, 16, 1, 4), (2, 256, 16, 1, 8), (4, 256, 16, 1, 4),
+        (2, 256, 16, 1, 2), (2, 256, 16, 1, 4), (2, 256, 16, 1, 8), (4, 256, 16, 1, 4),
         (2, 256, 8, 1, 4), (2, 256, 8, 1, 2), (2, 512, 8, 1, 2)]  # fmt: skip
 
 

@@ -16,7 +16,7 @@
 #   verify_graphs  the verify-shaped CUDA graph tests, GPU-marked ones included (15)  ~1 min
 #   moe            Qwen3-30B-A3B with the decode GEMV path (13; MOE_PROFILE=1: kernel times) ~5 min
 #   moe_sweep      the MoE decode GEMV's tile sweep at Qwen3-30B-A3B's shapes (13)  ~4 min
-#   gemv_sweep     the one-row dense GEMV's grid incl. unrolled / pipelined k-loops (13, 21; GEMV_SHAPES) ~2 min
+#   gemv_sweep     the one-row dense GEMV's grid incl. unrolled k-loops (13, 21; GEMV_SHAPES) ~2 min
 #   gemv_e2e       batch-1 decode, default GEMV vs the sweep's best config (after gemv_sweep; GEMV_E2E) ~4 min
 #   fallback       Llama-8B through the transformers fallback (13)                 ~3 min
 #   embed          BERT-base and Qwen3-0.6B embeddings vs sentence-transformers, tokenizer threads on (19) ~5 min

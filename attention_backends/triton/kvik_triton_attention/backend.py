@@ -211,7 +211,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         # A decode-only step (one new row per request, also in every replay of its plan) with a 16/32-bit cache
         # stores the new K/V inside the attention kernel; FP8 quantizes in write_kv_kernel.
         # Measured on an H200 (docs/benchmarks.md, 2026-12-01): the same tokens as write_kv_kernel, eager and
-        # under CUDA graphs, and 0.3-0.4% faster batch-1 decode (8B and Qwen3-30B-A3B).
+        # under CUDA graphs, and 0.1-0.4% faster batch-1 decode (8B and Qwen3-30B-A3B).
         fused = (
             metadata.planned_max_query_len == 1
             and metadata.num_reqs > 0

@@ -26,8 +26,8 @@ combines them. It pays off when ``num_reqs * num_kv_heads`` programs alone
 cannot fill the GPU (small-batch decode over long contexts).
 
 A step's new K/V rows reach the cache through :func:`write_kv_kernel` before attention, except in a
-decode-only step (one new row per request) with a 16/32-bit cache: the attention program whose KV tiles hold a request's new row
-stores it for its KV head (``WRITE_KV``) and, after a barrier, reads it back like any other key. No other
+decode-only step (one new row per request) with a 16/32-bit cache: the attention program whose KV tiles
+hold a request's new row stores it for its KV head (``WRITE_KV``) and, after a barrier, reads it back like any other key. No other
 program reads that slot in such a step (a request's earlier splits end before it), so this is race-free,
 and it saves a launch per layer of every decode step.
 
