@@ -17,7 +17,7 @@ import importlib.util
 from typing import Any, ClassVar
 
 import torch
-from kvik.attention.backend import AttentionBackend, AttentionMetadata
+from kvik.attention.backend import AttentionBackend, AttentionMetadata, RotaryInputs
 
 _LOG2E = 1.4426950408889634
 MIN_HEAD_SIZE = 16  # tl.dot needs K >= 16
@@ -208,22 +208,44 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         metadata: AttentionMetadata[torch.Tensor],
     ) -> torch.Tensor:
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
-        # A decode-only step (one new row per request, also in every replay of its plan) with a 16/32-bit cache
-        # stores the new K/V inside the attention kernel; FP8 quantizes in write_kv_kernel.
-        # Measured on an H200 (docs/benchmarks.md, 2026-12-01): the same tokens as write_kv_kernel, eager and
-        # under CUDA graphs, and 0.1-0.4% faster batch-1 decode (8B and Qwen3-30B-A3B).
-        fused = (
-            metadata.planned_max_query_len == 1
-            and metadata.num_reqs > 0
-            and kv_cache.dtype != torch.float8_e4m3fn
-            and key.stride(-1) == 1
-            and value.stride(-1) == 1
-        )
+        # The in-kernel K/V write, measured on an H200 (docs/benchmarks.md, 2026-12-01): the same tokens as
+        # write_kv_kernel, eager and under CUDA graphs, and 0.1-0.4% faster batch-1 decode (8B, Qwen3-30B-A3B).
+        fused = self._writes_kv_in_attention(kv_cache, metadata) and key.stride(-1) == 1 and value.stride(-1) == 1
         if not fused:
             self.write_kv(key, value, kv_cache, metadata.slot_mapping)
         if metadata.num_reqs == 0 or query.shape[0] == 0:
             return out
         self.attend(query, kv_cache, metadata, out, (key, value) if fused else None)
+        return out
+
+    @staticmethod
+    def _writes_kv_in_attention(kv_cache: torch.Tensor, metadata: AttentionMetadata[torch.Tensor]) -> bool:
+        """A decode-only step (one new row per request, also in every replay of its plan) with a 16/32-bit
+        cache: the attention kernel stores the new K/V itself (FP8 quantizes in write_kv_kernel)."""
+        return metadata.planned_max_query_len == 1 and metadata.num_reqs > 0 and kv_cache.dtype != torch.float8_e4m3fn
+
+    def fuses_rotary(self, kv_cache: torch.Tensor, metadata: AttentionMetadata[torch.Tensor]) -> bool:
+        """Decode-only steps whose new K/V the kernel stores itself also rotate q and k there, saving the
+        rotary kernel's launch per layer. Not in deterministic mode: the kernel's RMSNorm sums a head in
+        another order than the separate rotary kernel that prefill rows take, and a row must get the same
+        bits in a decode-only step as in a mixed one."""
+        return not self.batch_invariant and self._writes_kv_in_attention(kv_cache, metadata)
+
+    def forward_rotary(
+        self,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        rotary: RotaryInputs[torch.Tensor],
+        kv_cache: torch.Tensor,
+        metadata: AttentionMetadata[torch.Tensor],
+    ) -> torch.Tensor:
+        assert self.fuses_rotary(kv_cache, metadata), "forward_rotary outside a step fuses_rotary accepted"
+        assert key.stride(-1) == 1 and value.stride(-1) == 1
+        assert rotary.cos.stride(-1) == 1 and rotary.sin.stride(-1) == 1
+        assert (rotary.q_norm_weight is None) == (rotary.k_norm_weight is None), "q and k are normed together"
+        out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
+        self.attend(query, kv_cache, metadata, out, (key, value), rotary)
         return out
 
     def attend(
@@ -233,13 +255,19 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         metadata: AttentionMetadata[torch.Tensor],
         out: torch.Tensor,
         new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
+        rotary: RotaryInputs[torch.Tensor] | None = None,
     ) -> None:
         """Attention over the cache into ``out`` [num_tokens, num_heads, head_size]. The cache holds this step's
         K/V already, or ``new_kv`` = (key, value) of a decode-only step (one row per request), stored by the
-        kernel itself at ``metadata.slot_mapping``."""
+        kernel itself at ``metadata.slot_mapping``; with ``rotary`` (only with ``new_kv``), ``query`` and the
+        new key are rotated (and normed) in the kernel."""
         kernels = _kernels()
         assert query.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.stride(-1) == 1
+        assert rotary is None or new_kv is not None, "rotating in the kernel needs the new K in the kernel"
         new_k, new_v = new_kv if new_kv is not None else (query, query)  # unused pointers when not writing
+        cos, sin = (rotary.cos, rotary.sin) if rotary is not None else (query, query)  # unused when not rotating
+        norm = rotary is not None and rotary.q_norm_weight is not None
+        q_norm, k_norm = (rotary.q_norm_weight, rotary.k_norm_weight) if norm else (query, query)  # type: ignore[union-attr]
         num_tokens = query.shape[0]
         block_m, block_q, block_n, warps = self._tile(self.small_query(metadata))
         splits = self.num_splits(metadata, query.device, block_n)
@@ -275,6 +303,12 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             new_k,
             new_v,
             metadata.slot_mapping,
+            cos,
+            sin,
+            q_norm,
+            k_norm,
+            rotary.q_norm_eps if rotary is not None else 0.0,
+            rotary.k_norm_eps if rotary is not None else 0.0,
             self.scale * _LOG2E * k_scale,
             v_scale,
             metadata.num_reqs,
@@ -291,6 +325,8 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             new_k.stride(1),
             new_v.stride(0),
             new_v.stride(1),
+            cos.stride(0),
+            sin.stride(0),
             G=self.group,
             SLIDING_WINDOW=self.sliding_window or 0,
             SOFT_CAP=float(self.logits_soft_cap or 0.0),
@@ -305,6 +341,8 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             # only concerns fp32, and backends differ in which values they accept).
             DOT_PRECISION="ieee" if query.dtype == torch.float32 else None,
             WRITE_KV=new_kv is not None,
+            ROTARY=rotary is not None,
+            QK_NORM=norm,
             num_warps=warps,
             num_stages=self.num_stages,
         )

@@ -29,7 +29,9 @@ A step's new K/V rows reach the cache through :func:`write_kv_kernel` before att
 decode-only step (one new row per request) with a 16/32-bit cache: the attention program whose KV tiles
 hold a request's new row stores it for its KV head (``WRITE_KV``) and, after a barrier, reads it back like any other key. No other
 program reads that slot in such a step (a request's earlier splits end before it), so this is race-free,
-and it saves a launch per layer of every decode step.
+and it saves a launch per layer of every decode step. Such a step can also hand over q and k before their
+rotary embedding and per-head RMSNorms (``ROTARY``, ``QK_NORM``): each program rotates its own query rows,
+and the writing program the new key before storing it, which saves the rotary kernel's launch too.
 
 FP8 cache (``kv_cache_dtype="fp8"``): the cache holds float8 e4m3 ``x / scale`` with one
 K and one V scale per layer. :func:`write_kv_kernel` quantizes (and builds the e4m3 bits
@@ -60,6 +62,33 @@ def _find_request(query_start_loc_ptr, num_reqs, pid, BLOCK_Q: tl.constexpr):
     return lo - 1
 
 
+@triton.jit
+def _rotate_rows(src, x, mask, offs_d, cos_src, sin_src, w_ptr, eps, HEAD_SIZE: tl.constexpr, NORM: tl.constexpr):
+    """Rows ``x`` [R, HEAD_PAD] (loaded from pointers ``src`` under ``mask``) rotated by rotate_half with
+    per-row ``cos``/``sin`` at ``cos_src``/``sin_src`` (pointers like ``src``); with NORM each row is first
+    RMS-normalised and scaled by the weight at ``w_ptr``. Every step rounds to x's dtype where the eager
+    modules do (``RotaryInputs``). A row's other half comes from a second load of the same (cached) bytes
+    rather than from a register shuffle, which Triton has no cheap form of."""
+    HALF: tl.constexpr = HEAD_SIZE // 2
+    first = offs_d < HALF
+    shift = tl.where(first, HALF, -HALF)  # x[partner] with partner = d + HALF or d - HALF
+    y = tl.load(src + shift[None, :], mask=mask, other=0.0)
+    ty = x.dtype
+    if NORM:
+        f = x.to(tl.float32)
+        rstd = tl.math.rsqrt(tl.sum(f * f, 1) / HEAD_SIZE + eps)[:, None]
+        d_ok = offs_d < HEAD_SIZE
+        w = tl.load(w_ptr + offs_d, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        w_partner = tl.load(w_ptr + offs_d + shift, mask=d_ok, other=0.0).to(tl.float32)[None, :]
+        x = (w * (f * rstd).to(ty).to(tl.float32)).to(ty)
+        y = (w_partner * (y.to(tl.float32) * rstd).to(ty).to(tl.float32)).to(ty)
+    cos = tl.load(cos_src, mask=mask, other=0.0).to(tl.float32)
+    sin = tl.load(sin_src, mask=mask, other=0.0).to(tl.float32)
+    a = (x.to(tl.float32) * cos).to(ty).to(tl.float32)
+    b = (tl.where(first, -1.0, 1.0)[None, :] * y.to(tl.float32) * sin).to(ty).to(tl.float32)
+    return (a + b).to(ty)
+
+
 @triton.jit(do_not_specialize=["num_reqs"])
 def paged_attention_kernel(
     q_ptr,  # [num_tokens, num_heads, head_size]
@@ -74,6 +103,12 @@ def paged_attention_kernel(
     key_ptr,  # WRITE_KV: this step's new K rows [num_tokens, num_kv_heads, head_size] (else unused)
     value_ptr,  # WRITE_KV: the new V rows
     slot_mapping_ptr,  # WRITE_KV: [num_tokens] int64 cache slots of the new rows; negative: skip
+    cos_ptr,  # ROTARY: [num_tokens, head_size] (else unused)
+    sin_ptr,  # ROTARY: [num_tokens, head_size]
+    q_norm_ptr,  # QK_NORM: [head_size] per-head RMSNorm weight of q
+    k_norm_ptr,  # QK_NORM: of k
+    q_norm_eps,
+    k_norm_eps,
     scale_log2,  # softmax scale * log2(e) (* k_scale for an FP8 cache)
     v_scale,  # the FP8 cache's V scale (1.0 otherwise): out = v_scale * softmax(s) @ v
     num_reqs,
@@ -90,6 +125,8 @@ def paged_attention_kernel(
     stride_kvh,
     stride_vt,
     stride_vvh,
+    stride_ct,  # of cos_ptr / sin_ptr (ROTARY)
+    stride_st,
     G: tl.constexpr,  # query heads per KV head
     SLIDING_WINDOW: tl.constexpr,  # 0: none; else a key at position p is visible to a query at q iff q - p < window
     SOFT_CAP: tl.constexpr,  # 0.0: none; else scores x become SOFT_CAP * tanh(x / SOFT_CAP) (Gemma 2)
@@ -102,6 +139,8 @@ def paged_attention_kernel(
     NUM_SPLITS: tl.constexpr,
     DOT_PRECISION: tl.constexpr,  # "ieee" for fp32 inputs (exact); None: Triton's default
     WRITE_KV: tl.constexpr,  # a decode-only step (one new row per request): store the new K/V here, not in write_kv_kernel
+    ROTARY: tl.constexpr,  # with WRITE_KV: q and the new K arrive un-rotated; rotate them here (RotaryInputs)
+    QK_NORM: tl.constexpr,  # with ROTARY: RMS-normalise each q and k head first (Qwen3)
 ):
     pid_q = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -123,11 +162,15 @@ def paged_attention_kernel(
     row_ok = (offs_m < BLOCK_Q * G) & (tok < q_len)
     d_ok = offs_d < HEAD_SIZE
     q_rows = (q_start + tok).to(tl.int64)
-    q = tl.load(
-        q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :],
-        mask=row_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
+    q_src = q_ptr + q_rows[:, None] * stride_qt + head[:, None] * stride_qh + offs_d[None, :]
+    q_mask = row_ok[:, None] & d_ok[None, :]
+    q = tl.load(q_src, mask=q_mask, other=0.0)
+    if ROTARY:
+        # Every split program of a (request, KV head) rotates the same G heads: a few hundred bytes each,
+        # against a launch of its own for the separate rotary kernel.
+        q = _rotate_rows(q_src, q, q_mask, offs_d, cos_ptr + q_rows[:, None] * stride_ct + offs_d[None, :],
+                         sin_ptr + q_rows[:, None] * stride_st + offs_d[None, :], q_norm_ptr, q_norm_eps,
+                         HEAD_SIZE, QK_NORM)  # fmt: skip
     q_pos = ctx_len + tok  # absolute positions of the rows
 
     # KV range this tile needs: up to its last query row (causal), and from the
@@ -154,10 +197,17 @@ def paged_attention_kernel(
             if slot >= 0:
                 dst = (slot // KV_BLOCK_SIZE) * stride_kb + (slot % KV_BLOCK_SIZE) * stride_ks + kv_head * stride_kh
                 row = q_start.to(tl.int64)
-                k_new = tl.load(key_ptr + row * stride_kt + kv_head * stride_kvh + offs_d, mask=d_ok)
-                v_new = tl.load(value_ptr + row * stride_vt + kv_head * stride_vvh + offs_d, mask=d_ok)
-                tl.store(k_cache_ptr + dst + offs_d, k_new.to(k_cache_ptr.dtype.element_ty), mask=d_ok)
-                tl.store(v_cache_ptr + dst + offs_d, v_new.to(v_cache_ptr.dtype.element_ty), mask=d_ok)
+                cols = offs_d[None, :]  # one-row tiles, the shape _rotate_rows takes
+                col_ok = d_ok[None, :]
+                k_src = key_ptr + row * stride_kt + kv_head * stride_kvh + cols
+                k_new = tl.load(k_src, mask=col_ok, other=0.0)
+                if ROTARY:
+                    k_new = _rotate_rows(k_src, k_new, col_ok, offs_d, cos_ptr + row * stride_ct + cols,
+                                         sin_ptr + row * stride_st + cols, k_norm_ptr, k_norm_eps,
+                                         HEAD_SIZE, QK_NORM)  # fmt: skip
+                v_new = tl.load(value_ptr + row * stride_vt + kv_head * stride_vvh + cols, mask=col_ok)
+                tl.store(k_cache_ptr + dst + cols, k_new.to(k_cache_ptr.dtype.element_ty), mask=col_ok)
+                tl.store(v_cache_ptr + dst + cols, v_new.to(v_cache_ptr.dtype.element_ty), mask=col_ok)
             tl.debug_barrier()  # the stores are visible to every thread of the program before the tiles load
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)

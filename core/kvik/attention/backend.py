@@ -67,6 +67,25 @@ class AttentionMetadata(Generic[ArrayT]):
         return self.max_query_len == 1
 
 
+@dataclass(slots=True)
+class RotaryInputs(Generic[ArrayT]):
+    """What a backend needs to rotate q and k itself (:meth:`AttentionBackend.forward_rotary`).
+
+    The rotation is the neox / Hugging Face "rotate_half" one over the whole head: with ``h = head_size // 2``,
+    ``out[:h] = x[:h] * cos[:h] - x[h:] * sin[:h]`` and ``out[h:] = x[h:] * cos[h:] + x[:h] * sin[h:]``, each
+    product and the sum rounded to the query dtype (what the eager module does). Where a norm weight is set,
+    each head is first RMS-normalised (Qwen3's q/k norms): ``x * rsqrt(mean(x^2) + eps)`` in float32, rounded,
+    times the weight, rounded.
+    """
+
+    cos: ArrayT  # [num_tokens, head_size], the query dtype
+    sin: ArrayT  # [num_tokens, head_size]
+    q_norm_weight: ArrayT | None = None  # [head_size], or None: no per-head norm
+    k_norm_weight: ArrayT | None = None
+    q_norm_eps: float = 0.0
+    k_norm_eps: float = 0.0
+
+
 class AttentionBackend(ABC, Generic[ArrayT]):
     """Paged attention for one layer shape.
 
@@ -179,3 +198,24 @@ class AttentionBackend(ABC, Generic[ArrayT]):
         limited to the last ``sliding_window`` positions when set; scores are
         soft-capped when ``logits_soft_cap`` is set.
         """
+
+    def fuses_rotary(self, kv_cache: ArrayT, metadata: AttentionMetadata[ArrayT]) -> bool:
+        """Whether this step may go through :meth:`forward_rotary`: the model then hands over q and k before
+        their rotary embedding (and per-head norms) instead of rotating them itself. Asked once per layer
+        call; the answer must depend only on the step's shape and the cache's dtype (it is fixed inside a
+        captured CUDA graph)."""
+        return False
+
+    def forward_rotary(
+        self,
+        query: ArrayT,  # [num_tokens, num_heads, head_size], not yet rotated
+        key: ArrayT,  # [num_tokens, num_kv_heads, head_size], not yet rotated
+        value: ArrayT,
+        rotary: RotaryInputs[ArrayT],
+        kv_cache: ArrayT,
+        metadata: AttentionMetadata[ArrayT],
+    ) -> ArrayT:
+        """:meth:`forward` on ``rotary``'s rotation of ``query`` and ``key`` (what is cached is the rotated
+        key). Only called when :meth:`fuses_rotary` said yes for the step; a backend that says yes saves
+        the model a pass over q and k (a kernel launch per layer on a GPU)."""
+        raise NotImplementedError(f"attention backend {self.name!r} does not rotate q and k itself")

@@ -11,6 +11,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from kvik.attention.backend import RotaryInputs
+from kvik.layers.norm import GemmaRMSNorm, RMSNorm
 from kvik.layers.rope_settings import SUPPORTED_ROPE_TYPES, RopeSettings, rope_max_len, rope_settings
 
 __all__ = [
@@ -184,6 +186,41 @@ class RotaryEmbedding(nn.Module):
         q, k = self.normed(q, k, q_norm, k_norm)
         cos, sin = cos_sin
         return self._rotate_part(q, cos, sin), self._rotate_part(k, cos, sin)
+
+    def kernel_inputs(
+        self,
+        q: torch.Tensor,
+        k: torch.Tensor,
+        cos_sin: tuple[torch.Tensor, torch.Tensor],
+        q_norm: nn.Module | None = None,
+        k_norm: nn.Module | None = None,
+    ) -> RotaryInputs[torch.Tensor] | None:
+        """What :meth:`forward` does, as inputs for an attention backend that rotates q and k itself
+        (:meth:`kvik.attention.AttentionBackend.forward_rotary`); None where that description cannot say it:
+        partial rotary, cos/sin in another dtype than q, or a norm other than a plain :class:`RMSNorm`."""
+        cos, sin = cos_sin
+        if self.rotary_dim != self.head_dim or self.head_dim % 2 or cos.dtype != q.dtype:
+            return None
+        weights: list[torch.Tensor | None] = []
+        for norm, x in ((q_norm, q), (k_norm, k)):
+            if norm is None:
+                weights.append(None)
+                continue
+            if not isinstance(norm, RMSNorm) or isinstance(norm, GemmaRMSNorm):
+                return None
+            weight = norm.weight
+            if weight.shape != (x.shape[-1],) or weight.dtype != x.dtype:
+                return None
+            weights.append(weight)
+        n = q.shape[0]
+        return RotaryInputs(
+            cos=cos.reshape(n, -1),
+            sin=sin.reshape(n, -1),
+            q_norm_weight=weights[0],
+            k_norm_weight=weights[1],
+            q_norm_eps=float(getattr(q_norm, "eps", 0.0)),
+            k_norm_eps=float(getattr(k_norm, "eps", 0.0)),
+        )
 
     @staticmethod
     def normed(

@@ -90,8 +90,14 @@ class LlamaAttention(nn.Module):
         q = q.view(n, self.num_heads, self.head_dim)
         k = k.view(n, self.num_kv_heads, self.head_dim)
         v = v.view(n, self.num_kv_heads, self.head_dim)
-        q, k = rotary(q, k, cos_sin, self.q_norm, self.k_norm)  # per-head norms first, where the model has them
-        out = self.attn.forward(q, k, v, kv_cache, metadata)  # [n, heads, head_dim]
+        # A backend that rotates (and norms) q and k inside attention saves a pass over them, e.g. a kernel
+        # launch per layer of a GPU decode step.
+        fused = rotary.kernel_inputs(q, k, cos_sin, self.q_norm, self.k_norm) if self.attn.fuses_rotary(kv_cache, metadata) else None
+        if fused is not None:
+            out = self.attn.forward_rotary(q, k, v, fused, kv_cache, metadata)
+        else:
+            q, k = rotary(q, k, cos_sin, self.q_norm, self.k_norm)  # per-head norms first, where the model has them
+            out = self.attn.forward(q, k, v, kv_cache, metadata)  # [n, heads, head_dim]
         return self.o_proj(out.reshape(n, -1))
 
 

@@ -17,6 +17,8 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install --no-deps triton)")
 
 from kvik.attention.torch_ref import TorchRefAttentionBackend
+from kvik.layers.norm import GemmaRMSNorm, RMSNorm
+from kvik.layers.rotary import RopeSettings, RotaryEmbedding
 from kvik_triton_attention.backend import TritonAttentionBackend
 from kvik_triton_attention.testing import InterpretedTritonAttentionBackend, SmallTileTritonAttentionBackend
 
@@ -110,6 +112,84 @@ def test_the_in_attention_kv_write_of_decode_only_steps(
 
     _compare(Fused, reqs, sliding_window=window, seed=8)
     assert launched == ([] if all(q == 1 for _, q in reqs) else [sum(q for _, q in reqs)])
+
+
+# Triton's interpreter rounds float32 -> bfloat16 by truncation (tests/platforms/cuda/test_fused.py), so the
+# same-bits checks take float16 there; a GPU also runs bfloat16.
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16] + ([torch.bfloat16] if CUDA else []))
+@pytest.mark.parametrize("norm", [False, True], ids=["rotary", "qk_norm+rotary"])
+@pytest.mark.parametrize(
+    ("reqs", "splits", "window", "head_size"),
+    [
+        ([(5, 1), (40, 1), (0, 1)], None, None, 32),
+        ([(2, 1), (45, 1), (70, 1)], 4, None, 32),  # every split rotates its own query rows
+        ([(33, 1), (60, 1)], 2, 20, 48),  # a head size that is not a power of two (padded lanes)
+    ],
+)
+def test_rotary_inside_decode_steps_matches_rotating_first(
+    reqs: list[tuple[int, int]], splits: int | None, window: int | None, head_size: int, norm: bool, dtype: torch.dtype
+) -> None:
+    """forward_rotary on un-rotated q and k (strided views of one qkv row, as a model hands them over) against
+    the eager RotaryEmbedding (and per-head RMSNorms) followed by forward: without norms every step is
+    elementwise and must give the same bits, in the cache and the output; the in-kernel RMSNorm sums a head
+    in another order than torch, so with norms the comparison is to rounding."""
+    num_heads, num_kv_heads = 4, 2
+    step = make_step(reqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, block_size=4,
+                     dtype=dtype, device=DEVICE, seed=5)  # fmt: skip
+    n = step.query.shape[0]
+    qkv = torch.cat([step.query.reshape(n, -1), step.key.reshape(n, -1), step.value.reshape(n, -1)], dim=1)
+    q, k, v = qkv.split([num_heads * head_size, num_kv_heads * head_size, num_kv_heads * head_size], dim=1)
+    q, k, v = q.view(n, num_heads, -1), k.view(n, num_kv_heads, -1), v.view(n, num_kv_heads, -1)
+    rope = RotaryEmbedding(head_size, RopeSettings(theta=500.0), max_position=256, device=DEVICE)
+    cos_sin = rope.cos_sin(step.metadata.seq_lens.long() - 1, dtype)
+    gen = torch.Generator().manual_seed(2)
+    norms: list[RMSNorm | None] = [None, None]
+    if norm:
+        norms = [RMSNorm(head_size, 1e-6, dtype, DEVICE), RMSNorm(head_size, 1e-5, dtype, DEVICE)]
+        for m in norms:
+            m.weight.data.copy_(1 + 0.5 * torch.randn(head_size, generator=gen))  # type: ignore[union-attr]
+    inputs = rope.kernel_inputs(q, k, cos_sin, *norms)
+    assert inputs is not None
+    rotated_q, rotated_k = rope(q, k, cos_sin, *norms)
+
+    class Splits(SmallTiles):
+        force_num_splits = splits
+
+    attn = Splits(num_heads, head_size, num_kv_heads, head_size**-0.5, window)
+    first_cache, fused_cache = step.kv_cache.clone(), step.kv_cache.clone()
+    first_meta, fused_meta = fresh_metadata(step.metadata), fresh_metadata(step.metadata)
+    assert attn.fuses_rotary(fused_cache, fused_meta)
+    expected = attn.forward(rotated_q.contiguous(), rotated_k.contiguous(), v, first_cache, first_meta)
+    got = attn.forward_rotary(q, k, v, inputs, fused_cache, fused_meta)
+    if not norm:
+        assert torch.equal(fused_cache, first_cache) and torch.equal(got, expected)
+        return
+    tol = 1e-5 if dtype == torch.float32 else 1e-2
+    torch.testing.assert_close(fused_cache, first_cache, rtol=tol, atol=tol)
+    assert _rel_err(got, expected) < tol
+
+
+def test_rotary_stays_outside_attention_where_the_kernel_cannot_take_it() -> None:
+    """Steps with more than one new row per request, an FP8 cache and deterministic mode rotate first; so do
+    partial rotary and a Gemma-style norm (what RotaryInputs cannot describe)."""
+    decode = make_step([(5, 1), (9, 1)], num_heads=4, num_kv_heads=2, head_size=32, block_size=4,
+                       dtype=torch.bfloat16, device=DEVICE)  # fmt: skip
+    mixed = make_step(MIXED, num_heads=4, num_kv_heads=2, head_size=32, block_size=4, dtype=torch.bfloat16,
+                      device=DEVICE)  # fmt: skip
+    attn = SmallTiles(4, 32, 2, 32**-0.5)
+    assert attn.fuses_rotary(decode.kv_cache, decode.metadata)
+    assert not attn.fuses_rotary(mixed.kv_cache, mixed.metadata)
+    assert not attn.fuses_rotary(decode.kv_cache.to(torch.float8_e4m3fn), decode.metadata)
+    assert not SmallTiles(4, 32, 2, 32**-0.5, batch_invariant=True).fuses_rotary(decode.kv_cache, decode.metadata)
+    q, k = decode.query, decode.key
+    full = RotaryEmbedding(32, RopeSettings(), max_position=64, device=DEVICE)
+    cos_sin = full.cos_sin(torch.arange(q.shape[0], device=DEVICE), torch.bfloat16)
+    assert full.kernel_inputs(q, k, cos_sin) is not None
+    assert full.kernel_inputs(q, k, full.cos_sin(torch.arange(q.shape[0], device=DEVICE), torch.float32)) is None
+    gemma = GemmaRMSNorm(32, 1e-6, torch.bfloat16, DEVICE)
+    assert full.kernel_inputs(q, k, cos_sin, gemma, gemma) is None
+    partial = RotaryEmbedding(32, RopeSettings(partial_rotary_factor=0.5), max_position=64, device=DEVICE)
+    assert partial.kernel_inputs(q, k, partial.cos_sin(torch.arange(q.shape[0], device=DEVICE), torch.bfloat16)) is None
 
 
 @pytest.mark.parametrize("num_heads,num_kv_heads", [(3, 3), (6, 2), (8, 1)])

@@ -22,6 +22,7 @@ from kvik.worker.kit import BlockTables, StepLayout
 from kvik.worker.torch_runner import TorchModelRunner
 from kvik_cuda.inputs import StepInputs
 from kvik_cuda.runner import CUDAModelRunner
+from kvik_triton_attention.testing import SmallTileTritonAttentionBackend
 
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
@@ -141,18 +142,28 @@ def test_dummy_decodes_between_steps_change_nothing(kvik_plugin_manager, tiny_mo
 
 
 @pytest.mark.usefixtures("_one_thread")
-def test_bucketed_decode_with_triton_and_fused_layers_matches_torch_ref(kvik_plugin_manager, tiny_model_dir) -> None:
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])  # qwen3: q/k norms, normed inside attention on decode steps
+def test_bucketed_decode_with_triton_and_fused_layers_matches_torch_ref(
+    kvik_plugin_manager, tiny_model_dir, arch: str
+) -> None:
     pytest.importorskip("triton", reason="triton is not installed")
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("without a GPU this needs TRITON_INTERPRET=1 before triton loads (tests/attention_backends set it)")
     register_small_tile_triton(kvik_plugin_manager, "interp_plugin")
-    path = tiny_model_dir("llama")
+    path = tiny_model_dir(arch)
     expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
     runner = _runner(
         CUDAModelRunner, path, kvik_plugin_manager, attention_backend="triton_interp", platform_options={"fused_layers": True}
     )
     assert runner._bucket(STEPS[1]) == (2, 2) and runner._bucket(STEPS[3]) == (2, 2) and runner._bucket(STEPS[2]) is None
-    got = _logits(runner)
+    rotated_inside = []
+    forward_rotary = SmallTileTritonAttentionBackend.forward_rotary
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(SmallTileTritonAttentionBackend, "forward_rotary",
+                      lambda self, *args: rotated_inside.append(1) or forward_rotary(self, *args))  # fmt: skip
+        got = _logits(runner)
+    layers = runner.model_config.hf_config.num_hidden_layers
+    assert len(rotated_inside) == 2 * layers  # the two decode-only steps rotate q and k inside attention
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
