@@ -24,22 +24,16 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 def batch1(shape: str, inside: bool) -> dict[str, object]:
     """Run in its own process: ms/token and the greedy tokens with rotary inside attention or not."""
     import kvik
-    from gpu_common import SHAPES as MODEL_SHAPES
-    from gpu_common import dummy_model_dir, sync, workload
+    from gpu_common import measure_ceilings, sync, workload
     from kvik import SamplingParams
+    from models_gpu import CONFIGS, active_weight_bytes, config_dir, kv_bytes
 
     if not inside:
         from kvik_triton_attention.backend import TritonAttentionBackend
 
         TritonAttentionBackend.fuses_rotary = lambda self, kv_cache, metadata: False  # type: ignore[method-assign]
-    if shape in MODEL_SHAPES:
-        path = dummy_model_dir(Path("/tmp/kvik_models"), shape)
-        vocab = MODEL_SHAPES[shape]["vocab_size"]
-    else:
-        from models_gpu import CONFIGS, config_dir
-
-        path = config_dir(shape, Path("/tmp/kvik_models"))
-        vocab = CONFIGS[shape]["vocab_size"]
+    path = config_dir(shape, Path("/tmp/kvik_models"))
+    vocab = CONFIGS[shape]["vocab_size"]
     llm = kvik.LLM(model=str(path), load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=32,
                    gpu_memory_utilization=0.9, seed=0)  # fmt: skip
 
@@ -55,7 +49,12 @@ def batch1(shape: str, inside: bool) -> dict[str, object]:
     best = min((timed(s + 1, 129) - timed(s, 1)) / 128 for s in (7, 9, 11))
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, detokenize=False)
     tokens = llm.generate(workload(1, vocab, 512, 512, seed=3), params, use_tqdm=False)[0].outputs[0].token_ids
-    return {"ms_per_token": round(best * 1e3, 3), "tokens": list(tokens)}
+    # The floor as models_gpu.py computes it: the active weights and ~640 tokens of KV at this machine's copy
+    # bandwidth, measured now.
+    model = llm.llm_engine.runner.model
+    floor_ms = (active_weight_bytes(model) + kv_bytes(CONFIGS[shape], 640)) / measure_ceilings()["copy_bytes_per_s"] * 1e3
+    return {"ms_per_token": round(best * 1e3, 3), "floor_ms": round(floor_ms, 3),
+            "x_floor": round(best * 1e3 / floor_ms, 3), "tokens": list(tokens)}  # fmt: skip
 
 
 def main() -> None:
@@ -70,7 +69,8 @@ def main() -> None:
             line = [ln for ln in run.stdout.splitlines() if ln.startswith("RESULT")]
             got = json.loads(line[-1][7:]) if line else {"error": run.stderr[-1500:]}
             runs["inside" if inside else "outside"].append(got)
-            print(shape, "inside" if inside else "outside", got.get("ms_per_token", got.get("error")), flush=True)
+            print(shape, "inside" if inside else "outside", got.get("ms_per_token", got.get("error")),
+                  got.get("x_floor"), flush=True)  # fmt: skip
         row: dict[str, object] = {variant: [r.get("ms_per_token") for r in rs] for variant, rs in runs.items()}
         inside_tokens, outside_tokens = runs["inside"][0].get("tokens"), runs["outside"][0].get("tokens")
         if isinstance(inside_tokens, list) and isinstance(outside_tokens, list):

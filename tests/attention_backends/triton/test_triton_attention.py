@@ -130,9 +130,11 @@ def test_rotary_inside_decode_steps_matches_rotating_first(
     reqs: list[tuple[int, int]], splits: int | None, window: int | None, head_size: int, norm: bool, dtype: torch.dtype
 ) -> None:
     """forward_rotary on un-rotated q and k (strided views of one qkv row, as a model hands them over) against
-    the eager RotaryEmbedding (and per-head RMSNorms) followed by forward: without norms every step is
-    elementwise and must give the same bits, in the cache and the output; the in-kernel RMSNorm sums a head
-    in another order than torch, so with norms the comparison is to rounding."""
+    the eager RotaryEmbedding (and per-head RMSNorms) followed by forward. Under the interpreter, without
+    norms, every step is elementwise and must give the same bits, in the cache and the output. On a GPU
+    Triton's compiler may contract a product and a sum into one FMA (tests/platforms/cuda/test_fused.py), and
+    the in-kernel RMSNorm sums a head in another order than torch, so those compare the new cache rows to
+    within two units in the last place and the output to rounding."""
     num_heads, num_kv_heads = 4, 2
     step = make_step(reqs, num_heads=num_heads, num_kv_heads=num_kv_heads, head_size=head_size, block_size=4,
                      dtype=dtype, device=DEVICE, seed=5)  # fmt: skip
@@ -161,12 +163,16 @@ def test_rotary_inside_decode_steps_matches_rotating_first(
     assert attn.fuses_rotary(fused_cache, fused_meta)
     expected = attn.forward(rotated_q.contiguous(), rotated_k.contiguous(), v, first_cache, first_meta)
     got = attn.forward_rotary(q, k, v, inputs, fused_cache, fused_meta)
-    if not norm:
+    if not norm and not CUDA:
         assert torch.equal(fused_cache, first_cache) and torch.equal(got, expected)
         return
-    tol = 1e-5 if dtype == torch.float32 else 1e-2
-    torch.testing.assert_close(fused_cache, first_cache, rtol=tol, atol=tol)
-    assert _rel_err(got, expected) < tol
+    if not norm:  # elementwise: each value within two ulps
+        ulp = torch.finfo(dtype).eps * first_cache.float().abs() + torch.finfo(dtype).tiny
+        assert ((fused_cache.float() - first_cache.float()).abs() <= 2 * ulp).all()
+    else:
+        tol = 1e-5 if dtype == torch.float32 else 1e-2
+        torch.testing.assert_close(fused_cache, first_cache, rtol=tol, atol=tol)
+    assert _rel_err(got, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
 def test_rotary_stays_outside_attention_where_the_kernel_cannot_take_it() -> None:

@@ -152,18 +152,19 @@ def test_bucketed_decode_with_triton_and_fused_layers_matches_torch_ref(
     register_small_tile_triton(kvik_plugin_manager, "interp_plugin")
     path = tiny_model_dir(arch)
     expected = _logits(_runner(TorchModelRunner, path, kvik_plugin_manager))
-    runner = _runner(
-        CUDAModelRunner, path, kvik_plugin_manager, attention_backend="triton_interp", platform_options={"fused_layers": True}
-    )
-    assert runner._bucket(STEPS[1]) == (2, 2) and runner._bucket(STEPS[3]) == (2, 2) and runner._bucket(STEPS[2]) is None
     rotated_inside = []
     forward_rotary = SmallTileTritonAttentionBackend.forward_rotary
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(SmallTileTritonAttentionBackend, "forward_rotary",
                       lambda self, *args: rotated_inside.append(1) or forward_rotary(self, *args))  # fmt: skip
+        runner = _runner(CUDAModelRunner, path, kvik_plugin_manager, attention_backend="triton_interp",
+                         platform_options={"fused_layers": True})  # fmt: skip
+        assert runner._bucket(STEPS[1]) == (2, 2) and runner._bucket(STEPS[3]) == (2, 2)
+        assert runner._bucket(STEPS[2]) is None
         got = _logits(runner)
     layers = runner.model_config.hf_config.num_hidden_layers
-    assert len(rotated_inside) == 2 * layers  # the two decode-only steps rotate q and k inside attention
+    # The two decode-only steps rotate q and k inside attention (on a GPU, in the captured decode graphs).
+    assert len(rotated_inside) == 2 * layers if not CUDA else len(rotated_inside) >= layers
     for e, g in zip(expected, got, strict=True):
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
