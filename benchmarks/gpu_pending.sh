@@ -22,7 +22,8 @@
 #   embed          BERT-base and Qwen3-0.6B embeddings vs sentence-transformers, tokenizer threads on (19) ~5 min
 #   run_batch      `kvik run-batch` vs LLM.chat on the SmolLM2 shape (19; needs .whl with fastapi + opentelemetry-api) ~3 min
 #   models_b1      8B and Qwen3-30B-A3B: batch-1 decode with its floor, offline n=64 (13, 21)  ~4 min
-#   rotary_ab      batch-1 decode, rotary (+ q/k norm) inside the attention kernel vs apart, 8B + MoE (13, 21) ~7 min
+#   fusions_ab     batch-1 decode with each decode fusion off in turn (rotary in attention, SiLU in the gate/up
+#                  GEMV), 8B + MoE (13, 21; FUSIONS_AB=llama8b or qwen3_30b_a3b: one shape) ~9 min
 #   run_batch_8b   the same comparison on the 8B shape (steps of ~20-30 ms rather than ~3.5)     ~6 min
 #   tp             two GPUs: TP=2 tokens, TP=2 / DP=2 on the 8B (17; nvidia-h200-x2)
 #   tp70           two GPUs: the Llama-3.3-70B shape at TP=2 (17; nvidia-h200-x2, its own call)
@@ -93,7 +94,7 @@ for s in $STAGES; do
     models_b1) stage models_b1 480 python3 benchmarks/models_gpu.py --cases llama8b,qwen3_30b_a3b --n 64 --limit 230
                grep -o '"case": "[a-z0-9_]*"\|"batch1_decode_ms": [0-9.]*\|"batch1_x_floor": [0-9.]*\|"out_tok_s": [0-9.]*' \
                  "$OUT/models_gpu.jsonl" | tr '\n' ' '; echo ;;
-    rotary_ab) stage rotary_ab 560 python3 benchmarks/rotary_in_attention_ab.py ${ROTARY_AB:-llama8b,qwen3_30b_a3b} ;;
+    fusions_ab) stage fusions_ab 560 python3 benchmarks/decode_fusions_ab.py ${FUSIONS_AB:-llama8b,qwen3_30b_a3b} ;;
     run_batch_8b) stage run_batch_8b 420 python3 benchmarks/run_batch_benchmark.py --shape llama8b --device cuda \
                     --dtype bfloat16 --n 512 --out-len 128 --repeats 2 ;;
     tp) stage tp 560 python3 benchmarks/tp_benchmark.py --parts ${TP_PARTS:-tokens,dp2,dp_mp,llama8b,usual} ;;

@@ -7,8 +7,8 @@ Here each layer is one kernel.
 
 :func:`fuse_layers` swaps the *class* of matching modules of a built model
 (``kvik.layers`` RMSNorm, SiluAndMul, RotaryEmbedding, Linear and LMHead (one-row products through
-:mod:`kvik_cuda.gemv`), and MoEExperts whose replacement lives in :mod:`kvik_cuda.moe`; exact types
-only) for a
+:mod:`kvik_cuda.gemv`), the Llama family's MLP (its one-row gate/up product and SiLU in one GEMV), and
+MoEExperts whose replacement lives in :mod:`kvik_cuda.moe`; exact types only) for a
 subclass whose ``forward`` launches the kernel: weights, buffers and the model
 code stay as they are. The kernels follow the eager rounding steps (16-bit
 products and sums rounded where torch rounds them); the residual add is
@@ -31,6 +31,7 @@ from kvik.layers.linear import Linear
 from kvik.layers.moe import MoEExperts, SparseMoE
 from kvik.layers.norm import AddLayerNorm, RMSNorm
 from kvik.layers.rotary import RotaryEmbedding
+from kvik.models.llama import LlamaMLP
 from kvik.quantization.unquantized import UnquantizedLinearMethod
 from torch import nn
 
@@ -390,6 +391,21 @@ class FusedLinear(Linear):
         return super().forward(x)
 
 
+class FusedLlamaMLP(LlamaMLP):
+    """At one row, ``silu(gate) * up`` comes out of the gate/up GEMV itself (:func:`dense_gemv`'s ``gated``
+    form): a program sums a gate row and its up row, then applies the activation, which saves the SiLU
+    kernel's launch per layer with the same bits. Everything else (SiLU in its own kernel, another
+    activation, LoRA or quantized projections, several rows) as before."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        proj = self.gate_up_proj
+        if type(self.act) in (SiluAndMul, FusedSiluAndMul) and type(proj) is FusedLinear and proj.bias is None:
+            weight = cast(torch.Tensor, proj.weight)
+            if type(proj.quant_method) is UnquantizedLinearMethod and _one_row_gemv(x, weight):
+                return self.down_proj(dense_gemv(x, weight, gated=True))
+        return super().forward(x)
+
+
 class FusedLMHead(LMHead):
     """The one-row logits through :func:`dense_gemv` (the 8B head: 239 µs against cuBLAS's 282 on the H200)."""
 
@@ -408,6 +424,7 @@ _FUSED: dict[type[nn.Module], type[nn.Module]] = {
     MoEExperts: TritonMoEExperts,  # grouped-GEMM experts (kvik_cuda.moe)
     SparseMoE: TritonSparseMoE,  # one routing kernel
     Linear: FusedLinear,  # one-row dense GEMV (kvik_cuda.gemv)
+    LlamaMLP: FusedLlamaMLP,  # the one-row gate/up GEMV applies SiLU itself
     LMHead: FusedLMHead,
 }
 

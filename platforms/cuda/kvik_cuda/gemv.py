@@ -63,6 +63,7 @@ def _dense_gemv_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     UNROLL: tl.constexpr,
+    GATED: tl.constexpr,  # W is [gate; up], each N rows: out[N] = silu(gate @ x) * (up @ x)
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -72,6 +73,7 @@ def _dense_gemv_kernel(
     k_lo = pid_k * per_split
     k_hi = tl.minimum(K, k_lo + per_split)
     part = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
+    part_up = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)  # GATED: the up rows (unused otherwise)
     # Unrolled by hand, not with tl.range's loop_unroll_factor: Triton 3.6 miscomputes that loop's remainder on
     # the GPU (a 5-step loop unrolled by 4 gave garbage on the H200, right under the interpreter). The k order
     # of each lane's sums is the plain loop's, so every unroll gives the same bits.
@@ -79,21 +81,45 @@ def _dense_gemv_kernel(
         for u in tl.static_range(UNROLL):
             ks = k0 + u * BLOCK_K + tl.arange(0, BLOCK_K)
             k_ok = ks < k_hi
-            w = tl.load(w_ptr + rows[:, None] * stride_wn + ks[None, :], mask=row_ok[:, None] & k_ok[None, :],
-                        other=0.0)  # fmt: skip
-            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0)
-            part += w.to(tl.float32) * x.to(tl.float32)[None, :]
+            w_rows = w_ptr + rows[:, None] * stride_wn + ks[None, :]
+            w = tl.load(w_rows, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+            x = tl.load(x_ptr + ks, mask=k_ok, other=0.0).to(tl.float32)[None, :]
+            part += w.to(tl.float32) * x
+            if GATED:
+                w_up = tl.load(w_rows + N * stride_wn, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+                part_up += w_up.to(tl.float32) * x
     acc = tl.sum(part, axis=1)
-    if SPLIT_K == 1:
-        tl.store(out_ptr + rows, acc.to(out_ptr.dtype.element_ty), mask=row_ok)
-    else:
-        tl.store(part_ptr + pid_k * N + rows, acc, mask=row_ok)
+    acc_up = tl.sum(part_up, axis=1)
+    if SPLIT_K > 1:
+        # Partials [SPLIT_K, N] (GATED: [SPLIT_K, 2N], the up rows after the gate rows).
+        width = 2 * N if GATED else N
+        tl.store(part_ptr + pid_k * width + rows, acc, mask=row_ok)
+        if GATED:
+            tl.store(part_ptr + pid_k * width + N + rows, acc_up, mask=row_ok)
         if last_to_arrive(lock_ptr + pid_n, SPLIT_K):  # everyone else's partial is visible now
-            total = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            acc = tl.zeros((BLOCK_N,), dtype=tl.float32)
+            acc_up = tl.zeros((BLOCK_N,), dtype=tl.float32)
             for s in range(0, SPLIT_K):  # fixed order: deterministic
-                total += tl.load(part_ptr + s * N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
-            tl.store(out_ptr + rows, total.to(out_ptr.dtype.element_ty), mask=row_ok)
+                acc += tl.load(part_ptr + s * width + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+                if GATED:
+                    acc_up += tl.load(part_ptr + s * width + N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
+            _store_rows(out_ptr, rows, row_ok, acc, acc_up, GATED)
             reset(lock_ptr + pid_n)
+    else:
+        _store_rows(out_ptr, rows, row_ok, acc, acc_up, GATED)
+
+
+@triton.jit
+def _store_rows(out_ptr, rows, row_ok, acc, acc_up, GATED: tl.constexpr):
+    """The finished row sums, or with GATED ``silu(gate) * up`` rounded where the eager modules round: the two
+    projections' outputs, silu's result, the product (``kvik_cuda.fused._silu_and_mul_kernel``'s steps)."""
+    ty = out_ptr.dtype.element_ty
+    if GATED:
+        gate = acc.to(ty).to(tl.float32)
+        silu = (gate / (1.0 + tl.exp(-gate))).to(ty).to(tl.float32)
+        tl.store(out_ptr + rows, (silu * acc_up.to(ty).to(tl.float32)).to(ty), mask=row_ok)
+    else:
+        tl.store(out_ptr + rows, acc.to(ty), mask=row_ok)
 
 
 _counters: dict[tuple[str, str, int | None], torch.Tensor] = {}
@@ -125,18 +151,31 @@ def split_for(blocks: int, k_steps: int, num_sms: int, per_sm: int, max_split: i
     return split
 
 
-def dense_gemv(x: torch.Tensor, weight: torch.Tensor, config: DenseGemvConfig | None = None) -> torch.Tensor:
-    """``x @ weight.T`` for one row ``x`` ``[1, K]`` (or ``[K]``) and ``weight`` ``[N, K]``, in ``x``'s dtype."""
+def dense_gemv(
+    x: torch.Tensor, weight: torch.Tensor, config: DenseGemvConfig | None = None, *, gated: bool = False
+) -> torch.Tensor:
+    """``x @ weight.T`` for one row ``x`` ``[1, K]`` (or ``[K]``) and ``weight`` ``[N, K]``, in ``x``'s dtype.
+
+    ``gated``: ``weight`` is a merged ``[gate; up]`` projection (``[2I, K]``) and the result is
+    ``silu(x @ gate.T) * (x @ up.T)`` ``[..., I]``, each program computing a gate row and its up row together,
+    so the activation costs no launch of its own (the same bits as the projection followed by
+    ``FusedSiluAndMul``: every row's sum runs in the same order)."""
     cfg = config or DenseGemvConfig()
     n, k = weight.shape
+    if gated:
+        assert n % 2 == 0, "a gated weight stacks gate and up rows of one size"
+        n //= 2
     x1 = x.reshape(-1)
     assert x1.numel() == k and weight.stride(1) == 1
     out = torch.empty(n, dtype=x.dtype, device=x.device)
     blocks = triton.cdiv(n, cfg.block_n)
-    split = split_for(blocks, triton.cdiv(k, cfg.block_k), num_sms(x.device), cfg.per_sm)
-    part = torch.empty((split, n) if split > 1 else (1,), dtype=torch.float32, device=x.device)
+    # The split the plain product of all of weight's rows takes, so that gated rows sum in the same order.
+    split = split_for(triton.cdiv(weight.shape[0], cfg.block_n), triton.cdiv(k, cfg.block_k), num_sms(x.device),
+                      cfg.per_sm)  # fmt: skip
+    width = 2 * n if gated else n
+    part = torch.empty((split, width) if split > 1 else (1,), dtype=torch.float32, device=x.device)
     _dense_gemv_kernel[(blocks, split)](
         x1.contiguous(), weight, out, part, completion_counters(x.device, blocks), n, k, weight.stride(0), split,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UNROLL=cfg.unroll, num_warps=cfg.num_warps,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UNROLL=cfg.unroll, GATED=gated, num_warps=cfg.num_warps,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)

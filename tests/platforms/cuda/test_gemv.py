@@ -77,3 +77,70 @@ def test_any_unroll_gives_the_same_bits(k: int) -> None:
         plain = dense_gemv(x, w, DenseGemvConfig(per_sm=per_sm, unroll=1))
         for unroll in (2, 4):
             assert torch.equal(dense_gemv(x, w, DenseGemvConfig(per_sm=per_sm, unroll=unroll)), plain)
+
+
+@pytest.mark.parametrize(
+    ("k", "inter", "dtype", "config"),
+    [
+        (512, 20, torch.float16, DenseGemvConfig(block_n=8, per_sm=8)),  # split K, ragged last row block
+        (300, 33, torch.float32, DenseGemvConfig(block_n=4, per_sm=2)),  # odd rows: 17 plain blocks, 9 gated
+        (1280, 24, torch.bfloat16, DenseGemvConfig(block_n=2, per_sm=1, unroll=4)),
+        (2560, 24, torch.bfloat16, DenseGemvConfig(block_n=2, per_sm=0, unroll=4)),  # no split
+    ],
+)
+def test_gated_gives_the_bits_of_the_projection_then_silu_and_mul(
+    k: int, inter: int, dtype: torch.dtype, config: DenseGemvConfig
+) -> None:
+    """``gated`` computes a gate row and its up row in one program and applies SiLU there: the same bits as the
+    plain GEMV over all 2I rows followed by FusedSiluAndMul (the same split, the same k order per row)."""
+    from kvik_cuda import gemv
+    from kvik_cuda.fused import FusedSiluAndMul
+
+    g = torch.Generator().manual_seed(k + inter)
+    w = torch.randn(2 * inter, k, generator=g).to(DEVICE, dtype)
+    x = torch.randn(1, k, generator=g).to(DEVICE, dtype)
+    want = FusedSiluAndMul()(dense_gemv(x, w, config))
+    got = dense_gemv(x, w, config, gated=True)
+    assert got.shape == (1, inter) and got.dtype == dtype
+    assert torch.equal(got, want)
+    assert int(gemv.completion_counters(x.device, 1).abs().sum()) == 0
+
+
+def test_fused_llama_mlp_gates_inside_the_gemv_at_one_row_only() -> None:
+    """FusedLlamaMLP: one row through the gated GEMV (the eager MLP's result to rounding, the unfused GEMV +
+    SiLU kernel's bits); several rows, another activation or a biased projection as before."""
+    from types import SimpleNamespace
+
+    from kvik.layers.activation import GeluTanhAndMul
+    from kvik.models.interface import ModelBuildContext
+    from kvik.models.llama import LlamaMLP
+    from kvik_cuda import fused
+    from kvik_cuda.fused import FusedLlamaMLP, fuse_layers
+
+    hf_config = SimpleNamespace(hidden_size=64, intermediate_size=40)  # all an MLP reads of the model config
+    ctx = ModelBuildContext(SimpleNamespace(hf_config=hf_config), torch.float16, torch.device(DEVICE), lambda *a: None)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    model = torch.nn.ModuleDict({
+        "silu": LlamaMLP(ctx, False), "gelu": LlamaMLP(ctx, False, act=GeluTanhAndMul()), "biased": LlamaMLP(ctx, True),
+    })  # fmt: skip
+    for p in model.parameters():
+        p.data.normal_(0, 0.2)
+    one, two = torch.randn(1, 64).to(DEVICE, torch.float16), torch.randn(2, 64).to(DEVICE, torch.float16)
+    eager = {name: (m(one), m(two)) for name, m in model.items()}
+    fuse_layers(model)
+    assert all(type(m) is FusedLlamaMLP for m in model.values())
+    mlp = model["silu"]
+    unfused = mlp.down_proj(fused.FusedSiluAndMul()(mlp.gate_up_proj(one)))  # GEMV, SiLU kernel, GEMV
+    calls = []
+    gemv_fn = fused.dense_gemv
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(fused, "dense_gemv", lambda *a, **kw: calls.append(kw.get("gated", False)) or gemv_fn(*a, **kw))
+        for name, m in model.items():
+            calls.clear()
+            got_one = m(one)
+            assert (True in calls) is (name == "silu"), name
+            torch.testing.assert_close(got_one, eager[name][0], rtol=5e-3, atol=5e-3)
+            calls.clear()
+            torch.testing.assert_close(m(two), eager[name][1], rtol=5e-3, atol=5e-3)
+            assert True not in calls  # two rows: not the gated GEMV
+    assert torch.equal(mlp(one), unfused)
