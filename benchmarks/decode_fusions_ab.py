@@ -1,7 +1,9 @@
 """Batch-1 decode with each of the decode-step fusions switched off in turn, on the 8B and Qwen3-30B-A3B
 shapes (random weights, ``load_format="dummy"``): q/k rotary (and Qwen3's q/k norms) inside the Triton
 attention kernel (``no_rotary``: the separate rotary kernel), and SiLU inside the one-row gate/up GEMV
-(``no_gated_mlp``: the SiLU kernel; Qwen3-30B-A3B has no dense MLP, so it runs only ``no_rotary``).
+(``no_gated_mlp``: the SiLU kernel; Qwen3-30B-A3B has no dense MLP, so it skips this one), and the GEMV's
+config for wide weights (``one_gemv_config``: the default for every shape). ``VARIANTS=all,no_rotary`` picks
+some, ``ROUNDS=3`` repeats them more.
 
     python3 benchmarks/decode_fusions_ab.py llama8b,qwen3_30b_a3b   # H200: ~9 min; $OUT/decode_fusions_ab.json
 
@@ -24,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-VARIANTS = ("all", "no_rotary", "no_gated_mlp")
+VARIANTS = ("all", "no_rotary", "no_gated_mlp", "one_gemv_config")
 
 
 def batch1(shape: str, variant: str) -> dict[str, object]:
@@ -43,6 +45,10 @@ def batch1(shape: str, variant: str) -> dict[str, object]:
         from kvik_cuda import fused
 
         del fused._FUSED[LlamaMLP]
+    elif variant == "one_gemv_config":  # the default GEMV config for every shape, not WIDE_CONFIG for wide ones
+        from kvik_cuda import gemv
+
+        gemv.config_for = lambda n, k: gemv.DenseGemvConfig()
     path = config_dir(shape, Path("/tmp/kvik_models"))
     vocab = CONFIGS[shape]["vocab_size"]
     llm = kvik.LLM(model=str(path), load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=32,
@@ -72,9 +78,11 @@ def main() -> None:
     shapes = sys.argv[1].split(",") if len(sys.argv) > 1 else ["llama8b", "qwen3_30b_a3b"]
     result: dict[str, dict[str, object]] = {}
     for shape in shapes:
-        variants = VARIANTS if shape != "qwen3_30b_a3b" else ("all", "no_rotary")
+        variants = tuple(v for v in VARIANTS if v in os.environ.get("VARIANTS", ",".join(VARIANTS)).split(","))
+        if shape == "qwen3_30b_a3b":
+            variants = tuple(v for v in variants if v != "no_gated_mlp")
         runs: dict[str, list[dict[str, object]]] = {v: [] for v in variants}
-        for variant in variants * 2:
+        for variant in variants * int(os.environ.get("ROUNDS", "2")):
             code = f"import sys; sys.path.insert(0, 'benchmarks'); import json, decode_fusions_ab as p; " \
                    f"print('RESULT', json.dumps(p.batch1({shape!r}, {variant!r})))"  # fmt: skip
             run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=400)

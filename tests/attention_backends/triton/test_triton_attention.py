@@ -166,9 +166,17 @@ def test_rotary_inside_decode_steps_matches_rotating_first(
     if not norm and not CUDA:
         assert torch.equal(fused_cache, first_cache) and torch.equal(got, expected)
         return
-    if not norm:  # elementwise: each value within two ulps
-        ulp = torch.finfo(dtype).eps * first_cache.float().abs() + torch.finfo(dtype).tiny
-        assert ((fused_cache.float() - first_cache.float()).abs() <= 2 * ulp).all()
+    if not norm:
+        # Elementwise: each new key within two ulps of the products it sums (|x| |cos| + |x'| |sin| <= |x| + |x'|),
+        # which is what an FMA's one rounding fewer can move where the two products cancel.
+        slots = step.metadata.slot_mapping
+        block_size = step.kv_cache.shape[2]
+        new_rows = [c[0, slots // block_size, slots % block_size].float() for c in (fused_cache, first_cache)]
+        scale = k.float().abs() + k.float().roll(head_size // 2, dims=-1).abs()
+        assert ((new_rows[0] - new_rows[1]).abs() <= 2 * torch.finfo(dtype).eps * scale).all()
+        for c in (fused_cache, first_cache):  # every other slot as it was
+            c[:, slots // block_size, slots % block_size] = 0
+        assert torch.equal(fused_cache, first_cache)
     else:
         tol = 1e-5 if dtype == torch.float32 else 1e-2
         torch.testing.assert_close(fused_cache, first_cache, rtol=tol, atol=tol)

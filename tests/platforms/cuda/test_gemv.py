@@ -7,7 +7,7 @@ import torch
 
 pytest.importorskip("triton", reason="triton is not installed")
 
-from kvik_cuda.gemv import DenseGemvConfig, dense_gemv
+from kvik_cuda.gemv import WIDE_CONFIG, DenseGemvConfig, config_for, dense_gemv
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -22,6 +22,8 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         (1280, 24, torch.bfloat16, DenseGemvConfig(block_n=2, per_sm=1, unroll=4)),  # splits of 2, 2, 1, 0 steps
         (1280, 24, torch.bfloat16, DenseGemvConfig(block_n=2, per_sm=1 << 20, unroll=4)),  # one step per split
         (2560, 24, torch.bfloat16, DenseGemvConfig(block_n=2, per_sm=0, unroll=4)),  # no split: 10 steps by 4
+        (2560, 24, torch.float16, WIDE_CONFIG),  # one row a program, 8 steps in flight (wide weights' default)
+        (2560, 24, torch.bfloat16, DenseGemvConfig(block_n=1, per_sm=0, unroll=8)),  # no split: 10 steps by 8
     ],
 )
 def test_matches_float64_and_is_deterministic(k: int, n: int, dtype: torch.dtype, config: DenseGemvConfig) -> None:
@@ -75,8 +77,19 @@ def test_any_unroll_gives_the_same_bits(k: int) -> None:
     x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
     for per_sm in (0, 1, 1 << 20):  # no split, some, one step per split
         plain = dense_gemv(x, w, DenseGemvConfig(per_sm=per_sm, unroll=1))
-        for unroll in (2, 4):
+        for unroll in (2, 4, 8):
             assert torch.equal(dense_gemv(x, w, DenseGemvConfig(per_sm=per_sm, unroll=unroll)), plain)
+
+
+def test_wide_weights_take_the_one_row_config() -> None:
+    """No more rows than columns (an o or down projection): WIDE_CONFIG; taller weights: the default."""
+    assert config_for(2048, 4096) == config_for(4096, 4096) == WIDE_CONFIG
+    assert config_for(5120, 2048) == DenseGemvConfig()
+    g = torch.Generator().manual_seed(1)
+    for n, k in ((24, 512), (40, 32)):
+        w = torch.randn(n, k, generator=g).to(DEVICE, torch.bfloat16)
+        x = torch.randn(1, k, generator=g).to(DEVICE, torch.bfloat16)
+        assert torch.equal(dense_gemv(x, w), dense_gemv(x, w, config_for(n, k)))
 
 
 @pytest.mark.parametrize(
