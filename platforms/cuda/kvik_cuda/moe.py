@@ -195,6 +195,70 @@ def _route_kernel(
     tl.store(ids_ptr + row * TOP_K + slots, ids, mask=keep)
 
 
+@triton.jit
+def _add_norm_router_kernel(
+    x_ptr,  # [H]: the attention block's output
+    res_ptr,  # [H]: the residual stream
+    norm_w_ptr,  # [H]: the post-attention RMSNorm's weight
+    gate_ptr,  # [E, H]: the router, H contiguous
+    out_ptr,  # [H]: the normed row (the experts' input)
+    res_out_ptr,  # [H]: x + residual
+    logits_ptr,  # [E]: the router's logits, in x's dtype (as the router's Linear rounds them)
+    H,
+    E,
+    eps,
+    stride_g,
+    BLOCK: tl.constexpr,  # next power of two >= H
+    BLOCK_E: tl.constexpr,  # router rows per program
+):
+    """One token: ``residual += x``, its RMSNorm, and the router's logits of the normed row, in one launch.
+    Every program recomputes the add and the norm (a few KB from L2) and takes ``BLOCK_E`` router rows;
+    program 0 also stores the residual and the normed row. The rounding steps are FusedRMSNorm's."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    ok = offs < H
+    x = tl.load(x_ptr + offs, mask=ok, other=0.0)
+    ty = x.dtype
+    h = (x.to(tl.float32) + tl.load(res_ptr + offs, mask=ok, other=0.0).to(tl.float32)).to(ty)
+    h32 = h.to(tl.float32)
+    rstd = tl.math.rsqrt(tl.sum(h32 * h32, 0) / H + eps)
+    w = tl.load(norm_w_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+    normed = (w * (h32 * rstd).to(ty).to(tl.float32)).to(ty)
+    if pid == 0:
+        tl.store(res_out_ptr + offs, h, mask=ok)
+        tl.store(out_ptr + offs, normed, mask=ok)
+    rows = pid * BLOCK_E + tl.arange(0, BLOCK_E)
+    row_ok = rows < E
+    g = tl.load(gate_ptr + rows[:, None] * stride_g + offs[None, :], mask=row_ok[:, None] & ok[None, :], other=0.0)
+    logits = tl.sum(g.to(tl.float32) * normed.to(tl.float32)[None, :], 1)
+    tl.store(logits_ptr + rows, logits.to(ty), mask=row_ok)
+
+
+# Widest hidden size the add + norm + router kernel holds in registers.
+NORM_ROUTER_MAX_HIDDEN = 8192
+NORM_ROUTER_ROWS = 4  # router rows per program: Qwen3-30B-A3B's 128 experts make 32 programs
+
+
+def add_norm_router(
+    x: torch.Tensor, residual: torch.Tensor, norm_weight: torch.Tensor, eps: float, gate_weight: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """For one token ``x``/``residual`` ``[1, H]``: ``(RMSNorm(x + residual), x + residual, router logits
+    [1, E])`` in one launch (what ``FusedRMSNorm(x, residual)`` followed by the router's one-row GEMV give,
+    to rounding: the norm and the logits sum in another order)."""
+    hidden = x.shape[-1]
+    num_experts = gate_weight.shape[0]
+    assert x.shape == residual.shape == (1, hidden) and gate_weight.stride(-1) == 1 and hidden <= NORM_ROUTER_MAX_HIDDEN
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x)
+    logits = torch.empty((1, num_experts), dtype=x.dtype, device=x.device)
+    _add_norm_router_kernel[(triton.cdiv(num_experts, NORM_ROUTER_ROWS),)](
+        x, residual.contiguous(), norm_weight, gate_weight, out, res_out, logits, hidden, num_experts, eps,
+        gate_weight.stride(0), BLOCK=triton.next_power_of_2(hidden), BLOCK_E=NORM_ROUTER_ROWS,
+        num_warps=4 if hidden <= 4096 else 8,
+    )  # fmt: skip
+    return out, res_out, logits
+
+
 # Routed pairs (tokens x top_k) up to which a step takes the sort-free GEMV path: a decode
 # batch of 8 tokens under top-8 routing. Beyond it the grouped GEMM's tensor-core tiles win,
 # since several pairs share each expert and a GEMV would re-read its weights per pair.
