@@ -183,6 +183,13 @@ def test_rotary_inside_decode_steps_matches_rotating_first(
     assert _rel_err(got, expected) < (1e-5 if dtype == torch.float32 else 1e-2)
 
 
+def test_conformance_suite_with_its_rotary_decode_step() -> None:
+    """kvik.testing's attention conformance check, whose third step hands this backend un-rotated q and k."""
+    from kvik.testing.conformance.attention import check_attention_backend
+
+    assert check_attention_backend(SmallTiles, device=DEVICE, head_sizes=(32,), heads=((4, 2),)) == 2
+
+
 def test_rotary_stays_outside_attention_where_the_kernel_cannot_take_it() -> None:
     """Steps with more than one new row per request, an FP8 cache and deterministic mode rotate first; so do
     partial rotary and a Gemma-style norm (what RotaryInputs cannot describe)."""

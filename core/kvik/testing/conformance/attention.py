@@ -11,18 +11,25 @@ Each case runs two steps through the backend's own cache layout: step 1
 prefills the cached prefixes, step 2 is a mixed batch (decodes, prefill
 chunks over a cached prefix, fresh prefills, one-token prompts) with shuffled
 block tables. Both steps' outputs are compared with the reference, so a wrong
-cache write shows up as a wrong read in step 2.
+cache write shows up as a wrong read in step 2. A backend that rotates q and k
+itself (``fuses_rotary``) is also given a decode-only step 3 through
+``forward_rotary``, with and without per-head norms, against the eager
+``RotaryEmbedding`` and ``RMSNorm`` followed by the reference.
 """
 
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.attention.torch_ref import TorchRefAttentionBackend
+from kvik.layers.norm import RMSNorm
+from kvik.layers.rope_settings import RopeSettings
+from kvik.layers.rotary import RotaryEmbedding
 
 # (atol, rtol) against a float32 reference computed from the same rounded inputs
 TOLERANCES = {torch.float32: (1e-4, 1e-4), torch.float16: (3e-3, 3e-3), torch.bfloat16: (2.5e-2, 2.5e-2)}
@@ -82,7 +89,7 @@ def _requests(rng: random.Random, block_size: int, window: int | None) -> tuple[
         (0, rng.randint(2, 3 * block_size) + w),  # fresh prefill
         (0, 1),  # one-token prompt
     ]
-    need = [-(-(c + n) // block_size) for c, n in shapes]
+    need = [-(-(c + n + 1) // block_size) for c, n in shapes]  # + 1: step 3's decode
     ids = list(range(1, sum(need) + 1))  # block 0 stays unused: padding points there
     rng.shuffle(ids)
     reqs, at = [], 0
@@ -243,4 +250,55 @@ def _check_one(
                 f"step {step}: {len(bad_rows)} of {n} rows differ (max abs err {err:.3g}, atol {atol}, rtol {rtol}) "
                 f"in {detail}"
             )
+    if not problems:
+        problems.extend(_check_rotary_decode(backend, ref, cache, ref_cache, reqs, block_size, rand, atol, rtol))
+    return problems
+
+
+def _check_rotary_decode(
+    backend: AttentionBackend[torch.Tensor],
+    ref: TorchRefAttentionBackend,
+    cache: torch.Tensor,
+    ref_cache: torch.Tensor,
+    reqs: list[_Req],
+    block_size: int,
+    rand: Callable[[int, int], torch.Tensor],
+    atol: float,
+    rtol: float,
+) -> list[str]:
+    """Step 3: one new token per request, handed over un-rotated when the backend says it rotates itself."""
+    device, dtype, head_size = cache.device, cache.dtype, backend.head_size
+    s_lens = [r.cached + r.new + 1 for r in reqs]
+    q_lens = [1] * len(reqs)
+    tables = [r.blocks[: -(-s // block_size)] for r, s in zip(reqs, s_lens, strict=True)]
+    metadata = build_metadata(q_lens, s_lens, tables, block_size, device)
+    if not backend.fuses_rotary(cache, metadata):
+        return []
+    rope = RotaryEmbedding(head_size, RopeSettings(theta=10000.0), max_position=4096, device=device)
+    cos_sin = rope.cos_sin(torch.tensor([s - 1 for s in s_lens], device=device), dtype)
+    problems = []
+    for with_norms in (False, True):
+        n = len(reqs)
+        q, k, v = rand(n, backend.num_heads), rand(n, backend.num_kv_heads), rand(n, backend.num_kv_heads)
+        norms: list[RMSNorm | None] = [None, None]
+        if with_norms:
+            norms = [RMSNorm(head_size, 1e-6, dtype, device), RMSNorm(head_size, 1e-5, dtype, device)]
+            for norm in norms:
+                assert norm is not None
+                norm.weight.data = (1 + 0.25 * rand(1, 1).reshape(-1).float().tanh()).to(dtype)
+        inputs = rope.kernel_inputs(q, k, cos_sin, *norms)
+        assert inputs is not None
+        step_metadata = build_metadata(q_lens, s_lens, tables, block_size, device)
+        type(backend).prepare(step_metadata)
+        try:
+            out = backend.forward_rotary(q, k, v, inputs, cache, step_metadata)
+        except Exception as exc:
+            problems.append(f"step 3 (rotary inside, norms={with_norms}) raised {type(exc).__name__}: {exc}")
+            break
+        rotated_q, rotated_k = rope(q, k, cos_sin, *norms)
+        expected = _run(ref, ref_cache, (rotated_q.float(), rotated_k.float(), v.float()), q_lens, s_lens, tables,
+                        block_size)  # fmt: skip
+        err = (out.float() - expected).abs().max().item()
+        if not bool(torch.isclose(out.float(), expected, atol=atol, rtol=rtol).all()):
+            problems.append(f"step 3 (rotary inside, norms={with_norms}): max abs err {err:.3g} (atol {atol}, rtol {rtol})")
     return problems
