@@ -3,7 +3,7 @@ shapes (random weights, ``load_format="dummy"``): q/k rotary (and Qwen3's q/k no
 attention kernel (``no_rotary``: the separate rotary kernel), and SiLU inside the one-row gate/up GEMV
 (``no_gated_mlp``: the SiLU kernel; Qwen3-30B-A3B has no dense MLP, so it skips this one), and the GEMV's
 config for wide weights (``one_gemv_config``: the default for every shape); ``with_norm_router`` switches
-on the MoE's one-token add + RMSNorm + router kernel, which is off until this A/B shows a gain. ``VARIANTS=all,no_rotary`` picks
+on the MoE's one-token add + RMSNorm + router kernel, which is not a default until this A/B shows a gain. ``VARIANTS=all,no_rotary`` picks
 some, ``ROUNDS=3`` repeats them more.
 
     python3 benchmarks/decode_fusions_ab.py llama8b,qwen3_30b_a3b   # H200: ~9 min; $OUT/decode_fusions_ab.json
@@ -46,10 +46,11 @@ def batch1(shape: str, variant: str) -> dict[str, object]:
         from kvik_cuda import fused
 
         del fused._FUSED[LlamaMLP]
-    elif variant == "with_norm_router":  # off by default until this A/B: one token's add + norm + router in one kernel
+    elif variant == "with_norm_router":  # not a default until this A/B: one token's add + norm + router in one kernel
+        from kvik.models.llama import LlamaDecoderLayer
         from kvik_cuda import fused
 
-        fused.FusedLlamaDecoderLayer.fuse_norm_router = True
+        fused._FUSED[LlamaDecoderLayer] = fused.FusedLlamaDecoderLayer
     elif variant == "one_gemv_config":  # the default GEMV config for every shape, not WIDE_CONFIG for wide ones
         from kvik_cuda import gemv
 

@@ -20,7 +20,7 @@ use these kernels, so graphs on/off stay identical.
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, cast
+from typing import Any, cast
 
 import torch
 import triton
@@ -409,14 +409,11 @@ class FusedLlamaMLP(LlamaMLP):
 class FusedLlamaDecoderLayer(LlamaDecoderLayer):
     """A decoder layer whose MoE block, at one token, gets its input and its router's logits from one kernel:
     the residual add, the post-attention RMSNorm and the router GEMV (:func:`kvik_cuda.moe.add_norm_router`),
-    two launches a layer fewer. Off until measured on a GPU (``fuse_norm_router``); every other case runs
-    the layer as written."""
-
-    # Not yet measured on a GPU (the CPU tests check it under the interpreter): on after an A/B shows a gain.
-    fuse_norm_router: ClassVar[bool] = False
+    two launches a layer fewer; every other case runs the layer as written. Not in :data:`_FUSED` until a GPU
+    A/B shows the gain (``benchmarks/decode_fusions_ab.py``, variant ``with_norm_router``)."""
 
     def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not (self.fuse_norm_router and residual is not None and hidden.shape[0] == 1 and self._norm_router_fits()):
+        if not (residual is not None and hidden.shape[0] == 1 and self._norm_router_fits()):
             return super().forward(hidden, residual, *args)
         hidden, residual = self.input_layernorm(hidden, residual)
         hidden = self.self_attn(hidden, *args)
@@ -461,7 +458,6 @@ _FUSED: dict[type[nn.Module], type[nn.Module]] = {
     SparseMoE: TritonSparseMoE,  # one routing kernel
     Linear: FusedLinear,  # one-row dense GEMV (kvik_cuda.gemv)
     LlamaMLP: FusedLlamaMLP,  # the one-row gate/up GEMV applies SiLU itself
-    LlamaDecoderLayer: FusedLlamaDecoderLayer,  # one token's add + norm + MoE router in one kernel (off for now)
     LMHead: FusedLMHead,
 }
 

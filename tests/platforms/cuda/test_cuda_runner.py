@@ -180,9 +180,9 @@ ONE_REQUEST = [
 def test_one_token_moe_layers_with_the_norm_and_router_in_one_kernel_match_torch_ref(
     kvik_plugin_manager, tiny_model_dir, monkeypatch
 ) -> None:
-    """FusedLlamaDecoderLayer.fuse_norm_router on a tiny Qwen3-MoE: a single request's decode steps take the
-    add + norm + router kernel (every layer but the first, whose residual is the embedding) and give
-    torch_ref's logits."""
+    """FusedLlamaDecoderLayer (not a default fused layer yet) on a tiny Qwen3-MoE: a single request's decode
+    steps take the add + norm + router kernel (every layer but the first, whose residual is the embedding)
+    and give torch_ref's logits."""
     pytest.importorskip("triton", reason="triton is not installed")
     if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
         pytest.skip("without a GPU this needs TRITON_INTERPRET=1 before triton loads (tests/attention_backends set it)")
@@ -194,7 +194,9 @@ def test_one_token_moe_layers_with_the_norm_and_router_in_one_kernel_match_torch
     expected = [torch_runner.compute_logits(SchedulerOutput(step, len(step[0].token_ids))) for step in ONE_REQUEST]
     calls = []
     kernel = fused.add_norm_router
-    monkeypatch.setattr(fused.FusedLlamaDecoderLayer, "fuse_norm_router", True)
+    from kvik.models.llama import LlamaDecoderLayer
+
+    monkeypatch.setitem(fused._FUSED, LlamaDecoderLayer, fused.FusedLlamaDecoderLayer)
     monkeypatch.setattr(fused, "add_norm_router", lambda *a: calls.append(1) or kernel(*a))
     runner = _runner(CUDAModelRunner, path, kvik_plugin_manager, attention_backend="triton_interp",
                      platform_options={"fused_layers": True}, enforce_eager=True)  # fmt: skip
