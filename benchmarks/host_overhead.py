@@ -26,6 +26,7 @@ the measured steps; torch runs single-threaded here, so the step's work is all o
 
     python benchmarks/host_overhead.py --running 64,256 --steps 200
     python benchmarks/host_overhead.py --running 256 --profile   # + cProfile's top functions
+    PROFILE_SORT=cumulative python benchmarks/host_overhead.py --running 256 --profile   # by cumulative time
 """
 
 from __future__ import annotations
@@ -192,7 +193,7 @@ def measure(args: argparse.Namespace, running: int, root: Path) -> dict[str, Any
     result: dict[str, Any] = {"running": running, "steps": args.steps, "ms_per_step": per_step}
     if profiler is not None:
         out = io.StringIO()
-        pstats.Stats(profiler, stream=out).sort_stats("tottime").print_stats(args.profile_top)
+        pstats.Stats(profiler, stream=out).sort_stats(os.environ.get("PROFILE_SORT", "tottime")).print_stats(args.profile_top)
         result["profile"] = out.getvalue()
     engine.shutdown()
     return result
