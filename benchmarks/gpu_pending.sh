@@ -106,6 +106,22 @@ for s in $STAGES; do
     *) echo "unknown stage $s" ;;
   esac
 done
+# Only what a cache hit loads: each kernel's metadata JSON, its cubin and the launcher .so's. The intermediate
+# IRs (ttir, ttgir, llir, ptx) are ~80% of the bytes; with them the archive outgrew what a call hands back
+# (17 MB in run s, not returned). Each kernel's group file lists its files and newer Triton treats a group with
+# a missing file as a miss, so the groups are rewritten to list what is kept.
+python3 - "$TRITON_CACHE_DIR" <<'PRUNE'
+import json, sys
+from pathlib import Path
+IR = (".ttir", ".ttgir", ".llir", ".ptx")
+for path in Path(sys.argv[1]).rglob("*"):
+    if path.suffix in IR:
+        path.unlink()
+for group in Path(sys.argv[1]).rglob("__grp__*.json"):
+    data = json.loads(group.read_text())
+    data["child_paths"] = {k: v for k, v in data.get("child_paths", {}).items() if Path(v).suffix not in IR}
+    group.write_text(json.dumps(data))
+PRUNE
 tar czf "$OUT/triton-cache.tgz" -C "$TRITON_CACHE_DIR" . 2>/dev/null && ls -la "$OUT/triton-cache.tgz"
 # Only 8 files come back from $OUT: everything but the Triton cache travels as one archive.
 (cd "$OUT" && tar czf /tmp/results.tgz --exclude=triton-cache.tgz . && find . -maxdepth 1 -mindepth 1 ! -name triton-cache.tgz -exec rm -rf {} + \
