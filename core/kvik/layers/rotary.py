@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from kvik.attention.backend import RotaryInputs
-from kvik.layers.norm import GemmaRMSNorm, RMSNorm
+from kvik.layers.norm import RMSNorm
 from kvik.layers.rope_settings import SUPPORTED_ROPE_TYPES, RopeSettings, rope_max_len, rope_settings
 
 __all__ = [
@@ -201,23 +201,15 @@ class RotaryEmbedding(nn.Module):
         cos, sin = cos_sin
         if self.rotary_dim != self.head_dim or self.head_dim % 2 or cos.dtype != q.dtype:
             return None
-        weights: list[torch.Tensor | None] = []
-        for norm, x in ((q_norm, q), (k_norm, k)):
-            if norm is None:
-                weights.append(None)
-                continue
-            if not isinstance(norm, RMSNorm) or isinstance(norm, GemmaRMSNorm):
-                return None
-            weight = norm.weight
-            if weight.shape != (x.shape[-1],) or weight.dtype != x.dtype:
-                return None
-            weights.append(weight)
+        q_weight, k_weight = plain_norm_weight(q_norm, q), plain_norm_weight(k_norm, k)
+        if (q_norm is not None and q_weight is None) or (k_norm is not None and k_weight is None):
+            return None
         n = q.shape[0]
         return RotaryInputs(
             cos=cos.reshape(n, -1),
             sin=sin.reshape(n, -1),
-            q_norm_weight=weights[0],
-            k_norm_weight=weights[1],
+            q_norm_weight=q_weight,
+            k_norm_weight=k_weight,
             q_norm_eps=float(getattr(q_norm, "eps", 0.0)),
             k_norm_eps=float(getattr(k_norm, "eps", 0.0)),
         )
@@ -235,6 +227,17 @@ class RotaryEmbedding(nn.Module):
             rot, rest = x[..., : self.rotary_dim], x[..., self.rotary_dim :]
             return torch.cat((_rotate(rot, cos, sin), rest), dim=-1)
         return _rotate(x, cos, sin)
+
+
+def plain_norm_weight(norm: nn.Module | None, x: torch.Tensor) -> torch.Tensor | None:
+    """``norm``'s weight when a kernel may apply ``norm`` to the heads ``x`` itself, else None: an RMSNorm that
+    computes RMSNorm's own formula (not Gemma's ``1 + weight``, nor deterministic mode's blocked reduction; a
+    fused subclass that only replaces ``forward`` qualifies) over the head dim, with ``x``'s dtype (what the
+    eager rounding steps assume)."""
+    if not isinstance(norm, RMSNorm) or type(norm)._norm is not RMSNorm._norm:
+        return None
+    weight = norm.weight
+    return weight if weight.shape == (x.shape[-1],) and weight.dtype == x.dtype else None
 
 
 def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

@@ -30,7 +30,7 @@ from kvik.layers.embedding import LMHead
 from kvik.layers.linear import Linear
 from kvik.layers.moe import MoEExperts, SparseMoE
 from kvik.layers.norm import AddLayerNorm, RMSNorm
-from kvik.layers.rotary import RotaryEmbedding
+from kvik.layers.rotary import RotaryEmbedding, plain_norm_weight
 from kvik.models.llama import LlamaDecoderLayer, LlamaMLP
 from kvik.quantization.unquantized import UnquantizedLinearMethod
 from torch import nn
@@ -339,7 +339,8 @@ class FusedRotaryEmbedding(RotaryEmbedding):
         )
         if not usable:
             return super().forward(q, k, cos_sin, q_norm, k_norm)
-        norm = _in_kernel_norm(q_norm, q) and _in_kernel_norm(k_norm, k)
+        q_weight, k_weight = plain_norm_weight(q_norm, q), plain_norm_weight(k_norm, k)
+        norm = q_weight is not None and k_weight is not None
         if not norm:  # a norm the kernel does not do (Gemma's 1 + weight), or none: run it as a module first
             q, k = self.normed(q, k, q_norm, k_norm)
         cos, sin = cos.reshape(n, -1), sin.reshape(n, -1)
@@ -348,7 +349,7 @@ class FusedRotaryEmbedding(RotaryEmbedding):
         half = self.head_dim // 2
         _rotary_kernel[(n,)](
             q, k, cos, sin, q_out, k_out,
-            q_norm.weight if norm else q, k_norm.weight if norm else k,  # type: ignore[union-attr]
+            q_weight if norm else q, k_weight if norm else k,
             q_norm.eps if norm else 0.0, k_norm.eps if norm else 0.0,  # type: ignore[union-attr]
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), cos.stride(0), sin.stride(0),
             q.shape[1], k.shape[1],
@@ -356,15 +357,6 @@ class FusedRotaryEmbedding(RotaryEmbedding):
             NORM=norm, num_warps=4,
         )  # fmt: skip
         return q_out, k_out
-
-
-def _in_kernel_norm(norm: nn.Module | None, x: torch.Tensor) -> bool:
-    """Whether the rotary kernel can apply ``norm`` itself: a plain (or fused) RMSNorm over the head dim whose
-    weight has ``x``'s dtype (what the eager module's rounding steps assume)."""
-    if type(norm) not in (RMSNorm, FusedRMSNorm):
-        return False
-    weight = cast(torch.Tensor, cast(nn.Module, norm).weight)
-    return weight.shape[-1] == x.shape[-1] and weight.dtype == x.dtype
 
 
 def _one_row_gemv(x: torch.Tensor, weight: torch.Tensor) -> bool:

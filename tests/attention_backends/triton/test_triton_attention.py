@@ -17,6 +17,7 @@ import torch
 pytest.importorskip("triton", reason="triton is not installed (pip install --no-deps triton)")
 
 from kvik.attention.torch_ref import TorchRefAttentionBackend
+from kvik.layers.batch_invariant import InvariantRMSNorm
 from kvik.layers.norm import GemmaRMSNorm, RMSNorm
 from kvik.layers.rotary import RopeSettings, RotaryEmbedding
 from kvik_triton_attention.backend import TritonAttentionBackend
@@ -209,6 +210,8 @@ def test_rotary_stays_outside_attention_where_the_kernel_cannot_take_it() -> Non
     assert full.kernel_inputs(q, k, full.cos_sin(torch.arange(q.shape[0], device=DEVICE), torch.float32)) is None
     gemma = GemmaRMSNorm(32, 1e-6, torch.bfloat16, DEVICE)
     assert full.kernel_inputs(q, k, cos_sin, gemma, gemma) is None
+    blocked = InvariantRMSNorm(32, 1e-6, torch.bfloat16, DEVICE)  # deterministic mode's own reduction order
+    assert full.kernel_inputs(q, k, cos_sin, blocked, blocked) is None
     partial = RotaryEmbedding(32, RopeSettings(partial_rotary_factor=0.5), max_position=64, device=DEVICE)
     assert partial.kernel_inputs(q, k, partial.cos_sin(torch.arange(q.shape[0], device=DEVICE), torch.bfloat16)) is None
 
