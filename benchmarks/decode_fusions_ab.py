@@ -21,7 +21,6 @@ import json
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -33,7 +32,7 @@ VARIANTS = ("all", "no_rotary", "no_gated_mlp", "one_gemv_config", "with_norm_ro
 def batch1(shape: str, variant: str) -> dict[str, object]:
     """Run in its own process: ms/token, the floor and the greedy tokens with ``variant``'s fusion off."""
     import kvik
-    from gpu_common import measure_ceilings, sync, workload
+    from gpu_common import batch1_decode_ms, measure_ceilings, workload
     from kvik import SamplingParams
     from models_gpu import CONFIGS, active_weight_bytes, config_dir, kv_bytes
 
@@ -59,25 +58,15 @@ def batch1(shape: str, variant: str) -> dict[str, object]:
     vocab = CONFIGS[shape]["vocab_size"]
     llm = kvik.LLM(model=str(path), load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=32,
                    gpu_memory_utilization=0.9, seed=0)  # fmt: skip
-
-    def timed(seed: int, new: int) -> float:
-        params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
-        sync()
-        t = time.perf_counter()
-        llm.generate(workload(1, vocab, 512, 512, seed=seed), params, use_tqdm=False)
-        sync()
-        return time.perf_counter() - t
-
-    timed(99, 16)
-    best = min((timed(s + 1, 129) - timed(s, 1)) / 128 for s in (7, 9, 11))
+    ms = batch1_decode_ms(llm, vocab)
     params = SamplingParams(max_tokens=64, temperature=0.0, ignore_eos=True, detokenize=False)
     tokens = llm.generate(workload(1, vocab, 512, 512, seed=3), params, use_tqdm=False)[0].outputs[0].token_ids
     # The floor as models_gpu.py computes it: the active weights and ~640 tokens of KV at this machine's copy
     # bandwidth, measured now.
     model = llm.llm_engine.runner.model
     floor_ms = (active_weight_bytes(model) + kv_bytes(CONFIGS[shape], 640)) / measure_ceilings()["copy_bytes_per_s"] * 1e3
-    return {"ms_per_token": round(best * 1e3, 3), "floor_ms": round(floor_ms, 3),
-            "x_floor": round(best * 1e3 / floor_ms, 3), "tokens": list(tokens)}  # fmt: skip
+    return {"ms_per_token": round(ms, 3), "floor_ms": round(floor_ms, 3), "x_floor": round(ms / floor_ms, 3),
+            "tokens": list(tokens)}  # fmt: skip
 
 
 def main() -> None:

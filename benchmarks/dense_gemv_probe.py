@@ -88,12 +88,10 @@ def batch1(shape: str, gemv: bool, config: tuple[int, ...] | None = None) -> dic
     ``config``, the fused layers' GEMVs use that (block_n, block_k, per_sm, warps[, unroll]) instead of
     the default."""
     import functools
-    import time
 
     import kvik
     from gpu_common import SHAPES as MODEL_SHAPES
-    from gpu_common import dummy_model_dir, sync, workload
-    from kvik import SamplingParams
+    from gpu_common import batch1_decode_ms, dummy_model_dir
 
     if config is not None:
         from kvik_cuda import fused
@@ -116,18 +114,7 @@ def batch1(shape: str, gemv: bool, config: tuple[int, ...] | None = None) -> dic
         vocab = CONFIGS[shape]["vocab_size"]
     llm = kvik.LLM(model=str(path), load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=32,
                    gpu_memory_utilization=0.9)  # fmt: skip
-
-    def timed(seed: int, new: int) -> float:
-        params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
-        sync()
-        t = time.perf_counter()
-        llm.generate(workload(1, vocab, 512, 512, seed=seed), params, use_tqdm=False)
-        sync()
-        return time.perf_counter() - t
-
-    timed(99, 16)
-    best = min((timed(s + 1, 129) - timed(s, 1)) / 128 for s in (7, 9, 11))
-    return {"ms_per_token": round(best * 1e3, 3)}
+    return {"ms_per_token": round(batch1_decode_ms(llm, vocab), 3)}
 
 
 def e2e(shapes: list[str], config: tuple[int, ...] | None = None) -> None:

@@ -187,6 +187,23 @@ def sync() -> None:
         torch.cuda.synchronize()
 
 
+def batch1_decode_ms(llm: Any, vocab: int) -> float:
+    """Batch-1 decode ms/token of ``llm``: a 512-token prompt, 128 new tokens, the prompt's one-token run
+    subtracted, best of three (after one warm-up)."""
+    from kvik import SamplingParams
+
+    def timed(seed: int, new: int) -> float:
+        params = SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
+        sync()
+        t = time.perf_counter()
+        llm.generate(workload(1, vocab, 512, 512, seed=seed), params, use_tqdm=False)
+        sync()
+        return time.perf_counter() - t
+
+    timed(99, 16)
+    return min((timed(s + 1, 129) - timed(s, 1)) / 128 for s in (7, 9, 11)) * 1e3
+
+
 def profile_record(summary: Any, top: int = 25) -> dict[str, Any]:
     """One rank's ``LLM.stop_profile()`` summary as JSON: wall and device ms, and the ``top`` kernels as
     (name, device µs, calls)."""
