@@ -2,8 +2,7 @@
 shapes (random weights, ``load_format="dummy"``): q/k rotary (and Qwen3's q/k norms) inside the Triton
 attention kernel (``no_rotary``: the separate rotary kernel), and SiLU inside the one-row gate/up GEMV
 (``no_gated_mlp``: the SiLU kernel; Qwen3-30B-A3B has no dense MLP, so it skips this one), and the GEMV's
-config for wide weights (``one_gemv_config``: the default for every shape); ``with_norm_router`` switches
-on the MoE's one-token add + RMSNorm + router kernel, which is not a default until this A/B shows a gain. ``VARIANTS=all,no_rotary`` picks
+config for wide weights (``one_gemv_config``: the default for every shape). ``VARIANTS=all,no_rotary`` picks
 some, ``ROUNDS=3`` repeats them more.
 
     python3 benchmarks/decode_fusions_ab.py llama8b,qwen3_30b_a3b   # H200: ~9 min; $OUT/decode_fusions_ab.json
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-VARIANTS = ("all", "no_rotary", "no_gated_mlp", "one_gemv_config", "with_norm_router")
+VARIANTS = ("all", "no_rotary", "no_gated_mlp", "one_gemv_config")
 
 
 def batch1(shape: str, variant: str) -> dict[str, object]:
@@ -45,11 +44,6 @@ def batch1(shape: str, variant: str) -> dict[str, object]:
         from kvik_cuda import fused
 
         del fused._FUSED[LlamaMLP]
-    elif variant == "with_norm_router":  # not a default until this A/B: one token's add + norm + router in one kernel
-        from kvik.models.llama import LlamaDecoderLayer
-        from kvik_cuda import fused
-
-        fused._FUSED[LlamaDecoderLayer] = fused.FusedLlamaDecoderLayer
     elif variant == "one_gemv_config":  # the default GEMV config for every shape, not WIDE_CONFIG for wide ones
         from kvik_cuda import gemv
 
@@ -74,10 +68,8 @@ def main() -> None:
     result: dict[str, dict[str, object]] = {}
     for shape in shapes:
         variants = tuple(v for v in VARIANTS if v in os.environ.get("VARIANTS", ",".join(VARIANTS)).split(","))
-        if shape == "qwen3_30b_a3b":  # no dense MLP
+        if shape == "qwen3_30b_a3b":
             variants = tuple(v for v in variants if v != "no_gated_mlp")
-        else:  # no router
-            variants = tuple(v for v in variants if v != "with_norm_router")
         runs: dict[str, list[dict[str, object]]] = {v: [] for v in variants}
         for variant in variants * int(os.environ.get("ROUNDS", "2")):
             code = f"import sys; sys.path.insert(0, 'benchmarks'); import json, decode_fusions_ab as p; " \

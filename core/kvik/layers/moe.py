@@ -168,12 +168,7 @@ class SparseMoE(nn.Module):
         return (weights.to(dtype) if self.round_weights else weights), ids
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, hidden]
-        return self.forward_routed(x, self.gate(x))
-
-    def forward_routed(self, x: torch.Tensor, router_logits: torch.Tensor) -> torch.Tensor:
-        """:meth:`forward` given the router's logits ``gate(x)`` ``[n, num_experts]`` (a platform may compute
-        them in the kernel that produces ``x``)."""
-        weights, ids = self.route(router_logits, x.dtype)
+        weights, ids = self.route(self.gate(x), x.dtype)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

@@ -20,7 +20,7 @@ use these kernels, so graphs on/off stay identical.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import cast
 
 import torch
 import triton
@@ -31,12 +31,12 @@ from kvik.layers.linear import Linear
 from kvik.layers.moe import MoEExperts, SparseMoE
 from kvik.layers.norm import AddLayerNorm, RMSNorm
 from kvik.layers.rotary import RotaryEmbedding, plain_norm_weight
-from kvik.models.llama import LlamaDecoderLayer, LlamaMLP
+from kvik.models.llama import LlamaMLP
 from kvik.quantization.unquantized import UnquantizedLinearMethod
 from torch import nn
 
 from kvik_cuda.gemv import dense_gemv
-from kvik_cuda.moe import NORM_ROUTER_MAX_HIDDEN, TritonMoEExperts, TritonSparseMoE, add_norm_router
+from kvik_cuda.moe import TritonMoEExperts, TritonSparseMoE
 
 
 @triton.jit
@@ -396,39 +396,6 @@ class FusedLlamaMLP(LlamaMLP):
             if type(proj.quant_method) is UnquantizedLinearMethod and _one_row_gemv(x, weight):
                 return self.down_proj(dense_gemv(x, weight, gated=True))
         return super().forward(x)
-
-
-class FusedLlamaDecoderLayer(LlamaDecoderLayer):
-    """A decoder layer whose MoE block, at one token, gets its input and its router's logits from one kernel:
-    the residual add, the post-attention RMSNorm and the router GEMV (:func:`kvik_cuda.moe.add_norm_router`),
-    two launches a layer fewer; every other case runs the layer as written. Not in :data:`_FUSED` until a GPU
-    A/B shows the gain (``benchmarks/decode_fusions_ab.py``, variant ``with_norm_router``)."""
-
-    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None, *args: Any) -> tuple[torch.Tensor, torch.Tensor]:
-        if not (residual is not None and hidden.shape[0] == 1 and self._norm_router_fits()):
-            return super().forward(hidden, residual, *args)
-        hidden, residual = self.input_layernorm(hidden, residual)
-        hidden = self.self_attn(hidden, *args)
-        norm, moe = self.post_attention_layernorm, cast(TritonSparseMoE, self.mlp)
-        if hidden.dtype != norm.weight.dtype or hidden.stride(-1) != 1:
-            hidden, residual = norm(hidden, residual)
-            return self.mlp(hidden), residual
-        normed, residual, logits = add_norm_router(hidden, residual, norm.weight, norm.eps, cast(torch.Tensor, moe.gate.weight))
-        return moe.forward_routed(normed, logits), residual
-
-    def _norm_router_fits(self) -> bool:
-        """A plain RMSNorm before a Triton MoE block whose router is an unquantized, unbiased one-row GEMV."""
-        norm, moe = self.post_attention_layernorm, self.mlp
-        if type(norm) is not FusedRMSNorm or type(moe) is not TritonSparseMoE:
-            return False
-        gate = moe.gate
-        return (
-            type(gate) is FusedLinear
-            and gate.bias is None
-            and type(gate.quant_method) is UnquantizedLinearMethod
-            and cast(torch.Tensor, gate.weight).stride(-1) == 1
-            and norm.weight.shape[0] <= NORM_ROUTER_MAX_HIDDEN
-        )
 
 
 class FusedLMHead(LMHead):

@@ -169,45 +169,6 @@ def test_bucketed_decode_with_triton_and_fused_layers_matches_torch_ref(
         torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
 
 
-ONE_REQUEST = [
-    [_req("a", list(range(3, 12)), 0, [1, 2, 3])],
-    [_req("a", [13], 9, [1, 2, 3])],
-    [_req("a", [14], 10, [1, 2, 3])],
-]
-
-
-@pytest.mark.usefixtures("_one_thread")
-def test_one_token_moe_layers_with_the_norm_and_router_in_one_kernel_match_torch_ref(
-    kvik_plugin_manager, tiny_model_dir, monkeypatch
-) -> None:
-    """FusedLlamaDecoderLayer (not a default fused layer yet) on a tiny Qwen3-MoE: a single request's decode
-    steps take the add + norm + router kernel (every layer but the first, whose residual is the embedding)
-    and give torch_ref's logits."""
-    pytest.importorskip("triton", reason="triton is not installed")
-    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
-        pytest.skip("without a GPU this needs TRITON_INTERPRET=1 before triton loads (tests/attention_backends set it)")
-    from kvik_cuda import fused
-
-    register_small_tile_triton(kvik_plugin_manager, "interp_plugin")
-    path = tiny_model_dir("qwen3_moe")
-    torch_runner = _runner(TorchModelRunner, path, kvik_plugin_manager)
-    expected = [torch_runner.compute_logits(SchedulerOutput(step, len(step[0].token_ids))) for step in ONE_REQUEST]
-    calls = []
-    kernel = fused.add_norm_router
-    from kvik.models.llama import LlamaDecoderLayer
-
-    monkeypatch.setitem(fused._FUSED, LlamaDecoderLayer, fused.FusedLlamaDecoderLayer)
-    monkeypatch.setattr(fused, "add_norm_router", lambda *a: calls.append(1) or kernel(*a))
-    runner = _runner(CUDAModelRunner, path, kvik_plugin_manager, attention_backend="triton_interp",
-                     platform_options={"fused_layers": True}, enforce_eager=True)  # fmt: skip
-    calls.clear()
-    got = [runner.compute_logits(SchedulerOutput(step, len(step[0].token_ids))) for step in ONE_REQUEST]
-    layers = runner.model_config.hf_config.num_hidden_layers
-    assert len(calls) == 2 * (layers - 1)  # the two decode steps, every layer after the first
-    for e, g in zip(expected, got, strict=True):
-        torch.testing.assert_close(g, e, rtol=1e-4, atol=1e-4)
-
-
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])

@@ -173,26 +173,3 @@ def test_decode_gemv_sums_each_tokens_slots_in_its_launch(n: int, top_k: int, hi
             in_order += rows[:, slot]
         assert torch.equal(summed, in_order)
         assert int(completion_counters(y.device, 1).abs().sum()) == 0
-
-
-@pytest.mark.parametrize(("hidden", "num_experts"), [(64, 8), (96, 10)])  # 96: padded lanes; 10: a ragged last program
-def test_add_norm_router_matches_the_norm_then_the_router(hidden: int, num_experts: int) -> None:
-    """One token's residual add, RMSNorm and router logits in one kernel against FusedRMSNorm followed by the
-    router's one-row GEMV: the add is exact, the rest agrees to rounding (sums in another order)."""
-    from kvik_cuda.fused import FusedRMSNorm
-    from kvik_cuda.gemv import dense_gemv
-    from kvik_cuda.moe import add_norm_router
-
-    g = torch.Generator().manual_seed(hidden + num_experts)
-    dtype = torch.float16
-    x, residual = (torch.randn(1, hidden, generator=g).to(DEVICE, dtype) for _ in range(2))
-    norm = FusedRMSNorm(hidden, 1e-6, dtype, DEVICE)
-    norm.weight.data.copy_(1 + 0.3 * torch.randn(hidden, generator=g))
-    gate = (0.1 * torch.randn(num_experts, hidden, generator=g)).to(DEVICE, dtype)
-    want_normed, want_residual = norm(x, residual)
-    want_logits = dense_gemv(want_normed, gate)
-    normed, res_out, logits = add_norm_router(x, residual, norm.weight, norm.eps, gate)
-    assert torch.equal(res_out, want_residual)
-    torch.testing.assert_close(normed, want_normed, rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(logits, want_logits, rtol=5e-3, atol=5e-3)
-    assert logits.shape == (1, num_experts) and logits.dtype == dtype
