@@ -8,7 +8,8 @@
 #   lora_sweep     LoRA kernel sweep with segment-aligned tiles (issue 16; LORA_SWEEP_ARGS) ~4 min
 #   lora_profile   the SGMV shrink / expand apart at 256 rows x 64 adapters, then ncu on both (16)  ~4 min
 #   quant_sweep    INT4/FP8/INT8 GEMV and GEMM sweep (issue 14; QUANT_SWEEP_ARGS e.g. "--rows 1 --formats int4") ~2 min
-#   quant_e2e      8B bf16 vs fp8 / int4 / int8 engines, offline + batch 1 (14)  ~6 min
+#   quant_e2e      8B bf16 vs fp8 / int4 / int8 engines, offline + batch 1 (14; QUANT_PARTS, QUANT_BUDGET s; a part
+#                  fp8_old_row / int8_old_row: the one-row W8A16 GEMV config before run u)  ~6 min
 #   fp8_kv         FP8 KV cache: capacity, agreement, throughput (14)              ~3 min
 #   lora_e2e       8B with 1 / 8 / 64 rank-16 adapters vs base (16)                ~6 min
 #   determinism    batch-invariant mode: bitwise check + cost (21)                 ~3 min
@@ -73,7 +74,7 @@ for s in $STAGES; do
     quant_sweep) stage quant_sweep $(( ${QUANT_SWEEP_BUDGET:-80} + 30 )) python3 benchmarks/quant_kernels_sweep.py \
                    --budget-s ${QUANT_SWEEP_BUDGET:-80} ${QUANT_SWEEP_ARGS:-}
                  tail -40 "$OUT/quant_sweep.log" | cut -c1-200 ;;
-    quant_e2e) stage quant_e2e 170 python3 benchmarks/quant_benchmark.py --parts ${QUANT_PARTS:-bf16,fp8,int4,int8} --n 300 --budget-s 150 ;;
+    quant_e2e) stage quant_e2e $(( ${QUANT_BUDGET:-150} + 20 )) python3 benchmarks/quant_benchmark.py --parts ${QUANT_PARTS:-bf16,fp8,int4,int8} --n 300 --budget-s ${QUANT_BUDGET:-150} ;;
     fp8_kv) stage fp8_kv 200 python3 benchmarks/fp8_kv_check.py --budget-s ${FP8_KV_BUDGET:-190} ;;
     lora_e2e) stage lora_e2e ${LORA_TIMEOUT:-220} python3 benchmarks/lora_throughput.py --parts ${LORA_PARTS:-base,lora8,lora64} --n 300 ${LORA_ARGS:-} ;;
     determinism) stage determinism 360 python3 benchmarks/deterministic_check.py ;;

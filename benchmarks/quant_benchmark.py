@@ -13,7 +13,8 @@ From the repository root on the GPU machine (no network needed; about 6 minutes 
    in its own process: the
    Llama-3.1-8B-shaped random checkpoint quantized at load, batch-1 decode ms/token (512-token
    prompt, CUDA graphs) and offline throughput on ``--n`` requests (prompts U[128, 1024],
-   ``--out-len`` new tokens, greedy, EOS ignored).
+   ``--out-len`` new tokens, greedy, EOS ignored). ``fp8_old_row`` / ``int8_old_row``: the same with the
+   one-row W8A16 GEMV config it had before run u (``W8GemvConfig()``), its A/B in the same run.
 
 Each part runs under its own time limit and a failure is recorded, not fatal. Prints one JSON
 summary at the end and writes it to $OUT/quant_benchmark.json (and the JSON lines to
@@ -190,7 +191,11 @@ def variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     _ensure_quant_plugin()
     shape = args.shape
     path = write_random_checkpoint(shape, Path(args.root), device=args.device)
-    quantization = None if name == "bf16" else name
+    quantization = None if name == "bf16" else name.removesuffix("_old_row")
+    if name.endswith("_old_row"):  # the A/B of the one-row W8A16 GEMV: the config it had before run u
+        from kvik_quant import w8_kernels
+
+        w8_kernels.ROW_CONFIG = w8_kernels.WIDE_ROW_CONFIG = w8_kernels.W8GemvConfig()
     t0 = time.perf_counter()
     llm = kvik.LLM(model=str(path), device=args.device, dtype="bfloat16", quantization=quantization,
                    max_model_len=2048, max_num_seqs=256, gpu_memory_utilization=0.9)  # fmt: skip

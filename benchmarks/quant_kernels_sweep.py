@@ -44,7 +44,7 @@ LM_HEAD = (4096, 128256)  # K, N of Llama-3.1-8B's lm_head (kept bf16 by every q
 GROUP = 128
 STREAM_BYTES = 256 << 20
 # GEMV grids: (block_n, block_k, split_k (0: from the shape), programs per SM, num_warps, num_stages[,
-# prefetch, reduce_each]); GEMV_GRID is the INT4 tl.dot kernel (2..16 rows), W8_GRID's last two knobs shape its
+# prefetch, reduce_each, unroll]); GEMV_GRID is the INT4 tl.dot kernel (2..16 rows), W8_GRID's last three knobs shape its
 # one-row path. The first entry is the default.
 T, F_ = True, False
 GEMV_GRID = [(64, 128, 0, 2, 4, 3), (32, 128, 0, 2, 4, 3), (128, 64, 0, 2, 4, 3), (64, 128, 0, 4, 4, 3),
@@ -52,12 +52,12 @@ GEMV_GRID = [(64, 128, 0, 2, 4, 3), (32, 128, 0, 2, 4, 3), (128, 64, 0, 2, 4, 3)
 # The INT4 one-row kernel (_int4_gemv_row_kernel): (block_n, block_k, programs per SM, num_warps). First: ROW_DEFAULT.
 ROW_GRID = [(128, 128, 8, 1), (128, 64, 8, 1), (128, 128, 16, 1), (128, 64, 16, 1), (256, 64, 8, 1), (128, 32, 16, 1),
             (256, 128, 8, 2), (128, 128, 4, 1)]  # fmt: skip
-W8_GRID = [(32, 256, 0, 2, 4, 3, T, T), (32, 256, 0, 2, 4, 3, T, F_), (32, 256, 0, 2, 4, 3, F_, T),
-           (16, 256, 0, 2, 4, 3, T, T), (64, 256, 0, 2, 8, 3, T, T), (32, 256, 0, 4, 4, 3, T, T),
-           (32, 256, 0, 8, 4, 3, T, T),
-           # one warp, a few weight rows, 16 bytes of each per thread, reduced once (kvik_cuda.gemv's layout)
-           (2, 512, 0, 16, 1, 1, F_, F_), (4, 512, 0, 16, 1, 1, F_, F_), (2, 512, 0, 8, 1, 1, F_, F_),
-           (8, 512, 0, 8, 1, 1, F_, F_), (4, 1024, 0, 16, 2, 1, F_, F_)]  # fmt: skip
+W8_GRID = [(32, 256, 0, 2, 4, 3, T, T, 1),
+           # one warp, a few weight rows, 16 bytes of each per thread, reduced once (kvik_cuda.gemv's layout);
+           # the last knob: k-steps in flight per iteration (unroll). Run i1 had these without the unroll.
+           (2, 512, 0, 16, 1, 1, F_, F_, 1), (2, 512, 0, 8, 1, 1, F_, F_, 4), (2, 512, 0, 16, 1, 1, F_, F_, 4),
+           (1, 512, 0, 8, 1, 1, F_, F_, 8), (1, 512, 0, 16, 1, 1, F_, F_, 4), (2, 512, 0, 8, 1, 1, F_, F_, 8),
+           (4, 512, 0, 8, 1, 1, F_, F_, 4), (1, 512, 0, 8, 1, 1, F_, F_, 4)]  # fmt: skip
 # GEMM grids: (block_m, block_n, block_k, num_warps, num_stages).
 GEMM_GRID = [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3)]
 I8_GRID = [
@@ -218,11 +218,11 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
             "old": (lambda i: int8.int8_mm(*quantize_rows(x, torch.int8, 127.0, 1e-10), i8[i], s8, torch.bfloat16), r8)
         }
         if m <= 16:
-            for bn, bk, sk, per_sm, warps, stages, pf, red in W8_GRID:
-                name = f"w8a16:{bn}x{bk}:s{sk or f'auto{per_sm}'}:w{warps}s{stages}" + _one_row(m, pf, red)
+            for bn, bk, sk, per_sm, warps, stages, pf, red, unroll in W8_GRID:
+                name = f"w8a16:{bn}x{bk}:s{sk or f'auto{per_sm}'}:w{warps}s{stages}" + _one_row(m, pf, red, unroll)
                 if name in c8:
                     continue
-                cfg = W8GemvConfig(bn, bk, sk, per_sm, warps, stages, pf, red)
+                cfg = W8GemvConfig(bn, bk, sk, per_sm, warps, stages, pf, red, unroll)
                 c8[name] = (lambda i, c=cfg: w8a16_gemv(x, f8[i], ws, sms, c), xf @ fp8_ref_w, cfg)
                 ci[name] = (lambda i, c=cfg: w8a16_gemv(x, i8[i], s8, sms, c), xf @ int8_ref_w, cfg)
         if m >= 16:
@@ -239,11 +239,12 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
     return info, for_rows
 
 
-def _one_row(m: int, prefetch: bool, reduce_each: bool) -> str:
+def _one_row(m: int, prefetch: bool, reduce_each: bool, unroll: int) -> str:
     """The one-row knobs in a candidate's name (none for m > 1, where they do not apply)."""
     if m > 1:
         return ""
-    return (":prefetch" if prefetch else "") + (":reduce_each" if reduce_each else ":reduce_once")
+    steps = f":u{unroll}" if unroll > 1 and not prefetch else ""
+    return (":prefetch" if prefetch else "") + (":reduce_each" if reduce_each else ":reduce_once") + steps
 
 
 def run_shape(sweep: Sweep, name: str, k: int, n: int, errors: list[str]) -> dict[str, Any]:
@@ -331,7 +332,7 @@ def dry_run() -> None:
     SHAPES, ROWS = [("tiny", 128, 64)], (1, 4, 16)
     GEMV_GRID = [(32, 32, 0, 2, 4, 2), (64, 64, 1, 2, 4, 1)]
     ROW_GRID = [(32, 32, 2, 1), (64, 64, 2, 2)]
-    W8_GRID = [(16, 64, 0, 4, 4, 2, True, False), (16, 64, 0, 2, 4, 2, False, True)]
+    W8_GRID = [(16, 64, 0, 4, 4, 2, True, False, 1), (16, 64, 0, 2, 4, 2, False, True, 1), (2, 64, 0, 2, 1, 1, False, False, 4)]
     GEMM_GRID, I8_GRID = [(16, 32, 32, 4, 2)], [(16, 32, 64, 4, 2)]
 
 

@@ -41,7 +41,13 @@ def _compile_all() -> dict[str, dict[str, bool]]:
         _int4_gemv_kernel,
         _int4_gemv_row_kernel,
     )
-    from kvik_quant.w8_kernels import W8GemvConfig, _int8_gemm_kernel, _w8a16_gemv_kernel, int8_gemm_config
+    from kvik_quant.w8_kernels import (
+        ROW_CONFIG,
+        W8GemvConfig,
+        _int8_gemm_kernel,
+        _w8a16_gemv_kernel,
+        int8_gemm_config,
+    )
 
     found: dict[str, dict[str, bool]] = {}
 
@@ -65,12 +71,13 @@ def _compile_all() -> dict[str, dict[str, bool]]:
             num_warps=r.num_warps, num_stages=r.num_stages))  # fmt: skip
     for use_dot in (False, True):
         rows = dict(BLOCK_M=16 if use_dot else 1, USE_DOT=use_dot, IEEE=False)
+        c8 = g8 if use_dot else ROW_CONFIG  # the default for 2-16 rows, and for one
         for weight in ("*fp8e4nv", "*i8"):
             sig = {"x_ptr": "*bf16", "w_ptr": weight, "ws_ptr": "*fp32", **tail}
             facts(f"w8a16_gemv {weight} dot={use_dot}", _compile(_w8a16_gemv_kernel, sig, dict(
-                BLOCK_N=g8.block_n, BLOCK_K=g8.block_k, PREFETCH=g8.prefetch and not use_dot,
-                REDUCE_EACH=g8.reduce_each and not use_dot, **rows), num_warps=g8.num_warps,
-                num_stages=g8.num_stages))  # fmt: skip
+                BLOCK_N=c8.block_n, BLOCK_K=c8.block_k, PREFETCH=c8.prefetch and not use_dot,
+                REDUCE_EACH=c8.reduce_each and not use_dot, UNROLL=1 if use_dot else c8.unroll, **rows),
+                num_warps=c8.num_warps, num_stages=c8.num_stages))  # fmt: skip
     cfg = int8_gemm_config(4096)
     sig = {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32",
            "N": "i32", "K": "i32"}  # fmt: skip

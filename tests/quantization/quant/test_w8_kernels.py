@@ -3,6 +3,8 @@ FP8/INT8 layers forced onto their GPU paths."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -51,6 +53,23 @@ def test_w8a16_gemv_matches_reference(
     torch.testing.assert_close(got.float(), expected, rtol=tol, atol=tol * float(expected.abs().max()))
     assert torch.equal(w8a16_gemv(x, wq, ws, num_sms=8, config=cfg), got)  # deterministic split-K
     assert int(splitk.counters(x.device, 1).abs().sum()) == 0
+
+
+@pytest.mark.parametrize("kind", ["fp8", "int8"])
+@pytest.mark.parametrize(("k", "split_k", "unroll"), [(704, 1, 4), (704, 2, 4), (320, 1, 8), (1024, 3, 2)])
+def test_w8a16_one_row_unrolled_gives_the_plain_loops_bits(kind: str, k: int, split_k: int, unroll: int) -> None:
+    """k-steps taken ``unroll`` at a time (ragged last iteration, split K) sum each lane in the plain loop's
+    order: the same bits, so a config's unroll changes speed only."""
+    gen = torch.Generator().manual_seed(k + unroll)
+    wq, ws = _weights(kind, 36, k, gen)
+    x = torch.randn(1, k, generator=gen).to(torch.float16)
+    base = W8GemvConfig(block_n=2, block_k=64, split_k=split_k, num_warps=1, num_stages=1, prefetch=False,
+                        reduce_each=False)  # fmt: skip
+    plain = w8a16_gemv(x, wq, ws, num_sms=8, config=base)
+    unrolled = w8a16_gemv(x, wq, ws, num_sms=8, config=dataclasses.replace(base, unroll=unroll))
+    assert torch.equal(unrolled, plain)
+    expected = x.float() @ (wq.float() * ws[:, None]).T
+    torch.testing.assert_close(plain.float(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
 
 
 @pytest.mark.parametrize(("m", "k", "n"), [(3, 256, 64), (40, 200, 72)])
