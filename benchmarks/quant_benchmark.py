@@ -196,6 +196,7 @@ def variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         from kvik_quant import w8_kernels
 
         w8_kernels.ROW_CONFIG = w8_kernels.WIDE_ROW_CONFIG = w8_kernels.W8GemvConfig()
+        w8_kernels.W8_GEMV_TABLE.clear()
     t0 = time.perf_counter()
     llm = kvik.LLM(model=str(path), device=args.device, dtype="bfloat16", quantization=quantization,
                    max_model_len=2048, max_num_seqs=256, gpu_memory_utilization=0.9)  # fmt: skip
