@@ -173,3 +173,51 @@ def test_decode_gemv_sums_each_tokens_slots_in_its_launch(n: int, top_k: int, hi
             in_order += rows[:, slot]
         assert torch.equal(summed, in_order)
         assert int(completion_counters(y.device, 1).abs().sum()) == 0
+
+
+@pytest.mark.parametrize(("num_experts", "hidden", "top_k", "renormalize"), [(128, 320, 8, True), (60, 96, 4, False)])
+def test_router_gemv_routes_the_token_with_route_fuseds_bits(
+    num_experts: int, hidden: int, top_k: int, renormalize: bool
+) -> None:
+    """One token: the router's GEMV writes the logits as the plain GEMV does, and its last program routes them
+    with the bits of the routing kernel run on those logits; its counters end at zero (called twice)."""
+    from kvik_cuda.gemv import Routing, completion_counters, dense_gemv
+    from kvik_cuda.routing import route_outputs
+
+    gen = torch.Generator().manual_seed(num_experts + hidden)
+    x = torch.randn(1, hidden, generator=gen).to(torch.float16).to(DEVICE)
+    weight = (torch.randn(num_experts, hidden, generator=gen) * 0.3).to(torch.float16).to(DEVICE)
+    logits = dense_gemv(x, weight)
+    want_weights, want_ids = route_fused(logits, top_k, renormalize, torch.float16)
+    for _ in range(2):
+        routing = Routing(top_k, renormalize, *route_outputs(1, top_k, torch.float16, x.device))
+        assert torch.equal(dense_gemv(x, weight, route=routing), logits)
+        assert torch.equal(routing.ids, want_ids)
+        assert torch.equal(routing.weights, want_weights)
+        assert int(completion_counters(x.device, 1).abs().sum()) == 0
+
+
+def test_one_token_moe_layer_routes_inside_the_router_gemv(monkeypatch: pytest.MonkeyPatch) -> None:
+    """TritonSparseMoE at one row takes the router GEMV's routing (no routing kernel), with the same output as
+    the two-kernel path; several rows keep the routing kernel."""
+    import kvik_cuda.moe as moe
+
+    gen = torch.Generator().manual_seed(3)
+    hidden, num_experts = 64, 16
+    layer = SparseMoE(hidden, num_experts, 4, 32, renormalize=True, dtype=torch.float16, device=DEVICE)
+    for p in layer.parameters():
+        p.data = (torch.randn(p.shape, generator=gen) * 0.2).to(p.dtype).to(DEVICE)
+    fuse_layers(layer)
+    assert type(layer) is TritonSparseMoE
+    x = torch.randn(1, hidden, generator=gen).to(torch.float16).to(DEVICE)
+    kernel_calls: list[int] = []
+    routed = moe.route_fused
+    monkeypatch.setattr(moe, "route_fused", lambda *a: kernel_calls.append(1) or routed(*a))
+    fused_out = layer(x)
+    assert kernel_calls == []
+    two_kernels = SparseMoE.select_experts(layer, x)
+    assert kernel_calls == [1]
+    assert all(torch.equal(a, b) for a, b in zip(layer.select_experts(x), two_kernels, strict=True))
+    layer(torch.cat([x, x]))
+    assert len(kernel_calls) == 2
+    assert fused_out.shape == (1, hidden)
