@@ -2,9 +2,8 @@
 shapes (random weights, ``load_format="dummy"``): q/k rotary (and Qwen3's q/k norms) inside the Triton
 attention kernel (``no_rotary``: the separate rotary kernel), and SiLU inside the one-row gate/up GEMV
 (``no_gated_mlp``: the SiLU kernel; Qwen3-30B-A3B has no dense MLP, so it skips this one), and the GEMV's
-config for wide weights (``one_gemv_config``: the default for every shape), and the MoE's routing inside the
-router's one-row GEMV (``no_routing_in_gemv``: the routing kernel after it; the 8B skips this one).
-``VARIANTS=all,no_rotary`` picks some, ``ROUNDS=3`` repeats them more.
+config for wide weights (``one_gemv_config``: the default for every shape). ``VARIANTS=all,no_rotary`` picks
+some, ``ROUNDS=3`` repeats them more.
 
     python3 benchmarks/decode_fusions_ab.py llama8b,qwen3_30b_a3b   # H200: ~9 min; $OUT/decode_fusions_ab.json
 
@@ -26,7 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-VARIANTS = ("all", "no_rotary", "no_gated_mlp", "one_gemv_config", "no_routing_in_gemv")
+VARIANTS = ("all", "no_rotary", "no_gated_mlp", "one_gemv_config")
 
 
 def batch1(shape: str, variant: str) -> dict[str, object]:
@@ -49,11 +48,6 @@ def batch1(shape: str, variant: str) -> dict[str, object]:
         from kvik_cuda import gemv
 
         gemv.config_for = lambda n, k: gemv.DenseGemvConfig()
-    elif variant == "no_routing_in_gemv":  # the router GEMV, then the routing kernel
-        from kvik.layers.moe import SparseMoE
-        from kvik_cuda.moe import TritonSparseMoE
-
-        TritonSparseMoE.select_experts = SparseMoE.select_experts  # type: ignore[method-assign]
     path = config_dir(shape, Path("/tmp/kvik_models"))
     vocab = CONFIGS[shape]["vocab_size"]
     llm = kvik.LLM(model=str(path), load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=32,
@@ -74,10 +68,8 @@ def main() -> None:
     result: dict[str, dict[str, object]] = {}
     for shape in shapes:
         variants = tuple(v for v in VARIANTS if v in os.environ.get("VARIANTS", ",".join(VARIANTS)).split(","))
-        if shape == "qwen3_30b_a3b":  # no dense MLP
+        if shape == "qwen3_30b_a3b":
             variants = tuple(v for v in variants if v != "no_gated_mlp")
-        else:  # no router
-            variants = tuple(v for v in variants if v != "no_routing_in_gemv")
         runs: dict[str, list[dict[str, object]]] = {v: [] for v in variants}
         for variant in variants * int(os.environ.get("ROUNDS", "2")):
             code = f"import sys; sys.path.insert(0, 'benchmarks'); import json, decode_fusions_ab as p; " \

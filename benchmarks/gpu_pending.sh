@@ -24,8 +24,7 @@
 #   run_batch      `kvik run-batch` vs LLM.chat on the SmolLM2 shape (19; needs .whl with fastapi + opentelemetry-api) ~3 min
 #   models_b1      8B and Qwen3-30B-A3B: batch-1 decode with its floor, offline n=64 (13, 21)  ~4 min
 #   fusions_ab     batch-1 decode with each decode fusion off in turn (rotary in attention, SiLU in the gate/up
-#                  GEMV, the MoE's routing in the router GEMV), 8B + MoE (13, 21; FUSIONS_AB=llama8b or qwen3_30b_a3b:
-#                  one shape; VARIANTS=all,no_routing_in_gemv ROUNDS=3: some variants, more rounds) ~9 min
+#                  GEMV), 8B + MoE (13, 21; FUSIONS_AB=llama8b or qwen3_30b_a3b: one shape) ~9 min
 #   run_batch_8b   the same comparison on the 8B shape (steps of ~20-30 ms rather than ~3.5)     ~6 min
 #   tp             two GPUs: TP=2 tokens, TP=2 / DP=2 on the 8B (17; nvidia-h200-x2)
 #   tp70           two GPUs: the Llama-3.3-70B shape at TP=2 (17; nvidia-h200-x2, its own call)

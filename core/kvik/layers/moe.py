@@ -167,13 +167,8 @@ class SparseMoE(nn.Module):
         weights, ids = route(router_logits, self.top_k, self.renormalize)
         return (weights.to(dtype) if self.round_weights else weights), ids
 
-    def select_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The router's logits for ``x``, then :meth:`route`: ``(weights [n, top_k], ids [n, top_k])``.
-        Platforms may override it to compute both in one kernel."""
-        return self.route(self.gate(x), x.dtype)
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # [n, hidden] -> [n, hidden]
-        weights, ids = self.select_experts(x)
+        weights, ids = self.route(self.gate(x), x.dtype)
         out = self.experts(x, weights, ids)
         if self.shared_expert is not None:
             shared = self.shared_expert(x)

@@ -18,7 +18,6 @@ import torch
 import triton
 import triton.language as tl
 
-from kvik_cuda.routing import ROUTE_MAX_EXPERTS, route_warps, softmax_topk, store_route
 from kvik_cuda.sms import num_sms
 
 
@@ -77,13 +76,6 @@ def _dense_gemv_kernel(
     BLOCK_K: tl.constexpr,
     UNROLL: tl.constexpr,
     GATED: tl.constexpr,  # W is [gate; up], each N rows: out[N] = silu(gate @ x) * (up @ x)
-    route_w_ptr,  # ROUTE: [1, TOP_K] routing weights (else unused)
-    route_ids_ptr,  # ROUTE: [1, TOP_K] int64 expert ids
-    ROUTE: tl.constexpr,  # W is an MoE router: the last program routes the token on all N logits
-    TOP_K: tl.constexpr,
-    K_PAD: tl.constexpr,
-    E_PAD: tl.constexpr,
-    RENORMALIZE: tl.constexpr,
 ):
     pid_n = tl.program_id(0)
     pid_k = tl.program_id(1)
@@ -125,27 +117,8 @@ def _dense_gemv_kernel(
                     acc_up += tl.load(part_ptr + s * width + N + rows, mask=row_ok, other=0.0, cache_modifier=".cg")
             _store_rows(out_ptr, rows, row_ok, acc, acc_up, GATED)
             reset(lock_ptr + pid_n)
-            if ROUTE:
-                _route_once_complete(out_ptr, lock_ptr, N, route_w_ptr, route_ids_ptr, TOP_K, K_PAD, E_PAD,
-                                     RENORMALIZE)  # fmt: skip
     else:
         _store_rows(out_ptr, rows, row_ok, acc, acc_up, GATED)
-        if ROUTE:
-            _route_once_complete(out_ptr, lock_ptr, N, route_w_ptr, route_ids_ptr, TOP_K, K_PAD, E_PAD, RENORMALIZE)
-
-
-@triton.jit
-def _route_once_complete(out_ptr, lock_ptr, N, route_w_ptr, route_ids_ptr, TOP_K: tl.constexpr,
-                         K_PAD: tl.constexpr, E_PAD: tl.constexpr, RENORMALIZE: tl.constexpr):  # fmt: skip
-    """Called by each row block's program once its rows are stored: the last of them routes the token on the
-    ``N`` logits (its own counter, after the row blocks' split-K counters)."""
-    blocks = tl.num_programs(0)
-    if last_to_arrive(lock_ptr + blocks, blocks):  # every row block's logits are visible now
-        offs = tl.arange(0, E_PAD)
-        logits = tl.load(out_ptr + offs, mask=offs < N, other=-float("inf"), cache_modifier=".cg")
-        weights, ids = softmax_topk(logits.to(tl.float32), TOP_K, K_PAD, E_PAD, RENORMALIZE)
-        store_route(route_w_ptr, route_ids_ptr, 0, weights, ids, TOP_K, K_PAD)
-        reset(lock_ptr + blocks)
 
 
 @triton.jit
@@ -190,41 +163,15 @@ def split_for(blocks: int, k_steps: int, num_sms: int, per_sm: int, max_split: i
     return split
 
 
-@dataclass(frozen=True, slots=True)
-class Routing:
-    """:func:`dense_gemv` of an MoE router also routes the token: softmax, the top ``top_k``, renormalised when
-    ``renormalize``, written to ``weights`` ``[1, top_k]`` (its dtype) and ``ids`` ``[1, top_k]`` int64."""
-
-    top_k: int
-    renormalize: bool
-    weights: torch.Tensor
-    ids: torch.Tensor
-
-
-def routes_in_gemv(num_experts: int, config: DenseGemvConfig) -> bool:
-    """Whether the GEMV's last program can route ``num_experts`` logits with the bits of
-    :func:`kvik_cuda.routing.route_fused` (a program of the same warps holding the whole row)."""
-    return num_experts <= ROUTE_MAX_EXPERTS and route_warps(num_experts) == config.num_warps
-
-
 def dense_gemv(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    config: DenseGemvConfig | None = None,
-    *,
-    gated: bool = False,
-    route: Routing | None = None,
+    x: torch.Tensor, weight: torch.Tensor, config: DenseGemvConfig | None = None, *, gated: bool = False
 ) -> torch.Tensor:
     """``x @ weight.T`` for one row ``x`` ``[1, K]`` (or ``[K]``) and ``weight`` ``[N, K]``, in ``x``'s dtype.
 
     ``gated``: ``weight`` is a merged ``[gate; up]`` projection (``[2I, K]``) and the result is
     ``silu(x @ gate.T) * (x @ up.T)`` ``[..., I]``, each program computing a gate row and its up row together,
     so the activation costs no launch of its own (the same bits as the projection followed by
-    ``FusedSiluAndMul``: every row's sum runs in the same order).
-
-    ``route``: ``weight`` is an MoE router (``N`` experts, :func:`routes_in_gemv`) and the token's routing is
-    written to ``route.weights`` / ``route.ids`` by the last program to finish, the same bits as
-    :func:`kvik_cuda.routing.route_fused` on the returned logits, without its launch."""
+    ``FusedSiluAndMul``: every row's sum runs in the same order)."""
     n, k = weight.shape
     cfg = config or config_for(n, k)
     if gated:
@@ -239,14 +186,8 @@ def dense_gemv(
                       cfg.per_sm)  # fmt: skip
     width = 2 * n if gated else n
     part = torch.empty((split, width) if split > 1 else (1,), dtype=torch.float32, device=x.device)
-    if route is not None:
-        assert not gated and routes_in_gemv(n, cfg), "this router's routing does not fit the GEMV's last program"
     _dense_gemv_kernel[(blocks, split)](
-        x1.contiguous(), weight, out, part, completion_counters(x.device, blocks + 1), n, k, weight.stride(0), split,
-        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UNROLL=cfg.unroll, GATED=gated,
-        route_w_ptr=route.weights if route else out, route_ids_ptr=route.ids if route else out, ROUTE=route is not None,
-        TOP_K=route.top_k if route else 1, K_PAD=triton.next_power_of_2(route.top_k) if route else 1,
-        E_PAD=triton.next_power_of_2(n) if route else 1, RENORMALIZE=bool(route and route.renormalize),
-        num_warps=cfg.num_warps,
+        x1.contiguous(), weight, out, part, completion_counters(x.device, blocks), n, k, weight.stride(0), split,
+        BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, UNROLL=cfg.unroll, GATED=gated, num_warps=cfg.num_warps,
     )  # fmt: skip
     return out.reshape(*x.shape[:-1], n)

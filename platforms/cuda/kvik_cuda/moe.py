@@ -22,8 +22,7 @@ the expert GEMMs at batch 1 (Qwen3-30B-A3B: 9.2 ms/token against a 1.4 ms weight
 and with few pairs each expert's weights are read about once anyway.
 
 The routing (softmax, top-k, renormalise, round: :func:`kvik.layers.moe.route`, about six
-launches eagerly) is one kernel in :class:`TritonSparseMoE` (:mod:`kvik_cuda.routing`); for one token, none:
-the router's GEMV routes it in its last program.
+launches eagerly) is one kernel in :class:`TritonSparseMoE`.
 :func:`kvik_cuda.fused.fuse_layers` swaps ``MoEExperts`` for :class:`TritonMoEExperts` and
 ``SparseMoE`` for :class:`TritonSparseMoE`.
 """
@@ -35,10 +34,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 from kvik.layers.moe import MoEExperts, SparseMoE
-from kvik.quantization.unquantized import UnquantizedLinearMethod
 
-from kvik_cuda.gemv import Routing, completion_counters, config_for, dense_gemv, last_to_arrive, reset, routes_in_gemv
-from kvik_cuda.routing import ROUTE_MAX_EXPERTS, route_fused, route_outputs
+from kvik_cuda.gemv import completion_counters, last_to_arrive, reset
 
 
 @triton.jit
@@ -150,9 +147,7 @@ def _pairwise_gemv_kernel(
         acc = acc.to(c_ptr.dtype.element_ty).to(tl.float32)  # the reference rounds y before weighting
         acc = acc * tl.load(scale_ptr + pair).to(tl.float32)
     tl.store(c_ptr + pair * stride_cm + cols, acc.to(c_ptr.dtype.element_ty), mask=col_ok)
-    if (
-        SUM_SLOTS > 0
-    ):  # the last of a token's slots to finish this column block adds them (one launch, no summing kernel)
+    if SUM_SLOTS > 0:  # the last of a token's slots to finish this column block adds them (one launch, no summing kernel)
         token = pair // SUM_SLOTS
         lock = lock_ptr + token * tl.num_programs(1) + tl.program_id(1)
         if last_to_arrive(lock, SUM_SLOTS):  # every other slot's row is visible now
@@ -165,10 +160,47 @@ def _pairwise_gemv_kernel(
             reset(lock)
 
 
+@triton.jit
+def _route_kernel(
+    logits_ptr,  # [n, E]
+    weights_ptr,  # [n, TOP_K] (float32, or the activations' dtype when the caller rounds)
+    ids_ptr,  # [n, TOP_K] int64
+    stride_l,
+    E,
+    TOP_K: tl.constexpr,
+    K_PAD: tl.constexpr,
+    E_PAD: tl.constexpr,
+    RENORMALIZE: tl.constexpr,
+):
+    """Softmax over experts in float32, the top ``TOP_K`` (largest first, the lower id on a tie),
+    optionally renormalised: :func:`kvik.layers.moe.route` in one program per token."""
+    row = tl.program_id(0).to(tl.int64)
+    offs = tl.arange(0, E_PAD)
+    x = tl.load(logits_ptr + row * stride_l + offs, mask=offs < E, other=-float("inf")).to(tl.float32)
+    e = tl.exp(x - tl.max(x, 0))
+    probs = e / tl.sum(e, 0)
+    slots = tl.arange(0, K_PAD)
+    weights = tl.zeros((K_PAD,), dtype=tl.float32)
+    ids = tl.zeros((K_PAD,), dtype=tl.int64)
+    for i in tl.static_range(TOP_K):
+        best = tl.max(probs, 0)
+        index = tl.min(tl.where(probs == best, offs, E_PAD), 0)  # the lowest id among equal maxima
+        weights = tl.where(slots == i, best, weights)
+        ids = tl.where(slots == i, index.to(tl.int64), ids)
+        probs = tl.where(offs == index, -1.0, probs)  # probabilities are >= 0: never picked again
+    if RENORMALIZE:
+        weights = weights / tl.sum(weights, 0)
+    keep = slots < TOP_K
+    tl.store(weights_ptr + row * TOP_K + slots, weights.to(weights_ptr.dtype.element_ty), mask=keep)
+    tl.store(ids_ptr + row * TOP_K + slots, ids, mask=keep)
+
+
 # Routed pairs (tokens x top_k) up to which a step takes the sort-free GEMV path: a decode
 # batch of 8 tokens under top-8 routing. Beyond it the grouped GEMM's tensor-core tiles win,
 # since several pairs share each expert and a GEMV would re-read its weights per pair.
 PAIRWISE_MAX_PAIRS = 64
+# Experts up to which routing runs as one kernel (the whole row of logits in one program).
+ROUTE_MAX_EXPERTS = 1024
 
 
 def gemv_config(n_out: int, k_in: int) -> tuple[int, int, int, bool]:
@@ -219,6 +251,29 @@ def _pairwise_gemv(
         REDUCE_ONCE=reduce_once,
         num_warps=warps,
     )
+
+
+def route_fused(
+    router_logits: torch.Tensor, top_k: int, renormalize: bool, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`kvik.layers.moe.route` in one launch: ``(weights [n, top_k] dtype, ids [n, top_k] int64)``."""
+    n, num_experts = router_logits.shape
+    weights = torch.empty((n, top_k), dtype=dtype, device=router_logits.device)
+    ids = torch.empty((n, top_k), dtype=torch.int64, device=router_logits.device)
+    e_pad = triton.next_power_of_2(num_experts)
+    _route_kernel[(n,)](
+        router_logits,
+        weights,
+        ids,
+        router_logits.stride(0),
+        num_experts,
+        TOP_K=top_k,
+        K_PAD=triton.next_power_of_2(top_k),
+        E_PAD=e_pad,
+        RENORMALIZE=renormalize,
+        num_warps=1 if e_pad <= 256 else 4,
+    )
+    return weights, ids
 
 
 def sort_by_expert(topk_ids: torch.Tensor, num_experts: int, block_m: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -325,29 +380,6 @@ class TritonMoEExperts(MoEExperts):
 class TritonSparseMoE(SparseMoE):
     """:class:`SparseMoE` whose routing (softmax, top-k, renormalise, round) is one kernel: eagerly
     it is about six launches per layer, which at batch 1 cost more than the router's GEMV."""
-
-    def select_experts(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """At one row with a dense 16-bit router, the router's GEMV routes the token in its last program
-        (:func:`kvik_cuda.gemv.dense_gemv` with ``route=``): no routing launch, the same bits."""
-        gate = self.gate
-        weight = gate.weight
-        if (
-            x.shape[0] == 1
-            and gate.bias is None
-            and type(gate.quant_method) is UnquantizedLinearMethod
-            and isinstance(weight, torch.Tensor)
-            and x.dtype == weight.dtype
-            and weight.dtype in (torch.bfloat16, torch.float16)
-            and weight.stride(-1) == 1
-        ):
-            num_experts, hidden = weight.shape
-            if routes_in_gemv(num_experts, config_for(num_experts, hidden)):
-                routing = Routing(self.top_k, self.renormalize,
-                                  *route_outputs(1, self.top_k, x.dtype if self.round_weights else torch.float32,
-                                                 x.device))  # fmt: skip
-                dense_gemv(x, weight, route=routing)
-                return routing.weights, routing.ids
-        return super().select_experts(x)
 
     def route(self, router_logits: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
         n, num_experts = router_logits.shape
