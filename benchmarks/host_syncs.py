@@ -41,6 +41,7 @@ def main() -> None:
     ap.add_argument("--n", type=int, default=256)
     ap.add_argument("--out-len", type=int, default=32)
     ap.add_argument("--root", default="/tmp/kvik_models")
+    ap.add_argument("--cprofile", action="store_true", help="also: cProfile of a second run, top host functions")
     args = ap.parse_args()
 
     import kvik
@@ -107,6 +108,21 @@ def main() -> None:
         "sites": dict(sites.most_common()),
         "examples": examples,
     }
+    if args.cprofile:  # a second run without the debug mode, under cProfile: where the host's time goes
+        import cProfile
+        import io
+        import pstats
+
+        profiler = cProfile.Profile()
+        profiler.enable()
+        llm.generate(prompts, params, use_tqdm=False)
+        profiler.disable()
+        torch.cuda.synchronize()
+        for order in ("tottime", "cumulative"):
+            text = io.StringIO()
+            pstats.Stats(profiler, stream=text).sort_stats(order).print_stats(45)
+            result[f"cprofile_{order}"] = text.getvalue()
+            print(text.getvalue())
     out = Path(os.environ.get("OUT", "/tmp")) / f"host_syncs_{args.shape}.json"
     out.write_text(json.dumps(result, indent=1))
     print("RESULT", json.dumps(result)[:6000])
