@@ -38,8 +38,11 @@ def parse_prompt(prompt: Any) -> EnginePrompt:
         return prompt
     if isinstance(prompt, dict):
         return _parse_dict(prompt)
-    if isinstance(prompt, Sequence) and all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):
-        return [int(t) for t in prompt]
+    if isinstance(prompt, Sequence):
+        if set(map(type, prompt)) <= {int}:  # plain ints, checked in C: ~50x faster than a generator per token
+            return list(prompt)
+        if all(isinstance(t, int) and not isinstance(t, bool) for t in prompt):  # int subclasses (IntEnum, ...)
+            return [int(t) for t in prompt]
     raise TypeError(
         "a prompt must be a string, a list of token ids, {'prompt': str} or {'prompt_token_ids': [int, ...]}, "
         f"got {type(prompt).__name__}"
