@@ -28,6 +28,7 @@
 #   run_batch_8b   the same comparison on the 8B shape (steps of ~20-30 ms rather than ~3.5)     ~6 min
 #   host_syncs     synchronizing CUDA calls on the engine's step path, by kvik call site (21; SYNC_SHAPES,
 #                  SYNC_OUT_LEN, SYNC_ARGS=--cprofile: where the host's time goes) ~3 min
+#   attn_tiles     decode attention tiles at large batches, bf16 and FP8 cache (14, 21)  ~2 min
 #   graph_relaunch does relaunching a CUDA graph still in flight block the host? (21)  ~30 s
 #   tp             two GPUs: TP=2 tokens, TP=2 / DP=2 on the 8B (17; nvidia-h200-x2)
 #   tp70           two GPUs: the Llama-3.3-70B shape at TP=2 (17; nvidia-h200-x2, its own call)
@@ -104,6 +105,7 @@ for s in $STAGES; do
     host_syncs) for shape in ${SYNC_SHAPES:-smollm2 llama8b}; do
                   stage host_syncs_$shape 240 python3 benchmarks/host_syncs.py --shape $shape --n 256 --out-len ${SYNC_OUT_LEN:-32} ${SYNC_ARGS:-}
                 done ;;
+    attn_tiles) stage attn_tiles 200 python3 benchmarks/triton_attention.py --sections decode_tiles ;;
     graph_relaunch) stage graph_relaunch 120 python3 benchmarks/graph_relaunch_probe.py ;;
     tp) stage tp 560 python3 benchmarks/tp_benchmark.py --parts ${TP_PARTS:-tokens,dp2,dp_mp,llama8b,usual} ;;
     allreduce) stage allreduce 120 python3 benchmarks/allreduce_bench.py
