@@ -122,15 +122,12 @@ def decode_tiles(record: Recorder) -> None:
     """Large decode batches (offline throughput's regime) with a bf16 and an FP8 cache: the default decode tile
     against longer KV tiles and deeper pipelining. A tile's bytes halve with an FP8 cache, so the tile that keeps
     enough bytes in flight may be longer there."""
-    variants = {
-        "default": TritonAttentionBackend,
-        "n128": variant("N128", decode_tile=(16, 128, 4)),
-        "n128w8": variant("N128W8", decode_tile=(16, 128, 8)),
-        "n256w8": variant("N256W8", decode_tile=(16, 256, 8)),
-        "s3": variant("S3", num_stages=3),
-        "n128s3": variant("N128S3", decode_tile=(16, 128, 4), num_stages=3),
-        "n64w2s3": variant("N64W2S3", decode_tile=(16, 64, 2), num_stages=3),
-    }
+    shapes = {"default": ((16, 64, 4), 2), "n128": ((16, 128, 4), 2), "n128w8": ((16, 128, 8), 2),
+              "n256w8": ((16, 256, 8), 2), "s3": ((16, 64, 4), 3), "n128s3": ((16, 128, 4), 3),
+              "n64w2s3": ((16, 64, 2), 3)}  # fmt: skip
+    # Each variant is the same tile for both caches (the backend's own choice for FP8 is n128s3).
+    variants = {name: variant(name, decode_tile=tile, fp8_decode_tile=tile, num_stages=stages, fp8_decode_stages=stages)
+                for name, (tile, stages) in shapes.items()}  # fmt: skip
     for batch, ctx in [(256, 830), (128, 830), (256, 2048), (32, 1024)]:
         query, cache16, meta = make([(ctx - 1, 1)] * batch)
         for kv_name, cache in (("bf16", cache16), ("fp8", cache16.to(torch.float8_e4m3fn))):
@@ -203,11 +200,12 @@ def main() -> None:
     args = ap.parse_args()
     record = Recorder("triton_attention")
     torch.manual_seed(0)
-    if "decode" in args.sections:
+    sections = args.sections.split(",")
+    if "decode" in sections:
         decode(record)
-    if "decode_tiles" in args.sections:
+    if "decode_tiles" in sections:
         decode_tiles(record)
-    if "prefill" in args.sections:
+    if "prefill" in sections:
         prefill(record)
 
 
