@@ -24,7 +24,7 @@
 #   run_batch      `kvik run-batch` vs LLM.chat on the SmolLM2 shape (19; needs .whl with fastapi + opentelemetry-api) ~3 min
 #   models_b1      8B and Qwen3-30B-A3B: batch-1 decode with its floor, offline n=64 (13, 21)  ~4 min
 #   fusions_ab     batch-1 decode with each decode fusion off in turn (rotary in attention, SiLU in the gate/up
-#                  GEMV), 8B + MoE (13, 21; FUSIONS_AB=llama8b or qwen3_30b_a3b: one shape) ~9 min
+#                  GEMV), 8B + MoE (13, 21; FUSIONS_AB=llama8b or qwen3_30b_a3b: one shape; VARIANTS, ROUNDS) ~9 min
 #   run_batch_8b   the same comparison on the 8B shape (steps of ~20-30 ms rather than ~3.5)     ~6 min
 #   host_syncs     synchronizing CUDA calls on the engine's step path, by kvik call site (21; SYNC_SHAPES,
 #                  SYNC_OUT_LEN, SYNC_ARGS=--cprofile: where the host's time goes) ~3 min
