@@ -37,6 +37,7 @@ from torch import nn
 
 from kvik_cuda.gemv import dense_gemv
 from kvik_cuda.moe import TritonMoEExperts, TritonSparseMoE
+from kvik_cuda.silu import silu_and_mul
 
 
 @triton.jit
@@ -104,8 +105,7 @@ def _silu_and_mul_kernel(x_ptr, out_ptr, stride_x, stride_o, d, BLOCK: tl.conste
     mask = cols < d
     gate = tl.load(x_ptr + row * stride_x + cols, mask=mask, other=0.0).to(tl.float32)
     up = tl.load(x_ptr + row * stride_x + d + cols, mask=mask, other=0.0).to(tl.float32)
-    silu = (gate / (1.0 + tl.exp(-gate))).to(out_ptr.dtype.element_ty).to(tl.float32)  # F.silu rounds here
-    tl.store(out_ptr + row * stride_o + cols, (silu * up).to(out_ptr.dtype.element_ty), mask=mask)
+    tl.store(out_ptr + row * stride_o + cols, silu_and_mul(gate, up, out_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit

@@ -18,6 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvik_cuda.silu import silu_and_mul
 from kvik_cuda.sms import num_sms
 
 
@@ -124,12 +125,11 @@ def _dense_gemv_kernel(
 @triton.jit
 def _store_rows(out_ptr, rows, row_ok, acc, acc_up, GATED: tl.constexpr):
     """The finished row sums, or with GATED ``silu(gate) * up`` rounded where the eager modules round: the two
-    projections' outputs, silu's result, the product (``kvik_cuda.fused._silu_and_mul_kernel``'s steps)."""
+    projections' outputs, then :func:`kvik_cuda.silu.silu_and_mul` (what the SiLU-and-mul kernel applies)."""
     ty = out_ptr.dtype.element_ty
     if GATED:
-        gate = acc.to(ty).to(tl.float32)
-        silu = (gate / (1.0 + tl.exp(-gate))).to(ty).to(tl.float32)
-        tl.store(out_ptr + rows, (silu * acc_up.to(ty).to(tl.float32)).to(ty), mask=row_ok)
+        gate, up = acc.to(ty).to(tl.float32), acc_up.to(ty).to(tl.float32)
+        tl.store(out_ptr + rows, silu_and_mul(gate, up, ty), mask=row_ok)
     else:
         tl.store(out_ptr + rows, acc.to(ty), mask=row_ok)
 
