@@ -122,8 +122,8 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         self.group = num_heads // num_kv_heads
         self.head_pad = max(MIN_HEAD_SIZE, _next_pow2(head_size))
 
-    def _tile(self, decode: bool, fp8: bool = False) -> tuple[int, int, int, int]:
-        """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps) for this layer shape.
+    def _tile(self, decode: bool, fp8: bool = False) -> tuple[int, int, int, int, int]:
+        """(BLOCK_M, BLOCK_Q, BLOCK_N, num_warps, num_stages) for this layer shape.
 
         Batch-invariant: the same tile whatever the step holds. The kernel's KV tiles sit at
         absolute key positions and a row's reduction runs over them in order, so with one tile
@@ -131,18 +131,20 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         whichever chunk of its prompt it arrives in (tiles past a row's last key are fully
         masked and leave its running max, sum and accumulator exactly as they were).
         """
+        stages = self.num_stages
         if self.batch_invariant:
             decode = False
             block_m, block_n, warps = self.invariant_tile
         elif decode and fp8:
             block_m, block_n, warps = self.fp8_decode_tile
+            stages = self.fp8_decode_stages
         else:
             block_m, block_n, warps = self.decode_tile if decode else self.prefill_tile
         block_m = max(block_m, _next_pow2(self.group))
         if self.head_pad > 128:  # keep the fp32 accumulator within registers
             block_n = min(block_n, 32)
             warps = max(warps, 8) if not decode else warps
-        return block_m, block_m // self.group, block_n, warps
+        return block_m, block_m // self.group, block_n, warps, stages
 
     @staticmethod
     def small_query(metadata: AttentionMetadata[torch.Tensor]) -> bool:
@@ -277,9 +279,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         q_norm, k_norm = (rotary.q_norm_weight, rotary.k_norm_weight) if norm else (query, query)  # type: ignore[union-attr]
         num_tokens = query.shape[0]
         fp8 = kv_cache.dtype == torch.float8_e4m3fn  # the scales apply to an FP8 cache only
-        decode = self.small_query(metadata)
-        block_m, block_q, block_n, warps = self._tile(decode, fp8)
-        stages = self.fp8_decode_stages if decode and fp8 and not self.batch_invariant else self.num_stages
+        block_m, block_q, block_n, warps, stages = self._tile(self.small_query(metadata), fp8)
         splits = self.num_splits(metadata, query.device, block_n)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         k_scale, v_scale = (float(self.k_scale), float(self.v_scale)) if fp8 else (1.0, 1.0)
