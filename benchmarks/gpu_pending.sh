@@ -13,6 +13,7 @@
 #   fp8_kv         FP8 KV cache: capacity, agreement, throughput (14)              ~3 min
 #   lora_e2e       8B with 1 / 8 / 64 rank-16 adapters vs base (16)                ~6 min
 #   determinism    batch-invariant mode: bitwise check + cost (21)                 ~3 min
+#   inv_sweep      the batch-invariant GEMM's tiles on the 8B shapes vs cuBLAS, invariance checked (21) ~3 min
 #   spec           spec-decode mechanics at the 8B shape, bf16 (15; SPEC_ARGS, SPEC_TIMEOUT)   ~5 min
 #   verify_graphs  the verify-shaped CUDA graph tests, GPU-marked ones included (15)  ~1 min
 #   moe            Qwen3-30B-A3B with the decode GEMV path (13; MOE_PROFILE=1: kernel times) ~5 min
@@ -82,6 +83,8 @@ for s in $STAGES; do
     fp8_kv) stage fp8_kv 200 python3 benchmarks/fp8_kv_check.py --budget-s ${FP8_KV_BUDGET:-190} ;;
     lora_e2e) stage lora_e2e ${LORA_TIMEOUT:-220} python3 benchmarks/lora_throughput.py --parts ${LORA_PARTS:-base,lora8,lora64} --n 300 ${LORA_ARGS:-} ;;
     determinism) stage determinism 360 python3 benchmarks/deterministic_check.py ;;
+    inv_sweep) stage inv_sweep 260 python3 benchmarks/invariant_gemm_sweep.py --budget-s 220
+               grep -E "best" "$OUT/inv_sweep.log" | cut -c1-400 ;;
     spec) stage spec ${SPEC_TIMEOUT:-330} python3 benchmarks/spec_decode_benchmark.py --dtype bfloat16 --batches 1 16 --offline-n 300 ${SPEC_ARGS:-} ;;
     verify_graphs) stage verify_graphs 150 python3 -m pytest -q -p no:cacheprovider tests/platforms/cuda/test_cuda_verify_graphs.py -m "gpu or not gpu"
                    tail -3 "$OUT/verify_graphs.log" ;;

@@ -2,11 +2,17 @@
 
 cuBLAS picks a kernel per shape: tile sizes, and for small ``M`` a split-K that sums a
 row's partial products in another order, so a row's logits change with the batch it is in.
-:func:`invariant_matmul` is a plain tiled GEMM with one tile configuration per *weight*
-(chosen from ``N``, ``K`` and the dtype, never from ``M``) and no split-K: every output
-element is one program's ``tl.dot`` accumulation over ``K`` in ``BLOCK_K`` steps, in order,
-so a row gets the same arithmetic whatever the other rows are, and wherever it sits in
-its ``BLOCK_M`` tile (a tensor-core MMA computes each row on its own).
+:func:`invariant_matmul` is a plain tiled GEMM without split-K: every output element is one
+program's ``tl.dot`` accumulation over ``K``, in order, so a row gets the same arithmetic
+whatever the other rows are, and wherever it sits in its ``BLOCK_M`` tile (a tensor-core MMA
+computes each row on its own).
+
+The 16-bit tile may follow ``M`` (:func:`tile_for`), because a tile does not change that
+arithmetic either: whatever ``BLOCK_M``, ``BLOCK_N`` and ``BLOCK_K`` (a multiple of 16), a
+program feeds an element's float32 accumulator the same chain of 16-deep tensor-core MMAs in
+``k`` order; the tile only decides how the output is cut into programs and how loads are
+pipelined. ``benchmarks/invariant_gemm_sweep.py`` and a GPU test check every tile this module
+can pick against each other, bit for bit. float32 (exact products, no tensor cores) keeps one tile.
 
 Programs run in grouped order (M-tile fastest within groups of ``GROUP_M`` row tiles), so the
 programs that share a weight tile run together and read it once from HBM (the rest hit L2): a
@@ -28,16 +34,30 @@ from kvik.layers.activation import SiluAndMul
 from kvik.layers.batch_invariant import InvariantKernels
 from kvik.layers.norm import RMSNorm
 from kvik.layers.rotary import RotaryEmbedding
+from triton.runtime.errors import OutOfResources
 
 from kvik_cuda.fused import FusedRMSNorm, FusedRotaryEmbedding, FusedSiluAndMul
-from kvik_cuda.sms import num_sms
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 Tile = tuple[int, int, int, int, int]
+# The tiles by rows, measured on the H200 against each other on the 8B shapes
+# (benchmarks/invariant_gemm_sweep.py, 2026-12-02 run a2, µs at 1 / 256 / 2048 rows):
+# - up to 64 rows (small decode steps): 64x128 tiles with 128-deep k-steps and 4 warps keep the most loads in
+#   flight per SM: o_proj 29.6 us at one row against 41.9 for the old narrow tile;
+# - above 512 rows (prefill): 256x128, 8 warps: the fewest weight re-reads, the best on every 8B shape at
+#   2,048 and 8,192 rows (qkv 185 us against 240 for the old narrow tile; cuBLAS 136);
+# - in between (large decode batches) it depends on how the shape fills the SMs: TILES_MID lists the
+#   measured best per 8B weight; others take TILE_16BIT (the former per-weight tile of wide outputs).
+TILE_SMALL_M: Tile = (64, 128, 128, 4, 3)
+TILE_LARGE_M: Tile = (256, 128, 64, 8, 3)
 TILE_16BIT: Tile = (128, 128, 64, 8, 3)
-# Narrow outputs (an 8B model's o_proj and down_proj: N = 4096) would leave SMs idle at
-# 128 columns per program; 64 columns doubles the programs. Chosen from N, so fixed per weight.
-TILE_16BIT_NARROW: Tile = (128, 64, 64, 4, 3)
+TILES_MID: dict[tuple[int, int], Tile] = {  # (N, K) -> tile for 65..512 rows; µs at 256 rows (old tile's)
+    (6144, 4096): (64, 64, 64, 4, 4),  # qkv: 38.1 (48.7)
+    (4096, 4096): (64, 128, 128, 4, 3),  # o: 30.9 (42.6)
+    (4096, 14336): (64, 128, 128, 4, 3),  # down: 84.1 (121.6)
+    (128256, 4096): (256, 128, 64, 8, 3),  # lm_head: 507.6 (549.8)
+}
+SMALL_M, LARGE_M = 64, 512
 TILE_FP32: Tile = (64, 64, 32, 4, 2)
 GROUP_M = 8  # row tiles per group in the programs' order (L2 reuse; no effect on the arithmetic)
 
@@ -97,13 +117,15 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def tile_for(n: int, k: int, dtype: torch.dtype, device: torch.device) -> Tile:
-    """The tile for a weight ``[n, k]``: a function of the weight alone, never of ``M``."""
+def tile_for(n: int, k: int, m: int, dtype: torch.dtype) -> Tile:
+    """The tile for ``[m, k] x weight[n, k]^T``. It may depend on ``m``: every 16-bit tile gives the same bits."""
     if dtype == torch.float32:
         return TILE_FP32
-    if triton.cdiv(n, TILE_16BIT[1]) < num_sms(device):
-        return TILE_16BIT_NARROW
-    return TILE_16BIT
+    if m <= SMALL_M:
+        return TILE_SMALL_M
+    if m > LARGE_M:
+        return TILE_LARGE_M
+    return TILES_MID.get((n, k), TILE_16BIT)
 
 
 def invariant_matmul(
@@ -117,7 +139,24 @@ def invariant_matmul(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    block_m, block_n, block_k, warps, stages = tile or tile_for(n, k, weight.dtype, weight.device)
+    chosen = tile or tile_for(n, k, m, weight.dtype)
+    try:
+        _launch(x, weight, bias, out, chosen)
+    except OutOfResources:
+        # A GPU with less shared memory than a Hopper (the large tiles take up to 144 KiB): the small tile, which
+        # gives the same bits (the module docstring says why).
+        if tile is not None or chosen == TILE_SMALL_FALLBACK:
+            raise
+        _launch(x, weight, bias, out, TILE_SMALL_FALLBACK)
+    return out
+
+
+TILE_SMALL_FALLBACK: Tile = (64, 64, 64, 4, 2)  # 32 KiB of shared memory
+
+
+def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, tile: Tile) -> None:
+    (m, k), n = x.shape, weight.shape[0]
+    block_m, block_n, block_k, warps, stages = tile
     grid = (triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)
     _matmul_kernel[grid](
         x,
@@ -143,7 +182,6 @@ def invariant_matmul(
         num_warps=warps,
         num_stages=stages,
     )
-    return out
 
 
 class InvariantFusedRMSNorm(FusedRMSNorm):

@@ -14,7 +14,17 @@ pytest.importorskip("triton", reason="triton is not installed")
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kvik_cuda.batch_invariant import TILE_16BIT, TILE_16BIT_NARROW, invariant_matmul, tile_for
+from kvik_cuda.batch_invariant import (
+    LARGE_M,
+    SMALL_M,
+    TILE_16BIT,
+    TILE_FP32,
+    TILE_LARGE_M,
+    TILE_SMALL_M,
+    TILES_MID,
+    invariant_matmul,
+    tile_for,
+)
 
 pytestmark = pytest.mark.usefixtures("row_by_row_interpreted_dot")  # tests/conftest.py says why
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -65,12 +75,46 @@ def test_any_batch_any_position(m: int, pos: int, seed: int) -> None:
     assert torch.equal(invariant_matmul(x, w, tile=SMALL_TILE)[pos], alone)
 
 
-def test_tile_depends_on_the_weight_only() -> None:
-    dev = torch.device(DEVICE)
-    assert tile_for(4096, 14336, torch.bfloat16, dev) == tile_for(4096, 14336, torch.bfloat16, dev)
-    # The interpreter counts 4 SMs: only a tiny N counts as narrow there.
-    assert tile_for(256, 64, torch.bfloat16, torch.device("cpu")) == TILE_16BIT_NARROW
-    assert tile_for(128 * 64, 64, torch.bfloat16, torch.device("cpu")) == TILE_16BIT
+def test_tile_by_rows() -> None:
+    assert tile_for(4096, 14336, 1, torch.bfloat16) == tile_for(4096, 14336, SMALL_M, torch.bfloat16) == TILE_SMALL_M
+    assert tile_for(4096, 14336, SMALL_M + 1, torch.bfloat16) == TILES_MID[(4096, 14336)]
+    assert tile_for(1000, 64, LARGE_M, torch.float16) == TILE_16BIT  # a shape not in the measured table
+    assert tile_for(4096, 14336, LARGE_M + 1, torch.bfloat16) == TILE_LARGE_M
+    assert tile_for(4096, 14336, 1, torch.float32) == tile_for(4096, 14336, 8192, torch.float32) == TILE_FP32
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter's dot sums a k-tile at once; a GPU's MMA 16 deep")
+@pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (1000, 200)])
+def test_every_16bit_tile_gives_the_same_bits(n: int, k: int) -> None:
+    """What lets the tile follow M: the same rows through every tile tile_for can pick, bit for bit."""
+    x, w, b = _data(300, n, k, torch.bfloat16, seed=7)
+    tiles = {TILE_SMALL_M, TILE_LARGE_M, TILE_16BIT, *TILES_MID.values(), (64, 64, 64, 4, 2)}
+    want = invariant_matmul(x, w, b, tile=TILE_16BIT)
+    for tile in tiles:
+        assert torch.equal(invariant_matmul(x, w, b, tile=tile), want), tile
+
+
+def test_a_tile_too_large_for_the_gpu_falls_back_to_the_small_one(monkeypatch: pytest.MonkeyPatch) -> None:
+    from kvik_cuda import batch_invariant
+    from triton.runtime.errors import OutOfResources
+
+    launched = []
+    real = batch_invariant._launch
+
+    def launch(x, weight, bias, out, tile):  # type: ignore[no-untyped-def]
+        launched.append(tile)
+        if tile != batch_invariant.TILE_SMALL_FALLBACK:
+            raise OutOfResources(147456, 101376, "shared memory")
+        real(x, weight, bias, out, (16, 16, 16, 4, 1))  # the interpreter's tiny tile stands in for it
+
+    monkeypatch.setattr(batch_invariant, "_launch", launch)
+    x, w, b = _data(3, 40, 48, torch.float32, seed=2)
+    got = invariant_matmul(x, w, b)
+    assert launched == [TILE_FP32, batch_invariant.TILE_SMALL_FALLBACK]
+    torch.testing.assert_close(got, x @ w.T + b, rtol=1e-5, atol=1e-5)
+    with pytest.raises(OutOfResources):  # an explicit tile is not replaced behind the caller's back
+        invariant_matmul(x, w, b, tile=SMALL_TILE)
 
 
 def test_shape_mismatch_is_a_clear_error() -> None:
