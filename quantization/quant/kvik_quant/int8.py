@@ -157,9 +157,10 @@ class Int8LinearMethod(QuantizationMethod):
             from kvik_quant import fallback
             from kvik_quant.w8_kernels import int8_gemm, int8_gemm_config
 
+            cfg = int8_gemm_config(x2.shape[0], layer.weight.shape[0])
             return fallback.run(
                 "int8 gemm",
-                lambda: int8_gemm(xq, xs, layer.weight, layer.weight_scale, dtype, int8_gemm_config(x2.shape[0])),
+                lambda: int8_gemm(xq, xs, layer.weight, layer.weight_scale, dtype, cfg),
                 lambda: int8_mm(xq, xs, layer.weight, layer.weight_scale, dtype),
             )
         mm = int8_mm if path == "int_mm" else reference_mm

@@ -291,10 +291,18 @@ def int8_gemm(
     return out
 
 
-def int8_gemm_config(m: int) -> Int8GemmConfig:
-    """Tiles by row count (benchmarks/quant_kernels_sweep.py measures these on the H200)."""
-    if m <= 64:
+def int8_gemm_config(m: int, n: int) -> Int8GemmConfig:
+    """Tiles by row count and output width, from the H200 sweep (benchmarks/quant_kernels_sweep.py, 2026-12-02
+    run a4; µs on the 8B's qkv / o / gate_up / down against the tiles before).
+
+    - up to 256 rows: 64x64x128, or 64x128x128 for wide outputs: 20.5 / 17.4 / 77.2 / 54.7 at 256 rows
+      (22.5 / 19.7 / 77.2 / 60.2);
+    - up to 1,024: 64x128x128 (at 512 rows within 4% of the best tile on o, gate_up and down, 20% off on qkv);
+    - above: 128x128 with 64-deep k-steps and 4 warps, the best on every shape at 2,048 rows: 103 / 74 / 430 /
+      247 (129 / 91 / 568 / 301 with 128-deep steps and 8 warps).
+    """
+    if m <= 256 and n < 16384:
         return Int8GemmConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    if m <= 256:
+    if m <= 1024:
         return Int8GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)
-    return Int8GemmConfig()
+    return Int8GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4)

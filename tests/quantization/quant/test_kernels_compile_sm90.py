@@ -78,7 +78,7 @@ def _compile_all() -> dict[str, dict[str, bool]]:
                 BLOCK_N=c8.block_n, BLOCK_K=c8.block_k, PREFETCH=c8.prefetch and not use_dot,
                 REDUCE_EACH=c8.reduce_each and not use_dot, UNROLL=1 if use_dot else c8.unroll, **rows),
                 num_warps=c8.num_warps, num_stages=c8.num_stages))  # fmt: skip
-    cfg = int8_gemm_config(4096)
+    cfg = int8_gemm_config(4096, 4096)
     sig = {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32",
            "N": "i32", "K": "i32"}  # fmt: skip
     facts(

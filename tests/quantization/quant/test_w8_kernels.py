@@ -81,7 +81,8 @@ def test_int8_gemm_is_exact_int32_accumulation_then_rescale(m: int, k: int, n: i
     expected = acc.float() * xs * ws[None, :]
     got = int8_gemm(xq, xs, wq, ws, torch.float32, Int8GemmConfig(block_m=16, block_n=32, block_k=64, group_m=2))
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
-    assert int8_gemm_config(1).block_m <= int8_gemm_config(4096).block_m
+    assert int8_gemm_config(1, 4096).block_m <= int8_gemm_config(4096, 4096).block_m
+    assert int8_gemm_config(256, 4096).block_n < int8_gemm_config(256, 28672).block_n  # wide outputs, wider tiles
 
 
 def test_int8_plan() -> None:
