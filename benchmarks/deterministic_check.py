@@ -137,7 +137,8 @@ def check_matmul() -> dict[str, Any]:
             cub_ms = triton.testing.do_bench(lambda: F.linear(x, w), warmup=5, rep=30)  # noqa: B023
             speed[m] = {"invariant_tflops": flops / inv_ms / 1e9, "cublas_tflops": flops / cub_ms / 1e9,
                         "invariant_over_cublas_time": inv_ms / cub_ms}  # fmt: skip
-        out[name] = {"shape": [n, k], "tiles": {m: tile_for(n, k, m, w.dtype) for m in (1, 256, 2048)}, "rows_checked": checked,
+        out[name] = {"shape": [n, k], "tiles": {m: tile_for(n, k, m, w.dtype) for m in (1, 256, 2048)},  # (tile, TMA)
+                     "rows_checked": checked,
                      "mismatches": mism_inv, "cublas_mismatches_for_contrast": mism_cublas, "speed": speed}  # fmt: skip
     out["total_mismatches"] = sum(v["mismatches"] for v in out.values() if isinstance(v, dict))
     return out

@@ -84,7 +84,7 @@ for s in $STAGES; do
     lora_e2e) stage lora_e2e ${LORA_TIMEOUT:-220} python3 benchmarks/lora_throughput.py --parts ${LORA_PARTS:-base,lora8,lora64} --n 300 ${LORA_ARGS:-} ;;
     determinism) stage determinism 360 python3 benchmarks/deterministic_check.py ;;
     inv_sweep) stage inv_sweep 260 python3 benchmarks/invariant_gemm_sweep.py --budget-s 220
-               grep -E "best" "$OUT/inv_sweep.log" | cut -c1-400 ;;
+               grep -E "best|other bits" "$OUT/inv_sweep.log" | cut -c1-400 ;;
     spec) stage spec ${SPEC_TIMEOUT:-330} python3 benchmarks/spec_decode_benchmark.py --dtype bfloat16 --batches 1 16 --offline-n 300 ${SPEC_ARGS:-} ;;
     verify_graphs) stage verify_graphs 150 python3 -m pytest -q -p no:cacheprovider tests/platforms/cuda/test_cuda_verify_graphs.py -m "gpu or not gpu"
                    tail -3 "$OUT/verify_graphs.log" ;;

@@ -37,25 +37,27 @@ from kvik.layers.rotary import RotaryEmbedding
 from triton.runtime.errors import OutOfResources
 
 from kvik_cuda.fused import FusedRMSNorm, FusedRotaryEmbedding, FusedSiluAndMul
+from kvik_cuda.sms import has_tma
 
 # (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages)
 Tile = tuple[int, int, int, int, int]
-# The tiles by rows, measured on the H200 against each other on the 8B shapes
-# (benchmarks/invariant_gemm_sweep.py, 2026-12-02 run a2, µs at 1 / 256 / 2048 rows):
-# - up to 64 rows (small decode steps): 64x128 tiles with 128-deep k-steps and 4 warps keep the most loads in
-#   flight per SM: o_proj 29.6 us at one row against 41.9 for the old narrow tile;
-# - above 512 rows (prefill): 256x128, 8 warps: the fewest weight re-reads, the best on every 8B shape at
-#   2,048 and 8,192 rows (qkv 185 us against 240 for the old narrow tile; cuBLAS 136);
-# - in between (large decode batches) it depends on how the shape fills the SMs: TILES_MID lists the
-#   measured best per 8B weight; others take TILE_16BIT (the former per-weight tile of wide outputs).
+# The tiles by rows, and whether the operand tiles load through TMA (tensor descriptors), measured on the H200
+# against each other on the 8B shapes (benchmarks/invariant_gemm_sweep.py, 2026-12-02 runs a2 and a6):
+# - up to 64 rows (small decode steps): 64x128 tiles with 128-deep k-steps and 4 warps, plain loads: o_proj
+#   29.1 us at one row against 41.9 for the tile before (TMA loads were slower here on o, gate_up and the head);
+# - above 512 rows (prefill): 256x128, 8 warps, TMA: the best on every 8B shape at 2,048 and 8,192 rows (qkv
+#   149 us at 2,048 rows, 240 for the tile before, 185 with plain loads; cuBLAS 134);
+# - in between (large decode batches) it depends on how the shape fills the SMs: TILES_MID has the measured
+#   best per 8B weight; other weights take 128x128x64 with TMA.
 TILE_SMALL_M: Tile = (64, 128, 128, 4, 3)
 TILE_LARGE_M: Tile = (256, 128, 64, 8, 3)
 TILE_16BIT: Tile = (128, 128, 64, 8, 3)
-TILES_MID: dict[tuple[int, int], Tile] = {  # (N, K) -> tile for 65..512 rows; µs at 256 rows (old tile's)
-    (6144, 4096): (64, 64, 64, 4, 4),  # qkv: 38.1 (48.7)
-    (4096, 4096): (64, 128, 128, 4, 3),  # o: 30.9 (42.6)
-    (4096, 14336): (64, 128, 128, 4, 3),  # down: 84.1 (121.6)
-    (128256, 4096): (256, 128, 64, 8, 3),  # lm_head: 507.6 (549.8)
+TILES_MID: dict[tuple[int, int], tuple[Tile, bool]] = {  # (N, K) -> (tile, TMA) for 65..512 rows; µs at 256 rows
+    (6144, 4096): ((64, 64, 64, 4, 4), True),  # qkv: 34.2 (48.7 with the tile before; cuBLAS 26.8)
+    (4096, 4096): ((64, 128, 128, 4, 3), False),  # o: 30.0 (42.6; 23.8)
+    (28672, 4096): ((128, 128, 64, 8, 3), True),  # gate_up: 107.0 (131.7; 99.0)
+    (4096, 14336): ((64, 128, 128, 4, 3), True),  # down: 72.5 (121.6; 53.1)
+    (128256, 4096): ((128, 128, 64, 8, 3), True),  # lm_head: 435.4 (549.8; 404.6)
 }
 SMALL_M, LARGE_M = 64, 512
 TILE_FP32: Tile = (64, 64, 32, 4, 2)
@@ -117,21 +119,66 @@ def _matmul_kernel(
     tl.store(c_ptrs, acc.to(c_ptr.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def tile_for(n: int, k: int, m: int, dtype: torch.dtype) -> Tile:
-    """The tile for ``[m, k] x weight[n, k]^T``. It may depend on ``m``: every 16-bit tile gives the same bits."""
+@triton.jit(do_not_specialize=["M"])
+def _matmul_tma_kernel(
+    a_desc,  # [M, K], block [BLOCK_M, BLOCK_K]
+    b_desc,  # [N, K] (the weight), block [BLOCK_N, BLOCK_K]
+    bias_ptr,  # [N] or unused
+    c_ptr,  # [M, N] contiguous
+    M,
+    N,
+    K,
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """:func:`_matmul_kernel` (16-bit) with its operand tiles loaded through tensor descriptors (TMA on Hopper):
+    the same MMAs in the same order, so the same bits; edges come zero-padded like the masked loads'."""
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * num_n
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_m
+    pid_n = (pid % per_group) // group_m
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([pid_m * BLOCK_M, k0])
+        b = b_desc.load([pid_n * BLOCK_N, k0])
+        acc = tl.dot(a, b.T, acc)
+    offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
+    offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    n_ok = offs_n < N
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m[:, None] * N + offs_n[None, :], acc.to(c_ptr.dtype.element_ty),
+             mask=(offs_m < M)[:, None] & n_ok[None, :])  # fmt: skip
+
+
+def tile_for(n: int, k: int, m: int, dtype: torch.dtype) -> tuple[Tile, bool]:
+    """The tile for ``[m, k] x weight[n, k]^T`` and whether to load it through TMA. It may depend on ``m``: every
+    16-bit tile, with either kind of load, gives the same bits."""
     if dtype == torch.float32:
-        return TILE_FP32
+        return TILE_FP32, False
     if m <= SMALL_M:
-        return TILE_SMALL_M
+        return TILE_SMALL_M, False
     if m > LARGE_M:
-        return TILE_LARGE_M
-    return TILES_MID.get((n, k), TILE_16BIT)
+        return TILE_LARGE_M, True
+    return TILES_MID.get((n, k), (TILE_16BIT, True))
 
 
 def invariant_matmul(
-    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tile: Tile | None = None
-) -> torch.Tensor:
-    """``x [M, K] @ weight[N, K].T (+ bias)`` in ``x``'s dtype, each row's result independent of ``M``."""
+    x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, tile: Tile | None = None,
+    tma: bool = False,
+) -> torch.Tensor:  # fmt: skip
+    """``x [M, K] @ weight[N, K].T (+ bias)`` in ``x``'s dtype, each row's result independent of ``M``.
+
+    ``tile`` (and ``tma``: load it through tensor descriptors where they can address the operands) overrides
+    :func:`tile_for`'s choice; for sweeps and tests.
+    """
     m, k = x.shape
     n = weight.shape[0]
     if weight.shape[1] != k:
@@ -139,9 +186,12 @@ def invariant_matmul(
     out = torch.empty((m, n), dtype=x.dtype, device=x.device)
     if m == 0:
         return out
-    chosen = tile or tile_for(n, k, m, weight.dtype)
+    chosen, tma = (tile, tma) if tile is not None else tile_for(n, k, m, weight.dtype)
     try:
-        _launch(x, weight, bias, out, chosen)
+        if tma and _tma_ready(x, weight):
+            _launch_tma(x, weight, bias, out, chosen)
+        else:
+            _launch(x, weight, bias, out, chosen)
     except OutOfResources:
         # A GPU with less shared memory than a Hopper (the large tiles take up to 144 KiB): the small tile, which
         # gives the same bits (the module docstring says why).
@@ -152,6 +202,32 @@ def invariant_matmul(
 
 
 TILE_SMALL_FALLBACK: Tile = (64, 64, 64, 4, 2)  # 32 KiB of shared memory
+
+
+def _tma_ready(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """16-bit operands a tensor descriptor can address: rows contiguous, 16-byte aligned rows and bases."""
+    return (
+        x.dtype != torch.float32
+        and has_tma(x.device)
+        and x.stride(1) == 1
+        and weight.stride(1) == 1
+        and (x.stride(0) * x.element_size()) % 16 == 0
+        and (weight.stride(0) * weight.element_size()) % 16 == 0
+        and x.data_ptr() % 16 == 0
+        and weight.data_ptr() % 16 == 0
+    )
+
+
+def _launch_tma(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, tile: Tile) -> None:
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    (m, k), n = x.shape, weight.shape[0]
+    block_m, block_n, block_k, warps, stages = tile
+    _matmul_tma_kernel[(triton.cdiv(m, block_m) * triton.cdiv(n, block_n),)](
+        TensorDescriptor.from_tensor(x, [block_m, block_k]), TensorDescriptor.from_tensor(weight, [block_n, block_k]),
+        bias if bias is not None else weight, out, m, n, k, HAS_BIAS=bias is not None, BLOCK_M=block_m,
+        BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=GROUP_M, num_warps=warps, num_stages=stages,
+    )  # fmt: skip
 
 
 def _launch(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, out: torch.Tensor, tile: Tile) -> None:

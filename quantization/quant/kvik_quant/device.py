@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -63,3 +64,13 @@ def triton_available() -> bool:
     except ImportError:
         return False
     return True
+
+
+@functools.cache
+def has_tma(device: torch.device) -> bool:
+    """True on an NVIDIA GPU with the tensor memory accelerator (Hopper, sm_90, or newer), which Triton's tensor
+    descriptors load through."""
+    if device.type != "cuda" or getattr(torch.version, "hip", None):
+        return False
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return torch.cuda.get_device_capability(index) >= (9, 0)

@@ -20,6 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
+from kvik_quant import device as dev
 from kvik_quant import splitk
 
 
@@ -46,6 +47,7 @@ class Int8GemmConfig:
     group_m: int = 8
     num_warps: int = 8
     num_stages: int = 4
+    tma: bool = False  # _int8_gemm_tma_kernel: operand tiles through the tensor memory accelerator (Hopper)
 
 
 # One row: a program is one warp and a few weight rows, each thread loading 16 consecutive bytes of every row
@@ -267,6 +269,54 @@ def _int8_gemm_kernel(
              mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
 
 
+@triton.jit(do_not_specialize=["M"])
+def _int8_gemm_tma_kernel(
+    a_desc,  # [M, K] int8 activations, block [BLOCK_M, BLOCK_K]
+    as_ptr,  # [M] float32 per-token scales
+    w_desc,  # [N, K] int8 weights, block [BLOCK_N, BLOCK_K]
+    ws_ptr,  # [N] float32 channel scales
+    out_ptr,  # [M, N]
+    M,
+    N,
+    K,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    """:func:`_int8_gemm_kernel` with its operand tiles loaded through tensor descriptors (TMA on Hopper): one
+    instruction per tile instead of per-thread address arithmetic and predicated copies; edges padded with 0."""
+    pid = tl.program_id(0)
+    tiles_m = tl.cdiv(M, BLOCK_M)
+    tiles_n = tl.cdiv(N, BLOCK_N)
+    per_group = GROUP_M * tiles_n
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % per_group) % group_rows
+    pid_n = (pid % per_group) // group_rows
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
+    for k0 in range(0, K, BLOCK_K):
+        a = a_desc.load([pid_m * BLOCK_M, k0])
+        w = w_desc.load([pid_n * BLOCK_N, k0])
+        acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    a_scale = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
+    w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
+
+
+def _tma_ready(xq: torch.Tensor, weight: torch.Tensor) -> bool:
+    """A tensor descriptor can address both operands (16-byte aligned rows and bases), on a GPU with TMA (Hopper
+    or newer; the interpreter emulates it)."""
+    aligned = xq.shape[1] % 16 == 0 and xq.data_ptr() % 16 == 0 and weight.data_ptr() % 16 == 0
+    return aligned and weight.is_contiguous() and (xq.device.type != "cuda" or dev.has_tma(xq.device))
+
+
 def int8_gemm(
     xq: torch.Tensor,  # [M, K] int8
     x_scale: torch.Tensor,  # [M, 1] float32
@@ -283,6 +333,18 @@ def int8_gemm(
     if m == 0:
         return out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    xq = xq.contiguous()
+    if cfg.tma and _tma_ready(xq, weight):
+        from triton.tools.tensor_descriptor import TensorDescriptor
+
+        a_desc = TensorDescriptor.from_tensor(xq, [cfg.block_m, cfg.block_k])
+        w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
+        _int8_gemm_tma_kernel[grid](
+            a_desc, x_scale.reshape(-1).contiguous(), w_desc, w_scale, out, m, n, k,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        return out
     _int8_gemm_kernel[grid](
         xq.contiguous(), x_scale.reshape(-1).contiguous(), weight, w_scale, out, m, n, k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
@@ -292,17 +354,18 @@ def int8_gemm(
 
 
 def int8_gemm_config(m: int, n: int) -> Int8GemmConfig:
-    """Tiles by row count and output width, from the H200 sweep (benchmarks/quant_kernels_sweep.py, 2026-12-02
-    run a4; µs on the 8B's qkv / o / gate_up / down against the tiles before).
+    """Tiles by row count and output width, all with TMA loads, from the H200 sweep
+    (benchmarks/quant_kernels_sweep.py, 2026-12-02 run a6; µs on the 8B's qkv / o / gate_up / down, bf16 cuBLAS in
+    brackets):
 
-    - up to 256 rows: 64x64x128, or 64x128x128 for wide outputs: 20.5 / 17.4 / 77.2 / 54.7 at 256 rows
-      (22.5 / 19.7 / 77.2 / 60.2);
-    - up to 1,024: 64x128x128 (at 512 rows within 4% of the best tile on o, gate_up and down, 20% off on qkv);
-    - above: 128x128 with 64-deep k-steps and 4 warps, the best on every shape at 2,048 rows: 103 / 74 / 430 /
-      247 (129 / 91 / 568 / 301 with 128-deep steps and 8 warps).
+    - up to 256 rows: 64x64x128 (64x128x128 at 64 rows, 128x128x128 with 4 warps above, for outputs of 16k
+      or wider): 18.7 / 16.3 / 62.3 / 51.5 at 256 rows (21.1 / 17.1 / 91.3 / 48.4);
+    - up to 1,024: 64x128x128 for outputs up to 4,096 wide, else 128x128x128 with 4 warps;
+    - above: 128x128x128 with 4 warps: 90.7 / 64.0 / 390 / 224 at 2,048 rows (132 / 89 / 671 / 330).
+    The same tiles with plain loads were 3-15% slower (13% on qkv at 2,048 rows).
     """
-    if m <= 256 and n < 16384:
-        return Int8GemmConfig(block_m=64, block_n=64, block_k=128, num_warps=4, num_stages=4)
-    if m <= 1024:
-        return Int8GemmConfig(block_m=64, block_n=128, block_k=128, num_warps=4, num_stages=4)
-    return Int8GemmConfig(block_m=128, block_n=128, block_k=64, num_warps=4, num_stages=4)
+    if m <= 64:
+        return Int8GemmConfig(64, 64 if n < 16384 else 128, 128, num_warps=4, num_stages=4, tma=True)
+    if (m <= 256 and n < 16384) or (m <= 1024 and n <= 4096):
+        return Int8GemmConfig(64, 64 if m <= 256 else 128, 128, num_warps=4, num_stages=4, tma=True)
+    return Int8GemmConfig(128, 128, 128, num_warps=4, num_stages=3, tma=True)

@@ -76,23 +76,26 @@ def test_any_batch_any_position(m: int, pos: int, seed: int) -> None:
 
 
 def test_tile_by_rows() -> None:
-    assert tile_for(4096, 14336, 1, torch.bfloat16) == tile_for(4096, 14336, SMALL_M, torch.bfloat16) == TILE_SMALL_M
-    assert tile_for(4096, 14336, SMALL_M + 1, torch.bfloat16) == TILES_MID[(4096, 14336)]
-    assert tile_for(1000, 64, LARGE_M, torch.float16) == TILE_16BIT  # a shape not in the measured table
-    assert tile_for(4096, 14336, LARGE_M + 1, torch.bfloat16) == TILE_LARGE_M
-    assert tile_for(4096, 14336, 1, torch.float32) == tile_for(4096, 14336, 8192, torch.float32) == TILE_FP32
+    bf16 = torch.bfloat16
+    assert tile_for(4096, 14336, 1, bf16) == tile_for(4096, 14336, SMALL_M, bf16) == (TILE_SMALL_M, False)
+    assert tile_for(4096, 14336, SMALL_M + 1, bf16) == TILES_MID[(4096, 14336)]
+    assert tile_for(1000, 64, LARGE_M, torch.float16) == (TILE_16BIT, True)  # a shape not in the measured table
+    assert tile_for(4096, 14336, LARGE_M + 1, bf16) == (TILE_LARGE_M, True)
+    assert tile_for(4096, 14336, 1, torch.float32) == tile_for(4096, 14336, 8192, torch.float32) == (TILE_FP32, False)
 
 
 @pytest.mark.gpu
 @pytest.mark.skipif(DEVICE != "cuda", reason="the interpreter's dot sums a k-tile at once; a GPU's MMA 16 deep")
 @pytest.mark.parametrize(("n", "k"), [(6144, 4096), (4096, 14336), (1000, 200)])
 def test_every_16bit_tile_gives_the_same_bits(n: int, k: int) -> None:
-    """What lets the tile follow M: the same rows through every tile tile_for can pick, bit for bit."""
+    """What lets the tile follow M: the same rows through every tile tile_for can pick, with either kind of load
+    (K = 200 rows are not 16-byte aligned: TMA falls back to plain loads there), bit for bit."""
     x, w, b = _data(300, n, k, torch.bfloat16, seed=7)
-    tiles = {TILE_SMALL_M, TILE_LARGE_M, TILE_16BIT, *TILES_MID.values(), (64, 64, 64, 4, 2)}
+    tiles = {TILE_SMALL_M, TILE_LARGE_M, TILE_16BIT, *(t for t, _ in TILES_MID.values()), (64, 64, 64, 4, 2)}
     want = invariant_matmul(x, w, b, tile=TILE_16BIT)
     for tile in tiles:
-        assert torch.equal(invariant_matmul(x, w, b, tile=tile), want), tile
+        for tma in (False, True):
+            assert torch.equal(invariant_matmul(x, w, b, tile=tile, tma=tma), want), (tile, tma)
 
 
 def test_a_tile_too_large_for_the_gpu_falls_back_to_the_small_one(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -121,3 +124,13 @@ def test_shape_mismatch_is_a_clear_error() -> None:
     x, w, _ = _data(2, 8, 16, torch.float32, seed=1)
     with pytest.raises(ValueError, match="do not match"):
         invariant_matmul(x, w[:, :8])
+
+
+def test_tma_loads_give_the_same_bits() -> None:
+    """The tensor-descriptor variant runs the same MMAs in the same order: equal to the plain loads, bit for bit
+    (16-bit only; float32 and unaligned operands take the plain loads)."""
+    x, w, b = _data(37, 40, 64, HALF, seed=3)
+    plain = invariant_matmul(x, w, b, tile=SMALL_TILE)
+    assert torch.equal(invariant_matmul(x, w, b, tile=SMALL_TILE, tma=True), plain)
+    xf, wf, bf = _data(5, 40, 48, torch.float32, seed=3)
+    assert torch.equal(invariant_matmul(xf, wf, bf, tile=SMALL_TILE, tma=True), invariant_matmul(xf, wf, bf, tile=SMALL_TILE))
