@@ -11,8 +11,10 @@ The 16-bit tile may follow ``M`` (:func:`tile_for`), because a tile does not cha
 arithmetic either: whatever ``BLOCK_M``, ``BLOCK_N`` and ``BLOCK_K`` (a multiple of 16), a
 program feeds an element's float32 accumulator the same chain of 16-deep tensor-core MMAs in
 ``k`` order; the tile only decides how the output is cut into programs and how loads are
-pipelined. ``benchmarks/invariant_gemm_sweep.py`` and a GPU test check every tile this module
-can pick against each other, bit for bit. float32 (exact products, no tensor cores) keeps one tile.
+pipelined, and so does loading the tiles through TMA (:func:`_matmul_tma_kernel`, Hopper).
+``benchmarks/invariant_gemm_sweep.py`` and a GPU test check every tile this module can pick,
+with either kind of load, against each other, bit for bit. float32 (exact products, no tensor
+cores) keeps one tile.
 
 Programs run in grouped order (M-tile fastest within groups of ``GROUP_M`` row tiles), so the
 programs that share a weight tile run together and read it once from HBM (the rest hit L2): a

@@ -346,7 +346,7 @@ def int8_gemm(
         )  # fmt: skip
         return out
     _int8_gemm_kernel[grid](
-        xq.contiguous(), x_scale.reshape(-1).contiguous(), weight, w_scale, out, m, n, k,
+        xq, x_scale.reshape(-1).contiguous(), weight, w_scale, out, m, n, k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
