@@ -180,11 +180,12 @@ def onnx_greedy(folder: Path, prompts: list[list[int]], new_tokens: int) -> list
     try:
         model = og.Model(str(folder))
     except RuntimeError as exc:
-        # Seen with int4 exports of tied-embedding models (SmolLM2): the builder writes a graph ONNX Runtime
-        # 1.32 refuses. Say so in one line instead of a traceback.
+        # Seen with int4 exports of tied-embedding models given --builder-option shared_embeddings=true and
+        # asymmetric blocks: the builder writes a graph ONNX Runtime 1.32 refuses. One line, not a traceback.
         raise ValueError(
             f"ONNX Runtime could not load the exported model in {folder}: {str(exc).splitlines()[0][:300]}. "
-            "If this is an int4 export of a model with tied embeddings, export with --precision fp32"
+            "If this is an int4 export of a model with tied embeddings, leave shared_embeddings at false or "
+            "export with --precision fp32"
         ) from None
     outputs = []
     for prompt in prompts:
@@ -258,6 +259,14 @@ def export_onnx(
         # block's minimum is not a whole number of steps from zero the grid moves slightly (not lossless).
         options.setdefault("block_size", "32")
         options.setdefault("is_symmetric", "false")
+    if precision == "int4" and options.get("is_symmetric", "true").lower() == "false" and getattr(
+        hf_config, "tie_word_embeddings", False
+    ):
+        # The builder shares a tied model's embedding with its int4 lm_head by default, and with asymmetric
+        # blocks it wires the quantized weight into the embedding's Gather without its scales (ONNX Runtime
+        # 1.32 then refuses the graph: "/model/embed_tokens/Reshape" typed uint8). Unshared, the lm_head is
+        # int4 MatMulNBits and the embedding a float Gather, which loads.
+        options.setdefault("shared_embeddings", "false")
         notes.append(f"note: {source_quant} weights were dequantized and re-quantized to MatMulNBits int4 "
                      "(block 32, asymmetric); the result is close to the source, not bit-exact")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="kvik_onnx_src_") as scratch:

@@ -28,20 +28,24 @@ def test_fp32_export_round_trips_token_for_token(arch: str, tmp_path: Path) -> N
     assert decoder["num_hidden_layers"] == 2 and (tmp_path / "onnx" / "tokenizer.json").is_file()
 
 
-def test_quantized_gguf_exports_as_int4_matmulnbits(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tied", [False, True])
+def test_quantized_gguf_exports_as_int4_matmulnbits(tmp_path: Path, tied: bool) -> None:
     """A Q8_0 GGUF (written by gguf-py from a tiny Llama) becomes int4 MatMulNBits by default; its first
-    greedy tokens stay among kvik's best on the GGUF's dequantized weights (re-quantizing is not lossless)."""
+    greedy tokens stay among kvik's best on the GGUF's dequantized weights (re-quantizing is not lossless).
+    Tied embeddings (SmolLM2's) load too: the lm_head is its own MatMulNBits, not shared with the Gather."""
     import onnx
     from kvik.entrypoints.export_onnx import export_onnx, onnx_greedy
     from kvik.testing.tiny_models import make_tiny_model
 
     convert = pytest.importorskip("kvik_gguf.convert", reason="the GGUF plugin is not installed")
-    model = make_tiny_model(tmp_path / "llama", "llama")
+    model = make_tiny_model(tmp_path / "llama", "llama", tie_word_embeddings=tied)
     gguf = convert.write_gguf(model, tmp_path / "tiny.Q8_0.gguf", "Q8_0")
     report = export_onnx(str(gguf), tmp_path / "onnx")
     assert report.precision == "int4" and report.source_quantization == "gguf"
     graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
-    assert any(node.op_type == "MatMulNBits" for node in graph.node)
+    nbits = [node.name for node in graph.node if node.op_type == "MatMulNBits"]
+    assert len(nbits) == 2 * 5 + 1  # qkv, o, gate, up, down per layer, and the head
+    assert any("lm_head" in name for name in nbits)
     rt = report.round_trip
     assert rt is not None and len(rt.onnx_tokens) == 3
     # int4 noise may flip near-ties of this random model: ONNX Runtime's first token is among kvik's top 5
