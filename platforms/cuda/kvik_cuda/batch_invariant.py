@@ -66,6 +66,19 @@ TILE_FP32: Tile = (64, 64, 32, 4, 2)
 GROUP_M = 8  # row tiles per group in the programs' order (L2 reuse; no effect on the arithmetic)
 
 
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile) in grouped order: GROUP_M row tiles at a time, M fastest within a
+    group, so the programs that run together share weight tiles (decode: all rows are one group, each weight
+    tile is read once) and, for long prefills, activation tiles too (both stay in L2). Only the order of
+    programs changes with M, never what a program computes."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_m = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_m, (pid % per_group) // group_m
+
+
 @triton.jit(do_not_specialize=["M"])
 def _matmul_kernel(
     a_ptr,  # [M, K]
@@ -88,18 +101,7 @@ def _matmul_kernel(
     GROUP_M: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    # Grouped order: GROUP_M row tiles at a time, M fastest within a group, so the programs that
-    # run together share weight tiles (decode: all rows are one group, each weight tile is read
-    # once) and, for long prefills, activation tiles too (both stay in L2). Only the order of
-    # programs changes with M, never what a program computes.
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = (pid_m * BLOCK_M + tl.arange(0, BLOCK_M)).to(tl.int64)
     offs_n = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     offs_k = tl.arange(0, BLOCK_K)
@@ -138,14 +140,7 @@ def _matmul_tma_kernel(
 ):
     """:func:`_matmul_kernel` (16-bit) with its operand tiles loaded through tensor descriptors (TMA on Hopper):
     the same MMAs in the same order, so the same bits; edges come zero-padded like the masked loads'."""
-    pid = tl.program_id(0)
-    num_m = tl.cdiv(M, BLOCK_M)
-    num_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * num_n
-    first_m = (pid // per_group) * GROUP_M
-    group_m = tl.minimum(num_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_m
-    pid_n = (pid % per_group) // group_m
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k0])

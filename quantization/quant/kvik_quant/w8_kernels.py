@@ -228,6 +228,27 @@ def w8a16_gemv(
     return out
 
 
+@triton.jit
+def _grouped_tile(M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """This program's (row tile, column tile), GROUP_M row tiles walked together so the weight tiles they share
+    stay in L2."""
+    pid = tl.program_id(0)
+    per_group = GROUP_M * tl.cdiv(N, BLOCK_N)
+    first_m = (pid // per_group) * GROUP_M
+    group_rows = tl.minimum(tl.cdiv(M, BLOCK_M) - first_m, GROUP_M)
+    return first_m + (pid % per_group) % group_rows, (pid % per_group) // group_rows
+
+
+@triton.jit
+def _rescale_store(acc, as_ptr, ws_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N):
+    """The int32 tile times its per-token and per-channel scales, stored in the output dtype."""
+    a_scale = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
+    w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
+    y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
+    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
+             mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
+
+
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
 def _int8_gemm_kernel(
     a_ptr,  # [M, K] int8 activations
@@ -243,14 +264,7 @@ def _int8_gemm_kernel(
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # row-tiles walked together so the weight tiles they share stay in L2
 ):
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
@@ -262,11 +276,7 @@ def _int8_gemm_kernel(
         a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
         b = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_n[None, :] & mask_k[:, None], other=0)
         acc += tl.dot(a, b, out_dtype=tl.int32)
-    a_scale = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
-    w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
-    y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
+    _rescale_store(acc, as_ptr, ws_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -286,14 +296,7 @@ def _int8_gemm_tma_kernel(
 ):
     """:func:`_int8_gemm_kernel` with its operand tiles loaded through tensor descriptors (TMA on Hopper): one
     instruction per tile instead of per-thread address arithmetic and predicated copies; edges padded with 0."""
-    pid = tl.program_id(0)
-    tiles_m = tl.cdiv(M, BLOCK_M)
-    tiles_n = tl.cdiv(N, BLOCK_N)
-    per_group = GROUP_M * tiles_n
-    first_m = (pid // per_group) * GROUP_M
-    group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
-    pid_m = first_m + (pid % per_group) % group_rows
-    pid_n = (pid % per_group) // group_rows
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k0])
@@ -303,11 +306,7 @@ def _int8_gemm_tma_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    a_scale = tl.load(as_ptr + offs_m, mask=mask_m, other=0.0)
-    w_scale = tl.load(ws_ptr + offs_n, mask=mask_n, other=0.0)
-    y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
-    tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
-             mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
+    _rescale_store(acc, as_ptr, ws_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N)
 
 
 def _tma_ready(xq: torch.Tensor, weight: torch.Tensor) -> bool:
