@@ -30,6 +30,8 @@
 #   host_syncs     synchronizing CUDA calls on the engine's step path, by kvik call site (21; SYNC_SHAPES,
 #                  SYNC_OUT_LEN, SYNC_ARGS=--cprofile: where the host's time goes) ~3 min
 #   attn_tiles     decode attention tiles at large batches, bf16 and FP8 cache (14, 21)  ~2 min
+#   attn_ab        triton_attention.py prefill + decode, this kernels.py against OLD_KERNELS (a copy of an older
+#                  kvik_triton_attention/kernels.py carried as an untracked file), alternating, ROUNDS (21) ~4 min
 #   graph_relaunch does relaunching a CUDA graph still in flight block the host? (21)  ~30 s
 #   tp             two GPUs: TP=2 tokens, TP=2 / DP=2 on the 8B (17; nvidia-h200-x2)
 #   tp70           two GPUs: the Llama-3.3-70B shape at TP=2 (17; nvidia-h200-x2, its own call)
@@ -109,6 +111,14 @@ for s in $STAGES; do
                   stage host_syncs_$shape 240 python3 benchmarks/host_syncs.py --shape $shape --n 256 --out-len ${SYNC_OUT_LEN:-32} ${SYNC_ARGS:-}
                 done ;;
     attn_tiles) stage attn_tiles 200 python3 benchmarks/triton_attention.py --sections decode_tiles ;;
+    attn_ab) kernels=attention_backends/triton/kvik_triton_attention/kernels.py
+             cp "$kernels" /tmp/kernels_new.py
+             for r in $(seq ${ROUNDS:-2}); do
+               stage attn_new_$r 150 python3 benchmarks/triton_attention.py --sections prefill,decode
+               cp "${OLD_KERNELS:?copy the older kernels.py somewhere in the tree and name it}" "$kernels"
+               stage attn_old_$r 150 python3 benchmarks/triton_attention.py --sections prefill,decode
+               cp /tmp/kernels_new.py "$kernels"
+             done ;;
     graph_relaunch) stage graph_relaunch 120 python3 benchmarks/graph_relaunch_probe.py ;;
     tp) stage tp 560 python3 benchmarks/tp_benchmark.py --parts ${TP_PARTS:-tokens,dp2,dp_mp,llama8b,usual} ;;
     allreduce) stage allreduce 120 python3 benchmarks/allreduce_bench.py
