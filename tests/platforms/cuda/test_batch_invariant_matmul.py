@@ -132,5 +132,8 @@ def test_tma_loads_give_the_same_bits() -> None:
     x, w, b = _data(37, 40, 64, HALF, seed=3)
     plain = invariant_matmul(x, w, b, tile=SMALL_TILE)
     assert torch.equal(invariant_matmul(x, w, b, tile=SMALL_TILE, tma=True), plain)
+    x, w, b = _data(21, 24, 80, HALF, seed=4)  # K = 80 ends in a partial 32-deep k-tile: TMA zero-pads it
+    tile = (16, 16, 32, 4, 1)
+    assert torch.equal(invariant_matmul(x, w, b, tile=tile, tma=True), invariant_matmul(x, w, b, tile=tile))
     xf, wf, bf = _data(5, 40, 48, torch.float32, seed=3)
     assert torch.equal(invariant_matmul(xf, wf, bf, tile=SMALL_TILE, tma=True), invariant_matmul(xf, wf, bf, tile=SMALL_TILE))

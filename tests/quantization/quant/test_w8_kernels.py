@@ -72,8 +72,9 @@ def test_w8a16_one_row_unrolled_gives_the_plain_loops_bits(kind: str, k: int, sp
     torch.testing.assert_close(plain.float(), expected, rtol=2e-2, atol=2e-2 * float(expected.abs().max()))
 
 
-@pytest.mark.parametrize(("m", "k", "n"), [(3, 256, 64), (40, 200, 72), (37, 192, 80)])
-@pytest.mark.parametrize("tma", [False, True])  # K = 200 takes the plain loads either way (TMA needs 16 | K)
+@pytest.mark.parametrize(("m", "k", "n"), [(3, 256, 64), (40, 200, 72), (37, 192, 80), (19, 208, 40)])
+# K = 200 takes the plain loads either way (TMA needs 16 | K); K = 208 ends in a partial k-tile that TMA zero-pads.
+@pytest.mark.parametrize("tma", [False, True])
 def test_int8_gemm_is_exact_int32_accumulation_then_rescale(m: int, k: int, n: int, tma: bool) -> None:
     gen = torch.Generator().manual_seed(m)
     wq, ws = _weights("int8", n, k, gen)
