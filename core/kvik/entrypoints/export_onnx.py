@@ -259,6 +259,8 @@ def export_onnx(
         # block's minimum is not a whole number of steps from zero the grid moves slightly (not lossless).
         options.setdefault("block_size", "32")
         options.setdefault("is_symmetric", "false")
+        notes.append(f"note: {source_quant} weights were dequantized and re-quantized to MatMulNBits int4 "
+                     "(block 32, asymmetric); the result is close to the source, not bit-exact")  # fmt: skip
     if precision == "int4" and options.get("is_symmetric", "true").lower() == "false" and getattr(
         hf_config, "tie_word_embeddings", False
     ):
@@ -267,8 +269,6 @@ def export_onnx(
         # 1.32 then refuses the graph: "/model/embed_tokens/Reshape" typed uint8). Unshared, the lm_head is
         # int4 MatMulNBits and the embedding a float Gather, which loads.
         options.setdefault("shared_embeddings", "false")
-        notes.append(f"note: {source_quant} weights were dequantized and re-quantized to MatMulNBits int4 "
-                     "(block 32, asymmetric); the result is close to the source, not bit-exact")  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="kvik_onnx_src_") as scratch:
         if fmt.name == "safetensors" and not source_quant:
             source = Path(path)
