@@ -333,19 +333,15 @@ def int8_gemm(
         return out
     grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
     xq = xq.contiguous()
+    kernel, a, w = _int8_gemm_kernel, xq, weight
     if cfg.tma and _tma_ready(xq, weight):
         from triton.tools.tensor_descriptor import TensorDescriptor
 
-        a_desc = TensorDescriptor.from_tensor(xq, [cfg.block_m, cfg.block_k])
-        w_desc = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
-        _int8_gemm_tma_kernel[grid](
-            a_desc, x_scale.reshape(-1).contiguous(), w_desc, w_scale, out, m, n, k,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-        )  # fmt: skip
-        return out
-    _int8_gemm_kernel[grid](
-        xq, x_scale.reshape(-1).contiguous(), weight, w_scale, out, m, n, k,
+        kernel = _int8_gemm_tma_kernel
+        a = TensorDescriptor.from_tensor(xq, [cfg.block_m, cfg.block_k])
+        w = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
+    kernel[grid](
+        a, x_scale.reshape(-1).contiguous(), w, w_scale, out, m, n, k,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
