@@ -50,16 +50,15 @@ Tile = tuple[int, int, int, int, int]
 # - above 512 rows (prefill): 256x128, 8 warps, TMA: the best on every 8B shape at 2,048 and 8,192 rows (qkv
 #   149 us at 2,048 rows, 240 for the tile before, 185 with plain loads; cuBLAS 134);
 # - in between (large decode batches) it depends on how the shape fills the SMs: TILES_MID has the measured
-#   best per 8B weight; other weights take 128x128x64 with TMA.
+#   best for the 8B's narrower weights; the rest take 128x128x64 with TMA, the best for the wide ones (gate_up
+#   107.0 us at 256 rows against 131.7 for the tile before, cuBLAS 99.0; lm_head 435.4, 549.8, 404.6).
 TILE_SMALL_M: Tile = (64, 128, 128, 4, 3)
 TILE_LARGE_M: Tile = (256, 128, 64, 8, 3)
 TILE_16BIT: Tile = (128, 128, 64, 8, 3)
 TILES_MID: dict[tuple[int, int], tuple[Tile, bool]] = {  # (N, K) -> (tile, TMA) for 65..512 rows; µs at 256 rows
     (6144, 4096): ((64, 64, 64, 4, 4), True),  # qkv: 34.2 (48.7 with the tile before; cuBLAS 26.8)
     (4096, 4096): ((64, 128, 128, 4, 3), False),  # o: 30.0 (42.6; 23.8)
-    (28672, 4096): ((128, 128, 64, 8, 3), True),  # gate_up: 107.0 (131.7; 99.0)
     (4096, 14336): ((64, 128, 128, 4, 3), True),  # down: 72.5 (121.6; 53.1)
-    (128256, 4096): ((128, 128, 64, 8, 3), True),  # lm_head: 435.4 (549.8; 404.6)
 }
 SMALL_M, LARGE_M = 64, 512
 TILE_FP32: Tile = (64, 64, 32, 4, 2)
