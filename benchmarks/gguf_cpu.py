@@ -10,6 +10,7 @@ vs ONNX Runtime GenAI on kvik's ONNX exports of the same GGUF.
 
 ``onnx-<precision>`` exports the GGUF once to ``--onnx-root/<precision>`` (``kvik export onnx``), then
 decodes with ONNX Runtime GenAI (one sequence at a time, like llama.cpp's Python API).
+``kvik-onnx-<precision>`` runs kvik's engine on that export (the CPU platform's ``onnx_model`` option).
 
 Each system runs in its own process (own peak RSS) on the same token ids: single-stream decode tok/s
 (one chat prompt, --single-len new tokens) and batched throughput for --num-requests chat prompts.
@@ -68,7 +69,13 @@ def prompts(n: int) -> list[list[int]]:
 
 
 def _kvik(
-    mode: str, args, single: list[int], batch: list[list[int]], dtype: str = "float32", compile_decode: bool = False
+    mode: str,
+    args,
+    single: list[int],
+    batch: list[list[int]],
+    dtype: str = "float32",
+    compile_decode: bool = False,
+    onnx_model: str = "",
 ) -> dict:
     from kvik import LLM, SamplingParams
 
@@ -81,7 +88,7 @@ def _kvik(
         num_threads=args.threads,
         kv_cache_memory=1 << 30,
         max_model_len=2048,
-        platform_options={"compile_decode": compile_decode},
+        platform_options={"compile_decode": compile_decode, "onnx_model": onnx_model},
     )
     startup_s = time.perf_counter() - t0
     p1 = SamplingParams(temperature=0.0, max_tokens=args.single_len, ignore_eos=True)
@@ -97,7 +104,9 @@ def _kvik(
     batch_s = time.perf_counter() - t
     n_out = sum(len(o.outputs[0].token_ids) for o in outs)
     return dict(
-        system=f"kvik ({mode}, {dtype}{', compiled decode' if compile_decode else ''})",
+        system=f"kvik (ONNX Runtime, {Path(onnx_model).name})"
+        if onnx_model
+        else f"kvik ({mode}, {dtype}{', compiled decode' if compile_decode else ''})",
         startup_s=startup_s,
         single_decode_tok_s=decode_tps,
         single_ttft_ms=first * 1000,
@@ -235,7 +244,10 @@ def main() -> None:
         batch = prompts(args.num_requests)
         single = batch[0]
         worker = args._worker
-        if worker.startswith("kvik-"):
+        if worker.startswith("kvik-onnx-"):
+            folder = str(Path(args.onnx_root) / worker.removeprefix("kvik-onnx-"))
+            result = _kvik("auto", args, single, batch, onnx_model=folder)
+        elif worker.startswith("kvik-"):
             # kvik-<mode>[-<dtype>][+compile]
             name, _, flag = worker.partition("+")
             _, mode, *dtype = name.split("-")
@@ -249,12 +261,13 @@ def main() -> None:
         return
     rows = []
     for system in args.systems.split(",") * args.rounds:
-        folder = Path(args.onnx_root) / system.removeprefix("onnx-")
-        if system.startswith("onnx-") and not (folder / "genai_config.json").exists():
+        precision = system.removeprefix("kvik-").removeprefix("onnx-")
+        folder = Path(args.onnx_root) / precision
+        if system.startswith(("onnx-", "kvik-onnx-")) and not (folder / "genai_config.json").exists():
             from kvik.entrypoints.export_onnx import export_onnx
 
             print(f"exporting {folder} ...", file=sys.stderr, flush=True)
-            export_onnx(gguf_path(), folder, precision=system.removeprefix("onnx-"), verify=False)
+            export_onnx(gguf_path(), folder, precision=precision, verify=False)
         print(f"running {system} ...", file=sys.stderr, flush=True)
         try:
             rows.append(run_isolated([__file__, *sys.argv[1:], "--_worker", system]))

@@ -17,6 +17,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
+from kvik.entrypoints.cli import PLATFORM_OPTION_HELP, platform_option
+
 logger = logging.getLogger("kvik_server")
 
 _SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]?)(i?)b?\s*$", re.IGNORECASE)
@@ -135,6 +137,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     engine.add_argument("--runner", choices=["auto", "generate", "pooling"],
                         help="pooling: serve embeddings / rerank / score / classify (default auto: from the model)")  # fmt: skip
     engine.add_argument("--num-threads", type=_positive_int, help="CPU platforms: torch intra-op threads")
+    engine.add_argument("--platform-option", type=platform_option, action="append", metavar="KEY=VALUE",
+                        help=PLATFORM_OPTION_HELP)  # fmt: skip
     lora = parser.add_argument_group("LoRA adapters (docs/lora.md)")
     lora.add_argument("--enable-lora", action="store_true", default=None,
                       help="serve PEFT LoRA adapters over the base model (a request's `model` picks one)")  # fmt: skip
@@ -260,7 +264,10 @@ def engine_kwargs(args: Any) -> dict[str, Any]:
              "enforce_eager", "disable_custom_all_reduce", "deterministic", "async_scheduling", "seed", "num_threads", "runner",
              "speculative_config", "enable_lora", "max_loras", "max_lora_rank", "max_cpu_loras",
              "tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend")  # fmt: skip
-    return {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    kwargs = {name: getattr(args, name) for name in names if getattr(args, name, None) is not None}
+    if getattr(args, "platform_option", None):
+        kwargs["platform_options"] = dict(args.platform_option)
+    return kwargs
 
 
 def run_server(args: Any) -> int:

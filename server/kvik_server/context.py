@@ -328,12 +328,12 @@ def _param_named_in(message: str) -> str | None:
 def _kv_capacity(engine: Any) -> KVCapacity | None:
     """The KV cache an AsyncLLM's engine planned (None for engines that do not say)."""
     core = getattr(engine, "engine", None)
-    pool = getattr(getattr(getattr(core, "scheduler", None), "kv_cache", None), "pool", None)
-    num_blocks = getattr(pool, "num_usable_blocks", None)
+    kv_cache = getattr(getattr(core, "scheduler", None), "kv_cache", None)
+    num_blocks = getattr(getattr(kv_cache, "pool", None), "num_usable_blocks", None)
     if not isinstance(num_blocks, int):
         return None
-    config = engine.config
-    return KVCapacity(num_blocks, config.block_size, config.enable_prefix_caching)
+    # The scheduler's setting, not the config's: the engine turns prefix caching off for runners without it.
+    return KVCapacity(num_blocks, engine.config.block_size, bool(getattr(kv_cache, "enable_prefix_caching", True)))
 
 
 class EngineStream:

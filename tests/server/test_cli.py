@@ -51,6 +51,12 @@ def test_scheduling_flags_reach_the_engine() -> None:
     assert engine_kwargs(parse_serve_args(["--model", "/m", "--async-scheduling"]))["async_scheduling"] is True
 
 
+def test_platform_options_reach_the_engine() -> None:
+    assert "platform_options" not in engine_kwargs(parse_serve_args(["--model", "/m"]))
+    args = parse_serve_args(["--model", "/m", "--platform-option", "onnx_model=auto", "--platform-option", "num_threads=2"])
+    assert engine_kwargs(args)["platform_options"] == {"onnx_model": "auto", "num_threads": 2}
+
+
 def test_kv_cache_dtype_flag_reaches_the_engine(capsys: pytest.CaptureFixture[str]) -> None:
     assert "kv_cache_dtype" not in engine_kwargs(parse_serve_args(["--model", "/m"]))  # "auto": the engine default
     assert engine_kwargs(parse_serve_args(["--model", "/m", "--kv-cache-dtype", "fp8"]))["kv_cache_dtype"] == "fp8"

@@ -174,6 +174,9 @@ class LLMEngine:
         self.async_scheduling = cfg.async_scheduling and caps.async_scheduling
         if cfg.async_scheduling and not self.async_scheduling:
             logger.info("async scheduling is off: the %s model runner does not support it", self.platform.name)
+        prefix_caching = cfg.enable_prefix_caching and caps.prefix_caching
+        if cfg.enable_prefix_caching and not prefix_caching:
+            logger.info("prefix caching is off: the %s model runner keeps K/V per request", self.platform.name)
         if self.proposer is not None and self.async_scheduling and bool(getattr(self.proposer, "drafter", "")):
             # A drafter on the runner drafts inside each step, from that step's tokens: every step waits.
             logger.info("async scheduling is off: speculative decoding with a draft model runs synchronously")
@@ -193,7 +196,7 @@ class LLMEngine:
             max_num_batched_tokens=cfg.max_num_batched_tokens,
             max_num_seqs=cfg.max_num_seqs,
             max_model_len=self.model_config.max_model_len,
-            enable_prefix_caching=cfg.enable_prefix_caching,
+            enable_prefix_caching=prefix_caching,
             enable_chunked_prefill=cfg.enable_chunked_prefill,
             policy=cfg.scheduling_policy.value,
             long_prefill_token_threshold=cfg.long_prefill_token_threshold,

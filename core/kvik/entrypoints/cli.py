@@ -102,12 +102,33 @@ def add_engine_arguments(parser: argparse.ArgumentParser) -> None:
                         help="split the layers into M stages on their own devices")  # fmt: skip
     parser.add_argument("--distributed-executor-backend", default=None, metavar="NAME",
                         help="who runs the ranks: mp (processes on this host; default), ray, uni")  # fmt: skip
+    parser.add_argument("--platform-option", type=platform_option, action="append", default=None,
+                        metavar="KEY=VALUE", help=PLATFORM_OPTION_HELP)  # fmt: skip
     parser.add_argument(
         "--async-scheduling",
         action=argparse.BooleanOptionalAction,
         default=None,
         help="schedule the next step while the GPU runs this one (default: the platform's)",
     )
+
+
+PLATFORM_OPTION_HELP = (
+    "a platform option (repeatable), e.g. onnx_model=auto or num_threads=4 on the CPU; "
+    "`kvik plugins` lists each platform's options"
+)
+
+
+def platform_option(text: str) -> tuple[str, object]:
+    """``--platform-option KEY=VALUE``: VALUE read as JSON (true, 4, [0, 1]) where it parses, else as text."""
+    import json
+
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    try:
+        return key.strip(), json.loads(value)
+    except ValueError:
+        return key.strip(), value
 
 
 def parse_size(value: str | int | None) -> int | None:
@@ -178,6 +199,7 @@ def engine_kwargs(args: argparse.Namespace) -> dict[str, object]:
         tensor_parallel_size=args.tensor_parallel_size,
         pipeline_parallel_size=args.pipeline_parallel_size,
         distributed_executor_backend=args.distributed_executor_backend,
+        platform_options=dict(args.platform_option or []),
     )
 
 

@@ -94,8 +94,8 @@ def plugins_report(manager: PluginManager) -> str:
             continue
         rows: list[tuple[str, ...]]
         if kind == "platform":
-            rows = [(e.name, e.source, e.target, _priority(e), platform_availability(e)) for e in entries]
-            out += _table(("NAME", "DISTRIBUTION", "TARGET", "PRIORITY", "AVAILABLE"), rows)
+            rows = [(e.name, e.source, e.target, _priority(e), platform_availability(e), _options(e)) for e in entries]
+            out += _table(("NAME", "DISTRIBUTION", "TARGET", "PRIORITY", "AVAILABLE", "OPTIONS"), rows)
         elif kind == "quantization method":
             rows = [(e.name, e.source, *quantization_support(e)) for e in entries]
             out += _table(("NAME", "DISTRIBUTION", "PACKED KERNELS ON", "ACTIVATION DTYPES"), rows)
@@ -129,6 +129,16 @@ def plugins_report(manager: PluginManager) -> str:
 def _priority(entry: Entry) -> str:
     try:
         return str(entry.load().priority)
+    except Exception:
+        return "?"
+
+
+def _options(entry: Entry) -> str:
+    """The platform's ``platform_options`` names (``--platform-option KEY=VALUE``)."""
+    from dataclasses import fields
+
+    try:
+        return ", ".join(f.name for f in fields(entry.load().options_type)) or "-"
     except Exception:
         return "?"
 

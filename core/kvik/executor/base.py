@@ -41,13 +41,15 @@ class RunnerCapabilities:
     drafters: bool  # model-based speculation (draft model, EAGLE) on the runner
     lora: bool
     deterministic: bool = False  # batch-invariant kernels (deterministic=True)
+    prefix_caching: bool = True  # requests may start from blocks other requests wrote
 
     @classmethod
     def of(cls, runner: ModelRunner) -> RunnerCapabilities:
         return cls(runner.supports_structured_output, runner.supports_async_scheduling,
                    runner.supports_speculative_decoding, runner.supports_pooling,
                    runner.supports_drafters, runner.supports_lora,
-                   getattr(runner, "supports_deterministic", False))  # fmt: skip
+                   getattr(runner, "supports_deterministic", False),
+                   getattr(runner, "supports_prefix_caching", True))  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)

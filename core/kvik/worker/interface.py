@@ -58,6 +58,10 @@ class ModelRunner(ABC):
     # True when the runner honours ``ResolvedConfig.deterministic`` (batch-invariant kernels:
     # kvik.layers.batch_invariant); the engine refuses deterministic=True otherwise.
     supports_deterministic: bool = False
+    # True when a request may start from KV blocks other requests wrote (a prefix-cache hit): the runner
+    # reads K/V through the shared paged cache. A runner keeping K/V per request sets False, and the
+    # engine then schedules without prefix caching.
+    supports_prefix_caching: bool = True
 
     @abstractmethod
     def load_model(self) -> None:

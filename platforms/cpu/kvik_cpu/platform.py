@@ -87,6 +87,10 @@ class CPUOptions(PlatformOptions):
     # Run decode-only steps through torch.compile (kvik_cpu.runner). Off by default: the first
     # compile takes tens of seconds on a small CPU, which a short session never wins back.
     compile_decode: bool = False
+    # Run the model in ONNX Runtime instead of torch (kvik_cpu.onnx_runner): a folder `kvik export onnx`
+    # wrote, or "auto" to export this model once into kvik's cache. Off ("") by default: it needs the
+    # onnx extra, runs one request per call (its win is a single stream) and has no prefix caching.
+    onnx_model: str = ""
 
 
 class CPUPlatform(Platform):
@@ -161,7 +165,16 @@ class CPUPlatform(Platform):
         compile_decode = options.get("compile_decode", False)
         if not isinstance(compile_decode, bool):
             raise ValueError(f"compile_decode must be True or False, got {compile_decode!r}")
-        return CPUOptions(num_threads=threads, cpu_affinity=tuple(cpus), compile_decode=compile_decode)
+        onnx_model = options.get("onnx_model", "")
+        if not isinstance(onnx_model, str):
+            raise ValueError(f"onnx_model must be a folder path or 'auto', got {onnx_model!r}")
+        if onnx_model not in ("", "auto") and not (Path(onnx_model).expanduser() / "genai_config.json").is_file():
+            raise ValueError(
+                f"onnx_model={onnx_model!r} is not an ONNX Runtime GenAI model folder (no genai_config.json); "
+                "write one with `kvik export onnx`, or pass onnx_model='auto'"
+            )
+        return CPUOptions(num_threads=threads, cpu_affinity=tuple(cpus), compile_decode=compile_decode,
+                          onnx_model=onnx_model)  # fmt: skip
 
     def configure(self, config: ResolvedConfig, model_config: ModelConfig) -> list[str]:
         """Pin the process to the chosen CPUs (when they differ from its mask) and set torch's threads."""
@@ -172,6 +185,9 @@ class CPUPlatform(Platform):
             os.sched_setaffinity(0, options.cpu_affinity)
             notes.append(f"pinned to CPUs {_ranges(list(options.cpu_affinity))}")
         self._set_threads(options.num_threads)
+        if options.onnx_model:
+            _check_onnx_runner(config)
+            notes.append(f"the model runs in ONNX Runtime (onnx_model={options.onnx_model!r})")
         if model_config.dtype == "float16" and "avx512_fp16" not in self.flags and "amx_fp16" not in self.flags:
             notes.append("float16 is emulated on this CPU and slower than float32/bfloat16; consider dtype='auto'")
         return notes
@@ -199,6 +215,11 @@ class CPUPlatform(Platform):
     def create_model_runner(self, config: ResolvedConfig, model_config: ModelConfig) -> ModelRunner:
         import torch
 
+        options = config.platform_options
+        if isinstance(options, CPUOptions) and options.onnx_model:
+            from kvik_cpu.onnx_runner import OnnxRuntimeRunner
+
+            return OnnxRuntimeRunner(config, model_config, torch.device("cpu"), self)
         from kvik_cpu.runner import CPUModelRunner
 
         return CPUModelRunner(config, model_config, torch.device("cpu"), self)
@@ -221,6 +242,30 @@ class CPUPlatform(Platform):
             "memory": f"{memory.total / GiB:.1f} GiB total, {memory.free / GiB:.1f} GiB available",
             "ipex": self.ipex.reason,
         }
+
+
+def _check_onnx_runner(config: ResolvedConfig) -> None:
+    """ValueError listing what the ONNX Runtime runner cannot do with this configuration."""
+    options = config.platform_options
+    assert isinstance(options, CPUOptions)
+    clashes = [
+        name
+        for name, on in (
+            ("compile_decode", options.compile_decode),
+            ("kv_cache_dtype='fp8'", config.kv_cache_dtype != "auto"),
+            ("tensor/pipeline parallelism", config.tensor_parallel_size * config.pipeline_parallel_size > 1),
+            ("enable_lora", config.enable_lora),
+            ("speculative decoding", config.speculative_config is not None),
+            ("deterministic", config.deterministic),
+            ("runner='pooling'", config.runner == "pooling"),
+        )
+        if on
+    ]
+    if clashes:
+        raise ValueError(
+            f"onnx_model runs the model in ONNX Runtime, which kvik cannot combine with {', '.join(clashes)}; "
+            "drop those, or leave onnx_model unset to run kvik's torch model"
+        )
 
 
 def _ranges(cpus: list[int]) -> str:

@@ -5,7 +5,7 @@ included, into numpy views: 2.3 s for the bundled SmolLM2 on a 2-core machine, o
 start. What a start needs afterwards is small: the scalar fields (config, special token ids,
 chat template) and each tensor's name, type, shape and byte range. :func:`open_index`
 parses with the reader the first time, keeps that as JSON in kvik's cache folder
-(:func:`kvik_gguf.disk_cache.cache_dir`), and later starts read the JSON; each tensor's bytes
+(:func:`kvik.models.disk_cache.cache_dir`), and later starts read the JSON; each tensor's bytes
 are read from the file when asked for (:attr:`TensorEntry.data`). Large array fields (the
 vocabulary) are left out of the index; asking for one opens the full reader, as before.
 """
@@ -19,8 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-
-from kvik_gguf.disk_cache import cache_entry, write_atomically
+from kvik.models.disk_cache import cache_entry, write_atomically
 
 logger = logging.getLogger(__name__)
 

@@ -18,7 +18,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from kvik_gguf.disk_cache import cache_entry, write_folder_atomically
+from kvik.models.disk_cache import cache_entry, write_folder_atomically
 
 # llama.cpp pre-tokenizer names whose original Hugging Face tokenizer isolates every
 # digit before the byte-level split (tokenizer.json: Sequence[Digits(individual_digits),
@@ -40,7 +40,7 @@ def load_gguf_tokenizer(path: str, meta: Callable[[str], Any]) -> Any:
     """``AutoTokenizer.from_pretrained(dir, gguf_file=name)`` plus the fixes the file calls for.
 
     Building it re-reads the vocabulary: 7.4 s of the bundled SmolLM2's 9.3 s start-up on a
-    2-core machine. So the result is kept per file version on disk (:mod:`kvik_gguf.disk_cache`,
+    2-core machine. So the result is kept per file version on disk (:mod:`kvik.models.disk_cache`,
     a ``tokenizer.json`` folder that loads in ~0.1 s), and each caller loads its own tokenizer
     from there. Only where that folder cannot be written is the built tokenizer kept in the
     process, each caller getting a deep copy: keeping it there always meant two tokenizers in

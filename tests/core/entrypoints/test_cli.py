@@ -72,3 +72,18 @@ def test_plugins_lists_platforms_and_models():
     assert proc.returncode == 0, proc.stderr
     for name in ("cpu", "LlamaForCausalLM", "torch_ref"):
         assert name in proc.stdout
+
+
+def test_platform_options_from_the_command_line(tiny_model_dir, capsys):
+    assert cli.platform_option("onnx_model=auto") == ("onnx_model", "auto")
+    assert cli.platform_option("num_threads=2") == ("num_threads", 2)  # JSON where it parses
+    assert cli.platform_option("cpu_affinity=[0, 1]") == ("cpu_affinity", [0, 1])
+    with pytest.raises(Exception, match="expected KEY=VALUE"):
+        cli.platform_option("compile_decode")
+    args = cli.build_parser().parse_args(["generate", "--platform-option", "compile_decode=false", "hi"])
+    assert cli.engine_kwargs(args)["platform_options"] == {"compile_decode": False}
+    path = str(tiny_model_dir("llama"))
+    assert cli.main(["generate", "--model", path, "--device", "cpu", "--platform-option", "nope=1", "hi"]) == 2
+    assert "has no option 'nope'" in capsys.readouterr().err
+    proc = _kvik("plugins")
+    assert "onnx_model" in proc.stdout  # each platform's options are listed

@@ -1,4 +1,4 @@
-"""kvik's folder for things derived from a checkpoint that are slow to derive (a GGUF's index, its tokenizer).
+"""kvik's folder for things derived from a checkpoint that are slow to derive (a GGUF's index and tokenizer, an ONNX export).
 
 Entries are keyed by what they were made from (path, size, mtime, the versions that shaped
 them), written atomically, and safe to delete: a missing or damaged entry is made again.

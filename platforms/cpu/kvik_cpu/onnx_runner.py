@@ -1,0 +1,355 @@
+"""A CPU model runner that runs the model in ONNX Runtime (``platform_options={"onnx_model": ...}``).
+
+Why it exists: on a small CPU one stream of a small quantized model is bound by per-op overhead
+and int4 matmul speed, and ONNX Runtime's CPU kernels (``MatMulNBits`` with int8 activations,
+``GroupQueryAttention``) decode the bundled SmolLM2 Q4_1 export ~1.5x faster than llama.cpp and
+~2.8x faster than kvik's torch path on the same 2-core machine (docs/benchmarks.md). So kvik offers
+it as an optional engine for its CPU platform: scheduling, sampling, logprobs, structured output,
+stop strings and the server stay kvik's; only the forward pass moves to ONNX Runtime.
+
+The model is a folder ``kvik export onnx`` wrote (ONNX Runtime GenAI's layout: ``input_ids``,
+``attention_mask``, ``past_key_values.N.key/value`` in, ``logits`` and ``present.N.key/value`` out),
+or ``"auto"``: this model exported once (``--precision auto``: int4 for a quantized source, else
+fp32) into kvik's cache folder and reused by later starts.
+
+Each request keeps its own K/V as numpy arrays (the graph's ``present`` outputs, fed back as the
+next call's ``past`` inputs); the scheduler's paged blocks only count them. A prompt chunk runs as
+its own call; the requests decoding one token each run as one batch, their K/V rows right-padded to
+the longest (``GroupQueryAttention`` takes each row's length from the attention mask, so a row's
+logits are bit-identical to running it alone), and the batch's K/V stays stacked while the same
+requests keep decoding. What follows from keeping K/V per request:
+
+* no prefix-cache hits (a new request cannot start from blocks another request wrote); the engine
+  turns prefix caching off for this runner (``supports_prefix_caching``);
+* no LoRA, speculative decoding, pooling, deterministic mode or FP8 KV cache: those need kvik's
+  own modelling code, and the engine refuses them with this runner.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from kvik.engine import progress
+from kvik.models.disk_cache import cache_entry, write_folder_atomically
+from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
+from kvik.worker.interface import StepHandle
+from kvik.worker.kit import StepLayout
+from kvik.worker.torch_runner import TorchModelRunner
+from torch import nn
+
+from kvik_cpu.platform import CPUOptions
+
+if TYPE_CHECKING:
+    import onnxruntime as ort
+
+logger = logging.getLogger(__name__)
+
+AUTO = "auto"
+_NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+
+
+@dataclass(frozen=True, slots=True)
+class OnnxDecoder:
+    """What the runner needs from an export's ``genai_config.json`` (its ``model.decoder`` section)."""
+
+    model_file: Path
+    num_layers: int
+    num_kv_heads: int
+    head_size: int
+    past_names: tuple[str, ...]  # per layer key, then value: the graph's K/V inputs
+    present_names: tuple[str, ...]  # the matching outputs, in the same order
+
+    @classmethod
+    def read(cls, folder: Path) -> OnnxDecoder:
+        path = folder / "genai_config.json"
+        try:
+            decoder = json.loads(path.read_text())["model"]["decoder"]
+            inputs, outputs = decoder["inputs"], decoder["outputs"]
+            layers = int(decoder["num_hidden_layers"])
+            past = tuple(name % i for i in range(layers) for name in (inputs["past_key_names"], inputs["past_value_names"]))
+            present = tuple(
+                name % i for i in range(layers) for name in (outputs["present_key_names"], outputs["present_value_names"])
+            )
+            return cls(folder / decoder["filename"], layers, int(decoder["num_key_value_heads"]),
+                       int(decoder["head_size"]), past, present)  # fmt: skip
+        except FileNotFoundError:
+            raise ValueError(
+                f"onnx_model={str(folder)!r} is not an ONNX Runtime GenAI model folder (no genai_config.json); "
+                "write one with `kvik export onnx`, or pass onnx_model='auto'"
+            ) from None
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"{path} does not describe a decoder kvik can run ({type(exc).__name__}: {exc})") from None
+
+
+@dataclass(slots=True)
+class _Sequence:
+    """One request's K/V: per past input a [1, kv_heads, length, head_size] array."""
+
+    kv: list[np.ndarray]
+    length: int
+
+
+@dataclass(slots=True)
+class _DecodeBatch:
+    """The K/V of the requests the last batched decode step ran, one row each, right-padded to the longest.
+
+    ``GroupQueryAttention`` reads each row's length from the attention mask and appends the new token at
+    that row's own end, so a row's logits are bit-identical to running it alone; while the same requests
+    decode step after step, each step's ``present`` outputs are the next step's inputs as they are.
+    """
+
+    ids: list[str]
+    lengths: np.ndarray  # [rows] positions each row holds
+    kv: list[np.ndarray]  # per past input [rows, kv_heads, max(lengths) (+ padding), head_size]
+    dead: set[str] = field(default_factory=set)  # rows of requests that finished or were preempted
+
+
+class _LogitsAsHidden(nn.Module):
+    """The runner's stand-in for a torch model: the ONNX graph ends in the lm_head, so the rows
+    ``run_model`` returns are already logits and the sampler's ``compute_logits`` passes them on."""
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return hidden.float()
+
+
+def exported_model(model_path: str, trust_remote_code: bool = False) -> Path:
+    """``model_path`` exported once with ``kvik export onnx --precision auto`` into kvik's cache folder."""
+    import onnxruntime_genai
+    from kvik.entrypoints.export_onnx import export_onnx
+
+    source = Path(model_path)
+    files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
+    stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
+    folder = cache_entry("onnx", (str(source.resolve()), stamp, onnxruntime_genai.__version__))
+    if (folder / "genai_config.json").is_file():
+        return folder
+
+    def export(staging: Path) -> None:
+        staging.rmdir()  # export_onnx wants a new (or empty) folder and makes it
+        report = export_onnx(str(source), staging, verify=False, trust_remote_code=trust_remote_code)
+        logger.info("%s", report.summary().replace(str(staging), str(folder)))
+
+    with progress.step(f"exporting the model to ONNX (once; cached in {folder})"):
+        write_folder_atomically(folder, export)
+    if not (folder / "genai_config.json").is_file():
+        raise RuntimeError(f"could not write the ONNX export to {folder} (see the log); set KVIK_CACHE_DIR")
+    return folder
+
+
+class OnnxRuntimeRunner(TorchModelRunner):
+    """Runs each scheduled request's tokens through an ONNX Runtime session (see the module docstring)."""
+
+    supports_async_scheduling = False  # the device is this thread: nothing to overlap
+    supports_speculative_decoding = False
+    supports_drafters = False
+    supports_pooling = False
+    supports_lora = False
+    supports_deterministic = False
+    supports_prefix_caching = False
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        options = self.config.platform_options
+        assert isinstance(options, CPUOptions) and options.onnx_model
+        self.onnx_model = options.onnx_model
+        self.num_threads = options.num_threads
+        self.session: ort.InferenceSession | None = None
+        self.decoder: OnnxDecoder | None = None
+        self.kv_dtype: type = np.float32
+        self._output_names: list[str] = []
+        self._sequences: dict[str, _Sequence] = {}  # requests' K/V outside the decode batch
+        self._batch: _DecodeBatch | None = None
+
+    # -- loading ------------------------------------------------------------------------
+    def load_model(self) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise ValueError("onnx_model needs ONNX Runtime: pip install 'kvik[onnx]'") from None
+        if self.onnx_model == AUTO:
+            folder = exported_model(self.config.model, self.config.trust_remote_code)
+        else:
+            folder = Path(self.onnx_model).expanduser()
+        decoder = OnnxDecoder.read(folder)
+        self._check_matches(decoder)
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = self.num_threads
+        opts.inter_op_num_threads = 1
+        with progress.step(f"loading {decoder.model_file.name} into ONNX Runtime"):
+            session = ort.InferenceSession(str(decoder.model_file), opts, providers=["CPUExecutionProvider"])
+        types = {i.name: i.type for i in session.get_inputs()}
+        names = {o.name for o in session.get_outputs()}
+        missing = [n for n in ("input_ids", "attention_mask", *decoder.past_names) if n not in types]
+        missing += [n for n in ("logits", *decoder.present_names) if n not in names]
+        if missing:
+            raise ValueError(f"{decoder.model_file} lacks the inputs/outputs {missing[:4]} its genai_config.json names")
+        self.kv_dtype = _NUMPY_DTYPES.get(types[decoder.past_names[0]], np.float32)
+        self.session, self.decoder = session, decoder
+        self._output_names = ["logits", *decoder.present_names]
+        self.model = _LogitsAsHidden()
+        self.attn_layers = []
+        logger.info("running %s in ONNX Runtime %s (%d threads)", decoder.model_file, ort.__version__, self.num_threads)
+
+    def _check_matches(self, decoder: OnnxDecoder) -> None:
+        """The export must be this model: the same layers and K/V heads (the tokenizer and limits are kvik's)."""
+        mc = self.model_config
+        ours = (mc.num_layers, mc.num_kv_heads, mc.head_dim)
+        theirs = (decoder.num_layers, decoder.num_kv_heads, decoder.head_size)
+        if ours != theirs:
+            raise ValueError(
+                f"the ONNX model in {decoder.model_file.parent} has (layers, kv heads, head size) {theirs}, but "
+                f"{self.config.model} has {ours}: export this model (`kvik export onnx`) or pass onnx_model='auto'"
+            )
+
+    def weight_bytes(self) -> int:
+        """The export's files (ONNX Runtime holds the initializers in memory)."""
+        if self.decoder is None:
+            return 0
+        folder = self.decoder.model_file.parent
+        return sum(p.stat().st_size for p in folder.glob(f"{self.decoder.model_file.name}*"))
+
+    def kv_block_bytes(self, block_size: int) -> int:
+        """What a block's tokens hold in the per-request K/V values (K and V, every layer)."""
+        mc = self.model_config
+        item = np.dtype(self.kv_dtype).itemsize
+        return 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * item * block_size
+
+    # -- execution ----------------------------------------------------------------------
+    def execute_async(self, scheduler_output: SchedulerOutput) -> StepHandle:
+        for rid in (*scheduler_output.finished_request_ids, *scheduler_output.preempted_request_ids):
+            self._drop(rid)
+        return super().execute_async(scheduler_output)
+
+    def run_dummy_step(self, scheduled: list[ScheduledRequest]) -> RunnerOutput:
+        try:
+            return super().run_dummy_step(scheduled)
+        finally:
+            for request in scheduled:
+                self._drop(request.request_id)
+
+    def prepare_inputs(self, layout: StepLayout) -> StepLayout:  # type: ignore[override]
+        """The layout as it is: the tokens go to ONNX Runtime from host memory."""
+        return layout
+
+    def run_model(self, inputs: StepLayout) -> torch.Tensor:  # type: ignore[override]
+        """Logits for every scheduled token, [num_tokens, vocab] (the graph computes them all).
+
+        Requests decoding one token each run as one batch; prompt chunks run one request per call.
+        """
+        layout = inputs
+        scheduled, starts = layout.scheduled, layout.query_start_loc
+        decodes = [i for i, r in enumerate(scheduled) if len(r.token_ids) == 1 and r.start_pos > 0]
+        if len(decodes) < 2:
+            decodes = []
+        pieces: dict[int, np.ndarray] = {}
+        if decodes:
+            rows = self._forward_batch([scheduled[i] for i in decodes], layout.token_ids[starts[decodes]])
+            pieces.update(zip(decodes, rows, strict=True))
+        for i, request in enumerate(scheduled):
+            if i not in pieces:
+                pieces[i] = self._forward(request, layout.token_ids[starts[i] : starts[i + 1]])
+        if len(pieces) == 1:
+            return torch.from_numpy(pieces[0])
+        return torch.from_numpy(np.concatenate([pieces[i] for i in range(len(scheduled))]))
+
+    def _run(self, token_ids: np.ndarray, mask: np.ndarray, kv: list[np.ndarray]) -> tuple[np.ndarray, list[np.ndarray]]:
+        """One call of the graph: logits [rows, tokens, vocab] and the ``present`` K/V."""
+        assert self.session is not None and self.decoder is not None
+        feeds = {"input_ids": token_ids, "attention_mask": mask, **dict(zip(self.decoder.past_names, kv, strict=True))}
+        outputs = self.session.run(self._output_names, feeds)
+        return outputs[0], outputs[1:]
+
+    def _forward(self, request: ScheduledRequest, token_ids: np.ndarray) -> np.ndarray:
+        """One request's new tokens after its stored K/V; returns [tokens, vocab] logits."""
+        assert self.decoder is not None
+        seq = self._take(request)
+        if seq is None:
+            empty = np.zeros((1, self.decoder.num_kv_heads, 0, self.decoder.head_size), self.kv_dtype)
+            seq = _Sequence([empty] * len(self.decoder.past_names), 0)
+        total = seq.length + len(token_ids)
+        ids = np.ascontiguousarray(token_ids, dtype=np.int64).reshape(1, -1)
+        logits, seq.kv = self._run(ids, np.ones((1, total), dtype=np.int64), seq.kv)
+        seq.length = total
+        self._sequences[request.request_id] = seq
+        return logits.reshape(len(token_ids), -1)
+
+    def _forward_batch(self, requests: list[ScheduledRequest], token_ids: np.ndarray) -> list[np.ndarray]:
+        """One token for each of ``requests`` in one call; returns each one's [1, vocab] logits."""
+        ids = [r.request_id for r in requests]
+        batch = self._batch
+        if batch is None or batch.ids != ids or batch.dead:
+            batch = self._gather(requests)
+        starts = np.fromiter((r.start_pos for r in requests), dtype=np.int64, count=len(requests))
+        if not np.array_equal(batch.lengths, starts):
+            i = int(np.flatnonzero(batch.lengths != starts)[0])
+            raise self._lost(requests[i], int(batch.lengths[i]))
+        batch.lengths = batch.lengths + 1
+        mask = (np.arange(int(batch.kv[0].shape[2]) + 1) < batch.lengths[:, None]).astype(np.int64)
+        logits, batch.kv = self._run(np.ascontiguousarray(token_ids, dtype=np.int64).reshape(-1, 1), mask, batch.kv)
+        self._batch = batch
+        return list(logits.reshape(len(requests), 1, -1))
+
+    def _gather(self, requests: list[ScheduledRequest]) -> _DecodeBatch:
+        """Stack the requests' K/V into a fresh decode batch (rows right-padded with zeros)."""
+        assert self.decoder is not None
+        seqs = []
+        for request in requests:
+            seq = self._take(request)
+            if seq is None:
+                raise self._lost(request, None)
+            seqs.append(seq)
+        lengths = np.array([seq.length for seq in seqs], dtype=np.int64)
+        longest = int(lengths.max())
+        kv = []
+        for j in range(len(self.decoder.past_names)):
+            shape = (len(seqs), self.decoder.num_kv_heads, longest, self.decoder.head_size)
+            stacked = np.zeros(shape, self.kv_dtype)
+            for row, seq in enumerate(seqs):
+                stacked[row, :, : seq.length] = seq.kv[j][0, :, : seq.length]
+            kv.append(stacked)
+        return _DecodeBatch([r.request_id for r in requests], lengths, kv)
+
+    def _take(self, request: ScheduledRequest) -> _Sequence | None:
+        """Remove and return the request's stored K/V (None for a request starting at position 0)."""
+        if self._batch is not None and request.request_id in self._batch.ids:
+            self._scatter()
+        seq = self._sequences.pop(request.request_id, None)
+        if request.start_pos == 0:
+            return None
+        if seq is None or seq.length != request.start_pos:
+            raise self._lost(request, None if seq is None else seq.length)
+        return seq
+
+    def _scatter(self) -> None:
+        """Dissolve the decode batch: each live row's K/V back to its own arrays."""
+        batch, self._batch = self._batch, None
+        if batch is None:
+            return
+        for row, (rid, length) in enumerate(zip(batch.ids, batch.lengths.tolist(), strict=True)):
+            if rid not in batch.dead:
+                self._sequences[rid] = _Sequence([kv[row : row + 1, :, :length].copy() for kv in batch.kv], length)
+
+    def _drop(self, request_id: str) -> None:
+        self._sequences.pop(request_id, None)
+        if self._batch is not None and request_id in self._batch.ids:
+            self._batch.dead.add(request_id)
+
+    @staticmethod
+    def _lost(request: ScheduledRequest, held: int | None) -> RuntimeError:
+        what = "holds no K/V for it" if held is None else f"holds {held} positions of K/V for it"
+        return RuntimeError(
+            f"request {request.request_id!r} resumes at position {request.start_pos}, but the ONNX Runtime runner "
+            f"{what} (a prefix-cache hit or a lost step; this runner keeps K/V per request)"
+        )
+
+    def shutdown(self) -> None:
+        self._sequences.clear()
+        self._batch = None
+        self.session = None
+        super().shutdown()
