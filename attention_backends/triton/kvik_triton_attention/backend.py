@@ -82,8 +82,9 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     invariant_tile: ClassVar[tuple[int, int, int]] = (32, 64, 4)
     # Prefill/mixed steps and split decode run the KV tiles every row sees whole without masks (the same
     # arithmetic, kernels.py says why): H200 run a8, 2,048-token prefill 205 -> 248 TFLOP/s (SDPA-flash 397). Off for
-    # decode without splits (a second loop slowed large batches) and in batch-invariant mode (not yet checked
-    # on a GPU with the explicit FMA that makes both kinds of tile give the same bits).
+    # decode without splits (a second loop slowed large batches) and with logit soft-capping: on the H200
+    # (2026-12-03) whole and masked tiles gave the same bits without a cap, different ones with it (the
+    # compiler's code for the cap differs between the two), and batch-invariant mode relies on equal bits.
     unmask_full_tiles: ClassVar[bool] = True
 
     @classmethod
@@ -357,7 +358,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             WRITE_KV=new_kv is not None,
             ROTARY=rotary is not None,
             QK_NORM=norm,
-            UNMASKED_FULL_TILES=self.unmask_full_tiles and not self.batch_invariant
+            UNMASKED_FULL_TILES=self.unmask_full_tiles and not self.logits_soft_cap
             and (not self.small_query(metadata) or splits > 1),
             num_warps=warps,
             num_stages=stages,

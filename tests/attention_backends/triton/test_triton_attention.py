@@ -226,22 +226,22 @@ def test_head_sizes_padded_to_pow2(head_size: int) -> None:
     _compare(SmallTiles, [(0, 6), (10, 1), (3, 4)], head_size=head_size, seed=3)
 
 
-@pytest.mark.parametrize("soft_cap", [None, 0.5])
-def test_unmasked_full_tiles_give_the_masked_bits(soft_cap: float | None) -> None:
-    """Prefill tiles every row sees whole skip the masks; with the mask off for every tile the step must give the
-    same bits (the interpreter does not contract multiply-adds, so this checks the kernel's own arithmetic), and
-    both the reference's values. Long requests so that most tiles are whole."""
+def test_unmasked_full_tiles_give_the_masked_bits() -> None:
+    """Prefill tiles every row sees whole skip the masks; with the mask on for every tile the step must give the
+    same bits (batch-invariant mode relies on it: which tiles a row sees whole depends on its batch), and both
+    the reference's values. Long requests so that most tiles are whole. (With logit soft-capping whole tiles
+    keep the mask: on the H200 the two kinds of tile gave different bits there.)"""
 
     class AllMasked(SmallTiles):
         unmask_full_tiles = False
 
     reqs = [(0, 70), (37, 45), (90, 1), (5, 3)]
-    _compare(SmallTiles, reqs, soft_cap=soft_cap, seed=8)
+    _compare(SmallTiles, reqs, seed=8)
     outs = []
     for cls in (SmallTiles, AllMasked):
         step = make_step(reqs, num_heads=4, num_kv_heads=2, head_size=32, block_size=4, dtype=torch.float32,
                          device=DEVICE, seed=8)  # fmt: skip
-        backend = cls(4, 32, 2, 32**-0.5, None, soft_cap)
+        backend = cls(4, 32, 2, 32**-0.5)
         meta = fresh_metadata(step.metadata)
         TritonAttentionBackend.prepare(meta)
         outs.append(backend.forward(step.query, step.key, step.value, step.kv_cache.clone(), meta))
