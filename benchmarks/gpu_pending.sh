@@ -32,6 +32,7 @@
 #   attn_tiles     decode attention tiles at large batches, bf16 and FP8 cache (14, 21)  ~2 min
 #   attn_ab        triton_attention.py prefill + decode, this kernels.py against OLD_KERNELS (a copy of an older
 #                  kvik_triton_attention/kernels.py carried as an untracked file), alternating, ROUNDS (21) ~4 min
+#   long_context   TTFT and batch-1 decode at 8k / 32k / 128k-token prompts, kvik vs transformers (21; LONG_ARGS) ~8 min
 #   graph_relaunch does relaunching a CUDA graph still in flight block the host? (21)  ~30 s
 #   tp             two GPUs: TP=2 tokens, TP=2 / DP=2 on the 8B (17; nvidia-h200-x2)
 #   tp70           two GPUs: the Llama-3.3-70B shape at TP=2 (17; nvidia-h200-x2, its own call)
@@ -119,6 +120,8 @@ for s in $STAGES; do
                stage attn_old_$r 150 python3 benchmarks/triton_attention.py --sections prefill,decode
                cp /tmp/kernels_new.py "$kernels"
              done ;;
+    long_context) stage long_context 540 python3 benchmarks/long_context_gpu.py --limit 250 ${LONG_ARGS:-}
+                  grep RESULT "$OUT/long_context.log" | cut -c1-300 ;;
     graph_relaunch) stage graph_relaunch 120 python3 benchmarks/graph_relaunch_probe.py ;;
     tp) stage tp 560 python3 benchmarks/tp_benchmark.py --parts ${TP_PARTS:-tokens,dp2,dp_mp,llama8b,usual} ;;
     allreduce) stage allreduce 120 python3 benchmarks/allreduce_bench.py
