@@ -127,3 +127,23 @@ def test_a_request_resumed_without_its_kv_fails_loudly(exported: tuple[Path, Pat
         runner.execute(SchedulerOutput([ScheduledRequest("r", [4], 5, [], True, params, full_block_table=False)], 1))
     with pytest.raises(RuntimeError, match="holds no K/V for it"):
         runner.execute(SchedulerOutput([ScheduledRequest("s", [4], 2, [2], True, params)], 1))
+
+
+def test_an_aborted_request_leaves_the_batch_and_the_others_keep_their_tokens(exported: tuple[Path, Path]) -> None:
+    model, onnx = exported
+    alone = _greedy(_llm(model, onnx), [PROMPTS[0]], n=24)[0].outputs[0].token_ids
+    engine = _llm(model, onnx, max_num_seqs=3).llm_engine
+    params = kvik.SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    for i, prompt in enumerate(PROMPTS):
+        engine.add_request(f"r{i}", prompt, params)
+    tokens: dict[str, list[int]] = {}
+    for step in range(40):
+        if step == 6:
+            engine.abort_request("r1")  # mid-decode, while it sits in the decode batch
+        for out in engine.step():
+            tokens[out.request_id] = list(out.outputs[0].token_ids)
+        if not engine.has_unfinished_requests():
+            break
+    runner = engine.runner
+    assert "r1" not in runner._sequences and (runner._batch is None or "r1" not in set(runner._batch.ids) - runner._batch.dead)
+    assert tokens["r0"] == alone
