@@ -4,11 +4,10 @@
 
 The Llama-3.1-8B shape with its llama3 rope scaling (128k positions), random bf16 weights, one request:
 
-* **TTFT**: a fresh prompt of L random tokens, ``max_tokens=1`` (kvik prefills it in chunks of its
-  step budget; transformers in one forward), best of ``--repeats``.
-* **decode ms/token** at that context: the same prompt again with 1 and with 1 + ``--new`` new tokens;
-  ``(t(1 + new) - t(1)) / new``. kvik's second run finds the prompt in its prefix cache, so both runs
-  decode at a context of L; transformers prefills again in both, and the difference cancels it.
+* **TTFT** and **decode ms/token**: a fresh prompt of L random tokens (no prefix-cache hit) and ``--new``
+  new tokens; TTFT from arrival to the first token, decode from the first token to the last over
+  ``new - 1`` tokens (kvik's request metrics; a streamer's timestamps for transformers), best of
+  ``--repeats``. kvik prefills in chunks of its step budget, transformers in one forward.
 
 Floors from this GPU's measured ceilings (``gpu_common.measure_ceilings``): TTFT >= the prefill's FLOPs
 (linears 2 x params x L, causal attention 2 x L^2 x hidden x layers) / the bf16 GEMM rate; decode >= (weights
@@ -83,29 +82,26 @@ def run_kvik(args: argparse.Namespace, lengths: list[int], emit: Any) -> None:
     vocab = SHAPES[args.shape]["vocab_size"]
     engine = llm.llm_engine
 
-    def timed(ids: list[int], new: int) -> float:
+    def timed(ids: list[int], new: int) -> tuple[float, float]:
+        """(TTFT, decode s/token) of one request."""
         params = kvik.SamplingParams(max_tokens=new, temperature=0.0, ignore_eos=True, detokenize=False)
-        sync()
-        t = time.perf_counter()
-        out = llm.generate([ids], params, use_tqdm=False)
-        sync()
-        assert len(out[0].outputs[0].token_ids) == new
-        return time.perf_counter() - t
+        out = llm.generate([ids], params, use_tqdm=False)[0]
+        assert len(out.outputs[0].token_ids) == new
+        m = out.metrics
+        return m.first_token_time - m.arrival_time, (m.finished_time - m.first_token_time) / (new - 1)
 
     timed(prompt(512, vocab, 0), 8)  # warm-up: kernels compiled, graphs replayed
     for length in lengths:
-        ttft = min(timed(prompt(length, vocab, 100 * length + r), 1) for r in range(args.repeats))
-        ids = prompt(length, vocab, 100 * length)  # cached by the first TTFT run: decode starts at L
-        one = timed(ids, 1)
-        many = timed(ids, 1 + args.new)
-        emit(system="kvik", length=length, ttft_ms=round(ttft * 1e3, 1),
-             decode_ms=round((many - one) / args.new * 1e3, 3), start_s=round(start_s, 1),
+        runs = [timed(prompt(length, vocab, 100 * length + r), args.new) for r in range(args.repeats)]
+        emit(system="kvik", length=length, ttft_ms=round(min(r[0] for r in runs) * 1e3, 1),
+             decode_ms=round(min(r[1] for r in runs) * 1e3, 3), start_s=round(start_s, 1),
              max_num_batched_tokens=engine.config.max_num_batched_tokens, **floors(args.shape, length, args.device))  # fmt: skip
 
 
 def run_hf(args: argparse.Namespace, lengths: list[int], emit: Any) -> None:
     import torch
     import transformers
+    from transformers.generation.streamers import BaseStreamer
 
     cfg = transformers.AutoConfig.from_pretrained(config_dir(args.shape, Path(args.root)))
     torch.manual_seed(0)
@@ -113,25 +109,37 @@ def run_hf(args: argparse.Namespace, lengths: list[int], emit: Any) -> None:
         model = transformers.AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
     vocab = cfg.vocab_size
 
-    def timed(ids: list[int], new: int) -> float:
+    class Clock(BaseStreamer):
+        """The time of each ``put`` (the prompt first, then one call per new token)."""
+
+        def __init__(self) -> None:
+            self.times: list[float] = []
+
+        def put(self, value: Any) -> None:
+            sync()
+            self.times.append(time.perf_counter())
+
+        def end(self) -> None:
+            pass
+
+    def timed(ids: list[int], new: int) -> tuple[float, float]:
         x = torch.tensor([ids], device=args.device)
+        clock = Clock()
         sync()
         t = time.perf_counter()
         with torch.no_grad():
             out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=new, min_new_tokens=new,
-                                 do_sample=False, pad_token_id=0, eos_token_id=None)  # fmt: skip
-        sync()
-        assert out.shape[1] == len(ids) + new
-        return time.perf_counter() - t
+                                 do_sample=False, pad_token_id=0, eos_token_id=None, streamer=clock)  # fmt: skip
+        assert out.shape[1] == len(ids) + new and len(clock.times) == new + 1
+        return clock.times[1] - t, (clock.times[-1] - clock.times[1]) / (new - 1)
 
     timed(prompt(512, vocab, 0), 8)
     for length in lengths:
         try:
-            ttft = min(timed(prompt(length, vocab, 100 * length + r), 1) for r in range(args.repeats))
-            ids = prompt(length, vocab, 100 * length)
-            one, many = timed(ids, 1), timed(ids, 1 + args.new)
-            emit(system="transformers", version=transformers.__version__, length=length, ttft_ms=round(ttft * 1e3, 1),
-                 decode_ms=round((many - one) / args.new * 1e3, 3), attn=model.config._attn_implementation)  # fmt: skip
+            runs = [timed(prompt(length, vocab, 100 * length + r), args.new) for r in range(args.repeats)]
+            emit(system="transformers", version=transformers.__version__, length=length,
+                 ttft_ms=round(min(r[0] for r in runs) * 1e3, 1), decode_ms=round(min(r[1] for r in runs) * 1e3, 3),
+                 attn=model.config._attn_implementation)  # fmt: skip
         except torch.OutOfMemoryError as exc:
             emit(system="transformers", length=length, error=f"out of memory: {str(exc)[:200]}")
             torch.cuda.empty_cache()
