@@ -107,7 +107,18 @@ class _DecodeBatch:
     ids: list[str]
     lengths: np.ndarray  # [rows] positions each row holds
     kv: list[np.ndarray]  # per past input [rows, kv_heads, max(lengths) (+ padding), head_size]
-    dead: set[str] = field(default_factory=set)  # rows of requests that finished or were preempted
+    dead: set[str] = field(default_factory=set)  # rows of requests that finished, left or were preempted
+
+    def live_row(self, request_id: str) -> int | None:
+        """The request's row, or None when it has none here (or its row is dead)."""
+        if request_id in self.dead or request_id not in self.ids:
+            return None
+        return self.ids.index(request_id)
+
+    def row_kv(self, row: int) -> list[np.ndarray]:
+        """Views of one row's K/V, [kv_heads, length, head_size] per past input."""
+        length = int(self.lengths[row])
+        return [kv[row, :, :length] for kv in self.kv]
 
 
 class _LogitsAsHidden(nn.Module):
@@ -296,44 +307,52 @@ class OnnxRuntimeRunner(TorchModelRunner):
         return list(logits.reshape(len(requests), 1, -1))
 
     def _gather(self, requests: list[ScheduledRequest]) -> _DecodeBatch:
-        """Stack the requests' K/V into a fresh decode batch (rows right-padded with zeros)."""
+        """Stack the requests' K/V into a fresh decode batch (rows right-padded with zeros), copying each
+        once: rows of the previous batch are read in place, and its rows left out go to their own arrays."""
         assert self.decoder is not None
-        seqs = []
+        old, self._batch = self._batch, None
+        sources: list[tuple[list[np.ndarray], int]] = []  # per request: [kv_heads, length, head_size] arrays
         for request in requests:
-            seq = self._take(request)
+            row = None if old is None else old.live_row(request.request_id)
+            if row is not None:
+                assert old is not None
+                sources.append((old.row_kv(row), int(old.lengths[row])))
+                old.dead.add(request.request_id)
+                continue
+            seq = self._sequences.pop(request.request_id, None)
             if seq is None:
                 raise self._lost(request, None)
-            seqs.append(seq)
-        lengths = np.array([seq.length for seq in seqs], dtype=np.int64)
-        longest = int(lengths.max())
+            sources.append(([kv[0] for kv in seq.kv], seq.length))
+        if old is not None:
+            for rid in old.ids:
+                row = old.live_row(rid)
+                if row is not None:
+                    self._sequences[rid] = _Sequence([kv[None].copy() for kv in old.row_kv(row)], int(old.lengths[row]))
+        lengths = np.array([length for _, length in sources], dtype=np.int64)
+        shape = (len(sources), self.decoder.num_kv_heads, int(lengths.max()), self.decoder.head_size)
         kv = []
         for j in range(len(self.decoder.past_names)):
-            shape = (len(seqs), self.decoder.num_kv_heads, longest, self.decoder.head_size)
             stacked = np.zeros(shape, self.kv_dtype)
-            for row, seq in enumerate(seqs):
-                stacked[row, :, : seq.length] = seq.kv[j][0, :, : seq.length]
+            for row, (arrays, length) in enumerate(sources):
+                stacked[row, :, :length] = arrays[j]
             kv.append(stacked)
         return _DecodeBatch([r.request_id for r in requests], lengths, kv)
 
     def _take(self, request: ScheduledRequest) -> _Sequence | None:
-        """Remove and return the request's stored K/V (None for a request starting at position 0)."""
-        if self._batch is not None and request.request_id in self._batch.ids:
-            self._scatter()
+        """Remove and return the request's stored K/V (None for a request starting at position 0); a row
+        of the decode batch is copied out and marked dead there (the next batched step re-stacks)."""
         seq = self._sequences.pop(request.request_id, None)
+        batch = self._batch
+        row = None if batch is None else batch.live_row(request.request_id)
+        if row is not None:
+            assert batch is not None
+            seq = _Sequence([kv[None].copy() for kv in batch.row_kv(row)], int(batch.lengths[row]))
+            batch.dead.add(request.request_id)
         if request.start_pos == 0:
             return None
         if seq is None or seq.length != request.start_pos:
             raise self._lost(request, None if seq is None else seq.length)
         return seq
-
-    def _scatter(self) -> None:
-        """Dissolve the decode batch: each live row's K/V back to its own arrays."""
-        batch, self._batch = self._batch, None
-        if batch is None:
-            return
-        for row, (rid, length) in enumerate(zip(batch.ids, batch.lengths.tolist(), strict=True)):
-            if rid not in batch.dead:
-                self._sequences[rid] = _Sequence([kv[row : row + 1, :, :length].copy() for kv in batch.kv], length)
 
     def _drop(self, request_id: str) -> None:
         self._sequences.pop(request_id, None)
