@@ -89,14 +89,15 @@ def write_random_checkpoint(shape: str, root: Path, device: str = "cuda", seed: 
     return path
 
 
-def dummy_model_dir(root: Path, shape: str) -> Path:
+def dummy_model_dir(root: Path, shape: str, variant: str = "", **overrides: Any) -> Path:
     """A Llama checkpoint of ``shape`` without weights (config.json + :func:`word_tokenizer`): all that
-    ``load_format="dummy"`` reads. Reused when present."""
+    ``load_format="dummy"`` reads. ``overrides`` change config fields (name the ``variant``, which keeps
+    its own folder). Reused when present."""
     from transformers import LlamaConfig
 
-    path = Path(root) / f"{shape}-config"
+    path = Path(root) / f"{shape}{'-' + variant if variant else ''}-config"
     if not (path / "config.json").exists():
-        cfg = LlamaConfig(**SHAPES[shape], bos_token_id=None, eos_token_id=None, pad_token_id=None)
+        cfg = LlamaConfig(**{**SHAPES[shape], **overrides}, bos_token_id=None, eos_token_id=None, pad_token_id=None)
         cfg.architectures = ["LlamaForCausalLM"]
         cfg.dtype = "bfloat16"
         cfg.save_pretrained(path)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).parent))
-from gpu_common import SHAPES, kv_bytes_per_token, measure_ceilings, sync, weight_bytes, word_tokenizer
+from gpu_common import SHAPES, dummy_model_dir, kv_bytes_per_token, measure_ceilings, sync, weight_bytes
 
 # Llama 3.1's scaling of its 8k-trained rope to 128k positions (its config.json's values).
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
@@ -36,18 +36,8 @@ LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "hi
 
 
 def config_dir(shape: str, root: Path) -> Path:
-    """config.json (with the rope scaling) and a word tokenizer: what ``load_format="dummy"`` reads."""
-    from transformers import LlamaConfig
-
-    path = root / f"{shape}-long-config"
-    if not (path / "config.json").exists():
-        cfg = LlamaConfig(**SHAPES[shape], rope_scaling=LLAMA3_ROPE, bos_token_id=None, eos_token_id=None,
-                          pad_token_id=None)  # fmt: skip
-        cfg.architectures = ["LlamaForCausalLM"]
-        cfg.dtype = "bfloat16"
-        cfg.save_pretrained(path)
-        word_tokenizer(SHAPES[shape]["vocab_size"]).save_pretrained(path)
-    return path
+    """config.json with the llama3 rope scaling, and a word tokenizer: what ``load_format="dummy"`` reads."""
+    return dummy_model_dir(root, shape, "long", rope_scaling=LLAMA3_ROPE)
 
 
 def prompt(length: int, vocab: int, seed: int) -> list[int]:
