@@ -29,6 +29,7 @@
 #   run_batch_8b   the same comparison on the 8B shape (steps of ~20-30 ms rather than ~3.5)     ~6 min
 #   host_syncs     synchronizing CUDA calls on the engine's step path, by kvik call site (21; SYNC_SHAPES,
 #                  SYNC_OUT_LEN, SYNC_ARGS=--cprofile: where the host's time goes) ~3 min
+#   int8_ws        INT8 GEMM with Triton's warp specialization / a persistent loop vs the committed kernel (14; INT8_WS_ARGS) ~3 min
 #   attn_tiles     decode attention tiles at large batches, bf16 and FP8 cache (14, 21)  ~2 min
 #   attn_ab        triton_attention.py prefill + decode, this kernels.py against OLD_KERNELS (a copy of an older
 #                  kvik_triton_attention/kernels.py carried as an untracked file), alternating, ROUNDS (21) ~4 min
@@ -111,6 +112,7 @@ for s in $STAGES; do
     host_syncs) for shape in ${SYNC_SHAPES:-smollm2 llama8b}; do
                   stage host_syncs_$shape 240 python3 benchmarks/host_syncs.py --shape $shape --n 256 --out-len ${SYNC_OUT_LEN:-32} ${SYNC_ARGS:-}
                 done ;;
+    int8_ws) stage int8_ws 300 python3 benchmarks/int8_ws_probe.py ${INT8_WS_ARGS:-} ;;
     attn_tiles) stage attn_tiles 200 python3 benchmarks/triton_attention.py --sections decode_tiles ;;
     attn_ab) kernels=attention_backends/triton/kvik_triton_attention/kernels.py
              cp "$kernels" /tmp/kernels_new.py
