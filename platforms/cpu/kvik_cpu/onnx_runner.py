@@ -18,8 +18,9 @@ writes the new positions into it in place, instead of copying the whole past int
 call (7% of a SmolLM2 token at ~150 positions, more with longer contexts). The scheduler's paged blocks
 only count them. A prompt chunk runs as its own call; the requests decoding one token each run as one
 batch, their K/V rows right-padded (``GroupQueryAttention`` takes each row's length from the attention
-mask, so a row's logits are bit-identical to running it alone), and the batch's K/V stays stacked while
-the same requests keep decoding. What follows from keeping K/V per request:
+mask, so a row's logits are bit-identical to running it alone; rows of very unlike lengths run as separate
+batches, :func:`decode_groups`), and a batch's K/V stays stacked while the same requests keep decoding.
+What follows from keeping K/V per request:
 
 * no prefix-cache hits (a new request cannot start from blocks another request wrote); the engine
   turns prefix caching off for this runner (``supports_prefix_caching``);
@@ -54,6 +55,31 @@ logger = logging.getLogger(__name__)
 
 AUTO = "auto"
 _NUMPY_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16}
+# A decode batch pads every row to its longest. A row joins a batch while the batch's padded positions stay
+# within PADDING_LIMIT times the positions its rows hold, plus PADDING_SLACK: one long request decoding beside
+# many short ones then runs apart instead of making every short row as long as itself, and requests of like
+# lengths (the usual mix) stay one batch, one call.
+PADDING_LIMIT = 1.5
+PADDING_SLACK = 512
+
+
+def decode_groups(lengths: list[int]) -> list[list[int]]:
+    """The decode rows (indices into ``lengths``, their K/V positions) split into batches, longest first, each
+    batch's indices in their original order."""
+    groups: list[list[int]] = []
+    held: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda i: -lengths[i]):
+        if (
+            groups
+            and (len(groups[-1]) + 1) * lengths[groups[-1][0]]
+            <= PADDING_LIMIT * (held[-1] + lengths[i]) + PADDING_SLACK
+        ):
+            groups[-1].append(i)
+            held[-1] += lengths[i]
+        else:
+            groups.append([i])
+            held.append(lengths[i])
+    return [sorted(group) for group in groups]
 
 
 @dataclass(frozen=True, slots=True)
@@ -74,9 +100,13 @@ class OnnxDecoder:
             decoder = json.loads(path.read_text())["model"]["decoder"]
             inputs, outputs = decoder["inputs"], decoder["outputs"]
             layers = int(decoder["num_hidden_layers"])
-            past = tuple(name % i for i in range(layers) for name in (inputs["past_key_names"], inputs["past_value_names"]))
+            past = tuple(
+                name % i for i in range(layers) for name in (inputs["past_key_names"], inputs["past_value_names"])
+            )
             present = tuple(
-                name % i for i in range(layers) for name in (outputs["present_key_names"], outputs["present_value_names"])
+                name % i
+                for i in range(layers)
+                for name in (outputs["present_key_names"], outputs["present_value_names"])
             )
             return cls(folder / decoder["filename"], layers, int(decoder["num_key_value_heads"]),
                        int(decoder["head_size"]), past, present)  # fmt: skip
@@ -107,7 +137,7 @@ class _Sequence:
 
 @dataclass(slots=True)
 class _DecodeBatch:
-    """The K/V of the requests the last batched decode step ran, one row each, right-padded to the longest.
+    """The K/V of requests the last batched decode step ran together, one row each, right-padded to the longest.
 
     ``GroupQueryAttention`` reads each row's length from the attention mask and appends the new token at
     that row's own end, so a row's logits are bit-identical to running it alone; while the same requests
@@ -185,7 +215,7 @@ class OnnxRuntimeRunner(TorchModelRunner):
         self.kv_dtype: type = np.float32
         self._output_names: list[str] = []
         self._sequences: dict[str, _Sequence] = {}  # requests' K/V outside the decode batch
-        self._batch: _DecodeBatch | None = None
+        self._batches: list[_DecodeBatch] = []  # the decode batches of the last batched step
         self._binding: ort.IOBinding | None = None
         self._bound_kv: list[np.ndarray] | None = None  # the K/V buffers bound as past and present
 
@@ -264,17 +294,19 @@ class OnnxRuntimeRunner(TorchModelRunner):
     def run_model(self, inputs: StepLayout) -> torch.Tensor:  # type: ignore[override]
         """Logits for every scheduled token, [num_tokens, vocab] (the graph computes them all).
 
-        Requests decoding one token each run as one batch; prompt chunks run one request per call.
+        Requests decoding one token each run as batches (:func:`decode_groups`); prompt chunks, and a decode
+        row with no batch to join, run one request per call.
         """
         layout = inputs
         scheduled, starts = layout.scheduled, layout.query_start_loc
         decodes = [i for i, r in enumerate(scheduled) if len(r.token_ids) == 1 and r.start_pos > 0]
-        if len(decodes) < 2:
-            decodes = []
+        groups = [[decodes[j] for j in group] for group in decode_groups([scheduled[i].start_pos for i in decodes])]
+        groups = [group for group in groups if len(group) > 1]
         pieces: dict[int, np.ndarray] = {}
-        if decodes:
-            rows = self._forward_batch([scheduled[i] for i in decodes], layout.token_ids[starts[decodes]])
-            pieces.update(zip(decodes, rows, strict=True))
+        batches = self._arrange([[scheduled[i] for i in group] for group in groups])
+        for group, batch in zip(groups, batches, strict=True):
+            rows = self._forward_batch(batch, [scheduled[i] for i in group], layout.token_ids[starts[group]])
+            pieces.update(zip(group, rows, strict=True))
         for i, request in enumerate(scheduled):
             if i not in pieces:
                 pieces[i] = self._forward(request, layout.token_ids[starts[i] : starts[i + 1]])
@@ -332,12 +364,11 @@ class OnnxRuntimeRunner(TorchModelRunner):
         self._sequences[request.request_id] = seq
         return logits.reshape(len(token_ids), -1)
 
-    def _forward_batch(self, requests: list[ScheduledRequest], token_ids: np.ndarray) -> list[np.ndarray]:
-        """One token for each of ``requests`` in one call; returns each one's [1, vocab] logits."""
-        ids = [r.request_id for r in requests]
-        batch = self._batch
-        if batch is None or batch.ids != ids or batch.dead:
-            batch = self._gather(requests)
+    def _forward_batch(
+        self, batch: _DecodeBatch, requests: list[ScheduledRequest], token_ids: np.ndarray
+    ) -> list[np.ndarray]:
+        """One token for each of ``requests`` (the rows of ``batch``) in one call; returns each one's [1, vocab]
+        logits."""
         starts = np.fromiter((r.start_pos for r in requests), dtype=np.int64, count=len(requests))
         if not np.array_equal(batch.lengths, starts):
             i = int(np.flatnonzero(batch.lengths != starts)[0])
@@ -347,37 +378,48 @@ class OnnxRuntimeRunner(TorchModelRunner):
         batch.lengths = batch.lengths + 1
         mask = (np.arange(longest + 1) < batch.lengths[:, None]).astype(np.int64)
         logits = self._run(np.ascontiguousarray(token_ids, dtype=np.int64).reshape(-1, 1), mask, batch.kv)
-        self._batch = batch
         return list(logits.reshape(len(requests), 1, -1))
 
-    def _gather(self, requests: list[ScheduledRequest]) -> _DecodeBatch:
-        """Stack the requests' K/V into a fresh decode batch (rows right-padded with zeros), copying each
-        once: rows of the previous batch are read in place, and its rows left out go to their own arrays."""
+    def _arrange(self, groups: list[list[ScheduledRequest]]) -> list[_DecodeBatch]:
+        """This step's decode batches, one per group: the last step's batch where it holds exactly the group's
+        rows, else a new one stacked from the requests' K/V (copying each once: rows of the last step's
+        batches are read in place). Rows of the last step's batches that no batch takes now go to their
+        requests' own arrays."""
         assert self.decoder is not None
-        old, self._batch = self._batch, None
-        sources: list[tuple[list[np.ndarray], int]] = []  # per request: [kv_heads, length, head_size] arrays
-        for request in requests:
-            row = None if old is None else old.live_row(request.request_id)
-            if row is not None:
-                assert old is not None
-                sources.append((old.row_kv(row), int(old.lengths[row])))
-                old.dead.add(request.request_id)
+        old, self._batches = self._batches, []
+        unused = list(old)
+        batches: list[_DecodeBatch | None] = []
+        for group in groups:
+            ids = [r.request_id for r in group]
+            same = next((b for b in unused if b.ids == ids and not b.dead), None)
+            if same is not None:
+                unused.remove(same)
+            batches.append(same)
+        rows = {rid: (b, row) for b in unused for row, rid in enumerate(b.ids) if rid not in b.dead}
+        for k, group in enumerate(groups):
+            if batches[k] is not None:
                 continue
-            seq = self._sequences.pop(request.request_id, None)
-            if seq is None:
-                raise self._lost(request, None)
-            sources.append(([kv[0, :, : seq.length] for kv in seq.kv], seq.length))
-        if old is not None:
-            for rid in old.ids:
-                row = old.live_row(rid)
-                if row is not None:
-                    self._sequences[rid] = self._copied_out(old, row)
-        lengths = np.array([length for _, length in sources], dtype=np.int64)
-        kv = self._buffers(len(sources), _capacity(int(lengths.max()) + 1))
-        for stacked, j in zip(kv, range(len(self.decoder.past_names)), strict=True):
-            for row, (arrays, length) in enumerate(sources):
-                stacked[row, :, :length] = arrays[j]
-        return _DecodeBatch([r.request_id for r in requests], lengths, kv)
+            sources: list[tuple[list[np.ndarray], int]] = []  # per request: [kv_heads, length, head_size] arrays
+            for request in group:
+                found = rows.pop(request.request_id, None)
+                if found is not None:
+                    batch, row = found
+                    sources.append((batch.row_kv(row), int(batch.lengths[row])))
+                    continue
+                seq = self._sequences.pop(request.request_id, None)
+                if seq is None:
+                    raise self._lost(request, None)
+                sources.append(([kv[0, :, : seq.length] for kv in seq.kv], seq.length))
+            lengths = np.array([length for _, length in sources], dtype=np.int64)
+            kv = self._buffers(len(sources), _capacity(int(lengths.max()) + 1))
+            for stacked, j in zip(kv, range(len(self.decoder.past_names)), strict=True):
+                for row, (arrays, length) in enumerate(sources):
+                    stacked[row, :, :length] = arrays[j]
+            batches[k] = _DecodeBatch([r.request_id for r in group], lengths, kv)
+        for rid, (batch, row) in rows.items():
+            self._sequences[rid] = self._copied_out(batch, row)
+        self._batches = [b for b in batches if b is not None]
+        return self._batches
 
     def _copied_out(self, batch: _DecodeBatch, row: int) -> _Sequence:
         """A row of the decode batch as a request's own K/V, with room for its next token."""
@@ -389,14 +431,13 @@ class OnnxRuntimeRunner(TorchModelRunner):
 
     def _take(self, request: ScheduledRequest) -> _Sequence | None:
         """Remove and return the request's stored K/V (None for a request starting at position 0); a row
-        of the decode batch is copied out and marked dead there (the next batched step re-stacks)."""
+        of a decode batch is copied out and marked dead there (the next batched step re-stacks)."""
         seq = self._sequences.pop(request.request_id, None)
-        batch = self._batch
-        row = None if batch is None else batch.live_row(request.request_id)
-        if row is not None:
-            assert batch is not None
-            seq = self._copied_out(batch, row)
-            batch.dead.add(request.request_id)
+        for batch in self._batches:
+            row = batch.live_row(request.request_id)
+            if row is not None:
+                seq = self._copied_out(batch, row)
+                batch.dead.add(request.request_id)
         if request.start_pos == 0:
             return None
         if seq is None or seq.length != request.start_pos:
@@ -405,8 +446,9 @@ class OnnxRuntimeRunner(TorchModelRunner):
 
     def _drop(self, request_id: str) -> None:
         self._sequences.pop(request_id, None)
-        if self._batch is not None and request_id in self._batch.ids:
-            self._batch.dead.add(request_id)
+        for batch in self._batches:
+            if request_id in batch.ids:
+                batch.dead.add(request_id)
 
     @staticmethod
     def _lost(request: ScheduledRequest, held: int | None) -> RuntimeError:
@@ -418,7 +460,7 @@ class OnnxRuntimeRunner(TorchModelRunner):
 
     def shutdown(self) -> None:
         self._sequences.clear()
-        self._batch = None
+        self._batches = []
         self._binding = self._bound_kv = None
         self.session = None
         super().shutdown()

@@ -68,8 +68,30 @@ def test_chunked_prefill_batching_and_repeats_give_the_same_tokens(exported: tup
     # Finished requests leave no K/V behind (their ids reach the runner with the next step).
     _greedy(llm, [PROMPTS[0]], n=2)
     runner = llm.llm_engine.runner
-    batch = runner._batch
-    assert len(runner._sequences) + (0 if batch is None else len(set(batch.ids) - batch.dead)) <= 1
+    assert len(runner._sequences) + sum(len(set(b.ids) - b.dead) for b in runner._batches) <= 1
+
+
+def test_unlike_lengths_decode_as_separate_batches(
+    exported: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A long request decoding beside short ones runs apart (its length would pad every short row); each
+    request's tokens are still those it gets alone."""
+    from kvik_cpu import onnx_runner
+
+    model, onnx = exported
+    prompts = [list(range(3, 123)), PROMPTS[0], PROMPTS[2], [7, 8, 9, 10, 11, 12]]
+    alone = [_greedy(_llm(model, onnx), [p])[0].outputs[0].token_ids for p in prompts]
+    monkeypatch.setattr(onnx_runner, "PADDING_SLACK", 0)
+    llm = _llm(model, onnx, max_num_seqs=4)
+    sizes: list[list[int]] = []
+    runner = llm.llm_engine.runner
+    arrange = runner._arrange
+    monkeypatch.setattr(runner, "_arrange", lambda groups: sizes.append([len(g) for g in groups]) or arrange(groups))
+    together = [o.outputs[0].token_ids for o in _greedy(llm, prompts)]
+    assert together == alone
+    assert [3] in sizes  # the three short requests as one batch; the 120-token one alone
+    assert onnx_runner.decode_groups([120, 5, 37, 9]) == [[0], [2], [1, 3]]
+    assert onnx_runner.decode_groups([40, 41, 39]) == [[0, 1, 2]]
 
 
 def test_tokens_match_onnxruntime_genai_on_an_int4_export(tmp_path: Path) -> None:
@@ -145,5 +167,5 @@ def test_an_aborted_request_leaves_the_batch_and_the_others_keep_their_tokens(ex
         if not engine.has_unfinished_requests():
             break
     runner = engine.runner
-    assert "r1" not in runner._sequences and (runner._batch is None or "r1" not in set(runner._batch.ids) - runner._batch.dead)
+    assert "r1" not in runner._sequences and all("r1" not in set(b.ids) - b.dead for b in runner._batches)
     assert tokens["r0"] == alone
