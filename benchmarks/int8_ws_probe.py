@@ -32,11 +32,10 @@ from kvik_quant.w8_kernels import _grouped_tile, _rescale_store, int8_gemm, int8
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096), "down": (4096, 14336)}
 
 
-@triton.jit(do_not_specialize=["M"])
-def _int8_gemm_ws_kernel(a_desc, as_ptr, w_desc, ws_ptr, out_ptr, M, N, K,
-                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
-                         STAGES: tl.constexpr, WS: tl.constexpr):  # fmt: skip
-    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+@triton.jit
+def _tile(a_desc, as_ptr, w_desc, ws_ptr, out_ptr, M, N, K, pid_m, pid_n, BLOCK_M: tl.constexpr,
+          BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, STAGES: tl.constexpr, WS: tl.constexpr):  # fmt: skip
+    """One output tile: the k-loop over TMA-loaded operand tiles, then the rescaled store."""
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
     for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES, warp_specialize=WS):
         a = a_desc.load([pid_m * BLOCK_M, k0])
@@ -45,6 +44,14 @@ def _int8_gemm_ws_kernel(a_desc, as_ptr, w_desc, ws_ptr, out_ptr, M, N, K,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     _rescale_store(acc, as_ptr, ws_ptr, out_ptr, offs_m, offs_n, offs_m < M, offs_n < N, N)
+
+
+@triton.jit(do_not_specialize=["M"])
+def _int8_gemm_ws_kernel(a_desc, as_ptr, w_desc, ws_ptr, out_ptr, M, N, K,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+                         STAGES: tl.constexpr, WS: tl.constexpr):  # fmt: skip
+    pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    _tile(a_desc, as_ptr, w_desc, ws_ptr, out_ptr, M, N, K, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, WS)
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -62,14 +69,7 @@ def _int8_gemm_persistent_kernel(a_desc, as_ptr, w_desc, ws_ptr, out_ptr, M, N, 
         group_rows = tl.minimum(tiles_m - first_m, GROUP_M)
         pid_m = first_m + (tile % per_group) % group_rows
         pid_n = (tile % per_group) // group_rows
-        acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-        for k0 in tl.range(0, K, BLOCK_K, num_stages=STAGES):
-            a = a_desc.load([pid_m * BLOCK_M, k0])
-            w = w_desc.load([pid_n * BLOCK_N, k0])
-            acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
-        offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-        _rescale_store(acc, as_ptr, ws_ptr, out_ptr, offs_m, offs_n, offs_m < M, offs_n < N, N)
+        _tile(a_desc, as_ptr, w_desc, ws_ptr, out_ptr, M, N, K, pid_m, pid_n, BLOCK_M, BLOCK_N, BLOCK_K, STAGES, False)
 
 
 def launch(kind: str, xq, xs, w, wsc, tile: tuple[int, int, int, int, int], ws: bool) -> torch.Tensor:
