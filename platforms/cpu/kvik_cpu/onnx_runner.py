@@ -213,7 +213,7 @@ class OnnxRuntimeRunner(TorchModelRunner):
         self.session: ort.InferenceSession | None = None
         self.decoder: OnnxDecoder | None = None
         self.kv_dtype: type = np.float32
-        self._output_names: list[str] = []
+        self._vocab = 0  # the logits' width (the graph's "logits" output)
         self._sequences: dict[str, _Sequence] = {}  # requests' K/V outside the decode batch
         self._batches: list[_DecodeBatch] = []  # the decode batches of the last batched step
         self._binding: ort.IOBinding | None = None
@@ -385,7 +385,6 @@ class OnnxRuntimeRunner(TorchModelRunner):
         rows, else a new one stacked from the requests' K/V (copying each once: rows of the last step's
         batches are read in place). Rows of the last step's batches that no batch takes now go to their
         requests' own arrays."""
-        assert self.decoder is not None
         old, self._batches = self._batches, []
         unused = list(old)
         batches: list[_DecodeBatch | None] = []
@@ -411,23 +410,25 @@ class OnnxRuntimeRunner(TorchModelRunner):
                     raise self._lost(request, None)
                 sources.append(([kv[0, :, : seq.length] for kv in seq.kv], seq.length))
             lengths = np.array([length for _, length in sources], dtype=np.int64)
-            kv = self._buffers(len(sources), _capacity(int(lengths.max()) + 1))
-            for stacked, j in zip(kv, range(len(self.decoder.past_names)), strict=True):
-                for row, (arrays, length) in enumerate(sources):
-                    stacked[row, :, :length] = arrays[j]
-            batches[k] = _DecodeBatch([r.request_id for r in group], lengths, kv)
+            batches[k] = _DecodeBatch([r.request_id for r in group], lengths, self._stacked(sources))
         for rid, (batch, row) in rows.items():
             self._sequences[rid] = self._copied_out(batch, row)
         self._batches = [b for b in batches if b is not None]
         return self._batches
 
+    def _stacked(self, sources: list[tuple[list[np.ndarray], int]]) -> list[np.ndarray]:
+        """New K/V buffers holding one row per source (its [kv_heads, length, head_size] array per past input,
+        and its length), right-padded with zeros, with room for each row's next token."""
+        kv = self._buffers(len(sources), _capacity(max(length for _, length in sources) + 1))
+        for j, stacked in enumerate(kv):
+            for row, (arrays, length) in enumerate(sources):
+                stacked[row, :, :length] = arrays[j]
+        return kv
+
     def _copied_out(self, batch: _DecodeBatch, row: int) -> _Sequence:
-        """A row of the decode batch as a request's own K/V, with room for its next token."""
+        """A row of a decode batch as a request's own K/V, with room for its next token."""
         length = int(batch.lengths[row])
-        kv = self._buffers(1, _capacity(length + 1))
-        for new, old in zip(kv, batch.row_kv(row), strict=True):
-            new[0, :, :length] = old
-        return _Sequence(kv, length)
+        return _Sequence(self._stacked([(batch.row_kv(row), length)]), length)
 
     def _take(self, request: ScheduledRequest) -> _Sequence | None:
         """Remove and return the request's stored K/V (None for a request starting at position 0); a row
@@ -438,6 +439,7 @@ class OnnxRuntimeRunner(TorchModelRunner):
             if row is not None:
                 seq = self._copied_out(batch, row)
                 batch.dead.add(request.request_id)
+                break  # a request has a live row in one batch at most
         if request.start_pos == 0:
             return None
         if seq is None or seq.length != request.start_pos:
