@@ -14,20 +14,23 @@ import argparse
 import json
 import subprocess
 import sys
+import tempfile
 import time
 
 
 def one_run(extra: list[str], prompt: str, max_tokens: int) -> dict[str, float]:
     cmd = [sys.executable, "-m", "kvik.entrypoints.cli", "generate", prompt, "--max-tokens", str(max_tokens), *extra]
-    start = time.perf_counter()
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    first = proc.stdout.read(1)
-    first_s = time.perf_counter() - start
-    rest = proc.stdout.read()
-    err = proc.stderr.read()
-    code = proc.wait()
-    exit_s = time.perf_counter() - start
+    with tempfile.TemporaryFile() as log:  # a file, not a pipe: a long log can never block the child
+        start = time.perf_counter()
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log)
+        assert proc.stdout is not None
+        first = proc.stdout.read(1)
+        first_s = time.perf_counter() - start
+        rest = proc.stdout.read()
+        code = proc.wait()
+        exit_s = time.perf_counter() - start
+        log.seek(0)
+        err = log.read()
     if code != 0 or not first:
         raise SystemExit(f"kvik generate failed ({code}):\n{err.decode(errors='replace')[-2000:]}")
     return {"first_token_s": round(first_s, 2), "exit_s": round(exit_s, 2), "chars": len(first + rest)}
