@@ -279,3 +279,28 @@ def test_one_tokenizer_per_caller_kept_in_the_process_only_without_a_disk_cache(
     assert len(builds) == 2 and len(gguf_tokenizer._BUILT) == 1 and third is not fourth
     text = "Hello world, 2024!"
     assert first.encode(text) == second.encode(text) == third.encode(text) == fourth.encode(text)
+    # The cached copy loads through the class its config names, not AutoTokenizer: the same tokenizer.
+    assert type(second) is type(first)
+    assert (second.bos_token_id, second.eos_token_id, second.chat_template) == (
+        first.bos_token_id,
+        first.eos_token_id,
+        first.chat_template,
+    )
+
+
+def test_a_cached_tokenizer_naming_an_unknown_class_loads_through_auto_tokenizer(
+    tiny_model_dir: Callable[..., Path], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import json
+
+    from kvik_gguf import tokenizer as gguf_tokenizer
+
+    fmt = GGUFFormat(str(write_gguf(tiny_model_dir("llama"), tmp_path / "tok.gguf", "F32")))
+    monkeypatch.setenv("KVIK_CACHE_DIR", str(tmp_path / "cache"))
+    built = fmt.load_tokenizer()
+    (config_path,) = (tmp_path / "cache").rglob("tokenizer_config.json")
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "NoSuchTokenizerClass"
+    config_path.write_text(json.dumps(config))
+    again = gguf_tokenizer._load_saved(config_path.parent)
+    assert again.encode("Hello world") == built.encode("Hello world")
