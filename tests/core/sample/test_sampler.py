@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import pytest
 import torch
-from kvik.sample.sampler import Sampler, SamplingBatch, apply_min_p, apply_top_k_top_p, row_seed
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+from kvik.sample.sampler import Sampler, SamplingBatch, apply_min_p, apply_top_k_top_p, argmax_rows, row_seed
 from kvik.sampling_params import SamplingParams
 
 
@@ -44,6 +47,21 @@ def test_greedy_rows_take_the_argmax() -> None:
     logits = torch.randn(5, 100)
     params = [SamplingParams(temperature=0.0)] * 5
     assert Sampler().__call__(logits, batch(params)).tolist() == logits.argmax(-1).tolist()
+
+
+_ROW_VALUES = st.sampled_from([0.0, 1.0, -1.0, 3.5, float("inf"), float("-inf"), float("nan")]) | st.floats(-4, 4)
+
+
+@settings(max_examples=200, deadline=None)
+@given(arrays("float32", st.tuples(st.integers(1, 6), st.integers(1, 40)), elements=_ROW_VALUES), st.booleans())
+def test_argmax_rows_is_torch_argmax(values, transposed: bool) -> None:
+    """Ties, infinities and NaN (which torch counts as the maximum) give torch's index, on contiguous
+    rows and on a transposed view alike."""
+    x = torch.from_numpy(values)
+    if transposed:
+        x = x.t()
+    got = argmax_rows(x)
+    assert got.dtype == torch.int64 and torch.equal(got, x.argmax(dim=-1))
 
 
 def test_greedy_rows_in_a_mixed_batch() -> None:
