@@ -15,6 +15,8 @@ From the repository root on the GPU machine (no network needed; about 6 minutes 
    prompt, CUDA graphs) and offline throughput on ``--n`` requests (prompts U[128, 1024],
    ``--out-len`` new tokens, greedy, EOS ignored). ``fp8_old_row`` / ``int8_old_row``: the same with the
    one-row W8A16 GEMV config it had before run u (``W8GemvConfig()``), its A/B in the same run.
+   ``fp8_unfused`` / ``int8_unfused``: the same with the MLP's SiLU-and-mul writing 16-bit values for the
+   down projection to quantize itself (``kvik_cuda.act_quant`` off), its A/B in the same run.
 
 Each part runs under its own time limit and a failure is recorded, not fatal. Prints one JSON
 summary at the end and writes it to $OUT/quant_benchmark.json (and the JSON lines to
@@ -191,7 +193,14 @@ def variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     _ensure_quant_plugin()
     shape = args.shape
     path = write_random_checkpoint(shape, Path(args.root), device=args.device)
-    quantization = None if name == "bf16" else name.removesuffix("_old_row")
+    quantization = None if name == "bf16" else name.removesuffix("_old_row").removesuffix("_unfused")
+    if name.endswith("_unfused"):  # the A/B of kvik_cuda.act_quant: no method states its row quantization
+        from kvik.quantization.base import QuantizationMethod
+        from kvik_quant.fp8 import Fp8LinearMethod
+        from kvik_quant.int8 import Int8LinearMethod
+
+        for cls in (Fp8LinearMethod, Int8LinearMethod):
+            cls.input_row_quantization = QuantizationMethod.input_row_quantization  # type: ignore[method-assign]
     if name.endswith("_old_row"):  # the A/B of the one-row W8A16 GEMV: the config it had before run u
         from kvik_quant import w8_kernels
 
@@ -300,7 +309,7 @@ def main() -> None:
         return
     start = time.perf_counter()
     summary: dict[str, Any] = {}
-    limits = {"checkpoint": 150, "kernels": 80, "bf16": 110, "fp8": 100, "int4": 100, "int8": 90}
+    limits = {"checkpoint": 150, "kernels": 80, "bf16": 110, "fp8": 100, "int4": 100, "int8": 90, "int8_unfused": 90, "fp8_unfused": 100}
     for part in args.parts.split(","):
         left = args.budget_s - (time.perf_counter() - start)
         if left < 30:
@@ -309,7 +318,7 @@ def main() -> None:
         summary[part] = _run_part(part, args, min(limits.get(part, 170), left))
         print(f"== {part}: {json.dumps(summary[part], default=str)[:1500]}", flush=True)
     base = summary.get("bf16", {})
-    for name in ("fp8", "int4", "int8"):
+    for name in [p for p in summary if p not in ("checkpoint", "kernels", "bf16")]:
         r = summary.get(name, {})
         if "offline_out_tok_s" in r and "offline_out_tok_s" in base:
             r["offline_speedup_vs_bf16"] = round(r["offline_out_tok_s"] / base["offline_out_tok_s"], 3)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
 
 import torch
@@ -30,6 +31,20 @@ class PackedRows(Protocol):
     def __call__(self, x: torch.Tensor) -> torch.Tensor: ...
 
     def rows(self, ids: torch.Tensor) -> torch.Tensor: ...
+
+
+@dataclass(frozen=True, slots=True)
+class RowQuantization:
+    """The per-row activation quantization a W8A8-style ``apply`` starts with, stated exactly so that a fused
+    producer kernel can emit the same codes (:meth:`QuantizationMethod.input_row_quantization`).
+
+    For each row ``x`` (the producer's output values, as rounded to its dtype): ``scale = max(amax(|x|) / qmax,
+    min_scale)`` in float32, ``codes = clamp(x / scale, -qmax, qmax)`` converted to ``dtype``, rounding half
+    away from zero first for an integer ``dtype`` (a float8 conversion rounds itself)."""
+
+    dtype: torch.dtype
+    qmax: float
+    min_scale: float
 
 
 class QuantizationMethod(ABC):
@@ -84,6 +99,22 @@ class QuantizationMethod(ABC):
     @abstractmethod
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         """``x @ W.T`` (without bias): ``x`` is ``[..., input_size]``."""
+
+    def input_row_quantization(self, layer: Linear, num_rows: int) -> RowQuantization | None:
+        """The quantization ``apply`` would run first on an input of ``num_rows`` rows, or None (the default:
+        the method takes its input as it is, or no producer may do that step for it at this size).
+
+        Where it is not None, a producer that already holds the layer's input (a fused activation kernel, such
+        as the CUDA platform's SiLU-and-mul) may quantize it as stated and call :meth:`apply_quantized_rows`
+        instead of ``apply``: the input then makes one pass through memory, not three."""
+        return None
+
+    def apply_quantized_rows(
+        self, layer: Linear, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        """``apply`` after its quantization step: ``codes`` ``[M, input_size]`` and float32 ``scales`` ``[M, 1]`` as
+        :meth:`input_row_quantization` stated for ``M`` rows; returns ``[M, output_size]`` in ``out_dtype``."""
+        raise NotImplementedError(f"{type(self).__name__} states no input row quantization")
 
     def apply_with_bias(self, layer: Linear, x: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
         """``apply(layer, x) + bias``; override to fuse the add (one rounding in 16-bit dtypes)."""

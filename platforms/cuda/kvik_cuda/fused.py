@@ -35,6 +35,7 @@ from kvik.models.llama import LlamaMLP
 from kvik.quantization.unquantized import UnquantizedLinearMethod
 from torch import nn
 
+from kvik_cuda.act_quant import silu_and_mul_quantized
 from kvik_cuda.gemv import dense_gemv
 from kvik_cuda.moe import TritonMoEExperts, TritonSparseMoE
 from kvik_cuda.silu import silu_and_mul
@@ -386,15 +387,28 @@ class FusedLinear(Linear):
 class FusedLlamaMLP(LlamaMLP):
     """At one row, ``silu(gate) * up`` comes out of the gate/up GEMV itself (:func:`dense_gemv`'s ``gated``
     form): a program sums a gate row and its up row, then applies the activation, which saves the SiLU
-    kernel's launch per layer with the same bits. Everything else (SiLU in its own kernel, another
-    activation, LoRA or quantized projections, several rows) as before."""
+    kernel's launch per layer with the same bits. Where the down projection quantizes its input rows
+    first (a W8A8 method's :meth:`~kvik.quantization.base.QuantizationMethod.input_row_quantization`), the
+    SiLU-and-mul kernel writes those codes itself (:mod:`kvik_cuda.act_quant`). Everything else (another
+    activation, LoRA or tensor-parallel projections, weight-only methods) as before."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         proj = self.gate_up_proj
-        if type(self.act) in (SiluAndMul, FusedSiluAndMul) and type(proj) is FusedLinear and proj.bias is None:
+        silu = type(self.act) in (SiluAndMul, FusedSiluAndMul)
+        if silu and type(proj) is FusedLinear and proj.bias is None:
             weight = cast(torch.Tensor, proj.weight)
             if type(proj.quant_method) is UnquantizedLinearMethod and _one_row_gemv(x, weight):
                 return self.down_proj(dense_gemv(x, weight, gated=True))
+        down = self.down_proj
+        if silu and type(down) in (Linear, FusedLinear) and down.bias is None:
+            spec = down.quant_method.input_row_quantization(down, x.numel() // x.shape[-1])
+            if spec is not None:
+                gate_up = proj(x)
+                quantized = silu_and_mul_quantized(gate_up.reshape(-1, gate_up.shape[-1]), spec)
+                if quantized is not None:
+                    y = down.quant_method.apply_quantized_rows(down, *quantized, gate_up.dtype)
+                    return y.reshape(*x.shape[:-1], down.output_size)
+                return down(self.act(gate_up))
         return super().forward(x)
 
 

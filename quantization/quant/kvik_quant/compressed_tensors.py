@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from kvik.quantization.base import QuantizationMethod
+from kvik.quantization.base import QuantizationMethod, RowQuantization
 
 from kvik_quant import int4_pack as pack
 from kvik_quant.fp8 import Fp8LinearMethod
@@ -180,6 +180,14 @@ class CompressedTensorsMethod(QuantizationMethod):
 
     def apply(self, layer: Linear, x: torch.Tensor) -> torch.Tensor:
         return self.inner.apply(layer, x)
+
+    def input_row_quantization(self, layer: Linear, num_rows: int) -> RowQuantization | None:
+        return self.inner.input_row_quantization(layer, num_rows)
+
+    def apply_quantized_rows(
+        self, layer: Linear, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        return self.inner.apply_quantized_rows(layer, codes, scales, out_dtype)
 
     def dequantize(self, layer: Linear) -> torch.Tensor:
         return self.inner.dequantize(layer)

@@ -26,7 +26,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-from kvik.quantization.base import QuantizationMethod
+from kvik.quantization.base import QuantizationMethod, RowQuantization
 from kvik.quantization.unquantized import UnquantizedLinearMethod
 
 from kvik_quant import device as dev
@@ -163,6 +163,17 @@ class Fp8LinearMethod(QuantizationMethod):
             y = self._w8a8(layer, x2, x.dtype)
         return y.reshape(*x.shape[:-1], layer.output_size)
 
+    def input_row_quantization(self, layer: Linear, num_rows: int) -> RowQuantization | None:
+        """Per-channel weights with dynamic scales on the kernels' GEMM path: what :meth:`_w8a8` runs first."""
+        if self.block is not None or self.static_activations or not layer.fp8_kernel or num_rows <= W8A16_MAX_ROWS:
+            return None
+        return RowQuantization(ops.FP8, ops.FP8_MAX, ops.MIN_SCALE)
+
+    def apply_quantized_rows(
+        self, layer: Linear, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        return self._gemm(layer, codes, scales, out_dtype)
+
     def _w8a8(self, layer: Linear, x2: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """Per-token (or static) activation quantization, then the FP8 GEMM or its reference."""
         if self.static_activations:
@@ -173,6 +184,9 @@ class Fp8LinearMethod(QuantizationMethod):
             xq, xs = quantize_rows(x2, ops.FP8, ops.FP8_MAX, ops.MIN_SCALE)
         else:
             xq, xs = ops.quantize_per_token(x2)
+        return self._gemm(layer, xq, xs, dtype)
+
+    def _gemm(self, layer: Linear, xq: torch.Tensor, xs: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         if layer.fp8_kernel:
             return ops.scaled_mm(xq, xs, layer.weight, layer.weight_scale.view(1, -1), dtype)
         return ops.reference_mm(xq, xs, layer.weight, layer.weight_scale[:, None], dtype)

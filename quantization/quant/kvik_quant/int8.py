@@ -19,20 +19,22 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from kvik.quantization.base import QuantizationMethod
+from kvik.quantization.base import QuantizationMethod, RowQuantization
 from kvik.quantization.unquantized import UnquantizedLinearMethod
 
 if TYPE_CHECKING:
     from kvik.layers.linear import Linear
 
 INT8_MAX = 127.0
+# Dynamic per-token activation quantization (every path's, and what fused producers are told to do).
+ROW_QUANTIZATION = RowQuantization(torch.int8, INT8_MAX, 1e-10)
 _INT_MM_MIN_ROWS = 17  # torch._int_mm on CUDA needs more than 16 rows: smaller batches are padded
 
 
 def quantize_rows(x: torch.Tensor, scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``[M, K]`` -> (int8 ``[M, K]``, float32 ``[M, 1]`` scales); symmetric, one scale per row unless given."""
     if scale is None:
-        scale = (x.abs().amax(dim=-1, keepdim=True).float() / INT8_MAX).clamp_min(1e-10)
+        scale = (x.abs().amax(dim=-1, keepdim=True).float() / INT8_MAX).clamp_min(ROW_QUANTIZATION.min_scale)
     q = torch.round(x.float() / scale).clamp(-INT8_MAX, INT8_MAX).to(torch.int8)
     return q, scale
 
@@ -141,6 +143,17 @@ class Int8LinearMethod(QuantizationMethod):
             y = self._w8a8(layer, x2, static, path, x.dtype)
         return y.reshape(*x.shape[:-1], layer.output_size)
 
+    def input_row_quantization(self, layer: Linear, num_rows: int) -> RowQuantization | None:
+        """Dynamic scales on the CUDA kernels' GEMM path: what :meth:`_w8a8` runs first."""
+        if self.static_activations or not layer.int8_kernel or plan(num_rows, False) != "triton":
+            return None
+        return ROW_QUANTIZATION
+
+    def apply_quantized_rows(
+        self, layer: Linear, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype
+    ) -> torch.Tensor:
+        return self._gemm(layer, codes, scales, "triton" if layer.int8_kernel else "reference", out_dtype)
+
     def _w8a8(
         self, layer: Linear, x2: torch.Tensor, static: torch.Tensor | None, path: str, dtype: torch.dtype
     ) -> torch.Tensor:
@@ -148,16 +161,20 @@ class Int8LinearMethod(QuantizationMethod):
         if layer.int8_kernel and static is None:  # one Triton kernel instead of six torch ones
             from kvik_quant.act_quant_kernel import quantize_rows as quantize_rows_kernel
 
-            xq, xs = quantize_rows_kernel(x2, torch.int8, INT8_MAX, 1e-10)
+            xq, xs = quantize_rows_kernel(x2, torch.int8, INT8_MAX, ROW_QUANTIZATION.min_scale)
         else:
             xq, xs = quantize_rows(x2, static)
         if xs.shape[0] != x2.shape[0]:
             xs = xs.expand(x2.shape[0], 1)
+        return self._gemm(layer, xq, xs, path, dtype)
+
+    def _gemm(self, layer: Linear, xq: torch.Tensor, xs: torch.Tensor, path: str, dtype: torch.dtype) -> torch.Tensor:
+        """The int8 GEMM of ``path`` (``"triton"``, ``"int_mm"``, else the reference) on quantized rows."""
         if path == "triton":
             from kvik_quant import fallback
             from kvik_quant.w8_kernels import int8_gemm, int8_gemm_config
 
-            cfg = int8_gemm_config(x2.shape[0], layer.weight.shape[0])
+            cfg = int8_gemm_config(xq.shape[0], layer.weight.shape[0])
             return fallback.run(
                 "int8 gemm",
                 lambda: int8_gemm(xq, xs, layer.weight, layer.weight_scale, dtype, cfg),

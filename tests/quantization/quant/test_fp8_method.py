@@ -113,3 +113,26 @@ def test_refused_on_cpu_with_advice(monkeypatch: pytest.MonkeyPatch) -> None:
     assert "quantized_weights='dequantize'" in reason
     monkeypatch.setenv("KVIK_QUANT_EMULATE", "1")
     assert Fp8LinearMethod().validate_device(torch.device("cpu")) == []
+
+
+def test_states_its_row_quantization_only_for_per_token_kernel_rows() -> None:
+    """Per-channel weights with dynamic per-token scales on the kernels' GEMM path: the rows a fused producer may
+    quantize; block-scaled weights (per-group activations), static scales and decode sizes: none. What it hands
+    over gives apply()'s result."""
+    from kvik.quantization.base import RowQuantization
+    from kvik_quant.fp8 import W8A16_MAX_ROWS
+
+    method = Fp8LinearMethod()
+    layer = Linear(32, 16, quant_method=method)
+    layer.load("weight", torch.randn(16, 32))
+    method.process_weights_after_loading(layer)
+    assert method.input_row_quantization(layer, 64) is None  # no FP8 kernel on the CPU
+    layer.fp8_kernel = True
+    assert method.input_row_quantization(layer, W8A16_MAX_ROWS) is None
+    assert method.input_row_quantization(layer, W8A16_MAX_ROWS + 1) == RowQuantization(ops.FP8, ops.FP8_MAX, ops.MIN_SCALE)
+    assert Fp8LinearMethod(static_activations=True).input_row_quantization(layer, 64) is None
+    assert Fp8LinearMethod(serialized=True, block=(128, 128)).input_row_quantization(layer, 64) is None
+    layer.fp8_kernel = False
+    x = torch.randn(5, 32)
+    codes, scales = ops.quantize_per_token(x)
+    assert torch.equal(method.apply_quantized_rows(layer, codes, scales, torch.float32), layer(x))

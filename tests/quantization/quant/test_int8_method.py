@@ -42,3 +42,24 @@ def test_reference_is_per_token_int8() -> None:
     assert xq.dtype == torch.int8 and int(xq.abs().max()) == 127
     expected = (xq.float() * xs) @ (layer.weight.float() * layer.weight_scale[:, None]).T
     torch.testing.assert_close(layer(x), expected)
+
+
+def test_states_its_row_quantization_where_its_gemm_runs() -> None:
+    """A fused producer may quantize the input only on the CUDA kernels' GEMM path with dynamic scales; what
+    it hands over then gives apply()'s result."""
+    from kvik_quant.int8 import ROW_QUANTIZATION, W8A16_MAX_ROWS
+
+    method = Int8LinearMethod()
+    layer = Linear(32, 16, quant_method=method)
+    layer.load("weight", torch.randn(16, 32))
+    method.process_weights_after_loading(layer)
+    assert not layer.int8_kernel and method.input_row_quantization(layer, 64) is None  # the CPU reference
+    layer.int8_kernel = True  # as on a GPU
+    assert method.input_row_quantization(layer, W8A16_MAX_ROWS) is None  # the W8A16 GEMV takes bf16 rows
+    assert method.input_row_quantization(layer, W8A16_MAX_ROWS + 1) == ROW_QUANTIZATION
+    assert Int8LinearMethod(static_activations=True).input_row_quantization(layer, 64) is None
+    assert CompressedTensorsMethod(method).input_row_quantization(layer, 64) == ROW_QUANTIZATION
+    layer.int8_kernel = False
+    x = torch.randn(5, 32)
+    codes, scales = quantize_rows(x)
+    assert torch.equal(method.apply_quantized_rows(layer, codes, scales, torch.float32), layer(x))
