@@ -8,7 +8,7 @@
 #   lora_sweep     LoRA kernel sweep with segment-aligned tiles (issue 16; LORA_SWEEP_ARGS) ~4 min
 #   lora_profile   the SGMV shrink / expand apart at 256 rows x 64 adapters, then ncu on both (16)  ~4 min
 #   quant_sweep    INT4/FP8/INT8 GEMV and GEMM sweep (issue 14; QUANT_SWEEP_ARGS e.g. "--rows 1 --formats int4") ~2 min
-#   quant_e2e      8B bf16 vs fp8 / int4 / int8 engines, offline + batch 1 (14; QUANT_PARTS, QUANT_BUDGET s; a part
+#   quant_e2e      8B bf16 vs fp8 / int4 / int8 engines, offline + batch 1 (14; QUANT_PARTS, QUANT_BUDGET s, QUANT_N; a part
 #                  fp8_old_row / int8_old_row: the one-row W8A16 GEMV config before run u)  ~6 min
 #   fp8_kv         FP8 KV cache: capacity, agreement, throughput (14)              ~3 min
 #   lora_e2e       8B with 1 / 8 / 64 rank-16 adapters vs base (16)                ~6 min
@@ -29,6 +29,7 @@
 #   run_batch_8b   the same comparison on the 8B shape (steps of ~20-30 ms rather than ~3.5)     ~6 min
 #   host_syncs     synchronizing CUDA calls on the engine's step path, by kvik call site (21; SYNC_SHAPES,
 #                  SYNC_OUT_LEN, SYNC_ARGS=--cprofile: where the host's time goes) ~3 min
+#   act_quant      the W8A8 MLP's down-projection input: SiLU-and-mul writing the codes vs the two kernels (14) ~1 min
 #   int8_ws        INT8 GEMM with Triton's warp specialization / a persistent loop vs the committed kernel (14; INT8_WS_ARGS) ~3 min
 #   attn_tiles     decode attention tiles at large batches, bf16 and FP8 cache (14, 21)  ~2 min
 #   attn_ab        triton_attention.py prefill + decode, this kernels.py against OLD_KERNELS (a copy of an older
@@ -83,7 +84,7 @@ for s in $STAGES; do
     quant_sweep) stage quant_sweep $(( ${QUANT_SWEEP_BUDGET:-80} + 30 )) python3 benchmarks/quant_kernels_sweep.py \
                    --budget-s ${QUANT_SWEEP_BUDGET:-80} ${QUANT_SWEEP_ARGS:-}
                  tail -40 "$OUT/quant_sweep.log" | cut -c1-200 ;;
-    quant_e2e) stage quant_e2e $(( ${QUANT_BUDGET:-150} + 20 )) python3 benchmarks/quant_benchmark.py --parts ${QUANT_PARTS:-bf16,fp8,int4,int8} --n 300 --budget-s ${QUANT_BUDGET:-150} ;;
+    quant_e2e) stage quant_e2e $(( ${QUANT_BUDGET:-150} + 20 )) python3 benchmarks/quant_benchmark.py --parts ${QUANT_PARTS:-bf16,fp8,int4,int8} --n ${QUANT_N:-300} --budget-s ${QUANT_BUDGET:-150} ;;
     fp8_kv) stage fp8_kv 200 python3 benchmarks/fp8_kv_check.py --budget-s ${FP8_KV_BUDGET:-190} ;;
     lora_e2e) stage lora_e2e ${LORA_TIMEOUT:-220} python3 benchmarks/lora_throughput.py --parts ${LORA_PARTS:-base,lora8,lora64} --n 300 ${LORA_ARGS:-} ;;
     determinism) stage determinism 360 python3 benchmarks/deterministic_check.py ;;
@@ -112,6 +113,7 @@ for s in $STAGES; do
     host_syncs) for shape in ${SYNC_SHAPES:-smollm2 llama8b}; do
                   stage host_syncs_$shape 240 python3 benchmarks/host_syncs.py --shape $shape --n 256 --out-len ${SYNC_OUT_LEN:-32} ${SYNC_ARGS:-}
                 done ;;
+    act_quant) stage act_quant 120 python3 benchmarks/act_quant_probe.py ;;
     int8_ws) stage int8_ws 300 python3 benchmarks/int8_ws_probe.py ${INT8_WS_ARGS:-} ;;
     attn_tiles) stage attn_tiles 200 python3 benchmarks/triton_attention.py --sections decode_tiles ;;
     attn_ab) kernels=attention_backends/triton/kvik_triton_attention/kernels.py

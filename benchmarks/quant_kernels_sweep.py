@@ -60,31 +60,24 @@ W8_GRID = [(32, 256, 0, 2, 4, 3, T, T, 1),
            (4, 512, 0, 8, 1, 1, F_, F_, 4), (1, 512, 0, 8, 1, 1, F_, F_, 4)]  # fmt: skip
 # GEMM grids: (block_m, block_n, block_k, num_warps, num_stages).
 GEMM_GRID = [(32, 64, 64, 4, 3), (64, 128, 64, 8, 3), (128, 128, 64, 8, 4), (64, 64, 64, 4, 4), (128, 128, 128, 8, 3)]
-# INT8 GEMM: (block_m, block_n, block_k, num_warps, num_stages, TMA loads?).
+# INT8 GEMM: (block_m, block_n, block_k, num_warps, num_stages, TMA loads?, split-K). Plain loads measured 3-15%
+# slower than TMA for every tile in run a6 (2026-12-02), so only the TMA forms stay; run d3 (2026-12-03) adds K
+# split over 2-8 programs: at 256 rows the down projection's 64-wide tiles re-read their operands from L2.
 I8_GRID = [
-    (64, 64, 128, 4, 4, F_),
-    (64, 128, 128, 4, 4, F_),
-    (128, 128, 128, 8, 4, F_),
-    (128, 256, 128, 8, 3, F_),
-    (128, 128, 64, 4, 4, F_),
-    # 2026-12-02: run e's best at 2,048 rows was the only 64-deep tile; more of those, and wider/taller ones.
-    (128, 128, 64, 4, 3, F_),
-    (128, 128, 64, 8, 4, F_),
-    (64, 128, 64, 4, 4, F_),
-    (64, 64, 64, 4, 4, F_),
-    (128, 256, 64, 8, 3, F_),
-    (256, 128, 64, 8, 3, F_),
-    (128, 64, 64, 4, 4, F_),
-    (64, 64, 128, 4, 3, F_),
-    # The same kernel with its operand tiles loaded by TMA (tensor descriptors).
-    (64, 64, 128, 4, 4, T),
-    (64, 128, 128, 4, 4, T),
-    (128, 128, 64, 4, 4, T),
-    (128, 128, 128, 8, 4, T),
-    (128, 256, 128, 8, 3, T),
-    (128, 256, 64, 8, 3, T),
-    (64, 128, 64, 4, 4, T),
-    (128, 128, 128, 4, 3, T),
+    (64, 64, 128, 4, 4, T, 1),
+    (64, 128, 128, 4, 4, T, 1),
+    (128, 128, 64, 4, 4, T, 1),
+    (128, 128, 128, 8, 4, T, 1),
+    (128, 256, 128, 8, 3, T, 1),
+    (64, 128, 64, 4, 4, T, 1),
+    (128, 128, 128, 4, 3, T, 1),
+    (64, 128, 128, 4, 4, T, 2),
+    (64, 128, 128, 4, 4, T, 4),
+    (128, 128, 128, 4, 3, T, 2),
+    (128, 128, 128, 4, 3, T, 4),
+    (128, 128, 128, 4, 3, T, 8),
+    (128, 256, 128, 8, 3, T, 2),
+    (128, 256, 128, 8, 3, T, 4),
 ]
 
 
@@ -245,11 +238,11 @@ def candidates(k: int, n: int, gen: torch.Generator) -> tuple[dict[str, Any], Ca
                 c8[name] = (lambda i, c=cfg: w8a16_gemv(x, f8[i], ws, sms, c), xf @ fp8_ref_w, cfg)
                 ci[name] = (lambda i, c=cfg: w8a16_gemv(x, i8[i], s8, sms, c), xf @ int8_ref_w, cfg)
         if m >= 16:
-            for bm, bn, bk, warps, stages, tma in I8_GRID:
+            for bm, bn, bk, warps, stages, tma, split in I8_GRID:
                 if m <= 16 and bm > 64:
                     continue
-                cfg8 = Int8GemmConfig(bm, bn, bk, 8, warps, stages, tma)
-                ci[f"triton{':tma' if tma else ''}:{bm}x{bn}x{bk}:w{warps}s{stages}"] = (
+                cfg8 = Int8GemmConfig(bm, bn, bk, 8, warps, stages, tma, split)
+                ci[f"triton{':tma' if tma else ''}:{bm}x{bn}x{bk}:w{warps}s{stages}" + (f":k{split}" if split > 1 else "")] = (
                     lambda i, c=cfg8: int8_gemm(*quantize_rows(x, torch.int8, 127.0, 1e-10), i8[i], s8,
                                                 torch.bfloat16, c), r8)  # fmt: skip
         out["fp8"], out["int8"] = c8, ci
@@ -352,7 +345,7 @@ def dry_run() -> None:
     GEMV_GRID = [(32, 32, 0, 2, 4, 2), (64, 64, 1, 2, 4, 1)]
     ROW_GRID = [(32, 32, 2, 1), (64, 64, 2, 2)]
     W8_GRID = [(16, 64, 0, 4, 4, 2, True, False, 1), (16, 64, 0, 2, 4, 2, False, True, 1), (2, 64, 0, 2, 1, 1, False, False, 4)]
-    GEMM_GRID, I8_GRID = [(16, 32, 32, 4, 2)], [(16, 32, 64, 4, 2, False), (16, 32, 64, 4, 2, True)]
+    GEMM_GRID, I8_GRID = [(16, 32, 32, 4, 2)], [(16, 32, 64, 4, 2, False, 1), (16, 32, 64, 4, 2, True, 2)]
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

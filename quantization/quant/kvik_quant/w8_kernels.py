@@ -48,6 +48,7 @@ class Int8GemmConfig:
     num_warps: int = 8
     num_stages: int = 4
     tma: bool = False  # _int8_gemm_tma_kernel: operand tiles through the tensor memory accelerator (Hopper)
+    split_k: int = 1  # K split over this many programs per output tile (_store_int32_tile adds their sums)
 
 
 # One row: a program is one warp and a few weight rows, each thread loading 16 consecutive bytes of every row
@@ -249,6 +250,36 @@ def _rescale_store(acc, as_ptr, ws_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n,
              mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
 
 
+@triton.jit
+def _k_tiles(K, pid_k, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The ``[k_lo, k_hi)`` columns of split ``pid_k``: whole k-tiles, the splits as even as the tiles allow."""
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * per_split
+    return k_lo, tl.minimum(K, k_lo + per_split)
+
+
+@triton.jit
+def _store_int32_tile(acc, as_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
+                      tile, pid_k, SPLIT_K: tl.constexpr):  # fmt: skip
+    """Rescale and store the tile; split over K, each program leaves its int32 partial sum and the last one in
+    adds them all, so the integer total (and every output bit) is the unsplit kernel's. The counters follow
+    :func:`kvik_quant.splitk.store_tile`'s protocol: zero between calls, reset by the last program."""
+    if SPLIT_K == 1:
+        _rescale_store(acc, as_ptr, ws_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N)
+    else:
+        mask = mask_m[:, None] & mask_n[None, :]
+        offs = offs_m[:, None] * N + offs_n[None, :]
+        tl.store(part_ptr + pid_k * M * N + offs, acc, mask=mask)
+        tl.debug_barrier()  # every thread's partial is written before the counter moves (release below)
+        count = tl.atomic_add(lock_ptr + tile, 1, sem="acq_rel", scope="gpu")
+        if count == SPLIT_K - 1:
+            total = tl.zeros(acc.shape, dtype=tl.int32)
+            for s in range(0, SPLIT_K):
+                total += tl.load(part_ptr + s * M * N + offs, mask=mask, other=0, cache_modifier=".cg")
+            _rescale_store(total, as_ptr, ws_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N)
+            tl.atomic_xchg(lock_ptr + tile, 0, sem="relaxed", scope="gpu")
+
+
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
 def _int8_gemm_kernel(
     a_ptr,  # [M, K] int8 activations
@@ -256,6 +287,8 @@ def _int8_gemm_kernel(
     w_ptr,  # [N, K] int8 weights
     ws_ptr,  # [N] float32 channel scales
     out_ptr,  # [M, N]
+    part_ptr,  # [SPLIT_K, M, N] int32 partial sums (unused when SPLIT_K == 1)
+    lock_ptr,  # [>= tiles] int32 counters, zero between calls
     M,
     N,
     K,
@@ -263,20 +296,24 @@ def _int8_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,  # row-tiles walked together so the weight tiles they share stay in L2
+    SPLIT_K: tl.constexpr,
 ):
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo, k_hi = _k_tiles(K, pid_k, SPLIT_K, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
-        mask_k = offs_k < K
+        mask_k = offs_k < k_hi
         a = tl.load(a_ptr + offs_m[:, None] * K + offs_k[None, :], mask=mask_m[:, None] & mask_k[None, :], other=0)
         b = tl.load(w_ptr + offs_n[None, :] * K + offs_k[:, None], mask=mask_n[None, :] & mask_k[:, None], other=0)
         acc += tl.dot(a, b, out_dtype=tl.int32)
-    _rescale_store(acc, as_ptr, ws_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N)
+    _store_int32_tile(acc, as_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
+                      tl.program_id(0), pid_k, SPLIT_K)  # fmt: skip
 
 
 @triton.jit(do_not_specialize=["M"])
@@ -286,6 +323,8 @@ def _int8_gemm_tma_kernel(
     w_desc,  # [N, K] int8 weights, block [BLOCK_N, BLOCK_K]
     ws_ptr,  # [N] float32 channel scales
     out_ptr,  # [M, N]
+    part_ptr,  # [SPLIT_K, M, N] int32 partial sums (unused when SPLIT_K == 1)
+    lock_ptr,  # [>= tiles] int32 counters, zero between calls
     M,
     N,
     K,
@@ -293,12 +332,16 @@ def _int8_gemm_tma_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    SPLIT_K: tl.constexpr,
 ):
     """:func:`_int8_gemm_kernel` with its operand tiles loaded through tensor descriptors (TMA on Hopper): one
-    instruction per tile instead of per-thread address arithmetic and predicated copies; edges padded with 0."""
+    instruction per tile instead of per-thread address arithmetic and predicated copies; edges padded with 0
+    (a split's k-range is whole tiles, so only the last split's last tile reaches past K)."""
     pid_m, pid_n = _grouped_tile(M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    pid_k = tl.program_id(1)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo, k_hi = _k_tiles(K, pid_k, SPLIT_K, BLOCK_K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         a = a_desc.load([pid_m * BLOCK_M, k0])
         w = w_desc.load([pid_n * BLOCK_N, k0])
         acc = tl.dot(a, w.T, acc, out_dtype=tl.int32)
@@ -306,7 +349,8 @@ def _int8_gemm_tma_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     mask_m = offs_m < M
     mask_n = offs_n < N
-    _rescale_store(acc, as_ptr, ws_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n, N)
+    _store_int32_tile(acc, as_ptr, ws_ptr, out_ptr, part_ptr, lock_ptr, offs_m, offs_n, mask_m, mask_n, M, N,
+                      tl.program_id(0), pid_k, SPLIT_K)  # fmt: skip
 
 
 def _tma_ready(xq: torch.Tensor, weight: torch.Tensor) -> bool:
@@ -331,7 +375,11 @@ def int8_gemm(
     out = torch.empty(m, n, dtype=dtype, device=xq.device)
     if m == 0:
         return out
-    grid = (triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n),)
+    tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
+    split_k = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
+    grid = (tiles, split_k)
+    parts = torch.empty((split_k, m, n) if split_k > 1 else (1,), dtype=torch.int32, device=xq.device)
+    locks = splitk.counters(xq.device, tiles)
     xq = xq.contiguous()
     kernel, a, w = _int8_gemm_kernel, xq, weight
     if cfg.tma and _tma_ready(xq, weight):
@@ -341,8 +389,8 @@ def int8_gemm(
         a = TensorDescriptor.from_tensor(xq, [cfg.block_m, cfg.block_k])
         w = TensorDescriptor.from_tensor(weight, [cfg.block_n, cfg.block_k])
     kernel[grid](
-        a, x_scale.reshape(-1).contiguous(), w, w_scale, out, m, n, k,
-        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m,
+        a, x_scale.reshape(-1).contiguous(), w, w_scale, out, parts, locks, m, n, k,
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m, SPLIT_K=split_k,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )  # fmt: skip
     return out

@@ -75,15 +75,20 @@ def test_w8a16_one_row_unrolled_gives_the_plain_loops_bits(kind: str, k: int, sp
 @pytest.mark.parametrize(("m", "k", "n"), [(3, 256, 64), (40, 200, 72), (37, 192, 80), (19, 208, 40)])
 # K = 200 takes the plain loads either way (TMA needs 16 | K); K = 208 ends in a partial k-tile that TMA zero-pads.
 @pytest.mark.parametrize("tma", [False, True])
-def test_int8_gemm_is_exact_int32_accumulation_then_rescale(m: int, k: int, n: int, tma: bool) -> None:
+@pytest.mark.parametrize("split_k", [1, 3])  # 3 over 3 or 4 k-tiles: uneven splits, the last one empty with 4
+def test_int8_gemm_is_exact_int32_accumulation_then_rescale(m: int, k: int, n: int, tma: bool, split_k: int) -> None:
+    """Any split of K gives the unsplit kernel's bits: the int32 partials are added before the rescale."""
     gen = torch.Generator().manual_seed(m)
     wq, ws = _weights("int8", n, k, gen)
     xq, xs = quantize_rows(torch.randn(m, k, generator=gen))
     acc = xq.long() @ wq.long().T  # exact integer product
     expected = acc.float() * xs * ws[None, :]
-    cfg = Int8GemmConfig(block_m=16, block_n=32, block_k=64, group_m=2, tma=tma)
+    cfg = Int8GemmConfig(block_m=16, block_n=32, block_k=64, group_m=2, tma=tma, split_k=split_k)
     got = int8_gemm(xq, xs, wq, ws, torch.float32, cfg)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-5)
+    if split_k > 1:
+        assert torch.equal(got, int8_gemm(xq, xs, wq, ws, torch.float32, dataclasses.replace(cfg, split_k=1)))
+        assert torch.equal(got, int8_gemm(xq, xs, wq, ws, torch.float32, cfg))  # the counters were reset
     assert int8_gemm_config(1, 4096).block_m <= int8_gemm_config(4096, 4096).block_m
     assert int8_gemm_config(256, 4096).block_n < int8_gemm_config(256, 28672).block_n  # wide outputs, wider tiles
     assert all(int8_gemm_config(m, 4096).tma for m in (1, 256, 4096))
