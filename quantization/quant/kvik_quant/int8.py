@@ -174,7 +174,7 @@ class Int8LinearMethod(QuantizationMethod):
             from kvik_quant import fallback
             from kvik_quant.w8_kernels import int8_gemm, int8_gemm_config
 
-            cfg = int8_gemm_config(xq.shape[0], layer.weight.shape[0])
+            cfg = int8_gemm_config(xq.shape[0], layer.weight.shape[0], layer.weight.shape[1])
             return fallback.run(
                 "int8 gemm",
                 lambda: int8_gemm(xq, xs, layer.weight, layer.weight_scale, dtype, cfg),

@@ -396,17 +396,22 @@ def int8_gemm(
     return out
 
 
-def int8_gemm_config(m: int, n: int) -> Int8GemmConfig:
-    """Tiles by row count and output width, all with TMA loads, from the H200 sweep
-    (benchmarks/quant_kernels_sweep.py, 2026-12-02 run a6; µs on the 8B's qkv / o / gate_up / down, bf16 cuBLAS in
+def int8_gemm_config(m: int, n: int, k: int = 0) -> Int8GemmConfig:
+    """Tiles by row count and output width (and depth ``k``, where K is split), all with TMA loads, from the
+    H200 sweeps (benchmarks/quant_kernels_sweep.py; µs on the 8B's qkv / o / gate_up / down, bf16 cuBLAS in
     brackets):
 
     - up to 256 rows: 64x64x128 (64x128x128 at 64 rows, 128x128x128 with 4 warps above, for outputs of 16k
-      or wider): 18.7 / 16.3 / 62.3 / 51.5 at 256 rows (21.1 / 17.1 / 91.3 / 48.4);
+      or wider): 18.7 / 16.3 / 62.3 / 51.5 at 256 rows (21.1 / 17.1 / 91.3 / 48.4) in run a6;
+    - up to 256 rows and K at least twice the output width (the down projection): 64x128x128 with K split in 4
+      up to 64 rows, in 2 above: 37.3 and 47.2 µs at 64 and 256 rows against 42+ and 52.5 unsplit (run d4,
+      2026-12-03; bf16 35.7 / 48.7). No other shape gained from a split;
     - up to 1,024: 64x128x128 for outputs up to 4,096 wide, else 128x128x128 with 4 warps;
     - above: 128x128x128 with 4 warps: 90.7 / 64.0 / 390 / 224 at 2,048 rows (132 / 89 / 671 / 330).
     The same tiles with plain loads were 3-15% slower (13% on qkv at 2,048 rows).
     """
+    if m <= 256 and k >= 2 * n:
+        return Int8GemmConfig(64, 128, 128, num_warps=4, num_stages=4, tma=True, split_k=4 if m <= 64 else 2)
     if m <= 64:
         return Int8GemmConfig(64, 64 if n < 16384 else 128, 128, num_warps=4, num_stages=4, tma=True)
     if (m <= 256 and n < 16384) or (m <= 1024 and n <= 4096):

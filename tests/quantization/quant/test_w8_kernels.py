@@ -92,6 +92,9 @@ def test_int8_gemm_is_exact_int32_accumulation_then_rescale(m: int, k: int, n: i
     assert int8_gemm_config(1, 4096).block_m <= int8_gemm_config(4096, 4096).block_m
     assert int8_gemm_config(256, 4096).block_n < int8_gemm_config(256, 28672).block_n  # wide outputs, wider tiles
     assert all(int8_gemm_config(m, 4096).tma for m in (1, 256, 4096))
+    # K-heavy projections (the 8B's down: 14,336 -> 4,096) split K at decode-sized batches only.
+    assert [int8_gemm_config(m, 4096, 14336).split_k for m in (17, 64, 65, 256, 257)] == [4, 4, 2, 2, 1]
+    assert int8_gemm_config(256, 6144, 4096).split_k == 1
 
 
 def test_int8_plan() -> None:
