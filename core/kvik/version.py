@@ -32,4 +32,6 @@ __version__ = "0.1.0"
 #      RunnerOutput.pooled rows may be 1-D numpy arrays as well as lists
 # 2.9: LoRAState.project (optional: a platform computes a LoRA projection whole, e.g. overlapping the delta
 #      with the base matmul)
-PLUGIN_API_VERSION = "2.9"
+# 2.10: QuantizationMethod.input_row_quantization / apply_quantized_rows and RowQuantization (optional: a method
+#      states the row quantization its apply starts with, so a platform's fused kernel can produce the codes)
+PLUGIN_API_VERSION = "2.10"

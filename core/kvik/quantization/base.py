@@ -46,6 +46,16 @@ class RowQuantization:
     qmax: float
     min_scale: float
 
+    def quantize(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The statement in torch, on any device: ``x`` ``[M, K]`` -> (codes ``[M, K]``, float32 scales ``[M, 1]``).
+        The reference a fused producer's kernel is checked against."""
+        values = x.float()
+        scales = (values.abs().amax(dim=-1, keepdim=True) / self.qmax).clamp_min(self.min_scale)
+        codes = (values / scales).clamp(-self.qmax, self.qmax)
+        if not self.dtype.is_floating_point:
+            codes = torch.where(codes >= 0, torch.floor(codes + 0.5), torch.ceil(codes - 0.5))
+        return codes.to(self.dtype), scales
+
 
 class QuantizationMethod(ABC):
     """One quantization format, configured for one checkpoint."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
 from kvik.platforms.interface import MemoryInfo, Platform
-from kvik.quantization.base import QuantizationMethod
+from kvik.quantization.base import QuantizationMethod, RowQuantization
 from kvik.quantization.unquantized import UnquantizedLinearMethod
 from kvik.testing.conformance.platform import check_platform
 from kvik.testing.conformance.quantization import check_quantization_method
@@ -58,6 +58,35 @@ class NoTestQuantizer(RowInt8):
     quantize_for_test = QuantizationMethod.quantize_for_test
 
 
+class W8A8(RowInt8):
+    """Activations quantized per row as stated (from 2 rows on), then an exact integer product, rescaled."""
+
+    ROWS = RowQuantization(torch.int8, 127.0, 1e-10)
+
+    def input_row_quantization(self, layer, num_rows):
+        return self.ROWS if num_rows >= 2 else None
+
+    def apply(self, layer, x):
+        rows = x.reshape(-1, layer.input_size)
+        if self.input_row_quantization(layer, rows.shape[0]) is None:
+            return super().apply(layer, x)
+        return self._product(layer, *self.ROWS.quantize(rows), x.dtype).reshape(*x.shape[:-1], -1)
+
+    def apply_quantized_rows(self, layer, codes, scales, out_dtype):
+        return self._product(layer, codes, scales, out_dtype)
+
+    def _product(self, layer, codes, scales, out_dtype):
+        exact = codes.double() @ layer.qweight.double().T
+        return (exact * scales.double() * layer.scales.double()).to(out_dtype)
+
+
+class DropsRowScales(W8A8):
+    """apply() right, the fused producer's entry point wrong."""
+
+    def apply_quantized_rows(self, layer, codes, scales, out_dtype):
+        return self._product(layer, codes, torch.ones_like(scales), out_dtype)
+
+
 @pytest.mark.parametrize(("dtype", "rtol"), [(torch.float32, 1e-4), (torch.bfloat16, 2e-2)])
 def test_unquantized_method_conforms(dtype, rtol) -> None:
     check_quantization_method(UnquantizedLinearMethod, dtype=dtype, rtol=rtol)
@@ -65,6 +94,21 @@ def test_unquantized_method_conforms(dtype, rtol) -> None:
 
 def test_a_real_int8_method_conforms() -> None:
     check_quantization_method(RowInt8, {}, shapes=[(32, [16]), (32, [8, 24])], max_weight_rel_error=0.02)
+
+
+def test_row_quantization_statement_is_checked_against_apply() -> None:
+    """A method stating its input row quantization conforms when apply_quantized_rows on rows quantized as stated
+    is apply(x); one whose apply_quantized_rows drops the row scales is named."""
+    check_quantization_method(W8A8, {}, shapes=[(32, [16])], rtol=0.02, max_weight_rel_error=0.02)
+    with pytest.raises(AssertionError, match=r"apply_quantized_rows on rows quantized as stated .* is not apply\(x\)"):
+        check_quantization_method(DropsRowScales, {}, shapes=[(32, [16])], rtol=0.02, max_weight_rel_error=0.02)
+
+
+def test_row_quantization_rounds_half_away_from_zero_and_floors_the_scale() -> None:
+    spec = RowQuantization(torch.int8, 127.0, 1e-3)
+    codes, scales = spec.quantize(torch.tensor([[127.0, 0.5, -0.5, -63.5], [0.0, 0.0, 0.0, 0.0]]))
+    assert codes.dtype == torch.int8 and codes.tolist() == [[127, 1, -1, -64], [0, 0, 0, 0]]
+    assert scales.dtype == torch.float32 and scales.flatten().tolist() == pytest.approx([1.0, 1e-3])
 
 
 def test_wrong_apply_is_caught() -> None:

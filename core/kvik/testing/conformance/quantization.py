@@ -75,7 +75,10 @@ def check_quantization_method(
       that was quantized: catches swapped shards and transposes;
     * ``apply(x)`` equals ``x @ dequantize().T`` for 2-D and 3-D ``x``, within
       ``rtol`` of the output's scale (computed in float32);
-    * the bias is added once, ``weight_bytes`` is positive, and ``name`` is set.
+    * the bias is added once, ``weight_bytes`` is positive, and ``name`` is set;
+    * where the method states an input row quantization for a batch
+      (:meth:`~kvik.quantization.base.QuantizationMethod.input_row_quantization`),
+      ``apply_quantized_rows`` on the rows quantized as stated gives ``apply(x)``.
     """
     problems: list[str] = []
     if not isinstance(getattr(method_cls, "name", None), str):
@@ -121,9 +124,25 @@ def check_quantization_method(
                             f"{where}, bias={bias}, x {list(shape)}: apply(x) differs from x @ dequantize().T by "
                             f"{err:.3g} (output scale {scale:.3g}, allowed {rtol * scale:.3g})"
                         )
+                    if not bias:
+                        problems.extend(_row_quantized_problems(method, layer, x, where))
             if method.weight_bytes(layer) <= 0:
                 problems.append(f"{where}: weight_bytes() must be positive")
     if problems:
         raise AssertionError(
             f"quantization method {method_cls.__name__} does not conform:\n  - " + "\n  - ".join(problems)
         )
+
+
+def _row_quantized_problems(method: QuantizationMethod, layer: Linear, x: torch.Tensor, where: str) -> list[str]:
+    """``apply_quantized_rows`` against ``apply`` where the method states its input row quantization for x's rows."""
+    rows = x.reshape(-1, x.shape[-1])
+    spec = method.input_row_quantization(layer, rows.shape[0])
+    if spec is None:
+        return []
+    codes, scales = spec.quantize(rows)
+    got = method.apply_quantized_rows(layer, codes, scales, x.dtype)
+    want = method.apply(layer, rows)
+    if tuple(got.shape) != tuple(want.shape) or not torch.equal(got, want):
+        return [f"{where}, {rows.shape[0]} rows: apply_quantized_rows on rows quantized as stated ({spec}) is not apply(x)"]
+    return []
