@@ -78,19 +78,21 @@ def _compile_all() -> dict[str, dict[str, bool]]:
                 BLOCK_N=c8.block_n, BLOCK_K=c8.block_k, PREFETCH=c8.prefetch and not use_dot,
                 REDUCE_EACH=c8.reduce_each and not use_dot, UNROLL=1 if use_dot else c8.unroll, **rows),
                 num_warps=c8.num_warps, num_stages=c8.num_stages))  # fmt: skip
-    cfg = int8_gemm_config(4096, 4096)
-    sig = {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "out_ptr": "*bf16", "M": "i32",
-           "N": "i32", "K": "i32"}  # fmt: skip
-    facts(
-        "int8_gemm",
-        _compile(
-            _int8_gemm_kernel,
-            sig,
-            dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m),
-            num_warps=cfg.num_warps,
-            num_stages=cfg.num_stages,
-        ),
-    )
+    sig = {"a_ptr": "*i8", "as_ptr": "*fp32", "w_ptr": "*i8", "ws_ptr": "*fp32", "out_ptr": "*bf16",
+           "part_ptr": "*i32", "lock_ptr": "*i32", "M": "i32", "N": "i32", "K": "i32"}  # fmt: skip
+    configs = {"int8_gemm": int8_gemm_config(4096, 4096), "int8_gemm split": int8_gemm_config(256, 4096, 14336)}
+    for name, cfg in configs.items():
+        tiles = dict(BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, BLOCK_K=cfg.block_k, GROUP_M=cfg.group_m)
+        facts(
+            name,
+            _compile(
+                _int8_gemm_kernel,
+                sig,
+                dict(**tiles, SPLIT_K=cfg.split_k),
+                num_warps=cfg.num_warps,
+                num_stages=cfg.num_stages,
+            ),
+        )
     sig = {"qw_ptr": "*i32", "s_ptr": "*bf16", "z_ptr": "*bf16", "w_ptr": "*bf16", "N": "i32"}
     facts("int4_dequant", _compile(_int4_dequant_kernel, sig, dict(GROUP=128, BLOCK_R=8, BLOCK_N=128), num_warps=4))
     return found
@@ -104,7 +106,7 @@ def test_new_kernels_compile_for_hopper() -> None:
     run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=300)
     assert run.returncode == 0, run.stderr[-3000:]
     found = json.loads(run.stdout.strip().splitlines()[-1])
-    assert len(found) == 10
+    assert len(found) == 11
     for name, facts in found.items():
         if name.startswith(("int4_gemv", "w8a16_gemv")):
             assert facts["vector_loads"], name  # 8- or 16-byte weight loads
@@ -112,6 +114,7 @@ def test_new_kernels_compile_for_hopper() -> None:
         if name.startswith("int4_gemv row"):
             assert facts["pair_dequant"], name  # two codes per lop3, widened by cvt (the inline PTX)
     assert found["int8_gemm"]["wgmma"]  # Hopper's warpgroup MMA on int8
+    assert found["int8_gemm split"]["wgmma"] and found["int8_gemm split"]["atomics"]  # K split: the counter
 
 
 if __name__ == "__main__":
