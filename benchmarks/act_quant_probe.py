@@ -16,12 +16,10 @@ import torch
 from kvik.quantization.base import RowQuantization
 from kvik_cuda.act_quant import silu_and_mul_quantized
 from kvik_cuda.fused import FusedSiluAndMul
-from kvik_quant import fp8_ops
 from kvik_quant.act_quant_kernel import quantize_rows
+from kvik_quant.fp8 import ROW_QUANTIZATION as FP8
 from kvik_quant.int8 import ROW_QUANTIZATION as INT8
 from triton.testing import do_bench_cudagraph
-
-FP8 = RowQuantization(fp8_ops.FP8, fp8_ops.FP8_MAX, fp8_ops.MIN_SCALE)
 
 
 def main() -> None:

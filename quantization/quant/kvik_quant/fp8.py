@@ -39,6 +39,8 @@ if TYPE_CHECKING:
 # sizes quantizing the activations costs a launch and buys nothing (the GEMV is bandwidth-bound).
 # benchmarks/quant_kernels_sweep.py measures both paths per row count on the H200.
 W8A16_MAX_ROWS = 16
+# Dynamic per-token activation quantization on the kernels' path (and what fused producers are told to do).
+ROW_QUANTIZATION = RowQuantization(ops.FP8, ops.FP8_MAX, ops.MIN_SCALE)
 
 
 class Fp8LinearMethod(QuantizationMethod):
@@ -167,7 +169,7 @@ class Fp8LinearMethod(QuantizationMethod):
         """Per-channel weights with dynamic scales on the kernels' GEMM path: what :meth:`_w8a8` runs first."""
         if self.block is not None or self.static_activations or not layer.fp8_kernel or num_rows <= W8A16_MAX_ROWS:
             return None
-        return RowQuantization(ops.FP8, ops.FP8_MAX, ops.MIN_SCALE)
+        return ROW_QUANTIZATION
 
     def apply_quantized_rows(
         self, layer: Linear, codes: torch.Tensor, scales: torch.Tensor, out_dtype: torch.dtype
@@ -181,7 +183,8 @@ class Fp8LinearMethod(QuantizationMethod):
         elif layer.fp8_kernel:  # one Triton kernel instead of six torch ones
             from kvik_quant.act_quant_kernel import quantize_rows
 
-            xq, xs = quantize_rows(x2, ops.FP8, ops.FP8_MAX, ops.MIN_SCALE)
+            q = ROW_QUANTIZATION
+            xq, xs = quantize_rows(x2, q.dtype, q.qmax, q.min_scale)
         else:
             xq, xs = ops.quantize_per_token(x2)
         return self._gemm(layer, xq, xs, dtype)

@@ -161,7 +161,8 @@ class Int8LinearMethod(QuantizationMethod):
         if layer.int8_kernel and static is None:  # one Triton kernel instead of six torch ones
             from kvik_quant.act_quant_kernel import quantize_rows as quantize_rows_kernel
 
-            xq, xs = quantize_rows_kernel(x2, torch.int8, INT8_MAX, ROW_QUANTIZATION.min_scale)
+            q = ROW_QUANTIZATION
+            xq, xs = quantize_rows_kernel(x2, q.dtype, q.qmax, q.min_scale)
         else:
             xq, xs = quantize_rows(x2, static)
         if xs.shape[0] != x2.shape[0]:

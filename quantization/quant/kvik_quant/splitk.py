@@ -79,11 +79,12 @@ def pow2_divisor(limit: int, *values: int) -> int:
     return d
 
 
-def scratch(split_k: int, m: int, n: int, device: torch.device) -> torch.Tensor:
-    """The partials buffer (a 1-element dummy when nothing is split)."""
+def scratch(split_k: int, m: int, n: int, device: torch.device, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """The partials buffer (a 1-element dummy when nothing is split): float32 sums, or int32 ones for an integer
+    GEMM whose partials are added before they are rescaled."""
     if split_k == 1:
-        return torch.empty(1, dtype=torch.float32, device=device)
-    return torch.empty(split_k, m, n, dtype=torch.float32, device=device)
+        return torch.empty(1, dtype=dtype, device=device)
+    return torch.empty(split_k, m, n, dtype=dtype, device=device)
 
 
 _sms: dict[tuple[str, int | None], int] = {}

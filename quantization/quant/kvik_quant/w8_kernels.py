@@ -124,6 +124,14 @@ def _w8_fma(acc, w, x1, REDUCE_EACH: tl.constexpr):
     return out
 
 
+@triton.jit
+def _k_tiles(K, pid_k, SPLIT_K, BLOCK_K: tl.constexpr):
+    """The ``[k_lo, k_hi)`` columns of split ``pid_k``: whole k-tiles, the splits as even as the tiles allow."""
+    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
+    k_lo = pid_k * per_split
+    return k_lo, tl.minimum(K, k_lo + per_split)
+
+
 @triton.jit(do_not_specialize=["M"])  # one compile for every row count (M = 1 included)
 def _w8a16_gemv_kernel(
     x_ptr,  # [M, K] activations
@@ -151,9 +159,7 @@ def _w8a16_gemv_kernel(
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_m = tl.arange(0, BLOCK_M)
     mask_n = offs_n < N
-    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K)
-    k_lo = pid_k * per_split * BLOCK_K
-    k_hi = tl.minimum(K, k_lo + per_split * BLOCK_K)
+    k_lo, k_hi = _k_tiles(K, pid_k, SPLIT_K, BLOCK_K)
     if USE_DOT:  # Triton pipelines these loads itself (they feed a dot)
         acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(k_lo, k_hi, BLOCK_K):
@@ -248,14 +254,6 @@ def _rescale_store(acc, as_ptr, ws_ptr, out_ptr, offs_m, offs_n, mask_m, mask_n,
     y = acc.to(tl.float32) * a_scale[:, None] * w_scale[None, :]
     tl.store(out_ptr + offs_m[:, None] * N + offs_n[None, :], y.to(out_ptr.dtype.element_ty),
              mask=mask_m[:, None] & mask_n[None, :])  # fmt: skip
-
-
-@triton.jit
-def _k_tiles(K, pid_k, SPLIT_K: tl.constexpr, BLOCK_K: tl.constexpr):
-    """The ``[k_lo, k_hi)`` columns of split ``pid_k``: whole k-tiles, the splits as even as the tiles allow."""
-    per_split = tl.cdiv(tl.cdiv(K, BLOCK_K), SPLIT_K) * BLOCK_K
-    k_lo = pid_k * per_split
-    return k_lo, tl.minimum(K, k_lo + per_split)
 
 
 @triton.jit
@@ -378,7 +376,7 @@ def int8_gemm(
     tiles = triton.cdiv(m, cfg.block_m) * triton.cdiv(n, cfg.block_n)
     split_k = max(1, min(cfg.split_k, triton.cdiv(k, cfg.block_k)))
     grid = (tiles, split_k)
-    parts = torch.empty((split_k, m, n) if split_k > 1 else (1,), dtype=torch.int32, device=xq.device)
+    parts = splitk.scratch(split_k, m, n, xq.device, torch.int32)
     locks = splitk.counters(xq.device, tiles)
     xq = xq.contiguous()
     kernel, a, w = _int8_gemm_kernel, xq, weight

@@ -19,11 +19,10 @@ from kvik.quantization.unquantized import UnquantizedLinearMethod
 from kvik_cuda.act_quant import silu_and_mul_quantized
 from kvik_cuda.fused import FusedSiluAndMul, fuse_layers
 from kvik_quant import act_quant_kernel
-from kvik_quant import fp8_ops as _fp8
-from kvik_quant.int8 import ROW_QUANTIZATION as INT8  # the methods' own statements
+from kvik_quant.fp8 import ROW_QUANTIZATION as FP8  # the methods' own statements
+from kvik_quant.int8 import ROW_QUANTIZATION as INT8
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-FP8 = RowQuantization(_fp8.FP8, _fp8.FP8_MAX, _fp8.MIN_SCALE)
 
 
 @pytest.mark.parametrize("spec", [INT8, FP8], ids=["int8", "fp8"])

@@ -125,7 +125,7 @@ def check_quantization_method(
                             f"{err:.3g} (output scale {scale:.3g}, allowed {rtol * scale:.3g})"
                         )
                     if not bias:
-                        problems.extend(_row_quantized_problems(method, layer, x, where))
+                        problems.extend(_row_quantized_problems(method, layer, x, y, where))
             if method.weight_bytes(layer) <= 0:
                 problems.append(f"{where}: weight_bytes() must be positive")
     if problems:
@@ -134,15 +134,18 @@ def check_quantization_method(
         )
 
 
-def _row_quantized_problems(method: QuantizationMethod, layer: Linear, x: torch.Tensor, where: str) -> list[str]:
-    """``apply_quantized_rows`` against ``apply`` where the method states its input row quantization for x's rows."""
+def _row_quantized_problems(
+    method: QuantizationMethod, layer: Linear, x: torch.Tensor, y: torch.Tensor, where: str
+) -> list[str]:
+    """``apply_quantized_rows`` against ``y``, the bias-free layer's ``apply(x)``, where the method states its input
+    row quantization for x's rows."""
     rows = x.reshape(-1, x.shape[-1])
     spec = method.input_row_quantization(layer, rows.shape[0])
     if spec is None:
         return []
     codes, scales = spec.quantize(rows)
     got = method.apply_quantized_rows(layer, codes, scales, x.dtype)
-    want = method.apply(layer, rows)
+    want = y.reshape(rows.shape[0], -1)
     if tuple(got.shape) != tuple(want.shape) or not torch.equal(got, want):
         return [f"{where}, {rows.shape[0]} rows: apply_quantized_rows on rows quantized as stated ({spec}) is not apply(x)"]
     return []
