@@ -193,7 +193,9 @@ def variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
     _ensure_quant_plugin()
     shape = args.shape
     path = write_random_checkpoint(shape, Path(args.root), device=args.device)
-    quantization = None if name == "bf16" else name.removesuffix("_old_row").removesuffix("_unfused")
+    # "<method>_kv": the method with an FP8 KV cache (the "FP8 W8A8 (+ FP8 KV)")
+    kv_cache_dtype = "fp8" if name.endswith("_kv") else "auto"
+    quantization = None if name == "bf16" else name.removesuffix("_kv").removesuffix("_old_row").removesuffix("_unfused")
     if name.endswith("_unfused"):  # the A/B of kvik_cuda.act_quant: no method states its row quantization
         from kvik.quantization.base import QuantizationMethod
         from kvik_quant.fp8 import Fp8LinearMethod
@@ -208,10 +210,12 @@ def variant(name: str, args: argparse.Namespace) -> dict[str, Any]:
         w8_kernels.W8_GEMV_TABLE.clear()
     t0 = time.perf_counter()
     llm = kvik.LLM(model=str(path), device=args.device, dtype="bfloat16", quantization=quantization,
-                   max_model_len=2048, max_num_seqs=256, gpu_memory_utilization=0.9)  # fmt: skip
+                   kv_cache_dtype=kv_cache_dtype, max_model_len=2048, max_num_seqs=256,
+                   gpu_memory_utilization=0.9)  # fmt: skip
     engine = llm.llm_engine
     out: dict[str, Any] = {
         "variant": name,
+        "kv_cache_dtype": kv_cache_dtype,
         "init_s": round(time.perf_counter() - t0, 1),
         "weight_gib": round(engine.runner.weight_bytes() / 2**30, 2),
         "memory_plan": engine.memory_plan.summary(),
@@ -309,7 +313,7 @@ def main() -> None:
         return
     start = time.perf_counter()
     summary: dict[str, Any] = {}
-    limits = {"checkpoint": 150, "kernels": 80, "bf16": 110, "fp8": 100, "int4": 100, "int8": 90, "int8_unfused": 90, "fp8_unfused": 100}
+    limits = {"checkpoint": 150, "kernels": 80, "bf16": 110, "fp8": 100, "int4": 100, "int8": 90, "int8_unfused": 90, "fp8_unfused": 100, "fp8_kv": 100}
     for part in args.parts.split(","):
         left = args.budget_s - (time.perf_counter() - start)
         if left < 30:

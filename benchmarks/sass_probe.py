@@ -32,7 +32,7 @@ def _value(text: str) -> Any:
             return cast(text)
         except ValueError:
             pass
-    return {"True": True, "False": False}.get(text, text)
+    return {"True": True, "False": False, "None": None}.get(text, text)
 
 
 def _pairs(text: str) -> dict[str, str]:
