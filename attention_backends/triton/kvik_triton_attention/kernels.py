@@ -35,10 +35,10 @@ and the writing program the new key before storing it, which saves the rotary ke
 
 FP8 cache (``kv_cache_dtype="fp8"``): the cache holds float8 e4m3 ``x / scale`` with one
 K and one V scale per layer. :func:`write_kv_kernel` quantizes (and builds the e4m3 bits
-itself, see :func:`_e4m3_bits`); the attention kernel loads FP8 tiles, widens them to the
-query dtype in registers (exact: every e4m3 value is a bf16/fp16 value) and folds the
-scales into the softmax scale (K) and the final normalisation (V), so dequantizing costs
-no extra pass over the tiles.
+itself, see :func:`_e4m3_bits`); the attention kernel loads FP8 tiles, widens them in
+registers (exact: every e4m3 value is an fp16 value; a bf16 model's dots then run in fp16,
+whose widening is one instruction per pair) and folds the scales into the softmax scale (K)
+and the final normalisation (V), so dequantizing costs no extra pass over the tiles.
 """
 
 from __future__ import annotations
@@ -229,6 +229,12 @@ def paged_attention_kernel(
                          sin_ptr + q_rows[:, None] * stride_st + offs_d[None, :], q_norm_ptr, q_norm_eps,
                          HEAD_SIZE, QK_NORM)  # fmt: skip
     q_pos = ctx_len + tok  # absolute positions of the rows
+    if (k_cache_ptr.dtype.element_ty == tl.float8e4nv) & (q.dtype == tl.bfloat16):
+        # An FP8 cache's tiles widen to fp16 in one instruction per pair of values (to bf16 it takes a second
+        # conversion per value), and every e4m3 value is an fp16 value, so a bf16 model's dots run in fp16.
+        # Queries beyond fp16's range are clamped to it (no model's queries come near 65504). float32 queries
+        # (the CPU interpreter's exact tests) keep float32.
+        q = tl.clamp(q.to(tl.float32), -65504.0, 65504.0).to(tl.float16)
 
     # KV range this tile needs: up to its last query row (causal), and from the
     # first row's window start when a sliding window is set.

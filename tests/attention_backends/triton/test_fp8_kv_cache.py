@@ -49,6 +49,13 @@ def test_triton_fp8_cache_matches_attention_over_the_dequantized_cache(window: i
     check_fp8_kv_cache(SmallTileTritonAttentionBackend, DEVICE, DTYPE, window=window, seed=3)
 
 
+@pytest.mark.parametrize("window", [None, 7])
+def test_bf16_queries_on_an_fp8_cache_take_fp16_dots_within_bf16_tolerance(window: int | None) -> None:
+    """A bf16 model's dots over an FP8 cache run in fp16 (the cheaper widening): still attention over the
+    dequantized cache within bf16's tolerance."""
+    check_fp8_kv_cache(SmallTileTritonAttentionBackend, DEVICE, torch.bfloat16, window=window, seed=5)
+
+
 def test_split_kv_decode_on_an_fp8_cache_matches_torch_ref() -> None:
     """Decode-only steps take the split-KV (flash-decoding) path: V's scale must survive the split reduction."""
     step = make_step([(70, 1), (33, 1), (5, 1)], num_heads=8, num_kv_heads=2, head_size=32, block_size=16,
