@@ -9,7 +9,7 @@
 #   lora_profile   the SGMV shrink / expand apart at 256 rows x 64 adapters, then ncu on both (16)  ~4 min
 #   quant_sweep    INT4/FP8/INT8 GEMV and GEMM sweep (issue 14; QUANT_SWEEP_ARGS e.g. "--rows 1 --formats int4") ~2 min
 #   quant_e2e      8B bf16 vs fp8 / int4 / int8 engines, offline + batch 1 (14; QUANT_PARTS, QUANT_BUDGET s, QUANT_N; a part
-#                  fp8_old_row / int8_old_row: the one-row W8A16 GEMV config before run u)  ~6 min
+#                  fp8_old_row / int8_old_row: the one-row W8A16 GEMV config before run u; fp8_kv: FP8 with an FP8 KV cache)  ~6 min
 #   fp8_kv         FP8 KV cache: capacity, agreement, throughput (14)              ~3 min
 #   lora_e2e       8B with 1 / 8 / 64 rank-16 adapters vs base (16)                ~6 min
 #   determinism    batch-invariant mode: bitwise check + cost (21)                 ~3 min
