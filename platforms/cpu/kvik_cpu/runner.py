@@ -41,6 +41,7 @@ from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest
 from kvik.worker.torch_runner import ModelInputs, TorchModelRunner
 
+from kvik_cpu.packed_linear import pack_linears, packed_bytes
 from kvik_cpu.platform import CPUOptions
 
 logger = logging.getLogger(__name__)
@@ -58,6 +59,13 @@ class CPUModelRunner(TorchModelRunner):
 
     def load_model(self) -> None:
         super().load_model()
+        assert self.model is not None
+        if not (self.compile_decode or self.config.enable_lora or self.config.deterministic):
+            # LoRA reads the dense weights; deterministic mode keeps its own batch-invariant matmuls;
+            # inductor packs the weights of what it compiles itself.
+            packed = pack_linears(self.model)
+            if packed:
+                logger.debug("%d bfloat16 linear layers run through oneDNN with packed weights", packed)
         if not self.compile_decode:
             return
         # LoRA's adapter slots change per step; deterministic mode's batch-invariant kernels must not
@@ -75,6 +83,9 @@ class CPUModelRunner(TorchModelRunner):
         # dynamic=None: the first batch size compiles with static shapes; a second one recompiles
         # with a symbolic batch size, so a growing batch costs at most one more compile.
         self._compiled = torch.compile(self.model, dynamic=None)
+
+    def weight_bytes(self) -> int:
+        return super().weight_bytes() + (packed_bytes(self.model) if self.model is not None else 0)
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         super().initialize_kv_cache(num_blocks)
