@@ -60,7 +60,7 @@ class CPUModelRunner(TorchModelRunner):
     def load_model(self) -> None:
         super().load_model()
         assert self.model is not None
-        if not (self.compile_decode or self.config.enable_lora or self.config.deterministic):
+        if not any((self.compile_decode, self.config.enable_lora, self.config.deterministic)):
             # LoRA reads the dense weights; deterministic mode keeps its own batch-invariant matmuls;
             # inductor packs the weights of what it compiles itself.
             packed = pack_linears(self.model)
