@@ -4,9 +4,10 @@ vs ONNX Runtime GenAI on kvik's ONNX exports of the same GGUF.
     python benchmarks/gguf_cpu.py --threads 2 --num-requests 32 --output-len 64
     python benchmarks/gguf_cpu.py --systems kvik-dequantize,onnx-fp32,onnx-int4 --onnx-root /tmp/smol_onnx
 
-``kvik-<mode>[-<dtype>][+compile]`` runs kvik with ``quantized_weights=<mode>`` (dequantize / quantized),
-``dtype=<dtype>`` (float32 by default) and, with ``+compile``, the CPU platform's ``compile_decode``
-(its start-up, compile included, is the ``startup_s`` column).
+``kvik-<mode>[-<dtype>][+compile|+unpacked]`` runs kvik with ``quantized_weights=<mode>`` (dequantize /
+quantized), ``dtype=<dtype>`` (float32 by default) and, with ``+compile``, the CPU platform's
+``compile_decode`` (its start-up, compile included, is the ``startup_s`` column). ``+unpacked`` is the A/B
+of ``kvik_cpu.packed_linear``: bfloat16 linears keep ``F.linear`` instead of oneDNN-packed weights.
 
 ``onnx-<precision>`` exports the GGUF once to ``--onnx-root/<precision>`` (``kvik export onnx``), then
 decodes with ONNX Runtime GenAI (one sequence at a time, like llama.cpp's Python API).
@@ -76,10 +77,15 @@ def _kvik(
     dtype: str = "float32",
     compile_decode: bool = False,
     onnx_model: str = "",
+    unpacked: bool = False,
 ) -> dict:
     from kvik import LLM, SamplingParams
 
-    t0 = time.perf_counter()
+    t0 = time.perf_counter()  # before the runner's import below, which LLM() does otherwise: equal start-ups
+    if unpacked:  # this worker process only
+        import kvik_cpu.runner
+
+        kvik_cpu.runner.pack_linears = lambda model: 0
     llm = LLM(
         gguf_path(),
         device="cpu",
@@ -109,7 +115,7 @@ def _kvik(
     return dict(
         system=f"kvik (ONNX Runtime, {Path(onnx_model).name})"
         if onnx_model
-        else f"kvik ({mode}, {dtype}{', compiled decode' if compile_decode else ''})",
+        else f"kvik ({mode}, {dtype}{', compiled decode' if compile_decode else ''}{', F.linear' if unpacked else ''})",
         startup_s=startup_s,
         single_decode_tok_s=decode_tps,
         single_ttft_ms=first * 1000,
@@ -251,10 +257,11 @@ def main() -> None:
             folder = str(Path(args.onnx_root) / worker.removeprefix("kvik-onnx-"))
             result = _kvik("auto", args, single, batch, onnx_model=folder)
         elif worker.startswith("kvik-"):
-            # kvik-<mode>[-<dtype>][+compile]
+            # kvik-<mode>[-<dtype>][+compile|+unpacked]
             name, _, flag = worker.partition("+")
             _, mode, *dtype = name.split("-")
-            result = _kvik(mode, args, single, batch, *(dtype or ["float32"]), compile_decode=flag == "compile")
+            result = _kvik(mode, args, single, batch, *(dtype or ["float32"]), compile_decode=flag == "compile",
+                           unpacked=flag == "unpacked")  # fmt: skip
         elif worker.startswith("onnx-"):
             result = _onnx(worker.removeprefix("onnx-"), args, single, batch)
         else:
