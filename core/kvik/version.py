@@ -34,4 +34,6 @@ __version__ = "0.1.0"
 #      with the base matmul)
 # 2.10: QuantizationMethod.input_row_quantization / apply_quantized_rows and RowQuantization (optional: a method
 #      states the row quantization its apply starts with, so a platform's fused kernel can produce the codes)
-PLUGIN_API_VERSION = "2.10"
+# 2.11: AttentionBackend.cache_entries (optional: a backend whose blocks order their entries otherwise than
+#      kv_cache_shape reads says how to read them back; the FP8 conformance check uses it)
+PLUGIN_API_VERSION = "2.11"

@@ -29,6 +29,13 @@ MAX_SPLITS = 32
 SMALL_QUERY = 16
 
 
+def _check_block_contiguous(kv_cache: torch.Tensor) -> None:
+    """An FP8 cache's V addresses are computed from the block's own extent (keys-contiguous layout), so
+    within a block the cache must be dense, as kv_cache_shape's tensor is."""
+    _, _, _, num_kv_heads, head_size = kv_cache.shape
+    assert kv_cache.stride()[2:] == (num_kv_heads * head_size, head_size, 1), "an FP8 cache's blocks must be dense"
+
+
 def _next_pow2(n: int) -> int:
     return 1 << max(0, (n - 1).bit_length())
 
@@ -60,7 +67,10 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     # count from metadata.planned_max_seq_len) and all per-step data is read from device
     # tensors, so a captured CUDA graph replays correctly on new data of the same shape.
     supports_cuda_graphs: ClassVar[bool] = True
-    # An FP8 (e4m3) cache: quantized in write_kv_kernel, widened and scaled in registers on read.
+    # An FP8 (e4m3) cache: quantized in write_kv_kernel, widened and scaled in registers on read. Its blocks
+    # store V keys-contiguous, [kv_heads, head_size, block_size] (K keeps kv_cache_shape's layout): P @ V sums
+    # over keys, and an 8-bit operand can only be read 4 keys at a time when they sit side by side
+    # (kernels._attend_tile; :meth:`cache_entries` reads either layout back).
     # NVIDIA GPUs need compute capability >= 8.9 for Triton's fp8e4nv (the cuda platform checks).
     supported_kv_cache_dtypes: ClassVar[tuple[str, ...]] = ("auto", "fp8_e4m3")
     # Tile shapes, (BLOCK_M rows, BLOCK_N keys, num_warps); class data so that
@@ -68,10 +78,10 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     decode_tile: ClassVar[tuple[int, int, int]] = (16, 64, 4)
     prefill_tile: ClassVar[tuple[int, int, int]] = (64, 64, 4)
     num_stages: ClassVar[int] = 2
-    # Decode with an FP8 cache: twice the keys a tile and three stages, so a tile carries the bytes of a bf16 one.
-    # H200, 8B shape (run y, benchmarks/triton_attention.py --sections decode_tiles): 256 requests x 830 tokens
-    # 214 µs against the bf16 tile's 248, 256 x 2048 460 against 575; a bf16 cache loses with it (228 vs 219).
-    fp8_decode_tile: ClassVar[tuple[int, int, int]] = (16, 128, 4)
+    # Decode with an FP8 cache (keys-contiguous V): two warps over 64 keys, three stages. H200, 8B shape
+    # (docs/benchmarks.md, run f2): 256 requests x 830 tokens 138 µs (3.2 TB/s), 256 x 2,048 302 µs, against
+    # 193 / 402 for the best tile over V stored like K; a bf16 cache takes 220 / 505.
+    fp8_decode_tile: ClassVar[tuple[int, int, int]] = (16, 64, 2)
     fp8_decode_stages: ClassVar[int] = 3
     # None: choose per step from the batch and the GPU's SM count; an int forces
     # the split count for decode and verify steps (tests, benchmarks).
@@ -153,6 +163,17 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         return block_m, block_m // self.group, block_n, warps, stages
 
     @staticmethod
+    def cache_entries(kv_cache: torch.Tensor, slots: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if kv_cache.dtype != torch.float8_e4m3fn:
+            return AttentionBackend.cache_entries(kv_cache, slots)
+        _, num_blocks, block_size, num_kv_heads, head_size = kv_cache.shape
+        raw = kv_cache.view(torch.uint8)  # not every device indexes float8 tensors
+        k = raw[0].reshape(-1, num_kv_heads, head_size)[slots]
+        # V: each block [kv_heads, head_size, block_size]
+        v = raw[1].reshape(num_blocks, num_kv_heads, head_size, block_size)[slots // block_size, :, :, slots % block_size]
+        return k.view(kv_cache.dtype), v.view(kv_cache.dtype)
+
+    @staticmethod
     def small_query(metadata: AttentionMetadata[torch.Tensor]) -> bool:
         """Decode and verify steps (at most :data:`SMALL_QUERY` tokens per request, as planned)."""
         return metadata.planned_max_query_len <= SMALL_QUERY
@@ -190,6 +211,8 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         fp8 = kv_cache.dtype == torch.float8_e4m3fn
         if fp8:  # the kernel writes the e4m3 bits itself (same bytes, same strides)
             kv_cache = kv_cache.view(torch.uint8)
+        if fp8:
+            _check_block_contiguous(kv_cache)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         _kernels().write_kv_kernel[(num_tokens,)](
             key,
@@ -284,8 +307,11 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         norm = rotary is not None and rotary.q_norm_weight is not None
         q_norm, k_norm = (rotary.q_norm_weight, rotary.k_norm_weight) if norm else (query, query)  # type: ignore[union-attr]
         num_tokens = query.shape[0]
-        fp8 = kv_cache.dtype == torch.float8_e4m3fn  # the scales apply to an FP8 cache only
+        fp8 = kv_cache.dtype == torch.float8_e4m3fn  # the scales and the keys-contiguous V are an FP8 cache's
         block_m, block_q, block_n, warps, stages = self._tile(self.small_query(metadata), fp8)
+        kv_block_size = kv_cache.shape[2]
+        if fp8:
+            _check_block_contiguous(kv_cache)
         splits = self.num_splits(metadata, query.device, block_n)
         k_cache, v_cache = kv_cache[0], kv_cache[1]
         k_scale, v_scale = (float(self.k_scale), float(self.v_scale)) if fp8 else (1.0, 1.0)
@@ -360,6 +386,8 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             QK_NORM=norm,
             UNMASKED_FULL_TILES=self.unmask_full_tiles and not self.logits_soft_cap
             and (not self.small_query(metadata) or splits > 1),
+            # Runs of keys that stay inside one block: a power of two dividing the tile and the block size.
+            V_CHUNK=min(block_n, kv_block_size & -kv_block_size) if fp8 else 0,
             num_warps=warps,
             num_stages=stages,
         )

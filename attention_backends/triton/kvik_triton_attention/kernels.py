@@ -93,9 +93,11 @@ def _rotate_rows(src, x, mask, offs_d, cos_src, sin_src, w_ptr, eps, HEAD_SIZE: 
 def _attend_tile(q, m_i, l_i, acc, t, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kv_head, stride_kb, stride_ks,
                  stride_kh, offs_d, d_ok, scale_log2, SLIDING_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
                  BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr):  # fmt: skip
+                 DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, V_CHUNK: tl.constexpr):  # fmt: skip
     """One KV tile of the online softmax. ``MASKED``: the tile may hold keys past ``kv_end``, after a row's
-    position (causal) or outside its window; unmasked, every key of it is visible to every row."""
+    position (causal) or outside its window; unmasked, every key of it is visible to every row.
+    ``V_CHUNK`` > 0: the cache stores each block's V as [kv_heads, head_size, block_size] (FP8 caches), read in
+    runs of ``V_CHUNK`` keys (a power of two dividing both BLOCK_N and the block size)."""
     offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < kv_end
     if MASKED:
@@ -136,7 +138,23 @@ def _attend_tile(q, m_i, l_i, acc, t, q_pos, kv_end, bt_row, k_cache_ptr, v_cach
     # sum and accumulator bit-identical (deterministic mode relies on it), whatever exp2(0) rounds to.
     alpha = tl.where(m_new == m_i, 1.0, tl.math.exp2(m_i - m_safe))
     l_i = l_i * alpha + tl.sum(p, 1)
-    if MASKED or HEAD_PAD != HEAD_SIZE:
+    if V_CHUNK > 0:
+        # P @ V sums over keys. With keys contiguous in the cache, the dot's operand reads 4 of them in one 32-bit
+        # shared load; with V stored like K it took one byte-wide load per value (Hopper has no 8-bit transposing
+        # ldmatrix). The tile is loaded as [head, chunks, chunk]: a chunk's keys share one cache block, so the
+        # copy provably moves 16 contiguous bytes at a time (key by key, the block-table lookup per key hides
+        # that). Chunks wholly past kv_end read zeros; the keys past kv_end inside a partly valid chunk are read
+        # as they are, which is safe because their P is exactly 0 and an FP8 cache holds no NaN byte (it is
+        # allocated zeroed and write_kv_kernel saturates every value, NaN included, to a finite e4m3).
+        first = t * BLOCK_N + tl.arange(0, BLOCK_N // V_CHUNK) * V_CHUNK  # each chunk's first key
+        chunk_ok = first < kv_end
+        chunk_blk = tl.load(bt_row + first // KV_BLOCK_SIZE, mask=chunk_ok, other=0).to(tl.int64)
+        base = chunk_blk * stride_kb + kv_head * (HEAD_SIZE * KV_BLOCK_SIZE) + first % KV_BLOCK_SIZE
+        v3 = tl.load(v_cache_ptr + base[None, :, None] + (offs_d * KV_BLOCK_SIZE)[:, None, None]
+                     + tl.arange(0, V_CHUNK)[None, None, :], mask=chunk_ok[None, :, None] & d_ok[:, None, None],
+                     other=0.0)  # fmt: skip
+        v = tl.trans(tl.reshape(v3, [HEAD_PAD, BLOCK_N]))
+    elif MASKED or HEAD_PAD != HEAD_SIZE:
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     else:
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :])
@@ -198,6 +216,7 @@ def paged_attention_kernel(
     ROTARY: tl.constexpr,  # with WRITE_KV: q and the new K arrive un-rotated; rotate them here (RotaryInputs)
     QK_NORM: tl.constexpr,  # with ROTARY: RMS-normalise each q and k head first (Qwen3)
     UNMASKED_FULL_TILES: tl.constexpr,  # tiles every row sees whole skip the masks (same bits; see below)
+    V_CHUNK: tl.constexpr,  # 0: V stored like K; else each block's V is [kv_heads, head_size, block_size] (_attend_tile)
 ):
     pid_q = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -250,6 +269,7 @@ def paged_attention_kernel(
         tile_hi = tl.minimum(tile_lo + per_split, tile_hi)
 
     bt_row = block_tables_ptr + req.to(tl.int64) * stride_bt
+    tl.static_assert(not (WRITE_KV and V_CHUNK > 0), "keys-contiguous V (FP8 caches) is written by write_kv_kernel")
     if WRITE_KV:
         # One new row per request: the (request, KV head) program whose tiles hold it stores its K and V (no
         # other program of the step reads that slot), then reads it back from the cache as any other key.
@@ -286,11 +306,13 @@ def paged_attention_kernel(
     for t in range(tile_lo, full_hi):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, t, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kv_head,
                                      stride_kb, stride_ks, stride_kh, offs_d, d_ok, scale_log2, SLIDING_WINDOW,
-                                     SOFT_CAP, BLOCK_N, HEAD_SIZE, HEAD_PAD, KV_BLOCK_SIZE, DOT_PRECISION, False)  # fmt: skip
+                                     SOFT_CAP, BLOCK_N, HEAD_SIZE, HEAD_PAD, KV_BLOCK_SIZE, DOT_PRECISION, False,
+                                     V_CHUNK)  # fmt: skip
     for t in range(full_hi, tile_hi):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, t, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kv_head,
                                      stride_kb, stride_ks, stride_kh, offs_d, d_ok, scale_log2, SLIDING_WINDOW,
-                                     SOFT_CAP, BLOCK_N, HEAD_SIZE, HEAD_PAD, KV_BLOCK_SIZE, DOT_PRECISION, True)  # fmt: skip
+                                     SOFT_CAP, BLOCK_N, HEAD_SIZE, HEAD_PAD, KV_BLOCK_SIZE, DOT_PRECISION, True,
+                                     V_CHUNK)  # fmt: skip
 
     out = acc * (v_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
     if NUM_SPLITS == 1:
@@ -343,13 +365,14 @@ def reduce_splits_kernel(
 
 @triton.jit
 def _e4m3_bits(x):
-    """float32 ``x`` -> the uint8 bits of float8 e4m3fn(x): round to nearest even, saturating at +-448.
+    """float32 ``x`` -> the uint8 bits of float8 e4m3fn(x): round to nearest even, saturating at +-448 (NaN: 448).
 
     Built from integer ops rather than a cast: Triton's interpreter (how CI runs these kernels)
     rounds float->fp8 casts wrongly (a mantissa carry does not reach the exponent, subnormals
     flush), and this costs a few integer ops per element of an already memory-bound kernel.
     """
-    a = tl.minimum(tl.abs(x), 448.0)
+    # NaN saturates too (explicitly: the interpreter's minimum would keep it), so no cache byte is ever a NaN.
+    a = tl.where(x != x, 448.0, tl.minimum(tl.abs(x), 448.0))
     sign = (x < 0.0).to(tl.int32) << 7
     # Normal range (a >= 2^-6): round float32's 23 mantissa bits to 3 (nearest even) with an integer
     # add, so a carry out of the mantissa bumps the exponent; then re-bias the exponent (127 -> 7).
@@ -385,7 +408,7 @@ def write_kv_kernel(
     HEAD_SIZE: tl.constexpr,
     HEAD_PAD: tl.constexpr,
     KV_BLOCK_SIZE: tl.constexpr,
-    FP8: tl.constexpr,  # the cache holds e4m3 bits (the pointers are uint8 views)
+    FP8: tl.constexpr,  # the cache holds e4m3 bits (the pointers are uint8 views), V keys-contiguous per block
 ):
     tok = tl.program_id(0).to(tl.int64)
     slot = tl.load(slot_mapping_ptr + tok)
@@ -400,8 +423,10 @@ def write_kv_kernel(
     v = tl.load(value_ptr + tok * stride_vt + offs_h[:, None] * stride_vh + offs_d[None, :], mask=mask)
     dst = blk * stride_cb + off * stride_cs + offs_h[:, None] * stride_ch + offs_d[None, :]
     if FP8:
+        # V goes to its block's [kv_heads, head_size, block_size] layout (keys contiguous; see _attend_tile).
+        v_dst = blk * stride_cb + offs_h[:, None] * (HEAD_SIZE * KV_BLOCK_SIZE) + offs_d[None, :] * KV_BLOCK_SIZE + off
         tl.store(k_cache_ptr + dst, _e4m3_bits(k.to(tl.float32) / k_scale), mask=mask)
-        tl.store(v_cache_ptr + dst, _e4m3_bits(v.to(tl.float32) / v_scale), mask=mask)
+        tl.store(v_cache_ptr + v_dst, _e4m3_bits(v.to(tl.float32) / v_scale), mask=mask)
     else:
         tl.store(k_cache_ptr + dst, k.to(k_cache_ptr.dtype.element_ty), mask=mask)
         tl.store(v_cache_ptr + dst, v.to(v_cache_ptr.dtype.element_ty), mask=mask)

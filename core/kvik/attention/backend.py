@@ -179,6 +179,20 @@ class AttentionBackend(ABC, Generic[ArrayT]):
         """Shape of one layer's cache tensor; index 0 selects K (0) or V (1)."""
         return (2, num_blocks, block_size, num_kv_heads, head_size)
 
+    @staticmethod
+    def cache_entries(kv_cache: ArrayT, slots: ArrayT) -> tuple[ArrayT, ArrayT]:
+        """The K and V stored at ``slots`` (flat slot indices, block * block_size + offset), each
+        [len(slots), num_kv_heads, head_size] in the cache's dtype. Where a block keeps an entry is the
+        backend's business (a kernel may want another order inside a block than the shape suggests); tests
+        and tools read a cache through this. The default: both planes laid out as ``kv_cache_shape`` reads,
+        [block, offset, kv_head, dim]."""
+        cache: Any = kv_cache  # torch.Tensor, mx.array, ...: they reshape and index alike
+        num_kv_heads, head_size = cache.shape[-2], cache.shape[-1]
+        return (
+            cache[0].reshape(-1, num_kv_heads, head_size)[slots],
+            cache[1].reshape(-1, num_kv_heads, head_size)[slots],
+        )
+
     @classmethod
     def prepare(cls, metadata: AttentionMetadata[ArrayT]) -> None:
         """Derive per-step data into ``metadata.backend_data``; called once per step."""

@@ -84,8 +84,8 @@ def check_fp8_kv_cache(
         out = backend.forward(q, k, v, cache, metadata)
         # The write: the entries at this step's slots are exactly the reference quantization.
         slots = metadata.slot_mapping
-        for i, (name, want) in enumerate((("K", k8), ("V", v8))):
-            got = fp8_kv.index_select(cache[i].view(-1, num_kv_heads, head_size), 0, slots).float()
+        for name, got8, want in zip("KV", backend_cls.cache_entries(cache, slots), (k8, v8), strict=True):
+            got = got8.float()
             wrong = (got != want.float()).sum().item()
             assert wrong == 0, f"step {step}: {wrong} of {want.numel()} {name} cache entries differ from x / scale in e4m3"
         # The read: attention over the dequantized values, in float32.
