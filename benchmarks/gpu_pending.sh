@@ -31,7 +31,7 @@
 #                  SYNC_OUT_LEN, SYNC_ARGS=--cprofile: where the host's time goes) ~3 min
 #   act_quant      the W8A8 MLP's down-projection input: SiLU-and-mul writing the codes vs the two kernels (14) ~1 min
 #   int8_ws        INT8 GEMM with Triton's warp specialization / a persistent loop vs the committed kernel (14; INT8_WS_ARGS) ~3 min
-#   attn_tiles     decode attention tiles at large batches, bf16 and FP8 cache (14, 21)  ~2 min
+#   attn_tiles     decode tiles at large batches (bf16 and FP8 cache), prefill tiles over an FP8 cache (14, 21)  ~3 min
 #   attn_ab        triton_attention.py prefill + decode, this kernels.py against OLD_KERNELS (a copy of an older
 #                  kvik_triton_attention/kernels.py carried as an untracked file), alternating, ROUNDS (21) ~4 min
 #   long_context   TTFT and batch-1 decode at 8k / 32k / 128k-token prompts, kvik vs transformers (21; LONG_ARGS) ~8 min
@@ -115,7 +115,7 @@ for s in $STAGES; do
                 done ;;
     act_quant) stage act_quant 120 python3 benchmarks/act_quant_probe.py ;;
     int8_ws) stage int8_ws 300 python3 benchmarks/int8_ws_probe.py ${INT8_WS_ARGS:-} ;;
-    attn_tiles) stage attn_tiles 200 python3 benchmarks/triton_attention.py --sections decode_tiles ;;
+    attn_tiles) stage attn_tiles 260 python3 benchmarks/triton_attention.py --sections decode_tiles,prefill_fp8 ;;
     attn_ab) kernels=attention_backends/triton/kvik_triton_attention/kernels.py
              cp "$kernels" /tmp/kernels_new.py
              for r in $(seq ${ROUNDS:-2}); do

@@ -125,7 +125,7 @@ def decode_tiles(record: Recorder) -> None:
     shapes = {"default": ((16, 64, 4), 2), "n128": ((16, 128, 4), 2), "n128w8": ((16, 128, 8), 2),
               "n256w8": ((16, 256, 8), 2), "s3": ((16, 64, 4), 3), "n128s3": ((16, 128, 4), 3),
               "n64w2s3": ((16, 64, 2), 3)}  # fmt: skip
-    # Each variant is the same tile for both caches (the backend's own choice for FP8 is n128s3).
+    # Each variant is the same tile for both caches (the backend's own choice for FP8 is n64w2s3).
     variants = {name: variant(name, decode_tile=tile, fp8_decode_tile=tile, num_stages=stages, fp8_decode_stages=stages)
                 for name, (tile, stages) in shapes.items()}  # fmt: skip
     for batch, ctx in [(256, 830), (128, 830), (256, 2048), (32, 1024)]:
@@ -151,7 +151,9 @@ def decode_tiles(record: Recorder) -> None:
             del cache
 
 
-def prefill(record: Recorder) -> None:
+def prefill(record: Recorder, kv: str = "bf16") -> None:
+    """Prefill / chunked / mixed steps over tiles; ``kv="fp8"``: over an FP8 cache (its V keys-contiguous, which
+    the prefill tile reads otherwise than the decode tile), TFLOP/s without the SDPA peer."""
     variants = {
         "m64n64": TritonAttentionBackend,
         "m128n64w8": variant("M128", prefill_tile=(128, 64, 8)),
@@ -167,6 +169,8 @@ def prefill(record: Recorder) -> None:
         ("mixed", [(0, 1000)] * 4 + [(700, 1)] * 200),
     ]:
         query, cache, meta = make(reqs)
+        if kv == "fp8":
+            cache = cache.to(torch.float8_e4m3fn)
         pairs = sum(n * c + n * (n + 1) // 2 for c, n in reqs)
         flops = 4 * H * D * pairs
         row: dict[str, object] = {"case": label}
@@ -183,7 +187,7 @@ def prefill(record: Recorder) -> None:
                 "TFLOP/s": round(flops / ms / 1e9, 1),
                 "err_vs_first": f"{rel_err(out, ref_out):.1e}",
             }
-        if label == "1x2048":  # SDPA flash on the same tokens, contiguous
+        if label == "1x2048" and kv == "bf16":  # SDPA flash on the same tokens, contiguous
             n = 2048
             q = query.view(1, n, H, D).transpose(1, 2)
             kk = torch.randn(1, KVH, n, D, dtype=query.dtype, device="cuda")
@@ -191,12 +195,12 @@ def prefill(record: Recorder) -> None:
             f = torch.nn.functional.scaled_dot_product_attention
             ms = bench(lambda: f(q, kk, vv, is_causal=True, enable_gqa=True))
             row["sdpa"] = {"ms": round(ms, 3), "TFLOP/s": round(flops / ms / 1e9, 1)}
-        record(event="prefill", **row)
+        record(event="prefill" if kv == "bf16" else "prefill_fp8", **row)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--sections", default="decode,prefill", help="any of decode, decode_tiles, prefill")
+    ap.add_argument("--sections", default="decode,prefill", help="any of decode, decode_tiles, prefill, prefill_fp8")
     args = ap.parse_args()
     record = Recorder("triton_attention")
     torch.manual_seed(0)
@@ -207,6 +211,8 @@ def main() -> None:
         decode_tiles(record)
     if "prefill" in sections:
         prefill(record)
+    if "prefill_fp8" in sections:
+        prefill(record, "fp8")
 
 
 if __name__ == "__main__":
