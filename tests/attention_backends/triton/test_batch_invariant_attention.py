@@ -43,6 +43,14 @@ def test_conformance(cls: type[AttentionBackend], random_cases: int) -> None:
     assert compared == 2 * (5 + random_cases)
 
 
+@pytest.mark.parametrize("cls", BACKENDS)
+def test_conformance_on_an_fp8_cache(cls: type[AttentionBackend]) -> None:
+    """Deterministic mode over an FP8 KV cache: the Triton kernel reads its keys-contiguous V in runs of one
+    block's keys (here runs of 4, the block size) with the same invariant tile as any other cache."""
+    compared = check_batch_invariance(cls, device=DEVICE, heads=HEADS, random_cases=0, cache_dtype=torch.float8_e4m3fn)
+    assert compared == 2 * 5
+
+
 @settings(max_examples=10, deadline=None)
 @given(
     cut=st.integers(1, 39),

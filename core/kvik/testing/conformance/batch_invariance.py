@@ -45,17 +45,23 @@ def make_seq(length: int, seed: int, start: int, end: int, heads: tuple[int, int
 
 
 def run_step(
-    backend: AttentionBackend[torch.Tensor], seqs: list[Seq], block_size: int, device: torch.device, seed: int
+    backend: AttentionBackend[torch.Tensor],
+    seqs: list[Seq],
+    block_size: int,
+    device: torch.device,
+    seed: int,
+    cache_dtype: torch.dtype | None = None,
 ) -> list[torch.Tensor]:
     """One step over ``seqs`` on shuffled blocks, each one's tokens before its chunk cached first (by a
-    step of the backend itself, so any cache layout works): each request's output rows, on the CPU."""
+    step of the backend itself, so any cache layout works): each request's output rows, on the CPU.
+    ``cache_dtype``: the KV cache's (default: the model's, ``seqs``' dtype)."""
     num_kv_heads, head_size = seqs[0].k.shape[1:]
     blocks = [-(-s.end // block_size) for s in seqs]
     num_blocks = 1 + sum(blocks)
     perm = (torch.randperm(num_blocks - 1, generator=torch.Generator().manual_seed(seed)) + 1).tolist()
     tables = [[perm.pop() for _ in range(nb)] for nb in blocks]
     shape = type(backend).kv_cache_shape(num_blocks, block_size, num_kv_heads, head_size)
-    cache = torch.zeros(shape, dtype=seqs[0].q.dtype, device=device)
+    cache = torch.zeros(shape, dtype=cache_dtype or seqs[0].q.dtype, device=device)
     cached = [(Seq(s.q, s.k, s.v, 0, s.start), t) for s, t in zip(seqs, tables, strict=True) if s.start > 0]
     if cached:
         _forward(backend, cache, [c for c, _ in cached], [t for _, t in cached], block_size, device)
@@ -108,10 +114,12 @@ def check_batch_invariance(
     length: int = 45,
     random_cases: int = 4,
     seed: int = 0,
+    cache_dtype: torch.dtype | None = None,
 ) -> int:
     """Check that ``backend_cls(..., batch_invariant=True)`` gives a request's rows the same bits alone,
-    in any batch and in any chunking. Returns the number of steps compared; raises ``AssertionError``
-    listing every mismatch (or when the backend does not declare ``supports_batch_invariance``)."""
+    in any batch and in any chunking (``cache_dtype``: e.g. ``torch.float8_e4m3fn`` for an FP8 KV cache).
+    Returns the number of steps compared; raises ``AssertionError`` listing every mismatch (or when the
+    backend does not declare ``supports_batch_invariance``)."""
     if not backend_cls.supports_batch_invariance:
         raise AssertionError(f"{backend_cls.__name__} does not declare supports_batch_invariance")
     device = torch.device(device)
@@ -137,11 +145,11 @@ def check_batch_invariance(
     compared = 0
     for window in windows:
         backend = backend_cls(num_heads, head_size, num_kv_heads, head_size**-0.5, window, batch_invariant=True)
-        whole = run_step(backend, [make_seq(length, 7, 0, length, heads, dtype)], block_size, device, seed=0)[0]
+        whole = run_step(backend, [make_seq(length, 7, 0, length, heads, dtype)], block_size, device, 0, cache_dtype)[0]
         for i, ((a, b), neighbours, place) in enumerate(cases):
             seqs = [make_seq(n, 100 + 10 * i + j, s, e, heads, dtype) for j, (n, s, e) in enumerate(neighbours)]
             seqs.insert(place, make_seq(length, 7, a, b, heads, dtype))
-            got = run_step(backend, seqs, block_size, device, seed=i + 1)[place]
+            got = run_step(backend, seqs, block_size, device, i + 1, cache_dtype)[place]
             compared += 1
             if not torch.equal(got, whole[a:b]):
                 bad = int((got != whole[a:b]).any(dim=-1).any(dim=-1).sum())
