@@ -203,6 +203,7 @@ class LLMEngine:
             max_loras=cfg.max_loras if cfg.enable_lora else 0,
             pending_tokens=self.async_scheduling,
             micro_batches=1 if self.async_scheduling else stages,
+            sliding_window=self._shared_sliding_window(),
         )
         if self.loras is not None and self.runner is not None:
             self.scheduler.lora_loading = self.runner.lora_loading
@@ -235,6 +236,15 @@ class LLMEngine:
         )
 
     # -- set-up --------------------------------------------------------------
+    def _shared_sliding_window(self) -> int | None:
+        """The window every attention layer slides with, when they share one (Mistral v0.1, Phi-3-mini-4k): the
+        scheduler then releases the blocks it has passed. None when some layer sees the whole context (Gemma's
+        global layers: releasing per layer group is not built), or when a draft model reads the same tables."""
+        windows = set(self.model_config.layer_sliding_windows)
+        if len(windows) != 1 or None in windows or getattr(self.proposer, "drafter", None) is not None:
+            return None
+        return windows.pop()
+
     def _make_proposer(self, spec: SpeculativeConfig, caps: RunnerCapabilities) -> Proposer:
         if not caps.speculative_decoding:
             raise ValueError(

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from types import MappingProxyType
 
 from kvik.request import Request
-from kvik.scheduling.block_pool import BlockPool, KVCacheBlock, hash_block_tokens
+from kvik.scheduling.block_pool import NULL_BLOCK_ID, BlockPool, KVCacheBlock, hash_block_tokens
 
 
 @dataclass(slots=True)
@@ -52,6 +52,8 @@ class KVCacheManager:
         self._block_ids: dict[str, list[int]] = {}  # request id -> its table's block ids (kept for speed)
         self._hashes: dict[str, list[bytes]] = {}  # request id -> hash of each full block of its tokens
         self._num_cached: dict[str, int] = {}  # request id -> leading blocks already registered in the cache
+        # request id -> leading blocks released behind a sliding window (the null block stands in for them)
+        self._num_released: dict[str, int] = {}
 
     # ----------------------------------------------------------------- queries
     @property
@@ -204,7 +206,8 @@ class KVCacheManager:
         table = self._blocks.get(request.request_id)
         if table is None:
             return
-        start = self._num_cached[request.request_id]
+        # Blocks released behind a window before they were registered stay unregistered.
+        start = max(self._num_cached[request.request_id], self._num_released.get(request.request_id, 0))
         num_full = min(num_computed_tokens // self.block_size, len(table))
         if num_full <= start:
             return
@@ -218,7 +221,27 @@ class KVCacheManager:
         self._block_ids.pop(request.request_id, None)
         self._num_cached.pop(request.request_id, None)
         self._hashes.pop(request.request_id, None)
-        self.pool.free_blocks(reversed(table))
+        released = self._num_released.pop(request.request_id, 0)
+        self.pool.free_blocks(reversed(table[released:]))
+
+    def release_leading_blocks(self, request_id: str, num_blocks: int) -> bool:
+        """Release the request's first ``num_blocks`` blocks, which no attention of its will read again (a
+        sliding window has passed them): the table keeps its length, the null block standing in for each.
+        Their KV stays in the prefix cache until evicted. Returns whether any block was released."""
+        table = self._blocks.get(request_id)
+        done = self._num_released.get(request_id, 0)
+        if table is None or num_blocks <= done:
+            return False
+        n = min(num_blocks, len(table))
+        released = table[done:n]
+        null = self.pool.null_block
+        ids = self._block_ids[request_id]
+        for i in range(done, n):
+            table[i] = null
+            ids[i] = NULL_BLOCK_ID
+        self._num_released[request_id] = n
+        self.pool.free_blocks(reversed(released))
+        return bool(released)
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached hash (e.g. after weights change); running requests keep their blocks."""

@@ -86,6 +86,7 @@ class Scheduler:
         max_loras: int = 0,
         pending_tokens: bool = True,
         micro_batches: int = 1,
+        sliding_window: int | None = None,
     ) -> None:
         for name, value in (
             ("block_size", block_size),
@@ -117,6 +118,10 @@ class Scheduler:
         # that arrived at once splits into groups that alternate through the stages instead of leaving
         # every stage but one idle while it waits for its tokens.
         self.micro_batches = micro_batches
+        # Every attention layer's window, when they share one (None: some layer sees the whole context): the
+        # blocks a window has passed are released as requests advance (vLLM frees them the same way), so a
+        # long request holds ~window / block_size blocks instead of its whole length.
+        self.sliding_window = sliding_window
         # Only meaningful with chunked prefill: one request gets at most this many tokens per step.
         self.long_prefill_token_threshold = long_prefill_token_threshold if enable_chunked_prefill else 0
         self.waiting = create_request_queue(policy)
@@ -323,6 +328,8 @@ class Scheduler:
             picked.sort(key=lambda item: item[0].lora_request.lora_int_id if item[0].lora_request else 0)
         requests = list(map(_first, picked))
         request_ids = list(map(_request_id, requests))
+        if self.sliding_window is not None:
+            self._release_behind_window(requests)
         sent = list(map(self._sent_blocks.__contains__, request_ids))  # False: the whole table goes out
         new_block_ids = self.kv_cache.new_block_ids(request_ids, self._sent_blocks)
         out = SchedulerOutput(
@@ -406,6 +413,22 @@ class Scheduler:
         self._release(request)  # update_from_output drops it from ``running``
 
     # ------------------------------------------------------------------ helpers
+    def _release_behind_window(self, requests: list[Request]) -> None:
+        """Release the blocks no query of these requests can see any more. This step's queries start at
+        ``num_computed_tokens`` (not yet advanced) and see keys from ``start - window + 1`` on; later steps start
+        no earlier (a verify step's rejected drafts roll back to no earlier than its own start), and a step still
+        in flight reads its blocks before any later step can write a released one (steps run in order on the
+        device). One block of margin: kernels read whole KV tiles, and the masked part of a tile straddling the
+        window's edge then comes from the null block (finite values, weight 0). The runner gets the whole table
+        again, nulls included."""
+        window, bs = self.sliding_window, self.block_size
+        assert window is not None
+        release = self.kv_cache.release_leading_blocks
+        for request in requests:
+            behind = (request.num_computed_tokens - window + 1) // bs - 1
+            if behind > 0 and release(request.request_id, behind):
+                self._sent_blocks.pop(request.request_id, None)
+
     def _lora_fits(self, request: Request, loras: set[int]) -> bool:
         """True when the request is a base-model one, or its adapter is in the step or a slot is left."""
         lora = request.lora_request

@@ -133,3 +133,27 @@ def test_n_samples_and_input_order(reference):
     for o in outs:
         assert [c.index for c in o.outputs] == [0, 1, 2]
         assert all(len(c.token_ids) == 8 for c in o.outputs)
+
+
+def test_a_model_whose_layers_all_slide_releases_blocks_and_matches_hf(tiny_model_dir, monkeypatch) -> None:
+    """Every layer of this Mistral slides (window 12, blocks of 4): the scheduler releases the blocks the window
+    has passed, and the greedy tokens stay transformers', with chunked prefill and prefix caching doing work."""
+    from kvik.scheduling.kv_cache_manager import KVCacheManager
+
+    released: list[int] = []
+    release = KVCacheManager.release_leading_blocks
+
+    def counting(self, request_id: str, num_blocks: int) -> bool:
+        done = release(self, request_id, num_blocks)
+        released.append(int(done))
+        return done
+
+    monkeypatch.setattr(KVCacheManager, "release_leading_blocks", counting)
+    path = tiny_model_dir(arch="mistral", sliding_window=12)
+    base = random_prompts(4, seed=5, low=30, high=60)
+    prompts = base + [base[0] + p for p in random_prompts(2, seed=6, low=5, high=20)]
+    expected = hf_greedy(path, prompts, NEW_TOKENS)
+    llm = _llm(path, block_size=4, max_num_batched_tokens=24)
+    assert llm.llm_engine.scheduler.sliding_window == 12
+    assert _tokens(llm.generate(prompts, GREEDY)) == expected
+    assert sum(released) > 0

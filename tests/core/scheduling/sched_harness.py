@@ -133,11 +133,18 @@ class FakeRunner:
             if sr.sample:
                 end = sr.start_pos + sr.num_new_tokens
                 true_tokens = true_of[sr.request_id]
-                context = [self.kv.get(self.slot(table_of[sr.request_id], p)) for p in range(end)]
-                assert context == [(t, p) for p, t in enumerate(true_tokens[:end])], f"bad KV for {sr.request_id}"
+                first = self.first_visible(sr.start_pos)  # what the step's first query can see
+                context = [self.kv.get(self.slot(table_of[sr.request_id], p)) for p in range(first, end)]
+                want = [(t, p) for p, t in enumerate(true_tokens[:end])][first:]
+                assert context == want, f"bad KV for {sr.request_id}"
                 sampled[sr.request_id] = [next_token(true_tokens[:end])]
         self.last_sampled = {rid: tokens[0] for rid, tokens in sampled.items()}
         return RunnerOutput(sampled_token_ids=sampled)
+
+    def first_visible(self, pos: int) -> int:
+        """The first key position a query at ``pos`` attends to (all of them without a sliding window)."""
+        window = self.scheduler.sliding_window
+        return 0 if window is None else max(0, pos - window + 1)
 
     def true_tokens(self, sr: ScheduledRequest) -> list[int]:
         """The request's tokens, with the one the previous step sampled (async: not yet appended)."""
@@ -154,7 +161,8 @@ class FakeRunner:
         for request in sched.running:
             block_ids = sched.kv_cache.get_block_ids(request)
             assert self.tables.block_ids(request.request_id) == block_ids, request.request_id
-            for p in range(request.num_computed_tokens):
+            # (A sliding window: the tokens its next query can still see.)
+            for p in range(self.first_visible(request.num_computed_tokens), request.num_computed_tokens):
                 assert self.kv.get(self.slot(block_ids, p)) == (request.all_token_ids[p], p), (request.request_id, p)
 
 
@@ -174,6 +182,9 @@ def check_invariants(sched: Scheduler) -> None:
     holders: Counter[int] = Counter()
     for request_id, table in tables.items():
         ids = [b.block_id for b in table]
+        if sched.sliding_window is not None:  # blocks behind the window are released: null, at the head only
+            released = next((i for i, b in enumerate(ids) if b != NULL_BLOCK_ID), len(ids))
+            ids = ids[released:]
         assert len(ids) == len(set(ids)), f"{request_id} holds a block twice"
         assert NULL_BLOCK_ID not in ids
         holders.update(ids)
@@ -197,7 +208,7 @@ def check_invariants(sched: Scheduler) -> None:
     for request in sched.running:
         hashes = kv.block_hashes(request)
         for i, block in enumerate(tables.get(request.request_id, [])):
-            if block.ref_cnt > 1:
+            if block.block_id != NULL_BLOCK_ID and block.ref_cnt > 1:
                 assert i < len(hashes), "a shared block is not full"
                 positions.setdefault(block.block_id, set()).add((i, hashes[i]))
     assert all(len(p) == 1 for p in positions.values()), "a block is shared by different prefixes"

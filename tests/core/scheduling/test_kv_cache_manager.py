@@ -111,3 +111,34 @@ def test_prefix_cache_stats_count_admissions() -> None:
     assert stats.hit_rate == 8 / 18
     kv.reset_prefix_cache()
     assert kv.get_computed_blocks(make_request("c", prompt))[1] == 0
+
+
+def test_releasing_leading_blocks_keeps_the_table_length_and_their_cached_kv() -> None:
+    """Blocks a sliding window has passed go back to the pool (the null block stands in for them); their
+    KV stays hittable until evicted, and freeing the request later releases only the rest."""
+    kv = KVCacheManager(num_blocks=16, block_size=4, max_model_len=64)
+    prompt = list(range(10, 30))  # 20 tokens = 5 full blocks
+    a = make_request("a", prompt)
+    _compute(kv, a)
+    blocks = list(kv.get_blocks("a"))
+    free_before = kv.num_free_blocks
+    assert kv.release_leading_blocks("a", 2)
+    assert not kv.release_leading_blocks("a", 2)  # already released
+    assert kv.num_free_blocks == free_before + 2
+    assert kv.get_block_ids(a)[:2] == [0, 0] and kv.get_block_ids(a)[2:] == [b.block_id for b in blocks[2:]]
+    assert len(kv.get_blocks("a")) == 5
+    # The released blocks' KV is still cached: a request with the same prompt hits all four blocks.
+    hits, n = kv.get_computed_blocks(make_request("b", prompt))
+    assert n == 16 and hits[:2] == blocks[:2]
+    kv.free(a)  # no double free of the released two, nor of the null block
+    assert kv.num_free_blocks == 15
+
+
+def test_blocks_released_before_they_were_registered_stay_unregistered() -> None:
+    kv = KVCacheManager(num_blocks=16, block_size=4, max_model_len=64)
+    a = make_request("a", list(range(10, 30)))
+    assert kv.allocate_slots(a, 20) is not None
+    assert kv.release_leading_blocks("a", 3)
+    a.num_computed_tokens = 20
+    kv.cache_blocks(a, 20)  # registers blocks 3 and 4 only, never the null block
+    assert kv.pool.num_cached_blocks == 2

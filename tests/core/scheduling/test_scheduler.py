@@ -309,3 +309,28 @@ def test_pipeline_micro_batches_hold_disjoint_requests_and_alternate() -> None:
     assert sched.schedule().is_empty  # everything is in flight
     sched.update_from_output(first, runner.execute(first))
     assert [r.request_id for r in sched.schedule().scheduled] == ["a", "b"]  # back as soon as its tokens land
+
+
+def test_a_sliding_window_releases_the_blocks_it_has_passed() -> None:
+    """Every layer slides with window 6 (blocks of 2): a 40-token request holds at most the window's blocks
+    plus margin at any step, the runner gets the whole table (nulls at the head) each time blocks go, and
+    the tokens are the reference's."""
+    sched = Scheduler(num_blocks=64, block_size=2, max_num_batched_tokens=8, max_num_seqs=2, max_model_len=64,
+                      sliding_window=6)  # fmt: skip
+    request = make_request("a", list(range(2, 26)), max_tokens=16, ignore_eos=True)
+    sched.add_request(request)
+    runner = FakeRunner(sched)
+    held, resent = [], 0
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        resent += sum(1 for sr in out.scheduled if sr.full_block_table and sr.start_pos > 0)
+        sched.update_from_output(out, runner.execute(out))
+        if sched.running:
+            table = sched.kv_cache.get_blocks("a")
+            held.append(sum(1 for b in table if b.block_id != 0))
+            check_invariants(sched)
+            runner.check_computed_kv()
+    assert max(held) <= 6 // 2 + 5  # the window's blocks, one of margin, this step's chunk (8 tokens)
+    assert resent > 0
+    assert request.output_token_ids == reference_generate(request, 64)[0]
+    assert sched.kv_cache.num_free_blocks == sched.kv_cache.pool.num_usable_blocks

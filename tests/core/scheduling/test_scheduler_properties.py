@@ -115,11 +115,13 @@ def _params(sp) -> dict:
     threshold=st.sampled_from([0, 0, 3]),
     resets=st.frozensets(st.integers(0, 20), max_size=2),
     overlap=st.booleans(),
+    window=st.sampled_from([None, None, 2, 5, 13]),
 )
 def test_random_workloads_produce_reference_tokens(
-    workload, pool_slack, extra_len, budget, max_num_seqs, caching, chunked, policy, threshold, resets, overlap
+    workload, pool_slack, extra_len, budget, max_num_seqs, caching, chunked, policy, threshold, resets, overlap, window
 ) -> None:
-    """``overlap``: async scheduling (step n+1 scheduled and run before step n's update)."""
+    """``overlap``: async scheduling (step n+1 scheduled and run before step n's update). ``window``: every layer
+    slides, so blocks behind it are released (the fake runner then reads only what the window shows)."""
     block_size, raws = workload
     longest = max(len(r.prompt) for r in raws)
     max_model_len = longest + extra_len
@@ -137,6 +139,7 @@ def test_random_workloads_produce_reference_tokens(
         enable_chunked_prefill=chunked,
         policy=policy,
         long_prefill_token_threshold=threshold,
+        sliding_window=window,
     )
     specs = build(raws)
     result = run_workload(sched, specs, reset_cache_steps=resets, overlap=overlap)

@@ -40,8 +40,9 @@ def _execute(runner: FakeRunner, out: SchedulerOutput) -> RunnerOutput:
         known = sr.prompt_token_ids + sr.output_token_ids
         end = sr.start_pos + sr.num_new_tokens - k  # the context of the first sampled position
         assert end == len(known) and sr.token_ids[len(sr.token_ids) - k :] == sr.draft_token_ids
-        context = [runner.kv.get(runner.slot(block_ids, p)) for p in range(end)]
-        assert context == [(t, p) for p, t in enumerate(known)], f"bad KV for {sr.request_id}"
+        first = runner.first_visible(sr.start_pos)  # a sliding window: what the step's first query sees
+        context = [runner.kv.get(runner.slot(block_ids, p)) for p in range(first, end)]
+        assert context == [(t, p) for p, t in enumerate(known)][first:], f"bad KV for {sr.request_id}"
         tokens = []
         for j in range(k + 1):
             t = next_token(known + tokens)
@@ -75,10 +76,12 @@ def _check_cached_blocks_hold_known_tokens(runner: FakeRunner) -> None:
     max_tokens=st.lists(st.integers(1, 14), min_size=5, max_size=5),
     corrupt=st.lists(st.booleans(), min_size=64, max_size=64),
     prefix_caching=st.booleans(),
+    window=st.sampled_from([None, None, 2, 5]),
 )
 def test_verify_rows_roll_back_exactly(
-    block_size, num_blocks, budget, k, prompts, max_tokens, corrupt, prefix_caching
+    block_size, num_blocks, budget, k, prompts, max_tokens, corrupt, prefix_caching, window
 ) -> None:
+    """``window``: every layer slides; blocks behind it are released even as verify steps roll drafts back."""
     max_len = 40
     sched = Scheduler(
         num_blocks=num_blocks,
@@ -87,6 +90,7 @@ def test_verify_rows_roll_back_exactly(
         max_num_seqs=4,
         max_model_len=max_len,
         enable_prefix_caching=prefix_caching,
+        sliding_window=window,
     )
     shared = prompts[0][:6]
     requests = [make_request(f"r{i}", shared + p, max_tokens[i]) for i, p in enumerate(prompts)]
