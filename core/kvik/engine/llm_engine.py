@@ -243,7 +243,9 @@ class LLMEngine:
         windows = set(self.model_config.layer_sliding_windows)
         if len(windows) != 1 or None in windows or getattr(self.proposer, "drafter", None) is not None:
             return None
-        return windows.pop()
+        window = windows.pop()
+        logger.info("every layer slides with a %d-token window: KV blocks behind it are released", window)
+        return window
 
     def _make_proposer(self, spec: SpeculativeConfig, caps: RunnerCapabilities) -> Proposer:
         if not caps.speculative_decoding:
