@@ -2,7 +2,8 @@
 shapes (random weights, ``load_format="dummy"``): q/k rotary (and Qwen3's q/k norms) inside the Triton
 attention kernel (``no_rotary``: the separate rotary kernel), and SiLU inside the one-row gate/up GEMV
 (``no_gated_mlp``: the SiLU kernel; Qwen3-30B-A3B has no dense MLP, so it skips this one), and the GEMV's
-config for wide weights (``one_gemv_config``: the default for every shape). ``VARIANTS=all,no_rotary`` picks
+config for wide weights (``one_gemv_config``: the default for every shape); ``splits_4`` / ``splits_8`` fix decode
+attention's KV split count (the planner picks 16 at max_model_len 2048). ``VARIANTS=all,no_rotary`` picks
 some, ``ROUNDS=3`` repeats them more.
 
     python3 benchmarks/decode_fusions_ab.py llama8b,qwen3_30b_a3b   # H200: ~9 min; $OUT/decode_fusions_ab.json
@@ -25,7 +26,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 
-VARIANTS = ("all", "no_rotary", "no_gated_mlp", "one_gemv_config")
+VARIANTS = ("all", "no_rotary", "no_gated_mlp", "one_gemv_config", "splits_4", "splits_8")
 
 
 def batch1(shape: str, variant: str) -> dict[str, object]:
@@ -48,6 +49,10 @@ def batch1(shape: str, variant: str) -> dict[str, object]:
         from kvik_cuda import gemv
 
         gemv.config_for = lambda n, k: gemv.DenseGemvConfig()
+    elif variant.startswith("splits_"):  # a fixed KV split count for decode attention, not the planned one
+        from kvik_triton_attention.backend import TritonAttentionBackend
+
+        TritonAttentionBackend.force_num_splits = int(variant.removeprefix("splits_"))
     path = config_dir(shape, Path("/tmp/kvik_models"))
     vocab = CONFIGS[shape]["vocab_size"]
     llm = kvik.LLM(model=str(path), load_format="dummy", dtype="bfloat16", max_model_len=2048, max_num_seqs=32,
