@@ -162,6 +162,7 @@ class LLMEngine:
                         + (" with more than one rank (tensor/pipeline parallelism)" if self.runner is None else "")
                     )
                 self.loras = LoRARegistry(self.runner)
+            self.sliding_window = self._shared_sliding_window()
             with step("profiling memory"):
                 self.memory_plan = self._plan_memory()
             self.model_config.max_model_len = self.memory_plan.max_model_len
@@ -203,7 +204,7 @@ class LLMEngine:
             max_loras=cfg.max_loras if cfg.enable_lora else 0,
             pending_tokens=self.async_scheduling,
             micro_batches=1 if self.async_scheduling else stages,
-            sliding_window=self._shared_sliding_window(),
+            sliding_window=self.sliding_window,
         )
         if self.loras is not None and self.runner is not None:
             self.scheduler.lora_loading = self.runner.lora_loading
@@ -290,6 +291,8 @@ class LLMEngine:
                 auto_max_model_len=config.fit_max_model_len,
                 kv_cache_memory=config.kv_cache_memory,
                 num_blocks=config.num_kv_blocks,
+                sliding_window=self.sliding_window,
+                step_tokens=config.max_num_batched_tokens,
             )
             for rank in ranks
         ]

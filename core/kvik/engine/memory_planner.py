@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 
+from kvik.scheduling.kv_cache_manager import max_blocks_per_request
+
 logger = logging.getLogger(__name__)
 
 GiB = 1 << 30
@@ -19,6 +21,8 @@ class MemoryPlan:
     activation_bytes: int
     kv_bytes: int
     max_model_len: int
+    # The most blocks one request holds at once: its whole length, or less when every layer slides.
+    blocks_per_request: int
 
     @property
     def kv_tokens(self) -> int:
@@ -27,7 +31,7 @@ class MemoryPlan:
     @property
     def max_concurrent_full_length(self) -> int:
         """How many max_model_len-long requests fit in the cache at once."""
-        return self.kv_tokens // self.max_model_len
+        return (self.num_blocks - 1) // self.blocks_per_request
 
     def summary(self) -> str:
         return (
@@ -36,10 +40,6 @@ class MemoryPlan:
             f"({self.kv_tokens} tokens); max_model_len {self.max_model_len}: "
             f"{self.max_concurrent_full_length} concurrent full-length requests"
         )
-
-
-def _ceil_div(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 def plan_memory(
@@ -56,6 +56,8 @@ def plan_memory(
     auto_max_model_len: bool,
     kv_cache_memory: int = 0,
     num_blocks: int = 0,
+    sliding_window: int | None = None,
+    step_tokens: int = 0,
 ) -> MemoryPlan:
     """Size the KV pool and check ``max_model_len`` against it.
 
@@ -63,7 +65,9 @@ def plan_memory(
     then ``utilization`` of the device's total memory minus weights and
     activations (and never more than is free now). The pool is capped at what
     ``max_num_seqs`` full-length requests could ever use, so small models do not
-    reserve memory they cannot touch.
+    reserve memory they cannot touch. ``sliding_window``: the window every layer slides with, when they
+    share one; a request then holds only the window's blocks and a step's (``step_tokens``) at once, so
+    ``max_model_len`` may exceed the pool.
     """
     if block_bytes <= 0:
         raise ValueError(f"block_bytes must be positive, got {block_bytes}")
@@ -84,7 +88,7 @@ def plan_memory(
                 "or set kv_cache_memory explicitly"
             )
     blocks = num_blocks or budget // block_bytes
-    blocks_per_seq = _ceil_div(max_model_len, block_size)
+    blocks_per_seq = max_blocks_per_request(max_model_len, block_size, sliding_window, step_tokens)
     if not num_blocks:
         blocks = min(blocks, max_num_seqs * blocks_per_seq + 1)
     if blocks < 2:
@@ -93,17 +97,22 @@ def plan_memory(
             "give the KV cache more memory"
         )
     usable_tokens = (blocks - 1) * block_size  # one block is the reserved padding block
-    if max_model_len > usable_tokens:
+    if blocks_per_seq > blocks - 1:
         fitting = usable_tokens
         if auto_max_model_len:
             logger.warning(
                 "max_model_len lowered from %d to %d to fit the KV cache (%s)", max_model_len, fitting, source
             )
             max_model_len = fitting
+            blocks_per_seq = max_blocks_per_request(max_model_len, block_size, sliding_window, step_tokens)
         else:
             short = (blocks_per_seq + 1 - blocks) * block_bytes
+            needs = f"needs {blocks_per_seq} KV blocks" if sliding_window is None else (
+                f"needs {blocks_per_seq} KV blocks per request (its {sliding_window}-token sliding window and "
+                f"a step's {step_tokens} tokens)"
+            )
             raise ValueError(
-                f"max_model_len {max_model_len} needs {blocks_per_seq} KV blocks but only {blocks - 1} fit "
+                f"max_model_len {max_model_len} {needs} but only {blocks - 1} fit "
                 f"({source}; short by {short / GiB:.3f} GiB). The largest max_model_len that fits is {fitting}: "
                 f"pass max_model_len={fitting} (or 'auto'), or give the KV cache more memory"
             )
@@ -115,6 +124,7 @@ def plan_memory(
         activation_bytes=activation_bytes,
         kv_bytes=blocks * block_bytes,
         max_model_len=max_model_len,
+        blocks_per_request=blocks_per_seq,
     )
     logger.info("memory plan: %s", plan.summary())
     return plan

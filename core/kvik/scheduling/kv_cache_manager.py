@@ -39,13 +39,34 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def max_blocks_per_request(max_model_len: int, block_size: int, sliding_window: int | None, step_tokens: int) -> int:
+    """The most blocks one request ever holds at once: its whole length, or with a window every layer slides
+    with, the blocks a step can see (the window behind its first query, one block of margin) plus the blocks
+    its ``step_tokens`` new tokens fill, whichever is less. The memory planner sizes the pool from this."""
+    whole = cdiv(max_model_len, block_size)
+    if sliding_window is None:
+        return whole
+    # Kept from block (start - window + 1) // bs - 1 on (first_needed_block) up to cdiv(start + n, bs), n <= step_tokens.
+    return min(whole, (sliding_window + step_tokens - 3) // block_size + 3)
+
+
 class KVCacheManager:
     """Allocates, caches and frees the KV blocks of each request."""
 
-    def __init__(self, num_blocks: int, block_size: int, max_model_len: int, enable_prefix_caching: bool = True):
+    def __init__(
+        self,
+        num_blocks: int,
+        block_size: int,
+        max_model_len: int,
+        enable_prefix_caching: bool = True,
+        sliding_window: int | None = None,
+    ):
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.enable_prefix_caching = enable_prefix_caching
+        # The window every attention layer slides with (None: some layer sees the whole context). Blocks behind
+        # it are released as requests advance, and a prefix hit needs only the blocks its window still shows.
+        self.sliding_window = sliding_window
         self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching)
         self.prefix_cache_stats = PrefixCacheStats()
         self._blocks: dict[str, list[KVCacheBlock]] = {}  # request id -> block table
@@ -146,12 +167,36 @@ class KVCacheManager:
             return [], 0  # mean / CLS pooling reads every token's state: compute them all
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
         hits: list[KVCacheBlock] = []
-        for block_hash in self.block_hashes(request)[:max_hit_blocks]:
-            block = self.pool.get_cached_block(block_hash)
-            if block is None:
-                break
-            hits.append(block)
-        return hits, len(hits) * self.block_size
+        lookup = self.pool.get_cached_block
+        if self.sliding_window is None:
+            for block_hash in self.block_hashes(request)[:max_hit_blocks]:
+                block = lookup(block_hash)
+                if block is None:
+                    break
+                hits.append(block)
+            return hits, len(hits) * self.block_size
+        # Every layer slides: a hit of n blocks needs only blocks first_needed_block(n * bs) .. n - 1 cached (the
+        # chained hash of each proves the tokens before it); the null block stands in for the ones before. The
+        # longest such n wins, though blocks before it were evicted.
+        best, run = 0, 0  # run: cached blocks in a row ending at block i
+        for i, block_hash in enumerate(self.block_hashes(request)[:max_hit_blocks]):
+            block = lookup(block_hash)
+            run = run + 1 if block is not None else 0
+            hits.append(block)  # type: ignore[arg-type]  # None only before the chosen hit's first needed block
+            if run and run >= i + 1 - self.first_needed_block((i + 1) * self.block_size):
+                best = i + 1
+        first = self.first_needed_block(best * self.block_size)
+        null = self.pool.null_block
+        return [null] * first + hits[first:best], best * self.block_size
+
+    def first_needed_block(self, start: int) -> int:
+        """The first block a step whose queries start at position ``start`` (and every later step) reads: 0
+        without a sliding window. One block of margin before the window's edge: kernels read whole KV tiles,
+        and the masked part of a tile straddling the edge then comes from the null block (finite values, weight 0)."""
+        window = self.sliding_window
+        if window is None:
+            return 0
+        return max(0, (start - window + 1) // self.block_size - 1)
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, new_computed_blocks: list[KVCacheBlock] | None = None
@@ -186,7 +231,16 @@ class KVCacheManager:
             self._blocks[request.request_id] = table
             self._block_ids[request.request_id] = []
             self._num_cached[request.request_id] = len(hits)
-        self.pool.touch(hits)
+        null = self.pool.null_block
+        num_null = 0  # a windowed hit's leading blocks, which its window no longer shows
+        while num_null < len(hits) and hits[num_null] is null:
+            num_null += 1
+        if num_null:
+            self._num_released[request.request_id] = num_null
+            hits_held = hits[num_null:]
+        else:
+            hits_held = hits
+        self.pool.touch(hits_held)
         new_blocks = self.pool.get_new_blocks(num_needed)
         ids = self._block_ids[request.request_id]
         for blocks in (hits, new_blocks):
@@ -223,6 +277,14 @@ class KVCacheManager:
         self._hashes.pop(request.request_id, None)
         released = self._num_released.pop(request.request_id, 0)
         self.pool.free_blocks(reversed(table[released:]))
+
+    def release_behind_window(self, request: Request) -> bool:
+        """Release the blocks no query of the request's next step (or any later one) reads: those before
+        ``first_needed_block(num_computed_tokens)``. A step still in flight reads its blocks before any later
+        step can write a released one (steps run in order on the device), and a verify step's rejected drafts
+        roll back to no earlier than that step's start. Returns whether any block was released."""
+        first = self.first_needed_block(request.num_computed_tokens)
+        return first > 0 and self.release_leading_blocks(request.request_id, first)
 
     def release_leading_blocks(self, request_id: str, num_blocks: int) -> bool:
         """Release the request's first ``num_blocks`` blocks, which no attention of its will read again (a

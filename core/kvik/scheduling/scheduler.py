@@ -37,7 +37,7 @@ from dataclasses import fields
 from operator import attrgetter, itemgetter
 
 from kvik.request import FIRST_FINISHED, Request, RequestStatus
-from kvik.scheduling.kv_cache_manager import KVCacheManager, cdiv
+from kvik.scheduling.kv_cache_manager import KVCacheManager, max_blocks_per_request
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.scheduling.request_queue import create_request_queue
 from kvik.scheduling.stats import SchedulerStats
@@ -125,13 +125,16 @@ class Scheduler:
         # Only meaningful with chunked prefill: one request gets at most this many tokens per step.
         self.long_prefill_token_threshold = long_prefill_token_threshold if enable_chunked_prefill else 0
         self.waiting = create_request_queue(policy)
-        self.kv_cache = KVCacheManager(num_blocks, block_size, max_model_len, enable_prefix_caching)
+        self.kv_cache = KVCacheManager(num_blocks, block_size, max_model_len, enable_prefix_caching, sliding_window)
         self.running: list[Request] = []  # admission order
         self.requests: dict[str, Request] = {}  # live (unfinished) requests
-        # A sequence can never hold more tokens than the whole pool: a request
+        # A sequence can never hold more blocks than the whole pool: a request
         # stops with "length" there, so a lone request always fits and
-        # preemption can never deadlock.
+        # preemption can never deadlock. With a window every layer slides with,
+        # a request holds at most the window's blocks and a step's, at any length.
         capacity = self.kv_cache.pool.num_usable_blocks * block_size
+        if self._blocks_held_at_most(max_model_len) <= self.kv_cache.pool.num_usable_blocks:
+            capacity = max_model_len
         if capacity < max_model_len:
             logger.warning(
                 "the KV cache holds %d tokens (%d blocks of %d), less than max_model_len=%d: "
@@ -172,9 +175,9 @@ class Scheduler:
                 "Shorten the prompt or raise max_model_len."
             )
         num_usable = self.kv_cache.pool.num_usable_blocks
-        if cdiv(n, self.block_size) > num_usable:
+        if self._blocks_held_at_most(n) > num_usable:
             raise ValueError(
-                f"request {request.request_id!r}: the prompt has {n} tokens and needs {cdiv(n, self.block_size)} "
+                f"request {request.request_id!r}: the prompt has {n} tokens and needs {self._blocks_held_at_most(n)} "
                 f"KV blocks of {self.block_size} tokens, but the whole KV cache has only {num_usable} blocks "
                 f"({num_usable * self.block_size} tokens), so it could never run. Shorten the prompt or give "
                 "the KV cache more memory / blocks."
@@ -259,6 +262,7 @@ class Scheduler:
         running = self.running
         allocate = self.kv_cache.allocate_slots
         num_new_tokens = self._num_new_tokens
+        window = self.sliding_window
         group = -(-len(running) // self.micro_batches)  # running requests one step takes at most
         while i < len(running) and budget > 0 and len(scheduled) < group:
             request = running[i]
@@ -266,6 +270,10 @@ class Scheduler:
             if num_new == 0 or (request.lora_request is not None and not self._lora_fits(request, loras)):
                 i += 1  # no work, or its adapter finds no slot this step: it waits (keeping its blocks)
                 continue
+            if window is not None and self.kv_cache.release_behind_window(request):
+                # Before allocating, so a request holds at most max_blocks_per_request blocks. The runner
+                # gets the whole table again, nulls included.
+                self._sent_blocks.pop(request.request_id, None)
             while allocate(request, num_new) is None:
                 victim = self._choose_victim()
                 j = self.running.index(victim)
@@ -328,8 +336,6 @@ class Scheduler:
             picked.sort(key=lambda item: item[0].lora_request.lora_int_id if item[0].lora_request else 0)
         requests = list(map(_first, picked))
         request_ids = list(map(_request_id, requests))
-        if self.sliding_window is not None:
-            self._release_behind_window(requests)
         sent = list(map(self._sent_blocks.__contains__, request_ids))  # False: the whole table goes out
         new_block_ids = self.kv_cache.new_block_ids(request_ids, self._sent_blocks)
         out = SchedulerOutput(
@@ -413,21 +419,9 @@ class Scheduler:
         self._release(request)  # update_from_output drops it from ``running``
 
     # ------------------------------------------------------------------ helpers
-    def _release_behind_window(self, requests: list[Request]) -> None:
-        """Release the blocks no query of these requests can see any more. This step's queries start at
-        ``num_computed_tokens`` (not yet advanced) and see keys from ``start - window + 1`` on; later steps start
-        no earlier (a verify step's rejected drafts roll back to no earlier than its own start), and a step still
-        in flight reads its blocks before any later step can write a released one (steps run in order on the
-        device). One block of margin: kernels read whole KV tiles, and the masked part of a tile straddling the
-        window's edge then comes from the null block (finite values, weight 0). The runner gets the whole table
-        again, nulls included."""
-        window, bs = self.sliding_window, self.block_size
-        assert window is not None
-        release = self.kv_cache.release_leading_blocks
-        for request in requests:
-            behind = (request.num_computed_tokens - window + 1) // bs - 1
-            if behind > 0 and release(request.request_id, behind):
-                self._sent_blocks.pop(request.request_id, None)
+    def _blocks_held_at_most(self, num_tokens: int) -> int:
+        """The most blocks a request of up to ``num_tokens`` tokens holds at once."""
+        return max_blocks_per_request(num_tokens, self.block_size, self.sliding_window, self.max_num_batched_tokens)
 
     def _lora_fits(self, request: Request, loras: set[int]) -> bool:
         """True when the request is a base-model one, or its adapter is in the step or a slot is left."""

@@ -157,3 +157,9 @@ def test_a_model_whose_layers_all_slide_releases_blocks_and_matches_hf(tiny_mode
     assert llm.llm_engine.scheduler.sliding_window == 12
     assert _tokens(llm.generate(prompts, GREEDY)) == expected
     assert sum(released) > 0
+    # A request holds at most the window's blocks and a step's ((12 + 24 - 3) // 4 + 3 = 11), so a pool of 11
+    # blocks (44 usable tokens) serves sequences of up to 86 tokens, one at a time, preempting as they compete.
+    small = _llm(path, block_size=4, max_num_batched_tokens=24, num_kv_blocks=12)
+    assert small.llm_engine.memory_plan.kv_tokens < max(len(p) for p in prompts) + NEW_TOKENS
+    assert _tokens(small.generate(prompts, GREEDY)) == expected
+    assert small.llm_engine.scheduler.get_stats().num_preemptions > 0

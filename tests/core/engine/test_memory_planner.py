@@ -61,3 +61,16 @@ def test_auto_lowers_max_model_len():
 def test_nothing_left_is_a_clear_error():
     with pytest.raises(ValueError, match="no memory left for the KV cache"):
         _plan(weight_bytes=600 * MiB)
+
+
+def test_a_shared_sliding_window_lets_max_model_len_exceed_the_pool():
+    """Every layer slides with a 256-token window and steps take 128 tokens (blocks of 16): a request holds at
+    most (256 + 128 - 3) // 16 + 3 = 26 blocks, whatever its length."""
+    window = dict(sliding_window=256, step_tokens=128)
+    plan = _plan(kv_cache_memory=40 * MiB, max_model_len=4096, **window)
+    assert (plan.num_blocks, plan.max_model_len, plan.blocks_per_request) == (40, 4096, 26)
+    assert plan.max_concurrent_full_length == 1
+    assert _plan(max_num_seqs=2, max_model_len=4096, **window).num_blocks == 2 * 26 + 1  # what 2 requests can hold
+    with pytest.raises(ValueError, match=r"26 KV blocks per request \(its 256-token sliding window"):
+        _plan(kv_cache_memory=20 * MiB, max_model_len=4096, **window)
+    assert _plan(kv_cache_memory=20 * MiB, max_model_len=4096, auto_max_model_len=True, **window).max_model_len == 304

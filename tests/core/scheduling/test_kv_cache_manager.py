@@ -142,3 +142,40 @@ def test_blocks_released_before_they_were_registered_stay_unregistered() -> None
     a.num_computed_tokens = 20
     kv.cache_blocks(a, 20)  # registers blocks 3 and 4 only, never the null block
     assert kv.pool.num_cached_blocks == 2
+
+
+def test_a_windowed_hit_needs_only_the_blocks_its_window_shows() -> None:
+    """Every layer slides with window 5 (blocks of 4): a prompt whose first blocks were evicted still hits its
+    later blocks, the null block standing in for the evicted ones, which the next query's window does not show.
+    Freeing the new request drops its references to the shared blocks only."""
+    kv = KVCacheManager(num_blocks=16, block_size=4, max_model_len=64, sliding_window=5)
+    prompt = list(range(10, 35))  # 25 tokens: 6 full blocks and one token
+    a = make_request("a", prompt)
+    _compute(kv, a)
+    blocks = list(kv.get_blocks("a"))
+    assert kv.release_leading_blocks("a", 2)  # blocks 0 and 1 go to the free queue's tail ...
+    x = make_request("x", list(range(100, 140)))
+    assert kv.allocate_slots(x, 40) is not None  # ... and are evicted: x takes every free block
+    assert kv.num_free_blocks == 0 and kv.pool.get_cached_block(kv.block_hashes(a)[0]) is None
+
+    b = make_request("b", prompt)
+    hits, n = kv.get_computed_blocks(b)
+    # 6 blocks hit (24 tokens): the query at position 24 sees keys 20.. (block 5), with one block of margin: 4, 5.
+    assert n == 24 and kv.first_needed_block(24) == 4
+    assert hits == [kv.pool.null_block] * 4 + blocks[4:6]
+    assert kv.allocate_slots(b, 1, hits) is None  # no free block for the 25th token
+    kv.free(x)
+    assert kv.allocate_slots(b, 1, hits) is not None
+    assert kv.get_block_ids(b)[:4] == [0] * 4 and kv.get_block_ids(b)[4:6] == [blk.block_id for blk in blocks[4:6]]
+    assert [blk.ref_cnt for blk in blocks[4:6]] == [2, 2] and kv.pool.null_block.ref_cnt == 1
+    kv.free(b)
+    assert [blk.ref_cnt for blk in blocks[4:6]] == [1, 1]
+    kv.free(a)
+    assert kv.num_free_blocks == 15
+
+    # Without a window the evicted first block ends the hit.
+    plain = KVCacheManager(num_blocks=16, block_size=4, max_model_len=64)
+    c = make_request("c", prompt)
+    _compute(plain, c)
+    plain.pool.reset_prefix_cache()
+    assert plain.get_computed_blocks(make_request("d", prompt))[1] == 0

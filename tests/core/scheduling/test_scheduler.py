@@ -6,6 +6,7 @@ from typing import Any
 
 import pytest
 from kvik.request import Request, RequestStatus
+from kvik.scheduling.kv_cache_manager import max_blocks_per_request
 from kvik.scheduling.output import RunnerOutput, SchedulerOutput
 from kvik.scheduling.scheduler import Scheduler
 from sched_harness import FakeRunner, check_invariants, make_request, reference_generate
@@ -330,7 +331,37 @@ def test_a_sliding_window_releases_the_blocks_it_has_passed() -> None:
             held.append(sum(1 for b in table if b.block_id != 0))
             check_invariants(sched)
             runner.check_computed_kv()
-    assert max(held) <= 6 // 2 + 5  # the window's blocks, one of margin, this step's chunk (8 tokens)
+    assert max(held) <= max_blocks_per_request(64, 2, 6, 8) == 8  # the window's, one of margin, a step's (8 tokens)
     assert resent > 0
     assert request.output_token_ids == reference_generate(request, 64)[0]
     assert sched.kv_cache.num_free_blocks == sched.kv_cache.pool.num_usable_blocks
+
+
+def test_with_every_layer_sliding_requests_outgrow_the_pool() -> None:
+    """Window 6, blocks of 2, steps of 8 tokens: a request holds at most 8 blocks, so a pool of 9 usable blocks
+    (18 tokens) takes 24-token prompts and runs them to max_model_len 64, not to a "length" stop at 18 tokens;
+    two such requests preempt each other and still give the reference's tokens."""
+    bound = max_blocks_per_request(64, 2, 6, 8)
+    sched = Scheduler(num_blocks=1 + bound + 1, block_size=2, max_num_batched_tokens=8, max_num_seqs=2,
+                      max_model_len=64, sliding_window=6)  # fmt: skip
+    requests = [make_request(name, list(range(k, k + 24)), max_tokens=100, ignore_eos=True) for name, k in
+                (("a", 2), ("b", 40))]  # fmt: skip
+    for request in requests:
+        sched.add_request(request)
+    runner = FakeRunner(sched)
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        sched.update_from_output(out, runner.execute(out))
+        for request in sched.running:
+            assert sum(1 for b in sched.kv_cache.get_blocks(request.request_id) if b.block_id != 0) <= bound
+        check_invariants(sched)
+        runner.check_computed_kv()
+    assert sched.get_stats().num_preemptions > 0
+    for request in requests:
+        assert request.num_tokens == 64 and request.status == RequestStatus.FINISHED_LENGTH
+        assert request.output_token_ids == reference_generate(request, 64)[0]
+    # Without the window the same pool refuses the prompt outright.
+    plain = Scheduler(num_blocks=1 + bound + 1, block_size=2, max_num_batched_tokens=8, max_num_seqs=2,
+                      max_model_len=64)  # fmt: skip
+    with pytest.raises(ValueError, match="could never run"):
+        plain.add_request(make_request("c", list(range(2, 26))))

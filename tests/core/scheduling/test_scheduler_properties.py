@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvik.request import RequestStatus
-from kvik.scheduling.kv_cache_manager import cdiv
+from kvik.scheduling.kv_cache_manager import cdiv, max_blocks_per_request
 from kvik.scheduling.scheduler import Scheduler
 from sched_harness import RequestSpec, make_request, reference_generate, run_workload
 
@@ -125,10 +125,11 @@ def test_random_workloads_produce_reference_tokens(
     block_size, raws = workload
     longest = max(len(r.prompt) for r in raws)
     max_model_len = longest + extra_len
-    # Just enough blocks for one longest sequence, plus slack: small pools force preemption.
-    num_blocks = 1 + cdiv(max_model_len, block_size) + pool_slack
     if not chunked:
         budget = max(budget, longest)
+    # Just enough blocks for one longest sequence, plus slack: small pools force preemption. With a window a
+    # request holds only the window's blocks and a step's, so the pool may be smaller than one sequence.
+    num_blocks = 1 + max_blocks_per_request(max_model_len, block_size, window, budget) + pool_slack
     sched = Scheduler(
         num_blocks=num_blocks,
         block_size=block_size,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvik.request import RequestStatus
+from kvik.scheduling.kv_cache_manager import max_blocks_per_request
 from kvik.scheduling.output import RunnerOutput, SchedulerOutput
 from kvik.scheduling.scheduler import Scheduler
 from sched_harness import FakeRunner, check_invariants, make_request, next_token, reference_generate
@@ -95,7 +96,7 @@ def test_verify_rows_roll_back_exactly(
     shared = prompts[0][:6]
     requests = [make_request(f"r{i}", shared + p, max_tokens[i]) for i, p in enumerate(prompts)]
     for r in requests:
-        if -(-r.num_prompt_tokens // block_size) <= num_blocks - 1:
+        if max_blocks_per_request(r.num_prompt_tokens, block_size, window, budget) <= num_blocks - 1:
             sched.add_request(r)
     live = [r for r in requests if r.request_id in sched.requests]
     runner = FakeRunner(sched)
@@ -121,7 +122,9 @@ def test_verify_rows_roll_back_exactly(
             assert r.num_scheduled_drafts == 0 and r.num_computed_tokens <= r.num_tokens
         step += 1
     for r in live:
-        cap = min(max_len, (num_blocks - 1) * block_size)
+        # A request stops at the pool's size, unless a window keeps what it holds below the pool at any length.
+        fits = max_blocks_per_request(max_len, block_size, window, budget) <= num_blocks - 1
+        cap = max_len if fits else min(max_len, (num_blocks - 1) * block_size)
         assert (r.output_token_ids, r.status) == reference_generate(r, cap)
         assert r.num_accepted_tokens <= r.num_draft_tokens
     assert sched.kv_cache.num_free_blocks == sched.kv_cache.pool.num_usable_blocks
