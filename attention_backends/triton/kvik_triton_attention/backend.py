@@ -83,11 +83,6 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     # 193 / 402 for the best tile over V stored like K; a bf16 cache takes 220 / 505.
     fp8_decode_tile: ClassVar[tuple[int, int, int]] = (16, 64, 2)
     fp8_decode_stages: ClassVar[int] = 3
-    # FP8 cache, tiles of at least this many rows (prefill and mixed steps): the output accumulates transposed,
-    # acc^T += V^T @ P^T, so the keys-contiguous V tile is the dot's first operand as loaded. sm_90 SASS of the
-    # 64 x 64 tile: the V path's 160 shared stores and 96 byte permutes are gone. The decode tile (16 rows)
-    # got longer code that way (2,040 instructions against 1,608), so it keeps the plain order.
-    fp8_transposed_pv_min_rows: ClassVar[int] = 64
     # None: choose per step from the batch and the GPU's SM count; an int forces
     # the split count for decode and verify steps (tests, benchmarks).
     force_num_splits: ClassVar[int | None] = None
@@ -393,7 +388,6 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
             and (not self.small_query(metadata) or splits > 1),
             # Runs of keys that stay inside one block: a power of two dividing the tile and the block size.
             V_CHUNK=min(block_n, kv_block_size & -kv_block_size) if fp8 else 0,
-            ACC_T=fp8 and block_m >= self.fp8_transposed_pv_min_rows,
             num_warps=warps,
             num_stages=stages,
         )

@@ -93,14 +93,11 @@ def _rotate_rows(src, x, mask, offs_d, cos_src, sin_src, w_ptr, eps, HEAD_SIZE: 
 def _attend_tile(q, m_i, l_i, acc, t, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kv_head, stride_kb, stride_ks,
                  stride_kh, offs_d, d_ok, scale_log2, SLIDING_WINDOW: tl.constexpr, SOFT_CAP: tl.constexpr,
                  BLOCK_N: tl.constexpr, HEAD_SIZE: tl.constexpr, HEAD_PAD: tl.constexpr, KV_BLOCK_SIZE: tl.constexpr,
-                 DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, V_CHUNK: tl.constexpr,
-                 ACC_T: tl.constexpr):  # fmt: skip
+                 DOT_PRECISION: tl.constexpr, MASKED: tl.constexpr, V_CHUNK: tl.constexpr):  # fmt: skip
     """One KV tile of the online softmax. ``MASKED``: the tile may hold keys past ``kv_end``, after a row's
     position (causal) or outside its window; unmasked, every key of it is visible to every row.
     ``V_CHUNK`` > 0: the cache stores each block's V as [kv_heads, head_size, block_size] (FP8 caches), read in
-    runs of ``V_CHUNK`` keys (a power of two dividing both BLOCK_N and the block size). ``ACC_T`` (with
-    ``V_CHUNK``): ``acc`` is [HEAD_PAD, BLOCK_M] and takes ``V^T @ P^T``, V's tile being the dot's first
-    operand as loaded instead of transposed through registers."""
+    runs of ``V_CHUNK`` keys (a power of two dividing both BLOCK_N and the block size)."""
     offs_n = t * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = offs_n < kv_end
     if MASKED:
@@ -156,10 +153,7 @@ def _attend_tile(q, m_i, l_i, acc, t, q_pos, kv_end, bt_row, k_cache_ptr, v_cach
         v3 = tl.load(v_cache_ptr + base[None, :, None] + (offs_d * KV_BLOCK_SIZE)[:, None, None]
                      + tl.arange(0, V_CHUNK)[None, None, :], mask=chunk_ok[None, :, None] & d_ok[:, None, None],
                      other=0.0)  # fmt: skip
-        vt = tl.reshape(v3, [HEAD_PAD, BLOCK_N]).to(q.dtype)
-        if ACC_T:
-            return m_new, l_i, acc * alpha[None, :] + tl.dot(vt, tl.trans(p.to(vt.dtype)), input_precision=DOT_PRECISION)
-        v = tl.trans(vt)
+        v = tl.trans(tl.reshape(v3, [HEAD_PAD, BLOCK_N]))
     elif MASKED or HEAD_PAD != HEAD_SIZE:
         v = tl.load(v_cache_ptr + kv_off[:, None] + offs_d[None, :], mask=n_ok[:, None] & d_ok[None, :], other=0.0)
     else:
@@ -223,7 +217,6 @@ def paged_attention_kernel(
     QK_NORM: tl.constexpr,  # with ROTARY: RMS-normalise each q and k head first (Qwen3)
     UNMASKED_FULL_TILES: tl.constexpr,  # tiles every row sees whole skip the masks (same bits; see below)
     V_CHUNK: tl.constexpr,  # 0: V stored like K; else each block's V is [kv_heads, head_size, block_size] (_attend_tile)
-    ACC_T: tl.constexpr,  # with V_CHUNK: accumulate the output transposed (_attend_tile)
 ):
     pid_q = tl.program_id(0)
     kv_head = tl.program_id(1)
@@ -302,11 +295,7 @@ def paged_attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    tl.static_assert(not ACC_T or V_CHUNK > 0, "the transposed accumulator is for keys-contiguous V only")
-    if ACC_T:
-        acc = tl.zeros([HEAD_PAD, BLOCK_M], dtype=tl.float32)
-    else:
-        acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_PAD], dtype=tl.float32)
     # Tiles every row sees whole (below the first row's position, inside kv_end, no window) skip the masks: the
     # same arithmetic as the masked step on them (the masks would keep every element), less of it: most of a long
     # prefill's tiles. Decode launches without splits keep one masked loop (H200, run a8: the second loop cost
@@ -318,15 +307,13 @@ def paged_attention_kernel(
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, t, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kv_head,
                                      stride_kb, stride_ks, stride_kh, offs_d, d_ok, scale_log2, SLIDING_WINDOW,
                                      SOFT_CAP, BLOCK_N, HEAD_SIZE, HEAD_PAD, KV_BLOCK_SIZE, DOT_PRECISION, False,
-                                     V_CHUNK, ACC_T)  # fmt: skip
+                                     V_CHUNK)  # fmt: skip
     for t in range(full_hi, tile_hi):
         m_i, l_i, acc = _attend_tile(q, m_i, l_i, acc, t, q_pos, kv_end, bt_row, k_cache_ptr, v_cache_ptr, kv_head,
                                      stride_kb, stride_ks, stride_kh, offs_d, d_ok, scale_log2, SLIDING_WINDOW,
                                      SOFT_CAP, BLOCK_N, HEAD_SIZE, HEAD_PAD, KV_BLOCK_SIZE, DOT_PRECISION, True,
-                                     V_CHUNK, ACC_T)  # fmt: skip
+                                     V_CHUNK)  # fmt: skip
 
-    if ACC_T:
-        acc = tl.trans(acc)
     out = acc * (v_scale / tl.where(l_i > 0.0, l_i, 1.0))[:, None]
     if NUM_SPLITS == 1:
         tl.store(

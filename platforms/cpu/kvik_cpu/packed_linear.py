@@ -30,14 +30,22 @@ class OneDNNLinear(Linear):
         return y.reshape(*x.shape[:-1], self.output_size)
 
 
+def onednn_bf16_supported() -> bool:
+    """oneDNN is built in and this CPU has the instructions its bfloat16 kernels need.
+
+    Without them (AVX2-only x86, e.g. CI's machines) ``_reorder_linear_weight`` raises rather than
+    falling back, so packing is skipped and ``F.linear`` runs as before."""
+    return torch.backends.mkldnn.is_available() and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+
+
 def can_pack(module: nn.Module) -> bool:
-    """A plain dense bfloat16 :class:`Linear` on the CPU, with oneDNN present."""
+    """A plain dense bfloat16 :class:`Linear` on the CPU, with oneDNN's bfloat16 kernels usable here."""
     return (
         type(module) is Linear
         and type(module.quant_method) is UnquantizedLinearMethod
         and module.weight.dtype == torch.bfloat16
         and module.weight.device.type == "cpu"
-        and torch.backends.mkldnn.is_available()
+        and onednn_bf16_supported()
     )
 
 

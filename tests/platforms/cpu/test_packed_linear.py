@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from kvik.layers.linear import Linear
 from kvik.sampling_params import SamplingParams
 from kvik.testing.reference import random_prompts
-from kvik_cpu.packed_linear import OneDNNLinear, pack_linears, packed_bytes
+from kvik_cpu.packed_linear import OneDNNLinear, onednn_bf16_supported, pack_linears, packed_bytes
 
-pytestmark = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="this torch build has no oneDNN")
+needs_onednn_bf16 = pytest.mark.skipif(
+    not onednn_bf16_supported(), reason="no oneDNN, or this CPU lacks the AVX512 / AVX-NE-CONVERT its bfloat16 path needs"
+)
 
 
 def _linear(dtype: torch.dtype, bias: bool) -> Linear:
@@ -24,6 +26,7 @@ def _linear(dtype: torch.dtype, bias: bool) -> Linear:
     return layer.to(dtype)
 
 
+@needs_onednn_bf16
 @pytest.mark.parametrize("bias", [False, True])
 def test_packed_layer_gives_f_linear_bits_at_every_row_count(bias: bool) -> None:
     layer = _linear(torch.bfloat16, bias)
@@ -41,6 +44,12 @@ def test_float32_layers_keep_f_linear() -> None:
     assert pack_linears(layer) == 0 and type(layer) is Linear
 
 
+def test_a_cpu_without_onednn_bfloat16_kernels_keeps_f_linear(monkeypatch) -> None:
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    layer = _linear(torch.bfloat16, bias=True)
+    assert pack_linears(layer) == 0 and type(layer) is Linear and not layer.weight.is_meta
+
+
 def _generate(path, prompts, pack: bool, monkeypatch) -> list[list[int]]:
     import kvik
 
@@ -55,6 +64,7 @@ def _generate(path, prompts, pack: bool, monkeypatch) -> list[list[int]]:
     return [o.outputs[0].token_ids for o in outputs]
 
 
+@needs_onednn_bf16
 def test_bfloat16_engine_tokens_are_the_same_with_packed_weights(kvik_plugin_manager, tiny_model_dir, monkeypatch) -> None:
     kvik_plugin_manager.register(kvik_cpu.plugin, "cpu", "kvik-cpu")
     path = tiny_model_dir("llama")
