@@ -114,6 +114,7 @@ def test_encoders_run_whole_prompts_and_refuse_what_cannot_fit(checkpoints: dict
     assert not config.enable_chunked_prefill and not config.enable_prefix_caching
     assert config.max_num_batched_tokens >= 128  # XLM-R: 130 position embeddings, 2 before the first token
     assert llm.llm_engine.model_config.max_model_len == 128
+    assert config.block_size == 128  # no KV cache: one bookkeeping block per request
     long = llm.classify(["word " * 20])[0]  # longer than a step of 16 tokens: still one step
     assert len(long.prompt_token_ids) > 16 and len(long.outputs.probs) == 1
     assert len(llm.classify([[5] * 128])[0].prompt_token_ids) == 128  # a full-length input (nothing is generated)
@@ -121,6 +122,14 @@ def test_encoders_run_whole_prompts_and_refuse_what_cannot_fit(checkpoints: dict
         llm.classify([[5] * 129])
     with pytest.raises(ValueError, match="longer than the model supports"):
         LLM(str(checkpoints["bert-mean"]), **ENGINE, max_model_len=256)
+
+
+def test_a_user_block_size_is_kept_and_gives_the_same_vectors(checkpoints: dict[str, Path], engines: dict[str, LLM]) -> None:
+    llm = LLM(str(checkpoints["bert-mean"]), **ENGINE, block_size=16)
+    assert llm.llm_engine.config.block_size == 16 and engines["bert-mean"].llm_engine.config.block_size > 16
+    got = [o.outputs.embedding for o in llm.embed(TEXTS)]
+    want = [o.outputs.embedding for o in engines["bert-mean"].embed(TEXTS)]
+    np.testing.assert_array_equal(np.array(got), np.array(want))
 
 
 @settings(max_examples=40, deadline=None)
