@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
+from kvik.engine.batch_tokenize import batch_token_ids
 from kvik.engine.config_resolution import resolve_config
 from kvik.engine.memory_planner import MemoryPlan, plan_memory
 from kvik.engine.output_processor import OutputProcessor, RequestState, SampleState
@@ -361,10 +362,9 @@ class LLMEngine:
         """:meth:`prepare_pooling_request` for many inputs, their texts tokenized in one call: a fast
         tokenizer encodes a batch on its own threads, where one call per text (2,048 texts of 512
         tokens: about a second on one core) can take as long as the GPU's forward of them."""
-        texts = [p for p in prompts if isinstance(p, str)]
-        encoded = iter(self.tokenizer(texts)["input_ids"] if texts else [])
+        encoded = iter(batch_token_ids(self.tokenizer, [p for p in prompts if isinstance(p, str)]))
         return [
-            self.prepare_pooling_request(rid, p, pp, token_ids=list(next(encoded)) if isinstance(p, str) else None)
+            self.prepare_pooling_request(rid, p, pp, token_ids=next(encoded) if isinstance(p, str) else None)
             for rid, p, pp in zip(request_ids, prompts, params, strict=True)
         ]
 
