@@ -25,6 +25,11 @@ def batch_token_ids(tokenizer: Any, texts: Sequence[str]) -> list[list[int]]:
     backend = getattr(tokenizer, "_tokenizer", None)
     fast = getattr(backend, "encode_batch_fast", None)
     plain = type(tokenizer).__module__.startswith("transformers.")
-    if plain and fast is not None and getattr(backend, "truncation", 0) is None and getattr(backend, "padding", 0) is None:
+    if (
+        plain
+        and fast is not None
+        and getattr(backend, "truncation", 0) is None
+        and getattr(backend, "padding", 0) is None
+    ):
         return [encoding.ids for encoding in fast(list(texts), add_special_tokens=True)]
     return [list(ids) for ids in tokenizer(list(texts))["input_ids"]]

@@ -7,7 +7,13 @@ from kvik.engine.batch_tokenize import batch_token_ids
 from kvik.testing.tiny_encoders import make_tiny_encoder
 from transformers import AutoTokenizer
 
-TEXTS = ["hello world", "a", "the quick brown fox jumps over the lazy dog " * 30, "naïve café, 東京 🙂", "  spaced  out  "]
+TEXTS = [
+    "hello world",
+    "a",
+    "the quick brown fox jumps over the lazy dog " * 30,
+    "naïve café, 東京 🙂",
+    "  spaced  out  ",
+]
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +46,9 @@ def test_a_tokenizer_class_from_elsewhere_takes_the_wrapper(tokenizers, monkeypa
     tokenizer = tokenizers["llama"]
     custom = type("RemoteTokenizer", (type(tokenizer),), {"__module__": "remote_code.tokenization"})
     calls: list[int] = []
-    monkeypatch.setattr(custom, "__call__", lambda self, texts: calls.append(len(texts)) or {"input_ids": [[7]] * len(texts)})
+    monkeypatch.setattr(
+        custom, "__call__", lambda self, texts: calls.append(len(texts)) or {"input_ids": [[7]] * len(texts)}
+    )
     tokenizer.__class__ = custom
     try:
         assert batch_token_ids(tokenizer, TEXTS[:2]) == [[7], [7]] and calls == [2]
