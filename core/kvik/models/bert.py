@@ -37,6 +37,7 @@ from kvik.layers.bidirectional import SequenceBatch
 from kvik.layers.norm import AddLayerNorm
 from kvik.models.interface import ModelBuildContext
 from kvik.pooling.architectures import position_offset
+from kvik.tensor_transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -203,7 +204,9 @@ class _Encoder(nn.Module):
         real = flags[: batch.num_real].long()
         seen = torch.cumsum(real, 0) - real  # exclusive, over the whole step
         lens = np.array(batch.lens, dtype=np.int64)
-        first = torch.from_numpy(np.repeat(np.cumsum(lens) - lens, lens)).to(flags.device)  # each row's request start
+        # Each row's request start. Through pinned memory: a pageable copy makes the host wait for the step in
+        # flight on the device (on the H200 that serialised every embedding step's host work with its forward).
+        first = to_device(torch.from_numpy(np.repeat(np.cumsum(lens) - lens, lens)), flags.device)
         counts = seen - seen[first]
         return torch.cat([counts, counts.new_zeros(flags.shape[0] - batch.num_real)])
 

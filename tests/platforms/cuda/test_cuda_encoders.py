@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+import pytest
 import torch
 from host_cuda_platform import HostCUDAPlatform
 from kvik.config import EngineConfig
@@ -12,7 +14,7 @@ from kvik.engine.config_resolution import resolve_config
 from kvik.pooling import PoolingParams, PoolingType
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
-from kvik.testing.tiny_encoders import make_tiny_encoder
+from kvik.testing.tiny_encoders import make_tiny_cross_encoder, make_tiny_encoder
 from kvik.worker.torch_runner import TorchModelRunner
 from kvik_cuda.runner import CUDAModelRunner
 
@@ -58,3 +60,29 @@ def test_cuda_runner_pools_an_encoder_like_the_generic_runner(kvik_plugin_manage
                 torch.testing.assert_close(torch.tensor(got[rid]), torch.tensor(expected[rid]), rtol=1e-5, atol=1e-6)
     finally:
         torch.set_num_threads(previous)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("family", ["bert", "xlm-roberta"])
+def test_an_encoder_forward_never_waits_for_the_device(tmp_path: Path, monkeypatch, family: str) -> None:  # type: ignore[no-untyped-def]
+    """A synchronizing call in the forward (a pageable host-to-device copy) would make the host wait for the
+    step in flight, so the next step's host work could not overlap this one's kernels. BERT's token types and
+    XLM-R's positions are computed per step from the request lengths."""
+    import kvik
+
+    path = make_tiny_cross_encoder(tmp_path / family, family, num_labels=1)
+    llm = kvik.LLM(str(path), device="cuda", dtype="float32")
+    runner = llm.llm_engine.runner
+    forward = runner.run_model
+
+    def strict(*args, **kwargs):  # type: ignore[no-untyped-def]
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            return forward(*args, **kwargs)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+    monkeypatch.setattr(runner, "run_model", strict)
+    scores = llm.score("what is a cat", ["a cat is an animal", "the sky is blue"])  # pairs: [SEP]-split types
+    assert len(scores) == 2 and all(np.isfinite(s.outputs.score) for s in scores)
