@@ -168,7 +168,7 @@ def time_chat(engine: dict[str, Any], chats: list[Any], out_len: int) -> dict[st
 
 def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root: Path, freeze: bool = True) -> dict[str, Any]:
     """run-batch's runner on a fresh engine, from its first request to its last answer."""
-    from kvik.entrypoints import batch
+    from kvik.entrypoints import batch, frozen_heap
     from kvik.entrypoints.batch_file import BatchRequest
     from kvik_server.context import ServerSettings
 
@@ -192,8 +192,8 @@ def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root:
     # Measurement only: time each request; without freeze, run-batch as it ran before it froze the heap.
     batch.post = timed_post  # type: ignore[assignment]
     if not freeze:
-        batch.gc = types.SimpleNamespace(freeze=lambda: None, unfreeze=lambda: None,  # type: ignore[attr-defined]
-                                         get_freeze_count=gc.get_freeze_count)  # fmt: skip
+        frozen_heap.gc = types.SimpleNamespace(freeze=lambda: None, unfreeze=lambda: None,  # type: ignore[attr-defined]
+                                               get_freeze_count=gc.get_freeze_count)  # fmt: skip
     out_file = root / "run_batch_out.jsonl"
     settings = ServerSettings(served_model_name=None, max_request_body_bytes=None, ui=False)
     _reset()
@@ -201,7 +201,7 @@ def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root:
         with out_file.open("w") as out:
             failed = asyncio.run(batch.run_requests(requests, out, dict(engine), settings, False))
     finally:
-        batch.post, batch.gc = inner, gc  # type: ignore[assignment]
+        batch.post, frozen_heap.gc = inner, gc  # type: ignore[assignment]
     bodies = [json.loads(line)["response"]["body"] for line in out_file.read_text().splitlines()]
     tokens = sum(b["usage"]["completion_tokens"] for b in bodies if "usage" in b)
     start, end = min(m[0] for m in marks), max(m[0] for m in marks)

@@ -18,13 +18,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import sys
 from pathlib import Path
 from typing import Any, TextIO
 
 from kvik.entrypoints.batch_file import BatchRequest, plan, read_done, response_record
+from kvik.entrypoints.frozen_heap import frozen_heap
 
 SERVER_MISSING = (
     "kvik run-batch runs requests through the server's request handling, which is in the kvik-server package; "
@@ -147,14 +147,11 @@ async def run_requests(
     # requests' own objects trigger full collections, each walking all of it (0.2-0.3 s on the CPU
     # with a tiny model, holding the GIL and so the engine's steps: 512 chat lines ran 2 of them,
     # a sixth of the run); frozen, that heap is out of the collector's sight until the run ends.
-    frozen_before = gc.get_freeze_count() > 0  # a host process's own freeze stays as it was
-    gc.freeze()
     try:
-        async with app.router.lifespan_context(app):  # starts and stops the engine loop
-            await asyncio.gather(*(one(r) for r in requests))
+        with frozen_heap():
+            async with app.router.lifespan_context(app):  # starts and stops the engine loop
+                await asyncio.gather(*(one(r) for r in requests))
     finally:
-        if not frozen_before:
-            gc.unfreeze()
         if bar is not None:
             bar.close()
     return failed

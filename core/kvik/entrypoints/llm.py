@@ -11,6 +11,7 @@ from typing import Any
 from kvik.config import EngineConfig
 from kvik.engine.llm_engine import LLMEngine
 from kvik.entrypoints.beam_search import BeamSearchOutput, as_token_ids, beam_search
+from kvik.entrypoints.frozen_heap import frozen_heap
 from kvik.executor.profiling import ProfileSummary
 from kvik.inputs import PromptType, parse_prompts
 from kvik.lora.request import LoRARequest
@@ -303,20 +304,8 @@ class LLM:
 
             bar = tqdm(total=len(ids), desc="generating", unit="req", file=sys.stderr)
         try:
-            feeding = feed is not None and next(feed, _SPENT) is not _SPENT
-            while pending:
-                if not engine.has_unfinished_requests():
-                    raise RuntimeError(f"engine went idle with {len(pending)} requests unfinished")
-                outputs: list[RequestOutput | PoolingRequestOutput] = [*engine.step(), *engine.take_pooling_outputs()]
-                if feeding:
-                    assert feed is not None
-                    feeding = next(feed, _SPENT) is not _SPENT
-                for output in outputs:
-                    if output.finished and output.request_id in pending:
-                        results[output.request_id] = output
-                        pending.discard(output.request_id)
-                        if bar is not None:
-                            bar.update(1)
+            with frozen_heap():
+                self._step_until_done(pending, results, bar, feed)
         except BaseException:
             engine.abort_request(list(pending))
             raise
@@ -326,6 +315,29 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [results[i] for i in ids]
+
+    def _step_until_done(
+        self,
+        pending: set[str],
+        results: dict[str, RequestOutput | PoolingRequestOutput],
+        bar: Any,
+        feed: Generator[None, None, None] | None,
+    ) -> None:
+        engine = self.llm_engine
+        feeding = feed is not None and next(feed, _SPENT) is not _SPENT
+        while pending:
+            if not engine.has_unfinished_requests():
+                raise RuntimeError(f"engine went idle with {len(pending)} requests unfinished")
+            outputs: list[RequestOutput | PoolingRequestOutput] = [*engine.step(), *engine.take_pooling_outputs()]
+            if feeding:
+                assert feed is not None
+                feeding = next(feed, _SPENT) is not _SPENT
+            for output in outputs:
+                if output.finished and output.request_id in pending:
+                    results[output.request_id] = output
+                    pending.discard(output.request_id)
+                    if bar is not None:
+                        bar.update(1)
 
 
 def _text_message(message: dict[str, Any]) -> dict[str, Any]:
