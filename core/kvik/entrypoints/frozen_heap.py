@@ -4,9 +4,10 @@ A process running kvik holds a large, long-lived heap: every imported module (to
 the model's and the tokenizer's Python objects, the caller's own data. The requests' objects trigger full
 (generation-2) collections now and then, and each one walks all of that heap while holding the GIL, so the
 engine's steps stop for it: 0.38 s per collection on the development VM with a tiny model (418k tracked
-objects); on the H200, every other ``LLM.embed`` of 4,096 texts ran ~0.3 s slower, the calls that held one
-(docs/benchmarks.md, run i3). Frozen (``gc.freeze``), that heap is skipped until the work ends. vLLM freezes
-its engine's heap after start-up for the same reason; ``kvik serve`` does too (kvik_server.cli).
+objects). On the H200, 2,000 SmolLM2-shaped requests x 256 tokens ran 16 full collections taking 0.6 s of a
+9 s call; frozen, 15 took 0.1 s (docs/benchmarks.md, run i4). Frozen (``gc.freeze``), that heap is skipped
+until the work ends. vLLM freezes its engine's heap after start-up for the same reason; ``kvik serve`` does
+too (kvik_server.cli).
 """
 
 from __future__ import annotations
