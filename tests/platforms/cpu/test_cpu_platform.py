@@ -286,3 +286,24 @@ def test_real_probe_here() -> None:
 
 def test_platform_is_a_platform() -> None:
     assert issubclass(CPUPlatform, Platform) and CPUPlatform.priority == 0
+
+
+@pytest.mark.parametrize("extra, warned", [("", True), ("avx512_bf16", False)])
+def test_a_gguf_dequantized_to_float32_for_want_of_bf16_is_a_warning(
+    fake_cpu, no_ipex, tiny_model_dir, tmp_path, kvik_plugin_manager, caplog, extra: str, warned: bool
+) -> None:
+    """One stream reads every float32 weight per token there (~7x slower than llama.cpp): say so, with the ways out."""
+    import kvik_gguf.plugin
+    from kvik_gguf.convert import write_gguf
+
+    kvik_plugin_manager.register(kvik_gguf.plugin, "gguf", "kvik-gguf")
+    fake_cpu(X86_CPUINFO.format(extra=extra))
+    model_dir = tiny_model_dir("llama")
+    gguf = write_gguf(model_dir, tmp_path / "m.gguf", "Q8_0")
+    with caplog.at_level("WARNING", logger="kvik_cpu.platform"):
+        for model in (gguf, model_dir):  # a dense checkpoint is never warned about
+            resolve_config(EngineConfig(model=str(model)), CPUPlatform(), kvik_plugin_manager)
+    messages = [r.getMessage() for r in caplog.records if "no native bfloat16" in r.getMessage()]
+    assert len(messages) == int(warned)
+    if warned:
+        assert "dequantized to float32" in messages[0] and "onnx_model=auto" in messages[0]
