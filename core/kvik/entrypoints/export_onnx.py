@@ -9,7 +9,8 @@ tokenizer, so ``onnxruntime_genai.Model(folder)`` runs it as is. kvik's part is 
   builder reads only float GGUF). A non-dense source is first written as a dense float32 safetensors
   checkpoint through kvik's own format readers, the ones the engine loads it with;
 - a precision chosen from the source: ``int4`` (MatMulNBits, asymmetric, block 32: the layout of GGUF's
-  Q4_0/Q4_1 blocks) when the source is quantized, else ``fp32``;
+  Q4_0/Q4_1 blocks) when the source is quantized, else ``fp32``; GGUF Q4_0 / Q4_1 / Q8_0 weights keep their
+  own blocks, bit for bit (:mod:`kvik.entrypoints.onnx_exact_blocks`), instead of the builder's re-quantization;
 - ``onnx.checker`` on the result, and a greedy round trip: ONNX Runtime's tokens against kvik's torch
   path on the same weights (identical expected for ``fp32``; for ``int4`` the agreement is reported).
 """
@@ -27,9 +28,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from kvik.entrypoints.onnx_exact_blocks import carry_blocks
+
 logger = logging.getLogger(__name__)
 
 PRECISIONS = ("auto", "fp32", "fp16", "bf16", "int4", "int8")
+# Bumped whenever an export of the same source and builder comes out different (caches key on it).
+# 2: GGUF Q4_0 / Q4_1 / Q8_0 blocks carried exactly (onnx_exact_blocks).
+EXPORT_LAYOUT = 2
 EXECUTION_PROVIDERS = ("cpu", "cuda", "dml", "webgpu")
 # Prompts for the round trip: token ids, so the check does not depend on the tokenizer's coverage.
 CHECK_PROMPT_LENGTHS = (5, 17, 40)
@@ -252,15 +258,13 @@ def export_onnx(
     if precision == "auto":
         precision = "int4" if source_quant else "fp32"
     options = dict(builder_options or {})
-    notes = []
+    notes: list[str] = []
     if precision == "int4" and source_quant:
-        # GGUF's 4-bit blocks hold 32 weights with a scale and (Q4_1) a minimum: MatMulNBits' asymmetric
-        # block-32 layout is the nearest. The builder re-quantizes the dequantized values, so where a
-        # block's minimum is not a whole number of steps from zero the grid moves slightly (not lossless).
+        # GGUF's blocks hold 32 weights with a scale (and, Q4_1, a minimum): MatMulNBits' asymmetric block-32
+        # layout. The builder re-quantizes the dequantized values; carry_blocks then puts back the source's own
+        # blocks where they are exactly block-32 affine, and the rest stay re-quantized (close, not lossless).
         options.setdefault("block_size", "32")
         options.setdefault("is_symmetric", "false")
-        notes.append(f"note: {source_quant} weights were dequantized and re-quantized to MatMulNBits int4 "
-                     "(block 32, asymmetric); the result is close to the source, not bit-exact")  # fmt: skip
     if precision == "int4" and options.get("is_symmetric", "true").lower() == "false" and getattr(
         hf_config, "tie_word_embeddings", False
     ):
@@ -277,6 +281,14 @@ def export_onnx(
             source = dense_checkpoint(fmt, Path(scratch))
         logger.info("building %s (%s, %s) ...", output, precision, execution_provider)
         _run_builder(source, output, precision, execution_provider, options)
+    if precision == "int4" and source_quant:
+        # The builder re-quantized the dequantized values onto a grid of its own; where the source's blocks are
+        # exactly block-32 affine (GGUF Q4_0 / Q4_1 / Q8_0), they replace its weights bit for bit.
+        carried = carry_blocks(output, fmt.iter_weights(quantized=True)) if options["block_size"] == "32" else []
+        notes.extend(f"note: {line}" for line in carried)
+        if not carried:
+            notes.append(f"note: {source_quant} weights were dequantized and re-quantized to MatMulNBits int4 "
+                         "(block 32, asymmetric); the result is close to the source, not bit-exact")  # fmt: skip
     check_onnx(output / "model.onnx")
     report = ExportReport(output, precision, execution_provider, source_quant, time.perf_counter() - start, True,
                           notes=notes)  # fmt: skip

@@ -172,12 +172,12 @@ class _LogitsAsHidden(nn.Module):
 def exported_model(model_path: str, trust_remote_code: bool = False) -> Path:
     """``model_path`` exported once with ``kvik export onnx --precision auto`` into kvik's cache folder."""
     import onnxruntime_genai
-    from kvik.entrypoints.export_onnx import export_onnx
+    from kvik.entrypoints.export_onnx import EXPORT_LAYOUT, export_onnx
 
     source = Path(model_path)
     files = [source] if source.is_file() else sorted(p for p in source.iterdir() if p.is_file())
     stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files)
-    folder = cache_entry("onnx", (str(source.resolve()), stamp, onnxruntime_genai.__version__))
+    folder = cache_entry("onnx", (str(source.resolve()), stamp, onnxruntime_genai.__version__, EXPORT_LAYOUT))
     if (folder / "genai_config.json").is_file():
         return folder
 

@@ -136,9 +136,22 @@ class CPUPlatform(Platform):
         return "float32"
 
     def quantized_weights_mode(self, config: EngineConfig, method: str) -> WeightsMode:
-        """Packed GGUF weights when the step computes in bfloat16 (see the module docstring), else dense."""
+        """Packed GGUF weights when the step computes in bfloat16 (see the module docstring), else dense.
+
+        When both choices were left to the platform and this CPU's lack of native bf16 makes them float32 and
+        dense, a warning says what that costs and what is faster (a note would be hidden at the default level)."""
         dtype = self.default_dtype("bfloat16") if config.dtype == "auto" else config.dtype
-        return WeightsMode.QUANTIZED if method == "gguf" and dtype == "bfloat16" else WeightsMode.DEQUANTIZE
+        if method == "gguf" and dtype == "bfloat16":
+            return WeightsMode.QUANTIZED
+        if method == "gguf" and config.dtype == "auto" and not config.platform_options.get("onnx_model"):
+            logger.warning(
+                "this CPU has no native bfloat16 (AVX512-BF16 / AMX), so the GGUF weights are dequantized to "
+                "float32 and every token reads all of them: one stream decodes ~7x slower than llama.cpp (2-core "
+                "AVX2 machine, docs/benchmarks.md). Faster: dtype='bfloat16' (~1.8x, other rounding), or "
+                "--platform-option onnx_model=auto (pip install 'kvik[onnx]'; the GGUF's 4- and 8-bit blocks in "
+                "ONNX Runtime, about llama.cpp's speed, int8 activations; docs/onnx.md)"
+            )
+        return WeightsMode.DEQUANTIZE
 
     def memory_info(self) -> MemoryInfo:
         """System RAM (capped by a cgroup v2 limit): total, and what is available now."""
@@ -190,21 +203,6 @@ class CPUPlatform(Platform):
             notes.append(f"the model runs in ONNX Runtime (onnx_model={options.onnx_model!r})")
         if model_config.dtype == "float16" and "avx512_fp16" not in self.flags and "amx_fp16" not in self.flags:
             notes.append("float16 is emulated on this CPU and slower than float32/bfloat16; consider dtype='auto'")
-        if (
-            model_config.quantization == "gguf"
-            and config.quantized_weights is WeightsMode.DEQUANTIZE
-            and model_config.dtype == "float32"
-            and not options.onnx_model
-            and not cpuinfo.has_fast_bf16(self.flags)
-        ):
-            # Not a note (hidden at the default log level): one stream runs several times slower than it could.
-            logger.warning(
-                "this CPU has no native bfloat16 (AVX512-BF16 / AMX), so the GGUF weights are dequantized to "
-                "float32 and every token reads all of them: one stream decodes ~7x slower than llama.cpp (2-core "
-                "AVX2 machine, docs/benchmarks.md). Faster, with other outputs: dtype='bfloat16' (~1.8x), or "
-                "--platform-option onnx_model=auto (pip install 'kvik[onnx]'; an int4 re-quantization in ONNX "
-                "Runtime, 1.2-1.3x llama.cpp, whose greedy text can drift from the GGUF's; docs/onnx.md)"
-            )
         return notes
 
     @staticmethod
