@@ -223,7 +223,8 @@ def resolve_config(user: EngineConfig, platform: Platform, manager: PluginManage
 def _whole_prompts_for_encoders(
     draft: EngineConfig, model_config: ModelConfig, sources: dict[str, str], notes: list[str]
 ) -> None:
-    """A bidirectional encoder attends over the whole prompt at once: no chunks, no prefix-cache hits."""
+    """A bidirectional encoder attends over the whole prompt at once: no chunks, no prefix-cache hits; and it keeps
+    no KV cache, so one bookkeeping block per request (unless the user set ``block_size``)."""
     from kvik.pooling.architectures import is_encoder_architecture
 
     if not is_encoder_architecture(model_config.architecture):

@@ -24,7 +24,7 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
@@ -46,11 +46,6 @@ class AffineBlocks:
             if np.array_equal(self.mins, np.float32(-zp) * self.scales):
                 return zp
         return None
-
-
-class HasAffineBlocks(Protocol):
-    def affine_blocks(self) -> AffineBlocks | None:
-        """This weight's exact blocks, or None where its encoding is not block-32 affine."""
 
 
 # The builder's MatMulNBits weights, by name, and the Hugging Face weights each holds (rows concatenated).
@@ -100,19 +95,17 @@ def carry_blocks(folder: Path, weights: Iterable[tuple[str, Any]]) -> list[str]:
     model = onnx.load(str(path))  # with its external data
     graph = model.graph
     inits = {init.name: init for init in graph.initializer}
-    nodes = [n for n in graph.node if n.op_type == "MatMulNBits" and source_names(n.input[1]) is not None]
-    wanted = {name for n in nodes for name in source_names(n.input[1]) or ()}
-    found: dict[str, AffineBlocks] = {}
-    for name, value in weights:
-        if name in wanted and hasattr(value, "affine_blocks"):
-            blocks = value.affine_blocks()
-            if blocks is not None:
-                found[name] = blocks
+    nodes = [(i, n) for i, n in enumerate(graph.node) if n.op_type == "MatMulNBits" and source_names(n.input[1])]
+    wanted = {name for _, n in nodes for name in source_names(n.input[1]) or ()}
+    # The weights as the source hands them over (GGUF: its raw blocks), decoded one node at a time: all of a
+    # large model's codes unpacked at once would take a byte per weight.
+    found = {name: value for name, value in weights if name in wanted and hasattr(value, "affine_blocks")}
     carried: dict[int, int] = {}
-    added: list[tuple[Any, list[Any]]] = []  # (after this node, new nodes)
+    added: list[tuple[int, list[Any]]] = []  # (after the node at this index, new nodes)
     block_sums: dict[str, str] = {}  # input -> its block sums (gate and up share theirs)
-    for node in nodes:
-        parts = [found.get(name) for name in source_names(node.input[1]) or ()]
+    for index, node in nodes:
+        names = source_names(node.input[1]) or ()
+        parts = [found[name].affine_blocks() if name in found else None for name in names]
         if not parts or any(p is None for p in parts) or len({p.bits for p in parts}) != 1:  # type: ignore[union-attr]
             continue
         blocks = AffineBlocks(
@@ -127,16 +120,16 @@ def carry_blocks(folder: Path, weights: Iterable[tuple[str, Any]]) -> list[str]:
             continue  # not the shape the builder wrote: leave its weights
         zero_point = blocks.zero_point()
         b, scales, zp = pack(blocks, 0 if zero_point is None else zero_point)
-        for name, array in zip(node.input[1:4], (b, scales.astype(np.float32), zp), strict=True):
+        for name, array in zip(node.input[1:4], (b, scales, zp), strict=True):
             inits[name].CopyFrom(numpy_helper.from_array(array, name))
         attrs["bits"].i = blocks.bits
         carried[blocks.bits] = carried.get(blocks.bits, 0) + 1
         if zero_point is None:
-            added.append((node, _add_mins(node, blocks.mins, graph, k, block_sums)))
-    for node, extra in reversed(added):  # after their node, so the graph stays in topological order
-        at = list(graph.node).index(node) + 1
+            added.append((index, _add_mins(node, blocks.mins, graph, k, block_sums)))
+    # After their node, so the graph stays in topological order; from the end, so earlier indices hold.
+    for index, extra in reversed(added):
         for offset, new in enumerate(extra):
-            graph.node.insert(at + offset, new)
+            graph.node.insert(index + 1 + offset, new)
     # Everything is in memory now; onnx appends to an existing data file, which would keep the replaced weights.
     (folder / "model.onnx.data").unlink(missing_ok=True)
     onnx.save_model(model, str(path), save_as_external_data=True, all_tensors_to_one_file=True,

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 from kvik.entrypoints.onnx_exact_blocks import AffineBlocks
 
-from kvik_gguf.dequant import dequantize, type_name
+from kvik_gguf.dequant import GGML_TYPE_SIZES, _f16, _nibbles, dequantize, type_name
 
 
 @dataclass(slots=True)
@@ -40,7 +39,6 @@ class GGUFWeight:
             )
         dequantize(self.data, self.ggml_type, self.shape, out.dtype, out=out)
 
-
     def affine_blocks(self) -> AffineBlocks | None:
         """The weight as ``scales * codes + mins`` over its blocks of 32, bit for bit, for the block types that
         are exactly that (Q4_0, Q4_1, Q8_0; kvik.entrypoints.onnx_exact_blocks writes them into an ONNX export).
@@ -48,22 +46,23 @@ class GGUFWeight:
         layout = _AFFINE.get(self.ggml_type)
         if layout is None:
             return None
-        block_bytes, has_min, bits = layout
+        bits, codes_at = layout
         rows, cols = self.shape
-        raw = self.data.numpy().reshape(rows, cols // 32, block_bytes)
-        scales = raw[..., 0:2].copy().view(np.float16)[..., 0].astype(np.float32)
-        if bits == 8:  # d, then 32 signed codes: w = d * q = d * (q + 128) - 128 d
-            codes = (raw[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)
-            mins = np.float32(-128) * scales
-        else:  # d, [m,] then 16 bytes: byte j holds element j (low nibble) and element j + 16 (high nibble)
-            qs = raw[..., 4:] if has_min else raw[..., 2:]
-            codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)
-            mins = raw[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float32) if has_min else np.float32(-8) * scales
-        return AffineBlocks(bits, codes.reshape(rows, cols), scales, mins)
+        blocks = self.data.reshape(-1, GGML_TYPE_SIZES[self.ggml_type][2])
+        scales = _f16(blocks, 0)  # [blocks, 1]
+        if bits == 8:  # signed codes shifted to unsigned: d * q = d * (q + 128) - 128 d
+            codes = (blocks[:, 2:].contiguous().view(torch.int8).to(torch.int16) + 128).to(torch.uint8)
+            mins = -128 * scales
+        else:  # Q4_1 stores its minimum after d; Q4_0 is d * (q - 8)
+            codes = _nibbles(blocks[:, codes_at:], 16)
+            mins = _f16(blocks, 2) if codes_at == 4 else -8 * scales
+        per_row = (rows, cols // 32)
+        return AffineBlocks(bits, codes.reshape(rows, cols).numpy(), scales.reshape(per_row).numpy(),
+                            mins.reshape(per_row).numpy())  # fmt: skip
 
 
-# ggml type -> (bytes per block of 32, stores a minimum, bits per code) for the block-32 affine encodings.
-_AFFINE = {2: (18, False, 4), 3: (20, True, 4), 8: (34, False, 8)}  # Q4_0, Q4_1, Q8_0
+# ggml type -> (bits per code, byte offset of the codes in a block) for the block-32 affine encodings.
+_AFFINE = {2: (4, 2), 3: (4, 4), 8: (8, 2)}  # Q4_0, Q4_1, Q8_0
 
 
 def unpermute_rows(weight: torch.Tensor, num_heads: int) -> torch.Tensor:
