@@ -106,6 +106,7 @@ def run(args: argparse.Namespace) -> None:
         init_s=round(time.perf_counter() - t0, 1),
         memory_plan=engine.memory_plan.summary(),
         graphs=len(getattr(engine.runner, "graphs", {})),
+        piecewise_sizes=len(getattr(engine.runner, "piecewise_graphs", {})),
         attention=engine.runner.attn_backend.name,
         async_scheduling=engine.async_scheduling,
         device=torch.cuda.get_device_name() if args.device == "cuda" else args.device,
@@ -128,14 +129,18 @@ def run(args: argparse.Namespace) -> None:
     floor_bytes = weight_bytes(args.shape) + args.max_num_seqs * mean_ctx * kv_bytes_per_token(args.shape)
     floor_ms = floor_bytes / ceilings["copy_bytes_per_s"] * 1e3
     overlap = engine.async_scheduling
+    piecewise_sizes = list(getattr(engine.runner, "piecewise_sizes", []))
     for variant in args.variants.split(","):
         # Variants switch the loaded engine in place; the prefix cache is emptied so every
         # variant sees the same 0%-hit workload.
         engine.async_scheduling = overlap and variant != "sync"
+        # no_piecewise: prefill and mixed steps eager and unpadded (the piecewise graphs stay captured).
+        engine.runner.piecewise_sizes = [] if variant == "no_piecewise" else piecewise_sizes
         engine.scheduler.kv_cache.enable_prefix_caching = variant != "no_prefix_cache"
         engine.scheduler.reset_prefix_cache()
         timer.reset()
         before = engine.get_stats()
+        replays_before = getattr(engine.runner, "piecewise_replays", 0)
         sync()
         t = time.perf_counter()
         outs = llm.generate(prompts, params, use_tqdm=False)
@@ -165,8 +170,10 @@ def run(args: argparse.Namespace) -> None:
             fraction_of_measured_gemm=round(flops / wall / ceilings["bf16_gemm_flops"], 4),
             phase_s={k: round(v, 2) for k, v in timer.seconds.items()},
             prefix_cache_hit_rate=round(_hit_rate(engine, before), 4),
+            piecewise_replays=getattr(engine.runner, "piecewise_replays", 0) - replays_before,
         )
     engine.async_scheduling = overlap
+    engine.runner.piecewise_sizes = piecewise_sizes
     engine.scheduler.kv_cache.enable_prefix_caching = True
     if args.profile:
         profile(llm, prompts[:32], "warm-up", None)  # the profiler's own start-up is not the engine's
@@ -293,7 +300,7 @@ def main() -> None:
         "--variants",
         default="async",
         help="comma-separated runs of the workload on the loaded engine: async (the default engine), "
-        "sync (async scheduling off), no_prefix_cache",
+        "sync (async scheduling off), no_prefix_cache, no_piecewise (prefill and mixed steps eager)",
     )
     ap.add_argument("--prefix", action="store_true", help="also run the shared-system-prompt prefix-cache benchmark")
     run(ap.parse_args())

@@ -67,6 +67,9 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     # count from metadata.planned_max_seq_len) and all per-step data is read from device
     # tensors, so a captured CUDA graph replays correctly on new data of the same shape.
     supports_cuda_graphs: ClassVar[bool] = True
+    # forward() is write_kv (a launch over the slot mapping alone) then attend: piecewise CUDA graphs store
+    # K/V inside their captured segments.
+    splits_kv_write: ClassVar[bool] = True
     # An FP8 (e4m3) cache: quantized in write_kv_kernel, widened and scaled in registers on read. Its blocks
     # store V keys-contiguous, [kv_heads, head_size, block_size] (K keeps kv_cache_shape's layout): P @ V sums
     # over keys, and an 8-bit operand can only be read 4 keys at a time when they sit side by side

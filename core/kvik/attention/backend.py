@@ -122,6 +122,10 @@ class AttentionBackend(ABC, Generic[ArrayT]):
     # tiles at absolute positions, no split count that depends on the batch, one kernel for decode
     # and prefill rows), so a row's output is bit-identical in any batch and any chunking.
     supports_batch_invariance: ClassVar[bool] = False
+    # True when forward() is write_kv() then attend() (below) and write_kv reads nothing of the step but
+    # the slot mapping: a runner replaying piecewise CUDA graphs then stores K/V inside its captured
+    # segments and runs only attend() eagerly between them.
+    splits_kv_write: ClassVar[bool] = False
 
     def __init__(
         self,
@@ -212,6 +216,16 @@ class AttentionBackend(ABC, Generic[ArrayT]):
         limited to the last ``sliding_window`` positions when set; scores are
         soft-capped when ``logits_soft_cap`` is set.
         """
+
+    def write_kv(self, key: ArrayT, value: ArrayT, kv_cache: ArrayT, slot_mapping: ArrayT) -> None:
+        """Store ``key``/``value`` [num_tokens, num_kv_heads, head_size] at ``slot_mapping`` (negative: skip).
+        Only called on backends with ``splits_kv_write``; its launch must depend on nothing but the shapes."""
+        raise NotImplementedError(f"attention backend {self.name!r} does not store K/V apart from attention")
+
+    def attend(self, query: ArrayT, kv_cache: ArrayT, metadata: AttentionMetadata[ArrayT], out: ArrayT) -> None:
+        """:meth:`forward`'s attention alone, into ``out`` [num_tokens, num_heads, head_size], the step's K/V
+        already in the cache (stored by :meth:`write_kv`). Only called on backends with ``splits_kv_write``."""
+        raise NotImplementedError(f"attention backend {self.name!r} does not attend apart from storing K/V")
 
     def fuses_rotary(self, kv_cache: ArrayT, metadata: AttentionMetadata[ArrayT]) -> bool:
         """Whether this step may go through :meth:`forward_rotary`: the model then hands over q and k before

@@ -51,6 +51,10 @@ class GPUOptions(PlatformOptions):
 
     # Swap RMSNorm / SiLU-and-mul / rotary for one-kernel Triton versions (kvik_cuda.fused).
     fused_layers: bool = True
+    # Prefill and mixed steps of up to this many tokens run as piecewise CUDA graphs (kvik_cuda.piecewise),
+    # padded to a captured size; 0: never (they run eagerly, unpadded). None: the size below which a step's
+    # eager launches would outlast its GPU work (kvik_cuda.piecewise.default_max_tokens).
+    piecewise_max_tokens: int | None = None
 
 
 class TorchGPUPlatform(Platform):
@@ -69,6 +73,12 @@ class TorchGPUPlatform(Platform):
     runtime: ClassVar[str]  # the torch_gpu_build() value this platform needs
     runtime_label: ClassVar[str]  # for messages: "CUDA", "ROCm"
     other_platform: ClassVar[str]  # the platform that runs the other GPU build of torch
+
+    def resolve_options(self, options: dict[str, Any], config: EngineConfig) -> PlatformOptions:
+        limit = options.get("piecewise_max_tokens")
+        if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+            raise ValueError(f"piecewise_max_tokens must be an int >= 0 (0: no piecewise CUDA graphs), got {limit!r}")
+        return super().resolve_options(options, config)
 
     @classmethod
     def is_available(cls) -> bool:

@@ -23,9 +23,14 @@ Steps of two kinds run *bucketed*, padded to a :class:`GraphShape`
   ``max_seq_len_bound`` and ``max_query_len_bound`` (k+1), so the graph replays
   correctly over any layout of that shape.
 
+Steps with prompt tokens (prefill, mixed) of up to ``piecewise_sizes[-1]``
+tokens are padded to the next of those sizes with an absorber request and run as
+piecewise CUDA graphs (:mod:`kvik_cuda.piecewise`): everything but attention
+replayed, attention eager on the step's own metadata.
+
 With CUDA graphs the shape's graph is replayed; with ``enforce_eager`` the same
 padded step runs eagerly. Both launch the same kernels on the same shapes, so
-their outputs are identical. Other steps (prefill, mixed, larger) run eagerly,
+their outputs are identical. Other steps (larger than every size) run eagerly,
 unpadded. Verify shapes exist only with speculation on, for capture sizes up to
 :data:`MAX_VERIFY_BATCH` whose tokens fit the step budget and ``max_model_len``,
 and not with drafters that need an eager target (EAGLE-3, whose runner captures
@@ -48,6 +53,7 @@ from __future__ import annotations
 
 import logging
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
@@ -60,6 +66,7 @@ from kvik.attention.backend import AttentionMetadata
 from kvik.config import ModelConfig, ResolvedConfig
 from kvik.engine import progress
 from kvik.layers.batch_invariant import InvariantKernels
+from kvik.layers.moe import MoEExperts
 from kvik.lora.compute import add_lora_reference
 from kvik.platforms.interface import Platform
 from kvik.plugins.manager import PluginManager
@@ -69,6 +76,13 @@ from kvik.worker.kit import BlockTables, StepLayout
 from kvik.worker.torch_runner import ModelInputs, TorchModelRunner
 
 from kvik_cuda.inputs import PreparedStep, StepInputs
+from kvik_cuda.piecewise import (
+    PiecewiseCapture,
+    PiecewiseGraph,
+    StaticAttentionBuffers,
+    default_max_tokens,
+    piecewise_sizes,
+)
 from kvik_cuda.platform import GPUOptions
 
 logger = logging.getLogger(__name__)
@@ -108,9 +122,11 @@ def verify_shapes(sizes: list[int], q: int, max_tokens: int, max_model_len: int)
 
 @dataclass(slots=True)
 class CUDAInputs(ModelInputs):
-    """Model inputs in the persistent device buffers; ``bucket``: the padded step's shape, if any."""
+    """Model inputs in the persistent device buffers; ``bucket``: the padded decode or verify step's shape,
+    ``piecewise``: the padded prefill or mixed step's token count (at most one is set)."""
 
     bucket: GraphShape | None = None
+    piecewise: int | None = None
 
 
 _Graph = tuple[torch.cuda.CUDAGraph, torch.Tensor, AttentionMetadata[torch.Tensor]]
@@ -139,6 +155,11 @@ class CUDAModelRunner(TorchModelRunner):
         self.draft_prev: torch.Tensor | None = None  # the replayed pass's input states [largest size, hidden]
         self.graph_pool: object | None = None
         self.replays = 0  # graph replays so far (tests, benchmarks)
+        self.piecewise_sizes: list[int] = []  # token counts prefill and mixed steps pad to (empty: none do)
+        self.piecewise_graphs: dict[int, PiecewiseGraph] = {}
+        self.piecewise_replays = 0
+        # The layout build_layout last padded to a piecewise size (prepare_inputs reads it in the same step).
+        self._piecewise_layout: StepLayout | None = None
 
     # -- setup -----------------------------------------------------------------------------
     def load_model(self) -> None:
@@ -156,6 +177,35 @@ class CUDAModelRunner(TorchModelRunner):
             self.verify_tokens_per_request = 0  # no verify graphs: no padding either
         q = self.verify_tokens_per_request
         self.verify_shapes = verify_shapes(self.sizes, q, max_tokens, mc.max_model_len) if q > 1 else []
+        self.piecewise_sizes = self._piecewise_sizes()
+
+    def _piecewise_sizes(self) -> list[int]:
+        """The token counts prefill and mixed steps pad to, decided whether or not graphs are captured
+        (``enforce_eager`` pads the same steps, so both launch the same kernels); empty: none pad.
+
+        None with speculative decoding (EAGLE reads hidden states the model stores on the side), LoRA
+        (a step's adapter kernels are switched on and off in Python), deterministic mode, pipeline stages,
+        encoders, an attention backend that does not replay under graphs, or MoE experts left on the torch
+        reference (``fused_layers=False``: captured, it runs every expert on every token)."""
+        options = self.config.platform_options
+        limit = options.piecewise_max_tokens if isinstance(options, GPUOptions) else 0
+        budget = self.config.max_num_batched_tokens
+        if limit is None:
+            limit = default_max_tokens(self.model_config, budget)
+        backend = self.attn_backend
+        if (
+            limit <= 0
+            or self.drafter is not None
+            or self.lora is not None
+            or self.config.deterministic
+            or self.parallel.pp_size > 1
+            or not self.keeps_kv_cache
+            or backend is None
+            or not backend.supports_cuda_graphs
+            or any(type(m) is MoEExperts for m in self.model.modules())  # type: ignore[union-attr]
+        ):
+            return []
+        return piecewise_sizes(min(limit, budget))
 
     def _fuse_layers(self) -> None:
         """Swap RMSNorm / add + LayerNorm / SiLU-and-mul / rotary / MoE for Triton versions (kvik_cuda.fused).
@@ -179,7 +229,9 @@ class CUDAModelRunner(TorchModelRunner):
         try:
             from kvik_cuda.batch_invariant import cuda_kernels
         except ImportError as exc:
-            raise ValueError(f"deterministic=True on {self.device.type} needs triton, which failed to import: {exc}") from exc
+            raise ValueError(
+                f"deterministic=True on {self.device.type} needs triton, which failed to import: {exc}"
+            ) from exc
         return cuda_kernels()
 
     def _lora_kernels(self) -> None:
@@ -189,7 +241,9 @@ class CUDAModelRunner(TorchModelRunner):
         try:
             from kvik_cuda.lora_kernels import TritonLoRA
         except ImportError as exc:
-            logger.warning("LoRA Triton kernels unavailable (%s): adapters run the torch reference, no CUDA graphs", exc)
+            logger.warning(
+                "LoRA Triton kernels unavailable (%s): adapters run the torch reference, no CUDA graphs", exc
+            )
             return
         state = self.lora.wrapped.state
         kernels = TritonLoRA(state.token_slots.shape[0], state.token_slots.device)
@@ -213,14 +267,19 @@ class CUDAModelRunner(TorchModelRunner):
     def profile(self) -> int:
         """Peak activation bytes of the largest eager step, plus room for the graphs' private pool."""
         peak = super().profile()
-        return peak + (GRAPH_MEMORY_RESERVE if self.graphs_enabled else 0)
+        if not self.graphs_enabled:
+            return peak
+        # The piecewise graphs' pool holds their largest step's activations, beside the eager steps' own.
+        piecewise = peak * self.piecewise_sizes[-1] // self.config.max_num_batched_tokens if self.piecewise_sizes else 0
+        return peak + GRAPH_MEMORY_RESERVE + piecewise
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
-        self.graphs, self.lora_graphs, self.draft_graphs = {}, {}, {}
+        self.graphs, self.lora_graphs, self.draft_graphs, self.piecewise_graphs = {}, {}, {}, {}
         super().initialize_kv_cache(num_blocks)
         if self.graphs_enabled:
             verify = f", {len(self.verify_shapes)} verify shapes" if self.verify_shapes else ""
-            what = f"{len(self.sizes)} batch sizes{verify}"
+            pieces = f", {len(self.piecewise_sizes)} piecewise step sizes" if self.piecewise_sizes else ""
+            what = f"{len(self.sizes)} batch sizes{verify}{pieces}"
             with progress.step(f"capturing CUDA graphs ({what})"):
                 self.capture_graphs()
 
@@ -254,7 +313,35 @@ class CUDAModelRunner(TorchModelRunner):
         if self.inputs is None:
             return super().build_layout(scheduled, tables, rows)
         self.inputs.wait_host()  # the previous step's copies have read the buffers
-        return self._padded_layout(scheduled, tables, rows, self._bucket(scheduled))
+        self._piecewise_layout = None
+        shape = self._bucket(scheduled)
+        if shape is None and self.piecewise_sizes:
+            return self._piecewise_padded(scheduled, tables, rows)
+        return self._padded_layout(scheduled, tables, rows, shape)
+
+    def _piecewise_padded(self, scheduled: list[ScheduledRequest], tables: BlockTables, rows: np.ndarray) -> StepLayout:
+        """The step padded to the next piecewise size by an absorber request (none when it has that size
+        already); unpadded when it is larger than every size or the absorber does not fit the buffers."""
+        assert self.inputs is not None
+        sizes = self.piecewise_sizes
+        num_tokens = sum(map(len, map(_token_ids, scheduled)))
+        n = len(scheduled)
+        if num_tokens > sizes[-1]:
+            return self._padded_layout(scheduled, tables, rows, None)
+        size = sizes[bisect_left(sizes, num_tokens)]
+        pad_to, pad_tokens_to = (n, None) if size == num_tokens else (n + 1, size)
+        layout = StepLayout.build(
+            scheduled,
+            tables,
+            rows,
+            self.block_size,
+            buffers=self.inputs.host,
+            pad_to=pad_to,
+            pad_tokens_to=pad_tokens_to,
+        )
+        if layout.padded_to is not None:
+            self._piecewise_layout = layout
+        return layout
 
     def _padded_layout(
         self, scheduled: list[ScheduledRequest], tables: BlockTables, rows: np.ndarray, shape: GraphShape | None
@@ -274,13 +361,16 @@ class CUDAModelRunner(TorchModelRunner):
             return super().prepare_inputs(layout)
         assert self.attn_backend is not None
         step = self.inputs.copy(layout)
-        bucket = None
-        if layout.padded_to is not None:
+        bucket: GraphShape | None = None
+        piecewise: int | None = None
+        if self._piecewise_layout is not None and layout is self._piecewise_layout:
+            piecewise = self._piecewise_layout.num_tokens  # attention runs eagerly: planned for this step alone
+        elif layout.padded_to is not None:
             bucket = GraphShape(layout.num_reqs, layout.num_tokens)
             self._plan_for_every_replay(step.metadata, bucket)
         if bucket not in self.graphs:  # a graph replays the plan it was captured with
             self.attn_backend.prepare(step.metadata)
-        inputs = CUDAInputs(step.input_ids, step.positions, step.metadata, bucket)
+        inputs = CUDAInputs(step.input_ids, step.positions, step.metadata, bucket, piecewise)
         self.fill_pending_tokens(inputs.input_ids, layout)
         self.prepare_lora(layout)
         return inputs
@@ -298,7 +388,12 @@ class CUDAModelRunner(TorchModelRunner):
         return graph[1]
 
     def run_model(self, inputs: ModelInputs) -> torch.Tensor:
-        """Replay the bucket's graph (its output: [bucket, hidden]) or run eagerly."""
+        """Replay the bucket's graph (its output: [bucket, hidden]) or the step's piecewise graphs, or run eagerly."""
+        if isinstance(inputs, CUDAInputs) and inputs.piecewise is not None:
+            pieces = self.piecewise_graphs.get(inputs.piecewise)
+            if pieces is not None:
+                self.piecewise_replays += 1
+                return pieces.replay(inputs.metadata)
         graphs = self.lora_graphs if self.lora is not None and self.lora.wrapped.state.active else self.graphs
         graph = graphs.get(inputs.bucket) if isinstance(inputs, CUDAInputs) and inputs.bucket is not None else None
         if graph is None:
@@ -368,15 +463,58 @@ class CUDAModelRunner(TorchModelRunner):
             state.active = False
         if self.drafter is not None and self.drafter.has_decode_pass:
             self._capture_draft_decode()
+        if self.piecewise_sizes:
+            self._capture_piecewise()
         torch.cuda.synchronize(self.device)
         verify = self.verify_shapes
+        pieces = self.piecewise_sizes
         logger.info(
-            "captured %d CUDA graphs (decode batch sizes %s%s) in %.1f s",
+            "captured %d CUDA graphs (decode batch sizes %s%s%s) in %.1f s",
             len(self.graphs),
             f"{self.sizes[0]}..{self.sizes[-1]}",
             f"; verify (requests, tokens) {tuple(verify[0])}..{tuple(verify[-1])}" if verify else "",
+            f"; piecewise steps of {pieces[0]}..{pieces[-1]} tokens" if self.piecewise_graphs else "",
             time.perf_counter() - start,
         )
+
+    def _capture_piecewise(self) -> None:
+        """One :class:`PiecewiseGraph` per piecewise size, largest first, in the shared pool. A model whose
+        forward cannot be captured (a host sync between two attention calls) keeps its steps eager, padded."""
+        assert self.model is not None and self.attn_backend is not None
+        buffers = StaticAttentionBuffers(self.piecewise_sizes[-1])
+        stream = torch.cuda.Stream(self.device)
+        try:
+            for size in reversed(self.piecewise_sizes):
+                step = self._piecewise_dummy(size)
+                self.attn_backend.prepare(step.metadata)
+                run = partial(self.model, step.input_ids, step.positions, self.kv_caches, step.metadata)
+                run()  # Triton compiles, cuBLAS settles: nothing of that may happen inside a capture
+                torch.cuda.synchronize(self.device)
+                with torch.cuda.stream(stream):
+                    graph = PiecewiseCapture(self.attn_layers, buffers, torch.cuda.CUDAGraph, self.graph_pool).run(run)
+                stream.synchronize()
+                self.piecewise_graphs[size] = graph
+        except RuntimeError as exc:
+            torch.cuda.synchronize(self.device)
+            self.piecewise_graphs = {}
+            logger.warning("piecewise CUDA graphs failed to capture (%s): prefill and mixed steps run eagerly", exc)
+
+    def _piecewise_dummy(self, size: int) -> PreparedStep:
+        """A dummy prefill step of ``size`` tokens in the device buffers: prompts as long as a request may be,
+        every token in the null block (what the capture's own attention calls read and write)."""
+        assert self.inputs is not None
+        longest = min(self.model_config.max_model_len, (self.inputs.max_blocks - 1) * self.block_size)
+        lens = [longest] * (size // longest) + ([size % longest] if size % longest else [])
+        dummy = [
+            ScheduledRequest(f"piecewise-{i}", [0] * n, 0, [0] * -(-n // self.block_size), True, SamplingParams())
+            for i, n in enumerate(lens)
+        ]
+        scratch = BlockTables()
+        rows = scratch.apply(SchedulerOutput(dummy, size))
+        self.inputs.wait_host()
+        layout = self._padded_layout(dummy, scratch, rows, None)
+        assert layout.buffers is self.inputs.host, f"a {size}-token step does not fit the step buffers"
+        return self.inputs.copy(layout)
 
     def _capture_draft_decode(self) -> None:
         """One graph per decode size of the drafter's one-token pass (EAGLE's head and its logits), in
@@ -406,6 +544,6 @@ class CUDAModelRunner(TorchModelRunner):
         return graph, out
 
     def shutdown(self) -> None:
-        self.graphs, self.lora_graphs, self.draft_graphs = {}, {}, {}
+        self.graphs, self.lora_graphs, self.draft_graphs, self.piecewise_graphs = {}, {}, {}, {}
         self.graph_pool = None
         super().shutdown()

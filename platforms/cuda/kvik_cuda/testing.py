@@ -22,7 +22,8 @@ class HostCUDAPlatform(Platform):
     options_type = GPUOptions
 
     def resolve_options(self, options: dict[str, Any], config: EngineConfig) -> GPUOptions:
-        return GPUOptions(fused_layers=options.get("fused_layers", False))  # eager layers unless asked
+        # Eager layers unless asked; the rest as on a GPU.
+        return GPUOptions(**{"fused_layers": False, **options})
 
     @classmethod
     def is_available(cls) -> bool:

@@ -173,3 +173,15 @@ def test_capture_sizes() -> None:
     assert capture_sizes(256, 8192)[-1] == 256 and len(capture_sizes(256, 8192)) == 35
     assert capture_sizes(20, 8192) == [1, 2, 4, 8, 16, 20]
     assert capture_sizes(256, 4) == [1, 2, 4]
+
+
+@pytest.mark.parametrize("value", [-1, True, 1.5, "512"])
+def test_piecewise_max_tokens_must_be_a_whole_number(
+    monkeypatch: pytest.MonkeyPatch, tiny_model_dir, kvik_plugin_manager, value: object
+) -> None:
+    fake_gpu(monkeypatch, "cuda", True)
+    path = tiny_model_dir("llama")
+    with pytest.raises(ValueError, match="piecewise_max_tokens must be an int >= 0"):
+        _resolve(CUDAPlatform(), path, kvik_plugin_manager, platform_options={"piecewise_max_tokens": value})
+    config = _resolve(CUDAPlatform(), path, kvik_plugin_manager, platform_options={"piecewise_max_tokens": 0}).config
+    assert config.platform_options.piecewise_max_tokens == 0

@@ -340,3 +340,37 @@ def test_lora_under_cuda_graphs_gives_the_eager_tokens(tiny_model_dir, tmp_path,
         del llm
         torch.cuda.empty_cache()
     assert outs[True] == outs[False]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_piecewise_graphs_give_the_eager_bits(tiny_model_dir, arch: str) -> None:
+    """Prefill and mixed steps replayed as piecewise graphs: the same tokens and logprobs as the same padded
+    steps run eagerly (bit for bit), and the same greedy tokens as unpadded eager steps."""
+    import kvik
+
+    path = tiny_model_dir(arch, num_hidden_layers=3)
+    # Staggered lengths and a small step budget: steps mix decodes with prompt chunks.
+    prompts = [[1 + (7 * i + j) % 400 for j in range(3 + 29 * i)] for i in range(12)]
+    params = kvik.SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, logprobs=2)
+    outs = {}
+    for name, eager, limit in (("eager", True, None), ("graphs", False, None), ("unpadded", True, 0)):
+        llm = kvik.LLM(model=str(path), device="cuda", dtype="bfloat16", enforce_eager=eager, max_num_seqs=8,
+                       max_num_batched_tokens=128, num_kv_blocks=256,
+                       platform_options={} if limit is None else {"piecewise_max_tokens": limit})  # fmt: skip
+        runner = llm.llm_engine.runner
+        assert isinstance(runner, CUDAModelRunner)
+        assert bool(runner.piecewise_sizes) is (limit is None)
+        assert bool(runner.piecewise_graphs) is (name == "graphs")
+        results = llm.generate(prompts, params)
+        if name == "graphs":
+            assert runner.piecewise_replays > 0
+        outs[name] = [
+            (o.outputs[0].token_ids, [{t: lp.logprob for t, lp in d.items()} for d in o.outputs[0].logprobs])
+            for o in results
+        ]
+        del llm
+        torch.cuda.empty_cache()
+    assert outs["graphs"] == outs["eager"]
+    assert [t for t, _ in outs["unpadded"]] == [t for t, _ in outs["graphs"]]

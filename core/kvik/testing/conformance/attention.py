@@ -22,6 +22,7 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -252,6 +253,36 @@ def _check_one(
             )
     if not problems:
         problems.extend(_check_rotary_decode(backend, ref, cache, ref_cache, reqs, block_size, rand, atol, rtol))
+    if not problems and backend_cls.splits_kv_write:
+        problems.extend(_check_split_kv_write(backend, cache, steps[-1], block_size, rand))
+    return problems
+
+
+def _check_split_kv_write(
+    backend: AttentionBackend[torch.Tensor],
+    cache: torch.Tensor,
+    rows: list[tuple[int, int, list[int]]],
+    block_size: int,
+    rand: Any,
+) -> list[str]:
+    """``splits_kv_write``: ``write_kv`` then ``attend`` gives ``forward``'s output and cache, bit for bit."""
+    q_lens, s_lens = [q for q, _, _ in rows], [s for _, s, _ in rows]
+    tables = [b[: -(-s // block_size)] for _, s, b in rows]
+    n = sum(q_lens)
+    num_heads, num_kv_heads = backend.num_heads, backend.num_kv_heads
+    q, k, v = rand(n, num_heads), rand(n, num_kv_heads), rand(n, num_kv_heads)
+    metadata = build_metadata(q_lens, s_lens, tables, block_size, cache.device)
+    type(backend).prepare(metadata)
+    whole, split = cache.clone(), cache.clone()
+    expected = backend.forward(q, k, v, whole, metadata)
+    backend.write_kv(k, v, split, metadata.slot_mapping)
+    out = torch.empty_like(expected)
+    backend.attend(q, split, metadata, out)
+    problems = []
+    if not torch.equal(out, expected):
+        problems.append("splits_kv_write: write_kv + attend differ from forward")
+    if not torch.equal(split, whole):
+        problems.append("splits_kv_write: write_kv left another cache than forward")
     return problems
 
 
