@@ -6,6 +6,7 @@ import gc
 
 import kvik
 import pytest
+from kvik.entrypoints import frozen_heap as frozen_heap_module
 from kvik.entrypoints.frozen_heap import frozen_heap
 
 
@@ -20,13 +21,28 @@ def test_frozen_inside_and_given_back_after() -> None:
     assert gc.get_freeze_count() == 0
 
 
-def test_a_process_freeze_stays_as_it_was() -> None:
+def test_blocks_nest_and_the_outermost_unfreezes() -> None:
+    with frozen_heap():
+        with frozen_heap():
+            assert gc.get_freeze_count() > 0
+        assert gc.get_freeze_count() > 0  # the outer block still runs
+    assert gc.get_freeze_count() == 0
+
+
+def test_a_process_freeze_stays_as_it_was(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(frozen_heap_module, "_frozen_by_process", False)  # restored after the test
     gc.freeze()  # as `kvik serve` does after start-up
     try:
         frozen = gc.get_freeze_count()
-        with frozen_heap():
-            pass
+        counted = []
+        monkeypatch.setattr(gc, "get_freeze_count", lambda: counted.append(1) or frozen)
+        for _ in range(3):
+            with frozen_heap():
+                pass
+        monkeypatch.undo()
         assert gc.get_freeze_count() >= frozen > 0
+        # Counted once: the count walks every frozen object (tens of ms for a large heap).
+        assert counted == [1]
     finally:
         gc.unfreeze()
 
