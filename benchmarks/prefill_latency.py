@@ -14,6 +14,7 @@ Records (median and 10th/90th percentile ms of ``--repeats`` timed calls) go to 
 from __future__ import annotations
 
 import argparse
+import gc
 import logging
 import statistics
 import sys
@@ -68,7 +69,8 @@ def run(args: argparse.Namespace) -> None:
     runner = llm.llm_engine.runner
     sizes = list(runner.piecewise_sizes)
     record(event="engine", shape=args.shape, init_s=round(time.perf_counter() - t0, 1), piecewise_sizes=len(sizes),
-           largest=sizes[-1] if sizes else 0, device=torch.cuda.get_device_name())  # fmt: skip
+           largest=sizes[-1] if sizes else 0, device=torch.cuda.get_device_name(),
+           frozen_objects=gc.get_freeze_count())  # fmt: skip
     hf = None
     if args.hf:
         from transformers import AutoModelForCausalLM

@@ -23,6 +23,7 @@ from kvik.config import EngineConfig
 from kvik.engine.config_resolution import resolve_config
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
+from kvik.worker.kit import BlockTables
 from kvik.worker.torch_runner import TorchModelRunner
 from kvik_cuda.piecewise import (
     SMALLEST_SIZE,
@@ -110,8 +111,15 @@ def test_the_capture_cuts_at_every_attention_call_and_changes_no_value(
     runner = _runner(kvik_plugin_manager, tiny_model_dir("qwen3"), platform_options={"fused_layers": False}, **extra)
     assert isinstance(runner, CUDAModelRunner) and runner.model is not None
     assert runner.attn_layers[0].splits_kv_write is (backend is not None)
-    step = runner._piecewise_dummy(48)
-    assert step.metadata.num_tokens == 48 and step.metadata.max_query_len > 1
+    dummy = runner._piecewise_dummy(48)  # what capture runs: every token in the null block
+    assert dummy.metadata.num_tokens == 48 and dummy.metadata.max_query_len > 1
+    # Compared here on a step whose tokens have slots of their own (the dummy's share the null block's, and
+    # on a GPU the order of their racing writes, hence what attention reads back, varies from run to run).
+    reqs = [_req(f"r{i}", list(range(1 + 16 * i, 17 + 16 * i)), 0, list(range(1 + 4 * i, 5 + 4 * i))) for i in range(3)]
+    tables = BlockTables()
+    layout = runner._padded_layout(reqs, tables, tables.apply(SchedulerOutput(reqs, 48)), None)
+    step = runner.inputs.copy(layout)  # type: ignore[union-attr]
+    type(runner.attn_layers[0]).prepare(step.metadata)
     forward = partial(runner.model, step.input_ids, step.positions, runner.kv_caches, step.metadata)
     with torch.inference_mode():
         expected = forward().clone()
