@@ -344,10 +344,14 @@ def test_lora_under_cuda_graphs_gives_the_eager_tokens(tiny_model_dir, tmp_path,
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not CUDA, reason="CUDA graphs need a GPU")
-@pytest.mark.parametrize("arch", ["llama", "qwen3"])
-def test_piecewise_graphs_give_the_eager_bits(tiny_model_dir, arch: str) -> None:
+@pytest.mark.parametrize(
+    ("arch", "impl"),
+    [("llama", "auto"), ("qwen3", "auto"), ("qwen3_moe", "auto"), ("gemma2", "auto"), ("llama", "transformers")],
+)
+def test_piecewise_graphs_give_the_eager_bits(tiny_model_dir, arch: str, impl: str) -> None:
     """Prefill and mixed steps replayed as piecewise graphs: the same tokens and logprobs as the same padded
-    steps run eagerly (bit for bit), and the same greedy tokens as unpadded eager steps."""
+    steps run eagerly (bit for bit), and the same greedy tokens as unpadded eager steps. Also for the Triton
+    MoE, Gemma 2's windowed and soft-capped layers, and the transformers fallback's modelling code."""
     import kvik
 
     path = tiny_model_dir(arch, num_hidden_layers=3)
@@ -357,7 +361,7 @@ def test_piecewise_graphs_give_the_eager_bits(tiny_model_dir, arch: str) -> None
     outs = {}
     for name, eager, limit in (("eager", True, None), ("graphs", False, None), ("unpadded", True, 0)):
         llm = kvik.LLM(model=str(path), device="cuda", dtype="bfloat16", enforce_eager=eager, max_num_seqs=8,
-                       max_num_batched_tokens=128, num_kv_blocks=256,
+                       max_num_batched_tokens=128, num_kv_blocks=256, model_impl=impl,
                        platform_options={} if limit is None else {"piecewise_max_tokens": limit})  # fmt: skip
         runner = llm.llm_engine.runner
         assert isinstance(runner, CUDAModelRunner)
