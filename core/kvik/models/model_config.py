@@ -148,12 +148,19 @@ def build_model_config(
             )
         arch = FALLBACK_ARCHITECTURE
         logger.info("%s has no native kvik implementation: running transformers' modelling code", ", ".join(archs))
+    # quantization
+    quant_name = resolve_quantization(engine_config.quantization, fmt, manager)
     # dtype
     if engine_config.dtype == "auto":
         model_dtype = _dtype_name(getattr(hf, "dtype", None) or getattr(hf, "torch_dtype", None)) or "float32"
         if model_dtype not in _DTYPES:
             model_dtype = "float32"
-        dtype = platform.default_dtype(model_dtype) if platform is not None else model_dtype
+        if platform is None:
+            dtype = model_dtype
+        elif quant_name is None:  # platforms written before the quantization argument keep working on dense models
+            dtype = platform.default_dtype(model_dtype)
+        else:
+            dtype = platform.default_dtype(model_dtype, quant_name)
     else:
         dtype = engine_config.dtype
     # context length
@@ -179,8 +186,6 @@ def build_model_config(
     gen_config = getattr(fmt, "generation_config", None)
     if callable(gen_config):
         eos |= _int_ids(gen_config().get("eos_token_id"))
-    # quantization
-    quant_name = resolve_quantization(engine_config.quantization, fmt, manager)
     window = getattr(hf, "sliding_window", None)
     if hasattr(hf, "use_sliding_window") and not hf.use_sliding_window:
         window = None

@@ -67,8 +67,9 @@ class Platform(ABC):
         """Why ``is_available()`` is False (shown to users who force the platform)."""
         return None
 
-    def default_dtype(self, model_dtype: str) -> str:
-        """The compute dtype for ``dtype='auto'`` given the checkpoint's dtype."""
+    def default_dtype(self, model_dtype: str, quantization: str | None = None) -> str:
+        """The compute dtype for ``dtype='auto'`` given the checkpoint's dtype and its quantization method
+        (``"gguf"``, ...; None for a dense checkpoint)."""
         return model_dtype if model_dtype in self.supported_dtypes else "float32"
 
     @abstractmethod

@@ -91,7 +91,7 @@ class ApplePlatform(Platform):
     def unavailable_reason(cls) -> str | None:
         return mlx_import_error()
 
-    def default_dtype(self, model_dtype: str) -> str:
+    def default_dtype(self, model_dtype: str, quantization: str | None = None) -> str:
         # MLX's CPU build runs half-precision matmuls far slower than float32;
         # on Metal the checkpoint's own dtype is the fast one.
         if not metal_available():

@@ -10,12 +10,14 @@ count from the first token on (there is no idle parallel hardware to fill):
   served 8 x (128 prompt + 32 output) tokens in 9.1 s in bf16 vs 20.9 s in fp32.
   Without those instructions bf16 is emulated through fp32 and slower than
   fp32, so float32 is used.
-* quantized_weights (``auto``): GGUF weights stay packed (torch's int4 CPU kernel, kvik_gguf's
-  repack) when the compute dtype is bfloat16, which ``dtype="auto"`` gives a quantized GGUF on a
-  CPU with native bf16 (the GGUF config names bfloat16 for quantized files). On the bundled
-  SmolLM2 Q4_1 at two threads that path decoded 40 tok/s against 21-23 for the dequantized bf16
-  model and held 707 MB against 1,160 for dequantized float32 (docs/benchmarks.md). In float32 the
-  packed kernel is a scalar loop, so float32 runs (and other methods) dequantize at load.
+* GGUF checkpoints: bfloat16 with the weights kept packed (torch's int4 CPU kernel, kvik_gguf's
+  repack; ``quantized_weights="auto"``) on every CPU, native bf16 or not: the kernel widens bf16
+  to float32 itself, and reads 4-8 bits per weight instead of 32. On the bundled SmolLM2 Q4_1 at
+  two threads of an AVX2-only EPYC it decoded one stream at 30-33 tok/s against 16-18 for the
+  float32 dequantized model, served 8 requests at 116-125 against 64-66 tok/s and peaked at
+  487 MiB against 922 (same run, docs/benchmarks.md). On an AVX512-BF16 CPU: 40 tok/s against
+  21-23 dequantized bf16, 707 MB against 1,160. In float32 the packed kernel is a scalar loop, so
+  ``dtype="float32"`` runs (and other methods) dequantize at load.
 * threads: one per physical core of the affinity mask (SMT siblings share a
   core's vector units).
 * KV cache: RAM is shared with the OS and other processes, so the pool
@@ -129,28 +131,23 @@ class CPUPlatform(Platform):
     def is_available(cls) -> bool:
         return True  # PyTorch always has a CPU device
 
-    def default_dtype(self, model_dtype: str) -> str:
-        """bf16 for bf16/fp16 checkpoints on CPUs with native bf16, else float32 (see module docstring)."""
+    def default_dtype(self, model_dtype: str, quantization: str | None = None) -> str:
+        """bf16 for GGUF checkpoints (packed, where torch has its int4 CPU kernel) and for bf16/fp16 checkpoints
+        on CPUs with native bf16, else float32 (see the module docstring)."""
+        if quantization == "gguf":
+            import torch
+
+            if hasattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu"):
+                return "bfloat16"
         if model_dtype in ("bfloat16", "float16") and cpuinfo.has_fast_bf16(self.flags):
             return "bfloat16"
         return "float32"
 
     def quantized_weights_mode(self, config: EngineConfig, method: str) -> WeightsMode:
-        """Packed GGUF weights when the step computes in bfloat16 (see the module docstring), else dense.
-
-        When both choices were left to the platform and this CPU's lack of native bf16 makes them float32 and
-        dense, a warning says what that costs and what is faster (a note would be hidden at the default level)."""
-        dtype = self.default_dtype("bfloat16") if config.dtype == "auto" else config.dtype
+        """Packed GGUF weights when the step computes in bfloat16 (see the module docstring), else dense."""
+        dtype = self.default_dtype("bfloat16", method) if config.dtype == "auto" else config.dtype
         if method == "gguf" and dtype == "bfloat16":
             return WeightsMode.QUANTIZED
-        if method == "gguf" and config.dtype == "auto" and not config.platform_options.get("onnx_model"):
-            logger.warning(
-                "this CPU has no native bfloat16 (AVX512-BF16 / AMX), so the GGUF weights are dequantized to "
-                "float32 and every token reads all of them: one stream decodes ~7x slower than llama.cpp (2-core "
-                "AVX2 machine, docs/benchmarks.md). Faster: dtype='bfloat16' (~1.8x, other rounding), or "
-                "--platform-option onnx_model=auto (pip install 'kvik[onnx]'; the GGUF's 4- and 8-bit blocks in "
-                "ONNX Runtime, about llama.cpp's speed, int8 activations; docs/onnx.md)"
-            )
         return WeightsMode.DEQUANTIZE
 
     def memory_info(self) -> MemoryInfo:

@@ -111,7 +111,7 @@ class TorchGPUPlatform(Platform):
     def device(self) -> torch.device:
         return torch.device("cuda", torch.cuda.current_device())
 
-    def default_dtype(self, model_dtype: str) -> str:
+    def default_dtype(self, model_dtype: str, quantization: str | None = None) -> str:
         """fp16 checkpoints stay fp16; everything else runs in bf16 (fp16 on GPUs without bf16)."""
         if model_dtype == "float16":
             return "float16"
