@@ -37,7 +37,6 @@ same kernels on the same shapes and give the same bits.
 from __future__ import annotations
 
 import contextlib
-import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from functools import partial
@@ -47,14 +46,12 @@ import torch
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.config import ModelConfig
 
-logger = logging.getLogger(__name__)
-
 SMALLEST_SIZE = 16  # rows: a prompt shorter than this pads up to it
 STEPS_PER_OCTAVE = 8  # sizes between two powers of two: padding wastes at most 1/8 of a step
 # A step's eager forward costs its host ~1.2 ms per decoder layer (an H200 host: SmolLM2's 30 layers took
 # 36 ms, docs/benchmarks.md run x); its linears cost the GPU 2 * T * P FLOPs per layer of P parameters, at
 # ~600 TFLOP/s. The two meet at T * P = 3.6e11: beyond that the launches hide behind the GPU work and a
-# graph's padding would only add rows (the 8B shape: ~1,400 tokens; SmolLM2's: every step).
+# graph's padding would only add rows (the 8B shape: ~1,650 tokens; SmolLM2's: every step).
 LAUNCHES_HIDDEN_AT_TOKEN_PARAMS = 3.6e11
 
 
