@@ -84,14 +84,15 @@ class AttentionCall:
 
     layer: AttentionBackend[torch.Tensor]
     query: torch.Tensor  # views of the shared static buffers, [size, heads, head_dim]
-    key: torch.Tensor
-    value: torch.Tensor
     kv_cache: torch.Tensor
     out: torch.Tensor
+    # The new K/V's buffers; None where the layer splits_kv_write (the segment before stored them).
+    key: torch.Tensor | None = None
+    value: torch.Tensor | None = None
 
     def run(self, metadata: AttentionMetadata[torch.Tensor]) -> None:
         layer = self.layer
-        if layer.splits_kv_write:  # K/V were stored inside the segment before
+        if self.key is None or self.value is None:
             layer.attend(self.query, self.kv_cache, metadata, self.out)
         else:
             self.out.copy_(type(layer).forward(layer, self.query, self.key, self.value, self.kv_cache, metadata))
@@ -116,35 +117,26 @@ class PiecewiseGraph:
 
 
 class StaticAttentionBuffers:
-    """q, k, v and output buffers of ``max_tokens`` rows, one set per distinct layer shape, shared by all sizes."""
+    """Buffers of ``max_tokens`` rows, one per role (q, k, v, out) and row shape, shared by every layer and size."""
 
     def __init__(self, max_tokens: int) -> None:
         self.max_tokens = max_tokens
-        self._sets: dict[tuple[Any, ...], tuple[torch.Tensor, ...]] = {}
+        self._buffers: dict[tuple[Any, ...], torch.Tensor] = {}
 
-    def views(
-        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """The first ``len(query)`` rows of the buffers for these shapes (allocated on first use)."""
-        n = query.shape[0]
+    def like(self, role: str, tensor: torch.Tensor) -> torch.Tensor:
+        """The first ``len(tensor)`` rows of ``role``'s buffer for tensors shaped like it (allocated on first use)."""
+        n = tensor.shape[0]
         if n > self.max_tokens:
             raise ValueError(f"a piecewise step of {n} tokens exceeds the buffers' {self.max_tokens}")
-        shapes = (tuple(query.shape[1:]), tuple(key.shape[1:]), tuple(value.shape[1:]), query.dtype, key.dtype)
-        found = self._sets.get(shapes)
+        key = (role, tuple(tensor.shape[1:]), tensor.dtype)
+        found = self._buffers.get(key)
         if found is None:
-            rows = self.max_tokens
-            found = (
-                torch.empty((rows, *query.shape[1:]), dtype=query.dtype, device=query.device),
-                torch.empty((rows, *key.shape[1:]), dtype=key.dtype, device=key.device),
-                torch.empty((rows, *value.shape[1:]), dtype=value.dtype, device=value.device),
-                torch.empty((rows, *query.shape[1:]), dtype=query.dtype, device=query.device),
-            )
-            self._sets[shapes] = found
-        q, k, v, out = found
-        return q[:n], k[:n], v[:n], out[:n]
+            found = torch.empty((self.max_tokens, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+            self._buffers[key] = found
+        return found[:n]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for group in self._sets.values() for t in group)
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
 
 
 class PiecewiseCapture:
@@ -208,15 +200,19 @@ class PiecewiseCapture:
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata[torch.Tensor],
     ) -> torch.Tensor:
-        q, k, v, out = self.buffers.views(query, key, value)
+        buffers = self.buffers
+        q = buffers.like("q", query)
         q.copy_(query)  # inside the open segment: each replay refills the buffers
+        k = v = None
         if layer.splits_kv_write:
             layer.write_kv(key, value, kv_cache, metadata.slot_mapping)  # reads the persistent slot buffer
         else:
+            k, v = buffers.like("k", key), buffers.like("v", value)
             k.copy_(key)
             v.copy_(value)
         self._end()
-        call = AttentionCall(layer, q, k, v, kv_cache, out)
+        out = buffers.like("out", query)
+        call = AttentionCall(layer, q, kv_cache, out, k, v)
         call.run(metadata)  # eagerly, as every replay will
         self.graph.calls.append(call)
         self._begin()
