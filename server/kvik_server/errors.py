@@ -78,7 +78,6 @@ class ErrorResponse(JSONResponse):
         return json.dumps(content, separators=(",", ":")).encode("ascii")
 
 
-
 def error_body(message: str, type: str, param: str | None = None, code: str | None = None) -> dict[str, Any]:
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -176,6 +175,7 @@ def _short(value: Any, limit: int = 80) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+INTERNAL_ERROR_MESSAGE = "The server had an error while processing your request. Sorry about that!"
 _PHRASES = {404: "Not found: {path}.", 405: "Method {method} is not allowed on {path}."}
 
 
@@ -204,4 +204,4 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # Log the traceback for the operator; the client only learns that it was our fault.
         logger.exception("unhandled error while serving %s %s", request.method, request.url.path)
-        return error_response(500, "The server had an error while processing your request. Sorry about that!")
+        return error_response(500, INTERNAL_ERROR_MESSAGE)

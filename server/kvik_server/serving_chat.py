@@ -22,7 +22,7 @@ from kvik_server.chat_output import (
     think_before_grammar,
 )
 from kvik_server.context import ServingContext
-from kvik_server.errors import APIError, sse_error
+from kvik_server.errors import INTERNAL_ERROR_MESSAGE, APIError, sse_error
 from kvik_server.logprobs import chat_logprobs, prompt_logprobs_json
 from kvik_server.protocol import ChatCompletionRequest, ChatMessage
 from kvik_server.streaming import SSE_DONE, ClientDisconnected, SSEResponse, collect, race_disconnect, sse
@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 SHUTDOWN_ABORT = APIError(
     503, "The request was aborted because the server is shutting down; retry it.", code="server_shutting_down"
 )
-INTERNAL = APIError(500, "The server had an error while processing your request. Sorry about that!")
+INTERNAL = APIError(500, INTERNAL_ERROR_MESSAGE)
 
 
 def template_message(message: ChatMessage) -> dict[str, Any]:
@@ -69,7 +69,7 @@ def _reasoning_tokens(ctx: ServingContext, plan: OutputPlan, output: RequestOutp
     return sum(ChoiceOutput(plan).reasoning_tokens(c.text, c.token_ids, ctx.tokenizer) for c in output.outputs)
 
 
-async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, raw: Request) -> Response:
+async def create_chat_completion(ctx: ServingContext, body: ChatCompletionRequest, raw: Request | None) -> Response:
     lora = ctx.check_model(body.model)
     max_tokens = body.requested_max_tokens()
     plan = plan_output(body, ParserSettings.of(ctx.settings), ctx.tokenizer)

@@ -37,7 +37,7 @@ def split_prompts(prompt: Any) -> list[str | list[int]]:
     return [prompt]
 
 
-async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: Request) -> Response:
+async def create_completion(ctx: ServingContext, body: CompletionRequest, raw: Request | None) -> Response:
     lora = ctx.check_model(body.model)
     if body.echo and body.logprobs is not None:
         raise bad_request("echo together with logprobs (prompt logprobs) is not supported; drop one.", param="echo")

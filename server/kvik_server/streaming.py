@@ -60,12 +60,15 @@ async def _wait_disconnect(request: Request) -> None:
             return
 
 
-async def race_disconnect(request: Request, awaitable: Awaitable[T]) -> T:
+async def race_disconnect(request: Request | None, awaitable: Awaitable[T]) -> T:
     """Await ``awaitable`` but cancel it (raising ClientDisconnected) if the client disconnects.
 
     Non-streamed requests need this: nothing else tells a handler its client is gone, and a
-    long generation would hold its KV blocks until the end.
+    long generation would hold its KV blocks until the end. ``request`` None: a caller with no
+    client (``kvik run-batch``'s lines, kvik_server/direct.py), nothing to race.
     """
+    if request is None:
+        return await awaitable
     work = asyncio.ensure_future(awaitable)
     watcher = asyncio.ensure_future(_wait_disconnect(request))
     try:

@@ -151,7 +151,7 @@ def test_missing_input_is_a_clear_error(tmp_path: Path, capsys: pytest.CaptureFi
 def test_server_side_failures_get_no_record_and_are_retried(
     tiny_model_dir: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    import kvik_server.app
+    import kvik_server.direct
 
     model = str(tiny_model_dir("llama", max_position_embeddings=512))
     source = write_lines(tmp_path / "in.jsonl", [
@@ -165,7 +165,7 @@ def test_server_side_failures_get_no_record_and_are_retried(
         raise RuntimeError("a bug in the handler")
 
     with monkeypatch.context() as patch:
-        patch.setattr(kvik_server.app, "create_completion", broken)
+        patch.setattr(kvik_server.direct, "create_completion", broken)
         assert main(args) == 1
     assert "1 request(s) failed on the server's side" in capsys.readouterr().err
     assert set(read_records(out)) == {"c"}
@@ -281,3 +281,44 @@ def test_pooling_lines_equal_the_servers(tmp_path: Path) -> None:
     args[2:3], args[4:5], args[6:7] = [str(write_lines(tmp_path / "rerank_in.jsonl", lines))], [str(out)], [str(reranker)]
     assert main(args) == 0
     _same_as_server(read_records(out), lines, reranker)
+
+
+def test_direct_answers_are_the_apps(tiny_model_dir: Any) -> None:
+    """kvik_server.direct runs a line through the app's own steps without its ASGI stack: the same answer as
+    a POST to the app, refusals included; its routes are the urls a line may name, each a POST route of the app."""
+    from kvik.entrypoints.batch_file import SUPPORTED_URLS
+    from kvik_server import direct
+
+    assert set(direct.ROUTES) == set(SUPPORTED_URLS)
+    server = InProcessServer(tiny_model_dir("llama", max_position_embeddings=256), dtype="float32")
+    try:
+        posts = {route.path for route in server.app.routes if "POST" in getattr(route, "methods", ())}
+        assert set(direct.ROUTES) <= posts
+        deep: dict[str, Any] = {}
+        for _ in range(120):
+            deep = {"a": deep}
+        hi = [{"role": "user", "content": "hi"}]
+        cases = [
+            ("/v1/chat/completions", {"messages": hi, "max_tokens": 3, "temperature": 0}),
+            ("/v1/completions", {"prompt": ["a b", "c d"], "max_tokens": 2, "temperature": 0, "echo": True}),
+            ("/v1/chat/completions", {"messages": hi, "max_token": 3}),  # unknown field
+            ("/v1/chat/completions", {"max_tokens": 3}),  # missing field
+            ("/v1/completions", {"prompt": {"a": 1}}),  # wrong type
+            ("/v1/completions", {"prompt": "x", "max_tokens": -1}),  # bad value
+            ("/v1/completions", {"prompt": "x", "model": "other"}),
+            ("/v1/completions", {"prompt": "x", "max_tokens": 10_000}),  # over max_model_len
+            ("/v1/chat/completions", {"messages": [{"role": "user", "content": "lone \ud800"}]}),
+            ("/v1/chat/completions", {"messages": hi, "metadata": deep}),
+            ("/v1/embeddings", {"input": "hi"}),  # a pooling request to a generation model
+        ]
+        for path, body in cases:
+            want = server.post(path, body)
+            status, got = server.run(direct.post(server.app, path, body))
+            assert status == want.status_code, (path, body)
+            expected = want.json()
+            if status == 200:
+                for volatile in ("id", "created"):
+                    assert got.pop(volatile) and expected.pop(volatile)
+            assert got == expected, (path, body)
+    finally:
+        server.close()

@@ -2,10 +2,11 @@
 
 Every request goes through the same code as ``kvik serve`` — the server's request models,
 SamplingParams conversion, chat template rendering, length checks and response bodies — by
-calling the server's ASGI app in-process (no socket, no HTTP client). So a line's result is
-exactly what ``POST url`` with that body returns from ``kvik serve`` with the same flags, errors
-included, and server features (new fields, tools ...) reach batches with no code here. That
-needs the server package; without it the command says how to install it.
+calling the server app's handlers in-process (kvik_server/direct.py: no socket, no HTTP client, no
+ASGI stack). So a line's result is exactly what ``POST url`` with that body returns from ``kvik
+serve`` with the same flags, errors included, and server features (new fields, tools ...) reach
+batches with no code here. That needs the server package; without it the command says how to
+install it.
 
 All pending requests are in flight at once (up to a window a few times the engine's batch), so
 the engine runs full batches as ``LLM.generate`` does. Results are appended as they finish and
@@ -158,41 +159,7 @@ async def run_requests(
 
 
 async def post(app: Any, path: str, body: dict[str, Any]) -> tuple[int, Any]:
-    """``POST path`` with a JSON body straight into an ASGI app; (status, decoded JSON body)."""
-    content = json.dumps(body).encode()
-    scope = {
-        "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
-        "path": path, "raw_path": path.encode(), "query_string": b"", "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(content)).encode())],
-        "client": ("127.0.0.1", 0), "server": ("kvik-run-batch", 0),
-    }  # fmt: skip
-    delivered = False
-    never = asyncio.Event()  # the "client" stays connected until the response is complete
-    status = 500
-    chunks: list[bytes] = []
+    """``POST path`` with a JSON body to the server's app, in-process: (status, decoded JSON body)."""
+    from kvik_server.direct import post as post_direct
 
-    async def receive() -> dict[str, Any]:
-        nonlocal delivered
-        if not delivered:
-            delivered = True
-            return {"type": "http.request", "body": content, "more_body": False}
-        await never.wait()
-        return {"type": "http.disconnect"}
-
-    async def send(message: dict[str, Any]) -> None:
-        nonlocal status
-        if message["type"] == "http.response.start":
-            status = int(message["status"])
-        elif message["type"] == "http.response.body":
-            chunks.append(message.get("body", b""))
-
-    try:
-        await app(scope, receive, send)
-    except Exception as exc:  # Starlette re-raises after answering 500; keep the run going either way
-        if not chunks:
-            return 500, {"error": {"message": f"{type(exc).__name__}: {exc}", "type": "server_error"}}
-    raw = b"".join(chunks)
-    try:
-        return status, json.loads(raw)
-    except json.JSONDecodeError:
-        return status, {"error": {"message": raw.decode(errors="replace"), "type": "server_error"}}
+    return await post_direct(app, path, body)
