@@ -18,7 +18,7 @@ import torch
 
 from kvik.sample.batch import PromptRows
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest
-from kvik.tensor_transfer import to_device
+from kvik.tensor_transfer import start_to_host, to_device
 from kvik.worker.kit.logprobs import TopLogprobs, assemble_output
 
 
@@ -65,22 +65,8 @@ class _Transfer:
         On CUDA the copy goes to pinned memory behind an event, so waiting for it
         does not wait for work queued after it (the next step, under async scheduling).
         """
-        packed = torch.cat(self.parts)
-        event = None
-        if packed.device.type == "cuda":
-            host = torch.empty(packed.shape, dtype=packed.dtype, pin_memory=True)
-            host.copy_(packed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-        else:
-            host = packed.cpu()
-
-        def wait() -> list[np.ndarray]:
-            if event is not None:
-                event.synchronize()
-            return self._unpack(host.numpy())
-
-        return wait
+        copied = start_to_host(torch.cat(self.parts))
+        return lambda: self._unpack(copied().numpy())
 
     def _unpack(self, host: np.ndarray) -> list[np.ndarray]:
         out, offset = [], 0

@@ -51,7 +51,7 @@ from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.spec_decode.drafter import Drafter, make_drafter
 from kvik.spec_decode.verify import sample_verify, verify_rows
-from kvik.tensor_transfer import to_device
+from kvik.tensor_transfer import start_to_host, to_device
 from kvik.worker.interface import StepHandle
 from kvik.worker.kit import KitModelRunner, StepLayout
 
@@ -535,11 +535,13 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         if pooled is None:
             return handle
 
+        # Copied now, behind its own event: a copy started when the engine asks for the results would queue
+        # behind the next step, launched by then (async scheduling), and wait for all of it.
+        copied = start_to_host(pooled)
+
         def finish() -> RunnerOutput:
             out = handle.result()
-            # A blocking copy, made when the engine asks for the step's results (async scheduling
-            # still overlaps the next step's launch with this one).
-            out.pooled = dict(zip(pooled_ids, pooled.to("cpu").numpy(), strict=True))  # rows of one array
+            out.pooled = dict(zip(pooled_ids, copied().numpy(), strict=True))  # rows of one array
             return out
 
         return StepHandle(finish)

@@ -86,3 +86,38 @@ def test_an_encoder_forward_never_waits_for_the_device(tmp_path: Path, monkeypat
     monkeypatch.setattr(runner, "run_model", strict)
     scores = llm.score("what is a cat", ["a cat is an animal", "the sky is blue"])  # pairs: [SEP]-split types
     assert len(scores) == 2 and all(np.isfinite(s.outputs.score) for s in scores)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+@pytest.mark.parametrize("kind", ["bert", "qwen3"])
+def test_pooled_results_do_not_wait_for_the_next_step(tmp_path: Path, monkeypatch, kind: str) -> None:  # type: ignore[no-untyped-def]
+    """Under async scheduling the next step is launched before a step's results are read; the pooled
+    vectors' copy must already be queued behind this step alone, not behind that next step."""
+    import time
+
+    import kvik
+    from kvik.testing.tiny_pooling import make_tiny_embedder
+    from kvik.worker.interface import StepHandle
+
+    path = make_tiny_encoder(tmp_path / kind, kind, "mean") if kind == "bert" else make_tiny_embedder(tmp_path / kind)
+    llm = kvik.LLM(str(path), device="cuda", dtype="float32")
+    runner = llm.llm_engine.runner
+    expected = llm.embed(["a cat is an animal", "the sky is blue"])
+    inner = runner.sample
+    waited: list[float] = []
+
+    def sample_then_busy(*args, **kwargs):  # type: ignore[no-untyped-def]
+        handle = inner(*args, **kwargs)
+        torch.cuda._sleep(1 << 31)  # ~1 s of device work queued after the step, as the next step would be
+        start = time.perf_counter()
+        output = handle.result()
+        waited.append(time.perf_counter() - start)
+        return StepHandle.done(output)
+
+    monkeypatch.setattr(runner, "sample", sample_then_busy)
+    got = llm.embed(["a cat is an animal", "the sky is blue"])
+    torch.cuda.synchronize()
+    assert waited and max(waited) < 0.3, waited
+    for a, b in zip(got, expected, strict=True):
+        np.testing.assert_allclose(a.outputs.embedding, b.outputs.embedding, rtol=1e-5, atol=1e-6)
