@@ -36,7 +36,7 @@ from kvik.lora.request import LoRARequest
 from kvik.outputs import RequestMetrics, RequestOutput
 from kvik.platforms.selector import resolve_platform
 from kvik.plugins.manager import PluginManager, get_plugin_manager
-from kvik.pooling.finish import finish_pooled
+from kvik.pooling.finish import finish_pooled_rows
 from kvik.pooling.outputs import PoolingOutput, PoolingRequestOutput
 from kvik.pooling.params import PoolingParams
 from kvik.pooling.setup import PoolerSetup, model_pooler_setup
@@ -628,7 +628,8 @@ class LLMEngine:
         self._generation_tokens_total += sum(map(len, map(sampled.get, map(_request_id, updated), repeat(()))))
         self._num_steps += 1
         self._last_step_time = time.monotonic()
-        self._pooled_outputs.extend(self._pooling_output(r) for r in pooled)
+        if pooled:
+            self._pooled_outputs += self._pooling_outputs(pooled)
         return outputs
 
     def take_pooling_outputs(self) -> list[PoolingRequestOutput]:
@@ -637,11 +638,16 @@ class LLMEngine:
         taken, self._pooled_outputs = self._pooled_outputs, []
         return taken
 
-    def _pooling_output(self, request: Request) -> PoolingRequestOutput:
-        prepared = self._pooling.pop(request.request_id)
-        assert request.pooled is not None and prepared.pooling_params is not None and self.pooler_setup is not None
-        vector = finish_pooled(np.asarray(request.pooled), prepared.pooling_params, self.pooler_setup.normalize)
-        return PoolingRequestOutput(request.request_id, PoolingOutput(vector), prepared.prompt_token_ids)
+    def _pooling_outputs(self, requests: list[Request]) -> list[PoolingRequestOutput]:
+        """The step's finished pooling requests, their vectors finished together (finish_pooled_rows)."""
+        prepared = [self._pooling.pop(r.request_id) for r in requests]
+        params = [p.pooling_params for p in prepared]
+        assert self.pooler_setup is not None and all(r.pooled is not None for r in requests)
+        assert all(p is not None for p in params)
+        rows = [np.asarray(r.pooled) for r in requests]
+        vectors = finish_pooled_rows(rows, params, self.pooler_setup.normalize)  # type: ignore[arg-type]
+        return [PoolingRequestOutput(p.request_id, PoolingOutput(v), p.prompt_token_ids)
+                for p, v in zip(prepared, vectors, strict=True)]  # fmt: skip
 
     def get_stats(self) -> EngineStats:
         stats = self.scheduler.get_stats()

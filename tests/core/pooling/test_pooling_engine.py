@@ -203,3 +203,23 @@ def test_classification_probabilities(logits: list[float]) -> None:
     if len(logits) > 1:
         assert sum(probs) == pytest.approx(1.0)
         assert probs[int(np.argmax(np.array(logits, dtype=np.float32)))] == max(probs)  # order kept
+
+
+OPTIONS = [PoolingParams(), PoolingParams(dimensions=3), PoolingParams(normalize=False), PoolingParams(task="classify")]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.lists(st.lists(st.floats(-100, 100, allow_nan=False), min_size=6, max_size=6), min_size=1, max_size=6),
+    options=st.lists(st.sampled_from(OPTIONS), min_size=6, max_size=6),
+    shared=st.booleans(),
+)
+def test_a_steps_rows_finish_as_each_alone(rows: list[list[float]], options: list[PoolingParams], shared: bool) -> None:
+    """A step's vectors are finished together when they share options: each is bit-identical to its
+    vector finished alone (its batch does not change it), with mixed options too."""
+    from kvik.pooling.finish import finish_pooled_rows
+
+    raw = [np.array(r, dtype=np.float32) for r in rows]
+    params = [options[0]] * len(raw) if shared else options[: len(raw)]
+    together = finish_pooled_rows(raw, params, default_normalize=True)
+    assert together == [finish_pooled(r, p, default_normalize=True) for r, p in zip(raw, params, strict=True)]
