@@ -13,7 +13,8 @@ Parts (each guarded: a failing part records its error and the others still run):
    ``--n-qwen`` texts of 512 tokens each.
    For both: the peer is sentence-transformers' ``encode`` at each of a few batch sizes (its best is
    reported) when it is installed, else plain transformers ``AutoModel`` + the same pooling; kvik's
-   ``LLM.embed`` gets all texts at once. Both start from text. The record says which peer ran, and the
+   ``LLM.embed`` gets all texts at once, timed at each ``--kvik-step-tokens`` (``max_num_batched_tokens``,
+   its batch-size knob; its best reported, as the peer's). Both start from text. The record says which peer ran, and the
    minimum cosine between kvik's and the peer's vectors (bf16, so ~0.99+, not 1).
 3. ``run_batch``: a random bf16 SmolLM2-shaped Llama with a ChatML template; ``--n-chat`` chat requests
    (64-256 words, 128 tokens out, greedy, EOS ignored) through ``LLM.chat`` (``LLM.generate`` after the
@@ -203,13 +204,23 @@ def bench_embedder(kind: str, shape: dict[str, Any], n: int, batch_sizes: list[i
     record["peer_sequences_per_s"] = n / peer[best_bs]
     record["peer_tokens_per_s"] = tokens / peer[best_bs]
 
-    llm = LLM(str(path), dtype="bfloat16", max_model_len=512, max_num_seqs=256, max_num_batched_tokens=32768)
-    llm.embed(texts[:64])  # warm-up (kernels, allocator)
-    sync()
-    start = time.perf_counter()
-    outputs = llm.embed(texts)
-    sync()
-    seconds = time.perf_counter() - start
+    # kvik's step size is its batch-size knob: like the peer, it is timed at each and its best counted.
+    kvik: dict[str, float] = {}
+    for budget in [int(b) for b in ARGS.kvik_step_tokens.split(",")]:
+        llm = LLM(str(path), dtype="bfloat16", max_model_len=512, max_num_seqs=256, max_num_batched_tokens=budget)
+        llm.embed(texts[:64])  # warm-up (kernels, allocator)
+        sync()
+        start = time.perf_counter()
+        outputs = llm.embed(texts)
+        sync()
+        kvik[str(budget)] = time.perf_counter() - start
+        if len(kvik) < len(ARGS.kvik_step_tokens.split(",")):
+            llm.llm_engine.shutdown()
+            del llm
+            free_memory()
+    record["kvik_seconds_by_step_tokens"] = {k: round(v, 3) for k, v in kvik.items()}
+    record["kvik_best_step_tokens"] = int(min(kvik, key=kvik.__getitem__))
+    seconds = min(kvik.values())
     got = np.array([o.outputs.embedding for o in outputs], dtype=np.float32)
     assert all(len(o.prompt_token_ids) == 512 for o in outputs), "texts are not 512 tokens each"
     record["kvik_seconds"] = round(seconds, 3)
@@ -344,6 +355,8 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--peer", choices=["auto", "transformers"], default="auto",
                    help="auto: sentence-transformers when installed, else transformers + pooling")  # fmt: skip
     p.add_argument("--wheels", help="a folder of wheels to install fastapi from (offline) for the run-batch part")
+    p.add_argument("--kvik-step-tokens", default="32768",
+                   help="comma-separated max_num_batched_tokens values kvik is timed at (its best counts)")
     p.add_argument("--profile", action="store_true", help="profile one embed call of up to 1,024 texts per embedder")
     p.add_argument("--budget-s", type=float, default=420, help="start no new part after this many seconds")
     return p.parse_args()
