@@ -2,9 +2,9 @@
 
 A batch line must be answered exactly as ``POST url`` with its body is answered by ``kvik serve``.
 Sending each line through the whole app (middleware, routing, FastAPI's dependency solving, the body
-encoded and parsed again) cost about 0.5 ms of Python per line, which shares the GIL with the engine
-thread: on a 135M model's 3.5 ms steps that made a batch 20% slower than ``LLM.chat`` (issue 19,
-docs/benchmarks.md). Here a line's body goes through the steps the app would run, by the same code:
+encoded and parsed again) cost Python that shares the GIL with the engine thread: about 40% of the event
+loop's time per line (issue 19, docs/benchmarks.md "runs k1-k3"). Here a line's body goes through the
+steps the app would run, by the same code:
 the JSON route's document check, the route's request model, the route's handler, and the app's
 exception handlers' answers. tests/server/test_run_batch.py compares the results with a server's.
 """
