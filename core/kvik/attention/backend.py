@@ -49,6 +49,9 @@ class AttentionMetadata(Generic[ArrayT]):
     # for (a verify-shaped CUDA graph: k + 1 tokens per request; its padding may exceed it, which
     # must only cost speed), or None: max_query_len holds.
     max_query_len_bound: int | None = None
+    # How many of the last requests are a runner's padding (dummies that bring a step to a captured
+    # shape, :meth:`kvik.worker.kit.StepLayout.build`'s ``pad_to``): their rows are never read.
+    num_padding_reqs: int = 0
     # Whatever a backend derives in prepare() (split-KV plans, masks, ...).
     backend_data: dict[str, Any] = field(default_factory=dict)
 

@@ -7,6 +7,14 @@ into a padded ``[B, L, ...]`` batch once per step, attention runs through
 ``scaled_dot_product_attention`` with a key-padding mask (and, for local-attention
 layers, a band of ``|i - j| <= window``), and the rows are gathered back. When
 every request has the same length nothing is padded or masked.
+
+A model calls :class:`EncoderAttention` with the packed q | k | v rows and the
+step's metadata, never with host data of its own: the step's
+:class:`SequenceBatch` is built on the first call and kept in the metadata for
+the other layers. So everything between two attention calls reads only device
+tensors of fixed shape, and a runner can replay it as a CUDA graph
+(``kvik_cuda.piecewise`` cuts the forward at these calls, as it cuts a decoder's
+at its paged attention).
 """
 
 from __future__ import annotations
@@ -16,9 +24,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from kvik.attention.backend import AttentionMetadata
 from kvik.tensor_transfer import to_device
+
+_KEY = "sequence_batch"  # where a step's SequenceBatch is kept in AttentionMetadata.backend_data
 
 
 @dataclass(slots=True)
@@ -32,8 +43,18 @@ class SequenceBatch:
     key_mask: torch.Tensor | None  # [B, 1, 1, L] bool, True for a real key; None: no padding
 
     @classmethod
+    def of_step(cls, metadata: AttentionMetadata[torch.Tensor], num_rows: int, device: torch.device) -> SequenceBatch:
+        """The step's batch, built on the first call and kept in ``metadata.backend_data`` for the next ones."""
+        found = metadata.backend_data.get(_KEY)
+        if not isinstance(found, SequenceBatch) or found.num_rows != num_rows:
+            found = metadata.backend_data[_KEY] = cls.from_metadata(metadata, num_rows, device)
+        return found
+
+    @classmethod
     def from_metadata(cls, metadata: AttentionMetadata[torch.Tensor], num_rows: int, device: torch.device) -> SequenceBatch:
-        n = metadata.num_reqs
+        """The batch of the step's real requests (a runner's padding requests attend to nothing: their rows,
+        after the real ones, come out zero)."""
+        n = metadata.num_reqs - metadata.num_padding_reqs
         lens = [int(x) for x in metadata.query_lens_cpu[:n]]
         if [int(x) for x in metadata.seq_lens_cpu[:n]] != lens:
             raise RuntimeError(
@@ -41,7 +62,7 @@ class SequenceBatch:
                 "(chunked prefill and prefix caching off)"
             )
         max_len = max(lens)
-        if all(n_ == max_len for n_ in lens) and num_rows == sum(lens):
+        if all(n_ == max_len for n_ in lens):  # [B, L] is the real rows as they lie
             return cls(lens, max_len, num_rows, None, None)
         starts = np.arange(len(lens), dtype=np.int64) * max_len
         dest = np.concatenate([np.arange(n_, dtype=np.int64) + s for n_, s in zip(lens, starts, strict=True)])
@@ -58,11 +79,6 @@ class SequenceBatch:
     def num_real(self) -> int:
         return sum(self.lens)
 
-    def segment_ids(self, device: torch.device) -> torch.Tensor:
-        """[sum(lens)] int64: the request each real row belongs to."""
-        ids = np.repeat(np.arange(len(self.lens), dtype=np.int64), self.lens)
-        return to_device(torch.from_numpy(ids), device)
-
     def _mask(self, window: int | None, device: torch.device) -> torch.Tensor | None:
         """The boolean mask for SDPA: key padding [B, 1, 1, L], and/or a band [1, 1, L, L] (True: attend)."""
         if window is None or window >= self.max_len - 1:  # the band covers every pair
@@ -72,10 +88,17 @@ class SequenceBatch:
         return band if self.key_mask is None else band & self.key_mask
 
     def attend(
-        self, qkv: torch.Tensor, num_heads: int, head_dim: int, scale: float, window: int | None = None
+        self,
+        qkv: torch.Tensor,
+        num_heads: int,
+        head_dim: int,
+        scale: float,
+        window: int | None = None,
+        out: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """qkv [T, 3 * H * D] (q | k | v) -> attention output [T, H * D], each request attending to itself
-        (with ``window``: only to keys at most that many positions away, either side)."""
+        (with ``window``: only to keys at most that many positions away, either side); written into ``out``
+        when given (its padding rows zeroed)."""
         b, L, width = len(self.lens), self.max_len, num_heads * head_dim
         real = qkv[: self.num_real]
         if self.dest is None:
@@ -83,10 +106,34 @@ class SequenceBatch:
         else:
             padded = real.new_zeros(b * L, 3 * width).index_copy_(0, self.dest, real)
         q, k, v = padded.view(b, L, 3, num_heads, head_dim).permute(2, 0, 3, 1, 4)  # each [B, H, L, D]
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(window, qkv.device), scale=scale)
-        out = out.transpose(1, 2).reshape(b * L, width)
+        attended = F.scaled_dot_product_attention(q, k, v, attn_mask=self._mask(window, qkv.device), scale=scale)
+        rows = attended.transpose(1, 2).reshape(b * L, width)
         if self.dest is not None:
-            out = out.index_select(0, self.dest)
-        if out.shape[0] < self.num_rows:  # rows padding the step (never read) stay zero
-            out = torch.cat([out, out.new_zeros(self.num_rows - out.shape[0], width)])
+            rows = rows.index_select(0, self.dest)
+        if out is None:
+            if rows.shape[0] == self.num_rows:
+                return rows
+            out = rows.new_empty(self.num_rows, width)
+        out[: rows.shape[0]] = rows
+        out[rows.shape[0] :] = 0  # rows padding the step (never read)
         return out
+
+
+class EncoderAttention(nn.Module):
+    """One layer's bidirectional attention: ``forward(qkv, metadata)`` with qkv [T, 3 * H * D] (q | k | v)
+    -> [T, H * D]. Its only per-step input is the metadata (a runner's piecewise graphs replace this
+    call by an eager one on the replayed step's metadata, see the module docstring)."""
+
+    def __init__(self, num_heads: int, head_dim: int, scale: float, window: int | None = None) -> None:
+        super().__init__()
+        self.num_heads, self.head_dim, self.scale, self.window = num_heads, head_dim, scale, window
+
+    def forward(self, qkv: torch.Tensor, metadata: AttentionMetadata[torch.Tensor]) -> torch.Tensor:
+        return self.attend(qkv, metadata)
+
+    def attend(
+        self, qkv: torch.Tensor, metadata: AttentionMetadata[torch.Tensor], out: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """The attention output (into ``out`` when given, [T, H * D])."""
+        batch = SequenceBatch.of_step(metadata, qkv.shape[0], qkv.device)
+        return batch.attend(qkv, self.num_heads, self.head_dim, self.scale, self.window, out)

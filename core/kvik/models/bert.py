@@ -27,17 +27,15 @@ import re
 from collections.abc import Callable, Iterable
 from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from kvik.attention.backend import AttentionMetadata
-from kvik.layers.bidirectional import SequenceBatch
+from kvik.layers.bidirectional import EncoderAttention
 from kvik.layers.norm import AddLayerNorm
 from kvik.models.interface import ModelBuildContext
 from kvik.pooling.architectures import position_offset
-from kvik.tensor_transfer import to_device
 
 logger = logging.getLogger(__name__)
 
@@ -97,11 +95,11 @@ class _Attention(nn.Module):
         self.head_dim = int(cfg.hidden_size) // self.num_heads
         hidden = int(cfg.hidden_size)
         self.qkv = nn.Linear(hidden, 3 * hidden, dtype=dtype, device=device)  # query | key | value, one GEMM
+        self.attn = EncoderAttention(self.num_heads, self.head_dim, self.head_dim**-0.5)
         self.output = _DenseNorm(hidden, hidden, float(cfg.layer_norm_eps), dtype, device)
 
-    def forward(self, x: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
-        attn = batch.attend(self.qkv(x), self.num_heads, self.head_dim, self.head_dim**-0.5)
-        return self.output(attn, x)
+    def forward(self, x: torch.Tensor, metadata: AttentionMetadata[torch.Tensor]) -> torch.Tensor:
+        return self.output(self.attn(self.qkv(x), metadata), x)  # type: ignore[no-any-return]
 
 
 class _Intermediate(nn.Module):
@@ -124,9 +122,9 @@ class _Layer(nn.Module):
         self.intermediate = _Intermediate(cfg, dtype, device)
         self.output = _DenseNorm(int(cfg.intermediate_size), int(cfg.hidden_size), float(cfg.layer_norm_eps), dtype, device)
 
-    def forward(self, x: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
-        h = self.attention(x, batch)
-        return self.output(self.intermediate(h), h)
+    def forward(self, x: torch.Tensor, metadata: AttentionMetadata[torch.Tensor]) -> torch.Tensor:
+        h = self.attention(x, metadata)
+        return self.output(self.intermediate(h), h)  # type: ignore[no-any-return]
 
 
 class _Stack(nn.Module):
@@ -134,9 +132,9 @@ class _Stack(nn.Module):
         super().__init__()
         self.layer = nn.ModuleList(_Layer(cfg, dtype, device) for _ in range(int(cfg.num_hidden_layers)))
 
-    def forward(self, h: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
+    def forward(self, h: torch.Tensor, metadata: AttentionMetadata[torch.Tensor]) -> torch.Tensor:
         for layer in self.layer:
-            h = layer(h, batch)
+            h = layer(h, metadata)
         return h
 
 
@@ -195,34 +193,35 @@ class _Encoder(nn.Module):
         kv_caches: list[torch.Tensor],  # unused: the encoder keeps no cache
         metadata: AttentionMetadata[torch.Tensor],
     ) -> torch.Tensor:  # [T, hidden]
-        batch = SequenceBatch.from_metadata(metadata, input_ids.shape[0], input_ids.device)
-        h = self.embeddings(input_ids, self._positions(input_ids, positions, batch), self._token_types(input_ids, batch))
-        return self.encoder(h, batch)
+        # Positions and token types from device tensors alone: the forward up to the first attention call
+        # must replay as a CUDA graph over any step of its size (see kvik.layers.bidirectional).
+        h = self.embeddings(input_ids, self._positions(input_ids, positions), self._token_types(input_ids, positions))
+        return self.encoder(h, metadata)  # type: ignore[no-any-return]
 
-    def _count_before(self, flags: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
-        """[T] int64: per row, how many rows of its own request before it have ``flags`` set (padding rows: 0)."""
-        real = flags[: batch.num_real].long()
-        seen = torch.cumsum(real, 0) - real  # exclusive, over the whole step
-        lens = np.array(batch.lens, dtype=np.int64)
-        # Each row's request start. Through pinned memory: a pageable copy makes the host wait for the step in
-        # flight on the device (on the H200 that serialised every embedding step's host work with its forward).
-        first = to_device(torch.from_numpy(np.repeat(np.cumsum(lens) - lens, lens)), flags.device)
-        counts = seen - seen[first]
-        return torch.cat([counts, counts.new_zeros(flags.shape[0] - batch.num_real)])
+    @staticmethod
+    def _count_before(flags: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """[T] int64: per row, how many rows of its own request before it have ``flags`` set.
 
-    def _positions(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
+        A request's rows count their positions from 0 (whole prompts), so row ``i`` of the step starts its
+        request at ``i - positions[i]`` (a padding row, at position 0, is a request of its own)."""
+        flags = flags.long()
+        seen = torch.cumsum(flags, 0) - flags  # exclusive, over the whole step
+        first = torch.arange(flags.shape[0], device=flags.device) - positions
+        return seen - seen[first]
+
+    def _positions(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if not self.position_offset:
             return positions
         # transformers: non-padding tokens count from pad_token_id + 1, padding tokens sit at pad_token_id
         # (with no padding token in a prompt, that is ``positions + pad_token_id + 1``).
         is_token = input_ids != self.pad_token_id
-        counted = self._count_before(is_token, batch) + 1 + self.pad_token_id
+        counted = self._count_before(is_token, positions) + 1 + self.pad_token_id
         return torch.where(is_token, counted, self.pad_token_id)
 
-    def _token_types(self, input_ids: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
+    def _token_types(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if self.sep_token_id is None:
             return torch.zeros_like(input_ids)
-        return self._count_before(input_ids == self.sep_token_id, batch).clamp(max=1)
+        return self._count_before(input_ids == self.sep_token_id, positions).clamp(max=1)
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores against the word embeddings (tied, as BERT's MLM decoder is). Pooling requests never

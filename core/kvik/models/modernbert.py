@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from kvik.attention.backend import AttentionMetadata
-from kvik.layers.bidirectional import SequenceBatch
+from kvik.layers.bidirectional import EncoderAttention
 from kvik.models.bert import _ACTIVATIONS, _linear, _num_labels
 from kvik.models.interface import ModelBuildContext
 
@@ -62,12 +62,15 @@ class _Attention(nn.Module):
         self.window = window
         self.Wqkv = nn.Linear(hidden, 3 * hidden, bias=bias, dtype=dtype, device=device)
         self.Wo = nn.Linear(hidden, hidden, bias=bias, dtype=dtype, device=device)
+        self.attn = EncoderAttention(self.num_heads, self.head_dim, self.head_dim**-0.5, window)
 
-    def forward(self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], batch: SequenceBatch) -> torch.Tensor:
+    def forward(
+        self, x: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata[torch.Tensor]
+    ) -> torch.Tensor:
         qkv = self.Wqkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)
         q, k = _rotate(qkv[:, 0], *cos_sin), _rotate(qkv[:, 1], *cos_sin)
         packed = torch.stack((q, k, qkv[:, 2]), dim=1).view(x.shape[0], -1)
-        return self.Wo(batch.attend(packed, self.num_heads, self.head_dim, self.head_dim**-0.5, self.window))
+        return self.Wo(self.attn(packed, metadata))  # type: ignore[no-any-return]
 
 
 class _MLP(nn.Module):
@@ -93,8 +96,10 @@ class _Layer(nn.Module):
         self.mlp_norm = _norm(cfg, dtype, device)
         self.mlp = _MLP(cfg, dtype, device)
 
-    def forward(self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], batch: SequenceBatch) -> torch.Tensor:
-        h = h + self.attn(h if self.attn_norm is None else self.attn_norm(h), cos_sin, batch)
+    def forward(
+        self, h: torch.Tensor, cos_sin: tuple[torch.Tensor, torch.Tensor], metadata: AttentionMetadata[torch.Tensor]
+    ) -> torch.Tensor:
+        h = h + self.attn(h if self.attn_norm is None else self.attn_norm(h), cos_sin, metadata)
         return h + self.mlp(self.mlp_norm(h))
 
 
@@ -119,7 +124,7 @@ class _Body(nn.Module):
             inv = 1.0 / (_theta(cfg, kind) ** (torch.arange(0, head_dim, 2, dtype=torch.float32, device=device) / head_dim))
             self.register_buffer(f"inv_freq_{kind}", inv, persistent=False)
 
-    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, batch: SequenceBatch) -> torch.Tensor:
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, metadata: AttentionMetadata[torch.Tensor]) -> torch.Tensor:
         h = self.embeddings(input_ids)
         cos_sin = {}
         for kind in {layer.kind for layer in self.layers}:
@@ -127,7 +132,7 @@ class _Body(nn.Module):
             angles = torch.cat((freqs, freqs), dim=-1)[:, None, :]  # [T, 1, D]
             cos_sin[kind] = (angles.cos().to(h.dtype), angles.sin().to(h.dtype))
         for layer in self.layers:
-            h = layer(h, cos_sin[layer.kind], batch)
+            h = layer(h, cos_sin[layer.kind], metadata)
         return self.final_norm(h)
 
 
@@ -158,8 +163,7 @@ class ModernBertModel(nn.Module):
         kv_caches: list[torch.Tensor],  # unused: no cache
         metadata: AttentionMetadata[torch.Tensor],
     ) -> torch.Tensor:  # [T, hidden]
-        batch = SequenceBatch.from_metadata(metadata, input_ids.shape[0], input_ids.device)
-        return self.body(input_ids, positions, batch)
+        return self.body(input_ids, positions, metadata)  # type: ignore[no-any-return]
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """Scores against the token embeddings (tied); asked for only in the runner's profiling step."""

@@ -475,6 +475,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             max_seq_len=layout.max_seq_len,
             query_lens_cpu=layout.query_lens_cpu,
             seq_lens_cpu=layout.seq_lens_cpu,
+            num_padding_reqs=layout.num_reqs - len(layout.scheduled),
         )
         assert self.attn_backend is not None
         self.attn_backend.prepare(metadata)

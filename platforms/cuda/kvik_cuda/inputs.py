@@ -100,5 +100,6 @@ class StepInputs:
             max_seq_len=layout.max_seq_len,
             query_lens_cpu=layout.query_lens_cpu,
             seq_lens_cpu=layout.seq_lens_cpu,
+            num_padding_reqs=layout.num_reqs - len(layout.scheduled),
         )
         return PreparedStep(self.ids[:num_tokens], self.positions[:num_tokens], metadata)

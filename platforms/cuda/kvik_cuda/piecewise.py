@@ -27,6 +27,12 @@ runner's graph pool and is reused by later segments in capture order, which is
 also replay order. The hook also answers ``fuses_rotary`` with False: the
 model rotates q and k itself, inside the graph, for every backend.
 
+An encoder's forward is cut the same way, at each
+:class:`~kvik.layers.bidirectional.EncoderAttention` call: its packed q | k | v
+rows go to a static buffer, the eager call attends over the replayed step's
+requests (read from the step's metadata) into the output buffer. An encoder
+keeps no KV cache and samples nothing, so these are its only graphs.
+
 A step runs here only when its layout was padded to a captured size: the CUDA
 runner appends an absorber request (:meth:`kvik.worker.kit.StepLayout.build`'s
 ``pad_tokens_to``) whose rows sit in the null block. With ``enforce_eager`` the
@@ -45,6 +51,7 @@ from typing import Any
 import torch
 from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.config import ModelConfig
+from kvik.layers.bidirectional import EncoderAttention
 
 SMALLEST_SIZE = 16  # rows: a prompt shorter than this pads up to it
 STEPS_PER_OCTAVE = 8  # sizes between two powers of two: padding wastes at most 1/8 of a step
@@ -99,11 +106,23 @@ class AttentionCall:
 
 
 @dataclass(slots=True)
+class EncoderCall:
+    """One encoder attention call between two segments: packed q | k | v rows in, attention rows out."""
+
+    layer: EncoderAttention
+    qkv: torch.Tensor  # a view of the shared static buffer, [size, 3 * heads * head_dim]
+    out: torch.Tensor  # [size, heads * head_dim]
+
+    def run(self, metadata: AttentionMetadata[torch.Tensor]) -> None:
+        self.layer.attend(self.qkv, metadata, self.out)
+
+
+@dataclass(slots=True)
 class PiecewiseGraph:
     """One size's forward: ``segments[0]``, ``calls[0]``, ``segments[1]``, ... ``segments[-1]``."""
 
     segments: list[Any] = field(default_factory=list)  # torch.cuda.CUDAGraph (any object with replay())
-    calls: list[AttentionCall] = field(default_factory=list)
+    calls: list[AttentionCall | EncoderCall] = field(default_factory=list)
     output: torch.Tensor | None = None  # the forward's hidden states, rewritten by each replay
 
     def replay(self, metadata: AttentionMetadata[torch.Tensor]) -> torch.Tensor:
@@ -142,13 +161,14 @@ class StaticAttentionBuffers:
 class PiecewiseCapture:
     """Captures one size's :class:`PiecewiseGraph` while the model runs over that size's dummy step.
 
+    ``layers``: the model's paged attention layers, or an encoder's :class:`EncoderAttention` layers.
     ``new_graph`` makes an object with ``capture_begin(pool=...)``, ``capture_end()`` and ``replay()``
     (``torch.cuda.CUDAGraph``; tests pass a stand-in), captured into ``pool`` (the runner's shared one).
     """
 
     def __init__(
         self,
-        layers: list[AttentionBackend[torch.Tensor]],
+        layers: list[AttentionBackend[torch.Tensor]] | list[EncoderAttention],
         buffers: StaticAttentionBuffers,
         new_graph: Callable[[], Any],
         pool: object = None,
@@ -163,8 +183,11 @@ class PiecewiseCapture:
     def run(self, forward: Callable[[], torch.Tensor]) -> PiecewiseGraph:
         """Run ``forward`` (the model over the size's step) cut at each attention call; return the graphs."""
         for layer in self.layers:  # instance attributes shadow the class's methods for this run only
-            layer.forward = partial(self._split, layer)  # type: ignore[method-assign]
-            layer.fuses_rotary = _never  # type: ignore[method-assign]
+            if isinstance(layer, EncoderAttention):
+                layer.forward = partial(self._split_encoder, layer)  # type: ignore[method-assign]
+            else:
+                layer.forward = partial(self._split, layer)  # type: ignore[method-assign]
+                layer.fuses_rotary = _never  # type: ignore[method-assign]
         try:
             self._begin()
             output = forward()
@@ -214,6 +237,19 @@ class PiecewiseCapture:
         out = buffers.like("out", query)
         call = AttentionCall(layer, q, kv_cache, out, k, v)
         call.run(metadata)  # eagerly, as every replay will
+        self.graph.calls.append(call)
+        self._begin()
+        return out
+
+    def _split_encoder(
+        self, layer: EncoderAttention, qkv: torch.Tensor, metadata: AttentionMetadata[torch.Tensor]
+    ) -> torch.Tensor:
+        packed = self.buffers.like("qkv", qkv)
+        packed.copy_(qkv)  # inside the open segment
+        self._end()
+        out = self.buffers.like("out", qkv[:, : layer.num_heads * layer.head_dim])
+        call = EncoderCall(layer, packed, out)
+        call.run(metadata)
         self.graph.calls.append(call)
         self._begin()
         return out

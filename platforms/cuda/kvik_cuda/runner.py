@@ -26,7 +26,8 @@ Steps of two kinds run *bucketed*, padded to a :class:`GraphShape`
 Steps with prompt tokens (prefill, mixed) of up to ``piecewise_sizes[-1]``
 tokens are padded to the next of those sizes with an absorber request and run as
 piecewise CUDA graphs (:mod:`kvik_cuda.piecewise`): everything but attention
-replayed, attention eager on the step's own metadata.
+replayed, attention eager on the step's own metadata. An encoder (no KV cache,
+nothing to decode) gets these graphs only, cut at its bidirectional attention.
 
 With CUDA graphs the shape's graph is replayed; with ``enforce_eager`` the same
 padded step runs eagerly. Both launch the same kernels on the same shapes, so
@@ -62,10 +63,11 @@ from typing import Any, NamedTuple, TypeVar
 
 import numpy as np
 import torch
-from kvik.attention.backend import AttentionMetadata
+from kvik.attention.backend import AttentionBackend, AttentionMetadata
 from kvik.config import ModelConfig, ResolvedConfig
 from kvik.engine import progress
 from kvik.layers.batch_invariant import InvariantKernels
+from kvik.layers.bidirectional import EncoderAttention
 from kvik.layers.moe import MoEExperts
 from kvik.lora.compute import add_lora_reference
 from kvik.platforms.interface import Platform
@@ -172,7 +174,8 @@ class CUDAModelRunner(TorchModelRunner):
         max_reqs = max(cfg.max_num_seqs, max_tokens // max(1, mc.max_model_len) + 1) + 1
         max_blocks = -(-mc.max_model_len // self.block_size) + 1
         self.inputs = StepInputs(max_tokens, max_reqs, max_blocks, self.device)
-        self.sizes = capture_sizes(cfg.max_num_seqs, max_tokens)
+        # An encoder never decodes: no decode buckets (its steps pad to the piecewise sizes only).
+        self.sizes = capture_sizes(cfg.max_num_seqs, max_tokens) if self.keeps_kv_cache else []
         if self.drafter is not None and self.drafter.needs_eager_target:
             self.verify_tokens_per_request = 0  # no verify graphs: no padding either
         q = self.verify_tokens_per_request
@@ -185,8 +188,8 @@ class CUDAModelRunner(TorchModelRunner):
 
         None with speculative decoding (EAGLE reads hidden states the model stores on the side), LoRA
         (a step's adapter kernels are switched on and off in Python), deterministic mode, pipeline stages,
-        encoders, an attention backend that does not replay under graphs, or MoE experts left on the torch
-        reference (``fused_layers=False``: captured, it runs every expert on every token)."""
+        an attention backend that does not replay under graphs (encoders do not use it), or MoE experts left
+        on the torch reference (``fused_layers=False``: captured, it runs every expert on every token)."""
         options = self.config.platform_options
         limit = options.piecewise_max_tokens if isinstance(options, GPUOptions) else 0
         budget = self.config.max_num_batched_tokens
@@ -199,13 +202,20 @@ class CUDAModelRunner(TorchModelRunner):
             or self.lora is not None
             or self.config.deterministic
             or self.parallel.pp_size > 1
-            or not self.keeps_kv_cache
-            or backend is None
-            or not backend.supports_cuda_graphs
+            or not self.piece_layers
+            or (self.keeps_kv_cache and (backend is None or not backend.supports_cuda_graphs))
             or any(type(m) is MoEExperts for m in self.model.modules())  # type: ignore[union-attr]
         ):
             return []
         return piecewise_sizes(min(limit, budget))
+
+    @property
+    def piece_layers(self) -> list[AttentionBackend[torch.Tensor]] | list[EncoderAttention]:
+        """The calls piecewise graphs cut the forward at: the paged attention layers, or an encoder's own."""
+        if self.keeps_kv_cache:
+            return self.attn_layers
+        assert self.model is not None
+        return [m for m in self.model.modules() if isinstance(m, EncoderAttention)]
 
     def _fuse_layers(self) -> None:
         """Swap RMSNorm / add + LayerNorm / SiLU-and-mul / rotary / MoE for Triton versions (kvik_cuda.fused).
@@ -258,10 +268,13 @@ class CUDAModelRunner(TorchModelRunner):
             not self.config.enforce_eager
             and not (self.drafter is not None and self.drafter.needs_eager_target)
             and self.device.type == "cuda"
-            and backend is not None
-            and backend.supports_cuda_graphs
-            and self.keeps_kv_cache  # encoders never decode: nothing to capture
             and lora_ok
+            # An encoder's only graphs are piecewise ones; it never reads the attention backend.
+            and (
+                (backend is not None and backend.supports_cuda_graphs)
+                if self.keeps_kv_cache
+                else bool(self.piecewise_sizes)
+            )
         )
 
     def profile(self) -> int:
@@ -279,7 +292,7 @@ class CUDAModelRunner(TorchModelRunner):
         if self.graphs_enabled:
             verify = f", {len(self.verify_shapes)} verify shapes" if self.verify_shapes else ""
             pieces = f", {len(self.piecewise_sizes)} piecewise step sizes" if self.piecewise_sizes else ""
-            what = f"{len(self.sizes)} batch sizes{verify}{pieces}"
+            what = f"{len(self.sizes)} batch sizes{verify}{pieces}" if self.sizes else pieces.removeprefix(", ")
             with progress.step(f"capturing CUDA graphs ({what})"):
                 self.capture_graphs()
 
@@ -368,7 +381,7 @@ class CUDAModelRunner(TorchModelRunner):
         elif layout.padded_to is not None:
             bucket = GraphShape(layout.num_reqs, layout.num_tokens)
             self._plan_for_every_replay(step.metadata, bucket)
-        if bucket not in self.graphs:  # a graph replays the plan it was captured with
+        if bucket not in self.graphs and self.attn_layers:  # a graph replays the plan it was captured with
             self.attn_backend.prepare(step.metadata)
         inputs = CUDAInputs(step.input_ids, step.positions, step.metadata, bucket, piecewise)
         self.fill_pending_tokens(inputs.input_ids, layout)
@@ -471,7 +484,7 @@ class CUDAModelRunner(TorchModelRunner):
         logger.info(
             "captured %d CUDA graphs (decode batch sizes %s%s%s) in %.1f s",
             len(self.graphs),
-            f"{self.sizes[0]}..{self.sizes[-1]}",
+            f"{self.sizes[0]}..{self.sizes[-1]}" if self.sizes else "none",
             f"; verify (requests, tokens) {tuple(verify[0])}..{tuple(verify[-1])}" if verify else "",
             f"; piecewise steps of {pieces[0]}..{pieces[-1]} tokens" if self.piecewise_graphs else "",
             time.perf_counter() - start,
@@ -482,16 +495,18 @@ class CUDAModelRunner(TorchModelRunner):
         forward cannot be captured (a host sync between two attention calls) keeps its steps eager, padded."""
         assert self.model is not None and self.attn_backend is not None
         buffers = StaticAttentionBuffers(self.piecewise_sizes[-1])
+        layers = self.piece_layers
         stream = torch.cuda.Stream(self.device)
         try:
             for size in reversed(self.piecewise_sizes):
                 step = self._piecewise_dummy(size)
-                self.attn_backend.prepare(step.metadata)
+                if self.attn_layers:
+                    self.attn_backend.prepare(step.metadata)
                 run = partial(self.model, step.input_ids, step.positions, self.kv_caches, step.metadata)
                 run()  # Triton compiles, cuBLAS settles: nothing of that may happen inside a capture
                 torch.cuda.synchronize(self.device)
                 with torch.cuda.stream(stream):
-                    graph = PiecewiseCapture(self.attn_layers, buffers, torch.cuda.CUDAGraph, self.graph_pool).run(run)
+                    graph = PiecewiseCapture(layers, buffers, torch.cuda.CUDAGraph, self.graph_pool).run(run)
                 stream.synchronize()
                 self.piecewise_graphs[size] = graph
         except RuntimeError as exc:

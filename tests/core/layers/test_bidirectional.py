@@ -11,18 +11,22 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from kvik.attention.backend import AttentionMetadata
-from kvik.layers.bidirectional import SequenceBatch
+from kvik.layers.bidirectional import EncoderAttention, SequenceBatch
 
 H, D = 2, 8
 
 
-def metadata(lens: list[int], cached: int = 0) -> AttentionMetadata[torch.Tensor]:
-    starts = np.concatenate([[0], np.cumsum(lens)]).astype(np.int32)
+def metadata(lens: list[int], cached: int = 0, padding: list[int] | None = None) -> AttentionMetadata[torch.Tensor]:
+    """A step of requests ``lens`` (each with ``cached`` tokens before), then a runner's padding requests."""
+    padding = padding or []
+    every = list(lens) + padding
+    starts = np.concatenate([[0], np.cumsum(every)]).astype(np.int32)
     empty = torch.zeros(0, dtype=torch.int32)
     return AttentionMetadata(
-        num_tokens=sum(lens), num_reqs=len(lens), query_start_loc=torch.from_numpy(starts), seq_lens=empty,
-        block_tables=empty, slot_mapping=empty, block_size=16, max_query_len=max(lens),
-        max_seq_len=max(lens) + cached, query_lens_cpu=list(lens), seq_lens_cpu=[n + cached for n in lens],
+        num_tokens=sum(every), num_reqs=len(every), query_start_loc=torch.from_numpy(starts), seq_lens=empty,
+        block_tables=empty, slot_mapping=empty, block_size=16, max_query_len=max(every),
+        max_seq_len=max(every) + cached, query_lens_cpu=every, seq_lens_cpu=[n + cached for n in lens] + padding,
+        num_padding_reqs=len(padding),
     )  # fmt: skip
 
 
@@ -44,20 +48,35 @@ def reference(qkv: torch.Tensor, lens: list[int], window: int | None) -> torch.T
 @given(
     lens=st.lists(st.integers(1, 12), min_size=1, max_size=5),
     window=st.one_of(st.none(), st.integers(0, 6)),
-    padding_rows=st.integers(0, 3),
+    padding=st.lists(st.integers(1, 30), max_size=2),  # a runner's padding requests (an absorber may be long)
+    into_buffer=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_each_request_attends_only_to_itself(lens: list[int], window: int | None, padding_rows: int, seed: int) -> None:
+def test_each_request_attends_only_to_itself(
+    lens: list[int], window: int | None, padding: list[int], into_buffer: bool, seed: int
+) -> None:
     generator = torch.Generator().manual_seed(seed)
-    real = sum(lens)
-    qkv = torch.randn(real + padding_rows, 3 * H * D, generator=generator, dtype=torch.float64)
-    batch = SequenceBatch.from_metadata(metadata(lens), real + padding_rows, torch.device("cpu"))
-    out = batch.attend(qkv, H, D, D**-0.5, window)
-    assert out.shape == (real + padding_rows, H * D)
+    real, rows = sum(lens), sum(lens) + sum(padding)
+    qkv = torch.randn(rows, 3 * H * D, generator=generator, dtype=torch.float64)
+    batch = SequenceBatch.from_metadata(metadata(lens, padding=padding), rows, torch.device("cpu"))
+    assert batch.max_len == max(lens)  # padding requests never widen the padded batch
+    buffer = torch.full((rows, H * D), float("nan"), dtype=torch.float64) if into_buffer else None
+    out = batch.attend(qkv, H, D, D**-0.5, window, buffer)
+    assert out.shape == (rows, H * D) and (buffer is None or out is buffer)
     torch.testing.assert_close(out[:real], reference(qkv[:real], lens, window), rtol=1e-9, atol=1e-9)
-    assert not out[real:].any()  # rows padding the step stay zero
-    if len(set(lens)) == 1 and not padding_rows:
+    assert not out[real:].any()  # rows padding the step come out zero
+    if len(set(lens)) == 1:
         assert batch.dest is None and batch.key_mask is None  # equal lengths: nothing padded or masked
+
+
+def test_a_step_builds_its_batch_once_for_every_layer() -> None:
+    meta = metadata([3, 5])
+    qkv = torch.randn(8, 3 * H * D, dtype=torch.float64)
+    first, second = EncoderAttention(H, D, D**-0.5), EncoderAttention(H, D, D**-0.5, window=1)
+    torch.testing.assert_close(first(qkv, meta), reference(qkv, [3, 5], None), rtol=1e-9, atol=1e-9)
+    batch = meta.backend_data["sequence_batch"]
+    torch.testing.assert_close(second(qkv, meta), reference(qkv, [3, 5], 1), rtol=1e-9, atol=1e-9)
+    assert meta.backend_data["sequence_batch"] is batch
 
 
 def test_a_request_split_over_steps_is_refused() -> None:

@@ -140,23 +140,16 @@ def test_a_user_block_size_is_kept_and_gives_the_same_vectors(checkpoints: dict[
 def test_positions_and_token_types_follow_transformers_rules(prompts: list[list[int]], padding_rows: int) -> None:
     """Over a flattened step: RoBERTa positions (non-pad tokens count from pad+1, pads sit at pad) and BERT token
     types (1 after a request's first [SEP]), each request counted on its own, for any ids (1 = pad, 3 = sep)."""
-    from kvik.attention.backend import AttentionMetadata
-    from kvik.layers.bidirectional import SequenceBatch
     from kvik.models.bert import BertModel
 
-    lens = [len(p) for p in prompts]
-    empty = torch.zeros(0, dtype=torch.int32)
-    meta = AttentionMetadata(num_tokens=sum(lens), num_reqs=len(lens), query_start_loc=empty, seq_lens=empty,
-                             block_tables=empty, slot_mapping=empty, block_size=16, max_query_len=max(lens),
-                             max_seq_len=max(lens), query_lens_cpu=lens, seq_lens_cpu=lens)  # fmt: skip
     model = BertModel.__new__(BertModel)  # only the index arithmetic: no weights needed
     model.pad_token_id, model.sep_token_id = 1, 3
+    real = sum(len(p) for p in prompts)
     flat = torch.tensor([t for p in prompts for t in p] + [0] * padding_rows)
-    batch = SequenceBatch.from_metadata(meta, flat.shape[0], torch.device("cpu"))
     positions = torch.cat([torch.arange(len(p)) for p in prompts] + [torch.zeros(padding_rows, dtype=torch.int64)])
     model.position_offset = 2
-    got_positions = model._positions(flat, positions, batch)[: batch.num_real].tolist()
-    got_types = model._token_types(flat, batch)[: batch.num_real].tolist()
+    got_positions = model._positions(flat, positions)[:real].tolist()
+    got_types = model._token_types(flat, positions)[:real].tolist()
     want_positions, want_types = [], []
     for p in prompts:
         seen = 0

@@ -1,5 +1,6 @@
-"""An encoder (no paged attention) through CUDAModelRunner's pinned input path: no KV cache, no graphs,
-and the generic runner's pooled vectors (on CPU here; on a GPU the same path runs on the device)."""
+"""An encoder (no paged attention) through CUDAModelRunner's pinned input path: no KV cache, no decode
+graphs, steps padded to the piecewise sizes, and the generic runner's pooled vectors (on CPU here; on a GPU
+the same path runs on the device, its padded steps replayed as piecewise graphs)."""
 
 from __future__ import annotations
 
@@ -11,17 +12,17 @@ import torch
 from host_cuda_platform import HostCUDAPlatform
 from kvik.config import EngineConfig
 from kvik.engine.config_resolution import resolve_config
+from kvik.layers.bidirectional import EncoderAttention
 from kvik.pooling import PoolingParams, PoolingType
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.output import ScheduledRequest, SchedulerOutput
 from kvik.testing.tiny_encoders import make_tiny_cross_encoder, make_tiny_encoder
+from kvik.worker.kit import BlockTables
 from kvik.worker.torch_runner import TorchModelRunner
+from kvik_cuda.piecewise import PiecewiseCapture, StaticAttentionBuffers
 from kvik_cuda.runner import CUDAModelRunner
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-
-
-
 
 PROMPTS = {"a": list(range(2, 30)), "b": [2, 40, 41, 3], "c": list(range(50, 61))}
 
@@ -121,3 +122,126 @@ def test_pooled_results_do_not_wait_for_the_next_step(tmp_path: Path, monkeypatc
     assert waited and max(waited) < 0.3, waited
     for a, b in zip(got, expected, strict=True):
         np.testing.assert_allclose(a.outputs.embedding, b.outputs.embedding, rtol=1e-5, atol=1e-6)
+
+
+class _Recorder:
+    """A stand-in for torch.cuda.CUDAGraph: records the calls; ops between begin and end just run."""
+
+    log: list[str] = []  # noqa: RUF012 (one log for the test that resets it)
+
+    def capture_begin(self, pool: object = None) -> None:
+        self.log.append("begin")
+
+    def capture_end(self) -> None:
+        self.log.append("end")
+
+    def replay(self) -> None:
+        self.log.append("replay")
+
+
+def _runner(cls: type[TorchModelRunner], path: Path, manager) -> TorchModelRunner:  # type: ignore[no-untyped-def]
+    cfg = EngineConfig(model=str(path), dtype="float32", max_num_seqs=8, max_num_batched_tokens=64,
+                       enforce_eager=False, platform_options={"fused_layers": False})  # fmt: skip
+    resolution = resolve_config(cfg, HostCUDAPlatform(), manager)
+    runner = cls(resolution.config, resolution.model_config, DEVICE, HostCUDAPlatform(), manager)
+    runner.load_model()
+    runner.initialize_kv_cache(32)
+    return runner
+
+
+def _step(prompts: dict[str, list[int]]) -> list[ScheduledRequest]:
+    pooling = PoolingParams(pooling_type=PoolingType.MEAN)
+    return [
+        ScheduledRequest(rid, ids, 0, [1 + i], False, SamplingParams(max_tokens=1), ids, pooling_params=pooling)
+        for i, (rid, ids) in enumerate(prompts.items())
+    ]
+
+
+STEPS = [
+    PROMPTS,  # 43 tokens -> 48: one padding request
+    {"d": list(range(2, 18)), "e": list(range(20, 36))},  # 32: a size of its own, no padding
+    {"f": [2, 7, 3]},  # 3 -> 16
+    {"g": list(range(2, 14)), "h": list(range(30, 42)), "i": list(range(60, 72))},  # equal lengths, 36 -> 48
+]
+
+
+@pytest.mark.usefixtures("_one_thread")
+@pytest.mark.parametrize("family", ["bert", "xlm-roberta", "modernbert"])
+def test_padded_encoder_steps_pool_the_generic_runners_vectors(kvik_plugin_manager, tmp_path: Path, family: str) -> None:  # type: ignore[no-untyped-def]
+    path = make_tiny_encoder(tmp_path / family, family, "mean")
+    generic = _runner(TorchModelRunner, path, kvik_plugin_manager)
+    runner = _runner(CUDAModelRunner, path, kvik_plugin_manager)
+    assert isinstance(runner, CUDAModelRunner)
+    assert runner.sizes == [] and runner.piecewise_sizes[:4] == [16, 32, 48, 64]
+    assert runner.piece_layers and all(isinstance(m, EncoderAttention) for m in runner.piece_layers)
+    padding = []
+    for prompts in STEPS:
+        step = _step(prompts)
+        layout = runner.build_layout(step, runner.block_tables, runner.block_tables.apply(SchedulerOutput(step, 1)))
+        padding.append((layout.num_tokens, layout.num_reqs - len(step)))
+        tokens = sum(len(ids) for ids in prompts.values())
+        expected = generic.execute(SchedulerOutput(_step(prompts), tokens)).pooled
+        got = runner.execute(SchedulerOutput(_step(prompts), tokens)).pooled
+        assert expected is not None and got is not None and set(got) == set(prompts)
+        for rid in prompts:
+            torch.testing.assert_close(torch.tensor(got[rid]), torch.tensor(expected[rid]), rtol=1e-5, atol=1e-6)
+    assert padding == [(48, 1), (32, 0), (16, 1), (48, 1)]
+
+
+@pytest.mark.usefixtures("_one_thread")
+@pytest.mark.parametrize("family", ["bert", "modernbert"])  # modernbert: local layers attend in a window
+def test_the_capture_cuts_an_encoder_at_every_attention_call(kvik_plugin_manager, tmp_path: Path, family: str) -> None:  # type: ignore[no-untyped-def]
+    path = make_tiny_encoder(tmp_path / family, family, "mean")
+    runner = _runner(CUDAModelRunner, path, kvik_plugin_manager)
+    assert isinstance(runner, CUDAModelRunner) and runner.model is not None and runner.inputs is not None
+    layers = runner.piece_layers
+    step = _step(PROMPTS)
+    tables = BlockTables()
+    layout = runner.build_layout(step, tables, tables.apply(SchedulerOutput(step, 43)))
+    prepared = runner.inputs.copy(layout)
+    assert prepared.metadata.num_padding_reqs == 1
+
+    def forward() -> torch.Tensor:
+        return runner.model(prepared.input_ids, prepared.positions, [], prepared.metadata)  # type: ignore[misc]
+
+    with torch.inference_mode():
+        expected = forward().clone()
+        _Recorder.log = []
+        graph = PiecewiseCapture(layers, StaticAttentionBuffers(runner.piecewise_sizes[-1]), _Recorder).run(forward)  # type: ignore[arg-type]
+    assert _Recorder.log == ["begin", "end"] * (len(layers) + 1)
+    assert len(graph.segments) == len(layers) + 1 and [c.layer for c in graph.calls] == layers
+    assert all("forward" not in vars(layer) for layer in layers)
+    assert graph.output is not None and torch.equal(graph.output, expected)
+    # The padding request's rows attend to nothing: zero in every attention output.
+    assert all(not call.out[43:].any() for call in graph.calls)
+    _Recorder.log = []
+    with torch.inference_mode():
+        again = graph.replay(prepared.metadata)
+    assert _Recorder.log == ["replay"] * (len(layers) + 1) and again is graph.output
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("family", ["bert", "xlm-roberta", "modernbert"])
+def test_encoder_piecewise_graphs_give_the_eager_bits(tmp_path: Path, family: str) -> None:
+    """An encoder's steps replayed as piecewise graphs: the same vectors as the same padded steps run eagerly
+    (bit for bit), and as unpadded eager steps (to rounding)."""
+    import kvik
+
+    path = make_tiny_encoder(tmp_path / family, family, "mean")
+    texts = [" ".join(["word"] * (1 + 5 * i)) + f" {i}" for i in range(13)]  # lengths 3..63: ragged steps
+    outs = {}
+    for name, eager, limit in (("eager", True, None), ("graphs", False, None), ("unpadded", True, 0)):
+        llm = kvik.LLM(str(path), device="cuda", dtype="float32", enforce_eager=eager, max_num_seqs=4,
+                       platform_options={} if limit is None else {"piecewise_max_tokens": limit})  # fmt: skip
+        runner = llm.llm_engine.runner
+        assert isinstance(runner, CUDAModelRunner) and not runner.graphs
+        assert bool(runner.piecewise_sizes) is (limit is None)
+        assert bool(runner.piecewise_graphs) is (name == "graphs")
+        outs[name] = np.array([o.outputs.embedding for o in llm.embed(texts)])
+        if name == "graphs":
+            assert runner.piecewise_replays > 0
+        del llm
+        torch.cuda.empty_cache()
+    np.testing.assert_array_equal(outs["graphs"], outs["eager"])
+    np.testing.assert_allclose(outs["unpadded"], outs["graphs"], rtol=1e-5, atol=1e-6)
