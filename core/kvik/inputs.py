@@ -49,6 +49,14 @@ def parse_prompt(prompt: Any) -> EnginePrompt:
     )
 
 
+def token_id_list(token_ids: Sequence[Any]) -> list[int]:
+    """``[int(t) for t in token_ids]``; a sequence of plain ints (the usual case) is copied in C instead of
+    calling ``int()`` per id (a batch of 4,096 texts of 512 ids: 2 M calls holding the GIL)."""
+    if set(map(type, token_ids)) <= {int}:
+        return list(token_ids)
+    return [int(t) for t in token_ids]
+
+
 def _parse_dict(prompt: dict[str, Any]) -> EnginePrompt:
     if prompt.get("multi_modal_data") or prompt.get("mm_processor_kwargs"):
         raise ValueError("multi_modal_data is not supported: kvik serves text-only models")

@@ -7,7 +7,7 @@ import enum
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
-from kvik.inputs import parse_prompt
+from kvik.inputs import parse_prompt, token_id_list
 
 
 @given(st.lists(st.integers(0, 2**31), max_size=300))
@@ -29,3 +29,13 @@ def test_int_subclasses_become_plain_ints() -> None:
 def test_anything_but_ints_is_a_type_error(bad: list[object]) -> None:
     with pytest.raises(TypeError, match="a prompt must be"):
         parse_prompt(bad)
+
+
+@given(st.lists(st.one_of(st.integers(-5, 2**40), st.booleans()), max_size=300))
+def test_token_id_list_is_int_of_each_id(ids: list[int]) -> None:
+    import numpy as np
+
+    expected = [int(t) for t in ids]
+    for given_ids in (ids, tuple(ids), np.array(expected, dtype=np.int64) if expected else []):
+        got = token_id_list(given_ids)
+        assert got == expected and got is not given_ids and all(type(t) is int for t in got)

@@ -31,6 +31,7 @@ from kvik.engine.progress import LoadProgress, format_bytes, format_tokens, step
 from kvik.executor import Executor, create_executor
 from kvik.executor.base import RunnerCapabilities
 from kvik.executor.profiling import ProfileSummary
+from kvik.inputs import token_id_list
 from kvik.lora.registry import LoRARegistry
 from kvik.lora.request import LoRARequest
 from kvik.outputs import RequestMetrics, RequestOutput
@@ -327,7 +328,7 @@ class LLMEngine:
             token_ids = list(self.tokenizer.encode(prompt)) if prompt else []
         else:
             text = None
-            token_ids = [int(t) for t in prompt]
+            token_ids = token_id_list(prompt)
         if not token_ids:
             raise ValueError("the prompt is empty; give at least one token")
         keep = params.truncate_prompt_tokens
@@ -396,7 +397,7 @@ class LLMEngine:
                     f"dimensions={params.dimensions} exceeds the model's embedding size {self.model_config.hidden_size}"
                 )
         if token_ids is None:
-            token_ids = list(self.tokenizer.encode(prompt)) if isinstance(prompt, str) else [int(t) for t in prompt]
+            token_ids = list(self.tokenizer.encode(prompt)) if isinstance(prompt, str) else token_id_list(prompt)
         if not token_ids:
             raise ValueError("the input is empty; give at least one token")
         max_len = self.model_config.max_model_len
