@@ -99,7 +99,7 @@ class _Attention(nn.Module):
         self.output = _DenseNorm(hidden, hidden, float(cfg.layer_norm_eps), dtype, device)
 
     def forward(self, x: torch.Tensor, metadata: AttentionMetadata[torch.Tensor]) -> torch.Tensor:
-        return self.output(self.attn(self.qkv(x), metadata), x)  # type: ignore[no-any-return]
+        return self.output(self.attn(self.attn.project(x, self.qkv), metadata), x)  # type: ignore[no-any-return]
 
 
 class _Intermediate(nn.Module):

@@ -69,8 +69,9 @@ class _Attention(nn.Module):
     ) -> torch.Tensor:
         qkv = self.Wqkv(x).view(x.shape[0], 3, self.num_heads, self.head_dim)
         q, k = _rotate(qkv[:, 0], *cos_sin), _rotate(qkv[:, 1], *cos_sin)
-        packed = torch.stack((q, k, qkv[:, 2]), dim=1).view(x.shape[0], -1)
-        return self.Wo(self.attn(packed, metadata))  # type: ignore[no-any-return]
+        out = self.attn.packed_rows(x)  # the piecewise graphs' buffer (no copy), or None
+        packed = torch.stack((q, k, qkv[:, 2]), dim=1, out=None if out is None else out.view(qkv.shape))
+        return self.Wo(self.attn(packed.view(x.shape[0], -1), metadata))  # type: ignore[no-any-return]
 
 
 class _MLP(nn.Module):

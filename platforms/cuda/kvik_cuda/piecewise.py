@@ -144,13 +144,16 @@ class StaticAttentionBuffers:
 
     def like(self, role: str, tensor: torch.Tensor) -> torch.Tensor:
         """The first ``len(tensor)`` rows of ``role``'s buffer for tensors shaped like it (allocated on first use)."""
-        n = tensor.shape[0]
+        return self.rows(role, tensor.shape[0], tuple(tensor.shape[1:]), tensor.dtype, tensor.device)
+
+    def rows(self, role: str, n: int, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        """The first ``n`` rows of ``role``'s buffer of rows shaped ``row_shape`` (allocated on first use)."""
         if n > self.max_tokens:
             raise ValueError(f"a piecewise step of {n} tokens exceeds the buffers' {self.max_tokens}")
-        key = (role, tuple(tensor.shape[1:]), tensor.dtype)
+        key = (role, row_shape, dtype)
         found = self._buffers.get(key)
         if found is None:
-            found = torch.empty((self.max_tokens, *tensor.shape[1:]), dtype=tensor.dtype, device=tensor.device)
+            found = torch.empty((self.max_tokens, *row_shape), dtype=dtype, device=device)
             self._buffers[key] = found
         return found[:n]
 
@@ -185,6 +188,7 @@ class PiecewiseCapture:
         for layer in self.layers:  # instance attributes shadow the class's methods for this run only
             if isinstance(layer, EncoderAttention):
                 layer.forward = partial(self._split_encoder, layer)  # type: ignore[method-assign]
+                layer.packed_rows = partial(self._packed_rows, layer)  # type: ignore[method-assign]
             else:
                 layer.forward = partial(self._split, layer)  # type: ignore[method-assign]
                 layer.fuses_rotary = _never  # type: ignore[method-assign]
@@ -200,7 +204,7 @@ class PiecewiseCapture:
             raise
         finally:
             for layer in self.layers:
-                for name in ("forward", "fuses_rotary"):
+                for name in ("forward", "fuses_rotary", "packed_rows"):
                     layer.__dict__.pop(name, None)
         self.graph.output = output
         return self.graph
@@ -244,8 +248,9 @@ class PiecewiseCapture:
     def _split_encoder(
         self, layer: EncoderAttention, qkv: torch.Tensor, metadata: AttentionMetadata[torch.Tensor]
     ) -> torch.Tensor:
-        packed = self.buffers.like("qkv", qkv)
-        packed.copy_(qkv)  # inside the open segment
+        packed = self._packed_rows(layer, qkv)
+        if qkv.data_ptr() != packed.data_ptr() or qkv.shape != packed.shape:  # not written there by the model
+            packed.copy_(qkv)  # inside the open segment
         self._end()
         out = self.buffers.like("out", qkv[:, : layer.num_heads * layer.head_dim])
         call = EncoderCall(layer, packed, out)
@@ -253,6 +258,12 @@ class PiecewiseCapture:
         self.graph.calls.append(call)
         self._begin()
         return out
+
+
+    def _packed_rows(self, layer: EncoderAttention, like: torch.Tensor) -> torch.Tensor:
+        """The static buffer ``layer``'s replayed attention call reads its q | k | v rows from."""
+        width = 3 * layer.num_heads * layer.head_dim
+        return self.buffers.rows("qkv", like.shape[0], (width,), like.dtype, like.device)
 
 
 def _never(*args: Any) -> bool:

@@ -190,7 +190,7 @@ def test_padded_encoder_steps_pool_the_generic_runners_vectors(kvik_plugin_manag
 
 @pytest.mark.usefixtures("_one_thread")
 @pytest.mark.parametrize("family", ["bert", "modernbert"])  # modernbert: local layers attend in a window
-def test_the_capture_cuts_an_encoder_at_every_attention_call(kvik_plugin_manager, tmp_path: Path, family: str) -> None:  # type: ignore[no-untyped-def]
+def test_the_capture_cuts_an_encoder_at_every_attention_call(kvik_plugin_manager, tmp_path: Path, family: str, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     path = make_tiny_encoder(tmp_path / family, family, "mean")
     runner = _runner(CUDAModelRunner, path, kvik_plugin_manager)
     assert isinstance(runner, CUDAModelRunner) and runner.model is not None and runner.inputs is not None
@@ -207,10 +207,16 @@ def test_the_capture_cuts_an_encoder_at_every_attention_call(kvik_plugin_manager
     with torch.inference_mode():
         expected = forward().clone()
         _Recorder.log = []
+        copied_into: list[int] = []  # data pointers of every copy_'s destination during the capture
+        copy = torch.Tensor.copy_
+        monkeypatch.setattr(torch.Tensor, "copy_", lambda t, *a, **k: copied_into.append(t.data_ptr()) or copy(t, *a, **k))
         graph = PiecewiseCapture(layers, StaticAttentionBuffers(runner.piecewise_sizes[-1]), _Recorder).run(forward)  # type: ignore[arg-type]
+        monkeypatch.undo()
     assert _Recorder.log == ["begin", "end"] * (len(layers) + 1)
     assert len(graph.segments) == len(layers) + 1 and [c.layer for c in graph.calls] == layers
-    assert all("forward" not in vars(layer) for layer in layers)
+    assert all(not {"forward", "packed_rows"} & set(vars(layer)) for layer in layers)
+    # Each layer's projection wrote its q | k | v rows straight into the buffer its attention call reads.
+    assert {call.qkv.data_ptr() for call in graph.calls}.isdisjoint(copied_into)
     assert graph.output is not None and torch.equal(graph.output, expected)
     # The padding request's rows attend to nothing: zero in every attention output.
     assert all(not call.out[43:].any() for call in graph.calls)
