@@ -146,7 +146,9 @@ class StaticAttentionBuffers:
         """The first ``len(tensor)`` rows of ``role``'s buffer for tensors shaped like it (allocated on first use)."""
         return self.rows(role, tensor.shape[0], tuple(tensor.shape[1:]), tensor.dtype, tensor.device)
 
-    def rows(self, role: str, n: int, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    def rows(
+        self, role: str, n: int, row_shape: tuple[int, ...], dtype: torch.dtype, device: torch.device
+    ) -> torch.Tensor:
         """The first ``n`` rows of ``role``'s buffer of rows shaped ``row_shape`` (allocated on first use)."""
         if n > self.max_tokens:
             raise ValueError(f"a piecewise step of {n} tokens exceeds the buffers' {self.max_tokens}")
@@ -258,7 +260,6 @@ class PiecewiseCapture:
         self.graph.calls.append(call)
         self._begin()
         return out
-
 
     def _packed_rows(self, layer: EncoderAttention, like: torch.Tensor) -> torch.Tensor:
         """The static buffer ``layer``'s replayed attention call reads its q | k | v rows from."""
