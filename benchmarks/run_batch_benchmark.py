@@ -11,13 +11,17 @@ takes ~10 ms at 256 sequences and the host work per request decides) with a Chat
 
 * ``chat``: ``LLM.chat`` (templating inside the timing);
 * ``run_batch``: run-batch's runner (core/kvik/entrypoints/batch.py ``run_requests``: every line
-  through the server's app in-process), timed from its first request to its last answer;
-* ``run_batch_nofreeze``: the same with ``gc.freeze`` made a no-op (how run-batch ran before it froze the heap).
+  through the server's app in-process, the engine stepping in a child process), timed from its first
+  request to its last answer;
+* ``run_batch_in_process``: the same with the engine in this process, on a thread (how run-batch ran
+  before the engine got a process of its own);
+* ``run_batch_nofreeze``: ``run_batch`` with ``gc.freeze`` made a no-op (how run-batch ran before it froze the heap).
 
 The sides alternate ``--repeats`` times in one process after one unrecorded warm-up of each (the
 machine may be shared: each row has wall seconds and this process's CPU seconds, all threads, and
 per-thread CPU for run-batch). Also per row: engine steps, seconds inside them, seconds before the
-first one, and full (generation-2) garbage collections. The ratio is of output tokens per wall second.
+first one, and full (generation-2) garbage collections; the step counters stay 0 where the engine runs
+in a child process (its CPU is not in this process's either). The ratio is of output tokens per wall second.
 A JSON summary is printed last and written to $OUT/run_batch_benchmark.json (or /tmp).
 """
 
@@ -41,7 +45,9 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SIDES = ("chat", "run_batch", "run_batch_nofreeze")
+SIDES = ("chat", "run_batch", "run_batch_in_process", "run_batch_nofreeze")
+# --device-ms reaches an engine's child process through this variable: the child imports this file.
+DEVICE_MS_ENV = "KVIK_RUN_BATCH_BENCH_DEVICE_MS"
 # Engine steps, seconds inside them, first and last step's start (perf_counter), seconds of --device-ms
 # sleeps' overrun (waiting to get the GIL back).
 STEPS = [0, 0.0, 0.0, 0.0, 0.0]
@@ -115,6 +121,8 @@ def _reset() -> None:
 
 
 def _counters(start: float, end: float) -> dict[str, Any]:
+    if not STEPS[0]:  # the engine stepped in a child process: its steps are not counted here
+        return {"full_gcs": GC[0], "full_gc_s": round(GC[1], 3)}
     return {"steps": STEPS[0], "in_steps_s": round(STEPS[1], 3), "before_first_step_s": round(STEPS[2] - start, 3),
             "after_last_step_s": round(end - STEPS[3], 3), "full_gcs": GC[0], "full_gc_s": round(GC[1], 3),
             **({"device_wait_over_s": round(STEPS[4], 3)} if _INSTRUMENTED and _INSTRUMENTED[0] else {})}  # fmt: skip
@@ -166,7 +174,8 @@ def time_chat(engine: dict[str, Any], chats: list[Any], out_len: int) -> dict[st
             "thread_switches": {name: t[1] - before.get(name, (0.0, 0))[1] for name, t in after.items()}}  # fmt: skip
 
 
-def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root: Path, freeze: bool = True) -> dict[str, Any]:
+def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root: Path, freeze: bool = True,
+                   engine_process: bool = True) -> dict[str, Any]:  # fmt: skip
     """run-batch's runner on a fresh engine, from its first request to its last answer."""
     from kvik.entrypoints import batch, frozen_heap
     from kvik.entrypoints.batch_file import BatchRequest
@@ -199,7 +208,7 @@ def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root:
     _reset()
     try:
         with out_file.open("w") as out:
-            failed = asyncio.run(batch.run_requests(requests, out, dict(engine), settings, False))
+            failed = asyncio.run(batch.run_requests(requests, out, dict(engine), settings, False, engine_process))
     finally:
         batch.post, frozen_heap.gc = inner, gc  # type: ignore[assignment]
     bodies = [json.loads(line)["response"]["body"] for line in out_file.read_text().splitlines()]
@@ -216,7 +225,8 @@ def time_side(side: str, engine: dict[str, Any], chats: list[Any], out_len: int,
     gc.collect()  # every side starts with the collector in the same state (not timed)
     if side == "chat":
         return time_chat(engine, chats, out_len)
-    return time_run_batch(engine, chats, out_len, root, freeze=side == "run_batch")
+    return time_run_batch(engine, chats, out_len, root, freeze=side != "run_batch_nofreeze",
+                          engine_process=side != "run_batch_in_process")  # fmt: skip
 
 
 def compare(engine: dict[str, Any], chats: list[Any], out_len: int, repeats: int, root: Path,
@@ -250,6 +260,8 @@ def main() -> int:
     from gpu_common import SHAPES
 
     instrument(ARGS.device_ms)
+    if ARGS.device_ms:
+        os.environ[DEVICE_MS_ENV] = str(ARGS.device_ms)
     root = Path(tempfile.mkdtemp(prefix="kvik-run-batch-bench-"))
     path = write_model(ARGS.shape, root, ARGS.device)
     engine: dict[str, Any] = dict(model=str(path), dtype=ARGS.dtype, max_model_len=2048, device=ARGS.device,
@@ -284,7 +296,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--out-len", type=int, default=64, help="tokens generated per request")
     p.add_argument("--max-num-seqs", type=int, default=256)
     p.add_argument("--num-threads", type=int, default=1, help="CPU: torch intra-op threads")
-    p.add_argument("--sides", default="chat,run_batch", help=f"comma-separated, of {', '.join(SIDES)}")
+    p.add_argument("--sides", default="chat,run_batch,run_batch_in_process", help=f"comma-separated, of {', '.join(SIDES)}")
     p.add_argument("--repeats", type=int, default=3, help="rounds of all sides, alternating their order")
     p.add_argument("--warmup", action=argparse.BooleanOptionalAction, default=True,
                    help="run every side once first, unrecorded")  # fmt: skip
@@ -292,6 +304,9 @@ def parse_args() -> argparse.Namespace:
                    help="add this many ms of GIL-free sleep to every forward (a GPU step's host view)")  # fmt: skip
     return p.parse_args()
 
+
+if __name__ == "__mp_main__" and os.environ.get(DEVICE_MS_ENV):  # an engine's child process
+    instrument(float(os.environ[DEVICE_MS_ENV]))
 
 if __name__ == "__main__":
     ARGS = parse_args()

@@ -51,7 +51,13 @@ class AsyncLLM:
         self._stats: EngineStats = engine.get_stats()
 
     @classmethod
-    def from_engine_args(cls, model_name: str | None = None, **kwargs: Any) -> AsyncLLM:
+    def from_engine_args(cls, model_name: str | None = None, engine_process: bool = False, **kwargs: Any) -> AsyncLLM:
+        """Build the engine from ``kwargs`` (:class:`EngineConfig`'s fields); with ``engine_process`` it runs in
+        a child process, its step loop apart from this process's request handling (:mod:`kvik.engine.engine_process`)."""
+        if engine_process:
+            from kvik.engine.engine_process import ProcessAsyncLLM
+
+            return ProcessAsyncLLM.from_engine_args(model_name=model_name, **kwargs)
         return cls(LLMEngine(EngineConfig.from_kwargs(**kwargs)), model_name=model_name)
 
     # -- properties used by servers -------------------------------------------
@@ -102,13 +108,17 @@ class AsyncLLM:
         for request_id in list(self._streams):
             await self.abort(request_id)
         self._running = False
-        self._commands.put(("wake", None))
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join, 10.0)
+        await asyncio.to_thread(self._stop_loop)
         # Aborts queued after the loop's last pass never reached the engine: end those streams here.
         for request_id in list(self._streams):
             self._fail_one(request_id, EngineDeadError("the engine shut down before this request finished"))
         self.engine.shutdown()
+
+    def _stop_loop(self) -> None:
+        """End the loop thread once ``_running`` is False (it finishes its current step first)."""
+        self._send("wake", None)
+        if self._thread is not None:
+            self._thread.join(10.0)
 
     # -- requests --------------------------------------------------------------
     def _ensure_running(self) -> None:
@@ -146,9 +156,9 @@ class AsyncLLM:
             )
         stream: asyncio.Queue[_Item] = asyncio.Queue()
         self._streams[request_id] = stream
-        self._commands.put(("add", prepared))
         finished = False
         try:
+            self._send("add", prepared)
             while True:
                 item = await stream.get()
                 if isinstance(item, BaseException):
@@ -168,7 +178,7 @@ class AsyncLLM:
         finally:
             self._streams.pop(request_id, None)
             if not finished:
-                self._commands.put(("abort", request_id))
+                self._send("abort", request_id)
 
     async def encode_batch(
         self, prompts: Sequence[str | Sequence[int]], params: PoolingParams, request_ids: Sequence[str]
@@ -188,10 +198,10 @@ class AsyncLLM:
         long_text = sum(len(p) for p in prompts if isinstance(p, str)) > 4096
         prepared = await asyncio.to_thread(prepare) if long_text else prepare()
         queues = [self._streams.setdefault(rid, asyncio.Queue()) for rid in request_ids]
-        for item in prepared:
-            self._commands.put(("add", item))
         done = False
         try:
+            for item in prepared:
+                self._send("add", item)
             results: list[PoolingRequestOutput] = []
             for stream in queues:
                 got = await stream.get()
@@ -205,10 +215,10 @@ class AsyncLLM:
             for rid in request_ids:
                 self._streams.pop(rid, None)
                 if not done:
-                    self._commands.put(("abort", rid))
+                    self._send("abort", rid)
 
     async def abort(self, request_id: str) -> None:
-        self._commands.put(("abort", request_id))
+        self._send("abort", request_id)
 
     # -- LoRA adapters (kvik.lora) ---------------------------------------------
     async def check_lora(self, lora_request: LoRARequest) -> AdapterInfo:
@@ -227,11 +237,15 @@ class AsyncLLM:
         if self._thread is None or self._loop is None:
             return self.engine.remove_lora(lora_int_id)
         done: asyncio.Future[bool] = self._loop.create_future()
-        self._commands.put(("remove_lora", (lora_int_id, done)))
+        self._send("remove_lora", (lora_int_id, done))
         self._ensure_running()  # a dead loop would never answer
         return await asyncio.wait_for(done, timeout=60.0)
 
     # -- the loop thread -----------------------------------------------------
+    def _send(self, kind: str, payload: Any) -> None:
+        """Hand a command to the loop thread: ``add``, ``abort``, ``remove_lora`` or ``wake``."""
+        self._commands.put((kind, payload))
+
     def _deliver(self, outputs: Sequence[RequestOutput | PoolingRequestOutput]) -> None:
         for output in outputs:
             stream = self._streams.get(output.request_id)
@@ -292,11 +306,15 @@ class AsyncLLM:
                 else:  # idle: a worker process that died must still fail the engine (and /ready) now
                     self.engine.check_health()
                 self._stats = self.engine.get_stats()
-        except BaseException as exc:  # the loop is dead: fail every waiting request loudly
-            logger.exception("engine loop failed")
-            self._error = exc
-            if self._loop is not None:
-                for request_id in list(self._streams):
-                    self._loop.call_soon_threadsafe(
-                        self._fail_one, request_id, EngineDeadError(f"the engine loop failed: {exc!r}")
-                    )
+        except BaseException as exc:
+            self._fail_all(exc)
+
+    def _fail_all(self, exc: BaseException) -> None:
+        """The loop is dead: fail every waiting request loudly, and every later one (``_ensure_running``)."""
+        logger.exception("engine loop failed", exc_info=exc)
+        self._error = exc
+        if self._loop is not None:
+            for request_id in list(self._streams):
+                self._loop.call_soon_threadsafe(
+                    self._fail_one, request_id, EngineDeadError(f"the engine loop failed: {exc!r}")
+                )

@@ -9,7 +9,8 @@ batches with no code here. That needs the server package; without it the command
 install it.
 
 All pending requests are in flight at once (up to a window a few times the engine's batch), so
-the engine runs full batches as ``LLM.generate`` does. Results are appended as they finish and
+the engine runs full batches as ``LLM.generate`` does; it steps in a child process
+(kvik/engine/engine_process.py), so the lines' handling here never holds up its steps. Results are appended as they finish and
 flushed, so an interrupted run resumes where it stopped (see batch_file.py). While the lines run,
 the heap that exists before them is frozen (``gc.freeze``) so that full garbage collections do not
 stall the engine (docs/benchmarks.md, issue 19).
@@ -112,14 +113,23 @@ def write(out: TextIO, record: dict[str, Any]) -> None:
 
 
 async def run_requests(
-    requests: list[BatchRequest], out: TextIO, engine_kwargs: dict[str, Any], settings: Any, progress: bool
+    requests: list[BatchRequest],
+    out: TextIO,
+    engine_kwargs: dict[str, Any],
+    settings: Any,
+    progress: bool,
+    engine_process: bool = True,
 ) -> list[str]:
-    """Run ``requests``, appending their records to ``out``; returns what failed on the server's side."""
+    """Run ``requests``, appending their records to ``out``; returns what failed on the server's side.
+
+    The engine steps in a process of its own (``engine_process``): the lines' handling (validation,
+    templates, response bodies: ~0.5-1 ms of Python a line) then runs beside the steps instead of
+    between them, which with a small model decides the run's speed (docs/benchmarks.md, issue 19)."""
     from kvik_server.app import build_app
 
     from kvik.engine.async_llm import AsyncLLM
 
-    engine = AsyncLLM.from_engine_args(**engine_kwargs)
+    engine = AsyncLLM.from_engine_args(engine_process=engine_process, **engine_kwargs)
     app = build_app(engine, settings)
     # Enough requests in flight to keep every batch seat busy while others are being tokenized.
     window = asyncio.Semaphore(max(64, 4 * int(engine.config.max_num_seqs)))
