@@ -10,6 +10,8 @@ takes ~10 ms at 256 sequences and the host work per request decides) with a Chat
 ``--n`` chat requests (64-256 words, ``--out-len`` tokens, greedy, EOS ignored), each side on a fresh engine:
 
 * ``chat``: ``LLM.chat`` (templating inside the timing);
+* ``chat_new_process``: the same in a new process (spawned for the side and gone after it), so that it starts
+  as cold as run-batch's engine process does: this process's warm-up does not help either;
 * ``run_batch``: run-batch's runner (core/kvik/entrypoints/batch.py ``run_requests``: every line
   through the server's app in-process, the engine stepping in a child process), timed from its first
   request to its last answer;
@@ -20,8 +22,8 @@ takes ~10 ms at 256 sequences and the host work per request decides) with a Chat
 The sides alternate ``--repeats`` times in one process after one unrecorded warm-up of each (the
 machine may be shared: each row has wall seconds and this process's CPU seconds, all threads, and
 per-thread CPU for run-batch). Also per row: engine steps, seconds inside them, seconds before the
-first one, and full (generation-2) garbage collections; the step counters stay 0 where the engine runs
-in a child process (its CPU is not in this process's either). The ratio is of output tokens per wall second.
+first one, and full (generation-2) garbage collections; where the engine runs in a child process, the
+child counts its steps and hands them over in a file when it exits (its CPU is not in this process's). The ratio is of output tokens per wall second.
 A JSON summary is printed last and written to $OUT/run_batch_benchmark.json (or /tmp).
 """
 
@@ -45,9 +47,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-SIDES = ("chat", "run_batch", "run_batch_in_process", "run_batch_nofreeze")
-# --device-ms reaches an engine's child process through this variable: the child imports this file.
-DEVICE_MS_ENV = "KVIK_RUN_BATCH_BENCH_DEVICE_MS"
+SIDES = ("chat", "chat_new_process", "run_batch", "run_batch_in_process", "run_batch_nofreeze")
+# Child processes (an engine's, a side's) import this file as __mp_main__; this variable tells them
+# --device-ms and the folder where an engine's child leaves its step counters.
+CHILD_ENV = "KVIK_RUN_BATCH_BENCH_CHILD"
 # Engine steps, seconds inside them, first and last step's start (perf_counter), seconds of --device-ms
 # sleeps' overrun (waiting to get the GIL back).
 STEPS = [0, 0.0, 0.0, 0.0, 0.0]
@@ -120,8 +123,22 @@ def _reset() -> None:
     GC[:] = [0, 0.0, 0.0]
 
 
+def _dump_steps(folder: str) -> None:
+    """In an engine's child process, at its exit: its step counters, for the side that started it."""
+    Path(folder, f"steps-{os.getpid()}.json").write_text(json.dumps(STEPS))
+
+
+def _child_steps(folder: Path) -> None:
+    """Take the step counters the engine's child left in ``folder`` (perf_counter is system-wide here)."""
+    for path in folder.glob("steps-*.json"):
+        got = json.loads(path.read_text())
+        path.unlink()
+        if got[0]:
+            STEPS[:] = got
+
+
 def _counters(start: float, end: float) -> dict[str, Any]:
-    if not STEPS[0]:  # the engine stepped in a child process: its steps are not counted here
+    if not STEPS[0]:
         return {"full_gcs": GC[0], "full_gc_s": round(GC[1], 3)}
     return {"steps": STEPS[0], "in_steps_s": round(STEPS[1], 3), "before_first_step_s": round(STEPS[2] - start, 3),
             "after_last_step_s": round(end - STEPS[3], 3), "full_gcs": GC[0], "full_gc_s": round(GC[1], 3),
@@ -211,6 +228,8 @@ def time_run_batch(engine: dict[str, Any], chats: list[Any], out_len: int, root:
             failed = asyncio.run(batch.run_requests(requests, out, dict(engine), settings, False, engine_process))
     finally:
         batch.post, frozen_heap.gc = inner, gc  # type: ignore[assignment]
+    if engine_process:
+        _child_steps(root)
     bodies = [json.loads(line)["response"]["body"] for line in out_file.read_text().splitlines()]
     tokens = sum(b["usage"]["completion_tokens"] for b in bodies if "usage" in b)
     start, end = min(m[0] for m in marks), max(m[0] for m in marks)
@@ -225,6 +244,12 @@ def time_side(side: str, engine: dict[str, Any], chats: list[Any], out_len: int,
     gc.collect()  # every side starts with the collector in the same state (not timed)
     if side == "chat":
         return time_chat(engine, chats, out_len)
+    if side == "chat_new_process":
+        import multiprocessing
+        from concurrent.futures import ProcessPoolExecutor
+
+        with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+            return pool.submit(time_chat, engine, chats, out_len).result()
     return time_run_batch(engine, chats, out_len, root, freeze=side != "run_batch_nofreeze",
                           engine_process=side != "run_batch_in_process")  # fmt: skip
 
@@ -260,9 +285,8 @@ def main() -> int:
     from gpu_common import SHAPES
 
     instrument(ARGS.device_ms)
-    if ARGS.device_ms:
-        os.environ[DEVICE_MS_ENV] = str(ARGS.device_ms)
     root = Path(tempfile.mkdtemp(prefix="kvik-run-batch-bench-"))
+    os.environ[CHILD_ENV] = json.dumps({"device_ms": ARGS.device_ms, "steps_dir": str(root)})
     path = write_model(ARGS.shape, root, ARGS.device)
     engine: dict[str, Any] = dict(model=str(path), dtype=ARGS.dtype, max_model_len=2048, device=ARGS.device,
                                   max_num_seqs=ARGS.max_num_seqs)  # fmt: skip
@@ -305,8 +329,14 @@ def parse_args() -> argparse.Namespace:
     return p.parse_args()
 
 
-if __name__ == "__mp_main__" and os.environ.get(DEVICE_MS_ENV):  # an engine's child process
-    instrument(float(os.environ[DEVICE_MS_ENV]))
+if __name__ == "__mp_main__" and os.environ.get(CHILD_ENV):  # a child process: an engine's, or a side's
+    import multiprocessing.util
+
+    _child = json.loads(os.environ[CHILD_ENV])
+    instrument(_child["device_ms"])
+    if multiprocessing.current_process().name == "kvik-engine":  # run-batch's engine (engine_process.py names it)
+        # A multiprocessing child runs these finalizers at exit (not atexit's).
+        multiprocessing.util.Finalize(None, _dump_steps, args=(_child["steps_dir"],), exitpriority=10)
 
 if __name__ == "__main__":
     ARGS = parse_args()
