@@ -8,7 +8,6 @@ admission with ValueError carrying the compiler's message.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import re
 
@@ -143,8 +142,8 @@ def test_json_object_outputs_are_objects(llm) -> None:
 
 
 def test_runners_without_grammar_support_refuse_constraints(llm, monkeypatch) -> None:
-    executor = llm.llm_engine.executor  # the runners' capabilities, as the engine read them at start
-    monkeypatch.setattr(executor, "capabilities", dataclasses.replace(executor.capabilities, structured_output=False))
+    # The runners' ability, as the engine's input processor read it at start.
+    monkeypatch.setattr(llm.llm_engine.inputs, "structured_output", False)
     with pytest.raises(ValueError, match=r"structured output .* is not supported by the cpu platform"):
         llm.generate([[1, 2]], SamplingParams(max_tokens=4, guided_regex="a+"))
 
