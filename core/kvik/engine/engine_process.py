@@ -31,11 +31,11 @@ import gc
 import itertools
 import logging
 import multiprocessing
+import multiprocessing.util
 import pickle
 import signal
 import threading
 import time
-import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
@@ -198,8 +198,9 @@ class EngineProcess:
         self._calls: dict[int, tuple[threading.Event, list[Any]]] = {}
         self._call_ids = itertools.count()
         self._closed = False
-        # Interpreter exit joins non-daemon children first: close the pipe before that, or it waits forever.
-        self._finalizer = weakref.finalize(self, _close_pipe, self._commands)
+        # Interpreter exit joins non-daemon children: the pipe must close before that, or the join waits
+        # forever. multiprocessing runs finalizers with an exit priority first (and this one on collection).
+        self._finalizer = multiprocessing.util.Finalize(self, _close_pipe, args=(self._commands,), exitpriority=10)
         try:
             kind, payload = self._results.recv()
         except EOFError:
