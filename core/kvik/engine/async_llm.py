@@ -227,10 +227,10 @@ class AsyncLLM:
 
     def check_lora_blocking(self, lora_request: LoRARequest) -> AdapterInfo:
         """:meth:`check_lora` on the calling thread (server start-up)."""
-        loras = self.engine.loras
-        if loras is None:
+        check = self.engine.inputs.check_lora  # None when LoRA is off
+        if check is None:
             raise ValueError("LoRA is off; start the engine with enable_lora=True (kvik serve --enable-lora)")
-        return loras.check(lora_request)
+        return check(lora_request)
 
     async def remove_lora(self, lora_int_id: int) -> bool:
         """Forget an adapter on the engine's thread (False when unknown); LoRAInUseError while requests use it."""

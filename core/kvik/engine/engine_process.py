@@ -41,7 +41,7 @@ from dataclasses import dataclass, replace
 from multiprocessing.connection import Connection
 from typing import Any
 
-from kvik.config import ModelConfig, ResolvedConfig
+from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
 from kvik.engine.async_llm import AsyncLLM, EngineDeadError
 from kvik.engine.input_processor import InputProcessor, PreparedRequest
 from kvik.engine.llm_engine import EngineStats, LLMEngine
@@ -83,8 +83,8 @@ def _portable(error: BaseException) -> BaseException:
 
 # -- the child -------------------------------------------------------------------------------------
 def _check_lora(engine: LLMEngine, lora_request: LoRARequest) -> Any:
-    if engine.loras is None:
-        raise ValueError("LoRA is off; start the engine with enable_lora=True (kvik serve --enable-lora)")
+    # Asked only when LoRA is on: the caller's InputProcessor has no check_lora otherwise.
+    assert engine.loras is not None
     return engine.loras.check(lora_request)
 
 
@@ -97,8 +97,6 @@ def _engine_main(engine_kwargs: dict[str, Any], commands: Connection, results: C
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     level, fmt = log
     logging.basicConfig(level=level, format=fmt)
-    from kvik.config import EngineConfig
-
     try:
         engine = LLMEngine(EngineConfig.from_kwargs(**engine_kwargs))
     except BaseException as exc:
@@ -217,7 +215,6 @@ class EngineProcess:
         self.tokenizer = info.tokenizer
         self.pooler_setup = info.pooler_setup
         self.pooling_task = info.pooling_task
-        self.lora_enabled = info.lora_enabled
         self.stats = info.stats
         from kvik.plugins.manager import get_plugin_manager
         from kvik.structured.manager import StructuredOutputManager
@@ -234,7 +231,7 @@ class EngineProcess:
             structured=structured,
             pooler_setup=self.pooler_setup,
             pooling_task=self.pooling_task,
-            check_lora=self.check_lora if self.lora_enabled else None,
+            check_lora=self.check_lora if info.lora_enabled else None,
         )
 
     # -- requests (validated here, on the caller's side) ------------------------------------------
@@ -350,11 +347,6 @@ class ProcessAsyncLLM(AsyncLLM):
         self.engine.shutdown()
         if self._thread is not None:
             self._thread.join(10.0)
-
-    def check_lora_blocking(self, lora_request: LoRARequest) -> Any:
-        if not self.engine.lora_enabled:
-            raise ValueError("LoRA is off; start the engine with enable_lora=True (kvik serve --enable-lora)")
-        return self.engine.check_lora(lora_request)
 
     async def remove_lora(self, lora_int_id: int) -> bool:
         self._ensure_running()

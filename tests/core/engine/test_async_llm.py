@@ -1,4 +1,5 @@
-"""AsyncLLM: streaming, concurrency, aborts, and errors across the thread boundary."""
+"""AsyncLLM: streaming, concurrency, aborts, and errors across the thread boundary, with the engine on a thread
+and in a child process (kvik.engine.engine_process; its own failure modes: test_engine_process.py)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ from kvik import LLM, SamplingParams
 from kvik.engine.async_llm import AsyncLLM
 from kvik.testing.reference import random_prompts
 
-GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+GREEDY = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +18,7 @@ def model_path(tiny_model_dir):
     return str(tiny_model_dir("llama"))
 
 
-def _engine(path: str, async_scheduling: bool = False) -> AsyncLLM:
+def _engine(path: str, async_scheduling: bool = False, engine_process: bool = False) -> AsyncLLM:
     return AsyncLLM.from_engine_args(
         model=path,
         device="cpu",
@@ -25,24 +26,24 @@ def _engine(path: str, async_scheduling: bool = False) -> AsyncLLM:
         num_kv_blocks=128,
         max_model_len=256,
         async_scheduling=async_scheduling,
+        engine_process=engine_process,
     )
 
 
 OVERLAP = pytest.mark.parametrize("overlap", [False, True], ids=["sync", "async-scheduling"])
+PLACES = pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "process"])
 
 
+@PLACES
 @OVERLAP
-def test_concurrent_streams_match_offline(model_path, overlap):
+def test_concurrent_streams_match_offline(model_path, overlap, engine_process):
     prompts = random_prompts(6, seed=5)
-    offline = [
-        o.outputs[0].token_ids
-        for o in LLM(model_path, device="cpu", dtype="float32", num_kv_blocks=128, max_model_len=256).generate(
-            prompts, GREEDY
-        )
-    ]
+    offline = LLM(model_path, device="cpu", dtype="float32", num_kv_blocks=128, max_model_len=256).generate(
+        prompts, GREEDY
+    )
 
     async def main():
-        engine = _engine(model_path, overlap)
+        engine = _engine(model_path, overlap, engine_process)
 
         async def one(i, p):
             seen = []
@@ -50,20 +51,32 @@ def test_concurrent_streams_match_offline(model_path, overlap):
                 seen.append(len(out.outputs[0].token_ids))
                 last = out
             assert seen == sorted(seen) and last.finished
-            return last.outputs[0].token_ids
+            return last
 
         try:
-            return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            outs = await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+            if engine_process:  # its stats come with the outputs (on a thread they follow them, a moment later)
+                assert engine.get_stats().generation_tokens_total == len(prompts) * GREEDY.max_tokens
+            return outs
         finally:
             await engine.shutdown()
 
-    assert asyncio.run(main()) == offline
+    for mine, ref in zip(asyncio.run(main()), offline, strict=True):
+        assert mine.outputs[0].token_ids == ref.outputs[0].token_ids
+        assert mine.outputs[0].text == ref.outputs[0].text
+        # The requests may meet in other batches than offline: float32 rounding, not bits.
+        for step_mine, step_ref in zip(mine.outputs[0].logprobs, ref.outputs[0].logprobs, strict=True):
+            assert step_mine.keys() == step_ref.keys()
+            for token, lp in step_mine.items():
+                assert lp.rank == step_ref[token].rank
+                assert lp.logprob == pytest.approx(step_ref[token].logprob, abs=1e-5)
 
 
+@PLACES
 @OVERLAP
-def test_leaving_early_aborts_and_frees_blocks(model_path, overlap):
+def test_leaving_early_aborts_and_frees_blocks(model_path, overlap, engine_process):
     async def main():
-        engine = _engine(model_path, overlap)
+        engine = _engine(model_path, overlap, engine_process)
         try:
             params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True)
             async for out in engine.generate([5, 6, 7, 8], params, request_id="gone"):
@@ -85,9 +98,10 @@ def test_leaving_early_aborts_and_frees_blocks(model_path, overlap):
     asyncio.run(main())
 
 
-def test_invalid_request_raises_before_streaming(model_path):
+@PLACES
+def test_invalid_request_raises_before_streaming(model_path, engine_process):
     async def main():
-        engine = _engine(model_path)
+        engine = _engine(model_path, engine_process=engine_process)
         try:
             with pytest.raises(ValueError, match="max_model_len"):
                 async for _ in engine.generate([5] * 300, GREEDY, request_id="long"):
