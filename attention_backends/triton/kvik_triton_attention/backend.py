@@ -92,6 +92,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
     # Deterministic mode: one tile for every step (decode-only, prefill and mixed alike) and no
     # split-KV, so a query row's reduction over keys never depends on what else the step holds.
     supports_batch_invariance: ClassVar[bool] = True
+    supports_kv_cache_groups: ClassVar[bool] = True
     invariant_tile: ClassVar[tuple[int, int, int]] = (32, 64, 4)
     # Prefill/mixed steps and split decode run the KV tiles every row sees whole without masks (the same
     # arithmetic, kernels.py says why): H200 run a8, 2,048-token prefill 205 -> 248 TFLOP/s (SDPA-flash 397). Off for
@@ -248,6 +249,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata[torch.Tensor],
     ) -> torch.Tensor:
+        metadata = metadata.for_group(self.kv_cache_group)
         out = torch.empty(query.shape, dtype=query.dtype, device=query.device)
         # The in-kernel K/V write, measured on an H200 (docs/benchmarks.md, 2026-12-01): the same tokens as
         # write_kv_kernel, eager and under CUDA graphs, and 0.1-0.4% faster batch-1 decode (8B, Qwen3-30B-A3B).
@@ -270,7 +272,8 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         rotary kernel's launch per layer. Not in deterministic mode: the kernel's RMSNorm sums a head in
         another order than the separate rotary kernel that prefill rows take, and a row must get the same
         bits in a decode-only step as in a mixed one."""
-        return not self.batch_invariant and self._writes_kv_in_attention(kv_cache, metadata)
+        group = metadata.for_group(self.kv_cache_group)
+        return not self.batch_invariant and self._writes_kv_in_attention(kv_cache, group)
 
     def forward_rotary(
         self,
@@ -281,6 +284,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         kv_cache: torch.Tensor,
         metadata: AttentionMetadata[torch.Tensor],
     ) -> torch.Tensor:
+        metadata = metadata.for_group(self.kv_cache_group)
         assert self.fuses_rotary(kv_cache, metadata), "forward_rotary outside a step fuses_rotary accepted"
         assert key.stride(-1) == 1 and value.stride(-1) == 1
         assert rotary.cos.stride(-1) == 1 and rotary.sin.stride(-1) == 1
@@ -302,6 +306,7 @@ class TritonAttentionBackend(AttentionBackend[torch.Tensor]):
         K/V already, or ``new_kv`` = (key, value) of a decode-only step (one row per request), stored by the
         kernel itself at ``metadata.slot_mapping``; with ``rotary`` (only with ``new_kv``), ``query`` and the
         new key are rotated (and normed) in the kernel."""
+        metadata = metadata.for_group(self.kv_cache_group)
         kernels = _kernels()
         assert query.stride(-1) == 1 and out.stride(-1) == 1 and kv_cache.stride(-1) == 1
         assert rotary is None or new_kv is not None, "rotating in the kernel needs the new K in the kernel"

@@ -9,7 +9,8 @@ fills an ``AttentionMetadata`` of the same array type.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
 from typing import Any, ClassVar, Generic, TypeVar
 
 ArrayT = TypeVar("ArrayT")  # the device array type: torch.Tensor, mx.array, ...
@@ -54,6 +55,27 @@ class AttentionMetadata(Generic[ArrayT]):
     num_padding_reqs: int = 0
     # Whatever a backend derives in prepare() (split-KV plans, masks, ...).
     backend_data: dict[str, Any] = field(default_factory=dict)
+    # With several KV-cache groups (kvik.scheduling.kv_cache_groups) the fields above are group 0's, and
+    # this holds groups 1, 2, ...: the step's metadata with each group's ``block_tables`` and
+    # ``slot_mapping``, each prepared on its own. A layer reads its group's through :meth:`for_group`.
+    other_kv_groups: tuple[AttentionMetadata[ArrayT], ...] = ()
+
+    def for_group(self, group: int) -> AttentionMetadata[ArrayT]:
+        """The metadata of KV-cache group ``group`` (this one for group 0, or when the step has one group)."""
+        return self.other_kv_groups[group - 1] if group and self.other_kv_groups else self
+
+    @property
+    def all_kv_groups(self) -> tuple[AttentionMetadata[ArrayT], ...]:
+        """Every group's metadata, group 0 (this one) first."""
+        return (self, *self.other_kv_groups)
+
+    def add_kv_groups(self, block_tables: Sequence[ArrayT], slot_mappings: Sequence[ArrayT]) -> None:
+        """Give the step one metadata per further KV-cache group: ``block_tables[g]`` / ``slot_mappings[g]``
+        are group ``g + 1``'s (group 0's are this metadata's own). Call before the backend's prepare()."""
+        self.other_kv_groups = tuple(
+            replace(self, block_tables=table, slot_mapping=slots, backend_data={}, other_kv_groups=())
+            for table, slots in zip(block_tables, slot_mappings, strict=True)
+        )
 
     @property
     def planned_max_seq_len(self) -> int:
@@ -129,6 +151,12 @@ class AttentionBackend(ABC, Generic[ArrayT]):
     # the slot mapping: a runner replaying piecewise CUDA graphs then stores K/V inside its captured
     # segments and runs only attend() eagerly between them.
     splits_kv_write: ClassVar[bool] = False
+    # True when every entry point (forward, forward_rotary, fuses_rotary, attend) reads the step through
+    # ``metadata.for_group(self.kv_cache_group)``: a runner may then give layers with different windows
+    # block tables of their own (kvik.scheduling.kv_cache_groups), and free what a window has passed.
+    supports_kv_cache_groups: ClassVar[bool] = False
+    # The KV-cache group whose block table this layer reads (set by the runner after building the layer).
+    kv_cache_group: int = 0
 
     def __init__(
         self,

@@ -96,6 +96,7 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
     supported_kv_cache_dtypes = ("auto", "fp8_e4m3")
     # deterministic=True: attention through kvik.attention.invariant_ref (fixed-shape blocks, no SDPA).
     supports_batch_invariance = True
+    supports_kv_cache_groups = True
 
     @classmethod
     def prepare(cls, metadata: AttentionMetadata[torch.Tensor]) -> None:
@@ -140,6 +141,7 @@ class TorchRefAttentionBackend(AttentionBackend[torch.Tensor]):
         kv_cache: torch.Tensor,  # [2, num_blocks, block_size, num_kv_heads, head_size]
         metadata: AttentionMetadata[torch.Tensor],
     ) -> torch.Tensor:
+        metadata = metadata.for_group(self.kv_cache_group)
         plan: _Plan | None = metadata.backend_data.get(_PLAN_KEY)
         if plan is None:
             self.prepare(metadata)

@@ -29,7 +29,7 @@ from kvik.engine.memory_planner import MemoryPlan, plan_memory
 from kvik.engine.output_processor import OutputProcessor, RequestState, SampleState
 from kvik.engine.progress import LoadProgress, format_bytes, format_tokens, step
 from kvik.executor import Executor, create_executor
-from kvik.executor.base import RunnerCapabilities
+from kvik.executor.base import RankMemory, RunnerCapabilities
 from kvik.executor.profiling import ProfileSummary
 from kvik.lora.registry import LoRARegistry
 from kvik.lora.request import LoRARequest
@@ -147,7 +147,6 @@ class LLMEngine:
                         + (" with more than one rank (tensor/pipeline parallelism)" if self.runner is None else "")
                     )
                 self.loras = LoRARegistry(self.runner)
-            self.sliding_window = self._shared_sliding_window()
             with step("profiling memory"):
                 self.memory_plan = self._plan_memory()
             self.model_config.max_model_len = self.memory_plan.max_model_len
@@ -189,7 +188,7 @@ class LLMEngine:
             max_loras=cfg.max_loras if cfg.enable_lora else 0,
             pending_tokens=self.async_scheduling,
             micro_batches=1 if self.async_scheduling else stages,
-            sliding_window=self.sliding_window,
+            group_windows=self.group_windows,
         )
         if self.loras is not None and self.runner is not None:
             self.scheduler.lora_loading = self.runner.lora_loading
@@ -233,16 +232,24 @@ class LLMEngine:
         )
 
     # -- set-up --------------------------------------------------------------
-    def _shared_sliding_window(self) -> int | None:
-        """The window every attention layer slides with, when they share one (Mistral v0.1, Phi-3-mini-4k): the
-        scheduler then releases the blocks it has passed. None when some layer sees the whole context (Gemma's
-        global layers: releasing per layer group is not built), or when a draft model reads the same tables."""
-        windows = set(self.model_config.layer_sliding_windows)
-        if len(windows) != 1 or None in windows or getattr(self.proposer, "drafter", None) is not None:
-            return None
-        window = windows.pop()
-        logger.info("every layer slides with a %d-token window: KV blocks behind it are released", window)
-        return window
+    def _group_windows(self, ranks: list[RankMemory]) -> tuple[int | None, ...]:
+        """Per KV-cache group, its layers' window: as the runners keep their tables (Gemma's sliding and
+        global layers in groups of their own, kvik.scheduling.kv_cache_groups), or for a runner keeping one
+        table, the window every layer slides with when they share one (Mistral v0.1, Phi-3-mini-4k). The
+        scheduler releases the blocks a window has passed. No window when some layer of a one-table runner
+        sees the whole context, or when a draft model reads the same tables."""
+        reported = {rank.group_windows for rank in ranks}
+        if len(reported) != 1:
+            groups = sorted(map(str, reported))
+            raise RuntimeError(f"the ranks' runners split the KV cache into different groups: {groups}")
+        windows = reported.pop()
+        if windows is None:
+            layer_windows = set(self.model_config.layer_sliding_windows)
+            shared = len(layer_windows) == 1 and None not in layer_windows
+            windows = (layer_windows.pop() if shared and getattr(self.proposer, "drafter", None) is None else None,)
+        if windows == (windows[0],) and windows[0] is not None:
+            logger.info("every layer slides with a %d-token window: KV blocks behind it are released", windows[0])
+        return windows
 
     def _make_proposer(self, spec: SpeculativeConfig, caps: RunnerCapabilities) -> Proposer:
         if not caps.speculative_decoding:
@@ -273,6 +280,7 @@ class LLMEngine:
         config = self.config
         ranks = self.executor.memory()
         self._weight_bytes = sum(r.weight_bytes for r in ranks)
+        self.group_windows = self._group_windows(ranks)
         plans = [
             plan_memory(
                 total_bytes=rank.total,
@@ -287,7 +295,7 @@ class LLMEngine:
                 auto_max_model_len=config.fit_max_model_len,
                 kv_cache_memory=config.kv_cache_memory,
                 num_blocks=config.num_kv_blocks,
-                sliding_window=self.sliding_window,
+                group_windows=self.group_windows,
                 step_tokens=config.max_num_batched_tokens,
             )
             for rank in ranks

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
-from kvik.scheduling.kv_cache_manager import max_blocks_per_request
+from kvik.scheduling.kv_cache_manager import blocks_held_at_most, longest_fitting_request
 
 logger = logging.getLogger(__name__)
 
@@ -21,12 +22,17 @@ class MemoryPlan:
     activation_bytes: int
     kv_bytes: int
     max_model_len: int
-    # The most blocks one request holds at once: its whole length, or less when every layer slides.
+    # The most blocks one request holds at once: its whole length in every KV-cache group, less in groups
+    # whose layers slide.
     blocks_per_request: int
+    # Per KV-cache group, its layers' window (kvik.scheduling.kv_cache_groups).
+    group_windows: tuple[int | None, ...] = (None,)
 
     @property
     def kv_tokens(self) -> int:
-        return self.num_blocks * self.block_size
+        """Tokens of K/V the pool holds at once: each position of a long request costs one block per group
+        whose layers see the whole context (a window's groups hold a bounded number on top)."""
+        return self.num_blocks * self.block_size // max(1, sum(w is None for w in self.group_windows))
 
     @property
     def max_concurrent_full_length(self) -> int:
@@ -56,7 +62,7 @@ def plan_memory(
     auto_max_model_len: bool,
     kv_cache_memory: int = 0,
     num_blocks: int = 0,
-    sliding_window: int | None = None,
+    group_windows: Sequence[int | None] = (None,),
     step_tokens: int = 0,
 ) -> MemoryPlan:
     """Size the KV pool and check ``max_model_len`` against it.
@@ -65,8 +71,9 @@ def plan_memory(
     then ``utilization`` of the device's total memory minus weights and
     activations (and never more than is free now). The pool is capped at what
     ``max_num_seqs`` full-length requests could ever use, so small models do not
-    reserve memory they cannot touch. ``sliding_window``: the window every layer slides with, when they
-    share one; a request then holds only the window's blocks and a step's (``step_tokens``) at once, so
+    reserve memory they cannot touch. ``group_windows``: per KV-cache group, the window its layers slide with
+    (None: the whole context; ``block_bytes`` is then one block id's pages in the groups' shared tensors). In
+    a group that slides, a request holds only the window's blocks and a step's (``step_tokens``) at once, so
     ``max_model_len`` may exceed the pool.
     """
     if block_bytes <= 0:
@@ -88,7 +95,8 @@ def plan_memory(
                 "or set kv_cache_memory explicitly"
             )
     blocks = num_blocks or budget // block_bytes
-    blocks_per_seq = max_blocks_per_request(max_model_len, block_size, sliding_window, step_tokens)
+    group_windows = tuple(group_windows)
+    blocks_per_seq = blocks_held_at_most(max_model_len, block_size, group_windows, step_tokens)
     if not num_blocks:
         blocks = min(blocks, max_num_seqs * blocks_per_seq + 1)
     if blocks < 2:
@@ -96,20 +104,21 @@ def plan_memory(
             f"{source} gives {budget} bytes, less than two KV blocks of {block_bytes} bytes; "
             "give the KV cache more memory"
         )
-    usable_tokens = (blocks - 1) * block_size  # one block is the reserved padding block
     if blocks_per_seq > blocks - 1:
-        fitting = usable_tokens
+        fitting = longest_fitting_request(blocks - 1, block_size, group_windows, step_tokens, max_model_len)
         if auto_max_model_len:
             logger.warning(
                 "max_model_len lowered from %d to %d to fit the KV cache (%s)", max_model_len, fitting, source
             )
             max_model_len = fitting
-            blocks_per_seq = max_blocks_per_request(max_model_len, block_size, sliding_window, step_tokens)
+            blocks_per_seq = blocks_held_at_most(max_model_len, block_size, group_windows, step_tokens)
         else:
             short = (blocks_per_seq + 1 - blocks) * block_bytes
-            needs = f"needs {blocks_per_seq} KV blocks" if sliding_window is None else (
-                f"needs {blocks_per_seq} KV blocks per request (its {sliding_window}-token sliding window and "
-                f"a step's {step_tokens} tokens)"
+            windows = sorted({w for w in group_windows if w is not None})
+            needs = f"needs {blocks_per_seq} KV blocks" if not windows else (
+                f"needs {blocks_per_seq} KV blocks per request (its {'/'.join(map(str, windows))}-token sliding "
+                f"window and a step's {step_tokens} tokens"
+                + (f", in {len(group_windows)} KV-cache groups)" if len(group_windows) > 1 else ")")
             )
             raise ValueError(
                 f"max_model_len {max_model_len} {needs} but only {blocks - 1} fit "
@@ -125,6 +134,7 @@ def plan_memory(
         kv_bytes=blocks * block_bytes,
         max_model_len=max_model_len,
         blocks_per_request=blocks_per_seq,
+        group_windows=group_windows,
     )
     logger.info("memory plan: %s", plan.summary())
     return plan

@@ -61,6 +61,9 @@ class RankMemory:
     weight_bytes: int  # this rank's slice of the weights
     activation_bytes: int  # peak of a maximal step (profiled)
     block_bytes: int  # one KV block of this rank's layers and heads
+    # Per KV-cache group, its layers' window (kvik.scheduling.kv_cache_groups), as the rank's runner keeps
+    # them; None: one table for every layer, whose window the engine derives from the model.
+    group_windows: tuple[int | None, ...] | None = None
 
 
 @dataclass(slots=True)

@@ -108,7 +108,15 @@ class Worker:
         info = self.platform.memory_info()
         weights = runner.weight_bytes()
         activations = runner.profile()
-        return RankMemory(info.total, info.free, weights, activations, runner.kv_block_bytes(self.config.block_size))
+        groups = runner.kv_cache_groups()
+        return RankMemory(
+            info.total,
+            info.free,
+            weights,
+            activations,
+            runner.kv_block_bytes(self.config.block_size),
+            groups.windows if groups is not None else None,
+        )
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         self.runner.initialize_kv_cache(num_blocks)

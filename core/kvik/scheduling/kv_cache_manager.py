@@ -15,7 +15,8 @@ one prompt) compute that prefix once.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from types import MappingProxyType
 
@@ -40,9 +41,9 @@ def cdiv(a: int, b: int) -> int:
 
 
 def max_blocks_per_request(max_model_len: int, block_size: int, sliding_window: int | None, step_tokens: int) -> int:
-    """The most blocks one request ever holds at once: its whole length, or with a window every layer slides
-    with, the blocks a step can see (the window behind its first query, one block of margin) plus the blocks
-    its ``step_tokens`` new tokens fill, whichever is less. The memory planner sizes the pool from this."""
+    """The most blocks one request ever holds at once in one KV-cache group: its whole length, or in a group
+    whose layers slide with ``sliding_window``, the blocks a step can see (the window behind its first query,
+    one block of margin) plus the blocks its ``step_tokens`` new tokens fill, whichever is less."""
     whole = cdiv(max_model_len, block_size)
     if sliding_window is None:
         return whole
@@ -50,8 +51,43 @@ def max_blocks_per_request(max_model_len: int, block_size: int, sliding_window: 
     return min(whole, (sliding_window + step_tokens - 3) // block_size + 3)
 
 
+def blocks_held_at_most(
+    max_model_len: int, block_size: int, group_windows: Sequence[int | None], step_tokens: int
+) -> int:
+    """The most blocks one request ever holds at once, over all its KV-cache groups (one window per group:
+    :mod:`kvik.scheduling.kv_cache_groups`). The memory planner sizes the pool from this."""
+    return sum(max_blocks_per_request(max_model_len, block_size, w, step_tokens) for w in group_windows)
+
+
+def longest_fitting_request(
+    num_blocks: int, block_size: int, group_windows: Sequence[int | None], step_tokens: int, limit: int
+) -> int:
+    """The most tokens (at most ``limit``) one request may reach holding no more than ``num_blocks`` blocks."""
+    held = functools.partial(
+        blocks_held_at_most, block_size=block_size, group_windows=group_windows, step_tokens=step_tokens
+    )
+    if held(limit) <= num_blocks:
+        return limit
+    low, high = 0, limit  # held() grows with the length: bisect for the last length that fits
+    while low < high:
+        mid = (low + high + 1) // 2
+        low, high = (mid, high) if held(mid) <= num_blocks else (low, mid - 1)
+    return low
+
+
+def group_hash(block_hash: bytes, group: int) -> bytes:
+    """The prefix-cache key of a block of group ``group`` holding the tokens ``block_hash`` names: each group
+    keeps its own copy of a position's K/V (its own layers'), so each needs its own key."""
+    return block_hash if group == 0 else block_hash + group.to_bytes(2, "little")
+
+
 class KVCacheManager:
-    """Allocates, caches and frees the KV blocks of each request."""
+    """Allocates, caches and frees the KV blocks of each request.
+
+    A request's table holds ``num_groups`` blocks per position of ``block_size`` tokens, interleaved
+    (position ``i``, group ``g`` at index ``i * num_groups + g``; one group: a plain table). Blocks a group's
+    window has passed are released and the null block stands in for them.
+    """
 
     def __init__(
         self,
@@ -59,22 +95,26 @@ class KVCacheManager:
         block_size: int,
         max_model_len: int,
         enable_prefix_caching: bool = True,
-        sliding_window: int | None = None,
+        group_windows: Sequence[int | None] = (None,),
     ):
+        if not group_windows:
+            raise ValueError("group_windows needs one window (or None) per KV-cache group")
         self.block_size = block_size
         self.max_model_len = max_model_len
         self.enable_prefix_caching = enable_prefix_caching
-        # The window every attention layer slides with (None: some layer sees the whole context). Blocks behind
-        # it are released as requests advance, and a prefix hit needs only the blocks its window still shows.
-        self.sliding_window = sliding_window
+        # Per KV-cache group, the window its layers slide with (None: they see the whole context). Blocks behind
+        # a window are released as requests advance, and a prefix hit needs only the blocks each window shows.
+        self.group_windows = tuple(group_windows)
+        self.num_groups = len(self.group_windows)
+        self.windowed = any(w is not None for w in self.group_windows)
         self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching)
         self.prefix_cache_stats = PrefixCacheStats()
-        self._blocks: dict[str, list[KVCacheBlock]] = {}  # request id -> block table
+        self._blocks: dict[str, list[KVCacheBlock]] = {}  # request id -> block table (groups interleaved)
         self._block_ids: dict[str, list[int]] = {}  # request id -> its table's block ids (kept for speed)
         self._hashes: dict[str, list[bytes]] = {}  # request id -> hash of each full block of its tokens
-        self._num_cached: dict[str, int] = {}  # request id -> leading blocks already registered in the cache
-        # request id -> leading blocks released behind a sliding window (the null block stands in for them)
-        self._num_released: dict[str, int] = {}
+        self._num_cached: dict[str, int] = {}  # request id -> leading positions already registered in the cache
+        # request id -> per group, the leading positions released behind its window (null blocks stand in)
+        self._num_released: dict[str, list[int]] = {}
 
     # ----------------------------------------------------------------- queries
     @property
@@ -92,11 +132,12 @@ class KVCacheManager:
         return MappingProxyType(self._blocks)
 
     def get_blocks(self, request_id: str) -> list[KVCacheBlock]:
-        """The request's block table (empty if it holds none). Do not mutate."""
+        """The request's block table (empty if it holds none; groups interleaved). Do not mutate."""
         return self._blocks.get(request_id, [])
 
     def get_block_ids(self, request: Request) -> list[int]:
-        """Block ids of the request's table, in position order (block i holds tokens [i*bs, (i+1)*bs))."""
+        """Block ids of the request's table, in position order (position i holds tokens [i*bs, (i+1)*bs);
+        with several groups, its ``num_groups`` ids come one after the other)."""
         return list(self._block_ids.get(request.request_id, ()))
 
     def new_block_ids(self, request_ids: list[str], sent: dict[str, int]) -> list[list[int]]:
@@ -137,7 +178,8 @@ class KVCacheManager:
         return list(ids[start:]) if start else list(ids)
 
     def num_blocks_needed(self, num_tokens: int) -> int:
-        return cdiv(num_tokens, self.block_size)
+        """Blocks a table covering ``num_tokens`` tokens holds before any is released (every group's)."""
+        return cdiv(num_tokens, self.block_size) * self.num_groups
 
     def block_hashes(self, request: Request) -> list[bytes]:
         """Hashes of the request's full blocks, extended incrementally as its tokens grow."""
@@ -154,9 +196,9 @@ class KVCacheManager:
         """Longest run of cached full blocks at the start of a new request's tokens.
 
         Returns ``(blocks, num_computed_tokens)`` with ``num_computed_tokens ==
-        len(blocks) * block_size``. Never covers the last token: at least one
-        token must be computed to produce logits, so the hit is capped at
-        ``(num_tokens - 1) // block_size`` blocks. Takes no references (pass the
+        len(blocks) // num_groups * block_size`` (``blocks`` interleaved like a table). Never covers the last
+        token: at least one token must be computed to produce logits, so the hit is capped at
+        ``(num_tokens - 1) // block_size`` positions. Takes no references (pass the
         blocks to :meth:`allocate_slots`). Requests asking for prompt logprobs
         skip the cache (they need logits at every prompt position).
         """
@@ -166,34 +208,51 @@ class KVCacheManager:
         if pooling is not None and pooling.pooling_type is not None and pooling.pooling_type.reads_every_token:
             return [], 0  # mean / CLS pooling reads every token's state: compute them all
         max_hit_blocks = (request.num_tokens - 1) // self.block_size
-        hits: list[KVCacheBlock] = []
         lookup = self.pool.get_cached_block
-        if self.sliding_window is None:
+        if not self.windowed and self.num_groups == 1:
+            hits: list[KVCacheBlock] = []
             for block_hash in self.block_hashes(request)[:max_hit_blocks]:
                 block = lookup(block_hash)
                 if block is None:
                     break
                 hits.append(block)
             return hits, len(hits) * self.block_size
-        # Every layer slides: a hit of n blocks needs only blocks first_needed_block(n * bs) .. n - 1 cached (the
-        # chained hash of each proves the tokens before it); the null block stands in for the ones before. The
-        # longest such n wins, though blocks before it were evicted.
-        best, run = 0, 0  # run: cached blocks in a row ending at block i
+        # A hit of n positions needs, in each group, the blocks first_needed_block(n * bs, group) .. n - 1
+        # cached (the chained hash of each proves the tokens before it); the null block stands in for the
+        # ones before. The longest such n wins, though blocks before a window's edge were evicted.
+        bs, groups = self.block_size, range(self.num_groups)
+        found: list[list[KVCacheBlock | None]] = []  # per position, per group
+        runs = [0] * self.num_groups  # per group: cached blocks in a row ending at the current position
+        best = 0
         for i, block_hash in enumerate(self.block_hashes(request)[:max_hit_blocks]):
-            block = lookup(block_hash)
-            run = run + 1 if block is not None else 0
-            hits.append(block)  # type: ignore[arg-type]  # None only before the chosen hit's first needed block
-            if run and run >= i + 1 - self.first_needed_block((i + 1) * self.block_size):
+            row = [lookup(group_hash(block_hash, g)) for g in groups]
+            found.append(row)
+            fits = True
+            for g in groups:
+                runs[g] = runs[g] + 1 if row[g] is not None else 0
+                if runs[g] < i + 1 - self.first_needed_block((i + 1) * bs, g):
+                    fits = False
+                    if self.group_windows[g] is None:  # a global group missed: no longer hit can exist
+                        break
+            if fits:
                 best = i + 1
-        first = self.first_needed_block(best * self.block_size)
+            elif any(runs[g] == 0 and self.group_windows[g] is None for g in groups):
+                break
         null = self.pool.null_block
-        return [null] * first + hits[first:best], best * self.block_size
+        firsts = [self.first_needed_block(best * bs, g) for g in groups]
+        out: list[KVCacheBlock] = []
+        for i in range(best):
+            for g in groups:
+                block = found[i][g]
+                out.append(null if i < firsts[g] or block is None else block)
+        return out, best * bs
 
-    def first_needed_block(self, start: int) -> int:
-        """The first block a step whose queries start at position ``start`` (and every later step) reads: 0
-        without a sliding window. One block of margin before the window's edge: kernels read whole KV tiles,
-        and the masked part of a tile straddling the edge then comes from the null block (finite values, weight 0)."""
-        window = self.sliding_window
+    def first_needed_block(self, start: int, group: int = 0) -> int:
+        """The first block position a step whose queries start at position ``start`` (and every later step)
+        reads in ``group``: 0 for a group without a window. One block of margin before the window's edge:
+        kernels read whole KV tiles, and the masked part of a tile straddling the edge then comes from the
+        null block (finite values, weight 0)."""
+        window = self.group_windows[group]
         if window is None:
             return 0
         return max(0, (start - window + 1) // self.block_size - 1)
@@ -205,44 +264,49 @@ class KVCacheManager:
 
         ``new_computed_blocks`` are prefix-cache hits from :meth:`get_computed_blocks`
         (only for a request holding no blocks yet); they sit before the new tokens,
-        so the table must cover ``request.num_computed_tokens + len(hits) *
+        so the table must cover ``request.num_computed_tokens + len(hits) // num_groups *
         block_size + num_new_tokens`` tokens. Returns the newly allocated blocks
         (hits excluded), or None, changing nothing, when the pool lacks blocks.
         """
         hits = new_computed_blocks or []
         table = self._blocks.get(request.request_id)
+        num_groups = self.num_groups
         if table is None:
             table = []
-        elif not hits and -(-(request.num_computed_tokens + num_new_tokens) // self.block_size) <= len(table):
+        elif not hits and self.num_blocks_needed(request.num_computed_tokens + num_new_tokens) <= len(table):
             return []  # the fast path (a decode step): usually no new block is needed
         assert not hits or not table, "prefix hits only apply to a request that holds no blocks"
-        num_computed = request.num_computed_tokens + len(hits) * self.block_size
-        num_needed = self.num_blocks_needed(num_computed + num_new_tokens) - len(table) - len(hits)
-        num_needed = max(num_needed, 0)
+        num_hit_positions = len(hits) // num_groups
+        num_computed = request.num_computed_tokens + num_hit_positions * self.block_size
+        num_needed = max(self.num_blocks_needed(num_computed + num_new_tokens) - len(table) - len(hits), 0)
         # Hits on unreferenced cached blocks come out of the free queue too.
         num_hits_from_free = sum(1 for b in hits if b.ref_cnt == 0)
         if num_needed + num_hits_from_free > self.pool.num_free_blocks:
             return None
 
-        if request.request_id not in self._blocks:  # admission: count the lookup once
+        rid = request.request_id
+        if rid not in self._blocks:  # admission: count the lookup once
             if self.enable_prefix_caching:
                 self.prefix_cache_stats.queries += request.num_tokens
-                self.prefix_cache_stats.hits += len(hits) * self.block_size
-            self._blocks[request.request_id] = table
-            self._block_ids[request.request_id] = []
-            self._num_cached[request.request_id] = len(hits)
+                self.prefix_cache_stats.hits += num_hit_positions * self.block_size
+            self._blocks[rid] = table
+            self._block_ids[rid] = []
+            self._num_cached[rid] = num_hit_positions
         null = self.pool.null_block
-        num_null = 0  # a windowed hit's leading blocks, which its window no longer shows
-        while num_null < len(hits) and hits[num_null] is null:
-            num_null += 1
-        if num_null:
-            self._num_released[request.request_id] = num_null
-            hits_held = hits[num_null:]
+        if self.windowed and hits:  # a windowed hit's leading blocks, which its window no longer shows
+            released = []
+            for g in range(num_groups):
+                n = 0
+                while n < num_hit_positions and hits[n * num_groups + g] is null:
+                    n += 1
+                released.append(n)
+            if any(released):
+                self._num_released[rid] = released
+            self.pool.touch([b for b in hits if b is not null])
         else:
-            hits_held = hits
-        self.pool.touch(hits_held)
+            self.pool.touch(hits)
         new_blocks = self.pool.get_new_blocks(num_needed)
-        ids = self._block_ids[request.request_id]
+        ids = self._block_ids[rid]
         for blocks in (hits, new_blocks):
             table.extend(blocks)
             ids.extend(b.block_id for b in blocks)
@@ -257,17 +321,29 @@ class KVCacheManager:
         """
         if not self.enable_prefix_caching:
             return
-        table = self._blocks.get(request.request_id)
+        rid = request.request_id
+        table = self._blocks.get(rid)
         if table is None:
             return
-        # Blocks released behind a window before they were registered stay unregistered.
-        start = max(self._num_cached[request.request_id], self._num_released.get(request.request_id, 0))
-        num_full = min(num_computed_tokens // self.block_size, len(table))
+        num_groups = self.num_groups
+        start = self._num_cached[rid]
+        num_full = min(num_computed_tokens // self.block_size, len(table) // num_groups)
         if num_full <= start:
             return
         hashes = self.block_hashes(request)
-        self.pool.cache_full_blocks(table[start:num_full], hashes[start:num_full])
-        self._num_cached[request.request_id] = num_full
+        if num_groups == 1 and rid not in self._num_released:
+            self.pool.cache_full_blocks(table[start:num_full], hashes[start:num_full])
+        else:  # blocks released behind a window before they were registered stay unregistered
+            null = self.pool.null_block
+            blocks, keys = [], []
+            for i in range(start, num_full):
+                for g in range(num_groups):
+                    block = table[i * num_groups + g]
+                    if block is not null:
+                        blocks.append(block)
+                        keys.append(group_hash(hashes[i], g))
+            self.pool.cache_full_blocks(blocks, keys)
+        self._num_cached[rid] = num_full
 
     def free(self, request: Request) -> None:
         """Release the request's blocks, tail first (the tail is evicted before a shareable head)."""
@@ -275,33 +351,51 @@ class KVCacheManager:
         self._block_ids.pop(request.request_id, None)
         self._num_cached.pop(request.request_id, None)
         self._hashes.pop(request.request_id, None)
-        released = self._num_released.pop(request.request_id, 0)
-        self.pool.free_blocks(reversed(table[released:]))
+        if self._num_released.pop(request.request_id, None) is None:
+            self.pool.free_blocks(reversed(table))
+        else:
+            null = self.pool.null_block
+            self.pool.free_blocks([b for b in reversed(table) if b is not null])
 
     def release_behind_window(self, request: Request) -> bool:
-        """Release the blocks no query of the request's next step (or any later one) reads: those before
-        ``first_needed_block(num_computed_tokens)``. A step still in flight reads its blocks before any later
-        step can write a released one (steps run in order on the device), and a verify step's rejected drafts
-        roll back to no earlier than that step's start. Returns whether any block was released."""
-        first = self.first_needed_block(request.num_computed_tokens)
-        return first > 0 and self.release_leading_blocks(request.request_id, first)
+        """Release, in each group with a window, the blocks no query of the request's next step (or any later
+        one) reads: those before ``first_needed_block(num_computed_tokens, group)``. A step still in flight
+        reads its blocks before any later step can write a released one (steps run in order on the device),
+        and a verify step's rejected drafts roll back to no earlier than that step's start. Returns whether
+        any block was released."""
+        released = False
+        for g, window in enumerate(self.group_windows):
+            if window is not None:
+                first = self.first_needed_block(request.num_computed_tokens, g)
+                if first > 0 and self.release_leading_blocks(request.request_id, first, g):
+                    released = True
+        return released
 
-    def release_leading_blocks(self, request_id: str, num_blocks: int) -> bool:
-        """Release the request's first ``num_blocks`` blocks, which no attention of its will read again (a
-        sliding window has passed them): the table keeps its length, the null block standing in for each.
-        Their KV stays in the prefix cache until evicted. Returns whether any block was released."""
+    def release_leading_blocks(self, request_id: str, num_blocks: int, group: int = 0) -> bool:
+        """Release the request's first ``num_blocks`` block positions in ``group``, which no attention of its
+        will read again (a sliding window has passed them): the table keeps its length, the null block
+        standing in for each. Their KV stays in the prefix cache until evicted. Returns whether any block
+        was released."""
         table = self._blocks.get(request_id)
-        done = self._num_released.get(request_id, 0)
-        if table is None or num_blocks <= done:
+        if table is None:
             return False
-        n = min(num_blocks, len(table))
-        released = table[done:n]
+        num_groups = self.num_groups
+        released_per_group = self._num_released.get(request_id)
+        done = released_per_group[group] if released_per_group is not None else 0
+        n = min(num_blocks, len(table) // num_groups)
+        if n <= done:
+            return False
+        if released_per_group is None:
+            released_per_group = self._num_released[request_id] = [0] * num_groups
         null = self.pool.null_block
         ids = self._block_ids[request_id]
-        for i in range(done, n):
+        released = []
+        for i in range(done * num_groups + group, n * num_groups, num_groups):
+            if table[i] is not null:
+                released.append(table[i])
             table[i] = null
             ids[i] = NULL_BLOCK_ID
-        self._num_released[request_id] = n
+        released_per_group[group] = n
         self.pool.free_blocks(reversed(released))
         return bool(released)
 

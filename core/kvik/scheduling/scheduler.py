@@ -37,7 +37,7 @@ from dataclasses import fields
 from operator import attrgetter, itemgetter
 
 from kvik.request import FIRST_FINISHED, Request, RequestStatus
-from kvik.scheduling.kv_cache_manager import KVCacheManager, max_blocks_per_request
+from kvik.scheduling.kv_cache_manager import KVCacheManager, blocks_held_at_most, longest_fitting_request
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.scheduling.request_queue import create_request_queue
 from kvik.scheduling.stats import SchedulerStats
@@ -86,7 +86,7 @@ class Scheduler:
         max_loras: int = 0,
         pending_tokens: bool = True,
         micro_batches: int = 1,
-        sliding_window: int | None = None,
+        group_windows: tuple[int | None, ...] = (None,),
     ) -> None:
         for name, value in (
             ("block_size", block_size),
@@ -118,23 +118,23 @@ class Scheduler:
         # that arrived at once splits into groups that alternate through the stages instead of leaving
         # every stage but one idle while it waits for its tokens.
         self.micro_batches = micro_batches
-        # Every attention layer's window, when they share one (None: some layer sees the whole context): the
-        # blocks a window has passed are released as requests advance (vLLM frees them the same way), so a
-        # long request holds ~window / block_size blocks instead of its whole length.
-        self.sliding_window = sliding_window
+        # Per KV-cache group (kvik.scheduling.kv_cache_groups), the window its layers slide with (None: the
+        # whole context): the blocks a window has passed are released as requests advance (vLLM frees them
+        # the same way), so a long request holds ~window / block_size blocks of such a group, whatever its length.
+        self.group_windows = group_windows
         # Only meaningful with chunked prefill: one request gets at most this many tokens per step.
         self.long_prefill_token_threshold = long_prefill_token_threshold if enable_chunked_prefill else 0
         self.waiting = create_request_queue(policy)
-        self.kv_cache = KVCacheManager(num_blocks, block_size, max_model_len, enable_prefix_caching, sliding_window)
+        self.kv_cache = KVCacheManager(num_blocks, block_size, max_model_len, enable_prefix_caching, group_windows)
         self.running: list[Request] = []  # admission order
         self.requests: dict[str, Request] = {}  # live (unfinished) requests
         # A sequence can never hold more blocks than the whole pool: a request
         # stops with "length" there, so a lone request always fits and
-        # preemption can never deadlock. With a window every layer slides with,
-        # a request holds at most the window's blocks and a step's, at any length.
-        capacity = self.kv_cache.pool.num_usable_blocks * block_size
-        if self._blocks_held_at_most(max_model_len) <= self.kv_cache.pool.num_usable_blocks:
-            capacity = max_model_len
+        # preemption can never deadlock. In a group whose layers slide, a request
+        # holds at most the window's blocks and a step's, at any length.
+        capacity = longest_fitting_request(
+            self.kv_cache.pool.num_usable_blocks, block_size, group_windows, max_num_batched_tokens, max_model_len
+        )
         if capacity < max_model_len:
             logger.warning(
                 "the KV cache holds %d tokens (%d blocks of %d), less than max_model_len=%d: "
@@ -262,7 +262,7 @@ class Scheduler:
         running = self.running
         allocate = self.kv_cache.allocate_slots
         num_new_tokens = self._num_new_tokens
-        window = self.sliding_window
+        windowed = self.kv_cache.windowed
         group = -(-len(running) // self.micro_batches)  # running requests one step takes at most
         while i < len(running) and budget > 0 and len(scheduled) < group:
             request = running[i]
@@ -270,7 +270,7 @@ class Scheduler:
             if num_new == 0 or (request.lora_request is not None and not self._lora_fits(request, loras)):
                 i += 1  # no work, or its adapter finds no slot this step: it waits (keeping its blocks)
                 continue
-            if window is not None and self.kv_cache.release_behind_window(request):
+            if windowed and self.kv_cache.release_behind_window(request):
                 # Before allocating, so a request holds at most max_blocks_per_request blocks. The runner
                 # gets the whole table again, nulls included.
                 self._sent_blocks.pop(request.request_id, None)
@@ -421,7 +421,7 @@ class Scheduler:
     # ------------------------------------------------------------------ helpers
     def _blocks_held_at_most(self, num_tokens: int) -> int:
         """The most blocks a request of up to ``num_tokens`` tokens holds at once."""
-        return max_blocks_per_request(num_tokens, self.block_size, self.sliding_window, self.max_num_batched_tokens)
+        return blocks_held_at_most(num_tokens, self.block_size, self.group_windows, self.max_num_batched_tokens)
 
     def _lora_fits(self, request: Request, loras: set[int]) -> bool:
         """True when the request is a base-model one, or its adapter is in the step or a slot is left."""

@@ -6,6 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
 
+from kvik.scheduling.kv_cache_groups import KVCacheGroups
 from kvik.scheduling.output import RunnerOutput, SchedulerOutput
 
 
@@ -74,6 +75,13 @@ class ModelRunner(ABC):
     @abstractmethod
     def kv_block_bytes(self, block_size: int) -> int:
         """Bytes one KV block (all layers, K and V) occupies."""
+
+    def kv_cache_groups(self) -> KVCacheGroups | None:
+        """How the loaded model's attention layers share KV blocks (:mod:`kvik.scheduling.kv_cache_groups`):
+        the scheduler keeps one block table per group and expects each block position's ids interleaved in
+        ``ScheduledRequest.new_block_ids``. None (the default): one table for every layer; the engine then
+        releases blocks only when every layer slides with one window."""
+        return None
 
     @abstractmethod
     def profile(self) -> int:

@@ -48,12 +48,13 @@ from kvik.sample.batch import sampling_batch
 from kvik.sample.logprobs import start_sample_output
 from kvik.sample.sampler import Sampler
 from kvik.sampling_params import SamplingParams
+from kvik.scheduling.kv_cache_groups import KVCacheGroups, plan_kv_cache_groups
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.spec_decode.drafter import Drafter, make_drafter
 from kvik.spec_decode.verify import sample_verify, verify_rows
 from kvik.tensor_transfer import start_to_host, to_device
 from kvik.worker.interface import StepHandle
-from kvik.worker.kit import KitModelRunner, StepLayout
+from kvik.worker.kit import BlockTables, KitModelRunner, StepLayout
 
 if TYPE_CHECKING:
     from kvik.structured.manager import StructuredStep
@@ -108,8 +109,9 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self.model: nn.Module | None = None
         self.attn_backend: type[AttentionBackend[torch.Tensor]] | None = None
         self.attn_layers: list[AttentionBackend[torch.Tensor]] = []
-        self.kv_caches: list[torch.Tensor] = []
+        self.kv_caches: list[torch.Tensor] = []  # one per attention layer (layers of a group's slot share one)
         self.num_blocks = 0
+        self.kv_groups: KVCacheGroups | None = None  # planned at the end of load_model()
         self.sampler = Sampler(self.device, config.seed, batch_invariant=config.deterministic)
         # The last launched step's sampled ids [n] (device) and the requests they belong to, in
         # order: the source of the next step's pending tokens.
@@ -208,6 +210,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         if self.drafter is not None:
             with progress.step(f"loading the {self.config.speculative_config.method} drafter"):  # type: ignore[union-attr]
                 self.drafter.load()
+        self._plan_kv_groups()
         logger.info(
             "loaded %s (%s, %.1f MiB) with attention backend %s",
             mc.architecture,
@@ -215,6 +218,43 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             self.weight_bytes() / 2**20,
             backend_cls.name,
         )
+
+    def _plan_kv_groups(self) -> None:
+        """Split the attention layers into KV-cache groups by window (kvik.scheduling.kv_cache_groups) where
+        this runner can: its backend reads a layer's group's table, the built layers are the model's (no
+        pipeline stage holding a slice), and no drafter reads the same tables."""
+        windows = tuple(layer.sliding_window for layer in self.attn_layers)
+        if not windows:
+            self.kv_groups = None
+            return
+        model_windows = tuple(self.model_config.layer_sliding_windows)
+        backend = self.attn_backend
+        if self.drafter is not None:  # the draft layers read the target's tables: every block stays
+            self.kv_groups = KVCacheGroups.single(len(windows))
+        elif windows != model_windows:  # a pipeline stage's slice: plan as every rank does, from the model's
+            shared = set(model_windows)
+            self.kv_groups = KVCacheGroups.single(len(windows), shared.pop() if len(shared) == 1 else None)
+        else:
+            self.kv_groups = plan_kv_cache_groups(
+                windows,
+                split=backend is not None and backend.supports_kv_cache_groups,
+                max_model_len=self.model_config.max_model_len,
+                block_size=self.block_size,
+                step_tokens=self.config.max_num_batched_tokens,
+            )
+        for layer, group in zip(self.attn_layers, self.kv_groups.layer_group, strict=True):
+            layer.kv_cache_group = group
+        self.block_tables = BlockTables(num_groups=self.kv_groups.num_groups)
+        if self.kv_groups.num_groups > 1:
+            logger.info(
+                "KV cache in %d groups of %d layers (windows %s): blocks a window has passed are released",
+                self.kv_groups.num_groups,
+                self.kv_groups.num_tensors,
+                ", ".join("full" if w is None else str(w) for w in self.kv_groups.windows),
+            )
+
+    def kv_cache_groups(self) -> KVCacheGroups | None:
+        return self.kv_groups
 
     def _calculate_kv_scales(self, num_tokens: int = 512) -> None:
         """``calculate_kv_scales``: each FP8 layer the checkpoint gave no scales gets them from the K and V
@@ -338,15 +378,29 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             return 1
         per_layer = math.prod(self._cache_shape(1, block_size)) * self.kv_cache_dtype.itemsize
         drafter = self.drafter.kv_block_bytes(block_size) if self.drafter is not None else 0
-        # A pipeline stage caches its own layers: one cache per attention layer it built.
-        layers = len(self.attn_layers) if self.model is not None else self.model_config.num_layers
-        return per_layer * layers + drafter
+        # A pipeline stage caches its own layers: one cache per attention layer it built, or with KV-cache
+        # groups one per slot of a group (a block id is a page in each).
+        if self.model is None:
+            tensors = self.model_config.num_layers
+        else:
+            tensors = self.kv_groups.num_tensors if self.kv_groups is not None else len(self.attn_layers)
+        return per_layer * tensors + drafter
 
     def _allocate(self, num_blocks: int) -> list[torch.Tensor]:
+        """One cache tensor per attention layer; with KV-cache groups the j-th layer of every group gets
+        the same tensor (the groups' block ids never overlap)."""
         # Zeroed, not empty: padded block-table entries point at block 0 and are
         # masked, but 0 * NaN from uninitialised memory would still poison a row.
         shape = self._cache_shape(num_blocks, self.block_size)
-        return [_zeros(shape, self.kv_cache_dtype, self.device) for _ in self.attn_layers]
+        if self.kv_groups is None:
+            return [_zeros(shape, self.kv_cache_dtype, self.device) for _ in self.attn_layers]
+        tensors = [_zeros(shape, self.kv_cache_dtype, self.device) for _ in range(self.kv_groups.num_tensors)]
+        return [tensors[t] for t in self.kv_groups.layer_tensor]
+
+    @property
+    def num_kv_groups(self) -> int:
+        """Block ids per block position in this runner's tables (kvik.scheduling.kv_cache_groups)."""
+        return self.block_tables.num_groups
 
     def initialize_kv_cache(self, num_blocks: int) -> None:
         if self.model is None:
@@ -393,7 +447,7 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         self, lens: list[int], before_step: Callable[[], None] | None = None, token_ids: list[list[int]] | None = None
     ) -> None:
         """Execute one step of fresh prompts of ``lens`` tokens (``token_ids``, else zeros) on a temporary KV cache."""
-        blocks_per_seq = -(-max(lens) // self.block_size)
+        blocks_per_seq = -(-max(lens) // self.block_size) * self.num_kv_groups  # every group's, interleaved
         saved = self.kv_caches
         self.kv_caches = self._allocate(blocks_per_seq * len(lens) + 1)  # just this step's tokens
         params = SamplingParams(temperature=1.0, top_p=0.9, top_k=50)
@@ -458,18 +512,19 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         """Three host->device copies (token ids | positions | slots, query starts | seq lens, tables),
         the backend's per-step plan, and the pending tokens filled on the device."""
         n, t = layout.num_reqs, layout.num_tokens
-        flat = np.concatenate([layout.token_ids, layout.positions, layout.slot_mapping])
+        flat = np.concatenate([layout.token_ids, layout.positions, layout.slot_mappings.reshape(-1)])
         small = np.concatenate([layout.query_start_loc, layout.seq_lens])
         flat_d = to_device(torch.from_numpy(flat), self.device)
         small_d = to_device(torch.from_numpy(small), self.device)
-        tables_d = to_device(torch.from_numpy(layout.block_table), self.device)
+        tables_d = to_device(torch.from_numpy(layout.block_tables), self.device)  # [G, R, cols]
+        slots_d = flat_d[2 * t :].view(-1, t)  # [G, T]
         metadata = AttentionMetadata(
             num_tokens=t,
             num_reqs=n,
             query_start_loc=small_d[: n + 1],
             seq_lens=small_d[n + 1 :],
-            block_tables=tables_d,
-            slot_mapping=flat_d[2 * t :],
+            block_tables=tables_d[0],
+            slot_mapping=slots_d[0],
             block_size=layout.block_size,
             max_query_len=layout.max_query_len,
             max_seq_len=layout.max_seq_len,
@@ -477,12 +532,19 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
             seq_lens_cpu=layout.seq_lens_cpu,
             num_padding_reqs=layout.num_reqs - len(layout.scheduled),
         )
-        assert self.attn_backend is not None
-        self.attn_backend.prepare(metadata)
+        if tables_d.shape[0] > 1:
+            metadata.add_kv_groups(tables_d[1:].unbind(), slots_d[1:].unbind())
+        self.prepare_attention(metadata)
         inputs = ModelInputs(flat_d[:t], flat_d[t : 2 * t], metadata)
         self.fill_pending_tokens(inputs.input_ids, layout)
         self.prepare_lora(layout)
         return inputs
+
+    def prepare_attention(self, metadata: AttentionMetadata[torch.Tensor]) -> None:
+        """The backend's per-step plan, for each KV-cache group's metadata."""
+        assert self.attn_backend is not None
+        for group in metadata.all_kv_groups:
+            self.attn_backend.prepare(group)
 
     def fill_pending_tokens(self, input_ids: torch.Tensor, layout: StepLayout) -> None:
         """Write the tokens the previous launch sampled (still on the device) at ``layout.pending_rows``."""

@@ -97,8 +97,8 @@ class CPUModelRunner(TorchModelRunner):
         start = time.perf_counter()
         params = SamplingParams(temperature=0.0, max_tokens=1)
         with progress.step("compiling the decode step (torch.compile, cached on disk)"), torch.inference_mode():
-            # Block 0 is the null block; block 1 is scratch here (no request holds blocks yet).
-            self.run_dummy_step([ScheduledRequest("compile-warmup", [0], 1, [1], True, params)])
+            # Block 0 is the null block; block 1 is scratch here (no request holds blocks yet), in every group.
+            self.run_dummy_step([ScheduledRequest("compile-warmup", [0], 1, [1] * self.num_kv_groups, True, params)])
         self.compile_seconds = time.perf_counter() - start
         logger.info("compiled the batch-1 decode step in %.1f s", self.compile_seconds)
 

@@ -234,7 +234,8 @@ class PiecewiseCapture:
         q.copy_(query)  # inside the open segment: each replay refills the buffers
         k = v = None
         if layer.splits_kv_write:
-            layer.write_kv(key, value, kv_cache, metadata.slot_mapping)  # reads the persistent slot buffer
+            slots = metadata.for_group(layer.kv_cache_group).slot_mapping  # a view of the persistent slot buffer
+            layer.write_kv(key, value, kv_cache, slots)
         else:
             k, v = buffers.like("k", key), buffers.like("v", value)
             k.copy_(key)

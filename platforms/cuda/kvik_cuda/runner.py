@@ -173,7 +173,7 @@ class CUDAModelRunner(TorchModelRunner):
         # (+1: a verify bucket's absorber request)
         max_reqs = max(cfg.max_num_seqs, max_tokens // max(1, mc.max_model_len) + 1) + 1
         max_blocks = -(-mc.max_model_len // self.block_size) + 1
-        self.inputs = StepInputs(max_tokens, max_reqs, max_blocks, self.device)
+        self.inputs = StepInputs(max_tokens, max_reqs, max_blocks, self.device, self.num_kv_groups)
         # An encoder never decodes: no decode buckets (its steps pad to the piecewise sizes only).
         self.sizes = capture_sizes(cfg.max_num_seqs, max_tokens) if self.keeps_kv_cache else []
         if self.drafter is not None and self.drafter.needs_eager_target:
@@ -382,7 +382,7 @@ class CUDAModelRunner(TorchModelRunner):
             bucket = GraphShape(layout.num_reqs, layout.num_tokens)
             self._plan_for_every_replay(step.metadata, bucket)
         if bucket not in self.graphs and self.attn_layers:  # a graph replays the plan it was captured with
-            self.attn_backend.prepare(step.metadata)
+            self.prepare_attention(step.metadata)
         inputs = CUDAInputs(step.input_ids, step.positions, step.metadata, bucket, piecewise)
         self.fill_pending_tokens(inputs.input_ids, layout)
         self.prepare_lora(layout)
@@ -427,8 +427,8 @@ class CUDAModelRunner(TorchModelRunner):
         leave the live requests' rows alone.
         """
         assert self.inputs is not None
-        dummy = [ScheduledRequest("capture", [0], 0, [0], True, SamplingParams())]
-        scratch = BlockTables()
+        dummy = [ScheduledRequest("capture", [0], 0, [0] * self.num_kv_groups, True, SamplingParams())]
+        scratch = BlockTables(num_groups=self.num_kv_groups)
         rows = scratch.apply(SchedulerOutput(dummy, 1))
         self.inputs.wait_host()
         layout = self._padded_layout(dummy, scratch, rows, shape)
@@ -443,9 +443,10 @@ class CUDAModelRunner(TorchModelRunner):
         per request (its absorber may hold more: that costs it speed, not correctness)."""
         # A drafter's own steps reach up to k positions past the target's context (its drafts).
         lookahead = self.drafter.k if self.drafter is not None else 0
-        metadata.max_seq_len_bound = self.model_config.max_model_len + lookahead
-        if shape.num_tokens != shape.num_reqs:
-            metadata.max_query_len_bound = self.verify_tokens_per_request
+        for group in metadata.all_kv_groups:
+            group.max_seq_len_bound = self.model_config.max_model_len + lookahead
+            if shape.num_tokens != shape.num_reqs:
+                group.max_query_len_bound = self.verify_tokens_per_request
 
     @torch.inference_mode()
     def capture_graphs(self) -> None:
@@ -467,7 +468,7 @@ class CUDAModelRunner(TorchModelRunner):
                         # finds whatever prepare_lora last wrote there).
                         state.prepare_step(state.token_slots[: shape.num_tokens])
                 step = self.copy_dummy_step(shape)
-                self.attn_backend.prepare(step.metadata)  # type: ignore[union-attr]
+                self.prepare_attention(step.metadata)
                 graph, out = self._capture(
                     partial(self.model, step.input_ids, step.positions, self.kv_caches, step.metadata)
                 )
@@ -501,7 +502,7 @@ class CUDAModelRunner(TorchModelRunner):
             for size in reversed(self.piecewise_sizes):
                 step = self._piecewise_dummy(size)
                 if self.attn_layers:
-                    self.attn_backend.prepare(step.metadata)
+                    self.prepare_attention(step.metadata)
                 run = partial(self.model, step.input_ids, step.positions, self.kv_caches, step.metadata)
                 run()  # Triton compiles, cuBLAS settles: nothing of that may happen inside a capture
                 torch.cuda.synchronize(self.device)
@@ -520,8 +521,9 @@ class CUDAModelRunner(TorchModelRunner):
         assert self.inputs is not None
         longest = min(self.model_config.max_model_len, (self.inputs.max_blocks - 1) * self.block_size)
         lens = [longest] * (size // longest) + ([size % longest] if size % longest else [])
+        bs, groups = self.block_size, self.num_kv_groups
         dummy = [
-            ScheduledRequest(f"piecewise-{i}", [0] * n, 0, [0] * -(-n // self.block_size), True, SamplingParams())
+            ScheduledRequest(f"piecewise-{i}", [0] * n, 0, [0] * (-(-n // bs) * groups), True, SamplingParams())
             for i, n in enumerate(lens)
         ]
         layout = self.dummy_layout(dummy)  # a size of the ladder: no absorber
@@ -538,7 +540,7 @@ class CUDAModelRunner(TorchModelRunner):
         for size in reversed(self.sizes):
             shape = GraphShape(size, size)
             step = self.copy_dummy_step(shape)
-            self.attn_backend.prepare(step.metadata)  # type: ignore[union-attr]
+            self.prepare_attention(step.metadata)
             graph, out = self._capture(
                 partial(drafter.decode_pass, step.input_ids, self.draft_prev[:size], step.positions, step.metadata)
             )

@@ -143,8 +143,8 @@ def test_a_model_whose_layers_all_slide_releases_blocks_and_matches_hf(tiny_mode
     released: list[int] = []
     release = KVCacheManager.release_leading_blocks
 
-    def counting(self, request_id: str, num_blocks: int) -> bool:
-        done = release(self, request_id, num_blocks)
+    def counting(self, request_id: str, num_blocks: int, group: int = 0) -> bool:
+        done = release(self, request_id, num_blocks, group)
         released.append(int(done))
         return done
 
@@ -154,7 +154,7 @@ def test_a_model_whose_layers_all_slide_releases_blocks_and_matches_hf(tiny_mode
     prompts = base + [base[0] + p for p in random_prompts(2, seed=6, low=5, high=20)]
     expected = hf_greedy(path, prompts, NEW_TOKENS)
     llm = _llm(path, block_size=4, max_num_batched_tokens=24)
-    assert llm.llm_engine.scheduler.sliding_window == 12
+    assert llm.llm_engine.scheduler.group_windows == (12,)
     assert _tokens(llm.generate(prompts, GREEDY)) == expected
     assert sum(released) > 0
     # A request holds at most the window's blocks and a step's ((12 + 24 - 3) // 4 + 3 = 11), so a pool of 11
@@ -163,3 +163,61 @@ def test_a_model_whose_layers_all_slide_releases_blocks_and_matches_hf(tiny_mode
     assert small.llm_engine.memory_plan.kv_tokens < max(len(p) for p in prompts) + NEW_TOKENS
     assert _tokens(small.generate(prompts, GREEDY)) == expected
     assert small.llm_engine.scheduler.get_stats().num_preemptions > 0
+
+
+GEMMA_GROUPED = {
+    # Gemma 2: sliding and global layers alternate (two groups of two layers).
+    "gemma2": dict(arch="gemma2", num_hidden_layers=4, head_dim=32, query_pre_attn_scalar=24, sliding_window=8),
+    # Gemma 3: five sliding layers to one global (layer 5 of 0..6): one global group of one layer, six
+    # sliding groups, every group's layer in the one shared tensor.
+    "gemma3": dict(arch="gemma3", num_hidden_layers=7, head_dim=32, query_pre_attn_scalar=32, sliding_window=8),
+}
+
+
+@pytest.mark.parametrize("name", list(GEMMA_GROUPED))
+def test_mixed_window_layers_keep_tables_apart_and_match_hf(tiny_model_dir, name) -> None:
+    """Gemma's sliding and global layers get block tables of their own (KV-cache groups sharing one pool and
+    the layers' tensors): the sliding groups release what their 8-token window has passed while the global
+    group keeps every block, and the greedy tokens stay transformers' with prefix caching and chunked prefill
+    doing work, also in a pool too small for the requests at once (preemption)."""
+    path = tiny_model_dir(**GEMMA_GROUPED[name])
+    base = random_prompts(4, seed=11, low=30, high=60)
+    prompts = base + [base[0] + p for p in random_prompts(2, seed=12, low=5, high=20)]
+    expected = hf_greedy(path, prompts, NEW_TOKENS)
+    llm = _llm(path, block_size=4, max_num_batched_tokens=16, max_model_len=128)
+    engine = llm.llm_engine
+    windows = engine.scheduler.group_windows
+    assert windows[0] is None and set(windows[1:]) == {8} and len(windows) == (2 if name == "gemma2" else 7)
+    runner = engine.runner
+    groups = runner.kv_cache_groups()
+    assert len({id(c) for c in runner.kv_caches}) == groups.num_tensors < len(runner.kv_caches)
+    held: list[int] = []
+    kv = engine.scheduler.kv_cache
+    step = engine.step
+
+    def step_and_count():
+        out = step()
+        held.append(max((sum(b.block_id != 0 for b in t) for t in kv.block_tables.values()), default=0))
+        return out
+
+    engine.step = step_and_count  # type: ignore[method-assign]
+    assert _tokens(llm.generate(prompts, GREEDY)) == expected
+    assert engine.get_stats().prefix_cache_hits > 0
+    # A request of up to 95 tokens holds at most 24 global blocks plus, per sliding group, the window's and a
+    # step's ((8 + 16 - 3) // 4 + 3 = 8): less than its whole length in every group.
+    longest = max(len(p) for p in prompts) + NEW_TOKENS
+    per_group = -(-longest // 4)
+    assert max(held) <= per_group + (len(windows) - 1) * 8 < per_group * len(windows)
+    blocks = engine.memory_plan.blocks_per_request + 2  # room for one full-length request and little more
+    small = _llm(path, block_size=4, max_num_batched_tokens=16, max_model_len=128, num_kv_blocks=blocks)
+    assert _tokens(small.generate(prompts, GREEDY)) == expected
+    assert small.llm_engine.scheduler.get_stats().num_preemptions > 0
+
+
+def test_mixed_windows_stay_in_one_group_where_nothing_would_be_freed(tiny_model_dir) -> None:
+    """With requests no longer than a window and a step, a sliding group would free nothing: the layers stay in
+    one table, one tensor each (the split's idle pages would only cost memory)."""
+    path = tiny_model_dir(**GEMMA_GROUPED["gemma2"])
+    llm = _llm(path, block_size=4, max_model_len=64)  # steps of up to 64 tokens: nothing is ever released
+    assert llm.llm_engine.scheduler.group_windows == (None,)
+    assert len({id(c) for c in llm.llm_engine.runner.kv_caches}) == 4

@@ -66,7 +66,7 @@ def test_nothing_left_is_a_clear_error():
 def test_a_shared_sliding_window_lets_max_model_len_exceed_the_pool():
     """Every layer slides with a 256-token window and steps take 128 tokens (blocks of 16): a request holds at
     most (256 + 128 - 3) // 16 + 3 = 26 blocks, whatever its length."""
-    window = dict(sliding_window=256, step_tokens=128)
+    window = dict(group_windows=(256,), step_tokens=128)
     plan = _plan(kv_cache_memory=40 * MiB, max_model_len=4096, **window)
     assert (plan.num_blocks, plan.max_model_len, plan.blocks_per_request) == (40, 4096, 26)
     assert plan.max_concurrent_full_length == 1
@@ -74,3 +74,17 @@ def test_a_shared_sliding_window_lets_max_model_len_exceed_the_pool():
     with pytest.raises(ValueError, match=r"26 KV blocks per request \(its 256-token sliding window"):
         _plan(kv_cache_memory=20 * MiB, max_model_len=4096, **window)
     assert _plan(kv_cache_memory=20 * MiB, max_model_len=4096, auto_max_model_len=True, **window).max_model_len == 304
+
+
+def test_kv_cache_groups_count_a_block_per_group_per_position():
+    """A global group and two sliding groups (window 256, steps of 128, blocks of 16): a 4,096-token request
+    holds 256 global blocks and at most 26 in each sliding group; the pool's token count is the global group's."""
+    groups = dict(group_windows=(None, 256, 256), step_tokens=128)
+    plan = _plan(kv_cache_memory=400 * MiB, max_model_len=4096, **groups)
+    assert plan.blocks_per_request == 256 + 2 * 26
+    assert plan.kv_tokens == 400 * 16
+    with pytest.raises(ValueError, match=r"308 KV blocks per request \(its 256-token sliding window .* 3 KV-cache"):
+        _plan(kv_cache_memory=300 * MiB, max_model_len=4096, **groups)
+    # 'auto': the longest request whose blocks fit in 299 (the null block aside): 247 global blocks + 52.
+    auto = _plan(kv_cache_memory=300 * MiB, max_model_len=4096, auto_max_model_len=True, **groups)
+    assert auto.max_model_len == 247 * 16 and auto.blocks_per_request == 299

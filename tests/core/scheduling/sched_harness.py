@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from kvik.request import Request, RequestStatus
 from kvik.sampling_params import SamplingParams
 from kvik.scheduling.block_pool import NULL_BLOCK_ID
+from kvik.scheduling.kv_cache_manager import group_hash
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.scheduling.scheduler import Scheduler
 from kvik.worker.kit.block_tables import BlockTables
@@ -81,9 +82,13 @@ class FakeRunner:
     # The block tables as a real runner keeps them: rebuilt from the scheduler's deltas.
     tables: BlockTables = field(default_factory=lambda: BlockTables(rows=1, cols=1))
 
-    def slot(self, block_ids: list[int], pos: int) -> int:
-        bs = self.scheduler.block_size
-        block_id = block_ids[pos // bs]
+    def __post_init__(self) -> None:
+        self.tables.num_groups = self.scheduler.kv_cache.num_groups
+
+    def slot(self, block_ids: list[int], pos: int, group: int = 0) -> int:
+        """Where ``pos`` sits in ``group``'s table (the table holds every group's ids, interleaved)."""
+        bs, num_groups = self.scheduler.block_size, self.scheduler.kv_cache.num_groups
+        block_id = block_ids[(pos // bs) * num_groups + group]
         assert block_id != NULL_BLOCK_ID, "a block table holds the null block"
         return block_id * bs + pos % bs
 
@@ -113,37 +118,40 @@ class FakeRunner:
             block_ids = table_of[sr.request_id]
             if request is not None and sr.request_id in kv_manager.block_tables:
                 assert block_ids == kv_manager.get_block_ids(request), "delta-built table != scheduler's table"
-            assert len(block_ids) * sched.block_size >= end
+            num_groups = kv_manager.num_groups
+            assert len(block_ids) // num_groups * sched.block_size >= end
             for k, token in enumerate(tokens):
                 pos = sr.start_pos + k
-                slot = self.slot(block_ids, pos)
-                assert slot not in written, "two requests write the same KV slot in one step"
-                written.add(slot)
-                if alive and self.strict:
-                    # A written block is the writer's; if it is already published in the
-                    # prefix cache, it is under the writer's own hash for that position.
-                    index = pos // sched.block_size
-                    block = kv_manager.pool.blocks[block_ids[index]]
-                    assert block in kv_manager.get_blocks(sr.request_id)
-                    if block.block_hash is not None:
-                        assert block.block_hash == kv_manager.block_hashes(request)[index]
-                self.kv[slot] = (token, pos)
+                for g in range(num_groups):  # each group's layers write the token in the group's own block
+                    slot = self.slot(block_ids, pos, g)
+                    assert slot not in written, "two requests (or groups) write the same KV slot in one step"
+                    written.add(slot)
+                    if alive and self.strict:
+                        # A written block is the writer's; if it is already published in the
+                        # prefix cache, it is under the writer's own hash for that position.
+                        index = pos // sched.block_size
+                        block = kv_manager.pool.blocks[block_ids[index * num_groups + g]]
+                        assert block in kv_manager.get_blocks(sr.request_id)
+                        if block.block_hash is not None:
+                            assert block.block_hash == group_hash(kv_manager.block_hashes(request)[index], g)
+                    self.kv[slot] = (token, pos)
         sampled: dict[str, list[int]] = {}
         for sr in out.scheduled:
             if sr.sample:
                 end = sr.start_pos + sr.num_new_tokens
                 true_tokens = true_of[sr.request_id]
-                first = self.first_visible(sr.start_pos)  # what the step's first query can see
-                context = [self.kv.get(self.slot(table_of[sr.request_id], p)) for p in range(first, end)]
-                want = [(t, p) for p, t in enumerate(true_tokens[:end])][first:]
-                assert context == want, f"bad KV for {sr.request_id}"
+                for g in range(kv_manager.num_groups):
+                    first = self.first_visible(sr.start_pos, g)  # what the step's first query can see
+                    context = [self.kv.get(self.slot(table_of[sr.request_id], p, g)) for p in range(first, end)]
+                    want = [(t, p) for p, t in enumerate(true_tokens[:end])][first:]
+                    assert context == want, f"bad KV for {sr.request_id} in group {g}"
                 sampled[sr.request_id] = [next_token(true_tokens[:end])]
         self.last_sampled = {rid: tokens[0] for rid, tokens in sampled.items()}
         return RunnerOutput(sampled_token_ids=sampled)
 
-    def first_visible(self, pos: int) -> int:
-        """The first key position a query at ``pos`` attends to (all of them without a sliding window)."""
-        window = self.scheduler.sliding_window
+    def first_visible(self, pos: int, group: int = 0) -> int:
+        """The first key position a query at ``pos`` attends to in ``group`` (all of them without a window)."""
+        window = self.scheduler.group_windows[group]
         return 0 if window is None else max(0, pos - window + 1)
 
     def true_tokens(self, sr: ScheduledRequest) -> list[int]:
@@ -162,8 +170,10 @@ class FakeRunner:
             block_ids = sched.kv_cache.get_block_ids(request)
             assert self.tables.block_ids(request.request_id) == block_ids, request.request_id
             # (A sliding window: the tokens its next query can still see.)
-            for p in range(self.first_visible(request.num_computed_tokens), request.num_computed_tokens):
-                assert self.kv.get(self.slot(block_ids, p)) == (request.all_token_ids[p], p), (request.request_id, p)
+            for g in range(sched.kv_cache.num_groups):
+                for p in range(self.first_visible(request.num_computed_tokens, g), request.num_computed_tokens):
+                    got = self.kv.get(self.slot(block_ids, p, g))
+                    assert got == (request.all_token_ids[p], p), (request.request_id, p, g)
 
 
 def check_invariants(sched: Scheduler) -> None:
@@ -180,14 +190,19 @@ def check_invariants(sched: Scheduler) -> None:
     assert len(sched.running) <= sched.max_num_seqs
 
     holders: Counter[int] = Counter()
+    num_groups = kv.num_groups
     for request_id, table in tables.items():
-        ids = [b.block_id for b in table]
-        if sched.sliding_window is not None:  # blocks behind the window are released: null, at the head only
-            released = next((i for i, b in enumerate(ids) if b != NULL_BLOCK_ID), len(ids))
-            ids = ids[released:]
-        assert len(ids) == len(set(ids)), f"{request_id} holds a block twice"
-        assert NULL_BLOCK_ID not in ids
-        holders.update(ids)
+        assert len(table) % num_groups == 0, f"{request_id}'s table is not whole positions"
+        held: list[int] = []
+        for g, window in enumerate(sched.group_windows):
+            ids = [b.block_id for b in table[g::num_groups]]
+            if window is not None:  # blocks behind the window are released: null, at the head only
+                released = next((i for i, b in enumerate(ids) if b != NULL_BLOCK_ID), len(ids))
+                ids = ids[released:]
+            assert NULL_BLOCK_ID not in ids
+            held += ids
+        assert len(held) == len(set(held)), f"{request_id} holds a block twice"
+        holders.update(held)
     assert pool.null_block.ref_cnt == 1 and not pool.is_free(pool.null_block)
     num_hashed = 0
     for block in pool.blocks[1:]:
@@ -209,19 +224,20 @@ def check_invariants(sched: Scheduler) -> None:
         hashes = kv.block_hashes(request)
         for i, block in enumerate(tables.get(request.request_id, [])):
             if block.block_id != NULL_BLOCK_ID and block.ref_cnt > 1:
-                assert i < len(hashes), "a shared block is not full"
-                positions.setdefault(block.block_id, set()).add((i, hashes[i]))
+                assert i // num_groups < len(hashes), "a shared block is not full"
+                positions.setdefault(block.block_id, set()).add((i, hashes[i // num_groups]))
     assert all(len(p) == 1 for p in positions.values()), "a block is shared by different prefixes"
 
     for request in sched.running:
         assert request.status == RequestStatus.RUNNING
         table = tables.get(request.request_id, [])
         assert kv.get_block_ids(request) == [b.block_id for b in table]
-        assert len(table) * sched.block_size >= request.num_computed_tokens
+        assert len(table) // num_groups * sched.block_size >= request.num_computed_tokens
         hashes = kv.block_hashes(request)
         for i, block in enumerate(table):
             if block.block_hash is not None:
-                assert block.block_hash == hashes[i], "a block's hash differs from the request's block hash"
+                expected = group_hash(hashes[i // num_groups], i % num_groups)
+                assert block.block_hash == expected, "a block's hash differs from the request's block hash"
     for request in sched.waiting:
         assert request.status in (RequestStatus.WAITING, RequestStatus.PREEMPTED)
         assert request.num_computed_tokens == 0

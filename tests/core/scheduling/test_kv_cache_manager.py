@@ -148,7 +148,7 @@ def test_a_windowed_hit_needs_only_the_blocks_its_window_shows() -> None:
     """Every layer slides with window 5 (blocks of 4): a prompt whose first blocks were evicted still hits its
     later blocks, the null block standing in for the evicted ones, which the next query's window does not show.
     Freeing the new request drops its references to the shared blocks only."""
-    kv = KVCacheManager(num_blocks=16, block_size=4, max_model_len=64, sliding_window=5)
+    kv = KVCacheManager(num_blocks=16, block_size=4, max_model_len=64, group_windows=(5,))
     prompt = list(range(10, 35))  # 25 tokens: 6 full blocks and one token
     a = make_request("a", prompt)
     _compute(kv, a)
@@ -179,3 +179,60 @@ def test_a_windowed_hit_needs_only_the_blocks_its_window_shows() -> None:
     _compute(plain, c)
     plain.pool.reset_prefix_cache()
     assert plain.get_computed_blocks(make_request("d", prompt))[1] == 0
+
+
+def test_groups_hold_a_block_each_per_position_and_release_apart() -> None:
+    """Two groups (global, window 5; blocks of 4): each position takes one block per group, interleaved; only
+    the sliding group releases, and freeing returns every block it still holds once."""
+    kv = KVCacheManager(num_blocks=32, block_size=4, max_model_len=64, group_windows=(None, 5))
+    a = make_request("a", list(range(10, 34)))  # 24 tokens: 6 positions
+    assert kv.allocate_slots(a, 24) is not None
+    assert len(kv.get_blocks("a")) == 12 and kv.num_free_blocks == 31 - 12
+    a.num_computed_tokens = 24
+    assert kv.release_behind_window(a)  # the query at 24 sees keys 20..: positions 4, 5, one of margin before
+    ids = kv.get_block_ids(a)
+    assert all(i != 0 for i in ids[0::2])  # the global group keeps every block
+    assert ids[1::2][:4] == [0] * 4 and all(i != 0 for i in ids[1::2][4:])
+    assert kv.num_free_blocks == 31 - 8
+    kv.free(a)
+    assert kv.num_free_blocks == 31
+
+
+def test_a_grouped_hit_needs_every_global_block_and_the_window_of_each_sliding_group() -> None:
+    """A prompt's blocks are cached under a key per group. A later request with the same prompt hits the
+    global group's whole prefix and, in the sliding group, only what its window shows (the null block for the
+    rest, though those were cached too); a hit stops where the global group's chain breaks."""
+    kv = KVCacheManager(num_blocks=64, block_size=4, max_model_len=64, group_windows=(None, 5))
+    prompt = list(range(10, 35))  # 25 tokens: 6 full blocks and one token
+    a = make_request("a", prompt)
+    _compute(kv, a)
+    table = kv.get_blocks("a")
+    assert kv.pool.num_cached_blocks == 12  # each full position, in both groups
+    hits, n = kv.get_computed_blocks(make_request("b", prompt))
+    null = kv.pool.null_block
+    assert n == 24 and len(hits) == 12
+    assert hits[0::2] == table[0::2][:6]  # global: every position
+    assert hits[1::2] == [null] * 4 + table[1::2][4:6]  # sliding: positions 4 and 5 (window and margin)
+    # Evict the global group's block at position 2: the hit ends before it, whatever the sliding group holds.
+    kv.free(a)
+    victim = table[4]  # position 2, group 0
+    kv.pool.touch([victim])
+    kv.pool._evict(victim)
+    hits, n = kv.get_computed_blocks(make_request("c", prompt))
+    assert n == 8 and hits[0::2] == table[0::2][:2]
+    # Both groups' positions 0 and 1 (a window of 5 at query 8 needs position 0 as margin: (8-5+1)//4-1 = 0).
+    assert hits[1::2] == table[1::2][:2]
+
+
+def test_grouped_hits_take_references_only_on_real_blocks() -> None:
+    kv = KVCacheManager(num_blocks=64, block_size=4, max_model_len=64, group_windows=(None, 5))
+    prompt = list(range(10, 35))
+    _compute(kv, make_request("a", prompt))
+    b = make_request("b", prompt)
+    hits, n = kv.get_computed_blocks(b)
+    assert kv.allocate_slots(b, b.num_tokens - n, hits) is not None
+    null = kv.pool.null_block
+    assert null.ref_cnt == 1 and all(h.ref_cnt == 2 for h in hits if h is not null)
+    assert len(kv.get_blocks("b")) == 14  # 6 hit positions and the 25th token's, in both groups
+    kv.free(b)
+    assert all(h.ref_cnt == 1 for h in hits if h is not null)

@@ -317,7 +317,7 @@ def test_a_sliding_window_releases_the_blocks_it_has_passed() -> None:
     plus margin at any step, the runner gets the whole table (nulls at the head) each time blocks go, and
     the tokens are the reference's."""
     sched = Scheduler(num_blocks=64, block_size=2, max_num_batched_tokens=8, max_num_seqs=2, max_model_len=64,
-                      sliding_window=6)  # fmt: skip
+                      group_windows=(6,))  # fmt: skip
     request = make_request("a", list(range(2, 26)), max_tokens=16, ignore_eos=True)
     sched.add_request(request)
     runner = FakeRunner(sched)
@@ -343,7 +343,7 @@ def test_with_every_layer_sliding_requests_outgrow_the_pool() -> None:
     two such requests preempt each other and still give the reference's tokens."""
     bound = max_blocks_per_request(64, 2, 6, 8)
     sched = Scheduler(num_blocks=1 + bound + 1, block_size=2, max_num_batched_tokens=8, max_num_seqs=2,
-                      max_model_len=64, sliding_window=6)  # fmt: skip
+                      max_model_len=64, group_windows=(6,))  # fmt: skip
     requests = [make_request(name, list(range(k, k + 24)), max_tokens=100, ignore_eos=True) for name, k in
                 (("a", 2), ("b", 40))]  # fmt: skip
     for request in requests:

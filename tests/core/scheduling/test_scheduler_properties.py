@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvik.request import RequestStatus
-from kvik.scheduling.kv_cache_manager import cdiv, max_blocks_per_request
+from kvik.scheduling.kv_cache_manager import blocks_held_at_most, cdiv
 from kvik.scheduling.scheduler import Scheduler
 from sched_harness import RequestSpec, make_request, reference_generate, run_workload
 
@@ -115,13 +115,14 @@ def _params(sp) -> dict:
     threshold=st.sampled_from([0, 0, 3]),
     resets=st.frozensets(st.integers(0, 20), max_size=2),
     overlap=st.booleans(),
-    window=st.sampled_from([None, None, 2, 5, 13]),
+    windows=st.sampled_from([(None,), (None,), (2,), (5,), (13,), (None, 3), (None, 5, 5), (None, None, 2)]),
 )
 def test_random_workloads_produce_reference_tokens(
-    workload, pool_slack, extra_len, budget, max_num_seqs, caching, chunked, policy, threshold, resets, overlap, window
+    workload, pool_slack, extra_len, budget, max_num_seqs, caching, chunked, policy, threshold, resets, overlap, windows
 ) -> None:
-    """``overlap``: async scheduling (step n+1 scheduled and run before step n's update). ``window``: every layer
-    slides, so blocks behind it are released (the fake runner then reads only what the window shows)."""
+    """``overlap``: async scheduling (step n+1 scheduled and run before step n's update). ``windows``: one per
+    KV-cache group; a group whose layers slide releases the blocks behind its window (the fake runner then reads
+    only what each group's window shows), and mixed windows keep one block table per group (Gemma's layers)."""
     block_size, raws = workload
     longest = max(len(r.prompt) for r in raws)
     max_model_len = longest + extra_len
@@ -129,7 +130,7 @@ def test_random_workloads_produce_reference_tokens(
         budget = max(budget, longest)
     # Just enough blocks for one longest sequence, plus slack: small pools force preemption. With a window a
     # request holds only the window's blocks and a step's, so the pool may be smaller than one sequence.
-    num_blocks = 1 + max_blocks_per_request(max_model_len, block_size, window, budget) + pool_slack
+    num_blocks = 1 + blocks_held_at_most(max_model_len, block_size, windows, budget) + pool_slack
     sched = Scheduler(
         num_blocks=num_blocks,
         block_size=block_size,
@@ -140,7 +141,7 @@ def test_random_workloads_produce_reference_tokens(
         enable_chunked_prefill=chunked,
         policy=policy,
         long_prefill_token_threshold=threshold,
-        sliding_window=window,
+        group_windows=windows,
     )
     specs = build(raws)
     result = run_workload(sched, specs, reset_cache_steps=resets, overlap=overlap)

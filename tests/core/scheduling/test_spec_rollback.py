@@ -91,7 +91,7 @@ def test_verify_rows_roll_back_exactly(
         max_num_seqs=4,
         max_model_len=max_len,
         enable_prefix_caching=prefix_caching,
-        sliding_window=window,
+        group_windows=(window,),
     )
     shared = prompts[0][:6]
     requests = [make_request(f"r{i}", shared + p, max_tokens[i]) for i, p in enumerate(prompts)]

@@ -81,6 +81,48 @@ def test_layout_matches_the_definitions(step) -> None:
         assert pr.targets == r.prompt_token_ids[r.start_pos + 1 : r.start_pos + 1 + len(pr.targets)]
 
 
+@settings(max_examples=100, deadline=None)
+@given(
+    bs=st.sampled_from([1, 4, 16]),
+    num_groups=st.integers(2, 3),
+    spans=st.lists(st.tuples(st.integers(0, 40), st.integers(1, 9)), min_size=1, max_size=5),
+    pad=st.booleans(),
+    preallocated=st.booleans(),
+)
+def test_grouped_tables_split_into_one_table_and_slot_mapping_per_group(
+    bs: int, num_groups: int, spans: list[tuple[int, int]], pad: bool, preallocated: bool
+) -> None:
+    """Rows hold each position's ids for every KV-cache group side by side: the layout gives each group its
+    own table and slot mapping; the singular fields are group 0's."""
+    reqs, next_id = [], 1
+    for i, (start, n) in enumerate(spans):
+        positions = -(-(start + n) // bs)
+        ids = list(range(next_id, next_id + positions * num_groups))
+        next_id += len(ids)
+        reqs.append(ScheduledRequest(f"r{i}", [7] * n, start, ids, True, SamplingParams()))
+    tables = BlockTables(num_groups=num_groups)
+    rows = tables.apply(SchedulerOutput(reqs, sum(r.num_new_tokens for r in reqs)))
+    buffers = LayoutBuffers.allocate(64, 12, 16, num_groups) if preallocated else None
+    pad_to = len(reqs) + 2 if pad and all(n == 1 for _, n in spans) else None
+    layout = StepLayout.build(reqs, tables, rows, bs, buffers=buffers, pad_to=pad_to)
+    assert layout.block_tables.shape[0] == layout.slot_mappings.shape[0] == num_groups
+    assert (layout.block_tables[0] == layout.block_table).all()
+    assert (layout.slot_mappings[0] == layout.slot_mapping).all()
+    for g in range(num_groups):
+        want = [
+            r.new_block_ids[(p // bs) * num_groups + g] * bs + p % bs
+            for r in reqs
+            for p in range(r.start_pos, r.start_pos + r.num_new_tokens)
+        ]
+        got = layout.slot_mappings[g].tolist()
+        assert got[: len(want)] == want and not any(got[len(want) :])  # padding writes the null block
+        for i, r in enumerate(reqs):
+            own = r.new_block_ids[g::num_groups]
+            assert layout.block_tables[g, i, : len(own)].tolist() == own
+            assert not layout.block_tables[g, i, len(own) :].any()
+        assert not layout.block_tables[g, len(reqs) :].any()
+
+
 def test_short_table_is_a_clear_error() -> None:
     req = ScheduledRequest("a", list(range(9)), 0, [1, 2], True, SamplingParams())
     tables = BlockTables()

@@ -74,6 +74,28 @@ def test_step_inputs_match_the_definitions() -> None:
         assert not m.block_tables[len(reqs) :, 0].any()
 
 
+def test_step_inputs_give_each_kv_cache_group_its_table_and_slots() -> None:
+    """Two KV-cache groups: rows hold each position's two ids side by side; the device buffers give group 0's
+    table and slots in the metadata itself and group 1's in its other_kv_groups, padded steps included."""
+    bs, groups = 4, 2
+    inputs = StepInputs(max_tokens=64, max_reqs=8, max_blocks=10, device=torch.device("cpu"), num_groups=groups)
+    for pad in (None, 8):
+        reqs = [
+            _req("a", [5], 6, [1, 2, 3, 4]),  # positions 0, 1; groups interleaved
+            _req("b", [6], 9, [5, 6, 7, 8, 9, 10]),
+        ]
+        tables = BlockTables(num_groups=groups)
+        rows = tables.apply(SchedulerOutput(reqs, 2))
+        layout = StepLayout.build(reqs, tables, rows, bs, buffers=inputs.host, pad_to=pad)
+        m = inputs.copy(layout).metadata
+        assert len(m.all_kv_groups) == 2 and m.for_group(0) is m
+        for g, gm in enumerate(m.all_kv_groups):
+            assert gm.block_tables[0, :2].tolist() == [1 + g, 3 + g]
+            assert gm.block_tables[1, :3].tolist() == [5 + g, 7 + g, 9 + g]
+            assert gm.slot_mapping[:2].tolist() == [(3 + g) * bs + 2, (9 + g) * bs + 1]
+            assert gm.num_reqs == (pad or 2) and gm.seq_lens is m.seq_lens
+
+
 def _runner(cls: type[TorchModelRunner], path, manager, **config) -> TorchModelRunner:  # type: ignore[no-untyped-def]
     cfg = EngineConfig(
         model=str(path), dtype="float32", block_size=4, max_num_batched_tokens=64, max_num_seqs=8, **config
@@ -378,3 +400,35 @@ def test_piecewise_graphs_give_the_eager_bits(tiny_model_dir, arch: str, impl: s
         torch.cuda.empty_cache()
     assert outs["graphs"] == outs["eager"]
     assert [t for t, _ in outs["unpadded"]] == [t for t, _ in outs["graphs"]]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not CUDA, reason="needs a GPU")
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_kv_cache_groups_with_triton_and_cuda_graphs_match_hf(tiny_model_dir, arch: str) -> None:
+    """Gemma's sliding and global layers in KV-cache groups on the GPU (Triton attention, decode and piecewise
+    CUDA graphs, blocks behind the 8-token window released): float32 greedy tokens equal transformers', eager
+    and with graphs, prefix caching and chunked prefill doing work."""
+    import kvik
+    from kvik.testing.reference import hf_greedy, random_prompts
+
+    path = tiny_model_dir(arch, num_hidden_layers=4 if arch == "gemma2" else 7, head_dim=32,
+                          query_pre_attn_scalar=32, sliding_window=8)  # fmt: skip
+    base = random_prompts(6, seed=21, low=20, high=90)
+    prompts = base + [base[0] + p for p in random_prompts(3, seed=22, low=5, high=30)]
+    expected = hf_greedy(path, prompts, 32, device="cuda")
+    params = kvik.SamplingParams(max_tokens=32, temperature=0.0, ignore_eos=True)
+    for eager in (True, False):
+        llm = kvik.LLM(model=str(path), device="cuda", dtype="float32", enforce_eager=eager, block_size=16,
+                       max_num_seqs=8, max_num_batched_tokens=32, max_model_len=256, num_kv_blocks=512)  # fmt: skip
+        engine = llm.llm_engine
+        assert len(engine.scheduler.group_windows) > 1
+        runner = engine.runner
+        assert isinstance(runner, CUDAModelRunner) and bool(runner.graphs) is (not eager)
+        got = [o.outputs[0].token_ids for o in llm.generate(prompts, params)]
+        assert got == expected, f"eager={eager}"
+        assert engine.get_stats().prefix_cache_hits > 0
+        if not eager:
+            assert runner.replays > 0
+        del llm, engine, runner
+        torch.cuda.empty_cache()

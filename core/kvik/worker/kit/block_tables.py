@@ -11,6 +11,10 @@ costs no per-block work on the host.
 Rows of finished and preempted requests are dropped when a
 ``SchedulerOutput`` names them. Entries past a row's length are always 0 (the
 null block), so gathered tables come out padded with 0.
+
+With several KV-cache groups (:mod:`kvik.scheduling.kv_cache_groups`) a row holds ``num_groups`` ids per
+block position, interleaved as the scheduler sends them; :class:`~kvik.worker.kit.layout.StepLayout`
+splits them into one table per group.
 """
 
 from __future__ import annotations
@@ -30,7 +34,8 @@ _full_block_table = attrgetter("full_block_table")
 class BlockTables:
     """Block ids per request, as rows of one ``[rows, cols]`` int32 array that grows on demand."""
 
-    def __init__(self, rows: int = 16, cols: int = 16) -> None:
+    def __init__(self, rows: int = 16, cols: int = 16, num_groups: int = 1) -> None:
+        self.num_groups = num_groups  # ids per block position (KV-cache groups, interleaved)
         self.table = np.zeros((max(rows, 1), max(cols, 1)), dtype=np.int32)  # [rows, cols]
         self.num_blocks = np.zeros(max(rows, 1), dtype=np.int64)  # [rows] ids held per row
         self._row_of: dict[str, int] = {}

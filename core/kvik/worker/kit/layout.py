@@ -50,28 +50,29 @@ class LayoutBuffers:
 
     token_ids: np.ndarray  # [max_tokens] int64
     positions: np.ndarray  # [max_tokens] int64
-    slot_mapping: np.ndarray  # [max_tokens] int64
+    slot_mapping: np.ndarray  # [num_groups, max_tokens] int64: one row per KV-cache group
     query_start_loc: np.ndarray  # [max_reqs + 1] int32
     seq_lens: np.ndarray  # [max_reqs] int32
-    block_table: np.ndarray  # [max_reqs * max_blocks] int32, flat
+    block_table: np.ndarray  # [num_groups * max_reqs * max_blocks] int32, flat
 
     @classmethod
-    def allocate(cls, max_tokens: int, max_reqs: int, max_blocks: int) -> LayoutBuffers:
-        tokens = np.zeros((3, max_tokens), dtype=np.int64)
+    def allocate(cls, max_tokens: int, max_reqs: int, max_blocks: int, num_groups: int = 1) -> LayoutBuffers:
+        tokens = np.zeros((2 + num_groups, max_tokens), dtype=np.int64)
         return cls(
             tokens[0],
             tokens[1],
-            tokens[2],
+            tokens[2:],
             np.zeros(max_reqs + 1, dtype=np.int32),
             np.zeros(max_reqs, dtype=np.int32),
-            np.zeros(max_reqs * max_blocks, dtype=np.int32),
+            np.zeros(num_groups * max_reqs * max_blocks, dtype=np.int32),
         )
 
-    def fits(self, num_tokens: int, num_reqs: int, cols: int) -> bool:
+    def fits(self, num_tokens: int, num_reqs: int, cols: int, num_groups: int = 1) -> bool:
         return (
             num_tokens <= self.token_ids.shape[0]
             and num_reqs <= self.seq_lens.shape[0]
-            and num_reqs * cols <= self.block_table.shape[0]
+            and num_groups == self.slot_mapping.shape[0]
+            and num_groups * num_reqs * cols <= self.block_table.shape[0]
         )
 
 
@@ -86,10 +87,13 @@ class StepLayout:
     num_scheduled_tokens: int  # tokens of the scheduled requests (the first rows)
     token_ids: np.ndarray  # [T] int64; a pending token's row holds 0 until the runner fills it
     positions: np.ndarray  # [T] int64
-    slot_mapping: np.ndarray  # [T] int64: block_id * block_size + offset
+    slot_mapping: np.ndarray  # [T] int64: block_id * block_size + offset (the first KV-cache group's)
     query_start_loc: np.ndarray  # [R + 1] int32
     seq_lens: np.ndarray  # [R] int32: cached + new tokens
-    block_table: np.ndarray  # [R, cols] int32, padded with 0 (the null block)
+    block_table: np.ndarray  # [R, cols] int32, padded with 0 (the null block; the first group's)
+    # Every KV-cache group's (kvik.scheduling.kv_cache_groups; one group: [1, ...] of the two above).
+    slot_mappings: np.ndarray  # [G, T] int64
+    block_tables: np.ndarray  # [G, R, cols] int32
     block_size: int
     query_lens_cpu: list[int]  # [R]
     seq_lens_cpu: list[int]  # [R]
@@ -148,12 +152,13 @@ class StepLayout:
         """
         n = len(scheduled)
         bs = block_size
+        groups = tables.num_groups
         q_lens = np.fromiter(map(len, map(_token_ids, scheduled)), dtype=np.int64, count=n)
         starts = np.fromiter(map(_start_pos, scheduled), dtype=np.int64, count=n)
         seq_lens = starts + q_lens
         num_real = int(q_lens.sum())
         need = -(-seq_lens // bs)
-        held = tables.num_blocks[rows]
+        held = tables.num_blocks[rows] // groups  # block positions
         short = held < need
         if short.any():
             i = int(short.nonzero()[0][0])
@@ -177,10 +182,10 @@ class StepLayout:
             pad_lens[-1] += pad_tokens_to - num_tokens
             num_tokens = pad_tokens_to
             cols = max(cols, -(-int(pad_lens[-1]) // bs))
-        if buffers is not None and not buffers.fits(num_tokens, num_reqs, cols):
+        if buffers is not None and not buffers.fits(num_tokens, num_reqs, cols, groups):
             buffers, num_reqs, num_tokens, pad_to, pad_lens = None, n, num_real, None, pad_lens[:0]
             cols = real_cols  # the absorber's width goes with it
-        out = buffers or LayoutBuffers.allocate(num_tokens, num_reqs, cols)
+        out = buffers or LayoutBuffers.allocate(num_tokens, num_reqs, cols, groups)
 
         padded = num_reqs > n
         qsl = out.query_start_loc[: num_reqs + 1]
@@ -188,14 +193,21 @@ class StepLayout:
         np.cumsum(q_lens, out=qsl[1 : n + 1])
         sl = out.seq_lens[:num_reqs]
         sl[:n] = seq_lens
-        table = out.block_table[: num_reqs * cols].reshape(num_reqs, cols)
-        if cols == real_cols:
+        group_tables = out.block_table[: groups * num_reqs * cols].reshape(groups, num_reqs, cols)
+        table = group_tables[0]
+        if groups > 1:  # rows hold each position's groups side by side: one table per group
+            group_tables[:, :n, real_cols:] = 0
+            interleaved = tables.table[rows, : real_cols * groups].reshape(n, real_cols, groups)
+            group_tables[:, :n, :real_cols] = interleaved.transpose(2, 0, 1)
+        elif cols == real_cols:
             np.take(tables.table[:, :cols], rows, axis=0, out=table[:n])
         else:  # an absorber wider than every real table: the real rows end in null blocks
             table[:n, real_cols:] = 0
             table[:n, :real_cols] = tables.table[rows, :real_cols]
 
-        ids, pos, slots = out.token_ids[:num_tokens], out.positions[:num_tokens], out.slot_mapping[:num_tokens]
+        ids, pos = out.token_ids[:num_tokens], out.positions[:num_tokens]
+        group_slots = out.slot_mapping[:, :num_tokens]
+        slots = group_slots[0]
         decode_only = num_real == n  # one token per request (the hot case: few numpy calls)
         if decode_only:
             ids[:n] = np.fromiter(map(_first, map(_token_ids, scheduled)), dtype=np.int64, count=n)
@@ -210,15 +222,17 @@ class StepLayout:
             pos[:num_real] = np.arange(num_real) - np.repeat(qsl[:n] - starts, q_lens)
             real_pos = pos[:num_real]
             ends = qsl[1 : n + 1].astype(np.int64) - 1  # [n] each request's last row
-        slots[:num_real] = table[owner, real_pos // bs].astype(np.int64) * bs + real_pos % bs
+        block_of, offset = real_pos // bs, real_pos % bs
+        for g in range(groups):
+            group_slots[g, :num_real] = group_tables[g][owner, block_of].astype(np.int64) * bs + offset
         if padded:  # dummy requests at position 0 of the null block
             np.cumsum(pad_lens, out=qsl[n + 1 :])
             qsl[n + 1 :] += num_real
             sl[n:] = pad_lens  # a dummy's context is its own query (one token, or the absorber's)
-            table[n:] = 0
+            group_tables[:, n:] = 0
             ids[num_real:] = 0
             pos[num_real:] = 0
-            slots[num_real:] = 0
+            group_slots[:, num_real:] = 0
 
         samples = np.fromiter(map(_sample, scheduled), dtype=bool, count=n)
         sample_index = ends if decode_only and samples.all() else samples.nonzero()[0]
@@ -240,6 +254,8 @@ class StepLayout:
             query_start_loc=qsl,
             seq_lens=sl,
             block_table=table,
+            slot_mappings=group_slots,
+            block_tables=group_tables,
             block_size=bs,
             query_lens_cpu=query_lens_cpu,
             seq_lens_cpu=seq_lens_cpu,

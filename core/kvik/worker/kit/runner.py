@@ -88,7 +88,7 @@ class KitModelRunner(ModelRunner, Generic[InputsT, HiddenT]):
     def dummy_layout(self, scheduled: list[ScheduledRequest]) -> StepLayout:
         """The layout of a runner-internal step, over scratch block tables (each request's
         ``new_block_ids`` is its whole table); the live requests' tables are untouched."""
-        tables = BlockTables()
+        tables = BlockTables(num_groups=self.block_tables.num_groups)
         rows = tables.apply(SchedulerOutput(scheduled, sum(len(r.token_ids) for r in scheduled)))
         return self.build_layout(scheduled, tables, rows)
 
