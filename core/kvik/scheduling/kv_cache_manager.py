@@ -107,6 +107,7 @@ class KVCacheManager:
         self.group_windows = tuple(group_windows)
         self.num_groups = len(self.group_windows)
         self.windowed = any(w is not None for w in self.group_windows)
+        self._windowed_groups = [(g, w) for g, w in enumerate(self.group_windows) if w is not None]
         self.pool = BlockPool(num_blocks, block_size, enable_caching=enable_prefix_caching)
         self.prefix_cache_stats = PrefixCacheStats()
         self._blocks: dict[str, list[KVCacheBlock]] = {}  # request id -> block table (groups interleaved)
@@ -363,12 +364,14 @@ class KVCacheManager:
         reads its blocks before any later step can write a released one (steps run in order on the device),
         and a verify step's rejected drafts roll back to no earlier than that step's start. Returns whether
         any block was released."""
+        rid, start, bs = request.request_id, request.num_computed_tokens, self.block_size
+        done = self._num_released.get(rid)
         released = False
-        for g, window in enumerate(self.group_windows):
-            if window is not None:
-                first = self.first_needed_block(request.num_computed_tokens, g)
-                if first > 0 and self.release_leading_blocks(request.request_id, first, g):
-                    released = True
+        for g, window in self._windowed_groups:  # called for every scheduled request: the common case is cheap
+            first = (start - window + 1) // bs - 1  # first_needed_block(start, g)
+            if first > (done[g] if done is not None else 0) and self.release_leading_blocks(rid, first, g):
+                released = True
+                done = self._num_released[rid]
         return released
 
     def release_leading_blocks(self, request_id: str, num_blocks: int, group: int = 0) -> bool:
