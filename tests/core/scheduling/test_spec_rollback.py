@@ -14,7 +14,7 @@ from __future__ import annotations
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from kvik.request import RequestStatus
-from kvik.scheduling.kv_cache_manager import max_blocks_per_request
+from kvik.scheduling.kv_cache_manager import blocks_held_at_most, longest_fitting_request
 from kvik.scheduling.output import RunnerOutput, SchedulerOutput
 from kvik.scheduling.scheduler import Scheduler
 from sched_harness import FakeRunner, check_invariants, make_request, next_token, reference_generate
@@ -33,17 +33,20 @@ def _execute(runner: FakeRunner, out: SchedulerOutput) -> RunnerOutput:
     sampled: dict[str, list[int]] = {}
     for sr in out.scheduled:
         block_ids = runner.tables.block_ids(sr.request_id)
+        groups = range(sched.kv_cache.num_groups)
         for j, token in enumerate(sr.token_ids):
-            runner.kv[runner.slot(block_ids, sr.start_pos + j)] = (token, sr.start_pos + j)
+            for g in groups:  # each group's layers write the token in the group's own block
+                runner.kv[runner.slot(block_ids, sr.start_pos + j, g)] = (token, sr.start_pos + j)
         if not sr.sample:
             continue
         k = len(sr.draft_token_ids)
         known = sr.prompt_token_ids + sr.output_token_ids
         end = sr.start_pos + sr.num_new_tokens - k  # the context of the first sampled position
         assert end == len(known) and sr.token_ids[len(sr.token_ids) - k :] == sr.draft_token_ids
-        first = runner.first_visible(sr.start_pos)  # a sliding window: what the step's first query sees
-        context = [runner.kv.get(runner.slot(block_ids, p)) for p in range(first, end)]
-        assert context == [(t, p) for p, t in enumerate(known)][first:], f"bad KV for {sr.request_id}"
+        for g in groups:
+            first = runner.first_visible(sr.start_pos, g)  # a sliding window: what the step's first query sees
+            context = [runner.kv.get(runner.slot(block_ids, p, g)) for p in range(first, end)]
+            assert context == [(t, p) for p, t in enumerate(known)][first:], f"bad KV for {sr.request_id}, {g}"
         tokens = []
         for j in range(k + 1):
             t = next_token(known + tokens)
@@ -57,12 +60,13 @@ def _execute(runner: FakeRunner, out: SchedulerOutput) -> RunnerOutput:
 
 def _check_cached_blocks_hold_known_tokens(runner: FakeRunner) -> None:
     sched = runner.scheduler
-    bs = sched.block_size
+    bs, num_groups = sched.block_size, sched.kv_cache.num_groups
     for request in sched.running:
         for i, block in enumerate(sched.kv_cache.get_blocks(request.request_id)):
             if block.block_hash is None:
                 continue
-            for p in range(i * bs, (i + 1) * bs):
+            position = i // num_groups
+            for p in range(position * bs, (position + 1) * bs):
                 assert p < request.num_computed_tokens, "a published block holds uncomputed (draft) positions"
                 assert runner.kv[block.block_id * bs + p % bs] == (request.all_token_ids[p], p)
 
@@ -77,12 +81,13 @@ def _check_cached_blocks_hold_known_tokens(runner: FakeRunner) -> None:
     max_tokens=st.lists(st.integers(1, 14), min_size=5, max_size=5),
     corrupt=st.lists(st.booleans(), min_size=64, max_size=64),
     prefix_caching=st.booleans(),
-    window=st.sampled_from([None, None, 2, 5]),
+    windows=st.sampled_from([(None,), (None,), (2,), (5,), (None, 2), (None, 5, 5)]),
 )
 def test_verify_rows_roll_back_exactly(
-    block_size, num_blocks, budget, k, prompts, max_tokens, corrupt, prefix_caching, window
+    block_size, num_blocks, budget, k, prompts, max_tokens, corrupt, prefix_caching, windows
 ) -> None:
-    """``window``: every layer slides; blocks behind it are released even as verify steps roll drafts back."""
+    """``windows``: one per KV-cache group; blocks behind a window are released even as verify steps roll
+    drafts back, in one group or beside a global one."""
     max_len = 40
     sched = Scheduler(
         num_blocks=num_blocks,
@@ -91,12 +96,12 @@ def test_verify_rows_roll_back_exactly(
         max_num_seqs=4,
         max_model_len=max_len,
         enable_prefix_caching=prefix_caching,
-        group_windows=(window,),
+        group_windows=windows,
     )
     shared = prompts[0][:6]
     requests = [make_request(f"r{i}", shared + p, max_tokens[i]) for i, p in enumerate(prompts)]
     for r in requests:
-        if max_blocks_per_request(r.num_prompt_tokens, block_size, window, budget) <= num_blocks - 1:
+        if blocks_held_at_most(r.num_prompt_tokens, block_size, windows, budget) <= num_blocks - 1:
             sched.add_request(r)
     live = [r for r in requests if r.request_id in sched.requests]
     runner = FakeRunner(sched)
@@ -122,9 +127,8 @@ def test_verify_rows_roll_back_exactly(
             assert r.num_scheduled_drafts == 0 and r.num_computed_tokens <= r.num_tokens
         step += 1
     for r in live:
-        # A request stops at the pool's size, unless a window keeps what it holds below the pool at any length.
-        fits = max_blocks_per_request(max_len, block_size, window, budget) <= num_blocks - 1
-        cap = max_len if fits else min(max_len, (num_blocks - 1) * block_size)
+        # A request stops at the pool's size, unless windows keep what it holds below the pool at any length.
+        cap = longest_fitting_request(num_blocks - 1, block_size, windows, budget, max_len)
         assert (r.output_token_ids, r.status) == reference_generate(r, cap)
         assert r.num_accepted_tokens <= r.num_draft_tokens
     assert sched.kv_cache.num_free_blocks == sched.kv_cache.pool.num_usable_blocks
