@@ -200,7 +200,12 @@ def build_model_config(
         if window is None:
             layer_windows = ()
     elif window:
-        layer_windows = (int(window),) * _required(hf, fmt, "num_hidden_layers")
+        n = _required(hf, fmt, "num_hidden_layers")
+        types = getattr(hf, "layer_types", None)
+        if isinstance(types, (list, tuple)) and len(types) == n:  # transformers' own per-layer kinds
+            layer_windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
+        else:
+            layer_windows = (int(window),) * n
     soft_cap = getattr(hf, "attn_logit_softcapping", None)
     for field_name in ("num_hidden_layers", "num_attention_heads", "hidden_size", "vocab_size"):
         _required(hf, fmt, field_name)

@@ -227,14 +227,13 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         if not windows:
             self.kv_groups = None
             return
-        model_windows = tuple(self.model_config.layer_sliding_windows)
         backend = self.attn_backend
         if self.drafter is not None:  # the draft layers read the target's tables: every block stays
             self.kv_groups = KVCacheGroups.single(len(windows))
-        elif windows != model_windows:  # a pipeline stage's slice: plan as every rank does, from the model's
-            shared = set(model_windows)
+        elif len(windows) != self.model_config.num_layers:  # a pipeline stage's slice: as every rank plans
+            shared = set(self.model_config.layer_sliding_windows)
             self.kv_groups = KVCacheGroups.single(len(windows), shared.pop() if len(shared) == 1 else None)
-        else:
+        else:  # the built layers' own windows (the fallback's come from transformers' modules)
             self.kv_groups = plan_kv_cache_groups(
                 windows,
                 split=backend is not None and backend.supports_kv_cache_groups,

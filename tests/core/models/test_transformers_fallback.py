@@ -106,6 +106,33 @@ def test_model_impl_transformers_runs_a_native_architecture_through_the_fallback
     assert outputs["kvik"] == outputs["transformers"]
 
 
+@pytest.mark.parametrize("arch", ["gemma2", "gemma3"])
+def test_mixed_window_layers_through_the_fallback_keep_their_global_blocks(tmp_path, arch: str) -> None:
+    """Gemma's sliding and global layers through transformers' code: the KV-cache groups come from the
+    built layers' own windows (the config's ``layer_types``), so the global layers keep every block while
+    the sliding ones release theirs, and the greedy tokens stay transformers' in a pool small enough to
+    preempt (releasing a global layer's blocks would change them)."""
+    import kvik
+    from kvik.testing.reference import hf_greedy, random_prompts
+    from kvik.testing.tiny_models import make_tiny_model
+
+    extra = {"attn_logit_softcapping": None, "final_logit_softcapping": None} if arch == "gemma2" else {}
+    path = make_tiny_model(tmp_path / arch, arch, num_hidden_layers=4 if arch == "gemma2" else 7, head_dim=32,
+                           query_pre_attn_scalar=32, sliding_window=8, **extra)  # fmt: skip
+    prompts = random_prompts(5, seed=3, low=30, high=60)
+    expected = hf_greedy(path, prompts, 24)
+    options = dict(device="cpu", dtype="float32", block_size=4, max_num_batched_tokens=16, max_model_len=128,
+                   model_impl="transformers")  # fmt: skip
+    big = kvik.LLM(str(path), num_kv_blocks=600, **options)
+    windows = big.llm_engine.scheduler.group_windows
+    assert windows[0] is None and set(windows[1:]) == {8}
+    params = kvik.SamplingParams(temperature=0.0, max_tokens=24, ignore_eos=True)
+    assert [o.outputs[0].token_ids for o in big.generate(prompts, params)] == expected
+    small = kvik.LLM(str(path), num_kv_blocks=big.llm_engine.memory_plan.blocks_per_request + 2, **options)
+    assert [o.outputs[0].token_ids for o in small.generate(prompts, params)] == expected
+    assert small.llm_engine.scheduler.get_stats().num_preemptions > 0
+
+
 def test_model_impl_kvik_refuses_an_architecture_without_native_code(tmp_path) -> None:
     from kvik.config import EngineConfig
     from kvik.models.model_config import build_model_config, resolve_format
