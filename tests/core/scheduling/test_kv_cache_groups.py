@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from kvik.scheduling.kv_cache_groups import KVCacheGroups, plan_kv_cache_groups
 
 
@@ -52,3 +54,21 @@ def test_bad_windows_are_refused() -> None:
         plan_kv_cache_groups([])
     with pytest.raises(ValueError, match="layer 1's sliding window must be >= 1"):
         plan_kv_cache_groups([None, 0])
+
+
+@settings(max_examples=200, deadline=None)
+@given(layer_windows=st.lists(st.sampled_from([None, 4, 8, 16]), min_size=1, max_size=40))
+def test_any_plan_gives_each_layer_one_group_and_one_tensor_of_its_own_in_that_group(layer_windows) -> None:
+    groups = plan_kv_cache_groups(layer_windows)
+    n = len(layer_windows)
+    assert len(groups.layer_group) == len(groups.layer_tensor) == n
+    for g, window in enumerate(groups.windows):
+        members = [i for i in range(n) if groups.layer_group[i] == g]
+        assert members, f"group {g} is empty"
+        assert all(layer_windows[i] == window for i in members)  # one window per group
+        tensors = [groups.layer_tensor[i] for i in members]
+        assert len(tensors) == len(set(tensors)) and max(tensors) < groups.num_tensors
+    if len(set(layer_windows)) == 1:
+        assert groups.num_groups == 1 and groups.num_tensors == n
+    else:  # S tensors x G groups cover every layer (idle slots where the last group of a window is shorter)
+        assert groups.num_tensors * groups.num_groups >= n
