@@ -42,6 +42,7 @@ from kvik.pooling.params import PoolingParams
 from kvik.pooling.setup import PoolerSetup, model_pooler_setup
 from kvik.request import Request, RequestStatus
 from kvik.sampling_params import SamplingParams
+from kvik.scheduling.kv_cache_groups import shared_window
 from kvik.scheduling.output import SchedulerOutput
 from kvik.spec_decode.backoff import SpecBackoff
 from kvik.spec_decode.config import SpeculativeConfig
@@ -244,9 +245,8 @@ class LLMEngine:
             raise RuntimeError(f"the ranks' runners split the KV cache into different groups: {groups}")
         windows = reported.pop()
         if windows is None:
-            layer_windows = set(self.model_config.layer_sliding_windows)
-            shared = len(layer_windows) == 1 and None not in layer_windows
-            windows = (layer_windows.pop() if shared and getattr(self.proposer, "drafter", None) is None else None,)
+            drafter = getattr(self.proposer, "drafter", None) is not None
+            windows = (None if drafter else shared_window(self.model_config.layer_sliding_windows),)
         if windows == (windows[0],) and windows[0] is not None:
             logger.info("every layer slides with a %d-token window: KV blocks behind it are released", windows[0])
         return windows

@@ -24,6 +24,7 @@ from kvik.layers.rotary import RotaryEmbedding, rope_settings
 from kvik.layers.vocab_parallel import lm_head, vocab_embedding
 from kvik.models.hf_weights import HFWeightLoader
 from kvik.models.interface import ModelBuildContext
+from kvik.models.model_config import layer_types_window
 
 CosSin = tuple[torch.Tensor, torch.Tensor]
 
@@ -236,11 +237,7 @@ class LlamaForCausalLM(HFWeightLoader, nn.Module):
     @classmethod
     def layer_sliding_window(cls, cfg: Any, index: int) -> int | None:
         """The window of layer ``index`` (None: full attention)."""
-        layer_types = getattr(cfg, "layer_types", None)
-        window = getattr(cfg, "sliding_window", None)
-        if layer_types is not None and window is not None:
-            return int(window) if layer_types[index] == "sliding_attention" else None
-        return None
+        return layer_types_window(cfg, index)
 
     # -- running --------------------------------------------------------------
     def forward(

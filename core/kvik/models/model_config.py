@@ -66,6 +66,16 @@ def _int_ids(value: Any) -> set[int]:
 FALLBACK_ARCHITECTURE = "TransformersForCausalLM"  # the registry name of kvik.models.transformers_fallback
 
 
+def layer_types_window(cfg: Any, index: int) -> int | None:
+    """Layer ``index``'s window from transformers' ``layer_types`` ("sliding_attention" slides with
+    ``sliding_window``; any other kind, or a config without either, sees the whole context)."""
+    layer_types = getattr(cfg, "layer_types", None)
+    window = getattr(cfg, "sliding_window", None)
+    if layer_types is not None and window is not None:
+        return int(window) if layer_types[index] == "sliding_attention" else None
+    return None
+
+
 def as_transformers_config(hf_config: Any) -> Any:
     """``hf_config`` as an instance of transformers' own class for its ``model_type`` (a format may
     build a lighter ``PretrainedConfig`` subclass: kvik_gguf's Llama config), or itself."""
@@ -201,9 +211,8 @@ def build_model_config(
             layer_windows = ()
     elif window:
         n = _required(hf, fmt, "num_hidden_layers")
-        types = getattr(hf, "layer_types", None)
-        if isinstance(types, (list, tuple)) and len(types) == n:  # transformers' own per-layer kinds
-            layer_windows = tuple(int(window) if t == "sliding_attention" else None for t in types)
+        if getattr(hf, "layer_types", None) is not None:  # transformers' own per-layer kinds
+            layer_windows = tuple(layer_types_window(hf, i) for i in range(n))
         else:
             layer_windows = (int(window),) * n
     soft_cap = getattr(hf, "attn_logit_softcapping", None)

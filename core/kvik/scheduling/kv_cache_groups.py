@@ -45,6 +45,13 @@ class KVCacheGroups:
         return cls((window,), (0,) * num_layers, tuple(range(num_layers)), num_layers)
 
 
+def shared_window(layer_windows: Sequence[int | None]) -> int | None:
+    """The window every layer slides with, when they all share one (None: some layer sees the whole context,
+    or no layer is given)."""
+    windows = set(layer_windows)
+    return windows.pop() if len(windows) == 1 else None
+
+
 def plan_kv_cache_groups(
     layer_windows: Sequence[int | None],
     split: bool = True,

@@ -51,6 +51,13 @@ def max_blocks_per_request(max_model_len: int, block_size: int, sliding_window: 
     return min(whole, (sliding_window + step_tokens - 3) // block_size + 3)
 
 
+def first_needed_position(start: int, window: int, block_size: int) -> int:
+    """The first block position a step whose queries start at ``start`` reads under ``window`` (possibly
+    negative: none is passed yet). One block of margin before the window's edge: kernels read whole KV tiles,
+    and the masked part of a tile straddling the edge then comes from the null block (finite values, weight 0)."""
+    return (start - window + 1) // block_size - 1
+
+
 def blocks_held_at_most(
     max_model_len: int, block_size: int, group_windows: Sequence[int | None], step_tokens: int
 ) -> int:
@@ -250,13 +257,11 @@ class KVCacheManager:
 
     def first_needed_block(self, start: int, group: int = 0) -> int:
         """The first block position a step whose queries start at position ``start`` (and every later step)
-        reads in ``group``: 0 for a group without a window. One block of margin before the window's edge:
-        kernels read whole KV tiles, and the masked part of a tile straddling the edge then comes from the
-        null block (finite values, weight 0)."""
+        reads in ``group``: 0 for a group without a window (:func:`first_needed_position`)."""
         window = self.group_windows[group]
         if window is None:
             return 0
-        return max(0, (start - window + 1) // self.block_size - 1)
+        return max(0, first_needed_position(start, window, self.block_size))
 
     def allocate_slots(
         self, request: Request, num_new_tokens: int, new_computed_blocks: list[KVCacheBlock] | None = None
@@ -368,7 +373,7 @@ class KVCacheManager:
         done = self._num_released.get(rid)
         released = False
         for g, window in self._windowed_groups:  # called for every scheduled request: the common case is cheap
-            first = (start - window + 1) // bs - 1  # first_needed_block(start, g)
+            first = first_needed_position(start, window, bs)
             if first > (done[g] if done is not None else 0) and self.release_leading_blocks(rid, first, g):
                 released = True
                 done = self._num_released[rid]

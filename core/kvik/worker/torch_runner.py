@@ -48,7 +48,7 @@ from kvik.sample.batch import sampling_batch
 from kvik.sample.logprobs import start_sample_output
 from kvik.sample.sampler import Sampler
 from kvik.sampling_params import SamplingParams
-from kvik.scheduling.kv_cache_groups import KVCacheGroups, plan_kv_cache_groups
+from kvik.scheduling.kv_cache_groups import KVCacheGroups, plan_kv_cache_groups, shared_window
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.spec_decode.drafter import Drafter, make_drafter
 from kvik.spec_decode.verify import sample_verify, verify_rows
@@ -231,8 +231,8 @@ class TorchModelRunner(KitModelRunner[ModelInputs, torch.Tensor]):
         if self.drafter is not None:  # the draft layers read the target's tables: every block stays
             self.kv_groups = KVCacheGroups.single(len(windows))
         elif len(windows) != self.model_config.num_layers:  # a pipeline stage's slice: as every rank plans
-            shared = set(self.model_config.layer_sliding_windows)
-            self.kv_groups = KVCacheGroups.single(len(windows), shared.pop() if len(shared) == 1 else None)
+            window = shared_window(self.model_config.layer_sliding_windows)
+            self.kv_groups = KVCacheGroups.single(len(windows), window)
         else:  # the built layers' own windows (the fallback's come from transformers' modules)
             self.kv_groups = plan_kv_cache_groups(
                 windows,
