@@ -180,6 +180,38 @@ class KVCacheManager:
             if start is not None and n // bs > start:
                 self.cache_blocks(request, n)
 
+    def allocate_decode_slots(self, requests: list[Request]) -> list[int] | None:
+        """:meth:`allocate_slots` of one token for each request, then :meth:`cache_scheduled` of it, in one
+        pass in which only the requests crossing into a new block position, or filling one, reach per-request
+        code. Returns the indices of the requests given new blocks, or None, changing nothing, when the pool
+        cannot give all of them theirs (the caller's per-request loop then decides whom to preempt). Each
+        request holds a table already; the pool has no windows."""
+        bs, num_groups, tables, cached = self.block_size, self.num_groups, self._blocks, self._num_cached
+        caching = self.enable_prefix_caching
+        crossing: list[int] = []
+        filling: list[tuple[Request, int]] = []
+        missing = 0
+        for i, request in enumerate(requests):
+            computed = request.num_computed_tokens
+            need = (computed // bs + 1) * num_groups - len(tables[request.request_id])
+            if need > 0:
+                crossing.append(i)
+                missing += need
+            if caching:
+                end = computed + 1
+                known = len(request.all_token_ids)
+                if end > known:
+                    end = known  # a token still being sampled: its block is published once it is known
+                if end // bs > cached[request.request_id]:
+                    filling.append((request, end))
+        if missing > self.pool.num_free_blocks:
+            return None
+        for i in crossing:
+            self.allocate_slots(requests[i], 1)
+        for request, end in filling:
+            self.cache_blocks(request, end)
+        return crossing
+
     def get_new_block_ids(self, request: Request, start: int) -> list[int]:
         """Block ids of the request's table from index ``start`` on (a block-table delta)."""
         ids = self._block_ids.get(request.request_id, ())

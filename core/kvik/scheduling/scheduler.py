@@ -37,6 +37,7 @@ from dataclasses import fields
 from operator import attrgetter, itemgetter
 
 from kvik.request import FIRST_FINISHED, Request, RequestStatus
+from kvik.scheduling.decode_batch import schedule_decodes
 from kvik.scheduling.kv_cache_manager import KVCacheManager, blocks_held_at_most, longest_fitting_request
 from kvik.scheduling.output import RunnerOutput, ScheduledRequest, SchedulerOutput
 from kvik.scheduling.request_queue import create_request_queue
@@ -258,6 +259,72 @@ class Scheduler:
         preempted: list[Request] = []
         loras: set[int] = set()  # the adapters of this step's requests (at most max_loras)
 
+        # The steady decode step in whole-batch passes, or (None) the per-request loop; the same result.
+        decodes = schedule_decodes(self, budget)
+        if decodes is None:
+            budget = self._schedule_running(budget, scheduled, preempted, loras)
+        else:
+            budget -= len(decodes)
+
+        skipped: list[Request] = []  # waiting requests whose adapter has no slot this step
+        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
+            request = self.waiting.peek()
+            if request.num_output_placeholders:
+                break  # preempted while its last token was in flight: resumable once that token lands
+            busy = scheduled or decodes
+            if not self._lora_fits(request, loras) or (busy and self._lora_still_loading(request, loras)):
+                skipped.append(self.waiting.pop())  # later requests of the step's adapters may still run
+                continue
+            hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
+            num_new = request.num_tokens - num_hit_tokens
+            if self.long_prefill_token_threshold:
+                num_new = min(num_new, self.long_prefill_token_threshold)
+            if not self.enable_chunked_prefill and budget < num_new <= self.max_num_batched_tokens:
+                break  # the whole prompt fits a later step (only resumed sequences longer than a step get chunked)
+            num_new = min(num_new, budget)
+            if self.kv_cache.allocate_slots(request, num_new, hits) is None:
+                break
+            self.waiting.pop()
+            if request.num_preemptions == 0:
+                request.num_cached_tokens = num_hit_tokens
+            request.num_computed_tokens = num_hit_tokens
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            scheduled[request.request_id] = (request, num_new)
+            budget -= num_new
+            self._add_lora(request, loras)
+            self.kv_cache.cache_blocks(request, num_hit_tokens + num_new)  # later admissions may share them
+        for request in reversed(skipped):  # back in their places, ahead of everything they were ahead of
+            self.waiting.prepend(request)
+
+        picked = list(scheduled.values())
+        if loras:
+            # Rows of one adapter side by side: the SGMV kernels' tiles hold one adapter each
+            # (kvik_cuda.lora_tiles), so interleaved rows would make one small tile per row.
+            # The sort is stable, so each adapter's requests keep their order.
+            picked.sort(key=lambda item: item[0].lora_request.lora_int_id if item[0].lora_request else 0)
+        requests = list(map(_first, picked))
+        request_ids = list(map(_request_id, requests))
+        sent = list(map(self._sent_blocks.__contains__, request_ids))  # False: the whole table goes out
+        new_block_ids = self.kv_cache.new_block_ids(request_ids, self._sent_blocks)
+        made = list(map(self._make_scheduled, requests, map(_second, picked), new_block_ids, sent))
+        out = SchedulerOutput(
+            scheduled=decodes + made if decodes else made,
+            num_batched_tokens=self.max_num_batched_tokens - budget,
+            preempted_request_ids=[r.request_id for r in preempted],
+        )
+        if out.scheduled:
+            # Finished ids ride on the next non-empty output: an engine may skip
+            # the runner for an empty step, and the runner must still hear of them.
+            out.finished_request_ids, self._finished_ids = self._finished_ids, []
+            self._num_steps += 1
+        return out
+
+    def _schedule_running(
+        self, budget: int, scheduled: dict[str, tuple[Request, int]], preempted: list[Request], loras: set[int]
+    ) -> int:
+        """Schedule running requests in order, one at a time, into ``scheduled`` (preempting into ``preempted``
+        where the pool is short), and publish the blocks the step fills; returns the budget left."""
         i = 0
         running = self.running
         allocate = self.kv_cache.allocate_slots
@@ -300,58 +367,7 @@ class Scheduler:
         if scheduled:
             picked = list(scheduled.values())
             self.kv_cache.cache_scheduled(list(map(_first, picked)), list(map(_second, picked)))
-
-        skipped: list[Request] = []  # waiting requests whose adapter has no slot this step
-        while not preempted and self.waiting and budget > 0 and len(self.running) < self.max_num_seqs:
-            request = self.waiting.peek()
-            if request.num_output_placeholders:
-                break  # preempted while its last token was in flight: resumable once that token lands
-            if not self._lora_fits(request, loras) or (scheduled and self._lora_still_loading(request, loras)):
-                skipped.append(self.waiting.pop())  # later requests of the step's adapters may still run
-                continue
-            hits, num_hit_tokens = self.kv_cache.get_computed_blocks(request)
-            num_new = request.num_tokens - num_hit_tokens
-            if self.long_prefill_token_threshold:
-                num_new = min(num_new, self.long_prefill_token_threshold)
-            if not self.enable_chunked_prefill and budget < num_new <= self.max_num_batched_tokens:
-                break  # the whole prompt fits a later step (only resumed sequences longer than a step get chunked)
-            num_new = min(num_new, budget)
-            if self.kv_cache.allocate_slots(request, num_new, hits) is None:
-                break
-            self.waiting.pop()
-            if request.num_preemptions == 0:
-                request.num_cached_tokens = num_hit_tokens
-            request.num_computed_tokens = num_hit_tokens
-            request.status = RequestStatus.RUNNING
-            self.running.append(request)
-            scheduled[request.request_id] = (request, num_new)
-            budget -= num_new
-            self._add_lora(request, loras)
-            self.kv_cache.cache_blocks(request, num_hit_tokens + num_new)  # later admissions may share them
-        for request in reversed(skipped):  # back in their places, ahead of everything they were ahead of
-            self.waiting.prepend(request)
-
-        picked = list(scheduled.values())
-        if loras:
-            # Rows of one adapter side by side: the SGMV kernels' tiles hold one adapter each
-            # (kvik_cuda.lora_tiles), so interleaved rows would make one small tile per row.
-            # The sort is stable, so each adapter's requests keep their order.
-            picked.sort(key=lambda item: item[0].lora_request.lora_int_id if item[0].lora_request else 0)
-        requests = list(map(_first, picked))
-        request_ids = list(map(_request_id, requests))
-        sent = list(map(self._sent_blocks.__contains__, request_ids))  # False: the whole table goes out
-        new_block_ids = self.kv_cache.new_block_ids(request_ids, self._sent_blocks)
-        out = SchedulerOutput(
-            scheduled=list(map(self._make_scheduled, requests, map(_second, picked), new_block_ids, sent)),
-            num_batched_tokens=self.max_num_batched_tokens - budget,
-            preempted_request_ids=[r.request_id for r in preempted],
-        )
-        if scheduled:
-            # Finished ids ride on the next non-empty output: an engine may skip
-            # the runner for an empty step, and the runner must still hear of them.
-            out.finished_request_ids, self._finished_ids = self._finished_ids, []
-            self._num_steps += 1
-        return out
+        return budget
 
     def update_from_output(self, scheduler_output: SchedulerOutput, runner_output: RunnerOutput) -> list[Request]:
         """Apply a step's results; return the requests that got new tokens (finished ones with their status).
