@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import logging
 import os
 import re
@@ -18,6 +17,7 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from kvik.entrypoints.cli import PLATFORM_OPTION_HELP, platform_option
+from kvik.entrypoints.frozen_heap import freeze_for_life
 
 logger = logging.getLogger("kvik_server")
 
@@ -305,8 +305,7 @@ def run_server(args: Any) -> int:
     # The start-up heap (modules, model and tokenizer objects) lives as long as the server: out of the
     # collector's sight, a full collection no longer walks it while requests stream (each walk holds
     # the GIL from the engine thread; `kvik run-batch` measured 0.3 s per collection, issue 19).
-    gc.collect()
-    gc.freeze()
+    freeze_for_life()
     logger.info("serving %s on http://%s:%d", app.state.ctx.model_name, args.host, args.port)
     server.run()
     return 0

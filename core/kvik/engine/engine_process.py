@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import gc
 import itertools
 import logging
 import multiprocessing
@@ -45,6 +44,7 @@ from kvik.config import EngineConfig, ModelConfig, ResolvedConfig
 from kvik.engine.async_llm import AsyncLLM, EngineDeadError
 from kvik.engine.input_processor import InputProcessor, PreparedRequest
 from kvik.engine.llm_engine import EngineStats, LLMEngine
+from kvik.entrypoints.frozen_heap import freeze_for_life
 from kvik.lora.request import LoRARequest
 from kvik.pooling.params import PoolingParams
 from kvik.pooling.setup import PoolerSetup
@@ -104,8 +104,7 @@ def _engine_main(engine_kwargs: dict[str, Any], commands: Connection, results: C
         return
     # This process lives for the engine: its heap as it is now (modules, model, tokenizer) is permanent, so
     # freeze it, or every full collection walks all of it while the steps wait (kvik.entrypoints.frozen_heap).
-    gc.collect()
-    gc.freeze()
+    freeze_for_life()
     # The model's source (its format's readers) stays here: the caller's side reads no weights.
     model_config = replace(engine.model_config, source=None)
     results.send(("ready", EngineInfo(engine.config, model_config, engine.tokenizer, engine.platform.name,

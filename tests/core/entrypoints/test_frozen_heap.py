@@ -21,6 +21,32 @@ def test_frozen_inside_and_given_back_after() -> None:
     assert gc.get_freeze_count() == 0
 
 
+def test_young_collections_are_rarer_inside_and_as_before_after() -> None:
+    before = gc.get_threshold()
+    with frozen_heap():
+        with frozen_heap():
+            assert gc.get_threshold() == (frozen_heap_module.YOUNG_COLLECTION_THRESHOLD, *before[1:])
+        assert gc.get_threshold()[0] == frozen_heap_module.YOUNG_COLLECTION_THRESHOLD  # the outer block still runs
+    assert gc.get_threshold() == before
+    gc.set_threshold(50_000, *before[1:])  # a caller's own higher threshold is kept
+    try:
+        with frozen_heap():
+            assert gc.get_threshold()[0] == 50_000
+    finally:
+        gc.set_threshold(*before)
+
+
+def test_freeze_for_life_freezes_and_keeps_young_collections_rare() -> None:
+    before = gc.get_threshold()
+    try:
+        frozen_heap_module.freeze_for_life()
+        assert gc.get_freeze_count() > 0
+        assert gc.get_threshold() == (frozen_heap_module.YOUNG_COLLECTION_THRESHOLD, *before[1:])
+    finally:
+        gc.unfreeze()
+        gc.set_threshold(*before)
+
+
 def test_blocks_nest_and_the_outermost_unfreezes() -> None:
     with frozen_heap():
         with frozen_heap():
