@@ -80,3 +80,26 @@ class RequestOutput:
     prompt_logprobs: PromptLogprobs | None = None
     num_cached_tokens: int = 0
     extra: dict[str, object] = field(default_factory=dict)
+
+    def add(self, delta: RequestOutput) -> None:
+        """Fold a later ``output_kind="delta"`` output of the same request into this one (vLLM's
+        ``RequestOutput.add``): each completion's new text, tokens and logprobs appended, its finish and
+        running totals taken from ``delta``. A stream that fell behind hands on one merged output."""
+        by_index = {c.index: c for c in self.outputs}
+        for new in delta.outputs:
+            old = by_index.get(new.index)
+            if old is None:
+                self.outputs.append(new)
+                by_index[new.index] = new
+                continue
+            old.text += new.text
+            old.token_ids = old.token_ids + new.token_ids
+            if new.logprobs is not None:
+                old.logprobs = (old.logprobs or []) + new.logprobs
+            old.cumulative_logprob = new.cumulative_logprob
+            old.finish_reason, old.stop_reason = new.finish_reason, new.stop_reason
+        if delta.prompt_logprobs:
+            self.prompt_logprobs = (self.prompt_logprobs or []) + delta.prompt_logprobs
+        self.finished = delta.finished
+        self.metrics = delta.metrics
+        self.num_cached_tokens = delta.num_cached_tokens

@@ -106,8 +106,10 @@ class SamplingParams:
     skip_special_tokens: bool = True
     spaces_between_special_tokens: bool = True
     detokenize: bool = True
-    # "cumulative": an output every step (streaming); "final_only": only the
-    # finished output (offline batch), which lets the engine skip per-step work.
+    # "cumulative": an output every step (streaming), each holding everything so far; "delta": an output
+    # every step holding only what is new since the last one (vLLM's RequestOutputKind.DELTA: cheaper to
+    # stream, and to send from an engine process); "final_only": only the finished output (offline batch),
+    # which lets the engine skip per-step work.
     output_kind: str = "cumulative"
     # vLLM V1 removed best_of; only best_of == n (a no-op) is accepted.
     best_of: int | None = None
@@ -203,8 +205,8 @@ class SamplingParams:
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise bad(name, value, "an integer >= 0 or None")
-        if self.output_kind not in ("cumulative", "final_only"):
-            raise bad("output_kind", self.output_kind, "'cumulative' or 'final_only'")
+        if self.output_kind not in ("cumulative", "delta", "final_only"):
+            raise bad("output_kind", self.output_kind, "'cumulative', 'delta' or 'final_only'")
         if self.allowed_token_ids is not None and (
             not self.allowed_token_ids or any(not isinstance(t, int) or t < 0 for t in self.allowed_token_ids)
         ):

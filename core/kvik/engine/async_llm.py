@@ -138,7 +138,8 @@ class AsyncLLM:
         priority: int = 0,
         lora_request: LoRARequest | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """Stream cumulative outputs of one request; the last has ``finished=True``.
+        """Stream outputs of one request (cumulative, or only the new part with ``output_kind="delta"``); the
+        last has ``finished=True``.
 
         Raises ValueError for invalid input before yielding anything. Leaving
         the iteration early (client gone, task cancelled) aborts the request.
@@ -157,6 +158,7 @@ class AsyncLLM:
         stream: asyncio.Queue[_Item] = asyncio.Queue()
         self._streams[request_id] = stream
         finished = False
+        delta = sampling_params is not None and sampling_params.output_kind == "delta"
         try:
             self._send("add", prepared)
             while True:
@@ -164,13 +166,16 @@ class AsyncLLM:
                 if isinstance(item, BaseException):
                     raise item
                 assert isinstance(item, RequestOutput)
-                # Collapse a backlog: outputs are cumulative, only the newest matters.
+                # Collapse a backlog: of cumulative outputs only the newest matters; deltas are merged.
                 while not item.finished and not stream.empty():
                     newer = stream.get_nowait()
                     if isinstance(newer, BaseException):
                         raise newer
                     assert isinstance(newer, RequestOutput)
-                    item = newer
+                    if delta:
+                        item.add(newer)
+                    else:
+                        item = newer
                 finished = item.finished
                 yield item
                 if finished:

@@ -26,6 +26,10 @@ class SampleState:
     num_detokenized: int = 0  # output tokens already fed to the detokenizer
     logprobs: list[dict[int, Logprob]] = field(default_factory=list)  # per output token (if asked)
     cumulative_logprob: float = 0.0
+    # output_kind "delta": the tokens and characters of text already sent, and whether the finish was.
+    num_sent_tokens: int = 0
+    num_sent_chars: int = 0
+    finish_sent: bool = False
 
 
 @dataclass(slots=True)
@@ -39,6 +43,7 @@ class RequestState:
     extra: dict[str, Any] = field(default_factory=dict)
     # Per prompt token (the first has none), filled as prefill chunks run.
     prompt_logprobs: list[dict[int, Logprob] | None] = field(default_factory=lambda: [None])
+    num_sent_prompt_logprobs: int = 0  # output_kind "delta": entries already sent
 
     @property
     def finished(self) -> bool:
@@ -143,7 +148,7 @@ class OutputProcessor:
         outputs = [
             self._make_output(state, now)
             for state in touched.values()
-            if state.params.output_kind == "cumulative" or (state.request_id in ended and state.finished)
+            if state.params.output_kind != "final_only" or (state.request_id in ended and state.finished)
         ]
         return outputs, stopped
 
@@ -192,21 +197,27 @@ class OutputProcessor:
             self.states.pop(state.request_id, None)
             for sample in state.samples:
                 self._owner.pop(sample.request.request_id, None)
-        completions = []
-        for sample in state.samples:
-            detok = sample.detokenizer
-            done = sample.finish_reason is not None
-            completions.append(
+        params = state.params
+        if params.output_kind == "delta":
+            completions = [c for sample in state.samples if (c := _delta(sample, params)) is not None]
+        else:
+            completions = [
                 CompletionOutput(
                     index=sample.index,
-                    text=detok.text(done) if detok is not None else "",
+                    text=sample.detokenizer.text(sample.finish_reason is not None) if sample.detokenizer else "",
                     token_ids=list(sample.request.output_token_ids),
-                    cumulative_logprob=sample.cumulative_logprob if state.params.logprobs is not None else None,
-                    logprobs=list(sample.logprobs) if state.params.logprobs is not None else None,
+                    cumulative_logprob=sample.cumulative_logprob if params.logprobs is not None else None,
+                    logprobs=list(sample.logprobs) if params.logprobs is not None else None,
                     finish_reason=sample.finish_reason,  # type: ignore[arg-type]
                     stop_reason=sample.stop_reason,
                 )
-            )
+                for sample in state.samples
+            ]
+        prompt_logprobs = None
+        if params.prompt_logprobs is not None:
+            start = state.num_sent_prompt_logprobs if params.output_kind == "delta" else 0
+            prompt_logprobs = state.prompt_logprobs[start:]
+            state.num_sent_prompt_logprobs = len(state.prompt_logprobs)
         return RequestOutput(
             request_id=state.request_id,
             prompt=state.prompt,
@@ -215,8 +226,29 @@ class OutputProcessor:
             finished=finished,
             metrics=state.metrics,
             num_cached_tokens=state.metrics.num_cached_tokens,
-            prompt_logprobs=list(state.prompt_logprobs) if state.params.prompt_logprobs is not None else None,
+            prompt_logprobs=prompt_logprobs,
         )
+
+
+def _delta(sample: SampleState, params: SamplingParams) -> CompletionOutput | None:
+    """What the sample produced since its last output (None: nothing, and its finish was sent): new tokens,
+    text and logprobs; ``cumulative_logprob`` stays the running total, as in vLLM's DELTA outputs."""
+    done = sample.finish_reason is not None
+    tokens = sample.request.output_token_ids
+    text = sample.detokenizer.text(done) if sample.detokenizer is not None else ""
+    start, chars = sample.num_sent_tokens, sample.num_sent_chars
+    if len(tokens) == start and len(text) == chars and (not done or sample.finish_sent):
+        return None
+    sample.num_sent_tokens, sample.num_sent_chars, sample.finish_sent = len(tokens), len(text), done
+    return CompletionOutput(
+        index=sample.index,
+        text=text[chars:],
+        token_ids=tokens[start:],
+        cumulative_logprob=sample.cumulative_logprob if params.logprobs is not None else None,
+        logprobs=sample.logprobs[start:] if params.logprobs is not None else None,
+        finish_reason=sample.finish_reason,  # type: ignore[arg-type]
+        stop_reason=sample.stop_reason,
+    )
 
 
 def _truncate(request: Request, num_tokens: int) -> None:
