@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort"]
@@ -103,3 +103,13 @@ class RequestOutput:
         self.finished = delta.finished
         self.metrics = delta.metrics
         self.num_cached_tokens = delta.num_cached_tokens
+
+
+# The output processor builds these two positionally (kvik.engine.output_processor), for speed.
+assert tuple(f.name for f in fields(CompletionOutput)) == (
+    "index", "text", "token_ids", "cumulative_logprob", "logprobs", "finish_reason", "stop_reason"
+), "CompletionOutput's fields changed order: update OutputProcessor._make_output"
+assert tuple(f.name for f in fields(RequestOutput))[:8] == (
+    "request_id", "prompt", "prompt_token_ids", "outputs", "finished", "metrics", "prompt_logprobs",
+    "num_cached_tokens",
+), "RequestOutput's fields changed order: update OutputProcessor._make_output"
