@@ -326,14 +326,13 @@ def _param_named_in(message: str) -> str | None:
 
 
 def _kv_capacity(engine: Any) -> KVCapacity | None:
-    """The KV cache an AsyncLLM's engine planned (None for engines that do not say)."""
-    core = getattr(engine, "engine", None)
-    kv_cache = getattr(getattr(core, "scheduler", None), "kv_cache", None)
-    num_blocks = getattr(getattr(kv_cache, "pool", None), "num_usable_blocks", None)
-    if not isinstance(num_blocks, int):
+    """The KV cache an AsyncLLM's engine planned, in its process or another (None for engines that do not
+    say: LLMEngine.kv_capacity)."""
+    planned = getattr(getattr(engine, "engine", None), "kv_capacity", None)
+    if not isinstance(planned, tuple):
         return None
-    # The scheduler's setting, not the config's: the engine turns prefix caching off for runners without it.
-    return KVCapacity(num_blocks, engine.config.block_size, bool(getattr(kv_cache, "enable_prefix_caching", True)))
+    num_blocks, block_size, prefix_caching = planned
+    return KVCapacity(num_blocks, block_size, prefix_caching)
 
 
 class EngineStream:

@@ -46,6 +46,7 @@ from kvik.engine.input_processor import InputProcessor, PreparedRequest
 from kvik.engine.llm_engine import EngineStats, LLMEngine
 from kvik.entrypoints.frozen_heap import freeze_for_life
 from kvik.lora.request import LoRARequest
+from kvik.outputs import CompletionOutput, RequestOutput
 from kvik.pooling.params import PoolingParams
 from kvik.pooling.setup import PoolerSetup
 from kvik.sampling_params import SamplingParams
@@ -70,6 +71,7 @@ class EngineInfo:
     pooling_task: str
     lora_enabled: bool
     stats: EngineStats
+    kv_capacity: tuple[int, int, bool]  # LLMEngine.kv_capacity
 
 
 def _portable(error: BaseException) -> BaseException:
@@ -109,7 +111,7 @@ def _engine_main(engine_kwargs: dict[str, Any], commands: Connection, results: C
     model_config = replace(engine.model_config, source=None)
     results.send(("ready", EngineInfo(engine.config, model_config, engine.tokenizer, engine.platform.name,
                                       engine.inputs.structured_output, engine.pooler_setup, engine.pooling_task,
-                                      engine.loras is not None, engine.get_stats())))  # fmt: skip
+                                      engine.loras is not None, engine.get_stats(), engine.kv_capacity)))  # fmt: skip
     try:
         _serve(engine, commands, results)
     except BaseException as exc:  # the loop is dead: say why before the pipe closes
@@ -215,6 +217,7 @@ class EngineProcess:
         self.pooler_setup = info.pooler_setup
         self.pooling_task = info.pooling_task
         self.stats = info.stats
+        self.kv_capacity = info.kv_capacity
         from kvik.plugins.manager import get_plugin_manager
         from kvik.structured.manager import StructuredOutputManager
 
@@ -320,6 +323,18 @@ def _close_pipe(connection: Connection) -> None:
     connection.close()
 
 
+def _index(completion: CompletionOutput) -> int:
+    return completion.index
+
+
+def _empty_output(prepared: PreparedRequest) -> RequestOutput:
+    """A generation request's cumulative output before its first token: every sample, empty."""
+    params = prepared.params
+    logprobs = params.logprobs is not None  # as the output processor's cumulative outputs have them
+    completions = [CompletionOutput(i, "", [], 0.0 if logprobs else None, [] if logprobs else None) for i in range(params.n)]
+    return RequestOutput(prepared.request_id, prepared.prompt, prepared.prompt_token_ids, completions, False)
+
+
 class ProcessAsyncLLM(AsyncLLM):
     """:class:`AsyncLLM` over an engine in a child process (:class:`EngineProcess`): the same requests,
     streams, aborts and errors; the loop thread here only reads the child's messages."""
@@ -328,6 +343,10 @@ class ProcessAsyncLLM(AsyncLLM):
 
     def __init__(self, engine: EngineProcess, model_name: str | None = None) -> None:
         super().__init__(engine, model_name)  # type: ignore[arg-type]
+        # Streams asking for cumulative outputs cross the pipe as deltas (each step's new tokens and text,
+        # not everything so far, which would be pickled again at every step); here each is folded into
+        # the request's output so far. Request id -> that output.
+        self._cumulative: dict[str, RequestOutput] = {}
 
     @classmethod
     def from_engine_args(cls, model_name: str | None = None, engine_process: bool = True, **kwargs: Any) -> ProcessAsyncLLM:
@@ -336,6 +355,14 @@ class ProcessAsyncLLM(AsyncLLM):
     def _send(self, kind: str, payload: Any) -> None:
         if kind == "wake":  # the reader needs no waking: the child's stop ends its pipe
             return
+        if (
+            kind == "add"
+            and isinstance(payload, PreparedRequest)
+            and payload.pooling_params is None
+            and payload.params.output_kind == "cumulative"
+        ):
+            self._cumulative[payload.request_id] = _empty_output(payload)
+            payload = replace(payload, params=payload.params.clone(output_kind="delta"))
         try:
             self.engine.send(kind, payload)
         except EngineDeadError:
@@ -350,6 +377,18 @@ class ProcessAsyncLLM(AsyncLLM):
     async def remove_lora(self, lora_int_id: int) -> bool:
         self._ensure_running()
         return await asyncio.to_thread(self.engine.remove_lora, lora_int_id)
+
+    def _cumulated(self, output: Any) -> Any:
+        """A cumulative stream's output so far, with ``output`` (its step's delta) folded in; any other
+        output as it came. A copy: the reader thread keeps folding while the stream reads the last one."""
+        so_far = self._cumulative.get(output.request_id) if isinstance(output, RequestOutput) else None
+        if so_far is None:
+            return output
+        so_far.add(output)
+        if output.finished:
+            del self._cumulative[output.request_id]
+        completions = [replace(c) for c in sorted(so_far.outputs, key=_index)]
+        return replace(so_far, outputs=completions)
 
     def _run_loop(self) -> None:
         engine = self.engine
@@ -366,8 +405,9 @@ class ProcessAsyncLLM(AsyncLLM):
                 if kind == "outputs":
                     outputs, self._stats = payload
                     engine.stats = self._stats
-                    self._post(outputs)
+                    self._post([self._cumulated(out) for out in outputs] if self._cumulative else outputs)
                 elif kind == "failed" and self._loop is not None:
+                    self._cumulative.pop(payload[0], None)
                     self._loop.call_soon_threadsafe(self._fail_one, *payload)
                 elif kind == "dead":
                     raise payload

@@ -433,6 +433,13 @@ class LLMEngine:
         return self.scheduler.has_unfinished_requests() or bool(self._in_flight)
 
     @property
+    def kv_capacity(self) -> tuple[int, int, bool]:
+        """The KV cache the engine planned: (usable blocks, tokens per block, whether prompts share blocks).
+        The scheduler's prefix-caching setting, not the config's: runners without it turn it off."""
+        kv_cache = self.scheduler.kv_cache
+        return kv_cache.pool.num_usable_blocks, kv_cache.block_size, kv_cache.enable_prefix_caching
+
+    @property
     def num_steps_in_flight(self) -> int:
         """Steps launched and not yet finished (between ``step()`` calls: at most ``_steps_kept``)."""
         return len(self._in_flight)

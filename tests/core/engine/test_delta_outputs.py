@@ -5,6 +5,7 @@ AsyncLLM over an engine process."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 
 import pytest
 from kvik import LLM, SamplingParams
@@ -130,3 +131,47 @@ def test_async_delta_streams_add_up_to_the_offline_outputs(model_path, engine_pr
 
     streamed = asyncio.run(main())
     assert streamed == [(o.outputs[0].text, o.outputs[0].token_ids) for o in offline]
+
+
+def test_cumulative_streams_over_an_engine_process_cross_as_deltas(model_path, monkeypatch) -> None:
+    """An engine process sends a cumulative stream's steps as deltas and the caller folds them back: every
+    output equals what the engine on a thread streams (n = 2, logprobs, prompt logprobs)."""
+    from kvik.engine import engine_process
+
+    crossed: list[str] = []
+    send = engine_process.EngineProcess.send
+
+    def spy(self, kind, payload):  # type: ignore[no-untyped-def]
+        if kind == "add":
+            crossed.append(payload.params.output_kind)
+        return send(self, kind, payload)
+
+    monkeypatch.setattr(engine_process.EngineProcess, "send", spy)
+    prompts = random_prompts(3, seed=34)
+    params = SamplingParams(n=2, seed=4, temperature=1.0, max_tokens=9, ignore_eos=True, logprobs=1, prompt_logprobs=1)
+
+    async def stream(place: bool) -> list[tuple]:
+        engine = AsyncLLM.from_engine_args(model=model_path, engine_process=place, **ENGINE)
+
+        async def one(i: int, prompt: list[int]) -> tuple:
+            outs = [out async for out in engine.generate(prompt, params, request_id=f"r{i}")]
+            last = outs[-1]
+            # Every output is cumulative: each sample's tokens only grow.
+            for before, after in itertools.pairwise(outs):
+                for b, a in zip(before.outputs, after.outputs, strict=True):
+                    assert a.token_ids[: len(b.token_ids)] == b.token_ids and a.text.startswith(b.text)
+            return _view(last)
+
+        try:
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+        finally:
+            await engine.shutdown()
+
+    on_thread = asyncio.run(stream(False))
+    in_process = asyncio.run(stream(True))
+    assert crossed == ["delta"] * len(prompts)
+    for mine, ref in zip(in_process, on_thread, strict=True):
+        (completions, prompt_logprobs, finished), (ref_completions, ref_prompt_logprobs, ref_finished) = mine, ref
+        assert finished and ref_finished
+        assert [c[:3] + c[5:] for c in completions] == [c[:3] + c[5:] for c in ref_completions]  # text, ids, finish
+        assert len(prompt_logprobs) == len(ref_prompt_logprobs)
