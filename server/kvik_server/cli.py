@@ -291,8 +291,8 @@ def run_server(args: Any) -> int:
     else:
         # The engine steps in a process of its own (kvik.engine.engine_process), as vLLM's engine core does:
         # the requests' handling here (HTTP, JSON, templates, parsers) no longer takes the interpreter lock
-        # from its step loop. Streams cross as deltas. Measured on the 2-core VM, 32 streams of the bundled
-        # model: 183-187 against 171-177 output tok/s on a thread (docs/benchmarks.md).
+        # from its step loop. Streams cross as deltas. On the 2-core VM, 32 streams of the bundled model:
+        # a median 187 against 180 output tok/s on a thread, faster in 4 of 5 rounds (docs/benchmarks.md).
         engine = AsyncLLM.from_engine_args(engine_process=True, **engine_kwargs(args))
     app = build_app(engine, args)
     config = uvicorn.Config(
