@@ -338,10 +338,6 @@ def _close_pipe(connection: Connection) -> None:
     connection.close()
 
 
-def _index(completion: CompletionOutput) -> int:
-    return completion.index
-
-
 def _empty_output(prepared: PreparedRequest) -> RequestOutput:
     """A generation request's cumulative output before its first token: every sample, empty."""
     params = prepared.params
@@ -402,8 +398,17 @@ class ProcessAsyncLLM(AsyncLLM):
         so_far.add(output)
         if output.finished:
             del self._cumulative[output.request_id]
-        completions = [replace(c) for c in sorted(so_far.outputs, key=_index)]
-        return replace(so_far, outputs=completions)
+        # add() rebinds the lists and strings it extends, so the copy shares them. Positional arguments (their
+        # order is asserted in kvik.outputs): this runs for every stream at every step. The samples stay in
+        # index order: _empty_output seeded them all.
+        completions = [
+            CompletionOutput(c.index, c.text, c.token_ids, c.cumulative_logprob, c.logprobs, c.finish_reason, c.stop_reason)
+            for c in so_far.outputs
+        ]
+        return RequestOutput(
+            so_far.request_id, so_far.prompt, so_far.prompt_token_ids, completions, so_far.finished,
+            so_far.metrics, so_far.prompt_logprobs, so_far.num_cached_tokens,
+        )  # fmt: skip
 
     def _run_loop(self) -> None:
         engine = self.engine
